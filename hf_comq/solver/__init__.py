@@ -1,0 +1,17 @@
+"""The COMQ algorithm core: pure torch, no transformers import."""
+
+from .comq import ORDERS, QuantizedWeight, comq_quantize, layer_objective
+from .grid import Grid, minmax_grid
+from .hessian import HessianAccumulator
+from .start import START_POINTS
+
+__all__ = [
+    "ORDERS",
+    "START_POINTS",
+    "Grid",
+    "HessianAccumulator",
+    "QuantizedWeight",
+    "comq_quantize",
+    "layer_objective",
+    "minmax_grid",
+]

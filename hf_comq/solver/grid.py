@@ -1,0 +1,146 @@
+"""Uniform integer quantization grids: per output channel or per (channel, group).
+
+A grid maps an integer code ``q`` in ``[0, 2**bits - 1]`` to the real value
+``scale * (q - zero_point)``.  Symmetric grids are the same thing with the zero
+point fixed at ``2**(bits-1)``, so every consumer (solver, packing, the quantized
+module) handles one representation only.
+
+The scale and zero point are stored per (row, group) with shape ``(out, n_groups)``;
+per-channel quantization is simply ``n_groups == 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+@dataclass
+class Grid:
+    """Scale and integer zero point for every (row, group) of a weight matrix."""
+
+    scale: torch.Tensor  # (out, n_groups), float32/float64, strictly positive
+    zero_point: torch.Tensor  # (out, n_groups), integer values stored as float
+    bits: int
+    group_size: int  # columns per group; equals in_features for per-channel grids
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1
+
+    def per_column(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point expanded to the weight's (out, in) shape.
+
+        The coordinate sweeps index single columns, so expanding once up front
+        is far cheaper than looking up the group of every column inside the loop.
+        """
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)
+        zero = self.zero_point.repeat_interleave(self.group_size, dim=1)
+        return scale, zero
+
+
+def check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"bits must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r}; "
+            "pick 4 for near-lossless, 3 or 2 for stronger compression"
+        )
+
+
+def resolve_group_size(in_features: int, group_size: int | None) -> int:
+    """Return the number of columns per group, validating divisibility.
+
+    Groups that straddle the end of a row would need ragged scale tensors in every
+    consumer, so a non-dividing group size is rejected rather than silently padded.
+    """
+    if group_size is None or group_size == -1:
+        return in_features
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+    if in_features % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide the layer's in_features={in_features}; "
+            f"use a divisor of {in_features} (e.g. 32, 64 or 128 where they divide) or group_size=None "
+            "for per-channel scales"
+        )
+    return group_size
+
+
+def minmax_grid(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    shrink: torch.Tensor | float = 1.0,
+) -> Grid:
+    """Min-max grid of each (row, group), optionally shrunk towards zero.
+
+    The range always contains 0 (as in GPTQ and the COMQ reference code), so an
+    all-zero row is represented exactly.  ``shrink`` scales the range: a float for
+    all groups (the reference code's ``scalar``), or an ``(out, n_groups)`` tensor
+    as produced by :func:`search_shrink`.
+    """
+    out_features, in_features = weight.shape
+    groups = weight.reshape(out_features, in_features // group_size, group_size)
+    w_min = groups.amin(dim=-1).clamp(max=0.0)
+    w_max = groups.amax(dim=-1).clamp(min=0.0)
+    max_code = (1 << bits) - 1
+    if symmetric:
+        absmax = torch.maximum(-w_min, w_max) * shrink
+        absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        scale = 2.0 * absmax / max_code
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+    else:
+        w_min = w_min * shrink
+        w_max = w_max * shrink
+        dead = (w_max - w_min) <= 0
+        w_min = torch.where(dead, -torch.ones_like(w_min), w_min)
+        w_max = torch.where(dead, torch.ones_like(w_max), w_max)
+        scale = (w_max - w_min) / max_code
+        zero = torch.round(-w_min / scale).clamp(0, max_code)
+    return Grid(scale=scale, zero_point=zero, bits=bits, group_size=group_size)
+
+
+def quantize_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int) -> torch.Tensor:
+    """Nearest grid level of each value, as float-valued integer codes."""
+    return torch.clamp(torch.round(values / scale) + zero, 0, max_code)
+
+
+def search_shrink(
+    weight: torch.Tensor,
+    hessian_diag: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    candidates: int,
+    min_shrink: float,
+) -> torch.Tensor:
+    """Per-(row, group) shrink factor of the min-max range minimising the
+    diagonal-Hessian-weighted round-to-nearest error.
+
+    The full objective ``e H e^T`` would cost one GEMM per candidate; weighting by
+    ``diag(H)`` (the input energy of each column) is elementwise and picks nearly
+    the same clipping, and the coordinate sweeps that follow optimise against the
+    full H anyway.  At 2 and 3 bits, clipping outliers is worth far more than the
+    sweeps can recover on an over-wide grid.
+    """
+    out_features, in_features = weight.shape
+    n_groups = in_features // group_size
+    weights_g = weight.reshape(out_features, n_groups, group_size)
+    col_weight = hessian_diag.reshape(1, n_groups, group_size)
+    best_err = torch.full((out_features, n_groups), float("inf"), dtype=weight.dtype, device=weight.device)
+    best_shrink = torch.ones_like(best_err)
+    for ratio in torch.linspace(1.0, min_shrink, candidates).tolist():
+        grid = minmax_grid(weight, bits, group_size, symmetric, ratio)
+        scale = grid.scale.unsqueeze(-1)
+        zero = grid.zero_point.unsqueeze(-1)
+        deq = (quantize_to_codes(weights_g, scale, zero, grid.max_code) - zero) * scale
+        err = ((weights_g - deq).square_() * col_weight).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_shrink = torch.where(better, torch.full_like(best_shrink, ratio), best_shrink)
+    return best_shrink
