@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .grid import Grid, check_bits, minmax_grid, resolve_group_size, search_shrink
-from .passes import blocked_rounding_pass, rowwise_order_sweep
+from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
 from .start import START_POINTS, error_feedback_start, round_to_nearest
 
@@ -121,50 +121,28 @@ def comq_quantize(
     w = weight.detach().to(compute_dtype)
     h = hessian.detach().to(device=w.device, dtype=compute_dtype)
     h = 0.5 * (h + h.T)
-    h_diag = torch.diagonal(h).clamp_min(0.0)
-
-    grid = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
-    scale, zero = grid.per_column()
-
-    if init == "fp":
-        codes, dequant = None, w.clone()
-    elif init == "rtn":
-        codes, dequant = round_to_nearest(w, scale, zero, grid.max_code)
-    else:
-        codes, dequant = error_feedback_start(w, h, scale, zero, grid.max_code, damp, block_size)
-
-    weight_h = w @ h
-    residual = weight_h - dequant @ h
-    history = [_objective(residual, w, dequant)]
-    sweep = _make_sweep(order, w, h, h_diag, block_size)
+    grid = _initial_grid(w, torch.diagonal(h).clamp_min(0.0), bits, cols_per_group, symmetric, scale_search, shrink)
+    problem = _Problem.build(w, h, grid, order)
+    history = problem.start(init, damp, block_size)
     for _ in range(iterations):
-        before = history[-1]
-        codes, dequant = sweep(dequant, codes, residual, scale, zero, grid.max_code)
-        residual = weight_h - dequant @ h
-        history.append(_objective(residual, w, dequant))
+        before = history[-1] if problem.codes_t is not None else math.inf  # the fp start is off the grid
+        history.append(problem.sweep(order, block_size))
         if scale_refit:
-            grid, scale, dequant, residual = _refit_step(w, h, weight_h, grid, codes, zero, dequant, residual)
-            history.append(_objective(residual, w, dequant))
-        if before - history[-1] <= tol * abs(before):
+            history.append(problem.refit_scales())
+        if before - history[-1] <= tol * before:
             break
-    if codes is None:  # iterations == 0 from the full-precision start: plain rounding
-        codes, dequant = round_to_nearest(w, scale, zero, grid.max_code)
-        residual = weight_h - dequant @ h
-        history.append(_objective(residual, w, dequant))
+    if problem.codes_t is None:  # iterations == 0 from the full-precision start: plain rounding
+        history = problem.start("rtn", damp, block_size)
 
-    reference = float((weight_h * w).sum())
-    stats = {
-        "objective": history,
-        "relative_error": history[-1] / reference if reference > 0 else 0.0,
-    }
+    reference = float((problem.weight_h_t * problem.weight_t).sum(dtype=torch.float64))
     return QuantizedWeight(
-        codes=codes.to(torch.uint8),
-        scale=grid.scale.float(),
-        zero_point=grid.zero_point.float(),
+        codes=problem.codes_in_original_order().to(torch.uint8),
+        scale=problem.grid.scale.float(),
+        zero_point=problem.grid.zero_point.float(),
         bits=bits,
         group_size=group_size if cols_per_group != in_features else None,
         dtype=weight.dtype,
-        stats=stats,
+        stats={"objective": history, "relative_error": history[-1] / reference if reference > 0 else 0.0},
     )
 
 
@@ -172,10 +150,6 @@ def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: to
     """``||X (W - Wq)^T||_F^2`` computed from ``H = X^T X``, in float64."""
     error = weight.double() - dequantized.double()
     return float(((error @ hessian.double()) * error).sum())
-
-
-def _objective(residual: torch.Tensor, weight: torch.Tensor, dequant: torch.Tensor) -> float:
-    return float((residual * (weight - dequant)).sum(dtype=torch.float64))
 
 
 def _initial_grid(
@@ -187,64 +161,118 @@ def _initial_grid(
     return minmax_grid(w, bits, group_size, symmetric, factor)
 
 
-def _make_sweep(order: str, w: torch.Tensor, h: torch.Tensor, h_diag: torch.Tensor, block_size: int):
-    """Return ``sweep(dequant, codes, residual, scale, zero, max_code) -> (codes, dequant)``.
+@dataclass
+class _Problem:
+    """Solver state, transposed (``in x out``) and with columns in sweep order.
 
-    The order and the coupling matrix are computed once and reused by every sweep,
-    as the reference code computes its greedy order once from the full-precision
-    weights.
+    Transposing makes each weight column a contiguous row for the per-column
+    updates; permuting once up front (act-order) saves re-gathering every sweep.
+    ``residual_t = H (W - Wq)^T`` is kept exact, so the objective
+    ``sum(residual_t * (W - Wq)^T)`` never needs a GEMM of its own.
     """
-    h_diag_safe = torch.where(h_diag > 0, h_diag, torch.ones_like(h_diag))
-    if order == "greedy":
-        importance = w.abs() * h_diag.sqrt().unsqueeze(0)
-        row_orders = torch.argsort(importance, dim=1, descending=True, stable=True)
-        out_features = w.shape[0]
-        greedy_block = int(math.sqrt(GREEDY_BLOCK_BYTES / (out_features * w.element_size())))
-        greedy_block = max(16, min(max(block_size, greedy_block), w.shape[1]))
 
-        def rowwise(dequant, codes, residual, scale, zero, max_code):
-            dequant = dequant.clone()
-            codes = torch.empty_like(dequant) if codes is None else codes.clone()
-            rowwise_order_sweep(h, h_diag_safe, residual.clone(), dequant, codes, scale, zero, max_code, row_orders, greedy_block)
-            return codes, dequant
+    weight_t: torch.Tensor
+    hessian: torch.Tensor
+    weight_h_t: torch.Tensor
+    perm: torch.Tensor
+    group_of_column: torch.Tensor
+    grid: Grid
+    scale_t: torch.Tensor
+    zero_t: torch.Tensor
+    codes_t: torch.Tensor | None = None
+    dequant_t: torch.Tensor | None = None
+    residual_t: torch.Tensor | None = None
+    greedy_order_t: torch.Tensor | None = None
 
-        return rowwise
-
-    if order == "act_order":
-        perm = torch.argsort(h_diag, descending=True, stable=True)
-    else:
-        perm = torch.arange(w.shape[1], device=w.device)
-    inverse_perm = torch.argsort(perm)
-    h_perm = h[perm][:, perm]
-    coupling = h_perm / h_diag_safe[perm].unsqueeze(0)
-
-    def shared(dequant, codes, residual, scale, zero, max_code):
-        base_t = dequant[:, perm].T.contiguous()
-        targets_t = base_t + (residual[:, perm] / h_diag_safe[perm]).T
-        codes_t, values_t = blocked_rounding_pass(
-            targets_t, coupling, scale[:, perm].T.contiguous(), zero[:, perm].T.contiguous(), max_code, base_t, block_size
+    @classmethod
+    def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str) -> "_Problem":
+        if order == "act_order":
+            perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        else:
+            perm = torch.arange(w.shape[1], device=w.device)
+        group_of_column = perm // grid.group_size
+        h_perm = h[perm][:, perm]
+        weight_t = w.T[perm].contiguous()
+        return cls(
+            weight_t=weight_t,
+            hessian=h_perm,
+            weight_h_t=h_perm @ weight_t,
+            perm=perm,
+            group_of_column=group_of_column,
+            grid=grid,
+            scale_t=grid.scale.T[group_of_column].contiguous(),
+            zero_t=grid.zero_point.T[group_of_column].contiguous(),
         )
-        return codes_t.T[:, inverse_perm].contiguous(), values_t.T[:, inverse_perm].contiguous()
 
-    return shared
+    def start(self, init: str, damp: float, block_size: int) -> list[float]:
+        if init == "fp":
+            self.codes_t, self.dequant_t = None, self.weight_t.clone()
+        elif init == "rtn":
+            self.codes_t, self.dequant_t = round_to_nearest(self.weight_t, self.scale_t, self.zero_t, self.grid.max_code)
+        else:
+            self.codes_t, self.dequant_t = error_feedback_start(
+                self.weight_t, self.hessian, self.scale_t, self.zero_t, self.grid.max_code, damp, block_size
+            )
+        self.residual_t = self.weight_h_t - self.hessian @ self.dequant_t
+        return [self.objective()]
 
+    def objective(self) -> float:
+        return float((self.residual_t * (self.weight_t - self.dequant_t)).sum(dtype=torch.float64))
 
-def _refit_step(w, h, weight_h, grid: Grid, codes, zero, dequant, residual):
-    """One closed-form scale refit; rows whose objective would rise keep their scales."""
-    offsets = codes - zero
-    new_scale, dequant_h = refit_scales(w, h, offsets, grid.scale, grid.group_size)
-    new_dequant = offsets * new_scale.repeat_interleave(grid.group_size, dim=1)
-    new_residual = weight_h - dequant_h
-    old_rows = (residual * (w - dequant)).sum(1)
-    new_rows = (new_residual * (w - new_dequant)).sum(1)
-    worse = new_rows > old_rows
-    if bool(worse.any()):
-        new_scale = torch.where(worse.unsqueeze(1), grid.scale, new_scale)
-        new_dequant = torch.where(worse.unsqueeze(1), dequant, new_dequant)
-        new_residual = torch.where(worse.unsqueeze(1), residual, new_residual)
-    new_grid = Grid(scale=new_scale, zero_point=grid.zero_point, bits=grid.bits, group_size=grid.group_size)
-    scale, _ = new_grid.per_column()
-    return new_grid, scale, new_dequant, new_residual
+    def sweep(self, order: str, block_size: int) -> float:
+        if self.codes_t is None:
+            self.codes_t = torch.empty_like(self.dequant_t)
+        diag = torch.diagonal(self.hessian)
+        if order == "greedy":
+            diag_safe = torch.where(diag > 0, diag, torch.ones_like(diag))
+            rowwise_order_sweep(
+                self.residual_t, self.dequant_t, self.codes_t, self.hessian, diag_safe,
+                self.scale_t, self.zero_t, self.grid.max_code, self._greedy_order(), self._greedy_block(block_size),
+            )
+        else:
+            inv_diag = torch.where(diag > 0, 1.0 / diag, torch.zeros_like(diag)).tolist()
+            coordinate_sweep(
+                self.residual_t, self.dequant_t, self.codes_t, self.hessian, inv_diag,
+                self.scale_t, self.zero_t, self.grid.max_code, block_size,
+            )
+        return self.objective()
+
+    def _greedy_order(self) -> torch.Tensor:
+        """Per-row visiting order by decreasing ``|w_kj| * ||x_j||``, computed once
+        from the full-precision weights, as the reference code does."""
+        if self.greedy_order_t is None:
+            importance = self.weight_t.abs() * torch.diagonal(self.hessian).clamp_min(0).sqrt().unsqueeze(1)
+            self.greedy_order_t = torch.argsort(importance, dim=0, descending=True, stable=True)
+        return self.greedy_order_t
+
+    def _greedy_block(self, block_size: int) -> int:
+        """Steps per block, bounded so the gathered ``block x block x out`` sub-Gram
+        matrices stay within ``GREEDY_BLOCK_BYTES``."""
+        n_cols, out_features = self.weight_t.shape
+        fitting = int(math.sqrt(GREEDY_BLOCK_BYTES / (out_features * self.weight_t.element_size())))
+        return max(1, min(block_size, fitting, n_cols))
+
+    def refit_scales(self) -> float:
+        """Closed-form scale refit; rows whose objective would rise keep their scales."""
+        offsets_t = self.codes_t - self.zero_t
+        new_scale, dequant_h_t = refit_scales(self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column)
+        new_scale_t = new_scale.T[self.group_of_column]
+        new_dequant_t = offsets_t * new_scale_t
+        new_residual_t = self.weight_h_t - dequant_h_t
+        old_rows = (self.residual_t * (self.weight_t - self.dequant_t)).sum(0)
+        new_rows = (new_residual_t * (self.weight_t - new_dequant_t)).sum(0)
+        keep_old = new_rows > old_rows
+        self.grid = Grid(
+            scale=torch.where(keep_old.unsqueeze(1), self.grid.scale, new_scale),
+            zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size,
+        )
+        self.scale_t = torch.where(keep_old, self.scale_t, new_scale_t)
+        self.dequant_t = torch.where(keep_old, self.dequant_t, new_dequant_t)
+        self.residual_t = torch.where(keep_old, self.residual_t, new_residual_t)
+        return self.objective()
+
+    def codes_in_original_order(self) -> torch.Tensor:
+        return self.codes_t[torch.argsort(self.perm)].T.contiguous()
 
 
 def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .grid import quantize_to_codes
-from .passes import blocked_rounding_pass
+from .passes import error_feedback_pass
 
 START_POINTS = ("fp", "rtn", "error_feedback")
 
@@ -54,27 +54,29 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def error_feedback_start(
-    weight: torch.Tensor,
+    weight_t: torch.Tensor,
     hessian: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
+    scale_t: torch.Tensor,
+    zero_t: torch.Tensor,
     max_code: int,
     damp: float,
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and values from one error-feedback pass in act-order (decreasing ``diag(H)``)."""
+    """Codes and values (``in x out``) from one error-feedback pass in act-order.
+
+    Act-order (decreasing ``diag(H)``: the most energetic inputs first) is what
+    makes GPTQ's rounding strong; the pass permutes into it and back unless the
+    columns already are in that order.
+    """
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
-    inverse_perm = torch.argsort(perm)
-    upper = damped_inverse_cholesky(hessian[perm][:, perm], damp)
+    identity = bool(torch.equal(perm, torch.arange(perm.numel(), device=perm.device)))
+    if not identity:
+        hessian = hessian[perm][:, perm]
+        weight_t, scale_t, zero_t = weight_t[perm], scale_t[perm], zero_t[perm]
+    upper = damped_inverse_cholesky(hessian, damp)
     coupling = -upper / torch.diagonal(upper).unsqueeze(1)
-    targets_t = weight[:, perm].T.contiguous()
-    codes_t, values_t = blocked_rounding_pass(
-        targets_t,
-        coupling,
-        scale[:, perm].T.contiguous(),
-        zero[:, perm].T.contiguous(),
-        max_code,
-        base_t=None,
-        block_size=block_size,
-    )
-    return codes_t.T[:, inverse_perm].contiguous(), values_t.T[:, inverse_perm].contiguous()
+    codes_t, values_t = error_feedback_pass(weight_t.clone(), coupling, scale_t, zero_t, max_code, block_size)
+    if not identity:
+        inverse = torch.argsort(perm)
+        codes_t, values_t = codes_t[inverse], values_t[inverse]
+    return codes_t, values_t

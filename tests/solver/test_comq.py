@@ -1,0 +1,286 @@
+"""The COMQ solver against slow references, its monotonicity, quality and edge cases."""
+
+import pytest
+import torch
+
+from hf_comq import HessianAccumulator, comq_quantize, layer_objective
+from hf_comq.solver.grid import minmax_grid
+from tests.solver.reference import (
+    error_feedback_reference,
+    greedy_orders,
+    make_layer,
+    objective,
+    residual_form_comq,
+)
+
+FAITHFUL = dict(init="fp", scale_refit=False, scale_search=False, compute_dtype=torch.float64, tol=0.0)
+
+
+def _per_column_grid(weight, bits, group_size=None, symmetric=False):
+    grid = minmax_grid(weight, bits, group_size or weight.shape[1], symmetric)
+    return grid.per_column() + (grid.max_code,)
+
+
+def _rtn_objective(weight, hessian, bits, group_size=None, symmetric=False):
+    q = comq_quantize(
+        weight, hessian, bits=bits, group_size=group_size, symmetric=symmetric,
+        init="rtn", iterations=0, scale_refit=False, scale_search=False,
+    )
+    return layer_objective(weight, q.dequantize(), hessian)
+
+
+@pytest.mark.parametrize("order", ["greedy", "sequential", "act_order"])
+@pytest.mark.parametrize("sweeps", [1, 2])
+def test_gram_form_matches_residual_form_on_x(small_layer, order, sweeps):
+    weight, inputs = small_layer
+    hessian = inputs.T @ inputs
+    scale, zero, max_code = _per_column_grid(weight, 3)
+    if order == "greedy":
+        orders = greedy_orders(weight, inputs)
+    elif order == "act_order":
+        orders = torch.argsort(torch.diagonal(hessian), descending=True, stable=True).repeat(weight.shape[0], 1)
+    else:
+        orders = torch.arange(weight.shape[1]).repeat(weight.shape[0], 1)
+    ref_codes, _ = residual_form_comq(weight, inputs, scale, zero, max_code, orders, sweeps)
+
+    result = comq_quantize(weight, hessian, bits=3, order=order, iterations=sweeps, **FAITHFUL)
+    assert torch.equal(result.codes.long(), ref_codes.long())
+
+
+def test_gram_form_matches_residual_form_with_dead_inputs_and_groups():
+    weight, inputs = make_layer(5, 16, 40, seed=3)
+    inputs[:, [4, 11]] = 0.0
+    hessian = inputs.T @ inputs
+    scale, zero, max_code = _per_column_grid(weight, 2, group_size=8)
+    orders = greedy_orders(weight, inputs)
+    ref_codes, _ = residual_form_comq(weight, inputs, scale, zero, max_code, orders, 2)
+    result = comq_quantize(weight, hessian, bits=2, group_size=8, order="greedy", iterations=2, **FAITHFUL)
+    assert torch.equal(result.codes.long(), ref_codes.long())
+
+
+def test_blocked_sweeps_match_unblocked(medium_layer):
+    weight, _, hessian = medium_layer
+    common = dict(bits=4, order="act_order", iterations=2, **FAITHFUL)
+    blocked = comq_quantize(weight, hessian, block_size=32, **common)
+    unblocked = comq_quantize(weight, hessian, block_size=1, **common)
+    assert torch.equal(blocked.codes, unblocked.codes)
+
+
+def test_greedy_blocking_does_not_change_codes(medium_layer):
+    weight, _, hessian = medium_layer
+    common = dict(bits=3, order="greedy", iterations=1, **FAITHFUL)
+    assert torch.equal(
+        comq_quantize(weight, hessian, block_size=16, **common).codes,
+        comq_quantize(weight, hessian, block_size=128, **common).codes,
+    )
+
+
+def test_error_feedback_start_matches_unblocked_gptq_rounding(medium_layer):
+    weight, _, hessian = medium_layer
+    scale, zero, max_code = _per_column_grid(weight, 4)
+    expected = error_feedback_reference(weight, hessian, scale, zero, max_code, damp=0.01)
+    result = comq_quantize(
+        weight, hessian, bits=4, init="error_feedback", iterations=0, scale_refit=False,
+        scale_search=False, compute_dtype=torch.float64,
+    )
+    assert torch.equal(result.codes.long(), expected.long())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(init="fp", order="greedy", scale_refit=False, scale_search=False),
+        dict(init="rtn", order="sequential", scale_refit=True, scale_search=True),
+        dict(init="error_feedback", order="act_order", scale_refit=True, scale_search=True),
+        dict(init="error_feedback", order="act_order", group_size=32, scale_refit=True),
+        dict(init="rtn", order="act_order", symmetric=True, scale_refit=True),
+    ],
+)
+def test_objective_never_increases_across_steps(medium_layer, settings):
+    weight, _, hessian = medium_layer
+    result = comq_quantize(weight, hessian, bits=3, iterations=5, tol=0.0, compute_dtype=torch.float64, **settings)
+    history = result.stats["objective"]
+    steps = history[1:] if settings["init"] == "fp" else history  # the fp start is off-grid (objective 0)
+    for before, after in zip(steps, steps[1:]):
+        assert after <= before * (1 + 1e-9)
+    assert history[-1] == pytest.approx(layer_objective(weight, result.dequantize(), hessian), rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("variant", [dict(), dict(group_size=32), dict(symmetric=True)])
+def test_default_beats_round_to_nearest(bits, seed, variant):
+    weight, inputs = make_layer(48, 64, 256, seed=seed)
+    hessian = inputs.T @ inputs
+    result = comq_quantize(weight, hessian, bits=bits, **variant)
+    assert layer_objective(weight, result.dequantize(), hessian) < _rtn_objective(weight, hessian, bits, **variant)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_reference_mode_beats_round_to_nearest(bits, medium_layer):
+    weight, _, hessian = medium_layer
+    result = comq_quantize(weight, hessian, bits=bits, init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+    assert layer_objective(weight, result.dequantize(), hessian) < _rtn_objective(weight, hessian, bits)
+
+
+def test_default_beats_reference_mode(medium_layer):
+    weight, _, hessian = medium_layer
+    faithful = comq_quantize(weight, hessian, bits=3, init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+    default = comq_quantize(weight, hessian, bits=3)
+    assert layer_objective(weight, default.dequantize(), hessian) < layer_objective(weight, faithful.dequantize(), hessian)
+
+
+def test_quantized_weight_layout_and_dequantize(medium_layer):
+    weight, _, hessian = medium_layer
+    result = comq_quantize(weight, hessian, bits=3, group_size=32)
+    assert result.codes.dtype == torch.uint8 and result.codes.shape == weight.shape
+    assert int(result.codes.max()) <= 7
+    assert result.scale.shape == (96, 4) and result.zero_point.shape == (96, 4)
+    assert torch.equal(result.zero_point, result.zero_point.round())
+    assert (result.scale > 0).all()
+    expected = result.scale.repeat_interleave(32, 1) * (result.codes.float() - result.zero_point.repeat_interleave(32, 1))
+    assert torch.equal(result.dequantize(), expected)
+    assert result.stats["relative_error"] == pytest.approx(
+        layer_objective(weight, result.dequantize(), hessian) / layer_objective(weight, torch.zeros_like(weight), hessian),
+        rel=1e-4,
+    )
+
+
+def test_symmetric_grid_zero_point_is_mid_range(medium_layer):
+    weight, _, hessian = medium_layer
+    result = comq_quantize(weight, hessian, bits=4, symmetric=True)
+    assert torch.all(result.zero_point == 8)
+
+
+def test_scale_refit_matches_closed_form_per_row(medium_layer):
+    weight, _, hessian = medium_layer
+    result = comq_quantize(weight, hessian, bits=4, init="rtn", iterations=1, scale_search=False, compute_dtype=torch.float64, tol=0.0)
+    offsets = (result.codes.double() - result.zero_point.double())
+    projected = offsets @ hessian.double()
+    optimal = (projected * weight.double()).sum(1) / (projected * offsets).sum(1)
+    assert torch.allclose(result.scale.double().squeeze(1), optimal, rtol=1e-4)
+
+
+def test_dead_inputs_get_nearest_rounding_and_no_nans():
+    weight, inputs = make_layer(8, 32, 64, seed=4)
+    inputs[:, 5:9] = 0.0
+    hessian = inputs.T @ inputs
+    for init in ("fp", "rtn", "error_feedback"):
+        result = comq_quantize(weight, hessian, bits=4, init=init, scale_refit=False, scale_search=False)
+        deq = result.dequantize()
+        assert torch.isfinite(deq).all()
+        grid = minmax_grid(weight, 4, 32)
+        rtn = (torch.clamp(torch.round(weight / grid.scale) + grid.zero_point, 0, 15) - grid.zero_point) * grid.scale
+        assert torch.allclose(deq[:, 5:9], rtn[:, 5:9])
+
+
+def test_all_zero_hessian_falls_back_to_round_to_nearest():
+    weight = torch.randn(4, 8)
+    result = comq_quantize(weight, torch.zeros(8, 8), bits=4)
+    assert torch.isfinite(result.dequantize()).all()
+    assert result.stats["relative_error"] == 0.0
+
+
+def test_constant_and_zero_rows_are_exact():
+    weight, inputs = make_layer(4, 16, 64, seed=5)
+    weight[0] = 0.0
+    weight[1] = 0.37
+    weight[2] = -1.5
+    hessian = inputs.T @ inputs
+    for symmetric in (False, True):
+        deq = comq_quantize(weight, hessian, bits=2, symmetric=symmetric).dequantize()
+        assert torch.equal(deq[0], torch.zeros(16))
+        assert torch.allclose(deq[1:3], weight[1:3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_weights_are_solved_in_float32(dtype, medium_layer):
+    weight, _, hessian = medium_layer
+    low = weight.to(dtype)
+    result = comq_quantize(low, hessian, bits=4)
+    assert result.dequantize().dtype == dtype
+    assert result.scale.dtype == torch.float32
+    assert torch.equal(result.codes, comq_quantize(low.float(), hessian, bits=4).codes)
+    from_low_hessian = comq_quantize(low, hessian.to(dtype), bits=4)
+    assert torch.isfinite(from_low_hessian.dequantize().float()).all()
+
+
+def test_paper_faithful_reference_code_mode_is_reproducible(medium_layer):
+    weight, _, hessian = medium_layer
+    faithful = dict(init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+    assert torch.equal(comq_quantize(weight, hessian, **faithful).codes, comq_quantize(weight, hessian, **faithful).codes)
+
+
+def test_shrink_narrows_the_initial_grid(medium_layer):
+    weight, _, hessian = medium_layer
+    wide = comq_quantize(weight, hessian, bits=2, init="rtn", iterations=0, scale_refit=False, scale_search=False)
+    narrow = comq_quantize(weight, hessian, bits=2, init="rtn", iterations=0, scale_refit=False, scale_search=False, shrink=0.65)
+    assert torch.allclose(narrow.scale, wide.scale * 0.65, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=1), "bits must be an integer between 2 and 8"),
+        (dict(bits=9), "bits must be an integer between 2 and 8"),
+        (dict(group_size=24), "does not divide"),
+        (dict(order="random"), "order must be one of"),
+        (dict(init="zeros"), "init must be one of"),
+        (dict(iterations=-1), "iterations must be"),
+        (dict(shrink=1.5), "shrink must be in"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(kwargs, message, medium_layer):
+    weight, _, hessian = medium_layer
+    with pytest.raises(ValueError, match=message):
+        comq_quantize(weight, hessian, **kwargs)
+
+
+def test_bad_tensors_raise_clear_errors():
+    weight = torch.randn(4, 8)
+    hessian = torch.eye(8)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        comq_quantize(weight, torch.eye(6))
+    with pytest.raises(ValueError, match="square"):
+        comq_quantize(weight, torch.ones(8, 6))
+    nan_weight = weight.clone()
+    nan_weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight contains NaN or inf"):
+        comq_quantize(nan_weight, hessian)
+    inf_hessian = hessian.clone()
+    inf_hessian[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="hessian contains NaN or inf"):
+        comq_quantize(weight, inf_hessian)
+    with pytest.raises(ValueError, match="2-D"):
+        comq_quantize(torch.randn(8), hessian)
+    with pytest.raises(ValueError, match="floating point"):
+        comq_quantize(torch.ones(4, 8, dtype=torch.int64), hessian)
+
+
+class TestHessianAccumulator:
+    def test_streams_batches_of_any_leading_shape(self):
+        x = torch.randn(3, 7, 10)
+        acc = HessianAccumulator(10)
+        acc.add(x[:2])
+        acc.add(x[2])
+        flat = x.reshape(-1, 10).double()
+        assert torch.allclose(acc.result(), flat.T @ flat)
+        assert acc.num_tokens == 21
+        assert acc.result().dtype == torch.float64
+
+    def test_float32_accumulation(self):
+        acc = HessianAccumulator(4, dtype=torch.float32)
+        acc.add(torch.ones(5, 4, dtype=torch.bfloat16))
+        assert acc.result().dtype == torch.float32
+        assert torch.equal(acc.result(), torch.full((4, 4), 5.0))
+
+    def test_errors(self):
+        acc = HessianAccumulator(4)
+        with pytest.raises(ValueError, match="no activations"):
+            acc.result()
+        with pytest.raises(ValueError, match="last dimension 3"):
+            acc.add(torch.ones(2, 3))
+        with pytest.raises(ValueError, match="NaN or inf"):
+            acc.add(torch.tensor([[float("nan"), 0.0, 0.0, 0.0]]))
+        with pytest.raises(ValueError, match="float32 or torch.float64"):
+            HessianAccumulator(4, dtype=torch.float16)
