@@ -1,0 +1,325 @@
+"""Model card rendering and Hub publishing of COMQ models, against the in-process fake Hub.
+
+``huggingface_hub`` reads ``HF_ENDPOINT`` and ``HF_HUB_DISABLE_XET`` when it is imported, so everything that talks
+to the fake Hub runs in a child Python process with those variables (and a private ``HF_HOME``) set; the test
+process hosts the server and inspects what was uploaded.  Card rendering and the save hook are tested in-process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from hf_comq.hub import (
+    README_NAME,
+    attach_model_card_hook,
+    infer_pipeline_tag,
+    load_template,
+    render_model_card,
+    write_model_card,
+)
+from tests.hub_server import FakeHub
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+COMQ_CONFIG = {
+    "quant_method": "comq",
+    "bits": 4,
+    "group_size": 32,
+    "symmetric": True,
+    "iterations": 3,
+    "order": "act_order",
+    "init": "error_feedback",
+    "scale_refit": True,
+    "scale_search": False,
+    "damp": 0.01,
+    "dataset": None,
+    "processor": None,
+    "dataset_split": "train",
+    "num_samples": 128,
+    "batch_size": 8,
+    "seed": 0,
+    "modules_to_not_convert": ["classifier"],
+    "block_name": None,
+    "calibration_description": "tensor (pixel_values), 64 samples",
+}
+
+# A ViT small enough to quantize in about a second; shared by the in-process and the child-process code.
+TINY_VIT = textwrap.dedent(
+    """
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+        config = ViTConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, num_labels=3,
+        )
+        torch.manual_seed(seed)
+        return ViTForImageClassification(config).eval()
+    """
+)
+_namespace: dict[str, Any] = {}
+exec(TINY_VIT, _namespace)  # noqa: S102 - the same source is used by the child processes
+tiny_vit = _namespace["tiny_vit"]
+
+
+def split_card(text: str) -> tuple[dict[str, Any], str]:
+    """Front matter (parsed) and body of a README."""
+    match = re.match(r"\A---\n(.*?)\n---\n", text, flags=re.DOTALL)
+    assert match is not None, text[:200]
+    return yaml.safe_load(match.group(1)), text[match.end() :]
+
+
+def run_hub_client(hub: FakeHub, tmp_path: Path, body: str, args: dict[str, Any], timeout: float = 120) -> dict:
+    """Run ``body`` in a fresh interpreter pointed at ``hub``; it must print one JSON object on its last line."""
+    script = tmp_path / "hub_client.py"
+    script.write_text("import json, os, sys\n" + TINY_VIT + textwrap.dedent(body), encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_TOKEN=hub.token,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    result = subprocess.run(
+        [sys.executable, str(script), json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, f"client failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- the template
+def test_packaged_template_is_the_repository_template():
+    repository_copy = (REPO_ROOT / "model_cards" / "comq_model_card.md").read_bytes()
+    packaged_copy = (REPO_ROOT / "hf_comq" / "templates" / "comq_model_card.md").read_bytes()
+    assert packaged_copy == repository_copy, "hf_comq/templates/comq_model_card.md must be a copy of model_cards/"
+    assert load_template() == repository_copy.decode("utf-8")
+
+
+def test_render_model_card_metadata_and_sections():
+    metrics = {"top-1": {"fp32": 0.81234, "comq": 0.80501}, "top-5": {"fp32": 0.95, "comq": 0.94}}
+    text = render_model_card(
+        COMQ_CONFIG,
+        "google/vit-base-patch16-224",
+        metrics,
+        "image-classification",
+        model_class="ViTForImageClassification",
+        model_id="user/vit-comq",
+        tags=["vit", "comq"],
+    )
+    metadata, body = split_card(text)
+    assert metadata == {
+        "library_name": "transformers",
+        "base_model": "google/vit-base-patch16-224",
+        "pipeline_tag": "image-classification",
+        "tags": ["comq", "quantized", "4-bit", "vit"],
+    }
+    assert "# vit-base-patch16-224 — COMQ 4-bit" in body
+    for row in (
+        "| Weight bits | 4 |",
+        "| Group size | 32 |",
+        "| Symmetric grid | yes |",
+        "| Column order | `act_order` |",
+        "| Initialisation | `error_feedback` |",
+        "| Coordinate-descent sweeps (max.) | 3 |",
+        "| Scale refit | yes |",
+        "| Scale search | no |",
+        "| `damp` | 0.01 |",
+        "| Kept in full precision | `classifier` |",
+    ):
+        assert row in body, row
+    # In-memory data: the description is shown, the meaningless default split is not.
+    assert "- **Data:** tensor (pixel_values), 64 samples" in body
+    assert "- **Requested samples (`num_samples`):** 128" in body
+    assert "Split" not in body
+    assert "| Metric | fp32 | comq |" in body
+    assert "| top-1 | 0.8123 | 0.805 |" in body
+    # Usage: the plugin import must come before from_pretrained, and the card must say why.
+    snippet = body[body.index("```python") : body.index("```", body.index("```python") + 3)]
+    assert snippet.index("import hf_comq") < snippet.index("from_pretrained(")
+    assert 'ViTForImageClassification.from_pretrained("user/vit-comq")' in snippet
+    assert "randomly initialised weights" in body
+    assert "${" not in text
+
+
+def test_render_local_base_model_is_not_metadata(tmp_path):
+    base = tmp_path / "my-local-vit"
+    base.mkdir()
+    config = {**COMQ_CONFIG, "group_size": None, "dataset": "imagenet-1k", "dataset_column": "image"}
+    metadata, body = split_card(render_model_card(config, str(base), None, None))
+    assert "base_model" not in metadata and "pipeline_tag" not in metadata
+    assert str(tmp_path) not in body, "a local path must not leak into a published card"
+    assert "a local checkpoint (`my-local-vit`)" in body
+    assert "| Group size | none (one scale per output channel) |" in body
+    assert "- **Dataset:** imagenet-1k" in body and "- **Split:** train" in body and "- **Column:** image" in body
+    assert "No evaluation results were recorded" in body
+    assert "AutoModel.from_pretrained(" in body
+
+
+def test_render_flat_metrics_and_yaml_safe_tags():
+    text = render_model_card({**COMQ_CONFIG, "bits": 3}, None, {"perplexity": 12.3456789, "note": "a|b"}, None,
+                             tags=['needs: "quotes"', "3-bit"])
+    metadata, body = split_card(text)
+    assert metadata["tags"] == ["comq", "quantized", "3-bit", 'needs: "quotes"']
+    assert "| perplexity | 12.3457 |" in body and "| note | a\\|b |" in body
+
+
+@pytest.mark.parametrize(
+    ("config", "metrics", "message"),
+    [
+        ({**COMQ_CONFIG, "quant_method": "gptq"}, None, "quant_method='gptq'"),
+        ({key: value for key, value in COMQ_CONFIG.items() if key != "bits"}, None, "bits=None"),
+        ({**COMQ_CONFIG, "bits": 16}, None, "bits=16"),
+        (COMQ_CONFIG, {"top-1": 0.8, "top-5": {"comq": 0.9}}, "mixed entries"),
+        (COMQ_CONFIG, [("top-1", 0.8)], "metrics must be a dict"),
+    ],
+)
+def test_render_rejects_bad_input(config, metrics, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        render_model_card(config, None, metrics)
+
+
+def test_infer_pipeline_tag():
+    from transformers import BertConfig, BertModel, ViTModel
+
+    assert infer_pipeline_tag(tiny_vit()) == "image-classification"
+    assert infer_pipeline_tag(ViTModel(tiny_vit().config)) == "image-feature-extraction"
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    assert infer_pipeline_tag(bert) == "feature-extraction"
+    assert infer_pipeline_tag(torch.nn.Linear(2, 2)) is None
+
+
+# ---------------------------------------------------------------------------------------------- save hook
+@pytest.fixture
+def comq_like_vit():
+    """A tiny ViT whose config carries a COMQ quantization config: enough for the card hook, which only reads it.
+
+    The quantizer itself is exercised end to end by the Hub tests below.
+    """
+    model = tiny_vit()
+    model.config.quantization_config = dict(COMQ_CONFIG)
+    return model
+
+
+def test_save_pretrained_writes_the_card(comq_like_vit, tmp_path):
+    attach_model_card_hook(comq_like_vit, base_model="google/vit-base-patch16-224")
+    comq_like_vit.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    metadata, body = split_card((tmp_path / README_NAME).read_text(encoding="utf-8"))
+    assert metadata == {
+        "library_name": "transformers",
+        "base_model": "google/vit-base-patch16-224",
+        "pipeline_tag": "image-classification",
+        "tags": ["comq", "quantized", "4-bit", "vit"],
+    }
+    assert "ViTForImageClassification.from_pretrained(" in body and "| Group size | 32 |" in body
+
+
+def test_save_pretrained_never_overwrites_a_readme(comq_like_vit, tmp_path):
+    attach_model_card_hook(comq_like_vit)
+    (tmp_path / README_NAME).write_text("# My own notes\n", encoding="utf-8")
+    comq_like_vit.save_pretrained(tmp_path)
+    assert (tmp_path / README_NAME).read_text(encoding="utf-8") == "# My own notes\n"
+    assert write_model_card(tmp_path, comq_like_vit) is None
+
+
+def test_attach_is_idempotent_and_updates_metrics(comq_like_vit, tmp_path):
+    attach_model_card_hook(comq_like_vit)
+    first_save = comq_like_vit.save_pretrained
+    attach_model_card_hook(comq_like_vit, metrics={"top-1": 0.5}, base_model="google/vit-base-patch16-224")
+    assert comq_like_vit.__dict__["save_pretrained"] is first_save  # not wrapped twice
+    assert comq_like_vit.model_tags.count("comq") == 1
+    written = write_model_card(tmp_path, comq_like_vit)
+    metadata, body = split_card(written.read_text(encoding="utf-8"))
+    assert metadata["base_model"] == "google/vit-base-patch16-224"
+    assert "| top-1 | 0.5 |" in body
+
+
+def test_card_hook_follows_deep_copies(comq_like_vit, tmp_path):
+    attach_model_card_hook(comq_like_vit)
+    clone = copy.deepcopy(comq_like_vit)
+    assert clone.save_pretrained.__self__ is clone, "a copy must save itself, not the original"
+    clone.save_pretrained(tmp_path)
+    assert (tmp_path / README_NAME).is_file()
+
+
+def test_card_hook_rejects_models_not_quantized_with_comq(tmp_path):
+    with pytest.raises(ValueError, match="no quantization_config"):
+        attach_model_card_hook(tiny_vit())
+    with pytest.raises(ValueError, match="no quantization_config"):
+        write_model_card(tmp_path, tiny_vit())
+    assert not (tmp_path / README_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------- fake Hub
+@pytest.fixture
+def hub():
+    with FakeHub(max_lifetime_s=240) as server:
+        yield server
+
+
+PLAIN_ROUND_TRIP = """
+import torch
+from huggingface_hub import HfApi, ModelCard, snapshot_download
+from transformers import ViTForImageClassification
+from hf_comq.hub import render_model_card
+
+args = json.loads(sys.argv[1])
+repo = "user/plain-vit"
+model = tiny_vit()
+model.push_to_hub(repo)
+card = render_model_card(args["config"], "google/vit-base-patch16-224", None, "image-classification",
+                         model_class="ViTForImageClassification", model_id=repo)
+api = HfApi()
+api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo, commit_message="COMQ card")
+model.push_to_hub(repo)  # the weights did not change: their LFS object must not be uploaded again
+reloaded = ViTForImageClassification.from_pretrained(repo).eval()
+x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+with torch.no_grad():
+    identical = torch.equal(model(x).logits, reloaded(x).logits)
+snapshot = snapshot_download(repo)
+print(json.dumps({
+    "identical": identical,
+    "card_tags": ModelCard.load(repo).data.tags,
+    "files": sorted(api.list_repo_files(repo)),
+    "snapshot": sorted(os.listdir(snapshot)),
+    "readme_missing_in_other_repo": not api.file_exists("user/plain-vit-missing", "README.md"),
+}))
+"""
+
+
+def test_fake_hub_round_trip_of_a_plain_model(hub, tmp_path):
+    result = run_hub_client(hub, tmp_path, PLAIN_ROUND_TRIP, {"config": COMQ_CONFIG})
+    assert result["identical"]
+    assert result["files"] == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+    assert sorted(result["snapshot"]) == result["files"]
+    assert result["card_tags"] == ["comq", "quantized", "4-bit"]
+    assert result["readme_missing_in_other_repo"]
+    stored = hub.stored("user/plain-vit")
+    assert stored["model.safetensors"].lfs and not stored["config.json"].lfs
+    assert ("POST", "/api/validate-yaml") in hub.requests
+    lfs_puts = [path for method, path in hub.requests if method == "PUT" and path.startswith("/__lfs__/")]
+    assert lfs_puts == [f"/__lfs__/{stored['model.safetensors'].sha256}"]  # uploaded once over two pushes
