@@ -125,11 +125,12 @@ def comq_quantize(
     problem = _Problem.build(w, h, grid, order)
     history = problem.start(init, damp, block_size)
     for _ in range(iterations):
-        before = history[-1] if problem.codes_t is not None else math.inf  # the fp start is off the grid
+        on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
+        before = history[-1]
         history.append(problem.sweep(order, block_size))
         if scale_refit:
             history.append(problem.refit_scales())
-        if before - history[-1] <= tol * before:
+        if on_grid and before - history[-1] <= tol * before:
             break
     if problem.codes_t is None:  # iterations == 0 from the full-precision start: plain rounding
         history = problem.start("rtn", damp, block_size)

@@ -33,6 +33,12 @@ def refit_scales(
     """
     n_cols, out_features = weight_t.shape
     n_groups = scale.shape[1]
+    if n_groups == 1:  # per-channel: one GEMM and a few reductions, no per-group split
+        projected = hessian @ offsets_t
+        gram = (projected * offsets_t).sum(0).reshape(-1, 1, 1)
+        rhs = (projected * weight_t).sum(0).reshape(-1, 1)
+        new_scale = _solve_positive(gram, rhs, scale)
+        return new_scale, projected * new_scale.T
     membership = torch.nn.functional.one_hot(group_of_column, n_groups).to(weight_t.dtype)  # in x G
     rows_per_chunk = max(1, CHUNK_BYTES // (n_cols * n_groups * weight_t.element_size()))
     new_scale = scale.clone()

