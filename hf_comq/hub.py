@@ -16,8 +16,7 @@ weights are in place.  It installs two per-instance methods (bound with :class:`
 * ``save_pretrained`` writes README.md after the regular save when the folder has none;
 * ``_upload_modified_files`` (the single upload step shared by ``push_to_hub`` and
   ``save_pretrained(push_to_hub=True)``) replaces the generic card transformers generates for a repository that
-  has no README yet.  A README that already exists on the Hub is kept; it only receives the COMQ tags through
-  ``model.add_model_tags``, which transformers merges into it.
+  has no README yet.  A README that already exists on the Hub is kept; it only receives the COMQ tags.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any, Mapping
+
+from huggingface_hub import HfApi, ModelCard
 
 __all__ = [
     "ModelCardSettings",
@@ -404,11 +405,20 @@ def write_model_card(
 
 
 # ---------------------------------------------------------------------------------------------- save hooks
+def _is_comq_model(model: Any) -> bool:
+    """Still COMQ-quantized?  ``model.dequantize()`` removes the config, and then no COMQ card is due."""
+    try:
+        _quantization_config_dict(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
     """``save_pretrained`` of a COMQ model: the regular save, then README.md if the folder has none."""
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
     is_main_process = kwargs.get("is_main_process", args[0] if args else True)
-    if is_main_process and os.path.isdir(save_directory):
+    if is_main_process and os.path.isdir(save_directory) and _is_comq_model(self):
         write_model_card(save_directory, self)
     return result
 
@@ -424,23 +434,24 @@ def _upload_modified_files_with_card(
     revision: str | None = None,
     commit_description: str | None = None,
 ) -> Any:
-    """Upload step of ``push_to_hub``: swap transformers' generic card for the COMQ card, then upload.
+    """Upload step of ``push_to_hub``: put the COMQ card (or the COMQ tags) into README.md, then upload.
 
-    Before uploading, transformers writes into ``working_dir`` either the README already on the Hub (with the
-    model's tags added) or, for a repository without one, a generic template card.  Only the latter is replaced,
-    keeping any tags it carries (such as ``push_to_hub(tags=...)``).
+    Just before this step transformers writes into ``working_dir`` either the README already on the Hub or, for a
+    repository without one, a generic template card.  The generic card is replaced by the COMQ card (keeping the
+    tags it carries, such as ``push_to_hub(tags=...)``); an existing card is the owner's text and only gets the
+    COMQ tags, so that the model is still found as a COMQ model.
     """
     readme = Path(working_dir) / README_NAME
-    from transformers.utils.hub import hf_api
-
-    # transformers looked for the remote card on the default branch; ask the same question.
-    if not hf_api().file_exists(repo_id, README_NAME, token=token):
-        extra_tags: list[str] = []
-        if readme.is_file():
-            from huggingface_hub import ModelCard
-
-            extra_tags = list(ModelCard.load(readme).data.tags or [])
-        readme.write_text(_render_for_model(self, model_id=repo_id, tags=extra_tags), encoding="utf-8")
+    if _is_comq_model(self):
+        existing = ModelCard.load(readme) if readme.is_file() else None
+        existing_tags = list(existing.data.tags or []) if existing is not None else []
+        # transformers looked for the remote card on the default branch; ask the same question.
+        if existing is None or not HfApi().file_exists(repo_id, README_NAME, token=token):
+            readme.write_text(_render_for_model(self, model_id=repo_id, tags=existing_tags), encoding="utf-8")
+        else:
+            bits = int(_quantization_config_dict(self)["bits"])
+            existing.data.tags = existing_tags + [tag for tag in card_tags(bits) if tag not in existing_tags]
+            existing.save(readme)
     return type(self)._upload_modified_files(
         self,
         working_dir,
@@ -471,7 +482,7 @@ def attach_model_card_hook(
     Raises:
         ValueError: when the model is not quantized with COMQ.
     """
-    config_dict = _quantization_config_dict(model)
+    _quantization_config_dict(model)  # raises unless the model is COMQ-quantized
     settings = _card_settings(model)
     if not isinstance(base_model, _Unset):
         settings.base_model = base_model
@@ -482,9 +493,6 @@ def attach_model_card_hook(
         settings.pipeline_tag = pipeline_tag
     # A plain attribute (nn.Module keeps non-tensor attributes in __dict__): deep copies carry it along.
     setattr(model, _CARD_ATTR, settings)
-    # For a README that already exists on the Hub, transformers merges the model's tags into it.
-    if hasattr(model, "add_model_tags"):
-        model.add_model_tags(card_tags(int(config_dict["bits"])))
     for name, function in (
         ("save_pretrained", _save_pretrained_with_card),
         ("_upload_modified_files", _upload_modified_files_with_card),

@@ -251,7 +251,6 @@ def test_attach_is_idempotent_and_updates_metrics(comq_like_vit, tmp_path):
     first_save = comq_like_vit.save_pretrained
     attach_model_card_hook(comq_like_vit, metrics={"top-1": 0.5}, base_model="google/vit-base-patch16-224")
     assert comq_like_vit.__dict__["save_pretrained"] is first_save  # not wrapped twice
-    assert comq_like_vit.model_tags.count("comq") == 1
     written = write_model_card(tmp_path, comq_like_vit)
     metadata, body = split_card(written.read_text(encoding="utf-8"))
     assert metadata["base_model"] == "google/vit-base-patch16-224"
@@ -266,6 +265,13 @@ def test_card_hook_follows_deep_copies(comq_like_vit, tmp_path):
     assert (tmp_path / README_NAME).is_file()
 
 
+def test_no_card_once_the_model_is_no_longer_quantized(comq_like_vit, tmp_path):
+    attach_model_card_hook(comq_like_vit)
+    del comq_like_vit.config.quantization_config  # what model.dequantize() does
+    comq_like_vit.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / README_NAME).exists()
+
+
 def test_card_hook_rejects_models_not_quantized_with_comq(tmp_path):
     with pytest.raises(ValueError, match="no quantization_config"):
         attach_model_card_hook(tiny_vit())
@@ -275,51 +281,92 @@ def test_card_hook_rejects_models_not_quantized_with_comq(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- fake Hub
-@pytest.fixture
-def hub():
-    with FakeHub(max_lifetime_s=240) as server:
-        yield server
-
-
-PLAIN_ROUND_TRIP = """
+HUB_ROUND_TRIP = """
 import torch
-from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError
 from transformers import ViTForImageClassification
-from hf_comq.hub import render_model_card
+from hf_comq.hub import attach_model_card_hook, render_model_card
 
 args = json.loads(sys.argv[1])
+api = HfApi()
+
+# 1. Protocol round trip with a plain model, then a card uploaded on its own.
 repo = "user/plain-vit"
 model = tiny_vit()
 model.push_to_hub(repo)
 card = render_model_card(args["config"], "google/vit-base-patch16-224", None, "image-classification",
                          model_class="ViTForImageClassification", model_id=repo)
-api = HfApi()
 api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo, commit_message="COMQ card")
 model.push_to_hub(repo)  # the weights did not change: their LFS object must not be uploaded again
 reloaded = ViTForImageClassification.from_pretrained(repo).eval()
 x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 with torch.no_grad():
     identical = torch.equal(model(x).logits, reloaded(x).logits)
-snapshot = snapshot_download(repo)
+try:
+    hf_hub_download(repo, "missing.txt")
+    missing_file_error = None
+except EntryNotFoundError as error:
+    missing_file_error = type(error).__name__
+
+# 2. The card hook on push_to_hub (the config is all it reads): a new repository gets the COMQ card ...
+comq_like = tiny_vit(seed=1)
+comq_like.config.quantization_config = dict(args["config"])
+attach_model_card_hook(comq_like)
+comq_like.push_to_hub("user/comq-like", tags=["demo"])
+# ... and a repository that already has a README keeps it, with the COMQ tags added.
+api.create_repo("user/has-card")
+api.upload_file(path_or_fileobj=b"---\\ntags:\\n- mine\\n---\\n# My notes\\n", path_in_repo="README.md",
+                repo_id="user/has-card")
+comq_like.push_to_hub("user/has-card")
+
 print(json.dumps({
     "identical": identical,
     "card_tags": ModelCard.load(repo).data.tags,
     "files": sorted(api.list_repo_files(repo)),
-    "snapshot": sorted(os.listdir(snapshot)),
-    "readme_missing_in_other_repo": not api.file_exists("user/plain-vit-missing", "README.md"),
+    "snapshot": sorted(os.listdir(snapshot_download(repo))),
+    "missing_file_error": missing_file_error,
 }))
 """
 
 
-def test_fake_hub_round_trip_of_a_plain_model(hub, tmp_path):
-    result = run_hub_client(hub, tmp_path, PLAIN_ROUND_TRIP, {"config": COMQ_CONFIG})
+@pytest.fixture(scope="module")
+def hub_round_trip(tmp_path_factory):
+    """Push/pull plain and card-hooked models against one fake Hub; the tests below inspect the outcome."""
+    tmp_path = tmp_path_factory.mktemp("hub-round-trip")
+    with FakeHub(max_lifetime_s=240) as server:
+        result = run_hub_client(server, tmp_path, HUB_ROUND_TRIP, {"config": COMQ_CONFIG})
+        yield server, result
+
+
+def test_fake_hub_round_trip_of_a_plain_model(hub_round_trip):
+    server, result = hub_round_trip
     assert result["identical"]
     assert result["files"] == [".gitattributes", "README.md", "config.json", "model.safetensors"]
-    assert sorted(result["snapshot"]) == result["files"]
+    assert result["snapshot"] == result["files"]
     assert result["card_tags"] == ["comq", "quantized", "4-bit"]
-    assert result["readme_missing_in_other_repo"]
-    stored = hub.stored("user/plain-vit")
+    assert result["missing_file_error"] == "RemoteEntryNotFoundError"
+    stored = server.stored("user/plain-vit")
     assert stored["model.safetensors"].lfs and not stored["config.json"].lfs
-    assert ("POST", "/api/validate-yaml") in hub.requests
-    lfs_puts = [path for method, path in hub.requests if method == "PUT" and path.startswith("/__lfs__/")]
-    assert lfs_puts == [f"/__lfs__/{stored['model.safetensors'].sha256}"]  # uploaded once over two pushes
+    assert ("POST", "/api/validate-yaml") in server.requests
+    lfs_puts = [path for method, path in server.requests if method == "PUT" and path.startswith("/__lfs__/")]
+    weights = {server.stored(repo)["model.safetensors"].sha256 for repo in ("user/plain-vit", "user/comq-like")}
+    # Each distinct weights file is uploaded once, although "user/plain-vit" was pushed twice.
+    assert sorted(lfs_puts) == sorted(f"/__lfs__/{sha}" for sha in weights)
+
+
+def test_push_to_hub_replaces_the_generic_card(hub_round_trip):
+    server, _ = hub_round_trip
+    metadata, body = split_card(server.files("user/comq-like")["README.md"].decode("utf-8"))
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert metadata["tags"] == ["comq", "quantized", "4-bit", "vit", "demo"]
+    assert 'ViTForImageClassification.from_pretrained("user/comq-like")' in body
+    assert "| Group size | 32 |" in body and "This is the model card of a" not in body
+
+
+def test_push_to_hub_keeps_an_existing_readme_and_adds_the_tags(hub_round_trip):
+    server, _ = hub_round_trip
+    metadata, body = split_card(server.files("user/has-card")["README.md"].decode("utf-8"))
+    assert body.strip() == "# My notes"
+    assert metadata["tags"] == ["mine", "comq", "quantized", "4-bit"]
