@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,9 +205,10 @@ def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[s
         rows: Callable[[], Iterator[list[Any]]] = lambda: (dataset[chunk][column] for chunk in _chunks(indices, config.batch_size))
         count = len(indices)
     else:
-        stream = dataset.shuffle(seed=config.seed, buffer_size=STREAM_SHUFFLE_BUFFER).take(config.num_samples)
-        count = _count_stream(stream, config.num_samples)
-        rows = lambda: _stream_chunks(stream, column, config.batch_size)
+        values, decode = _take_from_stream(dataset, column, config.num_samples, config.seed)
+        rows = lambda: ([decode(value) for value in values[start : start + config.batch_size]]
+                        for start in range(0, len(values), config.batch_size))
+        count = len(values)
     first = _first_value(rows())
     kind = kind or _kind_of_value(first, column)
     encode = _make_encoder(model, config, kind)
@@ -245,25 +246,29 @@ def _column_names(dataset: Any) -> list[str]:
     return list(names)
 
 
-def _count_stream(stream: Iterable[Any], requested: int) -> int:
-    """Count a (taken) stream's samples, warning if fewer than requested exist."""
-    count = sum(1 for _ in stream)
-    if count == 0:
+def _take_from_stream(dataset: Any, column: str, requested: int, seed: int) -> tuple[list[Any], Callable[[Any], Any]]:
+    """Read the seeded-shuffled subset of a streamed dataset once, keeping images encoded.
+
+    Streams are read a single time: re-streaming (from the Hub, or through datasets'
+    shard readers) on every calibration pass would cost far more than keeping
+    ``num_samples`` raw values.  Images are kept as their file bytes and decoded per
+    batch, so the subset costs about its compressed size in memory.
+    """
+    import datasets
+
+    decode: Callable[[Any], Any] = lambda value: value
+    features = dataset.features
+    if features is not None and isinstance(features.get(column), datasets.Image):
+        feature = features[column]
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        decode = feature.decode_example
+    stream = dataset.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER).take(requested)
+    values = [example[column] for example in stream]
+    if not values:
         raise ValueError("the calibration dataset is empty: it has no samples")
-    if count < requested:
-        _warn_too_few(count, requested)
-    return count
-
-
-def _stream_chunks(stream: Iterable[Mapping[str, Any]], column: str, batch_size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for example in stream:
-        chunk.append(example[column])
-        if len(chunk) == batch_size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    if len(values) < requested:
+        _warn_too_few(len(values), requested)
+    return values, decode
 
 
 def _first_value(chunks: Iterator[list[Any]]) -> Any:
@@ -276,12 +281,10 @@ def _first_value(chunks: Iterator[list[Any]]) -> Any:
 def _kind_of_value(value: Any, column: str) -> str:
     from PIL import Image
 
-    if isinstance(value, Image.Image):
+    if isinstance(value, Image.Image) or column in IMAGE_COLUMNS:  # arrays, paths...: the image processor judges
         return "images"
     if isinstance(value, str):
         return "text"
-    if column in IMAGE_COLUMNS:  # arrays or other image-like values: let the image processor judge
-        return "images"
     raise ValueError(
         f"column {column!r} holds {type(value).__name__} values; COMQ calibrates on images (PIL) or text (str)"
     )

@@ -1,0 +1,80 @@
+"""Tiny models, processors and data for the calibration tests (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+WORDS = "the a cat dog sat on mat ran fast slow big small red blue green house tree sky sun moon".split()
+
+
+def tiny_vit(**overrides) -> T.ViTForImageClassification:
+    config = T.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return T.ViTForImageClassification(config).eval()
+
+
+def tiny_models() -> dict[str, torch.nn.Module]:
+    """One tiny instance of every architecture the issue lists."""
+    torch.manual_seed(0)
+    text = {"vocab_size": 64}
+    return {
+        "vit": tiny_vit(),
+        "vit_model": T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, image_size=32, patch_size=8)),
+        "deit": T.DeiTForImageClassification(T.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                          intermediate_size=64, image_size=32, patch_size=8)),
+        "dinov2": T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                               image_size=32, patch_size=8)),
+        "swin": T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                                                          num_heads=[2, 2], window_size=4)),
+        "bert": T.BertForSequenceClassification(T.BertConfig(**text, hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=2, intermediate_size=64)),
+        "gpt2": T.GPT2LMHeadModel(T.GPT2Config(**text, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)),
+        "llama": T.LlamaForCausalLM(T.LlamaConfig(**text, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                  num_key_value_heads=1, intermediate_size=64, bos_token_id=0,
+                                                  eos_token_id=0, pad_token_id=None)),
+    }
+
+
+def word_tokenizer(with_pad: bool = True) -> T.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over ``WORDS`` (ids < 64, so tiny models accept them)."""
+    specials = ["[PAD]", "[UNK]", "[EOS]"]
+    vocab = {token: index for index, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    kwargs = {"pad_token": "[PAD]"} if with_pad else {}
+    return T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]", **kwargs)
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    """``count`` random sentences of 3 to 12 words (varied lengths exercise padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    result = []
+    for _ in range(count):
+        length = int(torch.randint(3, 13, (1,), generator=generator))
+        ids = torch.randint(0, len(WORDS), (length,), generator=generator).tolist()
+        result.append(" ".join(WORDS[i] for i in ids))
+    return result
+
+
+def images(count: int, size: int = 40, seed: int = 0) -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (count, size, size, 3), generator=generator, dtype=torch.uint8).numpy()
+    return [Image.fromarray(array) for array in pixels]
+
+
+def image_processor() -> T.ViTImageProcessor:
+    return T.ViTImageProcessor(size={"height": 32, "width": 32})
+
+
+@pytest.fixture
+def tokenizer() -> T.PreTrainedTokenizerFast:
+    return word_tokenizer()

@@ -1,0 +1,316 @@
+"""Calibration data: every accepted form of ``COMQConfig.dataset``, sampling, and bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from hf_comq.calibration import build_calibration_data
+from hf_comq.config import COMQConfig
+
+from .conftest import image_processor, images, sentences, tiny_models, tiny_vit, word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return tiny_vit()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_models()["llama"]
+
+
+def _config(dataset, **kwargs) -> COMQConfig:
+    kwargs.setdefault("batch_size", 4)
+    return COMQConfig(dataset=dataset, **kwargs)
+
+
+def _collect(data) -> list[dict[str, torch.Tensor]]:
+    return list(data)
+
+
+def _image_dataset(count: int, column: str = "image") -> datasets.Dataset:
+    return datasets.Dataset.from_dict({column: images(count), "label": list(range(count))})
+
+
+# ---------------------------------------------------------------- accepted forms
+
+
+def test_in_memory_image_dataset(vit):
+    config = _config(_image_dataset(10), processor=image_processor(), num_samples=6)
+    data = build_calibration_data(vit, config)
+    batches = _collect(data)
+    assert data.num_samples == 6
+    assert [tuple(b["pixel_values"].shape) for b in batches] == [(4, 3, 32, 32), (2, 3, 32, 32)]
+    assert set(batches[0]) == {"pixel_values"}
+    assert config.calibration_description == "datasets.Dataset (column image), 6 samples"
+
+
+def test_img_column_and_column_override(vit):
+    dataset = datasets.Dataset.from_dict({"img": images(3), "image": ["not an image"] * 3})
+    config = _config(dataset, processor=image_processor(), dataset_column="img")
+    batches = _collect(build_calibration_data(vit, config))
+    assert sum(b["pixel_values"].shape[0] for b in batches) == 3
+
+
+def test_pixel_values_column_is_used_as_model_input(vit):
+    pixels = torch.randn(5, 3, 32, 32)
+    dataset = datasets.Dataset.from_dict({"pixel_values": pixels.numpy()})
+    batches = _collect(build_calibration_data(vit, _config(dataset, num_samples=5)))
+    stacked = torch.cat([b["pixel_values"] for b in batches])
+    assert stacked.shape == (5, 3, 32, 32)
+    assert sorted(stacked.sum(dim=(1, 2, 3)).tolist()) == pytest.approx(sorted(pixels.sum(dim=(1, 2, 3)).tolist()), rel=1e-5)
+
+
+def test_text_dataset_truncates_pads_and_masks(llama, tokenizer):
+    texts = sentences(9)
+    config = _config(datasets.Dataset.from_dict({"text": texts}), processor=tokenizer, max_length=6, num_samples=9)
+    batches = _collect(build_calibration_data(llama, config))
+    assert sum(b["input_ids"].shape[0] for b in batches) == 9
+    for batch in batches:
+        assert set(batch) == {"input_ids", "attention_mask"}  # token_type_ids: LLaMA does not take them
+        assert batch["input_ids"].shape[1] <= 6
+        assert batch["attention_mask"].shape == batch["input_ids"].shape
+    lengths = sorted(int(b.sum()) for batch in batches for b in batch["attention_mask"])
+    expected = sorted(min(len(text.split()), 6) for text in texts)
+    assert lengths == expected
+
+
+def test_saved_to_disk_dataset_loaded_by_path(tmp_path, vit):
+    datasets.DatasetDict({"train": _image_dataset(4), "test": _image_dataset(2)}).save_to_disk(tmp_path / "ds")
+    config = _config(str(tmp_path / "ds"), processor=image_processor(), dataset_split="test")
+    data = build_calibration_data(vit, config)
+    assert data.num_samples == 2
+    assert sum(b["pixel_values"].shape[0] for b in data) == 2
+    assert config.calibration_description == f"{tmp_path / 'ds'} (split test, column image), 2 samples"
+
+
+def test_single_saved_dataset_loaded_by_path(tmp_path, llama, tokenizer):
+    datasets.Dataset.from_dict({"text": sentences(5)}).save_to_disk(tmp_path / "single")
+    data = build_calibration_data(llama, _config(str(tmp_path / "single"), processor=tokenizer))
+    assert data.num_samples == 5
+
+
+def test_parquet_folder_loaded_by_path_is_streamed(tmp_path, llama, tokenizer):
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"text": sentences(7)}).to_parquet(str(folder / "train.parquet"))
+    config = _config(str(folder), processor=tokenizer, num_samples=5)
+    data = build_calibration_data(llama, config)
+    assert data.num_samples == 5
+    first, second = _collect(data), _collect(data)
+    assert sum(b["input_ids"].shape[0] for b in first) == 5
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))  # re-iterable, same order
+
+
+def test_json_file_loaded_by_path(tmp_path, llama, tokenizer):
+    path = tmp_path / "calib.jsonl"
+    datasets.Dataset.from_dict({"text": sentences(3)}).to_json(str(path))
+    data = build_calibration_data(llama, _config(str(path), processor=tokenizer))
+    assert data.num_samples == 3
+
+
+def test_iterable_dataset(vit):
+    stream = _image_dataset(6).to_iterable_dataset()
+    config = _config(stream, processor=image_processor(), num_samples=4)
+    data = build_calibration_data(vit, config)
+    assert data.num_samples == 4
+    assert sum(b["pixel_values"].shape[0] for b in data) == 4
+
+
+def test_list_of_pil_images(vit):
+    config = _config(images(5), processor=image_processor(), num_samples=3)
+    batches = _collect(build_calibration_data(vit, config))
+    assert [b["pixel_values"].shape[0] for b in batches] == [3]
+    assert config.calibration_description == "list of images, 3 samples"
+
+
+def test_grayscale_images_are_converted_to_rgb(vit):
+    gray = [image.convert("L") for image in images(2)]
+    batches = _collect(build_calibration_data(vit, _config(gray, processor=image_processor())))
+    assert batches[0]["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_list_of_strings_with_padless_tokenizer(llama):
+    tokenizer = word_tokenizer(with_pad=False)
+    batches = _collect(build_calibration_data(llama, _config(sentences(4), processor=tokenizer)))
+    assert tokenizer.pad_token == "[EOS]"
+    assert batches[0]["input_ids"].shape[0] == 4
+
+
+def test_empty_strings_are_dropped(llama, tokenizer):
+    batches = _collect(build_calibration_data(llama, _config(["", "  ", "the cat"], processor=tokenizer)))
+    assert [b["input_ids"].tolist() for b in batches] == [tokenizer(["the cat"])["input_ids"]]
+
+
+def test_float_tensor_is_pixel_values(vit):
+    pixels = torch.randn(6, 3, 32, 32)
+    config = _config(pixels, num_samples=6)
+    batches = _collect(build_calibration_data(vit, config))
+    assert torch.equal(torch.cat([b["pixel_values"] for b in batches]).sum(0), pixels.sum(0)) or torch.allclose(
+        torch.cat([b["pixel_values"] for b in batches]).sum(0), pixels.sum(0), atol=1e-5
+    )
+    assert config.calibration_description == "tensor (pixel_values), 6 samples"
+
+
+def test_integer_tensor_is_input_ids(llama):
+    ids = torch.randint(0, 64, (5, 7))
+    batches = _collect(build_calibration_data(llama, _config(ids)))
+    assert torch.cat([b["input_ids"] for b in batches]).shape == (5, 7)
+
+
+def test_list_of_dicts_kept_as_batches_and_trimmed_to_num_samples(llama):
+    dicts = [
+        {"input_ids": torch.randint(0, 64, (3, 5)), "attention_mask": torch.ones(3, 5, dtype=torch.long)},
+        {"input_ids": torch.randint(0, 64, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)},
+        {"input_ids": torch.randint(0, 64, (6,)), "token_type_ids": torch.zeros(6, dtype=torch.long)},
+    ]
+    data = build_calibration_data(llama, _config(dicts, num_samples=4, batch_size=8))
+    batches = _collect(data)
+    assert data.num_samples == 4
+    assert sum(b["input_ids"].shape[0] for b in batches) == 4
+    assert all("token_type_ids" not in b for b in batches)
+    widths = {b["input_ids"].shape[1] for b in batches}
+    assert widths <= {5, 9, 6}  # never re-padded
+
+
+def test_single_dict_of_tensors(vit):
+    batches = _collect(build_calibration_data(vit, _config({"pixel_values": torch.randn(5, 3, 32, 32)}, batch_size=2)))
+    assert [b["pixel_values"].shape[0] for b in batches] == [2, 2, 1]
+
+
+def test_seeded_shuffle_picks_a_reproducible_subset(llama):
+    ids = torch.arange(40).reshape(20, 2) % 64
+
+    def picked(seed):
+        data = build_calibration_data(llama, _config(ids, num_samples=5, seed=seed))
+        return torch.cat([b["input_ids"] for b in data])[:, 0].tolist()
+
+    assert picked(0) == picked(0)
+    assert picked(0) != picked(1)
+    assert len(set(picked(0))) == 5
+
+
+def test_processor_loaded_from_path(tmp_path, vit):
+    image_processor().save_pretrained(tmp_path)
+    batches = _collect(build_calibration_data(vit, _config(images(2), processor=str(tmp_path))))
+    assert batches[0]["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_default_processor_is_the_checkpoints_own(tmp_path, llama):
+    word_tokenizer().save_pretrained(tmp_path)
+    llama.name_or_path = str(tmp_path)
+    try:
+        batches = _collect(build_calibration_data(llama, _config(sentences(3))))
+    finally:
+        llama.name_or_path = ""
+    assert batches[0]["input_ids"].shape[0] == 3
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_no_dataset_is_an_error(vit):
+    with pytest.raises(ValueError, match="needs calibration data"):
+        build_calibration_data(vit, COMQConfig())
+
+
+def _no_rows():
+    yield from ()
+
+
+EMPTY = {
+    "list": lambda: [],
+    "tensor": lambda: torch.empty(0, 3, 32, 32),
+    "dataset": lambda: datasets.Dataset.from_dict({"image": []}),
+    "iterable": lambda: datasets.IterableDataset.from_generator(
+        _no_rows, features=datasets.Features({"text": datasets.Value("string")})
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EMPTY))
+def test_empty_dataset_is_an_error(vit, kind):
+    with pytest.raises(ValueError, match="empty"):
+        build_calibration_data(vit, _config(EMPTY[kind](), processor=image_processor()))
+
+
+def test_missing_column_lists_the_available_ones(vit):
+    dataset = datasets.Dataset.from_dict({"photo": images(2), "label": [0, 1]})
+    with pytest.raises(ValueError, match=r"available columns: \['photo', 'label'\]"):
+        build_calibration_data(vit, _config(dataset, processor=image_processor()))
+    with pytest.raises(ValueError, match=r"'picture' does not exist; available columns: \['photo', 'label'\]"):
+        build_calibration_data(vit, _config(dataset, processor=image_processor(), dataset_column="picture"))
+
+
+def test_missing_split_lists_the_available_ones(tmp_path, vit):
+    datasets.DatasetDict({"train": _image_dataset(2)}).save_to_disk(tmp_path)
+    with pytest.raises(ValueError, match=r"split 'validation' not found .* \['train'\]"):
+        build_calibration_data(vit, _config(str(tmp_path), processor=image_processor(), dataset_split="validation"))
+
+
+def test_images_the_processor_rejects(vit):
+    dataset = datasets.Dataset.from_dict({"image": [np.zeros((4, 4, 7), dtype=np.uint8).tolist()] * 2})
+    data = None
+    with pytest.raises(ValueError, match="rejected the calibration images"):
+        data = build_calibration_data(vit, _config(dataset, processor=image_processor()))
+        _collect(data)
+
+
+def test_non_image_values_in_an_image_column_are_rejected(vit):
+    dataset = datasets.Dataset.from_dict({"image": ["a.png", "b.png"]})
+    with pytest.raises(ValueError, match="rejected the calibration images"):
+        _collect(build_calibration_data(vit, _config(dataset, processor=image_processor())))
+
+
+def test_column_of_numbers_is_rejected(vit):
+    dataset = datasets.Dataset.from_dict({"label": [1, 2]})
+    with pytest.raises(ValueError, match="images .* or text"):
+        build_calibration_data(vit, _config(dataset, dataset_column="label"))
+
+
+def test_more_samples_than_data_warns_and_uses_all(vit, caplog):
+    with caplog.at_level(logging.WARNING):
+        data = build_calibration_data(vit, _config(images(3), processor=image_processor(), num_samples=50))
+    assert data.num_samples == 3
+    assert "num_samples=50 but the dataset has only 3 samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        stream = _image_dataset(2).to_iterable_dataset()
+        assert build_calibration_data(vit, _config(stream, processor=image_processor(), num_samples=9)).num_samples == 2
+    assert "only 2 samples" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([images(1)[0], "text"], "only PIL images, only strings"),
+        (42, "unsupported"),
+        (torch.randn(2, 5), "must be float pixel_values"),
+        ([{"foo": torch.zeros(2)}], "none of which"),
+    ],
+)
+def test_malformed_datasets(vit, bad, message):
+    with pytest.raises(ValueError, match=message):
+        build_calibration_data(vit, _config(bad, processor=image_processor()))
+
+
+def test_raw_data_without_any_processor_is_an_error(vit):
+    with pytest.raises(ValueError, match="no processor is known"):
+        build_calibration_data(vit, _config(images(2)))
+
+
+def test_unloadable_processor_path_is_an_error(tmp_path, vit):
+    with pytest.raises(ValueError, match="could not load a processor"):
+        build_calibration_data(vit, _config(images(2), processor=str(tmp_path / "missing")))
+
+
+def test_unknown_dataset_name_is_an_error(vit, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not load calibration dataset"):
+        build_calibration_data(vit, _config(str("/nonexistent/definitely-not-a-dataset")))
