@@ -89,11 +89,12 @@ class COMQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
             verify_quantized_model(model, self.quantization_config, expected=self._converted, check_loaded=True)
-            return model
-        from .calibration import quantize_model  # lazy: heavy, and only needed when quantizing
+        else:
+            from .calibration import quantize_model  # lazy: heavy, and only needed when quantizing
 
-        quantize_model(model, self.quantization_config)
-        self._record_conversion(model)
+            quantize_model(model, self.quantization_config)
+            self._record_conversion(model)
+        _attach_model_card(model)
         return model
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -178,6 +179,16 @@ def _verify_values(name: str, layer: COMQLinear, bits: int) -> None:
         )
     if not torch.isfinite(layer.scales).all():
         raise CheckpointError(f"{name}.scales holds NaN/inf: the tensor is missing or corrupt in the checkpoint")
+
+
+def _attach_model_card(model: nn.Module) -> None:
+    """Let ``save_pretrained`` / ``push_to_hub`` write the COMQ model card (see :mod:`hf_comq.hub`)."""
+    try:
+        from .hub import attach_model_card_hook
+    except ImportError:  # the card is a convenience; loading must not depend on it
+        logger.debug("hf_comq.hub unavailable: no model card hook")
+        return
+    attach_model_card_hook(model)
 
 
 def _was_loaded(tensor: torch.Tensor) -> bool:
