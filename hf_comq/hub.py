@@ -114,7 +114,8 @@ class ModelCardSettings:
 # ---------------------------------------------------------------------------------------------- rendering
 def load_template() -> str:
     """The Markdown template shipped inside the package (so an installed wheel can render cards)."""
-    return resources.files("hf_comq").joinpath("templates", "comq_model_card.md").read_text(encoding="utf-8")
+    template = resources.files("hf_comq").joinpath("templates").joinpath("comq_model_card.md")
+    return template.read_text(encoding="utf-8")
 
 
 def card_tags(bits: int, extra: list[str] | tuple[str, ...] | None = None) -> list[str]:

@@ -370,3 +370,101 @@ def test_push_to_hub_keeps_an_existing_readme_and_adds_the_tags(hub_round_trip):
     metadata, body = split_card(server.files("user/has-card")["README.md"].decode("utf-8"))
     assert body.strip() == "# My notes"
     assert metadata["tags"] == ["mine", "comq", "quantized", "4-bit"]
+
+
+QUANTIZED_PUSH = """
+import torch
+import hf_comq
+from hf_comq import COMQConfig
+from transformers import ViTForImageClassification
+
+
+def read_text(path):
+    return open(path, encoding="utf-8").read() if os.path.exists(path) else None
+
+
+args = json.loads(sys.argv[1])
+base = os.path.join(args["work"], "tiny-vit-base")
+tiny_vit().save_pretrained(base)
+generator = torch.Generator().manual_seed(1)
+calibration = torch.randn(16, 3, 32, 32, generator=generator)
+x = torch.randn(2, 3, 32, 32, generator=generator)
+model = ViTForImageClassification.from_pretrained(
+    base, quantization_config=COMQConfig(bits=4, dataset=calibration, num_samples=16)
+).eval()
+with torch.no_grad():
+    expected = model(x).logits
+hooked_on_load = "save_pretrained" in model.__dict__
+local = os.path.join(args["work"], "local-save")
+model.save_pretrained(local)
+
+# 1. A new repository: push_to_hub uploads the COMQ card.
+model.push_to_hub("user/comq-vit", tags=["demo"])
+reloaded = ViTForImageClassification.from_pretrained("user/comq-vit").eval()
+with torch.no_grad():
+    got = reloaded(x).logits
+
+# 2. save_pretrained(push_to_hub=True) of the reloaded (pre-quantized) model.
+resaved = os.path.join(args["work"], "resaved")
+reloaded.save_pretrained(resaved, push_to_hub=True, repo_id="user/resaved")
+print(json.dumps({
+    "hooked_on_load": hooked_on_load,
+    "local_readme": read_text(os.path.join(local, "README.md")),
+    "identical": torch.equal(expected, got),
+    "layer_types": sorted({type(module).__name__ for module in reloaded.modules()}),
+    "resaved_readme": read_text(os.path.join(resaved, "README.md")),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def quantized_push(tmp_path_factory):
+    """Quantize, push, reload and re-push a tiny ViT against one fake Hub; tests below inspect the outcome."""
+    tmp_path = tmp_path_factory.mktemp("quantized-push")
+    with FakeHub(max_lifetime_s=240) as server:
+        result = run_hub_client(server, tmp_path, QUANTIZED_PUSH, {"work": str(tmp_path)}, timeout=180)
+        yield server, result
+
+
+def test_quantizer_attaches_the_card_hook(quantized_push):
+    """Quantizing during from_pretrained is enough for save_pretrained to write the card."""
+    _, result = quantized_push
+    assert result["hooked_on_load"], "the COMQ quantizer must call hf_comq.hub.attach_model_card_hook(model)"
+    assert result["local_readme"] is not None
+    metadata, body = split_card(result["local_readme"])
+    assert metadata["tags"][:3] == ["comq", "quantized", "4-bit"]
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert "base_model" not in metadata  # quantized from a local folder
+    assert "tensor (pixel_values), 16 samples" in body
+
+
+def test_pushed_comq_model_loads_back_identical(quantized_push):
+    server, result = quantized_push
+    assert result["identical"]
+    assert "COMQLinear" in result["layer_types"]
+    stored = server.stored("user/comq-vit")
+    assert stored["model.safetensors"].lfs
+    config = json.loads(stored["config.json"].data)
+    assert config["quantization_config"]["quant_method"] == "comq" and config["quantization_config"]["bits"] == 4
+
+
+def test_push_to_hub_uploads_the_card_of_a_quantized_model(quantized_push):
+    server, _ = quantized_push
+    metadata, body = split_card(server.files("user/comq-vit")["README.md"].decode("utf-8"))
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert metadata["tags"][:3] == ["comq", "quantized", "4-bit"]
+    assert {"demo", "vit"} <= set(metadata["tags"])
+    assert 'import hf_comq' in body and 'ViTForImageClassification.from_pretrained("user/comq-vit")' in body
+    assert "| Weight bits | 4 |" in body and "tensor (pixel_values), 16 samples" in body
+
+
+def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
+    server, result = quantized_push
+    uploaded = server.files("user/resaved")["README.md"].decode("utf-8")
+    assert result["resaved_readme"] is not None
+    assert uploaded == result["resaved_readme"], "the local folder and the Hub must hold the same card"
+    metadata, body = split_card(uploaded)
+    assert metadata["tags"][:3] == ["comq", "quantized", "4-bit"]
+    assert "base_model" not in metadata  # reloaded from a COMQ checkpoint: the base model is unknown
+    assert 'from_pretrained("user/resaved")' in body
