@@ -21,27 +21,49 @@ def tiny_vit(**overrides) -> T.ViTForImageClassification:
     return T.ViTForImageClassification(config).eval()
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny matmuls are ~100x slower with several OpenMP threads on a loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(kind: str) -> torch.nn.Module:
+    """A tiny, seeded, eval-mode instance of one architecture the issue lists."""
+    torch.manual_seed(0)
+    return _BUILDERS[kind]().eval()
+
+
 def tiny_models() -> dict[str, torch.nn.Module]:
     """One tiny instance of every architecture the issue lists."""
-    torch.manual_seed(0)
-    text = {"vocab_size": 64}
-    return {
-        "vit": tiny_vit(),
-        "vit_model": T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                            intermediate_size=64, image_size=32, patch_size=8)),
-        "deit": T.DeiTForImageClassification(T.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                          intermediate_size=64, image_size=32, patch_size=8)),
-        "dinov2": T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                               image_size=32, patch_size=8)),
-        "swin": T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
-                                                          num_heads=[2, 2], window_size=4)),
-        "bert": T.BertForSequenceClassification(T.BertConfig(**text, hidden_size=32, num_hidden_layers=2,
-                                                             num_attention_heads=2, intermediate_size=64)),
-        "gpt2": T.GPT2LMHeadModel(T.GPT2Config(**text, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)),
-        "llama": T.LlamaForCausalLM(T.LlamaConfig(**text, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                  num_key_value_heads=1, intermediate_size=64, bos_token_id=0,
-                                                  eos_token_id=0, pad_token_id=None)),
-    }
+    return {kind: tiny_model(kind) for kind in _BUILDERS}
+
+
+_TEXT = {"vocab_size": 64}
+_VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+_BUILDERS = {
+    "vit": tiny_vit,
+    "vit_model": lambda: T.ViTModel(T.ViTConfig(**_VISION, intermediate_size=64)),
+    "deit": lambda: T.DeiTForImageClassification(T.DeiTConfig(**_VISION, intermediate_size=64)),
+    "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(**_VISION, mlp_ratio=2)),
+    "swin": lambda: T.SwinForImageClassification(
+        T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4)
+    ),
+    "bert": lambda: T.BertForSequenceClassification(
+        T.BertConfig(**_TEXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    ),
+    "gpt2": lambda: T.GPT2LMHeadModel(
+        T.GPT2Config(**_TEXT, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    ),
+    "llama": lambda: T.LlamaForCausalLM(
+        T.LlamaConfig(
+            **_TEXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=None,
+        )
+    ),
+}
 
 
 def word_tokenizer(with_pad: bool = True) -> T.PreTrainedTokenizerFast:

@@ -12,7 +12,7 @@ import torch
 from hf_comq.calibration import build_calibration_data
 from hf_comq.config import COMQConfig
 
-from .conftest import image_processor, images, sentences, tiny_models, tiny_vit, word_tokenizer
+from .conftest import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def vit():
 
 @pytest.fixture(scope="module")
 def llama():
-    return tiny_models()["llama"]
+    return tiny_model("llama")
 
 
 def _config(dataset, **kwargs) -> COMQConfig:

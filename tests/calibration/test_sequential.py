@@ -1,0 +1,290 @@
+"""Block-sequential COMQ: what the Hessian hooks see, accuracy, devices/offload, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import accelerate
+import pytest
+import torch
+from torch import nn
+
+import hf_comq.calibration.sequential as sequential
+from hf_comq.calibration import quantize_model
+from hf_comq.config import COMQConfig
+from hf_comq.modules import find_quantizable_linears
+from hf_comq.nn import COMQLinear, get_linear_weight
+
+from .conftest import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
+
+TEXT_MODELS = ("bert", "gpt2", "llama")
+
+
+def _inputs(kind: str, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    if kind in TEXT_MODELS:
+        encoded = word_tokenizer()(sentences(count, seed), return_tensors="pt", padding=True)
+        keys = ("input_ids", "attention_mask", "token_type_ids") if kind == "bert" else ("input_ids", "attention_mask")
+        return {key: encoded[key] for key in keys if key in encoded}
+    return dict(image_processor()(images=images(count, seed=seed), return_tensors="pt"))
+
+
+def _config(kind: str, count: int = 8, **kwargs) -> COMQConfig:
+    data = sentences(count) if kind in TEXT_MODELS else images(count)
+    processor = word_tokenizer() if kind in TEXT_MODELS else image_processor()
+    kwargs.setdefault("batch_size", 4)
+    return COMQConfig(dataset=data, processor=processor, num_samples=count, **kwargs)
+
+
+def _first_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _record_hessians(monkeypatch) -> dict[str, torch.Tensor]:
+    """Wrap the solver so each layer's Hessian is recorded as it is quantized."""
+    seen: dict[str, torch.Tensor] = {}
+    real = sequential.comq_quantize
+
+    def recording(weight, hessian, **kwargs):
+        seen[len(seen)] = hessian.clone()
+        return real(weight, hessian, **kwargs)
+
+    monkeypatch.setattr(sequential, "comq_quantize", recording)
+    return seen
+
+
+def _fp_hessians(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reference Gram matrices of the full-precision model's layer inputs (unpadded tokens only)."""
+    result = {name: 0 for name in names}
+    mask = inputs.get("attention_mask")
+
+    def hook(name):
+        def record(module, args, output):
+            x = args[0].double()
+            x = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])
+            result[name] = result[name] + x.T @ x
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    return result
+
+
+# ---------------------------------------------------------------- every architecture
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_model", "deit", "dinov2", "swin", "bert", "gpt2", "llama"])
+def test_quantizes_every_architecture_close_to_full_precision_at_8_bits(kind):
+    model = tiny_model(kind)
+    expected = sorted(find_quantizable_linears(model))
+    inputs = _inputs(kind, 8, seed=1)
+    reference = _first_output(model, inputs)
+    summary = quantize_model(model, _config(kind, bits=8))
+    converted = sorted(name for name, module in model.named_modules() if isinstance(module, COMQLinear))
+    assert converted == expected
+    assert summary["layers_quantized"] == len(expected) and summary["layers_skipped"] == {}
+    assert _relative(_first_output(model, inputs), reference) < 0.02
+    assert 0 < summary["mean_relative_error"] < 1e-3
+    assert model._comq_summary is summary
+    json.dumps(summary)  # JSON-safe, so it can go on the config or a model card
+
+
+def test_swin_layers_between_stages_are_quantized_too():
+    model = tiny_model("swin")
+    summary = quantize_model(model, _config("swin", bits=8))
+    assert "swin.encoder.layers.0.downsample.reduction" in summary["layers"]
+    assert isinstance(model.swin.encoder.layers[0].downsample.reduction, COMQLinear)
+    # 8 images, 8x8 patches at stage 0; patch merging leaves 4x4 tokens
+    assert summary["layers"]["swin.encoder.layers.0.blocks.0.mlp.fc1"]["num_tokens"] == 8 * 64
+    assert summary["layers"]["swin.encoder.layers.1.blocks.0.mlp.fc1"]["num_tokens"] == 8 * 16
+
+
+def test_model_without_blocks_is_quantized_in_one_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(40, 6)
+
+    class Wrapper(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, pixel_values):
+            return self.body(pixel_values)
+
+    wrapper = Wrapper(model)
+    summary = quantize_model(wrapper, COMQConfig(bits=8, dataset=[{"pixel_values": x}], batch_size=16, num_samples=40))
+    assert summary["num_blocks"] == 0
+    assert sorted(summary["layers"]) == ["body.0", "body.2"]
+    assert all(stats["num_tokens"] == 40 for stats in summary["layers"].values())
+
+
+# ---------------------------------------------------------------- what the Hessian hooks see
+
+
+def test_hessian_hooks_see_exactly_the_image_tokens():
+    model = tiny_vit()
+    summary = quantize_model(model, _config("vit", count=6, bits=8, batch_size=4))
+    tokens = 6 * (16 + 1)  # 4x4 patches plus the CLS token per image
+    assert {stats["num_tokens"] for stats in summary["layers"].values()} == {tokens}
+
+
+@pytest.mark.parametrize("kind", TEXT_MODELS)
+def test_hessian_hooks_skip_padding_tokens(kind):
+    model = tiny_model(kind)
+    summary = quantize_model(model, _config(kind, count=7, bits=8, batch_size=3))
+    real_tokens = sum(len(text.split()) for text in sentences(7))
+    assert {stats["num_tokens"] for stats in summary["layers"].values()} == {real_tokens}
+
+
+def test_non_sequential_hessians_come_from_the_full_precision_model(monkeypatch):
+    model = tiny_vit()
+    names = list(find_quantizable_linears(model))
+    reference = _fp_hessians(model, names, _inputs("vit", 8))
+    seen = _record_hessians(monkeypatch)
+    quantize_model(model, _config("vit", bits=3, sequential=False))
+    assert len(seen) == len(names)
+    for index, name in enumerate(names):
+        torch.testing.assert_close(seen[index], reference[name], rtol=1e-6, atol=1e-6)
+
+
+def test_sequential_hessians_come_from_the_quantized_prefix(monkeypatch):
+    model = tiny_vit()
+    names = list(find_quantizable_linears(model))
+    reference = _fp_hessians(model, names, _inputs("vit", 8))
+    seen = _record_hessians(monkeypatch)
+    quantize_model(model, _config("vit", bits=3, sequential=True))
+    first_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.0.")]
+    second_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.1.")]
+    for index in first_block:  # block 0 sees the (unquantized) embeddings either way
+        torch.testing.assert_close(seen[index], reference[names[index]], rtol=1e-6, atol=1e-6)
+    for index in second_block:  # block 1 sees block 0's quantized outputs
+        assert not torch.allclose(seen[index], reference[names[index]], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- accuracy
+
+
+def _round_to_nearest(model: nn.Module, bits: int) -> None:
+    """Per-channel asymmetric min-max round-to-nearest on the same layers (the baseline COMQ must beat)."""
+    with torch.no_grad():
+        for module in find_quantizable_linears(model).values():
+            weight = module.weight
+            low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+            step = (high - low) / (2**bits - 1)
+            zero = torch.round(-low / step)
+            weight.copy_((torch.clamp(torch.round(weight / step) + zero, 0, 2**bits - 1) - zero) * step)
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["sequential", "fp-inputs"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_comq_beats_round_to_nearest_on_held_out_images(mode, bits):
+    torch.manual_seed(0)
+    calibration, held_out = torch.randn(32, 3, 32, 32), torch.randn(16, 3, 32, 32)
+    reference = tiny_vit()(pixel_values=held_out).logits.detach()
+    rtn = tiny_vit()
+    _round_to_nearest(rtn, bits)
+    rtn_error = _relative(_first_output(rtn, {"pixel_values": held_out}), reference)
+    model = tiny_vit()
+    summary = quantize_model(model, COMQConfig(bits=bits, dataset=calibration, num_samples=32, sequential=mode))
+    comq_error = _relative(_first_output(model, {"pixel_values": held_out}), reference)
+    assert comq_error < 0.8 * rtn_error
+    assert summary["sequential"] is mode and summary["bits"] == bits
+    assert all(0 < stats["relative_error"] < 1 for stats in summary["layers"].values())
+
+
+def test_group_wise_quantization_is_passed_to_the_solver():
+    model = tiny_vit()
+    summary = quantize_model(model, _config("vit", bits=4, group_size=16))
+    assert model.vit.layers[0].mlp.fc2.group_size == 16
+    assert model.vit.layers[0].mlp.fc2.scales.shape == (32, 4)
+    assert summary["group_size"] == 16
+
+
+def test_gpt2_conv1d_layers_are_quantized_in_linear_layout():
+    model = tiny_model("gpt2")
+    original = get_linear_weight(model.transformer.h[0].mlp.c_fc).detach().clone()
+    quantize_model(model, _config("gpt2", bits=8))
+    layer = model.transformer.h[0].mlp.c_fc
+    assert isinstance(layer, COMQLinear)
+    assert layer.dequantize().shape == original.shape == (128, 32)
+    assert _relative(layer.dequantize(), original) < 0.01
+
+
+# ---------------------------------------------------------------- accelerate placement
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["sequential", "fp-inputs"])
+def test_cpu_offloaded_model_matches_the_in_memory_result(mode):
+    pixels = torch.randn(8, 3, 32, 32)
+    plain = tiny_vit()
+    quantize_model(plain, COMQConfig(bits=4, dataset=pixels, num_samples=8, sequential=mode))
+    offloaded = tiny_vit()
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.vit.layers[0].mlp.fc1.weight.device.type == "meta"
+    quantize_model(offloaded, COMQConfig(bits=4, dataset=pixels, num_samples=8, sequential=mode))
+    layer = offloaded.vit.layers[0].mlp.fc1
+    assert isinstance(layer, COMQLinear)
+    assert layer.qweight.device.type == "meta" and layer._hf_hook.offload  # still offloaded after conversion
+    with accelerate.utils.align_module_device(layer):
+        assert torch.equal(layer.qweight, plain.vit.layers[0].mlp.fc1.qweight)
+    torch.testing.assert_close(
+        _first_output(offloaded, {"pixel_values": pixels}), _first_output(plain, {"pixel_values": pixels}), rtol=0, atol=0
+    )
+
+
+def test_disk_offload_is_rejected(tmp_path):
+    model = tiny_vit()
+    accelerate.disk_offload(model, str(tmp_path), execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="offloaded to disk"):
+        quantize_model(model, COMQConfig(bits=4, dataset=torch.randn(4, 3, 32, 32)))
+
+
+def test_disk_entries_in_the_device_map_are_rejected():
+    model = tiny_vit()
+    model.hf_device_map = {"vit.embeddings": "cpu", "vit.layers": "disk", "classifier": "cpu"}
+    with pytest.raises(ValueError, match=r"offloaded to disk \(vit.layers\)"):
+        quantize_model(model, COMQConfig(bits=4, dataset=torch.randn(4, 3, 32, 32)))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_model_with_no_quantizable_layers():
+    model = tiny_vit()
+    config = COMQConfig(bits=4, dataset=torch.randn(4, 3, 32, 32), modules_to_not_convert=["vit", "classifier"])
+    with pytest.raises(ValueError, match="no quantizable layers"):
+        quantize_model(model, config)
+
+
+def test_dataset_without_tokens_is_too_small():
+    model = tiny_model("llama")
+    config = COMQConfig(bits=4, dataset=["", "   "], processor=word_tokenizer())
+    with pytest.raises(ValueError, match="too small"):
+        quantize_model(model, config)
+
+
+def test_few_tokens_warn_about_rank_deficient_hessians(caplog):
+    with caplog.at_level(logging.WARNING):
+        quantize_model(tiny_vit(), COMQConfig(bits=8, dataset=torch.randn(1, 3, 32, 32)))
+    assert "only 17 tokens for hidden size 32" in caplog.text
+
+
+def test_group_size_that_does_not_divide_names_the_layer():
+    with pytest.raises(ValueError, match="vit.layers.0"):
+        quantize_model(tiny_vit(), COMQConfig(bits=4, group_size=24, dataset=torch.randn(4, 3, 32, 32)))
+
+
+def test_model_stays_in_training_mode_if_it_was():
+    model = tiny_vit().train()
+    quantize_model(model, COMQConfig(bits=8, dataset=torch.randn(4, 3, 32, 32)))
+    assert model.training
