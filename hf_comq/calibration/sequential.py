@@ -138,6 +138,7 @@ class _Calibrator:
         self.deferred: list[tuple[str, QuantizedWeight]] = []
         self.mask: torch.Tensor | None = None
         self.forward_kwargs = _forward_kwargs(model)
+        self.input_dtype = _floating_dtype(model)
         self.checked_size = False
 
     # ------------------------------------------------------------------ driver
@@ -221,7 +222,7 @@ class _Calibrator:
         for batch in self.data:
             count += 1
             self.mask = _token_mask(batch, self.placement.compute)
-            yield _to_device(batch, self.placement.input_device)
+            yield {name: _as_input(value, self.placement.input_device, self.input_dtype) for name, value in batch.items()}
         if count == 0:
             raise ValueError("the calibration dataset is too small: it produced no usable batch (e.g. only empty texts)")
 
@@ -484,6 +485,20 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     return {"use_cache": False} if "use_cache" in parameters else {}
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The model's float dtype: processors return float32 pixel values even for bf16/fp16 models."""
+    for tensor in model.parameters():
+        if tensor.dtype.is_floating_point:
+            return tensor.dtype
+    return None
+
+
+def _as_input(value: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and value.dtype.is_floating_point:
+        return value.to(device=device, dtype=dtype)
+    return value.to(device)
 
 
 def _token_mask(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:

@@ -288,3 +288,30 @@ def test_model_stays_in_training_mode_if_it_was():
     model = tiny_vit().train()
     quantize_model(model, COMQConfig(bits=8, dataset=torch.randn(4, 3, 32, 32)))
     assert model.training
+
+
+def test_bf16_model_takes_float32_processor_outputs():
+    model = tiny_model("swin").to(torch.bfloat16)
+    summary = quantize_model(model, _config("swin", count=4, bits=8))
+    assert summary["layers_quantized"] == 25
+    assert model.swin.encoder.layers[1].blocks[1].mlp.fc2.dequantize().dtype == torch.bfloat16
+
+
+def test_streamed_dataset_is_read_once_and_replayed_for_every_pass():
+    import datasets
+
+    reads = []
+
+    def rows():
+        for image in images(6):
+            reads.append(1)
+            yield {"image": image}
+
+    stream = datasets.IterableDataset.from_generator(rows, features=datasets.Features({"image": datasets.Image()}))
+    model = tiny_model("swin")  # two block groups plus a layer between them: several calibration passes
+    config = COMQConfig(bits=8, dataset=stream, processor=image_processor(), num_samples=5, batch_size=2)
+    summary = quantize_model(model, config)
+    assert len(reads) == 6
+    assert summary["layers"]["swin.encoder.layers.1.blocks.1.attention.q_proj"]["num_tokens"] == 5 * 16
+    assert config.calibration_description == "datasets.IterableDataset (column image), 5 samples"
+    assert "IterableDataset" in config.to_json_string()
