@@ -92,6 +92,7 @@ _PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForSpeechSeq2Seq", "automatic-speech-recognition"),
     ("ForAudioClassification", "audio-classification"),
 )
+_NON_TEXT_PIPELINES = ("image-", "object-", "audio-", "automatic-speech")
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?")
 
 
@@ -190,13 +191,17 @@ def _settings_rows(config: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _calibration_md(config: Mapping[str, Any]) -> str:
+def _calibration_md(config: Mapping[str, Any], pipeline_tag: str | None) -> str:
+    """Bullet list of the calibration data; text-only options are left out for image and audio models."""
     description = config.get("calibration_description")
     if isinstance(description, Mapping):
         description = ", ".join(f"{key}: {value}" for key, value in description.items())
     lines = [f"- **Data:** {_cell(description) if description else 'not recorded'}"]
     keys = (_DATASET_KEYS if isinstance(config.get("dataset"), str) else ()) + _CALIBRATION_KEYS
+    non_text = (pipeline_tag or "").startswith(_NON_TEXT_PIPELINES)
     for key, label in keys:
+        if key == "max_length" and non_text:
+            continue
         if isinstance(config.get(key), (str, int, float)):
             lines.append(f"- **{label}:** {_cell(config[key])}")
     lines.append("")
@@ -302,7 +307,7 @@ def render_model_card(
         "model_class": model_class,
         "model_id": model_id or _MODEL_ID_PLACEHOLDER,
         "settings_rows": _settings_rows(config_dict),
-        "calibration_md": _calibration_md(config_dict),
+        "calibration_md": _calibration_md(config_dict, pipeline_tag),
         "metrics_md": _metrics_md(metrics),
     }
     return _tidy(Template(load_template()).substitute(values))

@@ -49,6 +49,7 @@ COMQ_CONFIG = {
     "dataset_split": "train",
     "num_samples": 128,
     "batch_size": 8,
+    "max_length": 512,
     "seed": 0,
     "modules_to_not_convert": ["classifier"],
     "block_name": None,
@@ -95,6 +96,7 @@ def run_hub_client(hub: FakeHub, tmp_path: Path, body: str, args: dict[str, Any]
         HF_TOKEN=hub.token,
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
+        OMP_NUM_THREADS="2",  # tiny models: more threads only add contention with parallel test runs
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
@@ -155,6 +157,7 @@ def test_render_model_card_metadata_and_sections():
     assert "- **Data:** tensor (pixel_values), 64 samples" in body
     assert "- **Requested samples (`num_samples`):** 128" in body
     assert "Split" not in body
+    assert "sequence length" not in body  # a text-only option, meaningless for an image classifier
     assert "| Metric | fp32 | comq |" in body
     assert "| top-1 | 0.8123 | 0.805 |" in body
     # Usage: the plugin import must come before from_pretrained, and the card must say why.
@@ -174,6 +177,7 @@ def test_render_local_base_model_is_not_metadata(tmp_path):
     assert str(tmp_path) not in body, "a local path must not leak into a published card"
     assert "a local checkpoint (`my-local-vit`)" in body
     assert "| Group size | none (one scale per output channel) |" in body
+    assert "- **Max. sequence length (text inputs):** 512" in body  # task unknown: kept
     assert "- **Dataset:** imagenet-1k" in body and "- **Split:** train" in body and "- **Column:** image" in body
     assert "No evaluation results were recorded" in body
     assert "AutoModel.from_pretrained(" in body
@@ -387,10 +391,10 @@ args = json.loads(sys.argv[1])
 base = os.path.join(args["work"], "tiny-vit-base")
 tiny_vit().save_pretrained(base)
 generator = torch.Generator().manual_seed(1)
-calibration = torch.randn(16, 3, 32, 32, generator=generator)
+calibration = torch.randn(8, 3, 32, 32, generator=generator)
 x = torch.randn(2, 3, 32, 32, generator=generator)
 model = ViTForImageClassification.from_pretrained(
-    base, quantization_config=COMQConfig(bits=4, dataset=calibration, num_samples=16)
+    base, quantization_config=COMQConfig(bits=4, dataset=calibration, num_samples=8, iterations=1)
 ).eval()
 with torch.no_grad():
     expected = model(x).logits
@@ -435,7 +439,7 @@ def test_quantizer_attaches_the_card_hook(quantized_push):
     assert metadata["tags"][:3] == ["comq", "quantized", "4-bit"]
     assert metadata["pipeline_tag"] == "image-classification"
     assert "base_model" not in metadata  # quantized from a local folder
-    assert "tensor (pixel_values), 16 samples" in body
+    assert "tensor (pixel_values), 8 samples" in body
 
 
 def test_pushed_comq_model_loads_back_identical(quantized_push):
@@ -456,7 +460,7 @@ def test_push_to_hub_uploads_the_card_of_a_quantized_model(quantized_push):
     assert metadata["tags"][:3] == ["comq", "quantized", "4-bit"]
     assert {"demo", "vit"} <= set(metadata["tags"])
     assert 'import hf_comq' in body and 'ViTForImageClassification.from_pretrained("user/comq-vit")' in body
-    assert "| Weight bits | 4 |" in body and "tensor (pixel_values), 16 samples" in body
+    assert "| Weight bits | 4 |" in body and "tensor (pixel_values), 8 samples" in body
 
 
 def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
