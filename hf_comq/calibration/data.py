@@ -166,7 +166,9 @@ def _load_dataset_from_string(source: str, split: str) -> tuple[Any, dict[str, A
     import datasets
 
     path = Path(source).expanduser()
-    origin: dict[str, Any] = {"source": source, "split": split}
+    # A local path says nothing to readers of the saved config or model card (and may leak a home folder).
+    label = f"local dataset {path.name!r}" if path.exists() else source
+    origin: dict[str, Any] = {"source": label, "split": split}
     try:
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
@@ -201,14 +203,9 @@ def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[s
     dataset = dataset.select_columns([column])
     kind = "model inputs" if column == "pixel_values" else None
     if isinstance(dataset, datasets.Dataset):
-        indices = _choose_indices(len(dataset), config.num_samples, config.seed)
-        rows: Callable[[], Iterator[list[Any]]] = lambda: (dataset[chunk][column] for chunk in _chunks(indices, config.batch_size))
-        count = len(indices)
+        rows, count = _indexed_rows(dataset, column, config)
     else:
-        values, decode = _take_from_stream(dataset, column, config.num_samples, config.seed)
-        rows = lambda: ([decode(value) for value in values[start : start + config.batch_size]]
-                        for start in range(0, len(values), config.batch_size))
-        count = len(values)
+        rows, count = _streamed_rows(dataset, column, config)
     first = _first_value(rows())
     kind = kind or _kind_of_value(first, column)
     encode = _make_encoder(model, config, kind)
@@ -219,6 +216,31 @@ def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[s
 
     description = {**origin, "column": column, "num_samples": count}
     return CalibrationData(make_batches, count, description)
+
+
+RowChunks = Callable[[], Iterator[list[Any]]]
+
+
+def _indexed_rows(dataset: Any, column: str, config: Any) -> tuple[RowChunks, int]:
+    """Chunks of raw values of a seeded random subset, read row by row from the (memory-mapped) table."""
+    indices = _choose_indices(len(dataset), config.num_samples, config.seed)
+
+    def chunks() -> Iterator[list[Any]]:
+        for chunk in _chunks(indices, config.batch_size):
+            yield dataset[chunk][column]
+
+    return chunks, len(indices)
+
+
+def _streamed_rows(dataset: Any, column: str, config: Any) -> tuple[RowChunks, int]:
+    """Chunks of raw values of a streamed dataset's shuffled subset (read once, decoded per chunk)."""
+    values, decode = _take_from_stream(dataset, column, config.num_samples, config.seed)
+
+    def chunks() -> Iterator[list[Any]]:
+        for start in range(0, len(values), config.batch_size):
+            yield [decode(value) for value in values[start : start + config.batch_size]]
+
+    return chunks, len(values)
 
 
 def _pick_column(dataset: Any, requested: str | None) -> str:

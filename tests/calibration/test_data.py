@@ -87,7 +87,7 @@ def test_saved_to_disk_dataset_loaded_by_path(tmp_path, vit):
     data = build_calibration_data(vit, config)
     assert data.num_samples == 2
     assert sum(b["pixel_values"].shape[0] for b in data) == 2
-    assert config.calibration_description == f"{tmp_path / 'ds'} (split test, column image), 2 samples"
+    assert config.calibration_description == "local dataset 'ds' (split test, column image), 2 samples"
 
 
 def test_single_saved_dataset_loaded_by_path(tmp_path, llama, tokenizer):
