@@ -16,6 +16,7 @@ Two paths through ``from_pretrained``:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Iterable
@@ -45,7 +46,11 @@ class COMQHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: COMQConfig, **kwargs: Any):
         if not isinstance(quantization_config, COMQConfig):
             raise TypeError(f"COMQHfQuantizer needs a COMQConfig, got {type(quantization_config).__name__}")
-        super().__init__(quantization_config, **kwargs)
+        # Quantizing records model-specific results on the config (resolved skip list, calibration
+        # description).  from_pretrained hands us the user's own object, so work on a copy: reusing
+        # one COMQConfig for a second model must not inherit the first model's layer names.
+        # The copy shares the dataset and processor (see COMQConfig.__deepcopy__).
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self._skip_modules: list[str] = []
         self._converted: list[str] = []
 

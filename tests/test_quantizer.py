@@ -343,6 +343,8 @@ def test_quantize_on_load_records_skipped_layers_and_round_trips(fp_checkpoints,
     assert type(model.vit.layers[1].mlp.fc2) is nn.Linear
     assert isinstance(model.vit.layers[0].mlp.fc2, COMQLinear) and model.vit.layers[0].mlp.fc2.bits == 3
     assert model.config.quantization_config.modules_to_not_convert == ["classifier", "vit.layers.1.mlp.fc2"]
+    assert config.modules_to_not_convert is None  # the user's object can be reused for another model
+    assert model.config.quantization_config.dataset is config.dataset  # shared, not copied
     model.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert stored["dataset"] is None and "tensor of shape (2, 3, 32, 32)" in stored["calibration_description"]

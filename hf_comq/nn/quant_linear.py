@@ -26,12 +26,9 @@ from torch import nn
 from ..packing import pack_codes, packed_width, unpack_codes
 from ..solver import QuantizedWeight
 
-try:  # transformers' GPT-2 style layer: weight stored transposed, (in, out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = None
+from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight stored transposed, (in, out)
 
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
 BUFFER_NAMES = ("qweight", "scales", "qzeros")
 
 
@@ -44,7 +41,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of an ``nn.Linear`` or ``Conv1D``."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
-    if Conv1D is not None and isinstance(module, Conv1D):
+    if isinstance(module, Conv1D):
         return module.nf, module.nx
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
@@ -57,7 +54,7 @@ def get_linear_weight(module: nn.Module) -> torch.Tensor:
     """
     if isinstance(module, nn.Linear):
         return module.weight
-    if Conv1D is not None and isinstance(module, Conv1D):
+    if isinstance(module, Conv1D):
         return module.weight.t()
     raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
@@ -198,16 +195,15 @@ class COMQLinear(nn.Module):
         weight = self.dequantize(dtype)
         bias = None if self.bias is None else self.bias.detach().to(weight.dtype)
         with torch.device("meta"):  # skip allocating and initialising a throwaway weight
-            if self.transposed_source and Conv1D is not None:
+            if self.transposed_source:
                 layer = Conv1D(self.out_features, self.in_features)
                 weight = weight.t().contiguous()
+                bias = bias if bias is not None else torch.zeros(self.out_features, dtype=weight.dtype, device=weight.device)
             else:
                 layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
         layer.weight = nn.Parameter(weight)
         if bias is not None:
             layer.bias = nn.Parameter(bias)
-        elif isinstance(layer, Conv1D if Conv1D is not None else ()):
-            layer.bias = nn.Parameter(torch.zeros(self.out_features, dtype=weight.dtype, device=weight.device))
         return layer
 
     def extra_repr(self) -> str:
