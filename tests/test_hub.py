@@ -14,6 +14,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +287,40 @@ def test_card_hook_rejects_models_not_quantized_with_comq(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- fake Hub
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 must never go via a proxy
+
+
+def _post(url: str, payload: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+    try:
+        with _DIRECT.open(request, timeout=10) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers)
+
+
+def test_fake_hub_is_strict_where_the_hub_is():
+    """A push that passes against the fake Hub must have authenticated and uploaded every LFS object."""
+    with FakeHub(max_lifetime_s=30) as server:
+        status, _ = _post(f"{server.url}/api/repos/create", b'{"name": "strict"}', {})
+        assert status == 401
+        auth = {"Authorization": f"Bearer {server.token}"}
+        assert _post(f"{server.url}/api/repos/create", b'{"name": "strict"}', auth)[0] == 200
+        commit = b"\n".join(
+            [
+                b'{"key": "header", "value": {"summary": "weights"}}',
+                b'{"key": "lfsFile", "value": {"path": "model.safetensors", "algo": "sha256", "oid": "'
+                + b"0" * 64
+                + b'", "size": 3}}',
+            ]
+        )
+        headers = {**auth, "Content-Type": "application/x-ndjson"}
+        assert _post(f"{server.url}/api/models/user/strict/commit/main", commit, headers)[0] == 400
+        assert list(server.files("user/strict")) == [".gitattributes"]
+        status, headers = _post(f"{server.url}/api/models/user/missing/commit/main", commit, headers)
+        assert (status, headers.get("X-Error-Code")) == (404, "RepoNotFound")
+
+
 HUB_ROUND_TRIP = """
 import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
