@@ -77,7 +77,9 @@ def _group(name: str, module_list: nn.ModuleList) -> BlockGroup:
 def _leaf_block_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     candidates = [(name, module) for name, module in root.named_modules() if _is_block_list(module)]
     names = [name for name, _ in candidates]
-    return [(name, module) for name, module in candidates if not any(_is_strict_ancestor(name, other) for other in names)]
+    return [
+        (name, module) for name, module in candidates if not any(_is_strict_ancestor(name, other) for other in names)
+    ]
 
 
 def _is_block_list(module: nn.Module) -> bool:

@@ -38,7 +38,14 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["CalibrationData", "build_calibration_data", "format_description", "num_batches", "IMAGE_COLUMNS", "TEXT_COLUMNS"]
+__all__ = [
+    "IMAGE_COLUMNS",
+    "TEXT_COLUMNS",
+    "CalibrationData",
+    "build_calibration_data",
+    "format_description",
+    "num_batches",
+]
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 TEXT_COLUMNS = ("text",)
@@ -332,7 +339,9 @@ def _from_tensor(model: nn.Module, config: Any, tensor: torch.Tensor) -> Calibra
     indices = _choose_indices(tensor.shape[0], config.num_samples, config.seed)
     keep = _model_input_names(model)
     if keep is not None and key not in keep:
-        raise ValueError(f"a calibration tensor is passed as {key!r}, which {type(model).__name__}.forward does not accept")
+        raise ValueError(
+            f"a calibration tensor is passed as {key!r}, which {type(model).__name__}.forward does not accept"
+        )
 
     def make_batches() -> Iterator[Batch]:
         for chunk in _chunks(indices, config.batch_size):
@@ -426,7 +435,9 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
 def _encode_images(processor: Any, images: list[Any]) -> Batch:
     from PIL import Image
 
-    images = [image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image for image in images]
+    images = [
+        image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image for image in images
+    ]
     try:
         encoded = processor(images=images, return_tensors="pt")
     except Exception as error:

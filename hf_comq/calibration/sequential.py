@@ -57,7 +57,9 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["quantize_model", "SOLVER_FIELDS"]
 
-SOLVER_FIELDS = ("bits", "group_size", "symmetric", "iterations", "order", "init", "scale_refit", "scale_search", "shrink", "damp")
+SOLVER_FIELDS = (
+    "bits", "group_size", "symmetric", "iterations", "order", "init", "scale_refit", "scale_search", "shrink", "damp"
+)
 
 
 class _StopForward(Exception):
@@ -222,9 +224,12 @@ class _Calibrator:
         for batch in self.data:
             count += 1
             self.mask = _token_mask(batch, self.placement.compute)
-            yield {name: _as_input(value, self.placement.input_device, self.input_dtype) for name, value in batch.items()}
+            device, dtype = self.placement.input_device, self.input_dtype
+            yield {name: _as_input(value, device, dtype) for name, value in batch.items()}
         if count == 0:
-            raise ValueError("the calibration dataset is too small: it produced no usable batch (e.g. only empty texts)")
+            raise ValueError(
+                "the calibration dataset is too small: it produced no usable batch (e.g. only empty texts)"
+            )
 
     def _check_size(self, captured: list[_Captured]) -> None:
         """Reject calibration sets with no tokens; warn when every Hessian would be rank-deficient."""
@@ -367,7 +372,10 @@ class _Calibrator:
         if offloaded:
             layer.to("cpu")
             new_hook = AlignDevicesHook(
-                execution_device=hook.execution_device, offload=True, offload_buffers=True, io_same_device=hook.io_same_device
+                execution_device=hook.execution_device,
+                offload=True,
+                offload_buffers=True,
+                io_same_device=hook.io_same_device,
             )
         else:
             new_hook = AlignDevicesHook(execution_device=hook.execution_device, io_same_device=hook.io_same_device)

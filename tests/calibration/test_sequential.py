@@ -237,9 +237,8 @@ def test_cpu_offloaded_model_matches_the_in_memory_result(mode):
     assert layer.qweight.device.type == "meta" and layer._hf_hook.offload  # still offloaded after conversion
     with accelerate.utils.align_module_device(layer):
         assert torch.equal(layer.qweight, plain.vit.layers[0].mlp.fc1.qweight)
-    torch.testing.assert_close(
-        _first_output(offloaded, {"pixel_values": pixels}), _first_output(plain, {"pixel_values": pixels}), rtol=0, atol=0
-    )
+    inputs = {"pixel_values": pixels}
+    torch.testing.assert_close(_first_output(offloaded, inputs), _first_output(plain, inputs), rtol=0, atol=0)
 
 
 def test_disk_offload_is_rejected(tmp_path):
