@@ -8,6 +8,7 @@ process hosts the server and inspects what was uploaded.  Card rendering and the
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from transformers import ViTConfig, ViTForImageClassification
 
 from hf_comq.hub import (
     README_NAME,
@@ -58,24 +60,26 @@ COMQ_CONFIG = {
     "calibration_description": "tensor (pixel_values), 64 samples",
 }
 
-# A ViT small enough to quantize in about a second; shared by the in-process and the child-process code.
-TINY_VIT = textwrap.dedent(
-    """
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
+def tiny_vit(seed: int = 0) -> ViTForImageClassification:
+    """A ViT small enough to quantize in about a second (its source is also sent to the child processes)."""
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    torch.manual_seed(seed)
+    return ViTForImageClassification(config).eval()
 
-    def tiny_vit(seed: int = 0) -> ViTForImageClassification:
-        config = ViTConfig(
-            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, num_labels=3,
-        )
-        torch.manual_seed(seed)
-        return ViTForImageClassification(config).eval()
-    """
+
+CLIENT_PRELUDE = (
+    "import json, os, sys\n"
+    "import torch\n"
+    "from transformers import ViTConfig, ViTForImageClassification\n\n\n" + inspect.getsource(tiny_vit)
 )
-_namespace: dict[str, Any] = {}
-exec(TINY_VIT, _namespace)  # noqa: S102 - the same source is used by the child processes
-tiny_vit = _namespace["tiny_vit"]
 
 
 def split_card(text: str) -> tuple[dict[str, Any], str]:
@@ -88,7 +92,7 @@ def split_card(text: str) -> tuple[dict[str, Any], str]:
 def run_hub_client(hub: FakeHub, tmp_path: Path, body: str, args: dict[str, Any], timeout: float = 120) -> dict:
     """Run ``body`` in a fresh interpreter pointed at ``hub``; it must print one JSON object on its last line."""
     script = tmp_path / "hub_client.py"
-    script.write_text("import json, os, sys\n" + TINY_VIT + textwrap.dedent(body), encoding="utf-8")
+    script.write_text(CLIENT_PRELUDE + textwrap.dedent(body), encoding="utf-8")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
     env.pop("TRANSFORMERS_OFFLINE", None)
     env.update(
