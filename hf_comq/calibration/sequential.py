@@ -151,7 +151,9 @@ class _Calibrator:
                 self._run_group(group, bar)
             self._run_remaining()
             self._install_deferred()
-            bar.set_postfix(layers=len(self.results), rel_err=f"{self._mean_error():.3g}")
+            # The finished bar doubles as the visible summary (the log line is INFO level).
+            bits = self.solver_kwargs.get("bits")
+            bar.set_postfix(layers=len(self.results), bits=bits, mean_rel_err=f"{self._mean_error():.3g}")
             bar.update(1)
         if not self.results:
             raise ValueError(

@@ -241,6 +241,21 @@ def test_cpu_offloaded_model_matches_the_in_memory_result(mode):
     torch.testing.assert_close(_first_output(offloaded, inputs), _first_output(plain, inputs), rtol=0, atol=0)
 
 
+def test_model_dispatched_with_hooks_matches_the_in_memory_result():
+    pixels = torch.randn(8, 3, 32, 32)
+    plain = tiny_vit()
+    quantize_model(plain, COMQConfig(bits=4, dataset=pixels, num_samples=8))
+    dispatched = tiny_vit()
+    device_map = {"vit.embeddings": "cpu", "vit.layers.0": "cpu", "vit.layers.1": "cpu", "vit.layernorm": "cpu",
+                  "classifier": "cpu"}
+    accelerate.dispatch_model(dispatched, device_map=device_map, force_hooks=True)
+    assert hasattr(dispatched.vit.layers[1], "_hf_hook")
+    quantize_model(dispatched, COMQConfig(bits=4, dataset=pixels, num_samples=8))
+    assert torch.equal(dispatched.vit.layers[1].mlp.fc2.qweight, plain.vit.layers[1].mlp.fc2.qweight)
+    inputs = {"pixel_values": pixels}
+    torch.testing.assert_close(_first_output(dispatched, inputs), _first_output(plain, inputs), rtol=0, atol=0)
+
+
 def test_disk_offload_is_rejected(tmp_path):
     model = tiny_vit()
     accelerate.disk_offload(model, str(tmp_path), execution_device=torch.device("cpu"))
