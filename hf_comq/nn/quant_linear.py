@@ -154,7 +154,7 @@ class COMQLinear(nn.Module):
         layer.weight_dtype = qweight.dtype
         layer.qweight.copy_(pack_codes(qweight.codes.to(device), qweight.bits))
         layer.scales.copy_(qweight.scale.to(device=device, dtype=torch.float32))
-        layer.qzeros.copy_(_zero_points_as_uint8(qweight.zero_point).to(device))
+        layer.qzeros.copy_(_zero_points_as_uint8(qweight.zero_point, qweight.bits).to(device))
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
         return layer
@@ -248,11 +248,14 @@ def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return parent, child_name
 
 
-def _zero_points_as_uint8(zero_point: torch.Tensor) -> torch.Tensor:
-    """Zero points are stored as ``uint8``: check they really are integers in [0, 255]."""
-    rounded = torch.round(zero_point.float())
-    if zero_point.numel() and (
-        not torch.equal(rounded, zero_point.float()) or float(rounded.min()) < 0 or float(rounded.max()) > 255
-    ):
-        raise ValueError("zero points must be integers in [0, 255] to be stored as uint8")
+def _zero_points_as_uint8(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points are stored as ``uint8`` codes: check they are integers in ``[0, 2**bits - 1]``.
+
+    The loader applies the same rule, so a layer that passes here can always be reloaded.
+    """
+    values = zero_point.float()
+    rounded = torch.round(values)
+    max_code = (1 << bits) - 1
+    if values.numel() and (not torch.equal(rounded, values) or float(rounded.min()) < 0 or float(rounded.max()) > max_code):
+        raise ValueError(f"zero points must be integers in [0, {max_code}] for bits={bits}")
     return rounded.to(torch.uint8)

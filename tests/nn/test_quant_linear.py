@@ -117,9 +117,13 @@ def test_replace_module_swaps_in_place_and_checks_the_target():
         replace_module(model, "7", qweight)
 
 
-def test_zero_points_must_fit_uint8():
+def test_zero_points_must_be_codes():
     module = linear()
-    qweight = quantize(module)
-    qweight.zero_point = qweight.zero_point + 0.5
+    qweight = quantize(module, bits=4)
+    zero = qweight.zero_point
+    qweight.zero_point = zero + 0.5
     with pytest.raises(ValueError, match="zero points"):
+        COMQLinear.from_quantized(module, qweight)
+    qweight.zero_point = torch.full_like(zero, 16.0)
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
         COMQLinear.from_quantized(module, qweight)
