@@ -29,9 +29,11 @@ dispatched by ``accelerate`` (``device_map``) runs through its hooks, offloaded
 weights are materialised with ``accelerate.utils.align_module_device``, and new
 quantized layers of offloaded blocks are offloaded again.  Disk offload is rejected.
 
-Limitation: the blocks of one group are assumed to take the same keyword inputs as
-its first block (true for ViT/DeiT/DINOv2/Swin/BERT/GPT-2/LLaMA; models that pass a
-different mask to each layer type, such as sliding-window layers, are not handled).
+Keyword inputs: blocks of one group share the keyword inputs (masks, rotary
+embeddings) of its first block, except blocks declaring another layer type
+(``layer_type`` / ``attention_type``, e.g. sliding-window layers), which use those
+recorded at the first block of their type during the capture pass.  A model whose
+blocks need other per-layer inputs is not supported.
 """
 
 from __future__ import annotations
@@ -68,11 +70,24 @@ class _StopForward(Exception):
 
 @dataclasses.dataclass
 class _Captured:
-    """Inputs of one block for one calibration batch; ``mask`` marks real (non-padding) tokens."""
+    """Inputs of one block for one calibration batch; ``mask`` marks real (non-padding) tokens.
+
+    ``kind_kwargs`` holds the keyword inputs of blocks of another *kind* (layer type,
+    e.g. sliding-window vs full attention), which get their own attention mask or
+    rotary embeddings from the model.
+    """
 
     args: tuple
     kwargs: dict
     mask: torch.Tensor | None
+    kind_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def call_inputs(self, kind: Any) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for a block of ``kind``, with this item's hidden state."""
+        kwargs = self.kind_kwargs.get(kind, self.kwargs)
+        if not self.args and "hidden_states" in self.kwargs:
+            kwargs = {**kwargs, "hidden_states": self.kwargs["hidden_states"]}
+        return self.args, kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +176,7 @@ class _Calibrator:
             )
 
     def _run_group(self, group: BlockGroup, bar: Any) -> None:
-        head = self.model.get_submodule(group.block_names[0])
-        captured = self._capture(head)
+        captured = self._capture(group)
         if captured is None:
             self._skip_group(group)
             bar.update(len(group))
@@ -184,28 +198,45 @@ class _Calibrator:
                 self._skip(name, "its block never ran on the calibration data")
 
     # ------------------------------------------------------------------ capture
-    def _capture(self, head: nn.Module) -> list[_Captured] | None:
-        """Inputs of ``head`` for every batch; layers that run before it are quantized on the way."""
+    def _capture(self, group: BlockGroup) -> list[_Captured] | None:
+        """Inputs of the group's first block for every batch; layers running before it are quantized on the way."""
         outside = self._pending_outside_blocks()
-        captured, accumulators = self._capture_pass(head, outside)
+        captured, accumulators = self._capture_pass(group, outside)
         fired = [name for name in outside if accumulators[name].num_tokens > 0]
         for name in fired:
             self._quantize_layer(name, accumulators.pop(name))
         if fired and self.sequential and captured is not None:
-            captured, _ = self._capture_pass(head, [])  # the group must see the quantized prefix
+            captured, _ = self._capture_pass(group, [])  # the group must see the quantized prefix
         return captured
 
     def _capture_pass(
-        self, head: nn.Module, hessian_layers: list[str]
+        self, group: BlockGroup, hessian_layers: list[str]
     ) -> tuple[list[_Captured] | None, dict[str, HessianAccumulator]]:
+        """Run the model until the group's first block (or first block of its last new kind) and record inputs.
+
+        Blocks of a different kind (layer type) than the first get their keyword
+        inputs from their own first occurrence, so e.g. sliding-window layers see
+        the sliding-window mask; the forward pass stops once every kind was seen.
+        """
         captured: list[_Captured] = []
         compute = self.placement.compute
+        representatives = _first_block_of_each_kind(self.model, group)
+        last = max(representatives.values(), key=group.block_names.index)
 
-        def stop_at_head(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append(_Captured(_to_device(args, compute), _to_device(kwargs, compute), self.mask))
-            raise _StopForward
+        def record(block_name: str, kind: Any):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if block_name == group.block_names[0]:
+                    captured.append(_Captured(_to_device(args, compute), _to_device(kwargs, compute), self.mask))
+                captured[-1].kind_kwargs[kind] = _to_device(kwargs, compute)
+                if block_name == last:
+                    raise _StopForward
 
-        handle = head.register_forward_pre_hook(stop_at_head, with_kwargs=True)
+            return hook
+
+        handles = [
+            self.model.get_submodule(name).register_forward_pre_hook(record(name, kind), with_kwargs=True)
+            for kind, name in representatives.items()
+        ]
         reached = True
         try:
             with self._hessian_hooks(hessian_layers) as accumulators:
@@ -216,7 +247,8 @@ class _Calibrator:
                         continue
                     reached = False
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             self.mask = None
         return (captured if reached else None), accumulators
 
@@ -269,10 +301,12 @@ class _Calibrator:
 
     def _run_block(self, block: nn.Module, captured: list[_Captured], collect: bool) -> list[_Captured]:
         outputs = []
+        kind = _block_kind(block)
         try:
             for item in captured:
                 self.mask = item.mask
-                result = block(*item.args, **item.kwargs)
+                args, kwargs = item.call_inputs(kind)
+                result = block(*args, **kwargs)
                 if collect:
                     hidden = _to_device(_hidden_output(result), self.placement.compute)
                     outputs.append(_with_hidden(item, hidden))
@@ -531,6 +565,30 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _block_kind(block: nn.Module) -> tuple[str, ...]:
+    """The layer types declared inside a block (transformers' ``layer_type`` / ``attention_type``).
+
+    Models with mixed layer types (Gemma 2/3, Qwen2 with sliding windows, ...) pass each
+    type its own attention mask and sometimes rotary embeddings; blocks of one kind
+    take the same keyword inputs.  Blocks that declare nothing are all one kind.
+    """
+    kinds = set()
+    for module in block.modules():
+        for attribute in ("layer_type", "attention_type"):
+            value = getattr(module, attribute, None)
+            if isinstance(value, str):
+                kinds.add(value)
+    return tuple(sorted(kinds))
+
+
+def _first_block_of_each_kind(model: nn.Module, group: BlockGroup) -> dict[tuple[str, ...], str]:
+    """``{kind: name of its first block}`` in forward order; the group's first block always included."""
+    representatives: dict[tuple[str, ...], str] = {}
+    for name in group.block_names:
+        representatives.setdefault(_block_kind(model.get_submodule(name)), name)
+    return representatives
+
+
 def _hidden_input(item: _Captured) -> torch.Tensor:
     if item.args:
         return item.args[0]
@@ -559,8 +617,8 @@ def _with_hidden(item: _Captured, hidden: torch.Tensor) -> _Captured:
     """The next block's inputs: the same arguments with the hidden state replaced."""
     _hidden_input(item)  # raises a clear error if the hidden state cannot be located
     if item.args:
-        return _Captured((hidden,) + tuple(item.args[1:]), item.kwargs, item.mask)
-    return _Captured(item.args, {**item.kwargs, "hidden_states": hidden}, item.mask)
+        return _Captured((hidden,) + tuple(item.args[1:]), item.kwargs, item.mask, item.kind_kwargs)
+    return _Captured(item.args, {**item.kwargs, "hidden_states": hidden}, item.mask, item.kind_kwargs)
 
 
 def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:

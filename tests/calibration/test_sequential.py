@@ -171,6 +171,26 @@ def test_sequential_hessians_come_from_the_quantized_prefix(monkeypatch):
         assert not torch.allclose(seen[index], reference[names[index]], rtol=1e-4, atol=1e-6)
 
 
+def test_layers_of_another_type_get_their_own_attention_mask(monkeypatch):
+    """Qwen2 with a sliding-window middle layer: it must be calibrated with the sliding-window mask."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.Qwen2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, use_sliding_window=True, sliding_window=3, bos_token_id=0, eos_token_id=0,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+    )
+    model = T.Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (4, 12))
+    names = list(find_quantizable_linears(model))
+    reference = _fp_hessians(model, names, {"input_ids": ids})
+    seen = _record_hessians(monkeypatch)
+    quantize_model(model, COMQConfig(bits=4, dataset=ids, sequential=False))
+    for index, name in enumerate(names):
+        torch.testing.assert_close(seen[index], reference[name], rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- accuracy
 
 
