@@ -25,7 +25,6 @@ Accepted ``dataset`` forms:
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ __all__ = [
     "CalibrationData",
     "build_calibration_data",
     "format_description",
-    "num_batches",
 ]
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -563,7 +561,3 @@ def _chunks(indices: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(indices), size):
         yield indices[start : start + size]
 
-
-def num_batches(num_samples: int, batch_size: int) -> int:
-    """Number of batches a calibration pass yields (for progress bars)."""
-    return max(1, math.ceil(num_samples / batch_size))
