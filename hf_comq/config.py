@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .solver import ORDERS, START_POINTS
+from .solver import ORDERS, SOLVER_DEFAULTS, START_POINTS
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +71,16 @@ class COMQConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        bits: int = 4,
+        bits: int = SOLVER_DEFAULTS["bits"],
         group_size: int | None = None,
-        symmetric: bool = False,
-        iterations: int = 3,
-        order: str = "act_order",
-        init: str = "error_feedback",
-        scale_refit: bool = True,
-        scale_search: bool = True,
-        shrink: float = 1.0,
-        damp: float = 0.01,
+        symmetric: bool = SOLVER_DEFAULTS["symmetric"],
+        iterations: int = SOLVER_DEFAULTS["iterations"],
+        order: str = SOLVER_DEFAULTS["order"],
+        init: str = SOLVER_DEFAULTS["init"],
+        scale_refit: bool = SOLVER_DEFAULTS["scale_refit"],
+        scale_search: bool = SOLVER_DEFAULTS["scale_search"],
+        shrink: float = SOLVER_DEFAULTS["shrink"],
+        damp: float = SOLVER_DEFAULTS["damp"],
         dataset: Any = None,
         processor: Any = None,
         dataset_split: str = "train",

@@ -1,12 +1,13 @@
 """The COMQ algorithm core: pure torch, no transformers import."""
 
-from .comq import ORDERS, QuantizedWeight, comq_quantize, layer_objective
+from .comq import ORDERS, SOLVER_DEFAULTS, QuantizedWeight, comq_quantize, layer_objective
 from .grid import Grid, minmax_grid
 from .hessian import HessianAccumulator
 from .start import START_POINTS
 
 __all__ = [
     "ORDERS",
+    "SOLVER_DEFAULTS",
     "START_POINTS",
     "Grid",
     "HessianAccumulator",

@@ -7,6 +7,7 @@ torch; no transformers import, so it can be used on any linear layer.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from .start import START_POINTS, error_feedback_start, round_to_nearest
 
 ORDERS = ("greedy", "sequential", "act_order")
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
+SHRINK_CANDIDATES = 10
 
 
 @dataclass
@@ -59,7 +61,7 @@ def comq_quantize(
     bits: int = 4,
     group_size: int | None = None,
     symmetric: bool = False,
-    iterations: int = 3,
+    iterations: int = 2,
     order: str = "act_order",
     init: str = "error_feedback",
     scale_refit: bool = True,
@@ -96,7 +98,7 @@ def comq_quantize(
             current codes (the paper's delta update; one GEMM, never raises the
             objective).
         scale_search: choose each row's (group's) clipping of the min-max range by
-            minimising the ``diag(H)``-weighted rounding error over 20 shrink factors
+            minimising the ``diag(H)``-weighted rounding error over 10 shrink factors
             in [0.5, 1] (elementwise, no GEMM).  Large gains at 2 and 3 bits.
         shrink: fixed factor multiplying the initial min-max range (the reference
             code's ``scalar``: 1.0 at 4 bits, 0.65 at 2 bits); applied on top of the
@@ -147,6 +149,15 @@ def comq_quantize(
     )
 
 
+SOLVER_DEFAULTS: dict = {
+    name: parameter.default
+    for name, parameter in inspect.signature(comq_quantize).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+}
+"""Defaults of every :func:`comq_quantize` setting; the one place they are defined
+is the function's signature, and ``COMQConfig`` reads them from here."""
+
+
 def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||X (W - Wq)^T||_F^2`` computed from ``H = X^T X``, in float64."""
     error = weight.double() - dequantized.double()
@@ -158,7 +169,7 @@ def _initial_grid(
 ) -> Grid:
     factor: torch.Tensor | float = shrink
     if scale_search:
-        factor = search_shrink(w, h_diag, bits, group_size, symmetric, candidates=20, min_shrink=0.5) * shrink
+        factor = search_shrink(w, h_diag, bits, group_size, symmetric, candidates=SHRINK_CANDIDATES, min_shrink=0.5) * shrink
     return minmax_grid(w, bits, group_size, symmetric, factor)
 
 
@@ -201,8 +212,8 @@ class _Problem:
             perm=perm,
             group_of_column=group_of_column,
             grid=grid,
-            scale_t=grid.scale.T[group_of_column].contiguous(),
-            zero_t=grid.zero_point.T[group_of_column].contiguous(),
+            scale_t=_per_column(grid.scale, group_of_column),
+            zero_t=_per_column(grid.zero_point, group_of_column),
         )
 
     def start(self, init: str, damp: float, block_size: int) -> list[float]:
@@ -254,26 +265,48 @@ class _Problem:
         return max(1, min(block_size, fitting, n_cols))
 
     def refit_scales(self) -> float:
-        """Closed-form scale refit; rows whose objective would rise keep their scales."""
+        """Closed-form scale refit.
+
+        Per-channel, each row's new scale is that row's exact optimum for its codes,
+        so the objective cannot rise.  Group-wise, a group whose solution is not a
+        valid scale keeps its old one, which can make the joint row solution worse:
+        such rows are detected and keep all their old scales.
+        """
         offsets_t = self.codes_t - self.zero_t
-        new_scale, dequant_h_t = refit_scales(self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column)
-        new_scale_t = new_scale.T[self.group_of_column]
-        new_dequant_t = offsets_t * new_scale_t
-        new_residual_t = self.weight_h_t - dequant_h_t
-        old_rows = (self.residual_t * (self.weight_t - self.dequant_t)).sum(0)
-        new_rows = (new_residual_t * (self.weight_t - new_dequant_t)).sum(0)
-        keep_old = new_rows > old_rows
-        self.grid = Grid(
-            scale=torch.where(keep_old.unsqueeze(1), self.grid.scale, new_scale),
-            zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size,
+        if self.grid.scale.shape[1] == 1:
+            # Per-channel: H (Q - z)^T = (H W^T - R) / scale comes from the exact
+            # residual, so the refit needs no GEMM.
+            projected_t = (self.weight_h_t - self.residual_t).div_(self.grid.scale.T)
+        else:
+            projected_t = None
+        new_scale, dequant_h_t = refit_scales(
+            self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t
         )
-        self.scale_t = torch.where(keep_old, self.scale_t, new_scale_t)
-        self.dequant_t = torch.where(keep_old, self.dequant_t, new_dequant_t)
-        self.residual_t = torch.where(keep_old, self.residual_t, new_residual_t)
+        new_scale_t = _per_column(new_scale, self.group_of_column)
+        new_dequant_t = offsets_t.mul_(new_scale_t)
+        new_residual_t = torch.sub(self.weight_h_t, dequant_h_t, out=dequant_h_t)
+        if new_scale.shape[1] > 1:
+            old_rows = (self.residual_t * (self.weight_t - self.dequant_t)).sum(0)
+            new_rows = (new_residual_t * (self.weight_t - new_dequant_t)).sum(0)
+            keep_old = new_rows > old_rows
+            new_scale = torch.where(keep_old.unsqueeze(1), self.grid.scale, new_scale)
+            new_scale_t = torch.where(keep_old, self.scale_t, new_scale_t)
+            new_dequant_t = torch.where(keep_old, self.dequant_t, new_dequant_t)
+            new_residual_t = torch.where(keep_old, self.residual_t, new_residual_t)
+        self.grid = Grid(scale=new_scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
+        self.scale_t, self.dequant_t, self.residual_t = new_scale_t, new_dequant_t, new_residual_t
         return self.objective()
 
     def codes_in_original_order(self) -> torch.Tensor:
         return self.codes_t[torch.argsort(self.perm)].T.contiguous()
+
+
+def _per_column(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:
+    """``(out, n_groups)`` grid values as an ``in x out`` per-column table; per-channel
+    grids become a broadcast view instead of a copy."""
+    if values.shape[1] == 1:
+        return values.T.expand(group_of_column.numel(), values.shape[0])
+    return values.T[group_of_column].contiguous()
 
 
 def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype) -> None:

