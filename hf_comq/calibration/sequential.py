@@ -43,7 +43,7 @@ import dataclasses
 import inspect
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -51,17 +51,18 @@ from transformers.utils import logging
 
 from ..modules import find_quantizable_linears
 from ..nn import get_linear_weight, linear_shape, replace_module
-from ..solver import HessianAccumulator, QuantizedWeight, comq_quantize
+from ..solver import SOLVER_DEFAULTS, HessianAccumulator, QuantizedWeight, comq_quantize
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["quantize_model", "SOLVER_FIELDS"]
+__all__ = ["quantize_model", "LayerSolver"]
 
-SOLVER_FIELDS = (
-    "bits", "group_size", "symmetric", "iterations", "order", "init", "scale_refit", "scale_search", "shrink", "damp"
-)
+LayerSolver = Callable[..., QuantizedWeight]
+"""``solver(weight, hessian, **settings) -> QuantizedWeight``, with the signature of
+:func:`hf_comq.comq_quantize`; benchmarks swap in other layer solvers (e.g. GPTQ)
+to compare them inside the very same calibration pipeline."""
 
 
 class _StopForward(Exception):
@@ -97,10 +98,11 @@ class _Placement:
     input_device: torch.device
 
 
-def quantize_model(model: nn.Module, config: Any) -> dict[str, Any]:
+def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_quantize) -> dict[str, Any]:
     """Quantize every quantizable Linear/Conv1D of ``model`` in place with COMQ.
 
-    ``config`` is a ``COMQConfig`` (only attribute access is used).  Returns a
+    ``config`` is a ``COMQConfig`` (only attribute access is used).  ``solver`` is
+    the per-layer solver (COMQ unless a benchmark swaps in another one).  Returns a
     JSON-safe summary (layers quantized, bits, mean/max relative layer error, time,
     per-layer statistics), also stored as ``model._comq_summary`` and logged.
     Raises ``ValueError`` for a model with no quantizable layers, unusable
@@ -115,7 +117,7 @@ def quantize_model(model: nn.Module, config: Any) -> dict[str, Any]:
         )
     data = build_calibration_data(model, config)
     groups = find_block_groups(model, getattr(config, "block_name", None))
-    calibrator = _Calibrator(model, config, data, placement, layers, groups)
+    calibrator = _Calibrator(model, config, data, placement, layers, groups, solver)
     was_training = model.training
     model.eval()
     try:
@@ -140,15 +142,17 @@ class _Calibrator:
         placement: _Placement,
         layers: dict[str, nn.Module],
         groups: list[BlockGroup],
+        solver: LayerSolver = comq_quantize,
     ):
         self.model = model
+        self.solver = solver
         self.groups = groups
         self.block_names = [block for group in groups for block in group.block_names]
         self.config = config
         self.data = data
         self.placement = placement
         self.sequential = bool(getattr(config, "sequential", True))
-        self.solver_kwargs = {name: getattr(config, name) for name in SOLVER_FIELDS if hasattr(config, name)}
+        self.solver_kwargs = {name: getattr(config, name) for name in SOLVER_DEFAULTS if hasattr(config, name)}
         self.pending = list(layers)
         self.results: dict[str, dict[str, float]] = {}
         self.skipped: dict[str, str] = {}
@@ -380,7 +384,7 @@ class _Calibrator:
         with _materialized(module, self.placement.compute):
             weight = get_linear_weight(module).detach().to(self.placement.compute)
         try:
-            qweight = comq_quantize(weight, accumulator.result(), **self.solver_kwargs)
+            qweight = self.solver(weight, accumulator.result(), **self.solver_kwargs)
         except ValueError as error:
             raise ValueError(f"COMQ could not quantize {name!r}: {error}") from error
         del weight

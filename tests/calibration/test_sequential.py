@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import accelerate
 import pytest
 import torch
 from torch import nn
 
-import hf_comq.calibration.sequential as sequential
 from hf_comq.calibration import quantize_model
 from hf_comq.config import COMQConfig
 from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import COMQLinear, get_linear_weight
+from hf_comq.solver import comq_quantize
 
 from .conftest import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
 
@@ -45,17 +46,15 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _record_hessians(monkeypatch) -> dict[str, torch.Tensor]:
-    """Wrap the solver so each layer's Hessian is recorded as it is quantized."""
-    seen: dict[str, torch.Tensor] = {}
-    real = sequential.comq_quantize
+def _recording_solver() -> tuple[dict[int, torch.Tensor], Callable]:
+    """A layer solver that records each layer's Hessian, in order, and then runs COMQ."""
+    seen: dict[int, torch.Tensor] = {}
 
     def recording(weight, hessian, **kwargs):
         seen[len(seen)] = hessian.clone()
-        return real(weight, hessian, **kwargs)
+        return comq_quantize(weight, hessian, **kwargs)
 
-    monkeypatch.setattr(sequential, "comq_quantize", recording)
-    return seen
+    return seen, recording
 
 
 def _fp_hessians(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,23 +145,23 @@ def test_hessian_hooks_skip_padding_tokens(kind):
     assert {stats["num_tokens"] for stats in summary["layers"].values()} == {real_tokens}
 
 
-def test_non_sequential_hessians_come_from_the_full_precision_model(monkeypatch):
+def test_non_sequential_hessians_come_from_the_full_precision_model():
     model = tiny_vit()
     names = list(find_quantizable_linears(model))
     reference = _fp_hessians(model, names, _inputs("vit", 8))
-    seen = _record_hessians(monkeypatch)
-    quantize_model(model, _config("vit", bits=3, sequential=False))
+    seen, solver = _recording_solver()
+    quantize_model(model, _config("vit", bits=3, sequential=False), solver=solver)
     assert len(seen) == len(names)
     for index, name in enumerate(names):
         torch.testing.assert_close(seen[index], reference[name], rtol=1e-6, atol=1e-6)
 
 
-def test_sequential_hessians_come_from_the_quantized_prefix(monkeypatch):
+def test_sequential_hessians_come_from_the_quantized_prefix():
     model = tiny_vit()
     names = list(find_quantizable_linears(model))
     reference = _fp_hessians(model, names, _inputs("vit", 8))
-    seen = _record_hessians(monkeypatch)
-    quantize_model(model, _config("vit", bits=3, sequential=True))
+    seen, solver = _recording_solver()
+    quantize_model(model, _config("vit", bits=3, sequential=True), solver=solver)
     first_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.0.")]
     second_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.1.")]
     for index in first_block:  # block 0 sees the (unquantized) embeddings either way
@@ -171,7 +170,7 @@ def test_sequential_hessians_come_from_the_quantized_prefix(monkeypatch):
         assert not torch.allclose(seen[index], reference[names[index]], rtol=1e-4, atol=1e-6)
 
 
-def test_layers_of_another_type_get_their_own_attention_mask(monkeypatch):
+def test_layers_of_another_type_get_their_own_attention_mask():
     """Qwen2 with a sliding-window middle layer: it must be calibrated with the sliding-window mask."""
     import transformers as T
 
@@ -185,8 +184,8 @@ def test_layers_of_another_type_get_their_own_attention_mask(monkeypatch):
     ids = torch.randint(0, 64, (4, 12))
     names = list(find_quantizable_linears(model))
     reference = _fp_hessians(model, names, {"input_ids": ids})
-    seen = _record_hessians(monkeypatch)
-    quantize_model(model, COMQConfig(bits=4, dataset=ids, sequential=False))
+    seen, solver = _recording_solver()
+    quantize_model(model, COMQConfig(bits=4, dataset=ids, sequential=False), solver=solver)
     for index, name in enumerate(names):
         torch.testing.assert_close(seen[index], reference[name], rtol=1e-6, atol=1e-6)
 
