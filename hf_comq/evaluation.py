@@ -1,0 +1,330 @@
+"""Small, dependency-free evaluation helpers for quantized models.
+
+Why this module exists: a quantized checkpoint is only worth shipping if it still
+does its job, and "its job" depends on the model: an image classifier is judged
+by top-1 accuracy, a causal LM by perplexity, a text encoder by how close its
+embeddings stay to the full-precision model's.  ``hf-comq evaluate``, ``hf-comq
+demo``, the examples and the benchmarks all need the same numbers computed the
+same way, so they live here rather than in each script.
+
+Every function runs under ``torch.inference_mode`` on the model's own device,
+batches its inputs, and shows a ``transformers`` progress bar (silence it with
+``transformers.utils.logging.disable_progress_bar()``).  Data loading reuses the
+calibration loader (:mod:`hf_comq.calibration.data`), so a dataset name or path
+means the same thing to ``hf-comq quantize`` and ``hf-comq evaluate``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging
+
+from .calibration import data as _data
+
+if TYPE_CHECKING:  # importing datasets is slow; only the functions that take a dataset need it
+    import datasets
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "checkpoint_size_bytes",
+    "embedding_cosine",
+    "load_eval_dataset",
+    "perplexity",
+    "pick_column",
+    "top1_accuracy",
+    "top1_counts",
+]
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def load_eval_dataset(source: str | os.PathLike[str], split: str) -> Any:
+    """Load evaluation data the way calibration loads ``COMQConfig(dataset=...)``.
+
+    A ``save_to_disk`` folder, a local data file (parquet, json, csv, arrow, txt)
+    or a Hub name; files and Hub data are streamed, so a large test set is never
+    held in memory.  Raises ``ValueError`` with a one-line reason when the data
+    cannot be loaded (missing file, unknown split, no network...).
+    """
+    dataset, _ = _data._load_dataset_from_string(os.fspath(source), split)
+    return dataset
+
+
+def pick_column(dataset: Any, requested: str | None, kind: str = "input") -> str:
+    """The column to read: ``requested`` if the dataset has it, else the usual image/text column.
+
+    Raises ``ValueError`` naming the available columns, so a typo in
+    ``--column`` fails before any model is loaded.
+    """
+    try:
+        return _data._pick_column(dataset, requested)
+    except ValueError as error:
+        raise ValueError(f"{kind} {error}") from None
+
+
+# ---------------------------------------------------------------------------
+# Image classification
+# ---------------------------------------------------------------------------
+
+
+def top1_accuracy(
+    model: nn.Module,
+    dataset: "datasets.Dataset | datasets.IterableDataset",
+    processor: Any = None,
+    *,
+    image_column: str | None = None,
+    label_column: str = "label",
+    batch_size: int = 64,
+) -> float:
+    """Fraction of images whose arg-max logit is the labelled class.
+
+    Args:
+        model: an image classifier (``...ForImageClassification``), quantized or not.
+        dataset: a ``datasets`` (Iterable)Dataset with an image column and an
+            integer label column.
+        processor: image processor (object or path); ``None`` loads the model's own
+            one from ``model.name_or_path``, as calibration does, so FP and quantized
+            models see identical pixels.
+        image_column: column holding the images; ``None`` picks ``image`` / ``img`` /
+            ``pixel_values``.
+        label_column: column holding the class ids.
+        batch_size: images per forward pass.
+
+    When the dataset's ``ClassLabel`` names and the model's ``id2label`` name the
+    same classes in a different order, labels are mapped by name: comparing raw
+    ids would report a working model as broken.
+    """
+    correct, total = top1_counts(
+        model, dataset, processor, image_column=image_column, label_column=label_column, batch_size=batch_size
+    )
+    return correct / total
+
+
+def top1_counts(
+    model: nn.Module,
+    dataset: "datasets.Dataset | datasets.IterableDataset",
+    processor: Any = None,
+    *,
+    image_column: str | None = None,
+    label_column: str = "label",
+    batch_size: int = 64,
+) -> tuple[int, int]:
+    """``(correct, total)`` behind :func:`top1_accuracy` (same arguments).
+
+    A streamed dataset has no length, so this is how a caller learns how many
+    images were actually scored.
+    """
+    image_column = pick_column(dataset, image_column, "image")
+    label_column = pick_column(dataset, label_column, "label")
+    _check_batch_size(batch_size)
+    if processor is None or isinstance(processor, (str, os.PathLike)):
+        location = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
+        if not location:
+            raise ValueError("top1_accuracy needs an image processor: pass processor=... (object or path)")
+        processor = _data._load_processor(location, "images")
+    remap = _label_remap(dataset, label_column, model)
+    device, dtype = _device_and_dtype(model)
+    rows = dataset.select_columns([image_column, label_column])
+
+    correct = total = 0
+    with torch.inference_mode(), logging.tqdm(total=_length(dataset), desc="top-1", unit="img") as bar:
+        for batch in rows.iter(batch_size=batch_size):
+            labels = torch.as_tensor(batch[label_column], dtype=torch.long)
+            if remap is not None:
+                labels = remap[labels]
+            pixels = _data._encode_images(processor, list(batch[image_column]))["pixel_values"]
+            logits = model(pixel_values=pixels.to(device=device, dtype=dtype)).logits
+            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
+            total += len(labels)
+            bar.update(len(labels))
+    if total == 0:
+        raise ValueError("the evaluation dataset is empty: it has no images")
+    return correct, total
+
+
+def _label_remap(dataset: Any, label_column: str, model: nn.Module) -> torch.Tensor | None:
+    """``dataset id -> model id`` when both name the same classes in another order, else ``None``."""
+    features = getattr(dataset, "features", None) or {}
+    names = getattr(features.get(label_column), "names", None)
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    if not names or len(id2label) != len(names):
+        return None
+    model_ids = {str(label): int(index) for index, label in id2label.items()}
+    if set(model_ids) != set(names) or all(model_ids[name] == index for index, name in enumerate(names)):
+        return None
+    logger.info("dataset and model order the class names differently; mapping labels by name")
+    return torch.tensor([model_ids[name] for name in names], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> float:
+    """Token-level perplexity of a causal LM over ``texts``: ``exp`` of the mean next-token loss.
+
+    Each text is truncated to ``max_length`` tokens and scored on its own (no
+    packing across texts); the mean is over all predicted tokens, not over
+    batches, so the result does not depend on ``batch_size`` or on how texts of
+    different lengths fall into batches.  The loss is computed here rather than
+    taken from the model, whose ``loss`` averages per batch.
+    """
+    _check_batch_size(batch_size)
+    device, _ = _device_and_dtype(model)
+    total_loss = 0.0
+    total_tokens = 0
+    with torch.inference_mode():
+        for input_ids, mask in _token_batches(tokenizer, texts, max_length, batch_size, "perplexity"):
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+            targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(logits.device)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total_loss += float(loss)
+            total_tokens += int((targets != -100).sum())
+    if total_tokens == 0:
+        raise ValueError("perplexity needs texts of at least two tokens; every text was empty or a single token")
+    return float(torch.exp(torch.tensor(total_loss / total_tokens)))
+
+
+def embedding_cosine(
+    model: nn.Module,
+    reference_model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = 512,
+) -> float:
+    """Mean cosine similarity between ``model``'s and ``reference_model``'s text embeddings.
+
+    An embedding is the mean of the last hidden states over real (non-padding)
+    tokens, the sentence-transformers pooling most encoders are used with.  For
+    a quantized encoder this says directly how much of the full-precision
+    geometry survives: 1.0 is identical, and retrieval quality typically holds
+    above about 0.99.  Works for base models and task models (the last hidden
+    state is requested with ``output_hidden_states``).
+    """
+    _check_batch_size(batch_size)
+    device, _ = _device_and_dtype(model)
+    reference_device, _ = _device_and_dtype(reference_model)
+    cosines: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for input_ids, mask in _token_batches(tokenizer, texts, max_length, batch_size, "embedding cosine"):
+            ours = _mean_pooled(model, input_ids.to(device), mask.to(device))
+            theirs = _mean_pooled(reference_model, input_ids.to(reference_device), mask.to(reference_device))
+            cosines.append(F.cosine_similarity(ours, theirs.to(ours.device), dim=-1).cpu())
+    if not cosines:
+        raise ValueError("embedding cosine needs at least one non-empty text")
+    return float(torch.cat(cosines).mean())
+
+
+def _mean_pooled(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    outputs = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if hidden is None:
+        hidden = outputs.hidden_states[-1]
+    weights = mask.unsqueeze(-1).to(torch.float32)
+    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def _token_batches(
+    tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int, description: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded ``(input_ids, attention_mask)`` batches; empty texts are dropped.
+
+    Padding is done here, with the tokenizer's pad id or 0 (always masked out),
+    so tokenizers without a pad token (GPT-2, LLaMA) work without being modified.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    kept = [text for text in texts if isinstance(text, str) and text.strip()]
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    with logging.tqdm(total=len(kept), desc=description, unit="text") as bar:
+        for start in range(0, len(kept), batch_size):
+            chunk = kept[start : start + batch_size]
+            encoded = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+            longest = max(len(ids) for ids in encoded)
+            input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+            for row, ids in enumerate(encoded):
+                input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+                mask[row, : len(ids)] = 1
+            if longest > 0:
+                yield input_ids, mask
+            bar.update(len(chunk))
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def checkpoint_size_bytes(directory: str | os.PathLike[str]) -> int:
+    """Total size of the ``*.safetensors`` weight files in ``directory`` (sharded checkpoints included).
+
+    Only weight files count: the config, tokenizer and model card are the same
+    for the full-precision and the quantized checkpoint, and counting them would
+    understate the compression on small models.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weight file in {folder}")
+    return sum(path.stat().st_size for path in files)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where inputs must go and which float dtype pixel inputs need.
+
+    ``PreTrainedModel.device`` is the device of the first parameter, which is also
+    where accelerate-dispatched models expect their inputs.
+    """
+    device = getattr(model, "device", None)
+    dtype = getattr(model, "dtype", None)
+    parameter = next(model.parameters(), None)
+    if not isinstance(device, torch.device):
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = parameter.dtype if parameter is not None and parameter.dtype.is_floating_point else torch.float32
+    if device.type == "meta":  # offloaded weights: accelerate hooks move inputs; start on the CPU
+        device = torch.device("cpu")
+    return device, dtype
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # streamed data has no length; the bar just counts
+        return None
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")

@@ -1,0 +1,199 @@
+"""Tests for ``hf_comq.evaluation``: each metric against a direct computation, on tiny models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import datasets
+import pytest
+import torch
+import transformers as T
+
+import hf_comq
+from hf_comq.evaluation import (
+    checkpoint_size_bytes,
+    embedding_cosine,
+    load_eval_dataset,
+    perplexity,
+    top1_accuracy,
+)
+from tests.calibration.conftest import image_processor, images, sentences, tiny_vit, word_tokenizer
+
+CLASSES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vit() -> T.ViTForImageClassification:
+    model = tiny_vit(num_labels=3)
+    model.config.id2label = dict(enumerate(CLASSES))
+    model.config.label2id = {name: index for index, name in enumerate(CLASSES)}
+    return model
+
+
+def predictions(model: torch.nn.Module, pictures: list) -> list[int]:
+    pixels = image_processor()(images=pictures, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        return model(pixel_values=pixels).logits.argmax(-1).tolist()
+
+
+def image_dataset(pictures: list, labels: list[int], names: list[str] = CLASSES) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset.from_dict({"image": pictures, "label": labels}, features=features)
+
+
+# ---------------------------------------------------------------------------- top-1
+
+
+def test_top1_counts_correct_predictions(vit) -> None:
+    pictures = images(10)
+    predicted = predictions(vit, pictures)
+    # Labels equal to the prediction for the first 7 images and wrong for the last 3.
+    labels = predicted[:7] + [(label + 1) % 3 for label in predicted[7:]]
+    dataset = image_dataset(pictures, labels)
+    for batch_size in (3, 64):  # partial last batch must count exactly once
+        assert top1_accuracy(vit, dataset, image_processor(), batch_size=batch_size) == pytest.approx(0.7)
+
+
+def test_top1_maps_labels_by_class_name(vit) -> None:
+    """Same classes, other order in the dataset: comparing raw ids would score 0."""
+    pictures = images(6, seed=1)
+    predicted = predictions(vit, pictures)
+    reordered = ["cat", "ant", "bee"]
+    labels = [reordered.index(CLASSES[label]) for label in predicted]
+    dataset = image_dataset(pictures, labels, names=reordered)
+    assert top1_accuracy(vit, dataset, image_processor()) == 1.0
+
+
+def test_top1_loads_the_models_own_processor_and_reads_streamed_files(vit, tmp_path) -> None:
+    vit.save_pretrained(tmp_path / "model")
+    image_processor().save_pretrained(tmp_path / "model")
+    model = T.ViTForImageClassification.from_pretrained(tmp_path / "model").eval()
+    pictures = images(5, seed=2)
+    image_dataset(pictures, predictions(model, pictures)).to_parquet(tmp_path / "test.parquet")
+    streamed = load_eval_dataset(tmp_path / "test.parquet", "test")
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert top1_accuracy(model, streamed, batch_size=2) == 1.0
+
+
+def test_top1_rejects_missing_columns(vit) -> None:
+    dataset = image_dataset(images(2), [0, 1])
+    with pytest.raises(ValueError, match=r"label dataset column 'target' does not exist; available columns: \['image', 'label'\]"):
+        top1_accuracy(vit, dataset, image_processor(), label_column="target")
+    with pytest.raises(ValueError, match="image dataset column 'photo' does not exist"):
+        top1_accuracy(vit, dataset, image_processor(), image_column="photo")
+
+
+# ---------------------------------------------------------------------------- perplexity
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> T.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    return T.GPT2LMHeadModel(config).eval()
+
+
+def test_perplexity_is_token_weighted_exp_loss(gpt2) -> None:
+    tokenizer = word_tokenizer(with_pad=False)
+    texts = sentences(5)
+    nll = tokens = 0.0
+    for text in texts:  # one text at a time: no padding involved, the model's own loss
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            loss = gpt2(input_ids=ids, labels=ids).loss
+        nll += float(loss) * (ids.shape[1] - 1)
+        tokens += ids.shape[1] - 1
+    expected = math.exp(nll / tokens)
+    # Padded batches (texts have 3 to 12 words) must give the same number.
+    for batch_size in (1, 2, 8):
+        assert perplexity(gpt2, tokenizer, texts, batch_size=batch_size) == pytest.approx(expected, rel=1e-4)
+    assert tokenizer.pad_token is None, "perplexity must not modify the tokenizer"
+
+
+def test_perplexity_truncates_and_drops_empty_texts(gpt2) -> None:
+    tokenizer = word_tokenizer()
+    long_text = " ".join(["the cat sat on the mat"] * 4)
+    truncated = " ".join(long_text.split()[:5])
+    assert perplexity(gpt2, tokenizer, [long_text, "", "   "], max_length=5) == pytest.approx(
+        perplexity(gpt2, tokenizer, [truncated]), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="at least two tokens"):
+        perplexity(gpt2, tokenizer, ["cat", ""])
+
+
+# ---------------------------------------------------------------------------- embedding cosine
+
+
+@pytest.fixture(scope="module")
+def bert() -> T.BertModel:
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return T.BertModel(config).eval()
+
+
+def test_embedding_cosine_of_a_model_with_itself_is_one(bert) -> None:
+    texts = sentences(6)
+    assert embedding_cosine(bert, bert, word_tokenizer(), texts, batch_size=4) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embedding_cosine_mean_pools_real_tokens(bert) -> None:
+    tokenizer = word_tokenizer()
+    perturbed = copy.deepcopy(bert)
+    with torch.no_grad():
+        for parameter in perturbed.encoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    texts = sentences(6, seed=3)
+    expected = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            a = bert(input_ids=ids).last_hidden_state.mean(dim=1)
+            b = perturbed(input_ids=ids).last_hidden_state.mean(dim=1)
+        expected.append(float(torch.nn.functional.cosine_similarity(a, b)))
+    reference = sum(expected) / len(expected)
+    assert reference < 0.999  # the perturbation is visible
+    for batch_size in (1, 4):  # padding must not leak into the means
+        assert embedding_cosine(perturbed, bert, tokenizer, texts, batch_size=batch_size) == pytest.approx(
+            reference, abs=1e-5
+        )
+
+
+def test_embedding_cosine_reads_hidden_states_of_task_models() -> None:
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    classifier = T.BertForSequenceClassification(config).eval()
+    assert embedding_cosine(classifier, classifier.bert, word_tokenizer(), sentences(3)) == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- checkpoint size
+
+
+def test_checkpoint_size_counts_weight_files_only(vit, tmp_path) -> None:
+    vit.save_pretrained(tmp_path / "fp")
+    image_processor().save_pretrained(tmp_path / "fp")
+    weights = sorted((tmp_path / "fp").glob("*.safetensors"))
+    assert weights
+    assert checkpoint_size_bytes(tmp_path / "fp") == sum(path.stat().st_size for path in weights)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint_size_bytes(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        checkpoint_size_bytes(tmp_path / "empty")
+
+
+def test_quantized_checkpoint_is_smaller(vit, tmp_path) -> None:
+    vit.save_pretrained(tmp_path / "fp")
+    image_processor().save_pretrained(tmp_path / "fp")
+    config = hf_comq.COMQConfig(bits=4, dataset=images(8), num_samples=8)
+    quantized = T.ViTForImageClassification.from_pretrained(tmp_path / "fp", quantization_config=config)
+    quantized.save_pretrained(tmp_path / "q")
+    assert checkpoint_size_bytes(tmp_path / "q") < 0.6 * checkpoint_size_bytes(tmp_path / "fp")
