@@ -131,6 +131,42 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     return summary
 
 
+class _SharedInputs:
+    """Detects layers that run on the very tensor the previous hooked layer ran on.
+
+    Hooks fire in execution order, and q/k/v (or gate/up) consume one tensor object
+    back to back.  The decision is made on a layer's first call and must hold for
+    every later batch, otherwise the shared Hessian would be wrong: that raises.
+    """
+
+    def __init__(self, accumulators: dict[str, HessianAccumulator]):
+        self.accumulators = accumulators
+        self.owner_of: dict[str, str] = {}
+        self.decided: set[str] = set()
+        self.last: tuple[torch.Tensor, str] | None = None
+
+    def reuses(self, name: str, tensor: torch.Tensor) -> bool:
+        """True if ``name`` shares another layer's accumulator (and so must not add)."""
+        same_as_last = self.last is not None and self.last[0] is tensor
+        if name not in self.decided:
+            self.decided.add(name)
+            if same_as_last:
+                self.owner_of[name] = self.last[1]
+                self.accumulators[name] = self.accumulators[self.last[1]]
+        owner = self.owner_of.get(name)
+        if owner is None:
+            return False
+        if not same_as_last or self.last[1] != owner:
+            raise RuntimeError(
+                f"{name!r} shared its input with {owner!r} on the first calibration batch but not on a later one; "
+                "calibrate with sequential=False or report this model"
+            )
+        return True
+
+    def remember(self, name: str, tensor: torch.Tensor) -> None:
+        self.last = (tensor, name)
+
+
 class _Calibrator:
     """State of one calibration run: pending layers, results, the current token mask."""
 
@@ -349,27 +385,34 @@ class _Calibrator:
     # ------------------------------------------------------------------ Hessians
     @contextlib.contextmanager
     def _hessian_hooks(self, names: list[str]) -> Iterator[dict[str, HessianAccumulator]]:
-        """Forward hooks feeding each named layer's (unpadded) inputs into a Hessian accumulator."""
+        """Forward hooks feeding each named layer's (unpadded) inputs into a Hessian accumulator.
+
+        Layers fed the very same input tensor (q/k/v projections, gate/up) have the same
+        Hessian, so they share one accumulator and ``X^T X`` is computed once for them.
+        """
         accumulators: dict[str, HessianAccumulator] = {}
+        sharing = _SharedInputs(accumulators)
         handles = []
         try:
             for name in names:
                 module = self.model.get_submodule(name)
-                accumulator = HessianAccumulator(linear_shape(module)[1], device=self.placement.compute)
-                accumulators[name] = accumulator
-                handles.append(module.register_forward_hook(self._hessian_hook(accumulator)))
+                accumulators[name] = HessianAccumulator(linear_shape(module)[1], device=self.placement.compute)
+                handles.append(module.register_forward_hook(self._hessian_hook(name, sharing)))
             yield accumulators
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _hessian_hook(self, accumulator: HessianAccumulator):
+    def _hessian_hook(self, name: str, sharing: "_SharedInputs"):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if sharing.reuses(name, inputs[0]):
+                return
             activations = inputs[0].detach()
             mask = self.mask
             if mask is not None and activations.shape[:-1] == mask.shape:
                 activations = activations[mask.to(activations.device)]
-            accumulator.add(activations)
+            sharing.accumulators[name].add(activations)
+            sharing.remember(name, inputs[0])
 
         return hook
 

@@ -348,3 +348,22 @@ def test_streamed_dataset_is_read_once_and_replayed_for_every_pass():
     assert summary["layers"]["swin.encoder.layers.1.blocks.1.attention.q_proj"]["num_tokens"] == 5 * 16
     assert config.calibration_description == "datasets.IterableDataset (column image), 5 samples"
     assert "IterableDataset" in config.to_json_string()
+
+
+def test_layers_reading_the_same_input_share_one_hessian(monkeypatch):
+    """q/k/v read one tensor: X^T X is computed once for the three of them, and each
+    still gets exactly the full-precision Hessian (checked in the tests above)."""
+    from hf_comq.solver import HessianAccumulator
+
+    calls: list[int] = []
+    real_add = HessianAccumulator.add
+    monkeypatch.setattr(HessianAccumulator, "add", lambda self, x: (calls.append(x.shape[-1]), real_add(self, x))[1])
+    model = tiny_vit()
+    seen, solver = _recording_solver()
+    quantize_model(model, _config("vit", bits=4, sequential=False), solver=solver)
+    blocks, batches = 2, 2  # 8 samples in batches of 4
+    per_block = 4  # shared q/k/v input, o_proj, fc1, fc2 (instead of 6 separate products)
+    assert len(calls) == blocks * batches * per_block
+    assert len(seen) == blocks * 6
+    torch.testing.assert_close(seen[0], seen[1])
+    torch.testing.assert_close(seen[0], seen[2])
