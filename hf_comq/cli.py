@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.handler(args)
+        with _torch_threads(args.threads):
+            return args.handler(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -74,6 +75,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {_error_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Use ``count`` torch threads for one command, then restore (``main`` may run in-process)."""
+    if count is None:
+        yield
+        return
+    _check_positive("--threads", count)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _error_line(error: BaseException) -> str:
@@ -102,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(handler=None, debug=False)
+    parser.set_defaults(handler=None, debug=False, threads=None)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_quantize(commands)
     _add_evaluate(commands)
@@ -110,11 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+def _command(
+    commands: Any, name: str, summary: str, description: str, threads: int | None = None
+) -> argparse.ArgumentParser:
     command = commands.add_parser(
         name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     command.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    command.add_argument(
+        "--threads", type=int, default=threads, metavar="N",
+        help=(
+            f"CPU threads for torch (default: {threads or 'torch default'}); small models run fastest on one, "
+            "and several are many times slower on a busy machine"
+        ),
+    )  # fmt: skip
     return command
 
 
@@ -142,9 +169,15 @@ def _add_quantize(commands: Any) -> None:
     )  # fmt: skip
     _add_data_arguments(command, default_split="train", role="calibration")
     group.add_argument("--num-samples", type=int, default=128, metavar="N", help="calibration samples (default: 128)")
-    group.add_argument("--batch-size", type=int, default=8, metavar="N", help="samples per calibration forward pass (default: 8)")
-    group.add_argument("--max-length", type=int, default=512, metavar="N", help="text truncation length in tokens (default: 512)")
-    group.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the calibration sample choice (default: 0)")
+    group.add_argument(
+        "--batch-size", type=int, default=8, metavar="N", help="samples per calibration forward pass (default: 8)"
+    )
+    group.add_argument(
+        "--max-length", type=int, default=512, metavar="N", help="text truncation length in tokens (default: 512)"
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed of the calibration sample choice (default: 0)"
+    )
     output = command.add_argument_group("output")
     output.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the checkpoint to")
     output.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
@@ -171,11 +204,18 @@ def _add_evaluate(commands: Any) -> None:
     )
     command.add_argument("model", metavar="MODEL", help="checkpoint folder or Hub id to evaluate")
     _add_data_arguments(command, default_split="test", role="evaluation")
-    command.add_argument("--label-column", default="label", help="class id column for top-1 (default: label)")
+    command.add_argument(
+        "--label-column", default="label", metavar="COLUMN", help="class id column for top-1 (default: label)"
+    )
     command.add_argument("--reference", metavar="FP_MODEL", help="full-precision model to compare against")
     command.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on the first N rows only")
-    command.add_argument("--batch-size", type=int, default=None, metavar="N", help="evaluation batch size (default: 64 images, 8 texts)")
-    command.add_argument("--max-length", type=int, default=512, metavar="N", help="text truncation length in tokens (default: 512)")
+    command.add_argument(
+        "--batch-size", type=int, default=None, metavar="N",
+        help="evaluation batch size (default: 64 images; 8 texts for perplexity, 32 for embeddings)",
+    )  # fmt: skip
+    command.add_argument(
+        "--max-length", type=int, default=512, metavar="N", help="text truncation length in tokens (default: 512)"
+    )
     command.set_defaults(handler=run_evaluate)
 
 
@@ -188,14 +228,19 @@ def _add_demo(commands: Any) -> None:
         "Fashion-MNIST) with COMQ and with round-to-nearest (RTN) at each --bits, on the shipped calibration\n"
         "images, and print top-1 accuracy on the shipped test images, quantization time and checkpoint size\n"
         "next to the full-precision model.  The COMQ checkpoints are saved under --output.",
+        threads=1,
     )
     command.add_argument(
         "--output", "-o", type=Path, default=DEMO_OUTPUT, metavar="DIR",
         help=f"where to save the COMQ checkpoints (default: ./{DEMO_OUTPUT})",
     )  # fmt: skip
-    command.add_argument("--bits", type=int, nargs="+", default=[4, 3], metavar="B", help="bit widths to run (default: 4 3)")
+    command.add_argument(
+        "--bits", type=int, nargs="+", default=[4, 3], metavar="B", help="bit widths to run (default: 4 3)"
+    )
     command.add_argument("--group-size", type=int, default=None, metavar="N", help="input columns per scale")
-    command.add_argument("--num-samples", type=int, default=256, metavar="N", help="calibration images (default: 256 of 1024)")
+    command.add_argument(
+        "--num-samples", type=int, default=256, metavar="N", help="calibration images (default: 256 of 1024)"
+    )
     command.add_argument(
         "--eval-limit", type=int, default=None, metavar="N",
         help="evaluate on a seeded random N of the 2000 test images (default: all)",
@@ -235,7 +280,10 @@ class Task:
 
 TASKS: tuple[Task, ...] = (
     Task("image classification", "AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
-    Task("sequence classification", "AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    Task(
+        "sequence classification", "AutoModelForSequenceClassification",
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    ),
     Task("token classification", "AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
     Task("causal LM", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
     Task("masked LM", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
@@ -280,13 +328,17 @@ def inspect_model(name: str) -> ModelSpec:
     model_type = config.get("model_type")
     described = f"model type {model_type!r} ({', '.join(architectures) or 'no architectures in config.json'})"
     if config.get("is_encoder_decoder"):
-        raise CLIError(f"unsupported {described}: encoder-decoder models are not supported; hf-comq handles {SUPPORTED}")
+        raise CLIError(
+            f"unsupported {described}: encoder-decoder models are not supported; hf-comq handles {SUPPORTED}"
+        )
     task, architecture = _match_task(architectures, model_type)
     if task is None:
         raise CLIError(f"unsupported {described}; hf-comq handles {SUPPORTED}")
     inputs = _model_inputs(architecture)
     if inputs is None:
-        raise CLIError(f"unsupported {described}: COMQ calibration feeds text or images, and {architecture} takes neither")
+        raise CLIError(
+            f"unsupported {described}: COMQ calibration feeds text or images, and {architecture} takes neither"
+        )
     return ModelSpec(location, architecture, task, inputs, config)
 
 
@@ -373,7 +425,8 @@ def resolve_dataset(name: str) -> str:
 
         split = name[len(DEMO_PREFIX) :]
         if split not in DEMO_SPLITS:
-            raise CLIError(f"unknown demo dataset {name!r}; use one of {', '.join(DEMO_PREFIX + s for s in DEMO_SPLITS)}")
+            choices = ", ".join(DEMO_PREFIX + known for known in DEMO_SPLITS)
+            raise CLIError(f"unknown demo dataset {name!r}; use one of {choices}")
         return str(demo_dataset_path(split))
     path = Path(name).expanduser()
     if path.exists():
@@ -444,12 +497,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     processor = _optional_processor(spec)
 
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        if processor is not None:
-            processor.save_pretrained(folder)
-
-    save_atomically(output, write, overwrite=args.overwrite)
+    save_atomically(output, lambda folder: _save_with_processor(model, processor, folder), overwrite=args.overwrite)
     summary = getattr(model, "_comq_summary", {}) or {}
     _print_quantize_summary(spec, model, summary, seconds, output)
     if args.push_to_hub:
@@ -461,7 +509,9 @@ def _check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise CLIError(f"--output {output} is a file; pass a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise CLIError(f"output folder {output} already exists and is not empty; choose another --output or pass --overwrite")
+        raise CLIError(
+            f"output folder {output} already exists and is not empty; choose another --output or pass --overwrite"
+        )
     if not output.parent.exists():
         raise CLIError(f"the parent folder of --output, {output.parent}, does not exist")
 
@@ -503,6 +553,12 @@ def _moved_aside(path: Path) -> Iterator[None]:
             aside.rename(path)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _save_with_processor(model: Any, processor: Any, folder: Path) -> None:
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
 
 
 def _optional_processor(spec: ModelSpec) -> Any:
@@ -602,7 +658,9 @@ def _metric_for(spec: ModelSpec) -> str:
     )
 
 
-def _evaluate_top1(args: argparse.Namespace, spec: ModelSpec, model: Any, reference: Any, dataset: Any, column: str) -> None:
+def _evaluate_top1(
+    args: argparse.Namespace, spec: ModelSpec, model: Any, reference: Any, dataset: Any, column: str
+) -> None:
     from .evaluation import top1_counts
 
     processor = load_processor(spec.location, "images")
@@ -617,7 +675,12 @@ def _evaluate_top1(args: argparse.Namespace, spec: ModelSpec, model: Any, refere
 
 
 def _evaluate_perplexity(
-    args: argparse.Namespace, spec: ModelSpec, model: Any, reference: ModelSpec | None, reference_model: Any, texts: list[str]
+    args: argparse.Namespace,
+    spec: ModelSpec,
+    model: Any,
+    reference: ModelSpec | None,
+    reference_model: Any,
+    texts: list[str],
 ) -> None:
     from .evaluation import perplexity
 
@@ -677,7 +740,8 @@ def run_demo(args: argparse.Namespace) -> int:
         _check_positive("--eval-limit", args.eval_limit)
         test = test.shuffle(seed=0).select(range(min(args.eval_limit, len(test))))
     output = Path(args.output).expanduser()
-    device = "GPU" if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    device = "GPU" if torch.cuda.is_available() else f"CPU, {threads} thread{'s' if threads > 1 else ''}"
     print(
         f"hf-comq demo: ViT trained on Fashion-MNIST ({model_path.name}); calibration on "
         f"{min(args.num_samples, len(calibration))} images, top-1 on {len(test)} test images ({device})"
@@ -713,7 +777,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         suffix = "" if args.group_size is None else f"-g{args.group_size}"
         folder = output / f"{model_path.name}-comq-w{bits}{suffix}"
-        save_atomically(folder, lambda staging: (comq_model.save_pretrained(staging), processor.save_pretrained(staging)))
+        save_atomically(folder, lambda staging: _save_with_processor(comq_model, processor, staging))
         size = checkpoint_size_bytes(folder)
         saved.append(folder)
         for method, (model, seconds) in results.items():
@@ -730,7 +794,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def format_demo_table(rows: list[DemoRow]) -> str:
     """The demo's result table: one row per model, differences and ratios against the FP row."""
     fp = rows[0]
-    header = ("method", "bits", "top-1", "vs FP", "quant time", "checkpoint", "vs FP")
+    header = ("method", "bits", "top-1", "vs FP", "quant time", "size", "size vs FP")
     lines = [header]
     for row in rows:
         is_fp = row is fp

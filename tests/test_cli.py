@@ -50,7 +50,8 @@ def image_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "images.parquet"
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
     pictures = images(12)
-    datasets.Dataset.from_dict({"image": pictures, "label": [i % 3 for i in range(12)]}, features=features).to_parquet(path)
+    labels = [i % 3 for i in range(12)]
+    datasets.Dataset.from_dict({"image": pictures, "label": labels}, features=features).to_parquet(path)
     return path
 
 
@@ -134,7 +135,8 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
     accuracy = re.search(r"top-1 accuracy of vit-w4: (\d\.\d{4}) on 12 images", out)
     reference = re.search(r"top-1 accuracy of the reference: (\d\.\d{4}) \(difference ([+-]\d+\.\d\d) points\)", out)
     assert accuracy and reference, out
-    assert float(reference.group(2)) == pytest.approx(100 * (float(accuracy.group(1)) - float(reference.group(1))), abs=0.01)
+    difference = 100 * (float(accuracy.group(1)) - float(reference.group(1)))
+    assert float(reference.group(2)) == pytest.approx(difference, abs=0.01)
 
 
 def test_quantize_refuses_a_non_empty_output_unless_overwrite(capsys, tmp_path, vit_dir, image_data) -> None:
@@ -194,7 +196,8 @@ def test_quantize_and_evaluate_a_text_encoder(capsys, tmp_path, bert_dir, text_d
 @pytest.mark.parametrize("command", ["quantize", "evaluate"])
 def test_missing_model_path(capsys, tmp_path, image_data, command) -> None:
     missing = tmp_path / "no-such-model"
-    argv = [command, missing, "--dataset", image_data] + (["--output", tmp_path / "out"] if command == "quantize" else [])
+    argv = [command, missing, "--dataset", image_data]
+    argv += ["--output", tmp_path / "out"] if command == "quantize" else []
     code, out, err = run_cli(capsys, *argv)
     assert code == 1 and out == ""
     assert error_line(err) == f"hf-comq: error: model path {missing} does not exist"
@@ -253,7 +256,8 @@ def test_unknown_label_column(capsys, vit_dir, image_data) -> None:
 def test_unsupported_model_type(capsys, tmp_path, image_data, config, expected) -> None:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(capsys, "quantize", tmp_path / "model", "--dataset", image_data, "--output", tmp_path / "out")
+    argv = ["quantize", tmp_path / "model", "--dataset", image_data, "--output", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv)
     assert code == 1
     assert expected in error_line(err)
     assert err.count("\n") == 1
@@ -262,9 +266,14 @@ def test_unsupported_model_type(capsys, tmp_path, image_data, config, expected) 
 
 def test_quantizing_a_comq_checkpoint_is_refused(capsys, tmp_path, image_data) -> None:
     (tmp_path / "model").mkdir()
-    config = {"model_type": "vit", "architectures": ["ViTForImageClassification"], "quantization_config": {"quant_method": "comq"}}
+    config = {
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification"],
+        "quantization_config": {"quant_method": "comq"},
+    }
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(capsys, "quantize", tmp_path / "model", "--dataset", image_data, "--output", tmp_path / "out")
+    argv = ["quantize", tmp_path / "model", "--dataset", image_data, "--output", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv)
     assert code == 1
     assert "is already a COMQ checkpoint" in error_line(err)
 

@@ -86,7 +86,8 @@ def test_top1_loads_the_models_own_processor_and_reads_streamed_files(vit, tmp_p
 
 def test_top1_rejects_missing_columns(vit) -> None:
     dataset = image_dataset(images(2), [0, 1])
-    with pytest.raises(ValueError, match=r"label dataset column 'target' does not exist; available columns: \['image', 'label'\]"):
+    expected = r"label dataset column 'target' does not exist; available columns: \['image', 'label'\]"
+    with pytest.raises(ValueError, match=expected):
         top1_accuracy(vit, dataset, image_processor(), label_column="target")
     with pytest.raises(ValueError, match="image dataset column 'photo' does not exist"):
         top1_accuracy(vit, dataset, image_processor(), image_column="photo")
@@ -133,10 +134,14 @@ def test_perplexity_truncates_and_drops_empty_texts(gpt2) -> None:
 # ---------------------------------------------------------------------------- embedding cosine
 
 
+def tiny_bert_config() -> T.BertConfig:
+    return T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
 @pytest.fixture(scope="module")
 def bert() -> T.BertModel:
     torch.manual_seed(0)
-    config = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = tiny_bert_config()
     return T.BertModel(config).eval()
 
 
@@ -169,7 +174,7 @@ def test_embedding_cosine_mean_pools_real_tokens(bert) -> None:
 
 def test_embedding_cosine_reads_hidden_states_of_task_models() -> None:
     torch.manual_seed(0)
-    config = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = tiny_bert_config()
     classifier = T.BertForSequenceClassification(config).eval()
     assert embedding_cosine(classifier, classifier.bert, word_tokenizer(), sentences(3)) == pytest.approx(1.0, abs=1e-5)
 
