@@ -208,7 +208,10 @@ def _add_evaluate(commands: Any) -> None:
         "--label-column", default="label", metavar="COLUMN", help="class id column for top-1 (default: label)"
     )
     command.add_argument("--reference", metavar="FP_MODEL", help="full-precision model to compare against")
-    command.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on the first N rows only")
+    command.add_argument(
+        "--limit", type=int, default=None, metavar="N",
+        help="evaluate on the first N rows only (advisable for large Hub datasets, which are streamed)",
+    )  # fmt: skip
     command.add_argument(
         "--batch-size", type=int, default=None, metavar="N",
         help="evaluation batch size (default: 64 images; 8 texts for perplexity, 32 for embeddings)",
@@ -512,8 +515,6 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise CLIError(
             f"output folder {output} already exists and is not empty; choose another --output or pass --overwrite"
         )
-    if not output.parent.exists():
-        raise CLIError(f"the parent folder of --output, {output.parent}, does not exist")
 
 
 def save_atomically(output: Path, write: Callable[[Path], None], *, overwrite: bool = True) -> None:

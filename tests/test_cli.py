@@ -7,6 +7,7 @@ real shipped assets with fewer calibration and test images.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from hf_comq.assets import demo_model_path
 from hf_comq.cli import main, save_atomically
 from hf_comq.evaluation import checkpoint_size_bytes
 from tests.calibration.conftest import image_processor, images, sentences, tiny_vit, word_tokenizer
+from tests.hub_server import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,6 +192,31 @@ def test_quantize_and_evaluate_a_text_encoder(capsys, tmp_path, bert_dir, text_d
     assert "needs --reference FP_MODEL" in error_line(err)
 
 
+def test_quantize_pushes_to_the_hub(tmp_path, vit_dir, image_data) -> None:
+    """``--push-to-hub`` uploads weights, processor and COMQ card (child process: huggingface_hub reads
+    ``HF_ENDPOINT`` at import time)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+    output = tmp_path / "pushed"
+    argv = ["quantize", vit_dir, "--dataset", image_data, "--num-samples", 4, "--output", output]
+    with FakeHub(max_lifetime_s=120) as hub:
+        env.update(
+            HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
+            HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+            OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+        )  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "hf_comq", *map(str, argv), "--push-to-hub", "user/tiny-vit-comq"],
+            env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = hub.files("user/tiny-vit-comq")
+    assert "pushed to" in result.stdout and "user/tiny-vit-comq" in result.stdout
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    assert files["model.safetensors"] == (output / "model.safetensors").read_bytes()
+    card = files["README.md"].decode("utf-8")
+    assert "comq" in card and 'ViTForImageClassification.from_pretrained("user/tiny-vit-comq")' in card
+
+
 # ---------------------------------------------------------------------------- one-line errors
 
 
@@ -297,22 +324,27 @@ def test_usage_errors_and_help(capsys) -> None:
     assert "Fashion-MNIST" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("module", ["hf_comq", "hf_comq.cli"])
-def test_help_in_a_subprocess(module) -> None:
+def test_python_dash_m_help_in_a_subprocess() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+        [sys.executable, "-m", "hf_comq", "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
     )
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: hf-comq")
     for command in ("quantize", "evaluate", "demo"):
         assert command in result.stdout
-    assert result.stdout.startswith("usage: hf-comq")
 
 
-def test_console_script_is_declared() -> None:
+def test_console_script_points_at_main(capsys) -> None:
+    """``pip install`` turns this entry into the ``hf-comq`` executable; its target must resolve and run."""
+    import importlib
     import tomllib
 
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["hf-comq"] == "hf_comq.cli:main"
+    module_name, function_name = project["scripts"]["hf-comq"].split(":")
+    entry = getattr(importlib.import_module(module_name), function_name)
+    assert entry is main
+    assert entry(["quantize", "--help"]) == 0
+    assert "--push-to-hub REPO_ID" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- atomic save
