@@ -1,0 +1,101 @@
+"""Quantize a model with COMQ, publish it on the Hugging Face Hub, and load it back from there.
+
+Publishing is where a quantized checkpoint most often breaks silently: a
+model pushed without its packed tensors, or loaded without ``import hf_comq``,
+still loads in plain transformers -- with random weights in every quantized
+layer.  This example therefore does the full round trip: quantize on load,
+``model.push_to_hub(repo_id)`` (which also uploads a model card that names
+COMQ, the bit width and the calibration data), then
+``hf_comq.load_quantized(repo_id)``, which downloads the checkpoint, refuses
+anything that is not a complete COMQ checkpoint, and returns the model.  The
+reloaded model's logits are compared with the pushed model's.
+
+Requirements:
+
+* A Hub access token with write permission: run ``hf auth login`` once, or set
+  ``HF_TOKEN`` in the environment (``--token`` also works, but ends up in your
+  shell history).  Without one the push fails with an authentication error.
+* Network access to the Hub.  ``HF_ENDPOINT`` points huggingface_hub at
+  another endpoint instead of https://huggingface.co, e.g. a mirror or a
+  private Hub inside your company: ``HF_ENDPOINT=https://hub.example.com``.
+
+With no MODEL it quantizes the ViT shipped inside hf_comq on the shipped
+Fashion-MNIST calibration images::
+
+    HF_TOKEN=hf_... python examples/push_to_hub.py your-name/vit-fashion-mnist-comq-w4 --bits 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import huggingface_hub
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+import hf_comq
+from hf_comq.assets import demo_dataset, demo_model_path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Quantize an image classifier with COMQ, push it to the Hub, and reload it with load_quantized.",
+        epilog="Needs a Hub token with write access (hf auth login or HF_TOKEN); HF_ENDPOINT selects another Hub.",
+    )
+    parser.add_argument("repo_id", help="Hub repository to create or update, e.g. your-name/vit-comq-w4")
+    parser.add_argument(
+        "model", nargs="?", default=None, help="image classifier folder or Hub id (default: the shipped demo ViT)"
+    )
+    parser.add_argument("--bits", type=int, default=4, help="weight bit width, 2 to 8 (default: 4)")
+    parser.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: per channel)")
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration images (default: 128)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN)")
+    return parser.parse_args(argv)
+
+
+def hub_user(token: str | None) -> str:
+    """The account the token belongs to; exits with one clear line when there is none.
+
+    Checked before quantizing, so a missing or wrong token costs a second, not
+    a whole calibration run that is then thrown away.
+    """
+    try:
+        return huggingface_hub.whoami(token=token)["name"]
+    except Exception as error:  # no saved token, a rejected token, or an unreachable endpoint: all end the same way
+        endpoint = huggingface_hub.constants.ENDPOINT
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SystemExit(f"cannot push to {endpoint}: {reason} (log in with `hf auth login` or set HF_TOKEN)") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(f"pushing as {hub_user(args.token)}")
+    model_path = args.model or str(demo_model_path())
+    processor = AutoImageProcessor.from_pretrained(model_path)
+    config = hf_comq.COMQConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        dataset=demo_dataset("calibration"),
+        processor=processor,
+        num_samples=args.num_samples,
+    )
+    model = AutoModelForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
+
+    model.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    # The processor travels with the model so that the Hub repository is usable on its own.
+    processor.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    print(f"pushed to {args.repo_id}")
+
+    reloaded = hf_comq.load_quantized(args.repo_id, token=args.token).eval()
+    images = [row["image"] for row in demo_dataset("test").select(range(8))]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        difference = (model(pixel_values=pixels).logits - reloaded(pixel_values=pixels).logits).abs().max().item()
+    print(f"reloaded {args.repo_id} with hf_comq.load_quantized; max logit difference to the pushed model: {difference:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
