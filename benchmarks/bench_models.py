@@ -14,8 +14,9 @@ Every quantized row runs the same ``from_pretrained(..., quantization_config=COM
 calibration pipeline; only the per-layer solver differs: COMQ (hf_comq's default), RTN
 (``init="rtn", iterations=0``, no search/refit) or GPTQ with act-order (llm-compressor's
 ``quantize_weight``, pinned in the ``bench`` extra) on the same Hessians and min-max grid.
-Each run happens in a fresh subprocess so that its wall time and peak resident memory
-(``ru_maxrss``) are its own; checkpoint sizes are the saved safetensors files.
+Each run happens in a fresh subprocess (one torch thread) so that its wall time and
+peak resident memory (``ru_maxrss``) are its own; checkpoint sizes are the saved
+safetensors files.
 """
 
 from __future__ import annotations
@@ -70,8 +71,14 @@ def _quantize(kind: str, method: str, bits: int, group_size: int | None, path: s
 
 
 def run_one(kind: str, method: str, bits: int, group_size: int | None) -> dict:
-    """Quantize (or not, for FP) one model and evaluate it; runs inside a subprocess."""
+    """Quantize (or not, for FP) one model and evaluate it; runs inside a subprocess.
+
+    One torch thread: on a shared 2-core machine, OpenMP's two-thread barriers make
+    small ops tens of times slower whenever another process holds a core, which
+    would turn the time column into noise.
+    """
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     from hf_comq.evaluation import checkpoint_size_bytes, embedding_cosine, top1_accuracy
 
     if kind == "image":
