@@ -11,10 +11,10 @@ two measurements that matter for them:
 * ``causal-lm``: a causal LM given with ``--causal-lm`` (a folder or Hub id),
   scored by perplexity on held-out text, full precision vs COMQ.  Without one,
   and with no network, the example builds a small LLaMA-style model and a
-  byte-level BPE tokenizer and trains them for a couple of minutes on the text
-  below: an untrained model's perplexity is just its vocabulary size, which
-  would say nothing about quantization.  The trained model is kept in
-  ``--workdir`` and reused on the next run.
+  byte-level BPE tokenizer and trains them for a few minutes (two CPU cores)
+  on the text below: an untrained model's perplexity is just its vocabulary
+  size, which would say nothing about quantization.  The trained model is kept
+  in ``--workdir`` and reused on the next run.
 
 The text is real English available on every Python installation: the
 paragraphs of Python's own reference documentation (``pydoc_data``).
@@ -33,6 +33,7 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -216,7 +217,7 @@ def _tag(args: argparse.Namespace) -> str:
     return f"W{args.bits}" + (f"g{args.group_size}" if args.group_size else "")
 
 
-def _save(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+def _save(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -77,11 +77,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_split(dataset: str | None, split: str, limit: int | None = None) -> Any:
-    """The shipped Fashion-MNIST subset, or ``split`` of ``dataset`` loaded like the CLI loads it."""
+    """The shipped Fashion-MNIST subset, or ``split`` of ``dataset`` loaded like the CLI loads it.
+
+    Data files and Hub datasets are streamed (an ``IterableDataset``, which has
+    no length), so a large test set is never held in memory; ``limit`` keeps
+    the first ``limit`` rows either way.
+    """
     data = demo_dataset(split) if dataset is None else load_eval_dataset(dataset, split)
     if limit is not None:
-        data = data.select(range(min(limit, len(data)))) if hasattr(data, "select") else data.take(limit)
+        data = data.select(range(min(limit, len(data)))) if hasattr(data, "__len__") else data.take(limit)
     return data
+
+
+def count(data: Any) -> str:
+    """Number of rows for the report, or "streamed" when the dataset cannot tell without reading it all."""
+    return str(len(data)) if hasattr(data, "__len__") else "streamed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tag = f"W{args.bits}" + (f"g{args.group_size}" if args.group_size else "")
     print(f"model: {model_path}")
-    print(f"test images: {len(test)}, calibration images: {summary['num_samples']}")
+    print(f"test images: {count(test)}, calibration images: {summary['num_samples']}")
     print(
         f"COMQ {tag}: {summary['layers_quantized']} layers in {seconds:.1f} s, "
         f"mean relative layer error {summary['mean_relative_error']:.3g}"

@@ -165,6 +165,7 @@ def venv_kernel(tmp_path, monkeypatch):
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))  # connection files; HOME may be read-only
     for key, value in example_env(MPLBACKEND="module://matplotlib_inline.backend_inline").items():
         monkeypatch.setenv(key, value)
     return "hf-comq-test"
