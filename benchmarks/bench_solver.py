@@ -1,7 +1,8 @@
 """Layer-solver benchmark: objective and time of every COMQ setting against RTN and GPTQ.
 
     python benchmarks/bench_solver.py            # full table (about 10 minutes on 2 cores)
-    python benchmarks/bench_solver.py --quick    # ViT-B fc1 shape and MiniLM fc1 only
+    python benchmarks/bench_solver.py --quick    # ViT-B fc1 shape and the real fc1 layers only
+    python benchmarks/bench_solver.py --layers real   # only real activations (shipped ViT, MiniLM)
 
 For each layer and bit width it prints the layer objective ``||X(W - Wq)^T||^2``
 as a ratio to round-to-nearest on the same asymmetric per-channel min-max grid
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gptq_baseline import GPTQ_PACKAGE, gptq_dequantized  # noqa: E402
-from benchmarks.layers import VIT_SHAPES, LayerProblem, minilm_layers, synthetic_layer  # noqa: E402
+from benchmarks.layers import VIT_SHAPES, LayerProblem, demo_vit_layers, minilm_layers, synthetic_layer  # noqa: E402
 from hf_comq.solver import comq_quantize, layer_objective  # noqa: E402
 from hf_comq.solver.comq import _Problem, _initial_grid  # noqa: E402
 from hf_comq.solver.grid import minmax_grid  # noqa: E402
@@ -120,7 +121,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the ViT-B fc1 shape and MiniLM fc1")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--no-gptq", action="store_true", help=f"skip the GPTQ rows (needs {GPTQ_PACKAGE})")
-    parser.add_argument("--no-real", action="store_true", help="skip the real MiniLM activations")
+    parser.add_argument(
+        "--layers", choices=["all", "synthetic", "real"], default="all",
+        help="synthetic ViT-shaped layers, real activations (shipped ViT, MiniLM), or both",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="repeats in the timing section")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timing-only", action="store_true", help="only the timing section")
@@ -137,10 +141,13 @@ def main() -> None:
     if args.timing_only:
         timing_section(include_gptq, args.repeats)
         return
-    shapes = {k: v for k, v in VIT_SHAPES.items() if not args.quick or "ViT-B fc1" in k}
-    problems = [synthetic_layer(f"synthetic {name}", *shape) for name, shape in shapes.items()]
-    if not args.no_real:
-        problems += [p for p in minilm_layers() if not args.quick or "fc1" in p.name]
+    problems = []
+    if args.layers in ("all", "synthetic"):
+        shapes = {k: v for k, v in VIT_SHAPES.items() if not args.quick or "ViT-B fc1" in k}
+        problems += [synthetic_layer(f"synthetic {name}", *shape) for name, shape in shapes.items()]
+    if args.layers in ("all", "real"):
+        real = demo_vit_layers() + minilm_layers()
+        problems += [p for p in real if not args.quick or "fc1" in p.name]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; objective ratios are lower-is-better")
     for problem in problems:
         gemm = gemm_seconds(problem)

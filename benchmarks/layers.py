@@ -100,3 +100,38 @@ def minilm_layers(layer_index: int = 3, max_tokens: int = 8192) -> list[LayerPro
     for handle in handles:
         handle.remove()
     return [LayerProblem(name, targets[name].weight.detach().float(), acc.result()) for name, acc in accumulators.items()]
+
+
+def demo_vit_layers(block_index: int = 2, images: int = 128) -> list[LayerProblem]:
+    """Real weights and real activations of the shipped Fashion-MNIST ViT: query, fc1
+    and fc2 of one block, on the shipped calibration images."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from hf_comq.assets import demo_dataset, demo_model_path
+
+    path = demo_model_path()
+    processor = AutoImageProcessor.from_pretrained(path)
+    model = AutoModelForImageClassification.from_pretrained(path).eval()
+    block = model.vit.layers[block_index]
+    targets = {
+        f"Fashion-MNIST ViT block {block_index} query": block.attention.q_proj,
+        f"Fashion-MNIST ViT block {block_index} fc1": block.mlp.fc1,
+        f"Fashion-MNIST ViT block {block_index} fc2": block.mlp.fc2,
+    }
+    accumulators = {name: HessianAccumulator(module.in_features) for name, module in targets.items()}
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, _name=name: accumulators[_name].add(args[0]))
+        for name, module in targets.items()
+    ]
+    data = demo_dataset("calibration").select(range(images))
+    with torch.no_grad():
+        for start in range(0, images, 32):
+            pixels = processor(list(data[start : start + 32]["image"]), return_tensors="pt")["pixel_values"]
+            model(pixel_values=pixels)
+    for handle in handles:
+        handle.remove()
+    shape = lambda m: f" {m.out_features}x{m.in_features}"  # noqa: E731
+    return [
+        LayerProblem(name + shape(targets[name]), targets[name].weight.detach().float(), acc.result())
+        for name, acc in accumulators.items()
+    ]
