@@ -23,13 +23,6 @@ from tests.calibration.conftest import image_processor, images, sentences, tiny_
 CLASSES = ["ant", "bee", "cat"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def vit() -> T.ViTForImageClassification:

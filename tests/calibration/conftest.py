@@ -21,14 +21,6 @@ def tiny_vit(**overrides) -> T.ViTForImageClassification:
     return T.ViTForImageClassification(config).eval()
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls are ~100x slower with several OpenMP threads on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model(kind: str) -> torch.nn.Module:
     """A tiny, seeded, eval-mode instance of one architecture the issue lists."""
