@@ -312,3 +312,20 @@ def test_sweeping_stops_once_the_relative_decrease_is_below_tol(medium_layer):
     history = result.stats["objective"]
     assert len(history) < 51
     assert history[-2] - history[-1] <= 1e-2 * history[-2]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_each_row_starts_from_the_better_of_the_searched_and_plain_grid(bits, medium_layer):
+    """The clipping search's diag(H) proxy can pick a grid that starts worse than
+    min-max for some rows; the start must be no worse than either grid, row by row."""
+    weight, _, hessian = medium_layer
+    start = dict(bits=bits, iterations=0, scale_refit=False, compute_dtype=torch.float64)
+    merged = comq_quantize(weight, hessian, scale_search=True, **start)
+    plain = comq_quantize(weight, hessian, scale_search=False, **start)
+
+    def rows(q):
+        error = (weight - q.dequantize()).double()
+        return ((error @ hessian.double()) * error).sum(1)
+
+    assert torch.all(rows(merged) <= rows(plain) * (1 + 1e-9))
+    assert merged.stats["objective"][0] <= plain.stats["objective"][0]
