@@ -17,7 +17,7 @@ import torch
 from .grid import Grid, check_bits, minmax_grid, resolve_group_size, search_shrink
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
-from .start import START_POINTS, error_feedback_start, round_to_nearest
+from .start import START_POINTS, ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
 
 ORDERS = ("greedy", "sequential", "act_order")
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
@@ -205,6 +205,7 @@ class _Problem:
     dequant_t: torch.Tensor | None = None
     residual_t: torch.Tensor | None = None
     greedy_order_t: torch.Tensor | None = None
+    feedback_plan: ErrorFeedbackPlan | None = None  # shared by every grid's start (see with_grid)
 
     @classmethod
     def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str) -> "_Problem":
@@ -263,8 +264,10 @@ class _Problem:
         elif init == "rtn":
             self.codes_t, self.dequant_t = round_to_nearest(self.weight_t, self.scale_t, self.zero_t, self.grid.max_code)
         else:
+            if self.feedback_plan is None:
+                self.feedback_plan = plan_error_feedback(self.hessian, damp)
             self.codes_t, self.dequant_t = error_feedback_start(
-                self.weight_t, self.hessian, self.scale_t, self.zero_t, self.grid.max_code, damp, block_size
+                self.weight_t, self.scale_t, self.zero_t, self.grid.max_code, self.feedback_plan, block_size
             )
         self.residual_t = self.weight_h_t - self.hessian @ self.dequant_t
         return [self.objective()]

@@ -15,6 +15,8 @@ start decides most of the final quality:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .grid import quantize_to_codes
@@ -53,30 +55,44 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("the Hessian could not be factorised even with strong damping; it may contain huge values")
 
 
+@dataclass(frozen=True)
+class ErrorFeedbackPlan:
+    """Act-order permutation and coupling matrix of the error-feedback pass.
+
+    Depends on H and the damping only, not on the grid, so one plan serves every
+    grid the solver starts from.
+    """
+
+    perm: torch.Tensor | None  # None when the columns already are in act-order
+    coupling: torch.Tensor
+
+
+def plan_error_feedback(hessian: torch.Tensor, damp: float) -> ErrorFeedbackPlan:
+    """Act-order (decreasing ``diag(H)``: the most energetic inputs first, which is
+    what makes GPTQ's rounding strong) and ``-U / diag(U)`` for ``U`` the upper
+    Cholesky factor of the damped ``H^-1``."""
+    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    if bool(torch.equal(perm, torch.arange(perm.numel(), device=perm.device))):
+        perm = None
+    else:
+        hessian = hessian[perm][:, perm]
+    upper = damped_inverse_cholesky(hessian, damp)
+    return ErrorFeedbackPlan(perm=perm, coupling=-upper / torch.diagonal(upper).unsqueeze(1))
+
+
 def error_feedback_start(
     weight_t: torch.Tensor,
-    hessian: torch.Tensor,
     scale_t: torch.Tensor,
     zero_t: torch.Tensor,
     max_code: int,
-    damp: float,
+    plan: ErrorFeedbackPlan,
     block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and values (``in x out``) from one error-feedback pass in act-order.
-
-    Act-order (decreasing ``diag(H)``: the most energetic inputs first) is what
-    makes GPTQ's rounding strong; the pass permutes into it and back unless the
-    columns already are in that order.
-    """
-    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
-    identity = bool(torch.equal(perm, torch.arange(perm.numel(), device=perm.device)))
-    if not identity:
-        hessian = hessian[perm][:, perm]
-        weight_t, scale_t, zero_t = weight_t[perm], scale_t[perm], zero_t[perm]
-    upper = damped_inverse_cholesky(hessian, damp)
-    coupling = -upper / torch.diagonal(upper).unsqueeze(1)
-    codes_t, values_t = error_feedback_pass(weight_t.clone(), coupling, scale_t, zero_t, max_code, block_size)
-    if not identity:
-        inverse = torch.argsort(perm)
+    """Codes and values (``in x out``) from one error-feedback pass in act-order."""
+    if plan.perm is not None:
+        weight_t, scale_t, zero_t = weight_t[plan.perm], scale_t[plan.perm], zero_t[plan.perm]
+    codes_t, values_t = error_feedback_pass(weight_t.clone(), plan.coupling, scale_t, zero_t, max_code, block_size)
+    if plan.perm is not None:
+        inverse = torch.argsort(plan.perm)
         codes_t, values_t = codes_t[inverse], values_t[inverse]
     return codes_t, values_t
