@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("RTN", "GPTQ act-order", "COMQ (hf_comq default)")
-RTN_SETTINGS = dict(init="rtn", iterations=0, scale_refit=False, scale_search=False)
 CALIBRATION_SAMPLES = {"image": 256, "text": 256}
 TEXT_EVAL_SAMPLES = 256
 
@@ -44,7 +43,9 @@ TEXT_EVAL_SAMPLES = 256
 def _config(kind: str, method: str, bits: int, group_size: int | None, dataset):
     from hf_comq import COMQConfig
 
-    extra = RTN_SETTINGS if method == "RTN" else {}
+    from hf_comq.solver import ROUND_TO_NEAREST
+
+    extra = ROUND_TO_NEAREST if method == "RTN" else {}
     return COMQConfig(bits=bits, group_size=group_size, dataset=dataset, num_samples=CALIBRATION_SAMPLES[kind], **extra)
 
 

@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gptq_baseline import GPTQ_PACKAGE, gptq_dequantized  # noqa: E402
 from benchmarks.layers import VIT_SHAPES, LayerProblem, demo_vit_layers, minilm_layers, synthetic_layer  # noqa: E402
-from hf_comq.solver import comq_quantize, layer_objective  # noqa: E402
+from hf_comq.solver import REFERENCE_CODE, ROUND_TO_NEAREST, comq_quantize, layer_objective  # noqa: E402
 from hf_comq.solver.comq import _Problem, _initial_grid  # noqa: E402
 from hf_comq.solver.grid import minmax_grid  # noqa: E402
 
-FAITHFUL = dict(init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+FAITHFUL = REFERENCE_CODE
 COMQ_SETTINGS: dict[str, dict] = {
     "COMQ reference code (fp start, greedy, 1 sweep)": FAITHFUL,
     "COMQ fp start, greedy, 3 sweeps": dict(FAITHFUL, iterations=3),
@@ -63,7 +63,7 @@ def evaluate(problem: LayerProblem, bits: int, include_gptq: bool) -> list[tuple
     w, h = problem.weight, problem.hessian
     grid = minmax_grid(w, bits, w.shape[1])
     rows = []
-    rtn, secs = _timed(lambda: comq_quantize(w, h, bits=bits, init="rtn", iterations=0, scale_refit=False, scale_search=False))
+    rtn, secs = _timed(lambda: comq_quantize(w, h, bits=bits, **ROUND_TO_NEAREST))
     rows.append(("RTN (same grid)", layer_objective(w, rtn.dequantize(), h), secs))
     if include_gptq:
         for act_order in (False, True):

@@ -94,18 +94,23 @@ def minilm_path() -> str:
     return str(Path(spec.origin).parent / "model")
 
 
-def run_encoder(args: argparse.Namespace, calibration: list[str], evaluation: list[str]) -> None:
-    path = args.encoder or minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    reference = AutoModel.from_pretrained(path).eval()
-    config = hf_comq.COMQConfig(
+def _comq_config(args: argparse.Namespace, texts: list[str], tokenizer) -> hf_comq.COMQConfig:
+    """The command line's COMQ settings, calibrating on ``texts`` with ``tokenizer``."""
+    return hf_comq.COMQConfig(
         bits=args.bits,
         group_size=args.group_size,
-        dataset=calibration,
+        dataset=texts,
         processor=tokenizer,
         num_samples=args.num_samples,
         max_length=args.max_length,
     )
+
+
+def run_encoder(args: argparse.Namespace, calibration: list[str], evaluation: list[str]) -> None:
+    path = args.encoder or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    reference = AutoModel.from_pretrained(path).eval()
+    config = _comq_config(args, calibration, tokenizer)
     started = time.perf_counter()
     model = AutoModel.from_pretrained(path, quantization_config=config).eval()
     seconds = time.perf_counter() - started
@@ -187,14 +192,7 @@ def run_causal_lm(args: argparse.Namespace, training: list[str], evaluation: lis
     fp_ppl = perplexity(fp_model, tokenizer, evaluation, max_length=args.max_length)
     del fp_model
 
-    config = hf_comq.COMQConfig(
-        bits=args.bits,
-        group_size=args.group_size,
-        dataset=training,
-        processor=tokenizer,
-        num_samples=args.num_samples,
-        max_length=args.max_length,
-    )
+    config = _comq_config(args, training, tokenizer)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
     seconds = time.perf_counter() - started

@@ -479,7 +479,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     _check_output(output, args.overwrite)
     dataset = resolve_dataset(args.dataset)
     pick_column(open_dataset(dataset, args.split), args.column, "calibration")
-    rtn = {"init": "rtn", "iterations": 0, "scale_refit": False, "scale_search": False} if args.rtn else {}
+    from .solver import ROUND_TO_NEAREST
+
+    rtn = ROUND_TO_NEAREST if args.rtn else {}
     config = COMQConfig(
         bits=args.bits,
         group_size=args.group_size,
@@ -729,6 +731,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .config import COMQConfig
     from .evaluation import checkpoint_size_bytes, top1_accuracy
     from .hub import attach_model_card_hook
+    from .solver import ROUND_TO_NEAREST
 
     for bits in args.bits:
         COMQConfig(bits=bits, group_size=args.group_size)  # reject bad settings before any work
@@ -757,7 +760,7 @@ def run_demo(args: argparse.Namespace) -> int:
         results: dict[str, tuple[Any, float]] = {}
         for method, extra in (
             ("COMQ", {}),
-            ("RTN", {"init": "rtn", "iterations": 0, "scale_refit": False, "scale_search": False}),
+            ("RTN", ROUND_TO_NEAREST),
         ):
             config = COMQConfig(
                 bits=bits, group_size=args.group_size, dataset=calibration, num_samples=args.num_samples, **extra

@@ -1,12 +1,22 @@
 """The COMQ algorithm core: pure torch, no transformers import."""
 
-from .comq import ORDERS, SOLVER_DEFAULTS, QuantizedWeight, comq_quantize, layer_objective
+from .comq import (
+    ORDERS,
+    REFERENCE_CODE,
+    ROUND_TO_NEAREST,
+    SOLVER_DEFAULTS,
+    QuantizedWeight,
+    comq_quantize,
+    layer_objective,
+)
 from .grid import Grid, minmax_grid
 from .hessian import HessianAccumulator
 from .start import START_POINTS
 
 __all__ = [
     "ORDERS",
+    "REFERENCE_CODE",
+    "ROUND_TO_NEAREST",
     "SOLVER_DEFAULTS",
     "START_POINTS",
     "Grid",

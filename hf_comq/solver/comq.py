@@ -159,6 +159,13 @@ def comq_quantize(
     )
 
 
+ROUND_TO_NEAREST: dict = dict(init="rtn", iterations=0, scale_refit=False, scale_search=False)
+"""Settings that make :func:`comq_quantize` plain round-to-nearest on the min-max grid
+(the baseline every table compares against)."""
+
+REFERENCE_CODE: dict = dict(init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+"""Settings that reproduce the COMQ reference code's codes (paper-faithful mode)."""
+
 SOLVER_DEFAULTS: dict = {
     name: parameter.default
     for name, parameter in inspect.signature(comq_quantize).parameters.items()
