@@ -84,7 +84,7 @@ def comq_quantize(
             output channel (the paper's setting).  Must divide ``in``.
         symmetric: zero point fixed at mid-range instead of the asymmetric min-max grid.
         iterations: maximum number of coordinate sweeps (the reference code does 1).
-            Each shared-order sweep costs about 1.5 GEMMs of ``W @ H``; sweeping
+            Each shared-order sweep costs about 2 GEMMs of ``W @ H``; sweeping
             stops early when one lowers the objective by less than ``tol`` (relative).
         order: column visiting order of a sweep. ``"greedy"``: each row by
             decreasing ``|w_kj| * ||x_j||`` (the reference code; per-row orders cost
