@@ -48,10 +48,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The quantized weight ``scale * (codes - zero_point)`` in the original dtype."""
-        in_features = self.codes.shape[1]
-        repeat = in_features if self.group_size is None else self.group_size
-        scale = self.scale.float().repeat_interleave(repeat, dim=1)
-        zero = self.zero_point.float().repeat_interleave(repeat, dim=1)
+        grid = Grid(self.scale.float(), self.zero_point.float(), self.bits, self.group_size or self.codes.shape[1])
+        scale, zero = grid.per_column()
         return ((self.codes.float() - zero) * scale).to(self.dtype)
 
 
