@@ -17,6 +17,7 @@ import torch
 
 MIN_BITS = 2
 MAX_BITS = 8
+SEARCH_CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32 per buffer
 
 
 @dataclass
@@ -84,10 +85,20 @@ def minmax_grid(
     all groups (the reference code's ``scalar``), or an ``(out, n_groups)`` tensor
     as produced by :func:`search_shrink`.
     """
+    w_min, w_max = _group_range(weight, group_size)
+    return _grid_from_range(w_min, w_max, bits, group_size, symmetric, shrink)
+
+
+def _group_range(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) minimum and maximum, widened to contain 0."""
     out_features, in_features = weight.shape
     groups = weight.reshape(out_features, in_features // group_size, group_size)
-    w_min = groups.amin(dim=-1).clamp(max=0.0)
-    w_max = groups.amax(dim=-1).clamp(min=0.0)
+    return groups.amin(dim=-1).clamp(max=0.0), groups.amax(dim=-1).clamp(min=0.0)
+
+
+def _grid_from_range(
+    w_min: torch.Tensor, w_max: torch.Tensor, bits: int, group_size: int, symmetric: bool, shrink: torch.Tensor | float
+) -> Grid:
     max_code = (1 << bits) - 1
     if symmetric:
         absmax = torch.maximum(-w_min, w_max) * shrink
@@ -108,6 +119,13 @@ def minmax_grid(
 def quantize_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int) -> torch.Tensor:
     """Nearest grid level of each value, as float-valued integer codes."""
     return torch.clamp(torch.round(values / scale) + zero, 0, max_code)
+
+
+def _weighted_sum(values: torch.Tensor, col_weight: torch.Tensor) -> torch.Tensor:
+    """``sum_s values[r, g, s] * col_weight[g, s]`` as one matrix-vector product per group."""
+    if values.shape[1] == 1:
+        return (values.reshape(values.shape[0], -1) @ col_weight.reshape(-1)).unsqueeze(1)
+    return (values * col_weight).sum(-1)
 
 
 def search_shrink(
@@ -131,16 +149,24 @@ def search_shrink(
     out_features, in_features = weight.shape
     n_groups = in_features // group_size
     weights_g = weight.reshape(out_features, n_groups, group_size)
-    col_weight = hessian_diag.reshape(1, n_groups, group_size)
-    best_err = torch.full((out_features, n_groups), float("inf"), dtype=weight.dtype, device=weight.device)
-    best_shrink = torch.ones_like(best_err)
-    for ratio in torch.linspace(1.0, min_shrink, candidates).tolist():
-        grid = minmax_grid(weight, bits, group_size, symmetric, ratio)
-        scale = grid.scale.unsqueeze(-1)
-        zero = grid.zero_point.unsqueeze(-1)
-        err = torch.div(weights_g, scale).round_().add_(zero).clamp_(0, grid.max_code)
-        err = err.sub_(zero).mul_(scale).sub_(weights_g).square_().mul_(col_weight).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_shrink = torch.where(better, torch.full_like(best_shrink, ratio), best_shrink)
-    return best_shrink
+    col_weight = hessian_diag.to(weight.dtype).reshape(n_groups, group_size)
+    w_min, w_max = _group_range(weight, group_size)
+    ratios = torch.linspace(1.0, min_shrink, candidates).tolist()
+    grids = [_grid_from_range(w_min, w_max, bits, group_size, symmetric, ratio) for ratio in ratios]
+    errors = torch.empty((candidates, out_features, n_groups), dtype=weight.dtype, device=weight.device)
+    # Row chunks small enough to stay in cache while every candidate is tried on them:
+    # the search is a dozen elementwise passes per candidate, bound by memory traffic.
+    rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // in_features)
+    for r0 in range(0, out_features, rows_per_chunk):
+        rows = slice(r0, min(r0 + rows_per_chunk, out_features))
+        chunk = weights_g[rows]
+        scaled, codes = torch.empty_like(chunk), torch.empty_like(chunk)
+        for index, grid in enumerate(grids):
+            scale = grid.scale[rows]
+            # In grid units the rounding error is code - (w / scale + zero); it is
+            # scaled back once per (row, group) instead of once per weight.
+            torch.div(chunk, scale.unsqueeze(-1), out=scaled).add_(grid.zero_point[rows].unsqueeze(-1))
+            offsets = torch.round(scaled, out=codes).clamp_(0, grid.max_code).sub_(scaled).square_()
+            torch.mul(_weighted_sum(offsets, col_weight), scale.square(), out=errors[index, rows])
+    best = errors.argmin(dim=0)  # the first (widest) candidate wins ties
+    return torch.tensor(ratios, dtype=weight.dtype, device=weight.device)[best]
