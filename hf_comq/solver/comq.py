@@ -7,7 +7,6 @@ torch; no transformers import, so it can be used on any linear layer.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -127,13 +126,10 @@ def comq_quantize(
     h = 0.5 * (h + h.T)
     grid = _initial_grid(w, torch.diagonal(h).clamp_min(0.0), bits, cols_per_group, symmetric, scale_search, shrink)
     problem = _Problem.build(w, h, grid, order)
-    history = problem.start(init, damp, block_size)
-    if scale_search and init != "fp":
-        # The search's diag(H) proxy ignores how inputs correlate, which error feedback
-        # exploits; rows are independent, so each keeps whichever grid starts lower.
-        plain = problem.with_grid(minmax_grid(w, bits, cols_per_group, symmetric, shrink))
-        plain.start(init, damp, block_size)
-        history = [problem.adopt_better_rows(plain)]
+    # The search's diag(H) proxy ignores how inputs correlate, which error feedback
+    # exploits; rows are independent, so each keeps whichever grid starts lower.
+    alternative = minmax_grid(w, bits, cols_per_group, symmetric, shrink) if scale_search and init != "fp" else None
+    history = problem.start(init, damp, block_size, alternative)
     for _ in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
@@ -210,7 +206,7 @@ class _Problem:
     dequant_t: torch.Tensor | None = None
     residual_t: torch.Tensor | None = None
     greedy_order_t: torch.Tensor | None = None
-    feedback_plan: ErrorFeedbackPlan | None = None  # shared by every grid's start (see with_grid)
+    feedback_plan: ErrorFeedbackPlan | None = None
 
     @classmethod
     def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str) -> "_Problem":
@@ -232,57 +228,63 @@ class _Problem:
             zero_t=_per_column(grid.zero_point, group_of_column),
         )
 
-    def with_grid(self, grid: Grid) -> "_Problem":
-        """The same layer on another grid (shares W, H and ``H W^T``), not yet started."""
-        return dataclasses.replace(
-            self,
-            grid=grid,
-            scale_t=_per_column(grid.scale, self.group_of_column),
-            zero_t=_per_column(grid.zero_point, self.group_of_column),
-            codes_t=None,
-            dequant_t=None,
-            residual_t=None,
-        )
+    def start(self, init: str, damp: float, block_size: int, alternative: Grid | None = None) -> list[float]:
+        """Put every coordinate on the grid (or at its full-precision value for ``"fp"``).
 
-    def adopt_better_rows(self, other: "_Problem") -> float:
-        """Per output row, keep this solution or ``other``'s, whichever has the lower
-        objective; both must be started.  Returns the new objective."""
-        mine = (self.residual_t * (self.weight_t - self.dequant_t)).sum(0)
-        theirs = (other.residual_t * (other.weight_t - other.dequant_t)).sum(0)
-        take = theirs < mine  # (out,)
+        With an ``alternative`` grid, both grids are started in one stacked pass and
+        each row keeps the one whose start has the lower objective.
+        """
+        if init == "fp":
+            self.codes_t, self.dequant_t = None, self.weight_t.clone()
+        else:
+            grids = [self.grid] if alternative is None else [self.grid, alternative]
+            codes_t, dequant_t, row_objective = self._start_on(grids, init, damp, block_size)
+            if alternative is not None:
+                codes_t, dequant_t = self._keep_better_rows(alternative, codes_t, dequant_t, row_objective)
+            self.codes_t, self.dequant_t = codes_t, dequant_t
+        self.residual_t = self.weight_h_t - self.hessian @ self.dequant_t
+        return [self.objective()]
+
+    def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int):
+        """Codes, values and per-row objectives of the start on each grid, side by side
+        (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
+        overhead, and the error-feedback start gets its row objectives without a GEMM."""
+        weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
+        scale_t = torch.cat([_per_column(grid.scale, self.group_of_column) for grid in grids], dim=1)
+        zero_t = torch.cat([_per_column(grid.zero_point, self.group_of_column) for grid in grids], dim=1)
+        if init == "rtn":
+            codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
+            error_t = weight_t - dequant_t
+            row_objective = ((self.hessian @ error_t) * error_t).sum(0) if len(grids) > 1 else None
+            return codes_t, dequant_t, row_objective
+        if self.feedback_plan is None:
+            self.feedback_plan = plan_error_feedback(self.hessian, damp)
+        return error_feedback_start(weight_t, scale_t, zero_t, self.grid.max_code, self.feedback_plan, block_size)
+
+    def _keep_better_rows(self, alternative: Grid, codes_t, dequant_t, row_objective):
+        """Per output row, this grid's start or the alternative's (right half of the
+        stacked arrays), whichever has the lower objective; updates the grid."""
+        out_features = self.weight_t.shape[1]
+        take = row_objective[out_features:] < row_objective[:out_features]  # (out,)
         self.grid = Grid(
-            scale=torch.where(take.unsqueeze(1), other.grid.scale, self.grid.scale),
-            zero_point=torch.where(take.unsqueeze(1), other.grid.zero_point, self.grid.zero_point),
+            scale=torch.where(take.unsqueeze(1), alternative.scale, self.grid.scale),
+            zero_point=torch.where(take.unsqueeze(1), alternative.zero_point, self.grid.zero_point),
             bits=self.grid.bits,
             group_size=self.grid.group_size,
         )
         self.scale_t = _per_column(self.grid.scale, self.group_of_column)
         self.zero_t = _per_column(self.grid.zero_point, self.group_of_column)
-        self.codes_t = torch.where(take, other.codes_t, self.codes_t)
-        self.dequant_t = torch.where(take, other.dequant_t, self.dequant_t)
-        self.residual_t = torch.where(take, other.residual_t, self.residual_t)
-        return self.objective()
-
-    def start(self, init: str, damp: float, block_size: int) -> list[float]:
-        if init == "fp":
-            self.codes_t, self.dequant_t = None, self.weight_t.clone()
-        elif init == "rtn":
-            self.codes_t, self.dequant_t = round_to_nearest(self.weight_t, self.scale_t, self.zero_t, self.grid.max_code)
-        else:
-            if self.feedback_plan is None:
-                self.feedback_plan = plan_error_feedback(self.hessian, damp)
-            self.codes_t, self.dequant_t = error_feedback_start(
-                self.weight_t, self.scale_t, self.zero_t, self.grid.max_code, self.feedback_plan, block_size
-            )
-        self.residual_t = self.weight_h_t - self.hessian @ self.dequant_t
-        return [self.objective()]
+        return (
+            torch.where(take, codes_t[:, out_features:], codes_t[:, :out_features]),
+            torch.where(take, dequant_t[:, out_features:], dequant_t[:, :out_features]),
+        )
 
     def objective(self) -> float:
         return float((self.residual_t * (self.weight_t - self.dequant_t)).sum(dtype=torch.float64))
 
     def sweep(self, order: str, block_size: int) -> float:
-        if self.codes_t is None:
-            self.codes_t = torch.empty_like(self.dequant_t)
+        if self.codes_t is None:  # the full-precision start, as fractional codes
+            self.codes_t = self.dequant_t / self.scale_t + self.zero_t
         diag = torch.diagonal(self.hessian)
         if order == "greedy":
             diag_safe = torch.where(diag > 0, diag, torch.ones_like(diag))

@@ -31,27 +31,24 @@ def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return codes, (codes - zero) * scale
 
 
-def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor ``U`` of ``(H + D)^-1`` and the diagonal ``D`` that was added.
 
-    Dead inputs (zero diagonal) get a unit diagonal so the factorisation exists.  If
-    the damped matrix is still numerically indefinite (rank-deficient H in float32),
-    the damping grows tenfold until it factorises.
+    ``D`` is ``damp * mean(diag H)``; dead inputs (zero diagonal) also get 1, so the
+    factorisation exists.  If the damped matrix is still numerically indefinite
+    (rank-deficient H in float32), the damping grows tenfold until it factorises.
     """
     diag = torch.diagonal(hessian)
     mean_diag = diag[diag > 0].mean() if bool((diag > 0).any()) else torch.ones((), dtype=hessian.dtype)
-    base = hessian.clone()
-    dead = diag <= 0
-    base[dead, dead] = 1.0
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    dead = (diag <= 0).to(hessian.dtype)
     for attempt in range(6):
-        damped = base + (damp * 10**attempt) * mean_diag * eye
-        factor, info = torch.linalg.cholesky_ex(damped)
+        added = dead + (damp * 10**attempt) * mean_diag
+        factor, info = torch.linalg.cholesky_ex(hessian + torch.diag(added))
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
-                return upper
+                return upper, added
     raise ValueError("the Hessian could not be factorised even with strong damping; it may contain huge values")
 
 
@@ -60,11 +57,14 @@ class ErrorFeedbackPlan:
     """Act-order permutation and coupling matrix of the error-feedback pass.
 
     Depends on H and the damping only, not on the grid, so one plan serves every
-    grid the solver starts from.
+    grid the solver starts from.  ``move_weight`` and ``added_diagonal`` turn the
+    pass's rounding moves into each row's exact objective without a GEMM.
     """
 
     perm: torch.Tensor | None  # None when the columns already are in act-order
-    coupling: torch.Tensor
+    coupling: torch.Tensor  # -U / diag(U), in act-order
+    move_weight: torch.Tensor  # 1 / diag(U)**2, in act-order
+    added_diagonal: torch.Tensor  # the damping D, in act-order
 
 
 def plan_error_feedback(hessian: torch.Tensor, damp: float) -> ErrorFeedbackPlan:
@@ -76,8 +76,14 @@ def plan_error_feedback(hessian: torch.Tensor, damp: float) -> ErrorFeedbackPlan
         perm = None
     else:
         hessian = hessian[perm][:, perm]
-    upper = damped_inverse_cholesky(hessian, damp)
-    return ErrorFeedbackPlan(perm=perm, coupling=-upper / torch.diagonal(upper).unsqueeze(1))
+    upper, added = damped_inverse_cholesky(hessian, damp)
+    upper_diag = torch.diagonal(upper)
+    return ErrorFeedbackPlan(
+        perm=perm,
+        coupling=-upper / upper_diag.unsqueeze(1),
+        move_weight=upper_diag.square().reciprocal(),
+        added_diagonal=added,
+    )
 
 
 def error_feedback_start(
@@ -87,12 +93,22 @@ def error_feedback_start(
     max_code: int,
     plan: ErrorFeedbackPlan,
     block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and values (``in x out``) from one error-feedback pass in act-order."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes and values (``in x out``) from one error-feedback pass in act-order, and
+    each output row's objective ``(w - wq) H (w - wq)^T``.
+
+    The pass leaves ``W - Wq = E U`` with ``E`` its scaled rounding errors, and
+    ``U (H + D) U^T = I``, so a row's damped objective is ``||e||^2`` and its exact
+    one that minus ``sum_j D_j (w_j - wq_j)^2``: a per-row objective for the
+    price of an elementwise pass, where the direct route costs one GEMM.
+    """
     if plan.perm is not None:
         weight_t, scale_t, zero_t = weight_t[plan.perm], scale_t[plan.perm], zero_t[plan.perm]
-    codes_t, values_t = error_feedback_pass(weight_t.clone(), plan.coupling, scale_t, zero_t, max_code, block_size)
+    codes_t, values_t, damped_rows = error_feedback_pass(
+        weight_t.clone(), plan.coupling, plan.move_weight, scale_t, zero_t, max_code, block_size
+    )
+    row_objective = damped_rows - torch.mv(torch.sub(weight_t, values_t).square_().T, plan.added_diagonal)
     if plan.perm is not None:
         inverse = torch.argsort(plan.perm)
         codes_t, values_t = codes_t[inverse], values_t[inverse]
-    return codes_t, values_t
+    return codes_t, values_t, row_objective
