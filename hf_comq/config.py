@@ -12,6 +12,9 @@ Two kinds of fields live here:
   serialized (``save_pretrained`` JSON-encodes ``to_dict()``).  ``to_dict`` therefore
   keeps them only when they are plain strings (a dataset name/path, a processor
   path) and otherwise writes ``None`` plus a one-line ``calibration_description``.
+  A string naming a local file or folder is written as its last path component:
+  the full path means nothing on another machine and would publish the user's
+  directory layout with ``push_to_hub``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -208,7 +213,7 @@ class COMQConfig(QuantizationConfigMixin):
         for name in self._field_names():
             value = getattr(self, name)
             if name in _SHARED_FIELDS:
-                value = value if isinstance(value, str) else None
+                value = portable_reference(value) if isinstance(value, (str, os.PathLike)) else None
             result[name] = copy.deepcopy(value)
         if result["calibration_description"] is None:
             result["calibration_description"] = self.describe_calibration()
@@ -256,10 +261,20 @@ class COMQConfig(QuantizationConfigMixin):
         }
 
 
+def portable_reference(value: str | os.PathLike) -> str:
+    """A dataset or processor reference fit for a published ``config.json``: Hub names
+    stay as they are, local paths shrink to their last component (their name)."""
+    text = os.fspath(value)
+    path = Path(text).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.name or text
+    return text
+
+
 def describe_object(value: Any) -> str:
     """Short, JSON-safe description of a dataset or processor (never its contents)."""
-    if isinstance(value, str):
-        return value
+    if isinstance(value, (str, os.PathLike)):
+        return portable_reference(value)
     kind = type(value).__name__
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {tuple(value.shape)}"

@@ -115,6 +115,7 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
     stored = json.loads((output / "config.json").read_text())["quantization_config"]
     assert stored["quant_method"] == "comq" and stored["bits"] == 4
     assert "images.parquet" in stored["calibration_description"]
+    assert stored["dataset"] == "images.parquet"  # by name: the local path is not published
 
     quantized = hf_comq.load_quantized(output)
     kinds = {type(module).__name__ for module in quantized.modules()}

@@ -102,6 +102,19 @@ def test_in_memory_data_never_reaches_json():
     assert config.dataset is dataset  # serializing must not drop the data from the live config
 
 
+def test_local_paths_are_written_by_name_only(tmp_path):
+    """A local path means nothing elsewhere and would publish the user's directory
+    layout on push_to_hub; Hub dataset names are kept as given."""
+    data_file = tmp_path / "private" / "calibration.parquet"
+    data_file.parent.mkdir()
+    data_file.write_bytes(b"")
+    assert COMQConfig(dataset=str(data_file), processor=str(tmp_path)).to_dict()["dataset"] == "calibration.parquet"
+    assert COMQConfig(processor=str(tmp_path)).to_dict()["processor"] == tmp_path.name
+    assert str(tmp_path) not in COMQConfig(dataset=str(data_file)).to_json_string()
+    assert COMQConfig(dataset="/no/such/dir/data.parquet").to_dict()["dataset"] == "data.parquet"
+    assert COMQConfig(dataset="ILSVRC/imagenet-1k").to_dict()["dataset"] == "ILSVRC/imagenet-1k"
+
+
 def test_tensor_and_list_datasets_are_described():
     assert "shape (4, 16)" in COMQConfig(dataset=torch.zeros(4, 16, dtype=torch.long)).to_dict()["calibration_description"]
     assert "list of 2 str" in COMQConfig(dataset=["a", "b"]).to_dict()["calibration_description"]
