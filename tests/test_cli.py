@@ -22,7 +22,7 @@ import hf_comq
 from hf_comq.assets import demo_model_path
 from hf_comq.cli import main, save_atomically
 from hf_comq.evaluation import checkpoint_size_bytes
-from tests.calibration.conftest import image_processor, images, sentences, tiny_vit, word_tokenizer
+from tests.tiny import image_processor, images, sentences, tiny_vit, word_tokenizer
 from tests.hub_server import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

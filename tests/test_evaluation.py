@@ -18,7 +18,7 @@ from hf_comq.evaluation import (
     perplexity,
     top1_accuracy,
 )
-from tests.calibration.conftest import image_processor, images, sentences, tiny_vit, word_tokenizer
+from tests.tiny import image_processor, images, sentences, tiny_vit, word_tokenizer
 
 CLASSES = ["ant", "bee", "cat"]
 

@@ -1,92 +1,11 @@
-"""Tiny models, processors and data for the calibration tests (no downloads)."""
+"""Fixtures of the calibration tests."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 import transformers as T
-from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
 
-WORDS = "the a cat dog sat on mat ran fast slow big small red blue green house tree sky sun moon".split()
-
-
-def tiny_vit(**overrides) -> T.ViTForImageClassification:
-    config = T.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(0)
-    return T.ViTForImageClassification(config).eval()
-
-
-
-def tiny_model(kind: str) -> torch.nn.Module:
-    """A tiny, seeded, eval-mode instance of one architecture the issue lists."""
-    torch.manual_seed(0)
-    return _BUILDERS[kind]().eval()
-
-
-def tiny_models() -> dict[str, torch.nn.Module]:
-    """One tiny instance of every architecture the issue lists."""
-    return {kind: tiny_model(kind) for kind in _BUILDERS}
-
-
-_TEXT = {"vocab_size": 64}
-_VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
-_BUILDERS = {
-    "vit": tiny_vit,
-    "vit_model": lambda: T.ViTModel(T.ViTConfig(**_VISION, intermediate_size=64)),
-    "deit": lambda: T.DeiTForImageClassification(T.DeiTConfig(**_VISION, intermediate_size=64)),
-    "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(**_VISION, mlp_ratio=2)),
-    "swin": lambda: T.SwinForImageClassification(
-        T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4)
-    ),
-    "bert": lambda: T.BertForSequenceClassification(
-        T.BertConfig(**_TEXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    ),
-    "gpt2": lambda: T.GPT2LMHeadModel(
-        T.GPT2Config(**_TEXT, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
-    ),
-    "llama": lambda: T.LlamaForCausalLM(
-        T.LlamaConfig(
-            **_TEXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=None,
-        )
-    ),
-}
-
-
-def word_tokenizer(with_pad: bool = True) -> T.PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over ``WORDS`` (ids < 64, so tiny models accept them)."""
-    specials = ["[PAD]", "[UNK]", "[EOS]"]
-    vocab = {token: index for index, token in enumerate(specials + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    kwargs = {"pad_token": "[PAD]"} if with_pad else {}
-    return T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]", **kwargs)
-
-
-def sentences(count: int, seed: int = 0) -> list[str]:
-    """``count`` random sentences of 3 to 12 words (varied lengths exercise padding)."""
-    generator = torch.Generator().manual_seed(seed)
-    result = []
-    for _ in range(count):
-        length = int(torch.randint(3, 13, (1,), generator=generator))
-        ids = torch.randint(0, len(WORDS), (length,), generator=generator).tolist()
-        result.append(" ".join(WORDS[i] for i in ids))
-    return result
-
-
-def images(count: int, size: int = 40, seed: int = 0) -> list[Image.Image]:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (count, size, size, 3), generator=generator, dtype=torch.uint8).numpy()
-    return [Image.fromarray(array) for array in pixels]
-
-
-def image_processor() -> T.ViTImageProcessor:
-    return T.ViTImageProcessor(size={"height": 32, "width": 32})
+from tests.tiny import word_tokenizer
 
 
 @pytest.fixture

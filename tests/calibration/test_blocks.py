@@ -8,7 +8,7 @@ from torch import nn
 
 from hf_comq.calibration import find_block_groups
 
-from .conftest import tiny_models
+from tests.tiny import tiny_models
 
 EXPECTED = {
     "vit": [("vit.layers", 2)],

@@ -12,7 +12,7 @@ import torch
 from hf_comq.calibration import build_calibration_data
 from hf_comq.config import COMQConfig
 
-from .conftest import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
+from tests.tiny import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import COMQLinear, get_linear_weight
 from hf_comq.solver import comq_quantize
 
-from .conftest import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
+from tests.tiny import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
 
 TEXT_MODELS = ("bert", "gpt2", "llama")
 
