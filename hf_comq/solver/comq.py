@@ -280,7 +280,10 @@ class _Problem:
         )
 
     def objective(self) -> float:
-        return float((self.residual_t * (self.weight_t - self.dequant_t)).sum(dtype=torch.float64))
+        """``sum(R * (W - Wq)^T)``: rows summed in the compute dtype (``in`` terms each,
+        accurate enough), the row totals in float64.  Three times cheaper than an
+        all-float64 sum, which converts every element."""
+        return float((self.residual_t * (self.weight_t - self.dequant_t)).sum(0).double().sum())
 
     def sweep(self, order: str, block_size: int) -> float:
         if self.codes_t is None:  # the full-precision start, as fractional codes
