@@ -112,7 +112,7 @@ def comq_quantize(
 
     Returns:
         A :class:`QuantizedWeight`; ``stats["objective"]`` lists the objective after
-        the start and after every sweep/refit step, ``stats["relative_error"]`` is
+        the start and after every sweep (with its refit), ``stats["relative_error"]`` is
         the final ``||X(W - Wq)^T||^2 / ||X W^T||^2``.
 
     The paper-faithful setting (same codes as the reference code) is
@@ -133,9 +133,10 @@ def comq_quantize(
     for _ in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
-        history.append(problem.sweep(order, block_size))
+        problem.sweep(order, block_size)
         if scale_refit:
-            history.append(problem.refit_scales())
+            problem.refit_scales()
+        history.append(problem.objective())
         if on_grid and before - history[-1] <= tol * before:
             break
     if problem.codes_t is None:  # iterations == 0 from the full-precision start: plain rounding
@@ -250,8 +251,8 @@ class _Problem:
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
         weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
-        scale_t = torch.cat([_per_column(grid.scale, self.group_of_column) for grid in grids], dim=1)
-        zero_t = torch.cat([_per_column(grid.zero_point, self.group_of_column) for grid in grids], dim=1)
+        scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
+        zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
         if init == "rtn":
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
             error_t = weight_t - dequant_t
@@ -285,7 +286,7 @@ class _Problem:
         all-float64 sum, which converts every element."""
         return float((self.residual_t * (self.weight_t - self.dequant_t)).sum(0).double().sum())
 
-    def sweep(self, order: str, block_size: int) -> float:
+    def sweep(self, order: str, block_size: int) -> None:
         if self.codes_t is None:  # the full-precision start, as fractional codes
             self.codes_t = self.dequant_t / self.scale_t + self.zero_t
         diag = torch.diagonal(self.hessian)
@@ -301,7 +302,6 @@ class _Problem:
                 self.residual_t, self.dequant_t, self.codes_t, self.hessian, inv_diag,
                 self.scale_t, self.zero_t, self.grid.max_code, block_size,
             )
-        return self.objective()
 
     def _greedy_order(self) -> torch.Tensor:
         """Per-row visiting order by decreasing ``|w_kj| * ||x_j||``, computed once
@@ -318,7 +318,7 @@ class _Problem:
         fitting = int(math.sqrt(GREEDY_BLOCK_BYTES / (out_features * self.weight_t.element_size())))
         return max(1, min(block_size, fitting, n_cols))
 
-    def refit_scales(self) -> float:
+    def refit_scales(self) -> None:
         """Closed-form scale refit.
 
         Per-channel, each row's new scale is that row's exact optimum for its codes,
@@ -349,7 +349,6 @@ class _Problem:
             new_residual_t = torch.where(keep_old, self.residual_t, new_residual_t)
         self.grid = Grid(scale=new_scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
         self.scale_t, self.dequant_t, self.residual_t = new_scale_t, new_dequant_t, new_residual_t
-        return self.objective()
 
     def codes_in_original_order(self) -> torch.Tensor:
         return self.codes_t[torch.argsort(self.perm)].T.contiguous()
