@@ -70,21 +70,25 @@ def coordinate_sweep(
     ``w / scale + zero``); every visited coordinate leaves on the grid.
     """
     n_cols = residual_t.shape[0]
-    inv_scale_t = scale_t.reciprocal()
+    # Row views made once (``unbind``): indexing a tensor per column costs more
+    # Python-side time than the arithmetic on it.
+    codes, scales, h_rows = codes_t.unbind(0), scale_t.unbind(0), hessian.unbind(0)
+    inv_scales = scale_t.reciprocal().unbind(0)
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
         local = residual_t[b0:b1].clone()
         moves = torch.empty_like(local)
+        local_rows, move_rows = local.unbind(0), moves.unbind(0)
         for i0 in range(b0, b1, inner_block_size):
             i1 = min(i0 + inner_block_size, b1)
             for j in range(i0, i1):
-                code = codes_t[j]
-                target = torch.addcmul(code, local[j - b0], inv_scale_t[j], value=inv_diag[j])
+                code, move = codes[j], move_rows[j - b0]
+                target = torch.addcmul(code, local_rows[j - b0], inv_scales[j], value=inv_diag[j])
                 target.round_().clamp_(0, max_code)
-                torch.sub(target, code, out=moves[j - b0]).mul_(scale_t[j])
+                torch.sub(target, code, out=move).mul_(scales[j])
                 code.copy_(target)
                 if j + 1 < i1:
-                    local[j + 1 - b0 : i1 - b0].addr_(hessian[j, j + 1 : i1], moves[j - b0], alpha=-1.0)
+                    local[j + 1 - b0 : i1 - b0].addr_(h_rows[j][j + 1 : i1], move, alpha=-1.0)
             if i1 < b1:
                 local[i1 - b0 :].addmm_(hessian[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
         residual_t.addmm_(hessian[b0:b1].T, moves, alpha=-1.0)
@@ -113,16 +117,20 @@ def error_feedback_pass(
     n_cols = state_t.shape[0]
     codes_t = torch.empty_like(state_t)
     row_loss = torch.zeros(state_t.shape[1], dtype=state_t.dtype, device=state_t.device)
+    states, codes, scales, zeros = state_t.unbind(0), codes_t.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
+    coupling_rows = coupling.unbind(0)
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
         moves = torch.empty_like(state_t[b0:b1])
+        move_rows = moves.unbind(0)
         for i0 in range(b0, b1, inner_block_size):
             i1 = min(i0 + inner_block_size, b1)
             for j in range(i0, i1):
-                code = torch.div(state_t[j], scale_t[j], out=codes_t[j]).round_().add_(zero_t[j]).clamp_(0, max_code)
-                torch.sub(code, zero_t[j], out=moves[j - b0]).mul_(scale_t[j]).sub_(state_t[j])
+                state, move = states[j], move_rows[j - b0]
+                code = torch.div(state, scales[j], out=codes[j]).round_().add_(zeros[j]).clamp_(0, max_code)
+                torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
                 if j + 1 < i1:
-                    state_t[j + 1 : i1].addr_(coupling[j, j + 1 : i1], moves[j - b0], alpha=-1.0)
+                    state_t[j + 1 : i1].addr_(coupling_rows[j][j + 1 : i1], move, alpha=-1.0)
             if i1 < b1:
                 state_t[i1:b1].addmm_(coupling[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
         if b1 < n_cols:
