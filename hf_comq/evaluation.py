@@ -153,6 +153,47 @@ def top1_counts(
     return correct, total
 
 
+def prediction_fidelity(
+    model: nn.Module,
+    reference_model: nn.Module,
+    dataset: "datasets.Dataset | datasets.IterableDataset",
+    processor: Any,
+    *,
+    image_column: str | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """How closely ``model`` reproduces ``reference_model``'s predictions on ``dataset``.
+
+    Returns ``agreement`` (fraction of images where both models pick the same class)
+    and ``kl`` (mean ``KL(reference || model)`` of the class distributions, in nats).
+    Top-1 accuracy only moves when a prediction crosses a decision boundary, so on a
+    model with wide margins every quantizer ties with full precision; these two see
+    the quantization error before it costs accuracy, and need no labels.
+    """
+    image_column = pick_column(dataset, image_column, "image")
+    _check_batch_size(batch_size)
+    if isinstance(processor, (str, os.PathLike)):
+        processor = _data._load_processor(os.fspath(processor), "images")
+    device, dtype = _device_and_dtype(model)
+    reference_device, reference_dtype = _device_and_dtype(reference_model)
+    same = total = 0
+    kl_sum = 0.0
+    with torch.inference_mode():
+        for batch in dataset.select_columns([image_column]).iter(batch_size=batch_size):
+            pixels = _data._encode_images(processor, list(batch[image_column]))["pixel_values"]
+            ours = model(pixel_values=pixels.to(device=device, dtype=dtype)).logits.float().cpu()
+            theirs = reference_model(pixel_values=pixels.to(device=reference_device, dtype=reference_dtype))
+            theirs = theirs.logits.float().cpu()
+            same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+            kl_sum += float(
+                F.kl_div(F.log_softmax(ours, -1), F.log_softmax(theirs, -1), log_target=True, reduction="sum")
+            )
+            total += ours.shape[0]
+    if total == 0:
+        raise ValueError("the evaluation dataset is empty: it has no images")
+    return {"agreement": same / total, "kl": kl_sum / total}
+
+
 def _label_remap(dataset: Any, label_column: str, model: nn.Module) -> torch.Tensor | None:
     """``dataset id -> model id`` when both name the same classes in another order, else ``None``."""
     features = getattr(dataset, "features", None) or {}

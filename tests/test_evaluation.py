@@ -16,12 +16,12 @@ from hf_comq.evaluation import (
     embedding_cosine,
     load_eval_dataset,
     perplexity,
+    prediction_fidelity,
     top1_accuracy,
 )
 from tests.tiny import image_processor, images, sentences, tiny_vit, word_tokenizer
 
 CLASSES = ["ant", "bee", "cat"]
-
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,25 @@ def test_top1_loads_the_models_own_processor_and_reads_streamed_files(vit, tmp_p
     streamed = load_eval_dataset(tmp_path / "test.parquet", "test")
     assert isinstance(streamed, datasets.IterableDataset)
     assert top1_accuracy(model, streamed, batch_size=2) == 1.0
+
+
+def test_prediction_fidelity_against_a_direct_computation(vit) -> None:
+    pictures = images(10, seed=3)
+    data = image_dataset(pictures, [0] * 10)
+    assert prediction_fidelity(vit, vit, data, image_processor(), batch_size=4) == {"agreement": 1.0, "kl": 0.0}
+
+    noisy = copy.deepcopy(vit)
+    with torch.no_grad():
+        noisy.classifier.weight.add_(torch.randn_like(noisy.classifier.weight))
+    pixels = image_processor()(images=pictures, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ours, theirs = noisy(pixel_values=pixels).logits, vit(pixel_values=pixels).logits
+    p = theirs.softmax(-1)
+    expected_kl = float((p * (p.log() - ours.log_softmax(-1))).sum(-1).mean())
+    expected_agreement = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
+    result = prediction_fidelity(noisy, vit, data, image_processor(), batch_size=3)
+    assert result["agreement"] == pytest.approx(expected_agreement)
+    assert result["kl"] == pytest.approx(expected_kl, rel=1e-4) and result["kl"] > 0
 
 
 def test_top1_rejects_missing_columns(vit) -> None:
