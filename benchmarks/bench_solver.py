@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gptq_baseline import GPTQ_PACKAGE, gptq_dequantized  # noqa: E402
 from benchmarks.layers import VIT_SHAPES, LayerProblem, demo_vit_layers, minilm_layers, synthetic_layer  # noqa: E402
 from hf_comq.solver import REFERENCE_CODE, ROUND_TO_NEAREST, comq_quantize, layer_objective  # noqa: E402
+from hf_comq.solver import default_damp  # noqa: E402
 from hf_comq.solver.comq import _Problem, _initial_grid  # noqa: E402
 from hf_comq.solver.grid import minmax_grid  # noqa: E402
 
@@ -69,6 +70,11 @@ def evaluate(problem: LayerProblem, bits: int, include_gptq: bool) -> list[tuple
         for act_order in (False, True):
             deq, secs = _timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, bits, act_order))
             rows.append((f"GPTQ{' act-order' if act_order else ''} ({GPTQ_PACKAGE})", layer_objective(w, deq, h), secs))
+        # hf_comq's default damps its start less at 4+ bits; show what that does for GPTQ itself.
+        low_damp = default_damp(bits)
+        if low_damp != 0.01:
+            deq, secs = _timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, bits, True, damp=low_damp))
+            rows.append((f"GPTQ act-order, damp {low_damp}", layer_objective(w, deq, h), secs))
         searched = _initial_grid(w.float(), torch.diagonal(h).float().clamp_min(0), bits, w.shape[1], False, True, 1.0)
         deq, secs = _timed(lambda: gptq_dequantized(w, h, searched.scale, searched.zero_point, bits, True))
         rows.append(("GPTQ act-order on hf_comq's searched grid", layer_objective(w, deq, h), secs))

@@ -85,7 +85,7 @@ class COMQConfig(QuantizationConfigMixin):
         scale_refit: bool = SOLVER_DEFAULTS["scale_refit"],
         scale_search: bool = SOLVER_DEFAULTS["scale_search"],
         shrink: float = SOLVER_DEFAULTS["shrink"],
-        damp: float = SOLVER_DEFAULTS["damp"],
+        damp: float | None = SOLVER_DEFAULTS["damp"],
         dataset: Any = None,
         processor: Any = None,
         dataset_split: str = "train",
@@ -150,7 +150,8 @@ class COMQConfig(QuantizationConfigMixin):
         _check_bool("scale_refit", self.scale_refit)
         _check_bool("scale_search", self.scale_search)
         _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)
-        _check_float("damp", self.damp, "use a small non-negative damping such as 0.01", lower_inclusive=True)
+        if self.damp is not None:
+            _check_float("damp", self.damp, "use a small non-negative damping such as 0.01, or None", lower_inclusive=True)
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
             raise ValueError("processor: got an empty string; pass a processor object, a path, or None")

@@ -7,6 +7,7 @@ from .comq import (
     SOLVER_DEFAULTS,
     QuantizedWeight,
     comq_quantize,
+    default_damp,
     layer_objective,
 )
 from .grid import Grid, minmax_grid
@@ -23,6 +24,7 @@ __all__ = [
     "HessianAccumulator",
     "QuantizedWeight",
     "comq_quantize",
+    "default_damp",
     "layer_objective",
     "minmax_grid",
 ]

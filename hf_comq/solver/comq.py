@@ -65,7 +65,7 @@ def comq_quantize(
     scale_refit: bool = True,
     scale_search: bool = True,
     shrink: float = 1.0,
-    damp: float = 0.01,
+    damp: float | None = None,
     tol: float = 1e-4,
     block_size: int = 128,
     compute_dtype: torch.dtype = torch.float32,
@@ -98,14 +98,18 @@ def comq_quantize(
         scale_search: choose each row's (group's) clipping of the min-max range by
             minimising the ``diag(H)``-weighted rounding error over 10 shrink factors
             in [0.5, 1] (elementwise, no GEMM).  That proxy ignores input correlations,
-            so the start is also computed on the plain min-max grid and each row keeps
-            the grid that starts lower (one more start: about one GPTQ run).  Large
-            gains at 2 and 3 bits.
+            so the start is also computed on the plain min-max grid, stacked into the
+            same pass, and each row keeps the grid that starts lower (which doubles
+            the start's cost).  Large gains at 2 and 3 bits.
         shrink: fixed factor multiplying the initial min-max range (the reference
             code's ``scalar``: 1.0 at 4 bits, 0.65 at 2 bits); applied on top of the
             searched factor when ``scale_search`` is on.
         damp: relative diagonal damping of H for the ``error_feedback`` start only;
-            the sweeps always use the exact objective.
+            the sweeps always use the exact objective.  ``None`` picks
+            :func:`default_damp` (0.003 at 4 bits and above, 0.01 below): at 4 bits
+            the rounding errors fed forward are small, so trusting H more wins
+            (3-20 % lower objective, also on held-out activations), while at 2 and
+            3 bits the larger damping GPTQ uses is safer.
         tol: relative objective decrease below which sweeping stops.
         block_size: columns per block of the blocked sweeps.
         compute_dtype: ``torch.float32`` (default) or ``torch.float64``.
@@ -118,6 +122,7 @@ def comq_quantize(
     The paper-faithful setting (same codes as the reference code) is
     ``init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False``.
     """
+    damp = default_damp(bits) if damp is None else damp
     _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)
     in_features = weight.shape[1]
     cols_per_group = resolve_group_size(in_features, group_size)
@@ -152,6 +157,16 @@ def comq_quantize(
         dtype=weight.dtype,
         stats={"objective": history, "relative_error": history[-1] / reference if reference > 0 else 0.0},
     )
+
+
+def default_damp(bits: int) -> float:
+    """Damping of the error-feedback start when ``damp=None``.
+
+    Measured with ``benchmarks/bench_solver.py`` on real ViT and MiniLM activations
+    and synthetic layers: 0.003 lowers the final objective at 4 bits on every layer
+    tried, while at 3 and 2 bits it loses on some; 0.01 is GPTQ's customary value.
+    """
+    return 0.003 if bits >= 4 else 0.01
 
 
 ROUND_TO_NEAREST: dict = dict(init="rtn", iterations=0, scale_refit=False, scale_search=False)
@@ -391,8 +406,8 @@ def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, 
         raise ValueError(f"init must be one of {START_POINTS}, got {init!r}")
     if not 0.0 < shrink <= 1.0:
         raise ValueError(f"shrink must be in (0, 1], got {shrink!r}")
-    if damp < 0:
-        raise ValueError(f"damp must be non-negative, got {damp!r}")
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp >= 0:
+        raise ValueError(f"damp must be a non-negative number or None (bits-dependent default), got {damp!r}")
     if tol < 0:
         raise ValueError(f"tol must be non-negative, got {tol!r}")
     if block_size < 1:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_comq import HessianAccumulator, comq_quantize, layer_objective
+from hf_comq.solver.comq import default_damp
 from hf_comq.solver.grid import minmax_grid
 from tests.solver.reference import (
     error_feedback_reference,
@@ -81,9 +82,18 @@ def test_error_feedback_start_matches_unblocked_gptq_rounding(medium_layer):
     expected = error_feedback_reference(weight, hessian, scale, zero, max_code, damp=0.01)
     result = comq_quantize(
         weight, hessian, bits=4, init="error_feedback", iterations=0, scale_refit=False,
-        scale_search=False, compute_dtype=torch.float64,
+        scale_search=False, damp=0.01, compute_dtype=torch.float64,
     )
     assert torch.equal(result.codes.long(), expected.long())
+
+
+@pytest.mark.parametrize("bits, expected", [(2, 0.01), (3, 0.01), (4, 0.003), (8, 0.003)])
+def test_damping_defaults_by_bit_width(bits, expected, medium_layer):
+    weight, _, hessian = medium_layer
+    assert default_damp(bits) == expected
+    automatic = comq_quantize(weight, hessian, bits=bits, iterations=0)
+    explicit = comq_quantize(weight, hessian, bits=bits, iterations=0, damp=expected)
+    assert torch.equal(automatic.codes, explicit.codes)
 
 
 @pytest.mark.parametrize(
