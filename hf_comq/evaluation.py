@@ -128,11 +128,7 @@ def top1_counts(
     image_column = pick_column(dataset, image_column, "image")
     label_column = pick_column(dataset, label_column, "label")
     _check_batch_size(batch_size)
-    if processor is None or isinstance(processor, (str, os.PathLike)):
-        location = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
-        if not location:
-            raise ValueError("top1_accuracy needs an image processor: pass processor=... (object or path)")
-        processor = _data._load_processor(location, "images")
+    processor = _image_processor(model, processor, "top1_accuracy")
     remap = _label_remap(dataset, label_column, model)
     device, dtype = _device_and_dtype(model)
     rows = dataset.select_columns([image_column, label_column])
@@ -157,7 +153,7 @@ def prediction_fidelity(
     model: nn.Module,
     reference_model: nn.Module,
     dataset: "datasets.Dataset | datasets.IterableDataset",
-    processor: Any,
+    processor: Any = None,
     *,
     image_column: str | None = None,
     batch_size: int = 64,
@@ -166,14 +162,14 @@ def prediction_fidelity(
 
     Returns ``agreement`` (fraction of images where both models pick the same class)
     and ``kl`` (mean ``KL(reference || model)`` of the class distributions, in nats).
+    ``processor`` as in :func:`top1_accuracy` (``None``: ``model``'s own).
     Top-1 accuracy only moves when a prediction crosses a decision boundary, so on a
     model with wide margins every quantizer ties with full precision; these two see
     the quantization error before it costs accuracy, and need no labels.
     """
     image_column = pick_column(dataset, image_column, "image")
     _check_batch_size(batch_size)
-    if isinstance(processor, (str, os.PathLike)):
-        processor = _data._load_processor(os.fspath(processor), "images")
+    processor = _image_processor(model, processor, "prediction_fidelity")
     device, dtype = _device_and_dtype(model)
     reference_device, reference_dtype = _device_and_dtype(reference_model)
     same = total = 0
@@ -192,6 +188,16 @@ def prediction_fidelity(
     if total == 0:
         raise ValueError("the evaluation dataset is empty: it has no images")
     return {"agreement": same / total, "kl": kl_sum / total}
+
+
+def _image_processor(model: nn.Module, processor: Any, caller: str) -> Any:
+    """``processor`` itself, or loaded from its path, or from the model's own checkpoint when ``None``."""
+    if processor is not None and not isinstance(processor, (str, os.PathLike)):
+        return processor
+    location = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
+    if not location:
+        raise ValueError(f"{caller} needs an image processor: pass processor=... (object or path)")
+    return _data._load_processor(location, "images")
 
 
 def _label_remap(dataset: Any, label_column: str, model: nn.Module) -> torch.Tensor | None:

@@ -94,6 +94,8 @@ def test_prediction_fidelity_against_a_direct_computation(vit) -> None:
     result = prediction_fidelity(noisy, vit, data, image_processor(), batch_size=3)
     assert result["agreement"] == pytest.approx(expected_agreement)
     assert result["kl"] == pytest.approx(expected_kl, rel=1e-4) and result["kl"] > 0
+    with pytest.raises(ValueError, match="prediction_fidelity needs an image processor"):
+        prediction_fidelity(noisy, vit, data)  # in-memory model: no checkpoint to take a processor from
 
 
 def test_top1_rejects_missing_columns(vit) -> None:

@@ -122,7 +122,8 @@ def quantize_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 
 def _weighted_sum(values: torch.Tensor, col_weight: torch.Tensor) -> torch.Tensor:
-    """``sum_s values[r, g, s] * col_weight[g, s]`` as one matrix-vector product per group."""
+    """``sum_s values[r, g, s] * col_weight[g, s]``; one matrix-vector product when
+    there is a single group (per-channel grids, the common case)."""
     if values.shape[1] == 1:
         return (values.reshape(values.shape[0], -1) @ col_weight.reshape(-1)).unsqueeze(1)
     return (values * col_weight).sum(-1)
