@@ -16,7 +16,7 @@ import torch
 from .grid import Grid, check_bits, minmax_grid, resolve_group_size, search_shrink
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
-from .start import START_POINTS, ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
+from .start import START_POINTS, error_feedback_start, plan_error_feedback, round_to_nearest
 
 ORDERS = ("greedy", "sequential", "act_order")
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
@@ -222,7 +222,6 @@ class _Problem:
     dequant_t: torch.Tensor | None = None
     residual_t: torch.Tensor | None = None
     greedy_order_t: torch.Tensor | None = None
-    feedback_plan: ErrorFeedbackPlan | None = None
 
     @classmethod
     def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str) -> "_Problem":
@@ -273,9 +272,8 @@ class _Problem:
             error_t = weight_t - dequant_t
             row_objective = ((self.hessian @ error_t) * error_t).sum(0) if len(grids) > 1 else None
             return codes_t, dequant_t, row_objective
-        if self.feedback_plan is None:
-            self.feedback_plan = plan_error_feedback(self.hessian, damp)
-        return error_feedback_start(weight_t, scale_t, zero_t, self.grid.max_code, self.feedback_plan, block_size)
+        plan = plan_error_feedback(self.hessian, damp)
+        return error_feedback_start(weight_t, scale_t, zero_t, self.grid.max_code, plan, block_size)
 
     def _keep_better_rows(self, alternative: Grid, codes_t, dequant_t, row_objective):
         """Per output row, this grid's start or the alternative's (right half of the
