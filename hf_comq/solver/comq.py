@@ -231,7 +231,7 @@ class _Problem:
             perm = torch.arange(w.shape[1], device=w.device)
         group_of_column = perm // grid.group_size
         h_perm = h[perm][:, perm]
-        weight_t = w.T[perm].contiguous()
+        weight_t = w.T.index_select(0, perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
         return cls(
             weight_t=weight_t,
             hessian=h_perm,
@@ -264,16 +264,18 @@ class _Problem:
         """Codes, values and per-row objectives of the start on each grid, side by side
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
-        weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
         scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
         zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
         if init == "rtn":
+            weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
             error_t = weight_t - dequant_t
             row_objective = ((self.hessian @ error_t) * error_t).sum(0) if len(grids) > 1 else None
             return codes_t, dequant_t, row_objective
         plan = plan_error_feedback(self.hessian, damp)
-        return error_feedback_start(weight_t, scale_t, zero_t, self.grid.max_code, plan, block_size)
+        return error_feedback_start(
+            self.weight_t, scale_t, zero_t, self.grid.max_code, plan, block_size, self.per_channel
+        )
 
     def _keep_better_rows(self, alternative: Grid, codes_t, dequant_t, row_objective):
         """Per output row, this grid's start or the alternative's (right half of the
@@ -313,7 +315,7 @@ class _Problem:
             inv_diag = torch.where(diag > 0, 1.0 / diag, torch.zeros_like(diag)).tolist()
             coordinate_sweep(
                 self.residual_t, self.dequant_t, self.codes_t, self.hessian, inv_diag,
-                self.scale_t, self.zero_t, self.grid.max_code, block_size,
+                self.scale_t, self.zero_t, self.grid.max_code, block_size, per_channel=self.per_channel,
             )
 
     def _greedy_order(self) -> torch.Tensor:
@@ -363,6 +365,11 @@ class _Problem:
         self.grid = Grid(scale=new_scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
         self.scale_t, self.dequant_t, self.residual_t = new_scale_t, new_dequant_t, new_residual_t
 
+    @property
+    def per_channel(self) -> bool:
+        """One scale per output row: the passes can then work in code units."""
+        return self.grid.scale.shape[1] == 1
+
     def codes_in_original_order(self) -> torch.Tensor:
         return self.codes_t[torch.argsort(self.perm)].T.contiguous()
 
@@ -392,9 +399,9 @@ def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, 
         )
     if weight.numel() == 0:
         raise ValueError("weight is empty")
-    if not torch.isfinite(weight).all():
+    if not _all_finite(weight):
         raise ValueError("weight contains NaN or inf; quantize a checkpoint with finite weights")
-    if not torch.isfinite(hessian).all():
+    if not _all_finite(hessian):
         raise ValueError("hessian contains NaN or inf; check the calibration activations (e.g. fp16 overflow)")
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
@@ -412,3 +419,10 @@ def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, 
         raise ValueError(f"block_size must be positive, got {block_size!r}")
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf: NaN propagates into min/max and infinities are the extremes,
+    so one reduction decides, about 20x cheaper than ``isfinite(t).all()``."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))

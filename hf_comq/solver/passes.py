@@ -55,6 +55,7 @@ def coordinate_sweep(
     max_code: int,
     block_size: int = 128,
     inner_block_size: int = 16,
+    per_channel: bool = False,
 ) -> None:
     """One COMQ sweep over all columns in index order, updated in place.
 
@@ -64,34 +65,53 @@ def coordinate_sweep(
     their current value: they do not affect the objective).
 
     The loop works in code units, ``target = q + R_j / (H_jj * scale)``, which is
-    the closed form divided by the scale: that saves three vector ops per column
-    over rounding in weight units, and ``dequant_t`` is rebuilt once at the end.
-    ``codes_t`` may hold fractional codes on entry (the full-precision start,
-    ``w / scale + zero``); every visited coordinate leaves on the grid.
+    the closed form divided by the scale, and ``dequant_t`` is rebuilt once at the
+    end.  With ``per_channel`` (every column of a row shares one scale) the block's
+    local residual is kept in code units too: the scale then cancels from every
+    rank-1 update, which saves the per-column rescaling; only the move pushed to the
+    columns outside the block is scaled, once per block.  ``codes_t`` may hold
+    fractional codes on entry (the full-precision start, ``w / scale + zero``);
+    every visited coordinate leaves on the grid.
     """
     n_cols = residual_t.shape[0]
     # Row views made once (``unbind``): indexing a tensor per column costs more
     # Python-side time than the arithmetic on it.
-    codes, scales, h_rows = codes_t.unbind(0), scale_t.unbind(0), hessian.unbind(0)
-    inv_scales = scale_t.reciprocal().unbind(0)
+    codes, h_rows = codes_t.unbind(0), hessian.unbind(0)
+    if per_channel:
+        scale_row = scale_t[0]
+        inv_scale_row = scale_row.reciprocal()
+    else:
+        scales, inv_scales = scale_t.unbind(0), scale_t.reciprocal().unbind(0)
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
-        local = residual_t[b0:b1].clone()
+        if per_channel:
+            local = residual_t[b0:b1] * inv_scale_row
+        else:
+            local = residual_t[b0:b1].clone()
         moves = torch.empty_like(local)
         local_rows, move_rows = local.unbind(0), moves.unbind(0)
         for i0 in range(b0, b1, inner_block_size):
             i1 = min(i0 + inner_block_size, b1)
             for j in range(i0, i1):
                 code, move = codes[j], move_rows[j - b0]
-                target = torch.addcmul(code, local_rows[j - b0], inv_scales[j], value=inv_diag[j])
-                target.round_().clamp_(0, max_code)
-                torch.sub(target, code, out=move).mul_(scales[j])
-                code.copy_(target)
+                if per_channel:
+                    torch.add(code, local_rows[j - b0], alpha=inv_diag[j], out=move)
+                else:
+                    torch.addcmul(code, local_rows[j - b0], inv_scales[j], value=inv_diag[j], out=move)
+                move.round_().clamp_(0, max_code).sub_(code)  # the move, in code units
+                code.add_(move)
+                if not per_channel:
+                    move.mul_(scales[j])
                 if j + 1 < i1:
                     local[j + 1 - b0 : i1 - b0].addr_(h_rows[j][j + 1 : i1], move, alpha=-1.0)
             if i1 < b1:
                 local[i1 - b0 :].addmm_(hessian[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
+        if per_channel:
+            moves.mul_(scale_row)
         residual_t.addmm_(hessian[b0:b1].T, moves, alpha=-1.0)
+    # ``code + (round(target) - code)`` is exact for integer codes; from the
+    # fractional full-precision start it can be an ulp off the integer.
+    codes_t.round_()
     torch.sub(codes_t, zero_t, out=dequant_t).mul_(scale_t)
 
 
@@ -99,26 +119,34 @@ def error_feedback_pass(
     state_t: torch.Tensor,
     coupling: torch.Tensor,
     move_weight: torch.Tensor,
-    scale_t: torch.Tensor,
-    zero_t: torch.Tensor,
     max_code: int,
+    scale_t: torch.Tensor | None = None,
+    zero_t: torch.Tensor | None = None,
     block_size: int = 128,
     inner_block_size: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Round columns in index order, feeding each rounding error forward.
 
     ``state_t`` (the weight, transposed) is consumed: later rows are corrected in
     place.  ``coupling[j, c]`` is how much of column j's move is subtracted from
-    column c > j.  Returns codes and dequantized values, both ``in x out``, and per
-    output row ``sum_j move_weight[j] * move_j**2``: with ``move_weight = 1 / U_jj**2``
-    that is the row's objective under the damped H, for the price of one
-    matrix-vector product per block (GPTQ's "losses").
+    column c > j.  Returns the codes (``in x out``) and, per output row,
+    ``sum_j move_weight[j] * move_j**2`` in the state's units: with
+    ``move_weight = 1 / U_jj**2`` that is the row's objective under the damped H,
+    for the price of one matrix-vector product per block (GPTQ's "losses").
+
+    Without ``scale_t``/``zero_t`` the state is in code units, ``w / scale + zero``:
+    valid when every column of a row shares one scale (per-channel grids), since
+    the scale then cancels from the feedback, and rounding a column is then just
+    round-and-clip (two vector ops instead of six).  With them, the state is in
+    weight units and each column is rounded on its own grid (group-wise scales).
     """
     n_cols = state_t.shape[0]
     codes_t = torch.empty_like(state_t)
     row_loss = torch.zeros(state_t.shape[1], dtype=state_t.dtype, device=state_t.device)
-    states, codes, scales, zeros = state_t.unbind(0), codes_t.unbind(0), scale_t.unbind(0), zero_t.unbind(0)
-    coupling_rows = coupling.unbind(0)
+    states, codes, coupling_rows = state_t.unbind(0), codes_t.unbind(0), coupling.unbind(0)
+    in_weight_units = scale_t is not None
+    if in_weight_units:
+        scales, zeros = scale_t.unbind(0), zero_t.unbind(0)
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
         moves = torch.empty_like(state_t[b0:b1])
@@ -127,8 +155,12 @@ def error_feedback_pass(
             i1 = min(i0 + inner_block_size, b1)
             for j in range(i0, i1):
                 state, move = states[j], move_rows[j - b0]
-                code = torch.div(state, scales[j], out=codes[j]).round_().add_(zeros[j]).clamp_(0, max_code)
-                torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
+                if in_weight_units:
+                    code = torch.div(state, scales[j], out=codes[j]).round_().add_(zeros[j]).clamp_(0, max_code)
+                    torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
+                else:
+                    code = torch.round(state, out=codes[j]).clamp_(0, max_code)
+                    torch.sub(code, state, out=move)
                 if j + 1 < i1:
                     state_t[j + 1 : i1].addr_(coupling_rows[j][j + 1 : i1], move, alpha=-1.0)
             if i1 < b1:
@@ -136,8 +168,7 @@ def error_feedback_pass(
         if b1 < n_cols:
             state_t[b1:].addmm_(coupling[b0:b1, b1:].T, moves, alpha=-1.0)
         row_loss.addmv_(moves.square_().T, move_weight[b0:b1])
-    values_t = torch.sub(codes_t, zero_t, out=state_t).mul_(scale_t)
-    return codes_t, values_t, row_loss
+    return codes_t, row_loss
 
 
 def rowwise_order_sweep(

@@ -48,20 +48,25 @@ def test_gram_form_matches_residual_form_on_x(small_layer, order, sweeps):
     assert torch.equal(result.codes.long(), ref_codes.long())
 
 
-def test_gram_form_matches_residual_form_with_dead_inputs_and_groups():
+@pytest.mark.parametrize("order", ["greedy", "sequential"])  # per-row and shared-order sweeps
+def test_gram_form_matches_residual_form_with_dead_inputs_and_groups(order):
     weight, inputs = make_layer(5, 16, 40, seed=3)
     inputs[:, [4, 11]] = 0.0
     hessian = inputs.T @ inputs
     scale, zero, max_code = _per_column_grid(weight, 2, group_size=8)
-    orders = greedy_orders(weight, inputs)
+    if order == "greedy":
+        orders = greedy_orders(weight, inputs)
+    else:
+        orders = torch.arange(weight.shape[1]).repeat(weight.shape[0], 1)
     ref_codes, _ = residual_form_comq(weight, inputs, scale, zero, max_code, orders, 2)
-    result = comq_quantize(weight, hessian, bits=2, group_size=8, order="greedy", iterations=2, **FAITHFUL)
+    result = comq_quantize(weight, hessian, bits=2, group_size=8, order=order, iterations=2, **FAITHFUL)
     assert torch.equal(result.codes.long(), ref_codes.long())
 
 
-def test_blocked_sweeps_match_unblocked(medium_layer):
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_blocked_sweeps_match_unblocked(group_size, medium_layer):
     weight, _, hessian = medium_layer
-    common = dict(bits=4, order="act_order", iterations=2, **FAITHFUL)
+    common = dict(bits=4, group_size=group_size, order="act_order", iterations=2, **FAITHFUL)
     blocked = comq_quantize(weight, hessian, block_size=32, **common)
     unblocked = comq_quantize(weight, hessian, block_size=1, **common)
     assert torch.equal(blocked.codes, unblocked.codes)
@@ -76,12 +81,13 @@ def test_greedy_blocking_does_not_change_codes(medium_layer):
     )
 
 
-def test_error_feedback_start_matches_unblocked_gptq_rounding(medium_layer):
+@pytest.mark.parametrize("group_size", [None, 32])  # code-unit and weight-unit passes
+def test_error_feedback_start_matches_unblocked_gptq_rounding(group_size, medium_layer):
     weight, _, hessian = medium_layer
-    scale, zero, max_code = _per_column_grid(weight, 4)
+    scale, zero, max_code = _per_column_grid(weight, 4, group_size)
     expected = error_feedback_reference(weight, hessian, scale, zero, max_code, damp=0.01)
     result = comq_quantize(
-        weight, hessian, bits=4, init="error_feedback", iterations=0, scale_refit=False,
+        weight, hessian, bits=4, group_size=group_size, init="error_feedback", iterations=0, scale_refit=False,
         scale_search=False, damp=0.01, compute_dtype=torch.float64,
     )
     assert torch.equal(result.codes.long(), expected.long())
