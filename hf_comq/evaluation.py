@@ -39,8 +39,10 @@ __all__ = [
     "load_eval_dataset",
     "perplexity",
     "pick_column",
+    "prediction_fidelity",
     "top1_accuracy",
     "top1_counts",
+    "top1_predictions",
 ]
 
 
@@ -125,6 +127,28 @@ def top1_counts(
     A streamed dataset has no length, so this is how a caller learns how many
     images were actually scored.
     """
+    predictions, labels = top1_predictions(
+        model, dataset, processor, image_column=image_column, label_column=label_column, batch_size=batch_size
+    )
+    return int((predictions == labels).sum()), len(labels)
+
+
+def top1_predictions(
+    model: nn.Module,
+    dataset: "datasets.Dataset | datasets.IterableDataset",
+    processor: Any = None,
+    *,
+    image_column: str | None = None,
+    label_column: str = "label",
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ``(predicted class, label)`` as two ``long`` tensors, in dataset order
+    (same arguments as :func:`top1_accuracy`; labels already mapped to the model's ids).
+
+    Comparing two quantizers image by image (which images only one of them gets
+    right) says whether a top-1 difference is more than chance; the totals alone
+    cannot.
+    """
     image_column = pick_column(dataset, image_column, "image")
     label_column = pick_column(dataset, label_column, "label")
     _check_batch_size(batch_size)
@@ -133,20 +157,21 @@ def top1_counts(
     device, dtype = _device_and_dtype(model)
     rows = dataset.select_columns([image_column, label_column])
 
-    correct = total = 0
+    predictions: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     with torch.inference_mode(), logging.tqdm(total=_length(dataset), desc="top-1", unit="img") as bar:
         for batch in rows.iter(batch_size=batch_size):
-            labels = torch.as_tensor(batch[label_column], dtype=torch.long)
+            batch_labels = torch.as_tensor(batch[label_column], dtype=torch.long)
             if remap is not None:
-                labels = remap[labels]
+                batch_labels = remap[batch_labels]
             pixels = _data._encode_images(processor, list(batch[image_column]))["pixel_values"]
             logits = model(pixel_values=pixels.to(device=device, dtype=dtype)).logits
-            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
-            total += len(labels)
-            bar.update(len(labels))
-    if total == 0:
+            predictions.append(logits.argmax(dim=-1).cpu())
+            labels.append(batch_labels)
+            bar.update(len(batch_labels))
+    if not labels:
         raise ValueError("the evaluation dataset is empty: it has no images")
-    return correct, total
+    return torch.cat(predictions), torch.cat(labels)
 
 
 def prediction_fidelity(

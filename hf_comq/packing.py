@@ -22,6 +22,7 @@ The packed shape of ``(..., n)`` codes is ``(..., packed_width(n, bits))`` with
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -81,15 +82,44 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
         raise ValueError(
             f"packed last dimension is {width} words, but {num_codes} codes at {bits} bits need {expected}"
         )
-    num_chunks = width // bits
-    words = packed.to(torch.int64).reshape(*lead, num_chunks, bits) & _WORD_MASK
-    word, shift, spill = _positions(bits, packed.device)
-    values = words[..., word] >> shift
-    straddle = spill > 0
-    if bool(straddle.any()):
-        high = words[..., word[straddle] + 1] << (bits - spill[straddle])
-        values[..., straddle] |= high
-    values = values & ((1 << bits) - 1)
+    if CHUNK % bits == 0:
+        return _unpack_whole_codes_per_word(packed, bits, num_codes)
+    return _unpack_through_bytes(packed, bits, num_codes)
+
+
+def _unpack_whole_codes_per_word(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    """Unpacking when no code straddles two words (1, 2, 4 and 8 bits): word ``k``
+    then holds codes ``k * 32 / bits`` onwards in order, so one broadcast shift and
+    mask in int32 does it, with no gather.  ``COMQLinear`` unpacks on every
+    forward, so this is on the inference path.  The arithmetic shift of a negative
+    word only fills bits that the mask drops."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return values.flatten(-2)[..., :num_codes].to(torch.uint8)
+
+
+def _unpack_through_bytes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    """Unpacking for widths whose codes may straddle words (3, 5, 6, 7 bits).
+
+    The packed stream is little-endian, so its bytes in order are the words' bytes
+    least significant first.  A code of at most 8 bits starting at stream bit ``p``
+    lies within the 16-bit window of bytes ``p // 8`` and ``p // 8 + 1``; two byte
+    gathers and int32 shifts read every code, about 3x faster than 64-bit word
+    arithmetic.  Where the window's second byte would be past the chunk, the code
+    fits in the first byte and the clamped index only feeds masked-off bits.
+    """
+    *lead, width = packed.shape
+    num_chunks, chunk_bytes = width // bits, 4 * bits
+    data = packed.contiguous().view(torch.uint8).reshape(*lead, width, 4)
+    if sys.byteorder == "big":  # memory holds each word most significant byte first
+        data = data.flip(-1)
+    data = data.reshape(*lead, num_chunks, chunk_bytes)
+    start = torch.arange(CHUNK, device=packed.device) * bits
+    first = start // 8
+    second = (first + 1).clamp(max=chunk_bytes - 1)
+    offset = (start % 8).to(torch.int32)
+    window = data.index_select(-1, first).to(torch.int32) | (data.index_select(-1, second).to(torch.int32) << 8)
+    values = (window >> offset) & ((1 << bits) - 1)
     return values.reshape(*lead, num_chunks * CHUNK)[..., :num_codes].to(torch.uint8)
 
 

@@ -18,6 +18,7 @@ from hf_comq.evaluation import (
     perplexity,
     prediction_fidelity,
     top1_accuracy,
+    top1_predictions,
 )
 from tests.tiny import image_processor, images, sentences, tiny_vit, word_tokenizer
 
@@ -54,6 +55,15 @@ def test_top1_counts_correct_predictions(vit) -> None:
     dataset = image_dataset(pictures, labels)
     for batch_size in (3, 64):  # partial last batch must count exactly once
         assert top1_accuracy(vit, dataset, image_processor(), batch_size=batch_size) == pytest.approx(0.7)
+
+
+def test_top1_predictions_are_per_image_in_dataset_order(vit) -> None:
+    pictures = images(7)
+    predicted = predictions(vit, pictures)
+    labels = [(label + index % 2) % 3 for index, label in enumerate(predicted)]  # every other one wrong
+    got, got_labels = top1_predictions(vit, image_dataset(pictures, labels), image_processor(), batch_size=3)
+    assert got.tolist() == predicted
+    assert got_labels.tolist() == labels
 
 
 def test_top1_maps_labels_by_class_name(vit) -> None:

@@ -169,11 +169,12 @@ class COMQLinear(nn.Module):
         Same operations in the same order as ``QuantizedWeight.dequantize`` (float32
         arithmetic, then one cast), so the two are bit-identical.
         """
-        repeat = self.in_features if self.group_size is None else self.group_size
-        scale = self.scales.float().repeat_interleave(repeat, dim=1)
-        zero = self.qzeros.float().repeat_interleave(repeat, dim=1)
-        weight = (self.codes().float() - zero) * scale
-        return weight.to(dtype or self.weight_dtype)
+        n_groups = self.scales.shape[1]
+        # Broadcast each group's scale and zero point over its columns instead of
+        # materialising (out, in) copies of them: same values, less memory traffic.
+        codes = self.codes().float().view(self.out_features, n_groups, -1)
+        weight = (codes - self.qzeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
+        return weight.view(self.out_features, self.in_features).to(dtype or self.weight_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
