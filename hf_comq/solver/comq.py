@@ -147,7 +147,7 @@ def comq_quantize(
     if problem.codes_t is None:  # iterations == 0 from the full-precision start: plain rounding
         history = problem.start("rtn", damp, block_size)
 
-    reference = float((problem.weight_h_t * problem.weight_t).sum(dtype=torch.float64))
+    reference = _row_sums_in_float64(problem.weight_h_t * problem.weight_t)
     return QuantizedWeight(
         codes=problem.codes_in_original_order().to(torch.uint8),
         scale=problem.grid.scale.float(),
@@ -257,7 +257,7 @@ class _Problem:
             if alternative is not None:
                 codes_t, dequant_t = self._keep_better_rows(alternative, codes_t, dequant_t, row_objective)
             self.codes_t, self.dequant_t = codes_t, dequant_t
-        self.residual_t = self.weight_h_t - self.hessian @ self.dequant_t
+        self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
         return [self.objective()]
 
     def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int):
@@ -296,10 +296,9 @@ class _Problem:
         )
 
     def objective(self) -> float:
-        """``sum(R * (W - Wq)^T)``: rows summed in the compute dtype (``in`` terms each,
-        accurate enough), the row totals in float64.  Three times cheaper than an
-        all-float64 sum, which converts every element."""
-        return float((self.residual_t * (self.weight_t - self.dequant_t)).sum(0).double().sum())
+        """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three
+        times cheaper than an all-float64 sum, which converts every element."""
+        return _row_sums_in_float64(self.residual_t * (self.weight_t - self.dequant_t))
 
     def sweep(self, order: str, block_size: int) -> None:
         if self.codes_t is None:  # the full-precision start, as fractional codes
@@ -372,6 +371,12 @@ class _Problem:
 
     def codes_in_original_order(self) -> torch.Tensor:
         return self.codes_t[torch.argsort(self.perm)].T.contiguous()
+
+
+def _row_sums_in_float64(products_t: torch.Tensor) -> float:
+    """Total of an ``in x out`` table: each output row summed in the compute dtype
+    (``in`` terms, accurate enough), the row totals in float64."""
+    return float(products_t.sum(0).double().sum())
 
 
 def _per_column(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:
