@@ -137,8 +137,9 @@ def error_feedback_pass(
     Without ``scale_t``/``zero_t`` the state is in code units, ``w / scale + zero``:
     valid when every column of a row shares one scale (per-channel grids), since
     the scale then cancels from the feedback, and rounding a column and taking its
-    move is round, clip, subtract: three vector ops instead of seven.  With them, the state is in
-    weight units and each column is rounded on its own grid (group-wise scales).
+    move is round, clip, subtract: three vector ops instead of seven.  With them,
+    the state is in weight units and each column is rounded on its own grid
+    (group-wise scales).
     """
     n_cols = state_t.shape[0]
     codes_t = torch.empty_like(state_t)

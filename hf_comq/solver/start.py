@@ -111,7 +111,9 @@ def error_feedback_start(
     n_cols, out_features = weight_t.shape
     n_grids = scale_t.shape[1] // out_features
     if plan.perm is not None:
-        weight_t, scale_t, zero_t = weight_t[plan.perm], scale_t[plan.perm], zero_t[plan.perm]
+        weight_t = weight_t[plan.perm]
+        if not per_channel:  # per-channel tables are the same on every row: nothing to permute
+            scale_t, zero_t = scale_t[plan.perm], zero_t[plan.perm]
     state_t = weight_t.repeat(1, n_grids)  # consumed by the pass
     if per_channel:
         scale_row, zero_row = scale_t[0], zero_t[0]
