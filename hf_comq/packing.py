@@ -98,7 +98,9 @@ def _unpack_whole_codes_per_word(packed: torch.Tensor, bits: int, num_codes: int
     return values.flatten(-2)[..., :num_codes].to(torch.uint8)
 
 
-def _unpack_through_bytes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+def _unpack_through_bytes(
+    packed: torch.Tensor, bits: int, num_codes: int, byteorder: str = sys.byteorder
+) -> torch.Tensor:
     """Unpacking for widths whose codes may straddle words (3, 5, 6, 7 bits).
 
     The packed stream is little-endian, so its bytes in order are the words' bytes
@@ -107,11 +109,13 @@ def _unpack_through_bytes(packed: torch.Tensor, bits: int, num_codes: int) -> to
     gathers and int32 shifts read every code, about 3x faster than 64-bit word
     arithmetic.  Where the window's second byte would be past the chunk, the code
     fits in the first byte and the clamped index only feeds masked-off bits.
+    ``byteorder`` is the host's; it is a parameter so that a test can run the
+    big-endian branch on a little-endian machine with byte-swapped words.
     """
     *lead, width = packed.shape
     num_chunks, chunk_bytes = width // bits, 4 * bits
     data = packed.contiguous().view(torch.uint8).reshape(*lead, width, 4)
-    if sys.byteorder == "big":  # memory holds each word most significant byte first
+    if byteorder == "big":  # memory holds each word most significant byte first
         data = data.flip(-1)
     data = data.reshape(*lead, num_chunks, chunk_bytes)
     start = torch.arange(CHUNK, device=packed.device) * bits

@@ -25,6 +25,23 @@ def test_extreme_codes_survive(bits):
     assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, 40), codes)
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_big_endian_hosts_read_the_same_codes(bits):
+    """A big-endian host holds each int32 word most significant byte first; swapping
+    the bytes of every word here gives the memory such a host would have, which the
+    big-endian branch must read back to the same codes."""
+    import sys
+
+    from hf_comq.packing import _unpack_through_bytes
+
+    codes = torch.randint(0, 2**bits, (4, 70), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    foreign = "big" if sys.byteorder == "little" else "little"
+    swapped = packed.view(torch.uint8).reshape(*packed.shape, 4).flip(-1).contiguous().view(torch.int32).squeeze(-1)
+    assert not torch.equal(swapped, packed)
+    assert torch.equal(_unpack_through_bytes(swapped, bits, 70, byteorder=foreign), codes)
+
+
 def test_packed_width_is_bits_over_32_of_the_codes():
     assert packed_width(4096, 4) * 32 == 4096 * 4
     assert packed_width(4096, 3) * 32 == 4096 * 3  # no padding waste for 3-bit codes
