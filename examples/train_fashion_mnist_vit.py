@@ -257,6 +257,11 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         "seed": args.seed,
         "threads": args.threads,
         "train_seconds": round(time.perf_counter() - started, 1),
+        # Everything else that decides the weights, so that a checkpoint says how to retrain it.
+        "recipe": {
+            key: getattr(args, key)
+            for key in ("patch_size", "hidden_size", "layers", "heads", "batch_size", "lr", "weight_decay", "label_smoothing")
+        },
     }
     print(f"final train acc {summary['train_accuracy']:.4f}  test acc {summary['test_accuracy']:.4f}")
 
