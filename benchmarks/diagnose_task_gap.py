@@ -41,15 +41,17 @@ HELD_OUT_IMAGES = 512
 
 
 def _linear_grams(model: torch.nn.Module, processor, images: list, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """``X^T X`` of every quantizable ``nn.Linear``'s input over ``images`` (FP model, all tokens)."""
-    grams: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "classifier":
-            def hook(_module, inputs, _output, name=name):
-                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-                grams[name] = grams.get(name, 0) + x.T @ x
-            handles.append(module.register_forward_hook(hook))
+    """``X^T X`` of the input of every layer the pipeline would quantize, over ``images``
+    (FP model, all tokens)."""
+    from hf_comq import HessianAccumulator
+    from hf_comq.modules import find_quantizable_linears
+
+    layers = find_quantizable_linears(model)
+    accumulators = {name: HessianAccumulator(layer.in_features) for name, layer in layers.items()}
+    handles = [
+        layer.register_forward_hook(lambda _module, inputs, _output, name=name: accumulators[name].add(inputs[0]))
+        for name, layer in layers.items()
+    ]
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
@@ -57,7 +59,7 @@ def _linear_grams(model: torch.nn.Module, processor, images: list, batch_size: i
     finally:
         for handle in handles:
             handle.remove()
-    return {name: gram.float() for name, gram in grams.items()}
+    return {name: accumulator.result().float() for name, accumulator in accumulators.items()}
 
 
 def layer_table(path: str, bits: int, group_size: int | None) -> None:
