@@ -4,7 +4,7 @@
     python benchmarks/diagnose_task_gap.py --bits 3 --group 64      # the shipped ViT
 
 ``bench_models.py`` scores whole models; this script asks why two solvers rank
-differently at the layer and at the task. It prints two tables for one Fashion-MNIST
+differently at the layer and at the task. It prints three tables for one Fashion-MNIST
 ViT, bit width and grouping. It needs the bench environment, for GPTQ (see
 ``benchmarks/README.md``).
 
@@ -19,6 +19,9 @@ ViT, bit width and grouping. It needs the bench environment, for GPTQ (see
    error-feedback start, clipping search and start choice only), and the default
    with sweeps in one block only. The last rows show which block's sweeps move the
    task-level result.
+3. **The same KL on other calibration subsets** of the same size (``COMQConfig.seed``)
+   for GPTQ, COMQ's default and COMQ without sweeps. A whole-model difference that
+   flips from one subset to the next belongs to the draw, not to the solver.
 """
 
 from __future__ import annotations
@@ -110,43 +113,79 @@ def _layer_names_to_solver(solver) -> Iterator[object]:
         yield
 
 
-def task_table(path: str, bits: int, group_size: int | None) -> None:
-    from hf_comq import COMQConfig
-    from hf_comq.assets import demo_dataset
-    from hf_comq.evaluation import prediction_fidelity
-    from hf_comq.solver import comq_quantize
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+class _WholeModel:
+    """Quantizes the ViT through the calibration pipeline with a given layer solver and
+    scores it against FP on the shipped test images."""
 
+    def __init__(self, path: str, bits: int, group_size: int | None):
+        from hf_comq.assets import demo_dataset
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        self.path, self.bits, self.group_size = path, bits, group_size
+        self.calibration, self.test = demo_dataset("calibration"), demo_dataset("test")
+        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.reference = AutoModelForImageClassification.from_pretrained(path).eval()
+
+    def fidelity(self, solver, seed: int = 0) -> dict[str, float]:
+        """``solver(name, weight, hessian, **settings)``; ``seed`` picks the calibration subset."""
+        from hf_comq import COMQConfig
+        from hf_comq.evaluation import prediction_fidelity
+        from transformers import AutoModelForImageClassification
+
+        config = COMQConfig(
+            bits=self.bits, group_size=self.group_size, dataset=self.calibration,
+            num_samples=CALIBRATION_IMAGES, seed=seed,
+        )
+        with _layer_names_to_solver(solver):
+            model = AutoModelForImageClassification.from_pretrained(self.path, quantization_config=config).eval()
+        return prediction_fidelity(model, self.reference, self.test, self.processor)
+
+
+def _gptq(name, weight, hessian, **settings):
     from benchmarks.gptq_baseline import gptq_layer_solver
 
-    calibration_set, test = demo_dataset("calibration"), demo_dataset("test")
-    processor = AutoImageProcessor.from_pretrained(path)
-    reference = AutoModelForImageClassification.from_pretrained(path).eval()
-    blocks = reference.config.num_hidden_layers
+    return gptq_layer_solver(weight, hessian, **settings)
 
-    def layer_block(name: str) -> int:
-        return int(name.split(".layers.")[1].split(".")[0])
 
-    def sweeps_only_in(block: int | None):
-        def solver(name, weight, hessian, **settings):
-            if block is None or layer_block(name) != block:
-                settings = dict(settings, iterations=0)
-            return comq_quantize(weight, hessian, **settings)
-        return solver
+def _comq_sweeping_in(blocks: set[int] | None):
+    """COMQ's default, with coordinate sweeps only in ``blocks`` (``None``: everywhere)."""
+    from hf_comq.solver import comq_quantize
 
-    rows = [("GPTQ act-order", lambda name, w, h, **s: gptq_layer_solver(w, h, **s)),
-            ("COMQ default", lambda name, w, h, **s: comq_quantize(w, h, **s)),
-            ("COMQ without sweeps (iterations=0)", sweeps_only_in(None))]
-    rows += [(f"COMQ, sweeps only in block {block}", sweeps_only_in(block)) for block in range(blocks)]
-    print(f"\n### Whole model, KL to FP on the {len(test)} shipped test images (W{bits}, group {group_size or 'channel'})")
+    def solver(name, weight, hessian, **settings):
+        block = int(name.split(".layers.")[1].split(".")[0])
+        if blocks is not None and block not in blocks:
+            settings = dict(settings, iterations=0)
+        return comq_quantize(weight, hessian, **settings)
+
+    return solver
+
+
+def task_table(whole: _WholeModel) -> None:
+    blocks = whole.reference.config.num_hidden_layers
+    rows = [("GPTQ act-order", _gptq), ("COMQ default", _comq_sweeping_in(None)),
+            ("COMQ without sweeps (iterations=0)", _comq_sweeping_in(set()))]
+    rows += [(f"COMQ, sweeps only in block {block}", _comq_sweeping_in({block})) for block in range(blocks)]
+    print(f"\n### Whole model, KL to FP on the {len(whole.test)} shipped test images "
+          f"(W{whole.bits}, group {whole.group_size or 'channel'}, calibration seed 0)")
     print("| solver | KL(FP ‖ quantized) x1e-3 | top-1 agreement with FP |")
     print("|---|---|---|")
     for label, solver in rows:
-        config = COMQConfig(bits=bits, group_size=group_size, dataset=calibration_set, num_samples=CALIBRATION_IMAGES)
-        with _layer_names_to_solver(solver):
-            model = AutoModelForImageClassification.from_pretrained(path, quantization_config=config).eval()
-        fidelity = prediction_fidelity(model, reference, test, processor)
+        fidelity = whole.fidelity(solver)
         print(f"| {label} | {1000 * fidelity['kl']:.3f} | {fidelity['agreement']:.4f} |", flush=True)
+
+
+def calibration_seed_table(whole: _WholeModel, seeds: range) -> None:
+    """The same comparison on other random calibration subsets of the same size: how much
+    of a whole-model difference is the draw rather than the solver."""
+    rows = [("GPTQ act-order", _gptq), ("COMQ default", _comq_sweeping_in(None)),
+            ("COMQ without sweeps", _comq_sweeping_in(set()))]
+    print(f"\n### Whole model, KL to FP x1e-3 by calibration subset ({CALIBRATION_IMAGES} of the "
+          f"{len(whole.calibration)} calibration images, drawn with COMQConfig.seed)")
+    print("| solver | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean |")
+    print("|---|" + "---|" * (len(seeds) + 1))
+    for label, solver in rows:
+        kls = [1000 * whole.fidelity(solver, seed)["kl"] for seed in seeds]
+        print(f"| {label} | " + " | ".join(f"{kl:.3f}" for kl in kls) + f" | {sum(kls) / len(kls):.3f} |", flush=True)
 
 
 def main() -> None:
@@ -154,6 +193,7 @@ def main() -> None:
     parser.add_argument("--vit", default="shipped", help="ViT checkpoint folder (default: the shipped demo model)")
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--group", type=int, default=0, help="group size; 0 for one scale per output channel")
+    parser.add_argument("--seeds", type=int, default=5, help="calibration subsets for the last table")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -162,7 +202,9 @@ def main() -> None:
     path = str(demo_model_path()) if args.vit == "shipped" else str(Path(args.vit).resolve())
     print(f"# {Path(path).name}, W{args.bits}, group {args.group or 'channel'}")
     layer_table(path, args.bits, args.group or None)
-    task_table(path, args.bits, args.group or None)
+    whole = _WholeModel(path, args.bits, args.group or None)
+    task_table(whole)
+    calibration_seed_table(whole, range(args.seeds))
 
 
 if __name__ == "__main__":
