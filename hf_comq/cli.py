@@ -306,9 +306,11 @@ class ModelSpec:
     config: dict[str, Any]
 
     @property
-    def is_comq(self) -> bool:
-        stored = self.config.get("quantization_config")
-        return isinstance(stored, dict) and stored.get("quant_method") == "comq"
+    def is_packed(self) -> bool:
+        """A compressed-tensors pack-quantized checkpoint (what hf_comq writes): loaded with its layers packed."""
+        from .checkpoint import is_packed_checkpoint
+
+        return is_packed_checkpoint(self.config)
 
     @property
     def is_local(self) -> bool:
@@ -404,7 +406,7 @@ def load_model(spec: ModelSpec, **kwargs: Any) -> Any:
 
     import hf_comq
 
-    if spec.is_comq:
+    if spec.is_packed:
         return hf_comq.load_quantized(spec.location, model_class=getattr(transformers, spec.architecture), **kwargs)
     return spec.auto_class().from_pretrained(spec.location, **kwargs).eval()
 
@@ -473,8 +475,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from .evaluation import pick_column
 
     spec = inspect_model(args.model)
-    if spec.is_comq:
-        raise CLIError(f"{args.model} is already a COMQ checkpoint; quantize its full-precision original")
+    if spec.config.get("quantization_config"):
+        raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
     output = Path(args.output).expanduser()
     _check_output(output, args.overwrite)
     dataset = resolve_dataset(args.dataset)
@@ -502,11 +504,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     processor = _optional_processor(spec)
 
-    save_atomically(output, lambda folder: _save_with_processor(model, processor, folder), overwrite=args.overwrite)
+    model_id = args.push_to_hub or output.name
+    save_atomically(
+        output, lambda folder: _save_with_processor(model, processor, folder, model_id), overwrite=args.overwrite
+    )
     summary = getattr(model, "_comq_summary", {}) or {}
     _print_quantize_summary(spec, model, summary, seconds, output)
     if args.push_to_hub:
-        _push(model, processor, args.push_to_hub, args.private, output)
+        _push(output, args.push_to_hub, args.private)
     return EXIT_OK
 
 
@@ -558,7 +563,11 @@ def _moved_aside(path: Path) -> Iterator[None]:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _save_with_processor(model: Any, processor: Any, folder: Path) -> None:
+def _save_with_processor(model: Any, processor: Any, folder: Path, model_id: str) -> None:
+    """Card, weights and processor into ``folder``; the card names ``model_id`` (the staging folder's name would be wrong)."""
+    from .hub import write_model_card
+
+    write_model_card(folder, model, model_id=model_id)
     model.save_pretrained(folder)
     if processor is not None:
         processor.save_pretrained(folder)
@@ -601,11 +610,12 @@ def _print_quantize_summary(spec: ModelSpec, model: Any, summary: dict, seconds:
         print(f"  {name:<{width}}  {value}")
 
 
-def _push(model: Any, processor: Any, repo_id: str, private: bool, output: Path) -> None:
+def _push(output: Path, repo_id: str, private: bool) -> None:
+    """Publish the finished folder (weights, processor, card) as it is, in one commit."""
+    from .hub import push_folder
+
     try:
-        model.push_to_hub(repo_id, private=private)
-        if processor is not None:
-            processor.push_to_hub(repo_id, private=private)
+        push_folder(output, repo_id, private=private)
     except Exception as error:
         raise CLIError(f"saved to {output}, but pushing to the Hub repository {repo_id!r} failed: {error}") from None
     print(f"  pushed to        https://huggingface.co/{repo_id}")
@@ -781,7 +791,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         suffix = "" if args.group_size is None else f"-g{args.group_size}"
         folder = output / f"{model_path.name}-comq-w{bits}{suffix}"
-        save_atomically(folder, lambda staging: _save_with_processor(comq_model, processor, staging))
+        save_atomically(folder, lambda staging: _save_with_processor(comq_model, processor, staging, folder.name))
         size = checkpoint_size_bytes(folder)
         saved.append(folder)
         for method, (model, seconds) in results.items():

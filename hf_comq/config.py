@@ -1,20 +1,22 @@
 """``COMQConfig``: the ``quantization_config`` for COMQ in ``from_pretrained``.
 
-Two kinds of fields live here:
+Every field is declared once, in the dataclass below; its metadata says what kind of
+setting it is, and that drives validation, serialization and the model card:
 
-* **format** fields (``bits``, ``group_size``, ``symmetric``, ``modules_to_not_convert``)
-  decide what a checkpoint contains; they are written to ``config.json`` and are
-  what loading a pre-quantized checkpoint relies on.
-* **calibration** fields (solver settings, ``dataset``, ``processor``, ...) only matter
-  while quantizing.  ``dataset`` and ``processor`` may be large in-memory objects: the
-  after-weight-loading hook receives no kwargs, so they must travel on the config,
-  but they must never be deep-copied (``from_pretrained`` copies the config twice) nor
-  serialized (``save_pretrained`` JSON-encodes ``to_dict()``).  ``to_dict`` therefore
-  keeps them only when they are plain strings (a dataset name/path, a processor
-  path) and otherwise writes ``None`` plus a one-line ``calibration_description``.
-  A string naming a local file or folder is written as its last path component:
-  the full path means nothing on another machine and would publish the user's
-  directory layout with ``push_to_hub``.
+* ``format``: what the checkpoint contains (``bits``, ``group_size``, ``symmetric``);
+* ``solver``: how each layer is solved (passed to :func:`hf_comq.comq_quantize`);
+* ``calibration``: what the layers are calibrated on.  ``dataset`` and ``processor``
+  may be large in-memory objects: the after-weight-loading hook receives no kwargs,
+  so they travel on the config, but they are never deep-copied (``from_pretrained``
+  copies the config twice) nor serialized -- only a string reference (a dataset name,
+  a local path shrunk to its last component) and a one-line description are written;
+* ``selection``: which layers are quantized and in which order they are calibrated;
+* ``recorded``: set by quantization (or read back from a checkpoint), not by users.
+
+Serialized (``to_dict``, hence ``config.json``), a COMQConfig *is* a compressed-tensors
+``pack-quantized`` ``quantization_config`` (:mod:`hf_comq.checkpoint`), so plain
+transformers and vLLM load COMQ checkpoints; the COMQ settings ride along under the
+``"comq"`` key (provenance) and :meth:`COMQConfig.from_dict` reads either form back.
 """
 
 from __future__ import annotations
@@ -23,119 +25,98 @@ import copy
 import json
 import logging
 import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint import CONV1D, LINEAR, PROVENANCE_KEY, PackedScheme, quantization_config_dict, read_packed_scheme
 from .solver import ORDERS, SOLVER_DEFAULTS, START_POINTS
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "comq"
 MIN_BITS, MAX_BITS = 2, 8
-FORMAT_FIELDS = ("bits", "group_size", "symmetric")
-_SHARED_FIELDS = ("dataset", "processor")
+FORMAT, SOLVER, CALIBRATION, SELECTION, RECORDED = "format", "solver", "calibration", "selection", "recorded"
+_LIVE_OBJECTS = ("dataset", "processor")  # may hold data or models: shared on copy, written as a reference only
 
 
+def _setting(default: Any, kind: str, help: str) -> Any:
+    return field(default=default, metadata={"kind": kind, "help": help})
+
+
+@dataclass(repr=False, eq=False)
 class COMQConfig(QuantizationConfigMixin):
     """Settings for COMQ post-training quantization during ``from_pretrained``.
 
-    Args:
-        bits: code width, 2 to 8.
-        group_size: input columns sharing one scale/zero point; ``None`` (or -1) for one
-            per output channel, as in the COMQ paper.  Must divide every quantized
-            layer's ``in_features``.
-        symmetric: zero point fixed at mid-range instead of an asymmetric min-max grid.
-        iterations, order, init, scale_refit, scale_search, shrink, damp: passed to
-            :func:`hf_comq.comq_quantize` (see its docstring).
-        dataset: calibration data: a ``datasets`` (Iterable)Dataset, a dataset name or
-            local path, a list of PIL images or strings, a tensor, or a list of dicts
-            of model inputs.
-        processor: image processor / tokenizer / processor object, or a path; ``None``
-            uses the checkpoint's own.
-        dataset_split, dataset_column: which split and column of a named dataset.
-        num_samples: calibration samples (seeded shuffle with ``seed``).
-        batch_size: samples per forward pass while calibrating.
-        max_length: text truncation length.
-        seed: seed of the calibration sample shuffle.
-        modules_to_not_convert: module names kept in full precision (matching rule in
-            :mod:`hf_comq.modules`); ``None`` = the task head (see
-            :func:`hf_comq.modules.default_modules_to_not_convert`).  After
-            quantization this holds the resolved list, so a reload converts exactly the
-            layers that were quantized.
-        block_name: dotted name of the ``nn.ModuleList`` of blocks to calibrate
-            sequentially, overriding automatic discovery.
-        sequential: calibrate each block on the outputs of the already quantized
-            prefix (``True``) or every layer on full-precision inputs (``False``, the
-            reference code's mode).
-        calibration_description: short text describing the calibration data, set by
-            calibration and written to ``config.json`` / the model card.
+    See each field's ``help`` (``COMQConfig.help(name)``) and the README's field table;
+    solver fields are documented in :func:`hf_comq.comq_quantize`.
     """
 
-    def __init__(
-        self,
-        bits: int = SOLVER_DEFAULTS["bits"],
-        group_size: int | None = None,
-        symmetric: bool = SOLVER_DEFAULTS["symmetric"],
-        iterations: int = SOLVER_DEFAULTS["iterations"],
-        order: str = SOLVER_DEFAULTS["order"],
-        init: str = SOLVER_DEFAULTS["init"],
-        scale_refit: bool = SOLVER_DEFAULTS["scale_refit"],
-        scale_search: bool = SOLVER_DEFAULTS["scale_search"],
-        shrink: float = SOLVER_DEFAULTS["shrink"],
-        damp: float | None = SOLVER_DEFAULTS["damp"],
-        dataset: Any = None,
-        processor: Any = None,
-        dataset_split: str = "train",
-        dataset_column: str | None = None,
-        num_samples: int = 128,
-        batch_size: int = 8,
-        max_length: int = 512,
-        seed: int = 0,
-        modules_to_not_convert: list[str] | None = None,
-        block_name: str | None = None,
-        sequential: bool = True,
-        calibration_description: str | None = None,
-        quant_method: str = QUANT_METHOD,
-        **kwargs: Any,
-    ):
-        if quant_method != QUANT_METHOD:
+    bits: int = _setting(SOLVER_DEFAULTS["bits"], FORMAT, "code width, 2 to 8")
+    group_size: int | None = _setting(
+        None, FORMAT, "input columns sharing one scale/zero point; None (or -1) = one per output channel"
+    )
+    symmetric: bool = _setting(SOLVER_DEFAULTS["symmetric"], FORMAT, "zero point fixed at mid-range")
+    iterations: int = _setting(SOLVER_DEFAULTS["iterations"], SOLVER, "maximum coordinate sweeps per layer")
+    order: str = _setting(SOLVER_DEFAULTS["order"], SOLVER, f"column order of a sweep, one of {list(ORDERS)}")
+    init: str = _setting(SOLVER_DEFAULTS["init"], SOLVER, f"start point, one of {list(START_POINTS)}")
+    scale_refit: bool = _setting(SOLVER_DEFAULTS["scale_refit"], SOLVER, "closed-form scale refit after every sweep")
+    scale_search: bool = _setting(SOLVER_DEFAULTS["scale_search"], SOLVER, "searched clipping of each row's range")
+    shrink: float = _setting(SOLVER_DEFAULTS["shrink"], SOLVER, "fixed factor on the initial range")
+    damp: float | None = _setting(SOLVER_DEFAULTS["damp"], SOLVER, "relative damping of the error-feedback start")
+    dataset: Any = _setting(None, CALIBRATION, "calibration data: a datasets object, a name or path, or samples")
+    processor: Any = _setting(None, CALIBRATION, "image processor / tokenizer (object or path); None = the model's")
+    dataset_split: str = _setting("train", CALIBRATION, "split of a named dataset")
+    dataset_column: str | None = _setting(None, CALIBRATION, "column of a named dataset (default: image or text)")
+    num_samples: int = _setting(128, CALIBRATION, "calibration samples (seeded shuffle)")
+    batch_size: int = _setting(8, CALIBRATION, "samples per calibration forward pass")
+    max_length: int = _setting(512, CALIBRATION, "text truncation length in tokens")
+    seed: int = _setting(0, CALIBRATION, "seed of the calibration sample choice")
+    modules_to_not_convert: list[str] | None = _setting(
+        None, SELECTION, "module names kept in full precision; None = the task head"
+    )
+    block_name: str | None = _setting(None, SELECTION, "dotted name of the block list, overriding discovery")
+    sequential: bool = _setting(True, SELECTION, "calibrate each block on the quantized prefix's outputs")
+    calibration_description: str | None = _setting(None, RECORDED, "what the model was calibrated on")
+    calibration_samples: int | None = _setting(None, RECORDED, "calibration samples actually used")
+    ignore: list[str] | None = _setting(None, RECORDED, "exact names of the linear layers kept in full precision")
+    layer_type: str | None = _setting(None, RECORDED, "class of the quantized layers: Linear or Conv1D")
+    conv1d_rows: int | None = _setting(None, RECORDED, "Conv1D scheme: block height of a per-channel grid")
+    base_model: str | None = _setting(None, RECORDED, "Hub id of the checkpoint that was quantized")
+    base_model_folder: str | None = _setting(None, RECORDED, "folder name of a local checkpoint that was quantized")
+    quant_method: str = QUANT_METHOD
+
+    def __post_init__(self) -> None:
+        if self.quant_method != QUANT_METHOD:
             raise ValueError(
-                f"quant_method: COMQConfig only describes {QUANT_METHOD!r} checkpoints, got {quant_method!r}; "
+                f"quant_method: COMQConfig only describes {QUANT_METHOD!r}, got {self.quant_method!r}; "
                 "load other methods with their own config class"
             )
-        self.quant_method = QUANT_METHOD
-        self.bits = bits
-        self.group_size = None if group_size == -1 else group_size
-        self.symmetric = symmetric
-        self.iterations = iterations
-        self.order = order
-        self.init = init
-        self.scale_refit = scale_refit
-        self.scale_search = scale_search
-        self.shrink = shrink
-        self.damp = damp
-        self.dataset = dataset
-        self.processor = processor
-        self.dataset_split = dataset_split
-        self.dataset_column = dataset_column
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.seed = seed
-        self.modules_to_not_convert = (
-            list(modules_to_not_convert) if isinstance(modules_to_not_convert, tuple) else modules_to_not_convert
-        )
-        self.block_name = block_name
-        self.sequential = sequential
-        self.calibration_description = calibration_description
-        if kwargs:
-            logger.warning(
-                "COMQConfig ignores unknown keys %s; known keys are %s", sorted(kwargs), sorted(self._field_names())
-            )
+        if self.group_size == -1:
+            self.group_size = None
+        for name in ("modules_to_not_convert", "ignore"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         self.post_init()
+
+    # ------------------------------------------------------------------ field table
+    @classmethod
+    def field_names(cls, kind: str | None = None) -> tuple[str, ...]:
+        """The settings' names, in declaration order, optionally only those of one ``kind``."""
+        return tuple(f.name for f in fields(cls) if "kind" in f.metadata and kind in (None, f.metadata["kind"]))
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """A field's default value (the one place defaults are written)."""
+        spec = next(f for f in fields(cls) if f.name == name)
+        return None if spec.default is MISSING else spec.default
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return next(f for f in fields(cls) if f.name == name).metadata["help"]
 
     # ------------------------------------------------------------------ validation
     def post_init(self) -> None:
@@ -151,7 +132,7 @@ class COMQConfig(QuantizationConfigMixin):
         _check_bool("scale_search", self.scale_search)
         _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)
         if self.damp is not None:
-            _check_float("damp", self.damp, "use a small non-negative damping such as 0.01, or None", lower_inclusive=True)
+            _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
             raise ValueError("processor: got an empty string; pass a processor object, a path, or None")
@@ -161,10 +142,19 @@ class COMQConfig(QuantizationConfigMixin):
         _check_int("batch_size", self.batch_size, 1, None, "use e.g. 8")
         _check_int("max_length", self.max_length, 1, None, "use e.g. 512 tokens")
         _check_int("seed", self.seed, 0, None, "use a non-negative integer")
-        self._check_modules_to_not_convert()
+        _check_names("modules_to_not_convert", self.modules_to_not_convert, "['classifier']; None for the task head")
         _check_str("block_name", self.block_name, optional=True)
         _check_bool("sequential", self.sequential)
         _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)
+        if self.calibration_samples is not None:
+            _check_int("calibration_samples", self.calibration_samples, 0, None, "leave it to calibration")
+        _check_names("ignore", self.ignore, "exact module names; leave it to quantization")
+        if self.layer_type is not None:
+            _check_choice("layer_type", self.layer_type, (LINEAR, CONV1D))
+        if self.conv1d_rows is not None:
+            _check_int("conv1d_rows", self.conv1d_rows, 1, None, "leave it to quantization")
+        _check_str("base_model", self.base_model, optional=True)
+        _check_str("base_model_folder", self.base_model_folder, optional=True)
 
     def _check_dataset(self) -> None:
         data = self.dataset
@@ -184,41 +174,43 @@ class COMQConfig(QuantizationConfigMixin):
                 "a dataset name or local path, a list of PIL images or strings, a tensor, or a list of dicts"
             )
 
-    def _check_modules_to_not_convert(self) -> None:
-        names = self.modules_to_not_convert
-        if names is None:
-            return
-        if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
-            raise ValueError(
-                "modules_to_not_convert: expected a list of module names such as ['classifier'], "
-                f"got {names!r}; use None for the default (the task head)"
-            )
-
     # ------------------------------------------------------------------ serialization
-    @classmethod
-    def _field_names(cls) -> tuple[str, ...]:
-        return (
-            "quant_method", "bits", "group_size", "symmetric", "iterations", "order", "init", "scale_refit",
-            "scale_search", "shrink", "damp", "dataset", "processor", "dataset_split", "dataset_column",
-            "num_samples", "batch_size", "max_length", "seed", "modules_to_not_convert", "block_name",
-            "sequential", "calibration_description",
-        )  # fmt: skip
+    def packed_scheme(self) -> PackedScheme:
+        """The checkpoint scheme these settings produce (layout fields are known once quantization ran)."""
+        return PackedScheme(
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            layer_type=self.layer_type or LINEAR,
+            conv1d_rows=self.conv1d_rows,
+            ignore=list(self.ignore or []),
+            provenance=self.provenance(),
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        """The COMQ settings behind a checkpoint, grouped by kind, JSON-safe (``config.json["..."]["comq"]``)."""
+        from . import __version__
+
+        record: dict[str, Any] = {
+            "hf_comq_version": __version__,
+            "base_model": self.base_model,
+            "base_model_folder": self.base_model_folder,
+        }
+        for kind in (SOLVER, CALIBRATION, SELECTION):
+            record[kind] = {name: self._serialized(name) for name in self.field_names(kind)}
+        record[CALIBRATION]["description"] = self.describe_calibration()
+        record[CALIBRATION]["samples_used"] = self.calibration_samples
+        return record
+
+    def _serialized(self, name: str) -> Any:
+        value = getattr(self, name)
+        if name in _LIVE_OBJECTS:
+            return portable_reference(value) if isinstance(value, (str, os.PathLike)) else None
+        return copy.deepcopy(value)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict of every field; in-memory dataset/processor objects become ``None``.
-
-        Their description goes to ``calibration_description`` (unless calibration set
-        one), so the saved config still says what the model was calibrated on.
-        """
-        result = {}
-        for name in self._field_names():
-            value = getattr(self, name)
-            if name in _SHARED_FIELDS:
-                value = portable_reference(value) if isinstance(value, (str, os.PathLike)) else None
-            result[name] = copy.deepcopy(value)
-        if result["calibration_description"] is None:
-            result["calibration_description"] = self.describe_calibration()
-        return result
+        """The compressed-tensors ``quantization_config`` (JSON-safe), COMQ settings under ``"comq"``."""
+        return quantization_config_dict(self.packed_scheme())
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -229,6 +221,51 @@ class COMQConfig(QuantizationConfigMixin):
     def __iter__(self):
         """``dict(config)`` without deep-copying the dataset (the mixin copies ``__dict__``)."""
         yield from self.to_dict().items()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Read a compressed-tensors ``quantization_config`` (what ``to_dict`` writes) or plain field values.
+
+        Unknown keys (e.g. from a newer hf_comq) are dropped with a warning rather than
+        failing a load; ``COMQConfig(...)`` itself rejects them.
+        """
+        values = cls._values_from(config_dict)
+        known = set(cls.field_names())
+        unknown = sorted(set(values) - known - {"quant_method"})
+        if unknown:
+            logger.warning("COMQConfig ignores unknown keys %s; known keys are %s", unknown, sorted(known))
+        config = cls(**{name: value for name, value in values.items() if name in known})
+        unused = {}
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        config.post_init()
+        return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def _values_from(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
+        if "config_groups" not in config_dict:
+            return dict(config_dict)
+        scheme = read_packed_scheme(config_dict)
+        values: dict[str, Any] = {}
+        for key, value in scheme.provenance.items():
+            if isinstance(value, dict):
+                values.update(value)
+            elif key in cls.field_names():
+                values[key] = value
+        values["calibration_description"] = values.pop("description", None)
+        values["calibration_samples"] = values.pop("samples_used", None)
+        values.update(
+            bits=scheme.bits,
+            group_size=scheme.group_size,
+            symmetric=scheme.symmetric,
+            ignore=scheme.ignore,
+            layer_type=scheme.layer_type,
+            conv1d_rows=scheme.conv1d_rows,
+        )
+        return values
 
     def describe_calibration(self) -> str | None:
         """One line naming the calibration data and processor, or ``None`` when there is none."""
@@ -250,14 +287,14 @@ class COMQConfig(QuantizationConfigMixin):
         clone = self.__class__.__new__(self.__class__)
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
-            setattr(clone, name, value if name in _SHARED_FIELDS else copy.deepcopy(value, memo))
+            setattr(clone, name, value if name in _LIVE_OBJECTS else copy.deepcopy(value, memo))
         return clone
 
     def format_mismatches(self, other: COMQConfig) -> dict[str, tuple[Any, Any]]:
         """Format fields (``bits``, ``group_size``, ``symmetric``) that differ: ``{field: (self, other)}``."""
         return {
             name: (getattr(self, name), getattr(other, name))
-            for name in FORMAT_FIELDS
+            for name in self.field_names(FORMAT)
             if getattr(self, name) != getattr(other, name)
         }
 
@@ -307,11 +344,11 @@ def _check_int(name: str, value: Any, low: int | None, high: int | None, fix: st
         raise ValueError(f"{name}: expected an integer {bounds}, got {value!r}; {fix}")
 
 
-def _check_float(name: str, value: Any, fix: str, upper: float | None = None, lower_inclusive: bool = False) -> None:
+def _check_float(name: str, value: Any, fix: str, upper: float | None = None) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    ok = ok and (value >= 0 if lower_inclusive else value > 0) and (upper is None or value <= upper)
+    ok = ok and value > 0 and (upper is None or value <= upper)
     if not ok:
-        bounds = ">= 0" if lower_inclusive else f"in (0, {upper}]" if upper is not None else "> 0"
+        bounds = f"in (0, {upper}]" if upper is not None else "> 0"
         raise ValueError(f"{name}: expected a number {bounds}, got {value!r}; {fix}")
 
 
@@ -331,3 +368,10 @@ def _check_str(name: str, value: Any, optional: bool, allow_empty: bool = False)
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
         hint = "a non-empty string or None" if optional else "a non-empty string"
         raise ValueError(f"{name}: expected {hint}, got {value!r}")
+
+
+def _check_names(name: str, value: Any, fix: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"{name}: expected a list of module names, got {value!r}; use {fix}")

@@ -1,37 +1,38 @@
-"""Model cards and Hub publishing for COMQ-quantized models.
+"""Model cards and Hub publishing of COMQ-quantized models.
 
-A COMQ checkpoint is only usable with ``import hf_comq`` run before ``from_pretrained``: without it transformers
-silently loads random weights in place of the quantized layers.  The model card is where users learn that, so
-every COMQ model written by ``save_pretrained`` or uploaded by ``push_to_hub`` gets one, filled from the
-quantization config (bits, grid, solver settings, calibration data) and optional evaluation metrics.
+Every COMQ model written by ``save_pretrained`` or uploaded by ``push_to_hub`` gets a
+model card: what was quantized and how (bits, grid, solver settings, calibration data),
+who can load the checkpoint (:func:`hf_comq.checkpoint.runtime_support`), and optional
+evaluation results.  The card is built with huggingface_hub's own card utilities
+(:class:`~huggingface_hub.ModelCard`, :class:`~huggingface_hub.ModelCardData`,
+:class:`~huggingface_hub.EvalResult`) from the one Jinja template in the repository's
+``model_cards/`` folder (shipped as the package ``hf_comq.model_cards``).
 
-The template lives in ``hf_comq/templates/comq_model_card.md`` (a copy of ``model_cards/comq_model_card.md`` in
-the repository) and uses :class:`string.Template` placeholders (``${name}``) so that it stays a readable Markdown
-file without adding a templating dependency.
-
-Saving integration: :func:`attach_model_card_hook` is called by the quantizer on every COMQ model once its
-weights are in place.  It installs two per-instance methods (bound with :class:`types.MethodType`, so a
-``copy.deepcopy`` of the model rebinds them to the copy instead of saving the original):
+Saving integration: :func:`attach_model_card_hook` is called by the quantizer on every
+COMQ model once its weights are in place.  It gives the model instance its own
+``save_pretrained`` and ``push_to_hub`` (public methods; plain callable objects, so a
+``copy.deepcopy`` rebinds them to the copy and ``pickle`` / ``torch.save`` keep working):
 
 * ``save_pretrained`` writes README.md after the regular save when the folder has none;
-* ``_upload_modified_files`` (the single upload step shared by ``push_to_hub`` and
-  ``save_pretrained(push_to_hub=True)``) replaces the generic card transformers generates for a repository that
-  has no README yet.  A README that already exists on the Hub is kept; it only receives the COMQ tags.
+  with ``push_to_hub=True`` it then publishes the folder like ``push_to_hub``;
+* ``push_to_hub`` saves into a temporary folder (card included) and publishes it with
+  :func:`push_folder`: ``create_repo(exist_ok=True)`` plus one ``upload_folder`` commit.
+  A README that already exists on the Hub is the owner's and is kept; it only receives
+  the COMQ tags.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import types
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from string import Template
 from typing import Any, Mapping
 
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from .checkpoint import runtime_support
 
 __all__ = [
     "ModelCardSettings",
@@ -39,16 +40,19 @@ __all__ = [
     "card_tags",
     "infer_pipeline_tag",
     "load_template",
+    "push_folder",
     "render_model_card",
     "write_model_card",
 ]
 
 README_NAME = "README.md"
+TEMPLATE_NAME = "comq_model_card.md"
 _CARD_ATTR = "_comq_model_card"
 _MODEL_ID_PLACEHOLDER = "<repo-id-or-folder-of-this-model>"
+_MAX_LISTED_MODULES = 12
 
-# Solver settings shown first, in this order, with a human label.  Keys follow COMQConfig / comq_quantize.
-_PRIMARY_SETTINGS: tuple[tuple[str, str], ...] = (
+# Settings shown in the card, in this order, with a human label.
+_SETTINGS: tuple[tuple[str, str], ...] = (
     ("bits", "Weight bits"),
     ("group_size", "Group size"),
     ("symmetric", "Symmetric grid"),
@@ -57,26 +61,22 @@ _PRIMARY_SETTINGS: tuple[tuple[str, str], ...] = (
     ("iterations", "Coordinate-descent sweeps (max.)"),
     ("scale_refit", "Scale refit"),
     ("scale_search", "Scale search"),
+    ("shrink", "Range shrink factor"),
+    ("damp", "Damping of the error-feedback start"),
+    ("sequential", "Block-sequential calibration"),
 )
-# Keys described in the calibration section rather than in the settings table.  The dataset name, split and
-# column only mean something when the dataset was given by name (in-memory data is serialized as None).
 _DATASET_KEYS: tuple[tuple[str, str], ...] = (
     ("dataset", "Dataset"),
     ("dataset_split", "Split"),
     ("dataset_column", "Column"),
 )
 _CALIBRATION_KEYS: tuple[tuple[str, str], ...] = (
+    ("calibration_samples", "Samples used"),
     ("num_samples", "Requested samples (`num_samples`)"),
     ("batch_size", "Batch size"),
     ("max_length", "Max. sequence length (text inputs)"),
     ("seed", "Sampling seed"),
 )
-# Keys that are not settings of the quantized result (bookkeeping, objects, or rendered elsewhere).
-_NOT_SETTINGS = frozenset(
-    {"quant_method", "calibration_description", "processor", "modules_to_not_convert"}
-    | {key for key, _ in _DATASET_KEYS + _CALIBRATION_KEYS}
-)
-_MAX_LISTED_MODULES = 12
 
 # Task head suffixes of transformers class names -> Hub pipeline tag.
 _PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -93,35 +93,32 @@ _PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForAudioClassification", "audio-classification"),
 )
 _NON_TEXT_PIPELINES = ("image-", "object-", "audio-", "automatic-speech")
-_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?")
-
-
-class _Unset:
-    """Sentinel type: "argument not given", distinct from an explicit ``None``."""
-
-
-_UNSET = _Unset()
 
 
 @dataclass
 class ModelCardSettings:
-    """What the card hook needs besides the quantization config, kept on the model between save calls."""
+    """What the card needs besides the quantization config, kept on the model between save calls.
+
+    ``metrics`` is a comparison table for the card body, ``{"top-1": 0.80}`` or
+    ``{"top-1": {"fp32": 0.81, "comq w4": 0.80}}``; ``eval_results`` are this model's own
+    results as huggingface_hub ``EvalResult`` objects, written to the card's model-index.
+    """
 
     base_model: str | None = None
     metrics: Mapping[str, Any] | None = None
+    eval_results: list[EvalResult] = field(default_factory=list)
     pipeline_tag: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- rendering
 def load_template() -> str:
-    """The Markdown template shipped inside the package (so an installed wheel can render cards)."""
-    template = resources.files("hf_comq").joinpath("templates").joinpath("comq_model_card.md")
-    return template.read_text(encoding="utf-8")
+    """The Jinja template of ``model_cards/``, shipped inside the package as ``hf_comq.model_cards``."""
+    return resources.files("hf_comq.model_cards").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
 
 
 def card_tags(bits: int, extra: list[str] | tuple[str, ...] | None = None) -> list[str]:
-    """The card's tags: ``comq``, ``quantized``, ``{bits}-bit`` first, then ``extra`` without duplicates."""
-    tags = ["comq", "quantized", f"{bits}-bit"]
+    """The card's tags: ``comq``, ``compressed-tensors``, ``quantized``, ``{bits}-bit``, then ``extra`` once each."""
+    tags = ["comq", "compressed-tensors", "quantized", f"{bits}-bit"]
     for tag in extra or ():
         if isinstance(tag, str) and tag and tag not in tags:
             tags.append(tag)
@@ -133,17 +130,15 @@ def _is_hub_repo_id(name: str) -> bool:
 
     The Hub rejects (and links nowhere for) local paths, and a path would leak the publisher's file layout.
     """
-    return (
-        _HUB_REPO_ID.fullmatch(name) is not None
-        and "--" not in name
-        and ".." not in name
-        and not os.path.isdir(name)
-    )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-
-def _yaml_scalar(value: str) -> str:
-    """A JSON string is a valid YAML scalar: quoting this way cannot break the front matter."""
-    return json.dumps(value, ensure_ascii=False)
+    if os.path.isdir(name) or os.path.isabs(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _cell(value: Any) -> str:
@@ -159,12 +154,12 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _setting_value(key: str, config: Mapping[str, Any]) -> str:
-    if key not in config:
-        return "not recorded"
-    value = config[key]
+def _setting_value(key: str, config: Any) -> str:
+    value = getattr(config, key, None)
     if key == "group_size" and value is None:
         return "none (one scale per output channel)"
+    if key == "damp" and value is None:
+        return "default for the bit width"
     if value is None:
         return "default"
     if isinstance(value, str):  # solver option names, e.g. `act_order`
@@ -172,50 +167,35 @@ def _setting_value(key: str, config: Mapping[str, Any]) -> str:
     return _cell(value)
 
 
-def _settings_rows(config: Mapping[str, Any]) -> str:
-    rows = [f"| {label} | {_setting_value(key, config)} |" for key, label in _PRIMARY_SETTINGS]
-    shown = {key for key, _ in _PRIMARY_SETTINGS} | _NOT_SETTINGS
-    for key in sorted(config):
-        value = config[key]
-        if key in shown or key.startswith("_") or value is None:
-            continue
-        if isinstance(value, (bool, int, float, str)):
-            rows.append(f"| `{key}` | {_cell(value)} |")
-    skipped = config.get("modules_to_not_convert")
-    if skipped:
-        names = list(skipped)
-        listed = ", ".join(f"`{name}`" for name in names[:_MAX_LISTED_MODULES])
-        if len(names) > _MAX_LISTED_MODULES:
-            listed += f" and {len(names) - _MAX_LISTED_MODULES} more"
-        rows.append(f"| Kept in full precision | {listed} |")
-    return "\n".join(rows)
+def _settings_rows(config: Any) -> list[tuple[str, str]]:
+    rows = [(label, _setting_value(key, config)) for key, label in _SETTINGS]
+    kept = list(config.ignore or [])
+    if kept:
+        listed = ", ".join(f"`{name}`" for name in kept[:_MAX_LISTED_MODULES])
+        if len(kept) > _MAX_LISTED_MODULES:
+            listed += f" and {len(kept) - _MAX_LISTED_MODULES} more"
+        rows.append(("Linear layers kept in full precision", listed))
+    return rows
 
 
-def _calibration_md(config: Mapping[str, Any], pipeline_tag: str | None) -> str:
-    """Bullet list of the calibration data; text-only options are left out for image and audio models."""
-    description = config.get("calibration_description")
-    if isinstance(description, Mapping):
-        description = ", ".join(f"{key}: {value}" for key, value in description.items())
-    lines = [f"- **Data:** {_cell(description) if description else 'not recorded'}"]
-    keys = (_DATASET_KEYS if isinstance(config.get("dataset"), str) else ()) + _CALIBRATION_KEYS
+def _calibration_rows(config: Any, pipeline_tag: str | None) -> list[tuple[str, str]]:
+    """The calibration data; text-only options are left out for image and audio models."""
+    description = config.describe_calibration()
+    rows = [("Data", _cell(description) if description else "not recorded")]
+    keys = (_DATASET_KEYS if isinstance(config.dataset, str) else ()) + _CALIBRATION_KEYS
     non_text = (pipeline_tag or "").startswith(_NON_TEXT_PIPELINES)
     for key, label in keys:
-        if key == "max_length" and non_text:
+        value = config._serialized(key) if key in ("dataset", "processor") else getattr(config, key, None)
+        if (key == "max_length" and non_text) or not isinstance(value, (str, int, float)):
             continue
-        if isinstance(config.get(key), (str, int, float)):
-            lines.append(f"- **{label}:** {_cell(config[key])}")
-    lines.append("")
-    lines.append(
-        "COMQ only uses the calibration inputs to measure each layer's input statistics: no labels and no "
-        "back-propagation are involved, and the calibration data is not part of this repository."
-    )
-    return "\n".join(lines)
+        rows.append((label, _cell(value)))
+    return rows
 
 
-def _metrics_md(metrics: Mapping[str, Any] | None) -> str:
-    """An "Evaluation" section: one row per metric, one column per model variant when values are dicts."""
+def _comparison_table(metrics: Mapping[str, Any] | None) -> list[list[str]]:
+    """Rows of the evaluation table (header first): one row per metric, one column per model when values are dicts."""
     if not metrics:
-        return "## Evaluation\n\nNo evaluation results were recorded for this model card."
+        return []
     if not isinstance(metrics, Mapping):
         raise ValueError(f"metrics must be a dict of metric name -> value (or -> dict of values), got {metrics!r}")
     nested = [name for name, value in metrics.items() if isinstance(value, Mapping)]
@@ -225,33 +205,19 @@ def _metrics_md(metrics: Mapping[str, Any] | None) -> str:
             f"(e.g. {{'top-1': {{'fp32': 0.81, 'comq': 0.80}}}}); mixed entries: {sorted(map(str, metrics))}"
         )
     if not nested:
-        rows = ["| Metric | Value |", "|---|---|"]
-        rows += [f"| {_cell(name)} | {_cell(value)} |" for name, value in metrics.items()]
-    else:
-        columns: list[str] = []
-        for value in metrics.values():
-            columns += [str(column) for column in value if str(column) not in columns]
-        rows = ["| Metric | " + " | ".join(_cell(column) for column in columns) + " |"]
-        rows.append("|---|" + "---|" * len(columns))
-        for name, value in metrics.items():
-            by_column = {str(column): cell for column, cell in value.items()}
-            cells = [_cell(by_column[column]) if column in by_column else "—" for column in columns]
-            rows.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
-    return "## Evaluation\n\n" + "\n".join(rows)
-
-
-def _tidy(text: str) -> str:
-    """Drop the metadata lines of absent optional fields and collapse runs of blank lines in the body."""
-    match = re.match(r"\A---\n(.*?)\n---\n", text, flags=re.DOTALL)
-    if match is None:
-        raise ValueError("The model card template must start with a YAML front matter block")
-    metadata = "\n".join(line for line in match.group(1).splitlines() if line.strip())
-    body = re.sub(r"\n{3,}", "\n\n", text[match.end() :]).strip("\n")
-    return f"---\n{metadata}\n---\n\n{body}\n"
+        return [["Metric", "Value"]] + [[_cell(name), _cell(value)] for name, value in metrics.items()]
+    columns: list[str] = []
+    for value in metrics.values():
+        columns += [str(column) for column in value if str(column) not in columns]
+    rows = [["Metric"] + [_cell(column) for column in columns]]
+    for name, value in metrics.items():
+        by_column = {str(column): cell for column, cell in value.items()}
+        rows.append([_cell(name)] + [_cell(by_column[column]) if column in by_column else "—" for column in columns])
+    return rows
 
 
 def render_model_card(
-    config_dict: Mapping[str, Any],
+    config: Any,
     base_model: str | None,
     metrics: Mapping[str, Any] | None = None,
     pipeline_tag: str | None = None,
@@ -259,58 +225,60 @@ def render_model_card(
     model_class: str = "AutoModel",
     model_id: str | None = None,
     tags: list[str] | tuple[str, ...] | None = None,
-) -> str:
-    """Fill the COMQ model card template.
+    eval_results: list[EvalResult] | None = None,
+) -> ModelCard:
+    """The COMQ model card for a quantized model's ``COMQConfig``.
 
     Args:
-        config_dict: ``COMQConfig.to_dict()`` (what ``config.json["quantization_config"]`` holds).
-        base_model: the checkpoint that was quantized.  A Hub id goes into the ``base_model`` metadata (which
-            links the two repositories on the Hub); a local path is only named by its folder.
-        metrics: optional evaluation results, ``{"top-1": 0.80}`` or ``{"top-1": {"fp32": 0.81, "comq": 0.80}}``.
+        config: the model's :class:`hf_comq.COMQConfig` (after quantization or loading).
+        base_model: the checkpoint that was quantized, overriding what the config recorded.  A Hub id goes into
+            the ``base_model`` metadata (which links the two repositories on the Hub); a local path is only named
+            by its folder.
+        metrics: optional comparison table (see :class:`ModelCardSettings`).
         pipeline_tag: the Hub task, when known (see :func:`infer_pipeline_tag`).
         model_class: the transformers class shown in the usage snippet.
         model_id: the repository id (or folder) shown in the usage snippet; a placeholder when unknown.
-        tags: tags added after ``comq``, ``quantized`` and ``{bits}-bit``.
-
-    Returns:
-        The README.md text: YAML front matter followed by the Markdown card.
-
-    Raises:
-        ValueError: when ``config_dict`` is not a COMQ config, or metrics have an unsupported shape.
+        tags: tags added after the COMQ ones.
+        eval_results: this model's results for the card's model-index.
     """
-    quant_method = config_dict.get("quant_method", "comq")
-    quant_method = getattr(quant_method, "value", quant_method)
-    if quant_method != "comq":
-        raise ValueError(f"render_model_card expects a COMQ quantization config, got quant_method={quant_method!r}")
-    bits = config_dict.get("bits")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"The quantization config must record an integer bit width in [1, 8], got bits={bits!r}")
-
-    hub_base = base_model if base_model and _is_hub_repo_id(base_model) else None
+    if base_model is None:  # what quantization recorded: a Hub id, or a local folder's name
+        hub_base, folder = config.base_model, config.base_model_folder
+    else:
+        hub_base = base_model if _is_hub_repo_id(base_model) else None
+        folder = None if hub_base else Path(base_model.rstrip("/\\")).name or "model"
     if hub_base:
         base_model_md = f"[`{hub_base}`](https://huggingface.co/{hub_base})"
         name = hub_base.split("/")[-1]
-    elif base_model:
-        name = Path(base_model.rstrip("/\\")).name or "model"
+    elif folder:
+        name = folder
         base_model_md = f"a local checkpoint (`{name}`)"
     else:
         name = model_class
         base_model_md = "its base model"
-
-    values = {
-        "base_model_yaml": f"base_model: {_yaml_scalar(hub_base)}" if hub_base else "",
-        "pipeline_tag_yaml": f"pipeline_tag: {_yaml_scalar(pipeline_tag)}" if pipeline_tag else "",
-        "bits": str(bits),
-        "extra_tags_yaml": "\n".join(f"- {_yaml_scalar(tag)}" for tag in card_tags(bits, tags)[3:]),
-        "title": f"{name} — COMQ {bits}-bit",
-        "base_model_md": base_model_md,
-        "model_class": model_class,
-        "model_id": model_id or _MODEL_ID_PLACEHOLDER,
-        "settings_rows": _settings_rows(config_dict),
-        "calibration_md": _calibration_md(config_dict, pipeline_tag),
-        "metrics_md": _metrics_md(metrics),
-    }
-    return _tidy(Template(load_template()).substitute(values))
+    title = f"{name} — COMQ {config.bits}-bit"
+    card_data = ModelCardData(
+        library_name="transformers",
+        base_model=hub_base,
+        pipeline_tag=pipeline_tag,
+        tags=card_tags(config.bits, tags),
+        model_name=title if eval_results else None,
+        eval_results=list(eval_results) if eval_results else None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=load_template(),
+        title=title,
+        bits=config.bits,
+        base_model_md=base_model_md,
+        model_class=model_class,
+        model_id=model_id or _MODEL_ID_PLACEHOLDER,
+        is_causal_lm=model_class.endswith("ForCausalLM"),
+        runtimes=runtime_support(config.packed_scheme(), model_class),
+        settings=_settings_rows(config),
+        calibration=_calibration_rows(config, pipeline_tag),
+        metrics=_comparison_table(metrics),
+        hf_comq_version=config.provenance()["hf_comq_version"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model helpers
@@ -326,35 +294,22 @@ def infer_pipeline_tag(model: Any) -> str | None:
     return None
 
 
-def _quantization_config_dict(model: Any) -> dict[str, Any]:
+def _comq_config(model: Any) -> Any:
+    from .config import COMQConfig
+
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if config is None:
         raise ValueError("The model has no quantization_config: only COMQ-quantized models get a COMQ model card")
-    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    quant_method = config_dict.get("quant_method")
-    if getattr(quant_method, "value", quant_method) != "comq":
-        raise ValueError(f"The model is quantized with {quant_method!r}, not COMQ")
-    return config_dict
-
-
-def _default_base_model(model: Any) -> str | None:
-    """The checkpoint that was quantized: the one ``from_pretrained`` loaded, unless it was already COMQ.
-
-    When a pre-quantized COMQ checkpoint is loaded, ``name_or_path`` names the quantized model itself, which
-    must not be advertised as its own base model.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(quantizer, "pre_quantized", False):
-        return None
-    name = getattr(model, "name_or_path", None)
-    return str(name) if name else None
+    if not isinstance(config, COMQConfig):
+        raise ValueError(f"The model is quantized with {type(config).__name__}, not hf_comq's COMQConfig")
+    return config
 
 
 def _card_settings(model: Any) -> ModelCardSettings:
     settings = getattr(model, _CARD_ATTR, None)
     if isinstance(settings, ModelCardSettings):
         return settings
-    return ModelCardSettings(base_model=_default_base_model(model), pipeline_tag=infer_pipeline_tag(model))
+    return ModelCardSettings(pipeline_tag=infer_pipeline_tag(model))
 
 
 def _model_class_name(model: Any) -> str:
@@ -363,36 +318,25 @@ def _model_class_name(model: Any) -> str:
     return cls.__name__ if cls.__module__.startswith("transformers.") else "AutoModel"
 
 
-def _render_for_model(
-    model: Any,
-    metrics: Mapping[str, Any] | None = None,
-    model_id: str | None = None,
-    tags: list[str] | None = None,
-) -> str:
+def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | None = None) -> ModelCard:
     settings = _card_settings(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return render_model_card(
-        _quantization_config_dict(model),
+        _comq_config(model),
         settings.base_model,
-        metrics if metrics is not None else settings.metrics,
+        settings.metrics,
         settings.pipeline_tag,
         model_class=_model_class_name(model),
         model_id=model_id,
         tags=([model_type] if model_type else []) + list(tags or []),
+        eval_results=settings.eval_results,
     )
 
 
-def write_model_card(
-    save_directory: str | os.PathLike[str],
-    model: Any,
-    metrics: Mapping[str, Any] | None = None,
-    *,
-    model_id: str | None = None,
-) -> Path | None:
+def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, model_id: str | None = None) -> Path | None:
     """Write README.md for a COMQ model into ``save_directory`` unless the folder already has one.
 
-    An existing README is the user's (or a previous save's) and is never overwritten.  Metrics default to those
-    given to :func:`attach_model_card_hook`.
+    An existing README is the user's (or a previous save's) and is never overwritten.
 
     Returns:
         The path written, or ``None`` when a README already existed.
@@ -400,7 +344,7 @@ def write_model_card(
     path = Path(save_directory) / README_NAME
     if path.exists():
         return None
-    text = _render_for_model(model, metrics, model_id=model_id)
+    text = str(_card_for_model(model, model_id=model_id))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(path, "x", encoding="utf-8") as handle:  # "x": never clobber a README created meanwhile
@@ -410,101 +354,150 @@ def write_model_card(
     return path
 
 
+def push_folder(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    token: bool | str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    tags: list[str] | None = None,
+) -> Any:
+    """Publish a finished checkpoint folder in one commit: ``create_repo(exist_ok=True)`` + ``upload_folder``.
+
+    The folder's README.md is the COMQ card; when the repository already has a README,
+    that one is kept (it is the owner's text) and only receives the folder card's tags.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    readme = Path(folder) / README_NAME
+    if readme.is_file():
+        card = ModelCard.load(readme)
+        if api.file_exists(repo_id, README_NAME, revision=revision):
+            card_tags_here = list(card.data.tags or [])
+            card = ModelCard.load(repo_id, token=token)
+            card.data.tags = list(card.data.tags or []) + [t for t in card_tags_here if t not in (card.data.tags or [])]
+        card.data.tags = list(card.data.tags or []) + [t for t in tags or () if t not in (card.data.tags or [])]
+        card.save(readme)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message or "Upload COMQ-quantized model",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- save hooks
 def _is_comq_model(model: Any) -> bool:
     """Still COMQ-quantized?  ``model.dequantize()`` removes the config, and then no COMQ card is due."""
     try:
-        _quantization_config_dict(model)
+        _comq_config(model)
     except ValueError:
         return False
     return True
 
 
-def _save_pretrained_with_card(self: Any, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
-    """``save_pretrained`` of a COMQ model: the regular save, then README.md if the folder has none."""
-    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    is_main_process = kwargs.get("is_main_process", args[0] if args else True)
-    if is_main_process and os.path.isdir(save_directory) and _is_comq_model(self):
-        write_model_card(save_directory, self)
-    return result
+class _SavePretrainedWithCard:
+    """``model.save_pretrained`` of a COMQ model: the regular save, then README.md if the folder has none.
 
-
-def _upload_modified_files_with_card(
-    self: Any,
-    working_dir: str | os.PathLike[str],
-    repo_id: str,
-    files_timestamps: dict[str, float],
-    commit_message: str | None = None,
-    token: bool | str | None = None,
-    create_pr: bool = False,
-    revision: str | None = None,
-    commit_description: str | None = None,
-) -> Any:
-    """Upload step of ``push_to_hub``: put the COMQ card (or the COMQ tags) into README.md, then upload.
-
-    Just before this step transformers writes into ``working_dir`` either the README already on the Hub or, for a
-    repository without one, a generic template card.  The generic card is replaced by the COMQ card (keeping the
-    tags it carries, such as ``push_to_hub(tags=...)``); an existing card is the owner's text and only gets the
-    COMQ tags, so that the model is still found as a COMQ model.
+    ``push_to_hub=True`` is taken out of transformers' hands so that the upload is the
+    folder as saved here, card included, in one commit (:func:`push_folder`).
     """
-    readme = Path(working_dir) / README_NAME
-    if _is_comq_model(self):
-        existing = ModelCard.load(readme) if readme.is_file() else None
-        existing_tags = list(existing.data.tags or []) if existing is not None else []
-        # transformers looked for the remote card on the default branch; ask the same question.
-        if existing is None or not HfApi().file_exists(repo_id, README_NAME, token=token):
-            readme.write_text(_render_for_model(self, model_id=repo_id, tags=existing_tags), encoding="utf-8")
-        else:
-            bits = int(_quantization_config_dict(self)["bits"])
-            existing.data.tags = existing_tags + [tag for tag in card_tags(bits) if tag not in existing_tags]
-            existing.save(readme)
-    return type(self)._upload_modified_files(
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __call__(self, save_directory: str | os.PathLike[str], *args: Any, push_to_hub: bool = False, **kwargs: Any):
+        push = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr") if key in kwargs}
+        model = self.model
+        result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        is_main_process = kwargs.get("is_main_process", args[0] if args else True)
+        if not (is_main_process and os.path.isdir(save_directory) and _is_comq_model(model)):
+            return result
+        repo_id = push.pop("repo_id", None) or Path(save_directory).name
+        write_model_card(save_directory, model, model_id=repo_id)
+        if push_to_hub:
+            push_folder(save_directory, repo_id, **push)
+        return result
+
+
+class _PushToHubWithCard:
+    """``model.push_to_hub`` of a COMQ model: save (card included) into a temporary folder, publish it in one commit."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __call__(
         self,
-        working_dir,
-        repo_id,
-        files_timestamps,
-        commit_message=commit_message,
-        token=token,
-        create_pr=create_pr,
-        revision=revision,
-        commit_description=commit_description,
-    )
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> Any:
+        model = self.model
+        if not _is_comq_model(model):
+            return type(model).push_to_hub(
+                model, repo_id, commit_message=commit_message, commit_description=commit_description,
+                private=private, token=token, revision=revision, create_pr=create_pr,
+                max_shard_size=max_shard_size, tags=tags,
+            )  # fmt: skip
+        with tempfile.TemporaryDirectory() as folder:
+            type(model).save_pretrained(model, folder, max_shard_size=max_shard_size)
+            write_model_card(folder, model, model_id=repo_id)
+            return push_folder(
+                folder, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
+                commit_message=commit_message, commit_description=commit_description,
+                tags=list(model.model_tags or []) + list(tags or []),
+            )  # fmt: skip
 
 
 def attach_model_card_hook(
     model: Any,
     *,
-    base_model: str | None | _Unset = _UNSET,
-    metrics: Mapping[str, Any] | None | _Unset = _UNSET,
-    pipeline_tag: str | None | _Unset = _UNSET,
+    base_model: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    eval_results: list[EvalResult] | None = None,
+    pipeline_tag: str | None = None,
 ) -> None:
     """Make ``model.save_pretrained`` and ``model.push_to_hub`` publish the COMQ model card.
 
     Called by the COMQ quantizer once the model's weights are quantized (or loaded); idempotent, so users may call
-    it again to add evaluation ``metrics`` or to name the ``base_model`` explicitly.  Arguments not given keep
-    their current value (defaults: the checkpoint passed to ``from_pretrained``, no metrics, the pipeline tag
+    it again to add evaluation ``metrics`` / ``eval_results`` or to name the ``base_model``.  Arguments left at
+    ``None`` keep their current value (defaults: the checkpoint that was quantized, no metrics, the pipeline tag
     inferred from the model class).
 
     Raises:
-        ValueError: when the model is not quantized with COMQ.
+        ValueError: when the model is not quantized with COMQ, or ``metrics`` has an unsupported shape.
     """
-    _quantization_config_dict(model)  # raises unless the model is COMQ-quantized
+    _comq_config(model)  # raises unless the model is COMQ-quantized
     settings = _card_settings(model)
-    if not isinstance(base_model, _Unset):
+    if base_model is not None:
         settings.base_model = base_model
-    if not isinstance(metrics, _Unset):
-        _metrics_md(metrics)  # validate now rather than at save time
+    if metrics is not None:
+        _comparison_table(metrics)  # validate now rather than at save time
         settings.metrics = metrics
-    if not isinstance(pipeline_tag, _Unset):
+    if eval_results is not None:
+        settings.eval_results = list(eval_results)
+    if pipeline_tag is not None:
         settings.pipeline_tag = pipeline_tag
-    # A plain attribute (nn.Module keeps non-tensor attributes in __dict__): deep copies carry it along.
+    # Plain attributes and callable objects (nn.Module keeps them in __dict__): deep copies and pickles carry them.
     setattr(model, _CARD_ATTR, settings)
-    for name, function in (
-        ("save_pretrained", _save_pretrained_with_card),
-        ("_upload_modified_files", _upload_modified_files_with_card),
-    ):
+    for name, hook in (("save_pretrained", _SavePretrainedWithCard), ("push_to_hub", _PushToHubWithCard)):
         if not hasattr(type(model), name):
             raise TypeError(f"{type(model).__name__} has no {name}: cannot attach the COMQ model card hook")
-        bound = model.__dict__.get(name)
-        if not (isinstance(bound, types.MethodType) and bound.__func__ is function):
-            setattr(model, name, types.MethodType(function, model))
+        if not isinstance(model.__dict__.get(name), hook):
+            setattr(model, name, hook(model))
+

@@ -1,13 +1,16 @@
-"""``load_quantized``: load a COMQ checkpoint and refuse to hand back a broken model.
+"""``load_quantized``: load a compressed-tensors ``pack-quantized`` checkpoint with its layers kept packed.
 
-Why this exists: transformers has no plugin discovery.  Calling
-``AutoModel.from_pretrained(path)`` on a COMQ checkpoint *without* ``import hf_comq``
-only logs "Unknown quantization type", loads the plain architecture, reports the
-packed tensors as unexpected and initialises every quantized ``nn.Linear`` with
-random weights -- no exception.  ``load_quantized`` imports and registers the
-plugin itself, checks that the folder really is a COMQ checkpoint, and verifies the
-loaded model (:func:`hf_comq.quantizer.verify_quantized_model`).  For a model that
-was loaded some other way, :func:`check_quantized_model` runs the same checks.
+A COMQ checkpoint loads anywhere compressed-tensors checkpoints load: plain
+``AutoModel...from_pretrained(path)`` (with compressed-tensors installed) gives a model
+with exact, dense, dequantized weights.  ``load_quantized`` gives the same outputs from
+layers that stay packed in memory (:class:`hf_comq.nn.COMQLinear`, about an eighth of
+the fp32 weight bytes at 4 bits), so the quantized model is also smaller when running.
+
+It routes the checkpoint to hf_comq's quantizer by handing ``from_pretrained`` the
+checkpoint's own configuration with the ``quantization_config`` tagged for hf_comq
+(a public ``from_pretrained`` argument), then verifies every packed layer, because
+transformers only logs missing or mismatching tensors.  Any producer's checkpoint
+works when it is integer, weight-only and packed (e.g. llm-compressor's GPTQ W4A16).
 """
 
 from __future__ import annotations
@@ -16,28 +19,27 @@ import os
 from typing import Any
 
 import transformers
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
+from .checkpoint import PACKED_SUFFIXES, CheckpointError, is_packed_checkpoint, verify_quantized_model
 from .config import QUANT_METHOD, COMQConfig
-from .nn.quant_linear import BUFFER_NAMES
-from .quantizer import CheckpointError, verify_quantized_model
 from .registration import register
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download", "proxies")
 
 
 def read_quantization_config(path: str | os.PathLike, **hub_kwargs: Any) -> COMQConfig:
-    """The :class:`COMQConfig` stored in ``path``'s ``config.json``; raises if it is not a COMQ checkpoint."""
+    """The :class:`COMQConfig` a checkpoint's ``config.json`` describes; raises unless it is pack-quantized."""
     config_dict, _ = PreTrainedConfig.get_config_dict(str(path), **hub_kwargs)
-    stored = config_dict.get("quantization_config")
-    if not isinstance(stored, dict) or stored.get("quant_method") != QUANT_METHOD:
+    if not is_packed_checkpoint(config_dict):
+        stored = config_dict.get("quantization_config")
         found = stored.get("quant_method") if isinstance(stored, dict) else None
         raise CheckpointError(
-            f"{path} is not a COMQ checkpoint: config.json has "
+            f"{path} is not a compressed-tensors pack-quantized checkpoint: config.json has "
             + (f"quant_method={found!r}" if found else "no quantization_config")
-            + "; load it with from_pretrained (with quantization_config=COMQConfig(...) to quantize it)"
+            + "; quantize it with from_pretrained(..., quantization_config=COMQConfig(...))"
         )
-    return COMQConfig.from_dict(stored)
+    return COMQConfig.from_dict(config_dict["quantization_config"])
 
 
 def load_quantized(
@@ -47,60 +49,60 @@ def load_quantized(
     quantization_config: COMQConfig | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a COMQ checkpoint (local folder or Hub id) and verify every quantized layer.
+    """Load a pack-quantized checkpoint (local folder or Hub id), layers kept packed, and verify it.
 
     Args:
         path: folder or repo id written by ``save_pretrained`` / ``push_to_hub``.
         model_class: class to load with; default: the first of ``config.json``'s
             ``architectures`` (falling back to ``AutoModel``).
         quantization_config: optional; if given, its ``bits`` / ``group_size`` /
-            ``symmetric`` must equal the checkpoint's, else ``CheckpointError`` (plain
-            ``from_pretrained`` would silently use the checkpoint's and only warn).
+            ``symmetric`` must equal the checkpoint's, else ``CheckpointError``.
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``revision``...).
 
     Raises:
-        CheckpointError: not a COMQ checkpoint, config mismatch, or packed tensors
+        CheckpointError: not a pack-quantized checkpoint, config mismatch, or packed tensors
             missing / of the wrong shape / left over.
     """
     register()
+    if "config" in kwargs:
+        raise TypeError("load_quantized reads the checkpoint's own config; do not pass config=")
     hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
     stored = read_quantization_config(path, **hub_kwargs)
     if quantization_config is not None:
         _check_same_format(stored, quantization_config)
-    cls = model_class or _model_class_for(path, hub_kwargs)
+    config = AutoConfig.from_pretrained(str(path), **hub_kwargs)
+    config.quantization_config = {**config.quantization_config, "quant_method": QUANT_METHOD}
+    cls = model_class or _model_class_for(config)
     want_info = kwargs.pop("output_loading_info", False)
-    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     _check_loading_info(info)
     check_quantized_model(model)
     return (model, info) if want_info else model
 
 
 def check_quantized_model(model: PreTrainedModel) -> None:
-    """Raise unless ``model`` is a correctly loaded COMQ model.
-
-    Use after loading a COMQ checkpoint by other means: it catches the silent case
-    where ``hf_comq`` was not imported and the linear layers are random.
-    """
+    """Raise unless ``model`` was loaded with packed layers that all hold real tensors."""
     stored = getattr(model.config, "quantization_config", None)
     if isinstance(stored, dict):
-        if stored.get("quant_method") != QUANT_METHOD:
-            raise CheckpointError("the model's quantization_config is not a COMQ config")
         stored = COMQConfig.from_dict(stored)
     if not isinstance(stored, COMQConfig):
-        raise CheckpointError("the model has no COMQ quantization_config; it is not a COMQ model")
-    verify_quantized_model(model, stored)
+        raise CheckpointError(
+            "the model was not loaded with packed layers (its quantization_config is not hf_comq's); "
+            "load it with hf_comq.load_quantized(path)"
+        )
+    verify_quantized_model(model, stored.packed_scheme())
 
 
 def _check_same_format(stored: COMQConfig, requested: COMQConfig) -> None:
     if not isinstance(requested, COMQConfig):
         raise CheckpointError(
-            f"quantization_config: expected a COMQConfig for a COMQ checkpoint, got {type(requested).__name__}"
+            f"quantization_config: expected a COMQConfig, got {type(requested).__name__}"
         )
     differences = stored.format_mismatches(requested)
     if differences:
         listed = ", ".join(f"{name}: checkpoint {mine!r} vs passed {theirs!r}" for name, (mine, theirs) in differences.items())
         raise CheckpointError(
-            f"the COMQConfig passed does not match the checkpoint ({listed}); a pre-quantized checkpoint is "
+            f"the COMQConfig passed does not match the checkpoint ({listed}); a quantized checkpoint is "
             "loaded with the settings it was saved with -- pass no quantization_config, or re-quantize the "
             "full-precision model to change them"
         )
@@ -108,14 +110,13 @@ def _check_same_format(stored: COMQConfig, requested: COMQConfig) -> None:
 
 def _check_loading_info(info: dict) -> None:
     """Packed tensors the model did not take (or took with another shape) mean a config/checkpoint mismatch."""
-    packed = tuple(f".{name}" for name in BUFFER_NAMES)
-    unexpected = sorted(key for key in info.get("unexpected_keys", ()) if key.endswith(packed))
+    unexpected = sorted(key for key in info.get("unexpected_keys", ()) if key.endswith(PACKED_SUFFIXES))
     if unexpected:
         raise CheckpointError(
             f"checkpoint tensors {unexpected[:5]} were not loaded: the layers they belong to are not quantized "
-            "in this model (modules_to_not_convert in config.json does not match the checkpoint)"
+            "in this model (the ignore list in config.json does not match the checkpoint)"
         )
-    missing = sorted(key for key in info.get("missing_keys", ()) if key.endswith(packed))
+    missing = sorted(key for key in info.get("missing_keys", ()) if key.endswith(PACKED_SUFFIXES))
     if missing:
         raise CheckpointError(f"checkpoint is missing the packed tensors {missing[:5]}")
     mismatched = [str(item) for item in info.get("mismatched_keys", ())]
@@ -123,9 +124,8 @@ def _check_loading_info(info: dict) -> None:
         raise CheckpointError(f"checkpoint tensors have the wrong shape: {mismatched[:5]}")
 
 
-def _model_class_for(path: str | os.PathLike, hub_kwargs: dict) -> type[PreTrainedModel]:
-    config_dict, _ = PreTrainedConfig.get_config_dict(str(path), **hub_kwargs)
-    for name in config_dict.get("architectures") or ():
+def _model_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
+    for name in config.architectures or ():
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls

@@ -1,22 +1,23 @@
-"""Sub-byte packing of integer codes into ``int32`` words (pure torch).
+"""Sub-byte packing of integer codes into ``int32`` words: compressed-tensors' ``pack-quantized`` layout.
 
-Layout (the on-disk format of ``COMQLinear.qweight``; changing it breaks checkpoints):
+COMQ checkpoints are compressed-tensors ``pack-quantized`` checkpoints, so the bit layout
+is that library's (dense cross-word packing, compressed-tensors >= 0.18):
 
-* Codes are packed along the **last** dimension (the input dimension of a weight in
-  ``(out, in)`` layout), row by row, so every output row is self-contained.
-* The last dimension is split into *chunks of 32 codes* (the tail chunk is padded with
-  zeros).  A chunk of 32 ``bits``-bit codes is exactly ``bits`` 32-bit words, for every
-  ``bits`` from 1 to 8 -- so 3-, 5-, 6- and 7-bit codes waste no space and 2-, 4- and
-  8-bit codes need no special case.
-* Inside a chunk, the ``bits`` words form one little-endian bit stream: word ``k``
-  holds stream bits ``[32k, 32k + 32)`` with bit 0 the least significant, and code
+* Codes are packed along one dimension (the input dimension of a weight, the output
+  dimension of zero points), row by row, so every row is self-contained.
+* Per row, the codes form one little-endian bit stream over consecutive words: code
   ``i`` occupies stream bits ``[i * bits, (i + 1) * bits)``, least significant bit
-  first.  A code may straddle two words when ``32 % bits != 0``.
-* Words are stored as ``torch.int32`` (safetensors has no uint32 in every consumer);
-  the sign bit is simply bit 31 of the stream.
+  first, and word ``k`` holds stream bits ``[32k, 32k + 32)``.  A code may straddle two
+  words when ``32 % bits != 0``; 32 codes fill exactly ``bits`` words, so 3-, 5-, 6- and
+  7-bit codes waste no space.
+* A row of ``n`` codes takes ``ceil(n * bits / 32)`` words (the last one zero-padded).
+* compressed-tensors stores signed codes ``q - 2**(bits-1)`` and packs them with that
+  offset added back, so the bits on disk are exactly the unsigned codes
+  ``0 .. 2**bits - 1`` that COMQ's grid uses.
 
-The packed shape of ``(..., n)`` codes is ``(..., packed_width(n, bits))`` with
-``packed_width(n, bits) == ceil(n / 32) * bits``: at 4 bits, 1/8 of the fp32 bytes.
+Writing goes through compressed-tensors' own packer (the format's reference); reading
+is implemented here because the packed module unpacks on its exact (fallback) forward,
+and a test checks both directions against the library.
 """
 
 from __future__ import annotations
@@ -29,51 +30,41 @@ import torch
 CHUNK = 32
 MIN_BITS = 1
 MAX_BITS = 8
-_WORD_MASK = (1 << 32) - 1
 
 
 def packed_width(num_codes: int, bits: int) -> int:
     """Number of ``int32`` words that hold ``num_codes`` codes of ``bits`` bits."""
-    _check_bits(bits)
+    check_packable_bits(bits)
     if num_codes < 0:
         raise ValueError(f"num_codes must be non-negative, got {num_codes}")
-    return math.ceil(num_codes / CHUNK) * bits
+    return math.ceil(num_codes * bits / 32)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in ``[0, 2**bits - 1]`` along the last dim into ``int32`` words.
+def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack a 2-D tensor of codes in ``[0, 2**bits - 1]`` along ``dim`` into ``int32`` words.
 
     Raises ``ValueError`` for codes outside the range rather than silently masking
     them: a wrong code would only show up later as a subtly wrong model.
     """
-    _check_bits(bits)
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    check_packable_bits(bits)
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D, got shape {tuple(codes.shape)}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > (1 << bits) - 1):
         raise ValueError(
             f"codes must lie in [0, {(1 << bits) - 1}] for bits={bits}; "
             f"got values in [{int(codes.min())}, {int(codes.max())}]"
         )
-    *lead, n = codes.shape
-    num_chunks = math.ceil(n / CHUNK)
-    values = torch.zeros(*lead, num_chunks * CHUNK, dtype=torch.int64, device=codes.device)
-    values[..., :n] = codes.to(torch.int64)
-    values = values.reshape(*lead, num_chunks, CHUNK)
-
-    word, shift, spill = _positions(bits, codes.device)
-    # Bits of different codes never overlap, so adding is the same as OR-ing them in.
-    words = torch.zeros(*lead, num_chunks, bits, dtype=torch.int64, device=codes.device)
-    words.index_add_(-1, word, (values << shift) & _WORD_MASK)
-    straddle = spill > 0
-    if bool(straddle.any()):
-        high = values[..., straddle] >> (bits - spill[straddle])
-        words.index_add_(-1, word[straddle] + 1, high)
-    return _to_int32(words.reshape(*lead, num_chunks * bits))
+    signed = (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    return pack_to_int32(signed, bits, packed_dim=dim % 2).contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``uint8`` codes of shape ``(..., num_codes)``."""
-    _check_bits(bits)
+    """Inverse of :func:`pack_codes` along the last dimension: ``uint8`` codes ``(..., num_codes)``."""
+    check_packable_bits(bits)
     if packed.dtype != torch.int32:
         raise TypeError(f"packed codes must be torch.int32, got {packed.dtype}")
     *lead, width = packed.shape
@@ -82,17 +73,29 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
         raise ValueError(
             f"packed last dimension is {width} words, but {num_codes} codes at {bits} bits need {expected}"
         )
+    chunked = math.ceil(num_codes / CHUNK) * bits  # whole chunks of 32 codes
+    if chunked != width:
+        packed = torch.nn.functional.pad(packed, (0, chunked - width))
     if CHUNK % bits == 0:
         return _unpack_whole_codes_per_word(packed, bits, num_codes)
     return _unpack_through_bytes(packed, bits, num_codes)
 
 
+def pack_zero_points(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points ``(out, n_groups)`` packed along the output dimension, as compressed-tensors stores them."""
+    return pack_codes(zero_point, bits, dim=0)
+
+
+def unpack_zero_points(packed: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_zero_points`: ``uint8`` zero points ``(out_features, n_groups)``."""
+    return unpack_codes(packed.t().contiguous(), bits, out_features).t().contiguous()
+
+
 def _unpack_whole_codes_per_word(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
     """Unpacking when no code straddles two words (1, 2, 4 and 8 bits): word ``k``
     then holds codes ``k * 32 / bits`` onwards in order, so one broadcast shift and
-    mask in int32 does it, with no gather.  ``COMQLinear`` unpacks on every
-    forward, so this is on the inference path.  The arithmetic shift of a negative
-    word only fills bits that the mask drops."""
+    mask in int32 does it, with no gather.  The arithmetic shift of a negative word
+    only fills bits that the mask drops."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
     values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return values.flatten(-2)[..., :num_codes].to(torch.uint8)
@@ -106,11 +109,11 @@ def _unpack_through_bytes(
     The packed stream is little-endian, so its bytes in order are the words' bytes
     least significant first.  A code of at most 8 bits starting at stream bit ``p``
     lies within the 16-bit window of bytes ``p // 8`` and ``p // 8 + 1``; two byte
-    gathers and int32 shifts read every code, about 3x faster than 64-bit word
-    arithmetic.  Where the window's second byte would be past the chunk, the code
-    fits in the first byte and the clamped index only feeds masked-off bits.
-    ``byteorder`` is the host's; it is a parameter so that a test can run the
-    big-endian branch on a little-endian machine with byte-swapped words.
+    gathers and int32 shifts read every code without 64-bit arithmetic.  Where the
+    window's second byte would be past the chunk, the code fits in the first byte and
+    the clamped index only feeds masked-off bits.  ``byteorder`` is the host's; it is
+    a parameter so that a test can run the big-endian branch on a little-endian
+    machine with byte-swapped words.
     """
     *lead, width = packed.shape
     num_chunks, chunk_bytes = width // bits, 4 * bits
@@ -127,21 +130,7 @@ def _unpack_through_bytes(
     return values.reshape(*lead, num_chunks * CHUNK)[..., :num_codes].to(torch.uint8)
 
 
-def _positions(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each of the 32 codes of a chunk: its word, bit shift, and bits spilling into the next word."""
-    start = torch.arange(CHUNK, device=device, dtype=torch.int64) * bits
-    word = start // 32
-    shift = start % 32
-    spill = (shift + bits - 32).clamp(min=0)
-    return word, shift, spill
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
-    signed = torch.where(words >= (1 << 31), words - (1 << 32), words)
-    return signed.to(torch.int32)
-
-
-def _check_bits(bits: int) -> None:
+def check_packable_bits(bits: int) -> None:
+    """The packed layout holds 1 to 8 bits per code."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r}")

@@ -113,9 +113,11 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
     }
     assert [path.name for path in tmp_path.iterdir()] == ["vit-w4"]  # no staging folder left behind
     stored = json.loads((output / "config.json").read_text())["quantization_config"]
-    assert stored["quant_method"] == "comq" and stored["bits"] == 4
-    assert "images.parquet" in stored["calibration_description"]
-    assert stored["dataset"] == "images.parquet"  # by name: the local path is not published
+    assert stored["quant_method"] == "compressed-tensors" and stored["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    calibration = stored["comq"]["calibration"]
+    assert "images.parquet" in calibration["description"]
+    assert calibration["dataset"] == "images.parquet"  # by name: the local path is not published
+    assert 'from_pretrained("vit-w4")' in (output / "README.md").read_text()
 
     quantized = hf_comq.load_quantized(output)
     kinds = {type(module).__name__ for module in quantized.modules()}
@@ -147,7 +149,7 @@ def test_quantize_refuses_a_non_empty_output_unless_overwrite(capsys, tmp_path, 
     code, _, err = run_cli(capsys, *argv, "--overwrite", "--rtn", "--bits", 3)
     assert code == 0, err
     assert not (output / "keep.txt").exists()
-    assert json.loads((output / "config.json").read_text())["quantization_config"]["init"] == "rtn"
+    assert json.loads((output / "config.json").read_text())["quantization_config"]["comq"]["solver"]["init"] == "rtn"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
@@ -174,7 +176,8 @@ def test_quantize_and_evaluate_a_text_encoder(capsys, tmp_path, bert_dir, text_d
         capsys, "quantize", bert_dir, "--dataset", text_data, "--num-samples", 8, "--group-size", 16, "--output", output
     )
     assert code == 0, err
-    assert json.loads((output / "config.json").read_text())["quantization_config"]["group_size"] == 16
+    weights = json.loads((output / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["group_size"] == 16
     code, out, err = run_cli(capsys, "evaluate", output, "--dataset", text_data, "--reference", bert_dir)
     assert code == 0, err
     match = re.search(r"embedding cosine of bert-w4 to \S+: ([\d.]+) on 12 texts", out)
@@ -209,6 +212,7 @@ def test_quantize_pushes_to_the_hub(tmp_path, vit_dir, image_data) -> None:
     assert files["model.safetensors"] == (output / "model.safetensors").read_bytes()
     card = files["README.md"].decode("utf-8")
     assert "comq" in card and 'ViTForImageClassification.from_pretrained("user/tiny-vit-comq")' in card
+    assert [commit.title for commit in hub._repo("user/tiny-vit-comq").commits][1:] == ["Upload COMQ-quantized model"]
 
 
 # ---------------------------------------------------------------------------- one-line errors
@@ -290,13 +294,13 @@ def test_quantizing_a_comq_checkpoint_is_refused(capsys, tmp_path, image_data) -
     config = {
         "model_type": "vit",
         "architectures": ["ViTForImageClassification"],
-        "quantization_config": {"quant_method": "comq"},
+        "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized"},
     }
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     argv = ["quantize", tmp_path / "model", "--dataset", image_data, "--output", tmp_path / "out"]
     code, _, err = run_cli(capsys, *argv)
     assert code == 1
-    assert "is already a COMQ checkpoint" in error_line(err)
+    assert "is already quantized" in error_line(err)
 
 
 def test_library_errors_become_one_line_and_debug_shows_the_traceback(capsys, tmp_path, vit_dir, image_data) -> None:

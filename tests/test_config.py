@@ -1,4 +1,4 @@
-"""COMQConfig: validation, JSON safety, deep copies that share the data, round trips."""
+"""COMQConfig: validation, the compressed-tensors form it serializes to, JSON safety, deep copies, round trips."""
 
 import copy
 import json
@@ -10,27 +10,44 @@ import torch
 from hf_comq import COMQConfig
 
 
-def test_defaults_serialize_with_the_quant_method():
+def calibration(config: COMQConfig) -> dict:
+    return config.to_dict()["comq"]["calibration"]
+
+
+def test_defaults_serialize_as_a_compressed_tensors_scheme_with_the_comq_settings():
     data = COMQConfig().to_dict()
-    assert data["quant_method"] == "comq"
-    assert data["bits"] == 4 and data["group_size"] is None and data["sequential"] is True
+    assert data["quant_method"] == "compressed-tensors" and data["format"] == "pack-quantized"
+    weights = data["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["strategy"], weights["symmetric"], weights["type"]) == (4, "channel", False, "int")
+    assert data["comq"]["selection"]["sequential"] is True and data["comq"]["solver"]["order"] == "act_order"
     assert json.loads(COMQConfig().to_json_string()) == data
 
 
 def test_from_dict_round_trips_what_to_dict_writes():
-    config = COMQConfig(bits=3, group_size=32, symmetric=True, modules_to_not_convert=["classifier"], dataset="beans")
+    config = COMQConfig(bits=3, group_size=32, symmetric=True, modules_to_not_convert=["classifier"], dataset="beans",
+                        iterations=1, ignore=["classifier"], calibration_samples=64)  # fmt: skip
     written = config.to_dict()
     restored = COMQConfig.from_dict(json.loads(json.dumps(written)))
     assert restored.to_dict() == written
-    assert restored.dataset == "beans"
+    assert (restored.dataset, restored.iterations, restored.calibration_samples) == ("beans", 1, 64)
+    assert restored.format_mismatches(config) == {}
 
 
-def test_unknown_keys_warn_and_are_dropped(caplog):
+def test_from_dict_accepts_plain_field_values():
+    assert COMQConfig.from_dict({"quant_method": "comq", "bits": 3, "group_size": 64}).group_size == 64
+
+
+def test_unknown_keys_warn_and_are_dropped_when_reading(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_comq.config"):
         config = COMQConfig.from_dict({"quant_method": "comq", "bits": 2, "frobnicate": 1})
     assert config.bits == 2
     assert "frobnicate" in caplog.text
-    assert "frobnicate" not in config.to_dict()
+    assert "frobnicate" not in config.to_json_string()
+
+
+def test_unknown_keys_are_an_error_when_constructing():
+    with pytest.raises(TypeError, match="bitz"):
+        COMQConfig(bitz=4)
 
 
 def test_group_size_minus_one_means_per_channel():
@@ -55,6 +72,7 @@ def test_group_size_minus_one_means_per_channel():
         ("shrink", 0.0),
         ("shrink", 1.5),
         ("damp", -0.1),
+        ("damp", 0.0),
         ("dataset", ""),
         ("dataset", []),
         ("dataset", 42),
@@ -94,10 +112,10 @@ class _FakeDataset:
 def test_in_memory_data_never_reaches_json():
     dataset, processor = _FakeDataset(), object()
     config = COMQConfig(dataset=dataset, processor=processor)
-    data = config.to_dict()
+    data = calibration(config)
     assert data["dataset"] is None and data["processor"] is None
-    assert "_FakeDataset" in data["calibration_description"] and "10 rows" in data["calibration_description"]
-    json.dumps(data)
+    assert "_FakeDataset" in data["description"] and "10 rows" in data["description"]
+    json.dumps(config.to_dict())
     assert "object at 0x" not in config.to_json_string()
     assert config.dataset is dataset  # serializing must not drop the data from the live config
 
@@ -108,21 +126,29 @@ def test_local_paths_are_written_by_name_only(tmp_path):
     data_file = tmp_path / "private" / "calibration.parquet"
     data_file.parent.mkdir()
     data_file.write_bytes(b"")
-    assert COMQConfig(dataset=str(data_file), processor=str(tmp_path)).to_dict()["dataset"] == "calibration.parquet"
-    assert COMQConfig(processor=str(tmp_path)).to_dict()["processor"] == tmp_path.name
+    assert calibration(COMQConfig(dataset=str(data_file), processor=str(tmp_path)))["dataset"] == "calibration.parquet"
+    assert calibration(COMQConfig(processor=str(tmp_path)))["processor"] == tmp_path.name
     assert str(tmp_path) not in COMQConfig(dataset=str(data_file)).to_json_string()
-    assert COMQConfig(dataset="/no/such/dir/data.parquet").to_dict()["dataset"] == "data.parquet"
-    assert COMQConfig(dataset="ILSVRC/imagenet-1k").to_dict()["dataset"] == "ILSVRC/imagenet-1k"
+    assert calibration(COMQConfig(dataset="/no/such/dir/data.parquet"))["dataset"] == "data.parquet"
+    assert calibration(COMQConfig(dataset="ILSVRC/imagenet-1k"))["dataset"] == "ILSVRC/imagenet-1k"
 
 
 def test_tensor_and_list_datasets_are_described():
-    assert "shape (4, 16)" in COMQConfig(dataset=torch.zeros(4, 16, dtype=torch.long)).to_dict()["calibration_description"]
-    assert "list of 2 str" in COMQConfig(dataset=["a", "b"]).to_dict()["calibration_description"]
+    assert "shape (4, 16)" in calibration(COMQConfig(dataset=torch.zeros(4, 16, dtype=torch.long)))["description"]
+    assert "list of 2 str" in calibration(COMQConfig(dataset=["a", "b"]))["description"]
 
 
 def test_calibration_description_set_by_calibration_wins():
     config = COMQConfig(dataset=["a"], calibration_description="2 captions from coco")
-    assert config.to_dict()["calibration_description"] == "2 captions from coco"
+    assert calibration(config)["description"] == "2 captions from coco"
+
+
+def test_every_setting_has_a_kind_and_a_help_text():
+    assert set(COMQConfig.field_names()) == set(COMQConfig.field_names("format") + COMQConfig.field_names("solver")
+        + COMQConfig.field_names("calibration") + COMQConfig.field_names("selection")
+        + COMQConfig.field_names("recorded"))  # fmt: skip
+    assert all(COMQConfig.help(name) for name in COMQConfig.field_names())
+    assert COMQConfig.default("num_samples") == 128 and COMQConfig.default("bits") == 4
 
 
 def test_deepcopy_shares_dataset_and_processor():
@@ -137,7 +163,7 @@ def test_deepcopy_shares_dataset_and_processor():
 
 def test_dict_conversion_does_not_copy_the_dataset():
     dataset = _FakeDataset()
-    assert dict(COMQConfig(dataset=dataset))["dataset"] is None
+    assert dict(COMQConfig(dataset=dataset))["comq"]["calibration"]["dataset"] is None
 
 
 def test_format_mismatches_lists_the_differing_fields():

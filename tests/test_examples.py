@@ -98,8 +98,8 @@ def test_quantize_vit_on_the_demo_model(tmp_path):
     assert reloaded == comq, "the saved checkpoint must classify exactly like the in-memory quantized model"
     assert (output / "config.json").is_file() and (output / "preprocessor_config.json").is_file()
     config = json.loads((output / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "comq"
-    assert config["quantization_config"]["bits"] == 4
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     assert re.search(r"^checkpoint: .*\(\d+\.\dx smaller\)$", out, re.M), out
 
 
@@ -133,11 +133,12 @@ def test_push_to_hub_round_trip(fake_hub, tmp_path):
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     assert f"pushing as {fake_hub.user}" in result.stdout
     assert f"pushed to {repo}" in result.stdout
-    match = re.search(r"max logit difference to the pushed model: (\S+)$", result.stdout, re.M)
-    assert match and float(match.group(1)) == 0.0, result.stdout
+    differences = re.findall(r"with (.+); max logit difference to the pushed model: (\S+)$", result.stdout, re.M)
+    assert [how for how, _ in differences] == ["plain transformers", "hf_comq.load_quantized"], result.stdout
+    assert all(float(value) == 0.0 for _, value in differences), result.stdout
     files = fake_hub.files(repo)
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
-    assert json.loads(files["config.json"])["quantization_config"]["bits"] == 3
+    assert json.loads(files["config.json"])["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3
 
 
 def test_push_to_hub_without_a_token_fails(fake_hub, tmp_path):

@@ -23,13 +23,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from huggingface_hub import EvalResult
 from transformers import ViTConfig, ViTForImageClassification
 
+from hf_comq import COMQConfig
 from hf_comq.hub import (
     README_NAME,
     attach_model_card_hook,
     infer_pipeline_tag,
-    load_template,
     render_model_card,
     write_model_card,
 )
@@ -37,28 +38,16 @@ from tests.hub_server import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-COMQ_CONFIG = {
-    "quant_method": "comq",
-    "bits": 4,
-    "group_size": 32,
-    "symmetric": True,
-    "iterations": 3,
-    "order": "act_order",
-    "init": "error_feedback",
-    "scale_refit": True,
-    "scale_search": False,
-    "damp": 0.01,
-    "dataset": None,
-    "processor": None,
-    "dataset_split": "train",
-    "num_samples": 128,
-    "batch_size": 8,
-    "max_length": 512,
-    "seed": 0,
-    "modules_to_not_convert": ["classifier"],
-    "block_name": None,
-    "calibration_description": "tensor (pixel_values), 64 samples",
-}
+
+def comq_config(**changes) -> COMQConfig:
+    """A COMQ config as quantization leaves it: grid, solver settings and the recorded layout."""
+    settings = dict(
+        bits=4, group_size=32, symmetric=True, iterations=3, scale_search=False, damp=0.01,
+        modules_to_not_convert=["classifier"], ignore=["classifier"], layer_type="Linear",
+        calibration_description="tensor (pixel_values), 64 samples", calibration_samples=64,
+    )  # fmt: skip
+    return COMQConfig(**{**settings, **changes})
+
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     """A ViT small enough to quantize in about a second (its source is also sent to the child processes)."""
@@ -119,32 +108,22 @@ def run_hub_client(hub: FakeHub, tmp_path: Path, body: str, args: dict[str, Any]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------------------------------------- the template
-def test_packaged_template_is_the_repository_template():
-    repository_copy = (REPO_ROOT / "model_cards" / "comq_model_card.md").read_bytes()
-    packaged_copy = (REPO_ROOT / "hf_comq" / "templates" / "comq_model_card.md").read_bytes()
-    assert packaged_copy == repository_copy, "hf_comq/templates/comq_model_card.md must be a copy of model_cards/"
-    assert load_template() == repository_copy.decode("utf-8")
-
-
+# ---------------------------------------------------------------------------------------------- the card
 def test_render_model_card_metadata_and_sections():
     metrics = {"top-1": {"fp32": 0.81234, "comq": 0.80501}, "top-5": {"fp32": 0.95, "comq": 0.94}}
-    text = render_model_card(
-        COMQ_CONFIG,
-        "google/vit-base-patch16-224",
-        metrics,
-        "image-classification",
-        model_class="ViTForImageClassification",
-        model_id="user/vit-comq",
-        tags=["vit", "comq"],
-    )
-    metadata, body = split_card(text)
-    assert metadata == {
-        "library_name": "transformers",
-        "base_model": "google/vit-base-patch16-224",
-        "pipeline_tag": "image-classification",
-        "tags": ["comq", "quantized", "4-bit", "vit"],
-    }
+    results = [EvalResult(task_type="image-classification", dataset_type="imagenet-1k", dataset_name="ImageNet",
+                          metric_type="accuracy", metric_value=0.805)]  # fmt: skip
+    card = render_model_card(
+        comq_config(), "google/vit-base-patch16-224", metrics, "image-classification",
+        model_class="ViTForImageClassification", model_id="user/vit-comq", tags=["vit", "comq"], eval_results=results,
+    )  # fmt: skip
+    metadata, body = split_card(str(card))
+    assert metadata["library_name"] == "transformers"
+    assert metadata["base_model"] == "google/vit-base-patch16-224"
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert metadata["tags"] == ["comq", "compressed-tensors", "quantized", "4-bit", "vit"]
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.805
+    assert card.data.eval_results[0].metric_value == 0.805  # huggingface_hub reads its own model-index back
     assert "# vit-base-patch16-224 — COMQ 4-bit" in body
     for row in (
         "| Weight bits | 4 |",
@@ -155,30 +134,29 @@ def test_render_model_card_metadata_and_sections():
         "| Coordinate-descent sweeps (max.) | 3 |",
         "| Scale refit | yes |",
         "| Scale search | no |",
-        "| `damp` | 0.01 |",
-        "| Kept in full precision | `classifier` |",
+        "| Damping of the error-feedback start | 0.01 |",
+        "| Linear layers kept in full precision | `classifier` |",
     ):
         assert row in body, row
     # In-memory data: the description is shown, the meaningless default split is not.
     assert "- **Data:** tensor (pixel_values), 64 samples" in body
-    assert "- **Requested samples (`num_samples`):** 128" in body
+    assert "- **Samples used:** 64" in body and "- **Requested samples (`num_samples`):** 128" in body
     assert "Split" not in body
     assert "sequence length" not in body  # a text-only option, meaningless for an image classifier
-    assert "| Metric | fp32 | comq |" in body
-    assert "| top-1 | 0.8123 | 0.805 |" in body
-    # Usage: the plugin import must come before from_pretrained, and the card must say why.
-    snippet = body[body.index("```python") : body.index("```", body.index("```python") + 3)]
-    assert snippet.index("import hf_comq") < snippet.index("from_pretrained(")
-    assert 'ViTForImageClassification.from_pretrained("user/vit-comq")' in snippet
-    assert "randomly initialised weights" in body
-    assert "${" not in text
+    assert "| Metric | fp32 | comq |" in body and "| top-1 | 0.8123 | 0.805 |" in body
+    # Loading: plain transformers first, then hf_comq's packed loader; no plugin import needed any more.
+    assert 'ViTForImageClassification.from_pretrained("user/vit-comq")' in body
+    assert 'hf_comq.load_quantized("user/vit-comq")' in body
+    assert "compressed-tensors" in body and "random" not in body
+    assert "| `hf_comq.load_quantized` |" in body and "| vLLM |" in body
+    assert "{{" not in str(card) and "{%" not in str(card)
 
 
 def test_render_local_base_model_is_not_metadata(tmp_path):
     base = tmp_path / "my-local-vit"
     base.mkdir()
-    config = {**COMQ_CONFIG, "group_size": None, "dataset": "imagenet-1k", "dataset_column": "image"}
-    metadata, body = split_card(render_model_card(config, str(base), None, None))
+    config = comq_config(group_size=None, dataset="imagenet-1k", dataset_column="image")
+    metadata, body = split_card(str(render_model_card(config, str(base), None, None)))
     assert "base_model" not in metadata and "pipeline_tag" not in metadata
     assert str(tmp_path) not in body, "a local path must not leak into a published card"
     assert "a local checkpoint (`my-local-vit`)" in body
@@ -190,26 +168,25 @@ def test_render_local_base_model_is_not_metadata(tmp_path):
 
 
 def test_render_flat_metrics_and_yaml_safe_tags():
-    text = render_model_card({**COMQ_CONFIG, "bits": 3}, None, {"perplexity": 12.3456789, "note": "a|b"}, None,
-                             tags=['needs: "quotes"', "3-bit"])
-    metadata, body = split_card(text)
-    assert metadata["tags"] == ["comq", "quantized", "3-bit", 'needs: "quotes"']
+    card = render_model_card(comq_config(bits=3), None, {"perplexity": 12.3456789, "note": "a|b"}, None,
+                             tags=['needs: "quotes"', "3-bit"])  # fmt: skip
+    metadata, body = split_card(str(card))
+    assert metadata["tags"] == ["comq", "compressed-tensors", "quantized", "3-bit", 'needs: "quotes"']
     assert "| perplexity | 12.3457 |" in body and "| note | a\\|b |" in body
 
 
+def test_conv1d_checkpoints_are_not_offered_to_vllm():
+    body = str(render_model_card(comq_config(layer_type="Conv1D", conv1d_rows=768, group_size=None), None))
+    assert "| vLLM | not served" in body
+
+
 @pytest.mark.parametrize(
-    ("config", "metrics", "message"),
-    [
-        ({**COMQ_CONFIG, "quant_method": "gptq"}, None, "quant_method='gptq'"),
-        ({key: value for key, value in COMQ_CONFIG.items() if key != "bits"}, None, "bits=None"),
-        ({**COMQ_CONFIG, "bits": 16}, None, "bits=16"),
-        (COMQ_CONFIG, {"top-1": 0.8, "top-5": {"comq": 0.9}}, "mixed entries"),
-        (COMQ_CONFIG, [("top-1", 0.8)], "metrics must be a dict"),
-    ],
+    ("metrics", "message"),
+    [({"top-1": 0.8, "top-5": {"comq": 0.9}}, "mixed entries"), ([("top-1", 0.8)], "metrics must be a dict")],
 )
-def test_render_rejects_bad_input(config, metrics, message):
+def test_render_rejects_bad_metrics(metrics, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        render_model_card(config, None, metrics)
+        render_model_card(comq_config(), None, metrics)
 
 
 def test_infer_pipeline_tag():
@@ -230,7 +207,7 @@ def comq_like_vit():
     The quantizer itself is exercised end to end by the Hub tests below.
     """
     model = tiny_vit()
-    model.config.quantization_config = dict(COMQ_CONFIG)
+    model.config.quantization_config = comq_config()
     return model
 
 
@@ -243,7 +220,7 @@ def test_save_pretrained_writes_the_card(comq_like_vit, tmp_path):
         "library_name": "transformers",
         "base_model": "google/vit-base-patch16-224",
         "pipeline_tag": "image-classification",
-        "tags": ["comq", "quantized", "4-bit", "vit"],
+        "tags": ["comq", "compressed-tensors", "quantized", "4-bit", "vit"],
     }
     assert "ViTForImageClassification.from_pretrained(" in body and "| Group size | 32 |" in body
 
@@ -270,9 +247,19 @@ def test_attach_is_idempotent_and_updates_metrics(comq_like_vit, tmp_path):
 def test_card_hook_follows_deep_copies(comq_like_vit, tmp_path):
     attach_model_card_hook(comq_like_vit)
     clone = copy.deepcopy(comq_like_vit)
-    assert clone.save_pretrained.__self__ is clone, "a copy must save itself, not the original"
+    assert clone.save_pretrained.model is clone, "a copy must save itself, not the original"
     clone.save_pretrained(tmp_path)
     assert (tmp_path / README_NAME).is_file()
+
+
+def test_a_hooked_model_survives_torch_save_and_pickle(comq_like_vit, tmp_path):
+    attach_model_card_hook(comq_like_vit)
+    torch.save(comq_like_vit, tmp_path / "model.pt")
+    restored = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert restored.save_pretrained.model is restored
+    restored.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / README_NAME).is_file()
+    assert torch.equal(restored(torch.ones(1, 3, 32, 32)).logits, comq_like_vit(torch.ones(1, 3, 32, 32)).logits)
 
 
 def test_no_card_once_the_model_is_no_longer_quantized(comq_like_vit, tmp_path):
@@ -330,6 +317,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import ViTForImageClassification
+from hf_comq import COMQConfig
 from hf_comq.hub import attach_model_card_hook, render_model_card
 
 args = json.loads(sys.argv[1])
@@ -339,8 +327,8 @@ api = HfApi()
 repo = "user/plain-vit"
 model = tiny_vit()
 model.push_to_hub(repo)
-card = render_model_card(args["config"], "google/vit-base-patch16-224", None, "image-classification",
-                         model_class="ViTForImageClassification", model_id=repo)
+card = str(render_model_card(COMQConfig.from_dict(args["config"]), "google/vit-base-patch16-224", None,
+                             "image-classification", model_class="ViTForImageClassification", model_id=repo))
 api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo, commit_message="COMQ card")
 model.push_to_hub(repo)  # the weights did not change: their LFS object must not be uploaded again
 reloaded = ViTForImageClassification.from_pretrained(repo).eval()
@@ -355,7 +343,7 @@ except EntryNotFoundError as error:
 
 # 2. The card hook on push_to_hub (the config is all it reads): a new repository gets the COMQ card ...
 comq_like = tiny_vit(seed=1)
-comq_like.config.quantization_config = dict(args["config"])
+comq_like.config.quantization_config = COMQConfig.from_dict(args["config"])
 attach_model_card_hook(comq_like)
 comq_like.push_to_hub("user/comq-like", tags=["demo"])
 # ... and a repository that already has a README keeps it, with the COMQ tags added.
@@ -379,7 +367,7 @@ def hub_round_trip(tmp_path_factory):
     """Push/pull plain and card-hooked models against one fake Hub; the tests below inspect the outcome."""
     tmp_path = tmp_path_factory.mktemp("hub-round-trip")
     with FakeHub(max_lifetime_s=240) as server:
-        result = run_hub_client(server, tmp_path, HUB_ROUND_TRIP, {"config": COMQ_CONFIG})
+        result = run_hub_client(server, tmp_path, HUB_ROUND_TRIP, {"config": comq_config().to_dict()})
         yield server, result
 
 
@@ -388,7 +376,7 @@ def test_fake_hub_round_trip_of_a_plain_model(hub_round_trip):
     assert result["identical"]
     assert result["files"] == [".gitattributes", "README.md", "config.json", "model.safetensors"]
     assert result["snapshot"] == result["files"]
-    assert result["card_tags"] == ["comq", "quantized", "4-bit"]
+    assert result["card_tags"] == ["comq", "compressed-tensors", "quantized", "4-bit"]
     assert result["missing_file_error"] == "RemoteEntryNotFoundError"
     stored = server.stored("user/plain-vit")
     assert stored["model.safetensors"].lfs and not stored["config.json"].lfs
@@ -404,16 +392,18 @@ def test_push_to_hub_replaces_the_generic_card(hub_round_trip):
     metadata, body = split_card(server.files("user/comq-like")["README.md"].decode("utf-8"))
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "image-classification"
-    assert metadata["tags"] == ["comq", "quantized", "4-bit", "vit", "demo"]
+    assert metadata["tags"] == ["comq", "compressed-tensors", "quantized", "4-bit", "vit", "demo"]
     assert 'ViTForImageClassification.from_pretrained("user/comq-like")' in body
     assert "| Group size | 32 |" in body and "This is the model card of a" not in body
+    # One push, one commit after the repository's initial one: weights, config and card together.
+    assert [commit.title for commit in server._repo("user/comq-like").commits][1:] == ["Upload COMQ-quantized model"]
 
 
 def test_push_to_hub_keeps_an_existing_readme_and_adds_the_tags(hub_round_trip):
     server, _ = hub_round_trip
     metadata, body = split_card(server.files("user/has-card")["README.md"].decode("utf-8"))
     assert body.strip() == "# My notes"
-    assert metadata["tags"] == ["mine", "comq", "quantized", "4-bit"]
+    assert metadata["tags"] == ["mine", "comq", "compressed-tensors", "quantized", "4-bit", "vit"]
 
 
 QUANTIZED_PUSH = """
@@ -442,19 +432,21 @@ hooked_on_load = "save_pretrained" in model.__dict__
 local = os.path.join(args["work"], "local-save")
 model.save_pretrained(local)
 
-# 1. A new repository: push_to_hub uploads the COMQ card.
+# 1. A new repository: push_to_hub uploads the COMQ card; plain transformers and hf_comq both load it back.
 model.push_to_hub("user/comq-vit", tags=["demo"])
-reloaded = ViTForImageClassification.from_pretrained("user/comq-vit").eval()
+plain = ViTForImageClassification.from_pretrained("user/comq-vit").eval()
+reloaded = hf_comq.load_quantized("user/comq-vit").eval()
 with torch.no_grad():
-    got = reloaded(x).logits
+    got, plain_got = reloaded(x).logits, plain(x).logits
 
-# 2. save_pretrained(push_to_hub=True) of the reloaded (pre-quantized) model.
+# 2. save_pretrained(push_to_hub=True) of the reloaded (packed) model.
 resaved = os.path.join(args["work"], "resaved")
 reloaded.save_pretrained(resaved, push_to_hub=True, repo_id="user/resaved")
 print(json.dumps({
     "hooked_on_load": hooked_on_load,
     "local_readme": read_text(os.path.join(local, "README.md")),
     "identical": torch.equal(expected, got),
+    "plain_identical": torch.equal(expected, plain_got),
     "layer_types": sorted({type(module).__name__ for module in reloaded.modules()}),
     "resaved_readme": read_text(os.path.join(resaved, "README.md")),
 }))
@@ -476,7 +468,7 @@ def test_quantizer_attaches_the_card_hook(quantized_push):
     assert result["hooked_on_load"], "the COMQ quantizer must call hf_comq.hub.attach_model_card_hook(model)"
     assert result["local_readme"] is not None
     metadata, body = split_card(result["local_readme"])
-    assert metadata["tags"][:3] == ["comq", "quantized", "4-bit"]
+    assert metadata["tags"][:4] == ["comq", "compressed-tensors", "quantized", "4-bit"]
     assert metadata["pipeline_tag"] == "image-classification"
     assert "base_model" not in metadata  # quantized from a local folder
     assert "tensor (pixel_values), 8 samples" in body
@@ -484,12 +476,12 @@ def test_quantizer_attaches_the_card_hook(quantized_push):
 
 def test_pushed_comq_model_loads_back_identical(quantized_push):
     server, result = quantized_push
-    assert result["identical"]
+    assert result["identical"] and result["plain_identical"]
     assert "COMQLinear" in result["layer_types"]
     stored = server.stored("user/comq-vit")
     assert stored["model.safetensors"].lfs
-    config = json.loads(stored["config.json"].data)
-    assert config["quantization_config"]["quant_method"] == "comq" and config["quantization_config"]["bits"] == 4
+    config = json.loads(stored["config.json"].data)["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
 
 
 def test_push_to_hub_uploads_the_card_of_a_quantized_model(quantized_push):
@@ -497,10 +489,12 @@ def test_push_to_hub_uploads_the_card_of_a_quantized_model(quantized_push):
     metadata, body = split_card(server.files("user/comq-vit")["README.md"].decode("utf-8"))
     assert metadata["library_name"] == "transformers"
     assert metadata["pipeline_tag"] == "image-classification"
-    assert metadata["tags"][:3] == ["comq", "quantized", "4-bit"]
+    assert metadata["tags"][:4] == ["comq", "compressed-tensors", "quantized", "4-bit"]
     assert {"demo", "vit"} <= set(metadata["tags"])
-    assert 'import hf_comq' in body and 'ViTForImageClassification.from_pretrained("user/comq-vit")' in body
+    assert 'ViTForImageClassification.from_pretrained("user/comq-vit")' in body
+    assert 'hf_comq.load_quantized("user/comq-vit")' in body
     assert "| Weight bits | 4 |" in body and "tensor (pixel_values), 8 samples" in body
+    assert [commit.title for commit in server._repo("user/comq-vit").commits][1:] == ["Upload COMQ-quantized model"]
 
 
 def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
@@ -509,6 +503,7 @@ def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
     assert result["resaved_readme"] is not None
     assert uploaded == result["resaved_readme"], "the local folder and the Hub must hold the same card"
     metadata, body = split_card(uploaded)
-    assert metadata["tags"][:3] == ["comq", "quantized", "4-bit"]
-    assert "base_model" not in metadata  # reloaded from a COMQ checkpoint: the base model is unknown
+    assert metadata["tags"][:4] == ["comq", "compressed-tensors", "quantized", "4-bit"]
+    assert "base_model" not in metadata  # quantized from a local folder, recorded by name only
+    assert "a local checkpoint (`tiny-vit-base`)" in body  # the provenance travelled through the checkpoint
     assert 'from_pretrained("user/resaved")' in body

@@ -1,19 +1,21 @@
-"""Packing of integer codes into int32 words: exact round trips and the documented bit layout."""
+"""Packing of integer codes into int32 words: exact round trips, the documented bit layout, and
+bit-identity with compressed-tensors' own packer (the format COMQ checkpoints are written in)."""
 
 import pytest
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from hf_comq.packing import pack_codes, packed_width, unpack_codes
+from hf_comq.packing import pack_codes, pack_zero_points, packed_width, unpack_codes, unpack_zero_points
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("length", [1, 31, 32, 33, 96, 100])
 def test_round_trip_every_width(bits, length):
     generator = torch.Generator().manual_seed(bits * 1000 + length)
-    codes = torch.randint(0, 2**bits, (3, 2, length), generator=generator, dtype=torch.uint8)
+    codes = torch.randint(0, 2**bits, (6, length), generator=generator, dtype=torch.uint8)
     packed = pack_codes(codes, bits)
     assert packed.dtype == torch.int32
-    assert packed.shape == (3, 2, packed_width(length, bits))
+    assert packed.shape == (6, packed_width(length, bits))
     assert torch.equal(unpack_codes(packed, bits, length), codes)
 
 
@@ -34,19 +36,41 @@ def test_big_endian_hosts_read_the_same_codes(bits):
 
     from hf_comq.packing import _unpack_through_bytes
 
-    codes = torch.randint(0, 2**bits, (4, 70), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    codes = torch.randint(0, 2**bits, (4, 96), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
     packed = pack_codes(codes, bits)
     foreign = "big" if sys.byteorder == "little" else "little"
     swapped = packed.view(torch.uint8).reshape(*packed.shape, 4).flip(-1).contiguous().view(torch.int32).squeeze(-1)
     assert not torch.equal(swapped, packed)
-    assert torch.equal(_unpack_through_bytes(swapped, bits, 70, byteorder=foreign), codes)
+    assert torch.equal(_unpack_through_bytes(swapped, bits, 96, byteorder=foreign), codes)
 
 
 def test_packed_width_is_bits_over_32_of_the_codes():
     assert packed_width(4096, 4) * 32 == 4096 * 4
     assert packed_width(4096, 3) * 32 == 4096 * 3  # no padding waste for 3-bit codes
-    assert packed_width(33, 4) == 8  # tail chunk padded to 32 codes
+    assert packed_width(33, 4) == 5  # the last word is partly padding
     assert packed_width(0, 4) == 0
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("length", [5, 32, 77, 96])
+def test_words_are_those_of_compressed_tensors(bits, length):
+    """The checkpoint format is compressed-tensors': same words, and its unpacker reads ours."""
+    codes = torch.randint(0, 2**bits, (4, length), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    signed = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+    packed = pack_codes(codes, bits)
+    assert torch.equal(packed, pack_to_int32(signed, bits))
+    library = unpack_from_int32(packed, bits, torch.Size([4, length]))
+    assert torch.equal(library.to(torch.int16) + 2 ** (bits - 1), codes.to(torch.int16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_zero_points_are_packed_along_the_output_dimension(bits):
+    zero = torch.randint(0, 2**bits, (70, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = pack_zero_points(zero, bits)
+    assert packed.shape == (packed_width(70, bits), 3)
+    signed = (zero.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+    assert torch.equal(packed, pack_to_int32(signed, bits, packed_dim=0))
+    assert torch.equal(unpack_zero_points(packed, bits, 70), zero)
 
 
 def test_four_bit_layout_is_little_endian_within_a_word():
@@ -79,5 +103,7 @@ def test_rejects_bad_bits_and_widths():
         pack_codes(torch.zeros(1, 4, dtype=torch.uint8), 9)
     with pytest.raises(ValueError, match="need 4"):
         unpack_codes(torch.zeros(1, 3, dtype=torch.int32), 4, 32)
+    with pytest.raises(ValueError, match="2-D"):
+        pack_codes(torch.zeros(2, 2, 4, dtype=torch.uint8), 4)
     with pytest.raises(TypeError, match="int32"):
         unpack_codes(torch.zeros(1, 4, dtype=torch.int64), 4, 32)

@@ -56,7 +56,14 @@ _BUILDERS = {
             intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=None,
         )
     ),
+    "qwen2": lambda: T.Qwen2ForCausalLM(
+        T.Qwen2Config(
+            **_TEXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=None,
+        )
+    ),
 }
+ARCHITECTURES = tuple(_BUILDERS)
 
 
 def word_tokenizer(with_pad: bool = True) -> T.PreTrainedTokenizerFast:
@@ -88,3 +95,34 @@ def images(count: int, size: int = 40, seed: int = 0) -> list[Image.Image]:
 
 def image_processor() -> T.ViTImageProcessor:
     return T.ViTImageProcessor(size={"height": 32, "width": 32})
+
+
+def model_inputs(model: torch.nn.Module, count: int = 2, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Seeded inputs of the right kind for a tiny model: images or token ids."""
+    generator = torch.Generator().manual_seed(seed)
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        return {"pixel_values": torch.randn(count, 3, 32, 32, generator=generator)}
+    return {"input_ids": torch.randint(0, 64, (count, 9), generator=generator)}
+
+
+def first_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits, or the last hidden state of a base model, computed without gradients."""
+    dtype = next(model.parameters()).dtype
+    inputs = {key: value.to(dtype) if value.is_floating_point() else value for key, value in inputs.items()}
+    with torch.no_grad():
+        output = model(**inputs)
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def quantize_tiny(path, cls: type, **settings) -> torch.nn.Module:
+    """Quantize a saved tiny checkpoint through the real pipeline, fast: round to nearest on 8 samples.
+
+    Tests of storage and loading need valid quantized layers, not good ones.
+    """
+    from hf_comq import COMQConfig
+    from hf_comq.solver import ROUND_TO_NEAREST
+
+    probe = cls.from_pretrained(path)
+    config = COMQConfig(dataset=model_inputs(probe, count=8, seed=1).popitem()[1], num_samples=8,
+                        **{**ROUND_TO_NEAREST, **settings})  # fmt: skip
+    return cls.from_pretrained(path, quantization_config=config).eval()

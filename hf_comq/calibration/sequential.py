@@ -449,7 +449,7 @@ class _Calibrator:
         hook = _align_hook(module)
         offloaded = has_offloaded_params(module)
         with _materialized(module, self.placement.compute):
-            layer = replace_module(self.model, name, qweight)
+            layer = replace_module(self.model, name, qweight, symmetric=bool(getattr(self.config, "symmetric", False)))
         if hook is None:
             return
         if offloaded:

@@ -1,20 +1,32 @@
-"""``COMQLinear``: a linear layer stored as packed COMQ integer codes.
+"""``COMQLinear``: a linear layer stored as compressed-tensors ``pack-quantized`` integer codes.
 
-State dict (what ``save_pretrained`` writes for a converted layer ``<name>``):
+The module's state dict *is* the checkpoint format (compressed-tensors ``pack-quantized``,
+readable by plain transformers and vLLM), so ``save_pretrained`` writes it as is and a
+pre-quantized checkpoint loads into empty shells by name.  For a layer ``<name>`` that
+was an ``nn.Linear`` with weight ``(out, in)``:
 
-* ``<name>.qweight`` -- ``int32 (out_features, packed_width(in_features, bits))``, the
-  codes packed along the input dimension (layout: :mod:`hf_comq.packing`).
-* ``<name>.scales`` -- ``float32 (out_features, n_groups)``.  Always float32, whatever
-  the model dtype: the dequantized weight must be bit-identical to
-  :meth:`hf_comq.QuantizedWeight.dequantize`, and transformers keeps a buffer's own
-  dtype when the empty module declares it, so a bf16 reload does not round them.
-* ``<name>.qzeros`` -- ``uint8 (out_features, n_groups)``, integer zero points.
+* ``<name>.weight_packed`` -- ``int32 (out, ceil(in * bits / 32))``, the unsigned codes
+  packed along the input dimension (layout: :mod:`hf_comq.packing`);
+* ``<name>.weight_scale`` -- ``float32 (out, n_groups)``.  Always float32, whatever the
+  model dtype: the dequantized weight must be bit-identical to
+  :meth:`hf_comq.QuantizedWeight.dequantize`, and every loader computes
+  ``(q - zero) * scale`` in the scale's dtype before casting to the model's;
+* ``<name>.weight_zero_point`` -- asymmetric grids only: ``int32 (ceil(out * bits / 32),
+  n_groups)``, integer zero points packed along the *output* dimension, as
+  compressed-tensors does for the ``channel`` and ``group`` strategies.  Symmetric grids
+  have no tensor: their zero point is ``2**(bits - 1)``;
+* ``<name>.weight_shape`` -- ``int64 [out, in]``;
 * ``<name>.bias`` -- unchanged from the original layer.
 
-``n_groups`` is 1 for per-channel scales (``group_size=None``), else
-``in_features // group_size``.  ``bits`` and ``group_size`` are not in the state
-dict: they come from the checkpoint's ``quantization_config``, and the packed shape
-is checked against them when loading.
+``n_groups`` is 1 for per-channel scales, else ``in // group_size``.
+
+transformers' ``Conv1D`` (GPT-2 style) stores its weight transposed, ``(in, out)``, and
+plain transformers dequantizes a checkpoint tensor straight into that parameter.  Those
+layers are therefore stored in the ``Conv1D`` layout: codes ``(in, out)`` packed along
+``out``, scales ``(n_groups, out)``, and zero points as signed ``int8`` codes
+``zero - 2**(bits-1)``, unpacked, ``(n_groups, out)`` -- compressed-tensors' ``block``
+strategy with blocks one output channel wide (:mod:`hf_comq.checkpoint` writes that
+scheme).  The layer still computes ``x @ W.T`` with ``W`` in ``nn.Linear`` layout.
 """
 
 from __future__ import annotations
@@ -22,14 +34,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ..packing import pack_codes, packed_width, unpack_codes
-from ..solver import QuantizedWeight
-
 from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight stored transposed, (in, out)
 
+from ..packing import pack_codes, pack_zero_points, packed_width, unpack_codes, unpack_zero_points
+from ..solver import QuantizedWeight
+
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
-BUFFER_NAMES = ("qweight", "scales", "qzeros")
+PACKED_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -38,8 +49,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of an ``nn.Linear`` or ``Conv1D``."""
-    if isinstance(module, nn.Linear):
+    """``(out_features, in_features)`` of an ``nn.Linear``, ``Conv1D`` or :class:`COMQLinear`."""
+    if isinstance(module, (nn.Linear, COMQLinear)):
         return module.out_features, module.in_features
     if isinstance(module, Conv1D):
         return module.nf, module.nx
@@ -72,11 +83,11 @@ def group_count(in_features: int, group_size: int | None) -> int:
 
 
 class COMQLinear(nn.Module):
-    """Linear layer holding COMQ-packed integer codes, per-group scales and zero points.
+    """Linear layer holding packed integer codes, per-group scales and (asymmetric) zero points.
 
-    ``forward(x)`` is ``F.linear(x, dequantize(x.dtype), bias)``: the weight is rebuilt
-    on every call and never cached, so the state dict only ever holds the packed form
-    and there is no stale copy to keep in sync.
+    ``forward(x)`` equals ``F.linear(x, dequantize(x.dtype), bias)``; the dense weight is
+    never cached, so the state dict only ever holds the packed form and there is no
+    stale copy to keep in sync.
     """
 
     def __init__(
@@ -86,6 +97,7 @@ class COMQLinear(nn.Module):
         *,
         bits: int,
         group_size: int | None = None,
+        symmetric: bool = False,
         bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -94,8 +106,9 @@ class COMQLinear(nn.Module):
         """Build an *empty* layer (uninitialised buffers); used on ``meta`` before loading.
 
         ``dtype`` is the original weight dtype: the bias is created in it and
-        :meth:`dequantize` returns it by default.  ``transposed_source`` remembers a
-        ``Conv1D`` origin so :meth:`to_float_module` restores the same layout.
+        :meth:`dequantize` returns it by default.  ``transposed_source`` marks a
+        ``Conv1D`` origin: the tensors then use the ``Conv1D`` layout (module docstring)
+        and :meth:`to_float_module` restores a ``Conv1D``.
         """
         super().__init__()
         if group_size == in_features:
@@ -105,19 +118,38 @@ class COMQLinear(nn.Module):
         self.out_features = out_features
         self.bits = bits
         self.group_size = group_size
+        self.symmetric = symmetric
         self.weight_dtype = dtype or torch.get_default_dtype()
         self.transposed_source = transposed_source
-        width = packed_width(in_features, bits)
-        self.register_buffer("qweight", torch.empty(out_features, width, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=torch.float32, device=device))
-        self.register_buffer("qzeros", torch.empty(out_features, n_groups, dtype=torch.uint8, device=device))
+        rows, cols = (in_features, out_features) if transposed_source else (out_features, in_features)
+        scale_shape = (n_groups, out_features) if transposed_source else (out_features, n_groups)
+        self.register_buffer(
+            "weight_packed", torch.empty(rows, packed_width(cols, bits), dtype=torch.int32, device=device)
+        )
+        self.register_buffer("weight_scale", torch.empty(scale_shape, dtype=torch.float32, device=device))
+        if symmetric:
+            self.weight_zero_point = None
+        elif transposed_source:
+            self.register_buffer("weight_zero_point", torch.empty(scale_shape, dtype=torch.int8, device=device))
+        else:
+            zero_rows = packed_width(out_features, bits)
+            self.register_buffer(
+                "weight_zero_point", torch.empty(zero_rows, n_groups, dtype=torch.int32, device=device)
+            )
+        self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64, device=device))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=self.weight_dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
 
+    @property
+    def n_groups(self) -> int:
+        return group_count(self.in_features, self.group_size)
+
     @classmethod
-    def empty_like(cls, module: nn.Module, bits: int, group_size: int | None, device=None) -> COMQLinear:
+    def empty_like(
+        cls, module: nn.Module, bits: int, group_size: int | None, symmetric: bool = False, device=None
+    ) -> COMQLinear:
         """An empty shell shaped like ``module`` (``nn.Linear`` or ``Conv1D``), on ``meta`` by default.
 
         Used when loading a pre-quantized checkpoint: the buffers are then filled by name.
@@ -129,6 +161,7 @@ class COMQLinear(nn.Module):
             out_features,
             bits=bits,
             group_size=group_size,
+            symmetric=symmetric,
             bias=module.bias is not None,
             dtype=weight.dtype,
             device=device if device is not None else torch.device("meta"),
@@ -136,11 +169,12 @@ class COMQLinear(nn.Module):
         )
 
     @classmethod
-    def from_quantized(cls, module: nn.Module, qweight: QuantizedWeight) -> COMQLinear:
+    def from_quantized(cls, module: nn.Module, qweight: QuantizedWeight, symmetric: bool = False) -> COMQLinear:
         """Convert ``module`` (``nn.Linear`` or ``Conv1D``) using the solver's result.
 
         ``qweight.codes`` must be in ``nn.Linear`` layout ``(out, in)``: for ``Conv1D``,
-        quantize ``get_linear_weight(module)`` (the transposed weight).
+        quantize ``get_linear_weight(module)`` (the transposed weight).  ``symmetric``
+        layers store no zero point, so every zero point must then be ``2**(bits-1)``.
         """
         out_features, in_features = linear_shape(module)
         if tuple(qweight.codes.shape) != (out_features, in_features):
@@ -150,30 +184,55 @@ class COMQLinear(nn.Module):
                 "which is the transposed weight"
             )
         device = get_linear_weight(module).device
-        layer = cls.empty_like(module, qweight.bits, qweight.group_size, device=device)
+        layer = cls.empty_like(module, qweight.bits, qweight.group_size, symmetric, device=device)
         layer.weight_dtype = qweight.dtype
-        layer.qweight.copy_(pack_codes(qweight.codes.to(device), qweight.bits))
-        layer.scales.copy_(qweight.scale.to(device=device, dtype=torch.float32))
-        layer.qzeros.copy_(_zero_points_as_uint8(qweight.zero_point, qweight.bits).to(device))
+        zero = zero_points_as_codes(qweight.zero_point, qweight.bits).to(device)
+        if symmetric and not bool((zero == 1 << (qweight.bits - 1)).all()):
+            raise ValueError(
+                f"a symmetric layer needs every zero point at {1 << (qweight.bits - 1)}; quantize with symmetric=True"
+            )
+        codes = qweight.codes.to(device)
+        scale = qweight.scale.to(device=device, dtype=torch.float32)
+        if layer.transposed_source:
+            layer.weight_packed.copy_(pack_codes(codes.t(), qweight.bits))
+            layer.weight_scale.copy_(scale.t())
+            if not symmetric:
+                layer.weight_zero_point.copy_((zero.t().to(torch.int16) - (1 << (qweight.bits - 1))).to(torch.int8))
+        else:
+            layer.weight_packed.copy_(pack_codes(codes, qweight.bits))
+            layer.weight_scale.copy_(scale)
+            if not symmetric:
+                layer.weight_zero_point.copy_(pack_zero_points(zero, qweight.bits))
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
         return layer
 
+    # ------------------------------------------------------------------ views in nn.Linear layout
     def codes(self) -> torch.Tensor:
         """Unpacked ``uint8`` codes, ``(out_features, in_features)``."""
-        return unpack_codes(self.qweight, self.bits, self.in_features)
+        if self.transposed_source:
+            return unpack_codes(self.weight_packed, self.bits, self.out_features).t()
+        return unpack_codes(self.weight_packed, self.bits, self.in_features)
+
+    def scales(self) -> torch.Tensor:
+        """Scales ``(out_features, n_groups)``."""
+        return self.weight_scale.t() if self.transposed_source else self.weight_scale
+
+    def zero_points(self) -> torch.Tensor:
+        """Integer zero points ``(out_features, n_groups)`` as ``uint8`` codes."""
+        offset = 1 << (self.bits - 1)
+        if self.weight_zero_point is None:
+            return torch.full((self.out_features, self.n_groups), offset, dtype=torch.uint8, device=self.weight_scale.device)
+        if self.transposed_source:
+            return (self.weight_zero_point.t().to(torch.int16) + offset).to(torch.uint8)
+        return unpack_zero_points(self.weight_zero_point, self.bits, self.out_features)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``scales * (codes - qzeros)`` per group, ``(out, in)``, in ``dtype`` (default: the original weight dtype).
-
-        Same operations in the same order as ``QuantizedWeight.dequantize`` (float32
-        arithmetic, then one cast), so the two are bit-identical.
-        """
-        n_groups = self.scales.shape[1]
-        # Broadcast each group's scale and zero point over its columns instead of
-        # materialising (out, in) copies of them: same values, less memory traffic.
+        """The weight ``(code - zero) * scale`` in ``nn.Linear`` layout, computed in float32, then cast."""
+        n_groups = self.n_groups
         codes = self.codes().float().view(self.out_features, n_groups, -1)
-        weight = (codes - self.qzeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)
+        zero = self.zero_points().float().unsqueeze(-1)
+        weight = (codes - zero) * self.scales().float().unsqueeze(-1)
         return weight.view(self.out_features, self.in_features).to(dtype or self.weight_dtype)
 
     @property
@@ -209,48 +268,29 @@ class COMQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         groups = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        grid = "symmetric" if self.symmetric else "asymmetric"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"{groups}, bias={self.bias is not None}"
+            f"{groups}, {grid}, bias={self.bias is not None}"
         )
 
 
-def replace_module(model: nn.Module, name: str, qweight: QuantizedWeight) -> COMQLinear:
+def replace_module(model: nn.Module, name: str, qweight: QuantizedWeight, symmetric: bool = False) -> COMQLinear:
     """Swap the layer ``name`` of ``model`` for a :class:`COMQLinear` built from ``qweight``.
 
     Returns the new layer.  The original weight is dropped (its memory is freed once
     the caller lets go of it), the bias object is kept.
     """
-    parent, child_name = _parent_of(model, name)
-    module = getattr(parent, child_name)
+    module = model.get_submodule(name)
     if not is_linear_like(module):
         raise TypeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
-    layer = COMQLinear.from_quantized(module, qweight)
-    setattr(parent, child_name, layer)
+    layer = COMQLinear.from_quantized(module, qweight, symmetric)
+    model.set_submodule(name, layer)
     return layer
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent, child_name = _parent_of(model, name)
-    setattr(parent, child_name, new)
-
-
-def _parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if not name:
-        raise ValueError("cannot replace the root module; pass the dotted name of a submodule")
-    parent_name, _, child_name = name.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_name) if parent_name else model
-    except AttributeError as error:
-        raise KeyError(f"model has no submodule {parent_name!r} (while looking up {name!r})") from error
-    if not hasattr(parent, child_name):
-        raise KeyError(f"model has no submodule {name!r}")
-    return parent, child_name
-
-
-def _zero_points_as_uint8(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Zero points are stored as ``uint8`` codes: check they are integers in ``[0, 2**bits - 1]``.
+def zero_points_as_codes(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points are stored as codes: check they are integers in ``[0, 2**bits - 1]``.
 
     The loader applies the same rule, so a layer that passes here can always be reloaded.
     """

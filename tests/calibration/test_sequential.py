@@ -225,7 +225,7 @@ def test_group_wise_quantization_is_passed_to_the_solver():
     model = tiny_vit()
     summary = quantize_model(model, _config("vit", bits=4, group_size=16))
     assert model.vit.layers[0].mlp.fc2.group_size == 16
-    assert model.vit.layers[0].mlp.fc2.scales.shape == (32, 4)
+    assert model.vit.layers[0].mlp.fc2.weight_scale.shape == (32, 4)
     assert summary["group_size"] == 16
 
 
@@ -253,9 +253,9 @@ def test_cpu_offloaded_model_matches_the_in_memory_result(mode):
     quantize_model(offloaded, COMQConfig(bits=4, dataset=pixels, num_samples=8, sequential=mode))
     layer = offloaded.vit.layers[0].mlp.fc1
     assert isinstance(layer, COMQLinear)
-    assert layer.qweight.device.type == "meta" and layer._hf_hook.offload  # still offloaded after conversion
+    assert layer.weight_packed.device.type == "meta" and layer._hf_hook.offload  # still offloaded after conversion
     with accelerate.utils.align_module_device(layer):
-        assert torch.equal(layer.qweight, plain.vit.layers[0].mlp.fc1.qweight)
+        assert torch.equal(layer.weight_packed, plain.vit.layers[0].mlp.fc1.weight_packed)
     inputs = {"pixel_values": pixels}
     torch.testing.assert_close(_first_output(offloaded, inputs), _first_output(plain, inputs), rtol=0, atol=0)
 
@@ -270,7 +270,7 @@ def test_model_dispatched_with_hooks_matches_the_in_memory_result():
     accelerate.dispatch_model(dispatched, device_map=device_map, force_hooks=True)
     assert hasattr(dispatched.vit.layers[1], "_hf_hook")
     quantize_model(dispatched, COMQConfig(bits=4, dataset=pixels, num_samples=8))
-    assert torch.equal(dispatched.vit.layers[1].mlp.fc2.qweight, plain.vit.layers[1].mlp.fc2.qweight)
+    assert torch.equal(dispatched.vit.layers[1].mlp.fc2.weight_packed, plain.vit.layers[1].mlp.fc2.weight_packed)
     inputs = {"pixel_values": pixels}
     torch.testing.assert_close(_first_output(dispatched, inputs), _first_output(plain, inputs), rtol=0, atol=0)
 

@@ -1,4 +1,4 @@
-"""COMQLinear: exact agreement with QuantizedWeight, Conv1D support, state dict, shells and dequantization."""
+"""COMQLinear: exact agreement with QuantizedWeight, Conv1D support, compressed-tensors state dict, shells."""
 
 import pytest
 import torch
@@ -10,11 +10,14 @@ from hf_comq import QuantizedWeight, comq_quantize
 from hf_comq.nn import COMQLinear, get_linear_weight, replace_module
 
 
-def quantize(module: nn.Module, bits: int = 4, group_size: int | None = None) -> QuantizedWeight:
+def quantize(module: nn.Module, bits: int = 4, group_size: int | None = None, symmetric: bool = False) -> QuantizedWeight:
     weight = get_linear_weight(module).detach()
     inputs = torch.randn(64, weight.shape[1], generator=torch.Generator().manual_seed(1))
     hessian = inputs.T @ inputs
-    return comq_quantize(weight, hessian, bits=bits, group_size=group_size, iterations=1, init="rtn", scale_search=False)
+    return comq_quantize(
+        weight, hessian, bits=bits, group_size=group_size, symmetric=symmetric, iterations=1, init="rtn",
+        scale_search=False,
+    )  # fmt: skip
 
 
 def linear(in_features=64, out_features=24, bias=True, dtype=torch.float32) -> nn.Linear:
@@ -22,12 +25,13 @@ def linear(in_features=64, out_features=24, bias=True, dtype=torch.float32) -> n
     return nn.Linear(in_features, out_features, bias=bias).to(dtype)
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [None, 16])
-def test_forward_matches_solver_dequantize_exactly(bits, group_size):
+def test_forward_matches_solver_dequantize_exactly(bits, group_size, symmetric):
     module = linear()
-    qweight = quantize(module, bits, group_size)
-    layer = COMQLinear.from_quantized(module, qweight)
+    qweight = quantize(module, bits, group_size, symmetric)
+    layer = COMQLinear.from_quantized(module, qweight, symmetric=symmetric)
     assert torch.equal(layer.dequantize(), qweight.dequantize())
     assert torch.equal(layer.codes(), qweight.codes)
     x = torch.randn(5, 7, 64)
@@ -38,22 +42,30 @@ def test_bf16_forward_dequantizes_to_the_activation_dtype():
     module = linear(dtype=torch.bfloat16)
     qweight = quantize(module, 4, 32)
     layer = COMQLinear.from_quantized(module, qweight)
-    assert layer.scales.dtype == torch.float32  # never rounded to the model dtype
+    assert layer.weight_scale.dtype == torch.float32  # never rounded to the model dtype
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     expected = F.linear(x, qweight.dequantize().to(torch.bfloat16), module.bias)
     assert layer(x).dtype == torch.bfloat16
     assert torch.equal(layer(x), expected)
 
 
-def test_conv1d_is_quantized_in_linear_layout():
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_conv1d_is_solved_in_linear_layout_and_stored_in_its_own(group_size, symmetric):
     torch.manual_seed(0)
     conv = Conv1D(24, 64)  # nf=24 outputs, nx=64 inputs, weight (64, 24)
-    qweight = quantize(conv)
+    qweight = quantize(conv, 3, group_size, symmetric)
     assert qweight.codes.shape == (24, 64)
-    layer = COMQLinear.from_quantized(conv, qweight)
+    layer = COMQLinear.from_quantized(conv, qweight, symmetric=symmetric)
     x = torch.randn(2, 5, 64)
     assert torch.equal(layer(x), F.linear(x, qweight.dequantize(), conv.bias))
     assert layer.weight.shape == conv.weight.shape  # source layout (in, out)
+    groups = 64 // (group_size or 64)
+    assert layer.weight_packed.shape == (64, 3)  # codes of the (in, out) weight packed along out: 24 x 3 bits
+    assert layer.weight_scale.shape == (groups, 24)
+    assert layer.weight_shape.tolist() == [64, 24]
+    if not symmetric:
+        assert layer.weight_zero_point.dtype == torch.int8 and layer.weight_zero_point.shape == (groups, 24)
 
 
 def test_conv1d_rejects_codes_in_conv_layout():
@@ -63,29 +75,42 @@ def test_conv1d_rejects_codes_in_conv_layout():
         COMQLinear.from_quantized(conv, wrong)
 
 
-def test_state_dict_holds_only_packed_tensors_and_reloads_into_a_shell():
+def test_state_dict_is_the_compressed_tensors_layout_and_reloads_into_a_shell():
     module = linear()
     layer = COMQLinear.from_quantized(module, quantize(module, 4, 16))
     state = layer.state_dict()
     assert {key: value.dtype for key, value in state.items()} == {
-        "qweight": torch.int32,
-        "scales": torch.float32,
-        "qzeros": torch.uint8,
+        "weight_packed": torch.int32,
+        "weight_scale": torch.float32,
+        "weight_zero_point": torch.int32,
+        "weight_shape": torch.int64,
         "bias": torch.float32,
     }
-    assert state["qweight"].shape == (24, 64 * 4 // 32)
-    assert state["scales"].shape == state["qzeros"].shape == (24, 4)
+    assert state["weight_packed"].shape == (24, 64 * 4 // 32)
+    assert state["weight_scale"].shape == (24, 4)
+    assert state["weight_zero_point"].shape == (3, 4)  # 24 zero points of 4 bits per group, packed along out
+    assert state["weight_shape"].tolist() == [24, 64]
     shell = COMQLinear(64, 24, bits=4, group_size=16, device="cpu")
     shell.load_state_dict(state)
     x = torch.randn(4, 64)
     assert torch.equal(shell(x), layer(x))
 
 
+def test_symmetric_layers_store_no_zero_point_and_refuse_other_zero_points():
+    module = linear()
+    layer = COMQLinear.from_quantized(module, quantize(module, 4, 16, symmetric=True), symmetric=True)
+    assert "weight_zero_point" not in layer.state_dict()
+    assert torch.equal(layer.zero_points(), torch.full((24, 4), 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="symmetric"):
+        COMQLinear.from_quantized(module, quantize(module, 4, 16), symmetric=True)
+
+
 def test_empty_shell_on_meta_has_the_checkpoint_shapes():
-    shell = COMQLinear.empty_like(nn.Linear(96, 10, bias=False), bits=3, group_size=32)
-    assert shell.qweight.device.type == "meta"
-    assert shell.qweight.shape == (10, 9)
-    assert shell.scales.shape == (10, 3)
+    shell = COMQLinear.empty_like(nn.Linear(100, 10, bias=False), bits=3, group_size=20)
+    assert shell.weight_packed.device.type == "meta"
+    assert shell.weight_packed.shape == (10, 10)  # ceil(100 * 3 / 32) words
+    assert shell.weight_scale.shape == (10, 5)
+    assert shell.weight_zero_point.shape == (1, 5)
     assert shell.bias is None
     with pytest.raises(ValueError, match="does not divide in_features=96"):
         COMQLinear.empty_like(nn.Linear(96, 10), bits=4, group_size=64)
@@ -113,7 +138,7 @@ def test_replace_module_swaps_in_place_and_checks_the_target():
     assert model[2] is layer and isinstance(layer, COMQLinear)
     with pytest.raises(TypeError, match="ReLU"):
         replace_module(model, "1", qweight)
-    with pytest.raises(KeyError, match="7"):
+    with pytest.raises(AttributeError, match="7"):
         replace_module(model, "7", qweight)
 
 

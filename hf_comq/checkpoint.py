@@ -1,0 +1,383 @@
+"""The on-disk format of COMQ models: compressed-tensors ``pack-quantized`` checkpoints.
+
+A COMQ checkpoint is an ordinary compressed-tensors checkpoint, the format plain
+transformers and vLLM read for integer weight-only quantization (codes, scales, zero
+points); nothing COMQ-specific is needed to load it.  This module is the one place that
+knows the format's ``quantization_config``:
+
+* :func:`quantization_config_dict` writes it for a COMQ result (the scheme is declared
+  with compressed-tensors' own pydantic models, so it is valid by construction), plus
+  two keys of our own: ``"comq"``, the provenance (solver settings, calibration,
+  hf_comq version), and ``"dequantize": true``, a loading option of transformers'
+  compressed-tensors integration.  Without it, transformers 5.2x with compressed-tensors
+  0.18-0.20 cannot build its compressed modules for packed zero points ("weight_zero_point
+  size mismatch") nor for ``Conv1D`` layers; with it, every COMQ checkpoint loads exactly,
+  as dense weights dequantized while loading (so plain transformers behaves the same for
+  every grid).  vLLM ignores both keys.
+* :func:`read_packed_scheme` reads one back -- any producer's, as long as it is
+  integer, weight-only and packed -- and names what is wrong otherwise.
+* :func:`check_checkpoint_files` and :func:`verify_quantized_model` make loading fail
+  with the layer's name instead of running on uninitialised memory.
+
+Per quantized layer the tensors are those of :class:`hf_comq.nn.COMQLinear`.  Layers are
+selected the compressed-tensors way: every module of the scheme's target class
+(``Linear``, or ``Conv1D`` for GPT-2 style models) that the ``ignore`` list does not
+name.  ``Conv1D`` weights are stored transposed, ``(in, out)``, and plain transformers
+dequantizes a checkpoint tensor straight into that parameter, so their scheme is
+compressed-tensors' ``block`` strategy with blocks one output channel wide: a block
+``[rows, 1]`` per group of ``rows`` inputs, or, per channel, ``rows`` at least the
+largest input size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .compat import saved_state_dict_names, was_loaded
+from .nn.quant_linear import PACKED_TENSORS, COMQLinear, group_count, is_linear_like, linear_shape
+
+logger = logging.getLogger(__name__)
+
+COMPRESSED_TENSORS = "compressed-tensors"
+PACK_QUANTIZED = "pack-quantized"
+PROVENANCE_KEY = "comq"
+MIN_COMPRESSED_TENSORS = "0.18"  # dense cross-word packing of 3/5/6/7-bit codes (no version marker before)
+LINEAR, CONV1D = "Linear", "Conv1D"
+PACKED_SUFFIXES = tuple(f".{name}" for name in PACKED_TENSORS)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model or its ``quantization_config``."""
+
+
+@dataclass
+class PackedScheme:
+    """What a pack-quantized checkpoint declares: the grid, the layer class it targets, the layers it skips."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    layer_type: str = LINEAR  # "Linear" or "Conv1D"
+    conv1d_rows: int | None = None  # block height of a per-channel Conv1D scheme
+    ignore: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def quantizes(self, name: str, module: nn.Module) -> bool:
+        """compressed-tensors' own rule: the module is of the target class and not ignored."""
+        from compressed_tensors.utils.match import is_match
+
+        return is_match(name, module, [self.layer_type], self.ignore)
+
+
+def is_packed_checkpoint(config: Mapping[str, Any] | None) -> bool:
+    """True when a ``config.json`` dict declares compressed-tensors ``pack-quantized`` weights."""
+    stored = (config or {}).get("quantization_config")
+    return isinstance(stored, Mapping) and stored.get("quant_method") == COMPRESSED_TENSORS and stored.get("format") == PACK_QUANTIZED
+
+
+def quantization_config_dict(scheme: PackedScheme) -> dict[str, Any]:
+    """``config.json["quantization_config"]`` for a COMQ result, in compressed-tensors' schema."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    arguments: dict[str, Any] = {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric}
+    if scheme.layer_type == CONV1D:
+        arguments.update(strategy="block", block_structure=[scheme.group_size or scheme.conv1d_rows, 1])
+    elif scheme.group_size is None:
+        arguments.update(strategy="channel")
+    else:
+        arguments.update(strategy="group", group_size=scheme.group_size)
+    group = QuantizationScheme(targets=[scheme.layer_type], weights=QuantizationArgs(**arguments), format=PACK_QUANTIZED)
+    config = QuantizationConfig(
+        config_groups={"group_0": group},
+        format=PACK_QUANTIZED,
+        quantization_status="compressed",
+        ignore=sorted(scheme.ignore),
+    ).model_dump(mode="json")
+    config["version"] = compressed_tensors.__version__
+    config["dequantize"] = True
+    config[PROVENANCE_KEY] = dict(scheme.provenance)
+    return config
+
+
+def read_packed_scheme(stored: Mapping[str, Any]) -> PackedScheme:
+    """Parse a compressed-tensors ``quantization_config``; :class:`CheckpointError` if hf_comq cannot hold it."""
+    if stored.get("quant_method") not in (COMPRESSED_TENSORS, "comq") or stored.get("format") != PACK_QUANTIZED:
+        raise CheckpointError(
+            f"not a compressed-tensors {PACK_QUANTIZED!r} checkpoint: quantization_config has "
+            f"quant_method={stored.get('quant_method')!r}, format={stored.get('format')!r}"
+        )
+    groups = stored.get("config_groups") or {}
+    if len(groups) != 1:
+        raise CheckpointError(
+            f"the checkpoint declares {len(groups)} quantization schemes; hf_comq loads checkpoints with exactly one"
+        )
+    group = next(iter(groups.values()))
+    weights = group.get("weights") or {}
+    targets = list(group.get("targets") or [])
+    if group.get("input_activations") or group.get("output_activations"):
+        raise CheckpointError("the checkpoint quantizes activations; hf_comq loads weight-only checkpoints")
+    if weights.get("type") != "int" or targets not in ([LINEAR], [CONV1D]):
+        raise CheckpointError(
+            f"the checkpoint quantizes {targets} to {weights.get('type')!r} weights; hf_comq loads integer "
+            "weights of Linear or Conv1D layers"
+        )
+    if weights.get("actorder") not in (None, "static"):
+        raise CheckpointError(
+            f"the checkpoint stores activation-order indices (actorder={weights.get('actorder')!r}, weight_g_idx); "
+            "hf_comq loads checkpoints without them"
+        )
+    bits, strategy = weights.get("num_bits"), weights.get("strategy")
+    scheme = PackedScheme(
+        bits=bits,
+        group_size=None,
+        symmetric=bool(weights.get("symmetric")),
+        layer_type=targets[0],
+        ignore=list(stored.get("ignore") or []),
+        provenance=dict(stored.get(PROVENANCE_KEY) or {}),
+    )
+    if scheme.layer_type == LINEAR and strategy in ("channel", "group"):
+        scheme.group_size = weights.get("group_size") if strategy == "group" else None
+    elif scheme.layer_type == CONV1D and strategy == "block":
+        rows, width = (weights.get("block_structure") or [None, None])[:2]
+        if width != 1 or not isinstance(rows, int):
+            raise CheckpointError(f"Conv1D blocks must be one output channel wide, got {weights.get('block_structure')}")
+        scheme.conv1d_rows = rows  # a group size or a per-channel height; resolved per layer when loading
+    else:
+        raise CheckpointError(f"strategy {strategy!r} for {scheme.layer_type} layers is not supported by hf_comq")
+    return scheme
+
+
+def layer_group_size(scheme: PackedScheme, in_features: int) -> int | None:
+    """The group size of one layer: a ``Conv1D`` block at least as tall as the layer is one group per channel."""
+    if scheme.layer_type == CONV1D:
+        return None if scheme.conv1d_rows >= in_features else scheme.conv1d_rows
+    return scheme.group_size
+
+
+# ---------------------------------------------------------------------------- checks on load
+def verify_quantized_model(
+    model: nn.Module, scheme: PackedScheme, expected: list[str] | None = None, check_loaded: bool = False
+) -> None:
+    """Raise :class:`CheckpointError` unless every packed layer holds real, consistent tensors.
+
+    Catches what transformers only logs: packed tensors missing from the checkpoint (left
+    on ``meta`` or uninitialised) and tensors of the wrong shape or dtype.  ``expected``
+    lists the layer names that must be :class:`COMQLinear`.  ``check_loaded`` (right after
+    ``from_pretrained`` only) also requires the mark transformers puts on every tensor it
+    loaded, which is how a tensor allocated but never filled is told apart.
+    """
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, COMQLinear)}
+    if expected is not None:
+        missing_layers = [name for name in expected if name not in layers]
+        if missing_layers:
+            raise CheckpointError(f"layers {missing_layers} were not converted to COMQLinear")
+    if not layers:
+        raise CheckpointError("the model has no packed (COMQLinear) layer; it was not loaded as a quantized model")
+    for name, layer in layers.items():
+        _verify_layer(name, layer, scheme, check_loaded)
+
+
+def _verify_layer(name: str, layer: COMQLinear, scheme: PackedScheme, check_loaded: bool) -> None:
+    # An empty shell built from the scheme is the source of truth for shapes and dtypes.
+    shell = COMQLinear(
+        layer.in_features,
+        layer.out_features,
+        bits=scheme.bits,
+        group_size=layer_group_size(scheme, layer.in_features),
+        symmetric=scheme.symmetric,
+        device="meta",
+        transposed_source=layer.transposed_source,
+    )
+    hooked = _is_offloaded(layer)
+    for buffer_name in PACKED_TENSORS:
+        tensor, reference = getattr(layer, buffer_name), getattr(shell, buffer_name)
+        if reference is None:
+            continue
+        key = f"{name}.{buffer_name}"
+        if tensor is None or (not hooked and (tensor.device.type == "meta" or (check_loaded and not was_loaded(tensor)))):
+            raise CheckpointError(
+                f"{key} is missing from the checkpoint (left uninitialised by from_pretrained); the checkpoint "
+                "is incomplete or its quantization_config lists different layers than it holds"
+            )
+        if tuple(tensor.shape) != tuple(reference.shape) or tensor.dtype != reference.dtype:
+            raise CheckpointError(
+                f"{key} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected {tuple(reference.shape)} "
+                f"{reference.dtype} for bits={scheme.bits}, group_size={layer.group_size}, "
+                f"symmetric={scheme.symmetric}; the checkpoint does not match its quantization_config"
+            )
+    if not hooked:
+        _verify_values(name, layer)
+
+
+def _verify_values(name: str, layer: COMQLinear) -> None:
+    """The shape record must match the layer and scales must be finite: uninitialised memory rarely is."""
+    rows_cols = [layer.in_features, layer.out_features] if layer.transposed_source else [layer.out_features, layer.in_features]
+    if layer.weight_shape.tolist() != rows_cols:
+        raise CheckpointError(
+            f"{name}.weight_shape is {layer.weight_shape.tolist()}, but the layer is {rows_cols}: the checkpoint "
+            "belongs to another model or is corrupt"
+        )
+    if not torch.isfinite(layer.weight_scale).all():
+        raise CheckpointError(f"{name}.weight_scale holds NaN/inf: the tensor is missing or corrupt in the checkpoint")
+
+
+def _is_offloaded(module: nn.Module) -> bool:
+    from accelerate.utils import has_offloaded_params
+
+    return has_offloaded_params(module)
+
+
+def check_group_size(targets: Mapping[str, nn.Module], group_size: int | None) -> None:
+    """Fail before loading any weight if ``group_size`` does not divide some layer's input size."""
+    if group_size is None:
+        return
+    bad = {}
+    for name, module in targets.items():
+        in_features = linear_shape(module)[1]
+        try:
+            group_count(in_features, group_size)
+        except ValueError:
+            bad[name] = in_features
+    if bad:
+        sample = dict(list(bad.items())[:5])
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features of {len(bad)} layers, e.g. {sample}; "
+            "use a common divisor of the layers' input sizes, group_size=None, or add them to modules_to_not_convert"
+        )
+
+
+def layer_type_of(targets: Mapping[str, nn.Module]) -> str:
+    """``"Linear"`` or ``"Conv1D"``: one scheme per checkpoint, so the quantized layers must be of one class."""
+    kinds = {LINEAR if isinstance(module, nn.Linear) else CONV1D for module in targets.values()}
+    if len(kinds) > 1:
+        conv = sorted(name for name, module in targets.items() if not isinstance(module, nn.Linear))
+        raise ValueError(
+            f"this model would quantize both nn.Linear and transformers Conv1D layers (e.g. {conv[:3]}); a "
+            "compressed-tensors checkpoint that plain transformers can load holds one kind: add the layers of "
+            "one kind to modules_to_not_convert"
+        )
+    return kinds.pop() if kinds else LINEAR
+
+
+def full_precision_layers(model: nn.Module) -> list[str]:
+    """Names of the linear-like layers that stayed in full precision: the checkpoint's ``ignore`` list."""
+    return sorted(name for name, module in model.named_modules() if name and is_linear_like(module))
+
+
+# ---------------------------------------------------------------------------- checkpoint pre-check
+_SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float32: "F32", torch.int8: "I8", torch.int64: "I64"}
+
+
+def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], scheme: PackedScheme) -> None:
+    """Compare the packed tensors in the safetensors headers with the shells, before loading.
+
+    transformers only logs missing tensors and raises a message-less error on shape
+    mismatches; reading the headers (no data) lets us name the tensor and the cause.
+    Checkpoint keys may use legacy names (transformers renames e.g. ViT's modules on
+    load and reverts on save), so each tensor is looked up under its model name and
+    under the name ``save_pretrained`` would give it.
+    """
+    header = _packed_header(checkpoint_files)
+    if header is None:
+        return  # not safetensors: nothing cheap to read, the after-load check still runs
+    expected = {
+        f"{name}.{buffer}": tensor
+        for name, module in model.named_modules()
+        if isinstance(module, COMQLinear)
+        for buffer in PACKED_TENSORS
+        if (tensor := getattr(module, buffer)) is not None
+    }
+    if not header:
+        raise CheckpointError(
+            "the checkpoint holds no packed tensors (*.weight_packed) although its config.json declares "
+            f"compressed-tensors {PACK_QUANTIZED!r} weights; it was not saved from a quantized model"
+        )
+    saved_names = saved_state_dict_names(model, expected)
+    found, missing = {}, []
+    for key, tensor in expected.items():
+        candidates = [saved_names.get(key), key]
+        match = next((name for name in candidates if name in header), None)
+        if match is None:
+            missing.append(key)
+            continue
+        found[match] = key
+        _compare_header(key, match, tensor, header[match], scheme)
+    if missing and len(missing) < len(expected):
+        raise CheckpointError(
+            f"the checkpoint is missing {len(missing)} packed tensors, e.g. {missing[:5]}; it is incomplete, or its "
+            "quantization_config (symmetric, ignore) does not match the layers it holds"
+        )
+    if missing:
+        logger.warning("could not map the checkpoint's packed tensor names to the model; verifying after loading")
+        return
+    unexpected = sorted(set(header) - set(found))
+    if unexpected:
+        raise CheckpointError(
+            f"the checkpoint holds packed tensors for layers this model keeps in full precision, e.g. "
+            f"{unexpected[:5]}: config.json's ignore list does not match the checkpoint, and those layers would "
+            "load with random weights"
+        )
+
+
+def _packed_header(checkpoint_files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]] | None:
+    """``{key: (shape, dtype)}`` of the packed tensors in safetensors files; ``None`` if any file is not safetensors."""
+    files = [str(path) for path in checkpoint_files]
+    if not files or not all(path.endswith(".safetensors") and os.path.isfile(path) for path in files):
+        return None
+    header = {}
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(PACKED_SUFFIXES):
+                    view = handle.get_slice(key)
+                    header[key] = (tuple(view.get_shape()), view.get_dtype())
+    return header
+
+
+def _compare_header(key: str, saved: str, tensor: torch.Tensor, entry: tuple, scheme: PackedScheme) -> None:
+    shape, dtype = entry
+    want_dtype = _SAFETENSORS_DTYPES[tensor.dtype]
+    if tuple(shape) != tuple(tensor.shape) or dtype != want_dtype:
+        alias = "" if saved == key else f" (saved as {saved})"
+        raise CheckpointError(
+            f"checkpoint tensor {key}{alias} has shape {tuple(shape)} and dtype {dtype}, expected "
+            f"{tuple(tensor.shape)} {want_dtype} for bits={scheme.bits}, group_size={scheme.group_size}, "
+            f"symmetric={scheme.symmetric}: the checkpoint does not match its quantization_config"
+        )
+
+
+# ---------------------------------------------------------------------------- who can run a checkpoint
+VLLM_READ = "vLLM 0.33 source, read but not run by hf_comq"
+
+
+def runtime_support(scheme: PackedScheme, model_class: str | None = None) -> list[tuple[str, str]]:
+    """``(runtime, what it does with this checkpoint)`` rows for the model card and the README.
+
+    Only what hf_comq's tests run is stated as fact; vLLM is described from its source
+    (benchmarks/gpu/FACTS.md) and marked unverified until the checks in benchmarks/gpu/ have run.
+    """
+    rows = [
+        (
+            f"transformers + `compressed-tensors>={MIN_COMPRESSED_TENSORS}`, no hf_comq",
+            "loads it exactly, as dense weights dequantized while loading",
+        ),
+        ("`hf_comq.load_quantized`", "loads it exactly; the quantized layers stay packed in memory"),
+    ]
+    if scheme.layer_type == CONV1D:
+        vllm = "not served: vLLM has no compressed-tensors scheme for transformers `Conv1D` layers (load error)"
+    elif model_class not in (None, "AutoModel") and not model_class.endswith("ForCausalLM"):
+        vllm = "not checked: hf_comq's vLLM notes cover causal LMs; vLLM does not serve image classifiers"
+    else:
+        fast = scheme.bits in (4, 8) and scheme.group_size in (None, 32, 64, 128)
+        kernel = "Marlin (Machete on Hopper)" if fast else "the generic Humming kernel"
+        vllm = f"compressed-tensors `WNA16` scheme, {kernel}; {VLLM_READ}"
+    rows.append(("vLLM", vllm))
+    return rows

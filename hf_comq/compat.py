@@ -1,0 +1,46 @@
+"""Every place hf_comq relies on a transformers detail that is not public API.
+
+Each of these can change in any transformers release; keeping them here, each with a
+test in ``tests/test_compat.py`` that fails loudly when transformers changes it, makes an
+upgrade a one-file review instead of a hunt.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+LOADED_MARK = "_is_hf_initialized"
+
+
+def was_loaded(tensor: torch.Tensor) -> bool:
+    """Whether ``from_pretrained`` filled ``tensor`` from the checkpoint.
+
+    transformers marks each tensor it loads with ``_is_hf_initialized``; an empty shell's
+    buffer that the checkpoint did not provide stays unmarked (and uninitialised).
+    """
+    return bool(getattr(tensor, LOADED_MARK, False))
+
+
+def saved_state_dict_names(model: nn.Module, state: dict[str, Any]) -> dict[str, str]:
+    """Model key -> the key ``save_pretrained`` writes for it.
+
+    transformers 5 renames some modules on load (e.g. ViT's ``encoder.layer.N`` ->
+    ``layers.N``) and reverts the rename on save; ``revert_weight_conversion`` is that
+    reversal.  It is internal API, so a failure degrades to the model's own names (the
+    checks that use this then verify after loading instead).
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        reverted = revert_weight_conversion(model, dict(state))
+    except Exception as error:  # internal API: degrade rather than fail the load
+        logger.debug("could not compute saved tensor names: %s", error)
+        return {}
+    by_identity = {id(tensor): key for key, tensor in state.items()}
+    return {by_identity[id(tensor)]: saved for saved, tensor in reverted.items() if id(tensor) in by_identity}

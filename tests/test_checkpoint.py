@@ -1,0 +1,84 @@
+"""The compressed-tensors scheme hf_comq writes and reads, and what it refuses to read."""
+
+import copy
+
+import pytest
+from compressed_tensors.quantization import QuantizationConfig
+from transformers.utils.quantization_config import CompressedTensorsConfig
+
+from hf_comq.checkpoint import (
+    CheckpointError,
+    PackedScheme,
+    quantization_config_dict,
+    read_packed_scheme,
+    runtime_support,
+)
+
+SCHEMES = [
+    PackedScheme(bits=4, group_size=None, symmetric=False, ignore=["lm_head"]),
+    PackedScheme(bits=3, group_size=64, symmetric=True),
+    PackedScheme(bits=2, group_size=None, symmetric=False, layer_type="Conv1D", conv1d_rows=3072),
+    PackedScheme(bits=8, group_size=32, symmetric=False, layer_type="Conv1D", conv1d_rows=32),
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda scheme: f"{scheme.layer_type}-w{scheme.bits}")
+def test_written_schemes_are_valid_compressed_tensors_and_read_back(scheme):
+    written = quantization_config_dict(scheme)
+    QuantizationConfig.model_validate(written)  # the library's own schema accepts it
+    loaded = CompressedTensorsConfig.from_dict(copy.deepcopy(written))  # and so does transformers
+    assert loaded.dequantize is True and loaded.quantization_config.format == "pack-quantized"
+    assert written["version"] and written["comq"] == {}
+    back = read_packed_scheme(written)
+    assert (back.bits, back.group_size, back.symmetric, back.layer_type) == (
+        scheme.bits, scheme.group_size if scheme.layer_type == "Linear" else None, scheme.symmetric, scheme.layer_type,
+    )  # fmt: skip
+    assert back.ignore == sorted(scheme.ignore)
+
+
+def test_conv1d_blocks_are_one_output_channel_wide():
+    weights = quantization_config_dict(SCHEMES[2])["config_groups"]["group_0"]["weights"]
+    assert weights["strategy"] == "block" and weights["block_structure"] == [3072, 1]
+
+
+def _with_weights(**changes) -> dict:
+    written = quantization_config_dict(SCHEMES[0])
+    written["config_groups"]["group_0"]["weights"].update(changes)
+    return written
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [
+        ({"quant_method": "gptq", "bits": 4}, "not a compressed-tensors 'pack-quantized' checkpoint"),
+        ({**quantization_config_dict(SCHEMES[0]), "format": "naive-quantized"}, "not a compressed-tensors"),
+        (_with_weights(type="float"), "integer weights"),
+        (_with_weights(strategy="tensor"), "strategy 'tensor'"),
+        (_with_weights(actorder="group"), "activation-order"),
+        (
+            {**quantization_config_dict(SCHEMES[0]), "config_groups": {}},
+            "declares 0 quantization schemes",
+        ),
+    ],
+    ids=["other-method", "other-format", "float", "tensor-strategy", "actorder", "no-scheme"],
+)
+def test_checkpoints_hf_comq_cannot_hold_are_named(stored, message):
+    with pytest.raises(CheckpointError, match=message):
+        read_packed_scheme(stored)
+
+
+def test_activation_quantization_is_refused():
+    written = quantization_config_dict(SCHEMES[0])
+    written["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int"}
+    with pytest.raises(CheckpointError, match="weight-only"):
+        read_packed_scheme(written)
+
+
+def test_runtime_support_names_every_runtime_and_what_is_unverified():
+    linear = dict(runtime_support(SCHEMES[0], "LlamaForCausalLM"))
+    assert "dense" in linear["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    assert "packed" in linear["`hf_comq.load_quantized`"]
+    assert "Marlin" in linear["vLLM"] and "not run" in linear["vLLM"]
+    assert "Humming" in dict(runtime_support(SCHEMES[1], "LlamaForCausalLM"))["vLLM"]
+    assert "not served" in dict(runtime_support(SCHEMES[2], "GPT2LMHeadModel"))["vLLM"]
+    assert "image classifiers" in dict(runtime_support(SCHEMES[0], "ViTForImageClassification"))["vLLM"]

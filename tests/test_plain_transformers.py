@@ -1,0 +1,132 @@
+"""COMQ checkpoints load in plain transformers, without hf_comq, and reproduce the quantized model exactly.
+
+Every checkpoint below is quantized through the real pipeline and saved; one fresh Python
+process, in which ``import hf_comq`` is made impossible (``sys.modules["hf_comq"] = None``),
+loads each of them with the class its config.json names and records the outputs.  They must
+equal the in-memory quantized model's outputs bit for bit (fp32).  The same checkpoints also
+load through ``hf_comq.load_quantized`` with their layers kept packed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_comq import COMQLinear, load_quantized
+from tests.tiny import first_output, model_inputs, quantize_tiny, tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# (architecture, bits, group_size, symmetric): every architecture at the default W4 per-channel asymmetric grid,
+# then every bit width and both grids on an nn.Linear model (Llama) and a transformers Conv1D model (GPT-2).
+CASES = [(arch, 4, None, False) for arch in ("vit", "deit", "dinov2", "bert", "gpt2", "llama", "qwen2")]
+CASES += [
+    (arch, bits, group_size, symmetric)
+    for arch in ("llama", "gpt2")
+    for bits in (2, 3, 8)
+    for group_size, symmetric in ((None, False), (16, True))
+] + [("llama", 4, 16, False), ("llama", 4, None, True), ("gpt2", 4, 16, False), ("gpt2", 4, None, True)]
+
+# transformers 5.2x cannot load ANY compressed-tensors checkpoint of these architectures: its compressed-tensors
+# quantizer adds the packed tensor names to the model's own 1-to-2 weight converter (Dinov2's SwiGLU split), which
+# then refuses to be many-to-many.  Strict, so that the day transformers fixes it this test says so.
+PLAIN_TRANSFORMERS_BUG = {"dinov2": "transformers merges compressed-tensors names into Dinov2's SwiGLU converter"}
+
+LOADER = """
+import json, sys, traceback
+sys.modules["hf_comq"] = None  # the plugin must not be needed
+import torch
+import transformers
+
+cases = json.loads(sys.argv[1])
+results = {}
+for key, path in cases.items():
+    try:
+        config = json.load(open(f"{path}/config.json"))
+        cls = getattr(transformers, config["architectures"][0])
+        model = cls.from_pretrained(path).eval()
+        inputs = torch.load(f"{path}/inputs.pt")
+        with torch.no_grad():
+            output = model(**inputs)
+        output = output.logits if hasattr(output, "logits") else output.last_hidden_state
+        torch.save(output, f"{path}/plain_output.pt")
+        results[key] = "ok"
+    except Exception as error:
+        results[key] = f"{type(error).__name__}: {error}"[:500]
+print(json.dumps(results))
+"""
+
+
+def case_id(case: tuple) -> str:
+    arch, bits, group_size, symmetric = case
+    return f"{arch}-w{bits}-{'g' + str(group_size) if group_size else 'channel'}-{'sym' if symmetric else 'asym'}"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """``{case id: (folder, quantized model output)}`` for every case, plus the plain-loading outcome."""
+    root = tmp_path_factory.mktemp("interop")
+    saved, expected = {}, {}
+    for case in CASES:
+        arch, bits, group_size, symmetric = case
+        key = case_id(case)
+        fp_path = root / f"fp-{arch}"
+        if not fp_path.exists():
+            tiny_model(arch).save_pretrained(fp_path)
+        model = quantize_tiny(fp_path, type(tiny_model(arch)), bits=bits, group_size=group_size, symmetric=symmetric)
+        inputs = model_inputs(model)
+        expected[key] = first_output(model, inputs)
+        model.save_pretrained(root / key)
+        torch.save(inputs, root / key / "inputs.pt")
+        saved[key] = str(root / key)
+    environment = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LOADER), json.dumps(saved)],
+        capture_output=True, text=True, timeout=300, env=environment, cwd=root,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    return {key: (saved[key], expected[key], outcome[key]) for key in saved}
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_plain_transformers_reproduces_the_quantized_model(checkpoints, case):
+    path, expected, outcome = checkpoints[case_id(case)]
+    if case[0] in PLAIN_TRANSFORMERS_BUG:
+        assert outcome != "ok", "transformers can load this architecture now: drop it from PLAIN_TRANSFORMERS_BUG"
+        pytest.xfail(PLAIN_TRANSFORMERS_BUG[case[0]])
+    assert outcome == "ok", outcome
+    assert torch.equal(torch.load(Path(path) / "plain_output.pt"), expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_load_quantized_keeps_the_layers_packed_and_exact(checkpoints, case):
+    path, expected, _ = checkpoints[case_id(case)]
+    model = load_quantized(path).eval()
+    layers = [module for module in model.modules() if isinstance(module, COMQLinear)]
+    assert layers and all(layer.bits == case[1] and layer.symmetric == case[3] for layer in layers)
+    assert not any(type(module) is torch.nn.Linear and "lm_head" not in name and "classifier" not in name
+                   for name, module in model.named_modules() if "pooler" not in name)  # fmt: skip
+    assert torch.equal(first_output(model, torch.load(Path(path) / "inputs.pt")), expected)
+
+
+def test_the_checkpoint_declares_compressed_tensors_and_keeps_the_comq_provenance(checkpoints):
+    path, _, _ = checkpoints[case_id(("llama", 3, 16, True))]
+    stored = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    assert stored["quant_method"] == "compressed-tensors" and stored["format"] == "pack-quantized"
+    weights = stored["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["strategy"], weights["group_size"], weights["symmetric"]) == (3, "group", 16, True)
+    assert stored["ignore"] == ["lm_head"]
+    provenance = stored["comq"]
+    assert provenance["hf_comq_version"] and provenance["base_model"] == "fp-llama"
+    assert provenance["calibration"]["samples_used"] == 8 and provenance["solver"]["init"] == "rtn"
+    resaved = Path(path).parent / "resaved"
+    load_quantized(path).save_pretrained(resaved)
+    assert json.loads((resaved / "config.json").read_text())["quantization_config"] == stored
