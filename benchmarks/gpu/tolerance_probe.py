@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts = comparator.prompt_ids(args.model, 512, len(comparator.PROMPTS), seed=0)
+    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
+    prompts = comparator.prompt_ids(args.model, vocab, len(comparator.PROMPTS), seed=0)
     reference = comparator.generate_hf_fp32(args.model, prompts, args.max_tokens, device)
     print(f"reference: transformers float32 greedy, {args.max_tokens} tokens x {len(prompts)} prompts, margin {args.margin}")
     print(f"{'rounding (bf16)':>22}: {summary(comparator.compare(args.model, reference, 'bfloat16', device, args.margin))}")
