@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from int4pack_check import time_ms  # scripts run from this folder: CUDA-event timing, median
 
 
 def probe_ids(vocab_size: int, device: str) -> torch.Tensor:
@@ -57,18 +57,6 @@ def run_plain(model_dir: Path, logits_path: Path, device: str) -> int:
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-
-
-def time_ms(fn, repeats: int = 50) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 @torch.inference_mode()
