@@ -1,0 +1,16 @@
+// The compute loops built for AVX2 + FMA; chosen at run time only on CPUs that have both.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cstdint>
+#include <cstring>
+
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define HF_COMQ_AVX2 1
+#define HF_COMQ_ISA avx2
+#include "kernels_impl.h"
+#pragma GCC pop_options
+#endif

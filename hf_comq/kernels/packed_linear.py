@@ -1,0 +1,217 @@
+"""``packed_linear``: ``F.linear`` with a compressed-tensors ``pack-quantized`` weight.
+
+Inputs, in ``nn.Linear`` ``(out, in)`` layout:
+
+* ``weight_packed`` -- ``int32 (out, ceil(in * bits / 32))``.  Each row is one
+  little-endian bit stream: code ``i`` sits at stream bits ``[i * bits, (i + 1) * bits)``,
+  least significant bit first, word ``k`` holds stream bits ``[32k, 32k + 32)``; codes
+  may straddle words.  Codes are unsigned, in ``[0, 2**bits - 1]``.
+* ``scale`` -- ``float32 (out, G)`` and ``zero`` -- ``uint8 (out, G)``, unsigned zero
+  points in ``[0, 2**bits - 1]`` (symmetric grids pass ``2**(bits - 1)``).  ``G == 1``
+  is per-channel, otherwise groups of ``in // G`` consecutive inputs.
+
+The weight is ``W[o, i] = float(u[o, i] - zero[o, g]) * scale[o, g]``, ``g = i // (in // G)``:
+an integer subtraction, then one fp32 multiply, the expression other loaders of the
+format use, so dequantized weights stay bit-comparable with theirs.
+
+Two paths, chosen per call, same contract:
+
+* the compiled CPU kernel (:mod:`hf_comq.kernels.build`): fp32 activations on CPU,
+  group size a multiple of 8 (or per-channel).  Every weight it uses is formed by the
+  expression above; only the order of the fp32 sums differs from ``F.linear``.
+* the torch fallback for everything else (bf16/fp16 activations, CUDA, odd group
+  sizes, no compiler, ``HF_COMQ_DISABLE_KERNEL=1``): :func:`dequantize_packed`, a cast to
+  ``x.dtype``, then ``F.linear`` -- bit-identical to dequantizing yourself.
+
+The op is registered as ``torch.ops.hf_comq.packed_linear`` with a fake implementation,
+so ``torch.compile`` (also ``fullgraph=True``) keeps it as one opaque call.  Gradients
+flow to ``x`` and ``bias`` (through the dequantized weight); the quantized weight itself
+is not trainable through this op.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .. import packing
+from .build import kernel_disabled, load_kernel
+
+SUPPORTED_BITS = range(1, 9)
+
+
+def packed_width(in_features: int, bits: int) -> int:
+    """Words per row of ``weight_packed``: ``ceil(in_features * bits / 32)``, no padding."""
+    return (in_features * bits + 31) // 32
+
+
+def unpack_rows(weight_packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """``int32`` codes ``(out, in_features)`` of a packed weight (torch ops, any device).
+
+    Delegates to :func:`hf_comq.packing.unpack_codes`, which owns the bit layout.  Its
+    rows may be wider than ``ceil(in * bits / 32)`` words (whole 32-code chunks); the
+    stream is the same with zero words appended, so narrower rows are zero-padded to
+    the width it expects.
+    """
+    expected = packing.packed_width(in_features, bits)
+    width = weight_packed.shape[-1]
+    if width < expected:
+        weight_packed = F.pad(weight_packed, (0, expected - width))
+    return packing.unpack_codes(weight_packed, bits, in_features).to(torch.int32)
+
+
+def dequantize_packed(
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    in_features: int,
+) -> torch.Tensor:
+    """The fp32 weight ``(out, in)``: ``float(u - zero) * scale`` per group, exactly.
+
+    The reference every path of :func:`packed_linear` is held to.  Scales and zero
+    points broadcast over each group's columns instead of being repeated to ``(out, in)``.
+    """
+    out_features, groups = scale.shape
+    codes = unpack_rows(weight_packed, bits, in_features).view(out_features, groups, -1)
+    weight = (codes - zero.to(torch.int32).unsqueeze(-1)).to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)
+    return weight.view(out_features, in_features)
+
+
+def packed_linear(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for the packed weight ``W`` (see the module docstring).
+
+    ``in_features`` is ``x.shape[-1]`` and the group size ``in_features // scale.shape[1]``;
+    both are checked against the packed shapes here, with one line naming the
+    mismatch, before any kernel runs.
+    """
+    check_packed_inputs(x, weight_packed, scale, zero, bits, bias)
+    return torch.ops.hf_comq.packed_linear(x, weight_packed, scale, zero, bias, bits)
+
+
+def check_packed_inputs(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None,
+) -> None:
+    """Reject inconsistent shapes and dtypes early: a wrong layout would otherwise come out as a wrong answer."""
+    if not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"packed_linear: bits must be an integer in 1..8, got {bits!r}")
+    if x.dim() == 0:
+        raise ValueError("packed_linear: x must have at least one dimension (the input features)")
+    in_features = x.shape[-1]
+    if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:
+        raise TypeError(f"packed_linear: weight_packed must be a 2-D int32 tensor, got {weight_packed.dtype} {tuple(weight_packed.shape)}")
+    out_features, width = weight_packed.shape
+    if width != packed_width(in_features, bits):
+        raise ValueError(
+            f"packed_linear: weight_packed has {width} words per row, but x has {in_features} features and "
+            f"{in_features} codes of {bits} bits take {packed_width(in_features, bits)} (ceil(in * bits / 32))"
+        )
+    if scale.dtype != torch.float32 or scale.dim() != 2 or scale.shape[0] != out_features:
+        raise TypeError(
+            f"packed_linear: scale must be float32 (out_features={out_features}, groups), got {scale.dtype} "
+            f"{tuple(scale.shape)}; convert it once with scale.float()"
+        )
+    groups = scale.shape[1]
+    if groups < 1 or in_features % groups:
+        raise ValueError(f"packed_linear: {groups} scale groups do not divide in_features={in_features}")
+    if zero.dtype != torch.uint8 or zero.shape != scale.shape:
+        raise TypeError(
+            f"packed_linear: zero must be uint8 shaped like scale {tuple(scale.shape)}, got {zero.dtype} "
+            f"{tuple(zero.shape)}; convert it once with zero.to(torch.uint8)"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"packed_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
+def kernel_covers(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the compiled kernel handles this call; anything else takes the exact fallback."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or sys.byteorder != "little":
+        return False
+    if any(t.device.type != "cpu" for t in (weight_packed, scale)):
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return False
+    groups = scale.shape[1]
+    return groups == 1 or (x.shape[-1] // groups) % 8 == 0
+
+
+@torch.library.custom_op("hf_comq::packed_linear", mutates_args=())
+def _packed_linear_op(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    in_features, out_features = x.shape[-1], weight_packed.shape[0]
+    if not kernel_disabled() and kernel_covers(x, weight_packed, scale, bias):
+        ops = load_kernel()
+        if ops is not None:
+            y = ops.packed_linear(
+                x.reshape(-1, in_features).contiguous(),
+                weight_packed.contiguous(),
+                scale.contiguous(),
+                zero.contiguous(),
+                None if bias is None else bias.contiguous(),
+                bits,
+            )
+            return y.view(*x.shape[:-1], out_features)
+    return fallback_linear(x, weight_packed, scale, zero, bias, bits)
+
+
+def fallback_linear(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """The exact torch path: dequantize in fp32, cast to ``x.dtype``, ``F.linear``."""
+    weight = dequantize_packed(weight_packed, scale, zero, bits, x.shape[-1]).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+@_packed_linear_op.register_fake
+def _(x, weight_packed, scale, zero, bias, bits):
+    return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_packed, scale, zero, bias, bits = inputs
+    if scale.requires_grad:
+        raise NotImplementedError(
+            "packed_linear: gradients with respect to the quantized weight (scale) are not supported; "
+            "train on dequantize_packed(...) with F.linear, or detach the scale"
+        )
+    ctx.save_for_backward(weight_packed, scale, zero)
+    ctx.bits = bits
+    ctx.in_features = x.shape[-1]
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    weight_packed, scale, zero = ctx.saved_tensors
+    weight = dequantize_packed(weight_packed, scale, zero, ctx.bits, ctx.in_features).to(grad.dtype)
+    grad_x = (grad @ weight).to(ctx.x_dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, grad_bias, None
+
+
+_packed_linear_op.register_autograd(_backward, setup_context=_setup_context)
