@@ -7,6 +7,6 @@ fallback.  :func:`active_path` says which one is in use and why.
 """
 
 from .build import DISABLE_ENV_VAR, active_path
-from .packed_linear import dequantize_packed, packed_linear, packed_width
+from .linear import dequantize_packed, packed_linear, packed_width
 
 __all__ = ["DISABLE_ENV_VAR", "active_path", "dequantize_packed", "packed_linear", "packed_width"]

@@ -95,7 +95,17 @@ def packed_linear(
     mismatch, before any kernel runs.
     """
     check_packed_inputs(x, weight_packed, scale, zero, bits, bias)
-    return torch.ops.hf_comq.packed_linear(x, weight_packed, scale, zero, bias, bits)
+    if torch.compiler.is_compiling() or needs_autograd(x, scale, bias):
+        return torch.ops.hf_comq.packed_linear(x, weight_packed, scale, zero, bias, bits)
+    # Plain eager inference: the same function the op runs, without the custom-op
+    # dispatch, which costs more than the whole 1-token kernel on small layers.
+    return run_packed_linear(x, weight_packed, scale, zero, bias, bits)
+
+
+def needs_autograd(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or scale.requires_grad or (bias is not None and bias.requires_grad)
+    )
 
 
 def check_packed_inputs(
@@ -137,16 +147,44 @@ def check_packed_inputs(
         raise ValueError(f"packed_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
 
 
-def kernel_covers(x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def kernel_covers(
+    x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None
+) -> bool:
     """Whether the compiled kernel handles this call; anything else takes the exact fallback."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or sys.byteorder != "little":
+    cpu = torch.device("cpu")
+    if x.dtype != torch.float32 or x.device != cpu or sys.byteorder != "little":
         return False
-    if any(t.device.type != "cpu" for t in (weight_packed, scale)):
+    if weight_packed.device != cpu or scale.device != cpu or zero.device != cpu:
         return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+    if bias is not None and (bias.dtype != torch.float32 or bias.device != cpu):
         return False
     groups = scale.shape[1]
     return groups == 1 or (x.shape[-1] // groups) % 8 == 0
+
+
+def run_packed_linear(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """The compiled kernel where it covers the call and is available, else :func:`fallback_linear`."""
+    if not kernel_disabled() and kernel_covers(x, weight_packed, scale, zero, bias):
+        ops = load_kernel()
+        if ops is not None:
+            in_features, out_features = x.shape[-1], weight_packed.shape[0]
+            y = ops.packed_linear(
+                x.reshape(-1, in_features).contiguous(),
+                weight_packed.contiguous(),
+                scale.contiguous(),
+                zero.contiguous(),
+                None if bias is None else bias.contiguous(),
+                bits,
+            )
+            return y.view(*x.shape[:-1], out_features)
+    return fallback_linear(x, weight_packed, scale, zero, bias, bits)
 
 
 @torch.library.custom_op("hf_comq::packed_linear", mutates_args=())
@@ -158,20 +196,7 @@ def _packed_linear_op(
     bias: torch.Tensor | None,
     bits: int,
 ) -> torch.Tensor:
-    in_features, out_features = x.shape[-1], weight_packed.shape[0]
-    if not kernel_disabled() and kernel_covers(x, weight_packed, scale, bias):
-        ops = load_kernel()
-        if ops is not None:
-            y = ops.packed_linear(
-                x.reshape(-1, in_features).contiguous(),
-                weight_packed.contiguous(),
-                scale.contiguous(),
-                zero.contiguous(),
-                None if bias is None else bias.contiguous(),
-                bits,
-            )
-            return y.view(*x.shape[:-1], out_features)
-    return fallback_linear(x, weight_packed, scale, zero, bias, bits)
+    return run_packed_linear(x, weight_packed, scale, zero, bias, bits)
 
 
 def fallback_linear(

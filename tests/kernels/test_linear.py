@@ -1,4 +1,4 @@
-"""``hf_comq.kernels.packed_linear``: compiled kernel and torch fallback against slow references."""
+"""``hf_comq.kernels.linear.packed_linear``: compiled kernel and torch fallback against slow references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from hf_comq.kernels import DISABLE_ENV_VAR, dequantize_packed, packed_linear
 from hf_comq.kernels.build import load_kernel, missing_toolchain
-from hf_comq.kernels.packed_linear import kernel_covers
+from hf_comq.kernels.linear import kernel_covers
 from hf_comq.packing import pack_codes
 from tests.kernels.reference import (
     dequantize_reference,
@@ -141,7 +141,7 @@ def test_packed_linear_any_leading_shape(kernel, kernel_enabled, leading, bits, 
     weight = dequantize_reference(codes, scale, zero)
     x = torch.randn(*leading, 128)
     bias = torch.randn(48)
-    assert kernel_covers(x, packed, scale, bias)
+    assert kernel_covers(x, packed, scale, zero, bias)
     y = packed_linear(x, packed, scale, zero, bits, bias)
     assert y.shape == (*leading, 48)
     assert_close_to_reference(y.reshape(-1, 48), x.reshape(-1, 128), weight, bias)
@@ -177,7 +177,7 @@ def fallback_cases():
 @pytest.mark.parametrize("case", list(fallback_cases()))
 def test_every_uncovered_input_takes_the_exact_fallback(kernel_enabled, case):
     (codes, packed, scale, zero), x, bias = fallback_cases()[case]
-    assert not kernel_covers(x, packed, scale, bias)
+    assert not kernel_covers(x, packed, scale, zero, bias)
     expected = F.linear(x, dequantize_reference(codes, scale, zero).to(x.dtype), bias)
     assert torch.equal(packed_linear(x, packed, scale, zero, 4, bias), expected)
 
@@ -197,7 +197,7 @@ def test_cuda_takes_the_fallback():
     codes, packed, scale, zero = random_packed(32, 96, 3, 3, seed=2)
     x = torch.randn(5, 96, device="cuda")
     args = (packed.cuda(), scale.cuda(), zero.cuda())
-    assert not kernel_covers(x, args[0], args[1], None)
+    assert not kernel_covers(x, *args, None)
     expected = F.linear(x, dequantize_reference(codes, scale, zero).cuda())
     assert torch.equal(packed_linear(x, *args, 3), expected)
 
