@@ -14,14 +14,20 @@ The weight is ``W[o, i] = float(u[o, i] - zero[o, g]) * scale[o, g]``, ``g = i /
 an integer subtraction, then one fp32 multiply, the expression other loaders of the
 format use, so dequantized weights stay bit-comparable with theirs.
 
-Two paths, chosen per call, same contract:
+Two paths, chosen per call:
 
-* the compiled CPU kernel (:mod:`hf_comq.kernels.build`): fp32 activations on CPU,
-  group size a multiple of 8 (or per-channel).  Every weight it uses is formed by the
-  expression above; only the order of the fp32 sums differs from ``F.linear``.
-* the torch fallback for everything else (bf16/fp16 activations, CUDA, odd group
-  sizes, no compiler, ``HF_COMQ_DISABLE_KERNEL=1``): :func:`dequantize_packed`, a cast to
-  ``x.dtype``, then ``F.linear`` -- bit-identical to dequantizing yourself.
+* the compiled CPU kernel (:mod:`hf_comq.kernels.build`) for fp32 activations on CPU
+  with per-channel scales or groups of a multiple of 8 inputs.  Up to 8 tokens a fused
+  GEMV decodes the codes in registers and never stores the weight; it sums
+  ``x * float(u - zero)`` over a group and multiplies by the scale once (the
+  distributive law).  From 9 tokens, tiles of the weight are dequantized with the
+  expression above and multiplied by an AVX2 micro-kernel, or, from 1024 tokens (and on
+  CPUs without AVX2), by BLAS.  The output is ``F.linear``'s up to fp32 rounding: the
+  tests hold it to the worst-case error bound of an fp32 dot product summed in any
+  order (``tests/kernels/reference.py``).
+* the fallback for everything else (bf16/fp16 activations, CUDA, other group sizes, no
+  compiler, ``HF_COMQ_DISABLE_KERNEL=1``): :func:`dequantize_packed`, a cast to
+  ``x.dtype``, then ``F.linear`` -- bit-identical to ``F.linear`` on the dequantized weight.
 
 The op is registered as ``torch.ops.hf_comq.packed_linear`` with a fake implementation,
 so ``torch.compile`` (also ``fullgraph=True``) keeps it as one opaque call.  Gradients
@@ -71,8 +77,27 @@ def dequantize_packed(
 ) -> torch.Tensor:
     """The fp32 weight ``(out, in)``: ``float(u - zero) * scale`` per group, exactly.
 
-    The reference every path of :func:`packed_linear` is held to.  Scales and zero
-    points broadcast over each group's columns instead of being repeated to ``(out, in)``.
+    Runs the compiled dequantization where it reads the weight (same bits, without
+    unpacking through a chain of torch ops), else :func:`dequantize_with_torch`.
+    """
+    if not torch.compiler.is_compiling() and not kernel_disabled() and kernel_reads(weight_packed, scale, zero, in_features):
+        ops = load_kernel()
+        if ops is not None:
+            return ops.dequantize(weight_packed.contiguous(), scale.contiguous(), zero.contiguous(), bits, in_features)
+    return dequantize_with_torch(weight_packed, scale, zero, bits, in_features)
+
+
+def dequantize_with_torch(
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    in_features: int,
+) -> torch.Tensor:
+    """:func:`dequantize_packed` in torch ops only: any device, traceable, no compiled code.
+
+    Scales and zero points broadcast over each group's columns instead of being
+    repeated to ``(out, in)``.
     """
     out_features, groups = scale.shape
     codes = unpack_rows(weight_packed, bits, in_features).view(out_features, groups, -1)
@@ -147,19 +172,27 @@ def check_packed_inputs(
         raise ValueError(f"packed_linear: bias must have shape ({out_features},), got {tuple(bias.shape)}")
 
 
+def kernel_reads(weight_packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int) -> bool:
+    """Whether the compiled code decodes this weight: CPU tensors of the documented dtypes, a
+    little-endian host, per-channel scales or groups of a multiple of 8 inputs."""
+    cpu = torch.device("cpu")
+    if sys.byteorder != "little" or weight_packed.device != cpu or scale.device != cpu or zero.device != cpu:
+        return False
+    if weight_packed.dtype != torch.int32 or scale.dtype != torch.float32 or zero.dtype != torch.uint8:
+        return False
+    groups = scale.shape[1]
+    return groups == 1 or (in_features // groups) % 8 == 0
+
+
 def kernel_covers(
     x: torch.Tensor, weight_packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None
 ) -> bool:
-    """Whether the compiled kernel handles this call; anything else takes the exact fallback."""
-    cpu = torch.device("cpu")
-    if x.dtype != torch.float32 or x.device != cpu or sys.byteorder != "little":
+    """Whether the fused kernel computes this call: fp32 activations (and bias) on CPU, a weight it reads."""
+    if x.dtype != torch.float32 or x.device != torch.device("cpu"):
         return False
-    if weight_packed.device != cpu or scale.device != cpu or zero.device != cpu:
+    if bias is not None and (bias.dtype != torch.float32 or bias.device != x.device):
         return False
-    if bias is not None and (bias.dtype != torch.float32 or bias.device != cpu):
-        return False
-    groups = scale.shape[1]
-    return groups == 1 or (x.shape[-1] // groups) % 8 == 0
+    return kernel_reads(weight_packed, scale, zero, x.shape[-1])
 
 
 def run_packed_linear(
@@ -170,7 +203,7 @@ def run_packed_linear(
     bias: torch.Tensor | None,
     bits: int,
 ) -> torch.Tensor:
-    """The compiled kernel where it covers the call and is available, else :func:`fallback_linear`."""
+    """The fused kernel where it covers the call and has built, else :func:`fallback_linear`."""
     if not kernel_disabled() and kernel_covers(x, weight_packed, scale, zero, bias):
         ops = load_kernel()
         if ops is not None:
@@ -207,7 +240,7 @@ def fallback_linear(
     bias: torch.Tensor | None,
     bits: int,
 ) -> torch.Tensor:
-    """The exact torch path: dequantize in fp32, cast to ``x.dtype``, ``F.linear``."""
+    """The exact path: the fp32 weight of :func:`dequantize_packed`, cast to ``x.dtype``, then ``F.linear``."""
     weight = dequantize_packed(weight_packed, scale, zero, bits, x.shape[-1]).to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
@@ -233,7 +266,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     weight_packed, scale, zero = ctx.saved_tensors
-    weight = dequantize_packed(weight_packed, scale, zero, ctx.bits, ctx.in_features).to(grad.dtype)
+    # Torch ops only: AOT autograd may trace this backward with fake tensors.
+    weight = dequantize_with_torch(weight_packed, scale, zero, ctx.bits, ctx.in_features).to(grad.dtype)
     grad_x = (grad @ weight).to(ctx.x_dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
     return grad_x, None, None, None, grad_bias, None

@@ -59,9 +59,12 @@ def test_reference_packer_is_pack_codes_truncated(bits):
     assert torch.equal(pack_reference(codes, bits), expected)
 
 
+@pytest.mark.parametrize("disable", ["0", "1"])
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_dequantize_packed_is_the_expression_bit_for_bit(bits, shape):
+def test_dequantize_packed_is_the_expression_bit_for_bit(monkeypatch, disable, bits, shape):
+    """Compiled (where it reads the weight) or torch ops: the same bits."""
+    monkeypatch.setenv(DISABLE_ENV_VAR, disable)
     out_features, in_features, groups = shape
     codes, packed, scale, zero = random_packed(out_features, in_features, groups, bits, seed=bits)
     weight = dequantize_packed(packed, scale, zero, bits, in_features)

@@ -226,17 +226,52 @@ inline void micro_kernel(const float* wt, int64_t ldw, const float* xp, int64_t 
   _mm256_storeu_ps(c[5] + 8, c51);
 }
 
-#else  // scalar build: the same arithmetic, one weight at a time
+#else  // portable build: the same loops over plain arrays, for the compiler to vectorise
+
+// Eight codes from exactly the B bytes that hold them (never past the row).
+template <int B>
+inline void codes8(const uint8_t* p, int32_t (&c)[8]) {
+  uint64_t v = 0;
+  for (int b = 0; b < B; ++b) v |= static_cast<uint64_t>(p[b]) << (8 * b);
+  for (int j = 0; j < 8; ++j) c[j] = static_cast<int32_t>((v >> (j * B)) & ((1u << B) - 1u));
+}
 
 template <int B, int MR, int RO>
 inline void dot_rows(const PackedWeight& w, int64_t o, const float* x, float (&out)[MR][RO]) {
   const int64_t K = w.in_features;
+  const int64_t full = K / 8;
+  const uint8_t* rows[RO];
+  for (int r = 0; r < RO; ++r) rows[r] = w.data + (o + r) * w.row_bytes;
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RO; ++r) out[m][r] = 0.0f;
-  for (int r = 0; r < RO; ++r) {
-    const uint8_t* row = w.data + (o + r) * w.row_bytes;
-    for (int64_t i = 0; i < K; ++i) {
-      const float wi = weight_at(w, row, o + r, i);
+  for (int64_t g = 0; g < w.groups; ++g) {
+    int64_t first, last;
+    group_blocks(w, g, full, &first, &last);
+    if (first >= last) break;
+    float acc[MR][RO][8] = {};
+    for (int64_t blk = first; blk < last; ++blk) {
+      for (int r = 0; r < RO; ++r) {
+        int32_t c[8];
+        codes8<B>(rows[r] + blk * B, c);
+        const int32_t zero = w.zero[(o + r) * w.groups + g];
+        float centred[8];
+        for (int j = 0; j < 8; ++j) centred[j] = static_cast<float>(c[j] - zero);
+        for (int m = 0; m < MR; ++m)
+          for (int j = 0; j < 8; ++j) acc[m][r][j] += centred[j] * x[m * K + blk * 8 + j];
+      }
+    }
+    for (int r = 0; r < RO; ++r) {
+      const float scale = w.scale[(o + r) * w.groups + g];
+      for (int m = 0; m < MR; ++m) {
+        float sum = 0.0f;
+        for (int j = 0; j < 8; ++j) sum += acc[m][r][j];
+        out[m][r] += scale * sum;
+      }
+    }
+  }
+  for (int64_t i = full * 8; i < K; ++i) {
+    for (int r = 0; r < RO; ++r) {
+      const float wi = weight_at(w, rows[r], o + r, i);
       for (int m = 0; m < MR; ++m) out[m][r] += wi * x[m * K + i];
     }
   }
@@ -245,7 +280,23 @@ inline void dot_rows(const PackedWeight& w, int64_t o, const float* x, float (&o
 template <int B>
 inline void dequantize_row(const PackedWeight& w, int64_t o, int64_t k_begin, int64_t k_end, float* out) {
   const uint8_t* row = w.data + o * w.row_bytes;
-  for (int64_t i = k_begin; i < k_end; ++i) out[i - k_begin] = weight_at(w, row, o, i);
+  const int64_t full = k_end / 8;
+  int64_t i = k_begin;
+  for (int64_t g = k_begin / w.group_size; g < w.groups && i / 8 < full; ++g) {
+    int64_t first, last;
+    group_blocks(w, g, full, &first, &last);
+    if (first < k_begin / 8) first = k_begin / 8;
+    const float scale = w.scale[o * w.groups + g];
+    const int32_t zero = w.zero[o * w.groups + g];
+    for (int64_t blk = first; blk < last; ++blk) {
+      int32_t c[8];
+      codes8<B>(row + blk * B, c);
+      float* dst = out + (blk * 8 - k_begin);
+      for (int j = 0; j < 8; ++j) dst[j] = static_cast<float>(c[j] - zero) * scale;
+    }
+    if (last * 8 > i) i = last * 8;
+  }
+  for (; i < k_end; ++i) out[i - k_begin] = weight_at(w, row, o, i);
 }
 
 inline void micro_kernel(const float* wt, int64_t ldw, const float* xp, int64_t kc, float (&c)[kTileRows][kPanel]) {

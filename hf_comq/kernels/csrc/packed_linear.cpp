@@ -54,10 +54,12 @@ Isa choose_isa(const std::string& requested) {
   return Isa::kAvx2;
 }
 
-Method choose_method(const std::string& requested, int64_t tokens) {
+// The tile micro-kernel is written for AVX2; the portable build hands every product
+// it cannot do as a GEMV to BLAS, which is vectorised on any CPU.
+Method choose_method(const std::string& requested, int64_t tokens, Isa isa) {
   if (requested == "auto") {
     if (tokens <= kMaxGemvTokens) return Method::kGemv;
-    return tokens < kMinBlasTokens ? Method::kTiles : Method::kBlas;
+    return tokens < kMinBlasTokens && isa == Isa::kAvx2 ? Method::kTiles : Method::kBlas;
   }
   if (requested == "gemv") return Method::kGemv;
   if (requested == "tiles") return Method::kTiles;
@@ -200,7 +202,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   }
   const Kernels kernels{choose_isa(isa_name)};
   const int64_t m = x.size(0);
-  const Method chosen = choose_method(method, m);
+  const Method chosen = choose_method(method, m, kernels.isa);
   at::Tensor y = at::empty({m, w.out_features}, x.options());
   if (m == 0 || w.out_features == 0) return y;
   if (w.in_features == 0) return bias.has_value() ? y.copy_(bias->expand({m, w.out_features})) : y.zero_();
