@@ -109,7 +109,7 @@ def _build_and_load():
     from torch.utils import cpp_extension
 
     name = extension_name()
-    build_dir = Path(cpp_extension.get_default_build_root()) / name
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     start = time.perf_counter()
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
