@@ -11,12 +11,20 @@ load from other processes on the machine cancels out as far as it can.  Codes ar
 random: the kernel's cost does not depend on their values.
 
 Targets (issue 12): at most 0.5x at 1 token and 1.0x at 197 tokens for W4 per-channel
-and W4 g128; W3 and W2 within 1.2x of W4 (the last two columns).
+and W4 g128; W3 and W2 within 1.2x of W4 (the W3 / W4 and W2 / W4 columns).  The
+"fallback" column is the exact torch path (``HF_COMQ_DISABLE_KERNEL=1``, what a packed
+layer cost before the kernel) for W4 per-channel.
+
+The first line after the path is a check of the machine, not of the kernel: an
+elementwise torch op on two threads against one.  On an idle machine that is at most
+about 1; far above 1, another process holds a core and every two-thread ratio below
+mostly measures how long a thread waits to be scheduled.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -28,11 +36,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hf_comq.kernels import active_path, packed_linear, packed_width  # noqa: E402
+from hf_comq.kernels import DISABLE_ENV_VAR, active_path, packed_linear, packed_width  # noqa: E402
 
 IN_FEATURES, OUT_FEATURES = 768, 3072
 TOKENS = {"1": (1,), "197": (197,), "8x197": (8, 197)}
 VARIANTS = {"W4 channel": (4, None), "W4 g128": (4, 128), "W3 channel": (3, None), "W2 channel": (2, None)}
+FALLBACK = "fallback W4 channel"
 MIN_SAMPLE_SECONDS = 2e-3  # calls per timed sample are batched up to this, so the timer's resolution does not matter
 
 
@@ -68,8 +77,41 @@ def timed(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def with_fallback(fn):
+    """``fn`` with the compiled kernel disabled for the duration of the call."""
+
+    def call():
+        os.environ[DISABLE_ENV_VAR] = "1"
+        try:
+            return fn()
+        finally:
+            del os.environ[DISABLE_ENV_VAR]
+
+    return call
+
+
+def paired_ratios(functions: dict, baseline: str, repeats: int, order: random.Random) -> dict[str, float]:
+    """Median over repeats of time(name) / time(baseline), each ratio from two back-to-back timings."""
+    names = [name for name in functions if name != baseline]
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    calls = {name: calls_per_sample(fn) for name, fn in functions.items()}
+    for fn in functions.values():  # warm-up (the first packed call may build or load the kernel)
+        fn()
+    for _ in range(repeats):
+        order.shuffle(names)
+        for name in names:  # a fresh baseline time next to each variant, in random order within the pair
+            if order.random() < 0.5:
+                base = timed(functions[baseline], calls[baseline])
+                value = timed(functions[name], calls[name])
+            else:
+                value = timed(functions[name], calls[name])
+                base = timed(functions[baseline], calls[baseline])
+            ratios[name].append(value / base)
+    return {name: statistics.median(values) for name, values in ratios.items()}
+
+
 def measure(threads: int, tokens: tuple[int, ...], repeats: int, seed: int) -> dict[str, float]:
-    """Median over repeats of (packed time / nn.Linear time) for every variant, at one thread count."""
+    """Median ratios to nn.Linear for every variant and the fallback, at one thread count."""
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     linear = nn.Linear(IN_FEATURES, OUT_FEATURES)
@@ -78,24 +120,23 @@ def measure(threads: int, tokens: tuple[int, ...], repeats: int, seed: int) -> d
     for name, (bits, group_size) in VARIANTS.items():
         packed = pack_random(bits, group_size, generator)
         functions[name] = lambda packed=packed, bits=bits: packed_linear(x, bits=bits, bias=linear.bias, **packed)
-    ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    order = random.Random(seed)
+    functions[FALLBACK] = with_fallback(functions["W4 channel"])
     with torch.inference_mode():
-        calls = {name: calls_per_sample(fn) for name, fn in functions.items()}
-        for fn in functions.values():  # warm-up (first call may build or load the kernel)
-            fn()
-        for _ in range(repeats):
-            names = list(VARIANTS)
-            order.shuffle(names)
-            for name in names:  # a fresh nn.Linear time next to each variant: each ratio is a pair
-                if order.random() < 0.5:
-                    base = timed(functions["nn.Linear"], calls["nn.Linear"])
-                    packed_time = timed(functions[name], calls[name])
-                else:
-                    packed_time = timed(functions[name], calls[name])
-                    base = timed(functions["nn.Linear"], calls["nn.Linear"])
-                ratios[name].append(packed_time / base)
-    return {name: statistics.median(values) for name, values in ratios.items()}
+        return paired_ratios(functions, "nn.Linear", repeats, random.Random(seed))
+
+
+def machine_check(repeats: int, seed: int) -> float:
+    """Median time of an elementwise add on 2 threads over the same on 1 thread."""
+    a, b = torch.randn(OUT_FEATURES, IN_FEATURES), torch.randn(OUT_FEATURES, IN_FEATURES)
+
+    def on(threads: int):
+        def add():
+            torch.set_num_threads(threads)
+            return torch.add(a, b)
+
+        return add
+
+    return paired_ratios({"1": on(1), "2": on(2)}, "1", repeats, random.Random(seed))["2"]
 
 
 def main() -> None:
@@ -107,18 +148,20 @@ def main() -> None:
     args = parser.parse_args()
     print(f"path: {active_path()}")
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"machine check: 3072x768 torch.add, 2 threads / 1 thread = {machine_check(args.repeats, args.seed):.2f}")
     print(
         f"### packed_linear time / fp32 nn.Linear time, {OUT_FEATURES}x{IN_FEATURES}, fp32 activations, "
         f"median of {args.repeats} paired repeats"
     )
-    print("| threads | tokens | " + " | ".join(VARIANTS) + " | W3 / W4 | W2 / W4 |")
-    print("|---|---|" + "---|" * (len(VARIANTS) + 2))
+    columns = [*VARIANTS, "W3 / W4", "W2 / W4", FALLBACK]
+    print("| threads | tokens | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for tokens_name in args.tokens:
         for threads in args.threads:
             ratio = measure(threads, TOKENS[tokens_name], args.repeats, args.seed)
-            cells = [f"{ratio[name]:.2f}" for name in VARIANTS]
-            cells += [f"{ratio['W3 channel'] / ratio['W4 channel']:.2f}", f"{ratio['W2 channel'] / ratio['W4 channel']:.2f}"]
-            print(f"| {threads} | {tokens_name} | " + " | ".join(cells) + " |", flush=True)
+            ratio["W3 / W4"] = ratio["W3 channel"] / ratio["W4 channel"]
+            ratio["W2 / W4"] = ratio["W2 channel"] / ratio["W4 channel"]
+            print(f"| {threads} | {tokens_name} | " + " | ".join(f"{ratio[name]:.2f}" for name in columns) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -128,4 +128,4 @@ def _build_and_load():
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return None, f"torch fallback: building the compiled CPU kernel failed ({type(error).__name__}: {first_line})"
     seconds = time.perf_counter() - start
-    return ops, f"compiled CPU kernel ({isa}), {name} ready in {seconds:.1f} s, cached in {build_dir}"
+    return ops, f"compiled CPU kernel ({isa}): {name}, built or loaded in {seconds:.1f} s, cached in {build_dir}"
