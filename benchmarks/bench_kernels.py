@@ -161,7 +161,8 @@ def main() -> None:
             ratio = measure(threads, TOKENS[tokens_name], args.repeats, args.seed)
             ratio["W3 / W4"] = ratio["W3 channel"] / ratio["W4 channel"]
             ratio["W2 / W4"] = ratio["W2 channel"] / ratio["W4 channel"]
-            print(f"| {threads} | {tokens_name} | " + " | ".join(f"{ratio[name]:.2f}" for name in columns) + " |", flush=True)
+            cells = " | ".join(f"{ratio[name]:.2f}" for name in columns)
+            print(f"| {threads} | {tokens_name} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,16 @@ _state: dict[str, object] = {}
 
 
 def kernel_disabled() -> bool:
-    """True when the user forced the fallback with ``HF_COMQ_DISABLE_KERNEL=1``.
+    """True when the user forced the fallback with ``HF_COMQ_DISABLE_KERNEL=1`` (logged once).
 
     Read on every call (a dict lookup) so that a test or a script can flip it at
     any time without reaching into this module's cache.
     """
-    return os.environ.get(DISABLE_ENV_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
+    disabled = os.environ.get(DISABLE_ENV_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
+    if disabled and "disabled_logged" not in _state:
+        _state["disabled_logged"] = True
+        logger.info("hf_comq packed layers: torch fallback (%s is set)", DISABLE_ENV_VAR)
+    return disabled
 
 
 def load_kernel():

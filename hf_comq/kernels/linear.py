@@ -80,7 +80,8 @@ def dequantize_packed(
     Runs the compiled dequantization where it reads the weight (same bits, without
     unpacking through a chain of torch ops), else :func:`dequantize_with_torch`.
     """
-    if not torch.compiler.is_compiling() and not kernel_disabled() and kernel_reads(weight_packed, scale, zero, in_features):
+    compiled = not torch.compiler.is_compiling() and not kernel_disabled()
+    if compiled and kernel_reads(weight_packed, scale, zero, in_features):
         ops = load_kernel()
         if ops is not None:
             return ops.dequantize(weight_packed.contiguous(), scale.contiguous(), zero.contiguous(), bits, in_features)
@@ -148,7 +149,10 @@ def check_packed_inputs(
         raise ValueError("packed_linear: x must have at least one dimension (the input features)")
     in_features = x.shape[-1]
     if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:
-        raise TypeError(f"packed_linear: weight_packed must be a 2-D int32 tensor, got {weight_packed.dtype} {tuple(weight_packed.shape)}")
+        raise TypeError(
+            f"packed_linear: weight_packed must be a 2-D int32 tensor, got {weight_packed.dtype} "
+            f"{tuple(weight_packed.shape)}"
+        )
     out_features, width = weight_packed.shape
     if width != packed_width(in_features, bits):
         raise ValueError(

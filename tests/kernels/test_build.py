@@ -32,7 +32,8 @@ print("PATH:", active_path())
 def run_fresh(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), **environment}
     env.pop(DISABLE_ENV_VAR, None)
-    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", SCRIPT]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def kernel_log_lines(stderr: str) -> list[str]:

@@ -153,7 +153,8 @@ def test_packed_linear_any_leading_shape(kernel, kernel_enabled, leading, bits, 
 def test_automatic_choice_reaches_blas(kernel, kernel_enabled):
     codes, packed, scale, zero = random_packed(8, 16, 1, 4, seed=0)
     x = torch.randn(1100, 16)
-    assert_close_to_reference(packed_linear(x, packed, scale, zero, 4), x, dequantize_reference(codes, scale, zero), None)
+    weight = dequantize_reference(codes, scale, zero)
+    assert_close_to_reference(packed_linear(x, packed, scale, zero, 4), x, weight, None)
 
 
 def test_non_contiguous_inputs(kernel, kernel_enabled):

@@ -3,8 +3,10 @@
 // namespace, so each build gets its own copy of every function here and no inline
 // function compiled for AVX2 can be picked by the linker for the other build.
 //
-// Exactness: every weight is formed as float(code - zero) * scale, the same single
-// rounding as the torch fallback; only the order of the fp32 sums differs.
+// Exactness: dequantize (and so the tile GEMM) forms every weight as
+// float(code - zero) * scale, the single rounding of the torch fallback, bit for bit.
+// The GEMV sums x * float(code - zero) over a group and multiplies by the scale once.
+// Either way the result differs from F.linear only by fp32 rounding in the sums.
 
 namespace hf_comq {
 namespace HF_COMQ_ISA {
@@ -96,12 +98,6 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// Sums of four vectors, one per lane of the result.
-inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 // Dot products of RO consecutive weight rows (from o) with MR activation rows.
@@ -331,7 +327,8 @@ void gemv_tokens(const PackedWeight& w, const float* x, const float* bias, float
 }
 
 template <int B>
-void gemv_bits(const PackedWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t o_begin, int64_t o_end) {
+void gemv_bits(const PackedWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t o_begin,
+               int64_t o_end) {
   const int64_t K = w.in_features, N = w.out_features;
   int64_t t = 0;
   for (; t + 4 <= m; t += 4) gemv_tokens<B, 4>(w, x + t * K, bias, y + t * N, o_begin, o_end);
@@ -343,7 +340,8 @@ void gemv_bits(const PackedWeight& w, const float* x, int64_t m, const float* bi
 }
 
 template <int B>
-void dequantize_bits(const PackedWeight& w, int64_t o_begin, int64_t o_end, int64_t k_begin, int64_t k_end, float* out, int64_t ld) {
+void dequantize_bits(const PackedWeight& w, int64_t o_begin, int64_t o_end, int64_t k_begin, int64_t k_end, float* out,
+                     int64_t ld) {
   for (int64_t o = o_begin; o < o_end; ++o) dequantize_row<B>(w, o, k_begin, k_end, out + (o - o_begin) * ld);
 }
 
@@ -361,13 +359,15 @@ void dequantize_bits(const PackedWeight& w, int64_t o_begin, int64_t o_end, int6
     default: call(8); break;            \
   }
 
-void gemv(const PackedWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t o_begin, int64_t o_end) {
+void gemv(const PackedWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t o_begin,
+          int64_t o_end) {
 #define HF_COMQ_CALL(B) gemv_bits<B>(w, x, m, bias, y, o_begin, o_end)
   HF_COMQ_SWITCH_BITS(w.bits, HF_COMQ_CALL)
 #undef HF_COMQ_CALL
 }
 
-void dequantize(const PackedWeight& w, int64_t o_begin, int64_t o_end, int64_t k_begin, int64_t k_end, float* out, int64_t ld) {
+void dequantize(const PackedWeight& w, int64_t o_begin, int64_t o_end, int64_t k_begin, int64_t k_end, float* out,
+                int64_t ld) {
 #define HF_COMQ_CALL(B) dequantize_bits<B>(w, o_begin, o_end, k_begin, k_end, out, ld)
   HF_COMQ_SWITCH_BITS(w.bits, HF_COMQ_CALL)
 #undef HF_COMQ_CALL

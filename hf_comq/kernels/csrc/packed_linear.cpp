@@ -239,7 +239,9 @@ TORCH_LIBRARY(hf_comq_cpu, m) {
   m.def(
       "packed_linear(Tensor x, Tensor weight_packed, Tensor scale, Tensor zero, Tensor? bias, int bits, "
       "str method='auto', str isa='auto') -> Tensor");
-  m.def("dequantize(Tensor weight_packed, Tensor scale, Tensor zero, int bits, int in_features, str isa='auto') -> Tensor");
+  m.def(
+      "dequantize(Tensor weight_packed, Tensor scale, Tensor zero, int bits, int in_features, str isa='auto') "
+      "-> Tensor");
   m.def("isa() -> str", &hf_comq::isa);
 }
 
