@@ -48,7 +48,7 @@ constexpr int64_t kPanel = 16;
   }
 
 HF_COMQ_DECLARE_KERNELS(scalar)
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HF_COMQ_HAVE_AVX2_KERNELS 1
 HF_COMQ_DECLARE_KERNELS(avx2)
 #else

@@ -1,5 +1,6 @@
 // The compute loops built for AVX2 + FMA; chosen at run time only on CPUs that have both.
-#if defined(__x86_64__) && defined(__GNUC__)
+// GCC only (#pragma GCC target); other compilers build just the portable loops.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <cstdint>
 #include <cstring>
 
