@@ -6,7 +6,9 @@ weights, the config and a model card that names COMQ, the bit width and the
 calibration data), then loads the repository back twice -- with plain
 transformers (``from_pretrained``; no hf_comq needed, the weights come back
 dense) and with ``hf_comq.load_quantized`` (the layers stay packed) -- and
-compares both with the pushed model's logits.
+compares both with the pushed model's logits.  The dequantized weights are
+bit-identical; plain transformers' dense matmul sums in another order than
+hf_comq's packed kernel, so its logits differ by float32 rounding (about 1e-6).
 
 Requirements:
 

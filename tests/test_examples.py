@@ -135,7 +135,8 @@ def test_push_to_hub_round_trip(fake_hub, tmp_path):
     assert f"pushed to {repo}" in result.stdout
     differences = re.findall(r"with (.+); max logit difference to the pushed model: (\S+)$", result.stdout, re.M)
     assert [how for how, _ in differences] == ["plain transformers", "hf_comq.load_quantized"], result.stdout
-    assert all(float(value) == 0.0 for _, value in differences), result.stdout
+    plain, packed = (float(value) for _, value in differences)
+    assert packed == 0.0 and plain < 1e-4, result.stdout  # plain: a dense matmul, float32 rounding apart
     files = fake_hub.files(repo)
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
     assert json.loads(files["config.json"])["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3

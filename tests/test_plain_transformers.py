@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from hf_comq import COMQLinear, load_quantized
+from hf_comq.kernels import DISABLE_ENV_VAR
 from tests.tiny import first_output, model_inputs, quantize_tiny, tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,12 @@ def case_id(case: tuple) -> str:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """``{case id: (folder, quantized model output)}`` for every case, plus the plain-loading outcome."""
-    root = tmp_path_factory.mktemp("interop")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DISABLE_ENV_VAR, "1")  # the exact path: dequantize + F.linear, as plain transformers does
+        yield _build_and_load_plain(tmp_path_factory.mktemp("interop"))
+
+
+def _build_and_load_plain(root: Path) -> dict:
     saved, expected = {}, {}
     for case in CASES:
         arch, bits, group_size, symmetric = case
@@ -107,14 +113,17 @@ def test_plain_transformers_reproduces_the_quantized_model(checkpoints, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_load_quantized_keeps_the_layers_packed_and_exact(checkpoints, case):
+def test_load_quantized_keeps_the_layers_packed_and_exact(checkpoints, case, monkeypatch):
     path, expected, _ = checkpoints[case_id(case)]
     model = load_quantized(path).eval()
     layers = [module for module in model.modules() if isinstance(module, COMQLinear)]
     assert layers and all(layer.bits == case[1] and layer.symmetric == case[3] for layer in layers)
     assert not any(type(module) is torch.nn.Linear and "lm_head" not in name and "classifier" not in name
                    for name, module in model.named_modules() if "pooler" not in name)  # fmt: skip
-    assert torch.equal(first_output(model, torch.load(Path(path) / "inputs.pt")), expected)
+    inputs = torch.load(Path(path) / "inputs.pt")
+    assert torch.equal(first_output(model, inputs), expected)  # the exact path
+    monkeypatch.delenv(DISABLE_ENV_VAR)
+    torch.testing.assert_close(first_output(model, inputs), expected, rtol=1e-4, atol=1e-5)  # the packed kernel
 
 
 def test_the_checkpoint_declares_compressed_tensors_and_keeps_the_comq_provenance(checkpoints):
@@ -125,7 +134,7 @@ def test_the_checkpoint_declares_compressed_tensors_and_keeps_the_comq_provenanc
     assert (weights["num_bits"], weights["strategy"], weights["group_size"], weights["symmetric"]) == (3, "group", 16, True)
     assert stored["ignore"] == ["lm_head"]
     provenance = stored["comq"]
-    assert provenance["hf_comq_version"] and provenance["base_model"] == "fp-llama"
+    assert provenance["hf_comq_version"] and provenance["base_model_folder"] == "fp-llama" and not provenance["base_model"]
     assert provenance["calibration"]["samples_used"] == 8 and provenance["solver"]["init"] == "rtn"
     resaved = Path(path).parent / "resaved"
     load_quantized(path).save_pretrained(resaved)

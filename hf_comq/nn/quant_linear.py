@@ -27,6 +27,10 @@ layers are therefore stored in the ``Conv1D`` layout: codes ``(in, out)`` packed
 ``zero - 2**(bits-1)``, unpacked, ``(n_groups, out)`` -- compressed-tensors' ``block``
 strategy with blocks one output channel wide (:mod:`hf_comq.checkpoint` writes that
 scheme).  The layer still computes ``x @ W.T`` with ``W`` in ``nn.Linear`` layout.
+
+The forward runs :func:`hf_comq.kernels.packed_linear` (a compiled CPU kernel that never
+materialises the weight for a few tokens, with an exact torch fallback) for layers in
+``nn.Linear`` layout; ``Conv1D``-layout layers dequantize and call ``F.linear``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight stored transposed, (in, out)
 
+from ..kernels import dequantize_packed, packed_linear
 from ..packing import pack_codes, pack_zero_points, packed_width, unpack_codes, unpack_zero_points
 from ..solver import QuantizedWeight
 
@@ -85,9 +90,9 @@ def group_count(in_features: int, group_size: int | None) -> int:
 class COMQLinear(nn.Module):
     """Linear layer holding packed integer codes, per-group scales and (asymmetric) zero points.
 
-    ``forward(x)`` equals ``F.linear(x, dequantize(x.dtype), bias)``; the dense weight is
-    never cached, so the state dict only ever holds the packed form and there is no
-    stale copy to keep in sync.
+    ``forward(x)`` equals ``F.linear(x, dequantize(x.dtype), bias)`` up to fp32 summation
+    order (exactly, on the fallback path); the dense weight is never cached, so memory and
+    the state dict only ever hold the packed form and there is no stale copy to keep in sync.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class COMQLinear(nn.Module):
                 "weight_zero_point", torch.empty(zero_rows, n_groups, dtype=torch.int32, device=device)
             )
         self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64, device=device))
+        self._zero_cache: tuple[tuple, torch.Tensor] | None = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=self.weight_dtype, device=device), requires_grad=False)
         else:
@@ -227,13 +233,32 @@ class COMQLinear(nn.Module):
             return (self.weight_zero_point.t().to(torch.int16) + offset).to(torch.uint8)
         return unpack_zero_points(self.weight_zero_point, self.bits, self.out_features)
 
+    def zero_codes(self) -> torch.Tensor:
+        """:meth:`zero_points`, unpacked once and reused while the packed tensor is unchanged.
+
+        The kernel needs them unpacked on every call; they are tiny, but unpacking them per
+        call would cost a noticeable share of a one-token forward.  The cache is keyed on the
+        packed tensor's identity, storage and version counter, so loading or editing the
+        checkpoint tensor invalidates it; under ``torch.compile`` they are unpacked in the graph.
+        """
+        source = self.weight_zero_point if self.weight_zero_point is not None else self.weight_scale
+        if torch.compiler.is_compiling() or source.device.type == "meta":
+            return self.zero_points()
+        key = (id(source), source.data_ptr(), source._version, source.device)
+        if self._zero_cache is None or self._zero_cache[0] != key:
+            self._zero_cache = (key, self.zero_points())
+        return self._zero_cache[1]
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(code - zero) * scale`` in ``nn.Linear`` layout, computed in float32, then cast."""
-        n_groups = self.n_groups
-        codes = self.codes().float().view(self.out_features, n_groups, -1)
-        zero = self.zero_points().float().unsqueeze(-1)
-        weight = (codes - zero) * self.scales().float().unsqueeze(-1)
-        return weight.view(self.out_features, self.in_features).to(dtype or self.weight_dtype)
+        dtype = dtype or self.weight_dtype
+        if not self.transposed_source:
+            scale = self.weight_scale.float()
+            return dequantize_packed(self.weight_packed, scale, self.zero_codes(), self.bits, self.in_features).to(dtype)
+        codes = self.codes().to(torch.int32).view(self.out_features, self.n_groups, -1)
+        zero = self.zero_points().to(torch.int32).unsqueeze(-1)
+        weight = (codes - zero).float() * self.scales().float().unsqueeze(-1)
+        return weight.view(self.out_features, self.in_features).to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -248,7 +273,10 @@ class COMQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        if self.transposed_source:
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
+        return packed_linear(x, self.weight_packed, scale, self.zero_codes(), self.bits, bias)
 
     def to_float_module(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A plain ``nn.Linear`` (or ``Conv1D`` if that is what was quantized) with the dequantized weight."""

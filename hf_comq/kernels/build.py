@@ -1,0 +1,135 @@
+"""Build, load and report the compiled CPU kernel behind :func:`hf_comq.kernels.packed_linear`.
+
+The C++ sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` on
+first use, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), under a name that hashes the sources and the torch
+version: later processes only load the cached library, and an upgrade of either
+builds a fresh one instead of loading a stale binary.
+
+Anything that stops the kernel (no compiler, no ninja, a failed build, a big-endian
+host) makes :func:`load_kernel` return ``None``: the callers then take the exact torch
+path.  That is logged once per process, with the reason, and :func:`active_path`
+returns the same text for benchmarks and bug reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV_VAR = "HF_COMQ_DISABLE_KERNEL"
+"""Set to ``1`` to force the torch fallback (no build, no compiled code)."""
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
+HEADERS = ("kernels.h", "kernels_impl.h")
+OPS_NAMESPACE = "hf_comq_cpu"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def kernel_disabled() -> bool:
+    """True when the user forced the fallback with ``HF_COMQ_DISABLE_KERNEL=1`` (logged once).
+
+    Read on every call (a dict lookup) so that a test or a script can flip it at
+    any time without reaching into this module's cache.
+    """
+    disabled = os.environ.get(DISABLE_ENV_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
+    if disabled and "disabled_logged" not in _state:
+        _state["disabled_logged"] = True
+        logger.info("hf_comq packed layers: torch fallback (%s is set)", DISABLE_ENV_VAR)
+    return disabled
+
+
+def load_kernel():
+    """The ``torch.ops.hf_comq_cpu`` namespace, building the extension if needed; ``None`` if unavailable.
+
+    Thread-safe; the outcome (and its one log line) is settled by the first call.
+    """
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                ops, reason = _build_and_load()
+                _state["reason"] = reason
+                _state["ops"] = ops
+                if ops is None:
+                    logger.warning("hf_comq packed layers: %s", reason)
+                else:
+                    logger.info("hf_comq packed layers: %s", reason)
+    return _state["ops"]
+
+
+def active_path() -> str:
+    """One line saying which path CPU fp32 calls of ``packed_linear`` take, and why.
+
+    Builds the kernel if that has not happened yet (unless it is disabled).
+    """
+    if kernel_disabled():
+        return f"torch fallback ({DISABLE_ENV_VAR} is set)"
+    load_kernel()
+    return str(_state["reason"])
+
+
+def extension_name() -> str:
+    """``hf_comq_cpu_<hash>``: the hash covers the C++ sources and the torch and Python versions."""
+    digest = hashlib.sha256(f"{torch.__version__} {sys.version_info[:2]}".encode())
+    for name in SOURCES + HEADERS:
+        digest.update(name.encode())
+        digest.update((CSRC / name).read_bytes())
+    return f"{OPS_NAMESPACE}_{digest.hexdigest()[:12]}"
+
+
+def missing_toolchain() -> str | None:
+    """Why the extension cannot be built here, or ``None`` if a compiler and ninja are present."""
+    if sys.byteorder != "little":
+        return "the kernel reads packed words as little-endian bytes and this host is big-endian"
+    from torch.utils.cpp_extension import get_cxx_compiler, is_ninja_available
+
+    compiler = get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} not on PATH; install g++ or set CXX)"
+
+    if not is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _build_and_load():
+    """(ops, one-line reason).  Never raises: a kernel that cannot load means the fallback."""
+    missing = missing_toolchain()
+    if missing is not None:
+        return None, f"torch fallback: compiled CPU kernel unavailable, {missing}"
+    from torch.utils import cpp_extension
+
+    name = extension_name()
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    start = time.perf_counter()
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name=name,
+            build_directory=str(build_dir),
+            sources=[str(CSRC / source) for source in SOURCES],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        ops = getattr(torch.ops, OPS_NAMESPACE)
+        isa = ops.isa()
+    except Exception as error:  # a failed build must never break the caller: fall back
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return None, f"torch fallback: building the compiled CPU kernel failed ({type(error).__name__}: {first_line})"
+    seconds = time.perf_counter() - start
+    return ops, f"compiled CPU kernel ({isa}): {name}, built or loaded in {seconds:.1f} s, cached in {build_dir}"

@@ -1,0 +1,70 @@
+"""Building and loading the compiled kernel: the active path is reported, and failure never breaks a call."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_comq.kernels import DISABLE_ENV_VAR, active_path
+from hf_comq.kernels.build import load_kernel, missing_toolchain
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs in a fresh interpreter (the build outcome is settled once per process), with its
+# own extension cache so that nothing it builds or breaks is seen by other runs.
+SCRIPT = """
+import logging, torch, torch.nn.functional as F
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+from hf_comq.kernels import active_path, packed_linear
+from tests.kernels.reference import dequantize_reference, random_packed
+codes, packed, scale, zero = random_packed(16, 64, 2, 4, seed=0)
+x = torch.randn(3, 64)
+for _ in range(2):
+    assert torch.equal(packed_linear(x, packed, scale, zero, 4), F.linear(x, dequantize_reference(codes, scale, zero)))
+print("PATH:", active_path())
+"""
+
+
+def run_fresh(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), **environment}
+    env.pop(DISABLE_ENV_VAR, None)
+    command = [sys.executable, "-c", SCRIPT]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def kernel_log_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "hf_comq packed layers" in line]
+
+
+def test_active_path_names_the_compiled_kernel(monkeypatch):
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    if missing_toolchain() is not None:
+        pytest.skip(f"compiled kernel not buildable here: {missing_toolchain()}")
+    assert load_kernel() is not None
+    assert active_path().startswith("compiled CPU kernel (")
+
+
+def test_environment_variable_is_reported(monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV_VAR, "1")
+    assert DISABLE_ENV_VAR in active_path() and "fallback" in active_path()
+
+
+def test_missing_compiler_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert "no C++ compiler" in missing_toolchain()
+
+
+def test_failing_build_falls_back_and_says_so_once(tmp_path):
+    """A compiler that fails: the build error is caught, logged once, and every call still answers exactly."""
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text("#!/bin/sh\necho 'simulated compiler failure' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    result = run_fresh(tmp_path, CXX=str(compiler))
+    assert result.returncode == 0, result.stderr
+    lines = kernel_log_lines(result.stderr)
+    assert len(lines) == 1 and "building the compiled CPU kernel failed" in lines[0], result.stderr
+    assert "PATH: torch fallback" in result.stdout
