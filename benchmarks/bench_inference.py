@@ -11,9 +11,9 @@ as COMQ at a fraction of the time), and then, in fresh processes:
 * **speed**, FP and quantized interleaved in one process per thread count, median of the
   repeats: images/s at batch 1 and 32 for the ViT, greedy-generation tokens/s at batch 1
   for the causal LM (a 16-token prompt, 64 new tokens, KV cache on);
-* **memory**: resident memory added by loading each model (RSS after ``from_pretrained``
-  minus RSS before, one process per model), and the bytes of the quantized layers' tensors
-  against the fp32 bytes of the weights they replace.
+* **memory**: resident memory added by loading each model and running one forward (RSS
+  after minus RSS before, one process per model), and the bytes of the quantized layers'
+  tensors against the fp32 bytes of the weights they replace.
 
 The quantized model is loaded with :func:`hf_comq.load_quantized` (layers kept packed); the
 packed-layer kernel in use is printed with the results.
@@ -108,18 +108,27 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def child_memory(path: str, variant: str) -> dict:
-    """Resident memory added by loading one model, and the bytes of its quantized layers."""
+def child_memory(path: str, variant: str, kind: str) -> dict:
+    """Resident memory added by loading one model and running it once, and the bytes of its quantized layers.
+
+    The forward pass matters: safetensors maps the checkpoint file, so a loaded model's
+    weights only become resident once something reads them.
+    """
     import gc
 
-    import torch  # noqa: F401  (imported before the baseline so the baseline includes the libraries)
-    import transformers  # noqa: F401
+    import torch
+    import transformers  # noqa: F401  (imported before the baseline so the baseline includes the libraries)
 
     import hf_comq
 
     gc.collect()
     before = _rss_bytes()
     model = _load(path, variant)
+    with torch.inference_mode():
+        if kind == "image":
+            model(pixel_values=torch.zeros(1, 3, 224, 224))
+        else:
+            model(input_ids=torch.ones(1, 4, dtype=torch.long))
     gc.collect()
     after = _rss_bytes()
     packed = replaced = 0
@@ -195,7 +204,7 @@ def main() -> None:
     if args.child:
         task = json.loads(args.child)
         if task["what"] == "memory":
-            print(json.dumps(child_memory(task["path"], task["variant"])))
+            print(json.dumps(child_memory(task["path"], task["variant"], task["kind"])))
         else:
             print(json.dumps(child_speed(task["paths"], task["kind"], task["threads"], task["repeats"], task["quick"])))
         return
@@ -205,7 +214,10 @@ def main() -> None:
     for name in args.models:
         spec = MODELS[name]
         print(f"### {spec['label']}: W4 per-channel COMQ checkpoint (hf_comq.load_quantized) vs FP32")
-        memory = {variant: _child({"what": "memory", "path": path, "variant": variant}) for variant, path in paths[name].items()}
+        memory = {
+            variant: _child({"what": "memory", "path": path, "variant": variant, "kind": spec["kind"]})
+            for variant, path in paths[name].items()
+        }
         w4 = memory["w4"]
         print(
             f"resident memory added by loading: FP32 {memory['fp32']['rss_added'] / 1e6:.0f} MB, "
