@@ -219,7 +219,12 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
                 model = Dinov2Model.from_pretrained(DINOV2_DIR, quantization_config=config)
         record["seconds"] = time.perf_counter() - started
         features = dinov2_features(model.eval(), processor, test_images)
-        fp_features = features if method == "FP" else dinov2_features(fp_model, processor, test_images)
+        fp_cache = Path(f"/work/cache/dinov2_fp_test_{len(test_images)}.pt")
+        if method == "FP":
+            fp_features = features
+            torch.save(features, fp_cache)
+        else:
+            fp_features = torch.load(fp_cache) if fp_cache.is_file() else dinov2_features(fp_model, processor, test_images)
         record["probe_accuracy"] = float((probe.predict(features.numpy()) == test_labels).mean())
         record["feature_cosine"] = float(torch.nn.functional.cosine_similarity(features, fp_features).mean())
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
