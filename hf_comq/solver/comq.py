@@ -21,7 +21,8 @@ from .start import START_POINTS, ErrorFeedbackPlan, error_feedback_start, plan_e
 ORDERS = ("greedy", "sequential", "act_order")
 CLIP_WEIGHTS = ("conditional", "diagonal")
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
-SHRINK_CANDIDATES = 10
+SHRINK_CANDIDATES = 16
+MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
 
 
 @dataclass
@@ -98,8 +99,8 @@ def comq_quantize(
             current codes (the paper's delta update; one GEMM, never raises the
             objective).
         scale_search: choose each row's (group's) clipping of the min-max range by
-            minimising a per-input weighted rounding error over 10 shrink factors
-            in [0.5, 1] (elementwise, no GEMM; the weights are set by
+            minimising a per-input weighted rounding error over 16 shrink factors
+            in [0.25, 1] (elementwise, no GEMM; the weights are set by
             ``clip_weights``).  No such proxy sees everything error feedback does,
             so the start is also computed on a second grid, stacked into the same
             pass, and each row keeps the grid that starts lower (which doubles the
@@ -228,7 +229,7 @@ def _initial_grid(
 ) -> Grid:
     factor: torch.Tensor | float = shrink
     if scale_search:
-        factor = search_shrink(w, h_diag, bits, group_size, symmetric, candidates=SHRINK_CANDIDATES, min_shrink=0.5) * shrink
+        factor = search_shrink(w, h_diag, bits, group_size, symmetric, candidates=SHRINK_CANDIDATES, min_shrink=MIN_SHRINK) * shrink
     return minmax_grid(w, bits, group_size, symmetric, factor)
 
 

@@ -377,6 +377,7 @@ def test_conditional_clip_search_start_matches_reference(bits, group_size, mediu
     """The default start: the clipping search weighted by the conditional energies and
     the one weighted by diag(H), each started by unblocked error feedback, and every
     row keeping the lower objective (checked against the slow reference)."""
+    from hf_comq.solver.comq import MIN_SHRINK, SHRINK_CANDIDATES
     from hf_comq.solver.grid import search_shrink
 
     weight, _, hessian = medium_layer
@@ -391,7 +392,7 @@ def test_conditional_clip_search_start_matches_reference(bits, group_size, mediu
 
     best_rows = None
     for col_weight in (conditional, torch.diagonal(h)):
-        grid = minmax_grid(w, bits, cols, shrink=search_shrink(w, col_weight, bits, cols, False, 10, 0.5))
+        grid = minmax_grid(w, bits, cols, shrink=search_shrink(w, col_weight, bits, cols, False, SHRINK_CANDIDATES, MIN_SHRINK))
         scale, zero = grid.per_column()
         codes = error_feedback_reference(w, h, scale, zero, grid.max_code, damp)
         error = w - (codes - zero) * scale
