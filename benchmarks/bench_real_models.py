@@ -169,13 +169,20 @@ def llmcompressor_oneshot(model, method: str, bits: int, group: int | None, chun
     return model
 
 
+def _commit() -> str:
+    """The code version a row was measured with ("+dirty" with uncommitted changes)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT).stdout
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def run_one(model_name: str, method: str, bits: int, group: int | None, seed: int, options: dict) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     os.environ.setdefault("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", "1")
     from benchmarks.layers import DINOV2_DIR, SMOLLM2_DIR
 
-    record = dict(model=model_name, method=method, bits=bits, group=group, seed=seed, **options)
+    record = dict(model=model_name, method=method, bits=bits, group=group, seed=seed, commit=_commit(), **options)
     if model_name == "smollm2":
         from transformers import AutoModelForCausalLM
 
