@@ -147,19 +147,21 @@ def comq_quantize(
     h = hessian.detach().to(device=w.device, dtype=compute_dtype)
     h = 0.5 * (h + h.T)
     h_diag = torch.diagonal(h).clamp_min(0.0)
-    diagonal_grid = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
-    problem = _Problem.build(w, h, diagonal_grid, order)
+    conditional_search = scale_search and init == "error_feedback" and clip_weights == "conditional"
+    problem = _Problem.build(w, h, minmax_grid(w, bits, cols_per_group, symmetric, shrink), order)
     plan = plan_error_feedback(problem.hessian, damp) if init == "error_feedback" else None
     # Neither search proxy sees every effect of error feedback (inputs drift as
     # errors are fed forward); rows are independent, so each keeps whichever of two
     # grids starts lower.
     alternative = None
-    if scale_search and plan is not None and clip_weights == "conditional":
+    if conditional_search:
         conditional = _in_original_order(problem.conditional_energy(plan), problem.perm)
-        problem.set_grid(_initial_grid(w, conditional, bits, cols_per_group, symmetric, True, shrink))
-        alternative = diagonal_grid
-    elif scale_search and init != "fp":
-        alternative = minmax_grid(w, bits, cols_per_group, symmetric, shrink)
+        searched, alternative = _initial_grids(w, torch.stack([conditional, h_diag]), bits, cols_per_group, symmetric, shrink)
+        problem.set_grid(searched)
+    else:
+        problem.set_grid(_initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink))
+        if scale_search and init != "fp":
+            alternative = minmax_grid(w, bits, cols_per_group, symmetric, shrink)
     history = problem.start(init, damp, block_size, alternative, plan)
     for _ in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
@@ -227,10 +229,17 @@ def _in_original_order(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor
 def _initial_grid(
     w: torch.Tensor, h_diag: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_search: bool, shrink: float
 ) -> Grid:
-    factor: torch.Tensor | float = shrink
-    if scale_search:
-        factor = search_shrink(w, h_diag, bits, group_size, symmetric, candidates=SHRINK_CANDIDATES, min_shrink=MIN_SHRINK) * shrink
-    return minmax_grid(w, bits, group_size, symmetric, factor)
+    if not scale_search:
+        return minmax_grid(w, bits, group_size, symmetric, shrink)
+    return _initial_grids(w, h_diag.unsqueeze(0), bits, group_size, symmetric, shrink)[0]
+
+
+def _initial_grids(
+    w: torch.Tensor, col_weights: torch.Tensor, bits: int, group_size: int, symmetric: bool, shrink: float
+) -> list[Grid]:
+    """One searched grid per row of ``col_weights`` (``k x in``), from one shared search."""
+    factors = search_shrink(w, col_weights, bits, group_size, symmetric, candidates=SHRINK_CANDIDATES, min_shrink=MIN_SHRINK)
+    return [minmax_grid(w, bits, group_size, symmetric, factor * shrink) for factor in factors]
 
 
 @dataclass
