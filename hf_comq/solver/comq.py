@@ -67,6 +67,7 @@ def comq_quantize(
     scale_refit: bool = True,
     scale_search: bool = True,
     clip_weights: str = "conditional",
+    start_grids: int = 3,
     shrink: float = 1.0,
     damp: float | None = None,
     tol: float = 1e-4,
@@ -116,6 +117,12 @@ def comq_quantize(
             the stacked alternative.  ``"diagonal"``: search with ``diag(H)`` and
             stack the plain min-max grid beside it (the earlier default).  Other
             start points always search with ``diag(H)``.
+        start_grids: with the conditional search, how many grids the error-feedback
+            start runs side by side (1 to 4): the searched clipping, then the same
+            5 % tighter, 5 % looser, and the ``diag(H)``-searched one.  Each row keeps
+            the grid whose start has the lowest exact objective: a clipping search on
+            the full objective in a neighbourhood the proxy cannot resolve.  Each
+            grid adds about one GPTQ pass's worth of work to the start.
         shrink: fixed factor multiplying the initial min-max range (the reference
             code's ``scalar``: 1.0 at 4 bits, 0.65 at 2 bits); applied on top of the
             searched factor when ``scale_search`` is on.
@@ -141,6 +148,8 @@ def comq_quantize(
     _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)
     if clip_weights not in CLIP_WEIGHTS:
         raise ValueError(f"clip_weights must be one of {CLIP_WEIGHTS}, got {clip_weights!r}")
+    if not isinstance(start_grids, int) or isinstance(start_grids, bool) or not 1 <= start_grids <= 4:
+        raise ValueError(f"start_grids must be an integer from 1 to 4, got {start_grids!r}")
     in_features = weight.shape[1]
     cols_per_group = resolve_group_size(in_features, group_size)
     w = weight.detach().to(compute_dtype)
@@ -153,16 +162,21 @@ def comq_quantize(
     # Neither search proxy sees every effect of error feedback (inputs drift as
     # errors are fed forward); rows are independent, so each keeps whichever of two
     # grids starts lower.
-    alternative = None
+    alternatives: list[Grid] = []
     if conditional_search:
         conditional = _in_original_order(problem.conditional_energy(plan), problem.perm)
-        searched, alternative = _initial_grids(w, torch.stack([conditional, h_diag]), bits, cols_per_group, symmetric, shrink)
+        factors = search_shrink(
+            w, torch.stack([conditional, h_diag]), bits, cols_per_group, symmetric, SHRINK_CANDIDATES, MIN_SHRINK
+        )
+        # The conditional clipping, 5 % tighter, 5 % looser, then the diag(H) one.
+        candidates = [factors[0], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0), factors[1]][:start_grids]
+        searched, *alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, f * shrink) for f in candidates]
         problem.set_grid(searched)
     else:
         problem.set_grid(_initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink))
         if scale_search and init != "fp":
-            alternative = minmax_grid(w, bits, cols_per_group, symmetric, shrink)
-    history = problem.start(init, damp, block_size, alternative, plan)
+            alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
+    history = problem.start(init, damp, block_size, alternatives, plan)
     for _ in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
@@ -229,17 +243,10 @@ def _in_original_order(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor
 def _initial_grid(
     w: torch.Tensor, h_diag: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_search: bool, shrink: float
 ) -> Grid:
-    if not scale_search:
-        return minmax_grid(w, bits, group_size, symmetric, shrink)
-    return _initial_grids(w, h_diag.unsqueeze(0), bits, group_size, symmetric, shrink)[0]
-
-
-def _initial_grids(
-    w: torch.Tensor, col_weights: torch.Tensor, bits: int, group_size: int, symmetric: bool, shrink: float
-) -> list[Grid]:
-    """One searched grid per row of ``col_weights`` (``k x in``), from one shared search."""
-    factors = search_shrink(w, col_weights, bits, group_size, symmetric, candidates=SHRINK_CANDIDATES, min_shrink=MIN_SHRINK)
-    return [minmax_grid(w, bits, group_size, symmetric, factor * shrink) for factor in factors]
+    factor: torch.Tensor | float = shrink
+    if scale_search:
+        factor = search_shrink(w, h_diag, bits, group_size, symmetric, SHRINK_CANDIDATES, MIN_SHRINK) * shrink
+    return minmax_grid(w, bits, group_size, symmetric, factor)
 
 
 @dataclass
@@ -298,21 +305,22 @@ class _Problem:
         return _in_original_order(plan.move_weight, plan.perm)
 
     def start(
-        self, init: str, damp: float, block_size: int, alternative: Grid | None = None, plan: ErrorFeedbackPlan | None = None
+        self, init: str, damp: float, block_size: int, alternatives: list[Grid] = (), plan: ErrorFeedbackPlan | None = None
     ) -> list[float]:
         """Put every coordinate on the grid (or at its full-precision value for ``"fp"``).
 
-        With an ``alternative`` grid, both grids are started in one stacked pass and
-        each row keeps the one whose start has the lower objective.  ``plan``: the
-        error-feedback plan of this problem's Hessian, if already made.
+        With ``alternatives``, this grid and every alternative are started in one
+        stacked pass and each row keeps the grid whose start has the lowest
+        objective.  ``plan``: the error-feedback plan of this problem's Hessian, if
+        already made.
         """
         if init == "fp":
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
         else:
-            grids = [self.grid] if alternative is None else [self.grid, alternative]
+            grids = [self.grid, *alternatives]
             codes_t, dequant_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
-            if alternative is not None:
-                codes_t, dequant_t = self._keep_better_rows(alternative, codes_t, dequant_t, row_objective)
+            if alternatives:
+                codes_t, dequant_t = self._keep_best_rows(grids, codes_t, dequant_t, row_objective)
             self.codes_t, self.dequant_t = codes_t, dequant_t
         self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
         return [self.objective()]
@@ -334,21 +342,20 @@ class _Problem:
             self.weight_t, scale_t, zero_t, self.grid.max_code, plan, block_size, self.per_channel
         )
 
-    def _keep_better_rows(self, alternative: Grid, codes_t, dequant_t, row_objective):
-        """Per output row, this grid's start or the alternative's (right half of the
-        stacked arrays), whichever has the lower objective; updates the grid."""
-        out_features = self.weight_t.shape[1]
-        take = row_objective[out_features:] < row_objective[:out_features]  # (out,)
+    def _keep_best_rows(self, grids: list[Grid], codes_t, dequant_t, row_objective):
+        """Per output row, the start on whichever grid (block of the stacked arrays)
+        has the lowest objective (the first one on ties); updates the grid."""
+        n_cols, out_features = self.weight_t.shape
+        best = row_objective.view(len(grids), out_features).argmin(0)  # (out,)
+        rows = torch.arange(out_features, device=best.device)
         self.set_grid(Grid(
-            scale=torch.where(take.unsqueeze(1), alternative.scale, self.grid.scale),
-            zero_point=torch.where(take.unsqueeze(1), alternative.zero_point, self.grid.zero_point),
+            scale=torch.stack([grid.scale for grid in grids])[best, rows],
+            zero_point=torch.stack([grid.zero_point for grid in grids])[best, rows],
             bits=self.grid.bits,
             group_size=self.grid.group_size,
         ))
-        return (
-            torch.where(take, codes_t[:, out_features:], codes_t[:, :out_features]),
-            torch.where(take, dequant_t[:, out_features:], dequant_t[:, :out_features]),
-        )
+        pick = lambda stacked: stacked.view(n_cols, len(grids), out_features)[:, best, rows]  # noqa: E731
+        return pick(codes_t), pick(dequant_t)
 
     def objective(self) -> float:
         """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three
