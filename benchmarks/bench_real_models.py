@@ -169,6 +169,14 @@ def llmcompressor_oneshot(model, method: str, bits: int, group: int | None, chun
     return model
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process: on a shared machine, wall time also
+    counts the time other processes held the cores; with one thread, CPU time is
+    the work done."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _commit() -> str:
     """The code version a row was measured with ("+dirty" with uncommitted changes)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
@@ -187,7 +195,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
         from transformers import AutoModelForCausalLM
 
         calibration, held_out = smollm2_data(options["calibration"], options["length"], seed, options["eval_chunks"])
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), _cpu_seconds()
         if method == "FP":
             model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR)
         elif method.startswith("GPTQ"):
@@ -199,6 +207,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
                 SMOLLM2_DIR, quantization_config=comq_config(method, bits, group, dataset, seed)
             )
         record["seconds"] = time.perf_counter() - started
+        record["cpu_seconds"] = _cpu_seconds() - cpu_started
         record["perplexity"] = perplexity(model.eval(), held_out)
     else:
         from transformers import BitImageProcessorPil, Dinov2Model
@@ -207,7 +216,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
         calibration, probe_set, (test_images, test_labels) = dinov2_images(options["calibration"], seed, options["test_images"])
         fp_model = Dinov2Model.from_pretrained(DINOV2_DIR).eval()
         probe = dinov2_probe(fp_model, processor, probe_set)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), _cpu_seconds()
         if method == "FP":
             model = fp_model
         else:
@@ -225,6 +234,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
             else:
                 model = Dinov2Model.from_pretrained(DINOV2_DIR, quantization_config=config)
         record["seconds"] = time.perf_counter() - started
+        record["cpu_seconds"] = _cpu_seconds() - cpu_started
         features = dinov2_features(model.eval(), processor, test_images)
         fp_cache = Path(f"/work/cache/dinov2_fp_test_{len(test_images)}.pt")
         if method == "FP":
@@ -257,15 +267,16 @@ def print_table(path: Path) -> None:
     for row in rows:
         key = (row["bits"] if row["method"] != "FP" else 32, row["group"] if row["method"] != "FP" else None, row["method"])
         groups.setdefault(key, []).append(row)
-    header = [metric, *extra, "quantization time (s)", "peak RSS (MB)"]
+    header = [metric, *extra, "quantization time (s)", "quantization CPU time (s)", "peak RSS (MB)"]
     print(f"| bits | group | method | seeds | {' | '.join(header)} |")
     print("|---|---|---|---|" + "---|" * len(header))
     order = {m: i for i, m in enumerate(METHODS)}
     for (bits, group, method), items in sorted(groups.items(), key=lambda kv: (-kv[0][0], -(kv[0][1] or 10**6), order[kv[0][2]])):
         cells = []
         for name in header:
-            key = {"quantization time (s)": "seconds", "peak RSS (MB)": "peak_rss_mb"}.get(name, name)
-            values = [item[key] for item in items]
+            key = {"quantization time (s)": "seconds", "quantization CPU time (s)": "cpu_seconds",
+                   "peak RSS (MB)": "peak_rss_mb"}.get(name, name)
+            values = [item.get(key, float("nan")) for item in items]
             fmt = ".4f" if name in (metric, "feature_cosine") else ".0f"
             if metric == "perplexity" and name == metric:
                 fmt = ".3f"
@@ -315,7 +326,7 @@ def main() -> None:
             handle.write(json.dumps(row) + "\n")
         metric = row.get("perplexity", row.get("probe_accuracy"))
         print(f"{job['method']:>22} W{job['bits']} g{job['group']} seed {job['seed']}: {metric:.4f} "
-              f"{row['seconds']:.0f}s {row['peak_rss_mb']:.0f}MB", flush=True)
+              f"{row['seconds']:.0f}s wall {row['cpu_seconds']:.0f}s CPU {row['peak_rss_mb']:.0f}MB", flush=True)
 
 
 if __name__ == "__main__":
