@@ -67,6 +67,7 @@ COMQ_SETTINGS: dict[str, dict] = {
 STRONG_COMQ_SETTINGS: dict[str, dict] = {
     "COMQ reference code (fp start, greedy, 1 sweep)": FAITHFUL,
     "hf_comq default, diag(H) clipping search (clip_weights='diagonal')": dict(clip_weights="diagonal"),
+    "hf_comq default with start_grids=1": dict(start_grids=1),
     "hf_comq default": dict(),
 }
 GPTQ_DAMPS = (0.01, 0.001)

@@ -58,16 +58,18 @@ def main_strong(path: str) -> None:
     with open(path) as handle:
         records = parse_strong(handle.readlines())
     print("| layer | bits | GPTQ-best (observer, damp) | GPTQ-best / RTN | COMQ reference code / GPTQ-best "
-          "| previous default / GPTQ-best | hf_comq default / GPTQ-best |")
-    print("|---|---|---|---|---|---|---|")
+          "| previous default / GPTQ-best | default with start_grids=1 / GPTQ-best | hf_comq default / GPTQ-best |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in records:
         rows = r["rows"]
         best_vs_rtn = 1.0 / rows["RTN (min-max grid)"][1]
         reference = next(v for k, v in rows.items() if k.startswith("COMQ reference code"))[1]
         previous = next(v for k, v in rows.items() if "clip_weights='diagonal'" in k)[1]
+        one_grid = rows.get("hf_comq default with start_grids=1", (float("nan"), float("nan")))[1]
         print(f"| {r['layer']} | W{r['bits']} | {r['best']} | {best_vs_rtn:.3f} | {reference:.3f} | {previous:.3f} "
-              f"| **{rows['hf_comq default'][1]:.3f}** |")
+              f"| {one_grid:.3f} | **{rows['hf_comq default'][1]:.3f}** |")
     for label, pick in (("previous default", lambda rows: next(v for k, v in rows.items() if "diagonal" in k)[1]),
+                        ("default with start_grids=1", lambda rows: rows["hf_comq default with start_grids=1"][1]),
                         ("hf_comq default", lambda rows: rows["hf_comq default"][1])):
         ratios = sorted(pick(r["rows"]) for r in records)
         print(f"\n{label} / GPTQ-best over {len(ratios)} layer-bit pairs: worst {ratios[-1]:.3f}, "
