@@ -118,8 +118,8 @@ def comq_quantize(
             stack the plain min-max grid beside it (the earlier default).  Other
             start points always search with ``diag(H)``.
         start_grids: with the conditional search, how many grids the error-feedback
-            start runs side by side (1 to 4): the searched clipping, then the same
-            5 % tighter, 5 % looser, and the ``diag(H)``-searched one.  Each row keeps
+            start runs side by side (1 to 4): the searched clipping, the
+            ``diag(H)``-searched one, then the first 5 % tighter and 5 % looser.  Each row keeps
             the grid whose start has the lowest exact objective: a clipping search on
             the full objective in a neighbourhood the proxy cannot resolve.  Each
             grid adds about one GPTQ pass's worth of work to the start.
@@ -168,8 +168,9 @@ def comq_quantize(
         factors = search_shrink(
             w, torch.stack([conditional, h_diag]), bits, cols_per_group, symmetric, SHRINK_CANDIDATES, MIN_SHRINK
         )
-        # The conditional clipping, 5 % tighter, 5 % looser, then the diag(H) one.
-        candidates = [factors[0], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0), factors[1]][:start_grids]
+        # The conditional clipping, the diag(H) one (a safety net where the conditional
+        # proxy misjudges, e.g. some 2-bit fc2 rows), then the first 5 % tighter and looser.
+        candidates = [factors[0], factors[1], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0)][:start_grids]
         searched, *alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, f * shrink) for f in candidates]
         problem.set_grid(searched)
     else:

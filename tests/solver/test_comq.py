@@ -375,7 +375,7 @@ def test_conditional_energy_is_the_schur_complement_on_later_inputs(medium_layer
 @pytest.mark.parametrize(("group_size", "start_grids"), [(None, 1), (None, 3), (None, 4), (32, 3)])
 def test_conditional_clip_search_start_matches_reference(bits, group_size, start_grids, medium_layer):
     """The default start: the clipping searched with the conditional energies (then
-    5 % tighter, 5 % looser, then the diag(H)-searched one, up to ``start_grids``),
+    the diag(H)-searched one, the first 5 % tighter and looser, up to ``start_grids``),
     each started by unblocked error feedback, every row keeping the lowest objective
     (checked against the slow reference)."""
     from hf_comq.solver.comq import MIN_SHRINK, SHRINK_CANDIDATES
@@ -394,8 +394,8 @@ def test_conditional_clip_search_start_matches_reference(bits, group_size, start
     def searched(col_weight):
         return search_shrink(w, col_weight, bits, cols, False, SHRINK_CANDIDATES, MIN_SHRINK)
 
-    factors = [searched(conditional), searched(conditional) * 0.95, (searched(conditional) * 1.05).clamp(max=1.0),
-               searched(torch.diagonal(h))][:start_grids]
+    factors = [searched(conditional), searched(torch.diagonal(h)), searched(conditional) * 0.95,
+               (searched(conditional) * 1.05).clamp(max=1.0)][:start_grids]
     best_rows = None
     for factor in factors:
         grid = minmax_grid(w, bits, cols, shrink=factor)
