@@ -261,6 +261,9 @@ def spawn(settings: dict) -> dict:
 
 def print_table(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A rerun (e.g. after a solver change) replaces earlier rows of the same method, setting and seed.
+    latest = {(row["method"], row["bits"], row["group"], row["seed"]): row for row in rows}
+    rows = list(latest.values())
     metric = "perplexity" if rows[0]["model"] == "smollm2" else "probe_accuracy"
     extra = [] if metric == "perplexity" else ["feature_cosine"]
     groups: dict[tuple, list[dict]] = {}
@@ -268,8 +271,8 @@ def print_table(path: Path) -> None:
         key = (row["bits"] if row["method"] != "FP" else 32, row["group"] if row["method"] != "FP" else None, row["method"])
         groups.setdefault(key, []).append(row)
     header = [metric, *extra, "quantization time (s)", "quantization CPU time (s)", "peak RSS (MB)"]
-    print(f"| bits | group | method | seeds | {' | '.join(header)} |")
-    print("|---|---|---|---|" + "---|" * len(header))
+    print(f"| bits | group | method | seeds | {' | '.join(header)} | code |")
+    print("|---|---|---|---|" + "---|" * (len(header) + 1))
     order = {m: i for i, m in enumerate(METHODS)}
     for (bits, group, method), items in sorted(groups.items(), key=lambda kv: (-kv[0][0], -(kv[0][1] or 10**6), order[kv[0][2]])):
         cells = []
@@ -283,7 +286,8 @@ def print_table(path: Path) -> None:
             mean = statistics.mean(values)
             cells.append(f"{mean:{fmt}}" + (f" ({min(values):{fmt}}-{max(values):{fmt}})" if len(values) > 1 else ""))
         seeds = ",".join(str(item["seed"]) for item in items)
-        print(f"| {bits} | {group or 'channel'} | {method} | {seeds} | {' | '.join(cells)} |")
+        commits = ",".join(sorted({item.get("commit", "?") for item in items}))
+        print(f"| {bits} | {group or 'channel'} | {method} | {seeds} | {' | '.join(cells)} | {commits} |")
 
 
 def main() -> None:
