@@ -3,6 +3,14 @@
     python benchmarks/bench_solver.py            # full table (about 10 minutes on 2 cores)
     python benchmarks/bench_solver.py --quick    # ViT-B fc1 shape and the real fc1 layers only
     python benchmarks/bench_solver.py --layers real   # only real activations (shipped ViT, MiniLM)
+    python benchmarks/bench_solver.py --layers dinov2 smollm2 minilm synthetic --peers strong --threads 1
+
+``--peers strong`` compares against GPTQ at its strongest: act-order with each of
+llm-compressor's weight observers (``minmax``, ``memoryless_mse``, ``imatrix_mse``)
+and two dampings (its default 0.01 and 0.001), and reports the default against the
+best of those per layer ("GPTQ-best"), beside RTN and the reference-code setting.
+The real layers of ``dinov2``/``smollm2`` need the converted checkpoints
+(benchmarks/models/); layer problems are cached under ``--cache``.
 
 For each layer and bit width it prints the layer objective ``||X(W - Wq)^T||^2``
 as a ratio to round-to-nearest on the same asymmetric per-channel min-max grid
@@ -26,8 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gptq_baseline import GPTQ_PACKAGE, gptq_dequantized  # noqa: E402
-from benchmarks.layers import VIT_SHAPES, LayerProblem, demo_vit_layers, minilm_layers, synthetic_layer  # noqa: E402
+from benchmarks.gptq_baseline import GPTQ_PACKAGE, OBSERVERS, gptq_dequantized, observer_grid  # noqa: E402
+from benchmarks.layers import (  # noqa: E402
+    VIT_SHAPES,
+    LayerProblem,
+    demo_vit_layers,
+    dinov2_layers,
+    minilm_layers,
+    smollm2_layers,
+    synthetic_layer,
+)
 from hf_comq.solver import REFERENCE_CODE, ROUND_TO_NEAREST, comq_quantize, layer_objective  # noqa: E402
 from hf_comq.solver import default_damp  # noqa: E402
 from hf_comq.solver.comq import _Problem, _initial_grid  # noqa: E402
@@ -46,6 +62,69 @@ COMQ_SETTINGS: dict[str, dict] = {
     "  + scale search = hf_comq default": dict(),
     "  default with 8 sweeps": dict(iterations=8),
 }
+
+
+STRONG_COMQ_SETTINGS: dict[str, dict] = {
+    "COMQ reference code (fp start, greedy, 1 sweep)": FAITHFUL,
+    "hf_comq default, diag(H) clipping search (clip_weights='diagonal')": dict(clip_weights="diagonal"),
+    "hf_comq default with start_grids=1": dict(start_grids=1),
+    "hf_comq default": dict(),
+}
+GPTQ_DAMPS = (0.01, 0.001)
+
+
+def evaluate_strong(problem: LayerProblem, bits: int, group_size: int | None) -> list[tuple[str, float, float]]:
+    """RTN, GPTQ act-order with every observer and damping, and the COMQ settings."""
+    w, h = problem.weight, problem.hessian
+    rows = []
+    rtn, secs = _timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **ROUND_TO_NEAREST))
+    rows.append(("RTN (min-max grid)", layer_objective(w, rtn.dequantize(), h), secs))
+    for observer in OBSERVERS:
+        scale, zero = observer_grid(w, h, 1, bits, group_size, observer)  # imatrix normalises by the mean
+        for damp in GPTQ_DAMPS:
+            deq, secs = _timed(lambda: gptq_dequantized(w, h, scale, zero, bits, True, damp=damp))
+            rows.append((f"GPTQ act-order, {observer}, damp {damp}", layer_objective(w, deq, h), secs))
+    for name, settings in STRONG_COMQ_SETTINGS.items():
+        result, secs = _timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **settings))
+        rows.append((name, layer_objective(w, result.dequantize(), h), secs))
+    return rows
+
+
+def print_strong_table(problem: LayerProblem, bits: int, group_size: int | None, rows, gemm: float) -> float:
+    """One layer's table; returns the default's objective / GPTQ-best."""
+    rtn = rows[0][1]
+    best_name, best = min(((n, o) for n, o, _ in rows if n.startswith("GPTQ")), key=lambda item: item[1])
+    print(f"\n### {problem.name}, W{bits}, group {group_size or 'channel'}  (one W@H GEMM = {gemm * 1e3:.1f} ms)")
+    print(f"GPTQ-best: {best_name}")
+    print("| setting | objective / RTN | objective / GPTQ-best | time / GEMM |")
+    print("|---|---|---|---|")
+    for name, obj, secs in rows:
+        print(f"| {name} | {obj / rtn:.3f} | {obj / best:.3f} | {secs / gemm:.1f} |")
+    return next(obj for name, obj, _ in rows if name == "hf_comq default") / best
+
+
+def load_problems(kinds: list[str], cache: Path) -> list[LayerProblem]:
+    """Layer problems of the requested kinds; real ones are captured once and cached."""
+    makers = {
+        "dinov2": dinov2_layers,
+        "smollm2": smollm2_layers,
+        "minilm": minilm_layers,
+        "vit": demo_vit_layers,
+    }
+    problems = []
+    for kind in kinds:
+        if kind == "synthetic":
+            problems += [synthetic_layer(f"synthetic {name}", *shape) for name, shape in VIT_SHAPES.items()]
+            continue
+        path = cache / f"{kind}.pt"
+        if path.is_file():
+            problems += [LayerProblem(**item) for item in torch.load(path)]
+            continue
+        made = makers[kind]()
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save([vars(p) for p in made], path)
+        problems += made
+    return problems
 
 
 def gemm_seconds(problem: LayerProblem, repeats: int = 7) -> float:
@@ -138,9 +217,15 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--no-gptq", action="store_true", help=f"skip the GPTQ rows (needs {GPTQ_PACKAGE})")
     parser.add_argument(
-        "--layers", choices=["all", "synthetic", "real"], default="all",
-        help="synthetic ViT-shaped layers, real activations (shipped ViT, MiniLM), or both",
+        "--layers", nargs="+", default=["all"],
+        choices=["all", "synthetic", "real", "dinov2", "smollm2", "minilm", "vit"],
+        help="synthetic ViT-shaped layers, real activations (real = shipped ViT + MiniLM; dinov2, smollm2), or all",
     )
+    parser.add_argument("--peers", choices=["classic", "strong"], default="classic",
+                        help="strong: GPTQ act-order with every llm-compressor observer and two dampings")
+    parser.add_argument("--group-size", type=int, default=None, help="group size for --peers strong (default per channel)")
+    parser.add_argument("--only", default=None, help="only layers whose name contains this text")
+    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"), help="cache of captured layer problems")
     parser.add_argument("--repeats", type=int, default=5, help="repeats in the timing section")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timing-only", action="store_true", help="only the timing section")
@@ -157,11 +242,26 @@ def main() -> None:
     if args.timing_only:
         timing_section(include_gptq, args.repeats)
         return
+    if args.peers == "strong":
+        kinds = ["synthetic", "vit", "minilm", "dinov2", "smollm2"] if "all" in args.layers else args.layers
+        problems = [p for p in load_problems(kinds, args.cache) if not args.only or args.only in p.name]
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; objective ratios are lower-is-better")
+        ratios = []
+        for problem in problems:
+            gemm = gemm_seconds(problem)
+            for bits in args.bits:
+                rows = evaluate_strong(problem, bits, args.group_size)
+                ratios.append((print_strong_table(problem, bits, args.group_size, rows, gemm), problem.name, bits))
+                sys.stdout.flush()
+        worst = max(ratios)
+        print(f"\nworst hf_comq default / GPTQ-best over {len(ratios)} layer-bit pairs: {worst[0]:.3f} ({worst[1]}, W{worst[2]})")
+        return
+    layers = args.layers[0]
     problems = []
-    if args.layers in ("all", "synthetic"):
+    if layers in ("all", "synthetic"):
         shapes = {k: v for k, v in VIT_SHAPES.items() if not args.quick or "ViT-B fc1" in k}
         problems += [synthetic_layer(f"synthetic {name}", *shape) for name, shape in shapes.items()]
-    if args.layers in ("all", "real"):
+    if layers in ("all", "real"):
         real = demo_vit_layers() + minilm_layers()
         problems += [p for p in real if not args.quick or "fc1" in p.name]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; objective ratios are lower-is-better")

@@ -12,6 +12,10 @@ from hf_comq.solver import QuantizedWeight, layer_objective, minmax_grid
 os.environ.setdefault("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", "1")
 
 GPTQ_PACKAGE = "llmcompressor==0.14.0.1"
+OBSERVERS = ("minmax", "memoryless_mse", "imatrix_mse")
+"""llm-compressor's weight observers: plain min-max, the MSE clipping search
+(``|w - q(w)|^2.4`` over shrink factors down to 0.8), and the same search weighted by
+each input's mean square activation (``imatrix_mse``, shrink down to 0.05)."""
 
 
 def gptq_dequantized(
@@ -49,6 +53,34 @@ def gptq_dequantized(
         percdamp=damp,
     )
     return dequant.squeeze(0)
+
+
+def _quantization_args(bits: int, columns: int, group_size: int | None, act_order: bool, observer: str = "minmax"):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    grouping = dict(strategy="channel") if not group_size or group_size == columns else dict(strategy="group", group_size=group_size)
+    return QuantizationArgs(
+        num_bits=bits, type="int", symmetric=False, actorder="static" if act_order else None, observer=observer, **grouping
+    )
+
+
+def observer_grid(weight: torch.Tensor, hessian: torch.Tensor, tokens: int, bits: int, group_size: int | None, observer: str):
+    """``(scale, zero_point)`` of llm-compressor's ``observer`` for this weight, in
+    hf_comq's convention (``(out, n_groups)``, unsigned codes).  ``imatrix_mse`` gets its
+    importance (mean ``x_j^2`` over the calibration tokens) from ``diag(H) / tokens``,
+    which is what its forward hook would have accumulated."""
+    from llmcompressor.observers import Observer
+
+    args = _quantization_args(bits, weight.shape[1], group_size, act_order=True, observer=observer)
+    obs = Observer.load_from_registry(observer, base_name="weight", args=args)
+    if observer == "imatrix_mse":
+        obs._imatrix_sum = torch.diagonal(hessian).float().clone()
+        obs._imatrix_count = torch.tensor(tokens, dtype=torch.int64)
+    obs(weight.float())
+    qparams = obs.get_qparams()
+    scale = qparams["scale"].float().reshape(weight.shape[0], -1)
+    zero = qparams["zero_point"].float().reshape(weight.shape[0], -1) + (1 << (bits - 1))
+    return scale, zero
 
 
 def gptq_layer_solver(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None = None, **_: object) -> QuantizedWeight:

@@ -135,3 +135,81 @@ def demo_vit_layers(block_index: int = 2, images: int = 128) -> list[LayerProble
         LayerProblem(name + shape(targets[name]), targets[name].weight.detach().float(), acc.result())
         for name, acc in accumulators.items()
     ]
+
+
+DINOV2_DIR = Path("/work/cache/models/dinov2-vits14")  # benchmarks/models/convert_dinov2_onnx.py
+SMOLLM2_DIR = Path("/work/cache/models/smollm2-135m")  # benchmarks/models/convert_smollm2_gguf.py
+
+
+def _checkpoint(path: Path, converter: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{path}: no checkpoint; write it first with python benchmarks/models/{converter}")
+    return path
+
+
+def _linears_in(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear under ``module`` by its local name (the names differ across
+    transformers releases, e.g. ``attention.attention.query`` vs ``attention.q_proj``)."""
+    return {name: sub for name, sub in module.named_modules() if isinstance(sub, torch.nn.Linear)}
+
+
+def _capture(model: torch.nn.Module, targets: dict[str, torch.nn.Linear], batches) -> list[LayerProblem]:
+    """Run ``model`` on every batch (keyword dicts) and return each target's Gram matrix."""
+    accumulators = {name: HessianAccumulator(module.in_features) for name, module in targets.items()}
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, _name=name: accumulators[_name].add(args[0]))
+        for name, module in targets.items()
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    return [
+        LayerProblem(f"{name} {m.out_features}x{m.in_features}", m.weight.detach().float().clone(), accumulators[name].result())
+        for name, m in targets.items()
+    ]
+
+
+def dinov2_layers(blocks: tuple[int, ...] = (5, 10), images: int = 128, seed: int = 0) -> list[LayerProblem]:
+    """Real DINOv2 ViT-S/14 weights on real activations: query, fc1 and fc2 of the given
+    blocks, on ``images`` Fashion-MNIST train images at the processor's resolution."""
+    from transformers import BitImageProcessorPil, Dinov2Model  # the Pil class: no torchvision needed
+
+    from benchmarks.real_data import as_pil, fashion_mnist, seeded_subset
+
+    path = _checkpoint(DINOV2_DIR, "convert_dinov2_onnx.py")
+    processor = BitImageProcessorPil.from_pretrained(path)
+    model = Dinov2Model.from_pretrained(path).eval()
+    targets = {}
+    for index in blocks:
+        linears = _linears_in(model.encoder.layer[index])
+        query = next(m for n, m in linears.items() if n.endswith(("query", "q_proj")))
+        targets.update({
+            f"DINOv2 block {index} query": query,
+            f"DINOv2 block {index} fc1": linears["mlp.fc1"],
+            f"DINOv2 block {index} fc2": linears["mlp.fc2"],
+        })
+    train_images, _ = fashion_mnist("train")
+    chosen = as_pil(train_images[seeded_subset(images, len(train_images), seed)])
+    batches = (processor(chosen[s : s + 32], return_tensors="pt") for s in range(0, images, 32))
+    return _capture(model, targets, batches)
+
+
+def smollm2_layers(depths: tuple[int, ...] = (7, 22), chunks: int = 32, length: int = 256, seed: int = 0) -> list[LayerProblem]:
+    """Real SmolLM2-135M weights on real activations: the seven projections of the
+    given decoder layers, on ``chunks x length`` tokens of calibration-pool text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.real_data import calibration_chunks
+
+    path = _checkpoint(SMOLLM2_DIR, "convert_smollm2_gguf.py")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    targets = {}
+    for depth in depths:
+        for name, module in _linears_in(model.model.layers[depth]).items():
+            targets[f"SmolLM2 L{depth} {name.split('.')[-1]}"] = module
+    ids = calibration_chunks(tokenizer, chunks, length, seed)
+    batches = ({"input_ids": ids[s : s + 8]} for s in range(0, chunks, 8))
+    return _capture(model, targets, batches)

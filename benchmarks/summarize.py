@@ -1,6 +1,7 @@
 """Condense ``bench_solver.py`` output into the README's one-line-per-layer table.
 
     python benchmarks/bench_solver.py > out.txt && python benchmarks/summarize.py out.txt
+    python benchmarks/bench_solver.py --peers strong ... > out.txt && python benchmarks/summarize.py --strong out.txt
 """
 
 from __future__ import annotations
@@ -34,6 +35,47 @@ def parse(lines: list[str]) -> list[dict]:
     return [r for r in records if all(key in r for key in ROWS)]
 
 
+STRONG_HEADER = re.compile(r"^### (?P<layer>.+), W(?P<bits>\d), group (?P<group>\w+)  \(")
+
+
+def parse_strong(lines: list[str]) -> list[dict]:
+    """One record per (layer, bits) table of ``--peers strong``: every row's objective
+    as a ratio to GPTQ-best, and which GPTQ setting was best."""
+    records: list[dict] = []
+    for line in lines:
+        match = STRONG_HEADER.match(line)
+        if match:
+            records.append({"layer": match["layer"], "bits": int(match["bits"]), "rows": {}})
+        elif records and line.startswith("GPTQ-best: "):
+            records[-1]["best"] = line.removeprefix("GPTQ-best: GPTQ act-order, ").strip()
+        elif records and line.startswith("| ") and not line.startswith(("| setting", "|---")):
+            cells = [cell.strip() for cell in line.strip("|\n").split("|")]
+            records[-1]["rows"][cells[0]] = (float(cells[1]), float(cells[2]))
+    return [r for r in records if "hf_comq default" in r["rows"]]
+
+
+def main_strong(path: str) -> None:
+    with open(path) as handle:
+        records = parse_strong(handle.readlines())
+    print("| layer | bits | GPTQ-best (observer, damp) | GPTQ-best / RTN | COMQ reference code / GPTQ-best "
+          "| previous default / GPTQ-best | default with start_grids=1 / GPTQ-best | hf_comq default / GPTQ-best |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        rows = r["rows"]
+        best_vs_rtn = 1.0 / rows["RTN (min-max grid)"][1]
+        reference = next(v for k, v in rows.items() if k.startswith("COMQ reference code"))[1]
+        previous = next(v for k, v in rows.items() if "clip_weights='diagonal'" in k)[1]
+        one_grid = rows.get("hf_comq default with start_grids=1", (float("nan"), float("nan")))[1]
+        print(f"| {r['layer']} | W{r['bits']} | {r['best']} | {best_vs_rtn:.3f} | {reference:.3f} | {previous:.3f} "
+              f"| {one_grid:.3f} | **{rows['hf_comq default'][1]:.3f}** |")
+    for label, pick in (("previous default", lambda rows: next(v for k, v in rows.items() if "diagonal" in k)[1]),
+                        ("default with start_grids=1", lambda rows: rows["hf_comq default with start_grids=1"][1]),
+                        ("hf_comq default", lambda rows: rows["hf_comq default"][1])):
+        ratios = sorted(pick(r["rows"]) for r in records)
+        print(f"\n{label} / GPTQ-best over {len(ratios)} layer-bit pairs: worst {ratios[-1]:.3f}, "
+              f"median {ratios[len(ratios) // 2]:.3f}, at most 0.9 in {sum(x <= 0.9 for x in ratios)}")
+
+
 def main(path: str) -> None:
     with open(path) as handle:
         records = parse(handle.readlines())
@@ -49,4 +91,7 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--strong":
+        main_strong(sys.argv[2])
+    else:
+        main(sys.argv[1])

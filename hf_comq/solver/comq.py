@@ -16,11 +16,13 @@ import torch
 from .grid import Grid, check_bits, minmax_grid, resolve_group_size, search_shrink
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
-from .start import START_POINTS, error_feedback_start, plan_error_feedback, round_to_nearest
+from .start import START_POINTS, ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
 
 ORDERS = ("greedy", "sequential", "act_order")
+CLIP_WEIGHTS = ("conditional", "diagonal")
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
-SHRINK_CANDIDATES = 10
+SHRINK_CANDIDATES = 16
+MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
 
 
 @dataclass
@@ -64,6 +66,8 @@ def comq_quantize(
     init: str = "error_feedback",
     scale_refit: bool = True,
     scale_search: bool = True,
+    clip_weights: str = "conditional",
+    start_grids: int = 3,
     shrink: float = 1.0,
     damp: float | None = None,
     tol: float = 1e-4,
@@ -96,11 +100,29 @@ def comq_quantize(
             current codes (the paper's delta update; one GEMM, never raises the
             objective).
         scale_search: choose each row's (group's) clipping of the min-max range by
-            minimising the ``diag(H)``-weighted rounding error over 10 shrink factors
-            in [0.5, 1] (elementwise, no GEMM).  That proxy ignores input correlations,
-            so the start is also computed on the plain min-max grid, stacked into the
-            same pass, and each row keeps the grid that starts lower (which doubles
-            the start's cost).  Large gains at 2 and 3 bits.
+            minimising a per-input weighted rounding error over 16 shrink factors
+            in [0.25, 1] (elementwise, no GEMM; the weights are set by
+            ``clip_weights``).  No such proxy sees everything error feedback does,
+            so the start is also computed on a second grid, stacked into the same
+            pass, and each row keeps the grid that starts lower (which doubles the
+            start's cost).  Large gains at 2 and 3 bits, and at 4 bits on real
+            activations.
+        clip_weights: how the clipping search weighs each input's rounding error
+            when the start is ``"error_feedback"``.  ``"conditional"`` (default):
+            by the part of input j's energy that the inputs rounded after it cannot
+            explain, ``H_jj - H_j,>j H_>j,>j^-1 H_>j,j`` in act-order (on the damped
+            H).  The error-feedback pass's objective is exactly
+            ``sum_j d_j * move_j**2`` with these weights, so this is the search
+            proxy that matches the start; the grid searched with ``diag(H)`` is then
+            the stacked alternative.  ``"diagonal"``: search with ``diag(H)`` and
+            stack the plain min-max grid beside it (the earlier default).  Other
+            start points always search with ``diag(H)``.
+        start_grids: with the conditional search, how many grids the error-feedback
+            start runs side by side (1 to 4): the searched clipping, the
+            ``diag(H)``-searched one, then the first 5 % tighter and 5 % looser.  Each row keeps
+            the grid whose start has the lowest exact objective: a clipping search on
+            the full objective in a neighbourhood the proxy cannot resolve.  Each
+            grid adds about one GPTQ pass's worth of work to the start.
         shrink: fixed factor multiplying the initial min-max range (the reference
             code's ``scalar``: 1.0 at 4 bits, 0.65 at 2 bits); applied on top of the
             searched factor when ``scale_search`` is on.
@@ -124,17 +146,38 @@ def comq_quantize(
     """
     damp = default_damp(bits) if damp is None else damp
     _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)
+    if clip_weights not in CLIP_WEIGHTS:
+        raise ValueError(f"clip_weights must be one of {CLIP_WEIGHTS}, got {clip_weights!r}")
+    if not isinstance(start_grids, int) or isinstance(start_grids, bool) or not 1 <= start_grids <= 4:
+        raise ValueError(f"start_grids must be an integer from 1 to 4, got {start_grids!r}")
     in_features = weight.shape[1]
     cols_per_group = resolve_group_size(in_features, group_size)
     w = weight.detach().to(compute_dtype)
     h = hessian.detach().to(device=w.device, dtype=compute_dtype)
     h = 0.5 * (h + h.T)
-    grid = _initial_grid(w, torch.diagonal(h).clamp_min(0.0), bits, cols_per_group, symmetric, scale_search, shrink)
-    problem = _Problem.build(w, h, grid, order)
-    # The search's diag(H) proxy ignores how inputs correlate, which error feedback
-    # exploits; rows are independent, so each keeps whichever grid starts lower.
-    alternative = minmax_grid(w, bits, cols_per_group, symmetric, shrink) if scale_search and init != "fp" else None
-    history = problem.start(init, damp, block_size, alternative)
+    h_diag = torch.diagonal(h).clamp_min(0.0)
+    conditional_search = scale_search and init == "error_feedback" and clip_weights == "conditional"
+    problem = _Problem.build(w, h, minmax_grid(w, bits, cols_per_group, symmetric, shrink), order)
+    plan = plan_error_feedback(problem.hessian, damp) if init == "error_feedback" else None
+    # Neither search proxy sees every effect of error feedback (inputs drift as
+    # errors are fed forward); rows are independent, so each keeps whichever of two
+    # grids starts lower.
+    alternatives: list[Grid] = []
+    if conditional_search:
+        conditional = _in_original_order(problem.conditional_energy(plan), problem.perm)
+        factors = search_shrink(
+            w, torch.stack([conditional, h_diag]), bits, cols_per_group, symmetric, SHRINK_CANDIDATES, MIN_SHRINK
+        )
+        # The conditional clipping, the diag(H) one (a safety net where the conditional
+        # proxy misjudges, e.g. some 2-bit fc2 rows), then the first 5 % tighter and looser.
+        candidates = [factors[0], factors[1], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0)][:start_grids]
+        searched, *alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, f * shrink) for f in candidates]
+        problem.set_grid(searched)
+    else:
+        problem.set_grid(_initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink))
+        if scale_search and init != "fp":
+            alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
+    history = problem.start(init, damp, block_size, alternatives, plan)
     for _ in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
@@ -191,12 +234,19 @@ def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: to
     return float(((error @ hessian.double()) * error).sum())
 
 
+def _in_original_order(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Per-column values given in the problem's column order, back in the weight's."""
+    restored = torch.empty_like(values)
+    restored[perm] = values
+    return restored
+
+
 def _initial_grid(
     w: torch.Tensor, h_diag: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_search: bool, shrink: float
 ) -> Grid:
     factor: torch.Tensor | float = shrink
     if scale_search:
-        factor = search_shrink(w, h_diag, bits, group_size, symmetric, candidates=SHRINK_CANDIDATES, min_shrink=0.5) * shrink
+        factor = search_shrink(w, h_diag, bits, group_size, symmetric, SHRINK_CANDIDATES, MIN_SHRINK) * shrink
     return minmax_grid(w, bits, group_size, symmetric, factor)
 
 
@@ -243,24 +293,40 @@ class _Problem:
             zero_t=_per_column(grid.zero_point, group_of_column),
         )
 
-    def start(self, init: str, damp: float, block_size: int, alternative: Grid | None = None) -> list[float]:
+    def set_grid(self, grid: Grid) -> None:
+        self.grid = grid
+        self.scale_t = _per_column(grid.scale, self.group_of_column)
+        self.zero_t = _per_column(grid.zero_point, self.group_of_column)
+
+    def conditional_energy(self, plan: ErrorFeedbackPlan) -> torch.Tensor:
+        """Per column (this problem's order), the weight ``d_j`` of a rounding move in
+        the error-feedback objective ``sum_j d_j * move_j**2``: ``1 / U_jj**2``."""
+        if plan.perm is None:
+            return plan.move_weight
+        return _in_original_order(plan.move_weight, plan.perm)
+
+    def start(
+        self, init: str, damp: float, block_size: int, alternatives: list[Grid] = (), plan: ErrorFeedbackPlan | None = None
+    ) -> list[float]:
         """Put every coordinate on the grid (or at its full-precision value for ``"fp"``).
 
-        With an ``alternative`` grid, both grids are started in one stacked pass and
-        each row keeps the one whose start has the lower objective.
+        With ``alternatives``, this grid and every alternative are started in one
+        stacked pass and each row keeps the grid whose start has the lowest
+        objective.  ``plan``: the error-feedback plan of this problem's Hessian, if
+        already made.
         """
         if init == "fp":
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
         else:
-            grids = [self.grid] if alternative is None else [self.grid, alternative]
-            codes_t, dequant_t, row_objective = self._start_on(grids, init, damp, block_size)
-            if alternative is not None:
-                codes_t, dequant_t = self._keep_better_rows(alternative, codes_t, dequant_t, row_objective)
+            grids = [self.grid, *alternatives]
+            codes_t, dequant_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
+            if alternatives:
+                codes_t, dequant_t = self._keep_best_rows(grids, codes_t, dequant_t, row_objective)
             self.codes_t, self.dequant_t = codes_t, dequant_t
         self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
         return [self.objective()]
 
-    def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int):
+    def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int, plan: ErrorFeedbackPlan | None = None):
         """Codes, values and per-row objectives of the start on each grid, side by side
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
@@ -272,28 +338,25 @@ class _Problem:
             error_t = weight_t - dequant_t
             row_objective = ((self.hessian @ error_t) * error_t).sum(0) if len(grids) > 1 else None
             return codes_t, dequant_t, row_objective
-        plan = plan_error_feedback(self.hessian, damp)
+        plan = plan or plan_error_feedback(self.hessian, damp)
         return error_feedback_start(
             self.weight_t, scale_t, zero_t, self.grid.max_code, plan, block_size, self.per_channel
         )
 
-    def _keep_better_rows(self, alternative: Grid, codes_t, dequant_t, row_objective):
-        """Per output row, this grid's start or the alternative's (right half of the
-        stacked arrays), whichever has the lower objective; updates the grid."""
-        out_features = self.weight_t.shape[1]
-        take = row_objective[out_features:] < row_objective[:out_features]  # (out,)
-        self.grid = Grid(
-            scale=torch.where(take.unsqueeze(1), alternative.scale, self.grid.scale),
-            zero_point=torch.where(take.unsqueeze(1), alternative.zero_point, self.grid.zero_point),
+    def _keep_best_rows(self, grids: list[Grid], codes_t, dequant_t, row_objective):
+        """Per output row, the start on whichever grid (block of the stacked arrays)
+        has the lowest objective (the first one on ties); updates the grid."""
+        n_cols, out_features = self.weight_t.shape
+        best = row_objective.view(len(grids), out_features).argmin(0)  # (out,)
+        rows = torch.arange(out_features, device=best.device)
+        self.set_grid(Grid(
+            scale=torch.stack([grid.scale for grid in grids])[best, rows],
+            zero_point=torch.stack([grid.zero_point for grid in grids])[best, rows],
             bits=self.grid.bits,
             group_size=self.grid.group_size,
-        )
-        self.scale_t = _per_column(self.grid.scale, self.group_of_column)
-        self.zero_t = _per_column(self.grid.zero_point, self.group_of_column)
-        return (
-            torch.where(take, codes_t[:, out_features:], codes_t[:, :out_features]),
-            torch.where(take, dequant_t[:, out_features:], dequant_t[:, :out_features]),
-        )
+        ))
+        pick = lambda stacked: stacked.view(n_cols, len(grids), out_features)[:, best, rows]  # noqa: E731
+        return pick(codes_t), pick(dequant_t)
 
     def objective(self) -> float:
         """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three

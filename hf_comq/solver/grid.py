@@ -121,12 +121,12 @@ def quantize_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return torch.clamp(torch.round(values / scale) + zero, 0, max_code)
 
 
-def _weighted_sum(values: torch.Tensor, col_weight: torch.Tensor) -> torch.Tensor:
-    """``sum_s values[r, g, s] * col_weight[g, s]``; one matrix-vector product when
-    there is a single group (per-channel grids, the common case)."""
+def _weighted_sums(values: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
+    """``out[k, r, g] = sum_s values[r, g, s] * col_weights[k, g, s]``: one small GEMM
+    when there is a single group (per-channel grids, the common case)."""
     if values.shape[1] == 1:
-        return (values.reshape(values.shape[0], -1) @ col_weight.reshape(-1)).unsqueeze(1)
-    return (values * col_weight).sum(-1)
+        return (values.reshape(values.shape[0], -1) @ col_weights.reshape(col_weights.shape[0], -1).T).T.unsqueeze(2)
+    return torch.einsum("rgs,kgs->krg", values, col_weights)
 
 
 def search_shrink(
@@ -141,6 +141,10 @@ def search_shrink(
     """Per-(row, group) shrink factor of the min-max range minimising the
     diagonal-Hessian-weighted round-to-nearest error.
 
+    ``hessian_diag`` may also be a ``(k, in)`` stack of column weightings: the
+    rounding errors are the expensive part and are shared, so ``k`` searches cost
+    about one, and the result is ``(k, out, n_groups)``.
+
     The full objective ``e H e^T`` would cost one GEMM per candidate; weighting by
     ``diag(H)`` (the input energy of each column) is elementwise and picks nearly
     the same clipping, and the coordinate sweeps that follow optimise against the
@@ -150,11 +154,12 @@ def search_shrink(
     out_features, in_features = weight.shape
     n_groups = in_features // group_size
     weights_g = weight.reshape(out_features, n_groups, group_size)
-    col_weight = hessian_diag.to(weight.dtype).reshape(n_groups, group_size)
+    stacked = hessian_diag.dim() == 2
+    col_weights = hessian_diag.to(weight.dtype).reshape(-1, n_groups, group_size)
     w_min, w_max = _group_range(weight, group_size)
     ratios = torch.linspace(1.0, min_shrink, candidates).tolist()
     grids = [_grid_from_range(w_min, w_max, bits, group_size, symmetric, ratio) for ratio in ratios]
-    errors = torch.empty((candidates, out_features, n_groups), dtype=weight.dtype, device=weight.device)
+    errors = torch.empty((candidates, col_weights.shape[0], out_features, n_groups), dtype=weight.dtype, device=weight.device)
     # Row chunks small enough to stay in cache while every candidate is tried on them:
     # the search is a dozen elementwise passes per candidate, bound by memory traffic.
     rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // in_features)
@@ -168,6 +173,7 @@ def search_shrink(
             # scaled back once per (row, group) instead of once per weight.
             torch.div(chunk, scale.unsqueeze(-1), out=scaled).add_(grid.zero_point[rows].unsqueeze(-1))
             offsets = torch.round(scaled, out=codes).clamp_(0, grid.max_code).sub_(scaled).square_()
-            torch.mul(_weighted_sum(offsets, col_weight), scale.square(), out=errors[index, rows])
+            torch.mul(_weighted_sums(offsets, col_weights), scale.square(), out=errors[index, :, rows])
     best = errors.argmin(dim=0)  # the first (widest) candidate wins ties
-    return torch.tensor(ratios, dtype=weight.dtype, device=weight.device)[best]
+    factors = torch.tensor(ratios, dtype=weight.dtype, device=weight.device)[best]
+    return factors if stacked else factors[0]

@@ -13,8 +13,12 @@ import torch
 class HessianAccumulator:
     """Accumulates ``X^T X`` over batches of activations of any leading shape.
 
-    ``dtype=torch.float64`` (the default) keeps the sum exact enough for very many
-    tokens; ``float32`` halves memory for wide layers.  The sum is *not* averaged:
+    ``dtype=torch.float64`` (the default) keeps the running sum exact enough for very
+    many tokens; ``float32`` halves memory for wide layers.  Each batch's own product
+    is computed in float32 unless the activations are float64 already: that GEMM is
+    most of a calibration pass's cost on a CPU, float64 doubles it, and a batch's
+    sum of a few thousand products loses nothing that matters in float32 (GPTQ
+    implementations accumulate the whole Hessian in float32).  The sum is *not* averaged:
     the COMQ objective ``||X W^T - X Wq^T||^2`` is defined on the raw Gram matrix,
     and the coordinate updates are invariant to its scale anyway.
     """
@@ -34,10 +38,14 @@ class HessianAccumulator:
             raise ValueError(
                 f"activations have last dimension {activations.shape[-1]}, expected in_features={self.in_features}"
             )
-        rows = activations.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=self.hessian.dtype)
+        product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
+        rows = activations.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=product_dtype)
         if not torch.isfinite(rows).all():
             raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
-        self.hessian.addmm_(rows.T, rows)
+        if product_dtype == self.hessian.dtype:
+            self.hessian.addmm_(rows.T, rows)
+        else:
+            self.hessian.add_(rows.T @ rows)
         self.num_tokens += rows.shape[0]
 
     def result(self) -> torch.Tensor:

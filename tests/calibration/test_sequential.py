@@ -153,7 +153,8 @@ def test_non_sequential_hessians_come_from_the_full_precision_model():
     quantize_model(model, _config("vit", bits=3, sequential=False), solver=solver)
     assert len(seen) == len(names)
     for index, name in enumerate(names):
-        torch.testing.assert_close(seen[index], reference[name], rtol=1e-6, atol=1e-6)
+        # float32 per-batch products (HessianAccumulator), float64 reference
+        torch.testing.assert_close(seen[index], reference[name], rtol=1e-4, atol=1e-5)
 
 
 def test_sequential_hessians_come_from_the_quantized_prefix():
@@ -165,7 +166,7 @@ def test_sequential_hessians_come_from_the_quantized_prefix():
     first_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.0.")]
     second_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.1.")]
     for index in first_block:  # block 0 sees the (unquantized) embeddings either way
-        torch.testing.assert_close(seen[index], reference[names[index]], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(seen[index], reference[names[index]], rtol=1e-4, atol=1e-5)
     for index in second_block:  # block 1 sees block 0's quantized outputs
         assert not torch.allclose(seen[index], reference[names[index]], rtol=1e-4, atol=1e-6)
 
@@ -187,7 +188,8 @@ def test_layers_of_another_type_get_their_own_attention_mask():
     seen, solver = _recording_solver()
     quantize_model(model, COMQConfig(bits=4, dataset=ids, sequential=False), solver=solver)
     for index, name in enumerate(names):
-        torch.testing.assert_close(seen[index], reference[name], rtol=1e-6, atol=1e-6)
+        # float32 per-batch products (HessianAccumulator), float64 reference
+        torch.testing.assert_close(seen[index], reference[name], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- accuracy

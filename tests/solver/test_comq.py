@@ -293,7 +293,7 @@ class TestHessianAccumulator:
         acc.add(x[:2])
         acc.add(x[2])
         flat = x.reshape(-1, 10).double()
-        assert torch.allclose(acc.result(), flat.T @ flat)
+        torch.testing.assert_close(acc.result(), flat.T @ flat, rtol=1e-5, atol=1e-5)  # float32 batch products
         assert acc.num_tokens == 21
         assert acc.result().dtype == torch.float64
 
@@ -332,10 +332,11 @@ def test_sweeping_stops_once_the_relative_decrease_is_below_tol(medium_layer):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_each_row_starts_from_the_better_of_the_searched_and_plain_grid(bits, medium_layer):
-    """The clipping search's diag(H) proxy can pick a grid that starts worse than
-    min-max for some rows; the start must be no worse than either grid, row by row."""
+    """With ``clip_weights="diagonal"`` the clipping search's diag(H) proxy can pick a
+    grid that starts worse than min-max for some rows; the start must be no worse than
+    either grid, row by row."""
     weight, _, hessian = medium_layer
-    start = dict(bits=bits, iterations=0, scale_refit=False, compute_dtype=torch.float64)
+    start = dict(bits=bits, iterations=0, scale_refit=False, compute_dtype=torch.float64, clip_weights="diagonal")
     merged = comq_quantize(weight, hessian, scale_search=True, **start)
     plain = comq_quantize(weight, hessian, scale_search=False, **start)
 
@@ -345,3 +346,86 @@ def test_each_row_starts_from_the_better_of_the_searched_and_plain_grid(bits, me
 
     assert torch.all(rows(merged) <= rows(plain) * (1 + 1e-9))
     assert merged.stats["objective"][0] <= plain.stats["objective"][0]
+
+
+def test_conditional_energy_is_the_schur_complement_on_later_inputs(medium_layer):
+    """``d_j`` of the error-feedback objective is the energy of input j that the
+    inputs rounded after it (act-order, damped H) cannot explain."""
+    from hf_comq.solver.comq import _Problem
+    from hf_comq.solver.start import plan_error_feedback
+
+    weight, _, hessian = medium_layer
+    h = hessian.double()
+    problem = _Problem.build(weight.double(), h, minmax_grid(weight.double(), 4, weight.shape[1]), "sequential")
+    damp = 0.01
+    energy = problem.conditional_energy(plan_error_feedback(problem.hessian, damp))
+
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    damped = h[perm][:, perm] + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    n = h.shape[0]
+    expected = torch.empty(n, dtype=h.dtype)
+    for k in range(n):
+        later = damped[k, k + 1 :]
+        schur = damped[k, k] - (later @ torch.linalg.solve(damped[k + 1 :, k + 1 :], later) if k + 1 < n else 0.0)
+        expected[perm[k]] = schur
+    torch.testing.assert_close(energy, expected, rtol=1e-8, atol=0.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(("group_size", "start_grids"), [(None, 1), (None, 3), (None, 4), (32, 3)])
+def test_conditional_clip_search_start_matches_reference(bits, group_size, start_grids, medium_layer):
+    """The default start: the clipping searched with the conditional energies (then
+    the diag(H)-searched one, the first 5 % tighter and looser, up to ``start_grids``),
+    each started by unblocked error feedback, every row keeping the lowest objective
+    (checked against the slow reference)."""
+    from hf_comq.solver.comq import MIN_SHRINK, SHRINK_CANDIDATES
+    from hf_comq.solver.grid import search_shrink
+
+    weight, _, hessian = medium_layer
+    h, w = hessian.double(), weight.double()
+    damp = default_damp(bits)
+    cols = group_size or w.shape[1]
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    damped = h[perm][:, perm] + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    upper = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    conditional = torch.empty_like(torch.diagonal(h))
+    conditional[perm] = torch.diagonal(upper).square().reciprocal()
+
+    def searched(col_weight):
+        return search_shrink(w, col_weight, bits, cols, False, SHRINK_CANDIDATES, MIN_SHRINK)
+
+    factors = [searched(conditional), searched(torch.diagonal(h)), searched(conditional) * 0.95,
+               (searched(conditional) * 1.05).clamp(max=1.0)][:start_grids]
+    best_rows = None
+    for factor in factors:
+        grid = minmax_grid(w, bits, cols, shrink=factor)
+        scale, zero = grid.per_column()
+        codes = error_feedback_reference(w, h, scale, zero, grid.max_code, damp)
+        error = w - (codes - zero) * scale
+        rows = ((error @ h) * error).sum(1)
+        best_rows = rows if best_rows is None else torch.minimum(best_rows, rows)
+
+    start = comq_quantize(
+        weight, hessian, bits=bits, group_size=group_size, iterations=0, scale_refit=False,
+        compute_dtype=torch.float64, start_grids=start_grids,
+    )
+    assert start.stats["objective"][0] == pytest.approx(float(best_rows.sum()), rel=1e-9)
+
+
+def test_clip_weights_and_start_grids_are_validated(medium_layer):
+    weight, _, hessian = medium_layer
+    with pytest.raises(ValueError, match="clip_weights must be one of"):
+        comq_quantize(weight, hessian, clip_weights="hessian")
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="start_grids must be an integer from 1 to 4"):
+            comq_quantize(weight, hessian, start_grids=bad)
+
+
+@pytest.mark.parametrize("start_grids", [2, 3, 4])
+def test_more_start_grids_never_start_higher(start_grids, medium_layer):
+    """Each grid added to the stacked start is one more option per row."""
+    weight, _, hessian = medium_layer
+    start = dict(bits=3, iterations=0, scale_refit=False, compute_dtype=torch.float64)
+    fewer = comq_quantize(weight, hessian, start_grids=start_grids - 1, **start)
+    more = comq_quantize(weight, hessian, start_grids=start_grids, **start)
+    assert more.stats["objective"][0] <= fewer.stats["objective"][0] * (1 + 1e-12)

@@ -47,3 +47,16 @@ def test_shrink_search_prefers_clipping_a_lone_outlier():
     assert (shrink < 1.0).all()
     uniform = search_shrink(torch.linspace(-1, 1, 64).repeat(2, 1), torch.ones(64), 4, 64, False, 20, 0.5)
     assert (uniform >= 0.9).all()
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_stacked_search_equals_one_search_per_weighting(group_size):
+    """Several column weightings searched together give each one's own result."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 128, generator=gen)
+    weightings = torch.rand(3, 128, generator=gen) + 0.1
+    stacked = search_shrink(weight, weightings, bits=3, group_size=group_size, symmetric=False, candidates=12, min_shrink=0.3)
+    assert stacked.shape == (3, 24, 128 // group_size)
+    for k in range(3):
+        single = search_shrink(weight, weightings[k], bits=3, group_size=group_size, symmetric=False, candidates=12, min_shrink=0.3)
+        torch.testing.assert_close(stacked[k], single)
