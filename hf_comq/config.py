@@ -33,7 +33,7 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import CONV1D, LINEAR, PROVENANCE_KEY, PackedScheme, quantization_config_dict, read_packed_scheme
-from .solver import ORDERS, SOLVER_DEFAULTS, START_POINTS
+from .solver import CLIP_WEIGHTS, MAX_START_GRIDS, ORDERS, SOLVER_DEFAULTS, START_POINTS
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,12 @@ class COMQConfig(QuantizationConfigMixin):
     scale_search: bool = _setting(SOLVER_DEFAULTS["scale_search"], SOLVER, "searched clipping of each row's range")
     shrink: float = _setting(SOLVER_DEFAULTS["shrink"], SOLVER, "fixed factor on the initial range")
     damp: float | None = _setting(SOLVER_DEFAULTS["damp"], SOLVER, "relative damping of the error-feedback start")
+    clip_weights: str = _setting(
+        SOLVER_DEFAULTS["clip_weights"], SOLVER, f"how the clipping search weighs inputs, one of {list(CLIP_WEIGHTS)}"
+    )
+    start_grids: int = _setting(
+        SOLVER_DEFAULTS["start_grids"], SOLVER, f"clipping grids the start tries side by side, 1 to {MAX_START_GRIDS}"
+    )
     dataset: Any = _setting(None, CALIBRATION, "calibration data: a datasets object, a name or path, or samples")
     processor: Any = _setting(None, CALIBRATION, "image processor / tokenizer (object or path); None = the model's")
     dataset_split: str = _setting("train", CALIBRATION, "split of a named dataset")
@@ -133,6 +139,8 @@ class COMQConfig(QuantizationConfigMixin):
         _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)
         if self.damp is not None:
             _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
+        _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
+        _check_int("start_grids", self.start_grids, 1, MAX_START_GRIDS, "use 3 (the default), or 1 for a faster start")
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
             raise ValueError("processor: got an empty string; pass a processor object, a path, or None")

@@ -63,6 +63,8 @@ _SETTINGS: tuple[tuple[str, str], ...] = (
     ("scale_search", "Scale search"),
     ("shrink", "Range shrink factor"),
     ("damp", "Damping of the error-feedback start"),
+    ("clip_weights", "Clipping search weights"),
+    ("start_grids", "Start grids tried per row"),
     ("sequential", "Block-sequential calibration"),
 )
 _DATASET_KEYS: tuple[tuple[str, str], ...] = (

@@ -1,6 +1,8 @@
 """The COMQ algorithm core: pure torch, no transformers import."""
 
 from .comq import (
+    CLIP_WEIGHTS,
+    MAX_START_GRIDS,
     ORDERS,
     REFERENCE_CODE,
     ROUND_TO_NEAREST,
@@ -15,6 +17,8 @@ from .hessian import HessianAccumulator
 from .start import START_POINTS
 
 __all__ = [
+    "CLIP_WEIGHTS",
+    "MAX_START_GRIDS",
     "ORDERS",
     "REFERENCE_CODE",
     "ROUND_TO_NEAREST",

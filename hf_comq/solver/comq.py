@@ -20,6 +20,7 @@ from .start import START_POINTS, ErrorFeedbackPlan, error_feedback_start, plan_e
 
 ORDERS = ("greedy", "sequential", "act_order")
 CLIP_WEIGHTS = ("conditional", "diagonal")
+MAX_START_GRIDS = 4
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
@@ -148,8 +149,8 @@ def comq_quantize(
     _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)
     if clip_weights not in CLIP_WEIGHTS:
         raise ValueError(f"clip_weights must be one of {CLIP_WEIGHTS}, got {clip_weights!r}")
-    if not isinstance(start_grids, int) or isinstance(start_grids, bool) or not 1 <= start_grids <= 4:
-        raise ValueError(f"start_grids must be an integer from 1 to 4, got {start_grids!r}")
+    if not isinstance(start_grids, int) or isinstance(start_grids, bool) or not 1 <= start_grids <= MAX_START_GRIDS:
+        raise ValueError(f"start_grids must be an integer from 1 to {MAX_START_GRIDS}, got {start_grids!r}")
     in_features = weight.shape[1]
     cols_per_group = resolve_group_size(in_features, group_size)
     w = weight.detach().to(compute_dtype)
