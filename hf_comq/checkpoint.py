@@ -86,6 +86,13 @@ def quantization_config_dict(scheme: PackedScheme) -> dict[str, Any]:
     """``config.json["quantization_config"]`` for a COMQ result, in compressed-tensors' schema."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from packaging.version import Version
+
+    if Version(compressed_tensors.__version__).release < Version(MIN_COMPRESSED_TENSORS).release:
+        raise RuntimeError(
+            f"compressed-tensors {compressed_tensors.__version__} is installed, but COMQ checkpoints use the layout of "
+            f'{MIN_COMPRESSED_TENSORS} and later; pip install "compressed-tensors>={MIN_COMPRESSED_TENSORS}"'
+        )
 
     arguments: dict[str, Any] = {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric}
     if scheme.layer_type == CONV1D:

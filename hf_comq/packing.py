@@ -15,9 +15,10 @@ is that library's (dense cross-word packing, compressed-tensors >= 0.18):
   offset added back, so the bits on disk are exactly the unsigned codes
   ``0 .. 2**bits - 1`` that COMQ's grid uses.
 
-Writing goes through compressed-tensors' own packer (the format's reference); reading
-is implemented here because the packed module unpacks on its exact (fallback) forward,
-and a test checks both directions against the library.
+Both directions are implemented here, in plain torch: the packed module unpacks on its
+exact (fallback) forward, and packing must not depend on which compressed-tensors release
+is installed (releases before 0.18 packed 3/5/6/7-bit codes differently, with no version
+marker).  ``tests/test_packing.py`` checks both directions against the library's own packer.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     Raises ``ValueError`` for codes outside the range rather than silently masking
     them: a wrong code would only show up later as a subtly wrong model.
     """
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
     check_packable_bits(bits)
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
@@ -58,8 +57,24 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
             f"codes must lie in [0, {(1 << bits) - 1}] for bits={bits}; "
             f"got values in [{int(codes.min())}, {int(codes.max())}]"
         )
-    signed = (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
-    return pack_to_int32(signed, bits, packed_dim=dim % 2).contiguous()
+    rows = codes if dim % 2 == 1 else codes.t()
+    count, n = rows.shape
+    chunks = math.ceil(n / CHUNK)
+    values = torch.zeros(count, chunks * CHUNK, dtype=torch.int64, device=codes.device)
+    values[:, :n] = rows.to(torch.int64)
+    values = values.view(count, chunks, CHUNK)
+    start = torch.arange(CHUNK, device=codes.device) * bits
+    word, shift = start // 32, start % 32
+    # Bits of different codes never overlap, so adding is the same as OR-ing them in.
+    words = torch.zeros(count, chunks, bits, dtype=torch.int64, device=codes.device)
+    words.index_add_(-1, word, (values << shift) & 0xFFFFFFFF)
+    spill = shift + bits - 32
+    straddle = spill > 0  # the code's high bits continue in the next word
+    if bool(straddle.any()):
+        words.index_add_(-1, word[straddle] + 1, values[..., straddle] >> (bits - spill[straddle]))
+    words = words.view(count, chunks * bits)[:, : packed_width(n, bits)]
+    packed = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # two's complement
+    return packed if dim % 2 == 1 else packed.t().contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
