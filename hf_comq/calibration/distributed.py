@@ -1,0 +1,136 @@
+"""Data-parallel calibration over ``torch.distributed``: what every rank must agree on and exchange.
+
+COMQ needs each layer's Gram matrix ``H = X^T X``, a plain sum over calibration
+samples.  Under an initialised process group (``torchrun --nproc-per-node N``, gloo on
+CPU, NCCL on GPU) every rank therefore runs the model on its own share of the
+calibration *batches* (rank ``r`` takes batches ``r, r + N, ...``, so each batch, its
+padding included, is exactly the batch a single process would run), the per-rank sums
+are all-reduced, and each layer is solved once, by one rank, whose result every rank
+installs.  Without a process group everything here is a no-op and calibration runs as
+a single process.
+
+Sums are accumulated in float64 (:class:`hf_comq.HessianAccumulator`); an all-reduce only
+changes the order in which the batches' float64 contributions are added, which the
+solver's float32 copy of ``H`` rounds away, so in practice the codes are those of a
+single process on the same samples (the tests compare them).
+
+A rank that fails, or settings that differ between ranks, must not leave the others
+waiting or a checkpoint half-written: collectives raise :class:`CalibrationGroupError`,
+one line naming the cause, on every rank that notices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence, TypeVar
+
+import torch
+
+from ..solver import HessianAccumulator, QuantizedWeight
+
+Item = TypeVar("Item")
+
+
+class CalibrationGroupError(RuntimeError):
+    """The ranks of a data-parallel calibration cannot go on together."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the calibration: rank ``rank`` of ``size`` (``size == 1``: no process group)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: Sequence[Item]) -> list[Item]:
+        """This rank's share of ``items``: every ``size``-th one, starting at ``rank``."""
+        return list(items[self.rank :: self.size])
+
+    def owner(self, index: int) -> int:
+        """The rank that solves the ``index``-th layer of a step (round robin)."""
+        return index % self.size
+
+
+def current_group() -> Group:
+    """The group of an initialised ``torch.distributed`` default process group, else a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return Group()
+    return Group(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+def agree_on(group: Group, settings: str, what: str = "calibration settings") -> None:
+    """Fail on every rank unless all ranks pass the same ``settings`` (a canonical string)."""
+    if not group.is_parallel:
+        return
+    digest = hashlib.sha256(settings.encode("utf-8")).hexdigest()
+    digests: list[Any] = [None] * group.size
+    _collective(group, "compare the ranks' settings", torch.distributed.all_gather_object, digests, digest)
+    differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
+    if differing:
+        raise CalibrationGroupError(
+            f"rank {group.rank}: the ranks were started with different {what} (ranks {differing} differ from rank 0); "
+            "start every rank with the same model, COMQConfig and calibration data"
+        )
+
+
+def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator]) -> None:
+    """Sum every rank's Gram matrices and token counts in place, so each rank holds the totals."""
+    if not group.is_parallel:
+        return
+    for accumulator in accumulators:
+        tokens = torch.tensor([accumulator.num_tokens], dtype=torch.float64, device=accumulator.hessian.device)
+        _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, accumulator.hessian)
+        _collective(group, "sum the token counts", torch.distributed.all_reduce, tokens)
+        accumulator.num_tokens = int(tokens.item())
+
+
+def share_solution(group: Group, qweight: QuantizedWeight | None, owner: int, template: QuantizedWeight) -> QuantizedWeight:
+    """Every rank's copy of the layer solved by ``owner`` (who passes ``qweight``; the others pass ``None``).
+
+    ``template`` fixes shapes, dtypes and the grid description on the receiving ranks
+    (a :class:`QuantizedWeight` of the right shapes, e.g. from :func:`empty_solution`).
+    """
+    if not group.is_parallel:
+        return qweight
+    mine = qweight if group.rank == owner else template
+    tensors = [mine.codes.contiguous(), mine.scale.contiguous(), mine.zero_point.contiguous()]
+    for tensor in tensors:
+        _collective(group, "share a solved layer", torch.distributed.broadcast, tensor, src=owner)
+    stats = [mine.stats if group.rank == owner else None]
+    _collective(group, "share a solved layer's statistics", torch.distributed.broadcast_object_list, stats, src=owner)
+    return QuantizedWeight(
+        codes=tensors[0], scale=tensors[1], zero_point=tensors[2], bits=template.bits,
+        group_size=template.group_size, dtype=template.dtype, stats=stats[0],
+    )  # fmt: skip
+
+
+def empty_solution(out_features: int, in_features: int, bits: int, group_size: int | None, dtype: torch.dtype) -> QuantizedWeight:
+    """A receiving buffer for :func:`share_solution`."""
+    groups = 1 if group_size is None else in_features // group_size
+    return QuantizedWeight(
+        codes=torch.empty(out_features, in_features, dtype=torch.uint8),
+        scale=torch.empty(out_features, groups, dtype=torch.float32),
+        zero_point=torch.empty(out_features, groups, dtype=torch.float32),
+        bits=bits, group_size=group_size, dtype=dtype,
+    )  # fmt: skip
+
+
+def _collective(group: Group, purpose: str, operation: Any, *args: Any, **kwargs: Any) -> None:
+    """Run one collective; a peer that died or a broken connection becomes one line on this rank."""
+    try:
+        operation(*args, **kwargs)
+    except Exception as error:  # gloo/NCCL raise RuntimeError subclasses with multi-line reports
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise CalibrationGroupError(
+            f"rank {group.rank}: could not {purpose} with the other ranks, one of them failed or left ({reason}); "
+            "nothing was saved"
+        ) from error
