@@ -121,6 +121,31 @@ def test_save_and_packed_reload_give_identical_outputs(arch, dtype, fp_checkpoin
     assert torch.equal(before, after)
 
 
+def test_a_grayscale_vit_quantizes_saves_reloads_and_evaluates(tmp_path):
+    """num_channels=1 (Fashion-MNIST, X-ray...): before, calibration turned every image into RGB and failed."""
+    import datasets
+
+    from hf_comq.evaluation import top1_accuracy
+    from tests.tiny import gray_images, image_processor, tiny_vit
+
+    folder = tmp_path / "gray-vit"
+    tiny_vit(num_channels=1, num_labels=3).save_pretrained(folder)
+    image_processor(channels=1).save_pretrained(folder)
+    config = COMQConfig(bits=4, dataset=gray_images(8), num_samples=8)
+    model = T.ViTForImageClassification.from_pretrained(folder, quantization_config=config).eval()
+    assert sum(isinstance(module, COMQLinear) for module in model.modules()) == 12
+    model.save_pretrained(tmp_path / "q")
+    image_processor(channels=1).save_pretrained(tmp_path / "q")
+    pixels = image_processor(channels=1)(images=gray_images(2, seed=4), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+        for reloaded in (load_quantized(tmp_path / "q"), T.ViTForImageClassification.from_pretrained(tmp_path / "q")):
+            assert torch.equal(reloaded(pixel_values=pixels).logits, expected)
+    test = datasets.Dataset.from_dict({"image": gray_images(6, seed=5), "label": [0, 1, 2, 0, 1, 2]})
+    accuracy = top1_accuracy(load_quantized(tmp_path / "q"), test)  # processor read from the checkpoint
+    assert accuracy == top1_accuracy(model, test, image_processor(channels=1))
+
+
 def test_gpt2_conv1d_layers_reload_packed_and_the_head_stays_float(fp_checkpoints, tmp_path):
     quantize_tiny(fp_checkpoints["gpt2"], T.GPT2LMHeadModel).save_pretrained(tmp_path)
     reloaded = load_quantized(tmp_path)
