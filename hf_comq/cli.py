@@ -341,9 +341,9 @@ class ModelSpec:
         return getattr(transformers, self.task.auto_class)
 
 
-def inspect_model(name: str) -> ModelSpec:
-    """Read ``name``'s config.json and decide how to load it; one clear error when we cannot."""
-    location, config = _read_model_config(name)
+def inspect_model(name: str, read: tuple[str, dict[str, Any]] | None = None) -> ModelSpec:
+    """Read ``name``'s config.json (unless ``read`` holds it) and decide how to load it; one clear error when we cannot."""
+    location, config = read if read is not None else read_model_config(name)
     architectures = [str(arch) for arch in config.get("architectures") or []]
     model_type = config.get("model_type")
     described = f"model type {model_type!r} ({', '.join(architectures) or 'no architectures in config.json'})"
@@ -362,7 +362,8 @@ def inspect_model(name: str) -> ModelSpec:
     return ModelSpec(location, architecture, task, inputs, config)
 
 
-def _read_model_config(name: str) -> tuple[str, dict[str, Any]]:
+def read_model_config(name: str) -> tuple[str, dict[str, Any]]:
+    """``(location, config.json)`` of a local folder or Hub id, without importing torch or transformers."""
     path = Path(name).expanduser()
     if path.exists():
         config_file = path / "config.json"
@@ -496,11 +497,29 @@ def resolve_dataset(name: str) -> str:
         return name
     path = Path(name).expanduser()
     if path.exists():
+        _check_not_empty(path, name)
         return str(path)
     if path.is_absolute() or name.startswith(".") or path.suffix.lower() in _DATA_SUFFIXES or name.count("/") > 1:
         raise CLIError(f"dataset path {name} does not exist")
     check_hub_available(name, "dataset")
     return name
+
+
+def _check_not_empty(path: Path, name: str) -> None:
+    """Empty data files, found from their size or parquet footer before anything heavy is imported."""
+    if not path.is_file():
+        return
+    if path.stat().st_size == 0:
+        raise CLIError(f"dataset file {name!r} is empty (0 bytes); pass a file with data")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as parquet
+
+        try:
+            rows = parquet.read_metadata(path).num_rows
+        except Exception as error:  # pyarrow raises its own types for files that are not parquet
+            raise CLIError(f"dataset file {name!r} is not a readable parquet file: {error}") from None
+        if rows == 0:
+            raise CLIError(f"dataset file {name!r} has no rows; pass data with at least one sample")
 
 
 def open_dataset(name: str, split: str) -> Any:
@@ -544,10 +563,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     check_output(output, args.overwrite, source=args.model)
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)
-    spec = inspect_model(args.model)
-    if spec.config.get("quantization_config"):
+    read = read_model_config(args.model)
+    if read[1].get("quantization_config"):
         raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
     dataset = resolve_dataset(args.dataset)
+    spec = inspect_model(args.model, read)
 
     from .config import COMQConfig
     from .evaluation import pick_column
@@ -799,10 +819,18 @@ def _push(output: Path, repo_id: str, private: bool) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``hf-comq evaluate``: pick the metric from the model type, check the data, then load and measure."""
+    read = read_model_config(args.model)
+    read_reference = read_model_config(args.reference) if args.reference else None
+    if read_reference is not None:
+        check_same_model_type(args.model, read[1], args.reference, read_reference[1])
+    if args.batch_size is not None:
+        _check_positive("--batch-size", args.batch_size)
+    resolve_dataset(args.dataset)
+
     from .evaluation import pick_column
 
-    spec = inspect_model(args.model)
-    reference = inspect_model(args.reference) if args.reference else None
+    spec = inspect_model(args.model, read)
+    reference = inspect_model(args.reference, read_reference) if read_reference is not None else None
     metric = _metric_for(spec)
     if reference is not None:
         check_same_kind(spec, reference)
@@ -811,8 +839,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"{spec.display_name} is a text encoder: its embedding cosine needs --reference FP_MODEL "
             "(the full-precision model to compare with)"
         )
-    if args.batch_size is not None:
-        _check_positive("--batch-size", args.batch_size)
     dataset = _limited(open_dataset(args.dataset, args.split), args.limit)
     if metric == "top-1":
         column = pick_column(dataset, args.column, "image")
@@ -832,6 +858,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_labels", "num_channels", "image_size")
+
+
+def check_same_model_type(name: str, config: dict[str, Any], reference: str, reference_config: dict[str, Any]) -> None:
+    """A quick first check of ``--reference`` from the two config.json files alone (no torch needed)."""
+    mine, theirs = config.get("model_type"), reference_config.get("model_type")
+    if mine and theirs and mine != theirs:
+        raise CLIError(
+            f"--reference {reference} is a {theirs!r} model and {name} a {mine!r} model; "
+            "pass the full-precision original of the evaluated model"
+        )
 
 
 def check_same_kind(spec: ModelSpec, reference: ModelSpec) -> None:

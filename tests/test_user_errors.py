@@ -300,7 +300,7 @@ def test_empty_data_is_one_line(capsys, tmp_path, vit_dir, calibration_steps) ->
     (tmp_path / "bytes.parquet").write_bytes(b"")
     for command in (["quantize", "--output", tmp_path / "out"], ["evaluate"]):
         line = cli_error(capsys, command[0], vit_dir, "--dataset", tmp_path / "rows.parquet", *command[1:])
-        assert "rows.parquet has no rows in split" in line
+        assert "rows.parquet' has no rows; pass data with at least one sample" in line
         line = cli_error(capsys, command[0], vit_dir, "--dataset", tmp_path / "bytes.parquet", *command[1:])
         assert "bytes.parquet' is empty (0 bytes)" in line
     assert calibration_steps == []
@@ -308,11 +308,12 @@ def test_empty_data_is_one_line(capsys, tmp_path, vit_dir, calibration_steps) ->
 
 def test_evaluate_mistakes(capsys, tmp_path, vit_dir, bert_dir, quantized_dir, image_data, no_model_loading) -> None:
     line = cli_error(capsys, "evaluate", quantized_dir, "--dataset", image_data, "--reference", bert_dir)
-    assert "--reference tiny-bert (BertModel) is not the same kind of model as tiny-vit-w4" in line
+    assert f"--reference {bert_dir} is a 'bert' model and {quantized_dir} a 'vit' model" in line
     assert "pass the full-precision original" in line
     other = tmp_path / "other-vit"
     tiny_vit(num_labels=5).save_pretrained(other)
     line = cli_error(capsys, "evaluate", quantized_dir, "--dataset", image_data, "--reference", other)
+    assert "--reference other-vit (ViTForImageClassification) is not the same kind of model as tiny-vit-w4" in line
     assert "num_labels 5 vs 3" in line
     line = cli_error(capsys, "evaluate", bert_dir, "--dataset", image_data)
     assert "needs --reference FP_MODEL" in line
