@@ -68,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        with _torch_threads(args.threads):
-            return args.handler(args)
+        if args.threads is not None:
+            _check_positive("--threads", args.threads)
+        return args.handler(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -81,18 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Use ``count`` torch threads for one command, then restore (``main`` may run in-process)."""
-    if count is None:
-        yield
-        return
-    _check_positive("--threads", count)
+def torch_threads(count: int | None) -> Iterator[None]:
+    """The heavy part of a command: ``count`` torch threads allowed (default: torch's), restored after.
+
+    Entered after the cheap checks (importing torch takes seconds).  The work runs
+    inside :func:`hf_comq.threads.single_thread`: loading, saving and small layers on
+    one thread, large GEMMs on the allowed count (see :mod:`hf_comq.threads`);
+    ``main`` may run in-process, hence the restore.
+    """
     import torch
 
+    from .threads import single_thread
+
     previous = torch.get_num_threads()
-    torch.set_num_threads(count)
+    if count is not None:
+        torch.set_num_threads(count)
     try:
-        yield
+        with single_thread():
+            yield
     finally:
         torch.set_num_threads(previous)
 
@@ -567,6 +574,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     if read[1].get("quantization_config"):
         raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
     dataset = resolve_dataset(args.dataset)
+    with torch_threads(args.threads):
+        return _quantize(args, output, read, dataset)
+
+
+def _quantize(args: argparse.Namespace, output: Path, read: tuple[str, dict[str, Any]], dataset: str) -> int:
     spec = inspect_model(args.model, read)
 
     from .config import COMQConfig
@@ -826,7 +838,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         _check_positive("--batch-size", args.batch_size)
     resolve_dataset(args.dataset)
+    with torch_threads(args.threads):
+        return _evaluate(args, read, read_reference)
 
+
+def _evaluate(
+    args: argparse.Namespace, read: tuple[str, dict[str, Any]], read_reference: tuple[str, dict[str, Any]] | None
+) -> int:
     from .evaluation import pick_column
 
     spec = inspect_model(args.model, read)
@@ -980,15 +998,18 @@ def demo_folder(output: Path, bits: int, group_size: int | None) -> Path:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``hf-comq demo``: FP vs COMQ vs RTN on the shipped ViT and Fashion-MNIST subset."""
-    for option in ("--num-samples", "--eval-limit"):
-        value = getattr(args, option[2:].replace("-", "_"))
-        if value is not None:
-            _check_positive(option, value)
+    _check_positive("--num-samples", args.num_samples)
+    if args.eval_limit is not None:
+        _check_positive("--eval-limit", args.eval_limit)
     output = Path(args.output).expanduser()
     folders = {bits: demo_folder(output, bits, args.group_size) for bits in dict.fromkeys(args.bits)}
     for folder in folders.values():
         check_output(folder, args.overwrite)
+    with torch_threads(args.threads):
+        return _demo(args, folders)
 
+
+def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     import torch
     from transformers import AutoImageProcessor, ViTForImageClassification
 

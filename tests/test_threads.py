@@ -108,3 +108,27 @@ def test_calibration_and_evaluation_forwards_run_on_one_thread_for_small_models(
     quantize_model(model, COMQConfig(bits=4, dataset=images(4), processor=image_processor(), num_samples=4))
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == 2
+
+
+def test_cli_commands_run_economically_and_restore_the_thread_count(two_threads, tmp_path, monkeypatch) -> None:
+    """Loading and evaluating through hf-comq: small work on one thread, the user's count back afterwards."""
+    from hf_comq.cli import main
+
+    folder = tmp_path / "vit"
+    tiny_vit(num_labels=3).save_pretrained(folder)
+    image_processor().save_pretrained(folder)
+    data = tmp_path / "images.parquet"
+    datasets.Dataset.from_dict({"image": images(4), "label": [0, 1, 2, 0]}).to_parquet(data)
+    seen: list[int] = []
+    original = torch.nn.LayerNorm.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.LayerNorm, "forward", recording)
+    assert main(["evaluate", str(folder), "--dataset", str(data)]) == 0
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+    assert main(["evaluate", str(folder), "--dataset", str(data), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 2

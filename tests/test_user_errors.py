@@ -344,6 +344,22 @@ def test_demo_mistakes(capsys, tmp_path, calibration_steps) -> None:
     assert calibration_steps == []
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["evaluate", "MODEL", "--dataset", "DATA", "--limit", "0"], "--limit must be a positive integer, got 0"),
+        (["evaluate", "MODEL", "--dataset", "DATA", "--batch-size", "-1"], "--batch-size must be a positive integer"),
+        (["demo", "--eval-limit", "0"], "--eval-limit must be a positive integer"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--bits", "9"], r"bits: expected an integer in \[2, 8\]"),
+    ],
+)
+def test_cli_numbers_out_of_range(capsys, vit_dir, image_data, tmp_path, calibration_steps, argv, message) -> None:
+    names = {"MODEL": str(vit_dir), "DATA": str(image_data), "OUT": str(tmp_path / "out")}
+    assert re.search(message, cli_error(capsys, *[names.get(arg, arg) for arg in argv]))
+    assert calibration_steps == []
+
+
 def test_help_and_usage_errors_import_neither_torch_nor_transformers() -> None:
     """``hf-comq --help`` used to take 8-10 s: it imported transformers (and torch) before parsing."""
     script = textwrap.dedent(
