@@ -48,7 +48,7 @@ def caller_threads() -> int:
 
 
 def _threads_for_size(flops: float) -> int:
-    return caller_threads() if flops >= MIN_PARALLEL_FLOPS else 1
+    return caller_threads() if flops > 0 and flops >= MIN_PARALLEL_FLOPS else 1
 
 
 @contextmanager
@@ -94,6 +94,10 @@ def linear_layer_threads(*models: nn.Module) -> Iterator[None]:
             if wanted != torch.get_num_threads():
                 torch.set_num_threads(wanted)
 
+    def back_to_one(module: nn.Module, args: tuple, output: object) -> None:
+        if torch.get_num_threads() != 1:  # what callers do with the outputs (losses, argmax) is small work
+            torch.set_num_threads(1)
+
     with single_thread():
         handles = [
             module.register_forward_pre_hook(choose)
@@ -101,6 +105,7 @@ def linear_layer_threads(*models: nn.Module) -> Iterator[None]:
             for module in model.modules()
             if is_linear_like(module) or isinstance(module, COMQLinear)
         ]
+        handles += [model.register_forward_hook(back_to_one) for model in models]
         try:
             yield
         finally:

@@ -52,7 +52,7 @@ from transformers.utils import logging
 from ..modules import find_quantizable_linears
 from ..nn import get_linear_weight, linear_shape, replace_module
 from ..solver import SOLVER_DEFAULTS, HessianAccumulator, QuantizedWeight, comq_quantize
-from ..threads import linear_layer_threads
+from ..threads import linear_layer_threads, single_thread
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data
 
@@ -99,6 +99,7 @@ class _Placement:
     input_device: torch.device
 
 
+@single_thread()  # checks and bookkeeping on one thread; the forward passes and solver size their own
 def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_quantize) -> dict[str, Any]:
     """Quantize every quantizable Linear/Conv1D of ``model`` in place with COMQ.
 
