@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -48,6 +47,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from hf_comq.evaluation import mcnemar_exact_p  # noqa: E402
+
 FULL_TEST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
 METHODS = ("RTN", "GPTQ act-order", "COMQ (hf_comq default)")
@@ -116,16 +117,6 @@ def image_test_set(which: str):
 
     images, labels = load_split(FULL_TEST_DIR, "test")  # names the Debian package if missing
     return build(images, labels, range(len(labels)))
-
-
-def mcnemar_exact_p(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p-value: how likely a split at least this uneven of the
-    images that exactly one of two classifiers gets right is, if both were equally good."""
-    discordant = only_a + only_b
-    if discordant == 0:
-        return 1.0
-    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2**discordant
-    return min(1.0, 2 * tail)
 
 
 def run_one(

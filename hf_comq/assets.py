@@ -20,6 +20,7 @@ DEMO_MODEL_DIR = ASSETS_DIR / "vit-fashion-mnist"
 DEMO_DATA_DIR = ASSETS_DIR / "fashion-mnist-subset"
 
 DEMO_SPLITS: tuple[str, ...] = ("calibration", "test")
+DEMO_PREFIX = "demo:"
 
 # Fashion-MNIST label names, indexed by the official label id.  Shared by the
 # training and subset scripts so the model's id2label and the dataset's
@@ -66,6 +67,22 @@ def demo_dataset_path(split: str) -> Path:
             "or run examples/make_fashion_mnist_subset.py"
         )
     return path
+
+
+def demo_dataset_file(name: str) -> Path | None:
+    """The shipped parquet file that ``name`` stands for when it is ``"demo:calibration"`` or ``"demo:test"``.
+
+    ``None`` for every other name.  Lets ``COMQConfig(dataset="demo:calibration")``,
+    ``hf-comq quantize --dataset demo:calibration`` and ``hf-comq evaluate --dataset
+    demo:test`` name the shipped data the same way.
+    """
+    if not name.startswith(DEMO_PREFIX):
+        return None
+    split = name[len(DEMO_PREFIX) :]
+    if split not in DEMO_SPLITS:
+        choices = ", ".join(DEMO_PREFIX + known for known in DEMO_SPLITS)
+        raise ValueError(f"unknown demo dataset {name!r}; use one of {choices}")
+    return demo_dataset_path(split)
 
 
 def demo_dataset(split: str) -> "datasets.Dataset":

@@ -10,19 +10,24 @@ model they have, without writing a script.  Three sub-commands cover that:
   classifiers, perplexity for causal LMs, embedding cosine to a reference model
   for text encoders.
 * ``demo``: the download-free first run on the shipped Fashion-MNIST ViT,
-  comparing FP, COMQ and round-to-nearest at 4 and 3 bits.
+  comparing FP, COMQ and round-to-nearest at 4, 3 and 2 bits: top-1 and fidelity
+  to the full-precision model.
 
 Errors a user can fix (a missing path, an unknown column, an unsupported model)
 end the program with exit code 1 and one line on stderr; ``--debug`` shows the
-traceback instead.
+traceback instead.  Everything that can be checked without the model (output
+folder, Hub repository id, data paths, Hub availability) is checked first, and
+nothing heavy is imported before the arguments are parsed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -36,8 +41,6 @@ from typing import Any, Iterator
 PROG = "hf-comq"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEMO_OUTPUT = Path("comq-demo")
-DEMO_PREFIX = "demo:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv", ".arrow", ".txt")
 
 
@@ -65,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        with _torch_threads(args.threads):
-            return args.handler(args)
+        if args.threads is not None:
+            _check_positive("--threads", args.threads)
+        return args.handler(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -78,18 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Use ``count`` torch threads for one command, then restore (``main`` may run in-process)."""
-    if count is None:
-        yield
-        return
-    _check_positive("--threads", count)
+def torch_threads(count: int | None) -> Iterator[None]:
+    """The heavy part of a command: ``count`` torch threads allowed (default: torch's), restored after.
+
+    Entered after the cheap checks (importing torch takes seconds).  The work runs
+    inside :func:`hf_comq.threads.single_thread`: loading, saving and small layers on
+    one thread, large GEMMs on the allowed count (see :mod:`hf_comq.threads`);
+    ``main`` may run in-process, hence the restore.
+    """
     import torch
 
+    from .threads import single_thread
+
     previous = torch.get_num_threads()
-    torch.set_num_threads(count)
+    if count is not None:
+        torch.set_num_threads(count)
     try:
-        yield
+        with single_thread():
+            yield
     finally:
         torch.set_num_threads(previous)
 
@@ -128,18 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(
-    commands: Any, name: str, summary: str, description: str, threads: int | None = None
-) -> argparse.ArgumentParser:
+def _command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
     command = commands.add_parser(
         name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     command.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
     command.add_argument(
-        "--threads", type=int, default=threads, metavar="N",
+        "--threads", type=int, default=None, metavar="N",
         help=(
-            f"CPU threads for torch (default: {threads or 'torch default'}); small models run fastest on one, "
-            "and several are many times slower on a busy machine"
+            "most CPU threads torch may use (default: torch's default, one per core); hf-comq runs small work on "
+            "one thread whatever this says, because a thread pool makes it many times slower on a busy machine, "
+            "and gives large layers these threads"
         ),
     )  # fmt: skip
     return command
@@ -180,7 +189,13 @@ def _add_quantize(commands: Any) -> None:
     )
     output = command.add_argument_group("output")
     output.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the checkpoint to")
-    output.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
+    output.add_argument(
+        "--overwrite", action="store_true",
+        help=(
+            "replace --output when it holds a checkpoint an earlier hf-comq run wrote (the whole folder is "
+            "replaced); a folder holding anything else is refused, never emptied"
+        ),
+    )  # fmt: skip
     output.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the checkpoint to this Hub repository")
     output.add_argument("--private", action="store_true", help="create the Hub repository as private")
     output.add_argument(
@@ -229,16 +244,23 @@ def _add_demo(commands: Any) -> None:
         "quantize the shipped Fashion-MNIST ViT and compare FP, COMQ and RTN",
         "The first run, with no download: quantize the small ViT shipped with hf_comq (trained on\n"
         "Fashion-MNIST) with COMQ and with round-to-nearest (RTN) at each --bits, on the shipped calibration\n"
-        "images, and print top-1 accuracy on the shipped test images, quantization time and checkpoint size\n"
-        "next to the full-precision model.  The COMQ checkpoints are saved under --output.",
-        threads=1,
+        "images, and compare each with the full-precision model on the shipped test images: top-1 accuracy,\n"
+        "and how faithfully it reproduces the full-precision model (top-1 agreement and KL divergence of the\n"
+        "class probabilities), which shows the quantization error before it costs accuracy.  A top-1\n"
+        "difference between COMQ and RTN that chance explains (McNemar's exact test on the images only one\n"
+        "of them gets right) is reported as such, not as a ranking.  The COMQ checkpoints are saved under\n"
+        "--output.",
     )
     command.add_argument(
         "--output", "-o", type=Path, default=DEMO_OUTPUT, metavar="DIR",
         help=f"where to save the COMQ checkpoints (default: ./{DEMO_OUTPUT})",
     )  # fmt: skip
     command.add_argument(
-        "--bits", type=int, nargs="+", default=[4, 3], metavar="B", help="bit widths to run (default: 4 3)"
+        "--overwrite", action="store_true",
+        help="replace checkpoints an earlier demo saved under --output (otherwise they are kept and the demo stops)",
+    )  # fmt: skip
+    command.add_argument(
+        "--bits", type=int, nargs="+", default=[4, 3, 2], metavar="B", help="bit widths to run (default: 4 3 2)"
     )
     command.add_argument("--group-size", type=int, default=None, metavar="N", help="input columns per scale")
     command.add_argument(
@@ -326,9 +348,9 @@ class ModelSpec:
         return getattr(transformers, self.task.auto_class)
 
 
-def inspect_model(name: str) -> ModelSpec:
-    """Read ``name``'s config.json and decide how to load it; one clear error when we cannot."""
-    location, config = _read_model_config(name)
+def inspect_model(name: str, read: tuple[str, dict[str, Any]] | None = None) -> ModelSpec:
+    """Read ``name``'s config.json (unless ``read`` holds it) and decide how to load it; one clear error when we cannot."""
+    location, config = read if read is not None else read_model_config(name)
     architectures = [str(arch) for arch in config.get("architectures") or []]
     model_type = config.get("model_type")
     described = f"model type {model_type!r} ({', '.join(architectures) or 'no architectures in config.json'})"
@@ -347,7 +369,8 @@ def inspect_model(name: str) -> ModelSpec:
     return ModelSpec(location, architecture, task, inputs, config)
 
 
-def _read_model_config(name: str) -> tuple[str, dict[str, Any]]:
+def read_model_config(name: str) -> tuple[str, dict[str, Any]]:
+    """``(location, config.json)`` of a local folder or Hub id, without importing torch or transformers."""
     path = Path(name).expanduser()
     if path.exists():
         config_file = path / "config.json"
@@ -357,8 +380,9 @@ def _read_model_config(name: str) -> tuple[str, dict[str, Any]]:
             return str(path), json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise CLIError(f"cannot read {config_file}: {error}") from None
-    if not _looks_like_hub_id(name):
+    if not _is_repo_id(name):
         raise CLIError(f"model path {name} does not exist")
+    check_hub_available(name, "model", cached_file="config.json")
     from transformers import PreTrainedConfig
 
     try:
@@ -368,8 +392,50 @@ def _read_model_config(name: str) -> tuple[str, dict[str, Any]]:
     return name, config
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and not name.startswith(".") and ".." not in name
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_hub_available(name: str, what: str, cached_file: str | None = None) -> None:
+    """Fail at once when ``name``, not a local path, would have to come from a Hub that is off or unreachable.
+
+    The Hub client would otherwise retry for half a minute before saying the same.
+    A model whose ``cached_file`` is in the local Hub cache passes: transformers can
+    load it from there.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    problem = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else _hub_unreachable(constants.ENDPOINT)
+    if problem is None:
+        return
+    if cached_file is not None and isinstance(try_to_load_from_cache(name, cached_file), str):
+        return
+    hint = "; a single word is taken as a Hub id: if it is meant as a local path, check it" if "/" not in name else ""
+    raise CLIError(f"{what} {name!r} is not a local path, and the Hugging Face Hub is unavailable ({problem}){hint}")
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the Hub at ``endpoint`` cannot be reached, or ``None`` (also when a proxy makes that undecidable here)."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(endpoint)
+    if not url.hostname or urllib.request.getproxies():
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=2.0).close()
+    except OSError as error:
+        return f"cannot connect to {url.hostname}: {error.strerror or error}"
+    return None
 
 
 def _match_task(architectures: list[str], model_type: str | None) -> tuple[Task | None, str]:
@@ -412,10 +478,17 @@ def load_model(spec: ModelSpec, **kwargs: Any) -> Any:
 
 
 def load_processor(location: str, inputs: str) -> Any:
-    """The image processor or tokenizer stored with a checkpoint (``ValueError`` if there is none)."""
-    from .calibration.data import _load_processor
+    """The image processor or tokenizer stored with a checkpoint; one clear line, naming the fix, if there is none."""
+    from .calibration.data import load_processor as load
 
-    return _load_processor(location, inputs)
+    try:
+        return load(location, inputs)
+    except ValueError:
+        kind, loader = ("image processor", "AutoImageProcessor") if inputs == "images" else ("tokenizer", "AutoTokenizer")
+        raise CLIError(
+            f"{location} has no {kind}; save the original model's one next to the weights: "
+            f"{loader}.from_pretrained(ORIGINAL).save_pretrained({str(location)!r})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------
@@ -424,28 +497,50 @@ def load_processor(location: str, inputs: str) -> Any:
 
 
 def resolve_dataset(name: str) -> str:
-    """Expand ``demo:SPLIT`` and reject local paths that do not exist (else they'd be tried as Hub names)."""
-    if name.startswith(DEMO_PREFIX):
-        from .assets import DEMO_SPLITS, demo_dataset_path
+    """Check a ``--dataset`` before any work: a ``demo:`` name, an existing local path, or a Hub name the Hub can serve."""
+    from .assets import demo_dataset_file
 
-        split = name[len(DEMO_PREFIX) :]
-        if split not in DEMO_SPLITS:
-            choices = ", ".join(DEMO_PREFIX + known for known in DEMO_SPLITS)
-            raise CLIError(f"unknown demo dataset {name!r}; use one of {choices}")
-        return str(demo_dataset_path(split))
+    if demo_dataset_file(name) is not None:
+        return name
     path = Path(name).expanduser()
     if path.exists():
+        _check_not_empty(path, name)
         return str(path)
     if path.is_absolute() or name.startswith(".") or path.suffix.lower() in _DATA_SUFFIXES or name.count("/") > 1:
         raise CLIError(f"dataset path {name} does not exist")
+    check_hub_available(name, "dataset")
     return name
 
 
+def _check_not_empty(path: Path, name: str) -> None:
+    """Empty data files, found from their size or parquet footer before anything heavy is imported."""
+    if not path.is_file():
+        return
+    if path.stat().st_size == 0:
+        raise CLIError(f"dataset file {name!r} is empty (0 bytes); pass a file with data")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as parquet
+
+        try:
+            rows = parquet.read_metadata(path).num_rows
+        except Exception as error:  # pyarrow raises its own types for files that are not parquet
+            raise CLIError(f"dataset file {name!r} is not a readable parquet file: {error}") from None
+        if rows == 0:
+            raise CLIError(f"dataset file {name!r} has no rows; pass data with at least one sample")
+
+
 def open_dataset(name: str, split: str) -> Any:
-    """Load ``--dataset`` / ``--split`` (streamed where possible), with one-line errors."""
+    """Load ``--dataset`` / ``--split`` (streamed where possible), with one-line errors; empty data is one of them."""
     from .evaluation import load_eval_dataset
 
-    return load_eval_dataset(resolve_dataset(name), split)
+    dataset = load_eval_dataset(resolve_dataset(name), split)
+    try:
+        empty = len(dataset) == 0
+    except TypeError:  # streamed: look at one row
+        empty = next(iter(dataset.take(1)), None) is None
+    if empty:
+        raise CLIError(f"--dataset {name} has no rows in split {split!r}; pass data with at least one sample")
+    return dataset
 
 
 def _limited(dataset: Any, limit: int | None) -> Any:
@@ -470,17 +565,24 @@ def _texts(dataset: Any, column: str) -> list[str]:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    """``hf-comq quantize``: checks first (cheap), then load + calibrate, save atomically, push."""
+    """``hf-comq quantize``: every check that needs no model first, then load + calibrate, save atomically, push."""
+    output = Path(args.output).expanduser()
+    check_output(output, args.overwrite, source=args.model)
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
+    read = read_model_config(args.model)
+    if read[1].get("quantization_config"):
+        raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
+    dataset = resolve_dataset(args.dataset)
+    with torch_threads(args.threads):
+        return _quantize(args, output, read, dataset)
+
+
+def _quantize(args: argparse.Namespace, output: Path, read: tuple[str, dict[str, Any]], dataset: str) -> int:
+    spec = inspect_model(args.model, read)
+
     from .config import COMQConfig
     from .evaluation import pick_column
-
-    spec = inspect_model(args.model)
-    if spec.config.get("quantization_config"):
-        raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
-    output = Path(args.output).expanduser()
-    _check_output(output, args.overwrite)
-    dataset = resolve_dataset(args.dataset)
-    pick_column(open_dataset(dataset, args.split), args.column, "calibration")
     from .solver import ROUND_TO_NEAREST
 
     rtn = ROUND_TO_NEAREST if args.rtn else {}
@@ -496,6 +598,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         seed=args.seed,
         **rtn,
     )
+    pick_column(open_dataset(dataset, args.split), args.column, "calibration")
     method = "RTN" if args.rtn else "COMQ"
     print(f"Quantizing {spec.display_name} ({spec.architecture}, {spec.task.name}) with {method} at {args.bits} bits")
     load_kwargs = {"device_map": args.device_map} if args.device_map else {}
@@ -515,52 +618,142 @@ def run_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def check_output(output: Path, overwrite: bool, source: str | None = None) -> None:
+    """Everything about ``--output`` that can be checked before any work; one clear error otherwise.
+
+    ``source`` is the local folder being quantized, which the output must not replace.
+    """
+    for note in recover_interrupted_save(output):
+        print(f"note: {note}", file=sys.stderr)
+    resolved = output.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise CLIError(
+            f"--output {output} is the current folder or one above it, which cannot be replaced; "
+            "name a new folder, e.g. --output ./quantized"
+        )
+    if source is not None and Path(source).is_dir():
+        original = Path(source).resolve()
+        if resolved == original or resolved in original.parents:
+            raise CLIError(f"--output {output} would replace the model being quantized ({source}); choose another folder")
     if output.exists() and not output.is_dir():
         raise CLIError(f"--output {output} is a file; pass a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise CLIError(
-            f"output folder {output} already exists and is not empty; choose another --output or pass --overwrite"
-        )
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise CLIError(
+                f"output folder {output} already exists and is not empty; choose another --output or pass --overwrite"
+            )
+        if not is_comq_checkpoint_folder(output):
+            listed = ", ".join(sorted(entry.name for entry in output.iterdir())[:5])
+            raise CLIError(
+                f"--overwrite only replaces a checkpoint hf-comq wrote, and {output} holds other files ({listed}); "
+                "choose another --output, or empty the folder yourself"
+            )
+    _check_writable(output)
+
+
+def is_comq_checkpoint_folder(folder: Path) -> bool:
+    """True for a folder an hf_comq save wrote: its config.json records the COMQ settings."""
+    from .checkpoint import PROVENANCE_KEY, is_packed_checkpoint
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return is_packed_checkpoint(config) and isinstance(config["quantization_config"].get(PROVENANCE_KEY), dict)
+
+
+def _check_writable(output: Path) -> None:
+    """Create and remove a folder where the save will create its staging folder (parents may not exist yet)."""
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=parent))
+        probe.rmdir()
+    except OSError as error:
+        raise CLIError(f"cannot write the output folder {output}: {parent} is not writable ({error.strerror or error})")
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _sibling(output: Path, kind: str) -> Path:
+    """A hidden neighbour of ``output`` named so that :func:`recover_interrupted_save` can tell it is ours."""
+    return output.parent / f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover_interrupted_save(output: Path) -> list[str]:
+    """Undo what a killed :func:`save_atomically` left next to ``output``; returns one note per action.
+
+    Only hidden folders named by :func:`_sibling` whose process is gone are touched: a
+    ``.NAME.old-*`` folder is the previous checkpoint, put back when ``output`` is
+    missing (the kill fell between the two renames of the swap) and deleted otherwise;
+    a ``.NAME.partial-*`` folder is an unfinished save and is deleted.
+    """
+    output = Path(output)
+    if not output.parent.is_dir():
+        return []
+    notes = []
+    leftovers = sorted(
+        (entry for entry in output.parent.iterdir() if entry.is_dir() and (match := _LEFTOVER.match(entry.name))
+         and match["name"] == output.name and not _process_alive(int(match["pid"]))),
+        key=lambda entry: _LEFTOVER.match(entry.name)["kind"] != "old",  # restore before deleting
+    )  # fmt: skip
+    for entry in leftovers:
+        if _LEFTOVER.match(entry.name)["kind"] == "old" and not output.exists():
+            entry.rename(output)
+            notes.append(f"restored {output} from a save that was interrupted")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            notes.append(f"removed {entry.name}, left by a save that was interrupted")
+    return notes
 
 
 def save_atomically(output: Path, write: Callable[[Path], None], *, overwrite: bool = True) -> None:
-    """Run ``write(folder)`` on a temporary folder next to ``output``, then rename it into place.
+    """Run ``write(folder)`` on a hidden folder next to ``output``, then swap it into place.
 
     A crash or error mid-save leaves ``output`` as it was (absent, or the previous
     checkpoint): a half-written checkpoint that loads partially is worse than none.
-    The temporary folder sits in the same parent so the final rename is atomic.
+    The staging folder sits in the same parent so the renames are atomic.  Replacing
+    an existing ``output`` takes two renames (old aside, new in); if the process is
+    killed between them, the next save or ``hf-comq`` run on the same output puts the
+    old one back (:func:`recover_interrupted_save`).  Folders get the permissions of
+    the user's umask, as ``save_pretrained``'s do.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    for note in recover_interrupted_save(output):
+        print(f"note: {note}", file=sys.stderr)
+    staging = _sibling(output, "partial")
+    staging.mkdir()
     try:
         write(staging)
-        if output.exists():
-            if any(output.iterdir()) and not overwrite:
-                raise CLIError(f"output folder {output} appeared while saving; it was left untouched")
-            with _moved_aside(output):
-                staging.rename(output)
-        else:
+        if not output.exists():
             staging.rename(output)
+            return
+        if any(output.iterdir()) and not overwrite:
+            raise CLIError(f"output folder {output} appeared while saving; it was left untouched")
+        aside = _sibling(output, "old")
+        output.rename(aside)
+        try:
+            staging.rename(output)
+        except BaseException:
+            aside.rename(output)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextmanager
-def _moved_aside(path: Path) -> Iterator[None]:
-    """Move ``path`` out of the way; delete it on success, put it back on failure."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    aside.rmdir()
-    path.rename(aside)
-    try:
-        yield
-    except BaseException:
-        if not path.exists():
-            aside.rename(path)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _save_with_processor(model: Any, processor: Any, folder: Path, model_id: str) -> None:
@@ -577,7 +770,7 @@ def _optional_processor(spec: ModelSpec) -> Any:
     """The checkpoint's processor, saved next to the quantized weights so the folder is self-contained."""
     try:
         return load_processor(spec.location, spec.inputs)
-    except ValueError:
+    except CLIError:
         print(f"note: {spec.display_name} has no processor or tokenizer to save with the checkpoint", file=sys.stderr)
         return None
 
@@ -610,6 +803,16 @@ def _print_quantize_summary(spec: ModelSpec, model: Any, summary: dict, seconds:
         print(f"  {name:<{width}}  {value}")
 
 
+def check_repo_id(repo_id: str) -> None:
+    """huggingface_hub's own rules for a repository id, checked before any work."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise CLIError(f"--push-to-hub {repo_id!r} is not a valid Hub repository id: {error}") from None
+
+
 def _push(output: Path, repo_id: str, private: bool) -> None:
     """Publish the finished folder (weights, processor, card) as it is, in one commit."""
     from .hub import push_folder
@@ -628,18 +831,32 @@ def _push(output: Path, repo_id: str, private: bool) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``hf-comq evaluate``: pick the metric from the model type, check the data, then load and measure."""
+    read = read_model_config(args.model)
+    read_reference = read_model_config(args.reference) if args.reference else None
+    if read_reference is not None:
+        check_same_model_type(args.model, read[1], args.reference, read_reference[1])
+    if args.batch_size is not None:
+        _check_positive("--batch-size", args.batch_size)
+    resolve_dataset(args.dataset)
+    with torch_threads(args.threads):
+        return _evaluate(args, read, read_reference)
+
+
+def _evaluate(
+    args: argparse.Namespace, read: tuple[str, dict[str, Any]], read_reference: tuple[str, dict[str, Any]] | None
+) -> int:
     from .evaluation import pick_column
 
-    spec = inspect_model(args.model)
-    reference = inspect_model(args.reference) if args.reference else None
+    spec = inspect_model(args.model, read)
+    reference = inspect_model(args.reference, read_reference) if read_reference is not None else None
     metric = _metric_for(spec)
+    if reference is not None:
+        check_same_kind(spec, reference)
     if metric == "embedding cosine" and reference is None:
         raise CLIError(
             f"{spec.display_name} is a text encoder: its embedding cosine needs --reference FP_MODEL "
             "(the full-precision model to compare with)"
         )
-    if args.batch_size is not None:
-        _check_positive("--batch-size", args.batch_size)
     dataset = _limited(open_dataset(args.dataset, args.split), args.limit)
     if metric == "top-1":
         column = pick_column(dataset, args.column, "image")
@@ -656,6 +873,41 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         _evaluate_cosine(args, spec, model, reference, reference_model, _texts(dataset, column))
     return EXIT_OK
+
+
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_labels", "num_channels", "image_size")
+
+
+def check_same_model_type(name: str, config: dict[str, Any], reference: str, reference_config: dict[str, Any]) -> None:
+    """A quick first check of ``--reference`` from the two config.json files alone (no torch needed)."""
+    mine, theirs = config.get("model_type"), reference_config.get("model_type")
+    if mine and theirs and mine != theirs:
+        raise CLIError(
+            f"--reference {reference} is a {theirs!r} model and {name} a {mine!r} model; "
+            "pass the full-precision original of the evaluated model"
+        )
+
+
+def check_same_kind(spec: ModelSpec, reference: ModelSpec) -> None:
+    """``--reference`` must be the same kind of model (task, inputs, sizes): comparing others means nothing."""
+    problems = []
+    if (reference.task, reference.inputs) != (spec.task, spec.inputs):
+        problems.append(f"it is a {reference.task.name} on {reference.inputs}, not a {spec.task.name} on {spec.inputs}")
+    for key in _SHAPE_KEYS:
+        mine, theirs = _config_value(spec.config, key), _config_value(reference.config, key)
+        if mine is not None and theirs is not None and mine != theirs:
+            problems.append(f"{key} {theirs} vs {mine}")
+    if problems:
+        raise CLIError(
+            f"--reference {reference.display_name} ({reference.architecture}) is not the same kind of model as "
+            f"{spec.display_name} ({spec.architecture}): {'; '.join(problems)}; pass the full-precision original"
+        )
+
+
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    if key == "num_labels" and isinstance(config.get("id2label"), dict):
+        return len(config["id2label"])
+    return config.get(key)
 
 
 def _metric_for(spec: ModelSpec) -> str:
@@ -728,87 +980,140 @@ class DemoRow:
     method: str
     bits: int | None
     top1: float
+    agreement: float
+    kl: float
     seconds: float | None
     size: int | None
 
 
+DEMO_CHANCE_LEVEL = 0.05  # McNemar p above this: the top-1 difference is reported as chance
+
+
+def demo_folder(output: Path, bits: int, group_size: int | None) -> Path:
+    from .assets import DEMO_MODEL_DIR
+
+    suffix = "" if group_size is None else f"-g{group_size}"
+    return output / f"{DEMO_MODEL_DIR.name}-comq-w{bits}{suffix}"
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """``hf-comq demo``: FP vs COMQ vs RTN on the shipped ViT and Fashion-MNIST subset."""
+    _check_positive("--num-samples", args.num_samples)
+    if args.eval_limit is not None:
+        _check_positive("--eval-limit", args.eval_limit)
+    output = Path(args.output).expanduser()
+    folders = {bits: demo_folder(output, bits, args.group_size) for bits in dict.fromkeys(args.bits)}
+    for folder in folders.values():
+        check_output(folder, args.overwrite)
+    with torch_threads(args.threads):
+        return _demo(args, folders)
+
+
+def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     import torch
     from transformers import AutoImageProcessor, ViTForImageClassification
 
     from .assets import demo_dataset, demo_model_path
     from .config import COMQConfig
-    from .evaluation import checkpoint_size_bytes, top1_accuracy
+    from .evaluation import checkpoint_size_bytes, fidelity_of_logits, image_logits
     from .hub import attach_model_card_hook
     from .solver import ROUND_TO_NEAREST
 
-    for bits in args.bits:
+    for bits in folders:
         COMQConfig(bits=bits, group_size=args.group_size)  # reject bad settings before any work
-    _check_positive("--num-samples", args.num_samples)
     model_path = demo_model_path()
     processor = AutoImageProcessor.from_pretrained(model_path)
     calibration = demo_dataset("calibration")
     test = demo_dataset("test")
     if args.eval_limit is not None:
-        _check_positive("--eval-limit", args.eval_limit)
         test = test.shuffle(seed=0).select(range(min(args.eval_limit, len(test))))
-    output = Path(args.output).expanduser()
     threads = torch.get_num_threads()
     device = "GPU" if torch.cuda.is_available() else f"CPU, {threads} thread{'s' if threads > 1 else ''}"
     print(
         f"hf-comq demo: ViT trained on Fashion-MNIST ({model_path.name}); calibration on "
-        f"{min(args.num_samples, len(calibration))} images, top-1 on {len(test)} test images ({device})"
+        f"{min(args.num_samples, len(calibration))} images, evaluation on {len(test)} test images ({device})"
     )
 
     fp_model = ViTForImageClassification.from_pretrained(model_path).eval()
-    fp_size = checkpoint_size_bytes(model_path)
-    rows = [DemoRow("FP32", None, top1_accuracy(fp_model, test, processor), None, fp_size)]
+    fp_logits, labels = image_logits(fp_model, test, processor)
     del fp_model
-    saved: list[Path] = []
-    for bits in args.bits:
-        results: dict[str, tuple[Any, float]] = {}
-        for method, extra in (
-            ("COMQ", {}),
-            ("RTN", ROUND_TO_NEAREST),
-        ):
+    fp_correct = fp_logits.argmax(-1) == labels
+    rows = [DemoRow("FP32", None, float(fp_correct.float().mean()), 1.0, 0.0, None, checkpoint_size_bytes(model_path))]
+    verdicts: list[str] = []
+    for bits, folder in folders.items():
+        correct: dict[str, torch.Tensor] = {}
+        for method, extra in (("COMQ", {}), ("RTN", ROUND_TO_NEAREST)):
             config = COMQConfig(
                 bits=bits, group_size=args.group_size, dataset=calibration, num_samples=args.num_samples, **extra
             )
             started = time.perf_counter()
             model = ViTForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
-            results[method] = (model, time.perf_counter() - started)
-        scores = {method: top1_accuracy(model, test, processor) for method, (model, _) in results.items()}
-        comq_model = results["COMQ"][0]
-        attach_model_card_hook(
-            comq_model,
-            metrics={
-                f"top-1, Fashion-MNIST test subset ({len(test)} images)": {
-                    "fp32": round(rows[0].top1, 4), f"comq w{bits}": round(scores["COMQ"], 4),
-                    f"rtn w{bits}": round(scores["RTN"], 4),
-                }  # fmt: skip
-            },
-        )
-        suffix = "" if args.group_size is None else f"-g{args.group_size}"
-        folder = output / f"{model_path.name}-comq-w{bits}{suffix}"
-        save_atomically(folder, lambda staging: _save_with_processor(comq_model, processor, staging, folder.name))
-        size = checkpoint_size_bytes(folder)
-        saved.append(folder)
-        for method, (model, seconds) in results.items():
-            rows.append(DemoRow(method, bits, scores[method], seconds, size))
-        del results, comq_model
+            seconds = time.perf_counter() - started
+            logits, _ = image_logits(model, test, processor, label_column=None)
+            correct[method] = logits.argmax(-1) == labels
+            fidelity = fidelity_of_logits(logits, fp_logits)
+            row = DemoRow(method, bits, float(correct[method].float().mean()), fidelity["agreement"],
+                          fidelity["kl"], seconds, None)  # fmt: skip
+            if method == "COMQ":
+                _save_demo_checkpoint(model, processor, folder, rows[0], row, len(test), attach_model_card_hook)
+                row.size = checkpoint_size_bytes(folder)
+            rows.append(row)
+            del model
+        verdicts.append(demo_verdict(bits, rows[-2], rows[-1], correct["COMQ"], correct["RTN"]))
     print(format_demo_table(rows))
-    for folder in saved:
+    print(
+        "agreement: share of test images where the quantized model predicts the FP model's class; "
+        "KL: mean KL divergence of its class probabilities from FP's (0 = identical)"
+    )
+    print()
+    for line in verdicts:
+        print(line)
+    for folder in folders.values():
         print(f"saved {folder}")
-    if saved:
-        print(f"evaluate one again with: hf-comq evaluate {saved[0]} --dataset demo:test")
+    if folders:
+        print(f"evaluate one again with: hf-comq evaluate {next(iter(folders.values()))} --dataset demo:test")
     return EXIT_OK
+
+
+def _save_demo_checkpoint(
+    model: Any, processor: Any, folder: Path, fp: DemoRow, comq: DemoRow, images: int, attach: Callable[..., None]
+) -> None:
+    attach(
+        model,
+        metrics={
+            f"Fashion-MNIST test subset ({images} images)": {
+                "fp32 top-1": round(fp.top1, 4), f"comq w{comq.bits} top-1": round(comq.top1, 4),
+                f"comq w{comq.bits} top-1 agreement with fp32": round(comq.agreement, 4),
+                f"comq w{comq.bits} KL(fp32 || comq)": float(f"{comq.kl:.3g}"),
+            }  # fmt: skip
+        },
+    )
+    save_atomically(folder, lambda staging: _save_with_processor(model, processor, staging, folder.name))
+
+
+def demo_verdict(bits: int, comq: DemoRow, rtn: DemoRow, comq_correct: Any, rtn_correct: Any) -> str:
+    """One line on COMQ vs RTN at ``bits``: fidelity to FP, and whether the top-1 difference is more than chance."""
+    from .evaluation import mcnemar_exact_p
+
+    only_comq = int((comq_correct & ~rtn_correct).sum())
+    only_rtn = int((rtn_correct & ~comq_correct).sum())
+    p_value = mcnemar_exact_p(only_comq, only_rtn)
+    if comq.kl <= rtn.kl:
+        kl = f"{rtn.kl / comq.kl:.1f}x lower than RTN's" if comq.kl > 0 else "0"
+    else:
+        kl = f"{comq.kl / rtn.kl:.1f}x higher than RTN's"
+    fidelity = f"W{bits}: COMQ's KL to FP {kl}, top-1 agreement with FP {comq.agreement:.4f} vs {rtn.agreement:.4f}"
+    difference = f"top-1 {100 * (comq.top1 - rtn.top1):+.2f} pt ({only_comq} images only COMQ gets right, {only_rtn} only RTN)"
+    if p_value > DEMO_CHANCE_LEVEL:
+        return f"{fidelity}; {difference}: within chance (McNemar p = {p_value:.2f}), not a ranking"
+    better = "COMQ" if only_comq > only_rtn else "RTN"
+    return f"{fidelity}; {difference}: {better} ahead beyond chance (McNemar p = {p_value:.2g})"
 
 
 def format_demo_table(rows: list[DemoRow]) -> str:
     """The demo's result table: one row per model, differences and ratios against the FP row."""
     fp = rows[0]
-    header = ("method", "bits", "top-1", "vs FP", "quant time", "size", "size vs FP")
+    header = ("method", "bits", "top-1", "vs FP", "agreement with FP", "KL(FP||q) x1e-3", "quant time", "size", "size vs FP")
     lines = [header]
     for row in rows:
         is_fp = row is fp
@@ -818,6 +1123,8 @@ def format_demo_table(rows: list[DemoRow]) -> str:
                 "32" if row.bits is None else str(row.bits),
                 f"{row.top1:.4f}",
                 "" if is_fp else f"{100 * (row.top1 - fp.top1):+.2f} pt",
+                f"{row.agreement:.4f}",
+                f"{1e3 * row.kl:.3f}",
                 "" if row.seconds is None else f"{row.seconds:.1f} s",
                 "" if row.size is None else _megabytes(row.size),
                 "" if is_fp or row.size is None or fp.size is None else f"{row.size / fp.size:.2f}x",

@@ -82,7 +82,7 @@ class COMQConfig(QuantizationConfigMixin):
     max_length: int = _setting(512, CALIBRATION, "text truncation length in tokens")
     seed: int = _setting(0, CALIBRATION, "seed of the calibration sample choice")
     modules_to_not_convert: list[str] | None = _setting(
-        None, SELECTION, "module names kept in full precision; None = the task head"
+        None, SELECTION, "module names kept in full precision besides the task head (which always is)"
     )
     block_name: str | None = _setting(None, SELECTION, "dotted name of the block list, overriding discovery")
     sequential: bool = _setting(True, SELECTION, "calibrate each block on the quantized prefix's outputs")
@@ -107,6 +107,9 @@ class COMQConfig(QuantizationConfigMixin):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
         self.post_init()
+        from .registration import register  # a config is about to reach from_pretrained, however it was imported
+
+        register()
 
     # ------------------------------------------------------------------ field table
     @classmethod
@@ -150,7 +153,7 @@ class COMQConfig(QuantizationConfigMixin):
         _check_int("batch_size", self.batch_size, 1, None, "use e.g. 8")
         _check_int("max_length", self.max_length, 1, None, "use e.g. 512 tokens")
         _check_int("seed", self.seed, 0, None, "use a non-negative integer")
-        _check_names("modules_to_not_convert", self.modules_to_not_convert, "['classifier']; None for the task head")
+        _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['layers.0'] or ['layers.*.mlp']")
         _check_str("block_name", self.block_name, optional=True)
         _check_bool("sequential", self.sequential)
         _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)

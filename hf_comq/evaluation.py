@@ -16,6 +16,7 @@ means the same thing to ``hf-comq quantize`` and ``hf-comq evaluate``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .calibration import data as _data
+from .threads import linear_layer_threads
 
 if TYPE_CHECKING:  # importing datasets is slow; only the functions that take a dataset need it
     import datasets
@@ -36,7 +38,10 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "checkpoint_size_bytes",
     "embedding_cosine",
+    "fidelity_of_logits",
+    "image_logits",
     "load_eval_dataset",
+    "mcnemar_exact_p",
     "perplexity",
     "pick_column",
     "prediction_fidelity",
@@ -72,6 +77,8 @@ def pick_column(dataset: Any, requested: str | None, kind: str = "input") -> str
     try:
         return _data._pick_column(dataset, requested)
     except ValueError as error:
+        if "column" not in str(error):  # e.g. an empty dataset: the message says it all
+            raise
         raise ValueError(f"{kind} {error}") from None
 
 
@@ -149,29 +156,62 @@ def top1_predictions(
     right) says whether a top-1 difference is more than chance; the totals alone
     cannot.
     """
+    logits, labels = image_logits(
+        model, dataset, processor, image_column=image_column, label_column=label_column, batch_size=batch_size
+    )
+    return logits.argmax(dim=-1), labels
+
+
+def image_logits(
+    model: nn.Module,
+    dataset: "datasets.Dataset | datasets.IterableDataset",
+    processor: Any = None,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = "label",
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-image class logits (float32, on the CPU) and labels (``None`` with ``label_column=None``).
+
+    One forward pass per image gives everything :func:`top1_predictions` and
+    :func:`fidelity_of_logits` need, so a comparison of several models against one
+    reference runs the reference once.  Other arguments as in :func:`top1_accuracy`.
+    """
     image_column = pick_column(dataset, image_column, "image")
-    label_column = pick_column(dataset, label_column, "label")
+    if label_column is not None:
+        label_column = pick_column(dataset, label_column, "label")
     _check_batch_size(batch_size)
     processor = _image_processor(model, processor, "top1_accuracy")
-    remap = _label_remap(dataset, label_column, model)
+    remap = _label_remap(dataset, label_column, model) if label_column is not None else None
     device, dtype = _device_and_dtype(model)
-    rows = dataset.select_columns([image_column, label_column])
+    channels = _data.image_channels(model, processor)
+    rows = dataset.select_columns([image_column] + ([label_column] if label_column is not None else []))
 
-    predictions: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    with torch.inference_mode(), logging.tqdm(total=_length(dataset), desc="top-1", unit="img") as bar:
+    with torch.inference_mode(), linear_layer_threads(model), logging.tqdm(
+        total=_length(dataset), desc="images", unit="img"
+    ) as bar:
         for batch in rows.iter(batch_size=batch_size):
-            batch_labels = torch.as_tensor(batch[label_column], dtype=torch.long)
-            if remap is not None:
-                batch_labels = remap[batch_labels]
-            pixels = _data._encode_images(processor, list(batch[image_column]))["pixel_values"]
-            logits = model(pixel_values=pixels.to(device=device, dtype=dtype)).logits
-            predictions.append(logits.argmax(dim=-1).cpu())
-            labels.append(batch_labels)
-            bar.update(len(batch_labels))
-    if not labels:
+            pixels = _data.encode_images(processor, list(batch[image_column]), channels)["pixel_values"]
+            logits.append(model(pixel_values=pixels.to(device=device, dtype=dtype)).logits.float().cpu())
+            if label_column is not None:
+                batch_labels = torch.as_tensor(batch[label_column], dtype=torch.long)
+                labels.append(remap[batch_labels] if remap is not None else batch_labels)
+            bar.update(len(batch[image_column]))
+    if not logits:
         raise ValueError("the evaluation dataset is empty: it has no images")
-    return torch.cat(predictions), torch.cat(labels)
+    return torch.cat(logits), (torch.cat(labels) if label_column is not None else None)
+
+
+def fidelity_of_logits(logits: torch.Tensor, reference_logits: torch.Tensor) -> dict[str, float]:
+    """``agreement`` (same arg-max) and mean ``kl`` (``KL(reference || model)``, nats) of two logit tables."""
+    if logits.shape != reference_logits.shape or logits.shape[0] == 0:
+        raise ValueError(f"logit tables of shapes {tuple(logits.shape)} and {tuple(reference_logits.shape)} do not pair")
+    ours, theirs = logits.float(), reference_logits.float()
+    agreement = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
+    kl = float(F.kl_div(F.log_softmax(ours, -1), F.log_softmax(theirs, -1), log_target=True, reduction="sum"))
+    return {"agreement": agreement, "kl": kl / ours.shape[0]}
 
 
 def prediction_fidelity(
@@ -192,27 +232,11 @@ def prediction_fidelity(
     model with wide margins every quantizer ties with full precision; these two see
     the quantization error before it costs accuracy, and need no labels.
     """
-    image_column = pick_column(dataset, image_column, "image")
-    _check_batch_size(batch_size)
     processor = _image_processor(model, processor, "prediction_fidelity")
-    device, dtype = _device_and_dtype(model)
-    reference_device, reference_dtype = _device_and_dtype(reference_model)
-    same = total = 0
-    kl_sum = 0.0
-    with torch.inference_mode():
-        for batch in dataset.select_columns([image_column]).iter(batch_size=batch_size):
-            pixels = _data._encode_images(processor, list(batch[image_column]))["pixel_values"]
-            ours = model(pixel_values=pixels.to(device=device, dtype=dtype)).logits.float().cpu()
-            theirs = reference_model(pixel_values=pixels.to(device=reference_device, dtype=reference_dtype))
-            theirs = theirs.logits.float().cpu()
-            same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-            kl_sum += float(
-                F.kl_div(F.log_softmax(ours, -1), F.log_softmax(theirs, -1), log_target=True, reduction="sum")
-            )
-            total += ours.shape[0]
-    if total == 0:
-        raise ValueError("the evaluation dataset is empty: it has no images")
-    return {"agreement": same / total, "kl": kl_sum / total}
+    kwargs = {"image_column": image_column, "label_column": None, "batch_size": batch_size}
+    ours, _ = image_logits(model, dataset, processor, **kwargs)
+    theirs, _ = image_logits(reference_model, dataset, processor, **kwargs)
+    return fidelity_of_logits(ours, theirs)
 
 
 def _image_processor(model: nn.Module, processor: Any, caller: str) -> Any:
@@ -222,7 +246,7 @@ def _image_processor(model: nn.Module, processor: Any, caller: str) -> Any:
     location = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
     if not location:
         raise ValueError(f"{caller} needs an image processor: pass processor=... (object or path)")
-    return _data._load_processor(location, "images")
+    return _data.load_processor(location, "images")
 
 
 def _label_remap(dataset: Any, label_column: str, model: nn.Module) -> torch.Tensor | None:
@@ -237,6 +261,20 @@ def _label_remap(dataset: Any, label_column: str, model: nn.Module) -> torch.Ten
         return None
     logger.info("dataset and model order the class names differently; mapping labels by name")
     return torch.tensor([model_ids[name] for name in names], dtype=torch.long)
+
+
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: how likely a split at least this uneven of the
+    images that exactly one of two classifiers gets right is, if both were equally good.
+
+    Two quantized models of one network disagree on few images; a top-1 difference
+    of a handful of them is usually chance, and this says how likely.
+    """
+    discordant = only_a + only_b
+    if discordant == 0:
+        return 1.0
+    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2**discordant
+    return min(1.0, 2 * tail)
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +302,7 @@ def perplexity(
     device, _ = _device_and_dtype(model)
     total_loss = 0.0
     total_tokens = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), linear_layer_threads(model):
         for input_ids, mask in _token_batches(tokenizer, texts, max_length, batch_size, "perplexity"):
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
             targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(logits.device)
@@ -300,7 +338,7 @@ def embedding_cosine(
     device, _ = _device_and_dtype(model)
     reference_device, _ = _device_and_dtype(reference_model)
     cosines: list[torch.Tensor] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), linear_layer_threads(model, reference_model):
         for input_ids, mask in _token_batches(tokenizer, texts, max_length, batch_size, "embedding cosine"):
             ours = _mean_pooled(model, input_ids.to(device), mask.to(device))
             theirs = _mean_pooled(reference_model, input_ids.to(reference_device), mask.to(reference_device))

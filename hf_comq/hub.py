@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import validate_repo_id
 
 from .checkpoint import runtime_support
 
@@ -132,7 +133,7 @@ def _is_hub_repo_id(name: str) -> bool:
 
     The Hub rejects (and links nowhere for) local paths, and a path would leak the publisher's file layout.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.utils import HFValidationError
 
     if os.path.isdir(name) or os.path.isabs(name):
         return False
@@ -373,6 +374,7 @@ def push_folder(
     The folder's README.md is the COMQ card; when the repository already has a README,
     that one is kept (it is the owner's text) and only receives the folder card's tags.
     """
+    validate_repo_id(repo_id)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
@@ -456,6 +458,7 @@ class _PushToHubWithCard:
                 private=private, token=token, revision=revision, create_pr=create_pr,
                 max_shard_size=max_shard_size, tags=tags,
             )  # fmt: skip
+        validate_repo_id(repo_id)  # before the save, which can be long for a large model
         with tempfile.TemporaryDirectory() as folder:
             type(model).save_pretrained(model, folder, max_shard_size=max_shard_size)
             write_model_card(folder, model, model_id=repo_id)

@@ -2,7 +2,8 @@
 
 COMQ quantizes the linear layers inside the model's body (attention projections,
 MLPs) and leaves the task head in full precision, as the COMQ paper and reference
-code do.  transformers' own default skip list (``get_keys_to_not_convert``) is not
+code do.  ``modules_to_not_convert`` names more modules to keep: it extends the
+head list, never replaces it.  transformers' own default skip list (``get_keys_to_not_convert``) is not
 used: for image classifiers it yields ``classifier.bias`` -- a parameter, not a
 module -- so the head would be quantized.
 
@@ -80,21 +81,41 @@ def default_modules_to_not_convert(model: nn.Module) -> list[str]:
     return sorted(name for name in skipped if not any(other != name and matches(name, other) for other in skipped))
 
 
+def modules_kept_in_full_precision(
+    model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None = None
+) -> list[str]:
+    """The task head (:func:`default_modules_to_not_convert`) plus the user's ``modules_to_not_convert``.
+
+    A user's list *extends* the defaults, as transformers' AWQ quantizer does
+    (``add_default_skips``): naming one more module to keep must never quantize the
+    head by accident.  Raises ``ValueError`` for entries that match no module of
+    ``model`` (a typo would otherwise quantize what the user meant to keep).
+    """
+    extra = list(modules_to_not_convert or [])
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [entry for entry in extra if not any(matches(name, entry) for name in names)]
+    if unmatched:
+        tops = sorted({name.split(".")[0] for name in names})
+        raise ValueError(
+            f"modules_to_not_convert: {unmatched} match no module of {type(model).__name__}; an entry is a module "
+            f"name or a run of its dotted parts, wildcards allowed (e.g. 'layers.0', 'layers.*.mlp'); "
+            f"top-level modules: {tops}"
+        )
+    defaults = default_modules_to_not_convert(model)
+    return defaults + [entry for entry in extra if entry not in defaults]
+
+
 def find_quantizable_linears(
     model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None = None
 ) -> dict[str, nn.Module]:
-    """The ``nn.Linear`` / ``Conv1D`` layers COMQ converts, by module name, in model order.
-
-    ``modules_to_not_convert=None`` means :func:`default_modules_to_not_convert`; a
-    list *replaces* the defaults (so a head can be quantized on purpose) -- extend
-    ``default_modules_to_not_convert(model)`` to keep them.
-    """
-    if modules_to_not_convert is None:
-        modules_to_not_convert = default_modules_to_not_convert(model)
+    """The ``nn.Linear`` / ``Conv1D`` layers COMQ converts, by module name, in model order:
+    all but those under :func:`modules_kept_in_full_precision` (the task head and the
+    user's ``modules_to_not_convert``)."""
+    kept = modules_kept_in_full_precision(model, modules_to_not_convert)
     return {
         name: module
         for name, module in model.named_modules()
-        if name and is_linear_like(module) and not is_excluded(name, modules_to_not_convert)
+        if name and is_linear_like(module) and not is_excluded(name, kept)
     }
 
 

@@ -36,7 +36,7 @@ from .checkpoint import (
     verify_quantized_model,
 )
 from .config import COMQConfig
-from .modules import default_modules_to_not_convert, find_quantizable_linears
+from .modules import find_quantizable_linears, modules_kept_in_full_precision
 from .nn.quant_linear import COMQLinear, is_linear_like, linear_shape
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,12 @@ class COMQHfQuantizer(HfQuantizer):
             self._install_shells(model, kwargs.get("checkpoint_files") or ())
         else:
             config = self.quantization_config
-            skip = config.modules_to_not_convert
-            skip = list(skip) if skip is not None else default_modules_to_not_convert(model)
-            targets = find_quantizable_linears(model, skip)
+            targets = find_quantizable_linears(model, config.modules_to_not_convert)
             if not targets:
+                kept = modules_kept_in_full_precision(model, config.modules_to_not_convert)
                 raise ValueError(
-                    f"{type(model).__name__} has no nn.Linear/Conv1D layer to quantize outside "
-                    f"modules_to_not_convert={skip}; COMQ only converts linear layers"
+                    f"{type(model).__name__} has no nn.Linear/Conv1D layer to quantize outside {kept} "
+                    "(the task head and modules_to_not_convert); COMQ only converts linear layers"
                 )
             layer_type_of(targets)
             check_group_size(targets, config.group_size)

@@ -1,11 +1,18 @@
 """Which layers COMQ converts by default: body linears yes, task heads and non-linear modules no."""
 
+import re
+
 import pytest
 import transformers as T
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_comq.modules import default_modules_to_not_convert, find_quantizable_linears, matches
+from hf_comq.modules import (
+    default_modules_to_not_convert,
+    find_quantizable_linears,
+    matches,
+    modules_kept_in_full_precision,
+)
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
 
@@ -50,12 +57,21 @@ def test_gpt2_conv1d_layers_are_found():
     assert sorted(find_quantizable_linears(model)) == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"]
 
 
-def test_explicit_list_replaces_the_defaults():
+def test_a_user_list_extends_the_head_list():
     model = T.ViTForImageClassification(T.ViTConfig(**VIT, num_labels=3))
-    assert "classifier" in find_quantizable_linears(model, [])
-    only_second = find_quantizable_linears(model, ["classifier", "layers.0"])
+    assert "classifier" not in find_quantizable_linears(model, [])
+    only_second = find_quantizable_linears(model, ["layers.0"])
     assert only_second and all(name.startswith("vit.layers.1.") for name in only_second)
-    assert not find_quantizable_linears(model, ["vit", "classifier"])
+    assert not find_quantizable_linears(model, ["vit"])
+    assert modules_kept_in_full_precision(model, ["layers.0", "classifier"]) == ["classifier", "layers.0"]
+
+
+@pytest.mark.parametrize("entries", [["does.not.exist"], ["layers.0", "layer.1"], ["classifer"]])
+def test_entries_that_match_no_module_are_an_error(entries):
+    model = T.ViTForImageClassification(T.ViTConfig(**VIT, num_labels=3))
+    unmatched = [entry for entry in entries if entry != "layers.0"]
+    with pytest.raises(ValueError, match=re.escape(f"modules_to_not_convert: {unmatched} match no module")):
+        find_quantizable_linears(model, entries)
 
 
 def test_matching_respects_component_boundaries_and_wildcards():

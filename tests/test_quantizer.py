@@ -121,6 +121,31 @@ def test_save_and_packed_reload_give_identical_outputs(arch, dtype, fp_checkpoin
     assert torch.equal(before, after)
 
 
+def test_a_grayscale_vit_quantizes_saves_reloads_and_evaluates(tmp_path):
+    """num_channels=1 (Fashion-MNIST, X-ray...): before, calibration turned every image into RGB and failed."""
+    import datasets
+
+    from hf_comq.evaluation import top1_accuracy
+    from tests.tiny import gray_images, image_processor, tiny_vit
+
+    folder = tmp_path / "gray-vit"
+    tiny_vit(num_channels=1, num_labels=3).save_pretrained(folder)
+    image_processor(channels=1).save_pretrained(folder)
+    config = COMQConfig(bits=4, dataset=gray_images(8), num_samples=8)
+    model = T.ViTForImageClassification.from_pretrained(folder, quantization_config=config).eval()
+    assert sum(isinstance(module, COMQLinear) for module in model.modules()) == 12
+    model.save_pretrained(tmp_path / "q")
+    image_processor(channels=1).save_pretrained(tmp_path / "q")
+    pixels = image_processor(channels=1)(images=gray_images(2, seed=4), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+        for reloaded in (load_quantized(tmp_path / "q"), T.ViTForImageClassification.from_pretrained(tmp_path / "q")):
+            assert torch.equal(reloaded(pixel_values=pixels).logits, expected)
+    test = datasets.Dataset.from_dict({"image": gray_images(6, seed=5), "label": [0, 1, 2, 0, 1, 2]})
+    accuracy = top1_accuracy(load_quantized(tmp_path / "q"), test)  # processor read from the checkpoint
+    assert accuracy == top1_accuracy(model, test, image_processor(channels=1))
+
+
 def test_gpt2_conv1d_layers_reload_packed_and_the_head_stays_float(fp_checkpoints, tmp_path):
     quantize_tiny(fp_checkpoints["gpt2"], T.GPT2LMHeadModel).save_pretrained(tmp_path)
     reloaded = load_quantized(tmp_path)
@@ -361,3 +386,72 @@ def test_dequantize_restores_float_layers(fp_checkpoints, tmp_path):
     model.save_pretrained(tmp_path / "float")
     plain = T.GPT2LMHeadModel.from_pretrained(tmp_path / "float")
     torch.testing.assert_close(run(plain), quantized_logits)
+
+
+# --------------------------------------------------------------------------- properties over random settings
+def _random_case(seed: int) -> dict:
+    """A seeded draw of architecture, widths, bits, grouping, grid and dtype (hidden and MLP widths share divisors)."""
+    import random
+
+    rng = random.Random(seed)
+    hidden = rng.choice([16, 32, 48])
+    return {
+        "arch": rng.choice(["vit", "llama", "gpt2"]),
+        "hidden": hidden,
+        "intermediate": hidden * rng.choice([1, 2, 3]),
+        "bits": rng.randint(2, 8),
+        "group_size": rng.choice([None, 8, 16]),
+        "symmetric": rng.random() < 0.5,
+        "dtype": rng.choice([torch.float32, torch.bfloat16, torch.float16]),
+    }
+
+
+def _build(case: dict) -> nn.Module:
+    torch.manual_seed(0)
+    hidden, intermediate = case["hidden"], case["intermediate"]
+    if case["arch"] == "vit":
+        config = T.ViTConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=intermediate, image_size=32, patch_size=8, num_labels=3)  # fmt: skip
+        return T.ViTForImageClassification(config)
+    if case["arch"] == "gpt2":
+        config = T.GPT2Config(vocab_size=64, n_embd=hidden, n_layer=2, n_head=2, n_inner=intermediate,
+                              bos_token_id=0, eos_token_id=0)  # fmt: skip
+        return T.GPT2LMHeadModel(config)
+    config = T.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
+                           pad_token_id=None)  # fmt: skip
+    return T.LlamaForCausalLM(config)
+
+
+def _quantize_case(case: dict, folder) -> nn.Module:
+    model = _build(case)
+    if case["group_size"] is not None and case["hidden"] % case["group_size"]:
+        case["group_size"] = None
+    model.save_pretrained(folder)
+    calibration = model_inputs(model, count=8, seed=1).popitem()[1]
+    config = COMQConfig(bits=case["bits"], group_size=case["group_size"], symmetric=case["symmetric"],
+                        dataset=calibration, num_samples=8, batch_size=4)  # fmt: skip
+    return type(model).from_pretrained(folder, dtype=case["dtype"], quantization_config=config).eval()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_settings_save_and_reload_to_identical_outputs(seed, tmp_path):
+    case = _random_case(seed)
+    model = _quantize_case(case, tmp_path / "fp")
+    expected = run(model)
+    model.save_pretrained(tmp_path / "q")
+    packed = load_quantized(tmp_path / "q", dtype=case["dtype"])
+    assert torch.equal(run(packed), expected), case
+    dense = type(model).from_pretrained(tmp_path / "q", dtype=case["dtype"])  # compressed-tensors, no hf_comq code
+    torch.testing.assert_close(run(dense), expected, rtol=0, atol=0 if case["dtype"] == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_same_settings_and_seed_give_a_byte_identical_checkpoint(seed, tmp_path):
+    case = _random_case(seed)
+    for run_name in ("first", "second"):  # same folder names: the card and config.json name them
+        _quantize_case(dict(case), tmp_path / run_name / "fp").save_pretrained(tmp_path / run_name / "q")
+    first, second = sorted((tmp_path / "first" / "q").iterdir()), sorted((tmp_path / "second" / "q").iterdir())
+    assert [path.name for path in first] == [path.name for path in second]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name

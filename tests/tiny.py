@@ -93,8 +93,18 @@ def images(count: int, size: int = 40, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(array) for array in pixels]
 
 
-def image_processor() -> T.ViTImageProcessor:
-    return T.ViTImageProcessor(size={"height": 32, "width": 32})
+def image_processor(channels: int = 3) -> T.ViTImageProcessor:
+    """The tiny ViTs' processor; ``channels=1`` for a grayscale model (one mean and std)."""
+    if channels == 3:
+        return T.ViTImageProcessor(size={"height": 32, "width": 32})
+    return T.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * channels, image_std=[0.5] * channels)
+
+
+def gray_images(count: int, size: int = 28, seed: int = 0) -> list[Image.Image]:
+    """Single-channel ("L") PIL images, as Fashion-MNIST or X-ray data come."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (count, size, size), generator=generator, dtype=torch.uint8).numpy()
+    return [Image.fromarray(array, mode="L") for array in pixels]
 
 
 def model_inputs(model: torch.nn.Module, count: int = 2, seed: int = 3) -> dict[str, torch.Tensor]:

@@ -42,7 +42,10 @@ __all__ = [
     "TEXT_COLUMNS",
     "CalibrationData",
     "build_calibration_data",
+    "encode_images",
     "format_description",
+    "image_channels",
+    "load_processor",
 ]
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -170,10 +173,15 @@ def _load_dataset_from_string(source: str, split: str) -> tuple[Any, dict[str, A
     """Load a dataset named by a string; local data works offline and nothing is cached in memory."""
     import datasets
 
-    path = Path(source).expanduser()
+    from ..assets import demo_dataset_file
+
+    demo_file = demo_dataset_file(source)
+    path = demo_file if demo_file is not None else Path(source).expanduser()
     # A local path says nothing to readers of the saved config or model card (and may leak a home folder).
-    label = f"local dataset {path.name!r}" if path.exists() else source
+    label = source if demo_file is not None else f"local dataset {path.name!r}" if path.exists() else source
     origin: dict[str, Any] = {"source": label, "split": split}
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"dataset file {source!r} is empty (0 bytes); pass a file with data")
     try:
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
@@ -420,7 +428,8 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
         return lambda values: _filter_inputs({"pixel_values": torch.stack([torch.as_tensor(v) for v in values])}, keep)
     processor = _resolve_processor(model, config, kind)
     if kind == "images":
-        return lambda values: _filter_inputs(_encode_images(processor, values), keep)
+        channels = image_channels(model, processor)
+        return lambda values: _filter_inputs(encode_images(processor, values, channels), keep)
     _ensure_padding(processor)
 
     def encode_texts(values: list[str]) -> Batch | None:
@@ -430,17 +439,41 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
     return encode_texts
 
 
-def _encode_images(processor: Any, images: list[Any]) -> Batch:
+_MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def image_channels(model: nn.Module | None, processor: Any) -> int | None:
+    """How many channels the model's images have: ``config.num_channels``, else the processor's ``image_mean`` length.
+
+    ``None`` when neither says (the images are then passed as they are).
+    """
+    channels = getattr(getattr(model, "config", None), "num_channels", None)
+    if isinstance(channels, int) and channels > 0:
+        return channels
+    mean = getattr(processor, "image_mean", None)
+    return len(mean) if isinstance(mean, (list, tuple)) and mean else None
+
+
+def encode_images(processor: Any, images: list[Any], channels: int | None = 3) -> Batch:
+    """``processor(images=...)`` after converting PIL images to the model's channel count (:func:`image_channels`).
+
+    Datasets store images in whatever mode they were saved (grayscale PNGs, palette
+    images, RGBA); the processor normalises with one mean per channel, so the images
+    must have exactly the channels the model was trained on: 1 for grayscale models,
+    3 for RGB ones.  Non-PIL inputs (arrays, tensors) are passed through unchanged.
+    """
     from PIL import Image
 
-    images = [
-        image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image for image in images
-    ]
+    mode = _MODES_BY_CHANNELS.get(channels) if channels is not None else None
+    if mode is not None:
+        images = [
+            image.convert(mode) if isinstance(image, Image.Image) and image.mode != mode else image for image in images
+        ]
     try:
         encoded = processor(images=images, return_tensors="pt")
     except Exception as error:
         raise ValueError(
-            f"{type(processor).__name__} rejected the calibration images "
+            f"{type(processor).__name__} rejected the images "
             f"({sorted({type(image).__name__ for image in images})}): {error}"
         ) from error
     return dict(encoded)
@@ -488,23 +521,42 @@ def _resolve_processor(model: nn.Module, config: Any, kind: str) -> Any:
             f"calibration data are raw {kind} but no processor is known: pass COMQConfig(processor=...) "
             "(an image processor or tokenizer, or its path)"
         )
-    return _load_processor(location, kind)
+    try:
+        return load_processor(location, kind)
+    except ValueError as error:
+        raise ValueError(f"{error}; pass COMQConfig(processor=...) for calibration") from None
 
 
-def _load_processor(location: str, kind: str) -> Any:
+def load_processor(location: str, kind: str) -> Any:
+    """The image processor (``kind="images"``) or tokenizer (``"text"``) saved at ``location``.
+
+    Raises ``ValueError`` naming what was tried; callers add the fix that fits them.
+    """
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     loaders = (AutoImageProcessor, AutoProcessor) if kind == "images" else (AutoTokenizer, AutoProcessor)
     errors = []
     for loader in loaders:
         try:
-            return loader.from_pretrained(location)
+            processor = loader.from_pretrained(location)
         except Exception as error:  # try the next auto class
-            errors.append(f"{loader.__name__}: {error}")
-    raise ValueError(
-        f"could not load a processor for calibration {kind} from {location!r}; pass COMQConfig(processor=...). "
-        + " | ".join(errors)
-    )
+            errors.append(f"{loader.__name__}: {' '.join(str(error).split())[:200]}")
+            continue
+        if _handles(processor, kind):
+            return processor
+        errors.append(f"{loader.__name__} found a {type(processor).__name__}, which does not handle {kind}")
+    what = "an image processor" if kind == "images" else "a tokenizer"
+    raise ValueError(f"could not load {what} from {location!r} ({' | '.join(errors)})")
+
+
+def _handles(processor: Any, kind: str) -> bool:
+    """An AutoProcessor may find the other modality's processor (a ViT folder asked for a tokenizer)."""
+    from transformers import PreTrainedTokenizerBase
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    if kind == "images":
+        return isinstance(processor, BaseImageProcessor) or hasattr(processor, "image_processor")
+    return isinstance(processor, PreTrainedTokenizerBase) or hasattr(processor, "tokenizer")
 
 
 def _model_input_names(model: nn.Module) -> set[str] | None:

@@ -52,12 +52,13 @@ from transformers.utils import logging
 from ..modules import find_quantizable_linears
 from ..nn import get_linear_weight, linear_shape, replace_module
 from ..solver import SOLVER_DEFAULTS, HessianAccumulator, QuantizedWeight, comq_quantize
+from ..threads import linear_layer_threads, single_thread
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["quantize_model", "LayerSolver"]
+__all__ = ["LayerSolver", "check_finite_weights", "quantize_model"]
 
 LayerSolver = Callable[..., QuantizedWeight]
 """``solver(weight, hessian, **settings) -> QuantizedWeight``, with the signature of
@@ -98,6 +99,7 @@ class _Placement:
     input_device: torch.device
 
 
+@single_thread()  # checks and bookkeeping on one thread; the forward passes and solver size their own
 def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_quantize) -> dict[str, Any]:
     """Quantize every quantizable Linear/Conv1D of ``model`` in place with COMQ.
 
@@ -115,13 +117,14 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
         raise ValueError(
             f"{type(model).__name__} has no quantizable layers (nn.Linear / Conv1D outside modules_to_not_convert)"
         )
+    check_finite_weights(layers, placement.compute)
     data = build_calibration_data(model, config)
     groups = find_block_groups(model, getattr(config, "block_name", None))
     calibrator = _Calibrator(model, config, data, placement, layers, groups, solver)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), linear_layer_threads(model):
             calibrator.run()
     finally:
         model.train(was_training)
@@ -129,6 +132,23 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     model._comq_summary = summary
     _log_summary(summary)
     return summary
+
+
+def check_finite_weights(layers: dict[str, nn.Module], device: torch.device) -> None:
+    """Raise for the first layer with a NaN or infinite weight, before any calibration work.
+
+    Found later, a bad weight would surface as NaN activations in the blocks after it
+    (blamed on the data) or only after every block before it was calibrated.
+    """
+    for name, module in layers.items():
+        with _materialized(module, device), torch.no_grad():
+            finite = torch.isfinite(get_linear_weight(module))
+            bad = 0 if bool(finite.all()) else int((~finite).sum())
+        if bad:
+            raise ValueError(
+                f"layer {name!r} has {bad} NaN or infinite weight value(s): the checkpoint is broken "
+                "(or was saved after a diverged training step); quantize a checkpoint with finite weights"
+            )
 
 
 class _SharedInputs:

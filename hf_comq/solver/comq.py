@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..threads import single_thread
 from .grid import Grid, check_bits, minmax_grid, resolve_group_size, search_shrink
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
@@ -55,6 +56,7 @@ class QuantizedWeight:
         return ((self.codes.float() - zero) * scale).to(self.dtype)
 
 
+@single_thread()  # many small operators; the sweeps' large GEMMs get the caller's threads back
 def comq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,

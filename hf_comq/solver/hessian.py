@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..threads import threads_for
+
 
 class HessianAccumulator:
     """Accumulates ``X^T X`` over batches of activations of any leading shape.
@@ -42,10 +44,11 @@ class HessianAccumulator:
         rows = activations.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=product_dtype)
         if not torch.isfinite(rows).all():
             raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
-        if product_dtype == self.hessian.dtype:
-            self.hessian.addmm_(rows.T, rows)
-        else:
-            self.hessian.add_(rows.T @ rows)
+        with threads_for(2.0 * rows.numel() * self.in_features):
+            if product_dtype == self.hessian.dtype:
+                self.hessian.addmm_(rows.T, rows)
+            else:
+                self.hessian.add_(rows.T @ rows)
         self.num_tokens += rows.shape[0]
 
     def result(self) -> torch.Tensor:

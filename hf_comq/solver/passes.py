@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from ..threads import single_thread, threads_for
+
 
 def _round_column(
     target: torch.Tensor,
@@ -84,31 +86,33 @@ def coordinate_sweep(
         scales, inv_scales = scale_t.unbind(0), scale_t.reciprocal().unbind(0)
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
-        if per_channel:
-            local = residual_t[b0:b1] * inv_scale_row
-        else:
-            local = residual_t[b0:b1].clone()
-        moves = torch.empty_like(local)
-        local_rows, move_rows = local.unbind(0), moves.unbind(0)
-        for i0 in range(b0, b1, inner_block_size):
-            i1 = min(i0 + inner_block_size, b1)
-            for j in range(i0, i1):
-                code, move = codes[j], move_rows[j - b0]
-                if per_channel:
-                    torch.add(code, local_rows[j - b0], alpha=inv_diag[j], out=move)
-                else:
-                    torch.addcmul(code, local_rows[j - b0], inv_scales[j], value=inv_diag[j], out=move)
-                move.round_().clamp_(0, max_code).sub_(code)  # the move, in code units
-                code.add_(move)
-                if not per_channel:
-                    move.mul_(scales[j])
-                if j + 1 < i1:
-                    local[j + 1 - b0 : i1 - b0].addr_(h_rows[j][j + 1 : i1], move, alpha=-1.0)
-            if i1 < b1:
-                local[i1 - b0 :].addmm_(hessian[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
-        if per_channel:
-            moves.mul_(scale_row)
-        residual_t.addmm_(hessian[b0:b1].T, moves, alpha=-1.0)
+        with single_thread():  # per-column vector work: a thread pool only adds barrier waits
+            if per_channel:
+                local = residual_t[b0:b1] * inv_scale_row
+            else:
+                local = residual_t[b0:b1].clone()
+            moves = torch.empty_like(local)
+            local_rows, move_rows = local.unbind(0), moves.unbind(0)
+            for i0 in range(b0, b1, inner_block_size):
+                i1 = min(i0 + inner_block_size, b1)
+                for j in range(i0, i1):
+                    code, move = codes[j], move_rows[j - b0]
+                    if per_channel:
+                        torch.add(code, local_rows[j - b0], alpha=inv_diag[j], out=move)
+                    else:
+                        torch.addcmul(code, local_rows[j - b0], inv_scales[j], value=inv_diag[j], out=move)
+                    move.round_().clamp_(0, max_code).sub_(code)  # the move, in code units
+                    code.add_(move)
+                    if not per_channel:
+                        move.mul_(scales[j])
+                    if j + 1 < i1:
+                        local[j + 1 - b0 : i1 - b0].addr_(h_rows[j][j + 1 : i1], move, alpha=-1.0)
+                if i1 < b1:
+                    local[i1 - b0 :].addmm_(hessian[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
+            if per_channel:
+                moves.mul_(scale_row)
+        with threads_for(2.0 * moves.numel() * n_cols):
+            residual_t.addmm_(hessian[b0:b1].T, moves, alpha=-1.0)
     # ``code + (round(target) - code)`` is exact for integer codes; from the
     # fractional full-precision start it can be an ulp off the integer.
     codes_t.round_()
@@ -150,24 +154,26 @@ def error_feedback_pass(
         scales, zeros = scale_t.unbind(0), zero_t.unbind(0)
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
-        moves = torch.empty_like(state_t[b0:b1])
-        move_rows = moves.unbind(0)
-        for i0 in range(b0, b1, inner_block_size):
-            i1 = min(i0 + inner_block_size, b1)
-            for j in range(i0, i1):
-                state, move = states[j], move_rows[j - b0]
-                if in_weight_units:
-                    code = torch.div(state, scales[j], out=codes[j]).round_().add_(zeros[j]).clamp_(0, max_code)
-                    torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
-                else:
-                    code = torch.round(state, out=codes[j]).clamp_(0, max_code)
-                    torch.sub(code, state, out=move)
-                if j + 1 < i1:
-                    state_t[j + 1 : i1].addr_(coupling_rows[j][j + 1 : i1], move, alpha=-1.0)
-            if i1 < b1:
-                state_t[i1:b1].addmm_(coupling[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
+        with single_thread():  # per-column vector work: a thread pool only adds barrier waits
+            moves = torch.empty_like(state_t[b0:b1])
+            move_rows = moves.unbind(0)
+            for i0 in range(b0, b1, inner_block_size):
+                i1 = min(i0 + inner_block_size, b1)
+                for j in range(i0, i1):
+                    state, move = states[j], move_rows[j - b0]
+                    if in_weight_units:
+                        code = torch.div(state, scales[j], out=codes[j]).round_().add_(zeros[j]).clamp_(0, max_code)
+                        torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
+                    else:
+                        code = torch.round(state, out=codes[j]).clamp_(0, max_code)
+                        torch.sub(code, state, out=move)
+                    if j + 1 < i1:
+                        state_t[j + 1 : i1].addr_(coupling_rows[j][j + 1 : i1], move, alpha=-1.0)
+                if i1 < b1:
+                    state_t[i1:b1].addmm_(coupling[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
         if b1 < n_cols:
-            state_t[b1:].addmm_(coupling[b0:b1, b1:].T, moves, alpha=-1.0)
+            with threads_for(2.0 * moves.numel() * (n_cols - b1)):
+                state_t[b1:].addmm_(coupling[b0:b1, b1:].T, moves, alpha=-1.0)
         row_loss.addmv_(moves.square_().T, move_weight[b0:b1])
     return codes_t, row_loss
 
@@ -205,13 +211,15 @@ def rowwise_order_sweep(
         diag = diag_safe[cols]
         codes = torch.empty_like(deq)
         moves = torch.empty_like(deq)
-        for i in range(width):
-            target = deq[i] + local[i] / diag[i]
-            value = _round_column(target, scale[i], zero[i], max_code, codes[i])
-            torch.sub(value, deq[i], out=moves[i])
-            deq[i] = value
-            if i + 1 < width:
-                local[i + 1 :].addcmul_(sub_h[i, i + 1 :], moves[i].unsqueeze(0), value=-1.0)
+        with single_thread():  # per-column vector work: a thread pool only adds barrier waits
+            for i in range(width):
+                target = deq[i] + local[i] / diag[i]
+                value = _round_column(target, scale[i], zero[i], max_code, codes[i])
+                torch.sub(value, deq[i], out=moves[i])
+                deq[i] = value
+                if i + 1 < width:
+                    local[i + 1 :].addcmul_(sub_h[i, i + 1 :], moves[i].unsqueeze(0), value=-1.0)
         dequant_t.scatter_(0, cols, deq)
         codes_t.scatter_(0, cols, codes)
-        residual_t.addmm_(hessian, torch.zeros_like(residual_t).scatter_(0, cols, moves), alpha=-1.0)
+        with threads_for(2.0 * residual_t.numel() * n_cols):
+            residual_t.addmm_(hessian, torch.zeros_like(residual_t).scatter_(0, cols, moves), alpha=-1.0)

@@ -12,7 +12,7 @@ import torch
 from hf_comq.calibration import build_calibration_data
 from hf_comq.config import COMQConfig
 
-from tests.tiny import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
+from tests.tiny import gray_images, image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -258,17 +258,36 @@ def test_missing_split_lists_the_available_ones(tmp_path, vit):
         build_calibration_data(vit, _config(str(tmp_path), processor=image_processor(), dataset_split="validation"))
 
 
+@pytest.mark.parametrize("model_channels", [1, 3])
+@pytest.mark.parametrize("make_images", [gray_images, images], ids=["gray", "rgb"])
+def test_images_follow_the_models_channel_count(model_channels, make_images):
+    """Before: every image became RGB, so a one-channel model's processor (one mean) rejected them all."""
+    model = tiny_vit(num_channels=model_channels)
+    config = _config(make_images(3), processor=image_processor(channels=model_channels))
+    (batch,) = _collect(build_calibration_data(model, config))
+    assert batch["pixel_values"].shape == (3, model_channels, 32, 32)
+
+
+def test_without_num_channels_the_processor_decides():
+    """A model config without num_channels: the processor's image_mean length says how many channels."""
+    from hf_comq.calibration.data import image_channels
+
+    assert image_channels(None, image_processor(channels=1)) == 1
+    assert image_channels(torch.nn.Linear(2, 2), image_processor()) == 3
+    assert image_channels(None, object()) is None
+
+
 def test_images_the_processor_rejects(vit):
     dataset = datasets.Dataset.from_dict({"image": [np.zeros((4, 4, 7), dtype=np.uint8).tolist()] * 2})
     data = None
-    with pytest.raises(ValueError, match="rejected the calibration images"):
+    with pytest.raises(ValueError, match="rejected the images"):
         data = build_calibration_data(vit, _config(dataset, processor=image_processor()))
         _collect(data)
 
 
 def test_non_image_values_in_an_image_column_are_rejected(vit):
     dataset = datasets.Dataset.from_dict({"image": ["a.png", "b.png"]})
-    with pytest.raises(ValueError, match="rejected the calibration images"):
+    with pytest.raises(ValueError, match="rejected the images"):
         _collect(build_calibration_data(vit, _config(dataset, processor=image_processor())))
 
 
@@ -310,7 +329,7 @@ def test_raw_data_without_any_processor_is_an_error(vit):
 
 
 def test_unloadable_processor_path_is_an_error(tmp_path, vit):
-    with pytest.raises(ValueError, match="could not load a processor"):
+    with pytest.raises(ValueError, match=r"could not load an image processor .*; pass COMQConfig\(processor=...\)"):
         build_calibration_data(vit, _config(images(2), processor=str(tmp_path / "missing")))
 
 

@@ -301,6 +301,20 @@ def test_model_with_no_quantizable_layers():
         quantize_model(model, config)
 
 
+@pytest.mark.parametrize("layer", ["vit.layers.0.attention.q_proj", "vit.layers.1.mlp.fc2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_broken_weight_is_named_before_any_calibration(monkeypatch, layer, bad):
+    """Before: NaN in an early layer read as bad calibration data, in a late one it surfaced after the earlier blocks."""
+    model = tiny_vit()
+    with torch.no_grad():
+        get_linear_weight(model.get_submodule(layer))[3, 5] = bad
+    started = []
+    monkeypatch.setattr("hf_comq.calibration.sequential.build_calibration_data", lambda *args: started.append(1))
+    with pytest.raises(ValueError, match=rf"layer '{layer}' has 1 NaN or infinite weight value"):
+        quantize_model(model, COMQConfig(bits=4, dataset=torch.randn(4, 3, 32, 32)))
+    assert started == []
+
+
 def test_dataset_without_tokens_is_too_small():
     model = tiny_model("llama")
     config = COMQConfig(bits=4, dataset=["", "   "], processor=word_tokenizer())

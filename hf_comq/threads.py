@@ -1,0 +1,113 @@
+"""How many CPU threads hf_comq lets torch use, and for which work.
+
+torch runs an operator over its whole intra-op thread pool as soon as the operator
+is more than tiny, and every such operator ends in a barrier that waits for all
+pool threads.  On a machine whose cores are busy with other work, a waiting thread
+may not be scheduled for a whole time slice, so each barrier can cost far more than
+the operator itself.  Much of hf_comq's work is many small operators: the solver
+visits one weight column at a time, and small models run small layers.  With
+several threads on a busy machine such work runs many times slower than on one,
+while a large GEMM loses little (its threads work long between barriers) and gains
+nearly the thread count when the cores are free.
+
+So hf_comq sizes its thread count by the work: :func:`threads_for` runs a piece of
+work on the caller's threads when its operators reach :data:`MIN_PARALLEL_FLOPS`
+and on one thread otherwise, :func:`single_thread` on one thread (the layer solver
+runs so, except its large GEMMs), and :func:`linear_layer_threads` sizes a model's
+forward passes by its linear layers.  The caller's count is
+``torch.get_num_threads()`` (what ``torch.set_num_threads`` or ``hf-comq
+--threads`` chose) when the outermost scope was entered; nested scopes keep it.
+``benchmarks/bench_threads.py`` measures the result against one thread, with and
+without a competing process, and prints the GEMM sweep behind the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MIN_PARALLEL_FLOPS", "caller_threads", "linear_layer_threads", "single_thread", "threads_for"]
+
+MIN_PARALLEL_FLOPS = 4e9
+"""Smallest operator (in floating point operations; ``2 * m * k * n`` for a GEMM)
+that runs on the caller's thread count.  Below it, a busy machine's barrier waits
+cost more than extra threads can save."""
+
+_caller_threads: ContextVar[int | None] = ContextVar("hf_comq_caller_threads", default=None)
+
+
+def caller_threads() -> int:
+    """The thread count the user chose: recorded by the outermost scope, else torch's current one."""
+    recorded = _caller_threads.get()
+    return recorded if recorded is not None else torch.get_num_threads()
+
+
+def _threads_for_size(flops: float) -> int:
+    return caller_threads() if flops > 0 and flops >= MIN_PARALLEL_FLOPS else 1
+
+
+@contextmanager
+def threads_for(flops: float) -> Iterator[None]:
+    """Run the enclosed work on the caller's threads if its operators are of ``flops`` or more, else on one."""
+    token = _caller_threads.set(caller_threads())
+    previous = torch.get_num_threads()
+    wanted = _threads_for_size(flops)
+    if wanted != previous:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+        _caller_threads.reset(token)
+
+
+def single_thread() -> Any:
+    """Run the enclosed work on one thread; also a decorator (``@single_thread()``).
+
+    For work made of many small operators: per-column vector updates, searches over
+    cache-sized chunks, blocked factorisations of a layer-sized matrix.
+    """
+    return threads_for(0.0)
+
+
+@contextmanager
+def linear_layer_threads(*models: nn.Module) -> Iterator[None]:
+    """Run forward passes of ``models`` on one thread, or on the caller's threads where the linear layers are big.
+
+    A pre-hook on every linear layer picks the count from that layer's GEMM for the
+    batch at hand (``2 * tokens * in * out``); the operators that follow it
+    (activations, attention, norms) keep that count until the next linear layer.
+    A large model thereby runs on the caller's threads and a small one on one
+    thread, whatever the batch.
+    """
+    from .nn import COMQLinear, is_linear_like, linear_shape
+
+    def choose(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            wanted = _threads_for_size(2.0 * args[0].numel() * linear_shape(module)[0])
+            if wanted != torch.get_num_threads():
+                torch.set_num_threads(wanted)
+
+    def back_to_one(module: nn.Module, args: tuple, output: object) -> None:
+        if torch.get_num_threads() != 1:  # what callers do with the outputs (losses, argmax) is small work
+            torch.set_num_threads(1)
+
+    with single_thread():
+        handles = [
+            module.register_forward_pre_hook(choose)
+            for model in models
+            for module in model.modules()
+            if is_linear_like(module) or isinstance(module, COMQLinear)
+        ]
+        handles += [model.register_forward_hook(back_to_one) for model in models]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,135 @@
+"""hf_comq's thread policy: small work on one thread, large GEMMs on the caller's threads.
+
+These tests look at which thread count each piece of work runs with, not at
+timings (``benchmarks/bench_threads.py`` measures those).
+"""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from torch import nn
+
+import hf_comq.solver.passes as passes
+from hf_comq import COMQConfig, comq_quantize
+from hf_comq.calibration import quantize_model
+from hf_comq.evaluation import top1_accuracy
+from hf_comq.solver import HessianAccumulator
+from hf_comq.threads import MIN_PARALLEL_FLOPS, caller_threads, linear_layer_threads, single_thread, threads_for
+from tests.tiny import image_processor, images, tiny_vit
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads, as a user without ``--threads`` has on a two-core machine (the suite runs on one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def spy(monkeypatch, module, name: str) -> list[int]:
+    """Record ``torch.get_num_threads()`` each time ``module.name`` is called."""
+    seen: list[int] = []
+    original = getattr(module, name)
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return seen
+
+
+def test_scopes_size_the_thread_count_and_restore_it(two_threads) -> None:
+    with single_thread():
+        assert torch.get_num_threads() == 1
+        assert caller_threads() == 2  # the user's choice is remembered for large work inside
+        with threads_for(MIN_PARALLEL_FLOPS):
+            assert torch.get_num_threads() == 2
+        with threads_for(MIN_PARALLEL_FLOPS / 2):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_the_solver_runs_its_column_loops_on_one_thread(two_threads, monkeypatch) -> None:
+    """Before: comq_quantize ran every per-column vector op over the whole pool (many times slower when busy)."""
+    in_sweep = spy(monkeypatch, passes.torch, "round")  # error-feedback start, inside the column loop
+    weight, hessian = torch.randn(16, 32), torch.eye(32) + 0.1
+    comq_quantize(weight, hessian, bits=4)
+    assert in_sweep and set(in_sweep) == {1}
+    assert torch.get_num_threads() == 2
+
+
+def test_large_gemms_get_the_callers_threads(two_threads, monkeypatch) -> None:
+    monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_FLOPS", 1.0)  # every GEMM counts as large
+    seen: list[int] = []
+    original = torch.Tensor.addmm_
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", recording)
+    with single_thread():
+        HessianAccumulator(32).add(torch.randn(10, 32))
+    assert seen == [2]
+    seen.clear()
+    comq_quantize(torch.randn(16, 256), torch.eye(256) + 0.1, bits=4, iterations=1)
+    # the column loops' small block updates on one thread, the GEMMs between blocks on the caller's two
+    assert set(seen) == {1, 2}
+
+
+def test_forward_passes_follow_the_size_of_the_linear_layers(two_threads, monkeypatch) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    seen: list[int] = []
+    model[1].register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    with linear_layer_threads(model):
+        model(torch.randn(4, 8))
+        monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_FLOPS", 2.0 * 4 * 8)  # the batch's GEMM is now large
+        model(torch.randn(4, 8))
+        assert torch.get_num_threads() == 1  # what the caller does with the outputs is small work again
+    assert seen == [1, 2]
+    assert torch.get_num_threads() == 2
+
+
+def test_calibration_and_evaluation_forwards_run_on_one_thread_for_small_models(two_threads) -> None:
+    """Before: a tiny ViT's forward passes ran every operator over the whole pool."""
+    model = tiny_vit(num_labels=3)
+    seen: list[int] = []
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    data = datasets.Dataset.from_dict({"image": images(4), "label": [0, 1, 2, 0]})
+    top1_accuracy(model, data, image_processor(), batch_size=2)
+    assert seen and set(seen) == {1}
+    seen.clear()
+    quantize_model(model, COMQConfig(bits=4, dataset=images(4), processor=image_processor(), num_samples=4))
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+
+
+def test_cli_commands_run_economically_and_restore_the_thread_count(two_threads, tmp_path, monkeypatch) -> None:
+    """Loading and evaluating through hf-comq: small work on one thread, the user's count back afterwards."""
+    from hf_comq.cli import main
+
+    folder = tmp_path / "vit"
+    tiny_vit(num_labels=3).save_pretrained(folder)
+    image_processor().save_pretrained(folder)
+    data = tmp_path / "images.parquet"
+    datasets.Dataset.from_dict({"image": images(4), "label": [0, 1, 2, 0]}).to_parquet(data)
+    seen: list[int] = []
+    original = torch.nn.LayerNorm.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.LayerNorm, "forward", recording)
+    assert main(["evaluate", str(folder), "--dataset", str(data)]) == 0
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+    assert main(["evaluate", str(folder), "--dataset", str(data), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 2

@@ -1,0 +1,482 @@
+"""The mistakes a user can make at each public entry point, and the one clear line each gets.
+
+One place to read what hf_comq says when it is used wrongly, and to check that it says
+so *before* any expensive work: no calibration step (no activation reaches a Hessian),
+no model loaded where the mistake does not need one.  Entry points:
+
+* ``COMQConfig(...)``;
+* ``from_pretrained(..., quantization_config=COMQConfig(...))`` (quantize on load);
+* ``save_pretrained`` / ``push_to_hub`` / ``torch.save`` of a quantized model;
+* ``hf_comq.load_quantized``;
+* ``hf-comq quantize`` / ``evaluate`` / ``demo`` / ``--help``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import transformers as T
+
+import hf_comq
+from hf_comq import COMQConfig, CheckpointError, load_quantized
+from hf_comq.cli import main, recover_interrupted_save, save_atomically
+from hf_comq.solver import HessianAccumulator
+from tests.tiny import gray_images, image_processor, images, quantize_tiny, sentences, tiny_vit, word_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vit") / "tiny-vit"
+    tiny_vit(num_labels=3).save_pretrained(folder)
+    image_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(vit_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("quantized") / "tiny-vit-w4"
+    quantize_tiny(vit_dir, T.ViTForImageClassification).save_pretrained(folder)
+    image_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bert") / "tiny-bert"
+    config = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    T.BertModel(config).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "images.parquet"
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    datasets.Dataset.from_dict({"image": images(6), "label": [0, 1, 2] * 2}, features=features).to_parquet(path)
+    return path
+
+
+@pytest.fixture
+def calibration_steps(monkeypatch) -> list[int]:
+    """Counts activation batches reaching a Hessian: calibration has started once this is non-empty."""
+    steps: list[int] = []
+    original = HessianAccumulator.add
+
+    def add(self, activations):
+        steps.append(1)
+        return original(self, activations)
+
+    monkeypatch.setattr(HessianAccumulator, "add", add)
+    return steps
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error)
+    assert "\n" not in text.strip(), text
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- COMQConfig
+@pytest.mark.parametrize(
+    "settings, error, message",
+    [
+        ({"bitz": 4}, TypeError, "unexpected keyword argument 'bitz'"),
+        ({"bits": 1}, ValueError, r"bits: expected an integer in \[2, 8\], got 1; use 4"),
+        ({"bits": "4"}, ValueError, "bits: expected an integer"),
+        ({"group_size": 0}, ValueError, "group_size: expected an integer >= 1"),
+        ({"damp": 0.0}, ValueError, r"damp: expected a number > 0, got 0.0"),
+        ({"shrink": 1.5}, ValueError, r"shrink: expected a number in \(0, 1.0\]"),
+        ({"order": "random"}, ValueError, r"order: expected one of \['greedy', 'sequential', 'act_order'\]"),
+        ({"init": "zeros"}, ValueError, "init: expected one of"),
+        ({"num_samples": 0}, ValueError, "num_samples: expected an integer >= 1"),
+        ({"dataset": ""}, ValueError, "dataset: got an empty string"),
+        ({"dataset": []}, ValueError, "dataset: the list is empty"),
+        ({"dataset": 3}, ValueError, "dataset: unsupported type int"),
+        ({"modules_to_not_convert": "classifier"}, ValueError, "modules_to_not_convert: expected a list of module names"),
+        ({"symmetric": "yes"}, ValueError, "symmetric: expected True or False"),
+        ({"quant_method": "gptq"}, ValueError, "COMQConfig only describes 'comq'"),
+    ],
+)
+def test_comq_config(settings, error, message) -> None:
+    with pytest.raises(error, match=message) as raised:
+        COMQConfig(**settings)
+    one_line(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------- quantize on load
+def _quantize(path: Path, **settings):
+    settings.setdefault("dataset", images(4))
+    settings.setdefault("processor", image_processor())
+    return T.ViTForImageClassification.from_pretrained(path, quantization_config=COMQConfig(**settings))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"dataset": None, "processor": None}, "COMQ needs calibration data: pass COMQConfig"),
+        ({"modules_to_not_convert": ["does.not.exist"]}, r"\['does.not.exist'\] match no module"),
+        ({"group_size": 24}, "group_size=24 does not divide in_features"),
+        ({"block_name": "vit.blocks"}, "block_name='vit.blocks' does not name a submodule"),
+        ({"dataset": "demo:validation"}, "unknown demo dataset 'demo:validation'; use one of demo:calibration"),
+        ({"dataset": "/no/such/folder/data.parquet"}, "could not load calibration dataset"),
+        ({"dataset": sentences(4), "processor": None}, r"could not load a tokenizer .* pass COMQConfig\(processor"),
+        ({"dataset": datasets.Dataset.from_dict({"photo": images(2)})}, r"no calibration column found.*\['photo'\]"),
+    ],
+)
+def test_from_pretrained_quantize_path(vit_dir, calibration_steps, settings, message) -> None:
+    with pytest.raises(ValueError, match=message) as raised:
+        _quantize(vit_dir, **settings)
+    one_line(raised.value)
+    assert calibration_steps == []
+
+
+def test_a_nan_weight_is_found_before_calibration(vit_dir, tmp_path, calibration_steps) -> None:
+    model = T.ViTForImageClassification.from_pretrained(vit_dir)
+    with torch.no_grad():
+        model.vit.layers[1].mlp.fc2.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    image_processor().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="layer 'vit.layers.1.mlp.fc2' has 1 NaN or infinite weight value"):
+        _quantize(tmp_path)
+    assert calibration_steps == []
+
+
+def test_an_empty_data_file_is_one_line(vit_dir, tmp_path, calibration_steps) -> None:
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="dataset file '.*empty.parquet' is empty"):
+        _quantize(vit_dir, dataset=str(tmp_path / "empty.parquet"))
+    assert calibration_steps == []
+
+
+def test_other_settings_on_a_quantized_checkpoint_are_refused(quantized_dir, calibration_steps) -> None:
+    """transformers' own check: a quantized checkpoint is loaded with the settings it was saved with."""
+    with pytest.raises(ValueError, match="CompressedTensorsConfig"):
+        T.ViTForImageClassification.from_pretrained(quantized_dir, quantization_config=COMQConfig(bits=2))
+    assert calibration_steps == []
+
+
+def test_demo_data_by_name_from_python(calibration_steps) -> None:
+    """``dataset="demo:calibration"`` works in Python as on the command line (one resolver for both)."""
+    from hf_comq.assets import demo_model_path
+
+    model = T.ViTForImageClassification.from_pretrained(
+        demo_model_path(), quantization_config=COMQConfig(dataset="demo:calibration", num_samples=4, bits=8)
+    )
+    assert model.config.quantization_config.calibration_description.startswith("demo:calibration (split train")
+    assert calibration_steps
+
+
+# ---------------------------------------------------------------------------------------------- save / push / pickle
+def test_push_to_hub_with_an_invalid_repo_id_fails_before_saving(quantized_dir, monkeypatch) -> None:
+    model = load_quantized(quantized_dir)
+    saves: list[str] = []
+    monkeypatch.setattr(T.ViTForImageClassification, "save_pretrained", lambda *args, **kwargs: saves.append("x"))
+    with pytest.raises(ValueError, match="Repo id must"):
+        model.push_to_hub("not a repo id!")
+    assert saves == []
+
+
+def test_a_really_quantized_model_survives_torch_save_and_pickle(vit_dir, tmp_path) -> None:
+    """The card hooks are plain objects, so a quantized model pickles and still saves with its card."""
+    model = quantize_tiny(vit_dir, T.ViTForImageClassification)
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.save(model, tmp_path / "model.pt")
+    for restored in (torch.load(tmp_path / "model.pt", weights_only=False), pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():
+            assert torch.equal(restored(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+        restored.save_pretrained(tmp_path / "saved")
+        assert (tmp_path / "saved" / "README.md").is_file()
+        torch.testing.assert_close(
+            load_quantized(tmp_path / "saved")(pixel_values=pixels).logits, model(pixel_values=pixels).logits
+        )
+
+
+# ---------------------------------------------------------------------------------------------- load_quantized
+def test_load_quantized(vit_dir, quantized_dir, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="is not a compressed-tensors pack-quantized checkpoint: config.json has no"):
+        load_quantized(vit_dir)
+    with pytest.raises(CheckpointError, match="bits: checkpoint 4 vs passed 2"):
+        load_quantized(quantized_dir, quantization_config=COMQConfig(bits=2))
+    with pytest.raises(TypeError, match="do not pass config="):
+        load_quantized(quantized_dir, config=T.ViTConfig())
+    with pytest.raises(OSError, match="no-such-folder"):
+        load_quantized(tmp_path / "no-such-folder")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_error(capsys, *argv: object) -> str:
+    """Run a command that must fail with one ``hf-comq: error:`` line and nothing on stdout."""
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1, (out, err)
+    assert "Traceback" not in err and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("hf-comq: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if a command loads weights: the mistake must be caught from config.json alone."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(T.PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """A Hub endpoint nothing listens on: the CLI must say so at once instead of retrying."""
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def test_quantize_output_checks(capsys, tmp_path, monkeypatch, vit_dir, image_data, no_model_loading) -> None:
+    base = ["quantize", vit_dir, "--dataset", image_data]
+    monkeypatch.chdir(tmp_path)
+    assert "--output . is the current folder" in cli_error(capsys, *base, "--output", ".", "--overwrite")
+    assert "--output .. is the current folder or one above it" in cli_error(capsys, *base, "--output", "..")
+    assert "would replace the model being quantized" in cli_error(capsys, *base, "--output", vit_dir, "--overwrite")
+    (tmp_path / "file.txt").write_text("x")
+    assert "--output file.txt is a file" in cli_error(capsys, *base, "--output", "file.txt")
+    line = cli_error(capsys, *base, "--output", tmp_path / "file.txt" / "out")
+    assert "cannot write the output folder" in line and "is not writable" in line
+    line = cli_error(capsys, *base, "--output", "out", "--push-to-hub", "me/my model")
+    assert "--push-to-hub 'me/my model' is not a valid Hub repository id" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_quantize_into_a_read_only_folder(capsys, tmp_path, vit_dir, image_data, no_model_loading) -> None:
+    (tmp_path / "locked").mkdir(mode=0o555)
+    line = cli_error(capsys, "quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "locked" / "out")
+    assert "cannot write the output folder" in line
+
+
+def test_quantize_names_that_would_need_an_unreachable_hub(capsys, tmp_path, image_data, hub_unreachable) -> None:
+    line = cli_error(capsys, "quantize", "x", "--dataset", image_data, "--output", tmp_path / "out")
+    assert line.startswith("hf-comq: error: model 'x' is not a local path, and the Hugging Face Hub is unavailable")
+    assert "a single word is taken as a Hub id" in line
+    line = cli_error(capsys, "evaluate", tmp_path, "--dataset", "beans")
+    assert "is not a model checkpoint folder" in line
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    line = cli_error(capsys, "quantize", tmp_path, "--dataset", "someone/images", "--output", tmp_path / "out")
+    assert "dataset 'someone/images' is not a local path, and the Hugging Face Hub is unavailable" in line
+
+
+def test_quantize_with_the_hub_switched_off(capsys, tmp_path, monkeypatch, vit_dir) -> None:
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    line = cli_error(capsys, "quantize", "someone/model", "--dataset", "x", "--output", tmp_path / "out")
+    assert "model 'someone/model' is not a local path, and the Hugging Face Hub is unavailable (HF_HUB_OFFLINE" in line
+    line = cli_error(capsys, "quantize", vit_dir, "--dataset", "beans", "--output", tmp_path / "out")
+    assert "dataset 'beans' is not a local path" in line
+
+
+def test_empty_data_is_one_line(capsys, tmp_path, vit_dir, calibration_steps) -> None:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    datasets.Dataset.from_dict({"image": [], "label": []}, features=features).to_parquet(tmp_path / "rows.parquet")
+    (tmp_path / "bytes.parquet").write_bytes(b"")
+    for command in (["quantize", "--output", tmp_path / "out"], ["evaluate"]):
+        line = cli_error(capsys, command[0], vit_dir, "--dataset", tmp_path / "rows.parquet", *command[1:])
+        assert "rows.parquet' has no rows; pass data with at least one sample" in line
+        line = cli_error(capsys, command[0], vit_dir, "--dataset", tmp_path / "bytes.parquet", *command[1:])
+        assert "bytes.parquet' is empty (0 bytes)" in line
+    assert calibration_steps == []
+
+
+def test_evaluate_mistakes(capsys, tmp_path, vit_dir, bert_dir, quantized_dir, image_data, no_model_loading) -> None:
+    line = cli_error(capsys, "evaluate", quantized_dir, "--dataset", image_data, "--reference", bert_dir)
+    assert f"--reference {bert_dir} is a 'bert' model and {quantized_dir} a 'vit' model" in line
+    assert "pass the full-precision original" in line
+    other = tmp_path / "other-vit"
+    tiny_vit(num_labels=5).save_pretrained(other)
+    line = cli_error(capsys, "evaluate", quantized_dir, "--dataset", image_data, "--reference", other)
+    assert "--reference other-vit (ViTForImageClassification) is not the same kind of model as tiny-vit-w4" in line
+    assert "num_labels 5 vs 3" in line
+    line = cli_error(capsys, "evaluate", bert_dir, "--dataset", image_data)
+    assert "needs --reference FP_MODEL" in line
+
+
+def test_evaluate_a_folder_saved_without_its_processor(capsys, tmp_path, quantized_dir, image_data) -> None:
+    """The README's Python save used to leave the processor out; evaluate then named an option it does not have."""
+    folder = tmp_path / "no-processor"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((quantized_dir / name).read_bytes())
+    line = cli_error(capsys, "evaluate", folder, "--dataset", image_data)
+    assert f"{folder} has no image processor; save the original model's one next to the weights" in line
+    assert "AutoImageProcessor.from_pretrained(ORIGINAL).save_pretrained(" in line and "COMQConfig" not in line
+
+
+def test_demo_mistakes(capsys, tmp_path, calibration_steps) -> None:
+    assert "bits: expected an integer in [2, 8], got 9" in cli_error(capsys, "demo", "--bits", 9, "--output", tmp_path)
+    assert "--num-samples must be a positive integer" in cli_error(capsys, "demo", "--num-samples", 0)
+    (tmp_path / "vit-fashion-mnist-comq-w4").mkdir()
+    (tmp_path / "vit-fashion-mnist-comq-w4" / "notes.txt").write_text("mine")
+    line = cli_error(capsys, "demo", "--bits", 4, "--output", tmp_path)
+    assert "already exists and is not empty; choose another --output or pass --overwrite" in line
+    assert "--overwrite only replaces a checkpoint hf-comq wrote" in cli_error(
+        capsys, "demo", "--bits", 4, "--output", tmp_path, "--overwrite"
+    )
+    assert (tmp_path / "vit-fashion-mnist-comq-w4" / "notes.txt").read_text() == "mine"
+    assert calibration_steps == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["evaluate", "MODEL", "--dataset", "DATA", "--limit", "0"], "--limit must be a positive integer, got 0"),
+        (["evaluate", "MODEL", "--dataset", "DATA", "--batch-size", "-1"], "--batch-size must be a positive integer"),
+        (["demo", "--eval-limit", "0"], "--eval-limit must be a positive integer"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--bits", "9"], r"bits: expected an integer in \[2, 8\]"),
+    ],
+)
+def test_cli_numbers_out_of_range(capsys, vit_dir, image_data, tmp_path, calibration_steps, argv, message) -> None:
+    names = {"MODEL": str(vit_dir), "DATA": str(image_data), "OUT": str(tmp_path / "out")}
+    assert re.search(message, cli_error(capsys, *[names.get(arg, arg) for arg in argv]))
+    assert calibration_steps == []
+
+
+def test_help_and_usage_errors_import_neither_torch_nor_transformers() -> None:
+    """``hf-comq --help`` used to take 8-10 s: it imported transformers (and torch) before parsing."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from hf_comq.cli import main
+        codes = [main(["--help"]), main(["quantize", "--help"]), main(["quantize", "model"]), main(["demo", "--bits", "x"])]
+        heavy = sorted(name for name in ("torch", "transformers", "datasets") if name in sys.modules)
+        print(codes, heavy)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "[0, 0, 2, 2] []", result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- atomic save
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_and_the_old_checkpoint_restored(tmp_path, capsys) -> None:
+    output = tmp_path / "ckpt"
+    dead = _dead_pid()
+    old = tmp_path / f".ckpt.old-{dead}-0123abcd"  # killed between the two renames: ckpt itself is gone
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"previous")
+    partial = tmp_path / f".ckpt.partial-{dead}-89abcdef"
+    partial.mkdir()
+    unrelated = tmp_path / ".ckpt.partial-notours"
+    unrelated.mkdir()
+    assert len(recover_interrupted_save(output)) == 2
+    assert (output / "model.safetensors").read_bytes() == b"previous"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".ckpt.partial-notours", "ckpt"]
+    # a live process's staging folder is left alone
+    alive = tmp_path / f".ckpt.partial-{os.getpid()}-00000000"
+    alive.mkdir()
+    assert recover_interrupted_save(output) == [] and alive.is_dir()
+
+
+def _killed_save_script(output: Path, kill_at: str) -> str:
+    return textwrap.dedent(
+        f"""
+        import os, pathlib, signal
+        from hf_comq.cli import save_atomically
+
+        renames = []
+        original = pathlib.Path.rename
+
+        def rename(self, target):
+            renames.append(self)
+            result = original(self, target)
+            if {kill_at!r} == "between renames" and len(renames) == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        pathlib.Path.rename = rename
+
+        def write(folder):
+            (folder / "model.safetensors").write_bytes(b"new")
+            if {kill_at!r} == "while writing":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        save_atomically(pathlib.Path({str(output)!r}), write)
+        """
+    )
+
+
+@pytest.mark.parametrize("kill_at", ["while writing", "between renames"])
+def test_sigkill_during_save_leaves_a_recoverable_state(tmp_path, kill_at) -> None:
+    output = tmp_path / "ckpt"
+    output.mkdir()
+    (output / "model.safetensors").write_bytes(b"previous")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", _killed_save_script(output, kill_at)], env=env, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert len(list(tmp_path.iterdir())) == 2  # the killed run's hidden folder is left behind...
+    save_atomically(output, lambda folder: (folder / "model.safetensors").write_bytes(b"fresh"))
+    assert (output / "model.safetensors").read_bytes() == b"fresh"
+    assert [path.name for path in tmp_path.iterdir()] == ["ckpt"]  # ...and removed by the next save
+
+
+def test_saved_folders_get_the_umask_permissions(tmp_path) -> None:
+    previous = os.umask(0o022)
+    try:
+        save_atomically(tmp_path / "ckpt", lambda folder: (folder / "a").write_text("x"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+
+
+def test_comq_demo_is_git_ignored() -> None:
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", "comq-demo/vit-fashion-mnist-comq-w4"], cwd=REPO_ROOT)
+    assert result.returncode == 0
+
+
+def test_readme_documents_every_cli_option_and_the_paper_mode() -> None:
+    from hf_comq.cli import build_parser
+    from hf_comq.solver import REFERENCE_CODE
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Command line") : readme.index("## Performance")]
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "==SUPPRESS==" or action.choices)
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert f"`{option}" in section or f"[{option}" in section or f" {option} " in section, (name, option)
+    assert "COMQConfig(**REFERENCE_CODE, sequential=False)" in readme
+    paper = COMQConfig(**REFERENCE_CODE, sequential=False)
+    assert (paper.init, paper.order, paper.iterations, paper.scale_refit, paper.scale_search, paper.sequential) == (
+        "fp", "greedy", 1, False, False, False,
+    )  # fmt: skip
+    assert re.search(r"processor\.save_pretrained\(\"vit-comq-w4\"\)", readme)
+    assert "hf_comq.assets.demo_model_path()" in readme and '"demo:calibration"' in readme
