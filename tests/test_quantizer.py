@@ -443,7 +443,11 @@ def test_random_settings_save_and_reload_to_identical_outputs(seed, tmp_path):
     packed = load_quantized(tmp_path / "q", dtype=case["dtype"])
     assert torch.equal(run(packed), expected), case
     dense = type(model).from_pretrained(tmp_path / "q", dtype=case["dtype"])  # compressed-tensors, no hf_comq code
-    torch.testing.assert_close(run(dense), expected, rtol=0, atol=0 if case["dtype"] == torch.float32 else 1e-2)
+    # Same dequantized weights; in float32 only the summation order differs (the packed layer's
+    # kernel vs the dense GEMM), bit-exactness against the exact path is tested in
+    # tests/test_plain_transformers.py.
+    fp32 = case["dtype"] == torch.float32
+    torch.testing.assert_close(run(dense), expected, rtol=1e-5 if fp32 else 0, atol=1e-6 if fp32 else 1e-2)
 
 
 @pytest.mark.parametrize("seed", [0, 3])

@@ -74,7 +74,7 @@ def test_large_gemms_get_the_callers_threads(two_threads, monkeypatch) -> None:
 
     monkeypatch.setattr(torch.Tensor, "addmm_", recording)
     with single_thread():
-        HessianAccumulator(32).add(torch.randn(10, 32))
+        HessianAccumulator(32).add(torch.randn(10, 32, dtype=torch.float64))  # float64 in: one addmm_
     assert seen == [2]
     seen.clear()
     comq_quantize(torch.randn(16, 256), torch.eye(256) + 0.1, bits=4, iterations=1)
