@@ -3,8 +3,8 @@
 The C++ sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` on
 first use, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), under a name that hashes the sources and the torch
-version: later processes only load the cached library, and an upgrade of either
-builds a fresh one instead of loading a stale binary.
+version: later processes load the cached library directly (no compiler needed), and
+an upgrade of either builds a fresh one instead of loading a stale binary.
 
 Anything that stops the kernel (no compiler, no ninja, a failed build, a big-endian
 host) makes :func:`load_kernel` return ``None``: the callers then take the exact torch
@@ -107,20 +107,24 @@ def missing_toolchain() -> str | None:
 
 def _build_and_load():
     """(ops, one-line reason).  Never raises: a kernel that cannot load means the fallback."""
-    missing = missing_toolchain()
-    if missing is not None:
-        return None, f"torch fallback: compiled CPU kernel unavailable, {missing}"
     from torch.utils import cpp_extension
 
     name = extension_name()
     build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     start = time.perf_counter()
+    ops = load_cached_library(build_dir / f"{name}.so")
+    if ops is not None:
+        seconds = time.perf_counter() - start
+        return ops, f"compiled CPU kernel ({ops.isa()}): {name}, loaded in {seconds:.1f} s from {build_dir}"
+    missing = missing_toolchain()
+    if missing is not None:
+        return None, f"torch fallback: compiled CPU kernel unavailable, {missing}"
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
+        sources = copy_sources(build_dir / "src")
         cpp_extension.load(
             name=name,
             build_directory=str(build_dir),
-            sources=[str(CSRC / source) for source in SOURCES],
+            sources=[str(source) for source in sources],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -132,4 +136,39 @@ def _build_and_load():
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return None, f"torch fallback: building the compiled CPU kernel failed ({type(error).__name__}: {first_line})"
     seconds = time.perf_counter() - start
-    return ops, f"compiled CPU kernel ({isa}): {name}, built or loaded in {seconds:.1f} s, cached in {build_dir}"
+    return ops, f"compiled CPU kernel ({isa}): {name}, built in {seconds:.1f} s, cached in {build_dir}"
+
+
+def load_cached_library(library: Path):
+    """The ops of an already built library, or ``None`` when there is none or it does not load.
+
+    Loading the file directly skips the compiler and ninja checks, so a process that
+    finds the cache pays only the ``dlopen``.  A library that fails to load (a build
+    killed half-way) is removed so that the caller builds it again.
+    """
+    if not library.is_file():
+        return None
+    try:
+        torch.ops.load_library(str(library))
+        ops = getattr(torch.ops, OPS_NAMESPACE)
+        ops.isa()
+    except Exception:  # corrupt or foreign file: rebuild rather than fail
+        library.unlink(missing_ok=True)
+        return None
+    return ops
+
+
+def copy_sources(destination: Path) -> list[Path]:
+    """Copy the C++ sources next to the build, and return the paths to compile.
+
+    ninja's build file records source paths; compiling a copy keeps those paths the
+    same for every checkout or install of the same sources (same hash, same folder),
+    so two installs never make each other rebuild.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in SOURCES + HEADERS:
+        target = destination / name
+        content = (CSRC / name).read_bytes()
+        if not target.is_file() or target.read_bytes() != content:
+            target.write_bytes(content)
+    return [destination / name for name in SOURCES]

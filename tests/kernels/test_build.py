@@ -68,3 +68,17 @@ def test_failing_build_falls_back_and_says_so_once(tmp_path):
     lines = kernel_log_lines(result.stderr)
     assert len(lines) == 1 and "building the compiled CPU kernel failed" in lines[0], result.stderr
     assert "PATH: torch fallback" in result.stdout
+
+
+def test_a_later_process_loads_the_cached_library_without_building(monkeypatch):
+    """Once built, a new process only loads the library: no compiler, no ninja, no rebuild."""
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    if missing_toolchain() is not None:
+        pytest.skip(f"compiled kernel not buildable here: {missing_toolchain()}")
+    assert load_kernel() is not None  # builds into the default cache if this process has not yet
+    env = {key: value for key, value in os.environ.items() if key != DISABLE_ENV_VAR}
+    env.update(PYTHONPATH=str(ROOT), CXX="/no-such-compiler")  # a build attempt would fall back
+    script = "from hf_comq.kernels import active_path; print('PATH:', active_path())"
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "PATH: compiled CPU kernel (" in result.stdout and " loaded in " in result.stdout, result.stdout
