@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from hf_comq.solver.grid import minmax_grid, resolve_group_size, search_shrink
+from hf_comq.solver.grid import minmax_grid, search_shrink
+from hf_comq.solver.options import resolve_group_size
 
 
 def test_asymmetric_minmax_grid_by_hand():
