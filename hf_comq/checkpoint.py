@@ -42,6 +42,7 @@ from torch import nn
 
 from .compat import saved_state_dict_names, was_loaded
 from .nn.quant_linear import PACKED_TENSORS, COMQLinear, group_count, is_linear_like, linear_shape
+from .settings import CONV1D, LINEAR
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ COMPRESSED_TENSORS = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 PROVENANCE_KEY = "comq"
 MIN_COMPRESSED_TENSORS = "0.18"  # dense cross-word packing of 3/5/6/7-bit codes (no version marker before)
-LINEAR, CONV1D = "Linear", "Conv1D"
 PACKED_SUFFIXES = tuple(f".{name}" for name in PACKED_TENSORS)
 
 

@@ -188,7 +188,7 @@ def _calibration_rows(config: Any, pipeline_tag: str | None) -> list[tuple[str, 
     keys = (_DATASET_KEYS if isinstance(config.dataset, str) else ()) + _CALIBRATION_KEYS
     non_text = (pipeline_tag or "").startswith(_NON_TEXT_PIPELINES)
     for key, label in keys:
-        value = config._serialized(key) if key in ("dataset", "processor") else getattr(config, key, None)
+        value = config.serialized(key)
         if (key == "max_length" and non_text) or not isinstance(value, (str, int, float)):
             continue
         rows.append((label, _cell(value)))
