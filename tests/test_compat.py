@@ -22,3 +22,26 @@ def test_saved_names_revert_transformers_renames():
         "vit.layers.0.attention.q_proj.weight": "vit.encoder.layer.0.attention.attention.query.weight",
         "vit.layers.0.attention.q_proj.bias": "vit.encoder.layer.0.attention.attention.query.bias",
     }, "transformers changed revert_weight_conversion or ViT's key renames"
+
+
+def test_auto_mappings_still_list_class_names_by_model_type():
+    from hf_comq.compat import auto_mapping
+    from hf_comq.tasks import TASKS
+
+    for task in TASKS:
+        mapping = auto_mapping(task.mapping)
+        assert isinstance(mapping, dict) and mapping, task.mapping
+    assert auto_mapping("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES")["vit"] == "ViTForImageClassification"
+    assert auto_mapping("MODEL_MAPPING_NAMES")["bert"] == "BertModel"
+
+
+def test_quantizer_registries_hold_comq_after_registration():
+    from hf_comq import register
+    from hf_comq.compat import quantizer_registries
+    from hf_comq.config import COMQConfig
+    from hf_comq.quantizer import COMQHfQuantizer
+
+    register()
+    configs, quantizers = quantizer_registries()
+    assert configs["comq"] is COMQConfig and quantizers["comq"] is COMQHfQuantizer
+    assert "gptq" in configs and "gptq" in quantizers  # the tables transformers itself dispatches on
