@@ -20,7 +20,8 @@ import transformers as T
 
 import hf_comq
 from hf_comq.assets import demo_model_path
-from hf_comq.cli import main, save_atomically
+from hf_comq.cli import main
+from hf_comq.cli.output import save_atomically
 from hf_comq.evaluation import checkpoint_size_bytes
 from tests.tiny import gray_images, image_processor, images, sentences, tiny_vit, word_tokenizer
 from tests.hub_server import FakeHub
@@ -446,7 +447,7 @@ def test_demo_on_the_shipped_model(capsys, tmp_path) -> None:
     ],
 )
 def test_demo_never_reads_chance_as_a_ranking(only_comq, only_rtn, expected) -> None:
-    from hf_comq.cli import DemoRow, demo_verdict
+    from hf_comq.cli.demo import DemoRow, demo_verdict
 
     both = 400
     comq_correct = torch.tensor([True] * both + [True] * only_comq + [False] * only_rtn)

@@ -30,7 +30,8 @@ import transformers as T
 
 import hf_comq
 from hf_comq import COMQConfig, CheckpointError, load_quantized
-from hf_comq.cli import main, recover_interrupted_save, save_atomically
+from hf_comq.cli import main
+from hf_comq.cli.output import recover_interrupted_save, save_atomically
 from hf_comq.solver import HessianAccumulator
 from tests.tiny import gray_images, image_processor, images, quantize_tiny, sentences, tiny_vit, word_tokenizer
 
@@ -406,7 +407,7 @@ def _killed_save_script(output: Path, kill_at: str) -> str:
     return textwrap.dedent(
         f"""
         import os, pathlib, signal
-        from hf_comq.cli import save_atomically
+        from hf_comq.cli.output import save_atomically
 
         renames = []
         original = pathlib.Path.rename

@@ -20,8 +20,6 @@ from .options import (
     DEFAULTS,
     MAX_START_GRIDS,
     ORDERS,
-    REFERENCE_CODE,
-    ROUND_TO_NEAREST,
     START_POINTS,
     check_bits,
     resolve_group_size,
