@@ -68,3 +68,25 @@ def quantizer_registries() -> tuple[dict[str, type], dict[str, type]]:
     from transformers.quantizers import auto
 
     return auto.AUTO_QUANTIZATION_CONFIG_MAPPING, auto.AUTO_QUANTIZER_MAPPING
+
+
+def matches_module_pattern(name: str, pattern: str) -> bool:
+    """transformers' rule for a ``modules_to_not_convert`` entry, so COMQ reads the list as every quantizer does.
+
+    ``should_convert_module`` (in ``transformers.quantizers.quantizers_utils``, not public
+    API) skips a module when the entry matches its name from the start up to a module
+    boundary (``"vit.layers.1"``: ``vit.layers.1.mlp`` but not ``vit.layers.11``), does
+    so as a regex (``"vit.layers.*.mlp"``), or is a suffix of it (``"q_proj"``).  An
+    entry that is not a valid regex raises ``ValueError`` naming it.
+    """
+    import re
+
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    try:
+        return not should_convert_module(name, [pattern])
+    except re.error as error:
+        raise ValueError(
+            f"modules_to_not_convert: {pattern!r} is not a valid regular expression ({error}); "
+            "escape special characters or name the module plainly"
+        ) from None

@@ -61,7 +61,8 @@ class COMQSettings:
     max_length: int = setting(512, CALIBRATION, "text truncation length in tokens")
     seed: int = setting(0, CALIBRATION, "seed of the calibration sample choice")
     modules_to_not_convert: list[str] | None = setting(
-        None, SELECTION, "module names kept in full precision besides the task head (which always is)"
+        None, SELECTION, "module names kept in full precision besides the task head (which always is), matched as in "
+        "transformers' quantizers: the start of a name, a regex from the start, or a suffix"
     )
     block_name: str | None = setting(None, SELECTION, "dotted name of the block list, overriding discovery")
     sequential: bool = setting(True, SELECTION, "calibrate each block on the quantized prefix's outputs")
@@ -123,7 +124,7 @@ class COMQSettings:
         _check_int("batch_size", self.batch_size, 1, None, "use e.g. 8")
         _check_int("max_length", self.max_length, 1, None, "use e.g. 512 tokens")
         _check_int("seed", self.seed, 0, None, "use a non-negative integer")
-        _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['layers.0'] or ['layers.*.mlp']")
+        _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['vit.layers.0'] or ['q_proj']")
         _check_str("block_name", self.block_name, optional=True)
         _check_bool("sequential", self.sequential)
         _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)

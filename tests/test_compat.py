@@ -45,3 +45,13 @@ def test_quantizer_registries_hold_comq_after_registration():
     configs, quantizers = quantizer_registries()
     assert configs["comq"] is COMQConfig and quantizers["comq"] is COMQHfQuantizer
     assert "gptq" in configs and "gptq" in quantizers  # the tables transformers itself dispatches on
+
+
+def test_module_patterns_match_as_transformers_quantizers_do():
+    from hf_comq.compat import matches_module_pattern
+
+    assert matches_module_pattern("model.layers.1.mlp", "model.layers.1")  # the start, up to a dot
+    assert not matches_module_pattern("model.layers.11.mlp", "model.layers.1")
+    assert matches_module_pattern("model.layers.11.mlp", "model.layers.*")  # a regex, same boundary
+    assert matches_module_pattern("model.decoder.layers.23.fc1", "fc1")  # a suffix
+    assert not matches_module_pattern("model.mlp.gate_proj", "model.mlp.gate")
