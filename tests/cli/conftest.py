@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 import transformers as T
 
 from tests.cli.helpers import save_text_model
-from tests.tiny import image_processor, images, sentences, tiny_vit
+from tests.tiny import image_parquet, image_processor, images, sentences, tiny_vit
 
 
 @pytest.fixture(scope="package")
@@ -24,12 +23,7 @@ def vit_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="package")
 def image_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "images.parquet"
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
-    pictures = images(12)
-    labels = [i % 3 for i in range(12)]
-    datasets.Dataset.from_dict({"image": pictures, "label": labels}, features=features).to_parquet(path)
-    return path
+    return image_parquet(tmp_path_factory.mktemp("data") / "images.parquet", images(12))
 
 
 @pytest.fixture(scope="package")

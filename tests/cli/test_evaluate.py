@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import re
 
-import datasets
 import pytest
 
 from tests.cli.helpers import error_line, run_cli
-from tests.tiny import gray_images, image_processor, images, tiny_vit
+from tests.tiny import gray_images, image_parquet, image_processor, images, tiny_vit
 
 
 def test_quantize_and_evaluate_a_grayscale_vit(capsys, tmp_path) -> None:
@@ -17,9 +16,7 @@ def test_quantize_and_evaluate_a_grayscale_vit(capsys, tmp_path) -> None:
     model_dir = tmp_path / "gray-vit"
     tiny_vit(num_channels=1, num_labels=3).save_pretrained(model_dir)
     image_processor(channels=1).save_pretrained(model_dir)
-    data = tmp_path / "gray.parquet"
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
-    datasets.Dataset.from_dict({"image": gray_images(12), "label": [i % 3 for i in range(12)]}, features=features).to_parquet(data)
+    data = image_parquet(tmp_path / "gray.parquet", gray_images(12))
     output = tmp_path / "gray-w4"
     code, _, err = run_cli(capsys, "quantize", model_dir, "--dataset", data, "--num-samples", 8, "--output", output)
     assert code == 0, err
