@@ -104,7 +104,10 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def __iter__(self):
-        """``dict(config)`` without deep-copying the dataset (the mixin copies ``__dict__``)."""
+        """``dict(config)`` is :meth:`to_dict`, the form transformers accepts in place of the config object.
+
+        (The mixin's version deep-copies ``__dict__``, dataset included.)
+        """
         yield from self.to_dict().items()
 
     @classmethod
@@ -166,8 +169,10 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
     def __deepcopy__(self, memo: dict) -> COMQConfig:
         """Copy the settings but share ``dataset`` and ``processor`` by reference.
 
-        ``from_pretrained`` deep-copies the config; copying a dataset would cost memory
-        and time, and a streaming dataset or tokenizer may not be copyable at all.
+        ``from_pretrained`` deep-copies the config, and so does ``PreTrainedConfig.to_dict``
+        (its ``__dict__``, where the loaded model keeps this config) on every save; copying
+        a dataset would cost memory and time, and a streaming dataset or tokenizer may not
+        be copyable at all.  The live objects are therefore the one thing copies share.
         """
         clone = self.__class__.__new__(self.__class__)
         memo[id(self)] = clone
