@@ -42,6 +42,7 @@ from torch import nn
 
 from .compat import saved_state_dict_names, was_loaded
 from .nn.quant_linear import PACKED_TENSORS, COMQLinear, group_count, is_linear_like, linear_shape
+from .settings import CONV1D, LINEAR
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ COMPRESSED_TENSORS = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 PROVENANCE_KEY = "comq"
 MIN_COMPRESSED_TENSORS = "0.18"  # dense cross-word packing of 3/5/6/7-bit codes (no version marker before)
-LINEAR, CONV1D = "Linear", "Conv1D"
 PACKED_SUFFIXES = tuple(f".{name}" for name in PACKED_TENSORS)
 
 
@@ -193,6 +193,8 @@ def verify_quantized_model(
 
 
 def _verify_layer(name: str, layer: COMQLinear, scheme: PackedScheme, check_loaded: bool) -> None:
+    from accelerate.utils import has_offloaded_params  # lazy: only checking a loaded model needs accelerate
+
     # An empty shell built from the scheme is the source of truth for shapes and dtypes.
     shell = COMQLinear(
         layer.in_features,
@@ -203,7 +205,7 @@ def _verify_layer(name: str, layer: COMQLinear, scheme: PackedScheme, check_load
         device="meta",
         transposed_source=layer.transposed_source,
     )
-    hooked = _is_offloaded(layer)
+    hooked = has_offloaded_params(layer)  # accelerate keeps its weights elsewhere: checked as loaded
     for buffer_name in PACKED_TENSORS:
         tensor, reference = getattr(layer, buffer_name), getattr(shell, buffer_name)
         if reference is None:
@@ -234,12 +236,6 @@ def _verify_values(name: str, layer: COMQLinear) -> None:
         )
     if not torch.isfinite(layer.weight_scale).all():
         raise CheckpointError(f"{name}.weight_scale holds NaN/inf: the tensor is missing or corrupt in the checkpoint")
-
-
-def _is_offloaded(module: nn.Module) -> bool:
-    from accelerate.utils import has_offloaded_params
-
-    return has_offloaded_params(module)
 
 
 def check_group_size(targets: Mapping[str, nn.Module], group_size: int | None) -> None:

@@ -34,12 +34,12 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from .checkpoint import runtime_support
+from .tasks import infer_pipeline_tag, is_text_pipeline
 
 __all__ = [
     "ModelCardSettings",
     "attach_model_card_hook",
     "card_tags",
-    "infer_pipeline_tag",
     "load_template",
     "push_folder",
     "render_model_card",
@@ -81,21 +81,6 @@ _CALIBRATION_KEYS: tuple[tuple[str, str], ...] = (
     ("seed", "Sampling seed"),
 )
 
-# Task head suffixes of transformers class names -> Hub pipeline tag.
-_PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
-    ("ForImageClassification", "image-classification"),
-    ("ForCausalLM", "text-generation"),
-    ("ForSequenceClassification", "text-classification"),
-    ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForObjectDetection", "object-detection"),
-    ("ForSemanticSegmentation", "image-segmentation"),
-    ("ForCTC", "automatic-speech-recognition"),
-    ("ForSpeechSeq2Seq", "automatic-speech-recognition"),
-    ("ForAudioClassification", "audio-classification"),
-)
-_NON_TEXT_PIPELINES = ("image-", "object-", "audio-", "automatic-speech")
 
 
 @dataclass
@@ -186,9 +171,9 @@ def _calibration_rows(config: Any, pipeline_tag: str | None) -> list[tuple[str, 
     description = config.describe_calibration()
     rows = [("Data", _cell(description) if description else "not recorded")]
     keys = (_DATASET_KEYS if isinstance(config.dataset, str) else ()) + _CALIBRATION_KEYS
-    non_text = (pipeline_tag or "").startswith(_NON_TEXT_PIPELINES)
+    non_text = not is_text_pipeline(pipeline_tag)
     for key, label in keys:
-        value = config._serialized(key) if key in ("dataset", "processor") else getattr(config, key, None)
+        value = config.serialized(key)
         if (key == "max_length" and non_text) or not isinstance(value, (str, int, float)):
             continue
         rows.append((label, _cell(value)))
@@ -285,18 +270,6 @@ def render_model_card(
 
 
 # ---------------------------------------------------------------------------------------------- model helpers
-def infer_pipeline_tag(model: Any) -> str | None:
-    """The Hub pipeline tag of a transformers model, from its class name (``None`` when ambiguous)."""
-    class_name = type(model).__name__
-    for suffix, tag in _PIPELINE_SUFFIXES:
-        if class_name.endswith(suffix):
-            return tag
-    if class_name.endswith("Model"):  # bare backbones produce features
-        is_vision = getattr(model, "main_input_name", "") == "pixel_values"
-        return "image-feature-extraction" if is_vision else "feature-extraction"
-    return None
-
-
 def _comq_config(model: Any) -> Any:
     from .config import COMQConfig
 

@@ -7,21 +7,21 @@ head list, never replaces it.  transformers' own default skip list (``get_keys_t
 used: for image classifiers it yields ``classifier.bias`` -- a parameter, not a
 module -- so the head would be quantized.
 
-Matching rule for ``modules_to_not_convert`` entries: an entry is a dotted module
-path whose components must appear as a *contiguous run of whole components* of the
-module name; each component may use shell wildcards (``*``, ``?``).  So
-``"classifier"`` skips ``classifier``, ``"lm_head"`` skips ``model.lm_head``,
-``"layers.0"`` skips ``vit.layers.0.attention.q_proj`` but not ``vit.layers.10...``,
-and ``"layers.*.mlp"`` skips every MLP.  Names are those of ``model.named_modules()``
-(transformers 5 names, e.g. ``vit.layers.N.attention.q_proj`` for ViT).
+Matching rules.  The task head is kept by module name: a head entry keeps that module
+and everything under it.  A ``modules_to_not_convert`` entry is read as transformers'
+quantizers read it (:func:`hf_comq.compat.matches_module_pattern`): it matches a layer
+name from the start up to a module boundary (``"vit.layers.0"`` keeps
+``vit.layers.0.attention.q_proj`` but not ``vit.layers.10...``), as a regex matched the
+same way (``"vit.layers.*.mlp"`` keeps every MLP), or as a suffix (``"q_proj"``).  Names
+are those of ``model.named_modules()`` (transformers 5 names, e.g.
+``vit.layers.N.attention.q_proj`` for ViT).
 """
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
-
 from torch import nn
 
+from .compat import matches_module_pattern
 from .nn.quant_linear import is_linear_like
 
 # Module-name components that denote a task head or a projection head.
@@ -46,20 +46,14 @@ HEAD_NAMES = frozenset(
 HEAD_SUFFIXES = ("_classifier", "_head")
 
 
-def matches(name: str, pattern: str) -> bool:
-    """True if ``pattern``'s components are a contiguous run of ``name``'s components."""
-    parts = name.split(".") if name else []
-    wanted = pattern.split(".")
-    span = len(wanted)
-    return any(
-        all(fnmatchcase(part, want) for part, want in zip(parts[start : start + span], wanted))
-        for start in range(len(parts) - span + 1)
-    )
+def matches(name: str, entry: str) -> bool:
+    """Whether the ``modules_to_not_convert`` ``entry`` keeps the layer ``name`` (transformers' rule, see above)."""
+    return matches_module_pattern(name, entry)
 
 
-def is_excluded(name: str, modules_to_not_convert: list[str] | tuple[str, ...]) -> bool:
-    """True if any entry of ``modules_to_not_convert`` matches the module ``name``."""
-    return any(matches(name, pattern) for pattern in modules_to_not_convert)
+def is_under(name: str, module: str) -> bool:
+    """Whether ``name`` is the module ``module`` or inside it: how a task head entry keeps its layers."""
+    return name == module or name.startswith(module + ".")
 
 
 def default_modules_to_not_convert(model: nn.Module) -> list[str]:
@@ -78,7 +72,7 @@ def default_modules_to_not_convert(model: nn.Module) -> list[str]:
             skipped.add(_outermost_head(name))
     skipped.update(_output_embedding_names(model) | _tied_linear_names(model))
     # Drop entries already covered by a broader one (``cls.predictions.decoder`` under ``cls``).
-    return sorted(name for name in skipped if not any(other != name and matches(name, other) for other in skipped))
+    return sorted(name for name in skipped if not any(other != name and is_under(name, other) for other in skipped))
 
 
 def modules_kept_in_full_precision(
@@ -88,34 +82,43 @@ def modules_kept_in_full_precision(
 
     A user's list *extends* the defaults, as transformers' AWQ quantizer does
     (``add_default_skips``): naming one more module to keep must never quantize the
-    head by accident.  Raises ``ValueError`` for entries that match no module of
+    head by accident.  Raises ``ValueError`` for entries that keep no linear layer of
     ``model`` (a typo would otherwise quantize what the user meant to keep).
     """
-    extra = list(modules_to_not_convert or [])
-    names = [name for name, _ in model.named_modules() if name]
-    unmatched = [entry for entry in extra if not any(matches(name, entry) for name in names)]
-    if unmatched:
-        tops = sorted({name.split(".")[0] for name in names})
-        raise ValueError(
-            f"modules_to_not_convert: {unmatched} match no module of {type(model).__name__}; an entry is a module "
-            f"name or a run of its dotted parts, wildcards allowed (e.g. 'layers.0', 'layers.*.mlp'); "
-            f"top-level modules: {tops}"
-        )
+    extra = _checked_entries(model, modules_to_not_convert)
     defaults = default_modules_to_not_convert(model)
     return defaults + [entry for entry in extra if entry not in defaults]
+
+
+def _checked_entries(model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None) -> list[str]:
+    extra = list(modules_to_not_convert or [])
+    linears = [name for name, module in model.named_modules() if name and is_linear_like(module)]
+    unmatched = [entry for entry in extra if not any(matches(name, entry) for name in linears)]
+    if unmatched:
+        tops = sorted({name.split(".")[0] for name, _ in model.named_modules() if name})
+        raise ValueError(
+            f"modules_to_not_convert: {unmatched} match no module among the linear layers of {type(model).__name__}; "
+            "an entry is read as transformers' quantizers read it: the start of a layer name up to a dot "
+            f"('vit.layers.0'), a regex matched the same way ('vit.layers.*.mlp'), or a suffix ('q_proj'); "
+            f"top-level modules: {tops}"
+        )
+    return extra
 
 
 def find_quantizable_linears(
     model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None = None
 ) -> dict[str, nn.Module]:
     """The ``nn.Linear`` / ``Conv1D`` layers COMQ converts, by module name, in model order:
-    all but those under :func:`modules_kept_in_full_precision` (the task head and the
-    user's ``modules_to_not_convert``)."""
-    kept = modules_kept_in_full_precision(model, modules_to_not_convert)
+    all but those in the task head and those the user's ``modules_to_not_convert`` keeps."""
+    entries = _checked_entries(model, modules_to_not_convert)
+    heads = default_modules_to_not_convert(model)
     return {
         name: module
         for name, module in model.named_modules()
-        if name and is_linear_like(module) and not is_excluded(name, kept)
+        if name
+        and is_linear_like(module)
+        and not any(is_under(name, head) for head in heads)
+        and not any(matches(name, entry) for entry in entries)
     }
 
 

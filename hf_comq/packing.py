@@ -28,9 +28,10 @@ import sys
 
 import torch
 
+from .solver.options import check_bits
+
 CHUNK = 32
-MIN_BITS = 1
-MAX_BITS = 8
+MIN_PACKED_BITS = 1  # the layout also holds 1-bit codes; the upper bound is the solver's MAX_BITS
 
 
 def packed_width(num_codes: int, bits: int) -> int:
@@ -146,6 +147,5 @@ def _unpack_through_bytes(
 
 
 def check_packable_bits(bits: int) -> None:
-    """The packed layout holds 1 to 8 bits per code."""
-    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r}")
+    """The packed layout holds 1 bit per code up to the solver's ``MAX_BITS``."""
+    check_bits(bits, low=MIN_PACKED_BITS)

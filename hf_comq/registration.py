@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from transformers.quantizers import auto as _auto
 from transformers.quantizers import register_quantization_config, register_quantizer
 
+from .compat import quantizer_registries
 from .config import QUANT_METHOD, COMQConfig
 from .quantizer import COMQHfQuantizer
 
@@ -25,15 +25,14 @@ def register() -> None:
     ``hf_comq`` exports.  Raises ``RuntimeError`` if another package registered
     ``"comq"``: silently using someone else's loader would be worse than failing.
     """
-    _register_once(_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, COMQConfig)
-    _register_once(_auto.AUTO_QUANTIZER_MAPPING, register_quantizer, COMQHfQuantizer)
+    configs, quantizers = quantizer_registries()
+    _register_once(configs, register_quantization_config, COMQConfig)
+    _register_once(quantizers, register_quantizer, COMQHfQuantizer)
 
 
 def is_registered() -> bool:
     """True when both the config and the quantizer for ``"comq"`` are ours."""
-    return _is_ours(_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD)) and _is_ours(
-        _auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD)
-    )
+    return all(_is_ours(registry.get(QUANT_METHOD)) for registry in quantizer_registries())
 
 
 def _register_once(mapping: dict, decorator: Callable[[str], Callable[[type], type]], cls: type) -> None:

@@ -22,3 +22,36 @@ def test_saved_names_revert_transformers_renames():
         "vit.layers.0.attention.q_proj.weight": "vit.encoder.layer.0.attention.attention.query.weight",
         "vit.layers.0.attention.q_proj.bias": "vit.encoder.layer.0.attention.attention.query.bias",
     }, "transformers changed revert_weight_conversion or ViT's key renames"
+
+
+def test_auto_mappings_still_list_class_names_by_model_type():
+    from hf_comq.compat import auto_mapping
+    from hf_comq.tasks import TASKS
+
+    for task in TASKS:
+        mapping = auto_mapping(task.mapping)
+        assert isinstance(mapping, dict) and mapping, task.mapping
+    assert auto_mapping("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES")["vit"] == "ViTForImageClassification"
+    assert auto_mapping("MODEL_MAPPING_NAMES")["bert"] == "BertModel"
+
+
+def test_quantizer_registries_hold_comq_after_registration():
+    from hf_comq import register
+    from hf_comq.compat import quantizer_registries
+    from hf_comq.config import COMQConfig
+    from hf_comq.quantizer import COMQHfQuantizer
+
+    register()
+    configs, quantizers = quantizer_registries()
+    assert configs["comq"] is COMQConfig and quantizers["comq"] is COMQHfQuantizer
+    assert "gptq" in configs and "gptq" in quantizers  # the tables transformers itself dispatches on
+
+
+def test_module_patterns_match_as_transformers_quantizers_do():
+    from hf_comq.compat import matches_module_pattern
+
+    assert matches_module_pattern("model.layers.1.mlp", "model.layers.1")  # the start, up to a dot
+    assert not matches_module_pattern("model.layers.11.mlp", "model.layers.1")
+    assert matches_module_pattern("model.layers.11.mlp", "model.layers.*")  # a regex, same boundary
+    assert matches_module_pattern("model.decoder.layers.23.fc1", "fc1")  # a suffix
+    assert not matches_module_pattern("model.mlp.gate_proj", "model.mlp.gate")

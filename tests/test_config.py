@@ -20,7 +20,11 @@ def test_defaults_serialize_as_a_compressed_tensors_scheme_with_the_comq_setting
     weights = data["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["strategy"], weights["symmetric"], weights["type"]) == (4, "channel", False, "int")
     assert data["comq"]["selection"]["sequential"] is True and data["comq"]["solver"]["order"] == "act_order"
-    assert json.loads(COMQConfig().to_json_string()) == data
+    assert json.loads(COMQConfig().to_json_string(use_diff=False)) == data
+    assert COMQConfig().to_diff_dict() == {} and json.loads(COMQConfig().to_json_string()) == {}
+    assert COMQConfig(bits=3, seed=5).to_diff_dict() == {
+        "config_groups": {"group_0": {"weights": {"num_bits": 3}}}, "comq": {"calibration": {"seed": 5}},
+    }
 
 
 def test_from_dict_round_trips_what_to_dict_writes():

@@ -30,7 +30,6 @@ from hf_comq import COMQConfig
 from hf_comq.hub import (
     README_NAME,
     attach_model_card_hook,
-    infer_pipeline_tag,
     render_model_card,
     write_model_card,
 )
@@ -187,16 +186,6 @@ def test_conv1d_checkpoints_are_not_offered_to_vllm():
 def test_render_rejects_bad_metrics(metrics, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         render_model_card(comq_config(), None, metrics)
-
-
-def test_infer_pipeline_tag():
-    from transformers import BertConfig, BertModel, ViTModel
-
-    assert infer_pipeline_tag(tiny_vit()) == "image-classification"
-    assert infer_pipeline_tag(ViTModel(tiny_vit().config)) == "image-feature-extraction"
-    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
-    assert infer_pipeline_tag(bert) == "feature-extraction"
-    assert infer_pipeline_tag(torch.nn.Linear(2, 2)) is None
 
 
 # ---------------------------------------------------------------------------------------------- save hook

@@ -60,23 +60,37 @@ def test_gpt2_conv1d_layers_are_found():
 def test_a_user_list_extends_the_head_list():
     model = T.ViTForImageClassification(T.ViTConfig(**VIT, num_labels=3))
     assert "classifier" not in find_quantizable_linears(model, [])
-    only_second = find_quantizable_linears(model, ["layers.0"])
+    only_second = find_quantizable_linears(model, ["vit.layers.0"])
     assert only_second and all(name.startswith("vit.layers.1.") for name in only_second)
     assert not find_quantizable_linears(model, ["vit"])
-    assert modules_kept_in_full_precision(model, ["layers.0", "classifier"]) == ["classifier", "layers.0"]
+    assert sorted(find_quantizable_linears(model, ["vit.layers.*.mlp", "q_proj"])) == sorted(
+        f"vit.layers.{i}.attention.{name}" for i in range(2) for name in ("k_proj", "v_proj", "o_proj")
+    )
+    assert modules_kept_in_full_precision(model, ["vit.layers.0", "classifier"]) == ["classifier", "vit.layers.0"]
 
 
-@pytest.mark.parametrize("entries", [["does.not.exist"], ["layers.0", "layer.1"], ["classifer"]])
+def test_a_head_keeps_its_own_layers_only():
+    """Head entries are module names: a body layer whose name merely ends like a head stays quantized."""
+    model = nn.ModuleDict({"body": nn.ModuleDict({"out_projection": nn.Linear(4, 4)}), "projection": nn.Linear(4, 2)})
+    assert default_modules_to_not_convert(model) == ["projection"]
+    assert list(find_quantizable_linears(model)) == ["body.out_projection"]
+
+
+@pytest.mark.parametrize("entries", [["does.not.exist"], ["vit.layers.0", "layer.1"], ["classifer"], ["layers.0"]])
 def test_entries_that_match_no_module_are_an_error(entries):
+    """``layers.0`` names a module (by suffix) but keeps no layer, as in every transformers quantizer: an error."""
     model = T.ViTForImageClassification(T.ViTConfig(**VIT, num_labels=3))
-    unmatched = [entry for entry in entries if entry != "layers.0"]
+    unmatched = [entry for entry in entries if entry != "vit.layers.0"]
     with pytest.raises(ValueError, match=re.escape(f"modules_to_not_convert: {unmatched} match no module")):
         find_quantizable_linears(model, entries)
 
 
-def test_matching_respects_component_boundaries_and_wildcards():
-    assert matches("vit.layers.1.mlp.fc1", "layers.1")
-    assert not matches("vit.layers.11.mlp.fc1", "layers.1")
-    assert matches("vit.layers.11.mlp.fc1", "layers.*.mlp")
-    assert not matches("model.mlp.gate_proj", "mlp.gate")
+def test_entries_match_as_in_transformers_quantizers():
+    assert matches("vit.layers.1.mlp.fc1", "vit.layers.1")
+    assert not matches("vit.layers.11.mlp.fc1", "vit.layers.1")
+    assert matches("vit.layers.11.mlp.fc1", "vit.layers.*.mlp")
+    assert not matches("model.mlp.gate_proj", "model.mlp.gate")
     assert matches("model.lm_head", "lm_head")
+    assert not matches("vit.layers.1.mlp.fc1", "layers.1")  # neither the start of the name nor its end
+    with pytest.raises(ValueError, match=r"'layers\[' is not a valid regular expression"):
+        matches("vit.layers.1", "layers[")

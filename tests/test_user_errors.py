@@ -30,9 +30,10 @@ import transformers as T
 
 import hf_comq
 from hf_comq import COMQConfig, CheckpointError, load_quantized
-from hf_comq.cli import main, recover_interrupted_save, save_atomically
+from hf_comq.cli import main
+from hf_comq.cli.output import recover_interrupted_save, save_atomically
 from hf_comq.solver import HessianAccumulator
-from tests.tiny import gray_images, image_processor, images, quantize_tiny, sentences, tiny_vit, word_tokenizer
+from tests.tiny import image_parquet, image_processor, images, quantize_tiny, sentences, tiny_vit, word_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,10 +66,7 @@ def bert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "images.parquet"
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
-    datasets.Dataset.from_dict({"image": images(6), "label": [0, 1, 2] * 2}, features=features).to_parquet(path)
-    return path
+    return image_parquet(tmp_path_factory.mktemp("data") / "images.parquet", images(6))
 
 
 @pytest.fixture
@@ -295,8 +293,7 @@ def test_quantize_with_the_hub_switched_off(capsys, tmp_path, monkeypatch, vit_d
 
 
 def test_empty_data_is_one_line(capsys, tmp_path, vit_dir, calibration_steps) -> None:
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
-    datasets.Dataset.from_dict({"image": [], "label": []}, features=features).to_parquet(tmp_path / "rows.parquet")
+    image_parquet(tmp_path / "rows.parquet", [])
     (tmp_path / "bytes.parquet").write_bytes(b"")
     for command in (["quantize", "--output", tmp_path / "out"], ["evaluate"]):
         line = cli_error(capsys, command[0], vit_dir, "--dataset", tmp_path / "rows.parquet", *command[1:])
@@ -406,7 +403,7 @@ def _killed_save_script(output: Path, kill_at: str) -> str:
     return textwrap.dedent(
         f"""
         import os, pathlib, signal
-        from hf_comq.cli import save_atomically
+        from hf_comq.cli.output import save_atomically
 
         renames = []
         original = pathlib.Path.rename

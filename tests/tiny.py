@@ -100,6 +100,16 @@ def image_processor(channels: int = 3) -> T.ViTImageProcessor:
     return T.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * channels, image_std=[0.5] * channels)
 
 
+def image_parquet(path, pictures: list[Image.Image], num_classes: int = 3):
+    """``pictures`` with labels ``0, 1, 2, 0, ...`` written as an image-classification parquet file at ``path``."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=num_classes)})
+    labels = [i % num_classes for i in range(len(pictures))]
+    datasets.Dataset.from_dict({"image": pictures, "label": labels}, features=features).to_parquet(path)
+    return path
+
+
 def gray_images(count: int, size: int = 28, seed: int = 0) -> list[Image.Image]:
     """Single-channel ("L") PIL images, as Fashion-MNIST or X-ray data come."""
     generator = torch.Generator().manual_seed(seed)

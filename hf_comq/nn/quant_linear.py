@@ -43,6 +43,7 @@ from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight store
 from ..kernels import dequantize_packed, packed_linear
 from ..packing import pack_codes, pack_zero_points, packed_width, unpack_codes, unpack_zero_points
 from ..solver import QuantizedWeight
+from ..solver.options import resolve_group_size
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
 PACKED_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -76,15 +77,8 @@ def get_linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def group_count(in_features: int, group_size: int | None) -> int:
-    """Scale groups per row; rejects a group size that does not divide ``in_features``."""
-    if group_size is None or group_size == in_features:
-        return 1
-    if group_size <= 0 or in_features % group_size:
-        raise ValueError(
-            f"group_size={group_size} does not divide in_features={in_features}; "
-            "use a divisor of every quantized layer's input size, or group_size=None"
-        )
-    return in_features // group_size
+    """Scale groups per row, by the solver's group-size rule (:func:`~hf_comq.solver.options.resolve_group_size`)."""
+    return in_features // resolve_group_size(in_features, group_size)
 
 
 class COMQLinear(nn.Module):

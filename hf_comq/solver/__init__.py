@@ -1,34 +1,40 @@
-"""The COMQ algorithm core: pure torch, no transformers import."""
+"""The COMQ algorithm core: pure torch, no transformers import.
 
-from .comq import (
-    CLIP_WEIGHTS,
-    MAX_START_GRIDS,
-    ORDERS,
-    REFERENCE_CODE,
-    ROUND_TO_NEAREST,
-    SOLVER_DEFAULTS,
-    QuantizedWeight,
-    comq_quantize,
-    default_damp,
-    layer_objective,
+The plain settings (:mod:`.options`: choices, ranges, defaults) import without torch;
+the other names are imported on first access, so describing the settings (the
+``hf-comq`` argument parser does) costs no torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .options import CLIP_WEIGHTS, MAX_START_GRIDS, ORDERS, REFERENCE_CODE, ROUND_TO_NEAREST, START_POINTS
+
+_EXPORTS = {
+    "SOLVER_DEFAULTS": ".comq",
+    "QuantizedWeight": ".comq",
+    "comq_quantize": ".comq",
+    "default_damp": ".comq",
+    "layer_objective": ".comq",
+    "Grid": ".grid",
+    "minmax_grid": ".grid",
+    "HessianAccumulator": ".hessian",
+}
+
+__all__ = sorted(
+    [*_EXPORTS, "CLIP_WEIGHTS", "MAX_START_GRIDS", "ORDERS", "REFERENCE_CODE", "ROUND_TO_NEAREST", "START_POINTS"]
 )
-from .grid import Grid, minmax_grid
-from .hessian import HessianAccumulator
-from .start import START_POINTS
 
-__all__ = [
-    "CLIP_WEIGHTS",
-    "MAX_START_GRIDS",
-    "ORDERS",
-    "REFERENCE_CODE",
-    "ROUND_TO_NEAREST",
-    "SOLVER_DEFAULTS",
-    "START_POINTS",
-    "Grid",
-    "HessianAccumulator",
-    "QuantizedWeight",
-    "comq_quantize",
-    "default_damp",
-    "layer_objective",
-    "minmax_grid",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -14,14 +14,20 @@ from dataclasses import dataclass, field
 import torch
 
 from ..threads import single_thread
-from .grid import Grid, check_bits, minmax_grid, resolve_group_size, search_shrink
+from .grid import Grid, minmax_grid, search_shrink
+from .options import (
+    CLIP_WEIGHTS,
+    DEFAULTS,
+    MAX_START_GRIDS,
+    ORDERS,
+    START_POINTS,
+    check_bits,
+    resolve_group_size,
+)
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
-from .start import START_POINTS, ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
+from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
 
-ORDERS = ("greedy", "sequential", "act_order")
-CLIP_WEIGHTS = ("conditional", "diagonal")
-MAX_START_GRIDS = 4
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
@@ -61,18 +67,18 @@ def comq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     *,
-    bits: int = 4,
-    group_size: int | None = None,
-    symmetric: bool = False,
-    iterations: int = 2,
-    order: str = "act_order",
-    init: str = "error_feedback",
-    scale_refit: bool = True,
-    scale_search: bool = True,
-    clip_weights: str = "conditional",
-    start_grids: int = 3,
-    shrink: float = 1.0,
-    damp: float | None = None,
+    bits: int = DEFAULTS["bits"],
+    group_size: int | None = DEFAULTS["group_size"],
+    symmetric: bool = DEFAULTS["symmetric"],
+    iterations: int = DEFAULTS["iterations"],
+    order: str = DEFAULTS["order"],
+    init: str = DEFAULTS["init"],
+    scale_refit: bool = DEFAULTS["scale_refit"],
+    scale_search: bool = DEFAULTS["scale_search"],
+    clip_weights: str = DEFAULTS["clip_weights"],
+    start_grids: int = DEFAULTS["start_grids"],
+    shrink: float = DEFAULTS["shrink"],
+    damp: float | None = DEFAULTS["damp"],
     tol: float = 1e-4,
     block_size: int = 128,
     compute_dtype: torch.dtype = torch.float32,
@@ -215,20 +221,13 @@ def default_damp(bits: int) -> float:
     return 0.003 if bits >= 4 else 0.01
 
 
-ROUND_TO_NEAREST: dict = dict(init="rtn", iterations=0, scale_refit=False, scale_search=False)
-"""Settings that make :func:`comq_quantize` plain round-to-nearest on the min-max grid
-(the baseline every table compares against)."""
-
-REFERENCE_CODE: dict = dict(init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
-"""Settings that reproduce the COMQ reference code's codes (paper-faithful mode)."""
-
 SOLVER_DEFAULTS: dict = {
     name: parameter.default
     for name, parameter in inspect.signature(comq_quantize).parameters.items()
     if parameter.kind is inspect.Parameter.KEYWORD_ONLY
 }
-"""Defaults of every :func:`comq_quantize` setting; the one place they are defined
-is the function's signature, and ``COMQConfig`` reads them from here."""
+"""Defaults of every :func:`comq_quantize` keyword, as its signature has them (the
+user-facing ones come from :data:`hf_comq.solver.options.DEFAULTS`)."""
 
 
 def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:

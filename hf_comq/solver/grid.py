@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_BITS = 2
-MAX_BITS = 8
 SEARCH_CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32 per buffer
 
 
@@ -42,33 +40,6 @@ class Grid:
         scale = self.scale.repeat_interleave(self.group_size, dim=1)
         zero = self.zero_point.repeat_interleave(self.group_size, dim=1)
         return scale, zero
-
-
-def check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(
-            f"bits must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r}; "
-            "pick 4 for near-lossless, 3 or 2 for stronger compression"
-        )
-
-
-def resolve_group_size(in_features: int, group_size: int | None) -> int:
-    """Return the number of columns per group, validating divisibility.
-
-    Groups that straddle the end of a row would need ragged scale tensors in every
-    consumer, so a non-dividing group size is rejected rather than silently padded.
-    """
-    if group_size is None or group_size == -1:
-        return in_features
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
-    if in_features % group_size != 0:
-        raise ValueError(
-            f"group_size={group_size} does not divide the layer's in_features={in_features}; "
-            f"use a divisor of {in_features} (e.g. 32, 64 or 128 where they divide) or group_size=None "
-            "for per-channel scales"
-        )
-    return group_size
 
 
 def minmax_grid(

@@ -22,7 +22,6 @@ import torch
 from .grid import quantize_to_codes
 from .passes import error_feedback_pass
 
-START_POINTS = ("fp", "rtn", "error_feedback")
 
 
 def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_comq.solver.grid import minmax_grid, resolve_group_size, search_shrink
+from hf_comq.solver.grid import minmax_grid, search_shrink
 
 
 def test_asymmetric_minmax_grid_by_hand():
@@ -26,15 +26,6 @@ def test_symmetric_grid_covers_absmax():
     grid = minmax_grid(weight, bits=4, group_size=2, symmetric=True)
     assert float(grid.zero_point) == 8.0
     assert float(grid.scale) == pytest.approx(6.0 / 15)
-
-
-def test_group_size_validation():
-    assert resolve_group_size(96, None) == 96
-    assert resolve_group_size(96, 32) == 32
-    with pytest.raises(ValueError, match="does not divide"):
-        resolve_group_size(96, 64)
-    with pytest.raises(ValueError, match="positive integer"):
-        resolve_group_size(96, 0)
 
 
 def test_shrink_search_prefers_clipping_a_lone_outlier():

@@ -1,0 +1,78 @@
+"""What every ``hf-comq`` command shares: the error type, exit codes, common options and the thread scope.
+
+Nothing here imports torch or transformers at module import: ``hf-comq --help`` and
+argument errors must answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+from dataclasses import fields
+from typing import Any, Iterator
+
+from ..settings import COMQSettings
+
+PROG = "hf-comq"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_ARGUMENT_TYPES = {"int": int, "int | None": int, "str": str, "str | None": str}
+
+
+class CLIError(Exception):
+    """A problem the user can fix; reported as one line, without a traceback."""
+
+
+def check_positive(option: str, value: int) -> None:
+    if value < 1:
+        raise CLIError(f"{option} must be a positive integer, got {value}")
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """The heavy part of a command: ``count`` torch threads allowed (default: torch's), restored after.
+
+    Entered after the cheap checks (importing torch takes seconds).  The work runs
+    inside :func:`hf_comq.threads.single_thread`: loading, saving and small layers on
+    one thread, large GEMMs on the allowed count (see :mod:`hf_comq.threads`);
+    ``main`` may run in-process, hence the restore.
+    """
+    import torch
+
+    from ..threads import single_thread
+
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        with single_thread():
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def add_command(commands: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A sub-command with the options every command has (``--debug``, ``--threads``)."""
+    command = commands.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    command.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    command.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help=(
+            "most CPU threads torch may use (default: torch's default, one per core); hf-comq runs small work on "
+            "one thread whatever this says, because a thread pool makes it many times slower on a busy machine, "
+            "and gives large layers these threads"
+        ),
+    )  # fmt: skip
+    return command
+
+
+def add_setting_option(group: Any, name: str, metavar: str = "N", flag: str | None = None, **overrides: Any) -> None:
+    """``--name-with-dashes`` for the :class:`~hf_comq.settings.COMQSettings` field ``name``: its type, default
+    and help come from the field table, so the command line never restates a default."""
+    spec = next(item for item in fields(COMQSettings) if item.name == name)
+    default = COMQSettings.default(name)
+    shown = "" if default is None else f" (default: {default})"
+    options = {"type": _ARGUMENT_TYPES[str(spec.type)], "default": default, "metavar": metavar}
+    options["help"] = f"{COMQSettings.help(name)}{shown}".replace("%", "%%")  # argparse formats help with %
+    group.add_argument(flag or "--" + name.replace("_", "-"), **{**options, **overrides})

@@ -1,0 +1,73 @@
+"""``hf-comq``: the parser and the dispatch to one module per command (:mod:`.quantize`, :mod:`.evaluate`,
+:mod:`.demo`).  Errors a user can fix end with exit code 1 and one line on stderr; ``--debug`` shows the
+traceback instead."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import demo, evaluate, quantize
+from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, PROG, CLIError, check_positive
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-comq`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code.
+
+    Never raises for user errors, so it can be called in-process by tests and
+    scripts: argparse's own exits become return codes too.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse already printed
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    if args.handler is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.threads is not None:
+            check_positive("--threads", args.threads)
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_error_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _error_line(error: BaseException) -> str:
+    """The error as one line; types users cannot act on keep their name and point at ``--debug``."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (CLIError, ValueError, OSError)):
+        return text
+    return f"{type(error).__name__}: {text} (rerun with --debug for the traceback)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-comq`` argument parser (exposed for documentation tools and tests)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "COMQ post-training quantization for Hugging Face Transformers models: quantize a checkpoint, "
+            "evaluate it, or run the built-in demo."
+        ),
+        epilog=(
+            "examples:\n"
+            "  hf-comq demo\n"
+            "  hf-comq quantize google/vit-base-patch16-224 --bits 4 --dataset imagenet-1k --split validation \\\n"
+            "      --num-samples 128 --output vit-comq-w4\n"
+            "  hf-comq evaluate vit-comq-w4 --dataset imagenet-1k --split validation --limit 2000\n"
+            "\nRun 'hf-comq COMMAND --help' for the options of a command."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(handler=None, debug=False, threads=None)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for command in (quantize, evaluate, demo):
+        command.add_parser(commands)
+    return parser

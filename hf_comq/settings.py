@@ -1,0 +1,196 @@
+"""Every COMQ setting, declared once: name, default, kind and help.
+
+:class:`COMQSettings` is the field table behind :class:`hf_comq.COMQConfig` (which adds
+what transformers needs: serialization, registration).  It imports neither torch nor
+transformers, so ``hf-comq`` builds its options (types, defaults, help) from it before
+paying for those imports.  Each field's metadata says what kind of setting it is:
+
+* ``format``: what the checkpoint contains (``bits``, ``group_size``, ``symmetric``);
+* ``solver``: how each layer is solved (passed to :func:`hf_comq.comq_quantize`);
+* ``calibration``: what the layers are calibrated on.  ``dataset`` and ``processor``
+  may be large in-memory objects: they travel on the config (the after-weight-loading
+  hook receives no kwargs) but are never serialized, only referenced and described;
+* ``selection``: which layers are quantized and in which order they are calibrated;
+* ``recorded``: set by quantization (or read back from a checkpoint), not by users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .solver.options import CLIP_WEIGHTS, DEFAULTS, MAX_BITS, MAX_START_GRIDS, MIN_BITS, ORDERS, START_POINTS
+
+FORMAT, SOLVER, CALIBRATION, SELECTION, RECORDED = "format", "solver", "calibration", "selection", "recorded"
+LINEAR, CONV1D = "Linear", "Conv1D"  # the layer classes a checkpoint's scheme can target
+
+
+def setting(default: Any, kind: str, help: str) -> Any:
+    """A field of the table: its default, its kind (see the module docstring) and one line of help."""
+    return field(default=default, metadata={"kind": kind, "help": help})
+
+
+@dataclass(repr=False, eq=False)
+class COMQSettings:
+    """The COMQ settings and their validation; see each field's ``help`` (``COMQSettings.help(name)``)."""
+
+    bits: int = setting(DEFAULTS["bits"], FORMAT, f"code width, {MIN_BITS} to {MAX_BITS}")
+    group_size: int | None = setting(
+        None, FORMAT, "input columns sharing one scale/zero point; None (or -1) = one per output channel"
+    )
+    symmetric: bool = setting(DEFAULTS["symmetric"], FORMAT, "zero point fixed at mid-range")
+    iterations: int = setting(DEFAULTS["iterations"], SOLVER, "maximum coordinate sweeps per layer")
+    order: str = setting(DEFAULTS["order"], SOLVER, f"column order of a sweep, one of {list(ORDERS)}")
+    init: str = setting(DEFAULTS["init"], SOLVER, f"start point, one of {list(START_POINTS)}")
+    scale_refit: bool = setting(DEFAULTS["scale_refit"], SOLVER, "closed-form scale refit after every sweep")
+    scale_search: bool = setting(DEFAULTS["scale_search"], SOLVER, "searched clipping of each row's range")
+    shrink: float = setting(DEFAULTS["shrink"], SOLVER, "fixed factor on the initial range")
+    damp: float | None = setting(DEFAULTS["damp"], SOLVER, "relative damping of the error-feedback start")
+    clip_weights: str = setting(
+        DEFAULTS["clip_weights"], SOLVER, f"how the clipping search weighs inputs, one of {list(CLIP_WEIGHTS)}"
+    )
+    start_grids: int = setting(
+        DEFAULTS["start_grids"], SOLVER, f"clipping grids the start tries side by side, 1 to {MAX_START_GRIDS}"
+    )
+    dataset: Any = setting(None, CALIBRATION, "calibration data: a datasets object, a name or path, or samples")
+    processor: Any = setting(None, CALIBRATION, "image processor / tokenizer (object or path); None = the model's")
+    dataset_split: str = setting("train", CALIBRATION, "split of a named dataset")
+    dataset_column: str | None = setting(None, CALIBRATION, "column of a named dataset (default: image or text)")
+    num_samples: int = setting(128, CALIBRATION, "calibration samples (seeded shuffle)")
+    batch_size: int = setting(8, CALIBRATION, "samples per calibration forward pass")
+    max_length: int = setting(512, CALIBRATION, "text truncation length in tokens")
+    seed: int = setting(0, CALIBRATION, "seed of the calibration sample choice")
+    modules_to_not_convert: list[str] | None = setting(
+        None, SELECTION, "module names kept in full precision besides the task head (which always is), matched as in "
+        "transformers' quantizers: the start of a name, a regex from the start, or a suffix"
+    )
+    block_name: str | None = setting(None, SELECTION, "dotted name of the block list, overriding discovery")
+    sequential: bool = setting(True, SELECTION, "calibrate each block on the quantized prefix's outputs")
+    calibration_description: str | None = setting(None, RECORDED, "what the model was calibrated on")
+    calibration_samples: int | None = setting(None, RECORDED, "calibration samples actually used")
+    ignore: list[str] | None = setting(None, RECORDED, "exact names of the linear layers kept in full precision")
+    layer_type: str | None = setting(None, RECORDED, "class of the quantized layers: Linear or Conv1D")
+    conv1d_rows: int | None = setting(None, RECORDED, "Conv1D scheme: block height of a per-channel grid")
+    base_model: str | None = setting(None, RECORDED, "Hub id of the checkpoint that was quantized")
+    base_model_folder: str | None = setting(None, RECORDED, "folder name of a local checkpoint that was quantized")
+
+    def __post_init__(self) -> None:
+        if self.group_size == -1:
+            self.group_size = None
+        for name in ("modules_to_not_convert", "ignore"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        self.post_init()
+
+    # ------------------------------------------------------------------ field table
+    @classmethod
+    def field_names(cls, kind: str | None = None) -> tuple[str, ...]:
+        """The settings' names, in declaration order, optionally only those of one ``kind``."""
+        return tuple(f.name for f in fields(cls) if "kind" in f.metadata and kind in (None, f.metadata["kind"]))
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """A field's default value (the one place defaults are written)."""
+        spec = next(f for f in fields(cls) if f.name == name)
+        return None if spec.default is MISSING else spec.default
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return next(f for f in fields(cls) if f.name == name).metadata["help"]
+
+    # ------------------------------------------------------------------ validation
+    def post_init(self) -> None:
+        """Validate every field; each error names the field and how to fix it."""
+        _check_int("bits", self.bits, MIN_BITS, MAX_BITS, f"use 4 (near-lossless), 3 or 2 (smaller), up to {MAX_BITS}")
+        if self.group_size is not None:
+            _check_int("group_size", self.group_size, 1, None, "use e.g. 32, 64 or 128, or None for per-channel scales")
+        _check_bool("symmetric", self.symmetric)
+        _check_int("iterations", self.iterations, 0, None, "use 1 to 3 coordinate sweeps")
+        _check_choice("order", self.order, ORDERS)
+        _check_choice("init", self.init, START_POINTS)
+        _check_bool("scale_refit", self.scale_refit)
+        _check_bool("scale_search", self.scale_search)
+        _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)
+        if self.damp is not None:
+            _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
+        _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
+        _check_int("start_grids", self.start_grids, 1, MAX_START_GRIDS, "use 3 (the default), or 1 for a faster start")
+        self._check_dataset()
+        if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
+            raise ValueError("processor: got an empty string; pass a processor object, a path, or None")
+        _check_str("dataset_split", self.dataset_split, optional=False)
+        _check_str("dataset_column", self.dataset_column, optional=True)
+        _check_int("num_samples", self.num_samples, 1, None, "use e.g. 128 calibration samples")
+        _check_int("batch_size", self.batch_size, 1, None, "use e.g. 8")
+        _check_int("max_length", self.max_length, 1, None, "use e.g. 512 tokens")
+        _check_int("seed", self.seed, 0, None, "use a non-negative integer")
+        _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['vit.layers.0'] or ['q_proj']")
+        _check_str("block_name", self.block_name, optional=True)
+        _check_bool("sequential", self.sequential)
+        _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)
+        if self.calibration_samples is not None:
+            _check_int("calibration_samples", self.calibration_samples, 0, None, "leave it to calibration")
+        _check_names("ignore", self.ignore, "exact module names; leave it to quantization")
+        if self.layer_type is not None:
+            _check_choice("layer_type", self.layer_type, (LINEAR, CONV1D))
+        if self.conv1d_rows is not None:
+            _check_int("conv1d_rows", self.conv1d_rows, 1, None, "leave it to quantization")
+        _check_str("base_model", self.base_model, optional=True)
+        _check_str("base_model_folder", self.base_model_folder, optional=True)
+
+    def _check_dataset(self) -> None:
+        data = self.dataset
+        if data is None:
+            return
+        if isinstance(data, str):
+            if not data.strip():
+                raise ValueError("dataset: got an empty string; pass a dataset name or path, data, or None")
+            return
+        if isinstance(data, (list, tuple)) and len(data) == 0:
+            raise ValueError("dataset: the list is empty; pass at least one calibration sample")
+        if isinstance(data, (bytes, int, float, bool)) or not hasattr(data, "__iter__"):  # tensors iterate too
+            raise ValueError(
+                f"dataset: unsupported type {type(data).__name__}; pass a datasets.Dataset/IterableDataset, "
+                "a dataset name or local path, a list of PIL images or strings, a tensor, or a list of dicts"
+            )
+
+
+def _check_int(name: str, value: Any, low: int | None, high: int | None, fix: str) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: expected an integer {bounds}, got {value!r}; {fix}")
+
+
+def _check_float(name: str, value: Any, fix: str, upper: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = ok and value > 0 and (upper is None or value <= upper)
+    if not ok:
+        bounds = f"in (0, {upper}]" if upper is not None else "> 0"
+        raise ValueError(f"{name}: expected a number {bounds}, got {value!r}; {fix}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _check_str(name: str, value: Any, optional: bool, allow_empty: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        hint = "a non-empty string or None" if optional else "a non-empty string"
+        raise ValueError(f"{name}: expected {hint}, got {value!r}")
+
+
+def _check_names(name: str, value: Any, fix: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"{name}: expected a list of module names, got {value!r}; use {fix}")

@@ -1,0 +1,67 @@
+"""The solver's settings as plain values: names, choices, ranges and defaults.
+
+Kept free of torch so that :mod:`hf_comq.settings` (and through it the ``hf-comq``
+argument parser) can describe every setting before torch is imported;
+:func:`hf_comq.solver.comq_quantize` takes its keyword defaults from here.
+"""
+
+from __future__ import annotations
+
+MIN_BITS = 2
+MAX_BITS = 8
+ORDERS = ("greedy", "sequential", "act_order")
+START_POINTS = ("fp", "rtn", "error_feedback")
+CLIP_WEIGHTS = ("conditional", "diagonal")
+MAX_START_GRIDS = 4
+
+DEFAULTS: dict = dict(
+    bits=4,
+    group_size=None,
+    symmetric=False,
+    iterations=2,
+    order="act_order",
+    init="error_feedback",
+    scale_refit=True,
+    scale_search=True,
+    clip_weights="conditional",
+    start_grids=3,
+    shrink=1.0,
+    damp=None,
+)
+"""Defaults of the user-facing :func:`~hf_comq.solver.comq_quantize` settings (the one place they are written)."""
+
+ROUND_TO_NEAREST: dict = dict(init="rtn", iterations=0, scale_refit=False, scale_search=False)
+"""Settings that make :func:`comq_quantize` plain round-to-nearest on the min-max grid
+(the baseline every table compares against)."""
+
+REFERENCE_CODE: dict = dict(init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+"""Settings that reproduce the COMQ reference code's codes (paper-faithful mode)."""
+
+
+def check_bits(bits: int, low: int = MIN_BITS) -> None:
+    """The one bit-width rule: an integer in ``[low, MAX_BITS]`` (``low`` lower only for the packed layout's own range)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not low <= bits <= MAX_BITS:
+        raise ValueError(
+            f"bits must be an integer between {low} and {MAX_BITS}, got {bits!r}; "
+            "pick 4 for near-lossless, 3 or 2 for stronger compression"
+        )
+
+
+def resolve_group_size(in_features: int, group_size: int | None) -> int:
+    """Columns per scale group of a layer with ``in_features`` inputs; the one group-size rule.
+
+    Groups that straddle the end of a row would need ragged scale tensors in every
+    consumer, so a non-dividing group size is rejected rather than silently padded.
+    ``None`` and ``-1`` mean one group per row (per-channel scales).
+    """
+    if group_size is None or group_size == -1:
+        return in_features
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+    if in_features % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features={in_features}; "
+            f"use a divisor of {in_features} (e.g. 32, 64 or 128 where they divide) or group_size=None "
+            "for per-channel scales"
+        )
+    return group_size

@@ -1,0 +1,101 @@
+"""What a transformers model class is for: its task, the Auto class that loads it, its inputs, its Hub pipeline tag.
+
+The one place that maps classes to tasks: ``hf-comq`` picks the Auto class and the
+metric from it (:func:`task_of`, :func:`model_inputs`) and the model card its pipeline
+tag (:func:`infer_pipeline_tag`).  Nothing here imports torch or transformers at module
+import; the class lists come from transformers' auto mappings (:mod:`hf_comq.compat`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Task:
+    """A model family ``hf-comq`` handles: how to load it and which transformers mapping lists its classes."""
+
+    name: str
+    auto_class: str
+    mapping: str
+
+
+TASKS: tuple[Task, ...] = (
+    Task("image classification", "AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    Task(
+        "sequence classification", "AutoModelForSequenceClassification",
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    ),
+    Task("token classification", "AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    Task("causal LM", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    Task("masked LM", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    Task("base model", "AutoModel", "MODEL_MAPPING_NAMES"),
+)  # fmt: skip
+SUPPORTED = "image classification, sequence/token classification, causal and masked LMs, and base models"
+
+# Task head suffixes of transformers class names -> Hub pipeline tag.
+PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("ForImageClassification", "image-classification"),
+    ("ForCausalLM", "text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForObjectDetection", "object-detection"),
+    ("ForSemanticSegmentation", "image-segmentation"),
+    ("ForCTC", "automatic-speech-recognition"),
+    ("ForSpeechSeq2Seq", "automatic-speech-recognition"),
+    ("ForAudioClassification", "audio-classification"),
+)
+NON_TEXT_PIPELINES = ("image-", "object-", "audio-", "automatic-speech")
+
+
+def task_of(architectures: list[str], model_type: str | None) -> tuple[Task | None, str]:
+    """The first of ``architectures`` (config.json's) that a task lists, and that task; ``(None, ...)`` when none does.
+
+    A config without architectures names a base model by its ``model_type``.
+    """
+    from .compat import auto_mapping
+
+    for architecture in architectures:
+        for task in TASKS:
+            if architecture in _class_names(auto_mapping(task.mapping)):
+                return task, architecture
+    base_models = auto_mapping(TASKS[-1].mapping)
+    if not architectures and model_type in base_models:
+        return TASKS[-1], next(iter(_class_names({model_type: base_models[model_type]})))
+    return None, architectures[0] if architectures else ""
+
+
+def _class_names(mapping: dict[str, Any]) -> set[str]:
+    names: set[str] = set()
+    for value in mapping.values():
+        names.update(value if isinstance(value, (list, tuple)) else (value,))
+    return names
+
+
+def model_inputs(architecture: str) -> str | None:
+    """``"images"`` or ``"text"``: what the class's ``main_input_name`` takes (``None`` for anything else)."""
+    import transformers
+
+    cls = getattr(transformers, architecture, None)
+    main_input = getattr(cls, "main_input_name", None)
+    return {"pixel_values": "images", "input_ids": "text"}.get(main_input)
+
+
+def infer_pipeline_tag(model: Any) -> str | None:
+    """The Hub pipeline tag of a transformers model, from its class name (``None`` when ambiguous)."""
+    class_name = type(model).__name__
+    for suffix, tag in PIPELINE_SUFFIXES:
+        if class_name.endswith(suffix):
+            return tag
+    if class_name.endswith("Model"):  # bare backbones produce features
+        is_vision = getattr(model, "main_input_name", "") == "pixel_values"
+        return "image-feature-extraction" if is_vision else "feature-extraction"
+    return None
+
+
+def is_text_pipeline(pipeline_tag: str | None) -> bool:
+    """Whether a pipeline's inputs are text (so text-only settings such as ``max_length`` apply)."""
+    return not (pipeline_tag or "").startswith(NON_TEXT_PIPELINES)

@@ -1,0 +1,77 @@
+"""``hf-comq demo`` on the shipped model (fewer images), and how it reads a COMQ-vs-RTN difference."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import hf_comq
+from hf_comq.assets import demo_model_path
+from hf_comq.evaluation import checkpoint_size_bytes
+from tests.cli.helpers import error_line, run_cli
+from tests.tiny import images
+
+
+def test_demo_on_the_shipped_model(capsys, tmp_path) -> None:
+    argv = ["demo", "--bits", 4, "--num-samples", 64, "--eval-limit", 500, "--output", tmp_path / "demo"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "evaluation on 500 test images" in out
+    rows = {
+        (match["method"], match["bits"]): match
+        for match in re.finditer(
+            r"^(?P<method>FP32|COMQ|RTN)\s+(?P<bits>\d+)\s+(?P<top1>\d\.\d{4})\s+(?:[+-]\d+\.\d\d pt\s+)?"
+            r"(?P<agreement>\d\.\d{4})\s+(?P<kl>\d+\.\d{3})(?P<rest>.*)$",
+            out, flags=re.MULTILINE,
+        )
+    }  # fmt: skip
+    assert set(rows) == {("FP32", "32"), ("COMQ", "4"), ("RTN", "4")}, out
+    fp_top1 = float(rows["FP32", "32"]["top1"])
+    assert fp_top1 > 0.8
+    assert abs(float(rows["COMQ", "4"]["top1"]) - fp_top1) <= 0.05
+    assert (float(rows["FP32", "32"]["agreement"]), float(rows["FP32", "32"]["kl"])) == (1.0, 0.0)
+    # what COMQ buys shows in the fidelity to FP, not in a top-1 difference of a few images
+    assert float(rows["COMQ", "4"]["kl"]) < float(rows["RTN", "4"]["kl"])
+    assert float(rows["COMQ", "4"]["agreement"]) >= float(rows["RTN", "4"]["agreement"])
+    verdict = re.search(r"^W4: COMQ's KL to FP [\d.]+x lower than RTN's.*McNemar p = [\d.e-]+", out, flags=re.MULTILINE)
+    assert verdict, out
+    ratio = float(re.search(r"(\d\.\d\d)x", rows["COMQ", "4"]["rest"]).group(1))
+    assert ratio < 0.5
+
+    saved = tmp_path / "demo" / f"{demo_model_path().name}-comq-w4"
+    assert f"saved {saved}" in out
+    assert checkpoint_size_bytes(saved) < 0.5 * checkpoint_size_bytes(demo_model_path())
+    card = (saved / "README.md").read_text()
+    assert "COMQ" in card and "top-1 agreement with fp32" in card
+    hf_comq.load_quantized(saved)
+
+    # a second run does not replace the saved checkpoint unless asked to, and says so before any work
+    before = (saved / "model.safetensors").read_bytes()
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and "already exists and is not empty; choose another --output or pass --overwrite" in error_line(err)
+    assert "COMQ calibration" not in err and (saved / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "only_comq, only_rtn, expected",
+    [
+        (3, 0, "within chance (McNemar p = 0.25), not a ranking"),
+        (0, 3, "within chance (McNemar p = 0.25), not a ranking"),
+        (30, 5, "COMQ ahead beyond chance"),
+        (5, 30, "RTN ahead beyond chance"),
+    ],
+)
+def test_demo_never_reads_chance_as_a_ranking(only_comq, only_rtn, expected) -> None:
+    from hf_comq.cli.demo import DemoRow, demo_verdict
+
+    both = 400
+    comq_correct = torch.tensor([True] * both + [True] * only_comq + [False] * only_rtn)
+    rtn_correct = torch.tensor([True] * both + [False] * only_comq + [True] * only_rtn)
+    total = len(comq_correct)
+    comq = DemoRow("COMQ", 4, float(comq_correct.float().mean()), 0.99, 0.001, 1.0, 1)
+    rtn = DemoRow("RTN", 4, float(rtn_correct.float().mean()), 0.98, 0.01, 1.0, None)
+    line = demo_verdict(4, comq, rtn, comq_correct, rtn_correct)
+    assert expected in line
+    assert f"{100 * (only_comq - only_rtn) / total:+.2f} pt" in line and "KL to FP 10.0x lower" in line

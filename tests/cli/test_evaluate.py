@@ -1,0 +1,67 @@
+"""``hf-comq evaluate`` after ``quantize``: the metric of each model kind, with and without a reference."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.cli.helpers import error_line, run_cli
+from tests.tiny import gray_images, image_parquet, image_processor, images, tiny_vit
+
+
+def test_quantize_and_evaluate_a_grayscale_vit(capsys, tmp_path) -> None:
+    """A one-channel model on one-channel images, through the CLI (before: every image was made RGB and rejected)."""
+    model_dir = tmp_path / "gray-vit"
+    tiny_vit(num_channels=1, num_labels=3).save_pretrained(model_dir)
+    image_processor(channels=1).save_pretrained(model_dir)
+    data = image_parquet(tmp_path / "gray.parquet", gray_images(12))
+    output = tmp_path / "gray-w4"
+    code, _, err = run_cli(capsys, "quantize", model_dir, "--dataset", data, "--num-samples", 8, "--output", output)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "evaluate", output, "--dataset", data, "--reference", model_dir)
+    assert code == 0, err
+    assert re.search(r"top-1 accuracy of gray-w4: \d\.\d{4} on 12 images", out), out
+
+
+def test_quantize_and_evaluate_a_causal_lm(capsys, tmp_path, gpt2_dir, text_data) -> None:
+    output = tmp_path / "gpt2-w8"
+    code, out, err = run_cli(
+        capsys, "quantize", gpt2_dir, "--bits", 8, "--dataset", text_data, "--num-samples", 8, "--output", output
+    )
+    assert code == 0, err
+    assert "(GPT2LMHeadModel, causal LM)" in out
+    assert (output / "tokenizer.json").is_file()
+    code, out, err = run_cli(capsys, "evaluate", output, "--dataset", text_data, "--reference", gpt2_dir, "--limit", 6)
+    assert code == 0, err
+    quantized = re.search(r"perplexity of gpt2-w8: ([\d.]+) on 6 texts", out)
+    reference = re.search(r"perplexity of the reference \S+: ([\d.]+) \(([\d.]+)x\)", out)
+    assert quantized and reference, out
+    # 8-bit weights barely change a model: perplexities within 2 %
+    assert float(quantized.group(1)) == pytest.approx(float(reference.group(1)), rel=0.02)
+
+
+def test_quantize_and_evaluate_a_text_encoder(capsys, tmp_path, bert_dir, text_data) -> None:
+    output = tmp_path / "bert-w4"
+    code, _, err = run_cli(
+        capsys, "quantize", bert_dir, "--dataset", text_data, "--num-samples", 8, "--group-size", 16, "--output", output
+    )
+    assert code == 0, err
+    weights = json.loads((output / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["group_size"] == 16
+    code, out, err = run_cli(capsys, "evaluate", output, "--dataset", text_data, "--reference", bert_dir)
+    assert code == 0, err
+    match = re.search(r"embedding cosine of bert-w4 to \S+: ([\d.]+) on 12 texts", out)
+    assert match, out
+    assert 0.9 < float(match.group(1)) < 0.9999
+
+    code, _, err = run_cli(capsys, "evaluate", output, "--dataset", text_data)
+    assert code == 1
+    assert "needs --reference FP_MODEL" in error_line(err)
+
+
+def test_unknown_label_column(capsys, vit_dir, image_data) -> None:
+    code, _, err = run_cli(capsys, "evaluate", vit_dir, "--dataset", image_data, "--label-column", "target")
+    assert code == 1
+    assert "label dataset column 'target' does not exist" in error_line(err)

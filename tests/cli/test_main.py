@@ -1,0 +1,54 @@
+"""The ``hf-comq`` entry points: usage errors, help, one-line library errors, ``python -m``, the console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import hf_comq
+from hf_comq.cli import main
+from tests.cli.helpers import REPO_ROOT, error_line, run_cli
+
+
+def test_library_errors_become_one_line_and_debug_shows_the_traceback(capsys, tmp_path, vit_dir, image_data) -> None:
+    argv = ["quantize", vit_dir, "--dataset", image_data, "--group-size", 7, "--output", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert "group_size=7 does not divide in_features" in error_line(err)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="group_size=7"):
+        main([str(arg) for arg in argv] + ["--debug"])
+
+
+def test_usage_errors_and_help(capsys) -> None:
+    assert main([]) == 2
+    assert "usage: hf-comq" in capsys.readouterr().err
+    assert main(["quantize", "model"]) == 2  # --dataset and --output are required
+    assert "the following arguments are required: --dataset, --output" in capsys.readouterr().err
+    assert main(["demo", "--help"]) == 0
+    assert "Fashion-MNIST" in capsys.readouterr().out
+
+
+def test_python_dash_m_help_in_a_subprocess() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_comq", "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: hf-comq")
+    for command in ("quantize", "evaluate", "demo"):
+        assert command in result.stdout
+
+
+def test_console_script_points_at_main(capsys) -> None:
+    """``pip install`` turns this entry into the ``hf-comq`` executable; its target must resolve and run."""
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    module_name, function_name = project["scripts"]["hf-comq"].split(":")
+    entry = getattr(importlib.import_module(module_name), function_name)
+    assert entry is main
+    assert entry(["quantize", "--help"]) == 0
+    assert "--push-to-hub REPO_ID" in capsys.readouterr().out

@@ -1,0 +1,56 @@
+"""What ``hf-comq`` says about a MODEL it cannot use, before loading any weight."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli.helpers import error_line, run_cli
+from tests.tiny import images
+
+
+@pytest.mark.parametrize("command", ["quantize", "evaluate"])
+def test_missing_model_path(capsys, tmp_path, image_data, command) -> None:
+    missing = tmp_path / "no-such-model"
+    argv = [command, missing, "--dataset", image_data]
+    argv += ["--output", tmp_path / "out"] if command == "quantize" else []
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and out == ""
+    assert error_line(err) == f"hf-comq: error: model path {missing} does not exist"
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config_is_not_a_checkpoint(capsys, tmp_path, image_data) -> None:
+    code, _, err = run_cli(capsys, "evaluate", tmp_path, "--dataset", image_data)
+    assert code == 1
+    assert error_line(err) == f"hf-comq: error: {tmp_path} is not a model checkpoint folder: it has no config.json"
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (
+            {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True},
+            "unsupported model type 't5' (T5ForConditionalGeneration): encoder-decoder models are not supported",
+        ),
+        (
+            {"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]},
+            "unsupported model type 'wav2vec2' (Wav2Vec2ForCTC); hf-comq handles image classification",
+        ),
+        (
+            {"model_type": "wav2vec2", "architectures": ["Wav2Vec2Model"]},
+            "calibration feeds text or images, and Wav2Vec2Model takes neither",
+        ),
+    ],
+)
+def test_unsupported_model_type(capsys, tmp_path, image_data, config, expected) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    argv = ["quantize", tmp_path / "model", "--dataset", image_data, "--output", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert expected in error_line(err)
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,120 @@
+"""``hf-comq quantize``: a loadable checkpoint, the output-folder rules, the Hub push, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as T
+
+import hf_comq
+from tests.cli.helpers import REPO_ROOT, error_line, run_cli
+from tests.hub_server import FakeHub
+from tests.tiny import image_processor, images
+
+
+def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_dir, image_data) -> None:
+    output = tmp_path / "vit-w4"
+    code, out, err = run_cli(
+        capsys, "quantize", vit_dir, "--bits", 4, "--dataset", image_data, "--num-samples", 8, "--output", output
+    )
+    assert code == 0, err
+    assert re.search(r"layers quantized\s+\d+, mean relative error", out), out
+    assert re.search(rf"saved to\s+{re.escape(str(output))}$", out, flags=re.MULTILINE), out
+    assert re.search(r"checkpoint\s+[\d.]+ MB \(0\.\d\dx of [\d.]+ MB full precision\)", out), out
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        path.name for path in output.iterdir()
+    }
+    assert [path.name for path in tmp_path.iterdir()] == ["vit-w4"]  # no staging folder left behind
+    stored = json.loads((output / "config.json").read_text())["quantization_config"]
+    assert stored["quant_method"] == "compressed-tensors" and stored["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    calibration = stored["comq"]["calibration"]
+    assert "images.parquet" in calibration["description"]
+    assert calibration["dataset"] == "images.parquet"  # by name: the local path is not published
+    assert 'from_pretrained("vit-w4")' in (output / "README.md").read_text()
+
+    quantized = hf_comq.load_quantized(output)
+    kinds = {type(module).__name__ for module in quantized.modules()}
+    assert "COMQLinear" in kinds and type(quantized.classifier) is torch.nn.Linear  # head stays full precision
+    fp = T.ViTForImageClassification.from_pretrained(vit_dir).eval()
+    pixels = image_processor()(images=images(4, seed=5), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        assert torch.allclose(quantized(pixel_values=pixels).logits, fp(pixel_values=pixels).logits, atol=0.2)
+
+    # evaluate: top-1 of the quantized model and of its full-precision reference on the same images
+    code, out, err = run_cli(capsys, "evaluate", output, "--dataset", image_data, "--reference", vit_dir)
+    assert code == 0, err
+    accuracy = re.search(r"top-1 accuracy of vit-w4: (\d\.\d{4}) on 12 images", out)
+    reference = re.search(r"top-1 accuracy of the reference: (\d\.\d{4}) \(difference ([+-]\d+\.\d\d) points\)", out)
+    assert accuracy and reference, out
+    difference = 100 * (float(accuracy.group(1)) - float(reference.group(1)))
+    assert float(reference.group(2)) == pytest.approx(difference, abs=0.01)
+
+
+def test_quantize_refuses_a_non_empty_output_unless_overwrite(capsys, tmp_path, vit_dir, image_data) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    argv = ["quantize", vit_dir, "--dataset", image_data, "--num-samples", 4, "--output", output]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert "already exists and is not empty" in error_line(err)
+    # --overwrite never empties a folder hf-comq did not write
+    code, _, err = run_cli(capsys, *argv, "--overwrite")
+    assert code == 1
+    assert "--overwrite only replaces a checkpoint hf-comq wrote" in error_line(err) and "(keep.txt)" in err
+    assert (output / "keep.txt").read_text() == "mine"
+
+    checkpoint = tmp_path / "checkpoint"
+    argv[-1] = checkpoint
+    assert run_cli(capsys, *argv, "--rtn")[0] == 0
+    code, _, err = run_cli(capsys, *argv, "--overwrite", "--rtn", "--bits", 3)
+    assert code == 0, err
+    stored = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert stored["comq"]["solver"]["init"] == "rtn" and stored["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "out"]
+
+
+def test_quantize_pushes_to_the_hub(tmp_path, vit_dir, image_data) -> None:
+    """``--push-to-hub`` uploads weights, processor and COMQ card (child process: huggingface_hub reads
+    ``HF_ENDPOINT`` at import time)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+    output = tmp_path / "pushed"
+    argv = ["quantize", vit_dir, "--dataset", image_data, "--num-samples", 4, "--output", output]
+    with FakeHub(max_lifetime_s=120) as hub:
+        env.update(
+            HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
+            HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+            OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+        )  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "hf_comq", *map(str, argv), "--push-to-hub", "user/tiny-vit-comq"],
+            env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = hub.files("user/tiny-vit-comq")
+    assert "pushed to" in result.stdout and "user/tiny-vit-comq" in result.stdout
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    assert files["model.safetensors"] == (output / "model.safetensors").read_bytes()
+    card = files["README.md"].decode("utf-8")
+    assert "comq" in card and 'ViTForImageClassification.from_pretrained("user/tiny-vit-comq")' in card
+    assert [commit.title for commit in hub._repo("user/tiny-vit-comq").commits][1:] == ["Upload COMQ-quantized model"]
+
+
+def test_quantizing_a_comq_checkpoint_is_refused(capsys, tmp_path, image_data) -> None:
+    (tmp_path / "model").mkdir()
+    config = {
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification"],
+        "quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+    }
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    argv = ["quantize", tmp_path / "model", "--dataset", image_data, "--output", tmp_path / "out"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert "is already quantized" in error_line(err)

@@ -1,0 +1,26 @@
+"""Which task a transformers class is for: the Auto class and inputs hf-comq uses, the card's pipeline tag."""
+
+import torch
+from transformers import BertConfig, BertModel, ViTModel
+
+from hf_comq.tasks import TASKS, infer_pipeline_tag, model_inputs, task_of
+from tests.tiny import tiny_vit
+
+
+def test_architectures_map_to_the_first_task_that_lists_them():
+    assert task_of(["ViTForImageClassification"], "vit")[0].auto_class == "AutoModelForImageClassification"
+    assert task_of(["LlamaForCausalLM"], "llama") == (TASKS[3], "LlamaForCausalLM")
+    assert task_of([], "bert") == (TASKS[-1], "BertModel")
+    assert task_of(["NoSuchModel"], "nothing") == (None, "NoSuchModel")
+
+
+def test_inputs_come_from_the_main_input_name():
+    assert (model_inputs("ViTModel"), model_inputs("BertModel"), model_inputs("NoSuchModel")) == ("images", "text", None)
+
+
+def test_infer_pipeline_tag():
+    assert infer_pipeline_tag(tiny_vit()) == "image-classification"
+    assert infer_pipeline_tag(ViTModel(tiny_vit().config)) == "image-feature-extraction"
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    assert infer_pipeline_tag(bert) == "feature-extraction"
+    assert infer_pipeline_tag(torch.nn.Linear(2, 2)) is None
