@@ -113,6 +113,74 @@ def share_solution(group: Group, qweight: QuantizedWeight | None, owner: int, te
     )  # fmt: skip
 
 
+def sum_over_ranks(group: Group, values: Sequence[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (counts of batches, tokens, flags)."""
+    if not group.is_parallel:
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=_collective_device())
+    _collective(group, "sum counts", torch.distributed.all_reduce, tensor)
+    return tensor.tolist()
+
+
+def balanced_owners(costs: Sequence[float], size: int) -> list[int]:
+    """The rank that solves each of a step's layers: the longest first, each to the least loaded rank.
+
+    Depends only on ``costs`` (from layer shapes, equal on every rank), so every rank
+    computes the same assignment without talking.  Round robin in layer order would
+    give one rank all the wide MLP layers of a block whenever their count is even.
+    """
+    owners = [0] * len(costs)
+    loads = [0.0] * size
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(size), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += costs[index]
+    return owners
+
+
+def share_solutions(
+    group: Group, solved: dict[str, QuantizedWeight], owners: dict[str, int]
+) -> dict[str, QuantizedWeight]:
+    """Every rank's copy of every layer of a step, each solved by its owner (``solved`` holds this rank's share).
+
+    The owner first broadcasts the layer's shapes and grid (so receivers need no
+    template), then the tensors; layers go in ``owners``' order on every rank.
+    Receivers allocate on the process group's device (a GPU for NCCL, which moves only GPU tensors).
+    """
+    if not group.is_parallel:
+        return dict(solved)
+    shared: dict[str, QuantizedWeight] = {}
+    device = _collective_device()
+    for name, owner in owners.items():
+        mine = solved.get(name) if group.rank == owner else None
+        header = [_header(mine) if mine is not None else None]
+        _collective(group, "share a solved layer's shape", torch.distributed.broadcast_object_list, header, src=owner)
+        shapes = header[0]
+        template = mine if mine is not None else QuantizedWeight(
+            codes=torch.empty(shapes["codes"], dtype=shapes["codes_dtype"], device=device),
+            scale=torch.empty(shapes["scale"], dtype=shapes["scale_dtype"], device=device),
+            zero_point=torch.empty(shapes["zero_point"], dtype=shapes["zero_point_dtype"], device=device),
+            bits=shapes["bits"], group_size=shapes["group_size"], dtype=shapes["dtype"],
+        )  # fmt: skip
+        tensors = [t.to(device).contiguous() for t in (template.codes, template.scale, template.zero_point)]
+        for tensor in tensors:
+            _collective(group, "share a solved layer", torch.distributed.broadcast, tensor, src=owner)
+        shared[name] = QuantizedWeight(
+            codes=tensors[0], scale=tensors[1], zero_point=tensors[2], bits=template.bits,
+            group_size=template.group_size, dtype=template.dtype, stats=shapes["stats"],
+        )  # fmt: skip
+    return shared
+
+
+def _header(qweight: QuantizedWeight) -> dict[str, Any]:
+    return {
+        "codes": tuple(qweight.codes.shape), "scale": tuple(qweight.scale.shape),
+        "zero_point": tuple(qweight.zero_point.shape), "codes_dtype": qweight.codes.dtype, "scale_dtype": qweight.scale.dtype,
+        "zero_point_dtype": qweight.zero_point.dtype, "bits": qweight.bits, "group_size": qweight.group_size,
+        "dtype": qweight.dtype, "stats": qweight.stats,
+    }  # fmt: skip
+
+
 def empty_solution(out_features: int, in_features: int, bits: int, group_size: int | None, dtype: torch.dtype) -> QuantizedWeight:
     """A receiving buffer for :func:`share_solution`."""
     groups = 1 if group_size is None else in_features // group_size
@@ -122,6 +190,13 @@ def empty_solution(out_features: int, in_features: int, bits: int, group_size: i
         zero_point=torch.empty(out_features, groups, dtype=torch.float32),
         bits=bits, group_size=group_size, dtype=dtype,
     )  # fmt: skip
+
+
+def _collective_device() -> torch.device:
+    """Where collective buffers must live: the current GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _collective(group: Group, purpose: str, operation: Any, *args: Any, **kwargs: Any) -> None:
