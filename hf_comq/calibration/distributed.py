@@ -5,8 +5,9 @@ samples.  Under an initialised process group (``torchrun --nproc-per-node N``, g
 CPU, NCCL on GPU) every rank therefore runs the model on its own share of the
 calibration *batches* (rank ``r`` takes batches ``r, r + N, ...``, so each batch, its
 padding included, is exactly the batch a single process would run), the per-rank sums
-are all-reduced, and each layer is solved once, by one rank, whose result every rank
-installs.  Without a process group everything here is a no-op and calibration runs as
+are all-reduced, and each layer is solved once, by one rank (the layers of a step are
+spread over the ranks by size, :func:`balanced_owners`), whose result every rank
+installs; each rank then computes the next block's inputs for its own batches.  Without a process group everything here is a no-op and calibration runs as
 a single process.
 
 Sums are accumulated in float64 (:class:`hf_comq.HessianAccumulator`); an all-reduce only
@@ -23,13 +24,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, Sequence
 
 import torch
 
 from ..solver import HessianAccumulator, QuantizedWeight
-
-Item = TypeVar("Item")
 
 
 class CalibrationGroupError(RuntimeError):
@@ -50,14 +49,6 @@ class Group:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def share(self, items: Sequence[Item]) -> list[Item]:
-        """This rank's share of ``items``: every ``size``-th one, starting at ``rank``."""
-        return list(items[self.rank :: self.size])
-
-    def owner(self, index: int) -> int:
-        """The rank that solves the ``index``-th layer of a step (round robin)."""
-        return index % self.size
 
 
 def current_group() -> Group:
@@ -91,26 +82,6 @@ def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator]
         _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, accumulator.hessian)
         _collective(group, "sum the token counts", torch.distributed.all_reduce, tokens)
         accumulator.num_tokens = int(tokens.item())
-
-
-def share_solution(group: Group, qweight: QuantizedWeight | None, owner: int, template: QuantizedWeight) -> QuantizedWeight:
-    """Every rank's copy of the layer solved by ``owner`` (who passes ``qweight``; the others pass ``None``).
-
-    ``template`` fixes shapes, dtypes and the grid description on the receiving ranks
-    (a :class:`QuantizedWeight` of the right shapes, e.g. from :func:`empty_solution`).
-    """
-    if not group.is_parallel:
-        return qweight
-    mine = qweight if group.rank == owner else template
-    tensors = [mine.codes.contiguous(), mine.scale.contiguous(), mine.zero_point.contiguous()]
-    for tensor in tensors:
-        _collective(group, "share a solved layer", torch.distributed.broadcast, tensor, src=owner)
-    stats = [mine.stats if group.rank == owner else None]
-    _collective(group, "share a solved layer's statistics", torch.distributed.broadcast_object_list, stats, src=owner)
-    return QuantizedWeight(
-        codes=tensors[0], scale=tensors[1], zero_point=tensors[2], bits=template.bits,
-        group_size=template.group_size, dtype=template.dtype, stats=stats[0],
-    )  # fmt: skip
 
 
 def sum_over_ranks(group: Group, values: Sequence[float]) -> list[float]:
@@ -179,17 +150,6 @@ def _header(qweight: QuantizedWeight) -> dict[str, Any]:
         "zero_point_dtype": qweight.zero_point.dtype, "bits": qweight.bits, "group_size": qweight.group_size,
         "dtype": qweight.dtype, "stats": qweight.stats,
     }  # fmt: skip
-
-
-def empty_solution(out_features: int, in_features: int, bits: int, group_size: int | None, dtype: torch.dtype) -> QuantizedWeight:
-    """A receiving buffer for :func:`share_solution`."""
-    groups = 1 if group_size is None else in_features // group_size
-    return QuantizedWeight(
-        codes=torch.empty(out_features, in_features, dtype=torch.uint8),
-        scale=torch.empty(out_features, groups, dtype=torch.float32),
-        zero_point=torch.empty(out_features, groups, dtype=torch.float32),
-        bits=bits, group_size=group_size, dtype=dtype,
-    )  # fmt: skip
 
 
 def _collective_device() -> torch.device:

@@ -59,8 +59,12 @@ class Placement:
 
 
 def resolve_placement(model: nn.Module) -> Placement:
-    """Pick the compute device and check that every weight is reachable (in memory or through offload hooks)."""
-    compute = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    """Pick the compute device and check that every weight is reachable (in memory or through offload hooks).
+
+    The compute device is the current CUDA device (``torch.cuda.set_device(local_rank)``
+    gives each rank of a ``torchrun`` its own GPU), else the CPU.
+    """
+    compute = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dispatched = any(hasattr(module, "_hf_hook") for module in model.modules())
     if dispatched:
         return Placement(compute, True, compute)
