@@ -7,10 +7,15 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
   quantized by ``from_pretrained(..., device_map="auto", max_memory={"cpu": BUDGET},
   offload_folder=...)`` with a budget well below the model size, so most blocks live on
   disk.  Reported: the process's peak resident memory (``ru_maxrss``) while quantizing,
-  above the resident memory right after imports (torch and transformers' own
-  footprint, which no budget can include), against the budget plus one block.  Memory is
-  the point, so the layer solver is round to nearest (``ROUND_TO_NEAREST``): calibration
-  passes, Gram matrices, offload and install run as always; the solve is cheap.
+  above the resident memory right after importing everything the run uses (torch,
+  transformers, datasets, accelerate, hf_comq: library code that no budget can include),
+  against the budget plus one block.  Memory is the point, so the layer solver is round
+  to nearest (``ROUND_TO_NEAREST``): calibration passes, Gram matrices, offload and
+  install run as always; the solve is cheap.  Each model runs twice: with glibc's
+  default allocator, whose dynamic mmap threshold keeps freed layer-sized buffers in
+  the heap (resident memory then creeps up block after block), and with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` (buffers of 64 KiB and more are returned to the
+  system when freed), the setting to use for bounded-memory runs.
 * ``ranks``: calibration wall time (``quantize_model``'s own ``time_s``) of the
   SmolLM2-shaped model with the default COMQ solver, one rank on 2 threads against two
   gloo ranks on 1 thread each (the same 2 cores), interleaved, median of the repeats.
@@ -114,6 +119,12 @@ def child_memory(shape: str, budget_mb: int, samples: int, length: int) -> None:
     from hf_comq import COMQConfig
     from hf_comq.solver import ROUND_TO_NEAREST
 
+    import accelerate  # noqa: F401  everything the run imports, before the baseline
+    import datasets  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import hf_comq.calibration  # noqa: F401
+
     torch.set_num_threads(2)
     model_dir = WORK / shape
     offload = WORK / f"offload-{shape}"
@@ -194,19 +205,30 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_memory(models: list[str], budgets: dict[str, int], samples: int, length: int) -> list[dict]:
+ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def run_memory(
+    models: list[str], budgets: dict[str, int], samples: int, length: int, allocators: list[str]
+) -> list[dict]:
     rows = []
     for shape in models:
         _run_child(["build", shape])
-        row = _last_json(_run_child(["memory", shape, str(budgets[shape]), str(samples), str(length)]))
-        above = row["peak_rss_quantize_mb"] - row["baseline_rss_mb"]
-        row["peak_above_baseline_mb"] = above
-        row["target_mb"] = row["budget_mb"] + row["block_mb"]
-        row["model_over_budget"] = round(row["model_mb"] / row["budget_mb"], 2)
-        row["meets_target"] = above <= row["target_mb"]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for allocator in allocators:
+            rows.append(_memory_row(shape, budgets[shape], samples, length, allocator))
     return rows
+
+
+def _memory_row(shape: str, budget: int, samples: int, length: int, allocator: str) -> dict:
+    row = _last_json(_run_child(["memory", shape, str(budget), str(samples), str(length)], env=ALLOCATORS[allocator]))
+    row["allocator"] = allocator
+    above = row["peak_rss_quantize_mb"] - row["baseline_rss_mb"]
+    row["peak_above_baseline_mb"] = above
+    row["target_mb"] = row["budget_mb"] + row["block_mb"]
+    row["model_over_budget"] = round(row["model_mb"] / row["budget_mb"], 2)
+    row["meets_target"] = above <= row["target_mb"]
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def _ranks_once(world: int, threads: int, samples: int, length: int) -> dict:
@@ -243,13 +265,15 @@ def _report(memory: list[dict], ranks: dict | None, command: str) -> str:
     lines = [f"# bench_scale ({datetime.date.today()}, {os.cpu_count()} CPU cores, shared machine)", f"# {command}", ""]
     if memory:
         lines.append("## Peak RSS while quantizing with disk offload (max_memory={'cpu': budget}, RTN solver)")
-        lines.append("model | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after imports | "
-                     "peak RSS quantizing | peak above imports | budget + block | met | peak incl. save | on disk")
+        lines.append("model | allocator | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
+                     "imports | peak RSS quantizing | peak above imports | budget + block | met | peak incl. save | "
+                     "device_map entries on disk | quantize s")
         for row in memory:
             lines.append(" | ".join(str(value) for value in (
-                row["model"], row["model_mb"], row["budget_mb"], row["model_over_budget"], row["block_mb"],
+                row["model"], row["allocator"], row["model_mb"], row["budget_mb"], row["model_over_budget"], row["block_mb"],
                 row["baseline_rss_mb"], row["peak_rss_quantize_mb"], row["peak_above_baseline_mb"], row["target_mb"],
                 "yes" if row["meets_target"] else "NO", row["peak_rss_save_mb"], row["modules_on_disk"],
+                row["quantize_s"],
             )))  # fmt: skip
         lines.append("")
     if ranks:
@@ -283,11 +307,12 @@ def main() -> None:
     parser.add_argument("--rank-samples", type=int, default=32)
     parser.add_argument("--rank-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     budgets = {"smollm2": args.budget_smollm2, "tinyllama-1b": args.budget_tinyllama_1b}
-    memory = run_memory(args.models, budgets, args.samples, args.length) if args.part in ("memory", "all") else []
+    memory = run_memory(args.models, budgets, args.samples, args.length, args.allocators) if args.part in ("memory", "all") else []
     ranks = run_ranks(args.repeats, args.rank_samples, args.rank_length) if args.part in ("ranks", "all") else None
     report = _report(memory, ranks, "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]))
     print(report)
