@@ -167,7 +167,8 @@ def child_rank(rank: int, world: int, port: int, threads: int, samples: int, len
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
     from hf_comq import COMQConfig
 
-    ids = torch.randint(0, SHAPES["smollm2"]["vocab_size"], (samples, length), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SHAPES["smollm2"]["vocab_size"], (samples, length), generator=generator)
     config = COMQConfig(dataset=ids, num_samples=samples, batch_size=4, bits=4)
     started = time.perf_counter()
     model = T.AutoModelForCausalLM.from_pretrained(WORK / "smollm2", quantization_config=config, dtype=torch.float32)
@@ -270,7 +271,8 @@ def _report(memory: list[dict], ranks: dict | None, command: str) -> str:
                      "device_map entries on disk | quantize s")
         for row in memory:
             lines.append(" | ".join(str(value) for value in (
-                row["model"], row["allocator"], row["model_mb"], row["budget_mb"], row["model_over_budget"], row["block_mb"],
+                row["model"], row["allocator"], row["model_mb"], row["budget_mb"], row["model_over_budget"],
+                row["block_mb"],
                 row["baseline_rss_mb"], row["peak_rss_quantize_mb"], row["peak_above_baseline_mb"], row["target_mb"],
                 "yes" if row["meets_target"] else "NO", row["peak_rss_save_mb"], row["modules_on_disk"],
                 row["quantize_s"],
@@ -312,7 +314,9 @@ def main() -> None:
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     budgets = {"smollm2": args.budget_smollm2, "tinyllama-1b": args.budget_tinyllama_1b}
-    memory = run_memory(args.models, budgets, args.samples, args.length, args.allocators) if args.part in ("memory", "all") else []
+    memory = []
+    if args.part in ("memory", "all"):
+        memory = run_memory(args.models, budgets, args.samples, args.length, args.allocators)
     ranks = run_ranks(args.repeats, args.rank_samples, args.rank_length) if args.part in ("ranks", "all") else None
     report = _report(memory, ranks, "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]))
     print(report)

@@ -106,7 +106,7 @@ def compare(out: Path) -> int:
         if folder.name == "ranks-1":
             continue
         got = tensors(folder)
-        differing = [name for name, tensor in reference.items() if not torch.equal(got.get(name, tensor * 0 - 1), tensor)]
+        differing = [name for name, tensor in reference.items() if name not in got or not torch.equal(got[name], tensor)]
         print(f"{folder.name}: {len(reference) - len(differing)}/{len(reference)} tensors identical to ranks-1")
         for name in differing[:10]:
             delta = (got[name].float() - reference[name].float()).abs().max().item() if name in got else "missing"

@@ -96,7 +96,7 @@ class CalibrationData:
                 yield batch
 
     def shard(self, rank: int, size: int) -> "CalibrationData":
-        """Rank ``rank`` of ``size``'s batches: every ``size``-th one from ``rank``, each exactly as one process makes it.
+        """The batches of rank ``rank`` of ``size``: every ``size``-th from ``rank``, each as one process makes it.
 
         Sharding whole batches (padding included) keeps the union of the ranks' token
         sets equal to one process's, so summed Gram matrices equal its own.

@@ -7,8 +7,9 @@ calibration *batches* (rank ``r`` takes batches ``r, r + N, ...``, so each batch
 padding included, is exactly the batch a single process would run), the per-rank sums
 are all-reduced, and each layer is solved once, by one rank (the layers of a step are
 spread over the ranks by size, :func:`balanced_owners`), whose result every rank
-installs; each rank then computes the next block's inputs for its own batches.  Without a process group everything here is a no-op and calibration runs as
-a single process.
+installs; each rank then computes the next block's inputs for its own batches.
+Without a process group everything here is a no-op and calibration runs as a single
+process.
 
 Sums are accumulated in float64 (:class:`hf_comq.HessianAccumulator`); an all-reduce only
 changes the order in which the batches' float64 contributions are added, which the
@@ -56,6 +57,16 @@ def current_group() -> Group:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return Group()
     return Group(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+def is_saving_rank(is_main_process: bool = True) -> bool:
+    """Whether this process writes checkpoint files: ``is_main_process``, and rank 0 of a process group.
+
+    transformers' ``save_pretrained`` applies the same rule to the files it writes;
+    whatever is written or uploaded around it (model card, staging folder, Hub upload)
+    must follow it too, or the other ranks leave half a checkpoint next to rank 0's.
+    """
+    return is_main_process and current_group().is_main
 
 
 def agree_on(group: Group, settings: str, what: str = "calibration settings") -> None:
@@ -146,7 +157,8 @@ def share_solutions(
 def _header(qweight: QuantizedWeight) -> dict[str, Any]:
     return {
         "codes": tuple(qweight.codes.shape), "scale": tuple(qweight.scale.shape),
-        "zero_point": tuple(qweight.zero_point.shape), "codes_dtype": qweight.codes.dtype, "scale_dtype": qweight.scale.dtype,
+        "zero_point": tuple(qweight.zero_point.shape), "codes_dtype": qweight.codes.dtype,
+        "scale_dtype": qweight.scale.dtype,
         "zero_point_dtype": qweight.zero_point.dtype, "bits": qweight.bits, "group_size": qweight.group_size,
         "dtype": qweight.dtype, "stats": qweight.stats,
     }  # fmt: skip

@@ -139,7 +139,8 @@ def install_quantized_layer(
     if hook is None:
         return layer
     if not offloaded:
-        add_hook_to_module(layer, AlignDevicesHook(execution_device=hook.execution_device, io_same_device=hook.io_same_device))
+        new_hook = AlignDevicesHook(execution_device=hook.execution_device, io_same_device=hook.io_same_device)
+        add_hook_to_module(layer, new_hook)
         return layer
     layer.to("cpu")
     weights_map = None if disk is None else _offload_to_disk(model, name, layer, disk)

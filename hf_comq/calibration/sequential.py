@@ -59,7 +59,15 @@ from ..solver import SOLVER_DEFAULTS, HessianAccumulator, QuantizedWeight, comq_
 from ..threads import linear_layer_threads, single_thread
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data
-from .distributed import Group, agree_on, all_reduce_hessians, balanced_owners, current_group, share_solutions, sum_over_ranks
+from .distributed import (
+    Group,
+    agree_on,
+    all_reduce_hessians,
+    balanced_owners,
+    current_group,
+    share_solutions,
+    sum_over_ranks,
+)
 from .hooks import (
     CapturedInputs,
     HessianRecorder,
@@ -69,7 +77,14 @@ from .hooks import (
     hidden_output,
     token_mask,
 )
-from .placement import Placement, block_on_compute, install_quantized_layer, materialized, resolve_placement, send_to_device
+from .placement import (
+    Placement,
+    block_on_compute,
+    install_quantized_layer,
+    materialized,
+    resolve_placement,
+    send_to_device,
+)
 
 logger = logging.get_logger(__name__)
 

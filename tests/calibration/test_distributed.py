@@ -15,7 +15,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 from hf_comq import COMQConfig
-from hf_comq.calibration.distributed import Group, balanced_owners, current_group
+from hf_comq.calibration.distributed import Group, balanced_owners, current_group, is_saving_rank
 
 from tests.tiny import sentences, tiny_model, word_tokenizer
 
@@ -26,7 +26,7 @@ import json, sys
 import torch
 from hf_comq import HessianAccumulator, QuantizedWeight
 from hf_comq.calibration.distributed import (
-    agree_on, all_reduce_hessians, current_group, share_solutions, sum_over_ranks,
+    agree_on, all_reduce_hessians, current_group, is_saving_rank, share_solutions, sum_over_ranks,
 )
 
 group = current_group()
@@ -40,8 +40,9 @@ def solved(value):
                            zero_point=torch.ones(2, 1), bits=4, group_size=None, stats={"relative_error": value / 10})
 mine = {"a": solved(1)} if rank == 1 else {"b": solved(2)}
 shared = share_solutions(group, mine, {"a": 1, "b": 0})
+saving = sum_over_ranks(group, [float(is_saving_rank()), float(is_saving_rank(is_main_process=False))])
 result = {
-    "size": group.size, "hessian": accumulator.result().tolist(), "tokens": accumulator.num_tokens,
+    "size": group.size, "saving": saving, "hessian": accumulator.result().tolist(), "tokens": accumulator.num_tokens,
     "counts": sum_over_ranks(group, [rank, 1]),
     "shared": {name: [q.codes.tolist(), q.scale.tolist(), q.stats] for name, q in shared.items()},
 }
@@ -53,7 +54,7 @@ import json, os, sys
 import torch
 import transformers as T
 from hf_comq.calibration.distributed import CalibrationGroupError
-from tests.calibration.test_distributed import calibration_config
+from tests.calibration.test_distributed import calibration_config, summary_of
 
 scenario, checkpoint, out = sys.argv[1:4]
 rank = int(os.environ["RANK"])
@@ -65,10 +66,10 @@ result = {}
 try:
     for sequential in (True, False):
         bits = 3 if scenario == "different" and rank == 1 else 4
-        model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=calibration_config(sequential, bits))
+        config = calibration_config(sequential, bits)
+        model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
         model.save_pretrained(os.path.join(out, f"sequential-{sequential}"))
-        result[str(sequential)] = {key: model._comq_summary[key] for key in ("num_samples", "ranks", "layers_quantized")}
-        result[str(sequential)]["tokens"] = sorted({layer["num_tokens"] for layer in model._comq_summary["layers"].values()})
+        result[str(sequential)] = summary_of(model)
 except CalibrationGroupError as error:
     result["error"] = str(error)
 json.dump(result, open(os.path.join(out, f"rank{rank}.json"), "w"))
@@ -79,6 +80,13 @@ def calibration_config(sequential: bool, bits: int = 4) -> COMQConfig:
     """11 texts in batches of 3: rank 0 runs batches 0 and 2, rank 1 batches 1 and 3 (of 2 texts)."""
     return COMQConfig(dataset=sentences(11), processor=word_tokenizer(), num_samples=11, batch_size=3, bits=bits,
                       group_size=16, sequential=sequential)  # fmt: skip
+
+
+def summary_of(model) -> dict:
+    """What must not depend on the number of ranks (but ``ranks``): samples, layers, tokens per layer."""
+    summary = model._comq_summary
+    tokens = sorted({layer["num_tokens"] for layer in summary["layers"].values()})
+    return {**{key: summary[key] for key in ("num_samples", "ranks", "layers_quantized")}, "tokens": tokens}
 
 
 def free_port() -> int:
@@ -128,6 +136,7 @@ def _tiny_checkpoint(tmp_path: Path) -> Path:
 def test_a_single_process_is_a_group_of_one():
     group = current_group()
     assert group == Group() and not group.is_parallel and group.is_main
+    assert is_saving_rank() and not is_saving_rank(is_main_process=False)
 
 
 def test_layers_go_to_the_least_loaded_rank_longest_first():
@@ -145,6 +154,7 @@ def test_two_ranks_sum_gram_matrices_and_share_solutions(tmp_path):
     expected_hessian = 1 * 1 * 1 + 2 * 2 * 2  # rank 0: one row of ones; rank 1: two rows of twos
     assert result["size"] == 2 and result["hessian"] == [[expected_hessian] * 3] * 3 and result["tokens"] == 3
     assert result["counts"] == [1, 2]
+    assert result["saving"] == [1, 0]  # exactly one rank writes files
     assert result["shared"] == {
         "a": [[[1] * 4] * 2, [[0.125]] * 2, {"relative_error": 0.1}],
         "b": [[[2] * 4] * 2, [[0.25]] * 2, {"relative_error": 0.2}],
@@ -165,12 +175,11 @@ def test_two_ranks_write_the_checkpoint_of_one_process(tmp_path):
     torch.set_num_threads(1)  # as the ranks: the same float32 products
     try:
         for sequential in (True, False):
-            model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=calibration_config(sequential))
+            config = calibration_config(sequential)
+            model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
             model.save_pretrained(tmp_path / f"single-{sequential}")
-            alone = {key: model._comq_summary[key] for key in ("num_samples", "ranks", "layers_quantized")}
-            tokens = sorted({layer["num_tokens"] for layer in model._comq_summary["layers"].values()})
-            for result in ranks:
-                assert result[str(sequential)] == {**alone, "ranks": 2, "tokens": tokens}  # every rank's tokens count
+            for result in ranks:  # the same tokens per layer: every rank's count
+                assert result[str(sequential)] == {**summary_of(model), "ranks": 2}
             expected, got = _tensors(tmp_path / f"single-{sequential}"), _tensors(tmp_path / f"sequential-{sequential}")
             assert sorted(got) == sorted(expected) and any(name.endswith("weight_packed") for name in got)
             for name, tensor in expected.items():

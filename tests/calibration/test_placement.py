@@ -1,4 +1,4 @@
-"""Placement: a model offloaded to disk by ``from_pretrained`` quantizes block by block into the in-memory checkpoint."""
+"""Placement: a model offloaded to disk by ``from_pretrained`` quantizes into the in-memory checkpoint."""
 
 from __future__ import annotations
 
