@@ -13,7 +13,7 @@
 
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data, format_description
-from .distributed import CalibrationGroupError, is_saving_rank
+from .distributed import CalibrationGroupError, is_saving_rank, join_launcher_group
 from .sequential import quantize_model
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "find_block_groups",
     "format_description",
     "is_saving_rank",
+    "join_launcher_group",
     "quantize_model",
 ]

@@ -19,11 +19,20 @@ single process on the same samples (the tests compare them).
 A rank that fails, or settings that differ between ranks, must not leave the others
 waiting or a checkpoint half-written: collectives raise :class:`CalibrationGroupError`,
 one line naming the cause, on every rank that notices.
+
+Usage, one process per rank (``torchrun --nproc-per-node 2 quantize.py``)::
+
+    from hf_comq.calibration import join_launcher_group
+    join_launcher_group()  # gloo on CPUs, NCCL with one GPU per rank; no-op without torchrun
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=COMQConfig(dataset=...))
+    model.save_pretrained(out)  # rank 0 writes the checkpoint
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -57,6 +66,24 @@ def current_group() -> Group:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return Group()
     return Group(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+def join_launcher_group(timeout_s: float = 1800.0) -> Group:
+    """Join the process group a launcher (``torchrun``) describes in the environment; else a single process.
+
+    NCCL (each rank on GPU ``LOCAL_RANK``) when CUDA is available, gloo otherwise.
+    ``timeout_s`` bounds how long a rank waits for the others at each collective: long
+    enough for the slowest layer solve, short enough that a hung peer is reported.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return current_group()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Group()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return current_group()
 
 
 def is_saving_rank(is_main_process: bool = True) -> bool:

@@ -155,7 +155,8 @@ def seeded_subset(dataset: Any, count: int, seed: int) -> Any:
             raise ValueError("the calibration dataset is empty: it has no samples")
         if count > total:
             warn_too_few(total, count)
-        return dataset.shuffle(seed=seed, keep_in_memory=True).select(range(min(count, total)))
+        shuffled = dataset.shuffle(seed=seed, keep_in_memory=True)
+        return shuffled.select(range(min(count, total)), keep_in_memory=True)
     return dataset.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER).take(count)
 
 

@@ -15,7 +15,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 from hf_comq import COMQConfig
-from hf_comq.calibration.distributed import Group, balanced_owners, current_group, is_saving_rank
+from hf_comq.calibration.distributed import Group, balanced_owners, current_group, is_saving_rank, join_launcher_group
 
 from tests.tiny import sentences, tiny_model, word_tokenizer
 
@@ -96,10 +96,10 @@ def free_port() -> int:
 
 
 def run_two_ranks(tmp_path: Path, source: str, *args: str) -> None:
-    """Run ``source`` as two gloo ranks on loopback, as ``torchrun`` would start them (``RANK``, ``MASTER_PORT``...)."""
+    """Run ``source`` as two gloo ranks on loopback, started as ``torchrun`` starts them (``RANK``, ``MASTER_PORT``...)."""
     script = tmp_path / "worker.py"
-    script.write_text("import torch.distributed as dist, datetime\n"
-                      "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=30))\n"
+    script.write_text("from hf_comq.calibration import join_launcher_group\n"
+                      "assert join_launcher_group(timeout_s=30).size == 2\n"
                       + textwrap.dedent(source), encoding="utf-8")  # fmt: skip
     port = str(free_port())
     base = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
@@ -133,7 +133,9 @@ def _tiny_checkpoint(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------- primitives
 
 
-def test_a_single_process_is_a_group_of_one():
+def test_a_single_process_is_a_group_of_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert join_launcher_group() == Group()  # not started by a launcher: nothing to join
     group = current_group()
     assert group == Group() and not group.is_parallel and group.is_main
     assert is_saving_rank() and not is_saving_rank(is_main_process=False)
