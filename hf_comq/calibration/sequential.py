@@ -368,12 +368,17 @@ class _Calibrator:
                 solvable.append(name)
         costs = [_solve_cost(self.model.get_submodule(name)) for name in solvable]
         owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
-        mine = {name: self._solve(name, accumulators[name]) for name in solvable if owners[name] == self.group.rank}
+        tokens = {name: accumulators[name].num_tokens for name in solvable}
+        mine = {}
+        for name in solvable:  # a Gram matrix is freed once the last layer reading it is solved
+            accumulator = accumulators.pop(name)
+            if owners[name] == self.group.rank:
+                mine[name] = self._solve(name, accumulator)
         for name, qweight in share_solutions(self.group, mine, owners).items():
             stats = dict(qweight.stats)
             self.results[name] = {
                 "relative_error": float(stats["relative_error"]),
-                "num_tokens": int(accumulators[name].num_tokens),
+                "num_tokens": int(tokens[name]),
                 "seconds": round(float(stats.pop("seconds")), 4),
             }
             qweight = dataclasses.replace(qweight, stats=stats)
