@@ -263,7 +263,9 @@ def run_ranks(repeats: int, samples: int, length: int) -> dict:
             rows.append(row)
             times[world].append(row["calibration_s"])
     one, two = statistics.median(times[1]), statistics.median(times[2])
-    cpu = {world: statistics.median(row["busiest_rank_cpu_s"] for row in rows if row["ranks"] == world) for world in (1, 2)}
+    cpu = {
+        world: statistics.median(row["busiest_rank_cpu_s"] for row in rows if row["ranks"] == world) for world in (1, 2)
+    }
     return {"rows": rows, "median_1_rank_s": one, "median_2_ranks_s": two, "ratio": round(two / one, 3),
             "cpu_ratio": round(cpu[2] / cpu[1], 3), "cpu": cpu}  # fmt: skip
 
@@ -293,7 +295,8 @@ def _report(memory: list[dict], ranks: dict | None, command: str) -> str:
         lines.append(f"2 x 1 | {twos} | {ranks['median_2_ranks_s']}")
         lines.append(f"ratio 2 ranks / 1 rank: {ranks['ratio']} (target <= 0.6)")
         lines.append(f"CPU seconds of the busiest rank, from_pretrained (median): 1 x 2: {ranks['cpu'][1]}, "
-                     f"2 x 1: {ranks['cpu'][2]}; ratio {ranks['cpu_ratio']} (the wall-time ratio on 2 idle cores)")
+                     f"2 x 1: {ranks['cpu'][2]}; ratio {ranks['cpu_ratio']} (the share of the work the busiest "
+                     "rank does; wall time follows it only where nothing else competes for the cores)")
     return "\n".join(lines) + "\n"
 
 
