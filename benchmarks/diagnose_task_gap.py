@@ -98,7 +98,7 @@ def _layer_names_to_solver(solver) -> Iterator[object]:
     from hf_comq.calibration.sequential import _Calibrator
 
     current: dict[str, str] = {}
-    original = _Calibrator._quantize_layer
+    original = _Calibrator._solve
 
     def quantize_layer(self, name, accumulator):
         current["name"] = name
@@ -107,7 +107,7 @@ def _layer_names_to_solver(solver) -> Iterator[object]:
     def named(weight, hessian, **settings):
         return solver(current["name"], weight, hessian, **settings)
 
-    with mock.patch.object(_Calibrator, "_quantize_layer", quantize_layer), mock.patch.object(
+    with mock.patch.object(_Calibrator, "_solve", quantize_layer), mock.patch.object(
         calibration, "quantize_model", functools.partial(calibration.quantize_model, solver=named)
     ):
         yield

@@ -10,7 +10,7 @@ same way, so they live here rather than in each script.
 Every function runs under ``torch.inference_mode`` on the model's own device,
 batches its inputs, and shows a ``transformers`` progress bar (silence it with
 ``transformers.utils.logging.disable_progress_bar()``).  Data loading reuses the
-calibration loader (:mod:`hf_comq.calibration.data`), so a dataset name or path
+calibration's data sources (:mod:`hf_comq.calibration.sources`), so a dataset name or path
 means the same thing to ``hf-comq quantize`` and ``hf-comq evaluate``.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from .calibration import data as _data
+from .calibration.processors import encode_images, image_channels, resolve_processor
+from .calibration.sources import load_dataset_source
+from .calibration.sources import pick_column as _pick_calibration_column
 from .threads import linear_layer_threads
 
 if TYPE_CHECKING:  # importing datasets is slow; only the functions that take a dataset need it
@@ -45,6 +48,8 @@ __all__ = [
     "perplexity",
     "pick_column",
     "prediction_fidelity",
+    "Top1Result",
+    "top1",
     "top1_accuracy",
     "top1_counts",
     "top1_predictions",
@@ -64,7 +69,7 @@ def load_eval_dataset(source: str | os.PathLike[str], split: str) -> Any:
     held in memory.  Raises ``ValueError`` with a one-line reason when the data
     cannot be loaded (missing file, unknown split, no network...).
     """
-    dataset, _ = _data._load_dataset_from_string(os.fspath(source), split)
+    dataset, _ = load_dataset_source(source, split)
     return dataset
 
 
@@ -75,7 +80,7 @@ def pick_column(dataset: Any, requested: str | None, kind: str = "input") -> str
     ``--column`` fails before any model is loaded.
     """
     try:
-        return _data._pick_column(dataset, requested)
+        return _pick_calibration_column(dataset, requested)
     except ValueError as error:
         if "column" not in str(error):  # e.g. an empty dataset: the message says it all
             raise
@@ -87,7 +92,33 @@ def pick_column(dataset: Any, requested: str | None, kind: str = "input") -> str
 # ---------------------------------------------------------------------------
 
 
-def top1_accuracy(
+@dataclass(frozen=True)
+class Top1Result:
+    """Per-image predicted classes and labels (``long`` tensors, dataset order), with the totals.
+
+    Comparing two quantizers image by image (which images only one of them gets
+    right) says whether a top-1 difference is more than chance; the totals alone
+    cannot.  A streamed dataset has no length, so ``total`` is also how a caller
+    learns how many images were scored.
+    """
+
+    predictions: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def correct(self) -> int:
+        return int((self.predictions == self.labels).sum())
+
+    @property
+    def total(self) -> int:
+        return len(self.labels)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+
+def top1(
     model: nn.Module,
     dataset: "datasets.Dataset | datasets.IterableDataset",
     processor: Any = None,
@@ -95,8 +126,8 @@ def top1_accuracy(
     image_column: str | None = None,
     label_column: str = "label",
     batch_size: int = 64,
-) -> float:
-    """Fraction of images whose arg-max logit is the labelled class.
+) -> Top1Result:
+    """Top-1 classification of every image: predictions, labels, ``correct``, ``total``, ``accuracy``.
 
     Args:
         model: an image classifier (``...ForImageClassification``), quantized or not.
@@ -111,55 +142,32 @@ def top1_accuracy(
         batch_size: images per forward pass.
 
     When the dataset's ``ClassLabel`` names and the model's ``id2label`` name the
-    same classes in a different order, labels are mapped by name: comparing raw
-    ids would report a working model as broken.
-    """
-    correct, total = top1_counts(
-        model, dataset, processor, image_column=image_column, label_column=label_column, batch_size=batch_size
-    )
-    return correct / total
-
-
-def top1_counts(
-    model: nn.Module,
-    dataset: "datasets.Dataset | datasets.IterableDataset",
-    processor: Any = None,
-    *,
-    image_column: str | None = None,
-    label_column: str = "label",
-    batch_size: int = 64,
-) -> tuple[int, int]:
-    """``(correct, total)`` behind :func:`top1_accuracy` (same arguments).
-
-    A streamed dataset has no length, so this is how a caller learns how many
-    images were actually scored.
-    """
-    predictions, labels = top1_predictions(
-        model, dataset, processor, image_column=image_column, label_column=label_column, batch_size=batch_size
-    )
-    return int((predictions == labels).sum()), len(labels)
-
-
-def top1_predictions(
-    model: nn.Module,
-    dataset: "datasets.Dataset | datasets.IterableDataset",
-    processor: Any = None,
-    *,
-    image_column: str | None = None,
-    label_column: str = "label",
-    batch_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image ``(predicted class, label)`` as two ``long`` tensors, in dataset order
-    (same arguments as :func:`top1_accuracy`; labels already mapped to the model's ids).
-
-    Comparing two quantizers image by image (which images only one of them gets
-    right) says whether a top-1 difference is more than chance; the totals alone
-    cannot.
+    same classes in a different order, labels are mapped by name (to the model's
+    ids): comparing raw ids would report a working model as broken.
     """
     logits, labels = image_logits(
         model, dataset, processor, image_column=image_column, label_column=label_column, batch_size=batch_size
     )
-    return logits.argmax(dim=-1), labels
+    return Top1Result(logits.argmax(dim=-1), labels)
+
+
+def top1_accuracy(model: nn.Module, dataset: Any, processor: Any = None, **kwargs: Any) -> float:
+    """``top1(...).accuracy`` (kept for existing callers)."""
+    return top1(model, dataset, processor, **kwargs).accuracy
+
+
+def top1_counts(model: nn.Module, dataset: Any, processor: Any = None, **kwargs: Any) -> tuple[int, int]:
+    """``(correct, total)`` of :func:`top1` (kept for existing callers)."""
+    result = top1(model, dataset, processor, **kwargs)
+    return result.correct, result.total
+
+
+def top1_predictions(
+    model: nn.Module, dataset: Any, processor: Any = None, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predictions, labels)`` of :func:`top1` (kept for existing callers)."""
+    result = top1(model, dataset, processor, **kwargs)
+    return result.predictions, result.labels
 
 
 def image_logits(
@@ -184,7 +192,7 @@ def image_logits(
     processor = _image_processor(model, processor, "top1_accuracy")
     remap = _label_remap(dataset, label_column, model) if label_column is not None else None
     device, dtype = _device_and_dtype(model)
-    channels = _data.image_channels(model, processor)
+    channels = image_channels(model, processor)
     rows = dataset.select_columns([image_column] + ([label_column] if label_column is not None else []))
 
     logits: list[torch.Tensor] = []
@@ -193,7 +201,7 @@ def image_logits(
         total=_length(dataset), desc="images", unit="img"
     ) as bar:
         for batch in rows.iter(batch_size=batch_size):
-            pixels = _data.encode_images(processor, list(batch[image_column]), channels)["pixel_values"]
+            pixels = encode_images(processor, list(batch[image_column]), channels)["pixel_values"]
             logits.append(model(pixel_values=pixels.to(device=device, dtype=dtype)).logits.float().cpu())
             if label_column is not None:
                 batch_labels = torch.as_tensor(batch[label_column], dtype=torch.long)
@@ -241,12 +249,7 @@ def prediction_fidelity(
 
 def _image_processor(model: nn.Module, processor: Any, caller: str) -> Any:
     """``processor`` itself, or loaded from its path, or from the model's own checkpoint when ``None``."""
-    if processor is not None and not isinstance(processor, (str, os.PathLike)):
-        return processor
-    location = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
-    if not location:
-        raise ValueError(f"{caller} needs an image processor: pass processor=... (object or path)")
-    return _data.load_processor(location, "images")
+    return resolve_processor(processor, model, "images", caller, "pass processor=... (object or path)")
 
 
 def _label_remap(dataset: Any, label_column: str, model: nn.Module) -> torch.Tensor | None:
@@ -362,9 +365,12 @@ def _token_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded ``(input_ids, attention_mask)`` batches; empty texts are dropped.
 
-    Padding is done here, with the tokenizer's pad id or 0 (always masked out),
-    so tokenizers without a pad token (GPT-2, LLaMA) work without being modified.
+    Padded with ``pad_sequence`` and the tokenizer's pad id or 0 (always masked out),
+    not ``tokenizer.pad``: that refuses tokenizers without a pad token (GPT-2, LLaMA),
+    and evaluation must not modify the caller's tokenizer to give it one.
     """
+    from torch.nn.utils.rnn import pad_sequence
+
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
     kept = [text for text in texts if isinstance(text, str) and text.strip()]
@@ -372,14 +378,11 @@ def _token_batches(
     with logging.tqdm(total=len(kept), desc=description, unit="text") as bar:
         for start in range(0, len(kept), batch_size):
             chunk = kept[start : start + batch_size]
-            encoded = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
-            longest = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(encoded), longest), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(encoded), longest), dtype=torch.long)
-            for row, ids in enumerate(encoded):
-                input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-                mask[row, : len(ids)] = 1
-            if longest > 0:
+            tokenized = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+            encoded = [torch.as_tensor(ids, dtype=torch.long) for ids in tokenized]
+            input_ids = pad_sequence(encoded, batch_first=True, padding_value=pad_id)
+            mask = pad_sequence([torch.ones_like(ids) for ids in encoded], batch_first=True, padding_value=0)
+            if input_ids.shape[1] > 0:
                 yield input_ids, mask
             bar.update(len(chunk))
 

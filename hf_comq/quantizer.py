@@ -66,16 +66,6 @@ class COMQHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
-    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
-        """Reject disk offload for calibration: every block's weights must be readable in memory."""
-        if self.pre_quantized or not isinstance(device_map, dict):
-            return
-        if any(str(device) == "disk" for device in device_map.values()):
-            raise ValueError(
-                "device_map: COMQ calibration cannot run with disk offload (some modules are mapped to 'disk'); "
-                "use a device_map over accelerators and 'cpu' only, e.g. device_map='auto' with enough CPU memory"
-            )
-
     # ---------------------------------------------------------------- hooks
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:

@@ -17,6 +17,7 @@ from hf_comq.evaluation import (
     load_eval_dataset,
     perplexity,
     prediction_fidelity,
+    top1,
     top1_accuracy,
     top1_predictions,
 )
@@ -54,7 +55,10 @@ def test_top1_counts_correct_predictions(vit) -> None:
     labels = predicted[:7] + [(label + 1) % 3 for label in predicted[7:]]
     dataset = image_dataset(pictures, labels)
     for batch_size in (3, 64):  # partial last batch must count exactly once
-        assert top1_accuracy(vit, dataset, image_processor(), batch_size=batch_size) == pytest.approx(0.7)
+        result = top1(vit, dataset, image_processor(), batch_size=batch_size)
+        assert (result.correct, result.total, result.accuracy) == (7, 10, pytest.approx(0.7))
+        assert result.predictions.tolist() == predicted and result.labels.tolist() == labels
+    assert top1_accuracy(vit, dataset, image_processor()) == pytest.approx(0.7)  # the older name, same number
 
 
 def test_top1_predictions_are_per_image_in_dataset_order(vit) -> None:

@@ -87,12 +87,6 @@ def test_quantizer_contract():
     assert COMQHfQuantizer.requires_calibration is False
 
 
-def test_disk_offload_is_rejected_for_calibration():
-    quantizer = COMQHfQuantizer(COMQConfig(), pre_quantized=False)
-    with pytest.raises(ValueError, match="disk"):
-        quantizer.validate_environment(device_map={"vit": "cpu", "classifier": "disk"}, weights_only=True)
-
-
 # --------------------------------------------------------------------------- packed round trips
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["vit", "bert", "gpt2", "llama"])

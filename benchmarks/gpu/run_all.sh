@@ -12,6 +12,7 @@
 #   4. packed_cuda_check.py plain / packed - plain transformers vs hf_comq packed layers, per-layer errors, timings
 #   5. tolerance_probe.py  - the comparator's metrics under rounding and under simulated layout bugs
 #   6. vllm_vs_transformers.py - with vLLM if it imports, else with the transformers-fp32 engine (harness + noise floor)
+#   7. nccl_calibration.py - data-parallel calibration (issue 16): one GPU rank vs one rank per GPU, same checkpoint
 # Exit status: 0 when no step failed (skips are not failures), 1 otherwise.
 set -u
 cd "$(dirname "$0")/../.."
@@ -98,6 +99,20 @@ for dir in "${CHECKPOINTS[@]}"; do
         --model "$dir" --json "$RESULTS/compare_${ENGINE}_$name.json"
     [ "$ENGINE" = hf-fp32 ] && break  # without vLLM one run shows the harness works; the rest adds nothing
 done
+
+# Data-parallel calibration over NCCL: one rank per GPU; with one GPU only the single-rank NCCL path runs.
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
+NCCL_OUT="$WORK/nccl"
+if step "NCCL calibration, 1 rank (reference)" 300 $PY benchmarks/gpu/nccl_calibration.py --out "$NCCL_OUT" \
+    --reference; then
+    if [ "$GPUS" -ge 2 ]; then
+        step "NCCL calibration, $GPUS ranks" 300 $PY -m torch.distributed.run --nproc-per-node "$GPUS" \
+            benchmarks/gpu/nccl_calibration.py --out "$NCCL_OUT"
+        step "NCCL checkpoint equals the 1-rank one" 120 $PY benchmarks/gpu/nccl_calibration.py --out "$NCCL_OUT" --compare
+    else
+        echo "one GPU: NCCL needs a GPU per rank, the multi-rank step is skipped"; SUMMARY+=("SKIP  NCCL calibration, 2+ ranks (one GPU)")
+    fi
+fi
 
 echo; echo "=== summary (engine for the comparison: $ENGINE)"
 printf '%s\n' "${SUMMARY[@]}"

@@ -5,9 +5,11 @@ samples.  Under an initialised process group (``torchrun --nproc-per-node N``, g
 CPU, NCCL on GPU) every rank therefore runs the model on its own share of the
 calibration *batches* (rank ``r`` takes batches ``r, r + N, ...``, so each batch, its
 padding included, is exactly the batch a single process would run), the per-rank sums
-are all-reduced, and each layer is solved once, by one rank, whose result every rank
-installs.  Without a process group everything here is a no-op and calibration runs as
-a single process.
+are all-reduced, and each layer is solved once, by one rank (the layers of a step are
+spread over the ranks by size, :func:`balanced_owners`), whose result every rank
+installs; each rank then computes the next block's inputs for its own batches.
+Without a process group everything here is a no-op and calibration runs as a single
+process.
 
 Sums are accumulated in float64 (:class:`hf_comq.HessianAccumulator`); an all-reduce only
 changes the order in which the batches' float64 contributions are added, which the
@@ -17,19 +19,26 @@ single process on the same samples (the tests compare them).
 A rank that fails, or settings that differ between ranks, must not leave the others
 waiting or a checkpoint half-written: collectives raise :class:`CalibrationGroupError`,
 one line naming the cause, on every rank that notices.
+
+Usage, one process per rank (``torchrun --nproc-per-node 2 quantize.py``)::
+
+    from hf_comq.calibration import join_launcher_group
+    join_launcher_group()  # gloo on CPUs, NCCL with one GPU per rank; no-op without torchrun
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=COMQConfig(dataset=...))
+    model.save_pretrained(out)  # rank 0 writes the checkpoint
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import os
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, Sequence
 
 import torch
 
 from ..solver import HessianAccumulator, QuantizedWeight
-
-Item = TypeVar("Item")
 
 
 class CalibrationGroupError(RuntimeError):
@@ -51,20 +60,40 @@ class Group:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def share(self, items: Sequence[Item]) -> list[Item]:
-        """This rank's share of ``items``: every ``size``-th one, starting at ``rank``."""
-        return list(items[self.rank :: self.size])
-
-    def owner(self, index: int) -> int:
-        """The rank that solves the ``index``-th layer of a step (round robin)."""
-        return index % self.size
-
 
 def current_group() -> Group:
     """The group of an initialised ``torch.distributed`` default process group, else a single process."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return Group()
     return Group(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+def join_launcher_group(timeout_s: float = 1800.0) -> Group:
+    """Join the process group a launcher (``torchrun``) describes in the environment; else a single process.
+
+    NCCL (each rank on GPU ``LOCAL_RANK``) when CUDA is available, gloo otherwise.
+    ``timeout_s`` bounds how long a rank waits for the others at each collective: long
+    enough for the slowest layer solve, short enough that a hung peer is reported.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return current_group()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Group()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return current_group()
+
+
+def is_saving_rank(is_main_process: bool = True) -> bool:
+    """Whether this process writes checkpoint files: ``is_main_process``, and rank 0 of a process group.
+
+    transformers' ``save_pretrained`` applies the same rule to the files it writes;
+    whatever is written or uploaded around it (model card, staging folder, Hub upload)
+    must follow it too, or the other ranks leave half a checkpoint next to rank 0's.
+    """
+    return is_main_process and current_group().is_main
 
 
 def agree_on(group: Group, settings: str, what: str = "calibration settings") -> None:
@@ -93,35 +122,80 @@ def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator]
         accumulator.num_tokens = int(tokens.item())
 
 
-def share_solution(group: Group, qweight: QuantizedWeight | None, owner: int, template: QuantizedWeight) -> QuantizedWeight:
-    """Every rank's copy of the layer solved by ``owner`` (who passes ``qweight``; the others pass ``None``).
+def sum_over_ranks(group: Group, values: Sequence[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (counts of batches, tokens, flags)."""
+    if not group.is_parallel:
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=_collective_device())
+    _collective(group, "sum counts", torch.distributed.all_reduce, tensor)
+    return tensor.tolist()
 
-    ``template`` fixes shapes, dtypes and the grid description on the receiving ranks
-    (a :class:`QuantizedWeight` of the right shapes, e.g. from :func:`empty_solution`).
+
+def balanced_owners(costs: Sequence[float], size: int) -> list[int]:
+    """The rank that solves each of a step's layers: the longest first, each to the least loaded rank.
+
+    Depends only on ``costs`` (from layer shapes, equal on every rank), so every rank
+    computes the same assignment without talking.  Round robin in layer order would
+    give one rank all the wide MLP layers of a block whenever their count is even.
+    """
+    owners = [0] * len(costs)
+    loads = [0.0] * size
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(size), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += costs[index]
+    return owners
+
+
+def share_solutions(
+    group: Group, solved: dict[str, QuantizedWeight], owners: dict[str, int]
+) -> dict[str, QuantizedWeight]:
+    """Every rank's copy of every layer of a step, each solved by its owner (``solved`` holds this rank's share).
+
+    The owner first broadcasts the layer's shapes and grid (so receivers need no
+    template), then the tensors; layers go in ``owners``' order on every rank.
+    Receivers allocate on the process group's device (a GPU for NCCL, which moves only GPU tensors).
     """
     if not group.is_parallel:
-        return qweight
-    mine = qweight if group.rank == owner else template
-    tensors = [mine.codes.contiguous(), mine.scale.contiguous(), mine.zero_point.contiguous()]
-    for tensor in tensors:
-        _collective(group, "share a solved layer", torch.distributed.broadcast, tensor, src=owner)
-    stats = [mine.stats if group.rank == owner else None]
-    _collective(group, "share a solved layer's statistics", torch.distributed.broadcast_object_list, stats, src=owner)
-    return QuantizedWeight(
-        codes=tensors[0], scale=tensors[1], zero_point=tensors[2], bits=template.bits,
-        group_size=template.group_size, dtype=template.dtype, stats=stats[0],
-    )  # fmt: skip
+        return dict(solved)
+    shared: dict[str, QuantizedWeight] = {}
+    device = _collective_device()
+    for name, owner in owners.items():
+        mine = solved.get(name) if group.rank == owner else None
+        header = [_header(mine) if mine is not None else None]
+        _collective(group, "share a solved layer's shape", torch.distributed.broadcast_object_list, header, src=owner)
+        shapes = header[0]
+        template = mine if mine is not None else QuantizedWeight(
+            codes=torch.empty(shapes["codes"], dtype=shapes["codes_dtype"], device=device),
+            scale=torch.empty(shapes["scale"], dtype=shapes["scale_dtype"], device=device),
+            zero_point=torch.empty(shapes["zero_point"], dtype=shapes["zero_point_dtype"], device=device),
+            bits=shapes["bits"], group_size=shapes["group_size"], dtype=shapes["dtype"],
+        )  # fmt: skip
+        tensors = [t.to(device).contiguous() for t in (template.codes, template.scale, template.zero_point)]
+        for tensor in tensors:
+            _collective(group, "share a solved layer", torch.distributed.broadcast, tensor, src=owner)
+        shared[name] = QuantizedWeight(
+            codes=tensors[0], scale=tensors[1], zero_point=tensors[2], bits=template.bits,
+            group_size=template.group_size, dtype=template.dtype, stats=shapes["stats"],
+        )  # fmt: skip
+    return shared
 
 
-def empty_solution(out_features: int, in_features: int, bits: int, group_size: int | None, dtype: torch.dtype) -> QuantizedWeight:
-    """A receiving buffer for :func:`share_solution`."""
-    groups = 1 if group_size is None else in_features // group_size
-    return QuantizedWeight(
-        codes=torch.empty(out_features, in_features, dtype=torch.uint8),
-        scale=torch.empty(out_features, groups, dtype=torch.float32),
-        zero_point=torch.empty(out_features, groups, dtype=torch.float32),
-        bits=bits, group_size=group_size, dtype=dtype,
-    )  # fmt: skip
+def _header(qweight: QuantizedWeight) -> dict[str, Any]:
+    return {
+        "codes": tuple(qweight.codes.shape), "scale": tuple(qweight.scale.shape),
+        "zero_point": tuple(qweight.zero_point.shape), "codes_dtype": qweight.codes.dtype,
+        "scale_dtype": qweight.scale.dtype,
+        "zero_point_dtype": qweight.zero_point.dtype, "bits": qweight.bits, "group_size": qweight.group_size,
+        "dtype": qweight.dtype, "stats": qweight.stats,
+    }  # fmt: skip
+
+
+def _collective_device() -> torch.device:
+    """Where collective buffers must live: the current GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _collective(group: Group, purpose: str, operation: Any, *args: Any, **kwargs: Any) -> None:

@@ -324,7 +324,7 @@ def test_malformed_datasets(vit, bad, message):
 
 
 def test_raw_data_without_any_processor_is_an_error(vit):
-    with pytest.raises(ValueError, match="no processor is known"):
+    with pytest.raises(ValueError, match="calibration needs an image processor and none is known"):
         build_calibration_data(vit, _config(images(2)))
 
 

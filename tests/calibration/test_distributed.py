@@ -1,4 +1,4 @@
-"""Data-parallel primitives on two CPU ranks (gloo over loopback): sharing, sums, solutions, failures."""
+"""Data-parallel calibration on two CPU ranks (gloo over loopback): primitives, the checkpoint, failures."""
 
 from __future__ import annotations
 
@@ -10,52 +10,83 @@ import sys
 import textwrap
 from pathlib import Path
 
-from hf_comq.calibration.distributed import Group, current_group
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+from hf_comq import COMQConfig
+from hf_comq.calibration.distributed import Group, balanced_owners, current_group, is_saving_rank, join_launcher_group
+
+from tests.tiny import sentences, tiny_model, word_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-WORKER = """
-import datetime, json, os, sys
+PRIMITIVES = """
+import json, sys
 import torch
-import torch.distributed as dist
 from hf_comq import HessianAccumulator, QuantizedWeight
 from hf_comq.calibration.distributed import (
-    CalibrationGroupError, agree_on, all_reduce_hessians, current_group, empty_solution, share_solution,
+    agree_on, all_reduce_hessians, current_group, is_saving_rank, share_solutions, sum_over_ranks,
 )
 
-rank, port, scenario, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
 group = current_group()
-result = {"rank": group.rank, "size": group.size}
+rank = group.rank
+agree_on(group, "same settings")
+accumulator = HessianAccumulator(3)
+accumulator.add(torch.full((rank + 1, 3), float(rank + 1), dtype=torch.float64))
+all_reduce_hessians(group, [accumulator])
+def solved(value):
+    return QuantizedWeight(codes=torch.full((2, 4), value, dtype=torch.uint8), scale=torch.full((2, 1), value / 8),
+                           zero_point=torch.ones(2, 1), bits=4, group_size=None, stats={"relative_error": value / 10})
+mine = {"a": solved(1)} if rank == 1 else {"b": solved(2)}
+shared = share_solutions(group, mine, {"a": 1, "b": 0})
+saving = sum_over_ranks(group, [float(is_saving_rank()), float(is_saving_rank(is_main_process=False))])
+result = {
+    "size": group.size, "saving": saving, "hessian": accumulator.result().tolist(), "tokens": accumulator.num_tokens,
+    "counts": sum_over_ranks(group, [rank, 1]),
+    "shared": {name: [q.codes.tolist(), q.scale.tolist(), q.stats] for name, q in shared.items()},
+}
+json.dump(result, open(sys.argv[1], "w"))
+"""
+
+QUANTIZE = """
+import json, os, sys
+import torch
+import transformers as T
+from hf_comq.calibration.distributed import CalibrationGroupError
+from tests.calibration.test_distributed import calibration_config, summary_of
+
+scenario, checkpoint, out = sys.argv[1:4]
+rank = int(os.environ["RANK"])
+torch.set_num_threads(1)
+if scenario == "dies" and rank == 1:
+    import hf_comq.calibration.sequential as sequential
+    sequential._Calibrator._solve = lambda *args: os._exit(3)
+result = {}
 try:
-    if scenario == "ok":
-        agree_on(group, "same settings")
-        accumulator = HessianAccumulator(3)
-        accumulator.add(torch.full((rank + 1, 3), float(rank + 1), dtype=torch.float64))
-        all_reduce_hessians(group, [accumulator])
-        result["hessian"] = accumulator.result().tolist()
-        result["tokens"] = accumulator.num_tokens
-        solved = None
-        if rank == 1:
-            solved = QuantizedWeight(
-                codes=torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8), scale=torch.tensor([[0.5], [0.25]]),
-                zero_point=torch.tensor([[1.0], [2.0]]), bits=4, group_size=None, stats={"relative_error": 0.1},
-            )
-        shared = share_solution(group, solved, 1, empty_solution(2, 2, 4, None, torch.float32))
-        result["codes"] = shared.codes.tolist()
-        result["stats"] = shared.stats
-    elif scenario == "different":
-        agree_on(group, f"settings of rank {rank}")
-    elif scenario == "dies":
-        if rank == 1:
-            os._exit(3)
-        all_reduce_hessians(group, [HessianAccumulator(2)])
+    for sequential in (True, False):
+        bits = 3 if scenario == "different" and rank == 1 else 4
+        config = calibration_config(sequential, bits)
+        model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
+        model.save_pretrained(os.path.join(out, f"sequential-{sequential}"))
+        result[str(sequential)] = summary_of(model)
 except CalibrationGroupError as error:
     result["error"] = str(error)
-with open(out, "w") as handle:
-    json.dump(result, handle)
+json.dump(result, open(os.path.join(out, f"rank{rank}.json"), "w"))
 """
+
+
+def calibration_config(sequential: bool, bits: int = 4) -> COMQConfig:
+    """11 texts in batches of 3: rank 0 runs batches 0 and 2, rank 1 batches 1 and 3 (of 2 texts)."""
+    return COMQConfig(dataset=sentences(11), processor=word_tokenizer(), num_samples=11, batch_size=3, bits=bits,
+                      group_size=16, sequential=sequential)  # fmt: skip
+
+
+def summary_of(model) -> dict:
+    """What must not depend on the number of ranks (but ``ranks``): samples, layers, tokens per layer."""
+    summary = model._comq_summary
+    tokens = sorted({layer["num_tokens"] for layer in summary["layers"].values()})
+    return {**{key: summary[key] for key in ("num_samples", "ranks", "layers_quantized")}, "tokens": tokens}
 
 
 def free_port() -> int:
@@ -64,47 +95,116 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_two_ranks(tmp_path: Path, scenario: str) -> list[dict | None]:
+def run_two_ranks(tmp_path: Path, source: str, *args: str) -> None:
+    """Run ``source`` as two gloo ranks on loopback, started as ``torchrun`` starts them (``RANK``, ``MASTER_PORT``...)."""
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER), encoding="utf-8")
+    script.write_text("from hf_comq.calibration import join_launcher_group\n"
+                      "assert join_launcher_group(timeout_s=30).size == 2\n"
+                      + textwrap.dedent(source), encoding="utf-8")  # fmt: skip
     port = str(free_port())
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    base = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port, "WORLD_SIZE": "2"}  # fmt: skip
     processes = [
-        subprocess.Popen([sys.executable, str(script), str(rank), port, scenario, str(tmp_path / f"rank{rank}.json")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen([sys.executable, str(script), *args], env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         for rank in range(2)
     ]
     for process in processes:
-        process.communicate(timeout=120)
-    results = []
-    for rank in range(2):
-        path = tmp_path / f"rank{rank}.json"
-        results.append(json.loads(path.read_text()) if path.exists() else None)
-    return results
+        process.communicate(timeout=300)
 
 
-def test_a_single_process_is_a_group_of_one():
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _tiny_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------- primitives
+
+
+def test_a_single_process_is_a_group_of_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert join_launcher_group() == Group()  # not started by a launcher: nothing to join
     group = current_group()
     assert group == Group() and not group.is_parallel and group.is_main
-    assert Group(1, 3).share(list(range(8))) == [1, 4, 7]
-    assert [Group(0, 2).owner(index) for index in range(4)] == [0, 1, 0, 1]
+    assert is_saving_rank() and not is_saving_rank(is_main_process=False)
 
 
-def test_two_ranks_sum_gram_matrices_and_share_a_solution(tmp_path):
-    results = run_two_ranks(tmp_path, "ok")
-    expected_hessian = (1 * 1 * 1 + 2 * 2 * 2)  # rank 0: one row of ones; rank 1: two rows of twos
-    for result in results:
-        assert result["size"] == 2 and "error" not in result
-        assert result["hessian"] == [[expected_hessian] * 3] * 3 and result["tokens"] == 3
-        assert result["codes"] == [[1, 2], [3, 4]] and result["stats"] == {"relative_error": 0.1}
+def test_layers_go_to_the_least_loaded_rank_longest_first():
+    # a block: q, k, v, o, gate, up, down (widths of a Llama MLP three times the attention's)
+    costs = [1, 0.25, 0.25, 1, 3, 3, 3]
+    owners = balanced_owners(costs, 2)
+    loads = [sum(cost for cost, owner in zip(costs, owners) if owner == rank) for rank in range(2)]
+    assert owners == [1, 1, 1, 1, 0, 1, 0] and loads == [6, 5.5]
+    assert balanced_owners(costs, 1) == [0] * 7
 
 
-def test_ranks_with_different_settings_fail_with_one_line_each(tmp_path):
-    for result in run_two_ranks(tmp_path, "different"):
-        assert "different calibration settings" in result["error"] and "\n" not in result["error"]
+def test_two_ranks_sum_gram_matrices_and_share_solutions(tmp_path):
+    run_two_ranks(tmp_path, PRIMITIVES, str(tmp_path / "out.json"))
+    result = _read(tmp_path / "out.json")  # both ranks write the same file; the content must not depend on the rank
+    expected_hessian = 1 * 1 * 1 + 2 * 2 * 2  # rank 0: one row of ones; rank 1: two rows of twos
+    assert result["size"] == 2 and result["hessian"] == [[expected_hessian] * 3] * 3 and result["tokens"] == 3
+    assert result["counts"] == [1, 2]
+    assert result["saving"] == [1, 0]  # exactly one rank writes files
+    assert result["shared"] == {
+        "a": [[[1] * 4] * 2, [[0.125]] * 2, {"relative_error": 0.1}],
+        "b": [[[2] * 4] * 2, [[0.25]] * 2, {"relative_error": 0.2}],
+    }
 
 
-def test_a_rank_that_dies_is_reported_by_the_others(tmp_path):
-    survivor, dead = run_two_ranks(tmp_path, "dies")
+# ---------------------------------------------------------------- the driver
+
+
+def test_two_ranks_write_the_checkpoint_of_one_process(tmp_path):
+    """Identical codes, not just a close objective: each rank's Gram matrix is a float64 sum of
+    float32 batch products, and float64 holds such sums of a few batches exactly, so the
+    all-reduce's other summation order gives the very same H (and the same solve)."""
+    checkpoint = _tiny_checkpoint(tmp_path)
+    run_two_ranks(tmp_path, QUANTIZE, "ok", str(checkpoint), str(tmp_path))
+    ranks = [_read(tmp_path / f"rank{rank}.json") for rank in range(2)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same float32 products
+    try:
+        for sequential in (True, False):
+            config = calibration_config(sequential)
+            model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
+            model.save_pretrained(tmp_path / f"single-{sequential}")
+            for result in ranks:  # the same tokens per layer: every rank's count
+                assert result[str(sequential)] == {**summary_of(model), "ranks": 2}
+            expected, got = _tensors(tmp_path / f"single-{sequential}"), _tensors(tmp_path / f"sequential-{sequential}")
+            assert sorted(got) == sorted(expected) and any(name.endswith("weight_packed") for name in got)
+            for name, tensor in expected.items():
+                assert torch.equal(got[name], tensor), (sequential, name)
+            saved = json.loads((tmp_path / f"sequential-{sequential}" / "config.json").read_text())
+            single = json.loads((tmp_path / f"single-{sequential}" / "config.json").read_text())
+            assert saved["quantization_config"] == single["quantization_config"]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_ranks_started_with_different_settings_stop_before_calibrating(tmp_path):
+    run_two_ranks(tmp_path, QUANTIZE, "different", str(_tiny_checkpoint(tmp_path)), str(tmp_path))
+    for rank in range(2):
+        error = _read(tmp_path / f"rank{rank}.json")["error"]
+        assert "different calibration settings" in error and "\n" not in error
+    assert not (tmp_path / "sequential-True").exists()
+
+
+def test_a_rank_dying_mid_calibration_stops_the_others_and_nothing_is_saved(tmp_path):
+    run_two_ranks(tmp_path, QUANTIZE, "dies", str(_tiny_checkpoint(tmp_path)), str(tmp_path))
+    survivor, dead = _read(tmp_path / "rank0.json"), _read(tmp_path / "rank1.json")
     assert dead is None
-    assert "one of them failed or left" in survivor["error"] and "nothing was saved" in survivor["error"]
+    assert "one of them failed or left" in survivor["error"] and "\n" not in survivor["error"]
+    assert "nothing was saved" in survivor["error"]
+    assert not (tmp_path / "sequential-True").exists()

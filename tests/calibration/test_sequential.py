@@ -277,18 +277,27 @@ def test_model_dispatched_with_hooks_matches_the_in_memory_result():
     torch.testing.assert_close(_first_output(dispatched, inputs), _first_output(plain, inputs), rtol=0, atol=0)
 
 
-def test_disk_offload_is_rejected(tmp_path):
-    model = tiny_vit()
-    accelerate.disk_offload(model, str(tmp_path), execution_device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="offloaded to disk"):
-        quantize_model(model, COMQConfig(bits=4, dataset=torch.randn(4, 3, 32, 32)))
+@pytest.mark.parametrize("mode", [True, False], ids=["sequential", "fp-inputs"])
+def test_disk_offloaded_model_matches_the_in_memory_result(tmp_path, mode):
+    from hf_comq.calibration.placement import offloads_to_disk
 
-
-def test_disk_entries_in_the_device_map_are_rejected():
-    model = tiny_vit()
-    model.hf_device_map = {"vit.embeddings": "cpu", "vit.layers": "disk", "classifier": "cpu"}
-    with pytest.raises(ValueError, match=r"offloaded to disk \(vit.layers\)"):
-        quantize_model(model, COMQConfig(bits=4, dataset=torch.randn(4, 3, 32, 32)))
+    pixels = torch.randn(8, 3, 32, 32)
+    plain = tiny_vit()
+    quantize_model(plain, COMQConfig(bits=4, dataset=pixels, num_samples=8, sequential=mode))
+    offloaded = tiny_vit()
+    accelerate.disk_offload(offloaded, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+    quantize_model(offloaded, COMQConfig(bits=4, dataset=pixels, num_samples=8, sequential=mode))
+    converted = {name: m for name, m in plain.named_modules() if isinstance(m, COMQLinear)}
+    assert len(converted) == 12
+    for name, expected in converted.items():
+        layer = offloaded.get_submodule(name)
+        assert isinstance(layer, COMQLinear) and offloads_to_disk(layer)  # written to disk, not kept in memory
+        assert layer.weight_packed.device.type == "meta"
+        with accelerate.utils.align_module_device(layer):
+            assert torch.equal(layer.weight_packed, expected.weight_packed)
+            assert torch.equal(layer.weight_scale, expected.weight_scale)
+    inputs = {"pixel_values": pixels}
+    torch.testing.assert_close(_first_output(offloaded, inputs), _first_output(plain, inputs), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,0 +1,339 @@
+"""Scale past one machine (issue 16): peak memory under disk offload, and 1 vs 2 calibration ranks.
+
+Two measurements, each in fresh processes so one cannot inherit the other's memory:
+
+* ``memory``: a causal LM built from a config with random weights (the SmolLM2-135M
+  shape, and a TinyLlama-1.1B shape, about 1.1 B parameters in bf16) is saved once, then
+  quantized by ``from_pretrained(..., device_map="auto", max_memory={"cpu": BUDGET},
+  offload_folder=...)`` with a budget well below the model size, so most blocks live on
+  disk.  Reported: the process's peak resident memory (``ru_maxrss``) while quantizing,
+  above the resident memory right after importing everything the run uses (torch,
+  transformers, datasets, accelerate, hf_comq: library code that no budget can include),
+  against the budget plus one block.  Memory is the point, so the layer solver is round
+  to nearest (``ROUND_TO_NEAREST``): calibration passes, Gram matrices, offload and
+  install run as always; the solve is cheap.  Each model runs twice: with glibc's
+  default allocator, whose dynamic mmap threshold keeps freed layer-sized buffers in
+  the heap (resident memory then creeps up block after block), and with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` (buffers of 64 KiB and more are returned to the
+  system when freed), the setting to use for bounded-memory runs.
+* ``ranks``: calibration wall time (``quantize_model``'s own ``time_s``) of the
+  SmolLM2-shaped model with the default COMQ solver, one rank on 2 threads against two
+  gloo ranks on 1 thread each (the same 2 cores), interleaved, median of the repeats.
+
+    python benchmarks/bench_scale.py memory --models smollm2 tinyllama-1b
+    python benchmarks/bench_scale.py ranks --repeats 3
+    python benchmarks/bench_scale.py all --out benchmarks/results/bench_scale.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("BENCH_SCALE_WORK", "/tmp/bench_scale"))
+
+SHAPES = {
+    # SmolLM2-135M's config (HuggingFaceTB/SmolLM2-135M), random weights
+    "smollm2": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+        rope_theta=100000.0,
+    ),
+    # TinyLlama-1.1B's shape: about 1.1 B parameters, 2.2 GB in bf16
+    "tinyllama-1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
+    ),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Child processes
+# ---------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    """Current resident memory of this process (VmRSS), in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_build(shape: str) -> None:
+    """Save a random-weight bf16 Llama of ``shape`` under WORK (once)."""
+    import torch
+    import transformers as T
+
+    folder = WORK / shape
+    if (folder / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    config = T.LlamaConfig(**SHAPES[shape], bos_token_id=0, eos_token_id=0, torch_dtype="bfloat16")
+    with torch.device("cpu"):
+        model = T.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="500MB")
+
+
+def _block_mb(model_dir: Path) -> tuple[float, float]:
+    """(model size, one block's size) in MiB, from the saved bf16 weights."""
+    from safetensors import safe_open
+
+    total = block = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                size = 2
+                for dim in shape:
+                    size *= dim
+                total += size
+                if key.startswith("model.layers.0."):
+                    block += size
+    return total / 2**20, block / 2**20
+
+
+def child_memory(shape: str, budget_mb: int, samples: int, length: int) -> None:
+    """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line."""
+    import shutil
+
+    import torch
+    import transformers as T
+
+    from hf_comq import COMQConfig
+    from hf_comq.solver import ROUND_TO_NEAREST
+
+    import accelerate  # noqa: F401  everything the run imports, before the baseline
+    import datasets  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import hf_comq.calibration  # noqa: F401
+
+    torch.set_num_threads(2)
+    model_dir = WORK / shape
+    offload = WORK / f"offload-{shape}"
+    out = WORK / f"quantized-{shape}"
+    shutil.rmtree(offload, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (samples, length), generator=torch.Generator().manual_seed(0))
+    config = COMQConfig(dataset=ids, num_samples=samples, batch_size=4, bits=4, group_size=64, **ROUND_TO_NEAREST)
+    baseline = _rss_mb()
+    started = time.perf_counter()
+    model = T.AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=config, device_map="auto", max_memory={"cpu": f"{budget_mb}MiB"},
+        offload_folder=str(offload), dtype=torch.bfloat16,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    peak_quantize = _peak_mb()
+    devices = sorted(set(map(str, model.hf_device_map.values())))
+    on_disk = sum(1 for device in model.hf_device_map.values() if device == "disk")
+    model.save_pretrained(out, max_shard_size="100MB")
+    peak_save = _peak_mb()
+    size, block = _block_mb(model_dir)
+    print(json.dumps({
+        "model": shape, "model_mb": round(size), "block_mb": round(block), "budget_mb": budget_mb,
+        "baseline_rss_mb": round(baseline), "peak_rss_quantize_mb": round(peak_quantize),
+        "peak_rss_save_mb": round(peak_save), "devices": devices, "modules_on_disk": on_disk,
+        "quantize_s": round(seconds, 1), "samples": samples, "length": length,
+    }))  # fmt: skip
+
+
+def child_rank(rank: int, world: int, port: int, threads: int, samples: int, length: int) -> None:
+    """One calibration rank (``world == 1``: a plain process); rank 0 prints one JSON line."""
+    import torch
+    import transformers as T
+
+    torch.set_num_threads(threads)
+    if world > 1:
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    from hf_comq import COMQConfig
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SHAPES["smollm2"]["vocab_size"], (samples, length), generator=generator)
+    config = COMQConfig(dataset=ids, num_samples=samples, batch_size=4, bits=4)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    model = T.AutoModelForCausalLM.from_pretrained(WORK / "smollm2", quantization_config=config, dtype=torch.float32)
+    wall = time.perf_counter() - started
+    cpu = torch.tensor([time.process_time() - cpu_started], dtype=torch.float64)
+    if world > 1:  # the busiest rank's CPU time: the wall time on cores nobody else uses
+        torch.distributed.all_reduce(cpu, op=torch.distributed.ReduceOp.MAX)
+    summary = model._comq_summary
+    if rank == 0:
+        print(json.dumps({
+            "ranks": world, "threads_per_rank": threads, "calibration_s": summary["time_s"],
+            "from_pretrained_s": round(wall, 2), "busiest_rank_cpu_s": round(float(cpu), 2),
+            "mean_relative_error": summary["mean_relative_error"],
+        }))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def _run_child(args: list[str], env: dict | None = None, timeout: int = 7200) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    done = subprocess.run([sys.executable, __file__, "child", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _last_json(text: str) -> dict:
+    lines = [line for line in text.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def run_memory(
+    models: list[str], budgets: dict[str, int], samples: int, length: int, allocators: list[str]
+) -> list[dict]:
+    rows = []
+    for shape in models:
+        _run_child(["build", shape])
+        for allocator in allocators:
+            rows.append(_memory_row(shape, budgets[shape], samples, length, allocator))
+    return rows
+
+
+def _memory_row(shape: str, budget: int, samples: int, length: int, allocator: str) -> dict:
+    row = _last_json(_run_child(["memory", shape, str(budget), str(samples), str(length)], env=ALLOCATORS[allocator]))
+    row["allocator"] = allocator
+    above = row["peak_rss_quantize_mb"] - row["baseline_rss_mb"]
+    row["peak_above_baseline_mb"] = above
+    row["target_mb"] = row["budget_mb"] + row["block_mb"]
+    row["model_over_budget"] = round(row["model_mb"] / row["budget_mb"], 2)
+    row["meets_target"] = above <= row["target_mb"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _ranks_once(world: int, threads: int, samples: int, length: int) -> dict:
+    port = _free_port()
+    env = {"OMP_NUM_THREADS": str(threads)}
+    processes = [
+        subprocess.Popen([sys.executable, __file__, "child", "rank", str(rank), str(world), str(port), str(threads),
+                          str(samples), str(length)],
+                         env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for rank in range(world)
+    ]
+    outputs = [process.communicate(timeout=7200) for process in processes]
+    if any(process.returncode != 0 for process in processes):
+        raise RuntimeError(f"ranks failed:\n{outputs[0][1][-2000:]}\n{outputs[-1][1][-2000:]}")
+    return _last_json(outputs[0][0])
+
+
+def run_ranks(repeats: int, samples: int, length: int) -> dict:
+    _run_child(["build", "smollm2"])
+    times: dict[int, list[float]] = {1: [], 2: []}
+    rows = []
+    for _ in range(repeats):  # interleaved, so both see the same machine load
+        for world, threads in ((1, 2), (2, 1)):
+            row = _ranks_once(world, threads, samples, length)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            times[world].append(row["calibration_s"])
+    one, two = statistics.median(times[1]), statistics.median(times[2])
+    cpu = {
+        world: statistics.median(row["busiest_rank_cpu_s"] for row in rows if row["ranks"] == world) for world in (1, 2)
+    }
+    return {"rows": rows, "median_1_rank_s": one, "median_2_ranks_s": two, "ratio": round(two / one, 3),
+            "cpu_ratio": round(cpu[2] / cpu[1], 3), "cpu": cpu}  # fmt: skip
+
+
+def _report(memory: list[dict], ranks: dict | None, command: str) -> str:
+    lines = [f"# bench_scale ({datetime.date.today()}, {os.cpu_count()} CPU cores, shared machine)", f"# {command}", ""]
+    if memory:
+        lines.append("## Peak RSS while quantizing with disk offload (max_memory={'cpu': budget}, RTN solver)")
+        lines.append("model | allocator | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
+                     "imports | peak RSS quantizing | peak above imports | budget + block | met | peak incl. save | "
+                     "device_map entries on disk | quantize s")
+        for row in memory:
+            lines.append(" | ".join(str(value) for value in (
+                row["model"], row["allocator"], row["model_mb"], row["budget_mb"], row["model_over_budget"],
+                row["block_mb"],
+                row["baseline_rss_mb"], row["peak_rss_quantize_mb"], row["peak_above_baseline_mb"], row["target_mb"],
+                "yes" if row["meets_target"] else "NO", row["peak_rss_save_mb"], row["modules_on_disk"],
+                row["quantize_s"],
+            )))  # fmt: skip
+        lines.append("")
+    if ranks:
+        lines.append("## Calibration wall time, SmolLM2-135M shape (random fp32 weights), default COMQ solver, W4")
+        lines.append("ranks x threads | calibration s (each repeat) | median")
+        ones = [row["calibration_s"] for row in ranks["rows"] if row["ranks"] == 1]
+        twos = [row["calibration_s"] for row in ranks["rows"] if row["ranks"] == 2]
+        lines.append(f"1 x 2 | {ones} | {ranks['median_1_rank_s']}")
+        lines.append(f"2 x 1 | {twos} | {ranks['median_2_ranks_s']}")
+        lines.append(f"ratio 2 ranks / 1 rank: {ranks['ratio']} (target <= 0.6)")
+        lines.append(f"CPU seconds of the busiest rank, from_pretrained (median): 1 x 2: {ranks['cpu'][1]}, "
+                     f"2 x 1: {ranks['cpu'][2]}; ratio {ranks['cpu_ratio']} (the share of the work the busiest "
+                     "rank does; wall time follows it only where nothing else competes for the cores)")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        kind, *rest = sys.argv[2:]
+        if kind == "build":
+            child_build(rest[0])
+        elif kind == "memory":
+            child_memory(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        elif kind == "rank":
+            child_rank(*(int(value) for value in rest))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["memory", "ranks", "all"])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "tinyllama-1b"], choices=sorted(SHAPES))
+    parser.add_argument("--budget-smollm2", type=int, default=64, help="MiB of CPU memory for the 135M model")
+    parser.add_argument("--budget-tinyllama-1b", type=int, default=512, help="MiB of CPU memory for the 1.1B model")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--rank-samples", type=int, default=32)
+    parser.add_argument("--rank-length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    budgets = {"smollm2": args.budget_smollm2, "tinyllama-1b": args.budget_tinyllama_1b}
+    memory = []
+    if args.part in ("memory", "all"):
+        memory = run_memory(args.models, budgets, args.samples, args.length, args.allocators)
+    ranks = run_ranks(args.repeats, args.rank_samples, args.rank_length) if args.part in ("ranks", "all") else None
+    report = _report(memory, ranks, "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]))
+    print(report)
+    if args.out:
+        args.out.write_text(report, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

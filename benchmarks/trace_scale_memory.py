@@ -1,0 +1,80 @@
+"""Where the memory of a disk-offloaded quantization goes: resident memory after each step of the first blocks.
+
+A companion to ``bench_scale.py memory`` (run that first: it builds the random models
+under ``/tmp/bench_scale``).  Wraps the calibration driver's steps and prints, after
+each, the peak (``VmHWM``) and current anonymous and file-backed resident memory in
+MiB, so a peak can be pinned on its step (Gram-matrix accumulation, a layer solve,
+an install).  Diagnostic only: it patches private methods of the driver.
+
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/trace_scale_memory.py tinyllama-1b 512 --blocks 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_scale import SHAPES, WORK  # noqa: E402
+
+
+def memory(tag: str) -> None:
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key = line.split(":")[0]
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                values[key] = int(line.split()[1]) // 1024
+    print(f"{tag:50s} {values}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("budget_mb", type=int)
+    parser.add_argument("--blocks", type=int, default=2, help="trace this many blocks, then stop")
+    args = parser.parse_args()
+
+    import accelerate  # noqa: F401  everything the run imports, before the first line
+    import datasets  # noqa: F401
+    import torch
+    import transformers as T
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import hf_comq.calibration.sequential as sequential
+    from hf_comq import COMQConfig
+    from hf_comq.solver import ROUND_TO_NEAREST
+
+    torch.set_num_threads(2)
+    memory("after imports")
+    done = []
+
+    def traced(method: str):
+        original = getattr(sequential._Calibrator, method)
+
+        def wrapper(self, *positional, **keywords):
+            result = original(self, *positional, **keywords)
+            label = positional[0] if positional and isinstance(positional[0], str) else ""
+            memory(f"{method} {label}")
+            if method == "_process_block":
+                done.append(label)
+                if len(done) >= args.blocks:
+                    raise SystemExit(0)
+            return result
+
+        setattr(sequential._Calibrator, method, wrapper)
+
+    for method in ("_run_block", "_solve", "_install", "_process_block"):
+        traced(method)
+    ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(0))
+    config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, bits=4, group_size=64, **ROUND_TO_NEAREST)
+    T.AutoModelForCausalLM.from_pretrained(
+        WORK / args.shape, quantization_config=config, device_map="auto", max_memory={"cpu": f"{args.budget_mb}MiB"},
+        offload_folder=str(WORK / f"offload-trace-{args.shape}"), dtype=torch.bfloat16,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""What calibration records while the model runs: block inputs (capture) and layer Gram matrices (Hessians).
+
+Both are forward hooks, because transformers models give no other way in.  The one
+input a hook cannot see is which tokens are padding: a Linear receives the hidden
+states, not the attention mask.  So the caller names the mask of every forward pass
+it starts (``with recorder.tokens(mask): model(...)``), and the hooks read it only
+inside that scope; outside one, a hook that fires is an error, never a stale mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import linear_shape
+from ..solver import HessianAccumulator
+from .blocks import BlockGroup
+from .placement import send_to_device
+
+__all__ = [
+    "CapturedInputs",
+    "HessianRecorder",
+    "block_kind",
+    "capture_block_inputs",
+    "hidden_input",
+    "hidden_output",
+    "token_mask",
+]
+
+
+@dataclasses.dataclass
+class CapturedInputs:
+    """Inputs of one block for one calibration batch; ``mask`` marks real (non-padding) tokens.
+
+    ``kind_kwargs`` holds the keyword inputs of blocks of another *kind* (layer type,
+    e.g. sliding-window vs full attention), which get their own attention mask or
+    rotary embeddings from the model.
+    """
+
+    args: tuple
+    kwargs: dict
+    mask: torch.Tensor | None
+    kind_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def call_inputs(self, kind: Any) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for a block of ``kind``, with this item's hidden state."""
+        kwargs = self.kind_kwargs.get(kind, self.kwargs)
+        if not self.args and "hidden_states" in self.kwargs:
+            kwargs = {**kwargs, "hidden_states": self.kwargs["hidden_states"]}
+        return self.args, kwargs
+
+    def with_hidden(self, hidden: torch.Tensor) -> "CapturedInputs":
+        """The next block's inputs: the same arguments with the hidden state replaced."""
+        hidden_input(self)  # raises a clear error if the hidden state cannot be located
+        if self.args:
+            return CapturedInputs((hidden,) + tuple(self.args[1:]), self.kwargs, self.mask, self.kind_kwargs)
+        return CapturedInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.mask, self.kind_kwargs)
+
+
+def token_mask(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The batch's real-token mask (``attention_mask`` of a text batch), ``None`` when every token is real."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return None
+    return mask.to(device=device, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------
+# Gram matrices
+# ---------------------------------------------------------------------------
+
+
+class HessianRecorder:
+    """Forward hooks feeding each named layer's real-token inputs into a :class:`HessianAccumulator`.
+
+    Layers fed the very same input tensor (q/k/v projections, gate/up) have the same
+    Hessian, so they share one accumulator and ``X^T X`` is computed once for them:
+    the decision is made on a layer's first call and must hold for every later batch.
+    Use as a context manager; run each forward pass inside :meth:`tokens`.
+    """
+
+    _OUTSIDE = object()
+
+    def __init__(self, model: nn.Module, names: Sequence[str], device: torch.device):
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self._owner_of: dict[str, str] = {}
+        self._decided: set[str] = set()
+        self._last: tuple[torch.Tensor, str] | None = None
+        self._mask: Any = self._OUTSIDE
+        self._handles = []
+        for name in names:
+            module = model.get_submodule(name)
+            self.accumulators[name] = HessianAccumulator(linear_shape(module)[1], device=device)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def __enter__(self) -> "HessianRecorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def tokens(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Run one forward pass whose real tokens are ``mask`` (``None``: all of them)."""
+        self._mask, self._last = mask, None
+        try:
+            yield
+        finally:
+            self._mask, self._last = self._OUTSIDE, None
+
+    def distinct(self) -> list[HessianAccumulator]:
+        """Each accumulator once (shared ones appear under several names), in a fixed order."""
+        seen: dict[int, HessianAccumulator] = {}
+        for accumulator in self.accumulators.values():
+            seen.setdefault(id(accumulator), accumulator)
+        return list(seen.values())
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if self._mask is self._OUTSIDE:
+                raise RuntimeError(f"{name!r} ran outside HessianRecorder.tokens(); the padding mask is unknown")
+            if self._reuses(name, inputs[0]):
+                return
+            activations = inputs[0].detach()
+            mask = self._mask
+            if mask is not None and activations.shape[:-1] == mask.shape:
+                activations = activations[mask.to(activations.device)]
+            self.accumulators[name].add(activations)
+            self._last = (inputs[0], name)
+
+        return hook
+
+    def _reuses(self, name: str, tensor: torch.Tensor) -> bool:
+        """True if ``name`` shares another layer's accumulator (and so must not add)."""
+        same_as_last = self._last is not None and self._last[0] is tensor
+        if name not in self._decided:
+            self._decided.add(name)
+            if same_as_last:
+                self._owner_of[name] = self._last[1]
+                self.accumulators[name] = self.accumulators[self._last[1]]
+        owner = self._owner_of.get(name)
+        if owner is None:
+            return False
+        if not same_as_last or self._last[1] != owner:
+            raise RuntimeError(
+                f"{name!r} shared its input with {owner!r} on the first calibration batch but not on a later one; "
+                "calibrate with sequential=False or report this model"
+            )
+        return True
+
+
+# ---------------------------------------------------------------------------
+# Block inputs
+# ---------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the capture pre-hook so the forward pass stops at the first block."""
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    group: BlockGroup,
+    batches: Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]],
+    recorder: HessianRecorder,
+    forward_kwargs: dict[str, Any],
+    device: torch.device,
+) -> tuple[list[CapturedInputs], int, bool]:
+    """Run the model until the group's first block (or the first block of its last new kind) on every batch.
+
+    ``batches`` yields ``(model inputs, token mask)``.  Blocks of another kind (layer
+    type) than the first get their keyword inputs from their own first occurrence, so
+    e.g. sliding-window layers see the sliding-window mask; the forward pass stops once
+    every kind was seen.  Returns the captured inputs, the number of batches, and
+    whether every batch reached the group (a group that never runs is skipped).
+    """
+    captured: list[CapturedInputs] = []
+    representatives = _first_block_of_each_kind(model, group)
+    last = max(representatives.values(), key=group.block_names.index)
+
+    def record(block_name: str, kind: Any):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if block_name == group.block_names[0]:
+                captured.append(CapturedInputs(send_to_device(args, device), send_to_device(kwargs, device), None))
+            captured[-1].kind_kwargs[kind] = send_to_device(kwargs, device)
+            if block_name == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(record(name, kind), with_kwargs=True)
+        for kind, name in representatives.items()
+    ]
+    count, reached = 0, True
+    try:
+        for batch, mask in batches:
+            count += 1
+            try:
+                with recorder.tokens(mask):
+                    model(**batch, **forward_kwargs)
+            except _StopForward:
+                captured[-1].mask = mask
+                continue
+            reached = False
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, count, reached
+
+
+def block_kind(block: nn.Module) -> tuple[str, ...]:
+    """The layer types declared inside a block (transformers' ``layer_type`` / ``attention_type``).
+
+    Models with mixed layer types (Gemma 2/3, Qwen2 with sliding windows, ...) pass each
+    type its own attention mask and sometimes rotary embeddings; blocks of one kind
+    take the same keyword inputs.  Blocks that declare nothing are all one kind.
+    """
+    kinds = set()
+    for module in block.modules():
+        for attribute in ("layer_type", "attention_type"):
+            value = getattr(module, attribute, None)
+            if isinstance(value, str):
+                kinds.add(value)
+    return tuple(sorted(kinds))
+
+
+def _first_block_of_each_kind(model: nn.Module, group: BlockGroup) -> dict[tuple[str, ...], str]:
+    """``{kind: name of its first block}`` in forward order; the group's first block always included."""
+    representatives: dict[tuple[str, ...], str] = {}
+    for name in group.block_names:
+        representatives.setdefault(block_kind(model.get_submodule(name)), name)
+    return representatives
+
+
+def hidden_input(item: CapturedInputs) -> torch.Tensor:
+    """The hidden state among a block's inputs: its first positional argument or ``hidden_states``."""
+    if item.args:
+        return item.args[0]
+    if "hidden_states" in item.kwargs:
+        return item.kwargs["hidden_states"]
+    raise ValueError(
+        f"cannot tell which input of the block is the hidden state (kwargs: {sorted(item.kwargs)}); "
+        "set COMQConfig(block_name=...) to a list of blocks taking the hidden state first"
+    )
+
+
+def hidden_output(result: Any) -> torch.Tensor:
+    """A block's new hidden state: the tensor itself, or the first element of a tuple/ModelOutput."""
+    if isinstance(result, torch.Tensor):
+        return result
+    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
+        return result[0]
+    if isinstance(result, dict) and result:
+        first = next(iter(result.values()))
+        if isinstance(first, torch.Tensor):
+            return first
+    raise ValueError(f"cannot find the hidden state in a block output of type {type(result).__name__}")

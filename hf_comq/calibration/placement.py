@@ -1,0 +1,191 @@
+"""Where calibration computes and where weights live: devices, accelerate dispatch, CPU and disk offload.
+
+Block-sequential COMQ touches one block at a time, so a model that does not fit in
+memory can still be quantized: accelerate's hooks (``device_map`` / ``max_memory``
+in ``from_pretrained``, or ``cpu_offload`` / ``disk_offload``) bring a layer's weights
+in for its forward pass and drop them afterwards.  This module keeps that true while
+layers are being replaced: a new :class:`~hf_comq.nn.COMQLinear` goes where the layer it
+replaces lived (on its device, in CPU offload, or written to disk next to the model's
+own offloaded weights), so peak memory stays about one block whatever the model size,
+and the saved checkpoint is the one an in-memory run writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import replace_module
+from ..solver import QuantizedWeight
+
+__all__ = [
+    "OFFLOAD_SUBFOLDER",
+    "Placement",
+    "block_on_compute",
+    "install_quantized_layer",
+    "materialized",
+    "offloads_to_disk",
+    "resolve_placement",
+    "send_to_device",
+]
+
+OFFLOAD_SUBFOLDER = "comq-quantized"
+"""Folder (inside the model's own offload folder when it has one) holding quantized layers of disk-offloaded blocks."""
+
+
+def send_to_device(value: Any, device: torch.device) -> Any:
+    """Tensors inside nested tuples/lists/dicts moved to ``device`` (accelerate's rule); other objects unchanged."""
+    from accelerate.utils import send_to_device as accelerate_send
+
+    return accelerate_send(value, device)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where calibration runs: ``compute`` device, whether accelerate hooks move weights, where inputs start."""
+
+    compute: torch.device
+    dispatched: bool
+    input_device: torch.device
+
+
+def resolve_placement(model: nn.Module) -> Placement:
+    """Pick the compute device and check that every weight is reachable (in memory or through offload hooks).
+
+    The compute device is the current CUDA device (``torch.cuda.set_device(local_rank)``
+    gives each rank of a ``torchrun`` its own GPU), else the CPU.
+    """
+    compute = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dispatched = any(hasattr(module, "_hf_hook") for module in model.modules())
+    if dispatched:
+        return Placement(compute, True, compute)
+    devices = {p.device for p in model.parameters()}
+    if any(device.type == "meta" for device in devices):
+        raise ValueError("the model has weights on the meta device and no accelerate offload hooks to load them")
+    input_device = next(iter(devices)) if len(devices) == 1 else compute
+    return Placement(compute, False, input_device)
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Make an offloaded layer's weights real on ``device`` for the duration (no-op otherwise)."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    if has_offloaded_params(module):
+        with align_module_device(module, device):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def block_on_compute(block: nn.Module, placement: Placement) -> Iterator[None]:
+    """Move an undispatched block to the compute device for the duration (accelerate moves dispatched ones)."""
+    devices = {t.device for t in list(block.parameters()) + list(block.buffers())}
+    if placement.dispatched or len(devices) != 1 or devices == {placement.compute}:
+        yield
+        return
+    original = devices.pop()
+    block.to(placement.compute)
+    try:
+        yield
+    finally:
+        block.to(original)
+
+
+def offloads_to_disk(module: nn.Module) -> bool:
+    """True when ``module``'s weights are read from files on disk by its accelerate hook."""
+    return _disk_loader(align_hook(module)) is not None
+
+
+def align_hook(module: nn.Module) -> Any:
+    """The module's accelerate ``AlignDevicesHook`` (also inside a ``SequentialHook``), or ``None``."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    hook = getattr(module, "_hf_hook", None)
+    if isinstance(hook, SequentialHook):
+        hook = next((h for h in hook.hooks if isinstance(h, AlignDevicesHook)), None)
+    return hook if isinstance(hook, AlignDevicesHook) else None
+
+
+def install_quantized_layer(
+    model: nn.Module, name: str, qweight: QuantizedWeight, *, symmetric: bool, compute: torch.device
+) -> nn.Module:
+    """Swap layer ``name`` for a ``COMQLinear`` that lives where the old layer lived.
+
+    An undispatched layer is simply replaced.  A dispatched one gets a new accelerate
+    hook with the old hook's execution device; an offloaded one is offloaded again,
+    to CPU memory or, when the old layer was read from disk, to files on disk: keeping
+    quantized layers in memory would make peak memory grow with the model after all.
+    """
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import has_offloaded_params
+
+    module = model.get_submodule(name)
+    hook = align_hook(module)
+    offloaded = has_offloaded_params(module)
+    disk = _disk_loader(hook) if offloaded else None
+    with materialized(module, compute):
+        layer = replace_module(model, name, qweight, symmetric=symmetric)
+    if hook is None:
+        return layer
+    if not offloaded:
+        new_hook = AlignDevicesHook(execution_device=hook.execution_device, io_same_device=hook.io_same_device)
+        add_hook_to_module(layer, new_hook)
+        return layer
+    layer.to("cpu")
+    weights_map = None if disk is None else _offload_to_disk(model, name, layer, disk)
+    new_hook = AlignDevicesHook(
+        execution_device=hook.execution_device,
+        offload=True,
+        offload_buffers=True,
+        io_same_device=hook.io_same_device,
+        weights_map=weights_map,
+    )
+    add_hook_to_module(layer, new_hook)
+    return layer
+
+
+def _disk_loader(hook: Any) -> Any:
+    """The ``OffloadedWeightsLoader`` behind a hook that reads weights from disk, else ``None``."""
+    if hook is None or not hook.offload or hook.weights_map is None:
+        return None
+    loader = getattr(hook.weights_map, "dataset", hook.weights_map)
+    return loader if getattr(loader, "index", None) else None
+
+
+def _offload_to_disk(model: nn.Module, name: str, layer: nn.Module, loader: Any) -> Any:
+    """Write ``layer``'s tensors as accelerate offload files and return the mapping that reads them back."""
+    from accelerate.utils import OffloadedWeightsLoader, offload_state_dict
+
+    folder = os.path.join(_quantized_offload_folder(model, loader), name)
+    offload_state_dict(folder, {key: value.detach() for key, value in layer.state_dict().items()})
+    return OffloadedWeightsLoader(save_folder=folder)
+
+
+def _quantized_offload_folder(model: nn.Module, loader: Any) -> str:
+    """One folder per model for its quantized offloaded layers: inside the offload folder, else a temporary one.
+
+    A temporary folder lives as long as the model object (the layers are read from it
+    until the model is saved or dropped).
+    """
+    existing = getattr(model, "_comq_offload_folder", None)
+    if existing is not None and os.path.isdir(existing):
+        return existing
+    base = getattr(loader, "save_folder", None)
+    if base is not None and os.path.isdir(base) and os.access(base, os.W_OK):
+        folder = tempfile.mkdtemp(prefix=f"{OFFLOAD_SUBFOLDER}-", dir=base)
+    else:
+        folder = tempfile.mkdtemp(prefix=f"hf-{OFFLOAD_SUBFOLDER}-")
+    weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
+    model._comq_offload_folder = folder
+    return folder

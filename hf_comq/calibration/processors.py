@@ -1,0 +1,176 @@
+"""Processors between raw calibration values and model inputs: which one, and how images and texts go through it.
+
+Calibration and evaluation feed a model the way its own pipeline would: images
+through its image processor (converted to the channel count it was trained on),
+texts through its tokenizer (padded, with padding masked out of the Hessians).  The
+processor is the one configured, else the checkpoint's own, so a quantized and a
+full-precision model see identical inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "encode_images",
+    "encode_texts",
+    "ensure_padding",
+    "filter_inputs",
+    "image_channels",
+    "load_processor",
+    "model_input_names",
+    "resolve_processor",
+]
+
+Batch = dict[str, torch.Tensor]
+
+
+_MODES_BY_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def image_channels(model: nn.Module | None, processor: Any) -> int | None:
+    """How many channels the model's images have: ``config.num_channels``, else the processor's ``image_mean`` length.
+
+    ``None`` when neither says (the images are then passed as they are).
+    """
+    channels = getattr(getattr(model, "config", None), "num_channels", None)
+    if isinstance(channels, int) and channels > 0:
+        return channels
+    mean = getattr(processor, "image_mean", None)
+    return len(mean) if isinstance(mean, (list, tuple)) and mean else None
+
+
+def encode_images(processor: Any, images: list[Any], channels: int | None = 3) -> Batch:
+    """``processor(images=...)`` after converting PIL images to the model's channel count (:func:`image_channels`).
+
+    Datasets store images in whatever mode they were saved (grayscale PNGs, palette
+    images, RGBA); the processor normalises with one mean per channel, so the images
+    must have exactly the channels the model was trained on: 1 for grayscale models,
+    3 for RGB ones.  Non-PIL inputs (arrays, tensors) are passed through unchanged.
+    """
+    from PIL import Image
+
+    mode = _MODES_BY_CHANNELS.get(channels) if channels is not None else None
+    if mode is not None:
+        images = [
+            image.convert(mode) if isinstance(image, Image.Image) and image.mode != mode else image for image in images
+        ]
+    try:
+        encoded = processor(images=images, return_tensors="pt")
+    except Exception as error:
+        raise ValueError(
+            f"{type(processor).__name__} rejected the images "
+            f"({sorted({type(image).__name__ for image in images})}): {error}"
+        ) from error
+    return dict(encoded)
+
+
+def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | None:
+    """Tokenize one batch; empty strings are dropped (they carry no tokens), ``None`` if nothing is left."""
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        return None
+    try:
+        encoded = processor(
+            text=texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
+    except Exception as error:
+        raise ValueError(f"{type(processor).__name__} could not tokenize the calibration texts: {error}") from error
+    return dict(encoded)
+
+
+def ensure_padding(processor: Any) -> None:
+    """Give pad-less tokenizers (GPT-2, LLaMA) a pad token so batches can be padded."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if getattr(tokenizer, "pad_token", "") is not None:
+        return
+    fallback = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+    if fallback is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no pad, eos or unk token, so calibration batches cannot be padded; "
+            "set tokenizer.pad_token or use batch_size=1"
+        )
+    logger.info("calibration tokenizer has no pad token; padding with %r (masked out of the Hessians)", fallback)
+    tokenizer.pad_token = fallback
+
+
+def resolve_processor(processor: Any, model: nn.Module | None, kind: str, who: str, fix: str) -> Any:
+    """``processor`` itself, loaded from its path, or the model's own (``model.name_or_path``) when ``None``.
+
+    ``kind`` is ``"images"`` or ``"text"``; error messages start with ``who`` (what needs
+    the processor) and end with ``fix``, what the caller's user should pass.
+    """
+    if processor is not None and not isinstance(processor, (str, os.PathLike)):
+        if not callable(processor):
+            raise ValueError(f"the processor must be callable or a path, got {type(processor).__name__}; {fix}")
+        return processor
+    location = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
+    if not location:
+        what = "an image processor" if kind == "images" else "a tokenizer"
+        raise ValueError(f"{who} needs {what} and none is known: {fix}")
+    try:
+        return load_processor(location, kind)
+    except ValueError as error:
+        raise ValueError(f"{error}; {fix}") from None
+
+
+def load_processor(location: str, kind: str) -> Any:
+    """The image processor (``kind="images"``) or tokenizer (``"text"``) saved at ``location``.
+
+    Raises ``ValueError`` naming what was tried; callers add the fix that fits them.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    loaders = (AutoImageProcessor, AutoProcessor) if kind == "images" else (AutoTokenizer, AutoProcessor)
+    errors = []
+    for loader in loaders:
+        try:
+            processor = loader.from_pretrained(location)
+        except Exception as error:  # try the next auto class
+            errors.append(f"{loader.__name__}: {' '.join(str(error).split())[:200]}")
+            continue
+        if _handles(processor, kind):
+            return processor
+        errors.append(f"{loader.__name__} found a {type(processor).__name__}, which does not handle {kind}")
+    what = "an image processor" if kind == "images" else "a tokenizer"
+    raise ValueError(f"could not load {what} from {location!r} ({' | '.join(errors)})")
+
+
+def _handles(processor: Any, kind: str) -> bool:
+    """An AutoProcessor may find the other modality's processor (a ViT folder asked for a tokenizer)."""
+    from transformers import PreTrainedTokenizerBase
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    if kind == "images":
+        return isinstance(processor, BaseImageProcessor) or hasattr(processor, "image_processor")
+    return isinstance(processor, PreTrainedTokenizerBase) or hasattr(processor, "tokenizer")
+
+
+def model_input_names(model: nn.Module) -> set[str] | None:
+    """Named parameters of ``model.forward``; ``None`` when it takes only ``**kwargs``."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names or None
+
+
+def filter_inputs(batch: Mapping[str, Any], keep: set[str] | None) -> Batch:
+    """Drop processor outputs the model does not take (e.g. ``token_type_ids`` for LLaMA)."""
+    tensors = {name: value for name, value in batch.items() if isinstance(value, torch.Tensor)}
+    if keep is None:
+        return tensors
+    filtered = {name: value for name, value in tensors.items() if name in keep}
+    if not filtered:
+        raise ValueError(f"the processor produced {sorted(tensors)}, none of which the model's forward accepts")
+    return filtered

@@ -1,0 +1,170 @@
+"""Data sources as ``datasets`` objects: what a dataset name, path or list means, and which samples are used.
+
+Calibration (``COMQConfig(dataset=...)``), ``hf-comq quantize`` and ``hf-comq evaluate``
+accept the same names, so they resolve them here, to a ``datasets.Dataset`` (indexed,
+memory-mapped) or ``IterableDataset`` (streamed): local files and Hub data are
+streamed so a large set is never read whole.  The calibration subset is the
+library's own seeded shuffle (``Dataset.shuffle(seed).select(range(n))``, or a
+shuffle buffer and ``take(n)`` for a stream), so "seed 0, 128 samples" picks the
+rows ``datasets`` users expect.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "DATA_FILE_BUILDERS",
+    "IMAGE_COLUMNS",
+    "STREAM_SHUFFLE_BUFFER",
+    "TEXT_COLUMNS",
+    "column_names",
+    "data_file_builder",
+    "dataset_from_list",
+    "load_dataset_source",
+    "pick_column",
+    "pick_split",
+    "seeded_subset",
+    "warn_too_few",
+]
+
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+TEXT_COLUMNS = ("text",)
+STREAM_SHUFFLE_BUFFER = 1000
+DATA_FILE_BUILDERS: Mapping[str, str] = {
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
+"""Data-file suffix -> ``datasets`` builder that reads it; the one list of file kinds we accept."""
+
+
+def data_file_builder(path: str | os.PathLike[str]) -> str | None:
+    """The ``datasets`` builder for a data file, by suffix (``None``: not a data file we read)."""
+    return DATA_FILE_BUILDERS.get(Path(path).suffix.lower())
+
+
+def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any, dict[str, Any]]:
+    """``(dataset, origin)`` for a string: a ``save_to_disk`` folder, a data file or folder, a Hub name, ``demo:...``.
+
+    Local data works offline; files and Hub data are streamed.  ``origin`` is a small
+    JSON-safe description (``source``, ``split``) for the saved config and model card;
+    a local path is reduced to its last component, which says all a reader elsewhere can
+    use (and does not leak a home folder).  Raises ``ValueError`` with one line naming
+    the problem (empty or unknown file, missing split, no network...).
+    """
+    import datasets
+
+    from ..assets import demo_dataset_file
+
+    source = os.fspath(source)
+    demo_file = demo_dataset_file(source)
+    path = demo_file if demo_file is not None else Path(source).expanduser()
+    label = source if demo_file is not None else f"local dataset {path.name!r}" if path.exists() else source
+    origin: dict[str, Any] = {"source": label, "split": split}
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"dataset file {source!r} is empty (0 bytes); pass a file with data")
+    try:
+        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = pick_split(loaded, split, f"the dataset saved at {source!r}")
+            return loaded, origin
+        if path.is_file():
+            builder = data_file_builder(path)
+            if builder is None:
+                raise ValueError(
+                    f"cannot tell the format of calibration file {source!r}; supported suffixes: "
+                    f"{sorted(DATA_FILE_BUILDERS)}"
+                )
+            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=True), origin
+        return datasets.load_dataset(source, split=split, streaming=True), origin
+    except ValueError:
+        raise
+    except Exception as error:  # datasets raises many types (FileNotFoundError, ConnectionError, ...)
+        raise ValueError(f"could not load calibration dataset {source!r} (split {split!r}): {error}") from error
+
+
+def pick_split(dataset_dict: Mapping[str, Any], split: str, what: str) -> Any:
+    """``dataset_dict[split]``, or one line listing the splits there are."""
+    if split not in dataset_dict:
+        raise ValueError(f"split {split!r} not found in {what}; available splits: {sorted(dataset_dict)}")
+    return dataset_dict[split]
+
+
+def pick_column(dataset: Any, requested: str | None) -> str:
+    """``requested`` if the dataset has it, else the first usual image or text column.
+
+    Raises ``ValueError`` listing the available columns, so a typo fails before any
+    model is loaded.
+    """
+    columns = column_names(dataset)
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"dataset column {requested!r} does not exist; available columns: {columns}")
+        return requested
+    for candidate in IMAGE_COLUMNS + TEXT_COLUMNS:
+        if candidate in columns:
+            return candidate
+    raise ValueError(
+        f"no calibration column found: expected one of {list(IMAGE_COLUMNS + TEXT_COLUMNS)}; available columns: "
+        f"{columns}. Set COMQConfig(dataset_column=...)"
+    )
+
+
+def column_names(dataset: Any) -> list[str]:
+    """A dataset's columns; a stream without declared features is asked for one example."""
+    names = dataset.column_names
+    if names is None:
+        example = next(iter(dataset), None)
+        if example is None:
+            raise ValueError("the calibration dataset is empty: it has no samples")
+        names = list(example)
+    return list(names)
+
+
+def dataset_from_list(items: Sequence[Any], column: str) -> Any:
+    """A ``datasets.Dataset`` with one column holding ``items`` (PIL images are stored as image files)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({column: list(items)})
+
+
+def seeded_subset(dataset: Any, count: int, seed: int) -> Any:
+    """The first ``count`` rows after ``datasets``' seeded shuffle (all rows, with a warning, if fewer exist).
+
+    An indexed ``Dataset`` gets an index mapping kept in memory (nothing is written to
+    the cache folder); an ``IterableDataset`` a shuffle buffer of
+    :data:`STREAM_SHUFFLE_BUFFER` rows, read lazily.
+    """
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        total = len(dataset)
+        if total == 0:
+            raise ValueError("the calibration dataset is empty: it has no samples")
+        if count > total:
+            warn_too_few(total, count)
+        shuffled = dataset.shuffle(seed=seed, keep_in_memory=True)
+        return shuffled.select(range(min(count, total)), keep_in_memory=True)
+    return dataset.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER).take(count)
+
+
+def warn_too_few(available: int, requested: int) -> None:
+    """Say that calibration uses fewer samples than asked for (the data has no more)."""
+    logger.warning(
+        "COMQ calibration: num_samples=%d but the dataset has only %d samples; calibrating on all %d",
+        requested,
+        available,
+        available,
+    )

@@ -1,0 +1,62 @@
+"""Data sources: file kinds, loading by name or path, and the seeded subset (the library's own shuffle)."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from hf_comq.calibration.sources import (
+    DATA_FILE_BUILDERS,
+    data_file_builder,
+    dataset_from_list,
+    load_dataset_source,
+    pick_column,
+    seeded_subset,
+)
+
+from tests.tiny import images, sentences
+
+
+def test_file_kinds_name_the_datasets_builder():
+    assert data_file_builder("calib.JSONL") == "json" and data_file_builder("/x/y.parquet") == "parquet"
+    assert data_file_builder("model.safetensors") is None
+    assert set(DATA_FILE_BUILDERS.values()) == {"parquet", "json", "csv", "arrow", "text"}
+
+
+@pytest.mark.parametrize("suffix", sorted(DATA_FILE_BUILDERS))
+def test_every_file_kind_loads_as_a_stream(tmp_path, suffix):
+    texts = sentences(4)
+    path = tmp_path / f"data{suffix}"
+    table = datasets.Dataset.from_dict({"text": texts})
+    if suffix == ".txt":
+        path.write_text("\n".join(texts) + "\n")
+    elif suffix == ".arrow":
+        table.save_to_disk(tmp_path / "saved")
+        path = next((tmp_path / "saved").glob("*.arrow"))
+    else:
+        {".parquet": table.to_parquet, ".csv": table.to_csv}.get(suffix, table.to_json)(str(path))
+    loaded, origin = load_dataset_source(str(path), "train")
+    assert isinstance(loaded, datasets.IterableDataset)
+    assert [row["text"] for row in loaded] == texts
+    assert origin == {"source": f"local dataset {path.name!r}", "split": "train"}
+
+
+def test_subset_is_the_libraries_seeded_shuffle():
+    table = datasets.Dataset.from_dict({"text": [str(i) for i in range(50)]})
+    subset = seeded_subset(table, 7, seed=3)
+    assert subset["text"] == table.shuffle(seed=3).select(range(7))["text"]
+    stream = seeded_subset(table.to_iterable_dataset(), 7, seed=3)
+    assert len(list(stream)) == 7
+
+
+def test_a_subset_larger_than_the_data_takes_all_of_it(caplog):
+    table = datasets.Dataset.from_dict({"text": ["a", "b"]})
+    assert sorted(seeded_subset(table, 9, seed=0)["text"]) == ["a", "b"]
+    assert "only 2 samples" in caplog.text
+
+
+def test_lists_become_one_column_datasets():
+    pictures = dataset_from_list(images(2), "image")
+    assert isinstance(pictures.features["image"], datasets.Image) and pictures[0]["image"].size == (40, 40)
+    assert pick_column(pictures, None) == "image"
+    assert pick_column(dataset_from_list(["x"], "text"), None) == "text"
