@@ -83,7 +83,7 @@ def main_strong(path: str) -> None:
         cells[-1] = f"**{cells[-1]}**"
         print(f"| {r['layer']} | W{r['bits']} | {r['best']} | {1.0 / rows['RTN (min-max grid)'][1]:.3f} | "
               + " | ".join(cells) + " |")
-    for label, matches in columns[1:]:
+    for label, matches in [c for c in columns if c[0] != "COMQ reference code"]:
         ratios = sorted(_strong_value(r["rows"], matches) for r in records)
         print(f"\n{label} / GPTQ-best over {len(ratios)} layer-bit pairs: worst {ratios[-1]:.3f}, "
               f"median {ratios[len(ratios) // 2]:.3f}, at most 0.9 in {sum(x <= 0.9 for x in ratios)}")
