@@ -418,7 +418,7 @@ class _Problem:
         else:
             projected_t = None
         new_scale, dequant_h_t = refit_scales(
-            self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t
+            self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t, self.weight_h_t
         )
         new_scale_t = _per_column(new_scale, self.group_of_column)
         new_dequant_t = offsets_t.mul_(new_scale_t)
