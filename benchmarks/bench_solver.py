@@ -180,7 +180,7 @@ def print_table(problem: LayerProblem, bits: int, rows, gemm: float) -> None:
         print(f"| {name} | {obj / rtn:.3f} | {vs_gptq} | {secs / gemm:.1f} |")
 
 
-def timing_section(include_gptq: bool, repeats: int) -> None:
+def timing_section(include_gptq: bool, repeats: int, group_size: int | None = None) -> None:
     """One sweep and the default's full solve on the ViT-B fc1 shape, with repeats.
 
     Each repeat times the GEMM, the sweep, the solve and GPTQ back to back, and the
@@ -189,16 +189,16 @@ def timing_section(include_gptq: bool, repeats: int) -> None:
     """
     problem = synthetic_layer("ViT-B fc1 3072x768", 3072, 768)
     w, h = problem.weight, problem.hessian.float()
-    grid = minmax_grid(w, 4, 768)
+    grid = minmax_grid(w, 4, group_size or 768)
     state = _Problem.build(w, h, grid, "act_order")
     state.start("error_feedback", 0.01, 128)
-    comq_quantize(w, h, bits=4)  # warm-up: first calls pay one-off allocation costs
+    comq_quantize(w, h, bits=4, group_size=group_size)  # warm-up: first calls pay one-off allocation costs
     times: dict[str, list[float]] = {"gemm": [], "sweep": [], "default": [], "no_block": [], "gptq": []}
     for _ in range(repeats):
         times["gemm"].append(_timed(lambda: w @ h)[1])
         times["sweep"].append(_timed(lambda: state.sweep("act_order", 128))[1])
-        times["default"].append(_timed(lambda: comq_quantize(w, h, bits=4))[1])
-        times["no_block"].append(_timed(lambda: comq_quantize(w, h, bits=4, block_resolve=False))[1])
+        times["default"].append(_timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size))[1])
+        times["no_block"].append(_timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size, block_resolve=False))[1])
         if include_gptq:
             times["gptq"].append(_timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, 4, True))[1])
 
@@ -206,7 +206,7 @@ def timing_section(include_gptq: bool, repeats: int) -> None:
         per_repeat = sorted(a / b for a, b in zip(times[name], times[base]))
         return f"{statistics.median(per_repeat):.2f} (range {per_repeat[0]:.2f}-{per_repeat[-1]:.2f})"
 
-    print(f"\n### Timing, ViT-B fc1 3072x768, W4, {repeats} paired repeats (torch threads: {torch.get_num_threads()})")
+    print(f"\n### Timing, ViT-B fc1 3072x768, W4, group {group_size or 'channel'}, {repeats} paired repeats (torch threads: {torch.get_num_threads()})")
     print("Seconds are medians; ratios are medians of per-repeat ratios, with their range.")
     print("| measurement | seconds | ratio |")
     print("|---|---|---|")
@@ -251,7 +251,7 @@ def main() -> None:
         gptq_dequantized(warm.weight, warm.hessian, g.scale, g.zero_point, 4, True)
 
     if args.timing_only:
-        timing_section(include_gptq, args.repeats)
+        timing_section(include_gptq, args.repeats, args.group_size)
         return
     if args.peers == "strong":
         kinds = ["synthetic", "vit", "minilm", "dinov2", "smollm2"] if "all" in args.layers else args.layers
