@@ -6,6 +6,9 @@
     $B benchmarks/bench_real_models.py --model dinov2 --settings 4:channel 3:channel 4:128 --seeds 0 1 2
     $B benchmarks/bench_real_models.py --model smollm2 --table      # markdown from the saved rows
 
+Group sizes must divide every quantized layer's input size: SmolLM2's hidden size is
+576, so its grouped settings are 64 (or 32, 192), not 128; DINOv2's is 384 (64 or 128).
+
 * ``smollm2``: SmolLM2-135M-Instruct (``benchmarks/models/convert_smollm2_gguf.py``).
   Calibration: ``--calibration`` chunks of ``--length`` tokens of deduplicated
   English text from the calibration pool (``benchmarks/real_data.py``; the seed picks
