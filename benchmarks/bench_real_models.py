@@ -262,6 +262,24 @@ def spawn(settings: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def spawn_side_by_side(jobs: list[dict]) -> list[dict]:
+    """Run every job at the same time, one process each: on a shared machine the rows
+    then see the same load, so their wall times compare (a ratio measured in one run)."""
+    started = [
+        (job, subprocess.Popen([sys.executable, __file__, "--one", json.dumps(job)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT))
+        for job in jobs
+    ]
+    rows = []
+    for job, process in started:
+        stdout, stderr = process.communicate()
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        if process.returncode != 0 or not lines:
+            raise SystemExit(f"{job} failed:\n{stderr[-3000:]}")
+        rows.append(dict(json.loads(lines[-1]), side_by_side=len(jobs)))
+    return rows
+
+
 def print_table(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     # A rerun (e.g. after a solver change) replaces earlier rows of the same method, setting and seed.
@@ -306,6 +324,9 @@ def main() -> None:
     parser.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening_frac (llm-compressor's default 0.01)")
     parser.add_argument("--output", type=Path, default=None, help="JSONL file to append rows to")
     parser.add_argument("--table", action="store_true", help="print the saved rows as a markdown table and exit")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run the rows at the same time (one process each) and print their wall-time ratios; "
+                             "rows go to real_models_<model>_side_by_side.jsonl")
     parser.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -314,7 +335,8 @@ def main() -> None:
         return
     if args.model is None:
         raise SystemExit("--model smollm2 or --model dinov2")
-    output = args.output or RESULTS / f"real_models_{args.model}.jsonl"
+    suffix = "_side_by_side" if args.side_by_side else ""
+    output = args.output or RESULTS / f"real_models_{args.model}{suffix}.jsonl"
     if args.table:
         print_table(output)
         return
@@ -327,6 +349,16 @@ def main() -> None:
         for bits, group in map(parse_setting, args.settings):
             jobs += [dict(method=m, bits=bits, group=group, seed=seed) for m in args.methods if m != "FP"]
     output.parent.mkdir(parents=True, exist_ok=True)
+    if args.side_by_side:
+        rows = spawn_side_by_side([dict(model=args.model, **job, **options) for job in jobs])
+        with output.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        for row in rows:
+            print(f"{row['method']:>22} W{row['bits']} g{row['group']} seed {row['seed']}: "
+                  f"{row['seconds']:.0f}s wall ({row['seconds'] / rows[0]['seconds']:.2f}x the first) "
+                  f"{row['cpu_seconds']:.0f}s CPU ({row['cpu_seconds'] / rows[0]['cpu_seconds']:.2f}x) "
+                  f"{row['peak_rss_mb']:.0f}MB", flush=True)
+        return
     for job in jobs:
         row = spawn(dict(model=args.model, **job, **options))
         with output.open("a") as handle:
