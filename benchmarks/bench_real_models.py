@@ -265,17 +265,24 @@ def spawn(settings: dict) -> dict:
 def spawn_side_by_side(jobs: list[dict]) -> list[dict]:
     """Run every job at the same time, one process each: on a shared machine the rows
     then see the same load, so their wall times compare (a ratio measured in one run)."""
+    import tempfile
+
+    # Output goes to files, not pipes: a child blocked on a full pipe (llm-compressor
+    # logs a lot) while the parent waits on another child would stall and skew the timing.
+    logs = [tempfile.TemporaryFile("w+") for _ in jobs]
     started = [
-        (job, subprocess.Popen([sys.executable, __file__, "--one", json.dumps(job)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT))
-        for job in jobs
+        subprocess.Popen([sys.executable, __file__, "--one", json.dumps(job)], stdout=log, stderr=subprocess.STDOUT,
+                         text=True, cwd=ROOT)
+        for job, log in zip(jobs, logs)
     ]
     rows = []
-    for job, process in started:
-        stdout, stderr = process.communicate()
-        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    for job, process, log in zip(jobs, started, logs):
+        process.wait()
+        log.seek(0)
+        output = log.read()
+        lines = [line for line in output.splitlines() if line.startswith("{")]
         if process.returncode != 0 or not lines:
-            raise SystemExit(f"{job} failed:\n{stderr[-3000:]}")
+            raise SystemExit(f"{job} failed:\n{output[-3000:]}")
         rows.append(dict(json.loads(lines[-1]), side_by_side=len(jobs)))
     return rows
 
