@@ -6,6 +6,9 @@
     $B benchmarks/bench_real_models.py --model dinov2 --settings 4:channel 3:channel 4:128 --seeds 0 1 2
     $B benchmarks/bench_real_models.py --model smollm2 --table      # markdown from the saved rows
 
+Group sizes must divide every quantized layer's input size: SmolLM2's hidden size is
+576, so its grouped settings are 64 (or 32, 192), not 128; DINOv2's is 384 (64 or 128).
+
 * ``smollm2``: SmolLM2-135M-Instruct (``benchmarks/models/convert_smollm2_gguf.py``).
   Calibration: ``--calibration`` chunks of ``--length`` tokens of deduplicated
   English text from the calibration pool (``benchmarks/real_data.py``; the seed picks
@@ -259,6 +262,31 @@ def spawn(settings: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def spawn_side_by_side(jobs: list[dict]) -> list[dict]:
+    """Run every job at the same time, one process each: on a shared machine the rows
+    then see the same load, so their wall times compare (a ratio measured in one run)."""
+    import tempfile
+
+    # Output goes to files, not pipes: a child blocked on a full pipe (llm-compressor
+    # logs a lot) while the parent waits on another child would stall and skew the timing.
+    logs = [tempfile.TemporaryFile("w+") for _ in jobs]
+    started = [
+        subprocess.Popen([sys.executable, __file__, "--one", json.dumps(job)], stdout=log, stderr=subprocess.STDOUT,
+                         text=True, cwd=ROOT)
+        for job, log in zip(jobs, logs)
+    ]
+    rows = []
+    for job, process, log in zip(jobs, started, logs):
+        process.wait()
+        log.seek(0)
+        output = log.read()
+        lines = [line for line in output.splitlines() if line.startswith("{")]
+        if process.returncode != 0 or not lines:
+            raise SystemExit(f"{job} failed:\n{output[-3000:]}")
+        rows.append(dict(json.loads(lines[-1]), side_by_side=len(jobs)))
+    return rows
+
+
 def print_table(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     # A rerun (e.g. after a solver change) replaces earlier rows of the same method, setting and seed.
@@ -303,6 +331,9 @@ def main() -> None:
     parser.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening_frac (llm-compressor's default 0.01)")
     parser.add_argument("--output", type=Path, default=None, help="JSONL file to append rows to")
     parser.add_argument("--table", action="store_true", help="print the saved rows as a markdown table and exit")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run the rows at the same time (one process each) and print their wall-time ratios; "
+                             "rows go to real_models_<model>_side_by_side.jsonl")
     parser.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -311,7 +342,8 @@ def main() -> None:
         return
     if args.model is None:
         raise SystemExit("--model smollm2 or --model dinov2")
-    output = args.output or RESULTS / f"real_models_{args.model}.jsonl"
+    suffix = "_side_by_side" if args.side_by_side else ""
+    output = args.output or RESULTS / f"real_models_{args.model}{suffix}.jsonl"
     if args.table:
         print_table(output)
         return
@@ -324,6 +356,16 @@ def main() -> None:
         for bits, group in map(parse_setting, args.settings):
             jobs += [dict(method=m, bits=bits, group=group, seed=seed) for m in args.methods if m != "FP"]
     output.parent.mkdir(parents=True, exist_ok=True)
+    if args.side_by_side:
+        rows = spawn_side_by_side([dict(model=args.model, **job, **options) for job in jobs])
+        with output.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        for row in rows:
+            print(f"{row['method']:>22} W{row['bits']} g{row['group']} seed {row['seed']}: "
+                  f"{row['seconds']:.0f}s wall ({row['seconds'] / rows[0]['seconds']:.2f}x the first) "
+                  f"{row['cpu_seconds']:.0f}s CPU ({row['cpu_seconds'] / rows[0]['cpu_seconds']:.2f}x) "
+                  f"{row['peak_rss_mb']:.0f}MB", flush=True)
+        return
     for job in jobs:
         row = spawn(dict(model=args.model, **job, **options))
         with output.open("a") as handle:

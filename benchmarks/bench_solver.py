@@ -68,13 +68,17 @@ STRONG_COMQ_SETTINGS: dict[str, dict] = {
     "COMQ reference code (fp start, greedy, 1 sweep)": FAITHFUL,
     "hf_comq default, diag(H) clipping search (clip_weights='diagonal')": dict(clip_weights="diagonal"),
     "hf_comq default with start_grids=1": dict(start_grids=1),
+    "hf_comq default without block re-solve (block_resolve=False)": dict(block_resolve=False),
     "hf_comq default": dict(),
 }
 GPTQ_DAMPS = (0.01, 0.001)
 
 
-def evaluate_strong(problem: LayerProblem, bits: int, group_size: int | None) -> list[tuple[str, float, float]]:
-    """RTN, GPTQ act-order with every observer and damping, and the COMQ settings."""
+def evaluate_strong(
+    problem: LayerProblem, bits: int, group_size: int | None, skip: tuple[str, ...] = ()
+) -> list[tuple[str, float, float]]:
+    """RTN, GPTQ act-order with every observer and damping, and the COMQ settings
+    (except those named in ``skip``)."""
     w, h = problem.weight, problem.hessian
     rows = []
     rtn, secs = _timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **ROUND_TO_NEAREST))
@@ -85,6 +89,8 @@ def evaluate_strong(problem: LayerProblem, bits: int, group_size: int | None) ->
             deq, secs = _timed(lambda: gptq_dequantized(w, h, scale, zero, bits, True, damp=damp))
             rows.append((f"GPTQ act-order, {observer}, damp {damp}", layer_objective(w, deq, h), secs))
     for name, settings in STRONG_COMQ_SETTINGS.items():
+        if name in skip:
+            continue
         result, secs = _timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **settings))
         rows.append((name, layer_objective(w, result.dequantize(), h), secs))
     return rows
@@ -174,7 +180,7 @@ def print_table(problem: LayerProblem, bits: int, rows, gemm: float) -> None:
         print(f"| {name} | {obj / rtn:.3f} | {vs_gptq} | {secs / gemm:.1f} |")
 
 
-def timing_section(include_gptq: bool, repeats: int) -> None:
+def timing_section(include_gptq: bool, repeats: int, group_size: int | None = None) -> None:
     """One sweep and the default's full solve on the ViT-B fc1 shape, with repeats.
 
     Each repeat times the GEMM, the sweep, the solve and GPTQ back to back, and the
@@ -183,15 +189,16 @@ def timing_section(include_gptq: bool, repeats: int) -> None:
     """
     problem = synthetic_layer("ViT-B fc1 3072x768", 3072, 768)
     w, h = problem.weight, problem.hessian.float()
-    grid = minmax_grid(w, 4, 768)
+    grid = minmax_grid(w, 4, group_size or 768)
     state = _Problem.build(w, h, grid, "act_order")
     state.start("error_feedback", 0.01, 128)
-    comq_quantize(w, h, bits=4)  # warm-up: first calls pay one-off allocation costs
-    times: dict[str, list[float]] = {"gemm": [], "sweep": [], "default": [], "gptq": []}
+    comq_quantize(w, h, bits=4, group_size=group_size)  # warm-up: first calls pay one-off allocation costs
+    times: dict[str, list[float]] = {"gemm": [], "sweep": [], "default": [], "no_block": [], "gptq": []}
     for _ in range(repeats):
         times["gemm"].append(_timed(lambda: w @ h)[1])
         times["sweep"].append(_timed(lambda: state.sweep("act_order", 128))[1])
-        times["default"].append(_timed(lambda: comq_quantize(w, h, bits=4))[1])
+        times["default"].append(_timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size))[1])
+        times["no_block"].append(_timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size, block_resolve=False))[1])
         if include_gptq:
             times["gptq"].append(_timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, 4, True))[1])
 
@@ -199,16 +206,18 @@ def timing_section(include_gptq: bool, repeats: int) -> None:
         per_repeat = sorted(a / b for a, b in zip(times[name], times[base]))
         return f"{statistics.median(per_repeat):.2f} (range {per_repeat[0]:.2f}-{per_repeat[-1]:.2f})"
 
-    print(f"\n### Timing, ViT-B fc1 3072x768, W4, {repeats} paired repeats (torch threads: {torch.get_num_threads()})")
+    print(f"\n### Timing, ViT-B fc1 3072x768, W4, group {group_size or 'channel'}, {repeats} paired repeats (torch threads: {torch.get_num_threads()})")
     print("Seconds are medians; ratios are medians of per-repeat ratios, with their range.")
     print("| measurement | seconds | ratio |")
     print("|---|---|---|")
     print(f"| one W@H GEMM | {statistics.median(times['gemm']):.4f} | 1.0 |")
     print(f"| one act_order sweep | {statistics.median(times['sweep']):.4f} | {ratio('sweep', 'gemm')} x GEMM |")
     print(f"| default full solve | {statistics.median(times['default']):.4f} | {ratio('default', 'gemm')} x GEMM |")
+    print(f"| default without block re-solve | {statistics.median(times['no_block']):.4f} | {ratio('no_block', 'gemm')} x GEMM |")
     if include_gptq:
         print(f"| GPTQ act-order quantize_weight | {statistics.median(times['gptq']):.4f} | {ratio('gptq', 'gemm')} x GEMM |")
         print(f"| default full solve / GPTQ | | {ratio('default', 'gptq')} |")
+        print(f"| default without block re-solve / GPTQ | | {ratio('no_block', 'gptq')} |")
 
 
 def main() -> None:
@@ -229,6 +238,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats in the timing section")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timing-only", action="store_true", help="only the timing section")
+    parser.add_argument("--skip", nargs="+", default=[], choices=list(STRONG_COMQ_SETTINGS), metavar="SETTING",
+                        help="--peers strong: leave out these COMQ settings (e.g. the slow reference-code row)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,7 +251,7 @@ def main() -> None:
         gptq_dequantized(warm.weight, warm.hessian, g.scale, g.zero_point, 4, True)
 
     if args.timing_only:
-        timing_section(include_gptq, args.repeats)
+        timing_section(include_gptq, args.repeats, args.group_size)
         return
     if args.peers == "strong":
         kinds = ["synthetic", "vit", "minilm", "dinov2", "smollm2"] if "all" in args.layers else args.layers
@@ -250,7 +261,7 @@ def main() -> None:
         for problem in problems:
             gemm = gemm_seconds(problem)
             for bits in args.bits:
-                rows = evaluate_strong(problem, bits, args.group_size)
+                rows = evaluate_strong(problem, bits, args.group_size, tuple(args.skip))
                 ratios.append((print_strong_table(problem, bits, args.group_size, rows, gemm), problem.name, bits))
                 sys.stdout.flush()
         worst = max(ratios)

@@ -54,24 +54,37 @@ def parse_strong(lines: list[str]) -> list[dict]:
     return [r for r in records if "hf_comq default" in r["rows"]]
 
 
+STRONG_COLUMNS = (
+    ("COMQ reference code", lambda name: name.startswith("COMQ reference code")),
+    ("diag(H) clipping default", lambda name: "clip_weights='diagonal'" in name),
+    ("default with start_grids=1", lambda name: name == "hf_comq default with start_grids=1"),
+    ("previous default (no block re-solve)", lambda name: "block_resolve=False" in name),
+    ("hf_comq default", lambda name: name == "hf_comq default"),
+)
+"""Columns of the ``--strong`` table: the COMQ settings' rows, found by name; a column
+appears when some table of the file has that row (older runs lack the newer settings)."""
+
+
+def _strong_value(rows: dict, matches) -> float:
+    return next((value[1] for name, value in rows.items() if matches(name)), float("nan"))
+
+
 def main_strong(path: str) -> None:
     with open(path) as handle:
         records = parse_strong(handle.readlines())
-    print("| layer | bits | GPTQ-best (observer, damp) | GPTQ-best / RTN | COMQ reference code / GPTQ-best "
-          "| previous default / GPTQ-best | default with start_grids=1 / GPTQ-best | hf_comq default / GPTQ-best |")
-    print("|---|---|---|---|---|---|---|---|")
+    columns = [(label, matches) for label, matches in STRONG_COLUMNS
+               if any(any(matches(name) for name in r["rows"]) for r in records)]
+    print("| layer | bits | GPTQ-best (observer, damp) | GPTQ-best / RTN | "
+          + " | ".join(f"{label} / GPTQ-best" for label, _ in columns) + " |")
+    print("|---|---|---|---|" + "---|" * len(columns))
     for r in records:
         rows = r["rows"]
-        best_vs_rtn = 1.0 / rows["RTN (min-max grid)"][1]
-        reference = next(v for k, v in rows.items() if k.startswith("COMQ reference code"))[1]
-        previous = next(v for k, v in rows.items() if "clip_weights='diagonal'" in k)[1]
-        one_grid = rows.get("hf_comq default with start_grids=1", (float("nan"), float("nan")))[1]
-        print(f"| {r['layer']} | W{r['bits']} | {r['best']} | {best_vs_rtn:.3f} | {reference:.3f} | {previous:.3f} "
-              f"| {one_grid:.3f} | **{rows['hf_comq default'][1]:.3f}** |")
-    for label, pick in (("previous default", lambda rows: next(v for k, v in rows.items() if "diagonal" in k)[1]),
-                        ("default with start_grids=1", lambda rows: rows["hf_comq default with start_grids=1"][1]),
-                        ("hf_comq default", lambda rows: rows["hf_comq default"][1])):
-        ratios = sorted(pick(r["rows"]) for r in records)
+        cells = [f"{_strong_value(rows, matches):.3f}" for _, matches in columns]
+        cells[-1] = f"**{cells[-1]}**"
+        print(f"| {r['layer']} | W{r['bits']} | {r['best']} | {1.0 / rows['RTN (min-max grid)'][1]:.3f} | "
+              + " | ".join(cells) + " |")
+    for label, matches in [c for c in columns if c[0] != "COMQ reference code"]:
+        ratios = sorted(_strong_value(r["rows"], matches) for r in records)
         print(f"\n{label} / GPTQ-best over {len(ratios)} layer-bit pairs: worst {ratios[-1]:.3f}, "
               f"median {ratios[len(ratios) // 2]:.3f}, at most 0.9 in {sum(x <= 0.9 for x in ratios)}")
 

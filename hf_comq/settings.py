@@ -52,6 +52,9 @@ class COMQSettings:
     start_grids: int = setting(
         DEFAULTS["start_grids"], SOLVER, f"clipping grids the start tries side by side, 1 to {MAX_START_GRIDS}"
     )
+    block_resolve: bool = setting(
+        DEFAULTS["block_resolve"], SOLVER, "re-solve each column block towards its joint optimum after the first sweep"
+    )
     dataset: Any = setting(None, CALIBRATION, "calibration data: a datasets object, a name or path, or samples")
     processor: Any = setting(None, CALIBRATION, "image processor / tokenizer (object or path); None = the model's")
     dataset_split: str = setting("train", CALIBRATION, "split of a named dataset")
@@ -110,6 +113,7 @@ class COMQSettings:
         _check_choice("init", self.init, START_POINTS)
         _check_bool("scale_refit", self.scale_refit)
         _check_bool("scale_search", self.scale_search)
+        _check_bool("block_resolve", self.block_resolve)
         _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)
         if self.damp is not None:
             _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")

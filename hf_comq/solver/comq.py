@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..threads import single_thread
+from .block_resolve import block_resolve_pass
 from .grid import Grid, minmax_grid, search_shrink
 from .options import (
     CLIP_WEIGHTS,
@@ -77,6 +78,7 @@ def comq_quantize(
     scale_search: bool = DEFAULTS["scale_search"],
     clip_weights: str = DEFAULTS["clip_weights"],
     start_grids: int = DEFAULTS["start_grids"],
+    block_resolve: bool = DEFAULTS["block_resolve"],
     shrink: float = DEFAULTS["shrink"],
     damp: float | None = DEFAULTS["damp"],
     tol: float = 1e-4,
@@ -187,12 +189,14 @@ def comq_quantize(
         if scale_search and init != "fp":
             alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
     history = problem.start(init, damp, block_size, alternatives, plan)
-    for _ in range(iterations):
+    for sweep_index in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
         problem.sweep(order, block_size)
         if scale_refit:
             problem.refit_scales()
+        if block_resolve and init == "error_feedback" and sweep_index == 0:
+            problem.resolve_blocks(damp, block_size)
         history.append(problem.objective())
         if on_grid and before - history[-1] <= tol * before:
             break
@@ -413,7 +417,7 @@ class _Problem:
         else:
             projected_t = None
         new_scale, dequant_h_t = refit_scales(
-            self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t
+            self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t, self.weight_h_t
         )
         new_scale_t = _per_column(new_scale, self.group_of_column)
         new_dequant_t = offsets_t.mul_(new_scale_t)
@@ -428,6 +432,13 @@ class _Problem:
             new_residual_t = torch.where(keep_old, self.residual_t, new_residual_t)
         self.grid = Grid(scale=new_scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
         self.scale_t, self.dequant_t, self.residual_t = new_scale_t, new_dequant_t, new_residual_t
+
+    def resolve_blocks(self, damp: float, block_size: int) -> None:
+        """One block re-solve pass over the current codes (never raises the objective)."""
+        block_resolve_pass(
+            self.residual_t, self.dequant_t, self.codes_t, self.hessian, self.scale_t, self.zero_t,
+            self.grid.max_code, damp, block_size, self.per_channel,
+        )
 
     @property
     def per_channel(self) -> bool:

@@ -25,6 +25,7 @@ DEFAULTS: dict = dict(
     scale_search=True,
     clip_weights="conditional",
     start_grids=3,
+    block_resolve=True,
     shrink=1.0,
     damp=None,
 )

@@ -22,6 +22,7 @@ def refit_scales(
     scale: torch.Tensor,
     group_of_column: torch.Tensor,
     projected_t: torch.Tensor | None = None,
+    weight_h_t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimal ``(out, n_groups)`` scales for fixed ``offsets_t = (Q - z)^T``.
 
@@ -31,7 +32,8 @@ def refit_scales(
     A row whose system is singular, or whose optimum has a non-positive scale,
     keeps its current scales (the caller also rejects any row whose objective
     would rise).  Per-channel callers that already know ``H (Q - z)^T`` pass it as
-    ``projected_t`` and save the GEMM.
+    ``projected_t``, group-wise callers that know ``H W^T`` pass it as ``weight_h_t``;
+    each saves a GEMM.
     """
     n_cols, out_features = weight_t.shape
     n_groups = scale.shape[1]
@@ -41,22 +43,30 @@ def refit_scales(
         rhs = (projected * weight_t).sum(0).reshape(-1, 1)
         new_scale = _solve_positive(gram, rhs, scale)
         return new_scale, projected * new_scale.T
-    membership = torch.nn.functional.one_hot(group_of_column, n_groups).to(weight_t.dtype)  # in x G
+    # A group's scale multiplies only its own columns, so ``H (Q - z)^T`` split by
+    # group is one GEMM per group on that group's columns: one W @ H GEMM in all (a
+    # dense product with a zero-padded per-group split would cost n_groups of them).
+    columns = [torch.nonzero(group_of_column == g).squeeze(1) for g in range(n_groups)]
+    h_columns = [hessian.index_select(1, cols) for cols in columns]
+    weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
     rows_per_chunk = max(1, CHUNK_BYTES // (n_cols * n_groups * weight_t.element_size()))
     new_scale = scale.clone()
     dequant_h_t = torch.empty_like(weight_t)
     for r0 in range(0, out_features, rows_per_chunk):
         rows = slice(r0, min(r0 + rows_per_chunk, out_features))
         offsets = offsets_t[:, rows]
-        n_rows = offsets.shape[1]
-        # projected[j, r, g] = sum_{i in group g} H[j, i] * offsets[i, r]
-        split = (offsets.unsqueeze(2) * membership.unsqueeze(1)).reshape(n_cols, n_rows * n_groups)
-        projected = (hessian @ split).reshape(n_cols, n_rows, n_groups)
-        gram = torch.einsum("jrg,jr,jh->rgh", projected, offsets, membership)
-        rhs = torch.einsum("jrg,jr->rg", projected, weight_t[:, rows])
-        chunk_scale = _solve_positive(gram, rhs, scale[rows])
+        # gram[r, g, h] = sum_{j in group h} offsets[j, r] * (H[:, group g] @ offsets[group g])[j, r]
+        split = offsets.new_empty((n_groups, n_cols, offsets.shape[1]))
+        for g, (h_g, cols) in enumerate(zip(h_columns, columns)):
+            torch.matmul(h_g, offsets.index_select(0, cols), out=split[g])
+        split.mul_(offsets)
+        gram = offsets.new_zeros((n_groups, n_groups, offsets.shape[1])).index_add_(1, group_of_column, split)
+        # rhs[r, g] = sum_{j in group g} offsets[j, r] * (H W^T)[j, r]
+        per_column = weight_h_t[:, rows] * offsets
+        rhs = offsets.new_zeros((n_groups, offsets.shape[1])).index_add_(0, group_of_column, per_column)
+        chunk_scale = _solve_positive(gram.permute(2, 0, 1), rhs.T, scale[rows])
         new_scale[rows] = chunk_scale
-        dequant_h_t[:, rows] = torch.einsum("rg,jrg->jr", chunk_scale, projected)
+        dequant_h_t[:, rows] = hessian @ (offsets * chunk_scale.T[group_of_column])
     return new_scale, dequant_h_t
 
 

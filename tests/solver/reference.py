@@ -81,3 +81,41 @@ def make_layer(out_features: int, in_features: int, tokens: int, seed: int, outl
     inputs[:, :outliers] *= 8.0
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
     return weight, inputs
+
+
+def block_resolve_reference(
+    weight: torch.Tensor,
+    values: torch.Tensor,
+    inputs: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    max_code: int,
+    damp: float,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block re-solve written out on X (float64): for each block of consecutive
+    columns, the block's optimum with every other column fixed is solved from the
+    normal equations, rounded by :func:`error_feedback_reference` on the block's own
+    Gram matrix, and each row keeps the result only if ``||X (w - wq)^T||^2`` drops.
+    Returns the codes and values (out x in)."""
+    x = inputs.double()
+    w, wq = weight.double(), values.double().clone()
+    s, z = scale.double(), zero.double()
+    codes = torch.clamp(torch.round(wq / s) + z, 0, max_code)
+    for b0 in range(0, w.shape[1], block_size):
+        block = slice(b0, min(b0 + block_size, w.shape[1]))
+        x_b = x[:, block]
+        gram = x_b.T @ x_b
+        damped = gram + damp * torch.diagonal(gram).mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        for k in range(w.shape[0]):
+            # Least squares for the block given the rest: X_B t = X_B wq_B + X (w - wq).
+            error = x @ (w[k] - wq[k])
+            target = wq[k, block] + torch.linalg.solve(damped, x_b.T @ error)
+            new_codes = error_feedback_reference(
+                target.unsqueeze(0), gram, s[k : k + 1, block], z[k : k + 1, block], max_code, damp
+            )[0].double()
+            candidate = wq[k].clone()
+            candidate[block] = s[k, block] * (new_codes - z[k, block])
+            if float((x @ (w[k] - candidate)).square().sum()) < float(error.square().sum()):
+                wq[k], codes[k, block] = candidate, new_codes
+    return codes, wq

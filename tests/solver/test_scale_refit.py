@@ -1,0 +1,36 @@
+"""The closed-form scale refit against least squares written out on X."""
+
+import pytest
+import torch
+
+from hf_comq.solver.grid import minmax_grid
+from hf_comq.solver.scale_refit import refit_scales
+from tests.solver.reference import make_layer
+
+
+@pytest.mark.parametrize("group_size", [None, 8, 16])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # 1: one output row per chunk
+def test_refit_is_each_rows_least_squares_on_x_in_any_column_order(group_size, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:
+        monkeypatch.setattr("hf_comq.solver.scale_refit.CHUNK_BYTES", chunk_bytes)
+    weight, inputs = make_layer(12, 48, 200, seed=5)
+    weight, inputs = weight.double(), inputs.double()
+    hessian = inputs.T @ inputs
+    grid = minmax_grid(weight, 3, group_size or 48)
+    scale_c, zero_c = grid.per_column()
+    offsets = torch.clamp(torch.round(weight / scale_c) + zero_c, 0, grid.max_code) - zero_c  # out x in
+    group = torch.arange(48) // (group_size or 48)
+
+    expected = torch.empty_like(grid.scale)
+    for k in range(weight.shape[0]):
+        # Row k's values are sum_g s_g * (offsets on group g): least squares in the s_g.
+        design = torch.stack([inputs[:, group == g] @ offsets[k, group == g] for g in range(grid.scale.shape[1])], 1)
+        expected[k] = torch.linalg.lstsq(design, inputs @ weight[k]).solution
+
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(0))  # the solver works in act-order
+    new_scale, dequant_h_t = refit_scales(
+        weight.T[perm].contiguous(), hessian[perm][:, perm], offsets.T[perm].contiguous(), grid.scale, group[perm]
+    )
+    torch.testing.assert_close(new_scale, expected)
+    dequant = offsets * new_scale.repeat_interleave(group_size or 48, dim=1)
+    torch.testing.assert_close(dequant_h_t, (hessian @ dequant.T)[perm])
