@@ -198,3 +198,14 @@ def _check_names(name: str, value: Any, fix: str) -> None:
         return
     if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
         raise ValueError(f"{name}: expected a list of module names, got {value!r}; use {fix}")
+
+
+DATA_FILE_BUILDERS: dict[str, str] = {
+    ".parquet": "parquet",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
+"""Data-file suffix -> ``datasets`` builder that reads it; the one list of file kinds we accept."""

@@ -18,6 +18,8 @@ from typing import Any
 
 from transformers.utils import logging
 
+from ..settings import DATA_FILE_BUILDERS
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
@@ -38,15 +40,6 @@ __all__ = [
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 TEXT_COLUMNS = ("text",)
 STREAM_SHUFFLE_BUFFER = 1000
-DATA_FILE_BUILDERS: Mapping[str, str] = {
-    ".parquet": "parquet",
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".arrow": "arrow",
-    ".txt": "text",
-}
-"""Data-file suffix -> ``datasets`` builder that reads it; the one list of file kinds we accept."""
 
 
 def data_file_builder(path: str | os.PathLike[str]) -> str | None:

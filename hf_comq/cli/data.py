@@ -7,11 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..settings import DATA_FILE_BUILDERS
 from .common import CLIError, add_setting_option, check_positive
 from .models import check_hub_available
-
-# The data-file kinds hf_comq.calibration.data reads; to become its public rule once it exposes one.
-DATA_SUFFIXES = (".parquet", ".json", ".jsonl", ".csv", ".arrow", ".txt")
 
 
 def add_data_arguments(command: argparse.ArgumentParser, role: str, split: str | None = None) -> None:
@@ -46,7 +44,7 @@ def resolve_dataset(name: str) -> str:
     if path.exists():
         _check_not_empty(path, name)
         return str(path)
-    if path.is_absolute() or name.startswith(".") or path.suffix.lower() in DATA_SUFFIXES or name.count("/") > 1:
+    if path.is_absolute() or name.startswith(".") or path.suffix.lower() in DATA_FILE_BUILDERS or name.count("/") > 1:
         raise CLIError(f"dataset path {name} does not exist")
     check_hub_available(name, "dataset")
     return name
