@@ -395,7 +395,10 @@ class _SavePretrainedWithCard:
         push = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr") if key in kwargs}
         model = self.model
         result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
-        is_main_process = kwargs.get("is_main_process", args[0] if args else True)
+        from .calibration.distributed import is_saving_rank
+
+        # transformers writes weights and config on the main process only; the card follows the same rule
+        is_main_process = is_saving_rank(kwargs.get("is_main_process", args[0] if args else True))
         if not (is_main_process and os.path.isdir(save_directory) and _is_comq_model(model)):
             return result
         repo_id = push.pop("repo_id", None) or Path(save_directory).name
@@ -432,6 +435,10 @@ class _PushToHubWithCard:
                 max_shard_size=max_shard_size, tags=tags,
             )  # fmt: skip
         validate_repo_id(repo_id)  # before the save, which can be long for a large model
+        from .calibration.distributed import is_saving_rank
+
+        if not is_saving_rank():  # one upload per process group, from the rank that saves
+            return None
         with tempfile.TemporaryDirectory() as folder:
             type(model).save_pretrained(model, folder, max_shard_size=max_shard_size)
             write_model_card(folder, model, model_id=repo_id)

@@ -69,6 +69,7 @@ try:
         config = calibration_config(sequential, bits)
         model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
         model.save_pretrained(os.path.join(out, f"sequential-{sequential}"))
+        model.save_pretrained(os.path.join(out, f"rank{rank}-{sequential}"))  # a folder of its own: only rank 0 writes
         result[str(sequential)] = summary_of(model)
 except CalibrationGroupError as error:
     result["error"] = str(error)
@@ -189,6 +190,10 @@ def test_two_ranks_write_the_checkpoint_of_one_process(tmp_path):
             saved = json.loads((tmp_path / f"sequential-{sequential}" / "config.json").read_text())
             single = json.loads((tmp_path / f"single-{sequential}" / "config.json").read_text())
             assert saved["quantization_config"] == single["quantization_config"]
+            assert (tmp_path / f"rank0-{sequential}" / "README.md").is_file()  # weights, config and card
+            assert (tmp_path / f"rank0-{sequential}" / "model.safetensors").is_file()
+            rank1 = tmp_path / f"rank1-{sequential}"
+            assert not rank1.exists() or not any(rank1.iterdir()), sorted(rank1.iterdir())  # no half checkpoint
     finally:
         torch.set_num_threads(previous)
 
