@@ -136,6 +136,15 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     return summary
 
 
+def calibration_summary(model: nn.Module) -> dict[str, Any]:
+    """The summary :func:`quantize_model` left on ``model`` (empty for a model it did not quantize).
+
+    ``from_pretrained`` returns the model, not the summary, so callers read it here
+    instead of reaching for the attribute it is kept under.
+    """
+    return getattr(model, "_comq_summary", None) or {}
+
+
 def check_finite_weights(layers: dict[str, nn.Module], device: torch.device) -> None:
     """Raise for the first layer with a NaN or infinite weight, before any calibration work.
 

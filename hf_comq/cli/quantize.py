@@ -93,7 +93,9 @@ def _quantize(args: argparse.Namespace, output: Path, read: tuple[str, dict[str,
     save_atomically(
         output, lambda folder: save_with_processor(model, processor, folder, model_id), overwrite=args.overwrite
     )
-    summary = getattr(model, "_comq_summary", {}) or {}
+    from ..calibration import calibration_summary
+
+    summary = calibration_summary(model)
     _print_quantize_summary(spec, model, summary, seconds, output)
     if args.push_to_hub:
         _push(output, args.push_to_hub, args.private)

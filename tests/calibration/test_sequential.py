@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_comq.calibration import quantize_model
+from hf_comq.calibration import calibration_summary, quantize_model
 from hf_comq.config import COMQConfig
 from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import COMQLinear, get_linear_weight
@@ -93,7 +93,8 @@ def test_quantizes_every_architecture_close_to_full_precision_at_8_bits(kind):
     assert summary["layers_quantized"] == len(expected) and summary["layers_skipped"] == {}
     assert _relative(_first_output(model, inputs), reference) < 0.02
     assert 0 < summary["mean_relative_error"] < 1e-3
-    assert model._comq_summary is summary
+    assert calibration_summary(model) is summary
+    assert calibration_summary(tiny_model(kind)) == {}  # a model quantize_model never saw
     json.dumps(summary)  # JSON-safe, so it can go on the config or a model card
 
 
