@@ -68,6 +68,19 @@ inline void group_blocks(const PackedWeight& w, int64_t g, int64_t nvec, int64_t
   *last = end < nvec ? end : nvec;
 }
 
+// Inputs [from, K) past the last whole block of 8, one weight at a time (both builds).
+template <int MR, int RO>
+inline void add_tail_columns(const PackedWeight& w, const uint8_t* const (&rows)[RO], int64_t o, const float* x,
+                             int64_t from, float (&out)[MR][RO]) {
+  const int64_t K = w.in_features;
+  for (int64_t i = from; i < K; ++i) {
+    for (int r = 0; r < RO; ++r) {
+      const float wi = weight_at(w, rows[r], o + r, i);
+      for (int m = 0; m < MR; ++m) out[m][r] += wi * x[m * K + i];
+    }
+  }
+}
+
 #if HF_COMQ_AVX2
 
 template <int B>
@@ -150,12 +163,7 @@ inline void dot_rows(const PackedWeight& w, int64_t o, const float* x, float (&o
   }
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RO; ++r) out[m][r] = hsum(total[m][r]);
-  for (int64_t i = full * 8; i < K; ++i) {
-    for (int r = 0; r < RO; ++r) {
-      const float wi = weight_at(w, rows[r], o + r, i);
-      for (int m = 0; m < MR; ++m) out[m][r] += wi * x[m * K + i];
-    }
-  }
+  add_tail_columns(w, rows, o, x, full * 8, out);
 }
 
 template <int B>
@@ -265,12 +273,7 @@ inline void dot_rows(const PackedWeight& w, int64_t o, const float* x, float (&o
       }
     }
   }
-  for (int64_t i = full * 8; i < K; ++i) {
-    for (int r = 0; r < RO; ++r) {
-      const float wi = weight_at(w, rows[r], o + r, i);
-      for (int m = 0; m < MR; ++m) out[m][r] += wi * x[m * K + i];
-    }
-  }
+  add_tail_columns(w, rows, o, x, full * 8, out);
 }
 
 template <int B>
