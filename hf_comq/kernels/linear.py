@@ -204,16 +204,9 @@ def run_packed_linear(
     return fallback_linear(x, weight_packed, scale, zero, bias, bits)
 
 
-@torch.library.custom_op("hf_comq::packed_linear", mutates_args=())
-def _packed_linear_op(
-    x: torch.Tensor,
-    weight_packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-) -> torch.Tensor:
-    return run_packed_linear(x, weight_packed, scale, zero, bias, bits)
+# The op *is* run_packed_linear: custom_op reads the typed signature from it, so the
+# schema and the eager path cannot drift apart.
+packed_linear_op = torch.library.custom_op("hf_comq::packed_linear", mutates_args=())(run_packed_linear)
 
 
 def fallback_linear(
@@ -229,7 +222,7 @@ def fallback_linear(
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-@_packed_linear_op.register_fake
+@packed_linear_op.register_fake
 def _(x, weight_packed, scale, zero, bias, bits):
     return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
 
@@ -257,4 +250,4 @@ def _backward(ctx, grad):
     return grad_x, None, None, None, grad_bias, None
 
 
-_packed_linear_op.register_autograd(_backward, setup_context=_setup_context)
+packed_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -189,45 +189,28 @@ inline void dequantize_row(const PackedWeight& w, int64_t o, int64_t k_begin, in
   for (; i < k_end; ++i) out[i - k_begin] = weight_at(w, row, o, i);
 }
 
-// 6 output features x 16 tokens over kc input columns, all in registers.
+// kTileRows output features x 16 tokens over kc input columns, all in registers: the
+// row loops have constant bounds, so the compiler unrolls them and keeps acc in ymm registers.
 inline void micro_kernel(const float* wt, int64_t ldw, const float* xp, int64_t kc, float (&c)[kTileRows][kPanel]) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *w0 = wt, *w1 = wt + ldw, *w2 = wt + 2 * ldw, *w3 = wt + 3 * ldw, *w4 = wt + 4 * ldw, *w5 = wt + 5 * ldw;
+  static_assert(kPanel == 16, "a row of the tile is two 8-float registers");
+  __m256 acc[kTileRows][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < kTileRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(xp + k * kPanel);
     const __m256 b1 = _mm256_loadu_ps(xp + k * kPanel + 8);
-    __m256 a = _mm256_broadcast_ss(w0 + k);
-    c00 = _mm256_fmadd_ps(a, b0, c00);
-    c01 = _mm256_fmadd_ps(a, b1, c01);
-    a = _mm256_broadcast_ss(w1 + k);
-    c10 = _mm256_fmadd_ps(a, b0, c10);
-    c11 = _mm256_fmadd_ps(a, b1, c11);
-    a = _mm256_broadcast_ss(w2 + k);
-    c20 = _mm256_fmadd_ps(a, b0, c20);
-    c21 = _mm256_fmadd_ps(a, b1, c21);
-    a = _mm256_broadcast_ss(w3 + k);
-    c30 = _mm256_fmadd_ps(a, b0, c30);
-    c31 = _mm256_fmadd_ps(a, b1, c31);
-    a = _mm256_broadcast_ss(w4 + k);
-    c40 = _mm256_fmadd_ps(a, b0, c40);
-    c41 = _mm256_fmadd_ps(a, b1, c41);
-    a = _mm256_broadcast_ss(w5 + k);
-    c50 = _mm256_fmadd_ps(a, b0, c50);
-    c51 = _mm256_fmadd_ps(a, b1, c51);
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m256 a = _mm256_broadcast_ss(wt + r * ldw + k);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
   }
-  _mm256_storeu_ps(c[0], c00);
-  _mm256_storeu_ps(c[0] + 8, c01);
-  _mm256_storeu_ps(c[1], c10);
-  _mm256_storeu_ps(c[1] + 8, c11);
-  _mm256_storeu_ps(c[2], c20);
-  _mm256_storeu_ps(c[2] + 8, c21);
-  _mm256_storeu_ps(c[3], c30);
-  _mm256_storeu_ps(c[3] + 8, c31);
-  _mm256_storeu_ps(c[4], c40);
-  _mm256_storeu_ps(c[4] + 8, c41);
-  _mm256_storeu_ps(c[5], c50);
-  _mm256_storeu_ps(c[5] + 8, c51);
+#pragma GCC unroll 16
+  for (int r = 0; r < kTileRows; ++r) {
+    _mm256_storeu_ps(c[r], acc[r][0]);
+    _mm256_storeu_ps(c[r] + 8, acc[r][1]);
+  }
 }
 
 #else  // portable build: the same loops over plain arrays, for the compiler to vectorise
