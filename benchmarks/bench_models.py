@@ -131,7 +131,7 @@ def run_one(
     """
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    from hf_comq.evaluation import checkpoint_size_bytes, embedding_cosine, prediction_fidelity, top1_predictions
+    from hf_comq.evaluation import checkpoint_size_bytes, embedding_cosine, prediction_fidelity, top1
 
     if kind == "image":
         from hf_comq.assets import demo_dataset, demo_model_path
@@ -158,8 +158,8 @@ def run_one(
     model.eval()
     fidelity = correct = None
     if kind == "image":
-        predicted, labels = top1_predictions(model, test, processor)
-        correct = "".join("1" if hit else "0" for hit in (predicted == labels).tolist())
+        result = top1(model, test, processor)
+        correct = "".join("1" if hit else "0" for hit in (result.predictions == result.labels).tolist())
         metric = correct.count("1") / len(correct)
         reference = AutoModelForImageClassification.from_pretrained(path).eval()
         fidelity = prediction_fidelity(model, reference, test, processor)

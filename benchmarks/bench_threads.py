@@ -47,7 +47,7 @@ from transformers.utils import logging  # noqa: E402
 import hf_comq  # noqa: E402,F401  (registers the quantizer)
 from hf_comq import COMQConfig, comq_quantize  # noqa: E402
 from hf_comq.assets import demo_dataset, demo_model_path  # noqa: E402
-from hf_comq.evaluation import perplexity, top1_accuracy  # noqa: E402
+from hf_comq.evaluation import perplexity, top1  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()
 PARTS = ("gemm", "solver", "quantize", "evaluate")
@@ -155,7 +155,7 @@ def evaluate_jobs(workdir: Path) -> dict[str, Callable[[], object]]:
     tokens = torch.randint(0, 4096, (16, 256), generator=torch.Generator().manual_seed(1))
     texts = [" ".join(map(str, row.tolist())) for row in tokens]
     return {
-        "top-1 of the ViT, 2,000 images": lambda: top1_accuracy(vit, test, processor),
+        "top-1 of the ViT, 2,000 images": lambda: top1(vit, test, processor).accuracy,
         "perplexity of the Llama, 16 x 256 tokens": lambda: perplexity(llama, IdTokenizer(), texts, batch_size=16),
     }
 

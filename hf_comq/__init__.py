@@ -32,6 +32,7 @@ _EXPORTS = {
     "CheckpointError": ".checkpoint",
     "HessianAccumulator": ".solver",
     "QuantizedWeight": ".solver",
+    "calibration_summary": ".calibration",
     "check_quantized_model": ".loading",
     "comq_quantize": ".solver",
     "layer_objective": ".solver",

@@ -50,9 +50,6 @@ __all__ = [
     "prediction_fidelity",
     "Top1Result",
     "top1",
-    "top1_accuracy",
-    "top1_counts",
-    "top1_predictions",
 ]
 
 
@@ -151,25 +148,6 @@ def top1(
     return Top1Result(logits.argmax(dim=-1), labels)
 
 
-def top1_accuracy(model: nn.Module, dataset: Any, processor: Any = None, **kwargs: Any) -> float:
-    """``top1(...).accuracy`` (kept for existing callers)."""
-    return top1(model, dataset, processor, **kwargs).accuracy
-
-
-def top1_counts(model: nn.Module, dataset: Any, processor: Any = None, **kwargs: Any) -> tuple[int, int]:
-    """``(correct, total)`` of :func:`top1` (kept for existing callers)."""
-    result = top1(model, dataset, processor, **kwargs)
-    return result.correct, result.total
-
-
-def top1_predictions(
-    model: nn.Module, dataset: Any, processor: Any = None, **kwargs: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(predictions, labels)`` of :func:`top1` (kept for existing callers)."""
-    result = top1(model, dataset, processor, **kwargs)
-    return result.predictions, result.labels
-
-
 def image_logits(
     model: nn.Module,
     dataset: "datasets.Dataset | datasets.IterableDataset",
@@ -181,15 +159,15 @@ def image_logits(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-image class logits (float32, on the CPU) and labels (``None`` with ``label_column=None``).
 
-    One forward pass per image gives everything :func:`top1_predictions` and
+    One forward pass per image gives everything :func:`top1` and
     :func:`fidelity_of_logits` need, so a comparison of several models against one
-    reference runs the reference once.  Other arguments as in :func:`top1_accuracy`.
+    reference runs the reference once.  Other arguments as in :func:`top1`.
     """
     image_column = pick_column(dataset, image_column, "image")
     if label_column is not None:
         label_column = pick_column(dataset, label_column, "label")
     _check_batch_size(batch_size)
-    processor = _image_processor(model, processor, "top1_accuracy")
+    processor = _image_processor(model, processor, "top1")
     remap = _label_remap(dataset, label_column, model) if label_column is not None else None
     device, dtype = _device_and_dtype(model)
     channels = image_channels(model, processor)
@@ -235,7 +213,7 @@ def prediction_fidelity(
 
     Returns ``agreement`` (fraction of images where both models pick the same class)
     and ``kl`` (mean ``KL(reference || model)`` of the class distributions, in nats).
-    ``processor`` as in :func:`top1_accuracy` (``None``: ``model``'s own).
+    ``processor`` as in :func:`top1` (``None``: ``model``'s own).
     Top-1 accuracy only moves when a prediction crosses a decision boundary, so on a
     model with wide margins every quantizer ties with full precision; these two see
     the quantization error before it costs accuracy, and need no labels.

@@ -18,8 +18,6 @@ from hf_comq.evaluation import (
     perplexity,
     prediction_fidelity,
     top1,
-    top1_accuracy,
-    top1_predictions,
 )
 from tests.tiny import image_processor, images, sentences, tiny_vit, word_tokenizer
 
@@ -58,16 +56,15 @@ def test_top1_counts_correct_predictions(vit) -> None:
         result = top1(vit, dataset, image_processor(), batch_size=batch_size)
         assert (result.correct, result.total, result.accuracy) == (7, 10, pytest.approx(0.7))
         assert result.predictions.tolist() == predicted and result.labels.tolist() == labels
-    assert top1_accuracy(vit, dataset, image_processor()) == pytest.approx(0.7)  # the older name, same number
 
 
 def test_top1_predictions_are_per_image_in_dataset_order(vit) -> None:
     pictures = images(7)
     predicted = predictions(vit, pictures)
     labels = [(label + index % 2) % 3 for index, label in enumerate(predicted)]  # every other one wrong
-    got, got_labels = top1_predictions(vit, image_dataset(pictures, labels), image_processor(), batch_size=3)
-    assert got.tolist() == predicted
-    assert got_labels.tolist() == labels
+    result = top1(vit, image_dataset(pictures, labels), image_processor(), batch_size=3)
+    assert result.predictions.tolist() == predicted
+    assert result.labels.tolist() == labels
 
 
 def test_top1_maps_labels_by_class_name(vit) -> None:
@@ -77,7 +74,7 @@ def test_top1_maps_labels_by_class_name(vit) -> None:
     reordered = ["cat", "ant", "bee"]
     labels = [reordered.index(CLASSES[label]) for label in predicted]
     dataset = image_dataset(pictures, labels, names=reordered)
-    assert top1_accuracy(vit, dataset, image_processor()) == 1.0
+    assert top1(vit, dataset, image_processor()).accuracy == 1.0
 
 
 def test_top1_loads_the_models_own_processor_and_reads_streamed_files(vit, tmp_path) -> None:
@@ -88,7 +85,7 @@ def test_top1_loads_the_models_own_processor_and_reads_streamed_files(vit, tmp_p
     image_dataset(pictures, predictions(model, pictures)).to_parquet(tmp_path / "test.parquet")
     streamed = load_eval_dataset(tmp_path / "test.parquet", "test")
     assert isinstance(streamed, datasets.IterableDataset)
-    assert top1_accuracy(model, streamed, batch_size=2) == 1.0
+    assert top1(model, streamed, batch_size=2).accuracy == 1.0
 
 
 def test_prediction_fidelity_against_a_direct_computation(vit) -> None:
@@ -116,9 +113,9 @@ def test_top1_rejects_missing_columns(vit) -> None:
     dataset = image_dataset(images(2), [0, 1])
     expected = r"label dataset column 'target' does not exist; available columns: \['image', 'label'\]"
     with pytest.raises(ValueError, match=expected):
-        top1_accuracy(vit, dataset, image_processor(), label_column="target")
+        top1(vit, dataset, image_processor(), label_column="target")
     with pytest.raises(ValueError, match="image dataset column 'photo' does not exist"):
-        top1_accuracy(vit, dataset, image_processor(), image_column="photo")
+        top1(vit, dataset, image_processor(), image_column="photo")
 
 
 # ---------------------------------------------------------------------------- perplexity

@@ -119,7 +119,7 @@ def test_a_grayscale_vit_quantizes_saves_reloads_and_evaluates(tmp_path):
     """num_channels=1 (Fashion-MNIST, X-ray...): before, calibration turned every image into RGB and failed."""
     import datasets
 
-    from hf_comq.evaluation import top1_accuracy
+    from hf_comq.evaluation import top1
     from tests.tiny import gray_images, image_processor, tiny_vit
 
     folder = tmp_path / "gray-vit"
@@ -136,8 +136,8 @@ def test_a_grayscale_vit_quantizes_saves_reloads_and_evaluates(tmp_path):
         for reloaded in (load_quantized(tmp_path / "q"), T.ViTForImageClassification.from_pretrained(tmp_path / "q")):
             assert torch.equal(reloaded(pixel_values=pixels).logits, expected)
     test = datasets.Dataset.from_dict({"image": gray_images(6, seed=5), "label": [0, 1, 2, 0, 1, 2]})
-    accuracy = top1_accuracy(load_quantized(tmp_path / "q"), test)  # processor read from the checkpoint
-    assert accuracy == top1_accuracy(model, test, image_processor(channels=1))
+    accuracy = top1(load_quantized(tmp_path / "q"), test).accuracy  # processor read from the checkpoint
+    assert accuracy == top1(model, test, image_processor(channels=1)).accuracy
 
 
 def test_gpt2_conv1d_layers_reload_packed_and_the_head_stays_float(fp_checkpoints, tmp_path):

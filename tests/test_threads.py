@@ -14,7 +14,7 @@ from torch import nn
 import hf_comq.solver.passes as passes
 from hf_comq import COMQConfig, comq_quantize
 from hf_comq.calibration import quantize_model
-from hf_comq.evaluation import top1_accuracy
+from hf_comq.evaluation import top1
 from hf_comq.solver import HessianAccumulator
 from hf_comq.threads import MIN_PARALLEL_FLOPS, caller_threads, linear_layer_threads, single_thread, threads_for
 from tests.tiny import image_processor, images, tiny_vit
@@ -103,7 +103,7 @@ def test_calibration_and_evaluation_forwards_run_on_one_thread_for_small_models(
         if isinstance(module, nn.LayerNorm):
             module.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
     data = datasets.Dataset.from_dict({"image": images(4), "label": [0, 1, 2, 0]})
-    top1_accuracy(model, data, image_processor(), batch_size=2)
+    top1(model, data, image_processor(), batch_size=2)
     assert seen and set(seen) == {1}
     seen.clear()
     quantize_model(model, COMQConfig(bits=4, dataset=images(4), processor=image_processor(), num_samples=4))

@@ -138,16 +138,15 @@ def _metric_for(spec: ModelSpec) -> str:
 def _evaluate_top1(
     args: argparse.Namespace, spec: ModelSpec, model: Any, reference: Any, dataset: Any, column: str
 ) -> None:
-    from ..evaluation import top1_counts
+    from ..evaluation import top1
 
     processor = load_processor(spec.location, "images")
     kwargs = {"image_column": column, "label_column": args.label_column, "batch_size": args.batch_size or 64}
-    correct, total = top1_counts(model, dataset, processor, **kwargs)
-    score = correct / total
-    print(f"top-1 accuracy of {spec.display_name}: {score:.4f} on {total} images")
+    result = top1(model, dataset, processor, **kwargs)
+    score = result.accuracy
+    print(f"top-1 accuracy of {spec.display_name}: {score:.4f} on {result.total} images")
     if reference is not None:
-        correct, total = top1_counts(reference, dataset, processor, **kwargs)
-        baseline = correct / total
+        baseline = top1(reference, dataset, processor, **kwargs).accuracy
         print(f"top-1 accuracy of the reference: {baseline:.4f} (difference {100 * (score - baseline):+.2f} points)")
 
 
