@@ -165,7 +165,7 @@ def child_rank(rank: int, world: int, port: int, threads: int, samples: int, len
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
-    from hf_comq import COMQConfig
+    from hf_comq import COMQConfig, calibration_summary
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SHAPES["smollm2"]["vocab_size"], (samples, length), generator=generator)
@@ -176,7 +176,7 @@ def child_rank(rank: int, world: int, port: int, threads: int, samples: int, len
     cpu = torch.tensor([time.process_time() - cpu_started], dtype=torch.float64)
     if world > 1:  # the busiest rank's CPU time: the wall time on cores nobody else uses
         torch.distributed.all_reduce(cpu, op=torch.distributed.ReduceOp.MAX)
-    summary = model._comq_summary
+    summary = calibration_summary(model)
     if rank == 0:
         print(json.dumps({
             "ranks": world, "threads_per_rank": threads, "calibration_s": summary["time_s"],

@@ -117,7 +117,7 @@ def run_encoder(args: argparse.Namespace, calibration: list[str], evaluation: li
     cosine = embedding_cosine(model, reference, tokenizer, evaluation, max_length=args.max_length)
     _save(model, tokenizer, args.workdir / f"encoder-comq-{_tag(args)}")
 
-    summary = model._comq_summary
+    summary = hf_comq.calibration_summary(model)
     print(f"encoder: {path}")
     print(f"COMQ {_tag(args)}: {summary['layers_quantized']} layers in {seconds:.1f} s on {summary['num_samples']} paragraphs")
     print(f"COMQ {_tag(args)} embedding cosine to FP: {cosine:.4f} ({len(evaluation)} held-out paragraphs)")
@@ -199,7 +199,7 @@ def run_causal_lm(args: argparse.Namespace, training: list[str], evaluation: lis
     comq_ppl = perplexity(model, tokenizer, evaluation, max_length=args.max_length)
     _save(model, tokenizer, args.workdir / f"causal-lm-comq-{_tag(args)}")
 
-    summary = model._comq_summary
+    summary = hf_comq.calibration_summary(model)
     print(f"causal LM: {path}")
     print(f"COMQ {_tag(args)}: {summary['layers_quantized']} layers in {seconds:.1f} s on {summary['num_samples']} paragraphs")
     print(f"FP perplexity: {fp_ppl:.2f}")

@@ -36,7 +36,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_comq
 from hf_comq.assets import demo_dataset, demo_model_path
-from hf_comq.evaluation import checkpoint_size_bytes, load_eval_dataset, top1_accuracy
+from hf_comq.evaluation import checkpoint_size_bytes, load_eval_dataset, top1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoImageProcessor.from_pretrained(model_path)
 
     fp_model = AutoModelForImageClassification.from_pretrained(model_path).eval()
-    fp_accuracy = top1_accuracy(fp_model, test, processor, batch_size=args.batch_size)
+    fp_accuracy = top1(fp_model, test, processor, batch_size=args.batch_size).accuracy
 
     config = hf_comq.COMQConfig(
         bits=args.bits,
@@ -115,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model = AutoModelForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
     seconds = time.perf_counter() - started
-    summary = model._comq_summary
-    comq_accuracy = top1_accuracy(model, test, processor, batch_size=args.batch_size)
+    summary = hf_comq.calibration_summary(model)
+    comq_accuracy = top1(model, test, processor, batch_size=args.batch_size).accuracy
 
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
     # Reload through the verifying loader: the saved checkpoint, not the in-memory model, is what users get.
     reloaded = hf_comq.load_quantized(args.output).eval()
-    reloaded_accuracy = top1_accuracy(reloaded, test, processor, batch_size=args.batch_size)
+    reloaded_accuracy = top1(reloaded, test, processor, batch_size=args.batch_size).accuracy
 
     tag = f"W{args.bits}" + (f"g{args.group_size}" if args.group_size else "")
     print(f"model: {model_path}")

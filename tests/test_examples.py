@@ -202,3 +202,10 @@ def test_evaluate_notebook_runs_and_plots(venv_kernel, tmp_path):
     for bits, (_fp, _rtn_acc, _comq_acc, rtn_err, comq_err) in rows.items():
         # COMQ minimizes exactly this layer error, from RTN's starting point: it must not be worse.
         assert comq_err <= rtn_err, f"W{bits}: COMQ layer error {comq_err} above RTN's {rtn_err}"
+    fidelity = {
+        int(match.group(1)): tuple(float(value) for value in match.group(2, 3, 4, 5))
+        for match in re.finditer(r"^\s+([234])\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", text, re.M)
+    }
+    assert sorted(fidelity) == [2, 3, 4], text
+    rtn_agreement, comq_agreement, rtn_kl, comq_kl = fidelity[2]
+    assert comq_kl < rtn_kl and comq_agreement > rtn_agreement, f"W2: rounding should fail visibly where COMQ does not\n{text}"

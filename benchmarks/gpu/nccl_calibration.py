@@ -49,7 +49,7 @@ def quantize(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     import transformers as T
 
-    from hf_comq import COMQConfig
+    from hf_comq import COMQConfig, calibration_summary
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the same float32 products on every rank and in the reference
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -80,7 +80,7 @@ def quantize(args: argparse.Namespace) -> None:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        summary = model._comq_summary
+        summary = calibration_summary(model)
         print(json.dumps({
             "ranks": world, "backend": args.backend, "device": summary["device"], "shape": args.shape,
             "calibration_s": summary["time_s"], "from_pretrained_s": round(wall, 2),

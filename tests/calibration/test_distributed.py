@@ -14,7 +14,7 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from hf_comq import COMQConfig
+from hf_comq import COMQConfig, calibration_summary
 from hf_comq.calibration.distributed import Group, balanced_owners, current_group, is_saving_rank, join_launcher_group
 
 from tests.tiny import sentences, tiny_model, word_tokenizer
@@ -85,7 +85,7 @@ def calibration_config(sequential: bool, bits: int = 4) -> COMQConfig:
 
 def summary_of(model) -> dict:
     """What must not depend on the number of ranks (but ``ranks``): samples, layers, tokens per layer."""
-    summary = model._comq_summary
+    summary = calibration_summary(model)
     tokens = sorted({layer["num_tokens"] for layer in summary["layers"].values()})
     return {**{key: summary[key] for key in ("num_samples", "ranks", "layers_quantized")}, "tokens": tokens}
 
