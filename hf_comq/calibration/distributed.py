@@ -111,6 +111,17 @@ def agree_on(group: Group, settings: str, what: str = "calibration settings") ->
         )
 
 
+def first_failure(group: Group, message: str | None) -> tuple[int, str] | None:
+    """``(rank, message)`` of the lowest rank whose step failed (``message`` is this rank's, ``None`` if it
+    succeeded), the same on every rank, so that all of them stop together with the same one line
+    instead of the healthy ones waiting at their next collective for a peer that has given up."""
+    if not group.is_parallel:
+        return None if message is None else (group.rank, message)
+    messages: list[Any] = [None] * group.size
+    _collective(group, "share whether a step succeeded", torch.distributed.all_gather_object, messages, message)
+    return next(((rank, text) for rank, text in enumerate(messages) if text is not None), None)
+
+
 def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator]) -> None:
     """Sum every rank's Gram matrices and token counts in place, so each rank holds the totals."""
     if not group.is_parallel:

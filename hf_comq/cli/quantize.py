@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .common import EXIT_OK, CLIError, add_command, add_setting_option, torch_threads
 from .data import add_data_arguments, open_dataset, resolve_dataset
@@ -14,6 +16,7 @@ from .models import ModelSpec, inspect_model, load_processor, read_model_config
 from .output import check_output, megabytes, print_fields, save_atomically, save_with_processor
 
 CALIBRATION_SETTINGS = ("num_samples", "batch_size", "max_length", "seed")
+Result = TypeVar("Result")
 
 
 def add_parser(commands: Any) -> None:
@@ -25,7 +28,10 @@ def add_parser(commands: Any) -> None:
         "--dataset, quantize its linear layers with COMQ, and save the quantized checkpoint (with the model's\n"
         "processor or tokenizer and a model card) to --output.  Nothing is left at --output if a step fails.\n"
         "Supported: image classification, sequence and token classification, causal and masked LMs, and base\n"
-        "models, calibrated on images or text.",
+        "models, calibrated on images or text.\n\n"
+        "Under torchrun (torchrun --nproc-per-node N -m hf_comq quantize ...) the ranks split the calibration\n"
+        "samples (gloo on CPUs, NCCL with one GPU per rank) and rank 0 alone writes --output and pushes; a\n"
+        "check or step that fails on one rank stops every rank with the same one line.",
     )
     command.add_argument("model", metavar="MODEL", help="local checkpoint folder or Hugging Face Hub model id")
     group = command.add_argument_group("quantization")
@@ -59,18 +65,59 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """``hf-comq quantize``: every check that needs no model first, then load + calibrate, save atomically, push."""
     output = Path(args.output).expanduser()
-    check_output(output, args.overwrite, source=args.model)
+    ranks = _launcher_ranks()
+    saving = ranks is None or ranks.is_main
+    read, dataset = _on_every_rank(ranks, lambda: _check_before_work(args, output, saving))
+    with torch_threads(args.threads):
+        return _quantize(args, output, read, dataset, ranks)
+
+
+def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> tuple[tuple[str, dict], str]:
+    """The checks that need no model; only the rank that saves looks at (and tidies) ``--output``."""
+    if saving:
+        check_output(output, args.overwrite, source=args.model)
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)
     read = read_model_config(args.model)
     if read[1].get("quantization_config"):
         raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
-    dataset = resolve_dataset(args.dataset)
-    with torch_threads(args.threads):
-        return _quantize(args, output, read, dataset)
+    return read, resolve_dataset(args.dataset)
 
 
-def _quantize(args: argparse.Namespace, output: Path, read: tuple[str, dict[str, Any]], dataset: str) -> int:
+def _launcher_ranks() -> Any:
+    """The ``torch.distributed`` group a launcher (torchrun) started this process in, joined; ``None`` alone.
+
+    Checked from the environment first so a single process does not import torch before its cheap checks.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from ..calibration import join_launcher_group
+
+    return join_launcher_group()
+
+
+def _on_every_rank(ranks: Any, step: Callable[[], Result]) -> Result:
+    """Run ``step`` on this rank; if it fails on any rank, every rank stops with that rank's one line."""
+    if ranks is None:
+        return step()
+    from ..calibration.distributed import first_failure
+
+    result, message = None, None
+    try:
+        result = step()
+    except Exception as error:  # the healthy ranks must hear of it, not wait at the next collective
+        message = " ".join(str(error).split()) or type(error).__name__
+    failure = first_failure(ranks, message)
+    if failure is not None:
+        rank, text = failure
+        raise CLIError(text if rank == ranks.rank else f"rank {rank} of {ranks.size} failed: {text}")
+    return result
+
+
+def _quantize(
+    args: argparse.Namespace, output: Path, read: tuple[str, dict[str, Any]], dataset: str, ranks: Any
+) -> int:
+    saving = ranks is None or ranks.is_main
     spec = inspect_model(args.model, read)
 
     from ..config import COMQConfig
@@ -82,7 +129,10 @@ def _quantize(args: argparse.Namespace, output: Path, read: tuple[str, dict[str,
     config = COMQConfig(dataset=dataset, dataset_split=args.split, dataset_column=args.column, **settings, **rtn)
     pick_column(open_dataset(dataset, args.split), args.column, "calibration")
     method = "RTN" if args.rtn else "COMQ"
-    print(f"Quantizing {spec.display_name} ({spec.architecture}, {spec.task.name}) with {method} at {args.bits} bits")
+    if ranks is not None:
+        print(f"rank {ranks.rank} of {ranks.size}: calibrating on its share of the samples", file=sys.stderr)
+    if saving:
+        print(f"Quantizing {spec.display_name} ({spec.architecture}, {spec.task.name}) with {method} at {args.bits} bits")
     load_kwargs = {"device_map": args.device_map} if args.device_map else {}
     started = time.perf_counter()
     model = spec.auto_class().from_pretrained(spec.location, quantization_config=config, **load_kwargs)
@@ -90,13 +140,19 @@ def _quantize(args: argparse.Namespace, output: Path, read: tuple[str, dict[str,
     processor = _optional_processor(spec)
 
     model_id = args.push_to_hub or output.name
-    save_atomically(
-        output, lambda folder: save_with_processor(model, processor, folder, model_id), overwrite=args.overwrite
-    )
+
+    def save() -> None:
+        if saving:
+            save_atomically(
+                output, lambda folder: save_with_processor(model, processor, folder, model_id), overwrite=args.overwrite
+            )
+
+    _on_every_rank(ranks, save)
+    if not saving:
+        return EXIT_OK
     from ..calibration import calibration_summary
 
-    summary = calibration_summary(model)
-    _print_quantize_summary(spec, model, summary, seconds, output)
+    _print_quantize_summary(spec, model, calibration_summary(model), seconds, output)
     if args.push_to_hub:
         _push(output, args.push_to_hub, args.private)
     return EXIT_OK

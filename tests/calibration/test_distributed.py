@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,9 +14,8 @@ from safetensors.torch import load_file
 from hf_comq import COMQConfig, calibration_summary
 from hf_comq.calibration.distributed import Group, balanced_owners, current_group, is_saving_rank, join_launcher_group
 
+from tests.ranks import launch_ranks
 from tests.tiny import sentences, tiny_model, word_tokenizer
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 PRIMITIVES = """
 import json, sys
@@ -90,28 +86,13 @@ def summary_of(model) -> dict:
     return {**{key: summary[key] for key in ("num_samples", "ranks", "layers_quantized")}, "tokens": tokens}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_two_ranks(tmp_path: Path, source: str, *args: str) -> None:
-    """Run ``source`` as two gloo ranks on loopback, started as ``torchrun`` starts them (``RANK``, ``MASTER_PORT``...)."""
+    """Run ``source`` as two gloo ranks on loopback, started as ``torchrun`` starts them."""
     script = tmp_path / "worker.py"
     script.write_text("from hf_comq.calibration import join_launcher_group\n"
                       "assert join_launcher_group(timeout_s=30).size == 2\n"
                       + textwrap.dedent(source), encoding="utf-8")  # fmt: skip
-    port = str(free_port())
-    base = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port, "WORLD_SIZE": "2"}  # fmt: skip
-    processes = [
-        subprocess.Popen([sys.executable, str(script), *args], env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        for rank in range(2)
-    ]
-    for process in processes:
-        process.communicate(timeout=300)
+    launch_ranks([sys.executable, str(script), *args])
 
 
 def _read(path: Path) -> dict | None:

@@ -11,10 +11,12 @@ import sys
 import pytest
 import torch
 import transformers as T
+from safetensors.torch import load_file
 
 import hf_comq
 from tests.cli.helpers import REPO_ROOT, error_line, run_cli
 from tests.hub_server import FakeHub
+from tests.ranks import launch_ranks
 from tests.tiny import image_processor, images
 
 
@@ -118,3 +120,40 @@ def test_quantizing_a_comq_checkpoint_is_refused(capsys, tmp_path, image_data) -
     code, _, err = run_cli(capsys, *argv)
     assert code == 1
     assert "is already quantized" in error_line(err)
+
+
+# ---------------------------------------------------------------- under torchrun
+
+
+def _quantize_on_two_ranks(vit_dir, image_data, output, *extra):
+    argv = [sys.executable, "-m", "hf_comq", "quantize", str(vit_dir), "--dataset", str(image_data),
+            "--num-samples", "8", "--batch-size", "2", "--output", str(output), *map(str, extra)]  # fmt: skip
+    return launch_ranks(argv)
+
+
+def test_quantize_under_torchrun_splits_calibration_and_rank_0_saves(capsys, tmp_path, vit_dir, image_data) -> None:
+    """Two ranks write the checkpoint one process writes on the same samples, once, with no staging left over."""
+    ranks = _quantize_on_two_ranks(vit_dir, image_data, tmp_path / "two-ranks")
+    for rank, done in enumerate(ranks):
+        assert done.returncode == 0, f"rank {rank}: {done.stderr[-3000:]}"
+    assert "saved to" in ranks[0].stdout and ranks[1].stdout == ""  # the summary is printed once
+    assert "rank 1 of 2: calibrating on its share of the samples" in ranks[1].stderr
+    argv = ["quantize", vit_dir, "--dataset", image_data, "--num-samples", 8, "--batch-size", 2]
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "one-process")
+    assert code == 0, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one-process", "two-ranks"]
+    two, one = (load_file(tmp_path / name / "model.safetensors") for name in ("two-ranks", "one-process"))
+    assert two.keys() == one.keys() and any(name.endswith("weight_packed") for name in two)
+    for name in two:  # the same batches, the Gram matrices summed in another order: the same codes
+        assert torch.equal(two[name], one[name]), name
+
+
+def test_a_check_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, vit_dir, image_data) -> None:
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    ranks = _quantize_on_two_ranks(vit_dir, image_data, output)
+    assert [done.returncode for done in ranks] == [1, 1]
+    assert "already exists and is not empty" in error_line(ranks[0].stderr)
+    assert error_line(ranks[1].stderr).startswith("hf-comq: error: rank 0 of 2 failed: output folder")
+    assert (output / "keep.txt").read_text() == "mine" and [path.name for path in output.iterdir()] == ["keep.txt"]
