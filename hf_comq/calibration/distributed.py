@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from ..solver import HessianAccumulator, QuantizedWeight
+from .hooks import HessianRecorder
 
 
 class CalibrationGroupError(RuntimeError):
@@ -120,6 +121,19 @@ def first_failure(group: Group, message: str | None) -> tuple[int, str] | None:
     messages: list[Any] = [None] * group.size
     _collective(group, "share whether a step succeeded", torch.distributed.all_gather_object, messages, message)
     return next(((rank, text) for rank, text in enumerate(messages) if text is not None), None)
+
+
+def agree_on_shared_inputs(group: Group, recorder: HessianRecorder) -> None:
+    """Make every rank's recorder group its layers by shared input the same way, before their sums are reduced.
+
+    A rank that ran no batch found no sharing; it takes what the others found.
+    """
+    if not group.is_parallel:
+        return
+    found: list[Any] = [None] * group.size
+    purpose = "agree which layers share an input"
+    _collective(group, purpose, torch.distributed.all_gather_object, found, recorder.shared_inputs())
+    recorder.adopt_shared_inputs({name: owner for owners in found for name, owner in owners.items()})
 
 
 def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator]) -> None:

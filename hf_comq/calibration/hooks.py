@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -114,6 +114,23 @@ class HessianRecorder:
             yield
         finally:
             self._mask, self._last = self._OUTSIDE, None
+
+    def shared_inputs(self) -> dict[str, str]:
+        """``{layer: owner}`` for the layers found reading the same input tensor as ``owner`` (q/k/v, gate/up)."""
+        return dict(self._owner_of)
+
+    def adopt_shared_inputs(self, owners: Mapping[str, str]) -> None:
+        """Take the sharing other ranks found for layers that never ran here (a rank with no batches).
+
+        Sharing is only seen on a forward pass; without this, such a rank would sum
+        three Gram matrices where the others sum one, and the ranks' collectives
+        would no longer pair up.
+        """
+        for name, owner in owners.items():
+            if name not in self._decided:
+                self._decided.add(name)
+                self._owner_of[name] = owner
+                self.accumulators[name] = self.accumulators[owner]
 
     def distinct(self) -> list[HessianAccumulator]:
         """Each accumulator once (shared ones appear under several names), in a fixed order."""

@@ -62,6 +62,7 @@ from .data import CalibrationData, build_calibration_data
 from .distributed import (
     Group,
     agree_on,
+    agree_on_shared_inputs,
     all_reduce_hessians,
     balanced_owners,
     current_group,
@@ -289,7 +290,7 @@ class _Calibrator:
             )
         batches, missed = sum_over_ranks(self.group, [count, 0 if reached else 1])
         self._check_batches(batches)
-        all_reduce_hessians(self.group, recorder.distinct())
+        self._sum_over_ranks(recorder)
         return (captured if missed == 0 else None), recorder.accumulators
 
     def _check_batches(self, total: float) -> None:
@@ -331,7 +332,7 @@ class _Calibrator:
         with block_on_compute(block, self.inputs.placement):
             with HessianRecorder(self.model, names, self.compute) as recorder:
                 outputs = self._run_block(block, captured, recorder, collect=keep_fp_outputs)
-            all_reduce_hessians(self.group, recorder.distinct())
+            self._sum_over_ranks(recorder)
             self._quantize_layers(names, recorder.accumulators)
             if need_outputs and self.settings.sequential:
                 outputs = self._run_block(block, captured, None, collect=True)
@@ -362,8 +363,12 @@ class _Calibrator:
                 with recorder.tokens(mask):
                     self.model(**batch, **self.inputs.forward_kwargs)
         self._check_batches(sum_over_ranks(self.group, [count])[0])
-        all_reduce_hessians(self.group, recorder.distinct())
+        self._sum_over_ranks(recorder)
         self._quantize_layers(names, recorder.accumulators)
+
+    def _sum_over_ranks(self, recorder: HessianRecorder) -> None:
+        agree_on_shared_inputs(self.group, recorder)
+        all_reduce_hessians(self.group, recorder.distinct())
 
     # ------------------------------------------------------------------ quantization
     def _quantize_layers(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> None:

@@ -34,15 +34,16 @@ def test_a_forward_pass_outside_a_token_scope_is_an_error():
     model(torch.randn(1, 4))  # hooks are gone after the recorder closes
 
 
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.q(x) + self.k(x)
+
+
 def test_layers_reading_one_tensor_share_one_accumulator():
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k = nn.Linear(4, 2), nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.q(x) + self.k(x)
-
     model = TwoHeads()
     with HessianRecorder(model, ["q", "k"], torch.device("cpu")) as recorder:
         for _ in range(2):
@@ -50,3 +51,19 @@ def test_layers_reading_one_tensor_share_one_accumulator():
                 model(torch.randn(3, 4))
     assert recorder.accumulators["q"] is recorder.accumulators["k"]
     assert recorder.distinct() == [recorder.accumulators["q"]] and recorder.accumulators["q"].num_tokens == 6
+    assert recorder.shared_inputs() == {"k": "q"}
+
+
+def test_a_recorder_that_saw_no_batch_takes_the_sharing_another_found():
+    """A rank with no calibration batch must reduce the same Gram matrices, in the same order, as the others."""
+    model = TwoHeads()
+    with HessianRecorder(model, ["q", "k"], torch.device("cpu")) as ran:
+        with ran.tokens(None):
+            model(torch.randn(3, 4))
+    with HessianRecorder(model, ["q", "k"], torch.device("cpu")) as idle:
+        pass
+    assert len(idle.distinct()) == 2  # nothing ran: it cannot know
+    idle.adopt_shared_inputs(ran.shared_inputs())
+    assert idle.accumulators["q"] is idle.accumulators["k"] and len(idle.distinct()) == 1
+    ran.adopt_shared_inputs({})  # what it found itself stays
+    assert ran.accumulators["q"] is ran.accumulators["k"]

@@ -127,18 +127,24 @@ def test_quantizing_a_comq_checkpoint_is_refused(capsys, tmp_path, image_data) -
 
 def _quantize_on_two_ranks(vit_dir, image_data, output, *extra):
     argv = [sys.executable, "-m", "hf_comq", "quantize", str(vit_dir), "--dataset", str(image_data),
-            "--num-samples", "8", "--batch-size", "2", "--output", str(output), *map(str, extra)]  # fmt: skip
+            "--num-samples", "8", "--output", str(output), *map(str, extra)]  # fmt: skip
     return launch_ranks(argv)
 
 
-def test_quantize_under_torchrun_splits_calibration_and_rank_0_saves(capsys, tmp_path, vit_dir, image_data) -> None:
-    """Two ranks write the checkpoint one process writes on the same samples, once, with no staging left over."""
-    ranks = _quantize_on_two_ranks(vit_dir, image_data, tmp_path / "two-ranks")
+@pytest.mark.parametrize("batch_size", [2, 8], ids=["4-batches", "rank-1-gets-no-batch"])
+def test_quantize_under_torchrun_splits_calibration_and_rank_0_saves(
+    capsys, tmp_path, vit_dir, image_data, batch_size
+) -> None:
+    """Two ranks write the checkpoint one process writes on the same samples, once, with no staging left over.
+
+    With one batch for two ranks, rank 1 never sees q/k/v share their input and must take that from rank 0.
+    """
+    ranks = _quantize_on_two_ranks(vit_dir, image_data, tmp_path / "two-ranks", "--batch-size", batch_size)
     for rank, done in enumerate(ranks):
         assert done.returncode == 0, f"rank {rank}: {done.stderr[-3000:]}"
     assert "saved to" in ranks[0].stdout and ranks[1].stdout == ""  # the summary is printed once
     assert "rank 1 of 2: calibrating on its share of the samples" in ranks[1].stderr
-    argv = ["quantize", vit_dir, "--dataset", image_data, "--num-samples", 8, "--batch-size", 2]
+    argv = ["quantize", vit_dir, "--dataset", image_data, "--num-samples", 8, "--batch-size", batch_size]
     code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "one-process")
     assert code == 0, err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["one-process", "two-ranks"]
