@@ -187,7 +187,8 @@ def run_packed_linear(
     bias: torch.Tensor | None,
     bits: int,
 ) -> torch.Tensor:
-    """The fused kernel where it covers the call and has built, else :func:`fallback_linear`."""
+    """The fused kernel where it covers the call and has built, else the exact path: the fp32 weight of
+    :func:`dequantize_packed`, cast to ``x.dtype``, then ``F.linear``."""
     if not kernel_disabled() and kernel_covers(x, weight_packed, scale, zero, bias):
         ops = load_kernel()
         if ops is not None:
@@ -201,25 +202,13 @@ def run_packed_linear(
                 bits,
             )
             return y.view(*x.shape[:-1], out_features)
-    return fallback_linear(x, weight_packed, scale, zero, bias, bits)
+    weight = dequantize_packed(weight_packed, scale, zero, bits, x.shape[-1]).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 # The op *is* run_packed_linear: custom_op reads the typed signature from it, so the
 # schema and the eager path cannot drift apart.
 packed_linear_op = torch.library.custom_op("hf_comq::packed_linear", mutates_args=())(run_packed_linear)
-
-
-def fallback_linear(
-    x: torch.Tensor,
-    weight_packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-) -> torch.Tensor:
-    """The exact path: the fp32 weight of :func:`dequantize_packed`, cast to ``x.dtype``, then ``F.linear``."""
-    weight = dequantize_packed(weight_packed, scale, zero, bits, x.shape[-1]).to(x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 @packed_linear_op.register_fake
