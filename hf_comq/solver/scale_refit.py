@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_BYTES = 256 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
+MIN_CHUNK_ROWS = 32  # fewer rows make the batched products inefficient
 
 
 def refit_scales(
@@ -23,6 +24,7 @@ def refit_scales(
     group_of_column: torch.Tensor,
     projected_t: torch.Tensor | None = None,
     weight_h_t: torch.Tensor | None = None,
+    residual_t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimal ``(out, n_groups)`` scales for fixed ``offsets_t = (Q - z)^T``.
 
@@ -30,8 +32,10 @@ def refit_scales(
     permuted) column j.  Returns the new scales and ``H Wq^T`` (``in x out``), which
     the caller needs for the residual and which falls out of the solve for free.
     A row whose system is singular, or whose optimum has a non-positive scale,
-    keeps its current scales (the caller also rejects any row whose objective
-    would rise).  Per-channel callers that already know ``H (Q - z)^T`` pass it as
+    keeps its current scales.  Group-wise, such a group keeps its old scale while
+    the others move, which can raise the row's objective; callers that pass the
+    exact residual ``residual_t = H (W - Wq)^T`` of the current scales get such rows
+    back unchanged.  Per-channel callers that already know ``H (Q - z)^T`` pass it as
     ``projected_t``, group-wise callers that know ``H W^T`` pass it as ``weight_h_t``;
     each saves a GEMM.
     """
@@ -43,31 +47,69 @@ def refit_scales(
         rhs = (projected * weight_t).sum(0).reshape(-1, 1)
         new_scale = _solve_positive(gram, rhs, scale)
         return new_scale, projected * new_scale.T
-    # A group's scale multiplies only its own columns, so ``H (Q - z)^T`` split by
-    # group is one GEMM per group on that group's columns: one W @ H GEMM in all (a
-    # dense product with a zero-padded per-group split would cost n_groups of them).
-    columns = [torch.nonzero(group_of_column == g).squeeze(1) for g in range(n_groups)]
-    h_columns = [hessian.index_select(1, cols) for cols in columns]
+    # Each group's block of columns together: the columns reordered group by group
+    # once (a stable sort keeps the solver's order inside a group), and H's column
+    # blocks laid out one after the other for a batched product.
+    by_group = torch.argsort(group_of_column, stable=True)
+    group_size = n_cols // n_groups
+    hessian_sorted = hessian.index_select(0, by_group).index_select(1, by_group)
+    column_blocks = hessian_sorted.view(n_cols, n_groups, group_size).transpose(0, 1).contiguous()
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
-    rows_per_chunk = max(1, CHUNK_BYTES // (n_cols * n_groups * weight_t.element_size()))
+    weight_h_sorted = weight_h_t.index_select(0, by_group)
+    # Row chunks small enough that the split stays in cache, and one buffer for all
+    # of them: a fresh layer-sized tensor per chunk costs more in page faults than
+    # the arithmetic on it.
+    rows_per_chunk = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (n_cols * n_groups * weight_t.element_size()))
+    rows_per_chunk = min(rows_per_chunk, out_features)
+    split_buffer = weight_t.new_empty((n_groups, n_cols, rows_per_chunk))
     new_scale = scale.clone()
     dequant_h_t = torch.empty_like(weight_t)
     for r0 in range(0, out_features, rows_per_chunk):
         rows = slice(r0, min(r0 + rows_per_chunk, out_features))
-        offsets = offsets_t[:, rows]
-        # gram[r, g, h] = sum_{j in group h} offsets[j, r] * (H[:, group g] @ offsets[group g])[j, r]
-        split = offsets.new_empty((n_groups, n_cols, offsets.shape[1]))
-        for g, (h_g, cols) in enumerate(zip(h_columns, columns)):
-            torch.matmul(h_g, offsets.index_select(0, cols), out=split[g])
-        split.mul_(offsets)
-        gram = offsets.new_zeros((n_groups, n_groups, offsets.shape[1])).index_add_(1, group_of_column, split)
-        # rhs[r, g] = sum_{j in group g} offsets[j, r] * (H W^T)[j, r]
-        per_column = weight_h_t[:, rows] * offsets
-        rhs = offsets.new_zeros((n_groups, offsets.shape[1])).index_add_(0, group_of_column, per_column)
+        offsets = offsets_t[:, rows].index_select(0, by_group)
+        width = offsets.shape[1]
+        # split[h] = H[:, group h] @ offsets[group h]: H (Q - z)^T split by group, one
+        # W @ H GEMM in all (each group's scale multiplies only its own columns).
+        split = split_buffer[:, :, :width]
+        torch.bmm(column_blocks, offsets.view(n_groups, group_size, width), out=split)
+        gram = _group_gram(split, offsets)
+        rhs = (weight_h_sorted[:, rows] * offsets).view(n_groups, group_size, width).sum(1)
         chunk_scale = _solve_positive(gram.permute(2, 0, 1), rhs.T, scale[rows])
+        if residual_t is not None:
+            gradient = (residual_t[:, rows].index_select(0, by_group) * offsets).view(n_groups, group_size, width).sum(1)
+            rises = _objective_change(gram, gradient, (chunk_scale - scale[rows]).T) > 0
+            chunk_scale = torch.where(rises.unsqueeze(1), scale[rows], chunk_scale)
         new_scale[rows] = chunk_scale
-        dequant_h_t[:, rows] = hessian @ (offsets * chunk_scale.T[group_of_column])
+        # H Wq^T = sum_h scale_h * split[h]: the split already holds it, no second GEMM.
+        dequant_h = torch.mul(split[0], chunk_scale[:, 0])
+        for h in range(1, n_groups):
+            dequant_h.addcmul_(split[h], chunk_scale[:, h])
+        dequant_h_t[:, rows].index_copy_(0, by_group, dequant_h)
     return new_scale, dequant_h_t
+
+
+def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Per row, how much the objective changes when the scales move by ``step``
+    (``(n_groups, rows)``): ``-2 step . g + step^T gram step``, where
+    ``g[g, r] = sum_{j in group g} offsets[j, r] * R[j, r]`` comes from the exact
+    residual.  Exact, free of the cancellation that subtracting two objectives
+    has, and no layer-sized product."""
+    curvature = (gram * step.unsqueeze(0)).sum(1)  # (gram @ step) per row
+    return (step * (curvature - 2.0 * gradient)).sum(0)
+
+
+def _group_gram(split: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``gram[g, h, r] = sum_{j in group g} offsets[j, r] * split[h, j, r]`` with the
+    columns ordered group by group; the gram is symmetric, so only ``g <= h`` is
+    summed and mirrored."""
+    n_groups, n_cols, width = split.shape
+    group_size = n_cols // n_groups
+    gram = split.new_empty((n_groups, n_groups, width))
+    for h in range(n_groups):
+        end = (h + 1) * group_size
+        gram[: h + 1, h] = (split[h, :end] * offsets[:end]).view(h + 1, group_size, width).sum(1)
+        gram[h, :h] = gram[:h, h]
+    return gram
 
 
 def _solve_positive(gram: torch.Tensor, rhs: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
