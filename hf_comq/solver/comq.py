@@ -193,9 +193,10 @@ def comq_quantize(
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
         problem.sweep(order, block_size)
+        resolving = block_resolve and init == "error_feedback" and sweep_index == 0
         if scale_refit:
-            problem.refit_scales()
-        if block_resolve and init == "error_feedback" and sweep_index == 0:
+            problem.refit_scales(keep_residual=resolving or sweep_index + 1 < iterations)
+        if resolving:
             problem.resolve_blocks(damp, block_size)
         history.append(problem.objective())
         if on_grid and before - history[-1] <= tol * before:
@@ -279,6 +280,7 @@ class _Problem:
     dequant_t: torch.Tensor | None = None
     residual_t: torch.Tensor | None = None
     greedy_order_t: torch.Tensor | None = None
+    objective_without_residual: float | None = None  # set when a refit drops the residual
 
     @classmethod
     def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str) -> "_Problem":
@@ -367,6 +369,8 @@ class _Problem:
     def objective(self) -> float:
         """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three
         times cheaper than an all-float64 sum, which converts every element."""
+        if self.residual_t is None:  # the last refit kept no residual, only the objective
+            return self.objective_without_residual
         return _row_sums_in_float64(self.residual_t * (self.weight_t - self.dequant_t))
 
     def sweep(self, order: str, block_size: int) -> None:
@@ -401,31 +405,36 @@ class _Problem:
         fitting = int(math.sqrt(GREEDY_BLOCK_BYTES / (out_features * self.weight_t.element_size())))
         return max(1, min(block_size, fitting, n_cols))
 
-    def refit_scales(self) -> None:
+    def refit_scales(self, keep_residual: bool = True) -> None:
         """Closed-form scale refit.
 
         Per-channel, each row's new scale is that row's exact optimum for its codes,
         so the objective cannot rise.  Group-wise, a group whose solution is not a
         valid scale keeps its old one, which can make the joint row solution worse:
         :func:`refit_scales` detects such rows from the residual and keeps all their
-        old scales.
+        old scales.  Without ``keep_residual`` (nothing sweeps after this refit) the
+        group-wise refit skips the new residual, and the objective comes from each
+        row's exact change instead.
         """
         offsets_t = self.codes_t - self.zero_t
-        if self.grid.scale.shape[1] == 1:
+        if self.per_channel:
             # Per-channel: H (Q - z)^T = (H W^T - R) / scale comes from the exact
             # residual, so the refit needs no GEMM.
             projected_t = (self.weight_h_t - self.residual_t).div_(self.grid.scale.T)
-            new_scale, dequant_h_t = refit_scales(
-                self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t
-            )
+            refit = refit_scales(self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t)
         else:
-            new_scale, dequant_h_t = refit_scales(
+            refit = refit_scales(
                 self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column,
-                weight_h_t=self.weight_h_t, residual_t=self.residual_t,
+                weight_h_t=self.weight_h_t, residual_t=self.residual_t, with_product=keep_residual,
             )
-        self.set_grid(Grid(scale=new_scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size))
+        if refit.dequant_h_t is None:
+            rows_before = (self.residual_t * (self.weight_t - self.dequant_t)).sum(0)
+            self.objective_without_residual = _row_sums_in_float64(rows_before + refit.objective_change)
+            self.residual_t = None
+        else:
+            self.residual_t = torch.sub(self.weight_h_t, refit.dequant_h_t, out=refit.dequant_h_t)
+        self.set_grid(Grid(scale=refit.scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size))
         self.dequant_t = offsets_t.mul_(self.scale_t)
-        self.residual_t = torch.sub(self.weight_h_t, dequant_h_t, out=dequant_h_t)
 
     def resolve_blocks(self, damp: float, block_size: int) -> None:
         """One block re-solve pass over the current codes (never raises the objective)."""
