@@ -53,7 +53,9 @@ def block_resolve_pass(
         if target is None:
             continue
         plan = plan_error_feedback(block_h, damp)
-        new_codes, new_values, _ = error_feedback_start(target, grid.columns(b0, b1), max_code, plan, block_size)
+        block_grid = grid.columns(b0, b1)
+        new_codes, _ = error_feedback_start(target, block_grid, max_code, plan, block_size)
+        new_values = block_grid.dequantize(new_codes, out=target)
         # Moving the block's values by ``delta`` changes a row's objective by
         # ``-2 delta . R_B + delta H_BB delta``: exact, and needs no full GEMM.
         delta = new_values.sub_(values)

@@ -329,15 +329,16 @@ class _Problem:
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
         else:
             grids = [self.grid, *alternatives]
-            codes_t, dequant_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
+            codes_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
             if alternatives:
-                codes_t, dequant_t = self._keep_best_rows(grids, codes_t, dequant_t, row_objective)
-            self.codes_t, self.dequant_t = codes_t, dequant_t
+                codes_t = self._keep_best_rows(grids, codes_t, row_objective)
+            self.codes_t = codes_t
+            self.dequant_t = self.column_grid.dequantize(codes_t, out=torch.empty_like(codes_t))
         self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
         return [self.objective()]
 
     def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int, plan: ErrorFeedbackPlan | None = None):
-        """Codes, values and per-row objectives of the start on each grid, side by side
+        """Codes and per-row objectives of the start on each grid, side by side
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
         if init == "rtn":
@@ -347,11 +348,11 @@ class _Problem:
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
             error_t = weight_t - dequant_t
             row_objective = ((self.hessian @ error_t) * error_t).sum(0) if len(grids) > 1 else None
-            return codes_t, dequant_t, row_objective
+            return codes_t, row_objective
         plan = plan or plan_error_feedback(self.hessian, damp)
         return error_feedback_start(self.weight_t, ColumnGrid.of(grids, self.groups), self.grid.max_code, plan, block_size)
 
-    def _keep_best_rows(self, grids: list[Grid], codes_t, dequant_t, row_objective):
+    def _keep_best_rows(self, grids: list[Grid], codes_t, row_objective):
         """Per output row, the start on whichever grid (block of the stacked arrays)
         has the lowest objective (the first one on ties); updates the grid."""
         n_cols, out_features = self.weight_t.shape
@@ -364,7 +365,7 @@ class _Problem:
             group_size=self.grid.group_size,
         ))
         picked = best * out_features + rows  # column of each row's pick in the stacked tables
-        return codes_t.index_select(1, picked), dequant_t.index_select(1, picked)
+        return codes_t.index_select(1, picked)
 
     def objective(self) -> float:
         """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three

@@ -137,7 +137,9 @@ def error_feedback_pass(
 
     ``state_t`` (the weight, transposed) is consumed: later rows are corrected in
     place.  ``coupling[j, c]`` is how much of column j's move is subtracted from
-    column c > j.  Returns the codes (``in x out``) and, per output row,
+    column c > j.  Returns the codes (``in x out``: ``state_t`` itself, each of
+    its rows overwritten by its column's codes once rounded; a separate code table
+    would be a fresh state-sized allocation, paid for in page faults) and, per output row,
     ``sum_j move_weight[j] * move_j**2`` in the state's units: with
     ``move_weight = 1 / U_jj**2`` that is the row's objective under the damped H,
     for the price of one matrix-vector product per block (GPTQ's "losses").
@@ -145,14 +147,15 @@ def error_feedback_pass(
     Without ``grid`` the state is in code units, ``w / scale + zero``:
     valid when every column of a row shares one scale (per-channel grids), since
     the scale then cancels from the feedback, and rounding a column and taking its
-    move is round, clip, subtract: three vector ops instead of seven.  With it,
+    move is round, clip, subtract: three vector ops instead of seven (plus the
+    copy into the state).  With it,
     the state is in weight units and each column is rounded on its own grid
     (group-wise scales).
     """
     n_cols = state_t.shape[0]
-    codes_t = torch.empty_like(state_t)
     row_loss = torch.zeros(state_t.shape[1], dtype=state_t.dtype, device=state_t.device)
-    states, codes, coupling_rows = state_t.unbind(0), codes_t.unbind(0), coupling.unbind(0)
+    states, coupling_rows = state_t.unbind(0), coupling.unbind(0)
+    code = torch.empty_like(state_t[0])
     in_weight_units = grid is not None
     if in_weight_units:
         scales, zeros = grid.rows()
@@ -167,11 +170,12 @@ def error_feedback_pass(
                 for j in range(i0, i1):
                     state, move = states[j], move_rows[j - b0]
                     if in_weight_units:
-                        code = torch.div(state, scales[j], out=codes[j]).round_().add_(zeros[j]).clamp_(0, max_code)
+                        torch.div(state, scales[j], out=code).round_().add_(zeros[j]).clamp_(0, max_code)
                         torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
                     else:
-                        code = torch.round(state, out=codes[j]).clamp_(0, max_code)
+                        torch.round(state, out=code).clamp_(0, max_code)
                         torch.sub(code, state, out=move)
+                    state.copy_(code)  # column j is final: its row now holds the codes
                     if j + 1 < i1:
                         state_t[j + 1 : i1].addr_(coupling_rows[j][j + 1 : i1], move, alpha=-1.0)
                 if i1 < b1:
@@ -180,7 +184,7 @@ def error_feedback_pass(
             with threads_for(2.0 * moves.numel() * (n_cols - b1)):
                 state_t[b1:].addmm_(coupling[b0:b1, b1:].T, moves, alpha=-1.0)
         row_loss.addmv_(moves.square_().T, move_weight[b0:b1])
-    return codes_t, row_loss
+    return state_t, row_loss
 
 
 def rowwise_order_sweep(

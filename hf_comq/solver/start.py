@@ -91,14 +91,16 @@ def error_feedback_start(
     max_code: int,
     plan: ErrorFeedbackPlan,
     block_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes and values from one error-feedback pass in act-order, and each output
-    row's objective ``(w - wq) H (w - wq)^T``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes from one error-feedback pass in act-order, and each output row's
+    objective ``(w - wq) H (w - wq)^T``.
 
     ``weight_t`` is ``in x out``; ``grid`` may stack several grids side by side
-    (width ``n_grids * out``), and the results are stacked the same way: one pass
+    (width ``n_grids * out``), and the codes are stacked the same way: one pass
     starts every grid.  Per-channel grids run the pass in code units (see
-    :func:`error_feedback_pass`).
+    :func:`error_feedback_pass`).  The values are left to the caller
+    (``grid.dequantize``): a solver that keeps one grid per row needs them for
+    the kept rows only.
 
     The pass leaves ``W - Wq = E U`` with ``E`` its scaled rounding errors, and
     ``U (H + D) U^T = I``, so a row's damped objective is ``||e||^2`` and its exact
@@ -121,10 +123,16 @@ def error_feedback_start(
         codes_t, damped_rows = error_feedback_pass(
             state_t, plan.coupling, plan.move_weight, max_code, grid, block_size=block_size
         )
-    values_t = grid.dequantize(codes_t, out=state_t)
-    error_t = (values_t.view(n_cols, n_grids, out_features) - weight_t.unsqueeze(1)).square_()
-    row_objective = damped_rows - torch.mv(error_t.view(n_cols, -1).T, plan.added_diagonal)
+    # Grid by grid through one weight-sized buffer: a stacked table of values or
+    # errors would be a fresh n_grids-times larger allocation.
+    error_t = torch.empty_like(weight_t)
+    damping_terms = []
+    for k in range(n_grids):
+        columns = slice(k * out_features, (k + 1) * out_features)
+        one_grid = ColumnGrid(grid.scale[:, columns], grid.zero[:, columns], grid.groups)
+        one_grid.dequantize(codes_t[:, columns], out=error_t).sub_(weight_t).square_()
+        damping_terms.append(torch.mv(error_t.T, plan.added_diagonal))
+    row_objective = damped_rows - torch.cat(damping_terms)
     if plan.perm is not None:
-        inverse = torch.argsort(plan.perm)
-        codes_t, values_t = codes_t[inverse], values_t[inverse]
-    return codes_t, values_t, row_objective
+        codes_t = codes_t[torch.argsort(plan.perm)]
+    return codes_t, row_objective
