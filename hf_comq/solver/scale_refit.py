@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024  # products of one row chunk with one row of H's blocks
 MIN_CHUNK_ROWS = 32  # fewer rows make the batched products inefficient
 
 
@@ -41,15 +41,15 @@ def refit_scales(
 
     Works in any column order: ``group_of_column[j]`` names the group of (possibly
     permuted) column j.  Also returns ``H Wq^T`` (``in x out``), which the caller
-    needs for the residual and which falls out of the solve for free.
+    needs for the residual (free per channel, one GEMM group-wise).
     A row whose system is singular, or whose optimum has a non-positive scale,
     keeps its current scales.  Group-wise, such a group keeps its old scale while
     the others move, which can raise the row's objective; callers that pass the
     exact residual ``residual_t = H (W - Wq)^T`` of the current scales get such rows
     back unchanged, and each row's objective change.  With that, a caller that
     needs no residual after the refit (the last step of a solve) passes
-    ``with_product=False``: the symmetric gram then costs half a GEMM and nothing
-    else is layer-sized.  Per-channel callers that already know ``H (Q - z)^T``
+    ``with_product=False`` and saves the GEMM of ``H Wq^T``; the group-wise gram
+    itself costs half a GEMM.  Per-channel callers that already know ``H (Q - z)^T``
     pass it as ``projected_t``, group-wise callers that know ``H W^T`` pass it as
     ``weight_h_t``; each saves a GEMM.
     """
@@ -61,39 +61,21 @@ def refit_scales(
         rhs = (projected * weight_t).sum(0).reshape(-1, 1)
         new_scale = _solve_positive(gram, rhs, scale)
         return Refit(new_scale, projected * new_scale.T, None)
-    if not with_product and residual_t is None:
-        raise ValueError("with_product=False needs residual_t: the objective change is the only result left")
     # Each group's block of columns together: the columns reordered group by group
-    # once (a stable sort keeps the solver's order inside a group), and H's column
-    # blocks laid out one after the other for a batched product.
+    # once (a stable sort keeps the solver's order inside a group).
     by_group = torch.argsort(group_of_column, stable=True)
     group_size = n_cols // n_groups
     hessian_sorted = hessian.index_select(0, by_group).index_select(1, by_group)
-    column_blocks = hessian_sorted.view(n_cols, n_groups, group_size).transpose(0, 1).contiguous()
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
     weight_h_sorted = weight_h_t.index_select(0, by_group)
-    # Row chunks small enough that the split stays in cache, and one buffer for all
-    # of them: a fresh layer-sized tensor per chunk costs more in page faults than
-    # the arithmetic on it.
-    rows_per_chunk = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (n_cols * n_groups * weight_t.element_size()))
-    rows_per_chunk = min(rows_per_chunk, out_features)
-    split_buffer = weight_t.new_empty((n_groups, n_cols, rows_per_chunk)) if with_product else None
+    rows_per_chunk = max(MIN_CHUNK_ROWS, CHUNK_BYTES // ((n_cols + n_groups * n_groups) * weight_t.element_size()))
     new_scale = scale.clone()
-    dequant_h_t = torch.empty_like(weight_t) if with_product else None
     change = weight_t.new_zeros(out_features) if residual_t is not None else None
     for r0 in range(0, out_features, rows_per_chunk):
         rows = slice(r0, min(r0 + rows_per_chunk, out_features))
         offsets = offsets_t[:, rows].index_select(0, by_group)
         width = offsets.shape[1]
-        blocks = offsets.view(n_groups, group_size, width)
-        if with_product:
-            # split[h] = H[:, group h] @ offsets[group h]: H (Q - z)^T split by group,
-            # one W @ H GEMM in all (each group's scale multiplies only its own columns).
-            split = split_buffer[:, :, :width]
-            torch.bmm(column_blocks, blocks, out=split)
-            gram = _group_gram(split, offsets)
-        else:
-            gram = _upper_group_gram(hessian_sorted, blocks)
+        gram = _upper_group_gram(hessian_sorted, offsets.view(n_groups, group_size, width))
         rhs = (weight_h_sorted[:, rows] * offsets).view(n_groups, group_size, width).sum(1)
         chunk_scale = _solve_positive(gram.permute(2, 0, 1), rhs.T, scale[rows])
         if residual_t is not None:
@@ -103,13 +85,12 @@ def refit_scales(
             chunk_scale = torch.where(rises.unsqueeze(1), scale[rows], chunk_scale)
             change[rows] = chunk_change.masked_fill_(rises, 0.0)
         new_scale[rows] = chunk_scale
-        if with_product:
-            # H Wq^T = sum_h scale_h * split[h]: the split already holds it, no second GEMM.
-            dequant_h = torch.mul(split[0], chunk_scale[:, 0])
-            for h in range(1, n_groups):
-                dequant_h.addcmul_(split[h], chunk_scale[:, h])
-            dequant_h_t[:, rows].index_copy_(0, by_group, dequant_h)
-    return Refit(new_scale, dequant_h_t, change)
+    if not with_product:
+        return Refit(new_scale, None, change)
+    # One dense GEMM: cheaper than summing H Wq^T from per-group products, whose
+    # inner dimension is only the group size.
+    scale_t = new_scale.T.contiguous().index_select(0, group_of_column)
+    return Refit(new_scale, hessian @ (offsets_t * scale_t), change)
 
 
 def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -123,31 +104,21 @@ def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Te
 
 
 def _upper_group_gram(hessian: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The same gram as :func:`_group_gram` from H (columns ordered group by group)
-    and ``blocks = offsets.view(n_groups, group_size, rows)``, computing only the
-    blocks on and right of the diagonal: half the products, and no split."""
+    """``gram[g, h, r] = blocks[g, :, r] . H_gh blocks[h, :, r]`` with H's columns
+    ordered group by group and ``blocks = offsets.view(n_groups, group_size, rows)``.
+
+    The gram is symmetric: only the blocks on and right of the diagonal are
+    computed, each row of blocks as one batched product of the small ``H_gh``
+    (half a ``W @ H`` GEMM in all, and no ``n_groups x in x rows`` intermediate)."""
     n_groups, size, width = blocks.shape
     gram = blocks.new_empty((n_groups, n_groups, width))
+    buffer = torch.empty_like(blocks)  # one for every row of blocks: fresh ones cost page faults
     for g in range(n_groups):
         right = n_groups - g
         coupling = hessian[g * size : (g + 1) * size, g * size :].reshape(size, right, size).transpose(0, 1)
-        projected = torch.bmm(coupling, blocks[g:])  # H_gh @ blocks[h] for every h >= g
+        projected = torch.bmm(coupling, blocks[g:], out=buffer[:right])  # H_gh @ blocks[h] for every h >= g
         gram[g, g:] = projected.mul_(blocks[g]).sum(1)
         gram[g + 1 :, g] = gram[g, g + 1 :]
-    return gram
-
-
-def _group_gram(split: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``gram[g, h, r] = sum_{j in group g} offsets[j, r] * split[h, j, r]`` with the
-    columns ordered group by group; the gram is symmetric, so only ``g <= h`` is
-    summed and mirrored."""
-    n_groups, n_cols, width = split.shape
-    group_size = n_cols // n_groups
-    gram = split.new_empty((n_groups, n_groups, width))
-    for h in range(n_groups):
-        end = (h + 1) * group_size
-        gram[: h + 1, h] = (split[h, :end] * offsets[:end]).view(h + 1, group_size, width).sum(1)
-        gram[h, :h] = gram[:h, h]
     return gram
 
 
