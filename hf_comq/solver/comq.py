@@ -108,8 +108,9 @@ def comq_quantize(
             nearest-plane pass on the damped Cholesky factor; costs about as much as
             GPTQ itself and is what lets COMQ end below GPTQ).
         scale_refit: after every sweep, refit the scales in closed form for the
-            current codes (the paper's delta update; one GEMM, never raises the
-            objective).
+            current codes (the paper's delta update; never raises the objective;
+            no GEMM per channel, about one and a half with groups, half for the
+            last refit, which keeps no residual).
         scale_search: choose each row's (group's) clipping of the min-max range by
             minimising a per-input weighted rounding error over 16 shrink factors
             in [0.25, 1] (elementwise, no GEMM; the weights are set by
@@ -264,7 +265,9 @@ class _Problem:
     Transposing makes each weight column a contiguous row for the per-column
     updates; permuting once up front (act-order) saves re-gathering every sweep.
     ``residual_t = H (W - Wq)^T`` is kept exact, so the objective
-    ``sum(residual_t * (W - Wq)^T)`` never needs a GEMM of its own.
+    ``sum(residual_t * (W - Wq)^T)`` never needs a GEMM of its own; a group-wise
+    refit with nothing after it drops it (``None``) and leaves the objective in
+    ``objective_without_residual``.
     """
 
     weight_t: torch.Tensor
