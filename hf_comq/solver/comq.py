@@ -358,7 +358,7 @@ class _Problem:
     def _keep_best_rows(self, grids: list[Grid], codes_t, row_objective):
         """Per output row, the start on whichever grid (block of the stacked arrays)
         has the lowest objective (the first one on ties); updates the grid."""
-        n_cols, out_features = self.weight_t.shape
+        out_features = self.weight_t.shape[1]
         best = row_objective.view(len(grids), out_features).argmin(0)  # (out,)
         rows = torch.arange(out_features, device=best.device)
         self.set_grid(Grid(
