@@ -87,9 +87,13 @@ class ColumnGrid:
         """``scale * (codes - zero)`` of an ``in x width`` code table, written into ``out``."""
         if self.per_channel:
             return torch.sub(codes_t, self.zero[0], out=out).mul_(self.scale[0])
-        scales, zeros = self.rows()
-        for code, scale, zero, value in zip(codes_t.unbind(0), scales, zeros, out.unbind(0)):
-            torch.sub(code, zero, out=value).mul_(scale)
+        # Group by group (a handful of gathers), not column by column: per-column
+        # vector ops cost more in dispatch than in arithmetic on small layers.
+        groups = torch.tensor(self.groups, device=codes_t.device)
+        for g in range(self.scale.shape[0]):
+            columns = torch.nonzero(groups == g).squeeze(1)
+            if columns.numel():
+                out.index_copy_(0, columns, codes_t.index_select(0, columns).sub_(self.zero[g]).mul_(self.scale[g]))
         return out
 
 
