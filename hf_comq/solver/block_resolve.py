@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .grid import ColumnGrid
 from .start import error_feedback_start, plan_error_feedback
 
 
@@ -29,12 +30,10 @@ def block_resolve_pass(
     dequant_t: torch.Tensor,
     codes_t: torch.Tensor,
     hessian: torch.Tensor,
-    scale_t: torch.Tensor,
-    zero_t: torch.Tensor,
+    grid: ColumnGrid,
     max_code: int,
     damp: float,
     block_size: int = 128,
-    per_channel: bool = False,
 ) -> int:
     """Re-solve every block of ``block_size`` columns in place; return how many
     (block, row) pairs took the new values.
@@ -54,9 +53,9 @@ def block_resolve_pass(
         if target is None:
             continue
         plan = plan_error_feedback(block_h, damp)
-        new_codes, new_values, _ = error_feedback_start(
-            target, scale_t[b0:b1], zero_t[b0:b1], max_code, plan, block_size, per_channel
-        )
+        block_grid = grid.columns(b0, b1)
+        new_codes, _ = error_feedback_start(target, block_grid, max_code, plan, block_size)
+        new_values = block_grid.dequantize(new_codes, out=target)
         # Moving the block's values by ``delta`` changes a row's objective by
         # ``-2 delta . R_B + delta H_BB delta``: exact, and needs no full GEMM.
         delta = new_values.sub_(values)
@@ -68,8 +67,19 @@ def block_resolve_pass(
         delta.mul_(better)
         codes_t[b0:b1] = torch.where(better, new_codes, codes_t[b0:b1])
         values.add_(delta)
-        residual_t.addmm_(hessian[:, b0:b1], delta, alpha=-1.0)
+        _push_moves(residual_t, hessian[:, b0:b1], delta, better)
     return accepted
+
+
+def _push_moves(residual_t: torch.Tensor, h_columns: torch.Tensor, delta: torch.Tensor, moved: torch.Tensor) -> None:
+    """``residual_t -= H[:, B] @ delta``, where only the output rows in ``moved`` have
+    a nonzero ``delta``: on real layers few rows take a block's new values, and
+    the product over those rows alone costs that fraction of the full one."""
+    rows = torch.nonzero(moved).squeeze(1)
+    if 2 * rows.numel() >= moved.numel():
+        residual_t.addmm_(h_columns, delta, alpha=-1.0)
+    else:
+        residual_t.index_add_(1, rows, h_columns @ delta.index_select(1, rows), alpha=-1.0)
 
 
 def _block_target(values: torch.Tensor, residual: torch.Tensor, block_h: torch.Tensor, damp: float) -> torch.Tensor | None:

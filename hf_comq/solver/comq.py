@@ -15,7 +15,7 @@ import torch
 
 from ..threads import single_thread
 from .block_resolve import block_resolve_pass
-from .grid import Grid, minmax_grid, search_shrink
+from .grid import ColumnGrid, Grid, minmax_grid, search_shrink
 from .options import (
     CLIP_WEIGHTS,
     DEFAULTS,
@@ -108,8 +108,9 @@ def comq_quantize(
             nearest-plane pass on the damped Cholesky factor; costs about as much as
             GPTQ itself and is what lets COMQ end below GPTQ).
         scale_refit: after every sweep, refit the scales in closed form for the
-            current codes (the paper's delta update; one GEMM, never raises the
-            objective).
+            current codes (the paper's delta update; never raises the objective;
+            no GEMM per channel, about one and a half with groups, half for the
+            last refit, which keeps no residual).
         scale_search: choose each row's (group's) clipping of the min-max range by
             minimising a per-input weighted rounding error over 16 shrink factors
             in [0.25, 1] (elementwise, no GEMM; the weights are set by
@@ -193,9 +194,10 @@ def comq_quantize(
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
         problem.sweep(order, block_size)
+        resolving = block_resolve and init == "error_feedback" and sweep_index == 0
         if scale_refit:
-            problem.refit_scales()
-        if block_resolve and init == "error_feedback" and sweep_index == 0:
+            problem.refit_scales(keep_residual=resolving or sweep_index + 1 < iterations)
+        if resolving:
             problem.resolve_blocks(damp, block_size)
         history.append(problem.objective())
         if on_grid and before - history[-1] <= tol * before:
@@ -263,7 +265,9 @@ class _Problem:
     Transposing makes each weight column a contiguous row for the per-column
     updates; permuting once up front (act-order) saves re-gathering every sweep.
     ``residual_t = H (W - Wq)^T`` is kept exact, so the objective
-    ``sum(residual_t * (W - Wq)^T)`` never needs a GEMM of its own.
+    ``sum(residual_t * (W - Wq)^T)`` never needs a GEMM of its own; a group-wise
+    refit with nothing after it drops it (``None``) and leaves the objective in
+    ``objective_without_residual``.
     """
 
     weight_t: torch.Tensor
@@ -271,6 +275,7 @@ class _Problem:
     weight_h_t: torch.Tensor
     perm: torch.Tensor
     group_of_column: torch.Tensor
+    groups: list[int]  # group_of_column as a list, for the passes' per-column lookups
     grid: Grid
     scale_t: torch.Tensor
     zero_t: torch.Tensor
@@ -278,6 +283,7 @@ class _Problem:
     dequant_t: torch.Tensor | None = None
     residual_t: torch.Tensor | None = None
     greedy_order_t: torch.Tensor | None = None
+    objective_without_residual: float | None = None  # set when a refit drops the residual
 
     @classmethod
     def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str) -> "_Problem":
@@ -286,7 +292,7 @@ class _Problem:
         else:
             perm = torch.arange(w.shape[1], device=w.device)
         group_of_column = perm // grid.group_size
-        h_perm = h[perm][:, perm]
+        h_perm = h.index_select(0, perm).index_select(1, perm)
         weight_t = w.T.index_select(0, perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
         return cls(
             weight_t=weight_t,
@@ -294,6 +300,7 @@ class _Problem:
             weight_h_t=h_perm @ weight_t,
             perm=perm,
             group_of_column=group_of_column,
+            groups=group_of_column.tolist(),
             grid=grid,
             scale_t=_per_column(grid.scale, group_of_column),
             zero_t=_per_column(grid.zero_point, group_of_column),
@@ -325,34 +332,33 @@ class _Problem:
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
         else:
             grids = [self.grid, *alternatives]
-            codes_t, dequant_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
+            codes_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
             if alternatives:
-                codes_t, dequant_t = self._keep_best_rows(grids, codes_t, dequant_t, row_objective)
-            self.codes_t, self.dequant_t = codes_t, dequant_t
+                codes_t = self._keep_best_rows(grids, codes_t, row_objective)
+            self.codes_t = codes_t
+            self.dequant_t = self.column_grid.dequantize(codes_t, out=torch.empty_like(codes_t))
         self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
         return [self.objective()]
 
     def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int, plan: ErrorFeedbackPlan | None = None):
-        """Codes, values and per-row objectives of the start on each grid, side by side
+        """Codes and per-row objectives of the start on each grid, side by side
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
-        scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
-        zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
         if init == "rtn":
+            scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
+            zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
             weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
             error_t = weight_t - dequant_t
             row_objective = ((self.hessian @ error_t) * error_t).sum(0) if len(grids) > 1 else None
-            return codes_t, dequant_t, row_objective
+            return codes_t, row_objective
         plan = plan or plan_error_feedback(self.hessian, damp)
-        return error_feedback_start(
-            self.weight_t, scale_t, zero_t, self.grid.max_code, plan, block_size, self.per_channel
-        )
+        return error_feedback_start(self.weight_t, ColumnGrid.of(grids, self.groups), self.grid.max_code, plan, block_size)
 
-    def _keep_best_rows(self, grids: list[Grid], codes_t, dequant_t, row_objective):
+    def _keep_best_rows(self, grids: list[Grid], codes_t, row_objective):
         """Per output row, the start on whichever grid (block of the stacked arrays)
         has the lowest objective (the first one on ties); updates the grid."""
-        n_cols, out_features = self.weight_t.shape
+        out_features = self.weight_t.shape[1]
         best = row_objective.view(len(grids), out_features).argmin(0)  # (out,)
         rows = torch.arange(out_features, device=best.device)
         self.set_grid(Grid(
@@ -361,12 +367,14 @@ class _Problem:
             bits=self.grid.bits,
             group_size=self.grid.group_size,
         ))
-        pick = lambda stacked: stacked.view(n_cols, len(grids), out_features)[:, best, rows]  # noqa: E731
-        return pick(codes_t), pick(dequant_t)
+        picked = best * out_features + rows  # column of each row's pick in the stacked tables
+        return codes_t.index_select(1, picked)
 
     def objective(self) -> float:
         """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three
         times cheaper than an all-float64 sum, which converts every element."""
+        if self.residual_t is None:  # the last refit kept no residual, only the objective
+            return self.objective_without_residual
         return _row_sums_in_float64(self.residual_t * (self.weight_t - self.dequant_t))
 
     def sweep(self, order: str, block_size: int) -> None:
@@ -383,7 +391,7 @@ class _Problem:
             inv_diag = torch.where(diag > 0, 1.0 / diag, torch.zeros_like(diag)).tolist()
             coordinate_sweep(
                 self.residual_t, self.dequant_t, self.codes_t, self.hessian, inv_diag,
-                self.scale_t, self.zero_t, self.grid.max_code, block_size, per_channel=self.per_channel,
+                self.column_grid, self.grid.max_code, block_size,
             )
 
     def _greedy_order(self) -> torch.Tensor:
@@ -401,44 +409,48 @@ class _Problem:
         fitting = int(math.sqrt(GREEDY_BLOCK_BYTES / (out_features * self.weight_t.element_size())))
         return max(1, min(block_size, fitting, n_cols))
 
-    def refit_scales(self) -> None:
+    def refit_scales(self, keep_residual: bool = True) -> None:
         """Closed-form scale refit.
 
         Per-channel, each row's new scale is that row's exact optimum for its codes,
         so the objective cannot rise.  Group-wise, a group whose solution is not a
         valid scale keeps its old one, which can make the joint row solution worse:
-        such rows are detected and keep all their old scales.
+        :func:`refit_scales` detects such rows from the residual and keeps all their
+        old scales.  Without ``keep_residual`` (nothing sweeps after this refit) the
+        group-wise refit skips the new residual, and the objective comes from each
+        row's exact change instead.
         """
         offsets_t = self.codes_t - self.zero_t
-        if self.grid.scale.shape[1] == 1:
+        if self.per_channel:
             # Per-channel: H (Q - z)^T = (H W^T - R) / scale comes from the exact
             # residual, so the refit needs no GEMM.
             projected_t = (self.weight_h_t - self.residual_t).div_(self.grid.scale.T)
+            refit = refit_scales(self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t)
         else:
-            projected_t = None
-        new_scale, dequant_h_t = refit_scales(
-            self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t, self.weight_h_t
-        )
-        new_scale_t = _per_column(new_scale, self.group_of_column)
-        new_dequant_t = offsets_t.mul_(new_scale_t)
-        new_residual_t = torch.sub(self.weight_h_t, dequant_h_t, out=dequant_h_t)
-        if new_scale.shape[1] > 1:
-            old_rows = (self.residual_t * (self.weight_t - self.dequant_t)).sum(0)
-            new_rows = (new_residual_t * (self.weight_t - new_dequant_t)).sum(0)
-            keep_old = new_rows > old_rows
-            new_scale = torch.where(keep_old.unsqueeze(1), self.grid.scale, new_scale)
-            new_scale_t = torch.where(keep_old, self.scale_t, new_scale_t)
-            new_dequant_t = torch.where(keep_old, self.dequant_t, new_dequant_t)
-            new_residual_t = torch.where(keep_old, self.residual_t, new_residual_t)
-        self.grid = Grid(scale=new_scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
-        self.scale_t, self.dequant_t, self.residual_t = new_scale_t, new_dequant_t, new_residual_t
+            refit = refit_scales(
+                self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column,
+                weight_h_t=self.weight_h_t, residual_t=self.residual_t, with_product=keep_residual,
+            )
+        if refit.dequant_h_t is None:
+            rows_before = (self.residual_t * (self.weight_t - self.dequant_t)).sum(0)
+            self.objective_without_residual = _row_sums_in_float64(rows_before + refit.objective_change)
+            self.residual_t = None
+        else:
+            self.residual_t = torch.sub(self.weight_h_t, refit.dequant_h_t, out=refit.dequant_h_t)
+        self.set_grid(Grid(scale=refit.scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size))
+        self.dequant_t = offsets_t.mul_(self.scale_t)
 
     def resolve_blocks(self, damp: float, block_size: int) -> None:
         """One block re-solve pass over the current codes (never raises the objective)."""
         block_resolve_pass(
-            self.residual_t, self.dequant_t, self.codes_t, self.hessian, self.scale_t, self.zero_t,
-            self.grid.max_code, damp, block_size, self.per_channel,
+            self.residual_t, self.dequant_t, self.codes_t, self.hessian, self.column_grid,
+            self.grid.max_code, damp, block_size,
         )
+
+    @property
+    def column_grid(self) -> ColumnGrid:
+        """The grid as the column-by-column passes read it (one row per group)."""
+        return ColumnGrid.of([self.grid], self.groups)
 
     @property
     def per_channel(self) -> bool:
@@ -460,7 +472,7 @@ def _per_column(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Te
     grids become a broadcast view instead of a copy."""
     if values.shape[1] == 1:
         return values.T.expand(group_of_column.numel(), values.shape[0])
-    return values.T[group_of_column].contiguous()
+    return values.T.contiguous().index_select(0, group_of_column)
 
 
 def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype) -> None:

@@ -42,6 +42,61 @@ class Grid:
         return scale, zero
 
 
+@dataclass(frozen=True)
+class ColumnGrid:
+    """A grid as the column-by-column passes see it, for a transposed ``in x width``
+    table (``width`` may stack several grids side by side).
+
+    A pass needs, for column j, one row of scales and zero points across the
+    table's width.  All columns of a group share that row, so it is stored once per
+    group and looked up through ``groups``: a per-column table would be ``in /
+    n_groups`` times larger, cost a page-faulting copy to build, and bring every
+    column's row in from memory instead of from cache.
+    """
+
+    scale: torch.Tensor  # (n_groups, width)
+    zero: torch.Tensor  # (n_groups, width), integer values stored as float
+    groups: list[int]  # the group of each column, in the passes' column order
+
+    @classmethod
+    def of(cls, grids: list[Grid], groups: list[int]) -> "ColumnGrid":
+        """The grids stacked side by side along the width (one grid: just its rows)."""
+        return cls(
+            scale=torch.cat([grid.scale.T for grid in grids], dim=1).contiguous(),
+            zero=torch.cat([grid.zero_point.T for grid in grids], dim=1).contiguous(),
+            groups=groups,
+        )
+
+    @property
+    def per_channel(self) -> bool:
+        """One scale per output row: the passes can then work in code units."""
+        return self.scale.shape[0] == 1
+
+    def rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per column, its row of scales and its row of zero points (views)."""
+        scale_rows, zero_rows = self.scale.unbind(0), self.zero.unbind(0)
+        return [scale_rows[g] for g in self.groups], [zero_rows[g] for g in self.groups]
+
+    def columns(self, start: int, stop: int) -> "ColumnGrid":
+        return ColumnGrid(self.scale, self.zero, self.groups[start:stop])
+
+    def permuted(self, perm: torch.Tensor) -> "ColumnGrid":
+        return ColumnGrid(self.scale, self.zero, [self.groups[j] for j in perm.tolist()])
+
+    def dequantize(self, codes_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``scale * (codes - zero)`` of an ``in x width`` code table, written into ``out``."""
+        if self.per_channel:
+            return torch.sub(codes_t, self.zero[0], out=out).mul_(self.scale[0])
+        # Group by group (a handful of gathers), not column by column: per-column
+        # vector ops cost more in dispatch than in arithmetic on small layers.
+        groups = torch.tensor(self.groups, device=codes_t.device)
+        for g in range(self.scale.shape[0]):
+            columns = torch.nonzero(groups == g).squeeze(1)
+            if columns.numel():
+                out.index_copy_(0, columns, codes_t.index_select(0, columns).sub_(self.zero[g]).mul_(self.scale[g]))
+        return out
+
+
 def minmax_grid(
     weight: torch.Tensor,
     bits: int,

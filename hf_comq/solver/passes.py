@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..threads import single_thread, threads_for
+from .grid import ColumnGrid
 
 
 def _round_column(
@@ -52,12 +53,10 @@ def coordinate_sweep(
     codes_t: torch.Tensor,
     hessian: torch.Tensor,
     inv_diag: list[float],
-    scale_t: torch.Tensor,
-    zero_t: torch.Tensor,
+    grid: ColumnGrid,
     max_code: int,
     block_size: int = 128,
     inner_block_size: int = 16,
-    per_channel: bool = False,
 ) -> None:
     """One COMQ sweep over all columns in index order, updated in place.
 
@@ -68,7 +67,7 @@ def coordinate_sweep(
 
     The loop works in code units, ``target = q + R_j / (H_jj * scale)``, which is
     the closed form divided by the scale, and ``dequant_t`` is rebuilt once at the
-    end.  With ``per_channel`` (every column of a row shares one scale) the block's
+    end.  With a per-channel grid (every column of a row shares one scale) the block's
     local residual is kept in code units too: the scale then cancels from every
     rank-1 update, which saves the per-column rescaling; only the move pushed to the
     columns outside the block is scaled, once per block.  ``codes_t`` may hold
@@ -79,19 +78,25 @@ def coordinate_sweep(
     # Row views made once (``unbind``): indexing a tensor per column costs more
     # Python-side time than the arithmetic on it.
     codes, h_rows = codes_t.unbind(0), hessian.unbind(0)
+    per_channel = grid.per_channel
     if per_channel:
-        scale_row = scale_t[0]
+        scale_row = grid.scale[0]
         inv_scale_row = scale_row.reciprocal()
     else:
-        scales, inv_scales = scale_t.unbind(0), scale_t.reciprocal().unbind(0)
+        scales, _ = grid.rows()
+        inv_scales, _ = ColumnGrid(grid.scale.reciprocal(), grid.zero, grid.groups).rows()
+    # One buffer pair for every block: a fresh block-sized tensor per block costs
+    # page faults comparable to the block's vector work.
+    local_buffer = torch.empty_like(residual_t[:block_size])
+    moves_buffer = torch.empty_like(local_buffer)
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
         with single_thread():  # per-column vector work: a thread pool only adds barrier waits
+            local, moves = local_buffer[: b1 - b0], moves_buffer[: b1 - b0]
             if per_channel:
-                local = residual_t[b0:b1] * inv_scale_row
+                torch.mul(residual_t[b0:b1], inv_scale_row, out=local)
             else:
-                local = residual_t[b0:b1].clone()
-            moves = torch.empty_like(local)
+                local.copy_(residual_t[b0:b1])
             local_rows, move_rows = local.unbind(0), moves.unbind(0)
             for i0 in range(b0, b1, inner_block_size):
                 i1 = min(i0 + inner_block_size, b1)
@@ -116,7 +121,7 @@ def coordinate_sweep(
     # ``code + (round(target) - code)`` is exact for integer codes; from the
     # fractional full-precision start it can be an ulp off the integer.
     codes_t.round_()
-    torch.sub(codes_t, zero_t, out=dequant_t).mul_(scale_t)
+    grid.dequantize(codes_t, out=dequant_t)
 
 
 def error_feedback_pass(
@@ -124,8 +129,7 @@ def error_feedback_pass(
     coupling: torch.Tensor,
     move_weight: torch.Tensor,
     max_code: int,
-    scale_t: torch.Tensor | None = None,
-    zero_t: torch.Tensor | None = None,
+    grid: ColumnGrid | None = None,
     block_size: int = 128,
     inner_block_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,40 +137,45 @@ def error_feedback_pass(
 
     ``state_t`` (the weight, transposed) is consumed: later rows are corrected in
     place.  ``coupling[j, c]`` is how much of column j's move is subtracted from
-    column c > j.  Returns the codes (``in x out``) and, per output row,
+    column c > j.  Returns the codes (``in x out``: ``state_t`` itself, each of
+    its rows overwritten by its column's codes once rounded; a separate code table
+    would be a fresh state-sized allocation, paid for in page faults) and, per output row,
     ``sum_j move_weight[j] * move_j**2`` in the state's units: with
     ``move_weight = 1 / U_jj**2`` that is the row's objective under the damped H,
     for the price of one matrix-vector product per block (GPTQ's "losses").
 
-    Without ``scale_t``/``zero_t`` the state is in code units, ``w / scale + zero``:
+    Without ``grid`` the state is in code units, ``w / scale + zero``:
     valid when every column of a row shares one scale (per-channel grids), since
     the scale then cancels from the feedback, and rounding a column and taking its
-    move is round, clip, subtract: three vector ops instead of seven.  With them,
+    move is round, clip, subtract: three vector ops instead of seven (plus the
+    copy into the state).  With it,
     the state is in weight units and each column is rounded on its own grid
     (group-wise scales).
     """
     n_cols = state_t.shape[0]
-    codes_t = torch.empty_like(state_t)
     row_loss = torch.zeros(state_t.shape[1], dtype=state_t.dtype, device=state_t.device)
-    states, codes, coupling_rows = state_t.unbind(0), codes_t.unbind(0), coupling.unbind(0)
-    in_weight_units = scale_t is not None
+    states, coupling_rows = state_t.unbind(0), coupling.unbind(0)
+    code = torch.empty_like(state_t[0])
+    in_weight_units = grid is not None
     if in_weight_units:
-        scales, zeros = scale_t.unbind(0), zero_t.unbind(0)
+        scales, zeros = grid.rows()
+    moves_buffer = torch.empty_like(state_t[:block_size])  # reused: fresh blocks cost page faults
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
         with single_thread():  # per-column vector work: a thread pool only adds barrier waits
-            moves = torch.empty_like(state_t[b0:b1])
+            moves = moves_buffer[: b1 - b0]
             move_rows = moves.unbind(0)
             for i0 in range(b0, b1, inner_block_size):
                 i1 = min(i0 + inner_block_size, b1)
                 for j in range(i0, i1):
                     state, move = states[j], move_rows[j - b0]
                     if in_weight_units:
-                        code = torch.div(state, scales[j], out=codes[j]).round_().add_(zeros[j]).clamp_(0, max_code)
+                        torch.div(state, scales[j], out=code).round_().add_(zeros[j]).clamp_(0, max_code)
                         torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
                     else:
-                        code = torch.round(state, out=codes[j]).clamp_(0, max_code)
+                        torch.round(state, out=code).clamp_(0, max_code)
                         torch.sub(code, state, out=move)
+                    state.copy_(code)  # column j is final: its row now holds the codes
                     if j + 1 < i1:
                         state_t[j + 1 : i1].addr_(coupling_rows[j][j + 1 : i1], move, alpha=-1.0)
                 if i1 < b1:
@@ -175,7 +184,7 @@ def error_feedback_pass(
             with threads_for(2.0 * moves.numel() * (n_cols - b1)):
                 state_t[b1:].addmm_(coupling[b0:b1, b1:].T, moves, alpha=-1.0)
         row_loss.addmv_(moves.square_().T, move_weight[b0:b1])
-    return codes_t, row_loss
+    return state_t, row_loss
 
 
 def rowwise_order_sweep(

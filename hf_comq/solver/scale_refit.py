@@ -10,9 +10,20 @@ and the objective decreases monotonically.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-CHUNK_BYTES = 256 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024  # products of one row chunk with one row of H's blocks
+MIN_CHUNK_ROWS = 32  # fewer rows make the batched products inefficient
+
+
+class Refit(NamedTuple):
+    """What :func:`refit_scales` found."""
+
+    scale: torch.Tensor  # (out, n_groups)
+    dequant_h_t: torch.Tensor | None  # H Wq^T (in x out) for the new scales, unless not asked for
+    objective_change: torch.Tensor | None  # per row, given the residual (group-wise only)
 
 
 def refit_scales(
@@ -23,17 +34,24 @@ def refit_scales(
     group_of_column: torch.Tensor,
     projected_t: torch.Tensor | None = None,
     weight_h_t: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    residual_t: torch.Tensor | None = None,
+    with_product: bool = True,
+) -> Refit:
     """Optimal ``(out, n_groups)`` scales for fixed ``offsets_t = (Q - z)^T``.
 
     Works in any column order: ``group_of_column[j]`` names the group of (possibly
-    permuted) column j.  Returns the new scales and ``H Wq^T`` (``in x out``), which
-    the caller needs for the residual and which falls out of the solve for free.
+    permuted) column j.  Also returns ``H Wq^T`` (``in x out``), which the caller
+    needs for the residual (free per channel, one GEMM group-wise).
     A row whose system is singular, or whose optimum has a non-positive scale,
-    keeps its current scales (the caller also rejects any row whose objective
-    would rise).  Per-channel callers that already know ``H (Q - z)^T`` pass it as
-    ``projected_t``, group-wise callers that know ``H W^T`` pass it as ``weight_h_t``;
-    each saves a GEMM.
+    keeps its current scales.  Group-wise, such a group keeps its old scale while
+    the others move, which can raise the row's objective; callers that pass the
+    exact residual ``residual_t = H (W - Wq)^T`` of the current scales get such rows
+    back unchanged, and each row's objective change.  With that, a caller that
+    needs no residual after the refit (the last step of a solve) passes
+    ``with_product=False`` and saves the GEMM of ``H Wq^T``; the group-wise gram
+    itself costs half a GEMM.  Per-channel callers that already know ``H (Q - z)^T``
+    pass it as ``projected_t``, group-wise callers that know ``H W^T`` pass it as
+    ``weight_h_t``; each saves a GEMM.
     """
     n_cols, out_features = weight_t.shape
     n_groups = scale.shape[1]
@@ -42,32 +60,66 @@ def refit_scales(
         gram = (projected * offsets_t).sum(0).reshape(-1, 1, 1)
         rhs = (projected * weight_t).sum(0).reshape(-1, 1)
         new_scale = _solve_positive(gram, rhs, scale)
-        return new_scale, projected * new_scale.T
-    # A group's scale multiplies only its own columns, so ``H (Q - z)^T`` split by
-    # group is one GEMM per group on that group's columns: one W @ H GEMM in all (a
-    # dense product with a zero-padded per-group split would cost n_groups of them).
-    columns = [torch.nonzero(group_of_column == g).squeeze(1) for g in range(n_groups)]
-    h_columns = [hessian.index_select(1, cols) for cols in columns]
+        return Refit(new_scale, projected * new_scale.T, None)
+    # Each group's block of columns together: the columns reordered group by group
+    # once (a stable sort keeps the solver's order inside a group).
+    by_group = torch.argsort(group_of_column, stable=True)
+    group_size = n_cols // n_groups
+    hessian_sorted = hessian.index_select(0, by_group).index_select(1, by_group)
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
-    rows_per_chunk = max(1, CHUNK_BYTES // (n_cols * n_groups * weight_t.element_size()))
+    weight_h_sorted = weight_h_t.index_select(0, by_group)
+    rows_per_chunk = max(MIN_CHUNK_ROWS, CHUNK_BYTES // ((n_cols + n_groups * n_groups) * weight_t.element_size()))
     new_scale = scale.clone()
-    dequant_h_t = torch.empty_like(weight_t)
+    change = weight_t.new_zeros(out_features) if residual_t is not None else None
     for r0 in range(0, out_features, rows_per_chunk):
         rows = slice(r0, min(r0 + rows_per_chunk, out_features))
-        offsets = offsets_t[:, rows]
-        # gram[r, g, h] = sum_{j in group h} offsets[j, r] * (H[:, group g] @ offsets[group g])[j, r]
-        split = offsets.new_empty((n_groups, n_cols, offsets.shape[1]))
-        for g, (h_g, cols) in enumerate(zip(h_columns, columns)):
-            torch.matmul(h_g, offsets.index_select(0, cols), out=split[g])
-        split.mul_(offsets)
-        gram = offsets.new_zeros((n_groups, n_groups, offsets.shape[1])).index_add_(1, group_of_column, split)
-        # rhs[r, g] = sum_{j in group g} offsets[j, r] * (H W^T)[j, r]
-        per_column = weight_h_t[:, rows] * offsets
-        rhs = offsets.new_zeros((n_groups, offsets.shape[1])).index_add_(0, group_of_column, per_column)
+        offsets = offsets_t[:, rows].index_select(0, by_group)
+        width = offsets.shape[1]
+        gram = _upper_group_gram(hessian_sorted, offsets.view(n_groups, group_size, width))
+        rhs = (weight_h_sorted[:, rows] * offsets).view(n_groups, group_size, width).sum(1)
         chunk_scale = _solve_positive(gram.permute(2, 0, 1), rhs.T, scale[rows])
+        if residual_t is not None:
+            gradient = (residual_t[:, rows].index_select(0, by_group) * offsets).view(n_groups, group_size, width).sum(1)
+            chunk_change = _objective_change(gram, gradient, (chunk_scale - scale[rows]).T)
+            rises = chunk_change > 0
+            chunk_scale = torch.where(rises.unsqueeze(1), scale[rows], chunk_scale)
+            change[rows] = chunk_change.masked_fill_(rises, 0.0)
         new_scale[rows] = chunk_scale
-        dequant_h_t[:, rows] = hessian @ (offsets * chunk_scale.T[group_of_column])
-    return new_scale, dequant_h_t
+    if not with_product:
+        return Refit(new_scale, None, change)
+    # One dense GEMM: cheaper than summing H Wq^T from per-group products, whose
+    # inner dimension is only the group size.
+    scale_t = new_scale.T.contiguous().index_select(0, group_of_column)
+    return Refit(new_scale, hessian @ (offsets_t * scale_t), change)
+
+
+def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Per row, how much the objective changes when the scales move by ``step``
+    (``(n_groups, rows)``): ``-2 step . g + step^T gram step``, where
+    ``g[g, r] = sum_{j in group g} offsets[j, r] * R[j, r]`` comes from the exact
+    residual.  Exact, free of the cancellation that subtracting two objectives
+    has, and no layer-sized product."""
+    curvature = (gram * step.unsqueeze(0)).sum(1)  # (gram @ step) per row
+    return (step * (curvature - 2.0 * gradient)).sum(0)
+
+
+def _upper_group_gram(hessian: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``gram[g, h, r] = blocks[g, :, r] . H_gh blocks[h, :, r]`` with H's columns
+    ordered group by group and ``blocks = offsets.view(n_groups, group_size, rows)``.
+
+    The gram is symmetric: only the blocks on and right of the diagonal are
+    computed, each row of blocks as one batched product of the small ``H_gh``
+    (half a ``W @ H`` GEMM in all, and no ``n_groups x in x rows`` intermediate)."""
+    n_groups, size, width = blocks.shape
+    gram = blocks.new_empty((n_groups, n_groups, width))
+    buffer = torch.empty_like(blocks)  # one for every row of blocks: fresh ones cost page faults
+    for g in range(n_groups):
+        right = n_groups - g
+        coupling = hessian[g * size : (g + 1) * size, g * size :].reshape(size, right, size).transpose(0, 1)
+        projected = torch.bmm(coupling, blocks[g:], out=buffer[:right])  # H_gh @ blocks[h] for every h >= g
+        gram[g, g:] = projected.mul_(blocks[g]).sum(1)
+        gram[g + 1 :, g] = gram[g, g + 1 :]
+    return gram
 
 
 def _solve_positive(gram: torch.Tensor, rhs: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:

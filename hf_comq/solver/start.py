@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import quantize_to_codes
+from .grid import ColumnGrid, quantize_to_codes
 from .passes import error_feedback_pass
 
 
@@ -87,20 +87,20 @@ def plan_error_feedback(hessian: torch.Tensor, damp: float) -> ErrorFeedbackPlan
 
 def error_feedback_start(
     weight_t: torch.Tensor,
-    scale_t: torch.Tensor,
-    zero_t: torch.Tensor,
+    grid: ColumnGrid,
     max_code: int,
     plan: ErrorFeedbackPlan,
     block_size: int,
-    per_channel: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes and values from one error-feedback pass in act-order, and each output
-    row's objective ``(w - wq) H (w - wq)^T``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes from one error-feedback pass in act-order, and each output row's
+    objective ``(w - wq) H (w - wq)^T``.
 
-    ``weight_t`` is ``in x out``; ``scale_t``/``zero_t`` are per-column grid tables
-    that may stack several grids side by side (``in x (n_grids * out)``), and the
-    results are stacked the same way: one pass starts every grid.  With
-    ``per_channel`` the pass runs in code units (see :func:`error_feedback_pass`).
+    ``weight_t`` is ``in x out``; ``grid`` may stack several grids side by side
+    (width ``n_grids * out``), and the codes are stacked the same way: one pass
+    starts every grid.  Per-channel grids run the pass in code units (see
+    :func:`error_feedback_pass`).  The values are left to the caller
+    (``grid.dequantize``): a solver that keeps one grid per row needs them for
+    the kept rows only.
 
     The pass leaves ``W - Wq = E U`` with ``E`` its scaled rounding errors, and
     ``U (H + D) U^T = I``, so a row's damped objective is ``||e||^2`` and its exact
@@ -108,26 +108,31 @@ def error_feedback_start(
     price of an elementwise pass, where the direct route costs one GEMM.
     """
     n_cols, out_features = weight_t.shape
-    n_grids = scale_t.shape[1] // out_features
+    n_grids = grid.scale.shape[1] // out_features
     if plan.perm is not None:
         weight_t = weight_t[plan.perm]
-        if not per_channel:  # per-channel tables are the same on every row: nothing to permute
-            scale_t, zero_t = scale_t[plan.perm], zero_t[plan.perm]
+        grid = grid.permuted(plan.perm)
     state_t = weight_t.repeat(1, n_grids)  # consumed by the pass
-    if per_channel:
-        scale_row, zero_row = scale_t[0], zero_t[0]
+    if grid.per_channel:
+        scale_row, zero_row = grid.scale[0], grid.zero[0]
         codes_t, damped_rows = error_feedback_pass(
             state_t.div_(scale_row).add_(zero_row), plan.coupling, plan.move_weight, max_code, block_size=block_size
         )
         damped_rows.mul_(scale_row.square())
     else:
         codes_t, damped_rows = error_feedback_pass(
-            state_t, plan.coupling, plan.move_weight, max_code, scale_t, zero_t, block_size=block_size
+            state_t, plan.coupling, plan.move_weight, max_code, grid, block_size=block_size
         )
-    values_t = torch.sub(codes_t, zero_t, out=state_t).mul_(scale_t)
-    error_t = (values_t.view(n_cols, n_grids, out_features) - weight_t.unsqueeze(1)).square_()
-    row_objective = damped_rows - torch.mv(error_t.view(n_cols, -1).T, plan.added_diagonal)
+    # Grid by grid through one weight-sized buffer: a stacked table of values or
+    # errors would be a fresh n_grids-times larger allocation.
+    error_t = torch.empty_like(weight_t)
+    damping_terms = []
+    for k in range(n_grids):
+        columns = slice(k * out_features, (k + 1) * out_features)
+        one_grid = ColumnGrid(grid.scale[:, columns], grid.zero[:, columns], grid.groups)
+        one_grid.dequantize(codes_t[:, columns], out=error_t).sub_(weight_t).square_()
+        damping_terms.append(torch.mv(error_t.T, plan.added_diagonal))
+    row_objective = damped_rows - torch.cat(damping_terms)
     if plan.perm is not None:
-        inverse = torch.argsort(plan.perm)
-        codes_t, values_t = codes_t[inverse], values_t[inverse]
-    return codes_t, values_t, row_objective
+        codes_t = codes_t[torch.argsort(plan.perm)]
+    return codes_t, row_objective

@@ -6,7 +6,7 @@ import torch
 from hf_comq import comq_quantize, layer_objective
 from hf_comq.solver import REFERENCE_CODE
 from hf_comq.solver.block_resolve import block_resolve_pass
-from hf_comq.solver.grid import minmax_grid
+from hf_comq.solver.grid import ColumnGrid, minmax_grid
 from tests.solver.reference import block_resolve_reference, make_layer
 
 
@@ -25,9 +25,9 @@ def test_block_resolve_matches_reference_on_x(group_size):
 
     residual_t = hessian @ (weight - values).T
     codes_t, values_t = codes.T.contiguous(), values.T.contiguous()
+    column_grid = ColumnGrid.of([grid], [j // grid.group_size for j in range(48)])
     accepted = block_resolve_pass(
-        residual_t, values_t, codes_t, hessian, scale.T.contiguous(), zero.T.contiguous(), grid.max_code,
-        damp=0.01, block_size=16, per_channel=group_size is None,
+        residual_t, values_t, codes_t, hessian, column_grid, grid.max_code, damp=0.01, block_size=16,
     )
 
     assert accepted > 0
@@ -57,3 +57,31 @@ def test_reference_code_setting_never_runs_the_block_resolve(medium_layer):
     paper = comq_quantize(weight, hessian, **REFERENCE_CODE)
     asked = comq_quantize(weight, hessian, **dict(REFERENCE_CODE, block_resolve=True))
     assert torch.equal(paper.codes, asked.codes)
+
+
+def test_block_resolve_where_few_rows_move_matches_reference_on_x():
+    # Rows whose weights already lie on the grid cannot improve, so every block
+    # updates the residual for the few other rows only.
+    weight, inputs = make_layer(24, 48, 256, seed=4)
+    weight, inputs = weight.double(), inputs.double()
+    hessian = inputs.T @ inputs
+    grid = minmax_grid(weight, 3, 16)
+    scale, zero = grid.per_column()
+    codes = torch.clamp(torch.round(weight / scale) + zero, 0, grid.max_code)
+    values = (codes - zero) * scale
+    weight[4:] = values[4:]
+    expected_codes, expected_values = block_resolve_reference(
+        weight, values, inputs, scale, zero, grid.max_code, damp=0.01, block_size=16
+    )
+
+    residual_t = hessian @ (weight - values).T
+    codes_t, values_t = codes.T.contiguous(), values.T.contiguous()
+    accepted = block_resolve_pass(
+        residual_t, values_t, codes_t, hessian, ColumnGrid.of([grid], [j // 16 for j in range(48)]), grid.max_code,
+        damp=0.01, block_size=16,
+    )
+
+    assert 0 < accepted <= 3 * 4
+    assert torch.equal(codes_t.T, expected_codes)
+    torch.testing.assert_close(values_t.T, expected_values)
+    torch.testing.assert_close(residual_t, hessian @ (weight - values_t.T).T)

@@ -429,3 +429,12 @@ def test_more_start_grids_never_start_higher(start_grids, medium_layer):
     fewer = comq_quantize(weight, hessian, start_grids=start_grids - 1, **start)
     more = comq_quantize(weight, hessian, start_grids=start_grids, **start)
     assert more.stats["objective"][0] <= fewer.stats["objective"][0] * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_group_wise_default_reports_the_objective_of_what_it_returns(bits, medium_layer):
+    # The last refit keeps no residual; the reported objective comes from each
+    # row's exact change, in float32 as the solver runs by default.
+    weight, _, hessian = medium_layer
+    result = comq_quantize(weight, hessian, bits=bits, group_size=32)
+    assert result.stats["objective"][-1] == pytest.approx(layer_objective(weight, result.dequantize(), hessian), rel=1e-4)

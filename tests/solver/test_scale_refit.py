@@ -28,9 +28,70 @@ def test_refit_is_each_rows_least_squares_on_x_in_any_column_order(group_size, c
         expected[k] = torch.linalg.lstsq(design, inputs @ weight[k]).solution
 
     perm = torch.randperm(48, generator=torch.Generator().manual_seed(0))  # the solver works in act-order
-    new_scale, dequant_h_t = refit_scales(
+    new_scale, dequant_h_t, _ = refit_scales(
         weight.T[perm].contiguous(), hessian[perm][:, perm], offsets.T[perm].contiguous(), grid.scale, group[perm]
     )
     torch.testing.assert_close(new_scale, expected)
     dequant = offsets * new_scale.repeat_interleave(group_size or 48, dim=1)
     torch.testing.assert_close(dequant_h_t, (hessian @ dequant.T)[perm])
+
+
+def test_rows_whose_objective_would_rise_keep_their_old_scales():
+    weight, inputs = make_layer(12, 48, 200, seed=6)
+    weight, inputs = weight.double(), inputs.double()
+    hessian = inputs.T @ inputs
+    grid = minmax_grid(weight, 3, 16)
+    scale_c, zero_c = grid.per_column()
+    offsets = torch.clamp(torch.round(weight / scale_c) + zero_c, 0, grid.max_code) - zero_c
+    offsets[:6, 16:32] *= -1  # group 1 of rows 0-5 now wants a negative scale: not a valid grid
+    group = torch.arange(48) // 16
+
+    def row_objective(k, scales):
+        return float((inputs @ (weight[k] - offsets[k] * scales.repeat_interleave(16))).square().sum())
+
+    expected = grid.scale.clone()
+    for k in range(12):
+        design = torch.stack([inputs[:, group == g] @ offsets[k, group == g] for g in range(3)], 1)
+        solution = torch.linalg.lstsq(design, inputs @ weight[k]).solution
+        candidate = torch.where(solution > 0, solution, grid.scale[k])  # an invalid group keeps its scale
+        if row_objective(k, candidate) <= row_objective(k, grid.scale[k]):
+            expected[k] = candidate
+
+    residual_t = hessian @ (weight - offsets * scale_c).T
+    new_scale, _, change = refit_scales(
+        weight.T.contiguous(), hessian, offsets.T.contiguous(), grid.scale, group, residual_t=residual_t
+    )
+    torch.testing.assert_close(new_scale, expected)
+    expected_change = torch.tensor([row_objective(k, new_scale[k]) - row_objective(k, grid.scale[k]) for k in range(12)])
+    torch.testing.assert_close(change, expected_change.to(change.dtype))
+    kept = [k for k in range(12) if torch.equal(expected[k], grid.scale[k])]
+    assert kept and all(k < 6 for k in kept)  # the case is exercised, and only where a group was invalid
+    assert all(row_objective(k, new_scale[k]) <= row_objective(k, grid.scale[k]) for k in range(12))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_refit_without_the_product_finds_the_same_scales_and_objective_change(chunk_bytes, monkeypatch):
+    # The last refit of a solve keeps no residual: the symmetric half of the gram
+    # and the exact per-row change must agree with the full refit.
+    if chunk_bytes is not None:
+        monkeypatch.setattr("hf_comq.solver.scale_refit.CHUNK_BYTES", chunk_bytes)
+    weight, inputs = make_layer(12, 48, 200, seed=7)
+    weight, inputs = weight.double(), inputs.double()
+    hessian = inputs.T @ inputs
+    grid = minmax_grid(weight, 3, 8)
+    scale_c, zero_c = grid.per_column()
+    offsets = torch.clamp(torch.round(weight / scale_c) + zero_c, 0, grid.max_code) - zero_c
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(1))
+    group = (torch.arange(48) // 8)[perm]
+    residual_t = (hessian @ (weight - offsets * scale_c).T)[perm]
+    args = (weight.T[perm].contiguous(), hessian[perm][:, perm], offsets.T[perm].contiguous(), grid.scale, group)
+
+    full = refit_scales(*args, residual_t=residual_t)
+    lean = refit_scales(*args, residual_t=residual_t, with_product=False)
+
+    assert lean.dequant_h_t is None
+    torch.testing.assert_close(lean.scale, full.scale)
+    torch.testing.assert_close(lean.objective_change, full.objective_change)
+    new_values = offsets * lean.scale.repeat_interleave(8, dim=1)
+    exact = ((inputs @ (weight - new_values).T).square().sum(0) - (inputs @ (weight - offsets * scale_c).T).square().sum(0))
+    torch.testing.assert_close(lean.objective_change, exact)
