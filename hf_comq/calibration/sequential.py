@@ -93,7 +93,11 @@ __all__ = ["LayerSolver", "check_finite_weights", "quantize_model"]
 LayerSolver = Callable[..., QuantizedWeight]
 """``solver(weight, hessian, **settings) -> QuantizedWeight``, with the signature of
 :func:`hf_comq.comq_quantize`; benchmarks swap in other layer solvers (e.g. GPTQ)
-to compare them inside the very same calibration pipeline."""
+to compare them inside the very same calibration pipeline.  ``hessian`` arrives in
+the dtype COMQ solves in (float32): it is summed in float64, and the sum is converted
+(and freed) before the solve, which for a wide layer would otherwise hold both.  The
+solver also receives ``overwrite_hessian=True`` for a Gram matrix no later layer reads,
+and may then use its storage as work space."""
 
 
 @single_thread()  # checks and bookkeeping on one thread; the forward passes and solver size their own
@@ -179,6 +183,11 @@ class _Settings:
             sequential=bool(getattr(config, "sequential", True)),
             symmetric=bool(getattr(config, "symmetric", False)),
         )
+
+    @property
+    def hessian_dtype(self) -> torch.dtype:
+        """The dtype the solver computes in, which the Gram matrices are handed over in."""
+        return self.solver_kwargs.get("compute_dtype", SOLVER_DEFAULTS["compute_dtype"])
 
 
 class _ModelInputs:
@@ -381,8 +390,9 @@ class _Calibrator:
         mine = {}
         for name in solvable:  # a Gram matrix is freed once the last layer reading it is solved
             accumulator = accumulators.pop(name)
+            last_reader = all(other is not accumulator for other in accumulators.values())
             if owners[name] == self.group.rank:
-                mine[name] = self._solve(name, accumulator)
+                mine[name] = self._solve(name, accumulator, last_reader)
         for name, qweight in share_solutions(self.group, mine, owners).items():
             stats = dict(qweight.stats)
             self.results[name] = {
@@ -396,13 +406,16 @@ class _Calibrator:
             else:
                 self.deferred.append((name, _to_cpu(qweight)))
 
-    def _solve(self, name: str, accumulator: HessianAccumulator) -> QuantizedWeight:
+    def _solve(self, name: str, accumulator: HessianAccumulator, last_reader: bool) -> QuantizedWeight:
         module = self.model.get_submodule(name)
         started = time.perf_counter()
         with materialized(module, self.compute):
             weight = get_linear_weight(module).detach().to(self.compute)
         try:
-            qweight = self.settings.solver(weight, accumulator.result(), **self.settings.solver_kwargs)
+            hessian = accumulator.result(self.settings.hessian_dtype)
+            qweight = self.settings.solver(
+                weight, hessian, **self.settings.solver_kwargs, **({"overwrite_hessian": True} if last_reader else {})
+            )
         except ValueError as error:
             raise ValueError(f"COMQ could not quantize {name!r}: {error}") from error
         return dataclasses.replace(qweight, stats={**qweight.stats, "seconds": time.perf_counter() - started})

@@ -30,6 +30,7 @@ from .scale_refit import refit_scales
 from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
 
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
+HESSIAN_BLOCK_BYTES = 16 * 1024 * 1024  # temporaries of one row block while the solver's H is built
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
 
@@ -84,6 +85,7 @@ def comq_quantize(
     tol: float = 1e-4,
     block_size: int = 128,
     compute_dtype: torch.dtype = torch.float32,
+    overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
     """Quantize one linear layer's weight with COMQ coordinate descent.
 
@@ -146,6 +148,12 @@ def comq_quantize(
         tol: relative objective decrease below which sweeping stops.
         block_size: columns per block of the blocked sweeps.
         compute_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        overwrite_hessian: let the solver build its working copy of H (symmetrized,
+            columns in sweep order) inside ``hessian``'s own storage, whose values are
+            then lost.  For a wide layer that is one ``in x in`` matrix less at the
+            solve's peak; the calibration driver passes it for a Gram matrix no other
+            layer reads.  Takes effect only when ``hessian`` is contiguous and already
+            in ``compute_dtype`` on the weight's device (otherwise a copy is made anyway).
 
     Returns:
         A :class:`QuantizedWeight`; ``stats["objective"]`` lists the objective after
@@ -164,11 +172,11 @@ def comq_quantize(
     in_features = weight.shape[1]
     cols_per_group = resolve_group_size(in_features, group_size)
     w = weight.detach().to(compute_dtype)
-    h = hessian.detach().to(device=w.device, dtype=compute_dtype)
-    h = 0.5 * (h + h.T)
-    h_diag = torch.diagonal(h).clamp_min(0.0)
+    # The diagonal of (H + H^T) / 2, exactly: halving a doubled float is exact.
+    h_diag = torch.diagonal(hessian.detach()).to(device=w.device, dtype=compute_dtype).clamp_min(0.0)
     conditional_search = scale_search and init == "error_feedback" and clip_weights == "conditional"
-    problem = _Problem.build(w, h, minmax_grid(w, bits, cols_per_group, symmetric, shrink), order)
+    grid = minmax_grid(w, bits, cols_per_group, symmetric, shrink)
+    problem = _Problem.build(w, hessian.detach(), grid, order, overwrite_hessian)
     plan = plan_error_feedback(problem.hessian, damp) if init == "error_feedback" else None
     # Neither search proxy sees every effect of error feedback (inputs drift as
     # errors are fed forward); rows are independent, so each keeps whichever of two
@@ -188,6 +196,7 @@ def comq_quantize(
         problem.set_grid(_initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink))
         if scale_search and init != "fp":
             alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
+    del w  # the problem holds its own transposed copy; a wide layer's solve has no room for a spare
     history = problem.start(init, damp, block_size, alternatives, plan)
     for sweep_index in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
@@ -203,9 +212,11 @@ def comq_quantize(
     if problem.codes_t is None:  # iterations == 0 from the full-precision start: plain rounding
         history = problem.start("rtn", damp, block_size)
 
-    reference = _row_sums_in_float64(problem.weight_h_t * problem.weight_t)
+    codes = problem.codes_in_original_order()
+    problem.residual_t = problem.dequant_t = problem.codes_t = None  # room for the last product below
+    reference = _row_sums_in_float64(problem.weight_h_t.mul_(problem.weight_t))  # weight_h_t's last use
     return QuantizedWeight(
-        codes=problem.codes_in_original_order().to(torch.uint8),
+        codes=codes,
         scale=problem.grid.scale.float(),
         zero_point=problem.grid.zero_point.float(),
         bits=bits,
@@ -280,13 +291,20 @@ class _Problem:
     greedy_order_t: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str) -> "_Problem":
+    def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str, overwrite: bool = False) -> "_Problem":
+        """The problem of weight ``w`` (in the compute dtype) and Gram matrix ``h``
+        (any float dtype and device; symmetrized here, as ``(h + h^T) / 2``, inside
+        ``h`` itself with ``overwrite`` where its dtype, device and layout allow)."""
         if order == "act_order":
-            perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+            diag = torch.diagonal(h).to(device=w.device, dtype=w.dtype)  # that of (h + h^T) / 2, exactly
+            perm = torch.argsort(diag, descending=True, stable=True)
         else:
             perm = torch.arange(w.shape[1], device=w.device)
         group_of_column = perm // grid.group_size
-        h_perm = h[perm][:, perm]
+        if overwrite and h.dtype == w.dtype and h.device == w.device and h.is_contiguous():
+            h_perm = _symmetric_permuted_in_place(h, perm)
+        else:
+            h_perm = _symmetric_permuted(h, perm, w.dtype, w.device)
         weight_t = w.T.index_select(0, perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
         return cls(
             weight_t=weight_t,
@@ -341,8 +359,10 @@ class _Problem:
         if init == "rtn":
             weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
-            error_t = weight_t - dequant_t
-            row_objective = ((self.hessian @ error_t) * error_t).sum(0) if len(grids) > 1 else None
+            row_objective = None
+            if len(grids) > 1:
+                error_t = weight_t - dequant_t
+                row_objective = ((self.hessian @ error_t) * error_t).sum(0)
             return codes_t, dequant_t, row_objective
         plan = plan or plan_error_feedback(self.hessian, damp)
         return error_feedback_start(
@@ -367,7 +387,7 @@ class _Problem:
     def objective(self) -> float:
         """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three
         times cheaper than an all-float64 sum, which converts every element."""
-        return _row_sums_in_float64(self.residual_t * (self.weight_t - self.dequant_t))
+        return _row_sums_in_float64(torch.sub(self.weight_t, self.dequant_t).mul_(self.residual_t))
 
     def sweep(self, order: str, block_size: int) -> None:
         if self.codes_t is None:  # the full-precision start, as fractional codes
@@ -446,7 +466,80 @@ class _Problem:
         return self.grid.scale.shape[1] == 1
 
     def codes_in_original_order(self) -> torch.Tensor:
-        return self.codes_t[torch.argsort(self.perm)].T.contiguous()
+        """``uint8`` codes in the weight's ``(out, in)`` layout (cast first: a quarter of the copies' size)."""
+        return self.codes_t.to(torch.uint8)[torch.argsort(self.perm)].T.contiguous()
+
+
+def _symmetric_permuted(h: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(h + h^T) / 2`` in ``dtype`` on ``device``, rows and columns in ``perm`` order.
+
+    Built in row blocks (:data:`HESSIAN_BLOCK_BYTES`), so the result is the solve's one
+    new ``in x in`` matrix: the caller still holds ``h``, and a whole-matrix cast,
+    transpose sum and gather would each have left a full-size temporary beside it.
+    Entry for entry it is the cast, then the sum, then the halving of the whole-matrix
+    route, so the values are the same.
+    """
+    n = h.shape[0]
+    result = torch.empty(n, n, dtype=dtype, device=device)
+    source_perm = perm.to(h.device)
+    temporaries_per_entry = 4 * h.element_size() + 2 * result.element_size()
+    rows = max(1, HESSIAN_BLOCK_BYTES // (n * temporaries_per_entry))
+    for start in range(0, n, rows):
+        index = source_perm[start : start + rows]
+        upper = h.index_select(0, index).index_select(1, source_perm).to(device=device, dtype=dtype)
+        lower = h.index_select(1, index).index_select(0, source_perm).T.to(device=device, dtype=dtype)
+        result[start : start + rows] = upper.add_(lower).mul_(0.5)
+    return result
+
+
+def _symmetric_permuted_in_place(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """:func:`_symmetric_permuted` inside ``h``'s own storage (``h`` square, contiguous,
+    already in the compute dtype and on the compute device; its values are lost).
+
+    A row gather cannot be done in place in blocks (a block would overwrite rows not
+    yet read), but a column gather can, one row block at a time.  So: gather the
+    columns (``H P^T``), transpose in place (``P H^T``), gather the columns again
+    (``P H^T P^T``, the transpose of the wanted ``P H P^T``), and symmetrize tile by
+    tile, which undoes that transpose.  Only moves values, then the same cast-free
+    sum and halving as the whole-matrix route: the same values.
+    """
+    n = h.shape[0]
+    rows = max(1, HESSIAN_BLOCK_BYTES // (n * h.element_size()))
+    if not bool(torch.equal(perm, torch.arange(n, device=perm.device))):
+        for step in range(2):
+            for start in range(0, n, rows):
+                h[start : start + rows] = h[start : start + rows].index_select(1, perm)
+            if step == 0:
+                _transpose_in_place(h)
+    _symmetrize_in_place(h)
+    return h
+
+
+def _tiles(n: int, element_size: int) -> list[tuple[slice, slice]]:
+    """Upper-triangle tile pairs ``(I, J)``, ``I <= J``, of an ``n x n`` matrix, each tile
+    a square of :data:`HESSIAN_BLOCK_BYTES` at most."""
+    side = max(1, int(math.sqrt(HESSIAN_BLOCK_BYTES / element_size)))
+    spans = [slice(start, min(start + side, n)) for start in range(0, n, side)]
+    return [(spans[i], spans[j]) for i in range(len(spans)) for j in range(i, len(spans))]
+
+
+def _transpose_in_place(h: torch.Tensor) -> None:
+    for rows, cols in _tiles(h.shape[0], h.element_size()):
+        if rows == cols:
+            h[rows, cols] = h[rows, cols].T.clone()
+        else:
+            upper = h[rows, cols].clone()
+            h[rows, cols] = h[cols, rows].T
+            h[cols, rows] = upper.T
+
+
+def _symmetrize_in_place(h: torch.Tensor) -> None:
+    """``h = (h + h^T) / 2`` tile pair by tile pair."""
+    for rows, cols in _tiles(h.shape[0], h.element_size()):
+        mean = torch.add(h[rows, cols], h[cols, rows].T).mul_(0.5)
+        h[rows, cols] = mean
+        if rows != cols:
+            h[cols, rows] = mean.T
 
 
 def _row_sums_in_float64(products_t: torch.Tensor) -> float:
