@@ -388,10 +388,14 @@ class _Calibrator:
         owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
         tokens = {name: accumulators[name].num_tokens for name in solvable}
         mine = {}
+        for name in solvable:  # Gram matrices of layers another rank solves go now
+            if owners[name] != self.group.rank:
+                del accumulators[name]
+        self._hand_over([accumulators[name] for name in solvable if name in accumulators])
         for name in solvable:  # a Gram matrix is freed once the last layer reading it is solved
-            accumulator = accumulators.pop(name)
-            last_reader = all(other is not accumulator for other in accumulators.values())
             if owners[name] == self.group.rank:
+                accumulator = accumulators.pop(name)
+                last_reader = all(other is not accumulator for other in accumulators.values())
                 mine[name] = self._solve(name, accumulator, last_reader)
         for name, qweight in share_solutions(self.group, mine, owners).items():
             stats = dict(qweight.stats)
@@ -405,6 +409,18 @@ class _Calibrator:
                 self._install(name, qweight)
             else:
                 self.deferred.append((name, _to_cpu(qweight)))
+
+    def _hand_over(self, accumulators: list[HessianAccumulator]) -> None:
+        """Convert every Gram matrix to the solver's dtype before the first solve, smallest first.
+
+        A layer's solve is the peak of a block, and the sums of the layers solved after
+        it sit beside it: converted, they take half the room.  Smallest first, the widest
+        sum's conversion (its float64 and float32 copies side by side) meets the others
+        already converted.  The solver would make the very same conversion itself.
+        """
+        distinct = {id(accumulator): accumulator for accumulator in accumulators}
+        for accumulator in sorted(distinct.values(), key=lambda accumulator: accumulator.in_features):
+            accumulator.result(self.settings.hessian_dtype)
 
     def _solve(self, name: str, accumulator: HessianAccumulator, last_reader: bool) -> QuantizedWeight:
         module = self.model.get_submodule(name)

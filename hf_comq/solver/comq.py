@@ -319,6 +319,7 @@ class _Problem:
 
     def set_grid(self, grid: Grid) -> None:
         self.grid = grid
+        self.scale_t = self.zero_t = None  # group-wise tables are weight-sized: the old ones go first
         self.scale_t = _per_column(grid.scale, self.group_of_column)
         self.zero_t = _per_column(grid.zero_point, self.group_of_column)
 
@@ -354,8 +355,11 @@ class _Problem:
         """Codes, values and per-row objectives of the start on each grid, side by side
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
-        scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
-        zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
+        if len(grids) == 1:  # this problem's own grid, whose tables exist already
+            scale_t, zero_t = self.scale_t, self.zero_t
+        else:
+            scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
+            zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
         if init == "rtn":
             weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
