@@ -31,6 +31,7 @@ from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback,
 
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
 HESSIAN_BLOCK_BYTES = 16 * 1024 * 1024  # temporaries of one row block while the solver's H is built
+OBJECTIVE_COLUMNS = 256  # output rows per block of the objective's products: a multiple of every SIMD width
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
 
@@ -390,8 +391,18 @@ class _Problem:
 
     def objective(self) -> float:
         """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three
-        times cheaper than an all-float64 sum, which converts every element."""
-        return _row_sums_in_float64(torch.sub(self.weight_t, self.dequant_t).mul_(self.residual_t))
+        times cheaper than an all-float64 sum, which converts every element.
+
+        Formed :data:`OBJECTIVE_COLUMNS` output rows at a time, so the products need no
+        weight-sized temporary (the objective comes right after the start, at the
+        solve's peak); each row's sum runs over the same inputs in the same order.
+        """
+        n_cols, out_features = self.weight_t.shape
+        row_sums = [
+            torch.sub(self.weight_t[:, rows], self.dequant_t[:, rows]).mul_(self.residual_t[:, rows]).sum(0)
+            for rows in (slice(start, start + OBJECTIVE_COLUMNS) for start in range(0, out_features, OBJECTIVE_COLUMNS))
+        ]
+        return float(torch.cat(row_sums).double().sum())
 
     def sweep(self, order: str, block_size: int) -> None:
         if self.codes_t is None:  # the full-precision start, as fractional codes
