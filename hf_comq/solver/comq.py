@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -198,7 +199,11 @@ def comq_quantize(
         if scale_search and init != "fp":
             alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
     del w  # the problem holds its own transposed copy; a wide layer's solve has no room for a spare
-    history = problem.start(init, damp, block_size, alternatives, plan)
+    reference = problem.reference()
+    # H W^T serves the start's residual and the scale refits only; without refits its
+    # storage becomes the residual (one weight-sized matrix less from the start on).
+    spare_weight_h = init != "fp" and not (scale_refit and iterations > 0)
+    history = problem.start(init, damp, block_size, alternatives, plan, consume_weight_h=spare_weight_h)
     for sweep_index in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
@@ -213,11 +218,8 @@ def comq_quantize(
     if problem.codes_t is None:  # iterations == 0 from the full-precision start: plain rounding
         history = problem.start("rtn", damp, block_size)
 
-    codes = problem.codes_in_original_order()
-    problem.residual_t = problem.dequant_t = problem.codes_t = None  # room for the last product below
-    reference = _row_sums_in_float64(problem.weight_h_t.mul_(problem.weight_t))  # weight_h_t's last use
     return QuantizedWeight(
-        codes=codes,
+        codes=problem.codes_in_original_order(),
         scale=problem.grid.scale.float(),
         zero_point=problem.grid.zero_point.float(),
         bits=bits,
@@ -332,14 +334,21 @@ class _Problem:
         return _in_original_order(plan.move_weight, plan.perm)
 
     def start(
-        self, init: str, damp: float, block_size: int, alternatives: list[Grid] = (), plan: ErrorFeedbackPlan | None = None
+        self,
+        init: str,
+        damp: float,
+        block_size: int,
+        alternatives: list[Grid] = (),
+        plan: ErrorFeedbackPlan | None = None,
+        consume_weight_h: bool = False,
     ) -> list[float]:
         """Put every coordinate on the grid (or at its full-precision value for ``"fp"``).
 
         With ``alternatives``, this grid and every alternative are started in one
         stacked pass and each row keeps the grid whose start has the lowest
         objective.  ``plan``: the error-feedback plan of this problem's Hessian, if
-        already made.
+        already made.  ``consume_weight_h``: form the residual inside ``weight_h_t``'s
+        storage (for callers that need ``H W^T`` no more: no scale refits).
         """
         if init == "fp":
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
@@ -349,7 +358,10 @@ class _Problem:
             if alternatives:
                 codes_t, dequant_t = self._keep_best_rows(grids, codes_t, dequant_t, row_objective)
             self.codes_t, self.dequant_t = codes_t, dequant_t
-        self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
+        if consume_weight_h:
+            self.residual_t, self.weight_h_t = self.weight_h_t.addmm_(self.hessian, self.dequant_t, alpha=-1.0), None
+        else:
+            self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
         return [self.objective()]
 
     def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int, plan: ErrorFeedbackPlan | None = None):
@@ -390,19 +402,20 @@ class _Problem:
         return pick(codes_t), pick(dequant_t)
 
     def objective(self) -> float:
-        """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three
+        """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_blocks` does: three
         times cheaper than an all-float64 sum, which converts every element.
 
-        Formed :data:`OBJECTIVE_COLUMNS` output rows at a time, so the products need no
-        weight-sized temporary (the objective comes right after the start, at the
-        solve's peak); each row's sum runs over the same inputs in the same order.
+        The products are formed in blocks (:func:`_row_sums_in_blocks`): the objective
+        comes right after the start, at the solve's peak.
         """
-        n_cols, out_features = self.weight_t.shape
-        row_sums = [
-            torch.sub(self.weight_t[:, rows], self.dequant_t[:, rows]).mul_(self.residual_t[:, rows]).sum(0)
-            for rows in (slice(start, start + OBJECTIVE_COLUMNS) for start in range(0, out_features, OBJECTIVE_COLUMNS))
-        ]
-        return float(torch.cat(row_sums).double().sum())
+        return _row_sums_in_blocks(
+            self.weight_t.shape[1],
+            lambda rows: torch.sub(self.weight_t[:, rows], self.dequant_t[:, rows]).mul_(self.residual_t[:, rows]),
+        )
+
+    def reference(self) -> float:
+        """``||X W^T||^2 = sum(H W^T * W^T)``, the denominator of the relative error."""
+        return _row_sums_in_blocks(self.weight_t.shape[1], lambda rows: self.weight_h_t[:, rows] * self.weight_t[:, rows])
 
     def sweep(self, order: str, block_size: int) -> None:
         if self.codes_t is None:  # the full-precision start, as fractional codes
@@ -557,10 +570,13 @@ def _symmetrize_in_place(h: torch.Tensor) -> None:
             h[cols, rows] = mean.T
 
 
-def _row_sums_in_float64(products_t: torch.Tensor) -> float:
-    """Total of an ``in x out`` table: each output row summed in the compute dtype
-    (``in`` terms, accurate enough), the row totals in float64."""
-    return float(products_t.sum(0).double().sum())
+def _row_sums_in_blocks(out_features: int, products: Callable[[slice], torch.Tensor]) -> float:
+    """Total of the ``in x out`` table that ``products(rows)`` forms :data:`OBJECTIVE_COLUMNS`
+    output rows at a time (no weight-sized temporary): each output row summed in the
+    compute dtype (``in`` terms, accurate enough; the same order as in the whole table),
+    the row totals in float64."""
+    blocks = (slice(start, start + OBJECTIVE_COLUMNS) for start in range(0, out_features, OBJECTIVE_COLUMNS))
+    return float(torch.cat([products(rows).sum(0) for rows in blocks]).double().sum())
 
 
 def _per_column(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:
