@@ -100,9 +100,9 @@ def _layer_names_to_solver(solver) -> Iterator[object]:
     current: dict[str, str] = {}
     original = _Calibrator._solve
 
-    def quantize_layer(self, name, accumulator):
+    def quantize_layer(self, name, *rest):
         current["name"] = name
-        return original(self, name, accumulator)
+        return original(self, name, *rest)
 
     def named(weight, hessian, **settings):
         return solver(current["name"], weight, hessian, **settings)

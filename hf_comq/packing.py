@@ -31,6 +31,10 @@ import torch
 from .solver.options import check_bits
 
 CHUNK = 32
+PACK_BLOCK_BYTES = 16 * 1024 * 1024
+"""Bytes of ``int64`` work space per block of rows while packing: a whole layer's codes
+widened to ``int64`` three times over would be 24 bytes per code, several times the
+layer's bf16 weight, at the moment a quantized layer is installed."""
 MIN_PACKED_BITS = 1  # the layout also holds 1-bit codes; the upper bound is the solver's MAX_BITS
 
 
@@ -60,22 +64,32 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
         )
     rows = codes if dim % 2 == 1 else codes.t()
     count, n = rows.shape
+    step = max(1, PACK_BLOCK_BYTES // (3 * 8 * max(n, 1)))
+    if count <= step:
+        packed = _pack_rows(rows, bits)
+    else:
+        packed = torch.cat([_pack_rows(rows[start : start + step], bits) for start in range(0, count, step)])
+    return packed if dim % 2 == 1 else packed.t().contiguous()
+
+
+def _pack_rows(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_codes` of checked codes along the last dimension."""
+    count, n = rows.shape
     chunks = math.ceil(n / CHUNK)
-    values = torch.zeros(count, chunks * CHUNK, dtype=torch.int64, device=codes.device)
+    values = torch.zeros(count, chunks * CHUNK, dtype=torch.int64, device=rows.device)
     values[:, :n] = rows.to(torch.int64)
     values = values.view(count, chunks, CHUNK)
-    start = torch.arange(CHUNK, device=codes.device) * bits
+    start = torch.arange(CHUNK, device=rows.device) * bits
     word, shift = start // 32, start % 32
     # Bits of different codes never overlap, so adding is the same as OR-ing them in.
-    words = torch.zeros(count, chunks, bits, dtype=torch.int64, device=codes.device)
+    words = torch.zeros(count, chunks, bits, dtype=torch.int64, device=rows.device)
     words.index_add_(-1, word, (values << shift) & 0xFFFFFFFF)
     spill = shift + bits - 32
     straddle = spill > 0  # the code's high bits continue in the next word
     if bool(straddle.any()):
         words.index_add_(-1, word[straddle] + 1, values[..., straddle] >> (bits - spill[straddle]))
     words = words.view(count, chunks * bits)[:, : packed_width(n, bits)]
-    packed = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # two's complement
-    return packed if dim % 2 == 1 else packed.t().contiguous()
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # two's complement
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:

@@ -63,6 +63,18 @@ def test_words_are_those_of_compressed_tensors(bits, length):
     assert torch.equal(library.to(torch.int16) + 2 ** (bits - 1), codes.to(torch.int16))
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_packing_in_row_blocks_gives_the_words_of_compressed_tensors(monkeypatch, bits, dim):
+    """Large layers are packed a block of rows at a time (bounded int64 work space)."""
+    import hf_comq.packing as packing
+
+    monkeypatch.setattr(packing, "PACK_BLOCK_BYTES", 2000)  # a few rows per block
+    codes = torch.randint(0, 2**bits, (45, 77), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    signed = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+    assert torch.equal(pack_codes(codes, bits, dim=dim), pack_to_int32(signed, bits, packed_dim=1 if dim == -1 else 0))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_zero_points_are_packed_along_the_output_dimension(bits):
     zero = torch.randint(0, 2**bits, (70, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

@@ -94,7 +94,11 @@ __all__ = ["LayerSolver", "check_finite_weights", "quantize_model"]
 LayerSolver = Callable[..., QuantizedWeight]
 """``solver(weight, hessian, **settings) -> QuantizedWeight``, with the signature of
 :func:`hf_comq.comq_quantize`; benchmarks swap in other layer solvers (e.g. GPTQ)
-to compare them inside the very same calibration pipeline."""
+to compare them inside the very same calibration pipeline.  ``hessian`` arrives in
+the dtype COMQ solves in (float32): it is summed in float64, and the sum is converted
+(and freed) before the solve, which for a wide layer would otherwise hold both.  The
+solver also receives ``overwrite_hessian=True`` for a Gram matrix no later layer reads,
+and may then use its storage as work space."""
 
 
 @single_thread()  # checks and bookkeeping on one thread; the forward passes and solver size their own
@@ -180,6 +184,11 @@ class _Settings:
             sequential=bool(getattr(config, "sequential", True)),
             symmetric=bool(getattr(config, "symmetric", False)),
         )
+
+    @property
+    def hessian_dtype(self) -> torch.dtype:
+        """The dtype the solver computes in, which the Gram matrices are handed over in."""
+        return self.solver_kwargs.get("compute_dtype", SOLVER_DEFAULTS["compute_dtype"])
 
 
 class _ModelInputs:
@@ -384,10 +393,15 @@ class _Calibrator:
         owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
         tokens = {name: accumulators[name].num_tokens for name in solvable}
         mine = {}
+        for name in solvable:  # Gram matrices of layers another rank solves go now
+            if owners[name] != self.group.rank:
+                del accumulators[name]
+        self._hand_over([accumulators[name] for name in solvable if name in accumulators])
         for name in solvable:  # a Gram matrix is freed once the last layer reading it is solved
-            accumulator = accumulators.pop(name)
             if owners[name] == self.group.rank:
-                mine[name] = self._solve(name, accumulator)
+                accumulator = accumulators.pop(name)
+                last_reader = all(other is not accumulator for other in accumulators.values())
+                mine[name] = self._solve(name, accumulator, last_reader)
         for name, qweight in share_solutions(self.group, mine, owners).items():
             stats = dict(qweight.stats)
             self.results[name] = {
@@ -401,13 +415,28 @@ class _Calibrator:
             else:
                 self.deferred.append((name, _to_cpu(qweight)))
 
-    def _solve(self, name: str, accumulator: HessianAccumulator) -> QuantizedWeight:
+    def _hand_over(self, accumulators: list[HessianAccumulator]) -> None:
+        """Convert every Gram matrix to the solver's dtype before the first solve, smallest first.
+
+        A layer's solve is the peak of a block, and the sums of the layers solved after
+        it sit beside it: converted, they take half the room.  Smallest first, the widest
+        sum's conversion (its float64 and float32 copies side by side) meets the others
+        already converted.  The solver would make the very same conversion itself.
+        """
+        distinct = {id(accumulator): accumulator for accumulator in accumulators}
+        for accumulator in sorted(distinct.values(), key=lambda accumulator: accumulator.in_features):
+            accumulator.result(self.settings.hessian_dtype)
+
+    def _solve(self, name: str, accumulator: HessianAccumulator, last_reader: bool) -> QuantizedWeight:
         module = self.model.get_submodule(name)
         started = time.perf_counter()
         with materialized(module, self.compute):
             weight = get_linear_weight(module).detach().to(self.compute)
         try:
-            qweight = self.settings.solver(weight, accumulator.result(), **self.settings.solver_kwargs)
+            hessian = accumulator.result(self.settings.hessian_dtype)
+            qweight = self.settings.solver(
+                weight, hessian, **self.settings.solver_kwargs, **({"overwrite_hessian": True} if last_reader else {})
+            )
         except ValueError as error:
             raise ValueError(f"COMQ could not quantize {name!r}: {error}") from error
         return dataclasses.replace(qweight, stats={**qweight.stats, "seconds": time.perf_counter() - started})

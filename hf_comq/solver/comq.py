@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,8 @@ from .scale_refit import refit_scales
 from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
 
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
+HESSIAN_BLOCK_BYTES = 16 * 1024 * 1024  # temporaries of one row block while the solver's H is built
+OBJECTIVE_COLUMNS = 256  # output rows per block of the objective's products: a multiple of every SIMD width
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
 
@@ -84,6 +87,7 @@ def comq_quantize(
     tol: float = 1e-4,
     block_size: int = 128,
     compute_dtype: torch.dtype = torch.float32,
+    overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
     """Quantize one linear layer's weight with COMQ coordinate descent.
 
@@ -147,6 +151,12 @@ def comq_quantize(
         tol: relative objective decrease below which sweeping stops.
         block_size: columns per block of the blocked sweeps.
         compute_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        overwrite_hessian: let the solver build its working copy of H (symmetrized,
+            columns in sweep order) inside ``hessian``'s own storage, whose values are
+            then lost.  For a wide layer that is one ``in x in`` matrix less at the
+            solve's peak; the calibration driver passes it for a Gram matrix no other
+            layer reads.  Takes effect only when ``hessian`` is contiguous and already
+            in ``compute_dtype`` on the weight's device (otherwise a copy is made anyway).
 
     Returns:
         A :class:`QuantizedWeight`; ``stats["objective"]`` lists the objective after
@@ -165,11 +175,11 @@ def comq_quantize(
     in_features = weight.shape[1]
     cols_per_group = resolve_group_size(in_features, group_size)
     w = weight.detach().to(compute_dtype)
-    h = hessian.detach().to(device=w.device, dtype=compute_dtype)
-    h = 0.5 * (h + h.T)
-    h_diag = torch.diagonal(h).clamp_min(0.0)
+    # The diagonal of (H + H^T) / 2, exactly: halving a doubled float is exact.
+    h_diag = torch.diagonal(hessian.detach()).to(device=w.device, dtype=compute_dtype).clamp_min(0.0)
     conditional_search = scale_search and init == "error_feedback" and clip_weights == "conditional"
-    problem = _Problem.build(w, h, minmax_grid(w, bits, cols_per_group, symmetric, shrink), order)
+    grid = minmax_grid(w, bits, cols_per_group, symmetric, shrink)
+    problem = _Problem.build(w, hessian.detach(), grid, order, overwrite_hessian)
     plan = plan_error_feedback(problem.hessian, damp) if init == "error_feedback" else None
     # Neither search proxy sees every effect of error feedback (inputs drift as
     # errors are fed forward); rows are independent, so each keeps whichever of two
@@ -189,7 +199,12 @@ def comq_quantize(
         problem.set_grid(_initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink))
         if scale_search and init != "fp":
             alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
-    history = problem.start(init, damp, block_size, alternatives, plan)
+    del w  # the problem holds its own transposed copy; a wide layer's solve has no room for a spare
+    reference = problem.reference()
+    # H W^T serves the start's residual and the scale refits only; without refits its
+    # storage becomes the residual (one weight-sized matrix less from the start on).
+    spare_weight_h = init != "fp" and not (scale_refit and iterations > 0)
+    history = problem.start(init, damp, block_size, alternatives, plan, consume_weight_h=spare_weight_h)
     for sweep_index in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
@@ -205,9 +220,8 @@ def comq_quantize(
     if problem.codes_t is None:  # iterations == 0 from the full-precision start: plain rounding
         history = problem.start("rtn", damp, block_size)
 
-    reference = _row_sums_in_float64(problem.weight_h_t * problem.weight_t)
     return QuantizedWeight(
-        codes=problem.codes_in_original_order().to(torch.uint8),
+        codes=problem.codes_in_original_order(),
         scale=problem.grid.scale.float(),
         zero_point=problem.grid.zero_point.float(),
         bits=bits,
@@ -286,13 +300,20 @@ class _Problem:
     objective_without_residual: float | None = None  # set when a refit drops the residual
 
     @classmethod
-    def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str) -> "_Problem":
+    def build(cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str, overwrite: bool = False) -> "_Problem":
+        """The problem of weight ``w`` (in the compute dtype) and Gram matrix ``h``
+        (any float dtype and device; symmetrized here, as ``(h + h^T) / 2``, inside
+        ``h`` itself with ``overwrite`` where its dtype, device and layout allow)."""
         if order == "act_order":
-            perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+            diag = torch.diagonal(h).to(device=w.device, dtype=w.dtype)  # that of (h + h^T) / 2, exactly
+            perm = torch.argsort(diag, descending=True, stable=True)
         else:
             perm = torch.arange(w.shape[1], device=w.device)
         group_of_column = perm // grid.group_size
-        h_perm = h.index_select(0, perm).index_select(1, perm)
+        if overwrite and h.dtype == w.dtype and h.device == w.device and h.is_contiguous():
+            h_perm = _symmetric_permuted_in_place(h, perm)
+        else:
+            h_perm = _symmetric_permuted(h, perm, w.dtype, w.device)
         weight_t = w.T.index_select(0, perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
         return cls(
             weight_t=weight_t,
@@ -308,6 +329,7 @@ class _Problem:
 
     def set_grid(self, grid: Grid) -> None:
         self.grid = grid
+        self.scale_t = self.zero_t = None  # group-wise tables are weight-sized: the old ones go first
         self.scale_t = _per_column(grid.scale, self.group_of_column)
         self.zero_t = _per_column(grid.zero_point, self.group_of_column)
 
@@ -319,14 +341,21 @@ class _Problem:
         return _in_original_order(plan.move_weight, plan.perm)
 
     def start(
-        self, init: str, damp: float, block_size: int, alternatives: list[Grid] = (), plan: ErrorFeedbackPlan | None = None
+        self,
+        init: str,
+        damp: float,
+        block_size: int,
+        alternatives: list[Grid] = (),
+        plan: ErrorFeedbackPlan | None = None,
+        consume_weight_h: bool = False,
     ) -> list[float]:
         """Put every coordinate on the grid (or at its full-precision value for ``"fp"``).
 
         With ``alternatives``, this grid and every alternative are started in one
         stacked pass and each row keeps the grid whose start has the lowest
         objective.  ``plan``: the error-feedback plan of this problem's Hessian, if
-        already made.
+        already made.  ``consume_weight_h``: form the residual inside ``weight_h_t``'s
+        storage (for callers that need ``H W^T`` no more: no scale refits).
         """
         if init == "fp":
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
@@ -337,7 +366,10 @@ class _Problem:
                 codes_t = self._keep_best_rows(grids, codes_t, row_objective)
             self.codes_t = codes_t
             self.dequant_t = self.column_grid.dequantize(codes_t, out=torch.empty_like(codes_t))
-        self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
+        if consume_weight_h:
+            self.residual_t, self.weight_h_t = self.weight_h_t.addmm_(self.hessian, self.dequant_t, alpha=-1.0), None
+        else:
+            self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
         return [self.objective()]
 
     def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int, plan: ErrorFeedbackPlan | None = None):
@@ -345,12 +377,17 @@ class _Problem:
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
         if init == "rtn":
-            scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
-            zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
+            if len(grids) == 1:  # this problem's own grid, whose tables exist already
+                scale_t, zero_t = self.scale_t, self.zero_t
+            else:
+                scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
+                zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
             weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
-            error_t = weight_t - dequant_t
-            row_objective = ((self.hessian @ error_t) * error_t).sum(0) if len(grids) > 1 else None
+            row_objective = None
+            if len(grids) > 1:
+                error_t = weight_t - dequant_t
+                row_objective = ((self.hessian @ error_t) * error_t).sum(0)
             return codes_t, row_objective
         plan = plan or plan_error_feedback(self.hessian, damp)
         return error_feedback_start(self.weight_t, ColumnGrid.of(grids, self.groups), self.grid.max_code, plan, block_size)
@@ -371,11 +408,25 @@ class _Problem:
         return codes_t.index_select(1, picked)
 
     def objective(self) -> float:
-        """``sum(R * (W - Wq)^T)``, summed as :func:`_row_sums_in_float64` does: three
-        times cheaper than an all-float64 sum, which converts every element."""
+        """``sum(R * (W - Wq)^T)``: each output row summed in the compute dtype, the row
+        totals in float64 (three times cheaper than an all-float64 sum, which converts
+        every element), the products formed a block of rows at a time: the objective
+        comes right after the start, at the solve's peak."""
         if self.residual_t is None:  # the last refit kept no residual, only the objective
             return self.objective_without_residual
-        return _row_sums_in_float64(self.residual_t * (self.weight_t - self.dequant_t))
+        return float(self.row_objectives().double().sum())
+
+    def row_objectives(self) -> torch.Tensor:
+        """Each output row's ``sum(R * (W - Wq)^T)``, in the compute dtype."""
+        return _row_totals_in_blocks(
+            self.weight_t.shape[1],
+            lambda rows: torch.sub(self.weight_t[:, rows], self.dequant_t[:, rows]).mul_(self.residual_t[:, rows]),
+        )
+
+    def reference(self) -> float:
+        """``||X W^T||^2 = sum(H W^T * W^T)``, the denominator of the relative error."""
+        totals = _row_totals_in_blocks(self.weight_t.shape[1], lambda rows: self.weight_h_t[:, rows] * self.weight_t[:, rows])
+        return float(totals.double().sum())
 
     def sweep(self, order: str, block_size: int) -> None:
         if self.codes_t is None:  # the full-precision start, as fractional codes
@@ -432,8 +483,8 @@ class _Problem:
                 weight_h_t=self.weight_h_t, residual_t=self.residual_t, with_product=keep_residual,
             )
         if refit.dequant_h_t is None:
-            rows_before = (self.residual_t * (self.weight_t - self.dequant_t)).sum(0)
-            self.objective_without_residual = _row_sums_in_float64(rows_before + refit.objective_change)
+            rows_after = self.row_objectives() + refit.objective_change
+            self.objective_without_residual = float(rows_after.double().sum())
             self.residual_t = None
         else:
             self.residual_t = torch.sub(self.weight_h_t, refit.dequant_h_t, out=refit.dequant_h_t)
@@ -458,13 +509,88 @@ class _Problem:
         return self.grid.scale.shape[1] == 1
 
     def codes_in_original_order(self) -> torch.Tensor:
-        return self.codes_t[torch.argsort(self.perm)].T.contiguous()
+        """``uint8`` codes in the weight's ``(out, in)`` layout (cast first: a quarter of the copies' size)."""
+        return self.codes_t.to(torch.uint8)[torch.argsort(self.perm)].T.contiguous()
 
 
-def _row_sums_in_float64(products_t: torch.Tensor) -> float:
-    """Total of an ``in x out`` table: each output row summed in the compute dtype
-    (``in`` terms, accurate enough), the row totals in float64."""
-    return float(products_t.sum(0).double().sum())
+def _symmetric_permuted(h: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(h + h^T) / 2`` in ``dtype`` on ``device``, rows and columns in ``perm`` order.
+
+    Built in row blocks (:data:`HESSIAN_BLOCK_BYTES`), so the result is the solve's one
+    new ``in x in`` matrix: the caller still holds ``h``, and a whole-matrix cast,
+    transpose sum and gather would each have left a full-size temporary beside it.
+    Entry for entry it is the cast, then the sum, then the halving of the whole-matrix
+    route, so the values are the same.
+    """
+    n = h.shape[0]
+    result = torch.empty(n, n, dtype=dtype, device=device)
+    source_perm = perm.to(h.device)
+    temporaries_per_entry = 4 * h.element_size() + 2 * result.element_size()
+    rows = max(1, HESSIAN_BLOCK_BYTES // (n * temporaries_per_entry))
+    for start in range(0, n, rows):
+        index = source_perm[start : start + rows]
+        upper = h.index_select(0, index).index_select(1, source_perm).to(device=device, dtype=dtype)
+        lower = h.index_select(1, index).index_select(0, source_perm).T.to(device=device, dtype=dtype)
+        result[start : start + rows] = upper.add_(lower).mul_(0.5)
+    return result
+
+
+def _symmetric_permuted_in_place(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """:func:`_symmetric_permuted` inside ``h``'s own storage (``h`` square, contiguous,
+    already in the compute dtype and on the compute device; its values are lost).
+
+    A row gather cannot be done in place in blocks (a block would overwrite rows not
+    yet read), but a column gather can, one row block at a time.  So: gather the
+    columns (``H P^T``), transpose in place (``P H^T``), gather the columns again
+    (``P H^T P^T``, the transpose of the wanted ``P H P^T``), and symmetrize tile by
+    tile, which undoes that transpose.  Only moves values, then the same cast-free
+    sum and halving as the whole-matrix route: the same values.
+    """
+    n = h.shape[0]
+    rows = max(1, HESSIAN_BLOCK_BYTES // (n * h.element_size()))
+    if not bool(torch.equal(perm, torch.arange(n, device=perm.device))):
+        for step in range(2):
+            for start in range(0, n, rows):
+                h[start : start + rows] = h[start : start + rows].index_select(1, perm)
+            if step == 0:
+                _transpose_in_place(h)
+    _symmetrize_in_place(h)
+    return h
+
+
+def _tiles(n: int, element_size: int) -> list[tuple[slice, slice]]:
+    """Upper-triangle tile pairs ``(I, J)``, ``I <= J``, of an ``n x n`` matrix, each tile
+    a square of :data:`HESSIAN_BLOCK_BYTES` at most."""
+    side = max(1, int(math.sqrt(HESSIAN_BLOCK_BYTES / element_size)))
+    spans = [slice(start, min(start + side, n)) for start in range(0, n, side)]
+    return [(spans[i], spans[j]) for i in range(len(spans)) for j in range(i, len(spans))]
+
+
+def _transpose_in_place(h: torch.Tensor) -> None:
+    for rows, cols in _tiles(h.shape[0], h.element_size()):
+        if rows == cols:
+            h[rows, cols] = h[rows, cols].T.clone()
+        else:
+            upper = h[rows, cols].clone()
+            h[rows, cols] = h[cols, rows].T
+            h[cols, rows] = upper.T
+
+
+def _symmetrize_in_place(h: torch.Tensor) -> None:
+    """``h = (h + h^T) / 2`` tile pair by tile pair."""
+    for rows, cols in _tiles(h.shape[0], h.element_size()):
+        mean = torch.add(h[rows, cols], h[cols, rows].T).mul_(0.5)
+        h[rows, cols] = mean
+        if rows != cols:
+            h[cols, rows] = mean.T
+
+
+def _row_totals_in_blocks(out_features: int, products: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """Column sums (one per output row) of the ``in x out`` table that ``products(rows)``
+    forms :data:`OBJECTIVE_COLUMNS` output rows at a time: no weight-sized temporary,
+    and each row summed in the compute dtype in the same order as in the whole table."""
+    blocks = (slice(start, start + OBJECTIVE_COLUMNS) for start in range(0, out_features, OBJECTIVE_COLUMNS))
+    return torch.cat([products(rows).sum(0) for rows in blocks])
 
 
 def _per_column(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,7 @@ def _grid_from_range(
 
 def quantize_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int) -> torch.Tensor:
     """Nearest grid level of each value, as float-valued integer codes."""
-    return torch.clamp(torch.round(values / scale) + zero, 0, max_code)
+    return torch.div(values, scale).round_().add_(zero).clamp_(0, max_code)  # in place: one temporary, not four
 
 
 def _weighted_sums(values: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:

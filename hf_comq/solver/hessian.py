@@ -11,6 +11,13 @@ import torch
 
 from ..threads import threads_for
 
+GRAM_BLOCK_BYTES = 16 * 1024 * 1024
+"""Bytes of the temporaries of one row block of a batch's ``X^T X`` (its product and,
+when the sum is float64, the product's float64 copy).  A whole wide layer's product
+would be an ``in x in`` float32 matrix plus its float64 copy beside the sum: three
+times the sum's own size at the peak of a calibration pass."""
+MIN_BLOCK_ROWS = 64
+
 
 class HessianAccumulator:
     """Accumulates ``X^T X`` over batches of activations of any leading shape.
@@ -23,6 +30,10 @@ class HessianAccumulator:
     implementations accumulate the whole Hessian in float32).  The sum is *not* averaged:
     the COMQ objective ``||X W^T - X Wq^T||^2`` is defined on the raw Gram matrix,
     and the coordinate updates are invariant to its scale anyway.
+
+    The product is formed in row blocks of ``H`` (see :data:`GRAM_BLOCK_BYTES`): each
+    block's entries are the very same dot products as the whole product's, so the sum
+    does not depend on the block size, and no ``in x in`` temporary exists.
     """
 
     def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
@@ -33,6 +44,7 @@ class HessianAccumulator:
         self.in_features = in_features
         self.hessian = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.num_tokens = 0
+        self._converted = False
 
     def add(self, activations: torch.Tensor) -> None:
         """Add a batch of inputs whose last dimension is ``in_features``."""
@@ -40,19 +52,42 @@ class HessianAccumulator:
             raise ValueError(
                 f"activations have last dimension {activations.shape[-1]}, expected in_features={self.in_features}"
             )
+        if self._converted:
+            raise RuntimeError("this Gram matrix was already handed over (result(dtype)); it takes no more batches")
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
         rows = activations.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=product_dtype)
         if not torch.isfinite(rows).all():
             raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
         with threads_for(2.0 * rows.numel() * self.in_features):
-            if product_dtype == self.hessian.dtype:
-                self.hessian.addmm_(rows.T, rows)
-            else:
-                self.hessian.add_(rows.T @ rows)
+            for start, stop in _row_blocks(self.in_features, self.hessian.element_size() + rows.element_size()):
+                block = self.hessian[start:stop]
+                if product_dtype == self.hessian.dtype:
+                    block.addmm_(rows[:, start:stop].T, rows)
+                else:
+                    block.add_(rows[:, start:stop].T @ rows)
         self.num_tokens += rows.shape[0]
 
-    def result(self) -> torch.Tensor:
-        """The accumulated ``X^T X``; raises if nothing was added."""
+    def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The accumulated ``X^T X``; raises if nothing was added.
+
+        With ``dtype``, the sum is converted once and the converted matrix *replaces*
+        it: a solver working in float32 then never holds the float64 sum beside its
+        own copy (for a wide layer, twice the float32 matrix).  Accumulation is over
+        by then; :meth:`add` refuses more batches.
+        """
         if self.num_tokens == 0:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
+        if dtype is not None and dtype != self.hessian.dtype:
+            self.hessian = self.hessian.to(dtype)
+            self._converted = True
         return self.hessian
+
+
+def _row_blocks(in_features: int, bytes_per_entry: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of ``H`` whose product temporaries fit :data:`GRAM_BLOCK_BYTES`.
+
+    Never thinner than :data:`MIN_BLOCK_ROWS`: a product only one or two rows high takes
+    the BLAS's matrix-vector path, which orders its sums differently.
+    """
+    rows = max(MIN_BLOCK_ROWS, GRAM_BLOCK_BYTES // (in_features * bytes_per_entry))
+    return [(start, min(start + rows, in_features)) for start in range(0, in_features, rows)]

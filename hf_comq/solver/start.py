@@ -27,7 +27,7 @@ from .passes import error_feedback_pass
 def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and dequantized values of plain round-to-nearest."""
     codes = quantize_to_codes(weight, scale, zero, max_code)
-    return codes, (codes - zero) * scale
+    return codes, torch.sub(codes, zero).mul_(scale)
 
 
 def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,10 +42,17 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.T
     dead = (diag <= 0).to(hessian.dtype)
     for attempt in range(6):
         added = dead + (damp * 10**attempt) * mean_diag
-        factor, info = torch.linalg.cholesky_ex(hessian + torch.diag(added))
+        # Each step's input is dropped as soon as its output exists: at most two
+        # in x in matrices beside H, for a wide layer the solve's largest ones.
+        damped = hessian.clone()
+        damped.diagonal().add_(added)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 return upper, added
     raise ValueError("the Hessian could not be factorised even with strong damping; it may contain huge values")
@@ -76,10 +83,10 @@ def plan_error_feedback(hessian: torch.Tensor, damp: float) -> ErrorFeedbackPlan
     else:
         hessian = hessian[perm][:, perm]
     upper, added = damped_inverse_cholesky(hessian, damp)
-    upper_diag = torch.diagonal(upper)
+    upper_diag = torch.diagonal(upper).clone()
     return ErrorFeedbackPlan(
         perm=perm,
-        coupling=-upper / upper_diag.unsqueeze(1),
+        coupling=upper.div_(upper_diag.neg().unsqueeze(1)),  # -U / diag(U), in U's own storage
         move_weight=upper_diag.square().reciprocal(),
         added_diagonal=added,
     )

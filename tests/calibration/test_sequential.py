@@ -154,8 +154,8 @@ def test_non_sequential_hessians_come_from_the_full_precision_model():
     quantize_model(model, _config("vit", bits=3, sequential=False), solver=solver)
     assert len(seen) == len(names)
     for index, name in enumerate(names):
-        # float32 per-batch products (HessianAccumulator), float64 reference
-        torch.testing.assert_close(seen[index], reference[name], rtol=1e-4, atol=1e-5)
+        # float32 per-batch products summed in float64 (HessianAccumulator), handed over in float32
+        torch.testing.assert_close(seen[index], reference[name].float(), rtol=1e-4, atol=1e-5)
 
 
 def test_sequential_hessians_come_from_the_quantized_prefix():
@@ -167,9 +167,9 @@ def test_sequential_hessians_come_from_the_quantized_prefix():
     first_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.0.")]
     second_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.1.")]
     for index in first_block:  # block 0 sees the (unquantized) embeddings either way
-        torch.testing.assert_close(seen[index], reference[names[index]], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(seen[index], reference[names[index]].float(), rtol=1e-4, atol=1e-5)
     for index in second_block:  # block 1 sees block 0's quantized outputs
-        assert not torch.allclose(seen[index], reference[names[index]], rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(seen[index], reference[names[index]].float(), rtol=1e-4, atol=1e-6)
 
 
 def test_layers_of_another_type_get_their_own_attention_mask():
@@ -189,8 +189,8 @@ def test_layers_of_another_type_get_their_own_attention_mask():
     seen, solver = _recording_solver()
     quantize_model(model, COMQConfig(bits=4, dataset=ids, sequential=False), solver=solver)
     for index, name in enumerate(names):
-        # float32 per-batch products (HessianAccumulator), float64 reference
-        torch.testing.assert_close(seen[index], reference[name], rtol=1e-4, atol=1e-5)
+        # float32 per-batch products summed in float64 (HessianAccumulator), handed over in float32
+        torch.testing.assert_close(seen[index], reference[name].float(), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- accuracy
@@ -393,3 +393,18 @@ def test_layers_reading_the_same_input_share_one_hessian(monkeypatch):
     assert len(seen) == blocks * 6
     torch.testing.assert_close(seen[0], seen[1])
     torch.testing.assert_close(seen[0], seen[2])
+
+
+def test_solver_gets_float32_gram_matrices_and_may_overwrite_the_last_readers_one():
+    """The float64 sums are handed over in float32 (and freed); only the last of the
+    layers sharing a Gram matrix (q/k/v) lets the solver use it as work space."""
+    model = tiny_vit()
+    calls: list[tuple[torch.dtype, bool]] = []
+
+    def recording(weight, hessian, **kwargs):
+        calls.append((hessian.dtype, kwargs.get("overwrite_hessian", False)))
+        return comq_quantize(weight, hessian, **kwargs)
+
+    quantize_model(model, _config("vit", bits=4), solver=recording)
+    per_block = [False, False, True, True, True, True]  # query, key, value, attention output, fc1, fc2
+    assert calls == [(torch.float32, flag) for flag in per_block * 2]

@@ -438,3 +438,51 @@ def test_group_wise_default_reports_the_objective_of_what_it_returns(bits, mediu
     weight, _, hessian = medium_layer
     result = comq_quantize(weight, hessian, bits=bits, group_size=32)
     assert result.stats["objective"][-1] == pytest.approx(layer_objective(weight, result.dequantize(), hessian), rel=1e-4)
+
+
+def test_solver_hessian_built_in_row_blocks_equals_the_whole_matrix_route(monkeypatch, medium_layer):
+    """The solver's symmetrized, act-ordered H is built block by block (bounded
+    temporaries); entry for entry it is the whole-matrix cast, sum and gather."""
+    import hf_comq.solver.comq as comq_module
+    from hf_comq.solver.comq import _symmetric_permuted
+
+    _, _, hessian = medium_layer
+    skewed = hessian.double() + 1e-3 * torch.randn(hessian.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    perm = torch.randperm(hessian.shape[0], generator=torch.Generator().manual_seed(1))
+    cast = skewed.float()
+    expected = (0.5 * (cast + cast.T))[perm][:, perm]
+    monkeypatch.setattr(comq_module, "HESSIAN_BLOCK_BYTES", 1)  # one row per block
+    assert torch.equal(_symmetric_permuted(skewed, perm, torch.float32, torch.device("cpu")), expected)
+
+
+@pytest.mark.parametrize("settings", [{}, dict(init="rtn", iterations=0, scale_refit=False, scale_search=False)])
+def test_codes_do_not_depend_on_the_hessian_block_size(monkeypatch, medium_layer, settings):
+    import hf_comq.solver.comq as comq_module
+
+    weight, _, hessian = medium_layer
+    whole = comq_quantize(weight, hessian.double(), bits=3, **settings)
+    monkeypatch.setattr(comq_module, "HESSIAN_BLOCK_BYTES", 1)
+    blocked = comq_quantize(weight, hessian.double(), bits=3, **settings)
+    assert torch.equal(blocked.codes, whole.codes) and torch.equal(blocked.scale, whole.scale)
+    assert blocked.stats["objective"] == whole.stats["objective"]
+
+
+@pytest.mark.parametrize("order", ["act_order", "sequential"])
+def test_hessian_built_in_its_own_storage_equals_the_copy(monkeypatch, medium_layer, order):
+    """overwrite_hessian: the same working matrix (moved and averaged in place, in tiles
+    and row blocks), so the same codes; the caller's matrix is used up."""
+    import hf_comq.solver.comq as comq_module
+    from hf_comq.solver.comq import _symmetric_permuted, _symmetric_permuted_in_place
+
+    weight, _, hessian = medium_layer
+    skewed = hessian + 1e-3 * torch.randn(hessian.shape, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(comq_module, "HESSIAN_BLOCK_BYTES", 4096)  # 32 x 32 tiles, 8-row blocks
+    for perm in (torch.randperm(hessian.shape[0], generator=torch.Generator().manual_seed(1)), torch.arange(hessian.shape[0])):
+        expected = _symmetric_permuted(skewed, perm, torch.float32, torch.device("cpu"))
+        assert torch.equal(_symmetric_permuted_in_place(skewed.clone(), perm), expected)
+    kept = comq_quantize(weight, skewed, bits=3, order=order)
+    used = skewed.clone()
+    overwritten = comq_quantize(weight, used, bits=3, order=order, overwrite_hessian=True)
+    assert torch.equal(overwritten.codes, kept.codes) and torch.equal(overwritten.scale, kept.scale)
+    assert overwritten.stats["objective"] == kept.stats["objective"]
+    assert not torch.equal(used, skewed)

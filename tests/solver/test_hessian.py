@@ -28,3 +28,38 @@ def test_rejects_non_finite_and_wrong_width():
         acc.add(torch.ones(2, 5))
     with pytest.raises(ValueError, match="no activations"):
         acc.result()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_row_blocks_sum_the_same_as_one_product(monkeypatch, dtype, contiguous):
+    """Each row block of H holds the very same dot products as the whole product, so
+    the block size (chosen to bound the temporaries) changes no bit of the sum."""
+    import hf_comq.solver.hessian as hessian_module
+
+    gen = torch.Generator().manual_seed(1)
+    width = 200
+    batches = [torch.randn(width, 70, generator=gen).T if not contiguous else torch.randn(70, width, generator=gen)
+               for _ in range(3)]  # fmt: skip
+    whole = HessianAccumulator(width, dtype=dtype)
+    for batch in batches:
+        whole.add(batch)
+    monkeypatch.setattr(hessian_module, "GRAM_BLOCK_BYTES", 1)  # blocks of MIN_BLOCK_ROWS rows: 4 of them
+    blocked = HessianAccumulator(width, dtype=dtype)
+    for batch in batches:
+        blocked.add(batch)
+    assert torch.equal(blocked.result(), whole.result())
+    rows = torch.cat(batches).double()
+    torch.testing.assert_close(blocked.result().double(), rows.T @ rows, rtol=1e-5, atol=1e-3)
+
+
+def test_result_in_another_dtype_replaces_the_sum():
+    gen = torch.Generator().manual_seed(2)
+    acc = HessianAccumulator(8)
+    acc.add(torch.randn(30, 8, generator=gen))
+    exact = acc.result().clone()
+    handed = acc.result(torch.float32)
+    assert handed.dtype == torch.float32 and acc.hessian is handed  # the float64 sum is gone
+    assert torch.equal(handed, exact.float())
+    with pytest.raises(RuntimeError, match="already handed over"):
+        acc.add(torch.randn(3, 8, generator=gen))
