@@ -7,6 +7,8 @@ a time, no Gram matrix, no blocking.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 
 
@@ -81,6 +83,38 @@ def make_layer(out_features: int, in_features: int, tokens: int, seed: int, outl
     inputs[:, :outliers] *= 8.0
     weight = torch.randn(out_features, in_features, generator=gen) * 0.05
     return weight, inputs
+
+
+class RoundedLayer(NamedTuple):
+    """A float64 layer, its Gram matrix and its weight rounded to nearest on a 3-bit min-max grid."""
+
+    weight: torch.Tensor
+    inputs: torch.Tensor
+    hessian: torch.Tensor
+    grid: Any
+    scale: torch.Tensor  # per column, out x in
+    zero: torch.Tensor  # per column, out x in
+    codes: torch.Tensor  # out x in
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self.codes - self.zero
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.offsets * self.scale
+
+
+def rounded_layer(out_features: int, in_features: int, tokens: int, seed: int, group_size: int | None) -> RoundedLayer:
+    """:func:`make_layer` in float64, rounded to nearest (room for every pass to improve it)."""
+    from hf_comq.solver.grid import minmax_grid
+
+    weight, inputs = make_layer(out_features, in_features, tokens, seed=seed)
+    weight, inputs = weight.double(), inputs.double()
+    grid = minmax_grid(weight, 3, group_size or in_features)
+    scale, zero = grid.per_column()
+    codes = torch.clamp(torch.round(weight / scale) + zero, 0, grid.max_code)
+    return RoundedLayer(weight, inputs, inputs.T @ inputs, grid, scale, zero, codes)
 
 
 def block_resolve_reference(

@@ -6,19 +6,14 @@ import torch
 from hf_comq import comq_quantize, layer_objective
 from hf_comq.solver import REFERENCE_CODE
 from hf_comq.solver.block_resolve import block_resolve_pass
-from hf_comq.solver.grid import ColumnGrid, minmax_grid
-from tests.solver.reference import block_resolve_reference, make_layer
+from hf_comq.solver.grid import ColumnGrid
+from tests.solver.reference import block_resolve_reference, rounded_layer
 
 
 @pytest.mark.parametrize("group_size", [None, 16])  # code-unit and weight-unit rounding
 def test_block_resolve_matches_reference_on_x(group_size):
-    weight, inputs = make_layer(24, 48, 256, seed=3)
-    weight, inputs = weight.double(), inputs.double()
-    hessian = inputs.T @ inputs
-    grid = minmax_grid(weight, 3, group_size or 48)
-    scale, zero = grid.per_column()
-    codes = torch.clamp(torch.round(weight / scale) + zero, 0, grid.max_code)  # round to nearest: room to improve
-    values = (codes - zero) * scale
+    weight, inputs, hessian, grid, scale, zero, codes = layer = rounded_layer(24, 48, 256, seed=3, group_size=group_size)
+    values = layer.values  # round to nearest: room to improve
     expected_codes, expected_values = block_resolve_reference(
         weight, values, inputs, scale, zero, grid.max_code, damp=0.01, block_size=16
     )
@@ -62,13 +57,8 @@ def test_reference_code_setting_never_runs_the_block_resolve(medium_layer):
 def test_block_resolve_where_few_rows_move_matches_reference_on_x():
     # Rows whose weights already lie on the grid cannot improve, so every block
     # updates the residual for the few other rows only.
-    weight, inputs = make_layer(24, 48, 256, seed=4)
-    weight, inputs = weight.double(), inputs.double()
-    hessian = inputs.T @ inputs
-    grid = minmax_grid(weight, 3, 16)
-    scale, zero = grid.per_column()
-    codes = torch.clamp(torch.round(weight / scale) + zero, 0, grid.max_code)
-    values = (codes - zero) * scale
+    weight, inputs, hessian, grid, scale, zero, codes = layer = rounded_layer(24, 48, 256, seed=4, group_size=16)
+    values = layer.values
     weight[4:] = values[4:]
     expected_codes, expected_values = block_resolve_reference(
         weight, values, inputs, scale, zero, grid.max_code, damp=0.01, block_size=16

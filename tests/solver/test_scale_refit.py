@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from hf_comq.solver.grid import minmax_grid
 from hf_comq.solver.scale_refit import refit_scales
-from tests.solver.reference import make_layer
+from tests.solver.reference import rounded_layer
 
 
 @pytest.mark.parametrize("group_size", [None, 8, 16])
@@ -13,12 +12,8 @@ from tests.solver.reference import make_layer
 def test_refit_is_each_rows_least_squares_on_x_in_any_column_order(group_size, chunk_bytes, monkeypatch):
     if chunk_bytes is not None:
         monkeypatch.setattr("hf_comq.solver.scale_refit.CHUNK_BYTES", chunk_bytes)
-    weight, inputs = make_layer(12, 48, 200, seed=5)
-    weight, inputs = weight.double(), inputs.double()
-    hessian = inputs.T @ inputs
-    grid = minmax_grid(weight, 3, group_size or 48)
-    scale_c, zero_c = grid.per_column()
-    offsets = torch.clamp(torch.round(weight / scale_c) + zero_c, 0, grid.max_code) - zero_c  # out x in
+    weight, inputs, hessian, grid, *_ = layer = rounded_layer(12, 48, 200, seed=5, group_size=group_size)
+    offsets = layer.offsets  # out x in
     group = torch.arange(48) // (group_size or 48)
 
     expected = torch.empty_like(grid.scale)
@@ -37,12 +32,8 @@ def test_refit_is_each_rows_least_squares_on_x_in_any_column_order(group_size, c
 
 
 def test_rows_whose_objective_would_rise_keep_their_old_scales():
-    weight, inputs = make_layer(12, 48, 200, seed=6)
-    weight, inputs = weight.double(), inputs.double()
-    hessian = inputs.T @ inputs
-    grid = minmax_grid(weight, 3, 16)
-    scale_c, zero_c = grid.per_column()
-    offsets = torch.clamp(torch.round(weight / scale_c) + zero_c, 0, grid.max_code) - zero_c
+    weight, inputs, hessian, grid, scale_c, *_ = layer = rounded_layer(12, 48, 200, seed=6, group_size=16)
+    offsets = layer.offsets
     offsets[:6, 16:32] *= -1  # group 1 of rows 0-5 now wants a negative scale: not a valid grid
     group = torch.arange(48) // 16
 
@@ -75,12 +66,8 @@ def test_refit_without_the_product_finds_the_same_scales_and_objective_change(ch
     # and the exact per-row change must agree with the full refit.
     if chunk_bytes is not None:
         monkeypatch.setattr("hf_comq.solver.scale_refit.CHUNK_BYTES", chunk_bytes)
-    weight, inputs = make_layer(12, 48, 200, seed=7)
-    weight, inputs = weight.double(), inputs.double()
-    hessian = inputs.T @ inputs
-    grid = minmax_grid(weight, 3, 8)
-    scale_c, zero_c = grid.per_column()
-    offsets = torch.clamp(torch.round(weight / scale_c) + zero_c, 0, grid.max_code) - zero_c
+    weight, inputs, hessian, grid, scale_c, *_ = layer = rounded_layer(12, 48, 200, seed=7, group_size=8)
+    offsets = layer.offsets
     perm = torch.randperm(48, generator=torch.Generator().manual_seed(1))
     group = (torch.arange(48) // 8)[perm]
     residual_t = (hessian @ (weight - offsets * scale_c).T)[perm]
