@@ -29,6 +29,7 @@ import sys
 import torch
 
 from .solver.options import check_bits
+from .solver.spans import rows_fitting, spans
 
 CHUNK = 32
 PACK_BLOCK_BYTES = 16 * 1024 * 1024
@@ -64,11 +65,11 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
         )
     rows = codes if dim % 2 == 1 else codes.t()
     count, n = rows.shape
-    step = max(1, PACK_BLOCK_BYTES // (3 * 8 * max(n, 1)))
-    if count <= step:
+    blocks = spans(count, rows_fitting(PACK_BLOCK_BYTES, 3 * 8 * max(n, 1)))
+    if len(blocks) <= 1:
         packed = _pack_rows(rows, bits)
     else:
-        packed = torch.cat([_pack_rows(rows[start : start + step], bits) for start in range(0, count, step)])
+        packed = torch.cat([_pack_rows(rows[block], bits) for block in blocks])
     return packed if dim % 2 == 1 else packed.t().contiguous()
 
 

@@ -29,6 +29,7 @@ from .options import (
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
 from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
+from .spans import rows_fitting, spans
 
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
 HESSIAN_BLOCK_BYTES = 16 * 1024 * 1024  # temporaries of one row block while the solver's H is built
@@ -526,12 +527,11 @@ def _symmetric_permuted(h: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype,
     result = torch.empty(n, n, dtype=dtype, device=device)
     source_perm = perm.to(h.device)
     temporaries_per_entry = 4 * h.element_size() + 2 * result.element_size()
-    rows = max(1, HESSIAN_BLOCK_BYTES // (n * temporaries_per_entry))
-    for start in range(0, n, rows):
-        index = source_perm[start : start + rows]
+    for span in spans(n, rows_fitting(HESSIAN_BLOCK_BYTES, n * temporaries_per_entry)):
+        index = source_perm[span]
         upper = h.index_select(0, index).index_select(1, source_perm).to(device=device, dtype=dtype)
         lower = h.index_select(1, index).index_select(0, source_perm).T.to(device=device, dtype=dtype)
-        result[start : start + rows] = upper.add_(lower).mul_(0.5)
+        result[span] = upper.add_(lower).mul_(0.5)
     return result
 
 
@@ -547,11 +547,11 @@ def _symmetric_permuted_in_place(h: torch.Tensor, perm: torch.Tensor) -> torch.T
     sum and halving as the whole-matrix route: the same values.
     """
     n = h.shape[0]
-    rows = max(1, HESSIAN_BLOCK_BYTES // (n * h.element_size()))
+    row_spans = spans(n, rows_fitting(HESSIAN_BLOCK_BYTES, n * h.element_size()))
     if not bool(torch.equal(perm, torch.arange(n, device=perm.device))):
         for step in range(2):
-            for start in range(0, n, rows):
-                h[start : start + rows] = h[start : start + rows].index_select(1, perm)
+            for span in row_spans:
+                h[span] = h[span].index_select(1, perm)
             if step == 0:
                 _transpose_in_place(h)
     _symmetrize_in_place(h)
@@ -562,8 +562,8 @@ def _tiles(n: int, element_size: int) -> list[tuple[slice, slice]]:
     """Upper-triangle tile pairs ``(I, J)``, ``I <= J``, of an ``n x n`` matrix, each tile
     a square of :data:`HESSIAN_BLOCK_BYTES` at most."""
     side = max(1, int(math.sqrt(HESSIAN_BLOCK_BYTES / element_size)))
-    spans = [slice(start, min(start + side, n)) for start in range(0, n, side)]
-    return [(spans[i], spans[j]) for i in range(len(spans)) for j in range(i, len(spans))]
+    sides = spans(n, side)
+    return [(sides[i], sides[j]) for i in range(len(sides)) for j in range(i, len(sides))]
 
 
 def _transpose_in_place(h: torch.Tensor) -> None:
@@ -589,8 +589,7 @@ def _row_totals_in_blocks(out_features: int, products: Callable[[slice], torch.T
     """Column sums (one per output row) of the ``in x out`` table that ``products(rows)``
     forms :data:`OBJECTIVE_COLUMNS` output rows at a time: no weight-sized temporary,
     and each row summed in the compute dtype in the same order as in the whole table."""
-    blocks = (slice(start, start + OBJECTIVE_COLUMNS) for start in range(0, out_features, OBJECTIVE_COLUMNS))
-    return torch.cat([products(rows).sum(0) for rows in blocks])
+    return torch.cat([products(rows).sum(0) for rows in spans(out_features, OBJECTIVE_COLUMNS)])
 
 
 def _per_column(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .spans import rows_fitting, spans
+
 SEARCH_CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32 per buffer
 
 
@@ -188,9 +190,7 @@ def search_shrink(
     errors = torch.empty((candidates, col_weights.shape[0], out_features, n_groups), dtype=weight.dtype, device=weight.device)
     # Row chunks small enough to stay in cache while every candidate is tried on them:
     # the search is a dozen elementwise passes per candidate, bound by memory traffic.
-    rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // in_features)
-    for r0 in range(0, out_features, rows_per_chunk):
-        rows = slice(r0, min(r0 + rows_per_chunk, out_features))
+    for rows in spans(out_features, rows_fitting(SEARCH_CHUNK_ELEMENTS, in_features)):
         chunk = weights_g[rows]
         scaled, codes = torch.empty_like(chunk), torch.empty_like(chunk)
         for index, grid in enumerate(grids):

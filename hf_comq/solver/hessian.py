@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..threads import threads_for
+from .spans import rows_fitting, spans
 
 GRAM_BLOCK_BYTES = 16 * 1024 * 1024
 """Bytes of the temporaries of one row block of a batch's ``X^T X`` (its product and,
@@ -59,12 +60,12 @@ class HessianAccumulator:
         if not torch.isfinite(rows).all():
             raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
         with threads_for(2.0 * rows.numel() * self.in_features):
-            for start, stop in _row_blocks(self.in_features, self.hessian.element_size() + rows.element_size()):
-                block = self.hessian[start:stop]
+            for span in self._row_spans(rows.element_size()):
+                block = self.hessian[span]
                 if product_dtype == self.hessian.dtype:
-                    block.addmm_(rows[:, start:stop].T, rows)
+                    block.addmm_(rows[:, span].T, rows)
                 else:
-                    block.add_(rows[:, start:stop].T @ rows)
+                    block.add_(rows[:, span].T @ rows)
         self.num_tokens += rows.shape[0]
 
     def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -82,12 +83,11 @@ class HessianAccumulator:
             self._converted = True
         return self.hessian
 
+    def _row_spans(self, activation_bytes: int) -> list[slice]:
+        """Row ranges of ``H`` whose product temporaries fit :data:`GRAM_BLOCK_BYTES`.
 
-def _row_blocks(in_features: int, bytes_per_entry: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` row ranges of ``H`` whose product temporaries fit :data:`GRAM_BLOCK_BYTES`.
-
-    Never thinner than :data:`MIN_BLOCK_ROWS`: a product only one or two rows high takes
-    the BLAS's matrix-vector path, which orders its sums differently.
-    """
-    rows = max(MIN_BLOCK_ROWS, GRAM_BLOCK_BYTES // (in_features * bytes_per_entry))
-    return [(start, min(start + rows, in_features)) for start in range(0, in_features, rows)]
+        Never thinner than :data:`MIN_BLOCK_ROWS`: a product only one or two rows high takes
+        the BLAS's matrix-vector path, which orders its sums differently.
+        """
+        bytes_per_row = self.in_features * (self.hessian.element_size() + activation_bytes)
+        return spans(self.in_features, rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS))

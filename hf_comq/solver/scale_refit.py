@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from .spans import rows_fitting, spans
+
 CHUNK_BYTES = 4 * 1024 * 1024  # products of one row chunk with one row of H's blocks
 MIN_CHUNK_ROWS = 32  # fewer rows make the batched products inefficient
 
@@ -68,11 +70,10 @@ def refit_scales(
     hessian_sorted = hessian.index_select(0, by_group).index_select(1, by_group)
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
     weight_h_sorted = weight_h_t.index_select(0, by_group)
-    rows_per_chunk = max(MIN_CHUNK_ROWS, CHUNK_BYTES // ((n_cols + n_groups * n_groups) * weight_t.element_size()))
+    bytes_per_row = (n_cols + n_groups * n_groups) * weight_t.element_size()
     new_scale = scale.clone()
     change = weight_t.new_zeros(out_features) if residual_t is not None else None
-    for r0 in range(0, out_features, rows_per_chunk):
-        rows = slice(r0, min(r0 + rows_per_chunk, out_features))
+    for rows in spans(out_features, rows_fitting(CHUNK_BYTES, bytes_per_row, MIN_CHUNK_ROWS)):
         offsets = offsets_t[:, rows].index_select(0, by_group)
         width = offsets.shape[1]
         gram = _upper_group_gram(hessian_sorted, offsets.view(n_groups, group_size, width))
