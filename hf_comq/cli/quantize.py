@@ -66,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
     """``hf-comq quantize``: every check that needs no model first, then load + calibrate, save atomically, push."""
     output = Path(args.output).expanduser()
     ranks = _launcher_ranks()
-    saving = ranks is None or ranks.is_main
-    read, dataset = _on_every_rank(ranks, lambda: _check_before_work(args, output, saving))
+    read, dataset = _on_every_rank(ranks, lambda: _check_before_work(args, output, _saves(ranks)))
     with torch_threads(args.threads):
         return _quantize(args, output, read, dataset, ranks)
 
@@ -96,6 +95,11 @@ def _launcher_ranks() -> Any:
     return join_launcher_group()
 
 
+def _saves(ranks: Any) -> bool:
+    """Whether this process writes ``--output``: a single process, or rank 0."""
+    return ranks is None or ranks.is_main
+
+
 def _on_every_rank(ranks: Any, step: Callable[[], Result]) -> Result:
     """Run ``step`` on this rank; if it fails on any rank, every rank stops with that rank's one line."""
     if ranks is None:
@@ -117,7 +121,7 @@ def _on_every_rank(ranks: Any, step: Callable[[], Result]) -> Result:
 def _quantize(
     args: argparse.Namespace, output: Path, read: tuple[str, dict[str, Any]], dataset: str, ranks: Any
 ) -> int:
-    saving = ranks is None or ranks.is_main
+    saving = _saves(ranks)
     spec = inspect_model(args.model, read)
 
     from ..config import COMQConfig
