@@ -16,7 +16,7 @@ import torch
 
 from ..threads import single_thread
 from .block_resolve import block_resolve_pass
-from .grid import ColumnGrid, Grid, minmax_grid, search_shrink
+from .grid import ColumnGrid, Grid, minmax_grid, quantize_to_codes, search_shrink
 from .options import (
     CLIP_WEIGHTS,
     DEFAULTS,
@@ -179,6 +179,10 @@ def comq_quantize(
     # The diagonal of (H + H^T) / 2, exactly: halving a doubled float is exact.
     h_diag = torch.diagonal(hessian.detach()).to(device=w.device, dtype=compute_dtype).clamp_min(0.0)
     conditional_search = scale_search and init == "error_feedback" and clip_weights == "conditional"
+    if iterations == 0 and (init == "fp" or (init == "rtn" and not scale_search)):
+        # Plain rounding: nothing to sweep, so none of the solver's weight-sized state.
+        rounded = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
+        return _round_to_grid(w, hessian.detach(), rounded, group_size if cols_per_group != in_features else None, weight.dtype)
     grid = minmax_grid(w, bits, cols_per_group, symmetric, shrink)
     problem = _Problem.build(w, hessian.detach(), grid, order, overwrite_hessian)
     plan = plan_error_feedback(problem.hessian, damp) if init == "error_feedback" else None
@@ -218,8 +222,6 @@ def comq_quantize(
         history.append(problem.objective())
         if on_grid and before - history[-1] <= tol * before:
             break
-    if problem.codes_t is None:  # iterations == 0 from the full-precision start: plain rounding
-        history = problem.start("rtn", damp, block_size)
 
     return QuantizedWeight(
         codes=problem.codes_in_original_order(),
@@ -255,6 +257,40 @@ def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: to
     """``||X (W - Wq)^T||_F^2`` computed from ``H = X^T X``, in float64."""
     error = weight.double() - dequantized.double()
     return float(((error @ hessian.double()) * error).sum())
+
+
+def _round_to_grid(
+    w: torch.Tensor, hessian: torch.Tensor, grid: Grid, group_size: int | None, dtype: torch.dtype
+) -> QuantizedWeight:
+    """Round-to-nearest on ``grid``, with the objective and relative error of a solve.
+
+    Works a block of output rows at a time beside ``w`` and the codes: rounding needs
+    none of the sweeps' transposed, permuted copies, and in a memory-bounded run
+    (round-to-nearest is the cheap setting for big models) the widest layer's solve
+    is the peak.  The codes are those of the solver's own rounding start, element for
+    element.
+    """
+    out_features, in_features = w.shape
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
+    h = hessian.to(device=w.device, dtype=w.dtype)
+    objective = reference = 0.0
+    for rows in spans(out_features, OBJECTIVE_COLUMNS):
+        block = Grid(grid.scale[rows], grid.zero_point[rows], grid.bits, grid.group_size)
+        scale, zero = block.per_column()
+        block_codes = quantize_to_codes(w[rows], scale, zero, grid.max_code)
+        codes[rows] = block_codes.to(torch.uint8)
+        error = block_codes.sub_(zero).mul_(scale).neg_().add_(w[rows])
+        objective += float(((error @ h) * error).sum(1).double().sum())
+        reference += float(((w[rows] @ h) * w[rows]).sum(1).double().sum())
+    return QuantizedWeight(
+        codes=codes,
+        scale=grid.scale.float(),
+        zero_point=grid.zero_point.float(),
+        bits=grid.bits,
+        group_size=group_size,
+        dtype=dtype,
+        stats={"objective": [objective], "relative_error": objective / reference if reference > 0 else 0.0},
+    )
 
 
 def _in_original_order(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

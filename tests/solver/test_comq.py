@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_comq import HessianAccumulator, comq_quantize, layer_objective
+from hf_comq.solver import ROUND_TO_NEAREST
 from hf_comq.solver.comq import default_damp
 from hf_comq.solver.grid import minmax_grid
 from tests.solver.reference import (
@@ -486,3 +487,17 @@ def test_hessian_built_in_its_own_storage_equals_the_copy(monkeypatch, medium_la
     assert torch.equal(overwritten.codes, kept.codes) and torch.equal(overwritten.scale, kept.scale)
     assert overwritten.stats["objective"] == kept.stats["objective"]
     assert not torch.equal(used, skewed)
+
+
+@pytest.mark.parametrize("group_size, symmetric", [(None, False), (32, True)])
+def test_plain_rounding_is_the_nearest_level_and_reports_the_layer_objective(group_size, symmetric, medium_layer):
+    weight, _, hessian = medium_layer
+    scale, zero, max_code = _per_column_grid(weight, 3, group_size, symmetric)
+    expected = torch.clamp(torch.round(weight / scale) + zero, 0, max_code)
+
+    result = comq_quantize(weight, hessian, bits=3, group_size=group_size, symmetric=symmetric, **ROUND_TO_NEAREST)
+
+    assert torch.equal(result.codes.float(), expected)
+    objective = layer_objective(weight, result.dequantize(), hessian)
+    assert result.stats["objective"] == [pytest.approx(objective, rel=1e-5)]
+    assert result.stats["relative_error"] == pytest.approx(objective / layer_objective(weight, 0 * weight, hessian), rel=1e-5)
