@@ -141,8 +141,10 @@ def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator]
     if not group.is_parallel:
         return
     for accumulator in accumulators:
-        tokens = torch.tensor([accumulator.num_tokens], dtype=torch.float64, device=accumulator.hessian.device)
-        _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, accumulator.hessian)
+        parts = accumulator.partial_sums()
+        tokens = torch.tensor([accumulator.num_tokens], dtype=torch.float64, device=parts[0].device)
+        for part in parts:
+            _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, part)
         _collective(group, "sum the token counts", torch.distributed.all_reduce, tokens)
         accumulator.num_tokens = int(tokens.item())
 

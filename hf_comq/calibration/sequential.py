@@ -127,7 +127,8 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     agree_on(group, _fingerprint(model, layers, settings, config, data))
     inputs = _ModelInputs(model, data.shard(group.rank, group.size), placement)
     groups = find_block_groups(model, getattr(config, "block_name", None))
-    calibrator = _Calibrator(model, settings, inputs, group, layers, groups)
+    calibrator = _Calibrator(model, settings, inputs, group, list(layers), groups)
+    del layers  # the original modules: held here, every replaced weight would stay in memory to the end
     was_training = model.training
     model.eval()
     try:
@@ -216,7 +217,7 @@ class _Calibrator:
         settings: _Settings,
         inputs: _ModelInputs,
         group: Group,
-        layers: dict[str, nn.Module],
+        layers: list[str],
         groups: list[BlockGroup],
     ):
         self.model = model
@@ -416,12 +417,11 @@ class _Calibrator:
                 self.deferred.append((name, _to_cpu(qweight)))
 
     def _hand_over(self, accumulators: list[HessianAccumulator]) -> None:
-        """Convert every Gram matrix to the solver's dtype before the first solve, smallest first.
+        """Turn every summed triangle into the solver's full matrix in its dtype before the first solve.
 
-        A layer's solve is the peak of a block, and the sums of the layers solved after
-        it sit beside it: converted, they take half the room.  Smallest first, the widest
-        sum's conversion (its float64 and float32 copies side by side) meets the others
-        already converted.  The solver would make the very same conversion itself.
+        A float64 triangle and the full float32 matrix are about the same size, and the
+        triangle's blocks are freed as they are copied, so this costs no room; done
+        here, smallest first, no solve's work space ever sits beside a half-made copy.
         """
         distinct = {id(accumulator): accumulator for accumulator in accumulators}
         for accumulator in sorted(distinct.values(), key=lambda accumulator: accumulator.in_features):

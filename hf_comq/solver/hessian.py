@@ -13,10 +13,9 @@ from ..threads import threads_for
 from .spans import rows_fitting, spans
 
 GRAM_BLOCK_BYTES = 16 * 1024 * 1024
-"""Bytes of the temporaries of one row block of a batch's ``X^T X`` (its product and,
-when the sum is float64, the product's float64 copy).  A whole wide layer's product
-would be an ``in x in`` float32 matrix plus its float64 copy beside the sum: three
-times the sum's own size at the peak of a calibration pass."""
+"""Bytes of one row block of the sum plus its batch product's float32 temporary.  A
+whole wide layer's product would be an ``in x in`` float32 matrix beside the sum: at the
+peak of a calibration pass, more than the sum's own size."""
 MIN_BLOCK_ROWS = 64
 
 
@@ -32,9 +31,12 @@ class HessianAccumulator:
     the COMQ objective ``||X W^T - X Wq^T||^2`` is defined on the raw Gram matrix,
     and the coordinate updates are invariant to its scale anyway.
 
-    The product is formed in row blocks of ``H`` (see :data:`GRAM_BLOCK_BYTES`): each
-    block's entries are the very same dot products as the whole product's, so the sum
-    does not depend on the block size, and no ``in x in`` temporary exists.
+    ``X^T X`` is symmetric, so only its upper triangle is summed, in row blocks of
+    ``H`` (see :data:`GRAM_BLOCK_BYTES`): block ``[a:b]`` holds rows ``a:b`` from column
+    ``a`` on.  That halves both the calibration pass's Gram-matrix GEMMs and the memory
+    of the sums, which for a wide MLP layer are the largest thing a calibration pass
+    holds; no ``in x in`` temporary exists.  :meth:`result` mirrors the triangle into
+    the full matrix the solver takes.
     """
 
     def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
@@ -43,9 +45,14 @@ class HessianAccumulator:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulation dtype must be torch.float32 or torch.float64, got {dtype}")
         self.in_features = in_features
-        self.hessian = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.dtype = dtype
         self.num_tokens = 0
-        self._converted = False
+        bytes_per_row = in_features * (torch.finfo(dtype).bits // 8 + 4)
+        self._spans = spans(in_features, rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS))
+        self._upper: list[torch.Tensor] | None = [
+            torch.zeros(span.stop - span.start, in_features - span.start, dtype=dtype, device=device) for span in self._spans
+        ]
+        self._whole: torch.Tensor | None = None
 
     def add(self, activations: torch.Tensor) -> None:
         """Add a batch of inputs whose last dimension is ``in_features``."""
@@ -53,41 +60,52 @@ class HessianAccumulator:
             raise ValueError(
                 f"activations have last dimension {activations.shape[-1]}, expected in_features={self.in_features}"
             )
-        if self._converted:
-            raise RuntimeError("this Gram matrix was already handed over (result(dtype)); it takes no more batches")
+        if self._upper is None:
+            raise RuntimeError("this Gram matrix was already handed over (result()); it takes no more batches")
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
-        rows = activations.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=product_dtype)
+        rows = activations.reshape(-1, self.in_features).to(device=self._upper[0].device, dtype=product_dtype)
         if not torch.isfinite(rows).all():
             raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
-        with threads_for(2.0 * rows.numel() * self.in_features):
-            for span in self._row_spans(rows.element_size()):
-                block = self.hessian[span]
-                if product_dtype == self.hessian.dtype:
-                    block.addmm_(rows[:, span].T, rows)
+        with threads_for(1.0 * rows.numel() * self.in_features):
+            for span, block in zip(self._spans, self._upper):
+                if product_dtype == self.dtype:
+                    block.addmm_(rows[:, span].T, rows[:, span.start :])
                 else:
-                    block.add_(rows[:, span].T @ rows)
+                    block.add_(rows[:, span].T @ rows[:, span.start :])
         self.num_tokens += rows.shape[0]
 
-    def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The accumulated ``X^T X``; raises if nothing was added.
+    def partial_sums(self) -> list[torch.Tensor]:
+        """The running sums themselves (the triangle's row blocks), for summing over processes in place."""
+        if self._upper is None:
+            raise RuntimeError("this Gram matrix was already handed over (result()); its partial sums are gone")
+        return self._upper
 
-        With ``dtype``, the sum is converted once and the converted matrix *replaces*
-        it: a solver working in float32 then never holds the float64 sum beside its
-        own copy (for a wide layer, twice the float32 matrix).  Accumulation is over
-        by then; :meth:`add` refuses more batches.
+    def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The accumulated ``X^T X`` as a full symmetric matrix; raises if nothing was added.
+
+        The first call ends accumulation (:meth:`add` refuses more batches) and the
+        triangle's blocks are freed as they are mirrored, so the sum never exists twice.
+        With ``dtype`` the matrix is made in (or converted once to) that dtype and
+        *replaces* the previous one: a solver working in float32 never holds a float64
+        matrix beside its own copy.
         """
         if self.num_tokens == 0:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
-        if dtype is not None and dtype != self.hessian.dtype:
-            self.hessian = self.hessian.to(dtype)
-            self._converted = True
-        return self.hessian
+        if self._whole is None:
+            self._whole = self._mirrored(dtype or self.dtype)
+        elif dtype is not None and dtype != self._whole.dtype:
+            self._whole = self._whole.to(dtype)
+        return self._whole
 
-    def _row_spans(self, activation_bytes: int) -> list[slice]:
-        """Row ranges of ``H`` whose product temporaries fit :data:`GRAM_BLOCK_BYTES`.
-
-        Never thinner than :data:`MIN_BLOCK_ROWS`: a product only one or two rows high takes
-        the BLAS's matrix-vector path, which orders its sums differently.
-        """
-        bytes_per_row = self.in_features * (self.hessian.element_size() + activation_bytes)
-        return spans(self.in_features, rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS))
+    def _mirrored(self, dtype: torch.dtype) -> torch.Tensor:
+        """The full matrix from the upper triangle's row blocks, each block freed once copied."""
+        blocks, self._upper = self._upper, None
+        whole = torch.empty(self.in_features, self.in_features, dtype=dtype, device=blocks[0].device)
+        for index, span in enumerate(self._spans):
+            block, width = blocks[index], span.stop - span.start
+            whole[span, span.stop :] = block[:, width:]
+            whole[span.stop :, span] = block[:, width:].T
+            square = block[:, :width]  # its lower triangle holds the same sums as its upper, perhaps rounded apart
+            whole[span, span] = square.triu() + square.triu(1).T
+            blocks[index] = None
+        return whole

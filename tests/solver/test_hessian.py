@@ -32,9 +32,10 @@ def test_rejects_non_finite_and_wrong_width():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_row_blocks_sum_the_same_as_one_product(monkeypatch, dtype, contiguous):
-    """Each row block of H holds the very same dot products as the whole product, so
-    the block size (chosen to bound the temporaries) changes no bit of the sum."""
+def test_triangle_in_row_blocks_gives_the_symmetric_gram_matrix(monkeypatch, dtype, contiguous):
+    """Only the upper triangle is summed, a block of rows at a time; the block size
+    (chosen to bound memory) moves no entry by more than float32 rounding, and the
+    result is exactly symmetric."""
     import hf_comq.solver.hessian as hessian_module
 
     gen = torch.Generator().manual_seed(1)
@@ -48,9 +49,32 @@ def test_row_blocks_sum_the_same_as_one_product(monkeypatch, dtype, contiguous):
     blocked = HessianAccumulator(width, dtype=dtype)
     for batch in batches:
         blocked.add(batch)
-    assert torch.equal(blocked.result(), whole.result())
     rows = torch.cat(batches).double()
-    torch.testing.assert_close(blocked.result().double(), rows.T @ rows, rtol=1e-5, atol=1e-3)
+    for accumulator in (whole, blocked):
+        result = accumulator.result()
+        assert torch.equal(result, result.T)
+        torch.testing.assert_close(result.double(), rows.T @ rows, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(blocked.result(), whole.result(), rtol=1e-6, atol=1e-4)
+
+
+def test_partial_sums_are_the_upper_triangle_and_end_with_the_hand_over(monkeypatch):
+    import hf_comq.solver.hessian as hessian_module
+
+    monkeypatch.setattr(hessian_module, "GRAM_BLOCK_BYTES", 1)  # blocks of MIN_BLOCK_ROWS rows
+    gen = torch.Generator().manual_seed(3)
+    acc = HessianAccumulator(300)
+    batch = torch.randn(40, 300, generator=gen)
+    acc.add(batch)
+    parts = acc.partial_sums()
+    assert len(parts) == 5 and sum(part.numel() for part in parts) < 300 * 300 * 2 // 3  # near half the matrix
+    exact = batch.double().T @ batch.double()
+    start = 0
+    for part in parts:
+        torch.testing.assert_close(part, exact[start : start + part.shape[0], start:], rtol=1e-6, atol=1e-4)
+        start += part.shape[0]
+    acc.result()
+    with pytest.raises(RuntimeError, match="already handed over"):
+        acc.partial_sums()
 
 
 def test_result_in_another_dtype_replaces_the_sum():
@@ -59,7 +83,7 @@ def test_result_in_another_dtype_replaces_the_sum():
     acc.add(torch.randn(30, 8, generator=gen))
     exact = acc.result().clone()
     handed = acc.result(torch.float32)
-    assert handed.dtype == torch.float32 and acc.hessian is handed  # the float64 sum is gone
+    assert handed.dtype == torch.float32 and acc.result() is handed  # the float64 sum is gone
     assert torch.equal(handed, exact.float())
     with pytest.raises(RuntimeError, match="already handed over"):
         acc.add(torch.randn(3, 8, generator=gen))
