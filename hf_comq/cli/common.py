@@ -7,6 +7,7 @@ argument errors must answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any, Iterator
@@ -20,6 +21,25 @@ _ARGUMENT_TYPES = {"int": int, "int | None": int, "str": str, "str | None": str}
 
 class CLIError(Exception):
     """A problem the user can fix; reported as one line, without a traceback."""
+
+
+def launched_processes() -> int:
+    """How many processes a launcher (torchrun sets ``WORLD_SIZE``) started for this command; 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_single_process(command: str) -> None:
+    """Refuse a command that does not split its work when a launcher started several copies of it.
+
+    Each copy would run the whole command (every rank loading, quantizing and writing
+    the same folders), so the user is told at once instead.
+    """
+    count = launched_processes()
+    if count > 1:
+        raise CLIError(
+            f"hf-comq {command} runs in one process, but a launcher started {count} (WORLD_SIZE={count}); "
+            "run it without torchrun (only hf-comq quantize splits its work over ranks)"
+        )
 
 
 def check_positive(option: str, value: int) -> None:

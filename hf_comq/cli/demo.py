@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import EXIT_OK, add_command, add_setting_option, check_positive, torch_threads
+from .common import EXIT_OK, add_command, add_setting_option, check_positive, check_single_process, torch_threads
 from .output import check_output, format_table, megabytes, save_atomically, save_with_processor
 
 DEMO_OUTPUT = Path("comq-demo")
@@ -74,6 +74,7 @@ def demo_folder(output: Path, bits: int, group_size: int | None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """``hf-comq demo``: FP vs COMQ vs RTN on the shipped ViT and Fashion-MNIST subset."""
+    check_single_process("demo")
     check_positive("--num-samples", args.num_samples)
     if args.eval_limit is not None:
         check_positive("--eval-limit", args.eval_limit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import EXIT_OK, CLIError, add_command, add_setting_option, check_positive, torch_threads
+from .common import EXIT_OK, CLIError, add_command, add_setting_option, check_positive, check_single_process, torch_threads
 from .data import add_data_arguments, column_texts, limited, open_dataset, resolve_dataset
 from .models import ModelSpec, inspect_model, load_model, load_processor, read_model_config
 
@@ -43,6 +43,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``hf-comq evaluate``: pick the metric from the model type, check the data, then load and measure."""
+    check_single_process("evaluate")
     read = read_model_config(args.model)
     read_reference = read_model_config(args.reference) if args.reference else None
     if read_reference is not None:

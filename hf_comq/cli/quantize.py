@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .common import EXIT_OK, CLIError, add_command, add_setting_option, torch_threads
+from .common import EXIT_OK, CLIError, add_command, add_setting_option, launched_processes, torch_threads
 from .data import add_data_arguments, open_dataset, resolve_dataset
 from .models import ModelSpec, inspect_model, load_processor, read_model_config
 from .output import check_output, megabytes, print_fields, save_atomically, save_with_processor
@@ -88,7 +87,7 @@ def _launcher_ranks() -> Any:
 
     Checked from the environment first so a single process does not import torch before its cheap checks.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return None
     from ..calibration import join_launcher_group
 

@@ -52,3 +52,13 @@ def test_console_script_points_at_main(capsys) -> None:
     assert entry is main
     assert entry(["quantize", "--help"]) == 0
     assert "--push-to-hub REPO_ID" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["evaluate", "some-model", "--dataset", "some-data"], ["demo"]])
+def test_commands_that_do_not_split_their_work_refuse_to_run_under_torchrun(capsys, monkeypatch, tmp_path, command):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, *command)
+    assert code == 1
+    assert f"hf-comq {command[0]} runs in one process, but a launcher started 2" in error_line(err)
+    assert list(tmp_path.iterdir()) == []  # nothing loaded, nothing written
