@@ -16,12 +16,17 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
   the heap (resident memory then creeps up block after block), and with
   ``MALLOC_MMAP_THRESHOLD_=65536`` (buffers of 64 KiB and more are returned to the
   system when freed), the setting to use for bounded-memory runs.
+* ``solve``: peak resident memory of one layer solve alone (random weight, Gram matrix of
+  random inputs), for the 1.1 B shape's widest layers, the default COMQ solver beside
+  round to nearest, group 64 and per channel: what a memory-bounded run with the
+  default solver adds at its widest layer, in weight-sized float32 copies.
 * ``ranks``: calibration wall time (``quantize_model``'s own ``time_s``) of the
   SmolLM2-shaped model with the default COMQ solver, one rank on 2 threads against two
   gloo ranks on 1 thread each (the same 2 cores), interleaved, median of the repeats.
 
     python benchmarks/bench_scale.py memory --models smollm2 tinyllama-1b
     python benchmarks/bench_scale.py ranks --repeats 3
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_scale.py solve
     python benchmarks/bench_scale.py all --out benchmarks/results/bench_scale.txt
 """
 
@@ -74,6 +79,40 @@ def _peak_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_solve(out_features: int, in_features: int, group: int, solver: str) -> None:
+    """Peak RSS of one ``comq_quantize`` call above the RSS holding its inputs (one JSON line)."""
+    import torch
+
+    from hf_comq.solver import ROUND_TO_NEAREST, comq_quantize
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4096, in_features, generator=generator) * torch.rand(in_features, generator=generator)
+    hessian = inputs.T @ inputs
+    del inputs
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.02
+    before = _rss_mb()
+    settings = ROUND_TO_NEAREST if solver == "rtn" else {}
+    # overwrite_hessian, as the calibration driver passes for a Gram matrix no other layer reads
+    comq_quantize(weight, hessian, bits=4, group_size=group or None, overwrite_hessian=True, **settings)
+    above = _peak_mb() - before
+    weight_mb = out_features * in_features * 4 / 2**20
+    print(json.dumps({"shape": f"{out_features}x{in_features}", "group": group or "channel", "solver": solver,
+                      "weight_f32_mb": round(weight_mb, 1), "hessian_f32_mb": round(in_features**2 * 4 / 2**20, 1),
+                      "peak_above_inputs_mb": round(above), "weight_copies": round(above / weight_mb, 1)}))  # fmt: skip
+
+
+def run_solve() -> list[dict]:
+    shapes = [(5632, 2048), (2048, 5632)]  # gate/up_proj and down_proj of the 1.1 B shape
+    rows = []
+    for out_features, in_features in shapes:
+        for group in (0, 64):
+            for solver in ("default", "rtn"):
+                rows.append(_last_json(_run_child(["solve", str(out_features), str(in_features), str(group), solver])))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def child_build(shape: str) -> None:
@@ -270,7 +309,7 @@ def run_ranks(repeats: int, samples: int, length: int) -> dict:
             "cpu_ratio": round(cpu[2] / cpu[1], 3), "cpu": cpu}  # fmt: skip
 
 
-def _report(memory: list[dict], ranks: dict | None, command: str) -> str:
+def _report(memory: list[dict], solves: list[dict], ranks: dict | None, command: str) -> str:
     lines = [f"# bench_scale ({datetime.date.today()}, {os.cpu_count()} CPU cores, shared machine)", f"# {command}", ""]
     if memory:
         lines.append("## Peak RSS while quantizing with disk offload (max_memory={'cpu': budget}, RTN solver)")
@@ -285,6 +324,13 @@ def _report(memory: list[dict], ranks: dict | None, command: str) -> str:
                 "yes" if row["meets_target"] else "NO", row["peak_rss_save_mb"], row["modules_on_disk"],
                 row["quantize_s"],
             )))  # fmt: skip
+        lines.append("")
+    if solves:
+        lines.append("## Peak RSS of one layer solve above its inputs (W4, 1 thread)")
+        lines.append("shape | group | solver | weight f32 MiB | H f32 MiB | peak above inputs MiB | in weight copies")
+        for row in solves:
+            lines.append(" | ".join(str(row[key]) for key in (
+                "shape", "group", "solver", "weight_f32_mb", "hessian_f32_mb", "peak_above_inputs_mb", "weight_copies")))  # fmt: skip
         lines.append("")
     if ranks:
         lines.append("## Calibration wall time, SmolLM2-135M shape (random fp32 weights), default COMQ solver, W4")
@@ -307,11 +353,13 @@ def main() -> None:
             child_build(rest[0])
         elif kind == "memory":
             child_memory(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+        elif kind == "solve":
+            child_solve(int(rest[0]), int(rest[1]), int(rest[2]), rest[3])
         elif kind == "rank":
             child_rank(*(int(value) for value in rest))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["memory", "ranks", "all"])
+    parser.add_argument("part", choices=["memory", "solve", "ranks", "all"])
     parser.add_argument("--models", nargs="+", default=["smollm2", "tinyllama-1b"], choices=sorted(SHAPES))
     parser.add_argument("--budget-smollm2", type=int, default=64, help="MiB of CPU memory for the 135M model")
     parser.add_argument("--budget-tinyllama-1b", type=int, default=512, help="MiB of CPU memory for the 1.1B model")
@@ -328,8 +376,9 @@ def main() -> None:
     memory = []
     if args.part in ("memory", "all"):
         memory = run_memory(args.models, budgets, args.samples, args.length, args.allocators)
+    solves = run_solve() if args.part in ("solve", "all") else []
     ranks = run_ranks(args.repeats, args.rank_samples, args.rank_length) if args.part in ("ranks", "all") else None
-    report = _report(memory, ranks, "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]))
+    report = _report(memory, solves, ranks, "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]))
     print(report)
     if args.out:
         args.out.write_text(report, encoding="utf-8")

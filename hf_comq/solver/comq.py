@@ -199,9 +199,9 @@ def comq_quantize(
         # proxy misjudges, e.g. some 2-bit fc2 rows), then the first 5 % tighter and looser.
         candidates = [factors[0], factors[1], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0)][:start_grids]
         searched, *alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, f * shrink) for f in candidates]
-        problem.set_grid(searched)
+        problem.grid = searched
     else:
-        problem.set_grid(_initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink))
+        problem.grid = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
         if scale_search and init != "fp":
             alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
     del w  # the problem holds its own transposed copy; a wide layer's solve has no room for a spare
@@ -210,6 +210,7 @@ def comq_quantize(
     # storage becomes the residual (one weight-sized matrix less from the start on).
     spare_weight_h = init != "fp" and not (scale_refit and iterations > 0)
     history = problem.start(init, damp, block_size, alternatives, plan, consume_weight_h=spare_weight_h)
+    del plan, alternatives  # the plan's factor is an in x in matrix that no later step reads
     for sweep_index in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
@@ -328,8 +329,6 @@ class _Problem:
     group_of_column: torch.Tensor
     groups: list[int]  # group_of_column as a list, for the passes' per-column lookups
     grid: Grid
-    scale_t: torch.Tensor
-    zero_t: torch.Tensor
     codes_t: torch.Tensor | None = None
     dequant_t: torch.Tensor | None = None
     residual_t: torch.Tensor | None = None
@@ -360,15 +359,19 @@ class _Problem:
             group_of_column=group_of_column,
             groups=group_of_column.tolist(),
             grid=grid,
-            scale_t=_per_column(grid.scale, group_of_column),
-            zero_t=_per_column(grid.zero_point, group_of_column),
         )
 
-    def set_grid(self, grid: Grid) -> None:
-        self.grid = grid
-        self.scale_t = self.zero_t = None  # group-wise tables are weight-sized: the old ones go first
-        self.scale_t = _per_column(grid.scale, self.group_of_column)
-        self.zero_t = _per_column(grid.zero_point, self.group_of_column)
+    @property
+    def scale_t(self) -> torch.Tensor:
+        """The grid's scales as an ``in x out`` per-column table, made when asked for:
+        group-wise it is weight-sized, and kept for the whole solve two such tables
+        would sit beside the solve's peak for the few steps that read them."""
+        return _per_column(self.grid.scale, self.group_of_column)
+
+    @property
+    def zero_t(self) -> torch.Tensor:
+        """The grid's zero points as an ``in x out`` per-column table (see :attr:`scale_t`)."""
+        return _per_column(self.grid.zero_point, self.group_of_column)
 
     def conditional_energy(self, plan: ErrorFeedbackPlan) -> torch.Tensor:
         """Per column (this problem's order), the weight ``d_j`` of a rounding move in
@@ -435,12 +438,12 @@ class _Problem:
         out_features = self.weight_t.shape[1]
         best = row_objective.view(len(grids), out_features).argmin(0)  # (out,)
         rows = torch.arange(out_features, device=best.device)
-        self.set_grid(Grid(
+        self.grid = Grid(
             scale=torch.stack([grid.scale for grid in grids])[best, rows],
             zero_point=torch.stack([grid.zero_point for grid in grids])[best, rows],
             bits=self.grid.bits,
             group_size=self.grid.group_size,
-        ))
+        )
         picked = best * out_features + rows  # column of each row's pick in the stacked tables
         return codes_t.index_select(1, picked)
 
@@ -509,24 +512,33 @@ class _Problem:
         row's exact change instead.
         """
         offsets_t = self.codes_t - self.zero_t
+        if self.per_channel or keep_residual:
+            self.dequant_t = None  # the refit does not read it (only the objective without a residual does)
         if self.per_channel:
             # Per-channel: H (Q - z)^T = (H W^T - R) / scale comes from the exact
             # residual, so the refit needs no GEMM.
             projected_t = (self.weight_h_t - self.residual_t).div_(self.grid.scale.T)
             refit = refit_scales(self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t)
+            dequant_h_t = refit.dequant_h_t
         else:
+            # H Wq^T is formed below from the new values themselves (the refit would
+            # make its own weight-sized copy of them for it).
             refit = refit_scales(
                 self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column,
-                weight_h_t=self.weight_h_t, residual_t=self.residual_t, with_product=keep_residual,
+                weight_h_t=self.weight_h_t, residual_t=self.residual_t, with_product=False,
             )
-        if refit.dequant_h_t is None:
-            rows_after = self.row_objectives() + refit.objective_change
-            self.objective_without_residual = float(rows_after.double().sum())
-            self.residual_t = None
-        else:
-            self.residual_t = torch.sub(self.weight_h_t, refit.dequant_h_t, out=refit.dequant_h_t)
-        self.set_grid(Grid(scale=refit.scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size))
+            dequant_h_t = None
+            if not keep_residual:
+                rows_after = self.row_objectives() + refit.objective_change
+                self.objective_without_residual = float(rows_after.double().sum())
+        self.grid = Grid(scale=refit.scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
+        self.dequant_t = None  # each old table goes before its successor is made
         self.dequant_t = offsets_t.mul_(self.scale_t)
+        self.residual_t = None
+        if dequant_h_t is None and keep_residual:
+            dequant_h_t = self.hessian @ self.dequant_t
+        if dequant_h_t is not None:
+            self.residual_t = torch.sub(self.weight_h_t, dequant_h_t, out=dequant_h_t)
 
     def resolve_blocks(self, damp: float, block_size: int) -> None:
         """One block re-solve pass over the current codes (never raises the objective)."""

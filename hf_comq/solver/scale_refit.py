@@ -52,8 +52,8 @@ def refit_scales(
     needs no residual after the refit (the last step of a solve) passes
     ``with_product=False`` and saves the GEMM of ``H Wq^T``; the group-wise gram
     itself costs half a GEMM.  Per-channel callers that already know ``H (Q - z)^T``
-    pass it as ``projected_t``, group-wise callers that know ``H W^T`` pass it as
-    ``weight_h_t``; each saves a GEMM.
+    pass it as ``projected_t`` (which becomes the returned ``H Wq^T``), group-wise
+    callers that know ``H W^T`` pass it as ``weight_h_t``; each saves a GEMM.
     """
     n_cols, out_features = weight_t.shape
     n_groups = scale.shape[1]
@@ -62,12 +62,12 @@ def refit_scales(
         gram = (projected * offsets_t).sum(0).reshape(-1, 1, 1)
         rhs = (projected * weight_t).sum(0).reshape(-1, 1)
         new_scale = _solve_positive(gram, rhs, scale)
-        return Refit(new_scale, projected * new_scale.T, None)
+        return Refit(new_scale, projected.mul_(new_scale.T), None)  # in place: a weight-sized table less
     # Each group's block of columns together: the columns reordered group by group
     # once (a stable sort keeps the solver's order inside a group).
     by_group = torch.argsort(group_of_column, stable=True)
     group_size = n_cols // n_groups
-    hessian_sorted = hessian.index_select(0, by_group).index_select(1, by_group)
+    hessian_sorted = _gathered(hessian, by_group)
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
     weight_h_sorted = weight_h_t.index_select(0, by_group)
     bytes_per_row = (n_cols + n_groups * n_groups) * weight_t.element_size()
@@ -92,6 +92,16 @@ def refit_scales(
     # inner dimension is only the group size.
     scale_t = new_scale.T.contiguous().index_select(0, group_of_column)
     return Refit(new_scale, hessian @ (offsets_t * scale_t), change)
+
+
+def _gathered(hessian: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``hessian[order][:, order]`` built a block of rows at a time: two whole-matrix
+    gathers would leave a second ``in x in`` temporary beside the result, at the solve's peak."""
+    n = hessian.shape[0]
+    result = hessian.new_empty(n, n)
+    for rows in spans(n, rows_fitting(CHUNK_BYTES, n * hessian.element_size(), MIN_CHUNK_ROWS)):
+        result[rows] = hessian.index_select(0, order[rows]).index_select(1, order)
+    return result
 
 
 def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
