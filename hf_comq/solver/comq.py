@@ -182,7 +182,8 @@ def comq_quantize(
     if iterations == 0 and (init == "fp" or (init == "rtn" and not scale_search)):
         # Plain rounding: nothing to sweep, so none of the solver's weight-sized state.
         rounded = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
-        return _round_to_grid(w, hessian.detach(), rounded, group_size if cols_per_group != in_features else None, weight.dtype)
+        stored_group = group_size if cols_per_group != in_features else None
+        return _round_to_grid(w, hessian.detach(), rounded, stored_group, weight.dtype)
     grid = minmax_grid(w, bits, cols_per_group, symmetric, shrink)
     problem = _Problem.build(w, hessian.detach(), grid, order, overwrite_hessian)
     plan = plan_error_feedback(problem.hessian, damp) if init == "error_feedback" else None
