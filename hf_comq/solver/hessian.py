@@ -17,6 +17,8 @@ GRAM_BLOCK_BYTES = 16 * 1024 * 1024
 whole wide layer's product would be an ``in x in`` float32 matrix beside the sum: at the
 peak of a calibration pass, more than the sum's own size."""
 MIN_BLOCK_ROWS = 64
+"""Never thinner row blocks: a product only one or two rows high takes the BLAS's
+matrix-vector path, which orders its sums differently."""
 
 
 class HessianAccumulator:
