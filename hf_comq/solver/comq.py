@@ -16,7 +16,7 @@ import torch
 
 from ..threads import single_thread
 from .block_resolve import block_resolve_pass
-from .grid import ColumnGrid, Grid, minmax_grid, quantize_to_codes, search_shrink
+from .grid import ColumnGrid, Grid, minmax_grid, search_shrink
 from .options import (
     CLIP_WEIGHTS,
     DEFAULTS,
@@ -277,11 +277,10 @@ def _round_to_grid(
     h = hessian.to(device=w.device, dtype=w.dtype)
     objective = reference = 0.0
     for rows in spans(out_features, OBJECTIVE_COLUMNS):
-        block = Grid(grid.scale[rows], grid.zero_point[rows], grid.bits, grid.group_size)
-        scale, zero = block.per_column()
-        block_codes = quantize_to_codes(w[rows], scale, zero, grid.max_code)
+        scale, zero = Grid(grid.scale[rows], grid.zero_point[rows], grid.bits, grid.group_size).per_column()
+        block_codes, values = round_to_nearest(w[rows], scale, zero, grid.max_code)
         codes[rows] = block_codes.to(torch.uint8)
-        error = block_codes.sub_(zero).mul_(scale).neg_().add_(w[rows])
+        error = values.neg_().add_(w[rows])
         objective += float(((error @ h) * error).sum(1).double().sum())
         reference += float(((w[rows] @ h) * w[rows]).sum(1).double().sum())
     return QuantizedWeight(
@@ -418,11 +417,8 @@ class _Problem:
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
         if init == "rtn":
-            if len(grids) == 1:  # this problem's own grid, whose tables exist already
-                scale_t, zero_t = self.scale_t, self.zero_t
-            else:
-                scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
-                zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
+            scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
+            zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
             weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
             row_objective = None

@@ -49,7 +49,7 @@ class HessianAccumulator:
         self.in_features = in_features
         self.dtype = dtype
         self.num_tokens = 0
-        bytes_per_row = in_features * (torch.finfo(dtype).bits // 8 + 4)
+        bytes_per_row = in_features * (dtype.itemsize + 4)
         self._spans = spans(in_features, rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS))
         self._upper: list[torch.Tensor] | None = [
             torch.zeros(span.stop - span.start, in_features - span.start, dtype=dtype, device=device) for span in self._spans
