@@ -13,8 +13,12 @@ and the saved checkpoint is the one an in-memory run writes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import mmap
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from collections.abc import Iterator
@@ -34,12 +38,16 @@ __all__ = [
     "install_quantized_layer",
     "materialized",
     "offloads_to_disk",
+    "release_file_pages",
     "resolve_placement",
     "send_to_device",
 ]
 
 OFFLOAD_SUBFOLDER = "comq-quantized"
 """Folder (inside the model's own offload folder when it has one) holding quantized layers of disk-offloaded blocks."""
+
+MADV_PAGEOUT = 21
+"""Linux's ``madvise`` advice (since 5.4) to reclaim a range's pages now; Python's ``mmap`` module does not name it."""
 
 
 def send_to_device(value: Any, device: torch.device) -> Any:
@@ -126,6 +134,8 @@ def install_quantized_layer(
     hook with the old hook's execution device; an offloaded one is offloaded again,
     to CPU memory or, when the old layer was read from disk, to files on disk: keeping
     quantized layers in memory would make peak memory grow with the model after all.
+    For the same reason the old weight's pages are handed back when it is a view of a
+    memory-mapped checkpoint (:func:`release_file_pages`).
     """
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     from accelerate.utils import has_offloaded_params
@@ -135,7 +145,10 @@ def install_quantized_layer(
     offloaded = has_offloaded_params(module)
     disk = _disk_loader(hook) if offloaded else None
     with materialized(module, compute):
+        replaced_weight = module.weight
         layer = replace_module(model, name, qweight, symmetric=symmetric)
+    release_file_pages(replaced_weight)
+    del module, replaced_weight
     if hook is None:
         return layer
     if not offloaded:
@@ -153,6 +166,54 @@ def install_quantized_layer(
     )
     add_hook_to_module(layer, new_hook)
     return layer
+
+
+def release_file_pages(tensor: torch.Tensor) -> bool:
+    """Let the kernel reclaim the pages of a CPU tensor that is a view of a memory-mapped file.
+
+    safetensors maps a checkpoint file once and hands out every tensor of it as a view
+    of that one mapping, so a weight that was replaced keeps its pages mapped, and
+    counted in resident memory, for as long as any other tensor of the same file is
+    alive: to the end of calibration, which defeats a ``max_memory`` budget.
+    ``MADV_PAGEOUT`` never changes what the memory holds (a page still read is faulted
+    back in from the file), so this is safe even where the tensor is shared.  Only
+    whole pages inside the tensor are advised (its neighbours in the file may share the
+    edge pages), and only file-backed ones: anonymous memory is freed with the tensor,
+    and paging it out would write it to swap.  Pages of a file written moments ago are
+    reclaimed once the kernel has written them back.  Returns whether any pages were advised;
+    ``False`` off Linux, on kernels without the advice, and for any other tensor.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not sys.platform.startswith("linux"):
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first or not _file_backed(first, last):
+        return False
+    return _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_PAGEOUT) == 0
+
+
+def _file_backed(start: int, end: int) -> bool:
+    """True when ``[start, end)`` lies inside one mapping of a file (``/proc/self/maps``, inode not 0)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                low, high = (int(bound, 16) for bound in fields[0].split("-"))
+                if low <= start < high:
+                    return end <= high and len(fields) >= 6 and fields[4] != "0"
+    except OSError:
+        return False
+    return False
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc
 
 
 def _disk_loader(hook: Any) -> Any:

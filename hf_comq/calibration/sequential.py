@@ -83,6 +83,7 @@ from .placement import (
     block_on_compute,
     install_quantized_layer,
     materialized,
+    release_file_pages,
     resolve_placement,
     send_to_device,
 )
@@ -120,7 +121,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
         raise ValueError(
             f"{type(model).__name__} has no quantizable layers (nn.Linear / Conv1D outside modules_to_not_convert)"
         )
-    check_finite_weights(layers, placement.compute)
+    check_finite_weights(layers, placement.compute, release_pages=placement.dispatched)
     data = build_calibration_data(model, config)
     group = current_group()
     settings = _Settings.from_config(config, solver)
@@ -151,16 +152,23 @@ def calibration_summary(model: nn.Module) -> dict[str, Any]:
     return getattr(model, "_comq_summary", None) or {}
 
 
-def check_finite_weights(layers: dict[str, nn.Module], device: torch.device) -> None:
+def check_finite_weights(layers: dict[str, nn.Module], device: torch.device, *, release_pages: bool = False) -> None:
     """Raise for the first layer with a NaN or infinite weight, before any calibration work.
 
     Found later, a bad weight would surface as NaN activations in the blocks after it
-    (blamed on the data) or only after every block before it was calibrated.
+    (blamed on the data) or only after every block before it was calibrated.  With
+    ``release_pages`` (a dispatched model, i.e. one loaded under a ``device_map`` or
+    memory budget), a weight read from a mapped checkpoint does not stay resident
+    because the check read it: its block reads it again when its turn comes.
     """
     for name, module in layers.items():
         with materialized(module, device), torch.no_grad():
-            finite = torch.isfinite(get_linear_weight(module))
+            weight = get_linear_weight(module)
+            finite = torch.isfinite(weight)
             bad = 0 if bool(finite.all()) else int((~finite).sum())
+            if release_pages:
+                release_file_pages(module.weight)
+            del weight, finite
         if bad:
             raise ValueError(
                 f"layer {name!r} has {bad} NaN or infinite weight value(s): the checkpoint is broken "

@@ -1,16 +1,21 @@
-"""Placement: a model offloaded to disk by ``from_pretrained`` quantizes into the in-memory checkpoint."""
+"""Placement: a model offloaded to disk by ``from_pretrained`` quantizes into the in-memory checkpoint,
+and replaced weights read from a mapped checkpoint leave resident memory."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from hf_comq import COMQConfig
-from hf_comq.calibration.placement import offloads_to_disk
+from hf_comq.calibration.placement import offloads_to_disk, release_file_pages
+from hf_comq.calibration.sequential import check_finite_weights
 from hf_comq.nn import COMQLinear
 
 from tests.tiny import sentences, tiny_model, word_tokenizer
@@ -52,3 +57,93 @@ def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path)
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(offloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=0, atol=0)
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self are Linux's")
+
+
+def _resident_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def _write_back(path: Path) -> None:
+    """Flush a just-written file: the kernel reclaims clean pages at once, dirty ones only after writeback.
+
+    A checkpoint being quantized was usually written long before; a test's was not.
+    """
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+@linux_only
+def test_release_file_pages_drops_a_mapped_tensor_from_resident_memory_and_keeps_its_values(tmp_path):
+    file = tmp_path / "weights.safetensors"
+    save_file({"weight": torch.randn(2048, 1024), "bias": torch.randn(1024)}, file)
+    _write_back(file)
+    tensors = load_file(file)  # views of one mapping of the file
+    weight = tensors["weight"]
+    expected = weight.clone()
+    assert float(weight.sum()) == float(expected.sum())  # every page read in
+    before = _resident_kib(file.resolve())
+    assert before >= 8 * 1024 - 8
+
+    assert release_file_pages(weight)
+    assert before - _resident_kib(file.resolve()) >= 8 * 1024 - 8
+    assert torch.equal(weight, expected)  # faulted back in from the file
+
+
+def test_release_file_pages_leaves_memory_that_is_not_a_file_alone():
+    assert not release_file_pages(torch.randn(2048, 1024))  # anonymous: freed with the tensor, never paged out
+    assert not release_file_pages(torch.randn(8))  # no whole page inside
+    assert not release_file_pages(torch.randn(1024, 2048).t())  # not one contiguous range
+    assert not release_file_pages(torch.empty(2048, 1024, device="meta"))
+
+
+def _mapped_llama(folder: Path) -> Path:
+    """A Llama checkpoint whose file is mostly linear weights, written back to disk; returns the file."""
+    config = T.LlamaConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    T.LlamaForCausalLM(config).save_pretrained(folder)
+    file = (folder / "model.safetensors").resolve()
+    _write_back(file)
+    return file
+
+
+@linux_only
+def test_the_finite_weight_check_of_a_dispatched_model_leaves_its_weights_unmapped(tmp_path):
+    file = _mapped_llama(tmp_path / "llama")
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", device_map={"": "cpu"})
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    layers.pop("lm_head")
+    linear_bytes = sum(module.weight.numel() * 4 for module in layers.values())
+
+    check_finite_weights(layers, torch.device("cpu"))
+    assert _resident_kib(file) * 1024 >= linear_bytes  # read, and kept
+
+    check_finite_weights(layers, torch.device("cpu"), release_pages=True)
+    assert _resident_kib(file) * 1024 <= file.stat().st_size - linear_bytes + 64 * 4096
+    ids = torch.randint(0, 64, (1, 5))
+    reference = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    with torch.no_grad():  # the weights read back from the file are the same
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@linux_only
+def test_quantizing_a_mapped_checkpoint_releases_the_replaced_weights(tmp_path):
+    file = _mapped_llama(tmp_path / "llama")
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", quantization_config=_config())
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, COMQLinear))
+    kept = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
+    assert quantized * 4 > 4 * kept  # most of the file is the replaced weights
+    # Whatever of the file is still resident is at most the unquantized tensors' pages (+ edges).
+    assert _resident_kib(file) * 1024 <= kept * 4 + 64 * 4096
