@@ -86,6 +86,7 @@ from .placement import (
     release_file_pages,
     resolve_placement,
     send_to_device,
+    trim_heap,
 )
 
 logger = logging.get_logger(__name__)
@@ -276,6 +277,7 @@ class _Calibrator:
         for index, block_name in enumerate(group.block_names):
             is_last = index == len(group) - 1
             captured = self._process_block(block_name, captured, need_outputs=not is_last)
+            trim_heap()  # the block's Gram sums and weights were freed: their pages go back, not just to the heap
             bar.set_postfix(block=block_name, rel_err=f"{self._mean_error():.3g}")
             bar.update(1)
 

@@ -14,7 +14,7 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 from hf_comq import COMQConfig
-from hf_comq.calibration.placement import offloads_to_disk, release_file_pages
+from hf_comq.calibration.placement import offloads_to_disk, release_file_pages, trim_heap
 from hf_comq.calibration.sequential import check_finite_weights
 from hf_comq.nn import COMQLinear
 
@@ -147,3 +147,26 @@ def test_quantizing_a_mapped_checkpoint_releases_the_replaced_weights(tmp_path):
     assert quantized * 4 > 4 * kept  # most of the file is the replaced weights
     # Whatever of the file is still resident is at most the unquantized tensors' pages (+ edges).
     assert _resident_kib(file) * 1024 <= kept * 4 + 64 * 4096
+
+
+def _resident_anonymous_mib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None,
+    reason="glibc's heap on Linux, with its default mmap threshold (32 KiB buffers come from the heap)",
+)
+def test_trim_heap_gives_freed_buffers_inside_the_heap_back():
+    freed, kept = [], []
+    for _ in range(2048):  # 64 MiB of 32 KiB buffers, each followed by a small one that stays
+        freed.append(torch.ones(8192))
+        kept.append(torch.ones(16))
+    del freed  # free inside the heap, not at its top: glibc keeps it resident
+    before = _resident_anonymous_mib()
+    assert trim_heap()
+    assert before - _resident_anonymous_mib() >= 32
+    assert all(float(tensor.sum()) == 16 for tensor in kept)
