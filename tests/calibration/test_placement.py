@@ -74,6 +74,15 @@ def _resident_kib(path: Path) -> int:
     return total
 
 
+def _skip_on_memory_file_system(path: Path) -> None:
+    """A file on tmpfs lives in memory itself: its pages cannot leave resident memory without swap."""
+    path = path.resolve()
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    point, kind = max(((m[1], m[2]) for m in mounts if path.is_relative_to(m[1])), key=lambda m: len(m[0]))
+    if kind in ("tmpfs", "ramfs"):
+        pytest.skip(f"{point} is {kind}")
+
+
 def _write_back(path: Path) -> None:
     """Flush a just-written file: the kernel reclaims clean pages at once, dirty ones only after writeback.
 
@@ -85,6 +94,7 @@ def _write_back(path: Path) -> None:
 
 @linux_only
 def test_release_file_pages_drops_a_mapped_tensor_from_resident_memory_and_keeps_its_values(tmp_path):
+    _skip_on_memory_file_system(tmp_path)
     file = tmp_path / "weights.safetensors"
     save_file({"weight": torch.randn(2048, 1024), "bias": torch.randn(1024)}, file)
     _write_back(file)
@@ -109,6 +119,7 @@ def test_release_file_pages_leaves_memory_that_is_not_a_file_alone():
 
 def _mapped_llama(folder: Path) -> Path:
     """A Llama checkpoint whose file is mostly linear weights, written back to disk; returns the file."""
+    _skip_on_memory_file_system(folder.parent)
     config = T.LlamaConfig(
         vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
