@@ -164,12 +164,10 @@ def check_finite_weights(layers: dict[str, nn.Module], device: torch.device, *, 
     """
     for name, module in layers.items():
         with materialized(module, device), torch.no_grad():
-            weight = get_linear_weight(module)
-            finite = torch.isfinite(weight)
+            finite = torch.isfinite(get_linear_weight(module))
             bad = 0 if bool(finite.all()) else int((~finite).sum())
             if release_pages:
                 release_file_pages(module.weight)
-            del weight, finite
         if bad:
             raise ValueError(
                 f"layer {name!r} has {bad} NaN or infinite weight value(s): the checkpoint is broken "
