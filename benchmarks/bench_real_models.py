@@ -24,8 +24,8 @@ Group sizes must divide every quantized layer's input size: SmolLM2's hidden siz
 
 Methods (each row in its own process, one torch thread): FP; RTN and the COMQ rows
 through hf_comq's ``from_pretrained(..., quantization_config=COMQConfig(...))``;
-GPTQ act-order with llm-compressor's ``minmax`` and ``memoryless_mse`` observers.  For
-SmolLM2, GPTQ runs through llm-compressor's own ``oneshot`` pipeline on the same
+GPTQ act-order with llm-compressor's ``minmax``, ``memoryless_mse`` and ``imatrix_mse``
+observers.  For SmolLM2, GPTQ runs through llm-compressor's own ``oneshot`` pipeline on the same
 token chunks.  For DINOv2 (``oneshot`` has no image-model calibration path that fits
 here), llm-compressor's observer and GPTQ routine replace the layer solver inside
 hf_comq's pipeline, so calibration data and Hessians are the same.  Each row records
@@ -51,7 +51,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("FP", "RTN", "GPTQ minmax", "GPTQ mse", "COMQ reference code", "COMQ default")
+GPTQ_OBSERVERS = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse", "GPTQ imatrix": "imatrix_mse"}
+"""llm-compressor's weight observer of each GPTQ row (``imatrix_mse``: MSE clipping weighted by E[x^2])."""
+METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, "COMQ reference code", "COMQ default")
 PROBE_TRAIN = 2000
 
 
@@ -159,7 +161,7 @@ def llmcompressor_oneshot(model, method: str, bits: int, group: int | None, chun
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     grouping = dict(strategy="channel") if group is None else dict(strategy="group", group_size=group)
-    observer = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse"}[method]
+    observer = GPTQ_OBSERVERS[method]
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, observer=observer, actorder="static", **grouping)
     recipe = GPTQModifier(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
@@ -231,7 +233,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
 
                 import hf_comq.calibration as calibration_module
 
-                observer = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse"}[method]
+                observer = GPTQ_OBSERVERS[method]
                 swapped = functools.partial(calibration_module.quantize_model, solver=gptq_in_hf_comq_pipeline(observer))
                 with mock.patch.object(calibration_module, "quantize_model", swapped):
                     model = Dinov2Model.from_pretrained(DINOV2_DIR, quantization_config=config)
