@@ -2,7 +2,7 @@
 
 A companion to ``bench_scale.py memory`` (run that first: it builds the random models
 under ``/tmp/bench_scale``).  Wraps the calibration driver's steps and prints, after
-each, the peak (``VmHWM``) and current anonymous and file-backed resident memory in
+each (and before a block is onloaded and before its forward), the peak (``VmHWM``) and current anonymous and file-backed resident memory in
 MiB, so a peak can be pinned on its step (Gram-matrix accumulation, a layer solve,
 an install).  Diagnostic only: it patches private methods of the driver.
 
@@ -55,6 +55,8 @@ def main() -> None:
         original = getattr(sequential._Calibrator, method)
 
         def wrapper(self, *positional, **keywords):
+            if method in ("_process_block", "_run_block"):  # what onloading and the forward each add
+                memory(f"before {method}")
             result = original(self, *positional, **keywords)
             label = positional[0] if positional and isinstance(positional[0], str) else ""
             memory(f"{method} {label}")

@@ -87,3 +87,15 @@ def test_result_in_another_dtype_replaces_the_sum():
     assert torch.equal(handed, exact.float())
     with pytest.raises(RuntimeError, match="already handed over"):
         acc.add(torch.randn(3, 8, generator=gen))
+
+
+def test_partial_sums_of_an_accumulator_that_saw_no_batch_are_zero(monkeypatch):
+    """A rank with no calibration batch still all-reduces blocks shaped like everyone else's."""
+    import hf_comq.solver.hessian as hessian_module
+
+    monkeypatch.setattr(hessian_module, "GRAM_BLOCK_BYTES", 1)
+    idle, busy = HessianAccumulator(200), HessianAccumulator(200)
+    busy.add(torch.randn(7, 200))
+    idle_parts = idle.partial_sums()
+    assert [part.shape for part in idle_parts] == [part.shape for part in busy.partial_sums()]
+    assert all(not part.any() for part in idle_parts)
