@@ -51,9 +51,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from hf_comq.solver.options import REFERENCE_CODE  # noqa: E402  torch-free
 GPTQ_OBSERVERS = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse", "GPTQ imatrix": "imatrix_mse"}
 """llm-compressor's weight observer of each GPTQ row (``imatrix_mse``: MSE clipping weighted by E[x^2])."""
-METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, "COMQ reference code", "COMQ default")
+COMQ_VARIANTS = {"COMQ reference code": REFERENCE_CODE, "COMQ ridge 0.03": dict(ridge=0.03)}
+"""COMQ rows other than the default: the paper's code, and a trial of the solver's ``ridge``."""
+METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, *COMQ_VARIANTS, "COMQ default")
 PROBE_TRAIN = 2000
 
 
@@ -129,9 +133,9 @@ def dinov2_probe(model, processor, probe_set):
 
 def comq_config(method: str, bits: int, group: int | None, dataset, seed: int, processor=None):
     from hf_comq import COMQConfig
-    from hf_comq.solver import REFERENCE_CODE, ROUND_TO_NEAREST
+    from hf_comq.solver import ROUND_TO_NEAREST
 
-    extra = {"RTN": ROUND_TO_NEAREST, "COMQ reference code": REFERENCE_CODE}.get(method, {})
+    extra = {"RTN": ROUND_TO_NEAREST, **COMQ_VARIANTS}.get(method, {})
     if processor is not None:
         extra = dict(extra, processor=processor)
     return COMQConfig(bits=bits, group_size=group, dataset=dataset, num_samples=len(dataset), seed=seed, **extra)

@@ -55,6 +55,9 @@ class COMQSettings:
     block_resolve: bool = setting(
         DEFAULTS["block_resolve"], SOLVER, "re-solve each column block towards its joint optimum after the first sweep"
     )
+    ridge: float = setting(
+        DEFAULTS["ridge"], SOLVER, "Tikhonov term: solve on H + ridge * mean(diag H) * I (guards against fitting the calibration set)"
+    )
     dataset: Any = setting(None, CALIBRATION, "calibration data: a datasets object, a name or path, or samples")
     processor: Any = setting(None, CALIBRATION, "image processor / tokenizer (object or path); None = the model's")
     dataset_split: str = setting("train", CALIBRATION, "split of a named dataset")
@@ -119,6 +122,8 @@ class COMQSettings:
             _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
         _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
         _check_int("start_grids", self.start_grids, 1, MAX_START_GRIDS, "use 3 (the default), or 1 for a faster start")
+        if not (isinstance(self.ridge, (int, float)) and not isinstance(self.ridge, bool) and 0 <= self.ridge < float("inf")):
+            raise ValueError(f"ridge: expected a number >= 0, got {self.ridge!r}; use e.g. 0.01, or 0 for none")
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
             raise ValueError("processor: got an empty string; pass a processor object, a path, or None")

@@ -26,6 +26,7 @@ DEFAULTS: dict = dict(
     clip_weights="conditional",
     start_grids=3,
     block_resolve=True,
+    ridge=0.0,
     shrink=1.0,
     damp=None,
 )
