@@ -196,12 +196,16 @@ def dinov2_layers(blocks: tuple[int, ...] = (5, 10), images: int = 128, seed: in
     return _capture(model, targets, batches)
 
 
-def smollm2_layers(depths: tuple[int, ...] = (7, 22), chunks: int = 32, length: int = 256, seed: int = 0) -> list[LayerProblem]:
+def smollm2_layers(
+    depths: tuple[int, ...] = (7, 22), chunks: int = 32, length: int = 256, seed: int = 0, held_out: bool = False
+) -> list[LayerProblem]:
     """Real SmolLM2-135M weights on real activations: the seven projections of the
-    given decoder layers, on ``chunks x length`` tokens of calibration-pool text."""
+    given decoder layers, on ``chunks x length`` tokens of calibration-pool text (of
+    the held-out paragraphs with ``held_out``: the perplexity benchmark's text, never
+    a calibration draw)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.real_data import calibration_chunks
+    from benchmarks.real_data import calibration_chunks, held_out_chunks
 
     path = _checkpoint(SMOLLM2_DIR, "convert_smollm2_gguf.py")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -210,6 +214,6 @@ def smollm2_layers(depths: tuple[int, ...] = (7, 22), chunks: int = 32, length: 
     for depth in depths:
         for name, module in _linears_in(model.model.layers[depth]).items():
             targets[f"SmolLM2 L{depth} {name.split('.')[-1]}"] = module
-    ids = calibration_chunks(tokenizer, chunks, length, seed)
+    ids = held_out_chunks(tokenizer, chunks, length) if held_out else calibration_chunks(tokenizer, chunks, length, seed)
     batches = ({"input_ids": ids[s : s + 8]} for s in range(0, chunks, 8))
     return _capture(model, targets, batches)
