@@ -19,7 +19,16 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .solver.options import CLIP_WEIGHTS, DEFAULTS, MAX_BITS, MAX_START_GRIDS, MIN_BITS, ORDERS, START_POINTS
+from .solver.options import (
+    CLIP_WEIGHTS,
+    DEFAULTS,
+    MAX_BITS,
+    MAX_START_GRIDS,
+    MIN_BITS,
+    ORDERS,
+    START_POINTS,
+    check_ridge,
+)
 
 FORMAT, SOLVER, CALIBRATION, SELECTION, RECORDED = "format", "solver", "calibration", "selection", "recorded"
 LINEAR, CONV1D = "Linear", "Conv1D"  # the layer classes a checkpoint's scheme can target
@@ -122,8 +131,7 @@ class COMQSettings:
             _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
         _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
         _check_int("start_grids", self.start_grids, 1, MAX_START_GRIDS, "use 3 (the default), or 1 for a faster start")
-        if not (isinstance(self.ridge, (int, float)) and not isinstance(self.ridge, bool) and 0 <= self.ridge < float("inf")):
-            raise ValueError(f"ridge: expected a number >= 0, got {self.ridge!r}; use e.g. 0.01, or 0 for none")
+        check_ridge(self.ridge)
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
             raise ValueError("processor: got an empty string; pass a processor object, a path, or None")

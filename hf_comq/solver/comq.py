@@ -24,6 +24,7 @@ from .options import (
     ORDERS,
     START_POINTS,
     check_bits,
+    check_ridge,
     resolve_group_size,
 )
 from .passes import coordinate_sweep, rowwise_order_sweep
@@ -144,11 +145,13 @@ def comq_quantize(
         ridge: Tikhonov term against fitting the calibration set: the solver works
             on ``H + ridge * mean(diag H) * I`` throughout (clipping search, start,
             sweeps, refits, block re-solve), which adds ``ridge * mean(diag H) *
-            ||w_k - wq_k||^2`` to each row's objective.  ``H`` is estimated from a few
-            thousand calibration tokens; descending on it to the last digit fits that
-            estimate's noise, and on held-out activations a small ridge ends lower.
-            The objective and relative error in ``stats`` include the term.
-            ``0`` solves the calibration objective exactly as given.
+            ||w_k - wq_k||^2`` to each row's objective.  ``H`` is an estimate from the
+            calibration tokens, and descending on it to the last digit also fits the
+            estimate's noise; with few tokens per input a small ridge ends lower on
+            held-out activations, with many it costs a little
+            (``benchmarks/solver_heldout.py`` measures it on real layers).  The
+            objective and relative error in ``stats`` include the term.  ``0`` solves
+            the calibration objective exactly as given.
         shrink: fixed factor multiplying the initial min-max range (the reference
             code's ``scalar``: 1.0 at 4 bits, 0.65 at 2 bits); applied on top of the
             searched factor when ``scale_search`` is on.
@@ -178,8 +181,7 @@ def comq_quantize(
     """
     damp = default_damp(bits) if damp is None else damp
     _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)
-    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not 0 <= ridge < math.inf:
-        raise ValueError(f"ridge must be a non-negative number, got {ridge!r}")
+    check_ridge(ridge)
     if clip_weights not in CLIP_WEIGHTS:
         raise ValueError(f"clip_weights must be one of {CLIP_WEIGHTS}, got {clip_weights!r}")
     if not isinstance(start_grids, int) or isinstance(start_grids, bool) or not 1 <= start_grids <= MAX_START_GRIDS:

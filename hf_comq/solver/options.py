@@ -67,3 +67,9 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
             "for per-channel scales"
         )
     return group_size
+
+
+def check_ridge(ridge: float) -> None:
+    """The one ``ridge`` rule: a finite number, zero or more."""
+    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not 0 <= ridge < float("inf"):
+        raise ValueError(f"ridge must be a non-negative number, got {ridge!r}; use e.g. 0.01, or 0 for none")
