@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 from hf_comq.solver.options import REFERENCE_CODE  # noqa: E402  torch-free
+
 GPTQ_OBSERVERS = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse", "GPTQ imatrix": "imatrix_mse"}
 """llm-compressor's weight observer of each GPTQ row (``imatrix_mse``: MSE clipping weighted by E[x^2])."""
 COMQ_VARIANTS = {"COMQ reference code": REFERENCE_CODE, "COMQ ridge 0.03": dict(ridge=0.03)}

@@ -2,9 +2,10 @@
 
 A companion to ``bench_scale.py memory`` (run that first: it builds the random models
 under ``/tmp/bench_scale``).  Wraps the calibration driver's steps and prints, after
-each (and before a block is onloaded and before its forward), the peak (``VmHWM``) and current anonymous and file-backed resident memory in
-MiB, so a peak can be pinned on its step (Gram-matrix accumulation, a layer solve,
-an install).  Diagnostic only: it patches private methods of the driver.
+each (and before a block is onloaded and before its forward), the peak (``VmHWM``)
+and current anonymous and file-backed resident memory in MiB, so a peak can be
+pinned on its step (Gram-matrix accumulation, a layer solve, an install).
+Diagnostic only: it patches private methods of the driver.
 
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/trace_scale_memory.py tinyllama-1b 512 --blocks 2
 """
