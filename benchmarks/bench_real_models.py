@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from hf_comq.solver.options import REFERENCE_CODE  # noqa: E402  torch-free
+from hf_comq.solver.options import REFERENCE_CODE, ROUND_TO_NEAREST  # noqa: E402  torch-free
 
 GPTQ_OBSERVERS = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse", "GPTQ imatrix": "imatrix_mse"}
 """llm-compressor's weight observer of each GPTQ row (``imatrix_mse``: MSE clipping weighted by E[x^2])."""
@@ -134,7 +134,6 @@ def dinov2_probe(model, processor, probe_set):
 
 def comq_config(method: str, bits: int, group: int | None, dataset, seed: int, processor=None):
     from hf_comq import COMQConfig
-    from hf_comq.solver import ROUND_TO_NEAREST
 
     extra = {"RTN": ROUND_TO_NEAREST, **COMQ_VARIANTS}.get(method, {})
     if processor is not None:

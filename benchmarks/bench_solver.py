@@ -114,6 +114,7 @@ def load_problems(kinds: list[str], cache: Path) -> list[LayerProblem]:
     makers = {
         "dinov2": dinov2_layers,
         "smollm2": smollm2_layers,
+        "smollm2_held_out": lambda: smollm2_layers(chunks=40, held_out=True),  # the perplexity benchmark's text
         "minilm": minilm_layers,
         "vit": demo_vit_layers,
     }

@@ -54,8 +54,8 @@ def row_objectives(weight: torch.Tensor, dequantized: torch.Tensor, hessian: tor
 
 def headroom(problem, bits: int, group_size: int | None) -> dict:
     """GPTQ-best, the default, every variant, and the per-row best of them all."""
-    skip = tuple(name for name in STRONG_COMQ_SETTINGS if name != "hf_comq default")
-    peers = [(name, objective, secs) for name, objective, secs in evaluate_strong(problem, bits, group_size, skip) if name.startswith("GPTQ")]
+    # The default runs below (its rows are needed, not just its total), so no COMQ setting runs here.
+    peers = [row for row in evaluate_strong(problem, bits, group_size, tuple(STRONG_COMQ_SETTINGS)) if row[0].startswith("GPTQ")]
     gptq_best = min(objective for _, objective, _ in peers)
     gptq_seconds = min(secs for _, _, secs in peers)
     w, h = problem.weight, problem.hessian

@@ -27,21 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_solver import load_problems  # noqa: E402
 from benchmarks.gptq_baseline import gptq_dequantized, observer_grid  # noqa: E402
-from benchmarks.layers import LayerProblem, smollm2_layers  # noqa: E402
 from hf_comq.solver import comq_quantize, layer_objective  # noqa: E402
 
 RIDGES = (0.0, 0.01, 0.03, 0.1)
 PEER_OBSERVERS = ("imatrix_mse", "memoryless_mse")
-
-
-def cached(path: Path, make) -> list[LayerProblem]:
-    if path.is_file():
-        return [LayerProblem(**item) for item in torch.load(path)]
-    problems = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save([vars(p) for p in problems], path)
-    return problems
 
 
 def gptq_best(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
@@ -59,8 +50,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    calibration = cached(args.cache / "smollm2.pt", smollm2_layers)
-    held_out = cached(args.cache / "smollm2_held_out.pt", lambda: smollm2_layers(chunks=40, held_out=True))
+    calibration, held_out = (load_problems([kind], args.cache) for kind in ("smollm2", "smollm2_held_out"))
     print(f"torch {torch.__version__}, 1 thread; objective of hf_comq's default / GPTQ-best, both solved on the calibration H")
     print("| setting | ridge | on the calibration H (geo. mean) | worst layer | on the held-out H (geo. mean) | worst layer |")
     print("|---|---|---|---|---|---|")

@@ -518,11 +518,8 @@ def test_ridge_solves_the_ridged_objective(group_size, medium_layer):
     by_hand = comq_quantize(weight, _ridged(hessian, 0.05), bits=3, group_size=group_size, compute_dtype=torch.float64)
     assert torch.equal(ridged.codes, by_hand.codes)
     torch.testing.assert_close(ridged.scale, by_hand.scale)
-    objective = layer_objective(weight, ridged.dequantize(), _ridged(hessian, 0.05))
-    assert ridged.stats["objective"][-1] == pytest.approx(objective, rel=1e-6)  # dequantize() is float32
-    plain = comq_quantize(weight, hessian, bits=3, group_size=group_size, compute_dtype=torch.float64)
-    assert torch.equal(comq_quantize(weight, hessian, bits=3, group_size=group_size, ridge=0,
-                                     compute_dtype=torch.float64).codes, plain.codes)
+    on_ridged = layer_objective(weight, ridged.dequantize(), _ridged(hessian, 0.05))
+    assert ridged.stats["objective"][-1] == pytest.approx(on_ridged, rel=1e-6)  # dequantize() is float32
 
 
 def test_a_ridge_ends_lower_on_held_out_inputs_when_calibration_is_short():
