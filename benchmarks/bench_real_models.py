@@ -56,8 +56,12 @@ from hf_comq.solver.options import REFERENCE_CODE, ROUND_TO_NEAREST  # noqa: E40
 
 GPTQ_OBSERVERS = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse", "GPTQ imatrix": "imatrix_mse"}
 """llm-compressor's weight observer of each GPTQ row (``imatrix_mse``: MSE clipping weighted by E[x^2])."""
-COMQ_VARIANTS = {"COMQ reference code": REFERENCE_CODE, "COMQ ridge 0.03": dict(ridge=0.03)}
-"""COMQ rows other than the default: the paper's code, and a trial of the solver's ``ridge``."""
+COMQ_VARIANTS = {
+    "COMQ reference code": REFERENCE_CODE,
+    "COMQ ridge 0.03": dict(ridge=0.03),
+    "COMQ fp target": dict(fp_target=True),
+}
+"""COMQ rows other than the default: the paper's code, trials of the solver's ``ridge`` and of ``fp_target``."""
 METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, *COMQ_VARIANTS, "COMQ default")
 PROBE_TRAIN = 2000
 

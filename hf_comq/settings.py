@@ -81,6 +81,9 @@ class COMQSettings:
     )
     block_name: str | None = setting(None, SELECTION, "dotted name of the block list, overriding discovery")
     sequential: bool = setting(True, SELECTION, "calibrate each block on the quantized prefix's outputs")
+    fp_target: bool = setting(
+        False, SELECTION, "aim each layer at the full-precision model's outputs, not its own on the quantized inputs"
+    )
     calibration_description: str | None = setting(None, RECORDED, "what the model was calibrated on")
     calibration_samples: int | None = setting(None, RECORDED, "calibration samples actually used")
     ignore: list[str] | None = setting(None, RECORDED, "exact names of the linear layers kept in full precision")
@@ -144,6 +147,12 @@ class COMQSettings:
         _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['vit.layers.0'] or ['q_proj']")
         _check_str("block_name", self.block_name, optional=True)
         _check_bool("sequential", self.sequential)
+        _check_bool("fp_target", self.fp_target)
+        if self.fp_target and not self.sequential:
+            raise ValueError(
+                "fp_target: needs sequential=True (with full-precision inputs every layer already sees the "
+                "full-precision model's inputs); drop fp_target or set sequential=True"
+            )
         _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)
         if self.calibration_samples is not None:
             _check_int("calibration_samples", self.calibration_samples, 0, None, "leave it to calibration")

@@ -82,20 +82,28 @@ class HessianRecorder:
     Hessian, so they share one accumulator and ``X^T X`` is computed once for them:
     the decision is made on a layer's first call and must hold for every later batch.
     Use as a context manager; run each forward pass inside :meth:`tokens`.
+
+    ``with_targets=True`` also sums each layer's target shift (see
+    :class:`HessianAccumulator`): before each batch's pass inside :meth:`tokens`, the
+    same batch's full-precision inputs run the block inside :meth:`targets`, whose
+    hooks keep each layer's inputs until the quantized-prefix pass reaches it.
     """
 
     _OUTSIDE = object()
 
-    def __init__(self, model: nn.Module, names: Sequence[str], device: torch.device):
+    def __init__(self, model: nn.Module, names: Sequence[str], device: torch.device, *, with_targets: bool = False):
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._owner_of: dict[str, str] = {}
         self._decided: set[str] = set()
         self._last: tuple[torch.Tensor, str] | None = None
         self._mask: Any = self._OUTSIDE
+        self._with_targets = with_targets
+        self._collecting_targets = False
+        self._targets: dict[str, list[torch.Tensor]] = {}  # per layer, in call order
         self._handles = []
         for name in names:
             module = model.get_submodule(name)
-            self.accumulators[name] = HessianAccumulator(linear_shape(module)[1], device=device)
+            self.accumulators[name] = HessianAccumulator(linear_shape(module)[1], device=device, with_target=with_targets)
             self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def __enter__(self) -> "HessianRecorder":
@@ -114,6 +122,18 @@ class HessianRecorder:
             yield
         finally:
             self._mask, self._last = self._OUTSIDE, None
+
+    @contextlib.contextmanager
+    def targets(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Run one batch's full-precision pass: each layer's inputs are kept as its target, nothing is summed."""
+        if not self._with_targets:
+            raise RuntimeError("this recorder was made without with_targets=True")
+        self._targets.clear()
+        self._mask, self._collecting_targets = mask, True
+        try:
+            yield
+        finally:
+            self._mask, self._collecting_targets = self._OUTSIDE, False
 
     def shared_inputs(self) -> dict[str, str]:
         """``{layer: owner}`` for the layers found reading the same input tensor as ``owner`` (q/k/v, gate/up)."""
@@ -143,16 +163,34 @@ class HessianRecorder:
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             if self._mask is self._OUTSIDE:
                 raise RuntimeError(f"{name!r} ran outside HessianRecorder.tokens(); the padding mask is unknown")
+            if self._collecting_targets:
+                self._targets.setdefault(name, []).append(self._real_tokens(inputs[0]))
+                return
+            target = self._target_of(name)
             if self._reuses(name, inputs[0]):
                 return
-            activations = inputs[0].detach()
-            mask = self._mask
-            if mask is not None and activations.shape[:-1] == mask.shape:
-                activations = activations[mask.to(activations.device)]
-            self.accumulators[name].add(activations)
+            self.accumulators[name].add(self._real_tokens(inputs[0]), target)
             self._last = (inputs[0], name)
 
         return hook
+
+    def _real_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
+        activations = tensor.detach()
+        mask = self._mask
+        if mask is not None and activations.shape[:-1] == mask.shape:
+            activations = activations[mask.to(activations.device)]
+        return activations
+
+    def _target_of(self, name: str) -> torch.Tensor | None:
+        """The layer's full-precision inputs of this batch (``None`` without targets); each is read once."""
+        if not self._with_targets:
+            return None
+        if not self._targets.get(name):
+            raise RuntimeError(
+                f"{name!r} ran on the quantized prefix's inputs but not in the batch's full-precision pass; "
+                "calibrate with fp_target=False or report this model"
+            )
+        return self._targets[name].pop(0)
 
     def _reuses(self, name: str, tensor: torch.Tensor) -> bool:
         """True if ``name`` shares another layer's accumulator (and so must not add)."""

@@ -55,7 +55,7 @@ from transformers.utils import logging
 
 from ..modules import find_quantizable_linears
 from ..nn import get_linear_weight, linear_shape
-from ..solver import SOLVER_DEFAULTS, HessianAccumulator, QuantizedWeight, comq_quantize
+from ..solver import SOLVER_DEFAULTS, HessianAccumulator, QuantizedWeight, comq_quantize, fp_target_weight
 from ..threads import linear_layer_threads, single_thread
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data
@@ -182,6 +182,7 @@ class _Settings:
     solver: LayerSolver
     solver_kwargs: dict[str, Any]
     sequential: bool
+    fp_target: bool
     symmetric: bool
 
     @classmethod
@@ -190,6 +191,7 @@ class _Settings:
             solver=solver,
             solver_kwargs={name: getattr(config, name) for name in SOLVER_DEFAULTS if hasattr(config, name)},
             sequential=bool(getattr(config, "sequential", True)),
+            fp_target=bool(getattr(config, "fp_target", False)),
             symmetric=bool(getattr(config, "symmetric", False)),
         )
 
@@ -236,6 +238,9 @@ class _Calibrator:
         self.results: dict[str, dict[str, float]] = {}
         self.skipped: dict[str, str] = {}
         self.deferred: list[tuple[str, QuantizedWeight]] = []
+        # With fp_target: the current block's inputs in the full-precision model (the
+        # very list of the quantized-prefix inputs while the two are still the same).
+        self.fp_inputs: list[CapturedInputs] | None = None
         self.checked_size = False
 
     @property
@@ -295,8 +300,10 @@ class _Calibrator:
         captured, accumulators = self._capture_pass(group, outside)
         fired = [name for name in outside if accumulators[name].num_tokens > 0]
         self._quantize_layers(fired, accumulators)
+        full_precision = captured
         if fired and self.settings.sequential and captured is not None:
             captured, _ = self._capture_pass(group, [])  # the group must see the quantized prefix
+        self.fp_inputs = full_precision if self.settings.fp_target else None
         return captured
 
     def _capture_pass(
@@ -346,14 +353,23 @@ class _Calibrator:
     ) -> list[CapturedInputs]:
         block = self.model.get_submodule(block_name)
         names = self._pending_under(block_name)
-        keep_fp_outputs = need_outputs and not self.settings.sequential
+        fp_inputs, self.fp_inputs = self.fp_inputs, None
+        targeted = fp_inputs is not None and fp_inputs is not captured
+        keep_fp_outputs = need_outputs and (not self.settings.sequential or fp_inputs is captured)
         with block_on_compute(block, self.inputs.placement):
-            with HessianRecorder(self.model, names, self.compute) as recorder:
-                outputs = self._run_block(block, captured, recorder, collect=keep_fp_outputs)
+            with HessianRecorder(self.model, names, self.compute, with_targets=targeted) as recorder:
+                if targeted:
+                    fp_outputs = self._run_block_with_targets(block, captured, fp_inputs, recorder, collect=need_outputs)
+                else:
+                    fp_outputs = self._run_block(block, captured, recorder, collect=keep_fp_outputs)
+            del fp_inputs
             self._sum_over_ranks(recorder)
             self._quantize_layers(names, recorder.accumulators)
+            outputs = fp_outputs
             if need_outputs and self.settings.sequential:
                 outputs = self._run_block(block, captured, None, collect=True)
+        if self.settings.fp_target and need_outputs:
+            self.fp_inputs = fp_outputs
         return outputs
 
     def _run_block(
@@ -367,6 +383,33 @@ class _Calibrator:
                 result = block(*args, **kwargs)
             if collect:
                 outputs.append(item.with_hidden(send_to_device(hidden_output(result), self.compute)))
+        return outputs
+
+    def _run_block_with_targets(
+        self,
+        block: nn.Module,
+        captured: list[CapturedInputs],
+        fp_inputs: list[CapturedInputs],
+        recorder: HessianRecorder,
+        collect: bool,
+    ) -> list[CapturedInputs]:
+        """Each batch through the full-precision stream (its layer inputs kept as targets), then the quantized one.
+
+        Returns the full-precision stream's block outputs (with ``collect``): the block
+        is still in full precision here, so they are the next block's targets.
+        """
+        outputs = []
+        kind = block_kind(block)
+        for item, fp_item in zip(captured, fp_inputs, strict=True):
+            args, kwargs = fp_item.call_inputs(kind)
+            with recorder.targets(fp_item.mask):
+                result = block(*args, **kwargs)
+            if collect:
+                outputs.append(fp_item.with_hidden(send_to_device(hidden_output(result), self.compute)))
+            del result
+            args, kwargs = item.call_inputs(kind)
+            with recorder.tokens(item.mask):
+                block(*args, **kwargs)
         return outputs
 
     def _run_remaining(self) -> None:
@@ -434,6 +477,8 @@ class _Calibrator:
         distinct = {id(accumulator): accumulator for accumulator in accumulators}
         for accumulator in sorted(distinct.values(), key=lambda accumulator: accumulator.in_features):
             accumulator.result(self.settings.hessian_dtype)
+            if accumulator.with_target:
+                accumulator.target_shift(self.settings.hessian_dtype)
 
     def _solve(self, name: str, accumulator: HessianAccumulator, last_reader: bool) -> QuantizedWeight:
         module = self.model.get_submodule(name)
@@ -442,6 +487,8 @@ class _Calibrator:
             weight = get_linear_weight(module).detach().to(self.compute)
         try:
             hessian = accumulator.result(self.settings.hessian_dtype)
+            if accumulator.with_target:
+                weight = fp_target_weight(weight, hessian, accumulator.target_shift(self.settings.hessian_dtype))
             qweight = self.settings.solver(
                 weight, hessian, **self.settings.solver_kwargs, **({"overwrite_hessian": True} if last_reader else {})
             )
@@ -479,6 +526,7 @@ class _Calibrator:
             "bits": self.settings.solver_kwargs.get("bits"),
             "group_size": self.settings.solver_kwargs.get("group_size"),
             "sequential": self.settings.sequential,
+            "fp_target": self.settings.fp_target,
             "num_blocks": len(self.block_names),
             "num_samples": num_samples,
             "mean_relative_error": sum(errors) / len(errors) if errors else None,
@@ -505,6 +553,7 @@ def _fingerprint(model: nn.Module, layers: dict[str, nn.Module], settings: _Sett
             "solver": getattr(settings.solver, "__qualname__", repr(settings.solver)),
             "settings": settings.solver_kwargs,
             "sequential": settings.sequential,
+            "fp_target": settings.fp_target,
             "symmetric": settings.symmetric,
             "calibration": calibration,
             "data": data.description,

@@ -21,6 +21,7 @@ _EXPORTS = {
     "Grid": ".grid",
     "minmax_grid": ".grid",
     "HessianAccumulator": ".hessian",
+    "fp_target_weight": ".target",
 }
 
 __all__ = sorted(

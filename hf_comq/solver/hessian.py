@@ -39,9 +39,24 @@ class HessianAccumulator:
     of the sums, which for a wide MLP layer are the largest thing a calibration pass
     holds; no ``in x in`` temporary exists.  :meth:`result` mirrors the triangle into
     the full matrix the solver takes.
+
+    ``with_target=True`` also sums the *target shift* ``(X_fp - X)^T X``, where ``X_fp``
+    are the same tokens' inputs to this layer in the full-precision model (given to
+    :meth:`add` as ``target``): with it, :func:`~hf_comq.solver.target.fp_target_weight`
+    turns the layer's objective into ``||X_fp W^T - X Wq^T||^2``, the distance to the
+    full-precision model's outputs rather than to this layer's own output on the
+    quantized prefix's inputs.  It is not symmetric, so it is summed whole (in the same
+    row blocks, each ``rows x in``).
     """
 
-    def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+        with_target: bool = False,
+    ):
         if in_features <= 0:
             raise ValueError(f"in_features must be positive, got {in_features}")
         if dtype not in (torch.float32, torch.float64):
@@ -55,32 +70,61 @@ class HessianAccumulator:
             torch.zeros(span.stop - span.start, in_features - span.start, dtype=dtype, device=device) for span in self._spans
         ]
         self._whole: torch.Tensor | None = None
+        self._shift: list[torch.Tensor] | None = None
+        if with_target:
+            self._shift = [torch.zeros(span.stop - span.start, in_features, dtype=dtype, device=device) for span in self._spans]
+        self._whole_shift: torch.Tensor | None = None
 
-    def add(self, activations: torch.Tensor) -> None:
-        """Add a batch of inputs whose last dimension is ``in_features``."""
+    @property
+    def with_target(self) -> bool:
+        """Whether the target shift is summed (see the class docstring)."""
+        return self._shift is not None or self._whole_shift is not None
+
+    @property
+    def _handed_over(self) -> bool:
+        return self._upper is None or self._whole_shift is not None
+
+    def add(self, activations: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Add a batch of inputs whose last dimension is ``in_features``.
+
+        ``target``: the same tokens' inputs in the full-precision model, required
+        exactly when the accumulator sums the target shift.
+        """
         if activations.shape[-1] != self.in_features:
             raise ValueError(
                 f"activations have last dimension {activations.shape[-1]}, expected in_features={self.in_features}"
             )
-        if self._upper is None:
+        if self._handed_over:
             raise RuntimeError("this Gram matrix was already handed over (result()); it takes no more batches")
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
         rows = activations.reshape(-1, self.in_features).to(device=self._upper[0].device, dtype=product_dtype)
         if not torch.isfinite(rows).all():
             raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
-        with threads_for(1.0 * rows.numel() * self.in_features):
-            for span, block in zip(self._spans, self._upper):
-                if product_dtype == self.dtype:
-                    block.addmm_(rows[:, span].T, rows[:, span.start :])
-                else:
-                    block.add_(rows[:, span].T @ rows[:, span.start :])
+        if (target is not None) != self.with_target:
+            raise ValueError(
+                "this Gram matrix sums the target shift: pass the full-precision inputs as target"
+                if self.with_target
+                else "this Gram matrix was made without with_target=True: it takes no target inputs"
+            )
+        shift_rows = None
+        if target is not None:
+            if target.shape != activations.shape:
+                raise ValueError(f"target inputs have shape {tuple(target.shape)}, expected {tuple(activations.shape)}")
+            shift_rows = target.reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype).sub_(rows)
+            if not torch.isfinite(shift_rows).all():
+                raise ValueError("target activations contain NaN or inf; check the model's dtype")
+        with threads_for((1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features):
+            for index, (span, block) in enumerate(zip(self._spans, self._upper)):
+                _add_product(block, rows[:, span].T, rows[:, span.start :])
+                if shift_rows is not None:
+                    _add_product(self._shift[index], shift_rows[:, span].T, rows)
         self.num_tokens += rows.shape[0]
 
     def partial_sums(self) -> list[torch.Tensor]:
         """The running sums themselves (the triangle's row blocks), for summing over processes in place."""
-        if self._upper is None:
+        if self._handed_over:
             raise RuntimeError("this Gram matrix was already handed over (result()); its partial sums are gone")
-        return self._upper
+        return self._upper if self._shift is None else self._upper + self._shift
 
     def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The accumulated ``X^T X`` as a full symmetric matrix; raises if nothing was added.
@@ -99,6 +143,22 @@ class HessianAccumulator:
             self._whole = self._whole.to(dtype)
         return self._whole
 
+    def target_shift(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The accumulated ``(X_fp - X)^T X`` (``in x in``); like :meth:`result`, it ends accumulation."""
+        if not self.with_target:
+            raise RuntimeError("this Gram matrix was made without with_target=True: it has no target shift")
+        if self.num_tokens == 0:
+            raise ValueError("no activations were accumulated: the layer never ran on calibration data")
+        if self._whole_shift is None:
+            blocks, self._shift = self._shift, None
+            self._whole_shift = torch.empty(self.in_features, self.in_features, dtype=dtype or self.dtype, device=blocks[0].device)
+            for index, span in enumerate(self._spans):
+                self._whole_shift[span] = blocks[index]
+                blocks[index] = None
+        elif dtype is not None and dtype != self._whole_shift.dtype:
+            self._whole_shift = self._whole_shift.to(dtype)
+        return self._whole_shift
+
     def _mirrored(self, dtype: torch.dtype) -> torch.Tensor:
         """The full matrix from the upper triangle's row blocks, each block freed once copied."""
         blocks, self._upper = self._upper, None
@@ -111,3 +171,11 @@ class HessianAccumulator:
             whole[span, span] = square.triu() + square.triu(1).T
             blocks[index] = None
         return whole
+
+
+def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``total += left @ right``, in place when the dtypes allow it (no product-sized temporary)."""
+    if left.dtype == total.dtype:
+        total.addmm_(left, right)
+    else:
+        total.add_(left @ right)

@@ -1,0 +1,57 @@
+"""Aim a layer at the full-precision model's outputs: the weight whose fit COMQ then solves.
+
+In block-sequential calibration a layer's inputs ``X`` come from the already quantized
+prefix, while the same tokens reach it as ``X_fp`` in the full-precision model.  The
+plain objective ``||X W^T - X Wq^T||^2`` asks the layer to reproduce what its
+full-precision weight would make of the *quantized* inputs, so the prefix's error is
+carried forward untouched.  Aiming at the full-precision outputs instead,
+``||X_fp W^T - X Wq^T||^2``, lets each layer cancel part of the error it inherits
+(the "asymmetric calibration" of GPTAQ, arXiv 2504.02692).
+
+That objective is the plain one for another weight, up to a constant: with
+``H = X^T X`` and the target shift ``S = (X_fp - X)^T X``, its gradient in ``Wq`` is
+``2 (Wq H - W (H + S))``, so it equals ``||X W'^T - X Wq^T||^2 + const`` with
+``W' = W (H + S) H^-1 = W + W S H^-1``.  Handing COMQ ``W'`` leaves the solver
+unchanged: grids, start, sweeps and refits all work on ``W'`` and ``H``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TARGET_DAMP = 0.01
+"""Relative diagonal damping of ``H`` in ``W S H^-1``, GPTQ's customary value: with few
+tokens per input ``H`` is nearly singular along directions the calibration set barely
+visits, and an undamped inverse would move ``W'`` far along them for no measured gain."""
+
+
+def fp_target_weight(
+    weight: torch.Tensor, hessian: torch.Tensor, shift: torch.Tensor, damp: float = TARGET_DAMP
+) -> torch.Tensor:
+    """``W + W S (H + damp * mean(diag H) * I)^-1`` in ``weight``'s dtype (see the module docstring).
+
+    ``weight`` is ``(out, in)``; ``hessian`` and ``shift`` are ``(in, in)``.  A zero
+    ``shift`` (inputs equal to the full-precision ones, e.g. the first block) returns
+    ``weight`` unchanged.
+    """
+    in_features = weight.shape[1]
+    if hessian.shape != (in_features, in_features) or shift.shape != (in_features, in_features):
+        raise ValueError(
+            f"the Gram matrix {tuple(hessian.shape)} and target shift {tuple(shift.shape)} must both be "
+            f"({in_features}, {in_features}) for a weight of shape {tuple(weight.shape)}"
+        )
+    if not bool(shift.any()):
+        return weight
+    dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    h = hessian.to(device=weight.device, dtype=dtype)
+    damped = (h + h.T).mul_(0.5)
+    diag = torch.diagonal(damped)
+    diag += damp * float(diag.mean().clamp_min(torch.finfo(dtype).tiny))
+    factor, info = torch.linalg.cholesky_ex(damped)
+    del damped
+    if int(info) != 0:
+        raise ValueError("the Gram matrix is not positive definite even after damping; use more calibration data")
+    # W S H^-1 = (H^-1 S^T W^T)^T
+    moved_t = shift.to(device=weight.device, dtype=dtype).T @ weight.to(dtype).T
+    correction_t = torch.cholesky_solve(moved_t, factor)
+    return (weight.to(dtype) + correction_t.T).to(weight.dtype)
