@@ -97,6 +97,7 @@ def test_group_size_minus_one_means_per_channel():
         ("modules_to_not_convert", ["classifier", ""]),
         ("block_name", ""),
         ("sequential", "no"),
+        ("fp_target", 1),
         ("calibration_description", 5),
         ("quant_method", "gptq"),
     ],
@@ -104,6 +105,12 @@ def test_group_size_minus_one_means_per_channel():
 def test_every_field_is_validated_with_its_name(field, value):
     with pytest.raises(ValueError, match=field):
         COMQConfig(**{field: value})
+
+
+def test_fp_target_needs_block_sequential_calibration():
+    with pytest.raises(ValueError, match=r"fp_target: needs sequential=True .*set sequential=True"):
+        COMQConfig(fp_target=True, sequential=False)
+    assert COMQConfig(fp_target=True).fp_target
 
 
 class _FakeDataset:

@@ -110,7 +110,7 @@ class HessianAccumulator:
         if target is not None:
             if target.shape != activations.shape:
                 raise ValueError(f"target inputs have shape {tuple(target.shape)}, expected {tuple(activations.shape)}")
-            shift_rows = target.reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype).sub_(rows)
+            shift_rows = target.reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype) - rows
             if not torch.isfinite(shift_rows).all():
                 raise ValueError("target activations contain NaN or inf; check the model's dtype")
         with threads_for((1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features):

@@ -50,7 +50,7 @@ import json, os, sys
 import torch
 import transformers as T
 from hf_comq.calibration.distributed import CalibrationGroupError
-from tests.calibration.test_distributed import calibration_config, summary_of
+from tests.calibration.test_distributed import MODES, calibration_config, summary_of
 
 scenario, checkpoint, out = sys.argv[1:4]
 rank = int(os.environ["RANK"])
@@ -60,23 +60,28 @@ if scenario == "dies" and rank == 1:
     sequential._Calibrator._solve = lambda *args: os._exit(3)
 result = {}
 try:
-    for sequential in (True, False):
+    for mode in MODES:
         bits = 3 if scenario == "different" and rank == 1 else 4
-        config = calibration_config(sequential, bits)
+        config = calibration_config(mode, bits)
         model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
-        model.save_pretrained(os.path.join(out, f"sequential-{sequential}"))
-        model.save_pretrained(os.path.join(out, f"rank{rank}-{sequential}"))  # a folder of its own: only rank 0 writes
-        result[str(sequential)] = summary_of(model)
+        model.save_pretrained(os.path.join(out, mode))
+        model.save_pretrained(os.path.join(out, f"rank{rank}-{mode}"))  # a folder of its own: only rank 0 writes
+        result[mode] = summary_of(model)
 except CalibrationGroupError as error:
     result["error"] = str(error)
 json.dump(result, open(os.path.join(out, f"rank{rank}.json"), "w"))
 """
 
 
-def calibration_config(sequential: bool, bits: int = 4) -> COMQConfig:
+MODES = {"sequential": dict(sequential=True), "fp-inputs": dict(sequential=False), "fp-target": dict(fp_target=True)}
+"""The calibration modes: the quantized prefix's inputs, full-precision ones, and the
+quantized prefix's aimed at full-precision outputs (two streams of block inputs per rank)."""
+
+
+def calibration_config(mode: str, bits: int = 4) -> COMQConfig:
     """11 texts in batches of 3: rank 0 runs batches 0 and 2, rank 1 batches 1 and 3 (of 2 texts)."""
     return COMQConfig(dataset=sentences(11), processor=word_tokenizer(), num_samples=11, batch_size=3, bits=bits,
-                      group_size=16, sequential=sequential)  # fmt: skip
+                      group_size=16, **MODES[mode])  # fmt: skip
 
 
 def summary_of(model) -> dict:
@@ -158,22 +163,22 @@ def test_two_ranks_write_the_checkpoint_of_one_process(tmp_path):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same float32 products
     try:
-        for sequential in (True, False):
-            config = calibration_config(sequential)
+        for mode in MODES:
+            config = calibration_config(mode)
             model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
-            model.save_pretrained(tmp_path / f"single-{sequential}")
+            model.save_pretrained(tmp_path / f"single-{mode}")
             for result in ranks:  # the same tokens per layer: every rank's count
-                assert result[str(sequential)] == {**summary_of(model), "ranks": 2}
-            expected, got = _tensors(tmp_path / f"single-{sequential}"), _tensors(tmp_path / f"sequential-{sequential}")
+                assert result[mode] == {**summary_of(model), "ranks": 2}
+            expected, got = _tensors(tmp_path / f"single-{mode}"), _tensors(tmp_path / mode)
             assert sorted(got) == sorted(expected) and any(name.endswith("weight_packed") for name in got)
             for name, tensor in expected.items():
-                assert torch.equal(got[name], tensor), (sequential, name)
-            saved = json.loads((tmp_path / f"sequential-{sequential}" / "config.json").read_text())
-            single = json.loads((tmp_path / f"single-{sequential}" / "config.json").read_text())
+                assert torch.equal(got[name], tensor), (mode, name)
+            saved = json.loads((tmp_path / mode / "config.json").read_text())
+            single = json.loads((tmp_path / f"single-{mode}" / "config.json").read_text())
             assert saved["quantization_config"] == single["quantization_config"]
-            assert (tmp_path / f"rank0-{sequential}" / "README.md").is_file()  # weights, config and card
-            assert (tmp_path / f"rank0-{sequential}" / "model.safetensors").is_file()
-            rank1 = tmp_path / f"rank1-{sequential}"
+            assert (tmp_path / f"rank0-{mode}" / "README.md").is_file()  # weights, config and card
+            assert (tmp_path / f"rank0-{mode}" / "model.safetensors").is_file()
+            rank1 = tmp_path / f"rank1-{mode}"
             assert not rank1.exists() or not any(rank1.iterdir()), sorted(rank1.iterdir())  # no half checkpoint
     finally:
         torch.set_num_threads(previous)
@@ -184,7 +189,7 @@ def test_ranks_started_with_different_settings_stop_before_calibrating(tmp_path)
     for rank in range(2):
         error = _read(tmp_path / f"rank{rank}.json")["error"]
         assert "different calibration settings" in error and "\n" not in error
-    assert not (tmp_path / "sequential-True").exists()
+    assert not (tmp_path / "sequential").exists()
 
 
 def test_a_rank_dying_mid_calibration_stops_the_others_and_nothing_is_saved(tmp_path):
@@ -193,4 +198,4 @@ def test_a_rank_dying_mid_calibration_stops_the_others_and_nothing_is_saved(tmp_
     assert dead is None
     assert "one of them failed or left" in survivor["error"] and "\n" not in survivor["error"]
     assert "nothing was saved" in survivor["error"]
-    assert not (tmp_path / "sequential-True").exists()
+    assert not (tmp_path / "sequential").exists()

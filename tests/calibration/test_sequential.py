@@ -383,7 +383,9 @@ def test_layers_reading_the_same_input_share_one_hessian(monkeypatch):
 
     calls: list[int] = []
     real_add = HessianAccumulator.add
-    monkeypatch.setattr(HessianAccumulator, "add", lambda self, x: (calls.append(x.shape[-1]), real_add(self, x))[1])
+    monkeypatch.setattr(
+        HessianAccumulator, "add", lambda self, x, *target: (calls.append(x.shape[-1]), real_add(self, x, *target))[1]
+    )
     model = tiny_vit()
     seen, solver = _recording_solver()
     quantize_model(model, _config("vit", bits=4, sequential=False), solver=solver)
@@ -408,3 +410,62 @@ def test_solver_gets_float32_gram_matrices_and_may_overwrite_the_last_readers_on
     quantize_model(model, _config("vit", bits=4), solver=recording)
     per_block = [False, False, True, True, True, True]  # query, key, value, attention output, fc1, fc2
     assert calls == [(torch.float32, flag) for flag in per_block * 2]
+
+
+# ---------------------------------------------------------------- fp_target
+
+
+def _layer_inputs(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each named layer's inputs (all tokens, float64) on one forward pass of ``model``."""
+    seen = {}
+
+    def hook(name):
+        def record(module, args, output):
+            seen[name] = args[0].detach().double().reshape(-1, args[0].shape[-1])
+
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_fp_target_solves_each_layer_for_the_full_precision_models_outputs():
+    """Block 1's layers are handed ``W + W S H^-1`` (H and S from the quantized block 0's
+    outputs and the full-precision ones, computed here by hand); block 0's see the
+    full-precision inputs already and get their weight unchanged."""
+    import copy
+
+    from hf_comq.solver import fp_target_weight
+
+    model = tiny_vit()
+    full_precision = copy.deepcopy(model)
+    names = list(find_quantizable_linears(model))
+    handed: dict[str, torch.Tensor] = {}
+    order = iter(names)
+
+    def recording(weight, hessian, **kwargs):
+        handed[next(order)] = weight.clone()
+        return comq_quantize(weight, hessian, **kwargs)
+
+    inputs = _inputs("vit", 8)
+    summary = quantize_model(model, _config("vit", bits=3, fp_target=True), solver=recording)
+    assert summary["fp_target"] is True
+    hybrid = copy.deepcopy(full_precision)  # quantized block 0, block 1 still in full precision: what calibration saw
+    hybrid.vit.layers[0] = model.vit.layers[0]
+    block_1 = [name for name in names if name.startswith("vit.layers.1.")]
+    quantized_inputs = _layer_inputs(hybrid, block_1, inputs)
+    fp_inputs = _layer_inputs(full_precision, block_1, inputs)
+    for name in block_1:
+        x, x_fp = quantized_inputs[name], fp_inputs[name]
+        weight = get_linear_weight(full_precision.get_submodule(name)).double()
+        expected = fp_target_weight(weight, x.T @ x, (x_fp - x).T @ x)
+        assert not torch.allclose(expected, weight, rtol=1e-3, atol=1e-4)  # the target does move it
+        torch.testing.assert_close(handed[name].double(), expected, rtol=1e-3, atol=1e-5)
+    for name in names:
+        if name.startswith("vit.layers.0."):
+            assert torch.equal(handed[name], get_linear_weight(full_precision.get_submodule(name)))
+

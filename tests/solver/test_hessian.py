@@ -99,3 +99,41 @@ def test_partial_sums_of_an_accumulator_that_saw_no_batch_are_zero(monkeypatch):
     idle_parts = idle.partial_sums()
     assert [part.shape for part in idle_parts] == [part.shape for part in busy.partial_sums()]
     assert all(not part.any() for part in idle_parts)
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1], ids=["one block", "row blocks"])
+def test_target_shift_is_the_full_precision_inputs_minus_the_quantized_ones_times_the_quantized_ones(
+    monkeypatch, block_bytes
+):
+    import hf_comq.solver.hessian as hessian_module
+
+    if block_bytes is not None:
+        monkeypatch.setattr(hessian_module, "GRAM_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(0)
+    quantized = [torch.randn(3, 50, 130, generator=gen) for _ in range(3)]
+    full_precision = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in quantized]
+    acc = HessianAccumulator(130, with_target=True)
+    for x, x_fp in zip(quantized, full_precision):
+        acc.add(x, x_fp)
+    rows = torch.cat([x.reshape(-1, 130) for x in quantized]).double()
+    rows_fp = torch.cat([x.reshape(-1, 130) for x in full_precision]).double()
+    # float32 per-batch products, as for the Gram matrix
+    torch.testing.assert_close(acc.target_shift(), (rows_fp - rows).T @ rows, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(acc.result(), rows.T @ rows, rtol=1e-5, atol=1e-4)  # the Gram matrix is unchanged
+
+
+def test_target_inputs_are_required_exactly_when_the_shift_is_summed():
+    plain, targeted = HessianAccumulator(4), HessianAccumulator(4, with_target=True)
+    with pytest.raises(ValueError, match="takes no target inputs"):
+        plain.add(torch.ones(2, 4), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="pass the full-precision inputs"):
+        targeted.add(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"target inputs have shape \(3, 4\), expected \(2, 4\)"):
+        targeted.add(torch.ones(2, 4), torch.ones(3, 4))
+    with pytest.raises(RuntimeError, match="has no target shift"):
+        plain.target_shift()
+    targeted.add(torch.ones(2, 4), torch.ones(2, 4))
+    assert len(targeted.partial_sums()) == 2  # the triangle's block and the shift's, summed over ranks alike
+    targeted.target_shift()
+    with pytest.raises(RuntimeError, match="takes no more batches"):
+        targeted.add(torch.ones(2, 4), torch.ones(2, 4))
