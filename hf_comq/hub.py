@@ -66,7 +66,10 @@ _SETTINGS: tuple[tuple[str, str], ...] = (
     ("damp", "Damping of the error-feedback start"),
     ("clip_weights", "Clipping search weights"),
     ("start_grids", "Start grids tried per row"),
+    ("block_resolve", "Column-block re-solve"),
+    ("ridge", "Ridge term (fraction of mean diag H)"),
     ("sequential", "Block-sequential calibration"),
+    ("fp_target", "Layers aimed at the full-precision outputs"),
 )
 _DATASET_KEYS: tuple[tuple[str, str], ...] = (
     ("dataset", "Dataset"),

@@ -278,16 +278,18 @@ def test_model_dispatched_with_hooks_matches_the_in_memory_result():
     torch.testing.assert_close(_first_output(dispatched, inputs), _first_output(plain, inputs), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", [True, False], ids=["sequential", "fp-inputs"])
+@pytest.mark.parametrize(
+    "mode", [dict(sequential=True), dict(sequential=False), dict(fp_target=True)], ids=["sequential", "fp-inputs", "fp-target"]
+)
 def test_disk_offloaded_model_matches_the_in_memory_result(tmp_path, mode):
     from hf_comq.calibration.placement import offloads_to_disk
 
     pixels = torch.randn(8, 3, 32, 32)
     plain = tiny_vit()
-    quantize_model(plain, COMQConfig(bits=4, dataset=pixels, num_samples=8, sequential=mode))
+    quantize_model(plain, COMQConfig(bits=4, dataset=pixels, num_samples=8, **mode))
     offloaded = tiny_vit()
     accelerate.disk_offload(offloaded, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
-    quantize_model(offloaded, COMQConfig(bits=4, dataset=pixels, num_samples=8, sequential=mode))
+    quantize_model(offloaded, COMQConfig(bits=4, dataset=pixels, num_samples=8, **mode))
     converted = {name: m for name, m in plain.named_modules() if isinstance(m, COMQLinear)}
     assert len(converted) == 12
     for name, expected in converted.items():
