@@ -12,6 +12,14 @@ activations for the calibration set plus that block's Hessians.
 
 * ``sequential=True`` (default): layer inputs come from the already quantized prefix,
   so later blocks learn to compensate earlier quantization error.
+* ``fp_target=True`` (block-sequential only): the full-precision model's inputs of each
+  block are carried beside the quantized prefix's; each batch runs the block on both,
+  and the layers' hooks sum the target shift ``(X_fp - X)^T X`` beside ``H``, so each
+  layer is solved towards the full-precision outputs (:mod:`hf_comq.solver.target`).
+  That holds two sets of block inputs and two ``in x in`` sums per layer, and runs one
+  more block forward per block.
+  The full-precision stream restarts at each group's capture (e.g. a decoder after an
+  encoder starts from the quantized encoder's outputs).
 * ``sequential=False``: every layer sees full-precision inputs, as in the COMQ
   reference code.  Replacements are deferred to the end (the quantized codes wait on
   the CPU, about a quarter of the fp32 weights' size) so the prefix stays full
@@ -599,6 +607,12 @@ def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
     )
 
 
+def _mode(summary: dict[str, Any]) -> str:
+    if not summary["sequential"]:
+        return "full-precision inputs"
+    return "block-sequential, aimed at full-precision outputs" if summary["fp_target"] else "block-sequential"
+
+
 def _log_summary(summary: dict[str, Any]) -> None:
     mean = summary["mean_relative_error"]
     logger.info(
@@ -606,7 +620,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
         "mean relative layer error %s%s",
         summary["layers_quantized"],
         summary["bits"],
-        "block-sequential" if summary["sequential"] else "full-precision inputs",
+        _mode(summary),
         summary["num_blocks"],
         summary["num_samples"],
         summary["ranks"],
