@@ -75,9 +75,9 @@ def calibration_steps(monkeypatch) -> list[int]:
     steps: list[int] = []
     original = HessianAccumulator.add
 
-    def add(self, activations):
+    def add(self, activations, target=None):
         steps.append(1)
-        return original(self, activations)
+        return original(self, activations, target)
 
     monkeypatch.setattr(HessianAccumulator, "add", add)
     return steps
