@@ -169,7 +169,14 @@ class HessianRecorder:
             target = self._target_of(name)
             if self._reuses(name, inputs[0]):
                 return
-            self.accumulators[name].add(self._real_tokens(inputs[0]), target)
+            activations = self._real_tokens(inputs[0])
+            if target is not None and target.shape != activations.shape:
+                raise ValueError(
+                    f"{name!r} got {tuple(target.shape)} inputs in the full-precision pass and "
+                    f"{tuple(activations.shape)} in the quantized one (a routed layer, e.g. a mixture-of-experts "
+                    "expert?); fp_target needs the same tokens in both: calibrate with fp_target=False"
+                )
+            self.accumulators[name].add(activations, target)
             self._last = (inputs[0], name)
 
         return hook

@@ -19,6 +19,7 @@ tokens, and the whole move fits their noise too: on SmolLM2 at 3 bits it takes t
 weights 15-45 % of their norm away and wrecks held-out perplexity.  So, as GPTAQ does
 (its ``alpha``), only a fraction :data:`TARGET_STRENGTH` of the move is made: the
 solver's target lies between the layer's own output and the full-precision one.
+The solver's ``stats`` (objective, relative error) are then measured from ``W'``.
 """
 
 from __future__ import annotations

@@ -67,3 +67,29 @@ def test_a_recorder_that_saw_no_batch_takes_the_sharing_another_found():
     assert idle.accumulators["q"] is idle.accumulators["k"] and len(idle.distinct()) == 1
     ran.adopt_shared_inputs({})  # what it found itself stays
     assert ran.accumulators["q"] is ran.accumulators["k"]
+
+
+def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, x_fp = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as recorder:
+        with recorder.targets(mask):
+            model(x_fp)
+        with recorder.tokens(mask):
+            model(x)
+    real, real_fp = x[mask].double(), x_fp[mask].double()
+    # float32 batch products, as for the Gram matrix
+    torch.testing.assert_close(recorder.accumulators["0"].target_shift(), (real_fp - real).T @ real, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_without_the_same_tokens_in_both_passes_is_named():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as recorder:
+        with recorder.targets(None):
+            model(torch.randn(2, 3, 4))
+        with recorder.tokens(None), pytest.raises(ValueError, match=r"'0' got \(2, 3, 4\) inputs .* \(2, 5, 4\) in the quantized one .* fp_target=False"):
+            model(torch.randn(2, 5, 4))
+        with recorder.tokens(None), pytest.raises(RuntimeError, match="not in the batch's full-precision pass"):
+            model(torch.randn(2, 3, 4))
