@@ -57,16 +57,15 @@ def _recording_solver() -> tuple[dict[int, torch.Tensor], Callable]:
     return seen, recording
 
 
-def _fp_hessians(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reference Gram matrices of the full-precision model's layer inputs (unpadded tokens only)."""
-    result = {name: 0 for name in names}
+def _layer_inputs(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each named layer's inputs on one forward pass of ``model`` (unpadded tokens only, float64)."""
+    seen = {}
     mask = inputs.get("attention_mask")
 
     def hook(name):
         def record(module, args, output):
-            x = args[0].double()
-            x = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])
-            result[name] = result[name] + x.T @ x
+            x = args[0].detach().double()
+            seen[name] = x[mask.bool()] if mask is not None else x.reshape(-1, x.shape[-1])
 
         return record
 
@@ -75,7 +74,12 @@ def _fp_hessians(model: nn.Module, names: list[str], inputs: dict[str, torch.Ten
         model(**inputs)
     for handle in handles:
         handle.remove()
-    return result
+    return seen
+
+
+def _fp_hessians(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reference Gram matrices of the full-precision model's layer inputs (unpadded tokens only)."""
+    return {name: x.T @ x for name, x in _layer_inputs(model, names, inputs).items()}
 
 
 # ---------------------------------------------------------------- every architecture
@@ -415,24 +419,6 @@ def test_solver_gets_float32_gram_matrices_and_may_overwrite_the_last_readers_on
 
 
 # ---------------------------------------------------------------- fp_target
-
-
-def _layer_inputs(model: nn.Module, names: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each named layer's inputs (all tokens, float64) on one forward pass of ``model``."""
-    seen = {}
-
-    def hook(name):
-        def record(module, args, output):
-            seen[name] = args[0].detach().double().reshape(-1, args[0].shape[-1])
-
-        return record
-
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
-    with torch.no_grad():
-        model(**inputs)
-    for handle in handles:
-        handle.remove()
-    return seen
 
 
 def test_fp_target_solves_each_layer_for_the_full_precision_models_outputs():
