@@ -6,7 +6,7 @@ plain objective ``||X W^T - X Wq^T||^2`` asks the layer to reproduce what its
 full-precision weight would make of the *quantized* inputs, so the prefix's error is
 carried forward untouched.  Aiming at the full-precision outputs instead,
 ``||X_fp W^T - X Wq^T||^2``, lets each layer cancel part of the error it inherits
-(the "asymmetric calibration" of GPTAQ, arXiv 2504.02692).
+(the "asymmetric calibration" of GPTAQ, also called GPTQv2, ICML 2025).
 
 That objective is the plain one for another weight, up to a constant: with
 ``H = X^T X`` and the target shift ``S = (X_fp - X)^T X``, its gradient in ``Wq`` is
@@ -16,8 +16,8 @@ unchanged: grids, start, sweeps and refits all work on ``W'`` and ``H``.
 
 That ``W'`` is a least-squares fit of the full-precision outputs on the calibration
 tokens, and the whole move fits their noise too: on SmolLM2 at 3 bits it takes the
-weights 15-45 % of their norm away and wrecks held-out perplexity.  So, as GPTAQ does
-(its ``alpha``), only a fraction :data:`TARGET_STRENGTH` of the move is made: the
+weights tens of percent of their norm away and wrecks held-out perplexity
+(benchmarks/README.md).  So, as GPTAQ does (its ``alpha``), only a fraction :data:`TARGET_STRENGTH` of the move is made: the
 solver's target lies between the layer's own output and the full-precision one.
 The solver's ``stats`` (objective, relative error) are then measured from ``W'``.
 """
@@ -29,7 +29,7 @@ import torch
 TARGET_DAMP = 0.01
 """Relative diagonal damping of ``H`` in ``W S H^-1``, GPTQ's customary value: with few
 tokens per input ``H`` is nearly singular along directions the calibration set barely
-visits, and an undamped inverse would move ``W'`` far along them for no measured gain."""
+visits, and an undamped inverse would move ``W'`` far along them."""
 
 
 TARGET_STRENGTH = 0.25
