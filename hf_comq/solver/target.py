@@ -17,8 +17,9 @@ unchanged: grids, start, sweeps and refits all work on ``W'`` and ``H``.
 That ``W'`` is a least-squares fit of the full-precision outputs on the calibration
 tokens, and the whole move fits their noise too: on SmolLM2 at 3 bits it takes the
 weights tens of percent of their norm away and wrecks held-out perplexity
-(benchmarks/README.md).  So, as GPTAQ does (its ``alpha``), only a fraction :data:`TARGET_STRENGTH` of the move is made: the
-solver's target lies between the layer's own output and the full-precision one.
+(benchmarks/README.md).  So, as GPTAQ does (its ``alpha``), only a fraction
+:data:`TARGET_STRENGTH` of the move is made: the solver's target lies between the
+layer's own output and the full-precision one.
 The solver's ``stats`` (objective, relative error) are then measured from ``W'``.
 """
 
