@@ -121,7 +121,7 @@ class HessianAccumulator:
         self.num_tokens += rows.shape[0]
 
     def partial_sums(self) -> list[torch.Tensor]:
-        """The running sums themselves (the triangle's row blocks), for summing over processes in place."""
+        """The running sums themselves (the triangle's row blocks, then the target shift's), for summing over processes in place."""
         if self._handed_over:
             raise RuntimeError("this Gram matrix was already handed over (result()); its partial sums are gone")
         return self._upper if self._shift is None else self._upper + self._shift
