@@ -15,6 +15,7 @@ start decides most of the final quality:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,19 @@ def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return codes, torch.sub(codes, zero).mul_(scale)
 
 
+FACTORISATION_FAILED = "the Hessian could not be factorised even with strong damping; it may contain huge values"
+
+
+def damped_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor of ``H + D`` and the diagonal ``D`` that was added (the damping
+    rule of :func:`damped_inverse_cholesky`, for callers that solve with ``H + D`` itself)."""
+    for added in _dampings(hessian, damp):
+        factor = _factor(hessian, added)
+        if factor is not None:
+            return factor, added
+    raise ValueError(FACTORISATION_FAILED)
+
+
 def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor ``U`` of ``(H + D)^-1`` and the diagonal ``D`` that was added.
 
@@ -37,25 +51,36 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.T
     factorisation exists.  If the damped matrix is still numerically indefinite
     (rank-deficient H in float32), the damping grows tenfold until it factorises.
     """
+    for added in _dampings(hessian, damp):
+        # Each step's input is dropped as soon as its output exists: at most two
+        # in x in matrices beside H, for a wide layer the solve's largest ones.
+        factor = _factor(hessian, added)
+        if factor is None:
+            continue
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
+        if int(info) == 0:
+            return upper, added
+    raise ValueError(FACTORISATION_FAILED)
+
+
+def _dampings(hessian: torch.Tensor, damp: float) -> Iterator[torch.Tensor]:
+    """The diagonals to try: ``damp * mean(diag H)`` (over live inputs) plus 1 on dead ones, then tenfold more, five times."""
     diag = torch.diagonal(hessian)
     mean_diag = diag[diag > 0].mean() if bool((diag > 0).any()) else torch.ones((), dtype=hessian.dtype)
     dead = (diag <= 0).to(hessian.dtype)
     for attempt in range(6):
-        added = dead + (damp * 10**attempt) * mean_diag
-        # Each step's input is dropped as soon as its output exists: at most two
-        # in x in matrices beside H, for a wide layer the solve's largest ones.
-        damped = hessian.clone()
-        damped.diagonal().add_(added)
-        factor, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            del factor
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0:
-                return upper, added
-    raise ValueError("the Hessian could not be factorised even with strong damping; it may contain huge values")
+        yield dead + (damp * 10**attempt) * mean_diag
+
+
+def _factor(hessian: torch.Tensor, added: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor of ``H + diag(added)``, ``None`` if it is not positive definite."""
+    damped = hessian.clone()
+    damped.diagonal().add_(added)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    return factor if int(info) == 0 else None
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import torch
 
+from .start import damped_cholesky
+
 TARGET_DAMP = 0.01
-"""Relative diagonal damping of ``H`` in ``W S H^-1``, GPTQ's customary value: with few
-tokens per input ``H`` is nearly singular along directions the calibration set barely
-visits, and an undamped inverse would move ``W'`` far along them."""
+"""Relative diagonal damping of ``H`` in ``W S H^-1`` (the start's damping rule,
+:func:`~hf_comq.solver.start.damped_cholesky`), GPTQ's customary value: with few tokens
+per input ``H`` is nearly singular along directions the calibration set barely visits,
+and an undamped inverse would move ``W'`` far along them."""
 
 
 TARGET_STRENGTH = 0.25
@@ -45,9 +48,11 @@ def fp_target_weight(
     damp: float = TARGET_DAMP,
     strength: float = TARGET_STRENGTH,
 ) -> torch.Tensor:
-    """``W + strength * W S (H + damp * mean(diag H) * I)^-1`` in ``weight``'s dtype (see the module docstring).
+    """``W + strength * W S (H + D)^-1`` in ``weight``'s dtype (see the module docstring).
 
-    ``weight`` is ``(out, in)``; ``hessian`` and ``shift`` are ``(in, in)``.  A zero
+    ``D`` is the start's damping (``damp * mean(diag H)``, grown if ``H + D`` does not
+    factorise).  ``weight`` is ``(out, in)``; ``hessian`` (symmetric: the factorisation
+    reads one triangle) and ``shift`` are ``(in, in)``.  A zero
     ``shift`` (inputs equal to the full-precision ones, e.g. the first block) returns
     ``weight`` unchanged.
     """
@@ -60,14 +65,7 @@ def fp_target_weight(
     if not bool(shift.any()):
         return weight
     dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    h = hessian.to(device=weight.device, dtype=dtype)
-    damped = (h + h.T).mul_(0.5)
-    diag = torch.diagonal(damped)
-    diag += damp * float(diag.mean().clamp_min(torch.finfo(dtype).tiny))
-    factor, info = torch.linalg.cholesky_ex(damped)
-    del damped
-    if int(info) != 0:
-        raise ValueError("the Gram matrix is not positive definite even after damping; use more calibration data")
+    factor, _ = damped_cholesky(hessian.to(device=weight.device, dtype=dtype), damp)
     # W S H^-1 = (H^-1 S^T W^T)^T
     moved_t = shift.to(device=weight.device, dtype=dtype).T @ weight.to(dtype).T
     correction_t = torch.cholesky_solve(moved_t, factor)
