@@ -19,6 +19,11 @@ peak of a calibration pass, more than the sum's own size."""
 MIN_BLOCK_ROWS = 64
 """Never thinner row blocks: a product only one or two rows high takes the BLAS's
 matrix-vector path, which orders its sums differently."""
+TRIANGLE_BLOCKS = 8
+"""At least this many row blocks where :data:`MIN_BLOCK_ROWS` allows: a layer narrow
+enough for one block would otherwise compute the whole square product, the half below
+the diagonal thrown away; with eight the products cover little more than the triangle
+(``(1 + 1/8) / 2`` of the square)."""
 
 
 class HessianAccumulator:
@@ -45,8 +50,8 @@ class HessianAccumulator:
     :meth:`add` as ``target``): with it, :func:`~hf_comq.solver.target.fp_target_weight`
     turns the layer's objective into ``||X_fp W^T - X Wq^T||^2``, the distance to the
     full-precision model's outputs rather than to this layer's own output on the
-    quantized prefix's inputs.  It is not symmetric, so it is summed whole (in the same
-    row blocks, each ``rows x in``).
+    quantized prefix's inputs.  It is not symmetric, so it is summed whole, in row blocks
+    as large as :data:`GRAM_BLOCK_BYTES` allows (each ``rows x in``).
     """
 
     def __init__(
@@ -65,14 +70,18 @@ class HessianAccumulator:
         self.dtype = dtype
         self.num_tokens = 0
         bytes_per_row = in_features * (dtype.itemsize + 4)
-        self._spans = spans(in_features, rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS))
+        fitting = rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS)
+        self._spans = spans(in_features, max(min(fitting, -(-in_features // TRIANGLE_BLOCKS)), MIN_BLOCK_ROWS))
+        self._shift_spans = spans(in_features, fitting)  # no triangle to follow: the fewest blocks that fit
         self._upper: list[torch.Tensor] | None = [
             torch.zeros(span.stop - span.start, in_features - span.start, dtype=dtype, device=device) for span in self._spans
         ]
         self._whole: torch.Tensor | None = None
         self._shift: list[torch.Tensor] | None = None
         if with_target:
-            self._shift = [torch.zeros(span.stop - span.start, in_features, dtype=dtype, device=device) for span in self._spans]
+            self._shift = [
+                torch.zeros(span.stop - span.start, in_features, dtype=dtype, device=device) for span in self._shift_spans
+            ]
         self._whole_shift: torch.Tensor | None = None
 
     @property
@@ -98,7 +107,7 @@ class HessianAccumulator:
             raise RuntimeError("this Gram matrix was already handed over (result()); it takes no more batches")
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
         rows = activations.reshape(-1, self.in_features).to(device=self._upper[0].device, dtype=product_dtype)
-        if not torch.isfinite(rows).all():
+        if not _all_finite(rows):
             raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
         if (target is not None) != self.with_target:
             raise ValueError(
@@ -111,13 +120,14 @@ class HessianAccumulator:
             if target.shape != activations.shape:
                 raise ValueError(f"target inputs have shape {tuple(target.shape)}, expected {tuple(activations.shape)}")
             shift_rows = target.reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype) - rows
-            if not torch.isfinite(shift_rows).all():
+            if not _all_finite(shift_rows):
                 raise ValueError("target activations contain NaN or inf; check the model's dtype")
         with threads_for((1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features):
-            for index, (span, block) in enumerate(zip(self._spans, self._upper)):
+            for span, block in zip(self._spans, self._upper):
                 _add_product(block, rows[:, span].T, rows[:, span.start :])
-                if shift_rows is not None:
-                    _add_product(self._shift[index], shift_rows[:, span].T, rows)
+            if shift_rows is not None:
+                for span, block in zip(self._shift_spans, self._shift):
+                    _add_product(block, shift_rows[:, span].T, rows)
         self.num_tokens += rows.shape[0]
 
     def partial_sums(self) -> list[torch.Tensor]:
@@ -152,7 +162,7 @@ class HessianAccumulator:
         if self._whole_shift is None:
             blocks, self._shift = self._shift, None
             self._whole_shift = torch.empty(self.in_features, self.in_features, dtype=dtype or self.dtype, device=blocks[0].device)
-            for index, span in enumerate(self._spans):
+            for index, span in enumerate(self._shift_spans):
                 self._whole_shift[span] = blocks[index]
                 blocks[index] = None
         elif dtype is not None and dtype != self._whole_shift.dtype:
@@ -171,6 +181,13 @@ class HessianAccumulator:
             whole[span, span] = square.triu() + square.triu(1).T
             blocks[index] = None
         return whole
+
+
+def _all_finite(rows: torch.Tensor) -> bool:
+    """Whether every entry is finite, by one reduction first: a NaN or inf anywhere makes
+    the sum non-finite, and the elementwise test (several passes over the batch, a large
+    share of an accumulation's time) runs only then, to tell an overflowing sum apart."""
+    return bool(torch.isfinite(rows.sum())) or bool(torch.isfinite(rows).all())
 
 
 def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:

@@ -24,6 +24,8 @@ def test_rejects_non_finite_and_wrong_width():
     acc = HessianAccumulator(4)
     with pytest.raises(ValueError, match="NaN or inf"):
         acc.add(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="NaN or inf"):  # infinities whose sum is NaN, not inf
+        acc.add(torch.tensor([[float("inf"), float("-inf"), 0.0, 0.0]]))
     with pytest.raises(ValueError, match="in_features=4"):
         acc.add(torch.ones(2, 5))
     with pytest.raises(ValueError, match="no activations"):
@@ -75,6 +77,18 @@ def test_partial_sums_are_the_upper_triangle_and_end_with_the_hand_over(monkeypa
     acc.result()
     with pytest.raises(RuntimeError, match="already handed over"):
         acc.partial_sums()
+
+
+def test_a_narrow_layer_sums_little_more_than_the_triangle():
+    """One row block would fit a 576-wide layer's sums, but its product would be the whole
+    square; the triangle is cut into several blocks instead."""
+    gen = torch.Generator().manual_seed(4)
+    acc = HessianAccumulator(576)
+    batch = torch.randn(100, 576, generator=gen)
+    acc.add(batch)
+    parts = acc.partial_sums()
+    assert len(parts) >= 8 and sum(part.numel() for part in parts) < 0.6 * 576 * 576
+    torch.testing.assert_close(acc.result(), batch.double().T @ batch.double(), rtol=1e-6, atol=1e-4)
 
 
 def test_result_in_another_dtype_replaces_the_sum():
