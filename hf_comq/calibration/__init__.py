@@ -14,13 +14,14 @@
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data, format_description
 from .distributed import CalibrationGroupError, is_saving_rank, join_launcher_group
-from .sequential import calibration_summary, quantize_model
+from .sequential import calibration_mode, calibration_summary, quantize_model
 
 __all__ = [
     "BlockGroup",
     "CalibrationData",
     "CalibrationGroupError",
     "build_calibration_data",
+    "calibration_mode",
     "calibration_summary",
     "find_block_groups",
     "format_description",

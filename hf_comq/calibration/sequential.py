@@ -99,7 +99,7 @@ from .placement import (
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["LayerSolver", "check_finite_weights", "quantize_model"]
+__all__ = ["LayerSolver", "calibration_mode", "calibration_summary", "check_finite_weights", "quantize_model"]
 
 LayerSolver = Callable[..., QuantizedWeight]
 """``solver(weight, hessian, **settings) -> QuantizedWeight``, with the signature of
@@ -607,7 +607,8 @@ def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
     )
 
 
-def _mode(summary: dict[str, Any]) -> str:
+def calibration_mode(summary: dict[str, Any]) -> str:
+    """How the layers were calibrated, in words, from a :func:`quantize_model` summary (for logs and the CLI)."""
     if not summary["sequential"]:
         return "full-precision inputs"
     return "block-sequential, aimed at full-precision outputs" if summary["fp_target"] else "block-sequential"
@@ -620,7 +621,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
         "mean relative layer error %s%s",
         summary["layers_quantized"],
         summary["bits"],
-        _mode(summary),
+        calibration_mode(summary),
         summary["num_blocks"],
         summary["num_samples"],
         summary["ranks"],

@@ -96,3 +96,12 @@ def add_setting_option(group: Any, name: str, metavar: str = "N", flag: str | No
     options = {"type": _ARGUMENT_TYPES[str(spec.type)], "default": default, "metavar": metavar}
     options["help"] = f"{COMQSettings.help(name)}{shown}".replace("%", "%%")  # argparse formats help with %
     group.add_argument(flag or "--" + name.replace("_", "-"), **{**options, **overrides})
+
+
+def add_setting_flag(group: Any, name: str, note: str = "") -> None:
+    """``--name-with-dashes`` turning on the boolean :class:`~hf_comq.settings.COMQSettings` field ``name``,
+    whose default is off (help from the field table, then ``note``)."""
+    if COMQSettings.default(name) is not False:
+        raise ValueError(f"{name} is not a setting that is off by default; a flag could not turn it off")
+    help_text = COMQSettings.help(name) + (f"; {note}" if note else "")
+    group.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text.replace("%", "%%"))

@@ -11,7 +11,6 @@ import hf_comq
 from hf_comq.assets import demo_model_path
 from hf_comq.evaluation import checkpoint_size_bytes
 from tests.cli.helpers import error_line, run_cli
-from tests.tiny import images
 
 
 def test_demo_on_the_shipped_model(capsys, tmp_path) -> None:

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tests.cli.helpers import error_line, run_cli
-from tests.tiny import gray_images, image_parquet, image_processor, images, tiny_vit
+from tests.tiny import gray_images, image_parquet, image_processor, tiny_vit
 
 
 def test_quantize_and_evaluate_a_grayscale_vit(capsys, tmp_path) -> None:

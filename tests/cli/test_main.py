@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-import hf_comq
 from hf_comq.cli import main
 from tests.cli.helpers import REPO_ROOT, error_line, run_cli
 
@@ -29,6 +28,17 @@ def test_usage_errors_and_help(capsys) -> None:
     assert "the following arguments are required: --dataset, --output" in capsys.readouterr().err
     assert main(["demo", "--help"]) == 0
     assert "Fashion-MNIST" in capsys.readouterr().out
+
+
+def test_boolean_settings_become_flags_only_when_off_by_default(capsys) -> None:
+    import argparse
+
+    from hf_comq.cli.common import add_setting_flag
+
+    assert main(["quantize", "--help"]) == 0
+    assert "--fp-target" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="sequential is not a setting that is off by default"):
+        add_setting_flag(argparse.ArgumentParser(), "sequential")
 
 
 def test_python_dash_m_help_in_a_subprocess() -> None:

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from tests.cli.helpers import error_line, run_cli
-from tests.tiny import images
 
 
 @pytest.mark.parametrize("command", ["quantize", "evaluate"])

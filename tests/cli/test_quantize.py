@@ -28,6 +28,7 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
     assert code == 0, err
     assert re.search(r"layers quantized\s+\d+, mean relative error", out), out
     assert re.search(rf"saved to\s+{re.escape(str(output))}$", out, flags=re.MULTILINE), out
+    assert re.search(r"calibration mode\s+block-sequential$", out, flags=re.MULTILINE), out
     assert re.search(r"checkpoint\s+[\d.]+ MB \(0\.\d\dx of [\d.]+ MB full precision\)", out), out
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
         path.name for path in output.iterdir()
@@ -56,6 +57,18 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
     assert accuracy and reference, out
     difference = 100 * (float(accuracy.group(1)) - float(reference.group(1)))
     assert float(reference.group(2)) == pytest.approx(difference, abs=0.01)
+
+
+def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(capsys, tmp_path, gpt2_dir, text_data) -> None:
+    output = tmp_path / "gpt2-w4-fp-target"
+    code, out, err = run_cli(
+        capsys, "quantize", gpt2_dir, "--dataset", text_data, "--num-samples", 8, "--fp-target", "--output", output
+    )
+    assert code == 0, err
+    assert re.search(r"calibration mode\s+block-sequential, aimed at full-precision outputs$", out, flags=re.MULTILINE), out
+    stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
+    assert stored["selection"]["fp_target"] is True and stored["selection"]["sequential"] is True
+    assert "| Layers aimed at the full-precision outputs | yes |" in (output / "README.md").read_text()
 
 
 def test_quantize_refuses_a_non_empty_output_unless_overwrite(capsys, tmp_path, vit_dir, image_data) -> None:
