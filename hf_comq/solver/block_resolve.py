@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .grid import ColumnGrid
-from .start import error_feedback_start, plan_error_feedback
+from .start import damped_cholesky, error_feedback_start, plan_error_feedback
 
 
 def block_resolve_pass(
@@ -83,15 +83,11 @@ def _push_moves(residual_t: torch.Tensor, h_columns: torch.Tensor, delta: torch.
 
 
 def _block_target(values: torch.Tensor, residual: torch.Tensor, block_h: torch.Tensor, damp: float) -> torch.Tensor | None:
-    """``values + (H_BB + D)^-1 R_B`` with the start's damping ``D``; ``None`` if even
-    the damped block does not factorise (its rows then keep their values)."""
-    diag = torch.diagonal(block_h)
-    positive = diag[diag > 0]
-    if positive.numel() == 0:
-        return None
-    added = (diag <= 0).to(block_h.dtype) + damp * positive.mean()
-    factor, info = torch.linalg.cholesky_ex(block_h + torch.diag(added))
-    if int(info) != 0:
+    """``values + (H_BB + D)^-1 R_B`` with the start's damping rule for ``D``; ``None`` if
+    even the most damped block does not factorise (its rows then keep their values)."""
+    try:
+        factor, _ = damped_cholesky(block_h, damp)
+    except ValueError:
         return None
     # The explicit inverse and one GEMM: torch's cholesky_solve is far slower on
     # this many right-hand sides (one per output row).
