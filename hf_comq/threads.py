@@ -23,15 +23,25 @@ without a competing process, and prints the GEMM sweep behind the threshold.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["MIN_PARALLEL_FLOPS", "caller_threads", "linear_layer_threads", "single_thread", "threads_for"]
+__all__ = [
+    "MIN_PARALLEL_FLOPS",
+    "caller_threads",
+    "linear_layer_threads",
+    "run_side_by_side",
+    "single_thread",
+    "threads_for",
+]
+
+Result = TypeVar("Result")
 
 MIN_PARALLEL_FLOPS = 4e9
 """Smallest operator (in floating point operations; ``2 * m * k * n`` for a GEMM)
@@ -74,6 +84,45 @@ def single_thread() -> Any:
     cache-sized chunks, blocked factorisations of a layer-sized matrix.
     """
     return threads_for(0.0)
+
+
+def run_side_by_side(jobs: Sequence[Callable[[], Result]], workers: int) -> list[Result]:
+    """Run independent ``jobs`` on up to ``workers`` Python threads; their results in order.
+
+    For work that a thread pool cannot speed up but several cores can: a layer solve
+    is mostly small operators, best on one thread, and the solves of one block do
+    not depend on each other.  torch releases the GIL inside its operators, so solves
+    on separate threads use separate cores.  Each worker runs its jobs on one torch
+    thread (torch's count is per thread) and as a caller of one thread, so no
+    :func:`threads_for` inside widens it into a pool that competes with the other
+    workers.  With ``workers`` 1 (or one job) the jobs run here, one after the other.
+    The first failing job's error is raised once the running ones have finished;
+    jobs not started by then are dropped.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [job() for job in jobs]
+
+    def on_one_thread(job: Callable[[], Result]) -> Result:
+        token = _caller_threads.set(1)
+        torch.set_num_threads(1)
+        try:
+            return job()
+        finally:
+            _caller_threads.reset(token)
+
+    previous = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="hf_comq") as pool:
+            futures = [pool.submit(on_one_thread, job) for job in jobs]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        if torch.get_num_threads() != previous:  # a build whose count is process-wide
+            torch.set_num_threads(previous)
 
 
 @contextmanager

@@ -6,6 +6,8 @@ timings (``benchmarks/bench_threads.py`` measures those).
 
 from __future__ import annotations
 
+import threading
+
 import datasets
 import pytest
 import torch
@@ -16,7 +18,14 @@ from hf_comq import COMQConfig, comq_quantize
 from hf_comq.calibration import quantize_model
 from hf_comq.evaluation import top1
 from hf_comq.solver import HessianAccumulator
-from hf_comq.threads import MIN_PARALLEL_FLOPS, caller_threads, linear_layer_threads, single_thread, threads_for
+from hf_comq.threads import (
+    MIN_PARALLEL_FLOPS,
+    caller_threads,
+    linear_layer_threads,
+    run_side_by_side,
+    single_thread,
+    threads_for,
+)
 from tests.tiny import image_processor, images, tiny_vit
 
 
@@ -132,4 +141,39 @@ def test_cli_commands_run_economically_and_restore_the_thread_count(two_threads,
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == 2
     assert main(["evaluate", str(folder), "--dataset", str(data), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 2
+
+
+def test_jobs_side_by_side_run_at_once_each_on_one_thread_and_keep_their_order(two_threads) -> None:
+    meeting = threading.Barrier(2, timeout=30)  # passes only if both jobs run at the same time
+    seen: list[tuple[int, int]] = []
+
+    def job(value: int):
+        def run() -> int:
+            meeting.wait()
+            with threads_for(MIN_PARALLEL_FLOPS):  # large work inside a job does not widen it
+                seen.append((torch.get_num_threads(), caller_threads()))
+            return value
+
+        return run
+
+    assert run_side_by_side([job(1), job(2)], workers=2) == [1, 2]
+    assert seen == [(1, 1), (1, 1)]
+    assert torch.get_num_threads() == 2
+
+
+def test_one_worker_runs_the_jobs_here_in_order(two_threads) -> None:
+    here = threading.get_ident()
+    ran: list[tuple[int, int]] = []
+    jobs = [lambda index=index: ran.append((index, threading.get_ident())) or index for index in range(3)]
+    assert run_side_by_side(jobs, workers=1) == [0, 1, 2]
+    assert ran == [(0, here), (1, here), (2, here)]
+
+
+def test_a_failing_job_side_by_side_raises_its_error_and_restores_the_threads(two_threads) -> None:
+    def failing() -> None:
+        raise ValueError("COMQ could not quantize 'layer'")
+
+    with pytest.raises(ValueError, match="could not quantize 'layer'"):
+        run_side_by_side([lambda: 1, failing], workers=2)
     assert torch.get_num_threads() == 2

@@ -51,6 +51,7 @@ blocks need other per-layer inputs is not supported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Iterator
@@ -64,7 +65,7 @@ from transformers.utils import logging
 from ..modules import find_quantizable_linears
 from ..nn import get_linear_weight, linear_shape
 from ..solver import SOLVER_DEFAULTS, HessianAccumulator, QuantizedWeight, comq_quantize, fp_target_weight
-from ..threads import linear_layer_threads, single_thread
+from ..threads import caller_threads, linear_layer_threads, run_side_by_side, single_thread
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data
 from .distributed import (
@@ -449,19 +450,14 @@ class _Calibrator:
                 self._skip(name, "it never ran on the calibration data")
             else:
                 solvable.append(name)
-        costs = [_solve_cost(self.model.get_submodule(name)) for name in solvable]
+        costs = [self._cost(name) for name in solvable]
         owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
         tokens = {name: accumulators[name].num_tokens for name in solvable}
-        mine = {}
         for name in solvable:  # Gram matrices of layers another rank solves go now
             if owners[name] != self.group.rank:
                 del accumulators[name]
         self._hand_over([accumulators[name] for name in solvable if name in accumulators])
-        for name in solvable:  # a Gram matrix is freed once the last layer reading it is solved
-            if owners[name] == self.group.rank:
-                accumulator = accumulators.pop(name)
-                last_reader = all(other is not accumulator for other in accumulators.values())
-                mine[name] = self._solve(name, accumulator, last_reader)
+        mine = self._solve_own([name for name in solvable if owners[name] == self.group.rank], accumulators)
         for name, qweight in share_solutions(self.group, mine, owners).items():
             stats = dict(qweight.stats)
             self.results[name] = {
@@ -487,6 +483,48 @@ class _Calibrator:
             accumulator.result(self.settings.hessian_dtype)
             if accumulator.with_target:
                 accumulator.target_shift(self.settings.hessian_dtype)
+
+    def _solve_own(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> dict[str, QuantizedWeight]:
+        """Solve this rank's layers of a step, in ``names``' order.
+
+        Layers that read one Gram matrix (q/k/v, gate/up) are solved one after another,
+        the last allowed to overwrite it, and the matrix is freed with that solve;
+        different Gram matrices are solved side by side on the caller's threads (see
+        :meth:`_solve_workers`).
+        """
+        readers: dict[int, tuple[HessianAccumulator, list[str]]] = {}
+        for name in names:
+            accumulator = accumulators.pop(name)
+            readers.setdefault(id(accumulator), (accumulator, []))[1].append(name)
+        pending: list[tuple[HessianAccumulator, list[str]] | None] = list(readers.values())
+        del readers
+        workers = self._solve_workers(len(pending))
+        order = range(len(pending))
+        if workers > 1:  # the costliest first, so that no worker is left with a wide layer at the end
+            order = sorted(order, key=lambda index: -sum(self._cost(name) for name in pending[index][1]))
+
+        def solve_readers(index: int) -> dict[str, QuantizedWeight]:
+            accumulator, group = pending[index]
+            pending[index] = None  # the Gram matrix goes when its last reader is solved
+            return {name: self._solve(name, accumulator, last_reader=name == group[-1]) for name in group}
+
+        solved: dict[str, QuantizedWeight] = {}
+        for part in run_side_by_side([functools.partial(solve_readers, index) for index in order], workers):
+            solved.update(part)
+        return {name: solved[name] for name in names}
+
+    def _solve_workers(self, jobs: int) -> int:
+        """Threads for one step's solves: the caller's (at most one per job) on a CPU with the
+        model in memory, else one.  A solve is mostly small operators that a thread pool
+        slows down, so the caller's cores are better used by solves side by side; but
+        where accelerate moves the weights (offload under a memory budget) one solve at
+        a time is what bounds the memory, and on a GPU one solve fills the device."""
+        if self.compute.type != "cpu" or self.inputs.placement.dispatched:
+            return 1
+        return max(1, min(caller_threads(), jobs))
+
+    def _cost(self, name: str) -> float:
+        return _solve_cost(self.model.get_submodule(name))
 
     def _solve(self, name: str, accumulator: HessianAccumulator, last_reader: bool) -> QuantizedWeight:
         module = self.model.get_submodule(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 
 import accelerate
@@ -416,6 +417,55 @@ def test_solver_gets_float32_gram_matrices_and_may_overwrite_the_last_readers_on
     quantize_model(model, _config("vit", bits=4), solver=recording)
     per_block = [False, False, True, True, True, True]  # query, key, value, attention output, fc1, fc2
     assert calls == [(torch.float32, flag) for flag in per_block * 2]
+
+
+def _thread_recording_solver() -> tuple[list[tuple[int, int]], Callable]:
+    """A layer solver that records the Python thread and torch thread count of each solve."""
+    seen: list[tuple[int, int]] = []
+
+    def recording(weight, hessian, **kwargs):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return comq_quantize(weight, hessian, **kwargs)
+
+    return seen, recording
+
+
+@pytest.fixture
+def caller_two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_codes(caller_two_threads):
+    """Two threads: the block's Gram matrices (q/k/v's, the attention output's, fc1's,
+    fc2's) are solved on two workers of one torch thread each, and every layer gets the
+    codes of a one-thread run."""
+    pixels = torch.randn(8, 3, 32, 32)
+    alone = tiny_vit()
+    torch.set_num_threads(1)
+    quantize_model(alone, COMQConfig(bits=4, dataset=pixels, num_samples=8))
+    torch.set_num_threads(2)
+    side_by_side = tiny_vit()
+    seen, recording = _thread_recording_solver()
+    quantize_model(side_by_side, COMQConfig(bits=4, dataset=pixels, num_samples=8), solver=recording)
+    assert len(seen) == 12 and {count for _, count in seen} == {1}
+    assert len({ident for ident, _ in seen}) == 2 and threading.get_ident() not in {ident for ident, _ in seen}
+    assert torch.get_num_threads() == 2
+    for name, layer in alone.named_modules():
+        if isinstance(layer, COMQLinear):
+            assert torch.equal(side_by_side.get_submodule(name).weight_packed, layer.weight_packed)
+            assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale)
+
+
+def test_an_offloaded_model_solves_one_layer_at_a_time(caller_two_threads):
+    """Under offload one solve's work space is what the memory budget leaves room for."""
+    offloaded = tiny_vit()
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    seen, recording = _thread_recording_solver()
+    quantize_model(offloaded, COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8), solver=recording)
+    assert len(seen) == 12 and {ident for ident, _ in seen} == {threading.get_ident()}
 
 
 # ---------------------------------------------------------------- fp_target
