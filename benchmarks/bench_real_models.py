@@ -200,7 +200,7 @@ def _commit() -> str:
 
 def run_one(model_name: str, method: str, bits: int, group: int | None, seed: int, options: dict) -> dict:
     torch.manual_seed(0)
-    torch.set_num_threads(1)
+    torch.set_num_threads(options.get("threads", 1))
     os.environ.setdefault("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", "1")
     from benchmarks.layers import DINOV2_DIR, SMOLLM2_DIR
 
@@ -348,6 +348,8 @@ def main() -> None:
     parser.add_argument("--side-by-side", action="store_true",
                         help="run the rows at the same time (one process each) and print their wall-time ratios; "
                              "rows go to real_models_<model>_side_by_side.jsonl")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each row (recorded in the row; 1 unless given)")
     parser.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -362,6 +364,8 @@ def main() -> None:
         print_table(output)
         return
     options = dict(calibration=args.calibration or 128, damp=args.damp)
+    if args.threads != 1:  # rows without the key ran on one thread
+        options["threads"] = args.threads
     options.update(dict(length=args.length, eval_chunks=args.eval_chunks) if args.model == "smollm2" else dict(test_images=args.test_images))
     jobs = []
     if "FP" in args.methods:
