@@ -14,3 +14,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads, as a user without ``--threads`` has on a two-core machine (the suite runs on one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)

@@ -29,15 +29,6 @@ from hf_comq.threads import (
 from tests.tiny import image_processor, images, tiny_vit
 
 
-@pytest.fixture
-def two_threads():
-    """Two torch threads, as a user without ``--threads`` has on a two-core machine (the suite runs on one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
 def spy(monkeypatch, module, name: str) -> list[int]:
     """Record ``torch.get_num_threads()`` each time ``module.name`` is called."""
     seen: list[int] = []

@@ -430,15 +430,7 @@ def _thread_recording_solver() -> tuple[list[tuple[int, int]], Callable]:
     return seen, recording
 
 
-@pytest.fixture
-def caller_two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_codes(caller_two_threads):
+def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_codes(two_threads):
     """Two threads: the block's Gram matrices (q/k/v's, the attention output's, fc1's,
     fc2's) are solved on two workers of one torch thread each, and every layer gets the
     codes of a one-thread run."""
@@ -459,7 +451,7 @@ def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_c
             assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale)
 
 
-def test_an_offloaded_model_solves_one_layer_at_a_time(caller_two_threads):
+def test_an_offloaded_model_solves_one_layer_at_a_time(two_threads):
     """Under offload one solve's work space is what the memory budget leaves room for."""
     offloaded = tiny_vit()
     accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
