@@ -36,6 +36,7 @@ from torch import nn
 __all__ = [
     "MIN_PARALLEL_FLOPS",
     "caller_threads",
+    "gets_caller_threads",
     "linear_layer_threads",
     "run_side_by_side",
     "single_thread",
@@ -60,6 +61,11 @@ def caller_threads() -> int:
 
 def _threads_for_size(flops: float) -> int:
     return caller_threads() if flops > 0 and flops >= MIN_PARALLEL_FLOPS else 1
+
+
+def gets_caller_threads(flops: float) -> bool:
+    """Whether :func:`threads_for` would run work of ``flops`` on more than one thread."""
+    return _threads_for_size(flops) > 1
 
 
 @contextmanager

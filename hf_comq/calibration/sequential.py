@@ -64,8 +64,15 @@ from transformers.utils import logging
 
 from ..modules import find_quantizable_linears
 from ..nn import get_linear_weight, linear_shape
-from ..solver import SOLVER_DEFAULTS, HessianAccumulator, QuantizedWeight, comq_quantize, fp_target_weight
-from ..threads import caller_threads, linear_layer_threads, run_side_by_side, single_thread
+from ..solver import (
+    SOLVER_DEFAULTS,
+    HessianAccumulator,
+    QuantizedWeight,
+    comq_quantize,
+    fp_target_weight,
+    widest_threaded_gemm,
+)
+from ..threads import caller_threads, gets_caller_threads, linear_layer_threads, run_side_by_side, single_thread
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data
 from .distributed import (
@@ -498,7 +505,7 @@ class _Calibrator:
             readers.setdefault(id(accumulator), (accumulator, []))[1].append(name)
         pending: list[tuple[HessianAccumulator, list[str]] | None] = list(readers.values())
         del readers
-        workers = self._solve_workers(len(pending))
+        workers = self._solve_workers(names, len(pending))
         order = range(len(pending))
         if workers > 1:  # the costliest first, so that no worker is left with a wide layer at the end
             order = sorted(order, key=lambda index: -sum(self._cost(name) for name in pending[index][1]))
@@ -513,13 +520,18 @@ class _Calibrator:
             solved.update(part)
         return {name: solved[name] for name in names}
 
-    def _solve_workers(self, jobs: int) -> int:
+    def _solve_workers(self, names: list[str], jobs: int) -> int:
         """Threads for one step's solves: the caller's (at most one per job) on a CPU with the
-        model in memory, else one.  A solve is mostly small operators that a thread pool
-        slows down, so the caller's cores are better used by solves side by side; but
-        where accelerate moves the weights (offload under a memory budget) one solve at
-        a time is what bounds the memory, and on a GPU one solve fills the device."""
+        model in memory, else one.  A small layer's solve runs on one thread whatever the
+        caller gave (its operators are too small for a pool), so the caller's cores are
+        better used by solves side by side; but a layer large enough that its solve's
+        GEMMs use the caller's threads keeps them (one at a time, as before), where
+        accelerate moves the weights (offload under a memory budget) one solve at a time
+        is what bounds the memory, and on a GPU one solve fills the device."""
         if self.compute.type != "cpu" or self.inputs.placement.dispatched:
+            return 1
+        shapes = [linear_shape(self.model.get_submodule(name)) for name in names]
+        if any(gets_caller_threads(widest_threaded_gemm(*shape, **self.settings.solver_kwargs)) for shape in shapes):
             return 1
         return max(1, min(caller_threads(), jobs))
 

@@ -18,6 +18,7 @@ _EXPORTS = {
     "comq_quantize": ".comq",
     "default_damp": ".comq",
     "layer_objective": ".comq",
+    "widest_threaded_gemm": ".comq",
     "Grid": ".grid",
     "minmax_grid": ".grid",
     "HessianAccumulator": ".hessian",

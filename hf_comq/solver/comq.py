@@ -270,6 +270,19 @@ SOLVER_DEFAULTS: dict = {
 user-facing ones come from :data:`hf_comq.solver.options.DEFAULTS`)."""
 
 
+def widest_threaded_gemm(out_features: int, in_features: int, **settings) -> float:
+    """Floating point operations of the largest GEMM a solve may run on the caller's threads.
+
+    :func:`comq_quantize` runs on one thread except the passes' updates of the columns
+    after each block (``threads_for``); the largest is the start's, with every start
+    grid side by side.  A caller can tell from it whether a solve of this shape uses
+    several threads itself or leaves the other cores idle.
+    """
+    block = settings.get("block_size", SOLVER_DEFAULTS["block_size"])
+    grids = settings.get("start_grids", SOLVER_DEFAULTS["start_grids"])
+    return 2.0 * block * grids * out_features * in_features
+
+
 def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||X (W - Wq)^T||_F^2`` computed from ``H = X^T X``, in float64."""
     error = weight.double() - dequantized.double()

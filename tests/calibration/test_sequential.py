@@ -451,6 +451,14 @@ def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_c
             assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale)
 
 
+def test_layers_whose_solves_use_the_callers_threads_are_solved_one_at_a_time(two_threads, monkeypatch):
+    """A solve whose own GEMMs get the caller's threads (large layers) keeps them, as before."""
+    monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_FLOPS", 1.0)  # every layer counts as large
+    seen, recording = _thread_recording_solver()
+    quantize_model(tiny_vit(), COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8), solver=recording)
+    assert len(seen) == 12 and {ident for ident, _ in seen} == {threading.get_ident()}
+
+
 def test_an_offloaded_model_solves_one_layer_at_a_time(two_threads):
     """Under offload one solve's work space is what the memory budget leaves room for."""
     offloaded = tiny_vit()
