@@ -536,7 +536,9 @@ class _Calibrator:
         return max(1, min(caller_threads(), jobs))
 
     def _cost(self, name: str) -> float:
-        return _solve_cost(self.model.get_submodule(name))
+        """A layer's solve cost for balancing ranks and workers: its weight's size."""
+        out_features, in_features = linear_shape(self.model.get_submodule(name))
+        return float(out_features) * in_features
 
     def _solve(self, name: str, accumulator: HessianAccumulator, last_reader: bool) -> QuantizedWeight:
         module = self.model.get_submodule(name)
@@ -619,11 +621,6 @@ def _fingerprint(model: nn.Module, layers: dict[str, nn.Module], settings: _Sett
         sort_keys=True,
         default=str,
     )
-
-
-def _solve_cost(module: nn.Module) -> float:
-    out_features, in_features = linear_shape(module)
-    return float(out_features) * in_features
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
