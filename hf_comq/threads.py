@@ -24,6 +24,7 @@ without a competing process, and prints the GEMM sweep behind the threshold.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 Result = TypeVar("Result")
+Finished = TypeVar("Finished")
 
 MIN_PARALLEL_FLOPS = 4e9
 """Smallest operator (in floating point operations; ``2 * m * k * n`` for a GEMM)
@@ -93,7 +95,11 @@ def single_thread() -> Any:
     return threads_for(0.0)
 
 
-def run_side_by_side(jobs: Sequence[Callable[[], Result]], workers: int) -> list[Result]:
+def run_side_by_side(
+    jobs: Sequence[Callable[[], Result]],
+    workers: int,
+    in_order: Callable[[int, Result], Finished] | None = None,
+) -> list[Result] | list[Finished]:
     """Run independent ``jobs`` on up to ``workers`` Python threads; their results in order.
 
     For work that a thread pool cannot speed up but several cores can: a layer solve
@@ -103,24 +109,43 @@ def run_side_by_side(jobs: Sequence[Callable[[], Result]], workers: int) -> list
     thread (torch's count is per thread) and as a caller of one thread, so no
     :func:`threads_for` inside widens it into a pool that competes with the other
     workers.  With ``workers`` 1 (or one job) the jobs run here, one after the other.
+
+    ``in_order(index, result)``, if given, runs on each job's result in job order
+    (job ``i``'s right after job ``i`` and ``in_order`` of every earlier job), on the
+    job's worker; its return values are returned instead.  It is for what jobs add to
+    shared state, such as a batch's Gram matrix terms, which must be added in the order
+    one thread would add them so that the sums come out the same to the last bit, while
+    the jobs themselves (the batches' forward passes) overlap.  A worker holds its
+    job's result until that job's turn, so at most ``workers`` results wait at once.
+
     The first failing job's error is raised once the running ones have finished;
-    jobs not started by then are dropped.
+    jobs not started by then are dropped, and jobs waiting for a turn after a failed
+    one give up theirs.
     """
     if workers <= 1 or len(jobs) <= 1:
-        return [job() for job in jobs]
+        return [job() if in_order is None else in_order(index, job()) for index, job in enumerate(jobs)]
+    turns = _Turns() if in_order is not None else None
 
-    def on_one_thread(job: Callable[[], Result]) -> Result:
+    def on_one_thread(index: int, job: Callable[[], Result]) -> Any:
         token = _caller_threads.set(1)
         torch.set_num_threads(1)
         try:
-            return job()
+            result = job()
+            if turns is None:
+                return result
+            with turns.turn(index):
+                return in_order(index, result)
+        except BaseException:
+            if turns is not None:
+                turns.fail(index)
+            raise
         finally:
             _caller_threads.reset(token)
 
     previous = torch.get_num_threads()
     try:
         with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="hf_comq") as pool:
-            futures = [pool.submit(on_one_thread, job) for job in jobs]
+            futures = [pool.submit(on_one_thread, index, job) for index, job in enumerate(jobs)]
             try:
                 return [future.result() for future in futures]
             except BaseException:
@@ -130,6 +155,43 @@ def run_side_by_side(jobs: Sequence[Callable[[], Result]], workers: int) -> list
     finally:
         if torch.get_num_threads() != previous:  # a build whose count is process-wide
             torch.set_num_threads(previous)
+
+
+class _Turns:
+    """Job indices take turns: :meth:`turn` waits until every earlier index has had its turn.
+
+    A failed job never takes its turn, so later ones stop waiting once an earlier one
+    failed (and raise :class:`_EarlierJobFailed`; the failure itself comes first in job order).
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._next = 0
+        self._first_failed: int | None = None
+
+    @contextmanager
+    def turn(self, index: int) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: self._next == index or self._failed_before(index))
+            if self._failed_before(index):
+                raise _EarlierJobFailed(f"job {self._first_failed} failed before job {index}'s turn")
+        yield
+        with self._condition:
+            self._next += 1
+            self._condition.notify_all()
+
+    def fail(self, index: int) -> None:
+        with self._condition:
+            if self._first_failed is None or index < self._first_failed:
+                self._first_failed = index
+            self._condition.notify_all()
+
+    def _failed_before(self, index: int) -> bool:
+        return self._first_failed is not None and self._first_failed < index
+
+
+class _EarlierJobFailed(RuntimeError):
+    """A job gave up its turn because an earlier job failed (whose error is the one raised)."""
 
 
 @contextmanager

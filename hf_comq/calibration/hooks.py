@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -81,7 +82,9 @@ class HessianRecorder:
     Layers fed the very same input tensor (q/k/v projections, gate/up) have the same
     Hessian, so they share one accumulator and ``X^T X`` is computed once for them:
     the decision is made on a layer's first call and must hold for every later batch.
-    Use as a context manager; run each forward pass inside :meth:`tokens`.
+    Use as a context manager; run each forward pass inside :meth:`tokens`, or, for
+forward passes of several batches at once on other threads, inside
+:meth:`calls_later` there and then :meth:`replay` each batch's calls in batch order.
 
     ``with_targets=True`` also sums each layer's target shift (see
     :class:`HessianAccumulator`): before each batch's pass inside :meth:`tokens`, the
@@ -100,6 +103,7 @@ class HessianRecorder:
         self._with_targets = with_targets
         self._collecting_targets = False
         self._targets: dict[str, list[torch.Tensor]] = {}  # per layer, in call order
+        self._later = threading.local()  # a thread's forward pass whose calls wait for replay()
         self._handles = []
         for name in names:
             module = model.get_submodule(name)
@@ -122,6 +126,30 @@ class HessianRecorder:
             yield
         finally:
             self._mask, self._last = self._OUTSIDE, None
+
+    @contextlib.contextmanager
+    def calls_later(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Run one forward pass on this thread whose layer inputs are kept, not summed, until :meth:`replay`.
+
+        Forward passes of several batches may run so at once, each on its own thread;
+        the sums are made by replaying each batch's calls in batch order, so they are
+        the very sums of the same batches recorded one after another in :meth:`tokens`.
+        Holds the batch's layer inputs until replayed.
+        """
+        if self._with_targets:
+            raise RuntimeError("target shifts pair each layer's two passes on one thread: record them in tokens()")
+        calls: list[tuple[str, torch.Tensor]] = []
+        self._later.calls = calls
+        try:
+            yield calls
+        finally:
+            self._later.calls = None
+
+    def replay(self, calls: list[tuple[str, torch.Tensor]], mask: torch.Tensor | None) -> None:
+        """Sum one batch's layer inputs kept by :meth:`calls_later`, as :meth:`tokens` would have; ``mask`` its real tokens."""
+        with self.tokens(mask):
+            for name, tensor in calls:
+                self._record(name, tensor)
 
     @contextlib.contextmanager
     def targets(self, mask: torch.Tensor | None) -> Iterator[None]:
@@ -161,25 +189,33 @@ class HessianRecorder:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            later = getattr(self._later, "calls", None)
+            if later is not None:
+                later.append((name, inputs[0]))  # the tensor itself: sharing is told by identity
+                return
             if self._mask is self._OUTSIDE:
                 raise RuntimeError(f"{name!r} ran outside HessianRecorder.tokens(); the padding mask is unknown")
             if self._collecting_targets:
                 self._targets.setdefault(name, []).append(self._real_tokens(inputs[0]))
                 return
-            target = self._target_of(name)
-            if self._reuses(name, inputs[0]):
-                return
-            activations = self._real_tokens(inputs[0])
-            if target is not None and target.shape != activations.shape:
-                raise ValueError(
-                    f"{name!r} got {tuple(target.shape)} inputs in the full-precision pass and "
-                    f"{tuple(activations.shape)} in the quantized one (a routed layer, e.g. a mixture-of-experts "
-                    "expert?); fp_target needs the same tokens in both: calibrate with fp_target=False"
-                )
-            self.accumulators[name].add(activations, target)
-            self._last = (inputs[0], name)
+            self._record(name, inputs[0])
 
         return hook
+
+    def _record(self, name: str, tensor: torch.Tensor) -> None:
+        """Add one layer call's real-token inputs to its Gram sum (unless it shares an earlier call's)."""
+        target = self._target_of(name)
+        if self._reuses(name, tensor):
+            return
+        activations = self._real_tokens(tensor)
+        if target is not None and target.shape != activations.shape:
+            raise ValueError(
+                f"{name!r} got {tuple(target.shape)} inputs in the full-precision pass and "
+                f"{tuple(activations.shape)} in the quantized one (a routed layer, e.g. a mixture-of-experts "
+                "expert?); fp_target needs the same tokens in both: calibrate with fp_target=False"
+            )
+        self.accumulators[name].add(activations, target)
+        self._last = (tensor, name)
 
     def _real_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
         activations = tensor.detach()

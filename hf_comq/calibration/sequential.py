@@ -63,7 +63,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..modules import find_quantizable_linears
-from ..nn import get_linear_weight, linear_shape
+from ..nn import COMQLinear, get_linear_weight, is_linear_like, linear_shape
 from ..solver import (
     SOLVER_DEFAULTS,
     HessianAccumulator,
@@ -391,15 +391,54 @@ class _Calibrator:
     def _run_block(
         self, block: nn.Module, captured: list[CapturedInputs], recorder: HessianRecorder | None, collect: bool
     ) -> list[CapturedInputs]:
-        outputs = []
+        """Every batch through ``block``, its layers' inputs summed by ``recorder``; the outputs with ``collect``.
+
+        The batches run side by side where :meth:`_forward_workers` allows; their Gram
+        terms are then summed in batch order all the same (see
+        :meth:`HessianRecorder.calls_later`), so the sums do not depend on the threads.
+        """
         kind = block_kind(block)
-        for item in captured:
+        workers = self._forward_workers(block, captured)
+
+        def forward(item: CapturedInputs) -> tuple[list | None, torch.Tensor | None]:
             args, kwargs = item.call_inputs(kind)
-            with recorder.tokens(item.mask) if recorder is not None else nullcontext():
+            if recorder is None:
+                scope = nullcontext()
+            else:
+                scope = recorder.calls_later() if workers > 1 else recorder.tokens(item.mask)
+            with scope as calls:
                 result = block(*args, **kwargs)
-            if collect:
-                outputs.append(item.with_hidden(send_to_device(hidden_output(result), self.compute)))
-        return outputs
+            return calls, (send_to_device(hidden_output(result), self.compute) if collect else None)
+
+        def finish(index: int, forwarded: tuple[list | None, torch.Tensor | None]) -> CapturedInputs | None:
+            calls, hidden = forwarded
+            if calls is not None:
+                recorder.replay(calls, captured[index].mask)
+            return captured[index].with_hidden(hidden) if collect else None
+
+        outputs = run_side_by_side([functools.partial(forward, item) for item in captured], workers, in_order=finish)
+        return outputs if collect else []
+
+    def _forward_workers(self, block: nn.Module, captured: list[CapturedInputs]) -> int:
+        """Threads for a block's forward passes: the caller's (at most one per batch) for a
+        small block on a CPU with the model in memory, else one.
+
+        A small block's GEMMs and Gram sums run on one thread whatever the caller gave
+        (:func:`~hf_comq.threads.linear_layer_threads`), so several batches side by side,
+        one torch thread each, are what uses the caller's cores; a block whose GEMMs or
+        Gram sums reach the pool's size keeps the caller's threads in them, one batch at a
+        time, and under accelerate's hooks (offload, a device map) and on a GPU batches go
+        one at a time as before.
+        """
+        if self.compute.type != "cpu" or self.inputs.placement.dispatched or len(captured) < 2:
+            return 1
+        tokens = max(hidden_input(item).shape[:-1].numel() for item in captured)
+        for module in block.modules():
+            if is_linear_like(module) or isinstance(module, COMQLinear):
+                out_features, in_features = linear_shape(module)
+                if gets_caller_threads(2.0 * tokens * in_features * max(out_features, in_features)):
+                    return 1
+        return max(1, min(caller_threads(), len(captured)))
 
     def _run_block_with_targets(
         self,
