@@ -15,7 +15,8 @@ work on the caller's threads when its operators reach :data:`MIN_PARALLEL_FLOPS`
 and on one thread otherwise, :func:`single_thread` on one thread (the layer solver
 runs so, except its large GEMMs), :func:`linear_layer_threads` sizes a model's
 forward passes by its linear layers, and :func:`run_side_by_side` gives the cores to
-independent jobs instead (a block's layer solves, one torch thread each).  The caller's count is
+independent jobs instead, one torch thread each (a small block's layer solves, and its
+calibration batches' forward passes).  The caller's count is
 ``torch.get_num_threads()`` (what ``torch.set_num_threads`` or ``hf-comq
 --threads`` chose) when the outermost scope was entered; nested scopes keep it.
 ``benchmarks/bench_threads.py`` measures the result against one thread, with and

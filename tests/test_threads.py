@@ -168,3 +168,50 @@ def test_a_failing_job_side_by_side_raises_its_error_and_restores_the_threads(tw
     with pytest.raises(ValueError, match="could not quantize 'layer'"):
         run_side_by_side([lambda: 1, failing], workers=2)
     assert torch.get_num_threads() == 2
+
+
+def test_in_order_takes_each_jobs_result_in_job_order_whichever_finishes_first(two_threads) -> None:
+    """A batch's Gram terms are added in batch order even when a later batch's forward pass ends first."""
+    second_done = threading.Event()
+    events: list[str] = []
+
+    def first() -> str:
+        assert second_done.wait(timeout=30)  # the second job finishes before this one
+        events.append("job 0")
+        return "a"
+
+    def second() -> str:
+        events.append("job 1")
+        second_done.set()
+        return "b"
+
+    def in_order(index: int, result: str) -> str:
+        events.append(f"in order {index}")
+        return result.upper()
+
+    assert run_side_by_side([first, second], workers=2, in_order=in_order) == ["A", "B"]
+    assert events == ["job 1", "job 0", "in order 0", "in order 1"]
+    assert run_side_by_side([lambda: "c", lambda: "d"], workers=1, in_order=in_order) == ["C", "D"]
+
+
+def test_jobs_waiting_for_their_turn_give_up_after_an_earlier_job_fails(two_threads) -> None:
+    """The failure is raised, not a wait for a turn that never comes."""
+
+    def failing() -> None:
+        raise ValueError("batch 0 failed")
+
+    taken: list[int] = []
+    with pytest.raises(ValueError, match="batch 0 failed"):
+        run_side_by_side([failing, lambda: 1, lambda: 2], workers=2, in_order=lambda index, _: taken.append(index))
+    assert taken == []
+
+    def failing_turn(index: int, result: int) -> int:
+        if index == 1:
+            raise ValueError("turn 1 failed")
+        taken.append(index)
+        return result
+
+    with pytest.raises(ValueError, match="turn 1 failed"):
+        run_side_by_side([lambda: 0, lambda: 1, lambda: 2], workers=2, in_order=failing_turn)
+    assert taken == [0]
+    assert torch.get_num_threads() == 2

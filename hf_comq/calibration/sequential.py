@@ -36,6 +36,11 @@ there is one, else the CPU; a model dispatched by ``accelerate`` runs through it
 and new quantized layers of CPU- or disk-offloaded blocks are offloaded again, so memory
 stays about one block.
 
+Threads (:mod:`hf_comq.threads`): on a CPU with the model in memory, a block small enough
+that its GEMMs run on one thread anyway runs its calibration batches' forward passes side
+by side, one per thread the caller gave, and then its layer solves; the Gram terms are
+summed in batch order and the solves are independent, so the codes are one thread's.
+
 Several processes (:mod:`.distributed`): under an initialised ``torch.distributed``
 process group each rank runs its share of the calibration batches, each layer's Gram
 matrix is summed over the ranks, each layer is solved by one rank and installed by all,

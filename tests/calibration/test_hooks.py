@@ -54,6 +54,40 @@ def test_layers_reading_one_tensor_share_one_accumulator():
     assert recorder.shared_inputs() == {"k": "q"}
 
 
+def test_calls_kept_on_other_threads_and_replayed_in_order_give_the_same_sums_bit_for_bit():
+    """Batches' forward passes may run at once on several threads; their Gram terms are
+    replayed in batch order, so the sums (and the q/k sharing) equal one thread's."""
+    import threading
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    batches = [torch.randn(2, 5, 4) for _ in range(3)]
+    masks = [torch.rand(2, 5) > 0.3, None, torch.rand(2, 5) > 0.3]
+    with HessianRecorder(model, ["q", "k"], torch.device("cpu")) as direct:
+        for batch, mask in zip(batches, masks):
+            with direct.tokens(mask):
+                model(batch)
+    kept: dict[int, list] = {}
+
+    def forward(index: int) -> None:
+        with later.calls_later() as calls:
+            model(batches[index])
+        kept[index] = calls
+
+    with HessianRecorder(model, ["q", "k"], torch.device("cpu")) as later:
+        threads = [threading.Thread(target=forward, args=(index,)) for index in (2, 0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert later.accumulators["q"].num_tokens == 0  # nothing summed before the replay
+        for index in range(3):
+            later.replay(kept[index], masks[index])
+    assert later.accumulators["q"] is later.accumulators["k"]
+    assert torch.equal(later.accumulators["q"].result(), direct.accumulators["q"].result())
+    assert later.accumulators["q"].num_tokens == direct.accumulators["q"].num_tokens
+
+
 def test_a_recorder_that_saw_no_batch_takes_the_sharing_another_found():
     """A rank with no calibration batch must reduce the same Gram matrices, in the same order, as the others."""
     model = TwoHeads()

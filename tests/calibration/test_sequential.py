@@ -451,21 +451,57 @@ def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_c
             assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale)
 
 
-def test_layers_whose_solves_use_the_callers_threads_are_solved_one_at_a_time(two_threads, monkeypatch):
-    """A solve whose own GEMMs get the caller's threads (large layers) keeps them, as before."""
+def _block_forward_threads(model) -> list[tuple[int, int]]:
+    """Record the Python thread and torch thread count of every forward pass of ``model``'s blocks."""
+    seen: list[tuple[int, int]] = []
+    for block in model.vit.layers:
+        block.register_forward_pre_hook(lambda module, args: seen.append((threading.get_ident(), torch.get_num_threads())))
+    return seen
+
+
+def test_a_small_blocks_batches_run_side_by_side_with_the_same_codes(two_threads):
+    """Two threads and four batches: each block's forward passes run on two workers of
+    one torch thread each, and the Gram sums, hence every layer's codes, are a one-thread run's."""
+    pixels = torch.randn(8, 3, 32, 32)
+    config = dict(bits=4, dataset=pixels, num_samples=8, batch_size=2)
+    torch.set_num_threads(1)
+    alone = tiny_vit()
+    quantize_model(alone, COMQConfig(**config))
+    torch.set_num_threads(2)
+    side_by_side = tiny_vit()
+    seen = _block_forward_threads(side_by_side)
+    quantize_model(side_by_side, COMQConfig(**config))
+    here = threading.get_ident()  # the capture pass (stopped at block 0) runs here
+    assert {count for _, count in seen} == {1} and len({ident for ident, _ in seen if ident != here}) == 2
+    for name, layer in alone.named_modules():
+        if isinstance(layer, COMQLinear):
+            assert torch.equal(side_by_side.get_submodule(name).weight_packed, layer.weight_packed)
+            assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale)
+
+
+def test_large_layers_keep_the_callers_threads_one_solve_and_one_batch_at_a_time(two_threads, monkeypatch):
+    """A solve or forward pass whose own GEMMs get the caller's threads (large layers) keeps them, as before."""
     monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_FLOPS", 1.0)  # every layer counts as large
     seen, recording = _thread_recording_solver()
-    quantize_model(tiny_vit(), COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8), solver=recording)
+    model = tiny_vit()
+    forwards = _block_forward_threads(model)
+    config = COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8, batch_size=2)
+    quantize_model(model, config, solver=recording)
     assert len(seen) == 12 and {ident for ident, _ in seen} == {threading.get_ident()}
+    assert forwards and {ident for ident, _ in forwards} == {threading.get_ident()}  # the batches one at a time too
 
 
-def test_an_offloaded_model_solves_one_layer_at_a_time(two_threads):
-    """Under offload one solve's work space is what the memory budget leaves room for."""
+def test_an_offloaded_model_solves_and_runs_one_layer_and_one_batch_at_a_time(two_threads):
+    """Under offload one solve's work space is what the memory budget leaves room for
+    (and accelerate's hooks move a block's weights for one batch's forward pass at a time)."""
     offloaded = tiny_vit()
+    forwards = _block_forward_threads(offloaded)
     accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
     seen, recording = _thread_recording_solver()
-    quantize_model(offloaded, COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8), solver=recording)
+    config = COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8, batch_size=2)
+    quantize_model(offloaded, config, solver=recording)
     assert len(seen) == 12 and {ident for ident, _ in seen} == {threading.get_ident()}
+    assert forwards and {ident for ident, _ in forwards} == {threading.get_ident()}
 
 
 # ---------------------------------------------------------------- fp_target
