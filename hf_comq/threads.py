@@ -25,6 +25,7 @@ without a competing process, and prints the GEMM sweep behind the threshold.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -119,43 +120,64 @@ def run_side_by_side(
     the jobs themselves (the batches' forward passes) overlap.  A worker holds its
     job's result until that job's turn, so at most ``workers`` results wait at once.
 
-    The first failing job's error is raised once the running ones have finished;
+    Each worker runs in a copy of the caller's context variables and its grad mode
+    (torch's is per thread: without it a forward pass would build an autograd graph
+    that keeps every activation alive).  The first failing job's error is raised once the running ones have finished;
     jobs not started by then are dropped, and jobs waiting for a turn after a failed
     one give up theirs.
     """
     if workers <= 1 or len(jobs) <= 1:
         return [job() if in_order is None else in_order(index, job()) for index, job in enumerate(jobs)]
     turns = _Turns() if in_order is not None else None
+    outcomes: list[tuple[bool, Any] | None] = [None] * len(jobs)  # (succeeded, result or error)
+    lock = threading.Lock()
+    queue = {"next": 0, "failed": False}
 
-    def on_one_thread(index: int, job: Callable[[], Result]) -> Any:
+    def take() -> int | None:
+        with lock:
+            if queue["failed"] or queue["next"] >= len(jobs):
+                return None
+            queue["next"] += 1
+            return queue["next"] - 1
+
+    grad_enabled = torch.is_grad_enabled()  # a thread-local mode: a forward pass would build a graph without it
+
+    def run_jobs() -> None:
+        """One worker: jobs in index order, each on one torch thread, until none is left or one failed."""
         token = _caller_threads.set(1)
         torch.set_num_threads(1)
         try:
-            result = job()
-            if turns is None:
-                return result
-            with turns.turn(index):
-                return in_order(index, result)
-        except BaseException:
-            if turns is not None:
-                turns.fail(index)
-            raise
+            with torch.set_grad_enabled(grad_enabled):
+                while (index := take()) is not None:
+                    try:
+                        result = jobs[index]()
+                        if turns is not None:
+                            with turns.turn(index):
+                                result = in_order(index, result)
+                        outcomes[index] = (True, result)
+                    except BaseException as error:
+                        outcomes[index] = (False, error)
+                        if turns is not None:
+                            turns.fail(index)
+                        with lock:
+                            queue["failed"] = True
         finally:
             _caller_threads.reset(token)
 
     previous = torch.get_num_threads()
     try:
-        with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="hf_comq") as pool:
-            futures = [pool.submit(on_one_thread, index, job) for index, job in enumerate(jobs)]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        count = min(workers, len(jobs))
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="hf_comq") as pool:
+            # each worker in a copy of the caller's context variables, as the jobs would run here
+            for worker in [pool.submit(contextvars.copy_context().run, run_jobs) for _ in range(count)]:
+                worker.result()
     finally:
         if torch.get_num_threads() != previous:  # a build whose count is process-wide
             torch.set_num_threads(previous)
+    for outcome in outcomes:  # jobs are taken in order: a failure comes before every dropped job
+        if outcome is not None and not outcome[0]:
+            raise outcome[1]
+    return [outcome[1] for outcome in outcomes]
 
 
 class _Turns:

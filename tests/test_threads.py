@@ -215,3 +215,20 @@ def test_jobs_waiting_for_their_turn_give_up_after_an_earlier_job_fails(two_thre
         run_side_by_side([lambda: 0, lambda: 1, lambda: 2], workers=2, in_order=failing_turn)
     assert taken == [0]
     assert torch.get_num_threads() == 2
+
+
+def test_jobs_side_by_side_keep_the_callers_grad_mode_and_context(two_threads) -> None:
+    """torch's grad mode is per thread: a worker left with grad on would build an autograd
+    graph in every forward pass it runs, keeping all of its activations alive."""
+    from contextvars import ContextVar
+
+    marker: ContextVar[str] = ContextVar("marker", default="unset")
+    marker.set("caller's")
+    weight = torch.randn(4, 4, requires_grad=True)
+
+    def job() -> tuple[bool, str, bool]:
+        return torch.is_grad_enabled(), marker.get(), (torch.ones(4) @ weight).requires_grad
+
+    with torch.no_grad():
+        assert run_side_by_side([job, job], workers=2) == [(False, "caller's", False)] * 2
+    assert run_side_by_side([job, job], workers=2) == [(True, "caller's", True)] * 2

@@ -451,11 +451,15 @@ def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_c
             assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale)
 
 
-def _block_forward_threads(model) -> list[tuple[int, int]]:
-    """Record the Python thread and torch thread count of every forward pass of ``model``'s blocks."""
-    seen: list[tuple[int, int]] = []
+def _block_forward_threads(model) -> list[tuple[int, int, bool]]:
+    """Record the Python thread, torch thread count and grad mode of every forward pass of ``model``'s blocks."""
+    seen: list[tuple[int, int, bool]] = []
+
+    def record(module, args) -> None:
+        seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled()))
+
     for block in model.vit.layers:
-        block.register_forward_pre_hook(lambda module, args: seen.append((threading.get_ident(), torch.get_num_threads())))
+        block.register_forward_pre_hook(record)
     return seen
 
 
@@ -472,7 +476,8 @@ def test_a_small_blocks_batches_run_side_by_side_with_the_same_codes(two_threads
     seen = _block_forward_threads(side_by_side)
     quantize_model(side_by_side, COMQConfig(**config))
     here = threading.get_ident()  # the capture pass (stopped at block 0) runs here
-    assert {count for _, count in seen} == {1} and len({ident for ident, _ in seen if ident != here}) == 2
+    assert {count for _, count, _ in seen} == {1} and len({ident for ident, _, _ in seen if ident != here}) == 2
+    assert not any(grad for _, _, grad in seen)  # no autograd graph holding every activation of the run
     for name, layer in alone.named_modules():
         if isinstance(layer, COMQLinear):
             assert torch.equal(side_by_side.get_submodule(name).weight_packed, layer.weight_packed)
@@ -488,7 +493,7 @@ def test_large_layers_keep_the_callers_threads_one_solve_and_one_batch_at_a_time
     config = COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8, batch_size=2)
     quantize_model(model, config, solver=recording)
     assert len(seen) == 12 and {ident for ident, _ in seen} == {threading.get_ident()}
-    assert forwards and {ident for ident, _ in forwards} == {threading.get_ident()}  # the batches one at a time too
+    assert forwards and {ident for ident, _, _ in forwards} == {threading.get_ident()}  # the batches one at a time too
 
 
 def test_an_offloaded_model_solves_and_runs_one_layer_and_one_batch_at_a_time(two_threads):
@@ -501,7 +506,7 @@ def test_an_offloaded_model_solves_and_runs_one_layer_and_one_batch_at_a_time(tw
     config = COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8, batch_size=2)
     quantize_model(offloaded, config, solver=recording)
     assert len(seen) == 12 and {ident for ident, _ in seen} == {threading.get_ident()}
-    assert forwards and {ident for ident, _ in forwards} == {threading.get_ident()}
+    assert forwards and {ident for ident, _, _ in forwards} == {threading.get_ident()}
 
 
 # ---------------------------------------------------------------- fp_target
