@@ -122,9 +122,9 @@ def run_side_by_side(
 
     Each worker runs in a copy of the caller's context variables and its grad mode
     (torch's is per thread: without it a forward pass would build an autograd graph
-    that keeps every activation alive).  The first failing job's error is raised once the running ones have finished;
-    jobs not started by then are dropped, and jobs waiting for a turn after a failed
-    one give up theirs.
+    that keeps every activation alive).  The first failing job's error is raised once
+    the running ones have finished; jobs not started by then are dropped, and jobs
+    waiting for a turn after a failed one give up theirs.
     """
     if workers <= 1 or len(jobs) <= 1:
         return [job() if in_order is None else in_order(index, job()) for index, job in enumerate(jobs)]

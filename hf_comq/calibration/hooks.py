@@ -83,8 +83,8 @@ class HessianRecorder:
     Hessian, so they share one accumulator and ``X^T X`` is computed once for them:
     the decision is made on a layer's first call and must hold for every later batch.
     Use as a context manager; run each forward pass inside :meth:`tokens`, or, for
-forward passes of several batches at once on other threads, inside
-:meth:`calls_later` there and then :meth:`replay` each batch's calls in batch order.
+    forward passes of several batches at once on other threads, inside
+    :meth:`calls_later` there and then :meth:`replay` each batch's calls in batch order.
 
     ``with_targets=True`` also sums each layer's target shift (see
     :class:`HessianAccumulator`): before each batch's pass inside :meth:`tokens`, the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -57,8 +59,6 @@ def test_layers_reading_one_tensor_share_one_accumulator():
 def test_calls_kept_on_other_threads_and_replayed_in_order_give_the_same_sums_bit_for_bit():
     """Batches' forward passes may run at once on several threads; their Gram terms are
     replayed in batch order, so the sums (and the q/k sharing) equal one thread's."""
-    import threading
-
     torch.manual_seed(0)
     model = TwoHeads()
     batches = [torch.randn(2, 5, 4) for _ in range(3)]
