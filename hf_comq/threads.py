@@ -227,7 +227,7 @@ def linear_layer_threads(*models: nn.Module) -> Iterator[None]:
     A large model thereby runs on the caller's threads and a small one on one
     thread, whatever the batch.
     """
-    from .nn import COMQLinear, is_linear_like, linear_shape
+    from .nn import has_linear_shape, linear_shape
 
     def choose(module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor):
@@ -244,7 +244,7 @@ def linear_layer_threads(*models: nn.Module) -> Iterator[None]:
             module.register_forward_pre_hook(choose)
             for model in models
             for module in model.modules()
-            if is_linear_like(module) or isinstance(module, COMQLinear)
+            if has_linear_shape(module)
         ]
         handles += [model.register_forward_hook(back_to_one) for model in models]
         try:

@@ -59,7 +59,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -68,7 +68,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..modules import find_quantizable_linears
-from ..nn import COMQLinear, get_linear_weight, is_linear_like, linear_shape
+from ..nn import get_linear_weight, has_linear_shape, linear_shape
 from ..solver import (
     SOLVER_DEFAULTS,
     HessianAccumulator,
@@ -425,25 +425,14 @@ class _Calibrator:
         return outputs if collect else []
 
     def _forward_workers(self, block: nn.Module, captured: list[CapturedInputs]) -> int:
-        """Threads for a block's forward passes: the caller's (at most one per batch) for a
-        small block on a CPU with the model in memory, else one.
+        """Threads for a block's forward passes over the batches (see :meth:`_side_by_side_workers`).
 
-        A small block's GEMMs and Gram sums run on one thread whatever the caller gave
-        (:func:`~hf_comq.threads.linear_layer_threads`), so several batches side by side,
-        one torch thread each, are what uses the caller's cores; a block whose GEMMs or
-        Gram sums reach the pool's size keeps the caller's threads in them, one batch at a
-        time, and under accelerate's hooks (offload, a device map) and on a GPU batches go
-        one at a time as before.
+        The largest operators are each linear layer's GEMM and its Gram product for the
+        longest batch (``2 * tokens * in * max(out, in)`` bounds both).
         """
-        if self.compute.type != "cpu" or self.inputs.placement.dispatched or len(captured) < 2:
-            return 1
-        tokens = max(hidden_input(item).shape[:-1].numel() for item in captured)
-        for module in block.modules():
-            if is_linear_like(module) or isinstance(module, COMQLinear):
-                out_features, in_features = linear_shape(module)
-                if gets_caller_threads(2.0 * tokens * in_features * max(out_features, in_features)):
-                    return 1
-        return max(1, min(caller_threads(), len(captured)))
+        tokens = max((hidden_input(item).shape[:-1].numel() for item in captured), default=0)
+        shapes = (linear_shape(module) for module in block.modules() if has_linear_shape(module))
+        return self._side_by_side_workers(len(captured), (2.0 * tokens * i * max(o, i) for o, i in shapes))
 
     def _run_block_with_targets(
         self,
@@ -565,19 +554,29 @@ class _Calibrator:
         return {name: solved[name] for name in names}
 
     def _solve_workers(self, names: list[str], jobs: int) -> int:
-        """Threads for one step's solves: the caller's (at most one per job) on a CPU with the
-        model in memory, else one.  A small layer's solve runs on one thread whatever the
-        caller gave (its operators are too small for a pool), so the caller's cores are
-        better used by solves side by side; but a layer large enough that its solve's
-        GEMMs use the caller's threads keeps them (one at a time, as before), where
-        accelerate moves the weights (offload under a memory budget) one solve at a time
-        is what bounds the memory, and on a GPU one solve fills the device."""
-        if self.compute.type != "cpu" or self.inputs.placement.dispatched:
+        """Threads for one step's solves (see :meth:`_side_by_side_workers`); a solve's largest
+        operator is its widest threaded GEMM."""
+        shapes = (linear_shape(self.model.get_submodule(name)) for name in names)
+        return self._side_by_side_workers(
+            jobs, (widest_threaded_gemm(*shape, **self.settings.solver_kwargs) for shape in shapes)
+        )
+
+    def _side_by_side_workers(self, jobs: int, largest_operators: Iterable[float]) -> int:
+        """Threads for ``jobs`` independent pieces of work (solves, batches' forward passes):
+        the caller's, at most one per job, on a CPU with the model in memory; else one.
+
+        Work whose every operator is under the pool's size runs on one thread whatever
+        the caller gave, so jobs side by side, one torch thread each, are what uses the
+        caller's cores.  Work with an operator of that size (``largest_operators``, in
+        floating point operations) keeps the caller's threads inside it, one job at a time;
+        so does work under accelerate's hooks (offload under a memory budget: one job's
+        memory at a time is what bounds it) and on a GPU (one job fills the device).
+        """
+        if jobs < 2 or self.compute.type != "cpu" or self.inputs.placement.dispatched:
             return 1
-        shapes = [linear_shape(self.model.get_submodule(name)) for name in names]
-        if any(gets_caller_threads(widest_threaded_gemm(*shape, **self.settings.solver_kwargs)) for shape in shapes):
+        if any(gets_caller_threads(flops) for flops in largest_operators):
             return 1
-        return max(1, min(caller_threads(), jobs))
+        return min(caller_threads(), jobs)
 
     def _cost(self, name: str) -> float:
         """A layer's solve cost for balancing ranks and workers: its weight's size."""

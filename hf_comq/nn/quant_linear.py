@@ -54,6 +54,11 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES)
 
 
+def has_linear_shape(module: nn.Module) -> bool:
+    """True for the layers :func:`linear_shape` reads: linear-like ones and the :class:`COMQLinear` that replaced them."""
+    return is_linear_like(module) or isinstance(module, COMQLinear)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of an ``nn.Linear``, ``Conv1D`` or :class:`COMQLinear`."""
     if isinstance(module, (nn.Linear, COMQLinear)):
