@@ -78,9 +78,12 @@ def run(args: argparse.Namespace) -> int:
     """``hf-comq quantize``: every check that needs no model first, then load + calibrate, save atomically, push."""
     output = Path(args.output).expanduser()
     ranks = _launcher_ranks()
-    read, dataset = _on_every_rank(ranks, lambda: _check_before_work(args, output, _saves(ranks)))
-    with torch_threads(args.threads):
-        return _quantize(args, output, read, dataset, ranks)
+    try:
+        read, dataset = _on_every_rank(ranks, lambda: _check_before_work(args, output, _saves(ranks)))
+        with torch_threads(args.threads):
+            return _quantize(args, output, read, dataset, ranks)
+    finally:
+        _leave_launcher_group(ranks)
 
 
 def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> tuple[tuple[str, dict], str]:
@@ -105,6 +108,21 @@ def _launcher_ranks() -> Any:
     from ..calibration import join_launcher_group
 
     return join_launcher_group()
+
+
+def _leave_launcher_group(ranks: Any) -> None:
+    """Destroy the group :func:`_launcher_ranks` joined, on every rank, as the command ends.
+
+    A rank that exits with its gloo group still alive can abort in the group's teardown at
+    interpreter exit ("terminate called without an active exception", exit code -6) while
+    a peer is still finishing, which fails a run that wrote its checkpoint.
+    """
+    if ranks is None:
+        return
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _saves(ranks: Any) -> bool:
