@@ -89,7 +89,9 @@ class HessianRecorder:
     ``with_targets=True`` also sums each layer's target shift (see
     :class:`HessianAccumulator`): before each batch's pass inside :meth:`tokens`, the
     same batch's full-precision inputs run the block inside :meth:`targets`, whose
-    hooks keep each layer's inputs until the quantized-prefix pass reaches it.
+    hooks keep each layer's inputs until the quantized-prefix pass reaches it.  On
+    other threads both passes run inside :meth:`calls_later`, and :meth:`replay` is
+    handed the full-precision pass's calls as the batch's ``targets``.
     """
 
     _OUTSIDE = object()
@@ -134,10 +136,9 @@ class HessianRecorder:
         Forward passes of several batches may run so at once, each on its own thread;
         the sums are made by replaying each batch's calls in batch order, so they are
         the very sums of the same batches recorded one after another in :meth:`tokens`.
-        Holds the batch's layer inputs until replayed.
+        Holds the batch's layer inputs until replayed.  With targets, a batch's
+        full-precision pass is kept the same way, in a scope of its own.
         """
-        if self._with_targets:
-            raise RuntimeError("target shifts pair each layer's two passes on one thread: record them in tokens()")
         calls: list[tuple[str, torch.Tensor]] = []
         self._later.calls = calls
         try:
@@ -145,8 +146,22 @@ class HessianRecorder:
         finally:
             self._later.calls = None
 
-    def replay(self, calls: list[tuple[str, torch.Tensor]], mask: torch.Tensor | None) -> None:
-        """Sum one batch's layer inputs kept by :meth:`calls_later`, as :meth:`tokens` would have; ``mask`` its real tokens."""
+    def replay(
+        self,
+        calls: list[tuple[str, torch.Tensor]],
+        mask: torch.Tensor | None,
+        targets: list[tuple[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Sum one batch's layer inputs kept by :meth:`calls_later`, as :meth:`tokens` would have; ``mask`` its real tokens.
+
+        ``targets``: the same batch's full-precision pass, kept by another
+        :meth:`calls_later` scope (recorders made ``with_targets`` only); it is taken
+        as :meth:`targets` would have taken it, before the calls are summed.
+        """
+        if targets is not None:
+            with self.targets(mask):
+                for name, tensor in targets:
+                    self._keep_target(name, tensor)
         with self.tokens(mask):
             for name, tensor in calls:
                 self._record(name, tensor)
@@ -196,11 +211,15 @@ class HessianRecorder:
             if self._mask is self._OUTSIDE:
                 raise RuntimeError(f"{name!r} ran outside HessianRecorder.tokens(); the padding mask is unknown")
             if self._collecting_targets:
-                self._targets.setdefault(name, []).append(self._real_tokens(inputs[0]))
+                self._keep_target(name, inputs[0])
                 return
             self._record(name, inputs[0])
 
         return hook
+
+    def _keep_target(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep one layer call's real-token inputs of the full-precision pass until the quantized pass reaches it."""
+        self._targets.setdefault(name, []).append(self._real_tokens(tensor))
 
     def _record(self, name: str, tensor: torch.Tensor) -> None:
         """Add one layer call's real-token inputs to its Gram sum (unless it shares an earlier call's)."""

@@ -445,21 +445,34 @@ class _Calibrator:
         """Each batch through the full-precision stream (its layer inputs kept as targets), then the quantized one.
 
         Returns the full-precision stream's block outputs (with ``collect``): the block
-        is still in full precision here, so they are the next block's targets.
+        is still in full precision here, so they are the next block's targets.  Batches
+        run side by side as in :meth:`_run_block`, each batch's two passes on one
+        worker, and are summed in batch order all the same.
         """
-        outputs = []
         kind = block_kind(block)
-        for item, fp_item in zip(captured, fp_inputs, strict=True):
+        workers = self._forward_workers(block, captured)
+
+        def forward(pair: tuple[CapturedInputs, CapturedInputs]) -> tuple[list | None, list | None, torch.Tensor | None]:
+            item, fp_item = pair
             args, kwargs = fp_item.call_inputs(kind)
-            with recorder.targets(fp_item.mask):
+            with recorder.calls_later() if workers > 1 else recorder.targets(fp_item.mask) as targets:
                 result = block(*args, **kwargs)
-            if collect:
-                outputs.append(fp_item.with_hidden(send_to_device(hidden_output(result), self.compute)))
+            hidden = send_to_device(hidden_output(result), self.compute) if collect else None
             del result
             args, kwargs = item.call_inputs(kind)
-            with recorder.tokens(item.mask):
+            with recorder.calls_later() if workers > 1 else recorder.tokens(item.mask) as calls:
                 block(*args, **kwargs)
-        return outputs
+            return targets, calls, hidden
+
+        def finish(index: int, forwarded: tuple[list | None, list | None, torch.Tensor | None]) -> CapturedInputs | None:
+            targets, calls, hidden = forwarded
+            if calls is not None:
+                recorder.replay(calls, captured[index].mask, targets=targets)
+            return fp_inputs[index].with_hidden(hidden) if collect else None
+
+        jobs = [functools.partial(forward, pair) for pair in zip(captured, fp_inputs, strict=True)]
+        outputs = run_side_by_side(jobs, workers, in_order=finish)
+        return outputs if collect else []
 
     def _run_remaining(self) -> None:
         """One full pass for quantizable layers outside the blocks that no capture pass reached."""

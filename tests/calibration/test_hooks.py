@@ -118,6 +118,51 @@ def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch():
     torch.testing.assert_close(recorder.accumulators["0"].target_shift(), (real_fp - real).T @ real, rtol=1e-5, atol=1e-5)
 
 
+def test_targets_kept_on_other_threads_and_replayed_in_order_give_the_same_shifts_bit_for_bit():
+    """A batch's full-precision pass and quantized pass kept by two calls_later scopes on a
+    worker, then replayed in batch order, give the sums and target shifts of one thread."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    pairs = [(torch.randn(2, 5, 4), torch.randn(2, 5, 4)) for _ in range(3)]
+    masks = [torch.rand(2, 5) > 0.3, None, torch.rand(2, 5) > 0.3]
+    with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as direct:
+        for (x, x_fp), mask in zip(pairs, masks):
+            with direct.targets(mask):
+                model(x_fp)
+            with direct.tokens(mask):
+                model(x)
+    kept: dict[int, tuple[list, list]] = {}
+
+    def forward(index: int) -> None:
+        x, x_fp = pairs[index]
+        with later.calls_later() as targets:
+            model(x_fp)
+        with later.calls_later() as calls:
+            model(x)
+        kept[index] = targets, calls
+
+    with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as later:
+        threads = [threading.Thread(target=forward, args=(index,)) for index in (1, 2, 0)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for index in range(3):
+            targets, calls = kept[index]
+            later.replay(calls, masks[index], targets=targets)
+    assert torch.equal(later.accumulators["0"].result(), direct.accumulators["0"].result())
+    assert torch.equal(later.accumulators["0"].target_shift(), direct.accumulators["0"].target_shift())
+
+
+def test_targets_replayed_on_a_recorder_without_targets_are_refused():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with HessianRecorder(model, ["0"], torch.device("cpu")) as recorder:
+        with recorder.calls_later() as calls:
+            model(torch.randn(2, 4))
+        with pytest.raises(RuntimeError, match="without with_targets=True"):
+            recorder.replay(calls, None, targets=calls)
+
+
 def test_a_layer_without_the_same_tokens_in_both_passes_is_named():
     model = nn.Sequential(nn.Linear(4, 3))
     with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as recorder:
