@@ -499,6 +499,7 @@ def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(
     seen = _block_forward_threads(side_by_side, side_by_side.model.layers)
     quantize_model(side_by_side, _config("llama", **config))
     here = threading.get_ident()
+    assert [ident for ident, _, _ in seen].count(here) == 4  # only the capture pass, stopped at block 0, per batch
     workers = {ident for ident, _, _ in seen if ident != here}
     assert len(workers) >= 2 and {count for ident, count, _ in seen if ident in workers} == {1}
     assert not any(grad for _, _, grad in seen)
