@@ -424,15 +424,18 @@ class _Calibrator:
         outputs = run_side_by_side([functools.partial(forward, item) for item in captured], workers, in_order=finish)
         return outputs if collect else []
 
-    def _forward_workers(self, block: nn.Module, captured: list[CapturedInputs]) -> int:
+    def _forward_workers(self, block: nn.Module, captured: list[CapturedInputs], targeted: bool = False) -> int:
         """Threads for a block's forward passes over the batches (see :meth:`_side_by_side_workers`).
 
         The largest operators are each linear layer's GEMM and its Gram product for the
-        longest batch (``2 * tokens * in * max(out, in)`` bounds both).
+        longest batch (``2 * tokens * in * max(out, in)`` bounds both); ``targeted``: the
+        Gram product comes with the target shift's full ``in x in`` product, the pair
+        bounded by ``3 * tokens * in * max(out, in)``.
         """
         tokens = max((hidden_input(item).shape[:-1].numel() for item in captured), default=0)
         shapes = (linear_shape(module) for module in block.modules() if has_linear_shape(module))
-        return self._side_by_side_workers(len(captured), (2.0 * tokens * i * max(o, i) for o, i in shapes))
+        per_token = 3.0 if targeted else 2.0
+        return self._side_by_side_workers(len(captured), (per_token * tokens * i * max(o, i) for o, i in shapes))
 
     def _run_block_with_targets(
         self,
@@ -450,7 +453,7 @@ class _Calibrator:
         worker, and are summed in batch order all the same.
         """
         kind = block_kind(block)
-        workers = self._forward_workers(block, captured)
+        workers = self._forward_workers(block, captured, targeted=True)
 
         def forward(pair: tuple[CapturedInputs, CapturedInputs]) -> tuple[list | None, list | None, torch.Tensor | None]:
             item, fp_item = pair

@@ -512,6 +512,31 @@ def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(
     assert compared == len(find_quantizable_linears(tiny_model("llama")))
 
 
+def test_fp_target_counts_the_target_shift_when_it_decides_what_runs_side_by_side(two_threads, monkeypatch):
+    """A targeted pass adds the target shift's full ``in x in`` product to each Gram sum:
+    with the pool's threshold between the plain and the targeted bound, the blocks'
+    plain passes run side by side and the targeted one (block 1's) one batch at a time."""
+    tokens = []
+    probe = tiny_model("llama")
+    for block in probe.model.layers:
+        block.register_forward_pre_hook(
+            lambda module, args, kwargs: tokens.append((args or (kwargs["hidden_states"],))[0].shape[:-1].numel()),
+            with_kwargs=True,
+        )
+    config = dict(bits=3, fp_target=True, batch_size=2)
+    quantize_model(probe, _config("llama", **config))
+    block = tiny_model("llama").model.layers[0]
+    largest = max(max(tokens) * m.in_features * max(m.in_features, m.out_features) for m in block.modules() if isinstance(m, nn.Linear))
+    monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_FLOPS", 2.5 * largest)  # plain bound 2x, targeted 3x
+    model = tiny_model("llama")
+    seen = _block_forward_threads(model, model.model.layers)
+    quantize_model(model, _config("llama", **config))
+    here = threading.get_ident()
+    # Four batches: the capture pass (stopped at block 0), then block 1's full-precision and quantized passes.
+    assert [ident for ident, _, _ in seen].count(here) == 4 + 2 * 4
+    assert len({ident for ident, _, _ in seen if ident != here}) >= 2  # the plain passes still side by side
+
+
 def test_large_layers_keep_the_callers_threads_one_solve_and_one_batch_at_a_time(two_threads, monkeypatch):
     """A solve or forward pass whose own GEMMs get the caller's threads (large layers) keeps them, as before."""
     monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_FLOPS", 1.0)  # every layer counts as large
