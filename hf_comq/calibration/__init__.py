@@ -13,7 +13,7 @@
 
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data, format_description
-from .distributed import CalibrationGroupError, is_saving_rank, join_launcher_group
+from .distributed import CalibrationGroupError, is_saving_rank, join_launcher_group, leave_launcher_group
 from .sequential import calibration_mode, calibration_summary, quantize_model
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "format_description",
     "is_saving_rank",
     "join_launcher_group",
+    "leave_launcher_group",
     "quantize_model",
 ]

@@ -87,6 +87,17 @@ def join_launcher_group(timeout_s: float = 1800.0) -> Group:
     return current_group()
 
 
+def leave_launcher_group() -> None:
+    """Destroy the default process group once this rank's work is done; nothing without one.
+
+    A rank that exits with its gloo group still alive can abort in the group's teardown
+    at interpreter exit ("terminate called without an active exception", exit code -6)
+    while a peer is still finishing, which fails a run that wrote its checkpoint.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def is_saving_rank(is_main_process: bool = True) -> bool:
     """Whether this process writes checkpoint files: ``is_main_process``, and rank 0 of a process group.
 

@@ -111,18 +111,12 @@ def _launcher_ranks() -> Any:
 
 
 def _leave_launcher_group(ranks: Any) -> None:
-    """Destroy the group :func:`_launcher_ranks` joined, on every rank, as the command ends.
-
-    A rank that exits with its gloo group still alive can abort in the group's teardown at
-    interpreter exit ("terminate called without an active exception", exit code -6) while
-    a peer is still finishing, which fails a run that wrote its checkpoint.
-    """
+    """Leave the group :func:`_launcher_ranks` joined (see :func:`~hf_comq.calibration.leave_launcher_group`)."""
     if ranks is None:
         return
-    import torch.distributed
+    from ..calibration import leave_launcher_group
 
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    leave_launcher_group()
 
 
 def _saves(ranks: Any) -> bool:

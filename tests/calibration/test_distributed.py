@@ -12,7 +12,14 @@ import transformers as T
 from safetensors.torch import load_file
 
 from hf_comq import COMQConfig, calibration_summary
-from hf_comq.calibration.distributed import Group, balanced_owners, current_group, is_saving_rank, join_launcher_group
+from hf_comq.calibration.distributed import (
+    Group,
+    balanced_owners,
+    current_group,
+    is_saving_rank,
+    join_launcher_group,
+    leave_launcher_group,
+)
 
 from tests.ranks import launch_ranks
 from tests.tiny import sentences, tiny_model, word_tokenizer
@@ -118,6 +125,14 @@ def _tiny_checkpoint(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- primitives
+
+
+def test_leaving_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    leave_launcher_group()  # no group: nothing to do
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    leave_launcher_group()
+    assert not torch.distributed.is_initialized() and current_group() == Group()
 
 
 def test_a_single_process_is_a_group_of_one(monkeypatch):
