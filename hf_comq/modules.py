@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import nn
 
 from .compat import matches_module_pattern
-from .nn.quant_linear import is_linear_like
+from .nn.quant_linear import computes_linear_map, is_linear_like
 
 # Module-name components that denote a task head or a projection head.
 HEAD_NAMES = frozenset(
@@ -109,17 +109,38 @@ def find_quantizable_linears(
     model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None = None
 ) -> dict[str, nn.Module]:
     """The ``nn.Linear`` / ``Conv1D`` layers COMQ converts, by module name, in model order:
-    all but those in the task head and those the user's ``modules_to_not_convert`` keeps."""
+    all but those in the task head, those the user's ``modules_to_not_convert`` keeps, and
+    subclasses with a forward of their own (:func:`~hf_comq.nn.computes_linear_map`)."""
     entries = _checked_entries(model, modules_to_not_convert)
     heads = default_modules_to_not_convert(model)
     return {
         name: module
         for name, module in model.named_modules()
         if name
-        and is_linear_like(module)
+        and computes_linear_map(module)
         and not any(is_under(name, head) for head in heads)
         and not any(matches(name, entry) for entry in entries)
     }
+
+
+def batched_expert_weights(model: nn.Module) -> dict[str, int]:
+    """``{name: elements}`` of the mixture-of-experts weights stored as batched 3-D tensors.
+
+    transformers 5 keeps a MoE layer's experts as one ``(num_experts, out, in)`` parameter
+    per projection (``experts.gate_up_proj``, ``experts.down_proj``), not as ``nn.Linear``
+    layers, so COMQ leaves them in full precision; in a MoE model they hold most of the
+    parameters, which the user must be told.  Found by transformers' convention: a module
+    with an integer ``num_experts`` whose 3-D parameters lead with that many experts.
+    """
+    found = {}
+    for module_name, module in model.named_modules():
+        experts = getattr(module, "num_experts", None)
+        if not isinstance(experts, int) or isinstance(experts, bool):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3 and param.shape[0] == experts:
+                found[f"{module_name}.{name}" if module_name else name] = param.numel()
+    return found
 
 
 def _is_head_component(part: str) -> bool:

@@ -3,11 +3,13 @@
 import re
 
 import pytest
+import torch
 import transformers as T
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_comq.modules import (
+    batched_expert_weights,
     default_modules_to_not_convert,
     find_quantizable_linears,
     matches,
@@ -94,3 +96,30 @@ def test_entries_match_as_in_transformers_quantizers():
     assert not matches("vit.layers.1.mlp.fc1", "layers.1")  # neither the start of the name nor its end
     with pytest.raises(ValueError, match=r"'layers\[' is not a valid regular expression"):
         matches("vit.layers.1", "layers[")
+
+
+def test_linear_subclasses_with_a_forward_of_their_own_are_not_converted():
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits
+
+    class KeepsForward(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), Router(4, 2), KeepsForward(4, 4))
+    assert sorted(find_quantizable_linears(model)) == ["0", "2"]
+
+
+def test_batched_expert_weights_are_found_by_the_transformers_convention():
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_experts = 3
+            self.gate_up_proj = nn.Parameter(torch.zeros(3, 8, 4))
+            self.down_proj = nn.Parameter(torch.zeros(3, 4, 4))
+            self.other = nn.Parameter(torch.zeros(2, 4, 4))  # does not lead with the experts
+
+    model = nn.ModuleDict({"experts": Experts(), "position": nn.Embedding(3, 4)})
+    model.register_parameter("cls_token", nn.Parameter(torch.zeros(1, 1, 4)))  # 3-D, but no experts
+    assert batched_expert_weights(model) == {"experts.gate_up_proj": 96, "experts.down_proj": 48}

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..modules import find_quantizable_linears
+from ..modules import batched_expert_weights, find_quantizable_linears
 from ..nn import get_linear_weight, has_linear_shape, linear_shape
 from ..solver import (
     SOLVER_DEFAULTS,
@@ -144,6 +144,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
             f"{type(model).__name__} has no quantizable layers (nn.Linear / Conv1D outside modules_to_not_convert)"
         )
     check_finite_weights(layers, placement.compute, release_pages=placement.dispatched)
+    expert_parameters = warn_about_expert_weights(model)
     data = build_calibration_data(model, config)
     group = current_group()
     settings = _Settings.from_config(config, solver)
@@ -160,6 +161,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     finally:
         model.train(was_training)
     summary = calibrator.summary(time.perf_counter() - started, data.num_samples)
+    summary["expert_parameters_in_full_precision"] = expert_parameters
     model._comq_summary = summary
     _log_summary(summary)
     return summary
@@ -172,6 +174,30 @@ def calibration_summary(model: nn.Module) -> dict[str, Any]:
     instead of reaching for the attribute it is kept under.
     """
     return getattr(model, "_comq_summary", None) or {}
+
+
+def warn_about_expert_weights(model: nn.Module) -> int:
+    """Warn that a mixture-of-experts model's batched expert weights stay in full precision; returns their size.
+
+    They are most of such a model, and nothing else would tell the user that the
+    checkpoint is far larger than the bit width suggests (see
+    :func:`hf_comq.modules.batched_expert_weights`).
+    """
+    experts = batched_expert_weights(model)
+    if not experts:
+        return 0
+    kept = sum(experts.values())
+    share = kept / max(sum(param.numel() for param in model.parameters()), 1)
+    logger.warning(
+        "COMQ: %s keeps its %d mixture-of-experts weight tensors (%.0f%% of its parameters, e.g. %s) in full "
+        "precision: transformers stores them as batched 3-D tensors, not nn.Linear layers, and COMQ quantizes "
+        "nn.Linear / Conv1D layers only (attention and the other linear layers are quantized)",
+        type(model).__name__,
+        len(experts),
+        100 * share,
+        next(iter(experts)),
+    )
+    return kept
 
 
 def check_finite_weights(layers: dict[str, nn.Module], device: torch.device, *, release_pages: bool = False) -> None:

@@ -3,6 +3,7 @@
 from .quant_linear import (
     PACKED_TENSORS,
     COMQLinear,
+    computes_linear_map,
     get_linear_weight,
     has_linear_shape,
     is_linear_like,
@@ -13,6 +14,7 @@ from .quant_linear import (
 __all__ = [
     "PACKED_TENSORS",
     "COMQLinear",
+    "computes_linear_map",
     "get_linear_weight",
     "has_linear_shape",
     "is_linear_like",

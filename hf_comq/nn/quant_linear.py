@@ -50,8 +50,19 @@ PACKED_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and transformers' ``Conv1D`` (the layers COMQ converts)."""
+    """True for ``nn.Linear`` and transformers' ``Conv1D``, subclasses included: the layers
+    compressed-tensors targets, so each is either quantized or on the checkpoint's ``ignore`` list."""
     return isinstance(module, LINEAR_TYPES)
+
+
+def computes_linear_map(module: nn.Module) -> bool:
+    """True for a linear-like layer whose forward is the linear map itself, which a :class:`COMQLinear` can replace.
+
+    A subclass with a forward of its own computes more than ``x @ W.T + b`` (Llama 4's
+    MoE router also picks the top-k experts and returns their scores), so it stays in
+    full precision: the replacement would return only the map and break its caller.
+    """
+    return is_linear_like(module) and type(module).forward in (nn.Linear.forward, Conv1D.forward)
 
 
 def has_linear_shape(module: nn.Module) -> bool:

@@ -345,6 +345,31 @@ def test_few_tokens_warn_about_rank_deficient_hessians(caplog):
     assert "only 17 tokens for hidden size 32" in caplog.text
 
 
+def test_a_mixture_of_experts_model_says_its_expert_weights_stay_in_full_precision(caplog):
+    model = tiny_model("mixtral")
+    experts = {name: param.clone() for name, param in model.named_parameters() if "experts" in name}
+    with caplog.at_level(logging.WARNING):
+        summary = quantize_model(model, COMQConfig(bits=4, dataset=torch.randint(1, 64, (8, 12)), seed=0))
+    assert "keeps its 4 mixture-of-experts weight tensors" in caplog.text
+    assert "model.layers.0.mlp.experts.gate_up_proj" in caplog.text
+    assert summary["expert_parameters_in_full_precision"] == sum(param.numel() for param in experts.values())
+    assert summary["layers_quantized"] == 8  # q/k/v/o of both blocks
+    assert all(torch.equal(param, experts[name]) for name, param in model.named_parameters() if name in experts)
+
+
+def test_a_linear_subclass_with_its_own_forward_stays_in_full_precision():
+    """Llama 4's router returns the experts' scores beside its logits; a COMQLinear in its place would not."""
+    model = tiny_model("llama4")
+    inputs = {"input_ids": torch.randint(1, 64, (2, 9))}
+    reference = _first_output(model, inputs)
+    summary = quantize_model(model, COMQConfig(bits=8, dataset=torch.randint(1, 64, (8, 12)), seed=0))
+    routers = [name for name, module in model.named_modules() if type(module).__name__ == "Llama4Router"]
+    assert routers == ["model.layers.0.feed_forward.router", "model.layers.1.feed_forward.router"]
+    assert not any(name.startswith(tuple(routers)) for name in summary["layers"])
+    assert "model.layers.0.feed_forward.shared_expert.down_proj" in summary["layers"]
+    assert _relative(_first_output(model, inputs), reference) < 0.05
+
+
 def test_group_size_that_does_not_divide_names_the_layer():
     with pytest.raises(ValueError, match="vit.layers.0"):
         quantize_model(tiny_vit(), COMQConfig(bits=4, group_size=24, dataset=torch.randn(4, 3, 32, 32)))

@@ -1,0 +1,80 @@
+"""The architectures users bring, beyond the ones the other tests build by hand: each quantizes, saves and reloads.
+
+Tiny models built from each model type's own config class (no downloads), quantized through the
+real pipeline (round to nearest at 8 bits: these tests are about finding, running and storing
+the layers, not about the solver), saved, and loaded again with :func:`hf_comq.load_quantized`,
+which must reproduce the in-memory model bit for bit on the exact path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from hf_comq import COMQConfig, COMQLinear, load_quantized
+from hf_comq.kernels import DISABLE_ENV_VAR
+from hf_comq.modules import find_quantizable_linears
+from hf_comq.solver import ROUND_TO_NEAREST
+
+SMALL = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=64, head_dim=16, pad_token_id=0, bos_token_id=0, eos_token_id=0, max_position_embeddings=64,
+)  # fmt: skip
+CAUSAL = {
+    "mistral": {}, "qwen3": {}, "gemma": {}, "gemma2": {}, "gemma3_text": {}, "phi3": {}, "phi": {}, "granite": {},
+    "starcoder2": {}, "olmo2": {}, "stablelm": {}, "cohere": {}, "smollm3": {}, "glm": {}, "exaone4": {},
+    "gpt_neox": {}, "opt": dict(ffn_dim=64, word_embed_proj_dim=32), "bloom": dict(n_layer=2, n_head=2),
+    "gptj": dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8), "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=2),
+    "codegen": dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_ctx=64, n_positions=64),
+    "mpt": dict(d_model=32, n_heads=2, n_layers=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+}  # fmt: skip
+ENCODERS = {
+    "roberta": {}, "xlm-roberta": {}, "deberta-v2": {}, "mpnet": {}, "electra": dict(embedding_size=32),
+    "albert": dict(embedding_size=32), "modernbert": dict(global_attn_every_n_layers=1),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+}  # fmt: skip
+SEQ2SEQ = {
+    "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_start_token_id=0),
+}  # fmt: skip
+CASES = (
+    [("causal", name) for name in CAUSAL] + [("encoder", name) for name in ENCODERS] + [("seq2seq", name) for name in SEQ2SEQ]
+)
+AUTO_CLASS = {"causal": T.AutoModelForCausalLM, "encoder": T.AutoModel, "seq2seq": T.AutoModelForSeq2SeqLM}
+
+
+def _build(kind: str, model_type: str) -> torch.nn.Module:
+    extra = {**CAUSAL, **ENCODERS, **SEQ2SEQ}[model_type]
+    config = T.AutoConfig.for_model(model_type, **{**SMALL, **extra})
+    torch.manual_seed(0)
+    return AUTO_CLASS[kind].from_config(config).eval()
+
+
+def _output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    inputs = {"input_ids": ids}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = ids[:, :5]
+    with torch.no_grad():
+        output = model(**inputs)
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+@pytest.mark.parametrize(("kind", "model_type"), CASES, ids=[name for _, name in CASES])
+def test_architecture_quantizes_saves_and_reloads(kind, model_type, tmp_path, monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV_VAR, "1")  # the exact path, so that a reload must match bit for bit
+    model = _build(kind, model_type)
+    expected = sorted(find_quantizable_linears(model))
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    reference = _output(model, ids)
+    model.save_pretrained(tmp_path / "fp")
+    data = torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(1))
+    config = COMQConfig(bits=8, dataset=data, num_samples=8, **ROUND_TO_NEAREST)
+    quantized = AUTO_CLASS[kind].from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    converted = sorted(name for name, module in quantized.named_modules() if isinstance(module, COMQLinear))
+    assert expected and converted == expected
+    output = _output(quantized, ids)
+    assert float((output - reference).norm() / reference.norm()) < 0.05
+    quantized.save_pretrained(tmp_path / "quantized")
+    assert torch.equal(_output(load_quantized(tmp_path / "quantized").eval(), ids), output)
