@@ -36,6 +36,7 @@ ENCODERS = {
     "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
 }  # fmt: skip
 SEQ2SEQ = {
+    "t5": dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0),
     "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                  encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_start_token_id=0),
 }  # fmt: skip

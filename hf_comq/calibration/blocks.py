@@ -44,7 +44,8 @@ def find_block_groups(model: nn.Module, block_name: str | None = None) -> list[B
     ``"model.layers"``) that list is used and nothing is guessed; with a path to a
     container of lists (e.g. ``"swin.encoder.layers"``) its leaf block lists are used.
     Otherwise all *leaf block lists* are returned: ``ModuleList``s whose children are
-    composite modules containing a Linear and which hold no further such list.  An
+    composite modules containing a Linear and which hold no further such list (a list
+    of unlike sublayers inside a block, as T5's, is not one).  An
     empty result means the model has no repeated blocks; the caller then treats
     every layer as a stand-alone layer.
     """
@@ -76,6 +77,7 @@ def _group(name: str, module_list: nn.ModuleList) -> BlockGroup:
 
 def _leaf_block_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     candidates = [(name, module) for name, module in root.named_modules() if _is_block_list(module)]
+    candidates = [(name, module) for name, module in candidates if not _is_sublayer_list(name, module, candidates)]
     names = [name for name, _ in candidates]
     return [
         (name, module) for name, module in candidates if not any(_is_strict_ancestor(name, other) for other in names)
@@ -87,6 +89,19 @@ def _is_block_list(module: nn.Module) -> bool:
     if not isinstance(module, nn.ModuleList) or len(module) == 0:
         return False
     return all(not is_linear_like(child) and _contains_linear(child) for child in module)
+
+
+def _is_sublayer_list(name: str, module: nn.ModuleList, candidates: list[tuple[str, nn.ModuleList]]) -> bool:
+    """A list of unlike modules inside a block of another list: the block's sublayers, not blocks.
+
+    T5 keeps each block's self-attention, cross-attention and feed-forward parts in a
+    ``ModuleList`` (``encoder.block.0.layer``); they take different inputs and do not
+    run back to back, so the blocks are the outer list's.  Stages holding lists of like
+    blocks (Swin) keep their inner lists.
+    """
+    if len({type(child) for child in module}) == 1:
+        return False
+    return any(_is_strict_ancestor(other, name) for other, _ in candidates)
 
 
 def _contains_linear(module: nn.Module) -> bool:

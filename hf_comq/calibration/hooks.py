@@ -40,16 +40,25 @@ class CapturedInputs:
 
     ``kind_kwargs`` holds the keyword inputs of blocks of another *kind* (layer type,
     e.g. sliding-window vs full attention), which get their own attention mask or
-    rotary embeddings from the model.
+    rotary embeddings from the model.  ``block_inputs`` holds, by block name, the other
+    inputs of blocks the model hands inputs of their own (T5's relative position bias,
+    computed by the first block and passed on), without the hidden state.
     """
 
     args: tuple
     kwargs: dict
     mask: torch.Tensor | None
     kind_kwargs: dict = dataclasses.field(default_factory=dict)
+    block_inputs: dict = dataclasses.field(default_factory=dict)
 
-    def call_inputs(self, kind: Any) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` for a block of ``kind``, with this item's hidden state."""
+    def call_inputs(self, block_name: str, kind: Any) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for the block ``block_name`` of ``kind``, with this item's hidden state."""
+        own = self.block_inputs.get(block_name)
+        if own is not None:
+            args, kwargs = own
+            if self.args:
+                return (self.args[0],) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self.kwargs["hidden_states"]}
         kwargs = self.kind_kwargs.get(kind, self.kwargs)
         if not self.args and "hidden_states" in self.kwargs:
             kwargs = {**kwargs, "hidden_states": self.kwargs["hidden_states"]}
@@ -59,8 +68,10 @@ class CapturedInputs:
         """The next block's inputs: the same arguments with the hidden state replaced."""
         hidden_input(self)  # raises a clear error if the hidden state cannot be located
         if self.args:
-            return CapturedInputs((hidden,) + tuple(self.args[1:]), self.kwargs, self.mask, self.kind_kwargs)
-        return CapturedInputs(self.args, {**self.kwargs, "hidden_states": hidden}, self.mask, self.kind_kwargs)
+            args, kwargs = (hidden,) + tuple(self.args[1:]), self.kwargs
+        else:
+            args, kwargs = self.args, {**self.kwargs, "hidden_states": hidden}
+        return CapturedInputs(args, kwargs, self.mask, self.kind_kwargs, self.block_inputs)
 
 
 def token_mask(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
@@ -295,26 +306,38 @@ def capture_block_inputs(
     ``batches`` yields ``(model inputs, token mask)``.  Blocks of another kind (layer
     type) than the first get their keyword inputs from their own first occurrence, so
     e.g. sliding-window layers see the sliding-window mask; the forward pass stops once
-    every kind was seen.  Returns the captured inputs, the number of batches, and
-    whether every batch reached the group (a group that never runs is skipped).
+    every kind was seen.  The first batch runs the whole group, to check that every
+    block gets its kind's inputs besides the hidden state; where some block does not
+    (T5 hands its relative position bias from the first block to the others), every
+    batch runs the whole group and each block's own inputs are kept
+    (``CapturedInputs.block_inputs``).  Returns the captured inputs, the number of
+    batches, and whether every batch reached the group (a group that never runs is skipped).
     """
     captured: list[CapturedInputs] = []
     representatives = _first_block_of_each_kind(model, group)
-    last = max(representatives.values(), key=group.block_names.index)
+    kinds = {name: block_kind(model.get_submodule(name)) for name in group.block_names}
+    last_representative = max(representatives.values(), key=group.block_names.index)
+    first_batch: dict[str, tuple[tuple, dict]] = {}  # every block's inputs but the hidden state
+    state = {"per_block": None}  # None until the first batch decides
 
-    def record(block_name: str, kind: Any):
+    def record(block_name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            per_block = state["per_block"]
             if block_name == group.block_names[0]:
                 captured.append(CapturedInputs(send_to_device(args, device), send_to_device(kwargs, device), None))
-            captured[-1].kind_kwargs[kind] = send_to_device(kwargs, device)
-            if block_name == last:
+            if representatives.get(kinds[block_name]) == block_name:
+                captured[-1].kind_kwargs[kinds[block_name]] = send_to_device(kwargs, device)
+            if per_block is None:
+                first_batch[block_name] = _without_hidden(args, kwargs)
+            elif per_block and block_name != group.block_names[0]:
+                captured[-1].block_inputs[block_name] = send_to_device(_without_hidden(args, kwargs), device)
+            if block_name == (last_representative if per_block is False else group.block_names[-1]):
                 raise _StopForward
 
         return hook
 
     handles = [
-        model.get_submodule(name).register_forward_pre_hook(record(name, kind), with_kwargs=True)
-        for kind, name in representatives.items()
+        model.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in group.block_names
     ]
     count, reached = 0, True
     try:
@@ -325,12 +348,58 @@ def capture_block_inputs(
                     model(**batch, **forward_kwargs)
             except _StopForward:
                 captured[-1].mask = mask
+                if state["per_block"] is None:
+                    own = _blocks_with_inputs_of_their_own(first_batch, representatives, kinds)
+                    captured[-1].block_inputs = {name: send_to_device(first_batch[name], device) for name in own}
+                    state["per_block"] = bool(own)
+                    first_batch.clear()
                 continue
             reached = False
     finally:
         for handle in handles:
             handle.remove()
     return captured, count, reached
+
+
+def _without_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block's inputs with its hidden state left out (``None`` in its place), as the blocks' own inputs are kept."""
+    if args:
+        return (None,) + tuple(args[1:]), kwargs
+    return args, {name: value for name, value in kwargs.items() if name != "hidden_states"}
+
+
+def _blocks_with_inputs_of_their_own(
+    inputs: dict[str, tuple[tuple, dict]], representatives: dict[Any, str], kinds: dict[str, Any]
+) -> list[str]:
+    """The blocks whose inputs besides the hidden state are not those of their kind's first block."""
+    return [
+        name
+        for name, own in inputs.items()
+        if representatives[kinds[name]] in inputs and not _same_inputs(own, inputs[representatives[kinds[name]]])
+    ]
+
+
+def _same_inputs(first: Any, second: Any) -> bool:
+    """Whether two block inputs (tensors, nested tuples/lists/dicts, other objects) hold the same values."""
+    if first is second:
+        return True
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(second, torch.Tensor)
+            and first.shape == second.shape
+            and first.dtype == second.dtype
+            and first.device == second.device
+            and bool(torch.equal(first, second))
+        )
+    if isinstance(first, (tuple, list)) and isinstance(second, (tuple, list)):
+        return len(first) == len(second) and all(_same_inputs(a, b) for a, b in zip(first, second))
+    if isinstance(first, Mapping) and isinstance(second, Mapping):
+        return first.keys() == second.keys() and all(_same_inputs(first[key], second[key]) for key in first)
+    try:
+        return bool(first == second)
+    except Exception:  # objects without a usable equality (e.g. caches) differ unless identical
+        return False
 
 
 def block_kind(block: nn.Module) -> tuple[str, ...]:

@@ -46,11 +46,15 @@ process group each rank runs its share of the calibration batches, each layer's 
 matrix is summed over the ranks, each layer is solved by one rank and installed by all,
 and every rank computes the next block's inputs for its own batches.
 
-Keyword inputs: blocks of one group share the keyword inputs (masks, rotary
+Block inputs besides the hidden state: blocks of one group share those (masks, rotary
 embeddings) of its first block, except blocks declaring another layer type
 (``layer_type`` / ``attention_type``, e.g. sliding-window layers), which use those
-recorded at the first block of their type during the capture pass.  A model whose
-blocks need other per-layer inputs is not supported.
+recorded at the first block of their type during the capture pass.  The capture's first
+batch runs the whole group to check this; where the model hands some block inputs of its
+own (T5 passes the relative position bias its first block computes to the others), each
+block's are recorded from the full-precision model on every batch.  An encoder-decoder
+model's decoder runs on the calibration text shifted right (T5 does not make decoder
+inputs itself).
 """
 
 from __future__ import annotations
@@ -256,11 +260,14 @@ class _ModelInputs:
         self.placement = placement
         self.dtype = _floating_dtype(model)
         self.forward_kwargs = _forward_kwargs(model)
+        self.decoder_inputs = _decoder_inputs_maker(model)
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
         device = self.placement.input_device
         for batch in self.data:
             inputs = {name: _as_input(value, device, self.dtype) for name, value in batch.items()}
+            if self.decoder_inputs is not None and "input_ids" in inputs and "decoder_input_ids" not in inputs:
+                inputs["decoder_input_ids"] = self.decoder_inputs(labels=inputs["input_ids"])
             yield inputs, token_mask(batch, self.placement.compute)
 
 
@@ -360,10 +367,24 @@ class _Calibrator:
             captured, count, reached = capture_block_inputs(
                 self.model, group, iter(self.inputs), recorder, self.inputs.forward_kwargs, self.compute
             )
+        if self.inputs.placement.dispatched:
+            self._release_group_pages(group)
         batches, missed = sum_over_ranks(self.group, [count, 0 if reached else 1])
         self._check_batches(batches)
         self._sum_over_ranks(recorder)
         return (captured if missed == 0 else None), recorder.accumulators
+
+    def _release_group_pages(self, group: BlockGroup) -> None:
+        """Give back the pages of the group's weights read from the mapped checkpoint during its capture.
+
+        The capture's first batch runs every block of the group (see
+        :func:`~.hooks.capture_block_inputs`); under a memory budget the weights of the
+        blocks kept in memory would otherwise stay resident from then on, not from their
+        own turn (as :func:`check_finite_weights` does for the weights it reads).
+        """
+        for block_name in group.block_names:
+            for param in self.model.get_submodule(block_name).parameters():
+                release_file_pages(param)
 
     def _check_batches(self, total: float) -> None:
         if total == 0:
@@ -406,21 +427,23 @@ class _Calibrator:
         with block_on_compute(block, self.inputs.placement):
             with HessianRecorder(self.model, names, self.compute, with_targets=targeted) as recorder:
                 if targeted:
-                    fp_outputs = self._run_block_with_targets(block, captured, fp_inputs, recorder, collect=need_outputs)
+                    fp_outputs = self._run_block_with_targets(
+                        block_name, captured, fp_inputs, recorder, collect=need_outputs
+                    )
                 else:
-                    fp_outputs = self._run_block(block, captured, recorder, collect=keep_fp_outputs)
+                    fp_outputs = self._run_block(block_name, captured, recorder, collect=keep_fp_outputs)
             del fp_inputs
             self._sum_over_ranks(recorder)
             self._quantize_layers(names, recorder.accumulators)
             outputs = fp_outputs
             if need_outputs and self.settings.sequential:
-                outputs = self._run_block(block, captured, None, collect=True)
+                outputs = self._run_block(block_name, captured, None, collect=True)
         if self.settings.fp_target and need_outputs:
             self.fp_inputs = fp_outputs
         return outputs
 
     def _run_block(
-        self, block: nn.Module, captured: list[CapturedInputs], recorder: HessianRecorder | None, collect: bool
+        self, block_name: str, captured: list[CapturedInputs], recorder: HessianRecorder | None, collect: bool
     ) -> list[CapturedInputs]:
         """Every batch through ``block``, its layers' inputs summed by ``recorder``; the outputs with ``collect``.
 
@@ -428,11 +451,12 @@ class _Calibrator:
         terms are then summed in batch order all the same (see
         :meth:`HessianRecorder.calls_later`), so the sums do not depend on the threads.
         """
+        block = self.model.get_submodule(block_name)
         kind = block_kind(block)
         workers = self._forward_workers(block, captured)
 
         def forward(item: CapturedInputs) -> tuple[list | None, torch.Tensor | None]:
-            args, kwargs = item.call_inputs(kind)
+            args, kwargs = item.call_inputs(block_name, kind)
             if recorder is None:
                 scope = nullcontext()
             else:
@@ -465,7 +489,7 @@ class _Calibrator:
 
     def _run_block_with_targets(
         self,
-        block: nn.Module,
+        block_name: str,
         captured: list[CapturedInputs],
         fp_inputs: list[CapturedInputs],
         recorder: HessianRecorder,
@@ -478,17 +502,18 @@ class _Calibrator:
         run side by side as in :meth:`_run_block`, each batch's two passes on one
         worker, and are summed in batch order all the same.
         """
+        block = self.model.get_submodule(block_name)
         kind = block_kind(block)
         workers = self._forward_workers(block, captured, targeted=True)
 
         def forward(pair: tuple[CapturedInputs, CapturedInputs]) -> tuple[list | None, list | None, torch.Tensor | None]:
             item, fp_item = pair
-            args, kwargs = fp_item.call_inputs(kind)
+            args, kwargs = fp_item.call_inputs(block_name, kind)
             with recorder.calls_later() if workers > 1 else recorder.targets(fp_item.mask) as targets:
                 result = block(*args, **kwargs)
             hidden = send_to_device(hidden_output(result), self.compute) if collect else None
             del result
-            args, kwargs = item.call_inputs(kind)
+            args, kwargs = item.call_inputs(block_name, kind)
             with recorder.calls_later() if workers > 1 else recorder.tokens(item.mask) as calls:
                 block(*args, **kwargs)
             return targets, calls, hidden
@@ -717,6 +742,19 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     return {"use_cache": False} if "use_cache" in parameters else {}
+
+
+def _decoder_inputs_maker(model: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """An encoder-decoder model's ``prepare_decoder_input_ids_from_labels``, to run its decoder on the calibration text.
+
+    Some such models make the decoder's inputs from ``input_ids`` themselves (BART);
+    others (T5) stop without them.  The decoder is calibrated on the same text as
+    the encoder, shifted right as in training, so its tokens line up with the batch's
+    real-token mask.
+    """
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    return getattr(model, "prepare_decoder_input_ids_from_labels", None)
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype | None:

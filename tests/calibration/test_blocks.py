@@ -94,3 +94,15 @@ def test_generic_discovery_ignores_lists_of_leaves_and_lists_without_linears():
 
 def test_model_without_blocks_has_no_groups():
     assert find_block_groups(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))) == []
+
+
+def test_t5_blocks_are_the_stacks_blocks_not_their_sublayers():
+    """Each T5 block keeps its self-attention, cross-attention and feed-forward parts in a list of its own."""
+    import transformers as T
+
+    config = T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0)
+    groups = find_block_groups(T.T5ForConditionalGeneration(config))
+    assert [(g.name, g.block_names) for g in groups] == [
+        ("encoder.block", ("encoder.block.0", "encoder.block.1")),
+        ("decoder.block", ("decoder.block.0", "decoder.block.1")),
+    ]

@@ -177,6 +177,28 @@ def test_sequential_hessians_come_from_the_quantized_prefix():
         assert not torch.allclose(seen[index], reference[names[index]].float(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_class", ["T5EncoderModel", "T5ForConditionalGeneration"])
+def test_t5_blocks_get_the_position_bias_the_model_hands_them(model_class):
+    """T5's first block computes the relative position bias and the model passes it to the others (and the decoder
+    runs on the calibration text shifted right): every layer's Gram matrix must be the full-precision model's."""
+    import transformers as T
+
+    config = T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=3, num_heads=2, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = getattr(T, model_class)(config).eval()
+    ids = torch.randint(1, 64, (8, 12))
+    inputs = {"input_ids": ids}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=ids)
+    names = list(find_quantizable_linears(model))
+    reference = _fp_hessians(model, names, inputs)
+    seen, solver = _recording_solver()
+    quantize_model(model, COMQConfig(bits=4, dataset=ids, batch_size=4, sequential=False), solver=solver)
+    assert len(seen) == len(names) == (18 if model_class == "T5EncoderModel" else 48)
+    for index, name in enumerate(names):
+        torch.testing.assert_close(seen[index], reference[name].float(), rtol=1e-4, atol=1e-5)
+
+
 def test_layers_of_another_type_get_their_own_attention_mask():
     """Qwen2 with a sliding-window middle layer: it must be calibrated with the sliding-window mask."""
     import transformers as T
@@ -524,7 +546,9 @@ def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(
     seen = _block_forward_threads(side_by_side, side_by_side.model.layers)
     quantize_model(side_by_side, _config("llama", **config))
     here = threading.get_ident()
-    assert [ident for ident, _, _ in seen].count(here) == 4  # only the capture pass, stopped at block 0, per batch
+    # only the capture pass: stopped at block 0 for each of the 4 batches, after the first batch ran both blocks
+    # (to check that block 1 takes block 0's inputs besides the hidden state)
+    assert [ident for ident, _, _ in seen].count(here) == 5
     workers = {ident for ident, _, _ in seen if ident != here}
     assert len(workers) >= 2 and {count for ident, count, _ in seen if ident in workers} == {1}
     assert not any(grad for _, _, grad in seen)
@@ -557,8 +581,9 @@ def test_fp_target_counts_the_target_shift_when_it_decides_what_runs_side_by_sid
     seen = _block_forward_threads(model, model.model.layers)
     quantize_model(model, _config("llama", **config))
     here = threading.get_ident()
-    # Four batches: the capture pass (stopped at block 0), then block 1's full-precision and quantized passes.
-    assert [ident for ident, _, _ in seen].count(here) == 4 + 2 * 4
+    # Four batches: the capture pass (stopped at block 0, the first batch after block 1 too), then block 1's
+    # full-precision and quantized passes.
+    assert [ident for ident, _, _ in seen].count(here) == 4 + 1 + 2 * 4
     assert len({ident for ident, _, _ in seen if ident != here}) >= 2  # the plain passes still side by side
 
 
