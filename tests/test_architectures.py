@@ -40,26 +40,58 @@ SEQ2SEQ = {
     "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                  encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_start_token_id=0),
 }  # fmt: skip
+VISION_SMALL = dict(
+    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+)  # fmt: skip
+VISION = {
+    "beit": {}, "data2vec-vision": {}, "dinov2_with_registers": {}, "clip_vision_model": {}, "siglip_vision_model": {},
+    "ijepa": {}, "yolos": dict(image_size=[32, 32], num_detection_tokens=2),
+    "convnext": dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
+    "focalnet": dict(embed_dim=16, depths=[1, 1], focal_levels=[2, 2], focal_windows=[3, 3], patch_size=4),
+    "levit": dict(hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8],
+                  patch_size=16, stride=2),
+    "segformer": dict(hidden_sizes=[16, 32], depths=[1, 1], num_encoder_blocks=2, num_attention_heads=[1, 2],
+                      sr_ratios=[2, 1], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2]),
+}  # fmt: skip
 CASES = (
-    [("causal", name) for name in CAUSAL] + [("encoder", name) for name in ENCODERS] + [("seq2seq", name) for name in SEQ2SEQ]
+    [("causal", name) for name in CAUSAL]
+    + [("encoder", name) for name in ENCODERS]
+    + [("seq2seq", name) for name in SEQ2SEQ]
+    + [("vision", name) for name in VISION]
 )
-AUTO_CLASS = {"causal": T.AutoModelForCausalLM, "encoder": T.AutoModel, "seq2seq": T.AutoModelForSeq2SeqLM}
+AUTO_CLASS = {
+    "causal": T.AutoModelForCausalLM, "encoder": T.AutoModel, "seq2seq": T.AutoModelForSeq2SeqLM, "vision": T.AutoModel,
+}  # fmt: skip
 
 
 def _build(kind: str, model_type: str) -> torch.nn.Module:
-    extra = {**CAUSAL, **ENCODERS, **SEQ2SEQ}[model_type]
-    config = T.AutoConfig.for_model(model_type, **{**SMALL, **extra})
+    if kind == "vision":
+        config = T.AutoConfig.for_model(model_type, **{**VISION_SMALL, **VISION[model_type]})
+    else:
+        config = T.AutoConfig.for_model(model_type, **{**SMALL, **{**CAUSAL, **ENCODERS, **SEQ2SEQ}[model_type]})
     torch.manual_seed(0)
     return AUTO_CLASS[kind].from_config(config).eval()
 
 
-def _output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    inputs = {"input_ids": ids}
-    if model.config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = ids[:, :5]
+def _inputs(kind: str, count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "vision":
+        return torch.randn(count, 3, 32, 32, generator=generator)
+    return torch.randint(1, 64, (count, 12), generator=generator)
+
+
+def _output(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    if inputs.is_floating_point():
+        feed = {"pixel_values": inputs}
+    else:
+        feed = {"input_ids": inputs}
+        if model.config.is_encoder_decoder:
+            feed["decoder_input_ids"] = inputs[:, :5]
     with torch.no_grad():
-        output = model(**inputs)
-    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+        output = model(**feed)
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    return output.last_hidden_state if getattr(output, "last_hidden_state", None) is not None else output[0]
 
 
 @pytest.mark.parametrize(("kind", "model_type"), CASES, ids=[name for _, name in CASES])
@@ -67,15 +99,15 @@ def test_architecture_quantizes_saves_and_reloads(kind, model_type, tmp_path, mo
     monkeypatch.setenv(DISABLE_ENV_VAR, "1")  # the exact path, so that a reload must match bit for bit
     model = _build(kind, model_type)
     expected = sorted(find_quantizable_linears(model))
-    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(3))
-    reference = _output(model, ids)
+    inputs = _inputs(kind, 2, seed=3)
+    reference = _output(model, inputs)
     model.save_pretrained(tmp_path / "fp")
-    data = torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(1))
+    data = _inputs(kind, 8, seed=1)
     config = COMQConfig(bits=8, dataset=data, num_samples=8, **ROUND_TO_NEAREST)
     quantized = AUTO_CLASS[kind].from_pretrained(tmp_path / "fp", quantization_config=config).eval()
     converted = sorted(name for name, module in quantized.named_modules() if isinstance(module, COMQLinear))
     assert expected and converted == expected
-    output = _output(quantized, ids)
+    output = _output(quantized, inputs)
     assert float((output - reference).norm() / reference.norm()) < 0.05
     quantized.save_pretrained(tmp_path / "quantized")
-    assert torch.equal(_output(load_quantized(tmp_path / "quantized").eval(), ids), output)
+    assert torch.equal(_output(load_quantized(tmp_path / "quantized").eval(), inputs), output)
