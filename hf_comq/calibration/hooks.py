@@ -318,11 +318,10 @@ def capture_block_inputs(
     kinds = {name: block_kind(model.get_submodule(name)) for name in group.block_names}
     last_representative = max(representatives.values(), key=group.block_names.index)
     first_batch: dict[str, tuple[tuple, dict]] = {}  # every block's inputs but the hidden state
-    state = {"per_block": None}  # None until the first batch decides
+    per_block: bool | None = None  # whether blocks get inputs of their own; the first batch decides
 
     def record(block_name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            per_block = state["per_block"]
             if block_name == group.block_names[0]:
                 captured.append(CapturedInputs(send_to_device(args, device), send_to_device(kwargs, device), None))
             if representatives.get(kinds[block_name]) == block_name:
@@ -348,10 +347,10 @@ def capture_block_inputs(
                     model(**batch, **forward_kwargs)
             except _StopForward:
                 captured[-1].mask = mask
-                if state["per_block"] is None:
+                if per_block is None:
                     own = _blocks_with_inputs_of_their_own(first_batch, representatives, kinds)
                     captured[-1].block_inputs = {name: send_to_device(first_batch[name], device) for name in own}
-                    state["per_block"] = bool(own)
+                    per_block = bool(own)
                     first_batch.clear()
                 continue
             reached = False

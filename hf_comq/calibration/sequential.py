@@ -148,7 +148,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
             f"{type(model).__name__} has no quantizable layers (nn.Linear / Conv1D outside modules_to_not_convert)"
         )
     check_finite_weights(layers, placement.compute, release_pages=placement.dispatched)
-    expert_parameters = warn_about_expert_weights(model)
+    expert_parameters = _warn_about_expert_weights(model)
     data = build_calibration_data(model, config)
     group = current_group()
     settings = _Settings.from_config(config, solver)
@@ -180,7 +180,7 @@ def calibration_summary(model: nn.Module) -> dict[str, Any]:
     return getattr(model, "_comq_summary", None) or {}
 
 
-def warn_about_expert_weights(model: nn.Module) -> int:
+def _warn_about_expert_weights(model: nn.Module) -> int:
     """Warn that a mixture-of-experts model's batched expert weights stay in full precision; returns their size.
 
     They are most of such a model, and nothing else would tell the user that the
