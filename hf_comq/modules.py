@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import nn
 
 from .compat import matches_module_pattern
-from .nn.quant_linear import computes_linear_map, is_linear_like
+from .nn.quant_linear import is_linear_like
 
 # Module-name components that denote a task head or a projection head.
 HEAD_NAMES = frozenset(
@@ -109,15 +109,16 @@ def find_quantizable_linears(
     model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None = None
 ) -> dict[str, nn.Module]:
     """The ``nn.Linear`` / ``Conv1D`` layers COMQ converts, by module name, in model order:
-    all but those in the task head, those the user's ``modules_to_not_convert`` keeps, and
-    subclasses with a forward of their own (:func:`~hf_comq.nn.computes_linear_map`)."""
+    all but those in the task head and those the user's ``modules_to_not_convert`` keeps.
+    Calibration also keeps subclasses whose forward is not their linear map
+    (:func:`~hf_comq.nn.computes_linear_map`): that takes running them."""
     entries = _checked_entries(model, modules_to_not_convert)
     heads = default_modules_to_not_convert(model)
     return {
         name: module
         for name, module in model.named_modules()
         if name
-        and computes_linear_map(module)
+        and is_linear_like(module)
         and not any(is_under(name, head) for head in heads)
         and not any(matches(name, entry) for entry in entries)
     }

@@ -29,6 +29,7 @@ CAUSAL = {
     "codegen": dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_ctx=64, n_positions=64),
     "mpt": dict(d_model=32, n_heads=2, n_layers=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=1, head_dim=None),  # FalconLinear: its own forward
 }  # fmt: skip
 ENCODERS = {
     "roberta": {}, "xlm-roberta": {}, "deberta-v2": {}, "mpnet": {}, "electra": dict(embedding_size=32),
@@ -68,7 +69,8 @@ def _build(kind: str, model_type: str) -> torch.nn.Module:
     if kind == "vision":
         config = T.AutoConfig.for_model(model_type, **{**VISION_SMALL, **VISION[model_type]})
     else:
-        config = T.AutoConfig.for_model(model_type, **{**SMALL, **{**CAUSAL, **ENCODERS, **SEQ2SEQ}[model_type]})
+        settings = {**SMALL, **{**CAUSAL, **ENCODERS, **SEQ2SEQ}[model_type]}
+        config = T.AutoConfig.for_model(model_type, **{key: value for key, value in settings.items() if value is not None})
     torch.manual_seed(0)
     return AUTO_CLASS[kind].from_config(config).eval()
 

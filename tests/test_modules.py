@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as T
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -15,6 +16,7 @@ from hf_comq.modules import (
     matches,
     modules_kept_in_full_precision,
 )
+from hf_comq.nn import computes_linear_map, has_own_forward
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
 
@@ -98,17 +100,28 @@ def test_entries_match_as_in_transformers_quantizers():
         matches("vit.layers.1", "layers[")
 
 
-def test_linear_subclasses_with_a_forward_of_their_own_are_not_converted():
+def test_linear_subclasses_are_checked_by_running_them():
     class Router(nn.Linear):
         def forward(self, x):
             logits = super().forward(x)
             return logits.softmax(-1), logits
 
+    class Grouped(nn.Linear):  # two groups of half the inputs each, as a grouped projection
+        def forward(self, x):
+            halves = x.chunk(2, -1)
+            return torch.cat([F.linear(halves[0], self.weight[:2, :2]), F.linear(halves[1], self.weight[2:, 2:])], -1)
+
+    class SameMapAnotherWay(nn.Linear):  # Falcon's FalconLinear
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
     class KeepsForward(nn.Linear):
         pass
 
-    model = nn.Sequential(nn.Linear(4, 4), Router(4, 2), KeepsForward(4, 4))
-    assert sorted(find_quantizable_linears(model)) == ["0", "2"]
+    layers = [nn.Linear(4, 4), Router(4, 2), Grouped(4, 4, bias=False), SameMapAnotherWay(4, 4), KeepsForward(4, 4)]
+    assert [has_own_forward(layer) for layer in layers] == [False, True, True, True, False]
+    assert [computes_linear_map(layer) for layer in layers] == [True, False, False, True, True]
+    assert sorted(find_quantizable_linears(nn.Sequential(*layers))) == ["0", "1", "2", "3", "4"]  # checked when calibrating
 
 
 def test_batched_expert_weights_are_found_by_the_transformers_convention():

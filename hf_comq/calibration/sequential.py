@@ -72,7 +72,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..modules import batched_expert_weights, find_quantizable_linears
-from ..nn import get_linear_weight, has_linear_shape, linear_shape
+from ..nn import computes_linear_map, get_linear_weight, has_linear_shape, has_own_forward, linear_shape
 from ..solver import (
     SOLVER_DEFAULTS,
     HessianAccumulator,
@@ -142,7 +142,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     """
     started = time.perf_counter()
     placement = resolve_placement(model)
-    layers = find_quantizable_linears(model, getattr(config, "modules_to_not_convert", None))
+    layers = _replaceable(find_quantizable_linears(model, getattr(config, "modules_to_not_convert", None)), placement)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no quantizable layers (nn.Linear / Conv1D outside modules_to_not_convert)"
@@ -178,6 +178,28 @@ def calibration_summary(model: nn.Module) -> dict[str, Any]:
     instead of reaching for the attribute it is kept under.
     """
     return getattr(model, "_comq_summary", None) or {}
+
+
+def _replaceable(layers: dict[str, nn.Module], placement: Placement) -> dict[str, nn.Module]:
+    """``layers`` without the subclasses whose forward is not their linear map, which stay in full precision.
+
+    A :class:`~hf_comq.nn.COMQLinear` computes only the map, so in place of Llama 4's
+    MoE router (which also returns the chosen experts) it would break the model; a
+    subclass computing the same map its own way (Falcon's) is replaced as usual.
+    """
+    kept, dropped = {}, []
+    for name, module in layers.items():
+        if has_own_forward(module):
+            with materialized(module, placement.compute), torch.no_grad():
+                replaceable = computes_linear_map(module)
+            if not replaceable:
+                dropped.append(f"{name} ({type(module).__name__})")
+                continue
+        kept[name] = module
+    if dropped:
+        logger.info("COMQ: %d layer(s) computing more than their linear map stay in full precision: %s",
+                    len(dropped), ", ".join(dropped[:4]) + (", ..." if len(dropped) > 4 else ""))  # fmt: skip
+    return kept
 
 
 def _warn_about_expert_weights(model: nn.Module) -> int:

@@ -55,14 +55,35 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES)
 
 
-def computes_linear_map(module: nn.Module) -> bool:
-    """True for a linear-like layer whose forward is the linear map itself, which a :class:`COMQLinear` can replace.
+def has_own_forward(module: nn.Module) -> bool:
+    """True for a linear-like layer whose class overrides ``forward``.
 
-    A subclass with a forward of its own computes more than ``x @ W.T + b`` (Llama 4's
-    MoE router also picks the top-k experts and returns their scores), so it stays in
-    full precision: the replacement would return only the map and break its caller.
+    Such a forward may compute more than ``x @ W.T + b`` (Llama 4's MoE router also picks
+    the experts, IDEFICS appends extra features) or just the same map another way
+    (Falcon), so whether a :class:`COMQLinear` can take its place is only known by
+    running it (:func:`computes_linear_map`).
     """
-    return is_linear_like(module) and type(module).forward in (nn.Linear.forward, Conv1D.forward)
+    return is_linear_like(module) and type(module).forward not in (nn.Linear.forward, Conv1D.forward)
+
+
+@torch.no_grad()
+def computes_linear_map(module: nn.Module) -> bool:
+    """Whether a linear-like layer's forward returns its linear map, checked on a probe input.
+
+    The weights must be real (not offloaded) while this runs.  Half-precision layers get
+    a looser tolerance: the same map computed in another order rounds differently.
+    """
+    if not has_own_forward(module):
+        return is_linear_like(module)
+    weight = get_linear_weight(module)
+    bias = getattr(module, "bias", None)
+    probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    expected = F.linear(probe, weight, bias)
+    output = module(probe)
+    if not isinstance(output, torch.Tensor) or output.shape != expected.shape:
+        return False
+    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool((output.float() - expected.float()).abs().max() <= tolerance * (expected.float().abs().max() + 1e-6))
 
 
 def has_linear_shape(module: nn.Module) -> bool:
