@@ -69,7 +69,7 @@ def main() -> None:
 
         setattr(sequential._Calibrator, method, wrapper)
 
-    for method in ("_run_block", "_solve", "_install", "_process_block"):
+    for method in ("_capture_pass", "_run_block", "_solve", "_install", "_process_block"):
         traced(method)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, bits=4, group_size=64, **ROUND_TO_NEAREST)
