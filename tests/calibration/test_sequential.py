@@ -379,7 +379,7 @@ def test_a_mixture_of_experts_model_says_its_expert_weights_stay_in_full_precisi
     assert all(torch.equal(param, experts[name]) for name, param in model.named_parameters() if name in experts)
 
 
-def test_a_linear_subclass_with_its_own_forward_stays_in_full_precision():
+def test_a_linear_subclass_whose_forward_is_not_its_linear_map_stays_in_full_precision():
     """Llama 4's router returns the experts' scores beside its logits; a COMQLinear in its place would not."""
     model = tiny_model("llama4")
     inputs = {"input_ids": torch.randint(1, 64, (2, 9))}
