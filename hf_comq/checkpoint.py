@@ -361,17 +361,23 @@ def _compare_header(key: str, saved: str, tensor: torch.Tensor, entry: tuple, sc
 VLLM_READ = "vLLM 0.33 source, read but not run by hf_comq"
 
 
-def runtime_support(scheme: PackedScheme, model_class: str | None = None) -> list[tuple[str, str]]:
+def runtime_support(
+    scheme: PackedScheme, model_class: str | None = None, *, batched_experts: bool = False
+) -> list[tuple[str, str]]:
     """``(runtime, what it does with this checkpoint)`` rows for the model card and the README.
 
     Only what hf_comq's tests run is stated as fact; vLLM is described from its source
     (benchmarks/gpu/FACTS.md) and marked unverified until the checks in benchmarks/gpu/ have run.
+    ``batched_experts``: a mixture-of-experts model with batched expert tensors, which
+    plain transformers' compressed-tensors loader does not load (tests/test_plain_transformers.py).
     """
+    plain = (
+        "does not load it: its compressed-tensors loader breaks the mixture-of-experts weight converters"
+        if batched_experts
+        else "loads it exactly, as dense weights dequantized while loading"
+    )
     rows = [
-        (
-            f"transformers + `compressed-tensors>={MIN_COMPRESSED_TENSORS}`, no hf_comq",
-            "loads it exactly, as dense weights dequantized while loading",
-        ),
+        (f"transformers + `compressed-tensors>={MIN_COMPRESSED_TENSORS}`, no hf_comq", plain),
         ("`hf_comq.load_quantized`", "loads it exactly; the quantized layers stay packed in memory"),
     ]
     if scheme.layer_type == CONV1D:

@@ -144,6 +144,12 @@ def batched_expert_weights(model: nn.Module) -> dict[str, int]:
     return found
 
 
+def expert_parameter_share(model: nn.Module) -> float:
+    """The share of ``model``'s parameters in batched expert tensors (:func:`batched_expert_weights`), 0 without any."""
+    experts = sum(batched_expert_weights(model).values())
+    return experts / max(sum(param.numel() for param in model.parameters()), 1) if experts else 0.0
+
+
 def _is_head_component(part: str) -> bool:
     return part in HEAD_NAMES or part.endswith(HEAD_SUFFIXES)
 

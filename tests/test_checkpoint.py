@@ -82,3 +82,5 @@ def test_runtime_support_names_every_runtime_and_what_is_unverified():
     assert "Humming" in dict(runtime_support(SCHEMES[1], "LlamaForCausalLM"))["vLLM"]
     assert "not served" in dict(runtime_support(SCHEMES[2], "GPT2LMHeadModel"))["vLLM"]
     assert "image classifiers" in dict(runtime_support(SCHEMES[0], "ViTForImageClassification"))["vLLM"]
+    moe = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", batched_experts=True))
+    assert "does not load" in moe["transformers + `compressed-tensors>=0.18`, no hf_comq"]

@@ -217,6 +217,16 @@ def test_save_pretrained_writes_the_card(comq_like_vit, tmp_path):
     assert "ViTForImageClassification.from_pretrained(" in body and "| Group size | 32 |" in body
 
 
+def test_a_mixture_of_experts_card_says_the_experts_stay_in_full_precision(tmp_path):
+    from tests.tiny import tiny_model
+
+    model = tiny_model("mixtral")
+    model.config.quantization_config = comq_config(ignore=["lm_head"], modules_to_not_convert=["lm_head"])
+    _, body = split_card(write_model_card(tmp_path, model).read_text(encoding="utf-8"))
+    assert "| Mixture-of-experts weights | kept in full precision (82% of the parameters) |" in body
+    assert "no hf_comq | does not load it" in body
+
+
 def test_save_pretrained_never_overwrites_a_readme(comq_like_vit, tmp_path):
     attach_model_card_hook(comq_like_vit)
     (tmp_path / README_NAME).write_text("# My own notes\n", encoding="utf-8")

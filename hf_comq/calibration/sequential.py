@@ -71,7 +71,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..modules import batched_expert_weights, find_quantizable_linears
+from ..modules import batched_expert_weights, expert_parameter_share, find_quantizable_linears
 from ..nn import computes_linear_map, get_linear_weight, has_linear_shape, has_own_forward, linear_shape
 from ..solver import (
     SOLVER_DEFAULTS,
@@ -212,8 +212,7 @@ def _warn_about_expert_weights(model: nn.Module) -> int:
     experts = batched_expert_weights(model)
     if not experts:
         return 0
-    kept = sum(experts.values())
-    share = kept / max(sum(param.numel() for param in model.parameters()), 1)
+    share = expert_parameter_share(model)
     logger.warning(
         "COMQ: %s keeps its %d mixture-of-experts weight tensors (%.0f%% of its parameters, e.g. %s) in full "
         "precision: transformers stores them as batched 3-D tensors, not nn.Linear layers, and COMQ quantizes "
@@ -223,7 +222,7 @@ def _warn_about_expert_weights(model: nn.Module) -> int:
         100 * share,
         next(iter(experts)),
     )
-    return kept
+    return sum(experts.values())
 
 
 def check_finite_weights(layers: dict[str, nn.Module], device: torch.device, *, release_pages: bool = False) -> None:
