@@ -361,6 +361,12 @@ def _compare_header(key: str, saved: str, tensor: torch.Tensor, entry: tuple, sc
 VLLM_READ = "vLLM 0.33 source, read but not run by hf_comq"
 
 
+CONVERTER_CLASH_CLASSES = ("Dinov2",)
+"""Model classes (name prefixes, Dinov2 with registers included) whose compressed-tensors checkpoints
+transformers 5.2x cannot load: it merges the packed tensor names into the model's own SwiGLU weight
+converter, which then refuses them (tests/test_plain_transformers.py)."""
+
+
 def runtime_support(
     scheme: PackedScheme, model_class: str | None = None, *, batched_experts: bool = False
 ) -> list[tuple[str, str]]:
@@ -371,11 +377,12 @@ def runtime_support(
     ``batched_experts``: a mixture-of-experts model with batched expert tensors, which
     plain transformers' compressed-tensors loader does not load (tests/test_plain_transformers.py).
     """
-    plain = (
-        "does not load it: its compressed-tensors loader breaks the mixture-of-experts weight converters"
-        if batched_experts
-        else "loads it exactly, as dense weights dequantized while loading"
-    )
+    if batched_experts:
+        plain = "does not load it: its compressed-tensors loader breaks the mixture-of-experts weight converters"
+    elif model_class and model_class.startswith(CONVERTER_CLASH_CLASSES):
+        plain = "does not load it: its compressed-tensors loader merges the packed names into the model's weight converter"
+    else:
+        plain = "loads it exactly, as dense weights dequantized while loading"
     rows = [
         (f"transformers + `compressed-tensors>={MIN_COMPRESSED_TENSORS}`, no hf_comq", plain),
         ("`hf_comq.load_quantized`", "loads it exactly; the quantized layers stay packed in memory"),
