@@ -30,14 +30,20 @@ TASKS: tuple[Task, ...] = (
     Task("token classification", "AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
     Task("causal LM", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
     Task("masked LM", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    Task("sequence-to-sequence LM", "AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
     Task("base model", "AutoModel", "MODEL_MAPPING_NAMES"),
 )  # fmt: skip
-SUPPORTED = "image classification, sequence/token classification, causal and masked LMs, and base models"
+SEQ2SEQ_LM = TASKS[-2]
+SUPPORTED = (
+    "image classification, sequence/token classification, causal, masked and sequence-to-sequence LMs, "
+    "and base models"
+)
 
 # Task head suffixes of transformers class names -> Hub pipeline tag.
 PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForImageClassification", "image-classification"),
     ("ForCausalLM", "text-generation"),
+    ("ForConditionalGeneration", "text2text-generation"),
     ("ForSequenceClassification", "text-classification"),
     ("ForTokenClassification", "token-classification"),
     ("ForQuestionAnswering", "question-answering"),

@@ -8,6 +8,7 @@ from typing import Any
 
 from .common import EXIT_OK, CLIError, add_command, add_setting_option, check_positive, check_single_process, torch_threads
 from .data import add_data_arguments, column_texts, limited, open_dataset, resolve_dataset
+from ..tasks import SEQ2SEQ_LM
 from .models import ModelSpec, inspect_model, load_model, load_processor, read_model_config
 
 
@@ -124,6 +125,11 @@ def _config_value(config: dict[str, Any], key: str) -> Any:
 
 
 def _metric_for(spec: ModelSpec) -> str:
+    if spec.task is SEQ2SEQ_LM:
+        raise CLIError(
+            f"cannot evaluate {spec.architecture}: hf-comq evaluate measures image classifiers (top-1), "
+            "causal LMs (perplexity) and text encoders (embedding cosine), not sequence-to-sequence LMs"
+        )
     if spec.task.name == "image classification":
         return "top-1"
     if spec.task.name == "causal LM":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..tasks import SUPPORTED, Task, model_inputs, task_of
+from ..tasks import SEQ2SEQ_LM, SUPPORTED, Task, model_inputs, task_of
 from .common import CLIError
 
 
@@ -53,11 +53,12 @@ def inspect_model(name: str, read: tuple[str, dict[str, Any]] | None = None) -> 
     architectures = [str(arch) for arch in config.get("architectures") or []]
     model_type = config.get("model_type")
     described = f"model type {model_type!r} ({', '.join(architectures) or 'no architectures in config.json'})"
-    if config.get("is_encoder_decoder"):
-        raise CLIError(
-            f"unsupported {described}: encoder-decoder models are not supported; hf-comq handles {SUPPORTED}"
-        )
     task, architecture = task_of(architectures, model_type)
+    if config.get("is_encoder_decoder") and task is not SEQ2SEQ_LM:  # its decoder would get no inputs
+        raise CLIError(
+            f"unsupported {described}: of encoder-decoder models hf-comq handles sequence-to-sequence LMs "
+            f"(e.g. T5ForConditionalGeneration), whose decoder it runs on the calibration text; it handles {SUPPORTED}"
+        )
     if task is None:
         raise CLIError(f"unsupported {described}; hf-comq handles {SUPPORTED}")
     inputs = model_inputs(architecture)

@@ -34,8 +34,9 @@ def add_parser(commands: Any) -> None:
         "Load MODEL (a local folder or a Hub id) with the Auto class its config.json names, calibrate it on\n"
         "--dataset, quantize its linear layers with COMQ, and save the quantized checkpoint (with the model's\n"
         "processor or tokenizer and a model card) to --output.  Nothing is left at --output if a step fails.\n"
-        "Supported: image classification, sequence and token classification, causal and masked LMs, and base\n"
-        "models, calibrated on images or text.\n\n"
+        "Supported: image classification, sequence and token classification, causal, masked and\n"
+        "sequence-to-sequence LMs (the decoder runs on the calibration text shifted right), and base models,\n"
+        "calibrated on images or text.\n\n"
         "Under torchrun (torchrun --nproc-per-node N -m hf_comq quantize ...) the ranks split the calibration\n"
         "samples (gloo on CPUs, NCCL with one GPU per rank) and rank 0 alone writes --output and pushes; a\n"
         "check or step that fails on one rank stops every rank with the same one line.",

@@ -6,6 +6,8 @@ import json
 import re
 
 import pytest
+import torch
+import transformers as T
 
 from tests.cli.helpers import error_line, run_cli
 from tests.tiny import gray_images, image_parquet, image_processor, tiny_vit
@@ -59,6 +61,25 @@ def test_quantize_and_evaluate_a_text_encoder(capsys, tmp_path, bert_dir, text_d
     code, _, err = run_cli(capsys, "evaluate", output, "--dataset", text_data)
     assert code == 1
     assert "needs --reference FP_MODEL" in error_line(err)
+
+
+def test_quantize_a_sequence_to_sequence_lm_and_evaluate_refuses_it(capsys, tmp_path, text_data) -> None:
+    """T5 makes no decoder inputs itself: calibration runs its decoder on the texts shifted right."""
+    from hf_comq import COMQLinear, load_quantized
+    from tests.cli.helpers import save_text_model
+
+    config = T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    folder = save_text_model(T.T5ForConditionalGeneration(config), tmp_path / "t5")
+    output = tmp_path / "t5-w4"
+    code, out, err = run_cli(capsys, "quantize", folder, "--dataset", text_data, "--num-samples", 8, "--output", output)
+    assert code == 0, err
+    assert "(T5ForConditionalGeneration, sequence-to-sequence LM)" in out
+    layers = [name for name, module in load_quantized(output).named_modules() if isinstance(module, COMQLinear)]
+    assert len(layers) == 32 and any(name.startswith("decoder.block.1.layer.1.EncDecAttention") for name in layers)
+    code, _, err = run_cli(capsys, "evaluate", output, "--dataset", text_data)
+    assert code == 1
+    assert "cannot evaluate T5ForConditionalGeneration" in error_line(err)
 
 
 def test_unknown_label_column(capsys, vit_dir, image_data) -> None:

@@ -31,8 +31,8 @@ def test_folder_without_config_is_not_a_checkpoint(capsys, tmp_path, image_data)
     "config, expected",
     [
         (
-            {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True},
-            "unsupported model type 't5' (T5ForConditionalGeneration): encoder-decoder models are not supported",
+            {"model_type": "t5", "architectures": ["T5Model"], "is_encoder_decoder": True},
+            "unsupported model type 't5' (T5Model): of encoder-decoder models hf-comq handles sequence-to-sequence LMs",
         ),
         (
             {"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"]},
