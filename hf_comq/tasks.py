@@ -43,7 +43,6 @@ SUPPORTED = (
 PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForImageClassification", "image-classification"),
     ("ForCausalLM", "text-generation"),
-    ("ForConditionalGeneration", "text2text-generation"),
     ("ForSequenceClassification", "text-classification"),
     ("ForTokenClassification", "token-classification"),
     ("ForQuestionAnswering", "question-answering"),
@@ -93,6 +92,8 @@ def model_inputs(architecture: str) -> str | None:
 def infer_pipeline_tag(model: Any) -> str | None:
     """The Hub pipeline tag of a transformers model, from its class name (``None`` when ambiguous)."""
     class_name = type(model).__name__
+    if task_of([class_name], None)[0] is SEQ2SEQ_LM:  # "ForConditionalGeneration" names vision-language models too
+        return "text2text-generation"
     for suffix, tag in PIPELINE_SUFFIXES:
         if class_name.endswith(suffix):
             return tag

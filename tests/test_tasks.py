@@ -1,7 +1,7 @@
 """Which task a transformers class is for: the Auto class and inputs hf-comq uses, the card's pipeline tag."""
 
 import torch
-from transformers import BertConfig, BertModel, ViTModel
+from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration, ViTModel
 
 from hf_comq.tasks import TASKS, infer_pipeline_tag, model_inputs, task_of
 from tests.tiny import tiny_vit
@@ -12,6 +12,8 @@ def test_architectures_map_to_the_first_task_that_lists_them():
     assert task_of(["LlamaForCausalLM"], "llama") == (TASKS[3], "LlamaForCausalLM")
     assert task_of([], "bert") == (TASKS[-1], "BertModel")
     assert task_of(["NoSuchModel"], "nothing") == (None, "NoSuchModel")
+    assert task_of(["T5ForConditionalGeneration"], "t5")[0].auto_class == "AutoModelForSeq2SeqLM"
+    assert task_of(["T5Model"], "t5")[0] is TASKS[-1]
 
 
 def test_inputs_come_from_the_main_input_name():
@@ -24,3 +26,5 @@ def test_infer_pipeline_tag():
     bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     assert infer_pipeline_tag(bert) == "feature-extraction"
     assert infer_pipeline_tag(torch.nn.Linear(2, 2)) is None
+    t5 = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    assert infer_pipeline_tag(T5ForConditionalGeneration(t5)) == "text2text-generation"
