@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..tasks import SEQ2SEQ_LM
 from .common import EXIT_OK, CLIError, add_command, add_setting_option, check_positive, check_single_process, torch_threads
 from .data import add_data_arguments, column_texts, limited, open_dataset, resolve_dataset
-from ..tasks import SEQ2SEQ_LM
 from .models import ModelSpec, inspect_model, load_model, load_processor, read_model_config
 
 
