@@ -19,6 +19,8 @@ are those of ``model.named_modules()`` (transformers 5 names, e.g.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from .compat import matches_module_pattern
@@ -144,10 +146,13 @@ def batched_expert_weights(model: nn.Module) -> dict[str, int]:
     return found
 
 
-def expert_parameter_share(model: nn.Module) -> float:
-    """The share of ``model``'s parameters in batched expert tensors (:func:`batched_expert_weights`), 0 without any."""
-    experts = sum(batched_expert_weights(model).values())
-    return experts / max(sum(param.numel() for param in model.parameters()), 1) if experts else 0.0
+def expert_parameter_share(model: nn.Module, experts: Mapping[str, int] | None = None) -> float:
+    """The share of ``model``'s parameters in batched expert tensors, 0 without any.
+
+    ``experts``: :func:`batched_expert_weights` of ``model`` when the caller has it already.
+    """
+    elements = sum((batched_expert_weights(model) if experts is None else experts).values())
+    return elements / max(sum(param.numel() for param in model.parameters()), 1) if elements else 0.0
 
 
 def _is_head_component(part: str) -> bool:

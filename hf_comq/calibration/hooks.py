@@ -314,8 +314,8 @@ def capture_block_inputs(
     batches, and whether every batch reached the group (a group that never runs is skipped).
     """
     captured: list[CapturedInputs] = []
-    representatives = _first_block_of_each_kind(model, group)
     kinds = {name: block_kind(model.get_submodule(name)) for name in group.block_names}
+    representatives = _first_block_of_each_kind(kinds)
     last_representative = max(representatives.values(), key=group.block_names.index)
     first_batch: dict[str, tuple[tuple, dict]] = {}  # every block's inputs but the hidden state
     per_block: bool | None = None  # whether blocks get inputs of their own; the first batch decides
@@ -417,11 +417,13 @@ def block_kind(block: nn.Module) -> tuple[str, ...]:
     return tuple(sorted(kinds))
 
 
-def _first_block_of_each_kind(model: nn.Module, group: BlockGroup) -> dict[tuple[str, ...], str]:
-    """``{kind: name of its first block}`` in forward order; the group's first block always included."""
+def _first_block_of_each_kind(kinds: dict[str, tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    """``{kind: name of its first block}`` from ``{block name: kind}`` in forward order.
+
+    The group's first block is always included."""
     representatives: dict[tuple[str, ...], str] = {}
-    for name in group.block_names:
-        representatives.setdefault(block_kind(model.get_submodule(name)), name)
+    for name, kind in kinds.items():
+        representatives.setdefault(kind, name)
     return representatives
 
 

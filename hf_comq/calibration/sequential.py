@@ -212,7 +212,7 @@ def _warn_about_expert_weights(model: nn.Module) -> int:
     experts = batched_expert_weights(model)
     if not experts:
         return 0
-    share = expert_parameter_share(model)
+    share = expert_parameter_share(model, experts)
     logger.warning(
         "COMQ: %s keeps its %d mixture-of-experts weight tensors (%.0f%% of its parameters, e.g. %s) in full "
         "precision: transformers stores them as batched 3-D tensors, not nn.Linear layers, and COMQ quantizes "
