@@ -80,11 +80,26 @@ def join_launcher_group(timeout_s: float = 1800.0) -> Group:
         return current_group()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Group()
+    _import_world_defaults_before_the_group_exists()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return current_group()
+
+
+def _import_world_defaults_before_the_group_exists() -> None:
+    """Import ``torch.distributed.nn.functional`` while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated when the
+    module is first imported, and transformers imports it (through torch's sharded-tensor
+    code) while loading a model.  Imported after the group is created, those defaults keep
+    the group alive past ``destroy_process_group``; its gloo threads then outlive the
+    Python code and now and then abort the rank at interpreter exit ("terminate called
+    without an active exception", exit code -6) although its work succeeded.  Imported
+    first, the defaults are ``None``, which torch reads as the default group.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def leave_launcher_group() -> None:

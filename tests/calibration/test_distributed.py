@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as T
 from safetensors.torch import load_file
@@ -133,6 +134,24 @@ def test_leaving_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
     assert torch.distributed.is_initialized()
     leave_launcher_group()
     assert not torch.distributed.is_initialized() and current_group() == Group()
+
+
+GLOO_THREADS_AFTER_LEAVING = """
+import json, os, sys
+import torch.distributed.nn.functional  # as transformers' model loading imports it, after the group exists
+from hf_comq.calibration import leave_launcher_group
+
+leave_launcher_group()
+names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+json.dump([name for name in names if "gloo" in name], open(sys.argv[1] + os.environ["RANK"], "w"))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+def test_leaving_stops_the_groups_threads_even_after_torch_imported_its_world_defaults(tmp_path):
+    """No gloo thread may outlive the Python code: one that does can abort the rank at exit (-6)."""
+    run_two_ranks(tmp_path, GLOO_THREADS_AFTER_LEAVING, str(tmp_path / "threads-of-rank-"))
+    assert [_read(tmp_path / f"threads-of-rank-{rank}") for rank in (0, 1)] == [[], []]
 
 
 def test_a_single_process_is_a_group_of_one(monkeypatch):
