@@ -203,13 +203,12 @@ def child_rank(rank: int, world: int, port: int, threads: int, samples: int, len
     import torch
     import transformers as T
 
-    torch.set_num_threads(threads)
-    if world > 1:
-        import torch.distributed as dist
-
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
     from hf_comq import COMQConfig, calibration_summary
+    from hf_comq.calibration import join_launcher_group, leave_launcher_group
+
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    join_launcher_group(timeout_s=600)  # as torchrun would start this rank; nothing when world == 1
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SHAPES["smollm2"]["vocab_size"], (samples, length), generator=generator)
@@ -227,6 +226,7 @@ def child_rank(rank: int, world: int, port: int, threads: int, samples: int, len
             "from_pretrained_s": round(wall, 2), "busiest_rank_cpu_s": round(float(cpu), 2),
             "mean_relative_error": summary["mean_relative_error"],
         }))  # fmt: skip
+    leave_launcher_group()
 
 
 # ---------------------------------------------------------------------------

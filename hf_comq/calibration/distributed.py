@@ -75,6 +75,8 @@ def join_launcher_group(timeout_s: float = 1800.0) -> Group:
     NCCL (each rank on GPU ``LOCAL_RANK``) when CUDA is available, gloo otherwise.
     ``timeout_s`` bounds how long a rank waits for the others at each collective: long
     enough for the slowest layer solve, short enough that a hung peer is reported.
+    Prefer it to calling ``init_process_group`` yourself: it first makes sure torch
+    cannot keep the group alive past :func:`leave_launcher_group`.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return current_group()
