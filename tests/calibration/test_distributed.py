@@ -102,9 +102,9 @@ def summary_of(model) -> dict:
 def run_two_ranks(tmp_path: Path, source: str, *args: str) -> None:
     """Run ``source`` as two gloo ranks on loopback, started as ``torchrun`` starts them."""
     script = tmp_path / "worker.py"
-    script.write_text("from hf_comq.calibration import join_launcher_group\n"
+    script.write_text("from hf_comq.calibration import join_launcher_group, leave_launcher_group\n"
                       "assert join_launcher_group(timeout_s=30).size == 2\n"
-                      + textwrap.dedent(source), encoding="utf-8")  # fmt: skip
+                      + textwrap.dedent(source) + "\nleave_launcher_group()\n", encoding="utf-8")  # fmt: skip
     launch_ranks([sys.executable, str(script), *args])
 
 
@@ -139,7 +139,6 @@ def test_leaving_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
 GLOO_THREADS_AFTER_LEAVING = """
 import json, os, sys
 import torch.distributed.nn.functional  # as transformers' model loading imports it, after the group exists
-from hf_comq.calibration import leave_launcher_group
 
 leave_launcher_group()
 names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
