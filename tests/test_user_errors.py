@@ -28,7 +28,6 @@ import pytest
 import torch
 import transformers as T
 
-import hf_comq
 from hf_comq import COMQConfig, CheckpointError, load_quantized
 from hf_comq.cli import main
 from hf_comq.cli.output import recover_interrupted_save, save_atomically

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from tests.solver.reference import make_layer
 

@@ -11,7 +11,6 @@ from tests.solver.reference import (
     error_feedback_reference,
     greedy_orders,
     make_layer,
-    objective,
     residual_form_comq,
 )
 
