@@ -17,7 +17,6 @@ printed per tensor.  ``--backend gloo`` runs the same on CPUs (what the CPU test
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -50,18 +49,15 @@ def quantize(args: argparse.Namespace) -> None:
     import transformers as T
 
     from hf_comq import COMQConfig, calibration_summary
+    from hf_comq.calibration import join_launcher_group, leave_launcher_group
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the same float32 products on every rank and in the reference
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.backend == "nccl":
-        if not torch.cuda.is_available():
-            print("no CUDA device: skipped", file=sys.stderr)
-            sys.exit(2)
-        torch.cuda.set_device(local)
-    if world > 1:
-        dist.init_process_group(args.backend, timeout=datetime.timedelta(minutes=10))
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        print("no CUDA device: skipped", file=sys.stderr)
+        sys.exit(2)
+    join_launcher_group(timeout_s=600, backend=args.backend)  # NCCL: each rank on GPU LOCAL_RANK; nothing alone
     base = args.out / f"base-{args.shape}"
     if rank == 0:
         build(base, args.shape)
@@ -78,7 +74,7 @@ def quantize(args: argparse.Namespace) -> None:
     model.save_pretrained(target)  # transformers writes on rank 0 only under torch.distributed
     if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
+    leave_launcher_group()
     if rank == 0:
         summary = calibration_summary(model)
         print(json.dumps({

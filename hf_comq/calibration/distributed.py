@@ -69,10 +69,11 @@ def current_group() -> Group:
     return Group(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
-def join_launcher_group(timeout_s: float = 1800.0) -> Group:
+def join_launcher_group(timeout_s: float = 1800.0, backend: str | None = None) -> Group:
     """Join the process group a launcher (``torchrun``) describes in the environment; else a single process.
 
-    NCCL (each rank on GPU ``LOCAL_RANK``) when CUDA is available, gloo otherwise.
+    ``backend=None``: NCCL (each rank on GPU ``LOCAL_RANK``) when CUDA is available,
+    gloo otherwise; ``"gloo"`` runs CPU ranks on a machine with GPUs too.
     ``timeout_s`` bounds how long a rank waits for the others at each collective: long
     enough for the slowest layer solve, short enough that a hung peer is reported.
     Prefer it to calling ``init_process_group`` yourself: it first makes sure torch
@@ -83,7 +84,8 @@ def join_launcher_group(timeout_s: float = 1800.0) -> Group:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Group()
     _import_world_defaults_before_the_group_exists()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
