@@ -1,4 +1,7 @@
-"""Quantized modules: :class:`COMQLinear` and the helpers that install it in a model."""
+"""Quantized modules: :class:`COMQLinear`, the helpers that install it in a model, and
+:class:`UnfusedExperts`, a mixture-of-experts layer's experts as layers COMQLinear can replace."""
+
+from .experts import ExpertMLP, UnfusedExperts
 
 from .quant_linear import (
     PACKED_TENSORS,
@@ -15,6 +18,8 @@ from .quant_linear import (
 __all__ = [
     "PACKED_TENSORS",
     "COMQLinear",
+    "ExpertMLP",
+    "UnfusedExperts",
     "computes_linear_map",
     "get_linear_weight",
     "has_linear_shape",

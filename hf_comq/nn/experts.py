@@ -1,0 +1,144 @@
+"""``UnfusedExperts``: a mixture-of-experts layer's experts as one small MLP each, so COMQ can quantize them.
+
+transformers 5 keeps a MoE layer's experts as two batched 3-D parameters,
+``gate_up_proj (experts, 2 * intermediate, hidden)`` and ``down_proj (experts, hidden,
+intermediate)``; checkpoints, vLLM and compressed-tensors name them one expert at a
+time (``experts.<e>.gate_proj.weight``, ...), and transformers merges those while
+loading.  COMQ quantizes ``nn.Linear`` layers on their own inputs, and an expert's
+inputs are only the tokens the router sends it.  ``UnfusedExperts`` holds expert ``e``
+as ``self[e]``, an :class:`ExpertMLP` of three ``nn.Linear`` (or, once quantized,
+:class:`~hf_comq.nn.COMQLinear`) layers, and computes what the batched module computed.
+So calibration hooks each expert's layers like any other layer, and the state dict
+names are the per-expert checkpoint names: ``save_pretrained`` writes the
+compressed-tensors layout that plain transformers and vLLM read for quantized experts.
+
+Only the common layout is taken (:func:`is_standard_batched_experts`): no biases, not
+transposed, ``act_fn(gate) * up``, called as ``experts(hidden, top_k_index,
+top_k_weights)``.  Other layouts (GPT-OSS's clamped activation, Llama 4's experts that
+see every token) stay batched and in full precision.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_PROJECTION_NAMES = ("gate_proj", "up_proj", "down_proj")
+"""Per-expert layer names where the model's checkpoint mapping names none (Mixtral's are ``w1``, ``w3``, ``w2``)."""
+
+
+def is_standard_batched_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a batched experts module in the layout :class:`UnfusedExperts` reproduces."""
+    gate_up = module._parameters.get("gate_up_proj")
+    down = module._parameters.get("down_proj")
+    experts = getattr(module, "num_experts", None)
+    if not isinstance(experts, int) or isinstance(experts, bool) or gate_up is None or down is None:
+        return False
+    layout = (getattr(module, "is_transposed", False), getattr(module, "has_bias", False),
+              getattr(module, "is_concatenated", True), getattr(module, "has_gate", True),
+              getattr(module, "has_post_expert_norm", False))  # fmt: skip
+    if layout != (False, False, True, True, False) or not callable(getattr(module, "act_fn", None)):
+        return False
+    if any(name.endswith("bias") for name in module._parameters):
+        return False
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != experts or down.shape[0] != experts:
+        return False
+    hidden, intermediate = down.shape[1], down.shape[2]
+    return tuple(gate_up.shape[1:]) == (2 * intermediate, hidden)
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down(act(gate(x)) * up(x))``, its three layers under the checkpoint's names."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, names: Sequence[str], act_fn: nn.Module):
+        super().__init__()
+        self.projection_names = tuple(names)
+        for name, layer in zip(self.projection_names, (gate, up, down)):
+            self.add_module(name, layer)
+        self.act_fn = act_fn
+
+    def projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """``(gate, up, down)``, whatever the checkpoint calls them."""
+        return tuple(getattr(self, name) for name in self.projection_names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.projections()
+        return down(self.act_fn(gate(x)) * up(x))  # gate and up read the same tensor: one Gram matrix for both
+
+
+class UnfusedExperts(nn.ModuleList):
+    """The experts of one MoE layer, one :class:`ExpertMLP` each; a drop-in for the batched module it replaces."""
+
+    def __init__(self, experts: Sequence[ExpertMLP]):
+        super().__init__(experts)
+        self.num_experts = len(experts)
+        self._routing = threading.local()
+
+    @classmethod
+    def from_batched(cls, module: nn.Module, names: Sequence[str] = DEFAULT_PROJECTION_NAMES) -> "UnfusedExperts":
+        """Copy a standard batched experts module (:func:`is_standard_batched_experts`) into per-expert layers."""
+        if not is_standard_batched_experts(module):
+            raise ValueError(f"{type(module).__name__} is not a batched experts module in the standard layout")
+        gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+        intermediate = down.shape[2]
+        experts = []
+        for index in range(module.num_experts):
+            gate, up = gate_up[index, :intermediate], gate_up[index, intermediate:]
+            layers = [_linear_from(weight) for weight in (gate, up, down[index])]
+            experts.append(ExpertMLP(*layers, names, module.act_fn))
+        return cls(experts)
+
+    @classmethod
+    def empty_like(cls, module: nn.Module, names: Sequence[str] = DEFAULT_PROJECTION_NAMES) -> "UnfusedExperts":
+        """Per-expert ``nn.Linear`` layers on ``meta`` shaped like ``module``'s experts, to be filled by loading."""
+        if not is_standard_batched_experts(module):
+            raise ValueError(f"{type(module).__name__} is not a batched experts module in the standard layout")
+        hidden, intermediate = module.down_proj.shape[1:]
+        dtype = module.down_proj.dtype
+
+        def layer(in_features: int, out_features: int) -> nn.Linear:
+            return nn.Linear(in_features, out_features, bias=False, device="meta", dtype=dtype)
+
+        experts = [
+            ExpertMLP(
+                layer(hidden, intermediate), layer(hidden, intermediate), layer(intermediate, hidden), names, module.act_fn
+            )
+            for _ in range(module.num_experts)
+        ]
+        return cls(experts)
+
+    def routed_rows(self) -> torch.Tensor | None:
+        """The rows (flattened token positions) of the expert call running on this thread, else ``None``.
+
+        Calibration reads it to leave padding tokens out of an expert's Gram matrix,
+        as it does for every other layer with the batch's attention mask.
+        """
+        return getattr(self._routing, "rows", None)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_k weight_k * expert_k(x)`` over each token's chosen experts (transformers' eager loop)."""
+        output = torch.zeros_like(hidden_states)
+        for expert in torch.unique(top_k_index).tolist():
+            if not 0 <= expert < self.num_experts:  # transformers marks dropped routes with num_experts
+                continue
+            slot, tokens = torch.where(top_k_index.T == expert)  # slot-major, as transformers orders them
+            self._routing.rows = tokens
+            try:
+                expert_output = self[expert](hidden_states[tokens])
+            finally:
+                self._routing.rows = None
+            weighted = expert_output * top_k_weights[tokens, slot, None]
+            output.index_add_(0, tokens, weighted.to(output.dtype))
+        return output
+
+
+def _linear_from(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free ``nn.Linear`` holding its own copy of ``weight`` (a slice would keep the batched tensor alive)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+    layer.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    return layer
