@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from torch import nn
 
 from .compat import matches_module_pattern
-from .nn.quant_linear import is_linear_like
+from .nn.experts import DEFAULT_PROJECTION_NAMES, UnfusedExperts, is_standard_batched_experts
+from .nn.quant_linear import COMQLinear, is_linear_like
 
 # Module-name components that denote a task head or a projection head.
 HEAD_NAMES = frozenset(
@@ -95,6 +96,8 @@ def modules_kept_in_full_precision(
 def _checked_entries(model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None) -> list[str]:
     extra = list(modules_to_not_convert or [])
     linears = [name for name, module in model.named_modules() if name and is_linear_like(module)]
+    names = expert_projection_names(model) if extra else DEFAULT_PROJECTION_NAMES
+    linears += [layer for batched in _standard_batched_experts(model) for layer in _expert_layer_names(batched, model, names)]
     unmatched = [entry for entry in extra if not any(matches(name, entry) for name in linears)]
     if unmatched:
         tops = sorted({name.split(".")[0] for name, _ in model.named_modules() if name})
@@ -131,9 +134,10 @@ def batched_expert_weights(model: nn.Module) -> dict[str, int]:
 
     transformers 5 keeps a MoE layer's experts as one ``(num_experts, out, in)`` parameter
     per projection (``experts.gate_up_proj``, ``experts.down_proj``), not as ``nn.Linear``
-    layers, so COMQ leaves them in full precision; in a MoE model they hold most of the
-    parameters, which the user must be told.  Found by transformers' convention: a module
-    with an integer ``num_experts`` whose 3-D parameters lead with that many experts.
+    layers.  Those :func:`unfuse_batched_experts` did not replace stay in full precision;
+    in a MoE model they hold most of the parameters, which the user must be told.  Found
+    by transformers' convention: a module with an integer ``num_experts`` whose 3-D
+    parameters lead with that many experts.
     """
     found = {}
     for module_name, module in model.named_modules():
@@ -144,6 +148,79 @@ def batched_expert_weights(model: nn.Module) -> dict[str, int]:
             if param.dim() == 3 and param.shape[0] == experts:
                 found[f"{module_name}.{name}" if module_name else name] = param.numel()
     return found
+
+
+def expert_projection_names(model: nn.Module) -> tuple[str, str, str]:
+    """The checkpoint's names of an expert's gate, up and down layers (``gate_proj``... or Mixtral's ``w1``...).
+
+    Read from the per-expert merges in transformers' weight conversion mapping of the
+    model, which is what turns those checkpoint names into the batched tensors.  Named
+    so, quantized experts are saved under the names plain transformers and vLLM read.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    gate_up = down = None
+    try:
+        transforms = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # a model transformers has no mapping machinery for: the usual names
+        transforms = []
+    for transform in transforms:
+        sources, targets = list(transform.source_patterns), list(transform.target_patterns)
+        leaves = [source.rsplit(".", 2)[-2] for source in sources if source.endswith(".weight") and "*" in source]
+        if len(leaves) != len(sources) or not targets:
+            continue
+        if targets[0].endswith("experts.gate_up_proj") and len(leaves) == 2:
+            gate_up = leaves
+        elif targets[0].endswith("experts.down_proj") and len(leaves) == 1:
+            down = leaves[0]
+    if gate_up is None or down is None:
+        return DEFAULT_PROJECTION_NAMES
+    return gate_up[0], gate_up[1], down
+
+
+def unfuse_batched_experts(
+    model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None = None, *, empty: bool = False
+) -> list[str]:
+    """Replace each batched experts module COMQ can quantize by :class:`~hf_comq.nn.UnfusedExperts`.
+
+    Returns the names of the modules replaced.
+
+    Experts any ``modules_to_not_convert`` entry keeps stay batched (and in full
+    precision): a checkpoint mixing packed and dense experts of one layer loads in no
+    runtime.  ``empty``: per-expert layers on ``meta`` to load a checkpoint into, rather
+    than copies of the loaded weights.
+    """
+    names = expert_projection_names(model)
+    entries = list(modules_to_not_convert or [])
+    replaced = []
+    for module_name, module in _standard_batched_experts(model).items():
+        if any(matches(layer, entry) for layer in _expert_layer_names(module_name, model, names) for entry in entries):
+            continue
+        build = UnfusedExperts.empty_like if empty else UnfusedExperts.from_batched
+        model.set_submodule(module_name, build(module, names))
+        replaced.append(module_name)
+    return replaced
+
+
+def routed_layer_names(model: nn.Module) -> set[str]:
+    """The linear layers inside :class:`~hf_comq.nn.UnfusedExperts`: each sees only the tokens routed to its expert."""
+    experts = [name for name, module in model.named_modules() if isinstance(module, UnfusedExperts)]
+    return {
+        name
+        for name, module in model.named_modules()
+        if (is_linear_like(module) or isinstance(module, COMQLinear))
+        and any(name.startswith(prefix + ".") for prefix in experts)
+    }
+
+
+def _standard_batched_experts(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if name and is_standard_batched_experts(module)}
+
+
+def _expert_layer_names(module_name: str, model: nn.Module, names: tuple[str, str, str]) -> list[str]:
+    """The per-expert layer names a batched experts module becomes (what ``modules_to_not_convert`` entries match)."""
+    experts = model.get_submodule(module_name).num_experts
+    return [f"{module_name}.{index}.{name}" for index in range(experts) for name in names]
 
 
 def expert_parameter_share(model: nn.Module, experts: Mapping[str, int] | None = None) -> float:

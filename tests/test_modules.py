@@ -12,11 +12,15 @@ from transformers.pytorch_utils import Conv1D
 from hf_comq.modules import (
     batched_expert_weights,
     default_modules_to_not_convert,
+    expert_projection_names,
     find_quantizable_linears,
     matches,
     modules_kept_in_full_precision,
+    routed_layer_names,
+    unfuse_batched_experts,
 )
-from hf_comq.nn import computes_linear_map, has_own_forward
+from hf_comq.nn import UnfusedExperts, computes_linear_map, has_own_forward
+from tests.tiny import tiny_model
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
 
@@ -136,3 +140,24 @@ def test_batched_expert_weights_are_found_by_the_transformers_convention():
     model = nn.ModuleDict({"experts": Experts(), "position": nn.Embedding(3, 4)})
     model.register_parameter("cls_token", nn.Parameter(torch.zeros(1, 1, 4)))  # 3-D, but no experts
     assert batched_expert_weights(model) == {"experts.gate_up_proj": 96, "experts.down_proj": 48}
+
+
+def test_expert_layers_take_the_checkpoint_names_of_the_models_weight_mapping():
+    assert expert_projection_names(tiny_model("mixtral")) == ("w1", "w3", "w2")
+    assert expert_projection_names(tiny_model("qwen3_moe")) == ("gate_proj", "up_proj", "down_proj")
+
+
+def test_unfusing_replaces_the_batched_experts_unless_modules_to_not_convert_keeps_them():
+    model = tiny_model("mixtral")
+    assert unfuse_batched_experts(model, ["model.layers.1.mlp.experts"]) == ["model.layers.0.mlp.experts"]
+    assert isinstance(model.model.layers[0].mlp.experts, UnfusedExperts)
+    assert not isinstance(model.model.layers[1].mlp.experts, UnfusedExperts)
+    assert sorted(routed_layer_names(model))[:3] == [f"model.layers.0.mlp.experts.0.{name}" for name in ("w1", "w2", "w3")]
+    assert len(routed_layer_names(model)) == 12
+    assert list(batched_expert_weights(model)) == ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+
+
+def test_a_modules_to_not_convert_entry_may_name_batched_experts():
+    model = tiny_model("qwen3_moe")
+    kept = find_quantizable_linears(model, ["model.layers.*.mlp.experts"])  # an entry naming no nn.Linear: no error
+    assert not any("experts" in name for name in kept)
