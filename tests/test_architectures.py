@@ -14,7 +14,7 @@ import transformers as T
 
 from hf_comq import COMQConfig, COMQLinear, load_quantized
 from hf_comq.kernels import DISABLE_ENV_VAR
-from hf_comq.modules import find_quantizable_linears
+from hf_comq.modules import find_quantizable_linears, unfuse_batched_experts
 from hf_comq.solver import ROUND_TO_NEAREST
 
 SMALL = dict(
@@ -29,6 +29,10 @@ CAUSAL = {
     "codegen": dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_ctx=64, n_positions=64),
     "mpt": dict(d_model=32, n_heads=2, n_layers=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=1, head_dim=None),  # FalconLinear: its own forward
 }  # fmt: skip
 ENCODERS = {
@@ -100,7 +104,9 @@ def _output(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def test_architecture_quantizes_saves_and_reloads(kind, model_type, tmp_path, monkeypatch):
     monkeypatch.setenv(DISABLE_ENV_VAR, "1")  # the exact path, so that a reload must match bit for bit
     model = _build(kind, model_type)
-    expected = sorted(find_quantizable_linears(model))
+    unfused = _build(kind, model_type)
+    unfuse_batched_experts(unfused)  # a mixture of experts: each expert's layers are quantized too
+    expected = sorted(find_quantizable_linears(unfused))
     inputs = _inputs(kind, 2, seed=3)
     reference = _output(model, inputs)
     model.save_pretrained(tmp_path / "fp")

@@ -62,13 +62,21 @@ _BUILDERS = {
             intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=None,
         )
     ),
-    # Mixtures of experts: transformers 5 keeps the experts as batched 3-D parameters (left in full
-    # precision); Llama 4's router is an nn.Linear subclass whose forward also picks the experts.
+    # Mixtures of experts: transformers 5 keeps the experts as batched 3-D parameters, which COMQ quantizes per
+    # expert (Mixtral's checkpoint names them w1/w3/w2); Llama 4's experts see every token and stay in full
+    # precision, and its router is an nn.Linear subclass whose forward also picks the experts.
     "mixtral": lambda: T.MixtralForCausalLM(
         T.MixtralConfig(
             **_TEXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, bos_token_id=0, eos_token_id=0,
             pad_token_id=None,
+        )
+    ),
+    "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(
+        T.Qwen3MoeConfig(
+            **_TEXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, bos_token_id=0,
+            eos_token_id=0, pad_token_id=None,
         )
     ),
     "llama4": lambda: T.Llama4ForCausalLM(

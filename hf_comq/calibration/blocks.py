@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..nn import is_linear_like
+from ..nn import UnfusedExperts, is_linear_like
 
 __all__ = ["BlockGroup", "find_block_groups"]
 
@@ -85,8 +85,12 @@ def _leaf_block_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 
 def _is_block_list(module: nn.Module) -> bool:
-    """A ``ModuleList`` of composite blocks, each holding at least one Linear."""
-    if not isinstance(module, nn.ModuleList) or len(module) == 0:
+    """A ``ModuleList`` of composite blocks, each holding at least one Linear.
+
+    A MoE layer's experts (:class:`~hf_comq.nn.UnfusedExperts`) are a list too, but
+    they run side by side on the tokens routed to each, inside their block.
+    """
+    if not isinstance(module, nn.ModuleList) or isinstance(module, UnfusedExperts) or len(module) == 0:
         return False
     return all(not is_linear_like(child) and _contains_linear(child) for child in module)
 

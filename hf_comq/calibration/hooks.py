@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn import linear_shape
+from ..nn import UnfusedExperts, linear_shape
 from ..solver import HessianAccumulator
 from .blocks import BlockGroup
 from .placement import send_to_device
@@ -86,6 +86,10 @@ def token_mask(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Te
 # Gram matrices
 # ---------------------------------------------------------------------------
 
+LayerCall = tuple[str, torch.Tensor, torch.Tensor | None]
+"""One layer call kept for :meth:`HessianRecorder.replay`: the layer's name, its input, and
+for an expert's layer the flattened token positions the input rows come from."""
+
 
 class HessianRecorder:
     """Forward hooks feeding each named layer's real-token inputs into a :class:`HessianAccumulator`.
@@ -103,6 +107,11 @@ class HessianRecorder:
     hooks keep each layer's inputs until the quantized-prefix pass reaches it.  On
     other threads both passes run inside :meth:`calls_later`, and :meth:`replay` is
     handed the full-precision pass's calls as the batch's ``targets``.
+
+    An expert's layers (inside :class:`~hf_comq.nn.UnfusedExperts`) see the tokens
+    routed to it: their padding is told by the rows the experts module reports, and
+    they get no target shift, since the full-precision model routes the tokens its
+    own way.
     """
 
     _OUTSIDE = object()
@@ -118,9 +127,11 @@ class HessianRecorder:
         self._targets: dict[str, list[torch.Tensor]] = {}  # per layer, in call order
         self._later = threading.local()  # a thread's forward pass whose calls wait for replay()
         self._handles = []
+        self._routers = _routers_of(model, names)
         for name in names:
             module = model.get_submodule(name)
-            self.accumulators[name] = HessianAccumulator(linear_shape(module)[1], device=device, with_target=with_targets)
+            targeted = with_targets and name not in self._routers
+            self.accumulators[name] = HessianAccumulator(linear_shape(module)[1], device=device, with_target=targeted)
             self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def __enter__(self) -> "HessianRecorder":
@@ -141,7 +152,7 @@ class HessianRecorder:
             self._mask, self._last = self._OUTSIDE, None
 
     @contextlib.contextmanager
-    def calls_later(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def calls_later(self) -> Iterator[list[LayerCall]]:
         """Run one forward pass on this thread whose layer inputs are kept, not summed, until :meth:`replay`.
 
         Forward passes of several batches may run so at once, each on its own thread;
@@ -150,7 +161,7 @@ class HessianRecorder:
         Holds the batch's layer inputs until replayed.  With targets, a batch's
         full-precision pass is kept the same way, in a scope of its own.
         """
-        calls: list[tuple[str, torch.Tensor]] = []
+        calls: list[LayerCall] = []
         self._later.calls = calls
         try:
             yield calls
@@ -159,9 +170,9 @@ class HessianRecorder:
 
     def replay(
         self,
-        calls: list[tuple[str, torch.Tensor]],
+        calls: list[LayerCall],
         mask: torch.Tensor | None,
-        targets: list[tuple[str, torch.Tensor]] | None = None,
+        targets: list[LayerCall] | None = None,
     ) -> None:
         """Sum one batch's layer inputs kept by :meth:`calls_later`, as :meth:`tokens` would have; ``mask`` its real tokens.
 
@@ -171,11 +182,11 @@ class HessianRecorder:
         """
         if targets is not None:
             with self.targets(mask):
-                for name, tensor in targets:
+                for name, tensor, _ in targets:
                     self._keep_target(name, tensor)
         with self.tokens(mask):
-            for name, tensor in calls:
-                self._record(name, tensor)
+            for name, tensor, rows in calls:
+                self._record(name, tensor, rows)
 
     @contextlib.contextmanager
     def targets(self, mask: torch.Tensor | None) -> Iterator[None]:
@@ -214,30 +225,37 @@ class HessianRecorder:
         return list(seen.values())
 
     def _hook(self, name: str):
+        router = self._routers.get(name)
+
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            rows = None if router is None else router.routed_rows()
             later = getattr(self._later, "calls", None)
             if later is not None:
-                later.append((name, inputs[0]))  # the tensor itself: sharing is told by identity
+                later.append((name, inputs[0], rows))  # the tensor itself: sharing is told by identity
                 return
             if self._mask is self._OUTSIDE:
                 raise RuntimeError(f"{name!r} ran outside HessianRecorder.tokens(); the padding mask is unknown")
             if self._collecting_targets:
                 self._keep_target(name, inputs[0])
                 return
-            self._record(name, inputs[0])
+            self._record(name, inputs[0], rows)
 
         return hook
 
     def _keep_target(self, name: str, tensor: torch.Tensor) -> None:
         """Keep one layer call's real-token inputs of the full-precision pass until the quantized pass reaches it."""
-        self._targets.setdefault(name, []).append(self._real_tokens(tensor))
+        if name not in self._routers:
+            self._targets.setdefault(name, []).append(self._real_tokens(tensor))
 
-    def _record(self, name: str, tensor: torch.Tensor) -> None:
-        """Add one layer call's real-token inputs to its Gram sum (unless it shares an earlier call's)."""
+    def _record(self, name: str, tensor: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Add one layer call's real-token inputs to its Gram sum (unless it shares an earlier call's).
+
+        ``rows``: for an expert's layer, the flattened token positions its inputs come from.
+        """
         target = self._target_of(name)
         if self._reuses(name, tensor):
             return
-        activations = self._real_tokens(tensor)
+        activations = self._real_tokens(tensor, rows)
         if target is not None and target.shape != activations.shape:
             raise ValueError(
                 f"{name!r} got {tuple(target.shape)} inputs in the full-precision pass and "
@@ -247,16 +265,20 @@ class HessianRecorder:
         self.accumulators[name].add(activations, target)
         self._last = (tensor, name)
 
-    def _real_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _real_tokens(self, tensor: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         activations = tensor.detach()
         mask = self._mask
-        if mask is not None and activations.shape[:-1] == mask.shape:
+        if mask is None:
+            return activations
+        if rows is not None:
+            return activations[mask.reshape(-1).to(activations.device)[rows.to(activations.device)]]
+        if activations.shape[:-1] == mask.shape:
             activations = activations[mask.to(activations.device)]
         return activations
 
     def _target_of(self, name: str) -> torch.Tensor | None:
         """The layer's full-precision inputs of this batch (``None`` without targets); each is read once."""
-        if not self._with_targets:
+        if not self._with_targets or name in self._routers:
             return None
         if not self._targets.get(name):
             raise RuntimeError(
@@ -282,6 +304,17 @@ class HessianRecorder:
                 "calibrate with sequential=False or report this model"
             )
         return True
+
+
+def _routers_of(model: nn.Module, names: Sequence[str]) -> dict[str, UnfusedExperts]:
+    """``{layer: its experts module}`` for the layers among ``names`` that belong to an expert."""
+    experts = {name: module for name, module in model.named_modules() if isinstance(module, UnfusedExperts)}
+    routers = {}
+    for name in names:
+        owner = next((prefix for prefix in experts if name.startswith(prefix + ".")), None)
+        if owner is not None:
+            routers[name] = experts[owner]
+    return routers
 
 
 # ---------------------------------------------------------------------------

@@ -71,7 +71,13 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..modules import batched_expert_weights, expert_parameter_share, find_quantizable_linears
+from ..modules import (
+    batched_expert_weights,
+    expert_parameter_share,
+    find_quantizable_linears,
+    routed_layer_names,
+    unfuse_batched_experts,
+)
 from ..nn import computes_linear_map, get_linear_weight, has_linear_shape, has_own_forward, linear_shape
 from ..solver import (
     SOLVER_DEFAULTS,
@@ -142,6 +148,8 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     """
     started = time.perf_counter()
     placement = resolve_placement(model)
+    if not placement.dispatched:  # under accelerate's hooks the batched tensors may live on disk: they stay batched
+        _unfuse_experts(model, config)
     layers = _replaceable(find_quantizable_linears(model, getattr(config, "modules_to_not_convert", None)), placement)
     if not layers:
         raise ValueError(
@@ -202,6 +210,22 @@ def _replaceable(layers: dict[str, nn.Module], placement: Placement) -> dict[str
     return kept
 
 
+def _unfuse_experts(model: nn.Module, config: Any) -> None:
+    """Give the model's batched experts per-expert layers to quantize (:func:`hf_comq.modules.unfuse_batched_experts`).
+
+    On an asymmetric grid, say now that plain transformers will not load the
+    checkpoint: its loader of packed experts drops their zero points.
+    """
+    unfused = unfuse_batched_experts(model, getattr(config, "modules_to_not_convert", None))
+    if unfused and not getattr(config, "symmetric", False):
+        logger.warning(
+            "COMQ: %s's experts are quantized on an asymmetric grid; hf_comq.load_quantized loads the checkpoint, "
+            "plain transformers does not (it drops packed experts' zero points): quantize with symmetric=True "
+            "for a checkpoint it loads",
+            type(model).__name__,
+        )
+
+
 def _warn_about_expert_weights(model: nn.Module) -> int:
     """Warn that a mixture-of-experts model's batched expert weights stay in full precision; returns their size.
 
@@ -214,9 +238,10 @@ def _warn_about_expert_weights(model: nn.Module) -> int:
         return 0
     share = expert_parameter_share(model, experts)
     logger.warning(
-        "COMQ: %s keeps its %d mixture-of-experts weight tensors (%.0f%% of its parameters, e.g. %s) in full "
-        "precision: transformers stores them as batched 3-D tensors, not nn.Linear layers, and COMQ quantizes "
-        "nn.Linear / Conv1D layers only (attention and the other linear layers are quantized)",
+        "COMQ: %s keeps %d mixture-of-experts weight tensors (%.0f%% of its parameters, e.g. %s) in full "
+        "precision: COMQ quantizes batched experts of the common layout (gate_up_proj and down_proj without "
+        "biases) in a model loaded without a device_map, and these are not (attention and the other linear "
+        "layers are quantized)",
         type(model).__name__,
         len(experts),
         100 * share,
@@ -310,6 +335,8 @@ class _Calibrator:
         self.group = group
         self.groups = groups
         self.pending = list(layers)
+        self.routed = routed_layer_names(model)  # experts' layers: each sees only the tokens routed to its expert
+        self.unrouted: list[str] = []
         self.results: dict[str, dict[str, float]] = {}
         self.skipped: dict[str, str] = {}
         self.deferred: list[tuple[str, QuantizedWeight]] = []
@@ -343,6 +370,13 @@ class _Calibrator:
         if not self.results:
             raise ValueError(
                 "no layer ran on the calibration data, so nothing was quantized; check that the data match the model"
+            )
+        if self.unrouted:
+            logger.warning(
+                "COMQ: the router sent no calibration token to %d expert layer(s), e.g. %s; they were rounded to "
+                "the nearest grid point instead (more calibration samples reach more experts)",
+                len(self.unrouted),
+                self.unrouted[0],
             )
 
     def _run_group(self, group: BlockGroup, bar: Any) -> None:
@@ -574,13 +608,16 @@ class _Calibrator:
         solvable = []
         for name in names:
             self.pending.remove(name)
-            if accumulators[name].num_tokens == 0:
+            if accumulators[name].num_tokens == 0 and name in self.routed:
+                self._round_unrouted(name, accumulators[name])
+                solvable.append(name)
+            elif accumulators[name].num_tokens == 0:
                 self._skip(name, "it never ran on the calibration data")
             else:
                 solvable.append(name)
         costs = [self._cost(name) for name in solvable]
         owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
-        tokens = {name: accumulators[name].num_tokens for name in solvable}
+        tokens = {name: 0 if name in self.unrouted else accumulators[name].num_tokens for name in solvable}
         for name in solvable:  # Gram matrices of layers another rank solves go now
             if owners[name] != self.group.rank:
                 del accumulators[name]
@@ -598,6 +635,17 @@ class _Calibrator:
                 self._install(name, qweight)
             else:
                 self.deferred.append((name, _to_cpu(qweight)))
+
+    def _round_unrouted(self, name: str, accumulator: HessianAccumulator) -> None:
+        """Give an expert layer no token was routed to the identity as its Gram matrix.
+
+        Its objective is then the weight error itself, the round-to-nearest fit on
+        the solver's grid.  Such an expert cannot stay in full precision: a checkpoint
+        whose experts of one layer are partly packed, partly dense loads in no runtime.
+        """
+        if accumulator.num_tokens == 0:  # gate and up share one accumulator: the identity goes in once
+            accumulator.add(torch.eye(accumulator.in_features, device=self.compute))
+        self.unrouted.append(name)
 
     def _hand_over(self, accumulators: list[HessianAccumulator]) -> None:
         """Turn every summed triangle into the solver's full matrix in its dtype before the first solve.
@@ -725,6 +773,7 @@ class _Calibrator:
             "time_s": round(seconds, 3),
             "device": str(self.compute),
             "ranks": self.group.size,
+            "expert_layers_without_tokens": sorted(self.unrouted),
             "layers": self.results,
         }
 

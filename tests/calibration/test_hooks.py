@@ -172,3 +172,55 @@ def test_a_layer_without_the_same_tokens_in_both_passes_is_named():
             model(torch.randn(2, 5, 4))
         with recorder.tokens(None), pytest.raises(RuntimeError, match="not in the batch's full-precision pass"):
             model(torch.randn(2, 3, 4))
+
+
+def _unfused_moe_layer_inputs(mask: torch.Tensor):
+    """A tiny Qwen3-MoE with unfused experts, one padded batch, and each expert's real routed inputs by hand."""
+    from hf_comq.modules import unfuse_batched_experts
+    from tests.tiny import tiny_model
+
+    model = tiny_model("qwen3_moe")
+    unfuse_batched_experts(model)
+    experts = model.model.layers[0].mlp.experts
+    routed = {}
+
+    def keep(module, args):
+        hidden, index = args[0], args[1]
+        real = mask.reshape(-1)
+        for expert in range(experts.num_experts):
+            slot, rows = torch.where(index.T == expert)
+            x = hidden[rows][real[rows]]
+            gate, up, _ = (layer.weight for layer in experts[expert].projections())  # not the hooked layers
+            routed[expert] = (x, experts[expert].act_fn(x @ gate.T) * (x @ up.T))
+
+    experts.register_forward_pre_hook(keep)
+    return model, routed
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["in-scope", "replayed"])
+def test_an_experts_gram_matrices_hold_only_the_real_tokens_routed_to_it(threaded):
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.bool)
+    model, routed = _unfused_moe_layer_inputs(mask)
+    layers = ("gate_proj", "up_proj", "down_proj")
+    names = [f"model.layers.0.mlp.experts.{e}.{layer}" for e in range(4) for layer in layers]
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with HessianRecorder(model, names, torch.device("cpu"), with_targets=True) as recorder, torch.no_grad():
+        if threaded:
+            with recorder.calls_later() as calls:
+                model(input_ids=ids, attention_mask=mask.long())
+            recorder.replay(calls, mask, targets=[])
+        else:
+            with recorder.targets(mask):  # the full-precision pass: experts keep no targets (they route their own way)
+                model(input_ids=ids, attention_mask=mask.long())
+            with recorder.tokens(mask):
+                model(input_ids=ids, attention_mask=mask.long())
+    hit = [expert for expert in routed if len(routed[expert][0])]
+    assert len(hit) >= 2
+    for expert, (x, intermediate) in routed.items():
+        gate = recorder.accumulators[f"model.layers.0.mlp.experts.{expert}.gate_proj"]
+        assert gate is recorder.accumulators[f"model.layers.0.mlp.experts.{expert}.up_proj"]  # one Gram for both
+        assert not gate.with_target and gate.num_tokens == len(x)
+        if len(x):
+            torch.testing.assert_close(gate.result(), (x.T @ x).double(), rtol=1e-5, atol=1e-6)
+            down = recorder.accumulators[f"model.layers.0.mlp.experts.{expert}.down_proj"].result()
+            torch.testing.assert_close(down, (intermediate.T @ intermediate).double(), rtol=1e-5, atol=1e-6)

@@ -47,6 +47,17 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _recording_solver_with_weights() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Callable]:
+    """A layer solver that records each ``(weight, Gram matrix)`` it is given, then runs COMQ."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def recording(weight, hessian, **kwargs):
+        calls.append((weight.clone(), hessian.clone()))
+        return comq_quantize(weight, hessian, **kwargs)
+
+    return calls, recording
+
+
 def _recording_solver() -> tuple[dict[int, torch.Tensor], Callable]:
     """A layer solver that records each layer's Hessian, in order, and then runs COMQ."""
     seen: dict[int, torch.Tensor] = {}
@@ -367,16 +378,71 @@ def test_few_tokens_warn_about_rank_deficient_hessians(caplog):
     assert "only 17 tokens for hidden size 32" in caplog.text
 
 
-def test_a_mixture_of_experts_model_says_its_expert_weights_stay_in_full_precision(caplog):
+def test_a_mixture_of_experts_model_has_each_expert_quantized_on_the_tokens_routed_to_it(caplog):
     model = tiny_model("mixtral")
-    experts = {name: param.clone() for name, param in model.named_parameters() if "experts" in name}
+    inputs = {"input_ids": torch.randint(1, 64, (2, 9))}
+    reference = _first_output(model, inputs)
+    calls, solver = _recording_solver_with_weights()
     with caplog.at_level(logging.WARNING):
-        summary = quantize_model(model, COMQConfig(bits=4, dataset=torch.randint(1, 64, (8, 12)), seed=0))
-    assert "keeps its 4 mixture-of-experts weight tensors" in caplog.text
-    assert "model.layers.0.mlp.experts.gate_up_proj" in caplog.text
-    assert summary["expert_parameters_in_full_precision"] == sum(param.numel() for param in experts.values())
-    assert summary["layers_quantized"] == 8  # q/k/v/o of both blocks
-    assert all(torch.equal(param, experts[name]) for name, param in model.named_parameters() if name in experts)
+        config = COMQConfig(bits=8, dataset=torch.randint(1, 64, (8, 12)), seed=0)
+        summary = quantize_model(model, config, solver=solver)
+    assert "asymmetric grid" in caplog.text and "symmetric=True" in caplog.text  # plain transformers will not load it
+    assert summary["layers_quantized"] == 8 + 2 * 4 * 3  # q/k/v/o, and w1/w3/w2 of 4 experts, in both blocks
+    assert summary["expert_parameters_in_full_precision"] == 0 and summary["expert_layers_without_tokens"] == []
+    expert = model.model.layers[1].mlp.experts[2]
+    assert all(isinstance(layer, COMQLinear) for layer in expert.projections())
+    routed = summary["layers"]["model.layers.1.mlp.experts.2.w1"]["num_tokens"]
+    assert 0 < routed < 8 * 12 * 2  # its share of the 2 routes per token, not every token
+    assert summary["layers"]["model.layers.1.mlp.experts.2.w3"]["num_tokens"] == routed
+    assert {tuple(weight.shape) for weight, _ in calls} >= {(64, 32), (32, 64)}  # gate/up (64 x 32), down (32 x 64)
+    assert _relative(_first_output(model, inputs), reference) < 0.02
+
+
+def test_an_expert_no_token_is_routed_to_is_rounded_on_the_identity(caplog):
+    model = tiny_model("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+
+    def never_route_to_expert_3(module, args):
+        hidden, index, weights = args
+        return hidden, torch.where(index == 3, torch.full_like(index, 4), index), weights  # 4: a dropped route
+
+    from hf_comq.modules import unfuse_batched_experts
+
+    unfuse_batched_experts(model)
+    model.model.layers[0].mlp.experts.register_forward_pre_hook(never_route_to_expert_3)
+    calls, solver = _recording_solver_with_weights()
+    with caplog.at_level(logging.WARNING):
+        config = COMQConfig(bits=4, dataset=torch.randint(1, 64, (8, 12)), seed=0)
+        summary = quantize_model(model, config, solver=solver)
+    unrouted = [f"model.layers.0.mlp.experts.3.{name}" for name in ("down_proj", "gate_proj", "up_proj")]
+    assert summary["expert_layers_without_tokens"] == unrouted
+    assert all(summary["layers"][name]["num_tokens"] == 0 for name in unrouted)
+    assert "no calibration token to 3 expert layer(s)" in caplog.text
+    gate = experts.gate_up_proj[3, :32]
+    assert [torch.equal(hessian, torch.eye(32)) for weight, hessian in calls if torch.equal(weight, gate)] == [True]
+    assert isinstance(model.model.layers[0].mlp.experts[3].gate_proj, COMQLinear)
+    assert experts.gate_up_proj.shape[0] == 4  # the batched original is untouched, just replaced
+
+
+def test_experts_modules_to_not_convert_keeps_stay_batched_and_in_full_precision(caplog):
+    model = tiny_model("mixtral")
+    kept = model.model.layers[1].mlp.experts
+    before = kept.gate_up_proj.clone()
+    data = torch.randint(1, 64, (8, 12))
+    config = COMQConfig(bits=4, dataset=data, seed=0, modules_to_not_convert=["model.layers.1.mlp.experts"])
+    with caplog.at_level(logging.WARNING):
+        summary = quantize_model(model, config)
+    assert model.model.layers[1].mlp.experts is kept and torch.equal(kept.gate_up_proj, before)
+    assert "keeps 2 mixture-of-experts weight tensors" in caplog.text
+    assert "model.layers.1.mlp.experts.gate_up_proj" in caplog.text
+    assert summary["expert_parameters_in_full_precision"] == kept.gate_up_proj.numel() + kept.down_proj.numel()
+    assert summary["layers_quantized"] == 8 + 4 * 3
+
+
+def test_fp_target_aims_the_dense_layers_and_leaves_the_experts_their_own_objective():
+    model = tiny_model("qwen3_moe")
+    summary = quantize_model(model, COMQConfig(bits=4, dataset=torch.randint(1, 64, (8, 12)), seed=0, fp_target=True))
+    assert summary["fp_target"] and summary["layers_quantized"] == 8 + 2 * 4 * 3
 
 
 def test_a_linear_subclass_whose_forward_is_not_its_linear_map_stays_in_full_precision():
