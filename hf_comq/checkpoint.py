@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -330,6 +331,17 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], sc
         )
 
 
+def quantizes_experts(checkpoint_files: Iterable[str]) -> bool:
+    """Whether a checkpoint holds packed mixture-of-experts layers (``...experts.<e>.<layer>.weight_packed``).
+
+    Such a model must be given per-expert layers (:class:`~hf_comq.nn.UnfusedExperts`)
+    before loading; a checkpoint whose experts stayed dense loads into the batched
+    tensors as usual.  Files other than safetensors cannot be read ahead: ``False``.
+    """
+    header = _packed_header(checkpoint_files) or {}
+    return any(re.search(r"\.experts\.\d+\.[^.]+\.weight_packed$", key) for key in header)
+
+
 def _packed_header(checkpoint_files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]] | None:
     """``{key: (shape, dtype)}`` of the packed tensors in safetensors files; ``None`` if any file is not safetensors."""
     files = [str(path) for path in checkpoint_files]
@@ -368,17 +380,29 @@ converter, which then refuses them (tests/test_plain_transformers.py)."""
 
 
 def runtime_support(
-    scheme: PackedScheme, model_class: str | None = None, *, batched_experts: bool = False
+    scheme: PackedScheme,
+    model_class: str | None = None,
+    *,
+    batched_experts: bool = False,
+    quantized_experts: bool = False,
 ) -> list[tuple[str, str]]:
     """``(runtime, what it does with this checkpoint)`` rows for the model card and the README.
 
     Only what hf_comq's tests run is stated as fact; vLLM is described from its source
     (benchmarks/gpu/FACTS.md) and marked unverified until the checks in benchmarks/gpu/ have run.
-    ``batched_experts``: a mixture-of-experts model with batched expert tensors, which
-    plain transformers' compressed-tensors loader does not load (tests/test_plain_transformers.py).
+    ``batched_experts``: a mixture-of-experts model with batched expert tensors left in
+    full precision, which plain transformers' compressed-tensors loader does not load.
+    ``quantized_experts``: one whose experts are packed per expert, which it loads only
+    on a symmetric grid: its loader of packed experts drops the zero points
+    (tests/test_plain_transformers.py).
     """
     if batched_experts:
         plain = "does not load it: its compressed-tensors loader breaks the mixture-of-experts weight converters"
+    elif quantized_experts and not scheme.symmetric:
+        plain = (
+            "does not load it: its loader of packed mixture-of-experts layers drops the zero points "
+            "(quantize with `symmetric=True` for a checkpoint it loads)"
+        )
     elif model_class and model_class.startswith(CONVERTER_CLASH_CLASSES):
         plain = "does not load it: its compressed-tensors loader merges the packed names into the model's weight converter"
     else:
@@ -389,6 +413,8 @@ def runtime_support(
     ]
     if scheme.layer_type == CONV1D:
         vllm = "not served: vLLM has no compressed-tensors scheme for transformers `Conv1D` layers (load error)"
+    elif quantized_experts:
+        vllm = "not checked: hf_comq's vLLM notes do not cover mixture-of-experts layers"
     elif model_class not in (None, "AutoModel") and not model_class.endswith("ForCausalLM"):
         vllm = "not checked: hf_comq's vLLM notes cover causal LMs; vLLM does not serve image classifiers"
     else:

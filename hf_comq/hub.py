@@ -34,7 +34,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from .checkpoint import runtime_support
-from .modules import expert_parameter_share
+from .modules import expert_parameter_share, routed_layer_names
 from .tasks import infer_pipeline_tag, is_text_pipeline
 
 __all__ = [
@@ -159,7 +159,7 @@ def _setting_value(key: str, config: Any) -> str:
     return _cell(value)
 
 
-def _settings_rows(config: Any, expert_share: float = 0.0) -> list[tuple[str, str]]:
+def _settings_rows(config: Any, expert_share: float = 0.0, quantized_experts: bool = False) -> list[tuple[str, str]]:
     rows = [(label, _setting_value(key, config)) for key, label in _SETTINGS]
     kept = list(config.ignore or [])
     if kept:
@@ -169,6 +169,8 @@ def _settings_rows(config: Any, expert_share: float = 0.0) -> list[tuple[str, st
         rows.append(("Linear layers kept in full precision", listed))
     if expert_share > 0:
         rows.append(("Mixture-of-experts weights", f"kept in full precision ({expert_share:.0%} of the parameters)"))
+    elif quantized_experts:
+        rows.append(("Mixture-of-experts weights", "quantized, each expert's layers on the tokens routed to it"))
     return rows
 
 
@@ -221,6 +223,7 @@ def render_model_card(
     tags: list[str] | tuple[str, ...] | None = None,
     eval_results: list[EvalResult] | None = None,
     expert_share: float = 0.0,
+    quantized_experts: bool = False,
 ) -> ModelCard:
     """The COMQ model card for a quantized model's ``COMQConfig``.
 
@@ -237,6 +240,8 @@ def render_model_card(
         eval_results: this model's results for the card's model-index.
         expert_share: the share of the parameters in batched mixture-of-experts tensors, which
             stay in full precision (:func:`hf_comq.modules.batched_expert_weights`).
+        quantized_experts: whether the model's experts were quantized (one packed layer per
+            expert projection, :class:`hf_comq.nn.UnfusedExperts`).
     """
     if base_model is None:  # what quantization recorded: a Hub id, or a local folder's name
         hub_base, folder = config.base_model, config.base_model_folder
@@ -270,8 +275,10 @@ def render_model_card(
         model_class=model_class,
         model_id=model_id or _MODEL_ID_PLACEHOLDER,
         is_causal_lm=model_class.endswith("ForCausalLM"),
-        runtimes=runtime_support(config.packed_scheme(), model_class, batched_experts=expert_share > 0),
-        settings=_settings_rows(config, expert_share),
+        runtimes=runtime_support(
+            config.packed_scheme(), model_class, batched_experts=expert_share > 0, quantized_experts=quantized_experts
+        ),
+        settings=_settings_rows(config, expert_share, quantized_experts),
         calibration=_calibration_rows(config, pipeline_tag),
         metrics=_comparison_table(metrics),
         hf_comq_version=config.provenance()["hf_comq_version"],
@@ -316,6 +323,7 @@ def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | N
         tags=([model_type] if model_type else []) + list(tags or []),
         eval_results=settings.eval_results,
         expert_share=expert_parameter_share(model),
+        quantized_experts=bool(routed_layer_names(model)),
     )
 
 

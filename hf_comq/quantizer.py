@@ -33,10 +33,11 @@ from .checkpoint import (
     full_precision_layers,
     layer_group_size,
     layer_type_of,
+    quantizes_experts,
     verify_quantized_model,
 )
 from .config import COMQConfig
-from .modules import find_quantizable_linears, modules_kept_in_full_precision
+from .modules import find_quantizable_linears, modules_kept_in_full_precision, unfuse_batched_experts
 from .nn.quant_linear import COMQLinear, is_linear_like, linear_shape
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class COMQHfQuantizer(HfQuantizer):
     def _install_shells(self, model: nn.Module, checkpoint_files: Any) -> None:
         """Swap every layer the checkpoint quantizes for an empty packed shell, then pre-check the files."""
         scheme = self.quantization_config.packed_scheme()
+        if quantizes_experts(checkpoint_files):
+            unfuse_batched_experts(model, empty=True)
         targets = {
             name: module
             for name, module in model.named_modules()

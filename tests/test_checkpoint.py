@@ -84,5 +84,10 @@ def test_runtime_support_names_every_runtime_and_what_is_unverified():
     assert "image classifiers" in dict(runtime_support(SCHEMES[0], "ViTForImageClassification"))["vLLM"]
     moe = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", batched_experts=True))
     assert "does not load" in moe["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    asymmetric_experts = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", quantized_experts=True))
+    assert "drops the zero points" in asymmetric_experts["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    assert "not checked" in asymmetric_experts["vLLM"]
+    symmetric_experts = dict(runtime_support(SCHEMES[1], "MixtralForCausalLM", quantized_experts=True))
+    assert "loads it exactly" in symmetric_experts["transformers + `compressed-tensors>=0.18`, no hf_comq"]
     dinov2 = dict(runtime_support(SCHEMES[0], "Dinov2Model"))
     assert "does not load" in dinov2["transformers + `compressed-tensors>=0.18`, no hf_comq"]

@@ -34,18 +34,29 @@ CASES += [
     for bits in (2, 3, 8)
     for group_size, symmetric in ((None, False), (16, True))
 ] + [("llama", 4, 16, False), ("llama", 4, None, True), ("gpt2", 4, 16, False), ("gpt2", 4, None, True)]
+CASES += [("mixtral", 4, None, True), ("qwen3_moe", 4, None, False), ("qwen3_moe", 4, 16, True)]  # quantized experts
 
 # transformers 5.2x cannot load ANY compressed-tensors checkpoint of these architectures: its compressed-tensors
 # quantizer adds the packed tensor names to the model's own 1-to-2 weight converter (Dinov2's SwiGLU split), which
 # then refuses to be many-to-many.  Strict, so that the day transformers fixes it this test says so.
-# Mixtures of experts fail the same way (their per-expert-to-batched converters), or, for Llama 4, load with the
-# experts at random values: for a compressed-tensors checkpoint transformers swaps Llama 4's batched experts for
-# per-expert nn.Linear layers, whose names the checkpoint (experts batched, in full precision) does not have.
+# Llama 4 loads with the experts at random values: for a compressed-tensors checkpoint transformers swaps its batched
+# experts for per-expert nn.Linear layers, whose names the checkpoint (experts batched, in full precision: they see
+# every token, so COMQ leaves them) does not have.  Quantized experts (Mixtral, Qwen3-MoE) load on a symmetric grid;
+# on an asymmetric one transformers' loader of packed experts drops the zero points and fails.
 PLAIN_TRANSFORMERS_BUG = {
     "dinov2": "transformers merges compressed-tensors names into Dinov2's SwiGLU converter",
-    "mixtral": "transformers merges compressed-tensors names into the per-expert weight converter",
     "llama4": "transformers expects per-expert layers in a compressed-tensors Llama 4 checkpoint",
 }
+QUANTIZED_EXPERTS = ("mixtral", "qwen3_moe")
+ASYMMETRIC_EXPERTS_BUG = "transformers' loader of packed experts drops their zero points"
+
+
+def plain_transformers_bug(case: tuple) -> str | None:
+    """Why plain transformers cannot load this case's checkpoint, or ``None`` when it must."""
+    arch, _, _, symmetric = case
+    if arch in QUANTIZED_EXPERTS and not symmetric:
+        return ASYMMETRIC_EXPERTS_BUG
+    return PLAIN_TRANSFORMERS_BUG.get(arch)
 
 LOADER = """
 import json, sys, traceback
@@ -121,9 +132,10 @@ def _build_and_load_plain(root: Path) -> dict:
 def test_plain_transformers_reproduces_the_quantized_model(checkpoints, case):
     path, expected, outcome = checkpoints[case_id(case)]
     reproduced = outcome == "ok" and torch.equal(torch.load(Path(path) / "plain_output.pt"), expected)
-    if case[0] in PLAIN_TRANSFORMERS_BUG:
-        assert not reproduced, "transformers can load this architecture now: drop it from PLAIN_TRANSFORMERS_BUG"
-        pytest.xfail(PLAIN_TRANSFORMERS_BUG[case[0]])
+    bug = plain_transformers_bug(case)
+    if bug is not None:
+        assert not reproduced, "transformers can load this checkpoint now: drop it from plain_transformers_bug"
+        pytest.xfail(bug)
     assert outcome == "ok", outcome
     assert reproduced
 
