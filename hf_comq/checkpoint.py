@@ -22,8 +22,11 @@ knows the format's ``quantization_config``:
 Per quantized layer the tensors are those of :class:`hf_comq.nn.COMQLinear`.  Layers are
 selected the compressed-tensors way: every module of the scheme's target class
 (``Linear``, or ``Conv1D`` for GPT-2 style models) that the ``ignore`` list does not
-name.  ``Conv1D`` weights are stored transposed, ``(in, out)``, and plain transformers
-dequantizes a checkpoint tensor straight into that parameter, so their scheme is
+name; a mixture of experts' quantized experts are such layers too, one per expert and
+projection (``experts.<e>.gate_proj``, ..., see :mod:`hf_comq.nn.experts`), the layout
+transformers merges into its batched experts while loading.  ``Conv1D`` weights are
+stored transposed, ``(in, out)``, and plain transformers dequantizes a checkpoint tensor
+straight into that parameter, so their scheme is
 compressed-tensors' ``block`` strategy with blocks one output channel wide: a block
 ``[rows, 1]`` per group of ``rows`` inputs, or, per channel, ``rows`` at least the
 largest input size.

@@ -181,24 +181,32 @@ def expert_projection_names(model: nn.Module) -> tuple[str, str, str]:
 def unfuse_batched_experts(
     model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None = None, *, empty: bool = False
 ) -> list[str]:
-    """Replace each batched experts module COMQ can quantize by :class:`~hf_comq.nn.UnfusedExperts`.
+    """Replace every batched experts module COMQ can quantize by :class:`~hf_comq.nn.UnfusedExperts`.
 
-    Returns the names of the modules replaced.
-
-    Experts any ``modules_to_not_convert`` entry keeps stay batched (and in full
-    precision): a checkpoint mixing packed and dense experts of one layer loads in no
-    runtime.  ``empty``: per-expert layers on ``meta`` to load a checkpoint into, rather
-    than copies of the loaded weights.
+    Returns the names of the modules replaced.  All of the model's experts or none:
+    a checkpoint whose experts are packed in some layers and batched dense in others
+    loads in no runtime (transformers' merges and compressed-tensors' loader treat
+    all experts of a model alike).  So none are replaced when a ``modules_to_not_convert``
+    entry keeps some, or when accelerate offloaded some (their weights are not in
+    memory to be split).  ``empty``: per-expert layers on ``meta`` to load a
+    checkpoint into, rather than copies of the loaded weights.
     """
     names = expert_projection_names(model)
     entries = list(modules_to_not_convert or [])
-    replaced = []
-    for module_name, module in _standard_batched_experts(model).items():
-        if any(matches(layer, entry) for layer in _expert_layer_names(module_name, model, names) for entry in entries):
-            continue
-        build = UnfusedExperts.empty_like if empty else UnfusedExperts.from_batched
-        model.set_submodule(module_name, build(module, names))
-        replaced.append(module_name)
+    found = _standard_batched_experts(model)
+    kept = [
+        module_name
+        for module_name in found
+        if any(matches(layer, entry) for layer in _expert_layer_names(module_name, model, names) for entry in entries)
+    ]
+    offloaded = [] if empty else [module_name for module_name, module in found.items() if module.down_proj.is_meta]
+    if kept or offloaded:
+        return []
+    build = UnfusedExperts.empty_like if empty else UnfusedExperts.from_batched
+    replaced = list(found)
+    del found  # each batched module must go as soon as it is replaced: peak memory is one layer's experts twice
+    for module_name in replaced:
+        model.set_submodule(module_name, build(model.get_submodule(module_name), names))
     return replaced
 
 

@@ -11,8 +11,10 @@ Two paths through ``from_pretrained``:
 * **packed load** (:func:`hf_comq.load_quantized` routes a compressed-tensors
   checkpoint here): before loading, the layers the checkpoint quantizes are swapped for
   empty :class:`COMQLinear` shells on ``meta`` so ``weight_packed`` / ``weight_scale``
-  / ... load by name and stay packed in memory; after loading, every shell is checked to
-  have really been filled, because transformers only *logs* missing keys.
+  / ... load by name and stay packed in memory (a mixture of experts whose checkpoint
+  holds packed experts first gets per-expert layers, :class:`~hf_comq.nn.UnfusedExperts`,
+  as when it was quantized); after loading, every shell is checked to have really been
+  filled, because transformers only *logs* missing keys.
 """
 
 from __future__ import annotations

@@ -147,14 +147,18 @@ def test_expert_layers_take_the_checkpoint_names_of_the_models_weight_mapping():
     assert expert_projection_names(tiny_model("qwen3_moe")) == ("gate_proj", "up_proj", "down_proj")
 
 
-def test_unfusing_replaces_the_batched_experts_unless_modules_to_not_convert_keeps_them():
+def test_unfusing_replaces_every_batched_experts_module_or_none():
     model = tiny_model("mixtral")
-    assert unfuse_batched_experts(model, ["model.layers.1.mlp.experts"]) == ["model.layers.0.mlp.experts"]
-    assert isinstance(model.model.layers[0].mlp.experts, UnfusedExperts)
-    assert not isinstance(model.model.layers[1].mlp.experts, UnfusedExperts)
+    assert unfuse_batched_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert isinstance(model.model.layers[1].mlp.experts, UnfusedExperts) and not batched_expert_weights(model)
     assert sorted(routed_layer_names(model))[:3] == [f"model.layers.0.mlp.experts.0.{name}" for name in ("w1", "w2", "w3")]
-    assert len(routed_layer_names(model)) == 12
-    assert list(batched_expert_weights(model)) == ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    assert len(routed_layer_names(model)) == 2 * 4 * 3
+    kept = tiny_model("mixtral")  # a checkpoint mixing packed and dense experts would load nowhere: none are unfused
+    assert unfuse_batched_experts(kept, ["model.layers.1.mlp.experts"]) == []
+    assert len(batched_expert_weights(kept)) == 4
+    offloaded = tiny_model("mixtral")
+    offloaded.model.layers[0].mlp.experts.to("meta")  # as accelerate leaves offloaded weights
+    assert unfuse_batched_experts(offloaded) == [] and unfuse_batched_experts(offloaded, empty=True)
 
 
 def test_a_modules_to_not_convert_entry_may_name_batched_experts():

@@ -148,8 +148,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     """
     started = time.perf_counter()
     placement = resolve_placement(model)
-    if not placement.dispatched:  # under accelerate's hooks the batched tensors may live on disk: they stay batched
-        _unfuse_experts(model, config)
+    _unfuse_experts(model, config)
     layers = _replaceable(find_quantizable_linears(model, getattr(config, "modules_to_not_convert", None)), placement)
     if not layers:
         raise ValueError(
@@ -239,9 +238,9 @@ def _warn_about_expert_weights(model: nn.Module) -> int:
     share = expert_parameter_share(model, experts)
     logger.warning(
         "COMQ: %s keeps %d mixture-of-experts weight tensors (%.0f%% of its parameters, e.g. %s) in full "
-        "precision: COMQ quantizes batched experts of the common layout (gate_up_proj and down_proj without "
-        "biases) in a model loaded without a device_map, and these are not (attention and the other linear "
-        "layers are quantized)",
+        "precision: COMQ quantizes all of a model's experts or none, and only batched experts of the common "
+        "layout (gate_up_proj and down_proj, no biases), none of them kept by modules_to_not_convert or "
+        "offloaded (attention and the other linear layers are quantized)",
         type(model).__name__,
         len(experts),
         100 * share,

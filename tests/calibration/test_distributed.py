@@ -119,9 +119,9 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _tiny_checkpoint(tmp_path: Path) -> Path:
-    path = tmp_path / "llama"
-    tiny_model("llama").save_pretrained(path)
+def _tiny_checkpoint(tmp_path: Path, kind: str = "llama") -> Path:
+    path = tmp_path / kind
+    tiny_model(kind).save_pretrained(path)
     return path
 
 
@@ -186,11 +186,14 @@ def test_two_ranks_sum_gram_matrices_and_share_solutions(tmp_path):
 # ---------------------------------------------------------------- the driver
 
 
-def test_two_ranks_write_the_checkpoint_of_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def test_two_ranks_write_the_checkpoint_of_one_process(tmp_path, kind):
     """Identical codes, not just a close objective: each rank's Gram matrix is a float64 sum of
     float32 batch products, and float64 holds such sums of a few batches exactly, so the
-    all-reduce's other summation order gives the very same H (and the same solve)."""
-    checkpoint = _tiny_checkpoint(tmp_path)
+    all-reduce's other summation order gives the very same H (and the same solve).  A mixture
+    of experts too: an expert may get tokens on one rank only, and its sharing of one Gram
+    matrix between gate and up must still pair the ranks' sums."""
+    checkpoint = _tiny_checkpoint(tmp_path, kind)
     run_two_ranks(tmp_path, QUANTIZE, "ok", str(checkpoint), str(tmp_path))
     ranks = [_read(tmp_path / f"rank{rank}.json") for rank in range(2)]
     previous = torch.get_num_threads()

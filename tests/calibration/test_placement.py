@@ -181,3 +181,21 @@ def test_trim_heap_gives_freed_buffers_inside_the_heap_back():
     assert trim_heap()
     assert before - _resident_anonymous_mib() >= 32
     assert all(float(tensor.sum()) == 16 for tensor in kept)
+
+
+def test_a_dispatched_mixture_of_experts_quantizes_its_experts_unless_some_are_offloaded(tmp_path):
+    checkpoint = tmp_path / "mixtral"
+    tiny_model("mixtral").save_pretrained(checkpoint)
+    in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config())
+    dispatched = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config(), device_map={"": "cpu"})
+    for model in (in_memory, dispatched):
+        assert isinstance(model.model.layers[1].mlp.experts[3].w2, COMQLinear)
+    for name, tensor in in_memory.state_dict().items():
+        assert torch.equal(dispatched.state_dict()[name], tensor), name
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    offloaded = T.AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=_config(), device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    assert not isinstance(offloaded.model.layers[0].mlp.experts, torch.nn.ModuleList)  # all stay batched, or none
+    assert isinstance(offloaded.model.layers[0].self_attn.q_proj, COMQLinear)
