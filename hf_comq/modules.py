@@ -19,7 +19,7 @@ are those of ``model.named_modules()`` (transformers 5 names, e.g.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -179,7 +179,11 @@ def expert_projection_names(model: nn.Module) -> tuple[str, str, str]:
 
 
 def unfuse_batched_experts(
-    model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None = None, *, empty: bool = False
+    model: nn.Module,
+    modules_to_not_convert: list[str] | tuple[str, ...] | None = None,
+    *,
+    empty: bool = False,
+    install: Callable[[nn.Module, str, Callable[[nn.Module], nn.Module]], None] | None = None,
 ) -> list[str]:
     """Replace every batched experts module COMQ can quantize by :class:`~hf_comq.nn.UnfusedExperts`.
 
@@ -187,9 +191,12 @@ def unfuse_batched_experts(
     a checkpoint whose experts are packed in some layers and batched dense in others
     loads in no runtime (transformers' merges and compressed-tensors' loader treat
     all experts of a model alike).  So none are replaced when a ``modules_to_not_convert``
-    entry keeps some, or when accelerate offloaded some (their weights are not in
-    memory to be split).  ``empty``: per-expert layers on ``meta`` to load a
-    checkpoint into, rather than copies of the loaded weights.
+    entry keeps some.  ``empty``: per-expert layers on ``meta`` to load a checkpoint
+    into, rather than copies of the loaded weights.  ``install(model, name, build)``
+    puts ``build(module)`` in place of the module ``name``; the default replaces it
+    and refuses (replaces nothing) when some experts' weights are not in memory
+    (accelerate's offload: calibration installs those through its placement, see
+    :func:`hf_comq.calibration.placement.install_unfused_experts`).
     """
     names = expert_projection_names(model)
     entries = list(modules_to_not_convert or [])
@@ -199,14 +206,17 @@ def unfuse_batched_experts(
         for module_name in found
         if any(matches(layer, entry) for layer in _expert_layer_names(module_name, model, names) for entry in entries)
     ]
-    offloaded = [] if empty else [module_name for module_name, module in found.items() if module.down_proj.is_meta]
+    offloaded = install is None and not empty and any(module.down_proj.is_meta for module in found.values())
     if kept or offloaded:
         return []
     build = UnfusedExperts.empty_like if empty else UnfusedExperts.from_batched
     replaced = list(found)
     del found  # each batched module must go as soon as it is replaced: peak memory is one layer's experts twice
     for module_name in replaced:
-        model.set_submodule(module_name, build(model.get_submodule(module_name), names))
+        if install is None:
+            model.set_submodule(module_name, build(model.get_submodule(module_name), names))
+        else:
+            install(model, module_name, lambda module: build(module, names))
     return replaced
 
 

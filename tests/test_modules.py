@@ -157,8 +157,11 @@ def test_unfusing_replaces_every_batched_experts_module_or_none():
     assert unfuse_batched_experts(kept, ["model.layers.1.mlp.experts"]) == []
     assert len(batched_expert_weights(kept)) == 4
     offloaded = tiny_model("mixtral")
-    offloaded.model.layers[0].mlp.experts.to("meta")  # as accelerate leaves offloaded weights
+    offloaded.model.layers[0].mlp.experts.to("meta")  # as accelerate leaves offloaded weights: not to be split here
     assert unfuse_batched_experts(offloaded) == [] and unfuse_batched_experts(offloaded, empty=True)
+    installed = []
+    assert unfuse_batched_experts(tiny_model("mixtral"), install=lambda model, name, build: installed.append(name))
+    assert installed == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
 
 
 def test_a_modules_to_not_convert_entry_may_name_batched_experts():

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "Placement",
     "block_on_compute",
     "install_quantized_layer",
+    "install_unfused_experts",
     "materialized",
     "offloads_to_disk",
     "release_file_pages",
@@ -138,7 +139,6 @@ def install_quantized_layer(
     For the same reason the old weight's pages are handed back when it is a view of a
     memory-mapped checkpoint (:func:`release_file_pages`).
     """
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     from accelerate.utils import has_offloaded_params
 
     module = model.get_submodule(name)
@@ -150,12 +150,45 @@ def install_quantized_layer(
         layer = replace_module(model, name, qweight, symmetric=symmetric)
     release_file_pages(replaced_weight)
     del module, replaced_weight
+    _place_like(model, name, layer, hook, offloaded, disk)
+    return layer
+
+
+def install_unfused_experts(model: nn.Module, name: str, build: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace the batched experts module ``name`` by ``build(module)`` (its per-expert layers), placed as it was.
+
+    An offloaded module's batched weights are brought into CPU memory one module at a
+    time, split, and each per-expert layer is offloaded again the way the module was
+    (to CPU memory, or to files on disk): the per-expert layers are then quantized and
+    re-offloaded like any other layer, and peak memory stays about one MoE layer's
+    experts.  A dispatched module kept on a device gives its per-expert layers its hook.
+    """
+    from accelerate.utils import has_offloaded_params
+
+    module = model.get_submodule(name)
+    hook = align_hook(module)
+    offloaded = has_offloaded_params(module)
+    disk = _disk_loader(hook) if offloaded else None
+    with materialized(module, torch.device("cpu")) if offloaded else contextlib.nullcontext():
+        unfused = build(module)
+    model.set_submodule(name, unfused)
+    del module
+    for child, layer in unfused.named_modules():
+        if isinstance(layer, nn.Linear):
+            _place_like(model, f"{name}.{child}", layer, hook, offloaded, disk)
+
+
+def _place_like(model: nn.Module, name: str, layer: nn.Module, hook: Any, offloaded: bool, disk: Any) -> None:
+    """Give the new ``layer`` at ``name`` the place of the module it replaces (``hook``: that module's
+    accelerate hook): its execution device, and, when that was offloaded, CPU offload or files on disk."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
     if hook is None:
-        return layer
+        return
     if not offloaded:
         new_hook = AlignDevicesHook(execution_device=hook.execution_device, io_same_device=hook.io_same_device)
         add_hook_to_module(layer, new_hook)
-        return layer
+        return
     layer.to("cpu")
     weights_map = None if disk is None else _offload_to_disk(model, name, layer, disk)
     new_hook = AlignDevicesHook(
@@ -166,7 +199,6 @@ def install_quantized_layer(
         weights_map=weights_map,
     )
     add_hook_to_module(layer, new_hook)
-    return layer
 
 
 def release_file_pages(tensor: torch.Tensor) -> bool:

@@ -113,6 +113,7 @@ from .placement import (
     Placement,
     block_on_compute,
     install_quantized_layer,
+    install_unfused_experts,
     materialized,
     release_file_pages,
     resolve_placement,
@@ -148,7 +149,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     """
     started = time.perf_counter()
     placement = resolve_placement(model)
-    _unfuse_experts(model, config)
+    _unfuse_experts(model, config, placement)
     layers = _replaceable(find_quantizable_linears(model, getattr(config, "modules_to_not_convert", None)), placement)
     if not layers:
         raise ValueError(
@@ -209,13 +210,15 @@ def _replaceable(layers: dict[str, nn.Module], placement: Placement) -> dict[str
     return kept
 
 
-def _unfuse_experts(model: nn.Module, config: Any) -> None:
-    """Give the model's batched experts per-expert layers to quantize (:func:`hf_comq.modules.unfuse_batched_experts`).
+def _unfuse_experts(model: nn.Module, config: Any, placement: Placement) -> None:
+    """Give the model's batched experts per-expert layers to quantize (:func:`hf_comq.modules.unfuse_batched_experts`),
+    placed where the batched ones lived in a dispatched model (offloaded ones offloaded again).
 
     On an asymmetric grid, say now that plain transformers will not load the
     checkpoint: its loader of packed experts drops their zero points.
     """
-    unfused = unfuse_batched_experts(model, getattr(config, "modules_to_not_convert", None))
+    install = install_unfused_experts if placement.dispatched else None
+    unfused = unfuse_batched_experts(model, getattr(config, "modules_to_not_convert", None), install=install)
     if unfused and not getattr(config, "symmetric", False):
         logger.warning(
             "COMQ: %s's experts are quantized on an asymmetric grid; hf_comq.load_quantized loads the checkpoint, "
@@ -239,8 +242,8 @@ def _warn_about_expert_weights(model: nn.Module) -> int:
     logger.warning(
         "COMQ: %s keeps %d mixture-of-experts weight tensors (%.0f%% of its parameters, e.g. %s) in full "
         "precision: COMQ quantizes all of a model's experts or none, and only batched experts of the common "
-        "layout (gate_up_proj and down_proj, no biases), none of them kept by modules_to_not_convert or "
-        "offloaded (attention and the other linear layers are quantized)",
+        "layout (gate_up_proj and down_proj, no biases) when modules_to_not_convert keeps none of them "
+        "(attention and the other linear layers are quantized)",
         type(model).__name__,
         len(experts),
         100 * share,

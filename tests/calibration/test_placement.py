@@ -183,7 +183,7 @@ def test_trim_heap_gives_freed_buffers_inside_the_heap_back():
     assert all(float(tensor.sum()) == 16 for tensor in kept)
 
 
-def test_a_dispatched_mixture_of_experts_quantizes_its_experts_unless_some_are_offloaded(tmp_path):
+def test_a_dispatched_or_disk_offloaded_mixture_of_experts_saves_the_in_memory_checkpoint(tmp_path):
     checkpoint = tmp_path / "mixtral"
     tiny_model("mixtral").save_pretrained(checkpoint)
     in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config())
@@ -197,5 +197,12 @@ def test_a_dispatched_mixture_of_experts_quantizes_its_experts_unless_some_are_o
     offloaded = T.AutoModelForCausalLM.from_pretrained(
         checkpoint, quantization_config=_config(), device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
-    assert not isinstance(offloaded.model.layers[0].mlp.experts, torch.nn.ModuleList)  # all stay batched, or none
-    assert isinstance(offloaded.model.layers[0].self_attn.q_proj, COMQLinear)
+    expert = offloaded.model.layers[1].mlp.experts[2].w1
+    assert isinstance(expert, COMQLinear) and offloads_to_disk(expert) and expert.weight_packed.device.type == "meta"
+    in_memory.save_pretrained(tmp_path / "memory")
+    offloaded.save_pretrained(tmp_path / "disk")
+    (expected, expected_config), (got, got_config) = _saved(tmp_path / "memory"), _saved(tmp_path / "disk")
+    assert sorted(got) == sorted(expected) and got_config == expected_config
+    assert "model.layers.1.block_sparse_moe.experts.2.w1.weight_packed" in got
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
