@@ -61,7 +61,16 @@ SHAPES = {
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
     ),
+    # A Qwen3-MoE shape of about 0.7 B parameters (1.4 GB in bf16), nine tenths of them in 32 experts per layer:
+    # the experts are split per expert (read one MoE layer at a time, offloaded again) and quantized like any layer
+    "qwen3-moe-0.7b": dict(
+        hidden_size=1024, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=False,
+        max_position_embeddings=2048, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512,
+    ),
 }  # fmt: skip
+CONFIG_CLASSES = {"qwen3-moe-0.7b": "Qwen3MoeConfig"}
+"""transformers config class of each shape, ``LlamaConfig`` unless named here."""
 
 
 # ---------------------------------------------------------------------------
@@ -127,9 +136,10 @@ def child_build(shape: str) -> None:
     if (folder / "config.json").exists():
         return
     torch.manual_seed(0)
-    config = T.LlamaConfig(**SHAPES[shape], bos_token_id=0, eos_token_id=0, torch_dtype="bfloat16")
+    config_class = getattr(T, CONFIG_CLASSES.get(shape, "LlamaConfig"))
+    config = config_class(**SHAPES[shape], bos_token_id=0, eos_token_id=0, torch_dtype="bfloat16")
     with torch.device("cpu"):
-        model = T.LlamaForCausalLM(config).to(torch.bfloat16)
+        model = T.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="500MB")
 
 
@@ -164,6 +174,9 @@ def child_memory(shape: str, budget_mb: int, samples: int, length: int, fp_targe
     import accelerate  # noqa: F401  everything the run imports, before the baseline
     import datasets  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
+
+    if shape in CONFIG_CLASSES:  # its modeling code is library code too
+        import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
     import hf_comq.calibration  # noqa: F401
 
@@ -369,6 +382,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "tinyllama-1b"], choices=sorted(SHAPES))
     parser.add_argument("--budget-smollm2", type=int, default=64, help="MiB of CPU memory for the 135M model")
     parser.add_argument("--budget-tinyllama-1b", type=int, default=512, help="MiB of CPU memory for the 1.1B model")
+    parser.add_argument("--budget-qwen3-moe", type=int, default=256, help="MiB of CPU memory for the MoE model")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--rank-samples", type=int, default=32)
@@ -379,7 +393,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    budgets = {"smollm2": args.budget_smollm2, "tinyllama-1b": args.budget_tinyllama_1b}
+    budgets = {
+        "smollm2": args.budget_smollm2, "tinyllama-1b": args.budget_tinyllama_1b,
+        "qwen3-moe-0.7b": args.budget_qwen3_moe,
+    }  # fmt: skip
     memory = []
     if args.part in ("memory", "all"):
         memory = run_memory(args.models, budgets, args.samples, args.length, args.allocators, args.fp_target)

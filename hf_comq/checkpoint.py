@@ -374,6 +374,7 @@ def _compare_header(key: str, saved: str, tensor: torch.Tensor, entry: tuple, sc
 
 # ---------------------------------------------------------------------------- who can run a checkpoint
 VLLM_READ = "vLLM 0.33 source, read but not run by hf_comq"
+VLLM_MOE_READ = "vLLM 0.34 source, read but not run by hf_comq"
 
 
 CONVERTER_CLASH_CLASSES = ("Dinov2",)
@@ -417,7 +418,7 @@ def runtime_support(
     if scheme.layer_type == CONV1D:
         vllm = "not served: vLLM has no compressed-tensors scheme for transformers `Conv1D` layers (load error)"
     elif quantized_experts:
-        vllm = "not checked: hf_comq's vLLM notes do not cover mixture-of-experts layers"
+        vllm = f"compressed-tensors `WNA16` MoE method, {_vllm_moe_kernel(scheme)}; {VLLM_MOE_READ}"
     elif model_class not in (None, "AutoModel") and not model_class.endswith("ForCausalLM"):
         vllm = "not checked: hf_comq's vLLM notes cover causal LMs; vLLM does not serve image classifiers"
     else:
@@ -426,3 +427,13 @@ def runtime_support(
         vllm = f"compressed-tensors `WNA16` scheme, {kernel}; {VLLM_READ}"
     rows.append(("vLLM", vllm))
     return rows
+
+
+def _vllm_moe_kernel(scheme: PackedScheme) -> str:
+    """Which of vLLM's WNA16 MoE kernels takes these experts (benchmarks/gpu/FACTS.md, Q5b)."""
+    marlin_grid = scheme.bits == 4 or (scheme.bits == 8 and scheme.symmetric)
+    if marlin_grid and scheme.group_size in (None, 32, 64, 128):
+        return "Marlin kernels"
+    if scheme.bits == 4:
+        return "Triton kernels"
+    return "only with its optional Humming kernels (2, 3, 5-7 bits, 8 bits off Marlin's grids)"

@@ -86,8 +86,9 @@ def test_runtime_support_names_every_runtime_and_what_is_unverified():
     assert "does not load" in moe["transformers + `compressed-tensors>=0.18`, no hf_comq"]
     asymmetric_experts = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", quantized_experts=True))
     assert "drops the zero points" in asymmetric_experts["transformers + `compressed-tensors>=0.18`, no hf_comq"]
-    assert "not checked" in asymmetric_experts["vLLM"]
+    assert "Marlin" in asymmetric_experts["vLLM"] and "not run" in asymmetric_experts["vLLM"]  # W4 per channel
     symmetric_experts = dict(runtime_support(SCHEMES[1], "MixtralForCausalLM", quantized_experts=True))
     assert "loads it exactly" in symmetric_experts["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    assert "Humming" in symmetric_experts["vLLM"]  # W3: no Marlin or Triton kernel for 3-bit experts
     dinov2 = dict(runtime_support(SCHEMES[0], "Dinov2Model"))
     assert "does not load" in dinov2["transformers + `compressed-tensors>=0.18`, no hf_comq"]
