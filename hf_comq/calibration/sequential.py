@@ -608,12 +608,14 @@ class _Calibrator:
     def _quantize_layers(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> None:
         """Solve ``names`` (each by one rank of the group) and install the results on every rank."""
         solvable = []
+        identities: set[int] = set()  # accumulators given the identity (an unrouted expert's gate and up may share one)
         for name in names:
             self.pending.remove(name)
-            if accumulators[name].num_tokens == 0 and name in self.routed:
-                self._round_unrouted(name, accumulators[name])
+            accumulator = accumulators[name]
+            if name in self.routed and (accumulator.num_tokens == 0 or id(accumulator) in identities):
+                self._round_unrouted(name, accumulator, identities)
                 solvable.append(name)
-            elif accumulators[name].num_tokens == 0:
+            elif accumulator.num_tokens == 0:
                 self._skip(name, "it never ran on the calibration data")
             else:
                 solvable.append(name)
@@ -638,15 +640,17 @@ class _Calibrator:
             else:
                 self.deferred.append((name, _to_cpu(qweight)))
 
-    def _round_unrouted(self, name: str, accumulator: HessianAccumulator) -> None:
+    def _round_unrouted(self, name: str, accumulator: HessianAccumulator, identities: set[int]) -> None:
         """Give an expert layer no token was routed to the identity as its Gram matrix.
 
         Its objective is then the weight error itself, the round-to-nearest fit on
         the solver's grid.  Such an expert cannot stay in full precision: a checkpoint
-        whose experts of one layer are partly packed, partly dense loads in no runtime.
+        whose experts are partly packed, partly dense loads in no runtime.
+        ``identities``: the accumulators that got it already in this step.
         """
-        if accumulator.num_tokens == 0:  # gate and up share one accumulator: the identity goes in once
+        if id(accumulator) not in identities:
             accumulator.add(torch.eye(accumulator.in_features, device=self.compute))
+            identities.add(id(accumulator))
         self.unrouted.append(name)
 
     def _hand_over(self, accumulators: list[HessianAccumulator]) -> None:

@@ -424,6 +424,31 @@ def test_an_expert_no_token_is_routed_to_is_rounded_on_the_identity(caplog):
     assert experts.gate_up_proj.shape[0] == 4  # the batched original is untouched, just replaced
 
 
+def test_an_expert_that_saw_only_padding_is_rounded_once_for_its_gate_and_up():
+    """Called on padding only, the expert's gate and up were found sharing one Gram matrix, which holds no token."""
+    from hf_comq.modules import unfuse_batched_experts
+
+    model = tiny_model("qwen3_moe")
+    unfuse_batched_experts(model)
+    masks = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+
+    def only_padding_to_expert_3(module, args):
+        hidden, index, weights = args
+        real = masks[-1].reshape(-1, 1).bool() if masks[-1] is not None else torch.ones_like(index, dtype=torch.bool)
+        return hidden, torch.where((index == 3) & real, torch.full_like(index, 4), index), weights
+
+    model.model.layers[0].mlp.experts.register_forward_pre_hook(only_padding_to_expert_3)
+    calls, solver = _recording_solver_with_weights()
+    summary = quantize_model(model, _config("llama", 8, batch_size=8), solver=solver)  # one batch: one mask
+    assert summary["expert_layers_without_tokens"] == [
+        f"model.layers.0.mlp.experts.3.{name}" for name in ("down_proj", "gate_proj", "up_proj")
+    ]
+    gate = model.model.layers[0].mlp.experts[3]
+    assert isinstance(gate.gate_proj, COMQLinear) and isinstance(gate.up_proj, COMQLinear)
+    assert sum(torch.equal(hessian, torch.eye(32)) for _, hessian in calls) >= 2  # gate/up (one matrix), and down
+
+
 def test_experts_modules_to_not_convert_keeps_stay_batched_and_in_full_precision(caplog):
     model = tiny_model("mixtral")
     kept = model.model.layers[1].mlp.experts
