@@ -86,9 +86,9 @@ def token_mask(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Te
 # Gram matrices
 # ---------------------------------------------------------------------------
 
-LayerCall = tuple[str, torch.Tensor, torch.Tensor | None]
+LayerCall = tuple[str, torch.Tensor, tuple[torch.Tensor, int] | None]
 """One layer call kept for :meth:`HessianRecorder.replay`: the layer's name, its input, and
-for an expert's layer the flattened token positions the input rows come from."""
+for an expert's layer :meth:`~hf_comq.nn.UnfusedExperts.routed_rows`."""
 
 
 class HessianRecorder:
@@ -247,10 +247,10 @@ class HessianRecorder:
         if name not in self._routers:
             self._targets.setdefault(name, []).append(self._real_tokens(tensor))
 
-    def _record(self, name: str, tensor: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def _record(self, name: str, tensor: torch.Tensor, rows: tuple[torch.Tensor, int] | None = None) -> None:
         """Add one layer call's real-token inputs to its Gram sum (unless it shares an earlier call's).
 
-        ``rows``: for an expert's layer, the flattened token positions its inputs come from.
+        ``rows``: for an expert's layer, which of the experts' flattened tokens its inputs are.
         """
         target = self._target_of(name)
         if self._reuses(name, tensor):
@@ -265,13 +265,16 @@ class HessianRecorder:
         self.accumulators[name].add(activations, target)
         self._last = (tensor, name)
 
-    def _real_tokens(self, tensor: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _real_tokens(self, tensor: torch.Tensor, rows: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         activations = tensor.detach()
         mask = self._mask
         if mask is None:
             return activations
         if rows is not None:
-            return activations[mask.reshape(-1).to(activations.device)[rows.to(activations.device)]]
+            positions, tokens = rows
+            if tokens != mask.numel():  # the experts were not handed the batch's tokens one for one
+                return activations
+            return activations[mask.reshape(-1).to(activations.device)[positions.to(activations.device)]]
         if activations.shape[:-1] == mask.shape:
             activations = activations[mask.to(activations.device)]
         return activations

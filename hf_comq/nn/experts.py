@@ -110,8 +110,9 @@ class UnfusedExperts(nn.ModuleList):
         ]
         return cls(experts)
 
-    def routed_rows(self) -> torch.Tensor | None:
-        """The rows (flattened token positions) of the expert call running on this thread, else ``None``.
+    def routed_rows(self) -> tuple[torch.Tensor, int] | None:
+        """``(rows, tokens)`` of the expert call running on this thread, else ``None``: which of the
+        ``tokens`` hidden states handed to the experts (flattened positions) the expert's inputs are.
 
         Calibration reads it to leave padding tokens out of an expert's Gram matrix,
         as it does for every other layer with the batch's attention mask.
@@ -127,7 +128,7 @@ class UnfusedExperts(nn.ModuleList):
             if not 0 <= expert < self.num_experts:  # transformers marks dropped routes with num_experts
                 continue
             slot, tokens = torch.where(top_k_index.T == expert)  # slot-major, as transformers orders them
-            self._routing.rows = tokens
+            self._routing.rows = (tokens, hidden_states.shape[0])
             try:
                 expert_output = self[expert](hidden_states[tokens])
             finally:

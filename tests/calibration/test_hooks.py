@@ -224,3 +224,19 @@ def test_an_experts_gram_matrices_hold_only_the_real_tokens_routed_to_it(threade
             torch.testing.assert_close(gate.result(), (x.T @ x).double(), rtol=1e-5, atol=1e-6)
             down = recorder.accumulators[f"model.layers.0.mlp.experts.{expert}.down_proj"].result()
             torch.testing.assert_close(down, (intermediate.T @ intermediate).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_experts_handed_other_tokens_than_the_batch_keep_all_their_rows():
+    """A MoE block that hands its experts some other set of tokens (not the batch's, one for one) cannot be
+    masked: every routed row counts rather than the wrong ones."""
+    from hf_comq.nn import UnfusedExperts
+    from tests.nn.test_experts import experts_of
+
+    experts = UnfusedExperts.from_batched(experts_of("qwen3_moe"))
+    model = nn.ModuleDict({"experts": experts})
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    hidden, index = torch.randn(4, 32), torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1]])
+    with HessianRecorder(model, ["experts.0.gate_proj"], torch.device("cpu")) as recorder, torch.no_grad():
+        with recorder.tokens(mask):
+            experts(hidden, index, torch.ones(4, 2))
+    assert recorder.accumulators["experts.0.gate_proj"].num_tokens == 4
