@@ -342,7 +342,27 @@ def quantizes_experts(checkpoint_files: Iterable[str]) -> bool:
     tensors as usual.  Files other than safetensors cannot be read ahead: ``False``.
     """
     header = _packed_header(checkpoint_files) or {}
-    return any(re.search(r"\.experts\.\d+\.[^.]+\.weight_packed$", key) for key in header)
+    return any(_PER_EXPERT.search(key.removesuffix("_packed")) for key in header)
+
+
+def stores_experts_per_expert(checkpoint_files: Iterable[str]) -> bool:
+    """Whether a full-precision checkpoint names its experts one by one (``...experts.<e>.<layer>.weight``).
+
+    Then a model quantized while loading can take them straight into per-expert layers,
+    with no batched tensors merged on the way (under a memory budget transformers builds
+    those merges in memory).  ``False`` for other layouts and for files other than safetensors.
+    """
+    files = [str(path) for path in checkpoint_files]
+    if not files or not all(path.endswith(".safetensors") and os.path.isfile(path) for path in files):
+        return False
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            if any(_PER_EXPERT.search(key) for key in handle.keys()):
+                return True
+    return False
+
+
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.[^.]+\.weight$")
 
 
 def _packed_header(checkpoint_files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]] | None:

@@ -36,10 +36,12 @@ from .checkpoint import (
     layer_group_size,
     layer_type_of,
     quantizes_experts,
+    stores_experts_per_expert,
     verify_quantized_model,
 )
 from .config import COMQConfig
 from .modules import find_quantizable_linears, modules_kept_in_full_precision, unfuse_batched_experts
+from .nn import UnfusedExperts
 from .nn.quant_linear import COMQLinear, is_linear_like, linear_shape
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ class COMQHfQuantizer(HfQuantizer):
             self._install_shells(model, kwargs.get("checkpoint_files") or ())
         else:
             config = self.quantization_config
+            if stores_experts_per_expert(kwargs.get("checkpoint_files") or ()):
+                unfuse_batched_experts(model, config.modules_to_not_convert, empty=True)
             targets = find_quantizable_linears(model, config.modules_to_not_convert)
             if not targets:
                 kept = modules_kept_in_full_precision(model, config.modules_to_not_convert)
@@ -85,6 +89,19 @@ class COMQHfQuantizer(HfQuantizer):
             layer_type_of(targets)
             check_group_size(targets, config.group_size)
         return model
+
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+        """Leave out the merges of per-expert checkpoint weights into batched experts the model no longer has.
+
+        Experts given per-expert layers before loading (:class:`~hf_comq.nn.UnfusedExperts`)
+        take the checkpoint's per-expert tensors by name; the model's own merge would
+        collect them into ``experts.gate_up_proj`` / ``experts.down_proj``, which it no
+        longer has.
+        """
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        if not any(isinstance(module, UnfusedExperts) for module in model.modules()):
+            return conversions
+        return [conversion for conversion in conversions if not _merges_experts(conversion)]
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
@@ -147,6 +164,14 @@ class COMQHfQuantizer(HfQuantizer):
             config.base_model = name
         config.calibration_description = config.describe_calibration()
         self._converted = list(converted)
+
+
+def _merges_experts(conversion: Any) -> bool:
+    """Whether a weight conversion builds a batched experts tensor (``...experts.gate_up_proj`` or ``...experts.down_proj``)."""
+    targets = getattr(conversion, "target_patterns", None) or ()
+    sources = getattr(conversion, "source_patterns", None) or ()
+    batched = any(target.endswith(("experts.gate_up_proj", "experts.down_proj")) for target in targets)
+    return batched and any("*" in source for source in sources)
 
 
 def _attach_model_card(model: nn.Module) -> None:

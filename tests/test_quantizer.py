@@ -453,3 +453,29 @@ def test_the_same_settings_and_seed_give_a_byte_identical_checkpoint(seed, tmp_p
     assert [path.name for path in first] == [path.name for path in second]
     for a, b in zip(first, second):
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_a_mixture_of_experts_loads_its_experts_straight_into_per_expert_layers(tmp_path, monkeypatch):
+    """The checkpoint names experts one by one: they load into per-expert layers, never merged into batched
+    tensors (which transformers builds in memory, budget or not), and quantize as the loaded model would."""
+    from hf_comq.calibration import quantize_model
+    from hf_comq.checkpoint import stores_experts_per_expert
+    from hf_comq.nn import UnfusedExperts
+
+    tiny_model("mixtral").save_pretrained(tmp_path / "mixtral")
+    tiny_model("llama").save_pretrained(tmp_path / "llama")
+    assert stores_experts_per_expert([tmp_path / "mixtral" / "model.safetensors"])
+    assert not stores_experts_per_expert([tmp_path / "llama" / "model.safetensors"])
+    merged = []
+    original = UnfusedExperts.from_batched
+    monkeypatch.setattr(UnfusedExperts, "from_batched", lambda *args: merged.append(1) or original(*args))
+    data = torch.randint(1, 64, (8, 12))
+    config = COMQConfig(bits=4, dataset=data, seed=0)
+    loaded = T.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral", quantization_config=config)
+    assert not merged and isinstance(loaded.model.layers[0].mlp.experts, UnfusedExperts)
+    in_memory = tiny_model("mixtral")
+    quantize_model(in_memory, COMQConfig(bits=4, dataset=data, seed=0))
+    assert merged  # a model already in memory has its batched experts split
+    expected = in_memory.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name

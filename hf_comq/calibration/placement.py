@@ -171,6 +171,8 @@ def install_unfused_experts(model: nn.Module, name: str, build: Callable[[nn.Mod
     disk = _disk_loader(hook) if offloaded else None
     with materialized(module, torch.device("cpu")) if offloaded else contextlib.nullcontext():
         unfused = build(module)
+        for param in module.parameters(recurse=False):  # read from a mapped offload file: its pages would stay
+            release_file_pages(param)
     model.set_submodule(name, unfused)
     del module
     for child, layer in unfused.named_modules():

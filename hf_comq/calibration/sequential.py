@@ -213,13 +213,15 @@ def _replaceable(layers: dict[str, nn.Module], placement: Placement) -> dict[str
 def _unfuse_experts(model: nn.Module, config: Any, placement: Placement) -> None:
     """Give the model's batched experts per-expert layers to quantize (:func:`hf_comq.modules.unfuse_batched_experts`),
     placed where the batched ones lived in a dispatched model (offloaded ones offloaded again).
+    ``from_pretrained`` may have given them already, loading a checkpoint that stores its
+    experts one by one straight into them.
 
     On an asymmetric grid, say now that plain transformers will not load the
     checkpoint: its loader of packed experts drops their zero points.
     """
     install = install_unfused_experts if placement.dispatched else None
-    unfused = unfuse_batched_experts(model, getattr(config, "modules_to_not_convert", None), install=install)
-    if unfused and not getattr(config, "symmetric", False):
+    unfuse_batched_experts(model, getattr(config, "modules_to_not_convert", None), install=install)
+    if routed_layer_names(model) and not getattr(config, "symmetric", False):
         logger.warning(
             "COMQ: %s's experts are quantized on an asymmetric grid; hf_comq.load_quantized loads the checkpoint, "
             "plain transformers does not (it drops packed experts' zero points): quantize with symmetric=True "

@@ -73,25 +73,31 @@ class HessianAccumulator:
         fitting = rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS)
         self._spans = spans(in_features, max(min(fitting, -(-in_features // TRIANGLE_BLOCKS)), MIN_BLOCK_ROWS))
         self._shift_spans = spans(in_features, fitting)  # no triangle to follow: the fewest blocks that fit
-        self._upper: list[torch.Tensor] | None = [
-            torch.zeros(span.stop - span.start, in_features - span.start, dtype=dtype, device=device) for span in self._spans
-        ]
-        self._whole: torch.Tensor | None = None
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._with_target = with_target
+        # The sums are made on first use: a layer found sharing another's input (q/k/v, an expert's
+        # gate/up) or never reached (an expert no token is routed to) never needs its own.
+        self._upper: list[torch.Tensor] | None = None
         self._shift: list[torch.Tensor] | None = None
-        if with_target:
-            self._shift = [
-                torch.zeros(span.stop - span.start, in_features, dtype=dtype, device=device) for span in self._shift_spans
-            ]
+        self._whole: torch.Tensor | None = None
         self._whole_shift: torch.Tensor | None = None
+        self._made = False
+        self._handed_over = False
 
     @property
     def with_target(self) -> bool:
         """Whether the target shift is summed (see the class docstring)."""
-        return self._shift is not None or self._whole_shift is not None
+        return self._with_target
 
-    @property
-    def _handed_over(self) -> bool:
-        return self._upper is None or self._whole_shift is not None
+    def _sums(self) -> None:
+        """Make the zero sums (the triangle's row blocks, and the target shift's) unless they exist."""
+        if self._made:
+            return
+        self._made = True
+        n, dtype, device = self.in_features, self.dtype, self._device
+        self._upper = [torch.zeros(span.stop - span.start, n - span.start, dtype=dtype, device=device) for span in self._spans]
+        if self._with_target:
+            self._shift = [torch.zeros(span.stop - span.start, n, dtype=dtype, device=device) for span in self._shift_spans]
 
     def add(self, activations: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """Add a batch of inputs whose last dimension is ``in_features``.
@@ -106,7 +112,7 @@ class HessianAccumulator:
         if self._handed_over:
             raise RuntimeError("this Gram matrix was already handed over (result()); it takes no more batches")
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
-        rows = activations.reshape(-1, self.in_features).to(device=self._upper[0].device, dtype=product_dtype)
+        rows = activations.reshape(-1, self.in_features).to(device=self._device, dtype=product_dtype)
         if not _all_finite(rows):
             raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
         if (target is not None) != self.with_target:
@@ -122,6 +128,7 @@ class HessianAccumulator:
             shift_rows = target.reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype) - rows
             if not _all_finite(shift_rows):
                 raise ValueError("target activations contain NaN or inf; check the model's dtype")
+        self._sums()
         with threads_for((1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features):
             for span, block in zip(self._spans, self._upper):
                 _add_product(block, rows[:, span].T, rows[:, span.start :])
@@ -134,6 +141,7 @@ class HessianAccumulator:
         """The running sums themselves (the triangle's row blocks, then the target shift's), for summing over processes in place."""
         if self._handed_over:
             raise RuntimeError("this Gram matrix was already handed over (result()); its partial sums are gone")
+        self._sums()  # a process with no tokens for this layer still adds its zeros to the others'
         return self._upper if self._shift is None else self._upper + self._shift
 
     def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -148,6 +156,8 @@ class HessianAccumulator:
         if self.num_tokens == 0:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
         if self._whole is None:
+            self._sums()  # tokens summed on other processes only: the all-reduce filled these
+            self._handed_over = True
             self._whole = self._mirrored(dtype or self.dtype)
         elif dtype is not None and dtype != self._whole.dtype:
             self._whole = self._whole.to(dtype)
@@ -160,6 +170,8 @@ class HessianAccumulator:
         if self.num_tokens == 0:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
         if self._whole_shift is None:
+            self._sums()
+            self._handed_over = True
             blocks, self._shift = self._shift, None
             self._whole_shift = torch.empty(self.in_features, self.in_features, dtype=dtype or self.dtype, device=blocks[0].device)
             for index, span in enumerate(self._shift_spans):
