@@ -509,3 +509,13 @@ def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
     assert "base_model" not in metadata  # quantized from a local folder, recorded by name only
     assert "a local checkpoint (`tiny-vit-base`)" in body  # the provenance travelled through the checkpoint
     assert 'from_pretrained("user/resaved")' in body
+
+
+def test_a_mixture_of_experts_card_says_the_experts_are_quantized_and_who_loads_them(tmp_path):
+    from tests.tiny import quantize_tiny, tiny_model
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "fp")
+    model = quantize_tiny(tmp_path / "fp", type(tiny_model("qwen3_moe")), bits=4, group_size=None, symmetric=False)
+    _, body = split_card(write_model_card(tmp_path, model).read_text(encoding="utf-8"))
+    assert "| Mixture-of-experts weights | quantized, each expert's layers on the tokens routed to it |" in body
+    assert "drops the zero points" in body and "`WNA16` MoE method, Marlin kernels" in body
