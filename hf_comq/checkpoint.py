@@ -342,27 +342,29 @@ def quantizes_experts(checkpoint_files: Iterable[str]) -> bool:
     tensors as usual.  Files other than safetensors cannot be read ahead: ``False``.
     """
     header = _packed_header(checkpoint_files) or {}
-    return any(_PER_EXPERT.search(key.removesuffix("_packed")) for key in header)
+    return any(_PER_EXPERT.search(key.removesuffix("_packed")) for key in header if key.endswith(".weight_packed"))
 
 
-def stores_experts_per_expert(checkpoint_files: Iterable[str]) -> bool:
-    """Whether a full-precision checkpoint names its experts one by one (``...experts.<e>.<layer>.weight``).
+def stores_experts_per_expert(checkpoint_files: Iterable[str], layer_names: Iterable[str]) -> bool:
+    """Whether a full-precision checkpoint names its experts one by one, as ``...experts.<e>.<layer>.weight``
+    for every one of ``layer_names`` (the model's gate, up and down names, e.g. Mixtral's ``w1``, ``w3``, ``w2``).
 
     Then a model quantized while loading can take them straight into per-expert layers,
     with no batched tensors merged on the way (under a memory budget transformers builds
-    those merges in memory).  ``False`` for other layouts and for files other than safetensors.
+    those merges in memory).  ``False`` for other layouts, other layer names (the
+    per-expert layers would find no weights) and files other than safetensors.
     """
     files = [str(path) for path in checkpoint_files]
     if not files or not all(path.endswith(".safetensors") and os.path.isfile(path) for path in files):
         return False
+    found: set[str] = set()
     for path in files:
         with safe_open(path, framework="pt") as handle:
-            if any(_PER_EXPERT.search(key) for key in handle.keys()):
-                return True
-    return False
+            found.update(match.group(1) for match in map(_PER_EXPERT.search, handle.keys()) if match)
+    return bool(found) and set(layer_names) <= found
 
 
-_PER_EXPERT = re.compile(r"\.experts\.\d+\.[^.]+\.weight$")
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.([^.]+)\.weight$")
 
 
 def _packed_header(checkpoint_files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]] | None:

@@ -40,7 +40,12 @@ from .checkpoint import (
     verify_quantized_model,
 )
 from .config import COMQConfig
-from .modules import find_quantizable_linears, modules_kept_in_full_precision, unfuse_batched_experts
+from .modules import (
+    expert_projection_names,
+    find_quantizable_linears,
+    modules_kept_in_full_precision,
+    unfuse_batched_experts,
+)
 from .nn import UnfusedExperts
 from .nn.quant_linear import COMQLinear, is_linear_like, linear_shape
 
@@ -77,7 +82,7 @@ class COMQHfQuantizer(HfQuantizer):
             self._install_shells(model, kwargs.get("checkpoint_files") or ())
         else:
             config = self.quantization_config
-            if stores_experts_per_expert(kwargs.get("checkpoint_files") or ()):
+            if stores_experts_per_expert(kwargs.get("checkpoint_files") or (), expert_projection_names(model)):
                 unfuse_batched_experts(model, config.modules_to_not_convert, empty=True)
             targets = find_quantizable_linears(model, config.modules_to_not_convert)
             if not targets:

@@ -464,8 +464,9 @@ def test_a_mixture_of_experts_loads_its_experts_straight_into_per_expert_layers(
 
     tiny_model("mixtral").save_pretrained(tmp_path / "mixtral")
     tiny_model("llama").save_pretrained(tmp_path / "llama")
-    assert stores_experts_per_expert([tmp_path / "mixtral" / "model.safetensors"])
-    assert not stores_experts_per_expert([tmp_path / "llama" / "model.safetensors"])
+    assert stores_experts_per_expert([tmp_path / "mixtral" / "model.safetensors"], ("w1", "w3", "w2"))
+    assert not stores_experts_per_expert([tmp_path / "mixtral" / "model.safetensors"], ("gate_proj", "up_proj", "w2"))
+    assert not stores_experts_per_expert([tmp_path / "llama" / "model.safetensors"], ("w1", "w3", "w2"))
     merged = []
     original = UnfusedExperts.from_batched
     monkeypatch.setattr(UnfusedExperts, "from_batched", lambda *args: merged.append(1) or original(*args))
