@@ -95,8 +95,10 @@ def modules_kept_in_full_precision(
 
 def _checked_entries(model: nn.Module, modules_to_not_convert: list[str] | tuple[str, ...] | None) -> list[str]:
     extra = list(modules_to_not_convert or [])
+    if not extra:
+        return extra
     linears = [name for name, module in model.named_modules() if name and is_linear_like(module)]
-    names = expert_projection_names(model) if extra else DEFAULT_PROJECTION_NAMES
+    names = expert_projection_names(model)  # batched experts' layers are layers too, named as they will be
     linears += [layer for batched in _standard_batched_experts(model) for layer in _expert_layer_names(batched, model, names)]
     unmatched = [entry for entry in extra if not any(matches(name, entry) for name in linears)]
     if unmatched:
@@ -150,6 +152,18 @@ def batched_expert_weights(model: nn.Module) -> dict[str, int]:
     return found
 
 
+BATCHED_EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+"""The batched tensors transformers 5 merges a MoE layer's per-expert checkpoint weights into."""
+
+
+def merges_batched_experts(transform: object) -> bool:
+    """Whether one of transformers' weight conversions merges per-expert weights (``experts.*.<layer>.weight``)
+    into a batched experts tensor (:data:`BATCHED_EXPERT_TENSORS`)."""
+    targets = list(getattr(transform, "target_patterns", None) or ())
+    sources = list(getattr(transform, "source_patterns", None) or ())
+    return bool(targets) and targets[0].endswith(BATCHED_EXPERT_TENSORS) and any("*" in source for source in sources)
+
+
 def expert_projection_names(model: nn.Module) -> tuple[str, str, str]:
     """The checkpoint's names of an expert's gate, up and down layers (``gate_proj``... or Mixtral's ``w1``...).
 
@@ -164,14 +178,14 @@ def expert_projection_names(model: nn.Module) -> tuple[str, str, str]:
         transforms = get_model_conversion_mapping(model, add_legacy=False)
     except Exception:  # a model transformers has no mapping machinery for: the usual names
         transforms = []
-    for transform in transforms:
-        sources, targets = list(transform.source_patterns), list(transform.target_patterns)
-        leaves = [source.rsplit(".", 2)[-2] for source in sources if source.endswith(".weight") and "*" in source]
-        if len(leaves) != len(sources) or not targets:
+    for transform in filter(merges_batched_experts, transforms):
+        sources, target = list(transform.source_patterns), transform.target_patterns[0]
+        leaves = [source.rsplit(".", 2)[-2] for source in sources if source.endswith(".weight")]
+        if len(leaves) != len(sources):
             continue
-        if targets[0].endswith("experts.gate_up_proj") and len(leaves) == 2:
+        if target.endswith(BATCHED_EXPERT_TENSORS[0]) and len(leaves) == 2:
             gate_up = leaves
-        elif targets[0].endswith("experts.down_proj") and len(leaves) == 1:
+        elif target.endswith(BATCHED_EXPERT_TENSORS[1]) and len(leaves) == 1:
             down = leaves[0]
     if gate_up is None or down is None:
         return DEFAULT_PROJECTION_NAMES

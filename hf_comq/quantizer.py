@@ -43,6 +43,7 @@ from .config import COMQConfig
 from .modules import (
     expert_projection_names,
     find_quantizable_linears,
+    merges_batched_experts,
     modules_kept_in_full_precision,
     unfuse_batched_experts,
 )
@@ -106,7 +107,7 @@ class COMQHfQuantizer(HfQuantizer):
         conversions = super().update_weight_conversions(weight_conversions, model)
         if not any(isinstance(module, UnfusedExperts) for module in model.modules()):
             return conversions
-        return [conversion for conversion in conversions if not _merges_experts(conversion)]
+        return [conversion for conversion in conversions if not merges_batched_experts(conversion)]
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
@@ -169,14 +170,6 @@ class COMQHfQuantizer(HfQuantizer):
             config.base_model = name
         config.calibration_description = config.describe_calibration()
         self._converted = list(converted)
-
-
-def _merges_experts(conversion: Any) -> bool:
-    """Whether a weight conversion builds a batched experts tensor (``...experts.gate_up_proj`` or ``...experts.down_proj``)."""
-    targets = getattr(conversion, "target_patterns", None) or ()
-    sources = getattr(conversion, "source_patterns", None) or ()
-    batched = any(target.endswith(("experts.gate_up_proj", "experts.down_proj")) for target in targets)
-    return batched and any("*" in source for source in sources)
 
 
 def _attach_model_card(model: nn.Module) -> None:
