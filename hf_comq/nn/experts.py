@@ -30,19 +30,31 @@ DEFAULT_PROJECTION_NAMES = ("gate_proj", "up_proj", "down_proj")
 """Per-expert layer names where the model's checkpoint mapping names none (Mixtral's are ``w1``, ``w3``, ``w2``)."""
 
 
+LAYOUT_FLAGS = ("is_transposed", "has_bias", "is_concatenated", "has_gate", "has_post_expert_norm")
+"""What transformers' experts interface (``use_experts_implementation``) declares on every experts module
+it drives; its eager, batched and grouped implementations all compute what the flags say."""
+STANDARD_LAYOUT = (False, False, True, True, False)
+"""The flags of the layout :class:`UnfusedExperts` reproduces: ``down(act(gate(x)) * up(x))``, gate and up
+concatenated in ``gate_up_proj``, ``(out, in)`` weights, no biases, no norm after the experts."""
+
+
 def is_standard_batched_experts(module: nn.Module) -> bool:
-    """Whether ``module`` is a batched experts module in the layout :class:`UnfusedExperts` reproduces."""
-    gate_up = module._parameters.get("gate_up_proj")
-    down = module._parameters.get("down_proj")
+    """Whether ``module`` is a batched experts module in the layout :class:`UnfusedExperts` reproduces.
+
+    Only modules declared through transformers' experts interface qualify: a module
+    that merely has parameters of the right names and shapes may compute anything.
+    """
+    own = dict(module.named_parameters(recurse=False))
+    gate_up, down = own.get("gate_up_proj"), own.get("down_proj")
     experts = getattr(module, "num_experts", None)
     if not isinstance(experts, int) or isinstance(experts, bool) or gate_up is None or down is None:
         return False
-    layout = (getattr(module, "is_transposed", False), getattr(module, "has_bias", False),
-              getattr(module, "is_concatenated", True), getattr(module, "has_gate", True),
-              getattr(module, "has_post_expert_norm", False))  # fmt: skip
-    if layout != (False, False, True, True, False) or not callable(getattr(module, "act_fn", None)):
+    if not all(hasattr(module, flag) for flag in LAYOUT_FLAGS):
         return False
-    if any(name.endswith("bias") for name in module._parameters):
+    layout = tuple(bool(getattr(module, flag)) for flag in LAYOUT_FLAGS)
+    if layout != STANDARD_LAYOUT or not callable(getattr(module, "act_fn", None)):
+        return False
+    if any(name.endswith("bias") for name in own):
         return False
     if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != experts or down.shape[0] != experts:
         return False

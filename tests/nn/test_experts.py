@@ -65,6 +65,14 @@ def test_layouts_it_cannot_reproduce_stay_batched():
     with pytest.raises(ValueError, match="standard layout"):
         UnfusedExperts.from_batched(gpt_oss)
 
+    class LooksTheSame(nn.Module):  # the right tensors, but no declared layout: its forward may compute anything
+        def __init__(self):
+            super().__init__()
+            self.num_experts, self.act_fn = 4, nn.SiLU()
+            self.gate_up_proj, self.down_proj = nn.Parameter(torch.zeros(4, 128, 32)), nn.Parameter(torch.zeros(4, 32, 64))
+
+    assert not is_standard_batched_experts(LooksTheSame())
+
 
 def test_an_empty_shell_is_shaped_like_the_experts_on_meta():
     batched = experts_of("mixtral")
