@@ -30,12 +30,13 @@ DEFAULT_PROJECTION_NAMES = ("gate_proj", "up_proj", "down_proj")
 """Per-expert layer names where the model's checkpoint mapping names none (Mixtral's are ``w1``, ``w3``, ``w2``)."""
 
 
-LAYOUT_FLAGS = ("is_transposed", "has_bias", "is_concatenated", "has_gate", "has_post_expert_norm")
+LAYOUT_FLAGS = ("is_transposed", "has_bias", "is_concatenated", "has_gate")
 """What transformers' experts interface (``use_experts_implementation``) declares on every experts module
-it drives; its eager, batched and grouped implementations all compute what the flags say."""
-STANDARD_LAYOUT = (False, False, True, True, False)
+it drives (since transformers 5.17); its eager, batched and grouped implementations all compute what the
+flags say.  Later versions add ``has_post_expert_norm``, false unless declared."""
+STANDARD_LAYOUT = (False, False, True, True)
 """The flags of the layout :class:`UnfusedExperts` reproduces: ``down(act(gate(x)) * up(x))``, gate and up
-concatenated in ``gate_up_proj``, ``(out, in)`` weights, no biases, no norm after the experts."""
+concatenated in ``gate_up_proj``, ``(out, in)`` weights, no biases (and no norm after the experts)."""
 
 
 def is_standard_batched_experts(module: nn.Module) -> bool:
@@ -52,7 +53,9 @@ def is_standard_batched_experts(module: nn.Module) -> bool:
     if not all(hasattr(module, flag) for flag in LAYOUT_FLAGS):
         return False
     layout = tuple(bool(getattr(module, flag)) for flag in LAYOUT_FLAGS)
-    if layout != STANDARD_LAYOUT or not callable(getattr(module, "act_fn", None)):
+    if layout != STANDARD_LAYOUT or getattr(module, "has_post_expert_norm", False):
+        return False
+    if not callable(getattr(module, "act_fn", None)):
         return False
     if any(name.endswith("bias") for name in own):
         return False
