@@ -47,7 +47,6 @@ from .modules import (
     modules_kept_in_full_precision,
     unfuse_batched_experts,
 )
-from .nn import UnfusedExperts
 from .nn.quant_linear import COMQLinear, is_linear_like, linear_shape
 
 logger = logging.getLogger(__name__)
@@ -68,6 +67,7 @@ class COMQHfQuantizer(HfQuantizer):
         # The copy shares the dataset and processor (see COMQConfig.__deepcopy__).
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self._converted: list[str] = []
+        self._unfused_experts: list[str] = []  # experts modules given per-expert layers before loading
 
     # ---------------------------------------------------------------- contract
     def is_serializable(self, **kwargs: Any) -> bool:
@@ -84,7 +84,7 @@ class COMQHfQuantizer(HfQuantizer):
         else:
             config = self.quantization_config
             if stores_experts_per_expert(kwargs.get("checkpoint_files") or (), expert_projection_names(model)):
-                unfuse_batched_experts(model, config.modules_to_not_convert, empty=True)
+                self._unfused_experts = unfuse_batched_experts(model, config.modules_to_not_convert, empty=True)
             targets = find_quantizable_linears(model, config.modules_to_not_convert)
             if not targets:
                 kept = modules_kept_in_full_precision(model, config.modules_to_not_convert)
@@ -96,16 +96,19 @@ class COMQHfQuantizer(HfQuantizer):
             check_group_size(targets, config.group_size)
         return model
 
-    def update_weight_conversions(self, weight_conversions: list, model: nn.Module) -> list:
+    def update_weight_conversions(self, weight_conversions: list, model: nn.Module | None = None) -> list:
         """Leave out the merges of per-expert checkpoint weights into batched experts the model no longer has.
 
         Experts given per-expert layers before loading (:class:`~hf_comq.nn.UnfusedExperts`)
         take the checkpoint's per-expert tensors by name; the model's own merge would
         collect them into ``experts.gate_up_proj`` / ``experts.down_proj``, which it no
-        longer has.
+        longer has.  transformers 5.17 calls this without ``model``.
         """
-        conversions = super().update_weight_conversions(weight_conversions, model)
-        if not any(isinstance(module, UnfusedExperts) for module in model.modules()):
+        if model is None:
+            conversions = super().update_weight_conversions(weight_conversions)
+        else:
+            conversions = super().update_weight_conversions(weight_conversions, model)
+        if not self._unfused_experts:
             return conversions
         return [conversion for conversion in conversions if not merges_batched_experts(conversion)]
 
@@ -133,7 +136,7 @@ class COMQHfQuantizer(HfQuantizer):
         """Swap every layer the checkpoint quantizes for an empty packed shell, then pre-check the files."""
         scheme = self.quantization_config.packed_scheme()
         if quantizes_experts(checkpoint_files):
-            unfuse_batched_experts(model, empty=True)
+            self._unfused_experts = unfuse_batched_experts(model, empty=True)
         targets = {
             name: module
             for name, module in model.named_modules()
