@@ -481,9 +481,3 @@ def test_a_mixture_of_experts_loads_its_experts_straight_into_per_expert_layers(
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
 
-
-def test_weight_conversions_are_updated_with_and_without_the_model():
-    """transformers 5.17, the lowest supported, calls the hook without the model; later versions pass it."""
-    quantizer = COMQHfQuantizer(COMQConfig(bits=4, dataset=torch.randint(1, 64, (2, 4))))
-    assert quantizer.update_weight_conversions([]) == []
-    assert quantizer.update_weight_conversions([], tiny_model("llama")) == []
