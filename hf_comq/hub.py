@@ -34,7 +34,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from .checkpoint import runtime_support
-from .modules import expert_parameter_share, routed_layer_names
+from .modules import expert_layers, expert_parameter_share
 from .tasks import infer_pipeline_tag, is_text_pipeline
 
 __all__ = [
@@ -323,7 +323,7 @@ def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | N
         tags=([model_type] if model_type else []) + list(tags or []),
         eval_results=settings.eval_results,
         expert_share=expert_parameter_share(model),
-        quantized_experts=bool(routed_layer_names(model)),
+        quantized_experts=bool(expert_layers(model)),
     )
 
 

@@ -234,15 +234,16 @@ def unfuse_batched_experts(
     return replaced
 
 
-def routed_layer_names(model: nn.Module) -> set[str]:
-    """The linear layers inside :class:`~hf_comq.nn.UnfusedExperts`: each sees only the tokens routed to its expert."""
-    experts = [name for name, module in model.named_modules() if isinstance(module, UnfusedExperts)]
-    return {
-        name
-        for name, module in model.named_modules()
-        if (is_linear_like(module) or isinstance(module, COMQLinear))
-        and any(name.startswith(prefix + ".") for prefix in experts)
-    }
+def expert_layers(model: nn.Module) -> dict[str, UnfusedExperts]:
+    """``{layer name: its experts module}`` for the linear layers (or their packed replacements) inside
+    :class:`~hf_comq.nn.UnfusedExperts`: each sees only the tokens routed to its expert."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, UnfusedExperts):
+            for child, layer in module.named_modules():
+                if is_linear_like(layer) or isinstance(layer, COMQLinear):
+                    found[f"{name}.{child}"] = module
+    return found
 
 
 def _standard_batched_experts(model: nn.Module) -> dict[str, nn.Module]:

@@ -12,11 +12,11 @@ from transformers.pytorch_utils import Conv1D
 from hf_comq.modules import (
     batched_expert_weights,
     default_modules_to_not_convert,
+    expert_layers,
     expert_projection_names,
     find_quantizable_linears,
     matches,
     modules_kept_in_full_precision,
-    routed_layer_names,
     unfuse_batched_experts,
 )
 from hf_comq.nn import UnfusedExperts, computes_linear_map, has_own_forward
@@ -151,8 +151,9 @@ def test_unfusing_replaces_every_batched_experts_module_or_none():
     model = tiny_model("mixtral")
     assert unfuse_batched_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert isinstance(model.model.layers[1].mlp.experts, UnfusedExperts) and not batched_expert_weights(model)
-    assert sorted(routed_layer_names(model))[:3] == [f"model.layers.0.mlp.experts.0.{name}" for name in ("w1", "w2", "w3")]
-    assert len(routed_layer_names(model)) == 2 * 4 * 3
+    assert sorted(expert_layers(model))[:3] == [f"model.layers.0.mlp.experts.0.{name}" for name in ("w1", "w2", "w3")]
+    assert len(expert_layers(model)) == 2 * 4 * 3
+    assert expert_layers(model)["model.layers.1.mlp.experts.3.w2"] is model.model.layers[1].mlp.experts
     kept = tiny_model("mixtral")  # a checkpoint mixing packed and dense experts would load nowhere: none are unfused
     assert unfuse_batched_experts(kept, ["model.layers.1.mlp.experts"]) == []
     assert len(batched_expert_weights(kept)) == 4

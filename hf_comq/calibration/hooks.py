@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn import UnfusedExperts, linear_shape
+from ..modules import expert_layers
+from ..nn import linear_shape
 from ..solver import HessianAccumulator
 from .blocks import BlockGroup
 from .placement import send_to_device
@@ -127,7 +128,8 @@ class HessianRecorder:
         self._targets: dict[str, list[torch.Tensor]] = {}  # per layer, in call order
         self._later = threading.local()  # a thread's forward pass whose calls wait for replay()
         self._handles = []
-        self._routers = _routers_of(model, names)
+        wanted = set(names)  # an expert's layers are told by the experts module that routes tokens to them
+        self._routers = {name: experts for name, experts in expert_layers(model).items() if name in wanted}
         for name in names:
             module = model.get_submodule(name)
             targeted = with_targets and name not in self._routers
@@ -307,17 +309,6 @@ class HessianRecorder:
                 "calibrate with sequential=False or report this model"
             )
         return True
-
-
-def _routers_of(model: nn.Module, names: Sequence[str]) -> dict[str, UnfusedExperts]:
-    """``{layer: its experts module}`` for the layers among ``names`` that belong to an expert."""
-    experts = {name: module for name, module in model.named_modules() if isinstance(module, UnfusedExperts)}
-    routers = {}
-    for name in names:
-        owner = next((prefix for prefix in experts if name.startswith(prefix + ".")), None)
-        if owner is not None:
-            routers[name] = experts[owner]
-    return routers
 
 
 # ---------------------------------------------------------------------------

@@ -73,9 +73,9 @@ from transformers.utils import logging
 
 from ..modules import (
     batched_expert_weights,
+    expert_layers,
     expert_parameter_share,
     find_quantizable_linears,
-    routed_layer_names,
     unfuse_batched_experts,
 )
 from ..nn import computes_linear_map, get_linear_weight, has_linear_shape, has_own_forward, linear_shape
@@ -221,7 +221,7 @@ def _unfuse_experts(model: nn.Module, config: Any, placement: Placement) -> None
     """
     install = install_unfused_experts if placement.dispatched else None
     unfuse_batched_experts(model, getattr(config, "modules_to_not_convert", None), install=install)
-    if routed_layer_names(model) and not getattr(config, "symmetric", False):
+    if expert_layers(model) and not getattr(config, "symmetric", False):
         logger.warning(
             "COMQ: %s's experts are quantized on an asymmetric grid; hf_comq.load_quantized loads the checkpoint, "
             "plain transformers does not (it drops packed experts' zero points): quantize with symmetric=True "
@@ -339,7 +339,7 @@ class _Calibrator:
         self.group = group
         self.groups = groups
         self.pending = list(layers)
-        self.routed = routed_layer_names(model)  # experts' layers: each sees only the tokens routed to its expert
+        self.routed = expert_layers(model)  # experts' layers: each sees only the tokens routed to its expert
         self.unrouted: list[str] = []
         self.results: dict[str, dict[str, float]] = {}
         self.skipped: dict[str, str] = {}
