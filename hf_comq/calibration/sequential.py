@@ -609,21 +609,18 @@ class _Calibrator:
     # ------------------------------------------------------------------ quantization
     def _quantize_layers(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> None:
         """Solve ``names`` (each by one rank of the group) and install the results on every rank."""
+        tokens = {name: accumulators[name].num_tokens for name in names}
+        unrouted = [name for name in names if name in self.routed and tokens[name] == 0]
         solvable = []
-        identities: set[int] = set()  # accumulators given the identity (an unrouted expert's gate and up may share one)
         for name in names:
             self.pending.remove(name)
-            accumulator = accumulators[name]
-            if name in self.routed and (accumulator.num_tokens == 0 or id(accumulator) in identities):
-                self._round_unrouted(name, accumulator, identities)
-                solvable.append(name)
-            elif accumulator.num_tokens == 0:
+            if tokens[name] == 0 and name not in unrouted:
                 self._skip(name, "it never ran on the calibration data")
             else:
                 solvable.append(name)
+        self._round_unrouted(unrouted, accumulators)
         costs = [self._cost(name) for name in solvable]
         owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
-        tokens = {name: 0 if name in self.unrouted else accumulators[name].num_tokens for name in solvable}
         for name in solvable:  # Gram matrices of layers another rank solves go now
             if owners[name] != self.group.rank:
                 del accumulators[name]
@@ -642,18 +639,17 @@ class _Calibrator:
             else:
                 self.deferred.append((name, _to_cpu(qweight)))
 
-    def _round_unrouted(self, name: str, accumulator: HessianAccumulator, identities: set[int]) -> None:
-        """Give an expert layer no token was routed to the identity as its Gram matrix.
+    def _round_unrouted(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> None:
+        """Give the expert layers no token was routed to the identity as their Gram matrix.
 
-        Its objective is then the weight error itself, the round-to-nearest fit on
-        the solver's grid.  Such an expert cannot stay in full precision: a checkpoint
-        whose experts are partly packed, partly dense loads in no runtime.
-        ``identities``: the accumulators that got it already in this step.
+        Their objective is then the weight error itself, the round-to-nearest fit on
+        the solver's grid.  Such experts cannot stay in full precision: a checkpoint
+        whose experts are partly packed, partly dense loads in no runtime.  Layers
+        sharing one accumulator (an expert that saw only padding: gate and up) get it once.
         """
-        if id(accumulator) not in identities:
+        for accumulator in {id(accumulators[name]): accumulators[name] for name in names}.values():
             accumulator.add(torch.eye(accumulator.in_features, device=self.compute))
-            identities.add(id(accumulator))
-        self.unrouted.append(name)
+        self.unrouted.extend(names)
 
     def _hand_over(self, accumulators: list[HessianAccumulator]) -> None:
         """Turn every summed triangle into the solver's full matrix in its dtype before the first solve.
