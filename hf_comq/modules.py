@@ -98,8 +98,10 @@ def _checked_entries(model: nn.Module, modules_to_not_convert: list[str] | tuple
     if not extra:
         return extra
     linears = [name for name, module in model.named_modules() if name and is_linear_like(module)]
-    names = expert_projection_names(model)  # batched experts' layers are layers too, named as they will be
-    linears += [layer for batched in _standard_batched_experts(model) for layer in _expert_layer_names(batched, model, names)]
+    batched = _standard_batched_experts(model)
+    if batched:  # batched experts' layers are layers too, named as they will be
+        names = expert_projection_names(model)
+        linears += [layer for experts in batched for layer in _expert_layer_names(experts, model, names)]
     unmatched = [entry for entry in extra if not any(matches(name, entry) for name in linears)]
     if unmatched:
         tops = sorted({name.split(".")[0] for name, _ in model.named_modules() if name})

@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .config import COMQConfig
 from .modules import (
+    batched_expert_weights,
     expert_projection_names,
     find_quantizable_linears,
     merges_batched_experts,
@@ -83,7 +84,8 @@ class COMQHfQuantizer(HfQuantizer):
             self._install_shells(model, kwargs.get("checkpoint_files") or ())
         else:
             config = self.quantization_config
-            if stores_experts_per_expert(kwargs.get("checkpoint_files") or (), expert_projection_names(model)):
+            files = kwargs.get("checkpoint_files") or ()
+            if batched_expert_weights(model) and stores_experts_per_expert(files, expert_projection_names(model)):
                 self._unfused_experts = unfuse_batched_experts(model, config.modules_to_not_convert, empty=True)
             targets = find_quantizable_linears(model, config.modules_to_not_convert)
             if not targets:
