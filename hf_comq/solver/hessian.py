@@ -155,8 +155,7 @@ class HessianAccumulator:
         """
         if self.num_tokens == 0:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
-        if self._whole is None:
-            self._sums()  # tokens summed on other processes only: the all-reduce filled these
+        if self._whole is None:  # tokens were added here, or summed in through partial_sums(): the sums exist
             self._handed_over = True
             self._whole = self._mirrored(dtype or self.dtype)
         elif dtype is not None and dtype != self._whole.dtype:
@@ -170,7 +169,6 @@ class HessianAccumulator:
         if self.num_tokens == 0:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
         if self._whole_shift is None:
-            self._sums()
             self._handed_over = True
             blocks, self._shift = self._shift, None
             self._whole_shift = torch.empty(self.in_features, self.in_features, dtype=dtype or self.dtype, device=blocks[0].device)
