@@ -75,6 +75,9 @@ class COMQSettings:
     batch_size: int = setting(8, CALIBRATION, "samples per calibration forward pass")
     max_length: int = setting(512, CALIBRATION, "text truncation length in tokens")
     seed: int = setting(0, CALIBRATION, "seed of the calibration sample choice")
+    calibrate_all_experts: bool = setting(
+        False, CALIBRATION, "mixture of experts: solve each expert on every calibration token, not only those routed to it"
+    )
     modules_to_not_convert: list[str] | None = setting(
         None, SELECTION, "module names kept in full precision besides the task head (which always is), matched as in "
         "transformers' quantizers: the start of a name, a regex from the start, or a suffix"
@@ -144,6 +147,7 @@ class COMQSettings:
         _check_int("batch_size", self.batch_size, 1, None, "use e.g. 8")
         _check_int("max_length", self.max_length, 1, None, "use e.g. 512 tokens")
         _check_int("seed", self.seed, 0, None, "use a non-negative integer")
+        _check_bool("calibrate_all_experts", self.calibrate_all_experts)
         _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['vit.layers.0'] or ['q_proj']")
         _check_str("block_name", self.block_name, optional=True)
         _check_bool("sequential", self.sequential)

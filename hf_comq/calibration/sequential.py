@@ -78,7 +78,14 @@ from ..modules import (
     find_quantizable_linears,
     unfuse_batched_experts,
 )
-from ..nn import computes_linear_map, get_linear_weight, has_linear_shape, has_own_forward, linear_shape
+from ..nn import (
+    computes_linear_map,
+    every_token_to_every_expert,
+    get_linear_weight,
+    has_linear_shape,
+    has_own_forward,
+    linear_shape,
+)
 from ..solver import (
     SOLVER_DEFAULTS,
     HessianAccumulator,
@@ -285,6 +292,7 @@ class _Settings:
     sequential: bool
     fp_target: bool
     symmetric: bool
+    calibrate_all_experts: bool
 
     @classmethod
     def from_config(cls, config: Any, solver: LayerSolver) -> "_Settings":
@@ -294,6 +302,7 @@ class _Settings:
             sequential=bool(getattr(config, "sequential", True)),
             fp_target=bool(getattr(config, "fp_target", False)),
             symmetric=bool(getattr(config, "symmetric", False)),
+            calibrate_all_experts=bool(getattr(config, "calibrate_all_experts", False)),
         )
 
     @property
@@ -484,7 +493,8 @@ class _Calibrator:
         targeted = fp_inputs is not None and fp_inputs is not captured
         keep_fp_outputs = need_outputs and (not self.settings.sequential or fp_inputs is captured)
         with block_on_compute(block, self.inputs.placement):
-            with HessianRecorder(self.model, names, self.compute, with_targets=targeted) as recorder:
+            recording = HessianRecorder(self.model, names, self.compute, with_targets=targeted)
+            with recording as recorder, self._expert_routing(block):
                 if targeted:
                     fp_outputs = self._run_block_with_targets(
                         block_name, captured, fp_inputs, recorder, collect=need_outputs
@@ -593,7 +603,7 @@ class _Calibrator:
         if not names:
             return
         count = 0
-        with HessianRecorder(self.model, names, self.compute) as recorder:
+        with HessianRecorder(self.model, names, self.compute) as recorder, self._expert_routing(self.model):
             for batch, mask in self.inputs:
                 count += 1
                 with recorder.tokens(mask):
@@ -601,6 +611,11 @@ class _Calibrator:
         self._check_batches(sum_over_ranks(self.group, [count])[0])
         self._sum_over_ranks(recorder)
         self._quantize_layers(names, recorder.accumulators)
+
+    def _expert_routing(self, module: nn.Module) -> Any:
+        """How the experts under ``module`` route while their Gram matrices are summed: every
+        token to every expert with ``calibrate_all_experts``, else as the router says."""
+        return every_token_to_every_expert(module) if self.settings.calibrate_all_experts else nullcontext()
 
     def _sum_over_ranks(self, recorder: HessianRecorder) -> None:
         agree_on_shared_inputs(self.group, recorder)
@@ -799,6 +814,7 @@ def _fingerprint(model: nn.Module, layers: dict[str, nn.Module], settings: _Sett
             "sequential": settings.sequential,
             "fp_target": settings.fp_target,
             "symmetric": settings.symmetric,
+            "calibrate_all_experts": settings.calibrate_all_experts,
             "calibration": calibration,
             "data": data.description,
         },

@@ -54,6 +54,10 @@ def add_parser(commands: Any) -> None:
         "recommended for causal LMs at 2-4 bits (lower perplexity; one more forward pass per block and one "
         "more Gram-sized sum per layer while calibrating)",
     )  # fmt: skip
+    add_setting_flag(
+        group, "calibrate_all_experts",
+        "as llm-compressor does by default; every expert runs on every token while its layers are calibrated",
+    )  # fmt: skip
     add_data_arguments(command, role="calibration")
     for name in CALIBRATION_SETTINGS:
         add_setting_option(group, name)
@@ -154,7 +158,8 @@ def _quantize(
     from ..solver import ROUND_TO_NEAREST
 
     rtn = ROUND_TO_NEAREST if args.rtn else {}
-    settings = {name: getattr(args, name) for name in ("bits", "group_size", "fp_target", *CALIBRATION_SETTINGS)}
+    flags = ("bits", "group_size", "fp_target", "calibrate_all_experts", *CALIBRATION_SETTINGS)
+    settings = {name: getattr(args, name) for name in flags}
     config = COMQConfig(dataset=dataset, dataset_split=args.split, dataset_column=args.column, **settings, **rtn)
     pick_column(open_dataset(dataset, args.split), args.column, "calibration")
     method = "RTN" if args.rtn else "COMQ"

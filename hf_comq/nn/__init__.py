@@ -1,7 +1,7 @@
 """Quantized modules: :class:`COMQLinear`, the helpers that install it in a model, and
 :class:`UnfusedExperts`, a mixture-of-experts layer's experts as layers COMQLinear can replace."""
 
-from .experts import ExpertMLP, UnfusedExperts
+from .experts import ExpertMLP, UnfusedExperts, every_token_to_every_expert
 
 from .quant_linear import (
     PACKED_TENSORS,
@@ -21,6 +21,7 @@ __all__ = [
     "ExpertMLP",
     "UnfusedExperts",
     "computes_linear_map",
+    "every_token_to_every_expert",
     "get_linear_weight",
     "has_linear_shape",
     "has_own_forward",

@@ -20,8 +20,9 @@ see every token) stay batched and in full precision.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -90,6 +91,7 @@ class UnfusedExperts(nn.ModuleList):
     def __init__(self, experts: Sequence[ExpertMLP]):
         super().__init__(experts)
         self.num_experts = len(experts)
+        self.every_token = False  # see every_token_to_every_expert
         self._routing = threading.local()
 
     @classmethod
@@ -130,27 +132,57 @@ class UnfusedExperts(nn.ModuleList):
         ``tokens`` hidden states handed to the experts (flattened positions) the expert's inputs are.
 
         Calibration reads it to leave padding tokens out of an expert's Gram matrix,
-        as it does for every other layer with the batch's attention mask.
+        as it does for every other layer with the batch's attention mask (with
+        :attr:`every_token` the rows are all ``tokens``).
         """
         return getattr(self._routing, "rows", None)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """``sum_k weight_k * expert_k(x)`` over each token's chosen experts (transformers' eager loop)."""
+        """``sum_k weight_k * expert_k(x)`` over each token's chosen experts (transformers' eager loop).
+
+        With :attr:`every_token` set, every expert runs on every token and only its
+        routed tokens' outputs are kept: the output is the routed one, the inputs the
+        experts' layers see are all tokens.
+        """
         output = torch.zeros_like(hidden_states)
-        for expert in torch.unique(top_k_index).tolist():
+        everyone = torch.arange(hidden_states.shape[0], device=hidden_states.device) if self.every_token else None
+        chosen = range(self.num_experts) if self.every_token else torch.unique(top_k_index).tolist()
+        for expert in chosen:
             if not 0 <= expert < self.num_experts:  # transformers marks dropped routes with num_experts
                 continue
             slot, tokens = torch.where(top_k_index.T == expert)  # slot-major, as transformers orders them
-            self._routing.rows = (tokens, hidden_states.shape[0])
+            self._routing.rows = (tokens if everyone is None else everyone, hidden_states.shape[0])
             try:
-                expert_output = self[expert](hidden_states[tokens])
+                expert_output = self[expert](hidden_states if everyone is not None else hidden_states[tokens])
             finally:
                 self._routing.rows = None
+            if everyone is not None:
+                expert_output = expert_output[tokens]
             weighted = expert_output * top_k_weights[tokens, slot, None]
             output.index_add_(0, tokens, weighted.to(output.dtype))
         return output
+
+
+@contextlib.contextmanager
+def every_token_to_every_expert(root: nn.Module) -> Iterator[None]:
+    """While open, every :class:`UnfusedExperts` under ``root`` runs each of its experts on every token.
+
+    Calibration's option ``calibrate_all_experts`` (llm-compressor's name and idea for
+    the same thing): an expert's layers are then solved on the inputs of all calibration
+    tokens, not only the few the router happens to send it, at the price of running
+    every expert on every token while the Gram matrices are summed.  The model's
+    outputs stay the routed ones, so later blocks see what they would see anyway.
+    """
+    experts = [module for module in root.modules() if isinstance(module, UnfusedExperts)]
+    for module in experts:
+        module.every_token = True
+    try:
+        yield
+    finally:
+        for module in experts:
+            module.every_token = False
 
 
 def _linear_from(weight: torch.Tensor) -> nn.Linear:

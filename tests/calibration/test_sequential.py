@@ -449,6 +449,36 @@ def test_an_expert_that_saw_only_padding_is_rounded_once_for_its_gate_and_up():
     assert sum(torch.equal(hessian, torch.eye(32)) for _, hessian in calls) >= 2  # gate/up (one matrix), and down
 
 
+def test_calibrate_all_experts_solves_every_expert_on_every_real_token(caplog):
+    from hf_comq.modules import unfuse_batched_experts
+    from hf_comq.nn import UnfusedExperts
+
+    model = tiny_model("qwen3_moe")
+    unfuse_batched_experts(model)
+
+    def never_route_to_expert_3(module, args):
+        hidden, index, weights = args
+        return hidden, torch.where(index == 3, torch.full_like(index, 4), index), weights
+
+    model.model.layers[0].mlp.experts.register_forward_pre_hook(never_route_to_expert_3)
+    reference_inputs = {"input_ids": torch.randint(1, 64, (2, 9))}
+    reference = _first_output(model, reference_inputs)
+    gates = [expert.gate_proj.weight.detach().clone() for expert in model.model.layers[1].mlp.experts]
+    calls, solver = _recording_solver_with_weights()
+    with caplog.at_level(logging.WARNING):
+        summary = quantize_model(model, _config("llama", 8, batch_size=8, bits=8, calibrate_all_experts=True), solver=solver)
+    assert summary["expert_layers_without_tokens"] == [] and "no calibration token" not in caplog.text
+    layers = summary["layers"]
+    real_tokens = layers["model.layers.0.self_attn.q_proj"]["num_tokens"]  # the padded batch's real tokens
+    expert_layers = [name for name in layers if ".experts." in name]
+    assert len(expert_layers) == 2 * 4 * 3 and {layers[name]["num_tokens"] for name in expert_layers} == {real_tokens}
+    # Every expert of a layer now reads the same tokens, the unchosen expert 3 included: one Gram matrix.
+    grams = [next(hessian for weight, hessian in calls if torch.equal(weight, gate)) for gate in gates]
+    assert all(torch.allclose(gram, grams[0], rtol=1e-5, atol=1e-5) for gram in grams[1:])
+    assert not any(module.every_token for module in model.modules() if isinstance(module, UnfusedExperts))
+    assert _relative(_first_output(model, reference_inputs), reference) < 0.02  # outputs stay the routed ones
+
+
 def test_experts_modules_to_not_convert_keeps_stay_batched_and_in_full_precision(caplog):
     model = tiny_model("mixtral")
     kept = model.model.layers[1].mlp.experts

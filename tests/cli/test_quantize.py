@@ -71,6 +71,25 @@ def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(caps
     assert "| Layers aimed at the full-precision outputs | yes |" in (output / "README.md").read_text()
 
 
+def test_quantize_calibrate_all_experts_solves_every_expert_on_every_token(capsys, tmp_path, text_data) -> None:
+    from tests.cli.helpers import save_text_model
+    from tests.tiny import tiny_model
+
+    model_dir = save_text_model(tiny_model("qwen3_moe"), tmp_path / "moe", with_pad=False)
+    output = tmp_path / "moe-w8"
+    code, out, err = run_cli(
+        capsys, "quantize", model_dir, "--bits", 8, "--dataset", text_data, "--num-samples", 8,
+        "--calibrate-all-experts", "--output", output,
+    )  # fmt: skip
+    assert code == 0, err
+    stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
+    assert stored["calibration"]["calibrate_all_experts"] is True
+    card = (output / "README.md").read_text()
+    assert "| Mixture-of-experts weights | quantized, each expert's layers on every calibration token |" in card
+    quantized = hf_comq.load_quantized(output)
+    assert type(quantized.model.layers[0].mlp.experts[3].down_proj).__name__ == "COMQLinear"
+
+
 def test_quantize_refuses_a_non_empty_output_unless_overwrite(capsys, tmp_path, vit_dir, image_data) -> None:
     output = tmp_path / "out"
     output.mkdir()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_comq.nn import ExpertMLP, UnfusedExperts
+from hf_comq.nn import ExpertMLP, UnfusedExperts, every_token_to_every_expert
 from hf_comq.nn.experts import is_standard_batched_experts
 from tests.tiny import tiny_model
 
@@ -54,6 +54,32 @@ def test_dropped_routes_are_skipped_and_the_routed_rows_are_known_only_during_th
     assert seen == {0: [0, 1], 1: [3], 2: [1, 3]}  # slot-major, as transformers orders them, of 4 tokens
     assert unfused.routed_rows() is None
     assert torch.equal(output[2], torch.zeros(32))  # both routes dropped
+
+
+def test_every_token_to_every_expert_feeds_each_expert_all_tokens_and_keeps_the_routed_output():
+    model = nn.Sequential(UnfusedExperts.from_batched(experts_of("qwen3_moe")))
+    unfused = model[0]
+    hidden = torch.randn(5, 32)
+    index = torch.tensor([[0, 4], [2, 0], [4, 4], [2, 1], [0, 2]])  # expert 3 is never chosen
+    weights = torch.rand(5, 2)
+    seen = {}
+    for expert in range(4):
+        unfused[expert].down_proj.register_forward_hook(
+            lambda module, args, out, expert=expert: seen.__setitem__(expert, (args[0].shape[0], unfused.routed_rows()))
+        )
+    with torch.no_grad():
+        routed = unfused(hidden, index, weights)
+        assert sorted(seen) == [0, 1, 2] and all(rows[1] == 5 for _, rows in seen.values())
+        seen.clear()
+        with every_token_to_every_expert(model):
+            assert unfused.every_token
+            every = unfused(hidden, index, weights)
+        assert not unfused.every_token
+    assert sorted(seen) == [0, 1, 2, 3]  # the unchosen expert runs too
+    for count, (rows, tokens) in seen.values():
+        assert count == 5 and tokens == 5 and rows.tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(every, routed, rtol=1e-6, atol=1e-6)
+    assert torch.equal(every[2], torch.zeros(32))  # a token whose routes were all dropped still gets nothing
 
 
 def test_layouts_it_cannot_reproduce_stay_batched():
