@@ -387,7 +387,8 @@ class _Calibrator:
         if self.unrouted:
             logger.warning(
                 "COMQ: the router sent no calibration token to %d expert layer(s), e.g. %s; they were rounded to "
-                "the nearest grid point instead (more calibration samples reach more experts)",
+                "the nearest grid point instead (more calibration samples reach more experts; "
+                "calibrate_all_experts=True solves every expert on every calibration token)",
                 len(self.unrouted),
                 self.unrouted[0],
             )

@@ -417,7 +417,7 @@ def test_an_expert_no_token_is_routed_to_is_rounded_on_the_identity(caplog):
     unrouted = [f"model.layers.0.mlp.experts.3.{name}" for name in ("down_proj", "gate_proj", "up_proj")]
     assert summary["expert_layers_without_tokens"] == unrouted
     assert all(summary["layers"][name]["num_tokens"] == 0 for name in unrouted)
-    assert "no calibration token to 3 expert layer(s)" in caplog.text
+    assert "no calibration token to 3 expert layer(s)" in caplog.text and "calibrate_all_experts=True" in caplog.text
     gate = experts.gate_up_proj[3, :32]
     assert [torch.equal(hessian, torch.eye(32)) for weight, hessian in calls if torch.equal(weight, gate)] == [True]
     assert isinstance(model.model.layers[0].mlp.experts[3].gate_proj, COMQLinear)
