@@ -253,9 +253,11 @@ def _standard_batched_experts(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _expert_layer_names(module_name: str, model: nn.Module, names: tuple[str, str, str]) -> list[str]:
-    """The per-expert layer names a batched experts module becomes (what ``modules_to_not_convert`` entries match)."""
+    """What ``modules_to_not_convert`` entries are matched against for a batched experts module: its own
+    name (as transformers reads an entry for the model as loaded, ``"experts"`` is a suffix of it) and the
+    per-expert layer names it becomes."""
     experts = model.get_submodule(module_name).num_experts
-    return [f"{module_name}.{index}.{name}" for index in range(experts) for name in names]
+    return [module_name] + [f"{module_name}.{index}.{name}" for index in range(experts) for name in names]
 
 
 def expert_parameter_share(model: nn.Module, experts: Mapping[str, int] | None = None) -> float:

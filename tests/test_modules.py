@@ -169,3 +169,6 @@ def test_a_modules_to_not_convert_entry_may_name_batched_experts():
     model = tiny_model("qwen3_moe")
     kept = find_quantizable_linears(model, ["model.layers.*.mlp.experts"])  # an entry naming no nn.Linear: no error
     assert not any("experts" in name for name in kept)
+    # A suffix of the experts module, as transformers reads an entry for the model as loaded.
+    assert not any("experts" in name for name in find_quantizable_linears(model, ["experts"]))
+    assert unfuse_batched_experts(model, ["experts"]) == [] and len(batched_expert_weights(model)) == 2 * 2
