@@ -16,6 +16,14 @@ barely moves at 4 or 3 bits) and perplexity are reported:
 
     $B benchmarks/bench_moe.py                        # W4/W3, per channel and group 64, calibration seeds 0-2
     $B benchmarks/bench_moe.py --settings 4:channel --seeds 0
+    $B benchmarks/bench_moe.py --experts 32 --only experts --calibration 8 --routing routed all
+
+``--experts N`` trains (and caches) a model with N experts per layer (still 2 per token),
+``--only experts`` keeps attention in full precision so that the KL measures the experts'
+quantization alone (``--only attention`` the reverse), and ``--routing`` runs each method
+with the experts calibrated on the
+tokens routed to them (``routed``, the default) and/or on every token
+(``all``: ``COMQConfig(calibrate_all_experts=True)``, llm-compressor's default).
 
 Needs llm-compressor for the GPTQ rows and the converted SmolLM2 folder for its
 tokenizer (the bench venv and ``benchmarks/models/convert_smollm2_gguf.py``, see
@@ -37,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gptq_baseline import gptq_dequantized, observer_grid  # noqa: E402
-from benchmarks.real_data import calibration_chunks, held_out_chunks, text_split, token_chunks  # noqa: E402
+from benchmarks.real_data import calibration_chunks, held_out_chunks, text_split  # noqa: E402
 from hf_comq import COMQConfig, QuantizedWeight  # noqa: E402
 from hf_comq.calibration import quantize_model  # noqa: E402
 from hf_comq.solver import ROUND_TO_NEAREST, comq_quantize, layer_objective  # noqa: E402
@@ -48,6 +56,8 @@ SHAPE = dict(
     max_position_embeddings=512,
 )  # fmt: skip
 LENGTH = 128
+KEPT = {"experts": ["q_proj", "k_proj", "v_proj", "o_proj"], "attention": ["experts"]}
+"""What ``--only`` keeps in full precision (``modules_to_not_convert``): the attention layers, or the experts."""
 
 
 def gptq_solver(observer: str):
@@ -76,15 +86,21 @@ METHODS = {
 }
 
 
-def trained_model(work: Path, tokenizer, steps: int):
-    """The small Qwen3-MoE trained on the calibration pool (cached under ``work``)."""
+def model_folder(work: Path, steps: int, experts: int) -> Path:
+    """Where the trained model is cached (the 8-expert model keeps its first name)."""
+    return work / (f"qwen3-moe-trained-{steps}" if experts == SHAPE["num_experts"] else f"qwen3-moe-{experts}-trained-{steps}")
+
+
+def trained_model(work: Path, tokenizer, steps: int, experts: int = SHAPE["num_experts"]):
+    """The small Qwen3-MoE with ``experts`` experts per layer trained on the calibration pool (cached under ``work``)."""
     import transformers as T
 
-    folder = work / f"qwen3-moe-trained-{steps}"
+    folder = model_folder(work, steps, experts)
     if (folder / "config.json").exists():
         return T.Qwen3MoeForCausalLM.from_pretrained(folder).eval()
     torch.manual_seed(0)
-    config = T.Qwen3MoeConfig(**SHAPE, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    shape = dict(SHAPE, num_experts=experts)
+    config = T.Qwen3MoeConfig(**shape, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=None)
     model = T.Qwen3MoeForCausalLM(config)
     pool, _ = text_split()
     ids = tokenizer("\n\n".join(pool), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
@@ -132,6 +148,10 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=Path("/work/cache/models/smollm2-135m"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_moe"))
     parser.add_argument("--steps", type=int, default=200, help="training steps of 16 x 128 tokens (more memorise the text)")
+    parser.add_argument("--experts", type=int, default=SHAPE["num_experts"], help="experts per layer (2 routed per token)")
+    parser.add_argument("--only", choices=sorted(KEPT), help="quantize only the experts, or only attention")
+    parser.add_argument("--routing", nargs="+", default=["routed"], choices=["routed", "all"],
+                        help="experts calibrated on their routed tokens, and/or on every token (calibrate_all_experts)")
     parser.add_argument("--settings", nargs="+", default=["4:channel", "3:channel", "4:64", "3:64"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--calibration", type=int, default=64, help="calibration chunks of 128 tokens")
@@ -143,51 +163,62 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tokenizer = T.AutoTokenizer.from_pretrained(args.tokenizer)
-    fp = trained_model(args.work, tokenizer, args.steps)
+    fp = trained_model(args.work, tokenizer, args.steps, args.experts)
+    folder = model_folder(args.work, args.steps, args.experts)
     held_out = held_out_chunks(tokenizer, 64, LENGTH)
     fp_ppl = perplexity(fp, held_out)
     experts = sum(p.numel() for n, p in fp.named_parameters() if ".experts." in n)
     print(f"FP held-out perplexity {fp_ppl:.3f}; experts hold {experts / sum(p.numel() for p in fp.parameters()):.0%} "
           f"of the parameters", flush=True)  # fmt: skip
+    kept = KEPT[args.only] if args.only else None
+    columns = [(method, routing) for routing in args.routing for method in args.methods]
     rows = []
     for setting in args.settings:
         bits, grouping = setting.split(":")
         group_size = None if grouping == "channel" else int(grouping)
-        for method in args.methods:
+        for method, routing in columns:
             solver, settings = METHODS[method]
-            values, kls, seconds = [], [], []
+            values, kls, seconds, unrouted = [], [], [], []
             for seed in args.seeds:
-                model = T.Qwen3MoeForCausalLM.from_pretrained(args.work / f"qwen3-moe-trained-{args.steps}").eval()
+                model = T.Qwen3MoeForCausalLM.from_pretrained(folder).eval()
                 data = calibration_chunks(tokenizer, args.calibration, LENGTH, seed)
                 config = COMQConfig(bits=int(bits), group_size=group_size, dataset=data, num_samples=len(data),
-                                    batch_size=8, seed=seed, **settings)  # fmt: skip
+                                    batch_size=8, seed=seed, modules_to_not_convert=kept,
+                                    calibrate_all_experts=routing == "all", **settings)  # fmt: skip
                 started = time.perf_counter()
                 summary = quantize_model(model, config, solver=solver)
                 seconds.append(time.perf_counter() - started)
                 values.append(perplexity(model, held_out))
                 kls.append(kl_to_fp(fp, model, held_out))
+                unrouted.append(len(summary["expert_layers_without_tokens"]))
             row = {
-                "bits": int(bits), "group": grouping, "method": method, "ppl_mean": statistics.mean(values),
+                "bits": int(bits), "group": grouping, "method": method, "routing": routing, "ppl_mean": statistics.mean(values),
                 "ppl": values, "fp_ppl": fp_ppl, "kl_mean": statistics.mean(kls), "kl": kls,
-                "seconds": statistics.mean(seconds),
-                "layers": summary["layers_quantized"], "experts_without_tokens": len(summary["expert_layers_without_tokens"]),
-                "seeds": args.seeds, "calibration": args.calibration, "steps": args.steps,
+                "seconds": statistics.mean(seconds), "layers": summary["layers_quantized"],
+                "experts_without_tokens": unrouted, "seeds": args.seeds, "calibration": args.calibration,
+                "steps": args.steps, "experts": args.experts, "only": args.only,
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.out:
                 with args.out.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-    print(f"\nSmall Qwen3-MoE trained {args.steps} steps; held-out KL(FP || quantized) x1e-3 per token, then "
+    quantized = {"experts": "experts only (attention in full precision)", "attention": "attention only (experts in "
+                 "full precision)", None: "attention and experts"}[args.only]  # fmt: skip
+    print(f"\nSmall Qwen3-MoE, {args.experts} experts per layer, trained {args.steps} steps; {quantized} quantized on "
+          f"{args.calibration} x {LENGTH} calibration tokens; held-out KL(FP || quantized) x1e-3 per token, then "
           f"perplexity (FP {fp_ppl:.3f}); mean (range) over calibration seeds {args.seeds}")  # fmt: skip
-    print("bits | group | " + " | ".join(f"{m} KL" for m in args.methods) + " | " + " | ".join(f"{m} ppl" for m in args.methods))
+    names = [method if len(args.routing) == 1 else f"{method} ({routing})" for method, routing in columns]
+    print("bits | group | " + " | ".join(f"{n} KL" for n in names) + " | " + " | ".join(f"{n} ppl" for n in names))
     for setting in args.settings:
         bits, grouping = setting.split(":")
-        cells = [next(r for r in rows if r["method"] == m and f"{r['bits']}:{r['group']}" == setting) for m in args.methods]
+        cells = [
+            next(r for r in rows if (r["method"], r["routing"]) == column and f"{r['bits']}:{r['group']}" == setting)
+            for column in columns
+        ]
         kl = [f"{1e3 * c['kl_mean']:.3f} ({1e3 * min(c['kl']):.3f}-{1e3 * max(c['kl']):.3f})" for c in cells]
         ppl = [f"{c['ppl_mean']:.3f}" for c in cells]
         print(f"{bits} | {grouping} | " + " | ".join(kl) + " | " + " | ".join(ppl))
-
 
 if __name__ == "__main__":
     main()
