@@ -12,7 +12,8 @@ barely moves at 4 or 3 bits) and perplexity are reported:
 * RTN: round to nearest on the min-max grid (``ROUND_TO_NEAREST``);
 * GPTQ act-order on llm-compressor's min-max grid, and on its ``memoryless_mse`` grid
   (its MSE clipping observer), each as the layer solver of the same pipeline;
-* COMQ's default.
+* COMQ's default, and COMQ on the plain min-max grid (``scale_search=False``: no clipping
+  search, the grid GPTQ min-max uses).
 
     $B benchmarks/bench_moe.py                        # W4/W3, per channel and group 64, calibration seeds 0-2
     $B benchmarks/bench_moe.py --settings 4:channel --seeds 0
@@ -83,6 +84,7 @@ METHODS = {
     "GPTQ minmax": (gptq_solver("minmax"), {}),
     "GPTQ mse": (gptq_solver("memoryless_mse"), {}),
     "COMQ default": (comq_quantize, {}),
+    "COMQ min-max": (comq_quantize, {"scale_search": False}),
 }
 
 
