@@ -170,7 +170,7 @@ def _settings_rows(config: Any, expert_share: float = 0.0, quantized_experts: bo
     if expert_share > 0:
         rows.append(("Mixture-of-experts weights", f"kept in full precision ({expert_share:.0%} of the parameters)"))
     elif quantized_experts:
-        seen = "every calibration token" if getattr(config, "calibrate_all_experts", False) else "the tokens routed to it"
+        seen = "every calibration token" if config.calibrate_all_experts else "the tokens routed to it"
         rows.append(("Mixture-of-experts weights", f"quantized, each expert's layers on {seen}"))
     return rows
 
