@@ -224,10 +224,17 @@ def _unfuse_experts(model: nn.Module, config: Any, placement: Placement) -> None
     experts one by one straight into them.
 
     On an asymmetric grid, say now that plain transformers will not load the
-    checkpoint: its loader of packed experts drops their zero points.
+    checkpoint: its loader of packed experts drops their zero points.  Say too when
+    ``calibrate_all_experts`` asks for something the model has no experts for.
     """
     install = install_unfused_experts if placement.dispatched else None
     unfuse_batched_experts(model, getattr(config, "modules_to_not_convert", None), install=install)
+    if getattr(config, "calibrate_all_experts", False) and not expert_layers(model):
+        logger.warning(
+            "COMQ: calibrate_all_experts=True has no effect on %s: it has no mixture-of-experts layers that COMQ "
+            "quantizes; drop the setting",
+            type(model).__name__,
+        )
     if expert_layers(model) and not getattr(config, "symmetric", False):
         logger.warning(
             "COMQ: %s's experts are quantized on an asymmetric grid; hf_comq.load_quantized loads the checkpoint, "

@@ -479,6 +479,12 @@ def test_calibrate_all_experts_solves_every_expert_on_every_real_token(caplog):
     assert _relative(_first_output(model, reference_inputs), reference) < 0.02  # outputs stay the routed ones
 
 
+def test_calibrate_all_experts_on_a_model_without_quantized_experts_says_it_does_nothing(caplog):
+    with caplog.at_level(logging.WARNING):
+        quantize_model(tiny_model("llama"), _config("llama", 4, bits=8, calibrate_all_experts=True))
+    assert "calibrate_all_experts=True has no effect on LlamaForCausalLM" in caplog.text
+
+
 def test_experts_modules_to_not_convert_keeps_stay_batched_and_in_full_precision(caplog):
     model = tiny_model("mixtral")
     kept = model.model.layers[1].mlp.experts
