@@ -229,13 +229,14 @@ def _unfuse_experts(model: nn.Module, config: Any, placement: Placement) -> None
     """
     install = install_unfused_experts if placement.dispatched else None
     unfuse_batched_experts(model, getattr(config, "modules_to_not_convert", None), install=install)
-    if getattr(config, "calibrate_all_experts", False) and not expert_layers(model):
+    quantized_experts = bool(expert_layers(model))
+    if getattr(config, "calibrate_all_experts", False) and not quantized_experts:
         logger.warning(
             "COMQ: calibrate_all_experts=True has no effect on %s: it has no mixture-of-experts layers that COMQ "
             "quantizes; drop the setting",
             type(model).__name__,
         )
-    if expert_layers(model) and not getattr(config, "symmetric", False):
+    if quantized_experts and not getattr(config, "symmetric", False):
         logger.warning(
             "COMQ: %s's experts are quantized on an asymmetric grid; hf_comq.load_quantized loads the checkpoint, "
             "plain transformers does not (it drops packed experts' zero points): quantize with symmetric=True "
