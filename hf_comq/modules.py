@@ -101,7 +101,7 @@ def _checked_entries(model: nn.Module, modules_to_not_convert: list[str] | tuple
     batched = _standard_batched_experts(model)
     if batched:  # batched experts' layers are layers too, named as they will be
         names = expert_projection_names(model)
-        linears += [layer for experts in batched for layer in _expert_layer_names(experts, model, names)]
+        linears += [layer for experts in batched for layer in _expert_names_to_match(experts, model, names)]
     unmatched = [entry for entry in extra if not any(matches(name, entry) for name in linears)]
     if unmatched:
         tops = sorted({name.split(".")[0] for name, _ in model.named_modules() if name})
@@ -220,7 +220,7 @@ def unfuse_batched_experts(
     kept = [
         module_name
         for module_name in found
-        if any(matches(layer, entry) for layer in _expert_layer_names(module_name, model, names) for entry in entries)
+        if any(matches(layer, entry) for layer in _expert_names_to_match(module_name, model, names) for entry in entries)
     ]
     offloaded = install is None and not empty and any(module.down_proj.is_meta for module in found.values())
     if kept or offloaded:
@@ -252,7 +252,7 @@ def _standard_batched_experts(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if name and is_standard_batched_experts(module)}
 
 
-def _expert_layer_names(module_name: str, model: nn.Module, names: tuple[str, str, str]) -> list[str]:
+def _expert_names_to_match(module_name: str, model: nn.Module, names: tuple[str, str, str]) -> list[str]:
     """What ``modules_to_not_convert`` entries are matched against for a batched experts module: its own
     name (as transformers reads an entry for the model as loaded, ``"experts"`` is a suffix of it) and the
     per-expert layer names it becomes."""
