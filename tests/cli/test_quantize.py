@@ -14,10 +14,10 @@ import transformers as T
 from safetensors.torch import load_file
 
 import hf_comq
-from tests.cli.helpers import REPO_ROOT, error_line, run_cli
+from tests.cli.helpers import REPO_ROOT, error_line, run_cli, save_text_model
 from tests.hub_server import FakeHub
 from tests.ranks import launch_ranks
-from tests.tiny import image_processor, images
+from tests.tiny import image_processor, images, tiny_model
 
 
 def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_dir, image_data) -> None:
@@ -72,9 +72,6 @@ def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(caps
 
 
 def test_quantize_calibrate_all_experts_solves_every_expert_on_every_token(capsys, tmp_path, text_data) -> None:
-    from tests.cli.helpers import save_text_model
-    from tests.tiny import tiny_model
-
     model_dir = save_text_model(tiny_model("qwen3_moe"), tmp_path / "moe", with_pad=False)
     output = tmp_path / "moe-w8"
     code, out, err = run_cli(
