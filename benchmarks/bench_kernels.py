@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                  # threads 1 and 2, side by side
     python benchmarks/bench_kernels.py --threads 1 --repeats 41
+    python benchmarks/bench_kernels.py --methods        # each compiled method by token count
 
 ViT-B fc1 shape (3072 x 768, fp32 activations, with bias) at 1 token (one decoding
 step of a causal LM: a GEMV), 197 tokens (one ViT-B/16 image) and 8 x 197 tokens.
@@ -14,6 +15,11 @@ Targets (issue 12): at most 0.5x at 1 token and 1.0x at 197 tokens for W4 per-ch
 and W4 g128; W3 and W2 within 1.2x of W4 (the W3 / W4 and W2 / W4 columns).  The
 "fallback" column is the exact torch path (``HF_COMQ_DISABLE_KERNEL=1``, what a packed
 layer cost before the kernel) for W4 per-channel.
+
+``--methods`` times each method of the compiled kernel (``gemv``, ``tiles``, ``blas``) on
+W4 per-channel weights against ``nn.Linear`` at token counts from 1 to 1024, beside what
+``method='auto'`` picks on this CPU: the crossovers it prints are where the automatic
+choice should switch (they differ between CPUs whose BLAS runs AVX2 and AVX-512).
 
 The first line after the path is a check of the machine, not of the kernel: an
 elementwise torch op on two threads against one.  On an idle machine that is at most
@@ -37,6 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hf_comq.kernels import DISABLE_ENV_VAR, active_path, packed_linear  # noqa: E402
+from hf_comq.kernels.build import load_kernel  # noqa: E402
 from hf_comq.packing import packed_width  # noqa: E402
 
 IN_FEATURES, OUT_FEATURES = 768, 3072
@@ -126,6 +133,43 @@ def measure(threads: int, tokens: tuple[int, ...], repeats: int, seed: int) -> d
         return paired_ratios(functions, "nn.Linear", repeats, random.Random(seed))
 
 
+METHOD_TOKENS = (1, 8, 16, 32, 48, 64, 96, 128, 197, 512, 1024)
+METHODS = ("gemv", "tiles", "blas")
+GEMV_MAX_TIMED_TOKENS = 64  # past this the GEMV is several times slower than BLAS and only costs time here
+
+
+def measure_methods(threads: int, tokens: int, repeats: int, seed: int) -> dict[str, float]:
+    """Median ratio to nn.Linear of each compiled method at one token count (W4 per channel, no bias)."""
+    torch.set_num_threads(threads)
+    ops = load_kernel()
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(IN_FEATURES, OUT_FEATURES, bias=False)
+    x = torch.randn(tokens, IN_FEATURES, generator=generator)
+    packed = pack_random(4, None, generator)
+    args = (x, packed["weight_packed"], packed["scale"], packed["zero"], None, 4)
+    functions = {"nn.Linear": lambda: linear(x)}
+    for method in METHODS:
+        if method != "gemv" or tokens <= GEMV_MAX_TIMED_TOKENS:
+            functions[method] = lambda method=method: ops.packed_linear(*args, method)
+    with torch.inference_mode():
+        return paired_ratios(functions, "nn.Linear", repeats, random.Random(seed))
+
+
+def print_methods(threads_list: list[int], repeats: int, seed: int) -> None:
+    ops = load_kernel()
+    if ops is None:
+        raise SystemExit("--methods needs the compiled kernel, which is not available here (see the path line)")
+    print(f"### each compiled method's time / fp32 nn.Linear time, {OUT_FEATURES}x{IN_FEATURES} W4 per channel, "
+          f"median of {repeats} paired repeats")
+    print("| threads | tokens | " + " | ".join(METHODS) + " | auto picks |")
+    print("|---|---|" + "---|" * (len(METHODS) + 1))
+    for threads in threads_list:
+        for tokens in METHOD_TOKENS:
+            ratio = measure_methods(threads, tokens, repeats, seed)
+            cells = " | ".join(f"{ratio[m]:.2f}" if m in ratio else "" for m in METHODS)
+            print(f"| {threads} | {tokens} | {cells} | {ops.auto_method(tokens)} |", flush=True)
+
+
 def machine_check(repeats: int, seed: int) -> float:
     """Median time of an elementwise add on 2 threads over the same on 1 thread."""
     a, b = torch.randn(OUT_FEATURES, IN_FEATURES), torch.randn(OUT_FEATURES, IN_FEATURES)
@@ -146,10 +190,14 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", choices=list(TOKENS), default=list(TOKENS))
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", action="store_true", help="time each compiled method by token count instead")
     args = parser.parse_args()
     print(f"path: {active_path()}")
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"machine check: 3072x768 torch.add, 2 threads / 1 thread = {machine_check(args.repeats, args.seed):.2f}")
+    if args.methods:
+        print_methods(args.threads, args.repeats, args.seed)
+        return
     print(
         f"### packed_linear time / fp32 nn.Linear time, {OUT_FEATURES}x{IN_FEATURES}, fp32 activations, "
         f"median of {args.repeats} paired repeats"

@@ -120,6 +120,27 @@ def test_kernel_matches_float64_reference(kernel, bits, shape, method):
                 assert_close_to_reference(y, x, weight, b)
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 9, 63, 64, 1023, 1024])
+def test_automatic_method_computes_what_the_method_it_names_does(kernel, tokens):
+    """method='auto' is one of the three, picked by token count: the fused GEMV up to 8
+    tokens, BLAS from 1024 (from fewer where the CPU's BLAS has wider vectors than the
+    tile GEMM), and whichever it names gives the very same output."""
+    chosen = kernel.auto_method(tokens)
+    if tokens <= 8:
+        assert chosen == "gemv"
+    elif tokens >= 1024:
+        assert chosen == "blas"
+    else:
+        assert chosen in ("tiles", "blas")
+    assert [kernel.auto_method(n) for n in (9, 64, 1023)] == sorted(
+        [kernel.auto_method(n) for n in (9, 64, 1023)], key=["tiles", "blas"].index
+    ), "once BLAS takes over it keeps every larger count"
+    codes, packed, scale, zero = random_packed(40, 96, 3, 4, seed=tokens)
+    x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens))
+    automatic = kernel.packed_linear(x, packed, scale, zero, None, 4)
+    assert torch.equal(automatic, kernel.packed_linear(x, packed, scale, zero, None, 4, chosen))
+
+
 def test_kernel_with_two_threads(kernel):
     """Each thread takes its own rows or tiles; the split must not change the result beyond rounding."""
     codes, packed, scale, zero = random_packed(100, 264, 33, 3, seed=3)

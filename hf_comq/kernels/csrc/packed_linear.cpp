@@ -25,12 +25,21 @@ constexpr int64_t kMaxGemvTokens = 8;
 // From this many tokens on, BLAS on dequantized tiles beats the packed micro-kernel:
 // the dequantization is then a negligible share and BLAS's blocking wins.
 constexpr int64_t kMinBlasTokens = 1024;
+// The same, on CPUs with AVX-512: there the BLAS multiplies with 512-bit vectors, twice
+// the micro-kernel's AVX2 width, and overtakes it after a few dozen tokens
+// (benchmarks/bench_kernels.py --methods prints each method's time by token count).
+constexpr int64_t kMinBlasTokensWideBlas = 64;
 // Micro-kernel path: each task dequantizes at most kMaxTaskRows output features x
 // kBlockK inputs into a buffer that stays in L2 while the token panels stream past.
 constexpr int64_t kMaxTaskRows = 96;
 constexpr int64_t kBlockK = 384;
-// BLAS path: the transient fp32 tile holds at most this many weights.
+// BLAS path: the transient fp32 tile holds at most this many weights.  A tile that
+// stays in the L2 cache is cheap to write and for BLAS to read back, which is what a
+// call with few tokens spends its time on; with many tokens each tile's product costs
+// the packing of all of x again inside BLAS, so there the tiles are large and few.
 constexpr int64_t kBlasTileWeights = int64_t{1} << 22;
+constexpr int64_t kBlasSmallTileWeights = int64_t{1} << 18;
+constexpr int64_t kBlasLargeTileTokens = 256;
 
 enum class Method { kGemv, kTiles, kBlas };
 enum class Isa { kAvx2, kScalar };
@@ -44,7 +53,18 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if HF_COMQ_HAVE_AVX2_KERNELS
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+#else
+  return false;
+#endif
+}
+
 std::string isa() { return cpu_has_avx2() ? "avx2" : "scalar"; }
+
+int64_t min_blas_tokens() { return cpu_has_avx512() ? kMinBlasTokensWideBlas : kMinBlasTokens; }
 
 Isa choose_isa(const std::string& requested) {
   if (requested == "auto") return cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar;
@@ -59,13 +79,28 @@ Isa choose_isa(const std::string& requested) {
 Method choose_method(const std::string& requested, int64_t tokens, Isa isa) {
   if (requested == "auto") {
     if (tokens <= kMaxGemvTokens) return Method::kGemv;
-    return tokens < kMinBlasTokens && isa == Isa::kAvx2 ? Method::kTiles : Method::kBlas;
+    return tokens < min_blas_tokens() && isa == Isa::kAvx2 ? Method::kTiles : Method::kBlas;
   }
   if (requested == "gemv") return Method::kGemv;
   if (requested == "tiles") return Method::kTiles;
   TORCH_CHECK(requested == "blas", "hf_comq packed_linear: method must be auto, gemv, tiles or blas, got ", requested);
   return Method::kBlas;
 }
+
+const char* method_name(Method method) {
+  switch (method) {
+    case Method::kGemv:
+      return "gemv";
+    case Method::kTiles:
+      return "tiles";
+    case Method::kBlas:
+      break;
+  }
+  return "blas";
+}
+
+// What method='auto' runs for this many tokens on this CPU (for the tests and benchmarks).
+std::string auto_method(int64_t tokens) { return method_name(choose_method("auto", tokens, choose_isa("auto"))); }
 
 // The loops of one instruction set, behind one switch.
 struct Kernels {
@@ -127,10 +162,11 @@ PackedWeight describe(const at::Tensor& packed, const at::Tensor& scale, const a
                       static_cast<int>(bits)};
 }
 
-// A thread only pays for itself on a GEMV when it has a few million weights to decode: below
-// that, waking a second thread costs more than the work on a machine whose other cores are
-// busy (MKL does not thread such products either).
-constexpr int64_t kMinGemvWeightsPerThread = int64_t{1} << 22;
+// A thread pays for itself on a GEMV from a few hundred thousand weights to decode: the
+// layers of a small LM (well under a million weights each) then run on every thread the
+// caller gave torch, as torch's own linear layers do.  On a machine whose other cores are
+// busy the extra threads wait for a core, as in any threaded torch op.
+constexpr int64_t kMinGemvWeightsPerThread = int64_t{1} << 18;
 
 void run_gemv(const Kernels& kernels, const PackedWeight& w, const float* x, int64_t m, const float* bias, float* y) {
   // Long runs of rows per thread: each streams its share of the packed weight once.
@@ -175,7 +211,9 @@ void run_tiles(const Kernels& kernels, const PackedWeight& w, const float* x, in
 void run_blas(const Kernels& kernels, const PackedWeight& w, const at::Tensor& x,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t K = w.in_features, N = w.out_features;
-  const int64_t tile_rows = std::min(N, std::max(kTileRows, kBlasTileWeights / std::max<int64_t>(K, 1)));
+  const int64_t m = x.size(0);
+  const int64_t tile_weights = m < kBlasLargeTileTokens ? kBlasSmallTileWeights : kBlasTileWeights;
+  const int64_t tile_rows = std::min(N, std::max(kTileRows, tile_weights / std::max<int64_t>(K, 1)));
   at::Tensor tile = at::empty({tile_rows, K}, x.options());
   float* tile_data = tile.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
@@ -249,6 +287,7 @@ TORCH_LIBRARY(hf_comq_cpu, m) {
       "dequantize(Tensor weight_packed, Tensor scale, Tensor zero, int bits, int in_features, str isa='auto') "
       "-> Tensor");
   m.def("isa() -> str", &hf_comq::isa);
+  m.def("auto_method(int tokens) -> str", &hf_comq::auto_method);
 }
 
 TORCH_LIBRARY_IMPL(hf_comq_cpu, CPU, m) {
