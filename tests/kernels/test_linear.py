@@ -141,15 +141,17 @@ def test_automatic_method_computes_what_the_method_it_names_does(kernel, tokens)
     assert torch.equal(automatic, kernel.packed_linear(x, packed, scale, zero, None, 4, chosen))
 
 
-def test_kernel_with_two_threads(kernel):
-    """Each thread takes its own rows or tiles; the split must not change the result beyond rounding."""
-    codes, packed, scale, zero = random_packed(100, 264, 33, 3, seed=3)
+@pytest.mark.parametrize("out_features", [100, 2500])
+def test_kernel_with_two_threads(kernel, out_features):
+    """Each thread takes its own rows or tiles; the split must not change the result beyond
+    rounding.  2500 x 264 weights are enough for the GEMV to give each thread its own rows."""
+    codes, packed, scale, zero = random_packed(out_features, 264, 33, 3, seed=3)
     weight = dequantize_reference(codes, scale, zero)
-    bias = torch.randn(100)
+    bias = torch.randn(out_features)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for method, tokens in (("gemv", 3), ("tiles", 33), ("blas", 20)):
+        for method, tokens in (("gemv", 3), ("gemv", 1), ("tiles", 33), ("blas", 20), ("blas", 300)):
             x = torch.randn(tokens, 264)
             assert_close_to_reference(kernel.packed_linear(x, packed, scale, zero, bias, 3, method), x, weight, bias)
     finally:
