@@ -85,6 +85,7 @@ METHODS = {
     "GPTQ mse": (gptq_solver("memoryless_mse"), {}),
     "COMQ default": (comq_quantize, {}),
     "COMQ min-max": (comq_quantize, {"scale_search": False}),
+    "COMQ ridge auto": (comq_quantize, {"ridge": "auto"}),
 }
 
 

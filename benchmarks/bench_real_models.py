@@ -59,9 +59,11 @@ GPTQ_OBSERVERS = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse", "GPTQ i
 COMQ_VARIANTS = {
     "COMQ reference code": REFERENCE_CODE,
     "COMQ ridge 0.03": dict(ridge=0.03),
+    "COMQ ridge auto": dict(ridge="auto"),
     "COMQ fp target": dict(fp_target=True),
 }
-"""COMQ rows other than the default: the paper's code, trials of the solver's ``ridge`` and of ``fp_target``."""
+"""COMQ rows other than the default: the paper's code, trials of the solver's ``ridge`` (fixed, and each
+layer's Ledoit-Wolf amount) and of ``fp_target``."""
 METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, *COMQ_VARIANTS, "COMQ default")
 PROBE_TRAIN = 2000
 

@@ -26,6 +26,7 @@ from .solver.options import (
     MAX_START_GRIDS,
     MIN_BITS,
     ORDERS,
+    RIDGE_FROM_DATA,
     START_POINTS,
     check_ridge,
 )
@@ -64,8 +65,9 @@ class COMQSettings:
     block_resolve: bool = setting(
         DEFAULTS["block_resolve"], SOLVER, "re-solve each column block towards its joint optimum after the first sweep"
     )
-    ridge: float = setting(
-        DEFAULTS["ridge"], SOLVER, "Tikhonov term: solve on H + ridge * mean(diag H) * I (guards against fitting the calibration set)"
+    ridge: float | str = setting(
+        DEFAULTS["ridge"], SOLVER, "Tikhonov term: solve on H + ridge * mean(diag H) * I (guards against fitting the "
+        f"calibration set); {RIDGE_FROM_DATA!r}: each layer's Ledoit-Wolf amount, from its calibration tokens"
     )
     dataset: Any = setting(None, CALIBRATION, "calibration data: a datasets object, a name or path, or samples")
     processor: Any = setting(None, CALIBRATION, "image processor / tokenizer (object or path); None = the model's")
@@ -137,7 +139,7 @@ class COMQSettings:
             _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
         _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
         _check_int("start_grids", self.start_grids, 1, MAX_START_GRIDS, "use 3 (the default), or 1 for a faster start")
-        check_ridge(self.ridge)
+        check_ridge(self.ridge, from_data_allowed=True)
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
             raise ValueError("processor: got an empty string; pass a processor object, a path, or None")

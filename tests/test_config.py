@@ -54,6 +54,13 @@ def test_unknown_keys_are_an_error_when_constructing():
         COMQConfig(bitz=4)
 
 
+def test_ridge_auto_is_a_setting_and_survives_the_config_round_trip():
+    config = COMQConfig(ridge="auto")
+    assert COMQConfig.from_dict(config.to_dict()).ridge == "auto"
+    with pytest.raises(ValueError, match="'auto' for one fitted to each layer"):
+        COMQConfig(ridge="Auto")
+
+
 def test_group_size_minus_one_means_per_channel():
     assert COMQConfig(group_size=-1).group_size is None
 

@@ -87,6 +87,7 @@ from ..nn import (
     linear_shape,
 )
 from ..solver import (
+    RIDGE_FROM_DATA,
     SOLVER_DEFAULTS,
     HessianAccumulator,
     QuantizedWeight,
@@ -312,6 +313,12 @@ class _Settings:
             symmetric=bool(getattr(config, "symmetric", False)),
             calibrate_all_experts=bool(getattr(config, "calibrate_all_experts", False)),
         )
+
+    def solver_kwargs_for(self, accumulator: HessianAccumulator) -> dict[str, Any]:
+        """The solver's settings for one layer: a ridge asked for as ``"auto"`` becomes its Ledoit-Wolf amount."""
+        if self.solver_kwargs.get("ridge") != RIDGE_FROM_DATA:
+            return self.solver_kwargs
+        return {**self.solver_kwargs, "ridge": accumulator.shrinkage_ridge()}
 
     @property
     def hessian_dtype(self) -> torch.dtype:
@@ -757,7 +764,8 @@ class _Calibrator:
             if accumulator.with_target:
                 weight = fp_target_weight(weight, hessian, accumulator.target_shift(self.settings.hessian_dtype))
             qweight = self.settings.solver(
-                weight, hessian, **self.settings.solver_kwargs, **({"overwrite_hessian": True} if last_reader else {})
+                weight, hessian, **self.settings.solver_kwargs_for(accumulator),
+                **({"overwrite_hessian": True} if last_reader else {}),
             )
         except ValueError as error:
             raise ValueError(f"COMQ could not quantize {name!r}: {error}") from error

@@ -26,6 +26,11 @@ the diagonal thrown away; with eight the products cover little more than the tri
 (``(1 + 1/8) / 2`` of the square)."""
 
 
+SHRINKAGE_FLOOR = 1e-6
+"""Smallest ``1 - delta`` in :meth:`HessianAccumulator.shrinkage_ridge`: a layer whose every
+token is its own direction (``delta = 1``) gets a large finite ridge, not an infinite one."""
+
+
 class HessianAccumulator:
     """Accumulates ``X^T X`` over batches of activations of any leading shape.
 
@@ -81,6 +86,7 @@ class HessianAccumulator:
         self._shift: list[torch.Tensor] | None = None
         self._whole: torch.Tensor | None = None
         self._whole_shift: torch.Tensor | None = None
+        self._norm_fourth: torch.Tensor | None = None  # sum over tokens of ||x||^4, for shrinkage_ridge()
         self._made = False
         self._handed_over = False
 
@@ -96,6 +102,7 @@ class HessianAccumulator:
         self._made = True
         n, dtype, device = self.in_features, self.dtype, self._device
         self._upper = [torch.zeros(span.stop - span.start, n - span.start, dtype=dtype, device=device) for span in self._spans]
+        self._norm_fourth = torch.zeros(1, dtype=torch.float64, device=device)
         if self._with_target:
             self._shift = [torch.zeros(span.stop - span.start, n, dtype=dtype, device=device) for span in self._shift_spans]
 
@@ -129,6 +136,7 @@ class HessianAccumulator:
             if not _all_finite(shift_rows):
                 raise ValueError("target activations contain NaN or inf; check the model's dtype")
         self._sums()
+        self._norm_fourth += rows.square().sum(1, dtype=torch.float64).square().sum()
         with threads_for((1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features):
             for span, block in zip(self._spans, self._upper):
                 _add_product(block, rows[:, span].T, rows[:, span.start :])
@@ -138,11 +146,12 @@ class HessianAccumulator:
         self.num_tokens += rows.shape[0]
 
     def partial_sums(self) -> list[torch.Tensor]:
-        """The running sums themselves (the triangle's row blocks, then the target shift's), for summing over processes in place."""
+        """The running sums themselves (the triangle's row blocks, the target shift's, then the sum of
+        ``||x||^4`` that :meth:`shrinkage_ridge` reads), for summing over processes in place."""
         if self._handed_over:
             raise RuntimeError("this Gram matrix was already handed over (result()); its partial sums are gone")
         self._sums()  # a process with no tokens for this layer still adds its zeros to the others'
-        return self._upper if self._shift is None else self._upper + self._shift
+        return self._upper + (self._shift or []) + [self._norm_fourth]
 
     def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The accumulated ``X^T X`` as a full symmetric matrix; raises if nothing was added.
@@ -178,6 +187,34 @@ class HessianAccumulator:
         elif dtype is not None and dtype != self._whole_shift.dtype:
             self._whole_shift = self._whole_shift.to(dtype)
         return self._whole_shift
+
+    def shrinkage_ridge(self) -> float:
+        """The solver's ``ridge`` that makes ``H + ridge * mean(diag H) * I`` the Ledoit-Wolf estimate.
+
+        ``H / n`` estimates the inputs' second-moment matrix from ``n`` tokens, and with
+        few tokens per input its small eigenvalues are far too small: the solver then
+        fits directions the calibration set barely sampled.  Ledoit and Wolf (2004) give
+        the weight ``delta`` of the mixture ``(1 - delta) H / n + delta * mu * I``
+        (``mu = tr(H) / (n * in)``) that is closest to the true matrix in expectation,
+        estimated from the data alone: ``delta = min(b2, d2) / d2``, with
+        ``d2 = ||H / n - mu I||_F^2`` and ``b2 = (sum_t ||x_t||^4 / n - ||H / n||_F^2) / n``
+        the spread of the tokens' own ``x_t x_t^T`` around their mean.  Up to a scale that
+        no solve depends on, that mixture is ``H + delta / (1 - delta) * mean(diag H) * I``.
+        It vanishes as tokens grow (``b2`` falls like ``1 / n``), so no constant is tuned.
+        Reads the full matrix (call after :meth:`result`, or it calls it).
+        """
+        if self._norm_fourth is None:
+            raise ValueError("no activations were accumulated: the layer never ran on calibration data")
+        whole = self.result() if self._whole is None else self._whole
+        n, p = float(self.num_tokens), float(self.in_features)
+        square_norm = float(whole.double().square().sum()) / n**2  # ||H / n||_F^2
+        mu = float(torch.diagonal(whole).double().sum()) / (n * p)
+        d2 = square_norm - p * mu**2
+        b2 = max(float(self._norm_fourth) / n**2 - square_norm / n, 0.0)
+        if d2 <= 0.0 or mu <= 0.0:
+            return 0.0  # already a multiple of I (or no signal): nothing to shrink towards
+        delta = min(b2, d2) / d2
+        return delta / max(1.0 - delta, SHRINKAGE_FLOOR)
 
     def _mirrored(self, dtype: torch.dtype) -> torch.Tensor:
         """The full matrix from the upper triangle's row blocks, each block freed once copied."""

@@ -69,7 +69,15 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
     return group_size
 
 
-def check_ridge(ridge: float) -> None:
-    """The one ``ridge`` rule: a finite number, zero or more."""
+RIDGE_FROM_DATA = "auto"
+"""The ``ridge`` setting that asks calibration for each layer's Ledoit-Wolf ridge
+(:meth:`hf_comq.solver.HessianAccumulator.shrinkage_ridge`), which needs the layer's tokens, not only ``H``."""
+
+
+def check_ridge(ridge: float | str, from_data_allowed: bool = False) -> None:
+    """The one ``ridge`` rule: a finite number, zero or more (or, where the tokens are at hand, ``"auto"``)."""
+    if from_data_allowed and ridge == RIDGE_FROM_DATA:
+        return
     if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not 0 <= ridge < float("inf"):
-        raise ValueError(f"ridge must be a non-negative number, got {ridge!r}; use e.g. 0.01, or 0 for none")
+        hint = f", or {RIDGE_FROM_DATA!r} for one fitted to each layer's calibration tokens" if from_data_allowed else ""
+        raise ValueError(f"ridge must be a non-negative number, got {ridge!r}; use e.g. 0.01, or 0 for none{hint}")

@@ -68,8 +68,9 @@ def test_partial_sums_are_the_upper_triangle_and_end_with_the_hand_over(monkeypa
     acc = HessianAccumulator(300)
     batch = torch.randn(40, 300, generator=gen)
     acc.add(batch)
-    parts = acc.partial_sums()
+    *parts, norm_fourth = acc.partial_sums()
     assert len(parts) == 5 and sum(part.numel() for part in parts) < 300 * 300 * 2 // 3  # near half the matrix
+    torch.testing.assert_close(norm_fourth, (batch.double().square().sum(1) ** 2).sum().reshape(1))
     exact = batch.double().T @ batch.double()
     start = 0
     for part in parts:
@@ -87,7 +88,7 @@ def test_a_narrow_layer_sums_little_more_than_the_triangle():
     acc = HessianAccumulator(576)
     batch = torch.randn(100, 576, generator=gen)
     acc.add(batch)
-    parts = acc.partial_sums()
+    parts = acc.partial_sums()[:-1]  # the triangle's blocks, without the sum of ||x||^4
     assert len(parts) >= 8 and sum(part.numel() for part in parts) < 0.6 * 576 * 576
     torch.testing.assert_close(acc.result(), batch.double().T @ batch.double(), rtol=1e-6, atol=1e-4)
 
@@ -148,7 +149,54 @@ def test_target_inputs_are_required_exactly_when_the_shift_is_summed():
     with pytest.raises(RuntimeError, match="has no target shift"):
         plain.target_shift()
     targeted.add(torch.ones(2, 4), torch.ones(2, 4))
-    assert len(targeted.partial_sums()) == 2  # the triangle's block and the shift's, summed over ranks alike
+    assert len(targeted.partial_sums()) == 3  # the triangle's block, the shift's and the sum of ||x||^4, summed over ranks alike
     targeted.target_shift()
     with pytest.raises(RuntimeError, match="takes no more batches"):
         targeted.add(torch.ones(2, 4), torch.ones(2, 4))
+
+
+def _shrinkage_reference(rows: torch.Tensor) -> float:
+    """Ledoit-Wolf (2004) from the tokens themselves, in float64: the spread of each token's
+    ``x x^T`` around the mean, against the mean's distance from ``mu * I``, as a relative ridge."""
+    n, p = rows.shape
+    moment = rows.T @ rows / n
+    mu = moment.diagonal().mean()
+    d2 = ((moment - mu * torch.eye(p, dtype=rows.dtype)) ** 2).sum()
+    b2 = sum(((row[:, None] * row[None, :] - moment) ** 2).sum() for row in rows) / n**2
+    delta = float(min(b2, d2) / d2)
+    return delta / (1.0 - delta)
+
+
+def test_shrinkage_ridge_is_ledoit_wolf_and_fades_with_more_tokens():
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(24, 24, generator=gen)
+    ridges = []
+    for tokens in (24, 96, 1536):
+        rows = (torch.randn(tokens, 24, generator=gen) @ mixing).double()
+        acc = HessianAccumulator(24)
+        for batch in rows.float().split(40):
+            acc.add(batch)
+        ridges.append(acc.shrinkage_ridge())
+        assert ridges[-1] == pytest.approx(_shrinkage_reference(rows.float().double()), rel=1e-5)
+    assert ridges[0] > ridges[1] > ridges[2] > 0
+
+
+def test_shrinkage_ridge_of_summed_partial_sums_is_that_of_all_tokens():
+    """Ranks each sum their share; adding their partial sums (an all-reduce) gives the single process's ridge."""
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(200, 16, generator=gen) @ torch.randn(16, 16, generator=gen)
+    whole, first, second = HessianAccumulator(16), HessianAccumulator(16), HessianAccumulator(16)
+    whole.add(rows)
+    first.add(rows[:120])
+    second.add(rows[120:])
+    for mine, theirs in zip(first.partial_sums(), second.partial_sums()):
+        mine += theirs
+    first.num_tokens += second.num_tokens
+    # the same float32 batch products in other groupings: equal up to their rounding
+    assert first.shrinkage_ridge() == pytest.approx(whole.shrinkage_ridge(), rel=1e-6)
+
+
+def test_shrinkage_ridge_of_inputs_that_are_a_multiple_of_the_identity_is_zero():
+    acc = HessianAccumulator(3)
+    acc.add(torch.eye(3) * 2.0)
+    assert acc.shrinkage_ridge() == 0.0
