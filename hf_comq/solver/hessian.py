@@ -136,7 +136,7 @@ class HessianAccumulator:
             if not _all_finite(shift_rows):
                 raise ValueError("target activations contain NaN or inf; check the model's dtype")
         self._sums()
-        self._norm_fourth += rows.square().sum(1, dtype=torch.float64).square().sum()
+        self._norm_fourth += torch.linalg.vector_norm(rows, dim=1).double().pow(4).sum()  # no batch-sized temporary
         with threads_for((1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features):
             for span, block in zip(self._spans, self._upper):
                 _add_product(block, rows[:, span].T, rows[:, span.start :])
