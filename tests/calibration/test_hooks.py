@@ -22,7 +22,8 @@ def test_only_real_tokens_enter_the_gram_matrix():
         with recorder.tokens(None):  # every token real
             model(x[:1])
     real = torch.cat([x[mask], x[0]]).double()
-    torch.testing.assert_close(recorder.accumulators["0"].result(), real.T @ real)
+    # each batch's product is float32 (HessianAccumulator), so float32 rounding, which differs between BLAS builds
+    torch.testing.assert_close(recorder.accumulators["0"].result(), real.T @ real, rtol=1e-5, atol=1e-6)
     assert recorder.accumulators["0"].num_tokens == 8 + 5
 
 
