@@ -18,6 +18,7 @@ from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import COMQLinear, get_linear_weight
 from hf_comq.solver import comq_quantize
 
+from tests.solver.reference import ledoit_wolf_ridge
 from tests.tiny import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
 
 TEXT_MODELS = ("bert", "gpt2", "llama")
@@ -174,17 +175,6 @@ def test_non_sequential_hessians_come_from_the_full_precision_model():
         torch.testing.assert_close(seen[index], reference[name].float(), rtol=1e-4, atol=1e-5)
 
 
-def _ledoit_wolf_ridge(x: torch.Tensor) -> float:
-    """Ledoit-Wolf's shrinkage weight of ``x``'s second-moment matrix, as the solver's relative ridge (from the tokens)."""
-    n, p = x.shape
-    moment = x.T @ x / n
-    mu = moment.diagonal().mean()
-    d2 = ((moment - mu * torch.eye(p, dtype=x.dtype)) ** 2).sum()
-    b2 = sum(((row[:, None] * row[None, :] - moment) ** 2).sum() for row in x) / n**2
-    delta = float(min(b2, d2) / d2)
-    return delta / (1.0 - delta)
-
-
 def test_ridge_auto_gives_each_layer_the_ledoit_wolf_ridge_of_its_own_inputs():
     """ridge="auto": every layer is solved with the shrinkage Ledoit and Wolf's formula gives for the
     tokens it saw (here the full-precision model's, non-sequential), computed from the tokens one by one."""
@@ -201,7 +191,7 @@ def test_ridge_auto_gives_each_layer_the_ledoit_wolf_ridge_of_its_own_inputs():
     assert len(ridges) == len(names)
     for name, ridge in zip(names, ridges):
         assert isinstance(ridge, float) and ridge > 0, name
-        assert ridge == pytest.approx(_ledoit_wolf_ridge(inputs[name]), rel=1e-4), name
+        assert ridge == pytest.approx(ledoit_wolf_ridge(inputs[name]), rel=1e-4), name
 
 
 def test_sequential_hessians_come_from_the_quantized_prefix():

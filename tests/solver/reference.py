@@ -153,3 +153,17 @@ def block_resolve_reference(
             if float((x @ (w[k] - candidate)).square().sum()) < float(error.square().sum()):
                 wq[k], codes[k, block] = candidate, new_codes
     return codes, wq
+
+
+def ledoit_wolf_ridge(rows: torch.Tensor) -> float:
+    """Ledoit-Wolf (2004) shrinkage of ``rows``' second-moment matrix, from the tokens one by one
+    in float64 (the spread of each token's ``x x^T`` around the mean, against the mean's distance
+    from ``mu * I``), as the solver's relative ridge ``delta / (1 - delta)``."""
+    rows = rows.double()
+    n, p = rows.shape
+    moment = rows.T @ rows / n
+    mu = moment.diagonal().mean()
+    d2 = ((moment - mu * torch.eye(p, dtype=rows.dtype)) ** 2).sum()
+    b2 = sum(((row[:, None] * row[None, :] - moment) ** 2).sum() for row in rows) / n**2
+    delta = float(min(b2, d2) / d2)
+    return delta / (1.0 - delta)

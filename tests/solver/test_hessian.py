@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_comq.solver import HessianAccumulator
+from tests.solver.reference import ledoit_wolf_ridge
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -155,18 +156,6 @@ def test_target_inputs_are_required_exactly_when_the_shift_is_summed():
         targeted.add(torch.ones(2, 4), torch.ones(2, 4))
 
 
-def _shrinkage_reference(rows: torch.Tensor) -> float:
-    """Ledoit-Wolf (2004) from the tokens themselves, in float64: the spread of each token's
-    ``x x^T`` around the mean, against the mean's distance from ``mu * I``, as a relative ridge."""
-    n, p = rows.shape
-    moment = rows.T @ rows / n
-    mu = moment.diagonal().mean()
-    d2 = ((moment - mu * torch.eye(p, dtype=rows.dtype)) ** 2).sum()
-    b2 = sum(((row[:, None] * row[None, :] - moment) ** 2).sum() for row in rows) / n**2
-    delta = float(min(b2, d2) / d2)
-    return delta / (1.0 - delta)
-
-
 def test_shrinkage_ridge_is_ledoit_wolf_and_fades_with_more_tokens():
     gen = torch.Generator().manual_seed(0)
     mixing = torch.randn(24, 24, generator=gen)
@@ -177,7 +166,7 @@ def test_shrinkage_ridge_is_ledoit_wolf_and_fades_with_more_tokens():
         for batch in rows.float().split(40):
             acc.add(batch)
         ridges.append(acc.shrinkage_ridge())
-        assert ridges[-1] == pytest.approx(_shrinkage_reference(rows.float().double()), rel=1e-5)
+        assert ridges[-1] == pytest.approx(ledoit_wolf_ridge(rows.float()), rel=1e-5)
     assert ridges[0] > ridges[1] > ridges[2] > 0
 
 
