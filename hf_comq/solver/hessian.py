@@ -207,7 +207,9 @@ class HessianAccumulator:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
         whole = self.result() if self._whole is None else self._whole
         n, p = float(self.num_tokens), float(self.in_features)
-        square_norm = float(whole.double().square().sum()) / n**2  # ||H / n||_F^2
+        # ||H / n||_F^2 from per-row norms: a float64 copy of a wide H would be its size again, and
+        # one float32 sum of all in^2 squares drifts (rows of in terms each do not)
+        square_norm = float(torch.linalg.vector_norm(whole, dim=1).double().square().sum()) / n**2
         mu = float(torch.diagonal(whole).double().sum()) / (n * p)
         d2 = square_norm - p * mu**2
         b2 = max(float(self._norm_fourth) / n**2 - square_norm / n, 0.0)
