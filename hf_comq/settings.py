@@ -89,6 +89,10 @@ class COMQSettings:
     fp_target: bool = setting(
         False, SELECTION, "aim each layer at the full-precision model's outputs, not its own on the quantized inputs"
     )
+    true_sequential: bool = setting(
+        False, SELECTION, "solve each block's layers in stages (q/k/v, then o, then gate/up, then down), each on "
+        "inputs made by the quantized layers of the stages before it"
+    )
     calibration_description: str | None = setting(None, RECORDED, "what the model was calibrated on")
     calibration_samples: int | None = setting(None, RECORDED, "calibration samples actually used")
     ignore: list[str] | None = setting(None, RECORDED, "exact names of the linear layers kept in full precision")
@@ -158,6 +162,12 @@ class COMQSettings:
             raise ValueError(
                 "fp_target: needs sequential=True (with full-precision inputs every layer already sees the "
                 "full-precision model's inputs); drop fp_target or set sequential=True"
+            )
+        _check_bool("true_sequential", self.true_sequential)
+        if self.true_sequential and not self.sequential:
+            raise ValueError(
+                "true_sequential: needs sequential=True (with full-precision inputs no layer sees another's "
+                "quantization); drop true_sequential or set sequential=True"
             )
         _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)
         if self.calibration_samples is not None:

@@ -105,6 +105,7 @@ def test_group_size_minus_one_means_per_channel():
         ("block_name", ""),
         ("sequential", "no"),
         ("fp_target", 1),
+        ("true_sequential", "yes"),
         ("calibration_description", 5),
         ("quant_method", "gptq"),
     ],
@@ -118,6 +119,13 @@ def test_fp_target_needs_block_sequential_calibration():
     with pytest.raises(ValueError, match=r"fp_target: needs sequential=True .*set sequential=True"):
         COMQConfig(fp_target=True, sequential=False)
     assert COMQConfig(fp_target=True).fp_target
+
+
+def test_true_sequential_needs_block_sequential_calibration():
+    with pytest.raises(ValueError, match=r"true_sequential: needs sequential=True .*set sequential=True"):
+        COMQConfig(true_sequential=True, sequential=False)
+    config = COMQConfig(true_sequential=True, fp_target=True)
+    assert config.true_sequential and COMQConfig.from_dict(config.to_dict()).true_sequential
 
 
 class _FakeDataset:

@@ -166,6 +166,24 @@ def agree_on_shared_inputs(group: Group, recorder: HessianRecorder) -> None:
     recorder.adopt_shared_inputs({name: owner for owners in found for name, owner in owners.items()})
 
 
+def agree_on_stages(group: Group, stages: list[list[str]] | None) -> list[list[str]]:
+    """The stages of a block (``true_sequential``) as the lowest rank that ran a batch found them, on every rank.
+
+    Each rank finds them on its own first batch; a rank without batches found none
+    (``None``).  Taking one rank's keeps every rank's per-stage collectives paired.
+    """
+    if not group.is_parallel:
+        if stages is None:
+            raise ValueError("no calibration batch reached this block, so its layers' stages are unknown")
+        return stages
+    found: list[Any] = [None] * group.size
+    _collective(group, "agree on the stages of a block", torch.distributed.all_gather_object, found, stages)
+    first = next((stages for stages in found if stages is not None), None)
+    if first is None:
+        raise ValueError("no calibration batch reached this block on any rank, so its layers' stages are unknown")
+    return first
+
+
 def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator]) -> None:
     """Sum every rank's Gram matrices and token counts in place, so each rank holds the totals."""
     if not group.is_parallel:

@@ -102,6 +102,7 @@ from .distributed import (
     Group,
     agree_on,
     agree_on_shared_inputs,
+    agree_on_stages,
     all_reduce_hessians,
     balanced_owners,
     current_group,
@@ -128,6 +129,7 @@ from .placement import (
     send_to_device,
     trim_heap,
 )
+from .stages import QuantizedStandIns, StageStop, layer_stages
 
 logger = logging.get_logger(__name__)
 
@@ -300,6 +302,7 @@ class _Settings:
     solver_kwargs: dict[str, Any]
     sequential: bool
     fp_target: bool
+    true_sequential: bool
     symmetric: bool
     calibrate_all_experts: bool
 
@@ -310,6 +313,7 @@ class _Settings:
             solver_kwargs={name: getattr(config, name) for name in SOLVER_DEFAULTS if hasattr(config, name)},
             sequential=bool(getattr(config, "sequential", True)),
             fp_target=bool(getattr(config, "fp_target", False)),
+            true_sequential=bool(getattr(config, "true_sequential", False)),
             symmetric=bool(getattr(config, "symmetric", False)),
             calibrate_all_experts=bool(getattr(config, "calibrate_all_experts", False)),
         )
@@ -372,6 +376,8 @@ class _Calibrator:
         # very list of the quantized-prefix inputs while the two are still the same).
         self.fp_inputs: list[CapturedInputs] | None = None
         self.checked_size = False
+        # With true_sequential: each block layout's stages (layer names relative to the block).
+        self.stage_layouts: dict[tuple[str, ...], list[list[str]]] = {}
 
     @property
     def compute(self) -> torch.device:
@@ -503,6 +509,8 @@ class _Calibrator:
     def _process_block(
         self, block_name: str, captured: list[CapturedInputs], need_outputs: bool
     ) -> list[CapturedInputs]:
+        if self.settings.true_sequential:
+            return self._process_block_in_stages(block_name, captured, need_outputs)
         block = self.model.get_submodule(block_name)
         names = self._pending_under(block_name)
         fp_inputs, self.fp_inputs = self.fp_inputs, None
@@ -527,14 +535,97 @@ class _Calibrator:
             self.fp_inputs = fp_outputs
         return outputs
 
+    def _process_block_in_stages(
+        self, block_name: str, captured: list[CapturedInputs], need_outputs: bool
+    ) -> list[CapturedInputs]:
+        """:meth:`_process_block` with ``true_sequential``: the block's layers solved stage by stage (:mod:`.stages`).
+
+        Each stage's Gram matrices (and target shifts) come from a pass in which the
+        layers of earlier stages run quantized, cut short after the stage's last layer
+        where the block is not dispatched.  The quantized layers are installed once
+        every stage is solved; until then the full-precision stream of ``fp_target``
+        runs the block as it was.  With ``fp_target`` a stage after the first is aimed
+        at the full-precision outputs even in a block whose inputs are still the
+        full-precision ones: the stages before it already changed its inputs.  The
+        full-precision outputs, the next block's targets, come from the first stage's
+        pass, which then runs to the block's end.
+        """
+        block = self.model.get_submodule(block_name)
+        fp_inputs, self.fp_inputs = self.fp_inputs, None
+        keep_fp_outputs = need_outputs and self.settings.fp_target
+        fp_outputs: list[CapturedInputs] = []
+        solved: dict[str, QuantizedWeight] = {}
+        with block_on_compute(block, self.inputs.placement), QuantizedStandIns(
+            self.model, self.compute, self.settings.symmetric
+        ) as stand_ins:
+            for index, stage in enumerate(self._stages(block_name, captured)):
+                targeted = fp_inputs is not None and (index > 0 or fp_inputs is not captured)
+                collect = keep_fp_outputs and index == 0
+                cut_short = not collect and not self.inputs.placement.dispatched
+                with (
+                    HessianRecorder(self.model, stage, self.compute, with_targets=targeted) as recorder,
+                    StageStop(self.model, stage) if cut_short else nullcontext() as stop,
+                    self._expert_routing(block),
+                ):
+                    if targeted:
+                        outputs = self._run_block_with_targets(
+                            block_name, captured, fp_inputs, recorder, collect=collect, stop=stop, stand_ins=stand_ins
+                        )
+                    else:
+                        outputs = self._run_block(
+                            block_name, captured, recorder, collect=collect, stop=stop, stand_ins=stand_ins
+                        )
+                if collect:
+                    fp_outputs = outputs
+                self._sum_over_ranks(recorder)
+                for name, qweight in self._quantize_layers(stage, recorder.accumulators, install=False).items():
+                    stand_ins.add(name, qweight)
+                    solved[name] = qweight
+            del fp_inputs
+        with block_on_compute(block, self.inputs.placement):
+            for name, qweight in solved.items():
+                self._install(name, qweight)
+            outputs = self._run_block(block_name, captured, None, collect=True) if need_outputs else []
+        if self.settings.fp_target and need_outputs:
+            self.fp_inputs = fp_outputs
+        return outputs
+
+    def _stages(self, block_name: str, captured: list[CapturedInputs]) -> list[list[str]]:
+        """The block's pending layers in stages (:func:`layer_stages`), found once per block layout.
+
+        Found on this rank's first batch; ranks agree on the lowest rank's stages, so
+        their collectives pair up (a rank without batches finds none).
+        """
+        names = self._pending_under(block_name)
+        layout = tuple(name[len(block_name) + 1 :] for name in names)
+        stages = self.stage_layouts.get(layout)
+        if stages is None:
+            block = self.model.get_submodule(block_name)
+            found = None
+            if captured:
+                args, kwargs = captured[0].call_inputs(block_name, block_kind(block))
+                with self._expert_routing(block):
+                    found = layer_stages(self.model, names, lambda: block(*args, **kwargs))
+                found = [[name[len(block_name) + 1 :] for name in stage] for stage in found]
+            stages = self.stage_layouts[layout] = agree_on_stages(self.group, found)
+        return [[f"{block_name}.{name}" for name in stage] for stage in stages]
+
     def _run_block(
-        self, block_name: str, captured: list[CapturedInputs], recorder: HessianRecorder | None, collect: bool
+        self,
+        block_name: str,
+        captured: list[CapturedInputs],
+        recorder: HessianRecorder | None,
+        collect: bool,
+        stop: StageStop | None = None,
+        stand_ins: QuantizedStandIns | None = None,
     ) -> list[CapturedInputs]:
         """Every batch through ``block``, its layers' inputs summed by ``recorder``; the outputs with ``collect``.
 
         The batches run side by side where :meth:`_forward_workers` allows; their Gram
         terms are then summed in batch order all the same (see
         :meth:`HessianRecorder.calls_later`), so the sums do not depend on the threads.
+        ``stop`` cuts each pass short after a stage's layers (no outputs then);
+        ``stand_ins`` run the block's solved layers quantized.
         """
         block = self.model.get_submodule(block_name)
         kind = block_kind(block)
@@ -546,8 +637,8 @@ class _Calibrator:
                 scope = nullcontext()
             else:
                 scope = recorder.calls_later() if workers > 1 else recorder.tokens(item.mask)
-            with scope as calls:
-                result = block(*args, **kwargs)
+            with scope as calls, stand_ins.active() if stand_ins is not None else nullcontext():
+                result = stop.run(block, args, kwargs) if stop is not None else block(*args, **kwargs)
             return calls, (send_to_device(hidden_output(result), self.compute) if collect else None)
 
         def finish(index: int, forwarded: tuple[list | None, torch.Tensor | None]) -> CapturedInputs | None:
@@ -579,13 +670,16 @@ class _Calibrator:
         fp_inputs: list[CapturedInputs],
         recorder: HessianRecorder,
         collect: bool,
+        stop: StageStop | None = None,
+        stand_ins: QuantizedStandIns | None = None,
     ) -> list[CapturedInputs]:
         """Each batch through the full-precision stream (its layer inputs kept as targets), then the quantized one.
 
         Returns the full-precision stream's block outputs (with ``collect``): the block
         is still in full precision here, so they are the next block's targets.  Batches
         run side by side as in :meth:`_run_block`, each batch's two passes on one
-        worker, and are summed in batch order all the same.
+        worker, and are summed in batch order all the same.  ``stop`` and ``stand_ins``
+        as in :meth:`_run_block`; the stand-ins serve the quantized stream only.
         """
         block = self.model.get_submodule(block_name)
         kind = block_kind(block)
@@ -595,12 +689,15 @@ class _Calibrator:
             item, fp_item = pair
             args, kwargs = fp_item.call_inputs(block_name, kind)
             with recorder.calls_later() if workers > 1 else recorder.targets(fp_item.mask) as targets:
-                result = block(*args, **kwargs)
+                result = stop.run(block, args, kwargs) if stop is not None else block(*args, **kwargs)
             hidden = send_to_device(hidden_output(result), self.compute) if collect else None
             del result
             args, kwargs = item.call_inputs(block_name, kind)
-            with recorder.calls_later() if workers > 1 else recorder.tokens(item.mask) as calls:
-                block(*args, **kwargs)
+            with (
+                recorder.calls_later() if workers > 1 else recorder.tokens(item.mask) as calls,
+                stand_ins.active() if stand_ins is not None else nullcontext(),
+            ):
+                stop.run(block, args, kwargs) if stop is not None else block(*args, **kwargs)
             return targets, calls, hidden
 
         def finish(index: int, forwarded: tuple[list | None, list | None, torch.Tensor | None]) -> CapturedInputs | None:
@@ -638,8 +735,13 @@ class _Calibrator:
         all_reduce_hessians(self.group, recorder.distinct())
 
     # ------------------------------------------------------------------ quantization
-    def _quantize_layers(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> None:
-        """Solve ``names`` (each by one rank of the group) and install the results on every rank."""
+    def _quantize_layers(
+        self, names: list[str], accumulators: dict[str, HessianAccumulator], install: bool = True
+    ) -> dict[str, QuantizedWeight]:
+        """Solve ``names`` (each by one rank of the group) and install the results on every rank.
+
+        Returns every rank's solutions; with ``install=False`` the caller installs them.
+        """
         tokens = {name: accumulators[name].num_tokens for name in names}
         unrouted = [name for name in names if name in self.routed and tokens[name] == 0]
         solvable = []
@@ -657,6 +759,7 @@ class _Calibrator:
                 del accumulators[name]
         self._hand_over([accumulators[name] for name in solvable if name in accumulators])
         mine = self._solve_own([name for name in solvable if owners[name] == self.group.rank], accumulators)
+        solutions = {}
         for name, qweight in share_solutions(self.group, mine, owners).items():
             stats = dict(qweight.stats)
             self.results[name] = {
@@ -664,11 +767,14 @@ class _Calibrator:
                 "num_tokens": int(tokens[name]),
                 "seconds": round(float(stats.pop("seconds")), 4),
             }
-            qweight = dataclasses.replace(qweight, stats=stats)
+            qweight = solutions[name] = dataclasses.replace(qweight, stats=stats)
+            if not install:
+                continue
             if self.settings.sequential:
                 self._install(name, qweight)
             else:
                 self.deferred.append((name, _to_cpu(qweight)))
+        return solutions
 
     def _round_unrouted(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> None:
         """Give the expert layers no token was routed to the identity as their Gram matrix.
@@ -802,6 +908,7 @@ class _Calibrator:
             "group_size": self.settings.solver_kwargs.get("group_size"),
             "sequential": self.settings.sequential,
             "fp_target": self.settings.fp_target,
+            "true_sequential": self.settings.true_sequential,
             "num_blocks": len(self.block_names),
             "num_samples": num_samples,
             "mean_relative_error": sum(errors) / len(errors) if errors else None,
@@ -830,6 +937,7 @@ def _fingerprint(model: nn.Module, layers: dict[str, nn.Module], settings: _Sett
             "settings": settings.solver_kwargs,
             "sequential": settings.sequential,
             "fp_target": settings.fp_target,
+            "true_sequential": settings.true_sequential,
             "symmetric": settings.symmetric,
             "calibrate_all_experts": settings.calibrate_all_experts,
             "calibration": calibration,
@@ -888,7 +996,8 @@ def calibration_mode(summary: dict[str, Any]) -> str:
     """How the layers were calibrated, in words, from a :func:`quantize_model` summary (for logs and the CLI)."""
     if not summary["sequential"]:
         return "full-precision inputs"
-    return "block-sequential, aimed at full-precision outputs" if summary["fp_target"] else "block-sequential"
+    mode = "true-sequential" if summary.get("true_sequential") else "block-sequential"
+    return f"{mode}, aimed at full-precision outputs" if summary["fp_target"] else mode
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

@@ -798,3 +798,115 @@ def test_fp_target_solves_each_layer_for_the_full_precision_models_outputs():
         if name.startswith("vit.layers.0."):
             assert torch.equal(handed[name], get_linear_weight(full_precision.get_submodule(name)))
 
+
+
+# ---------------------------------------------------------------- true_sequential
+
+LLAMA_STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def _solved_before(name: str, names: list[str]) -> list[str]:
+    """With ``true_sequential``, the layers of a tiny Llama solved before ``name``: every layer of the blocks
+    before its block, and those of its block's earlier stages."""
+    block = name.rsplit(".", 2)[0]
+    stage = next(index for index, stage in enumerate(LLAMA_STAGES) if name.rsplit(".", 1)[1] in stage)
+    earlier = {layer for stage_layers in LLAMA_STAGES[:stage] for layer in stage_layers}
+    return [
+        other for other in names
+        if not other.startswith(f"{block}.") and other < name or other.startswith(f"{block}.") and other.rsplit(".", 1)[1] in earlier
+    ]
+
+
+def _hybrid(full_precision: nn.Module, quantized: nn.Module, names: list[str]) -> nn.Module:
+    """The full-precision model with ``names`` swapped for the quantized model's layers."""
+    import copy
+
+    hybrid = copy.deepcopy(full_precision)
+    for name in names:
+        hybrid.set_submodule(name, quantized.get_submodule(name))
+    return hybrid
+
+
+@pytest.mark.parametrize("fp_target", [False, True], ids=["plain", "fp-target"])
+def test_true_sequential_solves_each_stage_on_the_stages_quantized_before_it(fp_target):
+    """Each layer's Gram matrix comes from inputs made by the quantized layers of the blocks
+    before it and of its own block's earlier stages (q/k/v, o, gate/up, down); with
+    ``fp_target`` its weight is aimed at the full-precision model's inputs of that layer,
+    in the first block too once a stage came before it."""
+    import copy
+
+    from hf_comq.solver import fp_target_weight
+
+    model = tiny_model("llama")
+    full_precision = copy.deepcopy(model)
+    names = sorted(find_quantizable_linears(model))
+    by_weight = {name: get_linear_weight(full_precision.get_submodule(name)) for name in names}
+    handed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def recording(weight, hessian, **kwargs):
+        name = min(names, key=lambda other: float((by_weight[other] - weight).abs().max()) if by_weight[other].shape == weight.shape else float("inf"))
+        handed[name] = (weight.clone(), hessian.clone())
+        return comq_quantize(weight, hessian, **kwargs)
+
+    summary = quantize_model(model, _config("llama", bits=3, true_sequential=True, fp_target=fp_target), solver=recording)
+    assert summary["true_sequential"] is True and sorted(handed) == names
+    inputs = _inputs("llama", 8)
+    fp_inputs = _layer_inputs(full_precision, names, inputs)
+    moved = 0
+    for name in names:
+        x = _layer_inputs(_hybrid(full_precision, model, _solved_before(name, names)), [name], inputs)[name]
+        weight, hessian = handed[name]
+        torch.testing.assert_close(hessian.double(), x.T @ x, rtol=1e-4, atol=1e-5)
+        fp_weight = by_weight[name].double()
+        if fp_target and _solved_before(name, names):
+            expected = fp_target_weight(fp_weight, x.T @ x, (fp_inputs[name] - x).T @ x)
+            torch.testing.assert_close(weight.double(), expected, rtol=1e-3, atol=1e-5)
+            moved += not torch.allclose(expected, fp_weight, rtol=1e-3, atol=1e-4)
+        else:
+            assert torch.equal(weight, by_weight[name])
+    assert moved == (len(names) - 3 if fp_target else 0)  # all but block 0's q/k/v
+
+
+def test_true_sequential_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(two_threads):
+    """Stage passes run side by side and are cut short after each stage's layers; the stand-ins
+    serve the quantized stream only, so the codes are a one-thread run's."""
+    config = dict(bits=3, fp_target=True, true_sequential=True, batch_size=2)
+    torch.set_num_threads(1)
+    alone = tiny_model("llama")
+    quantize_model(alone, _config("llama", **config))
+    torch.set_num_threads(2)
+    side_by_side = tiny_model("llama")
+    seen = _block_forward_threads(side_by_side, side_by_side.model.layers)
+    quantize_model(side_by_side, _config("llama", **config))
+    assert len({ident for ident, _, _ in seen if ident != threading.get_ident()}) >= 2
+    compared = 0
+    for name, layer in alone.named_modules():
+        if isinstance(layer, COMQLinear):
+            assert torch.equal(side_by_side.get_submodule(name).weight_packed, layer.weight_packed), name
+            assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale), name
+            compared += 1
+    assert compared == len(find_quantizable_linears(tiny_model("llama")))
+
+
+def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_model_whole():
+    """Before a block's last stage the passes stop once the stage's layers have run: the
+    full-precision ``down_proj`` runs in the last stage's passes only (then it is replaced).
+    Under accelerate's hooks every pass runs to the end, and the codes are the same."""
+    config = dict(bits=3, true_sequential=True, batch_size=2)
+    model = tiny_model("llama")
+    calls = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    quantize_model(model, _config("llama", **config))
+    batches = 4
+    # the capture's first batch (it runs both blocks), stage discovery, the last stage
+    assert len(calls) == 1 + 1 + batches
+    offloaded = tiny_model("llama")
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    calls.clear()
+    offloaded.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    quantize_model(offloaded, _config("llama", **config))
+    assert len(calls) == 1 + 1 + 4 * batches
+    for name, layer in model.named_modules():
+        if isinstance(layer, COMQLinear):
+            with accelerate.utils.align_module_device(offloaded.get_submodule(name), torch.device("cpu")):
+                assert torch.equal(offloaded.get_submodule(name).weight_packed, layer.weight_packed), name

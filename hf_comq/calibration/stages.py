@@ -1,0 +1,193 @@
+"""True-sequential calibration inside a block: its layers in stages, each on the quantized output of the ones before.
+
+Block-sequential calibration gives every layer of a block the inputs the quantized
+prefix produces, but inside the block all layers are recorded in one pass with the
+block still in full precision: ``o_proj`` is solved on attention outputs made by
+full-precision ``q/k/v``, ``down_proj`` on activations made by full-precision
+``gate/up``.  With ``true_sequential=True`` (AutoGPTQ's and GPTQModel's name) a block is
+calibrated in stages instead, each stage solved on inputs that pass through the quantized
+layers of the stages before it: for a Llama block ``q/k/v``, then ``o``, then
+``gate/up``, then ``down``.
+
+* :func:`layer_stages` finds the stages from the block itself: each layer's stage is one
+  more than the latest stage of any layer whose output its input depends on, found by
+  autograd on one batch.  So layers reading one input (q/k/v) share a stage, and so do
+  layers of independent branches (the experts of a mixture), whatever the model.
+* :class:`QuantizedStandIns`: while a block's stages are solved its layers stay in full
+  precision (the full-precision stream of ``fp_target`` runs the very same modules);
+  in the quantized stream, a solved layer's output is replaced by its packed layer's.
+* :class:`StageStop` ends a stage's forward pass once every layer of the stage has run:
+  nothing after them changes the stage's Gram matrices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import COMQLinear
+from ..solver import QuantizedWeight
+from .placement import materialized
+
+__all__ = ["QuantizedStandIns", "StageStop", "layer_stages"]
+
+
+def layer_stages(model: nn.Module, names: Sequence[str], run_block: Callable[[], Any]) -> list[list[str]]:
+    """``names`` in stages, in the order a stage-by-stage calibration solves them.
+
+    ``run_block()`` runs the block once (on one calibration batch).  During it, each
+    layer's output is swapped for a fresh autograd leaf of the same values, and its
+    input is kept; afterwards, the leaves a layer's input has a gradient path to are
+    the layers it depends on.  Layers of a stage depend on no layer of the same or a
+    later stage.  A layer that did not run (an expert the batch routes no token to)
+    joins the last stage: its inputs can come after every other layer's.
+    Dependencies through integer indices (a router's choice of experts) are not seen,
+    so a router and its experts can share a stage.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    leaves: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if name in leaves or not args or not isinstance(output, torch.Tensor):
+                return None  # a second call of the same layer: its first decides
+            inputs[name] = args[0]
+            leaves[name] = output.detach().requires_grad_(True)
+            return leaves[name]
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    try:
+        with torch.enable_grad():
+            run_block()
+            stage_of = _stages_from_dependencies(list(leaves), inputs, leaves)
+    finally:
+        for handle in handles:
+            handle.remove()
+    last = max(stage_of.values(), default=0)
+    stages: list[list[str]] = [[] for _ in range(last + 1)]
+    for name in names:
+        stages[stage_of.get(name, last)].append(name)
+    return [stage for stage in stages if stage]
+
+
+def _stages_from_dependencies(
+    order: list[str], inputs: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]
+) -> dict[str, int]:
+    """Each layer's stage, ``order`` being the order the layers first ran in."""
+    stage_of: dict[str, int] = {}
+    for position, name in enumerate(order):
+        earlier = order[:position]
+        value = inputs[name]
+        depends: list[str] = []
+        if earlier and value.requires_grad:
+            gradients = torch.autograd.grad(
+                value, [leaves[other] for other in earlier], grad_outputs=torch.ones_like(value),
+                retain_graph=True, allow_unused=True,
+            )
+            depends = [other for other, gradient in zip(earlier, gradients) if gradient is not None]
+        stage_of[name] = 1 + max((stage_of[other] for other in depends), default=-1)
+    return stage_of
+
+
+class StageComplete(Exception):
+    """Raised by :class:`StageStop` once every layer of the stage has run in a forward pass."""
+
+
+class StageStop:
+    """Cut a block's forward pass short once every layer of a stage has run in it.
+
+    Use as a context manager (it owns forward hooks) and run each forward pass through
+    :meth:`run`; passes on several threads at once are counted apart.  A stage whose
+    layers do not all run in a pass (experts without routed tokens) runs to the end.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self._wanted = frozenset(names)
+        self._seen = threading.local()
+        self._handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in names]
+
+    def __enter__(self) -> "StageStop":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def run(self, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """``block(*args, **kwargs)``, or ``None`` when the stage's layers all ran before its end."""
+        self._seen.names = set()
+        try:
+            return block(*args, **kwargs)
+        except StageComplete:
+            return None
+        finally:
+            self._seen.names = None
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            seen = getattr(self._seen, "names", None)
+            if seen is None:
+                return
+            seen.add(name)
+            if seen >= self._wanted:
+                raise StageComplete
+
+        return hook
+
+
+class QuantizedStandIns:
+    """Solved layers of a block, run in place of its full-precision layers in the quantized stream.
+
+    The block keeps its full-precision layers until all its stages are solved; inside
+    :meth:`active` (on the calling thread only), a forward hook replaces each solved
+    layer's output with its packed layer's output on the same input.  Outside, the
+    block is the full-precision one, which ``fp_target``'s full-precision stream runs on
+    other threads at the same time.  Use as a context manager (it owns the hooks).
+    """
+
+    def __init__(self, model: nn.Module, compute: torch.device, symmetric: bool):
+        self._model = model
+        self._compute = compute
+        self._symmetric = symmetric
+        self._active = threading.local()
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "QuantizedStandIns":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def add(self, name: str, qweight: QuantizedWeight) -> None:
+        """Run layer ``name`` as ``qweight`` from now on, inside :meth:`active`."""
+        module = self._model.get_submodule(name)
+        with materialized(module, self._compute), torch.no_grad():
+            packed = COMQLinear.from_quantized(module, qweight, self._symmetric).to(self._compute)
+        self._handles.append(module.register_forward_hook(self._hook(packed)))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Forward passes on this thread run the solved layers quantized."""
+        self._active.on = True
+        try:
+            yield
+        finally:
+            self._active.on = False
+
+    def _hook(self, packed: COMQLinear):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if not getattr(self._active, "on", False):
+                return None
+            return packed(args[0].to(self._compute)).to(output.device)
+
+        return hook
