@@ -71,6 +71,7 @@ _SETTINGS: tuple[tuple[str, str], ...] = (
     ("ridge", "Ridge term (fraction of mean diag H)"),
     ("sequential", "Block-sequential calibration"),
     ("fp_target", "Layers aimed at the full-precision outputs"),
+    ("true_sequential", "Block layers solved stage by stage"),
 )
 _DATASET_KEYS: tuple[tuple[str, str], ...] = (
     ("dataset", "Dataset"),

@@ -55,6 +55,11 @@ def add_parser(commands: Any) -> None:
         "more Gram-sized sum per layer while calibrating)",
     )  # fmt: skip
     add_setting_flag(
+        group, "true_sequential",
+        "with --fp-target, lower perplexity again (each block's stages solved one after another: about one "
+        "more forward pass per block while calibrating)",
+    )  # fmt: skip
+    add_setting_flag(
         group, "calibrate_all_experts",
         "as llm-compressor does by default; every expert runs on every token while its layers are calibrated",
     )  # fmt: skip
@@ -158,7 +163,7 @@ def _quantize(
     from ..solver import ROUND_TO_NEAREST
 
     rtn = ROUND_TO_NEAREST if args.rtn else {}
-    flags = ("bits", "group_size", "fp_target", "calibrate_all_experts", *CALIBRATION_SETTINGS)
+    flags = ("bits", "group_size", "fp_target", "true_sequential", "calibrate_all_experts", *CALIBRATION_SETTINGS)
     settings = {name: getattr(args, name) for name in flags}
     config = COMQConfig(dataset=dataset, dataset_split=args.split, dataset_column=args.column, **settings, **rtn)
     pick_column(open_dataset(dataset, args.split), args.column, "calibration")

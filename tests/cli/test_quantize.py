@@ -71,6 +71,19 @@ def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(caps
     assert "| Layers aimed at the full-precision outputs | yes |" in (output / "README.md").read_text()
 
 
+def test_quantize_with_true_sequential_solves_each_blocks_stages_in_turn(capsys, tmp_path, gpt2_dir, text_data) -> None:
+    output = tmp_path / "gpt2-w4-true-sequential"
+    code, out, err = run_cli(
+        capsys, "quantize", gpt2_dir, "--dataset", text_data, "--num-samples", 8, "--fp-target", "--true-sequential",
+        "--output", output,
+    )  # fmt: skip
+    assert code == 0, err
+    assert re.search(r"calibration mode\s+true-sequential, aimed at full-precision outputs$", out, flags=re.MULTILINE), out
+    stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
+    assert stored["selection"]["true_sequential"] is True and stored["selection"]["fp_target"] is True
+    assert "| Block layers solved stage by stage | yes |" in (output / "README.md").read_text()
+
+
 def test_quantize_calibrate_all_experts_solves_every_expert_on_every_token(capsys, tmp_path, text_data) -> None:
     model_dir = save_text_model(tiny_model("qwen3_moe"), tmp_path / "moe", with_pad=False)
     output = tmp_path / "moe-w8"
