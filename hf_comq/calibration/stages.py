@@ -15,7 +15,7 @@ layers of the stages before it: for a Llama block ``q/k/v``, then ``o``, then
   layers of independent branches (the experts of a mixture), whatever the model.
 * :class:`QuantizedStandIns`: while a block's stages are solved its layers stay in full
   precision (the full-precision stream of ``fp_target`` runs the very same modules);
-  in the quantized stream, a solved layer's output is replaced by its packed layer's.
+  in the quantized stream, a solved layer runs its packed layer instead.
 * :class:`StageStop` ends a stage's forward pass once every layer of the stage has run:
   nothing after them changes the stage's Gram matrices.
 """
@@ -147,10 +147,13 @@ class QuantizedStandIns:
     """Solved layers of a block, run in place of its full-precision layers in the quantized stream.
 
     The block keeps its full-precision layers until all its stages are solved; inside
-    :meth:`active` (on the calling thread only), a forward hook replaces each solved
-    layer's output with its packed layer's output on the same input.  Outside, the
-    block is the full-precision one, which ``fp_target``'s full-precision stream runs on
-    other threads at the same time.  Use as a context manager (it owns the hooks).
+    :meth:`active` (on the calling thread only), a solved layer's forward runs its packed
+    layer instead, on the same input.  Outside, the block is the full-precision one,
+    which ``fp_target``'s full-precision stream runs on other threads at the same time.
+    The layer's own forward is wrapped rather than its output replaced by a hook, so the
+    full-precision product is not computed only to be thrown away, and the layer's
+    hooks (and accelerate's) still run around the call.  Use as a context manager: the
+    wrappers go on exit.
     """
 
     def __init__(self, model: nn.Module, compute: torch.device, symmetric: bool):
@@ -158,22 +161,26 @@ class QuantizedStandIns:
         self._compute = compute
         self._symmetric = symmetric
         self._active = threading.local()
-        self._handles: list[Any] = []
+        self._wrapped: list[tuple[nn.Module, Any]] = []  # each layer and the forward it had as an attribute
 
     def __enter__(self) -> "QuantizedStandIns":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for module, own_forward in reversed(self._wrapped):
+            if own_forward is None:
+                del module.forward
+            else:
+                module.forward = own_forward
+        self._wrapped.clear()
 
     def add(self, name: str, qweight: QuantizedWeight) -> None:
         """Run layer ``name`` as ``qweight`` from now on, inside :meth:`active`."""
         module = self._model.get_submodule(name)
         with materialized(module, self._compute), torch.no_grad():
             packed = COMQLinear.from_quantized(module, qweight, self._symmetric).to(self._compute)
-        self._handles.append(module.register_forward_hook(self._hook(packed)))
+        self._wrapped.append((module, module.__dict__.get("forward")))
+        module.forward = self._forward(module.forward, packed)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -184,10 +191,10 @@ class QuantizedStandIns:
         finally:
             self._active.on = False
 
-    def _hook(self, packed: COMQLinear):
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    def _forward(self, full_precision: Callable[..., Any], packed: COMQLinear) -> Callable[..., Any]:
+        def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if not getattr(self._active, "on", False):
-                return None
-            return packed(args[0].to(self._compute)).to(output.device)
+                return full_precision(hidden, *args, **kwargs)
+            return packed(hidden.to(self._compute)).to(hidden.device)
 
-        return hook
+        return forward
