@@ -807,7 +807,9 @@ class _Calibrator:
         Layers that read one Gram matrix (q/k/v, gate/up) are solved one after another,
         the last allowed to overwrite it, and the matrix is freed with that solve;
         different Gram matrices are solved side by side on the caller's threads (see
-        :meth:`_solve_workers`).
+        :meth:`_solve_workers`).  Where there are fewer Gram matrices than threads (a
+        stage of ``true_sequential``: q/k/v alone), the readers of one are solved side by
+        side too, none overwriting it: each solve works on its own copy anyway.
         """
         readers: dict[int, tuple[HessianAccumulator, list[str]]] = {}
         for name in names:
@@ -816,6 +818,10 @@ class _Calibrator:
         pending: list[tuple[HessianAccumulator, list[str]] | None] = list(readers.values())
         del readers
         workers = self._solve_workers(names, len(pending))
+        if len(pending) < len(names) and self._solve_workers(names, len(names)) > workers:
+            pending = [(accumulator, [name]) for accumulator, group in pending for name in group]
+            workers = self._solve_workers(names, len(pending))
+        shared = {id(accumulator) for accumulator, group in pending if sum(other is accumulator for other, _ in pending) > 1}
         order = range(len(pending))
         if workers > 1:  # the costliest first, so that no worker is left with a wide layer at the end
             order = sorted(order, key=lambda index: -sum(self._cost(name) for name in pending[index][1]))
@@ -823,7 +829,8 @@ class _Calibrator:
         def solve_readers(index: int) -> dict[str, QuantizedWeight]:
             accumulator, group = pending[index]
             pending[index] = None  # the Gram matrix goes when its last reader is solved
-            return {name: self._solve(name, accumulator, last_reader=name == group[-1]) for name in group}
+            alone = id(accumulator) not in shared
+            return {name: self._solve(name, accumulator, last_reader=alone and name == group[-1]) for name in group}
 
         solved: dict[str, QuantizedWeight] = {}
         for part in run_side_by_side([functools.partial(solve_readers, index) for index in order], workers):

@@ -888,6 +888,21 @@ def test_true_sequential_runs_a_small_blocks_batches_side_by_side_with_the_same_
     assert compared == len(find_quantizable_linears(tiny_model("llama")))
 
 
+def test_true_sequential_solves_the_readers_of_one_gram_matrix_side_by_side(two_threads):
+    """A stage of q/k/v has one Gram matrix for three solves: with two threads they run on two
+    workers (each on its own copy of the matrix), with the codes of one thread."""
+    seen, recording = _thread_recording_solver()
+    model = tiny_model("llama")
+    quantize_model(model, _config("llama", bits=3, true_sequential=True, batch_size=2), solver=recording)
+    assert len(seen) == 14 and len({ident for ident, _ in seen}) >= 2 and {count for _, count in seen} == {1}
+    torch.set_num_threads(1)
+    alone = tiny_model("llama")
+    quantize_model(alone, _config("llama", bits=3, true_sequential=True, batch_size=2))
+    for name, layer in alone.named_modules():
+        if isinstance(layer, COMQLinear):
+            assert torch.equal(model.get_submodule(name).weight_packed, layer.weight_packed), name
+
+
 def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_model_whole():
     """Before a block's last stage the passes stop once the stage's layers have run: the
     full-precision ``down_proj`` runs in the last stage's passes only (then it is replaced).
