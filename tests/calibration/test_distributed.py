@@ -81,9 +81,15 @@ json.dump(result, open(os.path.join(out, f"rank{rank}.json"), "w"))
 """
 
 
-MODES = {"sequential": dict(sequential=True), "fp-inputs": dict(sequential=False), "fp-target": dict(fp_target=True)}
-"""The calibration modes: the quantized prefix's inputs, full-precision ones, and the
-quantized prefix's aimed at full-precision outputs (two streams of block inputs per rank)."""
+MODES = {
+    "sequential": dict(sequential=True),
+    "fp-inputs": dict(sequential=False),
+    "fp-target": dict(fp_target=True),
+    "true-sequential": dict(fp_target=True, true_sequential=True),
+}
+"""The calibration modes: the quantized prefix's inputs, full-precision ones, the
+quantized prefix's aimed at full-precision outputs (two streams of block inputs per rank),
+and that solved stage by stage inside each block (a reduction and a solve per stage)."""
 
 
 def calibration_config(mode: str, bits: int = 4) -> COMQConfig:
