@@ -10,7 +10,7 @@ from torch import nn
 
 from hf_comq.calibration.blocks import find_block_groups
 from hf_comq.calibration.stages import QuantizedStandIns, StageStop, layer_stages
-from hf_comq.modules import find_quantizable_linears
+from hf_comq.modules import find_quantizable_linears, unfuse_batched_experts
 from hf_comq.nn import COMQLinear
 from hf_comq.solver import comq_quantize
 
@@ -81,6 +81,25 @@ def test_stages_follow_each_blocks_data_flow(kind):
     again = block(*args, **kwargs)  # the hooks are gone and the block computes as before
     torch.testing.assert_close(again[0] if isinstance(again, tuple) else again,
                                reference[0] if isinstance(reference, tuple) else reference)
+
+
+def test_the_experts_of_a_mixture_share_their_stages():
+    """Each expert's gate/up read the tokens routed to it, its down their product: all
+    experts' gate/up in one stage after the attention, all their downs in the next."""
+    model = tiny_model("qwen3_moe")
+    unfuse_batched_experts(model)
+    block_name, block, args, kwargs = _first_block_call(model)
+    names = [name for name in find_quantizable_linears(model) if name.startswith(f"{block_name}.")]
+    with torch.no_grad():
+        stages = layer_stages(model, names, lambda: block(*args, **kwargs))
+    experts = sorted({name.split(".experts.")[1].split(".")[0] for name in names if ".experts." in name})
+    assert len(experts) == 4
+    assert [sorted(name[len(block_name) + 1 :] for name in stage) for stage in stages] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        sorted(f"mlp.experts.{e}.{p}" for e in experts for p in ("gate_proj", "up_proj")),
+        sorted(f"mlp.experts.{e}.down_proj" for e in experts),
+    ]
 
 
 def test_independent_layers_share_a_stage_and_a_layer_that_never_ran_joins_the_last():
