@@ -555,34 +555,33 @@ class _Calibrator:
         keep_fp_outputs = need_outputs and self.settings.fp_target
         fp_outputs: list[CapturedInputs] = []
         solved: dict[str, QuantizedWeight] = {}
-        with block_on_compute(block, self.inputs.placement), QuantizedStandIns(
-            self.model, self.compute, self.settings.symmetric
-        ) as stand_ins:
-            for index, stage in enumerate(self._stages(block_name, captured)):
-                targeted = fp_inputs is not None and (index > 0 or fp_inputs is not captured)
-                collect = keep_fp_outputs and index == 0
-                cut_short = not collect and not self.inputs.placement.dispatched
-                with (
-                    HessianRecorder(self.model, stage, self.compute, with_targets=targeted) as recorder,
-                    StageStop(self.model, stage) if cut_short else nullcontext() as stop,
-                    self._expert_routing(block),
-                ):
-                    if targeted:
-                        outputs = self._run_block_with_targets(
-                            block_name, captured, fp_inputs, recorder, collect=collect, stop=stop, stand_ins=stand_ins
-                        )
-                    else:
-                        outputs = self._run_block(
-                            block_name, captured, recorder, collect=collect, stop=stop, stand_ins=stand_ins
-                        )
-                if collect:
-                    fp_outputs = outputs
-                self._sum_over_ranks(recorder)
-                for name, qweight in self._quantize_layers(stage, recorder.accumulators, install=False).items():
-                    stand_ins.add(name, qweight)
-                    solved[name] = qweight
-            del fp_inputs
         with block_on_compute(block, self.inputs.placement):
+            with QuantizedStandIns(self.model, self.compute, self.settings.symmetric) as stand_ins:
+                for index, stage in enumerate(self._stages(block_name, captured)):
+                    targeted = fp_inputs is not None and (index > 0 or fp_inputs is not captured)
+                    collect = keep_fp_outputs and index == 0
+                    cut_short = not collect and not self.inputs.placement.dispatched
+                    with (
+                        HessianRecorder(self.model, stage, self.compute, with_targets=targeted) as recorder,
+                        StageStop(self.model, stage) if cut_short else nullcontext() as stop,
+                        self._expert_routing(block),
+                    ):
+                        if targeted:
+                            outputs = self._run_block_with_targets(
+                                block_name, captured, fp_inputs, recorder, collect=collect, stop=stop,
+                                stand_ins=stand_ins,
+                            )  # fmt: skip
+                        else:
+                            outputs = self._run_block(
+                                block_name, captured, recorder, collect=collect, stop=stop, stand_ins=stand_ins
+                            )
+                    if collect:
+                        fp_outputs = outputs
+                    self._sum_over_ranks(recorder)
+                    for name, qweight in self._quantize_layers(stage, recorder.accumulators, install=False).items():
+                        stand_ins.add(name, qweight)
+                        solved[name] = qweight
+            del fp_inputs
             for name, qweight in solved.items():
                 self._install(name, qweight)
             outputs = self._run_block(block_name, captured, None, collect=True) if need_outputs else []
