@@ -624,6 +624,18 @@ def _thread_recording_solver() -> tuple[list[tuple[int, int]], Callable]:
     return seen, recording
 
 
+def _assert_same_codes(model: nn.Module, reference: nn.Module) -> int:
+    """Every quantized layer of ``model`` holds ``reference``'s codes and scales; returns how many were compared."""
+    compared = 0
+    for name, layer in reference.named_modules():
+        if isinstance(layer, COMQLinear):
+            with accelerate.utils.align_module_device(model.get_submodule(name), torch.device("cpu")):
+                assert torch.equal(model.get_submodule(name).weight_packed, layer.weight_packed), name
+                assert torch.equal(model.get_submodule(name).weight_scale, layer.weight_scale), name
+            compared += 1
+    return compared
+
+
 def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_codes(two_threads):
     """Two threads: the block's Gram matrices (q/k/v's, the attention output's, fc1's,
     fc2's) are solved on two workers of one torch thread each, and every layer gets the
@@ -680,11 +692,9 @@ def test_a_small_blocks_batches_run_side_by_side_with_the_same_codes(two_threads
             assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale)
 
 
-def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(two_threads):
-    """With targets each worker runs a batch's full-precision pass and then its quantized
-    one; both are summed in batch order (padded texts: the masks of both passes count),
-    so every layer's codes are a one-thread run's."""
-    config = dict(bits=3, fp_target=True, batch_size=2)
+def _llama_on_one_and_two_threads(**config) -> tuple[nn.Module, nn.Module, list]:
+    """A tiny Llama quantized on one torch thread and another on two, with the threads
+    (:func:`_block_forward_threads`) of the second's block forward passes."""
     torch.set_num_threads(1)
     alone = tiny_model("llama")
     quantize_model(alone, _config("llama", **config))
@@ -692,6 +702,14 @@ def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(
     side_by_side = tiny_model("llama")
     seen = _block_forward_threads(side_by_side, side_by_side.model.layers)
     quantize_model(side_by_side, _config("llama", **config))
+    return alone, side_by_side, seen
+
+
+def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(two_threads):
+    """With targets each worker runs a batch's full-precision pass and then its quantized
+    one; both are summed in batch order (padded texts: the masks of both passes count),
+    so every layer's codes are a one-thread run's."""
+    alone, side_by_side, seen = _llama_on_one_and_two_threads(bits=3, fp_target=True, batch_size=2)
     here = threading.get_ident()
     # only the capture pass: stopped at block 0 for each of the 4 batches, after the first batch ran both blocks
     # (to check that block 1 takes block 0's inputs besides the hidden state)
@@ -699,13 +717,7 @@ def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(
     workers = {ident for ident, _, _ in seen if ident != here}
     assert len(workers) >= 2 and {count for ident, count, _ in seen if ident in workers} == {1}
     assert not any(grad for _, _, grad in seen)
-    compared = 0
-    for name, layer in alone.named_modules():
-        if isinstance(layer, COMQLinear):
-            assert torch.equal(side_by_side.get_submodule(name).weight_packed, layer.weight_packed), name
-            assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale), name
-            compared += 1
-    assert compared == len(find_quantizable_linears(tiny_model("llama")))
+    assert _assert_same_codes(side_by_side, alone) == len(find_quantizable_linears(tiny_model("llama")))
 
 
 def test_fp_target_counts_the_target_shift_when_it_decides_what_runs_side_by_side(two_threads, monkeypatch):
@@ -870,22 +882,9 @@ def test_true_sequential_solves_each_stage_on_the_stages_quantized_before_it(fp_
 def test_true_sequential_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(two_threads):
     """Stage passes run side by side and are cut short after each stage's layers; the stand-ins
     serve the quantized stream only, so the codes are a one-thread run's."""
-    config = dict(bits=3, fp_target=True, true_sequential=True, batch_size=2)
-    torch.set_num_threads(1)
-    alone = tiny_model("llama")
-    quantize_model(alone, _config("llama", **config))
-    torch.set_num_threads(2)
-    side_by_side = tiny_model("llama")
-    seen = _block_forward_threads(side_by_side, side_by_side.model.layers)
-    quantize_model(side_by_side, _config("llama", **config))
+    alone, side_by_side, seen = _llama_on_one_and_two_threads(bits=3, fp_target=True, true_sequential=True, batch_size=2)
     assert len({ident for ident, _, _ in seen if ident != threading.get_ident()}) >= 2
-    compared = 0
-    for name, layer in alone.named_modules():
-        if isinstance(layer, COMQLinear):
-            assert torch.equal(side_by_side.get_submodule(name).weight_packed, layer.weight_packed), name
-            assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale), name
-            compared += 1
-    assert compared == len(find_quantizable_linears(tiny_model("llama")))
+    assert _assert_same_codes(side_by_side, alone) == len(find_quantizable_linears(tiny_model("llama")))
 
 
 def test_true_sequential_solves_the_readers_of_one_gram_matrix_side_by_side(two_threads):
@@ -898,9 +897,7 @@ def test_true_sequential_solves_the_readers_of_one_gram_matrix_side_by_side(two_
     torch.set_num_threads(1)
     alone = tiny_model("llama")
     quantize_model(alone, _config("llama", bits=3, true_sequential=True, batch_size=2))
-    for name, layer in alone.named_modules():
-        if isinstance(layer, COMQLinear):
-            assert torch.equal(model.get_submodule(name).weight_packed, layer.weight_packed), name
+    assert _assert_same_codes(model, alone) == 14
 
 
 def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_model_whole():
@@ -921,7 +918,4 @@ def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_m
     offloaded.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
     quantize_model(offloaded, _config("llama", **config))
     assert len(calls) == 1 + 1 + 4 * batches
-    for name, layer in model.named_modules():
-        if isinstance(layer, COMQLinear):
-            with accelerate.utils.align_module_device(offloaded.get_submodule(name), torch.device("cpu")):
-                assert torch.equal(offloaded.get_submodule(name).weight_packed, layer.weight_packed), name
+    assert _assert_same_codes(offloaded, model) == 14
