@@ -10,8 +10,8 @@ layers of the stages before it: for a Llama block ``q/k/v``, then ``o``, then
 ``gate/up``, then ``down``.
 
 * :func:`layer_stages` finds the stages from the block itself: each layer's stage is one
-  more than the latest stage of any layer whose output its input depends on, found by
-  autograd on one batch.  So layers reading one input (q/k/v) share a stage, and so do
+  more than the latest stage of any layer whose output its input depends on, read from
+  the autograd graph of one batch.  So layers reading one input (q/k/v) share a stage, and so do
   layers of independent branches (the experts of a mixture), whatever the model.
 * :class:`QuantizedStandIns`: while a block's stages are solved its layers stay in full
   precision (the full-precision stream of ``fp_target`` runs the very same modules);
@@ -41,11 +41,12 @@ def layer_stages(model: nn.Module, names: Sequence[str], run_block: Callable[[],
     """``names`` in stages, in the order a stage-by-stage calibration solves them.
 
     ``run_block()`` runs the block once (on one calibration batch).  During it, each
-    layer's output is swapped for a fresh autograd leaf of the same values, and its
-    input is kept; afterwards, the leaves a layer's input has a gradient path to are
-    the layers it depends on.  Layers of a stage depend on no layer of the same or a
-    later stage.  A layer that did not run (an expert the batch routes no token to)
-    joins the last stage: its inputs can come after every other layer's.
+    layer's output is made from a fresh autograd leaf of the same values, and its
+    input is kept; afterwards, the leaves in a layer's input's autograd graph are the
+    layers it depends on.  The graph is only walked, never differentiated, so in-place
+    operations of the model are no obstacle.  Layers of a stage depend on no layer of
+    the same or a later stage.  A layer that did not run (an expert the batch routes no
+    token to) joins the last stage: its inputs can come after every other layer's.
     Dependencies through integer indices (a router's choice of experts) are not seen,
     so a router and its experts can share a stage.
     """
@@ -58,7 +59,7 @@ def layer_stages(model: nn.Module, names: Sequence[str], run_block: Callable[[],
                 return None  # a second call of the same layer: its first decides
             inputs[name] = args[0]
             leaves[name] = output.detach().requires_grad_(True)
-            return leaves[name]
+            return leaves[name].clone()  # not the leaf itself, which the model may change in place
 
         return hook
 
@@ -66,10 +67,14 @@ def layer_stages(model: nn.Module, names: Sequence[str], run_block: Callable[[],
     try:
         with torch.enable_grad():
             run_block()
-            stage_of = _stages_from_dependencies(list(leaves), inputs, leaves)
     finally:
         for handle in handles:
             handle.remove()
+    layer_of_leaf = {id(leaf): name for name, leaf in leaves.items()}
+    stage_of: dict[str, int] = {}
+    for name in leaves:  # the order the layers first ran in: a layer depends only on earlier ones
+        depends = _leaves_in_graph(inputs[name], layer_of_leaf)
+        stage_of[name] = 1 + max((stage_of[other] for other in depends if other in stage_of), default=-1)
     last = max(stage_of.values(), default=0)
     stages: list[list[str]] = [[] for _ in range(last + 1)]
     for name in names:
@@ -77,23 +82,23 @@ def layer_stages(model: nn.Module, names: Sequence[str], run_block: Callable[[],
     return [stage for stage in stages if stage]
 
 
-def _stages_from_dependencies(
-    order: list[str], inputs: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]
-) -> dict[str, int]:
-    """Each layer's stage, ``order`` being the order the layers first ran in."""
-    stage_of: dict[str, int] = {}
-    for position, name in enumerate(order):
-        earlier = order[:position]
-        value = inputs[name]
-        depends: list[str] = []
-        if earlier and value.requires_grad:
-            gradients = torch.autograd.grad(
-                value, [leaves[other] for other in earlier], grad_outputs=torch.ones_like(value),
-                retain_graph=True, allow_unused=True,
-            )
-            depends = [other for other, gradient in zip(earlier, gradients) if gradient is not None]
-        stage_of[name] = 1 + max((stage_of[other] for other in depends), default=-1)
-    return stage_of
+def _leaves_in_graph(value: torch.Tensor, layer_of_leaf: dict[int, str]) -> set[str]:
+    """The layers whose output leaf ``value``'s autograd graph reaches."""
+    if value.grad_fn is None:
+        return {layer_of_leaf[id(value)]} if id(value) in layer_of_leaf else set()
+    found: set[str] = set()
+    seen: set[Any] = set()
+    pending = [value.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
+        if variable is not None and id(variable) in layer_of_leaf:
+            found.add(layer_of_leaf[id(variable)])
+        pending.extend(child for child, _ in node.next_functions)
+    return found
 
 
 class StageComplete(Exception):
