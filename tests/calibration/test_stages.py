@@ -109,6 +109,27 @@ def test_independent_layers_share_a_stage_and_a_layer_that_never_ran_joins_the_l
     assert stages == [["a", "b", "d"], ["c", "never"]]
 
 
+class _InPlace(nn.Module):
+    """Changes its first layer's output in place before the second layer reads it (as some models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        hidden = self.first(x)
+        hidden.mul_(2.0).relu_()
+        return self.second(hidden)
+
+
+def test_a_model_changing_a_layers_output_in_place_is_staged_all_the_same():
+    block = _InPlace()
+    x = torch.randn(3, 4)
+    expected = block(x)
+    assert layer_stages(block, ["first", "second"], lambda: block(x)) == [["first"], ["second"]]
+    torch.testing.assert_close(block(x), expected)
+
+
 def test_a_stage_stop_ends_the_pass_after_the_stages_layers():
     block = _Branches()
     ran: list[str] = []
