@@ -56,8 +56,8 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     add_setting_flag(
         group, "true_sequential",
-        "with --fp-target, lower perplexity again (each block's stages solved one after another: about one "
-        "more forward pass per block while calibrating)",
+        "with --fp-target, lower perplexity again, for a longer calibration (each stage runs its own "
+        "forward passes, and its solves before the next stage's)",
     )  # fmt: skip
     add_setting_flag(
         group, "calibrate_all_experts",
