@@ -156,9 +156,11 @@ class QuantizedStandIns:
     layer instead, on the same input.  Outside, the block is the full-precision one,
     which ``fp_target``'s full-precision stream runs on other threads at the same time.
     The layer's own forward is wrapped rather than its output replaced by a hook, so the
-    full-precision product is not computed only to be thrown away, and the layer's
-    hooks (and accelerate's) still run around the call.  Use as a context manager: the
-    wrappers go on exit.
+    full-precision product is not computed only to be thrown away; the layer's torch
+    hooks still run around the call.  Accelerate's hooks live in the forward it wraps, so
+    inside :meth:`active` they do not run: an offloaded layer's weights are not brought
+    in for a packed layer that holds its own.  Use as a context manager: the wrappers go
+    on exit.
     """
 
     def __init__(self, model: nn.Module, compute: torch.device, symmetric: bool):
