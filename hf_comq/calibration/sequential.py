@@ -59,6 +59,7 @@ inputs itself).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -820,7 +821,7 @@ class _Calibrator:
         if len(pending) < len(names) and self._solve_workers(names, len(names)) > workers:
             pending = [(accumulator, [name]) for accumulator, group in pending for name in group]
             workers = self._solve_workers(names, len(pending))
-        shared = {id(accumulator) for accumulator, group in pending if sum(other is accumulator for other, _ in pending) > 1}
+        jobs_reading = collections.Counter(id(accumulator) for accumulator, _ in pending)
         order = range(len(pending))
         if workers > 1:  # the costliest first, so that no worker is left with a wide layer at the end
             order = sorted(order, key=lambda index: -sum(self._cost(name) for name in pending[index][1]))
@@ -828,7 +829,8 @@ class _Calibrator:
         def solve_readers(index: int) -> dict[str, QuantizedWeight]:
             accumulator, group = pending[index]
             pending[index] = None  # the Gram matrix goes when its last reader is solved
-            alone = id(accumulator) not in shared
+            # the last reader may overwrite its Gram matrix unless another job reads it too
+            alone = jobs_reading[id(accumulator)] == 1
             return {name: self._solve(name, accumulator, last_reader=alone and name == group[-1]) for name in group}
 
         solved: dict[str, QuantizedWeight] = {}
