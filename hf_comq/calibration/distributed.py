@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..solver import HessianAccumulator, QuantizedWeight
+from ..solver import HessianAccumulator, QuantizedWeight, TargetProductAccumulator
 from .hooks import HessianRecorder
 
 
@@ -184,8 +184,8 @@ def agree_on_stages(group: Group, stages: list[list[str]] | None) -> list[list[s
     return first
 
 
-def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator]) -> None:
-    """Sum every rank's Gram matrices and token counts in place, so each rank holds the totals."""
+def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator | TargetProductAccumulator]) -> None:
+    """Sum every rank's Gram matrices (and target products) and token counts in place, so each rank holds the totals."""
     if not group.is_parallel:
         return
     for accumulator in accumulators:

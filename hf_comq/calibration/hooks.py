@@ -20,7 +20,7 @@ from torch import nn
 
 from ..modules import expert_layers
 from ..nn import linear_shape
-from ..solver import HessianAccumulator
+from ..solver import HessianAccumulator, TargetProductAccumulator
 from .blocks import BlockGroup
 from .placement import send_to_device
 
@@ -87,9 +87,10 @@ def token_mask(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Te
 # Gram matrices
 # ---------------------------------------------------------------------------
 
-LayerCall = tuple[str, torch.Tensor, tuple[torch.Tensor, int] | None]
-"""One layer call kept for :meth:`HessianRecorder.replay`: the layer's name, its input, and
-for an expert's layer :meth:`~hf_comq.nn.UnfusedExperts.routed_rows`."""
+LayerCall = tuple[str, torch.Tensor, tuple[torch.Tensor, int] | None, torch.Tensor | None]
+"""One layer call kept for :meth:`HessianRecorder.replay`: the layer's name, its input, for an
+expert's layer :meth:`~hf_comq.nn.UnfusedExperts.routed_rows`, and its output where the
+layer's target product is summed from outputs."""
 
 
 class HessianRecorder:
@@ -102,12 +103,18 @@ class HessianRecorder:
     forward passes of several batches at once on other threads, inside
     :meth:`calls_later` there and then :meth:`replay` each batch's calls in batch order.
 
-    ``with_targets=True`` also sums each layer's target shift (see
-    :class:`HessianAccumulator`): before each batch's pass inside :meth:`tokens`, the
-    same batch's full-precision inputs run the block inside :meth:`targets`, whose
-    hooks keep each layer's inputs until the quantized-prefix pass reaches it.  On
-    other threads both passes run inside :meth:`calls_later`, and :meth:`replay` is
-    handed the full-precision pass's calls as the batch's ``targets``.
+    ``with_targets=True`` also sums what aims each layer at the full-precision
+    model's outputs (:mod:`hf_comq.solver.target`): before each batch's pass inside
+    :meth:`tokens`, the same batch's full-precision inputs run the block inside
+    :meth:`targets`, whose hooks keep each layer's inputs until the quantized-prefix
+    pass reaches it.  On other threads both passes run inside :meth:`calls_later`,
+    and :meth:`replay` is handed the full-precision pass's calls as the batch's
+    ``targets``.  A layer narrower out than in (an MLP's down projection) keeps its
+    full-precision *outputs* instead and sums its own target product
+    (:attr:`target_products`), which costs ``out x in`` per token where the shift
+    costs ``in x in``; one that shares its input with a layer summing the shift
+    (k/v beside q) reads that shift, and a layer needing the shift never shares the
+    Gram matrix of one that does not sum it.
 
     An expert's layers (inside :class:`~hf_comq.nn.UnfusedExperts`) see the tokens
     routed to it: their padding is told by the rows the experts module reports, and
@@ -119,6 +126,8 @@ class HessianRecorder:
 
     def __init__(self, model: nn.Module, names: Sequence[str], device: torch.device, *, with_targets: bool = False):
         self.accumulators: dict[str, HessianAccumulator] = {}
+        # the layers whose target product is summed from their outputs (see the class docstring)
+        self.target_products: dict[str, TargetProductAccumulator] = {}
         self._owner_of: dict[str, str] = {}
         self._decided: set[str] = set()
         self._last: tuple[torch.Tensor, str] | None = None
@@ -132,8 +141,12 @@ class HessianRecorder:
         self._routers = {name: experts for name, experts in expert_layers(model).items() if name in wanted}
         for name in names:
             module = model.get_submodule(name)
+            out_features, in_features = linear_shape(module)
             targeted = with_targets and name not in self._routers
-            self.accumulators[name] = HessianAccumulator(linear_shape(module)[1], device=device, with_target=targeted)
+            by_outputs = targeted and out_features < in_features
+            self.accumulators[name] = HessianAccumulator(in_features, device=device, with_target=targeted and not by_outputs)
+            if by_outputs:
+                self.target_products[name] = TargetProductAccumulator(out_features, in_features, device=device)
             self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def __enter__(self) -> "HessianRecorder":
@@ -184,11 +197,11 @@ class HessianRecorder:
         """
         if targets is not None:
             with self.targets(mask):
-                for name, tensor, _ in targets:
-                    self._keep_target(name, tensor)
+                for name, tensor, _, output in targets:
+                    self._keep_target(name, tensor, output)
         with self.tokens(mask):
-            for name, tensor, rows in calls:
-                self._record(name, tensor, rows)
+            for name, tensor, rows, output in calls:
+                self._record(name, tensor, rows, output)
 
     @contextlib.contextmanager
     def targets(self, mask: torch.Tensor | None) -> Iterator[None]:
@@ -216,8 +229,7 @@ class HessianRecorder:
         for name, owner in owners.items():
             if name not in self._decided:
                 self._decided.add(name)
-                self._owner_of[name] = owner
-                self.accumulators[name] = self.accumulators[owner]
+                self._share(name, owner)
 
     def distinct(self) -> list[HessianAccumulator]:
         """Each accumulator once (shared ones appear under several names), in a fixed order."""
@@ -226,45 +238,74 @@ class HessianRecorder:
             seen.setdefault(id(accumulator), accumulator)
         return list(seen.values())
 
+    def sums(self) -> list[HessianAccumulator | TargetProductAccumulator]:
+        """Every running sum once, in a fixed order (for summing over processes): the distinct
+        accumulators, then the target products (decided once sharing is, see :meth:`adopt_shared_inputs`)."""
+        return [*self.distinct(), *self.target_products.values()]
+
     def _hook(self, name: str):
         router = self._routers.get(name)
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             rows = None if router is None else router.routed_rows()
+            kept_output = output if name in self.target_products else None
             later = getattr(self._later, "calls", None)
             if later is not None:
-                later.append((name, inputs[0], rows))  # the tensor itself: sharing is told by identity
+                later.append((name, inputs[0], rows, kept_output))  # the tensor itself: sharing is told by identity
                 return
             if self._mask is self._OUTSIDE:
                 raise RuntimeError(f"{name!r} ran outside HessianRecorder.tokens(); the padding mask is unknown")
             if self._collecting_targets:
-                self._keep_target(name, inputs[0])
+                self._keep_target(name, inputs[0], kept_output)
                 return
-            self._record(name, inputs[0], rows)
+            self._record(name, inputs[0], rows, kept_output)
 
         return hook
 
-    def _keep_target(self, name: str, tensor: torch.Tensor) -> None:
-        """Keep one layer call's real-token inputs of the full-precision pass until the quantized pass reaches it."""
-        if name not in self._routers:
-            self._targets.setdefault(name, []).append(self._real_tokens(tensor))
+    def _share(self, name: str, owner: str) -> None:
+        """Make ``name`` read ``owner``'s Gram matrix, and its target shift where ``owner`` sums one."""
+        self._owner_of[name] = owner
+        self.accumulators[name] = self.accumulators[owner]
+        if self.accumulators[owner].with_target:
+            self.target_products.pop(name, None)
 
-    def _record(self, name: str, tensor: torch.Tensor, rows: tuple[torch.Tensor, int] | None = None) -> None:
-        """Add one layer call's real-token inputs to its Gram sum (unless it shares an earlier call's).
+    def _keep_target(self, name: str, tensor: torch.Tensor, output: torch.Tensor | None) -> None:
+        """Keep one layer call's real-token inputs of the full-precision pass until the quantized pass reaches it
+        (its outputs, ``output``, where the layer sums its target product from them)."""
+        if name not in self._routers:
+            self._targets.setdefault(name, []).append(self._real_tokens(tensor if output is None else output))
+
+    def _record(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        rows: tuple[torch.Tensor, int] | None = None,
+        output: torch.Tensor | None = None,
+    ) -> None:
+        """Add one layer call's real-token inputs to its Gram sum (unless it shares an earlier call's),
+        and its target product where it sums one from ``output``.
 
         ``rows``: for an expert's layer, which of the experts' flattened tokens its inputs are.
         """
         target = self._target_of(name)
-        if self._reuses(name, tensor):
+        shared = self._reuses(name, tensor)
+        product = self.target_products.get(name)  # after _reuses: sharing a shift drops it
+        if shared and product is None:
             return
         activations = self._real_tokens(tensor, rows)
-        if target is not None and target.shape != activations.shape:
+        reached = activations if product is None else self._real_tokens(output)
+        if target is not None and target.shape != reached.shape:
             raise ValueError(
-                f"{name!r} got {tuple(target.shape)} inputs in the full-precision pass and "
-                f"{tuple(activations.shape)} in the quantized one (a routed layer, e.g. a mixture-of-experts "
+                f"{name!r} got {tuple(target.shape[:-1])} tokens in the full-precision pass and "
+                f"{tuple(reached.shape[:-1])} in the quantized one (a routed layer, e.g. a mixture-of-experts "
                 "expert?); fp_target needs the same tokens in both: calibrate with fp_target=False"
             )
-        self.accumulators[name].add(activations, target)
+        if product is not None:
+            product.add(activations, reached, target)
+        if shared:
+            return
+        accumulator = self.accumulators[name]
+        accumulator.add(activations, target if accumulator.with_target else None)
         self._last = (tensor, name)
 
     def _real_tokens(self, tensor: torch.Tensor, rows: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
@@ -297,9 +338,9 @@ class HessianRecorder:
         same_as_last = self._last is not None and self._last[0] is tensor
         if name not in self._decided:
             self._decided.add(name)
-            if same_as_last:
-                self._owner_of[name] = self._last[1]
-                self.accumulators[name] = self.accumulators[self._last[1]]
+            # a layer that needs the target shift shares only a Gram matrix summing it
+            if same_as_last and (not self.accumulators[name].with_target or self.accumulators[self._last[1]].with_target):
+                self._share(name, self._last[1])
         owner = self._owner_of.get(name)
         if owner is None:
             return False

@@ -14,10 +14,11 @@ activations for the calibration set plus that block's Hessians.
   so later blocks learn to compensate earlier quantization error.
 * ``fp_target=True`` (block-sequential only): the full-precision model's inputs of each
   block are carried beside the quantized prefix's; each batch runs the block on both,
-  and the layers' hooks sum the target shift ``(X_fp - X)^T X`` beside ``H``, so each
-  layer is solved towards the full-precision outputs (:mod:`hf_comq.solver.target`).
-  That holds two sets of block inputs and two ``in x in`` sums per layer, and runs one
-  more block forward per block.
+  and the layers' hooks sum the target shift ``(X_fp - X)^T X`` beside ``H`` (a layer
+  narrower out than in its target product ``(Y_fp - Y)^T X`` instead), so each layer is
+  solved towards the full-precision outputs (:mod:`hf_comq.solver.target`).  That holds
+  two sets of block inputs and a second sum per layer (``in x in``, or ``out x in``),
+  and runs one more block forward per block.
   The full-precision stream restarts at each group's capture (e.g. a decoder after an
   encoder starts from the quantized encoder's outputs).
 * ``sequential=False``: every layer sees full-precision inputs, as in the COMQ
@@ -92,8 +93,10 @@ from ..solver import (
     SOLVER_DEFAULTS,
     HessianAccumulator,
     QuantizedWeight,
+    TargetProductAccumulator,
     comq_quantize,
     fp_target_weight,
+    target_product,
     widest_threaded_gemm,
 )
 from ..threads import caller_threads, gets_caller_threads, linear_layer_threads, run_side_by_side, single_thread
@@ -528,7 +531,7 @@ class _Calibrator:
                     fp_outputs = self._run_block(block_name, captured, recorder, collect=keep_fp_outputs)
             del fp_inputs
             self._sum_over_ranks(recorder)
-            self._quantize_layers(names, recorder.accumulators)
+            self._quantize_layers(names, recorder.accumulators, products=recorder.target_products)
             outputs = fp_outputs
             if need_outputs and self.settings.sequential:
                 outputs = self._run_block(block_name, captured, None, collect=True)
@@ -579,7 +582,10 @@ class _Calibrator:
                     if collect:
                         fp_outputs = outputs
                     self._sum_over_ranks(recorder)
-                    for name, qweight in self._quantize_layers(stage, recorder.accumulators, install=False).items():
+                    solutions = self._quantize_layers(
+                        stage, recorder.accumulators, install=False, products=recorder.target_products
+                    )
+                    for name, qweight in solutions.items():
                         stand_ins.add(name, qweight)
                         solved[name] = qweight
             del fp_inputs
@@ -655,8 +661,8 @@ class _Calibrator:
 
         The largest operators are each linear layer's GEMM and its Gram product for the
         longest batch (``2 * tokens * in * max(out, in)`` bounds both); ``targeted``: the
-        Gram product comes with the target shift's full ``in x in`` product, the pair
-        bounded by ``3 * tokens * in * max(out, in)``.
+        Gram product comes with the target shift's full ``in x in`` product or the target
+        product's ``out x in``, the pair bounded by ``3 * tokens * in * max(out, in)``.
         """
         tokens = max((hidden_input(item).shape[:-1].numel() for item in captured), default=0)
         shapes = (linear_shape(module) for module in block.modules() if has_linear_shape(module))
@@ -732,16 +738,23 @@ class _Calibrator:
 
     def _sum_over_ranks(self, recorder: HessianRecorder) -> None:
         agree_on_shared_inputs(self.group, recorder)
-        all_reduce_hessians(self.group, recorder.distinct())
+        all_reduce_hessians(self.group, recorder.sums())
 
     # ------------------------------------------------------------------ quantization
     def _quantize_layers(
-        self, names: list[str], accumulators: dict[str, HessianAccumulator], install: bool = True
+        self,
+        names: list[str],
+        accumulators: dict[str, HessianAccumulator],
+        install: bool = True,
+        products: dict[str, TargetProductAccumulator] | None = None,
     ) -> dict[str, QuantizedWeight]:
         """Solve ``names`` (each by one rank of the group) and install the results on every rank.
 
         Returns every rank's solutions; with ``install=False`` the caller installs them.
+        ``products``: the target products of the layers that sum theirs from outputs
+        (:attr:`HessianRecorder.target_products`).
         """
+        products = {} if products is None else products
         tokens = {name: accumulators[name].num_tokens for name in names}
         unrouted = [name for name in names if name in self.routed and tokens[name] == 0]
         solvable = []
@@ -757,8 +770,9 @@ class _Calibrator:
         for name in solvable:  # Gram matrices of layers another rank solves go now
             if owners[name] != self.group.rank:
                 del accumulators[name]
+                products.pop(name, None)
         self._hand_over([accumulators[name] for name in solvable if name in accumulators])
-        mine = self._solve_own([name for name in solvable if owners[name] == self.group.rank], accumulators)
+        mine = self._solve_own([name for name in solvable if owners[name] == self.group.rank], accumulators, products)
         solutions = {}
         for name, qweight in share_solutions(self.group, mine, owners).items():
             stats = dict(qweight.stats)
@@ -801,7 +815,12 @@ class _Calibrator:
             if accumulator.with_target:
                 accumulator.target_shift(self.settings.hessian_dtype)
 
-    def _solve_own(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> dict[str, QuantizedWeight]:
+    def _solve_own(
+        self,
+        names: list[str],
+        accumulators: dict[str, HessianAccumulator],
+        products: dict[str, TargetProductAccumulator],
+    ) -> dict[str, QuantizedWeight]:
         """Solve this rank's layers of a step, in ``names``' order.
 
         Layers that read one Gram matrix (q/k/v, gate/up) are solved one after another,
@@ -831,7 +850,10 @@ class _Calibrator:
             pending[index] = None  # the Gram matrix goes when its last reader is solved
             # the last reader may overwrite its Gram matrix unless another job reads it too
             alone = jobs_reading[id(accumulator)] == 1
-            return {name: self._solve(name, accumulator, last_reader=alone and name == group[-1]) for name in group}
+            return {
+                name: self._solve(name, accumulator, products.pop(name, None), last_reader=alone and name == group[-1])
+                for name in group
+            }
 
         solved: dict[str, QuantizedWeight] = {}
         for part in run_side_by_side([functools.partial(solve_readers, index) for index in order], workers):
@@ -868,15 +890,26 @@ class _Calibrator:
         out_features, in_features = linear_shape(self.model.get_submodule(name))
         return float(out_features) * in_features
 
-    def _solve(self, name: str, accumulator: HessianAccumulator, last_reader: bool) -> QuantizedWeight:
+    def _solve(
+        self,
+        name: str,
+        accumulator: HessianAccumulator,
+        product: TargetProductAccumulator | None,
+        last_reader: bool,
+    ) -> QuantizedWeight:
+        """Solve one layer; with ``fp_target`` its weight is first aimed at the full-precision outputs,
+        from its Gram matrix's target shift or from its own target ``product``."""
         module = self.model.get_submodule(name)
         started = time.perf_counter()
         with materialized(module, self.compute):
             weight = get_linear_weight(module).detach().to(self.compute)
         try:
-            hessian = accumulator.result(self.settings.hessian_dtype)
+            dtype = self.settings.hessian_dtype
+            hessian = accumulator.result(dtype)
             if accumulator.with_target:
-                weight = fp_target_weight(weight, hessian, accumulator.target_shift(self.settings.hessian_dtype))
+                weight = fp_target_weight(weight, hessian, target_product(weight, accumulator.target_shift(dtype)))
+            elif product is not None:
+                weight = fp_target_weight(weight, hessian, product.result(dtype))
             qweight = self.settings.solver(
                 weight, hessian, **self.settings.solver_kwargs_for(accumulator),
                 **({"overwrite_hessian": True} if last_reader else {}),

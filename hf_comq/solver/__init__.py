@@ -22,7 +22,9 @@ _EXPORTS = {
     "Grid": ".grid",
     "minmax_grid": ".grid",
     "HessianAccumulator": ".hessian",
+    "TargetProductAccumulator": ".hessian",
     "fp_target_weight": ".target",
+    "target_product": ".target",
 }
 
 __all__ = sorted(

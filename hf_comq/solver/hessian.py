@@ -232,6 +232,89 @@ class HessianAccumulator:
         return whole
 
 
+class TargetProductAccumulator:
+    """Accumulates one layer's target product ``(Y_fp - Y)^T X`` (``out x in``) over batches.
+
+    ``Y_fp`` and ``Y`` are the layer's outputs on the same tokens' full-precision and
+    quantized-prefix inputs ``X_fp`` and ``X``, so the sum is ``W (X_fp - X)^T X``,
+    the layer's weight times the target shift that :class:`HessianAccumulator` can sum
+    instead (see :mod:`hf_comq.solver.target`).  Per token it costs ``out x in`` where
+    the shift costs ``in x in``, and the layer's full-precision outputs are kept
+    between the two passes instead of its inputs: the cheaper form for a layer
+    narrower out than in (an MLP's down projection), whose shift no other layer reads.
+    Sums in float64 in row blocks, like :class:`HessianAccumulator`, each batch's
+    product in float32 unless the outputs are float64 already.
+    """
+
+    def __init__(self, out_features: int, in_features: int, *, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str | None = None):  # fmt: skip
+        if out_features <= 0 or in_features <= 0:
+            raise ValueError(f"out_features and in_features must be positive, got {out_features} and {in_features}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accumulation dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.out_features, self.in_features, self.dtype = out_features, in_features, dtype
+        self.num_tokens = 0
+        self._spans = spans(out_features, rows_fitting(GRAM_BLOCK_BYTES, in_features * (dtype.itemsize + 4)))
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._blocks: list[torch.Tensor] | None = None  # made on first use, as HessianAccumulator's sums
+        self._whole: torch.Tensor | None = None
+
+    def add(self, activations: torch.Tensor, outputs: torch.Tensor, target_outputs: torch.Tensor) -> None:
+        """Add one batch: the layer's inputs ``X``, its outputs ``Y`` and the same tokens' full-precision outputs ``Y_fp``."""
+        if activations.shape[-1] != self.in_features or outputs.shape[-1] != self.out_features:
+            raise ValueError(
+                f"inputs {tuple(activations.shape)} and outputs {tuple(outputs.shape)} must end in "
+                f"in_features={self.in_features} and out_features={self.out_features}"
+            )
+        if outputs.shape[:-1] != activations.shape[:-1] or target_outputs.shape != outputs.shape:
+            raise ValueError(
+                f"inputs {tuple(activations.shape)}, outputs {tuple(outputs.shape)} and full-precision outputs "
+                f"{tuple(target_outputs.shape)} are not the same tokens"
+            )
+        if self._whole is not None:
+            raise RuntimeError("this target product was already handed over (result()); it takes no more batches")
+        product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
+        def flat(values: torch.Tensor) -> torch.Tensor:
+            return values.reshape(-1, values.shape[-1]).to(device=self._device, dtype=product_dtype)
+
+        rows, moved = flat(activations), flat(target_outputs) - flat(outputs)
+        if not (_all_finite(rows) and _all_finite(moved)):
+            raise ValueError("layer inputs or outputs contain NaN or inf; check the calibration inputs and the model's dtype")
+        self._sums()
+        with threads_for(2.0 * moved.numel() * self.in_features):
+            for span, block in zip(self._spans, self._blocks):
+                _add_product(block, moved[:, span].T, rows)
+        self.num_tokens += rows.shape[0]
+
+    def partial_sums(self) -> list[torch.Tensor]:
+        """The running sums themselves, for summing over processes in place (see :meth:`HessianAccumulator.partial_sums`)."""
+        if self._whole is not None:
+            raise RuntimeError("this target product was already handed over (result()); its partial sums are gone")
+        self._sums()
+        return list(self._blocks)
+
+    def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The summed ``(Y_fp - Y)^T X`` (``out x in``); the first call ends accumulation, as :meth:`HessianAccumulator.result`."""
+        if self.num_tokens == 0:
+            raise ValueError("no activations were accumulated: the layer never ran on calibration data")
+        if self._whole is None:
+            blocks, self._blocks = self._blocks, None
+            self._whole = torch.empty(self.out_features, self.in_features, dtype=dtype or self.dtype, device=blocks[0].device)
+            for index, span in enumerate(self._spans):
+                self._whole[span] = blocks[index]
+                blocks[index] = None
+        elif dtype is not None and dtype != self._whole.dtype:
+            self._whole = self._whole.to(dtype)
+        return self._whole
+
+    def _sums(self) -> None:
+        if self._blocks is None and self._whole is None:
+            self._blocks = [
+                torch.zeros(span.stop - span.start, self.in_features, dtype=self.dtype, device=self._device)
+                for span in self._spans
+            ]
+
+
 def _all_finite(rows: torch.Tensor) -> bool:
     """Whether every entry is finite, by one reduction first: a NaN or inf anywhere makes
     the sum non-finite, and the elementwise test (several passes over the batch, a large

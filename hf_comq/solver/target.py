@@ -14,6 +14,13 @@ That objective is the plain one for another weight, up to a constant: with
 ``W' = W (H + S) H^-1 = W + W S H^-1``.  Handing COMQ ``W'`` leaves the solver
 unchanged: grids, start, sweeps and refits all work on ``W'`` and ``H``.
 
+The target enters only through the *target product* ``W S = (Y_fp - Y)^T X``, where
+``Y_fp = X_fp W^T`` and ``Y = X W^T`` are the layer's own outputs on the two inputs
+(a bias cancels).  It can be summed either way: ``S`` (``in x in``) once for all the
+layers reading one input, or ``(Y_fp - Y)^T X`` (``out x in``) per layer, less work
+and room for a layer narrower out than in, such as an MLP's down projection
+(:class:`~hf_comq.solver.hessian.TargetProductAccumulator`).
+
 That ``W'`` is a least-squares fit of the full-precision outputs on the calibration
 tokens, and the whole move fits their noise too: on SmolLM2 at 3 bits it takes the
 weights tens of percent of their norm away and wrecks held-out perplexity
@@ -44,29 +51,33 @@ TARGET_STRENGTH = 0.25
 def fp_target_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    shift: torch.Tensor,
+    product: torch.Tensor,
     damp: float = TARGET_DAMP,
     strength: float = TARGET_STRENGTH,
 ) -> torch.Tensor:
-    """``W + strength * W S (H + D)^-1`` in ``weight``'s dtype (see the module docstring).
+    """``W + strength * W S (H + D)^-1`` in ``weight``'s dtype, from the target product ``W S`` (see the module docstring).
 
     ``D`` is the start's damping (``damp * mean(diag H)``, grown if ``H + D`` does not
-    factorise).  ``weight`` is ``(out, in)``; ``hessian`` (symmetric: the factorisation
-    reads one triangle) and ``shift`` are ``(in, in)``.  A zero
-    ``shift`` (inputs equal to the full-precision ones, e.g. the first block) returns
+    factorise).  ``weight`` and ``product`` are ``(out, in)``; ``hessian`` is
+    ``(in, in)`` (symmetric: the factorisation reads one triangle).  A zero
+    ``product`` (inputs equal to the full-precision ones, e.g. the first block) returns
     ``weight`` unchanged.
     """
-    in_features = weight.shape[1]
-    if hessian.shape != (in_features, in_features) or shift.shape != (in_features, in_features):
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features) or product.shape != (out_features, in_features):
         raise ValueError(
-            f"the Gram matrix {tuple(hessian.shape)} and target shift {tuple(shift.shape)} must both be "
-            f"({in_features}, {in_features}) for a weight of shape {tuple(weight.shape)}"
+            f"the Gram matrix {tuple(hessian.shape)} must be ({in_features}, {in_features}) and the target "
+            f"product {tuple(product.shape)} ({out_features}, {in_features}) for a weight of shape {tuple(weight.shape)}"
         )
-    if not bool(shift.any()):
+    if not bool(product.any()):
         return weight
     dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
     factor, _ = damped_cholesky(hessian.to(device=weight.device, dtype=dtype), damp)
-    # W S H^-1 = (H^-1 S^T W^T)^T
-    moved_t = shift.to(device=weight.device, dtype=dtype).T @ weight.to(dtype).T
-    correction_t = torch.cholesky_solve(moved_t, factor)
+    # W S H^-1 = (H^-1 (W S)^T)^T
+    correction_t = torch.cholesky_solve(product.to(device=weight.device, dtype=dtype).T, factor)
     return (weight.to(dtype) + strength * correction_t.T).to(weight.dtype)
+
+
+def target_product(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The target product ``W S`` of a layer whose target shift ``S`` was summed, in ``shift``'s dtype on its device."""
+    return weight.to(device=shift.device, dtype=shift.dtype) @ shift

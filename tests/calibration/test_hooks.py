@@ -106,7 +106,7 @@ def test_a_recorder_that_saw_no_batch_takes_the_sharing_another_found():
 
 def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(4, 5))
     x, x_fp = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as recorder:
@@ -117,13 +117,81 @@ def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch():
     real, real_fp = x[mask].double(), x_fp[mask].double()
     # float32 batch products, as for the Gram matrix
     torch.testing.assert_close(recorder.accumulators["0"].target_shift(), (real_fp - real).T @ real, rtol=1e-5, atol=1e-5)
+    assert recorder.target_products == {}
 
 
-def test_targets_kept_on_other_threads_and_replayed_in_order_give_the_same_shifts_bit_for_bit():
-    """A batch's full-precision pass and quantized pass kept by two calls_later scopes on a
-    worker, then replayed in batch order, give the sums and target shifts of one thread."""
+def test_a_layer_narrower_out_than_in_sums_its_target_product_from_its_outputs():
+    """``(Y_fp - Y)^T X`` is the weight times the target shift (the bias cancels), without the ``in x in`` shift."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(6, 3))
+    x, x_fp = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as recorder:
+        with recorder.targets(mask):
+            model(x_fp)
+        with recorder.tokens(mask):
+            model(x)
+    real, real_fp = x[mask].double(), x_fp[mask].double()
+    assert not recorder.accumulators["0"].with_target
+    torch.testing.assert_close(recorder.accumulators["0"].result(), real.T @ real, rtol=1e-5, atol=1e-5)
+    weight = model[0].weight.detach().double()
+    torch.testing.assert_close(recorder.target_products["0"].result(), weight @ (real_fp - real).T @ real, rtol=1e-5, atol=1e-5)
+
+
+def _layers_reading_one_input(widths: dict[str, int]) -> nn.Module:
+    """Layers of the given output widths, each called on the same 4-wide input in the given order."""
+
+    class Readers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleDict({name: nn.Linear(4, width) for name, width in widths.items()})
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [layer(x) for layer in self.layers.values()]
+
+    return Readers()
+
+
+@pytest.mark.parametrize(
+    "widths, shift_readers, products",
+    [
+        ({"q": 4, "k": 2, "v": 2}, {"q", "k", "v"}, set()),  # k/v read q's shift
+        ({"k": 2, "v": 2}, set(), {"k", "v"}),  # one Gram matrix, a product each
+        ({"k": 2, "q": 4}, {"q"}, {"k"}),  # q needs a shift k does not sum: its own Gram matrix
+    ],
+    ids=["shift-first", "narrow-only", "narrow-first"],
+)
+def test_layers_sharing_an_input_share_its_target_shift_or_sum_their_own_products(widths, shift_readers, products):
+    torch.manual_seed(0)
+    model = _layers_reading_one_input(widths)
+    names = [f"layers.{name}" for name in widths]
+    x, x_fp = torch.randn(3, 4), torch.randn(3, 4)
+    with HessianRecorder(model, names, torch.device("cpu"), with_targets=True) as recorder:
+        for _ in range(2):  # the second batch follows the first one's decisions
+            with recorder.targets(None):
+                model(x_fp)
+            with recorder.tokens(None):
+                model(x)
+    assert {name.split(".")[1] for name in names if recorder.accumulators[name].with_target} == shift_readers
+    assert {name.split(".")[1] for name in recorder.target_products} == products
+    assert len(recorder.distinct()) == (2 if widths == {"k": 2, "q": 4} else 1)
+    assert len(recorder.sums()) == len(recorder.distinct()) + len(products)
+    for name in names:
+        weight = model.get_submodule(name).weight.detach().double()
+        expected = 2 * weight @ (x_fp - x).double().T @ x.double()
+        if name in recorder.target_products:
+            got = recorder.target_products[name].result()
+        else:
+            got = weight @ recorder.accumulators[name].target_shift()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_features", [5, 3], ids=["shift", "product"])
+def test_targets_kept_on_other_threads_and_replayed_in_order_give_the_same_shifts_bit_for_bit(out_features):
+    """A batch's full-precision pass and quantized pass kept by two calls_later scopes on a
+    worker, then replayed in batch order, give the sums and target shifts (or products) of one thread."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, out_features))
     pairs = [(torch.randn(2, 5, 4), torch.randn(2, 5, 4)) for _ in range(3)]
     masks = [torch.rand(2, 5) > 0.3, None, torch.rand(2, 5) > 0.3]
     with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as direct:
@@ -152,7 +220,10 @@ def test_targets_kept_on_other_threads_and_replayed_in_order_give_the_same_shift
             targets, calls = kept[index]
             later.replay(calls, masks[index], targets=targets)
     assert torch.equal(later.accumulators["0"].result(), direct.accumulators["0"].result())
-    assert torch.equal(later.accumulators["0"].target_shift(), direct.accumulators["0"].target_shift())
+    if out_features < 4:
+        assert torch.equal(later.target_products["0"].result(), direct.target_products["0"].result())
+    else:
+        assert torch.equal(later.accumulators["0"].target_shift(), direct.accumulators["0"].target_shift())
 
 
 def test_targets_replayed_on_a_recorder_without_targets_are_refused():
@@ -164,12 +235,13 @@ def test_targets_replayed_on_a_recorder_without_targets_are_refused():
             recorder.replay(calls, None, targets=calls)
 
 
-def test_a_layer_without_the_same_tokens_in_both_passes_is_named():
-    model = nn.Sequential(nn.Linear(4, 3))
+@pytest.mark.parametrize("out_features", [5, 3], ids=["shift", "product"])
+def test_a_layer_without_the_same_tokens_in_both_passes_is_named(out_features):
+    model = nn.Sequential(nn.Linear(4, out_features))
     with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as recorder:
         with recorder.targets(None):
             model(torch.randn(2, 3, 4))
-        with recorder.tokens(None), pytest.raises(ValueError, match=r"'0' got \(2, 3, 4\) inputs .* \(2, 5, 4\) in the quantized one .* fp_target=False"):
+        with recorder.tokens(None), pytest.raises(ValueError, match=r"'0' got \(2, 3\) tokens .* \(2, 5\) in the quantized one .* fp_target=False"):
             model(torch.randn(2, 5, 4))
         with recorder.tokens(None), pytest.raises(RuntimeError, match="not in the batch's full-precision pass"):
             model(torch.randn(2, 3, 4))

@@ -777,7 +777,8 @@ def test_an_offloaded_model_solves_and_runs_one_layer_and_one_batch_at_a_time(tw
 def test_fp_target_solves_each_layer_for_the_full_precision_models_outputs():
     """Block 1's layers are handed ``W + W S H^-1`` (H and S from the quantized block 0's
     outputs and the full-precision ones, computed here by hand); block 0's see the
-    full-precision inputs already and get their weight unchanged."""
+    full-precision inputs already and get their weight unchanged.  fc2, narrower out
+    than in, gets ``W S`` from its outputs, the others from the target shift."""
     import copy
 
     from hf_comq.solver import fp_target_weight
@@ -798,12 +799,14 @@ def test_fp_target_solves_each_layer_for_the_full_precision_models_outputs():
     hybrid = copy.deepcopy(full_precision)  # quantized block 0, block 1 still in full precision: what calibration saw
     hybrid.vit.layers[0] = model.vit.layers[0]
     block_1 = [name for name in names if name.startswith("vit.layers.1.")]
+    shapes = {name: get_linear_weight(full_precision.get_submodule(name)).shape for name in block_1}
+    assert [name.rsplit(".", 1)[1] for name in block_1 if shapes[name][0] < shapes[name][1]] == ["fc2"]
     quantized_inputs = _layer_inputs(hybrid, block_1, inputs)
     fp_inputs = _layer_inputs(full_precision, block_1, inputs)
     for name in block_1:
         x, x_fp = quantized_inputs[name], fp_inputs[name]
         weight = get_linear_weight(full_precision.get_submodule(name)).double()
-        expected = fp_target_weight(weight, x.T @ x, (x_fp - x).T @ x)
+        expected = fp_target_weight(weight, x.T @ x, weight @ (x_fp - x).T @ x)
         assert not torch.allclose(expected, weight, rtol=1e-3, atol=1e-4)  # the target does move it
         torch.testing.assert_close(handed[name].double(), expected, rtol=1e-3, atol=1e-5)
     for name in names:
@@ -871,7 +874,7 @@ def test_true_sequential_solves_each_stage_on_the_stages_quantized_before_it(fp_
         torch.testing.assert_close(hessian.double(), x.T @ x, rtol=1e-4, atol=1e-5)
         fp_weight = by_weight[name].double()
         if fp_target and _solved_before(name, names):
-            expected = fp_target_weight(fp_weight, x.T @ x, (fp_inputs[name] - x).T @ x)
+            expected = fp_target_weight(fp_weight, x.T @ x, fp_weight @ (fp_inputs[name] - x).T @ x)
             torch.testing.assert_close(weight.double(), expected, rtol=1e-3, atol=1e-5)
             moved += not torch.allclose(expected, fp_weight, rtol=1e-3, atol=1e-4)
         else:

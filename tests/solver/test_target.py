@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_comq.solver import fp_target_weight
+from hf_comq.solver import fp_target_weight, target_product
 
 
 def _problem(seed: int = 0, tokens: int = 400, width: int = 24, out: int = 10):
@@ -16,7 +16,7 @@ def _problem(seed: int = 0, tokens: int = 400, width: int = 24, out: int = 10):
 
 def test_undamped_it_is_the_least_squares_fit_of_the_full_precision_outputs():
     weight, x, x_fp = _problem()
-    moved = fp_target_weight(weight, x.T @ x, (x_fp - x).T @ x, damp=0.0, strength=1.0)
+    moved = fp_target_weight(weight, x.T @ x, weight @ (x_fp - x).T @ x, damp=0.0, strength=1.0)
     expected = torch.linalg.lstsq(x, x_fp @ weight.T).solution.T
     torch.testing.assert_close(moved, expected, rtol=1e-9, atol=1e-9)
 
@@ -24,7 +24,7 @@ def test_undamped_it_is_the_least_squares_fit_of_the_full_precision_outputs():
 def test_the_plain_objective_on_it_differs_from_the_target_objective_by_a_constant():
     """So minimising ``||X W'^T - X Wq^T||^2`` over any codes minimises ``||X_fp W^T - X Wq^T||^2``."""
     weight, x, x_fp = _problem(seed=1)
-    moved = fp_target_weight(weight, x.T @ x, (x_fp - x).T @ x, damp=0.0, strength=1.0)
+    moved = fp_target_weight(weight, x.T @ x, weight @ (x_fp - x).T @ x, damp=0.0, strength=1.0)
     gen = torch.Generator().manual_seed(2)
     gaps = []
     for _ in range(3):
@@ -36,27 +36,37 @@ def test_the_plain_objective_on_it_differs_from_the_target_objective_by_a_consta
     assert max(gaps) - min(gaps) < 1e-8 * gaps[0]
 
 
-def test_no_shift_leaves_the_weight_as_it_is():
+def test_no_target_product_leaves_the_weight_as_it_is():
     weight, x, _ = _problem()
     weight = weight.float()
-    assert fp_target_weight(weight, (x.T @ x).float(), torch.zeros(24, 24)) is weight
+    assert fp_target_weight(weight, (x.T @ x).float(), torch.zeros(10, 24)) is weight
 
 
 def test_strength_is_the_fraction_of_the_move_made():
     weight, x, x_fp = _problem()
-    h, shift = x.T @ x, (x_fp - x).T @ x
-    whole = fp_target_weight(weight, h, shift, strength=1.0)
-    torch.testing.assert_close(fp_target_weight(weight, h, shift), weight + 0.25 * (whole - weight))
+    h, product = x.T @ x, weight @ (x_fp - x).T @ x
+    whole = fp_target_weight(weight, h, product, strength=1.0)
+    torch.testing.assert_close(fp_target_weight(weight, h, product), weight + 0.25 * (whole - weight))
 
 
 def test_damping_only_shortens_the_move():
     weight, x, x_fp = _problem(tokens=30)  # few tokens per input: H is poorly conditioned
-    h, shift = x.T @ x, (x_fp - x).T @ x
-    undamped = (fp_target_weight(weight, h, shift, damp=0.0) - weight).norm()
-    damped = (fp_target_weight(weight, h, shift) - weight).norm()
+    h, product = x.T @ x, weight @ (x_fp - x).T @ x
+    undamped = (fp_target_weight(weight, h, product, damp=0.0) - weight).norm()
+    damped = (fp_target_weight(weight, h, product) - weight).norm()
     assert 0 < damped < undamped
 
 
 def test_shapes_must_match_the_weight():
-    with pytest.raises(ValueError, match=r"must both be \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"target product \(3, 3\) \(2, 4\)"):
         fp_target_weight(torch.ones(2, 4), torch.eye(4), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"Gram matrix \(3, 3\) must be \(4, 4\)"):
+        fp_target_weight(torch.ones(2, 4), torch.eye(3), torch.zeros(2, 4))
+
+
+def test_the_target_product_of_a_shift_is_the_weight_times_it():
+    weight, x, x_fp = _problem()
+    shift = ((x_fp - x).T @ x).float()
+    product = target_product(weight, shift)
+    assert product.dtype == torch.float32
+    torch.testing.assert_close(product, (weight @ (x_fp - x).T @ x).float())
