@@ -564,7 +564,8 @@ class _Calibrator:
                 for index, stage in enumerate(self._stages(block_name, captured)):
                     targeted = fp_inputs is not None and (index > 0 or fp_inputs is not captured)
                     collect = keep_fp_outputs and index == 0
-                    cut_short = not collect and not self.inputs.placement.dispatched
+                    # a targeted pass's full-precision stream runs to the end to collect; its quantized one need not
+                    cut_short = not self.inputs.placement.dispatched and (targeted or not collect)
                     with (
                         HessianRecorder(self.model, stage, self.compute, with_targets=targeted) as recorder,
                         StageStop(self.model, stage) if cut_short else nullcontext() as stop,
@@ -685,7 +686,8 @@ class _Calibrator:
         is still in full precision here, so they are the next block's targets.  Batches
         run side by side as in :meth:`_run_block`, each batch's two passes on one
         worker, and are summed in batch order all the same.  ``stop`` and ``stand_ins``
-        as in :meth:`_run_block`; the stand-ins serve the quantized stream only.
+        as in :meth:`_run_block`; the stand-ins serve the quantized stream only, and
+        ``stop`` cuts the full-precision stream short only when it collects nothing.
         """
         block = self.model.get_submodule(block_name)
         kind = block_kind(block)
@@ -695,7 +697,7 @@ class _Calibrator:
             item, fp_item = pair
             args, kwargs = fp_item.call_inputs(block_name, kind)
             with recorder.calls_later() if workers > 1 else recorder.targets(fp_item.mask) as targets:
-                result = stop.run(block, args, kwargs) if stop is not None else block(*args, **kwargs)
+                result = block(*args, **kwargs) if collect or stop is None else stop.run(block, args, kwargs)
             hidden = send_to_device(hidden_output(result), self.compute) if collect else None
             del result
             args, kwargs = item.call_inputs(block_name, kind)
