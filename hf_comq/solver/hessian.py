@@ -243,7 +243,11 @@ class TargetProductAccumulator:
     between the two passes instead of its inputs: the cheaper form for a layer
     narrower out than in (an MLP's down projection), whose shift no other layer reads.
     Sums in float64 in row blocks, like :class:`HessianAccumulator`, each batch's
-    product in float32 unless the outputs are float64 already.
+    product in float32 unless the outputs are float64 already.  In a bfloat16 or
+    float16 model the two outputs are rounded to that dtype before they are
+    subtracted, so this sum carries their rounding on top of the inputs' (which the
+    shift carries alone): the aimed weight is a little noisier there, most where the
+    two inputs barely differ and the move is small anyway.
     """
 
     def __init__(self, out_features: int, in_features: int, *, dtype: torch.dtype = torch.float64,
