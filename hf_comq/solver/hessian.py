@@ -180,10 +180,7 @@ class HessianAccumulator:
         if self._whole_shift is None:
             self._handed_over = True
             blocks, self._shift = self._shift, None
-            self._whole_shift = torch.empty(self.in_features, self.in_features, dtype=dtype or self.dtype, device=blocks[0].device)
-            for index, span in enumerate(self._shift_spans):
-                self._whole_shift[span] = blocks[index]
-                blocks[index] = None
+            self._whole_shift = _stacked(blocks, self._shift_spans, dtype or self.dtype)
         elif dtype is not None and dtype != self._whole_shift.dtype:
             self._whole_shift = self._whole_shift.to(dtype)
         return self._whole_shift
@@ -303,10 +300,7 @@ class TargetProductAccumulator:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
         if self._whole is None:
             blocks, self._blocks = self._blocks, None
-            self._whole = torch.empty(self.out_features, self.in_features, dtype=dtype or self.dtype, device=blocks[0].device)
-            for index, span in enumerate(self._spans):
-                self._whole[span] = blocks[index]
-                blocks[index] = None
+            self._whole = _stacked(blocks, self._spans, dtype or self.dtype)
         elif dtype is not None and dtype != self._whole.dtype:
             self._whole = self._whole.to(dtype)
         return self._whole
@@ -317,6 +311,16 @@ class TargetProductAccumulator:
                 torch.zeros(span.stop - span.start, self.in_features, dtype=self.dtype, device=self._device)
                 for span in self._spans
             ]
+
+
+def _stacked(blocks: list[torch.Tensor | None], row_spans: list[slice], dtype: torch.dtype) -> torch.Tensor:
+    """The whole matrix from its row blocks, each freed (set to ``None`` in ``blocks``) once copied,
+    so the sum never exists twice."""
+    whole = torch.empty(row_spans[-1].stop, blocks[0].shape[1], dtype=dtype, device=blocks[0].device)
+    for index, span in enumerate(row_spans):
+        whole[span] = blocks[index]
+        blocks[index] = None
+    return whole
 
 
 def _all_finite(rows: torch.Tensor) -> bool:

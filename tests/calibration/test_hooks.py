@@ -104,9 +104,12 @@ def test_a_recorder_that_saw_no_batch_takes_the_sharing_another_found():
     assert ran.accumulators["q"] is ran.accumulators["k"]
 
 
-def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch():
+@pytest.mark.parametrize("out_features", [5, 3], ids=["shift", "product"])
+def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch(out_features):
+    """A layer sums the target shift ``(X_fp - X)^T X``; one narrower out than in sums its target
+    product ``(Y_fp - Y)^T X`` from its outputs instead, the weight times that shift (the bias cancels)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5))
+    model = nn.Sequential(nn.Linear(4, out_features))
     x, x_fp = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as recorder:
@@ -115,27 +118,17 @@ def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch():
         with recorder.tokens(mask):
             model(x)
     real, real_fp = x[mask].double(), x_fp[mask].double()
+    shift = (real_fp - real).T @ real
+    accumulator = recorder.accumulators["0"]
     # float32 batch products, as for the Gram matrix
-    torch.testing.assert_close(recorder.accumulators["0"].target_shift(), (real_fp - real).T @ real, rtol=1e-5, atol=1e-5)
-    assert recorder.target_products == {}
-
-
-def test_a_layer_narrower_out_than_in_sums_its_target_product_from_its_outputs():
-    """``(Y_fp - Y)^T X`` is the weight times the target shift (the bias cancels), without the ``in x in`` shift."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 3))
-    x, x_fp = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    with HessianRecorder(model, ["0"], torch.device("cpu"), with_targets=True) as recorder:
-        with recorder.targets(mask):
-            model(x_fp)
-        with recorder.tokens(mask):
-            model(x)
-    real, real_fp = x[mask].double(), x_fp[mask].double()
-    assert not recorder.accumulators["0"].with_target
-    torch.testing.assert_close(recorder.accumulators["0"].result(), real.T @ real, rtol=1e-5, atol=1e-5)
-    weight = model[0].weight.detach().double()
-    torch.testing.assert_close(recorder.target_products["0"].result(), weight @ (real_fp - real).T @ real, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(accumulator.result(), real.T @ real, rtol=1e-5, atol=1e-5)
+    if out_features > 4:
+        assert recorder.target_products == {}
+        torch.testing.assert_close(accumulator.target_shift(), shift, rtol=1e-5, atol=1e-5)
+    else:
+        assert not accumulator.with_target
+        weight = model[0].weight.detach().double()
+        torch.testing.assert_close(recorder.target_products["0"].result(), weight @ shift, rtol=1e-5, atol=1e-5)
 
 
 def _layers_reading_one_input(widths: dict[str, int]) -> nn.Module:
