@@ -27,6 +27,7 @@ from .placement import send_to_device
 __all__ = [
     "CapturedInputs",
     "HessianRecorder",
+    "LayerCall",
     "block_kind",
     "capture_block_inputs",
     "hidden_input",
@@ -196,9 +197,7 @@ class HessianRecorder:
         as :meth:`targets` would have taken it, before the calls are summed.
         """
         if targets is not None:
-            with self.targets(mask):
-                for name, tensor, _, output in targets:
-                    self._keep_target(name, tensor, output)
+            self.keep_targets(targets, mask)
         with self.tokens(mask):
             for name, tensor, rows, output in calls:
                 self._record(name, tensor, rows, output)
@@ -214,6 +213,26 @@ class HessianRecorder:
             yield
         finally:
             self._mask, self._collecting_targets = self._OUTSIDE, False
+
+    def keep_targets(self, targets: list[LayerCall], mask: torch.Tensor | None) -> None:
+        """Take one batch's full-precision pass, kept earlier (:meth:`target_calls`), as :meth:`targets` would have;
+        the batch's quantized-prefix pass follows."""
+        with self.targets(mask):
+            for name, tensor, _, output in targets:
+                if name in self.accumulators:  # a block's targets serve each of its stages' recorders
+                    self._keep_target(name, tensor, output)
+
+    def target_calls(self, calls: list[LayerCall]) -> list[LayerCall]:
+        """A full-precision pass's calls (kept by :meth:`calls_later`) cut to what :meth:`keep_targets` reads:
+        the inputs of layers that sum the target shift, the outputs of those that sum a target product, nothing
+        of the others (an expert's layers).  Kept for a whole block of batches, it holds no more than that."""
+        kept = []
+        for name, tensor, _, output in calls:
+            if output is not None:
+                kept.append((name, None, None, output))
+            elif self.accumulators[name].with_target:
+                kept.append((name, tensor, None, None))
+        return kept
 
     def shared_inputs(self) -> dict[str, str]:
         """``{layer: owner}`` for the layers found reading the same input tensor as ``owner`` (q/k/v, gate/up)."""

@@ -116,6 +116,7 @@ from .distributed import (
 from .hooks import (
     CapturedInputs,
     HessianRecorder,
+    LayerCall,
     block_kind,
     capture_block_inputs,
     hidden_input,
@@ -550,20 +551,32 @@ class _Calibrator:
         every stage is solved; until then the full-precision stream of ``fp_target``
         runs the block as it was.  With ``fp_target`` a stage after the first is aimed
         at the full-precision outputs even in a block whose inputs are still the
-        full-precision ones: the stages before it already changed its inputs.  The
-        full-precision outputs, the next block's targets, come from the first stage's
-        pass, which then runs to the block's end.
+        full-precision ones: the stages before it already changed its inputs.
+
+        The full-precision stream does not depend on what is solved, so where the block
+        is not dispatched one pass of it keeps every stage's targets for every batch
+        (:meth:`_full_precision_targets`) and collects the next block's; each stage
+        then runs the quantized stream alone.  Under accelerate's hooks (a memory
+        budget) the targets are not held for the whole block: each targeted stage runs
+        both streams, and the first stage's full-precision pass runs to the block's end
+        to collect.
         """
         block = self.model.get_submodule(block_name)
         fp_inputs, self.fp_inputs = self.fp_inputs, None
         keep_fp_outputs = need_outputs and self.settings.fp_target
+        aimed_from_start = fp_inputs is not None and fp_inputs is not captured
         fp_outputs: list[CapturedInputs] = []
         solved: dict[str, QuantizedWeight] = {}
         with block_on_compute(block, self.inputs.placement):
+            stages = self._stages(block_name, captured)
+            cached = None
+            if fp_inputs is not None and not self.inputs.placement.dispatched:
+                cached, fp_outputs = self._full_precision_targets(block_name, fp_inputs, collect=keep_fp_outputs)
+                fp_inputs = None
             with QuantizedStandIns(self.model, self.compute, self.settings.symmetric) as stand_ins:
-                for index, stage in enumerate(self._stages(block_name, captured)):
-                    targeted = fp_inputs is not None and (index > 0 or fp_inputs is not captured)
-                    collect = keep_fp_outputs and index == 0
+                for index, stage in enumerate(stages):
+                    targeted = (cached is not None or fp_inputs is not None) and (index > 0 or aimed_from_start)
+                    collect = keep_fp_outputs and index == 0 and cached is None
                     # a targeted pass's full-precision stream runs to the end to collect; its quantized one need not
                     cut_short = not self.inputs.placement.dispatched and (targeted or not collect)
                     with (
@@ -571,15 +584,16 @@ class _Calibrator:
                         StageStop(self.model, stage) if cut_short else nullcontext() as stop,
                         self._expert_routing(block),
                     ):
-                        if targeted:
+                        if targeted and cached is None:
                             outputs = self._run_block_with_targets(
                                 block_name, captured, fp_inputs, recorder, collect=collect, stop=stop,
                                 stand_ins=stand_ins,
                             )  # fmt: skip
                         else:
                             outputs = self._run_block(
-                                block_name, captured, recorder, collect=collect, stop=stop, stand_ins=stand_ins
-                            )
+                                block_name, captured, recorder, collect=collect, stop=stop, stand_ins=stand_ins,
+                                targets=cached if targeted else None,
+                            )  # fmt: skip
                     if collect:
                         fp_outputs = outputs
                     self._sum_over_ranks(recorder)
@@ -589,7 +603,7 @@ class _Calibrator:
                     for name, qweight in solutions.items():
                         stand_ins.add(name, qweight)
                         solved[name] = qweight
-            del fp_inputs
+            del fp_inputs, cached
             for name, qweight in solved.items():
                 self._install(name, qweight)
             outputs = self._run_block(block_name, captured, None, collect=True) if need_outputs else []
@@ -625,6 +639,7 @@ class _Calibrator:
         collect: bool,
         stop: StageStop | None = None,
         stand_ins: QuantizedStandIns | None = None,
+        targets: list[list[LayerCall]] | None = None,
     ) -> list[CapturedInputs]:
         """Every batch through ``block``, its layers' inputs summed by ``recorder``; the outputs with ``collect``.
 
@@ -632,18 +647,25 @@ class _Calibrator:
         terms are then summed in batch order all the same (see
         :meth:`HessianRecorder.calls_later`), so the sums do not depend on the threads.
         ``stop`` cuts each pass short after a stage's layers (no outputs then);
-        ``stand_ins`` run the block's solved layers quantized.
+        ``stand_ins`` run the block's solved layers quantized; ``targets``: each batch's
+        full-precision pass, kept by :meth:`_full_precision_targets`, for a recorder
+        made ``with_targets``.
         """
         block = self.model.get_submodule(block_name)
         kind = block_kind(block)
-        workers = self._forward_workers(block, captured)
+        workers = self._forward_workers(block, captured, targeted=targets is not None)
 
-        def forward(item: CapturedInputs) -> tuple[list | None, torch.Tensor | None]:
+        def forward(index: int) -> tuple[list | None, torch.Tensor | None]:
+            item = captured[index]
             args, kwargs = item.call_inputs(block_name, kind)
             if recorder is None:
                 scope = nullcontext()
+            elif workers > 1:
+                scope = recorder.calls_later()
             else:
-                scope = recorder.calls_later() if workers > 1 else recorder.tokens(item.mask)
+                if targets is not None:
+                    recorder.keep_targets(targets[index], item.mask)
+                scope = recorder.tokens(item.mask)
             with scope as calls, stand_ins.active() if stand_ins is not None else nullcontext():
                 result = stop.run(block, args, kwargs) if stop is not None else block(*args, **kwargs)
             return calls, (send_to_device(hidden_output(result), self.compute) if collect else None)
@@ -651,11 +673,37 @@ class _Calibrator:
         def finish(index: int, forwarded: tuple[list | None, torch.Tensor | None]) -> CapturedInputs | None:
             calls, hidden = forwarded
             if calls is not None:
-                recorder.replay(calls, captured[index].mask)
+                recorder.replay(calls, captured[index].mask, targets=None if targets is None else targets[index])
             return captured[index].with_hidden(hidden) if collect else None
 
-        outputs = run_side_by_side([functools.partial(forward, item) for item in captured], workers, in_order=finish)
+        jobs = [functools.partial(forward, index) for index in range(len(captured))]
+        outputs = run_side_by_side(jobs, workers, in_order=finish)
         return outputs if collect else []
+
+    def _full_precision_targets(
+        self, block_name: str, fp_inputs: list[CapturedInputs], collect: bool
+    ) -> tuple[list[list[LayerCall]], list[CapturedInputs]]:
+        """One full-precision pass of every batch through the block: what each of its layers' targets needs
+        (:meth:`HessianRecorder.target_calls`), per batch, and the block's outputs with ``collect``.
+
+        ``true_sequential`` reads every stage's targets from it instead of running the
+        full-precision stream again for each stage; nothing is summed here.
+        """
+        block = self.model.get_submodule(block_name)
+        kind = block_kind(block)
+        workers = self._forward_workers(block, fp_inputs)
+        names = self._pending_under(block_name)
+        with HessianRecorder(self.model, names, self.compute, with_targets=True) as recorder, self._expert_routing(block):
+
+            def forward(item: CapturedInputs) -> tuple[list[LayerCall], CapturedInputs | None]:
+                args, kwargs = item.call_inputs(block_name, kind)
+                with recorder.calls_later() as calls:
+                    result = block(*args, **kwargs)
+                hidden = item.with_hidden(send_to_device(hidden_output(result), self.compute)) if collect else None
+                return recorder.target_calls(calls), hidden
+
+            passes = run_side_by_side([functools.partial(forward, item) for item in fp_inputs], workers)
+        return [targets for targets, _ in passes], [hidden for _, hidden in passes] if collect else []
 
     def _forward_workers(self, block: nn.Module, captured: list[CapturedInputs], targeted: bool = False) -> int:
         """Threads for a block's forward passes over the batches (see :meth:`_side_by_side_workers`).

@@ -903,9 +903,7 @@ def test_true_sequential_solves_the_readers_of_one_gram_matrix_side_by_side(two_
     assert _assert_same_codes(model, alone) == 14
 
 
-def test_true_sequential_with_fp_target_runs_only_the_full_precision_stream_to_the_end_to_collect():
-    """In a middle block the first stage's full-precision pass runs to the end, its outputs the
-    next block's targets; the quantized pass beside it stops after q/k/v like every other stage's."""
+def _three_block_llama() -> nn.Module:
     import transformers as T
 
     torch.manual_seed(0)
@@ -913,14 +911,32 @@ def test_true_sequential_with_fp_target_runs_only_the_full_precision_stream_to_t
         vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=None,
     )  # fmt: skip
-    model = T.LlamaForCausalLM(config).eval()
-    calls = []
-    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
-    quantize_model(model, _config("llama", bits=3, true_sequential=True, fp_target=True, batch_size=2))
+    return T.LlamaForCausalLM(config).eval()
+
+
+def test_true_sequential_with_fp_target_runs_the_full_precision_stream_once_per_block():
+    """In a middle block one full-precision pass keeps every stage's targets and the next block's;
+    each stage then runs the quantized stream alone, cut short after its layers.  Under
+    accelerate's hooks every targeted stage runs both streams to the end instead, with the same codes."""
+    config = dict(bits=3, true_sequential=True, fp_target=True, batch_size=2)
     batches = 4
-    # the capture's first batch (it runs every block), the first stage's full-precision pass, the last
-    # stage's two passes; the stages were found on block 0
-    assert len(calls) == 1 + batches + 2 * batches
+    counts = {}
+    for offload in (False, True):
+        model = _three_block_llama()
+        if offload:
+            accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        calls = []
+        model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+        quantize_model(model, _config("llama", **config))
+        counts[offload] = len(calls)
+        if offload:
+            assert _assert_same_codes(model, in_memory) == 21
+        in_memory = model
+    # the capture's first batch (it runs every block), the full-precision pass, the last stage's quantized pass;
+    # the stages were found on block 0
+    assert counts[False] == 1 + batches + batches
+    # offloaded: both streams of each of the four stages, to the end
+    assert counts[True] == 1 + 4 * 2 * batches
 
 
 def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_model_whole():
