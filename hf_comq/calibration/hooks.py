@@ -312,15 +312,15 @@ class HessianRecorder:
         if shared and product is None:
             return
         activations = self._real_tokens(tensor, rows)
-        reached = activations if product is None else self._real_tokens(output)
-        if target is not None and target.shape != reached.shape:
+        paired = activations if product is None else self._real_tokens(output)  # what the target pairs with
+        if target is not None and target.shape != paired.shape:
             raise ValueError(
                 f"{name!r} got {tuple(target.shape[:-1])} tokens in the full-precision pass and "
-                f"{tuple(reached.shape[:-1])} in the quantized one (a routed layer, e.g. a mixture-of-experts "
+                f"{tuple(paired.shape[:-1])} in the quantized one (a routed layer, e.g. a mixture-of-experts "
                 "expert?); fp_target needs the same tokens in both: calibrate with fp_target=False"
             )
         if product is not None:
-            product.add(activations, reached, target)
+            product.add(activations, paired, target)
         if shared:
             return
         accumulator = self.accumulators[name]
