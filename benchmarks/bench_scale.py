@@ -17,7 +17,9 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
   ``MALLOC_MMAP_THRESHOLD_=65536`` (buffers of 64 KiB and more are returned to the
   system when freed), the setting to use for bounded-memory runs.  ``--fp-target``
   measures the same with ``fp_target=True`` (a second stream of block inputs and a
-  target-shift sum beside each Gram matrix).
+  target sum beside each Gram matrix), ``--true-sequential`` with ``true_sequential=True``
+  (stage discovery runs one batch through a block with autograd recording, and the
+  solved layers of a block's earlier stages wait packed beside its full-precision ones).
 * ``solve``: peak resident memory of one layer solve alone (random weight, Gram matrix of
   random inputs), for the 1.1 B shape's widest layers, the default COMQ solver beside
   round to nearest, group 64 and per channel: what a memory-bounded run with the
@@ -161,7 +163,9 @@ def _block_mb(model_dir: Path) -> tuple[float, float]:
     return total / 2**20, block / 2**20
 
 
-def child_memory(shape: str, budget_mb: int, samples: int, length: int, fp_target: bool = False) -> None:
+def child_memory(
+    shape: str, budget_mb: int, samples: int, length: int, fp_target: bool = False, true_sequential: bool = False
+) -> None:
     """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line."""
     import shutil
 
@@ -188,8 +192,9 @@ def child_memory(shape: str, budget_mb: int, samples: int, length: int, fp_targe
     shutil.rmtree(out, ignore_errors=True)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (samples, length), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(
-        dataset=ids, num_samples=samples, batch_size=4, bits=4, group_size=64, fp_target=fp_target, **ROUND_TO_NEAREST
-    )
+        dataset=ids, num_samples=samples, batch_size=4, bits=4, group_size=64, fp_target=fp_target,
+        true_sequential=true_sequential, **ROUND_TO_NEAREST,
+    )  # fmt: skip
     baseline = _rss_mb()
     started = time.perf_counter()
     model = T.AutoModelForCausalLM.from_pretrained(
@@ -208,6 +213,7 @@ def child_memory(shape: str, budget_mb: int, samples: int, length: int, fp_targe
         "baseline_rss_mb": round(baseline), "peak_rss_quantize_mb": round(peak_quantize),
         "peak_rss_save_mb": round(peak_save), "devices": devices, "modules_on_disk": on_disk,
         "quantize_s": round(seconds, 1), "samples": samples, "length": length, "fp_target": fp_target,
+        "true_sequential": true_sequential,
     }))  # fmt: skip
 
 
@@ -271,18 +277,21 @@ ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP
 
 
 def run_memory(
-    models: list[str], budgets: dict[str, int], samples: int, length: int, allocators: list[str], fp_target: bool
-) -> list[dict]:
+    models: list[str], budgets: dict[str, int], samples: int, length: int, allocators: list[str], fp_target: bool,
+    true_sequential: bool = False,
+) -> list[dict]:  # fmt: skip
     rows = []
     for shape in models:
         _run_child(["build", shape])
         for allocator in allocators:
-            rows.append(_memory_row(shape, budgets[shape], samples, length, allocator, fp_target))
+            rows.append(_memory_row(shape, budgets[shape], samples, length, allocator, fp_target, true_sequential))
     return rows
 
 
-def _memory_row(shape: str, budget: int, samples: int, length: int, allocator: str, fp_target: bool) -> dict:
-    argv = ["memory", shape, str(budget), str(samples), str(length), str(int(fp_target))]
+def _memory_row(
+    shape: str, budget: int, samples: int, length: int, allocator: str, fp_target: bool, true_sequential: bool
+) -> dict:
+    argv = ["memory", shape, str(budget), str(samples), str(length), str(int(fp_target)), str(int(true_sequential))]
     row = _last_json(_run_child(argv, env=ALLOCATORS[allocator]))
     row["allocator"] = allocator
     above = row["peak_rss_quantize_mb"] - row["baseline_rss_mb"]
@@ -332,12 +341,12 @@ def _report(memory: list[dict], solves: list[dict], ranks: dict | None, command:
     lines = [f"# bench_scale ({datetime.date.today()}, {os.cpu_count()} CPU cores, shared machine)", f"# {command}", ""]
     if memory:
         lines.append("## Peak RSS while quantizing with disk offload (max_memory={'cpu': budget}, RTN solver)")
-        lines.append("model | allocator | fp_target | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
+        lines.append("model | allocator | fp_target | true_sequential | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
                      "imports | peak RSS quantizing | peak above imports | budget + block | met | peak incl. save | "
                      "device_map entries on disk | quantize s")
         for row in memory:
             lines.append(" | ".join(str(value) for value in (
-                row["model"], row["allocator"], row["fp_target"], row["model_mb"], row["budget_mb"], row["model_over_budget"],
+                row["model"], row["allocator"], row["fp_target"], row.get("true_sequential", False), row["model_mb"], row["budget_mb"], row["model_over_budget"],
                 row["block_mb"],
                 row["baseline_rss_mb"], row["peak_rss_quantize_mb"], row["peak_above_baseline_mb"], row["target_mb"],
                 "yes" if row["meets_target"] else "NO", row["peak_rss_save_mb"], row["modules_on_disk"],
@@ -371,7 +380,7 @@ def main() -> None:
         if kind == "build":
             child_build(rest[0])
         elif kind == "memory":
-            child_memory(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])))
+            child_memory(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])), bool(int(rest[5])))
         elif kind == "solve":
             child_solve(int(rest[0]), int(rest[1]), int(rest[2]), rest[3])
         elif kind == "rank":
@@ -390,6 +399,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
     parser.add_argument("--fp-target", action="store_true", help="memory rows with COMQConfig(fp_target=True)")
+    parser.add_argument("--true-sequential", action="store_true", help="memory rows with COMQConfig(true_sequential=True)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -399,7 +409,9 @@ def main() -> None:
     }  # fmt: skip
     memory = []
     if args.part in ("memory", "all"):
-        memory = run_memory(args.models, budgets, args.samples, args.length, args.allocators, args.fp_target)
+        memory = run_memory(
+            args.models, budgets, args.samples, args.length, args.allocators, args.fp_target, args.true_sequential
+        )
     solves = run_solve() if args.part in ("solve", "all") else []
     ranks = run_ranks(args.repeats, args.rank_samples, args.rank_length) if args.part in ("ranks", "all") else None
     report = _report(memory, solves, ranks, "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]))
