@@ -920,23 +920,23 @@ def test_true_sequential_with_fp_target_runs_the_full_precision_stream_once_per_
     accelerate's hooks every targeted stage runs both streams to the end instead, with the same codes."""
     config = dict(bits=3, true_sequential=True, fp_target=True, batch_size=2)
     batches = 4
-    counts = {}
-    for offload in (False, True):
+
+    def quantized(offload: bool) -> tuple[nn.Module, int]:
         model = _three_block_llama()
         if offload:
             accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
         calls = []
         model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
         quantize_model(model, _config("llama", **config))
-        counts[offload] = len(calls)
-        if offload:
-            assert _assert_same_codes(model, in_memory) == 21
-        in_memory = model
+        return model, len(calls)
+
+    (in_memory, in_memory_calls), (offloaded, offloaded_calls) = quantized(False), quantized(True)
+    assert _assert_same_codes(offloaded, in_memory) == 21
     # the capture's first batch (it runs every block), the full-precision pass, the last stage's quantized pass;
     # the stages were found on block 0
-    assert counts[False] == 1 + batches + batches
+    assert in_memory_calls == 1 + batches + batches
     # offloaded: both streams of each of the four stages, to the end
-    assert counts[True] == 1 + 4 * 2 * batches
+    assert offloaded_calls == 1 + 4 * 2 * batches
 
 
 def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_model_whole():
