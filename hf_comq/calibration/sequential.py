@@ -564,18 +564,19 @@ class _Calibrator:
         block = self.model.get_submodule(block_name)
         fp_inputs, self.fp_inputs = self.fp_inputs, None
         keep_fp_outputs = need_outputs and self.settings.fp_target
-        aimed_from_start = fp_inputs is not None and fp_inputs is not captured
+        with_targets = fp_inputs is not None  # fp_inputs may be freed below, once its targets are kept
+        aimed_from_start = with_targets and fp_inputs is not captured
         fp_outputs: list[CapturedInputs] = []
         solved: dict[str, QuantizedWeight] = {}
         with block_on_compute(block, self.inputs.placement):
             stages = self._stages(block_name, captured)
             cached = None
-            if fp_inputs is not None and not self.inputs.placement.dispatched:
+            if with_targets and not self.inputs.placement.dispatched:
                 cached, fp_outputs = self._full_precision_targets(block_name, fp_inputs, collect=keep_fp_outputs)
                 fp_inputs = None
             with QuantizedStandIns(self.model, self.compute, self.settings.symmetric) as stand_ins:
                 for index, stage in enumerate(stages):
-                    targeted = (cached is not None or fp_inputs is not None) and (index > 0 or aimed_from_start)
+                    targeted = with_targets and (index > 0 or aimed_from_start)
                     collect = keep_fp_outputs and index == 0 and cached is None
                     # a targeted pass's full-precision stream runs to the end to collect; its quantized one need not
                     cut_short = not self.inputs.placement.dispatched and (targeted or not collect)

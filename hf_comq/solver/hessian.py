@@ -275,6 +275,7 @@ class TargetProductAccumulator:
         if self._whole is not None:
             raise RuntimeError("this target product was already handed over (result()); it takes no more batches")
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
+
         def flat(values: torch.Tensor) -> torch.Tensor:
             return values.reshape(-1, values.shape[-1]).to(device=self._device, dtype=product_dtype)
 
