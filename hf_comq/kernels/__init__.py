@@ -1,12 +1,15 @@
-"""Inference kernels for packed quantized layers.
+"""Compiled CPU kernels: the forward of packed quantized layers, and the solver's column passes.
 
 :func:`packed_linear` is the forward of a compressed-tensors ``pack-quantized`` linear
 layer.  On CPU with fp32 activations it runs a compiled C++ kernel (built on first use,
 cached by torch); everywhere else, or with ``HF_COMQ_DISABLE_KERNEL=1``, an exact torch
-fallback.  :func:`active_path` says which one is in use and why.
+fallback.  The same extension runs the column-by-column loops of the solver's rounding
+passes (:func:`compiled_column_passes`), bit-identical to their torch loops.
+:func:`active_path` says which path is in use and why.
 """
 
 from .build import DISABLE_ENV_VAR, active_path
+from .column_passes import compiled_column_passes
 from .linear import dequantize_packed, packed_linear
 
-__all__ = ["DISABLE_ENV_VAR", "active_path", "dequantize_packed", "packed_linear"]
+__all__ = ["DISABLE_ENV_VAR", "active_path", "compiled_column_passes", "dequantize_packed", "packed_linear"]

@@ -1,4 +1,5 @@
-"""Build, load and report the compiled CPU kernel behind :func:`hf_comq.kernels.packed_linear`.
+"""Build, load and report the compiled CPU kernels: :func:`hf_comq.kernels.packed_linear` and the
+solver's column passes (:mod:`hf_comq.kernels.column_passes`).
 
 The C++ sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` on
 first use, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
@@ -31,7 +32,7 @@ DISABLE_ENV_VAR = "HF_COMQ_DISABLE_KERNEL"
 """Set to ``1`` to force the torch fallback (no build, no compiled code)."""
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
+SOURCES = ("packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp")
 HEADERS = ("kernels.h", "kernels_impl.h")
 OPS_NAMESPACE = "hf_comq_cpu"
 
@@ -48,7 +49,7 @@ def kernel_disabled() -> bool:
     disabled = os.environ.get(DISABLE_ENV_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
     if disabled and "disabled_logged" not in _state:
         _state["disabled_logged"] = True
-        logger.info("hf_comq packed layers: torch fallback (%s is set)", DISABLE_ENV_VAR)
+        logger.info("hf_comq compiled kernels: torch fallback (%s is set)", DISABLE_ENV_VAR)
     return disabled
 
 
@@ -64,14 +65,14 @@ def load_kernel():
                 _state["reason"] = reason
                 _state["ops"] = ops
                 if ops is None:
-                    logger.warning("hf_comq packed layers: %s", reason)
+                    logger.warning("hf_comq compiled kernels: %s", reason)
                 else:
-                    logger.info("hf_comq packed layers: %s", reason)
+                    logger.info("hf_comq compiled kernels: %s", reason)
     return _state["ops"]
 
 
 def active_path() -> str:
-    """One line saying which path CPU fp32 calls of ``packed_linear`` take, and why.
+    """One line saying which path CPU fp32 calls of ``packed_linear`` and the solver's column passes take, and why.
 
     Builds the kernel if that has not happened yet (unless it is disabled).
     """

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.column_passes import compiled_column_passes
 from ..threads import single_thread, threads_for
 from .grid import ColumnGrid
 
@@ -72,19 +73,24 @@ def coordinate_sweep(
     rank-1 update, which saves the per-column rescaling; only the move pushed to the
     columns outside the block is scaled, once per block.  ``codes_t`` may hold
     fractional codes on entry (the full-precision start, ``w / scale + zero``);
-    every visited coordinate leaves on the grid.
+    every visited coordinate leaves on the grid.  Each outer block's columns run in
+    the compiled kernel where it applies (:mod:`hf_comq.kernels.column_passes`), else
+    in :func:`_sweep_block`; the codes are the same.
     """
     n_cols = residual_t.shape[0]
-    # Row views made once (``unbind``): indexing a tensor per column costs more
-    # Python-side time than the arithmetic on it.
-    codes, h_rows = codes_t.unbind(0), hessian.unbind(0)
     per_channel = grid.per_channel
     if per_channel:
         scale_row = grid.scale[0]
         inv_scale_row = scale_row.reciprocal()
+        tables = (None, None, None)
     else:
-        scales, _ = grid.rows()
-        inv_scales, _ = ColumnGrid(grid.scale.reciprocal(), grid.zero, grid.groups).rows()
+        tables = (grid.scale.reciprocal(), grid.scale, torch.tensor(grid.groups, dtype=torch.long))
+    ops = compiled_column_passes([residual_t, codes_t, *tables[:2]], hessian)
+    if ops is not None:
+        inv_diag_t = torch.tensor(inv_diag, dtype=torch.float64)
+    elif not per_channel:  # each column's rows of scales and their inverses, as views
+        inv_scale_rows = ColumnGrid(tables[0], grid.zero, grid.groups).rows()[0]
+        scale_rows = grid.rows()[0]
     # One buffer pair for every block: a fresh block-sized tensor per block costs
     # page faults comparable to the block's vector work.
     local_buffer = torch.empty_like(residual_t[:block_size])
@@ -97,23 +103,18 @@ def coordinate_sweep(
                 torch.mul(residual_t[b0:b1], inv_scale_row, out=local)
             else:
                 local.copy_(residual_t[b0:b1])
-            local_rows, move_rows = local.unbind(0), moves.unbind(0)
-            for i0 in range(b0, b1, inner_block_size):
-                i1 = min(i0 + inner_block_size, b1)
-                for j in range(i0, i1):
-                    code, move = codes[j], move_rows[j - b0]
-                    if per_channel:
-                        torch.add(code, local_rows[j - b0], alpha=inv_diag[j], out=move)
-                    else:
-                        torch.addcmul(code, local_rows[j - b0], inv_scales[j], value=inv_diag[j], out=move)
-                    move.round_().clamp_(0, max_code).sub_(code)  # the move, in code units
-                    code.add_(move)
-                    if not per_channel:
-                        move.mul_(scales[j])
-                    if j + 1 < i1:
-                        local[j + 1 - b0 : i1 - b0].addr_(h_rows[j][j + 1 : i1], move, alpha=-1.0)
-                if i1 < b1:
-                    local[i1 - b0 :].addmm_(hessian[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
+            if ops is not None:
+                inv_scales, scales, groups = tables
+                ops.sweep_block(
+                    local, codes_t[b0:b1], moves, hessian[b0:b1, b0:b1], inv_diag_t[b0:b1], inv_scales, scales,
+                    None if groups is None else groups[b0:b1], max_code, inner_block_size,
+                )  # fmt: skip
+            else:
+                rows = None if per_channel else (inv_scale_rows[b0:b1], scale_rows[b0:b1])
+                _sweep_block(
+                    local, moves, codes_t[b0:b1], hessian[b0:b1, b0:b1], inv_diag[b0:b1], rows, max_code,
+                    inner_block_size,
+                )  # fmt: skip
             if per_channel:
                 moves.mul_(scale_row)
         with threads_for(2.0 * moves.numel() * n_cols):
@@ -122,6 +123,46 @@ def coordinate_sweep(
     # fractional full-precision start it can be an ulp off the integer.
     codes_t.round_()
     grid.dequantize(codes_t, out=dequant_t)
+
+
+def _sweep_block(
+    local: torch.Tensor,
+    moves: torch.Tensor,
+    codes_t: torch.Tensor,
+    hessian_block: torch.Tensor,
+    inv_diag: list[float],
+    group_rows: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+    max_code: int,
+    inner_block_size: int,
+) -> None:
+    """One outer block of :func:`coordinate_sweep` in torch: each column rounded, its move
+    pushed to the block's later columns (rank-1 updates inside an inner block, one small
+    GEMM past it).  ``group_rows``: each column's rows of inverse scales and of scales
+    with a group-wise grid; ``None`` for a per-channel grid, whose moves stay in code units."""
+    n_cols = local.shape[0]
+    # Row views made once (``unbind``): indexing a tensor per column costs more
+    # Python-side time than the arithmetic on it.
+    codes, h_rows = codes_t.unbind(0), hessian_block.unbind(0)
+    local_rows, move_rows = local.unbind(0), moves.unbind(0)
+    per_channel = group_rows is None
+    if not per_channel:
+        inv_scales, scales = group_rows
+    for i0 in range(0, n_cols, inner_block_size):
+        i1 = min(i0 + inner_block_size, n_cols)
+        for j in range(i0, i1):
+            code, move = codes[j], move_rows[j]
+            if per_channel:
+                torch.add(code, local_rows[j], alpha=inv_diag[j], out=move)
+            else:
+                torch.addcmul(code, local_rows[j], inv_scales[j], value=inv_diag[j], out=move)
+            move.round_().clamp_(0, max_code).sub_(code)  # the move, in code units
+            code.add_(move)
+            if not per_channel:
+                move.mul_(scales[j])
+            if j + 1 < i1:
+                local[j + 1 : i1].addr_(h_rows[j][j + 1 : i1], move, alpha=-1.0)
+        if i1 < n_cols:
+            local[i1:].addmm_(hessian_block[i0:i1, i1:].T, moves[i0:i1], alpha=-1.0)
 
 
 def error_feedback_pass(
@@ -150,41 +191,64 @@ def error_feedback_pass(
     move is round, clip, subtract: three vector ops instead of seven (plus the
     copy into the state).  With it,
     the state is in weight units and each column is rounded on its own grid
-    (group-wise scales).
+    (group-wise scales).  Each outer block's columns run in the compiled kernel where
+    it applies (:mod:`hf_comq.kernels.column_passes`), else in :func:`_feedback_block`.
     """
     n_cols = state_t.shape[0]
     row_loss = torch.zeros(state_t.shape[1], dtype=state_t.dtype, device=state_t.device)
-    states, coupling_rows = state_t.unbind(0), coupling.unbind(0)
-    code = torch.empty_like(state_t[0])
-    in_weight_units = grid is not None
-    if in_weight_units:
-        scales, zeros = grid.rows()
+    tables = (None, None, None) if grid is None else (grid.scale, grid.zero, torch.tensor(grid.groups, dtype=torch.long))
+    ops = compiled_column_passes([state_t, *tables[:2]], coupling)
     moves_buffer = torch.empty_like(state_t[:block_size])  # reused: fresh blocks cost page faults
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
+        moves = moves_buffer[: b1 - b0]
         with single_thread():  # per-column vector work: a thread pool only adds barrier waits
-            moves = moves_buffer[: b1 - b0]
-            move_rows = moves.unbind(0)
-            for i0 in range(b0, b1, inner_block_size):
-                i1 = min(i0 + inner_block_size, b1)
-                for j in range(i0, i1):
-                    state, move = states[j], move_rows[j - b0]
-                    if in_weight_units:
-                        torch.div(state, scales[j], out=code).round_().add_(zeros[j]).clamp_(0, max_code)
-                        torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
-                    else:
-                        torch.round(state, out=code).clamp_(0, max_code)
-                        torch.sub(code, state, out=move)
-                    state.copy_(code)  # column j is final: its row now holds the codes
-                    if j + 1 < i1:
-                        state_t[j + 1 : i1].addr_(coupling_rows[j][j + 1 : i1], move, alpha=-1.0)
-                if i1 < b1:
-                    state_t[i1:b1].addmm_(coupling[i0:i1, i1:b1].T, moves[i0 - b0 : i1 - b0], alpha=-1.0)
+            if ops is not None:
+                scales, zeros, groups = tables
+                ops.feedback_block(
+                    state_t[b0:b1], moves, coupling[b0:b1, b0:b1], scales, zeros,
+                    None if groups is None else groups[b0:b1], max_code, inner_block_size,
+                )  # fmt: skip
+            else:
+                block_grid = None if grid is None else grid.columns(b0, b1)
+                _feedback_block(state_t[b0:b1], moves, coupling[b0:b1, b0:b1], block_grid, max_code, inner_block_size)
         if b1 < n_cols:
             with threads_for(2.0 * moves.numel() * (n_cols - b1)):
                 state_t[b1:].addmm_(coupling[b0:b1, b1:].T, moves, alpha=-1.0)
         row_loss.addmv_(moves.square_().T, move_weight[b0:b1])
     return state_t, row_loss
+
+
+def _feedback_block(
+    state_t: torch.Tensor,
+    moves: torch.Tensor,
+    coupling_block: torch.Tensor,
+    grid: ColumnGrid | None,
+    max_code: int,
+    inner_block_size: int,
+) -> None:
+    """One outer block of :func:`error_feedback_pass` in torch: each column rounded (its row
+    of ``state_t`` overwritten by its codes), its move pushed to the block's later columns."""
+    n_cols = state_t.shape[0]
+    states, coupling_rows, move_rows = state_t.unbind(0), coupling_block.unbind(0), moves.unbind(0)
+    code = torch.empty_like(state_t[0])
+    if grid is not None:
+        scales, zeros = grid.rows()
+    for i0 in range(0, n_cols, inner_block_size):
+        i1 = min(i0 + inner_block_size, n_cols)
+        for j in range(i0, i1):
+            state, move = states[j], move_rows[j]
+            if grid is not None:
+                torch.div(state, scales[j], out=code).round_().add_(zeros[j]).clamp_(0, max_code)
+                torch.sub(code, zeros[j], out=move).mul_(scales[j]).sub_(state)
+            else:
+                torch.round(state, out=code).clamp_(0, max_code)
+                torch.sub(code, state, out=move)
+            state.copy_(code)  # column j is final: its row now holds the codes
+            if j + 1 < i1:
+                state_t[j + 1 : i1].addr_(coupling_rows[j][j + 1 : i1], move, alpha=-1.0)
+        if i1 < n_cols:
+            state_t[i1:].addmm_(coupling_block[i0:i1, i1:].T, moves[i0:i1], alpha=-1.0)
 
 
 def rowwise_order_sweep(

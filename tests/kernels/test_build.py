@@ -37,7 +37,7 @@ def run_fresh(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess
 
 
 def kernel_log_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "hf_comq packed layers" in line]
+    return [line for line in stderr.splitlines() if "hf_comq compiled kernels" in line]
 
 
 def test_active_path_names_the_compiled_kernel(monkeypatch):

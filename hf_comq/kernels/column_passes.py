@@ -1,0 +1,39 @@
+"""The compiled column passes of the solver (``csrc/column_passes.cpp``), where they apply.
+
+:mod:`hf_comq.solver.passes` rounds a weight column by column; per outer block it
+hands that inner loop to :func:`compiled_column_passes`' ops when the tensors are
+float32 on CPU, and runs its own torch loop otherwise (GPU, float64, the kernel
+disabled with ``HF_COMQ_DISABLE_KERNEL=1`` or not built).  Both give bit-identical
+codes, so the path never changes a checkpoint, only how long the solve takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .build import kernel_disabled, load_kernel
+
+
+def compiled_column_passes(rows: Sequence[torch.Tensor | None], square: torch.Tensor) -> Any | None:
+    """The ``torch.ops.hf_comq_cpu`` namespace if its column passes can run on these tensors, else ``None``.
+
+    ``rows``: the tables read row by row (state, codes, grid tables; ``None`` entries
+    are absent tables), which must be float32 CPU tensors with contiguous rows;
+    ``square``: the Hessian or coupling matrix, float32 on CPU in any layout.  The
+    first call in a process may build the extension (see :mod:`hf_comq.kernels.build`).
+    """
+    if kernel_disabled() or torch.compiler.is_compiling():
+        return None
+    tables = [table for table in rows if table is not None]
+    if not all(_on_cpu_in_float32(tensor) for tensor in [*tables, square]):
+        return None
+    if not all(table.dim() == 2 and table.stride(1) == 1 for table in tables):
+        return None
+    return load_kernel()
+
+
+def _on_cpu_in_float32(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
