@@ -17,6 +17,7 @@ import hf_comq.solver.passes as passes
 from hf_comq import COMQConfig, comq_quantize
 from hf_comq.calibration import quantize_model
 from hf_comq.evaluation import top1
+from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_column_passes
 from hf_comq.solver import HessianAccumulator
 from hf_comq.threads import (
     MIN_PARALLEL_FLOPS,
@@ -56,6 +57,7 @@ def test_scopes_size_the_thread_count_and_restore_it(two_threads) -> None:
 
 def test_the_solver_runs_its_column_loops_on_one_thread(two_threads, monkeypatch) -> None:
     """Before: comq_quantize ran every per-column vector op over the whole pool (many times slower when busy)."""
+    monkeypatch.setenv(DISABLE_ENV_VAR, "1")  # the torch loops (the compiled ones: next test)
     in_sweep = spy(monkeypatch, passes.torch, "round")  # error-feedback start, inside the column loop
     weight, hessian = torch.randn(16, 32), torch.eye(32) + 0.1
     comq_quantize(weight, hessian, bits=4)
@@ -63,7 +65,30 @@ def test_the_solver_runs_its_column_loops_on_one_thread(two_threads, monkeypatch
     assert torch.get_num_threads() == 2
 
 
+def test_the_compiled_column_loops_run_on_one_thread(two_threads, monkeypatch) -> None:
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    ops = compiled_column_passes([torch.zeros(1, 1)], torch.zeros(1, 1))
+    if ops is None:
+        pytest.skip(f"compiled kernel unavailable here: {active_path()}")
+    seen: list[tuple[str, int]] = []
+
+    class Recording:
+        def __getattr__(self, name):
+            def call(*args):
+                seen.append((name, torch.get_num_threads()))
+                return getattr(ops, name)(*args)
+
+            return call
+
+    monkeypatch.setattr(passes, "compiled_column_passes", lambda rows, square: Recording())
+    comq_quantize(torch.randn(16, 256), torch.eye(256) + 0.1, bits=4, iterations=1)
+    assert {name for name, _ in seen} == {"sweep_block", "feedback_block"}
+    assert {threads for _, threads in seen} == {1}
+    assert torch.get_num_threads() == 2
+
+
 def test_large_gemms_get_the_callers_threads(two_threads, monkeypatch) -> None:
+    monkeypatch.setenv(DISABLE_ENV_VAR, "1")  # the torch loops' small block updates are GEMMs too
     monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_FLOPS", 1.0)  # every GEMM counts as large
     seen: list[int] = []
     original = torch.Tensor.addmm_
