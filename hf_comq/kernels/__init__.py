@@ -4,7 +4,7 @@
 layer.  On CPU with fp32 activations it runs a compiled C++ kernel (built on first use,
 cached by torch); everywhere else, or with ``HF_COMQ_DISABLE_KERNEL=1``, an exact torch
 fallback.  The same extension runs the column-by-column loops of the solver's rounding
-passes (:func:`compiled_column_passes`), bit-identical to their torch loops.
+passes (:func:`compiled_column_passes`), the same arithmetic as their torch loops.
 :func:`active_path` says which path is in use and why.
 """
 

@@ -3,8 +3,11 @@
 :mod:`hf_comq.solver.passes` rounds a weight column by column; per outer block it
 hands that inner loop to :func:`compiled_column_passes`' ops when the tensors are
 float32 on CPU, and runs its own torch loop otherwise (GPU, float64, the kernel
-disabled with ``HF_COMQ_DISABLE_KERNEL=1`` or not built).  Both give bit-identical
-codes, so the path never changes a checkpoint, only how long the solve takes.
+disabled with ``HF_COMQ_DISABLE_KERNEL=1`` or not built).  Both run the same
+float32 arithmetic in the same order; torch may fuse a multiply-add the kernel rounds
+twice, so now and then a code rounds the other way and the two paths' checkpoints
+differ in a few codes, with the same objective to a few parts in a million.  Every
+process of one machine takes the same path, so a run is reproducible on it.
 """
 
 from __future__ import annotations

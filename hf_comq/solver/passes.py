@@ -74,8 +74,8 @@ def coordinate_sweep(
     columns outside the block is scaled, once per block.  ``codes_t`` may hold
     fractional codes on entry (the full-precision start, ``w / scale + zero``);
     every visited coordinate leaves on the grid.  Each outer block's columns run in
-    the compiled kernel where it applies (:mod:`hf_comq.kernels.column_passes`), else
-    in :func:`_sweep_block`; the codes are the same.
+    the compiled kernel where it applies (:mod:`hf_comq.kernels.column_passes`, the
+    same arithmetic up to fused multiply-adds), else in :func:`_sweep_block`.
     """
     n_cols = residual_t.shape[0]
     per_channel = grid.per_channel

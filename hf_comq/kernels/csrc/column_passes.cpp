@@ -4,9 +4,12 @@
 // In torch that part is a handful of vector operators per column, each dispatched from
 // Python and holding the GIL while it is: on layers a few hundred columns wide the
 // dispatch costs more than the arithmetic, and layers solved side by side on Python
-// threads wait for each other.  Here the same arithmetic runs in one call per outer
-// block, in the same order and with the same roundings, so the codes are bit-identical
-// to the torch loops that stay as the fallback (tests/solver/test_passes.py).
+// threads wait for each other.  Here the same float32 arithmetic runs in one call per
+// outer block, in the same order, each product and sum rounded on its own.  torch's own
+// vectorised kernels may fuse a multiply-add into one rounding (which ones depends on the
+// CPU and the torch build), so a value can differ in its last bit from the torch loops
+// kept as the fallback, and now and then a code then rounds the other way: the same
+// algorithm, not a bit-identical twin (tests/solver/test_passes.py bounds the difference).
 //
 // All matrices are transposed (in x width): one weight column is one contiguous row.
 #include <ATen/core/Tensor.h>
@@ -18,7 +21,8 @@
 #include <cstdint>
 #include <optional>
 
-// Bit-identical to torch's loops means no fused multiply-adds where torch rounds twice.
+// Every product and sum rounded on its own, whatever the compiler's flags: the results do
+// not depend on how the extension was built.
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -96,7 +100,7 @@ struct GroupRows {
 };
 
 // rows[k] -= coupling[j, k] * move for the later columns k of the inner block: the
-// rank-1 updates torch's addr_(alpha=-1) makes, product then difference.
+// rank-1 updates of torch's addr_(alpha=-1), product then difference.
 void push_inside(float* rows, int64_t row_stride, const float* move, int64_t width, const Tensor& block, int64_t j,
                  int64_t stop) {
   const float* coupling = block.data_ptr<float>();
