@@ -28,6 +28,7 @@ from .solver.options import (
     ORDERS,
     RIDGE_FROM_DATA,
     START_POINTS,
+    SUM_DTYPES,
     check_ridge,
 )
 
@@ -79,6 +80,11 @@ class COMQSettings:
     seed: int = setting(0, CALIBRATION, "seed of the calibration sample choice")
     calibrate_all_experts: bool = setting(
         False, CALIBRATION, "mixture of experts: solve each expert on every calibration token, not only those routed to it"
+    )
+    sum_dtype: str = setting(
+        SUM_DTYPES[0], CALIBRATION, f"dtype of the calibration sums (Gram matrices, fp_target's targets), one of "
+        f"{list(SUM_DTYPES)}: float32 halves a block's largest buffers, and ranks then agree to float32 rounding "
+        "rather than bit for bit"
     )
     modules_to_not_convert: list[str] | None = setting(
         None, SELECTION, "module names kept in full precision besides the task head (which always is), matched as in "
@@ -154,6 +160,7 @@ class COMQSettings:
         _check_int("max_length", self.max_length, 1, None, "use e.g. 512 tokens")
         _check_int("seed", self.seed, 0, None, "use a non-negative integer")
         _check_bool("calibrate_all_experts", self.calibrate_all_experts)
+        _check_choice("sum_dtype", self.sum_dtype, SUM_DTYPES)
         _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['vit.layers.0'] or ['q_proj']")
         _check_str("block_name", self.block_name, optional=True)
         _check_bool("sequential", self.sequential)

@@ -85,6 +85,7 @@ def test_group_size_minus_one_means_per_channel():
         ("damp", -0.1),
         ("damp", 0.0),
         ("clip_weights", "full"),
+        ("sum_dtype", "bfloat16"),
         ("start_grids", 0),
         ("start_grids", 5),
         ("ridge", -0.01),

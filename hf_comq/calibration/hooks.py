@@ -117,6 +117,8 @@ class HessianRecorder:
     (k/v beside q) reads that shift, and a layer needing the shift never shares the
     Gram matrix of one that does not sum it.
 
+    ``dtype`` is the dtype of every sum (``COMQConfig.sum_dtype``): float64 by default.
+
     An expert's layers (inside :class:`~hf_comq.nn.UnfusedExperts`) see the tokens
     routed to it: their padding is told by the rows the experts module reports, and
     they get no target shift, since the full-precision model routes the tokens its
@@ -125,7 +127,15 @@ class HessianRecorder:
 
     _OUTSIDE = object()
 
-    def __init__(self, model: nn.Module, names: Sequence[str], device: torch.device, *, with_targets: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        device: torch.device,
+        *,
+        with_targets: bool = False,
+        dtype: torch.dtype = torch.float64,
+    ):
         self.accumulators: dict[str, HessianAccumulator] = {}
         # the layers whose target product is summed from their outputs (see the class docstring)
         self.target_products: dict[str, TargetProductAccumulator] = {}
@@ -145,9 +155,11 @@ class HessianRecorder:
             out_features, in_features = linear_shape(module)
             targeted = with_targets and name not in self._routers
             by_outputs = targeted and out_features < in_features
-            self.accumulators[name] = HessianAccumulator(in_features, device=device, with_target=targeted and not by_outputs)
+            self.accumulators[name] = HessianAccumulator(
+                in_features, dtype=dtype, device=device, with_target=targeted and not by_outputs
+            )
             if by_outputs:
-                self.target_products[name] = TargetProductAccumulator(out_features, in_features, device=device)
+                self.target_products[name] = TargetProductAccumulator(out_features, in_features, dtype=dtype, device=device)
             self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def __enter__(self) -> "HessianRecorder":

@@ -91,6 +91,7 @@ from ..nn import (
 from ..solver import (
     RIDGE_FROM_DATA,
     SOLVER_DEFAULTS,
+    SUM_DTYPES,
     HessianAccumulator,
     QuantizedWeight,
     TargetProductAccumulator,
@@ -310,6 +311,7 @@ class _Settings:
     true_sequential: bool
     symmetric: bool
     calibrate_all_experts: bool
+    sum_dtype: torch.dtype
 
     @classmethod
     def from_config(cls, config: Any, solver: LayerSolver) -> "_Settings":
@@ -321,6 +323,7 @@ class _Settings:
             true_sequential=bool(getattr(config, "true_sequential", False)),
             symmetric=bool(getattr(config, "symmetric", False)),
             calibrate_all_experts=bool(getattr(config, "calibrate_all_experts", False)),
+            sum_dtype=getattr(torch, getattr(config, "sum_dtype", SUM_DTYPES[0])),
         )
 
     def solver_kwargs_for(self, accumulator: HessianAccumulator) -> dict[str, Any]:
@@ -458,7 +461,7 @@ class _Calibrator:
     def _capture_pass(
         self, group: BlockGroup, hessian_layers: list[str]
     ) -> tuple[list[CapturedInputs] | None, dict[str, HessianAccumulator]]:
-        with HessianRecorder(self.model, hessian_layers, self.compute) as recorder:
+        with self._recorder(hessian_layers) as recorder:
             captured, count, reached = capture_block_inputs(
                 self.model, group, iter(self.inputs), recorder, self.inputs.forward_kwargs, self.compute
             )
@@ -522,7 +525,7 @@ class _Calibrator:
         targeted = fp_inputs is not None and fp_inputs is not captured
         keep_fp_outputs = need_outputs and (not self.settings.sequential or fp_inputs is captured)
         with block_on_compute(block, self.inputs.placement):
-            recording = HessianRecorder(self.model, names, self.compute, with_targets=targeted)
+            recording = self._recorder(names, with_targets=targeted)
             with recording as recorder, self._expert_routing(block):
                 if targeted:
                     fp_outputs = self._run_block_with_targets(
@@ -581,7 +584,7 @@ class _Calibrator:
                     # a targeted pass's full-precision stream runs to the end to collect; its quantized one need not
                     cut_short = not self.inputs.placement.dispatched and (targeted or not collect)
                     with (
-                        HessianRecorder(self.model, stage, self.compute, with_targets=targeted) as recorder,
+                        self._recorder(stage, with_targets=targeted) as recorder,
                         StageStop(self.model, stage) if cut_short else nullcontext() as stop,
                         self._expert_routing(block),
                     ):
@@ -694,7 +697,7 @@ class _Calibrator:
         kind = block_kind(block)
         workers = self._forward_workers(block, fp_inputs)
         names = self._pending_under(block_name)
-        with HessianRecorder(self.model, names, self.compute, with_targets=True) as recorder, self._expert_routing(block):
+        with self._recorder(names, with_targets=True) as recorder, self._expert_routing(block):
 
             def forward(item: CapturedInputs) -> tuple[list[LayerCall], CapturedInputs | None]:
                 args, kwargs = item.call_inputs(block_name, kind)
@@ -773,7 +776,7 @@ class _Calibrator:
         if not names:
             return
         count = 0
-        with HessianRecorder(self.model, names, self.compute) as recorder, self._expert_routing(self.model):
+        with self._recorder(names) as recorder, self._expert_routing(self.model):
             for batch, mask in self.inputs:
                 count += 1
                 with recorder.tokens(mask):
@@ -781,6 +784,12 @@ class _Calibrator:
         self._check_batches(sum_over_ranks(self.group, [count])[0])
         self._sum_over_ranks(recorder)
         self._quantize_layers(names, recorder.accumulators)
+
+    def _recorder(self, names: list[str], with_targets: bool = False) -> HessianRecorder:
+        """A recorder of these layers' calibration sums, in the configured ``sum_dtype``."""
+        return HessianRecorder(
+            self.model, names, self.compute, with_targets=with_targets, dtype=self.settings.sum_dtype
+        )
 
     def _expert_routing(self, module: nn.Module) -> Any:
         """How the experts under ``module`` route while their Gram matrices are summed: every
@@ -1032,6 +1041,7 @@ def _fingerprint(model: nn.Module, layers: dict[str, nn.Module], settings: _Sett
             "true_sequential": settings.true_sequential,
             "symmetric": settings.symmetric,
             "calibrate_all_experts": settings.calibrate_all_experts,
+            "sum_dtype": str(settings.sum_dtype),
             "calibration": calibration,
             "data": data.description,
         },

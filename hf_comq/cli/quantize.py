@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..solver.options import SUM_DTYPES
 from .common import (
     EXIT_OK,
     CLIError,
@@ -66,6 +67,7 @@ def add_parser(commands: Any) -> None:
     add_data_arguments(command, role="calibration")
     for name in CALIBRATION_SETTINGS:
         add_setting_option(group, name)
+    add_setting_option(group, "sum_dtype", metavar="DTYPE", choices=list(SUM_DTYPES))
     output = command.add_argument_group("output")
     output.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the checkpoint to")
     output.add_argument(
@@ -163,7 +165,9 @@ def _quantize(
     from ..solver import ROUND_TO_NEAREST
 
     rtn = ROUND_TO_NEAREST if args.rtn else {}
-    flags = ("bits", "group_size", "fp_target", "true_sequential", "calibrate_all_experts", *CALIBRATION_SETTINGS)
+    flags = (
+        "bits", "group_size", "fp_target", "true_sequential", "calibrate_all_experts", "sum_dtype", *CALIBRATION_SETTINGS
+    )  # fmt: skip
     settings = {name: getattr(args, name) for name in flags}
     config = COMQConfig(dataset=dataset, dataset_split=args.split, dataset_column=args.column, **settings, **rtn)
     pick_column(open_dataset(dataset, args.split), args.column, "calibration")

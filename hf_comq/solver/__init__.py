@@ -10,7 +10,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .options import CLIP_WEIGHTS, MAX_START_GRIDS, ORDERS, REFERENCE_CODE, RIDGE_FROM_DATA, ROUND_TO_NEAREST, START_POINTS
+from .options import (
+    CLIP_WEIGHTS,
+    MAX_START_GRIDS,
+    ORDERS,
+    REFERENCE_CODE,
+    RIDGE_FROM_DATA,
+    ROUND_TO_NEAREST,
+    START_POINTS,
+    SUM_DTYPES,
+)
 
 _EXPORTS = {
     "SOLVER_DEFAULTS": ".comq",
@@ -28,7 +37,10 @@ _EXPORTS = {
 }
 
 __all__ = sorted(
-    [*_EXPORTS, "CLIP_WEIGHTS", "MAX_START_GRIDS", "ORDERS", "REFERENCE_CODE", "RIDGE_FROM_DATA", "ROUND_TO_NEAREST", "START_POINTS"]
+    [
+        *_EXPORTS, "CLIP_WEIGHTS", "MAX_START_GRIDS", "ORDERS", "REFERENCE_CODE", "RIDGE_FROM_DATA", "ROUND_TO_NEAREST",
+        "START_POINTS", "SUM_DTYPES",
+    ]
 )
 
 

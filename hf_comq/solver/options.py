@@ -13,6 +13,8 @@ ORDERS = ("greedy", "sequential", "act_order")
 START_POINTS = ("fp", "rtn", "error_feedback")
 CLIP_WEIGHTS = ("conditional", "diagonal")
 MAX_START_GRIDS = 4
+SUM_DTYPES = ("float64", "float32")
+"""Dtypes of the calibration sums (:class:`~hf_comq.solver.HessianAccumulator`, the target sums), by name."""
 
 DEFAULTS: dict = dict(
     bits=4,

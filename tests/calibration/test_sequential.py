@@ -958,3 +958,33 @@ def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_m
     quantize_model(offloaded, _config("llama", **config))
     assert len(calls) == 1 + 1 + 4 * batches
     assert _assert_same_codes(offloaded, model) == 14
+
+
+def test_sum_dtype_float32_sums_every_calibration_sum_in_float32_for_nearly_the_same_codes(monkeypatch):
+    """``sum_dtype="float32"`` halves the Gram and target sums; summed over a few batches they
+    round apart from float64's by float32's precision, so nearly every code is the same."""
+    import hf_comq.calibration.hooks as hooks
+
+    made: list[torch.dtype] = []
+    for name in ("HessianAccumulator", "TargetProductAccumulator"):
+        original = getattr(hooks, name)
+
+        def recording(*args, _original=original, **kwargs):
+            accumulator = _original(*args, **kwargs)
+            made.append(accumulator.dtype)
+            return accumulator
+
+        monkeypatch.setattr(hooks, name, recording)
+    config = dict(bits=3, fp_target=True, batch_size=2)
+    in_float64, in_float32 = _three_block_llama(), _three_block_llama()
+    quantize_model(in_float64, _config("llama", **config))
+    assert made and set(made) == {torch.float64}
+    made.clear()
+    quantize_model(in_float32, _config("llama", sum_dtype="float32", **config))
+    assert made and set(made) == {torch.float32}
+    same = total = 0
+    for name, layer in in_float64.named_modules():
+        if isinstance(layer, COMQLinear):
+            same += int((in_float32.get_submodule(name).weight_packed == layer.weight_packed).sum())
+            total += layer.weight_packed.numel()
+    assert total and same / total >= 0.99
