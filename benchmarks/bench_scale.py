@@ -19,7 +19,8 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
   measures the same with ``fp_target=True`` (a second stream of block inputs and a
   target sum beside each Gram matrix), ``--true-sequential`` with ``true_sequential=True``
   (stage discovery runs one batch through a block with autograd recording, and the
-  solved layers of a block's earlier stages wait packed beside its full-precision ones).
+  solved layers of a block's earlier stages wait packed beside its full-precision ones),
+  ``--sum-dtype float32`` with the calibration sums in float32.
 * ``solve``: peak resident memory of one layer solve alone (random weight, Gram matrix of
   random inputs), for the 1.1 B shape's widest layers, the default COMQ solver beside
   round to nearest, group 64 and per channel: what a memory-bounded run with the
@@ -164,7 +165,8 @@ def _block_mb(model_dir: Path) -> tuple[float, float]:
 
 
 def child_memory(
-    shape: str, budget_mb: int, samples: int, length: int, fp_target: bool = False, true_sequential: bool = False
+    shape: str, budget_mb: int, samples: int, length: int, fp_target: bool = False, true_sequential: bool = False,
+    sum_dtype: str = "float64",
 ) -> None:
     """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line."""
     import shutil
@@ -193,7 +195,7 @@ def child_memory(
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (samples, length), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(
         dataset=ids, num_samples=samples, batch_size=4, bits=4, group_size=64, fp_target=fp_target,
-        true_sequential=true_sequential, **ROUND_TO_NEAREST,
+        true_sequential=true_sequential, sum_dtype=sum_dtype, **ROUND_TO_NEAREST,
     )  # fmt: skip
     baseline = _rss_mb()
     started = time.perf_counter()
@@ -213,7 +215,7 @@ def child_memory(
         "baseline_rss_mb": round(baseline), "peak_rss_quantize_mb": round(peak_quantize),
         "peak_rss_save_mb": round(peak_save), "devices": devices, "modules_on_disk": on_disk,
         "quantize_s": round(seconds, 1), "samples": samples, "length": length, "fp_target": fp_target,
-        "true_sequential": true_sequential,
+        "true_sequential": true_sequential, "sum_dtype": sum_dtype,
     }))  # fmt: skip
 
 
@@ -278,20 +280,25 @@ ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP
 
 def run_memory(
     models: list[str], budgets: dict[str, int], samples: int, length: int, allocators: list[str], fp_target: bool,
-    true_sequential: bool = False,
+    true_sequential: bool = False, sum_dtype: str = "float64",
 ) -> list[dict]:  # fmt: skip
     rows = []
     for shape in models:
         _run_child(["build", shape])
         for allocator in allocators:
-            rows.append(_memory_row(shape, budgets[shape], samples, length, allocator, fp_target, true_sequential))
+            rows.append(
+                _memory_row(shape, budgets[shape], samples, length, allocator, fp_target, true_sequential, sum_dtype)
+            )
     return rows
 
 
 def _memory_row(
-    shape: str, budget: int, samples: int, length: int, allocator: str, fp_target: bool, true_sequential: bool
-) -> dict:
-    argv = ["memory", shape, str(budget), str(samples), str(length), str(int(fp_target)), str(int(true_sequential))]
+    shape: str, budget: int, samples: int, length: int, allocator: str, fp_target: bool, true_sequential: bool,
+    sum_dtype: str = "float64",
+) -> dict:  # fmt: skip
+    argv = [
+        "memory", shape, str(budget), str(samples), str(length), str(int(fp_target)), str(int(true_sequential)), sum_dtype
+    ]  # fmt: skip
     row = _last_json(_run_child(argv, env=ALLOCATORS[allocator]))
     row["allocator"] = allocator
     above = row["peak_rss_quantize_mb"] - row["baseline_rss_mb"]
@@ -341,12 +348,13 @@ def _report(memory: list[dict], solves: list[dict], ranks: dict | None, command:
     lines = [f"# bench_scale ({datetime.date.today()}, {os.cpu_count()} CPU cores, shared machine)", f"# {command}", ""]
     if memory:
         lines.append("## Peak RSS while quantizing with disk offload (max_memory={'cpu': budget}, RTN solver)")
-        lines.append("model | allocator | fp_target | true_sequential | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
+        lines.append("model | allocator | fp_target | true_sequential | sum_dtype | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
                      "imports | peak RSS quantizing | peak above imports | budget + block | met | peak incl. save | "
                      "device_map entries on disk | quantize s")
         for row in memory:
             lines.append(" | ".join(str(value) for value in (
-                row["model"], row["allocator"], row["fp_target"], row.get("true_sequential", False), row["model_mb"], row["budget_mb"], row["model_over_budget"],
+                row["model"], row["allocator"], row["fp_target"], row.get("true_sequential", False),
+                row.get("sum_dtype", "float64"), row["model_mb"], row["budget_mb"], row["model_over_budget"],
                 row["block_mb"],
                 row["baseline_rss_mb"], row["peak_rss_quantize_mb"], row["peak_above_baseline_mb"], row["target_mb"],
                 "yes" if row["meets_target"] else "NO", row["peak_rss_save_mb"], row["modules_on_disk"],
@@ -380,7 +388,9 @@ def main() -> None:
         if kind == "build":
             child_build(rest[0])
         elif kind == "memory":
-            child_memory(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])), bool(int(rest[5])))
+            child_memory(
+                rest[0], int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])), bool(int(rest[5])), rest[6]
+            )
         elif kind == "solve":
             child_solve(int(rest[0]), int(rest[1]), int(rest[2]), rest[3])
         elif kind == "rank":
@@ -400,6 +410,7 @@ def main() -> None:
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
     parser.add_argument("--fp-target", action="store_true", help="memory rows with COMQConfig(fp_target=True)")
     parser.add_argument("--true-sequential", action="store_true", help="memory rows with COMQConfig(true_sequential=True)")
+    parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -410,8 +421,9 @@ def main() -> None:
     memory = []
     if args.part in ("memory", "all"):
         memory = run_memory(
-            args.models, budgets, args.samples, args.length, args.allocators, args.fp_target, args.true_sequential
-        )
+            args.models, budgets, args.samples, args.length, args.allocators, args.fp_target, args.true_sequential,
+            args.sum_dtype,
+        )  # fmt: skip
     solves = run_solve() if args.part in ("solve", "all") else []
     ranks = run_ranks(args.repeats, args.rank_samples, args.rank_length) if args.part in ("ranks", "all") else None
     report = _report(memory, solves, ranks, "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]))

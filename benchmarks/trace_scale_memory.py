@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("budget_mb", type=int)
     parser.add_argument("--blocks", type=int, default=2, help="trace this many blocks, then stop")
+    parser.add_argument("--fp-target", action="store_true", help="quantize with fp_target=True")
     args = parser.parse_args()
 
     import accelerate  # noqa: F401  everything the run imports, before the first line
@@ -56,7 +57,7 @@ def main() -> None:
         original = getattr(sequential._Calibrator, method)
 
         def wrapper(self, *positional, **keywords):
-            if method in ("_process_block", "_run_block"):  # what onloading and the forward each add
+            if method in ("_process_block", "_run_block", "_run_block_with_targets"):  # what onloading and the forward each add
                 memory(f"before {method}")
             result = original(self, *positional, **keywords)
             label = positional[0] if positional and isinstance(positional[0], str) else ""
@@ -69,10 +70,12 @@ def main() -> None:
 
         setattr(sequential._Calibrator, method, wrapper)
 
-    for method in ("_capture_pass", "_run_block", "_solve", "_install", "_process_block"):
+    for method in ("_capture_pass", "_run_block", "_run_block_with_targets", "_solve", "_install", "_process_block"):
         traced(method)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(0))
-    config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, bits=4, group_size=64, **ROUND_TO_NEAREST)
+    config = COMQConfig(
+        dataset=ids, num_samples=8, batch_size=4, bits=4, group_size=64, fp_target=args.fp_target, **ROUND_TO_NEAREST
+    )
     T.AutoModelForCausalLM.from_pretrained(
         WORK / args.shape, quantization_config=config, device_map="auto", max_memory={"cpu": f"{args.budget_mb}MiB"},
         offload_folder=str(WORK / f"offload-trace-{args.shape}"), dtype=torch.bfloat16,
