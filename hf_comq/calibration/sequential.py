@@ -831,7 +831,6 @@ class _Calibrator:
             if owners[name] != self.group.rank:
                 del accumulators[name]
                 products.pop(name, None)
-        self._hand_over([accumulators[name] for name in solvable if name in accumulators])
         mine = self._solve_own([name for name in solvable if owners[name] == self.group.rank], accumulators, products)
         solutions = {}
         for name, qweight in share_solutions(self.group, mine, owners).items():
@@ -863,11 +862,14 @@ class _Calibrator:
         self.unrouted.extend(names)
 
     def _hand_over(self, accumulators: list[HessianAccumulator]) -> None:
-        """Turn every summed triangle into the solver's full matrix in its dtype before the first solve.
+        """Turn summed triangles into the solver's full matrices in its dtype before the first solve.
 
         A float64 triangle and the full float32 matrix are about the same size, and the
         triangle's blocks are freed as they are copied, so this costs no room; done
         here, smallest first, no solve's work space ever sits beside a half-made copy.
+        A float32 triangle (``sum_dtype="float32"``) is half its full matrix: those are
+        handed over by their own solve (:meth:`_solve_own` passes only the ones that
+        several jobs read, which must not mirror one matrix on two threads at once).
         """
         distinct = {id(accumulator): accumulator for accumulator in accumulators}
         for accumulator in sorted(distinct.values(), key=lambda accumulator: accumulator.in_features):
@@ -901,6 +903,8 @@ class _Calibrator:
             pending = [(accumulator, [name]) for accumulator, group in pending for name in group]
             workers = self._solve_workers(names, len(pending))
         jobs_reading = collections.Counter(id(accumulator) for accumulator, _ in pending)
+        lazily = self.settings.sum_dtype != torch.float64  # see _hand_over
+        self._hand_over([accumulator for accumulator, _ in pending if not lazily or jobs_reading[id(accumulator)] > 1])
         order = range(len(pending))
         if workers > 1:  # the costliest first, so that no worker is left with a wide layer at the end
             order = sorted(order, key=lambda index: -sum(self._cost(name) for name in pending[index][1]))

@@ -75,7 +75,11 @@ def fp_target_weight(
     factor, _ = damped_cholesky(hessian.to(device=weight.device, dtype=dtype), damp)
     # W S H^-1 = (H^-1 (W S)^T)^T
     correction_t = torch.cholesky_solve(product.to(device=weight.device, dtype=dtype).T, factor)
-    return (weight.to(dtype) + strength * correction_t.T).to(weight.dtype)
+    del factor
+    # in place: each weight-sized temporary would add to the solve's peak (an MLP layer's weight in float32)
+    aimed = weight.to(dtype=dtype, copy=True).add_(correction_t.mul_(strength).T)
+    del correction_t
+    return aimed.to(weight.dtype)
 
 
 def target_product(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
