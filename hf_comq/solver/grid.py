@@ -79,6 +79,10 @@ class ColumnGrid:
         scale_rows, zero_rows = self.scale.unbind(0), self.zero.unbind(0)
         return [scale_rows[g] for g in self.groups], [zero_rows[g] for g in self.groups]
 
+    def group_index(self, device: torch.device) -> torch.Tensor:
+        """Each column's group as an int64 tensor (what a gather or a compiled pass reads)."""
+        return torch.tensor(self.groups, dtype=torch.long, device=device)
+
     def columns(self, start: int, stop: int) -> "ColumnGrid":
         return ColumnGrid(self.scale, self.zero, self.groups[start:stop])
 
@@ -91,7 +95,7 @@ class ColumnGrid:
             return torch.sub(codes_t, self.zero[0], out=out).mul_(self.scale[0])
         # Group by group (a handful of gathers), not column by column: per-column
         # vector ops cost more in dispatch than in arithmetic on small layers.
-        groups = torch.tensor(self.groups, device=codes_t.device)
+        groups = self.group_index(codes_t.device)
         for g in range(self.scale.shape[0]):
             columns = torch.nonzero(groups == g).squeeze(1)
             if columns.numel():

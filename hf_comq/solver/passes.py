@@ -82,14 +82,15 @@ def coordinate_sweep(
     if per_channel:
         scale_row = grid.scale[0]
         inv_scale_row = scale_row.reciprocal()
-        tables = (None, None, None)
+        scale_table = inv_scale_table = None
     else:
-        tables = (grid.scale.reciprocal(), grid.scale, torch.tensor(grid.groups, dtype=torch.long))
-    ops = compiled_column_passes([residual_t, codes_t, *tables[:2]], hessian)
+        scale_table, inv_scale_table = grid.scale, grid.scale.reciprocal()
+    ops = compiled_column_passes([residual_t, codes_t, scale_table, inv_scale_table], hessian)
     if ops is not None:
         inv_diag_t = torch.tensor(inv_diag, dtype=torch.float64)
+        group_of = None if per_channel else grid.group_index(residual_t.device)
     elif not per_channel:  # each column's rows of scales and their inverses, as views
-        inv_scale_rows = ColumnGrid(tables[0], grid.zero, grid.groups).rows()[0]
+        inv_scale_rows = ColumnGrid(inv_scale_table, grid.zero, grid.groups).rows()[0]
         scale_rows = grid.rows()[0]
     # One buffer pair for every block: a fresh block-sized tensor per block costs
     # page faults comparable to the block's vector work.
@@ -104,10 +105,9 @@ def coordinate_sweep(
             else:
                 local.copy_(residual_t[b0:b1])
             if ops is not None:
-                inv_scales, scales, groups = tables
                 ops.sweep_block(
-                    local, codes_t[b0:b1], moves, hessian[b0:b1, b0:b1], inv_diag_t[b0:b1], inv_scales, scales,
-                    None if groups is None else groups[b0:b1], max_code, inner_block_size,
+                    local, codes_t[b0:b1], moves, hessian[b0:b1, b0:b1], inv_diag_t[b0:b1], inv_scale_table, scale_table,
+                    None if group_of is None else group_of[b0:b1], max_code, inner_block_size,
                 )  # fmt: skip
             else:
                 rows = None if per_channel else (inv_scale_rows[b0:b1], scale_rows[b0:b1])
@@ -196,18 +196,18 @@ def error_feedback_pass(
     """
     n_cols = state_t.shape[0]
     row_loss = torch.zeros(state_t.shape[1], dtype=state_t.dtype, device=state_t.device)
-    tables = (None, None, None) if grid is None else (grid.scale, grid.zero, torch.tensor(grid.groups, dtype=torch.long))
-    ops = compiled_column_passes([state_t, *tables[:2]], coupling)
+    scale_table, zero_table = (None, None) if grid is None else (grid.scale, grid.zero)
+    ops = compiled_column_passes([state_t, scale_table, zero_table], coupling)
+    group_of = grid.group_index(state_t.device) if ops is not None and grid is not None else None
     moves_buffer = torch.empty_like(state_t[:block_size])  # reused: fresh blocks cost page faults
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
         moves = moves_buffer[: b1 - b0]
         with single_thread():  # per-column vector work: a thread pool only adds barrier waits
             if ops is not None:
-                scales, zeros, groups = tables
                 ops.feedback_block(
-                    state_t[b0:b1], moves, coupling[b0:b1, b0:b1], scales, zeros,
-                    None if groups is None else groups[b0:b1], max_code, inner_block_size,
+                    state_t[b0:b1], moves, coupling[b0:b1, b0:b1], scale_table, zero_table,
+                    None if group_of is None else group_of[b0:b1], max_code, inner_block_size,
                 )  # fmt: skip
             else:
                 block_grid = None if grid is None else grid.columns(b0, b1)

@@ -144,9 +144,9 @@ void sweep_block(Tensor local, Tensor codes, Tensor moves, Tensor hessian_block,
   for (int64_t start = 0; start < size; start += inner_block_size) {
     const int64_t stop = std::min(start + inner_block_size, size);
     for (int64_t j = start; j < stop; ++j) {
-      const float* residual = local_data + j * width;
+      const float* residual = local_data + j * local.stride(0);
       float* code = code_data + j * codes.stride(0);
-      float* move = move_data + j * width;
+      float* move = move_data + j * moves.stride(0);
       const float step = static_cast<float>(inverse_diagonal[j]);
       if (grid.present()) {
         // torch.addcmul(code, local, inv_scale, value=step): (step * local) * inv_scale
@@ -164,7 +164,7 @@ void sweep_block(Tensor local, Tensor codes, Tensor moves, Tensor hessian_block,
           move[r] = shift;
         }
       }
-      push_inside(local_data, width, move, width, hessian_block, j, stop);
+      push_inside(local_data, local.stride(0), move, width, hessian_block, j, stop);
     }
     push_past(local, moves, hessian_block, start, stop);
   }
@@ -190,7 +190,7 @@ void feedback_block(Tensor state, Tensor moves, Tensor coupling_block, std::opti
     const int64_t stop = std::min(start + inner_block_size, size);
     for (int64_t j = start; j < stop; ++j) {
       float* row = state_data + j * state_stride;
-      float* move = move_data + j * width;
+      float* move = move_data + j * moves.stride(0);
       if (grid.present()) {
         // torch: code = clamp(round(state / scale) + zero, 0, top); move = (code - zero) * scale - state
         const float* scale = grid.first_row(j);
