@@ -970,10 +970,14 @@ class _Calibrator:
         try:
             dtype = self.settings.hessian_dtype
             hessian = accumulator.result(dtype)
+            target = None
             if accumulator.with_target:
-                weight = fp_target_weight(weight, hessian, target_product(weight, accumulator.target_shift(dtype)))
-            elif product is not None:
-                weight = fp_target_weight(weight, hessian, product.result(dtype))
+                target = target_product(weight, accumulator.target_shift(dtype))
+            elif product is not None:  # this solve is the product's only reader: it goes with the aimed weight
+                target, product = product.result(dtype), None
+            if target is not None:
+                weight = fp_target_weight(weight, hessian, target, overwrite_product=True)
+                del target
             qweight = self.settings.solver(
                 weight, hessian, **self.settings.solver_kwargs_for(accumulator),
                 **({"overwrite_hessian": True} if last_reader else {}),

@@ -52,15 +52,14 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.T
     (rank-deficient H in float32), the damping grows tenfold until it factorises.
     """
     for added in _dampings(hessian, damp):
-        # Each step's input is dropped as soon as its output exists: at most two
-        # in x in matrices beside H, for a wide layer the solve's largest ones.
+        # Every step overwrites the previous one's result (LAPACK works in place on
+        # the column-major factor): one in x in matrix beside H, where a copy per
+        # step would hold two, for a wide layer the solve's largest ones.
         factor = _factor(hessian, added)
         if factor is None:
             continue
-        inverse = torch.cholesky_inverse(factor)
-        del factor
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
+        inverse = torch.cholesky_inverse(factor, out=factor)
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True, out=(inverse, _info_like(inverse)))
         if int(info) == 0:
             return upper, added
     raise ValueError(FACTORISATION_FAILED)
@@ -76,11 +75,21 @@ def _dampings(hessian: torch.Tensor, damp: float) -> Iterator[torch.Tensor]:
 
 
 def _factor(hessian: torch.Tensor, added: torch.Tensor) -> torch.Tensor | None:
-    """Lower Cholesky factor of ``H + diag(added)``, ``None`` if it is not positive definite."""
-    damped = hessian.clone()
-    damped.diagonal().add_(added)
-    factor, info = torch.linalg.cholesky_ex(damped)
+    """Lower Cholesky factor of ``H + diag(added)``, ``None`` if it is not positive definite.
+
+    The damped copy is laid out column-major, LAPACK's own layout, so it is factorised
+    in its own storage: torch would otherwise hold the copy and a new factor at once.
+    """
+    size = hessian.shape[-1]
+    damped = torch.empty_strided((size, size), (1, size), dtype=hessian.dtype, device=hessian.device)
+    damped.copy_(hessian).diagonal().add_(added)
+    factor, info = torch.linalg.cholesky_ex(damped, out=(damped, _info_like(damped)))
     return factor if int(info) == 0 else None
+
+
+def _info_like(matrix: torch.Tensor) -> torch.Tensor:
+    """The status tensor ``torch.linalg.cholesky_ex`` writes when given ``out=``."""
+    return torch.empty((), dtype=torch.int32, device=matrix.device)
 
 
 @dataclass(frozen=True)

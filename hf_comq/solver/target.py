@@ -54,6 +54,7 @@ def fp_target_weight(
     product: torch.Tensor,
     damp: float = TARGET_DAMP,
     strength: float = TARGET_STRENGTH,
+    overwrite_product: bool = False,
 ) -> torch.Tensor:
     """``W + strength * W S (H + D)^-1`` in ``weight``'s dtype, from the target product ``W S`` (see the module docstring).
 
@@ -61,7 +62,9 @@ def fp_target_weight(
     factorise).  ``weight`` and ``product`` are ``(out, in)``; ``hessian`` is
     ``(in, in)`` (symmetric: the factorisation reads one triangle).  A zero
     ``product`` (inputs equal to the full-precision ones, e.g. the first block) returns
-    ``weight`` unchanged.
+    ``weight`` unchanged.  ``overwrite_product``: work in ``product``'s storage where its
+    dtype and device allow, for a caller that needs it no more (a weight-sized buffer
+    less beside the Gram matrix and its factor, a wide layer's peak).
     """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features) or product.shape != (out_features, in_features):
@@ -71,15 +74,26 @@ def fp_target_weight(
         )
     if not bool(product.any()):
         return weight
+    weight, hessian, product = weight.detach(), hessian.detach(), product.detach()  # in-place solves refuse autograd
     dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
     factor, _ = damped_cholesky(hessian.to(device=weight.device, dtype=dtype), damp)
-    # W S H^-1 = (H^-1 (W S)^T)^T
-    correction_t = torch.cholesky_solve(product.to(device=weight.device, dtype=dtype).T, factor)
+    # W S H^-1 = (H^-1 (W S)^T)^T, and the aimed weight in the same storage: each
+    # weight-sized temporary would add to the solve's peak
+    correction_t = _solve_in_place(factor, product.to(device=weight.device, dtype=dtype, copy=not overwrite_product).T)
     del factor
-    # in place: each weight-sized temporary would add to the solve's peak (an MLP layer's weight in float32)
-    aimed = weight.to(dtype=dtype, copy=True).add_(correction_t.mul_(strength).T)
-    del correction_t
-    return aimed.to(weight.dtype)
+    return correction_t.mul_(strength).T.add_(weight).to(weight.dtype)
+
+
+def _solve_in_place(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^-1 rhs`` written over ``rhs``, for ``L`` the lower Cholesky ``factor``.
+
+    The two triangular solves ``torch.cholesky_solve`` makes, each in place: it would
+    first copy the factor and ``rhs`` (an ``in x in`` matrix and a weight-sized one
+    beside the Gram matrix, at a wide layer's peak).  These are the two solves LAPACK's
+    ``potrs`` makes, so the values are its own.
+    """
+    torch.linalg.solve_triangular(factor, rhs, upper=False, out=rhs)
+    return torch.linalg.solve_triangular(factor.mT, rhs, upper=True, out=rhs)
 
 
 def target_product(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -70,3 +70,29 @@ def test_the_target_product_of_a_shift_is_the_weight_times_it():
     product = target_product(weight, shift)
     assert product.dtype == torch.float32
     torch.testing.assert_close(product, (weight @ (x_fp - x).T @ x).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_it_is_the_damped_solve_and_leaves_its_inputs_as_they_were(dtype):
+    weight, x, x_fp = _problem(seed=3)
+    weight, h, product = weight.to(dtype), (x.T @ x).to(dtype), (weight @ (x_fp - x).T @ x).to(dtype)
+    inputs = [tensor.clone() for tensor in (weight, h, product)]
+    moved = fp_target_weight(weight, h, product, damp=0.01, strength=0.5)
+    damped = h.double() + torch.eye(24, dtype=torch.float64) * 0.01 * h.double().diagonal().mean()
+    expected = weight.double() + 0.5 * torch.linalg.solve(damped, product.double().T).T
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(moved.double(), expected, rtol=tolerance, atol=tolerance)
+    assert moved.dtype == dtype
+    assert all(torch.equal(now, before) for now, before in zip((weight, h, product), inputs))
+
+
+def test_working_in_the_products_storage_changes_no_value():
+    weight, x, x_fp = _problem(seed=4)
+    weight, h = weight.float(), (x.T @ x).float()
+    product = (weight.double() @ (x_fp - x).T @ x).float()
+    kept = fp_target_weight(weight, h, product)
+    assert torch.equal(fp_target_weight(weight, h, product.clone(), overwrite_product=True), kept)
+    bf16 = weight.bfloat16()  # a bfloat16 model's weight: aimed in float32, returned in its own dtype
+    aimed = fp_target_weight(bf16, h, product.clone(), overwrite_product=True)
+    assert aimed.dtype == torch.bfloat16
+    assert torch.equal(aimed, fp_target_weight(bf16, h, product))
