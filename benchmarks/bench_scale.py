@@ -10,8 +10,9 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
   above the resident memory right after importing everything the run uses (torch,
   transformers, datasets, accelerate, hf_comq: library code that no budget can include),
   against the budget plus one block.  Memory is the point, so the layer solver is round
-  to nearest (``ROUND_TO_NEAREST``): calibration passes, Gram matrices, offload and
-  install run as always; the solve is cheap.  Each model runs twice: with glibc's
+  to nearest (``ROUND_TO_NEAREST``) unless ``--solver default`` asks for the default COMQ
+  solver: calibration passes, Gram matrices, offload and install run as always; the
+  solve is cheap.  Each model runs twice: with glibc's
   default allocator, whose dynamic mmap threshold keeps freed layer-sized buffers in
   the heap (resident memory then creeps up block after block), and with
   ``MALLOC_MMAP_THRESHOLD_=65536`` (buffers of 64 KiB and more are returned to the
@@ -110,13 +111,16 @@ def child_solve(out_features: int, in_features: int, group: int, solver: str) ->
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
     before = _rss_mb()
     settings = ROUND_TO_NEAREST if solver == "rtn" else {}
+    started = time.perf_counter()
     # overwrite_hessian, as the calibration driver passes for a Gram matrix no other layer reads
-    comq_quantize(weight, hessian, bits=4, group_size=group or None, overwrite_hessian=True, **settings)
+    solved = comq_quantize(weight, hessian, bits=4, group_size=group or None, overwrite_hessian=True, **settings)
+    seconds = time.perf_counter() - started
     above = _peak_mb() - before
     weight_mb = out_features * in_features * 4 / 2**20
     print(json.dumps({"shape": f"{out_features}x{in_features}", "group": group or "channel", "solver": solver,
                       "weight_f32_mb": round(weight_mb, 1), "hessian_f32_mb": round(in_features**2 * 4 / 2**20, 1),
-                      "peak_above_inputs_mb": round(above), "weight_copies": round(above / weight_mb, 1)}))  # fmt: skip
+                      "peak_above_inputs_mb": round(above), "weight_copies": round(above / weight_mb, 1),
+                      "seconds": round(seconds, 1), "relative_error": solved.stats["relative_error"]}))  # fmt: skip
 
 
 def run_solve() -> list[dict]:
@@ -166,7 +170,7 @@ def _block_mb(model_dir: Path) -> tuple[float, float]:
 
 def child_memory(
     shape: str, budget_mb: int, samples: int, length: int, fp_target: bool = False, true_sequential: bool = False,
-    sum_dtype: str = "float64",
+    sum_dtype: str = "float64", solver: str = "rtn",
 ) -> None:
     """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line."""
     import shutil
@@ -195,7 +199,7 @@ def child_memory(
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (samples, length), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(
         dataset=ids, num_samples=samples, batch_size=4, bits=4, group_size=64, fp_target=fp_target,
-        true_sequential=true_sequential, sum_dtype=sum_dtype, **ROUND_TO_NEAREST,
+        true_sequential=true_sequential, sum_dtype=sum_dtype, **(ROUND_TO_NEAREST if solver == "rtn" else {}),
     )  # fmt: skip
     baseline = _rss_mb()
     started = time.perf_counter()
@@ -215,7 +219,7 @@ def child_memory(
         "baseline_rss_mb": round(baseline), "peak_rss_quantize_mb": round(peak_quantize),
         "peak_rss_save_mb": round(peak_save), "devices": devices, "modules_on_disk": on_disk,
         "quantize_s": round(seconds, 1), "samples": samples, "length": length, "fp_target": fp_target,
-        "true_sequential": true_sequential, "sum_dtype": sum_dtype,
+        "true_sequential": true_sequential, "sum_dtype": sum_dtype, "solver": solver,
     }))  # fmt: skip
 
 
@@ -280,24 +284,27 @@ ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP
 
 def run_memory(
     models: list[str], budgets: dict[str, int], samples: int, length: int, allocators: list[str], fp_target: bool,
-    true_sequential: bool = False, sum_dtype: str = "float64",
+    true_sequential: bool = False, sum_dtype: str = "float64", solver: str = "rtn",
 ) -> list[dict]:  # fmt: skip
     rows = []
     for shape in models:
         _run_child(["build", shape])
         for allocator in allocators:
             rows.append(
-                _memory_row(shape, budgets[shape], samples, length, allocator, fp_target, true_sequential, sum_dtype)
+                _memory_row(
+                    shape, budgets[shape], samples, length, allocator, fp_target, true_sequential, sum_dtype, solver
+                )
             )
     return rows
 
 
 def _memory_row(
     shape: str, budget: int, samples: int, length: int, allocator: str, fp_target: bool, true_sequential: bool,
-    sum_dtype: str = "float64",
+    sum_dtype: str = "float64", solver: str = "rtn",
 ) -> dict:  # fmt: skip
     argv = [
-        "memory", shape, str(budget), str(samples), str(length), str(int(fp_target)), str(int(true_sequential)), sum_dtype
+        "memory", shape, str(budget), str(samples), str(length), str(int(fp_target)), str(int(true_sequential)),
+        sum_dtype, solver,
     ]  # fmt: skip
     row = _last_json(_run_child(argv, env=ALLOCATORS[allocator]))
     row["allocator"] = allocator
@@ -347,13 +354,13 @@ def run_ranks(repeats: int, samples: int, length: int) -> dict:
 def _report(memory: list[dict], solves: list[dict], ranks: dict | None, command: str) -> str:
     lines = [f"# bench_scale ({datetime.date.today()}, {os.cpu_count()} CPU cores, shared machine)", f"# {command}", ""]
     if memory:
-        lines.append("## Peak RSS while quantizing with disk offload (max_memory={'cpu': budget}, RTN solver)")
-        lines.append("model | allocator | fp_target | true_sequential | sum_dtype | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
+        lines.append("## Peak RSS while quantizing with disk offload (max_memory={'cpu': budget})")
+        lines.append("model | solver | allocator | fp_target | true_sequential | sum_dtype | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
                      "imports | peak RSS quantizing | peak above imports | budget + block | met | peak incl. save | "
                      "device_map entries on disk | quantize s")
         for row in memory:
             lines.append(" | ".join(str(value) for value in (
-                row["model"], row["allocator"], row["fp_target"], row.get("true_sequential", False),
+                row["model"], row.get("solver", "rtn"), row["allocator"], row["fp_target"], row.get("true_sequential", False),
                 row.get("sum_dtype", "float64"), row["model_mb"], row["budget_mb"], row["model_over_budget"],
                 row["block_mb"],
                 row["baseline_rss_mb"], row["peak_rss_quantize_mb"], row["peak_above_baseline_mb"], row["target_mb"],
@@ -363,10 +370,12 @@ def _report(memory: list[dict], solves: list[dict], ranks: dict | None, command:
         lines.append("")
     if solves:
         lines.append("## Peak RSS of one layer solve above its inputs (W4, 1 thread)")
-        lines.append("shape | group | solver | weight f32 MiB | H f32 MiB | peak above inputs MiB | in weight copies")
+        lines.append("shape | group | solver | weight f32 MiB | H f32 MiB | peak above inputs MiB | in weight copies | "
+                     "solve s | relative error")
         for row in solves:
             lines.append(" | ".join(str(row[key]) for key in (
-                "shape", "group", "solver", "weight_f32_mb", "hessian_f32_mb", "peak_above_inputs_mb", "weight_copies")))  # fmt: skip
+                "shape", "group", "solver", "weight_f32_mb", "hessian_f32_mb", "peak_above_inputs_mb", "weight_copies",
+                "seconds", "relative_error")))  # fmt: skip
         lines.append("")
     if ranks:
         lines.append("## Calibration wall time, SmolLM2-135M shape (random fp32 weights), default COMQ solver, W4")
@@ -389,7 +398,8 @@ def main() -> None:
             child_build(rest[0])
         elif kind == "memory":
             child_memory(
-                rest[0], int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])), bool(int(rest[5])), rest[6]
+                rest[0], int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])), bool(int(rest[5])), rest[6],
+                rest[7],
             )
         elif kind == "solve":
             child_solve(int(rest[0]), int(rest[1]), int(rest[2]), rest[3])
@@ -411,6 +421,8 @@ def main() -> None:
     parser.add_argument("--fp-target", action="store_true", help="memory rows with COMQConfig(fp_target=True)")
     parser.add_argument("--true-sequential", action="store_true", help="memory rows with COMQConfig(true_sequential=True)")
     parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
+    parser.add_argument("--solver", default="rtn", choices=["rtn", "default"],
+                        help="memory rows' layer solver: round to nearest (the memory is the point) or the default COMQ solver")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -422,7 +434,7 @@ def main() -> None:
     if args.part in ("memory", "all"):
         memory = run_memory(
             args.models, budgets, args.samples, args.length, args.allocators, args.fp_target, args.true_sequential,
-            args.sum_dtype,
+            args.sum_dtype, args.solver,
         )  # fmt: skip
     solves = run_solve() if args.part in ("solve", "all") else []
     ranks = run_ranks(args.repeats, args.rank_samples, args.rank_length) if args.part in ("ranks", "all") else None

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2, help="trace this many blocks, then stop")
     parser.add_argument("--fp-target", action="store_true", help="quantize with fp_target=True")
     parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
+    parser.add_argument("--solver", default="rtn", choices=["rtn", "default"], help="round to nearest or the default COMQ solver")
     args = parser.parse_args()
 
     import accelerate  # noqa: F401  everything the run imports, before the first line
@@ -76,7 +77,7 @@ def main() -> None:
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(
         dataset=ids, num_samples=8, batch_size=4, bits=4, group_size=64, fp_target=args.fp_target,
-        sum_dtype=args.sum_dtype, **ROUND_TO_NEAREST
+        sum_dtype=args.sum_dtype, **(ROUND_TO_NEAREST if args.solver == "rtn" else {})
     )
     T.AutoModelForCausalLM.from_pretrained(
         WORK / args.shape, quantization_config=config, device_map="auto", max_memory={"cpu": f"{args.budget_mb}MiB"},

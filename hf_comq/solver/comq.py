@@ -34,6 +34,16 @@ from .spans import rows_fitting, spans
 
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
 HESSIAN_BLOCK_BYTES = 16 * 1024 * 1024  # temporaries of one row block while the solver's H is built
+SLICE_TABLE_BYTES = 16 * 1024 * 1024
+"""Largest weight-sized table (``in x rows``, compute dtype) of one slice of a solve.
+
+Rows are independent in every step of the solve, so a layer is solved a slice of
+output rows at a time, each slice with about eight tables of its own (the weight,
+``H W^T``, codes, values, residual, the stacked start grids); only ``H`` in sweep order
+and the start's factor are the whole layer's.  Without slices a wide layer's solve
+would hold eight copies of its weight, more than the layer it quantizes; the slice
+size follows from the layer's shape alone, so a run's codes do not depend on where
+or how the model is placed."""
 OBJECTIVE_COLUMNS = 256  # output rows per block of the objective's products: a multiple of every SIMD width
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
@@ -105,6 +115,8 @@ def comq_quantize(
         iterations: maximum number of coordinate sweeps (the reference code does 1).
             Each shared-order sweep costs about 2 GEMMs of ``W @ H``; sweeping
             stops early when one lowers the objective by less than ``tol`` (relative).
+            A wide layer is solved a slice of output rows at a time
+            (:data:`SLICE_TABLE_BYTES`), each slice stopping by its own objective.
         order: column visiting order of a sweep. ``"greedy"``: each row by
             decreasing ``|w_kj| * ||x_j||`` (the reference code; per-row orders cost
             about ``in / 128`` GEMMs per sweep). ``"act_order"``: one order for all
@@ -198,35 +210,88 @@ def comq_quantize(
         rounded = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
         stored_group = group_size if cols_per_group != in_features else None
         return _round_to_grid(w, hessian.detach(), rounded, stored_group, weight.dtype)
-    grid = minmax_grid(w, bits, cols_per_group, symmetric, shrink)
-    problem = _Problem.build(w, hessian.detach(), grid, order, overwrite_hessian, ridge_value)
+    columns = _Columns.build(hessian.detach(), w, cols_per_group, order, overwrite_hessian, ridge_value)
     h_diag += ridge_value
-    plan = plan_error_feedback(problem.hessian, damp) if init == "error_feedback" else None
+    plan = plan_error_feedback(columns.hessian, damp) if init == "error_feedback" else None
     # Neither search proxy sees every effect of error feedback (inputs drift as
     # errors are fed forward); rows are independent, so each keeps whichever of two
     # grids starts lower.
     alternatives: list[Grid] = []
     if conditional_search:
-        conditional = _in_original_order(problem.conditional_energy(plan), problem.perm)
+        conditional = _in_original_order(columns.conditional_energy(plan), columns.perm)
         factors = search_shrink(
             w, torch.stack([conditional, h_diag]), bits, cols_per_group, symmetric, SHRINK_CANDIDATES, MIN_SHRINK
         )
         # The conditional clipping, the diag(H) one (a safety net where the conditional
         # proxy misjudges, e.g. some 2-bit fc2 rows), then the first 5 % tighter and looser.
         candidates = [factors[0], factors[1], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0)][:start_grids]
-        searched, *alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, f * shrink) for f in candidates]
-        problem.grid = searched
+        grid, *alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, f * shrink) for f in candidates]
     else:
-        problem.grid = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
+        grid = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
         if scale_search and init != "fp":
             alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
-    del w  # the problem holds its own transposed copy; a wide layer's solve has no room for a spare
-    reference = problem.reference()
     # H W^T serves the start's residual and the scale refits only; without refits its
     # storage becomes the residual (one weight-sized matrix less from the start on).
     spare_weight_h = init != "fp" and not (scale_refit and iterations > 0)
-    history = problem.start(init, damp, block_size, alternatives, plan, consume_weight_h=spare_weight_h)
-    del plan, alternatives  # the plan's factor is an in x in matrix that no later step reads
+    slices = spans(weight.shape[0], slice_rows(in_features, compute_dtype))
+    parts: list[_SolvedRows] = []
+    for index, rows in enumerate(slices):
+        last = index == len(slices) - 1
+        problem = _Problem.build(w[rows], columns, grid.rows(rows))
+        if last:
+            w = None  # the problem holds its own transposed copy; a wide layer's solve has no room for a spare
+        reference = problem.reference()
+        history = problem.start(
+            init, damp, block_size, [alternative.rows(rows) for alternative in alternatives], plan,
+            consume_weight_h=spare_weight_h,
+        )  # fmt: skip
+        if last:
+            plan = alternatives = None  # the start's factor is an in x in matrix that no later step reads
+        parts.append(_sweep_rows(problem, history, reference, init, damp, block_size, iterations, order,
+                                 scale_refit, block_resolve, tol))  # fmt: skip
+        del problem
+    history = _summed_histories([part.history for part in parts])
+    reference = sum(part.reference for part in parts)
+    return QuantizedWeight(
+        codes=_stacked_rows([part.codes for part in parts]),
+        scale=_stacked_rows([part.grid.scale for part in parts]).float(),
+        zero_point=_stacked_rows([part.grid.zero_point for part in parts]).float(),
+        bits=bits,
+        group_size=group_size if cols_per_group != in_features else None,
+        dtype=weight.dtype,
+        stats={"objective": history, "relative_error": history[-1] / reference if reference > 0 else 0.0},
+    )
+
+
+def slice_rows(in_features: int, dtype: torch.dtype = torch.float32) -> int:
+    """Output rows per slice of a solve (see :data:`SLICE_TABLE_BYTES`)."""
+    return rows_fitting(SLICE_TABLE_BYTES, in_features * dtype.itemsize)
+
+
+@dataclass
+class _SolvedRows:
+    """One slice's result: codes in the weight's layout, its grid, its objective after each step."""
+
+    codes: torch.Tensor
+    grid: Grid
+    history: list[float]
+    reference: float
+
+
+def _sweep_rows(
+    problem: "_Problem",
+    history: list[float],
+    reference: float,
+    init: str,
+    damp: float,
+    block_size: int,
+    iterations: int,
+    order: str,
+    scale_refit: bool,
+    block_resolve: bool,
+    tol: float,
+) -> _SolvedRows:
+    """Sweep, refit and re-solve one started slice of rows; sweeping stops when the slice's own objective stalls."""
     for sweep_index in range(iterations):
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
@@ -239,16 +304,18 @@ def comq_quantize(
         history.append(problem.objective())
         if on_grid and before - history[-1] <= tol * before:
             break
+    return _SolvedRows(codes=problem.codes_in_original_order(), grid=problem.grid, history=history, reference=reference)
 
-    return QuantizedWeight(
-        codes=problem.codes_in_original_order(),
-        scale=problem.grid.scale.float(),
-        zero_point=problem.grid.zero_point.float(),
-        bits=bits,
-        group_size=group_size if cols_per_group != in_features else None,
-        dtype=weight.dtype,
-        stats={"objective": history, "relative_error": history[-1] / reference if reference > 0 else 0.0},
-    )
+
+def _stacked_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The slices' tables one under the other (a single slice's as it is: no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _summed_histories(histories: list[list[float]]) -> list[float]:
+    """The whole layer's objective after each step: a slice that stopped early keeps its last value."""
+    steps = max(len(history) for history in histories)
+    return [sum(history[min(step, len(history) - 1)] for history in histories) for step in range(steps)]
 
 
 def default_damp(bits: int) -> float:
@@ -275,12 +342,13 @@ def widest_threaded_gemm(out_features: int, in_features: int, **settings) -> flo
 
     :func:`comq_quantize` runs on one thread except the passes' updates of the columns
     after each block (``threads_for``); the largest is the start's, with every start
-    grid side by side.  A caller can tell from it whether a solve of this shape uses
-    several threads itself or leaves the other cores idle.
+    grid side by side, over one slice of rows.  A caller can tell from it whether a
+    solve of this shape uses several threads itself or leaves the other cores idle.
     """
     block = settings.get("block_size", SOLVER_DEFAULTS["block_size"])
     grids = settings.get("start_grids", SOLVER_DEFAULTS["start_grids"])
-    return 2.0 * block * grids * out_features * in_features
+    rows = min(out_features, slice_rows(in_features, settings.get("compute_dtype", SOLVER_DEFAULTS["compute_dtype"])))
+    return 2.0 * block * grids * rows * in_features
 
 
 def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -305,7 +373,7 @@ def _round_to_grid(
     h = hessian.to(device=w.device, dtype=w.dtype)
     objective = reference = 0.0
     for rows in spans(out_features, OBJECTIVE_COLUMNS):
-        scale, zero = Grid(grid.scale[rows], grid.zero_point[rows], grid.bits, grid.group_size).per_column()
+        scale, zero = grid.rows(rows).per_column()
         block_codes, values = round_to_nearest(w[rows], scale, zero, grid.max_code)
         codes[rows] = block_codes.to(torch.uint8)
         error = values.neg_().add_(w[rows])
@@ -338,6 +406,45 @@ def _initial_grid(
     return minmax_grid(w, bits, group_size, symmetric, factor)
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """The layer's Gram matrix in sweep order, which every slice of rows shares."""
+
+    hessian: torch.Tensor
+    perm: torch.Tensor
+    group_of_column: torch.Tensor
+    groups: list[int]  # group_of_column as a list, for the passes' per-column lookups
+
+    @classmethod
+    def build(
+        cls, h: torch.Tensor, w: torch.Tensor, group_size: int, order: str, overwrite: bool = False, ridge: float = 0.0
+    ) -> "_Columns":
+        """The sweep order of ``w``'s columns and Gram matrix ``h`` (any float dtype and
+        device) in it, symmetrized as ``(h + h^T) / 2`` in ``w``'s dtype and device, inside
+        ``h`` itself with ``overwrite`` where its dtype, device and layout allow, with
+        ``ridge`` added to the diagonal."""
+        if order == "act_order":
+            diag = torch.diagonal(h).to(device=w.device, dtype=w.dtype)  # that of (h + h^T) / 2, exactly
+            perm = torch.argsort(diag, descending=True, stable=True)
+        else:
+            perm = torch.arange(w.shape[1], device=w.device)
+        group_of_column = perm // group_size
+        if overwrite and h.dtype == w.dtype and h.device == w.device and h.is_contiguous():
+            h_perm = _symmetric_permuted_in_place(h, perm)
+        else:
+            h_perm = _symmetric_permuted(h, perm, w.dtype, w.device)
+        if ridge:
+            h_perm.diagonal().add_(ridge)
+        return cls(hessian=h_perm, perm=perm, group_of_column=group_of_column, groups=group_of_column.tolist())
+
+    def conditional_energy(self, plan: ErrorFeedbackPlan) -> torch.Tensor:
+        """Per column (sweep order), the weight ``d_j`` of a rounding move in
+        the error-feedback objective ``sum_j d_j * move_j**2``: ``1 / U_jj**2``."""
+        if plan.perm is None:
+            return plan.move_weight
+        return _in_original_order(plan.move_weight, plan.perm)
+
+
 @dataclass
 class _Problem:
     """Solver state, transposed (``in x out``) and with columns in sweep order.
@@ -364,33 +471,16 @@ class _Problem:
     objective_without_residual: float | None = None  # set when a refit drops the residual
 
     @classmethod
-    def build(
-        cls, w: torch.Tensor, h: torch.Tensor, grid: Grid, order: str, overwrite: bool = False, ridge: float = 0.0
-    ) -> "_Problem":
-        """The problem of weight ``w`` (in the compute dtype) and Gram matrix ``h``
-        (any float dtype and device; symmetrized here, as ``(h + h^T) / 2``, inside
-        ``h`` itself with ``overwrite`` where its dtype, device and layout allow),
-        with ``ridge`` added to the diagonal."""
-        if order == "act_order":
-            diag = torch.diagonal(h).to(device=w.device, dtype=w.dtype)  # that of (h + h^T) / 2, exactly
-            perm = torch.argsort(diag, descending=True, stable=True)
-        else:
-            perm = torch.arange(w.shape[1], device=w.device)
-        group_of_column = perm // grid.group_size
-        if overwrite and h.dtype == w.dtype and h.device == w.device and h.is_contiguous():
-            h_perm = _symmetric_permuted_in_place(h, perm)
-        else:
-            h_perm = _symmetric_permuted(h, perm, w.dtype, w.device)
-        if ridge:
-            h_perm.diagonal().add_(ridge)
-        weight_t = w.T.index_select(0, perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
+    def build(cls, w: torch.Tensor, columns: "_Columns", grid: Grid) -> "_Problem":
+        """The problem of the weight rows ``w`` (in the compute dtype) on the grid of those rows."""
+        weight_t = w.T.index_select(0, columns.perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
         return cls(
             weight_t=weight_t,
-            hessian=h_perm,
-            weight_h_t=h_perm @ weight_t,
-            perm=perm,
-            group_of_column=group_of_column,
-            groups=group_of_column.tolist(),
+            hessian=columns.hessian,
+            weight_h_t=columns.hessian @ weight_t,
+            perm=columns.perm,
+            group_of_column=columns.group_of_column,
+            groups=columns.groups,
             grid=grid,
         )
 
@@ -405,13 +495,6 @@ class _Problem:
     def zero_t(self) -> torch.Tensor:
         """The grid's zero points as an ``in x out`` per-column table (see :attr:`scale_t`)."""
         return _per_column(self.grid.zero_point, self.group_of_column)
-
-    def conditional_energy(self, plan: ErrorFeedbackPlan) -> torch.Tensor:
-        """Per column (this problem's order), the weight ``d_j`` of a rounding move in
-        the error-feedback objective ``sum_j d_j * move_j**2``: ``1 / U_jj**2``."""
-        if plan.perm is None:
-            return plan.move_weight
-        return _in_original_order(plan.move_weight, plan.perm)
 
     def start(
         self,

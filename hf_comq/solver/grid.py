@@ -33,6 +33,10 @@ class Grid:
     def max_code(self) -> int:
         return (1 << self.bits) - 1
 
+    def rows(self, rows: slice) -> "Grid":
+        """The grid of a slice of output rows (views of this one's tables)."""
+        return Grid(self.scale[rows], self.zero_point[rows], self.bits, self.group_size)
+
     def per_column(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point expanded to the weight's (out, in) shape.
 

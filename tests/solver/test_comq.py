@@ -351,12 +351,12 @@ def test_each_row_starts_from_the_better_of_the_searched_and_plain_grid(bits, me
 def test_conditional_energy_is_the_schur_complement_on_later_inputs(medium_layer):
     """``d_j`` of the error-feedback objective is the energy of input j that the
     inputs rounded after it (act-order, damped H) cannot explain."""
-    from hf_comq.solver.comq import _Problem
+    from hf_comq.solver.comq import _Columns
     from hf_comq.solver.start import plan_error_feedback
 
     weight, _, hessian = medium_layer
     h = hessian.double()
-    problem = _Problem.build(weight.double(), h, minmax_grid(weight.double(), 4, weight.shape[1]), "sequential")
+    problem = _Columns.build(h, weight.double(), weight.shape[1], "sequential")
     damp = 0.01
     energy = problem.conditional_energy(plan_error_feedback(problem.hessian, damp))
 
@@ -541,3 +541,37 @@ def test_ridge_is_validated(bad, medium_layer):
     weight, _, hessian = medium_layer
     with pytest.raises(ValueError, match="ridge must be a non-negative number"):
         comq_quantize(weight, hessian, ridge=bad)
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_a_layer_solved_in_row_slices_is_each_slice_solved_on_its_own(medium_layer, monkeypatch, group_size):
+    """Rows are independent, so slicing only bounds memory: each slice's codes, grid and
+    objective are those of a solve of its rows alone (the same GEMM shapes, to the bit)."""
+    import hf_comq.solver.comq as comq
+
+    weight, _, hessian = medium_layer
+    out_features, in_features = weight.shape
+    whole = comq_quantize(weight, hessian, bits=3, group_size=group_size)
+    monkeypatch.setattr(comq, "SLICE_TABLE_BYTES", 5 * in_features * 4)  # slices of 5 rows
+    assert comq.slice_rows(in_features) == 5 and out_features > 10 and out_features % 5 != 0
+    sliced = comq_quantize(weight, hessian, bits=3, group_size=group_size)
+    alone = [comq_quantize(weight[start : start + 5], hessian, bits=3, group_size=group_size)
+             for start in range(0, out_features, 5)]  # fmt: skip
+    assert torch.equal(sliced.codes, torch.cat([part.codes for part in alone]))
+    assert torch.equal(sliced.scale, torch.cat([part.scale for part in alone]))
+    assert torch.equal(sliced.zero_point, torch.cat([part.zero_point for part in alone]))
+    objective = layer_objective(weight, sliced.dequantize(), hessian)
+    assert objective == pytest.approx(sum(layer_objective(weight[start : start + 5], part.dequantize(), hessian)
+                                          for start, part in zip(range(0, out_features, 5), alone)), rel=1e-9)  # fmt: skip
+    assert sliced.stats["objective"][-1] == pytest.approx(objective, rel=1e-4)
+    assert sliced.stats["relative_error"] == pytest.approx(whole.stats["relative_error"], rel=0.05)
+
+
+def test_slices_hold_a_bounded_table_and_follow_the_shape_alone():
+    from hf_comq.solver.comq import SLICE_TABLE_BYTES, slice_rows
+
+    for in_features in (64, 576, 5632, 11008, SLICE_TABLE_BYTES):
+        rows = slice_rows(in_features)
+        assert rows >= 1
+        assert rows == 1 or rows * in_features * 4 <= SLICE_TABLE_BYTES
+    assert slice_rows(5632, torch.float64) == slice_rows(5632) // 2
