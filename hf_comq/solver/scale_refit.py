@@ -67,7 +67,7 @@ def refit_scales(
     # once (a stable sort keeps the solver's order inside a group).
     by_group = torch.argsort(group_of_column, stable=True)
     group_size = n_cols // n_groups
-    hessian_sorted = _gathered(hessian, by_group)
+    panels = _upper_group_panels(hessian, by_group, group_size)
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
     weight_h_sorted = weight_h_t.index_select(0, by_group)
     bytes_per_row = (n_cols + n_groups * n_groups) * weight_t.element_size()
@@ -76,7 +76,7 @@ def refit_scales(
     for rows in spans(out_features, rows_fitting(CHUNK_BYTES, bytes_per_row, MIN_CHUNK_ROWS)):
         offsets = offsets_t[:, rows].index_select(0, by_group)
         width = offsets.shape[1]
-        gram = _upper_group_gram(hessian_sorted, offsets.view(n_groups, group_size, width))
+        gram = _upper_group_gram(panels, offsets.view(n_groups, group_size, width))
         rhs = (weight_h_sorted[:, rows] * offsets).view(n_groups, group_size, width).sum(1)
         chunk_scale = _solve_positive(gram.permute(2, 0, 1), rhs.T, scale[rows])
         if residual_t is not None:
@@ -94,14 +94,17 @@ def refit_scales(
     return Refit(new_scale, hessian @ (offsets_t * scale_t), change)
 
 
-def _gathered(hessian: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``hessian[order][:, order]`` built a block of rows at a time: two whole-matrix
-    gathers would leave a second ``in x in`` temporary beside the result, at the solve's peak."""
-    n = hessian.shape[0]
-    result = hessian.new_empty(n, n)
-    for rows in spans(n, rows_fitting(CHUNK_BYTES, n * hessian.element_size(), MIN_CHUNK_ROWS)):
-        result[rows] = hessian.index_select(0, order[rows]).index_select(1, order)
-    return result
+def _upper_group_panels(hessian: torch.Tensor, by_group: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    """Per group ``g``, H's rows of group ``g`` and columns of groups ``g`` and after,
+    columns group by group (``by_group``): the blocks :func:`_upper_group_gram` reads.
+
+    The gram is symmetric, so these are half of H reordered; a whole reordered copy
+    would be an ``in x in`` matrix beside H, for a wide layer the solve's largest."""
+    panels = []
+    for start in range(0, hessian.shape[0], group_size):
+        rows = hessian.index_select(0, by_group[start : start + group_size])
+        panels.append(rows.index_select(1, by_group[start:]))
+    return panels
 
 
 def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -114,9 +117,10 @@ def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Te
     return (step * (curvature - 2.0 * gradient)).sum(0)
 
 
-def _upper_group_gram(hessian: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def _upper_group_gram(panels: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
     """``gram[g, h, r] = blocks[g, :, r] . H_gh blocks[h, :, r]`` with H's columns
-    ordered group by group and ``blocks = offsets.view(n_groups, group_size, rows)``.
+    ordered group by group, from the ``panels`` of :func:`_upper_group_panels`, and
+    ``blocks = offsets.view(n_groups, group_size, rows)``.
 
     The gram is symmetric: only the blocks on and right of the diagonal are
     computed, each row of blocks as one batched product of the small ``H_gh``
@@ -126,7 +130,7 @@ def _upper_group_gram(hessian: torch.Tensor, blocks: torch.Tensor) -> torch.Tens
     buffer = torch.empty_like(blocks)  # one for every row of blocks: fresh ones cost page faults
     for g in range(n_groups):
         right = n_groups - g
-        coupling = hessian[g * size : (g + 1) * size, g * size :].reshape(size, right, size).transpose(0, 1)
+        coupling = panels[g].reshape(size, right, size).transpose(0, 1)
         projected = torch.bmm(coupling, blocks[g:], out=buffer[:right])  # H_gh @ blocks[h] for every h >= g
         gram[g, g:] = projected.mul_(blocks[g]).sum(1)
         gram[g + 1 :, g] = gram[g, g + 1 :]
