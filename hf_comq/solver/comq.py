@@ -200,36 +200,23 @@ def comq_quantize(
         raise ValueError(f"start_grids must be an integer from 1 to {MAX_START_GRIDS}, got {start_grids!r}")
     in_features = weight.shape[1]
     cols_per_group = resolve_group_size(in_features, group_size)
-    w = weight.detach().to(compute_dtype)
     # The diagonal of (H + H^T) / 2, exactly: halving a doubled float is exact.
-    h_diag = torch.diagonal(hessian.detach()).to(device=w.device, dtype=compute_dtype).clamp_min(0.0)
+    h_diag = torch.diagonal(hessian.detach()).to(device=weight.device, dtype=compute_dtype).clamp_min(0.0)
     ridge_value = ridge * float(h_diag.mean()) if ridge else 0.0
-    conditional_search = scale_search and init == "error_feedback" and clip_weights == "conditional"
     if iterations == 0 and (init == "fp" or (init == "rtn" and not scale_search)):
         # Plain rounding: nothing to sweep, so none of the solver's weight-sized state.
+        w = weight.detach().to(compute_dtype)
         rounded = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
         stored_group = group_size if cols_per_group != in_features else None
         return _round_to_grid(w, hessian.detach(), rounded, stored_group, weight.dtype)
-    columns = _Columns.build(hessian.detach(), w, cols_per_group, order, overwrite_hessian, ridge_value)
+    columns = _Columns.build(
+        hessian.detach(), compute_dtype, weight.device, cols_per_group, order, overwrite_hessian, ridge_value
+    )  # fmt: skip
     h_diag += ridge_value
     plan = plan_error_feedback(columns.hessian, damp) if init == "error_feedback" else None
-    # Neither search proxy sees every effect of error feedback (inputs drift as
-    # errors are fed forward); rows are independent, so each keeps whichever of two
-    # grids starts lower.
-    alternatives: list[Grid] = []
-    if conditional_search:
+    conditional = None
+    if scale_search and init == "error_feedback" and clip_weights == "conditional":
         conditional = _in_original_order(columns.conditional_energy(plan), columns.perm)
-        factors = search_shrink(
-            w, torch.stack([conditional, h_diag]), bits, cols_per_group, symmetric, SHRINK_CANDIDATES, MIN_SHRINK
-        )
-        # The conditional clipping, the diag(H) one (a safety net where the conditional
-        # proxy misjudges, e.g. some 2-bit fc2 rows), then the first 5 % tighter and looser.
-        candidates = [factors[0], factors[1], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0)][:start_grids]
-        grid, *alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, f * shrink) for f in candidates]
-    else:
-        grid = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
-        if scale_search and init != "fp":
-            alternatives = [minmax_grid(w, bits, cols_per_group, symmetric, shrink)]
     # H W^T serves the start's residual and the scale refits only; without refits its
     # storage becomes the residual (one weight-sized matrix less from the start on).
     spare_weight_h = init != "fp" and not (scale_refit and iterations > 0)
@@ -237,16 +224,18 @@ def comq_quantize(
     parts: list[_SolvedRows] = []
     for index, rows in enumerate(slices):
         last = index == len(slices) - 1
-        problem = _Problem.build(w[rows], columns, grid.rows(rows))
-        if last:
-            w = None  # the problem holds its own transposed copy; a wide layer's solve has no room for a spare
-        reference = problem.reference()
-        history = problem.start(
-            init, damp, block_size, [alternative.rows(rows) for alternative in alternatives], plan,
-            consume_weight_h=spare_weight_h,
+        # the slice's rows in the compute dtype: the whole layer's never exist at once
+        w = weight[rows].detach().to(compute_dtype)
+        grid, alternatives = _start_grids(
+            w, h_diag, conditional, bits, cols_per_group, symmetric, scale_search, shrink, start_grids, init
         )  # fmt: skip
+        problem = _Problem.build(w, columns, grid)
+        del w  # the problem holds its own transposed copy
+        reference = problem.reference()
+        history = problem.start(init, damp, block_size, alternatives, plan, consume_weight_h=spare_weight_h)
+        del alternatives
         if last:
-            plan = alternatives = None  # the start's factor is an in x in matrix that no later step reads
+            plan = None  # the start's factor is an in x in matrix that no later step reads
         parts.append(_sweep_rows(problem, history, reference, init, damp, block_size, iterations, order,
                                  scale_refit, block_resolve, tol))  # fmt: skip
         del problem
@@ -261,6 +250,40 @@ def comq_quantize(
         dtype=weight.dtype,
         stats={"objective": history, "relative_error": history[-1] / reference if reference > 0 else 0.0},
     )
+
+
+def _start_grids(
+    w: torch.Tensor,
+    h_diag: torch.Tensor,
+    conditional: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_search: bool,
+    shrink: float,
+    start_grids: int,
+    init: str,
+) -> tuple[Grid, list[Grid]]:
+    """The grid of rows ``w`` and the alternatives each row may start on instead.
+
+    Neither search proxy sees every effect of error feedback (inputs drift as errors
+    are fed forward); rows are independent, so each keeps whichever grid starts lower.
+    ``conditional``: the error-feedback objective's per-input weights (original column
+    order), for the conditional clipping search; ``None`` for the ``diag(H)`` one.
+    """
+    if conditional is not None:
+        factors = search_shrink(
+            w, torch.stack([conditional, h_diag]), bits, group_size, symmetric, SHRINK_CANDIDATES, MIN_SHRINK
+        )
+        # The conditional clipping, the diag(H) one (a safety net where the conditional
+        # proxy misjudges, e.g. some 2-bit fc2 rows), then the first 5 % tighter and looser.
+        candidates = [factors[0], factors[1], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0)][:start_grids]
+        grid, *alternatives = [minmax_grid(w, bits, group_size, symmetric, f * shrink) for f in candidates]
+        return grid, alternatives
+    grid = _initial_grid(w, h_diag, bits, group_size, symmetric, scale_search, shrink)
+    if scale_search and init != "fp":
+        return grid, [minmax_grid(w, bits, group_size, symmetric, shrink)]
+    return grid, []
 
 
 def slice_rows(in_features: int, dtype: torch.dtype = torch.float32) -> int:
@@ -417,22 +440,23 @@ class _Columns:
 
     @classmethod
     def build(
-        cls, h: torch.Tensor, w: torch.Tensor, group_size: int, order: str, overwrite: bool = False, ridge: float = 0.0
-    ) -> "_Columns":
-        """The sweep order of ``w``'s columns and Gram matrix ``h`` (any float dtype and
-        device) in it, symmetrized as ``(h + h^T) / 2`` in ``w``'s dtype and device, inside
-        ``h`` itself with ``overwrite`` where its dtype, device and layout allow, with
-        ``ridge`` added to the diagonal."""
+        cls, h: torch.Tensor, dtype: torch.dtype, device: torch.device, group_size: int, order: str,
+        overwrite: bool = False, ridge: float = 0.0,
+    ) -> "_Columns":  # fmt: skip
+        """The sweep order of a layer's columns and its Gram matrix ``h`` (any float dtype
+        and device) in it, symmetrized as ``(h + h^T) / 2`` in ``dtype`` on ``device``,
+        inside ``h`` itself with ``overwrite`` where its dtype, device and layout allow,
+        with ``ridge`` added to the diagonal."""
         if order == "act_order":
-            diag = torch.diagonal(h).to(device=w.device, dtype=w.dtype)  # that of (h + h^T) / 2, exactly
+            diag = torch.diagonal(h).to(device=device, dtype=dtype)  # that of (h + h^T) / 2, exactly
             perm = torch.argsort(diag, descending=True, stable=True)
         else:
-            perm = torch.arange(w.shape[1], device=w.device)
+            perm = torch.arange(h.shape[0], device=device)
         group_of_column = perm // group_size
-        if overwrite and h.dtype == w.dtype and h.device == w.device and h.is_contiguous():
+        if overwrite and h.dtype == dtype and h.device == torch.device(device) and h.is_contiguous():
             h_perm = _symmetric_permuted_in_place(h, perm)
         else:
-            h_perm = _symmetric_permuted(h, perm, w.dtype, w.device)
+            h_perm = _symmetric_permuted(h, perm, dtype, device)
         if ridge:
             h_perm.diagonal().add_(ridge)
         return cls(hessian=h_perm, perm=perm, group_of_column=group_of_column, groups=group_of_column.tolist())

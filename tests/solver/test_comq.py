@@ -356,7 +356,7 @@ def test_conditional_energy_is_the_schur_complement_on_later_inputs(medium_layer
 
     weight, _, hessian = medium_layer
     h = hessian.double()
-    problem = _Columns.build(h, weight.double(), weight.shape[1], "sequential")
+    problem = _Columns.build(h, torch.float64, h.device, weight.shape[1], "sequential")
     damp = 0.01
     energy = problem.conditional_energy(plan_error_feedback(problem.hessian, damp))
 
