@@ -565,6 +565,9 @@ def test_a_layer_solved_in_row_slices_is_each_slice_solved_on_its_own(medium_lay
                                           for start, part in zip(range(0, out_features, 5), alone)), rel=1e-9)  # fmt: skip
     assert sliced.stats["objective"][-1] == pytest.approx(objective, rel=1e-4)
     assert sliced.stats["relative_error"] == pytest.approx(whole.stats["relative_error"], rel=0.05)
+    # the driver's setting: every slice reads the one working H built in the caller's matrix
+    in_place = comq_quantize(weight, hessian.clone(), bits=3, group_size=group_size, overwrite_hessian=True)
+    assert torch.equal(in_place.codes, sliced.codes) and torch.equal(in_place.scale, sliced.scale)
 
 
 def test_slices_hold_a_bounded_table_and_follow_the_shape_alone():
