@@ -302,7 +302,7 @@ class _SolvedRows:
 
 
 def _sweep_rows(
-    problem: "_Problem",
+    problem: _Problem,
     history: list[float],
     reference: float,
     init: str,
@@ -442,7 +442,7 @@ class _Columns:
     def build(
         cls, h: torch.Tensor, dtype: torch.dtype, device: torch.device, group_size: int, order: str,
         overwrite: bool = False, ridge: float = 0.0,
-    ) -> "_Columns":  # fmt: skip
+    ) -> _Columns:  # fmt: skip
         """The sweep order of a layer's columns and its Gram matrix ``h`` (any float dtype
         and device) in it, symmetrized as ``(h + h^T) / 2`` in ``dtype`` on ``device``,
         inside ``h`` itself with ``overwrite`` where its dtype, device and layout allow,
@@ -482,11 +482,8 @@ class _Problem:
     """
 
     weight_t: torch.Tensor
-    hessian: torch.Tensor
     weight_h_t: torch.Tensor
-    perm: torch.Tensor
-    group_of_column: torch.Tensor
-    groups: list[int]  # group_of_column as a list, for the passes' per-column lookups
+    columns: _Columns  # H in sweep order and the column order, shared with the layer's other slices
     grid: Grid
     codes_t: torch.Tensor | None = None
     dequant_t: torch.Tensor | None = None
@@ -495,30 +492,22 @@ class _Problem:
     objective_without_residual: float | None = None  # set when a refit drops the residual
 
     @classmethod
-    def build(cls, w: torch.Tensor, columns: "_Columns", grid: Grid) -> "_Problem":
+    def build(cls, w: torch.Tensor, columns: _Columns, grid: Grid) -> _Problem:
         """The problem of the weight rows ``w`` (in the compute dtype) on the grid of those rows."""
         weight_t = w.T.index_select(0, columns.perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
-        return cls(
-            weight_t=weight_t,
-            hessian=columns.hessian,
-            weight_h_t=columns.hessian @ weight_t,
-            perm=columns.perm,
-            group_of_column=columns.group_of_column,
-            groups=columns.groups,
-            grid=grid,
-        )
+        return cls(weight_t=weight_t, weight_h_t=columns.hessian @ weight_t, columns=columns, grid=grid)
 
     @property
     def scale_t(self) -> torch.Tensor:
         """The grid's scales as an ``in x out`` per-column table, made when asked for:
         group-wise it is weight-sized, and kept for the whole solve two such tables
         would sit beside the solve's peak for the few steps that read them."""
-        return _per_column(self.grid.scale, self.group_of_column)
+        return _per_column(self.grid.scale, self.columns.group_of_column)
 
     @property
     def zero_t(self) -> torch.Tensor:
         """The grid's zero points as an ``in x out`` per-column table (see :attr:`scale_t`)."""
-        return _per_column(self.grid.zero_point, self.group_of_column)
+        return _per_column(self.grid.zero_point, self.columns.group_of_column)
 
     def start(
         self,
@@ -547,9 +536,10 @@ class _Problem:
             self.codes_t = codes_t
             self.dequant_t = self.column_grid.dequantize(codes_t, out=torch.empty_like(codes_t))
         if consume_weight_h:
-            self.residual_t, self.weight_h_t = self.weight_h_t.addmm_(self.hessian, self.dequant_t, alpha=-1.0), None
+            residual_t = self.weight_h_t.addmm_(self.columns.hessian, self.dequant_t, alpha=-1.0)
+            self.residual_t, self.weight_h_t = residual_t, None
         else:
-            self.residual_t = torch.addmm(self.weight_h_t, self.hessian, self.dequant_t, alpha=-1.0)
+            self.residual_t = torch.addmm(self.weight_h_t, self.columns.hessian, self.dequant_t, alpha=-1.0)
         return [self.objective()]
 
     def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int, plan: ErrorFeedbackPlan | None = None):
@@ -557,17 +547,18 @@ class _Problem:
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
         if init == "rtn":
-            scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.group_of_column)
-            zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.group_of_column)
+            scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.columns.group_of_column)
+            zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.columns.group_of_column)
             weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
             row_objective = None
             if len(grids) > 1:
                 error_t = weight_t - dequant_t
-                row_objective = ((self.hessian @ error_t) * error_t).sum(0)
+                row_objective = ((self.columns.hessian @ error_t) * error_t).sum(0)
             return codes_t, row_objective
-        plan = plan or plan_error_feedback(self.hessian, damp)
-        return error_feedback_start(self.weight_t, ColumnGrid.of(grids, self.groups), self.grid.max_code, plan, block_size)
+        plan = plan or plan_error_feedback(self.columns.hessian, damp)
+        column_grid = ColumnGrid.of(grids, self.columns.groups)
+        return error_feedback_start(self.weight_t, column_grid, self.grid.max_code, plan, block_size)
 
     def _keep_best_rows(self, grids: list[Grid], codes_t, row_objective):
         """Per output row, the start on whichever grid (block of the stacked arrays)
@@ -608,17 +599,17 @@ class _Problem:
     def sweep(self, order: str, block_size: int) -> None:
         if self.codes_t is None:  # the full-precision start, as fractional codes
             self.codes_t = self.dequant_t / self.scale_t + self.zero_t
-        diag = torch.diagonal(self.hessian)
+        diag = torch.diagonal(self.columns.hessian)
         if order == "greedy":
             diag_safe = torch.where(diag > 0, diag, torch.ones_like(diag))
             rowwise_order_sweep(
-                self.residual_t, self.dequant_t, self.codes_t, self.hessian, diag_safe,
+                self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, diag_safe,
                 self.scale_t, self.zero_t, self.grid.max_code, self._greedy_order(), self._greedy_block(block_size),
             )
         else:
             inv_diag = torch.where(diag > 0, 1.0 / diag, torch.zeros_like(diag)).tolist()
             coordinate_sweep(
-                self.residual_t, self.dequant_t, self.codes_t, self.hessian, inv_diag,
+                self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, inv_diag,
                 self.column_grid, self.grid.max_code, block_size,
             )
 
@@ -626,7 +617,7 @@ class _Problem:
         """Per-row visiting order by decreasing ``|w_kj| * ||x_j||``, computed once
         from the full-precision weights, as the reference code does."""
         if self.greedy_order_t is None:
-            importance = self.weight_t.abs() * torch.diagonal(self.hessian).clamp_min(0).sqrt().unsqueeze(1)
+            importance = self.weight_t.abs() * torch.diagonal(self.columns.hessian).clamp_min(0).sqrt().unsqueeze(1)
             self.greedy_order_t = torch.argsort(importance, dim=0, descending=True, stable=True)
         return self.greedy_order_t
 
@@ -655,13 +646,15 @@ class _Problem:
             # Per-channel: H (Q - z)^T = (H W^T - R) / scale comes from the exact
             # residual, so the refit needs no GEMM.
             projected_t = (self.weight_h_t - self.residual_t).div_(self.grid.scale.T)
-            refit = refit_scales(self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column, projected_t)
+            refit = refit_scales(
+                self.weight_t, self.columns.hessian, offsets_t, self.grid.scale, self.columns.group_of_column, projected_t
+            )
             dequant_h_t = refit.dequant_h_t
         else:
             # H Wq^T is formed below from the new values themselves (the refit would
             # make its own weight-sized copy of them for it).
             refit = refit_scales(
-                self.weight_t, self.hessian, offsets_t, self.grid.scale, self.group_of_column,
+                self.weight_t, self.columns.hessian, offsets_t, self.grid.scale, self.columns.group_of_column,
                 weight_h_t=self.weight_h_t, residual_t=self.residual_t, with_product=False,
             )
             dequant_h_t = None
@@ -673,21 +666,21 @@ class _Problem:
         self.dequant_t = offsets_t.mul_(self.scale_t)
         self.residual_t = None
         if dequant_h_t is None and keep_residual:
-            dequant_h_t = self.hessian @ self.dequant_t
+            dequant_h_t = self.columns.hessian @ self.dequant_t
         if dequant_h_t is not None:
             self.residual_t = torch.sub(self.weight_h_t, dequant_h_t, out=dequant_h_t)
 
     def resolve_blocks(self, damp: float, block_size: int) -> None:
         """One block re-solve pass over the current codes (never raises the objective)."""
         block_resolve_pass(
-            self.residual_t, self.dequant_t, self.codes_t, self.hessian, self.column_grid,
+            self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, self.column_grid,
             self.grid.max_code, damp, block_size,
         )
 
     @property
     def column_grid(self) -> ColumnGrid:
         """The grid as the column-by-column passes read it (one row per group)."""
-        return ColumnGrid.of([self.grid], self.groups)
+        return ColumnGrid.of([self.grid], self.columns.groups)
 
     @property
     def per_channel(self) -> bool:
@@ -696,7 +689,7 @@ class _Problem:
 
     def codes_in_original_order(self) -> torch.Tensor:
         """``uint8`` codes in the weight's ``(out, in)`` layout (cast first: a quarter of the copies' size)."""
-        return self.codes_t.to(torch.uint8)[torch.argsort(self.perm)].T.contiguous()
+        return self.codes_t.to(torch.uint8)[torch.argsort(self.columns.perm)].T.contiguous()
 
 
 def _symmetric_permuted(h: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
