@@ -221,21 +221,24 @@ def comq_quantize(
     # storage becomes the residual (one weight-sized matrix less from the start on).
     spare_weight_h = init != "fp" and not (scale_refit and iterations > 0)
     slices = spans(weight.shape[0], slice_rows(in_features, compute_dtype))
-    parts: list[_SolvedRows] = []
-    for index, rows in enumerate(slices):
-        last = index == len(slices) - 1
-        # the slice's rows in the compute dtype: the whole layer's never exist at once
-        w = weight[rows].detach().to(compute_dtype)
+    # Every slice starts before any slice sweeps: the start's factor, an in x in
+    # matrix, is then gone before the sweeps' and refits' tables exist, and the
+    # started codes wait as uint8 (a quarter of one float table per slice).
+    starts: list[_StartedRows] = []
+    for rows in slices:
+        w = weight[rows].detach().to(compute_dtype)  # a slice's rows: a whole bf16 layer's never exist in float32
         grid, alternatives = _start_grids(
             w, h_diag, conditional, bits, cols_per_group, symmetric, scale_search, shrink, start_grids, init
         )  # fmt: skip
-        problem = _Problem.build(w, columns, grid)
-        del w  # the problem holds its own transposed copy
-        reference = problem.reference()
-        history = problem.start(init, damp, block_size, alternatives, plan, consume_weight_h=spare_weight_h)
-        del alternatives
-        if last:
-            plan = None  # the start's factor is an in x in matrix that no later step reads
+        starts.append(_Problem.build(w, columns, grid).start(init, damp, block_size, alternatives, plan))
+        del w, grid, alternatives
+    plan = conditional = None
+    parts: list[_SolvedRows] = []
+    for rows in slices:
+        start = starts.pop(0)
+        problem = _Problem.build(weight[rows].detach().to(compute_dtype), columns, start.grid)
+        reference, history = problem.begin(start.codes_t, consume_weight_h=spare_weight_h)
+        del start
         parts.append(_sweep_rows(problem, history, reference, init, damp, block_size, iterations, order,
                                  scale_refit, block_resolve, tol))  # fmt: skip
         del problem
@@ -284,6 +287,15 @@ def _start_grids(
     if scale_search and init != "fp":
         return grid, [minmax_grid(w, bits, group_size, symmetric, shrink)]
     return grid, []
+
+
+@dataclass
+class _StartedRows:
+    """One slice's start: its codes (``uint8``, ``in x rows``, columns in sweep order;
+    ``None`` for the full-precision start) and the grid each row kept."""
+
+    codes_t: torch.Tensor | None
+    grid: Grid
 
 
 def slice_rows(in_features: int, dtype: torch.dtype = torch.float32) -> int:
@@ -482,9 +494,9 @@ class _Problem:
     """
 
     weight_t: torch.Tensor
-    weight_h_t: torch.Tensor
     columns: _Columns  # H in sweep order and the column order, shared with the layer's other slices
     grid: Grid
+    weight_h_t: torch.Tensor | None = None  # H W^T, from :meth:`begin` on
     codes_t: torch.Tensor | None = None
     dequant_t: torch.Tensor | None = None
     residual_t: torch.Tensor | None = None
@@ -495,7 +507,7 @@ class _Problem:
     def build(cls, w: torch.Tensor, columns: _Columns, grid: Grid) -> _Problem:
         """The problem of the weight rows ``w`` (in the compute dtype) on the grid of those rows."""
         weight_t = w.T.index_select(0, columns.perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
-        return cls(weight_t=weight_t, weight_h_t=columns.hessian @ weight_t, columns=columns, grid=grid)
+        return cls(weight_t=weight_t, columns=columns, grid=grid)
 
     @property
     def scale_t(self) -> torch.Tensor:
@@ -516,31 +528,42 @@ class _Problem:
         block_size: int,
         alternatives: list[Grid] = (),
         plan: ErrorFeedbackPlan | None = None,
-        consume_weight_h: bool = False,
-    ) -> list[float]:
-        """Put every coordinate on the grid (or at its full-precision value for ``"fp"``).
+    ) -> _StartedRows:
+        """Put every coordinate on the grid (``"fp"``: leave it at its full-precision value).
 
         With ``alternatives``, this grid and every alternative are started in one
         stacked pass and each row keeps the grid whose start has the lowest
         objective.  ``plan``: the error-feedback plan of this problem's Hessian, if
-        already made.  ``consume_weight_h``: form the residual inside ``weight_h_t``'s
-        storage (for callers that need ``H W^T`` no more: no scale refits).
+        already made.
         """
         if init == "fp":
+            return _StartedRows(codes_t=None, grid=self.grid)
+        grids = [self.grid, *alternatives]
+        codes_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
+        if alternatives:
+            codes_t = self._keep_best_rows(grids, codes_t, row_objective)
+        return _StartedRows(codes_t=codes_t.to(torch.uint8), grid=self.grid)
+
+    def begin(self, codes_t: torch.Tensor | None, consume_weight_h: bool = False) -> tuple[float, list[float]]:
+        """Take up started codes (see :class:`_StartedRows`, on this problem's grid):
+        returns the reference ``||X W^T||^2`` and the objective history so far.
+
+        ``consume_weight_h``: form the residual inside ``H W^T``'s storage (for
+        callers that need ``H W^T`` no more: no scale refits).
+        """
+        self.weight_h_t = self.columns.hessian @ self.weight_t
+        reference = self.reference()
+        if codes_t is None:
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
         else:
-            grids = [self.grid, *alternatives]
-            codes_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
-            if alternatives:
-                codes_t = self._keep_best_rows(grids, codes_t, row_objective)
-            self.codes_t = codes_t
-            self.dequant_t = self.column_grid.dequantize(codes_t, out=torch.empty_like(codes_t))
+            self.codes_t = codes_t.to(self.weight_t.dtype)
+            self.dequant_t = self.column_grid.dequantize(self.codes_t, out=torch.empty_like(self.codes_t))
         if consume_weight_h:
             residual_t = self.weight_h_t.addmm_(self.columns.hessian, self.dequant_t, alpha=-1.0)
             self.residual_t, self.weight_h_t = residual_t, None
         else:
             self.residual_t = torch.addmm(self.weight_h_t, self.columns.hessian, self.dequant_t, alpha=-1.0)
-        return [self.objective()]
+        return reference, [self.objective()]
 
     def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int, plan: ErrorFeedbackPlan | None = None):
         """Codes and per-row objectives of the start on each grid, side by side
