@@ -220,25 +220,18 @@ def comq_quantize(
     # H W^T serves the start's residual and the scale refits only; without refits its
     # storage becomes the residual (one weight-sized matrix less from the start on).
     spare_weight_h = init != "fp" and not (scale_refit and iterations > 0)
-    slices = spans(weight.shape[0], slice_rows(in_features, compute_dtype))
-    # Every slice starts before any slice sweeps: the start's factor, an in x in
-    # matrix, is then gone before the sweeps' and refits' tables exist, and the
-    # started codes wait as uint8 (a quarter of one float table per slice).
-    starts: list[_StartedRows] = []
-    for rows in slices:
-        w = weight[rows].detach().to(compute_dtype)  # a slice's rows: a whole bf16 layer's never exist in float32
-        grid, alternatives = _start_grids(
-            w, h_diag, conditional, bits, cols_per_group, symmetric, scale_search, shrink, start_grids, init
-        )  # fmt: skip
-        starts.append(_Problem.build(w, columns, grid).start(init, damp, block_size, alternatives, plan))
-        del w, grid, alternatives
+    # Every row starts before any row sweeps: the start's factor, an in x in matrix, is
+    # then gone before the sweeps' and refits' tables exist.
+    started = _start_layer(
+        weight, columns, plan, conditional, h_diag, bits=bits, group_size=cols_per_group, symmetric=symmetric,
+        scale_search=scale_search, shrink=shrink, start_grids=start_grids, init=init, damp=damp,
+        block_size=block_size, compute_dtype=compute_dtype,
+    )  # fmt: skip
     plan = conditional = None
     parts: list[_SolvedRows] = []
-    for rows in slices:
-        start = starts.pop(0)
-        problem = _Problem.build(weight[rows].detach().to(compute_dtype), columns, start.grid)
-        reference, history = problem.begin(start.codes_t, consume_weight_h=spare_weight_h)
-        del start
+    for rows in spans(weight.shape[0], slice_rows(in_features, compute_dtype)):
+        problem = _Problem.build(weight[rows].detach().to(compute_dtype), columns, started.grid.rows(rows))
+        reference, history = problem.begin(started.rows(rows), consume_weight_h=spare_weight_h)
         parts.append(_sweep_rows(problem, history, reference, init, damp, block_size, iterations, order,
                                  scale_refit, block_resolve, tol))  # fmt: skip
         del problem
@@ -255,6 +248,74 @@ def comq_quantize(
     )
 
 
+@dataclass
+class _StartedLayer:
+    """A layer's start: its codes (``uint8``, ``in x out``, columns in sweep order; ``None``
+    for the full-precision start) and the grid each row kept.  uint8 codes are a quarter
+    of one float32 table: they wait there while the rows are swept a slice at a time."""
+
+    codes_t: torch.Tensor | None
+    grid: Grid
+
+    def rows(self, rows: slice) -> torch.Tensor | None:
+        """The codes of a slice of output rows (a strided view)."""
+        return None if self.codes_t is None else self.codes_t[:, rows]
+
+
+def _start_layer(
+    weight: torch.Tensor,
+    columns: _Columns,
+    plan: ErrorFeedbackPlan | None,
+    conditional: torch.Tensor | None,
+    h_diag: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_search: bool,
+    shrink: float,
+    start_grids: int,
+    init: str,
+    damp: float,
+    block_size: int,
+    compute_dtype: torch.dtype,
+) -> _StartedLayer:
+    """Search every row's grid and start it (:meth:`_Problem.start`), a slice of rows at a time.
+
+    The start stacks its grids side by side, so its slices are that many times
+    narrower than the sweeps': each stacked table stays within one
+    :data:`SLICE_TABLE_BYTES`.
+    """
+    out_features, in_features = weight.shape
+    count = _start_grid_count(init, scale_search, conditional is not None, start_grids)
+    codes_t = None if init == "fp" else torch.empty((in_features, out_features), dtype=torch.uint8, device=weight.device)
+    grids: list[Grid] = []
+    for rows in spans(out_features, slice_rows(in_features, compute_dtype, tables=count)):
+        w = weight[rows].detach().to(compute_dtype)  # a slice's rows: a whole bf16 layer's never exist in float32
+        grid, alternatives = _start_grids(w, h_diag, conditional, bits, group_size, symmetric, scale_search, shrink, count)
+        problem = _Problem.build(w, columns, grid)
+        del w  # the problem holds its own transposed copy
+        codes = problem.start(init, damp, block_size, alternatives, plan)
+        if codes is not None:
+            codes_t[:, rows] = codes
+        grids.append(problem.grid)
+        del problem, codes, alternatives
+    grid = Grid(
+        scale=_stacked_rows([grid.scale for grid in grids]),
+        zero_point=_stacked_rows([grid.zero_point for grid in grids]),
+        bits=bits,
+        group_size=group_size,
+    )
+    return _StartedLayer(codes_t=codes_t, grid=grid)
+
+
+def _start_grid_count(init: str, scale_search: bool, conditional_search: bool, start_grids: int) -> int:
+    """How many grids the start runs side by side (see :func:`_start_grids`)."""
+    if conditional_search:
+        return start_grids
+    return 2 if scale_search and init != "fp" else 1
+
+
 def _start_grids(
     w: torch.Tensor,
     h_diag: torch.Tensor,
@@ -264,10 +325,9 @@ def _start_grids(
     symmetric: bool,
     scale_search: bool,
     shrink: float,
-    start_grids: int,
-    init: str,
+    count: int,
 ) -> tuple[Grid, list[Grid]]:
-    """The grid of rows ``w`` and the alternatives each row may start on instead.
+    """The grid of rows ``w`` and the ``count - 1`` alternatives each row may start on instead.
 
     Neither search proxy sees every effect of error feedback (inputs drift as errors
     are fed forward); rows are independent, so each keeps whichever grid starts lower.
@@ -280,27 +340,17 @@ def _start_grids(
         )
         # The conditional clipping, the diag(H) one (a safety net where the conditional
         # proxy misjudges, e.g. some 2-bit fc2 rows), then the first 5 % tighter and looser.
-        candidates = [factors[0], factors[1], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0)][:start_grids]
+        candidates = [factors[0], factors[1], factors[0] * 0.95, (factors[0] * 1.05).clamp(max=1.0)][:count]
         grid, *alternatives = [minmax_grid(w, bits, group_size, symmetric, f * shrink) for f in candidates]
         return grid, alternatives
     grid = _initial_grid(w, h_diag, bits, group_size, symmetric, scale_search, shrink)
-    if scale_search and init != "fp":
-        return grid, [minmax_grid(w, bits, group_size, symmetric, shrink)]
-    return grid, []
+    return grid, [minmax_grid(w, bits, group_size, symmetric, shrink)] * (count - 1)
 
 
-@dataclass
-class _StartedRows:
-    """One slice's start: its codes (``uint8``, ``in x rows``, columns in sweep order;
-    ``None`` for the full-precision start) and the grid each row kept."""
-
-    codes_t: torch.Tensor | None
-    grid: Grid
-
-
-def slice_rows(in_features: int, dtype: torch.dtype = torch.float32) -> int:
-    """Output rows per slice of a solve (see :data:`SLICE_TABLE_BYTES`)."""
-    return rows_fitting(SLICE_TABLE_BYTES, in_features * dtype.itemsize)
+def slice_rows(in_features: int, dtype: torch.dtype = torch.float32, tables: int = 1) -> int:
+    """Output rows per slice of a solve (see :data:`SLICE_TABLE_BYTES`), for ``tables``
+    weight-sized tables side by side (the start's stacked grids)."""
+    return rows_fitting(SLICE_TABLE_BYTES, tables * in_features * dtype.itemsize)
 
 
 @dataclass
@@ -377,13 +427,15 @@ def widest_threaded_gemm(out_features: int, in_features: int, **settings) -> flo
 
     :func:`comq_quantize` runs on one thread except the passes' updates of the columns
     after each block (``threads_for``); the largest is the start's, with every start
-    grid side by side, over one slice of rows.  A caller can tell from it whether a
+    grid side by side over one of its slices of rows, or a sweep's over one of its (wider) slices.  A caller can tell from it whether a
     solve of this shape uses several threads itself or leaves the other cores idle.
     """
     block = settings.get("block_size", SOLVER_DEFAULTS["block_size"])
     grids = settings.get("start_grids", SOLVER_DEFAULTS["start_grids"])
-    rows = min(out_features, slice_rows(in_features, settings.get("compute_dtype", SOLVER_DEFAULTS["compute_dtype"])))
-    return 2.0 * block * grids * rows * in_features
+    dtype = settings.get("compute_dtype", SOLVER_DEFAULTS["compute_dtype"])
+    start_columns = grids * min(out_features, slice_rows(in_features, dtype, tables=grids))
+    sweep_columns = min(out_features, slice_rows(in_features, dtype))
+    return 2.0 * block * max(start_columns, sweep_columns) * in_features
 
 
 def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -528,24 +580,25 @@ class _Problem:
         block_size: int,
         alternatives: list[Grid] = (),
         plan: ErrorFeedbackPlan | None = None,
-    ) -> _StartedRows:
-        """Put every coordinate on the grid (``"fp"``: leave it at its full-precision value).
+    ) -> torch.Tensor | None:
+        """Put every coordinate on the grid: returns the codes (``uint8``, ``in x out``,
+        sweep order), ``None`` for ``"fp"`` (each coordinate stays at its full-precision value).
 
         With ``alternatives``, this grid and every alternative are started in one
         stacked pass and each row keeps the grid whose start has the lowest
-        objective.  ``plan``: the error-feedback plan of this problem's Hessian, if
-        already made.
+        objective (:attr:`grid` becomes the kept one).  ``plan``: the error-feedback
+        plan of this problem's Hessian, if already made.
         """
         if init == "fp":
-            return _StartedRows(codes_t=None, grid=self.grid)
+            return None
         grids = [self.grid, *alternatives]
         codes_t, row_objective = self._start_on(grids, init, damp, block_size, plan)
         if alternatives:
             codes_t = self._keep_best_rows(grids, codes_t, row_objective)
-        return _StartedRows(codes_t=codes_t.to(torch.uint8), grid=self.grid)
+        return codes_t.to(torch.uint8)
 
     def begin(self, codes_t: torch.Tensor | None, consume_weight_h: bool = False) -> tuple[float, list[float]]:
-        """Take up started codes (see :class:`_StartedRows`, on this problem's grid):
+        """Take up started codes (:meth:`start`'s, on this problem's grid; ``None``: the fp start):
         returns the reference ``||X W^T||^2`` and the objective history so far.
 
         ``consume_weight_h``: form the residual inside ``H W^T``'s storage (for
@@ -556,7 +609,7 @@ class _Problem:
         if codes_t is None:
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
         else:
-            self.codes_t = codes_t.to(self.weight_t.dtype)
+            self.codes_t = codes_t.to(self.weight_t.dtype, memory_format=torch.contiguous_format)
             self.dequant_t = self.column_grid.dequantize(self.codes_t, out=torch.empty_like(self.codes_t))
         if consume_weight_h:
             residual_t = self.weight_h_t.addmm_(self.columns.hessian, self.dequant_t, alpha=-1.0)

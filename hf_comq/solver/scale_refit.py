@@ -69,7 +69,6 @@ def refit_scales(
     group_size = n_cols // n_groups
     panels = _upper_group_panels(hessian, by_group, group_size)
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
-    weight_h_sorted = weight_h_t.index_select(0, by_group)
     bytes_per_row = (n_cols + n_groups * n_groups) * weight_t.element_size()
     new_scale = scale.clone()
     change = weight_t.new_zeros(out_features) if residual_t is not None else None
@@ -77,7 +76,9 @@ def refit_scales(
         offsets = offsets_t[:, rows].index_select(0, by_group)
         width = offsets.shape[1]
         gram = _upper_group_gram(panels, offsets.view(n_groups, group_size, width))
-        rhs = (weight_h_sorted[:, rows] * offsets).view(n_groups, group_size, width).sum(1)
+        # gathered a chunk at a time, like the offsets: a whole group-ordered copy of
+        # H W^T would be one more weight-sized table beside the panels
+        rhs = (weight_h_t[:, rows].index_select(0, by_group) * offsets).view(n_groups, group_size, width).sum(1)
         chunk_scale = _solve_positive(gram.permute(2, 0, 1), rhs.T, scale[rows])
         if residual_t is not None:
             gradient = (residual_t[:, rows].index_select(0, by_group) * offsets).view(n_groups, group_size, width).sum(1)
