@@ -715,7 +715,6 @@ class _Problem:
         group-wise refit skips the new residual, and the objective comes from each
         row's exact change instead.
         """
-        offsets_t = self.codes_t - self.zero_t
         if self.per_channel or keep_residual:
             self.dequant_t = None  # the refit does not read it (only the objective without a residual does)
         if self.per_channel:
@@ -723,24 +722,25 @@ class _Problem:
             # residual, so the refit needs no GEMM.
             projected_t = (self.weight_h_t - self.residual_t).div_(self.grid.scale.T)
             refit = refit_scales(
-                self.weight_t, self.columns.hessian, offsets_t, self.grid.scale, self.columns.group_of_column, projected_t
-            )
+                self.weight_t, self.columns.hessian, self.codes_t, self.grid.zero_point, self.grid.scale,
+                self.columns.group_of_column, projected_t,
+            )  # fmt: skip
             dequant_h_t = refit.dequant_h_t
         else:
             # H Wq^T is formed below from the new values themselves (the refit would
             # make its own weight-sized copy of them for it).
             refit = refit_scales(
-                self.weight_t, self.columns.hessian, offsets_t, self.grid.scale, self.columns.group_of_column,
-                weight_h_t=self.weight_h_t, residual_t=self.residual_t, with_product=False,
-            )
+                self.weight_t, self.columns.hessian, self.codes_t, self.grid.zero_point, self.grid.scale,
+                self.columns.group_of_column, weight_h_t=self.weight_h_t, residual_t=self.residual_t, with_product=False,
+            )  # fmt: skip
             dequant_h_t = None
             if not keep_residual:
                 rows_after = self.row_objectives() + refit.objective_change
                 self.objective_without_residual = float(rows_after.double().sum())
         self.grid = Grid(scale=refit.scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
-        self.dequant_t = None  # each old table goes before its successor is made
-        self.dequant_t = offsets_t.mul_(self.scale_t)
-        self.residual_t = None
+        # each old table goes before its successor is made
+        self.dequant_t = self.residual_t = None
+        self.dequant_t = torch.sub(self.codes_t, self.zero_t).mul_(self.scale_t)
         if dequant_h_t is None and keep_residual:
             dequant_h_t = self.columns.hessian @ self.dequant_t
         if dequant_h_t is not None:

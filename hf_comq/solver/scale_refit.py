@@ -31,7 +31,8 @@ class Refit(NamedTuple):
 def refit_scales(
     weight_t: torch.Tensor,
     hessian: torch.Tensor,
-    offsets_t: torch.Tensor,
+    codes_t: torch.Tensor,
+    zero_point: torch.Tensor,
     scale: torch.Tensor,
     group_of_column: torch.Tensor,
     projected_t: torch.Tensor | None = None,
@@ -39,10 +40,11 @@ def refit_scales(
     residual_t: torch.Tensor | None = None,
     with_product: bool = True,
 ) -> Refit:
-    """Optimal ``(out, n_groups)`` scales for fixed ``offsets_t = (Q - z)^T``.
+    """Optimal ``(out, n_groups)`` scales for fixed codes ``codes_t = Q^T`` and zero points.
 
     Works in any column order: ``group_of_column[j]`` names the group of (possibly
-    permuted) column j.  Also returns ``H Wq^T`` (``in x out``), which the caller
+    permuted) column j.  The offsets ``(Q - z)^T`` are formed a chunk of rows at a
+    time group-wise: a whole table of them would sit beside the gram's panels.  Also returns ``H Wq^T`` (``in x out``), which the caller
     needs for the residual (free per channel, one GEMM group-wise).
     A row whose system is singular, or whose optimum has a non-positive scale,
     keeps its current scales.  Group-wise, such a group keeps its old scale while
@@ -58,6 +60,7 @@ def refit_scales(
     n_cols, out_features = weight_t.shape
     n_groups = scale.shape[1]
     if n_groups == 1:  # per-channel: a few reductions, no per-group split
+        offsets_t = codes_t - zero_point.T
         projected = hessian @ offsets_t if projected_t is None else projected_t
         gram = (projected * offsets_t).sum(0).reshape(-1, 1, 1)
         rhs = (projected * weight_t).sum(0).reshape(-1, 1)
@@ -73,9 +76,10 @@ def refit_scales(
     new_scale = scale.clone()
     change = weight_t.new_zeros(out_features) if residual_t is not None else None
     for rows in spans(out_features, rows_fitting(CHUNK_BYTES, bytes_per_row, MIN_CHUNK_ROWS)):
-        offsets = offsets_t[:, rows].index_select(0, by_group)
-        width = offsets.shape[1]
-        gram = _upper_group_gram(panels, offsets.view(n_groups, group_size, width))
+        width = rows.stop - rows.start
+        blocks = codes_t[:, rows].index_select(0, by_group).view(n_groups, group_size, width)
+        offsets = blocks.sub_(zero_point[rows].T.unsqueeze(1)).view(n_cols, width)  # zero points per group
+        gram = _upper_group_gram(panels, blocks)
         # gathered a chunk at a time, like the offsets: a whole group-ordered copy of
         # H W^T would be one more weight-sized table beside the panels
         rhs = (weight_h_t[:, rows].index_select(0, by_group) * offsets).view(n_groups, group_size, width).sum(1)
@@ -89,10 +93,11 @@ def refit_scales(
         new_scale[rows] = chunk_scale
     if not with_product:
         return Refit(new_scale, None, change)
+    del panels
     # One dense GEMM: cheaper than summing H Wq^T from per-group products, whose
     # inner dimension is only the group size.
-    scale_t = new_scale.T.contiguous().index_select(0, group_of_column)
-    return Refit(new_scale, hessian @ (offsets_t * scale_t), change)
+    zero_t, scale_t = (table.T.contiguous().index_select(0, group_of_column) for table in (zero_point, new_scale))
+    return Refit(new_scale, hessian @ (codes_t - zero_t).mul_(scale_t), change)
 
 
 def _upper_group_panels(hessian: torch.Tensor, by_group: torch.Tensor, group_size: int) -> list[torch.Tensor]:

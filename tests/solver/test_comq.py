@@ -578,3 +578,54 @@ def test_slices_hold_a_bounded_table_and_follow_the_shape_alone():
         assert rows >= 1
         assert rows == 1 or rows * in_features * 4 <= SLICE_TABLE_BYTES
     assert slice_rows(5632, torch.float64) == slice_rows(5632) // 2
+    assert slice_rows(5632, tables=3) == slice_rows(5632) // 3  # the start's stacked grids
+
+
+def test_every_slice_starts_before_any_sweeps_and_the_start_stacks_a_table_at_most(medium_layer, monkeypatch):
+    """The start's in x in factor is gone before the first sweep (the sweeps' and refits'
+    tables never sit beside it), and the start, which stacks its grids side by side,
+    works on slices that many times narrower than the sweeps' (one table's worth)."""
+    import weakref
+
+    import hf_comq.solver.comq as comq
+
+    weight, _, hessian = medium_layer
+    out_features, in_features = weight.shape
+    monkeypatch.setattr(comq, "SLICE_TABLE_BYTES", 12 * in_features * 4)  # sweeps: 12 rows, start: 4 x 3 grids
+    factors, started_columns, swept_columns, factor_alive = [], [], [], []
+    plan_error_feedback, error_feedback_start, coordinate_sweep = (
+        comq.plan_error_feedback, comq.error_feedback_start, comq.coordinate_sweep
+    )
+
+    def planned(*args, **kwargs):
+        plan = plan_error_feedback(*args, **kwargs)
+        factors.append(weakref.ref(plan.coupling))
+        return plan
+
+    def started(weight_t, grid, *args, **kwargs):
+        started_columns.append(grid.scale.shape[1])  # every grid's rows side by side
+        return error_feedback_start(weight_t, grid, *args, **kwargs)
+
+    def swept(residual_t, *args, **kwargs):
+        swept_columns.append(residual_t.shape[1])
+        factor_alive.append(factors[0]() is not None)
+        return coordinate_sweep(residual_t, *args, **kwargs)
+
+    monkeypatch.setattr(comq, "plan_error_feedback", planned)
+    monkeypatch.setattr(comq, "error_feedback_start", started)
+    monkeypatch.setattr(comq, "coordinate_sweep", swept)
+    sliced = comq_quantize(weight, hessian, bits=4, start_grids=3)
+    assert len(factors) == 1 and factor_alive and not any(factor_alive)
+    assert started_columns == [12] * (out_features // 4)
+    assert set(swept_columns) == {12} and len(swept_columns) >= out_features // 12
+    monkeypatch.undo()
+    assert torch.equal(sliced.codes, comq_quantize(weight, hessian, bits=4, start_grids=3).codes)
+
+
+def test_the_widest_threaded_gemm_spans_one_table_of_a_wide_layer():
+    from hf_comq.solver.comq import slice_rows, widest_threaded_gemm
+
+    small = widest_threaded_gemm(576, 1536, start_grids=3)
+    assert small == 2.0 * 128 * 3 * 576 * 1536  # one slice: every start grid side by side over all rows
+    wide = widest_threaded_gemm(2048, 5632, start_grids=3)
+    assert 0.9 * 2.0 * 128 * slice_rows(5632) * 5632 <= wide <= 2.0 * 128 * slice_rows(5632) * 5632

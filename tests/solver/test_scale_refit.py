@@ -24,8 +24,9 @@ def test_refit_is_each_rows_least_squares_on_x_in_any_column_order(group_size, c
 
     perm = torch.randperm(48, generator=torch.Generator().manual_seed(0))  # the solver works in act-order
     new_scale, dequant_h_t, _ = refit_scales(
-        weight.T[perm].contiguous(), hessian[perm][:, perm], offsets.T[perm].contiguous(), grid.scale, group[perm]
-    )
+        weight.T[perm].contiguous(), hessian[perm][:, perm], layer.codes.T[perm].contiguous(), grid.zero_point,
+        grid.scale, group[perm],
+    )  # fmt: skip
     torch.testing.assert_close(new_scale, expected)
     dequant = offsets * new_scale.repeat_interleave(group_size or 48, dim=1)
     torch.testing.assert_close(dequant_h_t, (hessian @ dequant.T)[perm])
@@ -49,8 +50,9 @@ def test_rows_whose_objective_would_rise_keep_their_old_scales():
             expected[k] = candidate
 
     residual_t = hessian @ (weight - offsets * scale_c).T
+    codes = offsets + layer.zero  # off the grid in rows 0-5: the refit takes the codes as they are
     new_scale, _, change = refit_scales(
-        weight.T.contiguous(), hessian, offsets.T.contiguous(), grid.scale, group, residual_t=residual_t
+        weight.T.contiguous(), hessian, codes.T.contiguous(), grid.zero_point, grid.scale, group, residual_t=residual_t
     )
     torch.testing.assert_close(new_scale, expected)
     expected_change = torch.tensor([row_objective(k, new_scale[k]) - row_objective(k, grid.scale[k]) for k in range(12)])
@@ -71,7 +73,8 @@ def test_refit_without_the_product_finds_the_same_scales_and_objective_change(ch
     perm = torch.randperm(48, generator=torch.Generator().manual_seed(1))
     group = (torch.arange(48) // 8)[perm]
     residual_t = (hessian @ (weight - offsets * scale_c).T)[perm]
-    args = (weight.T[perm].contiguous(), hessian[perm][:, perm], offsets.T[perm].contiguous(), grid.scale, group)
+    codes_t = layer.codes.T[perm].contiguous()
+    args = (weight.T[perm].contiguous(), hessian[perm][:, perm], codes_t, grid.zero_point, grid.scale, group)
 
     full = refit_scales(*args, residual_t=residual_t)
     lean = refit_scales(*args, residual_t=residual_t, with_product=False)
