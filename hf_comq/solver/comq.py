@@ -38,12 +38,14 @@ SLICE_TABLE_BYTES = 16 * 1024 * 1024
 """Largest weight-sized table (``in x rows``, compute dtype) of one slice of a solve.
 
 Rows are independent in every step of the solve, so a layer is solved a slice of
-output rows at a time, each slice with about eight tables of its own (the weight,
-``H W^T``, codes, values, residual, the stacked start grids); only ``H`` in sweep order
-and the start's factor are the whole layer's.  Without slices a wide layer's solve
-would hold eight copies of its weight, more than the layer it quantizes; the slice
-size follows from the layer's shape alone, so a run's codes do not depend on where
-or how the model is placed."""
+output rows at a time, each slice with about five tables of its own (the weight,
+``H W^T``, codes, values, residual); only ``H`` in sweep order is the whole layer's.
+Every row is started first, in slices as many times narrower as the start stacks
+grids side by side, while the start's factor (another ``in x in`` matrix) exists;
+the started codes then wait as uint8 while the slices sweep.  Without slices a wide
+layer's solve would hold eight copies of its weight, more than the layer it
+quantizes; the slice size follows from the layer's shape alone, so a run's codes do
+not depend on where or how the model is placed."""
 OBJECTIVE_COLUMNS = 256  # output rows per block of the objective's products: a multiple of every SIMD width
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
@@ -427,8 +429,9 @@ def widest_threaded_gemm(out_features: int, in_features: int, **settings) -> flo
 
     :func:`comq_quantize` runs on one thread except the passes' updates of the columns
     after each block (``threads_for``); the largest is the start's, with every start
-    grid side by side over one of its slices of rows, or a sweep's over one of its (wider) slices.  A caller can tell from it whether a
-    solve of this shape uses several threads itself or leaves the other cores idle.
+    grid side by side over one of its slices of rows, or a sweep's over one of its
+    (wider) slices.  A caller can tell from it whether a solve of this shape uses
+    several threads itself or leaves the other cores idle.
     """
     block = settings.get("block_size", SOLVER_DEFAULTS["block_size"])
     grids = settings.get("start_grids", SOLVER_DEFAULTS["start_grids"])
