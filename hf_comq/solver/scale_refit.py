@@ -44,8 +44,9 @@ def refit_scales(
 
     Works in any column order: ``group_of_column[j]`` names the group of (possibly
     permuted) column j.  The offsets ``(Q - z)^T`` are formed a chunk of rows at a
-    time group-wise: a whole table of them would sit beside the gram's panels.  Also returns ``H Wq^T`` (``in x out``), which the caller
-    needs for the residual (free per channel, one GEMM group-wise).
+    time group-wise: a whole table of them would sit beside the gram's panels.  Also
+    returns ``H Wq^T`` (``in x out``), which the caller needs for the residual (free
+    per channel, one GEMM group-wise).
     A row whose system is singular, or whose optimum has a non-positive scale,
     keeps its current scales.  Group-wise, such a group keeps its old scale while
     the others move, which can raise the row's objective; callers that pass the
