@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("budget_mb", type=int)
     parser.add_argument("--blocks", type=int, default=2, help="trace this many blocks, then stop")
     parser.add_argument("--fp-target", action="store_true", help="quantize with fp_target=True")
+    parser.add_argument("--true-sequential", action="store_true", help="quantize with true_sequential=True")
     parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
     parser.add_argument("--solver", default="rtn", choices=["rtn", "default"], help="round to nearest or the default COMQ solver")
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main() -> None:
         original = getattr(sequential._Calibrator, method)
 
         def wrapper(self, *positional, **keywords):
-            if method in ("_process_block", "_run_block", "_run_block_with_targets"):  # what onloading and the forward each add
+            if method in ("_process_block", "_process_block_in_stages", "_run_block", "_run_block_with_targets"):  # what onloading and the forward each add
                 memory(f"before {method}")
             result = original(self, *positional, **keywords)
             label = positional[0] if positional and isinstance(positional[0], str) else ""
@@ -72,12 +73,13 @@ def main() -> None:
 
         setattr(sequential._Calibrator, method, wrapper)
 
-    for method in ("_capture_pass", "_run_block", "_run_block_with_targets", "_solve", "_install", "_process_block"):
+    for method in ("_capture_pass", "_run_block", "_run_block_with_targets", "_solve", "_install", "_process_block",
+                   "_process_block_in_stages"):
         traced(method)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(
         dataset=ids, num_samples=8, batch_size=4, bits=4, group_size=64, fp_target=args.fp_target,
-        sum_dtype=args.sum_dtype, **(ROUND_TO_NEAREST if args.solver == "rtn" else {})
+        true_sequential=args.true_sequential, sum_dtype=args.sum_dtype, **(ROUND_TO_NEAREST if args.solver == "rtn" else {})
     )
     T.AutoModelForCausalLM.from_pretrained(
         WORK / args.shape, quantization_config=config, device_map="auto", max_memory={"cpu": f"{args.budget_mb}MiB"},
