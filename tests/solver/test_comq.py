@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_comq import HessianAccumulator, comq_quantize, layer_objective
-from hf_comq.solver import ROUND_TO_NEAREST
+from hf_comq.solver import REFERENCE_CODE, ROUND_TO_NEAREST
 from hf_comq.solver.comq import default_damp
 from hf_comq.solver.grid import minmax_grid
 from tests.solver.reference import (
@@ -543,19 +543,23 @@ def test_ridge_is_validated(bad, medium_layer):
         comq_quantize(weight, hessian, ridge=bad)
 
 
-@pytest.mark.parametrize("group_size", [None, 16])
-def test_a_layer_solved_in_row_slices_is_each_slice_solved_on_its_own(medium_layer, monkeypatch, group_size):
+@pytest.mark.parametrize(
+    "group_size, settings",
+    [(None, {}), (16, {}), (16, dict(init="rtn")), (None, REFERENCE_CODE)],
+)
+def test_a_layer_solved_in_row_slices_is_each_slice_solved_on_its_own(medium_layer, monkeypatch, group_size, settings):
     """Rows are independent, so slicing only bounds memory: each slice's codes, grid and
-    objective are those of a solve of its rows alone (the same GEMM shapes, to the bit)."""
+    objective are those of a solve of its rows alone (the same GEMM shapes, to the bit),
+    whatever the start (also the reference code's full-precision one and greedy per-row order)."""
     import hf_comq.solver.comq as comq
 
     weight, _, hessian = medium_layer
     out_features, in_features = weight.shape
-    whole = comq_quantize(weight, hessian, bits=3, group_size=group_size)
+    whole = comq_quantize(weight, hessian, bits=3, group_size=group_size, **settings)
     monkeypatch.setattr(comq, "SLICE_TABLE_BYTES", 5 * in_features * 4)  # slices of 5 rows
     assert comq.slice_rows(in_features) == 5 and out_features > 10 and out_features % 5 != 0
-    sliced = comq_quantize(weight, hessian, bits=3, group_size=group_size)
-    alone = [comq_quantize(weight[start : start + 5], hessian, bits=3, group_size=group_size)
+    sliced = comq_quantize(weight, hessian, bits=3, group_size=group_size, **settings)
+    alone = [comq_quantize(weight[start : start + 5], hessian, bits=3, group_size=group_size, **settings)
              for start in range(0, out_features, 5)]  # fmt: skip
     assert torch.equal(sliced.codes, torch.cat([part.codes for part in alone]))
     assert torch.equal(sliced.scale, torch.cat([part.scale for part in alone]))
@@ -566,7 +570,7 @@ def test_a_layer_solved_in_row_slices_is_each_slice_solved_on_its_own(medium_lay
     assert sliced.stats["objective"][-1] == pytest.approx(objective, rel=1e-4)
     assert sliced.stats["relative_error"] == pytest.approx(whole.stats["relative_error"], rel=0.05)
     # the driver's setting: every slice reads the one working H built in the caller's matrix
-    in_place = comq_quantize(weight, hessian.clone(), bits=3, group_size=group_size, overwrite_hessian=True)
+    in_place = comq_quantize(weight, hessian.clone(), bits=3, group_size=group_size, overwrite_hessian=True, **settings)
     assert torch.equal(in_place.codes, sliced.codes) and torch.equal(in_place.scale, sliced.scale)
 
 
