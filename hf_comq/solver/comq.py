@@ -215,7 +215,9 @@ def comq_quantize(
         hessian.detach(), compute_dtype, weight.device, cols_per_group, order, overwrite_hessian, ridge_value
     )  # fmt: skip
     h_diag += ridge_value
-    plan = plan_error_feedback(columns.hessian, damp) if init == "error_feedback" else None
+    # The start reads the plan's factor and not H, so the factor borrows H's storage (H's
+    # upper triangle waits aside: half an in x in matrix where a factor beside H is one).
+    plan = plan_error_feedback(columns.hessian, damp, lend_storage=True) if init == "error_feedback" else None
     conditional = None
     if scale_search and init == "error_feedback" and clip_weights == "conditional":
         conditional = _in_original_order(columns.conditional_energy(plan), columns.perm)
@@ -229,6 +231,8 @@ def comq_quantize(
         scale_search=scale_search, shrink=shrink, start_grids=start_grids, init=init, damp=damp,
         block_size=block_size, compute_dtype=compute_dtype,
     )  # fmt: skip
+    if plan is not None:
+        plan.give_back()
     plan = conditional = None
     parts: list[_SolvedRows] = []
     for rows in spans(weight.shape[0], slice_rows(in_features, compute_dtype)):

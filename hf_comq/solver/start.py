@@ -22,6 +22,7 @@ import torch
 
 from .grid import ColumnGrid, quantize_to_codes
 from .passes import error_feedback_pass
+from .spans import spans
 
 
 
@@ -44,18 +45,25 @@ def damped_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, t
     raise ValueError(FACTORISATION_FAILED)
 
 
-def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def damped_inverse_cholesky(
+    hessian: torch.Tensor, damp: float, saved: SavedUpperTriangle | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor ``U`` of ``(H + D)^-1`` and the diagonal ``D`` that was added.
 
     ``D`` is ``damp * mean(diag H)``; dead inputs (zero diagonal) also get 1, so the
     factorisation exists.  If the damped matrix is still numerically indefinite
     (rank-deficient H in float32), the damping grows tenfold until it factorises.
+    With ``saved`` (``hessian``'s upper triangle), ``U`` is made in ``hessian``'s own
+    storage, whose values are then lost (``saved`` rebuilds them, and does so before
+    each stronger damping is tried).
     """
-    for added in _dampings(hessian, damp):
+    for attempt, added in enumerate(_dampings(hessian, damp)):
+        if saved is not None and attempt > 0:
+            saved.restore(hessian)
         # Every step overwrites the previous one's result (LAPACK works in place on
         # the column-major factor): one in x in matrix beside H, where a copy per
         # step would hold two, for a wide layer the solve's largest ones.
-        factor = _factor(hessian, added)
+        factor = _factor(hessian, added, in_place=saved is not None)
         if factor is None:
             continue
         inverse = torch.cholesky_inverse(factor, out=factor)
@@ -74,15 +82,21 @@ def _dampings(hessian: torch.Tensor, damp: float) -> Iterator[torch.Tensor]:
         yield dead + (damp * 10**attempt) * mean_diag
 
 
-def _factor(hessian: torch.Tensor, added: torch.Tensor) -> torch.Tensor | None:
+def _factor(hessian: torch.Tensor, added: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
     """Lower Cholesky factor of ``H + diag(added)``, ``None`` if it is not positive definite.
 
     The damped copy is laid out column-major, LAPACK's own layout, so it is factorised
     in its own storage: torch would otherwise hold the copy and a new factor at once.
+    ``in_place``: no copy, ``hessian`` itself (symmetric and contiguous, so its transpose
+    is the same matrix laid out column-major) is damped and factorised.
     """
     size = hessian.shape[-1]
-    damped = torch.empty_strided((size, size), (1, size), dtype=hessian.dtype, device=hessian.device)
-    damped.copy_(hessian).diagonal().add_(added)
+    if in_place:
+        damped = hessian.T
+    else:
+        damped = torch.empty_strided((size, size), (1, size), dtype=hessian.dtype, device=hessian.device)
+        damped.copy_(hessian)
+    damped.diagonal().add_(added)
     factor, info = torch.linalg.cholesky_ex(damped, out=(damped, _info_like(damped)))
     return factor if int(info) == 0 else None
 
@@ -90,6 +104,27 @@ def _factor(hessian: torch.Tensor, added: torch.Tensor) -> torch.Tensor | None:
 def _info_like(matrix: torch.Tensor) -> torch.Tensor:
     """The status tensor ``torch.linalg.cholesky_ex`` writes when given ``out=``."""
     return torch.empty((), dtype=torch.int32, device=matrix.device)
+
+
+SAVED_PANEL_ROWS = 256  # rows per panel of a saved upper triangle: its squares below the diagonal stay small
+
+
+class SavedUpperTriangle:
+    """A symmetric matrix's upper triangle, kept aside row panel by row panel (half the
+    matrix), so that the matrix's storage can be lent out and the matrix rebuilt in it
+    exactly: a solve that needs ``H`` again after its start then holds one ``in x in``
+    matrix and a half during the start instead of two."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self._spans = spans(matrix.shape[0], SAVED_PANEL_ROWS)
+        self._panels = [matrix[rows, rows.start :].clone() for rows in self._spans]
+
+    def restore(self, matrix: torch.Tensor) -> None:
+        """Write the saved matrix back into ``matrix`` (both triangles)."""
+        for rows, panel in zip(self._spans, self._panels):
+            width = rows.stop - rows.start
+            matrix[rows, rows.start :] = panel
+            matrix[rows.stop :, rows] = panel[:, width:].T
 
 
 @dataclass(frozen=True)
@@ -105,24 +140,42 @@ class ErrorFeedbackPlan:
     coupling: torch.Tensor  # -U / diag(U), in act-order
     move_weight: torch.Tensor  # 1 / diag(U)**2, in act-order
     added_diagonal: torch.Tensor  # the damping D, in act-order
+    lent: tuple[torch.Tensor, SavedUpperTriangle] | None = None  # H, whose storage holds the coupling
+
+    def give_back(self) -> None:
+        """Rebuild the Hessian whose storage the coupling borrowed (``lend_storage``);
+        the plan is unusable afterwards."""
+        if self.lent is not None:
+            hessian, saved = self.lent
+            saved.restore(hessian)
 
 
-def plan_error_feedback(hessian: torch.Tensor, damp: float) -> ErrorFeedbackPlan:
+def plan_error_feedback(hessian: torch.Tensor, damp: float, lend_storage: bool = False) -> ErrorFeedbackPlan:
     """Act-order (decreasing ``diag(H)``: the most energetic inputs first, which is
     what makes GPTQ's rounding strong) and ``-U / diag(U)`` for ``U`` the upper
-    Cholesky factor of the damped ``H^-1``."""
+    Cholesky factor of the damped ``H^-1``.
+
+    ``lend_storage``: make ``U`` inside ``hessian``'s own storage (symmetric and
+    contiguous), keeping its upper triangle aside; :meth:`ErrorFeedbackPlan.give_back`
+    rebuilds ``hessian`` exactly.  Columns out of act-order are factorised in their
+    permuted copy, which needs no lending.
+    """
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    lent = None
     if bool(torch.equal(perm, torch.arange(perm.numel(), device=perm.device))):
         perm = None
+        if lend_storage:
+            lent = (hessian, SavedUpperTriangle(hessian))
     else:
         hessian = hessian[perm][:, perm]
-    upper, added = damped_inverse_cholesky(hessian, damp)
+    upper, added = damped_inverse_cholesky(hessian, damp, saved=None if lent is None else lent[1])
     upper_diag = torch.diagonal(upper).clone()
     return ErrorFeedbackPlan(
         perm=perm,
         coupling=upper.div_(upper_diag.neg().unsqueeze(1)),  # -U / diag(U), in U's own storage
         move_weight=upper_diag.square().reciprocal(),
         added_diagonal=added,
+        lent=lent,
     )
 
 

@@ -55,3 +55,28 @@ def test_a_matrix_no_damping_rescues_fails_with_the_named_reason():
         damped_cholesky(hopeless, 0.01)
     with pytest.raises(ValueError, match=FACTORISATION_FAILED):
         damped_inverse_cholesky(hopeless, 0.01)
+
+
+@pytest.mark.parametrize("width", [40, 600])  # 600: several saved panels, the last one shorter
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_a_plan_made_in_the_hessians_storage_is_the_same_and_gives_the_hessian_back_exactly(width, indefinite):
+    """The error-feedback plan may borrow H's storage for its factor while the start runs:
+    the same plan to the bit, made without an in x in copy, and H rebuilt to the bit."""
+    from hf_comq.solver.start import plan_error_feedback
+
+    hessian = _gram(width=width, tokens=2 * width, dtype=torch.float32)
+    order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+    hessian = hessian[order][:, order].contiguous()  # act-order: the plan keeps the columns as they are
+    if indefinite:  # lowest eigenvalue -3 % of the mean diagonal: damping by 1 % fails, 10 % is tried on H rebuilt
+        lowest, mean = float(torch.linalg.eigvalsh(hessian.double())[0]), float(hessian.diagonal().mean())
+        hessian.diagonal().sub_((lowest + 0.03 * mean) / 1.03)  # the same shift for every input: still act-order
+    original = hessian.clone()
+    plain = plan_error_feedback(hessian, 0.01)
+    lent = plan_error_feedback(hessian, 0.01, lend_storage=True)
+    assert plain.perm is None and lent.perm is None
+    assert lent.coupling.data_ptr() == hessian.data_ptr()  # no in x in matrix of its own
+    assert torch.equal(lent.coupling, plain.coupling) and torch.equal(lent.added_diagonal, plain.added_diagonal)
+    assert torch.equal(lent.move_weight, plain.move_weight)
+    assert indefinite == bool((plain.added_diagonal > 0.01 * original.diagonal().mean() * 1.01).all())
+    lent.give_back()
+    assert torch.equal(hessian, original)
