@@ -41,8 +41,9 @@ Rows are independent in every step of the solve, so a layer is solved a slice of
 output rows at a time, each slice with about five tables of its own (the weight,
 ``H W^T``, codes, values, residual); only ``H`` in sweep order is the whole layer's.
 Every row is started first, in slices as many times narrower as the start stacks
-grids side by side, while the start's factor (another ``in x in`` matrix) exists;
-the started codes then wait as uint8 while the slices sweep.  Without slices a wide
+grids side by side, while the start's factor exists (in H's own storage, H's upper
+triangle kept aside: half an ``in x in`` matrix more); the started codes then wait as
+uint8 while the slices sweep.  Without slices a wide
 layer's solve would hold eight copies of its weight, more than the layer it
 quantizes; the slice size follows from the layer's shape alone, so a run's codes do
 not depend on where or how the model is placed."""
@@ -224,8 +225,8 @@ def comq_quantize(
     # H W^T serves the start's residual and the scale refits only; without refits its
     # storage becomes the residual (one weight-sized matrix less from the start on).
     spare_weight_h = init != "fp" and not (scale_refit and iterations > 0)
-    # Every row starts before any row sweeps: the start's factor, an in x in matrix, is
-    # then gone before the sweeps' and refits' tables exist.
+    # Every row starts before any row sweeps: the start's factor is then gone (and H
+    # rebuilt in its storage) before the sweeps' and refits' tables exist.
     started = _start_layer(
         weight, columns, plan, conditional, h_diag, bits=bits, group_size=cols_per_group, symmetric=symmetric,
         scale_search=scale_search, shrink=shrink, start_grids=start_grids, init=init, damp=damp,
