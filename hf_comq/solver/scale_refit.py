@@ -18,6 +18,7 @@ from .spans import rows_fitting, spans
 
 CHUNK_BYTES = 4 * 1024 * 1024  # products of one row chunk with one row of H's blocks
 MIN_CHUNK_ROWS = 32  # fewer rows make the batched products inefficient
+PASS_BYTES = 32 * 1024 * 1024  # the offsets and grams of the chunks that share each gathered panel of H
 
 
 class Refit(NamedTuple):
@@ -71,47 +72,66 @@ def refit_scales(
     # once (a stable sort keeps the solver's order inside a group).
     by_group = torch.argsort(group_of_column, stable=True)
     group_size = n_cols // n_groups
-    panels = _upper_group_panels(hessian, by_group, group_size)
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
     bytes_per_row = (n_cols + n_groups * n_groups) * weight_t.element_size()
+    chunk_rows = rows_fitting(CHUNK_BYTES, bytes_per_row, MIN_CHUNK_ROWS)
     new_scale = scale.clone()
     change = weight_t.new_zeros(out_features) if residual_t is not None else None
-    for rows in spans(out_features, rows_fitting(CHUNK_BYTES, bytes_per_row, MIN_CHUNK_ROWS)):
-        width = rows.stop - rows.start
-        blocks = codes_t[:, rows].index_select(0, by_group).view(n_groups, group_size, width)
-        offsets = blocks.sub_(zero_point[rows].T.unsqueeze(1)).view(n_cols, width)  # zero points per group
-        gram = _upper_group_gram(panels, blocks)
-        # gathered a chunk at a time, like the offsets: a whole group-ordered copy of
-        # H W^T would be one more weight-sized table beside the panels
-        rhs = (weight_h_t[:, rows].index_select(0, by_group) * offsets).view(n_groups, group_size, width).sum(1)
-        chunk_scale = _solve_positive(gram.permute(2, 0, 1), rhs.T, scale[rows])
-        if residual_t is not None:
-            gradient = (residual_t[:, rows].index_select(0, by_group) * offsets).view(n_groups, group_size, width).sum(1)
-            chunk_change = _objective_change(gram, gradient, (chunk_scale - scale[rows]).T)
-            rises = chunk_change > 0
-            chunk_scale = torch.where(rises.unsqueeze(1), scale[rows], chunk_scale)
-            change[rows] = chunk_change.masked_fill_(rises, 0.0)
-        new_scale[rows] = chunk_scale
+    for rows_of_pass in spans(out_features, _pass_rows(out_features, chunk_rows, bytes_per_row, n_cols * n_cols * weight_t.element_size())):
+        chunks = [slice(rows_of_pass.start + part.start, rows_of_pass.start + part.stop)
+                  for part in spans(rows_of_pass.stop - rows_of_pass.start, chunk_rows)]  # fmt: skip
+        offsets = [_group_offsets(codes_t[:, rows], zero_point[rows], by_group, n_groups) for rows in chunks]
+        grams = _upper_group_grams(hessian, by_group, offsets)
+        for rows, blocks, gram in zip(chunks, offsets, grams):
+            width = rows.stop - rows.start
+            flat = blocks.view(n_cols, width)
+            # gathered a chunk at a time, like the offsets: a whole group-ordered copy of
+            # H W^T would be one more weight-sized table beside them
+            rhs = (weight_h_t[:, rows].index_select(0, by_group) * flat).view(n_groups, group_size, width).sum(1)
+            chunk_scale = _solve_positive(gram.permute(2, 0, 1), rhs.T, scale[rows])
+            if residual_t is not None:
+                gradient = (residual_t[:, rows].index_select(0, by_group) * flat).view(n_groups, group_size, width).sum(1)
+                chunk_change = _objective_change(gram, gradient, (chunk_scale - scale[rows]).T)
+                rises = chunk_change > 0
+                chunk_scale = torch.where(rises.unsqueeze(1), scale[rows], chunk_scale)
+                change[rows] = chunk_change.masked_fill_(rises, 0.0)
+            new_scale[rows] = chunk_scale
+        del offsets, grams
     if not with_product:
         return Refit(new_scale, None, change)
-    del panels
     # One dense GEMM: cheaper than summing H Wq^T from per-group products, whose
     # inner dimension is only the group size.
     zero_t, scale_t = (table.T.contiguous().index_select(0, group_of_column) for table in (zero_point, new_scale))
     return Refit(new_scale, hessian @ (codes_t - zero_t).mul_(scale_t), change)
 
 
-def _upper_group_panels(hessian: torch.Tensor, by_group: torch.Tensor, group_size: int) -> list[torch.Tensor]:
-    """Per group ``g``, H's rows of group ``g`` and columns of groups ``g`` and after,
-    columns group by group (``by_group``): the blocks :func:`_upper_group_gram` reads.
+def _pass_rows(out_features: int, chunk_rows: int, bytes_per_row: int, hessian_bytes: int) -> int:
+    """Rows of a pass: whole chunks whose offsets and grams wait together while each
+    group's panel of H is gathered once for all of them.
 
-    The gram is symmetric, so these are half of H reordered; a whole reordered copy
-    would be an ``in x in`` matrix beside H, for a wide layer the solve's largest."""
-    panels = []
-    for start in range(0, hessian.shape[0], group_size):
-        rows = hessian.index_select(0, by_group[start : start + group_size])
-        panels.append(rows.index_select(1, by_group[start:]))
-    return panels
+    A pass holds at most :data:`PASS_BYTES`, and never more than the half of H that
+    panels gathered for every group at once would (the point of passes is the wide
+    layer whose half H outweighs them); the chunks are shared evenly among as few
+    passes as that allows, since each pass gathers the panels again."""
+    budget = min(PASS_BYTES, max(CHUNK_BYTES, hessian_bytes // 2))
+    chunks = -(-out_features // chunk_rows)
+    passes = -(-chunks // rows_fitting(budget, chunk_rows * bytes_per_row))
+    return chunk_rows * -(-chunks // passes)
+
+
+def _group_offsets(codes_t: torch.Tensor, zero_point: torch.Tensor, by_group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``(Q - z)^T`` of some rows (``codes_t``: ``in x rows``, ``zero_point``: ``rows x
+    groups``) with the columns group by group, as ``(n_groups, group_size, rows)``."""
+    n_cols, width = codes_t.shape
+    blocks = codes_t.index_select(0, by_group).view(n_groups, n_cols // n_groups, width)
+    return blocks.sub_(zero_point.T.unsqueeze(1))
+
+
+def _group_panel(hessian: torch.Tensor, by_group: torch.Tensor, group: int, group_size: int) -> torch.Tensor:
+    """H's rows of ``group`` and its columns of that group and the later ones, columns
+    group by group: the row of blocks ``H_gh, h >= g`` that :func:`_upper_group_grams` reads."""
+    start = group * group_size
+    return hessian.index_select(0, by_group[start : start + group_size]).index_select(1, by_group[start:])
 
 
 def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -124,24 +144,29 @@ def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Te
     return (step * (curvature - 2.0 * gradient)).sum(0)
 
 
-def _upper_group_gram(panels: list[torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
-    """``gram[g, h, r] = blocks[g, :, r] . H_gh blocks[h, :, r]`` with H's columns
-    ordered group by group, from the ``panels`` of :func:`_upper_group_panels`, and
-    ``blocks = offsets.view(n_groups, group_size, rows)``.
+def _upper_group_grams(hessian: torch.Tensor, by_group: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per chunk of rows, ``gram[g, h, r] = blocks[g, :, r] . H_gh blocks[h, :, r]``
+    with H's columns ordered group by group (``by_group``), for chunks' ``blocks``
+    from :func:`_group_offsets`.
 
     The gram is symmetric: only the blocks on and right of the diagonal are
     computed, each row of blocks as one batched product of the small ``H_gh``
-    (half a ``W @ H`` GEMM in all, and no ``n_groups x in x rows`` intermediate)."""
-    n_groups, size, width = blocks.shape
-    gram = blocks.new_empty((n_groups, n_groups, width))
-    buffer = torch.empty_like(blocks)  # one for every row of blocks: fresh ones cost page faults
+    (half a ``W @ H`` GEMM in all, and no ``n_groups x in x rows`` intermediate).
+    Each group's panel of H is gathered once for all the chunks and dropped after
+    them: the panels of every group together are half of H, for a wide layer more
+    than the chunks' offsets and grams."""
+    n_groups, size, _ = blocks[0].shape
+    grams = [chunk.new_empty((n_groups, n_groups, chunk.shape[2])) for chunk in blocks]
+    buffers: dict[int, torch.Tensor] = {}  # one per chunk width for every group: fresh ones cost page faults
     for g in range(n_groups):
         right = n_groups - g
-        coupling = panels[g].reshape(size, right, size).transpose(0, 1)
-        projected = torch.bmm(coupling, blocks[g:], out=buffer[:right])  # H_gh @ blocks[h] for every h >= g
-        gram[g, g:] = projected.mul_(blocks[g]).sum(1)
-        gram[g + 1 :, g] = gram[g, g + 1 :]
-    return gram
+        coupling = _group_panel(hessian, by_group, g, size).view(size, right, size).transpose(0, 1)
+        for chunk, gram in zip(blocks, grams):
+            buffer = buffers.setdefault(chunk.shape[2], torch.empty_like(chunk))
+            projected = torch.bmm(coupling, chunk[g:], out=buffer[:right])  # H_gh @ blocks[h] for every h >= g
+            gram[g, g:] = projected.mul_(chunk[g]).sum(1)
+            gram[g + 1 :, g] = gram[g, g + 1 :]
+    return grams
 
 
 def _solve_positive(gram: torch.Tensor, rhs: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,26 @@ from hf_comq.solver.scale_refit import refit_scales
 from tests.solver.reference import rounded_layer
 
 
+# How the group-wise refit splits the rows: (rows per chunk, chunks per pass of
+# gathered panels, at most half of H); None leaves the module's budgets (one chunk, one pass here).
+CHUNKINGS = [None, (1, 1), (2, 2), (3, 10), (5, 10)]
+
+
+def split_rows(monkeypatch, chunking):
+    """Make the refit cut 12 rows into chunks and passes of the given sizes."""
+    if chunking is None:
+        return
+    rows, chunks_per_pass = chunking
+    monkeypatch.setattr("hf_comq.solver.scale_refit.CHUNK_BYTES", 1)
+    monkeypatch.setattr("hf_comq.solver.scale_refit.MIN_CHUNK_ROWS", rows)
+    bytes_per_row = (48 + 6 * 6) * 8  # the widest case below: 48 float64 columns in groups of 8
+    monkeypatch.setattr("hf_comq.solver.scale_refit.PASS_BYTES", chunks_per_pass * rows * bytes_per_row)
+
+
 @pytest.mark.parametrize("group_size", [None, 8, 16])
-@pytest.mark.parametrize("chunk_bytes", [None, 1])  # 1: one output row per chunk
-def test_refit_is_each_rows_least_squares_on_x_in_any_column_order(group_size, chunk_bytes, monkeypatch):
-    if chunk_bytes is not None:
-        monkeypatch.setattr("hf_comq.solver.scale_refit.CHUNK_BYTES", chunk_bytes)
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+def test_refit_is_each_rows_least_squares_on_x_in_any_column_order(group_size, chunking, monkeypatch):
+    split_rows(monkeypatch, chunking)
     weight, inputs, hessian, grid, *_ = layer = rounded_layer(12, 48, 200, seed=5, group_size=group_size)
     offsets = layer.offsets  # out x in
     group = torch.arange(48) // (group_size or 48)
@@ -62,12 +77,11 @@ def test_rows_whose_objective_would_rise_keep_their_old_scales():
     assert all(row_objective(k, new_scale[k]) <= row_objective(k, grid.scale[k]) for k in range(12))
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1])
-def test_refit_without_the_product_finds_the_same_scales_and_objective_change(chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+def test_refit_without_the_product_finds_the_same_scales_and_objective_change(chunking, monkeypatch):
     # The last refit of a solve keeps no residual: the symmetric half of the gram
     # and the exact per-row change must agree with the full refit.
-    if chunk_bytes is not None:
-        monkeypatch.setattr("hf_comq.solver.scale_refit.CHUNK_BYTES", chunk_bytes)
+    split_rows(monkeypatch, chunking)
     weight, inputs, hessian, grid, scale_c, *_ = layer = rounded_layer(12, 48, 200, seed=7, group_size=8)
     offsets = layer.offsets
     perm = torch.randperm(48, generator=torch.Generator().manual_seed(1))
