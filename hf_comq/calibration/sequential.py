@@ -976,7 +976,7 @@ class _Calibrator:
             elif product is not None:  # this solve is the product's only reader: it goes with the aimed weight
                 target, product = product.result(dtype), None
             if target is not None:
-                weight = fp_target_weight(weight, hessian, target, overwrite_product=True)
+                weight = fp_target_weight(weight, hessian, target, overwrite_product=True, lend_hessian=last_reader)
                 del target
             qweight = self.settings.solver(
                 weight, hessian, **self.settings.solver_kwargs_for(accumulator),

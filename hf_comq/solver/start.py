@@ -35,11 +35,16 @@ def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 FACTORISATION_FAILED = "the Hessian could not be factorised even with strong damping; it may contain huge values"
 
 
-def damped_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def damped_cholesky(
+    hessian: torch.Tensor, damp: float, saved: SavedUpperTriangle | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower Cholesky factor of ``H + D`` and the diagonal ``D`` that was added (the damping
-    rule of :func:`damped_inverse_cholesky`, for callers that solve with ``H + D`` itself)."""
-    for added in _dampings(hessian, damp):
-        factor = _factor(hessian, added)
+    rule of :func:`damped_inverse_cholesky`, for callers that solve with ``H + D`` itself).
+    ``saved``: the factor borrows ``hessian``'s storage, as in :func:`damped_inverse_cholesky`."""
+    for attempt, added in enumerate(_dampings(hessian, damp)):
+        if saved is not None and attempt > 0:
+            saved.restore(hessian)
+        factor = _factor(hessian, added, in_place=saved is not None)
         if factor is not None:
             return factor, added
     raise ValueError(FACTORISATION_FAILED)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .start import damped_cholesky
+from .start import SavedUpperTriangle, damped_cholesky
 
 TARGET_DAMP = 0.01
 """Relative diagonal damping of ``H`` in ``W S H^-1`` (the start's damping rule,
@@ -55,6 +55,7 @@ def fp_target_weight(
     damp: float = TARGET_DAMP,
     strength: float = TARGET_STRENGTH,
     overwrite_product: bool = False,
+    lend_hessian: bool = False,
 ) -> torch.Tensor:
     """``W + strength * W S (H + D)^-1`` in ``weight``'s dtype, from the target product ``W S`` (see the module docstring).
 
@@ -64,7 +65,11 @@ def fp_target_weight(
     ``product`` (inputs equal to the full-precision ones, e.g. the first block) returns
     ``weight`` unchanged.  ``overwrite_product``: work in ``product``'s storage where its
     dtype and device allow, for a caller that needs it no more (a weight-sized buffer
-    less beside the Gram matrix and its factor, a wide layer's peak).
+    less beside the Gram matrix and its factor, a wide layer's peak).  ``lend_hessian``:
+    factorise in ``hessian``'s own storage where its dtype, device and layout allow,
+    keeping its upper triangle aside and rebuilding it exactly before returning (half an
+    ``in x in`` matrix beside it instead of a whole factor), for a caller whose Gram
+    matrix nothing else reads meanwhile.
     """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features) or product.shape != (out_features, in_features):
@@ -76,11 +81,15 @@ def fp_target_weight(
         return weight
     weight, hessian, product = weight.detach(), hessian.detach(), product.detach()  # in-place solves refuse autograd
     dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    factor, _ = damped_cholesky(hessian.to(device=weight.device, dtype=dtype), damp)
+    gram = hessian.to(device=weight.device, dtype=dtype)
+    saved = SavedUpperTriangle(gram) if lend_hessian and gram is hessian and gram.is_contiguous() else None
+    factor, _ = damped_cholesky(gram, damp, saved=saved)
     # W S H^-1 = (H^-1 (W S)^T)^T, and the aimed weight in the same storage: each
     # weight-sized temporary would add to the solve's peak
     correction_t = _solve_in_place(factor, product.to(device=weight.device, dtype=dtype, copy=not overwrite_product).T)
     del factor
+    if saved is not None:
+        saved.restore(hessian)
     return correction_t.mul_(strength).T.add_(weight).to(weight.dtype)
 
 

@@ -96,3 +96,33 @@ def test_working_in_the_products_storage_changes_no_value():
     aimed = fp_target_weight(bf16, h, product.clone(), overwrite_product=True)
     assert aimed.dtype == torch.bfloat16
     assert torch.equal(aimed, fp_target_weight(bf16, h, product))
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_lending_the_gram_matrix_changes_no_value_and_gives_it_back_exactly(indefinite, monkeypatch):
+    """With ``lend_hessian`` the factor is made in H's own storage (no in x in matrix of its
+    own beside H, a wide layer's peak): the same aimed weight, and H rebuilt to the bit,
+    also when the first damping fails and H must be rebuilt before a stronger one."""
+    import hf_comq.solver.target as target
+
+    weight, x, x_fp = _problem(seed=5, tokens=300, width=300, out=12)
+    weight, h = weight.float(), (x.T @ x).float()
+    product = (weight.double() @ (x_fp - x).T @ x).float()
+    if indefinite:  # lowest eigenvalue -3 % of the mean diagonal: damping by 1 % fails, 10 % is tried on H rebuilt
+        lowest, mean = float(torch.linalg.eigvalsh(h.double())[0]), float(h.diagonal().mean())
+        h.diagonal().sub_((lowest + 0.03 * mean) / 1.03)
+    original = h.clone()
+    kept = fp_target_weight(weight, h, product)
+    factors, factorise = [], target.damped_cholesky
+
+    def recording(*args, **kwargs):
+        factor, added = factorise(*args, **kwargs)
+        factors.append((factor.data_ptr(), float(added.max())))
+        return factor, added
+
+    monkeypatch.setattr(target, "damped_cholesky", recording)
+    lent = fp_target_weight(weight, h, product.clone(), overwrite_product=True, lend_hessian=True)
+    assert torch.equal(lent, kept)
+    assert torch.equal(h, original)
+    assert factors[0][0] == h.data_ptr()
+    assert indefinite == (factors[0][1] > 0.01 * float(original.diagonal().mean()) * 1.01)
