@@ -10,6 +10,7 @@ and the objective decreases monotonically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -18,7 +19,7 @@ from .spans import rows_fitting, spans
 
 CHUNK_BYTES = 4 * 1024 * 1024  # products of one row chunk with one row of H's blocks
 MIN_CHUNK_ROWS = 32  # fewer rows make the batched products inefficient
-PASS_BYTES = 32 * 1024 * 1024  # the offsets and grams of the chunks that share each gathered panel of H
+PASS_BYTES = 32 * 1024 * 1024  # H's panels kept whole up to this, else passes of chunks' offsets and grams up to it
 
 
 class Refit(NamedTuple):
@@ -75,13 +76,18 @@ def refit_scales(
     weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
     bytes_per_row = (n_cols + n_groups * n_groups) * weight_t.element_size()
     chunk_rows = rows_fitting(CHUNK_BYTES, bytes_per_row, MIN_CHUNK_ROWS)
+    # H's panels together are half of H: kept for the whole refit while that fits a
+    # pass's budget, else gathered again for each pass of chunks (a wide layer)
+    keep_panels = n_cols * n_cols * weight_t.element_size() // 2 <= PASS_BYTES
+    panel = _group_panels(hessian, by_group, group_size, keep=keep_panels)
+    pass_rows = chunk_rows if keep_panels else _pass_rows(out_features, chunk_rows, bytes_per_row)
     new_scale = scale.clone()
     change = weight_t.new_zeros(out_features) if residual_t is not None else None
-    for rows_of_pass in spans(out_features, _pass_rows(out_features, chunk_rows, bytes_per_row, n_cols * n_cols * weight_t.element_size())):
+    for rows_of_pass in spans(out_features, pass_rows):
         chunks = [slice(rows_of_pass.start + part.start, rows_of_pass.start + part.stop)
                   for part in spans(rows_of_pass.stop - rows_of_pass.start, chunk_rows)]  # fmt: skip
         offsets = [_group_offsets(codes_t[:, rows], zero_point[rows], by_group, n_groups) for rows in chunks]
-        grams = _upper_group_grams(hessian, by_group, offsets)
+        grams = _upper_group_grams(panel, offsets)
         for rows, blocks, gram in zip(chunks, offsets, grams):
             width = rows.stop - rows.start
             flat = blocks.view(n_cols, width)
@@ -97,6 +103,7 @@ def refit_scales(
                 change[rows] = chunk_change.masked_fill_(rises, 0.0)
             new_scale[rows] = chunk_scale
         del offsets, grams
+    del panel
     if not with_product:
         return Refit(new_scale, None, change)
     # One dense GEMM: cheaper than summing H Wq^T from per-group products, whose
@@ -105,17 +112,13 @@ def refit_scales(
     return Refit(new_scale, hessian @ (codes_t - zero_t).mul_(scale_t), change)
 
 
-def _pass_rows(out_features: int, chunk_rows: int, bytes_per_row: int, hessian_bytes: int) -> int:
+def _pass_rows(out_features: int, chunk_rows: int, bytes_per_row: int) -> int:
     """Rows of a pass: whole chunks whose offsets and grams wait together while each
-    group's panel of H is gathered once for all of them.
-
-    A pass holds at most :data:`PASS_BYTES`, and never more than the half of H that
-    panels gathered for every group at once would (the point of passes is the wide
-    layer whose half H outweighs them); the chunks are shared evenly among as few
-    passes as that allows, since each pass gathers the panels again."""
-    budget = min(PASS_BYTES, max(CHUNK_BYTES, hessian_bytes // 2))
+    group's panel of H is gathered once for all of them, at most :data:`PASS_BYTES`;
+    the chunks are shared evenly among as few passes as that allows, since each pass
+    gathers the panels again."""
     chunks = -(-out_features // chunk_rows)
-    passes = -(-chunks // rows_fitting(budget, chunk_rows * bytes_per_row))
+    passes = -(-chunks // rows_fitting(PASS_BYTES, chunk_rows * bytes_per_row))
     return chunk_rows * -(-chunks // passes)
 
 
@@ -127,11 +130,21 @@ def _group_offsets(codes_t: torch.Tensor, zero_point: torch.Tensor, by_group: to
     return blocks.sub_(zero_point.T.unsqueeze(1))
 
 
-def _group_panel(hessian: torch.Tensor, by_group: torch.Tensor, group: int, group_size: int) -> torch.Tensor:
-    """H's rows of ``group`` and its columns of that group and the later ones, columns
-    group by group: the row of blocks ``H_gh, h >= g`` that :func:`_upper_group_grams` reads."""
-    start = group * group_size
-    return hessian.index_select(0, by_group[start : start + group_size]).index_select(1, by_group[start:])
+def _group_panels(
+    hessian: torch.Tensor, by_group: torch.Tensor, group_size: int, keep: bool
+) -> Callable[[int], torch.Tensor]:
+    """Group ``g``'s panel of H: its rows of group ``g`` and its columns of that group and
+    the later ones, columns group by group (the row of blocks ``H_gh, h >= g`` that
+    :func:`_upper_group_grams` reads).  With ``keep`` every panel is gathered now and
+    kept (half of H), else each is gathered when asked for."""
+
+    def gather(group: int) -> torch.Tensor:
+        start = group * group_size
+        return hessian.index_select(0, by_group[start : start + group_size]).index_select(1, by_group[start:])
+
+    if not keep:
+        return gather
+    return [gather(group) for group in range(hessian.shape[0] // group_size)].__getitem__
 
 
 def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -144,23 +157,21 @@ def _objective_change(gram: torch.Tensor, gradient: torch.Tensor, step: torch.Te
     return (step * (curvature - 2.0 * gradient)).sum(0)
 
 
-def _upper_group_grams(hessian: torch.Tensor, by_group: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+def _upper_group_grams(panel: Callable[[int], torch.Tensor], blocks: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per chunk of rows, ``gram[g, h, r] = blocks[g, :, r] . H_gh blocks[h, :, r]``
-    with H's columns ordered group by group (``by_group``), for chunks' ``blocks``
-    from :func:`_group_offsets`.
+    with H's columns ordered group by group, from the chunks' ``blocks`` of
+    :func:`_group_offsets` and the ``panel`` of each group (:func:`_group_panels`).
 
     The gram is symmetric: only the blocks on and right of the diagonal are
     computed, each row of blocks as one batched product of the small ``H_gh``
     (half a ``W @ H`` GEMM in all, and no ``n_groups x in x rows`` intermediate).
-    Each group's panel of H is gathered once for all the chunks and dropped after
-    them: the panels of every group together are half of H, for a wide layer more
-    than the chunks' offsets and grams."""
+    Groups are the outer loop, so each panel serves every chunk while it is at hand."""
     n_groups, size, _ = blocks[0].shape
     grams = [chunk.new_empty((n_groups, n_groups, chunk.shape[2])) for chunk in blocks]
     buffers: dict[int, torch.Tensor] = {}  # one per chunk width for every group: fresh ones cost page faults
     for g in range(n_groups):
         right = n_groups - g
-        coupling = _group_panel(hessian, by_group, g, size).view(size, right, size).transpose(0, 1)
+        coupling = panel(g).view(size, right, size).transpose(0, 1)
         for chunk, gram in zip(blocks, grams):
             buffer = buffers.setdefault(chunk.shape[2], torch.empty_like(chunk))
             projected = torch.bmm(coupling, chunk[g:], out=buffer[:right])  # H_gh @ blocks[h] for every h >= g

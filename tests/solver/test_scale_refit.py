@@ -7,20 +7,27 @@ from hf_comq.solver.scale_refit import refit_scales
 from tests.solver.reference import rounded_layer
 
 
-# How the group-wise refit splits the rows: (rows per chunk, chunks per pass of
-# gathered panels, at most half of H); None leaves the module's budgets (one chunk, one pass here).
-CHUNKINGS = [None, (1, 1), (2, 2), (3, 10), (5, 10)]
+# How the group-wise refit splits the 12 rows: (rows per chunk, PASS_BYTES).  H's
+# panels (half of H: 9216 bytes here) are gathered for each pass of chunks when they
+# outweigh PASS_BYTES, else once; a chunk's offsets and gram take 336 (groups of 8) or
+# 228 (groups of 16) bytes per row.  None: the module's budgets (one chunk, panels kept).
+CHUNKINGS = [
+    None,
+    (1, 1),  # one row per chunk, one chunk per pass
+    (2, 2688),  # passes of two 2-row chunks
+    (5, 7000),  # 5, 5 and 2 rows: two passes with groups of 8, one with groups of 16
+    (3, 10**6),  # 3-row chunks, the panels gathered once
+]
 
 
 def split_rows(monkeypatch, chunking):
-    """Make the refit cut 12 rows into chunks and passes of the given sizes."""
+    """Make the refit cut the rows into chunks and passes as ``chunking`` says."""
     if chunking is None:
         return
-    rows, chunks_per_pass = chunking
+    rows, pass_bytes = chunking
     monkeypatch.setattr("hf_comq.solver.scale_refit.CHUNK_BYTES", 1)
     monkeypatch.setattr("hf_comq.solver.scale_refit.MIN_CHUNK_ROWS", rows)
-    bytes_per_row = (48 + 6 * 6) * 8  # the widest case below: 48 float64 columns in groups of 8
-    monkeypatch.setattr("hf_comq.solver.scale_refit.PASS_BYTES", chunks_per_pass * rows * bytes_per_row)
+    monkeypatch.setattr("hf_comq.solver.scale_refit.PASS_BYTES", pass_bytes)
 
 
 @pytest.mark.parametrize("group_size", [None, 8, 16])
