@@ -68,6 +68,7 @@ _SETTINGS: tuple[tuple[str, str], ...] = (
     ("clip_weights", "Clipping search weights"),
     ("start_grids", "Start grids tried per row"),
     ("block_resolve", "Column-block re-solve"),
+    ("pair_moves", "Pair-move candidates per row"),
     ("ridge", "Ridge term (fraction of mean diag H)"),
     ("sequential", "Block-sequential calibration"),
     ("fp_target", "Layers aimed at the full-precision outputs"),

@@ -66,6 +66,10 @@ class COMQSettings:
     block_resolve: bool = setting(
         DEFAULTS["block_resolve"], SOLVER, "re-solve each column block towards its joint optimum after the first sweep"
     )
+    pair_moves: int = setting(
+        DEFAULTS["pair_moves"], SOLVER, "after every sweep, step two codes together where no single step helps, "
+        "searching pairs among each row's this many cheapest single steps; 0 = off"
+    )
     ridge: float | str = setting(
         DEFAULTS["ridge"], SOLVER, "Tikhonov term: solve on H + ridge * mean(diag H) * I (guards against fitting the "
         f"calibration set); {RIDGE_FROM_DATA!r}: each layer's Ledoit-Wolf amount, from its calibration tokens"
@@ -149,6 +153,7 @@ class COMQSettings:
             _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
         _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
         _check_int("start_grids", self.start_grids, 1, MAX_START_GRIDS, "use 3 (the default), or 1 for a faster start")
+        _check_int("pair_moves", self.pair_moves, 0, None, "use 0 (off) or e.g. 32 candidates per row")
         check_ridge(self.ridge, from_data_allowed=True)
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():

@@ -24,9 +24,11 @@ from .options import (
     ORDERS,
     START_POINTS,
     check_bits,
+    check_pair_moves,
     check_ridge,
     resolve_group_size,
 )
+from .pair_moves import pair_move_pass
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
 from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
@@ -97,6 +99,7 @@ def comq_quantize(
     clip_weights: str = DEFAULTS["clip_weights"],
     start_grids: int = DEFAULTS["start_grids"],
     block_resolve: bool = DEFAULTS["block_resolve"],
+    pair_moves: int = DEFAULTS["pair_moves"],
     ridge: float = DEFAULTS["ridge"],
     shrink: float = DEFAULTS["shrink"],
     damp: float | None = DEFAULTS["damp"],
@@ -157,6 +160,11 @@ def comq_quantize(
             the grid whose start has the lowest exact objective: a clipping search on
             the full objective in a neighbourhood the proxy cannot resolve.  Each
             grid adds about one GPTQ pass's worth of work to the start.
+        pair_moves: after every sweep, step two codes of a row together where no
+            single step helps (:mod:`.pair_moves`), searching the pairs among each
+            row's ``pair_moves`` cheapest single steps; ``0`` turns the pass off.
+            The sweeps' neighbourhood is one code; this one is two correlated codes,
+            which the sweeps cannot reach.
         ridge: Tikhonov term against fitting the calibration set: the solver works
             on ``H + ridge * mean(diag H) * I`` throughout (clipping search, start,
             sweeps, refits, block re-solve), which adds ``ridge * mean(diag H) *
@@ -201,6 +209,7 @@ def comq_quantize(
         raise ValueError(f"clip_weights must be one of {CLIP_WEIGHTS}, got {clip_weights!r}")
     if not isinstance(start_grids, int) or isinstance(start_grids, bool) or not 1 <= start_grids <= MAX_START_GRIDS:
         raise ValueError(f"start_grids must be an integer from 1 to {MAX_START_GRIDS}, got {start_grids!r}")
+    check_pair_moves(pair_moves)
     in_features = weight.shape[1]
     cols_per_group = resolve_group_size(in_features, group_size)
     # The diagonal of (H + H^T) / 2, exactly: halving a doubled float is exact.
@@ -240,7 +249,7 @@ def comq_quantize(
         problem = _Problem.build(weight[rows].detach().to(compute_dtype), columns, started.grid.rows(rows))
         reference, history = problem.begin(started.rows(rows), consume_weight_h=spare_weight_h)
         parts.append(_sweep_rows(problem, history, reference, init, damp, block_size, iterations, order,
-                                 scale_refit, block_resolve, tol))  # fmt: skip
+                                 scale_refit, block_resolve, pair_moves, tol))  # fmt: skip
         del problem
     history = _summed_histories([part.history for part in parts])
     reference = sum(part.reference for part in parts)
@@ -381,6 +390,7 @@ def _sweep_rows(
     order: str,
     scale_refit: bool,
     block_resolve: bool,
+    pair_moves: int,
     tol: float,
 ) -> _SolvedRows:
     """Sweep, refit and re-solve one started slice of rows; sweeping stops when the slice's own objective stalls."""
@@ -388,6 +398,8 @@ def _sweep_rows(
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
         problem.sweep(order, block_size)
+        if pair_moves:
+            problem.step_pairs(pair_moves)
         resolving = block_resolve and init == "error_feedback" and sweep_index == 0
         if scale_refit:
             problem.refit_scales(keep_residual=resolving or sweep_index + 1 < iterations)
@@ -753,6 +765,13 @@ class _Problem:
             dequant_h_t = self.columns.hessian @ self.dequant_t
         if dequant_h_t is not None:
             self.residual_t = torch.sub(self.weight_h_t, dequant_h_t, out=dequant_h_t)
+
+    def step_pairs(self, candidates: int) -> None:
+        """One pair-move pass over the current codes (never raises the objective)."""
+        pair_move_pass(
+            self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, self.column_grid,
+            self.grid.max_code, candidates,
+        )  # fmt: skip
 
     def resolve_blocks(self, damp: float, block_size: int) -> None:
         """One block re-solve pass over the current codes (never raises the objective)."""

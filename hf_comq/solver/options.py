@@ -28,6 +28,7 @@ DEFAULTS: dict = dict(
     clip_weights="conditional",
     start_grids=3,
     block_resolve=True,
+    pair_moves=0,
     ridge=0.0,
     shrink=1.0,
     damp=None,
@@ -69,6 +70,14 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
             "for per-channel scales"
         )
     return group_size
+
+
+def check_pair_moves(pair_moves: int) -> None:
+    """The one ``pair_moves`` rule: a whole number of candidates per row, 0 (off) or more."""
+    if not isinstance(pair_moves, int) or isinstance(pair_moves, bool) or pair_moves < 0:
+        raise ValueError(
+            f"pair_moves must be a non-negative integer, got {pair_moves!r}; use 0 (off) or e.g. 32 candidates per row"
+        )
 
 
 RIDGE_FROM_DATA = "auto"

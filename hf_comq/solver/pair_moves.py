@@ -1,0 +1,142 @@
+"""Pair moves: two codes stepped together where no single step helps.
+
+A sweep stops where no single code can lower the objective.  Two codes whose inputs
+are correlated often still can: stepping code ``a`` by ``d_a`` and code ``b`` by ``d_b``
+grid steps (values ``v_a = d_a s_a``, ``v_b = d_b s_b``) changes an output row's
+objective by
+
+    c_a + c_b + 2 v_a v_b H_ab,     c_j = v_j^2 H_jj - 2 v_j R_j,
+
+where ``c_j`` is the single step's own change and ``R = H (W - Wq)^T`` the solver's
+residual.  After a sweep every ``c_j`` is about zero or more, so a pair helps only
+where both steps are nearly free (codes close to the midpoint between two grid
+points) and the cross term is negative enough.  Scanning every pair costs ``in^2``
+per row and step sign; the cheapest single steps are where such pairs live, so each
+row scans the pairs among its ``candidates`` cheapest single steps (each with its
+cheaper sign) only.
+
+Each round applies, per row, the best single step or pair if it lowers that row's
+objective.  Rows are independent: a row with no such move stays as it is, so it
+leaves the pass, and later rounds cost only what the rows still moving cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grid import ColumnGrid
+
+MAX_ROUNDS = 128
+"""Rounds at most (each moves every still-moving row once); real layers settle in a few dozen."""
+
+MIN_RELATIVE_GAIN = 1e-5
+"""A move must lower its row's objective by this share of the move's own quadratic
+term: float32 residuals carry rounding, and a move that gains less could undo one that
+gained less than the rounding (and cycle)."""
+
+
+def pair_move_pass(
+    residual_t: torch.Tensor,
+    dequant_t: torch.Tensor,
+    codes_t: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: ColumnGrid,
+    max_code: int,
+    candidates: int,
+) -> int:
+    """Apply single and pair moves in place until no row has one; return how many moves were made.
+
+    All tables are ``in x out`` in the solver's column order (``codes_t`` as floats);
+    ``residual_t`` stays exact.  The objective never rises.
+    """
+    n_cols = residual_t.shape[0]
+    scale_t = grid.scale.index_select(0, grid.group_index(residual_t.device))  # each column's row of scales
+    diag = torch.diagonal(hessian).unsqueeze(1)
+    count = min(max(candidates, 1), n_cols)
+    active = torch.arange(residual_t.shape[1], device=residual_t.device)
+    moves = 0
+    for _ in range(MAX_ROUNDS):
+        if active.numel() == 0:
+            break
+        scale = scale_t.index_select(1, active)
+        cost, step = _single_steps(residual_t.index_select(1, active), codes_t.index_select(1, active), scale, diag, max_code)
+        cost, picked = cost.topk(count, dim=0, largest=False)  # ascending: row 0 is each row's best single step
+        step = step.gather(0, picked)
+        value = step * scale.gather(0, picked)  # the signed value of each candidate step
+        change, first, second = _best_moves(cost, value, picked, hessian)
+        moving = change < -MIN_RELATIVE_GAIN * _quadratic(value, picked, diag, first, second)
+        if not bool(moving.any()):
+            break
+        rows = active[moving]
+        chosen = [(_at(picked, index)[moving], _at(step, index)[moving]) for index in (first, second)]
+        single = (second == first)[moving]
+        chosen[1] = (chosen[1][0], chosen[1][1].masked_fill(single, 0.0))  # a single step moves one code
+        _apply(residual_t, dequant_t, codes_t, hessian, scale_t, rows, chosen)
+        moves += int(moving.sum())
+        active = rows
+    return moves
+
+
+def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index[k], k]`` for every row ``k`` (a candidate of each row)."""
+    return table.gather(0, index.unsqueeze(0)).squeeze(0)
+
+
+def _quadratic(value: torch.Tensor, picked: torch.Tensor, diag: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``v_a^2 H_aa + v_b^2 H_bb`` of each row's chosen move (one term for a single step)."""
+    terms = [_at(value, index).square() * diag[_at(picked, index), 0] for index in (first, second)]
+    return terms[0] + torch.where(second == first, 0.0, terms[1])
+
+
+def _single_steps(
+    residual: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, diag: torch.Tensor, max_code: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each coordinate's cheaper single step (+1 or -1 code) and its objective change
+    (infinite where neither step stays on the grid)."""
+    quadratic = scale.square().mul_(diag)
+    linear = scale.mul(residual).mul_(2.0)
+    up = torch.where(codes < max_code, quadratic - linear, torch.inf)
+    down = torch.where(codes > 0, quadratic + linear, torch.inf)
+    step = torch.where(up <= down, 1.0, -1.0).to(residual.dtype)
+    return torch.minimum(up, down), step
+
+
+def _best_moves(
+    cost: torch.Tensor, value: torch.Tensor, picked: torch.Tensor, hessian: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the lowest change among its best single step and every pair of its
+    candidates: ``(change, first, second)`` with candidate indices (``second ==
+    first`` for a single step)."""
+    count = cost.shape[0]
+    # (count, count, rows): H between every two candidates of each row.
+    cross = hessian[picked.unsqueeze(1), picked.unsqueeze(0)]
+    pair = cross.mul_(value.unsqueeze(1) * value.unsqueeze(0)).mul_(2.0)
+    pair.add_(cost.unsqueeze(1)).add_(cost.unsqueeze(0))
+    pair.diagonal(dim1=0, dim2=1).fill_(torch.inf)
+    pair_change, flat = pair.view(count * count, -1).min(0)
+    single = cost[0]
+    use_pair = pair_change < single
+    zero = torch.zeros_like(flat)
+    first = torch.where(use_pair, flat // count, zero)
+    second = torch.where(use_pair, flat % count, zero)
+    return torch.where(use_pair, pair_change, single), first, second
+
+
+def _apply(
+    residual_t: torch.Tensor,
+    dequant_t: torch.Tensor,
+    codes_t: torch.Tensor,
+    hessian: torch.Tensor,
+    scale_t: torch.Tensor,
+    rows: torch.Tensor,
+    chosen: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Step each moving row's codes (``chosen``: per step, each row's column and
+    step of -1, 0 or +1) and keep the residual exact: ``R[:, k] -= sum H[:, a] v_a``."""
+    push = torch.zeros((residual_t.shape[0], rows.numel()), dtype=residual_t.dtype, device=residual_t.device)
+    for column, step in chosen:
+        value = step * scale_t[column, rows]
+        codes_t.index_put_((column, rows), step, accumulate=True)
+        dequant_t.index_put_((column, rows), value, accumulate=True)
+        push.addcmul_(hessian.index_select(1, column), value.unsqueeze(0))
+    residual_t.index_add_(1, rows, push, alpha=-1.0)

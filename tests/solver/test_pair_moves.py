@@ -1,0 +1,126 @@
+"""The pair-move pass against brute force on X, and its place in the solver."""
+
+import itertools
+
+import pytest
+import torch
+
+from hf_comq import COMQConfig, comq_quantize, layer_objective
+from hf_comq.solver.grid import ColumnGrid, Grid
+from hf_comq.solver.pair_moves import pair_move_pass
+from tests.solver.reference import rounded_layer
+
+
+def _run_pass(layer, values: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The pass on the solver's transposed tables; returns codes, values (out x in), residual_t, moves."""
+    weight, hessian, grid = layer.weight, layer.hessian, layer.grid
+    residual_t = hessian @ (weight - values).T
+    codes_t = (values / layer.scale + layer.zero).round().T.contiguous()
+    values_t = values.T.contiguous()
+    column_grid = ColumnGrid.of([grid], [j // grid.group_size for j in range(weight.shape[1])])
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, column_grid, grid.max_code, candidates)
+    return codes_t.T, values_t.T, residual_t, moves
+
+
+def _row_objective_on_x(inputs: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
+    return float(((inputs @ (w - wq)) ** 2).sum())
+
+
+def _best_move_on_x(inputs, w, codes, scale, zero, max_code) -> float:
+    """The largest decrease of one row's ``||X (w - wq)||^2`` that any one code step
+    or any two code steps (each +-1, staying on the grid) reach, by trying them all."""
+    def objective(c):
+        return _row_objective_on_x(inputs, w, scale * (c - zero))
+
+    now = objective(codes)
+    best = 0.0
+    n = codes.numel()
+    steps = [(j, d) for j in range(n) for d in (-1.0, 1.0) if 0 <= codes[j] + d <= max_code]
+    for (j, d) in steps:
+        trial = codes.clone()
+        trial[j] += d
+        best = max(best, now - objective(trial))
+    for (j, d), (k, e) in itertools.combinations(steps, 2):
+        if j == k:
+            continue
+        trial = codes.clone()
+        trial[j] += d
+        trial[k] += e
+        best = max(best, now - objective(trial))
+    return best
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_with_every_candidate_no_single_or_pair_step_helps_any_row_on_x(group_size):
+    layer = rounded_layer(6, 12, 64, seed=5, group_size=group_size)
+    start = layer.values
+    codes, values, residual_t, moves = _run_pass(layer, start, candidates=12)
+
+    assert moves > 0
+    torch.testing.assert_close(values, layer.scale * (codes - layer.zero))  # on the grid it reports
+    assert bool(((codes >= 0) & (codes <= layer.grid.max_code)).all())
+    torch.testing.assert_close(residual_t, layer.hessian @ (layer.weight - values).T)  # stays exact
+    inputs = layer.inputs
+    for row in range(codes.shape[0]):
+        before = _row_objective_on_x(inputs, layer.weight[row], start[row])
+        after = _row_objective_on_x(inputs, layer.weight[row], values[row])
+        assert after <= before
+        left = _best_move_on_x(inputs, layer.weight[row], codes[row], layer.scale[row], layer.zero[row], layer.grid.max_code)
+        assert left <= 1e-9 * after
+
+
+def test_a_pair_move_reaches_the_optimum_where_single_steps_are_stuck():
+    # Two nearly identical inputs: the output sees w_0 + w_1 strongly and w_0 - w_1
+    # weakly.  The errors (0.6, -0.6) (in grid steps) cancel in the sum; stepping
+    # either code alone spoils the sum, stepping both (+1, -1) shrinks the weak part.
+    torch.manual_seed(0)
+    base = torch.randn(256, 1, dtype=torch.float64)
+    inputs = torch.cat([base, base + 0.05 * torch.randn_like(base), torch.randn_like(base)], 1)
+    hessian = inputs.T @ inputs
+    weight = torch.tensor([[0.6, -0.6, 0.0]], dtype=torch.float64)
+    grid = Grid(scale=torch.ones(1, 1, dtype=torch.float64), zero_point=torch.full((1, 1), 4.0, dtype=torch.float64),
+                bits=3, group_size=3)
+
+    def objective(codes: torch.Tensor) -> float:
+        return layer_objective(weight, codes - 4.0, hessian)
+
+    codes = torch.full((1, 3), 4.0, dtype=torch.float64)
+    for j, d in itertools.product(range(3), (-1.0, 1.0)):
+        single = codes.clone()
+        single[0, j] += d
+        assert objective(single) > objective(codes)  # a sweep would stop here
+    optimum = min(objective(torch.tensor([c], dtype=torch.float64)) for c in itertools.product(range(8), repeat=3))
+    assert objective(codes) > optimum
+
+    values = codes - 4.0
+    residual_t = hessian @ (weight - values).T
+    codes_t, values_t = codes.T.contiguous(), values.T.contiguous()
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, ColumnGrid.of([grid], [0, 0, 0]), grid.max_code, 3)
+
+    assert moves == 1
+    assert torch.equal(codes_t.T, torch.tensor([[5.0, 3.0, 4.0]], dtype=torch.float64))
+    assert objective(codes_t.T) == pytest.approx(optimum)
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_pair_moves_never_raise_the_solvers_objective(group_size, medium_layer):
+    weight, _, hessian = medium_layer
+    for bits in (2, 4):
+        common = dict(bits=bits, group_size=group_size, compute_dtype=torch.float64)
+        without = comq_quantize(weight, hessian, **common)
+        with_pass = comq_quantize(weight, hessian, pair_moves=16, **common)
+        assert with_pass.stats["objective"][0] == without.stats["objective"][0]  # same start
+        assert with_pass.stats["objective"][-1] < without.stats["objective"][-1]
+        assert with_pass.stats["objective"][-1] == pytest.approx(
+            layer_objective(weight, with_pass.dequantize(), hessian), rel=1e-6
+        )
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "32"])
+def test_pair_moves_is_validated_in_the_solver_and_the_config(bad, small_layer):
+    weight, inputs = small_layer
+    hessian = inputs.T @ inputs
+    with pytest.raises(ValueError, match="pair_moves"):
+        comq_quantize(weight, hessian, pair_moves=bad)
+    with pytest.raises(ValueError, match="pair_moves"):
+        COMQConfig(pair_moves=bad)
