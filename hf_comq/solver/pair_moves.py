@@ -60,9 +60,11 @@ def pair_move_pass(
             break
         scale = scale_t.index_select(1, active)
         cost, step = _single_steps(residual_t.index_select(1, active), codes_t.index_select(1, active), scale, diag, max_code)
-        cost, picked = cost.topk(count, dim=0, largest=False)  # ascending: row 0 is each row's best single step
-        step = step.gather(0, picked)
-        value = step * scale.gather(0, picked)  # the signed value of each candidate step
+        # Row-major from here on (each output row's candidates contiguous): the
+        # candidates' Gram entries are gathered a row's block at a time.
+        cost, picked = cost.T.topk(count, dim=1, largest=False)  # ascending: column 0 is each row's best single step
+        step = step.T.gather(1, picked)
+        value = step * scale.T.gather(1, picked)  # the signed value of each candidate step
         change, first, second = _best_moves(cost, value, picked, hessian)
         moving = change < -MIN_RELATIVE_GAIN * _quadratic(value, picked, diag, first, second)
         if not bool(moving.any()):
@@ -78,8 +80,8 @@ def pair_move_pass(
 
 
 def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index[k], k]`` for every row ``k`` (a candidate of each row)."""
-    return table.gather(0, index.unsqueeze(0)).squeeze(0)
+    """``table[k, index[k]]`` for every row ``k`` (one candidate of each row)."""
+    return table.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
 def _quadratic(value: torch.Tensor, picked: torch.Tensor, diag: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -105,16 +107,16 @@ def _best_moves(
     cost: torch.Tensor, value: torch.Tensor, picked: torch.Tensor, hessian: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row, the lowest change among its best single step and every pair of its
-    candidates: ``(change, first, second)`` with candidate indices (``second ==
-    first`` for a single step)."""
-    count = cost.shape[0]
-    # (count, count, rows): H between every two candidates of each row.
-    cross = hessian[picked.unsqueeze(1), picked.unsqueeze(0)]
-    pair = cross.mul_(value.unsqueeze(1) * value.unsqueeze(0)).mul_(2.0)
-    pair.add_(cost.unsqueeze(1)).add_(cost.unsqueeze(0))
-    pair.diagonal(dim1=0, dim2=1).fill_(torch.inf)
-    pair_change, flat = pair.view(count * count, -1).min(0)
-    single = cost[0]
+    candidates (tables ``rows x count``): ``(change, first, second)`` with candidate
+    indices (``second == first`` for a single step)."""
+    rows, count = cost.shape
+    # (rows, count, count): H between every two candidates of each row.
+    cross = hessian.view(-1).take(picked.unsqueeze(2) * hessian.shape[1] + picked.unsqueeze(1))
+    pair = cross.mul_(value.unsqueeze(2) * value.unsqueeze(1)).mul_(2.0)
+    pair.add_(cost.unsqueeze(2)).add_(cost.unsqueeze(1))
+    pair.diagonal(dim1=1, dim2=2).fill_(torch.inf)
+    pair_change, flat = pair.view(rows, count * count).min(1)
+    single = cost[:, 0]
     use_pair = pair_change < single
     zero = torch.zeros_like(flat)
     first = torch.where(use_pair, flat // count, zero)
