@@ -154,6 +154,8 @@ def _setting_value(key: str, config: Any) -> str:
         return "none (one scale per output channel)"
     if key == "damp" and value is None:
         return "default for the bit width"
+    if key == "pair_moves" and value == 0:
+        return "off"
     if value is None:
         return "default"
     if isinstance(value, str):  # solver option names, e.g. `act_order`

@@ -135,6 +135,7 @@ def test_render_model_card_metadata_and_sections():
         "| Scale search | no |",
         "| Damping of the error-feedback start | 0.01 |",
         "| Column-block re-solve | yes |",
+        "| Pair-move candidates per row | off |",
         "| Ridge term (fraction of mean diag H) | 0.0 |",
         "| Layers aimed at the full-precision outputs | no |",
         "| Linear layers kept in full precision | `classifier` |",
