@@ -60,7 +60,9 @@ def prox_max_norm(v: torch.Tensor, step: float) -> torch.Tensor:
     return torch.sign(v) * torch.minimum(magnitude, tau)
 
 
-def magr_weight(weight: torch.Tensor, hessian: torch.Tensor, alpha: float, iterations: int, group_size: int | None) -> torch.Tensor:
+def magr_weight(
+    weight: torch.Tensor, hessian: torch.Tensor, alpha: float, iterations: int, group_size: int | None
+) -> torch.Tensor:
     """MagR's preprocessed weight (float64 iterations, float32 result)."""
     w = weight.double()
     h = hessian.double()
@@ -74,7 +76,9 @@ def magr_weight(weight: torch.Tensor, hessian: torch.Tensor, alpha: float, itera
     return current.float()
 
 
-def gptq_best(weight: torch.Tensor, hessian: torch.Tensor, target: torch.Tensor, bits: int, group_size: int | None) -> float:
+def gptq_best(
+    weight: torch.Tensor, hessian: torch.Tensor, target: torch.Tensor, bits: int, group_size: int | None
+) -> float:
     """The lowest objective (against ``target``) of GPTQ act-order run on ``weight``."""
     best = float("inf")
     for observer in OBSERVERS:
@@ -85,7 +89,9 @@ def gptq_best(weight: torch.Tensor, hessian: torch.Tensor, target: torch.Tensor,
     return best
 
 
-def solved(weight: torch.Tensor, hessian: torch.Tensor, target: torch.Tensor, bits: int, group_size: int | None, **settings) -> float:
+def solved(
+    weight: torch.Tensor, hessian: torch.Tensor, target: torch.Tensor, bits: int, group_size: int | None, **settings
+) -> float:
     """The objective (against ``target``) of ``comq_quantize`` run on ``weight``."""
     result = comq_quantize(weight, hessian, bits=bits, group_size=group_size, **settings)
     return layer_objective(target, result.dequantize(), hessian)
@@ -138,7 +144,8 @@ def main() -> None:
         cells = [problem.name, f"{row['default']:.3f}"]
         for alpha in args.alphas:
             r = row["alphas"][alpha]
-            cells += [f"{r['default']:.3f}", f"{r['gptq']:.3f}", f"{r['shift']:.3f}", f"{r['rtn']:.3f}", f"{r['seconds']:.1f}"]
+            ratios = (r["default"], r["gptq"], r["shift"], r["rtn"])
+            cells += [*(f"{value:.3f}" for value in ratios), f"{r['seconds']:.1f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
     print("\nmedian over layers / worst layer:")
     print(f"  default: {statistics.median(r['default'] for r in rows):.3f} / {max(r['default'] for r in rows):.3f}")

@@ -59,7 +59,8 @@ def pair_move_pass(
         if active.numel() == 0:
             break
         scale = scale_t.index_select(1, active)
-        cost, step = _single_steps(residual_t.index_select(1, active), codes_t.index_select(1, active), scale, diag, max_code)
+        residual, codes = residual_t.index_select(1, active), codes_t.index_select(1, active)
+        cost, step = _single_steps(residual, codes, scale, diag, max_code)
         # Row-major from here on (each output row's candidates contiguous): the
         # candidates' Gram entries are gathered a row's block at a time.
         cost, picked = cost.T.topk(count, dim=1, largest=False)  # ascending: column 0 is each row's best single step
@@ -84,7 +85,9 @@ def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
-def _quadratic(value: torch.Tensor, picked: torch.Tensor, diag: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def _quadratic(
+    value: torch.Tensor, picked: torch.Tensor, diag: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+) -> torch.Tensor:
     """``v_a^2 H_aa + v_b^2 H_bb`` of each row's chosen move (one term for a single step)."""
     terms = [_at(value, index).square() * diag[_at(picked, index), 0] for index in (first, second)]
     return terms[0] + torch.where(second == first, 0.0, terms[1])
@@ -111,7 +114,7 @@ def _best_moves(
     indices (``second == first`` for a single step)."""
     rows, count = cost.shape
     # (rows, count, count): H between every two candidates of each row.
-    cross = hessian.view(-1).take(picked.unsqueeze(2) * hessian.shape[1] + picked.unsqueeze(1))
+    cross = hessian.reshape(-1).take(picked.unsqueeze(2) * hessian.shape[1] + picked.unsqueeze(1))
     pair = cross.mul_(value.unsqueeze(2) * value.unsqueeze(1)).mul_(2.0)
     pair.add_(cost.unsqueeze(2)).add_(cost.unsqueeze(1))
     pair.diagonal(dim1=1, dim2=2).fill_(torch.inf)

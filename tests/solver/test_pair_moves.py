@@ -65,7 +65,9 @@ def test_with_every_candidate_no_single_or_pair_step_helps_any_row_on_x(group_si
         before = _row_objective_on_x(inputs, layer.weight[row], start[row])
         after = _row_objective_on_x(inputs, layer.weight[row], values[row])
         assert after <= before
-        left = _best_move_on_x(inputs, layer.weight[row], codes[row], layer.scale[row], layer.zero[row], layer.grid.max_code)
+        left = _best_move_on_x(
+            inputs, layer.weight[row], codes[row], layer.scale[row], layer.zero[row], layer.grid.max_code
+        )
         assert left <= 1e-9 * after
 
 
