@@ -29,6 +29,7 @@ from .solver.options import (
     RIDGE_FROM_DATA,
     START_POINTS,
     SUM_DTYPES,
+    check_pair_moves,
     check_ridge,
 )
 
@@ -153,7 +154,7 @@ class COMQSettings:
             _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
         _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
         _check_int("start_grids", self.start_grids, 1, MAX_START_GRIDS, "use 3 (the default), or 1 for a faster start")
-        _check_int("pair_moves", self.pair_moves, 0, None, "use 0 (off) or e.g. 32 candidates per row")
+        check_pair_moves(self.pair_moves)
         check_ridge(self.ridge, from_data_allowed=True)
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
