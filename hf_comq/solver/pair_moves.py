@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from .grid import ColumnGrid
-
 MAX_ROUNDS = 128
 """Rounds at most (each moves every still-moving row once); real layers settle in a few dozen."""
 
@@ -40,17 +38,17 @@ def pair_move_pass(
     dequant_t: torch.Tensor,
     codes_t: torch.Tensor,
     hessian: torch.Tensor,
-    grid: ColumnGrid,
+    scale_t: torch.Tensor,
     max_code: int,
     candidates: int,
 ) -> int:
     """Apply single and pair moves in place until no row has one; return how many moves were made.
 
-    All tables are ``in x out`` in the solver's column order (``codes_t`` as floats);
+    All tables are ``in x out`` in the solver's column order (``codes_t`` as floats;
+    ``scale_t`` each column's scales, a broadcast view for per-channel grids);
     ``residual_t`` stays exact.  The objective never rises.
     """
     n_cols = residual_t.shape[0]
-    scale_t = grid.scale.index_select(0, grid.group_index(residual_t.device))  # each column's row of scales
     diag = torch.diagonal(hessian).unsqueeze(1)
     count = min(max(candidates, 1), n_cols)
     active = torch.arange(residual_t.shape[1], device=residual_t.device)

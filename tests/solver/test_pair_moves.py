@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_comq import COMQConfig, comq_quantize, layer_objective
-from hf_comq.solver.grid import ColumnGrid, Grid
+from hf_comq.solver.grid import Grid
 from hf_comq.solver.pair_moves import pair_move_pass
 from tests.solver.reference import rounded_layer
 
@@ -17,8 +17,7 @@ def _run_pass(layer, values: torch.Tensor, candidates: int) -> tuple[torch.Tenso
     residual_t = hessian @ (weight - values).T
     codes_t = (values / layer.scale + layer.zero).round().T.contiguous()
     values_t = values.T.contiguous()
-    column_grid = ColumnGrid.of([grid], [j // grid.group_size for j in range(weight.shape[1])])
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, column_grid, grid.max_code, candidates)
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, layer.scale.T, grid.max_code, candidates)
     return codes_t.T, values_t.T, residual_t, moves
 
 
@@ -97,7 +96,8 @@ def test_a_pair_move_reaches_the_optimum_where_single_steps_are_stuck():
     values = codes - 4.0
     residual_t = hessian @ (weight - values).T
     codes_t, values_t = codes.T.contiguous(), values.T.contiguous()
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, ColumnGrid.of([grid], [0, 0, 0]), grid.max_code, 3)
+    scale_t = torch.ones(3, 1, dtype=torch.float64)  # each column's scale
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, scale_t, grid.max_code, 3)
 
     assert moves == 1
     assert torch.equal(codes_t.T, torch.tensor([[5.0, 3.0, 4.0]], dtype=torch.float64))
