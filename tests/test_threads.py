@@ -17,7 +17,7 @@ import hf_comq.solver.passes as passes
 from hf_comq import COMQConfig, comq_quantize
 from hf_comq.calibration import quantize_model
 from hf_comq.evaluation import top1
-from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_column_passes
+from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_solver_ops
 from hf_comq.solver import HessianAccumulator
 from hf_comq.threads import (
     MIN_PARALLEL_FLOPS,
@@ -67,7 +67,7 @@ def test_the_solver_runs_its_column_loops_on_one_thread(two_threads, monkeypatch
 
 def test_the_compiled_column_loops_run_on_one_thread(two_threads, monkeypatch) -> None:
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
-    ops = compiled_column_passes([torch.zeros(1, 1)], torch.zeros(1, 1))
+    ops = compiled_solver_ops([torch.zeros(1, 1)], torch.zeros(1, 1))
     if ops is None:
         pytest.skip(f"compiled kernel unavailable here: {active_path()}")
     seen: list[tuple[str, int]] = []
@@ -80,7 +80,7 @@ def test_the_compiled_column_loops_run_on_one_thread(two_threads, monkeypatch) -
 
             return call
 
-    monkeypatch.setattr(passes, "compiled_column_passes", lambda rows, square: Recording())
+    monkeypatch.setattr(passes, "compiled_solver_ops", lambda rows, square: Recording())
     comq_quantize(torch.randn(16, 256), torch.eye(256) + 0.1, bits=4, iterations=1)
     assert {name for name, _ in seen} == {"sweep_block", "feedback_block"}
     assert {threads for _, threads in seen} == {1}

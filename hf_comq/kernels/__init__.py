@@ -1,15 +1,16 @@
-"""Compiled CPU kernels: the forward of packed quantized layers, and the solver's column passes.
+"""Compiled CPU kernels: the forward of packed quantized layers, and the solver's loops.
 
 :func:`packed_linear` is the forward of a compressed-tensors ``pack-quantized`` linear
 layer.  On CPU with fp32 activations it runs a compiled C++ kernel (built on first use,
 cached by torch); everywhere else, or with ``HF_COMQ_DISABLE_KERNEL=1``, an exact torch
 fallback.  The same extension runs the column-by-column loops of the solver's rounding
-passes (:func:`compiled_column_passes`), the same arithmetic as their torch loops.
+passes and its pair-move pass (:func:`compiled_solver_ops`), the same arithmetic as
+their torch code.
 :func:`active_path` says which path is in use and why.
 """
 
 from .build import DISABLE_ENV_VAR, active_path
-from .column_passes import compiled_column_passes
+from .solver_ops import compiled_solver_ops
 from .linear import dequantize_packed, packed_linear
 
-__all__ = ["DISABLE_ENV_VAR", "active_path", "compiled_column_passes", "dequantize_packed", "packed_linear"]
+__all__ = ["DISABLE_ENV_VAR", "active_path", "compiled_solver_ops", "dequantize_packed", "packed_linear"]

@@ -1,5 +1,5 @@
 """Build, load and report the compiled CPU kernels: :func:`hf_comq.kernels.packed_linear` and the
-solver's column passes (:mod:`hf_comq.kernels.column_passes`).
+solver's column passes and pair moves (:mod:`hf_comq.kernels.solver_ops`).
 
 The C++ sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` on
 first use, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
@@ -32,7 +32,7 @@ DISABLE_ENV_VAR = "HF_COMQ_DISABLE_KERNEL"
 """Set to ``1`` to force the torch fallback (no build, no compiled code)."""
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp")
+SOURCES = ("packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp", "pair_moves.cpp")
 HEADERS = ("kernels.h", "kernels_impl.h")
 OPS_NAMESPACE = "hf_comq_cpu"
 

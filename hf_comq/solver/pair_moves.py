@@ -17,12 +17,18 @@ cheaper sign) only.
 
 Each round applies, per row, the best single step or pair if it lowers that row's
 objective.  Rows are independent: a row with no such move stays as it is, so it
-leaves the pass, and later rounds cost only what the rows still moving cost.
+leaves the pass, and later rounds cost only what the rows still moving cost.  On CPU
+in float32 the compiled kernel (``hf_comq/kernels/csrc/pair_moves.cpp``) runs each
+row's rounds to the end on its own, the same moves in the same float32 arithmetic
+without a round's gathers and temporaries for every row; the torch rounds below are
+the path everywhere else.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..kernels.solver_ops import compiled_solver_ops
 
 MAX_ROUNDS = 128
 """Rounds at most (each moves every still-moving row once); real layers settle in a few dozen."""
@@ -48,6 +54,9 @@ def pair_move_pass(
     ``scale_t`` each column's scales, a broadcast view for per-channel grids);
     ``residual_t`` stays exact.  The objective never rises.
     """
+    ops = compiled_solver_ops([residual_t, dequant_t, codes_t, scale_t], hessian)
+    if ops is not None:
+        return _compiled_pass(ops, residual_t, dequant_t, codes_t, hessian, scale_t, max_code, candidates)
     n_cols = residual_t.shape[0]
     diag = torch.diagonal(hessian).unsqueeze(1)
     count = min(max(candidates, 1), n_cols)
@@ -76,6 +85,26 @@ def pair_move_pass(
         moves += int(moving.sum())
         active = rows
     return moves
+
+
+def _compiled_pass(
+    ops,
+    residual_t: torch.Tensor,
+    dequant_t: torch.Tensor,
+    codes_t: torch.Tensor,
+    hessian: torch.Tensor,
+    scale_t: torch.Tensor,
+    max_code: int,
+    candidates: int,
+) -> int:
+    """The pass in the compiled kernel, on row-major copies of the tables (each row's
+    entries contiguous, as every step of a row reads them), written back in place."""
+    tables = [table.T.contiguous() for table in (residual_t, dequant_t, codes_t)]
+    scale = scale_t.T if scale_t.stride(0) == 0 else scale_t.T.contiguous()  # a per-channel view stays one
+    moves = ops.pair_moves(*tables, hessian.contiguous(), scale, max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN)
+    for table_t, table in zip((residual_t, dequant_t, codes_t), tables):
+        table_t.copy_(table.T)
+    return int(moves)
 
 
 def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.column_passes import compiled_column_passes
+from ..kernels.solver_ops import compiled_solver_ops
 from ..threads import single_thread, threads_for
 from .grid import ColumnGrid
 
@@ -74,7 +74,7 @@ def coordinate_sweep(
     columns outside the block is scaled, once per block.  ``codes_t`` may hold
     fractional codes on entry (the full-precision start, ``w / scale + zero``);
     every visited coordinate leaves on the grid.  Each outer block's columns run in
-    the compiled kernel where it applies (:mod:`hf_comq.kernels.column_passes`, the
+    the compiled kernel where it applies (:mod:`hf_comq.kernels.solver_ops`, the
     same arithmetic up to fused multiply-adds), else in :func:`_sweep_block`.
     """
     n_cols = residual_t.shape[0]
@@ -85,7 +85,7 @@ def coordinate_sweep(
         scale_table = inv_scale_table = None
     else:
         scale_table, inv_scale_table = grid.scale, grid.scale.reciprocal()
-    ops = compiled_column_passes([residual_t, codes_t, scale_table, inv_scale_table], hessian)
+    ops = compiled_solver_ops([residual_t, codes_t, scale_table, inv_scale_table], hessian)
     if ops is not None:
         inv_diag_t = torch.tensor(inv_diag, dtype=torch.float64)
         group_of = None if per_channel else grid.group_index(residual_t.device)
@@ -192,12 +192,12 @@ def error_feedback_pass(
     copy into the state).  With it,
     the state is in weight units and each column is rounded on its own grid
     (group-wise scales).  Each outer block's columns run in the compiled kernel where
-    it applies (:mod:`hf_comq.kernels.column_passes`), else in :func:`_feedback_block`.
+    it applies (:mod:`hf_comq.kernels.solver_ops`), else in :func:`_feedback_block`.
     """
     n_cols = state_t.shape[0]
     row_loss = torch.zeros(state_t.shape[1], dtype=state_t.dtype, device=state_t.device)
     scale_table, zero_table = (None, None) if grid is None else (grid.scale, grid.zero)
-    ops = compiled_column_passes([state_t, scale_table, zero_table], coupling)
+    ops = compiled_solver_ops([state_t, scale_table, zero_table], coupling)
     group_of = grid.group_index(state_t.device) if ops is not None and grid is not None else None
     moves_buffer = torch.empty_like(state_t[:block_size])  # reused: fresh blocks cost page faults
     for b0 in range(0, n_cols, block_size):

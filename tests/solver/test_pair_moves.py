@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from hf_comq import COMQConfig, comq_quantize, layer_objective
+from hf_comq.kernels import DISABLE_ENV_VAR, compiled_solver_ops
 from hf_comq.solver.grid import Grid
 from hf_comq.solver.pair_moves import pair_move_pass
+from tests.solver.kernel_paths import assert_same_solution, both_paths, require_kernel
 from tests.solver.reference import rounded_layer
 
 
@@ -68,6 +70,47 @@ def test_with_every_candidate_no_single_or_pair_step_helps_any_row_on_x(group_si
             inputs, layer.weight[row], codes[row], layer.scale[row], layer.zero[row], layer.grid.max_code
         )
         assert left <= 1e-9 * after
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_the_compiled_pass_leaves_no_single_or_pair_step_that_helps_on_x(monkeypatch, group_size):
+    """The kernel's pass (float32 tables on CPU) against the same brute force.  In float32
+    a move must gain more than the residual's rounding: what is left is a few parts in a
+    hundred thousand of the row's objective at most, not the float64 pass's 1e-9."""
+    require_kernel()
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    layer = rounded_layer(6, 12, 64, seed=5, group_size=group_size)
+    weight, hessian = layer.weight.float(), layer.hessian.float()
+    start = layer.values.float()
+    residual_t = hessian @ (weight - start).T
+    codes_t = layer.codes.float().T.contiguous()
+    values_t = start.T.contiguous()
+    scale_t = layer.scale.float().T.contiguous()
+    assert compiled_solver_ops([residual_t, values_t, codes_t, scale_t], hessian) is not None  # the kernel runs
+
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, scale_t, layer.grid.max_code, 12)
+
+    codes, values = codes_t.T.double(), values_t.T.double()
+    assert moves > 0
+    torch.testing.assert_close(values, layer.scale * (codes - layer.zero), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(residual_t, hessian @ (weight - values_t.T).T, rtol=1e-4, atol=1e-4)
+    for row in range(codes.shape[0]):
+        after = _row_objective_on_x(layer.inputs, layer.weight[row], values[row])
+        assert after <= _row_objective_on_x(layer.inputs, layer.weight[row], layer.values[row])
+        left = _best_move_on_x(
+            layer.inputs, layer.weight[row], codes[row], layer.scale[row], layer.zero[row], layer.grid.max_code
+        )
+        assert left <= 1e-4 * after
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_a_solve_with_pair_moves_is_the_same_with_and_without_the_kernel(monkeypatch, medium_layer, group_size):
+    require_kernel()
+    weight, _, hessian = medium_layer
+    settings = dict(bits=3, group_size=group_size, pair_moves=16)
+    compiled, in_torch = both_paths(monkeypatch, lambda: comq_quantize(weight, hessian, **settings))
+    objectives = [layer_objective(weight, result.dequantize(), hessian) for result in (compiled, in_torch)]
+    assert_same_solution(compiled.codes, in_torch.codes, *objectives)
 
 
 def test_a_pair_move_reaches_the_optimum_where_single_steps_are_stuck():

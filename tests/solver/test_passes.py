@@ -1,10 +1,7 @@
 """The column passes solve the same problem in the compiled kernel as in their torch loops.
 
 The kernel (hf_comq/kernels/csrc/column_passes.cpp) moves the per-column loop out of
-Python with the same float32 arithmetic.  torch's vectorised kernels may fuse a
-multiply-add the kernel rounds twice, so a value can differ in its last bit and a code
-now and then round the other way; the solve must not otherwise depend on whether a
-machine could build the kernel.
+Python with the same float32 arithmetic (how close the two must be: kernel_paths.py).
 """
 
 from __future__ import annotations
@@ -12,43 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_comq.kernels import DISABLE_ENV_VAR, compiled_column_passes
-from hf_comq.kernels.build import load_kernel, missing_toolchain
+from hf_comq.kernels import DISABLE_ENV_VAR, compiled_solver_ops
 from hf_comq.solver import comq_quantize, layer_objective
 from hf_comq.solver.grid import ColumnGrid, minmax_grid
 from hf_comq.solver.passes import coordinate_sweep, error_feedback_pass
 from hf_comq.solver.start import damped_cholesky
+from tests.solver.kernel_paths import assert_same_solution, both_paths, require_kernel
 from tests.solver.reference import make_layer
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    """Skipped only without a toolchain: with one, a kernel that does not build is a failure."""
-    missing = missing_toolchain()
-    if missing is not None:
-        pytest.skip(f"compiled kernel not buildable here: {missing}")
-    assert load_kernel() is not None, "a C++ compiler and ninja are present but the kernel did not build"
-
-
-MAX_CODES_APART = 0.01
-"""Share of codes the two paths may round apart: a last-bit difference flips a code only
-near a rounding tie, and what the pass feeds forward from it can flip a few more."""
-OBJECTIVE_TOLERANCE = 1e-4
-
-
-def assert_same_solution(codes, codes_torch, objective, objective_torch):
-    apart = (codes != codes_torch).float().mean().item()
-    assert apart <= MAX_CODES_APART, f"{apart:.2%} of the codes differ between the kernel and the torch loops"
-    assert abs(objective - objective_torch) <= OBJECTIVE_TOLERANCE * abs(objective_torch)
-
-
-def both_paths(monkeypatch, run):
-    """``run()`` with the compiled column passes, then with the torch loops."""
-    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
-    compiled = run()
-    monkeypatch.setenv(DISABLE_ENV_VAR, "1")
-    in_torch = run()
-    return compiled, in_torch
+    """Skipped only without a toolchain (see :func:`require_kernel`)."""
+    require_kernel()
 
 
 def column_grid(weight: torch.Tensor, bits: int, group_size: int) -> tuple[ColumnGrid, torch.Tensor, torch.Tensor]:
@@ -126,8 +99,8 @@ def test_a_whole_solve_is_the_same_with_and_without_the_kernel(monkeypatch, medi
 def test_the_kernel_is_used_only_for_float32_cpu_tables_with_contiguous_rows(monkeypatch):
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     table, square = torch.zeros(4, 6), torch.zeros(4, 4)
-    assert compiled_column_passes([table, None], square.T) is not None  # any layout of the square matrix
-    assert compiled_column_passes([table.double()], square.double()) is None
-    assert compiled_column_passes([torch.zeros(6, 4).T], square) is None
+    assert compiled_solver_ops([table, None], square.T) is not None  # any layout of the square matrix
+    assert compiled_solver_ops([table.double()], square.double()) is None
+    assert compiled_solver_ops([torch.zeros(6, 4).T], square) is None
     monkeypatch.setenv(DISABLE_ENV_VAR, "1")
-    assert compiled_column_passes([table], square) is None
+    assert compiled_solver_ops([table], square) is None

@@ -1,13 +1,14 @@
-"""The compiled column passes of the solver (``csrc/column_passes.cpp``), where they apply.
+"""The solver's compiled loops (``csrc/column_passes.cpp``, ``csrc/pair_moves.cpp``), where they apply.
 
 :mod:`hf_comq.solver.passes` rounds a weight column by column; per outer block it
-hands that inner loop to :func:`compiled_column_passes`' ops when the tensors are
+hands that inner loop to :func:`compiled_solver_ops`' ops when the tensors are
 float32 on CPU, and runs its own torch loop otherwise (GPU, float64, the kernel
-disabled with ``HF_COMQ_DISABLE_KERNEL=1`` or not built).  Both run the same
-float32 arithmetic in the same order; torch may fuse a multiply-add the kernel rounds
-twice, so now and then a code rounds the other way and the two paths' checkpoints
-differ in a few codes, with the same objective to a few parts in a million.  Every
-process of one machine takes the same path, so a run is reproducible on it.
+disabled with ``HF_COMQ_DISABLE_KERNEL=1`` or not built).  :mod:`hf_comq.solver.pair_moves`
+does the same with its whole pass.  Both paths run the same float32 arithmetic in the
+same order; torch may fuse a multiply-add the kernel rounds twice, so now and then a
+code rounds the other way (or a pair move breaks a tie the other way) and the two paths'
+checkpoints differ in a few codes, with the same objective to a few parts in a million.
+Every process of one machine takes the same path, so a run is reproducible on it.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from .build import kernel_disabled, load_kernel
 
 
-def compiled_column_passes(rows: Sequence[torch.Tensor | None], square: torch.Tensor) -> Any | None:
-    """The ``torch.ops.hf_comq_cpu`` namespace if its column passes can run on these tensors, else ``None``.
+def compiled_solver_ops(rows: Sequence[torch.Tensor | None], square: torch.Tensor) -> Any | None:
+    """The ``torch.ops.hf_comq_cpu`` namespace if its solver loops can run on these tensors, else ``None``.
 
     ``rows``: the tables read row by row (state, codes, grid tables; ``None`` entries
     are absent tables), which must be float32 CPU tensors with contiguous rows;

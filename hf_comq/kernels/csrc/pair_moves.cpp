@@ -1,0 +1,193 @@
+// torch operator hf_comq_cpu::pair_moves: the solver's pair-move pass
+// (hf_comq/solver/pair_moves.py) for float32 tables on CPU.
+//
+// The torch pass moves every still-moving output row once per round, a dozen vector
+// operators per round over all of them; real layers take tens of rounds, and the
+// gathers and temporaries cost far more than the arithmetic.  Rows are independent, so
+// here each row runs its own rounds to the end, rows spread over torch's threads.  A
+// row's rounds are those of the torch pass: its single steps, its `candidates` cheapest
+// (ascending, ties to the lower column), the best single step or pair among them, applied
+// when it gains enough.  The arithmetic is the same float32 arithmetic; torch's
+// vectorised kernels may fuse a multiply-add and break a tie the other way, so the two
+// paths can make a different move now and then (tests/solver/test_pair_moves.py bounds
+// the difference).
+//
+// The tables are row-major here (out x in: one output row contiguous).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+namespace hf_comq {
+namespace {
+
+using at::Tensor;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+void check_table(const Tensor& tensor, const char* name, int64_t rows, int64_t width, bool contiguous_rows) {
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.device().is_cpu(), name, " must be a float32 CPU tensor");
+  TORCH_CHECK(tensor.dim() == 2 && tensor.size(0) == rows && tensor.size(1) == width, name, " must be ", rows, " x ",
+              width, ", got ", tensor.sizes());
+  TORCH_CHECK(!contiguous_rows || tensor.stride(1) == 1, name, " must have contiguous rows");
+}
+
+// The helpers below are this file's own rather than <algorithm>'s: under the
+// fp-contract pragma GCC does not inline functions from headers compiled without it,
+// and a call per table entry would cost more than the arithmetic.
+inline float smaller(float a, float b) { return b < a ? b : a; }
+
+// One row's scratch, reused across its rounds (and across the rows of one thread).
+struct Scratch {
+  std::vector<float> cost, step, value, picked_cost;
+  std::vector<int64_t> picked;  // the candidates' columns, cheapest first
+
+  Scratch(int64_t width, int64_t count) : cost(width), step(width), value(count), picked_cost(count), picked(count) {}
+};
+
+// The `count` cheapest columns of `cost` (count <= width), ascending, ties to the lower
+// column, kept sorted as they are found.  The columns are scanned from the last: in the
+// solver's act order the costs tend to fall with the column, so backwards most columns
+// are dearer than the worst kept one and pass by with one comparison.
+void cheapest(const float* cost, int64_t width, int64_t count, int64_t* picked, float* picked_cost) {
+  int64_t filled = 0;
+  for (int64_t j = width - 1; j >= 0; --j) {
+    const float c = cost[j];
+    if (filled == count && !(c <= picked_cost[count - 1])) continue;  // a tie goes to this lower column
+    int64_t at = filled < count ? filled++ : count - 1;
+    while (at > 0 && picked_cost[at - 1] >= c) {
+      picked_cost[at] = picked_cost[at - 1];
+      picked[at] = picked[at - 1];
+      --at;
+    }
+    picked_cost[at] = c;
+    picked[at] = j;
+  }
+}
+
+// One round of one row: returns whether it moved.
+bool move_once(float* residual, float* dequant, float* codes, const float* scale, int64_t scale_stride,
+               const float* hessian, const float* diag, int64_t width, int64_t count, float top,
+               float min_relative_gain, Scratch& scratch) {
+  float* cost = scratch.cost.data();
+  float* step = scratch.step.data();
+  float* value = scratch.value.data();
+  int64_t* picked = scratch.picked.data();
+  for (int64_t j = 0; j < width; ++j) {
+    const float sj = scale[j * scale_stride];
+    const float quadratic = (sj * sj) * diag[j];
+    const float linear = (sj * residual[j]) * 2.0f;
+    const float up = codes[j] < top ? quadratic - linear : kInf;
+    const float down = codes[j] > 0.0f ? quadratic + linear : kInf;
+    step[j] = up <= down ? 1.0f : -1.0f;
+    cost[j] = smaller(up, down);
+  }
+  cheapest(cost, width, count, picked, scratch.picked_cost.data());
+  for (int64_t i = 0; i < count; ++i) value[i] = step[picked[i]] * scale[picked[i] * scale_stride];
+
+  // The best pair.  The torch pass scans the whole table, each pair twice, rounded in
+  // either order; the smaller of the two is what it can pick, so that is what is kept
+  // here, reading each Gram entry once.
+  float best = kInf;
+  int64_t first = 0, second = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const float* h_row = hessian + picked[i] * width;
+    const float ci = cost[picked[i]], vi = value[i];
+    for (int64_t j = i + 1; j < count; ++j) {
+      const float cj = cost[picked[j]], vj = value[j];
+      const float cross = h_row[picked[j]];
+      const float change = smaller(((cross * (vi * vj)) * 2.0f + ci) + cj, ((cross * (vj * vi)) * 2.0f + cj) + ci);
+      if (change < best) {
+        best = change;
+        first = i;
+        second = j;
+      }
+    }
+  }
+  const float single = cost[picked[0]];
+  if (!(best < single)) {
+    best = single;
+    first = second = 0;
+  }
+  const int64_t a = picked[first], b = picked[second];
+  const float va = value[first], vb = value[second];
+  float quadratic = (va * va) * diag[a];
+  if (b != a) quadratic += (vb * vb) * diag[b];
+  if (!(best < -min_relative_gain * quadratic)) return false;
+
+  codes[a] += step[a];
+  dequant[a] += va;
+  const float* h_a = hessian + a * width;
+  if (b == a) {
+    for (int64_t i = 0; i < width; ++i) residual[i] -= h_a[i] * va;
+  } else {
+    codes[b] += step[b];
+    dequant[b] += vb;
+    const float* h_b = hessian + b * width;
+    for (int64_t i = 0; i < width; ++i) residual[i] -= h_a[i] * va + h_b[i] * vb;
+  }
+  return true;
+}
+
+// Every row's rounds, in place; returns the number of moves made (a pair is one move).
+int64_t pair_moves(Tensor residual, Tensor dequant, Tensor codes, const Tensor& hessian, const Tensor& scale,
+                   int64_t max_code, int64_t candidates, int64_t max_rounds, double min_relative_gain) {
+  const int64_t rows = residual.size(0), width = residual.size(1);
+  check_table(residual, "residual", rows, width, true);
+  check_table(dequant, "dequant", rows, width, true);
+  check_table(codes, "codes", rows, width, true);
+  check_table(scale, "scale", rows, width, false);
+  check_table(hessian, "hessian", width, width, true);
+  TORCH_CHECK(hessian.is_contiguous(), "hessian must be contiguous");
+  if (rows == 0 || width == 0) return 0;
+  const int64_t count = candidates < 1 ? 1 : (candidates < width ? candidates : width);
+  const float top = static_cast<float>(max_code), gain = static_cast<float>(min_relative_gain);
+  float* residual_data = residual.data_ptr<float>();
+  float* dequant_data = dequant.data_ptr<float>();
+  float* codes_data = codes.data_ptr<float>();
+  const float* scale_data = scale.data_ptr<float>();
+  const float* hessian_data = hessian.data_ptr<float>();
+  const int64_t r_stride = residual.stride(0), d_stride = dequant.stride(0), c_stride = codes.stride(0);
+  const int64_t s_row = scale.stride(0), s_col = scale.stride(1);
+  std::vector<float> diag(width);
+  for (int64_t j = 0; j < width; ++j) diag[j] = hessian_data[j * width + j];
+  std::atomic<int64_t> moves{0};
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    Scratch scratch(width, count);
+    int64_t made = 0;
+    for (int64_t k = begin; k < end; ++k) {
+      for (int64_t round = 0; round < max_rounds; ++round) {
+        if (!move_once(residual_data + k * r_stride, dequant_data + k * d_stride, codes_data + k * c_stride,
+                       scale_data + k * s_row, s_col, hessian_data, diag.data(), width, count, top, gain,
+                       scratch)) {
+          break;
+        }
+        ++made;
+      }
+    }
+    moves += made;
+  });
+  return moves.load();
+}
+
+}  // namespace
+}  // namespace hf_comq
+
+TORCH_LIBRARY_FRAGMENT(hf_comq_cpu, m) {
+  m.def(
+      "pair_moves(Tensor(a!) residual, Tensor(b!) dequant, Tensor(c!) codes, Tensor hessian, Tensor scale, "
+      "int max_code, int candidates, int max_rounds, float min_relative_gain) -> int");
+}
+
+TORCH_LIBRARY_IMPL(hf_comq_cpu, CPU, m) { m.impl("pair_moves", &hf_comq::pair_moves); }
