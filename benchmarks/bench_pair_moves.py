@@ -1,0 +1,111 @@
+"""What the compiled pair-move pass saves: the same solve with the pass in the kernel and in torch.
+
+For every real layer problem (the ones ``bench_solver.py`` captures and caches), three
+solves in one process, one after another: the default, the default with
+``pair_moves=N`` as the solver runs it (the compiled pass, on CPU in float32), and the
+same with the pass forced onto its torch rounds.  Printed per layer: each objective
+with pair moves as a ratio to the default's (the two paths should agree to float
+rounding), the three solve times, and the time inside the pass on each path.
+
+    python benchmarks/bench_pair_moves.py                       # W4 per channel, one thread
+    python benchmarks/bench_pair_moves.py --group-size 64 --threads 2
+
+No GPTQ here, so the main venv does (``bench_solver.py --peers strong`` has the ratios
+to GPTQ).  Times are medians over ``--repeats`` rounds of the three solves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hf_comq.solver.comq as comq_module  # noqa: E402
+import hf_comq.solver.pair_moves as pair_moves_module  # noqa: E402
+from benchmarks.bench_solver import load_problems  # noqa: E402
+from hf_comq.kernels import active_path  # noqa: E402
+from hf_comq.solver import comq_quantize  # noqa: E402
+
+
+class PassClock:
+    """Wraps the solver's pair-move pass and adds up the seconds spent inside it."""
+
+    def __init__(self, inner: Callable):
+        self.inner, self.seconds = inner, 0.0
+
+    def __call__(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def solve(problem, bits: int, group_size: int | None, candidates: int, torch_pass: bool) -> tuple[float, float, float]:
+    """(objective, solve seconds, seconds inside the pass) of one solve."""
+    clock = PassClock(pair_moves_module.pair_move_pass)
+    if torch_pass:
+        path = mock.patch.object(pair_moves_module, "compiled_solver_ops", lambda *_: None)
+    else:
+        path = contextlib.nullcontext()
+    with mock.patch.object(comq_module, "pair_move_pass", clock), path:
+        started = time.perf_counter()
+        result = comq_quantize(
+            problem.weight, problem.hessian, bits=bits, group_size=group_size, pair_moves=candidates
+        )
+        seconds = time.perf_counter() - started
+    return result.stats["objective"][-1], seconds, clock.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", nargs="+", default=["dinov2", "smollm2", "minilm"])
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=None)
+    parser.add_argument("--candidates", type=int, default=32, help="pair_moves=N")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    problems = load_problems(args.layers, args.cache)
+    setting = f"W{args.bits} " + (f"group {args.group_size}" if args.group_size else "per channel")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {setting}, pair_moves={args.candidates}")
+    print(f"kernel: {active_path()}")
+    solve(problems[0], args.bits, args.group_size, args.candidates, torch_pass=False)  # loads the compiled ops
+    print("\n| layer | objective / default: kernel, torch pass | solve s: default, kernel, torch pass "
+          "| pass s: kernel, torch | solve / default: kernel, torch pass |")
+    print("|---|---|---|---|---|")
+    ratios = {"kernel": [], "torch": []}
+    for problem in problems:
+        runs = {"default": [], "kernel": [], "torch": []}
+        for _ in range(args.repeats):
+            runs["default"].append(solve(problem, args.bits, args.group_size, 0, torch_pass=False))
+            runs["kernel"].append(solve(problem, args.bits, args.group_size, args.candidates, torch_pass=False))
+            runs["torch"].append(solve(problem, args.bits, args.group_size, args.candidates, torch_pass=True))
+        objective = {key: value[0][0] for key, value in runs.items()}
+        seconds = {key: statistics.median(run[1] for run in value) for key, value in runs.items()}
+        in_pass = {key: statistics.median(run[2] for run in value) for key, value in runs.items()}
+        for key in ratios:
+            ratios[key].append(seconds[key] / seconds["default"])
+        print(f"| {problem.name} | {objective['kernel'] / objective['default']:.5f}, "
+              f"{objective['torch'] / objective['default']:.5f} | {seconds['default']:.3f}, {seconds['kernel']:.3f}, "
+              f"{seconds['torch']:.3f} | {in_pass['kernel']:.3f}, {in_pass['torch']:.3f} | "
+              f"{ratios['kernel'][-1]:.2f}, {ratios['torch'][-1]:.2f} |", flush=True)
+    for key, label in (("kernel", "compiled pass"), ("torch", "torch pass")):
+        values = ratios[key]
+        print(f"solve with pair moves / default, {label}: median {statistics.median(values):.2f} "
+              f"({min(values):.2f}-{max(values):.2f})")
+
+
+if __name__ == "__main__":
+    main()
