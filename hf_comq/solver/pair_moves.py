@@ -56,7 +56,10 @@ def pair_move_pass(
     """
     ops = compiled_solver_ops([residual_t, dequant_t, codes_t, scale_t], hessian)
     if ops is not None:
-        return _compiled_pass(ops, residual_t, dequant_t, codes_t, hessian, scale_t, max_code, candidates)
+        return int(ops.pair_moves(
+            residual_t, dequant_t, codes_t, hessian.contiguous(), scale_t, max_code, candidates, MAX_ROUNDS,
+            MIN_RELATIVE_GAIN,
+        ))  # fmt: skip
     n_cols = residual_t.shape[0]
     diag = torch.diagonal(hessian).unsqueeze(1)
     count = min(max(candidates, 1), n_cols)
@@ -85,26 +88,6 @@ def pair_move_pass(
         moves += int(moving.sum())
         active = rows
     return moves
-
-
-def _compiled_pass(
-    ops,
-    residual_t: torch.Tensor,
-    dequant_t: torch.Tensor,
-    codes_t: torch.Tensor,
-    hessian: torch.Tensor,
-    scale_t: torch.Tensor,
-    max_code: int,
-    candidates: int,
-) -> int:
-    """The pass in the compiled kernel, on row-major copies of the tables (each row's
-    entries contiguous, as every step of a row reads them), written back in place."""
-    tables = [table.T.contiguous() for table in (residual_t, dequant_t, codes_t)]
-    scale = scale_t.T if scale_t.stride(0) == 0 else scale_t.T.contiguous()  # a per-channel view stays one
-    moves = ops.pair_moves(*tables, hessian.contiguous(), scale, max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN)
-    for table_t, table in zip((residual_t, dequant_t, codes_t), tables):
-        table_t.copy_(table.T)
-    return int(moves)
 
 
 def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@
 // paths can make a different move now and then (tests/solver/test_pair_moves.py bounds
 // the difference).
 //
-// The tables are row-major here (out x in: one output row contiguous).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -48,12 +47,17 @@ void check_table(const Tensor& tensor, const char* name, int64_t rows, int64_t w
 // and a call per table entry would cost more than the arithmetic.
 inline float smaller(float a, float b) { return b < a ? b : a; }
 
-// One row's scratch, reused across its rounds (and across the rows of one thread).
-struct Scratch {
-  std::vector<float> cost, step, value, picked_cost;
+// One row's working copy and scratch, reused across its rounds (and across the rows of
+// one thread).  The solver's tables are transposed (in x out: a row's entries lie one
+// table row apart), so a row is gathered once into contiguous copies, every round of it
+// reads those, and the residual is written back when the row is done.
+struct RowState {
+  std::vector<float> residual, codes, scale, cost, step, value, picked_cost;
   std::vector<int64_t> picked;  // the candidates' columns, cheapest first
 
-  Scratch(int64_t width, int64_t count) : cost(width), step(width), value(count), picked_cost(count), picked(count) {}
+  RowState(int64_t width, int64_t count)
+      : residual(width), codes(width), scale(width), cost(width), step(width), value(count), picked_cost(count),
+        picked(count) {}
 };
 
 // The `count` cheapest columns of `cost` (count <= width), ascending, ties to the lower
@@ -76,16 +80,20 @@ void cheapest(const float* cost, int64_t width, int64_t count, int64_t* picked, 
   }
 }
 
-// One round of one row: returns whether it moved.
-bool move_once(float* residual, float* dequant, float* codes, const float* scale, int64_t scale_stride,
-               const float* hessian, const float* diag, int64_t width, int64_t count, float top,
-               float min_relative_gain, Scratch& scratch) {
-  float* cost = scratch.cost.data();
-  float* step = scratch.step.data();
-  float* value = scratch.value.data();
-  int64_t* picked = scratch.picked.data();
+// One round of one row (its copies in `row`): returns whether it moved.  A step is
+// written to the row's own copies and to its entries of the solver's `dequant` table
+// (`dequant[j * stride]`, the row's column j).
+bool move_once(RowState& row, float* dequant, int64_t stride, const float* hessian, const float* diag, int64_t width,
+               int64_t count, float top, float min_relative_gain) {
+  float* residual = row.residual.data();
+  float* codes = row.codes.data();
+  const float* scale = row.scale.data();
+  float* cost = row.cost.data();
+  float* step = row.step.data();
+  float* value = row.value.data();
+  int64_t* picked = row.picked.data();
   for (int64_t j = 0; j < width; ++j) {
-    const float sj = scale[j * scale_stride];
+    const float sj = scale[j];
     const float quadratic = (sj * sj) * diag[j];
     const float linear = (sj * residual[j]) * 2.0f;
     const float up = codes[j] < top ? quadratic - linear : kInf;
@@ -93,8 +101,8 @@ bool move_once(float* residual, float* dequant, float* codes, const float* scale
     step[j] = up <= down ? 1.0f : -1.0f;
     cost[j] = smaller(up, down);
   }
-  cheapest(cost, width, count, picked, scratch.picked_cost.data());
-  for (int64_t i = 0; i < count; ++i) value[i] = step[picked[i]] * scale[picked[i] * scale_stride];
+  cheapest(cost, width, count, picked, row.picked_cost.data());
+  for (int64_t i = 0; i < count; ++i) value[i] = step[picked[i]] * scale[picked[i]];
 
   // The best pair.  The torch pass scans the whole table, each pair twice, rounded in
   // either order; the smaller of the two is what it can pick, so that is what is kept
@@ -127,54 +135,63 @@ bool move_once(float* residual, float* dequant, float* codes, const float* scale
   if (!(best < -min_relative_gain * quadratic)) return false;
 
   codes[a] += step[a];
-  dequant[a] += va;
+  dequant[a * stride] += va;
   const float* h_a = hessian + a * width;
   if (b == a) {
     for (int64_t i = 0; i < width; ++i) residual[i] -= h_a[i] * va;
   } else {
     codes[b] += step[b];
-    dequant[b] += vb;
+    dequant[b * stride] += vb;
     const float* h_b = hessian + b * width;
     for (int64_t i = 0; i < width; ++i) residual[i] -= h_a[i] * va + h_b[i] * vb;
   }
   return true;
 }
 
-// Every row's rounds, in place; returns the number of moves made (a pair is one move).
-int64_t pair_moves(Tensor residual, Tensor dequant, Tensor codes, const Tensor& hessian, const Tensor& scale,
+// Every row's rounds, in place in the solver's transposed tables (in x out; the scale
+// table may be a broadcast view); returns the number of moves made (a pair is one move).
+int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Tensor& hessian, const Tensor& scale_t,
                    int64_t max_code, int64_t candidates, int64_t max_rounds, double min_relative_gain) {
-  const int64_t rows = residual.size(0), width = residual.size(1);
-  check_table(residual, "residual", rows, width, true);
-  check_table(dequant, "dequant", rows, width, true);
-  check_table(codes, "codes", rows, width, true);
-  check_table(scale, "scale", rows, width, false);
+  const int64_t width = residual_t.size(0), rows = residual_t.size(1);
+  check_table(residual_t, "residual_t", width, rows, true);
+  check_table(dequant_t, "dequant_t", width, rows, true);
+  check_table(codes_t, "codes_t", width, rows, true);
+  check_table(scale_t, "scale_t", width, rows, false);
   check_table(hessian, "hessian", width, width, true);
   TORCH_CHECK(hessian.is_contiguous(), "hessian must be contiguous");
   if (rows == 0 || width == 0) return 0;
   const int64_t count = candidates < 1 ? 1 : (candidates < width ? candidates : width);
   const float top = static_cast<float>(max_code), gain = static_cast<float>(min_relative_gain);
-  float* residual_data = residual.data_ptr<float>();
-  float* dequant_data = dequant.data_ptr<float>();
-  float* codes_data = codes.data_ptr<float>();
-  const float* scale_data = scale.data_ptr<float>();
+  float* residual_data = residual_t.data_ptr<float>();
+  float* dequant_data = dequant_t.data_ptr<float>();
+  float* codes_data = codes_t.data_ptr<float>();
+  const float* scale_data = scale_t.data_ptr<float>();
   const float* hessian_data = hessian.data_ptr<float>();
-  const int64_t r_stride = residual.stride(0), d_stride = dequant.stride(0), c_stride = codes.stride(0);
-  const int64_t s_row = scale.stride(0), s_col = scale.stride(1);
+  const int64_t r_ld = residual_t.stride(0), d_ld = dequant_t.stride(0), c_ld = codes_t.stride(0);
+  const int64_t s_ld = scale_t.stride(0), s_col = scale_t.stride(1);
   std::vector<float> diag(width);
   for (int64_t j = 0; j < width; ++j) diag[j] = hessian_data[j * width + j];
   std::atomic<int64_t> moves{0};
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    Scratch scratch(width, count);
+    RowState row(width, count);
     int64_t made = 0;
     for (int64_t k = begin; k < end; ++k) {
-      for (int64_t round = 0; round < max_rounds; ++round) {
-        if (!move_once(residual_data + k * r_stride, dequant_data + k * d_stride, codes_data + k * c_stride,
-                       scale_data + k * s_row, s_col, hessian_data, diag.data(), width, count, top, gain,
-                       scratch)) {
-          break;
-        }
-        ++made;
+      for (int64_t j = 0; j < width; ++j) {
+        row.residual[j] = residual_data[j * r_ld + k];
+        row.codes[j] = codes_data[j * c_ld + k];
+        row.scale[j] = scale_data[j * s_ld + k * s_col];
       }
+      int64_t round = 0;
+      while (round < max_rounds && move_once(row, dequant_data + k, d_ld, hessian_data, diag.data(), width, count, top,
+                                             gain)) {
+        ++round;
+      }
+      if (round == 0) continue;
+      for (int64_t j = 0; j < width; ++j) {
+        residual_data[j * r_ld + k] = row.residual[j];
+        codes_data[j * c_ld + k] = row.codes[j];
+      }
+      made += round;
     }
     moves += made;
   });
