@@ -13,7 +13,9 @@ barely moves at 4 or 3 bits) and perplexity are reported:
 * GPTQ act-order on llm-compressor's min-max grid, and on its ``memoryless_mse`` grid
   (its MSE clipping observer), each as the layer solver of the same pipeline;
 * COMQ's default, and COMQ on the plain min-max grid (``scale_search=False``: no clipping
-  search, the grid GPTQ min-max uses).
+  search, the grid GPTQ min-max uses); ``ridge="auto"``, and the default without its
+  pair moves (``pair_moves=0``; ``pair_moves=32``, the default's value, is also a row,
+  from the runs where it was opt-in).
 
     $B benchmarks/bench_moe.py                        # W4/W3, per channel and group 64, calibration seeds 0-2
     $B benchmarks/bench_moe.py --settings 4:channel --seeds 0
@@ -86,6 +88,8 @@ METHODS = {
     "COMQ default": (comq_quantize, {}),
     "COMQ min-max": (comq_quantize, {"scale_search": False}),
     "COMQ ridge auto": (comq_quantize, {"ridge": "auto"}),
+    "COMQ pair moves": (comq_quantize, {"pair_moves": 32}),
+    "COMQ without pair moves": (comq_quantize, {"pair_moves": 0}),
 }
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_solver.py > out.txt && python benchmarks/summarize.py out.txt
     python benchmarks/bench_solver.py --peers strong ... > out.txt && python benchmarks/summarize.py --strong out.txt
+    python benchmarks/summarize.py --strong w4.txt w3_w2.txt    # several runs' tables as one
 """
 
 from __future__ import annotations
@@ -59,19 +60,25 @@ STRONG_COLUMNS = (
     ("diag(H) clipping default", lambda name: "clip_weights='diagonal'" in name),
     ("default with start_grids=1", lambda name: name == "hf_comq default with start_grids=1"),
     ("previous default (no block re-solve)", lambda name: "block_resolve=False" in name),
+    ("with pair moves (pair_moves=32)", lambda name: "pair_moves=32" in name),
+    ("without pair moves (pair_moves=0)", lambda name: "pair_moves=0" in name),
     ("hf_comq default", lambda name: name == "hf_comq default"),
 )
 """Columns of the ``--strong`` table: the COMQ settings' rows, found by name; a column
-appears when some table of the file has that row (older runs lack the newer settings)."""
+appears when some table of the files has that row (older runs lack the newer settings).
+"hf_comq default" is the default of the run's commit: without pair moves until they
+became the default, with them since."""
 
 
 def _strong_value(rows: dict, matches) -> float:
     return next((value[1] for name, value in rows.items() if matches(name)), float("nan"))
 
 
-def main_strong(path: str) -> None:
-    with open(path) as handle:
-        records = parse_strong(handle.readlines())
+def main_strong(paths: list[str]) -> None:
+    records = []
+    for path in paths:
+        with open(path) as handle:
+            records += parse_strong(handle.readlines())
     columns = [(label, matches) for label, matches in STRONG_COLUMNS
                if any(any(matches(name) for name in r["rows"]) for r in records)]
     print("| layer | bits | GPTQ-best (observer, damp) | GPTQ-best / RTN | "
@@ -105,6 +112,6 @@ def main(path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--strong":
-        main_strong(sys.argv[2])
+        main_strong(sys.argv[2:])
     else:
         main(sys.argv[1])

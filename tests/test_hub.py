@@ -135,12 +135,14 @@ def test_render_model_card_metadata_and_sections():
         "| Scale search | no |",
         "| Damping of the error-feedback start | 0.01 |",
         "| Column-block re-solve | yes |",
-        "| Pair-move candidates per row | off |",
+        "| Pair-move candidates per row | 32 |",
         "| Ridge term (fraction of mean diag H) | 0.0 |",
         "| Layers aimed at the full-precision outputs | no |",
         "| Linear layers kept in full precision | `classifier` |",
     ):
         assert row in body, row
+    off = render_model_card(comq_config(pair_moves=0), "google/vit-base-patch16-224", metrics, "image-classification")
+    assert "| Pair-move candidates per row | off |" in split_card(str(off))[1]
     # In-memory data: the description is shown, the meaningless default split is not.
     assert "- **Data:** tensor (pixel_values), 64 samples" in body
     assert "- **Samples used:** 64" in body and "- **Requested samples (`num_samples`):** 128" in body

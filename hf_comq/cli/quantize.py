@@ -50,6 +50,7 @@ def add_parser(commands: Any) -> None:
         "--rtn", action="store_true",
         help="round-to-nearest baseline instead of COMQ (same pipeline, no coordinate descent)",
     )  # fmt: skip
+    add_setting_option(group, "pair_moves")
     add_setting_flag(
         group, "fp_target",
         "recommended for causal LMs at 2-4 bits (lower perplexity; one more forward pass per block and one "
@@ -166,7 +167,8 @@ def _quantize(
 
     rtn = ROUND_TO_NEAREST if args.rtn else {}
     flags = (
-        "bits", "group_size", "fp_target", "true_sequential", "calibrate_all_experts", "sum_dtype", *CALIBRATION_SETTINGS
+        "bits", "group_size", "pair_moves", "fp_target", "true_sequential", "calibrate_all_experts", "sum_dtype",
+        *CALIBRATION_SETTINGS,
     )  # fmt: skip
     settings = {name: getattr(args, name) for name in flags}
     config = COMQConfig(dataset=dataset, dataset_split=args.split, dataset_column=args.column, **settings, **rtn)

@@ -14,7 +14,7 @@ from tests.solver.reference import (
     residual_form_comq,
 )
 
-FAITHFUL = dict(init="fp", scale_refit=False, scale_search=False, compute_dtype=torch.float64, tol=0.0)
+FAITHFUL = dict(init="fp", scale_refit=False, scale_search=False, pair_moves=0, compute_dtype=torch.float64, tol=0.0)
 
 
 def _per_column_grid(weight, bits, group_size=None, symmetric=False):
@@ -317,7 +317,10 @@ class TestHessianAccumulator:
 
 def test_every_requested_sweep_runs_from_the_full_precision_start(medium_layer):
     weight, _, hessian = medium_layer
-    result = comq_quantize(weight, hessian, bits=4, init="fp", order="act_order", iterations=3, scale_refit=False, scale_search=False)
+    result = comq_quantize(
+        weight, hessian, bits=4, init="fp", order="act_order", iterations=3, scale_refit=False, scale_search=False,
+        pair_moves=0,
+    )
     history = result.stats["objective"]
     assert len(history) == 4 and history[3] < history[2] < history[1]
 
