@@ -21,13 +21,7 @@
 #include <cstdint>
 #include <optional>
 
-// Every product and sum rounded on its own, whatever the compiler's flags: the results do
-// not depend on how the extension was built.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "fp_contract_off.h"
 
 namespace hf_comq {
 namespace {

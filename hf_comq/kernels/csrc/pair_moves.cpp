@@ -22,11 +22,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "fp_contract_off.h"
 
 namespace hf_comq {
 namespace {
