@@ -10,7 +10,7 @@ their torch code.
 """
 
 from .build import DISABLE_ENV_VAR, active_path
-from .solver_ops import compiled_solver_ops
 from .linear import dequantize_packed, packed_linear
+from .solver_ops import compiled_solver_ops
 
 __all__ = ["DISABLE_ENV_VAR", "active_path", "compiled_solver_ops", "dequantize_packed", "packed_linear"]

@@ -39,7 +39,9 @@ ROUND_TO_NEAREST: dict = dict(init="rtn", iterations=0, scale_refit=False, scale
 """Settings that make :func:`comq_quantize` plain round-to-nearest on the min-max grid
 (the baseline every table compares against)."""
 
-REFERENCE_CODE: dict = dict(init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False, pair_moves=0)
+REFERENCE_CODE: dict = dict(
+    init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False, pair_moves=0
+)
 """Settings that reproduce the COMQ reference code's codes (paper-faithful mode: one
 coordinate sweep, none of the moves added since)."""
 

@@ -11,7 +11,6 @@
 // vectorised kernels may fuse a multiply-add and break a tie the other way, so the two
 // paths can make a different move now and then (tests/solver/test_pair_moves.py bounds
 // the difference).
-//
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -46,7 +45,7 @@ inline float smaller(float a, float b) { return b < a ? b : a; }
 // One row's working copy and scratch, reused across its rounds (and across the rows of
 // one thread).  The solver's tables are transposed (in x out: a row's entries lie one
 // table row apart), so a row is gathered once into contiguous copies, every round of it
-// reads those, and the residual is written back when the row is done.
+// reads those, and its residual and codes are written back when the row is done.
 struct RowState {
   std::vector<float> residual, codes, scale, cost, step, value, picked_cost;
   std::vector<int64_t> picked;  // the candidates' columns, cheapest first
