@@ -47,19 +47,22 @@ inline float smaller(float a, float b) { return b < a ? b : a; }
 // table row apart), so a row is gathered once into contiguous copies, every round of it
 // reads those, and its residual and codes are written back when the row is done.
 struct RowState {
-  std::vector<float> residual, codes, scale, cost, step, value, picked_cost;
-  std::vector<int64_t> picked;  // the candidates' columns, cheapest first
+  std::vector<float> residual, codes, scale, cost, step, value, picked_cost, short_cost;
+  std::vector<int64_t> picked, short_list;  // the candidates' columns, cheapest first; a pre-filter's columns
+  float bound = kInf;  // a cost the row's candidates are expected under (from its last round); inf: none yet
 
   RowState(int64_t width, int64_t count)
       : residual(width), codes(width), scale(width), cost(width), step(width), value(count), picked_cost(count),
-        picked(count) {}
+        short_cost(width), picked(count), short_list(width) {}
 };
 
 // The `count` cheapest columns of `cost` (count <= width), ascending, ties to the lower
 // column, kept sorted as they are found.  The columns are scanned from the last: in the
 // solver's act order the costs tend to fall with the column, so backwards most columns
 // are dearer than the worst kept one and pass by with one comparison.
-void cheapest(const float* cost, int64_t width, int64_t count, int64_t* picked, float* picked_cost) {
+// `columns` (ascending; null: 0..width-1) name the entries of `cost`.
+void cheapest(const float* cost, const int64_t* columns, int64_t width, int64_t count, int64_t* picked,
+              float* picked_cost) {
   int64_t filled = 0;
   for (int64_t j = width - 1; j >= 0; --j) {
     const float c = cost[j];
@@ -71,8 +74,34 @@ void cheapest(const float* cost, int64_t width, int64_t count, int64_t* picked, 
       --at;
     }
     picked_cost[at] = c;
-    picked[at] = j;
+    picked[at] = columns == nullptr ? j : columns[j];
   }
+}
+
+// The row's candidates, as :func:`cheapest` picks them from all columns.  When at least
+// `count` columns cost no more than the row's bound, every candidate is among them (the
+// count-th cheapest costs no more than the bound), so only those are ranked: one
+// comparison per column instead of a sorted insertion for every column that beats the
+// worst kept so far.  The bound for the next round sits a little above this round's
+// worst candidate, since one move shifts the costs only a little.
+void pick_candidates(RowState& row, int64_t width, int64_t count) {
+  const float* cost = row.cost.data();
+  int64_t listed = 0;
+  if (row.bound < kInf) {
+    for (int64_t j = 0; j < width; ++j) {
+      if (cost[j] <= row.bound) {
+        row.short_cost[listed] = cost[j];
+        row.short_list[listed++] = j;
+      }
+    }
+  }
+  if (listed >= count) {
+    cheapest(row.short_cost.data(), row.short_list.data(), listed, count, row.picked.data(), row.picked_cost.data());
+  } else {
+    cheapest(cost, nullptr, width, count, row.picked.data(), row.picked_cost.data());
+  }
+  const float worst = row.picked_cost[count - 1], spread = worst - row.picked_cost[0];
+  row.bound = worst + 0.25f * spread;
 }
 
 // One round of one row (its copies in `row`): returns whether it moved.  A step is
@@ -96,7 +125,7 @@ bool move_once(RowState& row, float* dequant, int64_t stride, const float* hessi
     step[j] = up <= down ? 1.0f : -1.0f;
     cost[j] = smaller(up, down);
   }
-  cheapest(cost, width, count, picked, row.picked_cost.data());
+  pick_candidates(row, width, count);
   for (int64_t i = 0; i < count; ++i) value[i] = step[picked[i]] * scale[picked[i]];
 
   // The best pair.  The torch pass scans the whole table, each pair twice, rounded in
@@ -171,6 +200,7 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
     RowState row(width, count);
     int64_t made = 0;
     for (int64_t k = begin; k < end; ++k) {
+      row.bound = kInf;
       for (int64_t j = 0; j < width; ++j) {
         row.residual[j] = residual_data[j * r_ld + k];
         row.codes[j] = codes_data[j * c_ld + k];
