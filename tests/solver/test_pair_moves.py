@@ -75,8 +75,8 @@ def test_with_every_candidate_no_single_or_pair_step_helps_any_row_on_x(group_si
 @pytest.mark.parametrize("group_size", [None, 4])
 def test_the_compiled_pass_leaves_no_single_or_pair_step_that_helps_on_x(monkeypatch, group_size):
     """The kernel's pass (float32 tables on CPU) against the same brute force.  In float32
-    a move must gain more than the residual's rounding: what is left is a few parts in a
-    hundred thousand of the row's objective at most, not the float64 pass's 1e-9."""
+    a move must gain more than the residual's rounding, so what a row may have left is
+    bounded at 1e-4 of its objective rather than the float64 pass's 1e-9."""
     require_kernel()
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     layer = rounded_layer(6, 12, 64, seed=5, group_size=group_size)
