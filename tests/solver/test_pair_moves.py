@@ -13,14 +13,17 @@ from tests.solver.kernel_paths import assert_same_solution, both_paths, require_
 from tests.solver.reference import rounded_layer
 
 
-def _run_pass(layer, values: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The pass on the solver's transposed tables; returns codes, values (out x in), residual_t, moves."""
-    weight, hessian, grid = layer.weight, layer.hessian, layer.grid
-    residual_t = hessian @ (weight - values).T
-    codes_t = (values / layer.scale + layer.zero).round().T.contiguous()
-    values_t = values.T.contiguous()
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, layer.scale.T, grid.max_code, candidates)
-    return codes_t.T, values_t.T, residual_t, moves
+def _run_pass(
+    layer, candidates: int, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The pass from the layer's rounded start, on the solver's transposed tables in ``dtype``;
+    returns codes and values (out x in, float64), residual_t and the moves made."""
+    weight, hessian, start = layer.weight.to(dtype), layer.hessian.to(dtype), layer.values.to(dtype)
+    residual_t = hessian @ (weight - start).T
+    codes_t, values_t = layer.codes.to(dtype).T.contiguous(), start.T.contiguous()
+    scale_t = layer.scale.to(dtype).T.contiguous()
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, scale_t, layer.grid.max_code, candidates)
+    return codes_t.T.double(), values_t.T.double(), residual_t, moves
 
 
 def _row_objective_on_x(inputs: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -51,25 +54,28 @@ def _best_move_on_x(inputs, w, codes, scale, zero, max_code) -> float:
     return best
 
 
+def _assert_no_step_helps_on_x(layer, codes: torch.Tensor, values: torch.Tensor, tolerance: float) -> None:
+    """Codes on the grid, no row's ``||X (w - wq)||^2`` above its start's, and no single
+    or pair step left that lowers it by more than ``tolerance`` of it (brute force on X)."""
+    assert bool(((codes >= 0) & (codes <= layer.grid.max_code)).all())
+    for row in range(codes.shape[0]):
+        after = _row_objective_on_x(layer.inputs, layer.weight[row], values[row])
+        assert after <= _row_objective_on_x(layer.inputs, layer.weight[row], layer.values[row])
+        left = _best_move_on_x(
+            layer.inputs, layer.weight[row], codes[row], layer.scale[row], layer.zero[row], layer.grid.max_code
+        )
+        assert left <= tolerance * after
+
+
 @pytest.mark.parametrize("group_size", [None, 4])
 def test_with_every_candidate_no_single_or_pair_step_helps_any_row_on_x(group_size):
     layer = rounded_layer(6, 12, 64, seed=5, group_size=group_size)
-    start = layer.values
-    codes, values, residual_t, moves = _run_pass(layer, start, candidates=12)
+    codes, values, residual_t, moves = _run_pass(layer, candidates=12)
 
     assert moves > 0
     torch.testing.assert_close(values, layer.scale * (codes - layer.zero))  # on the grid it reports
-    assert bool(((codes >= 0) & (codes <= layer.grid.max_code)).all())
     torch.testing.assert_close(residual_t, layer.hessian @ (layer.weight - values).T)  # stays exact
-    inputs = layer.inputs
-    for row in range(codes.shape[0]):
-        before = _row_objective_on_x(inputs, layer.weight[row], start[row])
-        after = _row_objective_on_x(inputs, layer.weight[row], values[row])
-        assert after <= before
-        left = _best_move_on_x(
-            inputs, layer.weight[row], codes[row], layer.scale[row], layer.zero[row], layer.grid.max_code
-        )
-        assert left <= 1e-9 * after
+    _assert_no_step_helps_on_x(layer, codes, values, tolerance=1e-9)
 
 
 @pytest.mark.parametrize("group_size", [None, 4])
@@ -79,28 +85,15 @@ def test_the_compiled_pass_leaves_no_single_or_pair_step_that_helps_on_x(monkeyp
     bounded at 1e-4 of its objective rather than the float64 pass's 1e-9."""
     require_kernel()
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    assert compiled_solver_ops([torch.zeros(12, 6)], torch.zeros(12, 12)) is not None  # float32 tables take the kernel
     layer = rounded_layer(6, 12, 64, seed=5, group_size=group_size)
-    weight, hessian = layer.weight.float(), layer.hessian.float()
-    start = layer.values.float()
-    residual_t = hessian @ (weight - start).T
-    codes_t = layer.codes.float().T.contiguous()
-    values_t = start.T.contiguous()
-    scale_t = layer.scale.float().T.contiguous()
-    assert compiled_solver_ops([residual_t, values_t, codes_t, scale_t], hessian) is not None  # the kernel runs
+    codes, values, residual_t, moves = _run_pass(layer, candidates=12, dtype=torch.float32)
 
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, scale_t, layer.grid.max_code, 12)
-
-    codes, values = codes_t.T.double(), values_t.T.double()
     assert moves > 0
     torch.testing.assert_close(values, layer.scale * (codes - layer.zero), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(residual_t, hessian @ (weight - values_t.T).T, rtol=1e-4, atol=1e-4)
-    for row in range(codes.shape[0]):
-        after = _row_objective_on_x(layer.inputs, layer.weight[row], values[row])
-        assert after <= _row_objective_on_x(layer.inputs, layer.weight[row], layer.values[row])
-        left = _best_move_on_x(
-            layer.inputs, layer.weight[row], codes[row], layer.scale[row], layer.zero[row], layer.grid.max_code
-        )
-        assert left <= 1e-4 * after
+    expected = layer.hessian.float() @ (layer.weight.float() - values.float()).T
+    torch.testing.assert_close(residual_t, expected, rtol=1e-4, atol=1e-4)
+    _assert_no_step_helps_on_x(layer, codes, values, tolerance=1e-4)
 
 
 @pytest.mark.parametrize("group_size", [None, 32])
