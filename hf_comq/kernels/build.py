@@ -33,7 +33,7 @@ DISABLE_ENV_VAR = "HF_COMQ_DISABLE_KERNEL"
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp", "pair_moves.cpp")
-HEADERS = ("kernels.h", "kernels_impl.h", "fp_contract_off.h")
+HEADERS = ("kernels.h", "kernels_impl.h", "fp_contract_off.h", "solver_tables.h")
 OPS_NAMESPACE = "hf_comq_cpu"
 
 _lock = threading.Lock()

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "solver_tables.h"
 #include "fp_contract_off.h"
 
 namespace hf_comq {
@@ -43,19 +44,6 @@ inline float nearest_code(float value, float top) {
   return std::min(std::max(round_small(bounded), 0.0f), top);
 }
 
-void check_rows(const Tensor& tensor, const char* name, int64_t rows, int64_t width) {
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.device().is_cpu(), name, " must be a float32 CPU tensor");
-  TORCH_CHECK(tensor.dim() == 2 && tensor.size(0) == rows && tensor.size(1) == width, name, " must be ", rows, " x ",
-              width, ", got ", tensor.sizes());
-  TORCH_CHECK(tensor.stride(1) == 1, name, " must have contiguous rows");
-}
-
-void check_square(const Tensor& block, const char* name, int64_t size) {
-  TORCH_CHECK(block.scalar_type() == at::kFloat && block.device().is_cpu(), name, " must be a float32 CPU tensor");
-  TORCH_CHECK(block.dim() == 2 && block.size(0) == size && block.size(1) == size, name, " must be ", size, " x ",
-              size, ", got ", block.sizes());
-}
-
 // The scale (and zero point) rows of a group-wise grid, looked up per column.
 struct GroupRows {
   const float* first = nullptr;
@@ -72,8 +60,8 @@ struct GroupRows {
       return rows;
     }
     TORCH_CHECK(second.has_value() && group_of.has_value(), "the grid tables come together or not at all");
-    check_rows(*first, "scale table", first->size(0), width);
-    check_rows(*second, "second table", first->size(0), width);
+    check_table(*first, "scale table", first->size(0), width);
+    check_table(*second, "second table", first->size(0), width);
     TORCH_CHECK(group_of->scalar_type() == at::kLong && group_of->is_contiguous() && group_of->numel() == columns,
                 "group_of must hold one int64 group index per column of the block");
     const int64_t* groups = group_of->data_ptr<int64_t>();
@@ -122,10 +110,10 @@ void sweep_block(Tensor local, Tensor codes, Tensor moves, Tensor hessian_block,
                  std::optional<Tensor> inv_scales, std::optional<Tensor> scales, std::optional<Tensor> group_of,
                  int64_t max_code, int64_t inner_block_size) {
   const int64_t size = local.size(0), width = local.size(1);
-  check_rows(local, "local", size, width);
-  check_rows(codes, "codes", size, width);
-  check_rows(moves, "moves", size, width);
-  check_square(hessian_block, "hessian block", size);
+  check_table(local, "local", size, width);
+  check_table(codes, "codes", size, width);
+  check_table(moves, "moves", size, width);
+  check_table(hessian_block, "hessian block", size, size, false);
   TORCH_CHECK(inv_diag.scalar_type() == at::kDouble && inv_diag.is_contiguous() && inv_diag.numel() == size,
               "inv_diag must hold one float64 per column of the block");
   TORCH_CHECK(inner_block_size > 0, "inner_block_size must be positive");
@@ -171,9 +159,9 @@ void feedback_block(Tensor state, Tensor moves, Tensor coupling_block, std::opti
                     std::optional<Tensor> zeros, std::optional<Tensor> group_of, int64_t max_code,
                     int64_t inner_block_size) {
   const int64_t size = state.size(0), width = state.size(1);
-  check_rows(state, "state", size, width);
-  check_rows(moves, "moves", size, width);
-  check_square(coupling_block, "coupling block", size);
+  check_table(state, "state", size, width);
+  check_table(moves, "moves", size, width);
+  check_table(coupling_block, "coupling block", size, size, false);
   TORCH_CHECK(inner_block_size > 0, "inner_block_size must be positive");
   const GroupRows grid = GroupRows::of(scales, zeros, group_of, size, width);
   float* state_data = state.data_ptr<float>();

@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "solver_tables.h"
 #include "fp_contract_off.h"
 
 namespace hf_comq {
@@ -29,13 +30,6 @@ namespace {
 using at::Tensor;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-void check_table(const Tensor& tensor, const char* name, int64_t rows, int64_t width, bool contiguous_rows) {
-  TORCH_CHECK(tensor.scalar_type() == at::kFloat && tensor.device().is_cpu(), name, " must be a float32 CPU tensor");
-  TORCH_CHECK(tensor.dim() == 2 && tensor.size(0) == rows && tensor.size(1) == width, name, " must be ", rows, " x ",
-              width, ", got ", tensor.sizes());
-  TORCH_CHECK(!contiguous_rows || tensor.stride(1) == 1, name, " must have contiguous rows");
-}
 
 // The helpers below are this file's own rather than <algorithm>'s: under the
 // fp-contract pragma GCC does not inline functions from headers compiled without it,
@@ -177,11 +171,11 @@ bool move_once(RowState& row, float* dequant, int64_t stride, const float* hessi
 int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Tensor& hessian, const Tensor& scale_t,
                    int64_t max_code, int64_t candidates, int64_t max_rounds, double min_relative_gain) {
   const int64_t width = residual_t.size(0), rows = residual_t.size(1);
-  check_table(residual_t, "residual_t", width, rows, true);
-  check_table(dequant_t, "dequant_t", width, rows, true);
-  check_table(codes_t, "codes_t", width, rows, true);
+  check_table(residual_t, "residual_t", width, rows);
+  check_table(dequant_t, "dequant_t", width, rows);
+  check_table(codes_t, "codes_t", width, rows);
   check_table(scale_t, "scale_t", width, rows, false);
-  check_table(hessian, "hessian", width, width, true);
+  check_table(hessian, "hessian", width, width);
   TORCH_CHECK(hessian.is_contiguous(), "hessian must be contiguous");
   if (rows == 0 || width == 0) return 0;
   const int64_t count = candidates < 1 ? 1 : (candidates < width ? candidates : width);
