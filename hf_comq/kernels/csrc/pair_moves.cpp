@@ -133,7 +133,8 @@ bool move_once(RowState& row, float* dequant, int64_t stride, const float* hessi
     for (int64_t j = i + 1; j < count; ++j) {
       const float cj = cost[picked[j]], vj = value[j];
       const float cross = h_row[picked[j]];
-      const float change = smaller(((cross * (vi * vj)) * 2.0f + ci) + cj, ((cross * (vj * vi)) * 2.0f + cj) + ci);
+      const float term = (cross * (vi * vj)) * 2.0f;  // vi * vj == vj * vi exactly: one product serves both orders
+      const float change = smaller((term + ci) + cj, (term + cj) + ci);
       if (change < best) {
         best = change;
         first = i;
