@@ -18,12 +18,18 @@ def _run_pass(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The pass from the layer's rounded start, on the solver's transposed tables in ``dtype``;
     returns codes and values (out x in, float64), residual_t and the moves made."""
+    residual_t, values_t, codes_t, hessian, scale_t = _pass_tables(layer, dtype)
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, scale_t, layer.grid.max_code, candidates)
+    return codes_t.T.double(), values_t.T.double(), residual_t, moves
+
+
+def _pass_tables(layer, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The pass's arguments for the layer's rounded start: residual, values, codes (all
+    ``in x out``), H and the per-column scales, in ``dtype``."""
     weight, hessian, start = layer.weight.to(dtype), layer.hessian.to(dtype), layer.values.to(dtype)
     residual_t = hessian @ (weight - start).T
     codes_t, values_t = layer.codes.to(dtype).T.contiguous(), start.T.contiguous()
-    scale_t = layer.scale.to(dtype).T.contiguous()
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, scale_t, layer.grid.max_code, candidates)
-    return codes_t.T.double(), values_t.T.double(), residual_t, moves
+    return [residual_t, values_t, codes_t, hessian, layer.scale.to(dtype).T.contiguous()]
 
 
 def _row_objective_on_x(inputs: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -94,6 +100,31 @@ def test_the_compiled_pass_leaves_no_single_or_pair_step_that_helps_on_x(monkeyp
     expected = layer.hessian.float() @ (layer.weight.float() - values.float()).T
     torch.testing.assert_close(residual_t, expected, rtol=1e-4, atol=1e-4)
     _assert_no_step_helps_on_x(layer, codes, values, tolerance=1e-4)
+
+
+def test_the_compiled_pass_moves_every_row_as_it_would_alone(monkeypatch):
+    """Rows are independent: on two threads, with rows gathered in tiles (37 rows: two
+    full tiles of 16 and a partial one), each row ends exactly where the pass on that
+    row alone leaves it."""
+    require_kernel()
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    layer = rounded_layer(37, 24, 96, seed=3, group_size=8)
+    residual_t, values_t, codes_t, hessian, scale_t = whole = _pass_tables(layer, torch.float32)
+    max_code = layer.grid.max_code
+    alone = [[table[:, row : row + 1].clone() for table in (residual_t, values_t, codes_t, scale_t)] for row in range(37)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        moves = pair_move_pass(*whole, max_code, 12)
+    finally:
+        torch.set_num_threads(threads)
+
+    moves_alone = 0
+    for row, (residual, values, codes, scale) in enumerate(alone):
+        moves_alone += pair_move_pass(residual, values, codes, hessian, scale, max_code, 12)
+        for table, own in ((residual_t, residual), (values_t, values), (codes_t, codes)):
+            assert torch.equal(table[:, row : row + 1], own)
+    assert moves == moves_alone > 37
 
 
 @pytest.mark.parametrize("group_size", [None, 32])

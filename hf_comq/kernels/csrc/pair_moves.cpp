@@ -24,6 +24,13 @@
 #include "solver_tables.h"
 #include "fp_contract_off.h"
 
+// Floating-point operations here never trap (torch never enables FP exceptions), so the
+// compiler may evaluate both sides of a selection: that is what lets it vectorise the
+// per-column cost loop.  Every result is rounded exactly as before.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace hf_comq {
 namespace {
 
@@ -36,18 +43,39 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // and a call per table entry would cost more than the arithmetic.
 inline float smaller(float a, float b) { return b < a ? b : a; }
 
-// One row's working copy and scratch, reused across its rounds (and across the rows of
-// one thread).  The solver's tables are transposed (in x out: a row's entries lie one
-// table row apart), so a row is gathered once into contiguous copies, every round of it
-// reads those, and its residual and codes are written back when the row is done.
+constexpr int64_t kTileRows = 16;  // output rows gathered together: a 64-byte line of each transposed table
+
+// A tile of rows' copies.  The solver's tables are transposed (in x out: a row's entries
+// lie one table row apart), so rows are gathered a tile at a time, one cache line of
+// each table serving every row of the tile, into contiguous copies (row r's entries at
+// r * width); every round of a row reads those, and the residual and codes go back
+// to the tables when the tile is done.
+struct Tile {
+  std::vector<float> residual, codes, scale;
+
+  explicit Tile(int64_t width) : residual(kTileRows * width), codes(kTileRows * width), scale(kTileRows * width) {}
+};
+
+// One row's view of its tile's copies, and its scratch (reused across its rounds and
+// across the rows of one thread).
 struct RowState {
-  std::vector<float> residual, codes, scale, cost, step, value, picked_cost, short_cost;
+  float* residual = nullptr;
+  float* codes = nullptr;
+  const float* scale = nullptr;
+  std::vector<float> cost, step, value, picked_cost, short_cost;
   std::vector<int64_t> picked, short_list;  // the candidates' columns, cheapest first; a pre-filter's columns
   float bound = kInf;  // a cost the row's candidates are expected under (from its last round); inf: none yet
 
   RowState(int64_t width, int64_t count)
-      : residual(width), codes(width), scale(width), cost(width), step(width), value(count), picked_cost(count),
-        short_cost(width), picked(count), short_list(width) {}
+      : cost(width), step(width), value(count), picked_cost(count), short_cost(width), picked(count),
+        short_list(width) {}
+
+  void start(Tile& tile, int64_t r, int64_t width) {
+    residual = tile.residual.data() + r * width;
+    codes = tile.codes.data() + r * width;
+    scale = tile.scale.data() + r * width;
+    bound = kInf;
+  }
 };
 
 // The `count` cheapest columns of `cost` (count <= width), ascending, ties to the lower
@@ -82,11 +110,15 @@ void pick_candidates(RowState& row, int64_t width, int64_t count) {
   const float* cost = row.cost.data();
   int64_t listed = 0;
   if (row.bound < kInf) {
+    // Every column is written and the count advances only past those under the bound:
+    // no branch to mispredict on the column's cost.
+    float* short_cost = row.short_cost.data();
+    int64_t* short_list = row.short_list.data();
+    const float bound = row.bound;
     for (int64_t j = 0; j < width; ++j) {
-      if (cost[j] <= row.bound) {
-        row.short_cost[listed] = cost[j];
-        row.short_list[listed++] = j;
-      }
+      short_cost[listed] = cost[j];
+      short_list[listed] = j;
+      listed += cost[j] <= bound;
     }
   }
   if (listed >= count) {
@@ -103,9 +135,9 @@ void pick_candidates(RowState& row, int64_t width, int64_t count) {
 // (`dequant[j * stride]`, the row's column j).
 bool move_once(RowState& row, float* dequant, int64_t stride, const float* hessian, const float* diag, int64_t width,
                int64_t count, float top, float min_relative_gain) {
-  float* residual = row.residual.data();
-  float* codes = row.codes.data();
-  const float* scale = row.scale.data();
+  float* residual = row.residual;
+  float* codes = row.codes;
+  const float* scale = row.scale;
   float* cost = row.cost.data();
   float* step = row.step.data();
   float* value = row.value.data();
@@ -191,27 +223,38 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
   std::vector<float> diag(width);
   for (int64_t j = 0; j < width; ++j) diag[j] = hessian_data[j * width + j];
   std::atomic<int64_t> moves{0};
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    Tile tile(width);
     RowState row(width, count);
     int64_t made = 0;
-    for (int64_t k = begin; k < end; ++k) {
-      row.bound = kInf;
+    for (int64_t t = tile_begin; t < tile_end; ++t) {
+      const int64_t k0 = t * kTileRows, n = rows - k0 < kTileRows ? rows - k0 : kTileRows;
       for (int64_t j = 0; j < width; ++j) {
-        row.residual[j] = residual_data[j * r_ld + k];
-        row.codes[j] = codes_data[j * c_ld + k];
-        row.scale[j] = scale_data[j * s_ld + k * s_col];
+        for (int64_t r = 0; r < n; ++r) {
+          tile.residual[r * width + j] = residual_data[j * r_ld + k0 + r];
+          tile.codes[r * width + j] = codes_data[j * c_ld + k0 + r];
+          tile.scale[r * width + j] = scale_data[j * s_ld + (k0 + r) * s_col];
+        }
       }
-      int64_t round = 0;
-      while (round < max_rounds && move_once(row, dequant_data + k, d_ld, hessian_data, diag.data(), width, count, top,
-                                             gain)) {
-        ++round;
+      int64_t tile_moves = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        row.start(tile, r, width);
+        int64_t round = 0;
+        while (round < max_rounds && move_once(row, dequant_data + k0 + r, d_ld, hessian_data, diag.data(), width,
+                                               count, top, gain)) {
+          ++round;
+        }
+        tile_moves += round;
       }
-      if (round == 0) continue;
+      if (tile_moves == 0) continue;
       for (int64_t j = 0; j < width; ++j) {
-        residual_data[j * r_ld + k] = row.residual[j];
-        codes_data[j * c_ld + k] = row.codes[j];
+        for (int64_t r = 0; r < n; ++r) {
+          residual_data[j * r_ld + k0 + r] = tile.residual[r * width + j];
+          codes_data[j * c_ld + k0 + r] = tile.codes[r * width + j];
+        }
       }
-      made += round;
+      made += tile_moves;
     }
     moves += made;
   });
