@@ -88,6 +88,7 @@ def main() -> None:
           "| pass s: kernel, torch | solve / without: kernel, torch pass |")
     print("|---|---|---|---|---|")
     ratios = {"kernel": [], "torch": []}
+    pass_totals = {"kernel": 0.0, "torch": 0.0}
     for problem in problems:
         runs = {"without": [], "kernel": [], "torch": []}
         for _ in range(args.repeats):
@@ -99,6 +100,7 @@ def main() -> None:
         in_pass = {key: statistics.median(run[2] for run in value) for key, value in runs.items()}
         for key in ratios:
             ratios[key].append(seconds[key] / seconds["without"])
+            pass_totals[key] += in_pass[key]
         print(f"| {problem.name} | {objective['kernel'] / objective['without']:.5f}, "
               f"{objective['torch'] / objective['without']:.5f} | {seconds['without']:.3f}, {seconds['kernel']:.3f}, "
               f"{seconds['torch']:.3f} | {in_pass['kernel']:.3f}, {in_pass['torch']:.3f} | "
@@ -107,6 +109,8 @@ def main() -> None:
         values = ratios[key]
         print(f"solve with pair moves / without, {label}: median {statistics.median(values):.2f} "
               f"({min(values):.2f}-{max(values):.2f})")
+    print(f"seconds in the pass, summed over the layers: compiled {pass_totals['kernel']:.3f}, "
+          f"torch {pass_totals['torch']:.3f}")
 
 
 if __name__ == "__main__":
