@@ -466,22 +466,27 @@ class _Calibrator:
                 self.model, group, iter(self.inputs), recorder, self.inputs.forward_kwargs, self.compute
             )
         if self.inputs.placement.dispatched:
-            self._release_group_pages(group)
+            self._release_capture_pages(group)
         batches, missed = sum_over_ranks(self.group, [count, 0 if reached else 1])
         self._check_batches(batches)
         self._sum_over_ranks(recorder)
         return (captured if missed == 0 else None), recorder.accumulators
 
-    def _release_group_pages(self, group: BlockGroup) -> None:
-        """Give back the pages of the group's weights read from the mapped checkpoint during its capture.
+    def _release_capture_pages(self, group: BlockGroup) -> None:
+        """Give back the pages of the weights read from the mapped checkpoint during the group's capture.
 
-        The capture's first batch runs every block of the group (see
-        :func:`~.hooks.capture_block_inputs`); under a memory budget the weights of the
-        blocks kept in memory would otherwise stay resident from then on, not from their
-        own turn (as :func:`check_finite_weights` does for the weights it reads).
+        The capture runs the model up to the group: the modules outside every block (the
+        input embeddings above all, often a language model's largest weight) are read
+        again only by a later group's capture or once the model is used or saved, and the
+        capture's first batch also runs every block of the group (see
+        :func:`~.hooks.capture_block_inputs`).  Under a memory budget these weights would
+        otherwise stay resident for the rest of the run, not only for their own turn (the
+        reason :func:`check_finite_weights` gives back the pages it reads).
         """
-        for block_name in group.block_names:
-            for param in self.model.get_submodule(block_name).parameters():
+        in_blocks = tuple(f"{block}." for block in self.block_names)
+        in_group = tuple(f"{block}." for block in group.block_names)
+        for name, param in self.model.named_parameters():
+            if name.startswith(in_group) or not name.startswith(in_blocks):
                 release_file_pages(param)
 
     def _check_batches(self, total: float) -> None:

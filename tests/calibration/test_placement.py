@@ -117,11 +117,11 @@ def test_release_file_pages_leaves_memory_that_is_not_a_file_alone():
     assert not release_file_pages(torch.empty(2048, 1024, device="meta"))
 
 
-def _mapped_llama(folder: Path) -> Path:
-    """A Llama checkpoint whose file is mostly linear weights, written back to disk; returns the file."""
+def _mapped_llama(folder: Path, vocab_size: int = 64) -> Path:
+    """A Llama checkpoint whose file is mostly linear weights (at the default vocabulary), written back to disk; returns the file."""
     _skip_on_memory_file_system(folder.parent)
     config = T.LlamaConfig(
-        vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
     )  # fmt: skip
     T.LlamaForCausalLM(config).save_pretrained(folder)
@@ -158,6 +158,27 @@ def test_quantizing_a_mapped_checkpoint_releases_the_replaced_weights(tmp_path):
     assert quantized * 4 > 4 * kept  # most of the file is the replaced weights
     # Whatever of the file is still resident is at most the unquantized tensors' pages (+ edges).
     assert _resident_kib(file) * 1024 <= kept * 4 + 64 * 4096
+
+
+@linux_only
+def test_calibrating_a_dispatched_model_leaves_none_of_its_checkpoint_resident(tmp_path):
+    """Under a ``device_map`` that offloads, the embedding rows the capture looked up are given back too:
+    nothing reads them again until the model is used or saved (then they come back from the file)."""
+    file = _mapped_llama(tmp_path / "llama", vocab_size=8192)  # a 8 MiB embedding
+    ids = torch.randint(0, 8192, (8, 64), generator=torch.Generator().manual_seed(0))
+    config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, group_size=16)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    dispatched = T.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", quantization_config=config, device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+
+    # What may stay: the norms, which their blocks read after the capture, with the pages the
+    # kernel maps around each fault (64 KiB of fault-around): far below the 8 MiB embedding.
+    assert _resident_kib(file) <= 1024
+    in_memory = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", quantization_config=config)
+    with torch.no_grad():  # the same quantized model, its embedding read back from the file
+        torch.testing.assert_close(dispatched(input_ids=ids[:2]).logits, in_memory(input_ids=ids[:2]).logits, rtol=0, atol=0)
 
 
 def _resident_anonymous_mib() -> int:
