@@ -60,7 +60,9 @@ def main() -> None:
         original = getattr(sequential._Calibrator, method)
 
         def wrapper(self, *positional, **keywords):
-            if method in ("_capture_pass", "_process_block", "_process_block_in_stages", "_run_block", "_run_block_with_targets"):  # what loading, onloading and the forward each add
+            # what loading, onloading and the forward each add
+            if method in ("_capture_pass", "_process_block", "_process_block_in_stages", "_run_block",
+                          "_run_block_with_targets"):
                 memory(f"before {method}")
             result = original(self, *positional, **keywords)
             label = positional[0] if positional and isinstance(positional[0], str) else ""

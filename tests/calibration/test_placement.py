@@ -118,7 +118,8 @@ def test_release_file_pages_leaves_memory_that_is_not_a_file_alone():
 
 
 def _mapped_llama(folder: Path, vocab_size: int = 64) -> Path:
-    """A Llama checkpoint whose file is mostly linear weights (at the default vocabulary), written back to disk; returns the file."""
+    """A Llama checkpoint, written back to disk; returns the file.  At the default vocabulary
+    the file is mostly linear weights."""
     _skip_on_memory_file_system(folder.parent)
     config = T.LlamaConfig(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -158,27 +159,6 @@ def test_quantizing_a_mapped_checkpoint_releases_the_replaced_weights(tmp_path):
     assert quantized * 4 > 4 * kept  # most of the file is the replaced weights
     # Whatever of the file is still resident is at most the unquantized tensors' pages (+ edges).
     assert _resident_kib(file) * 1024 <= kept * 4 + 64 * 4096
-
-
-@linux_only
-def test_calibrating_a_dispatched_model_leaves_none_of_its_checkpoint_resident(tmp_path):
-    """Under a ``device_map`` that offloads, the embedding rows the capture looked up are given back too:
-    nothing reads them again until the model is used or saved (then they come back from the file)."""
-    file = _mapped_llama(tmp_path / "llama", vocab_size=8192)  # a 8 MiB embedding
-    ids = torch.randint(0, 8192, (8, 64), generator=torch.Generator().manual_seed(0))
-    config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, group_size=16)
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
-    dispatched = T.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "llama", quantization_config=config, device_map=device_map, offload_folder=str(tmp_path / "offload")
-    )
-
-    # What may stay: the norms, which their blocks read after the capture, with the pages the
-    # kernel maps around each fault (64 KiB of fault-around): far below the 8 MiB embedding.
-    assert _resident_kib(file) <= 1024
-    in_memory = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", quantization_config=config)
-    with torch.no_grad():  # the same quantized model, its embedding read back from the file
-        torch.testing.assert_close(dispatched(input_ids=ids[:2]).logits, in_memory(input_ids=ids[:2]).logits, rtol=0, atol=0)
 
 
 def _resident_anonymous_mib() -> int:
@@ -227,3 +207,25 @@ def test_a_dispatched_or_disk_offloaded_mixture_of_experts_saves_the_in_memory_c
     assert "model.layers.1.block_sparse_moe.experts.2.w1.weight_packed" in got
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+@linux_only
+def test_calibrating_a_dispatched_model_leaves_none_of_its_checkpoint_resident(tmp_path):
+    """Under a ``device_map`` that offloads, the embedding rows the capture looked up are given back too:
+    nothing reads them again until the model is used or saved (then they come back from the file)."""
+    file = _mapped_llama(tmp_path / "llama", vocab_size=8192)  # an 8 MiB embedding
+    ids = torch.randint(0, 8192, (8, 64), generator=torch.Generator().manual_seed(0))
+    config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, group_size=16)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    dispatched = T.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", quantization_config=config, device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+
+    # What may stay: the norms, which their blocks read after the capture, with the pages the
+    # kernel maps around each fault (64 KiB of fault-around): far below the 8 MiB embedding.
+    assert _resident_kib(file) <= 1024
+    in_memory = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", quantization_config=config)
+    with torch.no_grad():  # the same quantized model, its embedding read back from the file
+        expected = in_memory(input_ids=ids[:2]).logits
+        torch.testing.assert_close(dispatched(input_ids=ids[:2]).logits, expected, rtol=0, atol=0)

@@ -111,7 +111,8 @@ def test_the_compiled_pass_moves_every_row_as_it_would_alone(monkeypatch):
     layer = rounded_layer(37, 24, 96, seed=3, group_size=8)
     residual_t, values_t, codes_t, hessian, scale_t = whole = _pass_tables(layer, torch.float32)
     max_code = layer.grid.max_code
-    alone = [[table[:, row : row + 1].clone() for table in (residual_t, values_t, codes_t, scale_t)] for row in range(37)]
+    tables = (residual_t, values_t, codes_t, scale_t)
+    alone = [[table[:, row : row + 1].clone() for table in tables] for row in range(37)]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
