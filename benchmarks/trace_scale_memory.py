@@ -8,11 +8,17 @@ pinned on its step (Gram-matrix accumulation, a layer solve, an install).
 Diagnostic only: it patches private methods of the driver.
 
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/trace_scale_memory.py tinyllama-1b 512 --blocks 2
+
+With ``--mappings N`` it also prints, at the end, the N mappings whose resident memory
+grew the most since the imports (``/proc/self/smaps``: a library's file, the checkpoint,
+``[heap]``, or ``[anon]`` for unnamed memory), which says whose pages a peak holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import collections
 import sys
 from pathlib import Path
 
@@ -31,6 +37,28 @@ def memory(tag: str) -> None:
     print(f"{tag:50s} {values}", flush=True)
 
 
+def resident_by_mapping() -> collections.Counter:
+    """Resident KiB per mapped file (or ``[heap]``, ``[stack]``, ``[anon]`` for unnamed memory)."""
+    resident: collections.Counter = collections.Counter()
+    name = "[anon]"
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+                name = fields[5] if len(fields) > 5 else "[anon]"
+            elif fields[0] == "Rss:":
+                resident[name] += int(fields[1])
+    return resident
+
+
+def print_growth(before: collections.Counter, count: int) -> None:
+    after = resident_by_mapping()
+    growth = {name: after[name] - before[name] for name in set(before) | set(after)}
+    print(f"resident memory grown since the imports, by mapping (MiB; all: {sum(growth.values()) / 1024:.1f}):")
+    for name, kib in sorted(growth.items(), key=lambda item: -abs(item[1]))[:count]:
+        print(f"  {kib / 1024:7.1f}  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shape", choices=sorted(SHAPES))
@@ -40,6 +68,7 @@ def main() -> None:
     parser.add_argument("--true-sequential", action="store_true", help="quantize with true_sequential=True")
     parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
     parser.add_argument("--solver", default="rtn", choices=["rtn", "default"], help="round to nearest or the default COMQ solver")
+    parser.add_argument("--mappings", type=int, default=0, help="at the end, the N mappings that grew the most")
     args = parser.parse_args()
 
     import accelerate  # noqa: F401  everything the run imports, before the first line
@@ -54,6 +83,8 @@ def main() -> None:
 
     torch.set_num_threads(2)
     memory("after imports")
+    if args.mappings:  # also when the trace stops early, by SystemExit
+        atexit.register(print_growth, resident_by_mapping(), args.mappings)
     done = []
 
     def traced(method: str):

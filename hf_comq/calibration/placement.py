@@ -12,6 +12,7 @@ and the saved checkpoint is the one an in-memory run writes.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import functools
@@ -21,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "install_unfused_experts",
     "materialized",
     "offloads_to_disk",
+    "release_file_mappings",
     "release_file_pages",
     "resolve_placement",
     "send_to_device",
@@ -229,18 +231,87 @@ def release_file_pages(tensor: torch.Tensor) -> bool:
     return _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_PAGEOUT) == 0
 
 
-def _file_backed(start: int, end: int) -> bool:
-    """True when ``[start, end)`` lies inside one mapping of a file (``/proc/self/maps``, inode not 0)."""
+def release_file_mappings(tensors: Iterable[torch.Tensor], keep: Iterable[torch.Tensor] = ()) -> int:
+    """Let the kernel reclaim every page of the file mappings that hold any of ``tensors``, except ``keep``'s.
+
+    :func:`release_file_pages` reaches only the pages of live tensors, but loading a
+    checkpoint under a ``device_map`` also reads a little of the weights it offloads to
+    disk (the kernel maps the pages around each fault, 64 KiB by default, at both ends
+    of every weight), and afterwards no tensor points at those pages: they stay
+    resident for as long as the mapping lives, that is for as long as any weight of the
+    file does.  Advising the whole mapping reaches them.  ``keep`` are weights still to be
+    read (blocks whose turn has not come): their pages, including the ones whose edges
+    they share with a neighbour, are left alone, so they are not read from the file
+    twice.  Returns the number of bytes advised; 0 off Linux.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    mappings = _file_mappings()
+    lows = [low for low, _ in mappings]
+    held = {span for tensor in tensors if (span := _mapping_holding(tensor, mappings, lows)) is not None}
+    kept = sorted(_page_span(tensor) for tensor in keep if _is_cpu_data(tensor))
+    advised = 0
+    for low, high in sorted(held):
+        for start, end in _uncovered(low, high, kept):
+            if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT) == 0:
+                advised += end - start
+    return advised
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """This process's file mappings as ``[low, high)`` address ranges, ascending (``/proc/self/maps``, inode not 0)."""
+    spans = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split()
-                low, high = (int(bound, 16) for bound in fields[0].split("-"))
-                if low <= start < high:
-                    return end <= high and len(fields) >= 6 and fields[4] != "0"
+                if len(fields) >= 6 and fields[4] != "0":
+                    low, high = (int(bound, 16) for bound in fields[0].split("-"))
+                    spans.append((low, high))
     except OSError:
-        return False
-    return False
+        return []
+    return sorted(spans)
+
+
+def _mapping_holding(
+    tensor: torch.Tensor, mappings: list[tuple[int, int]], lows: list[int]
+) -> tuple[int, int] | None:
+    """The file mapping (of :func:`_file_mappings`; ``lows`` their starts) that holds ``tensor``'s first byte."""
+    if not _is_cpu_data(tensor):
+        return None
+    at = bisect.bisect_right(lows, tensor.data_ptr()) - 1
+    if at < 0 or tensor.data_ptr() >= mappings[at][1]:
+        return None
+    return mappings[at]
+
+
+def _is_cpu_data(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.numel() > 0
+
+
+def _page_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The pages ``tensor``'s elements lie on, edge pages included: ``[first, end)`` on page boundaries."""
+    start = tensor.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    end = start + (last + 1) * tensor.element_size()
+    return start // mmap.PAGESIZE * mmap.PAGESIZE, -(-end // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _uncovered(low: int, high: int, covered: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The parts of ``[low, high)`` outside every span of ``covered`` (sorted by start)."""
+    for start, end in covered:
+        if end <= low or start >= high:
+            continue
+        if start > low:
+            yield low, start
+        low = max(low, end)
+    if low < high:
+        yield low, high
+
+
+def _file_backed(start: int, end: int) -> bool:
+    """True when ``[start, end)`` lies inside one mapping of a file (``/proc/self/maps``, inode not 0)."""
+    return any(low <= start and end <= high for low, high in _file_mappings())
 
 
 def trim_heap() -> bool:

@@ -130,6 +130,7 @@ from .placement import (
     install_quantized_layer,
     install_unfused_experts,
     materialized,
+    release_file_mappings,
     release_file_pages,
     resolve_placement,
     send_to_device,
@@ -473,21 +474,23 @@ class _Calibrator:
         return (captured if missed == 0 else None), recorder.accumulators
 
     def _release_capture_pages(self, group: BlockGroup) -> None:
-        """Give back the pages of the weights read from the mapped checkpoint during the group's capture.
+        """Give back the pages of the mapped checkpoint that nothing reads before their turn.
 
         The capture runs the model up to the group: the modules outside every block (the
         input embeddings above all, often a language model's largest weight) are read
         again only by a later group's capture or once the model is used or saved, and the
         capture's first batch also runs every block of the group (see
-        :func:`~.hooks.capture_block_inputs`).  Under a memory budget these weights would
+        :func:`~.hooks.capture_block_inputs`).  Loading left pages of the weights it
+        offloaded to disk mapped as well.  Under a memory budget all of these would
         otherwise stay resident for the rest of the run, not only for their own turn (the
-        reason :func:`check_finite_weights` gives back the pages it reads).
+        reason :func:`check_finite_weights` gives back the pages it reads); the weights of
+        the other groups' blocks keep theirs.
         """
         in_blocks = tuple(f"{block}." for block in self.block_names)
         in_group = tuple(f"{block}." for block in group.block_names)
-        for name, param in self.model.named_parameters():
-            if name.startswith(in_group) or not name.startswith(in_blocks):
-                release_file_pages(param)
+        params = dict(self.model.named_parameters())
+        keep = [param for name, param in params.items() if name.startswith(in_blocks) and not name.startswith(in_group)]
+        release_file_mappings(params.values(), keep=keep)
 
     def _check_batches(self, total: float) -> None:
         if total == 0:

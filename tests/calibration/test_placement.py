@@ -14,7 +14,7 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 from hf_comq import COMQConfig
-from hf_comq.calibration.placement import offloads_to_disk, release_file_pages, trim_heap
+from hf_comq.calibration.placement import offloads_to_disk, release_file_mappings, release_file_pages, trim_heap
 from hf_comq.calibration.sequential import check_finite_weights
 from hf_comq.nn import COMQLinear
 
@@ -117,12 +117,35 @@ def test_release_file_pages_leaves_memory_that_is_not_a_file_alone():
     assert not release_file_pages(torch.empty(2048, 1024, device="meta"))
 
 
-def _mapped_llama(folder: Path, vocab_size: int = 64) -> Path:
+@linux_only
+def test_release_file_mappings_drops_the_whole_mapping_but_the_kept_tensors(tmp_path):
+    _skip_on_memory_file_system(tmp_path)
+    file = tmp_path / "weights.safetensors"
+    save_file({"a": torch.randn(1024, 1024), "b": torch.randn(1024, 1024), "c": torch.randn(1024, 1024)}, file)
+    _write_back(file)
+    tensors = load_file(file)  # views of one mapping of the file
+    expected = {name: tensor.clone() for name, tensor in tensors.items()}
+    assert sum(float(tensor.sum()) for tensor in tensors.values()) != 0.0  # every page read in
+    assert _resident_kib(file.resolve()) >= 12 * 1024 - 12
+
+    # handed only "a", it reaches "c" too, which no tensor it was given points at; "b" is kept
+    assert release_file_mappings([tensors["a"]], keep=[tensors["b"]]) > 0
+    resident = _resident_kib(file.resolve())
+    assert 4 * 1024 - 4 <= resident <= 4 * 1024 + 8  # b's pages, and the two it shares with its neighbours
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, expected[name])  # faulted back in from the file
+
+
+def test_release_file_mappings_leaves_memory_that_is_not_a_file_alone():
+    assert release_file_mappings([torch.randn(2048, 1024), torch.empty(8, device="meta")]) == 0
+
+
+def _mapped_llama(folder: Path, vocab_size: int = 64, layers: int = 2) -> Path:
     """A Llama checkpoint, written back to disk; returns the file.  At the default vocabulary
     the file is mostly linear weights."""
     _skip_on_memory_file_system(folder.parent)
     config = T.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
     )  # fmt: skip
     T.LlamaForCausalLM(config).save_pretrained(folder)
@@ -229,3 +252,22 @@ def test_calibrating_a_dispatched_model_leaves_none_of_its_checkpoint_resident(t
     with torch.no_grad():  # the same quantized model, its embedding read back from the file
         expected = in_memory(input_ids=ids[:2]).logits
         torch.testing.assert_close(dispatched(input_ids=ids[:2]).logits, expected, rtol=0, atol=0)
+
+
+@linux_only
+def test_calibrating_a_disk_offloaded_model_gives_back_what_loading_read_of_its_offloaded_weights(tmp_path):
+    """Loading under a ``device_map`` reads a little of every weight it sends to disk (the pages the
+    kernel maps around each fault, at both ends of a weight), and no tensor points at those pages
+    afterwards: they are given back with the rest of the checkpoint's mapping after the capture."""
+    file = _mapped_llama(tmp_path / "llama", layers=6)  # 6 x 7 disk-offloaded weights of 256 or 512 KiB
+    ids = torch.randint(0, 64, (8, 64), generator=torch.Generator().manual_seed(0))
+    config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, group_size=16)
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}  # fmt: skip
+    T.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", quantization_config=config, device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+
+    # What may stay: the CPU weights outside the blocks read after the capture (none are) and the
+    # edge pages they share; well under one page per offloaded weight
+    assert _resident_kib(file) < 6 * 7 * 4
