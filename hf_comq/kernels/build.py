@@ -32,8 +32,11 @@ DISABLE_ENV_VAR = "HF_COMQ_DISABLE_KERNEL"
 """Set to ``1`` to force the torch fallback (no build, no compiled code)."""
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp", "pair_moves.cpp")
-HEADERS = ("kernels.h", "kernels_impl.h", "fp_contract_off.h", "solver_tables.h")
+SOURCES = (
+    "packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp", "pair_moves.cpp",
+    "pair_moves_avx2.cpp", "pair_moves_scalar.cpp",
+)  # fmt: skip
+HEADERS = ("kernels.h", "kernels_impl.h", "fp_contract_off.h", "solver_tables.h", "pair_moves.h", "pair_moves_impl.h")
 OPS_NAMESPACE = "hf_comq_cpu"
 
 _lock = threading.Lock()

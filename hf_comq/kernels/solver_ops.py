@@ -1,4 +1,4 @@
-"""The solver's compiled loops (``csrc/column_passes.cpp``, ``csrc/pair_moves.cpp``), where they apply.
+"""The solver's compiled loops (``csrc/column_passes.cpp``, ``csrc/pair_moves*``), where they apply.
 
 :mod:`hf_comq.solver.passes` rounds a weight column by column; per outer block it
 hands that inner loop to :func:`compiled_solver_ops`' ops when the tensors are

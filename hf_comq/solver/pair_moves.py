@@ -18,10 +18,11 @@ cheaper sign) only.
 Each round applies, per row, the best single step or pair if it lowers that row's
 objective.  Rows are independent: a row with no such move stays as it is, so it
 leaves the pass, and later rounds cost only what the rows still moving cost.  On CPU
-in float32 the compiled kernel (``hf_comq/kernels/csrc/pair_moves.cpp``) runs each
-row's rounds to the end on its own, the same moves in the same float32 arithmetic
-without a round's gathers and temporaries for every row; the torch rounds below are
-the path everywhere else.
+in float32 the compiled kernel (``hf_comq/kernels/csrc/pair_moves_impl.h``, built for
+AVX2 CPUs and for the rest, the same moves either way) runs each row's rounds to the
+end on its own, the same moves in the same float32 arithmetic without a round's
+gathers and temporaries for every row; the torch rounds below are the path everywhere
+else.
 """
 
 from __future__ import annotations

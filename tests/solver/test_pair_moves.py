@@ -8,7 +8,7 @@ import torch
 from hf_comq import COMQConfig, comq_quantize, layer_objective
 from hf_comq.kernels import DISABLE_ENV_VAR, compiled_solver_ops
 from hf_comq.solver.grid import Grid
-from hf_comq.solver.pair_moves import pair_move_pass
+from hf_comq.solver.pair_moves import MAX_ROUNDS, MIN_RELATIVE_GAIN, pair_move_pass
 from tests.solver.kernel_paths import assert_same_solution, both_paths, require_kernel
 from tests.solver.reference import rounded_layer
 
@@ -126,6 +126,29 @@ def test_the_compiled_pass_moves_every_row_as_it_would_alone(monkeypatch):
         for table, own in ((residual_t, residual), (values_t, values), (codes_t, codes)):
             assert torch.equal(table[:, row : row + 1], own)
     assert moves == moves_alone > 37
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(monkeypatch, group_size):
+    """Both builds round every product and sum on its own, in wider or narrower registers:
+    the same moves, bit for bit, whichever the CPU runs."""
+    require_kernel()
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2: only the plain build runs here")
+    layer = rounded_layer(37, 96, 256, seed=5, group_size=group_size)
+    first = _pass_tables(layer, torch.float32)
+    ops = compiled_solver_ops(first[:3] + first[4:], first[3])
+    ends = {}
+    for isa in ("scalar", "avx2"):
+        residual_t, values_t, codes_t, hessian, scale_t = tables = [table.clone() for table in first]
+        moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, scale_t, layer.grid.max_code, 12, MAX_ROUNDS,
+                               MIN_RELATIVE_GAIN, isa)  # fmt: skip
+        ends[isa] = (moves, tables)
+    (moves, tables), (avx2_moves, avx2_tables) = ends["scalar"], ends["avx2"]
+    assert moves == avx2_moves > 37
+    for table, avx2_table in zip(tables, avx2_tables):
+        assert torch.equal(table, avx2_table)
 
 
 @pytest.mark.parametrize("group_size", [None, 32])

@@ -1,0 +1,67 @@
+// Interface between the torch operator hf_comq_cpu::pair_moves (pair_moves.cpp) and the
+// row loops of the pair-move pass, which are compiled twice: once for AVX2
+// (pair_moves_avx2.cpp) and once for the plain target (pair_moves_scalar.cpp).  As with
+// kernels.h, the loops see raw pointers only, so the AVX2 translation unit includes no
+// torch or standard-container header whose inline functions the linker could share with
+// the rest of the extension.
+#pragma once
+
+#include <cstdint>
+
+namespace hf_comq {
+
+// Output rows gathered together: a 64-byte line of each transposed table.
+constexpr int64_t kPairTileRows = 16;
+
+// The solver's tables, all in x out in its column order (row k of the layer is column k
+// here; `scale` may be a broadcast view), and the pass's settings.
+struct PairMoveTables {
+  float* residual;
+  int64_t residual_ld;
+  float* dequant;
+  int64_t dequant_ld;
+  float* codes;
+  int64_t codes_ld;
+  const float* scale;
+  int64_t scale_ld, scale_col;
+  const float* hessian;  // width x width, contiguous
+  const float* diag;     // its diagonal
+  int64_t width, rows;
+  int64_t count;  // candidates per row, 1..width
+  float top;      // the largest code
+  float min_relative_gain;
+  int64_t max_rounds;
+};
+
+// One thread's working memory for the pass: a tile of rows' copies and one row's scratch.
+// The caller owns it (sizes in pair_moves.cpp), so the loops allocate nothing.
+struct PairMoveScratch {
+  float* tile_residual;  // kPairTileRows * width each
+  float* tile_codes;
+  float* tile_scale;
+  float* cost;  // width each
+  float* step;
+  float* short_cost;
+  int64_t* short_list;
+  float* value;  // count each
+  float* picked_cost;
+  int64_t* picked;
+};
+
+#define HF_COMQ_DECLARE_PAIR_MOVES(ns)                                                               \
+  namespace ns {                                                                                     \
+  /* Every row of tiles [tile_begin, tile_end) moved to its end, in place in the tables;         */ \
+  /* returns the number of moves made (a pair is one move).                                      */ \
+  int64_t move_tiles(const PairMoveTables& tables, PairMoveScratch& scratch, int64_t tile_begin,   \
+                     int64_t tile_end);                                                             \
+  }
+
+HF_COMQ_DECLARE_PAIR_MOVES(scalar)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HF_COMQ_HAVE_AVX2_PAIR_MOVES 1
+HF_COMQ_DECLARE_PAIR_MOVES(avx2)
+#else
+#define HF_COMQ_HAVE_AVX2_PAIR_MOVES 0
+#endif
+
+}  // namespace hf_comq
