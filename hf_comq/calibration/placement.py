@@ -235,11 +235,12 @@ def release_file_mappings(tensors: Iterable[torch.Tensor], keep: Iterable[torch.
     """Let the kernel reclaim every page of the file mappings that hold any of ``tensors``, except ``keep``'s.
 
     :func:`release_file_pages` reaches only the pages of live tensors, but loading a
-    checkpoint under a ``device_map`` also reads a little of the weights it offloads to
-    disk (the kernel maps the pages around each fault, 64 KiB by default, at both ends
-    of every weight), and afterwards no tensor points at those pages: they stay
-    resident for as long as the mapping lives, that is for as long as any weight of the
-    file does.  Advising the whole mapping reaches them.  ``keep`` are weights still to be
+    checkpoint under a ``device_map`` leaves pages mapped around the boundary of every
+    weight, also of the weights it offloads to disk (a read near the boundary, and the
+    kernel maps the pages around each fault, 64 KiB by default), and afterwards no
+    tensor points at those pages: they stay resident for as long as the mapping lives,
+    that is for as long as any weight of the file does.  Advising the whole mapping
+    reaches them.  ``keep`` are weights still to be
     read (blocks whose turn has not come): their pages, including the ones whose edges
     they share with a neighbour, are left alone, so they are not read from the file
     twice.  Returns the number of bytes advised; 0 off Linux.

@@ -256,9 +256,9 @@ def test_calibrating_a_dispatched_model_leaves_none_of_its_checkpoint_resident(t
 
 @linux_only
 def test_calibrating_a_disk_offloaded_model_gives_back_what_loading_read_of_its_offloaded_weights(tmp_path):
-    """Loading under a ``device_map`` reads a little of every weight it sends to disk (the pages the
-    kernel maps around each fault, at both ends of a weight), and no tensor points at those pages
-    afterwards: they are given back with the rest of the checkpoint's mapping after the capture."""
+    """Loading under a ``device_map`` leaves pages mapped around the boundary of every weight, also of
+    those it sends to disk, and no tensor points at those pages afterwards: they are given back with
+    the rest of the checkpoint's mapping after the capture."""
     file = _mapped_llama(tmp_path / "llama", layers=6)  # 6 x 7 disk-offloaded weights of 256 or 512 KiB
     ids = torch.randint(0, 64, (8, 64), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, group_size=16)
