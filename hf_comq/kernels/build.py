@@ -36,7 +36,10 @@ SOURCES = (
     "packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp", "pair_moves.cpp",
     "pair_moves_avx2.cpp", "pair_moves_scalar.cpp",
 )  # fmt: skip
-HEADERS = ("kernels.h", "kernels_impl.h", "fp_contract_off.h", "solver_tables.h", "pair_moves.h", "pair_moves_impl.h")
+HEADERS = (
+    "kernels.h", "kernels_impl.h", "fp_contract_off.h", "solver_tables.h", "pair_moves.h", "pair_moves_impl.h",
+    "cpu_features.h",
+)  # fmt: skip
 OPS_NAMESPACE = "hf_comq_cpu"
 
 _lock = threading.Lock()

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "cpu_features.h"
+
 namespace hf_comq {
 
 // A compressed-tensors "pack-quantized" weight in nn.Linear (out, in) layout.
@@ -48,11 +50,8 @@ constexpr int64_t kPanel = 16;
   }
 
 HF_COMQ_DECLARE_KERNELS(scalar)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HF_COMQ_HAVE_AVX2_KERNELS 1
+#if HF_COMQ_HAVE_AVX2_BUILDS
 HF_COMQ_DECLARE_KERNELS(avx2)
-#else
-#define HF_COMQ_HAVE_AVX2_KERNELS 0
 #endif
 
 // x (m, in) row-major -> panels of kPanel tokens, each (in, kPanel) k-major, zero padded:

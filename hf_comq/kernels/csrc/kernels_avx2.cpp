@@ -1,6 +1,7 @@
 // The compute loops built for AVX2 + FMA; chosen at run time only on CPUs that have both.
 // GCC only (#pragma GCC target); other compilers build just the portable loops.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include "cpu_features.h"
+#if HF_COMQ_HAVE_AVX2_BUILDS
 #include <cstdint>
 #include <cstring>
 

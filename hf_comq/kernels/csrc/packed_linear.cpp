@@ -44,33 +44,15 @@ constexpr int64_t kBlasLargeTileTokens = 256;
 enum class Method { kGemv, kTiles, kBlas };
 enum class Isa { kAvx2, kScalar };
 
-bool cpu_has_avx2() {
-#if HF_COMQ_HAVE_AVX2_KERNELS
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
+std::string isa() { return cpu_has_avx2_and_fma() ? "avx2" : "scalar"; }
 
-bool cpu_has_avx512() {
-#if HF_COMQ_HAVE_AVX2_KERNELS
-  static const bool supported = __builtin_cpu_supports("avx512f");
-  return supported;
-#else
-  return false;
-#endif
-}
-
-std::string isa() { return cpu_has_avx2() ? "avx2" : "scalar"; }
-
-int64_t min_blas_tokens() { return cpu_has_avx512() ? kMinBlasTokensWideBlas : kMinBlasTokens; }
+int64_t min_blas_tokens() { return cpu_has_avx512f() ? kMinBlasTokensWideBlas : kMinBlasTokens; }
 
 Isa choose_isa(const std::string& requested) {
-  if (requested == "auto") return cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar;
+  if (requested == "auto") return cpu_has_avx2_and_fma() ? Isa::kAvx2 : Isa::kScalar;
   if (requested == "scalar") return Isa::kScalar;
   TORCH_CHECK(requested == "avx2", "hf_comq packed_linear: isa must be auto, avx2 or scalar, got ", requested);
-  TORCH_CHECK(cpu_has_avx2(), "hf_comq packed_linear: isa=avx2 requested but this CPU lacks AVX2/FMA");
+  TORCH_CHECK(cpu_has_avx2_and_fma(), "hf_comq packed_linear: isa=avx2 requested but this CPU lacks AVX2/FMA");
   return Isa::kAvx2;
 }
 
@@ -107,21 +89,21 @@ struct Kernels {
   Isa isa;
   void gemv(const PackedWeight& w, const float* x, int64_t m, const float* bias, float* y, int64_t o_begin,
             int64_t o_end) const {
-#if HF_COMQ_HAVE_AVX2_KERNELS
+#if HF_COMQ_HAVE_AVX2_BUILDS
     if (isa == Isa::kAvx2) return avx2::gemv(w, x, m, bias, y, o_begin, o_end);
 #endif
     scalar::gemv(w, x, m, bias, y, o_begin, o_end);
   }
   void dequantize(const PackedWeight& w, int64_t o_begin, int64_t o_end, int64_t k_begin, int64_t k_end, float* out,
                   int64_t ld) const {
-#if HF_COMQ_HAVE_AVX2_KERNELS
+#if HF_COMQ_HAVE_AVX2_BUILDS
     if (isa == Isa::kAvx2) return avx2::dequantize(w, o_begin, o_end, k_begin, k_end, out, ld);
 #endif
     scalar::dequantize(w, o_begin, o_end, k_begin, k_end, out, ld);
   }
   void gemm_tile(const float* wt, int64_t rows, int64_t kc, const float* xp, int64_t k_offset, int64_t in_features,
                  int64_t m, float* y, int64_t ldy, int64_t n_valid, const float* bias, bool accumulate) const {
-#if HF_COMQ_HAVE_AVX2_KERNELS
+#if HF_COMQ_HAVE_AVX2_BUILDS
     if (isa == Isa::kAvx2)
       return avx2::gemm_tile(wt, rows, kc, xp, k_offset, in_features, m, y, ldy, n_valid, bias, accumulate);
 #endif

@@ -21,22 +21,13 @@ namespace {
 
 using at::Tensor;
 
-bool cpu_has_avx2_only() {
-#if HF_COMQ_HAVE_AVX2_PAIR_MOVES
-  static const bool supported = __builtin_cpu_supports("avx2");
-  return supported;
-#else
-  return false;
-#endif
-}
-
 // "auto": the AVX2 build where the CPU has it; "avx2" or "scalar" ask for one (tests
 // compare the two).
 bool use_avx2(const std::string& isa) {
-  if (isa == "auto") return cpu_has_avx2_only();
+  if (isa == "auto") return cpu_has_avx2();
   if (isa == "scalar") return false;
   TORCH_CHECK(isa == "avx2", "hf_comq pair_moves: isa must be auto, avx2 or scalar, got ", isa);
-  TORCH_CHECK(cpu_has_avx2_only(), "hf_comq pair_moves: isa=avx2 requested but this CPU or build lacks AVX2");
+  TORCH_CHECK(cpu_has_avx2(), "hf_comq pair_moves: isa=avx2 requested but this CPU or build lacks AVX2");
   return true;
 }
 
@@ -84,7 +75,7 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
   at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     Scratch scratch(width, tables.count);
     PairMoveScratch view = scratch.view();
-#if HF_COMQ_HAVE_AVX2_PAIR_MOVES
+#if HF_COMQ_HAVE_AVX2_BUILDS
     if (avx2) {
       moves += avx2::move_tiles(tables, view, tile_begin, tile_end);
       return;

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "cpu_features.h"
+
 namespace hf_comq {
 
 // Output rows gathered together: a 64-byte line of each transposed table.
@@ -57,11 +59,8 @@ struct PairMoveScratch {
   }
 
 HF_COMQ_DECLARE_PAIR_MOVES(scalar)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HF_COMQ_HAVE_AVX2_PAIR_MOVES 1
+#if HF_COMQ_HAVE_AVX2_BUILDS
 HF_COMQ_DECLARE_PAIR_MOVES(avx2)
-#else
-#define HF_COMQ_HAVE_AVX2_PAIR_MOVES 0
 #endif
 
 }  // namespace hf_comq

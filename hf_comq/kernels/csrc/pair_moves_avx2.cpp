@@ -2,7 +2,8 @@
 // on its own, as in the plain build, so both make the same moves); chosen at run time
 // only on CPUs that have it.  GCC only (#pragma GCC target); other compilers build just
 // the plain loops.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include "cpu_features.h"
+#if HF_COMQ_HAVE_AVX2_BUILDS
 #include <cstdint>
 #include <limits>
 
