@@ -240,10 +240,10 @@ def release_file_mappings(tensors: Iterable[torch.Tensor], keep: Iterable[torch.
     kernel maps the pages around each fault, 64 KiB by default), and afterwards no
     tensor points at those pages: they stay resident for as long as the mapping lives,
     that is for as long as any weight of the file does.  Advising the whole mapping
-    reaches them.  ``keep`` are weights still to be
-    read (blocks whose turn has not come): their pages, including the ones whose edges
-    they share with a neighbour, are left alone, so they are not read from the file
-    twice.  Returns the number of bytes advised; 0 off Linux.
+    reaches them.  ``keep`` are weights still to be read (blocks whose turn has not
+    come): their pages, including the ones whose edges they share with a neighbour, are
+    left alone, so they are not read from the file twice.  Returns the number of bytes
+    advised; 0 off Linux.
     """
     if not sys.platform.startswith("linux"):
         return 0
