@@ -50,6 +50,7 @@ layer's solve would hold eight copies of its weight, more than the layer it
 quantizes; the slice size follows from the layer's shape alone, so a run's codes do
 not depend on where or how the model is placed."""
 OBJECTIVE_COLUMNS = 256  # output rows per block of the objective's products: a multiple of every SIMD width
+ROUNDING_BLOCK_BYTES = 1 << 18  # one row block's weight in plain rounding; its temporaries are a few such blocks
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
 
@@ -217,10 +218,11 @@ def comq_quantize(
     ridge_value = ridge * float(h_diag.mean()) if ridge else 0.0
     if iterations == 0 and (init == "fp" or (init == "rtn" and not scale_search)):
         # Plain rounding: nothing to sweep, so none of the solver's weight-sized state.
-        w = weight.detach().to(compute_dtype)
-        rounded = _initial_grid(w, h_diag, bits, cols_per_group, symmetric, scale_search, shrink)
         stored_group = group_size if cols_per_group != in_features else None
-        return _round_to_grid(w, hessian.detach(), rounded, stored_group, weight.dtype)
+        return _round_to_grid(
+            weight.detach(), hessian.detach(), h_diag, bits, cols_per_group, symmetric, scale_search, shrink,
+            stored_group, compute_dtype,
+        )  # fmt: skip
     columns = _Columns.build(
         hessian.detach(), compute_dtype, weight.device, cols_per_group, order, overwrite_hessian, ridge_value
     )  # fmt: skip
@@ -465,34 +467,45 @@ def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: to
 
 
 def _round_to_grid(
-    w: torch.Tensor, hessian: torch.Tensor, grid: Grid, group_size: int | None, dtype: torch.dtype
-) -> QuantizedWeight:
-    """Round-to-nearest on ``grid``, with the objective and relative error of a solve.
+    weight: torch.Tensor, hessian: torch.Tensor, h_diag: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+    scale_search: bool, shrink: float, stored_group: int | None, compute_dtype: torch.dtype,
+) -> QuantizedWeight:  # fmt: skip
+    """Round-to-nearest on the start's grid, with the objective and relative error of a solve.
 
-    Works a block of output rows at a time beside ``w`` and the codes: rounding needs
-    none of the sweeps' transposed, permuted copies, and in a memory-bounded run
-    (round-to-nearest is the cheap setting for big models) the widest layer's solve
-    is the peak.  The codes are those of the solver's own rounding start, element for
-    element.
+    Rows are independent in the grid, the rounding and the objective, so all of it runs
+    a block of :data:`ROUNDING_BLOCK_BYTES` of rows at a time, read from ``weight`` in its
+    own dtype: in a memory-bounded run (round-to-nearest is the cheap setting for big
+    models) the widest layer's solve is the peak, and no weight-sized copy or
+    temporary then sits beside the caller's weight and ``hessian``.  Grid and codes are
+    those of the solver's own rounding start, element for element.
     """
-    out_features, in_features = w.shape
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
-    h = hessian.to(device=w.device, dtype=w.dtype)
+    out_features, in_features = weight.shape
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=weight.device)
+    h = hessian.to(device=weight.device, dtype=compute_dtype)
+    block_rows = rows_fitting(ROUNDING_BLOCK_BYTES, in_features * compute_dtype.itemsize, minimum=16) // 16 * 16
+    scales, zero_points = [], []
     objective = reference = 0.0
-    for rows in spans(out_features, OBJECTIVE_COLUMNS):
-        scale, zero = grid.rows(rows).per_column()
-        block_codes, values = round_to_nearest(w[rows], scale, zero, grid.max_code)
+    for rows in spans(out_features, block_rows):
+        w = weight[rows].to(compute_dtype)
+        grid = _initial_grid(w, h_diag, bits, group_size, symmetric, scale_search, shrink)
+        scale, zero = grid.per_column()
+        block_codes, values = round_to_nearest(w, scale, zero, grid.max_code)
+        del scale, zero
         codes[rows] = block_codes.to(torch.uint8)
-        error = values.neg_().add_(w[rows])
+        del block_codes
+        error = values.neg_().add_(w)
         objective += float(((error @ h) * error).sum(1).double().sum())
-        reference += float(((w[rows] @ h) * w[rows]).sum(1).double().sum())
+        del error
+        reference += float(((w @ h) * w).sum(1).double().sum())
+        scales.append(grid.scale.float())
+        zero_points.append(grid.zero_point.float())
     return QuantizedWeight(
         codes=codes,
-        scale=grid.scale.float(),
-        zero_point=grid.zero_point.float(),
-        bits=grid.bits,
-        group_size=group_size,
-        dtype=dtype,
+        scale=torch.cat(scales),
+        zero_point=torch.cat(zero_points),
+        bits=bits,
+        group_size=stored_group,
+        dtype=weight.dtype,
         stats={"objective": [objective], "relative_error": objective / reference if reference > 0 else 0.0},
     )
 

@@ -492,7 +492,15 @@ def test_hessian_built_in_its_own_storage_equals_the_copy(monkeypatch, medium_la
 
 
 @pytest.mark.parametrize("group_size, symmetric", [(None, False), (32, True)])
-def test_plain_rounding_is_the_nearest_level_and_reports_the_layer_objective(group_size, symmetric, medium_layer):
+@pytest.mark.parametrize("row_blocks", ["one", "several"])
+def test_plain_rounding_is_the_nearest_level_and_reports_the_layer_objective(
+    group_size, symmetric, row_blocks, medium_layer, monkeypatch
+):
+    """Plain rounding works a block of rows at a time (the smallest blocks: 16 rows, six of them)."""
+    import hf_comq.solver.comq as comq_module
+
+    if row_blocks == "several":
+        monkeypatch.setattr(comq_module, "ROUNDING_BLOCK_BYTES", 1)
     weight, _, hessian = medium_layer
     scale, zero, max_code = _per_column_grid(weight, 3, group_size, symmetric)
     expected = torch.clamp(torch.round(weight / scale) + zero, 0, max_code)
@@ -503,6 +511,25 @@ def test_plain_rounding_is_the_nearest_level_and_reports_the_layer_objective(gro
     objective = layer_objective(weight, result.dequantize(), hessian)
     assert result.stats["objective"] == [pytest.approx(objective, rel=1e-5)]
     assert result.stats["relative_error"] == pytest.approx(objective / layer_objective(weight, 0 * weight, hessian), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_search", [False, True])
+def test_plain_rounding_in_row_blocks_gives_the_codes_and_grid_of_one_block(dtype, scale_search, medium_layer, monkeypatch):
+    """Rows are read a block at a time from the weight in its own dtype, each block searching
+    its own clipping: the codes, grid and objective are those of the whole layer at once."""
+    import hf_comq.solver.comq as comq_module
+
+    weight, _, hessian = medium_layer
+    weight = weight.to(dtype)
+    settings = dict(init="fp", iterations=0, scale_refit=False, scale_search=scale_search, bits=3, group_size=32)
+    whole = comq_quantize(weight, hessian, **settings)
+    monkeypatch.setattr(comq_module, "ROUNDING_BLOCK_BYTES", 1)
+    blocked = comq_quantize(weight, hessian, **settings)
+    assert torch.equal(blocked.codes, whole.codes)
+    assert torch.equal(blocked.scale, whole.scale) and torch.equal(blocked.zero_point, whole.zero_point)
+    assert blocked.dtype == whole.dtype == dtype
+    assert blocked.stats["objective"] == [pytest.approx(whole.stats["objective"][0], rel=1e-5)]
 
 
 def _ridged(hessian: torch.Tensor, ridge: float) -> torch.Tensor:
