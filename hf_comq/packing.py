@@ -32,10 +32,11 @@ from .solver.options import check_bits
 from .solver.spans import rows_fitting, spans
 
 CHUNK = 32
-PACK_BLOCK_BYTES = 16 * 1024 * 1024
+PACK_BLOCK_BYTES = 2 * 1024 * 1024
 """Bytes of ``int64`` work space per block of rows while packing: a whole layer's codes
 widened to ``int64`` three times over would be 24 bytes per code, several times the
-layer's bf16 weight, at the moment a quantized layer is installed."""
+layer's bf16 weight, at the moment a quantized layer is installed (under a memory
+budget, the moment of a run's peak)."""
 MIN_PACKED_BITS = 1  # the layout also holds 1-bit codes; the upper bound is the solver's MAX_BITS
 
 
@@ -65,11 +66,9 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
         )
     rows = codes if dim % 2 == 1 else codes.t()
     count, n = rows.shape
-    blocks = spans(count, rows_fitting(PACK_BLOCK_BYTES, 3 * 8 * max(n, 1)))
-    if len(blocks) <= 1:
-        packed = _pack_rows(rows, bits)
-    else:
-        packed = torch.cat([_pack_rows(rows[block], bits) for block in blocks])
+    packed = torch.empty(count, packed_width(n, bits), dtype=torch.int32, device=rows.device)
+    for block in spans(count, rows_fitting(PACK_BLOCK_BYTES, 3 * 8 * max(n, 1))):
+        packed[block] = _pack_rows(rows[block], bits)
     return packed if dim % 2 == 1 else packed.t().contiguous()
 
 
