@@ -216,16 +216,24 @@ class HessianAccumulator:
         return delta / max(1.0 - delta, SHRINKAGE_FLOOR)
 
     def _mirrored(self, dtype: torch.dtype) -> torch.Tensor:
-        """The full matrix from the upper triangle's row blocks, each block freed once copied."""
+        """The full matrix from the upper triangle's row blocks, each block freed once copied.
+
+        The upper triangle is filled first, row block by row block, and mirrored within
+        the matrix afterwards: the matrix's pages are then written in the order the
+        blocks are freed, so the triangle and the matrix never both exist whole (a
+        block's columns written into every row below it would touch nearly all of the
+        matrix's pages while the triangle is still there).
+        """
         blocks, self._upper = self._upper, None
         whole = torch.empty(self.in_features, self.in_features, dtype=dtype, device=blocks[0].device)
         for index, span in enumerate(self._spans):
             block, width = blocks[index], span.stop - span.start
             whole[span, span.stop :] = block[:, width:]
-            whole[span.stop :, span] = block[:, width:].T
             square = block[:, :width]  # its lower triangle holds the same sums as its upper, perhaps rounded apart
             whole[span, span] = square.triu() + square.triu(1).T
-            blocks[index] = None
+            blocks[index] = block = square = None
+        for span in self._spans:
+            whole[span.stop :, span] = whole[span, span.stop :].T
         return whole
 
 
