@@ -27,13 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_scale import SHAPES, WORK  # noqa: E402
 
 
+STEP_PEAKS = {"on": False, "peak": 0}
+
+
 def memory(tag: str) -> None:
+    """Print the resident memory now; with ``--step-peaks`` the peak is this step's own, then reset."""
     values = {}
     with open("/proc/self/status") as status:
         for line in status:
             key = line.split(":")[0]
             if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
                 values[key] = int(line.split()[1]) // 1024
+    if STEP_PEAKS["on"]:
+        STEP_PEAKS["peak"] = max(STEP_PEAKS["peak"], values["VmHWM"])
+        values["run peak"] = STEP_PEAKS["peak"]
+        with open("/proc/self/clear_refs", "w") as clear:  # "5": reset VmHWM to the current RSS (Linux)
+            clear.write("5")
     print(f"{tag:50s} {values}", flush=True)
 
 
@@ -69,7 +78,10 @@ def main() -> None:
     parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
     parser.add_argument("--solver", default="rtn", choices=["rtn", "default"], help="round to nearest or the default COMQ solver")
     parser.add_argument("--mappings", type=int, default=0, help="at the end, the N mappings that grew the most")
+    parser.add_argument("--step-peaks", action="store_true",
+                        help="VmHWM is each step's own peak (reset after every line); 'run peak' keeps the run's")
     args = parser.parse_args()
+    STEP_PEAKS["on"] = args.step_peaks
 
     import accelerate  # noqa: F401  everything the run imports, before the first line
     import datasets  # noqa: F401
