@@ -50,7 +50,7 @@ layer's solve would hold eight copies of its weight, more than the layer it
 quantizes; the slice size follows from the layer's shape alone, so a run's codes do
 not depend on where or how the model is placed."""
 OBJECTIVE_COLUMNS = 256  # output rows per block of the objective's products: a multiple of every SIMD width
-ROUNDING_BLOCK_BYTES = 1 << 18  # one row block's weight in plain rounding; its temporaries are a few such blocks
+ROUNDING_BLOCK_BYTES = 1 << 18  # weight rows per grid search and rounding in plain rounding (temporaries: a few such)
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
 
@@ -472,33 +472,36 @@ def _round_to_grid(
 ) -> QuantizedWeight:  # fmt: skip
     """Round-to-nearest on the start's grid, with the objective and relative error of a solve.
 
-    Rows are independent in the grid, the rounding and the objective, so all of it runs
-    a block of :data:`ROUNDING_BLOCK_BYTES` of rows at a time, read from ``weight`` in its
-    own dtype: in a memory-bounded run (round-to-nearest is the cheap setting for big
-    models) the widest layer's solve is the peak, and no weight-sized copy or
-    temporary then sits beside the caller's weight and ``hessian``.  Grid and codes are
-    those of the solver's own rounding start, element for element.
+    Rows are independent in the grid, the rounding and the objective.  The objective's
+    products with ``H`` take :data:`OBJECTIVE_COLUMNS` output rows at a time (each one
+    streams the whole of ``H``: much narrower blocks make a wide layer's solve wait on
+    memory), and inside a block the grid and the rounding take blocks of
+    :data:`ROUNDING_BLOCK_BYTES`, writing their errors over the block's own copy of the
+    weight once its reference product is taken.  So two tables of a block's rows are all
+    that sits beside the caller's weight and ``hessian``: in a memory-bounded run
+    (round-to-nearest is the cheap setting for big models) the widest layer's solve is
+    the peak.  Grid and codes are those of the solver's own rounding start, element for
+    element.
     """
     out_features, in_features = weight.shape
     codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=weight.device)
     h = hessian.to(device=weight.device, dtype=compute_dtype)
-    block_rows = rows_fitting(ROUNDING_BLOCK_BYTES, in_features * compute_dtype.itemsize, minimum=16) // 16 * 16
+    rounding_rows = rows_fitting(ROUNDING_BLOCK_BYTES, in_features * compute_dtype.itemsize, minimum=16) // 16 * 16
     scales, zero_points = [], []
     objective = reference = 0.0
-    for rows in spans(out_features, block_rows):
-        w = weight[rows].to(compute_dtype)
-        grid = _initial_grid(w, h_diag, bits, group_size, symmetric, scale_search, shrink)
-        scale, zero = grid.per_column()
-        block_codes, values = round_to_nearest(w, scale, zero, grid.max_code)
-        del scale, zero
-        codes[rows] = block_codes.to(torch.uint8)
-        del block_codes
-        error = values.neg_().add_(w)
-        objective += float(((error @ h) * error).sum(1).double().sum())
-        del error
-        reference += float(((w @ h) * w).sum(1).double().sum())
-        scales.append(grid.scale.float())
-        zero_points.append(grid.zero_point.float())
+    for rows in spans(out_features, OBJECTIVE_COLUMNS):
+        block = weight[rows].to(compute_dtype, copy=True)  # the block's weight, then its rounding errors
+        reference += float((block @ h).mul_(block).sum(1).double().sum())
+        block_codes = codes[rows]
+        for part in spans(block.shape[0], rounding_rows):
+            grid = _initial_grid(block[part], h_diag, bits, group_size, symmetric, scale_search, shrink)
+            scale, zero = grid.per_column()
+            part_codes, values = round_to_nearest(block[part], scale, zero, grid.max_code)
+            block_codes[part] = part_codes
+            block[part].sub_(values)
+            scales.append(grid.scale.float())
+            zero_points.append(grid.zero_point.float())
+        objective += float((block @ h).mul_(block).sum(1).double().sum())
     return QuantizedWeight(
         codes=codes,
         scale=torch.cat(scales),
