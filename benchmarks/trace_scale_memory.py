@@ -12,6 +12,8 @@ Diagnostic only: it patches private methods of the driver.
 With ``--mappings N`` it also prints, at the end, the N mappings whose resident memory
 grew the most since the imports (``/proc/self/smaps``: a library's file, the checkpoint,
 ``[heap]``, or ``[anon]`` for unnamed memory), which says whose pages a peak holds.
+With ``--step-peaks`` each line's ``VmHWM`` is the peak of that step alone (Linux resets
+it after every line; ``run peak`` keeps the run's), which pins the run's peak on its step.
 """
 
 from __future__ import annotations
