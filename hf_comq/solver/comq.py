@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +31,7 @@ from .pair_moves import pair_move_pass
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
 from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
-from .spans import rows_fitting, spans
+from .spans import SUM_BLOCK_ROWS, row_totals_in_blocks, rows_fitting, spans
 
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
 HESSIAN_BLOCK_BYTES = 16 * 1024 * 1024  # temporaries of one row block while the solver's H is built
@@ -49,7 +48,6 @@ uint8 while the slices sweep.  Without slices a wide
 layer's solve would hold eight copies of its weight, more than the layer it
 quantizes; the slice size follows from the layer's shape alone, so a run's codes do
 not depend on where or how the model is placed."""
-OBJECTIVE_COLUMNS = 256  # output rows per block of the objective's products: a multiple of every SIMD width
 ROUNDING_BLOCK_BYTES = 1 << 18  # weight rows per grid search and rounding in plain rounding (temporaries: a few such)
 SHRINK_CANDIDATES = 16
 MIN_SHRINK = 0.25  # at 2-3 bits some rows of outlier-heavy layers (e.g. a ViT's fc2) clip below half their range
@@ -473,7 +471,7 @@ def _round_to_grid(
     """Round-to-nearest on the start's grid, with the objective and relative error of a solve.
 
     Rows are independent in the grid, the rounding and the objective.  The objective's
-    products with ``H`` take :data:`OBJECTIVE_COLUMNS` output rows at a time (each one
+    products with ``H`` take :data:`~.spans.SUM_BLOCK_ROWS` output rows at a time (each one
     streams the whole of ``H``: much narrower blocks make a wide layer's solve wait on
     memory), and inside a block the grid and the rounding take blocks of
     :data:`ROUNDING_BLOCK_BYTES`, writing their errors over the block's own copy of the
@@ -489,7 +487,7 @@ def _round_to_grid(
     rounding_rows = rows_fitting(ROUNDING_BLOCK_BYTES, in_features * compute_dtype.itemsize, minimum=16) // 16 * 16
     scales, zero_points = [], []
     objective = reference = 0.0
-    for rows in spans(out_features, OBJECTIVE_COLUMNS):
+    for rows in spans(out_features, SUM_BLOCK_ROWS):
         block = weight[rows].to(compute_dtype, copy=True)  # the block's weight, then its rounding errors
         reference += float((block @ h).mul_(block).sum(1).double().sum())
         block_codes = codes[rows]
@@ -698,14 +696,14 @@ class _Problem:
 
     def row_objectives(self) -> torch.Tensor:
         """Each output row's ``sum(R * (W - Wq)^T)``, in the compute dtype."""
-        return _row_totals_in_blocks(
+        return row_totals_in_blocks(
             self.weight_t.shape[1],
             lambda rows: torch.sub(self.weight_t[:, rows], self.dequant_t[:, rows]).mul_(self.residual_t[:, rows]),
         )
 
     def reference(self) -> float:
         """``||X W^T||^2 = sum(H W^T * W^T)``, the denominator of the relative error."""
-        totals = _row_totals_in_blocks(self.weight_t.shape[1], lambda rows: self.weight_h_t[:, rows] * self.weight_t[:, rows])
+        totals = row_totals_in_blocks(self.weight_t.shape[1], lambda rows: self.weight_h_t[:, rows] * self.weight_t[:, rows])
         return float(totals.double().sum())
 
     def sweep(self, order: str, block_size: int) -> None:
@@ -880,13 +878,6 @@ def _symmetrize_in_place(h: torch.Tensor) -> None:
         h[rows, cols] = mean
         if rows != cols:
             h[cols, rows] = mean.T
-
-
-def _row_totals_in_blocks(out_features: int, products: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-    """Column sums (one per output row) of the ``in x out`` table that ``products(rows)``
-    forms :data:`OBJECTIVE_COLUMNS` output rows at a time: no weight-sized temporary,
-    and each row summed in the compute dtype in the same order as in the whole table."""
-    return torch.cat([products(rows).sum(0) for rows in spans(out_features, OBJECTIVE_COLUMNS)])
 
 
 def _per_column(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:
