@@ -753,8 +753,11 @@ class _Problem:
             self.dequant_t = None  # the refit does not read it (only the objective without a residual does)
         if self.per_channel:
             # Per-channel: H (Q - z)^T = (H W^T - R) / scale comes from the exact
-            # residual, so the refit needs no GEMM.
-            projected_t = (self.weight_h_t - self.residual_t).div_(self.grid.scale.T)
+            # residual, so the refit needs no GEMM; it is made in the residual's
+            # storage, which the refit replaces anyway.
+            residual_t, self.residual_t = self.residual_t, None
+            projected_t = residual_t.neg_().add_(self.weight_h_t).div_(self.grid.scale.T)
+            del residual_t
             refit = refit_scales(
                 self.weight_t, self.columns.hessian, self.codes_t, self.grid.zero_point, self.grid.scale,
                 self.columns.group_of_column, projected_t,

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .spans import rows_fitting, spans
+from .spans import row_totals_in_blocks, rows_fitting, spans
 
 CHUNK_BYTES = 4 * 1024 * 1024  # products of one row chunk with one row of H's blocks
 MIN_CHUNK_ROWS = 32  # fewer rows make the batched products inefficient
@@ -63,12 +63,7 @@ def refit_scales(
     n_cols, out_features = weight_t.shape
     n_groups = scale.shape[1]
     if n_groups == 1:  # per-channel: a few reductions, no per-group split
-        offsets_t = codes_t - zero_point.T
-        projected = hessian @ offsets_t if projected_t is None else projected_t
-        gram = (projected * offsets_t).sum(0).reshape(-1, 1, 1)
-        rhs = (projected * weight_t).sum(0).reshape(-1, 1)
-        new_scale = _solve_positive(gram, rhs, scale)
-        return Refit(new_scale, projected.mul_(new_scale.T), None)  # in place: a weight-sized table less
+        return _refit_per_channel(weight_t, hessian, codes_t, zero_point, scale, projected_t)
     # Each group's block of columns together: the columns reordered group by group
     # once (a stable sort keeps the solver's order inside a group).
     by_group = torch.argsort(group_of_column, stable=True)
@@ -110,6 +105,30 @@ def refit_scales(
     # inner dimension is only the group size.
     zero_t, scale_t = (table.T.contiguous().index_select(0, group_of_column) for table in (zero_point, new_scale))
     return Refit(new_scale, hessian @ (codes_t - zero_t).mul_(scale_t), change)
+
+
+def _refit_per_channel(
+    weight_t: torch.Tensor,
+    hessian: torch.Tensor,
+    codes_t: torch.Tensor,
+    zero_point: torch.Tensor,
+    scale: torch.Tensor,
+    projected_t: torch.Tensor | None,
+) -> Refit:
+    """:func:`refit_scales` of a per-channel grid: each row's scale is one ratio of two sums.
+
+    The offsets ``(Q - z)^T`` and the products summed are formed a block of rows at a
+    time beside ``H (Q - z)^T``: whole tables of them would be two more weight-sized
+    tables at the peak of a solve.  Each row is summed as in the whole table.
+    """
+    out_features = weight_t.shape[1]
+    projected = hessian @ (codes_t - zero_point.T) if projected_t is None else projected_t
+    gram = row_totals_in_blocks(
+        out_features, lambda rows: torch.sub(codes_t[:, rows], zero_point[rows].T).mul_(projected[:, rows])
+    )
+    rhs = row_totals_in_blocks(out_features, lambda rows: projected[:, rows] * weight_t[:, rows])
+    new_scale = _solve_positive(gram.reshape(-1, 1, 1), rhs.reshape(-1, 1), scale)
+    return Refit(new_scale, projected.mul_(new_scale.T), None)  # in place: a weight-sized table less
 
 
 def _pass_rows(out_features: int, chunk_rows: int, bytes_per_row: int) -> int:

@@ -106,3 +106,18 @@ def test_refit_without_the_product_finds_the_same_scales_and_objective_change(ch
     new_values = offsets * lean.scale.repeat_interleave(8, dim=1)
     exact = ((inputs @ (weight - new_values).T).square().sum(0) - (inputs @ (weight - offsets * scale_c).T).square().sum(0))
     torch.testing.assert_close(lean.objective_change, exact)
+
+
+def test_per_channel_refit_sums_rows_in_blocks_as_in_the_whole_table(monkeypatch):
+    """Per channel the refit's offsets and products are formed a block of rows at a time;
+    blocks of a multiple of the SIMD width give every row the sums, and so the scales, of
+    the whole table at once."""
+    weight, _, hessian, grid, *_ = layer = rounded_layer(150, 48, 200, seed=7, group_size=None)
+    per_channel = torch.zeros(48, dtype=torch.long)
+    tables = weight.T.contiguous(), hessian, layer.codes.T.contiguous(), grid.zero_point, grid.scale, per_channel
+    whole_scale, whole_product, _ = refit_scales(*tables)
+    monkeypatch.setattr("hf_comq.solver.spans.SUM_BLOCK_ROWS", 64)  # 64, 64 and 22 rows
+    scale, product, _ = refit_scales(*tables)
+    assert torch.equal(scale, whole_scale) and torch.equal(product, whole_product)
+    design = (layer.offsets @ hessian * layer.offsets).sum(1)  # ||X q_k||^2 per row
+    torch.testing.assert_close(scale[:, 0], (layer.offsets @ hessian * weight).sum(1) / design)
