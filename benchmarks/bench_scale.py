@@ -97,6 +97,22 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _reset_peak() -> None:
+    """Start the peak (VmHWM) again from the current resident memory (Linux), so that a
+    peak read later is the one of what ran since, not of setting up its inputs."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
+def _peak_since_reset_mb() -> float:
+    """Peak resident memory (VmHWM) since :func:`_reset_peak`, in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def child_solve(out_features: int, in_features: int, group: int, solver: str) -> None:
     """Peak RSS of one ``comq_quantize`` call above the RSS holding its inputs (one JSON line)."""
     import torch
@@ -110,12 +126,13 @@ def child_solve(out_features: int, in_features: int, group: int, solver: str) ->
     del inputs
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
     before = _rss_mb()
+    _reset_peak()  # making the inputs peaked above what holds them (each product's operand beside it)
     settings = ROUND_TO_NEAREST if solver == "rtn" else {}
     started = time.perf_counter()
     # overwrite_hessian, as the calibration driver passes for a Gram matrix no other layer reads
     solved = comq_quantize(weight, hessian, bits=4, group_size=group or None, overwrite_hessian=True, **settings)
     seconds = time.perf_counter() - started
-    above = _peak_mb() - before
+    above = _peak_since_reset_mb() - before
     weight_mb = out_features * in_features * 4 / 2**20
     print(json.dumps({"shape": f"{out_features}x{in_features}", "group": group or "channel", "solver": solver,
                       "weight_f32_mb": round(weight_mb, 1), "hessian_f32_mb": round(in_features**2 * 4 / 2**20, 1),
