@@ -477,8 +477,8 @@ def _round_to_grid(
     :data:`ROUNDING_BLOCK_BYTES`, writing their errors over the block's own copy of the
     weight once its reference product is taken.  So two tables of a block's rows are all
     that sits beside the caller's weight and ``hessian``: in a memory-bounded run
-    (round-to-nearest is the cheap setting for big models) the widest layer's solve is
-    the peak.  Grid and codes are those of the solver's own rounding start, element for
+    (round-to-nearest is the cheap setting for big models) the widest layer's solve can
+    be the run's peak.  Grid and codes are those of the solver's own rounding start, element for
     element.
     """
     out_features, in_features = weight.shape
