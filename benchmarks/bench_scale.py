@@ -82,13 +82,18 @@ CONFIG_CLASSES = {"qwen3-moe-0.7b": "Qwen3MoeConfig"}
 # ---------------------------------------------------------------------------
 
 
-def _rss_mb() -> float:
-    """Current resident memory of this process (VmRSS), in MiB."""
+def _status_mb(key: str) -> float:
+    """One memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in MiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_mb() -> float:
+    """Current resident memory of this process (VmRSS), in MiB."""
+    return _status_mb("VmRSS")
 
 
 def _peak_mb() -> float:
@@ -106,11 +111,7 @@ def _reset_peak() -> None:
 
 def _peak_since_reset_mb() -> float:
     """Peak resident memory (VmHWM) since :func:`_reset_peak`, in MiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmHWM")
 
 
 def child_solve(out_features: int, in_features: int, group: int, solver: str) -> None:
