@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "isa_request.h"
 #include "kernels.h"
 
 namespace hf_comq {
@@ -49,11 +50,8 @@ std::string isa() { return cpu_has_avx2_and_fma() ? "avx2" : "scalar"; }
 int64_t min_blas_tokens() { return cpu_has_avx512f() ? kMinBlasTokensWideBlas : kMinBlasTokens; }
 
 Isa choose_isa(const std::string& requested) {
-  if (requested == "auto") return cpu_has_avx2_and_fma() ? Isa::kAvx2 : Isa::kScalar;
-  if (requested == "scalar") return Isa::kScalar;
-  TORCH_CHECK(requested == "avx2", "hf_comq packed_linear: isa must be auto, avx2 or scalar, got ", requested);
-  TORCH_CHECK(cpu_has_avx2_and_fma(), "hf_comq packed_linear: isa=avx2 requested but this CPU lacks AVX2/FMA");
-  return Isa::kAvx2;
+  return avx2_requested(requested, cpu_has_avx2_and_fma(), "packed_linear", "lacks AVX2/FMA") ? Isa::kAvx2
+                                                                                               : Isa::kScalar;
 }
 
 // The tile micro-kernel is written for AVX2; the portable build hands every product

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "isa_request.h"
 #include "pair_moves.h"
 #include "solver_tables.h"
 
@@ -20,16 +21,6 @@ namespace hf_comq {
 namespace {
 
 using at::Tensor;
-
-// "auto": the AVX2 build where the CPU has it; "avx2" or "scalar" ask for one (tests
-// compare the two).
-bool use_avx2(const std::string& isa) {
-  if (isa == "auto") return cpu_has_avx2();
-  if (isa == "scalar") return false;
-  TORCH_CHECK(isa == "avx2", "hf_comq pair_moves: isa must be auto, avx2 or scalar, got ", isa);
-  TORCH_CHECK(cpu_has_avx2(), "hf_comq pair_moves: isa=avx2 requested but this CPU or build lacks AVX2");
-  return true;
-}
 
 // One thread's working memory (see PairMoveScratch).
 struct Scratch {
@@ -59,7 +50,7 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
   check_table(scale_t, "scale_t", width, rows, false);
   check_table(hessian, "hessian", width, width);
   TORCH_CHECK(hessian.is_contiguous(), "hessian must be contiguous");
-  const bool avx2 = use_avx2(isa);
+  const bool avx2 = avx2_requested(isa, cpu_has_avx2(), "pair_moves", "or build lacks AVX2");
   if (rows == 0 || width == 0) return 0;
   const float* hessian_data = hessian.data_ptr<float>();
   std::vector<float> diag(width);
