@@ -102,7 +102,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     """Start the peak (VmHWM) again from the current resident memory (Linux), so that a
     peak read later is the one of what ran since, not of setting up its inputs."""
     with open("/proc/self/clear_refs", "w") as clear:
@@ -110,7 +110,7 @@ def _reset_peak() -> None:
 
 
 def _peak_since_reset_mb() -> float:
-    """Peak resident memory (VmHWM) since :func:`_reset_peak`, in MiB."""
+    """Peak resident memory (VmHWM) since :func:`reset_peak`, in MiB."""
     return _status_mb("VmHWM")
 
 
@@ -127,7 +127,7 @@ def child_solve(out_features: int, in_features: int, group: int, solver: str) ->
     del inputs
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
     before = _rss_mb()
-    _reset_peak()  # making the inputs peaked above what holds them (each product's operand beside it)
+    reset_peak()  # making the inputs peaked above what holds them (each product's operand beside it)
     settings = ROUND_TO_NEAREST if solver == "rtn" else {}
     started = time.perf_counter()
     # overwrite_hessian, as the calibration driver passes for a Gram matrix no other layer reads

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_scale import SHAPES, WORK  # noqa: E402
+from benchmarks.bench_scale import SHAPES, WORK, reset_peak  # noqa: E402
 
 
 STEP_PEAKS = {"on": False, "peak": 0}
@@ -43,8 +43,7 @@ def memory(tag: str) -> None:
     if STEP_PEAKS["on"]:
         STEP_PEAKS["peak"] = max(STEP_PEAKS["peak"], values["VmHWM"])
         values["run peak"] = STEP_PEAKS["peak"]
-        with open("/proc/self/clear_refs", "w") as clear:  # "5": reset VmHWM to the current RSS (Linux)
-            clear.write("5")
+        reset_peak()
     print(f"{tag:50s} {values}", flush=True)
 
 
