@@ -786,8 +786,8 @@ class _Problem:
     def step_pairs(self, candidates: int) -> None:
         """One pair-move pass over the current codes (never raises the objective)."""
         pair_move_pass(
-            self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, self.scale_t,
-            self.grid.max_code, candidates,
+            self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, self.column_grid, self.grid.max_code,
+            candidates,
         )  # fmt: skip
 
     def resolve_blocks(self, damp: float, block_size: int) -> None:

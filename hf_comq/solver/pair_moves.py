@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.solver_ops import compiled_solver_ops
+from .grid import ColumnGrid
 
 MAX_ROUNDS = 128
 """Rounds at most (each moves every still-moving row once); real layers settle in a few dozen."""
@@ -45,23 +46,27 @@ def pair_move_pass(
     dequant_t: torch.Tensor,
     codes_t: torch.Tensor,
     hessian: torch.Tensor,
-    scale_t: torch.Tensor,
+    grid: ColumnGrid,
     max_code: int,
     candidates: int,
 ) -> int:
     """Apply single and pair moves in place until no row has one; return how many moves were made.
 
-    All tables are ``in x out`` in the solver's column order (``codes_t`` as floats;
-    ``scale_t`` each column's scales, a broadcast view for per-channel grids);
-    ``residual_t`` stays exact.  The objective never rises.
+    All tables are ``in x out`` in the solver's column order (``codes_t`` as floats);
+    ``grid`` holds the scales once per group, so the compiled pass reads them without a
+    weight-sized per-column table.  ``residual_t`` stays exact.  The objective never rises.
     """
-    ops = compiled_solver_ops([residual_t, dequant_t, codes_t, scale_t], hessian)
+    ops = compiled_solver_ops([residual_t, dequant_t, codes_t, grid.scale], hessian)
     if ops is not None:
         return int(ops.pair_moves(
-            residual_t, dequant_t, codes_t, hessian.contiguous(), scale_t, max_code, candidates, MAX_ROUNDS,
-            MIN_RELATIVE_GAIN,
+            residual_t, dequant_t, codes_t, hessian.contiguous(), grid.scale, grid.group_index(residual_t.device),
+            max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN,
         ))  # fmt: skip
     n_cols = residual_t.shape[0]
+    if grid.per_channel:
+        scale_t = grid.scale.expand(n_cols, -1)
+    else:
+        scale_t = grid.scale.index_select(0, grid.group_index(residual_t.device))
     diag = torch.diagonal(hessian).unsqueeze(1)
     count = min(max(candidates, 1), n_cols)
     active = torch.arange(residual_t.shape[1], device=residual_t.device)

@@ -7,7 +7,7 @@ import torch
 
 from hf_comq import COMQConfig, comq_quantize, layer_objective
 from hf_comq.kernels import DISABLE_ENV_VAR, compiled_solver_ops
-from hf_comq.solver.grid import Grid
+from hf_comq.solver.grid import ColumnGrid, Grid
 from hf_comq.solver.pair_moves import MAX_ROUNDS, MIN_RELATIVE_GAIN, pair_move_pass
 from tests.solver.kernel_paths import assert_same_solution, both_paths, require_kernel
 from tests.solver.reference import rounded_layer
@@ -18,18 +18,25 @@ def _run_pass(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The pass from the layer's rounded start, on the solver's transposed tables in ``dtype``;
     returns codes and values (out x in, float64), residual_t and the moves made."""
-    residual_t, values_t, codes_t, hessian, scale_t = _pass_tables(layer, dtype)
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, scale_t, layer.grid.max_code, candidates)
+    residual_t, values_t, codes_t, hessian, grid = _pass_tables(layer, dtype)
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, grid, layer.grid.max_code, candidates)
     return codes_t.T.double(), values_t.T.double(), residual_t, moves
 
 
-def _pass_tables(layer, dtype: torch.dtype) -> list[torch.Tensor]:
+def _pass_tables(layer, dtype: torch.dtype) -> list:
     """The pass's arguments for the layer's rounded start: residual, values, codes (all
-    ``in x out``), H and the per-column scales, in ``dtype``."""
+    ``in x out``), H and the grid (one row of scales per group), in ``dtype``."""
     weight, hessian, start = layer.weight.to(dtype), layer.hessian.to(dtype), layer.values.to(dtype)
     residual_t = hessian @ (weight - start).T
     codes_t, values_t = layer.codes.to(dtype).T.contiguous(), start.T.contiguous()
-    return [residual_t, values_t, codes_t, hessian, layer.scale.to(dtype).T.contiguous()]
+    groups = [column // layer.grid.group_size for column in range(weight.shape[1])]
+    grid = ColumnGrid(layer.grid.scale.to(dtype).T.contiguous(), layer.grid.zero_point.to(dtype).T.contiguous(), groups)
+    return [residual_t, values_t, codes_t, hessian, grid]
+
+
+def _rows_of(grid: ColumnGrid, rows: slice) -> ColumnGrid:
+    """The grid of some output rows only (copies)."""
+    return ColumnGrid(grid.scale[:, rows].clone(), grid.zero[:, rows].clone(), grid.groups)
 
 
 def _row_objective_on_x(inputs: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -109,9 +116,9 @@ def test_the_compiled_pass_moves_every_row_as_it_would_alone(monkeypatch):
     require_kernel()
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     layer = rounded_layer(37, 24, 96, seed=3, group_size=8)
-    residual_t, values_t, codes_t, hessian, scale_t = whole = _pass_tables(layer, torch.float32)
+    residual_t, values_t, codes_t, hessian, grid = whole = _pass_tables(layer, torch.float32)
     max_code = layer.grid.max_code
-    tables = (residual_t, values_t, codes_t, scale_t)
+    tables = (residual_t, values_t, codes_t)
     alone = [[table[:, row : row + 1].clone() for table in tables] for row in range(37)]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -121,8 +128,8 @@ def test_the_compiled_pass_moves_every_row_as_it_would_alone(monkeypatch):
         torch.set_num_threads(threads)
 
     moves_alone = 0
-    for row, (residual, values, codes, scale) in enumerate(alone):
-        moves_alone += pair_move_pass(residual, values, codes, hessian, scale, max_code, 12)
+    for row, (residual, values, codes) in enumerate(alone):
+        moves_alone += pair_move_pass(residual, values, codes, hessian, _rows_of(grid, slice(row, row + 1)), max_code, 12)
         for table, own in ((residual_t, residual), (values_t, values), (codes_t, codes)):
             assert torch.equal(table[:, row : row + 1], own)
     assert moves == moves_alone > 37
@@ -135,14 +142,14 @@ def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(m
     require_kernel()
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     layer = rounded_layer(37, 96, 256, seed=5, group_size=group_size)
-    first = _pass_tables(layer, torch.float32)
-    ops = compiled_solver_ops(first[:3] + first[4:], first[3])
+    *first, grid = _pass_tables(layer, torch.float32)
+    ops = compiled_solver_ops(first[:3] + [grid.scale], first[3])
     ends = {}
     for isa in ("avx2", "scalar"):
-        residual_t, values_t, codes_t, hessian, scale_t = tables = [table.clone() for table in first]
+        residual_t, values_t, codes_t, hessian = tables = [table.clone() for table in first]
         try:
-            moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, scale_t, layer.grid.max_code, 12,
-                                   MAX_ROUNDS, MIN_RELATIVE_GAIN, isa)  # fmt: skip
+            moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, grid.scale, grid.group_index("cpu"),
+                                   layer.grid.max_code, 12, MAX_ROUNDS, MIN_RELATIVE_GAIN, isa)  # fmt: skip
         except RuntimeError as error:  # the kernel's own rule: no AVX2 build, or a CPU without AVX2
             if "lacks AVX2" not in str(error):
                 raise
@@ -152,6 +159,16 @@ def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(m
     assert moves == avx2_moves > 37
     for table, avx2_table in zip(tables, avx2_tables):
         assert torch.equal(table, avx2_table)
+
+
+def test_the_compiled_pass_refuses_a_group_index_outside_its_scale_table(monkeypatch):
+    require_kernel()
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    *tables, grid = _pass_tables(rounded_layer(5, 16, 64, seed=1, group_size=8), torch.float32)
+    ops = compiled_solver_ops(tables[:3] + [grid.scale], tables[3])
+    for group_of, message in ((torch.full((16,), 2), "out of range"), (torch.zeros(15, dtype=torch.long), "per column")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.pair_moves(*tables, grid.scale, group_of, 7, 4, MAX_ROUNDS, MIN_RELATIVE_GAIN)
 
 
 @pytest.mark.parametrize("group_size", [None, 32])
@@ -190,8 +207,8 @@ def test_a_pair_move_reaches_the_optimum_where_single_steps_are_stuck():
     values = codes - 4.0
     residual_t = hessian @ (weight - values).T
     codes_t, values_t = codes.T.contiguous(), values.T.contiguous()
-    scale_t = torch.ones(3, 1, dtype=torch.float64)  # each column's scale
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, scale_t, grid.max_code, 3)
+    column_grid = ColumnGrid.of([grid], [0, 0, 0])
+    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, column_grid, grid.max_code, 3)
 
     assert moves == 1
     assert torch.equal(codes_t.T, torch.tensor([[5.0, 3.0, 4.0]], dtype=torch.float64))

@@ -62,12 +62,7 @@ struct GroupRows {
     TORCH_CHECK(second.has_value() && group_of.has_value(), "the grid tables come together or not at all");
     check_table(*first, "scale table", first->size(0), width);
     check_table(*second, "second table", first->size(0), width);
-    TORCH_CHECK(group_of->scalar_type() == at::kLong && group_of->is_contiguous() && group_of->numel() == columns,
-                "group_of must hold one int64 group index per column of the block");
-    const int64_t* groups = group_of->data_ptr<int64_t>();
-    for (int64_t j = 0; j < columns; ++j) {
-      TORCH_CHECK(groups[j] >= 0 && groups[j] < first->size(0), "group index ", groups[j], " out of range");
-    }
+    const int64_t* groups = checked_group_of(*group_of, columns, first->size(0));
     rows.first = first->data_ptr<float>();
     rows.second = second->data_ptr<float>();
     rows.first_stride = first->stride(0);

@@ -38,17 +38,20 @@ struct Scratch {
   }
 };
 
-// Every row's rounds, in place in the solver's transposed tables (in x out; the scale
-// table may be a broadcast view); returns the number of moves made (a pair is one move).
-int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Tensor& hessian, const Tensor& scale_t,
-                   int64_t max_code, int64_t candidates, int64_t max_rounds, double min_relative_gain,
-                   const std::string& isa) {
+// Every row's rounds, in place in the solver's transposed tables (in x out), with the
+// scales one row per group (`group_of`: each column's row of `scales`); returns the number
+// of moves made (a pair is one move).
+int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Tensor& hessian, const Tensor& scales,
+                   const Tensor& group_of, int64_t max_code, int64_t candidates, int64_t max_rounds,
+                   double min_relative_gain, const std::string& isa) {
   const int64_t width = residual_t.size(0), rows = residual_t.size(1);
   check_table(residual_t, "residual_t", width, rows);
   check_table(dequant_t, "dequant_t", width, rows);
   check_table(codes_t, "codes_t", width, rows);
-  check_table(scale_t, "scale_t", width, rows, false);
+  TORCH_CHECK(scales.dim() == 2, "scales must be groups x ", rows, ", got ", scales.sizes());
+  check_table(scales, "scales", scales.size(0), rows);
   check_table(hessian, "hessian", width, width);
+  const int64_t* group = checked_group_of(group_of, width, scales.size(0));
   TORCH_CHECK(hessian.is_contiguous(), "hessian must be contiguous");
   const bool avx2 = avx2_requested(isa, cpu_has_avx2(), "pair_moves", "or build lacks AVX2");
   if (rows == 0 || width == 0) return 0;
@@ -57,8 +60,8 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
   for (int64_t j = 0; j < width; ++j) diag[j] = hessian_data[j * width + j];
   const PairMoveTables tables{
       residual_t.data_ptr<float>(), residual_t.stride(0), dequant_t.data_ptr<float>(), dequant_t.stride(0),
-      codes_t.data_ptr<float>(),    codes_t.stride(0),    scale_t.data_ptr<float>(),   scale_t.stride(0),
-      scale_t.stride(1),            hessian_data,         diag.data(),                 width,
+      codes_t.data_ptr<float>(),    codes_t.stride(0),    scales.data_ptr<float>(),    scales.stride(0),
+      group,                        hessian_data,         diag.data(),                 width,
       rows,                         candidates < 1 ? 1 : (candidates < width ? candidates : width),
       static_cast<float>(max_code), static_cast<float>(min_relative_gain), max_rounds};
   std::atomic<int64_t> moves{0};
@@ -82,8 +85,8 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
 
 TORCH_LIBRARY_FRAGMENT(hf_comq_cpu, m) {
   m.def(
-      "pair_moves(Tensor(a!) residual, Tensor(b!) dequant, Tensor(c!) codes, Tensor hessian, Tensor scale, "
-      "int max_code, int candidates, int max_rounds, float min_relative_gain, str isa='auto') -> int");
+      "pair_moves(Tensor(a!) residual, Tensor(b!) dequant, Tensor(c!) codes, Tensor hessian, Tensor scales, "
+      "Tensor group_of, int max_code, int candidates, int max_rounds, float min_relative_gain, str isa='auto') -> int");
 }
 
 TORCH_LIBRARY_IMPL(hf_comq_cpu, CPU, m) { m.impl("pair_moves", &hf_comq::pair_moves); }

@@ -16,7 +16,8 @@ namespace hf_comq {
 constexpr int64_t kPairTileRows = 16;
 
 // The solver's tables, all in x out in its column order (row k of the layer is column k
-// here; `scale` may be a broadcast view), and the pass's settings.
+// here), the grid's scales one row per group (`group_of[j]`: column j's row of `scale`), and
+// the pass's settings.
 struct PairMoveTables {
   float* residual;
   int64_t residual_ld;
@@ -25,7 +26,8 @@ struct PairMoveTables {
   float* codes;
   int64_t codes_ld;
   const float* scale;
-  int64_t scale_ld, scale_col;
+  int64_t scale_ld;
+  const int64_t* group_of;  // width entries
   const float* hessian;  // width x width, contiguous
   const float* diag;     // its diagonal
   int64_t width, rows;

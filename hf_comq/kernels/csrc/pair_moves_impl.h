@@ -180,10 +180,11 @@ int64_t move_tiles(const PairMoveTables& t, PairMoveScratch& s, int64_t tile_beg
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t k0 = tile * kPairTileRows, n = t.rows - k0 < kPairTileRows ? t.rows - k0 : kPairTileRows;
     for (int64_t j = 0; j < width; ++j) {
+      const float* scale = t.scale + t.group_of[j] * t.scale_ld + k0;
       for (int64_t r = 0; r < n; ++r) {
         s.tile_residual[r * width + j] = t.residual[j * t.residual_ld + k0 + r];
         s.tile_codes[r * width + j] = t.codes[j * t.codes_ld + k0 + r];
-        s.tile_scale[r * width + j] = t.scale[j * t.scale_ld + (k0 + r) * t.scale_col];
+        s.tile_scale[r * width + j] = scale[r];
       }
     }
     int64_t tile_moves = 0;
