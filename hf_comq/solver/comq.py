@@ -749,8 +749,12 @@ class _Problem:
         group-wise refit skips the new residual, and the objective comes from each
         row's exact change instead.
         """
-        if self.per_channel or keep_residual:
-            self.dequant_t = None  # the refit does not read it (only the objective without a residual does)
+        rows_before = None
+        if not (self.per_channel or keep_residual):
+            # the objective without a residual starts from each row's objective now,
+            # taken before the refit so that the values go before its passes
+            rows_before = self.row_objectives()
+        self.dequant_t = None  # the refit does not read it
         if self.per_channel:
             # Per-channel: H (Q - z)^T = (H W^T - R) / scale comes from the exact
             # residual, so the refit needs no GEMM; it is made in the residual's
@@ -772,7 +776,7 @@ class _Problem:
             )  # fmt: skip
             dequant_h_t = None
             if not keep_residual:
-                rows_after = self.row_objectives() + refit.objective_change
+                rows_after = rows_before + refit.objective_change
                 self.objective_without_residual = float(rows_after.double().sum())
         self.grid = Grid(scale=refit.scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
         # each old table goes before its successor is made
