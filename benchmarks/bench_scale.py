@@ -25,7 +25,8 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
 * ``solve``: peak resident memory of one layer solve alone (random weight, Gram matrix of
   random inputs), for the 1.1 B shape's widest layers, the default COMQ solver beside
   round to nearest, group 64 and per channel: what a memory-bounded run with the
-  default solver adds at its widest layer, in weight-sized float32 copies.
+  default solver adds at its widest layer, in weight-sized float32 copies (after a small
+  solve in the same process, which brings in the libraries' code pages once).
 * ``ranks``: calibration wall time (``quantize_model``'s own ``time_s``) of the
   SmolLM2-shaped model with the default COMQ solver, one rank on 2 threads against two
   gloo ranks on 1 thread each (the same 2 cores), interleaved, median of the repeats.
@@ -121,6 +122,12 @@ def child_solve(out_features: int, in_features: int, group: int, solver: str) ->
     from hf_comq.solver import ROUND_TO_NEAREST, comq_quantize
 
     torch.set_num_threads(1)
+    settings = ROUND_TO_NEAREST if solver == "rtn" else {}
+    # A small solve first: a process's first solve brings in code pages of torch's
+    # libraries and of the compiled kernel, once per process, not this solve's work space.
+    sample = torch.randn(256, 128)
+    comq_quantize(torch.randn(64, 128), sample.T @ sample, bits=4, group_size=group or None, **settings)
+    del sample
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(4096, in_features, generator=generator) * torch.rand(in_features, generator=generator)
     hessian = inputs.T @ inputs
@@ -128,7 +135,6 @@ def child_solve(out_features: int, in_features: int, group: int, solver: str) ->
     weight = torch.randn(out_features, in_features, generator=generator) * 0.02
     before = _rss_mb()
     reset_peak()  # making the inputs peaked above what holds them (each product's operand beside it)
-    settings = ROUND_TO_NEAREST if solver == "rtn" else {}
     started = time.perf_counter()
     # overwrite_hessian, as the calibration driver passes for a Gram matrix no other layer reads
     solved = comq_quantize(weight, hessian, bits=4, group_size=group or None, overwrite_hessian=True, **settings)
