@@ -15,7 +15,7 @@ import torch
 
 from ..threads import single_thread
 from .block_resolve import block_resolve_pass
-from .grid import ColumnGrid, Grid, minmax_grid, search_shrink
+from .grid import ColumnGrid, Grid, column_table, minmax_grid, search_shrink
 from .options import (
     CLIP_WEIGHTS,
     DEFAULTS,
@@ -600,12 +600,12 @@ class _Problem:
         """The grid's scales as an ``in x out`` per-column table, made when asked for:
         group-wise it is weight-sized, and kept for the whole solve two such tables
         would sit beside the solve's peak for the few steps that read them."""
-        return _per_column(self.grid.scale, self.columns.group_of_column)
+        return column_table(self.grid.scale, self.columns.group_of_column)
 
     @property
     def zero_t(self) -> torch.Tensor:
         """The grid's zero points as an ``in x out`` per-column table (see :attr:`scale_t`)."""
-        return _per_column(self.grid.zero_point, self.columns.group_of_column)
+        return column_table(self.grid.zero_point, self.columns.group_of_column)
 
     def start(
         self,
@@ -657,8 +657,8 @@ class _Problem:
         (``in x (len(grids) * out)``): one pass for all grids saves a pass's per-column
         overhead, and the error-feedback start gets its row objectives without a GEMM."""
         if init == "rtn":
-            scale_t = _per_column(torch.cat([grid.scale for grid in grids]), self.columns.group_of_column)
-            zero_t = _per_column(torch.cat([grid.zero_point for grid in grids]), self.columns.group_of_column)
+            scale_t = column_table(torch.cat([grid.scale for grid in grids]), self.columns.group_of_column)
+            zero_t = column_table(torch.cat([grid.zero_point for grid in grids]), self.columns.group_of_column)
             weight_t = self.weight_t if len(grids) == 1 else self.weight_t.repeat(1, len(grids))
             codes_t, dequant_t = round_to_nearest(weight_t, scale_t, zero_t, self.grid.max_code)
             row_objective = None
@@ -885,14 +885,6 @@ def _symmetrize_in_place(h: torch.Tensor) -> None:
         h[rows, cols] = mean
         if rows != cols:
             h[cols, rows] = mean.T
-
-
-def _per_column(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:
-    """``(out, n_groups)`` grid values as an ``in x out`` per-column table; per-channel
-    grids become a broadcast view instead of a copy."""
-    if values.shape[1] == 1:
-        return values.T.expand(group_of_column.numel(), values.shape[0])
-    return values.T.contiguous().index_select(0, group_of_column)
 
 
 def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype) -> None:

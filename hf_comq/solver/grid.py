@@ -152,6 +152,15 @@ def _grid_from_range(
     return Grid(scale=scale, zero_point=zero, bits=bits, group_size=group_size)
 
 
+def column_table(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:
+    """``(out, n_groups)`` grid values as an ``in x out`` per-column table, column j holding
+    group ``group_of_column[j]``'s row; per-channel grids become a broadcast view instead
+    of a copy."""
+    if values.shape[1] == 1:
+        return values.T.expand(group_of_column.numel(), values.shape[0])
+    return values.T.contiguous().index_select(0, group_of_column)
+
+
 def quantize_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max_code: int) -> torch.Tensor:
     """Nearest grid level of each value, as float-valued integer codes."""
     return torch.div(values, scale).round_().add_(zero).clamp_(0, max_code)  # in place: one temporary, not four

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.solver_ops import compiled_solver_ops
-from .grid import ColumnGrid
+from .grid import ColumnGrid, column_table
 
 MAX_ROUNDS = 128
 """Rounds at most (each moves every still-moving row once); real layers settle in a few dozen."""
@@ -63,10 +63,7 @@ def pair_move_pass(
             max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN,
         ))  # fmt: skip
     n_cols = residual_t.shape[0]
-    if grid.per_channel:
-        scale_t = grid.scale.expand(n_cols, -1)
-    else:
-        scale_t = grid.scale.index_select(0, grid.group_index(residual_t.device))
+    scale_t = column_table(grid.scale.T, grid.group_index(residual_t.device))
     diag = torch.diagonal(hessian).unsqueeze(1)
     count = min(max(candidates, 1), n_cols)
     active = torch.arange(residual_t.shape[1], device=residual_t.device)
