@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,13 +84,21 @@ CONFIG_CLASSES = {"qwen3-moe-0.7b": "Qwen3MoeConfig"}
 # ---------------------------------------------------------------------------
 
 
-def _status_mb(key: str) -> float:
-    """One memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in MiB."""
+def status_mb(keys: Iterable[str]) -> dict[str, float]:
+    """Memory lines of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``RssAnon``, ...) in MiB,
+    read in one pass; a key the file lacks is NaN."""
+    values = dict.fromkeys(keys, float("nan"))  # in the order asked for
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+            key = line.split(":")[0]
+            if key in values:
+                values[key] = int(line.split()[1]) / 1024
+    return values
+
+
+def _status_mb(key: str) -> float:
+    """One memory line of ``/proc/self/status`` in MiB (see :func:`status_mb`)."""
+    return status_mb([key])[key]
 
 
 def _rss_mb() -> float:

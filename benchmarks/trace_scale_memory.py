@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_scale import SHAPES, WORK, reset_peak  # noqa: E402
+from benchmarks.bench_scale import SHAPES, WORK, reset_peak, status_mb  # noqa: E402
 
 
 STEP_PEAKS = {"on": False, "peak": 0}
@@ -34,12 +34,7 @@ STEP_PEAKS = {"on": False, "peak": 0}
 
 def memory(tag: str) -> None:
     """Print the resident memory now; with ``--step-peaks`` the peak is this step's own, then reset."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key = line.split(":")[0]
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                values[key] = int(line.split()[1]) // 1024
+    values = {key: int(mb) for key, mb in status_mb(("VmHWM", "VmRSS", "RssAnon", "RssFile")).items()}
     if STEP_PEAKS["on"]:
         STEP_PEAKS["peak"] = max(STEP_PEAKS["peak"], values["VmHWM"])
         values["run peak"] = STEP_PEAKS["peak"]
