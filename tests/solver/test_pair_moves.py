@@ -135,13 +135,22 @@ def test_the_compiled_pass_moves_every_row_as_it_would_alone(monkeypatch):
     assert moves == moves_alone > 37
 
 
-@pytest.mark.parametrize("group_size", [None, 16])
-def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(monkeypatch, group_size):
-    """Both builds round every product and sum on its own, in wider or narrower registers:
-    the same moves, bit for bit, whichever the CPU runs."""
+@pytest.mark.parametrize(
+    ("width", "candidates", "group_size"),
+    [(96, 12, None), (96, 12, 16), (100, 32, None), (100, 32, 20), (300, 100, None)],
+)
+def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(
+    monkeypatch, width, candidates, group_size
+):
+    """Both builds round every product and sum on its own, in wider or narrower registers,
+    and pick, rank and pair the candidates by the same rules (the AVX2 build eight at a
+    time, masking what lies past a row's end, its candidates' end or a short list's end:
+    widths and candidate counts that are not multiples of eight; a short list too long to
+    rank by counting at 100 candidates of 300): the same moves, bit for bit, whichever the
+    CPU runs."""
     require_kernel()
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
-    layer = rounded_layer(37, 96, 256, seed=5, group_size=group_size)
+    layer = rounded_layer(37, width, 256, seed=5, group_size=group_size)
     *first, grid = _pass_tables(layer, torch.float32)
     ops = compiled_solver_ops(first[:3] + [grid.scale], first[3])
     ends = {}
@@ -149,7 +158,7 @@ def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(m
         residual_t, values_t, codes_t, hessian = tables = [table.clone() for table in first]
         try:
             moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, grid.scale, grid.group_index("cpu"),
-                                   layer.grid.max_code, 12, MAX_ROUNDS, MIN_RELATIVE_GAIN, isa)  # fmt: skip
+                                   layer.grid.max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN, isa)  # fmt: skip
         except RuntimeError as error:  # the kernel's own rule: no AVX2 build, or a CPU without AVX2
             if "lacks AVX2" not in str(error):
                 raise

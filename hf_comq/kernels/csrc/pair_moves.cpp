@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -24,17 +25,21 @@ using at::Tensor;
 
 // One thread's working memory (see PairMoveScratch).
 struct Scratch {
-  std::vector<float> tile_residual, tile_codes, tile_scale, cost, step, short_cost, value, picked_cost;
-  std::vector<int64_t> short_list, picked;
+  std::vector<float> tile_residual, tile_codes, tile_scale, cost, step, short_cost, value, candidate_cost;
+  std::vector<float> picked_cost;
+  std::vector<int32_t> short_list, picked;
 
+  // The padding (zeros) is what the AVX2 loops' last vectors read past a list's end.
   Scratch(int64_t width, int64_t count)
       : tile_residual(kPairTileRows * width), tile_codes(kPairTileRows * width), tile_scale(kPairTileRows * width),
-        cost(width), step(width), short_cost(width), value(count), picked_cost(count), short_list(width),
-        picked(count) {}
+        cost(width), step(width), short_cost(width + kPairLanes), value(count + kPairLanes),
+        candidate_cost(count + kPairLanes), picked_cost(count), short_list(width + kPairLanes),
+        picked(count + kPairLanes) {}
 
   PairMoveScratch view() {
-    return {tile_residual.data(), tile_codes.data(), tile_scale.data(), cost.data(),        step.data(),
-            short_cost.data(),    short_list.data(), value.data(),      picked_cost.data(), picked.data()};
+    return {tile_residual.data(), tile_codes.data(), tile_scale.data(),      cost.data(),
+            step.data(),          short_cost.data(), short_list.data(),      value.data(),
+            candidate_cost.data(), picked.data(),    picked_cost.data()};
   }
 };
 
@@ -53,6 +58,7 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
   check_table(hessian, "hessian", width, width);
   const int64_t* group = checked_group_of(group_of, width, scales.size(0));
   TORCH_CHECK(hessian.is_contiguous(), "hessian must be contiguous");
+  TORCH_CHECK(width <= std::numeric_limits<int32_t>::max(), "pair_moves takes at most 2^31 - 1 columns, got ", width);
   const bool avx2 = avx2_requested(isa, cpu_has_avx2(), "pair_moves", "or build lacks AVX2");
   if (rows == 0 || width == 0) return 0;
   const float* hessian_data = hessian.data_ptr<float>();

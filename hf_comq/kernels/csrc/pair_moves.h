@@ -15,6 +15,18 @@ namespace hf_comq {
 // Output rows gathered together: a 64-byte line of each transposed table.
 constexpr int64_t kPairTileRows = 16;
 
+// Candidates scanned at once by the AVX2 pair scan; the per-candidate scratch has this
+// many entries of padding, which its last vector reads and masks off.
+constexpr int64_t kPairLanes = 8;
+
+// Most candidates the AVX2 pair scan takes (each pair's place in the scan fits an int32);
+// more go through the scalar scan, which makes the same choice.
+constexpr int64_t kMostVectorCandidates = 4096;
+
+// Longest short list whose candidates the AVX2 build ranks by counting (its cost grows with
+// the square of the length); longer ones are sorted by insertion, with the same result.
+constexpr int64_t kMostRankedListed = 128;
+
 // The solver's tables, all in x out in its column order (row k of the layer is column k
 // here), the grid's scales one row per group (`group_of[j]`: column j's row of `scale`), and
 // the pass's settings.
@@ -45,11 +57,12 @@ struct PairMoveScratch {
   float* tile_scale;
   float* cost;  // width each
   float* step;
-  float* short_cost;
-  int64_t* short_list;
-  float* value;  // count each
-  float* picked_cost;
-  int64_t* picked;
+  float* short_cost;    // width + kPairLanes each
+  int32_t* short_list;
+  float* value;  // count + kPairLanes each
+  float* candidate_cost;
+  int32_t* picked;
+  float* picked_cost;  // count
 };
 
 #define HF_COMQ_DECLARE_PAIR_MOVES(ns)                                                               \

@@ -4,6 +4,8 @@
 // the plain loops.
 #include "cpu_features.h"
 #if HF_COMQ_HAVE_AVX2_BUILDS
+#include <immintrin.h>
+
 #include <cstdint>
 #include <limits>
 
@@ -11,6 +13,7 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx2")
+#define HF_COMQ_AVX2 1
 #define HF_COMQ_ISA avx2
 #include "pair_moves_impl.h"
 #pragma GCC pop_options

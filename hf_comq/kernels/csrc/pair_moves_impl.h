@@ -11,7 +11,9 @@
 // the same float32 arithmetic; torch's vectorised kernels may fuse a multiply-add and
 // break a tie the other way, so the two paths can make a different move now and then
 // (tests/solver/test_pair_moves.py bounds the difference).  The AVX2 and plain builds
-// compute the same roundings in wider or narrower registers: the same moves.
+// compute the same roundings in wider or narrower registers: the same moves.  The AVX2
+// build (HF_COMQ_AVX2 = 1) also lists, ranks and pairs a row's candidates eight at a
+// time, by the rules of the plain loops it stands beside, so it picks the same ones.
 
 #include "fp_contract_off.h"
 
@@ -51,7 +53,7 @@ struct RowState {
 // solver's act order the costs tend to fall with the column, so backwards most columns
 // are dearer than the worst kept one and pass by with one comparison.
 // `columns` (ascending; null: 0..width-1) name the entries of `cost`.
-void cheapest(const float* cost, const int64_t* columns, int64_t width, int64_t count, int64_t* picked,
+void cheapest(const float* cost, const int32_t* columns, int64_t width, int64_t count, int32_t* picked,
               float* picked_cost) {
   int64_t filled = 0;
   for (int64_t j = width - 1; j >= 0; --j) {
@@ -64,9 +66,110 @@ void cheapest(const float* cost, const int64_t* columns, int64_t width, int64_t 
       --at;
     }
     picked_cost[at] = c;
-    picked[at] = columns == nullptr ? j : columns[j];
+    picked[at] = columns == nullptr ? static_cast<int32_t>(j) : columns[j];
   }
 }
+
+// Lists the columns whose cost is at most `bound` (never a NaN), in column order; returns how many.
+int64_t list_under_in_order(const float* cost, int64_t begin, int64_t width, float bound, float* short_cost,
+                            int32_t* short_list, int64_t listed) {
+  // Every column is written and the count advances only past those under the bound:
+  // no branch to mispredict on the column's cost.
+  for (int64_t j = begin; j < width; ++j) {
+    short_cost[listed] = cost[j];
+    short_list[listed] = static_cast<int32_t>(j);
+    listed += cost[j] <= bound;
+  }
+  return listed;
+}
+
+#if HF_COMQ_AVX2
+// For each 8-bit mask, the lanes whose bit is set, first to last (then lane 0): the
+// permutation that packs a vector's selected lanes to its front.
+struct alignas(32) PackingTable {
+  int32_t lanes[256][kPairLanes];
+};
+
+constexpr PackingTable packing_table() {
+  PackingTable table{};
+  for (int mask = 0; mask < 256; ++mask) {
+    int packed = 0;
+    for (int lane = 0; lane < kPairLanes; ++lane) {
+      if ((mask >> lane) & 1) table.lanes[mask][packed++] = lane;
+    }
+  }
+  return table;
+}
+
+constexpr PackingTable kPacking = packing_table();
+
+// list_under_in_order eight columns at a time and without a branch: the columns under the
+// bound are packed to the front of a vector and all eight lanes stored, the list growing
+// by the selected count only (the scratch's padding takes the rest).
+int64_t list_under(const float* cost, int64_t width, float bound, float* short_cost, int32_t* short_list) {
+  const __m256 limit = _mm256_set1_ps(bound);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t listed = 0, j = 0;
+  for (; j + kPairLanes <= width; j += kPairLanes) {
+    const __m256 costs = _mm256_loadu_ps(cost + j);
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(costs, limit, _CMP_LE_OQ));
+    const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPacking.lanes[mask]));
+    const __m256i columns = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(j)), lane);
+    _mm256_storeu_ps(short_cost + listed, _mm256_permutevar8x32_ps(costs, order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(short_list + listed), _mm256_permutevar8x32_epi32(columns, order));
+    listed += __builtin_popcount(static_cast<unsigned>(mask));
+  }
+  return list_under_in_order(cost, j, width, bound, short_cost, short_list, listed);
+}
+#else
+int64_t list_under(const float* cost, int64_t width, float bound, float* short_cost, int32_t* short_list) {
+  return list_under_in_order(cost, 0, width, bound, short_cost, short_list, 0);
+}
+#endif
+
+#if HF_COMQ_AVX2
+// cheapest() of a short list, without its sorted insertion (a mispredicted branch or two
+// per entry): each entry's place among the kept ones is the number of entries before it in
+// (cost, column) order, counted eight at a time.  `columns` ascend, so an equal cost
+// comes first when its index is lower.  The list has no NaN (it holds the costs at most a
+// bound), so the order is total and the places are those cheapest() gives.  Entries past
+// `listed` (the scratch's padding) are masked off.
+void cheapest_listed(const float* cost, const int32_t* columns, int64_t listed, int64_t count, int32_t* picked,
+                     float* picked_cost) {
+  if (listed > kMostRankedListed) {
+    cheapest(cost, columns, listed, count, picked, picked_cost);
+    return;
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i live_end = _mm256_set1_epi32(static_cast<int32_t>(listed));
+  for (int64_t i = 0; i < listed; ++i) {
+    const __m256 c = _mm256_set1_ps(cost[i]);
+    const __m256i own = _mm256_set1_epi32(static_cast<int32_t>(i));
+    __m256i before = _mm256_setzero_si256();
+    for (int64_t m = 0; m < listed; m += kPairLanes) {
+      const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(m)), lane);
+      const __m256 other = _mm256_loadu_ps(cost + m);
+      const __m256i lower = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(other, c, _CMP_LT_OQ)),
+                                             _mm256_cmpgt_epi32(live_end, index));
+      const __m256i tied_earlier = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(other, c, _CMP_EQ_OQ)),
+                                                    _mm256_cmpgt_epi32(own, index));
+      before = _mm256_sub_epi32(before, _mm256_or_si256(lower, tied_earlier));  // a true lane is -1
+    }
+    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(before), _mm256_extracti128_si256(before, 1));
+    sum = _mm_hadd_epi32(sum, sum);
+    const int32_t place = _mm_cvtsi128_si32(_mm_hadd_epi32(sum, sum));
+    if (place < count) {
+      picked[place] = columns[i];
+      picked_cost[place] = cost[i];
+    }
+  }
+}
+#else
+void cheapest_listed(const float* cost, const int32_t* columns, int64_t listed, int64_t count, int32_t* picked,
+                     float* picked_cost) {
+  cheapest(cost, columns, listed, count, picked, picked_cost);
+}
+#endif
 
 // The row's candidates, as :func:`cheapest` picks them from all columns.  When at least
 // `count` columns cost no more than the row's bound, every candidate is among them (the
@@ -77,25 +180,101 @@ void cheapest(const float* cost, const int64_t* columns, int64_t width, int64_t 
 void pick_candidates(RowState& row, int64_t width, int64_t count) {
   PairMoveScratch& s = *row.scratch;
   const float* cost = s.cost;
-  int64_t listed = 0;
-  if (row.bound < kInf) {
-    // Every column is written and the count advances only past those under the bound:
-    // no branch to mispredict on the column's cost.
-    const float bound = row.bound;
-    for (int64_t j = 0; j < width; ++j) {
-      s.short_cost[listed] = cost[j];
-      s.short_list[listed] = j;
-      listed += cost[j] <= bound;
-    }
-  }
+  const int64_t listed = row.bound < kInf ? list_under(cost, width, row.bound, s.short_cost, s.short_list) : 0;
   if (listed >= count) {
-    cheapest(s.short_cost, s.short_list, listed, count, s.picked, s.picked_cost);
+    cheapest_listed(s.short_cost, s.short_list, listed, count, s.picked, s.picked_cost);
   } else {
     cheapest(cost, nullptr, width, count, s.picked, s.picked_cost);
   }
   const float worst = s.picked_cost[count - 1], spread = worst - s.picked_cost[0];
   row.bound = worst + 0.25f * spread;
 }
+
+// The pair of candidates whose two steps together change the row's objective the least,
+// the first such pair in the order (0, 1), (0, 2), ..., (1, 2), ... on ties; `change` is
+// infinite (and the pair (0, 0)) when no pair has a finite change.  `candidate_cost[i]`
+// and `value[i]` are candidate i's single-step change and signed step value.
+struct PairChoice {
+  float change;
+  int64_t first, second;
+};
+
+// The torch pass scans the whole table, each pair twice, rounded in either order; the
+// smaller of the two is what it can pick, so that is what is kept here, reading each Gram
+// entry once.
+PairChoice best_pair_in_order(const float* hessian, int64_t width, const int32_t* picked,
+                              const float* candidate_cost, const float* value, int64_t count) {
+  PairChoice choice{kInf, 0, 0};
+  for (int64_t i = 0; i < count; ++i) {
+    const float* h_row = hessian + static_cast<int64_t>(picked[i]) * width;
+    const float ci = candidate_cost[i], vi = value[i];
+    for (int64_t j = i + 1; j < count; ++j) {
+      const float cj = candidate_cost[j], vj = value[j];
+      const float cross = h_row[picked[j]];
+      const float term = (cross * (vi * vj)) * 2.0f;  // vi * vj == vj * vi exactly: one product serves both orders
+      const float change = smaller((term + ci) + cj, (term + cj) + ci);
+      if (change < choice.change) choice = {change, i, j};
+    }
+  }
+  return choice;
+}
+
+#if HF_COMQ_AVX2
+// best_pair_in_order eight pairs at a time: the same products and sums, each rounded on
+// its own.  Every lane keeps the first of its own lowest changes (a strict comparison, as
+// the scalar scan), with the pair's place in the scan order, and the lowest change of
+// all lanes, the earliest on ties, is the scalar scan's choice.  Lanes past the last
+// candidate read the scratch's padding and are masked to an infinite change.
+PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked, const float* candidate_cost,
+                     const float* value, int64_t count) {
+  if (count > kMostVectorCandidates) return best_pair_in_order(hessian, width, picked, candidate_cost, value, count);
+  const __m256 inf = _mm256_set1_ps(kInf), two = _mm256_set1_ps(2.0f), zero = _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 best = inf;
+  __m256i best_at = _mm256_set1_epi32(-1);
+  for (int64_t i = 0; i + 1 < count; ++i) {
+    const float* h_row = hessian + static_cast<int64_t>(picked[i]) * width;
+    const __m256 ci = _mm256_set1_ps(candidate_cost[i]), vi = _mm256_set1_ps(value[i]);
+    for (int64_t j = i + 1; j < count; j += kPairLanes) {
+      const __m256i left = _mm256_set1_epi32(static_cast<int32_t>(count - j));
+      const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(left, lane));
+      const __m256i columns = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(picked + j));
+      const __m256 cross = _mm256_mask_i32gather_ps(zero, h_row, columns, live, 4);
+      const __m256 cj = _mm256_loadu_ps(candidate_cost + j), vj = _mm256_loadu_ps(value + j);
+      const __m256 term = _mm256_mul_ps(_mm256_mul_ps(cross, _mm256_mul_ps(vi, vj)), two);
+      const __m256 ab = _mm256_add_ps(_mm256_add_ps(term, ci), cj), ba = _mm256_add_ps(_mm256_add_ps(term, cj), ci);
+      const __m256 change = _mm256_blendv_ps(inf, _mm256_min_ps(ba, ab), live);  // min_ps(x, y): x < y ? x : y
+      const __m256 lower = _mm256_cmp_ps(change, best, _CMP_LT_OQ);
+      const __m256i at = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i * count + j)), lane);
+      best = _mm256_blendv_ps(best, change, lower);
+      best_at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best_at), _mm256_castsi256_ps(at), lower));
+    }
+  }
+  alignas(32) float lane_best[kPairLanes];
+  alignas(32) int32_t lane_at[kPairLanes];
+  _mm256_store_ps(lane_best, best);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_at), best_at);
+  PairChoice choice{kInf, 0, 0};
+  int32_t chosen = -1;
+  for (int l = 0; l < kPairLanes; ++l) {
+    if (lane_at[l] < 0) continue;  // never lower than infinity
+    if (chosen < 0 || lane_best[l] < choice.change || (lane_best[l] == choice.change && lane_at[l] < chosen)) {
+      choice.change = lane_best[l];
+      chosen = lane_at[l];
+    }
+  }
+  if (chosen >= 0) {
+    choice.first = chosen / count;
+    choice.second = chosen % count;
+  }
+  return choice;
+}
+#else
+PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked, const float* candidate_cost,
+                     const float* value, int64_t count) {
+  return best_pair_in_order(hessian, width, picked, candidate_cost, value, count);
+}
+#endif
 
 // One round of one row: returns whether it moved.  A step is written to the row's own
 // copies and to its entries of the solver's `dequant` table (`dequant[j * stride]`, the
@@ -111,7 +290,8 @@ bool move_once(RowState& row, float* dequant, const PairMoveTables& t) {
   float* cost = s.cost;
   float* step = s.step;
   float* value = s.value;
-  const int64_t* picked = s.picked;
+  float* candidate_cost = s.candidate_cost;
+  const int32_t* picked = s.picked;
   const float top = t.top;
   for (int64_t j = 0; j < width; ++j) {
     const float sj = scale[j];
@@ -125,26 +305,10 @@ bool move_once(RowState& row, float* dequant, const PairMoveTables& t) {
   pick_candidates(row, width, count);
   for (int64_t i = 0; i < count; ++i) value[i] = step[picked[i]] * scale[picked[i]];
 
-  // The best pair.  The torch pass scans the whole table, each pair twice, rounded in
-  // either order; the smaller of the two is what it can pick, so that is what is kept
-  // here, reading each Gram entry once.
-  float best = kInf;
-  int64_t first = 0, second = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const float* h_row = hessian + picked[i] * width;
-    const float ci = cost[picked[i]], vi = value[i];
-    for (int64_t j = i + 1; j < count; ++j) {
-      const float cj = cost[picked[j]], vj = value[j];
-      const float cross = h_row[picked[j]];
-      const float term = (cross * (vi * vj)) * 2.0f;  // vi * vj == vj * vi exactly: one product serves both orders
-      const float change = smaller((term + ci) + cj, (term + cj) + ci);
-      if (change < best) {
-        best = change;
-        first = i;
-        second = j;
-      }
-    }
-  }
+  for (int64_t i = 0; i < count; ++i) candidate_cost[i] = cost[picked[i]];
+  PairChoice choice = best_pair(hessian, width, picked, candidate_cost, value, count);
+  float best = choice.change;
+  int64_t first = choice.first, second = choice.second;
   const float single = cost[picked[0]];
   if (!(best < single)) {
     best = single;

@@ -4,5 +4,6 @@
 
 #include "pair_moves.h"
 
+#define HF_COMQ_AVX2 0
 #define HF_COMQ_ISA scalar
 #include "pair_moves_impl.h"
