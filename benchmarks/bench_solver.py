@@ -82,17 +82,17 @@ def evaluate_strong(
     (except those named in ``skip``)."""
     w, h = problem.weight, problem.hessian
     rows = []
-    rtn, secs = _timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **ROUND_TO_NEAREST))
+    rtn, secs = timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **ROUND_TO_NEAREST))
     rows.append(("RTN (min-max grid)", layer_objective(w, rtn.dequantize(), h), secs))
     for observer in OBSERVERS:
         scale, zero = observer_grid(w, h, 1, bits, group_size, observer)  # imatrix normalises by the mean
         for damp in GPTQ_DAMPS:
-            deq, secs = _timed(lambda: gptq_dequantized(w, h, scale, zero, bits, True, damp=damp))
+            deq, secs = timed(lambda: gptq_dequantized(w, h, scale, zero, bits, True, damp=damp))
             rows.append((f"GPTQ act-order, {observer}, damp {damp}", layer_objective(w, deq, h), secs))
     for name, settings in STRONG_COMQ_SETTINGS.items():
         if name in skip:
             continue
-        result, secs = _timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **settings))
+        result, secs = timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **settings))
         rows.append((name, layer_objective(w, result.dequantize(), h), secs))
     return rows
 
@@ -137,10 +137,11 @@ def load_problems(kinds: list[str], cache: Path) -> list[LayerProblem]:
 
 def gemm_seconds(problem: LayerProblem, repeats: int = 7) -> float:
     w, h = problem.weight.float(), problem.hessian.float()
-    return min(_timed(lambda: w @ h)[1] for _ in range(repeats))
+    return min(timed(lambda: w @ h)[1] for _ in range(repeats))
 
 
-def _timed(fn: Callable):
+def timed(fn: Callable):
+    """``fn()``'s result and its wall seconds (one call: the callers take medians or minima)."""
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
@@ -151,24 +152,24 @@ def evaluate(problem: LayerProblem, bits: int, include_gptq: bool) -> list[tuple
     w, h = problem.weight, problem.hessian
     grid = minmax_grid(w, bits, w.shape[1])
     rows = []
-    rtn, secs = _timed(lambda: comq_quantize(w, h, bits=bits, **ROUND_TO_NEAREST))
+    rtn, secs = timed(lambda: comq_quantize(w, h, bits=bits, **ROUND_TO_NEAREST))
     rows.append(("RTN (same grid)", layer_objective(w, rtn.dequantize(), h), secs))
     if include_gptq:
         for act_order in (False, True):
-            deq, secs = _timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, bits, act_order))
+            deq, secs = timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, bits, act_order))
             rows.append((f"GPTQ{' act-order' if act_order else ''} ({GPTQ_PACKAGE})", layer_objective(w, deq, h), secs))
         # hf_comq's default damps its start less at 4+ bits; show what that does for GPTQ itself.
         low_damp = default_damp(bits)
         if low_damp != 0.01:
-            deq, secs = _timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, bits, True, damp=low_damp))
+            deq, secs = timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, bits, True, damp=low_damp))
             rows.append((f"GPTQ act-order, damp {low_damp}", layer_objective(w, deq, h), secs))
         h_diag = torch.diagonal(h).float().clamp_min(0)
         shrink = search_shrink(w.float(), h_diag, bits, w.shape[1], False, SHRINK_CANDIDATES, MIN_SHRINK)
         searched = minmax_grid(w.float(), bits, w.shape[1], False, shrink)
-        deq, secs = _timed(lambda: gptq_dequantized(w, h, searched.scale, searched.zero_point, bits, True))
+        deq, secs = timed(lambda: gptq_dequantized(w, h, searched.scale, searched.zero_point, bits, True))
         rows.append(("GPTQ act-order on hf_comq's searched grid", layer_objective(w, deq, h), secs))
     for name, settings in COMQ_SETTINGS.items():
-        result, secs = _timed(lambda: comq_quantize(w, h, bits=bits, **settings))
+        result, secs = timed(lambda: comq_quantize(w, h, bits=bits, **settings))
         rows.append((name, layer_objective(w, result.dequantize(), h), secs))
     return rows
 
@@ -213,15 +214,15 @@ def timing_section(include_gptq: bool, repeats: int, group_size: int | None = No
     times: dict[str, list[float]] = {"gemm": [], "sweep": [], "default": [], "no_block": [], "gptq": []}
     times.update({observer: [] for observer in CLIPPING_OBSERVERS})
     for _ in range(repeats):
-        times["gemm"].append(_timed(lambda: w @ h)[1])
-        start_seconds = _timed(lambda: comq_quantize(w, h, **start_only))[1]
-        times["sweep"].append(_timed(lambda: comq_quantize(w, h, **one_sweep))[1] - start_seconds)
-        times["default"].append(_timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size))[1])
-        times["no_block"].append(_timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size, block_resolve=False))[1])
+        times["gemm"].append(timed(lambda: w @ h)[1])
+        start_seconds = timed(lambda: comq_quantize(w, h, **start_only))[1]
+        times["sweep"].append(timed(lambda: comq_quantize(w, h, **one_sweep))[1] - start_seconds)
+        times["default"].append(timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size))[1])
+        times["no_block"].append(timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size, block_resolve=False))[1])
         if include_gptq:
-            times["gptq"].append(_timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, 4, True))[1])
+            times["gptq"].append(timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, 4, True))[1])
             for observer in CLIPPING_OBSERVERS:
-                times[observer].append(_timed(lambda o=observer: _gptq_with_observer(w, h, group_size, o))[1])
+                times[observer].append(timed(lambda o=observer: _gptq_with_observer(w, h, group_size, o))[1])
 
     def ratio(name: str, base: str) -> str:
         per_repeat = sorted(a / b for a, b in zip(times[name], times[base]))

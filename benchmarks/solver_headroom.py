@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_solver import STRONG_COMQ_SETTINGS, _timed, evaluate_strong, load_problems  # noqa: E402
+from benchmarks.bench_solver import STRONG_COMQ_SETTINGS, evaluate_strong, load_problems, timed  # noqa: E402
 from hf_comq.solver import comq_quantize  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
@@ -59,13 +59,13 @@ def headroom(problem, bits: int, group_size: int | None) -> dict:
     gptq_best = min(objective for _, objective, _ in peers)
     gptq_seconds = min(secs for _, _, secs in peers)
     w, h = problem.weight, problem.hessian
-    default, seconds = _timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size))
+    default, seconds = timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size))
     best_rows = row_objectives(w, default.dequantize(), h)
     default_objective = float(best_rows.sum())
     total_seconds = seconds
     single = {}
     for name, settings in VARIANTS.items():
-        result, secs = _timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **settings))
+        result, secs = timed(lambda: comq_quantize(w, h, bits=bits, group_size=group_size, **settings))
         rows = row_objectives(w, result.dequantize(), h)
         single[name] = float(rows.sum())
         best_rows = torch.minimum(best_rows, rows)
