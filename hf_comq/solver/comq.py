@@ -592,7 +592,7 @@ class _Problem:
     @classmethod
     def build(cls, w: torch.Tensor, columns: _Columns, grid: Grid) -> _Problem:
         """The problem of the weight rows ``w`` (in the compute dtype) on the grid of those rows."""
-        weight_t = w.T.index_select(0, columns.perm)  # a fresh contiguous copy; w.T[perm] gathers strided columns, 2x slower
+        weight_t = w.T.index_select(0, columns.perm)  # a fresh contiguous copy (w.T[perm] would gather strided columns)
         return cls(weight_t=weight_t, columns=columns, grid=grid)
 
     @property
