@@ -781,7 +781,7 @@ class _Problem:
         self.grid = Grid(scale=refit.scale, zero_point=self.grid.zero_point, bits=self.grid.bits, group_size=self.grid.group_size)
         # each old table goes before its successor is made
         self.dequant_t = self.residual_t = None
-        self.dequant_t = torch.sub(self.codes_t, self.zero_t).mul_(self.scale_t)
+        self.dequant_t = self.column_grid.dequantize(self.codes_t, out=torch.empty_like(self.codes_t))
         if dequant_h_t is None and keep_residual:
             dequant_h_t = self.columns.hessian @ self.dequant_t
         if dequant_h_t is not None:

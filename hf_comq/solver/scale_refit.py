@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from .grid import column_table
 from .spans import row_totals_in_blocks, rows_fitting, spans
 
 CHUNK_BYTES = 4 * 1024 * 1024  # products of one row chunk with one row of H's blocks
@@ -103,7 +104,7 @@ def refit_scales(
         return Refit(new_scale, None, change)
     # One dense GEMM: cheaper than summing H Wq^T from per-group products, whose
     # inner dimension is only the group size.
-    zero_t, scale_t = (table.T.contiguous().index_select(0, group_of_column) for table in (zero_point, new_scale))
+    zero_t, scale_t = (column_table(table, group_of_column) for table in (zero_point, new_scale))
     return Refit(new_scale, hessian @ (codes_t - zero_t).mul_(scale_t), change)
 
 
