@@ -25,21 +25,18 @@ using at::Tensor;
 
 // One thread's working memory (see PairMoveScratch).
 struct Scratch {
-  std::vector<float> tile_residual, tile_codes, tile_scale, cost, step, short_cost, value, candidate_cost;
-  std::vector<float> picked_cost;
+  std::vector<float> tile_residual, tile_codes, tile_scale, cost, step, short_cost, value, picked_cost;
   std::vector<int32_t> short_list, picked;
 
   // The padding (zeros) is what the AVX2 loops' last vectors read past a list's end.
   Scratch(int64_t width, int64_t count)
       : tile_residual(kPairTileRows * width), tile_codes(kPairTileRows * width), tile_scale(kPairTileRows * width),
         cost(width), step(width), short_cost(width + kPairLanes), value(count + kPairLanes),
-        candidate_cost(count + kPairLanes), picked_cost(count), short_list(width + kPairLanes),
-        picked(count + kPairLanes) {}
+        picked_cost(count + kPairLanes), short_list(width + kPairLanes), picked(count + kPairLanes) {}
 
   PairMoveScratch view() {
-    return {tile_residual.data(), tile_codes.data(), tile_scale.data(),      cost.data(),
-            step.data(),          short_cost.data(), short_list.data(),      value.data(),
-            candidate_cost.data(), picked.data(),    picked_cost.data()};
+    return {tile_residual.data(), tile_codes.data(), tile_scale.data(), cost.data(),        step.data(),
+            short_cost.data(),    short_list.data(), value.data(),      picked.data(),      picked_cost.data()};
   }
 };
 

@@ -59,10 +59,9 @@ struct PairMoveScratch {
   float* step;
   float* short_cost;    // width + kPairLanes each
   int32_t* short_list;
-  float* value;  // count + kPairLanes each
-  float* candidate_cost;
-  int32_t* picked;
-  float* picked_cost;  // count
+  float* value;        // count + kPairLanes each: the candidates' signed step values,
+  int32_t* picked;     // their columns
+  float* picked_cost;  // and their costs, ascending
 };
 
 #define HF_COMQ_DECLARE_PAIR_MOVES(ns)                                                               \

@@ -84,6 +84,9 @@ int64_t list_under_in_order(const float* cost, int64_t begin, int64_t width, flo
 }
 
 #if HF_COMQ_AVX2
+// 0, 1, ..., 7: each lane's offset in an eight-wide step over columns, list entries or pairs.
+inline __m256i lane_index() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+
 // For each 8-bit mask, the lanes whose bit is set, first to last (then lane 0): the
 // permutation that packs a vector's selected lanes to its front.
 struct alignas(32) PackingTable {
@@ -108,7 +111,7 @@ constexpr PackingTable kPacking = packing_table();
 // by the selected count only (the scratch's padding takes the rest).
 int64_t list_under(const float* cost, int64_t width, float bound, float* short_cost, int32_t* short_list) {
   const __m256 limit = _mm256_set1_ps(bound);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lane = lane_index();
   int64_t listed = 0, j = 0;
   for (; j + kPairLanes <= width; j += kPairLanes) {
     const __m256 costs = _mm256_loadu_ps(cost + j);
@@ -121,13 +124,7 @@ int64_t list_under(const float* cost, int64_t width, float bound, float* short_c
   }
   return list_under_in_order(cost, j, width, bound, short_cost, short_list, listed);
 }
-#else
-int64_t list_under(const float* cost, int64_t width, float bound, float* short_cost, int32_t* short_list) {
-  return list_under_in_order(cost, 0, width, bound, short_cost, short_list, 0);
-}
-#endif
 
-#if HF_COMQ_AVX2
 // cheapest() of a short list, without its sorted insertion (a mispredicted branch or two
 // per entry): each entry's place among the kept ones is the number of entries before it in
 // (cost, column) order, counted eight at a time.  `columns` ascend, so an equal cost
@@ -140,7 +137,7 @@ void cheapest_listed(const float* cost, const int32_t* columns, int64_t listed, 
     cheapest(cost, columns, listed, count, picked, picked_cost);
     return;
   }
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lane = lane_index();
   const __m256i live_end = _mm256_set1_epi32(static_cast<int32_t>(listed));
   for (int64_t i = 0; i < listed; ++i) {
     const __m256 c = _mm256_set1_ps(cost[i]);
@@ -165,6 +162,10 @@ void cheapest_listed(const float* cost, const int32_t* columns, int64_t listed, 
   }
 }
 #else
+int64_t list_under(const float* cost, int64_t width, float bound, float* short_cost, int32_t* short_list) {
+  return list_under_in_order(cost, 0, width, bound, short_cost, short_list, 0);
+}
+
 void cheapest_listed(const float* cost, const int32_t* columns, int64_t listed, int64_t count, int32_t* picked,
                      float* picked_cost) {
   cheapest(cost, columns, listed, count, picked, picked_cost);
@@ -229,7 +230,7 @@ PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked,
                      const float* value, int64_t count) {
   if (count > kMostVectorCandidates) return best_pair_in_order(hessian, width, picked, candidate_cost, value, count);
   const __m256 inf = _mm256_set1_ps(kInf), two = _mm256_set1_ps(2.0f), zero = _mm256_setzero_ps();
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lane = lane_index();
   __m256 best = inf;
   __m256i best_at = _mm256_set1_epi32(-1);
   for (int64_t i = 0; i + 1 < count; ++i) {
@@ -290,7 +291,6 @@ bool move_once(RowState& row, float* dequant, const PairMoveTables& t) {
   float* cost = s.cost;
   float* step = s.step;
   float* value = s.value;
-  float* candidate_cost = s.candidate_cost;
   const int32_t* picked = s.picked;
   const float top = t.top;
   for (int64_t j = 0; j < width; ++j) {
@@ -305,8 +305,8 @@ bool move_once(RowState& row, float* dequant, const PairMoveTables& t) {
   pick_candidates(row, width, count);
   for (int64_t i = 0; i < count; ++i) value[i] = step[picked[i]] * scale[picked[i]];
 
-  for (int64_t i = 0; i < count; ++i) candidate_cost[i] = cost[picked[i]];
-  PairChoice choice = best_pair(hessian, width, picked, candidate_cost, value, count);
+  // picked_cost[i] is cost[picked[i]], kept by the candidates' ranking
+  PairChoice choice = best_pair(hessian, width, picked, s.picked_cost, value, count);
   float best = choice.change;
   int64_t first = choice.first, second = choice.second;
   const float single = cost[picked[0]];
