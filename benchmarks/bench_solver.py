@@ -70,6 +70,7 @@ STRONG_COMQ_SETTINGS: dict[str, dict] = {
     "hf_comq default with start_grids=1": dict(start_grids=1),
     "hf_comq default without block re-solve (block_resolve=False)": dict(block_resolve=False),
     "hf_comq default without pair moves (pair_moves=0)": dict(pair_moves=0),
+    "hf_comq default with the scale refit (scale_refit=True)": dict(scale_refit=True),
     "hf_comq default": dict(),
 }
 GPTQ_DAMPS = (0.01, 0.001)

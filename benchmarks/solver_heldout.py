@@ -5,12 +5,13 @@ Every solver minimises ``||X(W - Wq)^T||^2`` on the calibration set's Gram matri
 SmolLM2-135M's decoder layers 7 and 22 on ``H`` from a 32 x 256-token calibration draw
 (the perplexity benchmark's draw, seed 0) and scores the result twice: on that ``H``
 and on one from 40 x 256 held-out tokens (the perplexity benchmark's evaluation text).
-Rows: hf_comq's default with ``ridge`` 0, 0.01, 0.03 and 0.1, each as a ratio to the
-better of GPTQ act-order with llm-compressor's ``imatrix_mse`` and ``memoryless_mse``
-observers (chosen per layer on the calibration ``H``, damping 0.01, solved on the same
-``H``); geometric mean over the 14 layers, and the worst layer.
+Rows: hf_comq's default with ``ridge`` 0, 0.01, 0.03 and 0.1, and with the scale refit,
+each as a ratio to the better of GPTQ act-order with llm-compressor's ``imatrix_mse`` and
+``memoryless_mse`` observers (chosen per layer on the calibration ``H``, damping 0.01,
+solved on the same ``H``); geometric mean over the 14 layers, and the worst layer.
 
     $B benchmarks/solver_heldout.py                      # W3/W4, group 64 and per channel
+    $B benchmarks/solver_heldout.py --variants default "scale_refit=True"
 
 Needs llm-compressor (the bench venv, see benchmarks/README.md) and the converted
 SmolLM2 checkpoint; the two sets of Gram matrices are cached under ``--cache``.
@@ -31,7 +32,13 @@ from benchmarks.bench_solver import load_problems  # noqa: E402
 from benchmarks.gptq_baseline import gptq_dequantized, observer_grid  # noqa: E402
 from hf_comq.solver import comq_quantize, layer_objective  # noqa: E402
 
-RIDGES = (0.0, 0.01, 0.03, 0.1)
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "ridge=0.01": dict(ridge=0.01),
+    "ridge=0.03": dict(ridge=0.03),
+    "ridge=0.1": dict(ridge=0.1),
+    "scale_refit=True": dict(scale_refit=True),
+}
 PEER_OBSERVERS = ("imatrix_mse", "memoryless_mse")
 
 
@@ -47,29 +54,30 @@ def gptq_best(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=["3:64", "4:64", "3:channel", "4:channel"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     calibration, held_out = (load_problems([kind], args.cache) for kind in ("smollm2", "smollm2_held_out"))
     print(f"torch {torch.__version__}, 1 thread; objective of hf_comq's default / GPTQ-best, both solved on the calibration H")
-    print("| setting | ridge | on the calibration H (geo. mean) | worst layer | on the held-out H (geo. mean) | worst layer |")
+    print("| setting | solver | on the calibration H (geo. mean) | worst layer | on the held-out H (geo. mean) | worst layer |")
     print("|---|---|---|---|---|---|")
     for setting in args.settings:
         bits_text, group_text = setting.split(":")
         bits, group_size = int(bits_text), None if group_text == "channel" else int(group_text)
-        ratios: dict[float, list[tuple[float, float]]] = {ridge: [] for ridge in RIDGES}
+        ratios: dict[str, list[tuple[float, float]]] = {name: [] for name in args.variants}
         for fitted, unseen in zip(calibration, held_out):
             weight, fitted_h, unseen_h = fitted.weight, fitted.hessian, unseen.hessian
             peer = gptq_best(weight, fitted_h, bits, group_size)
-            for ridge in RIDGES:
-                ours = comq_quantize(weight, fitted_h, bits=bits, group_size=group_size, ridge=ridge).dequantize()
-                ratios[ridge].append((
+            for name in args.variants:
+                ours = comq_quantize(weight, fitted_h, bits=bits, group_size=group_size, **VARIANTS[name]).dequantize()
+                ratios[name].append((
                     layer_objective(weight, ours, fitted_h) / layer_objective(weight, peer, fitted_h),
                     layer_objective(weight, ours, unseen_h) / layer_objective(weight, peer, unseen_h),
                 ))
-        for ridge, pairs in ratios.items():
+        for name, pairs in ratios.items():
             on_fitted, on_unseen = [p[0] for p in pairs], [p[1] for p in pairs]
-            print(f"| W{bits} {group_text} | {ridge} | {statistics.geometric_mean(on_fitted):.3f} | {max(on_fitted):.3f} | "
+            print(f"| W{bits} {group_text} | {name} | {statistics.geometric_mean(on_fitted):.3f} | {max(on_fitted):.3f} | "
                   f"{statistics.geometric_mean(on_unseen):.3f} | {max(on_unseen):.3f} |", flush=True)
 
 

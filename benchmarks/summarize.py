@@ -62,12 +62,13 @@ STRONG_COLUMNS = (
     ("previous default (no block re-solve)", lambda name: "block_resolve=False" in name),
     ("with pair moves (pair_moves=32)", lambda name: "pair_moves=32" in name),
     ("without pair moves (pair_moves=0)", lambda name: "pair_moves=0" in name),
+    ("with the scale refit (scale_refit=True)", lambda name: "scale_refit=True" in name),
     ("hf_comq default", lambda name: name == "hf_comq default"),
 )
 """Columns of the ``--strong`` table: the COMQ settings' rows, found by name; a column
 appears when some table of the files has that row (older runs lack the newer settings).
 "hf_comq default" is the default of the run's commit: without pair moves until they
-became the default, with them since."""
+became the default, with them since; with the scale refit until it was turned off."""
 
 
 def _strong_value(rows: dict, matches) -> float:
