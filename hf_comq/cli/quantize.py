@@ -52,6 +52,11 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     add_setting_option(group, "pair_moves")
     add_setting_flag(
+        group, "scale_refit",
+        "the paper's delta update: a lower layer objective, but SmolLM2's perplexity was higher with it "
+        "(off by default; see the README)",
+    )  # fmt: skip
+    add_setting_flag(
         group, "fp_target",
         "recommended for causal LMs at 2-4 bits (lower perplexity; one more forward pass per block and one "
         "more Gram-sized sum per layer while calibrating)",
@@ -167,11 +172,11 @@ def _quantize(
 
     rtn = ROUND_TO_NEAREST if args.rtn else {}
     flags = (
-        "bits", "group_size", "pair_moves", "fp_target", "true_sequential", "calibrate_all_experts", "sum_dtype",
-        *CALIBRATION_SETTINGS,
+        "bits", "group_size", "pair_moves", "scale_refit", "fp_target", "true_sequential", "calibrate_all_experts",
+        "sum_dtype", *CALIBRATION_SETTINGS,
     )  # fmt: skip
     settings = {name: getattr(args, name) for name in flags}
-    config = COMQConfig(dataset=dataset, dataset_split=args.split, dataset_column=args.column, **settings, **rtn)
+    config = COMQConfig(dataset=dataset, dataset_split=args.split, dataset_column=args.column, **{**settings, **rtn})
     pick_column(open_dataset(dataset, args.split), args.column, "calibration")
     method = "RTN" if args.rtn else "COMQ"
     if ranks is not None:

@@ -134,7 +134,11 @@ def comq_quantize(
         scale_refit: after every sweep, refit the scales in closed form for the
             current codes (the paper's delta update; never raises the objective;
             no GEMM per channel, about one and a half with groups, half for the
-            last refit, which keeps no residual).
+            last refit, which keeps no residual).  Off by default: it lowers the
+            layer objective, on held-out activations too, yet whole models
+            quantized with it did worse (SmolLM2's perplexity at W4 and W3, per
+            channel and group 64; benchmarks/README.md, "The scale refit
+            off by default").
         scale_search: choose each row's (group's) clipping of the min-max range by
             minimising a per-input weighted rounding error over 16 shrink factors
             in [0.25, 1] (elementwise, no GEMM; the weights are set by
@@ -195,7 +199,7 @@ def comq_quantize(
 
     Returns:
         A :class:`QuantizedWeight`; ``stats["objective"]`` lists the objective after
-        the start and after every sweep (with its refit), ``stats["relative_error"]`` is
+        the start and after every sweep (with its refit, if on), ``stats["relative_error"]`` is
         the final ``||X(W - Wq)^T||^2 / ||X W^T||^2``.
 
     The paper-faithful setting (same codes as the reference code) is

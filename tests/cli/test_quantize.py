@@ -71,15 +71,17 @@ def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(caps
     assert "| Layers aimed at the full-precision outputs | yes |" in (output / "README.md").read_text()
 
 
-def test_quantize_pair_moves_option_reaches_the_solver_settings(capsys, tmp_path, gpt2_dir, text_data) -> None:
+def test_quantize_solver_options_reach_the_solver_settings(capsys, tmp_path, gpt2_dir, text_data) -> None:
     output = tmp_path / "gpt2-w4-no-pairs"
     code, out, err = run_cli(
-        capsys, "quantize", gpt2_dir, "--dataset", text_data, "--num-samples", 8, "--pair-moves", 0, "--output", output
-    )
+        capsys, "quantize", gpt2_dir, "--dataset", text_data, "--num-samples", 8, "--pair-moves", 0, "--scale-refit",
+        "--output", output,
+    )  # fmt: skip
     assert code == 0, err
     stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
-    assert stored["solver"]["pair_moves"] == 0
-    assert "| Pair-move candidates per row | off |" in (output / "README.md").read_text()
+    assert stored["solver"]["pair_moves"] == 0 and stored["solver"]["scale_refit"] is True
+    card = (output / "README.md").read_text()
+    assert "| Pair-move candidates per row | off |" in card and "| Scale refit | yes |" in card
 
 
 def test_quantize_with_true_sequential_solves_each_blocks_stages_in_turn(capsys, tmp_path, gpt2_dir, text_data) -> None:

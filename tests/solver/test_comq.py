@@ -170,7 +170,10 @@ def test_symmetric_grid_zero_point_is_mid_range(medium_layer):
 
 def test_scale_refit_matches_closed_form_per_row(medium_layer):
     weight, _, hessian = medium_layer
-    result = comq_quantize(weight, hessian, bits=4, init="rtn", iterations=1, scale_search=False, compute_dtype=torch.float64, tol=0.0)
+    result = comq_quantize(
+        weight, hessian, bits=4, init="rtn", iterations=1, scale_refit=True, scale_search=False,
+        compute_dtype=torch.float64, tol=0.0,
+    )  # fmt: skip
     offsets = (result.codes.double() - result.zero_point.double())
     projected = offsets @ hessian.double()
     optimal = (projected * weight.double()).sum(1) / (projected * offsets).sum(1)
@@ -434,12 +437,13 @@ def test_more_start_grids_never_start_higher(start_grids, medium_layer):
     assert more.stats["objective"][0] <= fewer.stats["objective"][0] * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("scale_refit", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_group_wise_default_reports_the_objective_of_what_it_returns(bits, medium_layer):
-    # The last refit keeps no residual; the reported objective comes from each
-    # row's exact change, in float32 as the solver runs by default.
+def test_group_wise_default_reports_the_objective_of_what_it_returns(bits, scale_refit, medium_layer):
+    # With the refit, the last one keeps no residual; the reported objective comes from
+    # each row's exact change, in float32 as the solver runs by default.
     weight, _, hessian = medium_layer
-    result = comq_quantize(weight, hessian, bits=bits, group_size=32)
+    result = comq_quantize(weight, hessian, bits=bits, group_size=32, scale_refit=scale_refit)
     assert result.stats["objective"][-1] == pytest.approx(layer_objective(weight, result.dequantize(), hessian), rel=1e-4)
 
 
