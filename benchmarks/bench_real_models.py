@@ -66,11 +66,12 @@ COMQ_VARIANTS = {
     "COMQ pair moves": dict(pair_moves=32),
     "COMQ without pair moves": dict(pair_moves=0),
     "COMQ scale refit": dict(scale_refit=True),
+    "COMQ without scale refit": dict(scale_refit=False),
 }
 """COMQ rows other than the default: the paper's code, trials of the solver's ``ridge`` (fixed, and each
 layer's Ledoit-Wolf amount), of ``fp_target`` and of ``true_sequential`` (alone and with ``fp_target``), and of
 ``pair_moves`` (its opt-in trial rows, the default's setting since; and the default without it), and the default with
-the scale refit (the default's setting until whole models did better without it)."""
+and without the scale refit (the default refits at 2 bits only: whole models did better without it at 3 and 4)."""
 METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, *COMQ_VARIANTS, "COMQ default")
 PROBE_TRAIN = 2000
 

@@ -54,7 +54,9 @@ class COMQSettings:
     iterations: int = setting(DEFAULTS["iterations"], SOLVER, "maximum coordinate sweeps per layer")
     order: str = setting(DEFAULTS["order"], SOLVER, f"column order of a sweep, one of {list(ORDERS)}")
     init: str = setting(DEFAULTS["init"], SOLVER, f"start point, one of {list(START_POINTS)}")
-    scale_refit: bool = setting(DEFAULTS["scale_refit"], SOLVER, "closed-form scale refit after every sweep")
+    scale_refit: bool | None = setting(
+        DEFAULTS["scale_refit"], SOLVER, "closed-form scale refit after every sweep (default: at 2 bits only)"
+    )
     scale_search: bool = setting(DEFAULTS["scale_search"], SOLVER, "searched clipping of each row's range")
     shrink: float = setting(DEFAULTS["shrink"], SOLVER, "fixed factor on the initial range")
     damp: float | None = setting(DEFAULTS["damp"], SOLVER, "relative damping of the error-feedback start")
@@ -146,7 +148,8 @@ class COMQSettings:
         _check_int("iterations", self.iterations, 0, None, "use 1 to 3 coordinate sweeps")
         _check_choice("order", self.order, ORDERS)
         _check_choice("init", self.init, START_POINTS)
-        _check_bool("scale_refit", self.scale_refit)
+        if self.scale_refit is not None:
+            _check_bool("scale_refit", self.scale_refit)
         _check_bool("scale_search", self.scale_search)
         _check_bool("block_resolve", self.block_resolve)
         _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)

@@ -131,7 +131,7 @@ def test_render_model_card_metadata_and_sections():
         "| Column order | `act_order` |",
         "| Initialisation | `error_feedback` |",
         "| Coordinate-descent sweeps (max.) | 3 |",
-        "| Scale refit | no |",
+        "| Scale refit | no (the default at 4 bits) |",
         "| Scale search | no |",
         "| Damping of the error-feedback start | 0.01 |",
         "| Column-block re-solve | yes |",

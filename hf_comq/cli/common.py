@@ -99,9 +99,16 @@ def add_setting_option(group: Any, name: str, metavar: str = "N", flag: str | No
 
 
 def add_setting_flag(group: Any, name: str, note: str = "") -> None:
-    """``--name-with-dashes`` turning on the boolean :class:`~hf_comq.settings.COMQSettings` field ``name``,
-    whose default is off (help from the field table, then ``note``)."""
-    if COMQSettings.default(name) is not False:
-        raise ValueError(f"{name} is not a setting that is off by default; a flag could not turn it off")
-    help_text = COMQSettings.help(name) + (f"; {note}" if note else "")
-    group.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text.replace("%", "%%"))
+    """``--name-with-dashes`` turning on the boolean :class:`~hf_comq.settings.COMQSettings` field ``name``
+    (help from the field table, then ``note``).  A field that is off by default gets the flag alone; one whose
+    default depends on other settings (``None``) also gets ``--no-name-with-dashes``, and neither flag keeps
+    ``None``."""
+    default = COMQSettings.default(name)
+    if default not in (False, None):
+        raise ValueError(f"{name} is on by default; a flag could not turn it off")
+    help_text = (COMQSettings.help(name) + (f"; {note}" if note else "")).replace("%", "%%")
+    flag = "--" + name.replace("_", "-")
+    if default is None:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        group.add_argument(flag, action="store_true", help=help_text)

@@ -25,6 +25,7 @@ from .options import (
     check_bits,
     check_pair_moves,
     check_ridge,
+    refits_by_default,
     resolve_group_size,
 )
 from .pair_moves import pair_move_pass
@@ -93,7 +94,7 @@ def comq_quantize(
     iterations: int = DEFAULTS["iterations"],
     order: str = DEFAULTS["order"],
     init: str = DEFAULTS["init"],
-    scale_refit: bool = DEFAULTS["scale_refit"],
+    scale_refit: bool | None = DEFAULTS["scale_refit"],
     scale_search: bool = DEFAULTS["scale_search"],
     clip_weights: str = DEFAULTS["clip_weights"],
     start_grids: int = DEFAULTS["start_grids"],
@@ -134,11 +135,12 @@ def comq_quantize(
         scale_refit: after every sweep, refit the scales in closed form for the
             current codes (the paper's delta update; never raises the objective;
             no GEMM per channel, about one and a half with groups, half for the
-            last refit, which keeps no residual).  Off by default: it lowers the
-            layer objective, on held-out activations too, yet whole models
-            quantized with it did worse (SmolLM2's perplexity at W4 and W3, per
-            channel and group 64; benchmarks/README.md, "The scale refit
-            off by default").
+            last refit, which keeps no residual).  ``None`` (default): only at 2
+            bits (:func:`~hf_comq.solver.options.refits_by_default`).  The refit
+            lowers the layer objective, on held-out activations too, yet at 3 and 4
+            bits whole models quantized with it did worse (SmolLM2's perplexity, per
+            channel and group 64), while at 2 bits they did better
+            (benchmarks/README.md, "The scale refit at 2 bits only").
         scale_search: choose each row's (group's) clipping of the min-max range by
             minimising a per-input weighted rounding error over 16 shrink factors
             in [0.25, 1] (elementwise, no GEMM; the weights are set by
@@ -207,6 +209,7 @@ def comq_quantize(
     """
     damp = default_damp(bits) if damp is None else damp
     _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)
+    scale_refit = refits_by_default(bits) if scale_refit is None else scale_refit
     check_ridge(ridge)
     if clip_weights not in CLIP_WEIGHTS:
         raise ValueError(f"clip_weights must be one of {CLIP_WEIGHTS}, got {clip_weights!r}")

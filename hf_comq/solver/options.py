@@ -23,7 +23,7 @@ DEFAULTS: dict = dict(
     iterations=2,
     order="act_order",
     init="error_feedback",
-    scale_refit=False,
+    scale_refit=None,
     scale_search=True,
     clip_weights="conditional",
     start_grids=3,
@@ -44,6 +44,21 @@ REFERENCE_CODE: dict = dict(
 )
 """Settings that reproduce the COMQ reference code's codes (paper-faithful mode: one
 coordinate sweep, none of the moves added since)."""
+
+
+MAX_BITS_REFIT_BY_DEFAULT = 2
+"""Widest codes whose solve refits the scales when ``scale_refit=None`` (see :func:`refits_by_default`)."""
+
+
+def refits_by_default(bits: int) -> bool:
+    """Whether ``scale_refit=None`` refits the scales after each sweep: at 2 bits only.
+
+    The refit always lowers the layer objective, but whole models did better without it
+    at 3 and 4 bits (SmolLM2's perplexity on 10 of 12 paired draws) and worse at 2 bits
+    (SmolLM2 at group 64, the demo ViT's agreement with full precision); see
+    benchmarks/README.md, "The scale refit at 2 bits only".
+    """
+    return bits <= MAX_BITS_REFIT_BY_DEFAULT
 
 
 def check_bits(bits: int, low: int = MIN_BITS) -> None:

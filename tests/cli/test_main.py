@@ -30,15 +30,22 @@ def test_usage_errors_and_help(capsys) -> None:
     assert "Fashion-MNIST" in capsys.readouterr().out
 
 
-def test_boolean_settings_become_flags_only_when_off_by_default(capsys) -> None:
+def test_boolean_settings_become_flags_only_when_not_on_by_default(capsys) -> None:
     import argparse
 
     from hf_comq.cli.common import add_setting_flag
 
     assert main(["quantize", "--help"]) == 0
-    assert "--fp-target" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="sequential is not a setting that is off by default"):
+    out = capsys.readouterr().out
+    assert "--fp-target" in out and "--no-fp-target" not in out
+    assert "--scale-refit, --no-scale-refit" in out  # its default depends on the bit width: both ways
+    with pytest.raises(ValueError, match="sequential is on by default; a flag could not turn it off"):
         add_setting_flag(argparse.ArgumentParser(), "sequential")
+    parser = argparse.ArgumentParser()
+    add_setting_flag(parser, "scale_refit")
+    assert [parser.parse_args(argv).scale_refit for argv in ([], ["--scale-refit"], ["--no-scale-refit"])] == [
+        None, True, False
+    ]
 
 
 def test_python_dash_m_help_in_a_subprocess() -> None:

@@ -180,6 +180,16 @@ def test_scale_refit_matches_closed_form_per_row(medium_layer):
     assert torch.allclose(result.scale.double().squeeze(1), optimal, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_scale_refit_is_on_by_default_at_2_bits_only(bits, medium_layer):
+    weight, _, hessian = medium_layer
+    default = comq_quantize(weight, hessian, bits=bits, group_size=32)
+    explicit = comq_quantize(weight, hessian, bits=bits, group_size=32, scale_refit=bits == 2)
+    other = comq_quantize(weight, hessian, bits=bits, group_size=32, scale_refit=bits != 2)
+    assert torch.equal(default.codes, explicit.codes) and torch.equal(default.scale, explicit.scale)
+    assert not torch.equal(default.scale, other.scale)  # the setting makes a difference here
+
+
 def test_dead_inputs_get_nearest_rounding_and_no_nans():
     weight, inputs = make_layer(8, 32, 64, seed=4)
     inputs[:, 5:9] = 0.0
