@@ -68,7 +68,8 @@ STRONG_COLUMNS = (
 """Columns of the ``--strong`` table: the COMQ settings' rows, found by name; a column
 appears when some table of the files has that row (older runs lack the newer settings).
 "hf_comq default" is the default of the run's commit: without pair moves until they
-became the default, with them since; with the scale refit until it was turned off."""
+became the default, with them since; with the scale refit at every bit width until it
+ran at 2 bits only."""
 
 
 def _strong_value(rows: dict, matches) -> float:
