@@ -25,6 +25,7 @@ from .options import (
     check_bits,
     check_pair_moves,
     check_ridge,
+    default_damp,
     refits_by_default,
     resolve_group_size,
 )
@@ -427,16 +428,6 @@ def _summed_histories(histories: list[list[float]]) -> list[float]:
     """The whole layer's objective after each step: a slice that stopped early keeps its last value."""
     steps = max(len(history) for history in histories)
     return [sum(history[min(step, len(history) - 1)] for history in histories) for step in range(steps)]
-
-
-def default_damp(bits: int) -> float:
-    """Damping of the error-feedback start when ``damp=None``.
-
-    Measured with ``benchmarks/bench_solver.py`` on real ViT and MiniLM activations
-    and synthetic layers: 0.003 lowers the final objective at 4 bits on every layer
-    tried, while at 3 and 2 bits it loses on some; 0.01 is GPTQ's customary value.
-    """
-    return 0.003 if bits >= 4 else 0.01
 
 
 SOLVER_DEFAULTS: dict = {

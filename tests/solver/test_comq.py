@@ -5,7 +5,7 @@ import torch
 
 from hf_comq import HessianAccumulator, comq_quantize, layer_objective
 from hf_comq.solver import REFERENCE_CODE, ROUND_TO_NEAREST
-from hf_comq.solver.comq import default_damp
+from hf_comq.solver.options import default_damp
 from hf_comq.solver.grid import minmax_grid
 from tests.solver.reference import (
     error_feedback_reference,
