@@ -67,11 +67,15 @@ COMQ_VARIANTS = {
     "COMQ without pair moves": dict(pair_moves=0),
     "COMQ scale refit": dict(scale_refit=True),
     "COMQ without scale refit": dict(scale_refit=False),
+    "COMQ damp 0.01": dict(damp=0.01),
+    "COMQ one start grid": dict(start_grids=1),
+    "COMQ iterations 1": dict(iterations=1),
 }
 """COMQ rows other than the default: the paper's code, trials of the solver's ``ridge`` (fixed, and each
 layer's Ledoit-Wolf amount), of ``fp_target`` and of ``true_sequential`` (alone and with ``fp_target``), and of
-``pair_moves`` (its opt-in trial rows, the default's setting since; and the default without it), and the default with
-and without the scale refit (the default refits at 2 bits only: whole models did better without it at 3 and 4)."""
+``pair_moves`` (its opt-in trial rows, the default's setting since; and the default without it), the default with
+and without the scale refit (the default refits at 2 bits only: whole models did better without it at 3 and 4), and
+three trims of the default's cost or damping (GPTQ's damping for the start, one start grid, one sweep)."""
 METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, *COMQ_VARIANTS, "COMQ default")
 PROBE_TRAIN = 2000
 
