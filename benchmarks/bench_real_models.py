@@ -317,20 +317,24 @@ def spawn_side_by_side(jobs: list[dict]) -> list[dict]:
 
 def print_table(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    # A rerun (e.g. after a solver change) replaces earlier rows of the same method, setting and seed.
-    latest = {(row["method"], row["bits"], row["group"], row["seed"]): row for row in rows}
+    # A rerun (e.g. after a solver change) replaces earlier rows of the same method, setting, seed and run
+    # conditions; rows of other calibration sizes or thread counts are other rows, in a table line of their own.
+    latest = {(row["method"], row["bits"], row["group"], row["seed"], *_conditions(row)): row for row in rows}
     rows = list(latest.values())
     metric = "perplexity" if rows[0]["model"] == "smollm2" else "probe_accuracy"
     extra = [] if metric == "perplexity" else ["fp_agreement", "feature_cosine"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["bits"] if row["method"] != "FP" else 32, row["group"] if row["method"] != "FP" else None, row["method"])
+        key = (row["bits"] if row["method"] != "FP" else 32, row["group"] if row["method"] != "FP" else None,
+               row["method"], *_conditions(row))  # fmt: skip
         groups.setdefault(key, []).append(row)
     header = [metric, *extra, "quantization time (s)", "quantization CPU time (s)", "peak RSS (MB)"]
-    print(f"| bits | group | method | seeds | {' | '.join(header)} | code |")
-    print("|---|---|---|---|" + "---|" * (len(header) + 1))
+    print(f"| bits | group | method | calibration | threads | seeds | {' | '.join(header)} | code |")
+    print("|---|---|---|---|---|---|" + "---|" * (len(header) + 1))
     order = {m: i for i, m in enumerate(METHODS)}
-    for (bits, group, method), items in sorted(groups.items(), key=lambda kv: (-kv[0][0], -(kv[0][1] or 10**6), order[kv[0][2]])):
+    for (bits, group, method, calibration, threads), items in sorted(
+        groups.items(), key=lambda kv: (-kv[0][0], -(kv[0][1] or 10**6), order[kv[0][2]], kv[0][3:])
+    ):
         cells = []
         for name in header:
             key = {"quantization time (s)": "seconds", "quantization CPU time (s)": "cpu_seconds",
@@ -343,7 +347,13 @@ def print_table(path: Path) -> None:
             cells.append(f"{mean:{fmt}}" + (f" ({min(values):{fmt}}-{max(values):{fmt}})" if len(values) > 1 else ""))
         seeds = ",".join(str(item["seed"]) for item in items)
         commits = ",".join(sorted({item.get("commit", "?") for item in items}))
-        print(f"| {bits} | {group or 'channel'} | {method} | {seeds} | {' | '.join(cells)} | {commits} |")
+        print(f"| {bits} | {group or 'channel'} | {method} | {calibration} | {threads} | {seeds} | {' | '.join(cells)} | {commits} |")
+
+
+def _conditions(row: dict) -> tuple[int, int]:
+    """What a row was measured under besides its method, setting and seed: calibration samples and torch threads
+    (a row records its threads only when they are not one)."""
+    return row["calibration"], row.get("threads", 1)
 
 
 def main() -> None:
