@@ -148,8 +148,7 @@ class COMQSettings:
         _check_int("iterations", self.iterations, 0, None, "use 1 to 3 coordinate sweeps")
         _check_choice("order", self.order, ORDERS)
         _check_choice("init", self.init, START_POINTS)
-        if self.scale_refit is not None:
-            _check_bool("scale_refit", self.scale_refit)
+        _check_bool("scale_refit", self.scale_refit, optional=True)
         _check_bool("scale_search", self.scale_search)
         _check_bool("block_resolve", self.block_resolve)
         _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)
@@ -229,9 +228,12 @@ def _check_float(name: str, value: Any, fix: str, upper: float | None = None) ->
         raise ValueError(f"{name}: expected a number {bounds}, got {value!r}; {fix}")
 
 
-def _check_bool(name: str, value: Any) -> None:
+def _check_bool(name: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
     if not isinstance(value, bool):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
+        choices = "True, False or None (the default for the bit width)" if optional else "True or False"
+        raise ValueError(f"{name}: expected {choices}, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -105,7 +105,8 @@ def one_line(error: BaseException) -> str:
         ({"dataset": []}, ValueError, "dataset: the list is empty"),
         ({"dataset": 3}, ValueError, "dataset: unsupported type int"),
         ({"modules_to_not_convert": "classifier"}, ValueError, "modules_to_not_convert: expected a list of module names"),
-        ({"symmetric": "yes"}, ValueError, "symmetric: expected True or False"),
+        ({"symmetric": "yes"}, ValueError, "symmetric: expected True or False,"),
+        ({"scale_refit": "yes"}, ValueError, r"scale_refit: expected True, False or None \(the default for the bit width\)"),
         ({"quant_method": "gptq"}, ValueError, "COMQConfig only describes 'comq'"),
     ],
 )
