@@ -5,6 +5,7 @@
     python benchmarks/bench_models.py --kinds image --image-test full   # all 10,000 test images
     python benchmarks/bench_models.py --kinds image --image-test full --vit DIR   # another Fashion-MNIST ViT
     python benchmarks/bench_models.py --quick --calibration-seed 1   # another calibration set
+    python benchmarks/bench_models.py --kinds text --bits 3 2 --without-fp-target   # the default with and without aiming
 
 * Image: the shipped Fashion-MNIST ViT (``hf_comq.assets``), calibrated on the shipped
   calibration split, top-1 on the shipped test split (2,000 images) or, with
@@ -27,6 +28,8 @@ Every quantized row runs the same ``from_pretrained(..., quantization_config=COM
 calibration pipeline; only the per-layer solver differs: COMQ (hf_comq's default), RTN
 (``init="rtn", iterations=0``, no search/refit) or GPTQ with act-order (llm-compressor's
 ``quantize_weight``, pinned in the ``bench`` extra) on the same Hessians and min-max grid.
+RTN and GPTQ solve each layer for its own output at every bit width (``fp_target=False``), as
+they do elsewhere; COMQ's default aims at the full-precision outputs at 3 bits and fewer.
 Each run happens in a fresh subprocess (one torch thread) so that its wall time and
 peak resident memory (``ru_maxrss``) are its own; checkpoint sizes are the saved
 safetensors files.
@@ -48,10 +51,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from hf_comq.evaluation import mcnemar_exact_p  # noqa: E402
+from hf_comq.solver.options import aims_at_full_precision_by_default  # noqa: E402  torch-free
 
 FULL_TEST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
 METHODS = ("RTN", "GPTQ act-order", "COMQ (hf_comq default)")
+WITHOUT_FP_TARGET = "COMQ, fp_target=False"
+"""The default without aiming at the full-precision outputs (which it does at 3 bits and fewer):
+a row only with ``--without-fp-target``, at those bit widths."""
 CALIBRATION_SAMPLES = {"image": 256, "text": 256}
 TEXT_EVAL_SAMPLES = 256
 
@@ -59,9 +66,11 @@ TEXT_EVAL_SAMPLES = 256
 def _config(kind: str, method: str, bits: int, group_size: int | None, dataset, seed: int = 0):
     from hf_comq import COMQConfig
 
-    from hf_comq.solver import ROUND_TO_NEAREST
+    from hf_comq.solver import ROUND_TO_NEAREST_MODEL
 
-    extra = ROUND_TO_NEAREST if method == "RTN" else {}
+    # the peers solve each layer for its own output (no aiming at the full-precision outputs at 3 bits either)
+    plain = dict(fp_target=False)
+    extra = {"RTN": ROUND_TO_NEAREST_MODEL, "GPTQ act-order": plain, WITHOUT_FP_TARGET: plain}.get(method, {})
     return COMQConfig(
         bits=bits, group_size=group_size, dataset=dataset, num_samples=CALIBRATION_SAMPLES[kind], seed=seed, **extra
     )
@@ -210,6 +219,10 @@ def main() -> None:
         "images); for the text rows, 0 is the first 256 paragraphs and other seeds draw 256 of those after the "
         "held-out ones",
     )
+    parser.add_argument(
+        "--without-fp-target", action="store_true",
+        help=f"at 3 bits and fewer also a row {WITHOUT_FP_TARGET!r}: the default without aiming at the full-precision outputs",
+    )
     parser.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -239,7 +252,8 @@ def main() -> None:
         for group_size in groups:
             for bits in bits_list:
                 rows = {}
-                for method in METHODS:
+                aims = args.without_fp_target and aims_at_full_precision_by_default(bits)
+                for method in (*METHODS, WITHOUT_FP_TARGET) if aims else METHODS:
                     row = rows[method] = _spawn(kind, method, bits, group_size, options)
                     print(
                         f"| {method} | {bits} | {group_size or 'channel'} | {row['metric']:.4f} |{_fidelity_cells(row)} "

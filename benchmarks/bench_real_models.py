@@ -28,7 +28,8 @@ GPTQ act-order with llm-compressor's ``minmax``, ``memoryless_mse`` and ``imatri
 observers.  For SmolLM2, GPTQ runs through llm-compressor's own ``oneshot`` pipeline on the same
 token chunks.  For DINOv2 (``oneshot`` has no image-model calibration path that fits
 here), llm-compressor's observer and GPTQ routine replace the layer solver inside
-hf_comq's pipeline, so calibration data and Hessians are the same.  Each row records
+hf_comq's pipeline, so calibration data and Hessians are the same (each layer solved for
+its own output, as GPTQ does: ``fp_target=False`` at every bit width).  Each row records
 the quantization wall time and the process's peak RSS.  Rows are appended to
 ``benchmarks/results/real_models_<model>.jsonl``; ``--table`` prints mean and range
 over seeds.
@@ -52,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from hf_comq.solver.options import REFERENCE_CODE, ROUND_TO_NEAREST  # noqa: E402  torch-free
+from hf_comq.solver.options import REFERENCE_CODE, ROUND_TO_NEAREST_MODEL  # noqa: E402  torch-free
 
 GPTQ_OBSERVERS = {"GPTQ minmax": "minmax", "GPTQ mse": "memoryless_mse", "GPTQ imatrix": "imatrix_mse"}
 """llm-compressor's weight observer of each GPTQ row (``imatrix_mse``: MSE clipping weighted by E[x^2])."""
@@ -61,6 +62,7 @@ COMQ_VARIANTS = {
     "COMQ ridge 0.03": dict(ridge=0.03),
     "COMQ ridge auto": dict(ridge="auto"),
     "COMQ fp target": dict(fp_target=True),
+    "COMQ without fp target": dict(fp_target=False),
     "COMQ true-seq": dict(true_sequential=True),
     "COMQ fp target true-seq": dict(fp_target=True, true_sequential=True),
     "COMQ pair moves": dict(pair_moves=32),
@@ -72,10 +74,13 @@ COMQ_VARIANTS = {
     "COMQ iterations 1": dict(iterations=1),
 }
 """COMQ rows other than the default: the paper's code, trials of the solver's ``ridge`` (fixed, and each
-layer's Ledoit-Wolf amount), of ``fp_target`` and of ``true_sequential`` (alone and with ``fp_target``), and of
+layer's Ledoit-Wolf amount), of ``fp_target`` (on at every bit width, and off: the default turns it on at 3 bits
+and fewer) and of ``true_sequential`` (alone and with ``fp_target``), and of
 ``pair_moves`` (its opt-in trial rows, the default's setting since; and the default without it), the default with
 and without the scale refit (the default refits at 2 bits only: whole models did better without it at 3 and 4), and
 three trims of the default's cost or damping (GPTQ's damping for the start, one start grid, one sweep)."""
+PEER_CALIBRATION = dict(fp_target=False)
+"""Calibration of the GPTQ rows run in hf_comq's pipeline: each layer solved for its own output."""
 METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, *COMQ_VARIANTS, "COMQ default")
 PROBE_TRAIN = 2000
 
@@ -153,7 +158,9 @@ def dinov2_probe(model, processor, probe_set):
 def comq_config(method: str, bits: int, group: int | None, dataset, seed: int, processor=None):
     from hf_comq import COMQConfig
 
-    extra = {"RTN": ROUND_TO_NEAREST, **COMQ_VARIANTS}.get(method, {})
+    # The peers in hf_comq's pipeline solve each layer for its own output, as they do elsewhere
+    # (GPTQ's layer solver here, llm-compressor's pipeline for SmolLM2): no aiming at 3 bits either.
+    extra = {"RTN": ROUND_TO_NEAREST_MODEL, **COMQ_VARIANTS}.get(method, PEER_CALIBRATION if method.startswith("GPTQ") else {})
     if processor is not None:
         extra = dict(extra, processor=processor)
     return COMQConfig(bits=bits, group_size=group, dataset=dataset, num_samples=len(dataset), seed=seed, **extra)

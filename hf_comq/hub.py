@@ -35,7 +35,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .checkpoint import runtime_support
 from .modules import expert_layers, expert_parameter_share
-from .solver.options import refits_by_default
+from .solver.options import aims_at_full_precision_by_default, refits_by_default
 from .tasks import infer_pipeline_tag, is_text_pipeline
 
 __all__ = [
@@ -157,6 +157,9 @@ def _setting_value(key: str, config: Any) -> str:
         return "default for the bit width"
     if key == "scale_refit" and value is None:
         return f"{_cell(refits_by_default(config.bits))} (the default at {config.bits} bits)"
+    if key == "fp_target" and value is None:
+        aimed = aims_at_full_precision_by_default(config.bits, getattr(config, "sequential", True))
+        return f"{_cell(aimed)} (the default at {config.bits} bits)"
     if key == "pair_moves" and value == 0:
         return "off"
     if value is None:

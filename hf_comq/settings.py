@@ -23,6 +23,7 @@ from .solver.options import (
     CLIP_WEIGHTS,
     DEFAULTS,
     MAX_BITS,
+    MAX_BITS_AIMED_BY_DEFAULT,
     MAX_START_GRIDS,
     MIN_BITS,
     ORDERS,
@@ -99,8 +100,9 @@ class COMQSettings:
     )
     block_name: str | None = setting(None, SELECTION, "dotted name of the block list, overriding discovery")
     sequential: bool = setting(True, SELECTION, "calibrate each block on the quantized prefix's outputs")
-    fp_target: bool = setting(
-        False, SELECTION, "aim each layer at the full-precision model's outputs, not its own on the quantized inputs"
+    fp_target: bool | None = setting(
+        None, SELECTION, "aim each layer at the full-precision model's outputs, not its own on the quantized inputs "
+        f"(default: at {MAX_BITS_AIMED_BY_DEFAULT} bits and fewer, with sequential)"
     )
     true_sequential: bool = setting(
         False, SELECTION, "solve each block's layers in stages (q/k/v, then o, then gate/up, then down), each on "
@@ -172,7 +174,7 @@ class COMQSettings:
         _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['vit.layers.0'] or ['q_proj']")
         _check_str("block_name", self.block_name, optional=True)
         _check_bool("sequential", self.sequential)
-        _check_bool("fp_target", self.fp_target)
+        _check_bool("fp_target", self.fp_target, optional=True)
         if self.fp_target and not self.sequential:
             raise ValueError(
                 "fp_target: needs sequential=True (with full-precision inputs every layer already sees the "

@@ -120,6 +120,13 @@ def test_fp_target_needs_block_sequential_calibration():
     with pytest.raises(ValueError, match=r"fp_target: needs sequential=True .*set sequential=True"):
         COMQConfig(fp_target=True, sequential=False)
     assert COMQConfig(fp_target=True).fp_target
+    assert COMQConfig(bits=3, sequential=False).fp_target is None  # the default's None never asks for it
+
+
+def test_fp_target_survives_the_config_round_trip_as_given():
+    for value in (None, True, False):
+        config = COMQConfig.from_dict(COMQConfig(bits=3, fp_target=value).to_dict())
+        assert config.fp_target is value
 
 
 def test_true_sequential_needs_block_sequential_calibration():

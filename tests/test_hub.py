@@ -137,10 +137,18 @@ def test_render_model_card_metadata_and_sections():
         "| Column-block re-solve | yes |",
         "| Pair-move candidates per row | 32 |",
         "| Ridge term (fraction of mean diag H) | 0.0 |",
-        "| Layers aimed at the full-precision outputs | no |",
+        "| Layers aimed at the full-precision outputs | no (the default at 4 bits) |",
         "| Linear layers kept in full precision | `classifier` |",
     ):
         assert row in body, row
+    # fp_target=None: the card says what the bit width and the calibration mode made of it.
+    for changes, row in (
+        (dict(bits=3), "yes (the default at 3 bits)"),
+        (dict(bits=3, sequential=False), "no (the default at 3 bits)"),
+        (dict(bits=4, fp_target=True), "yes"),
+    ):
+        card_body = split_card(str(render_model_card(comq_config(**changes), "google/vit-base-patch16-224", None, None)))[1]
+        assert f"| Layers aimed at the full-precision outputs | {row} |" in card_body, changes
     off = render_model_card(comq_config(pair_moves=0), "google/vit-base-patch16-224", metrics, "image-classification")
     assert "| Pair-move candidates per row | off |" in split_card(str(off))[1]
     # In-memory data: the description is shown, the meaningless default split is not.

@@ -12,7 +12,8 @@ activations for the calibration set plus that block's Hessians.
 
 * ``sequential=True`` (default): layer inputs come from the already quantized prefix,
   so later blocks learn to compensate earlier quantization error.
-* ``fp_target=True`` (block-sequential only): the full-precision model's inputs of each
+* ``fp_target`` (block-sequential only; ``None``, the default, turns it on at 3 bits and
+  fewer, :func:`~hf_comq.solver.options.aims_at_full_precision_by_default`): the full-precision model's inputs of each
   block are carried beside the quantized prefix's; each batch runs the block on both,
   and the layers' hooks sum the target shift ``(X_fp - X)^T X`` beside ``H`` (a layer
   narrower out than in its target product ``(Y_fp - Y)^T X`` instead), so each layer is
@@ -95,6 +96,7 @@ from ..solver import (
     HessianAccumulator,
     QuantizedWeight,
     TargetProductAccumulator,
+    aims_at_full_precision_by_default,
     comq_quantize,
     fp_target_weight,
     target_product,
@@ -316,11 +318,15 @@ class _Settings:
 
     @classmethod
     def from_config(cls, config: Any, solver: LayerSolver) -> "_Settings":
+        sequential = bool(getattr(config, "sequential", True))
+        fp_target = getattr(config, "fp_target", False)
+        if fp_target is None:
+            fp_target = aims_at_full_precision_by_default(getattr(config, "bits", SOLVER_DEFAULTS["bits"]), sequential)
         return cls(
             solver=solver,
             solver_kwargs={name: getattr(config, name) for name in SOLVER_DEFAULTS if hasattr(config, name)},
-            sequential=bool(getattr(config, "sequential", True)),
-            fp_target=bool(getattr(config, "fp_target", False)),
+            sequential=sequential,
+            fp_target=bool(fp_target),
             true_sequential=bool(getattr(config, "true_sequential", False)),
             symmetric=bool(getattr(config, "symmetric", False)),
             calibrate_all_experts=bool(getattr(config, "calibrate_all_experts", False)),

@@ -94,7 +94,7 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     from ..config import COMQConfig
     from ..evaluation import checkpoint_size_bytes, fidelity_of_logits, image_logits
     from ..hub import attach_model_card_hook
-    from ..solver import ROUND_TO_NEAREST
+    from ..solver import ROUND_TO_NEAREST_MODEL
 
     for bits in folders:
         COMQConfig(bits=bits, group_size=args.group_size)  # reject bad settings before any work
@@ -119,7 +119,7 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     verdicts: list[str] = []
     for bits, folder in folders.items():
         correct: dict[str, torch.Tensor] = {}
-        for method, extra in (("COMQ", {}), ("RTN", ROUND_TO_NEAREST)):
+        for method, extra in (("COMQ", {}), ("RTN", ROUND_TO_NEAREST_MODEL)):
             config = COMQConfig(
                 bits=bits, group_size=args.group_size, dataset=calibration, num_samples=args.num_samples, **extra
             )

@@ -17,6 +17,7 @@ from .options import (
     REFERENCE_CODE,
     RIDGE_FROM_DATA,
     ROUND_TO_NEAREST,
+    ROUND_TO_NEAREST_MODEL,
     START_POINTS,
     SUM_DTYPES,
 )
@@ -28,6 +29,7 @@ _EXPORTS = {
     "layer_objective": ".comq",
     "widest_threaded_gemm": ".comq",
     "default_damp": ".options",
+    "aims_at_full_precision_by_default": ".options",
     "Grid": ".grid",
     "minmax_grid": ".grid",
     "HessianAccumulator": ".hessian",
@@ -39,7 +41,7 @@ _EXPORTS = {
 __all__ = sorted(
     [
         *_EXPORTS, "CLIP_WEIGHTS", "MAX_START_GRIDS", "ORDERS", "REFERENCE_CODE", "RIDGE_FROM_DATA", "ROUND_TO_NEAREST",
-        "START_POINTS", "SUM_DTYPES",
+        "ROUND_TO_NEAREST_MODEL", "START_POINTS", "SUM_DTYPES",
     ]
 )
 

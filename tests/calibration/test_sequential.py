@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_comq.calibration import calibration_summary, quantize_model
+from hf_comq.calibration import calibration_mode, calibration_summary, quantize_model
 from hf_comq.config import COMQConfig
 from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import COMQLinear, get_linear_weight
@@ -521,6 +521,23 @@ def test_experts_modules_to_not_convert_keeps_stay_batched_and_in_full_precision
     assert summary["layers_quantized"] == 8
 
 
+@pytest.mark.parametrize(
+    ("settings", "aimed"),
+    [
+        (dict(bits=4), False),
+        (dict(bits=3), True),
+        (dict(bits=2), True),
+        (dict(bits=3, sequential=False), False),
+        (dict(bits=3, fp_target=False), False),
+        (dict(bits=4, fp_target=True), True),
+    ],
+)
+def test_fp_target_by_default_at_three_bits_and_fewer_in_block_sequential_calibration(settings, aimed):
+    summary = quantize_model(tiny_model("llama"), COMQConfig(dataset=torch.randint(1, 64, (4, 12)), seed=0, **settings))
+    assert summary["fp_target"] is aimed
+    assert calibration_mode(summary).endswith("aimed at full-precision outputs") is aimed
+
+
 def test_fp_target_aims_the_dense_layers_and_leaves_the_experts_their_own_objective():
     model = tiny_model("qwen3_moe")
     summary = quantize_model(model, COMQConfig(bits=4, dataset=torch.randint(1, 64, (8, 12)), seed=0, fp_target=True))
@@ -955,8 +972,9 @@ def test_true_sequential_with_fp_target_runs_the_full_precision_stream_once_per_
 def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_model_whole():
     """Before a block's last stage the passes stop once the stage's layers have run: the
     full-precision ``down_proj`` runs in the last stage's passes only (then it is replaced).
-    Under accelerate's hooks every pass runs to the end, and the codes are the same."""
-    config = dict(bits=3, true_sequential=True, batch_size=2)
+    Under accelerate's hooks every pass runs to the end, and the codes are the same.  (Without
+    targets: a targeted stage's full-precision pass is counted by the fp_target tests.)"""
+    config = dict(bits=3, true_sequential=True, batch_size=2, fp_target=False)
     model = tiny_model("llama")
     calls = []
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))

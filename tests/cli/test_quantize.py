@@ -71,6 +71,24 @@ def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(caps
     assert "| Layers aimed at the full-precision outputs | yes |" in (output / "README.md").read_text()
 
 
+def test_quantize_at_three_bits_aims_by_default_and_no_fp_target_keeps_each_layers_own_output(
+    capsys, tmp_path, gpt2_dir, text_data
+) -> None:
+    for flags, mode, stored_value in (
+        ([], "block-sequential, aimed at full-precision outputs", None),
+        (["--no-fp-target"], "block-sequential", False),
+    ):
+        output = tmp_path / f"gpt2-w3{'-'.join(['', *flags])}"
+        code, out, err = run_cli(
+            capsys, "quantize", gpt2_dir, "--dataset", text_data, "--num-samples", 8, "--bits", 3, *flags,
+            "--output", output,
+        )  # fmt: skip
+        assert code == 0, err
+        assert re.search(rf"calibration mode\s+{mode}$", out, flags=re.MULTILINE), out
+        stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
+        assert stored["selection"]["fp_target"] is stored_value
+
+
 def test_quantize_solver_options_reach_the_solver_settings(capsys, tmp_path, gpt2_dir, text_data) -> None:
     output = tmp_path / "gpt2-w4-no-pairs"
     code, out, err = run_cli(
@@ -134,6 +152,8 @@ def test_quantize_refuses_a_non_empty_output_unless_overwrite(capsys, tmp_path, 
     assert code == 0, err
     stored = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     assert stored["comq"]["solver"]["init"] == "rtn" and stored["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    # the baseline rounds each layer's own weight: not aimed at the full-precision outputs, the default at 3 bits
+    assert stored["comq"]["selection"]["fp_target"] is False
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "out"]
 
 
