@@ -678,11 +678,22 @@ def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_c
 
 def _block_forward_threads(model, blocks: nn.ModuleList | None = None) -> list[tuple[int, int, bool]]:
     """Record the Python thread, torch thread count and grad mode of every forward pass of
-    ``blocks`` (by default the tiny ViT's)."""
+    ``blocks`` (by default the tiny ViT's).
+
+    A forward pass on a worker thread waits for one on another worker before it goes on, so
+    the record shows two workers exactly when passes really run side by side: the tiny
+    model's batches take so little time that, on a busy machine, one worker could otherwise
+    take every batch before the other starts.  Passes that never overlap time out (a broken
+    barrier fails the run) rather than hang.
+    """
     seen: list[tuple[int, int, bool]] = []
+    caller = threading.get_ident()
+    partner = threading.Barrier(2, timeout=30)
 
     def record(module, args) -> None:
         seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled()))
+        if threading.get_ident() != caller:
+            partner.wait()
 
     for block in model.vit.layers if blocks is None else blocks:
         block.register_forward_pre_hook(record)
