@@ -66,11 +66,11 @@ TEXT_EVAL_SAMPLES = 256
 def _config(kind: str, method: str, bits: int, group_size: int | None, dataset, seed: int = 0):
     from hf_comq import COMQConfig
 
+    from benchmarks.gptq_baseline import PEER_CALIBRATION
     from hf_comq.solver import ROUND_TO_NEAREST_MODEL
 
-    # the peers solve each layer for its own output (no aiming at the full-precision outputs at 3 bits either)
-    plain = dict(fp_target=False)
-    extra = {"RTN": ROUND_TO_NEAREST_MODEL, "GPTQ act-order": plain, WITHOUT_FP_TARGET: plain}.get(method, {})
+    extra = {"RTN": ROUND_TO_NEAREST_MODEL, "GPTQ act-order": PEER_CALIBRATION, WITHOUT_FP_TARGET: dict(fp_target=False)}
+    extra = extra.get(method, {})
     return COMQConfig(
         bits=bits, group_size=group_size, dataset=dataset, num_samples=CALIBRATION_SAMPLES[kind], seed=seed, **extra
     )

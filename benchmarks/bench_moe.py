@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gptq_baseline import gptq_dequantized, observer_grid  # noqa: E402
+from benchmarks.gptq_baseline import PEER_CALIBRATION, gptq_dequantized, observer_grid  # noqa: E402
 from benchmarks.real_data import calibration_chunks, held_out_chunks, text_split  # noqa: E402
 from hf_comq import COMQConfig, QuantizedWeight  # noqa: E402
 from hf_comq.calibration import quantize_model  # noqa: E402
@@ -81,10 +81,10 @@ def gptq_solver(observer: str):
     return solve
 
 
-METHODS = {  # the peers solve each layer for its own output: no aiming at the full-precision outputs at 3 bits
+METHODS = {
     "RTN": (comq_quantize, ROUND_TO_NEAREST_MODEL),
-    "GPTQ minmax": (gptq_solver("minmax"), {"fp_target": False}),
-    "GPTQ mse": (gptq_solver("memoryless_mse"), {"fp_target": False}),
+    "GPTQ minmax": (gptq_solver("minmax"), PEER_CALIBRATION),
+    "GPTQ mse": (gptq_solver("memoryless_mse"), PEER_CALIBRATION),
     "COMQ default": (comq_quantize, {}),
     "COMQ min-max": (comq_quantize, {"scale_search": False}),
     "COMQ ridge auto": (comq_quantize, {"ridge": "auto"}),

@@ -79,8 +79,6 @@ and fewer) and of ``true_sequential`` (alone and with ``fp_target``), and of
 ``pair_moves`` (its opt-in trial rows, the default's setting since; and the default without it), the default with
 and without the scale refit (the default refits at 2 bits only: whole models did better without it at 3 and 4), and
 three trims of the default's cost or damping (GPTQ's damping for the start, one start grid, one sweep)."""
-PEER_CALIBRATION = dict(fp_target=False)
-"""Calibration of the GPTQ rows run in hf_comq's pipeline: each layer solved for its own output."""
 METHODS = ("FP", "RTN", *GPTQ_OBSERVERS, *COMQ_VARIANTS, "COMQ default")
 PROBE_TRAIN = 2000
 
@@ -160,6 +158,8 @@ def comq_config(method: str, bits: int, group: int | None, dataset, seed: int, p
 
     # The peers in hf_comq's pipeline solve each layer for its own output, as they do elsewhere
     # (GPTQ's layer solver here, llm-compressor's pipeline for SmolLM2): no aiming at 3 bits either.
+    from benchmarks.gptq_baseline import PEER_CALIBRATION
+
     extra = {"RTN": ROUND_TO_NEAREST_MODEL, **COMQ_VARIANTS}.get(method, PEER_CALIBRATION if method.startswith("GPTQ") else {})
     if processor is not None:
         extra = dict(extra, processor=processor)

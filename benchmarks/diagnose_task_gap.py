@@ -139,9 +139,11 @@ class _WholeModel:
         from hf_comq.evaluation import prediction_fidelity
         from transformers import AutoModelForImageClassification
 
-        config = COMQConfig(  # every solver on the same calibration, each layer aimed at its own output
+        from benchmarks.gptq_baseline import PEER_CALIBRATION
+
+        config = COMQConfig(  # every solver on the peers' calibration: only the layer solver differs
             bits=self.bits, group_size=self.group_size, dataset=self.calibration,
-            num_samples=CALIBRATION_IMAGES, seed=seed, fp_target=False,
+            num_samples=CALIBRATION_IMAGES, seed=seed, **PEER_CALIBRATION,
         )
         with _layer_names_to_solver(solver):
             model = AutoModelForImageClassification.from_pretrained(self.path, quantization_config=config).eval()

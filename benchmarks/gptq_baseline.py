@@ -12,6 +12,11 @@ from hf_comq.solver import QuantizedWeight, layer_objective, minmax_grid
 os.environ.setdefault("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", "1")
 
 GPTQ_PACKAGE = "llmcompressor==0.14.0.1"
+PEER_CALIBRATION: dict = {"fp_target": False}
+"""``COMQConfig`` settings of a peer run as the layer solver of hf_comq's pipeline: each layer
+solved for its own output at every bit width, as GPTQ does elsewhere, never for the weight
+aimed at the full-precision outputs that hf_comq's default hands its own solver at 3 bits and
+fewer."""
 OBSERVERS = ("minmax", "memoryless_mse", "imatrix_mse")
 """llm-compressor's weight observers: plain min-max, the MSE clipping search
 (``|w - q(w)|^2.4`` over shrink factors down to 0.8), and the same search weighted by

@@ -2,7 +2,9 @@
 
 Kept free of torch so that :mod:`hf_comq.settings` (and through it the ``hf-comq``
 argument parser) can describe every setting before torch is imported;
-:func:`hf_comq.solver.comq_quantize` takes its keyword defaults from here.
+:func:`hf_comq.solver.comq_quantize` takes its keyword defaults from here.  The defaults
+that depend on the bit width live here too, the solver's (damping, scale refit) beside the
+one the calibration applies to the solver's weight (aiming at the full-precision outputs).
 """
 
 from __future__ import annotations
