@@ -3,7 +3,9 @@
 Tiny models built from each model type's own config class (no downloads), quantized through the
 real pipeline (round to nearest at 8 bits: these tests are about finding, running and storing
 the layers, not about the solver), saved, and loaded again with :func:`hf_comq.load_quantized`,
-which must reproduce the in-memory model bit for bit on the exact path.
+which must reproduce the in-memory model bit for bit on the exact path.  Each is also quantized
+at 3 bits with the default solver and calibration, which there runs the full-precision stream
+beside the quantized one (``fp_target``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 import transformers as T
 
-from hf_comq import COMQConfig, COMQLinear, load_quantized
+from hf_comq import COMQConfig, COMQLinear, calibration_summary, load_quantized
 from hf_comq.kernels import DISABLE_ENV_VAR
 from hf_comq.modules import find_quantizable_linears, unfuse_batched_experts
 from hf_comq.solver import ROUND_TO_NEAREST
@@ -119,3 +121,19 @@ def test_architecture_quantizes_saves_and_reloads(kind, model_type, tmp_path, mo
     assert float((output - reference).norm() / reference.norm()) < 0.05
     quantized.save_pretrained(tmp_path / "quantized")
     assert torch.equal(_output(load_quantized(tmp_path / "quantized").eval(), inputs), output)
+
+
+@pytest.mark.parametrize(("kind", "model_type"), CASES, ids=[name for _, name in CASES])
+def test_architecture_quantizes_at_three_bits_aimed_at_full_precision_outputs(kind, model_type, tmp_path):
+    """At 3 bits the default runs the full-precision stream beside the quantized one (``fp_target``):
+    every architecture's blocks must take both, and every layer must still be quantized."""
+    model = _build(kind, model_type)
+    unfused = _build(kind, model_type)
+    unfuse_batched_experts(unfused)
+    expected = sorted(find_quantizable_linears(unfused))
+    model.save_pretrained(tmp_path / "fp")
+    config = COMQConfig(bits=3, dataset=_inputs(kind, 8, seed=1), num_samples=8)
+    quantized = AUTO_CLASS[kind].from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    assert calibration_summary(quantized)["fp_target"] is True
+    assert sorted(name for name, module in quantized.named_modules() if isinstance(module, COMQLinear)) == expected
+    assert torch.isfinite(_output(quantized, _inputs(kind, 2, seed=3))).all()
