@@ -13,7 +13,7 @@ import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
 
-from hf_comq import COMQConfig
+from hf_comq import COMQConfig, calibration_summary
 from hf_comq.calibration.placement import offloads_to_disk, release_file_mappings, release_file_pages, trim_heap
 from hf_comq.calibration.sequential import check_finite_weights
 from hf_comq.nn import COMQLinear
@@ -21,8 +21,10 @@ from hf_comq.nn import COMQLinear
 from tests.tiny import sentences, tiny_model, word_tokenizer
 
 
-def _config() -> COMQConfig:
-    return COMQConfig(dataset=sentences(8), processor=word_tokenizer(), num_samples=8, batch_size=4, group_size=16)
+def _config(bits: int = 4) -> COMQConfig:
+    return COMQConfig(
+        dataset=sentences(8), processor=word_tokenizer(), num_samples=8, batch_size=4, group_size=16, bits=bits
+    )
 
 
 def _saved(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -32,17 +34,19 @@ def _saved(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, json.loads((folder / "config.json").read_text())["quantization_config"]
 
 
-def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path):
+@pytest.mark.parametrize("bits", [4, 3])  # 3: the default aims at the full-precision outputs, a second stream
+def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path, bits):
     checkpoint = tmp_path / "llama"
     tiny_model("llama").save_pretrained(checkpoint)
-    in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config())
+    in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config(bits))
     in_memory.save_pretrained(tmp_path / "memory")
 
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
     offloaded = T.AutoModelForCausalLM.from_pretrained(
-        checkpoint, quantization_config=_config(), device_map=device_map, offload_folder=str(tmp_path / "offload")
+        checkpoint, quantization_config=_config(bits), device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
+    assert calibration_summary(offloaded)["fp_target"] is (bits == 3)
     layer = offloaded.model.layers[1].mlp.down_proj
     assert isinstance(layer, COMQLinear) and offloads_to_disk(layer) and layer.weight_packed.device.type == "meta"
     assert not offloads_to_disk(offloaded.model.layers[0].mlp.down_proj)
