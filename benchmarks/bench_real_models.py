@@ -156,11 +156,12 @@ def dinov2_probe(model, processor, probe_set):
 def comq_config(method: str, bits: int, group: int | None, dataset, seed: int, processor=None):
     from hf_comq import COMQConfig
 
-    # The peers in hf_comq's pipeline solve each layer for its own output, as they do elsewhere
-    # (GPTQ's layer solver here, llm-compressor's pipeline for SmolLM2): no aiming at 3 bits either.
     from benchmarks.gptq_baseline import PEER_CALIBRATION
 
-    extra = {"RTN": ROUND_TO_NEAREST_MODEL, **COMQ_VARIANTS}.get(method, PEER_CALIBRATION if method.startswith("GPTQ") else {})
+    # The peers in hf_comq's pipeline solve each layer for its own output, as they do elsewhere
+    # (GPTQ's layer solver here, llm-compressor's pipeline for SmolLM2): no aiming at 3 bits either.
+    peers = {"RTN": ROUND_TO_NEAREST_MODEL, **dict.fromkeys(GPTQ_OBSERVERS, PEER_CALIBRATION)}
+    extra = {**peers, **COMQ_VARIANTS}.get(method, {})
     if processor is not None:
         extra = dict(extra, processor=processor)
     return COMQConfig(bits=bits, group_size=group, dataset=dataset, num_samples=len(dataset), seed=seed, **extra)
