@@ -38,6 +38,7 @@ from torch import nn
 
 __all__ = [
     "MIN_PARALLEL_FLOPS",
+    "AllAtOnce",
     "caller_threads",
     "gets_caller_threads",
     "linear_layer_threads",
@@ -178,6 +179,74 @@ def run_side_by_side(
         if outcome is not None and not outcome[0]:
             raise outcome[1]
     return [outcome[1] for outcome in outcomes]
+
+
+class AllAtOnce:
+    """Every job started at once, each on a Python thread of its own, at most ``workers`` computing at a time.
+
+    For jobs that wait for each other midway, which :func:`run_side_by_side` cannot
+    run: a block's calibration batches, each held at a layer until that layer is solved
+    from all of them (:class:`~hf_comq.calibration.stages.PausedPass`).  A job gives
+    its slot to another while it waits (:meth:`step_aside`), so ``workers`` bounds the
+    work in flight, never the jobs alive.  Threads as in :func:`run_side_by_side`: one
+    torch thread each where several compute at once, the caller's where one does, in a
+    copy of the caller's context variables and grad mode.  Use as a context manager;
+    :meth:`results` waits for every job and raises the failure of the lowest job.
+    """
+
+    def __init__(self, jobs: Sequence[Callable[[], Result]], workers: int):
+        self._jobs = list(jobs)
+        self._slots = threading.Semaphore(max(1, workers))
+        self._threads_each = 1 if workers > 1 else caller_threads()
+        self._outcomes: list[tuple[bool, Any] | None] = [None] * len(self._jobs)
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> "AllAtOnce":
+        self._previous = torch.get_num_threads()
+        grad_enabled = torch.is_grad_enabled()
+        for index in range(len(self._jobs)):
+            context = contextvars.copy_context()
+            thread = threading.Thread(
+                target=context.run, args=(self._run, index, grad_enabled), name=f"hf_comq-{index}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for thread in self._threads:
+            thread.join()
+        # the jobs' closures often reach back here (a job that steps aside): no cycle keeps what they hold alive
+        self._jobs, self._threads = [], []
+        if torch.get_num_threads() != self._previous:  # a build whose count is process-wide
+            torch.set_num_threads(self._previous)
+
+    @contextmanager
+    def step_aside(self) -> Iterator[None]:
+        """Wait inside this scope without holding a slot (call it from a job's own thread)."""
+        self._slots.release()
+        try:
+            yield
+        finally:
+            self._slots.acquire()
+
+    def results(self) -> list[Result]:
+        """Every job's result in job order, once all have ended; the lowest failed job's error instead."""
+        self.__exit__()
+        outcomes, self._outcomes = self._outcomes, []
+        for outcome in outcomes:
+            if outcome is not None and not outcome[0]:
+                raise outcome[1]
+        return [outcome[1] for outcome in outcomes]
+
+    def _run(self, index: int, grad_enabled: bool) -> None:
+        _caller_threads.set(self._threads_each)
+        torch.set_num_threads(self._threads_each)
+        with self._slots, torch.set_grad_enabled(grad_enabled):
+            try:
+                self._outcomes[index] = (True, self._jobs[index]())
+            except BaseException as error:  # handed to results(), in the caller's thread
+                self._outcomes[index] = (False, error)
 
 
 class _Turns:

@@ -7,6 +7,7 @@ timings (``benchmarks/bench_threads.py`` measures those).
 from __future__ import annotations
 
 import threading
+import time
 
 import datasets
 import pytest
@@ -21,6 +22,7 @@ from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_solver_ops
 from hf_comq.solver import HessianAccumulator
 from hf_comq.threads import (
     MIN_PARALLEL_FLOPS,
+    AllAtOnce,
     caller_threads,
     linear_layer_threads,
     run_side_by_side,
@@ -257,3 +259,45 @@ def test_jobs_side_by_side_keep_the_callers_grad_mode_and_context(two_threads) -
     with torch.no_grad():
         assert run_side_by_side([job, job], workers=2) == [(False, "caller's", False)] * 2
     assert run_side_by_side([job, job], workers=2) == [(True, "caller's", True)] * 2
+
+
+def test_all_at_once_starts_every_job_and_lets_a_waiting_job_give_up_its_slot(two_threads) -> None:
+    """Three jobs that each wait for all three: with one slot they only finish because a waiting
+    job steps aside.  One computing at a time, each gets the caller's threads; several, one each."""
+    for workers, threads_each in ((1, 2), (2, 1)):
+        everyone = threading.Barrier(3, timeout=30)
+        computing = {"now": 0, "most": 0}
+        lock = threading.Lock()
+        seen: list[tuple[int, int]] = []
+        runner: dict[str, AllAtOnce] = {}
+
+        def job(value: int):
+            def run() -> int:
+                with lock:
+                    computing["now"] += 1
+                    computing["most"] = max(computing["most"], computing["now"])
+                    seen.append((torch.get_num_threads(), caller_threads()))
+                time.sleep(0.05)  # computing: the others wait for a slot meanwhile
+                with lock:
+                    computing["now"] -= 1
+                with runner["all"].step_aside():
+                    everyone.wait()
+                return value
+
+            return run
+
+        with AllAtOnce([job(value) for value in range(3)], workers) as runner["all"]:
+            assert runner["all"].results() == [0, 1, 2]
+        assert seen == [(threads_each, threads_each)] * 3 and computing["most"] <= workers
+        assert torch.get_num_threads() == 2
+
+
+def test_all_at_once_raises_the_failure_of_the_lowest_job(two_threads) -> None:
+    def failing(message: str):
+        def run() -> None:
+            raise ValueError(message)
+
+        return run
+
+    with pytest.raises(ValueError, match="first"), AllAtOnce([lambda: 1, failing("first"), failing("second")], 2) as jobs:
+        jobs.results()
