@@ -36,6 +36,7 @@ __all__ = [
     "OFFLOAD_SUBFOLDER",
     "Placement",
     "block_on_compute",
+    "free_memory",
     "install_quantized_layer",
     "install_unfused_experts",
     "materialized",
@@ -85,6 +86,15 @@ def resolve_placement(model: nn.Module) -> Placement:
         raise ValueError("the model has weights on the meta device and no accelerate offload hooks to load them")
     input_device = next(iter(devices)) if len(devices) == 1 else compute
     return Placement(compute, False, input_device)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now, as accelerate reads them (free accelerator memory, available RAM for the CPU);
+    0 where accelerate reports none (a device sharing host RAM)."""
+    from accelerate.utils import get_max_memory
+
+    key: int | str = device.type if device.type in ("cpu", "mps") else (device.index or 0)
+    return int(get_max_memory().get(key, 0))
 
 
 @contextlib.contextmanager

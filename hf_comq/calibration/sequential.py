@@ -129,6 +129,7 @@ from .hooks import (
 from .placement import (
     Placement,
     block_on_compute,
+    free_memory,
     install_quantized_layer,
     install_unfused_experts,
     materialized,
@@ -138,7 +139,7 @@ from .placement import (
     send_to_device,
     trim_heap,
 )
-from .stages import QuantizedStandIns, StageStop, layer_stages
+from .stages import PausedPass, QuantizedStandIns, StageStop, layer_stages, stages_in_call_order
 
 logger = logging.get_logger(__name__)
 
@@ -393,6 +394,8 @@ class _Calibrator:
         self.checked_size = False
         # With true_sequential: each block layout's stages (layer names relative to the block).
         self.stage_layouts: dict[tuple[str, ...], list[list[str]]] = {}
+        # ... and whether a held pass solves them (None where it cannot), in call order.
+        self.held_layouts: dict[tuple[str, ...], list[list[str]] | None] = {}
 
     @property
     def compute(self) -> torch.device:
@@ -577,6 +580,10 @@ class _Calibrator:
         budget) the targets are not held for the whole block: each targeted stage runs
         both streams, and the first stage's full-precision pass runs to the block's end
         to collect.
+
+        Where every batch can be held at each stage instead (:meth:`_held_stages`), one
+        pass of the quantized stream solves every stage and makes the next block's
+        inputs (:meth:`_solve_stages_held`), with the same sums and codes.
         """
         block = self.model.get_submodule(block_name)
         fp_inputs, self.fp_inputs = self.fp_inputs, None
@@ -591,6 +598,12 @@ class _Calibrator:
             if with_targets and not self.inputs.placement.dispatched:
                 cached, fp_outputs = self._full_precision_targets(block_name, fp_inputs, collect=keep_fp_outputs)
                 fp_inputs = None
+            held = self._held_stages(block_name, stages, captured)
+            if held is not None:
+                outputs = self._solve_stages_held(block_name, held, captured, cached, aimed_from_start, need_outputs)
+                if self.settings.fp_target and need_outputs:
+                    self.fp_inputs = fp_outputs
+                return outputs
             with QuantizedStandIns(self.model, self.compute, self.settings.symmetric) as stand_ins:
                 for index, stage in enumerate(stages):
                     targeted = with_targets and (index > 0 or aimed_from_start)
@@ -628,6 +641,116 @@ class _Calibrator:
         if self.settings.fp_target and need_outputs:
             self.fp_inputs = fp_outputs
         return outputs
+
+    def _held_stages(
+        self, block_name: str, stages: list[list[str]], captured: list[CapturedInputs]
+    ) -> list[list[str]] | None:
+        """The stages in call order where a held pass (:class:`~.stages.PausedPass`) solves the block, else ``None``.
+
+        Not under accelerate's hooks (a memory budget), nor where every batch's activations
+        alive at once would not fit (:meth:`_held_passes_fit`), nor for experts (their
+        tokens are routed per batch); and only where :func:`~.stages.stages_in_call_order`
+        finds the block's layers called once each, a stage's layers on one input, decided
+        once per block layout on this rank's first batch.  Ranks may differ here: both
+        ways run the same collectives, stage by stage.
+        """
+        names = [name for stage in stages for name in stage]
+        if self.inputs.placement.dispatched or not captured or any(name in self.routed for name in names):
+            return None
+        if not self._held_passes_fit(self.model.get_submodule(block_name), captured):
+            return None
+        prefix = len(block_name) + 1
+        layout = tuple(name[prefix:] for name in names)
+        if layout not in self.held_layouts:
+            block = self.model.get_submodule(block_name)
+            args, kwargs = captured[0].call_inputs(block_name, block_kind(block))
+            found = stages_in_call_order(self.model, stages, lambda: block(*args, **kwargs))
+            relative = None if found is None else [[name[prefix:] for name in stage] for stage in found]
+            self.held_layouts[layout] = relative
+        found = self.held_layouts[layout]
+        return None if found is None else [[f"{block_name}.{name}" for name in stage] for stage in found]
+
+    def _held_passes_fit(self, block: nn.Module, captured: list[CapturedInputs]) -> bool:
+        """Whether every batch's pass through ``block`` can be alive at once: the inputs and outputs of all the
+        block's linear layers for every batch's tokens (about what held passes keep) within half the compute
+        device's free memory, leaving the rest to the allocator and the solves."""
+        tokens = sum(hidden_input(item).shape[:-1].numel() for item in captured)
+        per_token = sum(sum(linear_shape(module)) for module in block.modules() if has_linear_shape(module))
+        return tokens * per_token * hidden_input(captured[0]).element_size() <= free_memory(self.compute) // 2
+
+    def _solve_stages_held(
+        self,
+        block_name: str,
+        stages: list[list[str]],
+        captured: list[CapturedInputs],
+        targets: list[list[LayerCall]] | None,
+        aimed_from_start: bool,
+        collect: bool,
+    ) -> list[CapturedInputs]:
+        """Solve the block stage by stage in one held pass of every batch; with ``collect``, the block's outputs.
+
+        ``targets``: each batch's full-precision pass (:meth:`_full_precision_targets`)
+        where the stages are aimed at the full-precision outputs; the first stage only
+        with ``aimed_from_start``, as in :meth:`_process_block_in_stages`.  Each stage's
+        sums replay the held batches' inputs in batch order, as the side-by-side passes
+        of :meth:`_run_block` do, here while every batch waits; once the stage is solved
+        its layers run quantized for the rest of the pass.
+        """
+        block = self.model.get_submodule(block_name)
+        kind = block_kind(block)
+        stand_ins = QuantizedStandIns(self.model, self.compute, self.settings.symmetric)
+
+        def run(item: CapturedInputs) -> torch.Tensor | None:
+            args, kwargs = item.call_inputs(block_name, kind)
+            with stand_ins.active():
+                result = block(*args, **kwargs)
+            return send_to_device(hidden_output(result), self.compute) if collect else None
+
+        jobs = [functools.partial(run, item) for item in captured]
+        solved: dict[str, QuantizedWeight] = {}
+        products = self._target_products_in(stages) if targets is not None else frozenset()
+        workers = self._forward_workers(block, captured)
+        with PausedPass(self.model, stages, jobs, workers, products) as paused, stand_ins:
+            for index, stage in enumerate(stages):
+                targeted = targets is not None and (index > 0 or aimed_from_start)
+                held = paused.held(index)  # every batch waits: no pass runs the stage's layers while they are summed
+                with self._recorder(stage, with_targets=targeted) as recorder:
+                    for batch, hidden, outputs in held:
+                        calls = [
+                            (name, hidden, None, outputs.get(name) if name in recorder.target_products else None)
+                            for name in stage
+                        ]
+                        recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
+                self._sum_over_ranks(recorder)
+                solutions = self._quantize_layers(
+                    stage, recorder.accumulators, install=False, products=recorder.target_products
+                )
+                for name, qweight in solutions.items():
+                    stand_ins.add(name, qweight)
+                    solved[name] = qweight
+                del held
+                trim_heap()  # each batch's thread freed its stage's temporaries in a heap of its own
+                paused.release(index)
+            results = paused.outputs()
+        for name, qweight in solved.items():
+            self._install(name, qweight)
+        return [item.with_hidden(value) for item, value in zip(captured, results)] if collect else []
+
+    def _target_products_in(self, stages: list[list[str]]) -> frozenset[str]:
+        """The layers of ``stages`` (each in call order) that sum a target product from their outputs when aimed.
+
+        A layer narrower out than in does (see :class:`HessianRecorder`), unless a layer
+        called before it on the same input sums the target shift, which it then reads:
+        k/v after q do not, a down projection does.
+        """
+        products = []
+        for stage in stages:
+            for name in stage:
+                out_features, in_features = linear_shape(self.model.get_submodule(name))
+                if out_features >= in_features:
+                    break
+                products.append(name)
+        return frozenset(products)
 
     def _stages(self, block_name: str, captured: list[CapturedInputs]) -> list[list[str]]:
         """The block's pending layers in stages (:func:`layer_stages`), found once per block layout.

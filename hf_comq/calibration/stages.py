@@ -18,11 +18,15 @@ layers of the stages before it: for a Llama block ``q/k/v``, then ``o``, then
   in the quantized stream, a solved layer runs its packed layer instead.
 * :class:`StageStop` ends a stage's forward pass once every layer of the stage has run:
   nothing after them changes the stage's Gram matrices.
+* :class:`PausedPass` runs every batch through the block once, each held at a stage's
+  first layer until the stage is solved, instead of one pass per stage and one more to
+  make the next block's inputs; :func:`stages_in_call_order` says where it applies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -32,9 +36,10 @@ from torch import nn
 
 from ..nn import COMQLinear
 from ..solver import QuantizedWeight
+from ..threads import AllAtOnce
 from .placement import materialized
 
-__all__ = ["QuantizedStandIns", "StageStop", "layer_stages"]
+__all__ = ["PausedPass", "QuantizedStandIns", "StageStop", "layer_stages", "stages_in_call_order"]
 
 
 def layer_stages(model: nn.Module, names: Sequence[str], run_block: Callable[[], Any]) -> list[list[str]]:
@@ -205,3 +210,185 @@ class QuantizedStandIns:
             return packed(hidden.to(self._compute)).to(hidden.device)
 
         return forward
+
+
+def stages_in_call_order(
+    model: nn.Module, stages: Sequence[Sequence[str]], run_block: Callable[[], Any]
+) -> list[list[str]] | None:
+    """``stages``, each in the order a forward pass calls its layers, where a :class:`PausedPass` gives the
+    sums a pass per stage gives; ``None`` elsewhere.
+
+    ``run_block()`` runs the block once.  A paused pass holds each batch at the first
+    layer of a stage it calls, with that layer's input; the stage's other layers are
+    called only once the stage is solved.  So every layer must run once per pass, and
+    a stage's layers must all read the very tensor its first one reads: q/k/v, gate/up,
+    but not a cross-attention's query beside its key and value, nor a layer called twice.
+    """
+    inputs: dict[str, list[Any]] = {}  # in the order the layers were first called
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            inputs.setdefault(name, []).append(args[0] if args else None)
+
+        return hook
+
+    names = [name for stage in stages for name in stage]
+    handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    try:
+        run_block()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(len(inputs.get(name, ())) != 1 for name in names):
+        return None
+    order = list(inputs)
+    ordered = [sorted(stage, key=order.index) for stage in stages]
+    for stage in ordered:
+        first = inputs[stage[0]][0]
+        if not isinstance(first, torch.Tensor) or any(inputs[name][0] is not first for name in stage):
+            return None
+    return ordered
+
+
+class _PassAborted(Exception):
+    """Ends a held pass whose block calibration failed elsewhere (the other failure is the one raised)."""
+
+
+class PausedPass:
+    """Every batch's quantized-stream pass through a block at once, each held at a stage until the stage is solved.
+
+    Solved in stages, a block would otherwise run once per stage (each pass redoing the
+    stages before it) and once more, quantized, to make the next block's inputs.  Here
+    each batch runs it once: a pass that calls the first layer of a stage not yet solved
+    waits there, its input kept, until the caller has summed every batch's inputs
+    (:meth:`held`), solved the stage, run its layers quantized
+    (:class:`QuantizedStandIns`, entered inside this scope) and said so
+    (:meth:`release`); then it goes on.  Its end is the block's quantized output
+    (:meth:`outputs`).  The inputs kept are the ones a pass per stage would record, so
+    the sums and codes are the same; the price is that every batch's pass is alive at
+    once, with its activations, until the block's last stage is solved.  Only for
+    stages from :func:`stages_in_call_order`.
+
+    ``jobs[i]()`` runs batch ``i``'s pass (with the stand-ins active); at most
+    ``workers`` compute at once (:class:`~hf_comq.threads.AllAtOnce`).
+    ``full_precision_outputs``: the layers whose full-precision outputs on the kept
+    input the caller's sums need (a target product's), made on the batch's own thread
+    as a pass per stage would have made them.
+    """
+
+    _RUNNING = -1
+    _ENDED = math.inf
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: Sequence[Sequence[str]],
+        jobs: Sequence[Callable[[], Any]],
+        workers: int,
+        full_precision_outputs: frozenset[str] = frozenset(),
+    ):
+        self._model = model
+        self._stages = [list(stage) for stage in stages]
+        self._stage_of = {name: index for index, stage in enumerate(self._stages) for name in stage}
+        self._outputs = full_precision_outputs
+        self._condition = threading.Condition()
+        self._solved = -1  # stages up to this one are solved
+        self._aborted = False
+        self._error: BaseException | None = None
+        self._at: list[float] = [self._RUNNING] * len(jobs)  # per batch: the stage it is held at
+        self._held: list[dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]] = [{} for _ in self._stages]
+        self._local = threading.local()
+        self._own: dict[str, Callable[..., Any]] = {}  # each layer's forward without the hold
+        self._wrapped: list[tuple[nn.Module, Any]] = []
+        self._all = AllAtOnce([self._job(index, job) for index, job in enumerate(jobs)], workers)
+
+    def __enter__(self) -> "PausedPass":
+        for name in self._stage_of:
+            module = self._model.get_submodule(name)
+            self._own[name] = module.forward
+            self._wrapped.append((module, module.__dict__.get("forward")))
+            module.forward = self._holding(name, module)
+        self._all.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._condition:
+            self._aborted = True  # passes still held (the caller failed) end now
+            self._condition.notify_all()
+        self._all.__exit__()
+        for module, own_forward in reversed(self._wrapped):
+            if own_forward is None:
+                del module.forward
+            else:
+                module.forward = own_forward
+        # no cycle through the layers' own forwards keeps the full-precision block alive until a collection
+        self._wrapped.clear()
+        self._own.clear()
+        self._held = [{} for _ in self._stages]
+
+    def held(self, stage: int) -> list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(batch, input, full-precision outputs)`` of every batch held at ``stage``, in batch order,
+        once no batch can still reach it; a failed batch's error instead."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._error is not None or all(at >= stage for at in self._at))
+            if self._error is not None:
+                raise self._error
+            held, self._held[stage] = self._held[stage], {}
+        return [(batch, *held[batch]) for batch in sorted(held)]
+
+    def release(self, stage: int) -> None:
+        """``stage`` is solved and runs quantized: the batches held there go on."""
+        with self._condition:
+            self._solved = stage
+            self._condition.notify_all()
+
+    def outputs(self) -> list[Any]:
+        """Each batch's pass's result, in batch order, once every stage is released."""
+        return self._all.results()
+
+    def _job(self, index: int, job: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            self._local.batch = index
+            try:
+                return job()
+            except _PassAborted:
+                raise
+            except BaseException as error:
+                with self._condition:
+                    if self._error is None:
+                        self._error = error
+                raise
+            finally:
+                with self._condition:
+                    self._at[index] = self._ENDED
+                    self._condition.notify_all()
+
+        return run
+
+    def _holding(self, name: str, module: nn.Module) -> Callable[..., Any]:
+        stage, own = self._stage_of[name], self._own[name]
+
+        def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            batch = getattr(self._local, "batch", None)
+            if batch is None or stage <= self._solved:  # not a held pass (the full-precision stream), or left alone
+                return own(hidden, *args, **kwargs)
+            self._hold(stage, batch, hidden)
+            current = module.__dict__.get("forward")  # the stage's stand-in now, unless the layer was skipped
+            if getattr(current, "holds_batches", False):
+                return own(hidden, *args, **kwargs)
+            return current(hidden, *args, **kwargs)
+
+        forward.holds_batches = True  # a mark, not a reference to itself: no cycle keeps the layer alive
+        return forward
+
+    def _hold(self, stage: int, batch: int, hidden: torch.Tensor) -> None:
+        outputs = {name: self._own[name](hidden) for name in self._stages[stage] if name in self._outputs}
+        with self._condition:
+            self._held[stage][batch] = (hidden, outputs)
+            self._at[batch] = stage
+            self._condition.notify_all()
+        with self._all.step_aside(), self._condition:
+            self._condition.wait_for(lambda: self._solved >= stage or self._aborted)
+            if self._solved < stage:
+                raise _PassAborted(f"batch {batch}: the block's calibration stopped before stage {stage} was solved")
+            self._at[batch] = self._RUNNING

@@ -957,8 +957,8 @@ def _three_block_llama() -> nn.Module:
 
 def test_true_sequential_with_fp_target_runs_the_full_precision_stream_once_per_block():
     """In a middle block one full-precision pass keeps every stage's targets and the next block's;
-    each stage then runs the quantized stream alone, cut short after its layers.  Under
-    accelerate's hooks every targeted stage runs both streams to the end instead, with the same codes."""
+    the quantized stream then runs once, held at each stage.  Under accelerate's hooks every
+    targeted stage runs both streams to the end instead, with the same codes."""
     config = dict(bits=3, true_sequential=True, fp_target=True, batch_size=2)
     batches = 4
 
@@ -973,33 +973,47 @@ def test_true_sequential_with_fp_target_runs_the_full_precision_stream_once_per_
 
     (in_memory, in_memory_calls), (offloaded, offloaded_calls) = quantized(False), quantized(True)
     assert _assert_same_codes(offloaded, in_memory) == 21
-    # the capture's first batch (it runs every block), the full-precision pass, the last stage's quantized pass;
-    # the stages were found on block 0
+    # the capture's first batch (it runs every block), the full-precision pass, the held quantized pass;
+    # the stages (and that each reads one input) were found on block 0
     assert in_memory_calls == 1 + batches + batches
     # offloaded: both streams of each of the four stages, to the end
     assert offloaded_calls == 1 + 4 * 2 * batches
 
 
-def test_true_sequential_cuts_each_stages_passes_short_and_leaves_an_offloaded_model_whole():
-    """Before a block's last stage the passes stop once the stage's layers have run: the
-    full-precision ``down_proj`` runs in the last stage's passes only (then it is replaced).
-    Under accelerate's hooks every pass runs to the end, and the codes are the same.  (Without
-    targets: a targeted stage's full-precision pass is counted by the fp_target tests.)"""
-    config = dict(bits=3, true_sequential=True, batch_size=2, fp_target=False)
-    model = tiny_model("llama")
-    calls = []
-    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
-    quantize_model(model, _config("llama", **config))
+@pytest.mark.parametrize("fp_target", [False, True], ids=["plain", "fp-target"])
+def test_true_sequential_runs_each_batch_through_a_block_once_with_the_codes_of_a_pass_per_stage(fp_target, monkeypatch):
+    """In memory every batch runs a block once, held at each stage until it is solved: block 0's
+    full-precision ``down_proj`` runs in the capture's first batch, stage discovery, the check that
+    each stage reads one input, and once per batch.  Where the held passes would not fit in the free
+    memory, each stage's passes stop after its layers (``down_proj`` runs in the last stage's only)
+    and one more pass makes the next block's inputs; under accelerate's hooks every pass runs to the
+    end.  The sums, hence the codes, are the same all three ways, with targets too."""
+    import hf_comq.calibration.sequential as sequential
+
+    config = dict(bits=3, true_sequential=True, batch_size=2, fp_target=fp_target)
     batches = 4
-    # the capture's first batch (it runs both blocks), stage discovery, the last stage
-    assert len(calls) == 1 + 1 + batches
-    offloaded = tiny_model("llama")
-    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
-    calls.clear()
-    offloaded.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
-    quantize_model(offloaded, _config("llama", **config))
-    assert len(calls) == 1 + 1 + 4 * batches
-    assert _assert_same_codes(offloaded, model) == 14
+
+    def quantized(offload: bool = False, free_memory: int | None = None) -> tuple[nn.Module, int]:
+        model = tiny_model("llama")
+        if offload:
+            accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        calls = []
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+        with monkeypatch.context() as patch:
+            if free_memory is not None:
+                patch.setattr(sequential, "free_memory", lambda device: free_memory)
+            quantize_model(model, _config("llama", **config))
+        return model, len(calls)
+
+    held, held_calls = quantized()
+    staged, staged_calls = quantized(free_memory=0)
+    offloaded, offloaded_calls = quantized(offload=True)
+    targets = batches if fp_target else 0  # the full-precision pass keeping the targets (in memory)
+    assert held_calls == 1 + 1 + 1 + targets + batches
+    assert staged_calls == 1 + 1 + targets + batches
+    # offloaded, both streams of each targeted stage run to the end (block 0's first stage is not aimed)
+    assert offloaded_calls == 1 + 1 + (7 if fp_target else 4) * batches
+    assert _assert_same_codes(staged, held) == _assert_same_codes(offloaded, held) == 14
 
 
 def test_sum_dtype_float32_sums_every_calibration_sum_in_float32_for_nearly_the_same_codes(monkeypatch):

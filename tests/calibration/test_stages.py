@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hf_comq.calibration.blocks import find_block_groups
-from hf_comq.calibration.stages import QuantizedStandIns, StageStop, layer_stages
+from hf_comq.calibration.stages import PausedPass, QuantizedStandIns, StageStop, layer_stages, stages_in_call_order
 from hf_comq.modules import find_quantizable_linears, unfuse_batched_experts
 from hf_comq.nn import COMQLinear
 from hf_comq.solver import comq_quantize
@@ -170,3 +170,132 @@ def test_stand_ins_run_the_solved_layer_quantized_only_inside_active_and_only_on
     assert not torch.allclose(quantized, full_precision)
     with stand_ins.active():  # the hooks went with the context
         torch.testing.assert_close(block(x), full_precision)
+
+
+class _Attention(nn.Module):
+    """``q``, ``k`` and ``v`` read one input (registered in another order than they are called),
+    ``o`` their sum, and ``down`` (narrower out than in) the widened result."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.v, self.k, self.q = (nn.Linear(4, 4) for _ in range(3))
+        self.o, self.down = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        mixed = self.q(x) + self.k(x) + self.v(x)
+        return self.down(torch.relu(self.o(mixed)))
+
+
+ATTENTION_STAGES = [["v", "k", "q"], ["o"], ["down"]]
+
+
+class _TwoInputs(nn.Module):
+    """``a`` reads the input and ``b`` another tensor, in one stage (a cross-attention's query beside its key)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x * 2.0)
+
+
+class _Twice(nn.Module):
+    """``a`` runs twice in one pass (a shared layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(torch.relu(self.a(x)))
+
+
+def test_stages_in_call_order_apply_where_each_stage_reads_one_input_once():
+    x = torch.randn(3, 4)
+    block = _Attention()
+    assert stages_in_call_order(block, ATTENTION_STAGES, lambda: block(x)) == [["q", "k", "v"], ["o"], ["down"]]
+    two = _TwoInputs()
+    assert stages_in_call_order(two, layer_stages(two, ["a", "b"], lambda: two(x)), lambda: two(x)) is None
+    twice = _Twice()
+    assert stages_in_call_order(twice, [["a"]], lambda: twice(x)) is None
+    branches = _Branches()  # `never` does not run
+    assert stages_in_call_order(branches, [["a", "b", "d"], ["c", "never"]], lambda: branches(x)) is None
+    assert stages_in_call_order(branches, [["a", "b", "d"], ["c"]], lambda: branches(x)) == [["a", "b", "d"], ["c"]]
+
+
+def _solved(block: nn.Module, names: list[str]) -> dict:
+    return {name: comq_quantize(getattr(block, name).weight.detach(), torch.eye(getattr(block, name).in_features), bits=2) for name in names}
+
+
+def test_a_paused_pass_holds_every_batch_at_each_stage_until_the_stage_runs_quantized():
+    """Each batch waits at a stage's first layer with that layer's input (and a narrow layer's
+    full-precision output) until the stage is released; the layers it solved then run quantized,
+    so the pass ends with the quantized block's output, and the block is left as it was."""
+    block = _Attention()
+    stages = [["q", "k", "v"], ["o"], ["down"]]
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    solutions = _solved(block, ["q", "k", "v", "o", "down"])
+    packed = {name: COMQLinear.from_quantized(getattr(block, name), qweight) for name, qweight in solutions.items()}
+    full_precision = [block(x) for x in xs]
+    stand_ins = QuantizedStandIns(block, torch.device("cpu"), symmetric=False)
+
+    def run(x):
+        with stand_ins.active():
+            return block(x)
+
+    def mixed(x):
+        return packed["q"](x) + packed["k"](x) + packed["v"](x)
+
+    jobs = [lambda x=x: run(x) for x in xs]
+    with torch.no_grad(), PausedPass(block, stages, jobs, 2, frozenset({"down"})) as paused, stand_ins:
+        for index, stage in enumerate(stages):
+            held = paused.held(index)
+            assert [batch for batch, _, _ in held] == [0, 1, 2]
+            for batch, hidden, outputs in held:
+                x = xs[batch]
+                if index == 0:
+                    assert torch.equal(hidden, x) and outputs == {}
+                elif index == 1:
+                    torch.testing.assert_close(hidden, mixed(x))
+                else:
+                    expected = torch.relu(packed["o"](mixed(x)))
+                    torch.testing.assert_close(hidden, expected)
+                    torch.testing.assert_close(outputs["down"], block.down(expected))
+            for name in stage:
+                stand_ins.add(name, solutions[name])
+            paused.release(index)
+        results = paused.outputs()
+    for x, result in zip(xs, results):
+        torch.testing.assert_close(result, packed["down"](torch.relu(packed["o"](mixed(x)))))
+    assert all("forward" not in getattr(block, name).__dict__ for name in solutions)
+    torch.testing.assert_close(block(xs[0]), full_precision[0])
+
+
+def test_a_failing_batch_ends_a_paused_pass_with_its_error_and_leaves_the_block_whole():
+    block = _Attention()
+    x = torch.randn(2, 4)
+
+    def failing():
+        raise ValueError("batch 1 is broken")
+
+    jobs = [lambda: block(x), failing, lambda: block(x)]
+    with pytest.raises(ValueError, match="batch 1 is broken"):
+        stages = [["q", "k", "v"], ["o"], ["down"]]
+        with torch.no_grad(), PausedPass(block, stages, jobs, 1) as paused:
+            paused.held(0)
+    assert all("forward" not in module.__dict__ for module in block.children())
+    block(x)  # nothing holds the pass any more
+
+
+def test_a_paused_pass_left_early_lets_its_held_batches_go():
+    """The caller failing between stages (a solve's error) must not leave batches waiting forever."""
+    block = _Attention()
+    x = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="solve failed"):
+        stages = [["q", "k", "v"], ["o"], ["down"]]
+        with torch.no_grad(), PausedPass(block, stages, [lambda: block(x)] * 2, 2) as paused:
+            assert [batch for batch, _, _ in paused.held(0)] == [0, 1]
+            raise RuntimeError("solve failed")
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("hf_comq-")]
