@@ -5,7 +5,8 @@ real pipeline (round to nearest at 8 bits: these tests are about finding, runnin
 the layers, not about the solver), saved, and loaded again with :func:`hf_comq.load_quantized`,
 which must reproduce the in-memory model bit for bit on the exact path.  Each is also quantized
 at 3 bits with the default solver and calibration, which there runs the full-precision stream
-beside the quantized one (``fp_target``).
+beside the quantized one (``fp_target``), and with ``true_sequential``, whose held passes must
+give the codes of its passes per stage.
 """
 
 from __future__ import annotations
@@ -137,3 +138,20 @@ def test_architecture_quantizes_at_three_bits_aimed_at_full_precision_outputs(ki
     assert calibration_summary(quantized)["fp_target"] is True
     assert sorted(name for name, module in quantized.named_modules() if isinstance(module, COMQLinear)) == expected
     assert torch.isfinite(_output(quantized, _inputs(kind, 2, seed=3))).all()
+
+
+@pytest.mark.parametrize(("kind", "model_type"), CASES, ids=[name for _, name in CASES])
+def test_architecture_true_sequential_gets_the_same_codes_held_or_pass_by_pass(kind, model_type, tmp_path, monkeypatch):
+    """``true_sequential`` in memory holds every batch at each stage of a block instead of running the
+    block once per stage, wherever the block's stages allow it (not a mixture's experts, nor a block
+    whose stage reads two inputs, such as a parallel attention and MLP); where the free memory would
+    not hold every batch's pass, it runs pass by pass.  Either way the checkpoint is the same."""
+    import hf_comq.calibration.sequential as sequential
+
+    _build(kind, model_type).save_pretrained(tmp_path / "fp")
+    config = COMQConfig(bits=3, dataset=_inputs(kind, 8, seed=1), num_samples=8, batch_size=2, true_sequential=True)
+    held = AUTO_CLASS[kind].from_pretrained(tmp_path / "fp", quantization_config=config).state_dict()
+    monkeypatch.setattr(sequential, "free_memory", lambda device: 0)
+    pass_by_pass = AUTO_CLASS[kind].from_pretrained(tmp_path / "fp", quantization_config=config).state_dict()
+    assert held.keys() == pass_by_pass.keys()
+    assert [name for name, tensor in held.items() if not torch.equal(tensor, pass_by_pass[name])] == []
