@@ -627,13 +627,7 @@ class _Calibrator:
                             )  # fmt: skip
                     if collect:
                         fp_outputs = outputs
-                    self._sum_over_ranks(recorder)
-                    solutions = self._quantize_layers(
-                        stage, recorder.accumulators, install=False, products=recorder.target_products
-                    )
-                    for name, qweight in solutions.items():
-                        stand_ins.add(name, qweight)
-                        solved[name] = qweight
+                    solved.update(self._solve_stage(stage, recorder, stand_ins))
             del fp_inputs, cached
             for name, qweight in solved.items():
                 self._install(name, qweight)
@@ -641,6 +635,17 @@ class _Calibrator:
         if self.settings.fp_target and need_outputs:
             self.fp_inputs = fp_outputs
         return outputs
+
+    def _solve_stage(
+        self, stage: list[str], recorder: HessianRecorder, stand_ins: QuantizedStandIns
+    ) -> dict[str, QuantizedWeight]:
+        """Solve one stage from its recorder's sums (over every rank); its layers then run quantized in the
+        quantized stream (``stand_ins``) until the block is installed.  Returns the stage's solutions."""
+        self._sum_over_ranks(recorder)
+        solutions = self._quantize_layers(stage, recorder.accumulators, install=False, products=recorder.target_products)
+        for name, qweight in solutions.items():
+            stand_ins.add(name, qweight)
+        return solutions
 
     def _held_stages(
         self, block_name: str, stages: list[list[str]], captured: list[CapturedInputs]
@@ -721,13 +726,7 @@ class _Calibrator:
                             for name in stage
                         ]
                         recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
-                self._sum_over_ranks(recorder)
-                solutions = self._quantize_layers(
-                    stage, recorder.accumulators, install=False, products=recorder.target_products
-                )
-                for name, qweight in solutions.items():
-                    stand_ins.add(name, qweight)
-                    solved[name] = qweight
+                solved.update(self._solve_stage(stage, recorder, stand_ins))
                 del held
                 trim_heap()  # each batch's thread freed its stage's temporaries in a heap of its own
                 paused.release(index)

@@ -106,6 +106,16 @@ def _leaves_in_graph(value: torch.Tensor, layer_of_leaf: dict[int, str]) -> set[
     return found
 
 
+def _restore_forwards(wrapped: list[tuple[nn.Module, Any]]) -> None:
+    """Give each wrapped layer back the ``forward`` attribute it had (none: its class's), latest wrap first."""
+    for module, own_forward in reversed(wrapped):
+        if own_forward is None:
+            del module.forward
+        else:
+            module.forward = own_forward
+    wrapped.clear()
+
+
 class StageComplete(Exception):
     """Raised by :class:`StageStop` once every layer of the stage has run in a forward pass."""
 
@@ -179,12 +189,7 @@ class QuantizedStandIns:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for module, own_forward in reversed(self._wrapped):
-            if own_forward is None:
-                del module.forward
-            else:
-                module.forward = own_forward
-        self._wrapped.clear()
+        _restore_forwards(self._wrapped)
 
     def add(self, name: str, qweight: QuantizedWeight) -> None:
         """Run layer ``name`` as ``qweight`` from now on, inside :meth:`active`."""
@@ -316,14 +321,8 @@ class PausedPass:
             self._aborted = True  # passes still held (the caller failed) end now
             self._condition.notify_all()
         self._all.__exit__()
-        for module, own_forward in reversed(self._wrapped):
-            if own_forward is None:
-                del module.forward
-            else:
-                module.forward = own_forward
-        # no cycle through the layers' own forwards keeps the full-precision block alive until a collection
-        self._wrapped.clear()
-        self._own.clear()
+        _restore_forwards(self._wrapped)
+        self._own.clear()  # no cycle through the layers' own forwards keeps the block alive until a collection
         self._held = [{} for _ in self._stages]
 
     def held(self, stage: int) -> list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
