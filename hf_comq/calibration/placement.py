@@ -89,12 +89,18 @@ def resolve_placement(model: nn.Module) -> Placement:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device`` now, as accelerate reads them (free accelerator memory, available RAM for the CPU);
-    0 where accelerate reports none (a device sharing host RAM)."""
-    from accelerate.utils import get_max_memory
+    """Bytes free on ``device`` now: available RAM for the CPU (and MPS, which shares it), the
+    accelerator's own count elsewhere (``torch.cuda.mem_get_info`` and its twins), 0 where none is kept.
 
-    key: int | str = device.type if device.type in ("cpu", "mps") else (device.index or 0)
-    return int(get_max_memory().get(key, 0))
+    Asks ``device`` alone: accelerate's ``get_max_memory`` would open a context on every GPU, which
+    on a rank of a multi-GPU run holds memory on the other ranks' devices.
+    """
+    if device.type in ("cpu", "mps"):
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    mem_get_info = getattr(getattr(torch, device.type, None), "mem_get_info", None)
+    return int(mem_get_info(device)[0]) if mem_get_info is not None else 0
 
 
 @contextlib.contextmanager

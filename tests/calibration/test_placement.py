@@ -14,7 +14,13 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 from hf_comq import COMQConfig, calibration_summary
-from hf_comq.calibration.placement import offloads_to_disk, release_file_mappings, release_file_pages, trim_heap
+from hf_comq.calibration.placement import (
+    free_memory,
+    offloads_to_disk,
+    release_file_mappings,
+    release_file_pages,
+    trim_heap,
+)
 from hf_comq.calibration.sequential import check_finite_weights
 from hf_comq.nn import COMQLinear
 
@@ -275,3 +281,11 @@ def test_calibrating_a_disk_offloaded_model_gives_back_what_loading_read_of_its_
     # What may stay: the CPU weights outside the blocks read after the capture (none are) and the
     # edge pages they share; well under one page per offloaded weight
     assert _resident_kib(file) < 6 * 7 * 4
+
+
+def test_free_memory_reads_the_hosts_available_ram_and_nothing_for_a_device_without_a_count():
+    import psutil
+
+    free = free_memory(torch.device("cpu"))
+    assert 0 < free and abs(free - psutil.virtual_memory().available) < 2**30  # other processes move it meanwhile
+    assert free_memory(torch.device("meta")) == 0
