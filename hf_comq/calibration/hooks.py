@@ -154,13 +154,32 @@ class HessianRecorder:
             module = model.get_submodule(name)
             out_features, in_features = linear_shape(module)
             targeted = with_targets and name not in self._routers
-            by_outputs = targeted and out_features < in_features
+            by_outputs = targeted and self._sums_by_outputs(module)
             self.accumulators[name] = HessianAccumulator(
                 in_features, dtype=dtype, device=device, with_target=targeted and not by_outputs
             )
             if by_outputs:
                 self.target_products[name] = TargetProductAccumulator(out_features, in_features, dtype=dtype, device=device)
             self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    @staticmethod
+    def _sums_by_outputs(module: nn.Module) -> bool:
+        """Whether an aimed layer sums its target product from its outputs, not the shift: narrower out than in."""
+        out_features, in_features = linear_shape(module)
+        return out_features < in_features
+
+    @classmethod
+    def target_product_layers(cls, model: nn.Module, stages: Sequence[Sequence[str]]) -> frozenset[str]:
+        """The layers of ``stages`` that an aimed recorder gives a target product, each stage in call order
+        and all its layers on one input: those summing by outputs until the first that sums the shift,
+        which the later ones then read (:meth:`_share`: k/v after q read q's, a down projection sums its own)."""
+        products = []
+        for stage in stages:
+            for name in stage:
+                if not cls._sums_by_outputs(model.get_submodule(name)):
+                    break
+                products.append(name)
+        return frozenset(products)
 
     def __enter__(self) -> "HessianRecorder":
         return self

@@ -642,7 +642,8 @@ class _Calibrator:
         """Solve one stage from its recorder's sums (over every rank); its layers then run quantized in the
         quantized stream (``stand_ins``) until the block is installed.  Returns the stage's solutions."""
         self._sum_over_ranks(recorder)
-        solutions = self._quantize_layers(stage, recorder.accumulators, install=False, products=recorder.target_products)
+        products = recorder.target_products
+        solutions = self._quantize_layers(stage, recorder.accumulators, install=False, products=products)
         for name, qweight in solutions.items():
             stand_ins.add(name, qweight)
         return solutions
@@ -713,7 +714,7 @@ class _Calibrator:
 
         jobs = [functools.partial(run, item) for item in captured]
         solved: dict[str, QuantizedWeight] = {}
-        products = self._target_products_in(stages) if targets is not None else frozenset()
+        products = HessianRecorder.target_product_layers(self.model, stages) if targets is not None else frozenset()
         workers = self._forward_workers(block, captured)
         with PausedPass(self.model, stages, jobs, workers, products) as paused, stand_ins:
             for index, stage in enumerate(stages):
@@ -734,22 +735,6 @@ class _Calibrator:
         for name, qweight in solved.items():
             self._install(name, qweight)
         return [item.with_hidden(value) for item, value in zip(captured, results)] if collect else []
-
-    def _target_products_in(self, stages: list[list[str]]) -> frozenset[str]:
-        """The layers of ``stages`` (each in call order) that sum a target product from their outputs when aimed.
-
-        A layer narrower out than in does (see :class:`HessianRecorder`), unless a layer
-        called before it on the same input sums the target shift, which it then reads:
-        k/v after q do not, a down projection does.
-        """
-        products = []
-        for stage in stages:
-            for name in stage:
-                out_features, in_features = linear_shape(self.model.get_submodule(name))
-                if out_features >= in_features:
-                    break
-                products.append(name)
-        return frozenset(products)
 
     def _stages(self, block_name: str, captured: list[CapturedInputs]) -> list[list[str]]:
         """The block's pending layers in stages (:func:`layer_stages`), found once per block layout.
