@@ -145,25 +145,20 @@ def run_side_by_side(
 
     def run_jobs() -> None:
         """One worker: jobs in index order, each on one torch thread, until none is left or one failed."""
-        token = _caller_threads.set(1)
-        torch.set_num_threads(1)
-        try:
-            with torch.set_grad_enabled(grad_enabled):
-                while (index := take()) is not None:
-                    try:
-                        result = jobs[index]()
-                        if turns is not None:
-                            with turns.turn(index):
-                                result = in_order(index, result)
-                        outcomes[index] = (True, result)
-                    except BaseException as error:
-                        outcomes[index] = (False, error)
-                        if turns is not None:
-                            turns.fail(index)
-                        with lock:
-                            queue["failed"] = True
-        finally:
-            _caller_threads.reset(token)
+        with _worker(1, grad_enabled):
+            while (index := take()) is not None:
+                try:
+                    result = jobs[index]()
+                    if turns is not None:
+                        with turns.turn(index):
+                            result = in_order(index, result)
+                    outcomes[index] = (True, result)
+                except BaseException as error:
+                    outcomes[index] = (False, error)
+                    if turns is not None:
+                        turns.fail(index)
+                    with lock:
+                        queue["failed"] = True
 
     previous = torch.get_num_threads()
     try:
@@ -240,13 +235,25 @@ class AllAtOnce:
         return [outcome[1] for outcome in outcomes]
 
     def _run(self, index: int, grad_enabled: bool) -> None:
-        _caller_threads.set(self._threads_each)
-        torch.set_num_threads(self._threads_each)
-        with self._slots, torch.set_grad_enabled(grad_enabled):
+        with _worker(self._threads_each, grad_enabled), self._slots:
             try:
                 self._outcomes[index] = (True, self._jobs[index]())
             except BaseException as error:  # handed to results(), in the caller's thread
                 self._outcomes[index] = (False, error)
+
+
+@contextmanager
+def _worker(threads: int, grad_enabled: bool) -> Iterator[None]:
+    """A worker thread's scope: ``threads`` torch threads, recorded as the caller's so that no scope inside
+    widens them, and the caller's grad mode (torch's is per thread: without it a forward pass would build
+    an autograd graph that keeps every activation alive)."""
+    token = _caller_threads.set(threads)
+    torch.set_num_threads(threads)
+    try:
+        with torch.set_grad_enabled(grad_enabled):
+            yield
+    finally:
+        _caller_threads.reset(token)
 
 
 class _Turns:
