@@ -119,6 +119,10 @@ class HessianRecorder:
 
     ``dtype`` is the dtype of every sum (``COMQConfig.sum_dtype``): float64 by default.
 
+    A layer is taken as it is called, from its input (a forward pre-hook), so a pass
+    may end there (:meth:`input_layers`); one summing its target product from its
+    outputs is taken once it ran.
+
     An expert's layers (inside :class:`~hf_comq.nn.UnfusedExperts`) see the tokens
     routed to it: their padding is told by the rows the experts module reports, and
     they get no target shift, since the full-precision model routes the tokens its
@@ -160,7 +164,10 @@ class HessianRecorder:
             )
             if by_outputs:
                 self.target_products[name] = TargetProductAccumulator(out_features, in_features, dtype=dtype, device=device)
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+                self._handles.append(module.register_forward_hook(self._output_hook(name)))
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+        self._at_input = frozenset(name for name in names if name not in self.target_products)
 
     @staticmethod
     def _sums_by_outputs(module: nn.Module) -> bool:
@@ -293,24 +300,38 @@ class HessianRecorder:
         accumulators, then the target products (decided once sharing is, see :meth:`adopt_shared_inputs`)."""
         return [*self.distinct(), *self.target_products.values()]
 
-    def _hook(self, name: str):
-        router = self._routers.get(name)
+    def input_layers(self) -> frozenset[str]:
+        """The layers recorded as they are called, from their input alone (a forward pre-hook): all but those
+        summing a target product from their outputs, which are recorded once they ran.  A pass may end at
+        such a layer's input (:class:`~hf_comq.calibration.stages.StageStop`), before it computes."""
+        return self._at_input
 
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            rows = None if router is None else router.routed_rows()
-            kept_output = output if name in self.target_products else None
-            later = getattr(self._later, "calls", None)
-            if later is not None:
-                later.append((name, inputs[0], rows, kept_output))  # the tensor itself: sharing is told by identity
-                return
-            if self._mask is self._OUTSIDE:
-                raise RuntimeError(f"{name!r} ran outside HessianRecorder.tokens(); the padding mask is unknown")
-            if self._collecting_targets:
-                self._keep_target(name, inputs[0], kept_output)
-                return
-            self._record(name, inputs[0], rows, kept_output)
+    def _input_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            self._take(name, inputs[0], None)
 
         return hook
+
+    def _output_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            self._take(name, inputs[0], output if name in self.target_products else None)
+
+        return hook
+
+    def _take(self, name: str, tensor: torch.Tensor, kept_output: torch.Tensor | None) -> None:
+        """One call of layer ``name``: kept for :meth:`replay`, kept as a target, or summed now."""
+        router = self._routers.get(name)
+        rows = None if router is None else router.routed_rows()
+        later = getattr(self._later, "calls", None)
+        if later is not None:
+            later.append((name, tensor, rows, kept_output))  # the tensor itself: sharing is told by identity
+            return
+        if self._mask is self._OUTSIDE:
+            raise RuntimeError(f"{name!r} ran outside HessianRecorder.tokens(); the padding mask is unknown")
+        if self._collecting_targets:
+            self._keep_target(name, tensor, kept_output)
+            return
+        self._record(name, tensor, rows, kept_output)
 
     def _share(self, name: str, owner: str) -> None:
         """Make ``name`` read ``owner``'s Gram matrix, and its target shift where ``owner`` sums one."""

@@ -541,15 +541,21 @@ class _Calibrator:
         fp_inputs, self.fp_inputs = self.fp_inputs, None
         targeted = fp_inputs is not None and fp_inputs is not captured
         keep_fp_outputs = need_outputs and (not self.settings.sequential or fp_inputs is captured)
+        # a pass whose outputs nobody reads ends once the block's layers were reached (not under
+        # accelerate's hooks, whose offloading runs after a module's forward)
+        cut_short = not self.inputs.placement.dispatched and (targeted or not keep_fp_outputs)
         with block_on_compute(block, self.inputs.placement):
-            recording = self._recorder(names, with_targets=targeted)
-            with recording as recorder, self._expert_routing(block):
+            with (
+                self._recorder(names, with_targets=targeted) as recorder,
+                StageStop(self.model, names, recorder.input_layers()) if cut_short else nullcontext() as stop,
+                self._expert_routing(block),
+            ):
                 if targeted:
                     fp_outputs = self._run_block_with_targets(
-                        block_name, captured, fp_inputs, recorder, collect=need_outputs
+                        block_name, captured, fp_inputs, recorder, collect=need_outputs, stop=stop
                     )
                 else:
-                    fp_outputs = self._run_block(block_name, captured, recorder, collect=keep_fp_outputs)
+                    fp_outputs = self._run_block(block_name, captured, recorder, collect=keep_fp_outputs, stop=stop)
             del fp_inputs
             self._sum_over_ranks(recorder)
             self._quantize_layers(names, recorder.accumulators, products=recorder.target_products)
@@ -612,7 +618,7 @@ class _Calibrator:
                     cut_short = not self.inputs.placement.dispatched and (targeted or not collect)
                     with (
                         self._recorder(stage, with_targets=targeted) as recorder,
-                        StageStop(self.model, stage) if cut_short else nullcontext() as stop,
+                        StageStop(self.model, stage, recorder.input_layers()) if cut_short else nullcontext() as stop,
                         self._expert_routing(block),
                     ):
                         if targeted and cached is None:

@@ -16,7 +16,7 @@ layers of the stages before it: for a Llama block ``q/k/v``, then ``o``, then
 * :class:`QuantizedStandIns`: while a block's stages are solved its layers stay in full
   precision (the full-precision stream of ``fp_target`` runs the very same modules);
   in the quantized stream, a solved layer runs its packed layer instead.
-* :class:`StageStop` ends a stage's forward pass once every layer of the stage has run:
+* :class:`StageStop` ends a forward pass once every layer of a stage has been reached:
   nothing after them changes the stage's Gram matrices.
 * :class:`PausedPass` runs every batch through the block once, each held at a stage's
   first layer until the stage is solved, instead of one pass per stage and one more to
@@ -25,10 +25,11 @@ layers of the stages before it: for a Llama block ``q/k/v``, then ``o``, then
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -117,21 +118,36 @@ def _restore_forwards(wrapped: list[tuple[nn.Module, Any]]) -> None:
 
 
 class StageComplete(Exception):
-    """Raised by :class:`StageStop` once every layer of the stage has run in a forward pass."""
+    """Raised by :class:`StageStop` once every layer of the stage has been reached in a forward pass."""
 
 
 class StageStop:
-    """Cut a block's forward pass short once every layer of a stage has run in it.
+    """Cut a block's forward pass short once every layer of a stage has been reached in it.
 
     Use as a context manager (it owns forward hooks) and run each forward pass through
-    :meth:`run`; passes on several threads at once are counted apart.  A stage whose
-    layers do not all run in a pass (experts without routed tokens) runs to the end.
+    :meth:`run`; passes on several threads at once are counted apart.  A layer named in
+    ``at_input`` (one that a :class:`~hf_comq.calibration.hooks.HessianRecorder` records
+    from its input, :meth:`~hf_comq.calibration.hooks.HessianRecorder.input_layers`)
+    ends the pass at its input, before it computes; any other once it ran.  Make the stop
+    after the recorder: a layer's hooks run in the order they were made, so the recorder
+    has taken the call when the stop ends the pass.
+
+    A pass is cut short only once one pass ran to its end calling every layer of the
+    stage exactly once (the first pass of a block, in effect): where a layer is called
+    twice, or not in every pass (an expert without routed tokens), ending at the first
+    call of each would lose inputs, so every pass runs to the end.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    def __init__(self, model: nn.Module, names: Sequence[str], at_input: Collection[str] = frozenset()):
         self._wanted = frozenset(names)
         self._seen = threading.local()
-        self._handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in names]
+        self._armed: bool | None = None  # None until a pass ran to its end: True if it called each layer once
+        self._handles = [
+            model.get_submodule(name).register_forward_pre_hook(self._pre_hook(name))
+            if name in at_input
+            else model.get_submodule(name).register_forward_hook(self._hook(name))
+            for name in names
+        ]
 
     def __enter__(self) -> "StageStop":
         return self
@@ -142,23 +158,35 @@ class StageStop:
         self._handles.clear()
 
     def run(self, block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """``block(*args, **kwargs)``, or ``None`` when the stage's layers all ran before its end."""
-        self._seen.names = set()
+        """``block(*args, **kwargs)``, or ``None`` when the stage's layers were all reached before its end."""
+        calls = self._seen.calls = collections.Counter()
         try:
-            return block(*args, **kwargs)
+            result = block(*args, **kwargs)
         except StageComplete:
             return None
         finally:
-            self._seen.names = None
+            self._seen.calls = None
+        if self._armed is None:
+            self._armed = calls.keys() == self._wanted and all(count == 1 for count in calls.values())
+        return result
+
+    def _reached(self, name: str) -> None:
+        calls = getattr(self._seen, "calls", None)
+        if calls is None:
+            return
+        calls[name] += 1
+        if self._armed and calls.keys() >= self._wanted:
+            raise StageComplete
+
+    def _pre_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._reached(name)
+
+        return hook
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            seen = getattr(self._seen, "names", None)
-            if seen is None:
-                return
-            seen.add(name)
-            if seen >= self._wanted:
-                raise StageComplete
+            self._reached(name)
 
         return hook
 

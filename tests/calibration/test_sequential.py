@@ -209,6 +209,29 @@ def test_sequential_hessians_come_from_the_quantized_prefix():
         assert not torch.allclose(seen[index], reference[names[index]].float(), rtol=1e-4, atol=1e-6)
 
 
+def test_the_gram_pass_ends_at_the_blocks_last_layers_input_with_the_same_codes(monkeypatch):
+    """Block-sequential calibration sums a block's Gram matrices in one pass and makes the next block's
+    inputs in another, with the quantized layers: nothing reads the first pass's outputs, so it ends
+    at ``down_proj``'s input once one pass ran to the end.  Under accelerate's hooks every pass runs to
+    the end; the codes are the same."""
+    batches = 4
+
+    def quantized(offload: bool) -> tuple[nn.Module, int]:
+        model = tiny_model("llama")
+        if offload:
+            accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        calls = []
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+        quantize_model(model, _config("llama", bits=4, batch_size=2))
+        return model, len(calls)
+
+    (in_memory, in_memory_calls), (offloaded, offloaded_calls) = quantized(False), quantized(True)
+    # the capture's first batch (it runs every block), then the Gram pass: its first batch to the end
+    assert in_memory_calls == 1 + 1
+    assert offloaded_calls == 1 + batches
+    assert _assert_same_codes(offloaded, in_memory) == 14
+
+
 @pytest.mark.parametrize("model_class", ["T5EncoderModel", "T5ForConditionalGeneration"])
 def test_t5_blocks_get_the_position_bias_the_model_hands_them(model_class):
     """T5's first block computes the relative position bias and the model passes it to the others (and the decoder
@@ -985,9 +1008,9 @@ def test_true_sequential_runs_each_batch_through_a_block_once_with_the_codes_of_
     """In memory every batch runs a block once, held at each stage until it is solved: block 0's
     full-precision ``down_proj`` runs in the capture's first batch, stage discovery, the check that
     each stage reads one input, and once per batch.  Where the held passes would not fit in the free
-    memory, each stage's passes stop after its layers (``down_proj`` runs in the last stage's only)
-    and one more pass makes the next block's inputs; under accelerate's hooks every pass runs to the
-    end.  The sums, hence the codes, are the same all three ways, with targets too."""
+    memory, each stage's passes stop once its layers are reached (after the first, which runs to the
+    end) and one more pass makes the next block's inputs; under accelerate's hooks every pass runs to
+    the end.  The sums, hence the codes, are the same all three ways, with targets too."""
     import hf_comq.calibration.sequential as sequential
 
     config = dict(bits=3, true_sequential=True, batch_size=2, fp_target=fp_target)
@@ -1010,7 +1033,9 @@ def test_true_sequential_runs_each_batch_through_a_block_once_with_the_codes_of_
     offloaded, offloaded_calls = quantized(offload=True)
     targets = batches if fp_target else 0  # the full-precision pass keeping the targets (in memory)
     assert held_calls == 1 + 1 + 1 + targets + batches
-    assert staged_calls == 1 + 1 + targets + batches
+    # passes per stage: each stage's first pass runs to the end (it arms the stop), the others stop after
+    # the stage's layers, at down_proj's input where it is recorded from its input (no target product)
+    assert staged_calls == 1 + 1 + targets + 3 + (batches if fp_target else 1)
     # offloaded, both streams of each targeted stage run to the end (block 0's first stage is not aimed)
     assert offloaded_calls == 1 + 1 + (7 if fp_target else 4) * batches
     assert _assert_same_codes(staged, held) == _assert_same_codes(offloaded, held) == 14

@@ -130,22 +130,53 @@ def test_a_model_changing_a_layers_output_in_place_is_staged_all_the_same():
     torch.testing.assert_close(block(x), expected)
 
 
-def test_a_stage_stop_ends_the_pass_after_the_stages_layers():
+def test_a_stage_stop_ends_passes_after_the_stages_layers_once_a_whole_pass_called_each_once():
     block = _Branches()
     ran: list[str] = []
     for name in ("a", "b", "c", "d"):
         getattr(block, name).register_forward_hook(lambda module, args, output, name=name: ran.append(name))
     x = torch.randn(3, 4)
     with StageStop(block, ["a", "b"]) as stop:
+        torch.testing.assert_close(stop.run(block, (x,), {}), block(x))  # the first pass runs to the end
+        ran.clear()
         assert stop.run(block, (x,), {}) is None
         assert ran == ["a", "b"]
     ran.clear()
-    with StageStop(block, ["d", "never"]) as stop:  # `never` never runs: the pass goes to the end
-        torch.testing.assert_close(stop.run(block, (x,), {}), block(x))
+    with StageStop(block, ["d", "never"]) as stop:  # `never` never runs: every pass goes to the end
+        for _ in range(2):
+            torch.testing.assert_close(stop.run(block, (x,), {}), block(x))
     assert ran[:4] == ["a", "b", "c", "d"]
     ran.clear()
     block(x)  # no stop is left behind
     assert ran == ["a", "b", "c", "d"]
+
+
+def test_a_stage_stop_at_a_layers_input_ends_the_pass_before_it_computes():
+    block = _Branches()
+    ran: list[str] = []
+    reached: list[str] = []
+    for name in ("a", "b", "c", "d"):
+        layer = getattr(block, name)
+        layer.register_forward_pre_hook(lambda module, args, name=name: reached.append(name))  # made first, runs first
+        layer.register_forward_hook(lambda module, args, output, name=name: ran.append(name))
+    x = torch.randn(3, 4)
+    with StageStop(block, ["a", "b"], at_input={"b"}) as stop:
+        stop.run(block, (x,), {})
+        ran.clear(), reached.clear()
+        assert stop.run(block, (x,), {}) is None
+    assert reached == ["a", "b"] and ran == ["a"]
+
+
+def test_a_stage_stop_never_ends_a_pass_where_a_layer_runs_twice():
+    """Ending at the first call of each layer would lose ``a``'s second input."""
+    block = _Twice()
+    calls: list[str] = []
+    block.a.register_forward_pre_hook(lambda module, args: calls.append("a"))
+    x = torch.randn(3, 4)
+    with StageStop(block, ["a"], at_input={"a"}) as stop:
+        for _ in range(3):
+            torch.testing.assert_close(stop.run(block, (x,), {}), block(x))
+    assert len(calls) == 2 * 3 + 2 * 3
 
 
 def test_stand_ins_run_the_solved_layer_quantized_only_inside_active_and_only_on_that_thread():
