@@ -88,10 +88,10 @@ def token_mask(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Te
 # Gram matrices
 # ---------------------------------------------------------------------------
 
-LayerCall = tuple[str, torch.Tensor, tuple[torch.Tensor, int] | None, torch.Tensor | None]
+LayerCall = tuple[str, torch.Tensor | None, tuple[torch.Tensor, int] | None, torch.Tensor | None]
 """One layer call kept for :meth:`HessianRecorder.replay`: the layer's name, its input, for an
-expert's layer :meth:`~hf_comq.nn.UnfusedExperts.routed_rows`, and its output where the
-layer's target product is summed from outputs."""
+expert's layer :meth:`~hf_comq.nn.UnfusedExperts.routed_rows`, and, in a full-precision pass,
+its output (a copy) where the layer's target product is summed from outputs."""
 
 
 class HessianRecorder:
@@ -108,20 +108,22 @@ class HessianRecorder:
     model's outputs (:mod:`hf_comq.solver.target`): before each batch's pass inside
     :meth:`tokens`, the same batch's full-precision inputs run the block inside
     :meth:`targets`, whose hooks keep each layer's inputs until the quantized-prefix
-    pass reaches it.  On other threads both passes run inside :meth:`calls_later`,
-    and :meth:`replay` is handed the full-precision pass's calls as the batch's
-    ``targets``.  A layer narrower out than in (an MLP's down projection) keeps its
-    full-precision *outputs* instead and sums its own target product
-    (:attr:`target_products`), which costs ``out x in`` per token where the shift
-    costs ``in x in``; one that shares its input with a layer summing the shift
-    (k/v beside q) reads that shift, and a layer needing the shift never shares the
-    Gram matrix of one that does not sum it.
+    pass reaches it.  On other threads both passes run inside :meth:`calls_later`
+    (the full-precision one with ``full_precision=True``), and :meth:`replay` is
+    handed the full-precision pass's calls as the batch's ``targets``.  A layer
+    narrower out than in (an MLP's down projection) keeps a copy of its full-precision
+    *outputs* instead and sums its own target product (:attr:`target_products`),
+    which costs ``out x in`` per token where the shift costs ``in x in``; one that
+    shares its input with a layer summing the shift (k/v beside q) reads that shift,
+    and a layer needing the shift never shares the Gram matrix of one that does not
+    sum it.
 
     ``dtype`` is the dtype of every sum (``COMQConfig.sum_dtype``): float64 by default.
 
-    A layer is taken as it is called, from its input (a forward pre-hook), so a pass
-    may end there (:meth:`input_layers`); one summing its target product from its
-    outputs is taken once it ran.
+    In the quantized-prefix pass every layer is taken as it is called, from its input
+    (a forward pre-hook), so the pass may end there
+    (:class:`~hf_comq.calibration.stages.StageStop`); a full-precision pass keeps the
+    outputs of a layer summing its target product once it ran.
 
     An expert's layers (inside :class:`~hf_comq.nn.UnfusedExperts`) see the tokens
     routed to it: their padding is told by the rows the experts module reports, and
@@ -162,31 +164,19 @@ class HessianRecorder:
             self.accumulators[name] = HessianAccumulator(
                 in_features, dtype=dtype, device=device, with_target=targeted and not by_outputs
             )
+            self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
             if by_outputs:
                 self.target_products[name] = TargetProductAccumulator(out_features, in_features, dtype=dtype, device=device)
                 self._handles.append(module.register_forward_hook(self._output_hook(name)))
-            else:
-                self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
-        self._at_input = frozenset(name for name in names if name not in self.target_products)
+        # fixed here, not read from target_products: a full-precision pass on another thread must not see a
+        # layer turn into a shift reader (replay decides sharing) between its two hooks
+        self._by_outputs = frozenset(self.target_products)
 
     @staticmethod
     def _sums_by_outputs(module: nn.Module) -> bool:
         """Whether an aimed layer sums its target product from its outputs, not the shift: narrower out than in."""
         out_features, in_features = linear_shape(module)
         return out_features < in_features
-
-    @classmethod
-    def target_product_layers(cls, model: nn.Module, stages: Sequence[Sequence[str]]) -> frozenset[str]:
-        """The layers of ``stages`` that an aimed recorder gives a target product, each stage in call order
-        and all its layers on one input: those summing by outputs until the first that sums the shift,
-        which the later ones then read (:meth:`_share`: k/v after q read q's, a down projection sums its own)."""
-        products = []
-        for stage in stages:
-            for name in stage:
-                if not cls._sums_by_outputs(model.get_submodule(name)):
-                    break
-                products.append(name)
-        return frozenset(products)
 
     def __enter__(self) -> "HessianRecorder":
         return self
@@ -206,21 +196,22 @@ class HessianRecorder:
             self._mask, self._last = self._OUTSIDE, None
 
     @contextlib.contextmanager
-    def calls_later(self) -> Iterator[list[LayerCall]]:
+    def calls_later(self, full_precision: bool = False) -> Iterator[list[LayerCall]]:
         """Run one forward pass on this thread whose layer inputs are kept, not summed, until :meth:`replay`.
 
         Forward passes of several batches may run so at once, each on its own thread;
         the sums are made by replaying each batch's calls in batch order, so they are
         the very sums of the same batches recorded one after another in :meth:`tokens`.
         Holds the batch's layer inputs until replayed.  With targets, a batch's
-        full-precision pass is kept the same way, in a scope of its own.
+        full-precision pass is kept the same way, in a scope of its own made with
+        ``full_precision=True`` (it keeps the outputs of layers summing a target product).
         """
         calls: list[LayerCall] = []
-        self._later.calls = calls
+        self._later.calls, self._later.full_precision = calls, full_precision
         try:
             yield calls
         finally:
-            self._later.calls = None
+            self._later.calls, self._later.full_precision = None, False
 
     def replay(
         self,
@@ -237,8 +228,8 @@ class HessianRecorder:
         if targets is not None:
             self.keep_targets(targets, mask)
         with self.tokens(mask):
-            for name, tensor, rows, output in calls:
-                self._record(name, tensor, rows, output)
+            for name, tensor, rows, _ in calls:
+                self._record(name, tensor, rows)
 
     @contextlib.contextmanager
     def targets(self, mask: torch.Tensor | None) -> Iterator[None]:
@@ -300,25 +291,31 @@ class HessianRecorder:
         accumulators, then the target products (decided once sharing is, see :meth:`adopt_shared_inputs`)."""
         return [*self.distinct(), *self.target_products.values()]
 
-    def input_layers(self) -> frozenset[str]:
-        """The layers recorded as they are called, from their input alone (a forward pre-hook): all but those
-        summing a target product from their outputs, which are recorded once they ran.  A pass may end at
-        such a layer's input (:class:`~hf_comq.calibration.stages.StageStop`), before it computes."""
-        return self._at_input
+    def _full_precision_pass(self) -> bool:
+        """Whether the pass running on this thread is a full-precision one: :meth:`calls_later` with
+        ``full_precision=True``, or, outside such scopes, :meth:`targets` (which the replaying thread
+        enters while passes on other threads run)."""
+        if getattr(self._later, "calls", None) is not None:
+            return self._later.full_precision
+        return self._collecting_targets
 
     def _input_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
+            if name in self._by_outputs and self._full_precision_pass():
+                return  # its full-precision outputs are taken once it ran
             self._take(name, inputs[0], None)
 
         return hook
 
     def _output_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            self._take(name, inputs[0], output if name in self.target_products else None)
+            if name in self._by_outputs and self._full_precision_pass():
+                # a copy: the model may change its output in place (Falcon adds the attention output into the MLP's)
+                self._take(name, None, output.detach().clone())
 
         return hook
 
-    def _take(self, name: str, tensor: torch.Tensor, kept_output: torch.Tensor | None) -> None:
+    def _take(self, name: str, tensor: torch.Tensor | None, kept_output: torch.Tensor | None) -> None:
         """One call of layer ``name``: kept for :meth:`replay`, kept as a target, or summed now."""
         router = self._routers.get(name)
         rows = None if router is None else router.routed_rows()
@@ -331,7 +328,7 @@ class HessianRecorder:
         if self._collecting_targets:
             self._keep_target(name, tensor, kept_output)
             return
-        self._record(name, tensor, rows, kept_output)
+        self._record(name, tensor, rows)
 
     def _share(self, name: str, owner: str) -> None:
         """Make ``name`` read ``owner``'s Gram matrix, and its target shift where ``owner`` sums one."""
@@ -340,21 +337,15 @@ class HessianRecorder:
         if self.accumulators[owner].with_target:
             self.target_products.pop(name, None)
 
-    def _keep_target(self, name: str, tensor: torch.Tensor, output: torch.Tensor | None) -> None:
+    def _keep_target(self, name: str, tensor: torch.Tensor | None, output: torch.Tensor | None) -> None:
         """Keep one layer call's real-token inputs of the full-precision pass until the quantized pass reaches it
         (its outputs, ``output``, where the layer sums its target product from them)."""
         if name not in self._routers:
             self._targets.setdefault(name, []).append(self._real_tokens(tensor if output is None else output))
 
-    def _record(
-        self,
-        name: str,
-        tensor: torch.Tensor,
-        rows: tuple[torch.Tensor, int] | None = None,
-        output: torch.Tensor | None = None,
-    ) -> None:
+    def _record(self, name: str, tensor: torch.Tensor, rows: tuple[torch.Tensor, int] | None = None) -> None:
         """Add one layer call's real-token inputs to its Gram sum (unless it shares an earlier call's),
-        and its target product where it sums one from ``output``.
+        and to its target product where it sums one.
 
         ``rows``: for an expert's layer, which of the experts' flattened tokens its inputs are.
         """
@@ -364,15 +355,14 @@ class HessianRecorder:
         if shared and product is None:
             return
         activations = self._real_tokens(tensor, rows)
-        paired = activations if product is None else self._real_tokens(output)  # what the target pairs with
-        if target is not None and target.shape != paired.shape:
+        if target is not None and target.shape[:-1] != activations.shape[:-1]:
             raise ValueError(
                 f"{name!r} got {tuple(target.shape[:-1])} tokens in the full-precision pass and "
-                f"{tuple(paired.shape[:-1])} in the quantized one (a routed layer, e.g. a mixture-of-experts "
+                f"{tuple(activations.shape[:-1])} in the quantized one (a routed layer, e.g. a mixture-of-experts "
                 "expert?); fp_target needs the same tokens in both: calibrate with fp_target=False"
             )
         if product is not None:
-            product.add(activations, paired, target)
+            product.add(activations, target)
         if shared:
             return
         accumulator = self.accumulators[name]

@@ -100,6 +100,7 @@ from ..solver import (
     comq_quantize,
     fp_target_weight,
     target_product,
+    target_product_from_outputs,
     widest_threaded_gemm,
 )
 from ..threads import caller_threads, gets_caller_threads, linear_layer_threads, run_side_by_side, single_thread
@@ -547,7 +548,7 @@ class _Calibrator:
         with block_on_compute(block, self.inputs.placement):
             with (
                 self._recorder(names, with_targets=targeted) as recorder,
-                StageStop(self.model, names, recorder.input_layers()) if cut_short else nullcontext() as stop,
+                StageStop(self.model, names) if cut_short else nullcontext() as stop,
                 self._expert_routing(block),
             ):
                 if targeted:
@@ -618,7 +619,7 @@ class _Calibrator:
                     cut_short = not self.inputs.placement.dispatched and (targeted or not collect)
                     with (
                         self._recorder(stage, with_targets=targeted) as recorder,
-                        StageStop(self.model, stage, recorder.input_layers()) if cut_short else nullcontext() as stop,
+                        StageStop(self.model, stage) if cut_short else nullcontext() as stop,
                         self._expert_routing(block),
                     ):
                         if targeted and cached is None:
@@ -720,18 +721,14 @@ class _Calibrator:
 
         jobs = [functools.partial(run, item) for item in captured]
         solved: dict[str, QuantizedWeight] = {}
-        products = HessianRecorder.target_product_layers(self.model, stages) if targets is not None else frozenset()
         workers = self._forward_workers(block, captured)
-        with PausedPass(self.model, stages, jobs, workers, products) as paused, stand_ins:
+        with PausedPass(self.model, stages, jobs, workers) as paused, stand_ins:
             for index, stage in enumerate(stages):
                 targeted = targets is not None and (index > 0 or aimed_from_start)
                 held = paused.held(index)  # every batch waits: no pass runs the stage's layers while they are summed
                 with self._recorder(stage, with_targets=targeted) as recorder:
-                    for batch, hidden, outputs in held:
-                        calls = [
-                            (name, hidden, None, outputs.get(name) if name in recorder.target_products else None)
-                            for name in stage
-                        ]
+                    for batch, hidden in held:
+                        calls = [(name, hidden, None, None) for name in stage]
                         recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
                 solved.update(self._solve_stage(stage, recorder, stand_ins))
                 del held
@@ -828,7 +825,7 @@ class _Calibrator:
 
             def forward(item: CapturedInputs) -> tuple[list[LayerCall], CapturedInputs | None]:
                 args, kwargs = item.call_inputs(block_name, kind)
-                with recorder.calls_later() as calls:
+                with recorder.calls_later(full_precision=True) as calls:
                     result = block(*args, **kwargs)
                 hidden = item.with_hidden(send_to_device(hidden_output(result), self.compute)) if collect else None
                 return recorder.target_calls(calls), hidden
@@ -865,8 +862,7 @@ class _Calibrator:
         is still in full precision here, so they are the next block's targets.  Batches
         run side by side as in :meth:`_run_block`, each batch's two passes on one
         worker, and are summed in batch order all the same.  ``stop`` and ``stand_ins``
-        as in :meth:`_run_block`; the stand-ins serve the quantized stream only, and
-        ``stop`` cuts the full-precision stream short only when it collects nothing.
+        as in :meth:`_run_block`, for the quantized stream only.
         """
         block = self.model.get_submodule(block_name)
         kind = block_kind(block)
@@ -875,8 +871,9 @@ class _Calibrator:
         def forward(pair: tuple[CapturedInputs, CapturedInputs]) -> tuple[list | None, list | None, torch.Tensor | None]:
             item, fp_item = pair
             args, kwargs = fp_item.call_inputs(block_name, kind)
-            with recorder.calls_later() if workers > 1 else recorder.targets(fp_item.mask) as targets:
-                result = block(*args, **kwargs) if collect or stop is None else stop.run(block, args, kwargs)
+            # to its end: the stop ends a pass at layers' inputs, where this one keeps some layers' outputs
+            with recorder.calls_later(full_precision=True) if workers > 1 else recorder.targets(fp_item.mask) as targets:
+                result = block(*args, **kwargs)
             hidden = send_to_device(hidden_output(result), self.compute) if collect else None
             del result
             args, kwargs = item.call_inputs(block_name, kind)
@@ -1094,6 +1091,8 @@ class _Calibrator:
         started = time.perf_counter()
         with materialized(module, self.compute):
             weight = get_linear_weight(module).detach().to(self.compute)
+            bias = getattr(module, "bias", None) if product is not None else None
+            bias = None if bias is None else bias.detach().to(self.compute)
         try:
             dtype = self.settings.hessian_dtype
             hessian = accumulator.result(dtype)
@@ -1101,7 +1100,8 @@ class _Calibrator:
             if accumulator.with_target:
                 target = target_product(weight, accumulator.target_shift(dtype))
             elif product is not None:  # this solve is the product's only reader: it goes with the aimed weight
-                target, product = product.result(dtype), None
+                target = target_product_from_outputs(weight, hessian, product.result(dtype), bias, product.input_sum(dtype))
+                product = None
             if target is not None:
                 weight = fp_target_weight(weight, hessian, target, overwrite_product=True, lend_hessian=last_reader)
                 del target

@@ -16,8 +16,8 @@ layers of the stages before it: for a Llama block ``q/k/v``, then ``o``, then
 * :class:`QuantizedStandIns`: while a block's stages are solved its layers stay in full
   precision (the full-precision stream of ``fp_target`` runs the very same modules);
   in the quantized stream, a solved layer runs its packed layer instead.
-* :class:`StageStop` ends a forward pass once every layer of a stage has been reached:
-  nothing after them changes the stage's Gram matrices.
+* :class:`StageStop` ends a forward pass at the input of the last layer of a stage it
+  reaches: nothing after that changes the stage's Gram matrices.
 * :class:`PausedPass` runs every batch through the block once, each held at a stage's
   first layer until the stage is solved, instead of one pass per stage and one more to
   make the next block's inputs; :func:`stages_in_call_order` says where it applies.
@@ -29,7 +29,7 @@ import collections
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -122,15 +122,13 @@ class StageComplete(Exception):
 
 
 class StageStop:
-    """Cut a block's forward pass short once every layer of a stage has been reached in it.
+    """Cut a block's forward pass short at the input of the last layer of a stage it reaches.
 
-    Use as a context manager (it owns forward hooks) and run each forward pass through
-    :meth:`run`; passes on several threads at once are counted apart.  A layer named in
-    ``at_input`` (one that a :class:`~hf_comq.calibration.hooks.HessianRecorder` records
-    from its input, :meth:`~hf_comq.calibration.hooks.HessianRecorder.input_layers`)
-    ends the pass at its input, before it computes; any other once it ran.  Make the stop
-    after the recorder: a layer's hooks run in the order they were made, so the recorder
-    has taken the call when the stop ends the pass.
+    Use as a context manager (it owns forward pre-hooks) and run each forward pass through
+    :meth:`run`; passes on several threads at once are counted apart.  Make the stop after
+    the :class:`~hf_comq.calibration.hooks.HessianRecorder` of the stage: a layer's hooks
+    run in the order they were made, so the recorder has taken the last layer's input
+    when the stop ends the pass, before that layer computes.
 
     A pass is cut short only once one pass ran to its end calling every layer of the
     stage exactly once (the first pass of a block, in effect): where a layer is called
@@ -138,16 +136,11 @@ class StageStop:
     call of each would lose inputs, so every pass runs to the end.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], at_input: Collection[str] = frozenset()):
+    def __init__(self, model: nn.Module, names: Sequence[str]):
         self._wanted = frozenset(names)
         self._seen = threading.local()
         self._armed: bool | None = None  # None until a pass ran to its end: True if it called each layer once
-        self._handles = [
-            model.get_submodule(name).register_forward_pre_hook(self._pre_hook(name))
-            if name in at_input
-            else model.get_submodule(name).register_forward_hook(self._hook(name))
-            for name in names
-        ]
+        self._handles = [model.get_submodule(name).register_forward_pre_hook(self._hook(name)) for name in names]
 
     def __enter__(self) -> "StageStop":
         return self
@@ -170,23 +163,14 @@ class StageStop:
             self._armed = calls.keys() == self._wanted and all(count == 1 for count in calls.values())
         return result
 
-    def _reached(self, name: str) -> None:
-        calls = getattr(self._seen, "calls", None)
-        if calls is None:
-            return
-        calls[name] += 1
-        if self._armed and calls.keys() >= self._wanted:
-            raise StageComplete
-
-    def _pre_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._reached(name)
-
-        return hook
-
     def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            self._reached(name)
+        def hook(module: nn.Module, args: tuple) -> None:
+            calls = getattr(self._seen, "calls", None)
+            if calls is None:
+                return
+            calls[name] += 1
+            if self._armed and calls.keys() >= self._wanted:
+                raise StageComplete
 
         return hook
 
@@ -304,9 +288,6 @@ class PausedPass:
 
     ``jobs[i]()`` runs batch ``i``'s pass (with the stand-ins active); at most
     ``workers`` compute at once (:class:`~hf_comq.threads.AllAtOnce`).
-    ``full_precision_outputs``: the layers whose full-precision outputs on the kept
-    input the caller's sums need (a target product's), made on the batch's own thread
-    as a pass per stage would have made them.
     """
 
     _RUNNING = -1
@@ -318,18 +299,16 @@ class PausedPass:
         stages: Sequence[Sequence[str]],
         jobs: Sequence[Callable[[], Any]],
         workers: int,
-        full_precision_outputs: frozenset[str] = frozenset(),
     ):
         self._model = model
         self._stages = [list(stage) for stage in stages]
         self._stage_of = {name: index for index, stage in enumerate(self._stages) for name in stage}
-        self._outputs = full_precision_outputs
         self._condition = threading.Condition()
         self._solved = -1  # stages up to this one are solved
         self._aborted = False
         self._error: BaseException | None = None
         self._at: list[float] = [self._RUNNING] * len(jobs)  # per batch: the stage it is held at
-        self._held: list[dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]] = [{} for _ in self._stages]
+        self._held: list[dict[int, torch.Tensor]] = [{} for _ in self._stages]  # per stage: each batch's input
         self._local = threading.local()
         self._own: dict[str, Callable[..., Any]] = {}  # each layer's forward without the hold
         self._wrapped: list[tuple[nn.Module, Any]] = []
@@ -353,15 +332,15 @@ class PausedPass:
         self._own.clear()  # no cycle through the layers' own forwards keeps the block alive until a collection
         self._held = [{} for _ in self._stages]
 
-    def held(self, stage: int) -> list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
-        """``(batch, input, full-precision outputs)`` of every batch held at ``stage``, in batch order,
-        once no batch can still reach it; a failed batch's error instead."""
+    def held(self, stage: int) -> list[tuple[int, torch.Tensor]]:
+        """``(batch, input)`` of every batch held at ``stage``, in batch order, once no batch can still
+        reach it; a failed batch's error instead."""
         with self._condition:
             self._condition.wait_for(lambda: self._error is not None or all(at >= stage for at in self._at))
             if self._error is not None:
                 raise self._error
             held, self._held[stage] = self._held[stage], {}
-        return [(batch, *held[batch]) for batch in sorted(held)]
+        return [(batch, held[batch]) for batch in sorted(held)]
 
     def release(self, stage: int) -> None:
         """``stage`` is solved and runs quantized: the batches held there go on."""
@@ -409,9 +388,8 @@ class PausedPass:
         return forward
 
     def _hold(self, stage: int, batch: int, hidden: torch.Tensor) -> None:
-        outputs = {name: self._own[name](hidden) for name in self._stages[stage] if name in self._outputs}
         with self._condition:
-            self._held[stage][batch] = (hidden, outputs)
+            self._held[stage][batch] = hidden
             self._at[batch] = stage
             self._condition.notify_all()
         with self._all.step_aside(), self._condition:

@@ -36,6 +36,7 @@ _EXPORTS = {
     "TargetProductAccumulator": ".hessian",
     "fp_target_weight": ".target",
     "target_product": ".target",
+    "target_product_from_outputs": ".target",
 }
 
 __all__ = sorted(

@@ -238,21 +238,24 @@ class HessianAccumulator:
 
 
 class TargetProductAccumulator:
-    """Accumulates one layer's target product ``(Y_fp - Y)^T X`` (``out x in``) over batches.
+    """Accumulates ``Y_fp^T X`` (``out x in``) over batches: what one layer's target product is made from.
 
-    ``Y_fp`` and ``Y`` are the layer's outputs on the same tokens' full-precision and
-    quantized-prefix inputs ``X_fp`` and ``X``, so the sum is ``W (X_fp - X)^T X``,
-    the layer's weight times the target shift that :class:`HessianAccumulator` can sum
-    instead (see :mod:`hf_comq.solver.target`).  Per token it costs ``out x in`` where
-    the shift costs ``in x in``, and the layer's full-precision outputs are kept
-    between the two passes instead of its inputs: the cheaper form for a layer
-    narrower out than in (an MLP's down projection), whose shift no other layer reads.
-    Sums in float64 in row blocks, like :class:`HessianAccumulator`, each batch's
-    product in float32 unless the outputs are float64 already.  In a bfloat16 or
-    float16 model the two outputs are rounded to that dtype before they are
-    subtracted, so this sum carries their rounding on top of the inputs' (which the
-    shift carries alone): the aimed weight is a little noisier there, most where the
-    two inputs barely differ and the move is small anyway.
+    ``Y_fp`` is the layer's output on the full-precision model's inputs ``X_fp`` and
+    ``X`` its input in the quantized prefix, for the same tokens.  Since the layer's
+    own output on ``X`` is ``X W^T + b``, its target product ``(Y_fp - X W^T - b)^T X``
+    is this sum less ``W H`` and ``b`` times the sum of the inputs (also kept here,
+    :meth:`input_sum`; :func:`~hf_comq.solver.target.target_product_from_outputs`), the
+    weight times the target shift that :class:`HessianAccumulator` can sum instead
+    (see :mod:`hf_comq.solver.target`); so the quantized pass needs only the layer's
+    input, and may end there.  Per token it costs ``out x in`` where the shift costs
+    ``in x in``, and the layer's full-precision outputs are kept between the two
+    passes instead of its inputs: the cheaper form for a layer narrower out than in
+    (an MLP's down projection), whose shift no other layer reads.  Sums in float64 in
+    row blocks, like :class:`HessianAccumulator`, each batch's product in float32
+    unless the outputs are float64 already.  In a bfloat16 or float16 model ``Y_fp``
+    is rounded to that dtype, so the target product carries that rounding on top of
+    the inputs' (which the shift carries alone): the aimed weight is a little noisier
+    there, most where the two inputs barely differ and the move is small anyway.
     """
 
     def __init__(self, out_features: int, in_features: int, *, dtype: torch.dtype = torch.float64,
@@ -267,18 +270,19 @@ class TargetProductAccumulator:
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._blocks: list[torch.Tensor] | None = None  # made on first use, as HessianAccumulator's sums
         self._whole: torch.Tensor | None = None
+        self._input_sum: torch.Tensor | None = None  # (1, in): a bias's share of Y^T X
 
-    def add(self, activations: torch.Tensor, outputs: torch.Tensor, target_outputs: torch.Tensor) -> None:
-        """Add one batch: the layer's inputs ``X``, its outputs ``Y`` and the same tokens' full-precision outputs ``Y_fp``."""
-        if activations.shape[-1] != self.in_features or outputs.shape[-1] != self.out_features:
+    def add(self, activations: torch.Tensor, target_outputs: torch.Tensor) -> None:
+        """Add one batch: the layer's inputs ``X`` and the same tokens' full-precision outputs ``Y_fp``."""
+        if activations.shape[-1] != self.in_features or target_outputs.shape[-1] != self.out_features:
             raise ValueError(
-                f"inputs {tuple(activations.shape)} and outputs {tuple(outputs.shape)} must end in "
-                f"in_features={self.in_features} and out_features={self.out_features}"
+                f"inputs {tuple(activations.shape)} and full-precision outputs {tuple(target_outputs.shape)} must end "
+                f"in in_features={self.in_features} and out_features={self.out_features}"
             )
-        if outputs.shape[:-1] != activations.shape[:-1] or target_outputs.shape != outputs.shape:
+        if target_outputs.shape[:-1] != activations.shape[:-1]:
             raise ValueError(
-                f"inputs {tuple(activations.shape)}, outputs {tuple(outputs.shape)} and full-precision outputs "
-                f"{tuple(target_outputs.shape)} are not the same tokens"
+                f"inputs {tuple(activations.shape)} and full-precision outputs {tuple(target_outputs.shape)} "
+                "are not the same tokens"
             )
         if self._whole is not None:
             raise RuntimeError("this target product was already handed over (result()); it takes no more batches")
@@ -287,13 +291,14 @@ class TargetProductAccumulator:
         def flat(values: torch.Tensor) -> torch.Tensor:
             return values.reshape(-1, values.shape[-1]).to(device=self._device, dtype=product_dtype)
 
-        rows, moved = flat(activations), flat(target_outputs) - flat(outputs)
-        if not (_all_finite(rows) and _all_finite(moved)):
+        rows, kept = flat(activations), flat(target_outputs)
+        if not (_all_finite(rows) and _all_finite(kept)):
             raise ValueError("layer inputs or outputs contain NaN or inf; check the calibration inputs and the model's dtype")
         self._sums()
-        with threads_for(2.0 * moved.numel() * self.in_features):
+        with threads_for(2.0 * kept.numel() * self.in_features):
             for span, block in zip(self._spans, self._blocks):
-                _add_product(block, moved[:, span].T, rows)
+                _add_product(block, kept[:, span].T, rows)
+        self._input_sum += rows.sum(dim=0, keepdim=True, dtype=self.dtype)
         self.num_tokens += rows.shape[0]
 
     def partial_sums(self) -> list[torch.Tensor]:
@@ -301,10 +306,16 @@ class TargetProductAccumulator:
         if self._whole is not None:
             raise RuntimeError("this target product was already handed over (result()); its partial sums are gone")
         self._sums()
-        return list(self._blocks)
+        return [*self._blocks, self._input_sum]
+
+    def input_sum(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The sum of the inputs ``X`` over the tokens (``1 x in``), in ``dtype`` (the sums' by default)."""
+        if self._input_sum is None:
+            raise ValueError("no activations were accumulated: the layer never ran on calibration data")
+        return self._input_sum.to(dtype or self.dtype)
 
     def result(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The summed ``(Y_fp - Y)^T X`` (``out x in``); the first call ends accumulation, as :meth:`HessianAccumulator.result`."""
+        """The summed ``Y_fp^T X`` (``out x in``); the first call ends accumulation, as :meth:`HessianAccumulator.result`."""
         if self.num_tokens == 0:
             raise ValueError("no activations were accumulated: the layer never ran on calibration data")
         if self._whole is None:
@@ -320,6 +331,7 @@ class TargetProductAccumulator:
                 torch.zeros(span.stop - span.start, self.in_features, dtype=self.dtype, device=self._device)
                 for span in self._spans
             ]
+            self._input_sum = torch.zeros(1, self.in_features, dtype=self.dtype, device=self._device)
 
 
 def _stacked(blocks: list[torch.Tensor | None], row_spans: list[slice], dtype: torch.dtype) -> torch.Tensor:

@@ -17,9 +17,10 @@ unchanged: grids, start, sweeps and refits all work on ``W'`` and ``H``.
 The target enters only through the *target product* ``W S = (Y_fp - Y)^T X``, where
 ``Y_fp = X_fp W^T`` and ``Y = X W^T`` are the layer's own outputs on the two inputs
 (a bias cancels).  It can be summed either way: ``S`` (``in x in``) once for all the
-layers reading one input, or ``(Y_fp - Y)^T X`` (``out x in``) per layer, less work
-and room for a layer narrower out than in, such as an MLP's down projection
-(:class:`~hf_comq.solver.hessian.TargetProductAccumulator`).
+layers reading one input, or ``Y_fp^T X`` (``out x in``) per layer, less work and
+room for a layer narrower out than in, such as an MLP's down projection
+(:class:`~hf_comq.solver.hessian.TargetProductAccumulator`), from which ``Y^T X = W H``
+is taken at the solve (:func:`target_product_from_outputs`).
 
 That ``W'`` is a least-squares fit of the full-precision outputs on the calibration
 tokens, and the whole move fits their noise too: on SmolLM2 at 3 bits it takes the
@@ -108,3 +109,27 @@ def _solve_in_place(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 def target_product(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """The target product ``W S`` of a layer whose target shift ``S`` was summed, in ``shift``'s dtype on its device."""
     return weight.to(device=shift.device, dtype=shift.dtype) @ shift
+
+
+def target_product_from_outputs(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    outputs_product: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    input_sum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The target product ``(Y_fp - Y)^T X`` from the summed ``Y_fp^T X``, in ``outputs_product``'s storage.
+
+    ``Y = X W^T + b``, so ``Y^T X = W H + b s`` with ``s`` the sum of the inputs over the
+    tokens (``input_sum``, ``1 x in``; needed with a ``bias``): subtracting it once here,
+    from sums over every batch (and every rank), spares the quantized pass the layer's
+    own output on each batch.  ``hessian`` is the layer's Gram matrix over the same
+    tokens, in ``outputs_product``'s dtype and on its device.
+    """
+    dtype, device = outputs_product.dtype, outputs_product.device
+    outputs_product.addmm_(weight.to(device=device, dtype=dtype), hessian, alpha=-1)
+    if bias is not None:
+        if input_sum is None:
+            raise ValueError("a layer with a bias needs the sum of its inputs (input_sum) for its target product")
+        outputs_product.addmm_(bias.to(device=device, dtype=dtype).reshape(-1, 1), input_sum.to(device=device, dtype=dtype), alpha=-1)
+    return outputs_product

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hf_comq.calibration.hooks import HessianRecorder
+from hf_comq.solver import target_product_from_outputs
 
 
 def test_only_real_tokens_enter_the_gram_matrix():
@@ -106,8 +107,9 @@ def test_a_recorder_that_saw_no_batch_takes_the_sharing_another_found():
 
 @pytest.mark.parametrize("out_features", [5, 3], ids=["shift", "product"])
 def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch(out_features):
-    """A layer sums the target shift ``(X_fp - X)^T X``; one narrower out than in sums its target
-    product ``(Y_fp - Y)^T X`` from its outputs instead, the weight times that shift (the bias cancels)."""
+    """A layer sums the target shift ``(X_fp - X)^T X``; one narrower out than in sums ``Y_fp^T X``
+    from its full-precision outputs instead, whose target product ``(Y_fp - Y)^T X`` less ``W H`` is
+    the weight times that shift (the bias cancels)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, out_features))
     x, x_fp = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
@@ -128,7 +130,48 @@ def test_targets_are_each_layers_full_precision_inputs_of_the_same_batch(out_fea
     else:
         assert not accumulator.with_target
         weight = model[0].weight.detach().double()
-        torch.testing.assert_close(recorder.target_products["0"].result(), weight @ shift, rtol=1e-5, atol=1e-5)
+        summed = recorder.target_products["0"]
+        bias = model[0].bias.detach()
+        product = target_product_from_outputs(weight, accumulator.result(), summed.result(), bias, summed.input_sum())
+        torch.testing.assert_close(product, weight @ shift, rtol=1e-5, atol=1e-5)
+
+
+class _AddsIntoItsOutput(nn.Module):
+    """A narrow layer whose output the model then changes in place (Falcon adds the attention output into the MLP's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(x)
+        y += 10.0
+        return y
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["direct", "replayed"])
+def test_a_full_precision_output_kept_for_a_target_product_is_a_copy(later):
+    torch.manual_seed(0)
+    model = _AddsIntoItsOutput()
+    x, x_fp = torch.randn(5, 4), torch.randn(5, 4)
+    with torch.no_grad(), HessianRecorder(model, ["down"], torch.device("cpu"), with_targets=True) as recorder:
+        if later:
+            with recorder.calls_later(full_precision=True) as targets:
+                model(x_fp)
+            with recorder.calls_later() as calls:
+                model(x)
+            recorder.replay(calls, None, targets=targets)
+        else:
+            with recorder.targets(None):
+                model(x_fp)
+            with recorder.tokens(None):
+                model(x)
+        summed = recorder.target_products["down"]
+        weight, bias = model.down.weight.detach().double(), model.down.bias.detach()
+        got = target_product_from_outputs(
+            weight, recorder.accumulators["down"].result(), summed.result(), bias, summed.input_sum()
+        )
+    torch.testing.assert_close(got, weight @ (x_fp - x).double().T @ x.double(), rtol=1e-5, atol=1e-5)
 
 
 def _layers_reading_one_input(widths: dict[str, int]) -> nn.Module:
@@ -173,7 +216,8 @@ def test_layers_sharing_an_input_share_its_target_shift_or_sum_their_own_product
         weight = model.get_submodule(name).weight.detach().double()
         expected = 2 * weight @ (x_fp - x).double().T @ x.double()
         if name in recorder.target_products:
-            got = recorder.target_products[name].result()
+            summed, bias = recorder.target_products[name], model.get_submodule(name).bias.detach()
+            got = target_product_from_outputs(weight, recorder.accumulators[name].result(), summed.result(), bias, summed.input_sum())
         else:
             got = weight @ recorder.accumulators[name].target_shift()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -197,7 +241,7 @@ def test_targets_kept_on_other_threads_and_replayed_in_order_give_the_same_shift
 
     def forward(index: int) -> None:
         x, x_fp = pairs[index]
-        with later.calls_later() as targets:
+        with later.calls_later(full_precision=True) as targets:
             model(x_fp)
         with later.calls_later() as calls:
             model(x)

@@ -1033,9 +1033,9 @@ def test_true_sequential_runs_each_batch_through_a_block_once_with_the_codes_of_
     offloaded, offloaded_calls = quantized(offload=True)
     targets = batches if fp_target else 0  # the full-precision pass keeping the targets (in memory)
     assert held_calls == 1 + 1 + 1 + targets + batches
-    # passes per stage: each stage's first pass runs to the end (it arms the stop), the others stop after
-    # the stage's layers, at down_proj's input where it is recorded from its input (no target product)
-    assert staged_calls == 1 + 1 + targets + 3 + (batches if fp_target else 1)
+    # passes per stage: each stage's first pass runs to the end (it arms the stop), the others stop at the
+    # input of the stage's last layer (down_proj's in the last stage)
+    assert staged_calls == 1 + 1 + targets + 3 + 1
     # offloaded, both streams of each targeted stage run to the end (block 0's first stage is not aimed)
     assert offloaded_calls == 1 + 1 + (7 if fp_target else 4) * batches
     assert _assert_same_codes(staged, held) == _assert_same_codes(offloaded, held) == 14

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_comq.solver import HessianAccumulator, TargetProductAccumulator
+from hf_comq.solver import HessianAccumulator, TargetProductAccumulator, target_product_from_outputs
 from tests.solver.reference import ledoit_wolf_ridge
 
 
@@ -158,7 +158,8 @@ def test_target_inputs_are_required_exactly_when_the_shift_is_summed():
 
 @pytest.mark.parametrize("block_bytes", [None, 1], ids=["one block", "row blocks"])
 def test_target_product_is_the_output_difference_times_the_inputs(monkeypatch, block_bytes):
-    """``(Y_fp - Y)^T X``, which is ``W S`` for a linear layer's outputs, summed over batches in float64."""
+    """``Y_fp^T X`` summed over batches in float64; less ``W H`` it is ``(Y_fp - Y)^T X``, which is ``W S``
+    for a linear layer's outputs."""
     import hf_comq.solver.hessian as hessian_module
 
     if block_bytes is not None:
@@ -167,32 +168,36 @@ def test_target_product_is_the_output_difference_times_the_inputs(monkeypatch, b
     weight = torch.randn(7, 30, generator=gen)
     quantized = [torch.randn(3, 50, 30, generator=gen) for _ in range(3)]
     full_precision = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in quantized]
-    acc = TargetProductAccumulator(7, 30)
+    acc, gram = TargetProductAccumulator(7, 30), HessianAccumulator(30)
     for x, x_fp in zip(quantized, full_precision):
-        acc.add(x, x @ weight.T, x_fp @ weight.T)
+        acc.add(x, x_fp @ weight.T)
+        gram.add(x)
     rows = torch.cat([x.reshape(-1, 30) for x in quantized]).double()
     rows_fp = torch.cat([x.reshape(-1, 30) for x in full_precision]).double()
     assert acc.num_tokens == rows.shape[0]
     product = acc.result()
     assert product.dtype == torch.float64 and acc.result(torch.float32).dtype == torch.float32
-    torch.testing.assert_close(product, weight.double() @ (rows_fp - rows).T @ rows, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(product, weight.double() @ rows_fp.T @ rows, rtol=1e-4, atol=1e-3)
+    shift_product = target_product_from_outputs(weight, gram.result(), product.clone())
+    torch.testing.assert_close(shift_product, weight.double() @ (rows_fp - rows).T @ rows, rtol=1e-4, atol=1e-3)
 
 
 def test_target_product_refuses_mismatched_tokens_and_batches_after_hand_over():
     acc = TargetProductAccumulator(2, 4)
     with pytest.raises(ValueError, match=r"must end in in_features=4 and out_features=2"):
-        acc.add(torch.ones(3, 4), torch.ones(3, 3), torch.ones(3, 3))
+        acc.add(torch.ones(3, 4), torch.ones(3, 3))
     with pytest.raises(ValueError, match="are not the same tokens"):
-        acc.add(torch.ones(3, 4), torch.ones(3, 2), torch.ones(4, 2))
+        acc.add(torch.ones(3, 4), torch.ones(4, 2))
     with pytest.raises(ValueError, match="contain NaN or inf"):
-        acc.add(torch.ones(3, 4), torch.ones(3, 2), torch.full((3, 2), float("inf")))
+        acc.add(torch.ones(3, 4), torch.full((3, 2), float("inf")))
     with pytest.raises(ValueError, match="never ran"):
         acc.result()
-    assert [tuple(part.shape) for part in acc.partial_sums()] == [(2, 4)]  # zeros, summed over ranks alike
-    acc.add(torch.ones(3, 4), torch.ones(3, 2), 2 * torch.ones(3, 2))
-    torch.testing.assert_close(acc.result(), torch.full((2, 4), 3.0, dtype=torch.float64))
+    assert [tuple(part.shape) for part in acc.partial_sums()] == [(2, 4), (1, 4)]  # zeros, summed over ranks alike
+    acc.add(torch.ones(3, 4), 2 * torch.ones(3, 2))
+    torch.testing.assert_close(acc.result(), torch.full((2, 4), 6.0, dtype=torch.float64))
+    torch.testing.assert_close(acc.input_sum(), torch.full((1, 4), 3.0, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="takes no more batches"):
-        acc.add(torch.ones(3, 4), torch.ones(3, 2), torch.ones(3, 2))
+        acc.add(torch.ones(3, 4), torch.ones(3, 2))
     with pytest.raises(RuntimeError, match="partial sums are gone"):
         acc.partial_sums()
 
