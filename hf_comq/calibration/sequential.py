@@ -6,8 +6,9 @@ quadratic; holding every layer's activations is out of the question for large
 models.  So, as GPTQ implementations do, we capture the inputs of the first block of
 each group once (a forward pass cut short by a pre-hook), then walk the blocks: hooks
 feed the block's Linear inputs into ``HessianAccumulator``s while the block runs on
-the cached inputs, the layers are quantized and swapped for ``COMQLinear``, and the
-block is re-run to produce the next block's inputs.  Memory is one block's
+the cached inputs (a pass that ends at its last layer's input: its outputs are not
+needed), the layers are quantized and swapped for ``COMQLinear``, and the block is
+re-run to produce the next block's inputs.  Memory is one block's
 activations for the calibration set plus that block's Hessians.
 
 * ``sequential=True`` (default): layer inputs come from the already quantized prefix,
@@ -16,7 +17,8 @@ activations for the calibration set plus that block's Hessians.
   fewer, :func:`~hf_comq.solver.options.aims_at_full_precision_by_default`): the full-precision model's inputs of each
   block are carried beside the quantized prefix's; each batch runs the block on both,
   and the layers' hooks sum the target shift ``(X_fp - X)^T X`` beside ``H`` (a layer
-  narrower out than in its target product ``(Y_fp - Y)^T X`` instead), so each layer is
+  narrower out than in sums ``Y_fp^T X`` instead, its target product ``(Y_fp - Y)^T X``
+  once the solve takes off ``W H + b s``), so each layer is
   solved towards the full-precision outputs (:mod:`hf_comq.solver.target`).  That holds
   two sets of block inputs and a second sum per layer (``in x in``, or ``out x in``),
   and runs one more block forward per block.
@@ -573,8 +575,8 @@ class _Calibrator:
         """:meth:`_process_block` with ``true_sequential``: the block's layers solved stage by stage (:mod:`.stages`).
 
         Each stage's Gram matrices (and target shifts) come from a pass in which the
-        layers of earlier stages run quantized, cut short after the stage's last layer
-        where the block is not dispatched.  The quantized layers are installed once
+        layers of earlier stages run quantized, ended at the input of the stage's last
+        layer where the block is not dispatched.  The quantized layers are installed once
         every stage is solved; until then the full-precision stream of ``fp_target``
         runs the block as it was.  With ``fp_target`` a stage after the first is aimed
         at the full-precision outputs even in a block whose inputs are still the
@@ -774,7 +776,7 @@ class _Calibrator:
         The batches run side by side where :meth:`_forward_workers` allows; their Gram
         terms are then summed in batch order all the same (see
         :meth:`HessianRecorder.calls_later`), so the sums do not depend on the threads.
-        ``stop`` cuts each pass short after a stage's layers (no outputs then);
+        ``stop`` cuts each pass short at the input of a stage's last layer (no outputs then);
         ``stand_ins`` run the block's solved layers quantized; ``targets``: each batch's
         full-precision pass, kept by :meth:`_full_precision_targets`, for a recorder
         made ``with_targets``.
