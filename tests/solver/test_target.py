@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_comq.solver import fp_target_weight, target_product
+from hf_comq.solver import fp_target_weight, target_product, target_product_from_outputs
 
 
 def _problem(seed: int = 0, tokens: int = 400, width: int = 24, out: int = 10):
@@ -70,6 +70,21 @@ def test_the_target_product_of_a_shift_is_the_weight_times_it():
     product = target_product(weight, shift)
     assert product.dtype == torch.float32
     torch.testing.assert_close(product, (weight @ (x_fp - x).T @ x).float())
+
+
+def test_the_target_product_from_full_precision_outputs_takes_off_the_layers_own_outputs():
+    """``Y_fp^T X - W H - b s`` is ``(Y_fp - Y)^T X`` for ``Y = X W^T + b``: the bias cancels."""
+    weight, x, x_fp = _problem()
+    bias = torch.randn(weight.shape[0], dtype=torch.float64)
+    outputs_fp = x_fp @ weight.T + bias
+    expected = (outputs_fp - (x @ weight.T + bias)).T @ x
+    summed = outputs_fp.T @ x
+    got = target_product_from_outputs(weight, x.T @ x, summed, bias, x.sum(dim=0, keepdim=True))
+    assert got.data_ptr() == summed.data_ptr()  # in the summed product's storage
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, target_product(weight, (x_fp - x).T @ x))
+    with pytest.raises(ValueError, match="needs the sum of its inputs"):
+        target_product_from_outputs(weight, x.T @ x, outputs_fp.T @ x, bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
