@@ -160,7 +160,7 @@ class HessianRecorder:
             module = model.get_submodule(name)
             out_features, in_features = linear_shape(module)
             targeted = with_targets and name not in self._routers
-            by_outputs = targeted and self._sums_by_outputs(module)
+            by_outputs = targeted and out_features < in_features  # the cheaper form (see the class docstring)
             self.accumulators[name] = HessianAccumulator(
                 in_features, dtype=dtype, device=device, with_target=targeted and not by_outputs
             )
@@ -171,12 +171,6 @@ class HessianRecorder:
         # fixed here, not read from target_products: a full-precision pass on another thread must not see a
         # layer turn into a shift reader (replay decides sharing) between its two hooks
         self._by_outputs = frozenset(self.target_products)
-
-    @staticmethod
-    def _sums_by_outputs(module: nn.Module) -> bool:
-        """Whether an aimed layer sums its target product from its outputs, not the shift: narrower out than in."""
-        out_features, in_features = linear_shape(module)
-        return out_features < in_features
 
     def __enter__(self) -> "HessianRecorder":
         return self

@@ -672,12 +672,12 @@ class _Calibrator:
         names = [name for stage in stages for name in stage]
         if self.inputs.placement.dispatched or not captured or any(name in self.routed for name in names):
             return None
-        if not self._held_passes_fit(self.model.get_submodule(block_name), captured):
+        block = self.model.get_submodule(block_name)
+        if not self._held_passes_fit(block, captured):
             return None
         prefix = len(block_name) + 1
         layout = tuple(name[prefix:] for name in names)
         if layout not in self.held_layouts:
-            block = self.model.get_submodule(block_name)
             args, kwargs = captured[0].call_inputs(block_name, block_kind(block))
             found = stages_in_call_order(self.model, stages, lambda: block(*args, **kwargs))
             relative = None if found is None else [[name[prefix:] for name in stage] for stage in found]

@@ -310,16 +310,14 @@ class PausedPass:
         self._at: list[float] = [self._RUNNING] * len(jobs)  # per batch: the stage it is held at
         self._held: list[dict[int, torch.Tensor]] = [{} for _ in self._stages]  # per stage: each batch's input
         self._local = threading.local()
-        self._own: dict[str, Callable[..., Any]] = {}  # each layer's forward without the hold
         self._wrapped: list[tuple[nn.Module, Any]] = []
         self._all = AllAtOnce([self._job(index, job) for index, job in enumerate(jobs)], workers)
 
     def __enter__(self) -> "PausedPass":
         for name in self._stage_of:
             module = self._model.get_submodule(name)
-            self._own[name] = module.forward
             self._wrapped.append((module, module.__dict__.get("forward")))
-            module.forward = self._holding(name, module)
+            module.forward = self._holding(name, module, module.forward)
         self._all.__enter__()
         return self
 
@@ -328,8 +326,7 @@ class PausedPass:
             self._aborted = True  # passes still held (the caller failed) end now
             self._condition.notify_all()
         self._all.__exit__()
-        _restore_forwards(self._wrapped)
-        self._own.clear()  # no cycle through the layers' own forwards keeps the block alive until a collection
+        _restore_forwards(self._wrapped)  # the wrappers, which hold the layers' own forwards, go with them
         self._held = [{} for _ in self._stages]
 
     def held(self, stage: int) -> list[tuple[int, torch.Tensor]]:
@@ -371,8 +368,10 @@ class PausedPass:
 
         return run
 
-    def _holding(self, name: str, module: nn.Module) -> Callable[..., Any]:
-        stage, own = self._stage_of[name], self._own[name]
+    def _holding(self, name: str, module: nn.Module, own: Callable[..., Any]) -> Callable[..., Any]:
+        """``module``'s forward while held passes run: ``own`` (its forward without the hold) once its stage is
+        solved or outside a held pass, else the hold first."""
+        stage = self._stage_of[name]
 
         def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             batch = getattr(self._local, "batch", None)
