@@ -34,9 +34,10 @@ def block_resolve_pass(
     max_code: int,
     damp: float,
     block_size: int = 128,
-) -> int:
-    """Re-solve every block of ``block_size`` columns in place; return how many
-    (block, row) pairs took the new values.
+) -> torch.Tensor:
+    """Re-solve every block of ``block_size`` columns in place; return which output rows
+    took new codes in some block (bool, one per row: the only rows a sweep after this
+    pass can find changed).
 
     All tables are ``in x out`` in the solver's column order; ``residual_t`` stays
     exact.  ``damp`` regularises the block's Cholesky factor exactly as in the
@@ -44,7 +45,7 @@ def block_resolve_pass(
     acceptance is judged on the undamped objective.
     """
     n_cols = residual_t.shape[0]
-    accepted = 0
+    moved = torch.zeros(residual_t.shape[1], dtype=torch.bool, device=residual_t.device)
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
         block_h = hessian[b0:b1, b0:b1]
@@ -63,12 +64,13 @@ def block_resolve_pass(
         better = change < 0
         if not bool(better.any()):
             continue
-        accepted += int(better.sum())
         delta.mul_(better)
-        codes_t[b0:b1] = torch.where(better, new_codes, codes_t[b0:b1])
+        block_codes = codes_t[b0:b1]
+        moved |= better & (new_codes != block_codes).any(0)  # not rows whose values were only snapped to their codes
+        codes_t[b0:b1] = torch.where(better, new_codes, block_codes)
         values.add_(delta)
         _push_moves(residual_t, hessian[:, b0:b1], delta, better)
-    return accepted
+    return moved
 
 
 def _push_moves(residual_t: torch.Tensor, h_columns: torch.Tensor, delta: torch.Tensor, moved: torch.Tensor) -> None:

@@ -122,6 +122,10 @@ def comq_quantize(
         iterations: maximum number of coordinate sweeps (the reference code does 1).
             Each shared-order sweep costs about 2 GEMMs of ``W @ H``; sweeping
             stops early when one lowers the objective by less than ``tol`` (relative).
+            With pair moves and no scale refit, a sweep after the first visits only the
+            rows changed since the last pair pass (the block re-solve's, or rows the
+            pass's round limit stopped), the only ones a sweep could still move; none
+            left ends the solve.
             A wide layer is solved a slice of output rows at a time
             (:data:`SLICE_TABLE_BYTES`), each slice stopping by its own objective.
         order: column visiting order of a sweep. ``"greedy"``: each row by
@@ -401,22 +405,57 @@ def _sweep_rows(
     pair_moves: int,
     tol: float,
 ) -> _SolvedRows:
-    """Sweep, refit and re-solve one started slice of rows; sweeping stops when the slice's own objective stalls."""
+    """Sweep, refit and re-solve one started slice of rows; sweeping stops when the slice's own objective stalls,
+    or when no row is left that a sweep could move.
+
+    A pair-move pass leaves each row it did not cap where no single step helps (and no pair
+    of its candidates), so the next sweep and pair pass can move only the rows changed since
+    (by the block re-solve) and the capped ones.  Where no scale refit changed every row,
+    only those sweep again.
+    """
+    unsettled = None  # rows a sweep may still move (bool per row); None: every row
     for sweep_index in range(iterations):
+        if unsettled is not None and not bool(unsettled.any()):
+            break
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
-        problem.sweep(order, block_size)
-        if pair_moves:
-            problem.step_pairs(pair_moves)
+        capped = _sweep_and_pair(problem, unsettled, order, block_size, pair_moves)
         resolving = block_resolve and init == "error_feedback" and sweep_index == 0
         if scale_refit:
             problem.refit_scales(keep_residual=resolving or sweep_index + 1 < iterations)
-        if resolving:
-            problem.resolve_blocks(damp, block_size)
+        moved = problem.resolve_blocks(damp, block_size) if resolving else None
+        if capped is None or scale_refit:
+            unsettled = None
+        else:
+            unsettled = capped if moved is None else capped | moved
         history.append(problem.objective())
         if on_grid and before - history[-1] <= tol * before:
             break
     return _SolvedRows(codes=problem.codes_in_original_order(), grid=problem.grid, history=history, reference=reference)
+
+
+MOST_ROWS_SWEPT_APART = 0.25
+"""Largest share of a slice's rows that a sweep gathers into tables of their own when only
+they can move; a larger share sweeps the whole slice in place (no copies, the same moves
+for those rows, and the rest can move by rounding noise only)."""
+
+
+def _sweep_and_pair(
+    problem: _Problem, unsettled: torch.Tensor | None, order: str, block_size: int, pair_moves: int
+) -> torch.Tensor | None:
+    """One sweep and pair-move pass over the rows in ``unsettled`` (all if ``None``; given only
+    with pair moves on); returns the rows the pair pass capped (bool per row of ``problem``),
+    ``None`` without pair moves."""
+    rows = None
+    if unsettled is not None and int(unsettled.sum()) <= MOST_ROWS_SWEPT_APART * unsettled.numel():
+        rows = torch.nonzero(unsettled).squeeze(1)
+    part = problem if rows is None else problem.rows_apart(rows)
+    part.sweep(order, block_size)
+    capped = part.step_pairs(pair_moves) if pair_moves else None
+    if rows is not None:
+        problem.take_rows(rows, part)
+        capped = torch.zeros_like(unsettled).index_fill_(0, rows[capped], True)
+    return capped
 
 
 def _stacked_rows(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -785,19 +824,42 @@ class _Problem:
         if dequant_h_t is not None:
             self.residual_t = torch.sub(self.weight_h_t, dequant_h_t, out=dequant_h_t)
 
-    def step_pairs(self, candidates: int) -> None:
-        """One pair-move pass over the current codes (never raises the objective)."""
-        pair_move_pass(
+    def step_pairs(self, candidates: int) -> torch.Tensor:
+        """One pair-move pass over the current codes (never raises the objective); returns
+        the rows its round limit stopped while still moving (bool per row)."""
+        return pair_move_pass(
             self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, self.column_grid, self.grid.max_code,
             candidates,
-        )  # fmt: skip
+        ).capped
 
-    def resolve_blocks(self, damp: float, block_size: int) -> None:
-        """One block re-solve pass over the current codes (never raises the objective)."""
-        block_resolve_pass(
+    def resolve_blocks(self, damp: float, block_size: int) -> torch.Tensor:
+        """One block re-solve pass over the current codes (never raises the objective);
+        returns the rows that took new values (bool per row)."""
+        return block_resolve_pass(
             self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, self.column_grid,
             self.grid.max_code, damp, block_size,
         )
+
+    def rows_apart(self, rows: torch.Tensor) -> _Problem:
+        """The problem of some output rows (indices) alone, in tables of their own, for a
+        sweep and pair pass; :meth:`take_rows` writes them back.  Without ``H W^T``: only the
+        scale refit reads it, and then every row sweeps in place."""
+        part = _Problem(
+            weight_t=self.weight_t.index_select(1, rows),
+            columns=self.columns,
+            grid=Grid(self.grid.scale[rows], self.grid.zero_point[rows], self.grid.bits, self.grid.group_size),
+        )
+        part.codes_t, part.dequant_t, part.residual_t = (
+            table.index_select(1, rows) for table in (self.codes_t, self.dequant_t, self.residual_t)
+        )
+        if self.greedy_order_t is not None:
+            part.greedy_order_t = self.greedy_order_t.index_select(1, rows)
+        return part
+
+    def take_rows(self, rows: torch.Tensor, part: _Problem) -> None:
+        """Write back the codes, values and residual of the rows :meth:`rows_apart` took out (the grid is unchanged)."""
+        for table, own in ((self.codes_t, part.codes_t), (self.dequant_t, part.dequant_t), (self.residual_t, part.residual_t)):
+            table.index_copy_(1, rows, own)
 
     @property
     def column_grid(self) -> ColumnGrid:

@@ -27,6 +27,8 @@ else.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..kernels.solver_ops import compiled_solver_ops
@@ -41,6 +43,17 @@ term: float32 residuals carry rounding, and a move that gains less could undo on
 gained less than the rounding (and cycle)."""
 
 
+@dataclass
+class PairMoveOutcome:
+    """What a pass did: ``moves`` made (a pair is one move) and, per output row, whether
+    :data:`MAX_ROUNDS` stopped it while it was still moving (``capped``, bool).  Every other
+    row ended where no single step and no pair of its candidates helps, so a sweep or a
+    second pass could only move it by less than :data:`MIN_RELATIVE_GAIN` allows."""
+
+    moves: int
+    capped: torch.Tensor
+
+
 def pair_move_pass(
     residual_t: torch.Tensor,
     dequant_t: torch.Tensor,
@@ -49,19 +62,21 @@ def pair_move_pass(
     grid: ColumnGrid,
     max_code: int,
     candidates: int,
-) -> int:
-    """Apply single and pair moves in place until no row has one; return how many moves were made.
+) -> PairMoveOutcome:
+    """Apply single and pair moves in place until no row has one (or :data:`MAX_ROUNDS`).
 
     All tables are ``in x out`` in the solver's column order (``codes_t`` as floats);
     ``grid`` holds the scales once per group, so the compiled pass reads them without a
     weight-sized per-column table.  ``residual_t`` stays exact.  The objective never rises.
     """
+    capped = torch.zeros(residual_t.shape[1], dtype=torch.bool, device=residual_t.device)
     ops = compiled_solver_ops([residual_t, dequant_t, codes_t, grid.scale], hessian)
     if ops is not None:
-        return int(ops.pair_moves(
+        moves = int(ops.pair_moves(
             residual_t, dequant_t, codes_t, hessian.contiguous(), grid.scale, grid.group_index(residual_t.device),
-            max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN,
+            capped, max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN,
         ))  # fmt: skip
+        return PairMoveOutcome(moves, capped)
     n_cols = residual_t.shape[0]
     scale_t = column_table(grid.scale.T, grid.group_index(residual_t.device))
     diag = torch.diagonal(hessian).unsqueeze(1)
@@ -82,6 +97,7 @@ def pair_move_pass(
         change, first, second = _best_moves(cost, value, picked, hessian)
         moving = change < -MIN_RELATIVE_GAIN * _quadratic(value, picked, diag, first, second)
         if not bool(moving.any()):
+            active = active[:0]
             break
         rows = active[moving]
         chosen = [(_at(picked, index)[moving], _at(step, index)[moving]) for index in (first, second)]
@@ -90,7 +106,8 @@ def pair_move_pass(
         _apply(residual_t, dequant_t, codes_t, hessian, scale_t, rows, chosen)
         moves += int(moving.sum())
         active = rows
-    return moves
+    capped[active] = True  # the rows that moved in the last round, if the rounds ran out
+    return PairMoveOutcome(moves, capped)
 
 
 def _at(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from hf_comq import COMQConfig, comq_quantize, layer_objective
 from hf_comq.kernels import DISABLE_ENV_VAR, compiled_solver_ops
 from hf_comq.solver.grid import ColumnGrid, Grid
+from hf_comq.solver import pair_moves as pair_moves_module
 from hf_comq.solver.pair_moves import MAX_ROUNDS, MIN_RELATIVE_GAIN, pair_move_pass
 from tests.solver.kernel_paths import assert_same_solution, both_paths, require_kernel
 from tests.solver.reference import rounded_layer
@@ -19,8 +20,9 @@ def _run_pass(
     """The pass from the layer's rounded start, on the solver's transposed tables in ``dtype``;
     returns codes and values (out x in, float64), residual_t and the moves made."""
     residual_t, values_t, codes_t, hessian, grid = _pass_tables(layer, dtype)
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, grid, layer.grid.max_code, candidates)
-    return codes_t.T.double(), values_t.T.double(), residual_t, moves
+    outcome = pair_move_pass(residual_t, values_t, codes_t, hessian, grid, layer.grid.max_code, candidates)
+    assert not outcome.capped.any()  # these small layers settle well within the round limit
+    return codes_t.T.double(), values_t.T.double(), residual_t, outcome.moves
 
 
 def _pass_tables(layer, dtype: torch.dtype) -> list:
@@ -123,16 +125,42 @@ def test_the_compiled_pass_moves_every_row_as_it_would_alone(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        moves = pair_move_pass(*whole, max_code, 12)
+        moves = pair_move_pass(*whole, max_code, 12).moves
     finally:
         torch.set_num_threads(threads)
 
     moves_alone = 0
     for row, (residual, values, codes) in enumerate(alone):
-        moves_alone += pair_move_pass(residual, values, codes, hessian, _rows_of(grid, slice(row, row + 1)), max_code, 12)
+        moves_alone += pair_move_pass(
+            residual, values, codes, hessian, _rows_of(grid, slice(row, row + 1)), max_code, 12
+        ).moves
         for table, own in ((residual_t, residual), (values_t, values), (codes_t, codes)):
             assert torch.equal(table[:, row : row + 1], own)
     assert moves == moves_alone > 37
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_rows_the_round_limit_stops_are_the_ones_left_to_move(monkeypatch, compiled):
+    """A row reported as capped moved in every allowed round; every other row is settled:
+    a second pass with rounds to spare moves capped rows only."""
+    if compiled:
+        require_kernel()
+        monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(DISABLE_ENV_VAR, "1")
+    layer = rounded_layer(37, 48, 256, seed=6, group_size=16)
+    residual_t, values_t, codes_t, hessian, grid = tables = _pass_tables(layer, torch.float32)
+    monkeypatch.setattr(pair_moves_module, "MAX_ROUNDS", 8)  # about half the rows need more
+    first = pair_move_pass(*tables, layer.grid.max_code, 12)
+    assert first.capped.dtype == torch.bool and first.capped.shape == (37,)
+    assert 0 < int(first.capped.sum()) < 37
+
+    monkeypatch.setattr(pair_moves_module, "MAX_ROUNDS", MAX_ROUNDS)
+    before = codes_t.clone()
+    second = pair_move_pass(*tables, layer.grid.max_code, 12)
+    moved = (codes_t != before).any(0)
+    assert moved.any() and not moved[~first.capped].any()
+    assert not second.capped.any()
 
 
 @pytest.mark.parametrize(
@@ -156,14 +184,15 @@ def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(
     ends = {}
     for isa in ("avx2", "scalar"):
         residual_t, values_t, codes_t, hessian = tables = [table.clone() for table in first]
+        capped = torch.zeros(37, dtype=torch.bool)
         try:
-            moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, grid.scale, grid.group_index("cpu"),
+            moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, grid.scale, grid.group_index("cpu"), capped,
                                    layer.grid.max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN, isa)  # fmt: skip
         except RuntimeError as error:  # the kernel's own rule: no AVX2 build, or a CPU without AVX2
             if "lacks AVX2" not in str(error):
                 raise
             pytest.skip("this CPU or build has no AVX2 pass: only the plain build runs here")
-        ends[isa] = (moves, tables)
+        ends[isa] = (moves, [*tables, capped])
     (moves, tables), (avx2_moves, avx2_tables) = ends["scalar"], ends["avx2"]
     assert moves == avx2_moves > 37
     for table, avx2_table in zip(tables, avx2_tables):
@@ -177,7 +206,8 @@ def test_the_compiled_pass_refuses_a_group_index_outside_its_scale_table(monkeyp
     ops = compiled_solver_ops(tables[:3] + [grid.scale], tables[3])
     for group_of, message in ((torch.full((16,), 2), "out of range"), (torch.zeros(15, dtype=torch.long), "per column")):
         with pytest.raises(RuntimeError, match=message):
-            ops.pair_moves(*tables, grid.scale, group_of, 7, 4, MAX_ROUNDS, MIN_RELATIVE_GAIN)
+            ops.pair_moves(*tables, grid.scale, group_of, torch.zeros(5, dtype=torch.bool), 7, 4, MAX_ROUNDS,
+                           MIN_RELATIVE_GAIN)
 
 
 @pytest.mark.parametrize("group_size", [None, 32])
@@ -217,9 +247,9 @@ def test_a_pair_move_reaches_the_optimum_where_single_steps_are_stuck():
     residual_t = hessian @ (weight - values).T
     codes_t, values_t = codes.T.contiguous(), values.T.contiguous()
     column_grid = ColumnGrid.of([grid], [0, 0, 0])
-    moves = pair_move_pass(residual_t, values_t, codes_t, hessian, column_grid, grid.max_code, 3)
+    outcome = pair_move_pass(residual_t, values_t, codes_t, hessian, column_grid, grid.max_code, 3)
 
-    assert moves == 1
+    assert outcome.moves == 1 and not outcome.capped.any()
     assert torch.equal(codes_t.T, torch.tensor([[5.0, 3.0, 4.0]], dtype=torch.float64))
     assert objective(codes_t.T) == pytest.approx(optimum)
 

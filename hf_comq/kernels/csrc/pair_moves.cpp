@@ -41,10 +41,11 @@ struct Scratch {
 };
 
 // Every row's rounds, in place in the solver's transposed tables (in x out), with the
-// scales one row per group (`group_of`: each column's row of `scales`); returns the number
-// of moves made (a pair is one move).
+// scales one row per group (`group_of`: each column's row of `scales`); `capped` (bool, one
+// per row) is set where the round limit stopped a row that was still moving.  Returns the
+// number of moves made (a pair is one move).
 int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Tensor& hessian, const Tensor& scales,
-                   const Tensor& group_of, int64_t max_code, int64_t candidates, int64_t max_rounds,
+                   const Tensor& group_of, Tensor capped, int64_t max_code, int64_t candidates, int64_t max_rounds,
                    double min_relative_gain, const std::string& isa) {
   const int64_t width = residual_t.size(0), rows = residual_t.size(1);
   check_table(residual_t, "residual_t", width, rows);
@@ -55,6 +56,10 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
   check_table(hessian, "hessian", width, width);
   const int64_t* group = checked_group_of(group_of, width, scales.size(0));
   TORCH_CHECK(hessian.is_contiguous(), "hessian must be contiguous");
+  TORCH_CHECK(capped.scalar_type() == at::kBool && capped.device().is_cpu() && capped.is_contiguous() &&
+                  capped.dim() == 1 && capped.size(0) == rows,
+              "capped must be a contiguous bool CPU tensor of ", rows, " rows, got ", capped.scalar_type(), " ",
+              capped.sizes());
   TORCH_CHECK(width <= std::numeric_limits<int32_t>::max(), "pair_moves takes at most 2^31 - 1 columns, got ", width);
   const bool avx2 = avx2_requested(isa, cpu_has_avx2(), "pair_moves", "or build lacks AVX2");
   if (rows == 0 || width == 0) return 0;
@@ -66,7 +71,8 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
       codes_t.data_ptr<float>(),    codes_t.stride(0),    scales.data_ptr<float>(),    scales.stride(0),
       group,                        hessian_data,         diag.data(),                 width,
       rows,                         candidates < 1 ? 1 : (candidates < width ? candidates : width),
-      static_cast<float>(max_code), static_cast<float>(min_relative_gain), max_rounds};
+      static_cast<float>(max_code), static_cast<float>(min_relative_gain), max_rounds,
+      capped.data_ptr<bool>()};
   std::atomic<int64_t> moves{0};
   const int64_t tiles = (rows + kPairTileRows - 1) / kPairTileRows;
   at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
@@ -89,7 +95,7 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
 TORCH_LIBRARY_FRAGMENT(hf_comq_cpu, m) {
   m.def(
       "pair_moves(Tensor(a!) residual, Tensor(b!) dequant, Tensor(c!) codes, Tensor hessian, Tensor scales, "
-      "Tensor group_of, int max_code, int candidates, int max_rounds, float min_relative_gain, str isa='auto') -> int");
+      "Tensor group_of, Tensor(d!) capped, int max_code, int candidates, int max_rounds, float min_relative_gain, str isa='auto') -> int");
 }
 
 TORCH_LIBRARY_IMPL(hf_comq_cpu, CPU, m) { m.impl("pair_moves", &hf_comq::pair_moves); }

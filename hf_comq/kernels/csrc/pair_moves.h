@@ -47,6 +47,7 @@ struct PairMoveTables {
   float top;      // the largest code
   float min_relative_gain;
   int64_t max_rounds;
+  bool* capped;  // rows entries: set where a row still moved in its last allowed round
 };
 
 // One thread's working memory for the pass: a tile of rows' copies and one row's scratch.
@@ -66,8 +67,8 @@ struct PairMoveScratch {
 
 #define HF_COMQ_DECLARE_PAIR_MOVES(ns)                                                               \
   namespace ns {                                                                                     \
-  /* Every row of tiles [tile_begin, tile_end) moved to its end, in place in the tables;         */ \
-  /* returns the number of moves made (a pair is one move).                                      */ \
+  /* Every row of tiles [tile_begin, tile_end) moved to its end, in place in the tables, and    */ \
+  /* its `capped` entry set; returns the number of moves made (a pair is one move).              */ \
   int64_t move_tiles(const PairMoveTables& tables, PairMoveScratch& scratch, int64_t tile_begin,   \
                      int64_t tile_end);                                                             \
   }

@@ -359,6 +359,7 @@ int64_t move_tiles(const PairMoveTables& t, PairMoveScratch& s, int64_t tile_beg
       row.bound = kInf;
       int64_t round = 0;
       while (round < t.max_rounds && move_once(row, t.dequant + k0 + r, t)) ++round;
+      t.capped[k0 + r] = round == t.max_rounds;  // its last round moved: it may have more to gain
       tile_moves += round;
     }
     if (tile_moves == 0) continue;
