@@ -879,21 +879,20 @@ class _Problem:
 def _symmetric_permuted(h: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(h + h^T) / 2`` in ``dtype`` on ``device``, rows and columns in ``perm`` order.
 
-    Built in row blocks (:data:`HESSIAN_BLOCK_BYTES`), so the result is the solve's one
-    new ``in x in`` matrix: the caller still holds ``h``, and a whole-matrix cast,
-    transpose sum and gather would each have left a full-size temporary beside it.
-    Entry for entry it is the cast, then the sum, then the halving of the whole-matrix
-    route, so the values are the same.
+    The permuted copy is gathered in row blocks (:data:`HESSIAN_BLOCK_BYTES`), each row
+    gather contiguous, then symmetrized tile by tile in place: the result is the solve's
+    one new ``in x in`` matrix (the caller still holds ``h``; a whole-matrix cast,
+    transpose sum and gather would each have left a full-size temporary beside it), and
+    no step gathers ``h``'s columns across its rows.  Entry for entry it is the cast, then
+    the sum, then the halving of the whole-matrix route, so the values are the same.
     """
     n = h.shape[0]
     result = torch.empty(n, n, dtype=dtype, device=device)
     source_perm = perm.to(h.device)
-    temporaries_per_entry = 4 * h.element_size() + 2 * result.element_size()
+    temporaries_per_entry = 2 * h.element_size()  # a block's rows, then those rows' columns in order
     for span in spans(n, rows_fitting(HESSIAN_BLOCK_BYTES, n * temporaries_per_entry)):
-        index = source_perm[span]
-        upper = h.index_select(0, index).index_select(1, source_perm).to(device=device, dtype=dtype)
-        lower = h.index_select(1, index).index_select(0, source_perm).T.to(device=device, dtype=dtype)
-        result[span] = upper.add_(lower).mul_(0.5)
+        result[span] = h.index_select(0, source_perm[span]).index_select(1, source_perm)
+    _symmetrize_in_place(result)
     return result
 
 
