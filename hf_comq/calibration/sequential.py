@@ -675,15 +675,13 @@ class _Calibrator:
         block = self.model.get_submodule(block_name)
         if not self._held_passes_fit(block, captured):
             return None
-        prefix = len(block_name) + 1
-        layout = tuple(name[prefix:] for name in names)
+        layout = _relative_to(block_name, names)
         if layout not in self.held_layouts:
             args, kwargs = captured[0].call_inputs(block_name, block_kind(block))
             found = stages_in_call_order(self.model, stages, lambda: block(*args, **kwargs))
-            relative = None if found is None else [[name[prefix:] for name in stage] for stage in found]
-            self.held_layouts[layout] = relative
+            self.held_layouts[layout] = None if found is None else [list(_relative_to(block_name, stage)) for stage in found]
         found = self.held_layouts[layout]
-        return None if found is None else [[f"{block_name}.{name}" for name in stage] for stage in found]
+        return None if found is None else _inside(block_name, found)
 
     def _held_passes_fit(self, block: nn.Module, captured: list[CapturedInputs]) -> bool:
         """Whether every batch's pass through ``block`` can be alive at once: the inputs and outputs of all the
@@ -748,18 +746,17 @@ class _Calibrator:
         their collectives pair up (a rank without batches finds none).
         """
         names = self._pending_under(block_name)
-        layout = tuple(name[len(block_name) + 1 :] for name in names)
-        stages = self.stage_layouts.get(layout)
-        if stages is None:
+        layout = _relative_to(block_name, names)
+        if layout not in self.stage_layouts:
             block = self.model.get_submodule(block_name)
             found = None
             if captured:
                 args, kwargs = captured[0].call_inputs(block_name, block_kind(block))
                 with self._expert_routing(block):
                     found = layer_stages(self.model, names, lambda: block(*args, **kwargs))
-                found = [[name[len(block_name) + 1 :] for name in stage] for stage in found]
-            stages = self.stage_layouts[layout] = agree_on_stages(self.group, found)
-        return [[f"{block_name}.{name}" for name in stage] for stage in stages]
+                found = [list(_relative_to(block_name, stage)) for stage in found]
+            self.stage_layouts[layout] = agree_on_stages(self.group, found)
+        return _inside(block_name, self.stage_layouts[layout])
 
     def _run_block(
         self,
@@ -1162,6 +1159,17 @@ class _Calibrator:
 # ---------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------
+
+
+def _relative_to(block_name: str, names: Iterable[str]) -> tuple[str, ...]:
+    """Layer names relative to their block: a block layout's key, the same for every block built alike."""
+    prefix = len(block_name) + 1
+    return tuple(name[prefix:] for name in names)
+
+
+def _inside(block_name: str, stages: list[list[str]]) -> list[list[str]]:
+    """Stages of names relative to a block (:func:`_relative_to`) as the full names of that block's layers."""
+    return [[f"{block_name}.{name}" for name in stage] for stage in stages]
 
 
 def _fingerprint(model: nn.Module, layers: dict[str, nn.Module], settings: _Settings, config: Any, data: Any) -> str:
