@@ -436,8 +436,8 @@ def _sweep_rows(
 
 MOST_ROWS_SWEPT_APART = 0.25
 """Largest share of a slice's rows that a sweep gathers into tables of their own when only
-they can move; a larger share sweeps the whole slice in place (no copies, the same moves
-for those rows, and the rest can move by rounding noise only)."""
+they can move; a larger share sweeps the whole slice in place (no copies; those rows move
+as they would apart, up to summation order, and the rest by rounding noise at most)."""
 
 
 def _sweep_and_pair(
@@ -834,7 +834,7 @@ class _Problem:
 
     def resolve_blocks(self, damp: float, block_size: int) -> torch.Tensor:
         """One block re-solve pass over the current codes (never raises the objective);
-        returns the rows that took new values (bool per row)."""
+        returns the rows that took new codes (bool per row)."""
         return block_resolve_pass(
             self.residual_t, self.dequant_t, self.codes_t, self.columns.hessian, self.column_grid,
             self.grid.max_code, damp, block_size,

@@ -199,7 +199,7 @@ def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(
         assert torch.equal(table, avx2_table)
 
 
-def test_the_compiled_pass_refuses_a_group_index_outside_its_scale_table(monkeypatch):
+def test_the_compiled_pass_refuses_a_group_index_outside_its_scale_table_and_a_wrong_capped_table(monkeypatch):
     require_kernel()
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     *tables, grid = _pass_tables(rounded_layer(5, 16, 64, seed=1, group_size=8), torch.float32)
@@ -208,6 +208,9 @@ def test_the_compiled_pass_refuses_a_group_index_outside_its_scale_table(monkeyp
         with pytest.raises(RuntimeError, match=message):
             ops.pair_moves(*tables, grid.scale, group_of, torch.zeros(5, dtype=torch.bool), 7, 4, MAX_ROUNDS,
                            MIN_RELATIVE_GAIN)
+    for capped in (torch.zeros(4, dtype=torch.bool), torch.zeros(5, dtype=torch.uint8)):  # a row short; not bool
+        with pytest.raises(RuntimeError, match="capped must be"):
+            ops.pair_moves(*tables, grid.scale, grid.group_index("cpu"), capped, 7, 4, MAX_ROUNDS, MIN_RELATIVE_GAIN)
 
 
 @pytest.mark.parametrize("group_size", [None, 32])
