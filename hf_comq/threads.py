@@ -12,8 +12,9 @@ nearly the thread count when the cores are free.
 
 So hf_comq sizes its thread count by the work: :func:`threads_for` runs a piece of
 work on the caller's threads when its operators reach :data:`MIN_PARALLEL_FLOPS`
-and on one thread otherwise, :func:`single_thread` on one thread (the layer solver
-runs so, except its large GEMMs), :func:`linear_layer_threads` sizes a model's
+and on one thread otherwise, :func:`threads_for_rows` does the same for a compiled pass
+over independent rows by their count (:data:`MIN_PARALLEL_ROWS`), :func:`single_thread`
+on one thread (the layer solver runs so, except its large GEMMs and its pair-move pass), :func:`linear_layer_threads` sizes a model's
 forward passes by its linear layers, and :func:`run_side_by_side` gives the cores to
 independent jobs instead, one torch thread each (a small block's layer solves, and its
 calibration batches' forward passes).  The caller's count is
@@ -38,6 +39,7 @@ from torch import nn
 
 __all__ = [
     "MIN_PARALLEL_FLOPS",
+    "MIN_PARALLEL_ROWS",
     "AllAtOnce",
     "caller_threads",
     "gets_caller_threads",
@@ -54,6 +56,13 @@ MIN_PARALLEL_FLOPS = 4e9
 """Smallest operator (in floating point operations; ``2 * m * k * n`` for a GEMM)
 that runs on the caller's thread count.  Below it, a busy machine's barrier waits
 cost more than extra threads can save."""
+
+MIN_PARALLEL_ROWS = 256
+"""Fewest independent rows for which a compiled pass that works row by row (the solver's
+pair moves: every row runs its own rounds, each a scan of all its columns) runs on the
+caller's threads.  Such a pass is one operator, with one barrier at its end, and each row
+is tens of rounds of work; with fewer rows a busy machine's barrier wait could cost what
+the extra threads save."""
 
 _caller_threads: ContextVar[int | None] = ContextVar("hf_comq_caller_threads", default=None)
 
@@ -76,9 +85,21 @@ def gets_caller_threads(flops: float) -> bool:
 @contextmanager
 def threads_for(flops: float) -> Iterator[None]:
     """Run the enclosed work on the caller's threads if its operators are of ``flops`` or more, else on one."""
+    with _on_threads(_threads_for_size(flops)):
+        yield
+
+
+def threads_for_rows(rows: int) -> Any:
+    """Run a compiled row-parallel pass over ``rows`` independent rows on the caller's threads
+    if there are :data:`MIN_PARALLEL_ROWS` or more, else on one (a context manager)."""
+    return _on_threads(caller_threads() if rows >= MIN_PARALLEL_ROWS else 1)
+
+
+@contextmanager
+def _on_threads(wanted: int) -> Iterator[None]:
+    """torch on ``wanted`` threads inside, the caller's count recorded for nested scopes."""
     token = _caller_threads.set(caller_threads())
     previous = torch.get_num_threads()
-    wanted = _threads_for_size(flops)
     if wanted != previous:
         torch.set_num_threads(wanted)
     try:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import hf_comq.solver.pair_moves as pair_moves
 import hf_comq.solver.passes as passes
 from hf_comq import COMQConfig, comq_quantize
 from hf_comq.calibration import quantize_model
@@ -22,12 +23,14 @@ from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_solver_ops
 from hf_comq.solver import HessianAccumulator
 from hf_comq.threads import (
     MIN_PARALLEL_FLOPS,
+    MIN_PARALLEL_ROWS,
     AllAtOnce,
     caller_threads,
     linear_layer_threads,
     run_side_by_side,
     single_thread,
     threads_for,
+    threads_for_rows,
 )
 from tests.tiny import image_processor, images, tiny_vit
 
@@ -86,6 +89,40 @@ def test_the_compiled_column_loops_run_on_one_thread(two_threads, monkeypatch) -
     comq_quantize(torch.randn(16, 256), torch.eye(256) + 0.1, bits=4, iterations=1)
     assert {name for name, _ in seen} == {"sweep_block", "feedback_block"}
     assert {threads for _, threads in seen} == {1}
+    assert torch.get_num_threads() == 2
+
+
+def test_a_row_parallel_pass_gets_the_callers_threads_from_enough_rows(two_threads) -> None:
+    with single_thread():
+        with threads_for_rows(MIN_PARALLEL_ROWS):
+            assert torch.get_num_threads() == 2
+            with threads_for(0.0):  # small work inside stays small
+                assert torch.get_num_threads() == 1
+        with threads_for_rows(MIN_PARALLEL_ROWS - 1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("rows", [MIN_PARALLEL_ROWS, MIN_PARALLEL_ROWS // 4])
+def test_the_compiled_pair_pass_shares_a_layers_rows_over_the_callers_threads(two_threads, monkeypatch, rows) -> None:
+    """The solve runs on one thread, but the pair-move pass is one compiled operator over
+    independent rows: a layer with enough of them spreads them over the caller's threads
+    (the same moves either way: tests/solver/test_pair_moves.py)."""
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    ops = compiled_solver_ops([torch.zeros(1, 1)], torch.zeros(1, 1))
+    if ops is None:
+        pytest.skip(f"compiled kernel unavailable here: {active_path()}")
+    seen: list[int] = []
+
+    class Recording:
+        def pair_moves(self, *args):
+            seen.append(torch.get_num_threads())
+            return ops.pair_moves(*args)
+
+    monkeypatch.setattr(pair_moves, "compiled_solver_ops", lambda rows, square: Recording())
+    comq_quantize(torch.randn(rows, 64), torch.eye(64) + 0.1, bits=4)
+    assert seen and set(seen) == {2 if rows >= MIN_PARALLEL_ROWS else 1}
     assert torch.get_num_threads() == 2
 
 

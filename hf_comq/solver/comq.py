@@ -84,7 +84,7 @@ class QuantizedWeight:
         return ((self.codes.float() - zero) * scale).to(self.dtype)
 
 
-@single_thread()  # many small operators; the sweeps' large GEMMs get the caller's threads back
+@single_thread()  # many small operators; the sweeps' large GEMMs and the pair-move pass get the caller's threads back
 def comq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -482,10 +482,11 @@ def widest_threaded_gemm(out_features: int, in_features: int, **settings) -> flo
     """Floating point operations of the largest GEMM a solve may run on the caller's threads.
 
     :func:`comq_quantize` runs on one thread except the passes' updates of the columns
-    after each block (``threads_for``); the largest is the start's, with every start
-    grid side by side over one of its slices of rows, or a sweep's over one of its
-    (wider) slices.  A caller can tell from it whether a solve of this shape uses
-    several threads itself or leaves the other cores idle.
+    after each block (``threads_for``) and the compiled pair-move pass over enough rows
+    (``threads_for_rows``, one operator whose rows need no GEMM to share); the largest GEMM
+    is the start's, with every start grid side by side over one of its slices of rows, or a
+    sweep's over one of its (wider) slices.  A caller can tell from it whether a solve of
+    this shape uses several threads for its GEMMs or leaves the other cores idle.
     """
     block = settings.get("block_size", SOLVER_DEFAULTS["block_size"])
     grids = settings.get("start_grids", SOLVER_DEFAULTS["start_grids"])

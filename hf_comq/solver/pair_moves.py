@@ -21,8 +21,9 @@ leaves the pass, and later rounds cost only what the rows still moving cost.  On
 in float32 the compiled kernel (``hf_comq/kernels/csrc/pair_moves_impl.h``, built for
 AVX2 CPUs and for the rest, the same moves either way) runs each row's rounds to the
 end on its own, the same moves in the same float32 arithmetic without a round's
-gathers and temporaries for every row; the torch rounds below are the path everywhere
-else.
+gathers and temporaries for every row, tiles of rows spread over the caller's threads
+(:func:`~hf_comq.threads.threads_for_rows`: the solver around it runs on one); the torch
+rounds below are the path everywhere else.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.solver_ops import compiled_solver_ops
+from ..threads import threads_for_rows
 from .grid import ColumnGrid, column_table
 
 MAX_ROUNDS = 128
@@ -72,10 +74,11 @@ def pair_move_pass(
     capped = torch.zeros(residual_t.shape[1], dtype=torch.bool, device=residual_t.device)
     ops = compiled_solver_ops([residual_t, dequant_t, codes_t, grid.scale], hessian)
     if ops is not None:
-        moves = int(ops.pair_moves(
-            residual_t, dequant_t, codes_t, hessian.contiguous(), grid.scale, grid.group_index(residual_t.device),
-            capped, max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN,
-        ))  # fmt: skip
+        with threads_for_rows(residual_t.shape[1]):  # rows are independent: tiles of them share the threads
+            moves = int(ops.pair_moves(
+                residual_t, dequant_t, codes_t, hessian.contiguous(), grid.scale, grid.group_index(residual_t.device),
+                capped, max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN,
+            ))  # fmt: skip
         return PairMoveOutcome(moves, capped)
     n_cols = residual_t.shape[0]
     scale_t = column_table(grid.scale.T, grid.group_index(residual_t.device))
