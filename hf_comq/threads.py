@@ -14,10 +14,11 @@ So hf_comq sizes its thread count by the work: :func:`threads_for` runs a piece 
 work on the caller's threads when its operators reach :data:`MIN_PARALLEL_FLOPS`
 and on one thread otherwise, :func:`threads_for_rows` does the same for a compiled pass
 over independent rows by their count (:data:`MIN_PARALLEL_ROWS`), :func:`single_thread`
-on one thread (the layer solver runs so, except its large GEMMs and its pair-move pass), :func:`linear_layer_threads` sizes a model's
-forward passes by its linear layers, and :func:`run_side_by_side` gives the cores to
-independent jobs instead, one torch thread each (a small block's layer solves, and its
-calibration batches' forward passes).  The caller's count is
+runs on one thread (the layer solver runs so, except its large GEMMs and its pair-move
+pass), :func:`linear_layer_threads` sizes a model's forward passes by its linear
+layers, and :func:`run_side_by_side` gives the cores to independent jobs instead, one
+torch thread each (a small block's layer solves, and its calibration batches' forward
+passes).  The caller's count is
 ``torch.get_num_threads()`` (what ``torch.set_num_threads`` or ``hf-comq
 --threads`` chose) when the outermost scope was entered; nested scopes keep it.
 ``benchmarks/bench_threads.py`` measures the result against one thread, with and
@@ -47,6 +48,7 @@ __all__ = [
     "run_side_by_side",
     "single_thread",
     "threads_for",
+    "threads_for_rows",
 ]
 
 Result = TypeVar("Result")
