@@ -13,7 +13,7 @@ nearly the thread count when the cores are free.
 So hf_comq sizes its thread count by the work: :func:`threads_for` runs a piece of
 work on the caller's threads when its operators reach :data:`MIN_PARALLEL_FLOPS`
 and on one thread otherwise, :func:`threads_for_rows` does the same for a compiled pass
-over independent rows by their count (:data:`MIN_PARALLEL_ROWS`), :func:`single_thread`
+over independent rows by its table's size (:data:`MIN_PARALLEL_ROW_ENTRIES`), :func:`single_thread`
 runs on one thread (the layer solver runs so, except its large GEMMs and its pair-move
 pass), :func:`linear_layer_threads` sizes a model's forward passes by its linear
 layers, and :func:`run_side_by_side` gives the cores to independent jobs instead, one
@@ -40,7 +40,7 @@ from torch import nn
 
 __all__ = [
     "MIN_PARALLEL_FLOPS",
-    "MIN_PARALLEL_ROWS",
+    "MIN_PARALLEL_ROW_ENTRIES",
     "AllAtOnce",
     "caller_threads",
     "gets_caller_threads",
@@ -59,12 +59,13 @@ MIN_PARALLEL_FLOPS = 4e9
 that runs on the caller's thread count.  Below it, a busy machine's barrier waits
 cost more than extra threads can save."""
 
-MIN_PARALLEL_ROWS = 256
-"""Fewest independent rows for which a compiled pass that works row by row (the solver's
-pair moves: every row runs its own rounds, each a scan of all its columns) runs on the
-caller's threads.  Such a pass is one operator, with one barrier at its end, and each row
-is tens of rounds of work; with fewer rows a busy machine's barrier wait could cost what
-the extra threads save."""
+MIN_PARALLEL_ROW_ENTRIES = 1 << 20
+"""Smallest table (independent rows times entries per row) for which a compiled pass that
+works row by row (the solver's pair moves: every row runs its own rounds, each a scan of
+its entries) runs on the caller's threads.  Such a pass is one operator with one barrier
+at its end, and its work grows with the table; on a smaller one a busy machine's wait
+for a descheduled thread costs what the extra threads save (``benchmarks/README.md``,
+"The pair-move pass on the caller's threads")."""
 
 _caller_threads: ContextVar[int | None] = ContextVar("hf_comq_caller_threads", default=None)
 
@@ -91,10 +92,10 @@ def threads_for(flops: float) -> Iterator[None]:
         yield
 
 
-def threads_for_rows(rows: int) -> Any:
-    """Run a compiled row-parallel pass over ``rows`` independent rows on the caller's threads
-    if there are :data:`MIN_PARALLEL_ROWS` or more, else on one (a context manager)."""
-    return _on_threads(caller_threads() if rows >= MIN_PARALLEL_ROWS else 1)
+def threads_for_rows(rows: int, row_length: int) -> Any:
+    """Run a compiled pass over ``rows`` independent rows of ``row_length`` entries on the caller's
+    threads if the table has :data:`MIN_PARALLEL_ROW_ENTRIES` or more, else on one (a context manager)."""
+    return _on_threads(caller_threads() if rows * row_length >= MIN_PARALLEL_ROW_ENTRIES else 1)
 
 
 @contextmanager

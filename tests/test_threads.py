@@ -23,7 +23,7 @@ from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_solver_ops
 from hf_comq.solver import HessianAccumulator
 from hf_comq.threads import (
     MIN_PARALLEL_FLOPS,
-    MIN_PARALLEL_ROWS,
+    MIN_PARALLEL_ROW_ENTRIES,
     AllAtOnce,
     caller_threads,
     linear_layer_threads,
@@ -92,23 +92,24 @@ def test_the_compiled_column_loops_run_on_one_thread(two_threads, monkeypatch) -
     assert torch.get_num_threads() == 2
 
 
-def test_a_row_parallel_pass_gets_the_callers_threads_from_enough_rows(two_threads) -> None:
+def test_a_row_parallel_pass_gets_the_callers_threads_from_a_large_enough_table(two_threads) -> None:
     with single_thread():
-        with threads_for_rows(MIN_PARALLEL_ROWS):
+        with threads_for_rows(MIN_PARALLEL_ROW_ENTRIES // 64, 64):
             assert torch.get_num_threads() == 2
             with threads_for(0.0):  # small work inside stays small
                 assert torch.get_num_threads() == 1
-        with threads_for_rows(MIN_PARALLEL_ROWS - 1):
+        with threads_for_rows(MIN_PARALLEL_ROW_ENTRIES // 64 - 1, 64):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
 
 
-@pytest.mark.parametrize("rows", [MIN_PARALLEL_ROWS, MIN_PARALLEL_ROWS // 4])
+@pytest.mark.parametrize("rows", [256, 16])
 def test_the_compiled_pair_pass_shares_a_layers_rows_over_the_callers_threads(two_threads, monkeypatch, rows) -> None:
     """The solve runs on one thread, but the pair-move pass is one compiled operator over
-    independent rows: a layer with enough of them spreads them over the caller's threads
-    (the same moves either way: tests/solver/test_pair_moves.py)."""
+    independent rows: a large enough layer spreads them over the caller's threads (the same
+    moves either way: tests/solver/test_pair_moves.py)."""
+    monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_ROW_ENTRIES", 64 * 64)  # this test's layers: 64 rows
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     ops = compiled_solver_ops([torch.zeros(1, 1)], torch.zeros(1, 1))
     if ops is None:
@@ -122,7 +123,7 @@ def test_the_compiled_pair_pass_shares_a_layers_rows_over_the_callers_threads(tw
 
     monkeypatch.setattr(pair_moves, "compiled_solver_ops", lambda rows, square: Recording())
     comq_quantize(torch.randn(rows, 64), torch.eye(64) + 0.1, bits=4)
-    assert seen and set(seen) == {2 if rows >= MIN_PARALLEL_ROWS else 1}
+    assert seen and set(seen) == {2 if rows >= 64 else 1}
     assert torch.get_num_threads() == 2
 
 

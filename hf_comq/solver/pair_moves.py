@@ -74,7 +74,7 @@ def pair_move_pass(
     capped = torch.zeros(residual_t.shape[1], dtype=torch.bool, device=residual_t.device)
     ops = compiled_solver_ops([residual_t, dequant_t, codes_t, grid.scale], hessian)
     if ops is not None:
-        with threads_for_rows(residual_t.shape[1]):  # rows are independent: tiles of them share the threads
+        with threads_for_rows(residual_t.shape[1], residual_t.shape[0]):  # independent rows: tiles share the threads
             moves = int(ops.pair_moves(
                 residual_t, dequant_t, codes_t, hessian.contiguous(), grid.scale, grid.group_index(residual_t.device),
                 capped, max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN,

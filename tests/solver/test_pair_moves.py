@@ -122,7 +122,7 @@ def test_the_compiled_pass_moves_every_row_as_it_would_alone(monkeypatch):
     max_code = layer.grid.max_code
     tables = (residual_t, values_t, codes_t)
     alone = [[table[:, row : row + 1].clone() for table in tables] for row in range(37)]
-    monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_ROWS", 1)  # 37 rows share the two threads
+    monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_ROW_ENTRIES", 1)  # 37 rows share the two threads
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
