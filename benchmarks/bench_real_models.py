@@ -61,7 +61,7 @@ COMQ_VARIANTS = {
     "COMQ reference code": REFERENCE_CODE,
     "COMQ ridge 0.03": dict(ridge=0.03),
     "COMQ ridge auto": dict(ridge="auto"),
-    "COMQ fp target": dict(fp_target=True),
+    "COMQ fp target": dict(fp_target=True, true_sequential=False),
     "COMQ without fp target": dict(fp_target=False),
     "COMQ true-seq": dict(true_sequential=True),
     "COMQ fp target true-seq": dict(fp_target=True, true_sequential=True),
@@ -74,8 +74,9 @@ COMQ_VARIANTS = {
     "COMQ iterations 1": dict(iterations=1),
 }
 """COMQ rows other than the default: the paper's code, trials of the solver's ``ridge`` (fixed, and each
-layer's Ledoit-Wolf amount), of ``fp_target`` (on at every bit width, and off: the default turns it on at 3 bits
-and fewer) and of ``true_sequential`` (alone and with ``fp_target``), and of
+layer's Ledoit-Wolf amount), of ``fp_target`` (on at every bit width without ``true_sequential``, and off: the
+default turns it on at 3 bits and fewer, and ``true_sequential`` with it) and of ``true_sequential`` (alone and with
+``fp_target``), and of
 ``pair_moves`` (its opt-in trial rows, the default's setting since; and the default without it), the default with
 and without the scale refit (the default refits at 2 bits only: whole models did better without it at 3 and 4), and
 three trims of the default's cost or damping (GPTQ's damping for the start, one start grid, one sweep)."""

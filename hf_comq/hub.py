@@ -35,7 +35,11 @@ from huggingface_hub.utils import validate_repo_id
 
 from .checkpoint import runtime_support
 from .modules import expert_layers, expert_parameter_share
-from .solver.options import aims_at_full_precision_by_default, refits_by_default
+from .solver.options import (
+    aims_at_full_precision_by_default,
+    refits_by_default,
+    solves_in_stages_by_default,
+)
 from .tasks import infer_pipeline_tag, is_text_pipeline
 
 __all__ = [
@@ -160,6 +164,10 @@ def _setting_value(key: str, config: Any) -> str:
     if key == "fp_target" and value is None:
         aimed = aims_at_full_precision_by_default(config.bits, getattr(config, "sequential", True))
         return f"{_cell(aimed)} (the default at {config.bits} bits)"
+    if key == "true_sequential" and value is None:
+        fp_target, sequential = getattr(config, "fp_target", None), getattr(config, "sequential", True)
+        staged = solves_in_stages_by_default(fp_target, config.bits, sequential)
+        return f"{_cell(staged)} (the default {'where layers are aimed' if staged else 'where they are not'})"
     if key == "pair_moves" and value == 0:
         return "off"
     if value is None:

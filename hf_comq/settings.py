@@ -104,9 +104,10 @@ class COMQSettings:
         None, SELECTION, "aim each layer at the full-precision model's outputs, not its own on the quantized inputs "
         f"(default: at {MAX_BITS_AIMED_BY_DEFAULT} bits and fewer, with sequential)"
     )
-    true_sequential: bool = setting(
-        False, SELECTION, "solve each block's layers in stages (q/k/v, then o, then gate/up, then down), each on "
-        "inputs made by the quantized layers of the stages before it"
+    true_sequential: bool | None = setting(
+        None, SELECTION, "solve each block's layers in stages (q/k/v, then o, then gate/up, then down), each on "
+        "inputs made by the quantized layers of the stages before it (default: wherever layers are aimed at the "
+        "full-precision outputs, fp_target)"
     )
     calibration_description: str | None = setting(None, RECORDED, "what the model was calibrated on")
     calibration_samples: int | None = setting(None, RECORDED, "calibration samples actually used")
@@ -180,7 +181,7 @@ class COMQSettings:
                 "fp_target: needs sequential=True (with full-precision inputs every layer already sees the "
                 "full-precision model's inputs); drop fp_target or set sequential=True"
             )
-        _check_bool("true_sequential", self.true_sequential)
+        _check_bool("true_sequential", self.true_sequential, optional=True)
         if self.true_sequential and not self.sequential:
             raise ValueError(
                 "true_sequential: needs sequential=True (with full-precision inputs no layer sees another's "

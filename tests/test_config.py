@@ -129,6 +129,13 @@ def test_fp_target_survives_the_config_round_trip_as_given():
         assert config.fp_target is value
 
 
+def test_true_sequential_survives_the_config_round_trip_as_given():
+    assert COMQConfig().true_sequential is None  # decided with fp_target, when calibration starts
+    for value in (None, True, False):
+        config = COMQConfig.from_dict(COMQConfig(bits=3, true_sequential=value).to_dict())
+        assert config.true_sequential is value
+
+
 def test_true_sequential_needs_block_sequential_calibration():
     with pytest.raises(ValueError, match=r"true_sequential: needs sequential=True .*set sequential=True"):
         COMQConfig(true_sequential=True, sequential=False)

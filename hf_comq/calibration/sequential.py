@@ -24,6 +24,10 @@ activations for the calibration set plus that block's Hessians.
   and runs one more block forward per block.
   The full-precision stream restarts at each group's capture (e.g. a decoder after an
   encoder starts from the quantized encoder's outputs).
+* ``true_sequential`` (block-sequential only; ``None``, the default, turns it on wherever
+  layers are aimed, :func:`~hf_comq.solver.options.solves_in_stages_by_default`): a block's
+  layers are solved in stages, each on inputs made by the quantized layers of the stages
+  before it (:mod:`.stages`).
 * ``sequential=False``: every layer sees full-precision inputs, as in the COMQ
   reference code.  Replacements are deferred to the end (the quantized codes wait on
   the CPU, about a quarter of the fp32 weights' size) so the prefix stays full
@@ -101,6 +105,7 @@ from ..solver import (
     aims_at_full_precision_by_default,
     comq_quantize,
     fp_target_weight,
+    solves_in_stages_by_default,
     target_product,
     target_product_from_outputs,
     widest_threaded_gemm,
@@ -323,15 +328,19 @@ class _Settings:
     @classmethod
     def from_config(cls, config: Any, solver: LayerSolver) -> "_Settings":
         sequential = bool(getattr(config, "sequential", True))
+        bits = getattr(config, "bits", SOLVER_DEFAULTS["bits"])
         fp_target = getattr(config, "fp_target", False)
+        true_sequential = getattr(config, "true_sequential", None)
+        if true_sequential is None:
+            true_sequential = solves_in_stages_by_default(fp_target, bits, sequential)
         if fp_target is None:
-            fp_target = aims_at_full_precision_by_default(getattr(config, "bits", SOLVER_DEFAULTS["bits"]), sequential)
+            fp_target = aims_at_full_precision_by_default(bits, sequential)
         return cls(
             solver=solver,
             solver_kwargs={name: getattr(config, name) for name in SOLVER_DEFAULTS if hasattr(config, name)},
             sequential=sequential,
             fp_target=bool(fp_target),
-            true_sequential=bool(getattr(config, "true_sequential", False)),
+            true_sequential=bool(true_sequential),
             symmetric=bool(getattr(config, "symmetric", False)),
             calibrate_all_experts=bool(getattr(config, "calibrate_all_experts", False)),
             sum_dtype=getattr(torch, getattr(config, "sum_dtype", SUM_DTYPES[0])),

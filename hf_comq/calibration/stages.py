@@ -4,7 +4,8 @@ Block-sequential calibration gives every layer of a block the inputs the quantiz
 prefix produces, but inside the block all layers are recorded in one pass with the
 block still in full precision: ``o_proj`` is solved on attention outputs made by
 full-precision ``q/k/v``, ``down_proj`` on activations made by full-precision
-``gate/up``.  With ``true_sequential=True`` (AutoGPTQ's and GPTQModel's name) a block is
+``gate/up``.  With ``true_sequential`` (AutoGPTQ's and GPTQModel's name; on by default wherever
+layers are aimed at the full-precision outputs) a block is
 calibrated in stages instead, each stage solved on inputs that pass through the quantized
 layers of the stages before it: for a Llama block ``q/k/v``, then ``o``, then
 ``gate/up``, then ``down``.

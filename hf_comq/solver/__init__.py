@@ -30,6 +30,7 @@ _EXPORTS = {
     "widest_threaded_gemm": ".comq",
     "default_damp": ".options",
     "aims_at_full_precision_by_default": ".options",
+    "solves_in_stages_by_default": ".options",
     "Grid": ".grid",
     "minmax_grid": ".grid",
     "HessianAccumulator": ".hessian",

@@ -4,7 +4,7 @@ Kept free of torch so that :mod:`hf_comq.settings` (and through it the ``hf-comq
 argument parser) can describe every setting before torch is imported;
 :func:`hf_comq.solver.comq_quantize` takes its keyword defaults from here.  The defaults
 that depend on the bit width live here too, the solver's (damping, scale refit) beside the
-one the calibration applies to the solver's weight (aiming at the full-precision outputs).
+ones of the calibration (aiming at the full-precision outputs, and solving a block stage by stage).
 """
 
 from __future__ import annotations
@@ -95,6 +95,23 @@ def aims_at_full_precision_by_default(bits: int, sequential: bool = True) -> boo
     full-precision outputs at 3 bits and fewer").
     """
     return sequential and bits <= MAX_BITS_AIMED_BY_DEFAULT
+
+
+def solves_in_stages_by_default(fp_target: bool | None, bits: int, sequential: bool = True) -> bool:
+    """Whether ``true_sequential=None`` solves each block's layers stage by stage: wherever they are aimed at
+    the full-precision outputs (``fp_target``; its own default, :func:`aims_at_full_precision_by_default`,
+    when that is ``None``).
+
+    Aimed, a stage's layers can correct the error of the stages before them in the same
+    block, which they see only when those run quantized: SmolLM2's perplexity fell again at
+    every 3- and 2-bit setting (on 8 of 9 paired draws).  In memory a held pass makes it no
+    dearer than aiming alone (one quantized pass per block replaces a Gram pass and a
+    quantized pass).  Without aiming a layer is only asked for its own output on inputs
+    that carry that error, and it helped little (benchmarks/README.md, "Stage by stage
+    wherever layers are aimed").
+    """
+    aimed = aims_at_full_precision_by_default(bits, sequential) if fp_target is None else bool(fp_target)
+    return sequential and aimed
 
 
 def check_bits(bits: int, low: int = MIN_BITS) -> None:

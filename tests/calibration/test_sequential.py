@@ -200,7 +200,8 @@ def test_sequential_hessians_come_from_the_quantized_prefix():
     names = list(find_quantizable_linears(model))
     reference = _fp_hessians(model, names, _inputs("vit", 8))
     seen, solver = _recording_solver()
-    quantize_model(model, _config("vit", bits=3, sequential=True), solver=solver)
+    # in one pass per block (stage by stage, block 0's later layers would see its quantized earlier ones)
+    quantize_model(model, _config("vit", bits=3, sequential=True, true_sequential=False), solver=solver)
     first_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.0.")]
     second_block = [i for i, name in enumerate(names) if name.startswith("vit.layers.1.")]
     for index in first_block:  # block 0 sees the (unquantized) embeddings either way
@@ -361,7 +362,9 @@ def test_model_dispatched_with_hooks_matches_the_in_memory_result():
 
 
 @pytest.mark.parametrize(
-    "mode", [dict(sequential=True), dict(sequential=False), dict(fp_target=True)], ids=["sequential", "fp-inputs", "fp-target"]
+    "mode",
+    [dict(sequential=True), dict(sequential=False), dict(fp_target=True), dict(fp_target=True, true_sequential=False)],
+    ids=["sequential", "fp-inputs", "fp-target-staged", "fp-target-one-pass"],
 )
 def test_disk_offloaded_model_matches_the_in_memory_result(tmp_path, mode):
     from hf_comq.calibration.placement import offloads_to_disk
@@ -559,6 +562,24 @@ def test_fp_target_by_default_at_three_bits_and_fewer_in_block_sequential_calibr
     summary = quantize_model(tiny_model("llama"), COMQConfig(dataset=torch.randint(1, 64, (4, 12)), seed=0, **settings))
     assert summary["fp_target"] is aimed
     assert calibration_mode(summary).endswith("aimed at full-precision outputs") is aimed
+
+
+@pytest.mark.parametrize(
+    ("settings", "staged"),
+    [
+        (dict(bits=4), False),
+        (dict(bits=3), True),
+        (dict(bits=2), True),
+        (dict(bits=3, fp_target=False), False),
+        (dict(bits=4, fp_target=True), True),
+        (dict(bits=3, true_sequential=False), False),
+        (dict(bits=4, true_sequential=True), True),
+    ],
+)
+def test_true_sequential_by_default_wherever_layers_are_aimed(settings, staged):
+    summary = quantize_model(tiny_model("llama"), COMQConfig(dataset=torch.randint(1, 64, (4, 12)), seed=0, **settings))
+    assert summary["true_sequential"] is staged
+    assert calibration_mode(summary).startswith("true-sequential") is staged
 
 
 def test_fp_target_aims_the_dense_layers_and_leaves_the_experts_their_own_objective():
@@ -761,7 +782,7 @@ def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(
     """With targets each worker runs a batch's full-precision pass and then its quantized
     one; both are summed in batch order (padded texts: the masks of both passes count),
     so every layer's codes are a one-thread run's."""
-    alone, side_by_side, seen = _llama_on_one_and_two_threads(bits=3, fp_target=True, batch_size=2)
+    alone, side_by_side, seen = _llama_on_one_and_two_threads(bits=3, fp_target=True, true_sequential=False, batch_size=2)
     here = threading.get_ident()
     # only the capture pass: stopped at block 0 for each of the 4 batches, after the first batch ran both blocks
     # (to check that block 1 takes block 0's inputs besides the hidden state)
@@ -783,7 +804,7 @@ def test_fp_target_counts_the_target_shift_when_it_decides_what_runs_side_by_sid
             lambda module, args, kwargs: tokens.append((args or (kwargs["hidden_states"],))[0].shape[:-1].numel()),
             with_kwargs=True,
         )
-    config = dict(bits=3, fp_target=True, batch_size=2)
+    config = dict(bits=3, fp_target=True, true_sequential=False, batch_size=2)
     quantize_model(probe, _config("llama", **config))
     block = tiny_model("llama").model.layers[0]
     largest = max(max(tokens) * m.in_features * max(m.in_features, m.out_features) for m in block.modules() if isinstance(m, nn.Linear))
@@ -858,7 +879,7 @@ def test_fp_target_solves_each_layer_for_the_full_precision_models_outputs():
         return comq_quantize(weight, hessian, **kwargs)
 
     inputs = _inputs("vit", 8)
-    summary = quantize_model(model, _config("vit", bits=3, fp_target=True), solver=recording)
+    summary = quantize_model(model, _config("vit", bits=3, fp_target=True, true_sequential=False), solver=recording)
     assert summary["fp_target"] is True
     hybrid = copy.deepcopy(full_precision)  # quantized block 0, block 1 still in full precision: what calibration saw
     hybrid.vit.layers[0] = model.vit.layers[0]

@@ -37,9 +37,10 @@ def test_boolean_settings_become_flags_only_when_not_on_by_default(capsys) -> No
 
     assert main(["quantize", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--true-sequential" in out and "--no-true-sequential" not in out
+    assert "--calibrate-all-experts" in out and "--no-calibrate-all-experts" not in out
     assert "--scale-refit, --no-scale-refit" in out  # its default depends on the bit width: both ways
     assert "--fp-target, --no-fp-target" in out  # so does this one's
+    assert "--true-sequential, --no-true-sequential" in out  # and this one's on the aiming
     with pytest.raises(ValueError, match="sequential is on by default; a flag could not turn it off"):
         add_setting_flag(argparse.ArgumentParser(), "sequential")
     parser = argparse.ArgumentParser()

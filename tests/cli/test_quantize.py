@@ -60,22 +60,30 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
 
 
 def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(capsys, tmp_path, gpt2_dir, text_data) -> None:
-    output = tmp_path / "gpt2-w4-fp-target"
-    code, out, err = run_cli(
-        capsys, "quantize", gpt2_dir, "--dataset", text_data, "--num-samples", 8, "--fp-target", "--output", output
-    )
-    assert code == 0, err
-    assert re.search(r"calibration mode\s+block-sequential, aimed at full-precision outputs$", out, flags=re.MULTILINE), out
-    stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
-    assert stored["selection"]["fp_target"] is True and stored["selection"]["sequential"] is True
-    assert "| Layers aimed at the full-precision outputs | yes |" in (output / "README.md").read_text()
+    """Aimed layers are solved stage by stage unless --no-true-sequential says otherwise."""
+    for flags, mode, staged in (
+        ([], "true-sequential", "yes (the default where layers are aimed)"),
+        (["--no-true-sequential"], "block-sequential", "no"),
+    ):
+        output = tmp_path / f"gpt2-w4-fp-target{'-'.join(['', *flags])}"
+        code, out, err = run_cli(
+            capsys, "quantize", gpt2_dir, "--dataset", text_data, "--num-samples", 8, "--fp-target", *flags,
+            "--output", output,
+        )  # fmt: skip
+        assert code == 0, err
+        assert re.search(rf"calibration mode\s+{mode}, aimed at full-precision outputs$", out, flags=re.MULTILINE), out
+        stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
+        assert stored["selection"]["fp_target"] is True and stored["selection"]["sequential"] is True
+        card = (output / "README.md").read_text()
+        assert "| Layers aimed at the full-precision outputs | yes |" in card
+        assert f"| Block layers solved stage by stage | {staged} |" in card
 
 
 def test_quantize_at_three_bits_aims_by_default_and_no_fp_target_keeps_each_layers_own_output(
     capsys, tmp_path, gpt2_dir, text_data
 ) -> None:
     for flags, mode, stored_value in (
-        ([], "block-sequential, aimed at full-precision outputs", None),
+        ([], "true-sequential, aimed at full-precision outputs", None),
         (["--no-fp-target"], "block-sequential", False),
     ):
         output = tmp_path / f"gpt2-w3{'-'.join(['', *flags])}"
