@@ -63,7 +63,7 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     add_setting_flag(
         group, "true_sequential",
-        "wherever layers are aimed it lowered perplexity again, and in memory it costs no more time; "
+        "wherever layers are aimed it lowered perplexity again, for little or no more time in memory; "
         "--no-true-sequential solves a block's layers from one pass",
     )  # fmt: skip
     add_setting_flag(
