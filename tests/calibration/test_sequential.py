@@ -548,37 +548,24 @@ def test_experts_modules_to_not_convert_keeps_stay_batched_and_in_full_precision
 
 
 @pytest.mark.parametrize(
-    ("settings", "aimed"),
+    ("settings", "aimed", "staged"),
     [
-        (dict(bits=4), False),
-        (dict(bits=3), True),
-        (dict(bits=2), True),
-        (dict(bits=3, sequential=False), False),
-        (dict(bits=3, fp_target=False), False),
-        (dict(bits=4, fp_target=True), True),
+        (dict(bits=4), False, False),
+        (dict(bits=3), True, True),
+        (dict(bits=2), True, True),
+        (dict(bits=3, sequential=False), False, False),
+        (dict(bits=3, fp_target=False), False, False),
+        (dict(bits=4, fp_target=True), True, True),
+        (dict(bits=3, true_sequential=False), True, False),
+        (dict(bits=4, true_sequential=True), False, True),
     ],
 )
-def test_fp_target_by_default_at_three_bits_and_fewer_in_block_sequential_calibration(settings, aimed):
+def test_aiming_at_three_bits_and_fewer_and_stages_wherever_aimed_by_default(settings, aimed, staged):
+    """fp_target=None aims in block-sequential calibration at 3 bits and fewer; true_sequential=None
+    solves in stages wherever layers are aimed; either given explicitly is kept."""
     summary = quantize_model(tiny_model("llama"), COMQConfig(dataset=torch.randint(1, 64, (4, 12)), seed=0, **settings))
-    assert summary["fp_target"] is aimed
+    assert summary["fp_target"] is aimed and summary["true_sequential"] is staged
     assert calibration_mode(summary).endswith("aimed at full-precision outputs") is aimed
-
-
-@pytest.mark.parametrize(
-    ("settings", "staged"),
-    [
-        (dict(bits=4), False),
-        (dict(bits=3), True),
-        (dict(bits=2), True),
-        (dict(bits=3, fp_target=False), False),
-        (dict(bits=4, fp_target=True), True),
-        (dict(bits=3, true_sequential=False), False),
-        (dict(bits=4, true_sequential=True), True),
-    ],
-)
-def test_true_sequential_by_default_wherever_layers_are_aimed(settings, staged):
-    summary = quantize_model(tiny_model("llama"), COMQConfig(dataset=torch.randint(1, 64, (4, 12)), seed=0, **settings))
-    assert summary["true_sequential"] is staged
     assert calibration_mode(summary).startswith("true-sequential") is staged
 
 

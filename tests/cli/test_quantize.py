@@ -61,9 +61,10 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
 
 def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(capsys, tmp_path, gpt2_dir, text_data) -> None:
     """Aimed layers are solved stage by stage unless --no-true-sequential says otherwise."""
-    for flags, mode, staged in (
-        ([], "true-sequential", "yes (the default where layers are aimed)"),
-        (["--no-true-sequential"], "block-sequential", "no"),
+    for flags, mode, staged, stored_staged in (
+        ([], "true-sequential", "yes (the default where layers are aimed)", None),
+        (["--true-sequential"], "true-sequential", "yes", True),
+        (["--no-true-sequential"], "block-sequential", "no", False),
     ):
         output = tmp_path / f"gpt2-w4-fp-target{'-'.join(['', *flags])}"
         code, out, err = run_cli(
@@ -74,6 +75,7 @@ def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(caps
         assert re.search(rf"calibration mode\s+{mode}, aimed at full-precision outputs$", out, flags=re.MULTILINE), out
         stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
         assert stored["selection"]["fp_target"] is True and stored["selection"]["sequential"] is True
+        assert stored["selection"]["true_sequential"] is stored_staged
         card = (output / "README.md").read_text()
         assert "| Layers aimed at the full-precision outputs | yes |" in card
         assert f"| Block layers solved stage by stage | {staged} |" in card
@@ -108,19 +110,6 @@ def test_quantize_solver_options_reach_the_solver_settings(capsys, tmp_path, gpt
     assert stored["solver"]["pair_moves"] == 0 and stored["solver"]["scale_refit"] is True
     card = (output / "README.md").read_text()
     assert "| Pair-move candidates per row | off |" in card and "| Scale refit | yes |" in card
-
-
-def test_quantize_with_true_sequential_solves_each_blocks_stages_in_turn(capsys, tmp_path, gpt2_dir, text_data) -> None:
-    output = tmp_path / "gpt2-w4-true-sequential"
-    code, out, err = run_cli(
-        capsys, "quantize", gpt2_dir, "--dataset", text_data, "--num-samples", 8, "--fp-target", "--true-sequential",
-        "--output", output,
-    )  # fmt: skip
-    assert code == 0, err
-    assert re.search(r"calibration mode\s+true-sequential, aimed at full-precision outputs$", out, flags=re.MULTILINE), out
-    stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
-    assert stored["selection"]["true_sequential"] is True and stored["selection"]["fp_target"] is True
-    assert "| Block layers solved stage by stage | yes |" in (output / "README.md").read_text()
 
 
 def test_quantize_calibrate_all_experts_solves_every_expert_on_every_token(capsys, tmp_path, text_data) -> None:
