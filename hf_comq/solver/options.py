@@ -104,11 +104,12 @@ def solves_in_stages_by_default(fp_target: bool | None, bits: int, sequential: b
 
     Aimed, a stage's layers can correct the error of the stages before them in the same
     block, which they see only when those run quantized: SmolLM2's perplexity fell again at
-    every 3- and 2-bit setting (on 8 of 9 paired draws).  In memory a held pass makes it no
-    dearer than aiming alone (one quantized pass per block replaces a Gram pass and a
-    quantized pass).  Without aiming a layer is only asked for its own output on inputs
-    that carry that error, and it helped little (benchmarks/README.md, "Stage by stage
-    wherever layers are aimed").
+    every 3- and 2-bit setting (on 8 of 9 paired draws).  In memory a held pass makes it about
+    as dear as aiming alone (one quantized pass per block replaces a Gram pass and a
+    quantized pass); where a block's stages cannot be held they run passes of their own, at
+    a higher cost with the same codes.  Without aiming a layer is only asked for its own
+    output on inputs that carry that error, and it helped little (benchmarks/README.md,
+    "Stage by stage wherever layers are aimed").
     """
     aimed = aims_at_full_precision_by_default(bits, sequential) if fp_target is None else bool(fp_target)
     return sequential and aimed
