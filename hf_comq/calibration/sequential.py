@@ -102,7 +102,7 @@ from ..solver import (
     HessianAccumulator,
     QuantizedWeight,
     TargetProductAccumulator,
-    aims_at_full_precision_by_default,
+    aims_at_full_precision,
     comq_quantize,
     fp_target_weight,
     solves_in_stages_by_default,
@@ -329,17 +329,15 @@ class _Settings:
     def from_config(cls, config: Any, solver: LayerSolver) -> "_Settings":
         sequential = bool(getattr(config, "sequential", True))
         bits = getattr(config, "bits", SOLVER_DEFAULTS["bits"])
-        fp_target = getattr(config, "fp_target", False)
+        fp_target = aims_at_full_precision(getattr(config, "fp_target", False), bits, sequential)
         true_sequential = getattr(config, "true_sequential", None)
         if true_sequential is None:
             true_sequential = solves_in_stages_by_default(fp_target, bits, sequential)
-        if fp_target is None:
-            fp_target = aims_at_full_precision_by_default(bits, sequential)
         return cls(
             solver=solver,
             solver_kwargs={name: getattr(config, name) for name in SOLVER_DEFAULTS if hasattr(config, name)},
             sequential=sequential,
-            fp_target=bool(fp_target),
+            fp_target=fp_target,
             true_sequential=bool(true_sequential),
             symmetric=bool(getattr(config, "symmetric", False)),
             calibrate_all_experts=bool(getattr(config, "calibrate_all_experts", False)),

@@ -29,6 +29,7 @@ _EXPORTS = {
     "layer_objective": ".comq",
     "widest_threaded_gemm": ".comq",
     "default_damp": ".options",
+    "aims_at_full_precision": ".options",
     "aims_at_full_precision_by_default": ".options",
     "solves_in_stages_by_default": ".options",
     "Grid": ".grid",

@@ -97,10 +97,17 @@ def aims_at_full_precision_by_default(bits: int, sequential: bool = True) -> boo
     return sequential and bits <= MAX_BITS_AIMED_BY_DEFAULT
 
 
+def aims_at_full_precision(fp_target: bool | None, bits: int, sequential: bool = True) -> bool:
+    """``fp_target`` as calibration applies it: ``None`` becomes :func:`aims_at_full_precision_by_default`.
+
+    The one place ``None`` is resolved, so that what :func:`solves_in_stages_by_default`
+    follows is the aiming calibration actually does."""
+    return aims_at_full_precision_by_default(bits, sequential) if fp_target is None else bool(fp_target)
+
+
 def solves_in_stages_by_default(fp_target: bool | None, bits: int, sequential: bool = True) -> bool:
     """Whether ``true_sequential=None`` solves each block's layers stage by stage: wherever they are aimed at
-    the full-precision outputs (``fp_target``; its own default, :func:`aims_at_full_precision_by_default`,
-    when that is ``None``).
+    the full-precision outputs (``fp_target`` as :func:`aims_at_full_precision` resolves it).
 
     Aimed, a stage's layers can correct the error of the stages before them in the same
     block, which they see only when those run quantized: SmolLM2's perplexity fell again at
@@ -111,8 +118,7 @@ def solves_in_stages_by_default(fp_target: bool | None, bits: int, sequential: b
     output on inputs that carry that error, and it helped little (benchmarks/README.md,
     "Stage by stage wherever layers are aimed").
     """
-    aimed = aims_at_full_precision_by_default(bits, sequential) if fp_target is None else bool(fp_target)
-    return sequential and aimed
+    return sequential and aims_at_full_precision(fp_target, bits, sequential)
 
 
 def check_bits(bits: int, low: int = MIN_BITS) -> None:
