@@ -214,6 +214,22 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _kernel_work() -> tuple[float, int]:
+    """System CPU time and minor page faults of this process so far: memory given back to the
+    kernel and allocated again shows up there, as faults and the kernel's time zeroing pages."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_stime, usage.ru_minflt
+
+
+def _record_quantization_cost(record: dict, started: float, cpu_started: float, kernel_started: tuple[float, int]) -> None:
+    """Wall, CPU and kernel time and minor page faults since the starting points, into ``record``."""
+    record["seconds"] = time.perf_counter() - started
+    record["cpu_seconds"] = _cpu_seconds() - cpu_started
+    system, faults = _kernel_work()
+    record["system_seconds"] = system - kernel_started[0]
+    record["minor_faults"] = faults - kernel_started[1]
+
+
 def _commit() -> str:
     """The code version a row was measured with ("+dirty" with uncommitted changes)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
@@ -232,7 +248,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
         from transformers import AutoModelForCausalLM
 
         calibration, held_out = smollm2_data(options["calibration"], options["length"], seed, options["eval_chunks"])
-        started, cpu_started = time.perf_counter(), _cpu_seconds()
+        started, cpu_started, kernel_started = time.perf_counter(), _cpu_seconds(), _kernel_work()
         if method == "FP":
             model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR)
         elif method.startswith("GPTQ"):
@@ -243,8 +259,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
             model = AutoModelForCausalLM.from_pretrained(
                 SMOLLM2_DIR, quantization_config=comq_config(method, bits, group, dataset, seed)
             )
-        record["seconds"] = time.perf_counter() - started
-        record["cpu_seconds"] = _cpu_seconds() - cpu_started
+        _record_quantization_cost(record, started, cpu_started, kernel_started)
         record["perplexity"] = perplexity(model.eval(), held_out)
     else:
         from transformers import BitImageProcessorPil, Dinov2Model
@@ -253,7 +268,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
         calibration, probe_set, (test_images, test_labels) = dinov2_images(options["calibration"], seed, options["test_images"])
         fp_model = Dinov2Model.from_pretrained(DINOV2_DIR).eval()
         probe = dinov2_probe(fp_model, processor, probe_set)
-        started, cpu_started = time.perf_counter(), _cpu_seconds()
+        started, cpu_started, kernel_started = time.perf_counter(), _cpu_seconds(), _kernel_work()
         if method == "FP":
             model = fp_model
         else:
@@ -270,8 +285,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
                     model = Dinov2Model.from_pretrained(DINOV2_DIR, quantization_config=config)
             else:
                 model = Dinov2Model.from_pretrained(DINOV2_DIR, quantization_config=config)
-        record["seconds"] = time.perf_counter() - started
-        record["cpu_seconds"] = _cpu_seconds() - cpu_started
+        _record_quantization_cost(record, started, cpu_started, kernel_started)
         features = dinov2_features(model.eval(), processor, test_images)
         fp_cache = Path(f"/work/cache/dinov2_fp_test_{len(test_images)}.pt")
         if method == "FP":
