@@ -40,7 +40,6 @@ __all__ = [
     "install_quantized_layer",
     "install_unfused_experts",
     "materialized",
-    "memory_is_short",
     "offloads_to_disk",
     "release_file_mappings",
     "release_file_pages",
@@ -348,21 +347,6 @@ def trim_heap() -> bool:
         return False
     trim(0)
     return True
-
-
-def memory_is_short() -> bool:
-    """Whether the machine has less RAM available than this process holds resident.
-
-    Pages that :func:`trim_heap` gives back are faulted in and zeroed again, one by one,
-    by the next allocations of the same size: the next block's or stage's activations,
-    every batch's at once in a held pass.  Kept in the heap they are reused as they are,
-    so a run gives them back only once the machine runs short: when what is left
-    available is less than what this process already holds (past that point the heap's
-    free pages are the first thing to give).
-    """
-    import psutil
-
-    return psutil.virtual_memory().available < psutil.Process().memory_info().rss
 
 
 @functools.cache

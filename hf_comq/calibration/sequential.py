@@ -141,7 +141,6 @@ from .placement import (
     install_quantized_layer,
     install_unfused_experts,
     materialized,
-    memory_is_short,
     release_file_mappings,
     release_file_pages,
     resolve_placement,
@@ -453,22 +452,9 @@ class _Calibrator:
         for index, block_name in enumerate(group.block_names):
             is_last = index == len(group) - 1
             captured = self._process_block(block_name, captured, need_outputs=not is_last)
-            self._trim_heap_if_memory_is_dear()  # the block's Gram sums and weights were freed
+            trim_heap()  # the block's Gram sums and weights were freed: their pages go back, not just to the heap
             bar.set_postfix(block=block_name, rel_err=f"{self._mean_error():.3g}")
             bar.update(1)
-
-    def _trim_heap_if_memory_is_dear(self) -> None:
-        """Give the heap's free pages back to the kernel under a memory budget, or where the machine runs short.
-
-        A dispatched model (accelerate's hooks: the only way a memory budget is set) is run
-        to stay within its budget, so its freed pages always go back.  Elsewhere they are
-        kept for the next block's or stage's allocations unless :func:`~.placement.memory_is_short`:
-        given back, they would be faulted in again at once.  Without trimming glibc's heap
-        of a held pass stays larger (each batch's thread frees into an arena of its own),
-        which the machine then has room for.
-        """
-        if self.inputs.placement.dispatched or memory_is_short():
-            trim_heap()
 
     def _skip_group(self, group: BlockGroup) -> None:
         logger.warning(
@@ -753,7 +739,7 @@ class _Calibrator:
                         recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
                 solved.update(self._solve_stage(stage, recorder, stand_ins))
                 del held
-                self._trim_heap_if_memory_is_dear()  # each batch's thread freed its stage's temporaries in a heap of its own
+                trim_heap()  # each batch's thread freed its stage's temporaries in a heap of its own
                 paused.release(index)
             results = paused.outputs()
         for name, qweight in solved.items():

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from hf_comq import COMQConfig, calibration_summary
 from hf_comq.calibration.placement import (
     free_memory,
-    memory_is_short,
     offloads_to_disk,
     release_file_mappings,
     release_file_pages,
@@ -217,15 +215,6 @@ def test_trim_heap_gives_freed_buffers_inside_the_heap_back():
     assert trim_heap()
     assert before - _resident_anonymous_mib() >= 32
     assert all(float(tensor.sum()) == 16 for tensor in kept)
-
-
-@pytest.mark.parametrize(("available", "resident", "short"), [(8 << 30, 2 << 30, False), (1 << 30, 2 << 30, True)])
-def test_memory_is_short_once_the_machine_has_less_available_than_the_process_holds(available, resident, short, monkeypatch):
-    import psutil
-
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
-    monkeypatch.setattr(psutil, "Process", lambda: SimpleNamespace(memory_info=lambda: SimpleNamespace(rss=resident)))
-    assert memory_is_short() is short
 
 
 def test_a_dispatched_or_disk_offloaded_mixture_of_experts_saves_the_in_memory_checkpoint(tmp_path):

@@ -1049,31 +1049,6 @@ def test_true_sequential_runs_each_batch_through_a_block_once_with_the_codes_of_
     assert _assert_same_codes(staged, held) == _assert_same_codes(offloaded, held) == 14
 
 
-@pytest.mark.parametrize("short", [False, True], ids=["room-to-spare", "memory-short"])
-def test_freed_heap_pages_go_back_under_a_memory_budget_or_where_memory_is_short(short, monkeypatch):
-    """Pages given back to the kernel are faulted in again by the next block's or stage's
-    allocations, so in memory with room to spare a run keeps them in its heap; where the machine
-    runs short they go back after every block and every stage of a held pass, and under
-    accelerate's hooks (a memory budget, no held pass) after every block, room or not."""
-    import hf_comq.calibration.sequential as sequential
-
-    trims: list[int] = []
-    monkeypatch.setattr(sequential, "trim_heap", lambda: trims.append(1) or True)
-    monkeypatch.setattr(sequential, "memory_is_short", lambda: short)
-
-    def trimmed(offload: bool) -> int:
-        trims.clear()
-        model = tiny_model("llama")
-        if offload:
-            accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
-        quantize_model(model, _config("llama", bits=3, batch_size=2))  # aimed, stage by stage
-        return len(trims)
-
-    blocks, stages = len(tiny_model("llama").model.layers), 4
-    assert trimmed(offload=False) == (blocks * (stages + 1) if short else 0)
-    assert trimmed(offload=True) == blocks
-
-
 def test_sum_dtype_float32_sums_every_calibration_sum_in_float32_for_nearly_the_same_codes(monkeypatch):
     """``sum_dtype="float32"`` halves the Gram and target sums; summed over a few batches they
     round apart from float64's by float32's precision, so nearly every code of the first block is
