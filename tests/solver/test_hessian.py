@@ -235,3 +235,42 @@ def test_shrinkage_ridge_of_inputs_that_are_a_multiple_of_the_identity_is_zero()
     acc = HessianAccumulator(3)
     acc.add(torch.eye(3) * 2.0)
     assert acc.shrinkage_ridge() == 0.0
+
+
+def test_a_batchs_products_run_side_by_side_on_two_threads_with_the_sums_of_one(monkeypatch):
+    """With two caller threads, a batch's products too small for a thread pool each run on one
+    thread, side by side, a row block per thread (the target shift and the target product in two
+    blocks at least); every block sums the same products in the same order, so the sums are, bit
+    for bit, those of one thread."""
+    import hf_comq.solver.hessian as hessian_module
+
+    gen = torch.Generator().manual_seed(0)
+    quantized = [torch.randn(64, 256, generator=gen) for _ in range(3)]
+    full_precision = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in quantized]
+    weight = torch.randn(96, 256, generator=gen)
+    side_by_side: list[tuple[int, int]] = []
+    original = hessian_module.run_side_by_side
+
+    def recording(jobs, workers):
+        side_by_side.append((len(jobs), workers))
+        return original(jobs, workers)
+
+    def summed() -> list[torch.Tensor]:
+        gram, product = HessianAccumulator(256, with_target=True), TargetProductAccumulator(96, 256)
+        for x, x_fp in zip(quantized, full_precision):
+            gram.add(x, x_fp)
+            product.add(x, x_fp @ weight.T)
+        return [gram.result(), gram.target_shift(), product.result()]
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = summed()
+        monkeypatch.setattr(hessian_module, "run_side_by_side", recording)
+        torch.set_num_threads(2)
+        two = summed()
+    finally:
+        torch.set_num_threads(previous)
+    # per batch: the Gram matrix's 4 triangle blocks with the shift's 2, then the target product's 2
+    assert side_by_side == [(6, 2), (2, 2)] * 3
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
