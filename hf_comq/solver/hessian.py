@@ -7,11 +7,9 @@ activations batch by batch and drop them immediately.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ..threads import caller_threads, gets_caller_threads, run_side_by_side, threads_for
+from ..threads import threads_for
 from .spans import rows_fitting, spans
 
 GRAM_BLOCK_BYTES = 16 * 1024 * 1024
@@ -26,11 +24,6 @@ TRIANGLE_BLOCKS = 8
 enough for one block would otherwise compute the whole square product, the half below
 the diagonal thrown away; with eight the products cover little more than the triangle
 (``(1 + 1/8) / 2`` of the square)."""
-SHARED_BLOCKS = 2
-"""At least this many row blocks for a whole (not triangular) sum, the target shift or a target
-product, where :data:`MIN_BLOCK_ROWS` allows: a batch's products small enough to run on one
-thread each (:func:`~hf_comq.threads.gets_caller_threads`) run side by side, one block per
-thread, and a sum in one block would leave the other threads idle for most of the batch."""
 
 
 SHRINKAGE_FLOOR = 1e-6
@@ -63,8 +56,7 @@ class HessianAccumulator:
     turns the layer's objective into ``||X_fp W^T - X Wq^T||^2``, the distance to the
     full-precision model's outputs rather than to this layer's own output on the
     quantized prefix's inputs.  It is not symmetric, so it is summed whole, in row blocks
-    as large as :data:`GRAM_BLOCK_BYTES` allows (each ``rows x in``), at least
-    :data:`SHARED_BLOCKS` of them for threads to share a batch's product.
+    as large as :data:`GRAM_BLOCK_BYTES` allows (each ``rows x in``).
     """
 
     def __init__(
@@ -85,7 +77,7 @@ class HessianAccumulator:
         bytes_per_row = in_features * (dtype.itemsize + 4)
         fitting = rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS)
         self._spans = spans(in_features, max(min(fitting, -(-in_features // TRIANGLE_BLOCKS)), MIN_BLOCK_ROWS))
-        self._shift_spans = spans(in_features, _shared_rows(in_features, fitting))  # no triangle: few, large blocks
+        self._shift_spans = spans(in_features, fitting)  # no triangle to follow: the fewest blocks that fit
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._with_target = with_target
         # The sums are made on first use: a layer found sharing another's input (q/k/v, an expert's
@@ -145,10 +137,12 @@ class HessianAccumulator:
                 raise ValueError("target activations contain NaN or inf; check the model's dtype")
         self._sums()
         self._norm_fourth += torch.linalg.vector_norm(rows, dim=1).double().pow(4).sum()  # no batch-sized temporary
-        products = [(block, rows[:, span].T, rows[:, span.start :]) for span, block in zip(self._spans, self._upper)]
-        if shift_rows is not None:  # the larger products first, for the threads to share the rest
-            products[:0] = [(block, shift_rows[:, span].T, rows) for span, block in zip(self._shift_spans, self._shift)]
-        _add_products(products, (1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features)
+        with threads_for((1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features):
+            for span, block in zip(self._spans, self._upper):
+                _add_product(block, rows[:, span].T, rows[:, span.start :])
+            if shift_rows is not None:
+                for span, block in zip(self._shift_spans, self._shift):
+                    _add_product(block, shift_rows[:, span].T, rows)
         self.num_tokens += rows.shape[0]
 
     def partial_sums(self) -> list[torch.Tensor]:
@@ -272,7 +266,7 @@ class TargetProductAccumulator:
             raise ValueError(f"accumulation dtype must be torch.float32 or torch.float64, got {dtype}")
         self.out_features, self.in_features, self.dtype = out_features, in_features, dtype
         self.num_tokens = 0
-        self._spans = spans(out_features, _shared_rows(out_features, rows_fitting(GRAM_BLOCK_BYTES, in_features * (dtype.itemsize + 4))))
+        self._spans = spans(out_features, rows_fitting(GRAM_BLOCK_BYTES, in_features * (dtype.itemsize + 4)))
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._blocks: list[torch.Tensor] | None = None  # made on first use, as HessianAccumulator's sums
         self._whole: torch.Tensor | None = None
@@ -301,10 +295,9 @@ class TargetProductAccumulator:
         if not (_all_finite(rows) and _all_finite(kept)):
             raise ValueError("layer inputs or outputs contain NaN or inf; check the calibration inputs and the model's dtype")
         self._sums()
-        _add_products(
-            [(block, kept[:, span].T, rows) for span, block in zip(self._spans, self._blocks)],
-            2.0 * kept.numel() * self.in_features,
-        )
+        with threads_for(2.0 * kept.numel() * self.in_features):
+            for span, block in zip(self._spans, self._blocks):
+                _add_product(block, kept[:, span].T, rows)
         self._input_sum += rows.sum(dim=0, keepdim=True, dtype=self.dtype)
         self.num_tokens += rows.shape[0]
 
@@ -356,32 +349,6 @@ def _all_finite(rows: torch.Tensor) -> bool:
     the sum non-finite, and the elementwise test (several passes over the batch, a large
     share of an accumulation's time) runs only then, to tell an overflowing sum apart."""
     return bool(torch.isfinite(rows.sum())) or bool(torch.isfinite(rows).all())
-
-
-def _shared_rows(rows: int, fitting: int) -> int:
-    """Rows per block of a whole sum: as many as fit, in at least :data:`SHARED_BLOCKS` blocks where
-    :data:`MIN_BLOCK_ROWS` allows."""
-    return max(min(fitting, -(-rows // SHARED_BLOCKS)), min(MIN_BLOCK_ROWS, rows))
-
-
-def _add_products(products: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], flops: float) -> None:
-    """``total += left @ right`` for each ``(total, left, right)`` of one batch, ``flops`` in all.
-
-    Products large enough for a thread pool (:func:`~hf_comq.threads.threads_for`) run one
-    after the other on the caller's threads; smaller ones side by side, one torch thread
-    each, where the caller has several (:func:`~hf_comq.threads.run_side_by_side`).  The
-    totals are disjoint row blocks, each summing its batches in the order they come, and a
-    product on one thread is the same alone or beside others: the sums do not depend on
-    how many threads share them.
-    """
-    on_cpu = all(total.device.type == "cpu" for total, _, _ in products)  # a GPU queues its products anyway
-    workers = min(caller_threads(), len(products)) if on_cpu and not gets_caller_threads(flops) else 1
-    if workers > 1:
-        run_side_by_side([functools.partial(_add_product, *product) for product in products], workers)
-        return
-    with threads_for(flops):
-        for product in products:
-            _add_product(*product)
 
 
 def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
