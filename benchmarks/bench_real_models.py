@@ -206,28 +206,24 @@ def llmcompressor_oneshot(model, method: str, bits: int, group: int | None, chun
     return model
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process: on a shared machine, wall time also
-    counts the time other processes held the cores; with one thread, CPU time is
-    the work done."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _quantization_clock() -> tuple[float, resource.struct_rusage]:
+    """Wall clock and this process's resource usage now, the start of :func:`_record_quantization_cost`."""
+    return time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
 
 
-def _kernel_work() -> tuple[float, int]:
-    """System CPU time and minor page faults of this process so far: memory given back to the
-    kernel and allocated again shows up there, as faults and the kernel's time zeroing pages."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_stime, usage.ru_minflt
+def _record_quantization_cost(record: dict, started: tuple[float, resource.struct_rusage]) -> None:
+    """Wall time, CPU time (user + system), system time and minor page faults since ``started``, into ``record``.
 
-
-def _record_quantization_cost(record: dict, started: float, cpu_started: float, kernel_started: tuple[float, int]) -> None:
-    """Wall, CPU and kernel time and minor page faults since the starting points, into ``record``."""
-    record["seconds"] = time.perf_counter() - started
-    record["cpu_seconds"] = _cpu_seconds() - cpu_started
-    system, faults = _kernel_work()
-    record["system_seconds"] = system - kernel_started[0]
-    record["minor_faults"] = faults - kernel_started[1]
+    On a shared machine wall time also counts the time other processes held the cores;
+    with one thread, CPU time is the work done.  Memory given back to the kernel and
+    allocated again shows up in the system time and the faults (the kernel zeroing pages).
+    """
+    wall, before = started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    record["seconds"] = time.perf_counter() - wall
+    record["cpu_seconds"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    record["system_seconds"] = after.ru_stime - before.ru_stime
+    record["minor_faults"] = after.ru_minflt - before.ru_minflt
 
 
 def _commit() -> str:
@@ -248,7 +244,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
         from transformers import AutoModelForCausalLM
 
         calibration, held_out = smollm2_data(options["calibration"], options["length"], seed, options["eval_chunks"])
-        started, cpu_started, kernel_started = time.perf_counter(), _cpu_seconds(), _kernel_work()
+        started = _quantization_clock()
         if method == "FP":
             model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR)
         elif method.startswith("GPTQ"):
@@ -259,7 +255,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
             model = AutoModelForCausalLM.from_pretrained(
                 SMOLLM2_DIR, quantization_config=comq_config(method, bits, group, dataset, seed)
             )
-        _record_quantization_cost(record, started, cpu_started, kernel_started)
+        _record_quantization_cost(record, started)
         record["perplexity"] = perplexity(model.eval(), held_out)
     else:
         from transformers import BitImageProcessorPil, Dinov2Model
@@ -268,7 +264,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
         calibration, probe_set, (test_images, test_labels) = dinov2_images(options["calibration"], seed, options["test_images"])
         fp_model = Dinov2Model.from_pretrained(DINOV2_DIR).eval()
         probe = dinov2_probe(fp_model, processor, probe_set)
-        started, cpu_started, kernel_started = time.perf_counter(), _cpu_seconds(), _kernel_work()
+        started = _quantization_clock()
         if method == "FP":
             model = fp_model
         else:
@@ -285,7 +281,7 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
                     model = Dinov2Model.from_pretrained(DINOV2_DIR, quantization_config=config)
             else:
                 model = Dinov2Model.from_pretrained(DINOV2_DIR, quantization_config=config)
-        _record_quantization_cost(record, started, cpu_started, kernel_started)
+        _record_quantization_cost(record, started)
         features = dinov2_features(model.eval(), processor, test_images)
         fp_cache = Path(f"/work/cache/dinov2_fp_test_{len(test_images)}.pt")
         if method == "FP":
