@@ -28,6 +28,8 @@ without a competing process, and prints the GEMM sweep behind the threshold.
 from __future__ import annotations
 
 import contextvars
+import heapq
+import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -211,11 +213,15 @@ class AllAtOnce:
     torch thread each where several compute at once, the caller's where one does, in a
     copy of the caller's context variables and grad mode.  Use as a context manager;
     :meth:`results` waits for every job and raises the failure of the lowest job.
+    Where more jobs wait for a slot than there are, the lowest job index gets it.
     """
+
+    _CALLER_RANK = -1  # the caller's own turn comes before every waiting job
 
     def __init__(self, jobs: Sequence[Callable[[], Result]], workers: int):
         self._jobs = list(jobs)
-        self._slots = threading.Semaphore(max(1, workers))
+        self._slots = _Slots(max(1, workers))
+        self._index = threading.local()  # a job thread's own index, its rank for a slot
         self._threads_each = 1 if workers > 1 else caller_threads()
         self._outcomes: list[tuple[bool, Any] | None] = [None] * len(self._jobs)
         self._threads: list[threading.Thread] = []
@@ -247,7 +253,29 @@ class AllAtOnce:
         try:
             yield
         finally:
-            self._slots.acquire()
+            self._slots.acquire(self._index.index)
+
+    @contextmanager
+    def caller_turn(self) -> Iterator[None]:
+        """Compute in a slot of the jobs' own, on the calling thread, ahead of the jobs waiting for one.
+
+        For the caller's share of the work while jobs run (a held stage's sums, batch
+        by batch as the batches arrive): it then overlaps with the jobs' compute
+        without more than ``workers`` computing at once.  Inside, torch runs on the
+        threads a job gets, recorded as the caller's, so no scope inside widens them.
+        """
+        self._slots.acquire(self._CALLER_RANK)
+        token = _caller_threads.set(self._threads_each)
+        previous = torch.get_num_threads()
+        if previous != self._threads_each:
+            torch.set_num_threads(self._threads_each)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != previous:
+                torch.set_num_threads(previous)
+            _caller_threads.reset(token)
+            self._slots.release()
 
     def results(self) -> list[Result]:
         """Every job's result in job order, once all have ended; the lowest failed job's error instead."""
@@ -259,11 +287,47 @@ class AllAtOnce:
         return [outcome[1] for outcome in outcomes]
 
     def _run(self, index: int, grad_enabled: bool) -> None:
-        with _worker(self._threads_each, grad_enabled), self._slots:
+        self._index.index = index
+        with _worker(self._threads_each, grad_enabled):
+            self._slots.acquire(index)
             try:
                 self._outcomes[index] = (True, self._jobs[index]())
             except BaseException as error:  # handed to results(), in the caller's thread
                 self._outcomes[index] = (False, error)
+            finally:
+                self._slots.release()
+
+
+class _Slots:
+    """A counting semaphore that hands each freed slot to the waiter of the lowest rank.
+
+    A job waits with its own index as its rank, so the jobs compute in job order
+    (the order the caller reads their results in) whenever more wait than run; the
+    caller's own turn (:meth:`AllAtOnce.caller_turn`) ranks before every job.  A
+    freed slot goes straight to that one waiter: no release wakes every thread.
+    """
+
+    def __init__(self, count: int):
+        self._lock = threading.Lock()
+        self._free = count
+        self._waiting: list[tuple[int, int, threading.Event]] = []  # a heap of (rank, arrival, event)
+        self._arrivals = itertools.count()
+
+    def acquire(self, rank: int) -> None:
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            granted = threading.Event()
+            heapq.heappush(self._waiting, (rank, next(self._arrivals), granted))
+        granted.wait()  # the releasing thread took the slot for this one
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                heapq.heappop(self._waiting)[2].set()
+            else:
+                self._free += 1
 
 
 @contextmanager

@@ -119,6 +119,9 @@ class HessianRecorder:
     sum it.
 
     ``dtype`` is the dtype of every sum (``COMQConfig.sum_dtype``): float64 by default.
+    ``replay_only=True`` puts no hooks on the layers: the sums come from :meth:`replay`
+    alone, while passes on other threads may still call the layers (a held pass whose
+    batches arrive at a stage while the earlier ones are summed).
 
     In the quantized-prefix pass every layer is taken as it is called, from its input
     (a forward pre-hook), so the pass may end there
@@ -141,6 +144,7 @@ class HessianRecorder:
         *,
         with_targets: bool = False,
         dtype: torch.dtype = torch.float64,
+        replay_only: bool = False,
     ):
         self.accumulators: dict[str, HessianAccumulator] = {}
         # the layers whose target product is summed from their outputs (see the class docstring)
@@ -164,10 +168,12 @@ class HessianRecorder:
             self.accumulators[name] = HessianAccumulator(
                 in_features, dtype=dtype, device=device, with_target=targeted and not by_outputs
             )
-            self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+            if not replay_only:
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
             if by_outputs:
                 self.target_products[name] = TargetProductAccumulator(out_features, in_features, dtype=dtype, device=device)
-                self._handles.append(module.register_forward_hook(self._output_hook(name)))
+                if not replay_only:
+                    self._handles.append(module.register_forward_hook(self._output_hook(name)))
         # fixed here, not read from target_products: a full-precision pass on another thread must not see a
         # layer turn into a shift reader (replay decides sharing) between its two hooks
         self._by_outputs = frozenset(self.target_products)

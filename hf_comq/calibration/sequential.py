@@ -713,7 +713,8 @@ class _Calibrator:
         where the stages are aimed at the full-precision outputs; the first stage only
         with ``aimed_from_start``, as in :meth:`_process_block_in_stages`.  Each stage's
         sums replay the held batches' inputs in batch order, as the side-by-side passes
-        of :meth:`_run_block` do, here while every batch waits; once the stage is solved
+        of :meth:`_run_block` do, each batch's as it arrives while later ones still run
+        up to the stage, in a compute slot of the pass's own; once the stage is solved
         its layers run quantized for the rest of the pass.
         """
         block = self.model.get_submodule(block_name)
@@ -732,13 +733,14 @@ class _Calibrator:
         with PausedPass(self.model, stages, jobs, workers) as paused, stand_ins:
             for index, stage in enumerate(stages):
                 targeted = targets is not None and (index > 0 or aimed_from_start)
-                held = paused.held(index)  # every batch waits: no pass runs the stage's layers while they are summed
-                with self._recorder(stage, with_targets=targeted) as recorder:
-                    for batch, hidden in held:
+                # each batch summed as it arrives, while later ones still run up to the stage
+                with self._recorder(stage, with_targets=targeted, replay_only=True) as recorder:
+                    for batch, hidden in paused.arrivals(index):
                         calls = [(name, hidden, None, None) for name in stage]
-                        recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
+                        with paused.caller_turn():
+                            recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
+                        del calls, hidden
                 solved.update(self._solve_stage(stage, recorder, stand_ins))
-                del held
                 trim_heap()  # each batch's thread freed its stage's temporaries in a heap of its own
                 paused.release(index)
             results = paused.outputs()
@@ -915,10 +917,11 @@ class _Calibrator:
         self._sum_over_ranks(recorder)
         self._quantize_layers(names, recorder.accumulators)
 
-    def _recorder(self, names: list[str], with_targets: bool = False) -> HessianRecorder:
+    def _recorder(self, names: list[str], with_targets: bool = False, replay_only: bool = False) -> HessianRecorder:
         """A recorder of these layers' calibration sums, in the configured ``sum_dtype``."""
         return HessianRecorder(
-            self.model, names, self.compute, with_targets=with_targets, dtype=self.settings.sum_dtype
+            self.model, names, self.compute, with_targets=with_targets, dtype=self.settings.sum_dtype,
+            replay_only=replay_only,
         )
 
     def _expert_routing(self, module: nn.Module) -> Any:

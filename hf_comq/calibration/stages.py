@@ -279,7 +279,7 @@ class PausedPass:
     stages before it) and once more, quantized, to make the next block's inputs.  Here
     each batch runs it once: a pass that calls the first layer of a stage not yet solved
     waits there, its input kept, until the caller has summed every batch's inputs
-    (:meth:`held`), solved the stage, run its layers quantized
+    (:meth:`arrivals`), solved the stage, run its layers quantized
     (:class:`QuantizedStandIns`, entered inside this scope) and said so
     (:meth:`release`); then it goes on.  Its end is the block's quantized output
     (:meth:`outputs`).  The inputs kept are the ones a pass per stage would record, so
@@ -330,15 +330,29 @@ class PausedPass:
         _restore_forwards(self._wrapped)  # the wrappers, which hold the layers' own forwards, go with them
         self._held = [{} for _ in self._stages]
 
-    def held(self, stage: int) -> list[tuple[int, torch.Tensor]]:
-        """``(batch, input)`` of every batch held at ``stage``, in batch order, once no batch can still
-        reach it; a failed batch's error instead."""
-        with self._condition:
-            self._condition.wait_for(lambda: self._error is not None or all(at >= stage for at in self._at))
-            if self._error is not None:
-                raise self._error
-            held, self._held[stage] = self._held[stage], {}
-        return [(batch, held[batch]) for batch in sorted(held)]
+    def arrivals(self, stage: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(batch, input)`` of each batch held at ``stage``, in batch order, each as soon as that batch
+        is held (a batch whose pass ends without reaching the stage is skipped); a failed batch's error
+        instead.
+
+        The caller sums each while later batches still compute (in :meth:`caller_turn`), so the
+        stage's sums overlap the passes instead of waiting for the last of them, and are added in
+        batch order as before: the same sums to the last bit.  Iterate to the end before
+        :meth:`release`.
+        """
+        for batch in range(len(self._at)):
+            with self._condition:
+                self._condition.wait_for(lambda: self._error is not None or self._at[batch] >= stage)
+                if self._error is not None:
+                    raise self._error
+                hidden = self._held[stage].pop(batch, None)
+            if hidden is not None:
+                yield batch, hidden
+
+    def caller_turn(self) -> contextlib.AbstractContextManager[None]:
+        """A compute slot for the caller's own work while passes run (:meth:`AllAtOnce.caller_turn
+        <hf_comq.threads.AllAtOnce.caller_turn>`): at most ``workers`` compute at once, the caller included."""
+        return self._all.caller_turn()
 
     def release(self, stage: int) -> None:
         """``stage`` is solved and runs quantized: the batches held there go on."""

@@ -269,7 +269,7 @@ def test_a_paused_pass_holds_every_batch_at_each_stage_until_the_stage_runs_quan
     jobs = [lambda x=x: run(x) for x in xs]
     with torch.no_grad(), PausedPass(block, stages, jobs, 2) as paused, stand_ins:
         for index, stage in enumerate(stages):
-            held = paused.held(index)
+            held = list(paused.arrivals(index))
             assert [batch for batch, _ in held] == [0, 1, 2]
             for batch, hidden in held:
                 x = xs[batch]
@@ -301,7 +301,7 @@ def test_a_failing_batch_ends_a_paused_pass_with_its_error_and_leaves_the_block_
     with pytest.raises(ValueError, match="batch 1 is broken"):
         stages = [["q", "k", "v"], ["o"], ["down"]]
         with torch.no_grad(), PausedPass(block, stages, jobs, 1) as paused:
-            paused.held(0)
+            list(paused.arrivals(0))
     assert all("forward" not in module.__dict__ for module in block.children())
     block(x)  # nothing holds the pass any more
 
@@ -313,6 +313,6 @@ def test_a_paused_pass_left_early_lets_its_held_batches_go():
     with pytest.raises(RuntimeError, match="solve failed"):
         stages = [["q", "k", "v"], ["o"], ["down"]]
         with torch.no_grad(), PausedPass(block, stages, [lambda: block(x)] * 2, 2) as paused:
-            assert [batch for batch, _ in paused.held(0)] == [0, 1]
+            assert [batch for batch, _ in paused.arrivals(0)] == [0, 1]
             raise RuntimeError("solve failed")
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("hf_comq-")]
