@@ -331,6 +331,43 @@ def test_all_at_once_starts_every_job_and_lets_a_waiting_job_give_up_its_slot(tw
         assert torch.get_num_threads() == 2
 
 
+def test_all_at_once_hands_a_freed_slot_to_the_lowest_waiting_job_and_the_caller_first(two_threads) -> None:
+    """One slot: jobs released from a wait queue for it while the caller holds it, and take it in job
+    order whatever order their threads woke in; a caller's turn asked for meanwhile comes before them."""
+    jobs_count = 5
+    arrived = threading.Semaphore(0)
+    go_on = threading.Event()
+    order: list[str] = []
+    lock = threading.Lock()
+    runner: dict[str, AllAtOnce] = {}
+
+    def job(index: int):
+        def run() -> int:
+            with runner["all"].step_aside():
+                arrived.release()
+                go_on.wait(timeout=30)
+            with lock:
+                order.append(f"job {index}")
+            time.sleep(0.02)  # computing, holding the slot
+            return index
+
+        return run
+
+    runner["all"] = AllAtOnce([job(index) for index in range(jobs_count)], 1)  # before the jobs start
+    with runner["all"]:
+        for _ in range(jobs_count):
+            assert arrived.acquire(timeout=30)
+        with runner["all"].caller_turn():  # every job stepped aside: the slot is free
+            assert torch.get_num_threads() == 2 and caller_threads() == 2  # one slot: the caller's threads
+            order.append("caller")
+            go_on.set()
+            time.sleep(0.3)  # the jobs wake, in whatever order, and queue for the slot
+        with runner["all"].caller_turn():  # asked for while four jobs still wait
+            order.append("caller")
+        assert runner["all"].results() == list(range(jobs_count))
+    assert order == ["caller", "job 0", "caller", "job 1", "job 2", "job 3", "job 4"]
+
+
 def test_all_at_once_raises_the_failure_of_the_lowest_job(two_threads) -> None:
     def failing(message: str):
         def run() -> None:

@@ -38,6 +38,18 @@ def test_a_forward_pass_outside_a_token_scope_is_an_error():
     model(torch.randn(1, 4))  # hooks are gone after the recorder closes
 
 
+def test_a_replay_only_recorder_ignores_the_layers_own_calls_and_sums_what_is_replayed():
+    """Passes may reach its layers while it sums (a held pass's later batches): only replay feeds it."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(5, 4)
+    with HessianRecorder(model, ["0"], torch.device("cpu"), replay_only=True) as recorder:
+        model(torch.randn(2, 4))  # outside any token scope, and not an error: nothing listens
+        recorder.replay([("0", x, None, None)], None)
+        model(torch.randn(2, 4))
+    assert recorder.accumulators["0"].num_tokens == 5
+    torch.testing.assert_close(recorder.accumulators["0"].result(), x.double().T @ x.double(), rtol=1e-5, atol=1e-6)
+
+
 class TwoHeads(nn.Module):
     def __init__(self):
         super().__init__()

@@ -290,6 +290,38 @@ def test_a_paused_pass_holds_every_batch_at_each_stage_until_the_stage_runs_quan
     torch.testing.assert_close(block(xs[0]), full_precision[0])
 
 
+def test_a_paused_pass_hands_over_each_batch_as_it_arrives_not_once_all_have():
+    """The caller sums a stage batch by batch while later batches still run: here batch 2 starts
+    only once the caller has batch 1, which would never happen if the stage waited for all three."""
+    block = _Attention()
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    may_start = threading.Event()
+
+    def run(index: int) -> torch.Tensor:
+        if index == 2:
+            assert may_start.wait(timeout=30), "batch 2 was never let start"
+        return block(xs[index])
+
+    stages = [["q", "k", "v"], ["o"], ["down"]]
+    jobs = [lambda index=index: run(index) for index in range(3)]
+    with torch.no_grad(), PausedPass(block, stages, jobs, 3) as paused:
+        seen = []
+        for batch, hidden in paused.arrivals(0):
+            with paused.caller_turn():
+                seen.append(batch)
+                assert torch.equal(hidden, xs[batch])
+            if batch == 1:
+                may_start.set()
+        assert seen == [0, 1, 2]
+        paused.release(0)
+        for index in (1, 2):
+            assert [batch for batch, _ in paused.arrivals(index)] == [0, 1, 2]
+            paused.release(index)
+        results = paused.outputs()
+    for x, result in zip(xs, results):
+        torch.testing.assert_close(result, block(x))
+
+
 def test_a_failing_batch_ends_a_paused_pass_with_its_error_and_leaves_the_block_whole():
     block = _Attention()
     x = torch.randn(2, 4)
