@@ -319,8 +319,18 @@ class _Slots:
                 self._free -= 1
                 return
             granted = threading.Event()
-            heapq.heappush(self._waiting, (rank, next(self._arrivals), granted))
-        granted.wait()  # the releasing thread took the slot for this one
+            entry = (rank, next(self._arrivals), granted)
+            heapq.heappush(self._waiting, entry)
+        try:
+            granted.wait()  # the releasing thread took the slot for this one
+        except BaseException:  # interrupted (Ctrl-C in the caller): no slot may stay with a waiter that left
+            with self._lock:
+                if not granted.is_set():
+                    self._waiting.remove(entry)
+                    heapq.heapify(self._waiting)
+                    raise
+            self.release()
+            raise
 
     def release(self) -> None:
         with self._lock:

@@ -368,6 +368,44 @@ def test_all_at_once_hands_a_freed_slot_to_the_lowest_waiting_job_and_the_caller
     assert order == ["caller", "job 0", "caller", "job 1", "job 2", "job 3", "job 4"]
 
 
+def test_a_caller_interrupted_while_waiting_for_a_slot_leaves_no_slot_behind(monkeypatch) -> None:
+    """Ctrl-C while the caller queues for a slot: the slot must not go to the waiter that left, or the
+    jobs would wait forever when the pass is wound up."""
+    runner = AllAtOnce([], 1)
+    holding, let_go = threading.Lock(), threading.Lock()
+    let_go.acquire()
+
+    def hold_the_slot() -> None:
+        with runner.caller_turn():
+            holding.release()
+            let_go.acquire(timeout=30)
+
+    holding.acquire()
+    holder = threading.Thread(target=hold_the_slot)
+    holder.start()
+    assert holding.acquire(timeout=30)  # the other thread has the only slot
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Event, "wait", interrupted)
+        with pytest.raises(KeyboardInterrupt), runner.caller_turn():
+            pass
+    let_go.release()
+    holder.join(timeout=30)
+    done = threading.Event()
+
+    def take_a_turn() -> None:
+        with runner.caller_turn():
+            done.set()
+
+    waiter = threading.Thread(target=take_a_turn, daemon=True)
+    waiter.start()
+    assert done.wait(timeout=30), "the freed slot went to the interrupted waiter"
+    waiter.join(timeout=30)
+
+
 def test_all_at_once_raises_the_failure_of_the_lowest_job(two_threads) -> None:
     def failing(message: str):
         def run() -> None:
