@@ -739,7 +739,6 @@ class _Calibrator:
                         calls = [(name, hidden, None, None) for name in stage]
                         with paused.caller_turn():
                             recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
-                        del calls, hidden
                 solved.update(self._solve_stage(stage, recorder, stand_ins))
                 trim_heap()  # each batch's thread freed its stage's temporaries in a heap of its own
                 paused.release(index)

@@ -279,7 +279,7 @@ class PausedPass:
     stages before it) and once more, quantized, to make the next block's inputs.  Here
     each batch runs it once: a pass that calls the first layer of a stage not yet solved
     waits there, its input kept, until the caller has summed every batch's inputs
-    (:meth:`arrivals`), solved the stage, run its layers quantized
+    (:meth:`arrivals`, each as it comes, while later batches still run), solved the stage, run its layers quantized
     (:class:`QuantizedStandIns`, entered inside this scope) and said so
     (:meth:`release`); then it goes on.  Its end is the block's quantized output
     (:meth:`outputs`).  The inputs kept are the ones a pass per stage would record, so
@@ -288,7 +288,8 @@ class PausedPass:
     stages from :func:`stages_in_call_order`.
 
     ``jobs[i]()`` runs batch ``i``'s pass (with the stand-ins active); at most
-    ``workers`` compute at once (:class:`~hf_comq.threads.AllAtOnce`).
+    ``workers`` compute at once (:class:`~hf_comq.threads.AllAtOnce`), the caller's
+    own work in :meth:`caller_turn` included.
     """
 
     _RUNNING = -1
