@@ -101,9 +101,10 @@ def threads_for_rows(rows: int, row_length: int) -> Any:
 
 
 @contextmanager
-def _on_threads(wanted: int) -> Iterator[None]:
-    """torch on ``wanted`` threads inside, the caller's count recorded for nested scopes."""
-    token = _caller_threads.set(caller_threads())
+def _on_threads(wanted: int, as_caller: bool = False) -> Iterator[None]:
+    """torch on ``wanted`` threads inside, the caller's count recorded for nested scopes
+    (``as_caller``: ``wanted`` recorded as the caller's, so that no scope inside widens it)."""
+    token = _caller_threads.set(wanted if as_caller else caller_threads())
     previous = torch.get_num_threads()
     if wanted != previous:
         torch.set_num_threads(wanted)
@@ -265,16 +266,10 @@ class AllAtOnce:
         threads a job gets, recorded as the caller's, so no scope inside widens them.
         """
         self._slots.acquire(self._CALLER_RANK)
-        token = _caller_threads.set(self._threads_each)
-        previous = torch.get_num_threads()
-        if previous != self._threads_each:
-            torch.set_num_threads(self._threads_each)
         try:
-            yield
+            with _on_threads(self._threads_each, as_caller=True):
+                yield
         finally:
-            if torch.get_num_threads() != previous:
-                torch.set_num_threads(previous)
-            _caller_threads.reset(token)
             self._slots.release()
 
     def results(self) -> list[Result]:
