@@ -279,10 +279,10 @@ class PausedPass:
     stages before it) and once more, quantized, to make the next block's inputs.  Here
     each batch runs it once: a pass that calls the first layer of a stage not yet solved
     waits there, its input kept, until the caller has summed every batch's inputs
-    (:meth:`arrivals`, each as it comes, while later batches still run), solved the stage, run its layers quantized
-    (:class:`QuantizedStandIns`, entered inside this scope) and said so
-    (:meth:`release`); then it goes on.  Its end is the block's quantized output
-    (:meth:`outputs`).  The inputs kept are the ones a pass per stage would record, so
+    (:meth:`arrivals`, each as it comes, while later batches still run), solved the
+    stage, run its layers quantized (:class:`QuantizedStandIns`, entered inside this
+    scope) and said so (:meth:`release`); then it goes on.  Its end is the block's
+    quantized output (:meth:`outputs`).  The inputs kept are the ones a pass per stage would record, so
     the sums and codes are the same; the price is that every batch's pass is alive at
     once, with its activations, until the block's last stage is solved.  Only for
     stages from :func:`stages_in_call_order`.
@@ -343,7 +343,7 @@ class PausedPass:
         """
         for batch in range(len(self._at)):
             with self._condition:
-                self._condition.wait_for(lambda: self._error is not None or self._at[batch] >= stage)
+                self._condition.wait_for(lambda batch=batch: self._error is not None or self._at[batch] >= stage)
                 if self._error is not None:
                     raise self._error
                 hidden = self._held[stage].pop(batch, None)
