@@ -282,10 +282,10 @@ class PausedPass:
     (:meth:`arrivals`, each as it comes, while later batches still run), solved the
     stage, run its layers quantized (:class:`QuantizedStandIns`, entered inside this
     scope) and said so (:meth:`release`); then it goes on.  Its end is the block's
-    quantized output (:meth:`outputs`).  The inputs kept are the ones a pass per stage would record, so
-    the sums and codes are the same; the price is that every batch's pass is alive at
-    once, with its activations, until the block's last stage is solved.  Only for
-    stages from :func:`stages_in_call_order`.
+    quantized output (:meth:`outputs`).  The inputs kept are the ones a pass per stage
+    would record, so the sums and codes are the same; the price is that every batch's
+    pass is alive at once, with its activations, until the block's last stage is
+    solved.  Only for stages from :func:`stages_in_call_order`.
 
     ``jobs[i]()`` runs batch ``i``'s pass (with the stand-ins active); at most
     ``workers`` compute at once (:class:`~hf_comq.threads.AllAtOnce`), the caller's
