@@ -341,6 +341,9 @@ def _worker(threads: int, grad_enabled: bool) -> Iterator[None]:
     widens them, and the caller's grad mode (torch's is per thread: without it a forward pass would build
     an autograd graph that keeps every activation alive)."""
     token = _caller_threads.set(threads)
+    # A thread's first query sets its count from the one last set on any thread (torch's lazy
+    # per-thread start): made here, so that it cannot undo this thread's own count later on.
+    torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.set_grad_enabled(grad_enabled):

@@ -406,6 +406,29 @@ def test_a_caller_interrupted_while_waiting_for_a_slot_leaves_no_slot_behind(mon
     waiter.join(timeout=30)
 
 
+def test_jobs_that_start_computing_after_the_callers_turn_still_run_on_one_thread(two_threads) -> None:
+    """A thread's first torch call takes the count last set on any thread: a job that first computes
+    after the caller's turn set and restored its own count must not run on the caller's two."""
+    seen: list[int] = []
+    started = threading.Event()
+
+    def job(index: int):
+        def run() -> int:
+            if index:
+                started.wait(timeout=30)  # its first torch call after the caller's turn
+            seen.append(torch.get_num_threads())
+            return index
+
+        return run
+
+    with AllAtOnce([job(0), job(1)], 2) as runner:
+        with runner.caller_turn():
+            pass
+        started.set()
+        assert runner.results() == [0, 1]
+    assert seen == [1, 1] and torch.get_num_threads() == 2
+
+
 def test_all_at_once_raises_the_failure_of_the_lowest_job(two_threads) -> None:
     def failing(message: str):
         def run() -> None:
