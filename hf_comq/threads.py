@@ -18,9 +18,10 @@ runs on one thread (the layer solver runs so, except its large GEMMs and its pai
 pass), :func:`linear_layer_threads` sizes a model's forward passes by its linear
 layers, and :func:`run_side_by_side` gives the cores to independent jobs instead, one
 torch thread each (a small block's layer solves, and its calibration batches' forward
-passes).  The caller's count is
-``torch.get_num_threads()`` (what ``torch.set_num_threads`` or ``hf-comq
---threads`` chose) when the outermost scope was entered; nested scopes keep it.
+passes; :func:`run_independent` the pieces of one operation, such as a batch's
+sums).  The caller's count is ``torch.get_num_threads()`` (what
+``torch.set_num_threads`` or ``hf-comq --threads`` chose) when the outermost scope
+was entered; nested scopes keep it.
 ``benchmarks/bench_threads.py`` measures the result against one thread, with and
 without a competing process, and prints the GEMM sweep behind the threshold.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import heapq
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +49,7 @@ __all__ = [
     "caller_threads",
     "gets_caller_threads",
     "linear_layer_threads",
+    "run_independent",
     "run_side_by_side",
     "single_thread",
     "threads_for",
@@ -101,10 +104,10 @@ def threads_for_rows(rows: int, row_length: int) -> Any:
 
 
 @contextmanager
-def _on_threads(wanted: int, as_caller: bool = False) -> Iterator[None]:
+def _on_threads(wanted: int, recorded: int | None = None) -> Iterator[None]:
     """torch on ``wanted`` threads inside, the caller's count recorded for nested scopes
-    (``as_caller``: ``wanted`` recorded as the caller's, so that no scope inside widens it)."""
-    token = _caller_threads.set(wanted if as_caller else caller_threads())
+    (``recorded``: this count recorded as the caller's instead, so that no scope inside goes past it)."""
+    token = _caller_threads.set(caller_threads() if recorded is None else recorded)
     previous = torch.get_num_threads()
     if wanted != previous:
         torch.set_num_threads(wanted)
@@ -203,6 +206,81 @@ def run_side_by_side(
     return [outcome[1] for outcome in outcomes]
 
 
+def run_independent(pieces: Sequence[Callable[[], Any]], flops: float) -> None:
+    """Run the independent ``pieces`` of one operation of ``flops`` in all (a batch's row-block
+    products, each into a sum of its own), on the caller's threads either way.
+
+    Where the operation reaches :data:`MIN_PARALLEL_FLOPS` its pieces run one after
+    another, each on the caller's thread pool (:func:`threads_for`); below it they run
+    side by side, one torch thread each: the calling thread and helper threads kept
+    for the whole process (threads started per call cost more than a batch's small
+    pieces save) take the pieces in order, whichever is free.  That is whole GEMMs
+    between the threads' one join, not a barrier after each of many small operators.  Each piece
+    computes on one thread, or on the pool, exactly as it would with no other piece
+    beside it, so the results do not depend on how many threads shared the pieces.
+    The first failing piece's error is raised once every piece has run or failed.
+    """
+    threads = min(caller_threads(), len(pieces))
+    if gets_caller_threads(flops) or threads <= 1:
+        with threads_for(flops):
+            for piece in pieces:
+                piece()
+        return
+    taken = itertools.count()  # next() on it is atomic: each piece is taken once
+    errors: list[BaseException] = []
+    grad_enabled = torch.is_grad_enabled()
+
+    def take_pieces() -> None:
+        while (index := next(taken)) < len(pieces):
+            try:
+                pieces[index]()
+            except BaseException as error:  # the other pieces still run: their sums are left whole
+                errors.append(error)
+
+    def helper() -> None:
+        with _worker(1, grad_enabled):
+            take_pieces()
+
+    previous = torch.get_num_threads()
+    pool = _helper_threads.pool(threads - 1)
+    helpers = [pool.submit(contextvars.copy_context().run, helper) for _ in range(threads - 1)]
+    try:
+        with _on_threads(1):
+            take_pieces()
+    finally:
+        for running in helpers:
+            if not running.cancel():  # one not started yet (its thread busy elsewhere) has nothing left to take
+                running.result()
+        if torch.get_num_threads() != previous:  # a build whose count is process-wide
+            torch.set_num_threads(previous)
+    if errors:
+        raise errors[0]
+
+
+class _HelperThreads:
+    """The process's helper threads for :func:`run_independent`: made on first use, made anew
+    when more are asked for, and in a forked child (which has none of the parent's threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+        self._pid = 0
+
+    def pool(self, size: int) -> ThreadPoolExecutor:
+        """A pool of at least ``size`` threads."""
+        with self._lock:
+            if self._pool is None or self._size < size or self._pid != os.getpid():
+                if self._pool is not None and self._pid == os.getpid():
+                    self._pool.shutdown(wait=False)  # its threads end once their pieces are done
+                self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="hf_comq_helper")
+                self._size, self._pid = size, os.getpid()
+            return self._pool
+
+
+_helper_threads = _HelperThreads()
+
+
 class AllAtOnce:
     """Every job started at once, each on a Python thread of its own, at most ``workers`` computing at a time.
 
@@ -262,15 +340,22 @@ class AllAtOnce:
 
         For the caller's share of the work while jobs run (a held stage's sums, batch
         by batch as the batches arrive): it then overlaps with the jobs' compute
-        without more than ``workers`` computing at once.  Inside, torch runs on the
-        threads a job gets, recorded as the caller's, so no scope inside widens them.
+        without more than ``workers`` computing at once.  The turn also takes every
+        slot that is free as it starts (no job waits for one: the jobs are held, or
+        done), so the caller's work uses those cores rather than leaving them idle.
+        Inside, torch runs on the threads a job gets, and the threads of every slot
+        taken are recorded as the caller's: what :func:`run_independent` shares out,
+        and the most any scope inside widens to.
         """
+        held = 1
         self._slots.acquire(self._CALLER_RANK)
         try:
-            with _on_threads(self._threads_each, as_caller=True):
+            held += self._slots.take_free()
+            with _on_threads(self._threads_each, recorded=self._threads_each * held):
                 yield
         finally:
-            self._slots.release()
+            for _ in range(held):
+                self._slots.release()
 
     def results(self) -> list[Result]:
         """Every job's result in job order, once all have ended; the lowest failed job's error instead."""
@@ -326,6 +411,14 @@ class _Slots:
                     raise
             self.release()
             raise
+
+    def take_free(self) -> int:
+        """Take every free slot unless someone waits for one (then none); how many were taken."""
+        with self._lock:
+            if self._waiting:
+                return 0
+            taken, self._free = self._free, 0
+            return taken
 
     def release(self) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ from hf_comq.threads import (
     AllAtOnce,
     caller_threads,
     linear_layer_threads,
+    run_independent,
     run_side_by_side,
     single_thread,
     threads_for,
@@ -300,6 +301,44 @@ def test_jobs_side_by_side_keep_the_callers_grad_mode_and_context(two_threads) -
     assert run_side_by_side([job, job], workers=2) == [(True, "caller's", True)] * 2
 
 
+def test_independent_pieces_of_small_work_share_the_callers_threads_one_torch_thread_each(two_threads) -> None:
+    meeting = threading.Barrier(2, timeout=30)  # passes only if two pieces run at the same time
+    seen: list[tuple[int, int]] = []
+    here = threading.get_ident()
+
+    def piece() -> None:
+        meeting.wait()
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+
+    run_independent([piece, piece], MIN_PARALLEL_FLOPS / 2)
+    assert {threads for _, threads in seen} == {1} and len({ident for ident, _ in seen}) == 2
+    assert here in {ident for ident, _ in seen}  # the caller takes pieces too, beside one helper
+    assert torch.get_num_threads() == 2
+
+
+def test_independent_pieces_of_large_work_run_here_in_order_on_the_callers_pool(two_threads) -> None:
+    seen: list[tuple[int, int, int]] = []
+    pieces = [lambda index=index: seen.append((index, threading.get_ident(), torch.get_num_threads())) for index in range(3)]
+    run_independent(pieces, MIN_PARALLEL_FLOPS)
+    assert seen == [(index, threading.get_ident(), 2) for index in range(3)]
+    with single_thread():  # one caller thread: the pieces run here, one after another
+        seen.clear()
+        run_independent(pieces, MIN_PARALLEL_FLOPS / 2)
+    assert seen == [(index, threading.get_ident(), 1) for index in range(3)]
+
+
+def test_a_failing_piece_raises_its_error_once_every_other_piece_ran(two_threads) -> None:
+    ran: list[int] = []
+
+    def failing() -> None:
+        raise ValueError("activations contain NaN or inf")
+
+    pieces = [failing] + [lambda index=index: ran.append(index) for index in range(4)]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run_independent(pieces, 1.0)
+    assert sorted(ran) == [0, 1, 2, 3] and torch.get_num_threads() == 2
+
+
 def test_all_at_once_starts_every_job_and_lets_a_waiting_job_give_up_its_slot(two_threads) -> None:
     """Three jobs that each wait for all three: with one slot they only finish because a waiting
     job steps aside.  One computing at a time, each gets the caller's threads; several, one each."""
@@ -366,6 +405,37 @@ def test_all_at_once_hands_a_freed_slot_to_the_lowest_waiting_job_and_the_caller
             order.append("caller")
         assert runner["all"].results() == list(range(jobs_count))
     assert order == ["caller", "job 0", "caller", "job 1", "job 2", "job 3", "job 4"]
+
+
+def test_the_callers_turn_takes_the_slots_no_job_waits_for(two_threads) -> None:
+    """Two slots: while every job is held (stepped aside) the caller's turn takes both, one torch
+    thread with two recorded as the caller's (:func:`run_independent` shares them); once a job
+    waits for a slot, the turn takes one and leaves the other to the job."""
+    held, go_on = threading.Semaphore(0), threading.Event()
+    runner: dict[str, AllAtOnce] = {}
+
+    def job(index: int):
+        def run() -> int:
+            with runner["all"].step_aside():
+                held.release()
+                go_on.wait(timeout=30)
+            time.sleep(0.3 if index == 0 else 0.0)  # job 0 computes while job 1 waits for the second slot
+            return index
+
+        return run
+
+    runner["all"] = AllAtOnce([job(0), job(1), job(2)], 2)
+    with runner["all"]:
+        for _ in range(3):
+            assert held.acquire(timeout=30)
+        with runner["all"].caller_turn():
+            assert (torch.get_num_threads(), caller_threads()) == (1, 2)
+        go_on.set()
+        time.sleep(0.1)  # jobs 0 and 1 take the slots, job 2 queues
+        with runner["all"].caller_turn():  # asked for while job 2 waits: the next slot freed, alone
+            assert (torch.get_num_threads(), caller_threads()) == (1, 1)
+        assert runner["all"].results() == [0, 1, 2]
+    assert torch.get_num_threads() == 2
 
 
 def test_a_caller_interrupted_while_waiting_for_a_slot_leaves_no_slot_behind(monkeypatch) -> None:

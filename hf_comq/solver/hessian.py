@@ -7,9 +7,11 @@ activations batch by batch and drop them immediately.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ..threads import threads_for
+from ..threads import run_independent, single_thread
 from .spans import rows_fitting, spans
 
 GRAM_BLOCK_BYTES = 16 * 1024 * 1024
@@ -24,6 +26,11 @@ TRIANGLE_BLOCKS = 8
 enough for one block would otherwise compute the whole square product, the half below
 the diagonal thrown away; with eight the products cover little more than the triangle
 (``(1 + 1/8) / 2`` of the square)."""
+PRODUCT_BLOCKS = 4
+"""At least this many row blocks for the sums that are not a triangle (the target shift,
+the target product) where :data:`MIN_BLOCK_ROWS` allows: a batch's products are shared
+among the caller's threads block by block (:func:`~hf_comq.threads.run_independent`),
+and a sum in one block would keep all but one of them waiting for it."""
 
 
 SHRINKAGE_FLOOR = 1e-6
@@ -75,9 +82,8 @@ class HessianAccumulator:
         self.dtype = dtype
         self.num_tokens = 0
         bytes_per_row = in_features * (dtype.itemsize + 4)
-        fitting = rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS)
-        self._spans = spans(in_features, max(min(fitting, -(-in_features // TRIANGLE_BLOCKS)), MIN_BLOCK_ROWS))
-        self._shift_spans = spans(in_features, fitting)  # no triangle to follow: the fewest blocks that fit
+        self._spans = _row_blocks(in_features, bytes_per_row, TRIANGLE_BLOCKS)
+        self._shift_spans = _row_blocks(in_features, bytes_per_row, PRODUCT_BLOCKS)
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._with_target = with_target
         # The sums are made on first use: a layer found sharing another's input (q/k/v, an expert's
@@ -106,6 +112,7 @@ class HessianAccumulator:
         if self._with_target:
             self._shift = [torch.zeros(span.stop - span.start, n, dtype=dtype, device=device) for span in self._shift_spans]
 
+    @single_thread()  # small elementwise work; the products share the caller's threads (run_independent)
     def add(self, activations: torch.Tensor, target: torch.Tensor | None = None) -> None:
         """Add a batch of inputs whose last dimension is ``in_features``.
 
@@ -137,12 +144,12 @@ class HessianAccumulator:
                 raise ValueError("target activations contain NaN or inf; check the model's dtype")
         self._sums()
         self._norm_fourth += torch.linalg.vector_norm(rows, dim=1).double().pow(4).sum()  # no batch-sized temporary
-        with threads_for((1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features):
-            for span, block in zip(self._spans, self._upper):
-                _add_product(block, rows[:, span].T, rows[:, span.start :])
-            if shift_rows is not None:
-                for span, block in zip(self._shift_spans, self._shift):
-                    _add_product(block, shift_rows[:, span].T, rows)
+        pieces = [] if shift_rows is None else _products(self._shift, self._shift_spans, shift_rows, rows)
+        pieces += [  # the triangle's widest blocks first: the threads sharing them end close together
+            functools.partial(_add_product, block, rows[:, span].T, rows[:, span.start :])
+            for span, block in zip(self._spans, self._upper)
+        ]
+        run_independent(pieces, (1.0 if shift_rows is None else 3.0) * rows.numel() * self.in_features)
         self.num_tokens += rows.shape[0]
 
     def partial_sums(self) -> list[torch.Tensor]:
@@ -266,12 +273,13 @@ class TargetProductAccumulator:
             raise ValueError(f"accumulation dtype must be torch.float32 or torch.float64, got {dtype}")
         self.out_features, self.in_features, self.dtype = out_features, in_features, dtype
         self.num_tokens = 0
-        self._spans = spans(out_features, rows_fitting(GRAM_BLOCK_BYTES, in_features * (dtype.itemsize + 4)))
+        self._spans = _row_blocks(out_features, in_features * (dtype.itemsize + 4), PRODUCT_BLOCKS)
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._blocks: list[torch.Tensor] | None = None  # made on first use, as HessianAccumulator's sums
         self._whole: torch.Tensor | None = None
         self._input_sum: torch.Tensor | None = None  # (1, in): a bias's share of Y^T X
 
+    @single_thread()  # as HessianAccumulator.add
     def add(self, activations: torch.Tensor, target_outputs: torch.Tensor) -> None:
         """Add one batch: the layer's inputs ``X`` and the same tokens' full-precision outputs ``Y_fp``."""
         if activations.shape[-1] != self.in_features or target_outputs.shape[-1] != self.out_features:
@@ -295,9 +303,7 @@ class TargetProductAccumulator:
         if not (_all_finite(rows) and _all_finite(kept)):
             raise ValueError("layer inputs or outputs contain NaN or inf; check the calibration inputs and the model's dtype")
         self._sums()
-        with threads_for(2.0 * kept.numel() * self.in_features):
-            for span, block in zip(self._spans, self._blocks):
-                _add_product(block, kept[:, span].T, rows)
+        run_independent(_products(self._blocks, self._spans, kept, rows), 2.0 * kept.numel() * self.in_features)
         self._input_sum += rows.sum(dim=0, keepdim=True, dtype=self.dtype)
         self.num_tokens += rows.shape[0]
 
@@ -349,6 +355,19 @@ def _all_finite(rows: torch.Tensor) -> bool:
     the sum non-finite, and the elementwise test (several passes over the batch, a large
     share of an accumulation's time) runs only then, to tell an overflowing sum apart."""
     return bool(torch.isfinite(rows.sum())) or bool(torch.isfinite(rows).all())
+
+
+def _row_blocks(rows: int, bytes_per_row: int, at_least: int) -> list[slice]:
+    """Row blocks of a sum: each within :data:`GRAM_BLOCK_BYTES` with its product, ``at_least``
+    of them where :data:`MIN_BLOCK_ROWS` allows.  They depend on the shape alone, never on the
+    threads, so the sums come out the same however the blocks are shared."""
+    fitting = rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS)
+    return spans(rows, max(min(fitting, -(-rows // at_least)), MIN_BLOCK_ROWS))
+
+
+def _products(blocks: list[torch.Tensor], row_spans: list[slice], left: torch.Tensor, right: torch.Tensor) -> list:
+    """The pieces adding ``left[:, span].T @ right`` to each row block of a sum (for :func:`run_independent`)."""
+    return [functools.partial(_add_product, block, left[:, span].T, right) for span, block in zip(row_spans, blocks)]
 
 
 def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:

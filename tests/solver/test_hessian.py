@@ -1,5 +1,8 @@
 """HessianAccumulator against a plain float64 X^T X."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -154,6 +157,44 @@ def test_target_inputs_are_required_exactly_when_the_shift_is_summed():
     targeted.target_shift()
     with pytest.raises(RuntimeError, match="takes no more batches"):
         targeted.add(torch.ones(2, 4), torch.ones(2, 4))
+
+
+def test_a_batchs_products_shared_over_threads_give_the_sums_of_one_thread(two_threads, monkeypatch):
+    """Two caller threads: a batch's row-block products (the triangle's, the target shift's, a
+    target product's) run side by side on both, one torch thread each, into sums that are
+    one thread's to the last bit; a 576-wide shift or product is cut into several blocks so
+    that there is something to share."""
+    import hf_comq.solver.hessian as hessian_module
+
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(256, 576, generator=gen) for _ in range(2)]
+    targets = [x + 0.05 * torch.randn(x.shape, generator=gen) for x in batches]
+    outputs = [torch.randn(256, 192, generator=gen) for _ in range(2)]
+
+    def summed() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gram, product = HessianAccumulator(576, with_target=True), TargetProductAccumulator(192, 576)
+        for x, x_fp, y_fp in zip(batches, targets, outputs):
+            gram.add(x, x_fp)
+            product.add(x, y_fp)
+        assert len(gram.partial_sums()) >= 8 + 4 + 1 and len(product.partial_sums()) >= 2 + 1
+        return gram.result(), gram.target_shift(), product.result()
+
+    torch.set_num_threads(1)
+    alone = summed()
+    torch.set_num_threads(2)
+    seen: set[tuple[int, int]] = set()
+    original = hessian_module._add_product
+
+    def recording(total, left, right):
+        seen.add((threading.get_ident(), torch.get_num_threads()))
+        time.sleep(0.002)  # long enough that one thread cannot take every piece before the other starts
+        original(total, left, right)
+
+    monkeypatch.setattr(hessian_module, "_add_product", recording)
+    shared = summed()
+    assert len(seen) >= 2 and {threads for _, threads in seen} == {1}
+    assert all(torch.equal(a, b) for a, b in zip(alone, shared))
+    assert torch.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("block_bytes", [None, 1], ids=["one block", "row blocks"])
