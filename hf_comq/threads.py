@@ -214,11 +214,12 @@ def run_independent(pieces: Sequence[Callable[[], Any]], flops: float) -> None:
     another, each on the caller's thread pool (:func:`threads_for`); below it they run
     side by side, one torch thread each: the calling thread and helper threads kept
     for the whole process (threads started per call would spend much of what a
-    batch's small pieces save) take the pieces in order, whichever is free.  That is whole GEMMs
-    between the threads' one join, not a barrier after each of many small operators.  Each piece
-    computes on one thread, or on the pool, exactly as it would with no other piece
-    beside it, so the results do not depend on how many threads shared the pieces.
-    The first failing piece's error is raised once every piece has run or failed.
+    batch's small pieces save) take the pieces in order, whichever is free.  That is
+    whole GEMMs between the threads' one join, not a barrier after each of many small
+    operators.  Each piece computes on one thread, or on the pool, exactly as it would
+    with no other piece beside it, so the results do not depend on how many threads
+    shared the pieces.  The first failing piece's error is raised once every piece has
+    run or failed.
     """
     threads = min(caller_threads(), len(pieces))
     if gets_caller_threads(flops) or threads <= 1:
