@@ -63,7 +63,7 @@ class HessianAccumulator:
     turns the layer's objective into ``||X_fp W^T - X Wq^T||^2``, the distance to the
     full-precision model's outputs rather than to this layer's own output on the
     quantized prefix's inputs.  It is not symmetric, so it is summed whole, in row blocks
-    as large as :data:`GRAM_BLOCK_BYTES` allows (each ``rows x in``).
+    (each ``rows x in``) within :data:`GRAM_BLOCK_BYTES`, at least :data:`PRODUCT_BLOCKS`.
     """
 
     def __init__(
