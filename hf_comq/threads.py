@@ -348,14 +348,14 @@ class AllAtOnce:
         taken are recorded as the caller's: what :func:`run_independent` shares out,
         and the most any scope inside widens to.
         """
-        held = 1
+        slots = 1
         self._slots.acquire(self._CALLER_RANK)
         try:
-            held += self._slots.take_free()
-            with _on_threads(self._threads_each, recorded=self._threads_each * held):
+            slots += self._slots.take_free()
+            with _on_threads(self._threads_each, recorded=self._threads_each * slots):
                 yield
         finally:
-            for _ in range(held):
+            for _ in range(slots):
                 self._slots.release()
 
     def results(self) -> list[Result]:
