@@ -358,9 +358,10 @@ def _all_finite(rows: torch.Tensor) -> bool:
 
 
 def _row_blocks(rows: int, bytes_per_row: int, at_least: int) -> list[slice]:
-    """Row blocks of a sum: each within :data:`GRAM_BLOCK_BYTES` with its product, ``at_least``
-    of them where :data:`MIN_BLOCK_ROWS` allows.  They depend on the shape alone, never on the
-    threads, so the sums come out the same however the blocks are shared."""
+    """Row blocks of a sum: each within :data:`GRAM_BLOCK_BYTES` with its product (never under
+    :data:`MIN_BLOCK_ROWS` rows, even where that is over the budget), ``at_least`` of them where
+    :data:`MIN_BLOCK_ROWS` allows.  They depend on the shape alone, never on the threads, so the
+    sums come out the same however the blocks are shared."""
     fitting = rows_fitting(GRAM_BLOCK_BYTES, bytes_per_row, MIN_BLOCK_ROWS)
     return spans(rows, max(min(fitting, -(-rows // at_least)), MIN_BLOCK_ROWS))
 
