@@ -32,6 +32,7 @@ import contextvars
 import heapq
 import itertools
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,15 +44,18 @@ import torch
 from torch import nn
 
 __all__ = [
+    "LOWEST_PRIORITY",
     "MIN_PARALLEL_FLOPS",
     "MIN_PARALLEL_ROW_ENTRIES",
     "AllAtOnce",
+    "OnIdleCores",
     "caller_threads",
     "gets_caller_threads",
     "linear_layer_threads",
     "run_independent",
     "run_side_by_side",
     "single_thread",
+    "thread_priority_is_per_thread",
     "threads_for",
     "threads_for_rows",
 ]
@@ -280,6 +284,101 @@ class _HelperThreads:
 
 
 _helper_threads = _HelperThreads()
+
+
+LOWEST_PRIORITY = 19
+"""The nice value of an :class:`OnIdleCores` thread: the lowest a process may give itself."""
+
+
+def thread_priority_is_per_thread() -> bool:
+    """Whether this thread's CPU priority can be lowered without the rest of the process's
+    (Linux, where each thread has a nice value of its own; elsewhere it is the process's)."""
+    return sys.platform.startswith("linux") and hasattr(os, "setpriority") and hasattr(threading, "get_native_id")
+
+
+class OnIdleCores:
+    """Independent jobs run ahead on one background thread of the lowest CPU priority; :meth:`results`
+    runs the ones it has not started and hands back every result in order.
+
+    For work whose inputs are ready long before its results are needed (the next
+    block's full-precision pass while this block is solved): the kernel gives a thread
+    of the lowest priority the cores that the other threads leave idle (a lone layer
+    solve on one thread, a caller waiting for its batches) and little of the ones they
+    use, so the work fills the gaps of a pass that cannot keep every core busy instead
+    of slowing it.  :meth:`results` takes the jobs the background thread has not
+    started, runs them side by side on ``workers`` threads (:func:`run_side_by_side`)
+    and then waits for the one it is running; every job runs on one torch thread
+    wherever it runs, so the results are those of ``run_side_by_side(jobs, workers)``
+    whatever share ran ahead.  Where a thread's priority cannot be lowered alone
+    (:func:`thread_priority_is_per_thread`), no thread starts and :meth:`results` runs
+    every job.  Use as a context manager: leaving it stops and joins the thread, so a
+    failure elsewhere leaves nothing running.
+    """
+
+    def __init__(self, jobs: Sequence[Callable[[], Result]], workers: int):
+        self._jobs = list(jobs)
+        self._workers = workers
+        self._outcomes: list[tuple[bool, Any] | None] = [None] * len(self._jobs)
+        self._lock = threading.Lock()
+        self._next = 0  # the next job not taken, by the thread or by results()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "OnIdleCores":
+        if thread_priority_is_per_thread() and self._jobs:
+            context = contextvars.copy_context()
+            self._thread = threading.Thread(
+                target=context.run, args=(self._run_ahead, torch.is_grad_enabled()), name="hf_comq_ahead", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._take_the_rest()
+        self._join()
+
+    def results(self) -> list[Result]:
+        """Every job's result in job order; the first failed job's error instead."""
+        rest = self._take_the_rest()
+        try:
+            for index, result in zip(rest, run_side_by_side([self._jobs[index] for index in rest], self._workers)):
+                self._outcomes[index] = (True, result)
+        except BaseException as error:  # after every job that ran ahead, whose failure comes first
+            self._outcomes[rest.start] = (False, error)
+        self._join()  # once the rest ran: the job still running ahead held none of them up
+        outcomes, self._outcomes, self._jobs = self._outcomes, [], []
+        for outcome in outcomes:  # jobs are taken in order: a failure comes before every job not run
+            if outcome is not None and not outcome[0]:
+                raise outcome[1]
+        return [outcome[1] for outcome in outcomes]
+
+    def _take_the_rest(self) -> range:
+        """The jobs the thread has not started (none once one of its jobs failed), taken from it."""
+        with self._lock:
+            rest = range(self._next, len(self._jobs))
+            self._next = len(self._jobs)
+        return rest
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self._next >= len(self._jobs):
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def _run_ahead(self, grad_enabled: bool) -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)  # this thread's alone
+        with _worker(1, grad_enabled):
+            while (index := self._take()) is not None:
+                try:
+                    self._outcomes[index] = (True, self._jobs[index]())
+                except BaseException as error:  # raised by results(), in job order
+                    self._outcomes[index] = (False, error)
+                    self._take_the_rest()
 
 
 class AllAtOnce:

@@ -6,6 +6,8 @@ timings (``benchmarks/bench_threads.py`` measures those).
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 import time
 
@@ -22,14 +24,17 @@ from hf_comq.evaluation import top1
 from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_solver_ops
 from hf_comq.solver import HessianAccumulator
 from hf_comq.threads import (
+    LOWEST_PRIORITY,
     MIN_PARALLEL_FLOPS,
     MIN_PARALLEL_ROW_ENTRIES,
     AllAtOnce,
+    OnIdleCores,
     caller_threads,
     linear_layer_threads,
     run_independent,
     run_side_by_side,
     single_thread,
+    thread_priority_is_per_thread,
     threads_for,
     threads_for_rows,
 )
@@ -508,3 +513,81 @@ def test_all_at_once_raises_the_failure_of_the_lowest_job(two_threads) -> None:
 
     with pytest.raises(ValueError, match="first"), AllAtOnce([lambda: 1, failing("first"), failing("second")], 2) as jobs:
         jobs.results()
+
+
+def _where_and_how(index: int) -> tuple[int, str, int, int, bool]:
+    """A job's index, thread name, torch thread count, CPU priority and grad mode."""
+    return (
+        index,
+        threading.current_thread().name,
+        torch.get_num_threads(),
+        os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+        torch.is_grad_enabled(),
+    )
+
+
+@pytest.mark.skipif(not thread_priority_is_per_thread(), reason="a thread's priority is its process's here")
+def test_jobs_run_ahead_on_a_thread_of_the_lowest_priority_and_the_rest_side_by_side_when_the_results_are_due(
+    two_threads,
+) -> None:
+    """The thread ahead runs jobs in order until results() takes the others; every job runs once,
+    on one torch thread, in the caller's grad mode, and the caller keeps its own priority."""
+    first_done = threading.Event()
+    let_go = threading.Event()
+    own_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def job(index: int) -> tuple[int, str, int, int, bool]:
+        seen = _where_and_how(index)
+        if index == 0:
+            first_done.set()
+            assert let_go.wait(timeout=30)  # results() takes the jobs left while this one runs
+        let_go.set()
+        return seen
+
+    with torch.no_grad(), OnIdleCores([functools.partial(job, index) for index in range(4)], workers=2) as ahead:
+        assert first_done.wait(timeout=30)
+        results = ahead.results()
+    assert [index for index, *_ in results] == [0, 1, 2, 3]
+    assert results[0][1:] == ("hf_comq_ahead", 1, LOWEST_PRIORITY, False)
+    assert {result[1] for result in results[1:]} != {"hf_comq_ahead"}
+    assert all(result[2:] == (1, own_priority, False) for result in results[1:])
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own_priority
+    assert torch.get_num_threads() == 2
+    assert not [thread for thread in threading.enumerate() if thread.name == "hf_comq_ahead"]
+
+
+def test_jobs_run_ahead_raise_the_first_failure_and_leave_no_thread_when_left_early(two_threads) -> None:
+    """A failed job's error comes from results(), no later job runs; leaving without results()
+    (a failure elsewhere) stops the thread after its current job."""
+    ran: list[int] = []
+
+    def job(index: int) -> None:
+        if index == 1:
+            raise ValueError("batch 1 failed")
+        ran.append(index)
+
+    with pytest.raises(ValueError, match="batch 1 failed"):
+        with OnIdleCores([functools.partial(job, index) for index in range(4)], workers=2) as ahead:
+            ahead.results()
+    assert ran == [0]
+    started = threading.Event()
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.2)
+
+    with OnIdleCores([slow] * 50, workers=2):
+        if thread_priority_is_per_thread():
+            assert started.wait(timeout=30)
+    assert not [thread for thread in threading.enumerate() if thread.name == "hf_comq_ahead"]
+
+
+def test_jobs_run_ahead_give_the_results_of_jobs_side_by_side(two_threads) -> None:
+    """Whatever share ran ahead, the results are the ones run_side_by_side gives: each job computes
+    on one torch thread either way."""
+    weights = torch.randn(8, 96, 96)
+    jobs = [functools.partial(torch.linalg.matrix_power, weights[index], 5) for index in range(8)]
+    with OnIdleCores(jobs, workers=2) as ahead:
+        ahead_results = ahead.results()
+    side_by_side = run_side_by_side(jobs, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(ahead_results, side_by_side))

@@ -70,9 +70,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -110,7 +111,15 @@ from ..solver import (
     target_product_from_outputs,
     widest_threaded_gemm,
 )
-from ..threads import caller_threads, gets_caller_threads, linear_layer_threads, run_side_by_side, single_thread
+from ..threads import (
+    OnIdleCores,
+    caller_threads,
+    gets_caller_threads,
+    linear_layer_threads,
+    run_side_by_side,
+    single_thread,
+    thread_priority_is_per_thread,
+)
 from .blocks import BlockGroup, find_block_groups
 from .data import CalibrationData, build_calibration_data
 from .distributed import (
@@ -406,6 +415,8 @@ class _Calibrator:
         self.stage_layouts: dict[tuple[str, ...], list[list[str]]] = {}
         # ... and whether a held pass solves them (None where it cannot), in call order.
         self.held_layouts: dict[tuple[str, ...], list[list[str]] | None] = {}
+        # The next block's full-precision pass, started while this block is solved (_start_targets_ahead).
+        self.targets_ahead: _TargetsAhead | None = None
 
     @property
     def compute(self) -> torch.device:
@@ -419,8 +430,13 @@ class _Calibrator:
     def run(self) -> None:
         total = len(self.block_names) + 1
         with logging.tqdm(total=total, desc="COMQ calibration", unit="block", disable=not self.group.is_main) as bar:
-            for group in self.groups:
-                self._run_group(group, bar)
+            try:
+                for group in self.groups:
+                    self._run_group(group, bar)
+            finally:  # a block that failed leaves no pass running ahead
+                if self.targets_ahead is not None:
+                    self.targets_ahead.close()
+                    self.targets_ahead = None
             self._run_remaining()
             for name, qweight in self.deferred:
                 self._install(name, qweight)
@@ -450,8 +466,7 @@ class _Calibrator:
             return
         self._check_size(captured)
         for index, block_name in enumerate(group.block_names):
-            is_last = index == len(group) - 1
-            captured = self._process_block(block_name, captured, need_outputs=not is_last)
+            captured = self._process_block(block_name, captured, following=group.block_names[index + 1 :])
             trim_heap()  # the block's Gram sums and weights were freed: their pages go back, not just to the heap
             bar.set_postfix(block=block_name, rel_err=f"{self._mean_error():.3g}")
             bar.update(1)
@@ -542,10 +557,13 @@ class _Calibrator:
 
     # ------------------------------------------------------------------ blocks
     def _process_block(
-        self, block_name: str, captured: list[CapturedInputs], need_outputs: bool
+        self, block_name: str, captured: list[CapturedInputs], following: Sequence[str]
     ) -> list[CapturedInputs]:
+        """Calibrate one block on its inputs ``captured``; the next block's inputs unless no block ``following`` it
+        in the group needs them."""
+        need_outputs = bool(following)
         if self.settings.true_sequential:
-            return self._process_block_in_stages(block_name, captured, need_outputs)
+            return self._process_block_in_stages(block_name, captured, following)
         block = self.model.get_submodule(block_name)
         names = self._pending_under(block_name)
         fp_inputs, self.fp_inputs = self.fp_inputs, None
@@ -577,7 +595,7 @@ class _Calibrator:
         return outputs
 
     def _process_block_in_stages(
-        self, block_name: str, captured: list[CapturedInputs], need_outputs: bool
+        self, block_name: str, captured: list[CapturedInputs], following: Sequence[str]
     ) -> list[CapturedInputs]:
         """:meth:`_process_block` with ``true_sequential``: the block's layers solved stage by stage (:mod:`.stages`).
 
@@ -599,9 +617,12 @@ class _Calibrator:
 
         Where every batch can be held at each stage instead (:meth:`_held_stages`), one
         pass of the quantized stream solves every stage and makes the next block's
-        inputs (:meth:`_solve_stages_held`), with the same sums and codes.
+        inputs (:meth:`_solve_stages_held`), with the same sums and codes; meanwhile the
+        next block's full-precision pass may run on the cores it leaves idle
+        (:meth:`_start_targets_ahead`).
         """
         block = self.model.get_submodule(block_name)
+        need_outputs = bool(following)
         fp_inputs, self.fp_inputs = self.fp_inputs, None
         keep_fp_outputs = need_outputs and self.settings.fp_target
         with_targets = fp_inputs is not None  # fp_inputs may be freed below, once its targets are kept
@@ -609,13 +630,15 @@ class _Calibrator:
         fp_outputs: list[CapturedInputs] = []
         solved: dict[str, QuantizedWeight] = {}
         with block_on_compute(block, self.inputs.placement):
-            stages = self._stages(block_name, captured)
             cached = None
-            if with_targets and not self.inputs.placement.dispatched:
+            if with_targets and not self.inputs.placement.dispatched:  # first: its pass may be running ahead
                 cached, fp_outputs = self._full_precision_targets(block_name, fp_inputs, collect=keep_fp_outputs)
                 fp_inputs = None
+            stages = self._stages(block_name, captured)
             held = self._held_stages(block_name, stages, captured)
             if held is not None:
+                if fp_outputs:  # the next block's inputs: its full-precision pass may run while this block is solved
+                    self._start_targets_ahead(following[0], fp_outputs, collect=len(following) > 1)
                 outputs = self._solve_stages_held(block_name, held, captured, cached, aimed_from_start, need_outputs)
                 if self.settings.fp_target and need_outputs:
                     self.fp_inputs = fp_outputs
@@ -690,13 +713,14 @@ class _Calibrator:
         found = self.held_layouts[layout]
         return None if found is None else _inside(block_name, found)
 
-    def _held_passes_fit(self, block: nn.Module, captured: list[CapturedInputs]) -> bool:
+    def _held_passes_fit(self, block: nn.Module, captured: list[CapturedInputs], passes: int = 1) -> bool:
         """Whether every batch's pass through ``block`` can be alive at once: the inputs and outputs of all the
         block's linear layers for every batch's tokens (about what held passes keep) within half the compute
-        device's free memory, leaving the rest to the allocator and the solves."""
+        device's free memory, leaving the rest to the allocator and the solves; room for ``passes`` of them
+        (a held pass and, beside it, the next block's full-precision pass ahead, which keeps less)."""
         tokens = sum(hidden_input(item).shape[:-1].numel() for item in captured)
         per_token = sum(sum(linear_shape(module)) for module in block.modules() if has_linear_shape(module))
-        return tokens * per_token * hidden_input(captured[0]).element_size() <= free_memory(self.compute) // 2
+        return tokens * per_token * hidden_input(captured[0]).element_size() <= free_memory(self.compute) // (2 * passes)
 
     def _solve_stages_held(
         self,
@@ -822,23 +846,68 @@ class _Calibrator:
         (:meth:`HessianRecorder.target_calls`), per batch, and the block's outputs with ``collect``.
 
         ``true_sequential`` reads every stage's targets from it instead of running the
-        full-precision stream again for each stage; nothing is summed here.
+        full-precision stream again for each stage; nothing is summed here.  The pass
+        started ahead while the block before was solved (:meth:`_start_targets_ahead`)
+        is finished here instead, with the same results.
         """
+        ahead, self.targets_ahead = self.targets_ahead, None
+        if ahead is not None and ahead.block_name == block_name:
+            passes = ahead.results()
+        else:
+            if ahead is not None:
+                ahead.close()
+            block = self.model.get_submodule(block_name)
+            names = self._pending_under(block_name)
+            with self._recorder(names, with_targets=True) as recorder, self._expert_routing(block):
+                jobs = self._full_precision_jobs(block_name, fp_inputs, recorder, collect)
+                passes = run_side_by_side(jobs, self._forward_workers(block, fp_inputs))
+        return [targets for targets, _ in passes], [hidden for _, hidden in passes] if collect else []
+
+    def _full_precision_jobs(
+        self, block_name: str, fp_inputs: list[CapturedInputs], recorder: HessianRecorder, collect: bool
+    ) -> list[Callable[[], tuple[list[LayerCall], CapturedInputs | None]]]:
+        """Each batch's full-precision pass through the block, its calls kept by ``recorder`` (made ``with_targets``
+        on the block's pending layers); the block's output for the batch with ``collect``."""
         block = self.model.get_submodule(block_name)
         kind = block_kind(block)
-        workers = self._forward_workers(block, fp_inputs)
+
+        def forward(item: CapturedInputs) -> tuple[list[LayerCall], CapturedInputs | None]:
+            args, kwargs = item.call_inputs(block_name, kind)
+            with recorder.calls_later(full_precision=True) as calls:
+                result = block(*args, **kwargs)
+            hidden = item.with_hidden(send_to_device(hidden_output(result), self.compute)) if collect else None
+            return recorder.target_calls(calls), hidden
+
+        return [functools.partial(forward, item) for item in fp_inputs]
+
+    def _start_targets_ahead(self, block_name: str, fp_inputs: list[CapturedInputs], collect: bool) -> None:
+        """Start the full-precision pass of ``block_name`` (the next block) on the cores a held pass leaves idle,
+        where that changes nothing but the time (:class:`~hf_comq.threads.OnIdleCores`).
+
+        A held pass keeps some cores idle (a lone layer solve runs on one thread, the
+        caller waits for batches), and the next block's full-precision stream depends
+        on nothing solved here.  Only where its batches would run side by side anyway
+        (each on one torch thread, as the pass ahead runs them: the same targets to the
+        last bit), on the CPU with the block's weights there, with no experts (routed
+        per batch), and where its kept targets fit beside the held pass
+        (:meth:`_held_passes_fit`, for the two together).
+        """
+        block = self.model.get_submodule(block_name)
         names = self._pending_under(block_name)
-        with self._recorder(names, with_targets=True) as recorder, self._expert_routing(block):
-
-            def forward(item: CapturedInputs) -> tuple[list[LayerCall], CapturedInputs | None]:
-                args, kwargs = item.call_inputs(block_name, kind)
-                with recorder.calls_later(full_precision=True) as calls:
-                    result = block(*args, **kwargs)
-                hidden = item.with_hidden(send_to_device(hidden_output(result), self.compute)) if collect else None
-                return recorder.target_calls(calls), hidden
-
-            passes = run_side_by_side([functools.partial(forward, item) for item in fp_inputs], workers)
-        return [targets for targets, _ in passes], [hidden for _, hidden in passes] if collect else []
+        workers = self._forward_workers(block, fp_inputs)
+        devices = {tensor.device for tensor in itertools.chain(block.parameters(), block.buffers())}
+        if (
+            workers <= 1
+            or not thread_priority_is_per_thread()
+            or self.compute.type != "cpu"
+            or devices != {self.compute}
+            or any(name in self.routed for name in names)
+            or not self._held_passes_fit(block, fp_inputs, passes=2)
+        ):
+            return
+        recorder = self._recorder(names, with_targets=True)
+        passes = OnIdleCores(self._full_precision_jobs(block_name, fp_inputs, recorder, collect), workers)
+        self.targets_ahead = _TargetsAhead(block_name, recorder, passes.__enter__())
 
     def _forward_workers(self, block: nn.Module, captured: list[CapturedInputs], targeted: bool = False) -> int:
         """Threads for a block's forward passes over the batches (see :meth:`_side_by_side_workers`).
@@ -1168,6 +1237,28 @@ class _Calibrator:
 # ---------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _TargetsAhead:
+    """A block's full-precision pass running ahead (:meth:`_Calibrator._start_targets_ahead`), and the
+    recorder whose hooks keep its calls (they stay on the block's layers until the pass is done)."""
+
+    block_name: str
+    recorder: HessianRecorder
+    passes: OnIdleCores
+
+    def results(self) -> list[tuple[list[LayerCall], CapturedInputs | None]]:
+        """Each batch's pass, once the ones not run ahead have run here."""
+        try:
+            return self.passes.results()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the pass after the batch it is running, and take the recorder's hooks off the layers."""
+        self.passes.__exit__(None, None, None)
+        self.recorder.__exit__(None, None, None)
 
 
 def _relative_to(block_name: str, names: Iterable[str]) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import COMQLinear, get_linear_weight
 from hf_comq.packing import unpack_codes
 from hf_comq.solver import comq_quantize
+from hf_comq.threads import thread_priority_is_per_thread
 
 from tests.solver.reference import ledoit_wolf_ridge
 from tests.tiny import image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
@@ -715,7 +716,8 @@ def _block_forward_threads(model, blocks: nn.ModuleList | None = None) -> list[t
     the record shows two workers exactly when passes really run side by side: the tiny
     model's batches take so little time that, on a busy machine, one worker could otherwise
     take every batch before the other starts.  Passes that never overlap time out (a broken
-    barrier fails the run) rather than hang.
+    barrier fails the run) rather than hang.  The next block's full-precision pass run ahead
+    (on a thread of its own, one batch at a time) waits for none.
     """
     seen: list[tuple[int, int, bool]] = []
     caller = threading.get_ident()
@@ -723,7 +725,7 @@ def _block_forward_threads(model, blocks: nn.ModuleList | None = None) -> list[t
 
     def record(module, args) -> None:
         seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled()))
-        if threading.get_ident() != caller:
+        if threading.get_ident() != caller and threading.current_thread().name != "hf_comq_ahead":
             partner.wait()
 
     for block in model.vit.layers if blocks is None else blocks:
@@ -1009,6 +1011,60 @@ def test_true_sequential_with_fp_target_runs_the_full_precision_stream_once_per_
     assert in_memory_calls == 1 + batches + batches
     # offloaded: both streams of each of the four stages, to the end
     assert offloaded_calls == 1 + 4 * 2 * batches
+
+
+@pytest.mark.skipif(not thread_priority_is_per_thread(), reason="a thread's priority is its process's here")
+def test_the_next_blocks_full_precision_pass_runs_ahead_while_a_block_is_solved_with_the_same_codes(
+    two_threads, monkeypatch
+):
+    """With targets on two threads, the next block's full-precision pass starts on a thread of the
+    lowest priority while a block's held pass runs (the block's first solve here waits until one of
+    its batches ran there); whatever share runs ahead, each batch runs on one torch thread as the
+    block's own pass would run it, so every code is that of a run without the pass ahead."""
+    import hf_comq.calibration.sequential as sequential
+
+    config = _config("llama", bits=3, true_sequential=True, fp_target=True, batch_size=2)
+    ran_ahead = threading.Event()
+    seen: list[tuple[str, int]] = []
+
+    def note_block_one(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        if threading.current_thread().name == "hf_comq_ahead":
+            ran_ahead.set()
+
+    def waiting(weight, hessian, **kwargs):
+        assert ran_ahead.wait(timeout=60)  # an idle core: the pass ahead runs
+        return comq_quantize(weight, hessian, **kwargs)
+
+    model = _three_block_llama()
+    model.model.layers[1].register_forward_pre_hook(note_block_one, with_kwargs=True)
+    quantize_model(model, config, solver=waiting)
+    with monkeypatch.context() as patch:
+        patch.setattr(sequential, "thread_priority_is_per_thread", lambda: False)
+        plain = _three_block_llama()
+        quantize_model(plain, config)
+    assert ("hf_comq_ahead", 1) in seen
+    assert _assert_same_codes(model, plain) == 21
+    assert not [thread for thread in threading.enumerate() if thread.name == "hf_comq_ahead"]
+
+
+def test_a_block_failing_while_the_next_blocks_pass_runs_ahead_leaves_no_thread_behind(two_threads) -> None:
+    """The pass ahead is stopped after its current batch and its hooks leave the next block's layers."""
+    model = _three_block_llama()
+    solves = []
+
+    def failing(weight, hessian, **kwargs):
+        solves.append(1)
+        if len(solves) == 4:  # block 0's o_proj: block 1's pass is ahead by then
+            raise ValueError("solver failed")
+        return comq_quantize(weight, hessian, **kwargs)
+
+    config = _config("llama", bits=3, true_sequential=True, fp_target=True, batch_size=2)
+    with pytest.raises(ValueError, match="solver failed"):
+        quantize_model(model, config, solver=failing)
+    assert not [thread for thread in threading.enumerate() if thread.name == "hf_comq_ahead"]
+    layers = [module for module in model.model.layers[1].modules() if isinstance(module, nn.Linear)]
+    assert layers and not any(module._forward_hooks or module._forward_pre_hooks for module in layers)
 
 
 @pytest.mark.parametrize("fp_target", [False, True], ids=["plain", "fp-target"])
