@@ -739,7 +739,9 @@ class _Calibrator:
         sums replay the held batches' inputs in batch order, as the side-by-side passes
         of :meth:`_run_block` do, each batch's as it arrives while later ones still run
         up to the stage, in a compute slot of the pass's own; once the stage is solved
-        its layers run quantized for the rest of the pass.
+        its layers run quantized for the rest of the pass.  A batch's targets of a stage
+        are dropped from ``targets`` once summed, so what the block keeps shrinks while
+        the next block's pass ahead grows.
         """
         block = self.model.get_submodule(block_name)
         kind = block_kind(block)
@@ -763,6 +765,8 @@ class _Calibrator:
                         calls = [(name, hidden, None, None) for name in stage]
                         with paused.caller_turn():
                             recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
+                        if targets is not None:  # the batch keeps only the later stages' targets
+                            targets[batch] = [call for call in targets[batch] if call[0] not in stage]
                 solved.update(self._solve_stage(stage, recorder, stand_ins))
                 trim_heap()  # each batch's thread freed its stage's temporaries in a heap of its own
                 paused.release(index)
