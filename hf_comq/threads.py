@@ -19,7 +19,8 @@ pass), :func:`linear_layer_threads` sizes a model's forward passes by its linear
 layers, and :func:`run_side_by_side` gives the cores to independent jobs instead, one
 torch thread each (a small block's layer solves, and its calibration batches' forward
 passes; :func:`run_independent` the pieces of one operation, such as a batch's
-sums).  The caller's count is ``torch.get_num_threads()`` (what
+sums; :class:`OnIdleCores` jobs whose results are due later, on a thread of the lowest
+priority meanwhile).  The caller's count is ``torch.get_num_threads()`` (what
 ``torch.set_num_threads`` or ``hf-comq --threads`` chose) when the outermost scope
 was entered; nested scopes keep it.
 ``benchmarks/bench_threads.py`` measures the result against one thread, with and
@@ -371,7 +372,10 @@ class OnIdleCores:
             return self._next - 1
 
     def _run_ahead(self, grad_enabled: bool) -> None:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)  # this thread's alone
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)  # this thread's alone
+        except OSError:  # a sandbox that refuses it: results() runs every job, none competes with the caller
+            return
         with _worker(1, grad_enabled):
             while (index := self._take()) is not None:
                 try:

@@ -591,3 +591,17 @@ def test_jobs_run_ahead_give_the_results_of_jobs_side_by_side(two_threads) -> No
         ahead_results = ahead.results()
     side_by_side = run_side_by_side(jobs, workers=2)
     assert all(torch.equal(a, b) for a, b in zip(ahead_results, side_by_side))
+
+
+def test_jobs_meant_to_run_ahead_run_when_due_where_the_priority_cannot_be_lowered(two_threads, monkeypatch) -> None:
+    """A sandbox refusing setpriority leaves every job to results(), none on the thread ahead."""
+
+    def refused(*args) -> None:
+        raise PermissionError("setpriority refused")
+
+    monkeypatch.setattr(os, "setpriority", refused)
+    with OnIdleCores([functools.partial(_where_and_how, index) for index in range(3)], workers=2) as ahead:
+        time.sleep(0.05)  # room for a thread that would (wrongly) run jobs anyway
+        results = ahead.results()
+    assert [index for index, *_ in results] == [0, 1, 2]
+    assert "hf_comq_ahead" not in {name for _, name, *_ in results}
