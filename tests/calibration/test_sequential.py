@@ -1048,6 +1048,21 @@ def test_the_next_blocks_full_precision_pass_runs_ahead_while_a_block_is_solved_
     assert not [thread for thread in threading.enumerate() if thread.name == "hf_comq_ahead"]
 
 
+def test_the_next_blocks_pass_waits_for_its_block_where_it_would_not_fit_beside_the_held_pass(
+    two_threads, monkeypatch
+) -> None:
+    """Room for the held pass but not for the pass ahead beside it: the next block's full-precision
+    pass runs when its block comes, on the side-by-side workers, none on a thread ahead."""
+    import hf_comq.calibration.sequential as sequential
+
+    monkeypatch.setattr(sequential._Calibrator, "_held_passes_fit", lambda self, block, captured, passes=1: passes == 1)
+    names: list[str] = []
+    model = _three_block_llama()
+    model.model.layers[1].register_forward_pre_hook(lambda *args: names.append(threading.current_thread().name))
+    quantize_model(model, _config("llama", bits=3, true_sequential=True, fp_target=True, batch_size=2))
+    assert names and "hf_comq_ahead" not in names
+
+
 def test_a_block_failing_while_the_next_blocks_pass_runs_ahead_leaves_no_thread_behind(two_threads) -> None:
     """The pass ahead is stopped after its current batch and its hooks leave the next block's layers."""
     model = _three_block_llama()
