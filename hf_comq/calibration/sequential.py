@@ -720,7 +720,8 @@ class _Calibrator:
         (a held pass and, beside it, the next block's full-precision pass ahead, which keeps less)."""
         tokens = sum(hidden_input(item).shape[:-1].numel() for item in captured)
         per_token = sum(sum(linear_shape(module)) for module in block.modules() if has_linear_shape(module))
-        return tokens * per_token * hidden_input(captured[0]).element_size() <= free_memory(self.compute) // (2 * passes)
+        held = tokens * per_token * hidden_input(captured[0]).element_size()
+        return held <= free_memory(self.compute) // (2 * passes)
 
     def _solve_stages_held(
         self,
