@@ -16,6 +16,7 @@ import bisect
 import contextlib
 import ctypes
 import functools
+import itertools
 import mmap
 import os
 import shutil
@@ -40,6 +41,7 @@ __all__ = [
     "install_quantized_layer",
     "install_unfused_experts",
     "materialized",
+    "module_devices",
     "offloads_to_disk",
     "release_file_mappings",
     "release_file_pages",
@@ -115,10 +117,15 @@ def materialized(module: nn.Module, device: torch.device) -> Iterator[None]:
         yield
 
 
+def module_devices(module: nn.Module) -> set[torch.device]:
+    """The devices ``module``'s parameters and buffers are on."""
+    return {tensor.device for tensor in itertools.chain(module.parameters(), module.buffers())}
+
+
 @contextlib.contextmanager
 def block_on_compute(block: nn.Module, placement: Placement) -> Iterator[None]:
     """Move an undispatched block to the compute device for the duration (accelerate moves dispatched ones)."""
-    devices = {t.device for t in list(block.parameters()) + list(block.buffers())}
+    devices = module_devices(block)
     if placement.dispatched or len(devices) != 1 or devices == {placement.compute}:
         yield
         return

@@ -70,7 +70,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -150,6 +149,7 @@ from .placement import (
     install_quantized_layer,
     install_unfused_experts,
     materialized,
+    module_devices,
     release_file_mappings,
     release_file_pages,
     resolve_placement,
@@ -900,12 +900,11 @@ class _Calibrator:
         block = self.model.get_submodule(block_name)
         names = self._pending_under(block_name)
         workers = self._forward_workers(block, fp_inputs)
-        devices = {tensor.device for tensor in itertools.chain(block.parameters(), block.buffers())}
         if (
             workers <= 1
             or not thread_priority_is_per_thread()
             or self.compute.type != "cpu"
-            or devices != {self.compute}
+            or module_devices(block) != {self.compute}
             or any(name in self.routed for name in names)
             or not self._held_passes_fit(block, fp_inputs, passes=2)
         ):
