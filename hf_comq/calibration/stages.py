@@ -305,7 +305,13 @@ class PausedPass:
         self._model = model
         self._stages = [list(stage) for stage in stages]
         self._stage_of = {name: index for index, stage in enumerate(self._stages) for name in stage}
-        self._condition = threading.Condition()
+        # Two conditions on one lock: an arrival wakes only the caller (waiting in arrivals()), a
+        # release only the held batches.  One condition for both would wake every held pass at each
+        # arrival, each to take the interpreter lock only to wait again: a herd that grows with the
+        # batches and keeps the interpreter from the passes that compute.
+        lock = threading.Lock()
+        self._arrived = threading.Condition(lock)
+        self._released = threading.Condition(lock)
         self._solved = -1  # stages up to this one are solved
         self._aborted = False
         self._error: BaseException | None = None
@@ -324,9 +330,9 @@ class PausedPass:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        with self._condition:
+        with self._released:
             self._aborted = True  # passes still held (the caller failed) end now
-            self._condition.notify_all()
+            self._released.notify_all()
         self._all.__exit__()
         _restore_forwards(self._wrapped)  # the wrappers, which hold the layers' own forwards, go with them
         self._held = [{} for _ in self._stages]
@@ -342,8 +348,8 @@ class PausedPass:
         :meth:`release`.
         """
         for batch in range(len(self._at)):
-            with self._condition:
-                self._condition.wait_for(lambda batch=batch: self._error is not None or self._at[batch] >= stage)
+            with self._arrived:
+                self._arrived.wait_for(lambda batch=batch: self._error is not None or self._at[batch] >= stage)
                 if self._error is not None:
                     raise self._error
                 hidden = self._held[stage].pop(batch, None)
@@ -357,9 +363,9 @@ class PausedPass:
 
     def release(self, stage: int) -> None:
         """``stage`` is solved and runs quantized: the batches held there go on."""
-        with self._condition:
+        with self._released:
             self._solved = stage
-            self._condition.notify_all()
+            self._released.notify_all()
 
     def outputs(self) -> list[Any]:
         """Each batch's pass's result, in batch order, once every stage is released."""
@@ -373,14 +379,14 @@ class PausedPass:
             except _PassAborted:
                 raise
             except BaseException as error:
-                with self._condition:
+                with self._arrived:
                     if self._error is None:
                         self._error = error
                 raise
             finally:
-                with self._condition:
+                with self._arrived:
                     self._at[index] = self._ENDED
-                    self._condition.notify_all()
+                    self._arrived.notify_all()
 
         return run
 
@@ -403,12 +409,12 @@ class PausedPass:
         return forward
 
     def _hold(self, stage: int, batch: int, hidden: torch.Tensor) -> None:
-        with self._condition:
+        with self._arrived:
             self._held[stage][batch] = hidden
             self._at[batch] = stage
-            self._condition.notify_all()
-        with self._all.step_aside(), self._condition:
-            self._condition.wait_for(lambda: self._solved >= stage or self._aborted)
+            self._arrived.notify_all()
+        with self._all.step_aside(), self._released:
+            self._released.wait_for(lambda: self._solved >= stage or self._aborted)
             if self._solved < stage:
                 raise _PassAborted(f"batch {batch}: the block's calibration stopped before stage {stage} was solved")
             self._at[batch] = self._RUNNING

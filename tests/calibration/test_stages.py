@@ -322,6 +322,40 @@ def test_a_paused_pass_hands_over_each_batch_as_it_arrives_not_once_all_have():
         torch.testing.assert_close(result, block(x))
 
 
+def test_a_held_batch_sleeps_until_its_stage_is_released_whatever_arrives_meanwhile(monkeypatch):
+    """Each arrival wakes the caller alone: a batch held at a stage is not woken by the batches
+    arriving after it (with many batches, such wake-ups took the interpreter lock from the passes
+    that compute), only by the stage's release."""
+    block = _Attention()
+    xs = [torch.randn(2, 4) for _ in range(12)]
+    released = threading.Event()
+    early_wakeups = []
+
+    class CountingCondition(threading.Condition):
+        def wait(self, timeout=None):
+            woken = super().wait(timeout)
+            if threading.current_thread().name.startswith("hf_comq-") and not released.is_set():
+                early_wakeups.append(threading.current_thread().name)
+            return woken
+
+    stages = [["q", "k", "v"], ["o"], ["down"]]
+    jobs = [lambda x=x: block(x) for x in xs]
+    with monkeypatch.context() as patch:
+        patch.setattr(threading, "Condition", CountingCondition)  # the pass's own conditions only
+        paused = PausedPass(block, stages, jobs, 1)
+    with torch.no_grad(), paused:
+        assert [batch for batch, _ in paused.arrivals(0)] == list(range(len(xs)))
+        released.set()
+        paused.release(0)
+        for index in (1, 2):
+            list(paused.arrivals(index))
+            paused.release(index)
+        results = paused.outputs()
+    assert early_wakeups == []
+    for x, result in zip(xs, results):
+        torch.testing.assert_close(result, block(x))
+
+
 def test_a_failing_batch_ends_a_paused_pass_with_its_error_and_leaves_the_block_whole():
     block = _Attention()
     x = torch.randn(2, 4)
