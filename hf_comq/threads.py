@@ -306,9 +306,10 @@ class OnIdleCores:
     of the lowest priority the cores that the other threads leave idle (a lone layer
     solve on one thread, a caller waiting for its batches) and little of the ones they
     use, so the work fills the gaps of a pass that cannot keep every core busy rather
-    than taking cores from it (it still shares the caches and the memory bandwidth with
-    the pass, which it slows that way).  :meth:`results` takes the jobs the background thread has not
-    started, runs them side by side on ``workers`` threads (:func:`run_side_by_side`)
+    than taking cores from it (it still shares the interpreter lock, which torch's operators
+    also take, the caches and the memory bandwidth with the pass: it slows it).
+    :meth:`results` takes the jobs the background thread has not started, runs them
+    side by side on ``workers`` threads (:func:`run_side_by_side`)
     and then waits for the one it is running; every job runs on one torch thread
     wherever it runs, so the results are those of ``run_side_by_side(jobs, workers)``
     whatever share ran ahead.  Where a thread's priority cannot be lowered alone
