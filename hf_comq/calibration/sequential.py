@@ -406,6 +406,9 @@ class _Calibrator:
         self.unrouted: list[str] = []
         self.results: dict[str, dict[str, float]] = {}
         self.skipped: dict[str, str] = {}
+        # Wall time in the layer solves (each _quantize_layers call, as the caller waits for it): the part
+        # of a run that does not grow with the calibration data, unlike the passes that make the sums.
+        self.solve_seconds = 0.0
         self.deferred: list[tuple[str, QuantizedWeight]] = []
         # With fp_target: the current block's inputs in the full-precision model (the
         # very list of the quantized-prefix inputs while the two are still the same).
@@ -1029,6 +1032,23 @@ class _Calibrator:
                 self._skip(name, "it never ran on the calibration data")
             else:
                 solvable.append(name)
+        started = time.perf_counter()
+        try:
+            return self._solve_and_share(solvable, unrouted, accumulators, products, tokens, install)
+        finally:
+            self.solve_seconds += time.perf_counter() - started
+
+    def _solve_and_share(
+        self,
+        solvable: list[str],
+        unrouted: list[str],
+        accumulators: dict[str, HessianAccumulator],
+        products: dict[str, TargetProductAccumulator],
+        tokens: dict[str, int],
+        install: bool,
+    ) -> dict[str, QuantizedWeight]:
+        """The solving part of :meth:`_quantize_layers` (timed there): each rank solves its share of
+        ``solvable``, every rank gets every solution, and installs it unless ``install`` is off."""
         self._round_unrouted(unrouted, accumulators)
         costs = [self._cost(name) for name in solvable]
         owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
@@ -1231,6 +1251,7 @@ class _Calibrator:
             "mean_relative_error": sum(errors) / len(errors) if errors else None,
             "max_relative_error": max(errors) if errors else None,
             "time_s": round(seconds, 3),
+            "solve_time_s": round(self.solve_seconds, 3),
             "device": str(self.compute),
             "ranks": self.group.size,
             "expert_layers_without_tokens": sorted(self.unrouted),
@@ -1354,8 +1375,8 @@ def calibration_mode(summary: dict[str, Any]) -> str:
 def _log_summary(summary: dict[str, Any]) -> None:
     mean = summary["mean_relative_error"]
     logger.info(
-        "COMQ: quantized %d layers to %s bits (%s, %d blocks, %d samples, %d rank(s)) in %.1f s; "
-        "mean relative layer error %s%s",
+        "COMQ: quantized %d layers to %s bits (%s, %d blocks, %d samples, %d rank(s)) in %.1f s (%.1f s of it "
+        "solving layers); mean relative layer error %s%s",
         summary["layers_quantized"],
         summary["bits"],
         calibration_mode(summary),
@@ -1363,6 +1384,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
         summary["num_samples"],
         summary["ranks"],
         summary["time_s"],
+        summary["solve_time_s"],
         f"{mean:.4g}" if mean is not None else "n/a",
         f"; {len(summary['layers_skipped'])} layers left in full precision" if summary["layers_skipped"] else "",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import accelerate
@@ -115,6 +116,23 @@ def test_quantizes_every_architecture_close_to_full_precision_at_8_bits(kind):
     assert calibration_summary(model) is summary
     assert calibration_summary(tiny_model(kind)) == {}  # a model quantize_model never saw
     json.dumps(summary)  # JSON-safe, so it can go on the config or a model card
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_summary_says_how_much_of_the_time_went_to_solving_layers(true_sequential):
+    pause = 0.02
+    solved = []
+
+    def slow_solver(weight, hessian, **kwargs):
+        time.sleep(pause)
+        solved.append(weight.shape)
+        return comq_quantize(weight, hessian, **kwargs)
+
+    model = tiny_model("llama")
+    config = _config("llama", bits=4, fp_target=true_sequential, true_sequential=true_sequential)
+    summary = quantize_model(model, config, solver=slow_solver)
+    assert len(solved) == summary["layers_quantized"] > 0
+    assert len(solved) * pause <= summary["solve_time_s"] < summary["time_s"]
 
 
 def test_swin_layers_between_stages_are_quantized_too():
