@@ -156,7 +156,7 @@ from .placement import (
     send_to_device,
     trim_heap,
 )
-from .stages import PausedPass, QuantizedStandIns, StageStop, layer_stages, stages_in_call_order
+from .stages import PausedPass, QuantizedStandIns, StageStop, held_pass_slots, layer_stages, stages_in_call_order
 
 logger = logging.get_logger(__name__)
 
@@ -742,7 +742,8 @@ class _Calibrator:
         with ``aimed_from_start``, as in :meth:`_process_block_in_stages`.  Each stage's
         sums replay the held batches' inputs in batch order, as the side-by-side passes
         of :meth:`_run_block` do, each batch's as it arrives while later ones still run
-        up to the stage, in a compute slot of the pass's own; once the stage is solved
+        up to the stage, in a compute slot of the pass's own (one slot more than the
+        batches' threads: :func:`~.stages.held_pass_slots`); once the stage is solved
         its layers run quantized for the rest of the pass.  A batch's targets of a stage
         are dropped from ``targets`` once summed, so what the block keeps shrinks while
         the next block's pass ahead grows.
@@ -759,8 +760,8 @@ class _Calibrator:
 
         jobs = [functools.partial(run, item) for item in captured]
         solved: dict[str, QuantizedWeight] = {}
-        workers = self._forward_workers(block, captured)
-        with PausedPass(self.model, stages, jobs, workers) as paused, stand_ins:
+        slots = held_pass_slots(self._forward_workers(block, captured))
+        with PausedPass(self.model, stages, jobs, slots) as paused, stand_ins:
             for index, stage in enumerate(stages):
                 targeted = targets is not None and (index > 0 or aimed_from_start)
                 # each batch summed as it arrives, while later ones still run up to the stage

@@ -41,7 +41,7 @@ from ..solver import QuantizedWeight
 from ..threads import AllAtOnce
 from .placement import materialized
 
-__all__ = ["PausedPass", "QuantizedStandIns", "StageStop", "layer_stages", "stages_in_call_order"]
+__all__ = ["PausedPass", "QuantizedStandIns", "StageStop", "held_pass_slots", "layer_stages", "stages_in_call_order"]
 
 
 def layer_stages(model: nn.Module, names: Sequence[str], run_block: Callable[[], Any]) -> list[list[str]]:
@@ -266,6 +266,21 @@ def stages_in_call_order(
         if not isinstance(first, torch.Tensor) or any(inputs[name][0] is not first for name in stage):
             return None
     return ordered
+
+
+def held_pass_slots(workers: int) -> int:
+    """Slots for a held pass (:class:`PausedPass`) whose batches would run on ``workers`` threads side by
+    side: one more where there are several.
+
+    A held pass's slots change hands at every stage of every batch (a batch held, the
+    caller's turn to sum it, the next batch let go), each time a thread woken through a
+    lock and then the interpreter's; with one slot per thread, that thread's core idles
+    through every hand-off.  One slot more keeps it busy meanwhile.  What is computed
+    does not depend on how many batches compute at once (each on one torch thread, every
+    sum in batch order), so neither do the codes.  With one worker each batch keeps the
+    caller's threads (large layers), which a second slot would only split.
+    """
+    return workers + 1 if workers > 1 else workers
 
 
 class _PassAborted(Exception):

@@ -982,6 +982,38 @@ def test_true_sequential_runs_a_small_blocks_batches_side_by_side_with_the_same_
     assert _assert_same_codes(side_by_side, alone) == len(find_quantizable_linears(tiny_model("llama")))
 
 
+def test_a_held_pass_on_two_threads_computes_one_batch_more_at_once_with_a_one_thread_runs_codes(two_threads):
+    """A held pass's slots change hands at every stage of every batch; one slot more than the
+    threads keeps the cores busy through the hand-offs.  Here a norm between two stages takes a
+    while: three of the four batches are inside it at once, and the codes are a one-thread run's."""
+    config = dict(bits=3, fp_target=True, true_sequential=True, batch_size=2)
+    torch.set_num_threads(1)
+    alone = tiny_model("llama")
+    quantize_model(alone, _config("llama", **config))
+    torch.set_num_threads(2)
+    model = tiny_model("llama")
+    lock = threading.Lock()
+    inside: dict[nn.Module, int] = {}
+    most = [0]
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        with lock:
+            inside[module] = inside.get(module, 0) + 1
+            most[0] = max(most[0], inside[module])
+        time.sleep(0.05)  # holding its slot, as a pass computing would
+
+    def leave(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        with lock:
+            inside[module] -= 1
+
+    for layer in model.model.layers:
+        layer.post_attention_layernorm.register_forward_pre_hook(enter)
+        layer.post_attention_layernorm.register_forward_hook(leave)
+    quantize_model(model, _config("llama", **config))
+    assert most[0] == 3
+    assert _assert_same_codes(model, alone) == len(find_quantizable_linears(tiny_model("llama")))
+
+
 def test_true_sequential_solves_the_readers_of_one_gram_matrix_side_by_side(two_threads):
     """A stage of q/k/v has one Gram matrix for three solves: with two threads they run on two
     workers (each on its own copy of the matrix), with the codes of one thread."""
