@@ -1034,22 +1034,6 @@ class _Calibrator:
             else:
                 solvable.append(name)
         started = time.perf_counter()
-        try:
-            return self._solve_and_share(solvable, unrouted, accumulators, products, tokens, install)
-        finally:
-            self.solve_seconds += time.perf_counter() - started
-
-    def _solve_and_share(
-        self,
-        solvable: list[str],
-        unrouted: list[str],
-        accumulators: dict[str, HessianAccumulator],
-        products: dict[str, TargetProductAccumulator],
-        tokens: dict[str, int],
-        install: bool,
-    ) -> dict[str, QuantizedWeight]:
-        """The solving part of :meth:`_quantize_layers` (timed there): each rank solves its share of
-        ``solvable``, every rank gets every solution, and installs it unless ``install`` is off."""
         self._round_unrouted(unrouted, accumulators)
         costs = [self._cost(name) for name in solvable]
         owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
@@ -1073,6 +1057,7 @@ class _Calibrator:
                 self._install(name, qweight)
             else:
                 self.deferred.append((name, _to_cpu(qweight)))
+        self.solve_seconds += time.perf_counter() - started
         return solutions
 
     def _round_unrouted(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> None:

@@ -774,15 +774,19 @@ def test_a_small_blocks_batches_run_side_by_side_with_the_same_codes(two_threads
             assert torch.equal(side_by_side.get_submodule(name).weight_scale, layer.weight_scale)
 
 
-def _llama_on_one_and_two_threads(**config) -> tuple[nn.Module, nn.Module, list]:
+def _llama_on_one_and_two_threads(
+    before: Callable[[nn.Module], None] = lambda model: None, **config
+) -> tuple[nn.Module, nn.Module, list]:
     """A tiny Llama quantized on one torch thread and another on two, with the threads
-    (:func:`_block_forward_threads`) of the second's block forward passes."""
+    (:func:`_block_forward_threads`) of the second's block forward passes; ``before`` is
+    called on the second model before it is quantized (to add hooks)."""
     torch.set_num_threads(1)
     alone = tiny_model("llama")
     quantize_model(alone, _config("llama", **config))
     torch.set_num_threads(2)
     side_by_side = tiny_model("llama")
     seen = _block_forward_threads(side_by_side, side_by_side.model.layers)
+    before(side_by_side)
     quantize_model(side_by_side, _config("llama", **config))
     return alone, side_by_side, seen
 
@@ -988,12 +992,6 @@ def test_a_held_pass_on_two_threads_computes_one_batch_more_at_once_with_a_one_t
     """A held pass's slots change hands at every stage of every batch; one slot more than the
     threads keeps the cores busy through the hand-offs.  Here a norm between two stages takes a
     while: three of the four batches are inside it at once, and the codes are a one-thread run's."""
-    config = dict(bits=3, fp_target=True, true_sequential=True, batch_size=2)
-    torch.set_num_threads(1)
-    alone = tiny_model("llama")
-    quantize_model(alone, _config("llama", **config))
-    torch.set_num_threads(2)
-    model = tiny_model("llama")
     lock = threading.Lock()
     inside: dict[nn.Module, int] = {}
     most = [0]
@@ -1008,10 +1006,12 @@ def test_a_held_pass_on_two_threads_computes_one_batch_more_at_once_with_a_one_t
         with lock:
             inside[module] -= 1
 
-    for layer in model.model.layers:
-        layer.post_attention_layernorm.register_forward_pre_hook(enter)
-        layer.post_attention_layernorm.register_forward_hook(leave)
-    quantize_model(model, _config("llama", **config))
+    def slow_norms(model: nn.Module) -> None:
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.register_forward_pre_hook(enter)
+            layer.post_attention_layernorm.register_forward_hook(leave)
+
+    alone, model, _ = _llama_on_one_and_two_threads(slow_norms, bits=3, fp_target=True, true_sequential=True, batch_size=2)
     assert most[0] == 3
     assert _assert_same_codes(model, alone) == len(find_quantizable_linears(tiny_model("llama")))
 
