@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,6 +47,7 @@ __all__ = [
     "attach_model_card_hook",
     "card_tags",
     "load_template",
+    "project_url",
     "push_folder",
     "render_model_card",
     "write_model_card",
@@ -57,6 +58,8 @@ TEMPLATE_NAME = "comq_model_card.md"
 _CARD_ATTR = "_comq_model_card"
 _MODEL_ID_PLACEHOLDER = "<repo-id-or-folder-of-this-model>"
 _MAX_LISTED_MODULES = 12
+_DISTRIBUTION = "hf_comq"
+_HOME_PAGE_LABELS = ("homepage", "home", "repository", "source", "source code")  # Project-URL labels, lower case
 
 # Settings shown in the card, in this order, with a human label.
 _SETTINGS: tuple[tuple[str, str], ...] = (
@@ -113,6 +116,25 @@ class ModelCardSettings:
 def load_template() -> str:
     """The Jinja template of ``model_cards/``, shipped inside the package as ``hf_comq.model_cards``."""
     return resources.files("hf_comq.model_cards").joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+
+
+def project_url() -> str | None:
+    """hf_comq's home page as the installed distribution declares it, ``None`` where it declares none.
+
+    The card links the name to it; without one (a source checkout that is not
+    installed, or metadata without a URL) the card names hf_comq without a link rather
+    than pointing readers at a made-up address.
+    """
+    try:
+        declared = metadata.metadata(_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+    for entry in declared.get_all("Project-URL") or []:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in _HOME_PAGE_LABELS and url.strip().startswith(("https://", "http://")):
+            return url.strip()
+    home = (declared.get("Home-page") or "").strip()
+    return home if home.startswith(("https://", "http://")) else None
 
 
 def card_tags(bits: int, extra: list[str] | tuple[str, ...] | None = None) -> list[str]:
@@ -301,6 +323,7 @@ def render_model_card(
         calibration=_calibration_rows(config, pipeline_tag),
         metrics=_comparison_table(metrics),
         hf_comq_version=config.provenance()["hf_comq_version"],
+        hf_comq_url=project_url(),
     )
 
 

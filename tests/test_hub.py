@@ -8,6 +8,8 @@ process hosts the server and inspects what was uploaded.  Card rendering and the
 from __future__ import annotations
 
 import copy
+import email.message
+import importlib.metadata
 import inspect
 import json
 import os
@@ -195,6 +197,44 @@ def test_render_flat_metrics_and_yaml_safe_tags():
     metadata, body = split_card(str(card))
     assert metadata["tags"] == ["comq", "compressed-tensors", "quantized", "3-bit", 'needs: "quotes"']
     assert "| perplexity | 12.3457 |" in body and "| note | a\\|b |" in body
+
+
+def _declared_metadata(*project_urls: str, home_page: str | None = None) -> email.message.Message:
+    declared = email.message.Message()
+    declared["Name"] = "hf_comq"
+    for entry in project_urls:
+        declared["Project-URL"] = entry
+    if home_page is not None:
+        declared["Home-page"] = home_page
+    return declared
+
+
+@pytest.mark.parametrize(
+    ("declared", "link"),
+    [
+        (_declared_metadata("Documentation, https://docs.example.org/comq", "Homepage, https://example.org/hf_comq"),
+         "https://example.org/hf_comq"),
+        (_declared_metadata(home_page="https://example.org/home"), "https://example.org/home"),
+        (_declared_metadata("Documentation, https://docs.example.org/comq", home_page="UNKNOWN"), None),
+        (None, None),  # a source checkout that is not installed
+    ],
+)
+def test_the_card_links_hf_comq_only_to_the_home_page_its_metadata_declares(monkeypatch, declared, link):
+    def read(name):
+        assert name == "hf_comq"
+        if declared is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return declared
+
+    monkeypatch.setattr(importlib.metadata, "metadata", read)
+    body = split_card(str(render_model_card(comq_config(), "google/vit-base-patch16-224", None, None)))[1]
+    version = COMQConfig().provenance()["hf_comq_version"]
+    if link is None:
+        assert f"made with\nhf_comq {version} using" in body
+    else:
+        assert f"[hf_comq]({link}) {version} using" in body
+    assert "](https://github.com/)" not in body
+    assert "[arXiv:2403.07134](https://arxiv.org/abs/2403.07134)" in body
 
 
 def test_conv1d_checkpoints_are_not_offered_to_vllm():
