@@ -37,6 +37,7 @@ from .checkpoint import runtime_support
 from .modules import expert_layers, expert_parameter_share
 from .solver.options import (
     aims_at_full_precision_by_default,
+    default_damp,
     refits_by_default,
     solves_in_stages_by_default,
 )
@@ -180,7 +181,7 @@ def _setting_value(key: str, config: Any) -> str:
     if key == "group_size" and value is None:
         return "none (one scale per output channel)"
     if key == "damp" and value is None:
-        return "default for the bit width"
+        return f"{_cell(default_damp(config.bits))} (the default at {config.bits} bits)"
     if key == "scale_refit" and value is None:
         return f"{_cell(refits_by_default(config.bits))} (the default at {config.bits} bits)"
     if key == "fp_target" and value is None:

@@ -160,6 +160,11 @@ def test_render_model_card_metadata_and_sections():
     ):
         card_body = split_card(str(render_model_card(comq_config(**changes), "google/vit-base-patch16-224", None, None)))[1]
         assert f"| Block layers solved stage by stage | {row} |" in card_body, changes
+    # damp=None: the card shows the damping the bit width gave the start.
+    for bits, row in ((4, "0.003 (the default at 4 bits)"), (3, "0.01 (the default at 3 bits)")):
+        config = comq_config(bits=bits, damp=None)
+        card_body = split_card(str(render_model_card(config, "google/vit-base-patch16-224", None, None)))[1]
+        assert f"| Damping of the error-feedback start | {row} |" in card_body, bits
     off = render_model_card(comq_config(pair_moves=0), "google/vit-base-patch16-224", metrics, "image-classification")
     assert "| Pair-move candidates per row | off |" in split_card(str(off))[1]
     # In-memory data: the description is shown, the meaningless default split is not.
