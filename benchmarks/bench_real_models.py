@@ -248,9 +248,10 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
     torch.manual_seed(0)
     torch.set_num_threads(options.get("threads", 1))
     os.environ.setdefault("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", "1")
-    from benchmarks.layers import DINOV2_DIR, SMOLLM2_DIR
+    from benchmarks.layers import DINOV2_DIR, SMOLLM2_DIR, weights_fingerprint
 
     record = dict(model=model_name, method=method, bits=bits, group=group, seed=seed, commit=_commit(), **options)
+    record["model_fingerprint"] = weights_fingerprint(SMOLLM2_DIR if model_name == "smollm2" else DINOV2_DIR)
     if model_name == "smollm2":
         from transformers import AutoModelForCausalLM
 

