@@ -251,7 +251,6 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
     from benchmarks.layers import DINOV2_DIR, SMOLLM2_DIR, weights_fingerprint
 
     record = dict(model=model_name, method=method, bits=bits, group=group, seed=seed, commit=_commit(), **options)
-    record["model_fingerprint"] = weights_fingerprint(SMOLLM2_DIR if model_name == "smollm2" else DINOV2_DIR)
     if model_name == "smollm2":
         from transformers import AutoModelForCausalLM
 
@@ -309,6 +308,8 @@ def run_one(model_name: str, method: str, bits: int, group: int | None, seed: in
         record["fp_agreement"] = float((predictions == probe.predict(fp_features.numpy())).mean())
         record["feature_cosine"] = float(torch.nn.functional.cosine_similarity(features, fp_features).mean())
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # after the peak is read: the fingerprint reads every tensor of the checkpoint once more
+    record["model_fingerprint"] = weights_fingerprint(SMOLLM2_DIR if model_name == "smollm2" else DINOV2_DIR)
     return record
 
 
