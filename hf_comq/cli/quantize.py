@@ -240,11 +240,19 @@ def _print_quantize_summary(spec: ModelSpec, model: Any, summary: dict, seconds:
          + (f", mean relative error {error:.4g}" if isinstance(error, float) else "")),
         ("calibration", config.calibration_description or "?"),
         ("calibration mode", calibration_mode(summary)),
-        ("time", f"{seconds:.1f} s (loading and calibration)"),
+        ("time", _time_text(seconds, summary.get("solve_time_s"))),
         ("checkpoint", size_text),
         ("saved to", str(output)),
     ]  # fmt: skip
     print_fields(rows)
+
+
+def _time_text(seconds: float, solving: float | None) -> str:
+    """The run's wall time and how much of it went to solving layers (the rest loads the model and
+    runs the calibration passes, which grow with the calibration data; the solves do not)."""
+    if solving is None:
+        return f"{seconds:.1f} s (loading and calibration)"
+    return f"{seconds:.1f} s (loading and calibration; {solving:.1f} s of it solving layers)"
 
 
 def check_repo_id(repo_id: str) -> None:

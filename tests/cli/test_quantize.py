@@ -29,6 +29,8 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
     assert re.search(r"layers quantized\s+\d+, mean relative error", out), out
     assert re.search(rf"saved to\s+{re.escape(str(output))}$", out, flags=re.MULTILINE), out
     assert re.search(r"calibration mode\s+block-sequential$", out, flags=re.MULTILINE), out
+    timed = re.search(r"time\s+([\d.]+) s \(loading and calibration; ([\d.]+) s of it solving layers\)$", out, flags=re.MULTILINE)
+    assert timed and float(timed.group(2)) <= float(timed.group(1)), out
     assert re.search(r"checkpoint\s+[\d.]+ MB \(0\.\d\dx of [\d.]+ MB full precision\)", out), out
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
         path.name for path in output.iterdir()
