@@ -20,8 +20,11 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+DISTRIBUTION = "hf_comq"
+"""The name pip installs hf_comq under: its metadata gives the version and the home page a model card links."""
+
 try:
-    __version__ = version("hf_comq")
+    __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 

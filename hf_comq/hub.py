@@ -33,6 +33,7 @@ from typing import Any, Mapping
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
+from . import DISTRIBUTION
 from .checkpoint import runtime_support
 from .modules import expert_layers, expert_parameter_share
 from .solver.options import (
@@ -59,7 +60,6 @@ TEMPLATE_NAME = "comq_model_card.md"
 _CARD_ATTR = "_comq_model_card"
 _MODEL_ID_PLACEHOLDER = "<repo-id-or-folder-of-this-model>"
 _MAX_LISTED_MODULES = 12
-_DISTRIBUTION = "hf_comq"
 _HOME_PAGE_LABELS = ("homepage", "home", "repository", "source", "source code")  # Project-URL labels, lower case
 
 # Settings shown in the card, in this order, with a human label.
@@ -127,15 +127,13 @@ def project_url() -> str | None:
     than pointing readers at a made-up address.
     """
     try:
-        declared = metadata.metadata(_DISTRIBUTION)
+        declared = metadata.metadata(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return None
-    for entry in declared.get_all("Project-URL") or []:
-        label, _, url = entry.partition(",")
-        if label.strip().lower() in _HOME_PAGE_LABELS and url.strip().startswith(("https://", "http://")):
-            return url.strip()
-    home = (declared.get("Home-page") or "").strip()
-    return home if home.startswith(("https://", "http://")) else None
+    labelled = (entry.partition(",") for entry in declared.get_all("Project-URL") or [])
+    candidates = [url.strip() for label, _, url in labelled if label.strip().lower() in _HOME_PAGE_LABELS]
+    candidates.append((declared.get("Home-page") or "").strip())  # the older single field, after the labelled ones
+    return next((url for url in candidates if url.startswith(("https://", "http://"))), None)
 
 
 def card_tags(bits: int, extra: list[str] | tuple[str, ...] | None = None) -> list[str]:
