@@ -38,7 +38,7 @@ SOURCES = (
 )  # fmt: skip
 HEADERS = (
     "kernels.h", "kernels_impl.h", "fp_contract_off.h", "solver_tables.h", "pair_moves.h", "pair_moves_impl.h",
-    "cpu_features.h", "isa_request.h",
+    "cpu_features.h", "isa_request.h", "rounding.h",
 )  # fmt: skip
 OPS_NAMESPACE = "hf_comq_cpu"
 

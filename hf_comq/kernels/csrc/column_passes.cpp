@@ -22,27 +22,12 @@
 #include <optional>
 
 #include "solver_tables.h"
-#include "fp_contract_off.h"
+#include "rounding.h"  // last: its fp-contract pragma applies to what follows
 
 namespace hf_comq {
 namespace {
 
 using at::Tensor;
-
-// 1.5 * 2^23: adding and subtracting it rounds a float below 2^22 in magnitude to an
-// integer, half to even (the default rounding mode, as torch.round and std::nearbyint),
-// in plain arithmetic the compiler vectorises.
-constexpr float kRoundingShift = 12582912.0f;
-
-inline float round_small(float value) { return (value + kRoundingShift) - kRoundingShift; }
-
-// clamp(round(value), 0, top), rounding a copy first clamped to [-1, top + 1]: the
-// result is the same, and the clamped copy is small enough for round_small.  A NaN
-// stays NaN through every step, as through torch's round and clamp.
-inline float nearest_code(float value, float top) {
-  const float bounded = std::min(std::max(value, -1.0f), top + 1.0f);
-  return std::min(std::max(round_small(bounded), 0.0f), top);
-}
 
 // The scale (and zero point) rows of a group-wise grid, looked up per column.
 struct GroupRows {
@@ -173,8 +158,8 @@ void feedback_block(Tensor state, Tensor moves, Tensor coupling_block, std::opti
         const float* scale = grid.first_row(j);
         const float* zero = grid.second_row(j);
         for (int64_t r = 0; r < width; ++r) {
-          const float ratio = std::min(std::max(row[r] / scale[r], -zero[r] - 1.0f), top - zero[r] + 1.0f);
-          const float code = std::min(std::max(round_small(ratio) + zero[r], 0.0f), top);
+          const float ratio = at_most(at_least(row[r] / scale[r], -zero[r] - 1.0f), top - zero[r] + 1.0f);
+          const float code = at_most(at_least(round_small(ratio) + zero[r], 0.0f), top);
           move[r] = (code - zero[r]) * scale[r] - row[r];
           row[r] = code;
         }
