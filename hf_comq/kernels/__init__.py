@@ -4,8 +4,8 @@
 layer.  On CPU with fp32 activations it runs a compiled C++ kernel (built on first use,
 cached by torch); everywhere else, or with ``HF_COMQ_DISABLE_KERNEL=1``, an exact torch
 fallback.  The same extension runs the column-by-column loops of the solver's rounding
-passes and its pair-move pass (:func:`compiled_solver_ops`), the same arithmetic as
-their torch code.
+passes, its pair-move pass and its clipping search's error table
+(:func:`compiled_solver_ops`), the same arithmetic as their torch code.
 :func:`active_path` says which path is in use and why.
 """
 

@@ -34,11 +34,11 @@ DISABLE_ENV_VAR = "HF_COMQ_DISABLE_KERNEL"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     "packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp", "pair_moves.cpp",
-    "pair_moves_avx2.cpp", "pair_moves_scalar.cpp",
+    "pair_moves_avx2.cpp", "pair_moves_scalar.cpp", "clip_search.cpp", "clip_search_avx2.cpp", "clip_search_scalar.cpp",
 )  # fmt: skip
 HEADERS = (
     "kernels.h", "kernels_impl.h", "fp_contract_off.h", "solver_tables.h", "pair_moves.h", "pair_moves_impl.h",
-    "cpu_features.h", "isa_request.h", "rounding.h",
+    "cpu_features.h", "isa_request.h", "rounding.h", "clip_search.h", "clip_search_impl.h",
 )  # fmt: skip
 OPS_NAMESPACE = "hf_comq_cpu"
 

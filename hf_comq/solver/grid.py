@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.solver_ops import compiled_solver_ops
+from ..threads import threads_for_rows
 from .spans import rows_fitting, spans
 
 SEARCH_CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32 per buffer
@@ -166,6 +168,41 @@ def quantize_to_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return torch.div(values, scale).round_().add_(zero).clamp_(0, max_code)  # in place: one temporary, not four
 
 
+def clipping_errors(weight: torch.Tensor, col_weights: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
+    """``errors[c, k, r, g]``: row ``r``'s group ``g`` rounded to the nearest point of ``grids[c]``,
+    its squared error weighted column by column by ``col_weights[k]`` (``(k, in)``).
+
+    On CPU in float32 the compiled pass (``hf_comq/kernels/csrc/clip_search_impl.h``) makes
+    each group's sums as it rounds it, with no weight-sized temporaries; the same
+    arithmetic, its sums added in its own order, so a near-tie between two clippings can
+    go the other way than on the torch path below.
+    """
+    out_features, in_features = weight.shape
+    n_groups = in_features // grids[0].group_size
+    ops = compiled_solver_ops([weight, col_weights, *(grid.scale for grid in grids)])
+    if ops is not None:
+        scales = torch.stack([grid.scale for grid in grids])
+        zeros = torch.stack([grid.zero_point for grid in grids])
+        with threads_for_rows(out_features, in_features * len(grids)):  # independent rows
+            return ops.clip_errors(weight, col_weights, scales, zeros, grids[0].max_code)
+    weights_g = weight.reshape(out_features, n_groups, -1)
+    col_weights_g = col_weights.reshape(col_weights.shape[0], n_groups, -1)
+    errors = torch.empty((len(grids), col_weights.shape[0], out_features, n_groups), dtype=weight.dtype, device=weight.device)
+    # Row chunks small enough to stay in cache while every candidate is tried on them:
+    # the search is a dozen elementwise passes per candidate, bound by memory traffic.
+    for rows in spans(out_features, rows_fitting(SEARCH_CHUNK_ELEMENTS, in_features)):
+        chunk = weights_g[rows]
+        scaled, codes = torch.empty_like(chunk), torch.empty_like(chunk)
+        for index, grid in enumerate(grids):
+            scale = grid.scale[rows]
+            # In grid units the rounding error is code - (w / scale + zero); it is
+            # scaled back once per (row, group) instead of once per weight.
+            torch.div(chunk, scale.unsqueeze(-1), out=scaled).add_(grid.zero_point[rows].unsqueeze(-1))
+            offsets = torch.round(scaled, out=codes).clamp_(0, grid.max_code).sub_(scaled).square_()
+            torch.mul(_weighted_sums(offsets, col_weights_g), scale.square(), out=errors[index, :, rows])
+    return errors
+
+
 def _weighted_sums(values: torch.Tensor, col_weights: torch.Tensor) -> torch.Tensor:
     """``out[k, r, g] = sum_s values[r, g, s] * col_weights[k, g, s]``: one small GEMM
     when there is a single group (per-channel grids, the common case)."""
@@ -196,27 +233,12 @@ def search_shrink(
     full H anyway.  At 2 and 3 bits, clipping outliers is worth far more than the
     sweeps can recover on an over-wide grid.
     """
-    out_features, in_features = weight.shape
-    n_groups = in_features // group_size
-    weights_g = weight.reshape(out_features, n_groups, group_size)
     stacked = hessian_diag.dim() == 2
-    col_weights = hessian_diag.to(weight.dtype).reshape(-1, n_groups, group_size)
+    col_weights = hessian_diag.to(weight.dtype).reshape(-1, weight.shape[1])
     w_min, w_max = _group_range(weight, group_size)
     ratios = torch.linspace(1.0, min_shrink, candidates).tolist()
     grids = [_grid_from_range(w_min, w_max, bits, group_size, symmetric, ratio) for ratio in ratios]
-    errors = torch.empty((candidates, col_weights.shape[0], out_features, n_groups), dtype=weight.dtype, device=weight.device)
-    # Row chunks small enough to stay in cache while every candidate is tried on them:
-    # the search is a dozen elementwise passes per candidate, bound by memory traffic.
-    for rows in spans(out_features, rows_fitting(SEARCH_CHUNK_ELEMENTS, in_features)):
-        chunk = weights_g[rows]
-        scaled, codes = torch.empty_like(chunk), torch.empty_like(chunk)
-        for index, grid in enumerate(grids):
-            scale = grid.scale[rows]
-            # In grid units the rounding error is code - (w / scale + zero); it is
-            # scaled back once per (row, group) instead of once per weight.
-            torch.div(chunk, scale.unsqueeze(-1), out=scaled).add_(grid.zero_point[rows].unsqueeze(-1))
-            offsets = torch.round(scaled, out=codes).clamp_(0, grid.max_code).sub_(scaled).square_()
-            torch.mul(_weighted_sums(offsets, col_weights), scale.square(), out=errors[index, :, rows])
+    errors = clipping_errors(weight, col_weights, grids)
     best = errors.argmin(dim=0)  # the first (widest) candidate wins ties
     factors = torch.tensor(ratios, dtype=weight.dtype, device=weight.device)[best]
     return factors if stacked else factors[0]
