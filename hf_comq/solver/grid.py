@@ -183,7 +183,7 @@ def clipping_errors(weight: torch.Tensor, col_weights: torch.Tensor, grids: list
     if ops is not None:
         scales = torch.stack([grid.scale for grid in grids])
         zeros = torch.stack([grid.zero_point for grid in grids])
-        with threads_for_rows(out_features, in_features * len(grids)):  # independent rows
+        with threads_for_rows(out_features, in_features):  # independent rows: the pair-move pass's rule
             return ops.clip_errors(weight, col_weights, scales, zeros, grids[0].max_code)
     weights_g = weight.reshape(out_features, n_groups, -1)
     col_weights_g = col_weights.reshape(col_weights.shape[0], n_groups, -1)
