@@ -234,7 +234,7 @@ def search_shrink(
     sweeps can recover on an over-wide grid.
     """
     stacked = hessian_diag.dim() == 2
-    col_weights = hessian_diag.to(weight.dtype).reshape(-1, weight.shape[1])
+    col_weights = hessian_diag.to(weight.dtype).reshape(-1, weight.shape[1]).contiguous()  # a diagonal view is strided
     w_min, w_max = _group_range(weight, group_size)
     ratios = torch.linspace(1.0, min_shrink, candidates).tolist()
     grids = [_grid_from_range(w_min, w_max, bits, group_size, symmetric, ratio) for ratio in ratios]
