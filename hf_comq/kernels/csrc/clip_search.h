@@ -1,6 +1,6 @@
 // Interface between the torch operator hf_comq_cpu::clip_errors (clip_search.cpp) and its
-// row loops, compiled twice: for AVX2 (clip_search_avx2.cpp) and for the plain target
-// (clip_search_scalar.cpp).  As with pair_moves.h, the loops see raw pointers only.
+// row loops, compiled twice: for AVX2 (solver_loops_avx2.cpp) and for the plain target
+// (solver_loops_scalar.cpp).  As with pair_moves.h, the loops see raw pointers only.
 #pragma once
 
 #include <cstdint>

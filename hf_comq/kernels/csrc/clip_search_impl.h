@@ -1,6 +1,6 @@
 // Row loops of the clipping search (hf_comq/solver/grid.py, search_shrink) for
-// clip_search.h, included by clip_search_avx2.cpp (compiled for AVX2) and
-// clip_search_scalar.cpp.  HF_COMQ_ISA names the namespace, so each build gets its own copy.
+// clip_search.h, included by solver_loops_avx2.cpp (compiled for AVX2) and
+// solver_loops_scalar.cpp.  HF_COMQ_ISA names the namespace, so each build gets its own copy.
 //
 // In torch the search is a dozen elementwise passes over the weight per candidate
 // clipping, each writing a weight-sized temporary, then a small GEMM of the squared

@@ -1,6 +1,6 @@
 // Interface between the torch operator hf_comq_cpu::pair_moves (pair_moves.cpp) and the
 // row loops of the pair-move pass, which are compiled twice: once for AVX2
-// (pair_moves_avx2.cpp) and once for the plain target (pair_moves_scalar.cpp).  As with
+// (solver_loops_avx2.cpp) and once for the plain target (solver_loops_scalar.cpp).  As with
 // kernels.h, the loops see raw pointers only, so the AVX2 translation unit includes no
 // torch or standard-container header whose inline functions the linker could share with
 // the rest of the extension.

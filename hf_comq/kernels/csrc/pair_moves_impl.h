@@ -1,5 +1,5 @@
 // Row loops of the pair-move pass (hf_comq/solver/pair_moves.py) for pair_moves.h, included
-// by pair_moves_avx2.cpp (compiled for AVX2) and pair_moves_scalar.cpp.  HF_COMQ_ISA names
+// by solver_loops_avx2.cpp (compiled for AVX2) and solver_loops_scalar.cpp.  HF_COMQ_ISA names
 // the namespace, so each build gets its own copy of every function here.
 //
 // The torch pass moves every still-moving output row once per round, a dozen vector
