@@ -124,6 +124,26 @@ def test_the_compiled_clipping_search_picks_the_torch_searchs_clipping(monkeypat
     assert (shrink != shrink_torch).float().mean() <= 0.01
 
 
+def test_the_compiled_clipping_search_gives_each_row_the_errors_it_has_alone(monkeypatch):
+    """Rows are independent: spread over two threads, each row's errors are, bit for bit,
+    those of the search on that row alone."""
+    require_kernel()
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    gen = torch.Generator().manual_seed(4)
+    weight, weightings = torch.randn(37, 48, generator=gen), torch.rand(2, 48, generator=gen)
+    grids = _candidate_grids(weight, bits=3, group_size=16)
+    monkeypatch.setattr("hf_comq.threads.MIN_PARALLEL_ROW_ENTRIES", 1)  # 37 rows share the two threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        errors = clipping_errors(weight, weightings, grids)
+    finally:
+        torch.set_num_threads(threads)
+    for row in range(37):
+        alone = clipping_errors(weight[row : row + 1], weightings, [grid.rows(slice(row, row + 1)) for grid in grids])
+        assert torch.equal(errors[:, :, row : row + 1], alone)
+
+
 def test_the_avx2_and_the_plain_build_of_the_clipping_search_give_the_same_errors(monkeypatch):
     """Both builds add a group's entries into the same eight partial sums and those in one
     order: the same errors, bit for bit, tails past a multiple of eight included."""
