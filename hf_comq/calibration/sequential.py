@@ -80,6 +80,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..kernels import build_ahead
 from ..modules import (
     batched_expert_weights,
     expert_layers,
@@ -432,6 +433,8 @@ class _Calibrator:
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
         total = len(self.block_names) + 1
+        if self.compute.type == "cpu":
+            build_ahead()  # a first build's pause and notice before the progress bar, not inside it
         with logging.tqdm(total=total, desc="COMQ calibration", unit="block", disable=not self.group.is_main) as bar:
             try:
                 for group in self.groups:

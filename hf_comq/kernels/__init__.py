@@ -6,11 +6,12 @@ cached by torch); everywhere else, or with ``HF_COMQ_DISABLE_KERNEL=1``, an exac
 fallback.  The same extension runs the column-by-column loops of the solver's rounding
 passes, its pair-move pass and its clipping search's error table
 (:func:`compiled_solver_ops`), the same arithmetic as their torch code.
-:func:`active_path` says which path is in use and why.
+:func:`active_path` says which path is in use and why; :func:`build_ahead` takes a first
+build's pause (announced in one log line) before a caller's progress bar rather than inside it.
 """
 
-from .build import DISABLE_ENV_VAR, active_path
+from .build import DISABLE_ENV_VAR, active_path, build_ahead
 from .linear import dequantize_packed, packed_linear
 from .solver_ops import compiled_solver_ops
 
-__all__ = ["DISABLE_ENV_VAR", "active_path", "compiled_solver_ops", "dequantize_packed", "packed_linear"]
+__all__ = ["DISABLE_ENV_VAR", "active_path", "build_ahead", "compiled_solver_ops", "dequantize_packed", "packed_linear"]

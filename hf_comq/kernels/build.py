@@ -41,6 +41,10 @@ HEADERS = (
     "cpu_features.h", "isa_request.h", "rounding.h", "clip_search.h", "clip_search_impl.h",
 )  # fmt: skip
 OPS_NAMESPACE = "hf_comq_cpu"
+BUILD_NOTICE = (
+    "hf_comq: building its CPU kernel, once for these sources and this torch (usually under a minute); "
+    "later runs load it from %s"
+)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -75,6 +79,16 @@ def load_kernel():
                 else:
                     logger.info("hf_comq compiled kernels: %s", reason)
     return _state["ops"]
+
+
+def build_ahead() -> None:
+    """Build or load the extension now, unless it is disabled.
+
+    For a caller about to show progress: a first build is a pause of its own (announced by
+    :data:`BUILD_NOTICE`), better taken before a progress bar than inside its first step.
+    """
+    if not kernel_disabled():
+        load_kernel()
 
 
 def active_path() -> str:
@@ -126,6 +140,8 @@ def _build_and_load():
     missing = missing_toolchain()
     if missing is not None:
         return None, f"torch fallback: compiled CPU kernel unavailable, {missing}"
+    # The first run pauses here (inside the first solve or packed forward): say why, once.
+    logger.warning(BUILD_NOTICE, build_dir)
     try:
         sources = copy_sources(build_dir / "src")
         cpp_extension.load(

@@ -68,6 +68,8 @@ def test_failing_build_falls_back_and_says_so_once(tmp_path):
     lines = kernel_log_lines(result.stderr)
     assert len(lines) == 1 and "building the compiled CPU kernel failed" in lines[0], result.stderr
     assert "PATH: torch fallback" in result.stdout
+    notice = result.stderr.index("hf_comq: building its CPU kernel")  # the pause is announced before it starts
+    assert result.stderr.count("hf_comq: building its CPU kernel") == 1 and notice < result.stderr.index(lines[0])
 
 
 def test_a_later_process_loads_the_cached_library_without_building(monkeypatch):
@@ -82,3 +84,23 @@ def test_a_later_process_loads_the_cached_library_without_building(monkeypatch):
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "PATH: compiled CPU kernel (" in result.stdout and " loaded in " in result.stdout, result.stdout
+    assert "building its CPU kernel" not in result.stderr  # nothing is built, so no pause is announced
+
+
+def test_build_ahead_builds_only_where_the_kernel_is_enabled(tmp_path):
+    """The calibration calls build_ahead() before its progress bar: a first build (here one that
+    fails) is announced and tried there; with the kernel disabled nothing is built or said."""
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text("#!/bin/sh\nexit 1\n")
+    compiler.chmod(0o755)
+    script = "from hf_comq.kernels import build_ahead; build_ahead(); print('DONE')"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": str(compiler)}
+    for disabled in (False, True):
+        env.pop(DISABLE_ENV_VAR, None)
+        if disabled:
+            env[DISABLE_ENV_VAR] = "1"
+        result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "DONE" in result.stdout, result.stderr
+        announced = "hf_comq: building its CPU kernel" in result.stderr
+        failed = "building the compiled CPU kernel failed" in result.stderr
+        assert (announced, failed) == ((False, False) if disabled else (True, True)), result.stderr
