@@ -140,7 +140,7 @@ def _build_and_load():
     missing = missing_toolchain()
     if missing is not None:
         return None, f"torch fallback: compiled CPU kernel unavailable, {missing}"
-    # The first run pauses here (inside the first solve or packed forward): say why, once.
+    # The first run pauses here (before calibration, or at a first packed forward): say why, once.
     logger.warning(BUILD_NOTICE, build_dir)
     try:
         sources = copy_sources(build_dir / "src")
