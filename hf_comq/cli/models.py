@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..kernels import build_ahead
 from ..tasks import SEQ2SEQ_LM, SUPPORTED, Task, model_inputs, task_of
 from .common import CLIError
 
@@ -145,7 +146,10 @@ def load_model(spec: ModelSpec, **kwargs: Any) -> Any:
     import hf_comq
 
     if spec.is_packed:
-        return hf_comq.load_quantized(spec.location, model_class=getattr(transformers, spec.architecture), **kwargs)
+        model = hf_comq.load_quantized(spec.location, model_class=getattr(transformers, spec.architecture), **kwargs)
+        if model.device.type == "cpu":
+            build_ahead()  # its packed layers run the CPU kernel: a first build before the progress bars
+        return model
     return spec.auto_class().from_pretrained(spec.location, **kwargs).eval()
 
 
