@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..kernels import build_ahead
 from ..tasks import SEQ2SEQ_LM, SUPPORTED, Task, model_inputs, task_of
 from .common import CLIError
 
@@ -144,6 +143,7 @@ def load_model(spec: ModelSpec, **kwargs: Any) -> Any:
     import transformers
 
     import hf_comq
+    from hf_comq.kernels import build_ahead
 
     if spec.is_packed:
         model = hf_comq.load_quantized(spec.location, model_class=getattr(transformers, spec.architecture), **kwargs)

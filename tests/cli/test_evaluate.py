@@ -16,8 +16,6 @@ from tests.tiny import gray_images, image_parquet, image_processor, tiny_vit
 def test_quantize_and_evaluate_a_grayscale_vit(capsys, tmp_path, monkeypatch) -> None:
     """A one-channel model on one-channel images, through the CLI (before: every image was made RGB and rejected).
     The packed model, not the full-precision reference, has the CPU kernel built before its progress bar."""
-    built_for = []
-    monkeypatch.setattr("hf_comq.cli.models.build_ahead", lambda: built_for.append("packed"))
     model_dir = tmp_path / "gray-vit"
     tiny_vit(num_channels=1, num_labels=3).save_pretrained(model_dir)
     image_processor(channels=1).save_pretrained(model_dir)
@@ -25,6 +23,8 @@ def test_quantize_and_evaluate_a_grayscale_vit(capsys, tmp_path, monkeypatch) ->
     output = tmp_path / "gray-w4"
     code, _, err = run_cli(capsys, "quantize", model_dir, "--dataset", data, "--num-samples", 8, "--output", output)
     assert code == 0, err
+    built_for = []
+    monkeypatch.setattr("hf_comq.kernels.build_ahead", lambda: built_for.append("packed"))
     code, out, err = run_cli(capsys, "evaluate", output, "--dataset", data, "--reference", model_dir)
     assert code == 0, err
     assert re.search(r"top-1 accuracy of gray-w4: \d\.\d{4} on 12 images", out), out

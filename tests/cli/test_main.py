@@ -81,3 +81,15 @@ def test_commands_that_do_not_split_their_work_refuse_to_run_under_torchrun(caps
     assert code == 1
     assert f"hf-comq {command[0]} runs in one process, but a launcher started 2" in error_line(err)
     assert list(tmp_path.iterdir()) == []  # nothing loaded, nothing written
+
+
+def test_parsing_the_arguments_imports_neither_torch_nor_transformers() -> None:
+    """`hf-comq --help` and a usage error answer at once: the command modules import nothing heavy
+    until a command runs (a torch import alone takes seconds on a cold machine)."""
+    script = (
+        "import sys; from hf_comq.cli.main import build_parser; build_parser()\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
