@@ -102,17 +102,16 @@ void clip_rows(const ClipSearchTables& t, int64_t row_begin, int64_t row_end) {
     const float* row = t.weight + r * t.weight_ld;
     for (int64_t g = 0; g < t.groups; ++g) {
       const float* group = row + g * size;
-      for (int64_t c = 0; c < t.candidates; ++c) {
-        const int64_t cell = (c * t.rows + r) * t.groups + g;
-        const float scale = t.scale[cell], zero = t.zero[cell];
-        const float scale_squared = scale * scale;
-        for (int64_t first = 0; first < t.weightings_count; first += kClipWeightingsAtOnce) {
-          const int count = static_cast<int>(
-              t.weightings_count - first < kClipWeightingsAtOnce ? t.weightings_count - first : kClipWeightingsAtOnce);
-          for (int k = 0; k < count; ++k) weighting[k] = t.weightings + (first + k) * t.weightings_ld + g * size;
+      for (int64_t first = 0; first < t.weightings_count; first += kClipWeightingsAtOnce) {
+        const int count = static_cast<int>(
+            t.weightings_count - first < kClipWeightingsAtOnce ? t.weightings_count - first : kClipWeightingsAtOnce);
+        for (int k = 0; k < count; ++k) weighting[k] = t.weightings + (first + k) * t.weightings_ld + g * size;
+        for (int64_t c = 0; c < t.candidates; ++c) {
+          const int64_t cell = (c * t.rows + r) * t.groups + g;
+          const float scale = t.scale[cell], zero = t.zero[cell];
           group_sums_of(count, group, weighting, size, scale, zero, t.top, sums);
           for (int k = 0; k < count; ++k) {
-            t.errors[(c * t.weightings_count + first + k) * row_cells + r * t.groups + g] = sums[k] * scale_squared;
+            t.errors[(c * t.weightings_count + first + k) * row_cells + r * t.groups + g] = sums[k] * (scale * scale);
           }
         }
       }
