@@ -174,17 +174,22 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _bit_width_default(value: Any, bits: int) -> str:
+    """A setting left to its bit width's default, shown as the value that default gave there."""
+    return f"{_cell(value)} (the default at {bits} bits)"
+
+
 def _setting_value(key: str, config: Any) -> str:
     value = getattr(config, key, None)
     if key == "group_size" and value is None:
         return "none (one scale per output channel)"
     if key == "damp" and value is None:
-        return f"{_cell(default_damp(config.bits))} (the default at {config.bits} bits)"
+        return _bit_width_default(default_damp(config.bits), config.bits)
     if key == "scale_refit" and value is None:
-        return f"{_cell(refits_by_default(config.bits))} (the default at {config.bits} bits)"
+        return _bit_width_default(refits_by_default(config.bits), config.bits)
     if key == "fp_target" and value is None:
         aimed = aims_at_full_precision_by_default(config.bits, getattr(config, "sequential", True))
-        return f"{_cell(aimed)} (the default at {config.bits} bits)"
+        return _bit_width_default(aimed, config.bits)
     if key == "true_sequential" and value is None:
         fp_target, sequential = getattr(config, "fp_target", None), getattr(config, "sequential", True)
         staged = solves_in_stages_by_default(fp_target, config.bits, sequential)
