@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .grid import ColumnGrid
+from .residual import subtract_at_rows
 from .start import damped_cholesky, error_feedback_start, plan_error_feedback
 
 
@@ -81,7 +82,7 @@ def _push_moves(residual_t: torch.Tensor, h_columns: torch.Tensor, delta: torch.
     if 2 * rows.numel() >= moved.numel():
         residual_t.addmm_(h_columns, delta, alpha=-1.0)
     else:
-        residual_t.index_add_(1, rows, h_columns @ delta.index_select(1, rows), alpha=-1.0)
+        subtract_at_rows(residual_t, rows, h_columns @ delta.index_select(1, rows))
 
 
 def _block_target(values: torch.Tensor, residual: torch.Tensor, block_h: torch.Tensor, damp: float) -> torch.Tensor | None:

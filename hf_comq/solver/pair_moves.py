@@ -35,6 +35,7 @@ import torch
 from ..kernels.solver_ops import compiled_solver_ops
 from ..threads import threads_for_rows
 from .grid import ColumnGrid, column_table
+from .residual import subtract_at_rows
 
 MAX_ROUNDS = 128
 """Rounds at most (each moves every still-moving row once); real layers settle in a few dozen."""
@@ -177,4 +178,4 @@ def _apply(
         codes_t.index_put_((column, rows), step, accumulate=True)
         dequant_t.index_put_((column, rows), value, accumulate=True)
         push.addcmul_(hessian.index_select(1, column), value.unsqueeze(0))
-    residual_t.index_add_(1, rows, push, alpha=-1.0)
+    subtract_at_rows(residual_t, rows, push)
