@@ -630,7 +630,9 @@ class _Problem:
     @classmethod
     def build(cls, w: torch.Tensor, columns: _Columns, grid: Grid) -> _Problem:
         """The problem of the weight rows ``w`` (in the compute dtype) on the grid of those rows."""
-        weight_t = w.T.index_select(0, columns.perm)  # a fresh contiguous copy (w.T[perm] would gather strided columns)
+        # Gathering along the rows' contiguous axis, then transposing, is about twice as fast
+        # as gathering rows of the strided transpose.
+        weight_t = w.index_select(1, columns.perm).T.contiguous()
         return cls(weight_t=weight_t, columns=columns, grid=grid)
 
     @property

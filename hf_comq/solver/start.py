@@ -211,16 +211,18 @@ def error_feedback_start(
     if plan.perm is not None:
         weight_t = weight_t[plan.perm]
         grid = grid.permuted(plan.perm)
-    state_t = weight_t.repeat(1, n_grids)  # consumed by the pass
     if grid.per_channel:
+        # The pass consumes its state: here the weights in code units, one copy per grid,
+        # made by the division itself rather than copied first and divided in place.
         scale_row, zero_row = grid.scale[0], grid.zero[0]
+        state_t = torch.div(weight_t.unsqueeze(1), scale_row.view(n_grids, out_features))
         codes_t, damped_rows = error_feedback_pass(
-            state_t.div_(scale_row).add_(zero_row), plan.coupling, plan.move_weight, max_code, block_size=block_size
+            state_t.view(n_cols, -1).add_(zero_row), plan.coupling, plan.move_weight, max_code, block_size=block_size
         )
         damped_rows.mul_(scale_row.square())
     else:
         codes_t, damped_rows = error_feedback_pass(
-            state_t, plan.coupling, plan.move_weight, max_code, grid, block_size=block_size
+            weight_t.repeat(1, n_grids), plan.coupling, plan.move_weight, max_code, grid, block_size=block_size
         )
     # Grid by grid through one weight-sized buffer: a stacked table of values or
     # errors would be a fresh n_grids-times larger allocation.
