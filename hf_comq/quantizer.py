@@ -71,6 +71,13 @@ class COMQHfQuantizer(HfQuantizer):
         self._unfused_experts: list[str] = []  # experts modules given per-expert layers before loading
 
     # ---------------------------------------------------------------- contract
+    def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
+        """Before any weight loads: a ``device_map`` naming a device this torch cannot use
+        fails here with one line, not with torch's assertion deep inside the load."""
+        from .calibration.placement import check_device_map  # lazy: the calibration package is heavy
+
+        check_device_map(device_map)
+
     def is_serializable(self, **kwargs: Any) -> bool:
         return True
 

@@ -143,6 +143,18 @@ def test_from_pretrained_quantize_path(vit_dir, calibration_steps, settings, mes
     assert calibration_steps == []
 
 
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="this machine has an accelerator to put weights on")
+@pytest.mark.parametrize("device_map", ["cuda", "cuda:1", 0, {"vit": "cpu", "classifier": "cuda:0"}])
+def test_a_device_map_naming_a_missing_device_is_one_line(vit_dir, calibration_steps, device_map) -> None:
+    with pytest.raises(ValueError, match=r"device_map puts weights on '?cuda(:\d)?'?|device_map puts weights on 0") as raised:
+        T.ViTForImageClassification.from_pretrained(
+            vit_dir, device_map=device_map, quantization_config=COMQConfig(dataset=images(4), processor=image_processor())
+        )
+    one_line(raised.value)
+    assert "use device_map='cpu'" in str(raised.value)
+    assert calibration_steps == []
+
+
 def test_a_nan_weight_is_found_before_calibration(vit_dir, tmp_path, calibration_steps) -> None:
     model = T.ViTForImageClassification.from_pretrained(vit_dir)
     with torch.no_grad():

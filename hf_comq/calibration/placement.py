@@ -37,6 +37,7 @@ __all__ = [
     "OFFLOAD_SUBFOLDER",
     "Placement",
     "block_on_compute",
+    "check_device_map",
     "free_memory",
     "install_quantized_layer",
     "install_unfused_experts",
@@ -88,6 +89,55 @@ def resolve_placement(model: nn.Module) -> Placement:
         raise ValueError("the model has weights on the meta device and no accelerate offload hooks to load them")
     input_device = next(iter(devices)) if len(devices) == 1 else compute
     return Placement(compute, False, input_device)
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""``device_map`` strings that ask accelerate to place the weights, rather than name a device."""
+
+
+def check_device_map(device_map: Any) -> None:
+    """Raise ``ValueError`` (one line) where ``device_map`` names a device this torch cannot use.
+
+    Loading would otherwise stop deep inside ``from_pretrained`` (torch's own assertion,
+    e.g. "Torch not compiled with CUDA enabled", which says nothing of the argument that
+    asked for it), or only after calibration reaches the first weight there.  Takes what
+    ``from_pretrained`` takes: a strategy string, a device, an accelerator index, or a dict
+    of those per module (``"disk"`` offloads).
+    """
+    places = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for place in places:
+        problem = _unusable_place(place)
+        if problem is not None:
+            name = str(place) if isinstance(place, torch.device) else place
+            raise ValueError(
+                f"device_map puts weights on {name!r}, but {problem}; use device_map='cpu' (or leave it out) "
+                "or run on a machine and torch build with that device"
+            )
+
+
+def _unusable_place(place: Any) -> str | None:
+    """Why ``place`` (one ``device_map`` value) cannot hold weights here; ``None`` if it can."""
+    if place is None or (isinstance(place, str) and place in (*DEVICE_MAP_STRATEGIES, "disk")):
+        return None
+    if isinstance(place, int) and not isinstance(place, bool):
+        kind, index = None, place  # an index into the machine's accelerators
+    else:
+        try:
+            device = torch.device(place)
+        except (RuntimeError, TypeError):
+            return f"{place!r} is not a device name (e.g. 'cpu', 'cuda:0', 'disk') nor one of {DEVICE_MAP_STRATEGIES}"
+        if device.type in ("cpu", "meta"):
+            return None
+        kind, index = device.type, device.index
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None:
+        return f"this torch ({torch.__version__}) sees no accelerator"
+    if kind is not None and kind != accelerator.type:
+        return f"this torch's accelerator is {accelerator.type}, not {kind}"
+    count = torch.accelerator.device_count()
+    if index is not None and not 0 <= index < count:
+        return f"this machine has {count} {accelerator.type} device(s), indices 0 to {count - 1}"
+    return None
 
 
 def free_memory(device: torch.device) -> int:

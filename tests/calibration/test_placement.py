@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_comq import COMQConfig, calibration_summary
 from hf_comq.calibration.placement import (
+    check_device_map,
     free_memory,
     offloads_to_disk,
     release_file_mappings,
@@ -289,3 +290,22 @@ def test_free_memory_reads_the_hosts_available_ram_and_nothing_for_a_device_with
     free = free_memory(torch.device("cpu"))
     assert 0 < free and abs(free - psutil.virtual_memory().available) < 2**30  # other processes move it meanwhile
     assert free_memory(torch.device("meta")) == 0
+
+
+@pytest.mark.parametrize(
+    "device_map", [None, "auto", "balanced", "sequential", "cpu", torch.device("cpu"), {"": "cpu"}, {"a": "cpu", "b": "disk"}]
+)
+def test_check_device_map_accepts_strategies_the_cpu_and_disk(device_map) -> None:
+    check_device_map(device_map)
+
+
+def test_check_device_map_names_a_value_that_is_no_device() -> None:
+    with pytest.raises(ValueError, match="'gpu0' is not a device name"):
+        check_device_map({"encoder": "cpu", "decoder": "gpu0"})
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="this machine has an accelerator")
+@pytest.mark.parametrize("device_map", ["cuda", {"": torch.device("cuda", 0)}, {"head": 1}, "mps"])
+def test_check_device_map_refuses_an_accelerator_this_torch_lacks(device_map) -> None:
+    with pytest.raises(ValueError, match="sees no accelerator; use device_map='cpu'"):
+        check_device_map(device_map)
