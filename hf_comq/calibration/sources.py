@@ -110,8 +110,8 @@ def pick_column(dataset: Any, requested: str | None) -> str:
         if candidate in columns:
             return candidate
     raise ValueError(
-        f"no calibration column found: expected one of {list(IMAGE_COLUMNS + TEXT_COLUMNS)}; available columns: "
-        f"{columns}. Set COMQConfig(dataset_column=...)"
+        f"dataset has no column of a name hf_comq reads ({list(IMAGE_COLUMNS + TEXT_COLUMNS)}); available columns: "
+        f"{columns}; name the one to read with COMQConfig(dataset_column=...) (hf-comq: --column)"
     )
 
 
