@@ -135,6 +135,9 @@ class COMQHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """Replace every :class:`COMQLinear` with the float layer it stands for (``model.dequantize()``)."""
+        if isinstance(dtype, str):
+            # transformers passes model.config.dtype, which save_pretrained leaves as its name ("bfloat16")
+            dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, COMQLinear):
                 model.set_submodule(name, module.to_float_module(dtype))

@@ -382,6 +382,16 @@ def test_dequantize_restores_float_layers(fp_checkpoints, tmp_path):
     torch.testing.assert_close(run(plain), quantized_logits)
 
 
+def test_dequantize_after_save_pretrained_keeps_the_loading_dtype(fp_checkpoints, tmp_path):
+    # save_pretrained leaves config.dtype as a name, which transformers' dequantize hands on as the dtype
+    model = quantize_tiny(fp_checkpoints["gpt2"], T.GPT2LMHeadModel)
+    model.save_pretrained(tmp_path / "q")
+    quantized_logits = run(model)
+    model = model.dequantize()
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
+    torch.testing.assert_close(run(model), quantized_logits)
+
+
 # --------------------------------------------------------------------------- properties over random settings
 def _random_case(seed: int) -> dict:
     """A seeded draw of architecture, widths, bits, grouping, grid and dtype (hidden and MLP widths share divisors)."""
