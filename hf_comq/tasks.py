@@ -14,32 +14,44 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Task:
-    """A model family ``hf-comq`` handles: how to load it and which transformers mapping lists its classes."""
+    """A model family ``hf-comq`` handles: how to load it, which transformers mapping lists its
+    classes, and its Hub pipeline tag (a base model's depends on its inputs: ``None`` here)."""
 
     name: str
     auto_class: str
     mapping: str
+    pipeline_tag: str | None
 
 
 TASKS: tuple[Task, ...] = (
-    Task("image classification", "AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    Task(
+        "image classification", "AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+        "image-classification",
+    ),
     Task(
         "sequence classification", "AutoModelForSequenceClassification",
-        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "text-classification",
     ),
-    Task("token classification", "AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
-    Task("causal LM", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    Task("masked LM", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
-    Task("sequence-to-sequence LM", "AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
-    Task("base model", "AutoModel", "MODEL_MAPPING_NAMES"),
+    Task(
+        "token classification", "AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+        "token-classification",
+    ),
+    Task("causal LM", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text-generation"),
+    Task("masked LM", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "fill-mask"),
+    Task(
+        "sequence-to-sequence LM", "AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+        "text2text-generation",
+    ),
+    Task("base model", "AutoModel", "MODEL_MAPPING_NAMES", None),
 )  # fmt: skip
 SEQ2SEQ_LM = TASKS[-2]
+BASE_MODEL = TASKS[-1]
 SUPPORTED = (
     "image classification, sequence/token classification, causal, masked and sequence-to-sequence LMs, "
     "and base models"
 )
 
-# Task head suffixes of transformers class names -> Hub pipeline tag.
+# Task head suffixes of transformers class names -> Hub pipeline tag, for classes no task lists.
 PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForImageClassification", "image-classification"),
     ("ForCausalLM", "text-generation"),
@@ -67,9 +79,9 @@ def task_of(architectures: list[str], model_type: str | None) -> tuple[Task | No
         for task in TASKS:
             if architecture in _class_names(auto_mapping(task.mapping)):
                 return task, architecture
-    base_models = auto_mapping(TASKS[-1].mapping)
+    base_models = auto_mapping(BASE_MODEL.mapping)
     if not architectures and model_type in base_models:
-        return TASKS[-1], next(iter(_class_names({model_type: base_models[model_type]})))
+        return BASE_MODEL, next(iter(_class_names({model_type: base_models[model_type]})))
     return None, architectures[0] if architectures else ""
 
 
@@ -90,14 +102,21 @@ def model_inputs(architecture: str) -> str | None:
 
 
 def infer_pipeline_tag(model: Any) -> str | None:
-    """The Hub pipeline tag of a transformers model, from its class name (``None`` when ambiguous)."""
+    """The Hub pipeline tag of a transformers model (``None`` when ambiguous).
+
+    The task that transformers' auto mappings give the class decides, as for ``hf-comq``'s
+    own choice of Auto class: a class name alone misleads (``GPT2LMHeadModel`` is a causal
+    LM, not a bare ``...Model``; ``...ForConditionalGeneration`` names vision-language models
+    too).  Classes no task lists fall back to their name's task suffix.
+    """
     class_name = type(model).__name__
-    if task_of([class_name], None)[0] is SEQ2SEQ_LM:  # "ForConditionalGeneration" names vision-language models too
-        return "text2text-generation"
+    task = task_of([class_name], None)[0]
+    if task is not None and task.pipeline_tag is not None:
+        return task.pipeline_tag
     for suffix, tag in PIPELINE_SUFFIXES:
         if class_name.endswith(suffix):
             return tag
-    if class_name.endswith("Model"):  # bare backbones produce features
+    if task is BASE_MODEL or class_name.endswith("Model"):  # bare backbones produce features
         is_vision = getattr(model, "main_input_name", "") == "pixel_values"
         return "image-feature-extraction" if is_vision else "feature-extraction"
     return None

@@ -1,7 +1,17 @@
 """Which task a transformers class is for: the Auto class and inputs hf-comq uses, the card's pipeline tag."""
 
 import torch
-from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration, ViTModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTModel,
+)
 
 from hf_comq.tasks import TASKS, infer_pipeline_tag, model_inputs, task_of
 from tests.tiny import tiny_vit
@@ -28,3 +38,11 @@ def test_infer_pipeline_tag():
     assert infer_pipeline_tag(torch.nn.Linear(2, 2)) is None
     t5 = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
     assert infer_pipeline_tag(T5ForConditionalGeneration(t5)) == "text2text-generation"
+
+
+def test_infer_pipeline_tag_follows_the_task_not_the_class_name():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    assert infer_pipeline_tag(gpt2) == "text-generation"  # an "...LMHeadModel", no "ForCausalLM" in its name
+    bert = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    assert infer_pipeline_tag(BertForMaskedLM(bert)) == "fill-mask"
+    assert infer_pipeline_tag(BertForQuestionAnswering(bert)) == "question-answering"  # no task of hf-comq's: by name
