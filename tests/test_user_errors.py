@@ -158,6 +158,15 @@ def test_a_device_map_naming_a_missing_device_is_one_line(vit_dir, calibration_s
     assert calibration_steps == []
 
 
+def test_token_ids_outside_the_vocabulary_are_one_line_before_calibration(bert_dir, calibration_steps) -> None:
+    ids = torch.randint(0, 64, (4, 8))
+    ids[0, 3] = 70  # e.g. made by another model's tokenizer
+    with pytest.raises(ValueError, match=r"token id 70, but BertModel's input embedding has 64 rows") as raised:
+        T.BertModel.from_pretrained(bert_dir, quantization_config=COMQConfig(dataset=ids))
+    one_line(raised.value)
+    assert calibration_steps == []
+
+
 def test_a_nan_weight_is_found_before_calibration(vit_dir, tmp_path, calibration_steps) -> None:
     model = T.ViTForImageClassification.from_pretrained(vit_dir)
     with torch.no_grad():

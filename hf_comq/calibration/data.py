@@ -121,7 +121,45 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
         )
     data = _dispatch(model, config, source)
     config.calibration_description = format_description(data.description)
+    vocabulary = _vocabulary_size(model)
+    if vocabulary is not None:
+        data = replace(data, encode=_checking_token_ids(data.encode, vocabulary, type(model).__name__))
     return data
+
+
+def _vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (``None`` when it has no token embedding, e.g. a ViT)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+    except NotImplementedError:
+        return None
+    return embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else None
+
+
+def _checking_token_ids(
+    encode: Callable[[Any], Batch | None], vocabulary: int, model_name: str
+) -> Callable[[Any], Batch | None]:
+    """``encode`` whose batches fail with one line when a token id is outside the embedding.
+
+    The model would fail inside its embedding with torch's "index out of range in self",
+    which names neither the inputs nor the fix; ids from another model's tokenizer, or
+    ready ``input_ids`` made for another vocabulary, are the usual cause.  Every batch is
+    checked as it is made, so text tokenized batch by batch is covered too.
+    """
+
+    def checked(chunk: Any) -> Batch | None:
+        batch = encode(chunk)
+        ids = None if batch is None else batch.get("input_ids")
+        if ids is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocabulary):
+            bad = int(ids.max()) if int(ids.max()) >= vocabulary else int(ids.min())
+            raise ValueError(
+                f"calibration input_ids hold token id {bad}, but {model_name}'s input embedding has {vocabulary} rows "
+                f"(ids 0 to {vocabulary - 1}); tokenize with the model's own tokenizer (COMQConfig(processor=...))"
+            )
+        return batch
+
+    return checked
 
 
 def format_description(description: Mapping[str, Any]) -> str:
