@@ -132,7 +132,7 @@ def _quantize(path: Path, **settings):
         ({"block_name": "vit.blocks"}, "block_name='vit.blocks' does not name a submodule"),
         ({"dataset": "demo:validation"}, "unknown demo dataset 'demo:validation'; use one of demo:calibration"),
         ({"dataset": "/no/such/folder/data.parquet"}, "could not load calibration dataset"),
-        ({"dataset": sentences(4), "processor": None}, r"could not load a tokenizer .* pass COMQConfig\(processor"),
+        ({"dataset": sentences(4), "processor": None}, r"the calibration data is text, but ViTForImageClassification"),
         (
             {"dataset": datasets.Dataset.from_dict({"photo": images(2)})},
             r"dataset has no column of a name hf_comq reads .*available columns: \['photo'\]; name the one to read",

@@ -302,6 +302,7 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
     keep = model_input_names(model)
     if kind == "model inputs":
         return lambda values: filter_inputs({"pixel_values": torch.stack([torch.as_tensor(v) for v in values])}, keep)
+    _check_model_takes(model, keep, kind)
     processor = resolve_processor(
         getattr(config, "processor", None), model, kind, "calibration",
         "pass COMQConfig(processor=...) (an image processor or tokenizer, or its path)",
@@ -316,6 +317,18 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
         return None if encoded is None else filter_inputs(encoded, keep)
 
     return encode
+
+
+def _check_model_takes(model: nn.Module, keep: set[str] | None, kind: str) -> None:
+    """One line where the data's kind is one the model's forward cannot take (text for a ViT,
+    images for a language model), before looking for a processor that cannot exist: the
+    lookup's own failure would blame the checkpoint folder instead of the data."""
+    needed, other = ("pixel_values", "text") if kind == "images" else ("input_ids", "images")
+    if keep is not None and needed not in keep:
+        raise ValueError(
+            f"the calibration data is {kind}, but {type(model).__name__}.forward takes no {needed}; "
+            f"pass {other} (a list of {'strings' if other == 'text' else 'PIL images'}, or a dataset column of them)"
+        )
 
 
 # ---------------------------------------------------------------------------

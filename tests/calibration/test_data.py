@@ -333,6 +333,22 @@ def test_unloadable_processor_path_is_an_error(tmp_path, vit):
         build_calibration_data(vit, _config(images(2), processor=str(tmp_path / "missing")))
 
 
+def test_a_text_model_without_a_tokenizer_is_an_error(llama):
+    with pytest.raises(ValueError, match=r"calibration needs a tokenizer and none is known: pass COMQConfig\(processor"):
+        build_calibration_data(llama, _config(sentences(2)))
+
+
+@pytest.mark.parametrize("model_name, data, message", [
+    ("vit", sentences(2), "the calibration data is text, but ViTForImageClassification.forward takes no input_ids"),
+    ("llama", images(2), "the calibration data is images, but LlamaForCausalLM.forward takes no pixel_values"),
+])  # fmt: skip
+def test_data_of_a_kind_the_model_cannot_take_is_named_before_any_processor(request, model_name, data, message):
+    # a processor of the right kind for the data is given: the model, not the processor, is what cannot take it
+    processor = word_tokenizer() if isinstance(data[0], str) else image_processor()
+    with pytest.raises(ValueError, match=message):
+        build_calibration_data(request.getfixturevalue(model_name), _config(data, processor=processor))
+
+
 def test_unknown_dataset_name_is_an_error(vit, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not load calibration dataset"):
