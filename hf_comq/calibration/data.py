@@ -323,12 +323,16 @@ def _check_model_takes(model: nn.Module, keep: set[str] | None, kind: str) -> No
     """One line where the data's kind is one the model's forward cannot take (text for a ViT,
     images for a language model), before looking for a processor that cannot exist: the
     lookup's own failure would blame the checkpoint folder instead of the data."""
-    needed, other = ("pixel_values", "text") if kind == "images" else ("input_ids", "images")
-    if keep is not None and needed not in keep:
-        raise ValueError(
-            f"the calibration data is {kind}, but {type(model).__name__}.forward takes no {needed}; "
-            f"pass {other} (a list of {'strings' if other == 'text' else 'PIL images'}, or a dataset column of them)"
-        )
+    needed, other, other_input = ("pixel_values", "text", "input_ids") if kind == "images" else (
+        "input_ids", "images", "pixel_values"
+    )
+    if keep is None or needed in keep:
+        return
+    if other_input in keep:
+        fix = f"pass {other} (a list of {'strings' if other == 'text' else 'PIL images'}, or a dataset column of them)"
+    else:  # e.g. an audio model: neither images nor text
+        fix = "pass ready model inputs (a list of dicts of tensors that its forward takes)"
+    raise ValueError(f"the calibration data is {kind}, but {type(model).__name__}.forward takes no {needed}; {fix}")
 
 
 # ---------------------------------------------------------------------------

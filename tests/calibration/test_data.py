@@ -349,6 +349,17 @@ def test_data_of_a_kind_the_model_cannot_take_is_named_before_any_processor(requ
         build_calibration_data(request.getfixturevalue(model_name), _config(data, processor=processor))
 
 
+def test_text_for_a_model_of_neither_images_nor_text_asks_for_ready_inputs():
+    import transformers as T
+
+    audio = T.Wav2Vec2Model(T.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
+    ))  # fmt: skip
+    with pytest.raises(ValueError, match=r"Wav2Vec2Model.forward takes no input_ids; pass ready model inputs"):
+        build_calibration_data(audio, _config(sentences(2)))
+
+
 def test_unknown_dataset_name_is_an_error(vit, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not load calibration dataset"):
