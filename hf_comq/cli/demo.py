@@ -180,7 +180,9 @@ def demo_verdict(bits: int, comq: DemoRow, rtn: DemoRow, comq_correct: Any, rtn_
     else:
         kl = f"{comq.kl / rtn.kl:.1f}x higher than RTN's"
     fidelity = f"W{bits}: COMQ's KL to FP {kl}, top-1 agreement with FP {comq.agreement:.4f} vs {rtn.agreement:.4f}"
-    difference = f"top-1 {100 * (comq.top1 - rtn.top1):+.2f} pt ({only_comq} images only COMQ gets right, {only_rtn} only RTN)"
+    images = "image" if only_comq == 1 else "images"
+    split = f"{only_comq} {images} only COMQ gets right, {only_rtn} only RTN"
+    difference = f"top-1 {100 * (comq.top1 - rtn.top1):+.2f} pt ({split})"
     if p_value > DEMO_CHANCE_LEVEL:
         return f"{fidelity}; {difference}: within chance (McNemar p = {p_value:.2f}), not a ranking"
     better = "COMQ" if only_comq > only_rtn else "RTN"

@@ -58,6 +58,7 @@ def test_demo_on_the_shipped_model(capsys, tmp_path) -> None:
     [
         (3, 0, "within chance (McNemar p = 0.25), not a ranking"),
         (0, 3, "within chance (McNemar p = 0.25), not a ranking"),
+        (1, 0, "(1 image only COMQ gets right, 0 only RTN): within chance"),
         (30, 5, "COMQ ahead beyond chance"),
         (5, 30, "RTN ahead beyond chance"),
     ],
