@@ -1,3 +1,5 @@
+"""Updating some output rows of the residual: against a column-by-column loop."""
+
 import torch
 
 from hf_comq.solver.residual import subtract_at_rows
