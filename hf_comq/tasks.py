@@ -51,6 +51,9 @@ SUPPORTED = (
     "and base models"
 )
 
+INPUT_OF_KIND = {"images": "pixel_values", "text": "input_ids"}
+"""The model input each kind of data becomes (the processor's output a ``forward`` must take)."""
+
 # Task head suffixes of transformers class names -> Hub pipeline tag, for classes no task lists.
 PIPELINE_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("ForImageClassification", "image-classification"),
@@ -98,7 +101,7 @@ def model_inputs(architecture: str) -> str | None:
 
     cls = getattr(transformers, architecture, None)
     main_input = getattr(cls, "main_input_name", None)
-    return {"pixel_values": "images", "input_ids": "text"}.get(main_input)
+    return next((kind for kind, name in INPUT_OF_KIND.items() if name == main_input), None)
 
 
 def infer_pipeline_tag(model: Any) -> str | None:

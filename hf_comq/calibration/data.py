@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..tasks import INPUT_OF_KIND
 from .processors import (
     encode_images,
     encode_texts,
@@ -151,8 +152,11 @@ def _checking_token_ids(
     def checked(chunk: Any) -> Batch | None:
         batch = encode(chunk)
         ids = None if batch is None else batch.get("input_ids")
-        if ids is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocabulary):
-            bad = int(ids.max()) if int(ids.max()) >= vocabulary else int(ids.min())
+        if ids is None or ids.numel() == 0:
+            return batch
+        lowest, highest = int(ids.min()), int(ids.max())
+        if lowest < 0 or highest >= vocabulary:
+            bad = highest if highest >= vocabulary else lowest
             raise ValueError(
                 f"calibration input_ids hold token id {bad}, but {model_name}'s input embedding has {vocabulary} rows "
                 f"(ids 0 to {vocabulary - 1}); tokenize with the model's own tokenizer (COMQConfig(processor=...))"
@@ -323,13 +327,13 @@ def _check_model_takes(model: nn.Module, keep: set[str] | None, kind: str) -> No
     """One line where the data's kind is one the model's forward cannot take (text for a ViT,
     images for a language model), before looking for a processor that cannot exist: the
     lookup's own failure would blame the checkpoint folder instead of the data."""
-    needed, other, other_input = ("pixel_values", "text", "input_ids") if kind == "images" else (
-        "input_ids", "images", "pixel_values"
-    )
+    needed = INPUT_OF_KIND[kind]
     if keep is None or needed in keep:
         return
-    if other_input in keep:
-        fix = f"pass {other} (a list of {'strings' if other == 'text' else 'PIL images'}, or a dataset column of them)"
+    taken = [other for other, name in INPUT_OF_KIND.items() if name in keep]
+    if taken:
+        items = {"images": "PIL images", "text": "strings"}[taken[0]]
+        fix = f"pass {taken[0]} (a list of {items}, or a dataset column of them)"
     else:  # e.g. an audio model: neither images nor text
         fix = "pass ready model inputs (a list of dicts of tensors that its forward takes)"
     raise ValueError(f"the calibration data is {kind}, but {type(model).__name__}.forward takes no {needed}; {fix}")
