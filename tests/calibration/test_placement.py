@@ -304,8 +304,33 @@ def test_check_device_map_names_a_value_that_is_no_device() -> None:
         check_device_map({"encoder": "cpu", "decoder": "gpu0"})
 
 
-@pytest.mark.skipif(torch.accelerator.is_available(), reason="this machine has an accelerator")
+@pytest.fixture
+def accelerator(monkeypatch):
+    """Stand in for torch.accelerator: set ``kind`` (``None``: none) and ``count``, on any machine."""
+
+    class Accelerator:
+        kind: str | None = None
+        count = 0
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: Accelerator.kind is not None)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device(Accelerator.kind))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: Accelerator.count)
+    return Accelerator
+
+
 @pytest.mark.parametrize("device_map", ["cuda", {"": torch.device("cuda", 0)}, {"head": 1}, "mps"])
-def test_check_device_map_refuses_an_accelerator_this_torch_lacks(device_map) -> None:
+def test_check_device_map_refuses_an_accelerator_this_torch_lacks(accelerator, device_map) -> None:
     with pytest.raises(ValueError, match="sees no accelerator; use device_map='cpu'"):
         check_device_map(device_map)
+
+
+def test_check_device_map_takes_the_accelerators_there_are_and_names_the_rest(accelerator) -> None:
+    accelerator.kind, accelerator.count = "cuda", 2
+    for usable in ("cuda", "cuda:1", 0, 1, {"a": "cuda:0", "b": "cpu", "c": "disk"}):
+        check_device_map(usable)
+    with pytest.raises(ValueError, match=r"'cuda:2', but this machine has 2 cuda device\(s\), indices 0 to 1"):
+        check_device_map({"a": "cuda:0", "b": "cuda:2"})
+    with pytest.raises(ValueError, match=r"puts weights on 2, but this machine has 2 cuda device"):
+        check_device_map({"a": 2})
+    with pytest.raises(ValueError, match="'mps', but this torch's accelerator is cuda, not mps"):
+        check_device_map("mps")
