@@ -46,6 +46,16 @@ int64_t group_sums_wide(const float* weight, const float* const* weighting, int6
 }
 #endif
 
+// Entry s's squared rounding offset, weighted by each of `count` weightings, added to partial sum `lane`.
+template <int count>
+inline void add_entry(const float* weight, const float* const* weighting, int64_t s, int64_t lane, float scale,
+                      float zero, float top, float (*partial)[kClipLanes]) {
+  const float scaled = weight[s] / scale + zero;
+  const float offset = nearest_code(scaled, top) - scaled;
+  const float square = offset * offset;
+  for (int k = 0; k < count; ++k) partial[k][lane] += square * weighting[k][s];
+}
+
 // The weighted sums of one group's squared rounding offsets, `count` (1..kClipWeightingsAtOnce)
 // weightings at a time: sums[k] = sum_s offset[s]^2 * weighting[k][s].
 template <int count>
@@ -58,19 +68,11 @@ void group_sums(const float* weight, const float* const* weighting, int64_t size
   int64_t s = 0;
   for (; s + kClipLanes <= size; s += kClipLanes) {
     for (int64_t lane = 0; lane < kClipLanes; ++lane) {
-      const float scaled = weight[s + lane] / scale + zero;
-      const float offset = nearest_code(scaled, top) - scaled;
-      const float square = offset * offset;
-      for (int k = 0; k < count; ++k) partial[k][lane] += square * weighting[k][s + lane];
+      add_entry<count>(weight, weighting, s + lane, lane, scale, zero, top, partial);
     }
   }
 #endif
-  for (int64_t lane = 0; s < size; ++s, ++lane) {
-    const float scaled = weight[s] / scale + zero;
-    const float offset = nearest_code(scaled, top) - scaled;
-    const float square = offset * offset;
-    for (int k = 0; k < count; ++k) partial[k][lane] += square * weighting[k][s];
-  }
+  for (int64_t lane = 0; s < size; ++s, ++lane) add_entry<count>(weight, weighting, s, lane, scale, zero, top, partial);
   for (int k = 0; k < count; ++k) {
     const float* p = partial[k];
     sums[k] = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
