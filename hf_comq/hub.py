@@ -221,9 +221,15 @@ def _settings_rows(config: Any, expert_share: float = 0.0, quantized_experts: bo
 
 def _calibration_rows(config: Any, pipeline_tag: str | None) -> list[tuple[str, str]]:
     """The calibration data; text-only options are left out for image and audio models."""
-    description = config.describe_calibration()
-    rows = [("Data", _cell(description) if description else "not recorded")]
-    keys = (_DATASET_KEYS if isinstance(config.dataset, str) else ()) + _CALIBRATION_KEYS
+    recorded = config.calibration_description
+    if recorded is not None:  # names the source, split, column and samples used: rows of those would repeat it
+        rows = [("Data", _cell(recorded))]
+        keys = tuple(entry for entry in _CALIBRATION_KEYS if entry[0] != "calibration_samples")
+    elif isinstance(config.dataset, str):
+        rows, keys = [], _DATASET_KEYS + _CALIBRATION_KEYS
+    else:
+        description = config.describe_calibration()
+        rows, keys = [("Data", _cell(description) if description else "not recorded")], _CALIBRATION_KEYS
     non_text = not is_text_pipeline(pipeline_tag)
     for key, label in keys:
         value = config.serialized(key)

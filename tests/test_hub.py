@@ -169,8 +169,8 @@ def test_render_model_card_metadata_and_sections():
     assert "| Pair-move candidates per row | off |" in split_card(str(off))[1]
     # In-memory data: the description is shown, the meaningless default split is not.
     assert "- **Data:** tensor (pixel_values), 64 samples" in body
-    assert "- **Samples used:** 64" in body and "- **Requested samples (`num_samples`):** 128" in body
-    assert "Split" not in body
+    assert "- **Requested samples (`num_samples`):** 128" in body
+    assert "Split" not in body and "Samples used" not in body  # the data line names its samples
     assert "sequence length" not in body  # a text-only option, meaningless for an image classifier
     assert "| Metric | fp32 | comq |" in body and "| top-1 | 0.8123 | 0.805 |" in body
     # Loading: plain transformers first, then hf_comq's packed loader; no plugin import needed any more.
@@ -184,7 +184,7 @@ def test_render_model_card_metadata_and_sections():
 def test_render_local_base_model_is_not_metadata(tmp_path):
     base = tmp_path / "my-local-vit"
     base.mkdir()
-    config = comq_config(group_size=None, dataset="imagenet-1k", dataset_column="image")
+    config = comq_config(group_size=None, dataset="imagenet-1k", dataset_column="image", calibration_description=None)
     metadata, body = split_card(str(render_model_card(config, str(base), None, None)))
     assert "base_model" not in metadata and "pipeline_tag" not in metadata
     assert str(tmp_path) not in body, "a local path must not leak into a published card"
@@ -192,8 +192,22 @@ def test_render_local_base_model_is_not_metadata(tmp_path):
     assert "| Group size | none (one scale per output channel) |" in body
     assert "- **Max. sequence length (text inputs):** 512" in body  # task unknown: kept
     assert "- **Dataset:** imagenet-1k" in body and "- **Split:** train" in body and "- **Column:** image" in body
+    assert "**Data:**" not in body  # nothing recorded yet: the dataset's own rows, not a line repeating them
     assert "No evaluation results were recorded" in body
     assert "AutoModel.from_pretrained(" in body
+
+
+def test_render_recorded_data_line_is_not_repeated():
+    """After calibration the data line names the dataset, split, column and samples: no rows repeat them."""
+    config = comq_config(
+        dataset="texts.jsonl", dataset_column="text", calibration_samples=12,
+        calibration_description="local dataset 'texts.jsonl' (split train, column text), 12 samples",
+    )  # fmt: skip
+    body = split_card(str(render_model_card(config, None, None, "token-classification")))[1]
+    assert "- **Data:** local dataset 'texts.jsonl' (split train, column text), 12 samples" in body
+    for repeated in ("**Dataset:**", "**Split:**", "**Column:**", "**Samples used:**"):
+        assert repeated not in body, repeated
+    assert "- **Requested samples (`num_samples`):** 128" in body and "- **Sampling seed:** 0" in body
 
 
 def test_render_flat_metrics_and_yaml_safe_tags():
