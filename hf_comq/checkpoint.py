@@ -441,8 +441,10 @@ def runtime_support(
         vllm = "not served: vLLM has no compressed-tensors scheme for transformers `Conv1D` layers (load error)"
     elif quantized_experts:
         vllm = f"compressed-tensors `WNA16` MoE method, {_vllm_moe_kernel(scheme)}; {VLLM_MOE_READ}"
+    elif model_class is not None and model_class.endswith("ForImageClassification"):
+        vllm = f"not served: vLLM has no ViT / Dinov2 image-classifier architecture; {VLLM_READ}"
     elif model_class not in (None, "AutoModel") and not model_class.endswith("ForCausalLM"):
-        vllm = "not checked: hf_comq's vLLM notes cover causal LMs; vLLM does not serve image classifiers"
+        vllm = "not checked: hf_comq's vLLM notes cover causal LMs"
     else:
         fast = scheme.bits in (4, 8) and scheme.group_size in (None, 32, 64, 128)
         kernel = "Marlin (Machete on Hopper)" if fast else "the generic Humming kernel"

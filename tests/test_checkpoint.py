@@ -81,7 +81,9 @@ def test_runtime_support_names_every_runtime_and_what_is_unverified():
     assert "Marlin" in linear["vLLM"] and "not run" in linear["vLLM"]
     assert "Humming" in dict(runtime_support(SCHEMES[1], "LlamaForCausalLM"))["vLLM"]
     assert "not served" in dict(runtime_support(SCHEMES[2], "GPT2LMHeadModel"))["vLLM"]
-    assert "image classifiers" in dict(runtime_support(SCHEMES[0], "ViTForImageClassification"))["vLLM"]
+    assert "not served" in dict(runtime_support(SCHEMES[0], "ViTForImageClassification"))["vLLM"]
+    token_classifier = dict(runtime_support(SCHEMES[0], "BertForTokenClassification"))["vLLM"]
+    assert token_classifier.startswith("not checked") and "image" not in token_classifier
     moe = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", batched_experts=True))
     assert "does not load" in moe["transformers + `compressed-tensors>=0.18`, no hf_comq"]
     asymmetric_experts = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", quantized_experts=True))
