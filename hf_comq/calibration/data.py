@@ -21,7 +21,7 @@ Accepted ``dataset`` forms:
 * a string: a folder written by ``save_to_disk``, a local data file or folder of data
   files (parquet / json / csv / arrow / text), or a Hub name; files and Hub data are
   streamed;
-* a list of PIL images or of strings;
+* a list of PIL images (or of ``uint8`` NumPy image arrays) or of strings;
 * ready model inputs: a tensor (``pixel_values`` if floating point, ``input_ids`` if
   integer), or a dict / list of dicts of tensors (each dict is used as one or more
   batches, never re-padded).
@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -204,6 +205,26 @@ def _dispatch(model: nn.Module, config: Any, source: Any) -> CalibrationData:
     )
 
 
+def _image_from_array(array: np.ndarray) -> Any:
+    """A PIL image of a ``uint8`` array laid out as image files are (``height x width``, or
+    ``height x width x channels`` with 1, 3 or 4 channels), the form NumPy image datasets use.
+
+    Other layouts (``channels x height x width``, float pixels) would need a guess at their
+    range or axis order: the caller converts those, in one line it can see.
+    """
+    from PIL import Image
+
+    shape = tuple(array.shape)
+    channels_last = len(shape) == 3 and shape[2] in (1, 3, 4)
+    if array.dtype != np.uint8 or not (len(shape) == 2 or channels_last):
+        raise ValueError(
+            f"a calibration image array must be uint8, height x width or height x width x 1/3/4 channels; got "
+            f"{array.dtype} {shape}: convert each with PIL.Image.fromarray (e.g. from (array * 255).astype('uint8') "
+            "moved to channels last), or pass ready pixel_values as a tensor"
+        )
+    return Image.fromarray(array[:, :, 0] if channels_last and shape[2] == 1 else array)
+
+
 def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> CalibrationData:
     """A list of images or texts is a one-column ``datasets.Dataset``; a list of dicts is ready inputs."""
     from PIL import Image
@@ -212,6 +233,8 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
         raise ValueError("the calibration dataset is empty: it has no samples")
     if all(isinstance(item, Image.Image) for item in items):
         kind, column = "images", "image"
+    elif all(isinstance(item, np.ndarray) for item in items):
+        items, kind, column = [_image_from_array(item) for item in items], "images", "image"
     elif all(isinstance(item, str) for item in items):
         kind, column = "text", "text"
     elif all(isinstance(item, Mapping) for item in items):
@@ -219,7 +242,8 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
     else:
         kinds = sorted({type(item).__name__ for item in items})
         raise ValueError(
-            f"a calibration list must hold only PIL images, only strings, or only dicts of tensors; got {kinds}"
+            f"a calibration list must hold only PIL images (or uint8 image arrays), only strings, or only dicts of "
+            f"tensors; got {kinds}"
         )
     origin = {"source": f"list of {kind}", "column": None}
     return _from_hf_dataset(model, config, dataset_from_list(items, column), origin)

@@ -131,6 +131,29 @@ def test_list_of_pil_images(vit):
     assert config.calibration_description == "list of images, 3 samples"
 
 
+def test_list_of_uint8_image_arrays_is_a_list_of_images(vit):
+    """NumPy image datasets (height x width [x channels], uint8) give the pixels their PIL images give."""
+    pictures = images(3)
+    gray = [picture.convert("L") for picture in pictures[1:]]
+    arrays = [np.asarray(pictures[0]), np.asarray(gray[0]), np.asarray(gray[1])[..., None]]
+    config = _config(arrays, processor=image_processor())
+    batches = _collect(build_calibration_data(vit, config))
+    expected = image_processor()(images=[pictures[0]] + [image.convert("RGB") for image in gray], return_tensors="pt")
+    got, want = batches[0]["pixel_values"], expected["pixel_values"]  # the same images, in the sampling's order
+    assert sorted(got.sum((1, 2, 3)).tolist()) == sorted(want.sum((1, 2, 3)).tolist())
+    assert all(any(torch.equal(image, other) for other in want) for image in got)
+    assert config.calibration_description == "list of images, 3 samples"
+
+
+@pytest.mark.parametrize("array", [np.zeros((3, 8, 8), np.uint8), np.zeros((8, 8, 3), np.float32)])
+def test_image_arrays_of_another_layout_are_refused_in_one_line(vit, array):
+    refusal = r"must be uint8, height x width or height x width x 1/3/4 channels; got"
+    with pytest.raises(ValueError, match=refusal) as caught:
+        build_calibration_data(vit, _config([array], processor=image_processor()))
+    assert str(array.dtype) in str(caught.value) and str(array.shape) in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
 def test_grayscale_images_are_converted_to_rgb(vit):
     gray = [image.convert("L") for image in images(2)]
     batches = _collect(build_calibration_data(vit, _config(gray, processor=image_processor())))
@@ -312,7 +335,7 @@ def test_more_samples_than_data_warns_and_uses_all(vit, caplog):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ([images(1)[0], "text"], "only PIL images, only strings"),
+        ([images(1)[0], "text"], r"only PIL images \(or uint8 image arrays\), only strings"),
         (42, "unsupported"),
         (torch.randn(2, 5), "must be float pixel_values"),
         ([{"foo": torch.zeros(2)}], "none of which"),
