@@ -73,7 +73,7 @@ import functools
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -206,7 +206,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), linear_layer_threads(model):
+        with torch.no_grad(), linear_layer_threads(model), _caches_off(model):
             calibrator.run()
     finally:
         model.train(was_training)
@@ -1307,6 +1307,38 @@ def _fingerprint(model: nn.Module, layers: dict[str, nn.Module], settings: _Sett
         sort_keys=True,
         default=str,
     )
+
+
+@contextmanager
+def _caches_off(model: nn.Module) -> Iterator[None]:
+    """``use_cache=False`` in every config the model's modules read, put back afterwards.
+
+    A forward that takes ``use_cache`` only through ``**kwargs`` (many task heads and
+    multimodal models) cannot be told so by :func:`_forward_kwargs`; its decoder then
+    makes a cache from its config, the captured block inputs carry it, and every rerun of
+    a block appends its keys to the same cache: attention then sees earlier passes' keys.
+    Nested models (a VLM's language model) read their own config, hence every module's.
+    """
+    configs = {id(config): config for config in _module_configs(model) if getattr(config, "use_cache", None)}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
+
+
+def _module_configs(model: nn.Module) -> Iterator[Any]:
+    """The ``config`` of the model and of every module that has one, with its nested text config."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None:
+            continue
+        yield config
+        text_config = getattr(config, "get_text_config", None)
+        if callable(text_config):
+            yield text_config()
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import accelerate
+import transformers as T
 import pytest
 import torch
 from torch import nn
@@ -612,6 +613,24 @@ def test_a_linear_subclass_whose_forward_is_not_its_linear_map_stays_in_full_pre
 def test_group_size_that_does_not_divide_names_the_layer():
     with pytest.raises(ValueError, match="vit.layers.0"):
         quantize_model(tiny_vit(), COMQConfig(bits=4, group_size=24, dataset=torch.randn(4, 3, 32, 32)))
+
+
+def test_a_forward_taking_use_cache_only_through_kwargs_calibrates_without_a_kv_cache():
+    """LlamaForQuestionAnswering (like many task heads and multimodal models) passes use_cache on
+    through **kwargs: calibration turns the cache off in the config, and puts it back afterwards."""
+    llama = tiny_model("llama")
+    model = T.LlamaForQuestionAnswering(llama.config)
+    model.transformer.load_state_dict(llama.model.state_dict())
+    caches = []
+
+    def record(module, args, kwargs):
+        caches.append(kwargs.get("past_key_values"))
+
+    for layer in model.transformer.layers:
+        layer.register_forward_pre_hook(record, with_kwargs=True)
+    summary = quantize_model(model, _config("llama", count=6, bits=4, batch_size=3))
+    assert summary["layers_quantized"] == 14 and caches and all(cache is None for cache in caches)
+    assert model.config.use_cache is True
 
 
 def test_model_stays_in_training_mode_if_it_was():
