@@ -37,14 +37,16 @@ TASKS: tuple[Task, ...] = (
         "token-classification",
     ),
     Task("causal LM", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "text-generation"),
-    Task("masked LM", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "fill-mask"),
+    # Before masked LMs: transformers lists BART, mBART and MVP's generation classes as masked LMs too.
     Task(
         "sequence-to-sequence LM", "AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
         "text2text-generation",
     ),
+    Task("masked LM", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "fill-mask"),
     Task("base model", "AutoModel", "MODEL_MAPPING_NAMES", None),
 )  # fmt: skip
-SEQ2SEQ_LM = TASKS[-2]
+"""Tasks in the order :func:`task_of` tries them: the first whose mapping lists a class is its task."""
+SEQ2SEQ_LM = next(task for task in TASKS if task.auto_class == "AutoModelForSeq2SeqLM")
 BASE_MODEL = TASKS[-1]
 SUPPORTED = (
     "image classification, sequence/token classification, causal, masked and sequence-to-sequence LMs, "

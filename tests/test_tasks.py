@@ -24,6 +24,10 @@ def test_architectures_map_to_the_first_task_that_lists_them():
     assert task_of(["NoSuchModel"], "nothing") == (None, "NoSuchModel")
     assert task_of(["T5ForConditionalGeneration"], "t5")[0].auto_class == "AutoModelForSeq2SeqLM"
     assert task_of(["T5Model"], "t5")[0] is TASKS[-1]
+    # transformers lists BART-like generation classes as masked LMs too: they are sequence-to-sequence LMs
+    for bart_like in ("BartForConditionalGeneration", "MBartForConditionalGeneration", "MvpForConditionalGeneration"):
+        assert task_of([bart_like], None)[0].auto_class == "AutoModelForSeq2SeqLM", bart_like
+    assert task_of(["BertForMaskedLM"], "bert")[0].auto_class == "AutoModelForMaskedLM"
 
 
 def test_inputs_come_from_the_main_input_name():
