@@ -13,17 +13,21 @@ COMQ model once its weights are in place.  It gives the model instance its own
 ``save_pretrained`` and ``push_to_hub`` (public methods; plain callable objects, so a
 ``copy.deepcopy`` rebinds them to the copy and ``pickle`` / ``torch.save`` keep working):
 
-* ``save_pretrained`` writes README.md after the regular save when the folder has none;
-  with ``push_to_hub=True`` it then publishes the folder like ``push_to_hub``;
+* ``save_pretrained`` writes README.md after the regular save, where the folder has no
+  README or an unedited card of an earlier save (:func:`is_unedited_card`); with
+  ``push_to_hub=True`` it then publishes the folder like ``push_to_hub``;
 * ``push_to_hub`` saves into a temporary folder (card included) and publishes it with
   :func:`push_folder`: ``create_repo(exist_ok=True)`` plus one ``upload_folder`` commit.
-  A README that already exists on the Hub is the owner's and is kept; it only receives
-  the COMQ tags.
+  A README that already exists on the Hub is the owner's and is kept, with the COMQ tags
+  added, unless it is an unedited card of an earlier push, which the new card replaces.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata, resources
@@ -48,12 +52,16 @@ __all__ = [
     "ModelCardSettings",
     "attach_model_card_hook",
     "card_tags",
+    "is_unedited_card",
     "load_template",
+    "mark_card",
     "project_url",
     "push_folder",
     "render_model_card",
     "write_model_card",
 ]
+
+logger = logging.getLogger(__name__)
 
 README_NAME = "README.md"
 TEMPLATE_NAME = "comq_model_card.md"
@@ -380,24 +388,76 @@ def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | N
 
 
 def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, model_id: str | None = None) -> Path | None:
-    """Write README.md for a COMQ model into ``save_directory`` unless the folder already has one.
+    """Write README.md for a COMQ model into ``save_directory``, unless the folder has a README
+    that is not an unedited hf_comq card.
 
-    An existing README is the user's (or a previous save's) and is never overwritten.
+    A card hf_comq wrote carries a digest of its text (:func:`is_unedited_card`): saving
+    again into the same folder replaces it, since it describes the earlier save (another
+    bit width, other data).  Any other README is the user's, or a card they edited, and is
+    kept; an edited card is named in a warning, as its settings may no longer be the model's.
 
     Returns:
-        The path written, or ``None`` when a README already existed.
+        The path written, or ``None`` when a README was kept.
     """
     path = Path(save_directory) / README_NAME
-    if path.exists():
+    if path.exists() and not is_unedited_card(path.read_text(encoding="utf-8", errors="replace")):
+        _say_kept(path)
         return None
-    text = str(_card_for_model(model, model_id=model_id))
+    text = mark_card(str(_card_for_model(model, model_id=model_id)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "x", encoding="utf-8") as handle:  # "x": never clobber a README created meanwhile
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        try:
             handle.write(text)
-    except FileExistsError:
-        return None
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
+    os.replace(handle.name, path)  # whole or not at all: a reader never sees half a card
     return path
+
+
+_CARD_MARK = "<!-- hf_comq model card {digest}: saving the model here again rewrites this card unless it is edited -->"
+_CARD_MARK_PATTERN = re.compile(r"^<!-- hf_comq model card ([0-9a-f]{16}): .*-->\s*$", re.MULTILINE)
+
+
+def _card_digest(body: str) -> str:
+    return hashlib.sha256(body.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def _card_body(text: str) -> str:
+    """The card's text after its YAML metadata, which a push may extend with tags."""
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        if end >= 0:
+            return text[end + 4 :]
+    return text
+
+
+def mark_card(text: str) -> str:
+    """``text`` with the last line that tells a later save it may replace the card: a digest of its body."""
+    return text.rstrip("\n") + "\n\n" + _CARD_MARK.format(digest=_card_digest(_card_body(text))) + "\n"
+
+
+def is_unedited_card(text: str) -> bool:
+    """Whether ``text`` is a card hf_comq wrote (:func:`mark_card`) whose body nobody has changed since."""
+    body = _card_body(text)
+    marks = list(_CARD_MARK_PATTERN.finditer(body))
+    if not marks:
+        return False
+    last = marks[-1]
+    return _card_digest(body[: last.start()] + body[last.end() :]) == last.group(1)
+
+
+def _say_kept(path: Path) -> None:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if _CARD_MARK_PATTERN.search(_card_body(text)):
+        logger.warning(
+            "kept %s: an hf_comq card edited since it was written, so its settings may be an earlier save's; "
+            "delete it to get this model's card",
+            path,
+        )
+    else:
+        logger.info("kept %s (not an hf_comq card): the COMQ model card was not written", path)
 
 
 def push_folder(
@@ -415,7 +475,8 @@ def push_folder(
     """Publish a finished checkpoint folder in one commit: ``create_repo(exist_ok=True)`` + ``upload_folder``.
 
     The folder's README.md is the COMQ card; when the repository already has a README,
-    that one is kept (it is the owner's text) and only receives the folder card's tags.
+    that one is kept (it is the owner's text) and only receives the folder card's tags,
+    unless it is an unedited COMQ card of an earlier push (:func:`is_unedited_card`).
     """
     validate_repo_id(repo_id)
     api = HfApi(token=token)
@@ -426,10 +487,11 @@ def push_folder(
     if readme.is_file():
         card = ModelCard.load(readme)
         if api.file_exists(repo_id, README_NAME, revision=revision):
-            card_tags_here = list(card.data.tags or [])
-            card = ModelCard.load(repo_id, token=token)
-            card.data.tags = list(card.data.tags or []) + [t for t in card_tags_here if t not in (card.data.tags or [])]
-        card.data.tags = list(card.data.tags or []) + [t for t in tags or () if t not in (card.data.tags or [])]
+            owned = ModelCard.load(repo_id, token=token)
+            if not is_unedited_card(owned.content):  # the owner's text (or their edit of a COMQ card) stays
+                _add_tags(owned, card.data.tags)
+                card = owned
+        _add_tags(card, tags)
         card.save(readme)
     return api.upload_folder(
         repo_id=repo_id,
@@ -439,6 +501,12 @@ def push_folder(
         revision=revision,
         create_pr=create_pr,
     )
+
+
+def _add_tags(card: ModelCard, tags: list[str] | None) -> None:
+    """Append the ``tags`` the card's metadata does not list yet, in order."""
+    present = list(card.data.tags or [])
+    card.data.tags = present + [tag for tag in tags or () if tag not in present]
 
 
 # ---------------------------------------------------------------------------------------------- save hooks
@@ -452,7 +520,7 @@ def _is_comq_model(model: Any) -> bool:
 
 
 class _SavePretrainedWithCard:
-    """``model.save_pretrained`` of a COMQ model: the regular save, then README.md if the folder has none.
+    """``model.save_pretrained`` of a COMQ model: the regular save, then README.md (:func:`write_model_card`).
 
     ``push_to_hub=True`` is taken out of transformers' hands so that the upload is the
     folder as saved here, card included, in one commit (:func:`push_folder`).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import email.message
+import logging
 import importlib.metadata
 import inspect
 import json
@@ -32,6 +33,8 @@ from hf_comq import COMQConfig
 from hf_comq.hub import (
     README_NAME,
     attach_model_card_hook,
+    is_unedited_card,
+    mark_card,
     render_model_card,
     write_model_card,
 )
@@ -314,6 +317,40 @@ def test_save_pretrained_never_overwrites_a_readme(comq_like_vit, tmp_path):
     assert write_model_card(tmp_path, comq_like_vit) is None
 
 
+def test_saving_again_into_the_folder_rewrites_the_card_of_the_earlier_save(comq_like_vit, tmp_path):
+    attach_model_card_hook(comq_like_vit)
+    comq_like_vit.save_pretrained(tmp_path)
+    assert "| Weight bits | 4 |" in (tmp_path / README_NAME).read_text(encoding="utf-8")
+    comq_like_vit.config.quantization_config = comq_config(bits=2)
+    comq_like_vit.save_pretrained(tmp_path)
+    card = (tmp_path / README_NAME).read_text(encoding="utf-8")
+    assert "| Weight bits | 2 |" in card and "| Weight bits | 4 |" not in card
+    assert sorted(path.name for path in tmp_path.iterdir() if path.suffix == ".tmp") == []
+
+
+def test_a_card_edited_since_it_was_written_is_kept_with_a_warning(comq_like_vit, tmp_path, caplog):
+    attach_model_card_hook(comq_like_vit)
+    comq_like_vit.save_pretrained(tmp_path)
+    readme = tmp_path / README_NAME
+    edited = readme.read_text(encoding="utf-8").replace("## Limitations", "## Our results\n\nGood.\n\n## Limitations")
+    readme.write_text(edited, encoding="utf-8")
+    comq_like_vit.config.quantization_config = comq_config(bits=2)
+    with caplog.at_level(logging.WARNING, logger="hf_comq.hub"):
+        comq_like_vit.save_pretrained(tmp_path)
+    assert readme.read_text(encoding="utf-8") == edited
+    assert "an hf_comq card edited since it was written" in caplog.text and "delete it" in caplog.text
+
+
+def test_a_marked_card_is_unedited_until_its_body_changes():
+    card = mark_card(str(render_model_card(comq_config(), None, None, "image-classification")))
+    assert is_unedited_card(card) and card.rstrip().endswith("-->")
+    metadata_end = card.index("\n---", 3)
+    with_tags = card[:metadata_end] + "\n- another-tag" + card[metadata_end:]  # a push adds tags to the metadata
+    assert is_unedited_card(with_tags)
+    assert not is_unedited_card(card.replace("| Weight bits | 4 |", "| Weight bits | 3 |"))
+    assert not is_unedited_card("# My own notes\n")
+
+
 def test_attach_is_idempotent_and_updates_metrics(comq_like_vit, tmp_path):
     attach_model_card_hook(comq_like_vit)
     first_save = comq_like_vit.save_pretrained
@@ -432,6 +469,10 @@ api.create_repo("user/has-card")
 api.upload_file(path_or_fileobj=b"---\\ntags:\\n- mine\\n---\\n# My notes\\n", path_in_repo="README.md",
                 repo_id="user/has-card")
 comq_like.push_to_hub("user/has-card")
+# 3. Pushed again after requantizing: the unedited card of the first push is replaced.
+comq_like.push_to_hub("user/re-pushed")
+comq_like.config.quantization_config = COMQConfig.from_dict(args["config_2_bits"])
+comq_like.push_to_hub("user/re-pushed")
 
 print(json.dumps({
     "identical": identical,
@@ -448,7 +489,8 @@ def hub_round_trip(tmp_path_factory):
     """Push/pull plain and card-hooked models against one fake Hub; the tests below inspect the outcome."""
     tmp_path = tmp_path_factory.mktemp("hub-round-trip")
     with FakeHub(max_lifetime_s=240) as server:
-        result = run_hub_client(server, tmp_path, HUB_ROUND_TRIP, {"config": comq_config().to_dict()})
+        configs = {"config": comq_config().to_dict(), "config_2_bits": comq_config(bits=2).to_dict()}
+        result = run_hub_client(server, tmp_path, HUB_ROUND_TRIP, configs)
         yield server, result
 
 
@@ -478,6 +520,13 @@ def test_push_to_hub_replaces_the_generic_card(hub_round_trip):
     assert "| Group size | 32 |" in body and "This is the model card of a" not in body
     # One push, one commit after the repository's initial one: weights, config and card together.
     assert [commit.title for commit in server._repo("user/comq-like").commits][1:] == ["Upload COMQ-quantized model"]
+
+
+def test_push_to_hub_replaces_the_unedited_card_of_an_earlier_push(hub_round_trip):
+    server, _ = hub_round_trip
+    metadata, body = split_card(server.files("user/re-pushed")["README.md"].decode("utf-8"))
+    assert "| Weight bits | 2 |" in body and "| Weight bits | 4 |" not in body
+    assert metadata["tags"] == ["comq", "compressed-tensors", "quantized", "2-bit", "vit"]
 
 
 def test_push_to_hub_keeps_an_existing_readme_and_adds_the_tags(hub_round_trip):

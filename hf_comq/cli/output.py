@@ -164,8 +164,8 @@ def save_with_processor(model: Any, processor: Any, folder: Path, model_id: str)
     """Card, weights and processor into ``folder``; the card names ``model_id`` (the staging folder's name would be wrong)."""
     from ..hub import write_model_card
 
-    write_model_card(folder, model, model_id=model_id)
     model.save_pretrained(folder)
+    write_model_card(folder, model, model_id=model_id)  # after the save, whose own card names the staging folder
     if processor is not None:
         processor.save_pretrained(folder)
 
