@@ -45,6 +45,7 @@ from .solver.options import (
     default_damp,
     refits_by_default,
     solves_in_stages_by_default,
+    start_only_method,
 )
 from .tasks import infer_pipeline_tag, is_text_pipeline
 
@@ -316,7 +317,8 @@ def render_model_card(
     else:
         name = model_class
         base_model_md = "its base model"
-    title = f"{name} — COMQ {config.bits}-bit"
+    baseline = start_only_method(config.init, config.iterations)
+    title = f"{name} — {baseline[0] if baseline else 'COMQ'} {config.bits}-bit"
     card_data = ModelCardData(
         library_name="transformers",
         base_model=hub_base,
@@ -330,6 +332,7 @@ def render_model_card(
         template_str=load_template(),
         title=title,
         bits=config.bits,
+        baseline=baseline[1] if baseline else None,
         base_model_md=base_model_md,
         model_class=model_class,
         model_id=model_id or _MODEL_ID_PLACEHOLDER,

@@ -213,6 +213,20 @@ def test_render_recorded_data_line_is_not_repeated():
     assert "- **Requested samples (`num_samples`):** 128" in body and "- **Sampling seed:** 0" in body
 
 
+def test_a_card_of_settings_without_a_sweep_names_the_baseline_not_comq():
+    """``hf-comq quantize --rtn`` (iterations=0): no COMQ step ran, and the card must not say it did."""
+    card = str(render_model_card(comq_config(bits=4, init="rtn", iterations=0), "google/vit-base-patch16-224", None, None))
+    _, body = split_card(card)
+    assert "# vit-base-patch16-224 — RTN 4-bit" in body and "— COMQ" not in body
+    assert "using **round-to-nearest** on COMQ's grid, with no COMQ coordinate\ndescent" in body
+    assert "by coordinate descent, updating one weight" not in body
+    assert "Only linear layers are quantized" in body
+    started = str(render_model_card(comq_config(init="error_feedback", iterations=0), None, None, None))
+    assert "— error-feedback rounding 4-bit" in started and "GPTQ's act-order rounding" in started
+    comq = split_card(str(render_model_card(comq_config(), "google/vit-base-patch16-224", None, None)))[1]
+    assert "# vit-base-patch16-224 — COMQ 4-bit" in comq and "by coordinate descent, updating one weight" in comq
+
+
 def test_render_flat_metrics_and_yaml_safe_tags():
     card = render_model_card(comq_config(bits=3), None, {"perplexity": 12.3456789, "note": "a|b"}, None,
                              tags=['needs: "quotes"', "3-bit"])  # fmt: skip

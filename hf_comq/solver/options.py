@@ -53,6 +53,21 @@ REFERENCE_CODE: dict = dict(
 coordinate sweep, none of the moves added since)."""
 
 
+START_ONLY_METHODS = {
+    "fp": ("RTN", "round-to-nearest"),
+    "rtn": ("RTN", "round-to-nearest"),
+    "error_feedback": ("error-feedback rounding", "error-feedback rounding (GPTQ's act-order rounding)"),
+}
+"""What settings without a coordinate sweep (``iterations=0``) amount to, by start point:
+``(short name, full name)``.  Every COMQ step after the start runs inside a sweep, so such
+settings do not run COMQ at all: a baseline, to be named as one."""
+
+
+def start_only_method(init: str, iterations: int) -> tuple[str, str] | None:
+    """:data:`START_ONLY_METHODS`' names for settings that stop at their start; ``None`` where COMQ's sweeps run."""
+    return START_ONLY_METHODS[init] if iterations == 0 else None
+
+
 def default_damp(bits: int) -> float:
     """Damping of the error-feedback start when ``damp=None``.
 
