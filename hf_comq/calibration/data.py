@@ -288,7 +288,7 @@ def _subset_values(dataset: Any, column: str, config: Any) -> tuple[Any, Callabl
     if isinstance(feature, datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
         decode = feature.decode_example
-    subset = seeded_subset(dataset, config.num_samples, config.seed)
+    subset = seeded_subset(dataset, config.num_samples, config.seed, column)
     if isinstance(subset, datasets.Dataset):
         values: Any = _LazyColumn(subset, column)
     else:

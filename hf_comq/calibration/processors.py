@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .sources import is_blank_text
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
@@ -76,7 +78,7 @@ def encode_images(processor: Any, images: list[Any], channels: int | None = 3) -
 
 def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | None:
     """Tokenize one batch; empty strings are dropped (they carry no tokens), ``None`` if nothing is left."""
-    texts = [text for text in texts if text.strip()]
+    texts = [text for text in texts if not is_blank_text(text)]
     if not texts:
         return None
     try:

@@ -33,6 +33,7 @@ __all__ = [
     "load_dataset_source",
     "pick_column",
     "pick_split",
+    "is_blank_text",
     "seeded_subset",
     "warn_too_few",
 ]
@@ -133,12 +134,16 @@ def dataset_from_list(items: Sequence[Any], column: str) -> Any:
     return datasets.Dataset.from_dict({column: list(items)})
 
 
-def seeded_subset(dataset: Any, count: int, seed: int) -> Any:
-    """The first ``count`` rows after ``datasets``' seeded shuffle (all rows, with a warning, if fewer exist).
+def seeded_subset(dataset: Any, count: int, seed: int, column: str | None = None) -> Any:
+    """The first ``count`` rows after ``datasets``' seeded shuffle (all rows, with a warning, if fewer exist),
+    passing over rows whose ``column`` holds a blank text.
 
-    An indexed ``Dataset`` gets an index mapping kept in memory (nothing is written to
-    the cache folder); an ``IterableDataset`` a shuffle buffer of
-    :data:`STREAM_SHUFFLE_BUFFER` rows, read lazily.
+    A blank text has no tokens to calibrate on, yet taken into the subset it would count as
+    a sample (text corpora such as wikitext are about a third blank lines).  Where no row is
+    blank the subset is the same as without the check.  An indexed ``Dataset`` gets an index
+    mapping kept in memory (nothing is written to the cache folder), and only a text column
+    is read for the check; an ``IterableDataset`` a shuffle buffer of
+    :data:`STREAM_SHUFFLE_BUFFER` rows, read lazily, blank ones filtered as they pass.
     """
     import datasets
 
@@ -146,18 +151,52 @@ def seeded_subset(dataset: Any, count: int, seed: int) -> Any:
         total = len(dataset)
         if total == 0:
             raise ValueError("the calibration dataset is empty: it has no samples")
-        if count > total:
-            warn_too_few(total, count)
         shuffled = dataset.shuffle(seed=seed, keep_in_memory=True)
-        return shuffled.select(range(min(count, total)), keep_in_memory=True)
-    return dataset.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER).take(count)
+        if column is None or not _holds_text(dataset.features.get(column)):
+            if count > total:
+                warn_too_few(total, count)
+            return shuffled.select(range(min(count, total)), keep_in_memory=True)
+        rows = _rows_with_text(shuffled, column, count)
+        if not rows:
+            raise ValueError(f"the calibration dataset has no text: every value of column {column!r} is blank")
+        if len(rows) < count:
+            warn_too_few(len(rows), count, "non-blank texts")
+        return shuffled.select(rows, keep_in_memory=True)
+    stream = dataset.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+    if column is not None:
+        stream = stream.filter(lambda example: not is_blank_text(example[column]))
+    return stream.take(count)
 
 
-def warn_too_few(available: int, requested: int) -> None:
+def is_blank_text(value: Any) -> bool:
+    """Whether ``value`` is a text without a character to tokenize."""
+    return isinstance(value, str) and not value.strip()
+
+
+def _holds_text(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _rows_with_text(shuffled: Any, column: str, count: int) -> list[int]:
+    """The first ``count`` rows of ``shuffled`` whose ``column`` is not blank, read a chunk of rows at a time."""
+    rows: list[int] = []
+    start, total = 0, len(shuffled)
+    while len(rows) < count and start < total:
+        stop = min(total, start + 2 * max(count - len(rows), 64))
+        texts = shuffled.select(range(start, stop), keep_in_memory=True)[column]
+        rows += [row for row, text in zip(range(start, stop), texts) if not is_blank_text(text)]
+        start = stop
+    return rows[:count]
+
+
+def warn_too_few(available: int, requested: int, what: str = "samples") -> None:
     """Say that calibration uses fewer samples than asked for (the data has no more)."""
     logger.warning(
-        "COMQ calibration: num_samples=%d but the dataset has only %d samples; calibrating on all %d",
+        "COMQ calibration: num_samples=%d but the dataset has only %d %s; calibrating on all %d",
         requested,
         available,
+        what,
         available,
     )

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import accelerate
+import datasets
 import transformers as T
 import pytest
 import torch
@@ -437,8 +438,11 @@ def test_a_broken_weight_is_named_before_any_calibration(monkeypatch, layer, bad
 def test_dataset_without_tokens_is_too_small():
     model = tiny_model("llama")
     config = COMQConfig(bits=4, dataset=["", "   "], processor=word_tokenizer())
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match="has no text: every value of column 'text' is blank"):  # before any forward
         quantize_model(model, config)
+    streamed = datasets.Dataset.from_dict({"text": ["", "   "]}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="empty"):
+        quantize_model(model, COMQConfig(bits=4, dataset=streamed, processor=word_tokenizer()))
 
 
 def test_few_tokens_warn_about_rank_deficient_hessians(caplog):

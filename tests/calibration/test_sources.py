@@ -49,6 +49,25 @@ def test_subset_is_the_libraries_seeded_shuffle():
     assert len(list(stream)) == 7
 
 
+def test_a_text_subset_passes_over_blank_texts_and_is_unchanged_without_them(caplog):
+    texts = [str(i) for i in range(50)]
+    table = datasets.Dataset.from_dict({"text": texts})
+    assert seeded_subset(table, 7, seed=3, column="text")["text"] == table.shuffle(seed=3).select(range(7))["text"]
+    # wikitext-like: most rows blank; the subset is the first 7 texts in the same shuffled order
+    gappy = datasets.Dataset.from_dict({"text": [text if i % 3 == 0 else " \n" * (i % 2) for i, text in enumerate(texts)]})
+    shuffled = [text for text in gappy.shuffle(seed=3)["text"] if text.strip()]
+    assert seeded_subset(gappy, 7, seed=3, column="text")["text"] == shuffled[:7]
+    stream = seeded_subset(gappy.to_iterable_dataset(), 7, seed=3, column="text")
+    picked = [row["text"] for row in stream]
+    assert len(picked) == 7 and all(text.strip() for text in picked)
+    # fewer texts than asked for: all of them, with a warning that says what is missing
+    every_text = sorted(seeded_subset(gappy, 40, seed=0, column="text")["text"], key=int)
+    assert every_text == sorted(shuffled, key=int) and len(every_text) == 17
+    assert "the dataset has only 17 non-blank texts" in caplog.text
+    with pytest.raises(ValueError, match="every value of column 'text' is blank"):
+        seeded_subset(datasets.Dataset.from_dict({"text": ["", "  "]}), 4, seed=0, column="text")
+
+
 def test_a_subset_larger_than_the_data_takes_all_of_it(caplog):
     table = datasets.Dataset.from_dict({"text": ["a", "b"]})
     assert sorted(seeded_subset(table, 9, seed=0)["text"]) == ["a", "b"]
