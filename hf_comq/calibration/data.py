@@ -16,8 +16,10 @@ which also picks the subset; processors live in :mod:`.processors`.
 Accepted ``dataset`` forms:
 
 * ``datasets.Dataset`` / ``IterableDataset`` (or a ``DatasetDict``: ``dataset_split``
-  picks the split), with an image column ``image`` / ``img`` / ``pixel_values`` or a
-  text column ``text``; ``dataset_column`` overrides the choice;
+  picks the split), with an image column ``image`` / ``img`` / ``pixel_values``, a
+  text column ``text``, or tokenized rows (``input_ids``, with ``attention_mask`` /
+  ``token_type_ids`` if present: padded per batch, no tokenizer needed);
+  ``dataset_column`` overrides the choice;
 * a string: a folder written by ``save_to_disk``, a local data file or folder of data
   files (parquet / json / csv / arrow / text), or a Hub name; files and Hub data are
   streamed;
@@ -53,6 +55,8 @@ from .processors import (
 from .sources import (
     IMAGE_COLUMNS,
     TEXT_COLUMNS,
+    TOKEN_COLUMNS,
+    column_names,
     dataset_from_list,
     load_dataset_source,
     pick_column,
@@ -256,6 +260,8 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
 
 def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[str, Any]) -> CalibrationData:
     column = pick_column(dataset, config.dataset_column)
+    if column == TOKEN_COLUMNS[0]:
+        return _from_token_rows(model, config, dataset, origin)
     values, decode = _subset_values(dataset.select_columns([column]), column, config)
     kind = "model inputs" if column == "pixel_values" else _kind_of_value(decode(values[0]), column)
     encode_values = _make_encoder(model, config, kind)
@@ -270,6 +276,69 @@ def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[s
 
     description = {"column": column, **origin, "num_samples": len(values)}
     return CalibrationData(chunks, encode, len(values), description)
+
+
+def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[str, Any]) -> CalibrationData:
+    """A tokenized dataset's rows as ready inputs: each batch's rows cut to ``max_length`` and
+    padded on the right, padding masked out (of attention and of the Gram sums), so no
+    tokenizer is needed."""
+    import datasets
+
+    present = [name for name in TOKEN_COLUMNS if name in column_names(dataset)]
+    keep = model_input_names(model)
+    _check_model_takes(model, keep, "text")
+    subset = seeded_subset(dataset.select_columns(present), config.num_samples, config.seed)
+    indexed = isinstance(subset, datasets.Dataset)
+    rows: Any = subset if indexed else list(subset)  # a stream is read once
+    if len(rows) == 0:
+        raise ValueError("the calibration dataset is empty: it has no samples")
+    if not indexed and len(rows) < config.num_samples:
+        warn_too_few(len(rows), config.num_samples)
+
+    def read(part: slice) -> Mapping[str, list[Any]]:
+        """A batch's rows as columns: an indexed dataset's slice is one already."""
+        return rows[part] if indexed else {name: [row[name] for row in rows[part]] for name in present}
+
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    size = config.batch_size
+
+    def chunks() -> Iterator[slice]:
+        for start in range(0, len(rows), size):
+            yield slice(start, start + size)
+
+    def encode(part: slice) -> Batch | None:
+        batch = _padded_token_batch(read(part), config.max_length, pad_id)
+        return None if batch is None else filter_inputs(batch, keep)
+
+    description = {"column": TOKEN_COLUMNS[0], **origin, "num_samples": len(rows)}
+    return CalibrationData(chunks, encode, len(rows), description)
+
+
+def _padded_token_batch(columns: Mapping[str, list[Any]], max_length: int, pad_id: int) -> Batch | None:
+    """Rows of token ids (and their masks) as one right-padded batch of tensors; ``None`` if no row has a token."""
+    ids = [_as_list(row)[:max_length] for row in columns[TOKEN_COLUMNS[0]]]
+    if any(not isinstance(token, int) for row in ids for token in row):
+        raise ValueError("column 'input_ids' must hold lists of integer token ids, one list per sample")
+    if not any(ids):
+        return None
+    given_masks = columns.get("attention_mask")
+    if given_masks is None:
+        given_masks = [[1] * len(row) for row in ids]
+    masks = [_as_list(mask)[: len(row)] for mask, row in zip(given_masks, ids)]
+    width = max(len(row) for row in ids)
+    batch = {
+        "input_ids": torch.tensor([row + [pad_id] * (width - len(row)) for row in ids]),
+        "attention_mask": torch.tensor([mask + [0] * (width - len(mask)) for mask in masks]),
+    }
+    if "token_type_ids" in columns:
+        types = [_as_list(types)[: len(row)] for types, row in zip(columns["token_type_ids"], ids)]
+        batch["token_type_ids"] = torch.tensor([row + [0] * (width - len(row)) for row in types])
+    return batch
+
+
+def _as_list(row: Any) -> list[Any]:
+    """A row of a tokenized column as a list of numbers, whatever format the dataset gives (list, tensor, array)."""
+    return row.tolist() if hasattr(row, "tolist") else list(row)
 
 
 def _subset_values(dataset: Any, column: str, config: Any) -> tuple[Any, Callable[[Any], Any]]:

@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_COLUMNS",
     "STREAM_SHUFFLE_BUFFER",
     "TEXT_COLUMNS",
+    "TOKEN_COLUMNS",
     "column_names",
     "data_file_builder",
     "dataset_from_list",
@@ -40,6 +41,9 @@ __all__ = [
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 TEXT_COLUMNS = ("text",)
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+"""Columns of a tokenized dataset (``dataset.map(tokenizer)``), read as ready model inputs;
+``input_ids`` is the one :func:`pick_column` looks for, after images and text."""
 STREAM_SHUFFLE_BUFFER = 1000
 
 
@@ -107,11 +111,12 @@ def pick_column(dataset: Any, requested: str | None) -> str:
         if requested not in columns:
             raise ValueError(f"dataset column {requested!r} does not exist; available columns: {columns}")
         return requested
-    for candidate in IMAGE_COLUMNS + TEXT_COLUMNS:
+    readable = IMAGE_COLUMNS + TEXT_COLUMNS + TOKEN_COLUMNS[:1]
+    for candidate in readable:
         if candidate in columns:
             return candidate
     raise ValueError(
-        f"dataset has no column of a name hf_comq reads ({list(IMAGE_COLUMNS + TEXT_COLUMNS)}); available columns: "
+        f"dataset has no column of a name hf_comq reads ({list(readable)}); available columns: "
         f"{columns}; name the one to read with COMQConfig(dataset_column=...) (hf-comq: --column)"
     )
 

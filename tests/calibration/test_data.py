@@ -124,6 +124,29 @@ def test_iterable_dataset(vit):
     assert sum(b["pixel_values"].shape[0] for b in data) == 4
 
 
+@pytest.mark.parametrize("form", ["indexed", "torch format", "stream"])
+def test_a_tokenized_dataset_is_read_as_ready_inputs_padded_per_batch(llama, form):
+    """``dataset.map(tokenizer)`` output: the same real tokens as the text itself, padding masked out."""
+    tokenizer, texts = word_tokenizer(), sentences(5)
+    tokenized = datasets.Dataset.from_dict({"text": texts}).map(lambda row: tokenizer(row["text"]))
+    tokenized = tokenized.remove_columns("text")
+    source = {"indexed": tokenized, "torch format": tokenized.with_format("torch"),
+              "stream": tokenized.to_iterable_dataset()}[form]  # fmt: skip
+    config = _config(source, batch_size=2)
+    batches = _collect(build_calibration_data(llama, config))
+    from_text = _collect(build_calibration_data(llama, _config(texts, processor=word_tokenizer(), batch_size=2)))
+    assert [sorted(batch) for batch in batches] == [["attention_mask", "input_ids"]] * 3
+    real, expected = _real_tokens(batches), _real_tokens(from_text)
+    assert sorted(real) == sorted(expected) and len(real) == 5
+    assert config.calibration_description.endswith("(column input_ids), 5 samples")
+
+
+def _real_tokens(batches: list[dict[str, torch.Tensor]]) -> list[list[int]]:
+    """Each row's token ids where its attention mask is set."""
+    rows = [zip(batch["input_ids"], batch["attention_mask"]) for batch in batches]
+    return [ids[mask.bool()].tolist() for pairs in rows for ids, mask in pairs]
+
+
 def test_list_of_pil_images(vit):
     config = _config(images(5), processor=image_processor(), num_samples=3)
     batches = _collect(build_calibration_data(vit, config))
