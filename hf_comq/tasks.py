@@ -53,6 +53,10 @@ SUPPORTED = (
     "and base models"
 )
 
+TEXT_AND_IMAGE_MAPPING = "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES"
+"""The mapping of contrastive text-image models (CLIP, SigLIP, ALIGN, ...), whose forward embeds
+a text and an image together and fails on either alone."""
+
 INPUT_OF_KIND = {"images": "pixel_values", "text": "input_ids"}
 """The model input each kind of data becomes (the processor's output a ``forward`` must take)."""
 
@@ -95,6 +99,22 @@ def _class_names(mapping: dict[str, Any]) -> set[str]:
     for value in mapping.values():
         names.update(value if isinstance(value, (list, tuple)) else (value,))
     return names
+
+
+def needs_text_and_images(architecture: str) -> bool:
+    """Whether the class's forward needs text and images at once (:data:`TEXT_AND_IMAGE_MAPPING`)."""
+    from .compat import auto_mapping
+
+    return architecture in _class_names(auto_mapping(TEXT_AND_IMAGE_MAPPING))
+
+
+def text_and_images_refusal(architecture: str, fix: str) -> str:
+    """The line for data of one kind given to a model that needs both (``fix``: what else the user can pass)."""
+    return (
+        f"{architecture} embeds a text and an image together: its forward needs input_ids and pixel_values at once, "
+        f"which data of one kind (images or text) cannot give; quantize one of its towers on its own (e.g. "
+        f"CLIPVisionModel or CLIPTextModel, saved from it){fix}"
+    )
 
 
 def model_inputs(architecture: str) -> str | None:

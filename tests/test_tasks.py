@@ -13,7 +13,7 @@ from transformers import (
     ViTModel,
 )
 
-from hf_comq.tasks import TASKS, infer_pipeline_tag, model_inputs, task_of
+from hf_comq.tasks import TASKS, infer_pipeline_tag, model_inputs, needs_text_and_images, task_of
 from tests.tiny import tiny_vit
 
 
@@ -50,3 +50,8 @@ def test_infer_pipeline_tag_follows_the_task_not_the_class_name():
     bert = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     assert infer_pipeline_tag(BertForMaskedLM(bert)) == "fill-mask"
     assert infer_pipeline_tag(BertForQuestionAnswering(bert)) == "question-answering"  # no task of hf-comq's: by name
+
+
+def test_contrastive_text_image_models_need_both_inputs():
+    assert needs_text_and_images("CLIPModel") and needs_text_and_images("SiglipModel")
+    assert not any(map(needs_text_and_images, ("CLIPVisionModel", "CLIPTextModel", "LlavaForConditionalGeneration")))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..tasks import INPUT_OF_KIND
+from ..tasks import INPUT_OF_KIND, needs_text_and_images, text_and_images_refusal
 from .processors import (
     encode_images,
     encode_texts,
@@ -420,6 +420,9 @@ def _check_model_takes(model: nn.Module, keep: set[str] | None, kind: str) -> No
     """One line where the data's kind is one the model's forward cannot take (text for a ViT,
     images for a language model), before looking for a processor that cannot exist: the
     lookup's own failure would blame the checkpoint folder instead of the data."""
+    name = type(model).__name__
+    if needs_text_and_images(name):
+        raise ValueError(text_and_images_refusal(name, ", or pass ready inputs: dicts of input_ids and pixel_values"))
     needed = INPUT_OF_KIND[kind]
     if keep is None or needed in keep:
         return
@@ -429,7 +432,7 @@ def _check_model_takes(model: nn.Module, keep: set[str] | None, kind: str) -> No
         fix = f"pass {taken[0]} (a list of {items}, or a dataset column of them)"
     else:  # e.g. an audio model: neither images nor text
         fix = "pass ready model inputs (a list of dicts of tensors that its forward takes)"
-    raise ValueError(f"the calibration data is {kind}, but {type(model).__name__}.forward takes no {needed}; {fix}")
+    raise ValueError(f"the calibration data is {kind}, but {name}.forward takes no {needed}; {fix}")
 
 
 # ---------------------------------------------------------------------------

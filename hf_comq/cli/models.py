@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..tasks import SEQ2SEQ_LM, SUPPORTED, Task, model_inputs, task_of
+from ..tasks import (
+    SEQ2SEQ_LM,
+    SUPPORTED,
+    Task,
+    model_inputs,
+    needs_text_and_images,
+    task_of,
+    text_and_images_refusal,
+)
 from .common import CLIError
 
 
@@ -61,6 +69,8 @@ def inspect_model(name: str, read: tuple[str, dict[str, Any]] | None = None) -> 
         )
     if task is None:
         raise CLIError(f"unsupported {described}; hf-comq handles {SUPPORTED}")
+    if needs_text_and_images(architecture):
+        raise CLIError(text_and_images_refusal(architecture, ""))
     inputs = model_inputs(architecture)
     if inputs is None:
         raise CLIError(

@@ -406,6 +406,20 @@ def test_text_for_a_model_of_neither_images_nor_text_asks_for_ready_inputs():
         build_calibration_data(audio, _config(sentences(2)))
 
 
+def test_data_of_one_kind_for_a_model_that_needs_text_and_images_is_one_line():
+    import transformers as T
+
+    clip = T.CLIPModel(T.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=8,
+    ))  # fmt: skip
+    for data, processor in ((images(2), image_processor()), (sentences(2), word_tokenizer())):
+        with pytest.raises(ValueError, match=r"CLIPModel embeds a text and an image together: .* or pass ready inputs"):
+            build_calibration_data(clip, _config(data, processor=processor))
+
+
 def test_unknown_dataset_name_is_an_error(vit, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not load calibration dataset"):
