@@ -166,6 +166,7 @@ def _quantize(
     saving = _saves(ranks)
     spec = inspect_model(args.model, read)
 
+    from ..calibration.sources import TOKEN_COLUMNS
     from ..config import COMQConfig
     from ..evaluation import pick_column
     from ..solver import ROUND_TO_NEAREST_MODEL
@@ -178,8 +179,12 @@ def _quantize(
     rtn = {}
     if args.rtn:  # the baseline rounds each layer's own weight, unless --fp-target asks to aim it first
         rtn = {key: value for key, value in ROUND_TO_NEAREST_MODEL.items() if settings.get(key) is None}
-    config = COMQConfig(dataset=dataset, dataset_split=args.split, dataset_column=args.column, **{**settings, **rtn})
-    pick_column(open_dataset(dataset, args.split), args.column, "calibration")
+    column = pick_column(open_dataset(dataset, args.split), args.column, "calibration")
+    # Raw images or text need the checkpoint's processor: its absence is found before the weights load.
+    tokens = column == TOKEN_COLUMNS[0]
+    processor = _optional_processor(spec) if tokens else load_processor(spec.location, spec.inputs)
+    data = dict(dataset=dataset, dataset_split=args.split, dataset_column=args.column, processor=processor)
+    config = COMQConfig(**data, **{**settings, **rtn})
     method = "RTN" if args.rtn else "COMQ"
     if ranks is not None:
         print(f"rank {ranks.rank} of {ranks.size}: calibrating on its share of the samples", file=sys.stderr)
@@ -189,7 +194,6 @@ def _quantize(
     started = time.perf_counter()
     model = spec.auto_class().from_pretrained(spec.location, quantization_config=config, **load_kwargs)
     seconds = time.perf_counter() - started
-    processor = _optional_processor(spec)
 
     model_id = args.push_to_hub or output.name
 

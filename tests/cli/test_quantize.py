@@ -182,6 +182,34 @@ def test_quantize_pushes_to_the_hub(tmp_path, vit_dir, image_data) -> None:
     assert [commit.title for commit in hub._repo("user/tiny-vit-comq").commits][1:] == ["Upload COMQ-quantized model"]
 
 
+def test_a_checkpoint_without_its_tokenizer_is_named_before_its_weights_load(capsys, tmp_path, text_data, monkeypatch):
+    model_dir = tmp_path / "bare"
+    tiny_model("llama").save_pretrained(model_dir)  # weights and config, no tokenizer
+    loaded = []
+    monkeypatch.setattr(T.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a))
+    code, _, err = run_cli(capsys, "quantize", model_dir, "--dataset", text_data, "--output", tmp_path / "out")
+    assert code == 1 and not loaded
+    assert error_line(err) == (
+        f"hf-comq: error: {model_dir} has no tokenizer; save the original model's one next to the weights: "
+        f"AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained({str(model_dir)!r})"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenized_data_needs_no_tokenizer(capsys, tmp_path):
+    import datasets
+
+    model_dir, data_dir = tmp_path / "bare", tmp_path / "tokens"
+    tiny_model("llama").save_pretrained(model_dir)
+    datasets.Dataset.from_dict({"input_ids": [[1, 5, 7], [2, 9], [3, 4, 6, 8]] * 2}).save_to_disk(data_dir)
+    code, out, err = run_cli(capsys, "quantize", model_dir, "--dataset", data_dir, "--output", tmp_path / "out")
+    assert code == 0, err
+    assert "has no processor or tokenizer to save with the checkpoint" in err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["comq"]["calibration"][
+        "samples_used"
+    ] == 6
+
+
 def test_quantizing_a_comq_checkpoint_is_refused(capsys, tmp_path, image_data) -> None:
     (tmp_path / "model").mkdir()
     config = {
