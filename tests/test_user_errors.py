@@ -316,6 +316,35 @@ def test_quantize_with_the_hub_switched_off(capsys, tmp_path, monkeypatch, vit_d
     assert "dataset 'beans' is not a local path" in line
 
 
+def test_a_push_that_cannot_happen_is_named_before_any_work(
+    capsys, tmp_path, monkeypatch, vit_dir, image_data, no_model_loading
+) -> None:
+    base = ["quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "out"]
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    line = cli_error(capsys, *base, "--push-to-hub", "me/tiny")
+    assert "--push-to-hub needs the Hugging Face Hub, which is unavailable (HF_HUB_OFFLINE is set)" in line
+    assert "pass --push-to-hub too" in cli_error(capsys, *base, "--private")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_push_to_an_unreachable_hub_is_named_before_any_work(
+    capsys, tmp_path, vit_dir, image_data, hub_unreachable, no_model_loading
+) -> None:
+    argv = ["quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "out", "--push-to-hub", "me/x"]
+    line = cli_error(capsys, *argv)
+    assert "--push-to-hub needs the Hugging Face Hub, which is unavailable" in line
+
+
+def test_a_push_without_a_token_is_named_before_any_work(capsys, tmp_path, monkeypatch, vit_dir, image_data) -> None:
+    import hf_comq.cli.quantize as quantize_command
+
+    monkeypatch.setattr(quantize_command, "hub_unavailable", lambda: None)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    argv = ["quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "out", "--push-to-hub", "me/x"]
+    line = cli_error(capsys, *argv)
+    assert line == "hf-comq: error: --push-to-hub needs a Hub token: run `hf auth login` or set HF_TOKEN"
+
+
 def test_empty_data_is_one_line(capsys, tmp_path, vit_dir, calibration_steps) -> None:
     image_parquet(tmp_path / "rows.parquet", [])
     (tmp_path / "bytes.parquet").write_bytes(b"")

@@ -119,15 +119,22 @@ def check_hub_available(name: str, what: str, cached_file: str | None = None) ->
     A model whose ``cached_file`` is in the local Hub cache passes: transformers can
     load it from there.
     """
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-    problem = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else _hub_unreachable(constants.ENDPOINT)
+    problem = hub_unavailable()
     if problem is None:
         return
     if cached_file is not None and isinstance(try_to_load_from_cache(name, cached_file), str):
         return
     hint = "; a single word is taken as a Hub id: if it is meant as a local path, check it" if "/" not in name else ""
     raise CLIError(f"{what} {name!r} is not a local path, and the Hugging Face Hub is unavailable ({problem}){hint}")
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face Hub cannot be used now (offline mode, or its endpoint unreachable), or ``None``."""
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else _hub_unreachable(constants.ENDPOINT)
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,7 @@ from .common import (
     torch_threads,
 )
 from .data import add_data_arguments, open_dataset, resolve_dataset
-from .models import ModelSpec, inspect_model, load_processor, read_model_config
+from .models import ModelSpec, hub_unavailable, inspect_model, load_processor, read_model_config
 from .output import check_output, megabytes, print_fields, save_atomically, save_with_processor
 
 CALIBRATION_SETTINGS = ("num_samples", "batch_size", "max_length", "seed")
@@ -109,7 +109,9 @@ def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> 
     if saving:
         check_output(output, args.overwrite, source=args.model)
     if args.push_to_hub:
-        check_repo_id(args.push_to_hub)
+        check_push_target(args.push_to_hub)
+    elif args.private:
+        raise CLIError("--private makes the repository that --push-to-hub creates private; pass --push-to-hub too")
     read = read_model_config(args.model)
     if read[1].get("quantization_config"):
         raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
@@ -259,14 +261,24 @@ def _time_text(seconds: float, solving: float | None) -> str:
     return f"{seconds:.1f} s (loading and calibration; {solving:.1f} s of it solving layers)"
 
 
-def check_repo_id(repo_id: str) -> None:
-    """huggingface_hub's own rules for a repository id, checked before any work."""
+def check_push_target(repo_id: str) -> None:
+    """Before any work: huggingface_hub's own rules for a repository id, a token to push with, and a Hub
+    that can be reached (the push comes after the whole calibration)."""
+    from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise CLIError(f"--push-to-hub {repo_id!r} is not a valid Hub repository id: {error}") from None
+    problem = hub_unavailable()
+    if problem is not None:
+        raise CLIError(
+            f"--push-to-hub needs the Hugging Face Hub, which is unavailable ({problem}); "
+            "quantize without --push-to-hub and upload the folder later (hf upload)"
+        )
+    if get_token() is None:
+        raise CLIError("--push-to-hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
 
 
 def _push(output: Path, repo_id: str, private: bool) -> None:
