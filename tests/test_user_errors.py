@@ -316,6 +316,14 @@ def test_quantize_with_the_hub_switched_off(capsys, tmp_path, monkeypatch, vit_d
     assert "dataset 'beans' is not a local path" in line
 
 
+def test_chat_messages_are_named_with_their_fix_before_any_work(capsys, tmp_path, vit_dir, no_model_loading) -> None:
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    argv = ["quantize", vit_dir, "--dataset", chats, "--column", "messages", "--output", tmp_path / "out"]
+    line = cli_error(capsys, *argv)
+    assert "column 'messages' holds list values" in line and "tokenizer.apply_chat_template(messages, tokenize=False)" in line
+
+
 def test_a_push_that_cannot_happen_is_named_before_any_work(
     capsys, tmp_path, monkeypatch, vit_dir, image_data, no_model_loading
 ) -> None:

@@ -58,6 +58,7 @@ from .sources import (
     TOKEN_COLUMNS,
     column_names,
     dataset_from_list,
+    is_blank_text,
     load_dataset_source,
     pick_column,
     pick_split,
@@ -70,6 +71,7 @@ __all__ = [
     "TEXT_COLUMNS",
     "CalibrationData",
     "build_calibration_data",
+    "column_kind",
     "encode_images",
     "format_description",
     "image_channels",
@@ -382,6 +384,17 @@ class _LazyColumn(Sequence):
         return self.dataset[index][self.column]
 
 
+def column_kind(dataset: Any, column: str, rows: int = 64) -> str | None:
+    """``"images"`` or ``"text"``: what ``column`` holds, judged from its first value that is not blank
+    among its first ``rows`` (``None`` if all are); raises the one line :func:`build_calibration_data`
+    would, for a caller that checks data before loading a model."""
+    for example in itertools.islice(iter(dataset), rows):
+        value = example[column]
+        if not is_blank_text(value):
+            return _kind_of_value(value, column)
+    return None
+
+
 def _kind_of_value(value: Any, column: str) -> str:
     from PIL import Image
 
@@ -389,8 +402,14 @@ def _kind_of_value(value: Any, column: str) -> str:
         return "images"
     if isinstance(value, str):
         return "text"
+    fix = ""
+    if isinstance(value, list) and value and isinstance(value[0], Mapping) and "content" in value[0]:
+        fix = (
+            "; for chat messages, write each conversation into a text column first: "
+            "tokenizer.apply_chat_template(messages, tokenize=False)"
+        )
     raise ValueError(
-        f"column {column!r} holds {type(value).__name__} values; COMQ calibrates on images (PIL) or text (str)"
+        f"column {column!r} holds {type(value).__name__} values; COMQ calibrates on images (PIL) or text (str){fix}"
     )
 
 

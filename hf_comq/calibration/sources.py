@@ -141,7 +141,7 @@ def dataset_from_list(items: Sequence[Any], column: str) -> Any:
 
 def seeded_subset(dataset: Any, count: int, seed: int, column: str | None = None) -> Any:
     """The first ``count`` rows after ``datasets``' seeded shuffle (all rows, with a warning, if fewer exist),
-    passing over rows whose ``column`` holds a blank text.
+    passing over rows whose ``column`` holds a blank text or nothing (null).
 
     A blank text has no tokens to calibrate on, yet taken into the subset it would count as
     a sample (text corpora such as wikitext are about a third blank lines).  Where no row is
@@ -174,8 +174,8 @@ def seeded_subset(dataset: Any, count: int, seed: int, column: str | None = None
 
 
 def is_blank_text(value: Any) -> bool:
-    """Whether ``value`` is a text without a character to tokenize."""
-    return isinstance(value, str) and not value.strip()
+    """Whether ``value`` is a missing value (a null row) or a text without a character to tokenize."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _holds_text(feature: Any) -> bool:

@@ -168,6 +168,7 @@ def _quantize(
     saving = _saves(ranks)
     spec = inspect_model(args.model, read)
 
+    from ..calibration.data import column_kind
     from ..calibration.sources import TOKEN_COLUMNS
     from ..config import COMQConfig
     from ..evaluation import pick_column
@@ -181,9 +182,12 @@ def _quantize(
     rtn = {}
     if args.rtn:  # the baseline rounds each layer's own weight, unless --fp-target asks to aim it first
         rtn = {key: value for key, value in ROUND_TO_NEAREST_MODEL.items() if settings.get(key) is None}
-    column = pick_column(open_dataset(dataset, args.split), args.column, "calibration")
-    # Raw images or text need the checkpoint's processor: its absence is found before the weights load.
+    opened = open_dataset(dataset, args.split)
+    column = pick_column(opened, args.column, "calibration")
+    # Raw images or text need the checkpoint's processor; both are checked before the weights load.
     tokens = column == TOKEN_COLUMNS[0]
+    if not tokens:
+        column_kind(opened, column)  # one line for a column of neither images nor text
     processor = _optional_processor(spec) if tokens else load_processor(spec.location, spec.inputs)
     data = dict(dataset=dataset, dataset_split=args.split, dataset_column=args.column, processor=processor)
     config = COMQConfig(**data, **{**settings, **rtn})

@@ -54,7 +54,8 @@ def test_a_text_subset_passes_over_blank_texts_and_is_unchanged_without_them(cap
     table = datasets.Dataset.from_dict({"text": texts})
     assert seeded_subset(table, 7, seed=3, column="text")["text"] == table.shuffle(seed=3).select(range(7))["text"]
     # wikitext-like: most rows blank; the subset is the first 7 texts in the same shuffled order
-    gappy = datasets.Dataset.from_dict({"text": [text if i % 3 == 0 else " \n" * (i % 2) for i, text in enumerate(texts)]})
+    blanks = [text if i % 3 == 0 else " \n" * (i % 2) for i, text in enumerate(texts)]
+    gappy = datasets.Dataset.from_dict({"text": blanks})
     shuffled = [text for text in gappy.shuffle(seed=3)["text"] if text.strip()]
     assert seeded_subset(gappy, 7, seed=3, column="text")["text"] == shuffled[:7]
     stream = seeded_subset(gappy.to_iterable_dataset(), 7, seed=3, column="text")
@@ -66,6 +67,11 @@ def test_a_text_subset_passes_over_blank_texts_and_is_unchanged_without_them(cap
     assert "the dataset has only 17 non-blank texts" in caplog.text
     with pytest.raises(ValueError, match="every value of column 'text' is blank"):
         seeded_subset(datasets.Dataset.from_dict({"text": ["", "  "]}), 4, seed=0, column="text")
+    # a null row (a JSON null, a missing value) is passed over like a blank one
+    holes = datasets.Dataset.from_dict({"text": ["a", None, "b", None, ""]})
+    assert sorted(seeded_subset(holes, 5, seed=0, column="text")["text"]) == ["a", "b"]
+    streamed = seeded_subset(holes.to_iterable_dataset(), 5, seed=0, column="text")
+    assert sorted(row["text"] for row in streamed) == ["a", "b"]
 
 
 def test_a_subset_larger_than_the_data_takes_all_of_it(caplog):
