@@ -375,6 +375,13 @@ def test_evaluate_mistakes(capsys, tmp_path, vit_dir, bert_dir, quantized_dir, i
     assert "num_labels 5 vs 3" in line
     line = cli_error(capsys, "evaluate", bert_dir, "--dataset", image_data)
     assert "needs --reference FP_MODEL" in line
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "a few words", "label": 0}) + "\n")
+    line = cli_error(capsys, "evaluate", vit_dir, "--dataset", texts)
+    assert line.endswith("column 'text' holds text, but tiny-vit (ViTForImageClassification) takes images; "
+                         "pass images (name the column with --column)")  # fmt: skip
+    line = cli_error(capsys, "evaluate", bert_dir, "--dataset", image_data, "--reference", bert_dir)
+    assert "column 'image' holds images, but tiny-bert (BertModel) takes text" in line
 
 
 def test_evaluate_a_folder_saved_without_its_processor(capsys, tmp_path, quantized_dir, image_data) -> None:

@@ -77,6 +77,7 @@ def _evaluate(
         pick_column(dataset, args.label_column, "label")
     else:
         column = pick_column(dataset, args.column, "text")
+    check_data_kind(spec, dataset, column)
 
     model = load_model(spec)
     reference_model = load_model(reference) if reference is not None else None
@@ -87,6 +88,18 @@ def _evaluate(
     else:
         _evaluate_cosine(args, spec, model, reference, reference_model, column_texts(dataset, column))
     return EXIT_OK
+
+
+def check_data_kind(spec: ModelSpec, dataset: Any, column: str) -> None:
+    """Images for an image model, text for a text model: one line before any weight loads."""
+    from ..calibration.data import column_kind
+
+    kind = column_kind(dataset, column)
+    if kind is not None and kind != spec.inputs:
+        raise CLIError(
+            f"--dataset column {column!r} holds {kind}, but {spec.display_name} ({spec.architecture}) takes "
+            f"{spec.inputs}; pass {spec.inputs} (name the column with --column)"
+        )
 
 
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_labels", "num_channels", "image_size")
