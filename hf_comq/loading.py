@@ -42,6 +42,15 @@ def read_quantization_config(path: str | os.PathLike, **hub_kwargs: Any) -> COMQ
     return COMQConfig.from_dict(config_dict["quantization_config"])
 
 
+def _check_local_path(path: str | os.PathLike) -> None:
+    """A path written as one (``./x``, ``~/x``, ``/x``, ``a/b/c``, a ``PathLike``) that does not exist is
+    named as a missing folder, rather than tried as a Hub id (an invalid one, or a connection error)."""
+    text = os.fspath(path)
+    as_path = not isinstance(path, str) or text.startswith((".", "~", os.sep)) or text.count("/") > 1
+    if as_path and not os.path.exists(os.path.expanduser(text)):
+        raise FileNotFoundError(f"no checkpoint folder at {text}: check the path (a Hub id is written owner/name)")
+
+
 def load_quantized(
     path: str | os.PathLike,
     *,
@@ -66,6 +75,7 @@ def load_quantized(
     register()
     if "config" in kwargs:
         raise TypeError("load_quantized reads the checkpoint's own config; do not pass config=")
+    _check_local_path(path)
     hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
     stored = read_quantization_config(path, **hub_kwargs)
     if quantization_config is not None:

@@ -236,8 +236,9 @@ def test_load_quantized(vit_dir, quantized_dir, tmp_path) -> None:
         load_quantized(quantized_dir, quantization_config=COMQConfig(bits=2))
     with pytest.raises(TypeError, match="do not pass config="):
         load_quantized(quantized_dir, config=T.ViTConfig())
-    with pytest.raises(OSError, match="no-such-folder"):
-        load_quantized(tmp_path / "no-such-folder")
+    for missing in (tmp_path / "no-such-folder", f"{tmp_path}/no-such-folder", "./no-such-folder"):
+        with pytest.raises(FileNotFoundError, match=r"no checkpoint folder at .*no-such-folder: check the path"):
+            load_quantized(missing)  # not tried as a Hub id: no connection error, no repo-id rules
 
 
 # ---------------------------------------------------------------------------------------------- CLI
