@@ -408,14 +408,15 @@ def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, mode
         return None
     text = mark_card(str(_card_for_model(model, model_id=model_id)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        try:
+    # Whole or not at all (a reader never sees half a card), and with the permissions the user's
+    # umask gives, as save_pretrained's other files (a temporary file module's would be private).
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "x", encoding="utf-8") as handle:
             handle.write(text)
-        except BaseException:
-            handle.close()
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)  # whole or not at all: a reader never sees half a card
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

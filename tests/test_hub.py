@@ -339,7 +339,10 @@ def test_saving_again_into_the_folder_rewrites_the_card_of_the_earlier_save(comq
     comq_like_vit.save_pretrained(tmp_path)
     card = (tmp_path / README_NAME).read_text(encoding="utf-8")
     assert "| Weight bits | 2 |" in card and "| Weight bits | 4 |" not in card
-    assert sorted(path.name for path in tmp_path.iterdir() if path.suffix == ".tmp") == []
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / README_NAME).stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes
 
 
 def test_a_card_edited_since_it_was_written_is_kept_with_a_warning(comq_like_vit, tmp_path, caplog):
