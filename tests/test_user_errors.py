@@ -385,7 +385,9 @@ def test_evaluate_mistakes(capsys, tmp_path, vit_dir, bert_dir, quantized_dir, i
     assert "column 'image' holds images, but tiny-bert (BertModel) takes text" in line
 
 
-def test_evaluate_a_folder_saved_without_its_processor(capsys, tmp_path, quantized_dir, image_data) -> None:
+def test_evaluate_a_folder_saved_without_its_processor(
+    capsys, tmp_path, quantized_dir, image_data, no_model_loading
+) -> None:
     """The README's Python save used to leave the processor out; evaluate then named an option it does not have."""
     folder = tmp_path / "no-processor"
     folder.mkdir()

@@ -78,15 +78,18 @@ def _evaluate(
     else:
         column = pick_column(dataset, args.column, "text")
     check_data_kind(spec, dataset, column)
+    processor = load_processor(spec.location, spec.inputs)  # a missing one is named before any weight loads
 
     model = load_model(spec)
     reference_model = load_model(reference) if reference is not None else None
     if metric == "top-1":
-        _evaluate_top1(args, spec, model, reference_model, dataset, column)
+        _evaluate_top1(args, spec, processor, model, reference_model, dataset, column)
     elif metric == "perplexity":
-        _evaluate_perplexity(args, spec, model, reference, reference_model, column_texts(dataset, column))
+        texts = column_texts(dataset, column)
+        _evaluate_perplexity(args, spec, processor, model, reference, reference_model, texts)
     else:
-        _evaluate_cosine(args, spec, model, reference, reference_model, column_texts(dataset, column))
+        texts = column_texts(dataset, column)
+        _evaluate_cosine(args, spec, processor, model, reference, reference_model, texts)
     return EXIT_OK
 
 
@@ -156,11 +159,10 @@ def _metric_for(spec: ModelSpec) -> str:
 
 
 def _evaluate_top1(
-    args: argparse.Namespace, spec: ModelSpec, model: Any, reference: Any, dataset: Any, column: str
+    args: argparse.Namespace, spec: ModelSpec, processor: Any, model: Any, reference: Any, dataset: Any, column: str
 ) -> None:
     from ..evaluation import top1
 
-    processor = load_processor(spec.location, "images")
     kwargs = {"image_column": column, "label_column": args.label_column, "batch_size": args.batch_size or 64}
     result = top1(model, dataset, processor, **kwargs)
     score = result.accuracy
@@ -173,6 +175,7 @@ def _evaluate_top1(
 def _evaluate_perplexity(
     args: argparse.Namespace,
     spec: ModelSpec,
+    tokenizer: Any,
     model: Any,
     reference: ModelSpec | None,
     reference_model: Any,
@@ -180,7 +183,6 @@ def _evaluate_perplexity(
 ) -> None:
     from ..evaluation import perplexity
 
-    tokenizer = load_processor(spec.location, "text")
     kwargs = {"max_length": args.max_length, "batch_size": args.batch_size or 8}
     score = perplexity(model, tokenizer, texts, **kwargs)
     print(f"perplexity of {spec.display_name}: {score:.4f} on {len(texts)} texts")
@@ -190,11 +192,16 @@ def _evaluate_perplexity(
 
 
 def _evaluate_cosine(
-    args: argparse.Namespace, spec: ModelSpec, model: Any, reference: ModelSpec, reference_model: Any, texts: list[str]
+    args: argparse.Namespace,
+    spec: ModelSpec,
+    tokenizer: Any,
+    model: Any,
+    reference: ModelSpec,
+    reference_model: Any,
+    texts: list[str],
 ) -> None:
     from ..evaluation import embedding_cosine
 
-    tokenizer = load_processor(spec.location, "text")
     score = embedding_cosine(
         model, reference_model, tokenizer, texts, batch_size=args.batch_size or 32, max_length=args.max_length
     )
