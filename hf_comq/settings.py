@@ -38,6 +38,11 @@ FORMAT, SOLVER, CALIBRATION, SELECTION, RECORDED = "format", "solver", "calibrat
 LINEAR, CONV1D = "Linear", "Conv1D"  # the layer classes a checkpoint's scheme can target
 
 
+def per_channel_as_none(group_size: Any) -> Any:
+    """``group_size``, with -1 (the command line's and transformers' way to say "per channel") as ``None``."""
+    return None if group_size == -1 else group_size
+
+
 def setting(default: Any, kind: str, help: str) -> Any:
     """A field of the table: its default, its kind (see the module docstring) and one line of help."""
     return field(default=default, metadata={"kind": kind, "help": help})
@@ -49,7 +54,7 @@ class COMQSettings:
 
     bits: int = setting(DEFAULTS["bits"], FORMAT, f"code width, {MIN_BITS} to {MAX_BITS}")
     group_size: int | None = setting(
-        None, FORMAT, "input columns sharing one scale/zero point; None (or -1) = one per output channel"
+        None, FORMAT, "input columns sharing one scale/zero point; -1 (None in Python) = one per output channel"
     )
     symmetric: bool = setting(DEFAULTS["symmetric"], FORMAT, "zero point fixed at mid-range")
     iterations: int = setting(DEFAULTS["iterations"], SOLVER, "maximum coordinate sweeps per layer")
@@ -118,8 +123,7 @@ class COMQSettings:
     base_model_folder: str | None = setting(None, RECORDED, "folder name of a local checkpoint that was quantized")
 
     def __post_init__(self) -> None:
-        if self.group_size == -1:
-            self.group_size = None
+        self.group_size = per_channel_as_none(self.group_size)
         for name in ("modules_to_not_convert", "ignore"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
@@ -146,7 +150,7 @@ class COMQSettings:
         """Validate every field; each error names the field and how to fix it."""
         _check_int("bits", self.bits, MIN_BITS, MAX_BITS, f"use 4 (near-lossless), 3 or 2 (smaller), up to {MAX_BITS}")
         if self.group_size is not None:
-            _check_int("group_size", self.group_size, 1, None, "use e.g. 32, 64 or 128, or None for per-channel scales")
+            _check_int("group_size", self.group_size, 1, None, "use e.g. 32, 64 or 128, or None (hf-comq: -1) for per-channel scales")
         _check_bool("symmetric", self.symmetric)
         _check_int("iterations", self.iterations, 0, None, "use 1 to 3 coordinate sweeps")
         _check_choice("order", self.order, ORDERS)

@@ -409,7 +409,21 @@ def test_demo_mistakes(capsys, tmp_path, calibration_steps) -> None:
         capsys, "demo", "--bits", 4, "--output", tmp_path, "--overwrite"
     )
     assert (tmp_path / "vit-fashion-mnist-comq-w4" / "notes.txt").read_text() == "mine"
+    # -1 is per channel: the default folder, so the same refusal
+    line = cli_error(capsys, "demo", "--bits", 4, "--group-size", -1, "--output", tmp_path)
+    assert "vit-fashion-mnist-comq-w4 already exists" in line
     assert calibration_steps == []
+
+
+def test_a_demo_group_size_the_model_refuses_is_named_before_the_evaluation(capsys, tmp_path, monkeypatch) -> None:
+    import hf_comq.evaluation
+
+    evaluated = []
+    monkeypatch.setattr(hf_comq.evaluation, "image_logits", lambda *args, **kwargs: evaluated.append(1))
+    code, _, err = run_cli(capsys, "demo", "--bits", 4, "--group-size", 7, "--output", tmp_path)  # after its header
+    line = next(line for line in err.splitlines() if line.startswith("hf-comq: error:"))
+    assert code == 1 and "group_size=7 does not divide in_features of" in line and "(hf-comq: --group-size -1)" in line
+    assert evaluated == []
 
 
 @pytest.mark.parametrize(

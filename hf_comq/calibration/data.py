@@ -166,7 +166,8 @@ def _checking_token_ids(
             bad = highest if highest >= vocabulary else lowest
             raise ValueError(
                 f"calibration input_ids hold token id {bad}, but {model_name}'s input embedding has {vocabulary} rows "
-                f"(ids 0 to {vocabulary - 1}); tokenize with the model's own tokenizer (COMQConfig(processor=...))"
+                f"(ids 0 to {vocabulary - 1}); tokenize with the model's own tokenizer (COMQConfig(processor=...); "
+                "hf-comq uses the checkpoint's)"
             )
         return batch
 

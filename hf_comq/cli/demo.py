@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..settings import per_channel_as_none
 from .common import EXIT_OK, add_command, add_setting_option, check_positive, check_single_process, torch_threads
 from .output import check_output, format_table, megabytes, save_atomically, save_with_processor
 
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_limit is not None:
         check_positive("--eval-limit", args.eval_limit)
     output = Path(args.output).expanduser()
+    args.group_size = per_channel_as_none(args.group_size)  # -1 names the default folder, as per channel is
     folders = {bits: demo_folder(output, bits, args.group_size) for bits in dict.fromkeys(args.bits)}
     for folder in folders.values():
         check_output(folder, args.overwrite)
@@ -91,9 +93,11 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     from transformers import AutoImageProcessor, ViTForImageClassification
 
     from ..assets import demo_dataset, demo_model_path
+    from ..checkpoint import check_group_size
     from ..config import COMQConfig
     from ..evaluation import checkpoint_size_bytes, fidelity_of_logits, image_logits
     from ..hub import attach_model_card_hook
+    from ..modules import find_quantizable_linears
     from ..solver import ROUND_TO_NEAREST_MODEL
 
     for bits in folders:
@@ -112,6 +116,8 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     )
 
     fp_model = ViTForImageClassification.from_pretrained(model_path).eval()
+    settings = COMQConfig(group_size=args.group_size)  # a group size some layer refuses, before the evaluation
+    check_group_size(find_quantizable_linears(fp_model, settings.modules_to_not_convert), settings.group_size)
     fp_logits, labels = image_logits(fp_model, test, processor)
     del fp_model
     fp_correct = fp_logits.argmax(-1) == labels

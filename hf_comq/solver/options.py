@@ -160,7 +160,7 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
         raise ValueError(
             f"group_size={group_size} does not divide in_features={in_features}; "
             f"use a divisor of {in_features} (e.g. 32, 64 or 128 where they divide) or group_size=None "
-            "for per-channel scales"
+            "(hf-comq: --group-size -1) for per-channel scales"
         )
     return group_size
 
