@@ -406,6 +406,10 @@ transformers 5.2x cannot load: it merges the packed tensor names into the model'
 converter, which then refuses them (tests/test_plain_transformers.py)."""
 
 
+DOES_NOT_LOAD = "does not load it"
+"""How a :func:`runtime_support` row starts where the runtime cannot load the checkpoint."""
+
+
 def runtime_support(
     scheme: PackedScheme,
     model_class: str | None = None,
@@ -424,14 +428,16 @@ def runtime_support(
     (tests/test_plain_transformers.py).
     """
     if batched_experts:
-        plain = "does not load it: its compressed-tensors loader breaks the mixture-of-experts weight converters"
+        plain = f"{DOES_NOT_LOAD}: its compressed-tensors loader breaks the mixture-of-experts weight converters"
     elif quantized_experts and not scheme.symmetric:
         plain = (
-            "does not load it: its loader of packed mixture-of-experts layers drops the zero points "
-            "(quantize with `symmetric=True` for a checkpoint it loads)"
+            f"{DOES_NOT_LOAD}: its loader of packed mixture-of-experts layers drops the zero points "
+            "(quantize with `symmetric=True`, `hf-comq quantize --symmetric`, for a checkpoint it loads)"
         )
     elif model_class and model_class.startswith(CONVERTER_CLASH_CLASSES):
-        plain = "does not load it: its compressed-tensors loader merges the packed names into the model's weight converter"
+        plain = (
+            f"{DOES_NOT_LOAD}: its compressed-tensors loader merges the packed names into the model's weight converter"
+        )
     else:
         plain = "loads it exactly, as dense weights dequantized while loading"
     rows = [

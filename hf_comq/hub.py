@@ -38,7 +38,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from . import DISTRIBUTION
-from .checkpoint import runtime_support
+from .checkpoint import DOES_NOT_LOAD, runtime_support
 from .modules import expert_layers, expert_parameter_share
 from .solver.options import (
     aims_at_full_precision_by_default,
@@ -317,6 +317,9 @@ def render_model_card(
     else:
         name = model_class
         base_model_md = "its base model"
+    runtimes = runtime_support(
+        config.packed_scheme(), model_class, batched_experts=expert_share > 0, quantized_experts=quantized_experts
+    )
     baseline = start_only_method(config.init, config.iterations)
     title = f"{name} — {baseline[0] if baseline else 'COMQ'} {config.bits}-bit"
     card_data = ModelCardData(
@@ -337,9 +340,8 @@ def render_model_card(
         model_class=model_class,
         model_id=model_id or _MODEL_ID_PLACEHOLDER,
         is_causal_lm=model_class.endswith("ForCausalLM"),
-        runtimes=runtime_support(
-            config.packed_scheme(), model_class, batched_experts=expert_share > 0, quantized_experts=quantized_experts
-        ),
+        runtimes=runtimes,
+        plain_transformers_loads=not runtimes[0][1].startswith(DOES_NOT_LOAD),
         settings=_settings_rows(config, expert_share, quantized_experts),
         calibration=_calibration_rows(config, pipeline_tag),
         metrics=_comparison_table(metrics),

@@ -664,3 +664,7 @@ def test_a_mixture_of_experts_card_says_the_experts_are_quantized_and_who_loads_
     _, body = split_card(write_model_card(tmp_path, model).read_text(encoding="utf-8"))
     assert "| Mixture-of-experts weights | quantized, each expert's layers on the tokens routed to it |" in body
     assert "drops the zero points" in body and "`WNA16` MoE method, Marlin kernels" in body
+    # no snippet that would fail: the Loading section offers hf_comq's loader alone
+    loading = body[body.index("## Loading") : body.index("## Who can run")]
+    assert "Plain transformers does not load this one" in loading and "from_pretrained(" not in loading
+    assert 'hf_comq.load_quantized("' in loading

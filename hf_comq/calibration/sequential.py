@@ -271,7 +271,7 @@ def _unfuse_experts(model: nn.Module, config: Any, placement: Placement) -> None
         logger.warning(
             "COMQ: %s's experts are quantized on an asymmetric grid; hf_comq.load_quantized loads the checkpoint, "
             "plain transformers does not (it drops packed experts' zero points): quantize with symmetric=True "
-            "for a checkpoint it loads",
+            "(hf-comq: --symmetric) for a checkpoint it loads",
             type(model).__name__,
         )
 

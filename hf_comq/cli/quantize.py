@@ -46,6 +46,7 @@ def add_parser(commands: Any) -> None:
     group = command.add_argument_group("quantization")
     add_setting_option(group, "bits", metavar="B")
     add_setting_option(group, "group_size")
+    add_setting_flag(group, "symmetric", "what plain transformers needs to load quantized mixture-of-experts layers")
     group.add_argument(
         "--rtn", action="store_true",
         help="round-to-nearest baseline instead of COMQ (same pipeline, no coordinate descent)",
@@ -175,8 +176,8 @@ def _quantize(
     from ..solver import ROUND_TO_NEAREST_MODEL
 
     flags = (
-        "bits", "group_size", "pair_moves", "scale_refit", "fp_target", "true_sequential", "calibrate_all_experts",
-        "sum_dtype", *CALIBRATION_SETTINGS,
+        "bits", "group_size", "symmetric", "pair_moves", "scale_refit", "fp_target", "true_sequential",
+        "calibrate_all_experts", "sum_dtype", *CALIBRATION_SETTINGS,
     )  # fmt: skip
     settings = {name: getattr(args, name) for name in flags}
     rtn = {}

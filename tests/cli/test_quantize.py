@@ -119,13 +119,16 @@ def test_quantize_calibrate_all_experts_solves_every_expert_on_every_token(capsy
     output = tmp_path / "moe-w8"
     code, out, err = run_cli(
         capsys, "quantize", model_dir, "--bits", 8, "--dataset", text_data, "--num-samples", 8,
-        "--calibrate-all-experts", "--output", output,
+        "--calibrate-all-experts", "--symmetric", "--output", output,
     )  # fmt: skip
     assert code == 0, err
-    stored = json.loads((output / "config.json").read_text())["quantization_config"]["comq"]
-    assert stored["calibration"]["calibrate_all_experts"] is True
+    stored = json.loads((output / "config.json").read_text())["quantization_config"]
+    assert stored["comq"]["calibration"]["calibrate_all_experts"] is True
+    assert stored["config_groups"]["group_0"]["weights"]["symmetric"] is True  # what plain transformers needs
+    assert "asymmetric grid" not in err
     card = (output / "README.md").read_text()
     assert "| Mixture-of-experts weights | quantized, each expert's layers on every calibration token |" in card
+    assert "| Symmetric grid | yes |" in card and ".from_pretrained(" in card
     quantized = hf_comq.load_quantized(output)
     assert type(quantized.model.layers[0].mlp.experts[3].down_proj).__name__ == "COMQLinear"
 
