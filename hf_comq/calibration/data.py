@@ -48,8 +48,10 @@ from .processors import (
     ensure_padding,
     filter_inputs,
     image_channels,
+    is_image_path,
     load_processor,
     model_input_names,
+    open_image_file,
     resolve_processor,
 )
 from .sources import (
@@ -400,6 +402,8 @@ def _kind_of_value(value: Any, column: str) -> str:
     from PIL import Image
 
     if isinstance(value, Image.Image) or column in IMAGE_COLUMNS:  # arrays, paths...: the image processor judges
+        if is_image_path(value):
+            open_image_file(value)  # a missing file named now, not as the processor's failed base64 decoding
         return "images"
     if isinstance(value, str):
         return "text"

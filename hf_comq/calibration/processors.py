@@ -28,8 +28,10 @@ __all__ = [
     "ensure_padding",
     "filter_inputs",
     "image_channels",
+    "is_image_path",
     "load_processor",
     "model_input_names",
+    "open_image_file",
     "resolve_processor",
 ]
 
@@ -61,6 +63,7 @@ def encode_images(processor: Any, images: list[Any], channels: int | None = 3) -
     """
     from PIL import Image
 
+    images = [open_image_file(image) if is_image_path(image) else image for image in images]
     mode = _MODES_BY_CHANNELS.get(channels) if channels is not None else None
     if mode is not None:
         images = [
@@ -74,6 +77,28 @@ def encode_images(processor: Any, images: list[Any], channels: int | None = 3) -
             f"({sorted({type(image).__name__ for image in images})}): {error}"
         ) from error
     return dict(encoded)
+
+
+def is_image_path(value: Any) -> bool:
+    """Whether ``value`` names an image file (a string that is not a URL or inline data)."""
+    return isinstance(value, str) and not value.startswith(("http://", "https://", "data:"))
+
+
+def open_image_file(path: str) -> Any:
+    """The image at ``path``, read from the working folder when relative (as transformers reads it);
+    a missing or unreadable file in one line naming the file and that folder, where the image
+    processor would try the name as inline base64 data and fail on that."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = f" (relative paths are read from the working folder, {os.getcwd()})" if not os.path.isabs(path) else ""
+    try:
+        image = Image.open(os.path.expanduser(path))
+        image.load()
+    except FileNotFoundError:
+        raise ValueError(f"image file {path!r} not found{where}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"image file {path!r} cannot be read as an image: {error}") from None
+    return image
 
 
 def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | None:

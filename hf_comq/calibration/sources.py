@@ -165,7 +165,7 @@ def seeded_subset(dataset: Any, count: int, seed: int, column: str | None = None
         if not rows:
             raise ValueError(f"the calibration dataset has no text: every value of column {column!r} is blank")
         if len(rows) < count:
-            warn_too_few(len(rows), count, "non-blank texts")
+            warn_too_few(len(rows), count, "non-blank values")
         return shuffled.select(rows, keep_in_memory=True)
     stream = dataset.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
     if column is not None:

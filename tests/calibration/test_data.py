@@ -177,6 +177,21 @@ def test_image_arrays_of_another_layout_are_refused_in_one_line(vit, array):
     assert "\n" not in str(caught.value)
 
 
+def test_image_file_paths_are_read_and_a_missing_one_is_one_line(vit, tmp_path, monkeypatch):
+    pictures = images(2)
+    for index, picture in enumerate(pictures):
+        picture.save(tmp_path / f"{index}.png")
+    monkeypatch.chdir(tmp_path)
+    paths = datasets.Dataset.from_dict({"image": ["0.png", str(tmp_path / "1.png")]})
+    batches = _collect(build_calibration_data(vit, _config(paths, processor=image_processor())))
+    expected = image_processor()(images=pictures, return_tensors="pt")["pixel_values"]
+    assert sorted(batches[0]["pixel_values"].sum((1, 2, 3)).tolist()) == sorted(expected.sum((1, 2, 3)).tolist())
+    missing = datasets.Dataset.from_dict({"image": ["gone.png"]})
+    refusal = rf"image file 'gone.png' not found \(relative paths are read from the working folder, {tmp_path}\)"
+    with pytest.raises(ValueError, match=refusal):
+        _collect(build_calibration_data(vit, _config(missing, processor=image_processor())))
+
+
 def test_grayscale_images_are_converted_to_rgb(vit):
     gray = [image.convert("L") for image in images(2)]
     batches = _collect(build_calibration_data(vit, _config(gray, processor=image_processor())))
@@ -332,9 +347,12 @@ def test_images_the_processor_rejects(vit):
 
 
 def test_non_image_values_in_an_image_column_are_rejected(vit):
-    dataset = datasets.Dataset.from_dict({"image": ["a.png", "b.png"]})
-    with pytest.raises(ValueError, match="rejected the images"):
+    dataset = datasets.Dataset.from_dict({"image": ["a.png", "b.png"]})  # names of no file here
+    with pytest.raises(ValueError, match="image file 'a.png' not found"):
         _collect(build_calibration_data(vit, _config(dataset, processor=image_processor())))
+    numbers = datasets.Dataset.from_dict({"image": [1, 2]})
+    with pytest.raises(ValueError, match="rejected the images"):
+        _collect(build_calibration_data(vit, _config(numbers, processor=image_processor())))
 
 
 def test_column_of_numbers_is_rejected(vit):

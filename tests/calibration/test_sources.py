@@ -64,7 +64,7 @@ def test_a_text_subset_passes_over_blank_texts_and_is_unchanged_without_them(cap
     # fewer texts than asked for: all of them, with a warning that says what is missing
     every_text = sorted(seeded_subset(gappy, 40, seed=0, column="text")["text"], key=int)
     assert every_text == sorted(shuffled, key=int) and len(every_text) == 17
-    assert "the dataset has only 17 non-blank texts" in caplog.text
+    assert "the dataset has only 17 non-blank values" in caplog.text
     with pytest.raises(ValueError, match="every value of column 'text' is blank"):
         seeded_subset(datasets.Dataset.from_dict({"text": ["", "  "]}), 4, seed=0, column="text")
     # a null row (a JSON null, a missing value) is passed over like a blank one
