@@ -60,7 +60,7 @@ from .sources import (
     TOKEN_COLUMNS,
     column_names,
     dataset_from_list,
-    is_blank_text,
+    is_blank,
     load_dataset_source,
     pick_column,
     pick_split,
@@ -292,7 +292,7 @@ def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[s
     present = [name for name in TOKEN_COLUMNS if name in column_names(dataset)]
     keep = model_input_names(model)
     _check_model_takes(model, keep, "text")
-    subset = seeded_subset(dataset.select_columns(present), config.num_samples, config.seed)
+    subset = seeded_subset(dataset.select_columns(present), config.num_samples, config.seed, TOKEN_COLUMNS[0])
     indexed = isinstance(subset, datasets.Dataset)
     rows: Any = subset if indexed else list(subset)  # a stream is read once
     if len(rows) == 0:
@@ -321,24 +321,24 @@ def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[s
 
 def _padded_token_batch(columns: Mapping[str, list[Any]], max_length: int, pad_id: int) -> Batch | None:
     """Rows of token ids (and their masks) as one right-padded batch of tensors; ``None`` if no row has a token."""
-    ids = [_as_list(row)[:max_length] for row in columns[TOKEN_COLUMNS[0]]]
+    rows = {name: [_as_list(row) for row in columns[name]] for name in TOKEN_COLUMNS if name in columns}
+    ids = rows[TOKEN_COLUMNS[0]]
     if any(not isinstance(token, int) for row in ids for token in row):
         raise ValueError("column 'input_ids' must hold lists of integer token ids, one list per sample")
+    for name, values in rows.items():
+        for row, tokens in zip(values, ids):
+            if len(row) != len(tokens):
+                raise ValueError(
+                    f"column {name!r} must hold one entry per token of input_ids; a row of {len(tokens)} tokens has "
+                    f"{len(row)}"
+                )
     if not any(ids):
         return None
-    given_masks = columns.get("attention_mask")
-    if given_masks is None:
-        given_masks = [[1] * len(row) for row in ids]
-    masks = [_as_list(mask)[: len(row)] for mask, row in zip(given_masks, ids)]
-    width = max(len(row) for row in ids)
-    batch = {
-        "input_ids": torch.tensor([row + [pad_id] * (width - len(row)) for row in ids]),
-        "attention_mask": torch.tensor([mask + [0] * (width - len(mask)) for mask in masks]),
-    }
-    if "token_type_ids" in columns:
-        types = [_as_list(types)[: len(row)] for types, row in zip(columns["token_type_ids"], ids)]
-        batch["token_type_ids"] = torch.tensor([row + [0] * (width - len(row)) for row in types])
-    return batch
+    rows.setdefault("attention_mask", [[1] * len(row) for row in ids])
+    width = min(max_length, max(len(row) for row in ids))
+    pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
+    return {name: torch.tensor([row[:width] + [pads[name]] * (width - len(row[:width])) for row in values])
+            for name, values in rows.items()}  # fmt: skip
 
 
 def _as_list(row: Any) -> list[Any]:
@@ -393,7 +393,7 @@ def column_kind(dataset: Any, column: str, rows: int = 64) -> str | None:
     would, for a caller that checks data before loading a model."""
     for example in itertools.islice(iter(dataset), rows):
         value = example[column]
-        if not is_blank_text(value):
+        if not is_blank(value):
             return _kind_of_value(value, column)
     return None
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .sources import is_blank_text
+from .sources import is_blank
 
 logger = logging.get_logger(__name__)
 
@@ -103,7 +103,7 @@ def open_image_file(path: str) -> Any:
 
 def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | None:
     """Tokenize one batch; empty strings are dropped (they carry no tokens), ``None`` if nothing is left."""
-    texts = [text for text in texts if not is_blank_text(text)]
+    texts = [text for text in texts if not is_blank(text)]
     if not texts:
         return None
     try:

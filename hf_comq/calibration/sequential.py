@@ -459,7 +459,8 @@ class _Calibrator:
             logger.warning(
                 "COMQ: the router sent no calibration token to %d expert layer(s), e.g. %s; they were rounded to "
                 "the nearest grid point instead (more calibration samples reach more experts; "
-                "calibrate_all_experts=True, hf-comq: --calibrate-all-experts, solves every expert on every calibration token)",
+                "calibrate_all_experts=True, hf-comq: --calibrate-all-experts, solves every expert on every "
+                "calibration token)",
                 len(self.unrouted),
                 self.unrouted[0],
             )

@@ -34,7 +34,7 @@ __all__ = [
     "load_dataset_source",
     "pick_column",
     "pick_split",
-    "is_blank_text",
+    "is_blank",
     "seeded_subset",
     "warn_too_few",
 ]
@@ -43,7 +43,8 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values")
 TEXT_COLUMNS = ("text",)
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 """Columns of a tokenized dataset (``dataset.map(tokenizer)``), read as ready model inputs;
-``input_ids`` is the one :func:`pick_column` looks for, after images and text."""
+``input_ids`` is the one :func:`pick_column` looks for, after images and before text (a mapped
+dataset keeps its text column unless told otherwise: the tokens are what the user prepared)."""
 STREAM_SHUFFLE_BUFFER = 1000
 
 
@@ -111,7 +112,7 @@ def pick_column(dataset: Any, requested: str | None) -> str:
         if requested not in columns:
             raise ValueError(f"dataset column {requested!r} does not exist; available columns: {columns}")
         return requested
-    readable = IMAGE_COLUMNS + TEXT_COLUMNS + TOKEN_COLUMNS[:1]
+    readable = IMAGE_COLUMNS + TOKEN_COLUMNS[:1] + TEXT_COLUMNS  # tokens the user made win over their source text
     for candidate in readable:
         if candidate in columns:
             return candidate
@@ -141,13 +142,13 @@ def dataset_from_list(items: Sequence[Any], column: str) -> Any:
 
 def seeded_subset(dataset: Any, count: int, seed: int, column: str | None = None) -> Any:
     """The first ``count`` rows after ``datasets``' seeded shuffle (all rows, with a warning, if fewer exist),
-    passing over rows whose ``column`` holds a blank text or nothing (null).
+    passing over rows whose ``column`` is blank (:func:`is_blank`).
 
     A blank text has no tokens to calibrate on, yet taken into the subset it would count as
     a sample (text corpora such as wikitext are about a third blank lines).  Where no row is
     blank the subset is the same as without the check.  An indexed ``Dataset`` gets an index
-    mapping kept in memory (nothing is written to the cache folder), and only a text column
-    is read for the check; an ``IterableDataset`` a shuffle buffer of
+    mapping kept in memory (nothing is written to the cache folder), and only a column of
+    texts or token lists is read for the check; an ``IterableDataset`` a shuffle buffer of
     :data:`STREAM_SHUFFLE_BUFFER` rows, read lazily, blank ones filtered as they pass.
     """
     import datasets
@@ -157,41 +158,49 @@ def seeded_subset(dataset: Any, count: int, seed: int, column: str | None = None
         if total == 0:
             raise ValueError("the calibration dataset is empty: it has no samples")
         shuffled = dataset.shuffle(seed=seed, keep_in_memory=True)
-        if column is None or not _holds_text(dataset.features.get(column)):
+        if column is None or not _may_be_blank(dataset.features.get(column)):
             if count > total:
                 warn_too_few(total, count)
             return shuffled.select(range(min(count, total)), keep_in_memory=True)
-        rows = _rows_with_text(shuffled, column, count)
+        rows = _rows_with_data(shuffled, column, count)
         if not rows:
-            raise ValueError(f"the calibration dataset has no text: every value of column {column!r} is blank")
+            raise ValueError(f"the calibration dataset has no data: every value of column {column!r} is blank or empty")
         if len(rows) < count:
             warn_too_few(len(rows), count, "non-blank values")
         return shuffled.select(rows, keep_in_memory=True)
     stream = dataset.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER)
     if column is not None:
-        stream = stream.filter(lambda example: not is_blank_text(example[column]))
+        stream = stream.filter(lambda example: not is_blank(example[column]))
     return stream.take(count)
 
 
-def is_blank_text(value: Any) -> bool:
-    """Whether ``value`` is a missing value (a null row) or a text without a character to tokenize."""
-    return value is None or (isinstance(value, str) and not value.strip())
+def is_blank(value: Any) -> bool:
+    """Whether ``value`` has nothing to calibrate on: a missing value (a null row), a text without a
+    character to tokenize, or an empty list of token ids."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, (list, tuple)) and len(value) == 0
 
 
-def _holds_text(feature: Any) -> bool:
+def _may_be_blank(feature: Any) -> bool:
+    """Whether a column of this feature can hold blank values worth passing over (texts, token lists)."""
     import datasets
 
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string")
+    return type(feature).__name__ in ("List", "LargeList", "Sequence")
 
 
-def _rows_with_text(shuffled: Any, column: str, count: int) -> list[int]:
+def _rows_with_data(shuffled: Any, column: str, count: int) -> list[int]:
     """The first ``count`` rows of ``shuffled`` whose ``column`` is not blank, read a chunk of rows at a time."""
     rows: list[int] = []
     start, total = 0, len(shuffled)
     while len(rows) < count and start < total:
         stop = min(total, start + 2 * max(count - len(rows), 64))
-        texts = shuffled.select(range(start, stop), keep_in_memory=True)[column]
-        rows += [row for row, text in zip(range(start, stop), texts) if not is_blank_text(text)]
+        values = shuffled.select(range(start, stop), keep_in_memory=True)[column]
+        rows += [row for row, value in zip(range(start, stop), values) if not is_blank(value)]
         start = stop
     return rows[:count]
 

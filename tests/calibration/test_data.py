@@ -141,6 +141,18 @@ def test_a_tokenized_dataset_is_read_as_ready_inputs_padded_per_batch(llama, for
     assert config.calibration_description.endswith("(column input_ids), 5 samples")
 
 
+def test_tokenized_rows_win_over_their_text_and_odd_rows_are_skipped_or_named(llama):
+    rows = {"text": ["one two", "", "three four five", "six"], "input_ids": [[3, 4], [], [5, 6, 7], [8]]}
+    config = _config(datasets.Dataset.from_dict(rows), batch_size=4)
+    batches = _collect(build_calibration_data(llama, config))
+    assert sorted(_real_tokens(batches)) == [[3, 4], [5, 6, 7], [8]]  # the user's tokens; the empty row passed over
+    assert config.calibration_description.endswith("(column input_ids), 3 samples")
+    ragged = {"input_ids": [[3, 4, 5], [6, 7]], "attention_mask": [[1, 1], [1, 1]]}
+    refusal = "column 'attention_mask' must hold one entry per token of input_ids; a row of 3"
+    with pytest.raises(ValueError, match=refusal):
+        _collect(build_calibration_data(llama, _config(datasets.Dataset.from_dict(ragged))))
+
+
 def _real_tokens(batches: list[dict[str, torch.Tensor]]) -> list[list[int]]:
     """Each row's token ids where its attention mask is set."""
     rows = [zip(batch["input_ids"], batch["attention_mask"]) for batch in batches]

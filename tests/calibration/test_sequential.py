@@ -438,7 +438,7 @@ def test_a_broken_weight_is_named_before_any_calibration(monkeypatch, layer, bad
 def test_dataset_without_tokens_is_too_small():
     model = tiny_model("llama")
     config = COMQConfig(bits=4, dataset=["", "   "], processor=word_tokenizer())
-    with pytest.raises(ValueError, match="has no text: every value of column 'text' is blank"):  # before any forward
+    with pytest.raises(ValueError, match="has no data: every value of column 'text' is blank or empty"):  # before any forward
         quantize_model(model, config)
     streamed = datasets.Dataset.from_dict({"text": ["", "   "]}).to_iterable_dataset()
     with pytest.raises(ValueError, match="empty"):
