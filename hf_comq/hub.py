@@ -34,7 +34,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, metadata_load
 from huggingface_hub.utils import validate_repo_id
 
 from . import DISTRIBUTION
@@ -65,6 +65,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 README_NAME = "README.md"
+CARD_TAGS = ("comq", "compressed-tensors", "quantized")  # first in every card's tags, before its bit width
 TEMPLATE_NAME = "comq_model_card.md"
 _CARD_ATTR = "_comq_model_card"
 _MODEL_ID_PLACEHOLDER = "<repo-id-or-folder-of-this-model>"
@@ -147,7 +148,7 @@ def project_url() -> str | None:
 
 def card_tags(bits: int, extra: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """The card's tags: ``comq``, ``compressed-tensors``, ``quantized``, ``{bits}-bit``, then ``extra`` once each."""
-    tags = ["comq", "compressed-tensors", "quantized", f"{bits}-bit"]
+    tags = [*CARD_TAGS, f"{bits}-bit"]
     for tag in extra or ():
         if isinstance(tag, str) and tag and tag not in tags:
             tags.append(tag)
@@ -455,15 +456,26 @@ def is_unedited_card(text: str) -> bool:
 
 
 def _say_kept(path: Path) -> None:
+    """Log why README.md was kept: a warning where it is an hf_comq card, whose settings may be stale."""
     text = path.read_text(encoding="utf-8", errors="replace")
-    if _CARD_MARK_PATTERN.search(_card_body(text)):
+    if _CARD_MARK_PATTERN.search(_card_body(text)) or _has_comq_tag(path):
         logger.warning(
-            "kept %s: an hf_comq card edited since it was written, so its settings may be an earlier save's; "
-            "delete it to get this model's card",
+            "kept %s: an hf_comq card edited since it was written (or written without a digest, by an older "
+            "hf_comq), so its settings may be an earlier save's; delete it to get this model's card",
             path,
         )
     else:
         logger.info("kept %s (not an hf_comq card): the COMQ model card was not written", path)
+
+
+def _has_comq_tag(path: Path) -> bool:
+    """Whether the README's metadata lists the ``comq`` tag every hf_comq card carries (:func:`card_tags`)."""
+    try:
+        metadata = metadata_load(path) or {}
+    except Exception:  # metadata that is not YAML: a README of the user's own
+        return False
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return isinstance(tags, list) and CARD_TAGS[0] in tags
 
 
 def push_folder(

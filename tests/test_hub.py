@@ -358,6 +358,21 @@ def test_a_card_edited_since_it_was_written_is_kept_with_a_warning(comq_like_vit
     assert "an hf_comq card edited since it was written" in caplog.text and "delete it" in caplog.text
 
 
+def test_a_card_without_a_digest_from_an_older_hf_comq_is_kept_with_a_warning(comq_like_vit, tmp_path, caplog):
+    attach_model_card_hook(comq_like_vit)
+    older = str(render_model_card(comq_config(), None, None, "image-classification"))  # as written before digests
+    (tmp_path / README_NAME).write_text(older, encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="hf_comq.hub"):
+        comq_like_vit.save_pretrained(tmp_path)
+    assert (tmp_path / README_NAME).read_text(encoding="utf-8") == older
+    assert "written without a digest, by an older hf_comq" in caplog.text
+    caplog.clear()
+    (tmp_path / README_NAME).write_text("# My own notes\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="hf_comq.hub"):
+        comq_like_vit.save_pretrained(tmp_path)
+    assert caplog.text == ""  # the user's own README: kept without a word
+
+
 def test_a_marked_card_is_unedited_until_its_body_changes():
     card = mark_card(str(render_model_card(comq_config(), None, None, "image-classification")))
     assert is_unedited_card(card) and card.rstrip().endswith("-->")
