@@ -82,6 +82,8 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
             record[kind] = {name: self.serialized(name) for name in self.field_names(kind)}
         record[CALIBRATION]["description"] = self.describe_calibration()
         record[CALIBRATION]["samples_used"] = self.calibration_samples
+        if self.expert_layers_rounded:
+            record[CALIBRATION]["expert_layers_rounded"] = self.expert_layers_rounded
         return record
 
     def serialized(self, name: str) -> Any:

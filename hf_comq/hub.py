@@ -225,7 +225,9 @@ def _settings_rows(config: Any, expert_share: float = 0.0, quantized_experts: bo
         rows.append(("Mixture-of-experts weights", f"kept in full precision ({expert_share:.0%} of the parameters)"))
     elif quantized_experts:
         seen = "every calibration token" if config.calibrate_all_experts else "the tokens routed to it"
-        rows.append(("Mixture-of-experts weights", f"quantized, each expert's layers on {seen}"))
+        rounded = config.expert_layers_rounded
+        unreached = f"; {rounded} expert layers no calibration token reached were rounded to nearest" if rounded else ""
+        rows.append(("Mixture-of-experts weights", f"quantized, each expert's layers on {seen}{unreached}"))
     return rows
 
 

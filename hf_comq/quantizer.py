@@ -178,6 +178,7 @@ class COMQHfQuantizer(HfQuantizer):
         config.layer_type = "Conv1D" if all(transposed) else "Linear"
         config.conv1d_rows = max(layer.in_features for layer in converted.values()) if all(transposed) else None
         config.calibration_samples = summary.get("num_samples")
+        config.expert_layers_rounded = len(summary.get("expert_layers_without_tokens") or ()) or None
         name = str(getattr(model, "name_or_path", "") or "")
         if os.path.isdir(name):  # a local folder: its name only, a full path means nothing elsewhere
             config.base_model_folder = Path(name).name

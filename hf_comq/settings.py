@@ -116,6 +116,9 @@ class COMQSettings:
     )
     calibration_description: str | None = setting(None, RECORDED, "what the model was calibrated on")
     calibration_samples: int | None = setting(None, RECORDED, "calibration samples actually used")
+    expert_layers_rounded: int | None = setting(
+        None, RECORDED, "expert layers no calibration token reached, rounded to nearest instead"
+    )
     ignore: list[str] | None = setting(None, RECORDED, "exact names of the linear layers kept in full precision")
     layer_type: str | None = setting(None, RECORDED, "class of the quantized layers: Linear or Conv1D")
     conv1d_rows: int | None = setting(None, RECORDED, "Conv1D scheme: block height of a per-channel grid")
@@ -192,8 +195,9 @@ class COMQSettings:
                 "quantization); drop true_sequential or set sequential=True"
             )
         _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)
-        if self.calibration_samples is not None:
-            _check_int("calibration_samples", self.calibration_samples, 0, None, "leave it to calibration")
+        for name in ("calibration_samples", "expert_layers_rounded"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0, None, "leave it to calibration")
         _check_names("ignore", self.ignore, "exact module names; leave it to quantization")
         if self.layer_type is not None:
             _check_choice("layer_type", self.layer_type, (LINEAR, CONV1D))

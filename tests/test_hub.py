@@ -227,6 +227,16 @@ def test_a_card_of_settings_without_a_sweep_names_the_baseline_not_comq():
     assert "# vit-base-patch16-224 — COMQ 4-bit" in comq and "by coordinate descent, updating one weight" in comq
 
 
+def test_a_mixture_of_experts_card_counts_the_expert_layers_no_token_reached():
+    config = comq_config(expert_layers_rounded=12)
+    body = split_card(str(render_model_card(config, None, None, "text-generation", quantized_experts=True)))[1]
+    assert ("| Mixture-of-experts weights | quantized, each expert's layers on the tokens routed to it; 12 expert "
+            "layers no calibration token reached were rounded to nearest |") in body  # fmt: skip
+    restored = COMQConfig.from_dict(config.to_dict())  # recorded in config.json, as the samples used are
+    assert restored.expert_layers_rounded == 12
+    assert COMQConfig.from_dict(comq_config().to_dict()).expert_layers_rounded is None
+
+
 def test_render_flat_metrics_and_yaml_safe_tags():
     card = render_model_card(comq_config(bits=3), None, {"perplexity": 12.3456789, "note": "a|b"}, None,
                              tags=['needs: "quotes"', "3-bit"])  # fmt: skip
