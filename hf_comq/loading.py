@@ -24,6 +24,7 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from .checkpoint import PACKED_SUFFIXES, CheckpointError, is_packed_checkpoint, verify_quantized_model
 from .config import QUANT_METHOD, COMQConfig
 from .registration import register
+from .settings import is_missing_local_path
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download", "proxies")
 
@@ -40,15 +41,6 @@ def read_quantization_config(path: str | os.PathLike, **hub_kwargs: Any) -> COMQ
             + "; quantize it with from_pretrained(..., quantization_config=COMQConfig(...))"
         )
     return COMQConfig.from_dict(config_dict["quantization_config"])
-
-
-def _check_local_path(path: str | os.PathLike) -> None:
-    """A path written as one (``./x``, ``~/x``, ``/x``, ``a/b/c``, a ``PathLike``) that does not exist is
-    named as a missing folder, rather than tried as a Hub id (an invalid one, or a connection error)."""
-    text = os.fspath(path)
-    as_path = not isinstance(path, str) or text.startswith((".", "~", os.sep)) or text.count("/") > 1
-    if as_path and not os.path.exists(os.path.expanduser(text)):
-        raise FileNotFoundError(f"no checkpoint folder at {text}: check the path (a Hub id is written owner/name)")
 
 
 def load_quantized(
@@ -75,7 +67,10 @@ def load_quantized(
     register()
     if "config" in kwargs:
         raise TypeError("load_quantized reads the checkpoint's own config; do not pass config=")
-    _check_local_path(path)
+    if is_missing_local_path(path):
+        raise FileNotFoundError(
+            f"no checkpoint folder at {os.fspath(path)}: check the path (a Hub id is written owner/name)"
+        )
     hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
     stored = read_quantization_config(path, **hub_kwargs)
     if quantization_config is not None:

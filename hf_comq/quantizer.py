@@ -72,11 +72,15 @@ class COMQHfQuantizer(HfQuantizer):
 
     # ---------------------------------------------------------------- contract
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
-        """Before any weight loads: a ``device_map`` naming a device this torch cannot use
-        fails here with one line, not with torch's assertion deep inside the load."""
+        """Before any weight loads: a ``device_map`` naming a device this torch cannot use, or
+        calibration data or a processor at a local path where nothing is, fails here with one
+        line, not deep inside the load or after it."""
         from .calibration.placement import check_device_map  # lazy: the calibration package is heavy
+        from .calibration.sources import check_local_sources
 
         check_device_map(device_map)
+        if not self.pre_quantized:
+            check_local_sources(self.quantization_config.dataset, self.quantization_config.processor)
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return True

@@ -16,6 +16,7 @@ paying for those imports.  Each field's metadata says what kind of setting it is
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -36,6 +37,15 @@ from .solver.options import (
 
 FORMAT, SOLVER, CALIBRATION, SELECTION, RECORDED = "format", "solver", "calibration", "selection", "recorded"
 LINEAR, CONV1D = "Linear", "Conv1D"  # the layer classes a checkpoint's scheme can target
+
+
+def is_missing_local_path(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is written as a local path (``./x``, ``~/x``, ``/x``, ``a/b/c``, a ``PathLike``)
+    and nothing is there: such a name is a mistyped path, and trying it as a Hub id would end in a
+    connection error or in the Hub's naming rules instead of saying so."""
+    text = os.fspath(name)
+    as_path = not isinstance(name, str) or text.startswith((".", "~", os.sep)) or text.count("/") > 1
+    return as_path and not os.path.exists(os.path.expanduser(text))
 
 
 def per_channel_as_none(group_size: Any) -> Any:

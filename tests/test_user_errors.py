@@ -131,7 +131,8 @@ def _quantize(path: Path, **settings):
         ({"group_size": 24}, "group_size=24 does not divide in_features"),
         ({"block_name": "vit.blocks"}, "block_name='vit.blocks' does not name a submodule"),
         ({"dataset": "demo:validation"}, "unknown demo dataset 'demo:validation'; use one of demo:calibration"),
-        ({"dataset": "/no/such/folder/data.parquet"}, "could not load calibration dataset"),
+        ({"dataset": "/no/such/folder/data.parquet"}, "calibration dataset: no file or folder at /no/such/folder"),
+        ({"processor": "./no-such-processor"}, "calibration processor: no folder at ./no-such-processor"),
         ({"dataset": sentences(4), "processor": None}, r"the calibration data is text, but ViTForImageClassification"),
         (
             {"dataset": datasets.Dataset.from_dict({"photo": images(2)})},

@@ -58,6 +58,7 @@ from .sources import (
     IMAGE_COLUMNS,
     TEXT_COLUMNS,
     TOKEN_COLUMNS,
+    check_local_sources,
     column_names,
     dataset_from_list,
     is_blank,
@@ -124,6 +125,7 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
     so the saved ``quantization_config`` says what the model was calibrated on.
     """
     source = getattr(config, "dataset", None)
+    check_local_sources(source, getattr(config, "processor", None))
     if source is None:
         raise ValueError(
             "COMQ needs calibration data: pass COMQConfig(dataset=...) (a datasets.Dataset, a dataset name or "

@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..settings import DATA_FILE_BUILDERS
+from ..settings import DATA_FILE_BUILDERS, is_missing_local_path
 
 logger = logging.get_logger(__name__)
 
@@ -28,13 +28,14 @@ __all__ = [
     "STREAM_SHUFFLE_BUFFER",
     "TEXT_COLUMNS",
     "TOKEN_COLUMNS",
+    "check_local_sources",
     "column_names",
     "data_file_builder",
     "dataset_from_list",
+    "is_blank",
     "load_dataset_source",
     "pick_column",
     "pick_split",
-    "is_blank",
     "seeded_subset",
     "warn_too_few",
 ]
@@ -51,6 +52,23 @@ STREAM_SHUFFLE_BUFFER = 1000
 def data_file_builder(path: str | os.PathLike[str]) -> str | None:
     """The ``datasets`` builder for a data file, by suffix (``None``: not a data file we read)."""
     return DATA_FILE_BUILDERS.get(Path(path).suffix.lower())
+
+
+def check_local_sources(dataset: Any, processor: Any) -> None:
+    """Fail with one line where the calibration ``dataset`` or ``processor`` is written as a local
+    path and nothing is there (:func:`~hf_comq.settings.is_missing_local_path`): checked before
+    any weight loads, where loading would try the name as a Hub id and fail on that instead.
+    Not when a config is built: a config read back from a checkpoint names another machine's data."""
+    if isinstance(dataset, (str, os.PathLike)) and is_missing_local_path(dataset):
+        raise ValueError(
+            f"calibration dataset: no file or folder at {os.fspath(dataset)}; check the path (a Hub dataset is "
+            "named owner/name)"
+        )
+    if isinstance(processor, (str, os.PathLike)) and is_missing_local_path(processor):
+        raise ValueError(
+            f"calibration processor: no folder at {os.fspath(processor)}; pass the folder that holds the tokenizer "
+            "or image processor (a Hub id is written owner/name), or the object itself"
+        )
 
 
 def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any, dict[str, Any]]:

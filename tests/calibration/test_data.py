@@ -405,8 +405,11 @@ def test_raw_data_without_any_processor_is_an_error(vit):
 
 
 def test_unloadable_processor_path_is_an_error(tmp_path, vit):
-    with pytest.raises(ValueError, match=r"could not load an image processor .*; pass COMQConfig\(processor=...\)"):
+    with pytest.raises(ValueError, match=r"calibration processor: no folder at .*missing; pass the folder that holds"):
         build_calibration_data(vit, _config(images(2), processor=str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"could not load an image processor .*; pass COMQConfig\(processor=...\)"):
+        build_calibration_data(vit, _config(images(2), processor=str(tmp_path / "empty")))
 
 
 def test_a_text_model_without_a_tokenizer_is_an_error(llama):
@@ -453,4 +456,6 @@ def test_data_of_one_kind_for_a_model_that_needs_text_and_images_is_one_line():
 def test_unknown_dataset_name_is_an_error(vit, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not load calibration dataset"):
-        build_calibration_data(vit, _config(str("/nonexistent/definitely-not-a-dataset")))
+        build_calibration_data(vit, _config("someone/definitely-not-a-dataset"))  # a Hub name, offline
+    with pytest.raises(ValueError, match="calibration dataset: no file or folder at /nonexistent/definitely-not"):
+        build_calibration_data(vit, _config("/nonexistent/definitely-not-a-dataset"))  # a path: no Hub lookup
