@@ -29,7 +29,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .calibration.processors import encode_images, image_channels, resolve_processor
-from .calibration.sources import load_dataset_source
+from .calibration.sources import is_blank, load_dataset_source
 from .calibration.sources import pick_column as _pick_calibration_column
 from .threads import linear_layer_threads
 
@@ -277,7 +277,8 @@ def perplexity(
     packing across texts); the mean is over all predicted tokens, not over
     batches, so the result does not depend on ``batch_size`` or on how texts of
     different lengths fall into batches.  The loss is computed here rather than
-    taken from the model, whose ``loss`` averages per batch.
+    taken from the model, whose ``loss`` averages per batch.  ``tokenizer``: an object or
+    a path, as ``top1``'s processor; ``texts``: strings (a dataset's text column, not the dataset).
     """
     _check_batch_size(batch_size)
     device, _ = _device_and_dtype(model)
@@ -313,7 +314,8 @@ def embedding_cosine(
     a quantized encoder this says directly how much of the full-precision
     geometry survives: 1.0 is identical, and retrieval quality typically holds
     above about 0.99.  Works for base models and task models (the last hidden
-    state is requested with ``output_hidden_states``).
+    state is requested with ``output_hidden_states``).  ``tokenizer`` and ``texts`` as in
+    :func:`perplexity`.
     """
     _check_batch_size(batch_size)
     device, _ = _device_and_dtype(model)
@@ -351,7 +353,14 @@ def _token_batches(
 
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
-    kept = [text for text in texts if isinstance(text, str) and text.strip()]
+    texts = list(texts)
+    strange = sorted({type(text).__name__ for text in texts if text is not None and not isinstance(text, str)})
+    if strange:
+        raise TypeError(
+            f"texts must be strings, got {strange} items; from a dataset pass its text column, e.g. dataset['text']"
+        )
+    kept = [text for text in texts if not is_blank(text)]
+    tokenizer = resolve_processor(tokenizer, None, "text", description, "pass tokenizer=... (object or path)")
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     with logging.tqdm(total=len(kept), desc=description, unit="text") as bar:
         for start in range(0, len(kept), batch_size):

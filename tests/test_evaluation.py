@@ -156,6 +156,18 @@ def test_perplexity_truncates_and_drops_empty_texts(gpt2) -> None:
         perplexity(gpt2, tokenizer, ["cat", ""])
 
 
+def test_text_metrics_take_a_tokenizer_path_and_name_a_dataset_given_as_texts(gpt2, tmp_path) -> None:
+    tokenizer, texts = word_tokenizer(), sentences(4)
+    tokenizer.save_pretrained(tmp_path)
+    assert perplexity(gpt2, str(tmp_path), texts) == pytest.approx(perplexity(gpt2, tokenizer, texts), rel=1e-6)
+    rows = datasets.Dataset.from_dict({"text": texts})
+    metrics = (lambda data: perplexity(gpt2, tokenizer, data), lambda data: embedding_cosine(gpt2, gpt2, tokenizer, data))
+    for metric in metrics:
+        with pytest.raises(TypeError, match=r"texts must be strings, got \['dict'\] items; .* dataset\['text'\]"):
+            metric(rows)
+        assert metric(rows["text"]) > 0
+
+
 # ---------------------------------------------------------------------------- embedding cosine
 
 
