@@ -70,6 +70,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -198,7 +199,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     data = build_calibration_data(model, config)
     group = current_group()
     settings = _Settings.from_config(config, solver)
-    agree_on(group, _fingerprint(model, layers, settings, config, data))
+    agree_on(group, _fingerprint(model, layers, settings, config, data, with_first_batch=group.is_parallel))
     inputs = _ModelInputs(model, data.shard(group.rank, group.size), placement)
     groups = find_block_groups(model, getattr(config, "block_name", None))
     calibrator = _Calibrator(model, settings, inputs, group, list(layers), groups)
@@ -1287,9 +1288,18 @@ def _inside(block_name: str, stages: list[list[str]]) -> list[list[str]]:
     return [[f"{block_name}.{name}" for name in stage] for stage in stages]
 
 
-def _fingerprint(model: nn.Module, layers: dict[str, nn.Module], settings: _Settings, config: Any, data: Any) -> str:
-    """What every rank of a data-parallel run must share: model, layers, settings and calibration data."""
+def _fingerprint(
+    model: nn.Module, layers: dict[str, nn.Module], settings: _Settings, config: Any, data: Any,
+    with_first_batch: bool = False,
+) -> str:  # fmt: skip
+    """What every rank of a data-parallel run must share: model, layers, settings and calibration data.
+
+    ``with_first_batch``: the data also by the content of its first batch, not only by its
+    description (in-memory data of the same kind and length describes alike on every rank).
+    """
     calibration = {name: getattr(config, name, None) for name in ("batch_size", "seed", "max_length", "block_name")}
+    if with_first_batch:
+        calibration["first_batch"] = _first_batch_digest(data)
     return json.dumps(
         {
             "model": type(model).__name__,
@@ -1340,6 +1350,23 @@ def _module_configs(model: nn.Module) -> Iterator[Any]:
         text_config = getattr(config, "get_text_config", None)
         if callable(text_config):
             yield text_config()
+
+
+def _first_batch_digest(data: Any) -> str:
+    """A digest of the data's first model-input batch (before any sharding): names, shapes and bytes.
+
+    A batch that cannot be made gives its error's type instead: the ranks then compare
+    that, and the error itself comes up where calibration handles a failing rank."""
+    try:
+        batch = next(iter(data), None)
+    except Exception as error:  # reported by the calibration pass, where every rank is told
+        return f"no batch: {type(error).__name__}"
+    digest = hashlib.sha256()
+    for name, tensor in sorted((batch or {}).items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {values.dtype} {tuple(values.shape)}".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:

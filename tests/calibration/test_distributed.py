@@ -70,7 +70,7 @@ result = {}
 try:
     for mode in MODES:
         bits = 3 if scenario == "different" and rank == 1 else 4
-        config = calibration_config(mode, bits)
+        config = calibration_config(mode, bits, data_seed=1 if scenario == "other-data" and rank == 1 else 0)
         model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
         model.save_pretrained(os.path.join(out, mode))
         model.save_pretrained(os.path.join(out, f"rank{rank}-{mode}"))  # a folder of its own: only rank 0 writes
@@ -92,10 +92,10 @@ quantized prefix's aimed at full-precision outputs (two streams of block inputs 
 and that solved stage by stage inside each block (a reduction and a solve per stage)."""
 
 
-def calibration_config(mode: str, bits: int = 4) -> COMQConfig:
+def calibration_config(mode: str, bits: int = 4, data_seed: int = 0) -> COMQConfig:
     """11 texts in batches of 3: rank 0 runs batches 0 and 2, rank 1 batches 1 and 3 (of 2 texts)."""
-    return COMQConfig(dataset=sentences(11), processor=word_tokenizer(), num_samples=11, batch_size=3, bits=bits,
-                      group_size=16, **MODES[mode])  # fmt: skip
+    return COMQConfig(dataset=sentences(11, seed=data_seed), processor=word_tokenizer(), num_samples=11, batch_size=3,
+                      bits=bits, group_size=16, **MODES[mode])  # fmt: skip
 
 
 def summary_of(model) -> dict:
@@ -231,6 +231,15 @@ def test_ranks_started_with_different_settings_stop_before_calibrating(tmp_path)
     for rank in range(2):
         error = _read(tmp_path / f"rank{rank}.json")["error"]
         assert "different calibration settings" in error and "\n" not in error
+    assert not (tmp_path / "sequential").exists()
+
+
+def test_ranks_started_with_other_in_memory_data_of_the_same_kind_stop_before_calibrating(tmp_path):
+    """Two lists of 11 texts describe alike ("list of text, 11 samples"): their first batch tells them apart."""
+    run_two_ranks(tmp_path, QUANTIZE, "other-data", str(_tiny_checkpoint(tmp_path)), str(tmp_path))
+    for rank in range(2):
+        error = _read(tmp_path / f"rank{rank}.json")["error"]
+        assert "different calibration settings" in error and "calibration data" in error
     assert not (tmp_path / "sequential").exists()
 
 
