@@ -210,7 +210,8 @@ def comq_quantize(
         the final ``||X(W - Wq)^T||^2 / ||X W^T||^2``.
 
     The paper-faithful setting (same codes as the reference code) is
-    ``init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False``.
+    ``init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False, pair_moves=0``
+    (:data:`~hf_comq.solver.options.REFERENCE_CODE`).
     """
     damp = default_damp(bits) if damp is None else damp
     _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)

@@ -137,13 +137,13 @@ def test_default_beats_round_to_nearest(bits, seed, variant):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_reference_mode_beats_round_to_nearest(bits, medium_layer):
     weight, _, hessian = medium_layer
-    result = comq_quantize(weight, hessian, bits=bits, init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+    result = comq_quantize(weight, hessian, bits=bits, **REFERENCE_CODE)
     assert layer_objective(weight, result.dequantize(), hessian) < _rtn_objective(weight, hessian, bits)
 
 
 def test_default_beats_reference_mode(medium_layer):
     weight, _, hessian = medium_layer
-    faithful = comq_quantize(weight, hessian, bits=3, init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+    faithful = comq_quantize(weight, hessian, bits=3, **REFERENCE_CODE)
     default = comq_quantize(weight, hessian, bits=3)
     assert layer_objective(weight, default.dequantize(), hessian) < layer_objective(weight, faithful.dequantize(), hessian)
 
@@ -251,7 +251,7 @@ def test_low_and_high_precision_weights_are_solved_in_float32(dtype, medium_laye
 
 def test_paper_faithful_reference_code_mode_is_reproducible(medium_layer):
     weight, _, hessian = medium_layer
-    faithful = dict(init="fp", order="greedy", iterations=1, scale_refit=False, scale_search=False)
+    faithful = REFERENCE_CODE
     assert torch.equal(comq_quantize(weight, hessian, **faithful).codes, comq_quantize(weight, hessian, **faithful).codes)
 
 
