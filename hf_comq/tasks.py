@@ -91,7 +91,17 @@ def task_of(architectures: list[str], model_type: str | None) -> tuple[Task | No
     base_models = auto_mapping(BASE_MODEL.mapping)
     if not architectures and model_type in base_models:
         return BASE_MODEL, next(iter(_class_names({model_type: base_models[model_type]})))
+    for architecture in architectures:  # a backbone no mapping lists, such as T5EncoderModel
+        if architecture.endswith("Model") and _is_transformers_model(architecture):
+            return BASE_MODEL, architecture
     return None, architectures[0] if architectures else ""
+
+
+def _is_transformers_model(name: str) -> bool:
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    return isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
 
 
 def _class_names(mapping: dict[str, Any]) -> set[str]:

@@ -28,6 +28,9 @@ def test_architectures_map_to_the_first_task_that_lists_them():
     for bart_like in ("BartForConditionalGeneration", "MBartForConditionalGeneration", "MvpForConditionalGeneration"):
         assert task_of([bart_like], None)[0].auto_class == "AutoModelForSeq2SeqLM", bart_like
     assert task_of(["BertForMaskedLM"], "bert")[0].auto_class == "AutoModelForMaskedLM"
+    # a backbone no mapping lists (README: "T5 (T5EncoderModel ...)") is a base model
+    assert task_of(["T5EncoderModel"], "t5") == (TASKS[-1], "T5EncoderModel")
+    assert task_of(["NoSuchModel"], "nothing")[0] is None
 
 
 def test_inputs_come_from_the_main_input_name():

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tasks import (
+    BASE_MODEL,
     SEQ2SEQ_LM,
     SUPPORTED,
     Task,
@@ -50,8 +51,12 @@ class ModelSpec:
         return Path(self.location).name if self.is_local else self.location
 
     def auto_class(self) -> Any:
+        """The class to load with: the task's Auto class; a base model's own class (``AutoModel``
+        would load a ``T5EncoderModel`` checkpoint as a ``T5Model``, which needs decoder inputs)."""
         import transformers
 
+        if self.task is BASE_MODEL and isinstance(getattr(transformers, self.architecture, None), type):
+            return getattr(transformers, self.architecture)
         return getattr(transformers, self.task.auto_class)
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from hf_comq.cli.models import inspect_model
 from tests.cli.helpers import error_line, run_cli
 
 
@@ -50,6 +51,10 @@ def test_folder_without_config_is_not_a_checkpoint(capsys, tmp_path, image_data)
             {"model_type": "bart", "architectures": ["BartForConditionalGeneration"], "is_encoder_decoder": True},
             None,  # a sequence-to-sequence LM (transformers lists it as a masked LM too): accepted
         ),
+        (
+            {"model_type": "t5", "architectures": ["T5EncoderModel"], "is_encoder_decoder": False},
+            None,  # a backbone no auto mapping lists: accepted as a base model, loaded with its own class
+        ),
     ],
 )
 def test_unsupported_model_type(capsys, tmp_path, image_data, config, expected) -> None:
@@ -64,3 +69,11 @@ def test_unsupported_model_type(capsys, tmp_path, image_data, config, expected) 
         return
     assert expected in error_line(err)
     assert err.count("\n") == 1
+
+
+def test_a_base_model_loads_with_its_own_class(tmp_path) -> None:
+    """AutoModel would load a T5EncoderModel checkpoint as a T5Model, whose decoder gets no inputs."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5EncoderModel"]}))
+    spec = inspect_model(str(tmp_path))
+    assert spec.task.name == "base model" and spec.inputs == "text"
+    assert spec.auto_class().__name__ == "T5EncoderModel"
