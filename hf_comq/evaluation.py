@@ -166,7 +166,7 @@ def image_logits(
     image_column = pick_column(dataset, image_column, "image")
     if label_column is not None:
         label_column = pick_column(dataset, label_column, "label")
-    _check_batch_size(batch_size)
+    _check_sizes(batch_size=batch_size)
     processor = _image_processor(model, processor, "top1")
     remap = _label_remap(dataset, label_column, model) if label_column is not None else None
     device, dtype = _device_and_dtype(model)
@@ -280,7 +280,7 @@ def perplexity(
     taken from the model, whose ``loss`` averages per batch.  ``tokenizer``: an object or
     a path, as ``top1``'s processor; ``texts``: strings (a dataset's text column, not the dataset).
     """
-    _check_batch_size(batch_size)
+    _check_sizes(batch_size=batch_size, max_length=max_length)
     device, _ = _device_and_dtype(model)
     total_loss = 0.0
     total_tokens = 0
@@ -317,7 +317,7 @@ def embedding_cosine(
     state is requested with ``output_hidden_states``).  ``tokenizer`` and ``texts`` as in
     :func:`perplexity`.
     """
-    _check_batch_size(batch_size)
+    _check_sizes(batch_size=batch_size, max_length=max_length)
     device, _ = _device_and_dtype(model)
     reference_device, _ = _device_and_dtype(reference_model)
     cosines: list[torch.Tensor] = []
@@ -425,6 +425,8 @@ def _length(dataset: Any) -> int | None:
         return None
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+def _check_sizes(**sizes: int) -> None:
+    """Each of ``sizes`` (``batch_size``, ``max_length``) a positive integer, else one line naming it."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")

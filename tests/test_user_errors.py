@@ -318,6 +318,19 @@ def test_quantize_with_the_hub_switched_off(capsys, tmp_path, monkeypatch, vit_d
     assert "dataset 'beans' is not a local path" in line
 
 
+def test_rtn_refuses_the_flags_of_steps_it_does_not_run(capsys, tmp_path, vit_dir, image_data, no_model_loading) -> None:
+    base = ["quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "out", "--rtn"]
+    line = cli_error(capsys, *base, "--scale-refit", "--pair-moves", 8)
+    assert "--rtn rounds each weight with no COMQ sweep, so --scale-refit/--no-scale-refit and --pair-moves" in line
+    assert "--pair-moves would do nothing" in cli_error(capsys, *base, "--pair-moves", 0)
+
+
+def test_evaluate_refuses_a_length_that_is_not_positive(capsys, quantized_dir, image_data, no_model_loading) -> None:
+    for value in (0, -5):
+        line = cli_error(capsys, "evaluate", quantized_dir, "--dataset", image_data, "--max-length", value)
+        assert "--max-length must be a positive integer" in line
+
+
 def test_chat_messages_are_named_with_their_fix_before_any_work(capsys, tmp_path, vit_dir, no_model_loading) -> None:
     chats = tmp_path / "chats.jsonl"
     chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")

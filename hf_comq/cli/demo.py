@@ -98,6 +98,7 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     from ..evaluation import checkpoint_size_bytes, fidelity_of_logits, image_logits
     from ..hub import attach_model_card_hook
     from ..modules import find_quantizable_linears
+    from ..threads import caller_threads
     from ..solver import ROUND_TO_NEAREST_MODEL
 
     for bits in folders:
@@ -108,7 +109,7 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     test = demo_dataset("test")
     if args.eval_limit is not None:
         test = test.shuffle(seed=0).select(range(min(args.eval_limit, len(test))))
-    threads = torch.get_num_threads()
+    threads = caller_threads()  # the count the command allows; torch runs this part on one
     device = "GPU" if torch.cuda.is_available() else f"CPU, {threads} thread{'s' if threads > 1 else ''}"
     print(
         f"hf-comq demo: ViT trained on Fashion-MNIST ({model_path.name}); calibration on "

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         check_same_model_type(args.model, read[1], args.reference, read_reference[1])
     if args.batch_size is not None:
         check_positive("--batch-size", args.batch_size)
+    check_positive("--max-length", args.max_length)
     resolve_dataset(args.dataset)
     with torch_threads(args.threads):
         return _evaluate(args, read, read_reference)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..settings import COMQSettings
 from ..solver.options import SUM_DTYPES
 from .common import (
     EXIT_OK,
@@ -109,6 +110,8 @@ def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> 
     """The checks that need no model; only the rank that saves looks at (and tidies) ``--output``."""
     if saving:
         check_output(output, args.overwrite, source=args.model)
+    if args.rtn:
+        _check_rtn_flags(args)
     if args.push_to_hub:
         check_push_target(args.push_to_hub)
     elif args.private:
@@ -264,6 +267,19 @@ def _time_text(seconds: float, solving: float | None) -> str:
     if solving is None:
         return f"{seconds:.1f} s (loading and calibration)"
     return f"{seconds:.1f} s (loading and calibration; {solving:.1f} s of it solving layers)"
+
+
+def _check_rtn_flags(args: argparse.Namespace) -> None:
+    """``--rtn`` runs no COMQ sweep: the flags of steps inside a sweep would only be recorded in the card."""
+    ignored = [flag for flag, given in (
+        ("--scale-refit/--no-scale-refit", args.scale_refit is not None),
+        ("--pair-moves", args.pair_moves != COMQSettings.default("pair_moves")),
+    ) if given]  # fmt: skip
+    if ignored:
+        raise CLIError(
+            f"--rtn rounds each weight with no COMQ sweep, so {' and '.join(ignored)} would do nothing; "
+            "drop them, or drop --rtn"
+        )
 
 
 def check_push_target(repo_id: str) -> None:
