@@ -17,6 +17,7 @@ means the same thing to ``hf-comq quantize`` and ``hf-comq evaluate``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "checkpoint_size_bytes",
+    "class_ids",
     "embedding_cosine",
     "fidelity_of_logits",
     "image_logits",
@@ -182,12 +184,33 @@ def image_logits(
             pixels = encode_images(processor, list(batch[image_column]), channels)["pixel_values"]
             logits.append(model(pixel_values=pixels.to(device=device, dtype=dtype)).logits.float().cpu())
             if label_column is not None:
-                batch_labels = torch.as_tensor(batch[label_column], dtype=torch.long)
+                batch_labels = class_ids(batch[label_column], label_column, logits[-1].shape[-1], remap is None)
                 labels.append(remap[batch_labels] if remap is not None else batch_labels)
             bar.update(len(batch[image_column]))
     if not logits:
         raise ValueError("the evaluation dataset is empty: it has no images")
     return torch.cat(logits), (torch.cat(labels) if label_column is not None else None)
+
+
+def class_ids(values: list[Any], column: str, classes: int, check_range: bool) -> torch.Tensor:
+    """A batch's labels as class ids, in one line where they are not integers or (unless the
+    dataset's class names remap them) not among the model's ``classes`` outputs, which would
+    otherwise fail inside torch or count silently as wrong predictions."""
+    whole = isinstance(values, torch.Tensor) and not values.dtype.is_floating_point and values.dtype != torch.bool
+    if not whole and not all(isinstance(value, numbers.Integral) and not isinstance(value, bool) for value in values):
+        kinds = sorted({type(value).__name__ for value in values})
+        raise ValueError(
+            f"label column {column!r} holds {kinds} values; top-1 needs integer class ids (the model's id2label "
+            "keys): name the class-id column with label_column (hf-comq: --label-column)"
+        )
+    ids = torch.as_tensor(values, dtype=torch.long)
+    if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= classes):
+        bad = int(ids.max()) if int(ids.max()) >= classes else int(ids.min())
+        raise ValueError(
+            f"label {bad} in column {column!r} is not one of the model's {classes} classes (0 to {classes - 1}): "
+            "the dataset's classes are not the ones the model predicts"
+        )
+    return ids
 
 
 def fidelity_of_logits(logits: torch.Tensor, reference_logits: torch.Tensor) -> dict[str, float]:

@@ -58,6 +58,15 @@ def test_top1_counts_correct_predictions(vit) -> None:
         assert result.predictions.tolist() == predicted and result.labels.tolist() == labels
 
 
+def test_top1_names_labels_that_are_not_class_ids(vit) -> None:
+    beyond = datasets.Dataset.from_dict({"image": images(2), "label": [0, 7]})  # the model has 3 classes
+    with pytest.raises(ValueError, match=r"label 7 in column 'label' is not one of the model's 3 classes"):
+        top1(vit, beyond, image_processor())
+    named = datasets.Dataset.from_dict({"image": images(2), "label": ["cat", "dog"]})
+    with pytest.raises(ValueError, match=r"holds \['str'\] values; top-1 needs integer class ids"):
+        top1(vit, named, image_processor())
+
+
 def test_top1_predictions_are_per_image_in_dataset_order(vit) -> None:
     pictures = images(7)
     predicted = predictions(vit, pictures)

@@ -325,6 +325,17 @@ def test_rtn_refuses_the_flags_of_steps_it_does_not_run(capsys, tmp_path, vit_di
     assert "--pair-moves would do nothing" in cli_error(capsys, *base, "--pair-moves", 0)
 
 
+def test_evaluate_names_labels_that_are_not_the_models_class_ids(capsys, tmp_path, vit_dir, no_model_loading) -> None:
+    ten_classes = image_parquet(tmp_path / "ten.parquet", images(12), num_classes=10)  # the model has 3
+    line = cli_error(capsys, "evaluate", vit_dir, "--dataset", ten_classes)
+    assert "label 9 in column 'label' is not one of the model's 3 classes (0 to 2)" in line
+    named = tmp_path / "named.parquet"
+    datasets.Dataset.from_dict({"image": images(2), "label": ["cat", "dog"]}).to_parquet(named)
+    line = cli_error(capsys, "evaluate", vit_dir, "--dataset", named)
+    assert "label column 'label' holds ['str'] values; top-1 needs integer class ids" in line
+    assert line.endswith("name the class-id column with --label-column")
+
+
 def test_evaluate_refuses_a_length_that_is_not_positive(capsys, quantized_dir, image_data, no_model_loading) -> None:
     for value in (0, -5):
         line = cli_error(capsys, "evaluate", quantized_dir, "--dataset", image_data, "--max-length", value)

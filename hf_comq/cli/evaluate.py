@@ -75,7 +75,7 @@ def _evaluate(
     dataset = limited(open_dataset(args.dataset, args.split), args.limit)
     if metric == "top-1":
         column = pick_column(dataset, args.column, "image")
-        pick_column(dataset, args.label_column, "label")
+        check_labels(spec, dataset, pick_column(dataset, args.label_column, "label"))
     else:
         column = pick_column(dataset, args.column, "text")
     check_data_kind(spec, dataset, column)
@@ -104,6 +104,20 @@ def check_data_kind(spec: ModelSpec, dataset: Any, column: str) -> None:
             f"--dataset column {column!r} holds {kind}, but {spec.display_name} ({spec.architecture}) takes "
             f"{spec.inputs}; pass {spec.inputs} (name the column with --column)"
         )
+
+
+def check_labels(spec: ModelSpec, dataset: Any, label_column: str, rows: int = 64) -> None:
+    """The first ``rows`` labels are class ids of the model (one line before any weight loads)."""
+    import itertools
+
+    from ..evaluation import class_ids
+
+    classes = _config_value(spec.config, "num_labels")
+    labels = [example[label_column] for example in itertools.islice(iter(dataset), rows)]
+    try:
+        class_ids(labels, label_column, classes or 0, check_range=bool(classes))
+    except ValueError as error:
+        raise CLIError(str(error).replace("label_column (hf-comq: --label-column)", "--label-column")) from None
 
 
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_labels", "num_channels", "image_size")
