@@ -61,12 +61,20 @@ def hub_user(token: str | None) -> str:
     Checked before quantizing, so a missing or wrong token costs a second, not
     a whole calibration run that is then thrown away.
     """
+    endpoint = huggingface_hub.constants.ENDPOINT
     try:
         return huggingface_hub.whoami(token=token)["name"]
-    except Exception as error:  # no saved token, a rejected token, or an unreachable endpoint: all end the same way
-        endpoint = huggingface_hub.constants.ENDPOINT
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SystemExit(f"cannot push to {endpoint}: {reason} (log in with `hf auth login` or set HF_TOKEN)") from None
+    except (huggingface_hub.errors.LocalTokenNotFoundError, huggingface_hub.errors.HfHubHTTPError) as error:
+        # no saved token, or one the Hub answered about (rejected, or without rights)
+        raise SystemExit(
+            f"cannot push to {endpoint}: {first_line(error)} (log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
+    except Exception as error:  # offline mode, or no answer at all (any HTTP client's error): the network
+        raise SystemExit(f"cannot reach {endpoint} to push: {first_line(error)} (check the connection)") from None
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

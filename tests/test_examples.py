@@ -154,6 +154,15 @@ def test_push_to_hub_without_a_token_fails(fake_hub, tmp_path):
     assert "COMQ calibration" not in result.stderr
 
 
+def test_push_to_hub_to_a_hub_that_does_not_answer_names_the_connection(tmp_path):
+    env = example_env(HF_HUB_OFFLINE="0", HF_TOKEN="hf_token", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))
+    env.update(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    result = run_example("push_to_hub.py", "me/unreachable", "--num-samples", "8", cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "cannot reach http://127.0.0.1:9 to push" in result.stderr and "(check the connection)" in result.stderr
+    assert "hf auth login" not in result.stderr and "COMQ calibration" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------- the notebook
 @pytest.fixture
 def venv_kernel(tmp_path, monkeypatch):
