@@ -198,7 +198,10 @@ def _setting_value(key: str, config: Any) -> str:
     if key == "scale_refit" and value is None:
         return _bit_width_default(refits_by_default(config.bits), config.bits)
     if key == "fp_target" and value is None:
-        aimed = aims_at_full_precision_by_default(config.bits, getattr(config, "sequential", True))
+        sequential = getattr(config, "sequential", True)
+        aimed = aims_at_full_precision_by_default(config.bits, sequential)
+        if not sequential:  # the bit width did not decide: full-precision inputs leave nothing to aim at
+            return "no (full-precision inputs: `sequential=False`)"
         return _bit_width_default(aimed, config.bits)
     if key == "true_sequential" and value is None:
         fp_target, sequential = getattr(config, "fp_target", None), getattr(config, "sequential", True)

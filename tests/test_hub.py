@@ -149,7 +149,7 @@ def test_render_model_card_metadata_and_sections():
     # fp_target=None: the card says what the bit width and the calibration mode made of it.
     for changes, row in (
         (dict(bits=3), "yes (the default at 3 bits)"),
-        (dict(bits=3, sequential=False), "no (the default at 3 bits)"),
+        (dict(bits=3, sequential=False), "no (full-precision inputs: `sequential=False`)"),  # not the bit width's
         (dict(bits=4, fp_target=True), "yes"),
     ):
         card_body = split_card(str(render_model_card(comq_config(**changes), "google/vit-base-patch16-224", None, None)))[1]
