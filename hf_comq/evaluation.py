@@ -192,7 +192,7 @@ def image_logits(
     return torch.cat(logits), (torch.cat(labels) if label_column is not None else None)
 
 
-def class_ids(values: list[Any], column: str, classes: int, check_range: bool) -> torch.Tensor:
+def class_ids(values: Sequence[Any] | torch.Tensor, column: str, classes: int, check_range: bool) -> torch.Tensor:
     """A batch's labels as class ids, in one line where they are not integers or (unless the
     dataset's class names remap them) not among the model's ``classes`` outputs, which would
     otherwise fail inside torch or count silently as wrong predictions."""

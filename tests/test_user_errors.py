@@ -333,7 +333,7 @@ def test_evaluate_names_labels_that_are_not_the_models_class_ids(capsys, tmp_pat
     datasets.Dataset.from_dict({"image": images(2), "label": ["cat", "dog"]}).to_parquet(named)
     line = cli_error(capsys, "evaluate", vit_dir, "--dataset", named)
     assert "label column 'label' holds ['str'] values; top-1 needs integer class ids" in line
-    assert line.endswith("name the class-id column with --label-column")
+    assert line.endswith("name the class-id column with label_column (hf-comq: --label-column)")
 
 
 def test_evaluate_refuses_a_length_that_is_not_positive(capsys, quantized_dir, image_data, no_model_loading) -> None:

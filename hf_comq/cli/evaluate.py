@@ -117,7 +117,7 @@ def check_labels(spec: ModelSpec, dataset: Any, label_column: str, rows: int = 6
     try:
         class_ids(labels, label_column, classes or 0, check_range=bool(classes))
     except ValueError as error:
-        raise CLIError(str(error).replace("label_column (hf-comq: --label-column)", "--label-column")) from None
+        raise CLIError(str(error)) from None
 
 
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_labels", "num_channels", "image_size")
