@@ -33,6 +33,7 @@ from .solver.options import (
     SUM_DTYPES,
     check_pair_moves,
     check_ridge,
+    per_channel_as_none,
 )
 
 FORMAT, SOLVER, CALIBRATION, SELECTION, RECORDED = "format", "solver", "calibration", "selection", "recorded"
@@ -46,11 +47,6 @@ def is_missing_local_path(name: str | os.PathLike) -> bool:
     text = os.fspath(name)
     as_path = not isinstance(name, str) or text.startswith((".", "~", os.sep)) or text.count("/") > 1
     return as_path and not os.path.exists(os.path.expanduser(text))
-
-
-def per_channel_as_none(group_size: Any) -> Any:
-    """``group_size``, with -1 (the command line's and transformers' way to say "per channel") as ``None``."""
-    return None if group_size == -1 else group_size
 
 
 def setting(default: Any, kind: str, help: str) -> Any:

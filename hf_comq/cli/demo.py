@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..settings import per_channel_as_none
+from ..solver.options import per_channel_as_none
 from .common import EXIT_OK, add_command, add_setting_option, check_positive, check_single_process, torch_threads
 from .output import check_output, format_table, megabytes, save_atomically, save_with_processor
 

@@ -9,6 +9,8 @@ ones of the calibration (aiming at the full-precision outputs, and solving a blo
 
 from __future__ import annotations
 
+from typing import Any
+
 MIN_BITS = 2
 MAX_BITS = 8
 ORDERS = ("greedy", "sequential", "act_order")
@@ -145,6 +147,11 @@ def check_bits(bits: int, low: int = MIN_BITS) -> None:
         )
 
 
+def per_channel_as_none(group_size: Any) -> Any:
+    """``group_size``, with -1 (the command line's and transformers' way to say "per channel") as ``None``."""
+    return None if group_size == -1 else group_size
+
+
 def resolve_group_size(in_features: int, group_size: int | None) -> int:
     """Columns per scale group of a layer with ``in_features`` inputs; the one group-size rule.
 
@@ -152,7 +159,8 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
     consumer, so a non-dividing group size is rejected rather than silently padded.
     ``None`` and ``-1`` mean one group per row (per-channel scales).
     """
-    if group_size is None or group_size == -1:
+    group_size = per_channel_as_none(group_size)
+    if group_size is None:
         return in_features
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
