@@ -393,7 +393,7 @@ def column_kind(dataset: Any, column: str, rows: int = 64) -> str | None:
     """``"images"`` or ``"text"``: what ``column`` holds, judged from its first value that is not blank
     among its first ``rows`` (``None`` if all are); raises the one line :func:`build_calibration_data`
     would, for a caller that checks data before loading a model."""
-    for example in itertools.islice(iter(dataset), rows):
+    for example in itertools.islice(iter(dataset.select_columns([column])), rows):  # no other column decoded
         value = example[column]
         if not is_blank(value):
             return _kind_of_value(value, column)

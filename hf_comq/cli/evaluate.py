@@ -113,7 +113,8 @@ def check_labels(spec: ModelSpec, dataset: Any, label_column: str, rows: int = 6
     from ..evaluation import class_ids
 
     classes = _config_value(spec.config, "num_labels")
-    labels = [example[label_column] for example in itertools.islice(iter(dataset), rows)]
+    first = itertools.islice(iter(dataset.select_columns([label_column])), rows)  # images left undecoded
+    labels = [example[label_column] for example in first]
     try:
         class_ids(labels, label_column, classes or 0, check_range=bool(classes))
     except ValueError as error:
