@@ -272,53 +272,42 @@ def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[s
     values, decode = _subset_values(dataset.select_columns([column]), column, config)
     kind = "model inputs" if column == "pixel_values" else _kind_of_value(decode(values[0]), column)
     encode_values = _make_encoder(model, config, kind)
-    size = config.batch_size
-
-    def chunks() -> Iterator[slice]:
-        for start in range(0, len(values), size):
-            yield slice(start, start + size)
 
     def encode(rows: slice) -> Batch | None:  # rows are read here, so a rank reads only its own
         return encode_values([decode(value) for value in values[rows]])
 
     description = {"column": column, **origin, "num_samples": len(values)}
-    return CalibrationData(chunks, encode, len(values), description)
+    return CalibrationData(lambda: _batch_slices(len(values), config.batch_size), encode, len(values), description)
+
+
+def _batch_slices(count: int, size: int) -> Iterator[slice]:
+    """The rows of each batch of ``size`` among ``count`` samples, in order."""
+    for start in range(0, count, size):
+        yield slice(start, start + size)
 
 
 def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[str, Any]) -> CalibrationData:
     """A tokenized dataset's rows as ready inputs: each batch's rows cut to ``max_length`` and
     padded on the right, padding masked out (of attention and of the Gram sums), so no
     tokenizer is needed."""
-    import datasets
-
     present = [name for name in TOKEN_COLUMNS if name in column_names(dataset)]
     keep = model_input_names(model)
     _check_model_takes(model, keep, "text")
-    subset = seeded_subset(dataset.select_columns(present), config.num_samples, config.seed, TOKEN_COLUMNS[0])
-    indexed = isinstance(subset, datasets.Dataset)
-    rows: Any = subset if indexed else list(subset)  # a stream is read once
-    if len(rows) == 0:
-        raise ValueError("the calibration dataset is empty: it has no samples")
-    if not indexed and len(rows) < config.num_samples:
-        warn_too_few(len(rows), config.num_samples)
+    rows = _subset_rows(dataset.select_columns(present), TOKEN_COLUMNS[0], config)
+    indexed = not isinstance(rows, list)
 
     def read(part: slice) -> Mapping[str, list[Any]]:
         """A batch's rows as columns: an indexed dataset's slice is one already."""
         return rows[part] if indexed else {name: [row[name] for row in rows[part]] for name in present}
 
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    size = config.batch_size
-
-    def chunks() -> Iterator[slice]:
-        for start in range(0, len(rows), size):
-            yield slice(start, start + size)
 
     def encode(part: slice) -> Batch | None:
         batch = _padded_token_batch(read(part), config.max_length, pad_id)
         return None if batch is None else filter_inputs(batch, keep)
 
     description = {"column": TOKEN_COLUMNS[0], **origin, "num_samples": len(rows)}
-    return CalibrationData(chunks, encode, len(rows), description)
+    return CalibrationData(lambda: _batch_slices(len(rows), config.batch_size), encode, len(rows), description)
 
 
 def _padded_token_batch(columns: Mapping[str, list[Any]], max_length: int, pad_id: int) -> Batch | None:
@@ -364,16 +353,26 @@ def _subset_values(dataset: Any, column: str, config: Any) -> tuple[Any, Callabl
     if isinstance(feature, datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
         decode = feature.decode_example
+    rows = _subset_rows(dataset, column, config)
+    values = [row[column] for row in rows] if isinstance(rows, list) else _LazyColumn(rows, column)
+    return values, decode
+
+
+def _subset_rows(dataset: Any, column: str, config: Any) -> Any:
+    """The seeded subset (blank ``column`` values passed over): an indexed ``Dataset`` as it is,
+    a stream read once into a list of rows, with the too-few warning; never empty."""
+    import datasets
+
     subset = seeded_subset(dataset, config.num_samples, config.seed, column)
     if isinstance(subset, datasets.Dataset):
-        values: Any = _LazyColumn(subset, column)
+        rows: Any = subset
     else:
-        values = [example[column] for example in subset]
-        if len(values) < config.num_samples and values:
-            warn_too_few(len(values), config.num_samples)
-    if len(values) == 0:
+        rows = list(subset)
+        if 0 < len(rows) < config.num_samples:
+            warn_too_few(len(rows), config.num_samples)
+    if len(rows) == 0:
         raise ValueError("the calibration dataset is empty: it has no samples")
-    return values, decode
+    return rows
 
 
 class _LazyColumn(Sequence):
