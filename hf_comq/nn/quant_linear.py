@@ -339,6 +339,13 @@ def replace_module(model: nn.Module, name: str, qweight: QuantizedWeight, symmet
 
     Returns the new layer.  The original weight is dropped (its memory is freed once
     the caller lets go of it), the bias object is kept.
+
+    A building block for calibration, not a way to make checkpoints: a model whose
+    layers were swapped by hand has no ``quantization_config`` in its config, so
+    ``save_pretrained`` writes packed tensors that no loader maps back (plain
+    transformers reloads such a layer with random weights, ``load_quantized`` refuses
+    the folder).  Checkpoints come from ``from_pretrained(...,
+    quantization_config=COMQConfig(...))``.
     """
     module = model.get_submodule(name)
     if not is_linear_like(module):
