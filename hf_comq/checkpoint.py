@@ -38,7 +38,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -284,6 +284,27 @@ def full_precision_layers(model: nn.Module) -> list[str]:
 _SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float32: "F32", torch.int8: "I8", torch.int64: "I64"}
 
 
+def checkpoint_layer_names(model: nn.Module, checkpoint_files: Iterable[str]) -> Callable[[str], str | None]:
+    """Model layer name -> the layer's name in the checkpoint (``None``: a layer it does not hold).
+
+    transformers loads a task model's checkpoint into the bare model (``AutoModel`` on a
+    classifier) by dropping the base-model prefix (``bert.``), and a bare model's checkpoint
+    into a task model by adding it, the new head left to initialise.  The ignore list and
+    the packed tensors carry the checkpoint's names, so layers are matched under those.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    keys = _checkpoint_keys(checkpoint_files)
+    if not prefix or not keys:
+        return lambda name: name
+    model_has_prefix = isinstance(getattr(model, prefix, None), nn.Module)
+    checkpoint_has_prefix = any(key.startswith(f"{prefix}.") for key in keys)
+    if model_has_prefix and not checkpoint_has_prefix:  # a bare model's checkpoint in a task model
+        return lambda name: name[len(prefix) + 1:] if name.startswith(f"{prefix}.") else None
+    if checkpoint_has_prefix and not model_has_prefix:  # a task model's checkpoint in the bare model
+        return lambda name: f"{prefix}.{name}"
+    return lambda name: name
+
+
 def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], scheme: PackedScheme) -> None:
     """Compare the packed tensors in the safetensors headers with the shells, before loading.
 
@@ -309,9 +330,10 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], sc
             f"compressed-tensors {PACK_QUANTIZED!r} weights; it was not saved from a quantized model"
         )
     saved_names = saved_state_dict_names(model, expected)
+    in_checkpoint = checkpoint_layer_names(model, checkpoint_files)
     found, missing = {}, []
     for key, tensor in expected.items():
-        candidates = [saved_names.get(key), key]
+        candidates = [saved_names.get(key), key, in_checkpoint(key)]
         match = next((name for name in candidates if name in header), None)
         if match is None:
             missing.append(key)
@@ -366,6 +388,18 @@ def stores_experts_per_expert(checkpoint_files: Iterable[str], layer_names: Iter
 
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.([^.]+)\.weight$")
+
+
+def _checkpoint_keys(checkpoint_files: Iterable[str]) -> list[str]:
+    """Every tensor name in safetensors files (headers only); empty if any file is not safetensors."""
+    files = [str(path) for path in checkpoint_files]
+    if not files or not all(path.endswith(".safetensors") and os.path.isfile(path) for path in files):
+        return []
+    keys = []
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            keys.extend(handle.keys())
+    return keys
 
 
 def _packed_header(checkpoint_files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]] | None:

@@ -31,6 +31,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .checkpoint import (
     check_checkpoint_files,
+    checkpoint_layer_names,
     check_group_size,
     full_precision_layers,
     layer_group_size,
@@ -153,20 +154,24 @@ class COMQHfQuantizer(HfQuantizer):
         scheme = self.quantization_config.packed_scheme()
         if quantizes_experts(checkpoint_files):
             self._unfused_experts = unfuse_batched_experts(model, empty=True)
+        in_checkpoint = checkpoint_layer_names(model, checkpoint_files)
         targets = {
             name: module
             for name, module in model.named_modules()
-            if name and is_linear_like(module) and scheme.quantizes(name, module)
+            if name and is_linear_like(module) and (saved := in_checkpoint(name)) is not None and scheme.quantizes(saved, module)
         }
         if not targets:
             raise ValueError(
                 f"the checkpoint's quantization_config quantizes no layer of {type(model).__name__} "
                 f"(targets {scheme.layer_type}, ignore {scheme.ignore[:5]}); it belongs to another model"
             )
+        renamed = any(in_checkpoint(name) != name for name, module in model.named_modules() if is_linear_like(module))
         for name, module in targets.items():
             group_size = layer_group_size(scheme, linear_shape(module)[1])
             model.set_submodule(name, COMQLinear.empty_like(module, scheme.bits, group_size, scheme.symmetric))
         self._converted = list(targets)
+        if renamed:  # another class than the checkpoint's: its ignore list must name this model's layers
+            self.quantization_config.ignore = full_precision_layers(model)
         check_checkpoint_files(model, checkpoint_files, scheme)
 
     def _record_conversion(self, model: nn.Module, summary: dict[str, Any]) -> None:

@@ -269,6 +269,28 @@ def test_load_quantized_picks_the_architecture_and_verifies(vit_quantized):
     check_quantized_model(loaded)
 
 
+def test_load_quantized_moves_a_checkpoint_between_the_task_model_and_its_bare_model(fp_checkpoints, tmp_path):
+    """As transformers does for a dense checkpoint: ``AutoModel`` on a classifier's checkpoint drops the
+    ``bert.`` prefix, a task class on a bare model's checkpoint adds it and leaves its new head in float;
+    the re-saved checkpoint's ignore list names the new class's layers, so it loads back."""
+    classifier = quantize_tiny(fp_checkpoints["bert"], T.BertForSequenceClassification, bits=4)
+    classifier.save_pretrained(tmp_path / "classifier")
+    bare = load_quantized(tmp_path / "classifier", model_class=T.BertModel)
+    inputs = model_inputs(classifier)
+    assert torch.equal(bare(**inputs).last_hidden_state, classifier.bert(**inputs).last_hidden_state)
+    bare.save_pretrained(tmp_path / "bare")
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["quantization_config"]["ignore"] == ["pooler.dense"]
+
+    task = load_quantized(tmp_path / "bare", model_class=T.BertForSequenceClassification)
+    assert type(task.classifier) is nn.Linear and type(task.bert.pooler.dense) is nn.Linear
+    assert torch.equal(task.bert(**inputs).last_hidden_state, classifier.bert(**inputs).last_hidden_state)
+    task.save_pretrained(tmp_path / "task")
+    stored = json.loads((tmp_path / "task" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert stored == ["bert.pooler.dense", "classifier"]
+    reloaded = load_quantized(tmp_path / "task")
+    assert torch.equal(run(reloaded), run(task))
+
+
 def test_load_quantized_rejects_a_mismatching_config(vit_quantized):
     with pytest.raises(CheckpointError, match=r"bits: checkpoint 4 vs passed 3.*group_size: checkpoint 16 vs passed None"):
         load_quantized(vit_quantized[0], quantization_config=COMQConfig(bits=3))
