@@ -56,6 +56,15 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
 
         register()
 
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """transformers' ``update`` (set the known settings, return the other keys), checked as a
+        whole: a bad value raises the field's one-line error and leaves this config unchanged."""
+        trial = copy.deepcopy(self)
+        unused = QuantizationConfigMixin.update(trial, **kwargs)
+        trial.post_init()
+        self.__dict__.update(trial.__dict__)
+        return unused
+
     # ------------------------------------------------------------------ serialization
     def packed_scheme(self) -> PackedScheme:
         """The checkpoint scheme these settings produce (layout fields are known once quantization ran)."""
@@ -106,7 +115,9 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def __iter__(self):
-        """``dict(config)`` is :meth:`to_dict`, the form transformers accepts in place of the config object.
+        """``dict(config)`` is :meth:`to_dict`: the compressed-tensors form ``config.json`` holds,
+        which describes a quantized checkpoint.  To give ``from_pretrained`` settings as a dict,
+        write ``{"quant_method": "comq", "bits": 4, ...}`` (or pass the config object itself).
 
         (The mixin's version deep-copies ``__dict__``, dataset included.)
         """

@@ -68,6 +68,7 @@ class COMQHfQuantizer(HfQuantizer):
         # one COMQConfig for a second model must not inherit the first model's layer names.
         # The copy shares the dataset and processor (see COMQConfig.__deepcopy__).
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        self.quantization_config.post_init()  # settings changed since construction are checked before any load
         self._converted: list[str] = []
         self._unfused_experts: list[str] = []  # experts modules given per-expert layers before loading
 
@@ -190,7 +191,7 @@ class COMQHfQuantizer(HfQuantizer):
         config.expert_layers_rounded = len(summary.get("expert_layers_without_tokens") or ()) or None
         name = str(getattr(model, "name_or_path", "") or "")
         if os.path.isdir(name):  # a local folder: its name only, a full path means nothing elsewhere
-            config.base_model_folder = Path(name).name
+            config.base_model_folder = Path(name).resolve().name or None  # "." names the working folder
         elif name:
             config.base_model = name
         config.calibration_description = config.describe_calibration()

@@ -16,6 +16,8 @@ paying for those imports.  Each field's metadata says what kind of setting it is
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -132,11 +134,19 @@ class COMQSettings:
     base_model_folder: str | None = setting(None, RECORDED, "folder name of a local checkpoint that was quantized")
 
     def __post_init__(self) -> None:
-        self.group_size = per_channel_as_none(self.group_size)
-        for name in ("modules_to_not_convert", "ignore"):
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
         self.post_init()
+
+    def __eq__(self, other: object) -> bool:
+        """Equal settings: every field equal, the live ``dataset`` / ``processor`` the same object
+        (or the same name).  (The transformers mixin's dataclass equality compares ``quant_method`` only.)"""
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(
+            _same_setting(getattr(self, name), getattr(other, name), live=name in ("dataset", "processor"))
+            for name in self.field_names()
+        )
+
+    __hash__ = None  # mutable settings, as a dataclass with equality
 
     # ------------------------------------------------------------------ field table
     @classmethod
@@ -147,16 +157,39 @@ class COMQSettings:
     @classmethod
     def default(cls, name: str) -> Any:
         """A field's default value (the one place defaults are written)."""
-        spec = next(f for f in fields(cls) if f.name == name)
+        spec = cls._field(name)
         return None if spec.default is MISSING else spec.default
 
     @classmethod
     def help(cls, name: str) -> str:
-        return next(f for f in fields(cls) if f.name == name).metadata["help"]
+        """A field's one line of help."""
+        return cls._field(name).metadata["help"]
+
+    @classmethod
+    def _field(cls, name: str) -> Any:
+        spec = next((f for f in fields(cls) if f.name == name and "kind" in f.metadata), None)
+        if spec is None:
+            raise ValueError(f"{name!r} is not a COMQ setting; the settings are {', '.join(cls.field_names())}")
+        return spec
 
     # ------------------------------------------------------------------ validation
     def post_init(self) -> None:
-        """Validate every field; each error names the field and how to fix it."""
+        """Normalise and validate every field; each error names the field and how to fix it.
+
+        Runs at construction and again when a quantizer takes the config, so settings
+        changed afterwards (``config.update(...)``, attribute assignment) are checked
+        before any weight loads.  NumPy scalars become Python ones (a JSON-safe config).
+        """
+        for name in self.field_names():
+            if name not in ("dataset", "processor"):
+                setattr(self, name, _plain_scalar(getattr(self, name)))
+        self.group_size = per_channel_as_none(self.group_size)
+        for name in ("modules_to_not_convert", "ignore"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        for name in ("base_model", "base_model_folder"):  # hf_comq <= stop 63 wrote "" for a model loaded from "."
+            if getattr(self, name) == "":
+                setattr(self, name, None)
         _check_int("bits", self.bits, MIN_BITS, MAX_BITS, f"use 4 (near-lossless), 3 or 2 (smaller), up to {MAX_BITS}")
         if self.group_size is not None:
             _check_int("group_size", self.group_size, 1, None, "use e.g. 32, 64 or 128, or None (hf-comq: -1) for per-channel scales")
@@ -229,6 +262,27 @@ class COMQSettings:
             )
 
 
+def _plain_scalar(value: Any) -> Any:
+    """NumPy (or other ``numbers``) scalars as Python ``bool`` / ``int`` / ``float``; anything else unchanged."""
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _same_setting(mine: Any, theirs: Any, live: bool) -> bool:
+    """Settings compare by value; data and processors given as objects (tensors, datasets, models,
+    lists of samples) by identity, as reading them to compare could cost a pass over the data."""
+    if live and not isinstance(mine, (str, os.PathLike)):
+        return mine is theirs
+    return type(mine) is type(theirs) and mine == theirs
+
+
 def _check_int(name: str, value: Any, low: int | None, high: int | None, fix: str) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool)
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
@@ -238,7 +292,7 @@ def _check_int(name: str, value: Any, low: int | None, high: int | None, fix: st
 
 
 def _check_float(name: str, value: Any, fix: str, upper: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and value > 0 and (upper is None or value <= upper)
     if not ok:
         bounds = f"in (0, {upper}]" if upper is not None else "> 0"

@@ -84,6 +84,8 @@ def test_group_size_minus_one_means_per_channel():
         ("shrink", 1.5),
         ("damp", -0.1),
         ("damp", 0.0),
+        ("damp", float("inf")),
+        ("shrink", float("nan")),
         ("clip_weights", "full"),
         ("sum_dtype", "bfloat16"),
         ("start_grids", 0),
@@ -188,6 +190,52 @@ def test_tensor_and_list_datasets_are_described():
 def test_calibration_description_set_by_calibration_wins():
     config = COMQConfig(dataset=["a"], calibration_description="2 captions from coco")
     assert calibration(config)["description"] == "2 captions from coco"
+
+
+def test_settings_changed_after_construction_are_checked():
+    """``update`` checks as a whole and leaves the config as it was on a bad value; an assignment
+    is checked when a quantizer takes the config, before any weight loads."""
+    from hf_comq import COMQHfQuantizer
+
+    config = COMQConfig(bits=4)
+    with pytest.raises(ValueError, match="bits: expected an integer in"):
+        config.update(bits=99, group_size=64)
+    assert config.bits == 4 and config.group_size is None
+    assert config.update(group_size=-1, not_a_setting=1) == {"not_a_setting": 1} and config.group_size is None
+    config.num_samples = -3
+    with pytest.raises(ValueError, match="num_samples: expected an integer >= 1"):
+        COMQHfQuantizer(config)
+
+
+def test_numpy_scalars_are_accepted_as_python_values():
+    np = pytest.importorskip("numpy")
+    config = COMQConfig(bits=np.int64(3), group_size=np.int32(64), shrink=np.float32(0.5), symmetric=np.True_)
+    assert (config.bits, config.group_size, config.shrink, config.symmetric) == (3, 64, 0.5, True)
+    assert type(config.bits) is int and type(config.shrink) is float and type(config.symmetric) is bool
+    json.dumps(config.to_dict())
+    with pytest.raises(ValueError, match="bits: expected an integer"):
+        COMQConfig(bits=np.float64(4.0))
+
+
+def test_configs_are_equal_when_their_settings_are():
+    data = ["a sentence"]
+    assert COMQConfig(bits=3, dataset=data) == COMQConfig(bits=3, dataset=data)
+    assert COMQConfig(bits=3) != COMQConfig(bits=4)
+    assert COMQConfig(dataset=["a"]) != COMQConfig(dataset=["a"])  # data compare as objects: not read
+    assert COMQConfig(dataset="demo:calibration") == COMQConfig(dataset="demo:calibration")
+    assert COMQConfig(bits=3) not in [COMQConfig(bits=4), COMQConfig(group_size=64)]
+
+
+def test_help_and_default_name_the_settings_for_an_unknown_name():
+    with pytest.raises(ValueError, match="'group' is not a COMQ setting; the settings are bits, group_size"):
+        COMQConfig.help("group")
+    with pytest.raises(ValueError, match="'nbits' is not a COMQ setting"):
+        COMQConfig.default("nbits")
+
+
+def test_an_empty_recorded_folder_name_reads_as_none():
+    """hf_comq before this fix recorded "" for a model loaded from "."; such checkpoints must load."""
+    assert COMQConfig.from_dict({**COMQConfig().to_dict(), "comq": {"base_model_folder": ""}}).base_model_folder is None
 
 
 def test_every_setting_has_a_kind_and_a_help_text():

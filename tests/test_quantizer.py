@@ -291,6 +291,15 @@ def test_load_quantized_moves_a_checkpoint_between_the_task_model_and_its_bare_m
     assert torch.equal(run(reloaded), run(task))
 
 
+def test_a_model_loaded_from_the_working_folder_records_its_name_and_loads_back(fp_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(fp_checkpoints["llama"])
+    model = quantize_tiny(".", T.LlamaForCausalLM)
+    model.save_pretrained(tmp_path / "q")
+    stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["comq"]
+    assert stored["base_model_folder"] == "llama"
+    assert torch.equal(run(load_quantized(tmp_path / "q")), run(model))
+
+
 def test_load_quantized_rejects_a_mismatching_config(vit_quantized):
     with pytest.raises(CheckpointError, match=r"bits: checkpoint 4 vs passed 3.*group_size: checkpoint 16 vs passed None"):
         load_quantized(vit_quantized[0], quantization_config=COMQConfig(bits=3))
