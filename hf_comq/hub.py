@@ -46,6 +46,7 @@ from .solver.options import (
     refits_by_default,
     solves_in_stages_by_default,
     start_only_method,
+    unused_settings,
 )
 from .tasks import infer_pipeline_tag, is_text_pipeline
 
@@ -217,7 +218,10 @@ def _setting_value(key: str, config: Any) -> str:
 
 
 def _settings_rows(config: Any, expert_share: float = 0.0, quantized_experts: bool = False) -> list[tuple[str, str]]:
-    rows = [(label, _setting_value(key, config)) for key, label in _SETTINGS]
+    unused = unused_settings({name: getattr(config, name) for name in ("init", "iterations", "scale_search", "clip_weights")})
+    rows = [
+        (label, f"not used ({unused[key]})" if key in unused else _setting_value(key, config)) for key, label in _SETTINGS
+    ]
     kept = list(config.ignore or [])
     if kept:
         listed = ", ".join(f"`{name}`" for name in kept[:_MAX_LISTED_MODULES])
@@ -331,6 +335,7 @@ def render_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         base_model=hub_base,
+        **({"base_model_relation": "quantized"} if hub_base else {}),  # the Hub's model tree: a quantization, not a fine-tune
         pipeline_tag=pipeline_tag,
         tags=card_tags(config.bits, tags),
         model_name=title if eval_results else None,

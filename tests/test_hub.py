@@ -124,6 +124,7 @@ def test_render_model_card_metadata_and_sections():
     metadata, body = split_card(str(card))
     assert metadata["library_name"] == "transformers"
     assert metadata["base_model"] == "google/vit-base-patch16-224"
+    assert metadata["base_model_relation"] == "quantized"
     assert metadata["pipeline_tag"] == "image-classification"
     assert metadata["tags"] == ["comq", "compressed-tensors", "quantized", "4-bit", "vit"]
     assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.805
@@ -221,6 +222,9 @@ def test_a_card_of_settings_without_a_sweep_names_the_baseline_not_comq():
     assert "using **round-to-nearest** on COMQ's grid, with no COMQ coordinate\ndescent" in body
     assert "by coordinate descent, updating one weight" not in body
     assert "Only linear layers are quantized" in body
+    for label in ("Column-block re-solve", "Pair-move candidates per row", "Column order"):
+        assert f"| {label} | not used (no coordinate sweep) |" in body, label
+    assert "| Damping of the error-feedback start | not used (error-feedback start only) |" in body
     started = str(render_model_card(comq_config(init="error_feedback", iterations=0), None, None, None))
     assert "— error-feedback rounding 4-bit" in started and "GPTQ's act-order rounding" in started
     comq = split_card(str(render_model_card(comq_config(), "google/vit-base-patch16-224", None, None)))[1]
@@ -317,6 +321,7 @@ def test_save_pretrained_writes_the_card(comq_like_vit, tmp_path):
     assert metadata == {
         "library_name": "transformers",
         "base_model": "google/vit-base-patch16-224",
+        "base_model_relation": "quantized",
         "pipeline_tag": "image-classification",
         "tags": ["comq", "compressed-tensors", "quantized", "4-bit", "vit"],
     }

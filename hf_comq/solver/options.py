@@ -9,7 +9,7 @@ ones of the calibration (aiming at the full-precision outputs, and solving a blo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -68,6 +68,30 @@ settings do not run COMQ at all: a baseline, to be named as one."""
 def start_only_method(init: str, iterations: int) -> tuple[str, str] | None:
     """:data:`START_ONLY_METHODS`' names for settings that stop at their start; ``None`` where COMQ's sweeps run."""
     return START_ONLY_METHODS[init] if iterations == 0 else None
+
+
+def unused_settings(settings: Mapping[str, Any]) -> dict[str, str]:
+    """Solver settings that ``settings`` (a ``COMQConfig``'s or :func:`comq_quantize`'s values)
+    leave without effect, each with why: ``{name: reason}``.
+
+    Lets a record of a run (the model card) say which steps did not run instead of
+    listing their values as if they had.  Mirrors where :func:`comq_quantize` reads them.
+    """
+    init, iterations = settings["init"], settings["iterations"]
+    scale_search, clip_weights = settings["scale_search"], settings["clip_weights"]
+    unused: dict[str, str] = {}
+    if iterations == 0:
+        for name in ("order", "scale_refit", "pair_moves", "block_resolve"):
+            unused[name] = "no coordinate sweep"
+    elif init != "error_feedback":
+        unused["block_resolve"] = "error-feedback start only"
+    if init != "error_feedback":
+        unused["damp"] = "error-feedback start only"
+    if not scale_search:
+        unused["clip_weights"] = unused["start_grids"] = "no scale search"
+    elif init != "error_feedback" or clip_weights != "conditional":
+        unused["start_grids"] = "conditional clipping search of the error-feedback start only"
+    return unused
 
 
 def default_damp(bits: int) -> float:
