@@ -30,7 +30,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .calibration.processors import encode_images, image_channels, resolve_processor
-from .calibration.sources import is_blank, load_dataset_source
+from .calibration.sources import dataset_from_list, is_blank, load_dataset_source
 from .calibration.sources import pick_column as _pick_calibration_column
 from .threads import linear_layer_threads
 
@@ -144,6 +144,11 @@ def top1(
     same classes in a different order, labels are mapped by name (to the model's
     ids): comparing raw ids would report a working model as broken.
     """
+    if label_column is None:
+        raise ValueError(
+            "top1 needs labels: name the class-id column with label_column; to compare a model with another "
+            "without labels, use prediction_fidelity(model, reference_model, dataset)"
+        )
     logits, labels = image_logits(
         model, dataset, processor, image_column=image_column, label_column=label_column, batch_size=batch_size
     )
@@ -163,8 +168,10 @@ def image_logits(
 
     One forward pass per image gives everything :func:`top1` and
     :func:`fidelity_of_logits` need, so a comparison of several models against one
-    reference runs the reference once.  Other arguments as in :func:`top1`.
+    reference runs the reference once.  ``dataset`` may also be a list of PIL images
+    where no labels are read (``label_column=None``).  Other arguments as in :func:`top1`.
     """
+    dataset = _image_rows(dataset, label_column)
     image_column = pick_column(dataset, image_column, "image")
     if label_column is not None:
         label_column = pick_column(dataset, label_column, "label")
@@ -182,7 +189,7 @@ def image_logits(
     ) as bar:
         for batch in rows.iter(batch_size=batch_size):
             pixels = encode_images(processor, list(batch[image_column]), channels)["pixel_values"]
-            logits.append(model(pixel_values=pixels.to(device=device, dtype=dtype)).logits.float().cpu())
+            logits.append(_class_logits(model(pixel_values=pixels.to(device=device, dtype=dtype)), model))
             if label_column is not None:
                 batch_labels = class_ids(batch[label_column], label_column, logits[-1].shape[-1], remap is None)
                 labels.append(remap[batch_labels] if remap is not None else batch_labels)
@@ -190,6 +197,31 @@ def image_logits(
     if not logits:
         raise ValueError("the evaluation dataset is empty: it has no images")
     return torch.cat(logits), (torch.cat(labels) if label_column is not None else None)
+
+
+def _image_rows(dataset: Any, label_column: str | None) -> Any:
+    """A list of images as a one-column dataset (no labels to read in it), any other dataset as it is."""
+    if not isinstance(dataset, (list, tuple)):
+        return dataset
+    if label_column is not None:
+        raise ValueError(
+            "a list of images has no labels: pass a datasets.Dataset with an image and a label column, e.g. "
+            "datasets.Dataset.from_dict({'image': images, 'label': class_ids})"
+        )
+    if not dataset:
+        raise ValueError("the evaluation dataset is empty: it has no images")
+    return dataset_from_list(dataset, "image")
+
+
+def _class_logits(output: Any, model: nn.Module) -> torch.Tensor:
+    """The output's class logits (float32, CPU); one line where the model is no classifier."""
+    logits = getattr(output, "logits", None)
+    if logits is None or logits.dim() != 2:
+        raise ValueError(
+            f"{type(model).__name__} gives no class logits: top-1 and prediction fidelity need an image classifier "
+            "(a ...ForImageClassification model)"
+        )
+    return logits.float().cpu()
 
 
 def class_ids(values: Sequence[Any] | torch.Tensor, column: str, classes: int, check_range: bool) -> torch.Tensor:
@@ -218,6 +250,9 @@ def fidelity_of_logits(logits: torch.Tensor, reference_logits: torch.Tensor) -> 
     if logits.shape != reference_logits.shape or logits.shape[0] == 0:
         raise ValueError(f"logit tables of shapes {tuple(logits.shape)} and {tuple(reference_logits.shape)} do not pair")
     ours, theirs = logits.float(), reference_logits.float()
+    for name, table in (("the model's", ours), ("the reference model's", theirs)):
+        if not bool(torch.isfinite(table).all()):
+            raise ValueError(f"{name} logits hold NaN or infinite values: its outputs are broken, no fidelity to measure")
     agreement = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
     kl = float(F.kl_div(F.log_softmax(ours, -1), F.log_softmax(theirs, -1), log_target=True, reduction="sum"))
     return {"agreement": agreement, "kl": kl / ours.shape[0]}
@@ -274,6 +309,9 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     Two quantized models of one network disagree on few images; a top-1 difference
     of a handful of them is usually chance, and this says how likely.
     """
+    for name, count in (("only_a", only_a), ("only_b", only_b)):
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"{name}: expected a count of images (an integer >= 0), got {count!r}")
     discordant = only_a + only_b
     if discordant == 0:
         return 1.0

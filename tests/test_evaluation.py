@@ -14,7 +14,10 @@ import hf_comq
 from hf_comq.evaluation import (
     checkpoint_size_bytes,
     embedding_cosine,
+    fidelity_of_logits,
+    image_logits,
     load_eval_dataset,
+    mcnemar_exact_p,
     perplexity,
     prediction_fidelity,
     top1,
@@ -125,6 +128,31 @@ def test_top1_rejects_missing_columns(vit) -> None:
         top1(vit, dataset, image_processor(), label_column="target")
     with pytest.raises(ValueError, match="image dataset column 'photo' does not exist"):
         top1(vit, dataset, image_processor(), image_column="photo")
+
+
+def test_image_logits_take_a_list_of_images_where_no_labels_are_read(vit) -> None:
+    pictures = images(4, seed=5)
+    logits, labels = image_logits(vit, pictures, image_processor(), label_column=None)
+    assert labels is None and logits.argmax(-1).tolist() == predictions(vit, pictures)
+    with pytest.raises(ValueError, match="a list of images has no labels: pass a datasets.Dataset"):
+        top1(vit, pictures, image_processor())
+
+
+def test_top1_refuses_a_model_without_class_logits_and_a_missing_label_column(vit) -> None:
+    dataset = image_dataset(images(2), [0, 1])
+    bare = T.ViTModel(vit.config)
+    with pytest.raises(ValueError, match="ViTModel gives no class logits: top-1 and prediction fidelity need an image"):
+        top1(bare, dataset, image_processor())
+    with pytest.raises(ValueError, match="top1 needs labels: .* use prediction_fidelity"):
+        top1(vit, dataset, image_processor(), label_column=None)
+
+
+def test_fidelity_and_mcnemar_refuse_what_they_cannot_measure() -> None:
+    with pytest.raises(ValueError, match="the model's logits hold NaN or infinite values"):
+        fidelity_of_logits(torch.full((2, 3), float("nan")), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"only_a: expected a count of images \(an integer >= 0\), got -1"):
+        mcnemar_exact_p(-1, 3)
+    assert mcnemar_exact_p(0, 6) == pytest.approx(2 / 64) and mcnemar_exact_p(3, 3) == 1.0
 
 
 # ---------------------------------------------------------------------------- perplexity
