@@ -68,6 +68,7 @@ inputs itself).
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -165,6 +166,8 @@ logger = logging.get_logger(__name__)
 __all__ = ["LayerSolver", "calibration_mode", "calibration_summary", "check_finite_weights", "quantize_model"]
 
 LayerSolver = Callable[..., QuantizedWeight]
+"""What solves one layer: ``comq_quantize``'s signature (weight, Gram matrix, settings) and result;
+``quantize_model(solver=...)`` takes another, e.g. a baseline, with the same calibration around it."""
 """``solver(weight, hessian, **settings) -> QuantizedWeight``, with the signature of
 :func:`hf_comq.comq_quantize`; benchmarks swap in other layer solvers (e.g. GPTQ)
 to compare them inside the very same calibration pipeline.  ``hessian`` arrives in
@@ -222,9 +225,15 @@ def calibration_summary(model: nn.Module) -> dict[str, Any]:
     """The summary :func:`quantize_model` left on ``model`` (empty for a model it did not quantize).
 
     ``from_pretrained`` returns the model, not the summary, so callers read it here
-    instead of reaching for the attribute it is kept under.
+    instead of reaching for the attribute it is kept under.  A copy: what a caller
+    does with it leaves the model's record as calibration wrote it.
     """
-    return getattr(model, "_comq_summary", None) or {}
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"calibration_summary takes the quantized model (an nn.Module), got {type(model).__name__}; a saved "
+            "checkpoint records its calibration in config.json's quantization_config and in its model card"
+        )
+    return copy.deepcopy(getattr(model, "_comq_summary", None) or {})
 
 
 def _replaceable(layers: dict[str, nn.Module], placement: Placement) -> dict[str, nn.Module]:

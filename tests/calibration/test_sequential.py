@@ -115,8 +115,12 @@ def test_quantizes_every_architecture_close_to_full_precision_at_8_bits(kind):
     assert summary["layers_quantized"] == len(expected) and summary["layers_skipped"] == {}
     assert _relative(_first_output(model, inputs), reference) < 0.02
     assert 0 < summary["mean_relative_error"] < 1e-3
-    assert calibration_summary(model) is summary
+    assert calibration_summary(model) == summary
+    calibration_summary(model)["layers_quantized"] = -1  # a copy: the model's record is left as written
+    assert calibration_summary(model)["layers_quantized"] == len(expected)
     assert calibration_summary(tiny_model(kind)) == {}  # a model quantize_model never saw
+    with pytest.raises(TypeError, match="calibration_summary takes the quantized model .* got str; a saved checkpoint"):
+        calibration_summary("path/to/checkpoint")
     json.dumps(summary)  # JSON-safe, so it can go on the config or a model card
 
 
