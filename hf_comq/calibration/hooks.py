@@ -28,6 +28,7 @@ __all__ = [
     "CapturedInputs",
     "HessianRecorder",
     "LayerCall",
+    "NotAChain",
     "block_kind",
     "capture_block_inputs",
     "hidden_input",
@@ -422,6 +423,13 @@ class _StopForward(Exception):
     """Raised by the capture pre-hook so the forward pass stops at the first block."""
 
 
+class NotAChain(Exception):
+    """A list found as blocks whose members do not run back to back: a block's hidden input is not
+    the block before it's output (a segmentation head's or a depth neck's per-scale projections,
+    each taking its own feature map).  Calibrating it as blocks would feed each member the wrong
+    input; its layers are calibrated as stand-alone layers instead."""
+
+
 def capture_block_inputs(
     model: nn.Module,
     group: BlockGroup,
@@ -448,9 +456,12 @@ def capture_block_inputs(
     last_representative = max(representatives.values(), key=group.block_names.index)
     first_batch: dict[str, tuple[tuple, dict]] = {}  # every block's inputs but the hidden state
     per_block: bool | None = None  # whether blocks get inputs of their own; the first batch decides
+    last_output: list[Any] = []  # the first batch's latest block output, to check the blocks run back to back
 
     def record(block_name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if per_block is None and last_output and not _continues(last_output.pop(), args, kwargs):
+                raise NotAChain(f"{block_name} does not take the output of the block before it")
             if block_name == group.block_names[0]:
                 captured.append(CapturedInputs(send_to_device(args, device), send_to_device(kwargs, device), None))
             if representatives.get(kinds[block_name]) == block_name:
@@ -464,9 +475,14 @@ def capture_block_inputs(
 
         return hook
 
+    def keep_output(module: nn.Module, args: tuple, output: Any) -> None:
+        if per_block is None:
+            last_output[:] = [output]
+
     handles = [
         model.get_submodule(name).register_forward_pre_hook(record(name), with_kwargs=True) for name in group.block_names
     ]
+    handles += [model.get_submodule(name).register_forward_hook(keep_output) for name in group.block_names[:-1]]
     count, reached = 0, True
     try:
         for batch, mask in batches:
@@ -487,6 +503,19 @@ def capture_block_inputs(
         for handle in handles:
             handle.remove()
     return captured, count, reached
+
+
+def _continues(previous_output: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a block's hidden input is the output of the block that ran before it (where either
+    cannot be told apart, assumed so: the check is there to catch lists that plainly are not chains)."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    try:
+        before = hidden_output(previous_output)
+    except ValueError:
+        return True
+    if not isinstance(hidden, torch.Tensor):
+        return True
+    return hidden is before or (hidden.shape == before.shape and torch.equal(hidden, before))
 
 
 def _without_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

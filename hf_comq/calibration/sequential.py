@@ -139,6 +139,7 @@ from .hooks import (
     CapturedInputs,
     HessianRecorder,
     LayerCall,
+    NotAChain,
     block_kind,
     capture_block_inputs,
     hidden_input,
@@ -412,6 +413,7 @@ class _Calibrator:
         self.inputs = inputs
         self.group = group
         self.groups = groups
+        self.unchained: list[BlockGroup] = []  # lists found as blocks that do not run back to back (NotAChain)
         self.pending = list(layers)
         self.routed = expert_layers(model)  # experts' layers: each sees only the tokens routed to its expert
         self.unrouted: list[str] = []
@@ -438,7 +440,7 @@ class _Calibrator:
 
     @property
     def block_names(self) -> list[str]:
-        return [block for group in self.groups for block in group.block_names]
+        return [block for group in self.groups if group not in self.unchained for block in group.block_names]
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
@@ -476,7 +478,14 @@ class _Calibrator:
             )
 
     def _run_group(self, group: BlockGroup, bar: Any) -> None:
-        captured = self._capture(group)
+        try:
+            captured = self._capture(group)
+        except NotAChain as reason:
+            logger.info("COMQ: %s is not a list of blocks run back to back (%s); its layers are calibrated "
+                        "one by one", group.name, reason)  # fmt: skip
+            self.unchained.append(group)
+            bar.update(len(group))
+            return
         if captured is None:
             self._skip_group(group)
             bar.update(len(group))

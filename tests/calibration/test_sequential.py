@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hf_comq.calibration import calibration_mode, calibration_summary, quantize_model
+from hf_comq.calibration.blocks import find_block_groups
 from hf_comq.config import COMQConfig
 from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import COMQLinear, get_linear_weight
@@ -101,6 +102,26 @@ def _fp_hessians(model: nn.Module, names: list[str], inputs: dict[str, torch.Ten
 
 
 # ---------------------------------------------------------------- every architecture
+
+
+def test_a_list_of_per_scale_modules_found_as_blocks_is_calibrated_layer_by_layer(caplog):
+    """DPT's neck keeps one projection per feature map in a ModuleList: found as blocks, but each member
+    takes its own input.  Run back to back they failed on a shape mismatch (or would have fed each the
+    wrong input); their layers are calibrated one by one, on their real inputs."""
+    torch.manual_seed(0)
+    config = T.DPTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=64, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
+                         fusion_hidden_size=16, head_hidden_size=8)  # fmt: skip
+    model = T.DPTForDepthEstimation(config).eval()
+    assert "neck.reassemble_stage.readout_projects" in [group.name for group in find_block_groups(model)]
+    inputs = _inputs("vit", 4, seed=1)
+    reference = _first_output(model, inputs)
+    with caplog.at_level(logging.INFO, logger="hf_comq"):
+        summary = quantize_model(model, _config("vit", bits=8))
+    assert "neck.reassemble_stage.readout_projects is not a list of blocks run back to back" in caplog.text
+    assert isinstance(model.neck.reassemble_stage.readout_projects[1][0], COMQLinear)
+    assert summary["layers_skipped"] == {}
+    assert _relative(_first_output(model, inputs), reference) < 0.02
 
 
 @pytest.mark.parametrize("kind", ["vit", "vit_model", "deit", "dinov2", "swin", "bert", "gpt2", "llama"])
