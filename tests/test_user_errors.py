@@ -200,7 +200,7 @@ def test_demo_data_by_name_from_python(calibration_steps) -> None:
     model = T.ViTForImageClassification.from_pretrained(
         demo_model_path(), quantization_config=COMQConfig(dataset="demo:calibration", num_samples=4, bits=8)
     )
-    assert model.config.quantization_config.calibration_description.startswith("demo:calibration (split train")
+    assert model.config.quantization_config.calibration_description.startswith("demo:calibration (column image)")  # no split: one file
     assert calibration_steps
 
 

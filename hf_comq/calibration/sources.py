@@ -88,7 +88,8 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
     demo_file = demo_dataset_file(source)
     path = demo_file if demo_file is not None else Path(source).expanduser()
     label = source if demo_file is not None else f"local dataset {path.name!r}" if path.exists() else source
-    origin: dict[str, Any] = {"source": label, "split": split}
+    # A single file (the shipped demo data too) has no splits: the split name would only be a label.
+    origin: dict[str, Any] = {"source": label, "split": None if path.is_file() else split}
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"dataset file {source!r} is empty (0 bytes); pass a file with data")
     try:

@@ -38,7 +38,7 @@ def test_every_file_kind_loads_as_a_stream(tmp_path, suffix):
     loaded, origin = load_dataset_source(str(path), "train")
     assert isinstance(loaded, datasets.IterableDataset)
     assert [row["text"] for row in loaded] == texts
-    assert origin == {"source": f"local dataset {path.name!r}", "split": "train"}
+    assert origin == {"source": f"local dataset {path.name!r}", "split": None}  # one file: no splits to name
 
 
 def test_subset_is_the_libraries_seeded_shuffle():
