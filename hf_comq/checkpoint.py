@@ -292,6 +292,9 @@ def checkpoint_layer_names(model: nn.Module, checkpoint_files: Iterable[str]) ->
     into a task model by adding it, the new head left to initialise.  The ignore list and
     the packed tensors carry the checkpoint's names, so layers are matched under those.
     """
+    saved_as = getattr(getattr(model, "config", None), "architectures", None) or ()
+    if type(model).__name__ in saved_as:  # the checkpoint's own class: its names, legacy layouts (Llava's) included
+        return lambda name: name
     prefix = getattr(model, "base_model_prefix", "") or ""
     keys = _checkpoint_keys(checkpoint_files)
     if not prefix or not keys:
@@ -333,13 +336,22 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], sc
     in_checkpoint = checkpoint_layer_names(model, checkpoint_files)
     found, missing = {}, []
     for key, tensor in expected.items():
-        candidates = [saved_names.get(key), key, in_checkpoint(key)]
+        saved = saved_names.get(key)
+        candidates = [saved, key, in_checkpoint(key), in_checkpoint(saved) if saved else None]
         match = next((name for name in candidates if name in header), None)
         if match is None:
             missing.append(key)
             continue
         found[match] = key
         _compare_header(key, match, tensor, header[match], scheme)
+    saved_as = getattr(getattr(model, "config", None), "architectures", None) or ()
+    if missing and saved_as and type(model).__name__ not in saved_as:
+        layers = sorted({key.rsplit(".", 1)[0] for key in missing})
+        raise CheckpointError(
+            f"{type(model).__name__} has linear layers the checkpoint (saved from {saved_as[0]}) does not hold, "
+            f"e.g. {layers[:3]}: load it with {saved_as[0]} (the default), or dense with plain transformers, "
+            "which initialises the new layers"
+        )
     if missing and len(missing) < len(expected):
         raise CheckpointError(
             f"the checkpoint is missing {len(missing)} packed tensors, e.g. {missing[:5]}; it is incomplete, or its "
@@ -417,10 +429,14 @@ def _packed_header(checkpoint_files: Iterable[str]) -> dict[str, tuple[tuple[int
     return header
 
 
+_FLOAT_SCALE_DTYPES = ("F32", "BF16", "F16")  # compressed-tensors stores scales in the weight's dtype; loaded as float32
+
+
 def _compare_header(key: str, saved: str, tensor: torch.Tensor, entry: tuple, scheme: PackedScheme) -> None:
     shape, dtype = entry
     want_dtype = _SAFETENSORS_DTYPES[tensor.dtype]
-    if tuple(shape) != tuple(tensor.shape) or dtype != want_dtype:
+    dtype_fits = dtype in _FLOAT_SCALE_DTYPES if want_dtype == "F32" else dtype == want_dtype
+    if tuple(shape) != tuple(tensor.shape) or not dtype_fits:
         alias = "" if saved == key else f" (saved as {saved})"
         raise CheckpointError(
             f"checkpoint tensor {key}{alias} has shape {tuple(shape)} and dtype {dtype}, expected "

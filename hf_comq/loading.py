@@ -79,12 +79,33 @@ def load_quantized(
         _check_same_format(stored, quantization_config)
     config = AutoConfig.from_pretrained(str(path), **hub_kwargs)
     config.quantization_config = {**config.quantization_config, "quant_method": QUANT_METHOD}
+    kwargs = _apply_config_overrides(config, kwargs)
     cls = model_class or _model_class_for(config)
     want_info = kwargs.pop("output_loading_info", False)
     model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     _check_loading_info(info)
     check_quantized_model(model)
     return (model, info) if want_info else model
+
+
+# Loading options of from_pretrained that are also config attributes: from_pretrained handles them itself.
+_LOADING_OPTIONS = frozenset({"dtype", "torch_dtype", "attn_implementation", "experts_implementation", "device_map"})
+
+
+def _apply_config_overrides(config: PreTrainedConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Set the keyword arguments that name config attributes (``use_cache=False``,
+    ``output_hidden_states=True``) on ``config``; return the rest for ``from_pretrained``.
+
+    ``from_pretrained`` applies such overrides to the config it loads itself; given
+    ``config=``, as here, it would hand them to the model's ``__init__``, which rejects them.
+    """
+    rest = {}
+    for key, value in kwargs.items():
+        if key not in _LOADING_OPTIONS and key not in _HUB_KWARGS and hasattr(config, key):
+            setattr(config, key, value)
+        else:
+            rest[key] = value
+    return rest
 
 
 def check_quantized_model(model: PreTrainedModel) -> None:

@@ -26,6 +26,7 @@ from hf_comq.checkpoint import verify_quantized_model
 from hf_comq.loading import check_quantized_model, load_quantized
 from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import get_linear_weight
+from hf_comq.solver import ROUND_TO_NEAREST
 from tests.tiny import first_output, model_inputs, quantize_tiny, tiny_model
 
 
@@ -291,6 +292,63 @@ def test_load_quantized_moves_a_checkpoint_between_the_task_model_and_its_bare_m
     assert torch.equal(run(reloaded), run(task))
 
 
+def _compressed_tensors_checkpoint(source: str, target, dtype: torch.dtype) -> None:
+    """A W4 group-32 pack-quantized checkpoint made by compressed-tensors' own API (as llm-compressor
+    makes one), min-max scales, stored in the model's dtype."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus, apply_quantization_config,
+    )  # fmt: skip
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    model = T.LlamaForCausalLM.from_pretrained(source, dtype=dtype)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}, ignore=["lm_head"], format="pack-quantized"))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            grouped = module.weight.detach().float().view(module.weight.shape[0], -1, 16)
+            scale, zero_point = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+            module.weight_scale.data.copy_(scale)
+            module.weight_zero_point.data.copy_(zero_point)
+            module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(target)
+    compressor.update_config(target)
+
+
+def test_another_producers_checkpoint_with_bfloat16_scales_loads_as_plain_transformers_does(fp_checkpoints, tmp_path):
+    """compressed-tensors writes scales in the model's dtype: a bf16 LLM's checkpoint has bf16 scales."""
+    _compressed_tensors_checkpoint(fp_checkpoints["llama"], tmp_path / "ct", torch.bfloat16)
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as handle:
+        assert handle.get_slice("model.layers.0.mlp.up_proj.weight_scale").get_dtype() == "BF16"
+    packed = load_quantized(tmp_path / "ct", dtype=torch.float32)
+    assert packed.model.layers[0].mlp.up_proj.weight_scale.dtype == torch.float32
+    dense = T.LlamaForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    torch.testing.assert_close(run(packed), run(dense), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_saved_in_a_legacy_layout_with_layers_kept_in_float_loads_back(tmp_path):
+    """Llava saves its keys in the older layout (``vision_tower.``, ``language_model.model.``) and keeps
+    its vision tower in float when calibrated on text; the ignore list names the loaded model's layers."""
+    torch.manual_seed(0)
+    vision = T.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64)  # fmt: skip
+    text = T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=64, pad_token_id=0)  # fmt: skip
+    T.LlavaForConditionalGeneration(T.LlavaConfig(vision_config=vision, text_config=text, image_token_id=63)).save_pretrained(
+        tmp_path / "fp"
+    )
+    ids = torch.randint(0, 60, (4, 6))
+    config = COMQConfig(bits=8, dataset=[{"input_ids": row[None]} for row in ids], num_samples=4, **ROUND_TO_NEAREST)
+    model = T.LlavaForConditionalGeneration.from_pretrained(tmp_path / "fp", quantization_config=config)
+    assert not any(isinstance(module, COMQLinear) for module in model.model.vision_tower.modules())
+    model.save_pretrained(tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_a_model_loaded_from_the_working_folder_records_its_name_and_loads_back(fp_checkpoints, tmp_path, monkeypatch):
     monkeypatch.chdir(fp_checkpoints["llama"])
     model = quantize_tiny(".", T.LlamaForCausalLM)
@@ -298,6 +356,21 @@ def test_a_model_loaded_from_the_working_folder_records_its_name_and_loads_back(
     stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["comq"]
     assert stored["base_model_folder"] == "llama"
     assert torch.equal(run(load_quantized(tmp_path / "q")), run(model))
+
+
+def test_load_quantized_names_the_layers_a_new_head_adds(fp_checkpoints, tmp_path):
+    """A class with a head the checkpoint never had: the packed loader has nothing to fill it with,
+    and says so instead of calling the checkpoint incomplete."""
+    quantize_tiny(fp_checkpoints["llama"], T.LlamaForCausalLM).save_pretrained(tmp_path / "lm")
+    with pytest.raises(CheckpointError, match=r"LlamaForSequenceClassification has linear layers the checkpoint "
+                       r"\(saved from LlamaForCausalLM\) does not hold, e.g. \['score'\]: load it with LlamaForCausalLM"):
+        load_quantized(tmp_path / "lm", model_class=T.LlamaForSequenceClassification)
+
+
+def test_load_quantized_applies_config_overrides_as_from_pretrained_does(vit_quantized):
+    loaded = load_quantized(vit_quantized[0], output_hidden_states=True, dtype=torch.float32)
+    assert loaded.config.output_hidden_states is True
+    assert len(loaded(**model_inputs(loaded)).hidden_states) == loaded.config.num_hidden_layers + 1
 
 
 def test_load_quantized_rejects_a_mismatching_config(vit_quantized):
