@@ -35,6 +35,8 @@ materialises the weight for a few tokens, with an exact torch fallback) for laye
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,6 +184,18 @@ class COMQLinear(nn.Module):
     @property
     def n_groups(self) -> int:
         return group_count(self.in_features, self.group_size)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> COMQLinear:
+        """Moves follow the model; casts leave the scales float32 (``model.to(torch.bfloat16)``).
+
+        A scale rounded to bf16 would move every weight of its group for good (a cast back
+        cannot restore it), and a checkpoint saved after would carry the rounded scales.
+        """
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != scale.dtype:
+            self._buffers["weight_scale"] = scale.to(self.weight_scale.device)
+        return self
 
     @classmethod
     def empty_like(

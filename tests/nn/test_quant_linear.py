@@ -152,3 +152,16 @@ def test_zero_points_must_be_codes():
     qweight.zero_point = torch.full_like(zero, 16.0)
     with pytest.raises(ValueError, match=r"\[0, 15\]"):
         COMQLinear.from_quantized(module, qweight)
+
+
+def test_casting_a_model_leaves_the_scales_float32_and_unrounded():
+    """``model.to(torch.bfloat16)`` casts the bias with the model; a scale rounded to bf16 would move every
+    weight of its group for good, and be saved so."""
+    source = linear()
+    layer = COMQLinear.from_quantized(source, quantize(source))
+    scale = layer.weight_scale.clone()
+    model = nn.Sequential(layer).to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16 and layer.weight_scale.dtype == torch.float32
+    model.to(torch.float32)
+    assert torch.equal(layer.weight_scale, scale) and layer.bias.dtype == torch.float32
+    assert list(layer.state_dict())[1:3] == ["weight_packed", "weight_scale"]  # the buffers keep their order
