@@ -22,6 +22,8 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,8 +45,9 @@ HEADERS = (
 OPS_NAMESPACE = "hf_comq_cpu"
 BUILD_NOTICE = (
     "hf_comq: building its CPU kernel, once for these sources and this torch (usually under a minute); "
-    "later runs load it from %s"
+    "once built, later runs load it from %s"
 )
+TORCH_BUILD_LOCK = "lock"  # the file torch's extension builder waits on, without a timeout, while it exists
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -140,6 +143,46 @@ def _build_and_load():
     missing = missing_toolchain()
     if missing is not None:
         return None, f"torch fallback: compiled CPU kernel unavailable, {missing}"
+    with _one_build_at_a_time(build_dir):
+        ops = load_cached_library(build_dir / f"{name}.so")  # built by another process while this one waited
+        if ops is not None:
+            seconds = time.perf_counter() - start
+            return ops, f"compiled CPU kernel ({ops.isa()}): {name}, loaded in {seconds:.1f} s from {build_dir}"
+        return _build(name, build_dir, start)
+
+
+@contextmanager
+def _one_build_at_a_time(build_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the build folder while building.
+
+    torch marks a build in progress with a lock file and makes every other process wait
+    for it to go, without a timeout; a build killed half-way (``kill -9``, out of memory,
+    a reboot) leaves it behind and every later run would wait forever.  The ``flock`` is
+    released by the system when its holder dies, so whoever holds it knows that a lock
+    file still there is left over from a dead build, and removes it.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file only
+        yield
+        return
+    with open(build_dir / "hf_comq.build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            left_over = build_dir / TORCH_BUILD_LOCK
+            if left_over.exists():
+                logger.warning("hf_comq: removing %s, left by a kernel build that was stopped half-way", left_over)
+                left_over.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(name: str, build_dir: Path, start: float):
+    """Compile and load the extension: ``(ops, one-line reason)``, never raising."""
+    from torch.utils import cpp_extension
+
     # The first run pauses here (before calibration, or at a first packed forward): say why, once.
     logger.warning(BUILD_NOTICE, build_dir)
     try:
@@ -156,10 +199,22 @@ def _build_and_load():
         ops = getattr(torch.ops, OPS_NAMESPACE)
         isa = ops.isa()
     except Exception as error:  # a failed build must never break the caller: fall back
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return None, f"torch fallback: building the compiled CPU kernel failed ({type(error).__name__}: {first_line})"
+        cause = build_error_line(str(error)) or type(error).__name__
+        return None, f"torch fallback: building the compiled CPU kernel failed ({type(error).__name__}: {cause})"
     seconds = time.perf_counter() - start
     return ops, f"compiled CPU kernel ({isa}): {name}, built in {seconds:.1f} s, cached in {build_dir}"
+
+
+def build_error_line(message: str) -> str:
+    """The line of a failed build's output that says why: the compiler's first ``error:`` line.
+
+    torch's message starts with ninja's compile command, hundreds of characters that name
+    no cause; the compiler's own line (a missing header, a bad flag) says what to install.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    line = errors[0] if errors else (lines[0] if lines else "")
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def load_cached_library(library: Path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hf_comq.kernels import DISABLE_ENV_VAR, active_path
-from hf_comq.kernels.build import load_kernel, missing_toolchain
+from hf_comq.kernels.build import TORCH_BUILD_LOCK, build_error_line, extension_name, load_kernel, missing_toolchain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,3 +104,28 @@ def test_build_ahead_builds_only_where_the_kernel_is_enabled(tmp_path):
         announced = "hf_comq: building its CPU kernel" in result.stderr
         failed = "building the compiled CPU kernel failed" in result.stderr
         assert (announced, failed) == ((False, False) if disabled else (True, True)), result.stderr
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_instead_of_waited_on(tmp_path):
+    """torch waits without a timeout while its lock file exists; a build killed half-way leaves it."""
+    build_dir = tmp_path / "extensions" / extension_name()
+    build_dir.mkdir(parents=True)
+    (build_dir / TORCH_BUILD_LOCK).touch()
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text("#!/bin/sh\nexit 1\n")
+    compiler.chmod(0o755)
+    script = "from hf_comq.kernels import active_path; print('PATH:', active_path())"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "CXX": str(compiler)}
+    env.pop(DISABLE_ENV_VAR, None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "left by a kernel build that was stopped half-way" in result.stderr, result.stderr
+    assert "PATH: torch fallback: building the compiled CPU kernel failed" in result.stdout
+
+
+def test_a_failed_build_is_explained_by_the_compilers_error_line():
+    message = (
+        "Error building extension 'hf_comq_cpu_x': [1/3] c++ -MMD -MF kernels.o.d -DTORCH_EXTENSION_NAME=x -O3 -c kernels.cpp\n"
+        "FAILED: kernels.o\n<command-line>: fatal error: Python.h: No such file or directory\ncompilation terminated.\n"
+    )
+    assert build_error_line(message) == "<command-line>: fatal error: Python.h: No such file or directory"
+    assert build_error_line("ninja: not found") == "ninja: not found"
