@@ -135,10 +135,15 @@ def read_packed_scheme(stored: Mapping[str, Any]) -> PackedScheme:
     targets = list(group.get("targets") or [])
     if group.get("input_activations") or group.get("output_activations"):
         raise CheckpointError("the checkpoint quantizes activations; hf_comq loads weight-only checkpoints")
-    if weights.get("type") != "int" or targets not in ([LINEAR], [CONV1D]):
+    if weights.get("type") != "int":
         raise CheckpointError(
-            f"the checkpoint quantizes {targets} to {weights.get('type')!r} weights; hf_comq loads integer "
-            "weights of Linear or Conv1D layers"
+            f"the checkpoint quantizes weights to {weights.get('type')!r} values; hf_comq loads integer weights"
+        )
+    if targets not in ([LINEAR], [CONV1D]):
+        raise CheckpointError(
+            f"the checkpoint's scheme targets {targets}; hf_comq loads schemes that target every layer of one "
+            f"class, ['{LINEAR}'] or ['{CONV1D}'] (layers left out go in the ignore list): load it dense with "
+            "plain transformers"
         )
     if weights.get("actorder") not in (None, "static"):
         raise CheckpointError(

@@ -47,6 +47,12 @@ def _with_weights(**changes) -> dict:
     return written
 
 
+def _with_targets(targets: list[str]) -> dict:
+    written = quantization_config_dict(SCHEMES[0])
+    written["config_groups"]["group_0"]["targets"] = targets
+    return written
+
+
 @pytest.mark.parametrize(
     ("stored", "message"),
     [
@@ -59,8 +65,12 @@ def _with_weights(**changes) -> dict:
             {**quantization_config_dict(SCHEMES[0]), "config_groups": {}},
             "declares 0 quantization schemes",
         ),
+        (
+            _with_targets([r"re:.*self_attn\.(q|k|v)_proj$"]),
+            r"scheme targets \['re:.*'\]; hf_comq loads schemes that target every layer of one class",
+        ),
     ],
-    ids=["other-method", "other-format", "float", "tensor-strategy", "actorder", "no-scheme"],
+    ids=["other-method", "other-format", "float", "tensor-strategy", "actorder", "no-scheme", "regex-targets"],
 )
 def test_checkpoints_hf_comq_cannot_hold_are_named(stored, message):
     with pytest.raises(CheckpointError, match=message):
