@@ -72,9 +72,10 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
@@ -382,6 +383,7 @@ class _ModelInputs:
 
     def __init__(self, model: nn.Module, data: CalibrationData, placement: Placement):
         self.data = data
+        self.model = model
         self.placement = placement
         self.dtype = _floating_dtype(model)
         self.forward_kwargs = _forward_kwargs(model)
@@ -391,6 +393,7 @@ class _ModelInputs:
         device = self.placement.input_device
         for batch in self.data:
             inputs = {name: _as_input(value, device, self.dtype) for name, value in batch.items()}
+            _check_decoder_inputs(self.model, inputs)
             if self.decoder_inputs is not None and "input_ids" in inputs and "decoder_input_ids" not in inputs:
                 inputs["decoder_input_ids"] = self.decoder_inputs(labels=inputs["input_ids"])
             yield inputs, token_mask(batch, self.placement.compute)
@@ -1399,16 +1402,45 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def _decoder_inputs_maker(model: nn.Module) -> Callable[..., torch.Tensor] | None:
-    """An encoder-decoder model's ``prepare_decoder_input_ids_from_labels``, to run its decoder on the calibration text.
+    """What makes an encoder-decoder model's decoder inputs from the calibration text: its own
+    ``prepare_decoder_input_ids_from_labels``, else a shift right by ``decoder_start_token_id``.
 
     Some such models make the decoder's inputs from ``input_ids`` themselves (BART);
-    others (T5) stop without them.  The decoder is calibrated on the same text as
-    the encoder, shifted right as in training, so its tokens line up with the batch's
-    real-token mask.
+    others (T5, M2M100, the bare ``T5Model``) stop without them.  The decoder is calibrated
+    on the same text as the encoder, shifted right as in training, so its tokens line up
+    with the batch's real-token mask.
     """
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
         return None
-    return getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        return prepare
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        return None
+    pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else start
+    return functools.partial(_shifted_right, start=start, pad=pad)
+
+
+def _shifted_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
+    """Decoder inputs for target ``labels``: the start token, then each label but the last (-100 as padding)."""
+    shifted = torch.full_like(labels, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill_(shifted == -100, pad)
+
+
+def _check_decoder_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+    """An encoder-decoder model given no text to make decoder inputs from (Whisper's audio features alone)."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or "input_ids" in inputs:
+        return
+    if {"decoder_input_ids", "decoder_inputs_embeds"} & set(inputs):
+        return
+    if "decoder_input_ids" in inspect.signature(model.forward).parameters:
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model and the calibration inputs hold no text to run its "
+            "decoder on: pass dicts that also hold decoder_input_ids (e.g. the tokenized transcripts or targets)"
+        )
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype | None:

@@ -124,6 +124,30 @@ def test_a_list_of_per_scale_modules_found_as_blocks_is_calibrated_layer_by_laye
     assert _relative(_first_output(model, inputs), reference) < 0.02
 
 
+def test_an_encoder_decoder_without_its_own_decoder_input_maker_runs_its_decoder_on_the_text_shifted_right():
+    """M2M100 (like the bare T5Model) has no prepare_decoder_input_ids_from_labels and stopped inside its
+    forward; its decoder now sees the calibration text shifted right by decoder_start_token_id."""
+    torch.manual_seed(0)
+    config = T.M2M100Config(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                            pad_token_id=1, decoder_start_token_id=2, eos_token_id=2, bos_token_id=0)  # fmt: skip
+    model = T.M2M100ForConditionalGeneration(config).eval()
+    ids = torch.randint(3, 64, (4, 9))
+    summary = quantize_model(model, COMQConfig(bits=8, dataset=[{"input_ids": row[None]} for row in ids], num_samples=4))
+    assert summary["layers_skipped"] == {}
+    assert isinstance(model.model.decoder.layers[0].fc1, COMQLinear)
+
+
+def test_an_encoder_decoder_given_no_text_for_its_decoder_is_told_to_pass_decoder_input_ids():
+    config = T.WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                             max_source_positions=16, max_target_positions=16, decoder_start_token_id=1, pad_token_id=0)  # fmt: skip
+    model = T.WhisperForConditionalGeneration(config).eval()
+    features = [{"input_features": torch.randn(1, 8, 32)} for _ in range(2)]
+    with pytest.raises(ValueError, match="no text to run its decoder on: pass dicts that also hold decoder_input_ids"):
+        quantize_model(model, COMQConfig(bits=8, dataset=features, num_samples=2))
+
+
 @pytest.mark.parametrize("kind", ["vit", "vit_model", "deit", "dinov2", "swin", "bert", "gpt2", "llama"])
 def test_quantizes_every_architecture_close_to_full_precision_at_8_bits(kind):
     model = tiny_model(kind)
