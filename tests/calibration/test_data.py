@@ -439,6 +439,21 @@ def test_text_for_a_model_of_neither_images_nor_text_asks_for_ready_inputs():
         build_calibration_data(audio, _config(sentences(2)))
 
 
+def test_text_for_a_model_whose_forward_also_requires_images_asks_for_both():
+    import transformers as T
+
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    qformer = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32,
+                   vocab_size=64)  # fmt: skip
+    text = T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+                       word_embed_proj_dim=32, pad_token_id=0).to_dict()  # fmt: skip
+    blip2 = T.Blip2ForConditionalGeneration(T.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
+                                                          num_query_tokens=4, image_token_index=63))  # fmt: skip
+    with pytest.raises(ValueError, match=r"Blip2ForConditionalGeneration.forward needs pixel_values as well; pass ready "
+                                         r"inputs: dicts of input_ids and pixel_values"):  # fmt: skip
+        build_calibration_data(blip2, _config(sentences(2), processor=word_tokenizer()))
+
+
 def test_data_of_one_kind_for_a_model_that_needs_text_and_images_is_one_line():
     import transformers as T
 
