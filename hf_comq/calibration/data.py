@@ -246,6 +246,7 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
     if all(isinstance(item, Image.Image) for item in items):
         kind, column = "images", "image"
     elif all(isinstance(item, np.ndarray) for item in items):
+        _check_reads_images_or_text(model)
         items, kind, column = [_image_from_array(item) for item in items], "images", "image"
     elif all(isinstance(item, str) for item in items):
         kind, column = "text", "text"
@@ -266,7 +267,23 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
 # ---------------------------------------------------------------------------
 
 
+def _check_reads_images_or_text(model: nn.Module) -> None:
+    """One line for an audio (or other) model given data that hf_comq would have to turn into its
+    inputs: it does so for images and text only, and its column and image-array messages would
+    send the user on a wrong track."""
+    main = getattr(model, "main_input_name", None)
+    if main in (None, *INPUT_OF_KIND.values()):
+        return
+    raise ValueError(
+        f"{type(model).__name__} takes {main}, and hf_comq turns only images and text into model inputs: pass ready "
+        "inputs, a list of dicts of the tensors its processor makes (e.g. dict(feature_extractor(waveform, "
+        "sampling_rate=16000, return_tensors='pt')))"
+    )
+
+
 def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[str, Any]) -> CalibrationData:
+    if TOKEN_COLUMNS[0] not in column_names(dataset):
+        _check_reads_images_or_text(model)
     column = pick_column(dataset, config.dataset_column)
     if column == TOKEN_COLUMNS[0]:
         return _from_token_rows(model, config, dataset, origin)

@@ -435,8 +435,15 @@ def test_text_for_a_model_of_neither_images_nor_text_asks_for_ready_inputs():
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
         conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2,
     ))  # fmt: skip
-    with pytest.raises(ValueError, match=r"Wav2Vec2Model.forward takes no input_ids; pass ready model inputs"):
+    expected = r"Wav2Vec2Model takes input_values, and hf_comq turns only images and text into model inputs: pass ready"
+    with pytest.raises(ValueError, match=expected):
         build_calibration_data(audio, _config(sentences(2)))
+    waveforms = [np.zeros(1600, dtype=np.float32)] * 2  # not image arrays: the same line, not uint8 image advice
+    with pytest.raises(ValueError, match=expected):
+        build_calibration_data(audio, _config(waveforms))
+    rows = datasets.Dataset.from_dict({"audio": [{"array": [0.0] * 1600, "sampling_rate": 16000}] * 2})
+    with pytest.raises(ValueError, match=expected):  # before the column lookup, which would ask for dataset_column
+        build_calibration_data(audio, _config(rows))
 
 
 def test_text_for_a_model_whose_forward_also_requires_images_asks_for_both():
