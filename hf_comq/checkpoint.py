@@ -471,6 +471,7 @@ def runtime_support(
     *,
     batched_experts: bool = False,
     quantized_experts: bool = False,
+    weight_buffers: bool = False,
 ) -> list[tuple[str, str]]:
     """``(runtime, what it does with this checkpoint)`` rows for the model card and the README.
 
@@ -480,7 +481,9 @@ def runtime_support(
     full precision, which plain transformers' compressed-tensors loader does not load.
     ``quantized_experts``: one whose experts are packed per expert, which it loads only
     on a symmetric grid: its loader of packed experts drops the zero points
-    (tests/test_plain_transformers.py).
+    (tests/test_plain_transformers.py).  ``weight_buffers``: a model with buffers named
+    ``weight`` (:func:`hf_comq.modules.modules_with_weight_buffers`, e.g. DETR's frozen batch norms),
+    which that loader's dequantizing converter takes for packed weights and fails on.
     """
     if batched_experts:
         plain = f"{DOES_NOT_LOAD}: its compressed-tensors loader breaks the mixture-of-experts weight converters"
@@ -488,6 +491,11 @@ def runtime_support(
         plain = (
             f"{DOES_NOT_LOAD}: its loader of packed mixture-of-experts layers drops the zero points "
             "(quantize with `symmetric=True`, `hf-comq quantize --symmetric`, for a checkpoint it loads)"
+        )
+    elif weight_buffers:
+        plain = (
+            f"{DOES_NOT_LOAD}: its compressed-tensors loader dequantizes every `weight` it reads, buffers "
+            "too (frozen batch norms), and fails on them"
         )
     elif model_class and model_class.startswith(CONVERTER_CLASH_CLASSES):
         plain = (

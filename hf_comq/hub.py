@@ -39,7 +39,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import DISTRIBUTION
 from .checkpoint import DOES_NOT_LOAD, runtime_support
-from .modules import expert_layers, expert_parameter_share
+from .modules import expert_layers, expert_parameter_share, modules_with_weight_buffers
 from .solver.options import (
     aims_at_full_precision_by_default,
     default_damp,
@@ -294,6 +294,7 @@ def render_model_card(
     eval_results: list[EvalResult] | None = None,
     expert_share: float = 0.0,
     quantized_experts: bool = False,
+    weight_buffers: bool = False,
 ) -> ModelCard:
     """The COMQ model card for a quantized model's ``COMQConfig``.
 
@@ -312,6 +313,8 @@ def render_model_card(
             stay in full precision (:func:`hf_comq.modules.batched_expert_weights`).
         quantized_experts: whether the model's experts were quantized (one packed layer per
             expert projection, :class:`hf_comq.nn.UnfusedExperts`).
+        weight_buffers: whether the model holds buffers named ``weight`` (see
+            :func:`hf_comq.checkpoint.runtime_support`).
     """
     if base_model is None:  # what quantization recorded: a Hub id, or a local folder's name
         hub_base, folder = config.base_model, config.base_model_folder
@@ -328,8 +331,9 @@ def render_model_card(
         name = model_class
         base_model_md = "its base model"
     runtimes = runtime_support(
-        config.packed_scheme(), model_class, batched_experts=expert_share > 0, quantized_experts=quantized_experts
-    )
+        config.packed_scheme(), model_class, batched_experts=expert_share > 0, quantized_experts=quantized_experts,
+        weight_buffers=weight_buffers,
+    )  # fmt: skip
     baseline = start_only_method(config.init, config.iterations)
     title = f"{name} — {baseline[0] if baseline else 'COMQ'} {config.bits}-bit"
     card_data = ModelCardData(
@@ -400,6 +404,7 @@ def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | N
         eval_results=settings.eval_results,
         expert_share=expert_parameter_share(model),
         quantized_experts=bool(expert_layers(model)),
+        weight_buffers=bool(modules_with_weight_buffers(model)),
     )
 
 

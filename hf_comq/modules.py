@@ -41,6 +41,7 @@ HEAD_NAMES = frozenset(
         "pre_classifier",
         "seq_relationship",
         "projection",
+        "projector",
         "visual_projection",
         "text_projection",
         "vision_projection",
@@ -62,18 +63,21 @@ def is_under(name: str, module: str) -> bool:
 def default_modules_to_not_convert(model: nn.Module) -> list[str]:
     """Names of the model's head modules, which stay in full precision by default.
 
-    The list has: modules whose name has a head component (``classifier``,
-    ``lm_head``, ``pooler``, ``*_head``, ``*_classifier``, projection heads), the
-    output embedding layer, and linear layers whose weight is tied to another weight
+    The list has: the modules a task class adds around its base model (XLNet's
+    ``sequence_summary``, DETR's ``bbox_predictor``, an audio classifier's
+    ``projector``), modules whose name has a head component (``classifier``, ``lm_head``,
+    ``pooler``, ``*_head``, ``*_classifier``, projection heads) before any list index
+    (inside a list of blocks, Funnel's ``q_head`` is a layer of the body), the output
+    embedding layer, and linear layers whose weight is tied to another weight
     (quantizing one side would silently untie it).  Only heads that contain a linear
     layer are listed; non-linear modules need no entry:
     :func:`find_quantizable_linears` only ever returns ``nn.Linear`` / ``Conv1D``.
     """
     skipped: set[str] = set()
     for name, module in model.named_modules():
-        if name and is_linear_like(module) and any(_is_head_component(part) for part in name.split(".")):
+        if name and is_linear_like(module) and any(_is_head_component(part) for part in _outside_block_lists(name)):
             skipped.add(_outermost_head(name))
-    skipped.update(_output_embedding_names(model) | _tied_linear_names(model))
+    skipped.update(_around_the_base_model(model) | _output_embedding_names(model) | _tied_linear_names(model))
     # Drop entries already covered by a broader one (``cls.predictions.decoder`` under ``cls``).
     return sorted(name for name in skipped if not any(other != name and is_under(name, other) for other in skipped))
 
@@ -260,6 +264,12 @@ def _expert_names_to_match(module_name: str, model: nn.Module, names: tuple[str,
     return [module_name] + [f"{module_name}.{index}.{name}" for index in range(experts) for name in names]
 
 
+def modules_with_weight_buffers(model: nn.Module) -> list[str]:
+    """Modules holding a buffer (not a parameter) named ``weight``, e.g. DETR's frozen batch norms:
+    plain transformers' compressed-tensors loader fails on them (:func:`hf_comq.checkpoint.runtime_support`)."""
+    return [name for name, module in model.named_modules() if "weight" in module._buffers]
+
+
 def expert_parameter_share(model: nn.Module, experts: Mapping[str, int] | None = None) -> float:
     """The share of ``model``'s parameters in batched expert tensors, 0 without any.
 
@@ -267,6 +277,27 @@ def expert_parameter_share(model: nn.Module, experts: Mapping[str, int] | None =
     """
     elements = sum((batched_expert_weights(model) if experts is None else experts).values())
     return elements / max(sum(param.numel() for param in model.parameters()), 1) if elements else 0.0
+
+
+def _outside_block_lists(name: str) -> list[str]:
+    """The components of ``name`` before its first list index: where a head can be named."""
+    parts = name.split(".")
+    index = next((position for position, part in enumerate(parts) if part.isdigit()), len(parts))
+    return parts[:index]
+
+
+def _around_the_base_model(model: nn.Module) -> set[str]:
+    """The top-level modules of a task model besides its base model (``model.base_model``) that
+    hold a linear layer: the task head, whatever its name."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) or base is model:
+        return set()
+    return {
+        name
+        for name, child in model.named_children()
+        if name != prefix and any(is_linear_like(module) for module in child.modules())
+    }
 
 
 def _is_head_component(part: str) -> bool:

@@ -104,3 +104,7 @@ def test_runtime_support_names_every_runtime_and_what_is_unverified():
     assert "Humming" in symmetric_experts["vLLM"]  # W3: no Marlin or Triton kernel for 3-bit experts
     dinov2 = dict(runtime_support(SCHEMES[0], "Dinov2Model"))
     assert "does not load" in dinov2["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    detr = dict(runtime_support(SCHEMES[0], "DetrForObjectDetection", weight_buffers=True))
+    assert "does not load it: its compressed-tensors loader dequantizes every `weight`" in detr[
+        "transformers + `compressed-tensors>=0.18`, no hf_comq"
+    ]

@@ -17,6 +17,7 @@ from hf_comq.modules import (
     find_quantizable_linears,
     matches,
     modules_kept_in_full_precision,
+    modules_with_weight_buffers,
     unfuse_batched_experts,
 )
 from hf_comq.nn import UnfusedExperts, computes_linear_map, has_own_forward
@@ -48,6 +49,21 @@ VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermedi
             ),
             ["lm_head"],
             8,
+        ),
+        (  # a task head named neither classifier nor *_head: what the task class adds around its base model
+            lambda: T.XLNetForSequenceClassification(
+                T.XLNetConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, d_inner=64, num_labels=3)
+            ),
+            ["logits_proj", "sequence_summary"],
+            4,
+        ),
+        (  # q_head / k_head / v_head inside its blocks are attention layers of the body, not heads
+            lambda: T.FunnelModel(
+                T.FunnelConfig(vocab_size=64, d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1],
+                               num_decoder_layers=1)  # fmt: skip
+            ),
+            [],
+            18,
         ),
     ],
 )
@@ -172,3 +188,15 @@ def test_a_modules_to_not_convert_entry_may_name_batched_experts():
     # A suffix of the experts module, as transformers reads an entry for the model as loaded.
     assert not any("experts" in name for name in find_quantizable_linears(model, ["experts"]))
     assert unfuse_batched_experts(model, ["experts"]) == [] and len(batched_expert_weights(model)) == 2 * 2
+
+
+def test_buffers_named_weight_are_found():
+    """DETR's backbone freezes its batch norms as buffers: plain transformers' compressed-tensors loader
+    fails on such a checkpoint, and the model card must say so."""
+    config = T.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, d_model=32, encoder_layers=1,
+                          decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, num_queries=5, backbone_config=T.ResNetConfig(
+                              embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage2"]))  # fmt: skip
+    found = modules_with_weight_buffers(T.DetrForObjectDetection(config))
+    assert found and all("backbone" in name for name in found)
+    assert modules_with_weight_buffers(tiny_model("llama")) == []

@@ -86,6 +86,14 @@ _BUILDERS = {
             bos_token_id=0, eos_token_id=0, pad_token_id=None,
         )
     ),
+    # Frozen batch norms in its backbone: buffers named weight, which plain transformers' loader cannot take.
+    "detr": lambda: T.DetrForObjectDetection(
+        T.DetrConfig(
+            use_timm_backbone=False, use_pretrained_backbone=False, d_model=32, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5,
+            backbone_config=T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage2"]),
+        )
+    ),
 }
 ARCHITECTURES = tuple(_BUILDERS)
 

@@ -104,24 +104,45 @@ def _fp_hessians(model: nn.Module, names: list[str], inputs: dict[str, torch.Ten
 # ---------------------------------------------------------------- every architecture
 
 
+class _Projection(nn.Module):
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, 4)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(features))
+
+
+class _PerScaleProjections(nn.Module):
+    """A segmentation head's or a depth neck's shape: a ModuleList of one projection per feature map."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.projections = nn.ModuleList([_Projection(8), _Projection(16)])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.stem(pixel_values)
+        return self.projections[0](features) + self.projections[1](torch.cat([features, features], -1))
+
+
 def test_a_list_of_per_scale_modules_found_as_blocks_is_calibrated_layer_by_layer(caplog):
-    """DPT's neck keeps one projection per feature map in a ModuleList: found as blocks, but each member
-    takes its own input.  Run back to back they failed on a shape mismatch (or would have fed each the
-    wrong input); their layers are calibrated one by one, on their real inputs."""
+    """Found as blocks, but each member takes its own input: run back to back they failed on a shape
+    mismatch (or would have fed each the wrong input); their layers are calibrated one by one."""
     torch.manual_seed(0)
-    config = T.DPTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                         intermediate_size=64, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
-                         fusion_hidden_size=16, head_hidden_size=8)  # fmt: skip
-    model = T.DPTForDepthEstimation(config).eval()
-    assert "neck.reassemble_stage.readout_projects" in [group.name for group in find_block_groups(model)]
-    inputs = _inputs("vit", 4, seed=1)
-    reference = _first_output(model, inputs)
+    model = _PerScaleProjections().eval()
+    assert [group.name for group in find_block_groups(model)] == ["projections"]
+    pixels = torch.randn(16, 1, 5, 8)
+    with torch.no_grad():
+        reference = model(pixels)
     with caplog.at_level(logging.INFO, logger="hf_comq"):
-        summary = quantize_model(model, _config("vit", bits=8))
-    assert "neck.reassemble_stage.readout_projects is not a list of blocks run back to back" in caplog.text
-    assert isinstance(model.neck.reassemble_stage.readout_projects[1][0], COMQLinear)
-    assert summary["layers_skipped"] == {}
-    assert _relative(_first_output(model, inputs), reference) < 0.02
+        summary = quantize_model(model, COMQConfig(bits=8, dataset=pixels, num_samples=16))
+    assert "projections is not a list of blocks run back to back" in caplog.text
+    assert isinstance(model.projections[1].fc, COMQLinear) and summary["layers_skipped"] == {}
+    with torch.no_grad():
+        assert _relative(model(pixels), reference) < 0.02
 
 
 def test_an_encoder_decoder_without_its_own_decoder_input_maker_runs_its_decoder_on_the_text_shifted_right():
