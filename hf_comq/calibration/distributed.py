@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -128,18 +129,31 @@ def is_saving_rank(is_main_process: bool = True) -> bool:
 
 
 def agree_on(group: Group, settings: str, what: str = "calibration settings") -> None:
-    """Fail on every rank unless all ranks pass the same ``settings`` (a canonical string)."""
+    """Fail on every rank unless all ranks pass the same ``settings`` (a canonical string; a JSON
+    object's differing top-level keys are named in the message)."""
     if not group.is_parallel:
         return
-    digest = hashlib.sha256(settings.encode("utf-8")).hexdigest()
-    digests: list[Any] = [None] * group.size
-    _collective(group, "compare the ranks' settings", torch.distributed.all_gather_object, digests, digest)
-    differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
+    everyone: list[Any] = [None] * group.size
+    _collective(group, "compare the ranks' settings", torch.distributed.all_gather_object, everyone, settings)
+    differing = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
     if differing:
+        keys = _differing_keys(everyone[0], everyone[differing[0]])
+        named = f" in {', '.join(keys)}" if keys else ""
         raise CalibrationGroupError(
-            f"rank {group.rank}: the ranks were started with different {what} (ranks {differing} differ from rank 0); "
-            "start every rank with the same model, COMQConfig and calibration data"
+            f"rank {group.rank}: the ranks were started with different {what} (ranks {differing} differ from rank 0"
+            f"{named}); start every rank with the same model, COMQConfig and calibration data"
         )
+
+
+def _differing_keys(first: str, second: str) -> list[str]:
+    """The top-level keys whose values differ between two JSON objects (none when either is not one)."""
+    try:
+        mine, theirs = json.loads(first), json.loads(second)
+    except ValueError:
+        return []
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return []
+    return sorted(key for key in mine.keys() | theirs.keys() if mine.get(key) != theirs.get(key))
 
 
 def first_failure(group: Group, message: str | None) -> tuple[int, str] | None:

@@ -199,12 +199,12 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
         raise ValueError(
             f"{type(model).__name__} has no quantizable layers (nn.Linear / Conv1D outside modules_to_not_convert)"
         )
-    check_finite_weights(layers, placement.compute, release_pages=placement.dispatched)
+    weights = check_finite_weights(layers, placement.compute, release_pages=placement.dispatched)
     expert_parameters = _warn_about_expert_weights(model)
     data = build_calibration_data(model, config)
     group = current_group()
     settings = _Settings.from_config(config, solver)
-    agree_on(group, _fingerprint(model, layers, settings, config, data, with_first_batch=group.is_parallel))
+    agree_on(group, _fingerprint(model, layers, settings, config, data, parallel=group.is_parallel, weights=weights))
     inputs = _ModelInputs(model, data.shard(group.rank, group.size), placement)
     groups = find_block_groups(model, getattr(config, "block_name", None))
     calibrator = _Calibrator(model, settings, inputs, group, list(layers), groups)
@@ -312,19 +312,27 @@ def _warn_about_expert_weights(model: nn.Module) -> int:
     return sum(experts.values())
 
 
-def check_finite_weights(layers: dict[str, nn.Module], device: torch.device, *, release_pages: bool = False) -> None:
-    """Raise for the first layer with a NaN or infinite weight, before any calibration work.
+def check_finite_weights(layers: dict[str, nn.Module], device: torch.device, *, release_pages: bool = False) -> str:
+    """Raise for the first layer with a NaN or infinite weight, before any calibration work;
+    return a digest of a sample of every layer's weight values.
 
     Found later, a bad weight would surface as NaN activations in the blocks after it
     (blamed on the data) or only after every block before it was calibrated.  With
     ``release_pages`` (a dispatched model, i.e. one loaded under a ``device_map`` or
     memory budget), a weight read from a mapped checkpoint does not stay resident
-    because the check read it: its block reads it again when its turn comes.
+    because the check read it: its block reads it again when its turn comes.  The
+    digest (exact bytes of about a thousand values a layer, read while the weight is
+    here anyway) lets data-parallel ranks check that they loaded the same weights.
     """
+    digest = hashlib.sha256()
     for name, module in layers.items():
         with materialized(module, device), torch.no_grad():
-            finite = torch.isfinite(get_linear_weight(module))
+            weight = get_linear_weight(module)
+            finite = torch.isfinite(weight)
             bad = 0 if bool(finite.all()) else int((~finite).sum())
+            sample = weight.reshape(-1)[:: max(1, weight.numel() // 1024)].cpu().contiguous()
+            digest.update(f"{name} {sample.dtype}".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
             if release_pages:
                 release_file_pages(module.weight)
         if bad:
@@ -332,6 +340,7 @@ def check_finite_weights(layers: dict[str, nn.Module], device: torch.device, *, 
                 f"layer {name!r} has {bad} NaN or infinite weight value(s): the checkpoint is broken "
                 "(or was saved after a diverged training step); quantize a checkpoint with finite weights"
             )
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1311,19 +1320,22 @@ def _inside(block_name: str, stages: list[list[str]]) -> list[list[str]]:
 
 def _fingerprint(
     model: nn.Module, layers: dict[str, nn.Module], settings: _Settings, config: Any, data: Any,
-    with_first_batch: bool = False,
+    parallel: bool = False, weights: str | None = None,
 ) -> str:  # fmt: skip
     """What every rank of a data-parallel run must share: model, layers, settings and calibration data.
 
-    ``with_first_batch``: the data also by the content of its first batch, not only by its
-    description (in-memory data of the same kind and length describes alike on every rank).
+    ``parallel``: also the content of the data's first batch, not only its description
+    (in-memory data of the same kind and length describes alike on every rank), and the
+    ``weights`` digest of :func:`check_finite_weights` (two checkpoints of one
+    architecture have the same layers and shapes).
     """
     calibration = {name: getattr(config, name, None) for name in ("batch_size", "seed", "max_length", "block_name")}
-    if with_first_batch:
+    if parallel:
         calibration["first_batch"] = _first_batch_digest(data)
     return json.dumps(
         {
             "model": type(model).__name__,
+            "weights": weights if parallel else None,
             "layers": [[name, list(linear_shape(module))] for name, module in layers.items()],
             "solver": getattr(settings.solver, "__qualname__", repr(settings.solver)),
             "settings": settings.solver_kwargs,

@@ -62,6 +62,8 @@ from tests.calibration.test_distributed import MODES, calibration_config, summar
 
 scenario, checkpoint, out = sys.argv[1:4]
 rank = int(os.environ["RANK"])
+if scenario == "other-weights" and rank == 1:
+    checkpoint += "-other"
 torch.set_num_threads(1)
 if scenario == "dies" and rank == 1:
     import hf_comq.calibration.sequential as sequential
@@ -231,6 +233,7 @@ def test_ranks_started_with_different_settings_stop_before_calibrating(tmp_path)
     for rank in range(2):
         error = _read(tmp_path / f"rank{rank}.json")["error"]
         assert "different calibration settings" in error and "\n" not in error
+        assert "differ from rank 0 in fp_target, settings, true_sequential)" in error  # what differs is named (bits=3)
     assert not (tmp_path / "sequential").exists()
 
 
@@ -240,6 +243,21 @@ def test_ranks_started_with_other_in_memory_data_of_the_same_kind_stop_before_ca
     for rank in range(2):
         error = _read(tmp_path / f"rank{rank}.json")["error"]
         assert "different calibration settings" in error and "calibration data" in error
+    assert not (tmp_path / "sequential").exists()
+
+
+def test_ranks_that_loaded_other_weights_of_the_same_architecture_stop_before_calibrating(tmp_path):
+    """Same class, layers and shapes: only the weights tell the checkpoints apart, and summing their
+    Gram matrices would mix two models into one checkpoint."""
+    checkpoint = _tiny_checkpoint(tmp_path)
+    other = tiny_model("llama")
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    other.save_pretrained(f"{checkpoint}-other")
+    run_two_ranks(tmp_path, QUANTIZE, "other-weights", str(checkpoint), str(tmp_path))
+    for rank in range(2):
+        error = _read(tmp_path / f"rank{rank}.json")["error"]
+        assert "differ from rank 0 in weights)" in error and "\n" not in error
     assert not (tmp_path / "sequential").exists()
 
 
