@@ -504,9 +504,27 @@ def test_leftovers_of_a_killed_save_are_cleaned_and_the_old_checkpoint_restored(
     assert (output / "model.safetensors").read_bytes() == b"previous"
     assert sorted(path.name for path in tmp_path.iterdir()) == [".ckpt.partial-notours", "ckpt"]
     # a live process's staging folder is left alone
-    alive = tmp_path / f".ckpt.partial-{os.getpid()}-00000000"
+    alive = tmp_path / f".ckpt.partial-{os.getppid()}-00000000"
     alive.mkdir()
     assert recover_interrupted_save(output) == [] and alive.is_dir()
+    # one with this process's own id was left by an earlier process (a container's entry point is always
+    # process 1): this process has no save in progress while it recovers
+    earlier = tmp_path / f".ckpt.partial-{os.getpid()}-11111111"
+    earlier.mkdir()
+    assert len(recover_interrupted_save(output)) == 1 and not earlier.exists()
+
+
+def test_a_linked_output_receives_the_checkpoint_where_the_link_points(tmp_path) -> None:
+    """Swapping the link itself aside would leave its target empty and a real folder in its place."""
+    target = tmp_path / "big-disk" / "ckpt"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"previous")
+    link = tmp_path / "ckpt"
+    link.symlink_to(target)
+    save_atomically(link, lambda folder: (folder / "model.safetensors").write_bytes(b"fresh"))
+    assert link.is_symlink() and (target / "model.safetensors").read_bytes() == b"fresh"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["big-disk", "ckpt"]
+    assert sorted(path.name for path in target.parent.iterdir()) == ["ckpt"]
 
 
 def _killed_save_script(output: Path, kill_at: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from ..settings import COMQSettings
 
 PROG = "hf-comq"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143  # 128 + SIGINT / SIGTERM
 _ARGUMENT_TYPES = {"int": int, "int | None": int, "str": str, "str | None": str}
 
 

@@ -5,11 +5,15 @@ traceback instead."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from . import demo, evaluate, quantize
-from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, PROG, CLIError, check_positive
+from .common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, PROG, CLIError, check_positive
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.threads is not None:
             check_positive("--threads", args.threads)
-        return args.handler(args)
+        with _terminate_as_interrupt():
+            return args.handler(args)
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -38,6 +46,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {_error_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, a batch scheduler, torchrun's agent), raised where the
+    process is, so that a save in progress is cleaned up as after Ctrl-C instead of left half-written."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _error_line(error: BaseException) -> str:

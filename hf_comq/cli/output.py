@@ -27,9 +27,15 @@ def check_output(output: Path, overwrite: bool, source: str | None = None) -> No
 
     ``source`` is the local folder being quantized, which the output must not replace.
     """
+    output = real_output(output)
     for note in recover_interrupted_save(output):
         print(f"note: {note}", file=sys.stderr)
     resolved = output.resolve()
+    if output.is_dir() and os.path.ismount(output):
+        raise CLIError(
+            f"--output {output} is a mount point, which cannot be swapped for the finished checkpoint; name a new "
+            f"folder inside it, e.g. --output {output / 'quantized'}"
+        )
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise CLIError(
             f"--output {output} is the current folder or one above it, which cannot be replaced; "
@@ -87,6 +93,10 @@ def _sibling(output: Path, kind: str) -> Path:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether the process that left a folder may still be writing it.  This process's own id
+    means another process before it (a container's entry point is always process 1)."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -118,7 +128,10 @@ def recover_interrupted_save(output: Path) -> list[str]:
             entry.rename(output)
             notes.append(f"restored {output} from a save that was interrupted")
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_symlink():  # an earlier hf_comq swapped a linked --output aside: the link, not its target
+                entry.unlink()
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
             notes.append(f"removed {entry.name}, left by a save that was interrupted")
     return notes
 
@@ -134,7 +147,7 @@ def save_atomically(output: Path, write: Callable[[Path], None], *, overwrite: b
     old one back (:func:`recover_interrupted_save`).  Folders get the permissions of
     the user's umask, as ``save_pretrained``'s do.
     """
-    output = Path(output)
+    output = real_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     for note in recover_interrupted_save(output):
         print(f"note: {note}", file=sys.stderr)
@@ -158,6 +171,14 @@ def save_atomically(output: Path, write: Callable[[Path], None], *, overwrite: b
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def real_output(output: Path) -> Path:
+    """``output`` with a symbolic link in its last part followed: the checkpoint goes where the link
+    points (a folder on a larger disk, say), and the link stays; swapping the link itself aside
+    would leave its target empty and a real folder in its place."""
+    output = Path(output)
+    return output.resolve() if output.is_symlink() else output
 
 
 def save_with_processor(model: Any, processor: Any, folder: Path, model_id: str) -> None:

@@ -28,3 +28,38 @@ def test_failed_save_leaves_nothing_and_keeps_the_previous_checkpoint(tmp_path) 
     save_atomically(tmp_path / "old", lambda folder: (folder / "model.safetensors").write_bytes(b"fresh"))
     assert (tmp_path / "old" / "model.safetensors").read_bytes() == b"fresh"
     assert [path.name for path in tmp_path.iterdir()] == ["old"]
+
+
+def test_sigterm_during_a_save_cleans_up_as_an_interrupt_does(tmp_path) -> None:
+    """``timeout``, ``docker stop`` and batch schedulers stop a run with SIGTERM: the staging folder of a
+    save in progress must go, as after Ctrl-C, not stay beside the output until a later run."""
+    import os
+    import signal
+
+    from hf_comq.cli.main import Terminated, _terminate_as_interrupt
+
+    def write(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with _terminate_as_interrupt():
+            save_atomically(tmp_path / "ckpt", write)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_mount_point_as_output_is_refused_before_any_work(tmp_path, monkeypatch) -> None:
+    """A volume mounted as --output cannot be renamed aside: the swap failed with EBUSY after calibration."""
+    import os
+
+    from hf_comq.cli.common import CLIError
+    from hf_comq.cli.output import check_output
+
+    mounted = tmp_path / "volume"
+    mounted.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mounted)
+    with pytest.raises(CLIError, match=r"is a mount point, .* name a new folder inside it, e.g. --output .*volume/quantized"):
+        check_output(mounted, overwrite=False)
+    check_output(mounted / "quantized", overwrite=False)
