@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from .calibration.processors import encode_images, image_channels, resolve_processor
+from .calibration.processors import encode_images, image_channels, resolve_processor, text_length_limit
 from .calibration.sources import dataset_from_list, is_blank, load_dataset_source
 from .calibration.sources import pick_column as _pick_calibration_column
 from .threads import linear_layer_threads
@@ -334,14 +334,15 @@ def perplexity(
 ) -> float:
     """Token-level perplexity of a causal LM over ``texts``: ``exp`` of the mean next-token loss.
 
-    Each text is truncated to ``max_length`` tokens and scored on its own (no
-    packing across texts); the mean is over all predicted tokens, not over
+    Each text is truncated to ``max_length`` tokens (at most the positions the model
+    declares) and scored on its own (no packing across texts); the mean is over all predicted tokens, not over
     batches, so the result does not depend on ``batch_size`` or on how texts of
     different lengths fall into batches.  The loss is computed here rather than
     taken from the model, whose ``loss`` averages per batch.  ``tokenizer``: an object or
     a path, as ``top1``'s processor; ``texts``: strings (a dataset's text column, not the dataset).
     """
     _check_sizes(batch_size=batch_size, max_length=max_length)
+    max_length = text_length_limit(model, max_length)
     device, _ = _device_and_dtype(model)
     total_loss = 0.0
     total_tokens = 0
@@ -379,6 +380,7 @@ def embedding_cosine(
     :func:`perplexity`.
     """
     _check_sizes(batch_size=batch_size, max_length=max_length)
+    max_length = text_length_limit(model, max_length)
     device, _ = _device_and_dtype(model)
     reference_device, _ = _device_and_dtype(reference_model)
     cosines: list[torch.Tensor] = []

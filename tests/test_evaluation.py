@@ -182,6 +182,18 @@ def test_perplexity_is_token_weighted_exp_loss(gpt2) -> None:
     assert tokenizer.pad_token is None, "perplexity must not modify the tokenizer"
 
 
+def test_text_metrics_cut_texts_to_the_positions_the_model_declares(caplog) -> None:
+    """GPT-2's learned position table: a longer input was an IndexError deep inside the forward."""
+    torch.manual_seed(0)
+    short = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=8,
+                                           bos_token_id=0, eos_token_id=0)).eval()  # fmt: skip
+    texts = [" ".join(["word"] * 40)] * 2
+    with caplog.at_level("WARNING"):
+        value = perplexity(short, word_tokenizer(), texts)
+    assert math.isfinite(value) and "max_length=512 is longer than the 8 positions GPT2LMHeadModel declares" in caplog.text
+    assert embedding_cosine(short, short, word_tokenizer(), texts) == pytest.approx(1.0)
+
+
 def test_perplexity_truncates_and_drops_empty_texts(gpt2) -> None:
     tokenizer = word_tokenizer()
     long_text = " ".join(["the cat sat on the mat"] * 4)

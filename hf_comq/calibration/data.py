@@ -54,6 +54,7 @@ from .processors import (
     model_input_names,
     open_image_file,
     resolve_processor,
+    text_length_limit,
 )
 from .sources import (
     IMAGE_COLUMNS,
@@ -319,9 +320,10 @@ def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[s
         return rows[part] if indexed else {name: [row[name] for row in rows[part]] for name in present}
 
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    max_length = text_length_limit(model, config.max_length)
 
     def encode(part: slice) -> Batch | None:
-        batch = _padded_token_batch(read(part), config.max_length, pad_id)
+        batch = _padded_token_batch(read(part), max_length, pad_id)
         return None if batch is None else filter_inputs(batch, keep)
 
     description = {"column": TOKEN_COLUMNS[0], **origin, "num_samples": len(rows)}
@@ -451,9 +453,10 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
         channels = image_channels(model, processor)
         return lambda values: filter_inputs(encode_images(processor, values, channels), keep)
     ensure_padding(processor)
+    max_length = text_length_limit(model, config.max_length)
 
     def encode(values: list[str]) -> Batch | None:
-        encoded = encode_texts(processor, values, config.max_length)
+        encoded = encode_texts(processor, values, max_length)
         return None if encoded is None else filter_inputs(encoded, keep)
 
     return encode

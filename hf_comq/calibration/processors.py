@@ -33,6 +33,7 @@ __all__ = [
     "model_input_names",
     "open_image_file",
     "resolve_processor",
+    "text_length_limit",
 ]
 
 Batch = dict[str, torch.Tensor]
@@ -113,6 +114,31 @@ def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | N
     except Exception as error:
         raise ValueError(f"{type(processor).__name__} could not tokenize the calibration texts: {error}") from error
     return dict(encoded)
+
+
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx")
+"""Config attributes that bound a text model's sequence length (absent where positions are relative, as T5's)."""
+
+
+def text_length_limit(model: nn.Module | None, max_length: int) -> int:
+    """``max_length``, cut to the positions the model's (text) config declares, with a warning.
+
+    Longer inputs fail inside a learned position table (GPT-2: an IndexError deep in the
+    forward) or run past the positions a rotary model was trained on, where its
+    activations are not the ones it will be used on.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    declared = [getattr(text_config, name, None) for name in POSITION_LIMITS]
+    limits = [value for value in declared if isinstance(value, int) and not isinstance(value, bool) and value > 0]
+    if not limits or max_length <= min(limits):
+        return max_length
+    limit = min(limits)
+    logger.warning(
+        "max_length=%d is longer than the %d positions %s declares; texts are cut to %d tokens "
+        "(max_length, hf-comq: --max-length)", max_length, limit, type(model).__name__, limit,
+    )  # fmt: skip
+    return limit
 
 
 def ensure_padding(processor: Any) -> None:

@@ -428,6 +428,18 @@ def test_data_of_a_kind_the_model_cannot_take_is_named_before_any_processor(requ
         build_calibration_data(request.getfixturevalue(model_name), _config(data, processor=processor))
 
 
+def test_texts_are_cut_to_the_positions_the_model_declares(caplog):
+    import transformers as T
+
+    short = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=8,
+                                           bos_token_id=0, eos_token_id=0))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        data = build_calibration_data(short, _config([" ".join(["word"] * 40)] * 2, processor=word_tokenizer()))
+        batch = next(iter(data))
+    assert batch["input_ids"].shape[1] == 8
+    assert "max_length=512 is longer than the 8 positions GPT2LMHeadModel declares; texts are cut to 8" in caplog.text
+
+
 def test_text_for_a_model_of_neither_images_nor_text_asks_for_ready_inputs():
     import transformers as T
 
