@@ -361,6 +361,23 @@ def test_a_push_that_cannot_happen_is_named_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_offload_folder_goes_to_from_pretrained_with_the_device_map(
+    capsys, tmp_path, monkeypatch, vit_dir, image_data, no_model_loading
+) -> None:
+    base = ["quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "out", "--offload-folder", tmp_path / "off"]
+    assert "pass --device-map too" in cli_error(capsys, *base)
+    seen = {}
+
+    def record(cls, *args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(T.PreTrainedModel, "from_pretrained", classmethod(record))
+    code, _, err = run_cli(capsys, *base, "--device-map", "auto")
+    assert code == 1 and "hf-comq: error: stop here" in err
+    assert (seen["device_map"], seen["offload_folder"]) == ("auto", str(tmp_path / "off"))
+
+
 def test_a_push_to_an_unreachable_hub_is_named_before_any_work(
     capsys, tmp_path, vit_dir, image_data, hub_unreachable, no_model_loading
 ) -> None:

@@ -91,6 +91,11 @@ def add_parser(commands: Any) -> None:
         "--device-map", metavar="MAP",
         help="passed to from_pretrained, e.g. 'auto' to spread a large model over GPUs and CPU memory",
     )  # fmt: skip
+    output.add_argument(
+        "--offload-folder", metavar="DIR",
+        help="with --device-map: where weights that fit nowhere else go (accelerate's disk offload; needed for a "
+        ".bin checkpoint, a safetensors one is read in place)",
+    )  # fmt: skip
     command.set_defaults(handler=run)
 
 
@@ -116,6 +121,8 @@ def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> 
         check_push_target(args.push_to_hub)
     elif args.private:
         raise CLIError("--private makes the repository that --push-to-hub creates private; pass --push-to-hub too")
+    if args.offload_folder and not args.device_map:
+        raise CLIError("--offload-folder holds what a --device-map offloads to disk; pass --device-map too (e.g. auto)")
     read = read_model_config(args.model)
     if read[1].get("quantization_config"):
         raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
@@ -201,6 +208,8 @@ def _quantize(
     if saving:
         print(f"Quantizing {spec.display_name} ({spec.architecture}, {spec.task.name}) with {method} at {args.bits} bits")
     load_kwargs = {"device_map": args.device_map} if args.device_map else {}
+    if args.offload_folder:
+        load_kwargs["offload_folder"] = str(Path(args.offload_folder).expanduser())
     started = time.perf_counter()
     model = spec.auto_class().from_pretrained(spec.location, quantization_config=config, **load_kwargs)
     seconds = time.perf_counter() - started
