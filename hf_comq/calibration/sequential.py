@@ -74,6 +74,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -203,6 +204,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     expert_parameters = _warn_about_expert_weights(model)
     data = build_calibration_data(model, config)
     group = current_group()
+    _warn_about_a_launcher_without_group(group)
     settings = _Settings.from_config(config, solver)
     agree_on(group, _fingerprint(model, layers, settings, config, data, parallel=group.is_parallel, weights=weights))
     inputs = _ModelInputs(model, data.shard(group.rank, group.size), placement)
@@ -221,6 +223,18 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     model._comq_summary = summary
     _log_summary(summary)
     return summary
+
+
+def _warn_about_a_launcher_without_group(group: Any) -> None:
+    """A process a launcher (``torchrun``) started as one of several, with no process group: it would
+    calibrate on all the data alone, beside the others doing the same, and write the same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not group.is_parallel and world.isdigit() and int(world) > 1:
+        logger.warning(
+            "COMQ: this process is one of %s a launcher started (WORLD_SIZE), but no torch.distributed group is "
+            "initialised, so it calibrates on all the data alone; call hf_comq.calibration.join_launcher_group() "
+            "before from_pretrained to share the work", world,
+        )  # fmt: skip
 
 
 def calibration_summary(model: nn.Module) -> dict[str, Any]:

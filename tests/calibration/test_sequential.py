@@ -145,6 +145,16 @@ def test_a_list_of_per_scale_modules_found_as_blocks_is_calibrated_layer_by_laye
         assert _relative(model(pixels), reference) < 0.02
 
 
+def test_a_process_a_launcher_started_without_joining_its_group_is_warned(monkeypatch, caplog):
+    """Under torchrun, from_pretrained without join_launcher_group() calibrated on everything in every
+    process, silently, each writing the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level(logging.WARNING):
+        quantize_model(tiny_model("llama"), _config("llama", count=2, bits=8))
+    assert "one of 2 a launcher started (WORLD_SIZE), but no torch.distributed group" in caplog.text
+    assert "join_launcher_group()" in caplog.text
+
+
 def test_an_encoder_decoder_without_its_own_decoder_input_maker_runs_its_decoder_on_the_text_shifted_right():
     """M2M100 (like the bare T5Model) has no prepare_decoder_input_ids_from_labels and stopped inside its
     forward; its decoder now sees the calibration text shifted right by decoder_start_token_id."""
