@@ -31,8 +31,8 @@ from transformers.quantizers.base import HfQuantizer
 
 from .checkpoint import (
     check_checkpoint_files,
-    checkpoint_layer_names,
     check_group_size,
+    checkpoint_layer_names,
     full_precision_layers,
     layer_group_size,
     layer_type_of,
@@ -159,8 +159,9 @@ class COMQHfQuantizer(HfQuantizer):
         targets = {
             name: module
             for name, module in model.named_modules()
-            if name and is_linear_like(module) and (saved := in_checkpoint(name)) is not None and scheme.quantizes(saved, module)
-        }
+            if name and is_linear_like(module)
+            and (saved := in_checkpoint(name)) is not None and scheme.quantizes(saved, module)
+        }  # fmt: skip
         if not targets:
             raise ValueError(
                 f"the checkpoint's quantization_config quantizes no layer of {type(model).__name__} "

@@ -187,7 +187,7 @@ class COMQSettings:
         for name in ("modules_to_not_convert", "ignore"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
-        for name in ("base_model", "base_model_folder"):  # hf_comq <= stop 63 wrote "" for a model loaded from "."
+        for name in ("base_model", "base_model_folder"):  # earlier versions wrote "" for a model loaded from "."
             if getattr(self, name) == "":
                 setattr(self, name, None)
         _check_int("bits", self.bits, MIN_BITS, MAX_BITS, f"use 4 (near-lossless), 3 or 2 (smaller), up to {MAX_BITS}")

@@ -31,7 +31,6 @@ Usage, one process per rank (``torchrun --nproc-per-node 2 quantize.py``)::
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 from dataclasses import dataclass
