@@ -335,10 +335,10 @@ def perplexity(
     """Token-level perplexity of a causal LM over ``texts``: ``exp`` of the mean next-token loss.
 
     Each text is truncated to ``max_length`` tokens (at most the positions the model
-    declares) and scored on its own (no packing across texts); the mean is over all predicted tokens, not over
-    batches, so the result does not depend on ``batch_size`` or on how texts of
-    different lengths fall into batches.  The loss is computed here rather than
-    taken from the model, whose ``loss`` averages per batch.  ``tokenizer``: an object or
+    declares) and scored on its own (no packing across texts); the mean is over all
+    predicted tokens, not over batches, so the result does not depend on ``batch_size``
+    or on how texts of different lengths fall into batches.  The loss is computed here
+    rather than taken from the model, whose ``loss`` averages per batch.  ``tokenizer``: an object or
     a path, as ``top1``'s processor; ``texts``: strings (a dataset's text column, not the dataset).
     """
     _check_sizes(batch_size=batch_size, max_length=max_length)
