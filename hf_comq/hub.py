@@ -60,6 +60,7 @@ __all__ = [
     "project_url",
     "push_folder",
     "render_model_card",
+    "resolve_repo_id",
     "write_model_card",
 ]
 
@@ -493,6 +494,23 @@ def _has_comq_tag(path: Path) -> bool:
     return isinstance(tags, list) and CARD_TAGS[0] in tags
 
 
+def resolve_repo_id(repo_id: str, token: bool | str | None = None) -> str:
+    """``owner/name`` for ``repo_id``: a name without an owner goes to the token's user, where
+    ``create_repo`` puts it, so that the card's snippets name the repository that exists."""
+    if "/" in repo_id:
+        return repo_id
+    return f"{HfApi(token=token).whoami()['name']}/{repo_id}"
+
+
+def _resolved_or_given(repo_id: str, token: bool | str | None) -> str:
+    """:func:`resolve_repo_id`, or ``repo_id`` itself where the Hub cannot say (the push then reports why)."""
+    try:
+        return resolve_repo_id(repo_id, token)
+    except Exception as error:  # no token, no network: the upload that follows fails with the reason
+        logger.debug("could not resolve the owner of %s: %s", repo_id, error)
+        return repo_id
+
+
 def push_folder(
     folder: str | os.PathLike[str],
     repo_id: str,
@@ -522,6 +540,12 @@ def push_folder(
         if api.file_exists(repo_id, README_NAME, revision=revision):
             owned = ModelCard.load(repo_id, token=token)
             if not is_unedited_card(owned.content):  # the owner's text (or their edit of a COMQ card) stays
+                if CARD_TAGS[0] in (owned.data.tags or []):
+                    logger.warning(
+                        "kept the README.md of %s: an hf_comq card edited on the Hub (or written by an older "
+                        "hf_comq), so its settings may be an earlier push's; delete it there to get this model's card",
+                        repo_id,
+                    )
                 _add_tags(owned, card.data.tags)
                 card = owned
         _add_tags(card, tags)
@@ -573,6 +597,8 @@ class _SavePretrainedWithCard:
         if not (is_main_process and os.path.isdir(save_directory) and _is_comq_model(model)):
             return result
         repo_id = push.pop("repo_id", None) or Path(save_directory).name
+        if push_to_hub:
+            repo_id = _resolved_or_given(repo_id, push.get("token"))
         write_model_card(save_directory, model, model_id=repo_id)
         if push_to_hub:
             push_folder(save_directory, repo_id, **push)
@@ -610,6 +636,7 @@ class _PushToHubWithCard:
 
         if not is_saving_rank():  # one upload per process group, from the rank that saves
             return None
+        repo_id = _resolved_or_given(repo_id, token)
         with tempfile.TemporaryDirectory() as folder:
             type(model).save_pretrained(model, folder, max_shard_size=max_shard_size)
             write_model_card(folder, model, model_id=repo_id)

@@ -126,6 +126,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
+        self.create_requests: list[dict] = []  # the bodies of create-repo requests (visibility included)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -369,6 +370,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
     def create_repo(self, query: dict) -> None:
         self._require_token()
         payload = self._json_body()
+        self.fake_hub.create_requests.append(payload)
         if payload.get("type", "model") != "model":
             raise HubError(400, "This fake Hub only hosts model repositories")
         name = payload.get("name") or ""

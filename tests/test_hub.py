@@ -520,8 +520,22 @@ comq_like.push_to_hub("user/has-card")
 comq_like.push_to_hub("user/re-pushed")
 comq_like.config.quantization_config = COMQConfig.from_dict(args["config_2_bits"])
 comq_like.push_to_hub("user/re-pushed")
+# 4. A COMQ card edited on the Hub is kept, and the push says its settings may be stale.
+comq_like.push_to_hub("user/edited")
+edited = ModelCard.load("user/edited")
+edited.text = edited.text + "\\nMy own notes.\\n"
+edited.push_to_hub("user/edited")
+import logging
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("hf_comq").addHandler(handler)
+comq_like.push_to_hub("user/edited")
+# 5. A name without an owner goes to the token's user; the card names the repository that exists.
+comq_like.push_to_hub("bare-name")
 
 print(json.dumps({
+    "edited_warnings": warnings,
     "identical": identical,
     "card_tags": ModelCard.load(repo).data.tags,
     "files": sorted(api.list_repo_files(repo)),
@@ -574,6 +588,19 @@ def test_push_to_hub_replaces_the_unedited_card_of_an_earlier_push(hub_round_tri
     metadata, body = split_card(server.files("user/re-pushed")["README.md"].decode("utf-8"))
     assert "| Weight bits | 2 |" in body and "| Weight bits | 4 |" not in body
     assert metadata["tags"] == ["comq", "compressed-tensors", "quantized", "2-bit", "vit"]
+
+
+def test_push_to_hub_keeps_a_comq_card_edited_on_the_hub_with_a_warning(hub_round_trip):
+    server, result = hub_round_trip
+    assert "My own notes." in server.files("user/edited")["README.md"].decode("utf-8")
+    assert any("kept the README.md of user/edited: an hf_comq card edited on the Hub" in line
+               for line in result["edited_warnings"])  # fmt: skip
+
+
+def test_push_to_hub_of_a_name_without_owner_names_the_owners_repository_in_the_card(hub_round_trip):
+    server, _ = hub_round_trip
+    body = split_card(server.files("user/bare-name")["README.md"].decode("utf-8"))[1]
+    assert 'from_pretrained("user/bare-name")' in body and '"bare-name"' not in body
 
 
 def test_push_to_hub_keeps_an_existing_readme_and_adds_the_tags(hub_round_trip):
@@ -684,6 +711,40 @@ def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
     assert "base_model" not in metadata  # quantized from a local folder, recorded by name only
     assert "a local checkpoint (`tiny-vit-base`)" in body  # the provenance travelled through the checkpoint
     assert 'from_pretrained("user/resaved")' in body
+
+
+CLI_PUSH = """
+from hf_comq.cli import main
+from tests.tiny import image_processor
+
+args = json.loads(sys.argv[1])
+base = os.path.join(args["work"], "tiny-vit-base")
+tiny_vit().save_pretrained(base)
+image_processor().save_pretrained(base)
+argv = ["quantize", base, "--dataset", args["images"], "--output", os.path.join(args["work"], "out"),
+        "--push-to-hub", "cli-push", "--num-samples", "4", "--rtn"]
+token = os.environ["HF_TOKEN"]
+os.environ["HF_TOKEN"] = "hf_not_the_token"
+refused = main(argv)
+refused_before_work = not os.path.exists(os.path.join(args["work"], "out"))
+os.environ["HF_TOKEN"] = token
+pushed = main(argv)
+print(json.dumps({"refused": refused, "refused_before_work": refused_before_work, "pushed": pushed}))
+"""
+
+
+def test_cli_push_checks_the_token_first_and_leaves_the_visibility_to_the_account(tmp_path, capfd):
+    """A token the Hub rejects is found before any work; without --private the repository gets the account's
+    default visibility (an organisation's may be private), and a name without owner goes to the token's user."""
+    from tests.tiny import image_parquet, images
+
+    image_parquet(tmp_path / "images.parquet", images(4))
+    with FakeHub(max_lifetime_s=240) as server:
+        result = run_hub_client(server, tmp_path, CLI_PUSH, {"work": str(tmp_path), "images": str(tmp_path / "images.parquet")},
+                                timeout=180)  # fmt: skip
+        assert result == {"refused": 1, "refused_before_work": True, "pushed": 0}
+        assert [request.get("private") for request in server.create_requests] == [None]
+        assert 'from_pretrained("user/cli-push")' in server.files("user/cli-push")["README.md"].decode("utf-8")
 
 
 def test_a_mixture_of_experts_card_says_the_experts_are_quantized_and_who_loads_them(tmp_path):

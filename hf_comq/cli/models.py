@@ -150,8 +150,9 @@ def _hub_unreachable(endpoint: str) -> str | None:
     import urllib.request
 
     url = urllib.parse.urlsplit(endpoint)
-    if not url.hostname or urllib.request.getproxies():
-        return None
+    proxies = {scheme: proxy for scheme, proxy in urllib.request.getproxies().items() if scheme != "no"}
+    if not url.hostname or (proxies and not urllib.request.proxy_bypass(url.hostname)):
+        return None  # through a proxy: a direct connection says nothing (no_proxy alone names no proxy)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=2.0).close()

@@ -118,7 +118,7 @@ def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> 
     if args.rtn:
         _check_rtn_flags(args)
     if args.push_to_hub:
-        check_push_target(args.push_to_hub)
+        args.push_to_hub = check_push_target(args.push_to_hub)  # owner/name: the card names what will exist
     elif args.private:
         raise CLIError("--private makes the repository that --push-to-hub creates private; pass --push-to-hub too")
     if args.offload_folder and not args.device_map:
@@ -291,10 +291,11 @@ def _check_rtn_flags(args: argparse.Namespace) -> None:
         )
 
 
-def check_push_target(repo_id: str) -> None:
-    """Before any work: huggingface_hub's own rules for a repository id, a token to push with, and a Hub
-    that can be reached (the push comes after the whole calibration)."""
-    from huggingface_hub import get_token
+def check_push_target(repo_id: str) -> str:
+    """Before any work: huggingface_hub's own rules for a repository id, a Hub that can be reached,
+    and a token it accepts for writing (the push comes after the whole calibration).  Returns the
+    repository as ``owner/name`` (a bare name goes to the token's user)."""
+    from huggingface_hub import HfApi, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -309,14 +310,31 @@ def check_push_target(repo_id: str) -> None:
         )
     if get_token() is None:
         raise CLIError("--push-to-hub needs a Hub token: run `hf auth login` or set HF_TOKEN")
+    try:
+        account = HfApi().whoami()
+    except Exception as error:
+        raise CLIError(
+            f"--push-to-hub: the Hub did not accept the token ({' '.join(str(error).split())[:200]}); "
+            "run `hf auth login` or set HF_TOKEN to a token with write access"
+        ) from None
+    role = ((account.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise CLIError("--push-to-hub: the Hub token is read-only; pushing needs a token with write access")
+    return repo_id if "/" in repo_id else f"{account['name']}/{repo_id}"
 
 
 def _push(output: Path, repo_id: str, private: bool) -> None:
-    """Publish the finished folder (weights, processor, card) as it is, in one commit."""
+    """Publish the finished folder (weights, processor, card) as it is, in one commit.
+
+    Without ``--private`` the repository gets the account's default visibility (an
+    organisation may make its repositories private by default), as ``hf upload`` does.
+    """
+    from huggingface_hub import constants
+
     from ..hub import push_folder
 
     try:
-        push_folder(output, repo_id, private=private)
+        push_folder(output, repo_id, private=True if private else None)
     except Exception as error:
         raise CLIError(f"saved to {output}, but pushing to the Hub repository {repo_id!r} failed: {error}") from None
-    print(f"  pushed to        https://huggingface.co/{repo_id}")
+    print(f"  pushed to        {constants.ENDPOINT.rstrip('/')}/{repo_id}")
