@@ -143,12 +143,18 @@ def _build_and_load():
     missing = missing_toolchain()
     if missing is not None:
         return None, f"torch fallback: compiled CPU kernel unavailable, {missing}"
-    with _one_build_at_a_time(build_dir):
-        ops = load_cached_library(build_dir / f"{name}.so")  # built by another process while this one waited
-        if ops is not None:
-            seconds = time.perf_counter() - start
-            return ops, f"compiled CPU kernel ({ops.isa()}): {name}, loaded in {seconds:.1f} s from {build_dir}"
-        return _build(name, build_dir, start)
+    try:
+        with _one_build_at_a_time(build_dir):
+            ops = load_cached_library(build_dir / f"{name}.so")  # built by another process while this one waited
+            if ops is not None:
+                seconds = time.perf_counter() - start
+                return ops, f"compiled CPU kernel ({ops.isa()}): {name}, loaded in {seconds:.1f} s from {build_dir}"
+            return _build(name, build_dir, start)
+    except OSError as error:  # a build folder that cannot be made or locked (a read-only cache): fall back
+        return None, (
+            f"torch fallback: the kernel cannot be built in {build_dir} ({error.strerror or error}); "
+            "set TORCH_EXTENSIONS_DIR to a writable folder"
+        )
 
 
 @contextmanager

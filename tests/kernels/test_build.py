@@ -129,3 +129,15 @@ def test_a_failed_build_is_explained_by_the_compilers_error_line():
     )
     assert build_error_line(message) == "<command-line>: fatal error: Python.h: No such file or directory"
     assert build_error_line("ninja: not found") == "ninja: not found"
+
+
+def test_a_build_folder_that_cannot_be_made_falls_back_with_a_line(tmp_path):
+    """A read-only cache (a container's home, a TORCH_EXTENSIONS_DIR that is a file): torch answers every call."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    script = "from hf_comq.kernels import active_path; print('PATH:', active_path())"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(blocked)}
+    env.pop(DISABLE_ENV_VAR, None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "PATH: torch fallback: the kernel cannot be built in" in result.stdout and "TORCH_EXTENSIONS_DIR" in result.stdout
