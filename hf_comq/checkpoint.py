@@ -45,7 +45,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .compat import saved_state_dict_names, was_loaded
-from .nn.quant_linear import PACKED_TENSORS, COMQLinear, group_count, is_linear_like, linear_shape
+from .nn.quant_linear import PACKED_TENSORS, COMQLinear, get_linear_weight, group_count, is_linear_like, linear_shape
 from .settings import CONV1D, LINEAR
 
 logger = logging.getLogger(__name__)
@@ -73,11 +73,12 @@ class PackedScheme:
     ignore: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    def quantizes(self, name: str, module: nn.Module) -> bool:
-        """compressed-tensors' own rule: the module is of the target class and not ignored."""
+    def quantizes(self, name: str, module: nn.Module, ignoring: bool = True) -> bool:
+        """compressed-tensors' own rule: the module is of the target class and not ignored
+        (``ignoring=False``: of the target class, whatever the ignore list says)."""
         from compressed_tensors.utils.match import is_match
 
-        return is_match(name, module, [self.layer_type], self.ignore)
+        return is_match(name, module, [self.layer_type], self.ignore if ignoring else [])
 
 
 def is_packed_checkpoint(config: Mapping[str, Any] | None) -> bool:
@@ -313,6 +314,39 @@ def checkpoint_layer_names(model: nn.Module, checkpoint_files: Iterable[str]) ->
     return lambda name: name
 
 
+def saved_as_another_class(model: nn.Module) -> bool:
+    """Whether ``model`` is being loaded from a checkpoint another class saved (``config.architectures``)."""
+    saved_as = getattr(getattr(model, "config", None), "architectures", None) or ()
+    return bool(saved_as) and type(model).__name__ not in saved_as
+
+
+def packed_in_checkpoint(model: nn.Module, checkpoint_files: Iterable[str]) -> set[str] | None:
+    """The linear layers of ``model`` the checkpoint holds packed, found under any name it may use (the
+    model's, the one ``save_pretrained`` writes, with or without the base-model prefix); ``None`` where
+    the files cannot be read cheaply (not safetensors).
+
+    For a class other than the one that saved the checkpoint, what the checkpoint holds decides:
+    its ignore list names the other class's layers, and a layer it does not hold at all (another
+    class's new head) is initialised by transformers, so stays in float.
+    """
+    keys = _checkpoint_keys(checkpoint_files)
+    if not keys:
+        return None
+    packed = {key.rsplit(".", 1)[0] for key in keys if key.endswith(".weight_packed")}
+    in_checkpoint = checkpoint_layer_names(model, checkpoint_files)
+    linears = {name: module for name, module in model.named_modules() if name and is_linear_like(module)}
+    weights = {f"{name}.weight": get_linear_weight(module) for name, module in linears.items()}
+    saved = {key.removesuffix(".weight"): value.removesuffix(".weight")
+             for key, value in saved_state_dict_names(model, weights).items()}  # fmt: skip
+    held = set()
+    for name in linears:
+        candidates = {name, in_checkpoint(name), saved.get(name)}
+        candidates |= {in_checkpoint(other) for other in list(candidates) if other}
+        if (candidates - {None}) & packed:
+            held.add(name)
+    return held
+
+
 def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], scheme: PackedScheme) -> None:
     """Compare the packed tensors in the safetensors headers with the shells, before loading.
 
@@ -366,6 +400,9 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], sc
         logger.warning("could not map the checkpoint's packed tensor names to the model; verifying after loading")
         return
     unexpected = sorted(set(header) - set(found))
+    if unexpected and saved_as_another_class(model):  # the other class's own layers (T5's decoder for its encoder)
+        ours = _checkpoint_names_of_layers(model, in_checkpoint, saved_names)
+        unexpected = [key for key in unexpected if key.rsplit(".", 1)[0] in ours]
     if unexpected:
         raise CheckpointError(
             f"the checkpoint holds packed tensors for layers this model keeps in full precision, e.g. "
@@ -405,6 +442,16 @@ def stores_experts_per_expert(checkpoint_files: Iterable[str], layer_names: Iter
 
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.([^.]+)\.weight$")
+
+
+def _checkpoint_names_of_layers(model: nn.Module, in_checkpoint: Callable[[str], str | None], saved: dict) -> set[str]:
+    """Every name a linear layer of ``model`` may carry in a checkpoint (see :func:`layers_the_checkpoint_lacks`)."""
+    names = set()
+    for name, module in model.named_modules():
+        if name and is_linear_like(module):
+            names |= {name, in_checkpoint(name)}
+    names |= {value.rsplit(".", 1)[0] for value in saved.values()}
+    return names - {None}
 
 
 def _checkpoint_keys(checkpoint_files: Iterable[str]) -> list[str]:

@@ -55,9 +55,11 @@ def load_quantized(
     Args:
         path: folder or repo id written by ``save_pretrained`` / ``push_to_hub``.
         model_class: class to load with; default: the first of ``config.json``'s
-            ``architectures`` (falling back to ``AutoModel``).  As in transformers, a task
-            model's checkpoint loads into its bare model and a bare model's into a task
-            model, whose new head stays in float, to be initialised.
+            ``architectures`` (falling back to ``AutoModel``).  Another class loads as in
+            transformers (a classifier's checkpoint into its bare model, a causal LM's into a
+            sequence classifier, T5's into ``T5EncoderModel``): the layers the checkpoint holds
+            packed stay packed, the class's own new layers (a head) stay in float, to be
+            initialised, and a re-save lists them as such.
         quantization_config: optional; if given, its ``bits`` / ``group_size`` /
             ``symmetric`` must equal the checkpoint's, else ``CheckpointError``.
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``revision``...).

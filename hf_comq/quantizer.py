@@ -36,7 +36,9 @@ from .checkpoint import (
     full_precision_layers,
     layer_group_size,
     layer_type_of,
+    packed_in_checkpoint,
     quantizes_experts,
+    saved_as_another_class,
     stores_experts_per_expert,
     verify_quantized_model,
 )
@@ -156,23 +158,26 @@ class COMQHfQuantizer(HfQuantizer):
         if quantizes_experts(checkpoint_files):
             self._unfused_experts = unfuse_batched_experts(model, empty=True)
         in_checkpoint = checkpoint_layer_names(model, checkpoint_files)
+        another_class = saved_as_another_class(model)
+        held = packed_in_checkpoint(model, checkpoint_files) if another_class else None
         targets = {
             name: module
             for name, module in model.named_modules()
-            if name and is_linear_like(module)
-            and (saved := in_checkpoint(name)) is not None and scheme.quantizes(saved, module)
+            if name and is_linear_like(module) and (
+                name in held and scheme.quantizes(name, module, ignoring=False) if held is not None
+                else (saved := in_checkpoint(name)) is not None and scheme.quantizes(saved, module)
+            )
         }  # fmt: skip
         if not targets:
             raise ValueError(
                 f"the checkpoint's quantization_config quantizes no layer of {type(model).__name__} "
                 f"(targets {scheme.layer_type}, ignore {scheme.ignore[:5]}); it belongs to another model"
             )
-        renamed = any(in_checkpoint(name) != name for name, module in model.named_modules() if is_linear_like(module))
         for name, module in targets.items():
             group_size = layer_group_size(scheme, linear_shape(module)[1])
             model.set_submodule(name, COMQLinear.empty_like(module, scheme.bits, group_size, scheme.symmetric))
         self._converted = list(targets)
-        if renamed:  # another class than the checkpoint's: its ignore list must name this model's layers
+        if another_class:  # its ignore list must name this model's layers, new heads included
             self.quantization_config.ignore = full_precision_layers(model)
         check_checkpoint_files(model, checkpoint_files, scheme)
 
@@ -192,7 +197,7 @@ class COMQHfQuantizer(HfQuantizer):
         config.expert_layers_rounded = len(summary.get("expert_layers_without_tokens") or ()) or None
         name = str(getattr(model, "name_or_path", "") or "")
         if os.path.isdir(name):  # a local folder: its name only, a full path means nothing elsewhere
-            config.base_model_folder = Path(name).resolve().name or None  # "." names the working folder
+            config.base_model_folder = Path(os.path.abspath(name)).name or None  # "." names the working folder
         elif name:
             config.base_model = name
         config.calibration_description = config.describe_calibration()

@@ -347,6 +347,8 @@ def test_a_checkpoint_saved_in_a_legacy_layout_with_layers_kept_in_float_loads_b
     model.save_pretrained(tmp_path / "q")
     loaded = load_quantized(tmp_path / "q")
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    bare = load_quantized(tmp_path / "q", model_class=T.LlavaModel)  # what AutoModel gives, under legacy names too
+    assert torch.equal(bare(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state)
 
 
 def test_a_model_loaded_from_the_working_folder_records_its_name_and_loads_back(fp_checkpoints, tmp_path, monkeypatch):
@@ -358,13 +360,28 @@ def test_a_model_loaded_from_the_working_folder_records_its_name_and_loads_back(
     assert torch.equal(run(load_quantized(tmp_path / "q")), run(model))
 
 
-def test_load_quantized_names_the_layers_a_new_head_adds(fp_checkpoints, tmp_path):
-    """A class with a head the checkpoint never had: the packed loader has nothing to fill it with,
-    and says so instead of calling the checkpoint incomplete."""
+def test_load_quantized_leaves_the_layers_another_class_adds_in_float(fp_checkpoints, tmp_path):
+    """As plain transformers does: a causal LM's checkpoint as a sequence classifier (a new ``score``), a
+    classifier's as the bare ViTModel (a new pooler), the full T5's as its encoder (the decoder dropped);
+    what the checkpoint holds packed stays packed, the rest is the new class's own, in float."""
     quantize_tiny(fp_checkpoints["llama"], T.LlamaForCausalLM).save_pretrained(tmp_path / "lm")
-    with pytest.raises(CheckpointError, match=r"LlamaForSequenceClassification has linear layers the checkpoint "
-                       r"\(saved from LlamaForCausalLM\) does not hold, e.g. \['score'\]: load it with LlamaForCausalLM"):
-        load_quantized(tmp_path / "lm", model_class=T.LlamaForSequenceClassification)
+    classifier = load_quantized(tmp_path / "lm", model_class=T.LlamaForSequenceClassification)
+    assert type(classifier.score) is nn.Linear and isinstance(classifier.model.layers[0].mlp.up_proj, COMQLinear)
+    dense = T.LlamaForSequenceClassification.from_pretrained(tmp_path / "lm")  # plain transformers, dequantized
+    inputs = model_inputs(classifier)
+    assert torch.equal(classifier.model(**inputs).last_hidden_state, dense.model(**inputs).last_hidden_state)
+
+    quantize_tiny(fp_checkpoints["vit"], T.ViTForImageClassification).save_pretrained(tmp_path / "vit")
+    bare = load_quantized(tmp_path / "vit", model_class=T.ViTModel)
+    assert type(bare.pooler.dense) is nn.Linear
+    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                                                  decoder_start_token_id=0))  # fmt: skip
+    t5.save_pretrained(tmp_path / "t5-fp")
+    quantize_tiny(tmp_path / "t5-fp", T.T5ForConditionalGeneration).save_pretrained(tmp_path / "t5")
+    encoder = load_quantized(tmp_path / "t5", model_class=T.T5EncoderModel)
+    assert isinstance(encoder.encoder.block[0].layer[1].DenseReluDense.wi, COMQLinear)
+    encoder.save_pretrained(tmp_path / "t5-encoder")  # its ignore list names its own layers: it loads back
+    assert torch.equal(run(load_quantized(tmp_path / "t5-encoder")), run(encoder))
 
 
 def test_load_quantized_applies_config_overrides_as_from_pretrained_does(vit_quantized):
