@@ -28,6 +28,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import PackedScheme, quantization_config_dict, read_packed_scheme
 from .settings import CALIBRATION, FORMAT, LINEAR, SELECTION, SOLVER, COMQSettings
+from .solver.options import per_channel_as_none
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         """The checkpoint scheme these settings produce (layout fields are known once quantization ran)."""
         return PackedScheme(
             bits=self.bits,
-            group_size=self.group_size,
+            group_size=per_channel_as_none(self.group_size),  # -1 assigned after construction
             symmetric=self.symmetric,
             layer_type=self.layer_type or LINEAR,
             conv1d_rows=self.conv1d_rows,

@@ -22,6 +22,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from .assets import DEMO_PREFIX, DEMO_SPLITS
 from .solver.options import (
     CLIP_WEIGHTS,
     DEFAULTS,
@@ -249,9 +250,14 @@ class COMQSettings:
         data = self.dataset
         if data is None:
             return
+        if isinstance(data, os.PathLike):
+            return
         if isinstance(data, str):
             if not data.strip():
                 raise ValueError("dataset: got an empty string; pass a dataset name or path, data, or None")
+            if data.startswith(DEMO_PREFIX) and data[len(DEMO_PREFIX):] not in DEMO_SPLITS:
+                choices = ", ".join(DEMO_PREFIX + split for split in DEMO_SPLITS)
+                raise ValueError(f"dataset: unknown demo dataset {data!r}; use one of {choices}")
             return
         if isinstance(data, (list, tuple)) and len(data) == 0:
             raise ValueError("dataset: the list is empty; pass at least one calibration sample")
@@ -280,7 +286,8 @@ def _same_setting(mine: Any, theirs: Any, live: bool) -> bool:
     lists of samples) by identity, as reading them to compare could cost a pass over the data."""
     if live and not isinstance(mine, (str, os.PathLike)):
         return mine is theirs
-    return type(mine) is type(theirs) and mine == theirs
+    numbers_both = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in (mine, theirs))
+    return mine == theirs if numbers_both else type(mine) is type(theirs) and mine == theirs
 
 
 def _check_int(name: str, value: Any, low: int | None, high: int | None, fix: str) -> None:

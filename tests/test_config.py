@@ -226,6 +226,19 @@ def test_configs_are_equal_when_their_settings_are():
     assert COMQConfig(bits=3) not in [COMQConfig(bits=4), COMQConfig(group_size=64)]
 
 
+def test_numbers_compare_by_value_and_paths_and_demo_names_are_checked_at_construction(tmp_path):
+    assert COMQConfig(ridge=0) == COMQConfig() and COMQConfig(shrink=1) == COMQConfig(shrink=1.0)
+    assert COMQConfig(dataset=tmp_path).dataset == tmp_path  # a pathlib.Path, as processor= takes one
+    with pytest.raises(ValueError, match="dataset: unknown demo dataset 'demo:nope'; use one of demo:calibration"):
+        COMQConfig(dataset="demo:nope")
+
+
+def test_per_channel_assigned_as_minus_one_after_construction_serializes():
+    config = COMQConfig(group_size=64)
+    config.group_size = -1  # the command line's spelling, assigned rather than passed
+    assert config.to_dict()["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+
+
 def test_help_and_default_name_the_settings_for_an_unknown_name():
     with pytest.raises(ValueError, match="'group' is not a COMQ setting; the settings are bits, group_size"):
         COMQConfig.help("group")
