@@ -1460,12 +1460,12 @@ def _check_decoder_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> None:
     """An encoder-decoder model given no text to make decoder inputs from (Whisper's audio features alone)."""
     if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or "input_ids" in inputs:
         return
-    if {"decoder_input_ids", "decoder_inputs_embeds"} & set(inputs):
+    if {"decoder_input_ids", "decoder_inputs_embeds", "labels"} & set(inputs):  # labels: the model shifts them itself
         return
     if "decoder_input_ids" in inspect.signature(model.forward).parameters:
         raise ValueError(
             f"{type(model).__name__} is an encoder-decoder model and the calibration inputs hold no text to run its "
-            "decoder on: pass dicts that also hold decoder_input_ids (e.g. the tokenized transcripts or targets)"
+            "decoder on: pass dicts that also hold decoder_input_ids or labels (e.g. the tokenized transcripts or targets)"
         )
 
 

@@ -177,6 +177,8 @@ def test_an_encoder_decoder_given_no_text_for_its_decoder_is_told_to_pass_decode
     features = [{"input_features": torch.randn(1, 8, 32)} for _ in range(2)]
     with pytest.raises(ValueError, match="no text to run its decoder on: pass dicts that also hold decoder_input_ids"):
         quantize_model(model, COMQConfig(bits=8, dataset=features, num_samples=2))
+    transcribed = [{**row, "labels": torch.tensor([[5, 6, 7]])} for row in features]  # a processed ASR dataset's rows
+    assert quantize_model(model, COMQConfig(bits=8, dataset=transcribed, num_samples=2))["layers_skipped"] == {}
 
 
 @pytest.mark.parametrize("kind", ["vit", "vit_model", "deit", "dinov2", "swin", "bert", "gpt2", "llama"])
