@@ -116,25 +116,35 @@ def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | N
     return dict(encoded)
 
 
-POSITION_LIMITS = ("max_position_embeddings", "n_positions", "n_ctx")
+POSITION_LIMITS = ("max_position_embeddings", "max_decoder_position_embeddings", "n_positions", "n_ctx")
 """Config attributes that bound a text model's sequence length (absent where positions are relative, as T5's)."""
 
 
 def text_length_limit(model: nn.Module | None, max_length: int) -> int:
-    """``max_length``, cut to the positions the model's (text) config declares, with a warning.
+    """``max_length``, cut to the positions the model declares (a warning where a length other than
+    the default is cut, a log line otherwise: a 77-position text tower is cut on every run).
 
     Longer inputs fail inside a learned position table (GPT-2: an IndexError deep in the
     forward) or run past the positions a rotary model was trained on, where its
-    activations are not the ones it will be used on.
+    activations are not the ones it will be used on.  A table whose first rows belong to
+    padding (RoBERTa's positions start after ``padding_idx``) holds that many fewer.
     """
+    from ..settings import COMQSettings
+
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     declared = [getattr(text_config, name, None) for name in POSITION_LIMITS]
     limits = [value for value in declared if isinstance(value, int) and not isinstance(value, bool) and value > 0]
+    limits += [
+        module.num_embeddings - module.padding_idx - 1
+        for name, module in (model.named_modules() if isinstance(model, nn.Module) else ())
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None
+    ]
     if not limits or max_length <= min(limits):
         return max_length
     limit = min(limits)
-    logger.warning(
+    log = logger.warning if max_length != COMQSettings.default("max_length") else logger.info
+    log(
         "max_length=%d is longer than the %d positions %s declares; texts are cut to %d tokens "
         "(max_length, hf-comq: --max-length)", max_length, limit, type(model).__name__, limit,
     )  # fmt: skip

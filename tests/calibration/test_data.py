@@ -433,11 +433,20 @@ def test_texts_are_cut_to_the_positions_the_model_declares(caplog):
 
     short = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=8,
                                            bos_token_id=0, eos_token_id=0))  # fmt: skip
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         data = build_calibration_data(short, _config([" ".join(["word"] * 40)] * 2, processor=word_tokenizer()))
         batch = next(iter(data))
     assert batch["input_ids"].shape[1] == 8
     assert "max_length=512 is longer than the 8 positions GPT2LMHeadModel declares; texts are cut to 8" in caplog.text
+    # RoBERTa counts positions from its padding row on: 40 rows (padding_idx 1) hold 38 tokens
+    roberta = T.RobertaModel(T.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, max_position_embeddings=40, pad_token_id=1))  # fmt: skip
+    long_texts = _config([" ".join(["word"] * 60)] * 2, processor=word_tokenizer(), max_length=100)
+    with caplog.at_level(logging.WARNING):
+        batch = next(iter(build_calibration_data(roberta, long_texts)))
+    assert batch["input_ids"].shape[1] == 38 and "max_length=100 is longer than the 38 positions" in caplog.text
+    with torch.no_grad():
+        roberta(**batch)  # within its table
 
 
 def test_text_for_a_model_of_neither_images_nor_text_asks_for_ready_inputs():
