@@ -366,6 +366,9 @@ def test_an_offload_folder_goes_to_from_pretrained_with_the_device_map(
 ) -> None:
     base = ["quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "out", "--offload-folder", tmp_path / "off"]
     assert "pass --device-map too" in cli_error(capsys, *base)
+    inside = ["quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "out", "--device-map", "auto"]
+    assert "overlaps --output" in cli_error(capsys, *inside, "--offload-folder", tmp_path / "out" / "off")
+    assert "overlaps the model's folder" in cli_error(capsys, *inside, "--offload-folder", vit_dir)
     seen = {}
 
     def record(cls, *args, **kwargs):

@@ -31,7 +31,7 @@ def check_output(output: Path, overwrite: bool, source: str | None = None) -> No
     for note in recover_interrupted_save(output):
         print(f"note: {note}", file=sys.stderr)
     resolved = output.resolve()
-    if output.is_dir() and os.path.ismount(output):
+    if output.is_dir() and is_mount_point(output):
         raise CLIError(
             f"--output {output} is a mount point, which cannot be swapped for the finished checkpoint; name a new "
             f"folder inside it, e.g. --output {output / 'quantized'}"
@@ -59,6 +59,21 @@ def check_output(output: Path, overwrite: bool, source: str | None = None) -> No
                 "choose another --output, or empty the folder yourself"
             )
     _check_writable(output)
+
+
+def is_mount_point(folder: Path) -> bool:
+    """Whether ``folder`` is where a file system is mounted: ``os.path.ismount``, which compares devices,
+    or (Linux) a mount point the kernel lists, which also finds a bind mount from the same file system."""
+    if os.path.ismount(folder):
+        return True
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return False
+    target = os.path.realpath(folder)
+    unescape = re.compile(r"\\([0-7]{3})")
+    points = {unescape.sub(lambda match: chr(int(match[1], 8)), line.split()[4]) for line in lines if len(line.split()) > 4}
+    return target in points
 
 
 def is_comq_checkpoint_folder(folder: Path) -> bool:

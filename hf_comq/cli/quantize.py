@@ -121,12 +121,25 @@ def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> 
         args.push_to_hub = check_push_target(args.push_to_hub)  # owner/name: the card names what will exist
     elif args.private:
         raise CLIError("--private makes the repository that --push-to-hub creates private; pass --push-to-hub too")
-    if args.offload_folder and not args.device_map:
-        raise CLIError("--offload-folder holds what a --device-map offloads to disk; pass --device-map too (e.g. auto)")
+    if args.offload_folder:
+        _check_offload_folder(args, output)
     read = read_model_config(args.model)
     if read[1].get("quantization_config"):
         raise CLIError(f"{args.model} is already quantized; quantize its full-precision original")
     return read, resolve_dataset(args.dataset)
+
+
+def _check_offload_folder(args: argparse.Namespace, output: Path) -> None:
+    """``--offload-folder`` needs ``--device-map`` and a place of its own: inside ``--output`` it would be
+    saved with the checkpoint (and block the swap), inside the model's folder it would fill it with files."""
+    if not args.device_map:
+        raise CLIError("--offload-folder holds what a --device-map offloads to disk; pass --device-map too (e.g. auto)")
+    folder = Path(args.offload_folder).expanduser().resolve()
+    taken = [(output, "--output"), *([(Path(args.model), "the model's folder")] if Path(args.model).is_dir() else [])]
+    for place, name in taken:
+        place = place.expanduser().resolve()
+        if folder == place or place in folder.parents or folder in place.parents:
+            raise CLIError(f"--offload-folder {args.offload_folder} overlaps {name} ({place}); give it a folder of its own")
 
 
 def _launcher_ranks() -> Any:

@@ -59,7 +59,18 @@ def test_a_mount_point_as_output_is_refused_before_any_work(tmp_path, monkeypatc
 
     mounted = tmp_path / "volume"
     mounted.mkdir()
-    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mounted)
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mounted)  # a bind mount: see below
     with pytest.raises(CLIError, match=r"is a mount point, .* name a new folder inside it, e.g. --output .*volume/quantized"):
         check_output(mounted, overwrite=False)
     check_output(mounted / "quantized", overwrite=False)
+
+
+def test_the_kernels_mount_list_names_mount_points_a_device_comparison_misses(monkeypatch) -> None:
+    """A bind mount from the same file system has its parent's device: only the mount list knows it."""
+    import os
+
+    from hf_comq.cli.output import is_mount_point
+
+    monkeypatch.setattr(os.path, "ismount", lambda path: False)
+    assert is_mount_point(Path("/proc"))  # listed in /proc/self/mountinfo on every Linux
+    assert not is_mount_point(Path("/proc/self"))
