@@ -206,6 +206,8 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     group = current_group()
     _warn_about_a_launcher_without_group(group)
     settings = _Settings.from_config(config, solver)
+    if group.is_parallel:
+        weights += _resident_parameters_digest(model)
     agree_on(group, _fingerprint(model, layers, settings, config, data, parallel=group.is_parallel, weights=weights))
     inputs = _ModelInputs(model, data.shard(group.rank, group.size), placement)
     groups = find_block_groups(model, getattr(config, "block_name", None))
@@ -1397,6 +1399,19 @@ def _module_configs(model: nn.Module) -> Iterator[Any]:
         text_config = getattr(config, "get_text_config", None)
         if callable(text_config):
             yield text_config()
+
+
+def _resident_parameters_digest(model: nn.Module) -> str:
+    """A digest of a sample of every parameter held in memory (embeddings, norms, biases; those offloaded
+    to disk are left out), so that ranks compare more than the layers :func:`check_finite_weights` reads."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        if parameter.device.type == "meta":
+            continue
+        sample = parameter.detach().reshape(-1)[:: max(1, parameter.numel() // 256)].cpu().contiguous()
+        digest.update(f"{name} {sample.dtype}".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _first_batch_digest(data: Any) -> str:

@@ -252,7 +252,7 @@ def test_ranks_that_loaded_other_weights_of_the_same_architecture_stop_before_ca
     checkpoint = _tiny_checkpoint(tmp_path)
     other = tiny_model("llama")
     with torch.no_grad():
-        other.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+        other.model.norm.weight.add_(1.0)  # a norm only: no layer COMQ quantizes differs
     other.save_pretrained(f"{checkpoint}-other")
     run_two_ranks(tmp_path, QUANTIZE, "other-weights", str(checkpoint), str(tmp_path))
     for rank in range(2):
