@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 
 HEADER = re.compile(r"^### (?P<layer>.+), W(?P<bits>\d)  \(")
 ROWS = {
@@ -112,8 +112,19 @@ def main(path: str) -> None:
     print(f"\nworst default / GPTQ act-order over {len(records)} layer-bit pairs: {worst:.3f}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strong", action="store_true", help="tables of bench_solver.py --peers strong (several files: one table)")
+    parser.add_argument("files", nargs="+", help="bench_solver.py output files")
+    args = parser.parse_args(argv)
+    if not args.strong and len(args.files) > 1:
+        parser.error("several files make one table with --strong only; without it, pass one file")
+    return args
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--strong":
-        main_strong(sys.argv[2:])
+    arguments = parse_args()
+    if arguments.strong:
+        main_strong(arguments.files)
     else:
-        main(sys.argv[1])
+        main(arguments.files[0])
