@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--load", nargs="+", choices=("none", "hog"), default=["none", "hog"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="+", metavar="TEXT", help="only the jobs whose name contains one of these")
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help="only the jobs whose name contains one of these (any case)")
     args = parser.parse_args()
     logging.disable_progress_bar()
     logging.set_verbosity_error()
@@ -188,7 +188,9 @@ def main() -> None:
         for part in args.parts:
             jobs.update(builders[part]())
         if args.only:
-            jobs = {name: job for name, job in jobs.items() if any(text in name for text in args.only)}
+            jobs = {name: job for name, job in jobs.items() if any(text.lower() in name.lower() for text in args.only)}
+            if not jobs:
+                parser.error(f"--only {' '.join(args.only)} matches no job")
         for load in args.load:
             hog = start_hog() if load == "hog" else None
             try:

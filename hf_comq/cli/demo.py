@@ -107,6 +107,7 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     processor = AutoImageProcessor.from_pretrained(model_path)
     calibration = demo_dataset("calibration")
     test = demo_dataset("test")
+    all_test_images = len(test)
     if args.eval_limit is not None:
         test = test.shuffle(seed=0).select(range(min(args.eval_limit, len(test))))
     threads = caller_threads()  # the count the command allows; torch runs this part on one
@@ -155,7 +156,8 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     for folder in folders.values():
         print(f"saved {folder}")
     if folders:
-        print(f"evaluate one again with: hf-comq evaluate {next(iter(folders.values()))} --dataset demo:test")
+        print(f"evaluate one on all {all_test_images:,} test images with: "
+              f"hf-comq evaluate {next(iter(folders.values()))} --dataset demo:test")  # fmt: skip
     return EXIT_OK
 
 
