@@ -445,7 +445,7 @@ _PER_EXPERT = re.compile(r"\.experts\.\d+\.([^.]+)\.weight$")
 
 
 def _checkpoint_names_of_layers(model: nn.Module, in_checkpoint: Callable[[str], str | None], saved: dict) -> set[str]:
-    """Every name a linear layer of ``model`` may carry in a checkpoint (see :func:`layers_the_checkpoint_lacks`)."""
+    """Every name a linear layer of ``model`` may carry in a checkpoint (see :func:`packed_in_checkpoint`)."""
     names = set()
     for name, module in model.named_modules():
         if name and is_linear_like(module):
