@@ -733,7 +733,7 @@ print(json.dumps({"refused": refused, "refused_before_work": refused_before_work
 """
 
 
-def test_cli_push_checks_the_token_first_and_leaves_the_visibility_to_the_account(tmp_path, capfd):
+def test_cli_push_checks_the_token_first_and_leaves_the_visibility_to_the_account(tmp_path):
     """A token the Hub rejects is found before any work; without --private the repository gets the account's
     default visibility (an organisation's may be private), and a name without owner goes to the token's user."""
     from tests.tiny import image_parquet, images
