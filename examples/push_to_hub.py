@@ -79,7 +79,10 @@ def first_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    print(f"pushing as {hub_user(args.token)}")
+    user = hub_user(args.token)
+    print(f"pushing as {user}")
+    repo_id = args.repo_id if "/" in args.repo_id else f"{user}/{args.repo_id}"  # where create_repo puts a bare name
+    private = True if args.private else None  # None: the account's default visibility (an organisation's may be private)
     model_path = args.model or str(demo_model_path())
     processor = AutoImageProcessor.from_pretrained(model_path)
     config = hf_comq.COMQConfig(
@@ -91,21 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = AutoModelForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
 
-    model.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    model.push_to_hub(repo_id, private=private, token=args.token)
     # The processor travels with the model so that the Hub repository is usable on its own.
-    processor.push_to_hub(args.repo_id, private=args.private, token=args.token)
-    print(f"pushed to {args.repo_id}")
+    processor.push_to_hub(repo_id, private=private, token=args.token)
+    print(f"pushed to {repo_id}")
 
     images = [row["image"] for row in demo_dataset("test").select(range(8))]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         expected = model(pixel_values=pixels).logits
         for how, reloaded in (
-            ("plain transformers", AutoModelForImageClassification.from_pretrained(args.repo_id, token=args.token)),
-            ("hf_comq.load_quantized", hf_comq.load_quantized(args.repo_id, token=args.token)),
+            ("plain transformers", AutoModelForImageClassification.from_pretrained(repo_id, token=args.token)),
+            ("hf_comq.load_quantized", hf_comq.load_quantized(repo_id, token=args.token)),
         ):
             difference = (expected - reloaded.eval()(pixel_values=pixels).logits).abs().max().item()
-            print(f"reloaded {args.repo_id} with {how}; max logit difference to the pushed model: {difference:.2e}")
+            print(f"reloaded {repo_id} with {how}; max logit difference to the pushed model: {difference:.2e}")
     return 0
 
 

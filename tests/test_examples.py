@@ -125,9 +125,12 @@ def hub_env(hub: FakeHub, tmp_path: Path, token: str | None) -> dict[str, str]:
 
 
 def test_push_to_hub_round_trip(fake_hub, tmp_path):
+    """Given a name without owner (the account's repository, as create_repo makes it); without --private the
+    repository gets the account's default visibility."""
     repo = f"{fake_hub.user}/vit-comq-w3"
+    requests_before = len(fake_hub.create_requests)
     result = run_example(
-        "push_to_hub.py", repo, "--bits", "3", "--num-samples", "16",
+        "push_to_hub.py", "vit-comq-w3", "--bits", "3", "--num-samples", "16",
         cwd=tmp_path, env=hub_env(fake_hub, tmp_path, fake_hub.token),
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -140,6 +143,7 @@ def test_push_to_hub_round_trip(fake_hub, tmp_path):
     files = fake_hub.files(repo)
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
     assert json.loads(files["config.json"])["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    assert {request.get("private") for request in fake_hub.create_requests[requests_before:]} == {None}
 
 
 def test_push_to_hub_without_a_token_fails(fake_hub, tmp_path):

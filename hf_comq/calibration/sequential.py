@@ -1477,10 +1477,12 @@ def _check_decoder_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> None:
         return
     if {"decoder_input_ids", "decoder_inputs_embeds", "labels"} & set(inputs):  # labels: the model shifts them itself
         return
-    if "decoder_input_ids" in inspect.signature(model.forward).parameters:
+    parameters = inspect.signature(model.forward).parameters
+    if "decoder_input_ids" in parameters:
+        takes = "decoder_input_ids or labels" if "labels" in parameters else "decoder_input_ids"
         raise ValueError(
             f"{type(model).__name__} is an encoder-decoder model and the calibration inputs hold no text to run its "
-            "decoder on: pass dicts that also hold decoder_input_ids or labels (e.g. the tokenized transcripts or targets)"
+            f"decoder on: pass dicts that also hold {takes} (e.g. the tokenized transcripts or targets)"
         )
 
 

@@ -179,6 +179,9 @@ def test_an_encoder_decoder_given_no_text_for_its_decoder_is_told_to_pass_decode
         quantize_model(model, COMQConfig(bits=8, dataset=features, num_samples=2))
     transcribed = [{**row, "labels": torch.tensor([[5, 6, 7]])} for row in features]  # a processed ASR dataset's rows
     assert quantize_model(model, COMQConfig(bits=8, dataset=transcribed, num_samples=2))["layers_skipped"] == {}
+    bare = T.WhisperModel(config).eval()  # its forward takes no labels: the line offers what it takes
+    with pytest.raises(ValueError, match=r"pass dicts that also hold decoder_input_ids \(e.g."):
+        quantize_model(bare, COMQConfig(bits=8, dataset=features, num_samples=2))
 
 
 @pytest.mark.parametrize("kind", ["vit", "vit_model", "deit", "dinov2", "swin", "bert", "gpt2", "llama"])
