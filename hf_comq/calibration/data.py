@@ -31,7 +31,6 @@ Accepted ``dataset`` forms:
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,6 +52,7 @@ from .processors import (
     load_processor,
     model_input_names,
     open_image_file,
+    required_input_names,
     resolve_processor,
     text_length_limit,
 )
@@ -462,16 +462,6 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
     return encode
 
 
-def _required_inputs(model: nn.Module) -> set[str]:
-    """The forward's parameters without a default: inputs every call must give."""
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {parameter.name for parameter in parameters if parameter.kind in kinds and parameter.default is parameter.empty}
-
-
 def _check_model_takes(model: nn.Module, keep: set[str] | None, kind: str) -> None:
     """One line where the data's kind is one the model's forward cannot take (text for a ViT,
     images for a language model), before looking for a processor that cannot exist: the
@@ -480,7 +470,7 @@ def _check_model_takes(model: nn.Module, keep: set[str] | None, kind: str) -> No
     if needs_text_and_images(name):
         raise ValueError(text_and_images_refusal(name, ", or pass ready inputs: dicts of input_ids and pixel_values"))
     needed = INPUT_OF_KIND[kind]
-    others = sorted(set(INPUT_OF_KIND.values()) & _required_inputs(model) - {needed})
+    others = sorted(set(INPUT_OF_KIND.values()) & required_input_names(model) - {needed})
     if others:  # e.g. Blip-2, whose forward needs pixel_values beside the text
         raise ValueError(
             f"the calibration data is {kind}, but {name}.forward needs {', '.join(others)} as well; pass ready "

@@ -32,6 +32,7 @@ __all__ = [
     "load_processor",
     "model_input_names",
     "open_image_file",
+    "required_input_names",
     "resolve_processor",
     "text_length_limit",
 ]
@@ -220,12 +221,22 @@ def _handles(processor: Any, kind: str) -> bool:
 
 def model_input_names(model: nn.Module) -> set[str] | None:
     """Named parameters of ``model.forward``; ``None`` when it takes only ``**kwargs``."""
+    names = {parameter.name for parameter in _named_forward_parameters(model)}
+    return names or None
+
+
+def required_input_names(model: nn.Module) -> set[str]:
+    """The named parameters of ``model.forward`` without a default: inputs every call must give."""
+    return {parameter.name for parameter in _named_forward_parameters(model) if parameter.default is parameter.empty}
+
+
+def _named_forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    """``model.forward``'s parameters that can be passed by name (none where it has no signature)."""
     try:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
-        return None
-    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return names or None
+        return []
+    return [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def filter_inputs(batch: Mapping[str, Any], keep: set[str] | None) -> Batch:

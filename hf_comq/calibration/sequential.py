@@ -72,7 +72,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -162,6 +161,7 @@ from .placement import (
     send_to_device,
     trim_heap,
 )
+from .processors import model_input_names
 from .stages import PausedPass, QuantizedStandIns, StageStop, held_pass_slots, layer_stages, stages_in_call_order
 
 logger = logging.get_logger(__name__)
@@ -169,8 +169,6 @@ logger = logging.get_logger(__name__)
 __all__ = ["LayerSolver", "calibration_mode", "calibration_summary", "check_finite_weights", "quantize_model"]
 
 LayerSolver = Callable[..., QuantizedWeight]
-"""What solves one layer: ``comq_quantize``'s signature (weight, Gram matrix, settings) and result;
-``quantize_model(solver=...)`` takes another, e.g. a baseline, with the same calibration around it."""
 """``solver(weight, hessian, **settings) -> QuantizedWeight``, with the signature of
 :func:`hf_comq.comq_quantize`; benchmarks swap in other layer solvers (e.g. GPTQ)
 to compare them inside the very same calibration pipeline.  ``hessian`` arrives in
@@ -346,9 +344,7 @@ def check_finite_weights(layers: dict[str, nn.Module], device: torch.device, *, 
             weight = get_linear_weight(module)
             finite = torch.isfinite(weight)
             bad = 0 if bool(finite.all()) else int((~finite).sum())
-            sample = weight.reshape(-1)[:: max(1, weight.numel() // 1024)].cpu().contiguous()
-            digest.update(f"{name} {sample.dtype}".encode())
-            digest.update(sample.view(torch.uint8).numpy().tobytes())
+            _digest_sample(digest, name, weight, 1024)
             if release_pages:
                 release_file_pages(module.weight)
         if bad:
@@ -413,12 +409,13 @@ class _ModelInputs:
         self.dtype = _floating_dtype(model)
         self.forward_kwargs = _forward_kwargs(model)
         self.decoder_inputs = _decoder_inputs_maker(model)
+        self.decoder_inputs_wanted = _decoder_inputs_wanted(model)
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
         device = self.placement.input_device
         for batch in self.data:
             inputs = {name: _as_input(value, device, self.dtype) for name, value in batch.items()}
-            _check_decoder_inputs(self.model, inputs)
+            _check_decoder_inputs(self.model, inputs, self.decoder_inputs_wanted)
             if self.decoder_inputs is not None and "input_ids" in inputs and "decoder_input_ids" not in inputs:
                 inputs["decoder_input_ids"] = self.decoder_inputs(labels=inputs["input_ids"])
             yield inputs, token_mask(batch, self.placement.compute)
@@ -1406,12 +1403,16 @@ def _resident_parameters_digest(model: nn.Module) -> str:
     to disk are left out), so that ranks compare more than the layers :func:`check_finite_weights` reads."""
     digest = hashlib.sha256()
     for name, parameter in model.named_parameters():
-        if parameter.device.type == "meta":
-            continue
-        sample = parameter.detach().reshape(-1)[:: max(1, parameter.numel() // 256)].cpu().contiguous()
-        digest.update(f"{name} {sample.dtype}".encode())
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
+        if parameter.device.type != "meta":
+            _digest_sample(digest, name, parameter.detach(), 256)
     return digest.hexdigest()
+
+
+def _digest_sample(digest: Any, name: str, tensor: torch.Tensor, values: int) -> None:
+    """Add about ``values`` evenly spaced values of ``tensor`` (their exact bytes) to ``digest``, under ``name``."""
+    sample = tensor.reshape(-1)[:: max(1, tensor.numel() // values)].cpu().contiguous()
+    digest.update(f"{name} {sample.dtype}".encode())
+    digest.update(sample.view(torch.uint8).numpy().tobytes())
 
 
 def _first_batch_digest(data: Any) -> str:
@@ -1433,13 +1434,7 @@ def _first_batch_digest(data: Any) -> str:
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
     """Turn off KV caches: calibration forwards must not allocate or return them."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in parameters else {}
+    return {"use_cache": False} if "use_cache" in (model_input_names(model) or ()) else {}
 
 
 def _decoder_inputs_maker(model: nn.Module) -> Callable[..., torch.Tensor] | None:
@@ -1471,19 +1466,25 @@ def _shifted_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
     return shifted.masked_fill_(shifted == -100, pad)
 
 
-def _check_decoder_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+def _decoder_inputs_wanted(model: nn.Module) -> str | None:
+    """What an encoder-decoder model's batches must hold when they hold no text to shift
+    (``decoder_input_ids``, or ``labels`` where its forward takes them); ``None`` for other models."""
+    names = model_input_names(model) or set()
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or "decoder_input_ids" not in names:
+        return None
+    return "decoder_input_ids or labels" if "labels" in names else "decoder_input_ids"
+
+
+def _check_decoder_inputs(model: nn.Module, inputs: Mapping[str, Any], wanted: str | None) -> None:
     """An encoder-decoder model given no text to make decoder inputs from (Whisper's audio features alone)."""
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or "input_ids" in inputs:
+    if wanted is None or "input_ids" in inputs:
         return
     if {"decoder_input_ids", "decoder_inputs_embeds", "labels"} & set(inputs):  # labels: the model shifts them itself
         return
-    parameters = inspect.signature(model.forward).parameters
-    if "decoder_input_ids" in parameters:
-        takes = "decoder_input_ids or labels" if "labels" in parameters else "decoder_input_ids"
-        raise ValueError(
-            f"{type(model).__name__} is an encoder-decoder model and the calibration inputs hold no text to run its "
-            f"decoder on: pass dicts that also hold {takes} (e.g. the tokenized transcripts or targets)"
-        )
+    raise ValueError(
+        f"{type(model).__name__} is an encoder-decoder model and the calibration inputs hold no text to run its "
+        f"decoder on: pass dicts that also hold {wanted} (e.g. the tokenized transcripts or targets)"
+    )
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype | None:
