@@ -298,8 +298,7 @@ def checkpoint_layer_names(model: nn.Module, checkpoint_files: Iterable[str]) ->
     into a task model by adding it, the new head left to initialise.  The ignore list and
     the packed tensors carry the checkpoint's names, so layers are matched under those.
     """
-    saved_as = getattr(getattr(model, "config", None), "architectures", None) or ()
-    if type(model).__name__ in saved_as:  # the checkpoint's own class: its names, legacy layouts (Llava's) included
+    if type(model).__name__ in _saved_classes(model):  # the checkpoint's own class: its names, legacy layouts included
         return lambda name: name
     prefix = getattr(model, "base_model_prefix", "") or ""
     keys = _checkpoint_keys(checkpoint_files)
@@ -316,24 +315,31 @@ def checkpoint_layer_names(model: nn.Module, checkpoint_files: Iterable[str]) ->
 
 def saved_as_another_class(model: nn.Module) -> bool:
     """Whether ``model`` is being loaded from a checkpoint another class saved (``config.architectures``)."""
-    saved_as = getattr(getattr(model, "config", None), "architectures", None) or ()
+    saved_as = _saved_classes(model)
     return bool(saved_as) and type(model).__name__ not in saved_as
 
 
-def packed_in_checkpoint(model: nn.Module, checkpoint_files: Iterable[str]) -> set[str] | None:
+def _saved_classes(model: nn.Module) -> list[str]:
+    """The classes the checkpoint being loaded was saved from: its ``config.json``'s ``architectures``."""
+    return list(getattr(getattr(model, "config", None), "architectures", None) or ())
+
+
+def packed_in_checkpoint(
+    model: nn.Module, checkpoint_files: Iterable[str], in_checkpoint: Callable[[str], str | None]
+) -> set[str] | None:
     """The linear layers of ``model`` the checkpoint holds packed, found under any name it may use (the
     model's, the one ``save_pretrained`` writes, with or without the base-model prefix); ``None`` where
     the files cannot be read cheaply (not safetensors).
 
     For a class other than the one that saved the checkpoint, what the checkpoint holds decides:
     its ignore list names the other class's layers, and a layer it does not hold at all (another
-    class's new head) is initialised by transformers, so stays in float.
+    class's new head) is initialised by transformers, so stays in float.  ``in_checkpoint``:
+    :func:`checkpoint_layer_names` of the same model and files.
     """
     keys = _checkpoint_keys(checkpoint_files)
     if not keys:
         return None
     packed = {key.rsplit(".", 1)[0] for key in keys if key.endswith(".weight_packed")}
-    in_checkpoint = checkpoint_layer_names(model, checkpoint_files)
     linears = {name: module for name, module in model.named_modules() if name and is_linear_like(module)}
     weights = {f"{name}.weight": get_linear_weight(module) for name, module in linears.items()}
     saved = {key.removesuffix(".weight"): value.removesuffix(".weight")
@@ -383,12 +389,11 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], sc
             continue
         found[match] = key
         _compare_header(key, match, tensor, header[match], scheme)
-    saved_as = getattr(getattr(model, "config", None), "architectures", None) or ()
-    if missing and saved_as and type(model).__name__ not in saved_as:
-        layers = sorted({key.rsplit(".", 1)[0] for key in missing})
+    if missing and saved_as_another_class(model):
+        layers, saved_as = sorted({key.rsplit(".", 1)[0] for key in missing}), _saved_classes(model)[0]
         raise CheckpointError(
-            f"{type(model).__name__} has linear layers the checkpoint (saved from {saved_as[0]}) does not hold, "
-            f"e.g. {layers[:3]}: load it with {saved_as[0]} (the default), or dense with plain transformers, "
+            f"{type(model).__name__} has linear layers the checkpoint (saved from {saved_as}) does not hold, "
+            f"e.g. {layers[:3]}: load it with {saved_as} (the default), or dense with plain transformers, "
             "which initialises the new layers"
         )
     if missing and len(missing) < len(expected):
@@ -454,13 +459,18 @@ def _checkpoint_names_of_layers(model: nn.Module, in_checkpoint: Callable[[str],
     return names - {None}
 
 
-def _checkpoint_keys(checkpoint_files: Iterable[str]) -> list[str]:
-    """Every tensor name in safetensors files (headers only); empty if any file is not safetensors."""
+def _safetensors_files(checkpoint_files: Iterable[str]) -> list[str] | None:
+    """The checkpoint's files, or ``None`` unless all are safetensors files here, whose headers read cheaply."""
     files = [str(path) for path in checkpoint_files]
     if not files or not all(path.endswith(".safetensors") and os.path.isfile(path) for path in files):
-        return []
+        return None
+    return files
+
+
+def _checkpoint_keys(checkpoint_files: Iterable[str]) -> list[str]:
+    """Every tensor name in safetensors files (headers only); empty if any file is not safetensors."""
     keys = []
-    for path in files:
+    for path in _safetensors_files(checkpoint_files) or ():
         with safe_open(path, framework="pt") as handle:
             keys.extend(handle.keys())
     return keys
@@ -468,8 +478,8 @@ def _checkpoint_keys(checkpoint_files: Iterable[str]) -> list[str]:
 
 def _packed_header(checkpoint_files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]] | None:
     """``{key: (shape, dtype)}`` of the packed tensors in safetensors files; ``None`` if any file is not safetensors."""
-    files = [str(path) for path in checkpoint_files]
-    if not files or not all(path.endswith(".safetensors") and os.path.isfile(path) for path in files):
+    files = _safetensors_files(checkpoint_files)
+    if files is None:
         return None
     header = {}
     for path in files:

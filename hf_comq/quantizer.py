@@ -159,7 +159,7 @@ class COMQHfQuantizer(HfQuantizer):
             self._unfused_experts = unfuse_batched_experts(model, empty=True)
         in_checkpoint = checkpoint_layer_names(model, checkpoint_files)
         another_class = saved_as_another_class(model)
-        held = packed_in_checkpoint(model, checkpoint_files) if another_class else None
+        held = packed_in_checkpoint(model, checkpoint_files, in_checkpoint) if another_class else None
         targets = {
             name: module
             for name, module in model.named_modules()
