@@ -57,6 +57,7 @@ __all__ = [
     "is_unedited_card",
     "load_template",
     "mark_card",
+    "owned_repo_id",
     "project_url",
     "push_folder",
     "render_model_card",
@@ -490,7 +491,11 @@ def _has_comq_tag(path: Path) -> bool:
         metadata = metadata_load(path) or {}
     except Exception:  # metadata that is not YAML: a README of the user's own
         return False
-    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return _lists_comq_tag(metadata.get("tags") if isinstance(metadata, dict) else None)
+
+
+def _lists_comq_tag(tags: Any) -> bool:
+    """Whether card metadata ``tags`` hold the ``comq`` tag every hf_comq card carries (:func:`card_tags`)."""
     return isinstance(tags, list) and CARD_TAGS[0] in tags
 
 
@@ -499,7 +504,12 @@ def resolve_repo_id(repo_id: str, token: bool | str | None = None) -> str:
     ``create_repo`` puts it, so that the card's snippets name the repository that exists."""
     if "/" in repo_id:
         return repo_id
-    return f"{HfApi(token=token).whoami()['name']}/{repo_id}"
+    return owned_repo_id(repo_id, HfApi(token=token).whoami()["name"])
+
+
+def owned_repo_id(repo_id: str, owner: str) -> str:
+    """``repo_id``, a name without an owner given ``owner`` (the token's user): the Hub's rule for ``create_repo``."""
+    return repo_id if "/" in repo_id else f"{owner}/{repo_id}"
 
 
 def _resolved_or_given(repo_id: str, token: bool | str | None) -> str:
@@ -540,7 +550,7 @@ def push_folder(
         if api.file_exists(repo_id, README_NAME, revision=revision):
             owned = ModelCard.load(repo_id, token=token)
             if not is_unedited_card(owned.content):  # the owner's text (or their edit of a COMQ card) stays
-                if CARD_TAGS[0] in (owned.data.tags or []):
+                if _lists_comq_tag(owned.data.tags):
                     logger.warning(
                         "kept the README.md of %s: an hf_comq card edited on the Hub (or written by an older "
                         "hf_comq), so its settings may be an earlier push's; delete it there to get this model's card",

@@ -333,7 +333,9 @@ def check_push_target(repo_id: str) -> str:
     role = ((account.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise CLIError("--push-to-hub: the Hub token is read-only; pushing needs a token with write access")
-    return repo_id if "/" in repo_id else f"{account['name']}/{repo_id}"
+    from ..hub import owned_repo_id
+
+    return owned_repo_id(repo_id, account["name"])
 
 
 def _push(output: Path, repo_id: str, private: bool) -> None:
