@@ -54,6 +54,11 @@ COMPRESSED_TENSORS = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 PROVENANCE_KEY = "comq"
 MIN_COMPRESSED_TENSORS = "0.18"  # dense cross-word packing of 3/5/6/7-bit codes (no version marker before)
+SUPPORTED_COMPRESSED_TENSORS = f">={MIN_COMPRESSED_TENSORS},<0.21"
+"""The compressed-tensors releases hf_comq's checkpoints are tested with (pyproject.toml pins the same range)."""
+MIN_TRANSFORMERS_FOR_CONV1D = "5.23"
+"""Earliest transformers whose compressed-tensors loader reads ``Conv1D`` (GPT-2) layers: 5.17-5.22
+leave their weights random, listing the packed tensors as unexpected in the load report."""
 PACKED_SUFFIXES = tuple(f".{name}" for name in PACKED_TENSORS)
 
 
@@ -146,10 +151,10 @@ def read_packed_scheme(stored: Mapping[str, Any]) -> PackedScheme:
             f"class, ['{LINEAR}'] or ['{CONV1D}'] (layers left out go in the ignore list): load it dense with "
             "plain transformers"
         )
-    if weights.get("actorder") not in (None, "static"):
+    if _stores_order_indices(weights.get("actorder")):
         raise CheckpointError(
             f"the checkpoint stores activation-order indices (actorder={weights.get('actorder')!r}, weight_g_idx); "
-            "hf_comq loads checkpoints without them"
+            "hf_comq loads checkpoints without them: load it dense with plain transformers"
         )
     bits, strategy = weights.get("num_bits"), weights.get("strategy")
     scheme = PackedScheme(
@@ -168,8 +173,29 @@ def read_packed_scheme(stored: Mapping[str, Any]) -> PackedScheme:
             raise CheckpointError(f"Conv1D blocks must be one output channel wide, got {weights.get('block_structure')}")
         scheme.conv1d_rows = rows  # a group size or a per-channel height; resolved per layer when loading
     else:
-        raise CheckpointError(f"strategy {strategy!r} for {scheme.layer_type} layers is not supported by hf_comq")
+        raise CheckpointError(
+            f"strategy {strategy!r} for {scheme.layer_type} layers is not supported by hf_comq (it loads per-channel "
+            "and group scales): load it dense with plain transformers"
+        )
     return scheme
+
+
+def _stores_order_indices(actorder: str | None) -> bool:
+    """Whether a scheme's activation ordering keeps a ``weight_g_idx`` per layer.
+
+    compressed-tensors' ``"weight"`` ordering (``"static"`` is its alias) quantizes in
+    activation order but stores the weight in its own column order, so its layers are
+    read like unordered ones; only ``"group"`` (alias ``"dynamic"``) stores indices.
+    """
+    if actorder is None:
+        return False
+    from compressed_tensors.quantization import ActivationOrdering
+
+    try:
+        ordering = ActivationOrdering(actorder)
+    except ValueError:  # an ordering this compressed-tensors does not know: its layout cannot be told
+        return True
+    return ActivationOrdering.get_aliases().get(ordering.value, ordering.value) != ActivationOrdering.WEIGHT.value
 
 
 def layer_group_size(scheme: PackedScheme, in_features: int) -> int | None:
@@ -558,10 +584,15 @@ def runtime_support(
         plain = (
             f"{DOES_NOT_LOAD}: its compressed-tensors loader merges the packed names into the model's weight converter"
         )
+    elif scheme.layer_type == CONV1D:
+        plain = (
+            f"loads it exactly with transformers {MIN_TRANSFORMERS_FOR_CONV1D} or later, as dense weights dequantized "
+            f"while loading (earlier 5.x releases leave the `Conv1D` layers' weights random)"
+        )
     else:
         plain = "loads it exactly, as dense weights dequantized while loading"
     rows = [
-        (f"transformers + `compressed-tensors>={MIN_COMPRESSED_TENSORS}`, no hf_comq", plain),
+        (f"transformers + `compressed-tensors{SUPPORTED_COMPRESSED_TENSORS}`, no hf_comq", plain),
         ("`hf_comq.load_quantized`", "loads it exactly; the quantized layers stay packed in memory"),
     ]
     if scheme.layer_type == CONV1D:
@@ -578,6 +609,14 @@ def runtime_support(
         vllm = f"compressed-tensors `WNA16` scheme, {kernel}; {VLLM_READ}"
     rows.append(("vLLM", vllm))
     return rows
+
+
+def plain_loading_requirements(scheme: PackedScheme) -> str:
+    """What to ``pip install`` for plain transformers to load a checkpoint of this scheme (quoted specifiers)."""
+    requirements = [f'"{COMPRESSED_TENSORS}{SUPPORTED_COMPRESSED_TENSORS}"']
+    if scheme.layer_type == CONV1D:
+        requirements.append(f'"transformers>={MIN_TRANSFORMERS_FOR_CONV1D}"')
+    return " ".join(requirements)
 
 
 def _vllm_moe_kernel(scheme: PackedScheme) -> str:

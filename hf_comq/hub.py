@@ -38,7 +38,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, metadat
 from huggingface_hub.utils import validate_repo_id
 
 from . import DISTRIBUTION
-from .checkpoint import DOES_NOT_LOAD, runtime_support
+from .checkpoint import DOES_NOT_LOAD, plain_loading_requirements, runtime_support
 from .modules import expert_layers, expert_parameter_share, modules_with_weight_buffers
 from .solver.options import (
     aims_at_full_precision_by_default,
@@ -359,6 +359,7 @@ def render_model_card(
         is_causal_lm=model_class.endswith("ForCausalLM"),
         runtimes=runtimes,
         plain_transformers_loads=not runtimes[0][1].startswith(DOES_NOT_LOAD),
+        plain_requirements=plain_loading_requirements(config.packed_scheme()),
         settings=_settings_rows(config, expert_share, quantized_experts),
         calibration=_calibration_rows(config, pipeline_tag),
         metrics=_comparison_table(metrics),

@@ -7,12 +7,16 @@ from compressed_tensors.quantization import QuantizationConfig
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from hf_comq.checkpoint import (
+    MIN_TRANSFORMERS_FOR_CONV1D,
+    SUPPORTED_COMPRESSED_TENSORS,
     CheckpointError,
     PackedScheme,
     quantization_config_dict,
     read_packed_scheme,
     runtime_support,
 )
+
+PLAIN = f"transformers + `compressed-tensors{SUPPORTED_COMPRESSED_TENSORS}`, no hf_comq"
 
 SCHEMES = [
     PackedScheme(bits=4, group_size=None, symmetric=False, ignore=["lm_head"]),
@@ -59,8 +63,10 @@ def _with_targets(targets: list[str]) -> dict:
         ({"quant_method": "gptq", "bits": 4}, "not a compressed-tensors 'pack-quantized' checkpoint"),
         ({**quantization_config_dict(SCHEMES[0]), "format": "naive-quantized"}, "not a compressed-tensors"),
         (_with_weights(type="float"), "integer weights"),
-        (_with_weights(strategy="tensor"), "strategy 'tensor'"),
+        (_with_weights(strategy="tensor"), "strategy 'tensor'.*load it dense with plain transformers"),
         (_with_weights(actorder="group"), "activation-order"),
+        (_with_weights(actorder="dynamic"), "activation-order indices .*load it dense with plain transformers"),
+        (_with_weights(actorder="sideways"), "activation-order"),
         (
             {**quantization_config_dict(SCHEMES[0]), "config_groups": {}},
             "declares 0 quantization schemes",
@@ -70,11 +76,27 @@ def _with_targets(targets: list[str]) -> dict:
             r"scheme targets \['re:.*'\]; hf_comq loads schemes that target every layer of one class",
         ),
     ],
-    ids=["other-method", "other-format", "float", "tensor-strategy", "actorder", "no-scheme", "regex-targets"],
+    ids=[
+        "other-method", "other-format", "float", "tensor-strategy", "actorder", "actorder-alias", "actorder-unknown",
+        "no-scheme", "regex-targets",
+    ],  # fmt: skip
 )
 def test_checkpoints_hf_comq_cannot_hold_are_named(stored, message):
     with pytest.raises(CheckpointError, match=message):
         read_packed_scheme(stored)
+
+
+@pytest.mark.parametrize("actorder", [None, "static", "weight"])
+def test_activation_ordering_without_indices_reads_like_none(actorder):
+    """compressed-tensors' "weight" ordering (llm-compressor's GPTQModifier(actorder="weight"); "static" is
+    its alias) stores the weight in its own column order, as without any ordering."""
+    assert read_packed_scheme(_with_weights(actorder=actorder)) == read_packed_scheme(_with_weights(actorder=None))
+
+
+def test_conv1d_checkpoints_name_the_transformers_release_that_loads_them():
+    conv1d = dict(runtime_support(SCHEMES[2], "GPT2LMHeadModel"))[PLAIN]
+    assert f"transformers {MIN_TRANSFORMERS_FOR_CONV1D} or later" in conv1d and "random" in conv1d
+    assert MIN_TRANSFORMERS_FOR_CONV1D not in dict(runtime_support(SCHEMES[0], "LlamaForCausalLM"))[PLAIN]
 
 
 def test_activation_quantization_is_refused():
@@ -86,7 +108,7 @@ def test_activation_quantization_is_refused():
 
 def test_runtime_support_names_every_runtime_and_what_is_unverified():
     linear = dict(runtime_support(SCHEMES[0], "LlamaForCausalLM"))
-    assert "dense" in linear["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    assert "dense" in linear[PLAIN]
     assert "packed" in linear["`hf_comq.load_quantized`"]
     assert "Marlin" in linear["vLLM"] and "not run" in linear["vLLM"]
     assert "Humming" in dict(runtime_support(SCHEMES[1], "LlamaForCausalLM"))["vLLM"]
@@ -95,16 +117,16 @@ def test_runtime_support_names_every_runtime_and_what_is_unverified():
     token_classifier = dict(runtime_support(SCHEMES[0], "BertForTokenClassification"))["vLLM"]
     assert token_classifier.startswith("not checked") and "image" not in token_classifier
     moe = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", batched_experts=True))
-    assert "does not load" in moe["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    assert "does not load" in moe[PLAIN]
     asymmetric_experts = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", quantized_experts=True))
-    assert "drops the zero points" in asymmetric_experts["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    assert "drops the zero points" in asymmetric_experts[PLAIN]
     assert "Marlin" in asymmetric_experts["vLLM"] and "not run" in asymmetric_experts["vLLM"]  # W4 per channel
     symmetric_experts = dict(runtime_support(SCHEMES[1], "MixtralForCausalLM", quantized_experts=True))
-    assert "loads it exactly" in symmetric_experts["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    assert "loads it exactly" in symmetric_experts[PLAIN]
     assert "Humming" in symmetric_experts["vLLM"]  # W3: no Marlin or Triton kernel for 3-bit experts
     dinov2 = dict(runtime_support(SCHEMES[0], "Dinov2Model"))
-    assert "does not load" in dinov2["transformers + `compressed-tensors>=0.18`, no hf_comq"]
+    assert "does not load" in dinov2[PLAIN]
     detr = dict(runtime_support(SCHEMES[0], "DetrForObjectDetection", weight_buffers=True))
     assert "does not load it: its compressed-tensors loader dequantizes every `weight`" in detr[
-        "transformers + `compressed-tensors>=0.18`, no hf_comq"
+        PLAIN
     ]

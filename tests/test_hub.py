@@ -113,6 +113,15 @@ def run_hub_client(hub: FakeHub, tmp_path: Path, body: str, args: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------- the card
+def test_card_names_what_plain_transformers_needs_for_the_checkpoint():
+    linear = split_card(str(render_model_card(comq_config(), None, model_class="ViTForImageClassification")))[1]
+    assert 'pip install "compressed-tensors>=0.18,<0.21"\n' in linear
+    conv1d = comq_config(layer_type="Conv1D", group_size=None)
+    gpt2 = split_card(str(render_model_card(conv1d, None, model_class="GPT2LMHeadModel")))[1]
+    assert 'pip install "compressed-tensors>=0.18,<0.21" "transformers>=5.23"\n' in gpt2
+    assert "loads it exactly with transformers 5.23 or later" in gpt2
+
+
 def test_render_model_card_metadata_and_sections():
     metrics = {"top-1": {"fp32": 0.81234, "comq": 0.80501}, "top-5": {"fp32": 0.95, "comq": 0.94}}
     results = [EvalResult(task_type="image-classification", dataset_type="imagenet-1k", dataset_name="ImageNet",

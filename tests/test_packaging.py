@@ -20,3 +20,10 @@ def test_every_subpackage_is_listed_in_pyproject():
 def test_the_packaged_card_template_is_the_repository_one():
     packaged = resources.files("hf_comq.model_cards").joinpath("comq_model_card.md").read_text(encoding="utf-8")
     assert packaged == (REPO_ROOT / "model_cards" / "comq_model_card.md").read_text(encoding="utf-8")
+
+
+def test_the_compressed_tensors_range_cards_advise_is_the_one_pip_installs():
+    from hf_comq.checkpoint import SUPPORTED_COMPRESSED_TENSORS
+
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"compressed-tensors{SUPPORTED_COMPRESSED_TENSORS}" in dependencies
