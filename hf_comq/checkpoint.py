@@ -120,7 +120,8 @@ def quantization_config_dict(scheme: PackedScheme) -> dict[str, Any]:
     ).model_dump(mode="json")
     config["version"] = compressed_tensors.__version__
     config["dequantize"] = True
-    config[PROVENANCE_KEY] = dict(scheme.provenance)
+    if scheme.provenance:  # another producer's checkpoint, loaded and saved again, gets no COMQ record
+        config[PROVENANCE_KEY] = dict(scheme.provenance)
     return config
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import PackedScheme, quantization_config_dict, read_packed_scheme
+from .checkpoint import PROVENANCE_KEY, PackedScheme, quantization_config_dict, read_packed_scheme
 from .settings import CALIBRATION, FORMAT, LINEAR, SELECTION, SOLVER, COMQSettings
 from .solver.options import per_channel_as_none
 
@@ -76,7 +76,7 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
             layer_type=self.layer_type or LINEAR,
             conv1d_rows=self.conv1d_rows,
             ignore=list(self.ignore or []),
-            provenance=self.provenance(),
+            provenance={} if self.other_producer else self.provenance(),
         )
 
     def provenance(self) -> dict[str, Any]:
@@ -157,6 +157,8 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
                 values.update(value)
             elif key in cls.field_names():
                 values[key] = value
+        if PROVENANCE_KEY not in config_dict:
+            values["other_producer"] = True
         values["calibration_description"] = values.pop("description", None)
         values["calibration_samples"] = values.pop("samples_used", None)
         values.update(

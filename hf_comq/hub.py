@@ -413,7 +413,8 @@ def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | N
 
 def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, model_id: str | None = None) -> Path | None:
     """Write README.md for a COMQ model into ``save_directory``, unless the folder has a README
-    that is not an unedited hf_comq card.
+    that is not an unedited hf_comq card, or another tool made the checkpoint (loaded with
+    ``load_quantized``; a COMQ card would claim its settings).
 
     A card hf_comq wrote carries a digest of its text (:func:`is_unedited_card`): saving
     again into the same folder replaces it, since it describes the earlier save (another
@@ -423,6 +424,9 @@ def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, mode
     Returns:
         The path written, or ``None`` when a README was kept.
     """
+    if _comq_config(model).other_producer:
+        logger.info("no COMQ model card for %s: another tool made its checkpoint", type(model).__name__)
+        return None
     path = Path(save_directory) / README_NAME
     if path.exists() and not is_unedited_card(path.read_text(encoding="utf-8", errors="replace")):
         _say_kept(path)

@@ -133,6 +133,10 @@ class COMQSettings:
     conv1d_rows: int | None = setting(None, RECORDED, "Conv1D scheme: block height of a per-channel grid")
     base_model: str | None = setting(None, RECORDED, "Hub id of the checkpoint that was quantized")
     base_model_folder: str | None = setting(None, RECORDED, "folder name of a local checkpoint that was quantized")
+    other_producer: bool = setting(
+        False, RECORDED, "the checkpoint was made by another tool (its quantization_config has no comq record): "
+        "saved again without one and without a COMQ model card"
+    )
 
     def __post_init__(self) -> None:
         self.post_init()

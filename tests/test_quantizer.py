@@ -329,6 +329,21 @@ def test_another_producers_checkpoint_with_bfloat16_scales_loads_as_plain_transf
     torch.testing.assert_close(run(packed), run(dense), rtol=1e-5, atol=1e-6)
 
 
+def test_another_producers_checkpoint_saved_again_claims_no_comq_settings(fp_checkpoints, tmp_path):
+    """Loaded with load_quantized and saved again, another tool's checkpoint gets neither a ``comq``
+    record of settings that never ran nor a card saying COMQ made it; it still loads back packed."""
+    _compressed_tensors_checkpoint(fp_checkpoints["llama"], tmp_path / "ct", torch.float32)
+    loaded = load_quantized(tmp_path / "ct")
+    loaded.save_pretrained(tmp_path / "again")
+    stored = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert "comq" not in stored and stored["quant_method"] == "compressed-tensors"
+    assert not (tmp_path / "again" / "README.md").exists()
+    assert torch.equal(run(load_quantized(tmp_path / "again")), run(loaded))
+    quantize_tiny(fp_checkpoints["llama"], T.LlamaForCausalLM).save_pretrained(tmp_path / "comq")
+    assert "comq" in json.loads((tmp_path / "comq" / "config.json").read_text())["quantization_config"]
+    assert (tmp_path / "comq" / "README.md").exists()
+
+
 def test_a_checkpoint_saved_in_a_legacy_layout_with_layers_kept_in_float_loads_back(tmp_path):
     """Llava saves its keys in the older layout (``vision_tower.``, ``language_model.model.``) and keeps
     its vision tower in float when calibrated on text; the ignore list names the loaded model's layers."""
