@@ -24,6 +24,7 @@ COMQ model once its weights are in place.  It gives the model instance its own
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -537,12 +538,15 @@ def push_folder(
     commit_message: str | None = None,
     commit_description: str | None = None,
     tags: list[str] | None = None,
+    files: list[str] | None = None,
 ) -> Any:
     """Publish a finished checkpoint folder in one commit: ``create_repo(exist_ok=True)`` + ``upload_folder``.
 
     The folder's README.md is the COMQ card; when the repository already has a README,
     that one is kept (it is the owner's text) and only receives the folder card's tags,
     unless it is an unedited COMQ card of an earlier push (:func:`is_unedited_card`).
+    ``files``: only these paths of the folder (relative, POSIX), as ``save_pretrained(push_to_hub=True)``
+    uploads only what the save wrote; ``None``: the whole folder.
     """
     validate_repo_id(repo_id)
     api = HfApi(token=token)
@@ -572,6 +576,7 @@ def push_folder(
         commit_description=commit_description,
         revision=revision,
         create_pr=create_pr,
+        allow_patterns=None if files is None else [glob.escape(name) for name in files],
     )
 
 
@@ -604,6 +609,7 @@ class _SavePretrainedWithCard:
     def __call__(self, save_directory: str | os.PathLike[str], *args: Any, push_to_hub: bool = False, **kwargs: Any):
         push = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr") if key in kwargs}
         model = self.model
+        before = _file_stamps(save_directory) if push_to_hub else {}
         result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         from .calibration.distributed import is_saving_rank
 
@@ -616,8 +622,26 @@ class _SavePretrainedWithCard:
             repo_id = _resolved_or_given(repo_id, push.get("token"))
         write_model_card(save_directory, model, model_id=repo_id)
         if push_to_hub:
-            push_folder(save_directory, repo_id, **push)
+            push_folder(save_directory, repo_id, files=_changed_files(save_directory, before), **push)
         return result
+
+
+def _file_stamps(folder: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
+    """``relative POSIX path -> (mtime_ns, size)`` of every file under ``folder`` (none if it does not exist)."""
+    root = Path(folder)
+    if not root.is_dir():
+        return {}
+    return {
+        path.relative_to(root).as_posix(): (path.stat().st_mtime_ns, path.stat().st_size)
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
+def _changed_files(folder: str | os.PathLike[str], before: Mapping[str, tuple[int, int]]) -> list[str]:
+    """The files of ``folder`` written since ``before`` was taken: what a save wrote there, not the
+    user's other files nor a previous save's leftovers (transformers' push uploads the same)."""
+    return sorted(name for name, stamp in _file_stamps(folder).items() if before.get(name) != stamp)
 
 
 class _PushToHubWithCard:

@@ -654,6 +654,10 @@ with torch.no_grad():
 
 # 2. save_pretrained(push_to_hub=True) of the reloaded (packed) model.
 resaved = os.path.join(args["work"], "resaved")
+os.makedirs(os.path.join(resaved, "notes"))
+for leftover in ("notes/mine.txt", "model.safetensors.index.json"):  # the user's file, an earlier sharded save's
+    with open(os.path.join(resaved, leftover), "w") as handle:
+        handle.write("{}")
 reloaded.save_pretrained(resaved, push_to_hub=True, repo_id="user/resaved")
 print(json.dumps({
     "hooked_on_load": hooked_on_load,
@@ -708,6 +712,12 @@ def test_push_to_hub_uploads_the_card_of_a_quantized_model(quantized_push):
     assert 'hf_comq.load_quantized("user/comq-vit")' in body
     assert "| Weight bits | 4 |" in body and "tensor (pixel_values), 8 samples" in body
     assert [commit.title for commit in server._repo("user/comq-vit").commits][1:] == ["Upload COMQ-quantized model"]
+
+
+def test_save_pretrained_push_to_hub_uploads_only_what_the_save_wrote(quantized_push):
+    """As transformers' own push: the user's other files in the folder and an earlier save's leftovers stay local."""
+    server, _ = quantized_push
+    assert sorted(server.files("user/resaved")) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
 
 
 def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
