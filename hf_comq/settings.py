@@ -34,6 +34,7 @@ from .solver.options import (
     RIDGE_FROM_DATA,
     START_POINTS,
     SUM_DTYPES,
+    check_damp,
     check_pair_moves,
     check_ridge,
     per_channel_as_none,
@@ -206,8 +207,7 @@ class COMQSettings:
         _check_bool("scale_search", self.scale_search)
         _check_bool("block_resolve", self.block_resolve)
         _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)
-        if self.damp is not None:
-            _check_float("damp", self.damp, "use a small positive damping such as 0.01, or None for the default")
+        check_damp(self.damp)
         _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
         _check_int("start_grids", self.start_grids, 1, MAX_START_GRIDS, "use 3 (the default), or 1 for a faster start")
         check_pair_moves(self.pair_moves)

@@ -96,7 +96,7 @@ def one_line(error: BaseException) -> str:
         ({"bits": 1}, ValueError, r"bits: expected an integer in \[2, 8\], got 1; use 4"),
         ({"bits": "4"}, ValueError, "bits: expected an integer"),
         ({"group_size": 0}, ValueError, "group_size: expected an integer >= 1"),
-        ({"damp": 0.0}, ValueError, r"damp: expected a number > 0, got 0.0"),
+        ({"damp": 0.0}, ValueError, r"damp must be a number > 0 or None, got 0.0"),
         ({"shrink": 1.5}, ValueError, r"shrink: expected a number in \(0, 1.0\]"),
         ({"order": "random"}, ValueError, r"order: expected one of \['greedy', 'sequential', 'act_order'\]"),
         ({"init": "zeros"}, ValueError, "init: expected one of"),

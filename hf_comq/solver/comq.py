@@ -23,6 +23,7 @@ from .options import (
     ORDERS,
     START_POINTS,
     check_bits,
+    check_damp,
     check_pair_moves,
     check_ridge,
     default_damp,
@@ -979,12 +980,11 @@ def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, 
         raise ValueError(f"init must be one of {START_POINTS}, got {init!r}")
     if not 0.0 < shrink <= 1.0:
         raise ValueError(f"shrink must be in (0, 1], got {shrink!r}")
-    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp >= 0:
-        raise ValueError(f"damp must be a non-negative number or None (bits-dependent default), got {damp!r}")
-    if tol < 0:
-        raise ValueError(f"tol must be non-negative, got {tol!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size!r}")
+    check_damp(damp)
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
 

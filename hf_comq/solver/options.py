@@ -197,6 +197,21 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
     return group_size
 
 
+def check_damp(damp: float | None) -> None:
+    """The one ``damp`` rule: ``None`` (the bit width's default) or a finite number above zero.
+
+    Zero would leave a rank-deficient ``H`` (fewer calibration tokens than inputs, a
+    layer seen by few tokens) without the damping that makes its factorisation exist.
+    """
+    if damp is None:
+        return
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not 0 < damp < float("inf"):
+        raise ValueError(
+            f"damp must be a number > 0 or None, got {damp!r}; use a small positive damping such as 0.01, "
+            "or None for the default"
+        )
+
+
 def check_pair_moves(pair_moves: int) -> None:
     """The one ``pair_moves`` rule: a whole number of candidates per row, 0 (off) or more."""
     if not isinstance(pair_moves, int) or isinstance(pair_moves, bool) or pair_moves < 0:

@@ -217,7 +217,7 @@ def error_feedback_start(
         scale_row, zero_row = grid.scale[0], grid.zero[0]
         state_t = torch.div(weight_t.unsqueeze(1), scale_row.view(n_grids, out_features))
         codes_t, damped_rows = error_feedback_pass(
-            state_t.view(n_cols, -1).add_(zero_row), plan.coupling, plan.move_weight, max_code, block_size=block_size
+            state_t.reshape(n_cols, -1).add_(zero_row), plan.coupling, plan.move_weight, max_code, block_size=block_size
         )
         damped_rows.mul_(scale_row.square())
     else:

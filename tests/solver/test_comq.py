@@ -272,6 +272,10 @@ def test_shrink_narrows_the_initial_grid(medium_layer):
         (dict(init="zeros"), "init must be one of"),
         (dict(iterations=-1), "iterations must be"),
         (dict(shrink=1.5), "shrink must be in"),
+        (dict(damp=0.0), "damp must be a number > 0 or None"),  # as COMQConfig: a rank-deficient H needs it
+        (dict(damp=float("inf")), "damp must be a number > 0 or None"),
+        (dict(tol=float("nan")), "tol must be a non-negative number"),
+        (dict(block_size=1.5), "block_size must be a positive integer"),
     ],
 )
 def test_bad_settings_raise_clear_errors(kwargs, message, medium_layer):
@@ -705,3 +709,16 @@ def test_the_widest_threaded_gemm_spans_one_table_of_a_wide_layer():
     assert small == 2.0 * 128 * 3 * 576 * 1536  # one slice: every start grid side by side over all rows
     wide = widest_threaded_gemm(2048, 5632, start_grids=3)
     assert 0.9 * 2.0 * 128 * slice_rows(5632) * 5632 <= wide <= 2.0 * 128 * slice_rows(5632) * 5632
+
+
+@pytest.mark.parametrize("shape", [(5, 1), (36, 1), (1, 1), (7, 3)], ids=lambda shape: f"{shape[0]}x{shape[1]}")
+def test_the_narrowest_layers_quantize_with_the_defaults(shape):
+    """A layer of one input feature (a time-series model's value embedding) took a stride-dependent
+    view of its start's state and failed; it quantizes as any other, no worse than rounding."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(*shape, generator=generator)
+    inputs = torch.randn(64, shape[1], generator=generator)
+    hessian = inputs.T @ inputs
+    quantized = comq_quantize(weight, hessian, bits=4)
+    assert quantized.codes.shape == shape
+    assert layer_objective(weight, quantized.dequantize(), hessian) <= _rtn_objective(weight, hessian, 4) * (1 + 1e-6)
