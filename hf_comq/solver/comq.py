@@ -274,7 +274,7 @@ def comq_quantize(
         bits=bits,
         group_size=group_size if cols_per_group != in_features else None,
         dtype=weight.dtype,
-        stats={"objective": history, "relative_error": history[-1] / reference if reference > 0 else 0.0},
+        stats=_objective_stats(history, reference),
     )
 
 
@@ -504,6 +504,17 @@ def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: to
     return float(((error @ hessian.double()) * error).sum())
 
 
+def _objective_stats(history: list[float], reference: float) -> dict[str, float | list[float]]:
+    """``stats`` of a solve: its objective history and final relative error, each at least zero.
+
+    Both are squared norms, summed from float products in the compute dtype; where ``H``
+    is rank-deficient (a layer seen by few tokens) a near-zero objective can come out a
+    little below zero by cancellation, a value no reader should be shown.
+    """
+    history = [max(value, 0.0) for value in history]
+    return {"objective": history, "relative_error": history[-1] / reference if reference > 0 else 0.0}
+
+
 def _round_to_grid(
     weight: torch.Tensor, hessian: torch.Tensor, h_diag: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     scale_search: bool, shrink: float, stored_group: int | None, compute_dtype: torch.dtype,
@@ -547,7 +558,7 @@ def _round_to_grid(
         bits=bits,
         group_size=stored_group,
         dtype=weight.dtype,
-        stats={"objective": [objective], "relative_error": objective / reference if reference > 0 else 0.0},
+        stats=_objective_stats([objective], reference),
     )
 
 

@@ -722,3 +722,13 @@ def test_the_narrowest_layers_quantize_with_the_defaults(shape):
     quantized = comq_quantize(weight, hessian, bits=4)
     assert quantized.codes.shape == shape
     assert layer_objective(weight, quantized.dequantize(), hessian) <= _rtn_objective(weight, hessian, 4) * (1 + 1e-6)
+
+
+def test_objectives_of_a_rank_deficient_layer_are_never_below_zero():
+    """One calibration token: the objective is near zero, summed in float32 it came out slightly negative."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 32, generator=generator)
+    token = torch.randn(1, 32, generator=generator)
+    for bits in (2, 3, 4):
+        stats = comq_quantize(weight, token.T @ token, bits=bits).stats
+        assert min(stats["objective"]) >= 0.0 and stats["relative_error"] >= 0.0
