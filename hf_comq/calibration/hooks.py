@@ -20,7 +20,7 @@ from torch import nn
 
 from ..modules import expert_layers
 from ..nn import linear_shape
-from ..solver import HessianAccumulator, TargetProductAccumulator
+from ..solver import HessianAccumulator, NonFiniteActivations, TargetProductAccumulator
 from .blocks import BlockGroup
 from .placement import send_to_device
 
@@ -362,13 +362,16 @@ class HessianRecorder:
                 f"{tuple(activations.shape[:-1])} in the quantized one (a routed layer, e.g. a mixture-of-experts "
                 "expert?); fp_target needs the same tokens in both: calibrate with fp_target=False"
             )
-        if product is not None:
-            product.add(activations, target)
-        if shared:
-            return
-        accumulator = self.accumulators[name]
-        accumulator.add(activations, target if accumulator.with_target else None)
-        self._last = (tensor, name)
+        try:
+            if product is not None:
+                product.add(activations, target)
+            if not shared:
+                accumulator = self.accumulators[name]
+                accumulator.add(activations, target if accumulator.with_target else None)
+        except NonFiniteActivations:
+            raise NonFiniteActivations(_non_finite_message(name, tensor.dtype)) from None
+        if not shared:
+            self._last = (tensor, name)
 
     def _real_tokens(self, tensor: torch.Tensor, rows: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         activations = tensor.detach()
@@ -417,6 +420,16 @@ class HessianRecorder:
 # ---------------------------------------------------------------------------
 # Block inputs
 # ---------------------------------------------------------------------------
+
+
+def _non_finite_message(layer: str, dtype: torch.dtype) -> str:
+    """One line for a layer whose calibration inputs are not finite: where, and what to do."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return (
+            f"the calibration inputs of {layer!r} hold NaN or inf: the model overflows in {str(dtype)[6:]}; "
+            "load it in float32 (from_pretrained(..., dtype=torch.float32))"
+        )
+    return f"the calibration inputs of {layer!r} hold NaN or inf; check the calibration data"
 
 
 class _StopForward(Exception):

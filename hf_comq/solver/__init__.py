@@ -35,6 +35,7 @@ _EXPORTS = {
     "Grid": ".grid",
     "minmax_grid": ".grid",
     "HessianAccumulator": ".hessian",
+    "NonFiniteActivations": ".hessian",
     "TargetProductAccumulator": ".hessian",
     "fp_target_weight": ".target",
     "target_product": ".target",

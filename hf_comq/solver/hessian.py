@@ -38,6 +38,11 @@ SHRINKAGE_FLOOR = 1e-6
 token is its own direction (``delta = 1``) gets a large finite ridge, not an infinite one."""
 
 
+class NonFiniteActivations(ValueError):
+    """Calibration inputs (or full-precision targets) of a layer hold NaN or inf: usually a model
+    whose activations overflow its dtype (float16), else broken calibration data."""
+
+
 class HessianAccumulator:
     """Accumulates ``X^T X`` over batches of activations of any leading shape.
 
@@ -128,7 +133,7 @@ class HessianAccumulator:
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
         rows = activations.reshape(-1, self.in_features).to(device=self._device, dtype=product_dtype)
         if not _all_finite(rows):
-            raise ValueError("activations contain NaN or inf; check the calibration inputs and the model's dtype")
+            raise NonFiniteActivations("activations contain NaN or inf; check the calibration inputs and the model's dtype")
         if (target is not None) != self.with_target:
             raise ValueError(
                 "this Gram matrix sums the target shift: pass the full-precision inputs as target"
@@ -141,7 +146,7 @@ class HessianAccumulator:
                 raise ValueError(f"target inputs have shape {tuple(target.shape)}, expected {tuple(activations.shape)}")
             shift_rows = target.reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype) - rows
             if not _all_finite(shift_rows):
-                raise ValueError("target activations contain NaN or inf; check the model's dtype")
+                raise NonFiniteActivations("target activations contain NaN or inf; check the model's dtype")
         self._sums()
         self._norm_fourth += torch.linalg.vector_norm(rows, dim=1).double().pow(4).sum()  # no batch-sized temporary
         pieces = [] if shift_rows is None else _products(self._shift, self._shift_spans, shift_rows, rows)

@@ -28,6 +28,20 @@ def test_only_real_tokens_enter_the_gram_matrix():
     assert recorder.accumulators["0"].num_tokens == 8 + 5
 
 
+@pytest.mark.parametrize(
+    ("dtype", "advice"),
+    [(torch.float16, "the model overflows in float16; load it in float32"), (torch.float32, "check the calibration data")],
+)
+def test_non_finite_inputs_name_the_layer_and_what_to_do(dtype, advice):
+    """An fp16 model that overflows inside calibration: the line names the layer it reached, and float32."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))
+    with HessianRecorder(model, ["0", "1"], torch.device("cpu")) as recorder:
+        with recorder.tokens(None), pytest.raises(ValueError, match=rf"inputs of '1' hold NaN or inf.*{advice}"):
+            model(torch.ones(2, 4, dtype=dtype))
+
+
 def test_a_forward_pass_outside_a_token_scope_is_an_error():
     model = nn.Sequential(nn.Linear(4, 3))
     with HessianRecorder(model, ["0"], torch.device("cpu")) as recorder:
