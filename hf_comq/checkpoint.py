@@ -8,12 +8,12 @@ knows the format's ``quantization_config``:
 * :func:`quantization_config_dict` writes it for a COMQ result (the scheme is declared
   with compressed-tensors' own pydantic models, so it is valid by construction), plus
   two keys of our own: ``"comq"``, the provenance (solver settings, calibration,
-  hf_comq version), and ``"dequantize": true``, a loading option of transformers'
+  hf_comq version; absent for another tool's checkpoint saved again), and ``"dequantize": true``, a loading option of transformers'
   compressed-tensors integration.  Without it, transformers 5.2x with compressed-tensors
   0.18-0.20 cannot build its compressed modules for packed zero points ("weight_zero_point
-  size mismatch") nor for ``Conv1D`` layers; with it, every COMQ checkpoint loads exactly,
+  size mismatch") nor for ``Conv1D`` layers; with it, COMQ checkpoints load exactly,
   as dense weights dequantized while loading (so plain transformers behaves the same for
-  every grid).  vLLM ignores both keys.
+  every grid), except where :func:`runtime_support` says otherwise.  vLLM ignores both keys.
 * :func:`read_packed_scheme` reads one back -- any producer's, as long as it is
   integer, weight-only and packed -- and names what is wrong otherwise.
 * :func:`check_checkpoint_files` and :func:`verify_quantized_model` make loading fail
@@ -549,6 +549,24 @@ DOES_NOT_LOAD = "does not load it"
 """How a :func:`runtime_support` row starts where the runtime cannot load the checkpoint."""
 
 
+def zero_points_plain_loading_fails_on(scheme: PackedScheme, layers: Mapping[str, tuple[int, int]]) -> list[str]:
+    """The layers (``name -> (out_features, in_features)``) whose zero points compressed-tensors
+    (0.18 to 0.20) cannot unpack, so that plain transformers fails to load the checkpoint.
+
+    At 4 bits that library unpacks packed zero points through a transposed byte view, which
+    it refuses when they fill one ``int32`` row (8 output rows or fewer) over several groups
+    (``self.stride(-1) must be 1 to view Int as Byte``); only asymmetric group-wise ``Linear``
+    schemes pack zero points that way.  ``hf_comq.load_quantized`` reads them.
+    """
+    if scheme.layer_type != LINEAR or scheme.symmetric or scheme.bits != 4 or scheme.group_size is None:
+        return []
+    return [
+        name
+        for name, (out_features, in_features) in layers.items()
+        if out_features * scheme.bits <= 32 and group_count(in_features, scheme.group_size) > 1
+    ]
+
+
 def runtime_support(
     scheme: PackedScheme,
     model_class: str | None = None,
@@ -556,6 +574,7 @@ def runtime_support(
     batched_experts: bool = False,
     quantized_experts: bool = False,
     weight_buffers: bool = False,
+    narrow_zero_points: list[str] | None = None,
 ) -> list[tuple[str, str]]:
     """``(runtime, what it does with this checkpoint)`` rows for the model card and the README.
 
@@ -568,6 +587,7 @@ def runtime_support(
     (tests/test_plain_transformers.py).  ``weight_buffers``: a model with buffers named
     ``weight`` (:func:`hf_comq.modules.modules_with_weight_buffers`, e.g. DETR's frozen batch norms),
     which that loader's dequantizing converter takes for packed weights and fails on.
+    ``narrow_zero_points``: the layers :func:`zero_points_plain_loading_fails_on` names.
     """
     if batched_experts:
         plain = f"{DOES_NOT_LOAD}: its compressed-tensors loader breaks the mixture-of-experts weight converters"
@@ -575,6 +595,13 @@ def runtime_support(
         plain = (
             f"{DOES_NOT_LOAD}: its loader of packed mixture-of-experts layers drops the zero points "
             "(quantize with `symmetric=True`, `hf-comq quantize --symmetric`, for a checkpoint it loads)"
+        )
+    elif narrow_zero_points:
+        plain = (
+            f"{DOES_NOT_LOAD}: its compressed-tensors fails to unpack the 4-bit zero points of layers with 8 or fewer "
+            f"outputs ({', '.join(f'`{name}`' for name in narrow_zero_points[:3])}"
+            f"{', ...' if len(narrow_zero_points) > 3 else ''}; quantize with `symmetric=True`, `hf-comq quantize "
+            "--symmetric`, for a checkpoint it loads)"
         )
     elif weight_buffers:
         plain = (

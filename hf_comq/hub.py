@@ -39,8 +39,9 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, metadat
 from huggingface_hub.utils import validate_repo_id
 
 from . import DISTRIBUTION
-from .checkpoint import DOES_NOT_LOAD, plain_loading_requirements, runtime_support
+from .checkpoint import DOES_NOT_LOAD, plain_loading_requirements, runtime_support, zero_points_plain_loading_fails_on
 from .modules import expert_layers, expert_parameter_share, modules_with_weight_buffers
+from .nn import COMQLinear
 from .solver.options import (
     aims_at_full_precision_by_default,
     default_damp,
@@ -298,6 +299,7 @@ def render_model_card(
     expert_share: float = 0.0,
     quantized_experts: bool = False,
     weight_buffers: bool = False,
+    narrow_zero_points: list[str] | None = None,
 ) -> ModelCard:
     """The COMQ model card for a quantized model's ``COMQConfig``.
 
@@ -318,6 +320,8 @@ def render_model_card(
             expert projection, :class:`hf_comq.nn.UnfusedExperts`).
         weight_buffers: whether the model holds buffers named ``weight`` (see
             :func:`hf_comq.checkpoint.runtime_support`).
+        narrow_zero_points: packed layers whose zero points plain transformers cannot unpack
+            (:func:`hf_comq.checkpoint.zero_points_plain_loading_fails_on`).
     """
     if base_model is None:  # what quantization recorded: a Hub id, or a local folder's name
         hub_base, folder = config.base_model, config.base_model_folder
@@ -335,7 +339,7 @@ def render_model_card(
         base_model_md = "its base model"
     runtimes = runtime_support(
         config.packed_scheme(), model_class, batched_experts=expert_share > 0, quantized_experts=quantized_experts,
-        weight_buffers=weight_buffers,
+        weight_buffers=weight_buffers, narrow_zero_points=narrow_zero_points,
     )  # fmt: skip
     baseline = start_only_method(config.init, config.iterations)
     title = f"{name} — {baseline[0] if baseline else 'COMQ'} {config.bits}-bit"
@@ -409,7 +413,18 @@ def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | N
         expert_share=expert_parameter_share(model),
         quantized_experts=bool(expert_layers(model)),
         weight_buffers=bool(modules_with_weight_buffers(model)),
+        narrow_zero_points=_narrow_zero_points(model),
     )
+
+
+def _narrow_zero_points(model: Any) -> list[str]:
+    """The packed layers whose zero points plain transformers cannot unpack (:func:`zero_points_plain_loading_fails_on`)."""
+    shapes = {
+        name: (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, COMQLinear) and not module.transposed_source
+    }
+    return zero_points_plain_loading_fails_on(_comq_config(model).packed_scheme(), shapes)
 
 
 def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, model_id: str | None = None) -> Path | None:

@@ -170,3 +170,41 @@ def test_the_checkpoint_declares_compressed_tensors_and_keeps_the_comq_provenanc
     resaved = Path(path).parent / "resaved"
     load_quantized(path).save_pretrained(resaved)
     assert json.loads((resaved / "config.json").read_text())["quantization_config"] == stored
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_layers_of_eight_outputs_at_4_bits_asymmetric_are_named_where_plain_transformers_fails(
+    tmp_path, caplog, symmetric
+):
+    """A key/value projection of one 8-wide head: compressed-tensors unpacks its zero points (one int32 row,
+    several groups) through a byte view it refuses.  hf_comq warns before calibrating, the card says plain
+    transformers does not load it, load_quantized does; symmetric grids store no zero points and load."""
+    import logging
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, head_dim=8,
+                           num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
+    with caplog.at_level(logging.WARNING):
+        model = quantize_tiny(tmp_path / "fp", T.LlamaForCausalLM, bits=4, group_size=8, symmetric=symmetric)
+    model.save_pretrained(tmp_path / "q")
+    inputs = model_inputs(model)
+    torch.save(inputs, tmp_path / "q" / "inputs.pt")
+    card = (tmp_path / "q" / "README.md").read_text(encoding="utf-8")
+    named = "unpack the 4-bit zero points of layers with 8 or fewer outputs (`model.layers.0.self_attn.k_proj`"
+    assert (named in card) is not symmetric
+    assert ("cannot unpack their zero points" in caplog.text) is not symmetric
+    loaded = load_quantized(tmp_path / "q")
+    assert torch.equal(first_output(loaded, inputs), first_output(model, inputs))
+    environment = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LOADER), json.dumps({"q": str(tmp_path / "q")})],
+        capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path,
+    )  # fmt: skip
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])["q"]
+    if symmetric:
+        assert outcome == "ok", outcome
+    else:
+        assert outcome != "ok", "compressed-tensors loads it now: drop zero_points_plain_loading_fails_on"

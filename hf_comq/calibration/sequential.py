@@ -83,6 +83,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..checkpoint import zero_points_plain_loading_fails_on
 from ..kernels import build_ahead
 from ..modules import (
     batched_expert_weights,
@@ -200,6 +201,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
         )
     weights = check_finite_weights(layers, placement.compute, release_pages=placement.dispatched)
     expert_parameters = _warn_about_expert_weights(model)
+    _warn_about_zero_points_plain_loading_fails_on(model, layers, config)
     data = build_calibration_data(model, config)
     group = current_group()
     _warn_about_a_launcher_without_group(group)
@@ -223,6 +225,20 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     model._comq_summary = summary
     _log_summary(summary)
     return summary
+
+
+def _warn_about_zero_points_plain_loading_fails_on(model: nn.Module, layers: dict[str, nn.Module], config: Any) -> None:
+    """Say before calibrating when plain transformers will not load the checkpoint for its narrowest
+    layers' zero points (:func:`hf_comq.checkpoint.zero_points_plain_loading_fails_on`)."""
+    shapes = {name: linear_shape(module) for name, module in layers.items() if isinstance(module, nn.Linear)}
+    narrow = zero_points_plain_loading_fails_on(config.packed_scheme(), shapes)
+    if narrow:
+        logger.warning(
+            "COMQ: %s has layers of 8 or fewer outputs (%s); at 4 bits on an asymmetric group-wise grid "
+            "hf_comq.load_quantized loads the checkpoint, plain transformers does not (compressed-tensors cannot "
+            "unpack their zero points): quantize with symmetric=True (hf-comq: --symmetric) for a checkpoint it loads",
+            type(model).__name__, ", ".join(narrow[:3]) + (", ..." if len(narrow) > 3 else ""),
+        )  # fmt: skip
 
 
 def _warn_about_a_launcher_without_group(group: Any) -> None:
