@@ -210,6 +210,8 @@ class HessianAccumulator:
         the spread of the tokens' own ``x_t x_t^T`` around their mean.  Up to a scale that
         no solve depends on, that mixture is ``H + delta / (1 - delta) * mean(diag H) * I``.
         It vanishes as tokens grow (``b2`` falls like ``1 / n``), so no constant is tuned.
+        One token has no spread to measure (``b2`` is zero by construction, not by evidence)
+        and is its own only direction: it gets ``delta = 1``, as a layer whose every token is.
         Reads the full matrix (call after :meth:`result`, or it calls it).
         """
         if self._norm_fourth is None:
@@ -224,7 +226,7 @@ class HessianAccumulator:
         b2 = max(float(self._norm_fourth) / n**2 - square_norm / n, 0.0)
         if d2 <= 0.0 or mu <= 0.0:
             return 0.0  # already a multiple of I (or no signal): nothing to shrink towards
-        delta = min(b2, d2) / d2
+        delta = 1.0 if self.num_tokens == 1 else min(b2, d2) / d2
         return delta / max(1.0 - delta, SHRINKAGE_FLOOR)
 
     def _mirrored(self, dtype: torch.dtype) -> torch.Tensor:

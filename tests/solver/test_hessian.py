@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_comq.solver import HessianAccumulator, TargetProductAccumulator, target_product_from_outputs
+from hf_comq.solver.hessian import SHRINKAGE_FLOOR
 from tests.solver.reference import ledoit_wolf_ridge
 
 
@@ -255,6 +256,18 @@ def test_shrinkage_ridge_is_ledoit_wolf_and_fades_with_more_tokens():
         ridges.append(acc.shrinkage_ridge())
         assert ridges[-1] == pytest.approx(ledoit_wolf_ridge(rows.float()), rel=1e-5)
     assert ridges[0] > ridges[1] > ridges[2] > 0
+
+
+def test_shrinkage_ridge_of_one_token_shrinks_all_the_way():
+    """One token has no spread to estimate (Ledoit-Wolf's ``b2`` is zero by construction): a mixture's expert
+    routed a single token got no ridge at all, fewer tokens than any other layer and the least shrinkage."""
+    gen = torch.Generator().manual_seed(0)
+    ridges = []
+    for tokens in (1, 2, 4):
+        acc = HessianAccumulator(16)
+        acc.add(torch.randn(tokens, 16, generator=gen))
+        ridges.append(acc.shrinkage_ridge())
+    assert ridges[0] == pytest.approx(1 / SHRINKAGE_FLOOR) and ridges[0] > ridges[1] > 0 and ridges[2] > 0
 
 
 def test_shrinkage_ridge_of_summed_partial_sums_is_that_of_all_tokens():
