@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 import os
 import re
@@ -35,6 +36,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, metadata_load
 from huggingface_hub.utils import validate_repo_id
 
@@ -469,34 +471,50 @@ def _card_digest(body: str) -> str:
     return hashlib.sha256(body.strip().encode("utf-8")).hexdigest()[:16]
 
 
-def _card_body(text: str) -> str:
-    """The card's text after its YAML metadata, which a push may extend with tags."""
+def _card_parts(text: str) -> tuple[str, str]:
+    """The card's YAML metadata and the text after it."""
     if text.startswith("---"):
         end = text.find("\n---", 3)
         if end >= 0:
-            return text[end + 4 :]
-    return text
+            return text[3:end], text[end + 4 :]
+    return "", text
+
+
+def _digested(metadata: str, body: str) -> str:
+    """What a card's digest covers: its body and its metadata but the ``tags``, which a push extends
+    (parsed, so that a rewrite of the same metadata in another YAML layout is no edit)."""
+    try:
+        fields = yaml.safe_load(metadata) or {}
+    except yaml.YAMLError:
+        fields = {"unparsed": metadata}
+    if isinstance(fields, dict):
+        fields.pop("tags", None)
+    return json.dumps(fields, sort_keys=True, default=str) + "\n" + body.strip()
 
 
 def mark_card(text: str) -> str:
-    """``text`` with the last line that tells a later save it may replace the card: a digest of its body."""
-    return text.rstrip("\n") + "\n\n" + _CARD_MARK.format(digest=_card_digest(_card_body(text))) + "\n"
+    """``text`` with the last line that tells a later save it may replace the card: a digest of its body
+    and metadata."""
+    metadata, body = _card_parts(text)
+    return text.rstrip("\n") + "\n\n" + _CARD_MARK.format(digest=_card_digest(_digested(metadata, body))) + "\n"
 
 
 def is_unedited_card(text: str) -> bool:
-    """Whether ``text`` is a card hf_comq wrote (:func:`mark_card`) whose body nobody has changed since."""
-    body = _card_body(text)
+    """Whether ``text`` is a card hf_comq wrote (:func:`mark_card`) that nobody has changed since, its
+    metadata included (cards of earlier hf_comq versions digested the body alone, and are read so)."""
+    metadata, body = _card_parts(text)
     marks = list(_CARD_MARK_PATTERN.finditer(body))
     if not marks:
         return False
     last = marks[-1]
-    return _card_digest(body[: last.start()] + body[last.end() :]) == last.group(1)
+    unmarked = body[: last.start()] + body[last.end() :]
+    return last.group(1) in (_card_digest(_digested(metadata, unmarked)), _card_digest(unmarked))
 
 
 def _say_kept(path: Path) -> None:
     """Log why README.md was kept: a warning where it is an hf_comq card, whose settings may be stale."""
     text = path.read_text(encoding="utf-8", errors="replace")
-    if _CARD_MARK_PATTERN.search(_card_body(text)) or _has_comq_tag(path):
+    if _CARD_MARK_PATTERN.search(_card_parts(text)[1]) or _has_comq_tag(path):
         logger.warning(
             "kept %s: an hf_comq card edited since it was written (or written without a digest, by an older "
             "hf_comq), so its settings may be an earlier save's; delete it to get this model's card",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import email.message
 import logging
+import hashlib
 import importlib.metadata
 import inspect
 import json
@@ -397,14 +398,26 @@ def test_a_card_without_a_digest_from_an_older_hf_comq_is_kept_with_a_warning(co
     assert caplog.text == ""  # the user's own README: kept without a word
 
 
-def test_a_marked_card_is_unedited_until_its_body_changes():
+def test_a_marked_card_is_unedited_until_its_text_or_metadata_changes():
     card = mark_card(str(render_model_card(comq_config(), None, None, "image-classification")))
     assert is_unedited_card(card) and card.rstrip().endswith("-->")
     metadata_end = card.index("\n---", 3)
     with_tags = card[:metadata_end] + "\n- another-tag" + card[metadata_end:]  # a push adds tags to the metadata
     assert is_unedited_card(with_tags)
     assert not is_unedited_card(card.replace("| Weight bits | 4 |", "| Weight bits | 3 |"))
+    assert not is_unedited_card(card[:metadata_end] + "\nlicense: apache-2.0" + card[metadata_end:])  # the user's
     assert not is_unedited_card("# My own notes\n")
+    metadata, body = card[3:metadata_end], card[metadata_end + 4 :]
+    relaid = "---\n" + yaml.safe_dump(yaml.safe_load(metadata), default_flow_style=True) + "---" + body
+    assert is_unedited_card(relaid)  # the same metadata in another YAML layout is no edit
+
+
+def test_a_card_of_an_earlier_hf_comq_with_its_body_digested_alone_still_reads_unedited():
+    card = str(render_model_card(comq_config(), None, None, "image-classification"))
+    body = card[card.index("\n---", 3) + 4 :]
+    digest = hashlib.sha256(body.strip().encode("utf-8")).hexdigest()[:16]
+    marked = card.rstrip("\n") + f"\n\n<!-- hf_comq model card {digest}: saving the model here again rewrites this card unless it is edited -->\n"
+    assert is_unedited_card(marked)
 
 
 def test_attach_is_idempotent_and_updates_metrics(comq_like_vit, tmp_path):
