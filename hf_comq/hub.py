@@ -213,7 +213,7 @@ def _setting_value(key: str, config: Any) -> str:
     if key == "true_sequential" and value is None:
         fp_target, sequential = getattr(config, "fp_target", None), getattr(config, "sequential", True)
         staged = solves_in_stages_by_default(fp_target, config.bits, sequential)
-        return f"{_cell(staged)} (the default {'where layers are aimed' if staged else 'where they are not'})"
+        return f"{_cell(staged)} (the default {'where' if staged else 'where no'} layers are aimed at the full-precision outputs)"
     if key == "pair_moves" and value == 0:
         return "off"
     if value is None:

@@ -167,9 +167,9 @@ def test_render_model_card_metadata_and_sections():
         assert f"| Layers aimed at the full-precision outputs | {row} |" in card_body, changes
     # true_sequential=None follows the aiming, whether the bit width or fp_target decided it.
     for changes, row in (
-        (dict(bits=4), "no (the default where they are not)"),
-        (dict(bits=3), "yes (the default where layers are aimed)"),
-        (dict(bits=4, fp_target=True), "yes (the default where layers are aimed)"),
+        (dict(bits=4), "no (the default where no layers are aimed at the full-precision outputs)"),
+        (dict(bits=3), "yes (the default where layers are aimed at the full-precision outputs)"),
+        (dict(bits=4, fp_target=True), "yes (the default where layers are aimed at the full-precision outputs)"),
         (dict(bits=3, true_sequential=False), "no"),
     ):
         card_body = split_card(str(render_model_card(comq_config(**changes), "google/vit-base-patch16-224", None, None)))[1]

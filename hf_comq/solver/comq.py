@@ -151,10 +151,10 @@ def comq_quantize(
             minimising a per-input weighted rounding error over 16 shrink factors
             in [0.25, 1] (elementwise, no GEMM; the weights are set by
             ``clip_weights``).  No such proxy sees everything error feedback does,
-            so the start is also computed on a second grid, stacked into the same
-            pass, and each row keeps the grid that starts lower (which doubles the
-            start's cost).  Large gains at 2 and 3 bits, and at 4 bits on real
-            activations.
+            so the start is also computed on other grids (``start_grids`` in all),
+            stacked into the same pass, and each row keeps the grid that starts
+            lower (the start's cost grows with their count).  Large gains at 2 and 3
+            bits, and at 4 bits on real activations.
         clip_weights: how the clipping search weighs each input's rounding error
             when the start is ``"error_feedback"``.  ``"conditional"`` (default):
             by the part of input j's energy that the inputs rounded after it cannot

@@ -64,7 +64,7 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
 def test_quantize_with_fp_target_aims_a_causal_lm_at_full_precision_outputs(capsys, tmp_path, gpt2_dir, text_data) -> None:
     """Aimed layers are solved stage by stage unless --no-true-sequential says otherwise."""
     for flags, mode, staged, stored_staged in (
-        ([], "true-sequential", "yes (the default where layers are aimed)", None),
+        ([], "true-sequential", "yes (the default where layers are aimed at the full-precision outputs)", None),
         (["--true-sequential"], "true-sequential", "yes", True),
         (["--no-true-sequential"], "block-sequential", "no", False),
     ):
