@@ -94,6 +94,17 @@ class UnfusedExperts(nn.ModuleList):
         self.every_token = False  # see every_token_to_every_expert
         self._routing = threading.local()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the per-thread routing record: a thread-local cannot be copied,
+        and the record only lives while an expert runs (:meth:`routed_rows`)."""
+        state = super().__getstate__()
+        state.pop("_routing", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._routing = threading.local()
+
     @classmethod
     def from_batched(cls, module: nn.Module, names: Sequence[str] = DEFAULT_PROJECTION_NAMES) -> "UnfusedExperts":
         """Copy a standard batched experts module (:func:`is_standard_batched_experts`) into per-expert layers."""
