@@ -285,13 +285,16 @@ class COMQLinear(nn.Module):
         call would cost a noticeable share of a one-token forward.  The cache is keyed on the
         packed tensor's identity, storage and version counter, so loading or editing the
         checkpoint tensor invalidates it; under ``torch.compile`` they are unpacked in the graph.
+        They are unpacked outside ``torch.inference_mode`` even when called under it: an
+        inference tensor in the cache would break every later forward that autograd records.
         """
         source = self.weight_zero_point if self.weight_zero_point is not None else self.weight_scale
         if torch.compiler.is_compiling() or source.device.type == "meta":
             return self.zero_points()
         key = (id(source), source.data_ptr(), source._version, source.device)
         if self._zero_cache is None or self._zero_cache[0] != key:
-            self._zero_cache = (key, self.zero_points())
+            with torch.inference_mode(False):
+                self._zero_cache = (key, self.zero_points())
         return self._zero_cache[1]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

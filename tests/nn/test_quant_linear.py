@@ -165,3 +165,17 @@ def test_casting_a_model_leaves_the_scales_float32_and_unrounded():
     model.to(torch.float32)
     assert torch.equal(layer.weight_scale, scale) and layer.bias.dtype == torch.float32
     assert list(layer.state_dict())[1:3] == ["weight_packed", "weight_scale"]  # the buffers keep their order
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_a_forward_under_inference_mode_leaves_later_gradients_working(symmetric):
+    module = linear()
+    layer = COMQLinear.from_quantized(module, quantize(module, symmetric=symmetric), symmetric=symmetric)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        layer(x)
+    x.requires_grad_()
+    layer(x).sum().backward()
+    expected = x.detach().clone().requires_grad_()
+    F.linear(expected, layer.dequantize(), layer.bias).sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad)
