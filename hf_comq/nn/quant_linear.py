@@ -324,7 +324,8 @@ class COMQLinear(nn.Module):
         if self.transposed_source:
             return F.linear(x, self.dequantize(x.dtype), bias)
         scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
-        return packed_linear(x, self.weight_packed, scale, self.zero_codes(), self.bits, bias)
+        zero = self.zero_codes()
+        return packed_linear(x, self.weight_packed, scale, zero, self.bits, bias, in_features=self.in_features)
 
     def to_float_module(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A plain ``nn.Linear`` (or ``Conv1D`` if that is what was quantized) with the dequantized weight."""

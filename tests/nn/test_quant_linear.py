@@ -179,3 +179,15 @@ def test_a_forward_under_inference_mode_leaves_later_gradients_working(symmetric
     expected = x.detach().clone().requires_grad_()
     F.linear(expected, layer.dequantize(), layer.bias).sum().backward()
     torch.testing.assert_close(x.grad, expected.grad)
+
+
+@pytest.mark.parametrize("features", [47, 41, 40, 49])
+@pytest.mark.parametrize("path", ["fp32", "autograd", "bf16", "fp64"])
+def test_an_input_of_the_wrong_width_is_refused(features, path):
+    """47 or 41 features of 4 bits fill the same 6 packed words as 48: only the layer's own width tells them apart."""
+    module = linear(in_features=48)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    x = torch.randn(3, features, dtype={"bf16": torch.bfloat16, "fp64": torch.float64}.get(path, torch.float32))
+    x.requires_grad_(path == "autograd")
+    with pytest.raises(ValueError, match=f"x has {features} features .* in_features=48"):
+        layer(x)
