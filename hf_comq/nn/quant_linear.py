@@ -190,11 +190,17 @@ class COMQLinear(nn.Module):
 
         A scale rounded to bf16 would move every weight of its group for good (a cast back
         cannot restore it), and a checkpoint saved after would carry the rounded scales.
+        The weight's dtype (:attr:`weight_dtype`, what :meth:`dequantize` and ``weight``
+        return) follows the cast, as a dense layer's weight would: ``fn`` is applied to an
+        empty tensor of that dtype to learn the new one.
         """
         scale = self.weight_scale
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != scale.dtype:
             self._buffers["weight_scale"] = scale.to(self.weight_scale.device)
+        cast = fn(torch.empty(0, dtype=self.weight_dtype, device=scale.device))
+        if cast.is_floating_point():
+            self.weight_dtype = cast.dtype
         return self
 
     @classmethod

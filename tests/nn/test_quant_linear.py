@@ -191,3 +191,27 @@ def test_an_input_of_the_wrong_width_is_refused(features, path):
     x.requires_grad_(path == "autograd")
     with pytest.raises(ValueError, match=f"x has {features} features .* in_features=48"):
         layer(x)
+
+
+def test_the_weight_dtype_follows_casts_as_a_dense_layer_does():
+    """transformers' T5 casts its feed-forward input to ``wo.weight.dtype``: after ``model.to(torch.bfloat16)``
+    a packed ``wo`` must say bf16, as a dense one does, and ``dequantize()`` must give bf16 layers."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5DenseActDense
+
+    torch.manual_seed(0)
+    dense = T5DenseActDense(T5Config(d_model=32, d_ff=64, dropout_rate=0.0)).eval()
+    packed = T5DenseActDense(T5Config(d_model=32, d_ff=64, dropout_rate=0.0)).eval()
+    packed.wi, packed.wo = (COMQLinear.from_quantized(layer, quantize(layer)) for layer in (dense.wi, dense.wo))
+    dense.wi, dense.wo = packed.wi.to_float_module(), packed.wo.to_float_module()
+    for module in (dense, packed):
+        module.to(torch.bfloat16)
+    assert packed.wo.weight.dtype == packed.wo.dequantize().dtype == torch.bfloat16
+    assert packed.wo.to_float_module().weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(packed(x), dense(x))
+    packed.to(torch.float16).to("cpu")
+    assert packed.wo.weight.dtype == torch.float16  # a move alone keeps it
+    packed.float()
+    assert packed.wo.weight.dtype == torch.float32
