@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight stored transposed, (in, out)
 
 from ..kernels import dequantize_packed, packed_linear
@@ -316,12 +317,24 @@ class COMQLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A fresh dequantized copy in the *source* layout (``Conv1D``: ``(in, out)``); read-only in effect.
+        """The dequantized weight in the *source* layout (``Conv1D``: ``(in, out)``), computed when first read.
 
-        Model code reads ``layer.weight`` outside ``forward`` (GPT-2's ``_init_weights``
-        re-initialises ``c_proj.weight`` while loading; others read ``.weight.dtype``).
-        Writing into the returned tensor does not change the layer.
+        Model code reads ``layer.weight`` in every forward for its dtype alone (T5's
+        feed-forward casts its input to ``wo.weight.dtype``) and outside ``forward`` (GPT-2's
+        ``_init_weights`` re-initialises ``c_proj.weight`` while loading).  So this is a
+        :class:`DequantizedWeight`: its shape, dtype and device cost nothing, the first op on
+        its values dequantizes once.  It is a fresh copy: writing into it does not change the
+        layer.  Under ``torch.compile`` it is the plain tensor, which the compiler drops where
+        only its dtype is read.
         """
+        if torch.compiler.is_compiling():
+            return self.source_layout_weight()
+        shape = (self.out_features, self.in_features)
+        shape = shape[::-1] if self.transposed_source else shape
+        return DequantizedWeight(self.source_layout_weight, shape, self.weight_dtype, self.weight_packed.device)
+
+    def source_layout_weight(self) -> torch.Tensor:
+        """:meth:`dequantize` in the layout of the layer it replaced (``Conv1D``: transposed, ``(in, out)``)."""
         weight = self.dequantize()
         return weight.t() if self.transposed_source else weight
 
@@ -356,6 +369,56 @@ class COMQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"{groups}, {grid}, bias={self.bias is not None}"
         )
+
+
+class DequantizedWeight(torch.Tensor):
+    """A dense weight as torch sees it (shape, dtype, device) whose values are computed on first use.
+
+    :attr:`COMQLinear.weight` returns one, as optimum-quanto's and torchao's quantized
+    weights are tensors of the float dtype: ``isinstance(w, torch.Tensor)`` and ``w.dtype``
+    answer without dequantizing, and every op (``F.linear``, ``w.t()``, ``w.data.normal_()``,
+    printing, ``torch.save``) runs on the dense tensor, computed once per returned object
+    and plain from then on.  It holds no storage of its own (``data_ptr()`` is 0).
+    """
+
+    @staticmethod
+    def __new__(cls, compute: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
+
+    def __init__(self, compute: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self._compute = compute
+        self._dense: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """The values, a plain tensor, computed by the first call."""
+        if self._dense is None:
+            self._dense = self._compute()
+        return self._dense
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # every op reaches __torch_dispatch__
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        def dense(value: Any) -> Any:
+            return value.dense() if isinstance(value, DequantizedWeight) else value
+
+        return func(*tree_map(dense, args), **tree_map(dense, kwargs or {}))
+
+    # The methods that read memory directly rather than through an op.
+    def __repr__(self, **kwargs: Any) -> str:
+        return repr(self.dense())
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return self.dense().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        return self.dense().clone()
+
+    def numpy(self, *, force: bool = False) -> Any:
+        return self.dense().numpy(force=force)
+
+    def tolist(self) -> Any:
+        return self.dense().tolist()
 
 
 def replace_module(model: nn.Module, name: str, qweight: QuantizedWeight, symmetric: bool = False) -> COMQLinear:

@@ -1,5 +1,8 @@
 """COMQLinear: exact agreement with QuantizedWeight, Conv1D support, compressed-tensors state dict, shells."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,3 +218,38 @@ def test_the_weight_dtype_follows_casts_as_a_dense_layer_does():
     assert packed.wo.weight.dtype == torch.float16  # a move alone keeps it
     packed.float()
     assert packed.wo.weight.dtype == torch.float32
+
+
+def test_reading_the_weight_for_its_dtype_does_not_dequantize(monkeypatch):
+    """transformers' T5 reads ``wo.weight`` three times per feed-forward call, for ``isinstance`` and ``dtype``."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5DenseActDense
+
+    feed_forward = T5DenseActDense(T5Config(d_model=32, d_ff=64, dropout_rate=0.0)).eval()
+    dense_output = feed_forward(torch.ones(1, 32))
+    feed_forward.wo = COMQLinear.from_quantized(feed_forward.wo, quantize(feed_forward.wo))
+    calls = []
+    dequantize = COMQLinear.dequantize
+    monkeypatch.setattr(COMQLinear, "dequantize", lambda self, *args: calls.append(self) or dequantize(self, *args))
+    with torch.no_grad():
+        output = feed_forward(torch.ones(1, 32))
+    assert calls == [] and output.shape == dense_output.shape
+
+
+@pytest.mark.parametrize("source", ["linear", "conv1d"])
+def test_the_weight_reads_as_the_dense_weight_of_the_source_layer(source):
+    module = linear() if source == "linear" else Conv1D(24, 64)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    expected = layer.dequantize() if source == "linear" else layer.dequantize().t()
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor) and weight.shape == module.weight.shape and weight.dtype == torch.float32
+    assert torch.equal(weight, expected) and torch.equal(weight.t(), expected.t())
+    torch.testing.assert_close(F.linear(torch.ones(2, weight.shape[1]), weight), torch.ones(2, weight.shape[1]) @ expected.t())
+    assert torch.equal(copy.deepcopy(layer.weight), expected) and repr(layer.weight) == repr(expected)
+    buffer = io.BytesIO()
+    torch.save(layer.weight, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer), expected)
+    assert layer.weight.numpy().shape == tuple(expected.shape) and layer.weight.tolist() == expected.tolist()
+    nn.init.normal_(weight)  # as _init_weights does while loading: a fresh copy, the layer keeps its codes
+    assert not torch.equal(weight, expected) and torch.equal(layer.weight, expected)
