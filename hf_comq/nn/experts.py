@@ -157,6 +157,8 @@ class UnfusedExperts(nn.ModuleList):
         routed tokens' outputs are kept: the output is the routed one, the inputs the
         experts' layers see are all tokens.
         """
+        if torch.compiler.is_compiling():
+            return self.traceable_forward(hidden_states, top_k_index, top_k_weights)
         output = torch.zeros_like(hidden_states)
         everyone = torch.arange(hidden_states.shape[0], device=hidden_states.device) if self.every_token else None
         chosen = range(self.num_experts) if self.every_token else torch.unique(top_k_index).tolist()
@@ -172,6 +174,23 @@ class UnfusedExperts(nn.ModuleList):
             if everyone is not None:
                 expert_output = expert_output[tokens]
             weighted = expert_output * top_k_weights[tokens, slot, None]
+            output.index_add_(0, tokens, weighted.to(output.dtype))
+        return output
+
+    def traceable_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` for ``torch.compile`` and ``torch.export``: the same sum, in the same order.
+
+        Every expert is visited, chosen or not: which experts were chosen
+        (``torch.unique(...).tolist()``) is data the graph cannot branch on, while a gather
+        of no rows is legal.  Calibration's records (:meth:`routed_rows`, :attr:`every_token`)
+        are eager-only.
+        """
+        output = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            slot, tokens = torch.where(top_k_index.T == expert)
+            weighted = self[expert](hidden_states[tokens]) * top_k_weights[tokens, slot, None]
             output.index_add_(0, tokens, weighted.to(output.dtype))
         return output
 

@@ -129,3 +129,16 @@ def test_experts_can_be_copied_pickled_and_saved_whole(how):
     with torch.no_grad():
         torch.testing.assert_close(copied(hidden, index, weights), unfused(hidden, index, weights), rtol=0, atol=0)
     assert seen and seen[0] is not None and copied.routed_rows() is None  # the copy records its own routing
+
+
+def test_experts_export_and_compute_what_they_compute_eagerly():
+    """torch.export (and torch.compile with fullgraph=True) cannot branch on which experts the router chose."""
+    unfused = UnfusedExperts.from_batched(experts_of("qwen3_moe"))
+    hidden = torch.randn(5, 32)
+    index = torch.tensor([[0, 4], [2, 0], [4, 4], [2, 1], [0, 2]])  # expert 3 unchosen, 4 a dropped route
+    weights = torch.rand(5, 2)
+    exported = torch.export.export(unfused, (hidden, index, weights)).module()
+    other = routing(5, 4, 2, seed=1)
+    with torch.no_grad():
+        assert torch.equal(exported(hidden, index, weights), unfused(hidden, index, weights))
+        assert torch.equal(exported(hidden, *other), unfused(hidden, *other))
