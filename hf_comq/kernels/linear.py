@@ -233,13 +233,19 @@ def _(x, weight_packed, scale, zero, bias, bits):
     return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight_packed, scale, zero, bias, bits = inputs
+def refuse_trainable_scale(scale: torch.Tensor) -> None:
+    """Packed weights do not train (README, Limitations): one line, called where autograd records the
+    layer (this op's setup, ``COMQLinear``'s ``Conv1D`` path), so both layouts refuse alike."""
     if scale.requires_grad:
         raise NotImplementedError(
-            "packed_linear: gradients with respect to the quantized weight (scale) are not supported; "
-            "train on dequantize_packed(...) with F.linear, or detach the scale"
+            "packed layers do not train their quantized weight, but its scale requires grad: "
+            "call weight_scale.requires_grad_(False), or load the checkpoint dense with plain transformers to fine-tune"
         )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_packed, scale, zero, bias, bits = inputs
+    refuse_trainable_scale(scale)
     ctx.save_for_backward(weight_packed, scale, zero)
     ctx.bits = bits
     ctx.in_features = x.shape[-1]

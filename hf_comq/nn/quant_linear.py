@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight stored transposed, (in, out)
 
-from ..kernels import dequantize_packed, packed_linear
+from ..kernels import dequantize_packed, packed_linear, refuse_trainable_scale
 from ..packing import pack_codes, pack_zero_points, packed_width, unpack_codes, unpack_zero_points
 from ..solver import QuantizedWeight
 from ..solver.options import resolve_group_size
@@ -341,6 +341,8 @@ class COMQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.transposed_source:
+            if torch.is_grad_enabled():
+                refuse_trainable_scale(self.weight_scale)  # as packed_linear does for the nn.Linear layout
             return F.linear(x, self.dequantize(x.dtype), bias)
         scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
         zero = self.zero_codes()

@@ -253,3 +253,15 @@ def test_the_weight_reads_as_the_dense_weight_of_the_source_layer(source):
     assert layer.weight.numpy().shape == tuple(expected.shape) and layer.weight.tolist() == expected.tolist()
     nn.init.normal_(weight)  # as _init_weights does while loading: a fresh copy, the layer keeps its codes
     assert not torch.equal(weight, expected) and torch.equal(layer.weight, expected)
+
+
+@pytest.mark.parametrize("source", ["linear", "conv1d"])
+def test_a_trainable_scale_is_refused_in_both_layouts(source):
+    module = linear() if source == "linear" else Conv1D(24, 64)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    layer.weight_scale.requires_grad_()
+    x = torch.randn(3, 64)
+    with pytest.raises(NotImplementedError, match=r"weight_scale.requires_grad_\(False\)"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == (3, 24)  # nothing to train: it runs
