@@ -528,6 +528,16 @@ def test_dequantize_after_save_pretrained_keeps_the_loading_dtype(fp_checkpoints
     torch.testing.assert_close(run(model), quantized_logits)
 
 
+def test_a_model_cast_after_loading_dequantizes_in_its_new_dtype(fp_checkpoints, tmp_path):
+    quantize_tiny(fp_checkpoints["llama"], T.LlamaForCausalLM).save_pretrained(tmp_path / "q")
+    cast = load_quantized(tmp_path / "q").to(torch.bfloat16).dequantize()  # config.dtype still says float32
+    cast_after = load_quantized(tmp_path / "q").dequantize().to(torch.bfloat16)
+    assert {parameter.dtype for parameter in cast.parameters()} == {torch.bfloat16}
+    assert torch.equal(run(cast), run(cast_after))
+    asked = load_quantized(tmp_path / "q").to(torch.bfloat16).dequantize(torch.float16)
+    assert asked.model.layers[0].self_attn.q_proj.weight.dtype == torch.float16  # a dtype asked for is kept
+
+
 # --------------------------------------------------------------------------- properties over random settings
 def _random_case(seed: int) -> dict:
     """A seeded draw of architecture, widths, bits, grouping, grid and dtype (hidden and MLP widths share divisors)."""

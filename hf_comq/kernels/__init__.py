@@ -11,7 +11,15 @@ build's pause (announced in one log line) before a caller's progress bar rather 
 """
 
 from .build import DISABLE_ENV_VAR, active_path, build_ahead
-from .linear import dequantize_packed, packed_linear
+from .linear import dequantize_packed, packed_linear, refuse_trainable_scale
 from .solver_ops import compiled_solver_ops
 
-__all__ = ["DISABLE_ENV_VAR", "active_path", "build_ahead", "compiled_solver_ops", "dequantize_packed", "packed_linear"]
+__all__ = [
+    "DISABLE_ENV_VAR",
+    "active_path",
+    "build_ahead",
+    "compiled_solver_ops",
+    "dequantize_packed",
+    "packed_linear",
+    "refuse_trainable_scale",
+]

@@ -95,14 +95,19 @@ def packed_linear(
     zero: torch.Tensor,
     bits: int,
     bias: torch.Tensor | None = None,
+    *,
+    in_features: int | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for the packed weight ``W`` (see the module docstring).
 
-    ``in_features`` is ``x.shape[-1]`` and the group size ``in_features // scale.shape[1]``;
-    both are checked against the packed shapes here, with one line naming the
-    mismatch, before any kernel runs.
+    ``in_features`` is the weight's input width; ``None`` takes ``x.shape[-1]``.  Pass it
+    where it is known (:class:`~hf_comq.nn.COMQLinear` does): a row of ``ceil(in * bits / 32)``
+    words holds codes for several widths (41 to 48 at 4 bits), so the packed shapes alone
+    cannot tell an input one feature short.  The width and the group size
+    ``in_features // scale.shape[1]`` are checked against the packed shapes here, with one
+    line naming the mismatch, before any kernel runs.
     """
-    check_packed_inputs(x, weight_packed, scale, zero, bits, bias)
+    check_packed_inputs(x, weight_packed, scale, zero, bits, bias, in_features)
     if torch.compiler.is_compiling() or needs_autograd(x, scale, bias):
         return torch.ops.hf_comq.packed_linear(x, weight_packed, scale, zero, bias, bits)
     # Plain eager inference: the same function the op runs, without the custom-op
@@ -123,12 +128,22 @@ def check_packed_inputs(
     zero: torch.Tensor,
     bits: int,
     bias: torch.Tensor | None,
+    in_features: int | None = None,
 ) -> None:
-    """Reject inconsistent shapes and dtypes early: a wrong layout would otherwise come out as a wrong answer."""
+    """Reject inconsistent shapes and dtypes early: a wrong layout would otherwise come out as a wrong answer.
+
+    Without ``in_features`` (the weight's width) an input a few features short of it can pass:
+    see :func:`packed_linear`.
+    """
     if not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"packed_linear: bits must be an integer in 1..8, got {bits!r}")
     if x.dim() == 0:
         raise ValueError("packed_linear: x must have at least one dimension (the input features)")
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(
+            f"packed_linear: x has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight takes "
+            f"in_features={in_features}"
+        )
     in_features = x.shape[-1]
     if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2:
         raise TypeError(
@@ -218,13 +233,19 @@ def _(x, weight_packed, scale, zero, bias, bits):
     return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight_packed, scale, zero, bias, bits = inputs
+def refuse_trainable_scale(scale: torch.Tensor) -> None:
+    """Packed weights do not train (README, Limitations): one line, called where autograd records the
+    layer (this op's setup, ``COMQLinear``'s ``Conv1D`` path), so both layouts refuse alike."""
     if scale.requires_grad:
         raise NotImplementedError(
-            "packed_linear: gradients with respect to the quantized weight (scale) are not supported; "
-            "train on dequantize_packed(...) with F.linear, or detach the scale"
+            "packed layers do not train their quantized weight, but its scale requires grad: "
+            "call weight_scale.requires_grad_(False), or load the checkpoint dense with plain transformers to fine-tune"
         )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_packed, scale, zero, bias, bits = inputs
+    refuse_trainable_scale(scale)
     ctx.save_for_backward(weight_packed, scale, zero)
     ctx.bits = bits
     ctx.in_features = x.shape[-1]

@@ -94,6 +94,17 @@ class UnfusedExperts(nn.ModuleList):
         self.every_token = False  # see every_token_to_every_expert
         self._routing = threading.local()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the per-thread routing record: a thread-local cannot be copied,
+        and the record only lives while an expert runs (:meth:`routed_rows`)."""
+        state = super().__getstate__()
+        state.pop("_routing", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._routing = threading.local()
+
     @classmethod
     def from_batched(cls, module: nn.Module, names: Sequence[str] = DEFAULT_PROJECTION_NAMES) -> "UnfusedExperts":
         """Copy a standard batched experts module (:func:`is_standard_batched_experts`) into per-expert layers."""
@@ -146,6 +157,8 @@ class UnfusedExperts(nn.ModuleList):
         routed tokens' outputs are kept: the output is the routed one, the inputs the
         experts' layers see are all tokens.
         """
+        if torch.compiler.is_compiling():
+            return self.traceable_forward(hidden_states, top_k_index, top_k_weights)
         output = torch.zeros_like(hidden_states)
         everyone = torch.arange(hidden_states.shape[0], device=hidden_states.device) if self.every_token else None
         chosen = range(self.num_experts) if self.every_token else torch.unique(top_k_index).tolist()
@@ -161,6 +174,23 @@ class UnfusedExperts(nn.ModuleList):
             if everyone is not None:
                 expert_output = expert_output[tokens]
             weighted = expert_output * top_k_weights[tokens, slot, None]
+            output.index_add_(0, tokens, weighted.to(output.dtype))
+        return output
+
+    def traceable_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` for ``torch.compile`` and ``torch.export``: the same sum, in the same order.
+
+        Every expert is visited, chosen or not: which experts were chosen
+        (``torch.unique(...).tolist()``) is data the graph cannot branch on, while a gather
+        of no rows is legal.  Calibration's records (:meth:`routed_rows`, :attr:`every_token`)
+        are eager-only.
+        """
+        output = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            slot, tokens = torch.where(top_k_index.T == expert)
+            weighted = self[expert](hidden_states[tokens]) * top_k_weights[tokens, slot, None]
             output.index_add_(0, tokens, weighted.to(output.dtype))
         return output
 

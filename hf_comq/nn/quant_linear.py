@@ -40,9 +40,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight stored transposed, (in, out)
 
-from ..kernels import dequantize_packed, packed_linear
+from ..kernels import dequantize_packed, packed_linear, refuse_trainable_scale
 from ..packing import pack_codes, pack_zero_points, packed_width, unpack_codes, unpack_zero_points
 from ..solver import QuantizedWeight
 from ..solver.options import resolve_group_size
@@ -190,11 +191,17 @@ class COMQLinear(nn.Module):
 
         A scale rounded to bf16 would move every weight of its group for good (a cast back
         cannot restore it), and a checkpoint saved after would carry the rounded scales.
+        The weight's dtype (:attr:`weight_dtype`, what :meth:`dequantize` and ``weight``
+        return) follows the cast, as a dense layer's weight would: ``fn`` is applied to an
+        empty tensor of that dtype to learn the new one.
         """
         scale = self.weight_scale
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != scale.dtype:
             self._buffers["weight_scale"] = scale.to(self.weight_scale.device)
+        cast = fn(torch.empty(0, dtype=self.weight_dtype, device=scale.device))
+        if cast.is_floating_point():
+            self.weight_dtype = cast.dtype
         return self
 
     @classmethod
@@ -285,13 +292,16 @@ class COMQLinear(nn.Module):
         call would cost a noticeable share of a one-token forward.  The cache is keyed on the
         packed tensor's identity, storage and version counter, so loading or editing the
         checkpoint tensor invalidates it; under ``torch.compile`` they are unpacked in the graph.
+        They are unpacked outside ``torch.inference_mode`` even when called under it: an
+        inference tensor in the cache would break every later forward that autograd records.
         """
         source = self.weight_zero_point if self.weight_zero_point is not None else self.weight_scale
         if torch.compiler.is_compiling() or source.device.type == "meta":
             return self.zero_points()
         key = (id(source), source.data_ptr(), source._version, source.device)
         if self._zero_cache is None or self._zero_cache[0] != key:
-            self._zero_cache = (key, self.zero_points())
+            with torch.inference_mode(False):
+                self._zero_cache = (key, self.zero_points())
         return self._zero_cache[1]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -307,21 +317,36 @@ class COMQLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A fresh dequantized copy in the *source* layout (``Conv1D``: ``(in, out)``); read-only in effect.
+        """The dequantized weight in the *source* layout (``Conv1D``: ``(in, out)``), computed when first read.
 
-        Model code reads ``layer.weight`` outside ``forward`` (GPT-2's ``_init_weights``
-        re-initialises ``c_proj.weight`` while loading; others read ``.weight.dtype``).
-        Writing into the returned tensor does not change the layer.
+        Model code reads ``layer.weight`` in every forward for its dtype alone (T5's
+        feed-forward casts its input to ``wo.weight.dtype``) and outside ``forward`` (GPT-2's
+        ``_init_weights`` re-initialises ``c_proj.weight`` while loading).  So this is a
+        :class:`DequantizedWeight`: its shape, dtype and device cost nothing, the first op on
+        its values dequantizes once.  It is a fresh copy: writing into it does not change the
+        layer.  Under ``torch.compile`` it is the plain tensor, which the compiler drops where
+        only its dtype is read.
         """
+        if torch.compiler.is_compiling():
+            return self.source_layout_weight()
+        shape = (self.out_features, self.in_features)
+        shape = shape[::-1] if self.transposed_source else shape
+        return DequantizedWeight(self.source_layout_weight, shape, self.weight_dtype, self.weight_packed.device)
+
+    def source_layout_weight(self) -> torch.Tensor:
+        """:meth:`dequantize` in the layout of the layer it replaced (``Conv1D``: transposed, ``(in, out)``)."""
         weight = self.dequantize()
         return weight.t() if self.transposed_source else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.transposed_source:
+            if torch.is_grad_enabled():
+                refuse_trainable_scale(self.weight_scale)  # as packed_linear does for the nn.Linear layout
             return F.linear(x, self.dequantize(x.dtype), bias)
         scale = self.weight_scale if self.weight_scale.dtype == torch.float32 else self.weight_scale.float()
-        return packed_linear(x, self.weight_packed, scale, self.zero_codes(), self.bits, bias)
+        zero = self.zero_codes()
+        return packed_linear(x, self.weight_packed, scale, zero, self.bits, bias, in_features=self.in_features)
 
     def to_float_module(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A plain ``nn.Linear`` (or ``Conv1D`` if that is what was quantized) with the dequantized weight."""
@@ -346,6 +371,56 @@ class COMQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"{groups}, {grid}, bias={self.bias is not None}"
         )
+
+
+class DequantizedWeight(torch.Tensor):
+    """A dense weight as torch sees it (shape, dtype, device) whose values are computed on first use.
+
+    :attr:`COMQLinear.weight` returns one, as optimum-quanto's and torchao's quantized
+    weights are tensors of the float dtype: ``isinstance(w, torch.Tensor)`` and ``w.dtype``
+    answer without dequantizing, and every op (``F.linear``, ``w.t()``, ``w.data.normal_()``,
+    printing, ``torch.save``) runs on the dense tensor, computed once per returned object
+    and plain from then on.  It holds no storage of its own (``data_ptr()`` is 0).
+    """
+
+    @staticmethod
+    def __new__(cls, compute: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
+
+    def __init__(self, compute: Any, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self._compute = compute
+        self._dense: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """The values, a plain tensor, computed by the first call."""
+        if self._dense is None:
+            self._dense = self._compute()
+        return self._dense
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # every op reaches __torch_dispatch__
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        def dense(value: Any) -> Any:
+            return value.dense() if isinstance(value, DequantizedWeight) else value
+
+        return func(*tree_map(dense, args), **tree_map(dense, kwargs or {}))
+
+    # The methods that read memory directly rather than through an op.
+    def __repr__(self, **kwargs: Any) -> str:
+        return repr(self.dense())
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return self.dense().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        return self.dense().clone()
+
+    def numpy(self, *, force: bool = False) -> Any:
+        return self.dense().numpy(force=force)
+
+    def tolist(self) -> Any:
+        return self.dense().tolist()
 
 
 def replace_module(model: nn.Module, name: str, qweight: QuantizedWeight, symmetric: bool = False) -> COMQLinear:

@@ -330,6 +330,7 @@ def test_opcheck(kernel_enabled):
         (dict(scale=torch.ones(12, 3), zero=torch.zeros(12, 3, dtype=torch.uint8)), ValueError, "divide"),
         (dict(zero=torch.zeros(12, 5, dtype=torch.int32)), TypeError, "uint8"),
         (dict(bias=torch.zeros(13)), ValueError, "bias"),
+        (dict(in_features=39), ValueError, r"x has 40 features .* in_features=39"),  # 39 codes fill 5 words too
     ],
 )
 def test_bad_input_is_named(change, error, message):

@@ -1,5 +1,9 @@
 """UnfusedExperts: the batched experts' outputs from per-expert layers, and which layouts it takes."""
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +108,37 @@ def test_an_empty_shell_is_shaped_like_the_experts_on_meta():
     batched = experts_of("mixtral")
     shell = UnfusedExperts.empty_like(batched, ("w1", "w3", "w2"))
     assert len(shell) == 4 and shell[3].w2.weight.shape == (32, 64) and shell[0].w1.weight.is_meta
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_experts_can_be_copied_pickled_and_saved_whole(how):
+    unfused = UnfusedExperts.from_batched(experts_of("qwen3_moe"))
+    hidden = torch.randn(5, 32)
+    index, weights = routing(5, 4, 2)
+    if how == "deepcopy":
+        copied = copy.deepcopy(unfused)
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps(unfused))
+    else:
+        buffer = io.BytesIO()
+        torch.save(unfused, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    seen = []
+    copied[int(index[0, 0])].gate_proj.register_forward_hook(lambda *args: seen.append(copied.routed_rows()))
+    with torch.no_grad():
+        torch.testing.assert_close(copied(hidden, index, weights), unfused(hidden, index, weights), rtol=0, atol=0)
+    assert seen and seen[0] is not None and copied.routed_rows() is None  # the copy records its own routing
+
+
+def test_experts_export_and_compute_what_they_compute_eagerly():
+    """torch.export (and torch.compile with fullgraph=True) cannot branch on which experts the router chose."""
+    unfused = UnfusedExperts.from_batched(experts_of("qwen3_moe"))
+    hidden = torch.randn(5, 32)
+    index = torch.tensor([[0, 4], [2, 0], [4, 4], [2, 1], [0, 2]])  # expert 3 unchosen, 4 a dropped route
+    weights = torch.rand(5, 2)
+    exported = torch.export.export(unfused, (hidden, index, weights)).module()
+    other = routing(5, 4, 2, seed=1)
+    with torch.no_grad():
+        assert torch.equal(exported(hidden, index, weights), unfused(hidden, index, weights))
+        assert torch.equal(exported(hidden, *other), unfused(hidden, *other))

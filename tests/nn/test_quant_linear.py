@@ -1,5 +1,8 @@
 """COMQLinear: exact agreement with QuantizedWeight, Conv1D support, compressed-tensors state dict, shells."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,3 +168,100 @@ def test_casting_a_model_leaves_the_scales_float32_and_unrounded():
     model.to(torch.float32)
     assert torch.equal(layer.weight_scale, scale) and layer.bias.dtype == torch.float32
     assert list(layer.state_dict())[1:3] == ["weight_packed", "weight_scale"]  # the buffers keep their order
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_a_forward_under_inference_mode_leaves_later_gradients_working(symmetric):
+    module = linear()
+    layer = COMQLinear.from_quantized(module, quantize(module, symmetric=symmetric), symmetric=symmetric)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        layer(x)
+    x.requires_grad_()
+    layer(x).sum().backward()
+    expected = x.detach().clone().requires_grad_()
+    F.linear(expected, layer.dequantize(), layer.bias).sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad)
+
+
+@pytest.mark.parametrize("features", [47, 41, 40, 49])
+@pytest.mark.parametrize("path", ["fp32", "autograd", "bf16", "fp64"])
+def test_an_input_of_the_wrong_width_is_refused(features, path):
+    """47 or 41 features of 4 bits fill the same 6 packed words as 48: only the layer's own width tells them apart."""
+    module = linear(in_features=48)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    x = torch.randn(3, features, dtype={"bf16": torch.bfloat16, "fp64": torch.float64}.get(path, torch.float32))
+    x.requires_grad_(path == "autograd")
+    with pytest.raises(ValueError, match=f"x has {features} features .* in_features=48"):
+        layer(x)
+
+
+def test_the_weight_dtype_follows_casts_as_a_dense_layer_does():
+    """transformers' T5 casts its feed-forward input to ``wo.weight.dtype``: after ``model.to(torch.bfloat16)``
+    a packed ``wo`` must say bf16, as a dense one does, and ``dequantize()`` must give bf16 layers."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5DenseActDense
+
+    torch.manual_seed(0)
+    dense = T5DenseActDense(T5Config(d_model=32, d_ff=64, dropout_rate=0.0)).eval()
+    packed = T5DenseActDense(T5Config(d_model=32, d_ff=64, dropout_rate=0.0)).eval()
+    packed.wi, packed.wo = (COMQLinear.from_quantized(layer, quantize(layer)) for layer in (dense.wi, dense.wo))
+    dense.wi, dense.wo = packed.wi.to_float_module(), packed.wo.to_float_module()
+    for module in (dense, packed):
+        module.to(torch.bfloat16)
+    assert packed.wo.weight.dtype == packed.wo.dequantize().dtype == torch.bfloat16
+    assert packed.wo.to_float_module().weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(packed(x), dense(x))
+    packed.to(torch.float16).to("cpu")
+    assert packed.wo.weight.dtype == torch.float16  # a move alone keeps it
+    packed.float()
+    assert packed.wo.weight.dtype == torch.float32
+
+
+def test_reading_the_weight_for_its_dtype_does_not_dequantize(monkeypatch):
+    """transformers' T5 reads ``wo.weight`` three times per feed-forward call, for ``isinstance`` and ``dtype``."""
+    from transformers import T5Config
+    from transformers.models.t5.modeling_t5 import T5DenseActDense
+
+    feed_forward = T5DenseActDense(T5Config(d_model=32, d_ff=64, dropout_rate=0.0)).eval()
+    dense_output = feed_forward(torch.ones(1, 32))
+    feed_forward.wo = COMQLinear.from_quantized(feed_forward.wo, quantize(feed_forward.wo))
+    calls = []
+    dequantize = COMQLinear.dequantize
+    monkeypatch.setattr(COMQLinear, "dequantize", lambda self, *args: calls.append(self) or dequantize(self, *args))
+    with torch.no_grad():
+        output = feed_forward(torch.ones(1, 32))
+    assert calls == [] and output.shape == dense_output.shape
+
+
+@pytest.mark.parametrize("source", ["linear", "conv1d"])
+def test_the_weight_reads_as_the_dense_weight_of_the_source_layer(source):
+    module = linear() if source == "linear" else Conv1D(24, 64)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    expected = layer.dequantize() if source == "linear" else layer.dequantize().t()
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor) and weight.shape == module.weight.shape and weight.dtype == torch.float32
+    assert torch.equal(weight, expected) and torch.equal(weight.t(), expected.t())
+    torch.testing.assert_close(F.linear(torch.ones(2, weight.shape[1]), weight), torch.ones(2, weight.shape[1]) @ expected.t())
+    assert torch.equal(copy.deepcopy(layer.weight), expected) and repr(layer.weight) == repr(expected)
+    buffer = io.BytesIO()
+    torch.save(layer.weight, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer), expected)
+    assert layer.weight.numpy().shape == tuple(expected.shape) and layer.weight.tolist() == expected.tolist()
+    nn.init.normal_(weight)  # as _init_weights does while loading: a fresh copy, the layer keeps its codes
+    assert not torch.equal(weight, expected) and torch.equal(layer.weight, expected)
+
+
+@pytest.mark.parametrize("source", ["linear", "conv1d"])
+def test_a_trainable_scale_is_refused_in_both_layouts(source):
+    module = linear() if source == "linear" else Conv1D(24, 64)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    layer.weight_scale.requires_grad_()
+    x = torch.randn(3, 64)
+    with pytest.raises(NotImplementedError, match=r"weight_scale.requires_grad_\(False\)"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == (3, 24)  # nothing to train: it runs
