@@ -45,13 +45,14 @@ from ..tasks import INPUT_OF_KIND, needs_text_and_images, text_and_images_refusa
 from .processors import (
     encode_images,
     encode_texts,
-    ensure_padding,
     filter_inputs,
     image_channels,
     is_image_path,
     load_processor,
     model_input_names,
     open_image_file,
+    padded_token_batch,
+    padding_id,
     required_input_names,
     resolve_processor,
     text_length_limit,
@@ -319,42 +320,15 @@ def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[s
         """A batch's rows as columns: an indexed dataset's slice is one already."""
         return rows[part] if indexed else {name: [row[name] for row in rows[part]] for name in present}
 
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    pad_id = padding_id(getattr(model, "config", None), _vocabulary_size(model))
     max_length = text_length_limit(model, config.max_length)
 
     def encode(part: slice) -> Batch | None:
-        batch = _padded_token_batch(read(part), max_length, pad_id)
+        batch = padded_token_batch(read(part), max_length, pad_id)
         return None if batch is None else filter_inputs(batch, keep)
 
     description = {"column": TOKEN_COLUMNS[0], **origin, "num_samples": len(rows)}
     return CalibrationData(lambda: _batch_slices(len(rows), config.batch_size), encode, len(rows), description)
-
-
-def _padded_token_batch(columns: Mapping[str, list[Any]], max_length: int, pad_id: int) -> Batch | None:
-    """Rows of token ids (and their masks) as one right-padded batch of tensors; ``None`` if no row has a token."""
-    rows = {name: [_as_list(row) for row in columns[name]] for name in TOKEN_COLUMNS if name in columns}
-    ids = rows[TOKEN_COLUMNS[0]]
-    if any(not isinstance(token, int) for row in ids for token in row):
-        raise ValueError("column 'input_ids' must hold lists of integer token ids, one list per sample")
-    for name, values in rows.items():
-        for row, tokens in zip(values, ids):
-            if len(row) != len(tokens):
-                raise ValueError(
-                    f"column {name!r} must hold one entry per token of input_ids; a row of {len(tokens)} tokens has "
-                    f"{len(row)}"
-                )
-    if not any(ids):
-        return None
-    rows.setdefault("attention_mask", [[1] * len(row) for row in ids])
-    width = min(max_length, max(len(row) for row in ids))
-    pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
-    return {name: torch.tensor([row[:width] + [pads[name]] * (width - len(row[:width])) for row in values])
-            for name, values in rows.items()}  # fmt: skip
-
-
-def _as_list(row: Any) -> list[Any]:
-    """A row of a tokenized column as a list of numbers, whatever format the dataset gives (list, tensor, array)."""
-    return row.tolist() if hasattr(row, "tolist") else list(row)
 
 
 def _subset_values(dataset: Any, column: str, config: Any) -> tuple[Any, Callable[[Any], Any]]:
@@ -452,7 +426,6 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
     if kind == "images":
         channels = image_channels(model, processor)
         return lambda values: filter_inputs(encode_images(processor, values, channels), keep)
-    ensure_padding(processor)
     max_length = text_length_limit(model, config.max_length)
 
     def encode(values: list[str]) -> Batch | None:

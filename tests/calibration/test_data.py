@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import transformers as T
 
 from hf_comq.calibration import build_calibration_data
 from hf_comq.config import COMQConfig
@@ -141,6 +142,17 @@ def test_a_tokenized_dataset_is_read_as_ready_inputs_padded_per_batch(llama, for
     assert config.calibration_description.endswith("(column input_ids), 5 samples")
 
 
+def test_tokenized_rows_are_padded_with_a_valid_id_whatever_the_configs_pad_token_id():
+    """Converted LLaMA configs carry pad_token_id=-1: padded positions are masked, so any id the
+    embedding holds pads them, and the user's valid rows are not blamed."""
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=64, pad_token_id=-1))  # fmt: skip
+    rows = datasets.Dataset.from_dict({"input_ids": [[3, 4, 5], [6, 7]]})
+    batch = _collect(build_calibration_data(model, _config(rows, batch_size=2, num_samples=2)))[0]
+    assert int(batch["input_ids"].min()) >= 0
+    assert sorted(batch["attention_mask"].sum(dim=1).tolist()) == [2, 3]
+
+
 def test_tokenized_rows_win_over_their_text_and_odd_rows_are_skipped_or_named(llama):
     rows = {"text": ["one two", "", "three four five", "six"], "input_ids": [[3, 4], [], [5, 6, 7], [8]]}
     config = _config(datasets.Dataset.from_dict(rows), batch_size=4)
@@ -210,11 +222,32 @@ def test_grayscale_images_are_converted_to_rgb(vit):
     assert batches[0]["pixel_values"].shape == (2, 3, 32, 32)
 
 
-def test_list_of_strings_with_padless_tokenizer(llama):
+def test_a_padless_tokenizer_is_not_changed_and_needs_no_pad_token(llama):
+    """Calibration pads its batches itself (masked positions, id 0): the caller's tokenizer, which
+    hf-comq quantize saves next to the weights, keeps having no pad token, whatever the batch size."""
     tokenizer = word_tokenizer(with_pad=False)
-    batches = _collect(build_calibration_data(llama, _config(sentences(4), processor=tokenizer)))
-    assert tokenizer.pad_token == "[EOS]"
-    assert batches[0]["input_ids"].shape[0] == 4
+    for batch_size in (4, 1):
+        batches = _collect(build_calibration_data(llama, _config(sentences(4), processor=tokenizer, batch_size=batch_size)))
+        assert sum(batch["input_ids"].shape[0] for batch in batches) == 4
+    assert tokenizer.pad_token is None
+    bare = T.PreTrainedTokenizerFast(tokenizer_object=word_tokenizer().backend_tokenizer)  # no pad, eos or unk token
+    batches = _collect(build_calibration_data(llama, _config(sentences(4), processor=bare)))
+    assert batches[0]["input_ids"].shape[0] == 4 and bare.pad_token is None
+
+
+def test_texts_are_padded_on_the_right_whatever_the_tokenizers_side():
+    """A tokenizer saved for generation pads on the left; calibration still starts every text at
+    position 0, as the model sees it alone (GPT-2's learned positions would shift otherwise)."""
+    gpt2 = tiny_model("gpt2")
+    tokenizer = word_tokenizer(with_pad=False)
+    tokenizer.padding_side = "left"
+    texts = sentences(4)
+    batch = _collect(build_calibration_data(gpt2, _config(texts, processor=tokenizer, num_samples=4, seed=0)))[0]
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        length = sum(mask)
+        assert mask == [1] * length + [0] * (len(mask) - length)
+        assert ids[:length] in [tokenizer(text)["input_ids"] for text in texts]
+    assert tokenizer.padding_side == "left"
 
 
 def test_empty_strings_are_dropped(llama, tokenizer):

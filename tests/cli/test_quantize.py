@@ -112,6 +112,8 @@ def test_quantize_solver_options_reach_the_solver_settings(capsys, tmp_path, gpt
     assert stored["solver"]["pair_moves"] == 0 and stored["solver"]["scale_refit"] is True
     card = (output / "README.md").read_text()
     assert "| Pair-move candidates per row | off |" in card and "| Scale refit | yes |" in card
+    saved, base = (T.AutoTokenizer.from_pretrained(folder) for folder in (output, gpt2_dir))
+    assert base.pad_token is None and saved.special_tokens_map == base.special_tokens_map  # calibration pads its own way
 
 
 def test_quantize_calibrate_all_experts_solves_every_expert_on_every_token(capsys, tmp_path, text_data) -> None:
