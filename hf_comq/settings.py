@@ -95,7 +95,7 @@ class COMQSettings:
     dataset: Any = setting(None, CALIBRATION, "calibration data: a datasets object, a name or path, or samples")
     processor: Any = setting(None, CALIBRATION, "image processor / tokenizer (object or path); None = the model's")
     dataset_split: str = setting("train", CALIBRATION, "split of a named dataset")
-    dataset_column: str | None = setting(None, CALIBRATION, "column of a named dataset (default: image or text)")
+    dataset_column: str | None = setting(None, CALIBRATION, "column of a named dataset (default: the first of image/img/pixel_values, input_ids, text, messages)")
     num_samples: int = setting(128, CALIBRATION, "calibration samples (seeded shuffle)")
     batch_size: int = setting(8, CALIBRATION, "samples per calibration forward pass")
     max_length: int = setting(512, CALIBRATION, "text truncation length in tokens")

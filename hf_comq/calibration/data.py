@@ -77,8 +77,10 @@ __all__ = [
     "TEXT_COLUMNS",
     "CalibrationData",
     "build_calibration_data",
+    "chat_renderer",
     "column_kind",
     "encode_images",
+    "fed_as",
     "format_description",
     "image_channels",
     "load_processor",
@@ -402,15 +404,38 @@ def _kind_of_value(value: Any, column: str) -> str:
         return "images"
     if isinstance(value, str):
         return "text"
-    fix = ""
-    if isinstance(value, list) and value and isinstance(value[0], Mapping) and "content" in value[0]:
-        fix = (
-            "; for chat messages, write each conversation into a text column first: "
-            "tokenizer.apply_chat_template(messages, tokenize=False)"
-        )
+    if _is_conversation(value):
+        return "chat"
     raise ValueError(
-        f"column {column!r} holds {type(value).__name__} values; COMQ calibrates on images (PIL) or text (str){fix}"
+        f"column {column!r} holds {type(value).__name__} values; COMQ calibrates on images (PIL), text (str) or chat "
+        "conversations (lists of {'role', 'content'} messages)"
     )
+
+
+def fed_as(kind: str) -> str:
+    """The kind of input a kind of data is fed to the model as: chat conversations as text, others as themselves."""
+    return "text" if kind == "chat" else kind
+
+
+def _is_conversation(value: Any) -> bool:
+    """Whether ``value`` is one chat conversation: a list of messages with a role and a content."""
+    return (
+        isinstance(value, (list, tuple)) and bool(value)
+        and all(isinstance(message, Mapping) and "role" in message and "content" in message for message in value)
+    )  # fmt: skip
+
+
+def chat_renderer(processor: Any) -> Callable[[Any], str]:
+    """``conversation -> text`` through the tokenizer's chat template, as the chat model sees its
+    input (the text is then tokenized without a second BOS, see :func:`encode_texts`)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the calibration data is chat conversations, but {type(tokenizer).__name__} has no chat template to "
+            "write them as text; give the tokenizer one (tokenizer.chat_template, saved in tokenizer_config.json "
+            "where hf-comq reads the checkpoint's), or write each conversation into a text column yourself"
+        )
+    return lambda conversation: tokenizer.apply_chat_template(list(conversation), tokenize=False)
 
 
 def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[Any]], Batch | None]:
@@ -418,6 +443,7 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
     keep = model_input_names(model)
     if kind == "model inputs":
         return lambda values: filter_inputs({"pixel_values": torch.stack([torch.as_tensor(v) for v in values])}, keep)
+    chat, kind = kind == "chat", fed_as(kind)
     _check_model_takes(model, keep, kind)
     processor = resolve_processor(
         getattr(config, "processor", None), model, kind, "calibration",
@@ -426,10 +452,12 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
     if kind == "images":
         channels = image_channels(model, processor)
         return lambda values: filter_inputs(encode_images(processor, values, channels), keep)
+    render = chat_renderer(processor) if chat else None
     max_length = text_length_limit(model, config.max_length)
 
-    def encode(values: list[str]) -> Batch | None:
-        encoded = encode_texts(processor, values, max_length)
+    def encode(values: list[Any]) -> Batch | None:
+        texts = values if render is None else [render(value) for value in values]
+        encoded = encode_texts(processor, texts, max_length)
         return None if encoded is None else filter_inputs(encoded, keep)
 
     return encode

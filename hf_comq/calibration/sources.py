@@ -24,6 +24,7 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "DATA_FILE_BUILDERS",
+    "CHAT_COLUMNS",
     "IMAGE_COLUMNS",
     "STREAM_SHUFFLE_BUFFER",
     "TEXT_COLUMNS",
@@ -42,6 +43,9 @@ __all__ = [
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 TEXT_COLUMNS = ("text",)
+CHAT_COLUMNS = ("messages",)
+"""Columns of chat conversations (lists of ``{"role", "content"}`` messages, the format of TRL's
+conversational datasets), rendered with the tokenizer's chat template."""
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 """Columns of a tokenized dataset (``dataset.map(tokenizer)``), read as ready model inputs;
 ``input_ids`` is the one :func:`pick_column` looks for, after images and before text (a mapped
@@ -131,7 +135,7 @@ def pick_column(dataset: Any, requested: str | None) -> str:
         if requested not in columns:
             raise ValueError(f"dataset column {requested!r} does not exist; available columns: {columns}")
         return requested
-    readable = IMAGE_COLUMNS + TOKEN_COLUMNS[:1] + TEXT_COLUMNS  # tokens the user made win over their source text
+    readable = IMAGE_COLUMNS + TOKEN_COLUMNS[:1] + TEXT_COLUMNS + CHAT_COLUMNS  # tokens the user made win over text
     for candidate in readable:
         if candidate in columns:
             return candidate

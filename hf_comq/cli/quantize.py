@@ -192,7 +192,7 @@ def _quantize(
     saving = _saves(ranks)
     spec = inspect_model(args.model, read)
 
-    from ..calibration.data import column_kind
+    from ..calibration.data import chat_renderer, column_kind, fed_as
     from ..calibration.sources import TOKEN_COLUMNS
     from ..config import COMQConfig
     from ..evaluation import pick_column
@@ -210,9 +210,12 @@ def _quantize(
     column = pick_column(opened, args.column, "calibration")
     # Raw images or text need the checkpoint's processor; both are checked before the weights load.
     tokens = column == TOKEN_COLUMNS[0]
-    if not tokens:
-        column_kind(opened, column)  # one line for a column of neither images nor text
+    kind = None if tokens else column_kind(opened, column)  # one line for a column of neither images nor text
+    if kind is not None and fed_as(kind) != spec.inputs:
+        raise CLIError(f"--dataset column {column!r} holds {kind}, but {spec.architecture} takes {spec.inputs}")
     processor = _optional_processor(spec) if tokens else load_processor(spec.location, spec.inputs)
+    if kind == "chat":
+        chat_renderer(processor)  # a tokenizer without a chat template, named before the weights load
     data = dict(dataset=dataset, dataset_split=args.split, dataset_column=args.column, processor=processor)
     config = COMQConfig(**data, **{**settings, **rtn})
     method = "RTN" if args.rtn else "COMQ"

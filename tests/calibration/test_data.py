@@ -250,6 +250,38 @@ def test_texts_are_padded_on_the_right_whatever_the_tokenizers_side():
     assert tokenizer.padding_side == "left"
 
 
+def _chat_tokenizer() -> T.PreTrainedTokenizerFast:
+    """A tokenizer that adds BOS, as Llama's does, with a chat template that writes BOS too."""
+    from tokenizers import processors
+
+    tokenizer = word_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[EOS] $A", special_tokens=[("[EOS]", tokenizer.convert_tokens_to_ids("[EOS]"))]
+    )
+    tokenizer.bos_token = "[EOS]"
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
+def test_chat_conversations_are_written_with_the_chat_template_and_one_bos(llama):
+    """A ``messages`` column is read without being named and becomes what the chat model sees; text
+    that a chat template already began with BOS gets no second one."""
+    tokenizer, texts = _chat_tokenizer(), sentences(3)
+    conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": text}] for text in texts]
+    expected = sorted(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in conversations)
+    rendered = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in conversations]
+    sources = {"messages": datasets.Dataset.from_dict({"messages": conversations}), "templated text": rendered}
+    for name, source in sources.items():
+        config = _config(source, processor=tokenizer, num_samples=3)
+        assert sorted(_real_tokens(_collect(build_calibration_data(llama, config)))) == expected, name
+    assert config.calibration_description == "list of text, 3 samples"
+    plain = _real_tokens(_collect(build_calibration_data(llama, _config(texts[:1], processor=tokenizer))))
+    assert plain == [tokenizer(texts[0])["input_ids"]]  # text without BOS still gets the tokenizer's
+    without_template = word_tokenizer()
+    with pytest.raises(ValueError, match=r"^the calibration data is chat conversations, but \w+ has no chat template"):
+        build_calibration_data(llama, _config(sources["messages"], processor=without_template))
+
+
 def test_empty_strings_are_dropped(llama, tokenizer):
     batches = _collect(build_calibration_data(llama, _config(["", "  ", "the cat"], processor=tokenizer)))
     assert [b["input_ids"].tolist() for b in batches] == [tokenizer(["the cat"])["input_ids"]]
@@ -402,7 +434,7 @@ def test_non_image_values_in_an_image_column_are_rejected(vit):
 
 def test_column_of_numbers_is_rejected(vit):
     dataset = datasets.Dataset.from_dict({"label": [1, 2]})
-    with pytest.raises(ValueError, match="images .* or text"):
+    with pytest.raises(ValueError, match=r"holds int values; COMQ calibrates on images \(PIL\), text \(str\) or chat conversations"):
         build_calibration_data(vit, _config(dataset, dataset_column="label"))
 
 
