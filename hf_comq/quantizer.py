@@ -141,10 +141,21 @@ class COMQHfQuantizer(HfQuantizer):
         _attach_model_card(model)
         return model
 
+    def dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """``model.dequantize(dtype)``; without a dtype each layer keeps the one it has now.
+
+        transformers fills a missing dtype in with ``model.config.dtype``, the dtype the model
+        was loaded in, which a later ``model.to(torch.bfloat16)`` does not update: float32
+        layers in a bf16 model.  A packed layer's dtype follows casts (:meth:`COMQLinear._apply`),
+        as the model's other layers do.
+        """
+        model = self._dequantize(model, dtype)
+        self.remove_quantization_config(model)
+        return model
+
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """Replace every :class:`COMQLinear` with the float layer it stands for (``model.dequantize()``)."""
-        if isinstance(dtype, str):
-            # transformers passes model.config.dtype, which save_pretrained leaves as its name ("bfloat16")
+        if isinstance(dtype, str):  # a dtype by name ("bfloat16"), as config.dtype holds it after save_pretrained
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, COMQLinear):
