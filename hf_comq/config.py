@@ -90,6 +90,8 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         }
         for kind in (SOLVER, CALIBRATION, SELECTION):
             record[kind] = {name: self.serialized(name) for name in self.field_names(kind)}
+        if self.calibration_description is not None:  # calibration ran: the split it read, not the setting
+            record[CALIBRATION]["dataset_split"] = self.calibration_split
         record[CALIBRATION]["description"] = self.describe_calibration()
         record[CALIBRATION]["samples_used"] = self.calibration_samples
         if self.expert_layers_rounded:
@@ -100,7 +102,7 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         """The JSON-safe value written for setting ``name``: in-memory data and processors become a reference or ``None``."""
         value = getattr(self, name)
         if name in LIVE_OBJECTS:
-            return portable_reference(value) if isinstance(value, (str, os.PathLike)) else None
+            return portable_reference(value) if isinstance(value, (str, os.PathLike)) else dataset_name(value)
         return copy.deepcopy(value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +161,9 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
                 values[key] = value
         values["calibration_description"] = values.pop("description", None)
         values["calibration_samples"] = values.pop("samples_used", None)
+        values["calibration_split"] = values.get("dataset_split")
+        if values.get("dataset_split") is None:  # data without splits: the setting keeps its default
+            values.pop("dataset_split", None)
         values.update(
             bits=scheme.bits,
             group_size=scheme.group_size,
@@ -230,6 +235,12 @@ def portable_reference(value: str | os.PathLike) -> str:
     return text
 
 
+def dataset_name(value: Any) -> str | None:
+    """The name a ``datasets`` object carries (``load_dataset``'s builder or folder name), ``None`` for other objects."""
+    name = getattr(getattr(value, "info", None), "dataset_name", None)
+    return str(name) if name else None
+
+
 def describe_object(value: Any) -> str:
     """Short, JSON-safe description of a dataset or processor (never its contents)."""
     if isinstance(value, (str, os.PathLike)):
@@ -240,7 +251,7 @@ def describe_object(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         first = type(value[0]).__name__ if value else "nothing"
         return f"{kind} of {len(value)} {first} items"
-    name = getattr(value, "name_or_path", None) or getattr(getattr(value, "info", None), "dataset_name", None)
+    name = getattr(value, "name_or_path", None) or dataset_name(value)
     size = _safe_len(value)
     parts = [kind]
     if name:

@@ -125,6 +125,9 @@ class COMQSettings:
     )
     calibration_description: str | None = setting(None, RECORDED, "what the model was calibrated on")
     calibration_samples: int | None = setting(None, RECORDED, "calibration samples actually used")
+    calibration_split: str | None = setting(
+        None, RECORDED, "split the calibration data was read from (None: data without splits, such as one file)"
+    )
     expert_layers_rounded: int | None = setting(
         None, RECORDED, "expert layers no calibration token reached, rounded to nearest instead"
     )
@@ -235,6 +238,7 @@ class COMQSettings:
                 "quantization); drop true_sequential or set sequential=True"
             )
         _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)
+        _check_str("calibration_split", self.calibration_split, optional=True)
         for name in ("calibration_samples", "expert_layers_rounded"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0, None, "leave it to calibration")

@@ -64,6 +64,7 @@ from .sources import (
     check_local_sources,
     column_names,
     dataset_from_list,
+    dataset_origin,
     is_blank,
     load_dataset_source,
     pick_column,
@@ -138,6 +139,7 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
         )
     data = _dispatch(model, config, source)
     config.calibration_description = format_description(data.description)
+    config.calibration_split = data.description.get("split")
     vocabulary = _vocabulary_size(model)
     if vocabulary is not None:
         data = replace(data, encode=_checking_token_ids(data.encode, vocabulary, type(model).__name__))
@@ -209,7 +211,7 @@ def _dispatch(model: nn.Module, config: Any, source: Any) -> CalibrationData:
         split = pick_split(source, config.dataset_split, "the DatasetDict")
         return _from_hf_dataset(model, config, split, {"source": "datasets.DatasetDict", "split": config.dataset_split})
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        return _from_hf_dataset(model, config, source, {"source": f"datasets.{type(source).__name__}"})
+        return _from_hf_dataset(model, config, source, dataset_origin(source))
     if isinstance(source, Mapping):
         return _from_input_dicts(model, config, [source])
     if isinstance(source, (list, tuple)):

@@ -30,9 +30,11 @@ __all__ = [
     "TEXT_COLUMNS",
     "TOKEN_COLUMNS",
     "check_local_sources",
+    "check_split_name",
     "column_names",
     "data_file_builder",
     "dataset_from_list",
+    "dataset_origin",
     "is_blank",
     "load_dataset_source",
     "pick_column",
@@ -88,6 +90,7 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
 
     from ..assets import demo_dataset_file
 
+    check_split_name(split)
     source = os.fspath(source)
     demo_file = demo_dataset_file(source)
     path = demo_file if demo_file is not None else Path(source).expanduser()
@@ -100,8 +103,8 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
-                loaded = pick_split(loaded, split, f"the dataset saved at {source!r}")
-            return loaded, origin
+                return pick_split(loaded, split, f"the dataset saved at {source!r}"), origin
+            return loaded, {**origin, "split": dataset_origin(loaded)["split"]}  # one dataset: the split it says
         if path.is_file():
             builder = data_file_builder(path)
             if builder is None:
@@ -117,8 +120,30 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
         raise ValueError(f"could not load calibration dataset {source!r} (split {split!r}): {error}") from error
 
 
+def dataset_origin(dataset: Any) -> dict[str, Any]:
+    """What a ``datasets`` object says of itself for the record: its class, its name (``load_dataset``'s
+    builder or folder name) and the split it holds (``None`` where it does not say, e.g. ``from_dict``)."""
+    name = getattr(getattr(dataset, "info", None), "dataset_name", None)
+    split = getattr(dataset, "split", None)
+    source = f"datasets.{type(dataset).__name__}" + (f" {str(name)!r}" if name else "")
+    return {"source": source, "split": str(split) if split is not None else None}
+
+
+def check_split_name(split: str) -> None:
+    """One line for datasets' split arithmetic (``"train[:512]"``, ``"train+test"``): data files are
+    streamed, where datasets takes no slices (a single file would silently be read whole), and the
+    rows used are chosen by count and seed, not by position."""
+    if "[" in split or "+" in split:
+        whole = split.split("[")[0].split("+")[0]
+        raise ValueError(
+            f"split {split!r}: hf_comq reads whole splits, not slices or sums of them; name one split ({whole!r}) "
+            "and set how many of its rows are used: num_samples (hf-comq quantize: --num-samples; evaluate: --limit)"
+        )
+
+
 def pick_split(dataset_dict: Mapping[str, Any], split: str, what: str) -> Any:
     """``dataset_dict[split]``, or one line listing the splits there are."""
+    check_split_name(split)
     if split not in dataset_dict:
         raise ValueError(f"split {split!r} not found in {what}; available splits: {sorted(dataset_dict)}")
     return dataset_dict[split]

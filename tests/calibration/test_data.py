@@ -52,6 +52,25 @@ def test_in_memory_image_dataset(vit):
     assert config.calibration_description == "datasets.Dataset (column image), 6 samples"
 
 
+def test_a_datasets_object_is_recorded_with_its_name_and_split(tmp_path, llama, tokenizer):
+    """``load_dataset(..., split="validation")`` then ``COMQConfig(dataset=ds)``: the record names what the
+    object says, not the unused ``dataset_split`` default."""
+    folder = tmp_path / "my_corpus"
+    datasets.Dataset.from_dict({"text": sentences(6)}).to_parquet(str(folder / "validation.parquet"))
+    loaded = datasets.load_dataset(str(folder), split="validation")
+    config = _config(loaded, processor=tokenizer, num_samples=4)
+    build_calibration_data(llama, config)
+    assert config.calibration_description == "datasets.Dataset 'my_corpus' (split validation, column text), 4 samples"
+    recorded = config.provenance()["calibration"]
+    assert (recorded["dataset"], recorded["dataset_split"]) == ("my_corpus", "validation")
+    config = _config(datasets.Dataset.from_dict({"text": sentences(2)}), processor=tokenizer)
+    build_calibration_data(llama, config)
+    assert (config.provenance()["calibration"]["dataset_split"], config.calibration_description) == (
+        None, "datasets.Dataset (column text), 2 samples",
+    )  # fmt: skip
+    assert COMQConfig.from_dict(config.to_dict()).provenance()["calibration"]["dataset_split"] is None
+
+
 def test_img_column_and_column_override(vit):
     dataset = datasets.Dataset.from_dict({"img": images(3), "image": ["not an image"] * 3})
     config = _config(dataset, processor=image_processor(), dataset_column="img")
