@@ -58,6 +58,7 @@ from .processors import (
     text_length_limit,
 )
 from .sources import (
+    CHAT_COLUMNS,
     IMAGE_COLUMNS,
     TEXT_COLUMNS,
     TOKEN_COLUMNS,
@@ -67,6 +68,7 @@ from .sources import (
     dataset_origin,
     is_blank,
     load_dataset_source,
+    named_decoding_errors,
     pick_column,
     pick_split,
     seeded_subset,
@@ -105,6 +107,8 @@ class CalibrationData:
     encode: Callable[[Any], Batch | None]
     num_samples: int
     description: dict[str, Any] = field(default_factory=dict)
+    max_length: int | None = None  # tokens a text or token row is cut to (None: no cut, e.g. images)
+    tokenized: bool = False  # texts tokenized here (not token ids the caller made)
 
     def __iter__(self) -> Iterator[Batch]:
         for chunk in self.chunks():
@@ -137,12 +141,19 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
             "COMQ needs calibration data: pass COMQConfig(dataset=...) (a datasets.Dataset, a dataset name or "
             "local path, a list of images or strings, or ready model inputs)"
         )
-    data = _dispatch(model, config, source)
+    with named_decoding_errors(source):
+        data = _dispatch(model, config, source)
     config.calibration_description = format_description(data.description)
     config.calibration_split = data.description.get("split")
+    if data.max_length is not None and data.max_length < config.max_length:
+        config.max_length = data.max_length  # the record says what was used: the model's positions cut it
     vocabulary = _vocabulary_size(model)
     if vocabulary is not None:
-        data = replace(data, encode=_checking_token_ids(data.encode, vocabulary, type(model).__name__))
+        fix = "tokenize with the model's own tokenizer" + (
+            " (COMQConfig(processor=...); hf-comq uses the checkpoint's)" if data.tokenized
+            else ", AutoTokenizer.from_pretrained(MODEL), or pass the texts themselves"
+        )  # fmt: skip
+        data = replace(data, encode=_checking_token_ids(data.encode, vocabulary, type(model).__name__, fix))
     return data
 
 
@@ -157,7 +168,7 @@ def _vocabulary_size(model: nn.Module) -> int | None:
 
 
 def _checking_token_ids(
-    encode: Callable[[Any], Batch | None], vocabulary: int, model_name: str
+    encode: Callable[[Any], Batch | None], vocabulary: int, model_name: str, fix: str
 ) -> Callable[[Any], Batch | None]:
     """``encode`` whose batches fail with one line when a token id is outside the embedding.
 
@@ -177,8 +188,7 @@ def _checking_token_ids(
             bad = highest if highest >= vocabulary else lowest
             raise ValueError(
                 f"calibration input_ids hold token id {bad}, but {model_name}'s input embedding has {vocabulary} rows "
-                f"(ids 0 to {vocabulary - 1}); tokenize with the model's own tokenizer (COMQConfig(processor=...); "
-                "hf-comq uses the checkpoint's)"
+                f"(ids 0 to {vocabulary - 1}); {fix}"
             )
         return batch
 
@@ -264,6 +274,11 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
             f"a calibration list must hold only PIL images (or uint8 image arrays), only strings, or only dicts of "
             f"tensors; got {kinds}"
         )
+    if config.dataset_column is not None:
+        raise ValueError(
+            f"dataset_column={config.dataset_column!r} names a column of a dataset, but the calibration data is a "
+            f"list of {kind}, which has none; drop dataset_column"
+        )
     origin = {"source": f"list of {kind}", "column": None}
     return _from_hf_dataset(model, config, dataset_from_list(items, column), origin)
 
@@ -295,13 +310,18 @@ def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[s
         return _from_token_rows(model, config, dataset, origin)
     values, decode = _subset_values(dataset.select_columns([column]), column, config)
     kind = "model inputs" if column == "pixel_values" else _kind_of_value(decode(values[0]), column)
-    encode_values = _make_encoder(model, config, kind)
+    text = kind in ("text", "chat")
+    max_length = text_length_limit(model, config.max_length) if text else None
+    encode_values = _make_encoder(model, config, kind, max_length)
 
     def encode(rows: slice) -> Batch | None:  # rows are read here, so a rank reads only its own
         return encode_values([decode(value) for value in values[rows]])
 
     description = {"column": column, **origin, "num_samples": len(values)}
-    return CalibrationData(lambda: _batch_slices(len(values), config.batch_size), encode, len(values), description)
+    return CalibrationData(
+        lambda: _batch_slices(len(values), config.batch_size), encode, len(values), description,
+        max_length=max_length, tokenized=text,
+    )  # fmt: skip
 
 
 def _batch_slices(count: int, size: int) -> Iterator[slice]:
@@ -332,7 +352,9 @@ def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[s
         return None if batch is None else filter_inputs(batch, keep)
 
     description = {"column": TOKEN_COLUMNS[0], **origin, "num_samples": len(rows)}
-    return CalibrationData(lambda: _batch_slices(len(rows), config.batch_size), encode, len(rows), description)
+    return CalibrationData(
+        lambda: _batch_slices(len(rows), config.batch_size), encode, len(rows), description, max_length=max_length
+    )
 
 
 def _subset_values(dataset: Any, column: str, config: Any) -> tuple[Any, Callable[[Any], Any]]:
@@ -440,8 +462,11 @@ def chat_renderer(processor: Any) -> Callable[[Any], str]:
     return lambda conversation: tokenizer.apply_chat_template(list(conversation), tokenize=False)
 
 
-def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[Any]], Batch | None]:
-    """Return ``encode(raw_values) -> model inputs`` for one batch (``None``: nothing usable in it)."""
+def _make_encoder(
+    model: nn.Module, config: Any, kind: str, max_length: int | None
+) -> Callable[[list[Any]], Batch | None]:
+    """Return ``encode(raw_values) -> model inputs`` for one batch (``None``: nothing usable in it);
+    ``max_length``: the tokens a text is cut to."""
     keep = model_input_names(model)
     if kind == "model inputs":
         return lambda values: filter_inputs({"pixel_values": torch.stack([torch.as_tensor(v) for v in values])}, keep)
@@ -455,7 +480,6 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
         channels = image_channels(model, processor)
         return lambda values: filter_inputs(encode_images(processor, values, channels), keep)
     render = chat_renderer(processor) if chat else None
-    max_length = text_length_limit(model, config.max_length)
 
     def encode(values: list[Any]) -> Batch | None:
         texts = values if render is None else [render(value) for value in values]
@@ -554,11 +578,16 @@ def _as_input_batch(item: Mapping[str, Any], keep: set[str] | None, model: nn.Mo
     for name, value in item.items():
         if keep is not None and name not in keep:
             continue
-        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-        batch[name] = tensor
+        batch[name] = value if isinstance(value, torch.Tensor) else _input_tensor(name, value)
     if not batch:
+        raw = sorted(set(item) & set(IMAGE_COLUMNS + TEXT_COLUMNS + CHAT_COLUMNS))
+        fix = (
+            f"; {raw[0]!r} is raw data, which goes in as a list (dataset=[...]) or a datasets.Dataset column"
+            if raw else ""
+        )
         raise ValueError(
-            f"a calibration input dict has keys {sorted(item)}, none of which {type(model).__name__}.forward accepts"
+            f"a calibration input dict has keys {sorted(item)}, none of which {type(model).__name__}.forward "
+            f"accepts{fix}"
         )
     if all(t.dim() == 1 for t in batch.values()) or ("pixel_values" in batch and batch["pixel_values"].dim() == 3):
         batch = {name: t.unsqueeze(0) for name, t in batch.items()}
@@ -566,6 +595,19 @@ def _as_input_batch(item: Mapping[str, Any], keep: set[str] | None, model: nn.Mo
     if len(leading) != 1:
         raise ValueError(f"the tensors of a calibration input dict disagree on the batch size: {sorted(leading)}")
     return batch
+
+
+def _input_tensor(name: str, value: Any) -> torch.Tensor:
+    """One entry of an input dict as a tensor; rows of different lengths (``tokenizer(texts)`` without
+    padding) are named with the two ways hf_comq takes them."""
+    try:
+        return torch.as_tensor(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"calibration input {name!r} is not a tensor and cannot become one ({error}): an input dict is used "
+            "as it is, never padded; pass token rows as datasets.Dataset.from_dict(dict(encoding)) (padded per "
+            "batch), the texts themselves, or tokenizer(texts, padding=True, return_tensors='pt')"
+        ) from None
 
 
 def _batch_size(batch: Batch) -> int:

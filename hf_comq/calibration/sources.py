@@ -12,7 +12,8 @@ rows ``datasets`` users expect.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "dataset_origin",
     "is_blank",
     "load_dataset_source",
+    "named_decoding_errors",
     "pick_column",
     "pick_split",
     "seeded_subset",
@@ -66,6 +68,11 @@ def check_local_sources(dataset: Any, processor: Any) -> None:
     any weight loads, where loading would try the name as a Hub id and fail on that instead.
     Not when a config is built: a config read back from a checkpoint names another machine's data."""
     if isinstance(dataset, (str, os.PathLike)) and is_missing_local_path(dataset):
+        if any(character in os.fspath(dataset) for character in "*?["):
+            raise ValueError(
+                f"calibration dataset: {os.fspath(dataset)} is a pattern, and hf_comq takes no globs; pass the "
+                "folder that holds the files (its data files are read as one dataset) or one file"
+            )
         raise ValueError(
             f"calibration dataset: no file or folder at {os.fspath(dataset)}; check the path (a Hub dataset is "
             "named owner/name)"
@@ -127,6 +134,19 @@ def dataset_origin(dataset: Any) -> dict[str, Any]:
     split = getattr(dataset, "split", None)
     source = f"datasets.{type(dataset).__name__}" + (f" {str(name)!r}" if name else "")
     return {"source": source, "split": str(split) if split is not None else None}
+
+
+@contextmanager
+def named_decoding_errors(source: Any) -> Iterator[None]:
+    """Reading ``source`` (a data file, streamed lazily), a file that is not UTF-8 fails in one line naming
+    it and the fix, not with Python's bare ``UnicodeDecodeError`` (a ``ValueError``, so it would pass as one)."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the calibration dataset"
+        raise ValueError(
+            f"{where} is not UTF-8 text ({error.reason}); re-encode it as UTF-8 (e.g. with iconv -t utf-8)"
+        ) from None
 
 
 def check_split_name(split: str) -> None:

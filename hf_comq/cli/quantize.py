@@ -193,7 +193,7 @@ def _quantize(
     spec = inspect_model(args.model, read)
 
     from ..calibration.data import chat_renderer, column_kind, fed_as
-    from ..calibration.sources import TOKEN_COLUMNS
+    from ..calibration.sources import TOKEN_COLUMNS, named_decoding_errors
     from ..config import COMQConfig
     from ..evaluation import pick_column
     from ..solver import ROUND_TO_NEAREST_MODEL
@@ -206,11 +206,12 @@ def _quantize(
     rtn = {}
     if args.rtn:  # the baseline rounds each layer's own weight, unless --fp-target asks to aim it first
         rtn = {key: value for key, value in ROUND_TO_NEAREST_MODEL.items() if settings.get(key) is None}
-    opened = open_dataset(dataset, args.split)
-    column = pick_column(opened, args.column, "calibration")
-    # Raw images or text need the checkpoint's processor; both are checked before the weights load.
-    tokens = column == TOKEN_COLUMNS[0]
-    kind = None if tokens else column_kind(opened, column)  # one line for a column of neither images nor text
+    with named_decoding_errors(dataset):
+        opened = open_dataset(dataset, args.split)
+        column = pick_column(opened, args.column, "calibration")
+        # Raw images or text need the checkpoint's processor; both are checked before the weights load.
+        tokens = column == TOKEN_COLUMNS[0]
+        kind = None if tokens else column_kind(opened, column)  # one line for a column of neither images nor text
     if kind is not None and fed_as(kind) != spec.inputs:
         raise CLIError(f"--dataset column {column!r} holds {kind}, but {spec.architecture} takes {spec.inputs}")
     processor = _optional_processor(spec) if tokens else load_processor(spec.location, spec.inputs)

@@ -522,6 +522,9 @@ def test_texts_are_cut_to_the_positions_the_model_declares(caplog):
         batch = next(iter(data))
     assert batch["input_ids"].shape[1] == 8
     assert "max_length=512 is longer than the 8 positions GPT2LMHeadModel declares; texts are cut to 8" in caplog.text
+    config = _config(sentences(2), processor=word_tokenizer())
+    build_calibration_data(short, config)
+    assert config.max_length == 8  # the record (config.json, card) says what was used
     # RoBERTa counts positions from its padding row on: 40 rows (padding_idx 1) hold 38 tokens
     roberta = T.RobertaModel(T.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                              intermediate_size=64, max_position_embeddings=40, pad_token_id=1))  # fmt: skip
@@ -586,3 +589,35 @@ def test_unknown_dataset_name_is_an_error(vit, monkeypatch):
         build_calibration_data(vit, _config("someone/definitely-not-a-dataset"))  # a Hub name, offline
     with pytest.raises(ValueError, match="calibration dataset: no file or folder at /nonexistent/definitely-not"):
         build_calibration_data(vit, _config("/nonexistent/definitely-not-a-dataset"))  # a path: no Hub lookup
+
+
+def test_token_ids_outside_the_vocabulary_name_the_fix_that_fits_where_they_came_from(llama):
+    """COMQConfig(processor=...) only helps where hf_comq tokenizes; token rows are taken as they are."""
+    rows = datasets.Dataset.from_dict({"input_ids": [[3, 4, 5000], [6, 7]]})
+    with pytest.raises(ValueError, match=r"token id 5000, .*; tokenize with the model's own tokenizer, "
+                                         r"AutoTokenizer.from_pretrained\(MODEL\), or pass the texts themselves$"):
+        _collect(build_calibration_data(llama, _config(rows, processor=word_tokenizer())))
+
+
+@pytest.mark.parametrize("data, message", [
+    (lambda tokenizer: tokenizer(sentences(4)),
+     r"^calibration input 'input_ids' is not a tensor and cannot become one \(expected sequence of length .*\): "
+     r".*datasets.Dataset.from_dict\(dict\(encoding\)\)"),
+    (lambda tokenizer: {"text": sentences(4)},
+     r"none of which LlamaForCausalLM.forward accepts; 'text' is raw data, which goes in as a list"),
+])  # fmt: skip
+def test_an_input_dict_of_unpadded_rows_or_of_texts_is_one_line_with_the_fix(llama, tokenizer, data, message):
+    with pytest.raises(ValueError, match=message):
+        build_calibration_data(llama, _config(data(tokenizer)))
+
+
+def test_a_data_file_that_is_not_utf8_is_named_with_the_fix(llama, tokenizer, tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes("text\ncafé the cat\nnaïve dog ran\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(.*\); re-encode it as UTF-8"):
+        build_calibration_data(llama, _config(str(path), processor=tokenizer))
+
+
+def test_a_column_named_for_a_list_of_texts_is_one_line(llama, tokenizer):
+    with pytest.raises(ValueError, match=r"^dataset_column='prompt' names a column of a dataset, but .* list of text"):
+        build_calibration_data(llama, _config(sentences(2), processor=tokenizer, dataset_column="prompt"))

@@ -7,6 +7,7 @@ import pytest
 
 from hf_comq.calibration.sources import (
     DATA_FILE_BUILDERS,
+    check_local_sources,
     data_file_builder,
     dataset_from_list,
     load_dataset_source,
@@ -105,3 +106,8 @@ def test_a_saved_dataset_without_splits_records_the_split_it_holds_not_the_one_a
         datasets.Dataset.from_dict({"text": sentences(3)}, split=split).save_to_disk(str(folder))
         _, origin = load_dataset_source(str(folder), "test")
         assert origin["split"] == split
+
+
+def test_a_glob_is_named_as_one(tmp_path):
+    with pytest.raises(ValueError, match=r"is a pattern, and hf_comq takes no globs; pass the folder"):
+        check_local_sources(str(tmp_path / "shards" / "*.parquet"), None)
