@@ -484,6 +484,10 @@ def test_a_demo_group_size_the_model_refuses_is_named_before_the_evaluation(caps
         (["evaluate", "MODEL", "--dataset", "DATA", "--batch-size", "-1"], "--batch-size must be a positive integer"),
         (["demo", "--eval-limit", "0"], "--eval-limit must be a positive integer"),
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--bits", "9"], r"bits: expected an integer in \[2, 8\]"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--num-samples", "0"], r"error: --num-samples: expected"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--batch-size", "0"], r"error: --batch-size: expected"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--max-length", "0"], r"error: --max-length: expected"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--seed", "-1"], r"error: --seed: expected an integer >= 0"),
     ],
 )
 def test_cli_numbers_out_of_range(capsys, vit_dir, image_data, tmp_path, calibration_steps, argv, message) -> None:

@@ -270,3 +270,11 @@ def test_a_check_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, vit_
     assert "already exists and is not empty" in error_line(ranks[0].stderr)
     assert error_line(ranks[1].stderr).startswith("hf-comq: error: rank 0 of 2 failed: output folder")
     assert (output / "keep.txt").read_text() == "mine" and [path.name for path in output.iterdir()] == ["keep.txt"]
+
+
+def test_quantize_help_lists_the_data_options_under_calibration_data(capsys) -> None:
+    code, text, _ = run_cli(capsys, "quantize", "--help")
+    assert code == 0
+    data = text[text.index("calibration data:"):text.index("output:")]
+    for option in ("--dataset", "--split", "--column", "--num-samples", "--batch-size", "--max-length", "--seed"):
+        assert f"  {option} " in data, option
