@@ -73,6 +73,7 @@ class COMQHfQuantizer(HfQuantizer):
         self.quantization_config.post_init()  # settings changed since construction are checked before any load
         self._converted: list[str] = []
         self._unfused_experts: list[str] = []  # experts modules given per-expert layers before loading
+        self._calibration_data: Any = None  # built before the weights load, used after
 
     # ---------------------------------------------------------------- contract
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
@@ -111,6 +112,7 @@ class COMQHfQuantizer(HfQuantizer):
                 )
             layer_type_of(targets)
             check_group_size(targets, config.group_size)
+            self._calibration_data = _calibration_data(model, config)
         return model
 
     def update_weight_conversions(self, weight_conversions: list, model: nn.Module | None = None) -> list:
@@ -136,26 +138,16 @@ class COMQHfQuantizer(HfQuantizer):
         else:
             from .calibration import quantize_model  # lazy: heavy, and only needed when quantizing
 
-            summary = quantize_model(model, self.quantization_config)
+            data, self._calibration_data = self._calibration_data, None
+            summary = quantize_model(model, self.quantization_config, data=data)
             self._record_conversion(model, summary)
         _attach_model_card(model)
         return model
 
-    def dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-        """``model.dequantize(dtype)``; without a dtype each layer keeps the one it has now.
-
-        transformers fills a missing dtype in with ``model.config.dtype``, the dtype the model
-        was loaded in, which a later ``model.to(torch.bfloat16)`` does not update: float32
-        layers in a bf16 model.  A packed layer's dtype follows casts (:meth:`COMQLinear._apply`),
-        as the model's other layers do.
-        """
-        model = self._dequantize(model, dtype)
-        self.remove_quantization_config(model)
-        return model
-
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """Replace every :class:`COMQLinear` with the float layer it stands for (``model.dequantize()``)."""
-        if isinstance(dtype, str):  # a dtype by name ("bfloat16"), as config.dtype holds it after save_pretrained
+        if isinstance(dtype, str):
+            # transformers passes model.config.dtype, which save_pretrained leaves as its name ("bfloat16")
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, COMQLinear):
@@ -213,6 +205,17 @@ class COMQHfQuantizer(HfQuantizer):
             config.base_model = name
         config.calibration_description = config.describe_calibration()
         self._converted = list(converted)
+
+
+def _calibration_data(model: nn.Module, config: COMQConfig) -> Any:
+    """The calibration data, built while the model's weights are still to be loaded: it needs the
+    model's class and config only, so every data mistake (a column, a split, a tokenizer, data of
+    a kind the model cannot take) is one line before a load that may take minutes.  Built on the
+    CPU: transformers creates the model under a ``meta`` device scope."""
+    from .calibration import build_calibration_data  # lazy: the calibration package is heavy
+
+    with torch.device("cpu"):
+        return build_calibration_data(model, config)
 
 
 def _attach_model_card(model: nn.Module) -> None:
