@@ -102,7 +102,11 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         """The JSON-safe value written for setting ``name``: in-memory data and processors become a reference or ``None``."""
         value = getattr(self, name)
         if name in LIVE_OBJECTS:
-            return portable_reference(value) if isinstance(value, (str, os.PathLike)) else dataset_name(value)
+            if isinstance(value, (str, os.PathLike)):
+                return portable_reference(value)
+            from .calibration.sources import dataset_name  # lazy: a datasets object means calibration is loaded
+
+            return dataset_name(value)
         return copy.deepcopy(value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -235,12 +239,6 @@ def portable_reference(value: str | os.PathLike) -> str:
     return text
 
 
-def dataset_name(value: Any) -> str | None:
-    """The name a ``datasets`` object carries (``load_dataset``'s builder or folder name), ``None`` for other objects."""
-    name = getattr(getattr(value, "info", None), "dataset_name", None)
-    return str(name) if name else None
-
-
 def describe_object(value: Any) -> str:
     """Short, JSON-safe description of a dataset or processor (never its contents)."""
     if isinstance(value, (str, os.PathLike)):
@@ -251,6 +249,8 @@ def describe_object(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         first = type(value[0]).__name__ if value else "nothing"
         return f"{kind} of {len(value)} {first} items"
+    from .calibration.sources import dataset_name
+
     name = getattr(value, "name_or_path", None) or dataset_name(value)
     size = _safe_len(value)
     parts = [kind]

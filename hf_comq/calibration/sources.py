@@ -35,6 +35,7 @@ __all__ = [
     "column_names",
     "data_file_builder",
     "dataset_from_list",
+    "dataset_name",
     "dataset_origin",
     "is_blank",
     "load_dataset_source",
@@ -127,12 +128,22 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
         raise ValueError(f"could not load calibration dataset {source!r} (split {split!r}): {error}") from error
 
 
-def dataset_origin(dataset: Any) -> dict[str, Any]:
-    """What a ``datasets`` object says of itself for the record: its class, its name (``load_dataset``'s
-    builder or folder name) and the split it holds (``None`` where it does not say, e.g. ``from_dict``)."""
+GENERIC_BUILDERS = frozenset(DATA_FILE_BUILDERS.values()) | {"generator", "pandas", "imagefolder", "audiofolder"}
+"""``datasets`` builders that name a file format or a Python source, not the data: not a dataset's name."""
+
+
+def dataset_name(dataset: Any) -> str | None:
+    """The name a ``datasets`` object carries (a Hub dataset's or a data folder's, from ``load_dataset``);
+    ``None`` for other objects and where it names only a format (``"json"``, ``"generator"``)."""
     name = getattr(getattr(dataset, "info", None), "dataset_name", None)
-    split = getattr(dataset, "split", None)
-    source = f"datasets.{type(dataset).__name__}" + (f" {str(name)!r}" if name else "")
+    return str(name) if name and str(name) not in GENERIC_BUILDERS else None
+
+
+def dataset_origin(dataset: Any) -> dict[str, Any]:
+    """What a ``datasets`` object says of itself for the record: its class, its name (:func:`dataset_name`)
+    and the split it holds (``None`` where it does not say, e.g. ``from_dict``)."""
+    name, split = dataset_name(dataset), getattr(dataset, "split", None)
+    source = f"datasets.{type(dataset).__name__}" + (f" {name!r}" if name else "")
     return {"source": source, "split": str(split) if split is not None else None}
 
 
