@@ -90,6 +90,8 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         }
         for kind in (SOLVER, CALIBRATION, SELECTION):
             record[kind] = {name: self.serialized(name) for name in self.field_names(kind)}
+        if self.calibration_description is not None:  # calibration ran: the split it read, not the setting
+            record[CALIBRATION]["dataset_split"] = self.calibration_split
         record[CALIBRATION]["description"] = self.describe_calibration()
         record[CALIBRATION]["samples_used"] = self.calibration_samples
         if self.expert_layers_rounded:
@@ -100,7 +102,11 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         """The JSON-safe value written for setting ``name``: in-memory data and processors become a reference or ``None``."""
         value = getattr(self, name)
         if name in LIVE_OBJECTS:
-            return portable_reference(value) if isinstance(value, (str, os.PathLike)) else None
+            if isinstance(value, (str, os.PathLike)):
+                return portable_reference(value)
+            from .calibration.sources import dataset_name  # lazy: a datasets object means calibration is loaded
+
+            return dataset_name(value)
         return copy.deepcopy(value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,6 +167,9 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
             values["other_producer"] = True
         values["calibration_description"] = values.pop("description", None)
         values["calibration_samples"] = values.pop("samples_used", None)
+        values["calibration_split"] = values.get("dataset_split")
+        if values.get("dataset_split") is None:  # data without splits: the setting keeps its default
+            values.pop("dataset_split", None)
         values.update(
             bits=scheme.bits,
             group_size=scheme.group_size,
@@ -242,7 +251,9 @@ def describe_object(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         first = type(value[0]).__name__ if value else "nothing"
         return f"{kind} of {len(value)} {first} items"
-    name = getattr(value, "name_or_path", None) or getattr(getattr(value, "info", None), "dataset_name", None)
+    from .calibration.sources import dataset_name
+
+    name = getattr(value, "name_or_path", None) or dataset_name(value)
     size = _safe_len(value)
     parts = [kind]
     if name:

@@ -73,6 +73,7 @@ class COMQHfQuantizer(HfQuantizer):
         self.quantization_config.post_init()  # settings changed since construction are checked before any load
         self._converted: list[str] = []
         self._unfused_experts: list[str] = []  # experts modules given per-expert layers before loading
+        self._calibration_data: Any = None  # built before the weights load, used after
 
     # ---------------------------------------------------------------- contract
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
@@ -111,6 +112,7 @@ class COMQHfQuantizer(HfQuantizer):
                 )
             layer_type_of(targets)
             check_group_size(targets, config.group_size)
+            self._calibration_data = _calibration_data(model, config)
         return model
 
     def update_weight_conversions(self, weight_conversions: list, model: nn.Module | None = None) -> list:
@@ -136,7 +138,8 @@ class COMQHfQuantizer(HfQuantizer):
         else:
             from .calibration import quantize_model  # lazy: heavy, and only needed when quantizing
 
-            summary = quantize_model(model, self.quantization_config)
+            data, self._calibration_data = self._calibration_data, None
+            summary = quantize_model(model, self.quantization_config, data=data)
             self._record_conversion(model, summary)
         _attach_model_card(model)
         return model
@@ -213,6 +216,17 @@ class COMQHfQuantizer(HfQuantizer):
             config.base_model = name
         config.calibration_description = config.describe_calibration()
         self._converted = list(converted)
+
+
+def _calibration_data(model: nn.Module, config: COMQConfig) -> Any:
+    """The calibration data, built while the model's weights are still to be loaded: it needs the
+    model's class and config only, so every data mistake (a column, a split, a tokenizer, data of
+    a kind the model cannot take) is one line before a load that may take minutes.  Built on the
+    CPU: transformers creates the model under a ``meta`` device scope."""
+    from .calibration import build_calibration_data  # lazy: the calibration package is heavy
+
+    with torch.device("cpu"):
+        return build_calibration_data(model, config)
 
 
 def _attach_model_card(model: nn.Module) -> None:

@@ -96,7 +96,7 @@ class COMQSettings:
     dataset: Any = setting(None, CALIBRATION, "calibration data: a datasets object, a name or path, or samples")
     processor: Any = setting(None, CALIBRATION, "image processor / tokenizer (object or path); None = the model's")
     dataset_split: str = setting("train", CALIBRATION, "split of a named dataset")
-    dataset_column: str | None = setting(None, CALIBRATION, "column of a named dataset (default: image or text)")
+    dataset_column: str | None = setting(None, CALIBRATION, "column of a named dataset (default: the first of image/img/pixel_values, input_ids, text, messages)")
     num_samples: int = setting(128, CALIBRATION, "calibration samples (seeded shuffle)")
     batch_size: int = setting(8, CALIBRATION, "samples per calibration forward pass")
     max_length: int = setting(512, CALIBRATION, "text truncation length in tokens")
@@ -126,6 +126,9 @@ class COMQSettings:
     )
     calibration_description: str | None = setting(None, RECORDED, "what the model was calibrated on")
     calibration_samples: int | None = setting(None, RECORDED, "calibration samples actually used")
+    calibration_split: str | None = setting(
+        None, RECORDED, "split the calibration data was read from (None: data without splits, such as one file)"
+    )
     expert_layers_rounded: int | None = setting(
         None, RECORDED, "expert layers no calibration token reached, rounded to nearest instead"
     )
@@ -239,6 +242,7 @@ class COMQSettings:
                 "quantization); drop true_sequential or set sequential=True"
             )
         _check_str("calibration_description", self.calibration_description, optional=True, allow_empty=True)
+        _check_str("calibration_split", self.calibration_split, optional=True)
         for name in ("calibration_samples", "expert_layers_rounded"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0, None, "leave it to calibration")

@@ -27,7 +27,7 @@ from hf_comq.loading import check_quantized_model, load_quantized
 from hf_comq.modules import find_quantizable_linears
 from hf_comq.nn import get_linear_weight
 from hf_comq.solver import ROUND_TO_NEAREST
-from tests.tiny import first_output, model_inputs, quantize_tiny, tiny_model
+from tests.tiny import first_output, images, model_inputs, quantize_tiny, tiny_model, word_tokenizer
 
 
 def run(model: nn.Module) -> torch.Tensor:
@@ -450,7 +450,7 @@ def fake_calibration(monkeypatch):
     """Stand-in for hf_comq.calibration: quantizes every target but one layer, as calibration may skip layers."""
     calls = []
 
-    def quantize_model(model, config):
+    def quantize_model(model, config, data=None):
         calls.append(config)
         for name, module in find_quantizable_linears(model, config.modules_to_not_convert).items():
             if name.endswith("layers.1.mlp.fc2"):
@@ -460,8 +460,36 @@ def fake_calibration(monkeypatch):
 
     module = types.ModuleType("hf_comq.calibration")
     module.quantize_model = quantize_model
+    module.build_calibration_data = lambda model, config: None
     monkeypatch.setitem(sys.modules, "hf_comq.calibration", module)
     return calls
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"dataset_column": "txt"}, r"dataset column 'txt' does not exist; available columns: \['text'\]"),
+        ({"dataset": "dict", "dataset_split": "validation"}, r"split 'validation' not found in the DatasetDict"),
+        ({"dataset": (text for text in ["the cat"])}, "unsupported calibration dataset of type generator"),
+        ({"dataset": images(2)}, "the calibration data is images, but LlamaForCausalLM.forward takes no pixel_values"),
+    ],
+)
+def test_data_mistakes_are_one_line_before_the_weights_load(fp_checkpoints, monkeypatch, settings, message):
+    """The data is built from the model's class and config while its weights are still to be loaded
+    (for a Hub id: downloaded), so a data mistake costs no load."""
+    import datasets
+
+    loaded = []
+    monkeypatch.setattr(COMQHfQuantizer, "_process_model_after_weight_loading", lambda self, model, **kw: loaded.append(1))
+    texts = datasets.Dataset.from_dict({"text": ["the cat sat", "a dog ran"]})
+    settings = {"dataset": texts, **settings}
+    if settings["dataset"] == "dict":
+        settings["dataset"] = datasets.DatasetDict({"train": texts})
+    with pytest.raises(ValueError, match=message):
+        T.LlamaForCausalLM.from_pretrained(
+            fp_checkpoints["llama"], quantization_config=COMQConfig(processor=word_tokenizer(), **settings)
+        )
+    assert loaded == []
 
 
 def test_quantize_on_load_records_skipped_layers_and_round_trips(fp_checkpoints, fake_calibration, tmp_path):

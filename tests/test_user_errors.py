@@ -342,12 +342,17 @@ def test_evaluate_refuses_a_length_that_is_not_positive(capsys, quantized_dir, i
         assert "--max-length must be a positive integer" in line
 
 
-def test_chat_messages_are_named_with_their_fix_before_any_work(capsys, tmp_path, vit_dir, no_model_loading) -> None:
+def test_chat_messages_are_named_with_their_fix_before_any_work(
+    capsys, tmp_path, vit_dir, bert_dir, no_model_loading
+) -> None:
+    """A ``messages`` column is read without --column; a tokenizer without a chat template, or a model
+    that takes no text, is named before the weights load."""
     chats = tmp_path / "chats.jsonl"
     chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    argv = ["quantize", vit_dir, "--dataset", chats, "--column", "messages", "--output", tmp_path / "out"]
-    line = cli_error(capsys, *argv)
-    assert "column 'messages' holds list values" in line and "tokenizer.apply_chat_template(messages, tokenize=False)" in line
+    line = cli_error(capsys, "quantize", bert_dir, "--dataset", chats, "--output", tmp_path / "out")
+    assert "the calibration data is chat conversations, but" in line and "has no chat template" in line
+    line = cli_error(capsys, "quantize", vit_dir, "--dataset", chats, "--output", tmp_path / "out")
+    assert line.endswith("--dataset column 'messages' holds chat, but ViTForImageClassification takes images")
 
 
 def test_a_push_that_cannot_happen_is_named_before_any_work(
@@ -479,6 +484,10 @@ def test_a_demo_group_size_the_model_refuses_is_named_before_the_evaluation(caps
         (["evaluate", "MODEL", "--dataset", "DATA", "--batch-size", "-1"], "--batch-size must be a positive integer"),
         (["demo", "--eval-limit", "0"], "--eval-limit must be a positive integer"),
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--bits", "9"], r"bits: expected an integer in \[2, 8\]"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--num-samples", "0"], r"error: --num-samples: expected"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--batch-size", "0"], r"error: --batch-size: expected"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--max-length", "0"], r"error: --max-length: expected"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--seed", "-1"], r"error: --seed: expected an integer >= 0"),
     ],
 )
 def test_cli_numbers_out_of_range(capsys, vit_dir, image_data, tmp_path, calibration_steps, argv, message) -> None:

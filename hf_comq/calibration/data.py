@@ -45,26 +45,30 @@ from ..tasks import INPUT_OF_KIND, needs_text_and_images, text_and_images_refusa
 from .processors import (
     encode_images,
     encode_texts,
-    ensure_padding,
     filter_inputs,
     image_channels,
     is_image_path,
     load_processor,
     model_input_names,
     open_image_file,
+    padded_token_batch,
+    padding_id,
     required_input_names,
     resolve_processor,
     text_length_limit,
 )
 from .sources import (
+    CHAT_COLUMNS,
     IMAGE_COLUMNS,
     TEXT_COLUMNS,
     TOKEN_COLUMNS,
     check_local_sources,
     column_names,
     dataset_from_list,
+    dataset_origin,
     is_blank,
     load_dataset_source,
+    named_decoding_errors,
     pick_column,
     pick_split,
     seeded_subset,
@@ -76,8 +80,10 @@ __all__ = [
     "TEXT_COLUMNS",
     "CalibrationData",
     "build_calibration_data",
+    "chat_renderer",
     "column_kind",
     "encode_images",
+    "fed_as",
     "format_description",
     "image_channels",
     "load_processor",
@@ -101,6 +107,8 @@ class CalibrationData:
     encode: Callable[[Any], Batch | None]
     num_samples: int
     description: dict[str, Any] = field(default_factory=dict)
+    max_length: int | None = None  # tokens a text or token row is cut to (None: no cut, e.g. images)
+    tokenized: bool = False  # texts tokenized here (not token ids the caller made)
 
     def __iter__(self) -> Iterator[Batch]:
         for chunk in self.chunks():
@@ -133,11 +141,19 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
             "COMQ needs calibration data: pass COMQConfig(dataset=...) (a datasets.Dataset, a dataset name or "
             "local path, a list of images or strings, or ready model inputs)"
         )
-    data = _dispatch(model, config, source)
+    with named_decoding_errors(source):
+        data = _dispatch(model, config, source)
     config.calibration_description = format_description(data.description)
+    config.calibration_split = data.description.get("split")
+    if data.max_length is not None and data.max_length < config.max_length:
+        config.max_length = data.max_length  # the record says what was used: the model's positions cut it
     vocabulary = _vocabulary_size(model)
     if vocabulary is not None:
-        data = replace(data, encode=_checking_token_ids(data.encode, vocabulary, type(model).__name__))
+        fix = "tokenize with the model's own tokenizer" + (
+            " (COMQConfig(processor=...); hf-comq uses the checkpoint's)" if data.tokenized
+            else ", AutoTokenizer.from_pretrained(MODEL), or pass the texts themselves"
+        )  # fmt: skip
+        data = replace(data, encode=_checking_token_ids(data.encode, vocabulary, type(model).__name__, fix))
     return data
 
 
@@ -152,7 +168,7 @@ def _vocabulary_size(model: nn.Module) -> int | None:
 
 
 def _checking_token_ids(
-    encode: Callable[[Any], Batch | None], vocabulary: int, model_name: str
+    encode: Callable[[Any], Batch | None], vocabulary: int, model_name: str, fix: str
 ) -> Callable[[Any], Batch | None]:
     """``encode`` whose batches fail with one line when a token id is outside the embedding.
 
@@ -172,8 +188,7 @@ def _checking_token_ids(
             bad = highest if highest >= vocabulary else lowest
             raise ValueError(
                 f"calibration input_ids hold token id {bad}, but {model_name}'s input embedding has {vocabulary} rows "
-                f"(ids 0 to {vocabulary - 1}); tokenize with the model's own tokenizer (COMQConfig(processor=...); "
-                "hf-comq uses the checkpoint's)"
+                f"(ids 0 to {vocabulary - 1}); {fix}"
             )
         return batch
 
@@ -206,7 +221,7 @@ def _dispatch(model: nn.Module, config: Any, source: Any) -> CalibrationData:
         split = pick_split(source, config.dataset_split, "the DatasetDict")
         return _from_hf_dataset(model, config, split, {"source": "datasets.DatasetDict", "split": config.dataset_split})
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        return _from_hf_dataset(model, config, source, {"source": f"datasets.{type(source).__name__}"})
+        return _from_hf_dataset(model, config, source, dataset_origin(source))
     if isinstance(source, Mapping):
         return _from_input_dicts(model, config, [source])
     if isinstance(source, (list, tuple)):
@@ -259,6 +274,11 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
             f"a calibration list must hold only PIL images (or uint8 image arrays), only strings, or only dicts of "
             f"tensors; got {kinds}"
         )
+    if config.dataset_column is not None:
+        raise ValueError(
+            f"dataset_column={config.dataset_column!r} names a column of a dataset, but the calibration data is a "
+            f"list of {kind}, which has none; drop dataset_column"
+        )
     origin = {"source": f"list of {kind}", "column": None}
     return _from_hf_dataset(model, config, dataset_from_list(items, column), origin)
 
@@ -290,13 +310,18 @@ def _from_hf_dataset(model: nn.Module, config: Any, dataset: Any, origin: dict[s
         return _from_token_rows(model, config, dataset, origin)
     values, decode = _subset_values(dataset.select_columns([column]), column, config)
     kind = "model inputs" if column == "pixel_values" else _kind_of_value(decode(values[0]), column)
-    encode_values = _make_encoder(model, config, kind)
+    text = kind in ("text", "chat")
+    max_length = text_length_limit(model, config.max_length) if text else None
+    encode_values = _make_encoder(model, config, kind, max_length)
 
     def encode(rows: slice) -> Batch | None:  # rows are read here, so a rank reads only its own
         return encode_values([decode(value) for value in values[rows]])
 
     description = {"column": column, **origin, "num_samples": len(values)}
-    return CalibrationData(lambda: _batch_slices(len(values), config.batch_size), encode, len(values), description)
+    return CalibrationData(
+        lambda: _batch_slices(len(values), config.batch_size), encode, len(values), description,
+        max_length=max_length, tokenized=text,
+    )  # fmt: skip
 
 
 def _batch_slices(count: int, size: int) -> Iterator[slice]:
@@ -319,42 +344,17 @@ def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[s
         """A batch's rows as columns: an indexed dataset's slice is one already."""
         return rows[part] if indexed else {name: [row[name] for row in rows[part]] for name in present}
 
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    pad_id = padding_id(getattr(model, "config", None), _vocabulary_size(model))
     max_length = text_length_limit(model, config.max_length)
 
     def encode(part: slice) -> Batch | None:
-        batch = _padded_token_batch(read(part), max_length, pad_id)
+        batch = padded_token_batch(read(part), max_length, pad_id)
         return None if batch is None else filter_inputs(batch, keep)
 
     description = {"column": TOKEN_COLUMNS[0], **origin, "num_samples": len(rows)}
-    return CalibrationData(lambda: _batch_slices(len(rows), config.batch_size), encode, len(rows), description)
-
-
-def _padded_token_batch(columns: Mapping[str, list[Any]], max_length: int, pad_id: int) -> Batch | None:
-    """Rows of token ids (and their masks) as one right-padded batch of tensors; ``None`` if no row has a token."""
-    rows = {name: [_as_list(row) for row in columns[name]] for name in TOKEN_COLUMNS if name in columns}
-    ids = rows[TOKEN_COLUMNS[0]]
-    if any(not isinstance(token, int) for row in ids for token in row):
-        raise ValueError("column 'input_ids' must hold lists of integer token ids, one list per sample")
-    for name, values in rows.items():
-        for row, tokens in zip(values, ids):
-            if len(row) != len(tokens):
-                raise ValueError(
-                    f"column {name!r} must hold one entry per token of input_ids; a row of {len(tokens)} tokens has "
-                    f"{len(row)}"
-                )
-    if not any(ids):
-        return None
-    rows.setdefault("attention_mask", [[1] * len(row) for row in ids])
-    width = min(max_length, max(len(row) for row in ids))
-    pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
-    return {name: torch.tensor([row[:width] + [pads[name]] * (width - len(row[:width])) for row in values])
-            for name, values in rows.items()}  # fmt: skip
-
-
-def _as_list(row: Any) -> list[Any]:
-    """A row of a tokenized column as a list of numbers, whatever format the dataset gives (list, tensor, array)."""
-    return row.tolist() if hasattr(row, "tolist") else list(row)
+    return CalibrationData(
+        lambda: _batch_slices(len(rows), config.batch_size), encode, len(rows), description, max_length=max_length
+    )
 
 
 def _subset_values(dataset: Any, column: str, config: Any) -> tuple[Any, Callable[[Any], Any]]:
@@ -428,22 +428,49 @@ def _kind_of_value(value: Any, column: str) -> str:
         return "images"
     if isinstance(value, str):
         return "text"
-    fix = ""
-    if isinstance(value, list) and value and isinstance(value[0], Mapping) and "content" in value[0]:
-        fix = (
-            "; for chat messages, write each conversation into a text column first: "
-            "tokenizer.apply_chat_template(messages, tokenize=False)"
-        )
+    if _is_conversation(value):
+        return "chat"
     raise ValueError(
-        f"column {column!r} holds {type(value).__name__} values; COMQ calibrates on images (PIL) or text (str){fix}"
+        f"column {column!r} holds {type(value).__name__} values; COMQ calibrates on images (PIL), text (str) or chat "
+        "conversations (lists of {'role', 'content'} messages)"
     )
 
 
-def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[Any]], Batch | None]:
-    """Return ``encode(raw_values) -> model inputs`` for one batch (``None``: nothing usable in it)."""
+def fed_as(kind: str) -> str:
+    """The kind of input a kind of data is fed to the model as: chat conversations as text, others as themselves."""
+    return "text" if kind == "chat" else kind
+
+
+def _is_conversation(value: Any) -> bool:
+    """Whether ``value`` is one chat conversation: a list of messages with a role and a content."""
+    return (
+        isinstance(value, (list, tuple)) and bool(value)
+        and all(isinstance(message, Mapping) and "role" in message and "content" in message for message in value)
+    )  # fmt: skip
+
+
+def chat_renderer(processor: Any) -> Callable[[Any], str]:
+    """``conversation -> text`` through the tokenizer's chat template, as the chat model sees its
+    input (the text is then tokenized without a second BOS, see :func:`encode_texts`)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the calibration data is chat conversations, but {type(tokenizer).__name__} has no chat template to "
+            "write them as text; give the tokenizer one (tokenizer.chat_template, saved in tokenizer_config.json "
+            "where hf-comq reads the checkpoint's), or write each conversation into a text column yourself"
+        )
+    return lambda conversation: tokenizer.apply_chat_template(list(conversation), tokenize=False)
+
+
+def _make_encoder(
+    model: nn.Module, config: Any, kind: str, max_length: int | None
+) -> Callable[[list[Any]], Batch | None]:
+    """Return ``encode(raw_values) -> model inputs`` for one batch (``None``: nothing usable in it);
+    ``max_length``: the tokens a text is cut to."""
     keep = model_input_names(model)
     if kind == "model inputs":
         return lambda values: filter_inputs({"pixel_values": torch.stack([torch.as_tensor(v) for v in values])}, keep)
+    chat, kind = kind == "chat", fed_as(kind)
     _check_model_takes(model, keep, kind)
     processor = resolve_processor(
         getattr(config, "processor", None), model, kind, "calibration",
@@ -452,11 +479,11 @@ def _make_encoder(model: nn.Module, config: Any, kind: str) -> Callable[[list[An
     if kind == "images":
         channels = image_channels(model, processor)
         return lambda values: filter_inputs(encode_images(processor, values, channels), keep)
-    ensure_padding(processor)
-    max_length = text_length_limit(model, config.max_length)
+    render = chat_renderer(processor) if chat else None
 
-    def encode(values: list[str]) -> Batch | None:
-        encoded = encode_texts(processor, values, max_length)
+    def encode(values: list[Any]) -> Batch | None:
+        texts = values if render is None else [render(value) for value in values]
+        encoded = encode_texts(processor, texts, max_length)
         return None if encoded is None else filter_inputs(encoded, keep)
 
     return encode
@@ -551,11 +578,16 @@ def _as_input_batch(item: Mapping[str, Any], keep: set[str] | None, model: nn.Mo
     for name, value in item.items():
         if keep is not None and name not in keep:
             continue
-        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-        batch[name] = tensor
+        batch[name] = value if isinstance(value, torch.Tensor) else _input_tensor(name, value)
     if not batch:
+        raw = sorted(set(item) & set(IMAGE_COLUMNS + TEXT_COLUMNS + CHAT_COLUMNS))
+        fix = (
+            f"; {raw[0]!r} is raw data, which goes in as a list (dataset=[...]) or a datasets.Dataset column"
+            if raw else ""
+        )
         raise ValueError(
-            f"a calibration input dict has keys {sorted(item)}, none of which {type(model).__name__}.forward accepts"
+            f"a calibration input dict has keys {sorted(item)}, none of which {type(model).__name__}.forward "
+            f"accepts{fix}"
         )
     if all(t.dim() == 1 for t in batch.values()) or ("pixel_values" in batch and batch["pixel_values"].dim() == 3):
         batch = {name: t.unsqueeze(0) for name, t in batch.items()}
@@ -563,6 +595,19 @@ def _as_input_batch(item: Mapping[str, Any], keep: set[str] | None, model: nn.Mo
     if len(leading) != 1:
         raise ValueError(f"the tensors of a calibration input dict disagree on the batch size: {sorted(leading)}")
     return batch
+
+
+def _input_tensor(name: str, value: Any) -> torch.Tensor:
+    """One entry of an input dict as a tensor; rows of different lengths (``tokenizer(texts)`` without
+    padding) are named with the two ways hf_comq takes them."""
+    try:
+        return torch.as_tensor(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"calibration input {name!r} is not a tensor and cannot become one ({error}): an input dict is used "
+            "as it is, never padded; pass token rows as datasets.Dataset.from_dict(dict(encoding)) (padded per "
+            "batch), the texts themselves, or tokenizer(texts, padding=True, return_tensors='pt')"
+        ) from None
 
 
 def _batch_size(batch: Batch) -> int:

@@ -18,20 +18,21 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .sources import is_blank
+from .sources import TOKEN_COLUMNS, is_blank
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "encode_images",
     "encode_texts",
-    "ensure_padding",
     "filter_inputs",
     "image_channels",
     "is_image_path",
     "load_processor",
     "model_input_names",
     "open_image_file",
+    "padded_token_batch",
+    "padding_id",
     "required_input_names",
     "resolve_processor",
     "text_length_limit",
@@ -104,17 +105,79 @@ def open_image_file(path: str) -> Any:
 
 
 def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | None:
-    """Tokenize one batch; empty strings are dropped (they carry no tokens), ``None`` if nothing is left."""
+    """Tokenize one batch as each text is tokenized alone, padded on the right (padding masked out);
+    empty strings are dropped (they carry no tokens), ``None`` if nothing is left.
+
+    The batch is padded here, not by the tokenizer: a tokenizer saved with
+    ``padding_side="left"`` would start a short text at position ``k`` instead of 0, which
+    changes its activations in a model with learned positions (GPT-2), and a tokenizer
+    without a pad token (GPT-2, LLaMA) would need one set on it, a change that would be
+    saved with the checkpoint.  Padded positions are masked, so the pad id only has to be
+    a valid token id.  A text that already starts with the tokenizer's BOS token (a chat
+    template's output) gets no second one, as ``apply_chat_template`` tokenizes it.
+    """
     texts = [text for text in texts if not is_blank(text)]
     if not texts:
         return None
-    try:
-        encoded = processor(
-            text=texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length
-        )
-    except Exception as error:
-        raise ValueError(f"{type(processor).__name__} could not tokenize the calibration texts: {error}") from error
-    return dict(encoded)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos = getattr(tokenizer, "bos_token", None)
+    templated = [isinstance(bos, str) and bool(bos) and text.startswith(bos) for text in texts]
+    rows: list[dict[str, list[int]]] = [{} for _ in texts]
+    for skip_specials in (False, True):
+        picked = [index for index, flag in enumerate(templated) if flag == skip_specials]
+        if not picked:
+            continue
+        try:
+            encoded = processor(
+                text=[texts[index] for index in picked], add_special_tokens=not skip_specials,
+                truncation=True, max_length=max_length,
+            )  # fmt: skip
+        except Exception as error:
+            raise ValueError(f"{type(processor).__name__} could not tokenize the calibration texts: {error}") from error
+        for position, index in enumerate(picked):
+            rows[index] = {name: list(encoded[name][position]) for name in TOKEN_COLUMNS if name in encoded}
+    columns = {name: [row[name] for row in rows] for name in TOKEN_COLUMNS if name in rows[0]}
+    return padded_token_batch(columns, max_length, padding_id(tokenizer))
+
+
+def padding_id(holder: Any, vocabulary: int | None = None) -> int:
+    """The id that pads a batch: ``holder``'s ``pad_token_id`` (a tokenizer's or a model config's) where
+    it is a token id the embedding holds, else 0.
+
+    Padded positions are masked out of attention and of the Gram sums, so any id the
+    embedding holds will do; converted checkpoints carry ``pad_token_id=-1``, pad-less
+    tokenizers none.
+    """
+    value = getattr(holder, "pad_token_id", None)
+    valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value if valid and (vocabulary is None or value < vocabulary) else 0
+
+
+def padded_token_batch(columns: Mapping[str, list[Any]], max_length: int, pad_id: int) -> Batch | None:
+    """Rows of token ids (and their masks) as one right-padded batch of tensors; ``None`` if no row has a token."""
+    rows = {name: [_as_list(row) for row in columns[name]] for name in TOKEN_COLUMNS if name in columns}
+    ids = rows[TOKEN_COLUMNS[0]]
+    if any(not isinstance(token, int) for row in ids for token in row):
+        raise ValueError("column 'input_ids' must hold lists of integer token ids, one list per sample")
+    for name, values in rows.items():
+        for row, tokens in zip(values, ids):
+            if len(row) != len(tokens):
+                raise ValueError(
+                    f"column {name!r} must hold one entry per token of input_ids; a row of {len(tokens)} tokens has "
+                    f"{len(row)}"
+                )
+    if not any(ids):
+        return None
+    rows.setdefault("attention_mask", [[1] * len(row) for row in ids])
+    width = min(max_length, max(len(row) for row in ids))
+    pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
+    return {name: torch.tensor([row[:width] + [pads[name]] * (width - len(row[:width])) for row in values])
+            for name, values in rows.items()}  # fmt: skip
+
+
+def _as_list(row: Any) -> list[Any]:
+    """A row of a tokenized column as a list of numbers, whatever format the dataset gives (list, tensor, array)."""
+    return row.tolist() if hasattr(row, "tolist") else list(row)
 
 
 POSITION_LIMITS = ("max_position_embeddings", "max_decoder_position_embeddings", "n_positions", "n_ctx")
@@ -150,21 +213,6 @@ def text_length_limit(model: nn.Module | None, max_length: int) -> int:
         "(max_length, hf-comq: --max-length)", max_length, limit, type(model).__name__, limit,
     )  # fmt: skip
     return limit
-
-
-def ensure_padding(processor: Any) -> None:
-    """Give pad-less tokenizers (GPT-2, LLaMA) a pad token so batches can be padded."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    if getattr(tokenizer, "pad_token", "") is not None:
-        return
-    fallback = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
-    if fallback is None:
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no pad, eos or unk token, so calibration batches cannot be padded; "
-            "set tokenizer.pad_token or use batch_size=1"
-        )
-    logger.info("calibration tokenizer has no pad token; padding with %r (masked out of the Hessians)", fallback)
-    tokenizer.pad_token = fallback
 
 
 def resolve_processor(processor: Any, model: nn.Module | None, kind: str, who: str, fix: str) -> Any:

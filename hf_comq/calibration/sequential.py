@@ -180,11 +180,15 @@ and may then use its storage as work space."""
 
 
 @single_thread()  # checks and bookkeeping on one thread; the forward passes and solver size their own
-def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_quantize) -> dict[str, Any]:
+def quantize_model(
+    model: nn.Module, config: Any, solver: LayerSolver = comq_quantize, data: CalibrationData | None = None
+) -> dict[str, Any]:
     """Quantize every quantizable Linear/Conv1D of ``model`` in place with COMQ.
 
     ``config`` is a ``COMQConfig`` (only attribute access is used).  ``solver`` is
-    the per-layer solver (COMQ unless a benchmark swaps in another one).  Returns a
+    the per-layer solver (COMQ unless a benchmark swaps in another one).  ``data``:
+    the calibration data built from ``config`` already (the quantizer builds it before
+    the weights load, so a data mistake costs no load); ``None`` builds it here.  Returns a
     JSON-safe summary (layers quantized, bits, mean/max relative layer error, time,
     per-layer statistics), also stored as ``model._comq_summary`` and logged.
     Raises ``ValueError`` for a model with no quantizable layers or unusable
@@ -202,7 +206,7 @@ def quantize_model(model: nn.Module, config: Any, solver: LayerSolver = comq_qua
     weights = check_finite_weights(layers, placement.compute, release_pages=placement.dispatched)
     expert_parameters = _warn_about_expert_weights(model)
     _warn_about_zero_points_plain_loading_fails_on(model, layers, config)
-    data = build_calibration_data(model, config)
+    data = build_calibration_data(model, config) if data is None else data
     group = current_group()
     _warn_about_a_launcher_without_group(group)
     settings = _Settings.from_config(config, solver)

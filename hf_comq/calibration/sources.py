@@ -12,7 +12,8 @@ rows ``datasets`` users expect.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,21 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "DATA_FILE_BUILDERS",
+    "CHAT_COLUMNS",
     "IMAGE_COLUMNS",
     "STREAM_SHUFFLE_BUFFER",
     "TEXT_COLUMNS",
     "TOKEN_COLUMNS",
     "check_local_sources",
+    "check_split_name",
     "column_names",
     "data_file_builder",
     "dataset_from_list",
+    "dataset_name",
+    "dataset_origin",
     "is_blank",
     "load_dataset_source",
+    "named_decoding_errors",
     "pick_column",
     "pick_split",
     "seeded_subset",
@@ -42,6 +48,9 @@ __all__ = [
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 TEXT_COLUMNS = ("text",)
+CHAT_COLUMNS = ("messages",)
+"""Columns of chat conversations (lists of ``{"role", "content"}`` messages, the format of TRL's
+conversational datasets), rendered with the tokenizer's chat template."""
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 """Columns of a tokenized dataset (``dataset.map(tokenizer)``), read as ready model inputs;
 ``input_ids`` is the one :func:`pick_column` looks for, after images and before text (a mapped
@@ -60,6 +69,11 @@ def check_local_sources(dataset: Any, processor: Any) -> None:
     any weight loads, where loading would try the name as a Hub id and fail on that instead.
     Not when a config is built: a config read back from a checkpoint names another machine's data."""
     if isinstance(dataset, (str, os.PathLike)) and is_missing_local_path(dataset):
+        if any(character in os.fspath(dataset) for character in "*?["):
+            raise ValueError(
+                f"calibration dataset: {os.fspath(dataset)} is a pattern, and hf_comq takes no globs; pass the "
+                "folder that holds the files (its data files are read as one dataset) or one file"
+            )
         raise ValueError(
             f"calibration dataset: no file or folder at {os.fspath(dataset)}; check the path (a Hub dataset is "
             "named owner/name)"
@@ -84,6 +98,7 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
 
     from ..assets import demo_dataset_file
 
+    check_split_name(split)
     source = os.fspath(source)
     demo_file = demo_dataset_file(source)
     path = demo_file if demo_file is not None else Path(source).expanduser()
@@ -96,8 +111,8 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
-                loaded = pick_split(loaded, split, f"the dataset saved at {source!r}")
-            return loaded, origin
+                return pick_split(loaded, split, f"the dataset saved at {source!r}"), origin
+            return loaded, {**origin, "split": dataset_origin(loaded)["split"]}  # one dataset: the split it says
         if path.is_file():
             builder = data_file_builder(path)
             if builder is None:
@@ -113,8 +128,53 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
         raise ValueError(f"could not load calibration dataset {source!r} (split {split!r}): {error}") from error
 
 
+GENERIC_BUILDERS = frozenset(DATA_FILE_BUILDERS.values()) | {"generator", "pandas", "imagefolder", "audiofolder"}
+"""``datasets`` builders that name a file format or a Python source, not the data: not a dataset's name."""
+
+
+def dataset_name(dataset: Any) -> str | None:
+    """The name a ``datasets`` object carries (a Hub dataset's or a data folder's, from ``load_dataset``);
+    ``None`` for other objects and where it names only a format (``"json"``, ``"generator"``)."""
+    name = getattr(getattr(dataset, "info", None), "dataset_name", None)
+    return str(name) if name and str(name) not in GENERIC_BUILDERS else None
+
+
+def dataset_origin(dataset: Any) -> dict[str, Any]:
+    """What a ``datasets`` object says of itself for the record: its class, its name (:func:`dataset_name`)
+    and the split it holds (``None`` where it does not say, e.g. ``from_dict``)."""
+    name, split = dataset_name(dataset), getattr(dataset, "split", None)
+    source = f"datasets.{type(dataset).__name__}" + (f" {name!r}" if name else "")
+    return {"source": source, "split": str(split) if split is not None else None}
+
+
+@contextmanager
+def named_decoding_errors(source: Any) -> Iterator[None]:
+    """Reading ``source`` (a data file, streamed lazily), a file that is not UTF-8 fails in one line naming
+    it and the fix, not with Python's bare ``UnicodeDecodeError`` (a ``ValueError``, so it would pass as one)."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the calibration dataset"
+        raise ValueError(
+            f"{where} is not UTF-8 text ({error.reason}); re-encode it as UTF-8 (e.g. with iconv -t utf-8)"
+        ) from None
+
+
+def check_split_name(split: str) -> None:
+    """One line for datasets' split arithmetic (``"train[:512]"``, ``"train+test"``): data files are
+    streamed, where datasets takes no slices (a single file would silently be read whole), and the
+    rows used are chosen by count and seed, not by position."""
+    if "[" in split or "+" in split:
+        whole = split.split("[")[0].split("+")[0]
+        raise ValueError(
+            f"split {split!r}: hf_comq reads whole splits, not slices or sums of them; name one split ({whole!r}) "
+            "and set how many of its rows are used: num_samples (hf-comq quantize: --num-samples; evaluate: --limit)"
+        )
+
+
 def pick_split(dataset_dict: Mapping[str, Any], split: str, what: str) -> Any:
     """``dataset_dict[split]``, or one line listing the splits there are."""
+    check_split_name(split)
     if split not in dataset_dict:
         raise ValueError(f"split {split!r} not found in {what}; available splits: {sorted(dataset_dict)}")
     return dataset_dict[split]
@@ -131,7 +191,7 @@ def pick_column(dataset: Any, requested: str | None) -> str:
         if requested not in columns:
             raise ValueError(f"dataset column {requested!r} does not exist; available columns: {columns}")
         return requested
-    readable = IMAGE_COLUMNS + TOKEN_COLUMNS[:1] + TEXT_COLUMNS  # tokens the user made win over their source text
+    readable = IMAGE_COLUMNS + TOKEN_COLUMNS[:1] + TEXT_COLUMNS + CHAT_COLUMNS  # tokens the user made win over text
     for candidate in readable:
         if candidate in columns:
             return candidate

@@ -87,15 +87,35 @@ def add_command(commands: Any, name: str, summary: str, description: str) -> arg
     return command
 
 
-def add_setting_option(group: Any, name: str, metavar: str = "N", flag: str | None = None, **overrides: Any) -> None:
-    """``--name-with-dashes`` for the :class:`~hf_comq.settings.COMQSettings` field ``name``: its type, default
+_FLAGS_OF_SETTINGS = {"dataset_split": "--split", "dataset_column": "--column"}
+
+
+def setting_flag(name: str) -> str:
+    """The option of the :class:`~hf_comq.settings.COMQSettings` field ``name``: ``--name-with-dashes``, or the
+    shorter name the data options have (``--split``, ``--column``)."""
+    return _FLAGS_OF_SETTINGS.get(name, "--" + name.replace("_", "-"))
+
+
+def check_settings(values: dict[str, Any]) -> None:
+    """The settings' own validation, before any work, in one line naming the option the user typed
+    (``--num-samples: ...``) where the field table names the field (``num_samples: ...``)."""
+    try:
+        COMQSettings(**values)
+    except ValueError as error:
+        text = str(error)
+        name = text.split(":", 1)[0]
+        raise CLIError(setting_flag(name) + text[len(name):] if name in values else text) from None
+
+
+def add_setting_option(group: Any, name: str, metavar: str = "N", **overrides: Any) -> None:
+    """:func:`setting_flag` for the :class:`~hf_comq.settings.COMQSettings` field ``name``: its type, default
     and help come from the field table, so the command line never restates a default."""
     spec = next(item for item in fields(COMQSettings) if item.name == name)
     default = COMQSettings.default(name)
     shown = "" if default is None else f" (default: {default})"
     options = {"type": _ARGUMENT_TYPES[str(spec.type)], "default": default, "metavar": metavar}
     options["help"] = f"{COMQSettings.help(name)}{shown}".replace("%", "%%")  # argparse formats help with %
-    group.add_argument(flag or "--" + name.replace("_", "-"), **{**options, **overrides})
+    group.add_argument(setting_flag(name), **{**options, **overrides})
 
 
 def add_setting_flag(group: Any, name: str, note: str = "") -> None:

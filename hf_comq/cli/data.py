@@ -12,9 +12,10 @@ from .common import CLIError, add_setting_option, check_positive
 from .models import check_hub_available
 
 
-def add_data_arguments(command: argparse.ArgumentParser, role: str, split: str | None = None) -> None:
-    """``--dataset``, ``--split`` and ``--column``; without ``split``, the latter two are the calibration settings
-    ``dataset_split`` / ``dataset_column`` (defaults from :class:`~hf_comq.settings.COMQSettings`)."""
+def add_data_arguments(command: argparse.ArgumentParser, role: str, split: str | None = None) -> Any:
+    """``--dataset``, ``--split`` and ``--column`` in a group of their own, returned; without ``split``, the latter
+    two are the calibration settings ``dataset_split`` / ``dataset_column`` (defaults from
+    :class:`~hf_comq.settings.COMQSettings`)."""
     group = command.add_argument_group(f"{role} data")
     group.add_argument(
         "--dataset", required=True, metavar="NAME_OR_PATH",
@@ -24,14 +25,15 @@ def add_data_arguments(command: argparse.ArgumentParser, role: str, split: str |
         ),
     )  # fmt: skip
     if split is None:
-        add_setting_option(group, "dataset_split", flag="--split", metavar="SPLIT")
-        add_setting_option(group, "dataset_column", flag="--column", metavar="COLUMN")
-        return
+        add_setting_option(group, "dataset_split", metavar="SPLIT")
+        add_setting_option(group, "dataset_column", metavar="COLUMN")
+        return group
     group.add_argument("--split", default=split, help=f"dataset split (default: {split})")
     group.add_argument(
         "--column", default=None,
-        help="column with the images or texts (default: image/img/pixel_values, else text)",
+        help="column with the images or texts (default: the first of image/img/pixel_values, input_ids, text, messages)",
     )  # fmt: skip
+    return group
 
 
 def resolve_dataset(name: str) -> str:

@@ -17,6 +17,7 @@ from .common import (
     add_command,
     add_setting_flag,
     add_setting_option,
+    check_settings,
     launched_processes,
     torch_threads,
 )
@@ -25,6 +26,11 @@ from .models import ModelSpec, hub_unavailable, inspect_model, load_processor, r
 from .output import check_output, megabytes, print_fields, save_atomically, save_with_processor
 
 CALIBRATION_SETTINGS = ("num_samples", "batch_size", "max_length", "seed")
+SETTINGS = (
+    "bits", "group_size", "symmetric", "pair_moves", "scale_refit", "fp_target", "true_sequential",
+    "calibrate_all_experts", "sum_dtype", *CALIBRATION_SETTINGS,
+)  # fmt: skip
+"""The COMQ settings ``quantize`` takes as options of the same name."""
 Result = TypeVar("Result")
 
 
@@ -72,9 +78,9 @@ def add_parser(commands: Any) -> None:
         group, "calibrate_all_experts",
         "as llm-compressor does by default; every expert runs on every token while its layers are calibrated",
     )  # fmt: skip
-    add_data_arguments(command, role="calibration")
+    data = add_data_arguments(command, role="calibration")
     for name in CALIBRATION_SETTINGS:
-        add_setting_option(group, name)
+        add_setting_option(data, name)
     add_setting_option(group, "sum_dtype", metavar="DTYPE", choices=list(SUM_DTYPES))
     output = command.add_argument_group("output")
     output.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the checkpoint to")
@@ -115,6 +121,8 @@ def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> 
     """The checks that need no model; only the rank that saves looks at (and tidies) ``--output``."""
     if saving:
         check_output(output, args.overwrite, source=args.model)
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    check_settings({**settings, "dataset_split": args.split, "dataset_column": args.column})
     if args.rtn:
         _check_rtn_flags(args)
     if args.push_to_hub:
@@ -192,27 +200,27 @@ def _quantize(
     saving = _saves(ranks)
     spec = inspect_model(args.model, read)
 
-    from ..calibration.data import column_kind
-    from ..calibration.sources import TOKEN_COLUMNS
+    from ..calibration.data import chat_renderer, column_kind, fed_as
+    from ..calibration.sources import TOKEN_COLUMNS, named_decoding_errors
     from ..config import COMQConfig
     from ..evaluation import pick_column
     from ..solver import ROUND_TO_NEAREST_MODEL
 
-    flags = (
-        "bits", "group_size", "symmetric", "pair_moves", "scale_refit", "fp_target", "true_sequential",
-        "calibrate_all_experts", "sum_dtype", *CALIBRATION_SETTINGS,
-    )  # fmt: skip
-    settings = {name: getattr(args, name) for name in flags}
+    settings = {name: getattr(args, name) for name in SETTINGS}
     rtn = {}
     if args.rtn:  # the baseline rounds each layer's own weight, unless --fp-target asks to aim it first
         rtn = {key: value for key, value in ROUND_TO_NEAREST_MODEL.items() if settings.get(key) is None}
-    opened = open_dataset(dataset, args.split)
-    column = pick_column(opened, args.column, "calibration")
-    # Raw images or text need the checkpoint's processor; both are checked before the weights load.
-    tokens = column == TOKEN_COLUMNS[0]
-    if not tokens:
-        column_kind(opened, column)  # one line for a column of neither images nor text
+    with named_decoding_errors(dataset):
+        opened = open_dataset(dataset, args.split)
+        column = pick_column(opened, args.column, "calibration")
+        # Raw images or text need the checkpoint's processor; both are checked before the weights load.
+        tokens = column == TOKEN_COLUMNS[0]
+        kind = None if tokens else column_kind(opened, column)  # one line for a column of neither images nor text
+    if kind is not None and fed_as(kind) != spec.inputs:
+        raise CLIError(f"--dataset column {column!r} holds {kind}, but {spec.architecture} takes {spec.inputs}")
     processor = _optional_processor(spec) if tokens else load_processor(spec.location, spec.inputs)
+    if kind == "chat":
+        chat_renderer(processor)  # a tokenizer without a chat template, named before the weights load
     data = dict(dataset=dataset, dataset_split=args.split, dataset_column=args.column, processor=processor)
     config = COMQConfig(**data, **{**settings, **rtn})
     method = "RTN" if args.rtn else "COMQ"

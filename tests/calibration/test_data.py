@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import transformers as T
 
 from hf_comq.calibration import build_calibration_data
 from hf_comq.config import COMQConfig
@@ -49,6 +50,25 @@ def test_in_memory_image_dataset(vit):
     assert [tuple(b["pixel_values"].shape) for b in batches] == [(4, 3, 32, 32), (2, 3, 32, 32)]
     assert set(batches[0]) == {"pixel_values"}
     assert config.calibration_description == "datasets.Dataset (column image), 6 samples"
+
+
+def test_a_datasets_object_is_recorded_with_its_name_and_split(tmp_path, llama, tokenizer):
+    """``load_dataset(..., split="validation")`` then ``COMQConfig(dataset=ds)``: the record names what the
+    object says, not the unused ``dataset_split`` default."""
+    folder = tmp_path / "my_corpus"
+    datasets.Dataset.from_dict({"text": sentences(6)}).to_parquet(str(folder / "validation.parquet"))
+    loaded = datasets.load_dataset(str(folder), split="validation")
+    config = _config(loaded, processor=tokenizer, num_samples=4)
+    build_calibration_data(llama, config)
+    assert config.calibration_description == "datasets.Dataset 'my_corpus' (split validation, column text), 4 samples"
+    recorded = config.provenance()["calibration"]
+    assert (recorded["dataset"], recorded["dataset_split"]) == ("my_corpus", "validation")
+    config = _config(datasets.Dataset.from_dict({"text": sentences(2)}), processor=tokenizer)
+    build_calibration_data(llama, config)
+    assert (config.provenance()["calibration"]["dataset_split"], config.calibration_description) == (
+        None, "datasets.Dataset (column text), 2 samples",
+    )  # fmt: skip
+    assert COMQConfig.from_dict(config.to_dict()).provenance()["calibration"]["dataset_split"] is None
 
 
 def test_img_column_and_column_override(vit):
@@ -141,6 +161,17 @@ def test_a_tokenized_dataset_is_read_as_ready_inputs_padded_per_batch(llama, for
     assert config.calibration_description.endswith("(column input_ids), 5 samples")
 
 
+def test_tokenized_rows_are_padded_with_a_valid_id_whatever_the_configs_pad_token_id():
+    """Converted LLaMA configs carry pad_token_id=-1: padded positions are masked, so any id the
+    embedding holds pads them, and the user's valid rows are not blamed."""
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=64, pad_token_id=-1))  # fmt: skip
+    rows = datasets.Dataset.from_dict({"input_ids": [[3, 4, 5], [6, 7]]})
+    batch = _collect(build_calibration_data(model, _config(rows, batch_size=2, num_samples=2)))[0]
+    assert int(batch["input_ids"].min()) >= 0
+    assert sorted(batch["attention_mask"].sum(dim=1).tolist()) == [2, 3]
+
+
 def test_tokenized_rows_win_over_their_text_and_odd_rows_are_skipped_or_named(llama):
     rows = {"text": ["one two", "", "three four five", "six"], "input_ids": [[3, 4], [], [5, 6, 7], [8]]}
     config = _config(datasets.Dataset.from_dict(rows), batch_size=4)
@@ -210,11 +241,64 @@ def test_grayscale_images_are_converted_to_rgb(vit):
     assert batches[0]["pixel_values"].shape == (2, 3, 32, 32)
 
 
-def test_list_of_strings_with_padless_tokenizer(llama):
+def test_a_padless_tokenizer_is_not_changed_and_needs_no_pad_token(llama):
+    """Calibration pads its batches itself (masked positions, id 0): the caller's tokenizer, which
+    hf-comq quantize saves next to the weights, keeps having no pad token, whatever the batch size."""
     tokenizer = word_tokenizer(with_pad=False)
-    batches = _collect(build_calibration_data(llama, _config(sentences(4), processor=tokenizer)))
-    assert tokenizer.pad_token == "[EOS]"
-    assert batches[0]["input_ids"].shape[0] == 4
+    for batch_size in (4, 1):
+        batches = _collect(build_calibration_data(llama, _config(sentences(4), processor=tokenizer, batch_size=batch_size)))
+        assert sum(batch["input_ids"].shape[0] for batch in batches) == 4
+    assert tokenizer.pad_token is None
+    bare = T.PreTrainedTokenizerFast(tokenizer_object=word_tokenizer().backend_tokenizer)  # no pad, eos or unk token
+    batches = _collect(build_calibration_data(llama, _config(sentences(4), processor=bare)))
+    assert batches[0]["input_ids"].shape[0] == 4 and bare.pad_token is None
+
+
+def test_texts_are_padded_on_the_right_whatever_the_tokenizers_side():
+    """A tokenizer saved for generation pads on the left; calibration still starts every text at
+    position 0, as the model sees it alone (GPT-2's learned positions would shift otherwise)."""
+    gpt2 = tiny_model("gpt2")
+    tokenizer = word_tokenizer(with_pad=False)
+    tokenizer.padding_side = "left"
+    texts = sentences(4)
+    batch = _collect(build_calibration_data(gpt2, _config(texts, processor=tokenizer, num_samples=4, seed=0)))[0]
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        length = sum(mask)
+        assert mask == [1] * length + [0] * (len(mask) - length)
+        assert ids[:length] in [tokenizer(text)["input_ids"] for text in texts]
+    assert tokenizer.padding_side == "left"
+
+
+def _chat_tokenizer() -> T.PreTrainedTokenizerFast:
+    """A tokenizer that adds BOS, as Llama's does, with a chat template that writes BOS too."""
+    from tokenizers import processors
+
+    tokenizer = word_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[EOS] $A", special_tokens=[("[EOS]", tokenizer.convert_tokens_to_ids("[EOS]"))]
+    )
+    tokenizer.bos_token = "[EOS]"
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
+def test_chat_conversations_are_written_with_the_chat_template_and_one_bos(llama):
+    """A ``messages`` column is read without being named and becomes what the chat model sees; text
+    that a chat template already began with BOS gets no second one."""
+    tokenizer, texts = _chat_tokenizer(), sentences(3)
+    conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": text}] for text in texts]
+    expected = sorted(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in conversations)
+    rendered = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in conversations]
+    sources = {"messages": datasets.Dataset.from_dict({"messages": conversations}), "templated text": rendered}
+    for name, source in sources.items():
+        config = _config(source, processor=tokenizer, num_samples=3)
+        assert sorted(_real_tokens(_collect(build_calibration_data(llama, config)))) == expected, name
+    assert config.calibration_description == "list of text, 3 samples"
+    plain = _real_tokens(_collect(build_calibration_data(llama, _config(texts[:1], processor=tokenizer))))
+    assert plain == [tokenizer(texts[0])["input_ids"]]  # text without BOS still gets the tokenizer's
+    without_template = word_tokenizer()
+    with pytest.raises(ValueError, match=r"^the calibration data is chat conversations, but \w+ has no chat template"):
+        build_calibration_data(llama, _config(sources["messages"], processor=without_template))
 
 
 def test_empty_strings_are_dropped(llama, tokenizer):
@@ -369,7 +453,7 @@ def test_non_image_values_in_an_image_column_are_rejected(vit):
 
 def test_column_of_numbers_is_rejected(vit):
     dataset = datasets.Dataset.from_dict({"label": [1, 2]})
-    with pytest.raises(ValueError, match="images .* or text"):
+    with pytest.raises(ValueError, match=r"holds int values; COMQ calibrates on images \(PIL\), text \(str\) or chat conversations"):
         build_calibration_data(vit, _config(dataset, dataset_column="label"))
 
 
@@ -438,6 +522,9 @@ def test_texts_are_cut_to_the_positions_the_model_declares(caplog):
         batch = next(iter(data))
     assert batch["input_ids"].shape[1] == 8
     assert "max_length=512 is longer than the 8 positions GPT2LMHeadModel declares; texts are cut to 8" in caplog.text
+    config = _config(sentences(2), processor=word_tokenizer())
+    build_calibration_data(short, config)
+    assert config.max_length == 8  # the record (config.json, card) says what was used
     # RoBERTa counts positions from its padding row on: 40 rows (padding_idx 1) hold 38 tokens
     roberta = T.RobertaModel(T.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                              intermediate_size=64, max_position_embeddings=40, pad_token_id=1))  # fmt: skip
@@ -502,3 +589,35 @@ def test_unknown_dataset_name_is_an_error(vit, monkeypatch):
         build_calibration_data(vit, _config("someone/definitely-not-a-dataset"))  # a Hub name, offline
     with pytest.raises(ValueError, match="calibration dataset: no file or folder at /nonexistent/definitely-not"):
         build_calibration_data(vit, _config("/nonexistent/definitely-not-a-dataset"))  # a path: no Hub lookup
+
+
+def test_token_ids_outside_the_vocabulary_name_the_fix_that_fits_where_they_came_from(llama):
+    """COMQConfig(processor=...) only helps where hf_comq tokenizes; token rows are taken as they are."""
+    rows = datasets.Dataset.from_dict({"input_ids": [[3, 4, 5000], [6, 7]]})
+    with pytest.raises(ValueError, match=r"token id 5000, .*; tokenize with the model's own tokenizer, "
+                                         r"AutoTokenizer.from_pretrained\(MODEL\), or pass the texts themselves$"):
+        _collect(build_calibration_data(llama, _config(rows, processor=word_tokenizer())))
+
+
+@pytest.mark.parametrize("data, message", [
+    (lambda tokenizer: tokenizer(sentences(4)),
+     r"^calibration input 'input_ids' is not a tensor and cannot become one \(expected sequence of length .*\): "
+     r".*datasets.Dataset.from_dict\(dict\(encoding\)\)"),
+    (lambda tokenizer: {"text": sentences(4)},
+     r"none of which LlamaForCausalLM.forward accepts; 'text' is raw data, which goes in as a list"),
+])  # fmt: skip
+def test_an_input_dict_of_unpadded_rows_or_of_texts_is_one_line_with_the_fix(llama, tokenizer, data, message):
+    with pytest.raises(ValueError, match=message):
+        build_calibration_data(llama, _config(data(tokenizer)))
+
+
+def test_a_data_file_that_is_not_utf8_is_named_with_the_fix(llama, tokenizer, tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes("text\ncafé the cat\nnaïve dog ran\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{path} is not UTF-8 text \(.*\); re-encode it as UTF-8"):
+        build_calibration_data(llama, _config(str(path), processor=tokenizer))
+
+
+def test_a_column_named_for_a_list_of_texts_is_one_line(llama, tokenizer):
+    with pytest.raises(ValueError, match=r"^dataset_column='prompt' names a column of a dataset, but .* list of text"):
+        build_calibration_data(llama, _config(sentences(2), processor=tokenizer, dataset_column="prompt"))

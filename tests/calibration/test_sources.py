@@ -7,6 +7,7 @@ import pytest
 
 from hf_comq.calibration.sources import (
     DATA_FILE_BUILDERS,
+    check_local_sources,
     data_file_builder,
     dataset_from_list,
     load_dataset_source,
@@ -85,3 +86,28 @@ def test_lists_become_one_column_datasets():
     assert isinstance(pictures.features["image"], datasets.Image) and pictures[0]["image"].size == (40, 40)
     assert pick_column(pictures, None) == "image"
     assert pick_column(dataset_from_list(["x"], "text"), None) == "text"
+
+
+def test_split_slices_are_refused_in_one_line(tmp_path):
+    """A single file would be read whole under "train[:3]", a folder or Hub name refused with datasets'
+    "Bad split": both get the one line saying what to set instead."""
+    file = tmp_path / "data.jsonl"
+    file.write_text('{"text": "the cat"}\n')
+    folder = tmp_path / "folder"
+    datasets.Dataset.from_dict({"text": sentences(3)}).to_parquet(str(folder / "train.parquet"))
+    for source, split in ((file, "train[:3]"), (folder, "train[:3]"), (folder, "train+test")):
+        with pytest.raises(ValueError, match=r"^split '.*': hf_comq reads whole splits, not slices .* \('train'\)"):
+            load_dataset_source(str(source), split)
+
+
+def test_a_saved_dataset_without_splits_records_the_split_it_holds_not_the_one_asked_for(tmp_path):
+    for split in (None, "validation"):
+        folder = tmp_path / f"saved-{split}"
+        datasets.Dataset.from_dict({"text": sentences(3)}, split=split).save_to_disk(str(folder))
+        _, origin = load_dataset_source(str(folder), "test")
+        assert origin["split"] == split
+
+
+def test_a_glob_is_named_as_one(tmp_path):
+    with pytest.raises(ValueError, match=r"is a pattern, and hf_comq takes no globs; pass the folder"):
+        check_local_sources(str(tmp_path / "shards" / "*.parquet"), None)

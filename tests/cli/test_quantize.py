@@ -112,6 +112,8 @@ def test_quantize_solver_options_reach_the_solver_settings(capsys, tmp_path, gpt
     assert stored["solver"]["pair_moves"] == 0 and stored["solver"]["scale_refit"] is True
     card = (output / "README.md").read_text()
     assert "| Pair-move candidates per row | off |" in card and "| Scale refit | yes |" in card
+    saved, base = (T.AutoTokenizer.from_pretrained(folder) for folder in (output, gpt2_dir))
+    assert base.pad_token is None and saved.special_tokens_map == base.special_tokens_map  # calibration pads its own way
 
 
 def test_quantize_calibrate_all_experts_solves_every_expert_on_every_token(capsys, tmp_path, text_data) -> None:
@@ -268,3 +270,11 @@ def test_a_check_failing_on_rank_0_stops_every_rank_with_one_line(tmp_path, vit_
     assert "already exists and is not empty" in error_line(ranks[0].stderr)
     assert error_line(ranks[1].stderr).startswith("hf-comq: error: rank 0 of 2 failed: output folder")
     assert (output / "keep.txt").read_text() == "mine" and [path.name for path in output.iterdir()] == ["keep.txt"]
+
+
+def test_quantize_help_lists_the_data_options_under_calibration_data(capsys) -> None:
+    code, text, _ = run_cli(capsys, "quantize", "--help")
+    assert code == 0
+    data = text[text.index("calibration data:"):text.index("output:")]
+    for option in ("--dataset", "--split", "--column", "--num-samples", "--batch-size", "--max-length", "--seed"):
+        assert f"  {option} " in data, option
