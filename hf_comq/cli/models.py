@@ -24,6 +24,9 @@ from ..tasks import (
 )
 from .common import CLIError
 
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""The dtypes ``from_pretrained`` takes by name on the command line; ``"auto"`` is the checkpoint's own."""
+
 
 @dataclass(frozen=True)
 class ModelSpec:

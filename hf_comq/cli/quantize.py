@@ -22,7 +22,7 @@ from .common import (
     torch_threads,
 )
 from .data import add_data_arguments, open_dataset, resolve_dataset
-from .models import ModelSpec, hub_unavailable, inspect_model, load_processor, read_model_config
+from .models import LOAD_DTYPES, ModelSpec, hub_unavailable, inspect_model, load_processor, read_model_config
 from .output import check_output, megabytes, print_fields, save_atomically, save_with_processor
 
 CALIBRATION_SETTINGS = ("num_samples", "batch_size", "max_length", "seed")
@@ -93,6 +93,11 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     output.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the checkpoint to this Hub repository")
     output.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    output.add_argument(
+        "--dtype", choices=LOAD_DTYPES, default="auto",
+        help="dtype to load and calibrate the model in (from_pretrained's dtype): 'auto' (default) keeps the "
+        "checkpoint's own; float32 for a float16 model whose activations overflow",
+    )  # fmt: skip
     output.add_argument(
         "--device-map", metavar="MAP",
         help="passed to from_pretrained, e.g. 'auto' to spread a large model over GPUs and CPU memory",
@@ -229,6 +234,8 @@ def _quantize(
     if saving:
         print(f"Quantizing {spec.display_name} ({spec.architecture}, {spec.task.name}) with {method} at {args.bits} bits")
     load_kwargs = {"device_map": args.device_map} if args.device_map else {}
+    if args.dtype != "auto":
+        load_kwargs["dtype"] = args.dtype
     if args.offload_folder:
         load_kwargs["offload_folder"] = str(Path(args.offload_folder).expanduser())
     started = time.perf_counter()

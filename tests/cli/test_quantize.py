@@ -278,3 +278,26 @@ def test_quantize_help_lists_the_data_options_under_calibration_data(capsys) -> 
     data = text[text.index("calibration data:"):text.index("output:")]
     for option in ("--dataset", "--split", "--column", "--num-samples", "--batch-size", "--max-length", "--seed"):
         assert f"  {option} " in data, option
+
+
+def test_a_float16_model_that_overflows_is_named_and_quantizes_with_dtype_float32(capsys, tmp_path, text_data) -> None:
+    """A float16 checkpoint finite in float32 only: the line names the layer it reached and --dtype float32,
+    which then quantizes it (the CLI had no way to choose the dtype the model loads in)."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = T.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e5)
+        model.model.layers[0].mlp.up_proj.weight.mul_(1e3)
+    source = save_text_model(model.to(torch.float16), tmp_path / "fp16")
+    code, _, err = run_cli(capsys, "quantize", source, "--dataset", text_data, "--num-samples", 4, "--output", tmp_path / "a")
+    assert code != 0
+    line = error_line(err)
+    assert "inputs of 'model.layers.1." in line and "overflows in float16" in line and "--dtype float32" in line, line
+    code, _, err = run_cli(
+        capsys, "quantize", source, "--dataset", text_data, "--num-samples", 4, "--dtype", "float32",
+        "--output", tmp_path / "b",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["dtype"] == "float32"
