@@ -380,7 +380,9 @@ class DequantizedWeight(torch.Tensor):
     weights are tensors of the float dtype: ``isinstance(w, torch.Tensor)`` and ``w.dtype``
     answer without dequantizing, and every op (``F.linear``, ``w.t()``, ``w.data.normal_()``,
     printing, ``torch.save``) runs on the dense tensor, computed once per returned object
-    and plain from then on.  It holds no storage of its own (``data_ptr()`` is 0).
+    and plain from then on.  What reads memory without an op (its storage and address,
+    ``share_memory_``, safetensors' writer) reads the dense tensor's; ``nn.Parameter(w)``
+    gives a parameter of the dense values.
     """
 
     @staticmethod
@@ -421,6 +423,23 @@ class DequantizedWeight(torch.Tensor):
 
     def tolist(self) -> Any:
         return self.dense().tolist()
+
+    def untyped_storage(self) -> torch.UntypedStorage:
+        return self.dense().untyped_storage()
+
+    def data_ptr(self) -> int:
+        return self.dense().data_ptr()
+
+    def storage_offset(self) -> int:
+        return self.dense().storage_offset()
+
+    def share_memory_(self) -> torch.Tensor:
+        self.dense().share_memory_()
+        return self
+
+    def detach(self) -> torch.Tensor:
+        """Of the same type, as ``nn.Parameter(w)`` requires of a tensor subclass; the values are the same object."""
+        return DequantizedWeight(lambda: self.dense().detach(), tuple(self.shape), self.dtype, self.device)
 
 
 def replace_module(model: nn.Module, name: str, qweight: QuantizedWeight, symmetric: bool = False) -> COMQLinear:

@@ -255,6 +255,26 @@ def test_the_weight_reads_as_the_dense_weight_of_the_source_layer(source):
     assert not torch.equal(weight, expected) and torch.equal(layer.weight, expected)
 
 
+def test_the_weight_serves_what_reads_memory_without_an_op(tmp_path):
+    """share_memory_ crashed the process, safetensors found no storage and nn.Parameter refused the type:
+    each now works on the dense values, as on the plain tensor ``weight`` was before."""
+    from safetensors.torch import load_file, save_file
+
+    layer = COMQLinear.from_quantized(linear(), quantize(linear()))
+    expected = layer.dequantize()
+    shared = layer.weight
+    assert shared.share_memory_() is shared and shared.is_shared() and torch.equal(shared, expected)
+    save_file({"w": layer.weight}, str(tmp_path / "w.safetensors"))
+    assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], expected)
+    copy_of_layer = nn.Linear(64, 24)
+    copy_of_layer.weight = nn.Parameter(layer.weight)  # model surgery: a float layer with the packed one's values
+    x = torch.randn(3, 64)
+    copy_of_layer(x).sum().backward()
+    assert torch.equal(copy_of_layer.weight, expected) and copy_of_layer.weight.grad.shape == expected.shape
+    torch.optim.SGD(copy_of_layer.parameters(), lr=0.5).step()
+    assert not torch.equal(copy_of_layer.weight, expected) and torch.equal(layer.weight, expected)
+
+
 @pytest.mark.parametrize("source", ["linear", "conv1d"])
 def test_a_trainable_scale_is_refused_in_both_layouts(source):
     module = linear() if source == "linear" else Conv1D(24, 64)
