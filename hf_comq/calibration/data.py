@@ -55,6 +55,7 @@ from .processors import (
     padding_id,
     required_input_names,
     resolve_processor,
+    right_aligned,
     text_length_limit,
 )
 from .sources import (
@@ -594,7 +595,7 @@ def _as_input_batch(item: Mapping[str, Any], keep: set[str] | None, model: nn.Mo
     leading = {t.shape[0] for t in batch.values()}
     if len(leading) != 1:
         raise ValueError(f"the tensors of a calibration input dict disagree on the batch size: {sorted(leading)}")
-    return batch
+    return right_aligned(batch)
 
 
 def _input_tensor(name: str, value: Any) -> torch.Tensor:

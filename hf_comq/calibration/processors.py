@@ -166,6 +166,10 @@ def padded_token_batch(columns: Mapping[str, list[Any]], max_length: int, pad_id
                     f"column {name!r} must hold one entry per token of input_ids; a row of {len(tokens)} tokens has "
                     f"{len(row)}"
                 )
+    if "attention_mask" in rows:  # left padding (a left-padding tokenizer's rows) goes: every row starts at 0
+        starts = [next((index for index, kept in enumerate(mask) if kept), len(mask)) for mask in rows["attention_mask"]]
+        rows = {name: [row[start:] for row, start in zip(values, starts)] for name, values in rows.items()}
+        ids = rows[TOKEN_COLUMNS[0]]
     if not any(ids):
         return None
     rows.setdefault("attention_mask", [[1] * len(row) for row in ids])
@@ -173,6 +177,27 @@ def padded_token_batch(columns: Mapping[str, list[Any]], max_length: int, pad_id
     pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
     return {name: torch.tensor([row[:width] + [pads[name]] * (width - len(row[:width])) for row in values])
             for name, values in rows.items()}  # fmt: skip
+
+
+def right_aligned(batch: Batch) -> Batch:
+    """A ready batch whose ``attention_mask`` pads rows on the left, with its padding moved to the right.
+
+    A text model without ``position_ids`` numbers a row's tokens from its first column, so a
+    left-padded row's tokens would run at shifted positions (absolute position tables, as
+    GPT-2's, then see other activations than at inference, where ``generate`` derives the
+    positions from the mask).  Rolling each row left by its padding changes nothing else:
+    the padded positions stay masked.  A batch with ``position_ids`` is taken as it is; only
+    the token columns move (an encoder-decoder's decoder inputs have their own positions).
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2 or "position_ids" in batch or not bool((mask[:, 0] == 0).any()):
+        return batch
+    leading = (mask.cumsum(1) == 0).sum(1)  # masked columns before each row's first token
+    aligned = dict(batch)
+    for name, tensor in batch.items():
+        if name in TOKEN_COLUMNS and tensor.shape == mask.shape:
+            aligned[name] = torch.stack([torch.roll(row, -int(shift)) for row, shift in zip(tensor, leading)])
+    return aligned
 
 
 def _as_list(row: Any) -> list[Any]:

@@ -269,6 +269,28 @@ def test_texts_are_padded_on_the_right_whatever_the_tokenizers_side():
     assert tokenizer.padding_side == "left"
 
 
+@pytest.mark.parametrize("form", ["token rows", "ready inputs"])
+def test_left_padded_tokens_start_at_position_0_as_texts_do(form):
+    """Texts tokenized by a left-padding tokenizer, as token rows or as the ready dict
+    ``tokenizer(texts, padding=True, return_tensors="pt")``, start at position 0 as the texts
+    themselves do (GPT-2 has no position_ids from the mask: its learned positions would shift)."""
+    gpt2 = tiny_model("gpt2")
+    tokenizer = word_tokenizer()
+    tokenizer.padding_side = "left"
+    texts = sentences(4)
+    if form == "token rows":
+        data = datasets.Dataset.from_dict(dict(tokenizer(texts, padding=True)))
+    else:
+        data = [dict(tokenizer(texts, padding=True, return_tensors="pt"))]
+    batches = _collect(build_calibration_data(gpt2, _config(data, num_samples=4, seed=0)))
+    batch = {name: torch.cat([part[name] for part in batches]) for name in ("input_ids", "attention_mask")}
+    assert batch["input_ids"].shape[0] == 4
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        length = sum(mask)
+        assert mask == [1] * length + [0] * (len(mask) - length)
+        assert ids[:length] in [tokenizer(text)["input_ids"] for text in texts]
+
+
 def _chat_tokenizer() -> T.PreTrainedTokenizerFast:
     """A tokenizer that adds BOS, as Llama's does, with a chat template that writes BOS too."""
     from tokenizers import processors
