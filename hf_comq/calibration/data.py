@@ -481,10 +481,11 @@ def _make_encoder(
         channels = image_channels(model, processor)
         return lambda values: filter_inputs(encode_images(processor, values, channels), keep)
     render = chat_renderer(processor) if chat else None
+    vocabulary = _vocabulary_size(model)
 
     def encode(values: list[Any]) -> Batch | None:
         texts = values if render is None else [render(value) for value in values]
-        encoded = encode_texts(processor, texts, max_length)
+        encoded = encode_texts(processor, texts, max_length, vocabulary)
         return None if encoded is None else filter_inputs(encoded, keep)
 
     return encode

@@ -104,7 +104,7 @@ def open_image_file(path: str) -> Any:
     return image
 
 
-def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | None:
+def encode_texts(processor: Any, texts: list[str], max_length: int, vocabulary: int | None = None) -> Batch | None:
     """Tokenize one batch as each text is tokenized alone, padded on the right (padding masked out);
     empty strings are dropped (they carry no tokens), ``None`` if nothing is left.
 
@@ -113,8 +113,10 @@ def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | N
     changes its activations in a model with learned positions (GPT-2), and a tokenizer
     without a pad token (GPT-2, LLaMA) would need one set on it, a change that would be
     saved with the checkpoint.  Padded positions are masked, so the pad id only has to be
-    a valid token id.  A text that already starts with the tokenizer's BOS token (a chat
-    template's output) gets no second one, as ``apply_chat_template`` tokenizes it.
+    a valid token id: the tokenizer's pad token where the model's embedding (``vocabulary``
+    rows) holds it, else 0 (a pad token added to a tokenizer without resizing the embedding).
+    A text that already starts with the tokenizer's BOS token (a chat template's output)
+    gets no second one, as ``apply_chat_template`` tokenizes it.
     """
     texts = [text for text in texts if not is_blank(text)]
     if not texts:
@@ -137,7 +139,7 @@ def encode_texts(processor: Any, texts: list[str], max_length: int) -> Batch | N
         for position, index in enumerate(picked):
             rows[index] = {name: list(encoded[name][position]) for name in TOKEN_COLUMNS if name in encoded}
     columns = {name: [row[name] for row in rows] for name in TOKEN_COLUMNS if name in rows[0]}
-    return padded_token_batch(columns, max_length, padding_id(tokenizer))
+    return padded_token_batch(columns, max_length, padding_id(tokenizer, vocabulary))
 
 
 def padding_id(holder: Any, vocabulary: int | None = None) -> int:

@@ -291,6 +291,20 @@ def test_left_padded_tokens_start_at_position_0_as_texts_do(form):
         assert ids[:length] in [tokenizer(text)["input_ids"] for text in texts]
 
 
+def test_a_pad_token_the_embedding_lacks_pads_with_an_id_it_has():
+    """A pad token added to the tokenizer without resizing the embedding: padding took its id, and the
+    token-id check then blamed the user's tokenizer for hf_comq's own (masked) padding."""
+    tokenizer = word_tokenizer()
+    tokenizer.add_special_tokens({"pad_token": "[MYPAD]"})
+    llama = T.LlamaForCausalLM(
+        T.LlamaConfig(vocab_size=tokenizer.pad_token_id, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64)
+    )  # fmt: skip
+    texts = ["the cat", "the cat sat on the mat"]
+    batch = _collect(build_calibration_data(llama, _config(texts, processor=tokenizer, num_samples=2, seed=0)))[0]
+    assert int(batch["input_ids"].max()) < tokenizer.pad_token_id and not bool(batch["attention_mask"].all())
+
+
 def _chat_tokenizer() -> T.PreTrainedTokenizerFast:
     """A tokenizer that adds BOS, as Llama's does, with a chat template that writes BOS too."""
     from tokenizers import processors
