@@ -460,7 +460,17 @@ def chat_renderer(processor: Any) -> Callable[[Any], str]:
             "write them as text; give the tokenizer one (tokenizer.chat_template, saved in tokenizer_config.json "
             "where hf-comq reads the checkpoint's), or write each conversation into a text column yourself"
         )
-    return lambda conversation: tokenizer.apply_chat_template(list(conversation), tokenize=False)
+    def render(conversation: Any) -> str:
+        try:
+            return tokenizer.apply_chat_template(list(conversation), tokenize=False)
+        except Exception as error:  # the template's own exception (jinja's TemplateError, a TypeError)
+            raise ValueError(
+                f"{type(tokenizer).__name__}'s chat template could not write a calibration conversation "
+                f"({type(error).__name__}: {error}); give conversations the roles and content form the template "
+                "takes, or write each into a text column yourself"
+            ) from None
+
+    return render
 
 
 def _make_encoder(

@@ -337,6 +337,21 @@ def test_chat_conversations_are_written_with_the_chat_template_and_one_bos(llama
         build_calibration_data(llama, _config(sources["messages"], processor=without_template))
 
 
+def test_a_conversation_the_chat_template_cannot_write_is_one_line(llama):
+    """A template that refuses a role (Gemma's has no system role) raised its own exception, naming
+    neither the calibration data nor the template."""
+    tokenizer = _chat_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }} {% endfor %}"
+    )
+    conversations = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]]
+    data = build_calibration_data(llama, _config(datasets.Dataset.from_dict({"messages": conversations}), processor=tokenizer))
+    with pytest.raises(ValueError, match=r"chat template could not write a calibration conversation \(TemplateError: "
+                       r"System role not supported\); give conversations the roles"):  # fmt: skip
+        _collect(data)
+
+
 def test_empty_strings_are_dropped(llama, tokenizer):
     batches = _collect(build_calibration_data(llama, _config(["", "  ", "the cat"], processor=tokenizer)))
     assert [b["input_ids"].tolist() for b in batches] == [tokenizer(["the cat"])["input_ids"]]
