@@ -96,7 +96,7 @@ def one_line(error: BaseException) -> str:
         ({"bits": 1}, ValueError, r"bits: expected an integer in \[2, 8\], got 1; use 4"),
         ({"bits": "4"}, ValueError, "bits: expected an integer"),
         ({"group_size": 0}, ValueError, "group_size: expected an integer >= 1"),
-        ({"damp": 0.0}, ValueError, r"damp must be a number > 0 or None, got 0.0"),
+        ({"damp": 0.0}, ValueError, r"damp: expected a number > 0 or None, got 0.0"),
         ({"shrink": 1.5}, ValueError, r"shrink: expected a number in \(0, 1.0\]"),
         ({"order": "random"}, ValueError, r"order: expected one of \['greedy', 'sequential', 'act_order'\]"),
         ({"init": "zeros"}, ValueError, "init: expected one of"),
@@ -488,6 +488,7 @@ def test_a_demo_group_size_the_model_refuses_is_named_before_the_evaluation(caps
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--batch-size", "0"], r"error: --batch-size: expected"),
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--max-length", "0"], r"error: --max-length: expected"),
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--seed", "-1"], r"error: --seed: expected an integer >= 0"),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--pair-moves", "-1"], r"error: --pair-moves: expected a non"),
     ],
 )
 def test_cli_numbers_out_of_range(capsys, vit_dir, image_data, tmp_path, calibration_steps, argv, message) -> None:

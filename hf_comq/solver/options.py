@@ -207,7 +207,7 @@ def check_damp(damp: float | None) -> None:
         return
     if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not 0 < damp < float("inf"):
         raise ValueError(
-            f"damp must be a number > 0 or None, got {damp!r}; use a small positive damping such as 0.01, "
+            f"damp: expected a number > 0 or None, got {damp!r}; use a small positive damping such as 0.01, "
             "or None for the default"
         )
 
@@ -216,7 +216,7 @@ def check_pair_moves(pair_moves: int) -> None:
     """The one ``pair_moves`` rule: a whole number of candidates per row, 0 (off) or more."""
     if not isinstance(pair_moves, int) or isinstance(pair_moves, bool) or pair_moves < 0:
         raise ValueError(
-            f"pair_moves must be a non-negative integer, got {pair_moves!r}; use 0 (off) or e.g. 32 candidates per row"
+            f"pair_moves: expected a non-negative integer, got {pair_moves!r}; use 0 (off) or e.g. 32 candidates per row"
         )
 
 
@@ -231,4 +231,4 @@ def check_ridge(ridge: float | str, from_data_allowed: bool = False) -> None:
         return
     if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not 0 <= ridge < float("inf"):
         hint = f", or {RIDGE_FROM_DATA!r} for one fitted to each layer's calibration tokens" if from_data_allowed else ""
-        raise ValueError(f"ridge must be a non-negative number, got {ridge!r}; use e.g. 0.01, or 0 for none{hint}")
+        raise ValueError(f"ridge: expected a non-negative number, got {ridge!r}; use e.g. 0.01, or 0 for none{hint}")

@@ -272,8 +272,8 @@ def test_shrink_narrows_the_initial_grid(medium_layer):
         (dict(init="zeros"), "init must be one of"),
         (dict(iterations=-1), "iterations must be"),
         (dict(shrink=1.5), "shrink must be in"),
-        (dict(damp=0.0), "damp must be a number > 0 or None"),  # as COMQConfig: a rank-deficient H needs it
-        (dict(damp=float("inf")), "damp must be a number > 0 or None"),
+        (dict(damp=0.0), "damp: expected a number > 0 or None"),  # as COMQConfig: a rank-deficient H needs it
+        (dict(damp=float("inf")), "damp: expected a number > 0 or None"),
         (dict(tol=float("nan")), "tol must be a non-negative number"),
         (dict(block_size=1.5), "block_size must be a positive integer"),
     ],
@@ -614,7 +614,7 @@ def test_a_ridge_ends_lower_on_held_out_inputs_when_calibration_is_short():
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.1"])
 def test_ridge_is_validated(bad, medium_layer):
     weight, _, hessian = medium_layer
-    with pytest.raises(ValueError, match="ridge must be a non-negative number"):
+    with pytest.raises(ValueError, match="ridge: expected a non-negative number"):
         comq_quantize(weight, hessian, ridge=bad)
 
 
