@@ -373,10 +373,28 @@ def _subset_values(dataset: Any, column: str, config: Any) -> tuple[Any, Callabl
     feature = (dataset.features or {}).get(column)
     if isinstance(feature, datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        decode = feature.decode_example
+        decode = _image_decoder(feature, column)
     rows = _subset_rows(dataset, column, config)
     values = [row[column] for row in rows] if isinstance(rows, list) else _LazyColumn(rows, column)
     return values, decode
+
+
+def _image_decoder(feature: Any, column: str) -> Callable[[Any], Any]:
+    """``feature.decode_example`` whose failure on a broken file (PIL's bare "cannot identify image
+    file <BytesIO ...>", mid-calibration) is one line naming the column, the file where known, and the fix."""
+
+    def decode(value: Any) -> Any:
+        try:
+            return feature.decode_example(value)
+        except Exception as error:
+            path = value.get("path") if isinstance(value, Mapping) else None
+            where = f" ({path})" if path else ""
+            raise ValueError(
+                f"a calibration image of column {column!r}{where} cannot be read ({type(error).__name__}); "
+                "remove or repair it in the dataset"
+            ) from None
+
+    return decode
 
 
 def _subset_rows(dataset: Any, column: str, config: Any) -> Any:

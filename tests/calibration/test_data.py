@@ -357,6 +357,20 @@ def test_empty_strings_are_dropped(llama, tokenizer):
     assert [b["input_ids"].tolist() for b in batches] == [tokenizer(["the cat"])["input_ids"]]
 
 
+def test_an_image_that_cannot_be_read_is_one_line(vit):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="PNG")
+    rows = [{"bytes": buffer.getvalue(), "path": None}, {"bytes": b"not a png", "path": "broken.png"}]
+    data = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+    with pytest.raises(ValueError, match=r"calibration image of column 'image' \(broken.png\) cannot be read "
+                       r"\(UnidentifiedImageError\); remove or repair it"):  # fmt: skip
+        _collect(build_calibration_data(vit, _config(data, num_samples=2, batch_size=1, processor=image_processor())))
+
+
 def test_float_tensor_is_pixel_values(vit):
     pixels = torch.randn(6, 3, 32, 32)
     config = _config(pixels, num_samples=6)
