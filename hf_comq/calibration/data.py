@@ -255,7 +255,7 @@ def _image_from_array(array: np.ndarray) -> Any:
 
 
 def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> CalibrationData:
-    """A list of images or texts is a one-column ``datasets.Dataset``; a list of dicts is ready inputs."""
+    """A list of images, texts or chat conversations is a one-column ``datasets.Dataset``; a list of dicts is ready inputs."""
     from PIL import Image
 
     if len(items) == 0:
@@ -267,13 +267,15 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
         items, kind, column = [_image_from_array(item) for item in items], "images", "image"
     elif all(isinstance(item, str) for item in items):
         kind, column = "text", "text"
+    elif all(_is_conversation(item) for item in items):
+        kind, column = "chat conversations", CHAT_COLUMNS[0]
     elif all(isinstance(item, Mapping) for item in items):
         return _from_input_dicts(model, config, items)
     else:
         kinds = sorted({type(item).__name__ for item in items})
         raise ValueError(
-            f"a calibration list must hold only PIL images (or uint8 image arrays), only strings, or only dicts of "
-            f"tensors; got {kinds}"
+            f"a calibration list must hold only PIL images (or uint8 image arrays), only strings, only chat "
+            f"conversations (lists of {{'role', 'content'}} messages) or only dicts of tensors; got {kinds}"
         )
     if config.dataset_column is not None:
         raise ValueError(

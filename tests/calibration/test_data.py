@@ -325,7 +325,11 @@ def test_chat_conversations_are_written_with_the_chat_template_and_one_bos(llama
     conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": text}] for text in texts]
     expected = sorted(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in conversations)
     rendered = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in conversations]
-    sources = {"messages": datasets.Dataset.from_dict({"messages": conversations}), "templated text": rendered}
+    sources = {
+        "messages": datasets.Dataset.from_dict({"messages": conversations}),
+        "list of conversations": conversations,
+        "templated text": rendered,
+    }
     for name, source in sources.items():
         config = _config(source, processor=tokenizer, num_samples=3)
         assert sorted(_real_tokens(_collect(build_calibration_data(llama, config)))) == expected, name
