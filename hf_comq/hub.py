@@ -664,11 +664,12 @@ def _file_stamps(folder: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
     root = Path(folder)
     if not root.is_dir():
         return {}
-    return {
-        path.relative_to(root).as_posix(): (path.stat().st_mtime_ns, path.stat().st_size)
-        for path in root.rglob("*")
-        if path.is_file()
-    }
+    stamps = {}
+    for path in root.rglob("*"):
+        if path.is_file():
+            status = path.stat()
+            stamps[path.relative_to(root).as_posix()] = (status.st_mtime_ns, status.st_size)
+    return stamps
 
 
 def _changed_files(folder: str | os.PathLike[str], before: Mapping[str, tuple[int, int]]) -> list[str]:

@@ -426,7 +426,7 @@ def _non_finite_message(layer: str, dtype: torch.dtype) -> str:
     """One line for a layer whose calibration inputs are not finite: where, and what to do."""
     if dtype in (torch.float16, torch.bfloat16):
         return (
-            f"the calibration inputs of {layer!r} hold NaN or inf: the model overflows in {str(dtype)[6:]}; "
+            f"the calibration inputs of {layer!r} hold NaN or inf: the model overflows in {str(dtype).removeprefix('torch.')}; "
             "load it in float32 (from_pretrained(..., dtype=torch.float32); hf-comq quantize --dtype float32)"
         )
     return f"the calibration inputs of {layer!r} hold NaN or inf; check the calibration data"
