@@ -164,6 +164,31 @@ def test_the_rows_the_round_limit_stops_are_the_ones_left_to_move(monkeypatch, c
     assert not second.capped.any()
 
 
+def _assert_both_builds_move_alike(tables: list, grid, max_code: int, candidates: int) -> None:
+    """The compiled pass's AVX2 and plain builds from the same tables (residual, values,
+    codes, H): the same moves and the same tables after, bit for bit."""
+    require_kernel()
+    ops = compiled_solver_ops(tables[:3] + [grid.scale], tables[3])
+    rows = tables[0].shape[1]
+    ends = {}
+    for isa in ("avx2", "scalar"):
+        run_tables = [table.clone() for table in tables]
+        residual_t, values_t, codes_t, hessian = run_tables
+        capped = torch.zeros(rows, dtype=torch.bool)
+        try:
+            moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, grid.scale, grid.group_index("cpu"), capped,
+                                   max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN, isa)  # fmt: skip
+        except RuntimeError as error:  # the kernel's own rule: no AVX2 build, or a CPU without AVX2
+            if "lacks AVX2" not in str(error):
+                raise
+            pytest.skip("this CPU or build has no AVX2 pass: only the plain build runs here")
+        ends[isa] = (moves, [*run_tables, capped])
+    (moves, tables), (avx2_moves, avx2_tables) = ends["scalar"], ends["avx2"]
+    assert moves == avx2_moves > rows
+    for table, avx2_table in zip(tables, avx2_tables):
+        assert torch.equal(table, avx2_table)
+
+
 @pytest.mark.parametrize(
     ("width", "candidates", "group_size"),
     [(96, 12, None), (96, 12, 16), (100, 32, None), (100, 32, 20), (300, 100, None)],
@@ -177,27 +202,33 @@ def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(
     widths and candidate counts that are not multiples of eight; a short list too long to
     rank by counting at 100 candidates of 300): the same moves, bit for bit, whichever the
     CPU runs."""
-    require_kernel()
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     layer = rounded_layer(37, width, 256, seed=5, group_size=group_size)
-    *first, grid = _pass_tables(layer, torch.float32)
-    ops = compiled_solver_ops(first[:3] + [grid.scale], first[3])
-    ends = {}
-    for isa in ("avx2", "scalar"):
-        residual_t, values_t, codes_t, hessian = tables = [table.clone() for table in first]
-        capped = torch.zeros(37, dtype=torch.bool)
-        try:
-            moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, grid.scale, grid.group_index("cpu"), capped,
-                                   layer.grid.max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN, isa)  # fmt: skip
-        except RuntimeError as error:  # the kernel's own rule: no AVX2 build, or a CPU without AVX2
-            if "lacks AVX2" not in str(error):
-                raise
-            pytest.skip("this CPU or build has no AVX2 pass: only the plain build runs here")
-        ends[isa] = (moves, [*tables, capped])
-    (moves, tables), (avx2_moves, avx2_tables) = ends["scalar"], ends["avx2"]
-    assert moves == avx2_moves > 37
-    for table, avx2_table in zip(tables, avx2_tables):
-        assert torch.equal(table, avx2_table)
+    *tables, grid = _pass_tables(layer, torch.float32)
+    _assert_both_builds_move_alike(tables, grid, layer.grid.max_code, candidates)
+
+
+@pytest.mark.parametrize(("width", "candidates"), [(100, 32), (203, 12)])
+def test_both_builds_break_ties_between_equal_costs_alike(monkeypatch, width, candidates):
+    """Small-integer inputs, unit scales and weights half a step off the grid make every
+    single step's cost a small integer, so most candidates tie with others: which of
+    them a row keeps, and in what order it scans their pairs, decides its moves.  The
+    AVX2 build ranks a short list by counting and the plain one by sorted insertion;
+    both put the lower column first on equal costs."""
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    generator = torch.Generator().manual_seed(11)
+    rows, max_code = 29, 7
+    inputs = torch.randint(-1, 2, (3 * width, width), generator=generator).float()
+    hessian = inputs.T @ inputs
+    codes_t = torch.randint(1, max_code, (width, rows), generator=generator).float()
+    zero = torch.full((1, rows), 4.0)
+    values_t = codes_t - zero
+    weight_t = values_t + 0.5 * torch.randint(-1, 2, (width, rows), generator=generator).float()
+    residual_t = hessian @ (weight_t - values_t)
+    grid = ColumnGrid(torch.ones(1, rows), zero, [0] * width)
+    tied = torch.unique(residual_t, return_counts=True)[1]
+    assert int(tied.max()) > 10  # the costs tie indeed
+    _assert_both_builds_move_alike([residual_t, values_t, codes_t, hessian], grid, max_code, candidates)
 
 
 def test_the_compiled_pass_refuses_a_group_index_outside_its_scale_table_and_a_wrong_capped_table(monkeypatch):

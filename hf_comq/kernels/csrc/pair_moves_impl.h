@@ -13,7 +13,8 @@
 // (tests/solver/test_pair_moves.py bounds the difference).  The AVX2 and plain builds
 // compute the same roundings in wider or narrower registers: the same moves.  The AVX2
 // build (HF_COMQ_AVX2 = 1) also lists, ranks and pairs a row's candidates eight at a
-// time, by the rules of the plain loops it stands beside, so it picks the same ones.
+// time, by the rules of the plain loops it stands beside, so it picks the same ones, and
+// moves a tile's rows into and out of their copies eight by eight.
 
 #include "fp_contract_off.h"
 
@@ -127,37 +128,45 @@ int64_t list_under(const float* cost, int64_t width, float bound, float* short_c
 
 // cheapest() of a short list, without its sorted insertion (a mispredicted branch or two
 // per entry): each entry's place among the kept ones is the number of entries before it in
-// (cost, column) order, counted eight at a time.  `columns` ascend, so an equal cost
-// comes first when its index is lower.  The list has no NaN (it holds the costs at most a
-// bound), so the order is total and the places are those cheapest() gives.  Entries past
-// `listed` (the scratch's padding) are masked off.
+// (cost, column) order, counted for eight entries at once against every entry in turn.
+// `columns` ascend, so on equal costs the entry listed first comes first: an entry listed
+// before an eight's first counts on ties, one listed after its last does not, and only
+// the eight's own entries need their list places compared.  The list has no NaN (it holds
+// the costs at most a bound), so the order is total and the places are those cheapest()
+// gives.  Lanes past `listed` read the scratch's padding; their places are not used.
 void cheapest_listed(const float* cost, const int32_t* columns, int64_t listed, int64_t count, int32_t* picked,
                      float* picked_cost) {
   if (listed > kMostRankedListed) {
     cheapest(cost, columns, listed, count, picked, picked_cost);
     return;
   }
-  const __m256i lane = lane_index();
-  const __m256i live_end = _mm256_set1_epi32(static_cast<int32_t>(listed));
-  for (int64_t i = 0; i < listed; ++i) {
-    const __m256 c = _mm256_set1_ps(cost[i]);
-    const __m256i own = _mm256_set1_epi32(static_cast<int32_t>(i));
-    __m256i before = _mm256_setzero_si256();
-    for (int64_t m = 0; m < listed; m += kPairLanes) {
-      const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(m)), lane);
-      const __m256 other = _mm256_loadu_ps(cost + m);
-      const __m256i lower = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(other, c, _CMP_LT_OQ)),
-                                             _mm256_cmpgt_epi32(live_end, index));
-      const __m256i tied_earlier = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(other, c, _CMP_EQ_OQ)),
-                                                    _mm256_cmpgt_epi32(own, index));
-      before = _mm256_sub_epi32(before, _mm256_or_si256(lower, tied_earlier));  // a true lane is -1
+  const __m256i lane = lane_index(), one = _mm256_set1_epi32(1);
+  alignas(32) int32_t place[kPairLanes];
+  for (int64_t first = 0; first < listed; first += kPairLanes) {
+    const int64_t last = first + kPairLanes < listed ? first + kPairLanes : listed;
+    const __m256 own = _mm256_loadu_ps(cost + first);
+    const __m256i own_index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first)), lane);
+    __m256i before = _mm256_setzero_si256();  // a true comparison is -1: minus the count
+    for (int64_t m = 0; m < first; ++m) {
+      before = _mm256_add_epi32(before, _mm256_castps_si256(_mm256_cmp_ps(_mm256_broadcast_ss(cost + m), own, _CMP_LE_OQ)));
     }
-    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(before), _mm256_extracti128_si256(before, 1));
-    sum = _mm_hadd_epi32(sum, sum);
-    const int32_t place = _mm_cvtsi128_si32(_mm_hadd_epi32(sum, sum));
-    if (place < count) {
-      picked[place] = columns[i];
-      picked_cost[place] = cost[i];
+    __m256i index = _mm256_set1_epi32(static_cast<int32_t>(first));
+    for (int64_t m = first; m < last; ++m, index = _mm256_add_epi32(index, one)) {
+      const __m256 other = _mm256_broadcast_ss(cost + m);
+      const __m256i tied_earlier = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(other, own, _CMP_EQ_OQ)),
+                                                    _mm256_cmpgt_epi32(own_index, index));
+      const __m256i lower = _mm256_castps_si256(_mm256_cmp_ps(other, own, _CMP_LT_OQ));
+      before = _mm256_add_epi32(before, _mm256_or_si256(lower, tied_earlier));
+    }
+    for (int64_t m = last; m < listed; ++m) {
+      before = _mm256_add_epi32(before, _mm256_castps_si256(_mm256_cmp_ps(_mm256_broadcast_ss(cost + m), own, _CMP_LT_OQ)));
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(place), _mm256_sub_epi32(_mm256_setzero_si256(), before));
+    for (int64_t l = 0; l < last - first; ++l) {
+      if (place[l] < count) {
+        picked[place[l]] = columns[first + l];
+        picked_cost[place[l]] = cost[first + l];
+      }
     }
   }
 }
@@ -336,6 +345,80 @@ bool move_once(RowState& row, float* dequant, const PairMoveTables& t) {
 
 }  // namespace
 
+#if HF_COMQ_AVX2
+// Eight runs of eight floats (`from[l]`) written as eight runs (`to[m]`): to[m][l] = from[l][m].
+inline void transpose_eight(const float* const* from, float* const* to) {
+  __m256 t[kPairLanes], u[kPairLanes];
+  for (int l = 0; l < kPairLanes; l += 2) {
+    const __m256 a = _mm256_loadu_ps(from[l]), b = _mm256_loadu_ps(from[l + 1]);
+    t[l] = _mm256_unpacklo_ps(a, b);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[l + 1] = _mm256_unpackhi_ps(a, b);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int half = 0; half < kPairLanes; half += 4) {  // rows 0-3, then 4-7: four entries of each column per lane group
+    u[half] = _mm256_shuffle_ps(t[half], t[half + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[half + 1] = _mm256_shuffle_ps(t[half], t[half + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[half + 2] = _mm256_shuffle_ps(t[half + 1], t[half + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[half + 3] = _mm256_shuffle_ps(t[half + 1], t[half + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_ps(to[m], _mm256_permute2f128_ps(u[m], u[m + 4], 0x20));
+    _mm256_storeu_ps(to[m + 4], _mm256_permute2f128_ps(u[m], u[m + 4], 0x31));
+  }
+}
+#endif
+
+// A tile's rows gathered from a transposed table (`column(j)`: where column j's entries for
+// the tile's `n` rows lie, one after another) into row-major copies (`tile`, row r at
+// r * width), and back.  The AVX2 build moves eight by eight blocks through registers.
+template <typename Column>
+void gather_tile(Column column, int64_t width, int64_t n, float* tile) {
+  int64_t j0 = 0, r0 = 0;
+#if HF_COMQ_AVX2
+  const float* from[kPairLanes];
+  float* to[kPairLanes];
+  for (; j0 + kPairLanes <= width; j0 += kPairLanes) {
+    for (int l = 0; l < kPairLanes; ++l) from[l] = column(j0 + l);
+    for (r0 = 0; r0 + kPairLanes <= n; r0 += kPairLanes) {
+      for (int l = 0; l < kPairLanes; ++l) to[l] = tile + (r0 + l) * width + j0;
+      transpose_eight(from, to);
+      for (int l = 0; l < kPairLanes; ++l) from[l] += kPairLanes;
+    }
+    for (int64_t j = j0; j < j0 + kPairLanes; ++j) {
+      for (int64_t r = r0; r < n; ++r) tile[r * width + j] = column(j)[r];
+    }
+  }
+#endif
+  for (int64_t j = j0; j < width; ++j) {
+    const float* entries = column(j);
+    for (int64_t r = 0; r < n; ++r) tile[r * width + j] = entries[r];
+  }
+}
+
+template <typename Column>
+void scatter_tile(const float* tile, int64_t width, int64_t n, Column column) {
+  int64_t j0 = 0, r0 = 0;
+#if HF_COMQ_AVX2
+  const float* from[kPairLanes];
+  float* to[kPairLanes];
+  for (; j0 + kPairLanes <= width; j0 += kPairLanes) {
+    for (r0 = 0; r0 + kPairLanes <= n; r0 += kPairLanes) {
+      for (int l = 0; l < kPairLanes; ++l) {
+        from[l] = tile + (r0 + l) * width + j0;
+        to[l] = column(j0 + l) + r0;
+      }
+      transpose_eight(from, to);
+    }
+    for (int64_t j = j0; j < j0 + kPairLanes; ++j) {
+      for (int64_t r = r0; r < n; ++r) column(j)[r] = tile[r * width + j];
+    }
+  }
+#endif
+  for (int64_t j = j0; j < width; ++j) {
+    float* entries = column(j);
+    for (int64_t r = 0; r < n; ++r) entries[r] = tile[r * width + j];
+  }
+}
+
 int64_t move_tiles(const PairMoveTables& t, PairMoveScratch& s, int64_t tile_begin, int64_t tile_end) {
   const int64_t width = t.width;
   RowState row;
@@ -343,14 +426,11 @@ int64_t move_tiles(const PairMoveTables& t, PairMoveScratch& s, int64_t tile_beg
   int64_t made = 0;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t k0 = tile * kPairTileRows, n = t.rows - k0 < kPairTileRows ? t.rows - k0 : kPairTileRows;
-    for (int64_t j = 0; j < width; ++j) {
-      const float* scale = t.scale + t.group_of[j] * t.scale_ld + k0;
-      for (int64_t r = 0; r < n; ++r) {
-        s.tile_residual[r * width + j] = t.residual[j * t.residual_ld + k0 + r];
-        s.tile_codes[r * width + j] = t.codes[j * t.codes_ld + k0 + r];
-        s.tile_scale[r * width + j] = scale[r];
-      }
-    }
+    const auto residual = [&](int64_t j) { return t.residual + j * t.residual_ld + k0; };
+    const auto codes = [&](int64_t j) { return t.codes + j * t.codes_ld + k0; };
+    gather_tile(residual, width, n, s.tile_residual);
+    gather_tile(codes, width, n, s.tile_codes);
+    gather_tile([&](int64_t j) { return t.scale + t.group_of[j] * t.scale_ld + k0; }, width, n, s.tile_scale);
     int64_t tile_moves = 0;
     for (int64_t r = 0; r < n; ++r) {
       row.residual = s.tile_residual + r * width;
@@ -363,12 +443,8 @@ int64_t move_tiles(const PairMoveTables& t, PairMoveScratch& s, int64_t tile_beg
       tile_moves += round;
     }
     if (tile_moves == 0) continue;
-    for (int64_t j = 0; j < width; ++j) {
-      for (int64_t r = 0; r < n; ++r) {
-        t.residual[j * t.residual_ld + k0 + r] = s.tile_residual[r * width + j];
-        t.codes[j * t.codes_ld + k0 + r] = s.tile_codes[r * width + j];
-      }
-    }
+    scatter_tile(s.tile_residual, width, n, residual);
+    scatter_tile(s.tile_codes, width, n, codes);
     made += tile_moves;
   }
   return made;
