@@ -143,8 +143,9 @@ class IdTokenizer:
 
     pad_token_id = 0
 
-    def __call__(self, texts: list[str], truncation: bool = True, max_length: int = 512) -> dict:
-        return {"input_ids": [[int(token) for token in text.split()][:max_length] for text in texts]}
+    def __call__(self, text: list[str], add_special_tokens: bool = True, truncation: bool = True,
+                 max_length: int = 512) -> dict:
+        return {"input_ids": [[int(token) for token in row.split()][:max_length] for row in text]}
 
 
 def evaluate_jobs(workdir: Path) -> dict[str, Callable[[], object]]:

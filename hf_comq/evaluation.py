@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from .calibration.processors import encode_images, image_channels, resolve_processor, text_length_limit
+from .calibration.processors import (
+    encode_images,
+    encode_texts,
+    image_channels,
+    resolve_processor,
+    text_length_limit,
+)
 from .calibration.sources import dataset_from_list, is_blank, load_dataset_source
 from .calibration.sources import pick_column as _pick_calibration_column
 from .threads import linear_layer_threads
@@ -408,12 +414,12 @@ def _token_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded ``(input_ids, attention_mask)`` batches; empty texts are dropped.
 
-    Padded with ``pad_sequence`` and the tokenizer's pad id or 0 (always masked out),
-    not ``tokenizer.pad``: that refuses tokenizers without a pad token (GPT-2, LLaMA),
-    and evaluation must not modify the caller's tokenizer to give it one.
+    Tokenized as calibration tokenizes texts (:func:`~hf_comq.calibration.processors.encode_texts`):
+    each text as if alone, padded on the right with an id the tokenizer holds (masked out),
+    not by ``tokenizer.pad``, which refuses tokenizers without a pad token (GPT-2, LLaMA)
+    and pads on a left-padding tokenizer's left; and a text written by a chat template
+    (it starts with the BOS token) gets no second BOS.
     """
-    from torch.nn.utils.rnn import pad_sequence
-
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string")
     texts = list(texts)
@@ -424,16 +430,12 @@ def _token_batches(
         )
     kept = [text for text in texts if not is_blank(text)]
     tokenizer = resolve_processor(tokenizer, None, "text", description, "pass tokenizer=... (object or path)")
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     with logging.tqdm(total=len(kept), desc=description, unit="text") as bar:
         for start in range(0, len(kept), batch_size):
             chunk = kept[start : start + batch_size]
-            tokenized = tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
-            encoded = [torch.as_tensor(ids, dtype=torch.long) for ids in tokenized]
-            input_ids = pad_sequence(encoded, batch_first=True, padding_value=pad_id)
-            mask = pad_sequence([torch.ones_like(ids) for ids in encoded], batch_first=True, padding_value=0)
-            if input_ids.shape[1] > 0:
-                yield input_ids, mask
+            batch = encode_texts(tokenizer, chunk, max_length)
+            if batch is not None:
+                yield batch["input_ids"], batch["attention_mask"]
             bar.update(len(chunk))
 
 

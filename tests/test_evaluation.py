@@ -22,7 +22,7 @@ from hf_comq.evaluation import (
     prediction_fidelity,
     top1,
 )
-from tests.tiny import image_processor, images, sentences, tiny_vit, word_tokenizer
+from tests.tiny import chat_tokenizer, image_processor, images, sentences, tiny_vit, word_tokenizer
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -203,6 +203,19 @@ def test_perplexity_truncates_and_drops_empty_texts(gpt2) -> None:
     )
     with pytest.raises(ValueError, match="at least two tokens"):
         perplexity(gpt2, tokenizer, ["cat", ""])
+
+
+def test_text_a_chat_template_wrote_is_scored_with_one_bos_and_batches_pad_on_the_right(gpt2) -> None:
+    """Text from ``apply_chat_template(tokenize=False)`` already starts with BOS: it was tokenized with a
+    second one, so a chat model was scored on an input it never sees.  A tokenizer saved with left
+    padding must not shift the texts of a batch (GPT-2 numbers positions from the first column)."""
+    tokenizer, texts = chat_tokenizer(), sentences(4)
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False) for text in texts]
+    assert all(text.startswith("[EOS]") for text in rendered)
+    assert perplexity(gpt2, tokenizer, rendered) == pytest.approx(perplexity(gpt2, tokenizer, texts), rel=1e-6)
+    left = word_tokenizer()
+    left.padding_side = "left"
+    assert perplexity(gpt2, left, texts, batch_size=4) == pytest.approx(perplexity(gpt2, left, texts, batch_size=1), rel=1e-5)
 
 
 def test_text_metrics_take_a_tokenizer_path_and_name_a_dataset_given_as_texts(gpt2, tmp_path) -> None:

@@ -108,6 +108,19 @@ def word_tokenizer(with_pad: bool = True) -> T.PreTrainedTokenizerFast:
     return T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]", **kwargs)
 
 
+def chat_tokenizer() -> T.PreTrainedTokenizerFast:
+    """:func:`word_tokenizer` adding a BOS, as Llama's does, with a chat template that writes one too."""
+    from tokenizers import processors
+
+    tokenizer = word_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[EOS] $A", special_tokens=[("[EOS]", tokenizer.convert_tokens_to_ids("[EOS]"))]
+    )
+    tokenizer.bos_token = "[EOS]"
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
 def sentences(count: int, seed: int = 0) -> list[str]:
     """``count`` random sentences of 3 to 12 words (varied lengths exercise padding)."""
     generator = torch.Generator().manual_seed(seed)

@@ -470,13 +470,14 @@ def _is_conversation(value: Any) -> bool:
     )  # fmt: skip
 
 
-def chat_renderer(processor: Any) -> Callable[[Any], str]:
+def chat_renderer(processor: Any, purpose: str = "calibration") -> Callable[[Any], str]:
     """``conversation -> text`` through the tokenizer's chat template, as the chat model sees its
-    input (the text is then tokenized without a second BOS, see :func:`encode_texts`)."""
+    input (the text is then tokenized without a second BOS, see :func:`encode_texts`).
+    ``purpose`` names the data in error messages (``"calibration"``, ``"evaluation"``)."""
     tokenizer = getattr(processor, "tokenizer", processor)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            f"the calibration data is chat conversations, but {type(tokenizer).__name__} has no chat template to "
+            f"the {purpose} data is chat conversations, but {type(tokenizer).__name__} has no chat template to "
             "write them as text; give the tokenizer one (tokenizer.chat_template, saved in tokenizer_config.json "
             "where hf-comq reads the checkpoint's), or write each conversation into a text column yourself"
         )
@@ -485,7 +486,7 @@ def chat_renderer(processor: Any) -> Callable[[Any], str]:
             return tokenizer.apply_chat_template(list(conversation), tokenize=False)
         except Exception as error:  # the template's own exception (jinja's TemplateError, a TypeError)
             raise ValueError(
-                f"{type(tokenizer).__name__}'s chat template could not write a calibration conversation "
+                f"{type(tokenizer).__name__}'s chat template could not write a {purpose} conversation "
                 f"({type(error).__name__}: {error}); give conversations the roles and content form the template "
                 "takes, or write each into a text column yourself"
             ) from None

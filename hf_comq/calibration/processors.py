@@ -135,7 +135,7 @@ def encode_texts(processor: Any, texts: list[str], max_length: int, vocabulary: 
                 truncation=True, max_length=max_length,
             )  # fmt: skip
         except Exception as error:
-            raise ValueError(f"{type(processor).__name__} could not tokenize the calibration texts: {error}") from error
+            raise ValueError(f"{type(processor).__name__} could not tokenize the texts: {error}") from error
         for position, index in enumerate(picked):
             rows[index] = {name: list(encoded[name][position]) for name in TOKEN_COLUMNS if name in encoded}
     columns = {name: [row[name] for row in rows] for name in TOKEN_COLUMNS if name in rows[0]}

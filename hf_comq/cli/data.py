@@ -4,6 +4,7 @@ Hub can serve), then opened with one-line errors."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,17 @@ def limited(dataset: Any, limit: int | None) -> Any:
     return dataset.take(limit)
 
 
-def column_texts(dataset: Any, column: str) -> list[str]:
-    texts = [row[column] for row in dataset.select_columns([column])]
-    if not all(isinstance(text, str) for text in texts):
+def column_texts(dataset: Any, column: str, render: Callable[[Any], str] | None = None) -> list[str]:
+    """The column's texts; ``render``: what turns each value into one (a chat template's, for
+    conversations), blank values skipped."""
+    from ..calibration.sources import is_blank
+
+    values = [row[column] for row in dataset.select_columns([column])]
+    if render is not None:
+        try:
+            return [render(value) for value in values if not is_blank(value)]
+        except ValueError as error:  # the template's one line
+            raise CLIError(str(error)) from None
+    if not all(isinstance(text, str) for text in values):
         raise CLIError(f"column {column!r} does not hold text")
-    return texts
+    return values

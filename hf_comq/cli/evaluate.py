@@ -20,7 +20,8 @@ def add_parser(commands: Any) -> None:
         "Evaluate MODEL (a COMQ checkpoint or any full-precision checkpoint) on --dataset with the metric that\n"
         "fits it:\n"
         "  image classification  top-1 accuracy (column --column, labels --label-column)\n"
-        "  causal LM             perplexity of the texts in --column\n"
+        "  causal LM             perplexity of the texts in --column (conversations, as a 'messages' column,\n"
+        "                        written with the tokenizer's chat template)\n"
         "  text encoder          mean cosine of mean-pooled embeddings to --reference (required)\n"
         "With --reference, the full-precision model is evaluated too and the difference is shown.",
     )
@@ -78,32 +79,45 @@ def _evaluate(
         check_labels(spec, dataset, pick_column(dataset, args.label_column, "label"))
     else:
         column = pick_column(dataset, args.column, "text")
-    check_data_kind(spec, dataset, column)
+    kind = check_data_kind(spec, dataset, column)
     processor = load_processor(spec.location, spec.inputs)  # a missing one is named before any weight loads
+    texts = None
+    if metric != "top-1":  # written out now: a chat template that refuses the data is named before the weights load
+        texts = column_texts(dataset, column, _chat_renderer(processor) if kind == "chat" else None)
 
     model = load_model(spec)
     reference_model = load_model(reference) if reference is not None else None
     if metric == "top-1":
         _evaluate_top1(args, spec, processor, model, reference_model, dataset, column)
     elif metric == "perplexity":
-        texts = column_texts(dataset, column)
         _evaluate_perplexity(args, spec, processor, model, reference, reference_model, texts)
     else:
-        texts = column_texts(dataset, column)
         _evaluate_cosine(args, spec, processor, model, reference, reference_model, texts)
     return EXIT_OK
 
 
-def check_data_kind(spec: ModelSpec, dataset: Any, column: str) -> None:
-    """Images for an image model, text for a text model: one line before any weight loads."""
-    from ..calibration.data import column_kind
+def check_data_kind(spec: ModelSpec, dataset: Any, column: str) -> str | None:
+    """Images for an image model, text (or chat conversations, written out as text) for a text model: one
+    line before any weight loads.  Returns what the column holds (``None``: only blank values seen)."""
+    from ..calibration.data import column_kind, fed_as
 
     kind = column_kind(dataset, column)
-    if kind is not None and kind != spec.inputs:
+    if kind is not None and fed_as(kind) != spec.inputs:
         raise CLIError(
             f"--dataset column {column!r} holds {kind}, but {spec.display_name} ({spec.architecture}) takes "
             f"{spec.inputs}; pass {spec.inputs} (name the column with --column)"
         )
+    return kind
+
+
+def _chat_renderer(processor: Any) -> Any:
+    """Conversations written out by the tokenizer's chat template, as calibration writes them."""
+    from ..calibration.data import chat_renderer
+
+    try:
+        return chat_renderer(processor, "evaluation")
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def check_labels(spec: ModelSpec, dataset: Any, label_column: str, rows: int = 64) -> None:

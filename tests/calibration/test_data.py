@@ -13,7 +13,16 @@ import transformers as T
 from hf_comq.calibration import build_calibration_data
 from hf_comq.config import COMQConfig
 
-from tests.tiny import gray_images, image_processor, images, sentences, tiny_model, tiny_vit, word_tokenizer
+from tests.tiny import (
+    chat_tokenizer,
+    gray_images,
+    image_processor,
+    images,
+    sentences,
+    tiny_model,
+    tiny_vit,
+    word_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -305,23 +314,10 @@ def test_a_pad_token_the_embedding_lacks_pads_with_an_id_it_has():
     assert int(batch["input_ids"].max()) < tokenizer.pad_token_id and not bool(batch["attention_mask"].all())
 
 
-def _chat_tokenizer() -> T.PreTrainedTokenizerFast:
-    """A tokenizer that adds BOS, as Llama's does, with a chat template that writes BOS too."""
-    from tokenizers import processors
-
-    tokenizer = word_tokenizer()
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="[EOS] $A", special_tokens=[("[EOS]", tokenizer.convert_tokens_to_ids("[EOS]"))]
-    )
-    tokenizer.bos_token = "[EOS]"
-    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    return tokenizer
-
-
 def test_chat_conversations_are_written_with_the_chat_template_and_one_bos(llama):
     """A ``messages`` column is read without being named and becomes what the chat model sees; text
     that a chat template already began with BOS gets no second one."""
-    tokenizer, texts = _chat_tokenizer(), sentences(3)
+    tokenizer, texts = chat_tokenizer(), sentences(3)
     conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": text}] for text in texts]
     expected = sorted(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"] for chat in conversations)
     rendered = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in conversations]
@@ -344,7 +340,7 @@ def test_chat_conversations_are_written_with_the_chat_template_and_one_bos(llama
 def test_a_conversation_the_chat_template_cannot_write_is_one_line(llama):
     """A template that refuses a role (Gemma's has no system role) raised its own exception, naming
     neither the calibration data nor the template."""
-    tokenizer = _chat_tokenizer()
+    tokenizer = chat_tokenizer()
     tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
         "{% endif %}{{ m['content'] }} {% endfor %}"

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 
 from tests.cli.helpers import error_line, run_cli
-from tests.tiny import gray_images, image_parquet, image_processor, tiny_vit
+from tests.tiny import chat_tokenizer, gray_images, image_parquet, image_processor, sentences, tiny_vit
 
 
 def test_quantize_and_evaluate_a_grayscale_vit(capsys, tmp_path, monkeypatch) -> None:
@@ -46,6 +46,28 @@ def test_quantize_and_evaluate_a_causal_lm(capsys, tmp_path, gpt2_dir, text_data
     assert quantized and reference, out
     # 8-bit weights barely change a model: perplexities within 2 %
     assert float(quantized.group(1)) == pytest.approx(float(reference.group(1)), rel=0.02)
+
+
+def test_evaluate_writes_chat_conversations_with_the_chat_template(capsys, tmp_path, gpt2_dir) -> None:
+    """A ``messages`` column was refused ("holds chat, but ... takes text"); it is now written out as
+    calibration writes it: the chat template's text, with one BOS.  A tokenizer without a template
+    is named before any weight loads."""
+    chat_model = tmp_path / "gpt2-chat"
+    T.GPT2LMHeadModel.from_pretrained(gpt2_dir).save_pretrained(chat_model)
+    chat_tokenizer().save_pretrained(chat_model)
+    texts = sentences(5)
+    chats, plain = tmp_path / "chats.jsonl", tmp_path / "plain.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": text}]}) + "\n" for text in texts))
+    plain.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    scores = {}
+    for data in (chats, plain):
+        code, out, err = run_cli(capsys, "evaluate", chat_model, "--dataset", data)
+        assert code == 0, err
+        scores[data] = re.search(r"perplexity of gpt2-chat: ([\d.]+) on 5 texts", out).group(1)
+    assert scores[chats] == scores[plain]  # the template writes BOS + content; the tokenizer adds BOS to plain text
+    code, _, err = run_cli(capsys, "evaluate", gpt2_dir, "--dataset", chats)
+    assert code == 1
+    assert re.match(r"hf-comq: error: the evaluation data is chat conversations, but \w+ has no chat template", error_line(err))
 
 
 def test_quantize_and_evaluate_a_text_encoder(capsys, tmp_path, bert_dir, text_data) -> None:
