@@ -35,6 +35,7 @@ from .calibration.processors import (
     image_channels,
     resolve_processor,
     text_length_limit,
+    vocabulary_size,
 )
 from .calibration.sources import dataset_from_list, is_blank, load_dataset_source
 from .calibration.sources import pick_column as _pick_calibration_column
@@ -353,7 +354,7 @@ def perplexity(
     total_loss = 0.0
     total_tokens = 0
     with torch.inference_mode(), linear_layer_threads(model):
-        for input_ids, mask in _token_batches(tokenizer, texts, max_length, batch_size, "perplexity"):
+        for input_ids, mask in _token_batches(tokenizer, texts, max_length, batch_size, "perplexity", model):
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
             targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(logits.device)
             loss = F.cross_entropy(
@@ -391,7 +392,7 @@ def embedding_cosine(
     reference_device, _ = _device_and_dtype(reference_model)
     cosines: list[torch.Tensor] = []
     with torch.inference_mode(), linear_layer_threads(model, reference_model):
-        for input_ids, mask in _token_batches(tokenizer, texts, max_length, batch_size, "embedding cosine"):
+        for input_ids, mask in _token_batches(tokenizer, texts, max_length, batch_size, "embedding cosine", model):
             ours = _mean_pooled(model, input_ids.to(device), mask.to(device))
             theirs = _mean_pooled(reference_model, input_ids.to(reference_device), mask.to(reference_device))
             cosines.append(F.cosine_similarity(ours, theirs.to(ours.device), dim=-1).cpu())
@@ -410,12 +411,13 @@ def _mean_pooled(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) 
 
 
 def _token_batches(
-    tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int, description: str
+    tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int, description: str, model: nn.Module
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded ``(input_ids, attention_mask)`` batches; empty texts are dropped.
 
     Tokenized as calibration tokenizes texts (:func:`~hf_comq.calibration.processors.encode_texts`):
-    each text as if alone, padded on the right with an id the tokenizer holds (masked out),
+    each text as if alone, padded on the right with an id ``model``'s embedding holds (masked out:
+    a pad token added to a Llama tokenizer without resizing the embedding is past its end),
     not by ``tokenizer.pad``, which refuses tokenizers without a pad token (GPT-2, LLaMA)
     and pads on a left-padding tokenizer's left; and a text written by a chat template
     (it starts with the BOS token) gets no second BOS.
@@ -430,10 +432,11 @@ def _token_batches(
         )
     kept = [text for text in texts if not is_blank(text)]
     tokenizer = resolve_processor(tokenizer, None, "text", description, "pass tokenizer=... (object or path)")
+    vocabulary = vocabulary_size(model)
     with logging.tqdm(total=len(kept), desc=description, unit="text") as bar:
         for start in range(0, len(kept), batch_size):
             chunk = kept[start : start + batch_size]
-            batch = encode_texts(tokenizer, chunk, max_length)
+            batch = encode_texts(tokenizer, chunk, max_length, vocabulary)
             if batch is not None:
                 yield batch["input_ids"], batch["attention_mask"]
             bar.update(len(chunk))

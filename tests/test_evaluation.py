@@ -218,6 +218,18 @@ def test_text_a_chat_template_wrote_is_scored_with_one_bos_and_batches_pad_on_th
     assert perplexity(gpt2, left, texts, batch_size=4) == pytest.approx(perplexity(gpt2, left, texts, batch_size=1), rel=1e-5)
 
 
+def test_a_pad_token_added_past_the_embedding_pads_with_an_id_the_model_holds(gpt2) -> None:
+    """Llama tokenizers have no pad token and users add one without resizing the embedding: its id is
+    one past the last row, and padded batches were an IndexError inside the embedding."""
+    tokenizer, texts = word_tokenizer(with_pad=False), sentences(4)
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
+    expected = perplexity(model, tokenizer, texts, batch_size=1)
+    tokenizer.add_special_tokens({"pad_token": "[NEW-PAD]"})
+    assert tokenizer.pad_token_id == model.get_input_embeddings().num_embeddings
+    assert perplexity(model, tokenizer, texts, batch_size=4) == pytest.approx(expected, rel=1e-5)
+    assert embedding_cosine(model, model, tokenizer, texts, batch_size=4) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_text_metrics_take_a_tokenizer_path_and_name_a_dataset_given_as_texts(gpt2, tmp_path) -> None:
     tokenizer, texts = word_tokenizer(), sentences(4)
     tokenizer.save_pretrained(tmp_path)

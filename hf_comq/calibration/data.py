@@ -57,6 +57,7 @@ from .processors import (
     resolve_processor,
     right_aligned,
     text_length_limit,
+    vocabulary_size,
 )
 from .sources import (
     CHAT_COLUMNS,
@@ -148,7 +149,7 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
     config.calibration_split = data.description.get("split")
     if data.max_length is not None and data.max_length < config.max_length:
         config.max_length = data.max_length  # the record says what was used: the model's positions cut it
-    vocabulary = _vocabulary_size(model)
+    vocabulary = vocabulary_size(model)
     if vocabulary is not None:
         fix = "tokenize with the model's own tokenizer" + (
             " (COMQConfig(processor=...); hf-comq uses the checkpoint's)" if data.tokenized
@@ -156,16 +157,6 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
         )  # fmt: skip
         data = replace(data, encode=_checking_token_ids(data.encode, vocabulary, type(model).__name__, fix))
     return data
-
-
-def _vocabulary_size(model: nn.Module) -> int | None:
-    """Rows of the model's input embedding (``None`` when it has no token embedding, e.g. a ViT)."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    try:
-        embeddings = get_embeddings() if callable(get_embeddings) else None
-    except NotImplementedError:
-        return None
-    return embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else None
 
 
 def _checking_token_ids(
@@ -347,7 +338,7 @@ def _from_token_rows(model: nn.Module, config: Any, dataset: Any, origin: dict[s
         """A batch's rows as columns: an indexed dataset's slice is one already."""
         return rows[part] if indexed else {name: [row[name] for row in rows[part]] for name in present}
 
-    pad_id = padding_id(getattr(model, "config", None), _vocabulary_size(model))
+    pad_id = padding_id(getattr(model, "config", None), vocabulary_size(model))
     max_length = text_length_limit(model, config.max_length)
 
     def encode(part: slice) -> Batch | None:
@@ -512,7 +503,7 @@ def _make_encoder(
         channels = image_channels(model, processor)
         return lambda values: filter_inputs(encode_images(processor, values, channels), keep)
     render = chat_renderer(processor) if chat else None
-    vocabulary = _vocabulary_size(model)
+    vocabulary = vocabulary_size(model)
 
     def encode(values: list[Any]) -> Batch | None:
         texts = values if render is None else [render(value) for value in values]

@@ -142,6 +142,16 @@ def encode_texts(processor: Any, texts: list[str], max_length: int, vocabulary: 
     return padded_token_batch(columns, max_length, padding_id(tokenizer, vocabulary))
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (``None`` when it has no token embedding, e.g. a ViT)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+    except NotImplementedError:
+        return None
+    return embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else None
+
+
 def padding_id(holder: Any, vocabulary: int | None = None) -> int:
     """The id that pads a batch: ``holder``'s ``pad_token_id`` (a tokenizer's or a model config's) where
     it is a token id the embedding holds, else 0.
