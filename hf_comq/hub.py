@@ -24,13 +24,14 @@ COMQ model once its weights are in place.  It gives the model instance its own
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
@@ -575,42 +576,70 @@ def push_folder(
 ) -> Any:
     """Publish a finished checkpoint folder in one commit: ``create_repo(exist_ok=True)`` + ``upload_folder``.
 
-    The folder's README.md is the COMQ card; when the repository already has a README,
-    that one is kept (it is the owner's text) and only receives the folder card's tags,
-    unless it is an unedited COMQ card of an earlier push (:func:`is_unedited_card`).
-    ``files``: only these paths of the folder (relative, POSIX), as ``save_pretrained(push_to_hub=True)``
-    uploads only what the save wrote; ``None``: the whole folder.
+    The folder's README.md is the COMQ card; when the repository (at ``revision``) already has
+    a README, that one is kept (it is the owner's text) and only receives the folder card's
+    tags, unless it is an unedited COMQ card of an earlier push (:func:`is_unedited_card`).
+    The card that goes up is written into a staging folder, never into ``folder``: a local
+    README stays as it was.  ``files``: only these paths of the folder (relative, POSIX), as
+    ``save_pretrained(push_to_hub=True)`` uploads only what the save wrote; ``None``: the whole folder.
     """
     validate_repo_id(repo_id)
+    folder = Path(folder)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    readme = Path(folder) / README_NAME
-    if readme.is_file():
-        card = ModelCard.load(readme)
-        if api.file_exists(repo_id, README_NAME, revision=revision):
-            owned = ModelCard.load(repo_id, token=token)
-            if not is_unedited_card(owned.content):  # the owner's text (or their edit of a COMQ card) stays
-                if _lists_comq_tag(owned.data.tags):
-                    logger.warning(
-                        "kept the README.md of %s: an hf_comq card edited on the Hub (or written by an older "
-                        "hf_comq), so its settings may be an earlier push's; delete it there to get this model's card",
-                        repo_id,
-                    )
-                _add_tags(owned, card.data.tags)
-                card = owned
+    names = sorted(
+        path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
+    ) if files is None else list(files)  # fmt: skip
+    card = None
+    if README_NAME in names and (folder / README_NAME).is_file():
+        card = _card_to_upload(api, repo_id, revision, ModelCard.load(folder / README_NAME))
         _add_tags(card, tags)
-        card.save(readme)
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        commit_message=commit_message or "Upload COMQ-quantized model",
-        commit_description=commit_description,
-        revision=revision,
-        create_pr=create_pr,
-        allow_patterns=None if files is None else [glob.escape(name) for name in files],
-    )
+    with _upload_view(folder, names, card) as staged:
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(staged),
+            commit_message=commit_message or "Upload COMQ-quantized model",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def _card_to_upload(api: HfApi, repo_id: str, revision: str | None, card: ModelCard) -> ModelCard:
+    """The folder's ``card``, or the repository's own README at ``revision`` with the card's tags added
+    when that one is the owner's text (or their edit of a COMQ card)."""
+    if not api.file_exists(repo_id, README_NAME, revision=revision):
+        return card
+    owned = ModelCard.load(api.hf_hub_download(repo_id, README_NAME, revision=revision))
+    if is_unedited_card(owned.content):
+        return card
+    if _lists_comq_tag(owned.data.tags):
+        logger.warning(
+            "kept the README.md of %s: an hf_comq card edited on the Hub (or written by an older "
+            "hf_comq), so its settings may be an earlier push's; delete it there to get this model's card",
+            repo_id,
+        )
+    _add_tags(owned, card.data.tags)
+    return owned
+
+
+@contextmanager
+def _upload_view(folder: Path, names: list[str], card: ModelCard | None) -> Iterator[Path]:
+    """A temporary folder of links to ``folder``'s files ``names``, README.md written from ``card``
+    (when given) instead: what one ``upload_folder`` commit sends, with the upload's own card."""
+    with tempfile.TemporaryDirectory(prefix="hf-comq-push-") as staging:
+        root = Path(staging)
+        for name in names:
+            if card is not None and name == README_NAME:
+                continue
+            link = root / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((folder / name).resolve())
+        if card is not None:
+            card.save(root / README_NAME)
+        yield root
 
 
 def _add_tags(card: ModelCard, tags: list[str] | None) -> None:
@@ -640,7 +669,8 @@ class _SavePretrainedWithCard:
         self.model = model
 
     def __call__(self, save_directory: str | os.PathLike[str], *args: Any, push_to_hub: bool = False, **kwargs: Any):
-        push = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr") if key in kwargs}
+        push_keys = ("repo_id", "token", "private", "revision", "commit_message", "commit_description", "create_pr")
+        push = {key: kwargs.pop(key) for key in push_keys if key in kwargs}
         model = self.model
         before = _file_stamps(save_directory) if push_to_hub else {}
         result = type(model).save_pretrained(model, save_directory, *args, **kwargs)

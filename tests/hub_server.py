@@ -7,6 +7,7 @@ Hub's HTTP API that ``huggingface_hub`` 2.x speaks when Xet is disabled (``HF_HU
 * uploads: ``/api/repos/create``, ``/api/validate-yaml``, ``/api/models/{repo}/preupload/{rev}``, the Git LFS
   batch API ``/{repo}.git/info/lfs/objects/batch`` (basic transfer, with a PUT target and a verify step served
   by this same server) and the NDJSON ``/api/models/{repo}/commit/{rev}``;
+* branches: ``POST /api/models/{repo}/branch/{branch}`` (from ``main``'s head);
 * reads: ``/api/models/{repo}[/revision/{rev}]``, ``/api/models/{repo}/tree/{rev}[/{path}]``,
   ``/api/whoami-v2`` and ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with the headers the client relies on
   (``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag``/``X-Linked-Size`` for LFS files, ``X-Error-Code`` on 404).
@@ -80,20 +81,28 @@ class Commit:
 
 @dataclass
 class Repo:
-    """A model repository with a single branch, ``main``."""
+    """A model repository: ``main``'s commits, and the other branches' (each starting at the commit it
+    branched from)."""
 
     repo_id: str
     commits: list[Commit]
+    branches: dict[str, list[Commit]] = field(default_factory=dict)
 
     @property
     def head(self) -> Commit:
         return self.commits[-1]
 
+    def history(self, branch: str) -> list[Commit] | None:
+        """The commits of ``branch`` (``refs/heads/`` optional), ``None`` if there is no such branch."""
+        branch = branch.removeprefix("refs/heads/")
+        return self.commits if branch == "main" else self.branches.get(branch)
+
     def resolve(self, revision: str) -> Commit | None:
         """Map a branch name or a full commit sha to its snapshot, like the Hub's revision resolution."""
-        if revision in ("main", "refs/heads/main"):
-            return self.head
-        for commit in self.commits:
+        history = self.history(revision)
+        if history is not None:
+            return history[-1]
+        for commit in [*self.commits, *(commit for branch in self.branches.values() for commit in branch)]:
             if commit.sha == revision:
                 return commit
         return None
@@ -210,10 +219,16 @@ class FakeHub:
             self.repos[repo_id] = Repo(repo_id, [Commit(sha, "initial commit", files)])
             return True
 
+    def create_branch(self, repo_id: str, branch: str) -> None:
+        """Start ``branch`` at ``main``'s head; 409 if it exists, as the Hub answers."""
+        with self._lock:
+            repo = self._repo(repo_id)
+            if repo.history(branch) is not None:
+                raise HubError(409, f"Reference refs/heads/{branch} already exists")
+            repo.branches[branch] = [repo.head]
+
     def apply_commit(self, repo_id: str, revision: str, lines: list[dict[str, Any]]) -> Commit:
         """Apply NDJSON commit operations on top of the branch head and return the new snapshot."""
-        if revision != "main":
-            raise HubError(400, f"Only the main branch exists on this fake Hub, got {revision!r}")
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "The first NDJSON line of a commit must be the header")
         title = lines[0]["value"].get("summary") or ""
@@ -221,10 +236,14 @@ class FakeHub:
             raise HubError(400, "Commit summary is empty")
         with self._lock:
             repo = self._repo(repo_id)
+            history = repo.history(revision)
+            if history is None:
+                raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            head = history[-1]
             parent = lines[0]["value"].get("parentCommit")
-            if parent is not None and parent != repo.head.sha:
+            if parent is not None and parent != head.sha:
                 raise HubError(412, "Parent commit is not the head of the branch")
-            files = dict(repo.head.files)
+            files = dict(head.files)
             for line in lines[1:]:
                 key, value = line.get("key"), line.get("value", {})
                 path = value.get("path", "")
@@ -246,11 +265,11 @@ class FakeHub:
                         del files[name]
                 else:
                     raise HubError(400, f"Unknown commit operation {key!r}")
-            digest = hashlib.sha1(repo.head.sha.encode())
+            digest = hashlib.sha1(head.sha.encode())
             for path in sorted(files):
                 digest.update(path.encode() + b"\0" + files[path].etag.encode())
             commit = Commit(digest.hexdigest(), title, files)
-            repo.commits.append(commit)
+            history.append(commit)
             return commit
 
 
@@ -488,6 +507,12 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             raise HubError(404, f"LFS object {payload.get('oid')} is missing or has the wrong size")
         self._send_json({"success": True})
 
+    def create_branch(self, query: dict, repo: str, branch: str) -> None:
+        self._require_token()
+        self._read_body()  # its starting point, if any: branches start at main here
+        self.fake_hub.create_branch(repo, branch)
+        self._send_json({})
+
     def commit(self, query: dict, repo: str, rev: str) -> None:
         self._require_token()
         if "create_pr" in query:
@@ -525,6 +550,7 @@ _ROUTES: list[tuple[str, str, Any]] = [
     ("POST", r"/api/validate-yaml", _HubRequestHandler.validate_yaml),
     ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", _HubRequestHandler.preupload),
     ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", _HubRequestHandler.commit),
+    ("POST", rf"/api/models/{_REPO}/branch/(?P<branch>[^/]+)", _HubRequestHandler.create_branch),
     ("GET", rf"/api/models/{_REPO}", _HubRequestHandler.model_info),
     ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)", _HubRequestHandler.model_info),
     ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<subpath>.+))?", _HubRequestHandler.tree),

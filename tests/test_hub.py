@@ -672,6 +672,22 @@ for leftover in ("notes/mine.txt", "model.safetensors.index.json"):  # the user'
     with open(os.path.join(resaved, leftover), "w") as handle:
         handle.write("{}")
 reloaded.save_pretrained(resaved, push_to_hub=True, repo_id="user/resaved")
+
+# 3. Branches.  A COMQ card pushed to "dev" first; then the owner writes main's README; a second push to dev
+# replaces dev's unedited card (the README read is dev's, not main's) and leaves main as the owner wrote it.
+from huggingface_hub import HfApi
+api = HfApi()
+reloaded.push_to_hub("user/branched", revision="dev")
+api.upload_file(path_or_fileobj=b"---\\nlicense: mit\\n---\\n# The owner's text\\n", path_in_repo="README.md",
+                repo_id="user/branched")
+reloaded.push_to_hub("user/branched", revision="dev")  # the same files: nothing to commit
+# save_pretrained(push_to_hub=True) into a folder that holds the user's own README: the push goes to the
+# branch asked for, and the local README stays the user's (the repository's own README is kept on the Hub).
+with_notes = os.path.join(args["work"], "with-notes")
+os.makedirs(with_notes)
+with open(os.path.join(with_notes, "README.md"), "w") as handle:
+    handle.write("# My local notes\\n")
+reloaded.save_pretrained(with_notes, push_to_hub=True, repo_id="user/branched", revision="notes")
 print(json.dumps({
     "hooked_on_load": hooked_on_load,
     "local_readme": read_text(os.path.join(local, "README.md")),
@@ -679,6 +695,7 @@ print(json.dumps({
     "plain_identical": torch.equal(expected, plain_got),
     "layer_types": sorted({type(module).__name__ for module in reloaded.modules()}),
     "resaved_readme": read_text(os.path.join(resaved, "README.md")),
+    "local_notes": read_text(os.path.join(with_notes, "README.md")),
 }))
 """
 
@@ -743,6 +760,24 @@ def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
     assert "base_model" not in metadata  # quantized from a local folder, recorded by name only
     assert "a local checkpoint (`tiny-vit-base`)" in body  # the provenance travelled through the checkpoint
     assert 'from_pretrained("user/resaved")' in body
+
+
+def test_a_push_to_a_branch_reads_and_writes_that_branch_only(quantized_push):
+    """``revision=`` was dropped by ``save_pretrained(push_to_hub=True)`` (the commit went to main), and
+    ``push_to_hub(revision=)`` judged the README to keep by main's, uploading the owner's text to the branch."""
+    server, result = quantized_push
+    dev = server.files("user/branched", "dev")
+    assert is_unedited_card(dev["README.md"].decode("utf-8")) and "model.safetensors" in dev
+    assert server.files("user/branched")["README.md"] == b"---\nlicense: mit\n---\n# The owner's text\n"
+    assert "model.safetensors" not in server.files("user/branched")  # main: only the owner's upload
+    notes = server.files("user/branched", "notes")
+    assert "model.safetensors" in notes and notes["README.md"].startswith(b"---\nlicense: mit")
+
+
+def test_save_pretrained_push_to_hub_leaves_the_local_readme_as_it_was(quantized_push):
+    """The push wrote the README it uploaded (here the repository's own) over the folder's, the user's notes."""
+    _, result = quantized_push
+    assert result["local_notes"] == "# My local notes\n"
 
 
 CLI_PUSH = """
