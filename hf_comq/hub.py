@@ -44,7 +44,7 @@ from huggingface_hub.utils import validate_repo_id
 from . import DISTRIBUTION
 from .checkpoint import DOES_NOT_LOAD, plain_loading_requirements, runtime_support, zero_points_plain_loading_fails_on
 from .modules import expert_layers, expert_parameter_share, modules_with_weight_buffers
-from .nn import COMQLinear
+from .nn import PACKED_TENSORS, COMQLinear
 from .solver.options import (
     aims_at_full_precision_by_default,
     default_damp,
@@ -179,6 +179,17 @@ def _is_hub_repo_id(name: str) -> bool:
     return True
 
 
+def cached_snapshot_repo_id(folder: str | os.PathLike[str]) -> str | None:
+    """The Hub id of a model folder that is a snapshot in the Hub's download cache
+    (``.../models--org--name/snapshots/<commit>``, what ``snapshot_download`` returns), else ``None``:
+    such a folder is that Hub model, not a local checkpoint named after its commit hash."""
+    parts = Path(os.path.abspath(folder)).parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    repo_id = parts[-3].removeprefix("models--").replace("--", "/")
+    return repo_id if _is_hub_repo_id(repo_id) else None
+
+
 def _cell(value: Any) -> str:
     """Format a value for a Markdown table cell."""
     if isinstance(value, bool):
@@ -303,6 +314,7 @@ def render_model_card(
     quantized_experts: bool = False,
     weight_buffers: bool = False,
     narrow_zero_points: list[str] | None = None,
+    packed_share: float | None = None,
 ) -> ModelCard:
     """The COMQ model card for a quantized model's ``COMQConfig``.
 
@@ -325,6 +337,8 @@ def render_model_card(
             :func:`hf_comq.checkpoint.runtime_support`).
         narrow_zero_points: packed layers whose zero points plain transformers cannot unpack
             (:func:`hf_comq.checkpoint.zero_points_plain_loading_fails_on`).
+        packed_share: the packed layers' bytes (codes, scales, zero points) as a share of their
+            fp32 weights' (:func:`packed_weight_share`); ``None``: estimated from the config.
     """
     if base_model is None:  # what quantization recorded: a Hub id, or a local folder's name
         hub_base, folder = config.base_model, config.base_model_folder
@@ -360,6 +374,7 @@ def render_model_card(
         template_str=load_template(),
         title=title,
         bits=config.bits,
+        packed_percent=f"{100 * (packed_share or _estimated_packed_share(config)):.1f}",
         baseline=baseline[1] if baseline else None,
         base_model_md=base_model_md,
         model_class=model_class,
@@ -374,6 +389,30 @@ def render_model_card(
         hf_comq_version=config.provenance()["hf_comq_version"],
         hf_comq_url=project_url(),
     )
+
+
+def _estimated_packed_share(config: Any) -> float:
+    """:func:`packed_weight_share` from the settings alone: the codes, plus per group a float32
+    scale and (asymmetric) an int8 zero point; per channel those are a few bytes per row."""
+    group_size = config.group_size
+    overhead = 0.0 if group_size is None else (4 + (0 if config.symmetric else 1)) / group_size
+    return (config.bits / 8 + overhead) / 4
+
+
+def packed_weight_share(model: Any) -> float | None:
+    """The bytes of the model's packed layers (codes, scales and zero points) as a share of their
+    weights in float32: what the card says packing saves, scales included (at small groups they
+    are a large part of it).  ``None`` without packed layers."""
+    packed = dense = 0
+    for module in model.modules():
+        if isinstance(module, COMQLinear):
+            packed += sum(
+                buffer.numel() * buffer.element_size()
+                for name, buffer in module.named_buffers(recurse=False)
+                if name in PACKED_TENSORS
+            )
+            dense += 4 * module.in_features * module.out_features
+    return packed / dense if dense else None
 
 
 # ---------------------------------------------------------------------------------------------- model helpers
@@ -417,6 +456,7 @@ def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | N
         quantized_experts=bool(expert_layers(model)),
         weight_buffers=bool(modules_with_weight_buffers(model)),
         narrow_zero_points=_narrow_zero_points(model),
+        packed_share=packed_weight_share(model),
     )
 
 

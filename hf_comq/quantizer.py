@@ -209,11 +209,13 @@ class COMQHfQuantizer(HfQuantizer):
         config.conv1d_rows = max(layer.in_features for layer in converted.values()) if all(transposed) else None
         config.calibration_samples = summary.get("num_samples")
         config.expert_layers_rounded = len(summary.get("expert_layers_without_tokens") or ()) or None
+        from .hub import cached_snapshot_repo_id
+
         name = str(getattr(model, "name_or_path", "") or "")
-        if os.path.isdir(name):  # a local folder: its name only, a full path means nothing elsewhere
+        if os.path.isdir(name) and cached_snapshot_repo_id(name) is None:  # a local folder: its name only
             config.base_model_folder = Path(os.path.abspath(name)).name or None  # "." names the working folder
         elif name:
-            config.base_model = name
+            config.base_model = cached_snapshot_repo_id(name) or name
         config.calibration_description = config.describe_calibration()
         self._converted = list(converted)
 

@@ -32,6 +32,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from hf_comq import COMQConfig
 from hf_comq.hub import (
+    packed_weight_share,
     README_NAME,
     attach_model_card_hook,
     is_unedited_card,
@@ -336,6 +337,23 @@ def test_save_pretrained_writes_the_card(comq_like_vit, tmp_path):
         "tags": ["comq", "compressed-tensors", "quantized", "4-bit", "vit"],
     }
     assert "ViTForImageClassification.from_pretrained(" in body and "| Group size | 32 |" in body
+
+
+def test_the_card_states_the_packed_size_with_scales_and_zero_points(tmp_path):
+    """At 2 bits in groups of 16 with zero points the scales are a large part of the packed bytes: the
+    card said "about 2/32 of the fp32 weight bytes" where they were 4.1/32."""
+    from hf_comq.solver import ROUND_TO_NEAREST
+
+    tiny_vit().save_pretrained(tmp_path / "fp")
+    config = COMQConfig(bits=2, group_size=16, symmetric=False, dataset=torch.randn(4, 3, 32, 32), num_samples=4,
+                        **ROUND_TO_NEAREST)  # fmt: skip
+    model = ViTForImageClassification.from_pretrained(tmp_path / "fp", quantization_config=config)
+    share = packed_weight_share(model)
+    assert 2 / 32 + 4 / 16 / 4 < share < 3 / 32 + 5 / 16 / 4  # codes (int32 words), float32 scales, int8 zero points
+    model.save_pretrained(tmp_path / "q")
+    assert f"about {100 * share:.1f} % of their fp32" in (tmp_path / "q" / README_NAME).read_text()
+    estimated = split_card(str(render_model_card(config, None).content))[1]
+    assert f"about {100 * (2 / 8 + 5 / 16) / 4:.1f} %" in estimated  # from the settings alone
 
 
 def test_a_mixture_of_experts_card_says_the_experts_stay_in_full_precision(tmp_path):

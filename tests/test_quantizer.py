@@ -5,6 +5,7 @@ Loading the same checkpoints in plain transformers (no hf_comq) is tested in tes
 
 import importlib
 import json
+import shutil
 import os
 import sys
 import types
@@ -373,6 +374,17 @@ def test_a_model_loaded_from_the_working_folder_records_its_name_and_loads_back(
     stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["comq"]
     assert stored["base_model_folder"] == "llama"
     assert torch.equal(run(load_quantized(tmp_path / "q")), run(model))
+
+
+def test_a_model_loaded_from_the_hub_cache_records_its_hub_id(fp_checkpoints, tmp_path):
+    """A ``snapshot_download`` folder is the Hub model, not a local checkpoint named after its commit
+    hash (which the card showed as the title, with no ``base_model`` metadata)."""
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-llama" / "snapshots" / ("0123456789abcdef" * 2 + "01234567")
+    shutil.copytree(fp_checkpoints["llama"], snapshot)
+    quantize_tiny(snapshot, T.LlamaForCausalLM).save_pretrained(tmp_path / "q")
+    stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["comq"]
+    assert stored["base_model"] == "someorg/tiny-llama" and stored["base_model_folder"] is None
+    assert "base_model: someorg/tiny-llama" in (tmp_path / "q" / "README.md").read_text()
 
 
 def test_load_quantized_leaves_the_layers_another_class_adds_in_float(fp_checkpoints, tmp_path):
