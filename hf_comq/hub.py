@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, metadata_load
 from huggingface_hub.utils import validate_repo_id
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from . import DISTRIBUTION
 from .checkpoint import DOES_NOT_LOAD, plain_loading_requirements, runtime_support, zero_points_plain_loading_fails_on
@@ -712,13 +713,17 @@ class _SavePretrainedWithCard:
         push_keys = ("repo_id", "token", "private", "revision", "commit_message", "commit_description", "create_pr")
         push = {key: kwargs.pop(key) for key in push_keys if key in kwargs}
         model = self.model
-        before = _file_stamps(save_directory) if push_to_hub else {}
+        before = _file_stamps(save_directory)
         result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         from .calibration.distributed import is_saving_rank
 
         # transformers writes weights and config on the main process only; the card follows the same rule
         is_main_process = is_saving_rank(kwargs.get("is_main_process", args[0] if args else True))
-        if not (is_main_process and os.path.isdir(save_directory) and _is_comq_model(model)):
+        if not (is_main_process and os.path.isdir(save_directory)):
+            return result
+        _remove_shadowing_weights(Path(save_directory), before)
+        if not _is_comq_model(model):  # dequantized: a card an earlier save wrote would describe packed weights
+            _remove_unedited_card(Path(save_directory))
             return result
         repo_id = push.pop("repo_id", None) or Path(save_directory).name
         if push_to_hub:
@@ -727,6 +732,26 @@ class _SavePretrainedWithCard:
         if push_to_hub:
             push_folder(save_directory, repo_id, files=_changed_files(save_directory, before), **push)
         return result
+
+
+def _remove_shadowing_weights(folder: Path, before: Mapping[str, tuple[int, int]]) -> None:
+    """Remove the single-file ``model.safetensors`` of an earlier save when this save wrote a sharded
+    checkpoint beside it: loaders take the single file first, so the folder would load as the earlier
+    model (transformers' own clean-up removes earlier shards only)."""
+    single, index = folder / SAFE_WEIGHTS_NAME, folder / SAFE_WEIGHTS_INDEX_NAME
+    written = _changed_files(folder, before)
+    if index.name in written and single.name not in written and single.is_file():
+        single.unlink()
+        logger.warning("removed %s of an earlier save: beside the sharded checkpoint just saved, it would be "
+                       "loaded instead", single)
+
+
+def _remove_unedited_card(folder: Path) -> None:
+    """Remove README.md where it is a COMQ card hf_comq wrote and nobody edited."""
+    readme = folder / README_NAME
+    if readme.is_file() and is_unedited_card(readme.read_text(encoding="utf-8")):
+        readme.unlink()
+        logger.info("removed the COMQ model card of an earlier save: the model saved is no longer quantized")
 
 
 def _file_stamps(folder: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:

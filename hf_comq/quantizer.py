@@ -92,7 +92,10 @@ class COMQHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters on a packed model's full-precision modules train (the packed layers' backward
+        passes the gradient through exactly; their codes and scales never train, and PEFT does not
+        wrap them).  transformers' ``Trainer`` then asks for adapters instead of refusing COMQ."""
+        return True
 
     # ---------------------------------------------------------------- hooks
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

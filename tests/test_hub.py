@@ -474,6 +474,24 @@ def test_no_card_once_the_model_is_no_longer_quantized(comq_like_vit, tmp_path):
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / README_NAME).exists()
 
 
+def test_a_dequantized_model_saved_where_its_card_was_removes_the_card(comq_like_vit, tmp_path):
+    """The unedited card of the packed save stayed beside the dense weights, still saying 4-bit."""
+    attach_model_card_hook(comq_like_vit)
+    comq_like_vit.save_pretrained(tmp_path)
+    assert is_unedited_card((tmp_path / README_NAME).read_text(encoding="utf-8"))
+    del comq_like_vit.config.quantization_config  # what model.dequantize() does
+    comq_like_vit.save_pretrained(tmp_path)
+    assert not (tmp_path / README_NAME).exists()
+
+
+def test_a_sharded_save_removes_the_single_file_weights_of_an_earlier_save(comq_like_vit, tmp_path):
+    """Loaders take model.safetensors first: beside a new sharded save it loaded as the earlier model."""
+    attach_model_card_hook(comq_like_vit)
+    comq_like_vit.save_pretrained(tmp_path)
+    comq_like_vit.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+
+
 def test_card_hook_rejects_models_not_quantized_with_comq(tmp_path):
     with pytest.raises(ValueError, match="no quantization_config"):
         attach_model_card_hook(tiny_vit())

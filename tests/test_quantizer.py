@@ -85,7 +85,7 @@ def test_registration_refuses_to_shadow_another_package(monkeypatch):
 def test_quantizer_contract():
     quantizer = COMQHfQuantizer(COMQConfig(), pre_quantized=False)
     assert quantizer.is_serializable() is True
-    assert quantizer.is_trainable is False
+    assert quantizer.is_trainable is True
     assert COMQHfQuantizer.requires_calibration is False
 
 
@@ -374,6 +374,16 @@ def test_a_model_loaded_from_the_working_folder_records_its_name_and_loads_back(
     stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["comq"]
     assert stored["base_model_folder"] == "llama"
     assert torch.equal(run(load_quantized(tmp_path / "q")), run(model))
+
+
+def test_trainer_asks_for_adapters_on_a_packed_model(fp_checkpoints, tmp_path):
+    """Trainer's check said COMQ did not support training and to open a transformers issue; adapters on
+    the full-precision modules do train through the packed layers."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    quantize_tiny(fp_checkpoints["llama"], T.LlamaForCausalLM).save_pretrained(tmp_path / "q")
+    with pytest.raises(ValueError, match="Please attach trainable adapters on top of the quantized model"):
+        validate_quantization_for_training(load_quantized(tmp_path / "q"))
 
 
 def test_a_model_loaded_from_the_hub_cache_records_its_hub_id(fp_checkpoints, tmp_path):
