@@ -145,14 +145,28 @@ def agree_on(group: Group, settings: str, what: str = "calibration settings") ->
 
 
 def _differing_keys(first: str, second: str) -> list[str]:
-    """The top-level keys whose values differ between two JSON objects (none when either is not one)."""
+    """The keys whose values differ between two JSON objects, down to the setting (``settings.bits``,
+    not ``settings``); none when either is not an object."""
     try:
         mine, theirs = json.loads(first), json.loads(second)
     except ValueError:
         return []
     if not isinstance(mine, dict) or not isinstance(theirs, dict):
         return []
-    return sorted(key for key in mine.keys() | theirs.keys() if mine.get(key) != theirs.get(key))
+    return _differing_paths(mine, theirs, "")
+
+
+def _differing_paths(mine: dict, theirs: dict, prefix: str) -> list[str]:
+    paths = []
+    for key in sorted(mine.keys() | theirs.keys()):
+        one, other = mine.get(key), theirs.get(key)
+        if one == other:
+            continue
+        if isinstance(one, dict) and isinstance(other, dict):
+            paths.extend(_differing_paths(one, other, f"{prefix}{key}."))
+        else:
+            paths.append(f"{prefix}{key}")
+    return paths
 
 
 def first_failure(group: Group, message: str | None) -> tuple[int, str] | None:

@@ -29,9 +29,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ..nn import replace_module
 from ..solver import QuantizedWeight
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "OFFLOAD_SUBFOLDER",
@@ -445,6 +448,12 @@ def _quantized_offload_folder(model: nn.Module, loader: Any) -> str:
         folder = tempfile.mkdtemp(prefix=f"{OFFLOAD_SUBFOLDER}-", dir=base)
     else:
         folder = tempfile.mkdtemp(prefix=f"hf-{OFFLOAD_SUBFOLDER}-")
+        if base is not None:  # the user chose where offloaded weights go: say that these go elsewhere
+            logger.warning(
+                "the offload folder %s is not a writable folder, so the quantized offloaded layers go to %s "
+                "(the system's temporary folder); make %s a writable folder to keep them there",
+                base, folder, base,
+            )
     weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
     model._comq_offload_folder = folder
     return folder
