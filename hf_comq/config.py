@@ -47,15 +47,19 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        from .registration import register  # a config is about to reach from_pretrained, however it was imported
+
+        register()
+
+    def post_init(self) -> None:
+        """:meth:`COMQSettings.post_init`, and the method name: ``update(quant_method=...)`` is checked too."""
         if self.quant_method != QUANT_METHOD:
             raise ValueError(
                 f"quant_method: COMQConfig only describes {QUANT_METHOD!r}, got {self.quant_method!r}; "
                 "load other methods with their own config class"
             )
-        super().__post_init__()
-        from .registration import register  # a config is about to reach from_pretrained, however it was imported
-
-        register()
+        super().post_init()
 
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """transformers' ``update`` (set the known settings, return the other keys), checked as a
@@ -84,7 +88,7 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         from . import __version__
 
         record: dict[str, Any] = {
-            "hf_comq_version": __version__,
+            "hf_comq_version": self.hf_comq_version or __version__,  # a loaded checkpoint keeps its maker's
             "base_model": self.base_model,
             "base_model_folder": self.base_model_folder,
         }

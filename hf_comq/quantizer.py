@@ -204,6 +204,7 @@ class COMQHfQuantizer(HfQuantizer):
         if not converted:
             raise RuntimeError("COMQ calibration finished without converting any layer; nothing was quantized")
         config = self.quantization_config
+        config.hf_comq_version = None  # quantized by this version (a config read from a checkpoint named its maker)
         config.ignore = full_precision_layers(model)
         if config.ignore:
             logger.info("COMQ kept %d linear layers in full precision: %s", len(config.ignore), config.ignore)

@@ -137,6 +137,9 @@ class COMQSettings:
     conv1d_rows: int | None = setting(None, RECORDED, "Conv1D scheme: block height of a per-channel grid")
     base_model: str | None = setting(None, RECORDED, "Hub id of the checkpoint that was quantized")
     base_model_folder: str | None = setting(None, RECORDED, "folder name of a local checkpoint that was quantized")
+    hf_comq_version: str | None = setting(
+        None, RECORDED, "hf_comq version that quantized the checkpoint (None: the running one, once it quantizes)"
+    )
     other_producer: bool = setting(
         False, RECORDED, "the checkpoint was made by another tool (its quantization_config has no comq record): "
         "saved again without one and without a COMQ model card"
@@ -253,6 +256,7 @@ class COMQSettings:
             _check_int("conv1d_rows", self.conv1d_rows, 1, None, "leave it to quantization")
         _check_str("base_model", self.base_model, optional=True)
         _check_str("base_model_folder", self.base_model_folder, optional=True)
+        _check_str("hf_comq_version", self.hf_comq_version, optional=True)
 
     def _check_dataset(self) -> None:
         data = self.dataset

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+import hf_comq
 from hf_comq import COMQConfig
 
 
@@ -118,6 +119,15 @@ def test_every_field_is_validated_with_its_name(field, value):
         COMQConfig(**{field: value})
 
 
+def test_a_checkpoint_saved_again_keeps_the_hf_comq_version_that_made_it():
+    """Re-saving a loaded checkpoint stamped the running version as its maker's."""
+    written = COMQConfig(bits=3).to_dict()
+    written["comq"]["hf_comq_version"] = "0.0.9"
+    loaded = COMQConfig.from_dict(written)
+    assert loaded.hf_comq_version == "0.0.9" and loaded.to_dict()["comq"]["hf_comq_version"] == "0.0.9"
+    assert COMQConfig().to_dict()["comq"]["hf_comq_version"] == hf_comq.__version__
+
+
 def test_fp_target_needs_block_sequential_calibration():
     with pytest.raises(ValueError, match=r"fp_target: needs sequential=True .*set sequential=True"):
         COMQConfig(fp_target=True, sequential=False)
@@ -202,6 +212,9 @@ def test_settings_changed_after_construction_are_checked():
         config.update(bits=99, group_size=64)
     assert config.bits == 4 and config.group_size is None
     assert config.update(group_size=-1, not_a_setting=1) == {"not_a_setting": 1} and config.group_size is None
+    with pytest.raises(ValueError, match=r"quant_method: COMQConfig only describes 'comq', got 'gptq'"):
+        config.update(quant_method="gptq")  # was accepted, and from_pretrained then asked for optimum
+    assert config.quant_method == "comq"
     config.num_samples = -3
     with pytest.raises(ValueError, match="num_samples: expected an integer >= 1"):
         COMQHfQuantizer(config)

@@ -391,9 +391,11 @@ def test_a_model_loaded_from_the_hub_cache_records_its_hub_id(fp_checkpoints, tm
     hash (which the card showed as the title, with no ``base_model`` metadata)."""
     snapshot = tmp_path / "hub" / "models--someorg--tiny-llama" / "snapshots" / ("0123456789abcdef" * 2 + "01234567")
     shutil.copytree(fp_checkpoints["llama"], snapshot)
-    quantize_tiny(snapshot, T.LlamaForCausalLM).save_pretrained(tmp_path / "q")
+    quantize_tiny(snapshot, T.LlamaForCausalLM, hf_comq_version="0.0.9").save_pretrained(tmp_path / "q")  # as a
+    # config read from another checkpoint names its maker: quantizing again records the running version
     stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["comq"]
     assert stored["base_model"] == "someorg/tiny-llama" and stored["base_model_folder"] is None
+    assert stored["hf_comq_version"] == hf_comq.__version__
     assert "base_model: someorg/tiny-llama" in (tmp_path / "q" / "README.md").read_text()
 
 
