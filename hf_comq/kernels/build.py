@@ -44,7 +44,7 @@ HEADERS = (
 )  # fmt: skip
 OPS_NAMESPACE = "hf_comq_cpu"
 BUILD_NOTICE = (
-    "hf_comq: building its CPU kernel, once for these sources and this torch (usually under a minute); "
+    "hf_comq: building its CPU kernel, once for these sources and this torch (about a minute on two cores); "
     "once built, later runs load it from %s"
 )
 TORCH_BUILD_LOCK = "lock"  # the file torch's extension builder waits on, without a timeout, while it exists
