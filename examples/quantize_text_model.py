@@ -188,11 +188,11 @@ def run_causal_lm(args: argparse.Namespace, training: list[str], evaluation: lis
             build_tiny_causal_lm(folder, training, args.train_steps)
         path = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    config = _comq_config(args, training, tokenizer)
     fp_model = AutoModelForCausalLM.from_pretrained(path).eval()
     fp_ppl = perplexity(fp_model, tokenizer, evaluation, max_length=args.max_length)
     del fp_model
 
-    config = _comq_config(args, training, tokenizer)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
     seconds = time.perf_counter() - started
@@ -242,6 +242,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # the settings alone, before any training or evaluation
+        hf_comq.COMQConfig(bits=args.bits, group_size=args.group_size, num_samples=args.num_samples,
+                           max_length=args.max_length)  # fmt: skip
+    except ValueError as error:
+        sys.exit(f"quantize_text_model.py: error: {error}")
     rest, held_out = split_text(documentation_paragraphs(), args.eval_samples)
     if args.task in ("encoder", "all"):
         run_encoder(args, rest, held_out)

@@ -102,16 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     # One processor object for calibration and both evaluations: FP and COMQ must see identical pixels.
     processor = AutoImageProcessor.from_pretrained(model_path)
 
+    try:  # built first: a bad setting is refused in one line before the evaluation below
+        config = hf_comq.COMQConfig(
+            bits=args.bits,
+            group_size=args.group_size,
+            dataset=calibration,
+            processor=processor,
+            num_samples=args.num_samples,
+        )
+    except ValueError as error:
+        sys.exit(f"quantize_vit.py: error: {error}")
     fp_model = AutoModelForImageClassification.from_pretrained(model_path).eval()
     fp_accuracy = top1(fp_model, test, processor, batch_size=args.batch_size).accuracy
 
-    config = hf_comq.COMQConfig(
-        bits=args.bits,
-        group_size=args.group_size,
-        dataset=calibration,
-        processor=processor,
-        num_samples=args.num_samples,
-    )
     started = time.perf_counter()
     model = AutoModelForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
     seconds = time.perf_counter() - started
