@@ -703,28 +703,31 @@ class _SavePretrainedWithCard:
     """``model.save_pretrained`` of a COMQ model: the regular save, then README.md (:func:`write_model_card`).
 
     ``push_to_hub=True`` is taken out of transformers' hands so that the upload is the
-    folder as saved here, card included, in one commit (:func:`push_folder`).
+    folder as saved here, card included, in one commit (:func:`push_folder`).  A model
+    dequantized since is saved and pushed by transformers, as any model.
     """
 
     def __init__(self, model: Any):
         self.model = model
 
     def __call__(self, save_directory: str | os.PathLike[str], *args: Any, push_to_hub: bool = False, **kwargs: Any):
-        push_keys = ("repo_id", "token", "private", "revision", "commit_message", "commit_description", "create_pr")
-        push = {key: kwargs.pop(key) for key in push_keys if key in kwargs}
-        model = self.model
-        before = _file_stamps(save_directory)
-        result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         from .calibration.distributed import is_saving_rank
 
+        model = self.model
         # transformers writes weights and config on the main process only; the card follows the same rule
         is_main_process = is_saving_rank(kwargs.get("is_main_process", args[0] if args else True))
-        if not (is_main_process and os.path.isdir(save_directory)):
+        folder = Path(save_directory)
+        if not _is_comq_model(model):  # dequantized: transformers' own save and push, less a card of packed weights
+            if is_main_process and folder.is_dir():
+                _remove_unedited_card(folder)
+            return type(model).save_pretrained(model, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
+        push_keys = ("repo_id", "token", "private", "revision", "commit_message", "commit_description", "create_pr")
+        push = {key: kwargs.pop(key) for key in push_keys if key in kwargs}
+        before = _file_stamps(save_directory)
+        result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if not (is_main_process and folder.is_dir()):
             return result
-        _remove_shadowing_weights(Path(save_directory), before)
-        if not _is_comq_model(model):  # dequantized: a card an earlier save wrote would describe packed weights
-            _remove_unedited_card(Path(save_directory))
-            return result
+        _remove_shadowing_weights(folder, before)
         repo_id = push.pop("repo_id", None) or Path(save_directory).name
         if push_to_hub:
             repo_id = _resolved_or_given(repo_id, push.get("token"))

@@ -591,6 +591,10 @@ logging.getLogger("hf_comq").addHandler(handler)
 comq_like.push_to_hub("user/edited")
 # 5. A name without an owner goes to the token's user; the card names the repository that exists.
 comq_like.push_to_hub("bare-name")
+# 6. Dequantized (no quantization_config left): save_pretrained(push_to_hub=True) is transformers' own again.
+del comq_like.config.quantization_config
+import tempfile
+comq_like.save_pretrained(tempfile.mkdtemp(), push_to_hub=True, repo_id="user/dequantized")
 
 print(json.dumps({
     "edited_warnings": warnings,
@@ -659,6 +663,13 @@ def test_push_to_hub_of_a_name_without_owner_names_the_owners_repository_in_the_
     server, _ = hub_round_trip
     body = split_card(server.files("user/bare-name")["README.md"].decode("utf-8"))[1]
     assert 'from_pretrained("user/bare-name")' in body and '"bare-name"' not in body
+
+
+def test_a_dequantized_model_is_pushed_as_any_model(hub_round_trip):
+    """save_pretrained(push_to_hub=True) of a model dequantized since quantization uploaded nothing."""
+    server, _ = hub_round_trip
+    files = server.files("user/dequantized")
+    assert "model.safetensors" in files and "quantization_config" not in json.loads(files["config.json"])
 
 
 def test_push_to_hub_keeps_an_existing_readme_and_adds_the_tags(hub_round_trip):
