@@ -157,6 +157,7 @@ def _differing_keys(first: str, second: str) -> list[str]:
 
 
 def _differing_paths(mine: dict, theirs: dict, prefix: str) -> list[str]:
+    """Dotted paths (under ``prefix``) of the values that differ, descending where both sides nest."""
     paths = []
     for key in sorted(mine.keys() | theirs.keys()):
         one, other = mine.get(key), theirs.get(key)

@@ -92,6 +92,7 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     import torch
     from transformers import AutoImageProcessor, ViTForImageClassification
 
+    from .. import kernels
     from ..assets import demo_dataset, demo_model_path
     from ..checkpoint import check_group_size
     from ..config import COMQConfig
@@ -116,8 +117,6 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
         f"hf-comq demo: ViT trained on Fashion-MNIST ({model_path.name}); calibration on "
         f"{min(args.num_samples, len(calibration))} images, evaluation on {len(test)} test images ({device})"
     )
-
-    from .. import kernels
 
     kernels.build_ahead()  # a first run's one-off kernel build is not quantization time: out of the timed rows
     fp_model = ViTForImageClassification.from_pretrained(model_path).eval()
