@@ -53,7 +53,7 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         register()
 
     def post_init(self) -> None:
-        """:meth:`COMQSettings.post_init`, and the method name: ``update(quant_method=...)`` is checked too."""
+        """:meth:`COMQSettings.post_init` and ``quant_method``, so that ``update(quant_method=...)`` is checked too."""
         if self.quant_method != QUANT_METHOD:
             raise ValueError(
                 f"quant_method: COMQConfig only describes {QUANT_METHOD!r}, got {self.quant_method!r}; "
