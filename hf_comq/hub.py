@@ -24,6 +24,7 @@ COMQ model once its weights are in place.  It gives the model instance its own
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -614,6 +615,8 @@ def push_folder(
     commit_description: str | None = None,
     tags: list[str] | None = None,
     files: list[str] | None = None,
+    deleted: list[str] | None = None,
+    drop_comq_card: bool = False,
 ) -> Any:
     """Publish a finished checkpoint folder in one commit: ``create_repo(exist_ok=True)`` + ``upload_folder``.
 
@@ -623,6 +626,10 @@ def push_folder(
     The card that goes up is written into a staging folder, never into ``folder``: a local
     README stays as it was.  ``files``: only these paths of the folder (relative, POSIX), as
     ``save_pretrained(push_to_hub=True)`` uploads only what the save wrote; ``None``: the whole folder.
+    ``deleted``: paths the save removed from the folder, removed from the repository in the same
+    commit (a single-file checkpoint a sharded one replaced would otherwise load first there too).
+    ``drop_comq_card``: the model is no longer quantized, so an unedited COMQ card of an earlier
+    push is removed rather than left to describe packed weights.
     """
     validate_repo_id(repo_id)
     folder = Path(folder)
@@ -633,10 +640,14 @@ def push_folder(
     names = sorted(
         path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
     ) if files is None else list(files)  # fmt: skip
+    delete = list(deleted or [])
     card = None
     if README_NAME in names and (folder / README_NAME).is_file():
-        card = _card_to_upload(api, repo_id, revision, ModelCard.load(folder / README_NAME))
-        _add_tags(card, tags)
+        card = _card_to_upload(api, repo_id, revision, folder / README_NAME, tags)
+    elif drop_comq_card:
+        hub_card = _hub_card(api, repo_id, revision)
+        if hub_card is not None and is_unedited_card(hub_card.content):
+            delete.append(README_NAME)
     with _upload_view(folder, names, card) as staged:
         return api.upload_folder(
             repo_id=repo_id,
@@ -645,25 +656,36 @@ def push_folder(
             commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
+            delete_patterns=[glob.escape(name) for name in delete] or None,
         )
 
 
-def _card_to_upload(api: HfApi, repo_id: str, revision: str | None, card: ModelCard) -> ModelCard:
-    """The folder's ``card``, or the repository's own README at ``revision`` with the card's tags added
-    when that one is the owner's text (or their edit of a COMQ card)."""
+def _hub_card(api: HfApi, repo_id: str, revision: str | None) -> ModelCard | None:
+    """The repository's README.md at ``revision``, ``None`` if it has none."""
     if not api.file_exists(repo_id, README_NAME, revision=revision):
-        return card
-    owned = ModelCard.load(api.hf_hub_download(repo_id, README_NAME, revision=revision))
-    if is_unedited_card(owned.content):
-        return card
-    if _lists_comq_tag(owned.data.tags):
-        logger.warning(
-            "kept the README.md of %s: an hf_comq card edited on the Hub (or written by an older "
-            "hf_comq), so its settings may be an earlier push's; delete it there to get this model's card",
-            repo_id,
-        )
-    _add_tags(owned, card.data.tags)
-    return owned
+        return None
+    return ModelCard.load(api.hf_hub_download(repo_id, README_NAME, revision=revision))
+
+
+def _card_to_upload(
+    api: HfApi, repo_id: str, revision: str | None, readme: Path, tags: list[str] | None
+) -> ModelCard | None:
+    """The card to upload for the folder's ``readme``: the repository's own README at ``revision``
+    with the folder card's tags (and ``tags``) added when that one is the owner's text (or their
+    edit of a COMQ card), else the folder's card with ``tags``; ``None``: the folder's file as it
+    is (nothing to add: uploaded byte for byte, not re-serialized)."""
+    card = ModelCard.load(readme)
+    owned = _hub_card(api, repo_id, revision)
+    if owned is not None and not is_unedited_card(owned.content):
+        if _lists_comq_tag(owned.data.tags):
+            logger.warning(
+                "kept the README.md of %s: an hf_comq card edited on the Hub (or written by an older "
+                "hf_comq), so its settings may be an earlier push's; delete it there to get this model's card",
+                repo_id,
+            )
+        _add_tags(owned, list(card.data.tags or []) + list(tags or []))
+        return owned
+    return card if _add_tags(card, tags) else None
 
 
 @contextmanager
@@ -683,10 +705,13 @@ def _upload_view(folder: Path, names: list[str], card: ModelCard | None) -> Iter
         yield root
 
 
-def _add_tags(card: ModelCard, tags: list[str] | None) -> None:
-    """Append the ``tags`` the card's metadata does not list yet, in order."""
+def _add_tags(card: ModelCard, tags: list[str] | None) -> bool:
+    """Append the ``tags`` the card's metadata does not list yet, in order; whether there were any."""
     present = list(card.data.tags or [])
-    card.data.tags = present + [tag for tag in tags or () if tag not in present]
+    added = [tag for tag in dict.fromkeys(tags or ()) if tag not in present]
+    if added:
+        card.data.tags = present + added
+    return bool(added)
 
 
 # ---------------------------------------------------------------------------------------------- save hooks
@@ -704,7 +729,7 @@ class _SavePretrainedWithCard:
 
     ``push_to_hub=True`` is taken out of transformers' hands so that the upload is the
     folder as saved here, card included, in one commit (:func:`push_folder`).  A model
-    dequantized since is saved and pushed by transformers, as any model.
+    dequantized since gets no card: one an earlier save wrote is removed, here and on the Hub.
     """
 
     def __init__(self, model: Any):
@@ -713,40 +738,44 @@ class _SavePretrainedWithCard:
     def __call__(self, save_directory: str | os.PathLike[str], *args: Any, push_to_hub: bool = False, **kwargs: Any):
         from .calibration.distributed import is_saving_rank
 
-        model = self.model
-        # transformers writes weights and config on the main process only; the card follows the same rule
-        is_main_process = is_saving_rank(kwargs.get("is_main_process", args[0] if args else True))
-        folder = Path(save_directory)
-        if not _is_comq_model(model):  # dequantized: transformers' own save and push, less a card of packed weights
-            if is_main_process and folder.is_dir():
-                _remove_unedited_card(folder)
-            return type(model).save_pretrained(model, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
         push_keys = ("repo_id", "token", "private", "revision", "commit_message", "commit_description", "create_pr")
         push = {key: kwargs.pop(key) for key in push_keys if key in kwargs}
-        before = _file_stamps(save_directory)
+        model = self.model
+        folder = Path(save_directory)
+        before = _file_stamps(folder)
         result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        # transformers writes weights and config on the main process only; the card follows the same rule
+        is_main_process = is_saving_rank(kwargs.get("is_main_process", args[0] if args else True))
         if not (is_main_process and folder.is_dir()):
             return result
-        _remove_shadowing_weights(folder, before)
-        repo_id = push.pop("repo_id", None) or Path(save_directory).name
+        removed = _remove_shadowing_weights(folder, before)
+        quantized = _is_comq_model(model)
+        repo_id = push.pop("repo_id", None) or folder.name
         if push_to_hub:
             repo_id = _resolved_or_given(repo_id, push.get("token"))
-        write_model_card(save_directory, model, model_id=repo_id)
+        if quantized:
+            write_model_card(save_directory, model, model_id=repo_id)
+        else:  # dequantized since: a card an earlier save wrote would describe packed weights
+            _remove_unedited_card(folder)
+            push["commit_message"] = push.get("commit_message") or "Upload model"
         if push_to_hub:
-            push_folder(save_directory, repo_id, files=_changed_files(save_directory, before), **push)
+            files = _changed_files(folder, before)
+            push_folder(folder, repo_id, files=files, deleted=removed, drop_comq_card=not quantized, **push)
         return result
 
 
-def _remove_shadowing_weights(folder: Path, before: Mapping[str, tuple[int, int]]) -> None:
+def _remove_shadowing_weights(folder: Path, before: Mapping[str, tuple[int, int]]) -> list[str]:
     """Remove the single-file ``model.safetensors`` of an earlier save when this save wrote a sharded
     checkpoint beside it: loaders take the single file first, so the folder would load as the earlier
-    model (transformers' own clean-up removes earlier shards only)."""
+    model (transformers' own clean-up removes earlier shards only).  Returns the names removed."""
     single, index = folder / SAFE_WEIGHTS_NAME, folder / SAFE_WEIGHTS_INDEX_NAME
     written = _changed_files(folder, before)
-    if index.name in written and single.name not in written and single.is_file():
-        single.unlink()
-        logger.warning("removed %s of an earlier save: beside the sharded checkpoint just saved, it would be "
-                       "loaded instead", single)
+    if not (index.name in written and single.name not in written and single.is_file()):
+        return []
+    single.unlink()
+    logger.warning("removed %s of an earlier save: beside the sharded checkpoint just saved, it would be "
+                   "loaded instead", single)
+    return [single.name]
 
 
 def _remove_unedited_card(folder: Path) -> None:

@@ -591,13 +591,17 @@ logging.getLogger("hf_comq").addHandler(handler)
 comq_like.push_to_hub("user/edited")
 # 5. A name without an owner goes to the token's user; the card names the repository that exists.
 comq_like.push_to_hub("bare-name")
-# 6. Dequantized (no quantization_config left): save_pretrained(push_to_hub=True) is transformers' own again.
-del comq_like.config.quantization_config
+# 6. Pushed with its card, then dequantized (no quantization_config left) and pushed again from the same folder.
 import tempfile
-comq_like.save_pretrained(tempfile.mkdtemp(), push_to_hub=True, repo_id="user/dequantized")
+dequantized_folder = tempfile.mkdtemp()
+comq_like.save_pretrained(dequantized_folder, push_to_hub=True, repo_id="user/dequantized")
+del comq_like.config.quantization_config
+comq_like.save_pretrained(dequantized_folder, push_to_hub=True, repo_id="user/dequantized")
+dequantized_local_readme = os.path.exists(os.path.join(dequantized_folder, "README.md"))
 
 print(json.dumps({
     "edited_warnings": warnings,
+    "dequantized_local_readme": dequantized_local_readme,
     "identical": identical,
     "card_tags": ModelCard.load(repo).data.tags,
     "files": sorted(api.list_repo_files(repo)),
@@ -665,11 +669,14 @@ def test_push_to_hub_of_a_name_without_owner_names_the_owners_repository_in_the_
     assert 'from_pretrained("user/bare-name")' in body and '"bare-name"' not in body
 
 
-def test_a_dequantized_model_is_pushed_as_any_model(hub_round_trip):
-    """save_pretrained(push_to_hub=True) of a model dequantized since quantization uploaded nothing."""
-    server, _ = hub_round_trip
+def test_a_dequantized_model_is_pushed_without_the_card_of_its_packed_push(hub_round_trip):
+    """save_pretrained(push_to_hub=True) of a model dequantized since quantization uploaded nothing at
+    first; then, through transformers' push, it brought back the COMQ card of the earlier push."""
+    server, result = hub_round_trip
     files = server.files("user/dequantized")
     assert "model.safetensors" in files and "quantization_config" not in json.loads(files["config.json"])
+    assert "README.md" not in files and not result["dequantized_local_readme"]
+    assert server._repo("user/dequantized").commits[-1].title == "Upload model"
 
 
 def test_push_to_hub_keeps_an_existing_readme_and_adds_the_tags(hub_round_trip):
@@ -719,6 +726,9 @@ for leftover in ("notes/mine.txt", "model.safetensors.index.json"):  # the user'
     with open(os.path.join(resaved, leftover), "w") as handle:
         handle.write("{}")
 reloaded.save_pretrained(resaved, push_to_hub=True, repo_id="user/resaved")
+
+# 2b. Saved and pushed again from that folder in shards: the single file of the first push goes, here and there.
+reloaded.save_pretrained(resaved, push_to_hub=True, repo_id="user/resaved", max_shard_size="20KB")
 
 # 3. Branches.  A COMQ card pushed to "dev" first; then the owner writes main's README; a second push to dev
 # replaces dev's unedited card (the README read is dev's, not main's) and leaves main as the owner wrote it.
@@ -794,7 +804,16 @@ def test_push_to_hub_uploads_the_card_of_a_quantized_model(quantized_push):
 def test_save_pretrained_push_to_hub_uploads_only_what_the_save_wrote(quantized_push):
     """As transformers' own push: the user's other files in the folder and an earlier save's leftovers stay local."""
     server, _ = quantized_push
-    assert sorted(server.files("user/resaved")) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+    first_push = server._repo("user/resaved").commits[1].files
+    assert sorted(first_push) == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+
+
+def test_a_sharded_push_over_a_single_file_one_removes_the_single_file_from_the_hub(quantized_push):
+    """The Hub kept the first push's model.safetensors beside the new shards, and loaded it first."""
+    server, _ = quantized_push
+    files = server.files("user/resaved")
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert any(name.startswith("model-00001-of-") for name in files)
 
 
 def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
