@@ -490,6 +490,10 @@ def test_a_sharded_save_removes_the_single_file_weights_of_an_earlier_save(comq_
     comq_like_vit.save_pretrained(tmp_path)
     comq_like_vit.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    del comq_like_vit.config.quantization_config  # dequantized since: the same clean-up
+    comq_like_vit.save_pretrained(tmp_path / "dense")
+    comq_like_vit.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    assert not (tmp_path / "dense" / "model.safetensors").exists()
 
 
 def test_card_hook_rejects_models_not_quantized_with_comq(tmp_path):
