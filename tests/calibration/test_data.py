@@ -650,6 +650,7 @@ def test_data_of_one_kind_for_a_model_that_needs_text_and_images_is_one_line():
 
 def test_unknown_dataset_name_is_an_error(vit, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # datasets read the variable when imported
     with pytest.raises(ValueError, match="could not load calibration dataset"):
         build_calibration_data(vit, _config("someone/definitely-not-a-dataset"))  # a Hub name, offline
     with pytest.raises(ValueError, match="calibration dataset: no file or folder at /nonexistent/definitely-not"):
