@@ -489,7 +489,7 @@ def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, mode
         logger.info("no COMQ model card for %s: another tool made its checkpoint", type(model).__name__)
         return None
     path = Path(save_directory) / README_NAME
-    if path.exists() and not is_unedited_card(path.read_text(encoding="utf-8", errors="replace")):
+    if path.exists() and not _holds_unedited_card(path):
         _say_kept(path)
         return None
     text = mark_card(str(_card_for_model(model, model_id=model_id)))
@@ -552,6 +552,12 @@ def is_unedited_card(text: str) -> bool:
     last = marks[-1]
     unmarked = body[: last.start()] + body[last.end() :]
     return last.group(1) in (_card_digest(_digested(metadata, unmarked)), _card_digest(unmarked))
+
+
+def _holds_unedited_card(path: Path) -> bool:
+    """Whether the file at ``path`` is a card hf_comq wrote that nobody edited (any bytes: a README
+    that is not UTF-8 is someone else's)."""
+    return is_unedited_card(path.read_text(encoding="utf-8", errors="replace"))
 
 
 def _say_kept(path: Path) -> None:
@@ -637,9 +643,7 @@ def push_folder(
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    names = sorted(
-        path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
-    ) if files is None else list(files)  # fmt: skip
+    names = _relative_files(folder) if files is None else list(files)
     delete = list(deleted or [])
     card = None
     if README_NAME in names and (folder / README_NAME).is_file():
@@ -781,21 +785,25 @@ def _remove_shadowing_weights(folder: Path, before: Mapping[str, tuple[int, int]
 def _remove_unedited_card(folder: Path) -> None:
     """Remove README.md where it is a COMQ card hf_comq wrote and nobody edited."""
     readme = folder / README_NAME
-    if readme.is_file() and is_unedited_card(readme.read_text(encoding="utf-8")):
+    if readme.is_file() and _holds_unedited_card(readme):
         readme.unlink()
         logger.info("removed the COMQ model card of an earlier save: the model saved is no longer quantized")
 
 
-def _file_stamps(folder: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
-    """``relative POSIX path -> (mtime_ns, size)`` of every file under ``folder`` (none if it does not exist)."""
+def _relative_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The relative POSIX paths of every file under ``folder``, sorted (none if it does not exist)."""
     root = Path(folder)
     if not root.is_dir():
-        return {}
+        return []
+    return sorted(path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file())
+
+
+def _file_stamps(folder: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
+    """``relative POSIX path -> (mtime_ns, size)`` of every file under ``folder`` (none if it does not exist)."""
     stamps = {}
-    for path in root.rglob("*"):
-        if path.is_file():
-            status = path.stat()
-            stamps[path.relative_to(root).as_posix()] = (status.st_mtime_ns, status.st_size)
+    for name in _relative_files(folder):
+        status = (Path(folder) / name).stat()
+        stamps[name] = (status.st_mtime_ns, status.st_size)
     return stamps
 
 

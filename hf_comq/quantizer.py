@@ -216,10 +216,11 @@ class COMQHfQuantizer(HfQuantizer):
         from .hub import cached_snapshot_repo_id
 
         name = str(getattr(model, "name_or_path", "") or "")
-        if os.path.isdir(name) and cached_snapshot_repo_id(name) is None:  # a local folder: its name only
+        hub_id = cached_snapshot_repo_id(name) if name else None  # a Hub download cache's folder is that model
+        if os.path.isdir(name) and hub_id is None:  # a local folder: its name only
             config.base_model_folder = Path(os.path.abspath(name)).name or None  # "." names the working folder
         elif name:
-            config.base_model = cached_snapshot_repo_id(name) or name
+            config.base_model = hub_id or name
         config.calibration_description = config.describe_calibration()
         self._converted = list(converted)
 
