@@ -67,15 +67,16 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 
-def load_eval_dataset(source: str | os.PathLike[str], split: str) -> Any:
+def load_eval_dataset(source: str | os.PathLike[str], split: str, default_split: str | None = None) -> Any:
     """Load evaluation data the way calibration loads ``COMQConfig(dataset=...)``.
 
     A ``save_to_disk`` folder, a local data file (parquet, json, csv, arrow, txt)
     or a Hub name; files and Hub data are streamed, so a large test set is never
     held in memory.  Raises ``ValueError`` with a one-line reason when the data
-    cannot be loaded (missing file, unknown split, no network...).
+    cannot be loaded (missing file, unknown split, no network...).  A single file has
+    no splits: a ``split`` other than ``default_split`` is ignored with a warning.
     """
-    dataset, _ = load_dataset_source(source, split)
+    dataset, _ = load_dataset_source(source, split, default_split)
     return dataset
 
 

@@ -207,7 +207,7 @@ def _dispatch(model: nn.Module, config: Any, source: Any) -> CalibrationData:
     if isinstance(source, torch.Tensor):
         return _from_tensor(model, config, source)
     if isinstance(source, (str, os.PathLike)):
-        loaded, origin = load_dataset_source(source, config.dataset_split)
+        loaded, origin = load_dataset_source(source, config.dataset_split, config.default("dataset_split"))
         return _from_hf_dataset(model, config, loaded, origin)
     if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         split = pick_split(source, config.dataset_split, "the DatasetDict")

@@ -12,6 +12,7 @@ rows ``datasets`` users expect.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,7 +86,9 @@ def check_local_sources(dataset: Any, processor: Any) -> None:
         )
 
 
-def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any, dict[str, Any]]:
+def load_dataset_source(
+    source: str | os.PathLike[str], split: str, default_split: str | None = None
+) -> tuple[Any, dict[str, Any]]:
     """``(dataset, origin)`` for a string: a ``save_to_disk`` folder, a data file or folder, a Hub name, ``demo:...``.
 
     Local data works offline; files and Hub data are streamed.  ``origin`` is a small
@@ -93,6 +96,12 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
     a local path is reduced to its last component, which says all a reader elsewhere can
     use (and does not leak a home folder).  Raises ``ValueError`` with one line naming
     the problem (empty or unknown file, missing split, no network...).
+
+    In a folder of data files, files named after ``split`` (``calibration.parquet``,
+    ``calibration-00000-of-00002.parquet``) are that split, whatever the name: ``datasets``
+    itself knows only train/validation/test names there and drops the other files.  A
+    single file has no splits; a ``split`` other than the caller's ``default_split`` is
+    then ignored with a warning.
     """
     import datasets
 
@@ -107,6 +116,8 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
     origin: dict[str, Any] = {"source": label, "split": None if path.is_file() else split}
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"dataset file {source!r} is empty (0 bytes); pass a file with data")
+    if path.is_file() and default_split is not None and split != default_split:
+        logger.warning(f"split {split!r} ignored: {source!r} is a single data file, which has no splits; all its rows are read")
     try:
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
@@ -121,11 +132,57 @@ def load_dataset_source(source: str | os.PathLike[str], split: str) -> tuple[Any
                     f"{sorted(DATA_FILE_BUILDERS)}"
                 )
             return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=True), origin
+        if path.is_dir():
+            return _load_data_folder(path, split), origin
         return datasets.load_dataset(source, split=split, streaming=True), origin
     except ValueError:
         raise
     except Exception as error:  # datasets raises many types (FileNotFoundError, ConnectionError, ...)
         raise ValueError(f"could not load calibration dataset {source!r} (split {split!r}): {error}") from error
+
+
+def _load_data_folder(folder: Path, split: str) -> Any:
+    """A folder of data files, streamed: ``split``'s own files (:func:`split_files`), else what
+    ``datasets`` makes of the folder; a missing split names the splits the files give."""
+    import datasets
+
+    named = split_files(folder, split)
+    if named is not None:
+        builder, files = named
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True)
+    try:
+        return datasets.load_dataset(str(folder), split=split, streaming=True)
+    except ValueError as error:
+        if not str(error).startswith("Bad split"):
+            raise
+        stems = sorted({_split_of(file) for file in folder.iterdir() if data_file_builder(file) is not None})
+        raise ValueError(
+            f"split {split!r} not found in folder {folder.name!r}, whose data files give the splits {stems}; "
+            "name one of them (a file <split>.parquet / .json / ... is read as that split)"
+        ) from None
+
+
+def split_files(folder: Path, split: str) -> tuple[str, list[str]] | None:
+    """``(builder, files)`` of the data files in ``folder`` named after ``split`` (``<split>.<suffix>``,
+    or shards ``<split>-00000-of-00002.<suffix>``), ``None`` if there are none; files of two formats are one line."""
+    files = sorted(
+        candidate for candidate in folder.iterdir()
+        if candidate.is_file() and data_file_builder(candidate) is not None and _split_of(candidate) == split
+    )  # fmt: skip
+    if not files:
+        return None
+    builders = {data_file_builder(file) for file in files}
+    if len(builders) > 1:
+        raise ValueError(
+            f"split {split!r} of folder {folder.name!r} has files of {len(builders)} formats "
+            f"({', '.join(file.name for file in files)}); keep one format per split"
+        )
+    return builders.pop(), [str(file) for file in files]
+
+
+def _split_of(file: Path) -> str:
+    """The split a data file's name gives: its stem, less a shard suffix (``-00000-of-00002``)."""
+    return re.sub(r"-\d+-of-\d+$", "", file.stem)
 
 
 GENERIC_BUILDERS = frozenset(DATA_FILE_BUILDERS.values()) | {"generator", "pandas", "imagefolder", "audiofolder"}

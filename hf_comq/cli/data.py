@@ -70,11 +70,12 @@ def _check_not_empty(path: Path, name: str) -> None:
             raise CLIError(f"dataset file {name!r} has no rows; pass data with at least one sample")
 
 
-def open_dataset(name: str, split: str) -> Any:
-    """Load ``--dataset`` / ``--split`` (streamed where possible), with one-line errors; empty data is one of them."""
+def open_dataset(name: str, split: str, default_split: str | None = None) -> Any:
+    """Load ``--dataset`` / ``--split`` (streamed where possible), with one-line errors; empty data is one of them.
+    ``default_split``: the command's default, a warning where a single file ignores another ``--split``."""
     from ..evaluation import load_eval_dataset
 
-    dataset = load_eval_dataset(resolve_dataset(name), split)
+    dataset = load_eval_dataset(resolve_dataset(name), split, default_split)
     try:
         empty = len(dataset) == 0
     except TypeError:  # streamed: look at one row

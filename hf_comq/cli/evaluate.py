@@ -11,6 +11,8 @@ from .common import EXIT_OK, CLIError, add_command, add_setting_option, check_po
 from .data import add_data_arguments, column_texts, limited, open_dataset, resolve_dataset
 from .models import ModelSpec, inspect_model, load_model, load_processor, read_model_config
 
+EVALUATION_SPLIT = "test"  # --split's default: evaluation reads held-out data
+
 
 def add_parser(commands: Any) -> None:
     command = add_command(
@@ -26,7 +28,7 @@ def add_parser(commands: Any) -> None:
         "With --reference, the full-precision model is evaluated too and the difference is shown.",
     )
     command.add_argument("model", metavar="MODEL", help="checkpoint folder or Hub id to evaluate")
-    add_data_arguments(command, role="evaluation", split="test")
+    add_data_arguments(command, role="evaluation", split=EVALUATION_SPLIT)
     command.add_argument(
         "--label-column", default="label", metavar="COLUMN", help="class id column for top-1 (default: label)"
     )
@@ -73,7 +75,7 @@ def _evaluate(
             f"{spec.display_name} is a text encoder: its embedding cosine needs --reference FP_MODEL "
             "(the full-precision model to compare with)"
         )
-    dataset = limited(open_dataset(args.dataset, args.split), args.limit)
+    dataset = limited(open_dataset(args.dataset, args.split, EVALUATION_SPLIT), args.limit)
     if metric == "top-1":
         column = pick_column(dataset, args.column, "image")
         check_labels(spec, dataset, pick_column(dataset, args.label_column, "label"))

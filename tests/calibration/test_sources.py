@@ -111,3 +111,39 @@ def test_a_saved_dataset_without_splits_records_the_split_it_holds_not_the_one_a
 def test_a_glob_is_named_as_one(tmp_path):
     with pytest.raises(ValueError, match=r"is a pattern, and hf_comq takes no globs; pass the folder"):
         check_local_sources(str(tmp_path / "shards" / "*.parquet"), None)
+
+
+def _texts_in(split: datasets.IterableDataset) -> list[str]:
+    return [row["text"] for row in split]
+
+
+def test_a_folder_reads_files_named_after_any_split(tmp_path):
+    """datasets itself keeps only train/validation/test names in a folder and drops the other
+    files: the shipped subset's calibration.parquet beside test.parquet was unreachable."""
+    calibration, shards, test = sentences(6)[:2], sentences(6)[2:4], sentences(6)[4:]
+    datasets.Dataset.from_dict({"text": calibration}).to_parquet(str(tmp_path / "calibration.parquet"))
+    datasets.Dataset.from_dict({"text": shards}).to_parquet(str(tmp_path / "calibration-00001-of-00002.parquet"))
+    datasets.Dataset.from_dict({"text": test}).to_parquet(str(tmp_path / "test.parquet"))
+    loaded, origin = load_dataset_source(str(tmp_path), "calibration")
+    assert sorted(_texts_in(loaded)) == sorted(calibration + shards) and origin["split"] == "calibration"
+    assert _texts_in(load_dataset_source(str(tmp_path), "test")[0]) == test
+    with pytest.raises(ValueError, match=r"^split 'train' not found in folder .* the splits \['calibration', 'test'\]"):
+        load_dataset_source(str(tmp_path), "train")
+
+
+def test_a_split_in_two_formats_is_one_line(tmp_path):
+    datasets.Dataset.from_dict({"text": sentences(2)}).to_parquet(str(tmp_path / "calibration.parquet"))
+    datasets.Dataset.from_dict({"text": sentences(2)}).to_json(str(tmp_path / "calibration.jsonl"))
+    with pytest.raises(ValueError, match=r"^split 'calibration' of folder .* has files of 2 formats"):
+        load_dataset_source(str(tmp_path), "calibration")
+
+
+def test_a_single_file_warns_that_a_split_other_than_the_default_is_ignored(tmp_path, caplog):
+    file = tmp_path / "data.jsonl"
+    file.write_text('{"text": "the cat"}\n')
+    with caplog.at_level("WARNING", logger="hf_comq.calibration.sources"):
+        load_dataset_source(str(file), "train", "train")
+        assert not caplog.records
+        loaded, origin = load_dataset_source(str(file), "validation", "train")
+    assert "split 'validation' ignored" in caplog.text and "single data file" in caplog.text
+    assert _texts_in(loaded) == ["the cat"] and origin["split"] is None
