@@ -128,6 +128,19 @@ def run_encoder(args: argparse.Namespace, calibration: list[str], evaluation: li
 # ---------------------------------------------------------------------------
 
 
+TINY_LM_WIDTHS = {"hidden_size": 128, "intermediate_size": 384}  # the input sizes of the tiny LM's linear layers
+
+
+def check_tiny_lm_group_size(group_size: int | None) -> None:
+    """Refuse a ``--group-size`` that some layer of the tiny LM would refuse, before it is trained for minutes."""
+    bad = [width for width in TINY_LM_WIDTHS.values() if group_size and width % group_size]
+    if bad:
+        sys.exit(
+            f"quantize_text_model.py: error: --group-size {group_size} does not divide the tiny LM's layer "
+            f"input sizes {sorted(TINY_LM_WIDTHS.values())}; use e.g. 32 or 64, or pass --causal-lm PATH"
+        )
+
+
 def build_tiny_causal_lm(folder: Path, texts: list[str], steps: int, seed: int = 0) -> None:
     """Train a small LLaMA-style causal LM and its tokenizer on ``texts`` and save both to ``folder``.
 
@@ -152,8 +165,7 @@ def build_tiny_causal_lm(folder: Path, texts: list[str], steps: int, seed: int =
     stream = torch.tensor([token for text in texts for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]])
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
+        **TINY_LM_WIDTHS,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -184,6 +196,7 @@ def run_causal_lm(args: argparse.Namespace, training: list[str], evaluation: lis
     if path is None:
         folder = args.workdir / "tiny-llama-fp"
         if not (folder / "config.json").is_file():
+            check_tiny_lm_group_size(args.group_size)
             print(f"no --causal-lm given: training a small LLaMA on the documentation text into {folder}")
             build_tiny_causal_lm(folder, training, args.train_steps)
         path = str(folder)

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     # One processor object for calibration and both evaluations: FP and COMQ must see identical pixels.
     processor = AutoImageProcessor.from_pretrained(model_path)
 
-    try:  # built first: a bad setting is refused in one line before the evaluation below
+    try:  # built first: a bad setting is refused in one line before any model loads
         config = hf_comq.COMQConfig(
             bits=args.bits,
             group_size=args.group_size,
@@ -112,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:
         sys.exit(f"quantize_vit.py: error: {error}")
+    # Quantized first: a setting that only the model's layers refuse (a --group-size that does not
+    # divide them) is refused in one line before any evaluation.
+    started = time.perf_counter()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
+    except ValueError as error:  # hf_comq's one-line refusals, made before any weight loads
+        sys.exit(f"quantize_vit.py: error: {error}")
+    seconds = time.perf_counter() - started
     fp_model = AutoModelForImageClassification.from_pretrained(model_path).eval()
     fp_accuracy = top1(fp_model, test, processor, batch_size=args.batch_size).accuracy
-
-    started = time.perf_counter()
-    model = AutoModelForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
-    seconds = time.perf_counter() - started
     summary = hf_comq.calibration_summary(model)
     comq_accuracy = top1(model, test, processor, batch_size=args.batch_size).accuracy
 

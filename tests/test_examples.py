@@ -103,6 +103,18 @@ def test_quantize_vit_on_the_demo_model(tmp_path):
     assert re.search(r"^checkpoint: .*\(\d+\.\dx smaller\)$", out, re.M), out
 
 
+def test_a_group_size_the_layers_refuse_is_one_line_before_any_evaluation_or_training(tmp_path):
+    vit = run_example("quantize_vit.py", "--group-size", "48", "--output", str(tmp_path / "vit"), cwd=tmp_path)
+    assert vit.returncode != 0 and "Traceback" not in vit.stderr, vit.stderr[-3000:]
+    assert vit.stderr.strip().splitlines()[-1].startswith("quantize_vit.py: error: group_size=48 does not divide")
+    assert "top-1" not in vit.stdout, vit.stdout
+    text = run_example("quantize_text_model.py", "causal-lm", "--group-size", "96", "--workdir", str(tmp_path / "w"),
+                       cwd=tmp_path)  # fmt: skip
+    assert text.returncode != 0 and "Traceback" not in text.stderr, text.stderr[-3000:]
+    assert "--group-size 96 does not divide the tiny LM's layer input sizes" in text.stderr
+    assert "training step" not in text.stdout, text.stdout
+
+
 # ---------------------------------------------------------------------------------------------- push_to_hub.py
 @pytest.fixture(scope="module")
 def fake_hub():
