@@ -443,8 +443,8 @@ def _kind_of_value(value: Any, column: str) -> str:
     if _is_conversation(value):
         return "chat"
     raise ValueError(
-        f"column {column!r} holds {type(value).__name__} values; COMQ calibrates on images (PIL), text (str) or chat "
-        "conversations (lists of {'role', 'content'} messages)"
+        f"column {column!r} holds {type(value).__name__} values; hf_comq reads images (PIL), text (str) or chat "
+        "conversations (lists of {'role', 'content'} messages): name such a column (dataset_column, hf-comq: --column)"
     )
 
 

@@ -518,7 +518,7 @@ def test_non_image_values_in_an_image_column_are_rejected(vit):
 
 def test_column_of_numbers_is_rejected(vit):
     dataset = datasets.Dataset.from_dict({"label": [1, 2]})
-    with pytest.raises(ValueError, match=r"holds int values; COMQ calibrates on images \(PIL\), text \(str\) or chat conversations"):
+    with pytest.raises(ValueError, match=r"holds int values; hf_comq reads images \(PIL\), text \(str\) or chat conversations .*: name such a column"):
         build_calibration_data(vit, _config(dataset, dataset_column="label"))
 
 
