@@ -38,11 +38,13 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .compat import saved_state_dict_names, was_loaded
 from .nn.quant_linear import PACKED_TENSORS, COMQLinear, get_linear_weight, group_count, is_linear_like, linear_shape
@@ -380,6 +382,15 @@ def packed_in_checkpoint(
     return held
 
 
+def shadowing_single_file(checkpoint_files: Iterable[str]) -> str | None:
+    """The path of a lone ``model.safetensors`` that has a sharded checkpoint's index beside it
+    (loaders take the single file first), else ``None``."""
+    files = [Path(file) for file in checkpoint_files]
+    if len(files) == 1 and files[0].name == SAFE_WEIGHTS_NAME and (files[0].parent / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        return str(files[0])
+    return None
+
+
 def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], scheme: PackedScheme) -> None:
     """Compare the packed tensors in the safetensors headers with the shells, before loading.
 
@@ -400,6 +411,12 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], sc
         if (tensor := getattr(module, buffer)) is not None
     }
     if not header:
+        shadowing = shadowing_single_file(checkpoint_files)
+        if shadowing is not None:
+            raise CheckpointError(
+                f"{shadowing} holds no packed tensors, and loaders read it instead of the sharded checkpoint "
+                f"beside it ({SAFE_WEIGHTS_INDEX_NAME}): a file left by an earlier save; remove it"
+            )
         raise CheckpointError(
             "the checkpoint holds no packed tensors (*.weight_packed) although its config.json declares "
             f"compressed-tensors {PACK_QUANTIZED!r} weights; it was not saved from a quantized model"

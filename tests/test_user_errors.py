@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,6 +242,20 @@ def test_load_quantized(vit_dir, quantized_dir, tmp_path) -> None:
         with pytest.raises(FileNotFoundError, match=r"no checkpoint folder at .*no-such-folder: check the path"):
             load_quantized(missing)  # not tried as a Hub id: no connection error, no repo-id rules
 
+
+
+def test_a_stale_single_file_beside_a_sharded_checkpoint_is_named(vit_dir, quantized_dir, tmp_path) -> None:
+    """A model.safetensors of another save beside an index (left by an older hf_comq, or by transformers
+    for a full-precision model): loaders read it first, so the load failed on it with no word of why."""
+    folder = tmp_path / "sharded"
+    shutil.copytree(quantized_dir, folder)
+    model = load_quantized(quantized_dir)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    shutil.copy(vit_dir / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors holds no packed tensors, and loaders read it instead of "
+                                              r"the sharded checkpoint beside it .*: a file left by an earlier save; remove it"):  # fmt: skip
+        load_quantized(folder)
 
 # ---------------------------------------------------------------------------------------------- CLI
 def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
