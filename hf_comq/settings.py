@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -56,6 +57,9 @@ def is_missing_local_path(name: str | os.PathLike) -> bool:
 def setting(default: Any, kind: str, help: str) -> Any:
     """A field of the table: its default, its kind (see the module docstring) and one line of help."""
     return field(default=default, metadata={"kind": kind, "help": help})
+
+
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 
 @dataclass(repr=False, eq=False)
@@ -221,12 +225,21 @@ class COMQSettings:
         self._check_dataset()
         if self.processor is not None and isinstance(self.processor, str) and not self.processor.strip():
             raise ValueError("processor: got an empty string; pass a processor object, a path, or None")
+        if self.processor is not None and not isinstance(self.processor, (str, os.PathLike)) and not callable(self.processor):
+            raise ValueError(
+                f"processor: got {type(self.processor).__name__}; pass a tokenizer or image processor (object or path), "
+                "or None for the model's own"
+            )
         _check_str("dataset_split", self.dataset_split, optional=False)
+        try:
+            check_split_name(self.dataset_split)
+        except ValueError as error:
+            raise ValueError(f"dataset_split: {error}") from None
         _check_str("dataset_column", self.dataset_column, optional=True)
         _check_int("num_samples", self.num_samples, 1, None, "use e.g. 128 calibration samples")
         _check_int("batch_size", self.batch_size, 1, None, "use e.g. 8")
         _check_int("max_length", self.max_length, 1, None, "use e.g. 512 tokens")
-        _check_int("seed", self.seed, 0, None, "use a non-negative integer")
+        _check_int("seed", self.seed, 0, MAX_SEED, "use a non-negative integer (torch's generators take 64 bits)")
         _check_bool("calibrate_all_experts", self.calibrate_all_experts)
         _check_choice("sum_dtype", self.sum_dtype, SUM_DTYPES)
         _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['vit.layers.0'] or ['q_proj']")
@@ -273,11 +286,33 @@ class COMQSettings:
             return
         if isinstance(data, (list, tuple)) and len(data) == 0:
             raise ValueError("dataset: the list is empty; pass at least one calibration sample")
+        if isinstance(data, (set, frozenset)):
+            raise ValueError(
+                "dataset: a set has no order, so the seeded choice of samples would change from run to run; "
+                "pass a list (e.g. sorted(...))"
+            )
+        if isinstance(data, Iterator):
+            raise ValueError(
+                f"dataset: got a {type(data).__name__}, which can be read only once; pass a list (list(...)), "
+                "a datasets.Dataset or an IterableDataset (datasets.IterableDataset.from_generator)"
+            )
         if isinstance(data, (bytes, int, float, bool)) or not hasattr(data, "__iter__"):  # tensors iterate too
             raise ValueError(
                 f"dataset: unsupported type {type(data).__name__}; pass a datasets.Dataset/IterableDataset, "
                 "a dataset name or local path, a list of PIL images or strings, a tensor, or a list of dicts"
             )
+
+
+def check_split_name(split: str) -> None:
+    """One line for datasets' split arithmetic (``"train[:512]"``, ``"train+test"``): data files are
+    streamed, where datasets takes no slices (a single file would silently be read whole), and the
+    rows used are chosen by count and seed, not by position."""
+    if "[" in split or "+" in split:
+        whole = split.split("[")[0].split("+")[0]
+        raise ValueError(
+            f"split {split!r}: hf_comq reads whole splits, not slices or sums of them; name one split ({whole!r}) "
+            "and set how many of its rows are used: num_samples (hf-comq quantize: --num-samples; evaluate: --limit)"
+        )
 
 
 def _plain_scalar(value: Any) -> Any:

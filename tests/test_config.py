@@ -168,8 +168,15 @@ class _FakeDataset:
         return len(self.rows)
 
 
+class _FakeProcessor:
+    """Stands for a tokenizer object: callable, not JSON serializable."""
+
+    def __call__(self, *args, **kwargs):
+        return {}
+
+
 def test_in_memory_data_never_reaches_json():
-    dataset, processor = _FakeDataset(), object()
+    dataset, processor = _FakeDataset(), _FakeProcessor()
     config = COMQConfig(dataset=dataset, processor=processor)
     data = calibration(config)
     assert data["dataset"] is None and data["processor"] is None
@@ -273,7 +280,7 @@ def test_every_setting_has_a_kind_and_a_help_text():
 
 
 def test_deepcopy_shares_dataset_and_processor():
-    dataset, processor = _FakeDataset(), object()
+    dataset, processor = _FakeDataset(), _FakeProcessor()
     config = COMQConfig(dataset=dataset, processor=processor, modules_to_not_convert=["classifier"])
     clone = copy.deepcopy(config)
     assert clone.dataset is dataset and clone.processor is processor

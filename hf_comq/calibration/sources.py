@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..settings import DATA_FILE_BUILDERS, is_missing_local_path
+from ..settings import DATA_FILE_BUILDERS, check_split_name, is_missing_local_path
 
 logger = logging.get_logger(__name__)
 
@@ -32,7 +32,6 @@ __all__ = [
     "TEXT_COLUMNS",
     "TOKEN_COLUMNS",
     "check_local_sources",
-    "check_split_name",
     "column_names",
     "data_file_builder",
     "dataset_from_list",
@@ -215,18 +214,6 @@ def named_decoding_errors(source: Any) -> Iterator[None]:
         raise ValueError(
             f"{where} is not UTF-8 text ({error.reason}); re-encode it as UTF-8 (e.g. with iconv -t utf-8)"
         ) from None
-
-
-def check_split_name(split: str) -> None:
-    """One line for datasets' split arithmetic (``"train[:512]"``, ``"train+test"``): data files are
-    streamed, where datasets takes no slices (a single file would silently be read whole), and the
-    rows used are chosen by count and seed, not by position."""
-    if "[" in split or "+" in split:
-        whole = split.split("[")[0].split("+")[0]
-        raise ValueError(
-            f"split {split!r}: hf_comq reads whole splits, not slices or sums of them; name one split ({whole!r}) "
-            "and set how many of its rows are used: num_samples (hf-comq quantize: --num-samples; evaluate: --limit)"
-        )
 
 
 def pick_split(dataset_dict: Mapping[str, Any], split: str, what: str) -> Any:
