@@ -204,7 +204,9 @@ class COMQHfQuantizer(HfQuantizer):
         if not converted:
             raise RuntimeError("COMQ calibration finished without converting any layer; nothing was quantized")
         config = self.quantization_config
-        config.hf_comq_version = None  # quantized by this version (a config read from a checkpoint named its maker)
+        # Quantized by this version, from this model: a config read from a checkpoint named its maker and base.
+        config.hf_comq_version, config.other_producer = None, False
+        config.base_model = config.base_model_folder = None
         config.ignore = full_precision_layers(model)
         if config.ignore:
             logger.info("COMQ kept %d linear layers in full precision: %s", len(config.ignore), config.ignore)

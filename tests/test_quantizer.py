@@ -689,3 +689,15 @@ def test_a_mixture_of_experts_loads_its_experts_straight_into_per_expert_layers(
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
 
+
+
+def test_settings_read_from_another_checkpoint_record_this_quantization_not_that_one(fp_checkpoints, tmp_path):
+    """A config from ``COMQConfig.from_dict`` of a checkpoint's quantization_config names that checkpoint's
+    base model (and, for another tool's checkpoint, no COMQ record): quantizing a local folder with it
+    recorded the other base model (card metadata and link too) or saved no COMQ record and no card."""
+    model = quantize_tiny(fp_checkpoints["llama"], T.LlamaForCausalLM, base_model="someorg/other-model", other_producer=True)
+    model.save_pretrained(tmp_path / "q")
+    stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["comq"]
+    assert stored["base_model"] is None and stored["base_model_folder"] == "llama"
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "someorg/other-model" not in card
