@@ -265,7 +265,7 @@ def dataset_from_list(items: Sequence[Any], column: str) -> Any:
 
 def seeded_subset(dataset: Any, count: int, seed: int, column: str | None = None) -> Any:
     """The first ``count`` rows after ``datasets``' seeded shuffle (all rows, with a warning, if fewer exist),
-    passing over rows whose ``column`` is blank (:func:`is_blank`).
+    passing over rows whose ``column`` is blank (:func:`is_blank`) or missing (an image column's ``None``).
 
     A blank text has no tokens to calibrate on, yet taken into the subset it would count as
     a sample (text corpora such as wikitext are about a third blank lines).  Where no row is
@@ -281,7 +281,7 @@ def seeded_subset(dataset: Any, count: int, seed: int, column: str | None = None
         if total == 0:
             raise ValueError("the calibration dataset is empty: it has no samples")
         shuffled = dataset.shuffle(seed=seed, keep_in_memory=True)
-        if column is None or not _may_be_blank(dataset.features.get(column)):
+        if column is None or not (_may_be_blank(dataset.features.get(column)) or _has_nulls(dataset, column)):
             if count > total:
                 warn_too_few(total, count)
             return shuffled.select(range(min(count, total)), keep_in_memory=True)
@@ -316,13 +316,21 @@ def _may_be_blank(feature: Any) -> bool:
     return type(feature).__name__ in ("List", "LargeList", "Sequence")
 
 
+def _has_nulls(dataset: Any, column: str) -> bool:
+    """Whether ``column`` holds missing values (an image column's ``None``), read from the Arrow
+    table's null count: nothing is decoded."""
+    return column in dataset.data.column_names and dataset.data.column(column).null_count > 0
+
+
 def _rows_with_data(shuffled: Any, column: str, count: int) -> list[int]:
-    """The first ``count`` rows of ``shuffled`` whose ``column`` is not blank, read a chunk of rows at a time."""
+    """The first ``count`` rows of ``shuffled`` whose ``column`` is not blank, read a chunk of rows at a time
+    as Arrow values (an image is its stored bytes, not decoded)."""
     rows: list[int] = []
     start, total = 0, len(shuffled)
+    raw = shuffled.select_columns([column]).with_format("arrow")
     while len(rows) < count and start < total:
         stop = min(total, start + 2 * max(count - len(rows), 64))
-        values = shuffled.select(range(start, stop), keep_in_memory=True)[column]
+        values = raw[start:stop][column].to_pylist()
         rows += [row for row, value in zip(range(start, stop), values) if not is_blank(value)]
         start = stop
     return rows[:count]

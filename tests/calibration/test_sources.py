@@ -75,6 +75,22 @@ def test_a_text_subset_passes_over_blank_texts_and_is_unchanged_without_them(cap
     assert sorted(row["text"] for row in streamed) == ["a", "b"]
 
 
+def test_an_image_subset_passes_over_missing_images_as_the_stream_does():
+    """A None in an indexed Dataset's image column reached the image processor, after the weights
+    had loaded; the streamed form of the same data passed it over."""
+    pictures = images(4)
+    table = datasets.Dataset.from_dict({"image": [pictures[0], None, pictures[1], None, pictures[2], pictures[3]]},
+                                       features=datasets.Features({"image": datasets.Image()}))  # fmt: skip
+    picked = seeded_subset(table, 6, seed=0, column="image")["image"]
+    assert len(picked) == 4 and all(image is not None for image in picked)
+    streamed = [row["image"] for row in seeded_subset(table.to_iterable_dataset(), 6, seed=0, column="image")]
+    assert len(streamed) == 4 and all(image is not None for image in streamed)
+    whole = datasets.Dataset.from_dict({"image": pictures}, features=datasets.Features({"image": datasets.Image()}))
+    assert [image.tobytes() for image in seeded_subset(whole, 3, seed=1, column="image")["image"]] == [
+        image.tobytes() for image in whole.shuffle(seed=1).select(range(3))["image"]
+    ]
+
+
 def test_a_subset_larger_than_the_data_takes_all_of_it(caplog):
     table = datasets.Dataset.from_dict({"text": ["a", "b"]})
     assert sorted(seeded_subset(table, 9, seed=0)["text"]) == ["a", "b"]
