@@ -11,13 +11,14 @@ build's pause (announced in one log line) before a caller's progress bar rather 
 """
 
 from .build import DISABLE_ENV_VAR, active_path, build_ahead
-from .linear import dequantize_packed, packed_linear, refuse_trainable_scale
+from .linear import check_float_input, dequantize_packed, packed_linear, refuse_trainable_scale
 from .solver_ops import compiled_solver_ops
 
 __all__ = [
     "DISABLE_ENV_VAR",
     "active_path",
     "build_ahead",
+    "check_float_input",
     "compiled_solver_ops",
     "dequantize_packed",
     "packed_linear",

@@ -121,6 +121,13 @@ def needs_autograd(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
     )
 
 
+def check_float_input(x: torch.Tensor) -> None:
+    """Refuse an integer input as ``nn.Linear`` does: the weight cast to its dtype would be truncated
+    to integers and the layer would answer with garbage."""
+    if not x.is_floating_point():
+        raise TypeError(f"packed_linear: x must be a floating-point tensor, got {x.dtype} (token ids go to an embedding)")
+
+
 def check_packed_inputs(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -137,6 +144,7 @@ def check_packed_inputs(
     """
     if not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"packed_linear: bits must be an integer in 1..8, got {bits!r}")
+    check_float_input(x)
     if x.dim() == 0:
         raise ValueError("packed_linear: x must have at least one dimension (the input features)")
     if in_features is not None and x.shape[-1] != in_features:

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: weight stored transposed, (in, out)
 
-from ..kernels import dequantize_packed, packed_linear, refuse_trainable_scale
+from ..kernels import check_float_input, dequantize_packed, packed_linear, refuse_trainable_scale
 from ..packing import pack_codes, pack_zero_points, packed_width, unpack_codes, unpack_zero_points
 from ..solver import QuantizedWeight
 from ..solver.options import resolve_group_size
@@ -291,7 +291,9 @@ class COMQLinear(nn.Module):
         The kernel needs them unpacked on every call; they are tiny, but unpacking them per
         call would cost a noticeable share of a one-token forward.  The cache is keyed on the
         packed tensor's identity, storage and version counter, so loading or editing the
-        checkpoint tensor invalidates it; under ``torch.compile`` they are unpacked in the graph.
+        checkpoint tensor invalidates it (in place under ``torch.no_grad()``, or by assigning a
+        new tensor; a write through ``.data`` or a NumPy view bypasses the version counter and
+        is not seen); under ``torch.compile`` they are unpacked in the graph.
         They are unpacked outside ``torch.inference_mode`` even when called under it: an
         inference tensor in the cache would break every later forward that autograd records.
         """
@@ -339,6 +341,7 @@ class COMQLinear(nn.Module):
         return weight.t() if self.transposed_source else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float_input(x)
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.transposed_source:
             if torch.is_grad_enabled():

@@ -196,6 +196,15 @@ def test_an_input_of_the_wrong_width_is_refused(features, path):
         layer(x)
 
 
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_an_integer_input_is_refused_as_nn_linear_refuses_it(layout):
+    """The weight was cast to the input's dtype: token ids in gave a tensor of truncated garbage out."""
+    module = linear() if layout == "linear" else Conv1D(24, 64)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+        layer(torch.randint(0, 9, (3, 64)))
+
+
 def test_the_weight_dtype_follows_casts_as_a_dense_layer_does():
     """transformers' T5 casts its feed-forward input to ``wo.weight.dtype``: after ``model.to(torch.bfloat16)``
     a packed ``wo`` must say bf16, as a dense one does, and ``dequantize()`` must give bf16 layers."""
