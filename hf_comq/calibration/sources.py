@@ -154,11 +154,21 @@ def _load_data_folder(folder: Path, split: str) -> Any:
     except ValueError as error:
         if not str(error).startswith("Bad split"):
             raise
-        stems = sorted({_split_of(file) for file in folder.iterdir() if data_file_builder(file) is not None})
+        splits = sorted(_inferred_splits(folder) | {_split_of(file) for file in folder.iterdir() if data_file_builder(file)})
         raise ValueError(
-            f"split {split!r} not found in folder {folder.name!r}, whose data files give the splits {stems}; "
+            f"split {split!r} not found in folder {folder.name!r}, whose data files give the splits {splits}; "
             "name one of them (a file <split>.parquet / .json / ... is read as that split)"
         ) from None
+
+
+def _inferred_splits(folder: Path) -> set[str]:
+    """The splits ``datasets`` finds in a folder by its own file naming rules (``data/train-*``...)."""
+    from datasets.data_files import get_data_patterns
+
+    try:
+        return {str(name) for name in get_data_patterns(str(folder))}
+    except Exception:  # nothing it recognises: the caller lists the files' own names
+        return set()
 
 
 def split_files(folder: Path, split: str) -> tuple[str, list[str]] | None:

@@ -145,6 +145,11 @@ def test_a_folder_reads_files_named_after_any_split(tmp_path):
     assert _texts_in(load_dataset_source(str(tmp_path), "test")[0]) == test
     with pytest.raises(ValueError, match=r"^split 'train' not found in folder .* the splits \['calibration', 'test'\]"):
         load_dataset_source(str(tmp_path), "train")
+    hub_layout = tmp_path / "hub"
+    for name in ("train", "test"):
+        datasets.Dataset.from_dict({"text": sentences(2)}).to_json(str(hub_layout / "data" / f"{name}.jsonl"))
+    with pytest.raises(ValueError, match=r"^split 'validation' not found in folder 'hub', .* the splits \['test', 'train'\]"):
+        load_dataset_source(str(hub_layout), "validation")
 
 
 def test_a_split_in_two_formats_is_one_line(tmp_path):
