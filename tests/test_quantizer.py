@@ -494,7 +494,7 @@ def fake_calibration(monkeypatch):
     [
         ({"dataset_column": "txt"}, r"dataset column 'txt' does not exist; available columns: \['text'\]"),
         ({"dataset": "dict", "dataset_split": "validation"}, r"split 'validation' not found in the DatasetDict"),
-        ({"dataset": (text for text in ["the cat"])}, "unsupported calibration dataset of type generator"),
+        ({"dataset": (text for text in ["the cat"])}, "dataset: got a generator, which can be read only once"),
         ({"dataset": images(2)}, "the calibration data is images, but LlamaForCausalLM.forward takes no pixel_values"),
     ],
 )
@@ -513,6 +513,34 @@ def test_data_mistakes_are_one_line_before_the_weights_load(fp_checkpoints, monk
         T.LlamaForCausalLM.from_pretrained(
             fp_checkpoints["llama"], quantization_config=COMQConfig(processor=word_tokenizer(), **settings)
         )
+    assert loaded == []
+
+
+@pytest.mark.parametrize(
+    "arch, settings, message",
+    [
+        ("llama", {"dataset": torch.randint(60, 200, (4, 8))}, r"token id \d+, but LlamaForCausalLM's input embedding has 64 rows"),
+        ("llama", {"dataset": "floats"}, r"column 'input_ids' must hold lists of integer token ids"),
+        ("llama", {"dataset": "short mask"}, r"column 'attention_mask' must hold one entry per token of input_ids"),
+        ("llama", {"dataset": torch.randint(0, 64, (4, 8)), "block_name": "model.blocks"},
+         r"block_name='model.blocks' does not name a submodule of LlamaForCausalLM"),
+        ("vit", {"dataset": torch.randn(4, 1, 32, 32)}, r"pixel_values tensor has 1 channels .* takes 3 \(config.num_channels\)"),
+    ],
+)  # fmt: skip
+def test_data_mistakes_in_a_first_batch_are_one_line_before_the_weights_load(fp_checkpoints, monkeypatch, arch, settings,
+                                                                             message):  # fmt: skip
+    """Mistakes that only encoding a batch shows (or the model's structure): found in the calibration pass
+    before, after every weight had loaded."""
+    import datasets
+
+    loaded = []
+    monkeypatch.setattr(COMQHfQuantizer, "_process_model_after_weight_loading", lambda self, model, **kw: loaded.append(1))
+    rows = {"floats": {"input_ids": [[1.0, 2.0], [3.0, 4.0]]}, "short mask": {"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]}}
+    if isinstance(settings["dataset"], str):
+        settings = {**settings, "dataset": datasets.Dataset.from_dict(rows[settings["dataset"]])}
+    model_class = T.LlamaForCausalLM if arch == "llama" else T.ViTForImageClassification
+    with pytest.raises(ValueError, match=message):
+        model_class.from_pretrained(fp_checkpoints[arch], quantization_config=COMQConfig(**settings))
     assert loaded == []
 
 

@@ -156,6 +156,7 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
             else ", AutoTokenizer.from_pretrained(MODEL), or pass the texts themselves"
         )  # fmt: skip
         data = replace(data, encode=_checking_token_ids(data.encode, vocabulary, type(model).__name__, fix))
+    next(iter(data), None)  # one batch encoded now: its mistakes (token ids, a column's type) before any weight loads
     return data
 
 
@@ -555,6 +556,12 @@ def _from_tensor(model: nn.Module, config: Any, tensor: torch.Tensor) -> Calibra
         )
     if tensor.shape[0] == 0 or tensor.numel() == 0:
         raise ValueError("the calibration dataset is empty: the tensor has no samples")
+    channels = image_channels(model, None) if key == "pixel_values" else None
+    if channels is not None and tensor.shape[1] != channels:
+        raise ValueError(
+            f"the calibration pixel_values tensor has {tensor.shape[1]} channels (shape {tuple(tensor.shape)}), but "
+            f"{type(model).__name__} takes {channels} (config.num_channels); pass (batch, {channels}, height, width)"
+        )
     indices = _choose_indices(tensor.shape[0], config.num_samples, config.seed)
     keep = model_input_names(model)
     if keep is not None and key not in keep:

@@ -346,10 +346,9 @@ def test_a_conversation_the_chat_template_cannot_write_is_one_line(llama):
         "{% endif %}{{ m['content'] }} {% endfor %}"
     )
     conversations = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]]
-    data = build_calibration_data(llama, _config(datasets.Dataset.from_dict({"messages": conversations}), processor=tokenizer))
     with pytest.raises(ValueError, match=r"chat template could not write a calibration conversation \(TemplateError: "
                        r"System role not supported\); give conversations the roles"):  # fmt: skip
-        _collect(data)
+        build_calibration_data(llama, _config(datasets.Dataset.from_dict({"messages": conversations}), processor=tokenizer))
 
 
 def test_empty_strings_are_dropped(llama, tokenizer):
