@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.utils import logging
@@ -67,6 +68,7 @@ def encode_images(processor: Any, images: list[Any], channels: int | None = 3) -
     from PIL import Image
 
     images = [open_image_file(image) if is_image_path(image) else image for image in images]
+    images = [to_eight_bits(image) if isinstance(image, Image.Image) else image for image in images]
     mode = _MODES_BY_CHANNELS.get(channels) if channels is not None else None
     if mode is not None:
         images = [
@@ -80,6 +82,23 @@ def encode_images(processor: Any, images: list[Any], channels: int | None = 3) -
             f"({sorted({type(image).__name__ for image in images})}): {error}"
         ) from error
     return dict(encoded)
+
+
+def to_eight_bits(image: Any) -> Any:
+    """A 16- or 32-bit integer image (mode ``I;16``, ``I``: 16-bit PNG or TIFF scans) on the 0-255 scale
+    every other mode is on.  PIL's ``convert`` clips such an image's values above 255, which turns a
+    16-bit picture nearly all white; its range is scaled instead (16 bits to 8, or by its maximum
+    beyond 16 bits).  Other modes are returned as they are."""
+    from PIL import Image
+
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    top = float(values.max(initial=0.0))
+    if top <= 255:
+        return image
+    full_scale = 65535.0 if top <= 65535 else top
+    return Image.fromarray(np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8), mode="L")
 
 
 def is_image_path(value: Any) -> bool:

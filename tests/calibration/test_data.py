@@ -250,6 +250,20 @@ def test_grayscale_images_are_converted_to_rgb(vit):
     assert batches[0]["pixel_values"].shape == (2, 3, 32, 32)
 
 
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped():
+    """PIL's convert clips 16-bit values above 255: a full-range scan came out nearly all white."""
+    from PIL import Image
+
+    from hf_comq.calibration.processors import to_eight_bits
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    scaled = np.asarray(to_eight_bits(Image.fromarray(ramp)).convert("RGB"))
+    assert scaled.min() == 0 and scaled.max() == 255 and (scaled == 255).mean() < 0.01
+    np.testing.assert_array_equal(scaled[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    dark = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))  # on the 8-bit scale already: kept as it is
+    assert to_eight_bits(dark) is dark
+
+
 def test_a_padless_tokenizer_is_not_changed_and_needs_no_pad_token(llama):
     """Calibration pads its batches itself (masked positions, id 0): the caller's tokenizer, which
     hf-comq quantize saves next to the weights, keeps having no pad token, whatever the batch size."""
