@@ -58,6 +58,12 @@ def check_output(output: Path, overwrite: bool, source: str | None = None) -> No
                 f"--overwrite only replaces a checkpoint hf-comq wrote, and {output} holds other files ({listed}); "
                 "choose another --output, or empty the folder yourself"
             )
+        foreign = sorted(entry.name for entry in output.iterdir() if not _saved_by_a_checkpoint(entry))
+        if foreign:
+            raise CLIError(
+                f"--overwrite replaces the whole folder, and {output} holds files besides the checkpoint "
+                f"({', '.join(foreign[:5])}); move them out, or choose another --output"
+            )
     _check_writable(output)
 
 
@@ -85,6 +91,21 @@ def is_comq_checkpoint_folder(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return is_packed_checkpoint(config) and isinstance(config["quantization_config"].get(PROVENANCE_KEY), dict)
+
+
+_CHECKPOINT_FILE = re.compile(
+    r"(config|generation_config|preprocessor_config|processor_config|video_preprocessor_config|tokenizer_config"
+    r"|special_tokens_map|added_tokens|chat_template|vocab|model\.safetensors\.index)\.json"
+    r"|model(-\d+-of-\d+)?\.safetensors|README\.md|tokenizer\.(json|model)|chat_template\.jinja"
+    r"|vocab\.txt|merges\.txt|spiece\.model|sentencepiece\.bpe\.model"
+    r"|(configuration|modeling|tokenization|processing|image_processing)_\w+\.py"  # a custom-code model's own code
+)
+"""Names of the files a save of a model with its processor or tokenizer writes (transformers' and
+hf_comq's): the folder ``--overwrite`` replaces holds nothing else."""
+
+
+def _saved_by_a_checkpoint(entry: Path) -> bool:
+    return entry.is_file() and _CHECKPOINT_FILE.fullmatch(entry.name) is not None
 
 
 def _check_writable(output: Path) -> None:

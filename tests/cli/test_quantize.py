@@ -159,6 +159,12 @@ def test_quantize_refuses_a_non_empty_output_unless_overwrite(capsys, tmp_path, 
     # the baseline rounds each layer's own weight: not aimed at the full-precision outputs, the default at 3 bits
     assert stored["comq"]["selection"]["fp_target"] is False
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "out"]
+    # nor a checkpoint's folder that holds the user's own files beside it (notes, a clone's .git)
+    (checkpoint / "notes.txt").write_text("mine")
+    (checkpoint / ".git").mkdir()
+    code, _, err = run_cli(capsys, *argv, "--overwrite", "--rtn")
+    assert code == 1 and "holds files besides the checkpoint (.git, notes.txt); move them out" in error_line(err)
+    assert (checkpoint / "notes.txt").read_text() == "mine" and (checkpoint / ".git").is_dir()
 
 
 def test_quantize_pushes_to_the_hub(tmp_path, vit_dir, image_data) -> None:
