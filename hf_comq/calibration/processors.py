@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -149,16 +150,40 @@ def encode_texts(processor: Any, texts: list[str], max_length: int, vocabulary: 
         if not picked:
             continue
         try:
-            encoded = processor(
-                text=[texts[index] for index in picked], add_special_tokens=not skip_specials,
-                truncation=True, max_length=max_length,
-            )  # fmt: skip
+            with backend_settings_kept(tokenizer):
+                encoded = processor(
+                    text=[texts[index] for index in picked], add_special_tokens=not skip_specials,
+                    truncation=True, max_length=max_length,
+                )  # fmt: skip
         except Exception as error:
             raise ValueError(f"{type(processor).__name__} could not tokenize the texts: {error}") from error
         for position, index in enumerate(picked):
             rows[index] = {name: list(encoded[name][position]) for name in TOKEN_COLUMNS if name in encoded}
     columns = {name: [row[name] for row in rows] for name in TOKEN_COLUMNS if name in rows[0]}
     return padded_token_batch(columns, max_length, padding_id(tokenizer, vocabulary))
+
+
+@contextmanager
+def backend_settings_kept(tokenizer: Any) -> Iterator[None]:
+    """Put a fast tokenizer's truncation and padding back as they were after a call: the call's
+    ``truncation=True, max_length=...`` stays set in its Rust backend, and a saved tokenizer.json
+    would then cut every input at calibration's length for whatever reads it with ``tokenizers``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        yield
+        return
+    truncation, padding = backend.truncation, backend.padding
+    try:
+        yield
+    finally:
+        if truncation is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(**truncation)
+        if padding is None:
+            backend.no_padding()
+        else:
+            backend.enable_padding(**padding)
 
 
 def vocabulary_size(model: nn.Module) -> int | None:

@@ -264,6 +264,18 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped():
     assert to_eight_bits(dark) is dark
 
 
+def test_the_tokenizers_backend_keeps_its_truncation_and_padding(llama):
+    """The call's truncation stayed set in the Rust backend, and a saved tokenizer.json cut every
+    input at calibration's length for what reads it with the tokenizers library."""
+    tokenizer = word_tokenizer()
+    before = (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding)
+    _collect(build_calibration_data(llama, _config(sentences(4), processor=tokenizer, max_length=5)))
+    assert (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding) == before
+    tokenizer.backend_tokenizer.enable_truncation(max_length=300)
+    _collect(build_calibration_data(llama, _config(sentences(4), processor=tokenizer, max_length=5)))
+    assert tokenizer.backend_tokenizer.truncation["max_length"] == 300
+
+
 def test_a_padless_tokenizer_is_not_changed_and_needs_no_pad_token(llama):
     """Calibration pads its batches itself (masked positions, id 0): the caller's tokenizer, which
     hf-comq quantize saves next to the weights, keeps having no pad token, whatever the batch size."""
