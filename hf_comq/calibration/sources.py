@@ -122,7 +122,10 @@ def load_dataset_source(
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 return pick_split(loaded, split, f"the dataset saved at {source!r}"), origin
-            return loaded, {**origin, "split": dataset_origin(loaded)["split"]}  # one dataset: the split it says
+            held = dataset_origin(loaded)["split"]  # one dataset: the split it says
+            if default_split is not None and split not in (default_split, held):
+                logger.warning(f"split {split!r} ignored: {source!r} holds one saved dataset (split {held!r}); all its rows are read")
+            return loaded, {**origin, "split": held}
         if path.is_file():
             builder = data_file_builder(path)
             if builder is None:
@@ -150,7 +153,7 @@ def _load_data_folder(folder: Path, split: str) -> Any:
         builder, files = named
         return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True)
     try:
-        return datasets.load_dataset(str(folder), split=split, streaming=True)
+        loaded = datasets.load_dataset(str(folder), split=split, streaming=True)
     except ValueError as error:
         if not str(error).startswith("Bad split"):
             raise
@@ -159,6 +162,14 @@ def _load_data_folder(folder: Path, split: str) -> Any:
             f"split {split!r} not found in folder {folder.name!r}, whose data files give the splits {splits}; "
             "name one of them (a file <split>.parquet / .json / ... is read as that split)"
         ) from None
+    named_splits = sorted({_split_of(file) for file in folder.iterdir() if data_file_builder(file)})
+    if len(named_splits) > 1 and _inferred_splits(folder) == {split}:
+        logger.warning(
+            f"split {split!r} of folder {folder.name!r} reads all its data files as one split (datasets' rule for "
+            f"files named after no split), though their names give the splits {named_splits}; name one of those "
+            "to read only its files"
+        )
+    return loaded
 
 
 def _inferred_splits(folder: Path) -> set[str]:

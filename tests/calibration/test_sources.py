@@ -168,3 +168,30 @@ def test_a_single_file_warns_that_a_split_other_than_the_default_is_ignored(tmp_
         loaded, origin = load_dataset_source(str(file), "validation", "train")
     assert "split 'validation' ignored" in caplog.text and "single data file" in caplog.text
     assert _texts_in(loaded) == ["the cat"] and origin["split"] is None
+
+
+def test_the_default_split_of_a_folder_of_named_files_warns_that_it_reads_them_all(tmp_path, caplog):
+    """datasets reads a folder whose files name no split as one train split: calibration.parquet and
+    holdout.parquet were calibrated on together, held-out rows included, without a word."""
+    for name in ("calibration", "holdout"):
+        datasets.Dataset.from_dict({"text": sentences(2)}).to_parquet(str(tmp_path / f"{name}.parquet"))
+    with caplog.at_level("WARNING", logger="hf_comq.calibration.sources"):
+        loaded, _ = load_dataset_source(str(tmp_path), "train")
+    assert len(_texts_in(loaded)) == 4
+    assert "reads all its data files as one split" in caplog.text and "['calibration', 'holdout']" in caplog.text
+    caplog.clear()
+    shards = tmp_path / "shards"
+    for index in range(2):
+        datasets.Dataset.from_dict({"text": sentences(2)}).to_parquet(str(shards / f"data-0000{index}-of-00002.parquet"))
+    with caplog.at_level("WARNING", logger="hf_comq.calibration.sources"):
+        load_dataset_source(str(shards), "train")
+    assert not caplog.records
+
+
+def test_a_split_given_for_a_saved_single_dataset_is_ignored_with_a_warning(tmp_path, caplog):
+    datasets.Dataset.from_dict({"text": sentences(3)}).save_to_disk(str(tmp_path / "saved"))
+    with caplog.at_level("WARNING", logger="hf_comq.calibration.sources"):
+        load_dataset_source(str(tmp_path / "saved"), "train", "train")
+        assert not caplog.records
+        load_dataset_source(str(tmp_path / "saved"), "validation", "train")
+    assert "split 'validation' ignored" in caplog.text and "holds one saved dataset" in caplog.text
