@@ -377,6 +377,7 @@ def render_model_card(
         title=title,
         bits=config.bits,
         packed_percent=f"{100 * (packed_share or _estimated_packed_share(config)):.1f}",
+        grid_tensors="scales" if config.symmetric else "scales and zero points",  # a symmetric grid stores no zero point
         baseline=baseline[1] if baseline else None,
         base_model_md=base_model_md,
         model_class=model_class,

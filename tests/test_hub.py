@@ -354,6 +354,9 @@ def test_the_card_states_the_packed_size_with_scales_and_zero_points(tmp_path):
     assert f"about {100 * share:.1f} % of their fp32" in (tmp_path / "q" / README_NAME).read_text()
     estimated = split_card(str(render_model_card(config, None).content))[1]
     assert f"about {100 * (2 / 8 + 5 / 16) / 4:.1f} %" in estimated  # from the settings alone
+    assert "scales and zero points included" in estimated and "(integer codes, scales and zero points)" in estimated
+    symmetric = split_card(str(render_model_card(COMQConfig(bits=2, group_size=16, symmetric=True), None).content))[1]
+    assert "zero point" not in symmetric and "scales included" in symmetric  # a symmetric grid stores none
 
 
 def test_a_mixture_of_experts_card_says_the_experts_stay_in_full_precision(tmp_path):
