@@ -271,12 +271,20 @@ def modules_with_weight_buffers(model: nn.Module) -> list[str]:
 
 
 def expert_parameter_share(model: nn.Module, experts: Mapping[str, int] | None = None) -> float:
-    """The share of ``model``'s parameters in batched expert tensors, 0 without any.
+    """The share of ``model``'s weights in batched expert tensors, 0 without any.
 
     ``experts``: :func:`batched_expert_weights` of ``model`` when the caller has it already.
+    Packed layers count with the weights they stand for: their codes are buffers, and counted
+    as parameters only the float ones left, the share grew with every layer quantized.
     """
     elements = sum((batched_expert_weights(model) if experts is None else experts).values())
-    return elements / max(sum(param.numel() for param in model.parameters()), 1) if elements else 0.0
+    return elements / max(weight_count(model), 1) if elements else 0.0
+
+
+def weight_count(model: nn.Module) -> int:
+    """``model``'s parameters, a packed layer's weight counted as the float one it replaced."""
+    packed = sum(module.in_features * module.out_features for module in model.modules() if isinstance(module, COMQLinear))
+    return packed + sum(param.numel() for param in model.parameters())
 
 
 def _outside_block_lists(name: str) -> list[str]:

@@ -13,6 +13,7 @@ from hf_comq.modules import (
     batched_expert_weights,
     default_modules_to_not_convert,
     expert_layers,
+    expert_parameter_share,
     expert_projection_names,
     find_quantizable_linears,
     matches,
@@ -200,3 +201,15 @@ def test_buffers_named_weight_are_found():
     found = modules_with_weight_buffers(T.DetrForObjectDetection(config))
     assert found and all("backbone" in name for name in found)
     assert modules_with_weight_buffers(tiny_model("llama")) == []
+
+
+def test_the_expert_share_counts_packed_layers_as_the_weights_they_replaced(tmp_path):
+    """The card's "kept in full precision (N% of the parameters)" was counted on the quantized model,
+    whose packed layers hold buffers: the share grew with every other layer quantized."""
+    from tests.tiny import quantize_tiny
+
+    model = tiny_model("mixtral")
+    before = expert_parameter_share(model)
+    model.save_pretrained(tmp_path)
+    quantized = quantize_tiny(tmp_path, type(model), modules_to_not_convert=["experts"])
+    assert 0 < before < 1 and expert_parameter_share(quantized) == pytest.approx(before)
