@@ -118,6 +118,8 @@ def test_runtime_support_names_every_runtime_and_what_is_unverified():
     assert token_classifier.startswith("not checked") and "image" not in token_classifier
     moe = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", batched_experts=True))
     assert "does not load" in moe[PLAIN]
+    llama4 = dict(runtime_support(SCHEMES[0], "Llama4ForCausalLM", batched_experts=True))  # loads, experts random
+    assert llama4[PLAIN].startswith("does not load it correctly: it loads without an error, but with the experts' weights random")
     asymmetric_experts = dict(runtime_support(SCHEMES[0], "MixtralForCausalLM", quantized_experts=True))
     assert "drops the zero points" in asymmetric_experts[PLAIN]
     assert "Marlin" in asymmetric_experts["vLLM"] and "not run" in asymmetric_experts["vLLM"]  # W4 per channel
