@@ -34,7 +34,7 @@ import datetime
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -141,6 +141,29 @@ def agree_on(group: Group, settings: str, what: str = "calibration settings") ->
         raise CalibrationGroupError(
             f"rank {group.rank}: the ranks were started with different {what} (ranks {differing} differ from rank 0"
             f"{named}); start every rank with the same model, COMQConfig and calibration data"
+        )
+
+
+def agree_on_values(group: Group, digests: Mapping[str, str], what: str = "weights") -> None:
+    """Fail on every rank unless the tensors that ranks both hold have the same digests (name -> digest).
+
+    Only names held by both ranks are compared: a tensor one rank offloaded to disk and another
+    keeps in memory is digested by the one that holds it, so placement alone is no difference."""
+    if not group.is_parallel:
+        return
+    everyone: list[Any] = [None] * group.size
+    _collective(group, f"compare the ranks' {what}", torch.distributed.all_gather_object, everyone, dict(digests))
+    first = everyone[0]
+    differing = {
+        rank: names for rank, other in enumerate(everyone)
+        if (names := [name for name, digest in other.items() if name in first and first[name] != digest])
+    }  # fmt: skip
+    if differing:
+        rank, names = next(iter(differing.items()))
+        raise CalibrationGroupError(
+            f"rank {group.rank}: the ranks loaded different {what} (ranks {sorted(differing)} differ from rank 0, "
+            f"e.g. rank {rank} in {', '.join(names[:3])}); start every rank with the same model, COMQConfig and "
+            "calibration data"
         )
 
 

@@ -131,6 +131,7 @@ from .distributed import (
     agree_on,
     agree_on_shared_inputs,
     agree_on_stages,
+    agree_on_values,
     all_reduce_hessians,
     balanced_owners,
     current_group,
@@ -210,9 +211,9 @@ def quantize_model(
     group = current_group()
     _warn_about_a_launcher_without_group(group)
     settings = _Settings.from_config(config, solver)
-    if group.is_parallel:
-        weights += _resident_parameters_digest(model)
     agree_on(group, _fingerprint(model, layers, settings, config, data, parallel=group.is_parallel, weights=weights))
+    if group.is_parallel:
+        agree_on_values(group, _resident_parameter_digests(model))
     inputs = _ModelInputs(model, data.shard(group.rank, group.size), placement)
     groups = find_block_groups(model, getattr(config, "block_name", None))
     calibrator = _Calibrator(model, settings, inputs, group, list(layers), groups)
@@ -1418,14 +1419,17 @@ def _module_configs(model: nn.Module) -> Iterator[Any]:
             yield text_config()
 
 
-def _resident_parameters_digest(model: nn.Module) -> str:
-    """A digest of a sample of every parameter held in memory (embeddings, norms, biases; those offloaded
-    to disk are left out), so that ranks compare more than the layers :func:`check_finite_weights` reads."""
-    digest = hashlib.sha256()
+def _resident_parameter_digests(model: nn.Module) -> dict[str, str]:
+    """A digest of a sample of each parameter held in memory (embeddings, norms, biases; those offloaded
+    to disk are left out), by name, so that ranks compare more than the layers
+    :func:`check_finite_weights` reads, whatever each of them offloaded."""
+    digests = {}
     for name, parameter in model.named_parameters():
         if parameter.device.type != "meta":
+            digest = hashlib.sha256()
             _digest_sample(digest, name, parameter.detach(), 256)
-    return digest.hexdigest()
+            digests[name] = digest.hexdigest()
+    return digests
 
 
 def _digest_sample(digest: Any, name: str, tensor: torch.Tensor, values: int) -> None:

@@ -69,12 +69,17 @@ torch.set_num_threads(1)
 if scenario == "dies" and rank == 1:
     import hf_comq.calibration.sequential as sequential
     sequential._Calibrator._solve = lambda *args: os._exit(3)
+placement = {}
+if scenario == "other-placement" and rank == 1:  # its last block and final norm on disk, rank 0's all in memory
+    placement = dict(device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                                 "model.norm": "disk", "model.rotary_emb": "cpu", "lm_head": "cpu"},
+                     offload_folder=os.path.join(out, "offload1"))
 result = {}
 try:
-    for mode in MODES:
+    for mode in ["sequential"] if scenario == "other-placement" else MODES:
         bits = 3 if scenario == "different" and rank == 1 else 4
         config = calibration_config(mode, bits, data_seed=1 if scenario == "other-data" and rank == 1 else 0)
-        model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
+        model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, **placement)
         model.save_pretrained(os.path.join(out, mode))
         model.save_pretrained(os.path.join(out, f"rank{rank}-{mode}"))  # a folder of its own: only rank 0 writes
         result[mode] = summary_of(model)
@@ -259,8 +264,19 @@ def test_ranks_that_loaded_other_weights_of_the_same_architecture_stop_before_ca
     run_two_ranks(tmp_path, QUANTIZE, "other-weights", str(checkpoint), str(tmp_path))
     for rank in range(2):
         error = _read(tmp_path / f"rank{rank}.json")["error"]
-        assert "differ from rank 0 in weights)" in error and "\n" not in error
+        assert "the ranks loaded different weights (ranks [1] differ from rank 0, e.g. rank 1 in model.norm.weight)" in error
+        assert "\n" not in error
     assert not (tmp_path / "sequential").exists()
+
+
+def test_ranks_that_placed_the_same_weights_differently_calibrate_together(tmp_path):
+    """Which weights a rank offloads to disk is no difference between the ranks: comparing the weights
+    each held in memory stopped them, saying they had loaded different weights."""
+    run_two_ranks(tmp_path, QUANTIZE, "other-placement", str(_tiny_checkpoint(tmp_path)), str(tmp_path))
+    for rank in range(2):
+        result = _read(tmp_path / f"rank{rank}.json")
+        assert "error" not in result and result["sequential"]["ranks"] == 2, result
+    assert (tmp_path / "sequential" / "model.safetensors").is_file()
 
 
 def test_a_rank_dying_mid_calibration_stops_the_others_and_nothing_is_saved(tmp_path):
