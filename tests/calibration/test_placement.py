@@ -70,6 +70,26 @@ def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path,
         torch.testing.assert_close(offloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_a_disk_offloaded_model_with_tied_embeddings_saves_them_once_as_in_memory(tmp_path):
+    """accelerate's hooks swap an offloaded module's parameters as the forward passes: after calibration
+    lm_head and the embedding were two tensors, and the save wrote a full-precision copy of the embedding."""
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=True)
+                       ).save_pretrained(tmp_path / "fp")  # fmt: skip
+    in_memory = T.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=_config())
+    in_memory.save_pretrained(tmp_path / "memory")
+    offloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=_config(),
+                                                       device_map={"": "disk"}, offload_folder=str(tmp_path / "offload"))  # fmt: skip
+    assert offloaded.lm_head.weight is offloaded.model.embed_tokens.weight
+    offloaded.save_pretrained(tmp_path / "disk")
+    (expected, _), (got, _) = _saved(tmp_path / "memory"), _saved(tmp_path / "disk")
+    assert sorted(got) == sorted(expected) and "lm_head.weight" not in got
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=0, atol=0)
+
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self are Linux's")
 
 
