@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +200,8 @@ def image_logits(
             pixels = encode_images(processor, list(batch[image_column]), channels)["pixel_values"]
             logits.append(_class_logits(model(pixel_values=pixels.to(device=device, dtype=dtype)), model))
             if label_column is not None:
-                batch_labels = class_ids(batch[label_column], label_column, logits[-1].shape[-1], remap is None)
+                classes, owner = (logits[-1].shape[-1], "the model's") if remap is None else (len(remap), "the dataset's")
+                batch_labels = class_ids(batch[label_column], label_column, classes, check_range=True, owner=owner)
                 labels.append(remap[batch_labels] if remap is not None else batch_labels)
             bar.update(len(batch[image_column]))
     if not logits:
@@ -232,7 +234,9 @@ def _class_logits(output: Any, model: nn.Module) -> torch.Tensor:
     return logits.float().cpu()
 
 
-def class_ids(values: Sequence[Any] | torch.Tensor, column: str, classes: int, check_range: bool) -> torch.Tensor:
+def class_ids(
+    values: Sequence[Any] | torch.Tensor, column: str, classes: int, check_range: bool, owner: str = "the model's"
+) -> torch.Tensor:
     """A batch's labels as class ids, in one line where they are not integers or (unless the
     dataset's class names remap them) not among the model's ``classes`` outputs, which would
     otherwise fail inside torch or count silently as wrong predictions."""
@@ -247,7 +251,7 @@ def class_ids(values: Sequence[Any] | torch.Tensor, column: str, classes: int, c
     if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= classes):
         bad = int(ids.max()) if int(ids.max()) >= classes else int(ids.min())
         raise ValueError(
-            f"label {bad} in column {column!r} is not one of the model's {classes} classes (0 to {classes - 1}): "
+            f"label {bad} in column {column!r} is not one of {owner} {classes} classes (0 to {classes - 1}): "
             "the dataset's classes are not the ones the model predicts"
         )
     return ids
@@ -297,16 +301,33 @@ def _image_processor(model: nn.Module, processor: Any, caller: str) -> Any:
 
 
 def _label_remap(dataset: Any, label_column: str, model: nn.Module) -> torch.Tensor | None:
-    """``dataset id -> model id`` when both name the same classes in another order, else ``None``."""
+    """``dataset id -> model id`` where the dataset's class names are the model's in another order or
+    some of them (a subset of its classes), else ``None``: the ids are compared as they are.
+
+    Names that only partly match the model's (a folder can hold no ``T-shirt/top``) are one line:
+    compared as raw ids they would score a working model as broken.  A model with generic labels
+    (``LABEL_0``...) names nothing to match.
+    """
     features = getattr(dataset, "features", None) or {}
     names = getattr(features.get(label_column), "names", None)
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
-    if not names or len(id2label) != len(names):
+    if not names or not id2label:
         return None
     model_ids = {str(label): int(index) for index, label in id2label.items()}
-    if set(model_ids) != set(names) or all(model_ids[name] == index for index, name in enumerate(names)):
+    if all(re.fullmatch(r"LABEL_\d+", label) for label in model_ids):
         return None
-    logger.info("dataset and model order the class names differently; mapping labels by name")
+    unknown = [name for name in names if name not in model_ids]
+    if len(unknown) == len(names):
+        logger.warning("none of the dataset's class names is one of the model's; comparing class ids as they are")
+        return None
+    if unknown:
+        raise ValueError(
+            f"the dataset's class names {unknown[:5]} are not among the model's ({sorted(model_ids)[:10]}): name the "
+            "dataset's classes as the model's id2label does, or give labels as the model's class ids"
+        )
+    if all(model_ids[name] == index for index, name in enumerate(names)):
+        return None
+    logger.info("the dataset names its classes differently from the model's order; mapping labels by name")
     return torch.tensor([model_ids[name] for name in names], dtype=torch.long)
 
 

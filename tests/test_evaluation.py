@@ -89,6 +89,24 @@ def test_top1_maps_labels_by_class_name(vit) -> None:
     assert top1(vit, dataset, image_processor()).accuracy == 1.0
 
 
+def test_top1_maps_a_subset_of_the_models_classes_by_name_and_refuses_names_it_does_not_have(vit) -> None:
+    """Some of the model's classes (a subset of a test set) were compared by raw id and scored as wrong;
+    names that only partly match (a folder cannot be named T-shirt/top) scored at random."""
+    pictures = images(8, seed=4)
+    predicted = predictions(vit, pictures)
+    kept = [index for index, label in enumerate(predicted) if label != 0][:4]
+    subset = ["bee", "cat"]  # the model's classes 2 and 1, in the dataset's own order
+    labels = [subset.index(CLASSES[predicted[index]]) for index in kept]
+    dataset = image_dataset([pictures[index] for index in kept], labels, names=subset)
+    assert top1(vit, dataset, image_processor()).accuracy == 1.0
+    with pytest.raises(ValueError, match=r"the dataset's class names \['wasp'\] are not among the model's"):
+        top1(vit, image_dataset(pictures[:2], [0, 1], names=["bee", "wasp"]), image_processor())
+    unlabelled = datasets.Dataset.from_dict({"image": pictures[:2], "label": [-1, -1]},
+                                            features=image_dataset(pictures[:2], [0, 0], names=subset).features)  # fmt: skip
+    with pytest.raises(ValueError, match=r"label -1 in column 'label' is not one of the dataset's 2 classes"):
+        top1(vit, unlabelled, image_processor())
+
+
 def test_top1_loads_the_models_own_processor_and_reads_streamed_files(vit, tmp_path) -> None:
     vit.save_pretrained(tmp_path / "model")
     image_processor().save_pretrained(tmp_path / "model")
