@@ -196,8 +196,8 @@ def _cell(value: Any) -> str:
     """Format a value for a Markdown table cell."""
     if isinstance(value, bool):
         text = "yes" if value else "no"
-    elif isinstance(value, float):
-        text = str(round(value, 4))
+    elif isinstance(value, float):  # a small value (a KL divergence) in significant digits, not rounded to 0
+        text = str(round(value, 4)) if value == 0 or abs(value) >= 1e-3 else f"{value:.3g}"
     elif isinstance(value, (list, tuple)):
         text = ", ".join(f"`{item}`" for item in value)
     else:

@@ -258,6 +258,8 @@ def test_render_flat_metrics_and_yaml_safe_tags():
     metadata, body = split_card(str(card))
     assert metadata["tags"] == ["comq", "compressed-tensors", "quantized", "3-bit", 'needs: "quotes"']
     assert "| perplexity | 12.3457 |" in body and "| note | a\\|b |" in body
+    small = split_card(str(render_model_card(comq_config(), None, {"kl": 8.0312e-05, "zero": 0.0}, None)))[1]
+    assert "| kl | 8.03e-05 |" in small and "| zero | 0.0 |" in small  # a KL divergence was rounded to 0.0001 or 0.0
 
 
 def _declared_metadata(*project_urls: str, home_page: str | None = None) -> email.message.Message:

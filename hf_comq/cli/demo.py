@@ -214,7 +214,7 @@ def format_demo_table(rows: list[DemoRow]) -> str:
                 f"{row.top1:.4f}",
                 "" if is_fp else f"{100 * (row.top1 - fp.top1):+.2f} pt",
                 f"{row.agreement:.4f}",
-                f"{1e3 * row.kl:.3f}",
+                f"{1e3 * row.kl:.3f}" if 1e3 * row.kl >= 0.01 or row.kl == 0 else f"{1e3 * row.kl:.2g}",  # W8: tiny, not 0
                 "" if row.seconds is None else f"{row.seconds:.1f} s",
                 "" if row.size is None else megabytes(row.size),
                 "" if is_fp or row.size is None or fp.size is None else f"{row.size / fp.size:.2f}x",

@@ -81,3 +81,16 @@ def test_demo_never_reads_chance_as_a_ranking(only_comq, only_rtn, expected) -> 
     line = demo_verdict(4, comq, rtn, comq_correct, rtn_correct)
     assert expected in line
     assert f"{100 * (only_comq - only_rtn) / total:+.2f} pt" in line and "KL to FP 10.0x lower" in line
+
+
+def test_the_demo_table_shows_a_tiny_kl_divergence_in_significant_digits() -> None:
+    """At 8 bits the KL column read 0.000 while the verdict said it was 13.5x lower than RTN's."""
+    from hf_comq.cli.demo import DemoRow, format_demo_table
+
+    fields = {name: None for name in DemoRow.__dataclass_fields__}
+    rows = [DemoRow(**{**fields, "method": "FP", "top1": 0.9, "agreement": 1.0, "kl": 0.0}),
+            DemoRow(**{**fields, "method": "COMQ", "bits": 8, "top1": 0.9, "agreement": 1.0, "kl": 2.3e-7}),
+            DemoRow(**{**fields, "method": "RTN", "bits": 4, "top1": 0.88, "agreement": 0.98, "kl": 1.5e-3})]  # fmt: skip
+    fp, comq, rtn = format_demo_table(rows).splitlines()[2:]
+    assert " 0.000 " in fp and " 0.00023" in comq and " 1.500" in rtn
+
