@@ -99,10 +99,10 @@ def column_texts(dataset: Any, column: str, render: Callable[[Any], str] | None 
     conversations), blank values skipped."""
     from ..calibration.sources import is_blank
 
-    values = [row[column] for row in dataset.select_columns([column])]
+    values = [value for row in dataset.select_columns([column]) if not is_blank(value := row[column])]
     if render is not None:
         try:
-            return [render(value) for value in values if not is_blank(value)]
+            return [render(value) for value in values]
         except ValueError as error:  # the template's one line
             raise CLIError(str(error)) from None
     if not all(isinstance(text, str) for text in values):

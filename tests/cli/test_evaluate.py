@@ -48,6 +48,20 @@ def test_quantize_and_evaluate_a_causal_lm(capsys, tmp_path, gpt2_dir, text_data
     assert float(quantized.group(1)) == pytest.approx(float(reference.group(1)), rel=0.02)
 
 
+def test_evaluate_passes_over_missing_and_empty_texts_as_calibration_does(capsys, tmp_path, gpt2_dir) -> None:
+    """A null in a text column stopped evaluate ("does not hold text") where quantize skips it."""
+    texts = sentences(5)
+    holes, whole = tmp_path / "holes.jsonl", tmp_path / "whole.jsonl"
+    holes.write_text("".join(json.dumps({"text": text}) + "\n" for text in [texts[0], None, *texts[1:3], "", *texts[3:]]))
+    whole.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    scores = []
+    for data in (holes, whole):
+        code, out, err = run_cli(capsys, "evaluate", gpt2_dir, "--dataset", data)
+        assert code == 0, err
+        scores.append(re.search(r"perplexity of \S+: ([\d.]+) on 5 texts", out).group(1))
+    assert scores[0] == scores[1]
+
+
 def test_evaluate_writes_chat_conversations_with_the_chat_template(capsys, tmp_path, gpt2_dir) -> None:
     """A ``messages`` column was refused ("holds chat, but ... takes text"); it is now written out as
     calibration writes it: the chat template's text, with one BOS.  A tokenizer without a template
