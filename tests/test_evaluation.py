@@ -173,6 +173,16 @@ def test_fidelity_and_mcnemar_refuse_what_they_cannot_measure() -> None:
     assert mcnemar_exact_p(0, 6) == pytest.approx(2 / 64) and mcnemar_exact_p(3, 3) == 1.0
 
 
+def test_mcnemar_matches_the_exact_binomial_tail_at_large_counts() -> None:
+    """Summed in log space (exact big-integer coefficients took seconds at ImageNet's counts)."""
+    import math
+
+    for only_a, only_b in ((1500, 1620), (40, 7), (0, 1200)):
+        count = only_a + only_b
+        exact = min(1.0, 2 * sum(math.comb(count, k) for k in range(min(only_a, only_b) + 1)) / 2**count)
+        assert mcnemar_exact_p(only_a, only_b) == pytest.approx(exact, rel=1e-9, abs=0)
+
+
 # ---------------------------------------------------------------------------- perplexity
 
 
