@@ -341,3 +341,13 @@ def test_quantized_checkpoint_is_smaller(vit, tmp_path) -> None:
     quantized = T.ViTForImageClassification.from_pretrained(tmp_path / "fp", quantization_config=config)
     quantized.save_pretrained(tmp_path / "q")
     assert checkpoint_size_bytes(tmp_path / "q") < 0.6 * checkpoint_size_bytes(tmp_path / "fp")
+
+
+def test_checkpoint_size_counts_the_weight_files_the_model_loads(vit, tmp_path) -> None:
+    """Mistral's repositories keep consolidated.safetensors beside the shards: counted, it doubled the
+    full-precision size and halved the compression the CLI printed."""
+    vit.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    (tmp_path / "sharded" / "consolidated.safetensors").write_bytes(b"x" * 100_000)
+    assert checkpoint_size_bytes(tmp_path / "sharded") == sum(path.stat().st_size for path in shards)
