@@ -552,7 +552,7 @@ class _Calibrator:
         for index, block_name in enumerate(group.block_names):
             captured = self._process_block(block_name, captured, following=group.block_names[index + 1 :])
             trim_heap()  # the block's Gram sums and weights were freed: their pages go back, not just to the heap
-            bar.set_postfix(block=block_name, rel_err=f"{self._mean_error():.3g}")
+            bar.set_postfix(block=block_name, mean_rel_err=f"{self._mean_error():.3g}")  # of every layer so far
             bar.update(1)
 
     def _skip_group(self, group: BlockGroup) -> None:
@@ -1555,7 +1555,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
     mean = summary["mean_relative_error"]
     logger.info(
         "COMQ: quantized %d layers to %s bits (%s, %d blocks, %d samples, %d rank(s)) in %.1f s (%.1f s of it "
-        "solving layers); mean relative layer error %s%s",
+        "solving layers); mean relative squared layer error %s%s",
         summary["layers_quantized"],
         summary["bits"],
         calibration_mode(summary),

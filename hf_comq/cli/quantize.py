@@ -288,7 +288,7 @@ def _print_quantize_summary(spec: ModelSpec, model: Any, summary: dict, seconds:
     rows = [
         ("bits", f"{config.bits} ({grid})"),
         ("layers quantized", f"{summary.get('layers_quantized', '?')}"
-         + (f", mean relative error {error:.4g}" if isinstance(error, float) else "")),
+         + (f", mean relative squared error {error:.4g}" if isinstance(error, float) else "")),
         ("calibration", config.calibration_description or "?"),
         ("calibration mode", calibration_mode(summary)),
         ("time", _time_text(seconds, summary.get("solve_time_s"))),

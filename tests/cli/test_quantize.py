@@ -26,7 +26,7 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
         capsys, "quantize", vit_dir, "--bits", 4, "--dataset", image_data, "--num-samples", 8, "--output", output
     )
     assert code == 0, err
-    assert re.search(r"layers quantized\s+\d+, mean relative error", out), out
+    assert re.search(r"layers quantized\s+\d+, mean relative squared error", out), out
     assert re.search(rf"saved to\s+{re.escape(str(output))}$", out, flags=re.MULTILINE), out
     assert re.search(r"calibration mode\s+block-sequential$", out, flags=re.MULTILINE), out
     timed = re.search(r"time\s+([\d.]+) s \(loading and calibration; ([\d.]+) s of it solving layers\)$", out, flags=re.MULTILINE)
