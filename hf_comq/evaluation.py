@@ -302,34 +302,42 @@ def _image_processor(model: nn.Module, processor: Any, caller: str) -> Any:
 
 
 def _label_remap(dataset: Any, label_column: str, model: nn.Module) -> torch.Tensor | None:
-    """``dataset id -> model id`` where the dataset's class names are the model's in another order or
-    some of them (a subset of its classes), else ``None``: the ids are compared as they are.
+    """``dataset id -> model id`` where the dataset's class names are the model's (all or some of
+    them) in other places, else ``None``: the ids are compared as they are.
 
-    Names that only partly match the model's (a folder can hold no ``T-shirt/top``) are one line:
-    compared as raw ids they would score a working model as broken.  A model with generic labels
-    (``LABEL_0``...) names nothing to match.
+    A name the model has at the dataset's own id stays there (ImageNet names two classes
+    "crane"); one it has once elsewhere is mapped to it.  Names the model lacks (spelled another
+    way: ``T - shirt / top``) leave the ids as they are when every name both share sits at the
+    same id, and are one line when some do not: compared as raw ids, those classes would be
+    scored against others.  A model with generic labels (``LABEL_0``...) names nothing to match.
     """
     features = getattr(dataset, "features", None) or {}
     names = getattr(features.get(label_column), "names", None)
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     if not names or not id2label:
         return None
-    model_ids = {str(label): int(index) for index, label in id2label.items()}
-    if all(re.fullmatch(r"LABEL_\d+", label) for label in model_ids):
+    model_names = {int(index): str(label) for index, label in id2label.items()}
+    if all(re.fullmatch(r"LABEL_\d+", label) for label in model_names.values()):
         return None
-    unknown = [name for name in names if name not in model_ids]
-    if len(unknown) == len(names):
-        logger.warning("none of the dataset's class names is one of the model's; comparing class ids as they are")
-        return None
-    if unknown:
+    ids_of: dict[str, list[int]] = {}
+    for index, label in sorted(model_names.items()):
+        ids_of.setdefault(label, []).append(index)
+    mapped: list[int | None] = [
+        index if model_names.get(index) == name else (ids_of[name][0] if len(ids_of.get(name, ())) == 1 else None)
+        for index, name in enumerate(names)
+    ]
+    moved = [name for index, (name, target) in enumerate(zip(names, mapped)) if target is not None and target != index]
+    if not moved:
+        return None  # every name the two share is at the same id: the ids are the model's
+    unmatched = [name for name, target in zip(names, mapped) if target is None]
+    if unmatched:
         raise ValueError(
-            f"the dataset's class names {unknown[:5]} are not among the model's ({sorted(model_ids)[:10]}): name the "
-            "dataset's classes as the model's id2label does, or give labels as the model's class ids"
+            f"the dataset's classes {moved[:3]} are the model's under other ids, and {unmatched[:3]} are not (or "
+            f"not once) among its class names: name the dataset's classes as the model's id2label does, or store "
+            "the labels as plain integers holding the model's class ids"
         )
-    if all(model_ids[name] == index for index, name in enumerate(names)):
-        return None
     logger.info("the dataset names its classes differently from the model's order; mapping labels by name")
-    return torch.tensor([model_ids[name] for name in names], dtype=torch.long)
+    return torch.tensor(mapped, dtype=torch.long)
 
 
 def mcnemar_exact_p(only_a: int, only_b: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import datasets
 import pytest
@@ -99,8 +100,12 @@ def test_top1_maps_a_subset_of_the_models_classes_by_name_and_refuses_names_it_d
     labels = [subset.index(CLASSES[predicted[index]]) for index in kept]
     dataset = image_dataset([pictures[index] for index in kept], labels, names=subset)
     assert top1(vit, dataset, image_processor()).accuracy == 1.0
-    with pytest.raises(ValueError, match=r"the dataset's class names \['wasp'\] are not among the model's"):
+    with pytest.raises(ValueError, match=r"the dataset's classes \['bee'\] are the model's under other ids, and "
+                                         r"\['wasp'\] are not"):  # fmt: skip
         top1(vit, image_dataset(pictures[:2], [0, 1], names=["bee", "wasp"]), image_processor())
+    # spelled another way where the rest sit at the model's ids (the Hub's "T - shirt / top"): ids as they are
+    respelled = image_dataset(pictures, predicted, names=["Ant", "bee", "cat"])
+    assert top1(vit, respelled, image_processor()).accuracy == 1.0
     unlabelled = datasets.Dataset.from_dict({"image": pictures[:2], "label": [-1, -1]},
                                             features=image_dataset(pictures[:2], [0, 0], names=subset).features)  # fmt: skip
     with pytest.raises(ValueError, match=r"label -1 in column 'label' is not one of the dataset's 2 classes"):
@@ -351,3 +356,18 @@ def test_checkpoint_size_counts_the_weight_files_the_model_loads(vit, tmp_path) 
     assert len(shards) > 1
     (tmp_path / "sharded" / "consolidated.safetensors").write_bytes(b"x" * 100_000)
     assert checkpoint_size_bytes(tmp_path / "sharded") == sum(path.stat().st_size for path in shards)
+
+
+def test_a_class_name_the_model_uses_twice_stays_at_the_datasets_id() -> None:
+    """ImageNet names classes 134 and 517 "crane": a name map kept the last id for both."""
+    from hf_comq.evaluation import _label_remap
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace(id2label={0: "crane", 1: "bee", 2: "crane", 3: "ant"}))
+
+    def classes(*names: str) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"label": [0]}, features=datasets.Features({"label": datasets.ClassLabel(names=names)}))
+
+    assert _label_remap(classes("crane", "bee", "crane_2", "ant"), "label", model) is None  # shared names in place
+    assert _label_remap(classes("ant", "bee", "crane"), "label", model).tolist() == [3, 1, 2]
+    with pytest.raises(ValueError, match=r"\['crane'\] are not \(or not once\) among its class names"):
+        _label_remap(classes("ant", "crane", "bee"), "label", model)  # which crane: no telling
