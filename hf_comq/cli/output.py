@@ -94,17 +94,20 @@ def is_comq_checkpoint_folder(folder: Path) -> bool:
 
 
 _CHECKPOINT_FILE = re.compile(
-    r"(config|generation_config|preprocessor_config|processor_config|video_preprocessor_config|tokenizer_config"
-    r"|special_tokens_map|added_tokens|chat_template|vocab|model\.safetensors\.index)\.json"
-    r"|model(-\d+-of-\d+)?\.safetensors|README\.md|tokenizer\.(json|model)|chat_template\.jinja"
-    r"|vocab\.txt|merges\.txt|spiece\.model|sentencepiece\.bpe\.model"
+    r"(config|generation_config|preprocessor_config|processor_config|video_preprocessor_config|audio_tokenizer_config"
+    r"|tokenizer_config|special_tokens_map|added_tokens|chat_template|model\.safetensors\.index)\.json"
+    r"|model(-\d+-of-\d+)?\.safetensors|README\.md|tokenizer\.json|chat_template\.jinja"
+    r"|\w*vocab\w*\.(json|txt)|merges\w*\.txt|[\w.-]+\.(model|spm|tiktoken|codes)"  # tokenizers' vocabulary files
     r"|(configuration|modeling|tokenization|processing|image_processing)_\w+\.py"  # a custom-code model's own code
 )
 """Names of the files a save of a model with its processor or tokenizer writes (transformers' and
 hf_comq's): the folder ``--overwrite`` replaces holds nothing else."""
+CHAT_TEMPLATES_FOLDER = "additional_chat_templates"  # a tokenizer's named chat templates, one .jinja file each
 
 
 def _saved_by_a_checkpoint(entry: Path) -> bool:
+    if entry.is_dir() and entry.name == CHAT_TEMPLATES_FOLDER:
+        return all(item.is_file() and item.suffix == ".jinja" for item in entry.iterdir())
     return entry.is_file() and _CHECKPOINT_FILE.fullmatch(entry.name) is not None
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_comq.cli.output import save_atomically
+from hf_comq.cli.output import check_output, is_comq_checkpoint_folder, save_atomically
 
 
 def test_failed_save_leaves_nothing_and_keeps_the_previous_checkpoint(tmp_path) -> None:
@@ -74,3 +74,25 @@ def test_the_kernels_mount_list_names_mount_points_a_device_comparison_misses(mo
     monkeypatch.setattr(os.path, "ismount", lambda path: False)
     assert is_mount_point(Path("/proc"))  # listed in /proc/self/mountinfo on every Linux
     assert not is_mount_point(Path("/proc/self"))
+
+
+def test_overwrite_takes_every_file_a_checkpoint_save_writes_and_nothing_else(tmp_path) -> None:
+    """A tokenizer's named chat templates and vocabulary files are the checkpoint's; notes and a clone's .git are not."""
+    import json
+
+    from hf_comq.cli.common import CLIError
+
+    folder = tmp_path / "done"
+    (folder / "additional_chat_templates").mkdir(parents=True)
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized", "comq": {}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json", "source.spm",
+                 "target.spm", "vocab.json", "merges.txt", "chat_template.jinja", "README.md"):  # fmt: skip
+        (folder / name).write_text("x")
+    assert is_comq_checkpoint_folder(folder)
+    check_output(folder, overwrite=True)
+    (folder / "results.json").write_text("{}")
+    with pytest.raises(CLIError, match=r"holds files besides the checkpoint \(results.json\)"):
+        check_output(folder, overwrite=True)
+
