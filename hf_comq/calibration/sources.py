@@ -144,32 +144,40 @@ def load_dataset_source(
 
 
 def _load_data_folder(folder: Path, split: str) -> Any:
-    """A folder of data files, streamed: ``split``'s own files (:func:`split_files`), else what
-    ``datasets`` makes of the folder; a missing split names the splits the files give."""
+    """A folder of data files, streamed: what ``datasets`` makes of it for the splits its naming rules
+    find there (train/validation/test), else ``split``'s own files (:func:`split_files`); a missing
+    split names the splits the files give."""
     import datasets
 
-    named = split_files(folder, split)
+    inferred = _inferred_splits(folder)
+    named = None if split in inferred else split_files(folder, split)
     if named is not None:
         builder, files = named
         return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True)
+    names = _split_names(folder)
     try:
         loaded = datasets.load_dataset(str(folder), split=split, streaming=True)
     except ValueError as error:
         if not str(error).startswith("Bad split"):
             raise
-        splits = sorted(_inferred_splits(folder) | {_split_of(file) for file in folder.iterdir() if data_file_builder(file)})
         raise ValueError(
-            f"split {split!r} not found in folder {folder.name!r}, whose data files give the splits {splits}; "
-            "name one of them (a file <split>.parquet / .json / ... is read as that split)"
+            f"split {split!r} not found in folder {folder.name!r}, whose data files give the splits "
+            f"{sorted(inferred | names)}; name one of them (a file <split>.parquet / .json / ... is read as that split)"
         ) from None
-    named_splits = sorted({_split_of(file) for file in folder.iterdir() if data_file_builder(file)})
-    if len(named_splits) > 1 and _inferred_splits(folder) == {split}:
+    if inferred == {split} and split not in names and len(names) > 1:
         logger.warning(
             f"split {split!r} of folder {folder.name!r} reads all its data files as one split (datasets' rule for "
-            f"files named after no split), though their names give the splits {named_splits}; name one of those "
+            f"files named after no split), though their names give the splits {sorted(names)}; name one of those "
             "to read only its files"
         )
     return loaded
+
+
+def _split_names(folder: Path) -> set[str]:
+    """The split names the data files' own names give: their stems less shard suffixes, those without
+    digits (``part-00000``, ``data_0`` or ``train.1`` are pieces of one split, not names of their own)."""
+    stems = {_split_of(file) for file in folder.iterdir() if data_file_builder(file)}
+    return {stem for stem in stems if not any(character.isdigit() for character in stem)}
 
 
 def _inferred_splits(folder: Path) -> set[str]:

@@ -186,6 +186,13 @@ def test_the_default_split_of_a_folder_of_named_files_warns_that_it_reads_them_a
     with caplog.at_level("WARNING", logger="hf_comq.calibration.sources"):
         load_dataset_source(str(shards), "train")
     assert not caplog.records
+    # names datasets itself reads as one split (train.jsonl and train_extra.jsonl, Spark's part files): all, no word
+    for folder, names in (("extra", ["train", "train_extra"]), ("spark", ["part-00000", "part-00001"])):
+        for name in names:
+            datasets.Dataset.from_dict({"text": sentences(2)}).to_json(str(tmp_path / folder / f"{name}.jsonl"))
+        with caplog.at_level("WARNING", logger="hf_comq.calibration.sources"):
+            assert len(_texts_in(load_dataset_source(str(tmp_path / folder), "train")[0])) == 4
+        assert not caplog.records
 
 
 def test_a_split_given_for_a_saved_single_dataset_is_ignored_with_a_warning(tmp_path, caplog):
