@@ -742,12 +742,14 @@ class _SavePretrainedWithCard:
 
     def __call__(self, save_directory: str | os.PathLike[str], *args: Any, push_to_hub: bool = False, **kwargs: Any):
         from .calibration.distributed import is_saving_rank
+        from .calibration.placement import retie_offloaded_weights
 
         push_keys = ("repo_id", "token", "private", "revision", "commit_message", "commit_description", "create_pr")
         push = {key: kwargs.pop(key) for key in push_keys if key in kwargs}
         model = self.model
         folder = Path(save_directory)
         before = _file_stamps(folder)
+        retie_offloaded_weights(model)  # a forward since loading split a tied embedding: saved twice otherwise
         result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
         # transformers writes weights and config on the main process only; the card follows the same rule
         is_main_process = is_saving_rank(kwargs.get("is_main_process", args[0] if args else True))

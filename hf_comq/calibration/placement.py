@@ -50,6 +50,7 @@ __all__ = [
     "release_file_mappings",
     "release_file_pages",
     "resolve_placement",
+    "retie_offloaded_weights",
     "send_to_device",
     "trim_heap",
 ]
@@ -96,6 +97,19 @@ def resolve_placement(model: nn.Module) -> Placement:
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 """``device_map`` strings that ask accelerate to place the weights, rather than name a device."""
+
+
+def retie_offloaded_weights(model: nn.Module) -> None:
+    """Tie the weights the config ties (an embedding and ``lm_head``) again in a dispatched model.
+
+    accelerate's offload hooks swap an offloaded module's parameters for new objects as a forward
+    passes, so after calibration, or any forward, the two were separate and a save wrote a
+    full-precision copy of the embedding that the same model in memory does not have.  Each
+    module still reads its own offloaded copy, of equal values.
+    """
+    tie = getattr(model, "tie_weights", None)
+    if getattr(model, "hf_device_map", None) and callable(tie):
+        tie()
 
 
 def check_device_map(device_map: Any) -> None:

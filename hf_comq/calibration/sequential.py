@@ -160,6 +160,7 @@ from .placement import (
     release_file_mappings,
     release_file_pages,
     resolve_placement,
+    retie_offloaded_weights,
     send_to_device,
     trim_heap,
 )
@@ -225,23 +226,12 @@ def quantize_model(
             calibrator.run()
     finally:
         model.train(was_training)
-    if placement.dispatched:
-        _tie_again(model)
+    retie_offloaded_weights(model)
     summary = calibrator.summary(time.perf_counter() - started, data.num_samples)
     summary["expert_parameters_in_full_precision"] = expert_parameters
     model._comq_summary = summary
     _log_summary(summary)
     return summary
-
-
-def _tie_again(model: nn.Module) -> None:
-    """Tie the weights the config ties (a tied embedding and ``lm_head``) again: accelerate's offload
-    hooks swap an offloaded module's parameters for new objects as the forward passes, so after
-    calibration the two were separate, and the save wrote a full-precision copy of the embedding
-    that the same model quantized in memory does not have.  Each still reads its own offloaded copy."""
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
 
 
 def _warn_about_zero_points_plain_loading_fails_on(model: nn.Module, layers: dict[str, nn.Module], config: Any) -> None:
