@@ -86,20 +86,19 @@ def encode_images(processor: Any, images: list[Any], channels: int | None = 3) -
 
 
 def to_eight_bits(image: Any) -> Any:
-    """A 16- or 32-bit integer image (mode ``I;16``, ``I``: 16-bit PNG or TIFF scans) on the 0-255 scale
-    every other mode is on.  PIL's ``convert`` clips such an image's values above 255, which turns a
-    16-bit picture nearly all white; its range is scaled instead (16 bits to 8, or by its maximum
-    beyond 16 bits).  Other modes are returned as they are."""
+    """A 16-bit image (mode ``I;16``: 16-bit PNG or TIFF scans) on the 0-255 scale every other mode is on,
+    by its container's range (65535 -> 255), the same for every image, as a viewer shows it; PIL's
+    ``convert`` clips values above 255 instead, which turns a 16-bit picture nearly all white.  A
+    32-bit ``I`` image is scaled so only where it holds values above 255 (its range is not known);
+    other modes are returned as they are."""
     from PIL import Image
 
     if not image.mode.startswith("I"):
         return image
     values = np.asarray(image).astype(np.float64)
-    top = float(values.max(initial=0.0))
-    if top <= 255:
+    if image.mode == "I" and float(values.max(initial=0.0)) <= 255:
         return image
-    full_scale = 65535.0 if top <= 65535 else top
-    return Image.fromarray(np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
 def is_image_path(value: Any) -> bool:

@@ -260,8 +260,11 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped():
     scaled = np.asarray(to_eight_bits(Image.fromarray(ramp)).convert("RGB"))
     assert scaled.min() == 0 and scaled.max() == 255 and (scaled == 255).mean() < 0.01
     np.testing.assert_array_equal(scaled[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
-    dark = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))  # on the 8-bit scale already: kept as it is
-    assert to_eight_bits(dark) is dark
+    # the container's range, whatever an image's brightest pixel: two near-identical dark scans stay alike
+    dark, darker = (np.asarray(to_eight_bits(Image.fromarray(np.full((4, 4), top, dtype=np.uint16)))) for top in (256, 255))
+    assert dark.max() == 1 and darker.max() == 1
+    eight_bit = Image.fromarray(np.full((4, 4), 200, dtype=np.int32), mode="I")  # 32-bit, values on the 8-bit scale
+    assert to_eight_bits(eight_bit) is eight_bit
 
 
 def test_the_tokenizers_backend_keeps_its_truncation_and_padding(llama):
