@@ -109,7 +109,6 @@ def one_line(error: BaseException) -> str:
         ({"dataset": {"a b", "c d"}}, ValueError, r"dataset: a set has no order, .*; pass a list"),
         ({"processor": 5}, ValueError, r"processor: got int; pass a tokenizer or image processor"),
         ({"dataset_split": "train[:64]"}, ValueError, r"dataset_split: split 'train\[:64\]': hf_comq reads whole splits"),
-        ({"seed": 2**64}, ValueError, r"seed: expected an integer in \[0, "),
         ({"modules_to_not_convert": "classifier"}, ValueError, "modules_to_not_convert: expected a list of module names"),
         ({"symmetric": "yes"}, ValueError, "symmetric: expected True or False,"),
         ({"scale_refit": "yes"}, ValueError, r"scale_refit: expected True, False or None \(the default for the bit width\)"),
@@ -507,7 +506,7 @@ def test_a_demo_group_size_the_model_refuses_is_named_before_the_evaluation(caps
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--num-samples", "0"], r"error: --num-samples: expected"),
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--batch-size", "0"], r"error: --batch-size: expected"),
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--max-length", "0"], r"error: --max-length: expected"),
-        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--seed", "-1"], r"error: --seed: expected an integer in \[0, "),
+        (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--seed", "-1"], r"error: --seed: expected an integer >= 0"),
         (["quantize", "MODEL", "--dataset", "DATA", "--output", "OUT", "--pair-moves", "-1"], r"error: --pair-moves: expected a non"),
     ],
 )

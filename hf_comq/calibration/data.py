@@ -663,5 +663,5 @@ def _choose_indices(total: int, requested: int, seed: int) -> list[int]:
         raise ValueError("the calibration dataset is empty: it has no samples")
     if requested > total:
         warn_too_few(total, requested)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed % 2**64)  # torch takes 64-bit seeds; datasets' shuffle any
     return torch.randperm(total, generator=generator)[: min(requested, total)].tolist()

@@ -715,3 +715,10 @@ def test_a_data_file_that_is_not_utf8_is_named_with_the_fix(llama, tokenizer, tm
 def test_a_column_named_for_a_list_of_texts_is_one_line(llama, tokenizer):
     with pytest.raises(ValueError, match=r"^dataset_column='prompt' names a column of a dataset, but .* list of text"):
         build_calibration_data(llama, _config(sentences(2), processor=tokenizer, dataset_column="prompt"))
+
+
+def test_a_seed_beyond_64_bits_chooses_tensor_samples_too(llama):
+    """torch's generators take 64-bit seeds: a larger one was torch's bare "Overflow when unpacking long long"."""
+    ids = torch.randint(0, 64, (6, 5))
+    batches = _collect(build_calibration_data(llama, _config(ids, num_samples=4, seed=2**70)))
+    assert sum(batch["input_ids"].shape[0] for batch in batches) == 4
