@@ -293,7 +293,7 @@ def check_group_size(targets: Mapping[str, nn.Module], group_size: int | None) -
         raise ValueError(
             f"group_size={group_size} does not divide in_features of {len(bad)} layers, e.g. {sample}; "
             "use a common divisor of the layers' input sizes or group_size=None (hf-comq: --group-size -1), or add "
-            "them to modules_to_not_convert (Python API)"
+            "them to modules_to_not_convert (hf-comq: --modules-to-not-convert)"
         )
 
 
@@ -305,7 +305,7 @@ def layer_type_of(targets: Mapping[str, nn.Module]) -> str:
         raise ValueError(
             f"this model would quantize both nn.Linear and transformers Conv1D layers (e.g. {conv[:3]}); a "
             "compressed-tensors checkpoint that plain transformers can load holds one kind: add the layers of "
-            "one kind to modules_to_not_convert (Python API)"
+            "one kind to modules_to_not_convert (hf-comq: --modules-to-not-convert)"
         )
     return kinds.pop() if kinds else LINEAR
 

@@ -16,7 +16,7 @@ from ..settings import COMQSettings
 
 PROG = "hf-comq"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143  # 128 + SIGINT / SIGTERM
-_ARGUMENT_TYPES = {"int": int, "int | None": int, "str": str, "str | None": str}
+_ARGUMENT_TYPES = {"int": int, "int | None": int, "str": str, "str | None": str, "list[str] | None": str}
 
 
 class CLIError(Exception):

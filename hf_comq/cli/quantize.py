@@ -28,7 +28,7 @@ from .output import check_output, megabytes, print_fields, save_atomically, save
 CALIBRATION_SETTINGS = ("num_samples", "batch_size", "max_length", "seed")
 SETTINGS = (
     "bits", "group_size", "symmetric", "pair_moves", "scale_refit", "fp_target", "true_sequential",
-    "calibrate_all_experts", "sum_dtype", *CALIBRATION_SETTINGS,
+    "calibrate_all_experts", "sum_dtype", "modules_to_not_convert", *CALIBRATION_SETTINGS,
 )  # fmt: skip
 """The COMQ settings ``quantize`` takes as options of the same name."""
 Result = TypeVar("Result")
@@ -82,6 +82,7 @@ def add_parser(commands: Any) -> None:
     for name in CALIBRATION_SETTINGS:
         add_setting_option(data, name)
     add_setting_option(group, "sum_dtype", metavar="DTYPE", choices=list(SUM_DTYPES))
+    add_setting_option(group, "modules_to_not_convert", metavar="NAME", nargs="+")
     output = command.add_argument_group("output")
     output.add_argument("--output", "-o", required=True, metavar="DIR", help="folder to write the checkpoint to")
     output.add_argument(

@@ -17,7 +17,7 @@ import hf_comq
 from tests.cli.helpers import REPO_ROOT, error_line, run_cli, save_text_model
 from tests.hub_server import FakeHub
 from tests.ranks import launch_ranks
-from tests.tiny import image_processor, images, tiny_model
+from tests.tiny import image_processor, images, tiny_model, word_tokenizer
 
 
 def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_dir, image_data) -> None:
@@ -307,3 +307,21 @@ def test_a_float16_model_that_overflows_is_named_and_quantizes_with_dtype_float3
     )  # fmt: skip
     assert code == 0, err
     assert json.loads((tmp_path / "b" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_modules_to_not_convert_from_the_command_line(capsys, tmp_path, text_data) -> None:
+    """Mamba's dt_proj never runs on the data (it stays in full precision), yet its width refused every common
+    group size; keeping it out was possible from Python only."""
+    torch.manual_seed(0)
+    mamba = T.MambaForCausalLM(T.MambaConfig(vocab_size=64, hidden_size=64, state_size=4, num_hidden_layers=1, expand=2,
+                                             conv_kernel=2))  # fmt: skip
+    mamba.save_pretrained(tmp_path / "mamba")
+    word_tokenizer().save_pretrained(tmp_path / "mamba")
+    argv = ["quantize", tmp_path / "mamba", "--dataset", text_data, "--num-samples", 4, "--group-size", 16, "--rtn"]
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "refused")
+    assert code == 1 and "add them to modules_to_not_convert (hf-comq: --modules-to-not-convert)" in error_line(err)
+    code, _, err = run_cli(capsys, *argv, "--modules-to-not-convert", "dt_proj", "--output", tmp_path / "q")
+    assert code == 0, err
+    stored = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert stored["comq"]["selection"]["modules_to_not_convert"] == ["dt_proj"]
+    assert "backbone.layers.0.mixer.dt_proj" in stored["ignore"]
