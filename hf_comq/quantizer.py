@@ -115,7 +115,7 @@ class COMQHfQuantizer(HfQuantizer):
                 )
             layer_type_of(targets)
             check_group_size(targets, config.group_size)
-            if config.sequential and config.block_name is not None:
+            if config.block_name is not None:
                 from .calibration.blocks import find_block_groups
 
                 find_block_groups(model, config.block_name)  # a block_name naming no block list, before the load
