@@ -34,6 +34,7 @@ largest input size.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -389,6 +390,24 @@ def shadowing_single_file(checkpoint_files: Iterable[str]) -> str | None:
     if len(files) == 1 and files[0].name == SAFE_WEIGHTS_NAME and (files[0].parent / SAFE_WEIGHTS_INDEX_NAME).is_file():
         return str(files[0])
     return None
+
+
+def loaded_weight_files(folder: Path) -> list[Path]:
+    """The weight files ``from_pretrained`` reads, in its order of preference: ``model.safetensors``, else
+    the shards an index names, else every ``*.safetensors`` there (other weights beside them, such as
+    Mistral's ``consolidated.safetensors``, are never loaded)."""
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
+        return [folder / SAFE_WEIGHTS_NAME]
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            shards = []
+        named = [folder / shard for shard in shards if (folder / shard).is_file()]
+        if named:
+            return named
+    return sorted(folder.glob("*.safetensors"))
 
 
 def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], scheme: PackedScheme) -> None:

@@ -16,7 +16,6 @@ means the same thing to ``hf-comq quantize`` and ``hf-comq evaluate``.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -41,6 +40,7 @@ from .calibration.processors import (
 )
 from .calibration.sources import dataset_from_list, is_blank, load_dataset_source
 from .calibration.sources import pick_column as _pick_calibration_column
+from .checkpoint import loaded_weight_files
 from .threads import linear_layer_threads
 
 if TYPE_CHECKING:  # importing datasets is slow; only the functions that take a dataset need it
@@ -495,30 +495,10 @@ def checkpoint_size_bytes(directory: str | os.PathLike[str]) -> int:
     folder = Path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    files = _loaded_weight_files(folder)
+    files = loaded_weight_files(folder)
     if not files:
         raise FileNotFoundError(f"no .safetensors weight file in {folder}")
     return sum(path.stat().st_size for path in files)
-
-
-def _loaded_weight_files(folder: Path) -> list[Path]:
-    """The weight files ``from_pretrained`` reads, in its order of preference: ``model.safetensors``, else
-    the shards an index names, else every ``*.safetensors`` there (other weights beside them, such as
-    Mistral's ``consolidated.safetensors``, are never loaded)."""
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return [folder / SAFE_WEIGHTS_NAME]
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            shards = []
-        named = [folder / shard for shard in shards if (folder / shard).is_file()]
-        if named:
-            return named
-    return sorted(folder.glob("*.safetensors"))
 
 
 # ---------------------------------------------------------------------------
