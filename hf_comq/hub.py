@@ -876,10 +876,11 @@ def attach_model_card_hook(
     Raises:
         ValueError: when the model is not quantized with COMQ, or ``metrics`` has an unsupported shape.
     """
-    _comq_config(model)  # raises unless the model is COMQ-quantized
+    config = _comq_config(model)  # raises unless the model is COMQ-quantized
     settings = _card_settings(model)
     if base_model is not None:
         settings.base_model = base_model
+        config.base_model = base_model  # recorded in config.json too: a card written on a later save names it
     if metrics is not None:
         _comparison_table(metrics)  # validate now rather than at save time
         settings.metrics = metrics

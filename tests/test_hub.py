@@ -452,6 +452,8 @@ def test_attach_is_idempotent_and_updates_metrics(comq_like_vit, tmp_path):
     metadata, body = split_card(written.read_text(encoding="utf-8"))
     assert metadata["base_model"] == "google/vit-base-patch16-224"
     assert "| top-1 | 0.5 |" in body
+    # recorded with the settings too: a card written when the saved checkpoint is saved again still names it
+    assert comq_like_vit.config.quantization_config.to_dict()["comq"]["base_model"] == "google/vit-base-patch16-224"
 
 
 def test_card_hook_follows_deep_copies(comq_like_vit, tmp_path):
