@@ -4,6 +4,7 @@ against the full-precision ``--reference``."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ..tasks import SEQ2SEQ_LM
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     read_reference = read_model_config(args.reference) if args.reference else None
     if read_reference is not None:
         check_same_model_type(args.model, read[1], args.reference, read_reference[1])
+        check_full_precision_reference(args.reference, read_reference[1])
     if args.batch_size is not None:
         check_positive("--batch-size", args.batch_size)
     check_positive("--max-length", args.max_length)
@@ -138,6 +140,18 @@ def check_labels(spec: ModelSpec, dataset: Any, label_column: str, rows: int = 6
 
 
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_labels", "num_channels", "image_size")
+
+
+def check_full_precision_reference(reference: str, reference_config: dict[str, Any]) -> None:
+    """``--reference`` is meant to be the full-precision model: a quantized one there (the arguments
+    swapped, most likely) prints its ratios against that model, so say so first."""
+    stored = reference_config.get("quantization_config")
+    if isinstance(stored, dict) and stored.get("quant_method"):
+        print(
+            f"note: --reference {reference} is a quantized checkpoint ({stored['quant_method']}): the differences "
+            "below are against it, not against full precision (the full-precision original goes in --reference)",
+            file=sys.stderr,
+        )
 
 
 def check_same_model_type(name: str, config: dict[str, Any], reference: str, reference_config: dict[str, Any]) -> None:

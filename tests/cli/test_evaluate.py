@@ -42,10 +42,14 @@ def test_quantize_and_evaluate_a_causal_lm(capsys, tmp_path, gpt2_dir, text_data
     code, out, err = run_cli(capsys, "evaluate", output, "--dataset", text_data, "--reference", gpt2_dir, "--limit", 6)
     assert code == 0, err
     quantized = re.search(r"perplexity of gpt2-w8: ([\d.]+) on 6 texts", out)
+    assert "is a quantized checkpoint" not in err
     reference = re.search(r"perplexity of the reference \S+: ([\d.]+) \(([\d.]+)x\)", out)
     assert quantized and reference, out
     # 8-bit weights barely change a model: perplexities within 2 %
     assert float(quantized.group(1)) == pytest.approx(float(reference.group(1)), rel=0.02)
+    # the arguments swapped: said before the numbers, which are against the quantized model
+    code, _, err = run_cli(capsys, "evaluate", gpt2_dir, "--dataset", text_data, "--reference", output, "--limit", 2)
+    assert code == 0 and f"note: --reference {output} is a quantized checkpoint (compressed-tensors)" in err
 
 
 def test_evaluate_passes_over_missing_and_empty_texts_as_calibration_does(capsys, tmp_path, gpt2_dir) -> None:
