@@ -111,6 +111,7 @@ class CalibrationData:
     description: dict[str, Any] = field(default_factory=dict)
     max_length: int | None = None  # tokens a text or token row is cut to (None: no cut, e.g. images)
     tokenized: bool = False  # texts tokenized here (not token ids the caller made)
+    longest: int | None = None  # ready token inputs, never cut: their longest row, the length calibration used
 
     def __iter__(self) -> Iterator[Batch]:
         for chunk in self.chunks():
@@ -149,6 +150,8 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
     config.calibration_split = data.description.get("split")
     if data.max_length is not None and data.max_length < config.max_length:
         config.max_length = data.max_length  # the record says what was used: the model's positions cut it
+    if data.longest is not None:
+        config.max_length = data.longest  # ready inputs are used as given, whatever max_length said
     vocabulary = vocabulary_size(model)
     if vocabulary is not None:
         fix = "tokenize with the model's own tokenizer" + (
@@ -574,7 +577,8 @@ def _from_tensor(model: nn.Module, config: Any, tensor: torch.Tensor) -> Calibra
             yield indices[start : start + config.batch_size]
 
     description = {"source": f"tensor ({key})", "num_samples": len(indices)}
-    return CalibrationData(chunks, lambda chunk: {key: tensor[chunk]}, len(indices), description)
+    longest = tensor.shape[-1] if key == "input_ids" else None
+    return CalibrationData(chunks, lambda chunk: {key: tensor[chunk]}, len(indices), description, longest=longest)
 
 
 def _from_input_dicts(model: nn.Module, config: Any, items: Sequence[Mapping[str, Any]]) -> CalibrationData:
@@ -601,7 +605,8 @@ def _from_input_dicts(model: nn.Module, config: Any, items: Sequence[Mapping[str
         return {name: value[start:stop] for name, value in batches[index].items()}
 
     description = {"source": "model input dicts", "num_samples": count}
-    return CalibrationData(chunks, encode, count, description)
+    lengths = [batches[index]["input_ids"].shape[-1] for index, _ in plan if "input_ids" in batches[index]]
+    return CalibrationData(chunks, encode, count, description, longest=max(lengths) if lengths else None)
 
 
 def _as_input_batch(item: Mapping[str, Any], keep: set[str] | None, model: nn.Module) -> Batch:

@@ -722,3 +722,14 @@ def test_a_seed_beyond_64_bits_chooses_tensor_samples_too(llama):
     ids = torch.randint(0, 64, (6, 5))
     batches = _collect(build_calibration_data(llama, _config(ids, num_samples=4, seed=2**70)))
     assert sum(batch["input_ids"].shape[0] for batch in batches) == 4
+
+
+def test_ready_token_inputs_record_the_length_they_were_used_at(llama):
+    """Ready inputs are never cut: the record (card and config.json) said max_length=16 for rows of 40 tokens."""
+    ids = torch.randint(0, 64, (4, 40))
+    config = _config(ids, max_length=16)
+    build_calibration_data(llama, config)
+    assert config.max_length == 40
+    dicts = _config([{"input_ids": ids[:2]}, {"input_ids": ids[2:, :30]}], max_length=512)
+    build_calibration_data(llama, dicts)
+    assert dicts.max_length == 40
