@@ -341,9 +341,9 @@ class COMQLinear(nn.Module):
         return weight.t() if self.transposed_source else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_float_input(x)
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if self.transposed_source:
+            check_float_input(x)  # as packed_linear checks it for the nn.Linear layout
             if torch.is_grad_enabled():
                 refuse_trainable_scale(self.weight_scale)  # as packed_linear does for the nn.Linear layout
             return F.linear(x, self.dequantize(x.dtype), bias)
