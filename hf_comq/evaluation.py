@@ -238,9 +238,10 @@ def _class_logits(output: Any, model: nn.Module) -> torch.Tensor:
 def class_ids(
     values: Sequence[Any] | torch.Tensor, column: str, classes: int, check_range: bool, owner: str = "the model's"
 ) -> torch.Tensor:
-    """A batch's labels as class ids, in one line where they are not integers or (unless the
-    dataset's class names remap them) not among the model's ``classes`` outputs, which would
-    otherwise fail inside torch or count silently as wrong predictions."""
+    """A batch's labels as class ids, in one line where they are not integers or (with ``check_range``)
+    not among the ``classes`` ids of their ``owner`` (the model's outputs, or the dataset's class
+    names where those remap them), which would otherwise fail inside torch or count silently as
+    wrong predictions."""
     whole = isinstance(values, torch.Tensor) and not values.dtype.is_floating_point and values.dtype != torch.bool
     if not whole and not all(isinstance(value, numbers.Integral) and not isinstance(value, bool) for value in values):
         kinds = sorted({type(value).__name__ for value in values})
