@@ -36,6 +36,7 @@ from .solver.options import (
     START_POINTS,
     SUM_DTYPES,
     check_damp,
+    check_flag,
     check_pair_moves,
     check_ridge,
     per_channel_as_none,
@@ -206,13 +207,13 @@ class COMQSettings:
         _check_int("bits", self.bits, MIN_BITS, MAX_BITS, f"use 4 (near-lossless), 3 or 2 (smaller), up to {MAX_BITS}")
         if self.group_size is not None:
             _check_int("group_size", self.group_size, 1, None, "use e.g. 32, 64 or 128, or None (hf-comq: -1) for per-channel scales")
-        _check_bool("symmetric", self.symmetric)
+        check_flag("symmetric", self.symmetric)
         _check_int("iterations", self.iterations, 0, None, "use 1 to 3 coordinate sweeps")
         _check_choice("order", self.order, ORDERS)
         _check_choice("init", self.init, START_POINTS)
-        _check_bool("scale_refit", self.scale_refit, optional=True)
-        _check_bool("scale_search", self.scale_search)
-        _check_bool("block_resolve", self.block_resolve)
+        check_flag("scale_refit", self.scale_refit, optional=True)
+        check_flag("scale_search", self.scale_search)
+        check_flag("block_resolve", self.block_resolve)
         _check_float("shrink", self.shrink, "use a factor in (0, 1], e.g. 1.0 at 4 bits, 0.65 at 2 bits", upper=1.0)
         check_damp(self.damp)
         _check_choice("clip_weights", self.clip_weights, CLIP_WEIGHTS)
@@ -237,18 +238,18 @@ class COMQSettings:
         _check_int("batch_size", self.batch_size, 1, None, "use e.g. 8")
         _check_int("max_length", self.max_length, 1, None, "use e.g. 512 tokens")
         _check_int("seed", self.seed, 0, None, "use a non-negative integer")
-        _check_bool("calibrate_all_experts", self.calibrate_all_experts)
+        check_flag("calibrate_all_experts", self.calibrate_all_experts)
         _check_choice("sum_dtype", self.sum_dtype, SUM_DTYPES)
         _check_names("modules_to_not_convert", self.modules_to_not_convert, "e.g. ['vit.layers.0'] or ['q_proj']")
         _check_str("block_name", self.block_name, optional=True)
-        _check_bool("sequential", self.sequential)
-        _check_bool("fp_target", self.fp_target, optional=True)
+        check_flag("sequential", self.sequential)
+        check_flag("fp_target", self.fp_target, optional=True)
         if self.fp_target and not self.sequential:
             raise ValueError(
                 "fp_target: needs sequential=True (with full-precision inputs every layer already sees the "
                 "full-precision model's inputs); drop fp_target or set sequential=True"
             )
-        _check_bool("true_sequential", self.true_sequential, optional=True)
+        check_flag("true_sequential", self.true_sequential, optional=True)
         if self.true_sequential and not self.sequential:
             raise ValueError(
                 "true_sequential: needs sequential=True (with full-precision inputs no layer sees another's "
@@ -348,14 +349,6 @@ def _check_float(name: str, value: Any, fix: str, upper: float | None = None) ->
     if not ok:
         bounds = f"in (0, {upper}]" if upper is not None else "> 0"
         raise ValueError(f"{name}: expected a number {bounds}, got {value!r}; {fix}")
-
-
-def _check_bool(name: str, value: Any, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, bool):
-        choices = "True, False or None (the default for the bit width)" if optional else "True or False"
-        raise ValueError(f"{name}: expected {choices}, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -24,6 +24,7 @@ from .options import (
     START_POINTS,
     check_bits,
     check_damp,
+    check_flag,
     check_pair_moves,
     check_ridge,
     default_damp,
@@ -218,6 +219,10 @@ def comq_quantize(
     _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)
     scale_refit = refits_by_default(bits) if scale_refit is None else scale_refit
     check_ridge(ridge)
+    for name, flag in (("symmetric", symmetric), ("scale_search", scale_search), ("block_resolve", block_resolve),
+                       ("overwrite_hessian", overwrite_hessian)):  # fmt: skip
+        check_flag(name, flag)
+    check_flag("scale_refit", scale_refit, optional=True)
     if clip_weights not in CLIP_WEIGHTS:
         raise ValueError(f"clip_weights must be one of {CLIP_WEIGHTS}, got {clip_weights!r}")
     if not isinstance(start_grids, int) or isinstance(start_grids, bool) or not 1 <= start_grids <= MAX_START_GRIDS:
@@ -228,17 +233,17 @@ def comq_quantize(
     # The diagonal of (H + H^T) / 2, exactly: halving a doubled float is exact.
     h_diag = torch.diagonal(hessian.detach()).to(device=weight.device, dtype=compute_dtype).clamp_min(0.0)
     ridge_value = ridge * float(h_diag.mean()) if ridge else 0.0
+    h_diag += ridge_value
     if iterations == 0 and (init == "fp" or (init == "rtn" and not scale_search)):
         # Plain rounding: nothing to sweep, so none of the solver's weight-sized state.
         stored_group = group_size if cols_per_group != in_features else None
         return _round_to_grid(
             weight.detach(), hessian.detach(), h_diag, bits, cols_per_group, symmetric, scale_search, shrink,
-            stored_group, compute_dtype,
+            stored_group, compute_dtype, ridge_value,
         )  # fmt: skip
     columns = _Columns.build(
         hessian.detach(), compute_dtype, weight.device, cols_per_group, order, overwrite_hessian, ridge_value
     )  # fmt: skip
-    h_diag += ridge_value
     # The start reads the plan's factor and not H, so the factor borrows H's storage (H's
     # upper triangle waits aside: half an in x in matrix where a factor beside H is one).
     plan = plan_error_feedback(columns.hessian, damp, lend_storage=True) if init == "error_feedback" else None
@@ -509,17 +514,25 @@ def _objective_stats(history: list[float], reference: float) -> dict[str, float 
 
     Both are squared norms, summed from float products in the compute dtype; where ``H``
     is rank-deficient (a layer seen by few tokens) a near-zero objective can come out a
-    little below zero by cancellation, a value no reader should be shown.
+    little below zero by cancellation, a value no reader should be shown.  A sum that
+    overflowed (weights or ``H`` too large for the compute dtype) is refused: its codes were
+    chosen on meaningless numbers, and a relative error of ``nan / nan`` would read as zero.
     """
+    if not all(math.isfinite(value) for value in [*history, reference]):
+        raise ValueError(
+            "the layer objective overflowed the compute dtype (weights or Gram matrix too large for it); "
+            "pass compute_dtype=torch.float64"
+        )
     history = [max(value, 0.0) for value in history]
     return {"objective": history, "relative_error": history[-1] / reference if reference > 0 else 0.0}
 
 
 def _round_to_grid(
     weight: torch.Tensor, hessian: torch.Tensor, h_diag: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-    scale_search: bool, shrink: float, stored_group: int | None, compute_dtype: torch.dtype,
+    scale_search: bool, shrink: float, stored_group: int | None, compute_dtype: torch.dtype, ridge_value: float,
 ) -> QuantizedWeight:  # fmt: skip
-    """Round-to-nearest on the start's grid, with the objective and relative error of a solve.
+    """Round-to-nearest on the start's grid, with the objective and relative error of a solve
+    (on ``H + ridge_value * I``, as a solve's; ``h_diag`` has the ridge already).
 
     Rows are independent in the grid, the rounding and the objective.  The objective's
     products with ``H`` take :data:`~.spans.SUM_BLOCK_ROWS` output rows at a time (each one
@@ -540,7 +553,7 @@ def _round_to_grid(
     objective = reference = 0.0
     for rows in spans(out_features, SUM_BLOCK_ROWS):
         block = weight[rows].to(compute_dtype, copy=True)  # the block's weight, then its rounding errors
-        reference += float((block @ h).mul_(block).sum(1).double().sum())
+        reference += _ridged_objective(block, h, ridge_value)
         block_codes = codes[rows]
         for part in spans(block.shape[0], rounding_rows):
             grid = _initial_grid(block[part], h_diag, bits, group_size, symmetric, scale_search, shrink)
@@ -550,7 +563,7 @@ def _round_to_grid(
             block[part].sub_(values)
             scales.append(grid.scale.float())
             zero_points.append(grid.zero_point.float())
-        objective += float((block @ h).mul_(block).sum(1).double().sum())
+        objective += _ridged_objective(block, h, ridge_value)
     return QuantizedWeight(
         codes=codes,
         scale=torch.cat(scales),
@@ -560,6 +573,12 @@ def _round_to_grid(
         dtype=weight.dtype,
         stats=_objective_stats([objective], reference),
     )
+
+
+def _ridged_objective(rows: torch.Tensor, hessian: torch.Tensor, ridge_value: float) -> float:
+    """``sum_k rows_k (H + ridge_value I) rows_k^T`` over the rows ``rows`` (errors or weights)."""
+    total = float((rows @ hessian).mul_(rows).sum(1).double().sum())
+    return total + ridge_value * float(rows.double().pow(2).sum()) if ridge_value else total
 
 
 def _in_original_order(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

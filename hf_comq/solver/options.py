@@ -197,6 +197,16 @@ def resolve_group_size(in_features: int, group_size: int | None) -> int:
     return group_size
 
 
+def check_flag(name: str, value: object, optional: bool = False) -> None:
+    """The one rule for on/off settings: ``True`` or ``False`` (or ``None``, the default for
+    the bit width, where ``optional``), never a truthy stand-in such as the string ``"False"``."""
+    if value is None and optional:
+        return
+    if not isinstance(value, bool):
+        choices = "True, False or None (the default for the bit width)" if optional else "True or False"
+        raise ValueError(f"{name}: expected {choices}, got {value!r}")
+
+
 def check_damp(damp: float | None) -> None:
     """The one ``damp`` rule: ``None`` (the bit width's default) or a finite number above zero.
 

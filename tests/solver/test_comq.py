@@ -205,6 +205,28 @@ def test_dead_inputs_get_nearest_rounding_and_no_nans():
         assert torch.allclose(deq[:, 5:9], rtn[:, 5:9])
 
 
+def test_the_solve_with_dead_inputs_does_not_depend_on_the_scale_of_h():
+    """A Gram matrix averaged over tokens (H / N) of small activations is H at another scale:
+    the objective only scales with it, so the codes must not change.  Dead inputs were once
+    damped by an absolute 1, which dwarfed a small H (15 % worse at 3 bits here)."""
+    weight, inputs = make_layer(32, 64, 500, seed=0)
+    inputs[:, :8] = 0.0
+    hessian = inputs.T @ inputs
+    codes = comq_quantize(weight, hessian, bits=3).codes
+    assert torch.equal(comq_quantize(weight, hessian * 1e-10, bits=3).codes, codes)
+
+
+def test_an_objective_that_overflows_float32_is_refused_with_the_fix():
+    """Weights near 1e20 fit float32, their squared errors do not: the sums come out inf or
+    NaN, and a relative error of NaN / NaN once read as a perfect 0.0."""
+    weight, inputs = make_layer(8, 32, 100, seed=0)
+    hessian = inputs.T @ inputs
+    with pytest.raises(ValueError, match="overflowed the compute dtype.*compute_dtype=torch.float64"):
+        comq_quantize(weight * 1e20, hessian)
+    result = comq_quantize(weight * 1e20, hessian, compute_dtype=torch.float64)
+    assert 0.0 < result.stats["relative_error"] < 1.0
+
+
 def test_all_zero_hessian_falls_back_to_round_to_nearest():
     weight = torch.randn(4, 8)
     result = comq_quantize(weight, torch.zeros(8, 8), bits=4)
@@ -583,13 +605,22 @@ def _ridged(hessian: torch.Tensor, ridge: float) -> torch.Tensor:
     return damped
 
 
-@pytest.mark.parametrize("group_size", [None, 32])
-def test_ridge_solves_the_ridged_objective(group_size, medium_layer):
-    """``ridge=r`` is the solver run on ``H + r * mean(diag H) * I``, and what it reports is that objective."""
+@pytest.mark.parametrize(
+    ("group_size", "settings"),
+    [(None, {}), (32, {}), (None, ROUND_TO_NEAREST), (None, dict(init="fp", iterations=0))],
+    ids=["default", "default g32", "round to nearest", "fp start only"],
+)
+def test_ridge_solves_the_ridged_objective(group_size, settings, medium_layer):
+    """``ridge=r`` is the solver run on ``H + r * mean(diag H) * I``, and what it reports is that
+    objective: plain rounding too, so that its stats and a solve's compare."""
     weight, _, hessian = medium_layer
     hessian = hessian.double()
-    ridged = comq_quantize(weight, hessian, bits=3, group_size=group_size, ridge=0.05, compute_dtype=torch.float64)
-    by_hand = comq_quantize(weight, _ridged(hessian, 0.05), bits=3, group_size=group_size, compute_dtype=torch.float64)
+    ridged = comq_quantize(
+        weight, hessian, bits=3, group_size=group_size, ridge=0.05, compute_dtype=torch.float64, **settings
+    )
+    by_hand = comq_quantize(
+        weight, _ridged(hessian, 0.05), bits=3, group_size=group_size, compute_dtype=torch.float64, **settings
+    )
     assert torch.equal(ridged.codes, by_hand.codes)
     torch.testing.assert_close(ridged.scale, by_hand.scale)
     on_ridged = layer_objective(weight, ridged.dequantize(), _ridged(hessian, 0.05))

@@ -78,3 +78,19 @@ def test_a_setting_called_unused_does_not_change_the_codes(settings):
 
 def test_the_default_uses_every_solver_setting():
     assert unused_settings(DEFAULTS) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"), [("symmetric", "False"), ("scale_search", None), ("block_resolve", 0), ("scale_refit", "no")]
+)
+def test_on_off_settings_take_true_or_false_only_in_the_solver_and_the_config(name, bad):
+    """``symmetric="False"`` is truthy: read as such it turned the symmetric grid on."""
+    import torch
+
+    from hf_comq import COMQConfig
+
+    weight, hessian = torch.randn(4, 8), torch.eye(8)
+    with pytest.raises(ValueError, match=f"{name}: expected True"):
+        comq_quantize(weight, hessian, **{name: bad})
+    with pytest.raises(ValueError, match=f"{name}: expected True"):
+        COMQConfig(**{name: bad})
