@@ -131,7 +131,9 @@ class HessianAccumulator:
         if self._handed_over:
             raise RuntimeError("this Gram matrix was already handed over (result()); it takes no more batches")
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
-        rows = activations.reshape(-1, self.in_features).to(device=self._device, dtype=product_dtype)
+        # Detached: a batch captured with autograd on would otherwise chain every later sum
+        # to its graph and keep all batches alive.
+        rows = activations.detach().reshape(-1, self.in_features).to(device=self._device, dtype=product_dtype)
         if not _all_finite(rows):
             raise NonFiniteActivations("activations contain NaN or inf; check the calibration inputs and the model's dtype")
         if (target is not None) != self.with_target:
@@ -144,7 +146,7 @@ class HessianAccumulator:
         if target is not None:
             if target.shape != activations.shape:
                 raise ValueError(f"target inputs have shape {tuple(target.shape)}, expected {tuple(activations.shape)}")
-            shift_rows = target.reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype) - rows
+            shift_rows = target.detach().reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype) - rows
             if not _all_finite(shift_rows):
                 raise NonFiniteActivations("target activations contain NaN or inf; check the model's dtype")
         self._sums()
@@ -303,8 +305,8 @@ class TargetProductAccumulator:
             raise RuntimeError("this target product was already handed over (result()); it takes no more batches")
         product_dtype = torch.float64 if activations.dtype == torch.float64 else torch.float32
 
-        def flat(values: torch.Tensor) -> torch.Tensor:
-            return values.reshape(-1, values.shape[-1]).to(device=self._device, dtype=product_dtype)
+        def flat(values: torch.Tensor) -> torch.Tensor:  # detached, as in HessianAccumulator.add
+            return values.detach().reshape(-1, values.shape[-1]).to(device=self._device, dtype=product_dtype)
 
         rows, kept = flat(activations), flat(target_outputs)
         if not (_all_finite(rows) and _all_finite(kept)):

@@ -289,3 +289,17 @@ def test_shrinkage_ridge_of_inputs_that_are_a_multiple_of_the_identity_is_zero()
     acc = HessianAccumulator(3)
     acc.add(torch.eye(3) * 2.0)
     assert acc.shrinkage_ridge() == 0.0
+
+
+def test_batches_captured_with_autograd_on_are_summed_detached():
+    """Activations from a forward hook on a model whose weights require grad carry a graph;
+    summing them in place would chain every batch to the sums and keep them all alive."""
+    layer = torch.nn.Linear(6, 6)
+    gram, product = HessianAccumulator(6, with_target=True), TargetProductAccumulator(6, 6)
+    for _ in range(3):
+        x = layer(torch.randn(4, 6))
+        assert x.requires_grad
+        gram.add(x, x * 1.5)
+        product.add(x, layer(x))
+    assert not gram.result().requires_grad and not gram.target_shift().requires_grad
+    assert not product.result().requires_grad and not product.input_sum().requires_grad
