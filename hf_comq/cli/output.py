@@ -60,9 +60,12 @@ def check_output(output: Path, overwrite: bool, source: str | None = None) -> No
             )
         foreign = sorted(entry.name for entry in output.iterdir() if not _saved_by_a_checkpoint(entry))
         if foreign:
+            from ..hub import README_NAME
+
+            card = f" ({README_NAME} is not the model card hf-comq wrote, or was edited since)" if README_NAME in foreign else ""
             raise CLIError(
                 f"--overwrite replaces the whole folder, and {output} holds files besides the checkpoint "
-                f"({', '.join(foreign[:5])}); move them out, or choose another --output"
+                f"({', '.join(foreign[:5])}){card}; move them out, or choose another --output"
             )
     _check_writable(output)
 
@@ -96,7 +99,7 @@ def is_comq_checkpoint_folder(folder: Path) -> bool:
 _CHECKPOINT_FILE = re.compile(
     r"(config|generation_config|preprocessor_config|processor_config|video_preprocessor_config|audio_tokenizer_config"
     r"|tokenizer_config|special_tokens_map|added_tokens|chat_template|model\.safetensors\.index)\.json"
-    r"|model(-\d+-of-\d+)?\.safetensors|README\.md|tokenizer\.json|chat_template\.jinja"
+    r"|model(-\d+-of-\d+)?\.safetensors|tokenizer\.json|chat_template\.jinja"
     r"|\w*vocab\w*\.(json|txt)|merges\w*\.txt|[\w.-]+\.(model|spm|tiktoken|codes)"  # tokenizers' vocabulary files
     r"|(configuration|modeling|tokenization|processing|image_processing)_\w+\.py"  # a custom-code model's own code
 )
@@ -106,8 +109,14 @@ CHAT_TEMPLATES_FOLDER = "additional_chat_templates"  # a tokenizer's named chat 
 
 
 def _saved_by_a_checkpoint(entry: Path) -> bool:
+    """Whether replacing ``entry`` loses nothing a save would not write again: a README.md counts
+    only as the card hf_comq wrote, unedited (a card of one's own, or edits, are the user's)."""
     if entry.is_dir() and entry.name == CHAT_TEMPLATES_FOLDER:
         return all(item.is_file() and item.suffix == ".jinja" for item in entry.iterdir())
+    from ..hub import README_NAME, is_unedited_card  # here: the CLI imports nothing heavy before its arguments parse
+
+    if entry.is_file() and entry.name == README_NAME:
+        return is_unedited_card(entry.read_text(encoding="utf-8", errors="replace"))
     return entry.is_file() and _CHECKPOINT_FILE.fullmatch(entry.name) is not None
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from hf_comq.cli.output import check_output, is_comq_checkpoint_folder, save_atomically
+from hf_comq.hub import mark_card
 
 
 def test_failed_save_leaves_nothing_and_keeps_the_previous_checkpoint(tmp_path) -> None:
@@ -88,11 +89,29 @@ def test_overwrite_takes_every_file_a_checkpoint_save_writes_and_nothing_else(tm
     config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized", "comq": {}}}
     (folder / "config.json").write_text(json.dumps(config))
     for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json", "source.spm",
-                 "target.spm", "vocab.json", "merges.txt", "chat_template.jinja", "README.md"):  # fmt: skip
+                 "target.spm", "vocab.json", "merges.txt", "chat_template.jinja"):  # fmt: skip
         (folder / name).write_text("x")
+    (folder / "README.md").write_text(mark_card("---\nlicense: mit\n---\n# A COMQ card\n"))
     assert is_comq_checkpoint_folder(folder)
     check_output(folder, overwrite=True)
     (folder / "results.json").write_text("{}")
     with pytest.raises(CLIError, match=r"holds files besides the checkpoint \(results.json\)"):
+        check_output(folder, overwrite=True)
+
+
+@pytest.mark.parametrize("edit", ["own card", "edited card"])
+def test_overwrite_refuses_a_card_hf_comq_did_not_write_or_someone_edited(tmp_path, edit) -> None:
+    """A save keeps a README.md of the user's own, and so must --overwrite, which replaces the folder."""
+    import json
+
+    from hf_comq.cli.common import CLIError
+
+    folder = tmp_path / "done"
+    folder.mkdir()
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized", "comq": {}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    card = mark_card("---\nlicense: mit\n---\n# A COMQ card\n")
+    (folder / "README.md").write_text("# My notes on this model\n" if edit == "own card" else card + "\nMy results.\n")
+    with pytest.raises(CLIError, match=r"\(README.md\) \(README.md is not the model card hf-comq wrote, or was edited"):
         check_output(folder, overwrite=True)
 
