@@ -108,11 +108,23 @@ def packed_linear(
     line naming the mismatch, before any kernel runs.
     """
     check_packed_inputs(x, weight_packed, scale, zero, bits, bias, in_features)
+    if under_function_transforms():
+        # torch.func (grad, jacrev, vmap of grad) cannot run the op's autograd formula, which
+        # custom_op writes as an autograd.Function without a vmap rule: plain torch ops can.
+        weight = dequantize_with_torch(weight_packed, scale, zero, bits, x.shape[-1]).to(x.dtype)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
     if torch.compiler.is_compiling() or needs_autograd(x, scale, bias):
         return torch.ops.hf_comq.packed_linear(x, weight_packed, scale, zero, bias, bits)
     # Plain eager inference: the same function the op runs, without the custom-op
     # dispatch, which costs more than the whole 1-token kernel on small layers.
     return run_packed_linear(x, weight_packed, scale, zero, bias, bits)
+
+
+def under_function_transforms() -> bool:
+    """Whether a ``torch.func`` transform (grad, jacrev, vmap, ...) is running (torch has no public
+    spelling of this; without one, the answer is no and the op runs as before)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def needs_autograd(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -296,9 +296,11 @@ class COMQLinear(nn.Module):
         is not seen); under ``torch.compile`` they are unpacked in the graph.
         They are unpacked outside ``torch.inference_mode`` even when called under it: an
         inference tensor in the cache would break every later forward that autograd records.
+        A layer whose own tensors are inference tensors (copied or moved under
+        ``torch.inference_mode``) has no version counter to key on: it unpacks them per call.
         """
         source = self.weight_zero_point if self.weight_zero_point is not None else self.weight_scale
-        if torch.compiler.is_compiling() or source.device.type == "meta":
+        if torch.compiler.is_compiling() or source.device.type == "meta" or source.is_inference():
             return self.zero_points()
         key = (id(source), source.data_ptr(), source._version, source.device)
         if self._zero_cache is None or self._zero_cache[0] != key:

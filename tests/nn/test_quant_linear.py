@@ -184,6 +184,38 @@ def test_a_forward_under_inference_mode_leaves_later_gradients_working(symmetric
     torch.testing.assert_close(x.grad, expected.grad)
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_a_layer_copied_under_inference_mode_still_runs(symmetric):
+    """A deep copy made under ``torch.inference_mode`` (an evaluation helper's snapshot) holds
+    inference tensors, which have no version counter for the zero-point cache to key on."""
+    import copy
+
+    module = linear()
+    layer = COMQLinear.from_quantized(module, quantize(module, symmetric=symmetric), symmetric=symmetric)
+    with torch.inference_mode():
+        snapshot = copy.deepcopy(layer)
+    x = torch.randn(3, 64)
+    expected = F.linear(x, layer.dequantize(), layer.bias)
+    with torch.inference_mode():
+        torch.testing.assert_close(snapshot(x), expected)
+    torch.testing.assert_close(snapshot(x), expected)
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_torch_func_transforms_differentiate_through_a_packed_layer(layout):
+    """``torch.func.grad`` and ``vmap`` of it (per-sample gradients) cannot run the op's own autograd
+    formula; under them the layer computes with torch ops and gives the dense layer's gradients."""
+    module = linear() if layout == "linear" else Conv1D(24, 64)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    weight, bias = layer.dequantize(), layer.bias.detach()
+    x = torch.randn(5, layer.in_features)
+    packed = torch.func.grad(lambda z: layer(z).pow(2).sum())(x)
+    dense = torch.func.grad(lambda z: F.linear(z, weight, bias).pow(2).sum())(x)
+    torch.testing.assert_close(packed, dense)
+    per_sample = torch.func.vmap(torch.func.grad(lambda z: layer(z).pow(2).sum()))(x)
+    torch.testing.assert_close(per_sample, dense)
+
+
 @pytest.mark.parametrize("features", [47, 41, 40, 49])
 @pytest.mark.parametrize("path", ["fp32", "autograd", "bf16", "fp64"])
 def test_an_input_of_the_wrong_width_is_refused(features, path):
