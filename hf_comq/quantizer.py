@@ -165,11 +165,13 @@ class COMQHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """Replace every :class:`COMQLinear` with the float layer it stands for (``model.dequantize()``)."""
+        from .calibration.placement import swap_layer  # lazy: the calibration package is heavy
+
         if isinstance(dtype, str):  # a dtype by name ("bfloat16"), as config.dtype holds it after save_pretrained
             dtype = getattr(torch, dtype)
         for name, module in list(model.named_modules()):
             if isinstance(module, COMQLinear):
-                model.set_submodule(name, module.to_float_module(dtype))
+                swap_layer(model, name, lambda layer: layer.to_float_module(dtype))
         return model
 
     # ---------------------------------------------------------------- helpers

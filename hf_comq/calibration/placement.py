@@ -246,6 +246,28 @@ def install_quantized_layer(
     return layer
 
 
+def swap_layer(model: nn.Module, name: str, build: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Replace layer ``name`` by ``build(layer)``, the new layer living where the old one lived.
+
+    ``build`` sees the old layer's tensors real, in CPU memory if they were offloaded (an
+    offloaded layer keeps them on the meta device between forwards, and a layer built from
+    those would hold garbage); the new layer is then placed as :func:`install_quantized_layer`
+    places a quantized one.
+    """
+    from accelerate.utils import has_offloaded_params
+
+    module = model.get_submodule(name)
+    hook = align_hook(module)
+    offloaded = has_offloaded_params(module)
+    disk = _disk_loader(hook) if offloaded else None
+    with materialized(module, torch.device("cpu")):
+        layer = build(module)
+    model.set_submodule(name, layer)
+    del module
+    _place_like(model, name, layer, hook, offloaded, disk)
+    return layer
+
+
 def install_unfused_experts(model: nn.Module, name: str, build: Callable[[nn.Module], nn.Module]) -> None:
     """Replace the batched experts module ``name`` by ``build(module)`` (its per-expert layers), placed as it was.
 

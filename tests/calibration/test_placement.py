@@ -70,6 +70,26 @@ def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path,
         torch.testing.assert_close(offloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_dequantize_of_a_disk_offloaded_model_gives_the_in_memory_dense_model(tmp_path):
+    """An offloaded packed layer keeps its tensors on the meta device between forwards: a dense
+    layer built from those held uninitialised memory, and its hook was dropped with it."""
+    checkpoint = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(checkpoint)
+    in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config())
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    offloaded = T.AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=_config(), device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    in_memory.dequantize()
+    offloaded.dequantize()
+    layer = offloaded.model.layers[1].mlp.down_proj
+    assert type(layer) is torch.nn.Linear and offloads_to_disk(layer)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_a_disk_offloaded_model_with_tied_embeddings_saves_them_once_as_in_memory(tmp_path):
     """accelerate's hooks swap an offloaded module's parameters as the forward passes: after calibration
     lm_head and the embedding were two tensors, and the save wrote a full-precision copy of the embedding."""
