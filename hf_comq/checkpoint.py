@@ -128,6 +128,16 @@ def quantization_config_dict(scheme: PackedScheme) -> dict[str, Any]:
     return config
 
 
+UNSUPPORTED_SECTIONS = {
+    "transform_config": "rotations applied to layer inputs and weights at run time, as QuIP and SpinQuant write",
+    "sparsity_config": "a sparse weight layout",
+    "kv_cache_scheme": "a quantized attention cache",
+}
+"""compressed-tensors ``quantization_config`` sections that change what a checkpoint's tensors mean
+beyond its one weight scheme: loading without applying them would give wrong outputs, and a save
+would drop them."""
+
+
 def read_packed_scheme(stored: Mapping[str, Any]) -> PackedScheme:
     """Parse a compressed-tensors ``quantization_config``; :class:`CheckpointError` if hf_comq cannot hold it."""
     if stored.get("quant_method") not in (COMPRESSED_TENSORS, "comq") or stored.get("format") != PACK_QUANTIZED:
@@ -145,6 +155,12 @@ def read_packed_scheme(stored: Mapping[str, Any]) -> PackedScheme:
     targets = list(group.get("targets") or [])
     if group.get("input_activations") or group.get("output_activations"):
         raise CheckpointError("the checkpoint quantizes activations; hf_comq loads weight-only checkpoints")
+    for key, what in UNSUPPORTED_SECTIONS.items():
+        if stored.get(key):
+            raise CheckpointError(
+                f"the checkpoint's quantization_config has a {key} ({what}), which hf_comq does not apply: "
+                "load it with a runtime that applies it, such as vLLM"
+            )
     if weights.get("type") != "int":
         raise CheckpointError(
             f"the checkpoint quantizes weights to {weights.get('type')!r} values; hf_comq loads integer weights"

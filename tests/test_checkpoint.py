@@ -106,6 +106,23 @@ def test_activation_quantization_is_refused():
         read_packed_scheme(written)
 
 
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [
+        ("transform_config", {"config_groups": {"u": {"type": "hadamard", "apply": [{"targets": ["Linear"]}]}}}),
+        ("sparsity_config", {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}),
+        ("kv_cache_scheme", {"num_bits": 8, "type": "float"}),
+    ],
+)
+def test_sections_that_change_what_the_tensors_mean_are_refused(section, value):
+    """Rotations applied at run time (llm-compressor's QuIP and SpinQuant), sparse layouts and a quantized
+    cache: loaded without them the outputs are wrong, with no error; an empty section is no such thing."""
+    written = quantization_config_dict(SCHEMES[0])
+    assert read_packed_scheme({**written, section: None if section == "kv_cache_scheme" else {}}) is not None
+    with pytest.raises(CheckpointError, match=f"has a {section} .* which hf_comq does not apply"):
+        read_packed_scheme({**written, section: value})
+
+
 def test_runtime_support_names_every_runtime_and_what_is_unverified():
     linear = dict(runtime_support(SCHEMES[0], "LlamaForCausalLM"))
     assert "dense" in linear[PLAIN]
