@@ -48,6 +48,11 @@ HEAD_NAMES = frozenset(
     }
 )
 HEAD_SUFFIXES = ("_classifier", "_head")
+GATE_NAMES = frozenset({"shared_expert_gate"})
+"""Linear layers that gate a mixture of experts' shared expert with one output per token (Qwen2-MoE):
+kept in full precision, as llm-compressor's recipes keep them, because serving runtimes build them
+as plain layers (vLLM's loader has no packed tensors for them) and their one output row is all
+the routing there is."""
 
 
 def matches(name: str, entry: str) -> bool:
@@ -68,15 +73,20 @@ def default_modules_to_not_convert(model: nn.Module) -> list[str]:
     ``projector``), modules whose name has a head component (``classifier``, ``lm_head``,
     ``pooler``, ``*_head``, ``*_classifier``, projection heads) before any list index
     (inside a list of blocks, Funnel's ``q_head`` is a layer of the body), the output
-    embedding layer, and linear layers whose weight is tied to another weight
-    (quantizing one side would silently untie it).  Only heads that contain a linear
+    embedding layer, linear layers whose weight is tied to another weight
+    (quantizing one side would silently untie it), and the gates of shared experts
+    (:data:`GATE_NAMES`).  Only heads that contain a linear
     layer are listed; non-linear modules need no entry:
     :func:`find_quantizable_linears` only ever returns ``nn.Linear`` / ``Conv1D``.
     """
     skipped: set[str] = set()
     for name, module in model.named_modules():
-        if name and is_linear_like(module) and any(_is_head_component(part) for part in _outside_block_lists(name)):
+        if not name or not is_linear_like(module):
+            continue
+        if any(_is_head_component(part) for part in _outside_block_lists(name)):
             skipped.add(_outermost_head(name))
+        elif name.rsplit(".", 1)[-1] in GATE_NAMES:
+            skipped.add(name)
     skipped.update(_around_the_base_model(model) | _output_embedding_names(model) | _tied_linear_names(model))
     # Drop entries already covered by a broader one (``cls.predictions.decoder`` under ``cls``).
     return sorted(name for name in skipped if not any(other != name and is_under(name, other) for other in skipped))

@@ -77,6 +77,22 @@ def test_defaults_keep_heads_in_full_precision(build, skipped, count):
     assert not any(matches(name, head) for name in layers for head in skipped)
 
 
+def test_a_shared_experts_gate_stays_in_full_precision():
+    """Qwen2-MoE gates its shared expert with an ``nn.Linear(hidden, 1)`` per layer; vLLM builds it as a
+    plain layer, and llm-compressor's recipes leave it out: packed, the checkpoint would not serve."""
+    model = T.Qwen2MoeForCausalLM(
+        T.Qwen2MoeConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
+            num_experts_per_tok=2,
+        )
+    )  # fmt: skip
+    gates = [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]
+    assert default_modules_to_not_convert(model) == sorted(["lm_head", *gates])
+    layers = find_quantizable_linears(model)
+    assert "model.layers.0.mlp.shared_expert.down_proj" in layers and not any(gate in layers for gate in gates)
+
+
 def test_gpt2_conv1d_layers_are_found():
     model = T.GPT2Model(T.GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0))
     assert sorted(find_quantizable_linears(model)) == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"]
