@@ -487,12 +487,44 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str], sc
     if unexpected and saved_as_another_class(model):  # the other class's own layers (T5's decoder for its encoder)
         ours = _checkpoint_names_of_layers(model, in_checkpoint, saved_names)
         unexpected = [key for key in unexpected if key.rsplit(".", 1)[0] in ours]
+    if unexpected and scheme.symmetric:
+        unexpected = _without_zero_symmetric_zero_points(unexpected, found, checkpoint_files)
     if unexpected:
         raise CheckpointError(
             f"the checkpoint holds packed tensors for layers this model keeps in full precision, e.g. "
             f"{unexpected[:5]}: config.json's ignore list does not match the checkpoint, and those layers would "
             "load with random weights"
         )
+
+
+SYMMETRIC_ZERO_POINT_KEY = r"\.weight_zero_point$"
+"""The checkpoint keys (a pattern, as transformers' ``_keys_to_ignore_on_load_unexpected`` takes them)
+of zero points a symmetric layer does not read."""
+
+
+def _without_zero_symmetric_zero_points(unexpected: list[str], found: Mapping[str, str], checkpoint_files) -> list[str]:
+    """``unexpected`` less the zero points a symmetric scheme's packed layers need not store (some
+    compressed-tensors releases wrote them, all zero, for every scheme): plain transformers passes
+    them over, and so does hf_comq once they are read and found zero.  Nonzero ones contradict the
+    scheme: refused."""
+    zero_points = [
+        key for key in unexpected
+        if key.endswith(".weight_zero_point") and key.removesuffix("_zero_point") + "_packed" in found
+    ]  # fmt: skip
+    if not zero_points:
+        return unexpected
+    wanted, nonzero = set(zero_points), []
+    for path in _safetensors_files(checkpoint_files) or []:
+        with safe_open(path, framework="pt") as handle:
+            nonzero += [key for key in handle.keys() if key in wanted and bool(handle.get_tensor(key).any())]
+    if nonzero:
+        raise CheckpointError(
+            f"config.json declares a symmetric scheme, yet the checkpoint stores nonzero zero points for its packed "
+            f"layers, e.g. {sorted(nonzero)[:3]}: its config and tensors disagree; load it dense with plain "
+            "transformers only if you know which is right"
+        )
+    logger.info("the checkpoint stores all-zero zero points for its symmetric layers; they are not needed and not read")
+    return [key for key in unexpected if key not in wanted]
 
 
 def quantizes_experts(checkpoint_files: Iterable[str]) -> bool:

@@ -30,6 +30,7 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
 from .checkpoint import (
+    SYMMETRIC_ZERO_POINT_KEY,
     check_checkpoint_files,
     check_group_size,
     checkpoint_layer_names,
@@ -203,6 +204,9 @@ class COMQHfQuantizer(HfQuantizer):
         if another_class:  # its ignore list must name this model's layers, new heads included
             self.quantization_config.ignore = full_precision_layers(model)
         check_checkpoint_files(model, checkpoint_files, scheme)
+        if scheme.symmetric:  # zero points some writers store anyway: checked to be zero above, not read
+            ignored = set(model._keys_to_ignore_on_load_unexpected or ())
+            model._keys_to_ignore_on_load_unexpected = ignored | {SYMMETRIC_ZERO_POINT_KEY}
 
     def _record_conversion(self, model: nn.Module, summary: dict[str, Any]) -> None:
         """Write what the checkpoint needs into the config: the full-precision layers and the layer class."""

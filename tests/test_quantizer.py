@@ -231,6 +231,27 @@ def test_scheme_claiming_symmetric_with_zero_points_stored_is_rejected(vit_quant
         load_quantized(path)
 
 
+def test_a_symmetric_checkpoint_storing_zero_points_of_zero_loads_as_without_them(fp_checkpoints, tmp_path):
+    """Some compressed-tensors releases stored a zero point for every scheme, all zero when symmetric:
+    plain transformers passes them over, and so does load_quantized; were the ignore list blamed for
+    them, the checkpoint would not load."""
+    model = quantize_tiny(fp_checkpoints["vit"], T.ViTForImageClassification, bits=4, group_size=16, symmetric=True)
+    path = str(tmp_path / "sym")
+    model.save_pretrained(path)
+
+    def add_zero_points(tensors):
+        for key in [key for key in tensors if key.endswith(".weight_scale")]:
+            tensors[key.removesuffix("_scale") + "_zero_point"] = torch.zeros(tensors[key].shape, dtype=torch.int8)
+
+    _tamper(path, add_zero_points)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(path)(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+    _tamper(path, lambda tensors: tensors[next(k for k in tensors if k.endswith("_zero_point"))].fill_(1))
+    with pytest.raises(CheckpointError, match=r"symmetric scheme, yet the checkpoint stores nonzero zero points"):
+        load_quantized(path)
+
+
 def test_packed_tensors_for_a_layer_the_scheme_ignores_are_rejected(vit_quantized, tmp_path):
     path = copy_checkpoint(vit_quantized[0], tmp_path / "skip")
     _edit_scheme(path, lambda config: config["ignore"].append("vit.layers.1.mlp.fc2"))
