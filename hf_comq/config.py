@@ -158,6 +158,9 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
 
     @classmethod
     def _values_from(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
+        if "quant_method" not in config_dict and ("config_groups" in config_dict or PROVENANCE_KEY in config_dict):
+            # What to_diff_dict / to_json_string() / repr() write: the entries that differ from a default config's.
+            config_dict = _dict_with_difference(cls().to_dict(), config_dict)
         if "config_groups" not in config_dict:
             return dict(config_dict)
         scheme = read_packed_scheme(config_dict)
@@ -233,6 +236,15 @@ def _dict_difference(values: dict[str, Any], defaults: dict[str, Any]) -> dict[s
 
 
 _MISSING = object()
+
+
+def _dict_with_difference(defaults: dict[str, Any], difference: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` with ``difference`` (as :func:`_dict_difference` gives it) applied: the inverse of that diff."""
+    merged = dict(defaults)
+    for key, value in difference.items():
+        default = defaults.get(key, _MISSING)
+        merged[key] = _dict_with_difference(default, value) if isinstance(value, dict) and isinstance(default, dict) else value
+    return merged
 
 
 def portable_reference(value: str | os.PathLike) -> str:

@@ -28,6 +28,21 @@ def test_defaults_serialize_as_a_compressed_tensors_scheme_with_the_comq_setting
     }
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [dict(iterations=3, pair_moves=0), dict(num_samples=64, seed=5), dict(bits=3, group_size=32, symmetric=True)],
+    ids=["solver", "calibration", "format"],
+)
+def test_from_dict_reads_back_what_to_json_string_and_repr_write(settings):
+    """``to_json_string()`` (and ``repr``) write the differences from a default config, as transformers'
+    configs do: read back, the solver and calibration settings were dropped and a format change was
+    refused as "not a compressed-tensors checkpoint"."""
+    config = COMQConfig(**settings)
+    restored = COMQConfig.from_dict(json.loads(config.to_json_string()))
+    assert restored.to_dict() == config.to_dict()
+    assert COMQConfig.from_dict(json.loads(repr(config).split(" ", 1)[1])).to_dict() == config.to_dict()
+
+
 def test_from_dict_round_trips_what_to_dict_writes():
     config = COMQConfig(bits=3, group_size=32, symmetric=True, modules_to_not_convert=["classifier"], dataset="beans",
                         iterations=1, ignore=["classifier"], calibration_samples=64)  # fmt: skip
