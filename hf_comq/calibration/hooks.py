@@ -281,16 +281,18 @@ class HessianRecorder:
                 self._share(name, owner)
 
     def distinct(self) -> list[HessianAccumulator]:
-        """Each accumulator once (shared ones appear under several names), in a fixed order."""
+        """Each accumulator once (shared ones appear under several names), in the order of their layers'
+        names: the same on every rank, whatever order a rank's recorder was given its layers in."""
         seen: dict[int, HessianAccumulator] = {}
-        for accumulator in self.accumulators.values():
+        for _, accumulator in sorted(self.accumulators.items()):
             seen.setdefault(id(accumulator), accumulator)
         return list(seen.values())
 
     def sums(self) -> list[HessianAccumulator | TargetProductAccumulator]:
-        """Every running sum once, in a fixed order (for summing over processes): the distinct
-        accumulators, then the target products (decided once sharing is, see :meth:`adopt_shared_inputs`)."""
-        return [*self.distinct(), *self.target_products.values()]
+        """Every running sum once, in an order every rank agrees on (for summing over processes): the
+        distinct accumulators, then the target products (decided once sharing is, see
+        :meth:`adopt_shared_inputs`), each by layer name."""
+        return [*self.distinct(), *(product for _, product in sorted(self.target_products.items()))]
 
     def _full_precision_pass(self) -> bool:
         """Whether the pass running on this thread is a full-precision one: :meth:`calls_later` with

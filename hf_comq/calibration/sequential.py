@@ -771,7 +771,9 @@ class _Calibrator:
         tokens are routed per batch); and only where :func:`~.stages.stages_in_call_order`
         finds the block's layers called once each, a stage's layers on one input, decided
         once per block layout on this rank's first batch.  Ranks may differ here: both
-        ways run the same collectives, stage by stage.
+        ways run the same collectives, stage by stage, and those pair a stage's layers by
+        name (:meth:`_quantize_layers`, :meth:`~.hooks.HessianRecorder.sums`), whatever
+        order each rank holds them in.
         """
         names = [name for stage in stages for name in stage]
         if self.inputs.placement.dispatched or not captured or any(name in self.routed for name in names):
@@ -1095,6 +1097,9 @@ class _Calibrator:
         (:attr:`HessianRecorder.target_products`).
         """
         products = {} if products is None else products
+        # By name: ranks may hold a stage's layers in different orders (a held pass takes them in call
+        # order, which one rank may find and another not), and the owners and broadcasts pair by order.
+        names = sorted(names)
         tokens = {name: accumulators[name].num_tokens for name in names}
         unrouted = [name for name in names if name in self.routed and tokens[name] == 0]
         solvable = []

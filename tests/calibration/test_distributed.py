@@ -286,3 +286,44 @@ def test_a_rank_dying_mid_calibration_stops_the_others_and_nothing_is_saved(tmp_
     assert "one of them failed or left" in survivor["error"] and "\n" not in survivor["error"]
     assert "nothing was saved" in survivor["error"]
     assert not (tmp_path / "sequential").exists()
+
+
+FEWER_BATCHES_THAN_RANKS = """
+import os, sys
+import torch
+import transformers as T
+from tests.calibration.test_distributed import one_batch_config
+torch.set_num_threads(1)
+checkpoint, out = sys.argv[1:3]
+T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=one_batch_config()).save_pretrained(out)
+"""
+
+
+def one_batch_config() -> COMQConfig:
+    """4 texts in one batch: rank 0 runs it, rank 1 none; at 3 bits each block is solved stage by stage."""
+    return COMQConfig(dataset=sentences(4), processor=word_tokenizer(), num_samples=4, batch_size=4, bits=3,
+                      group_size=16)  # fmt: skip
+
+
+def test_ranks_that_hold_a_stages_layers_in_other_orders_pair_their_solutions_by_layer(tmp_path):
+    """OPT creates its attention's k, v, q projections in that order and calls q, k, v: the rank that
+    runs a batch solves a stage in call order (a held pass), the rank without one in creation order.
+    Owners and broadcasts paired by position then put v_proj's codes in k_proj, with no error."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "opt"
+    T.OPTForCausalLM(
+        T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                    word_embed_proj_dim=32, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    ).save_pretrained(checkpoint)  # fmt: skip
+    run_two_ranks(tmp_path, FEWER_BATCHES_THAN_RANKS, str(checkpoint), str(tmp_path / "ranks"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=one_batch_config())
+    finally:
+        torch.set_num_threads(previous)
+    single.save_pretrained(tmp_path / "single")
+    expected, got = _tensors(tmp_path / "single"), _tensors(tmp_path / "ranks")
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
