@@ -4,6 +4,7 @@ traceback instead."""
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import signal
 import sys
@@ -48,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+INTERRUPT_AGAIN_AFTER_S = 0.01  # long enough for a finalizer to end, short against any step of a run
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``timeout``, ``docker stop``, a batch scheduler, torchrun's agent), raised where the
     process is, so that a save in progress is cleaned up as after Ctrl-C instead of left half-written."""
@@ -55,6 +59,14 @@ class Terminated(KeyboardInterrupt):
 
 @contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raised as :class:`Terminated`, and an interrupt that lands in a finalizer delivered again.
+
+    Python runs signal handlers between bytecodes of the main thread, and that may be inside a
+    ``__del__`` the garbage collector is running, where an exception is printed as "Exception
+    ignored" and dropped: Ctrl-C then let the run go on and save.  Such a dropped interrupt is
+    raised anew (``_thread.interrupt_main``, from another thread a moment later: raised from the
+    hook itself, it would land in the same finalizer), outside the finalizer.
+    """
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield
         return
@@ -62,11 +74,22 @@ def _terminate_as_interrupt() -> Iterator[None]:
     def terminate(signum: int, frame: Any) -> None:
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    def deliver_again(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            later = threading.Timer(INTERRUPT_AGAIN_AFTER_S, _thread.interrupt_main, args=(signum,))
+            later.daemon = True
+            later.start()
+        else:
+            previous_hook(unraisable)
+
+    previous, previous_hook = signal.signal(signal.SIGTERM, terminate), sys.unraisablehook
+    sys.unraisablehook = deliver_again
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 def _error_line(error: BaseException) -> str:

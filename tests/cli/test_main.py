@@ -93,3 +93,28 @@ def test_parsing_the_arguments_imports_neither_torch_nor_transformers() -> None:
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("signalled", ["interrupt", "terminate"])
+def test_an_interrupt_that_lands_in_a_finalizer_is_raised_again_outside_it(signalled):
+    """Python runs a signal's handler wherever the main thread is, a garbage collector's ``__del__``
+    included, and drops what a finalizer raises: Ctrl-C during calibration let the run go on and save."""
+    import sys
+    import time
+
+    from hf_comq.cli.main import Terminated, _terminate_as_interrupt
+
+    error = Terminated if signalled == "terminate" else KeyboardInterrupt
+
+    class Finalized:
+        def __del__(self):
+            raise error()
+
+    previous_hook = sys.unraisablehook
+    with pytest.raises(error):
+        with _terminate_as_interrupt():
+            Finalized()  # dropped at once, its __del__ raising as a handler run there would
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+    assert sys.unraisablehook is previous_hook
