@@ -330,11 +330,26 @@ def load_processor(location: str, kind: str) -> Any:
         except Exception as error:  # try the next auto class
             errors.append(f"{loader.__name__}: {' '.join(str(error).split())[:200]}")
             continue
-        if _handles(processor, kind):
+        if not _handles(processor, kind):
+            errors.append(f"{loader.__name__} found a {type(processor).__name__}, which does not handle {kind}")
+        elif kind == "text" and _has_no_vocabulary(getattr(processor, "tokenizer", processor)):
+            errors.append(
+                f"{loader.__name__} made a {type(processor).__name__} with no vocabulary beyond its special tokens "
+                "(no tokenizer files there: transformers builds an empty one)"
+            )
+        else:
             return processor
-        errors.append(f"{loader.__name__} found a {type(processor).__name__}, which does not handle {kind}")
     what = "an image processor" if kind == "images" else "a tokenizer"
     raise ValueError(f"could not load {what} from {location!r} ({' | '.join(errors)})")
+
+
+def _has_no_vocabulary(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` knows no token but its special ones: every text would calibrate as unknown tokens."""
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    try:
+        return len(tokenizer) <= len(special)
+    except TypeError:  # a tokenizer-like object without a length: not ours to judge
+        return False
 
 
 def _handles(processor: Any, kind: str) -> bool:

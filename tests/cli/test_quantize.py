@@ -193,11 +193,17 @@ def test_quantize_pushes_to_the_hub(tmp_path, vit_dir, image_data) -> None:
     assert [commit.title for commit in hub._repo("user/tiny-vit-comq").commits][1:] == ["Upload COMQ-quantized model"]
 
 
-def test_a_checkpoint_without_its_tokenizer_is_named_before_its_weights_load(capsys, tmp_path, text_data, monkeypatch):
+@pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
+def test_a_checkpoint_without_its_tokenizer_is_named_before_its_weights_load(
+    capsys, tmp_path, text_data, monkeypatch, kind
+):
+    """Without tokenizer files, transformers builds BERT and GPT-2 an empty tokenizer (special tokens
+    only): BERT was calibrated on unknown tokens and saved with it, GPT-2 failed after loading."""
     model_dir = tmp_path / "bare"
-    tiny_model("llama").save_pretrained(model_dir)  # weights and config, no tokenizer
+    tiny_model(kind).save_pretrained(model_dir)  # weights and config, no tokenizer
     loaded = []
-    monkeypatch.setattr(T.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loaded.append(a))
+    for auto in (T.AutoModelForCausalLM, T.AutoModelForSequenceClassification, T.AutoModel):
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: loaded.append(a))
     code, _, err = run_cli(capsys, "quantize", model_dir, "--dataset", text_data, "--output", tmp_path / "out")
     assert code == 1 and not loaded
     assert error_line(err) == (
