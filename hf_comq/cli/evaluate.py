@@ -78,12 +78,10 @@ def _evaluate(
             "(the full-precision model to compare with)"
         )
     dataset = limited(open_dataset(args.dataset, args.split, EVALUATION_SPLIT), args.limit)
+    column = pick_column(dataset, args.column, "image" if metric == "top-1" else "text")
+    kind = check_data_kind(spec, dataset, column)  # first: text given to an image model is the mistake to name
     if metric == "top-1":
-        column = pick_column(dataset, args.column, "image")
         check_labels(spec, dataset, pick_column(dataset, args.label_column, "label"))
-    else:
-        column = pick_column(dataset, args.column, "text")
-    kind = check_data_kind(spec, dataset, column)
     processor = load_processor(spec.location, spec.inputs)  # a missing one is named before any weight loads
     texts = None
     if metric != "top-1":  # written out now: a chat template that refuses the data is named before the weights load

@@ -130,3 +130,10 @@ def test_unknown_label_column(capsys, vit_dir, image_data) -> None:
     code, _, err = run_cli(capsys, "evaluate", vit_dir, "--dataset", image_data, "--label-column", "target")
     assert code == 1
     assert "label dataset column 'target' does not exist" in error_line(err)
+
+
+def test_text_given_to_an_image_model_is_named_before_its_missing_labels(capsys, vit_dir, text_data) -> None:
+    """A text file has no label column either: the message named that, not the mistake."""
+    code, _, err = run_cli(capsys, "evaluate", vit_dir, "--dataset", text_data)
+    assert code == 1
+    assert "column 'text' holds text, but" in error_line(err) and "takes images" in error_line(err)
