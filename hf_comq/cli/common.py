@@ -24,8 +24,15 @@ class CLIError(Exception):
 
 
 def launched_processes() -> int:
-    """How many processes a launcher (torchrun sets ``WORLD_SIZE``) started for this command; 1 alone."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """How many processes a launcher (torchrun sets ``WORLD_SIZE``) started for this command; 1 alone
+    (an empty ``WORLD_SIZE`` too, as a shell leaves a variable it clears)."""
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    if not value:
+        return 1
+    try:
+        return int(value)
+    except ValueError:
+        raise CLIError(f"WORLD_SIZE={value!r} is not a number of processes; unset it, or start the ranks with torchrun") from None
 
 
 def check_single_process(command: str) -> None:

@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from ..solver.options import per_channel_as_none
-from .common import EXIT_OK, add_command, add_setting_option, check_positive, check_single_process, torch_threads
+from .common import (
+    EXIT_OK,
+    CLIError,
+    add_command,
+    add_setting_option,
+    check_positive,
+    check_settings,
+    check_single_process,
+    torch_threads,
+)
 from .output import check_output, format_table, megabytes, save_atomically, save_with_processor
 
 DEMO_OUTPUT = Path("comq-demo")
@@ -80,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_limit is not None:
         check_positive("--eval-limit", args.eval_limit)
     output = Path(args.output).expanduser()
+    for bits in args.bits:  # named as the options the demo has, before any work
+        check_settings({"bits": bits, "group_size": args.group_size})
     args.group_size = per_channel_as_none(args.group_size)  # -1 names the default folder, as per channel is
     folders = {bits: demo_folder(output, bits, args.group_size) for bits in dict.fromkeys(args.bits)}
     for folder in folders.values():
@@ -88,13 +99,26 @@ def run(args: argparse.Namespace) -> int:
         return _demo(args, folders)
 
 
+def _check_demo_group_size(layers: dict, group_size: int | None) -> None:
+    """The group-size rule for the shipped ViT, named as the demo's options (it keeps no layer out)."""
+    from ..checkpoint import check_group_size
+
+    try:
+        check_group_size(layers, group_size)
+    except ValueError:
+        widths = sorted({module.in_features for module in layers.values()})
+        raise CLIError(
+            f"--group-size {group_size} does not divide the input size of every layer of the demo ViT ({widths}); "
+            "pass a common divisor of those, or -1 for one scale per output channel"
+        ) from None
+
+
 def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     import torch
     from transformers import AutoImageProcessor, ViTForImageClassification
 
     from .. import kernels
     from ..assets import demo_dataset, demo_model_path
-    from ..checkpoint import check_group_size
     from ..config import COMQConfig
     from ..evaluation import checkpoint_size_bytes, fidelity_of_logits, image_logits
     from ..hub import attach_model_card_hook
@@ -102,9 +126,9 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     from ..threads import caller_threads
     from ..solver import ROUND_TO_NEAREST_MODEL
 
-    for bits in folders:
-        COMQConfig(bits=bits, group_size=args.group_size)  # reject bad settings before any work
     model_path = demo_model_path()
+    fp_model = ViTForImageClassification.from_pretrained(model_path).eval()
+    _check_demo_group_size(find_quantizable_linears(fp_model), args.group_size)
     processor = AutoImageProcessor.from_pretrained(model_path)
     calibration = demo_dataset("calibration")
     test = demo_dataset("test")
@@ -119,9 +143,6 @@ def _demo(args: argparse.Namespace, folders: dict[int, Path]) -> int:
     )
 
     kernels.build_ahead()  # a first run's one-off kernel build is not quantization time: out of the timed rows
-    fp_model = ViTForImageClassification.from_pretrained(model_path).eval()
-    settings = COMQConfig(group_size=args.group_size)  # a group size some layer refuses, before the evaluation
-    check_group_size(find_quantizable_linears(fp_model, settings.modules_to_not_convert), settings.group_size)
     fp_logits, labels = image_logits(fp_model, test, processor)
     del fp_model
     fp_correct = fp_logits.argmax(-1) == labels

@@ -94,3 +94,17 @@ def test_the_demo_table_shows_a_tiny_kl_divergence_in_significant_digits() -> No
     fp, comq, rtn = format_demo_table(rows).splitlines()[2:]
     assert fp.rstrip().endswith(" 0.000") and comq.rstrip().endswith(" 0.00023") and " 1.500" in rtn
 
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--bits", 9], "hf-comq: error: --bits: expected an integer in [2, 8]"),
+        (["--group-size", 5], "hf-comq: error: --group-size 5 does not divide the input size of every layer of the demo"),
+    ],
+)
+def test_demo_refusals_name_the_demos_own_options(capsys, tmp_path, option, message) -> None:
+    """The demo has no --modules-to-not-convert to offer, and its settings are options, not fields."""
+    code, out, err = run_cli(capsys, "demo", *option, "--output", tmp_path / "demo")
+    assert code == 1 and error_line(err).startswith(message) and "modules-to-not-convert" not in err
+    assert "hf-comq demo:" not in out and not (tmp_path / "demo").exists()

@@ -83,6 +83,16 @@ def test_commands_that_do_not_split_their_work_refuse_to_run_under_torchrun(caps
     assert list(tmp_path.iterdir()) == []  # nothing loaded, nothing written
 
 
+def test_an_empty_world_size_is_one_process_and_a_malformed_one_is_named(monkeypatch) -> None:
+    from hf_comq.cli.common import CLIError, launched_processes
+
+    monkeypatch.setenv("WORLD_SIZE", "")
+    assert launched_processes() == 1
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(CLIError, match=r"WORLD_SIZE='two' is not a number of processes"):
+        launched_processes()
+
+
 def test_parsing_the_arguments_imports_neither_torch_nor_transformers() -> None:
     """`hf-comq --help` and a usage error answer at once: the command modules import nothing heavy
     until a command runs (a torch import alone takes seconds on a cold machine)."""
