@@ -509,7 +509,7 @@ class _Calibrator:
             self.deferred.clear()
             # The finished bar doubles as the visible summary (the log line is INFO level).
             bits = self.settings.solver_kwargs.get("bits")
-            bar.set_postfix(layers=len(self.results), bits=bits, mean_rel_err=f"{self._mean_error():.3g}")
+            bar.set_postfix(layers=len(self.results), bits=bits, **self._error_so_far())
             bar.update(1)
         if not self.results:
             raise ValueError(
@@ -542,7 +542,7 @@ class _Calibrator:
         for index, block_name in enumerate(group.block_names):
             captured = self._process_block(block_name, captured, following=group.block_names[index + 1 :])
             trim_heap()  # the block's Gram sums and weights were freed: their pages go back, not just to the heap
-            bar.set_postfix(block=block_name, mean_rel_err=f"{self._mean_error():.3g}")  # of every layer so far
+            bar.set_postfix(block=block_name, **self._error_so_far())
             bar.update(1)
 
     def _skip_group(self, group: BlockGroup) -> None:
@@ -1294,9 +1294,11 @@ class _Calibrator:
         blocks = self.block_names
         return [name for name in self.pending if not any(name.startswith(f"{block}.") for block in blocks)]
 
-    def _mean_error(self) -> float:
+    def _error_so_far(self) -> dict[str, str]:
+        """The progress bar's mean relative error of every layer solved so far; nothing before the first
+        (a block whose layers are all kept in full precision showed ``nan``)."""
         errors = [result["relative_error"] for result in self.results.values()]
-        return sum(errors) / len(errors) if errors else float("nan")
+        return {"mean_rel_err": f"{sum(errors) / len(errors):.3g}"} if errors else {}
 
     def summary(self, seconds: float, num_samples: int) -> dict[str, Any]:
         errors = [result["relative_error"] for result in self.results.values()]
