@@ -14,6 +14,12 @@ them "default".)
 
 No GPTQ here, so the main venv does (``bench_solver.py --peers strong`` has the ratios
 to GPTQ).  Times are medians over ``--repeats`` rounds of the three solves.
+
+``--builds`` times the compiled pass alone in each of its builds (plain, AVX2 and, on CPUs
+that have it, AVX-512), side by side in one process: the tables the default solve hands
+its first pass are kept and every build runs from copies of them, in turn, each repeat.
+
+    python benchmarks/bench_pair_moves.py --builds --layers synthetic --threads 1
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import hf_comq.solver.comq as comq_module  # noqa: E402
 import hf_comq.solver.pair_moves as pair_moves_module  # noqa: E402
 from benchmarks.bench_solver import load_problems  # noqa: E402
 from hf_comq.kernels import active_path  # noqa: E402
+from hf_comq.kernels.build import load_kernel  # noqa: E402
 from hf_comq.solver import comq_quantize  # noqa: E402
 
 
@@ -68,6 +75,56 @@ def solve(problem, bits: int, group_size: int | None, candidates: int, torch_pas
     return result.stats["objective"][-1], seconds, clock.seconds
 
 
+def first_pass_tables(problem, bits: int, group_size: int | None, candidates: int) -> tuple:
+    """The arguments of the first pair-move pass of the default solve of ``problem``, copied."""
+    kept = []
+
+    def keep(*args):
+        kept.append([arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args])
+        return pair_moves_module.pair_move_pass(*args)
+
+    with mock.patch.object(comq_module, "pair_move_pass", keep):
+        comq_quantize(problem.weight, problem.hessian, bits=bits, group_size=group_size, pair_moves=candidates)
+    return tuple(kept[0])
+
+
+def time_builds(problems, bits: int, group_size: int | None, candidates: int, repeats: int) -> None:
+    """Seconds of one pass per build (median over the repeats), the builds taking turns."""
+    ops = load_kernel()
+    if ops is None:
+        sys.exit(f"--builds needs the compiled kernel: {active_path()}")
+    builds = ["scalar", "avx2", "avx512"]
+    print("\n| layer | moves | " + " | ".join(f"{build} s" for build in builds) + " | avx2 / scalar | avx512 / avx2 |")
+    print("|---|---|" + "---|" * (len(builds) + 2))
+    for problem in problems:
+        residual, dequant, codes, hessian, grid, max_code, count = first_pass_tables(problem, bits, group_size, candidates)
+        seconds: dict[str, list[float]] = {build: [] for build in builds}
+        moves = {}
+        for _ in range(repeats):
+            for build in list(seconds):
+                tables = [residual.clone(), dequant.clone(), codes.clone()]
+                capped = torch.zeros(residual.shape[1], dtype=torch.bool)
+                started = time.perf_counter()
+                try:
+                    moves[build] = ops.pair_moves(
+                        *tables, hessian.contiguous(), grid.scale, grid.group_index("cpu"), capped, max_code, count,
+                        pair_moves_module.MAX_ROUNDS, pair_moves_module.MIN_RELATIVE_GAIN, build,
+                    )  # fmt: skip
+                except RuntimeError as error:  # a build this CPU cannot run
+                    if "CPU or build lacks" not in str(error):
+                        raise
+                    del seconds[build]
+                    continue
+                seconds[build].append(time.perf_counter() - started)
+        if len(set(moves.values())) != 1:
+            sys.exit(f"{problem.name}: the builds made different numbers of moves: {moves}")
+        median = {build: statistics.median(values) for build, values in seconds.items()}
+        cells = [f"{median[build]:.4f}" if build in median else "-" for build in builds]
+        wide = f"{median['avx512'] / median['avx2']:.2f}" if "avx512" in median else "-"
+        print(f"| {problem.name} | {moves['scalar']} | " + " | ".join(cells)
+              + f" | {median['avx2'] / median['scalar']:.2f} | {wide} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", nargs="+", default=["dinov2", "smollm2", "minilm"])
@@ -77,12 +134,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
+    parser.add_argument("--builds", action="store_true", help="time the compiled pass alone, in each of its builds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     problems = load_problems(args.layers, args.cache)
     setting = f"W{args.bits} " + (f"group {args.group_size}" if args.group_size else "per channel")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {setting}, pair_moves={args.candidates}")
     print(f"kernel: {active_path()}")
+    if args.builds:
+        time_builds(problems, args.bits, args.group_size, args.candidates, args.repeats)
+        return
     solve(problems[0], args.bits, args.group_size, args.candidates, torch_pass=False)  # loads the compiled ops
     print("\n| layer | objective / without: kernel, torch pass | solve s: without, kernel, torch pass "
           "| pass s: kernel, torch | solve / without: kernel, torch pass |")

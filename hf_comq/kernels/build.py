@@ -36,7 +36,7 @@ DISABLE_ENV_VAR = "HF_COMQ_DISABLE_KERNEL"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     "packed_linear.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp", "column_passes.cpp", "pair_moves.cpp",
-    "clip_search.cpp", "solver_loops_avx2.cpp", "solver_loops_scalar.cpp",
+    "clip_search.cpp", "solver_loops_avx2.cpp", "solver_loops_avx512.cpp", "solver_loops_scalar.cpp",
 )  # fmt: skip
 HEADERS = (
     "kernels.h", "kernels_impl.h", "fp_contract_off.h", "solver_tables.h", "pair_moves.h", "pair_moves_impl.h",

@@ -164,57 +164,62 @@ def test_the_rows_the_round_limit_stops_are_the_ones_left_to_move(monkeypatch, c
     assert not second.capped.any()
 
 
-def _assert_both_builds_move_alike(tables: list, grid, max_code: int, candidates: int) -> None:
-    """The compiled pass's AVX2 and plain builds from the same tables (residual, values,
-    codes, H): the same moves and the same tables after, bit for bit."""
+def _assert_every_build_moves_alike(tables: list, grid, max_code: int, candidates: int) -> None:
+    """The compiled pass's vector builds (AVX2, and AVX-512 where the CPU has it) and its
+    plain build from the same tables (residual, values, codes, H): the same moves and the
+    same tables after, bit for bit."""
     require_kernel()
     ops = compiled_solver_ops(tables[:3] + [grid.scale], tables[3])
     rows = tables[0].shape[1]
     ends = {}
-    for isa in ("avx2", "scalar"):
+    for isa in ("scalar", "avx2", "avx512"):
         run_tables = [table.clone() for table in tables]
         residual_t, values_t, codes_t, hessian = run_tables
         capped = torch.zeros(rows, dtype=torch.bool)
         try:
             moves = ops.pair_moves(residual_t, values_t, codes_t, hessian, grid.scale, grid.group_index("cpu"), capped,
                                    max_code, candidates, MAX_ROUNDS, MIN_RELATIVE_GAIN, isa)  # fmt: skip
-        except RuntimeError as error:  # the kernel's own rule: no AVX2 build, or a CPU without AVX2
-            if "lacks AVX2" not in str(error):
+        except RuntimeError as error:  # the kernel's own rule: no such build, or a CPU without its instructions
+            if "CPU or build lacks" not in str(error):
                 raise
-            pytest.skip("this CPU or build has no AVX2 pass: only the plain build runs here")
+            continue
         ends[isa] = (moves, [*run_tables, capped])
-    (moves, plain_tables), (avx2_moves, avx2_tables) = ends["scalar"], ends["avx2"]
-    assert moves == avx2_moves > rows
-    for table, avx2_table in zip(plain_tables, avx2_tables):
-        assert torch.equal(table, avx2_table)
+    if len(ends) == 1:
+        pytest.skip("this CPU or build has no vector pass: only the plain build runs here")
+    moves, plain_tables = ends.pop("scalar")
+    assert moves > rows
+    for vector_moves, vector_tables in ends.values():
+        assert vector_moves == moves
+        for table, vector_table in zip(plain_tables, vector_tables):
+            assert torch.equal(table, vector_table)
 
 
 @pytest.mark.parametrize(
     ("width", "candidates", "group_size"),
-    [(96, 12, None), (96, 12, 16), (100, 32, None), (100, 32, 20), (300, 100, None)],
+    [(96, 12, None), (96, 12, 16), (100, 32, None), (100, 32, 20), (203, 40, None), (300, 100, None)],
 )
-def test_the_avx2_and_the_plain_build_of_the_compiled_pass_make_the_same_moves(
+def test_the_vector_and_the_plain_builds_of_the_compiled_pass_make_the_same_moves(
     monkeypatch, width, candidates, group_size
 ):
-    """Both builds round every product and sum on its own, in wider or narrower registers,
-    and pick, rank and pair the candidates by the same rules (the AVX2 build eight at a
-    time, masking what lies past a row's end, its candidates' end or a short list's end:
-    widths and candidate counts that are not multiples of eight; a short list too long to
-    rank by counting at 100 candidates of 300): the same moves, bit for bit, whichever the
-    CPU runs."""
+    """Every build rounds every product and sum on its own, in wider or narrower registers,
+    and picks, ranks and pairs the candidates by the same rules (the vector builds eight or
+    sixteen at a time, masking what lies past a row's end, its candidates' end or a short
+    list's end: widths and candidate counts that are not multiples of eight or sixteen; a
+    short list too long to rank by counting at 100 candidates of 300): the same moves, bit
+    for bit, whichever the CPU runs."""
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     layer = rounded_layer(37, width, 256, seed=5, group_size=group_size)
     *tables, grid = _pass_tables(layer, torch.float32)
-    _assert_both_builds_move_alike(tables, grid, layer.grid.max_code, candidates)
+    _assert_every_build_moves_alike(tables, grid, layer.grid.max_code, candidates)
 
 
 @pytest.mark.parametrize(("width", "candidates"), [(100, 32), (203, 12)])
-def test_both_builds_break_ties_between_equal_costs_alike(monkeypatch, width, candidates):
+def test_every_build_breaks_ties_between_equal_costs_alike(monkeypatch, width, candidates):
     """Small-integer inputs, unit scales and weights half a step off the grid make every
     single step's cost a small integer, so most candidates tie with others: which of
     them a row keeps, and in what order it scans their pairs, decides its moves.  The
-    AVX2 build ranks a short list by counting and the plain one by sorted insertion;
-    both put the lower column first on equal costs."""
+    vector builds rank a short list by counting and the plain one by sorted insertion;
+    all put the lower column first on equal costs."""
     monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
     generator = torch.Generator().manual_seed(11)
     rows, max_code = 29, 7
@@ -228,7 +233,7 @@ def test_both_builds_break_ties_between_equal_costs_alike(monkeypatch, width, ca
     grid = ColumnGrid(torch.ones(1, rows), zero, [0] * width)
     tied = torch.unique(residual_t, return_counts=True)[1]
     assert int(tied.max()) > 10  # the costs tie indeed
-    _assert_both_builds_move_alike([residual_t, values_t, codes_t, hessian], grid, max_code, candidates)
+    _assert_every_build_moves_alike([residual_t, values_t, codes_t, hessian], grid, max_code, candidates)
 
 
 def test_the_compiled_pass_refuses_a_group_index_outside_its_scale_table_and_a_wrong_capped_table(monkeypatch):

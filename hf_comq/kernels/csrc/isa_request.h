@@ -20,4 +20,18 @@ inline bool avx2_requested(const std::string& isa, bool cpu_runs_avx2, const cha
   return true;
 }
 
+// The builds of an operator that has an AVX-512 build besides the AVX2 and plain ones.
+enum class Build { kScalar, kAvx2, kAvx512 };
+
+// "auto": the widest build the CPU runs; "avx512", "avx2", "scalar": that build, refused
+// where the CPU cannot run it (the message names `op`).
+inline Build requested_build(const std::string& isa, bool cpu_runs_avx2, bool cpu_runs_avx512, const char* op) {
+  if (isa == "auto") return cpu_runs_avx512 ? Build::kAvx512 : cpu_runs_avx2 ? Build::kAvx2 : Build::kScalar;
+  if (isa == "scalar") return Build::kScalar;
+  TORCH_CHECK(isa == "avx2" || isa == "avx512", "hf_comq ", op, ": isa must be auto, avx512, avx2 or scalar, got ", isa);
+  const bool runs = isa == "avx2" ? cpu_runs_avx2 : cpu_runs_avx512;
+  TORCH_CHECK(runs, "hf_comq ", op, ": isa=", isa, " requested but this CPU or build lacks ", isa == "avx2" ? "AVX2" : "AVX-512");
+  return isa == "avx2" ? Build::kAvx2 : Build::kAvx512;
+}
+
 }  // namespace hf_comq

@@ -1,6 +1,6 @@
 // torch operator hf_comq_cpu::pair_moves: the solver's pair-move pass
 // (hf_comq/solver/pair_moves.py) for float32 tables on CPU.  The row loops live in
-// pair_moves_impl.h, built for AVX2 and for the plain target; this file checks the
+// pair_moves_impl.h, built for AVX-512, AVX2 and the plain target; this file checks the
 // tables, gives each thread its working memory and spreads the tiles of rows over torch's
 // threads with the build the CPU can run.
 #include <ATen/Parallel.h>
@@ -28,11 +28,11 @@ struct Scratch {
   std::vector<float> tile_residual, tile_codes, tile_scale, cost, step, short_cost, value, picked_cost;
   std::vector<int32_t> short_list, picked;
 
-  // The padding (zeros) is what the AVX2 loops' last vectors read past a list's end.
+  // The padding (zeros) is what the vector loops' last vectors read past a list's end.
   Scratch(int64_t width, int64_t count)
       : tile_residual(kPairTileRows * width), tile_codes(kPairTileRows * width), tile_scale(kPairTileRows * width),
-        cost(width), step(width), short_cost(width + kPairLanes), value(count + kPairLanes),
-        picked_cost(count + kPairLanes), short_list(width + kPairLanes), picked(count + kPairLanes) {}
+        cost(width), step(width), short_cost(width + kPairPadding), value(count + kPairPadding),
+        picked_cost(count + kPairPadding), short_list(width + kPairPadding), picked(count + kPairPadding) {}
 
   PairMoveScratch view() {
     return {tile_residual.data(), tile_codes.data(), tile_scale.data(), cost.data(),        step.data(),
@@ -61,7 +61,7 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
               "capped must be a contiguous bool CPU tensor of ", rows, " rows, got ", capped.scalar_type(), " ",
               capped.sizes());
   TORCH_CHECK(width <= std::numeric_limits<int32_t>::max(), "pair_moves takes at most 2^31 - 1 columns, got ", width);
-  const bool avx2 = avx2_requested(isa, cpu_has_avx2(), "pair_moves", "or build lacks AVX2");
+  const Build build = requested_build(isa, cpu_has_avx2(), cpu_has_avx512f(), "pair_moves");
   if (rows == 0 || width == 0) return 0;
   const float* hessian_data = hessian.data_ptr<float>();
   std::vector<float> diag(width);
@@ -79,7 +79,11 @@ int64_t pair_moves(Tensor residual_t, Tensor dequant_t, Tensor codes_t, const Te
     Scratch scratch(width, tables.count);
     PairMoveScratch view = scratch.view();
 #if HF_COMQ_HAVE_AVX2_BUILDS
-    if (avx2) {
+    if (build == Build::kAvx512) {
+      moves += avx512::move_tiles(tables, view, tile_begin, tile_end);
+      return;
+    }
+    if (build == Build::kAvx2) {
       moves += avx2::move_tiles(tables, view, tile_begin, tile_end);
       return;
     }

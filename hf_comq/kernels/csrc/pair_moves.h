@@ -1,9 +1,9 @@
 // Interface between the torch operator hf_comq_cpu::pair_moves (pair_moves.cpp) and the
-// row loops of the pair-move pass, which are compiled twice: once for AVX2
-// (solver_loops_avx2.cpp) and once for the plain target (solver_loops_scalar.cpp).  As with
-// kernels.h, the loops see raw pointers only, so the AVX2 translation unit includes no
-// torch or standard-container header whose inline functions the linker could share with
-// the rest of the extension.
+// row loops of the pair-move pass, which are compiled three times: for AVX-512
+// (solver_loops_avx512.cpp), for AVX2 (solver_loops_avx2.cpp) and for the plain target
+// (solver_loops_scalar.cpp).  As with kernels.h, the loops see raw pointers only, so the
+// vector translation units include no torch or standard-container header whose inline
+// functions the linker could share with the rest of the extension.
 #pragma once
 
 #include <cstdint>
@@ -15,9 +15,13 @@ namespace hf_comq {
 // Output rows gathered together: a 64-byte line of each transposed table.
 constexpr int64_t kPairTileRows = 16;
 
-// Candidates scanned at once by the AVX2 pair scan; the per-candidate scratch has this
-// many entries of padding, which its last vector reads and masks off.
+// Candidates scanned at once by the AVX2 pair scan.
 constexpr int64_t kPairLanes = 8;
+
+// Entries of padding after each of a row's scratch lists: the widest build's last vector
+// (sixteen lanes in the AVX-512 build) reads and writes past a list's end into it, and
+// masks off what it finds there.
+constexpr int64_t kPairPadding = 16;
 
 // Most candidates the AVX2 pair scan takes (each pair's place in the scan fits an int32);
 // more go through the scalar scan, which makes the same choice.
@@ -58,9 +62,9 @@ struct PairMoveScratch {
   float* tile_scale;
   float* cost;  // width each
   float* step;
-  float* short_cost;    // width + kPairLanes each
+  float* short_cost;    // width + kPairPadding each
   int32_t* short_list;
-  float* value;        // count + kPairLanes each: the candidates' signed step values,
+  float* value;        // count + kPairPadding each: the candidates' signed step values,
   int32_t* picked;     // their columns
   float* picked_cost;  // and their costs, ascending
 };
@@ -76,6 +80,7 @@ struct PairMoveScratch {
 HF_COMQ_DECLARE_PAIR_MOVES(scalar)
 #if HF_COMQ_HAVE_AVX2_BUILDS
 HF_COMQ_DECLARE_PAIR_MOVES(avx2)
+HF_COMQ_DECLARE_PAIR_MOVES(avx512)
 #endif
 
 }  // namespace hf_comq

@@ -84,7 +84,65 @@ int64_t list_under_in_order(const float* cost, int64_t begin, int64_t width, flo
   return listed;
 }
 
-#if HF_COMQ_AVX2
+#if HF_COMQ_AVX512
+// The AVX-512 build's lanes: sixteen columns, list entries or pairs a step.
+constexpr int64_t kWideLanes = 16;
+static_assert(kWideLanes <= kPairPadding, "the scratch's padding must cover a vector's overreach");
+
+inline __m512i wide_lane_index() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+
+// list_under_in_order sixteen columns at a time: the columns under the bound are
+// compressed to the front of a vector and all sixteen lanes stored, the list growing by
+// the selected count only (the scratch's padding takes the rest).
+int64_t list_under(const float* cost, int64_t width, float bound, float* short_cost, int32_t* short_list) {
+  const __m512 limit = _mm512_set1_ps(bound);
+  const __m512i lane = wide_lane_index();
+  int64_t listed = 0, j = 0;
+  for (; j + kWideLanes <= width; j += kWideLanes) {
+    const __m512 costs = _mm512_loadu_ps(cost + j);
+    const __mmask16 under = _mm512_cmp_ps_mask(costs, limit, _CMP_LE_OQ);
+    const __m512i columns = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j)), lane);
+    _mm512_storeu_ps(short_cost + listed, _mm512_maskz_compress_ps(under, costs));
+    _mm512_storeu_si512(short_list + listed, _mm512_maskz_compress_epi32(under, columns));
+    listed += __builtin_popcount(static_cast<unsigned>(under));
+  }
+  return list_under_in_order(cost, j, width, bound, short_cost, short_list, listed);
+}
+
+// cheapest_listed of the AVX2 build (below), sixteen entries against every entry in turn;
+// the kept entries are scattered to their places.
+void cheapest_listed(const float* cost, const int32_t* columns, int64_t listed, int64_t count, int32_t* picked,
+                     float* picked_cost) {
+  if (listed > kMostRankedListed) {
+    cheapest(cost, columns, listed, count, picked, picked_cost);
+    return;
+  }
+  const __m512i lane = wide_lane_index(), one = _mm512_set1_epi32(1), kept = _mm512_set1_epi32(static_cast<int32_t>(count));
+  for (int64_t first = 0; first < listed; first += kWideLanes) {
+    const int64_t last = first + kWideLanes < listed ? first + kWideLanes : listed;
+    const __m512 own = _mm512_loadu_ps(cost + first);
+    const __m512i own_index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first)), lane);
+    __m512i before = _mm512_setzero_si512();
+    for (int64_t m = 0; m < first; ++m) {
+      before = _mm512_mask_add_epi32(before, _mm512_cmp_ps_mask(_mm512_set1_ps(cost[m]), own, _CMP_LE_OQ), before, one);
+    }
+    __m512i index = _mm512_set1_epi32(static_cast<int32_t>(first));
+    for (int64_t m = first; m < last; ++m, index = _mm512_add_epi32(index, one)) {
+      const __m512 other = _mm512_set1_ps(cost[m]);
+      const __mmask16 tied_earlier = _mm512_cmp_ps_mask(other, own, _CMP_EQ_OQ) & _mm512_cmpgt_epi32_mask(own_index, index);
+      const __mmask16 lower = _mm512_cmp_ps_mask(other, own, _CMP_LT_OQ);
+      before = _mm512_mask_add_epi32(before, lower | tied_earlier, before, one);
+    }
+    for (int64_t m = last; m < listed; ++m) {
+      before = _mm512_mask_add_epi32(before, _mm512_cmp_ps_mask(_mm512_set1_ps(cost[m]), own, _CMP_LT_OQ), before, one);
+    }
+    const __mmask16 live = static_cast<__mmask16>((1u << (last - first)) - 1u);
+    const __mmask16 placed = live & _mm512_cmplt_epi32_mask(before, kept);
+    _mm512_mask_i32scatter_epi32(picked, placed, before, _mm512_loadu_si512(columns + first), 4);
+    _mm512_mask_i32scatter_ps(picked_cost, placed, before, own, 4);
+  }
+}
+#elif HF_COMQ_AVX2
 // 0, 1, ..., 7: each lane's offset in an eight-wide step over columns, list entries or pairs.
 inline __m256i lane_index() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
 
@@ -162,13 +220,17 @@ void cheapest_listed(const float* cost, const int32_t* columns, int64_t listed, 
       before = _mm256_add_epi32(before, _mm256_castps_si256(_mm256_cmp_ps(_mm256_broadcast_ss(cost + m), own, _CMP_LT_OQ)));
     }
     _mm256_store_si256(reinterpret_cast<__m256i*>(place), _mm256_sub_epi32(_mm256_setzero_si256(), before));
+    // Entries placed past the kept ones land in slot `count`, the first of the padding (the
+    // places are distinct, so no kept entry is overwritten): a store per entry and no branch
+    // on its place, which is about as likely to be kept as not.
     for (int64_t l = 0; l < last - first; ++l) {
-      if (place[l] < count) {
-        picked[place[l]] = columns[first + l];
-        picked_cost[place[l]] = cost[first + l];
-      }
+      const int64_t at = place[l] < count ? place[l] : count;
+      picked[at] = columns[first + l];
+      picked_cost[at] = cost[first + l];
     }
   }
+  picked[count] = 0;  // the padding is zeros again
+  picked_cost[count] = 0.0f;
 }
 #else
 int64_t list_under(const float* cost, int64_t width, float bound, float* short_cost, int32_t* short_list) {
@@ -200,6 +262,16 @@ void pick_candidates(RowState& row, int64_t width, int64_t count) {
   row.bound = worst + 0.25f * spread;
 }
 
+// Asks the cache for every Gram entry the pair scan will read, before it reads them.  The
+// entries lie scattered over the whole Gram matrix, which on real layers outgrows the core's
+// own caches: issued together, their fetches overlap instead of each stalling the scan.
+void prefetch_pairs(const float* hessian, int64_t width, const int32_t* picked, int64_t count) {
+  for (int64_t i = 0; i + 1 < count; ++i) {
+    const float* h_row = hessian + static_cast<int64_t>(picked[i]) * width;
+    for (int64_t j = i + 1; j < count; ++j) __builtin_prefetch(h_row + picked[j]);
+  }
+}
+
 // The pair of candidates whose two steps together change the row's objective the least,
 // the first such pair in the order (0, 1), (0, 2), ..., (1, 2), ... on ties; `change` is
 // infinite (and the pair (0, 0)) when no pair has a finite change.  `candidate_cost[i]`
@@ -229,7 +301,52 @@ PairChoice best_pair_in_order(const float* hessian, int64_t width, const int32_t
   return choice;
 }
 
-#if HF_COMQ_AVX2
+#if HF_COMQ_AVX512
+// best_pair of the AVX2 build (below), sixteen pairs at a time.
+PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked, const float* candidate_cost,
+                     const float* value, int64_t count) {
+  if (count > kMostVectorCandidates) return best_pair_in_order(hessian, width, picked, candidate_cost, value, count);
+  const __m512 inf = _mm512_set1_ps(kInf), two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps();
+  const __m512i lane = wide_lane_index();
+  __m512 best = inf;
+  __m512i best_at = _mm512_set1_epi32(-1);
+  for (int64_t i = 0; i + 1 < count; ++i) {
+    const float* h_row = hessian + static_cast<int64_t>(picked[i]) * width;
+    const __m512 ci = _mm512_set1_ps(candidate_cost[i]), vi = _mm512_set1_ps(value[i]);
+    for (int64_t j = i + 1; j < count; j += kWideLanes) {
+      const __mmask16 live = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(count - j)), lane);
+      const __m512i columns = _mm512_loadu_si512(picked + j);
+      const __m512 cross = _mm512_mask_i32gather_ps(zero, live, columns, h_row, 4);
+      const __m512 cj = _mm512_loadu_ps(candidate_cost + j), vj = _mm512_loadu_ps(value + j);
+      const __m512 term = _mm512_mul_ps(_mm512_mul_ps(cross, _mm512_mul_ps(vi, vj)), two);
+      const __m512 ab = _mm512_add_ps(_mm512_add_ps(term, ci), cj), ba = _mm512_add_ps(_mm512_add_ps(term, cj), ci);
+      const __m512 change = _mm512_mask_blend_ps(live, inf, _mm512_min_ps(ba, ab));
+      const __mmask16 lower = _mm512_cmp_ps_mask(change, best, _CMP_LT_OQ);
+      const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(i * count + j)), lane);
+      best = _mm512_mask_blend_ps(lower, best, change);
+      best_at = _mm512_mask_blend_epi32(lower, best_at, at);
+    }
+  }
+  alignas(64) float lane_best[kWideLanes];
+  alignas(64) int32_t lane_at[kWideLanes];
+  _mm512_store_ps(lane_best, best);
+  _mm512_store_si512(lane_at, best_at);
+  PairChoice choice{kInf, 0, 0};
+  int32_t chosen = -1;
+  for (int l = 0; l < kWideLanes; ++l) {
+    if (lane_at[l] < 0) continue;  // never lower than infinity
+    if (chosen < 0 || lane_best[l] < choice.change || (lane_best[l] == choice.change && lane_at[l] < chosen)) {
+      choice.change = lane_best[l];
+      chosen = lane_at[l];
+    }
+  }
+  if (chosen >= 0) {
+    choice.first = chosen / count;
+    choice.second = chosen % count;
+  }
+  return choice;
+}
+#elif HF_COMQ_AVX2
 // best_pair_in_order eight pairs at a time: the same products and sums, each rounded on
 // its own.  Every lane keeps the first of its own lowest changes (a strict comparison, as
 // the scalar scan), with the pair's place in the scan order, and the lowest change of
@@ -286,6 +403,68 @@ PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked,
 }
 #endif
 
+// Each column's cheaper single step (`step`: +1 or -1) and what it changes in the row's
+// objective (`cost`; infinite where the code sits at that end of the grid), from column
+// `begin` on.
+void single_steps_from(int64_t begin, const float* scale, const float* diag, const float* residual,
+                       const float* codes, float top, int64_t width, float* step, float* cost) {
+  for (int64_t j = begin; j < width; ++j) {
+    const float sj = scale[j];
+    const float quadratic = (sj * sj) * diag[j];
+    const float linear = (sj * residual[j]) * 2.0f;
+    const float up = codes[j] < top ? quadratic - linear : kInf;
+    const float down = codes[j] > 0.0f ? quadratic + linear : kInf;
+    step[j] = up <= down ? 1.0f : -1.0f;
+    cost[j] = smaller(up, down);
+  }
+}
+
+#if HF_COMQ_AVX512
+// single_steps of the AVX2 build (below), sixteen columns at a time.
+void single_steps(const float* scale, const float* diag, const float* residual, const float* codes, float top,
+                  int64_t width, float* step, float* cost) {
+  const __m512 inf = _mm512_set1_ps(kInf), two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps();
+  const __m512 plus = _mm512_set1_ps(1.0f), minus = _mm512_set1_ps(-1.0f), highest = _mm512_set1_ps(top);
+  int64_t j = 0;
+  for (; j + kWideLanes <= width; j += kWideLanes) {
+    const __m512 sj = _mm512_loadu_ps(scale + j), code = _mm512_loadu_ps(codes + j);
+    const __m512 quadratic = _mm512_mul_ps(_mm512_mul_ps(sj, sj), _mm512_loadu_ps(diag + j));
+    const __m512 linear = _mm512_mul_ps(_mm512_mul_ps(sj, _mm512_loadu_ps(residual + j)), two);
+    const __m512 up = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(code, highest, _CMP_LT_OQ), inf, _mm512_sub_ps(quadratic, linear));
+    const __m512 down = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(code, zero, _CMP_GT_OQ), inf, _mm512_add_ps(quadratic, linear));
+    _mm512_storeu_ps(step + j, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(up, down, _CMP_LE_OQ), minus, plus));
+    _mm512_storeu_ps(cost + j, _mm512_min_ps(down, up));
+  }
+  single_steps_from(j, scale, diag, residual, codes, top, width, step, cost);
+}
+#elif HF_COMQ_AVX2
+// single_steps_from eight columns at a time, the same roundings: min_ps(down, up) is
+// `down < up ? down : up`, which is smaller(up, down), NaN included, and the ordered
+// comparisons are false on a NaN as the plain ones are.  (Written out because the
+// compiler's own vectorisation of the selections costs about twice the instructions.)
+void single_steps(const float* scale, const float* diag, const float* residual, const float* codes, float top,
+                  int64_t width, float* step, float* cost) {
+  const __m256 inf = _mm256_set1_ps(kInf), two = _mm256_set1_ps(2.0f), zero = _mm256_setzero_ps();
+  const __m256 plus = _mm256_set1_ps(1.0f), minus = _mm256_set1_ps(-1.0f), highest = _mm256_set1_ps(top);
+  int64_t j = 0;
+  for (; j + kPairLanes <= width; j += kPairLanes) {
+    const __m256 sj = _mm256_loadu_ps(scale + j), code = _mm256_loadu_ps(codes + j);
+    const __m256 quadratic = _mm256_mul_ps(_mm256_mul_ps(sj, sj), _mm256_loadu_ps(diag + j));
+    const __m256 linear = _mm256_mul_ps(_mm256_mul_ps(sj, _mm256_loadu_ps(residual + j)), two);
+    const __m256 up = _mm256_blendv_ps(inf, _mm256_sub_ps(quadratic, linear), _mm256_cmp_ps(code, highest, _CMP_LT_OQ));
+    const __m256 down = _mm256_blendv_ps(inf, _mm256_add_ps(quadratic, linear), _mm256_cmp_ps(code, zero, _CMP_GT_OQ));
+    _mm256_storeu_ps(step + j, _mm256_blendv_ps(minus, plus, _mm256_cmp_ps(up, down, _CMP_LE_OQ)));
+    _mm256_storeu_ps(cost + j, _mm256_min_ps(down, up));
+  }
+  single_steps_from(j, scale, diag, residual, codes, top, width, step, cost);
+}
+#else
+void single_steps(const float* scale, const float* diag, const float* residual, const float* codes, float top,
+                  int64_t width, float* step, float* cost) {
+  single_steps_from(0, scale, diag, residual, codes, top, width, step, cost);
+}
+#endif
+
 // One round of one row: returns whether it moved.  A step is written to the row's own
 // copies and to its entries of the solver's `dequant` table (`dequant[j * stride]`, the
 // row's column j).
@@ -301,17 +480,9 @@ bool move_once(RowState& row, float* dequant, const PairMoveTables& t) {
   float* step = s.step;
   float* value = s.value;
   const int32_t* picked = s.picked;
-  const float top = t.top;
-  for (int64_t j = 0; j < width; ++j) {
-    const float sj = scale[j];
-    const float quadratic = (sj * sj) * diag[j];
-    const float linear = (sj * residual[j]) * 2.0f;
-    const float up = codes[j] < top ? quadratic - linear : kInf;
-    const float down = codes[j] > 0.0f ? quadratic + linear : kInf;
-    step[j] = up <= down ? 1.0f : -1.0f;
-    cost[j] = smaller(up, down);
-  }
+  single_steps(scale, diag, residual, codes, t.top, width, step, cost);
   pick_candidates(row, width, count);
+  prefetch_pairs(hessian, width, picked, count);
   for (int64_t i = 0; i < count; ++i) value[i] = step[picked[i]] * scale[picked[i]];
 
   // picked_cost[i] is cost[picked[i]], kept by the candidates' ranking
