@@ -243,7 +243,8 @@ def _dict_with_difference(defaults: dict[str, Any], difference: dict[str, Any]) 
     merged = dict(defaults)
     for key, value in difference.items():
         default = defaults.get(key, _MISSING)
-        merged[key] = _dict_with_difference(default, value) if isinstance(value, dict) and isinstance(default, dict) else value
+        nested = isinstance(value, dict) and isinstance(default, dict)
+        merged[key] = _dict_with_difference(default, value) if nested else value
     return merged
 
 

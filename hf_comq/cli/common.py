@@ -32,7 +32,9 @@ def launched_processes() -> int:
     try:
         return int(value)
     except ValueError:
-        raise CLIError(f"WORLD_SIZE={value!r} is not a number of processes; unset it, or start the ranks with torchrun") from None
+        raise CLIError(
+            f"WORLD_SIZE={value!r} is not a number of processes; unset it, or start the ranks with torchrun"
+        ) from None
 
 
 def check_single_process(command: str) -> None:

@@ -62,7 +62,9 @@ def check_output(output: Path, overwrite: bool, source: str | None = None) -> No
         if foreign:
             from ..hub import README_NAME
 
-            card = f" ({README_NAME} is not the model card hf-comq wrote, or was edited since)" if README_NAME in foreign else ""
+            card = ""
+            if README_NAME in foreign:
+                card = f" ({README_NAME} is not the model card hf-comq wrote, or was edited since)"
             raise CLIError(
                 f"--overwrite replaces the whole folder, and {output} holds files besides the checkpoint "
                 f"({', '.join(foreign[:5])}){card}; move them out, or choose another --output"
