@@ -1097,9 +1097,6 @@ class _Calibrator:
         (:attr:`HessianRecorder.target_products`).
         """
         products = {} if products is None else products
-        # By name: ranks may hold a stage's layers in different orders (a held pass takes them in call
-        # order, which one rank may find and another not), and the owners and broadcasts pair by order.
-        names = sorted(names)
         tokens = {name: accumulators[name].num_tokens for name in names}
         unrouted = [name for name in names if name in self.routed and tokens[name] == 0]
         solvable = []
@@ -1111,15 +1108,19 @@ class _Calibrator:
                 solvable.append(name)
         started = time.perf_counter()
         self._round_unrouted(unrouted, accumulators)
-        costs = [self._cost(name) for name in solvable]
-        owners = dict(zip(solvable, balanced_owners(costs, self.group.size)))
+        # Owners, and the broadcasts that follow them, go by name: ranks may hold a stage's layers in
+        # different orders (a held pass takes them in call order, which one rank may find and another not).
+        by_name = sorted(solvable)
+        owners = dict(zip(by_name, balanced_owners([self._cost(name) for name in by_name], self.group.size)))
         for name in solvable:  # Gram matrices of layers another rank solves go now
             if owners[name] != self.group.rank:
                 del accumulators[name]
                 products.pop(name, None)
         mine = self._solve_own([name for name in solvable if owners[name] == self.group.rank], accumulators, products)
         solutions = {}
-        for name, qweight in share_solutions(self.group, mine, owners).items():
+        shared = share_solutions(self.group, mine, owners)
+        for name in solvable:  # in the model's order, which the summary and the card list
+            qweight = shared[name]
             stats = dict(qweight.stats)
             self.results[name] = {
                 "relative_error": float(stats["relative_error"]),
