@@ -646,6 +646,8 @@ def push_folder(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     names = _relative_files(folder) if files is None else list(files)
     delete = list(deleted or [])
+    if any(WEIGHT_FILE.fullmatch(name) for name in names):  # a checkpoint: earlier weights must not stay beside it
+        delete += _stale_weight_files(api, repo_id, revision, folder)
     card = None
     if README_NAME in names and (folder / README_NAME).is_file():
         card = _card_to_upload(api, repo_id, revision, folder / README_NAME, tags)
@@ -663,6 +665,21 @@ def push_folder(
             create_pr=create_pr,
             delete_patterns=[glob.escape(name) for name in delete] or None,
         )
+
+
+WEIGHT_FILE = re.compile(
+    r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)\.index\.json"
+)
+"""The top-level weight files (and indexes) of a transformers checkpoint, single-file or sharded."""
+
+
+def _stale_weight_files(api: HfApi, repo_id: str, revision: str | None, folder: Path) -> list[str]:
+    """The repository's weight files (at ``revision``) that ``folder``'s checkpoint does not hold: an earlier
+    push's single file beside new shards loads first, and its index beside a new single file sends
+    index-following loaders (vLLM) to the old shards."""
+    present = {path.name for path in folder.iterdir() if WEIGHT_FILE.fullmatch(path.name)}
+    remote = api.list_repo_files(repo_id, revision=revision)
+    return [name for name in remote if WEIGHT_FILE.fullmatch(name) and name not in present]
 
 
 def _hub_card(api: HfApi, repo_id: str, revision: str | None) -> ModelCard | None:
@@ -772,17 +789,18 @@ class _SavePretrainedWithCard:
 
 
 def _remove_shadowing_weights(folder: Path, before: Mapping[str, tuple[int, int]]) -> list[str]:
-    """Remove the single-file ``model.safetensors`` of an earlier save when this save wrote a sharded
-    checkpoint beside it: loaders take the single file first, so the folder would load as the earlier
-    model (transformers' own clean-up removes earlier shards only).  Returns the names removed."""
+    """Remove what an earlier save left of its checkpoint beside this one (transformers' own clean-up
+    removes earlier shards only): a single-file ``model.safetensors`` beside new shards, which loaders
+    take first, so the folder would load as the earlier model; or an index beside a new single file,
+    which sends index-following loaders (vLLM) to shards that are gone.  Returns the names removed."""
     single, index = folder / SAFE_WEIGHTS_NAME, folder / SAFE_WEIGHTS_INDEX_NAME
     written = _changed_files(folder, before)
-    if not (index.name in written and single.name not in written and single.is_file()):
-        return []
-    single.unlink()
-    logger.warning("removed %s of an earlier save: beside the sharded checkpoint just saved, it would be "
-                   "loaded instead", single)
-    return [single.name]
+    for new, old in ((index, single), (single, index)):
+        if new.name in written and old.name not in written and old.is_file():
+            old.unlink()
+            logger.warning("removed %s of an earlier save: it would be read instead of the checkpoint just saved", old)
+            return [old.name]
+    return []
 
 
 def _remove_unedited_card(folder: Path) -> None:

@@ -497,6 +497,8 @@ def test_a_sharded_save_removes_the_single_file_weights_of_an_earlier_save(comq_
     comq_like_vit.save_pretrained(tmp_path)
     comq_like_vit.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    comq_like_vit.save_pretrained(tmp_path)  # and back: transformers removes the shards, not their index
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "model.safetensors.index.json").exists()
     del comq_like_vit.config.quantization_config  # dequantized since: the same clean-up
     comq_like_vit.save_pretrained(tmp_path / "dense")
     comq_like_vit.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
@@ -731,6 +733,7 @@ with torch.no_grad():
     got, plain_got = reloaded(x).logits, plain(x).logits
 
 # 2. save_pretrained(push_to_hub=True) of the reloaded (packed) model.
+from huggingface_hub import HfApi
 resaved = os.path.join(args["work"], "resaved")
 os.makedirs(os.path.join(resaved, "notes"))
 for leftover in ("notes/mine.txt", "model.safetensors.index.json"):  # the user's file, an earlier sharded save's
@@ -741,9 +744,15 @@ reloaded.save_pretrained(resaved, push_to_hub=True, repo_id="user/resaved")
 # 2b. Saved and pushed again from that folder in shards: the single file of the first push goes, here and there.
 reloaded.save_pretrained(resaved, push_to_hub=True, repo_id="user/resaved", max_shard_size="20KB")
 
+# 2c. model.push_to_hub in one file over that sharded push, then in shards over a single-file one: each
+# push removes the other layout's weight files from the repository.
+reloaded.push_to_hub("user/resaved")
+after_single = sorted(HfApi().list_repo_files("user/resaved"))
+reloaded.push_to_hub("user/resaved", max_shard_size="20KB")
+after_sharded = sorted(HfApi().list_repo_files("user/resaved"))
+
 # 3. Branches.  A COMQ card pushed to "dev" first; then the owner writes main's README; a second push to dev
 # replaces dev's unedited card (the README read is dev's, not main's) and leaves main as the owner wrote it.
-from huggingface_hub import HfApi
 api = HfApi()
 reloaded.push_to_hub("user/branched", revision="dev")
 api.upload_file(path_or_fileobj=b"---\\nlicense: mit\\n---\\n# The owner's text\\n", path_in_repo="README.md",
@@ -764,6 +773,8 @@ print(json.dumps({
     "layer_types": sorted({type(module).__name__ for module in reloaded.modules()}),
     "resaved_readme": read_text(os.path.join(resaved, "README.md")),
     "local_notes": read_text(os.path.join(with_notes, "README.md")),
+    "after_single": after_single,
+    "after_sharded": after_sharded,
 }))
 """
 
@@ -825,6 +836,15 @@ def test_a_sharded_push_over_a_single_file_one_removes_the_single_file_from_the_
     files = server.files("user/resaved")
     assert "model.safetensors" not in files and "model.safetensors.index.json" in files
     assert any(name.startswith("model-00001-of-") for name in files)
+
+
+def test_a_push_in_one_layout_removes_the_other_layouts_weight_files_from_the_hub(quantized_push):
+    """An earlier push's index and shards stayed beside a new single file (index-following loaders such as
+    vLLM read the old shards), and its single file beside new shards (every loader reads it first)."""
+    _, result = quantized_push
+    assert [name for name in result["after_single"] if name.startswith("model")] == ["model.safetensors"]
+    sharded = [name for name in result["after_sharded"] if name.startswith("model")]
+    assert "model.safetensors" not in sharded and "model.safetensors.index.json" in sharded and len(sharded) > 2
 
 
 def test_save_pretrained_push_to_hub_uploads_the_card(quantized_push):
