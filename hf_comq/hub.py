@@ -310,6 +310,7 @@ def render_model_card(
     *,
     model_class: str = "AutoModel",
     model_id: str | None = None,
+    revision: str | None = None,
     tags: list[str] | tuple[str, ...] | None = None,
     eval_results: list[EvalResult] | None = None,
     expert_share: float = 0.0,
@@ -329,6 +330,8 @@ def render_model_card(
         pipeline_tag: the Hub task, when known (see :func:`infer_pipeline_tag`).
         model_class: the transformers class shown in the usage snippet.
         model_id: the repository id (or folder) shown in the usage snippet; a placeholder when unknown.
+        revision: the branch the card is pushed to; the snippets name it unless it is the default one
+            (a pull request's ``refs/pr/N`` is merged into it, so it is not named either).
         tags: tags added after the COMQ ones.
         eval_results: this model's results for the card's model-index.
         expert_share: the share of the parameters in batched mixture-of-experts tensors, which
@@ -382,6 +385,7 @@ def render_model_card(
         base_model_md=base_model_md,
         model_class=model_class,
         model_id=model_id or _MODEL_ID_PLACEHOLDER,
+        load_revision=f', revision="{revision}"' if _names_a_branch(revision) else "",
         is_causal_lm=model_class.endswith("ForCausalLM"),
         runtimes=runtimes,
         plain_transformers_loads=not runtimes[0][1].startswith(DOES_NOT_LOAD),
@@ -443,7 +447,14 @@ def _model_class_name(model: Any) -> str:
     return cls.__name__ if cls.__module__.startswith("transformers.") else "AutoModel"
 
 
-def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | None = None) -> ModelCard:
+def _names_a_branch(revision: str | None) -> bool:
+    """Whether ``revision`` is a branch other than the default one, which a loader must be told."""
+    return bool(revision) and revision != "main" and not revision.startswith("refs/pr")
+
+
+def _card_for_model(
+    model: Any, model_id: str | None = None, tags: list[str] | None = None, revision: str | None = None
+) -> ModelCard:
     settings = _card_settings(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return render_model_card(
@@ -453,6 +464,7 @@ def _card_for_model(model: Any, model_id: str | None = None, tags: list[str] | N
         settings.pipeline_tag,
         model_class=_model_class_name(model),
         model_id=model_id,
+        revision=revision,
         tags=([model_type] if model_type else []) + list(tags or []),
         eval_results=settings.eval_results,
         expert_share=expert_parameter_share(model),
@@ -473,7 +485,9 @@ def _narrow_zero_points(model: Any) -> list[str]:
     return zero_points_plain_loading_fails_on(_comq_config(model).packed_scheme(), shapes)
 
 
-def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, model_id: str | None = None) -> Path | None:
+def write_model_card(
+    save_directory: str | os.PathLike[str], model: Any, *, model_id: str | None = None, revision: str | None = None
+) -> Path | None:
     """Write README.md for a COMQ model into ``save_directory``, unless the folder has a README
     that is not an unedited hf_comq card, or another tool made the checkpoint (loaded with
     ``load_quantized``; a COMQ card would claim its settings).
@@ -493,7 +507,7 @@ def write_model_card(save_directory: str | os.PathLike[str], model: Any, *, mode
     if path.exists() and not _holds_unedited_card(path):
         _say_kept(path)
         return None
-    text = mark_card(str(_card_for_model(model, model_id=model_id)))
+    text = mark_card(str(_card_for_model(model, model_id=model_id, revision=revision)))
     path.parent.mkdir(parents=True, exist_ok=True)
     # Whole or not at all (a reader never sees half a card), and with the permissions the user's
     # umask gives, as save_pretrained's other files (a temporary file module's would be private).
@@ -778,7 +792,8 @@ class _SavePretrainedWithCard:
         if push_to_hub:
             repo_id = _resolved_or_given(repo_id, push.get("token"))
         if quantized:
-            write_model_card(save_directory, model, model_id=repo_id)
+            revision = push.get("revision") if push_to_hub else None
+            write_model_card(save_directory, model, model_id=repo_id, revision=revision)
         else:  # dequantized since: a card an earlier save wrote would describe packed weights
             _remove_unedited_card(folder)
             push["commit_message"] = push.get("commit_message") or "Upload model"
@@ -868,7 +883,7 @@ class _PushToHubWithCard:
         repo_id = _resolved_or_given(repo_id, token)
         with tempfile.TemporaryDirectory() as folder:
             type(model).save_pretrained(model, folder, max_shard_size=max_shard_size)
-            write_model_card(folder, model, model_id=repo_id)
+            write_model_card(folder, model, model_id=repo_id, revision=revision)
             return push_folder(
                 folder, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
                 commit_message=commit_message, commit_description=commit_description,

@@ -865,6 +865,8 @@ def test_a_push_to_a_branch_reads_and_writes_that_branch_only(quantized_push):
     server, result = quantized_push
     dev = server.files("user/branched", "dev")
     assert is_unedited_card(dev["README.md"].decode("utf-8")) and "model.safetensors" in dev
+    # the card's snippets load the branch the card is on, not main (which holds no weights here)
+    assert 'hf_comq.load_quantized("user/branched", revision="dev")' in dev["README.md"].decode("utf-8")
     assert server.files("user/branched")["README.md"] == b"---\nlicense: mit\n---\n# The owner's text\n"
     assert "model.safetensors" not in server.files("user/branched")  # main: only the owner's upload
     notes = server.files("user/branched", "notes")
@@ -878,6 +880,7 @@ def test_save_pretrained_push_to_hub_leaves_the_local_readme_as_it_was(quantized
 
 
 CLI_PUSH = """
+import shutil
 from hf_comq.cli import main
 from tests.tiny import image_processor
 
@@ -893,20 +896,27 @@ refused = main(argv)
 refused_before_work = not os.path.exists(os.path.join(args["work"], "out"))
 os.environ["HF_TOKEN"] = token
 pushed = main(argv)
-print(json.dumps({"refused": refused, "refused_before_work": refused_before_work, "pushed": pushed}))
+shutil.rmtree(os.path.join(args["work"], "out"))
+private_over_public = main(argv + ["--private"])  # the repository exists now, and is public
+print(json.dumps({"refused": refused, "refused_before_work": refused_before_work, "pushed": pushed,
+                  "private_over_public": private_over_public,
+                  "private_refused_before_work": not os.path.exists(os.path.join(args["work"], "out"))}))
 """
 
 
 def test_cli_push_checks_the_token_first_and_leaves_the_visibility_to_the_account(tmp_path):
     """A token the Hub rejects is found before any work; without --private the repository gets the account's
-    default visibility (an organisation's may be private), and a name without owner goes to the token's user."""
+    default visibility (an organisation's may be private), and a name without owner goes to the token's user.
+    --private for a repository that exists and is public is refused before any work: the Hub would keep it
+    public and the model would go out."""
     from tests.tiny import image_parquet, images
 
     image_parquet(tmp_path / "images.parquet", images(4))
     with FakeHub(max_lifetime_s=240) as server:
         result = run_hub_client(server, tmp_path, CLI_PUSH, {"work": str(tmp_path), "images": str(tmp_path / "images.parquet")},
                                 timeout=180)  # fmt: skip
-        assert result == {"refused": 1, "refused_before_work": True, "pushed": 0}
+        assert result == {"refused": 1, "refused_before_work": True, "pushed": 0, "private_over_public": 1,
+                          "private_refused_before_work": True}  # fmt: skip
         assert [request.get("private") for request in server.create_requests] == [None]
         assert 'from_pretrained("user/cli-push")' in server.files("user/cli-push")["README.md"].decode("utf-8")
 

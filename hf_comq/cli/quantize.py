@@ -132,7 +132,7 @@ def _check_before_work(args: argparse.Namespace, output: Path, saving: bool) -> 
     if args.rtn:
         _check_rtn_flags(args)
     if args.push_to_hub:
-        args.push_to_hub = check_push_target(args.push_to_hub)  # owner/name: the card names what will exist
+        args.push_to_hub = check_push_target(args.push_to_hub, args.private)  # owner/name: what the card names
     elif args.private:
         raise CLIError("--private makes the repository that --push-to-hub creates private; pass --push-to-hub too")
     if args.offload_folder:
@@ -320,10 +320,12 @@ def _check_rtn_flags(args: argparse.Namespace) -> None:
         )
 
 
-def check_push_target(repo_id: str) -> str:
+def check_push_target(repo_id: str, private: bool = False) -> str:
     """Before any work: huggingface_hub's own rules for a repository id, a Hub that can be reached,
-    and a token it accepts for writing (the push comes after the whole calibration).  Returns the
-    repository as ``owner/name`` (a bare name goes to the token's user)."""
+    a token it accepts for writing (the push comes after the whole calibration), and, with
+    ``private``, no public repository of that name (the Hub sets the visibility of a new repository
+    only, so the model would go public).  Returns the repository as ``owner/name`` (a bare name goes
+    to the token's user)."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -351,7 +353,26 @@ def check_push_target(repo_id: str) -> str:
         raise CLIError("--push-to-hub: the Hub token is read-only; pushing needs a token with write access")
     from ..hub import owned_repo_id
 
-    return owned_repo_id(repo_id, account["name"])
+    repo_id = owned_repo_id(repo_id, account["name"])
+    if private:
+        _check_not_public(repo_id)
+    return repo_id
+
+
+def _check_not_public(repo_id: str) -> None:
+    """Refuse ``--private`` for a repository that exists and is public."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        public = not HfApi().repo_info(repo_id).private
+    except RepositoryNotFoundError:
+        return
+    if public:
+        raise CLIError(
+            f"--private: {repo_id} already exists and is public, and the Hub sets the visibility of a new "
+            "repository only; make it private on the Hub first, or push to a new repository"
+        )
 
 
 def _push(output: Path, repo_id: str, private: bool) -> None:
