@@ -135,7 +135,8 @@ UNSUPPORTED_SECTIONS = {
 }
 """compressed-tensors ``quantization_config`` sections that change what a checkpoint's tensors mean
 beyond its one weight scheme: loading without applying them would give wrong outputs, and a save
-would drop them."""
+would drop them.  A ``sparsity_config`` whose ``format`` is :data:`DENSE_LAYOUT` changes nothing."""
+DENSE_LAYOUT = "dense"  # llm-compressor records its sparsity statistics so when the weights stay dense
 
 
 def read_packed_scheme(stored: Mapping[str, Any]) -> PackedScheme:
@@ -156,7 +157,9 @@ def read_packed_scheme(stored: Mapping[str, Any]) -> PackedScheme:
     if group.get("input_activations") or group.get("output_activations"):
         raise CheckpointError("the checkpoint quantizes activations; hf_comq loads weight-only checkpoints")
     for key, what in UNSUPPORTED_SECTIONS.items():
-        if stored.get(key):
+        section = stored.get(key)
+        dense = key == "sparsity_config" and isinstance(section, Mapping) and section.get("format") == DENSE_LAYOUT
+        if section and not dense:
             raise CheckpointError(
                 f"the checkpoint's quantization_config has a {key} ({what}), which hf_comq does not apply: "
                 "load it with a runtime that applies it, such as vLLM"

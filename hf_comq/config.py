@@ -158,8 +158,10 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
 
     @classmethod
     def _values_from(cls, config_dict: dict[str, Any]) -> dict[str, Any]:
-        if "quant_method" not in config_dict and ("config_groups" in config_dict or PROVENANCE_KEY in config_dict):
-            # What to_diff_dict / to_json_string() / repr() write: the entries that differ from a default config's.
+        diff_keys = "config_groups" in config_dict or PROVENANCE_KEY in config_dict
+        if diff_keys and "format" not in config_dict and config_dict.get("quant_method") in (None, QUANT_METHOD):
+            # What to_diff_dict / to_json_string() / repr() write (a "quant_method" added or not, as
+            # from_pretrained needs one): the entries that differ from a default config's.
             config_dict = _dict_with_difference(cls().to_dict(), config_dict)
         if "config_groups" not in config_dict:
             return dict(config_dict)

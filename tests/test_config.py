@@ -41,6 +41,8 @@ def test_from_dict_reads_back_what_to_json_string_and_repr_write(settings):
     restored = COMQConfig.from_dict(json.loads(config.to_json_string()))
     assert restored.to_dict() == config.to_dict()
     assert COMQConfig.from_dict(json.loads(repr(config).split(" ", 1)[1])).to_dict() == config.to_dict()
+    with_method = {**json.loads(config.to_json_string()), "quant_method": "comq"}  # as from_pretrained takes a dict
+    assert COMQConfig.from_dict(with_method).to_dict() == config.to_dict()
 
 
 def test_from_dict_round_trips_what_to_dict_writes():
