@@ -108,9 +108,10 @@ def packed_linear(
     line naming the mismatch, before any kernel runs.
     """
     check_packed_inputs(x, weight_packed, scale, zero, bits, bias, in_features)
-    if under_function_transforms():
+    if under_function_transforms() or carries_a_tangent(x):
         # torch.func (grad, jacrev, vmap of grad) cannot run the op's autograd formula, which
-        # custom_op writes as an autograd.Function without a vmap rule: plain torch ops can.
+        # custom_op writes as an autograd.Function without a vmap rule, and the op has no forward-mode
+        # formula for a dual tensor's tangent: plain torch ops have both.
         weight = dequantize_with_torch(weight_packed, scale, zero, bits, x.shape[-1]).to(x.dtype)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
     if torch.compiler.is_compiling() or needs_autograd(x, scale, bias):
@@ -125,6 +126,12 @@ def under_function_transforms() -> bool:
     spelling of this; without one, the answer is no and the op runs as before)."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active()) if active is not None else False
+
+
+def carries_a_tangent(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a forward-mode AD dual tensor (``torch.autograd.forward_ad``) whose tangent the
+    output must carry on."""
+    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
 
 
 def needs_autograd(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bool:

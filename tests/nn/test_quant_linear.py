@@ -216,6 +216,21 @@ def test_torch_func_transforms_differentiate_through_a_packed_layer(layout):
     torch.testing.assert_close(per_sample, dense)
 
 
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_forward_mode_ad_carries_the_tangent_through_a_packed_layer(layout):
+    """A dual tensor (``torch.autograd.forward_ad``) needs no grad and runs under no transform: the plain
+    inference path took it and dropped its tangent."""
+    import torch.autograd.forward_ad as forward_ad
+
+    module = linear() if layout == "linear" else Conv1D(24, 64)
+    layer = COMQLinear.from_quantized(module, quantize(module))
+    x, tangent = torch.randn(5, layer.in_features), torch.randn(5, layer.in_features)
+    with forward_ad.dual_level():
+        got = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, tangent))).tangent
+    assert got is not None
+    torch.testing.assert_close(got, tangent @ layer.dequantize().T)
+
+
 @pytest.mark.parametrize("features", [47, 41, 40, 49])
 @pytest.mark.parametrize("path", ["fp32", "autograd", "bf16", "fp64"])
 def test_an_input_of_the_wrong_width_is_refused(features, path):
