@@ -89,7 +89,8 @@ def first_pass_tables(problem, bits: int, group_size: int | None, candidates: in
 
 
 def time_builds(problems, bits: int, group_size: int | None, candidates: int, repeats: int) -> None:
-    """Seconds of one pass per build (median over the repeats), the builds taking turns."""
+    """Seconds of one pass per build (median over the repeats), the builds taking turns; stops if
+    their tables after the pass differ (the builds make the same moves, bit for bit)."""
     ops = load_kernel()
     if ops is None:
         sys.exit(f"--builds needs the compiled kernel: {active_path()}")
@@ -99,7 +100,7 @@ def time_builds(problems, bits: int, group_size: int | None, candidates: int, re
     for problem in problems:
         residual, dequant, codes, hessian, grid, max_code, count = first_pass_tables(problem, bits, group_size, candidates)
         seconds: dict[str, list[float]] = {build: [] for build in builds}
-        moves = {}
+        moves, ends = {}, {}
         for _ in range(repeats):
             for build in list(seconds):
                 tables = [residual.clone(), dequant.clone(), codes.clone()]
@@ -116,8 +117,12 @@ def time_builds(problems, bits: int, group_size: int | None, candidates: int, re
                     del seconds[build]
                     continue
                 seconds[build].append(time.perf_counter() - started)
-        if len(set(moves.values())) != 1:
-            sys.exit(f"{problem.name}: the builds made different numbers of moves: {moves}")
+                ends[build] = [*tables, capped]
+        first = ends["scalar"]
+        if len(set(moves.values())) != 1 or not all(
+            all(torch.equal(a, b) for a, b in zip(first, end)) for end in ends.values()
+        ):
+            sys.exit(f"{problem.name}: the builds made different moves: {moves} moves")
         median = {build: statistics.median(values) for build, values in seconds.items()}
         cells = [f"{median[build]:.4f}" if build in median else "-" for build in builds]
         wide = f"{median['avx512'] / median['avx2']:.2f}" if "avx512" in median else "-"

@@ -64,7 +64,10 @@ def check_output(output: Path, overwrite: bool, source: str | None = None) -> No
 
             card = ""
             if README_NAME in foreign:
-                card = f" ({README_NAME} is not the model card hf-comq wrote, or was edited since)"
+                card = (
+                    f" ({README_NAME} is not a model card hf-comq wrote and nobody edited: a card of your own, "
+                    "an edited one, or one from an hf-comq too old to mark its cards)"
+                )
             raise CLIError(
                 f"--overwrite replaces the whole folder, and {output} holds files besides the checkpoint "
                 f"({', '.join(foreign[:5])}){card}; move them out, or choose another --output"

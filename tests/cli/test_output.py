@@ -112,6 +112,6 @@ def test_overwrite_refuses_a_card_hf_comq_did_not_write_or_someone_edited(tmp_pa
     (folder / "config.json").write_text(json.dumps(config))
     card = mark_card("---\nlicense: mit\n---\n# A COMQ card\n")
     (folder / "README.md").write_text("# My notes on this model\n" if edit == "own card" else card + "\nMy results.\n")
-    with pytest.raises(CLIError, match=r"\(README.md\) \(README.md is not the model card hf-comq wrote, or was edited"):
+    with pytest.raises(CLIError, match=r"\(README.md\) \(README.md is not a model card hf-comq wrote and nobody edited"):
         check_output(folder, overwrite=True)
 
