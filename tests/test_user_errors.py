@@ -489,9 +489,10 @@ def test_a_demo_group_size_the_model_refuses_is_named_before_the_evaluation(caps
 
     evaluated = []
     monkeypatch.setattr(hf_comq.evaluation, "image_logits", lambda *args, **kwargs: evaluated.append(1))
-    code, _, err = run_cli(capsys, "demo", "--bits", 4, "--group-size", 7, "--output", tmp_path)  # after its header
+    code, out, err = run_cli(capsys, "demo", "--bits", 4, "--group-size", 7, "--output", tmp_path)
     line = next(line for line in err.splitlines() if line.startswith("hf-comq: error:"))
-    assert code == 1 and "group_size=7 does not divide in_features of" in line and "(hf-comq: --group-size -1)" in line
+    assert code == 1 and "--group-size 7 does not divide the input size of every layer of the demo ViT" in line
+    assert "or -1 for one scale per output channel" in line and "hf-comq demo:" not in out  # before its header
     assert evaluated == []
 
 
