@@ -23,6 +23,12 @@ With no MODEL it quantizes the ViT shipped inside hf_comq on the shipped
 Fashion-MNIST calibration images::
 
     HF_TOKEN=hf_... python examples/push_to_hub.py your-name/vit-fashion-mnist-comq-w4 --bits 4
+
+Another image classifier needs its own images (``--dataset``, a name or path with an image column,
+split as ``--split`` and ``--test-split`` say): calibrated on another model's data, it would be
+published quantized for the wrong inputs::
+
+    python examples/push_to_hub.py your-name/my-vit-comq-w4 path/to/my-vit --dataset path/to/images
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ import huggingface_hub
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+from huggingface_hub.utils import validate_repo_id
+
 import hf_comq
 from hf_comq.assets import demo_dataset, demo_model_path
+from hf_comq.evaluation import load_eval_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "model", nargs="?", default=None, help="image classifier folder or Hub id (default: the shipped demo ViT)"
     )
+    parser.add_argument(
+        "--dataset", default=None, help="images to calibrate on, a name or path (needed with MODEL; default: the demo's)"
+    )
+    parser.add_argument("--split", default="calibration", help="split to calibrate on (default: calibration)")
+    parser.add_argument("--test-split", default="test", help="split whose first images check the reloads (default: test)")
     parser.add_argument("--bits", type=int, default=4, help="weight bit width, 2 to 8 (default: 4)")
     parser.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: per channel)")
     parser.add_argument("--num-samples", type=int, default=128, help="calibration images (default: 128)")
@@ -77,30 +91,48 @@ def first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def images(dataset: str | None, split: str, limit: int | None = None):
+    """The demo's images, or ``split`` of ``dataset`` (the first ``limit`` rows)."""
+    data = demo_dataset(split) if dataset is None else load_eval_dataset(dataset, split)
+    if limit is not None:
+        data = data.select(range(min(limit, len(data)))) if hasattr(data, "__len__") else data.take(limit)
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.model is not None and args.dataset is None:
+        sys.exit("push_to_hub.py: error: MODEL needs its own images (--dataset); the shipped ones are the demo ViT's")
+    try:  # the repository id and the settings before the Hub is asked or any weight loads
+        validate_repo_id(args.repo_id)
+        hf_comq.COMQConfig(bits=args.bits, group_size=args.group_size, num_samples=args.num_samples)
+    except (ValueError, huggingface_hub.errors.HFValidationError) as error:
+        sys.exit(f"push_to_hub.py: error: {first_line(error)}")
     user = hub_user(args.token)
     print(f"pushing as {user}")
     repo_id = args.repo_id if "/" in args.repo_id else f"{user}/{args.repo_id}"  # where create_repo puts a bare name
     private = True if args.private else None  # None: the account's default visibility (an organisation's may be private)
     model_path = args.model or str(demo_model_path())
-    processor = AutoImageProcessor.from_pretrained(model_path)
-    config = hf_comq.COMQConfig(
-        bits=args.bits,
-        group_size=args.group_size,
-        dataset=demo_dataset("calibration"),
-        processor=processor,
-        num_samples=args.num_samples,
-    )
-    model = AutoModelForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_path)
+        config = hf_comq.COMQConfig(
+            bits=args.bits,
+            group_size=args.group_size,
+            dataset=images(args.dataset, args.split),
+            processor=processor,
+            num_samples=args.num_samples,
+        )
+        model = AutoModelForImageClassification.from_pretrained(model_path, quantization_config=config).eval()
+    except (ValueError, OSError) as error:  # hf_comq's one-line refusals come before any weight loads
+        sys.exit(f"push_to_hub.py: error: {' '.join(str(error).split())}")
 
     model.push_to_hub(repo_id, private=private, token=args.token)
     # The processor travels with the model so that the Hub repository is usable on its own.
     processor.push_to_hub(repo_id, private=private, token=args.token)
     print(f"pushed to {repo_id}")
 
-    images = [row["image"] for row in demo_dataset("test").select(range(8))]
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    test = [row["image"] for row in images(args.dataset, args.test_split, limit=8)]
+    pixels = processor(images=test, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         expected = model(pixel_values=pixels).logits
         for how, reloaded in (

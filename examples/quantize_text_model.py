@@ -109,11 +109,11 @@ def _comq_config(args: argparse.Namespace, texts: list[str], tokenizer) -> hf_co
 def run_encoder(args: argparse.Namespace, calibration: list[str], evaluation: list[str]) -> None:
     path = args.encoder or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    reference = AutoModel.from_pretrained(path).eval()
     config = _comq_config(args, calibration, tokenizer)
     started = time.perf_counter()
-    model = AutoModel.from_pretrained(path, quantization_config=config).eval()
+    model = _quantized(AutoModel, path, config)
     seconds = time.perf_counter() - started
+    reference = AutoModel.from_pretrained(path).eval()
     cosine = embedding_cosine(model, reference, tokenizer, evaluation, max_length=args.max_length)
     _save(model, tokenizer, args.workdir / f"encoder-comq-{_tag(args)}")
 
@@ -202,14 +202,13 @@ def run_causal_lm(args: argparse.Namespace, training: list[str], evaluation: lis
         path = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = _comq_config(args, training, tokenizer)
+    started = time.perf_counter()
+    model = _quantized(AutoModelForCausalLM, path, config)
+    seconds = time.perf_counter() - started
+    comq_ppl = perplexity(model, tokenizer, evaluation, max_length=args.max_length)
     fp_model = AutoModelForCausalLM.from_pretrained(path).eval()
     fp_ppl = perplexity(fp_model, tokenizer, evaluation, max_length=args.max_length)
     del fp_model
-
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
-    seconds = time.perf_counter() - started
-    comq_ppl = perplexity(model, tokenizer, evaluation, max_length=args.max_length)
     _save(model, tokenizer, args.workdir / f"causal-lm-comq-{_tag(args)}")
 
     summary = hf_comq.calibration_summary(model)
@@ -222,6 +221,15 @@ def run_causal_lm(args: argparse.Namespace, training: list[str], evaluation: lis
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
+
+def _quantized(auto_class: Any, path: str, config: hf_comq.COMQConfig) -> torch.nn.Module:
+    """The model quantized while loading, first: a setting only its layers refuse (a --group-size that does
+    not divide them) is refused in one line before any evaluation."""
+    try:
+        return auto_class.from_pretrained(path, quantization_config=config).eval()
+    except ValueError as error:  # hf_comq's one-line refusals, made before any weight loads
+        sys.exit(f"quantize_text_model.py: error: {error}")
 
 
 def _tag(args: argparse.Namespace) -> str:

@@ -36,6 +36,8 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import hf_comq
 from hf_comq.assets import demo_dataset, demo_model_path
+from hf_comq.cli.common import CLIError
+from hf_comq.cli.output import check_output
 from hf_comq.evaluation import checkpoint_size_bytes, load_eval_dataset, top1
 
 
@@ -94,13 +96,29 @@ def count(data: Any) -> str:
     return str(len(data)) if hasattr(data, "__len__") else "streamed"
 
 
+def check_early(args: argparse.Namespace, model_path: str) -> None:
+    """What can be refused before any data or weight loads, in one line: the sizes, and an output
+    folder that is unusable or would replace something (the model itself, a folder of other files)."""
+    for flag, value in (("--eval-samples", args.eval_samples), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    try:  # hf-comq quantize's own rule for its --output; a finished checkpoint there may be replaced
+        check_output(args.output, overwrite=True, source=model_path)
+    except CLIError as error:
+        raise ValueError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_path = args.model or str(demo_model_path())
-    calibration = load_split(args.dataset, args.calibration_split)
-    test = load_split(args.dataset, args.test_split, args.eval_samples)
-    # One processor object for calibration and both evaluations: FP and COMQ must see identical pixels.
-    processor = AutoImageProcessor.from_pretrained(model_path)
+    try:
+        check_early(args, model_path)
+        calibration = load_split(args.dataset, args.calibration_split)
+        test = load_split(args.dataset, args.test_split, args.eval_samples)
+        # One processor object for calibration and both evaluations: FP and COMQ must see identical pixels.
+        processor = AutoImageProcessor.from_pretrained(model_path)
+    except (ValueError, OSError) as error:
+        sys.exit(f"quantize_vit.py: error: {' '.join(str(error).split())}")
 
     try:  # built first: a bad setting is refused in one line before any model loads
         config = hf_comq.COMQConfig(

@@ -33,6 +33,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -187,8 +188,21 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_output_folder(output: Path) -> None:
+    """Make ``output`` and try a file in it before any training: a folder that cannot be written
+    would otherwise be found after the whole run, with the trained weights lost."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(f"train_fashion_mnist_vit.py: error: --output {output} cannot be written ({error})") from None
+
+
 def train(args: argparse.Namespace) -> dict[str, float]:
     """Train, evaluate, save; return the summary that is also written to disk."""
+    check_output_folder(args.output)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
