@@ -55,9 +55,10 @@ def damped_inverse_cholesky(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor ``U`` of ``(H + D)^-1`` and the diagonal ``D`` that was added.
 
-    ``D`` is ``damp * mean(diag H)``; dead inputs (zero diagonal) also get ``mean(diag H)``,
-    so the factorisation exists.  Both terms scale with H, so the result does not depend on
-    H's overall scale (a mean over tokens or a sum).  If the damped matrix is still numerically indefinite
+    ``D`` is ``damp * mean(diag H)`` (the mean over live inputs) on every input, dead ones (zero
+    diagonal) included: that is all they need for the factorisation to exist, and it keeps their
+    errors, which cost nothing, from weighing in the damped objective.  It scales with H, so the
+    result does not depend on H's overall scale (a mean over tokens or a sum).  If the damped matrix is still numerically indefinite
     (rank-deficient H in float32), the damping grows tenfold until it factorises.
     With ``saved`` (``hessian``'s upper triangle), ``U`` is made in ``hessian``'s own
     storage, whose values are then lost (``saved`` rebuilds them, and does so before
@@ -80,13 +81,12 @@ def damped_inverse_cholesky(
 
 
 def _dampings(hessian: torch.Tensor, damp: float) -> Iterator[torch.Tensor]:
-    """The diagonals to try: ``damp * mean(diag H)`` (over live inputs), plus ``mean(diag H)`` on
-    dead ones, then with tenfold more damping, five times."""
+    """The diagonals to try: ``damp * mean(diag H)`` (over live inputs) on every input, then tenfold
+    more, five times."""
     diag = torch.diagonal(hessian)
     mean_diag = diag[diag > 0].mean() if bool((diag > 0).any()) else torch.ones((), dtype=hessian.dtype)
-    dead = (diag <= 0).to(hessian.dtype)
     for attempt in range(6):
-        yield (dead + damp * 10**attempt) * mean_diag
+        yield torch.full_like(diag, damp * 10**attempt) * mean_diag
 
 
 def _factor(hessian: torch.Tensor, added: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
