@@ -225,7 +225,9 @@ def test_evaluate_notebook_runs_and_plots(venv_kernel, tmp_path):
     }
     assert sorted(rows) == [2, 3, 4], text
     for bits, (_fp, _rtn_acc, _comq_acc, rtn_err, comq_err) in rows.items():
-        # COMQ minimizes exactly this layer error, from RTN's starting point: it must not be worse.
+        # At 4 bits COMQ minimizes this layer error from a start no worse than RTN's; at 3 and 2 bits it is
+        # measured against the weight COMQ aims for, RTN's against the layer's own (the notebook says so),
+        # and COMQ's is still expected lower: a looser check there, but a failure would be worth a look.
         assert comq_err <= rtn_err, f"W{bits}: COMQ layer error {comq_err} above RTN's {rtn_err}"
     fidelity = {
         int(match.group(1)): tuple(float(value) for value in match.group(2, 3, 4, 5))
