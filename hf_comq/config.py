@@ -5,7 +5,8 @@ The settings themselves (names, defaults, kinds, validation) are declared once, 
 ``dataset`` and ``processor`` may be large in-memory objects: ``from_pretrained``
 deep-copies the config twice, so copies share them, and they are never serialized,
 only a string reference (a dataset name, a local path shrunk to its last component)
-and a one-line description are written.
+and a one-line description are written.  Once a model is quantized, its own copy keeps
+just those (the caller's config keeps its objects): the data is not held alive by the model.
 
 Serialized (``to_dict``, hence ``config.json``), a COMQConfig *is* a compressed-tensors
 ``pack-quantized`` ``quantization_config`` (:mod:`hf_comq.checkpoint`), so plain

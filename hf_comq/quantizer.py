@@ -43,7 +43,7 @@ from .checkpoint import (
     stores_experts_per_expert,
     verify_quantized_model,
 )
-from .config import COMQConfig
+from .config import LIVE_OBJECTS, COMQConfig
 from .modules import (
     batched_expert_weights,
     expert_projection_names,
@@ -234,6 +234,10 @@ class COMQHfQuantizer(HfQuantizer):
         elif name:
             config.base_model = hub_id or name
         config.calibration_description = config.describe_calibration()
+        # From here on the config holds what a checkpoint records of the data and processor, not the objects:
+        # the model would otherwise keep the caller's calibration data alive (and in any pickle of it).
+        for name in LIVE_OBJECTS:
+            setattr(config, name, config.serialized(name))
         self._converted = list(converted)
 
 

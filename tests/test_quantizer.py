@@ -575,7 +575,7 @@ def test_quantize_on_load_records_skipped_layers_and_round_trips(fp_checkpoints,
     assert recorded.ignore == ["classifier", "vit.layers.1.mlp.fc2"]
     assert recorded.layer_type == "Linear" and recorded.calibration_samples == 2
     assert config.ignore is None  # the user's object can be reused for another model
-    assert recorded.dataset is config.dataset  # shared, not copied
+    assert recorded.dataset is None and config.dataset is not None  # the model keeps the record, the caller the data
     model.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert stored["ignore"] == ["classifier", "vit.layers.1.mlp.fc2"]
@@ -750,3 +750,26 @@ def test_settings_read_from_another_checkpoint_record_this_quantization_not_that
     assert stored["base_model"] is None and stored["base_model_folder"] == "llama"
     card = (tmp_path / "q" / "README.md").read_text()
     assert "someorg/other-model" not in card
+
+
+def test_a_quantized_model_does_not_keep_the_callers_calibration_data_alive(fp_checkpoints):
+    """The model's config shared the caller's dataset object (and its processor) for the model's life,
+    and a pickle of the model carried the data; the caller's own config keeps its objects."""
+    import gc
+    import pickle
+    import weakref
+
+    from tests.tiny import model_inputs
+
+    probe = T.ViTForImageClassification.from_pretrained(fp_checkpoints["vit"])
+    data = model_inputs(probe, count=8, seed=1).popitem()[1]
+    config = COMQConfig(dataset=data, num_samples=8, iterations=1)
+    model = T.ViTForImageClassification.from_pretrained(fp_checkpoints["vit"], quantization_config=config)
+    assert config.dataset is data  # the caller's config is the caller's
+    recorded = model.config.quantization_config
+    assert recorded.dataset is None and recorded.processor is None and recorded.calibration_description
+    held = weakref.ref(data)
+    del data, config, probe
+    gc.collect()
+    assert held() is None
+    assert len(pickle.dumps(recorded)) < 100_000
