@@ -256,10 +256,11 @@ def _from_sequence(model: nn.Module, config: Any, items: Sequence[Any]) -> Calib
     if len(items) == 0:
         raise ValueError("the calibration dataset is empty: it has no samples")
     if all(isinstance(item, Image.Image) for item in items):
-        kind, column = "images", "image"
+        items, kind, column = _images_to_calibrate_on(items, config), "images", "image"
     elif all(isinstance(item, np.ndarray) for item in items):
         _check_reads_images_or_text(model)
-        items, kind, column = [_image_from_array(item) for item in items], "images", "image"
+        items = [_image_from_array(item) for item in _images_to_calibrate_on(items, config)]
+        kind, column = "images", "image"
     elif all(isinstance(item, str) for item in items):
         kind, column = "text", "text"
     elif all(_is_conversation(item) for item in items):
@@ -660,6 +661,17 @@ def _take_samples(sizes: list[tuple[int, int]], wanted: int) -> list[tuple[int, 
             plan.append((index, taken))
         left -= taken
     return plan
+
+
+def _images_to_calibrate_on(items: Sequence[Any], config: Any) -> list[Any]:
+    """The images of a list that the seeded subset of all of them takes (:func:`~.sources.seeded_subset`
+    on a column of their positions: the same rows), the others left out before any is stored: a
+    ``datasets.Dataset`` stores every image as an image file, which would cost time and memory with
+    the list's length rather than with ``num_samples``."""
+    if len(items) <= config.num_samples:
+        return list(items)
+    positions = seeded_subset(dataset_from_list(range(len(items)), "position"), config.num_samples, config.seed)
+    return [items[position] for position in positions["position"]]
 
 
 def _choose_indices(total: int, requested: int, seed: int) -> list[int]:

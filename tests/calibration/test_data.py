@@ -733,3 +733,25 @@ def test_ready_token_inputs_record_the_length_they_were_used_at(llama):
     dicts = _config([{"input_ids": ids[:2]}, {"input_ids": ids[2:, :30]}], max_length=512)
     build_calibration_data(llama, dicts)
     assert dicts.max_length == 40
+
+
+def test_a_long_image_list_stores_only_the_images_the_seeded_subset_takes(monkeypatch):
+    """Every image of a list was stored as an image file in a ``datasets.Dataset`` before ``num_samples`` of them
+    were picked (a list of 1,200 took 12 s and 1 GB for 8 samples); now only the images the same seeded subset
+    takes are stored, and they are those images."""
+    from PIL import Image
+
+    import hf_comq.calibration.data as data_module
+    from hf_comq.calibration.sources import dataset_from_list, seeded_subset
+
+    pictures = [Image.new("RGB", (32, 32), (index, 255 - index, 7)) for index in range(60)]
+    stored = []
+    real = data_module.dataset_from_list
+    monkeypatch.setattr(data_module, "dataset_from_list", lambda items, column: stored.append(len(items)) or real(items, column))
+    model = tiny_vit()
+    data = build_calibration_data(model, COMQConfig(dataset=pictures, num_samples=8, seed=3, processor=image_processor()))
+    assert stored[-1] == 8 and data.num_samples == 8
+    everything = seeded_subset(dataset_from_list(pictures, "image"), 8, 3)
+    expected = sorted(tuple(image.getpixel((0, 0))) for image in everything["image"])
+    kept = data_module._images_to_calibrate_on(pictures, COMQConfig(num_samples=8, seed=3))
+    assert sorted(image.getpixel((0, 0)) for image in kept) == expected
