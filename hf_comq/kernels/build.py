@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import threading
@@ -48,6 +49,7 @@ BUILD_NOTICE = (
     "once built, later runs load it from %s"
 )
 TORCH_BUILD_LOCK = "lock"  # the file torch's extension builder waits on, without a timeout, while it exists
+FINISHED_MARK_SUFFIX = ".sha256"  # beside a library whose build succeeded: its digest
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -106,8 +108,9 @@ def active_path() -> str:
 
 
 def extension_name() -> str:
-    """``hf_comq_cpu_<hash>``: the hash covers the C++ sources and the torch and Python versions."""
-    digest = hashlib.sha256(f"{torch.__version__} {sys.version_info[:2]}".encode())
+    """``hf_comq_cpu_<hash>``: the hash covers the C++ sources, the torch and Python versions and the
+    machine's architecture (hosts of several architectures may share one cache folder)."""
+    digest = hashlib.sha256(f"{torch.__version__} {sys.version_info[:2]} {platform.machine()} {sys.platform}".encode())
     for name in SOURCES + HEADERS:
         digest.update(name.encode())
         digest.update((CSRC / name).read_bytes())
@@ -136,7 +139,8 @@ def _build_and_load():
     name = extension_name()
     build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     start = time.perf_counter()
-    ops = load_cached_library(build_dir / f"{name}.so")
+    library = build_dir / f"{name}.so"
+    ops = load_cached_library(library)  # outside the build lock: loads a finished library, never removes one
     if ops is not None:
         seconds = time.perf_counter() - start
         return ops, f"compiled CPU kernel ({ops.isa()}): {name}, loaded in {seconds:.1f} s from {build_dir}"
@@ -145,7 +149,7 @@ def _build_and_load():
         return None, f"torch fallback: compiled CPU kernel unavailable, {missing}"
     try:
         with _one_build_at_a_time(build_dir):
-            ops = load_cached_library(build_dir / f"{name}.so")  # built by another process while this one waited
+            ops = load_cached_library(library, discard=True)  # built by another process while this one waited
             if ops is not None:
                 seconds = time.perf_counter() - start
                 return ops, f"compiled CPU kernel ({ops.isa()}): {name}, loaded in {seconds:.1f} s from {build_dir}"
@@ -174,7 +178,11 @@ def _one_build_at_a_time(build_dir: Path) -> Iterator[None]:
         yield
         return
     with open(build_dir / "hf_comq.build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is building: say so, since the wait can be minutes
+            logger.warning("hf_comq: waiting for another process's kernel build in %s to finish", build_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             left_over = build_dir / TORCH_BUILD_LOCK
             if left_over.exists():
@@ -204,6 +212,7 @@ def _build(name: str, build_dir: Path, start: float):
         )
         ops = getattr(torch.ops, OPS_NAMESPACE)
         isa = ops.isa()
+        mark_finished(build_dir / f"{name}.so")
     except Exception as error:  # a failed build must never break the caller: fall back
         cause = build_error_line(str(error)) or type(error).__name__
         return None, f"torch fallback: building the compiled CPU kernel failed ({type(error).__name__}: {cause})"
@@ -223,23 +232,58 @@ def build_error_line(message: str) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def load_cached_library(library: Path):
-    """The ops of an already built library, or ``None`` when there is none or it does not load.
+def load_cached_library(library: Path, discard: bool = False):
+    """The ops of an already built library, or ``None`` when there is none, it is not a finished
+    build (:func:`is_finished`) or it does not load.
 
     Loading the file directly skips the compiler and ninja checks, so a process that
-    finds the cache pays only the ``dlopen``.  A library that fails to load (a build
-    killed half-way) is removed so that the caller builds it again.
+    finds the cache pays only the ``dlopen``.  Only a finished library is opened: a file
+    cut short (a link killed half-way, or one still being written) makes ``dlopen`` fault
+    and kill the process rather than fail.  With ``discard`` (the caller holds the build
+    lock, so no other process is writing it) a library that is not a finished, loadable
+    build is removed, so that the caller builds it again.
     """
     if not library.is_file():
         return None
+    if is_finished(library):
+        try:
+            torch.ops.load_library(str(library))
+            ops = getattr(torch.ops, OPS_NAMESPACE)
+            ops.isa()
+            return ops
+        except Exception:  # a foreign or damaged file: rebuild rather than fail
+            pass
+    if discard:
+        for path in (library, _finished_mark(library)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only cache: nothing to clean, the build that follows says why
+                pass
+    return None
+
+
+def _finished_mark(library: Path) -> Path:
+    return library.with_name(library.name + FINISHED_MARK_SUFFIX)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def is_finished(library: Path) -> bool:
+    """Whether ``library`` is the whole file a build ended with: its digest is the one written then."""
     try:
-        torch.ops.load_library(str(library))
-        ops = getattr(torch.ops, OPS_NAMESPACE)
-        ops.isa()
-    except Exception:  # corrupt or foreign file: rebuild rather than fail
-        library.unlink(missing_ok=True)
-        return None
-    return ops
+        return _finished_mark(library).read_text(encoding="utf-8").strip() == _digest(library)
+    except OSError:
+        return False
+
+
+def mark_finished(library: Path) -> None:
+    """Record ``library``'s digest beside it once its build succeeded (written whole or not at all)."""
+    mark = _finished_mark(library)
+    partial = mark.with_name(f".{mark.name}.{os.getpid()}.partial")
+    partial.write_text(_digest(library) + "\n", encoding="utf-8")
+    os.replace(partial, mark)
 
 
 def copy_sources(destination: Path) -> list[Path]:

@@ -141,3 +141,77 @@ def test_a_build_folder_that_cannot_be_made_falls_back_with_a_line(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "PATH: torch fallback: the kernel cannot be built in" in result.stdout and "TORCH_EXTENSIONS_DIR" in result.stdout
+
+
+def _built_library() -> Path:
+    """The finished library this process loads (built into the default cache if need be)."""
+    from hf_comq.kernels import build
+
+    if missing_toolchain() is not None or load_kernel() is None:
+        pytest.skip("compiled kernel not buildable here")
+    from torch.utils import cpp_extension
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    library = root / extension_name() / f"{extension_name()}.so"
+    assert build.is_finished(library)
+    return library
+
+
+def test_only_a_finished_library_is_opened_and_only_the_build_lock_holder_removes_one(monkeypatch, tmp_path):
+    """A library cut short (a link killed, or one another process is still writing) made dlopen fault and kill
+    every later process; and a process that could not load it removed it under the feet of the process
+    building it.  Now a library opens only if its digest is the one its build wrote, and only a caller holding
+    the build lock (``discard``) removes one; a read-only cache's files stay as they are."""
+    from hf_comq.kernels.build import FINISHED_MARK_SUFFIX, load_cached_library
+
+    monkeypatch.delenv(DISABLE_ENV_VAR, raising=False)
+    whole = _built_library().read_bytes()
+    library = tmp_path / "hf_comq_cpu_copy.so"
+    mark = tmp_path / f"{library.name}{FINISHED_MARK_SUFFIX}"
+    library.write_bytes(whole[: len(whole) // 2])  # a link stopped half-way...
+    mark.write_text(_built_library().with_name(_built_library().name + FINISHED_MARK_SUFFIX).read_text())
+    assert load_cached_library(library) is None and library.exists()  # ...is neither opened nor removed
+    mark.unlink()
+    library.write_bytes(whole)  # whole, but no build said so (it may still be written)
+    assert load_cached_library(library) is None and library.exists()
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert load_cached_library(library, discard=True) is None  # a read-only cache: no error either
+    monkeypatch.undo()
+    assert load_cached_library(library, discard=True) is None and not library.exists()
+
+
+def test_the_cache_name_tells_architectures_apart(monkeypatch):
+    """Hosts of two architectures sharing a home folder each removed the other's library and rebuilt theirs."""
+    import platform
+
+    name = extension_name()
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64" if platform.uname().machine != "aarch64" else "x86_64")
+    assert extension_name() != name
+
+
+def test_waiting_for_another_processs_build_is_said(tmp_path, caplog):
+    """The wait for a build another process is running can take minutes, and it was silent."""
+    import threading
+    import time
+
+    from hf_comq.kernels.build import _one_build_at_a_time
+
+    held, release = threading.Event(), threading.Event()
+
+    def other_build() -> None:
+        with _one_build_at_a_time(tmp_path):
+            held.set()
+            release.wait(10)
+
+    other = threading.Thread(target=other_build)
+    other.start()
+    held.wait(10)
+    threading.Timer(0.2, release.set).start()
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="hf_comq.kernels.build"), _one_build_at_a_time(tmp_path):
+        waited = time.monotonic() - started
+    other.join()
+    assert waited >= 0.15 and "waiting for another process's kernel build" in caplog.text
