@@ -203,8 +203,7 @@ def run_side_by_side(
             for worker in [pool.submit(contextvars.copy_context().run, run_jobs) for _ in range(count)]:
                 worker.result()
     finally:
-        if torch.get_num_threads() != previous:  # a build whose count is process-wide
-            torch.set_num_threads(previous)
+        torch.set_num_threads(previous)  # the workers' count became the default of threads started later
     for outcome in outcomes:  # jobs are taken in order: a failure comes before every dropped job
         if outcome is not None and not outcome[0]:
             raise outcome[1]
@@ -257,8 +256,7 @@ def run_independent(pieces: Sequence[Callable[[], Any]], flops: float) -> None:
         for running in helpers:
             if not running.cancel():  # one not started yet (its thread busy elsewhere) has nothing left to take
                 running.result()
-        if torch.get_num_threads() != previous:  # a build whose count is process-wide
-            torch.set_num_threads(previous)
+        torch.set_num_threads(previous)  # the helpers' count became the default of threads started later
     if errors:
         raise errors[0]
 
@@ -428,8 +426,7 @@ class AllAtOnce:
             thread.join()
         # the jobs' closures often reach back here (a job that steps aside): no cycle keeps what they hold alive
         self._jobs, self._threads = [], []
-        if torch.get_num_threads() != self._previous:  # a build whose count is process-wide
-            torch.set_num_threads(self._previous)
+        torch.set_num_threads(self._previous)  # the jobs' count became the default of threads started later
 
     @contextmanager
     def step_aside(self) -> Iterator[None]:

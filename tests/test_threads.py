@@ -605,3 +605,25 @@ def test_jobs_meant_to_run_ahead_run_when_due_where_the_priority_cannot_be_lower
         results = ahead.results()
     assert [index for index, *_ in results] == [0, 1, 2]
     assert "hf_comq_ahead" not in {name for _, name, *_ in results}
+
+
+def test_threads_started_after_the_helpers_keep_the_callers_count(two_threads) -> None:
+    """torch.set_num_threads also sets the count every thread started later begins with: the helpers' workers
+    set 1, and the caller's own count being unchanged, nothing was put back; a server's request thread then
+    ran torch on one thread."""
+    from hf_comq.threads import AllAtOnce, run_independent, run_side_by_side
+
+    def count_in_a_new_thread() -> int:
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    run_side_by_side([lambda: 1, lambda: 2], workers=2)
+    assert count_in_a_new_thread() == 2
+    run_independent([lambda: None, lambda: None], flops=1.0)
+    assert count_in_a_new_thread() == 2
+    with AllAtOnce([lambda: 1, lambda: 2], workers=2) as jobs:
+        jobs.results()
+    assert count_in_a_new_thread() == 2
