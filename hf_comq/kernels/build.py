@@ -3,9 +3,12 @@ solver's column passes and pair moves (:mod:`hf_comq.kernels.solver_ops`).
 
 The C++ sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` on
 first use, into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), under a name that hashes the sources and the torch
-version: later processes load the cached library directly (no compiler needed), and
-an upgrade of either builds a fresh one instead of loading a stale binary.
+``~/.cache/torch_extensions``), under a name that hashes the sources, the torch and
+Python versions and the architecture: later processes load the cached library directly
+(no compiler needed), and an upgrade of either builds a fresh one instead of loading a
+stale binary.  A build that succeeds records its library's digest beside it, and only a
+library matching it is opened; building, and removing a library that will not load,
+happen under one lock per folder.
 
 Anything that stops the kernel (no compiler, no ninja, a failed build, a big-endian
 host) makes :func:`load_kernel` return ``None``: the callers then take the exact torch
