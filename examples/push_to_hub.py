@@ -38,6 +38,7 @@ import sys
 
 import huggingface_hub
 import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from huggingface_hub.utils import validate_repo_id
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--split", default="calibration", help="split to calibrate on (default: calibration)")
     parser.add_argument("--test-split", default="test", help="split whose first images check the reloads (default: test)")
+    parser.add_argument("--column", default=None, help="the image column (default: the one holding images)")
     parser.add_argument("--bits", type=int, default=4, help="weight bit width, 2 to 8 (default: 4)")
     parser.add_argument("--group-size", type=int, default=None, help="input columns per scale (default: per channel)")
     parser.add_argument("--num-samples", type=int, default=128, help="calibration images (default: 128)")
@@ -99,6 +101,18 @@ def images(dataset: str | None, split: str, limit: int | None = None):
     return data
 
 
+def test_images(args: argparse.Namespace) -> list:
+    """The first images of ``--test-split``, read before any work: a split or column that is not there
+    would otherwise be found after the push."""
+    rows = list(images(args.dataset, args.test_split, limit=8))
+    if not rows:
+        raise ValueError(f"--test-split {args.test_split!r} has no rows")
+    column = args.column or next((name for name, value in rows[0].items() if isinstance(value, Image.Image)), None)
+    if column not in rows[0]:
+        raise ValueError(f"no image column {column or ''} in --test-split {args.test_split!r}; name it with --column")
+    return [row[column] for row in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.model is not None and args.dataset is None:
@@ -114,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     private = True if args.private else None  # None: the account's default visibility (an organisation's may be private)
     model_path = args.model or str(demo_model_path())
     try:
+        test = test_images(args)
         processor = AutoImageProcessor.from_pretrained(model_path)
         config = hf_comq.COMQConfig(
             bits=args.bits,
             group_size=args.group_size,
             dataset=images(args.dataset, args.split),
+            dataset_column=args.column,
             processor=processor,
             num_samples=args.num_samples,
         )
@@ -131,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     processor.push_to_hub(repo_id, private=private, token=args.token)
     print(f"pushed to {repo_id}")
 
-    test = [row["image"] for row in images(args.dataset, args.test_split, limit=8)]
     pixels = processor(images=test, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         expected = model(pixel_values=pixels).logits

@@ -682,9 +682,10 @@ def push_folder(
 
 
 WEIGHT_FILE = re.compile(
-    r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)\.index\.json"
+    r"model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin|(model\.safetensors|pytorch_model\.bin)\.index\.json"
 )
-"""The top-level weight files (and indexes) of a transformers checkpoint, single-file or sharded."""
+"""The top-level weight files (and indexes) transformers reads, single-file or sharded; other tools' names
+(``model.bin``, ``consolidated.safetensors``) are theirs."""
 
 
 def _stale_weight_files(api: HfApi, repo_id: str, revision: str | None, folder: Path) -> list[str]:
@@ -693,7 +694,11 @@ def _stale_weight_files(api: HfApi, repo_id: str, revision: str | None, folder: 
     index-following loaders (vLLM) to the old shards."""
     present = {path.name for path in folder.iterdir() if WEIGHT_FILE.fullmatch(path.name)}
     remote = api.list_repo_files(repo_id, revision=revision)
-    return [name for name in remote if WEIGHT_FILE.fullmatch(name) and name not in present]
+    stale = [name for name in remote if WEIGHT_FILE.fullmatch(name) and name not in present]
+    if stale:
+        logger.warning("removing %s from %s in this push: an earlier checkpoint's weights, which loaders would "
+                       "read instead of (or beside) this one", ", ".join(stale), repo_id)
+    return stale
 
 
 def _hub_card(api: HfApi, repo_id: str, revision: str | None) -> ModelCard | None:
