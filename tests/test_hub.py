@@ -933,3 +933,15 @@ def test_a_mixture_of_experts_card_says_the_experts_are_quantized_and_who_loads_
     loading = body[body.index("## Loading") : body.index("## Who can run")]
     assert "Plain transformers does not load this one" in loading and "from_pretrained(" not in loading
     assert 'hf_comq.load_quantized("' in loading
+
+
+def test_a_push_removes_only_the_weight_files_transformers_reads():
+    """Other tools' files (CTranslate2's model.bin, a consolidated checkpoint) are theirs: a push left them."""
+    from hf_comq.hub import WEIGHT_FILE
+
+    ours = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "pytorch_model-00002-of-00003.bin", "pytorch_model.bin.index.json"]  # fmt: skip
+    theirs = ["model.bin", "pytorch_model.safetensors", "model-00001-of-00002.bin", "consolidated.safetensors",
+              "model-fp16.safetensors", "onnx/model.safetensors", "adapter_model.safetensors"]  # fmt: skip
+    assert all(WEIGHT_FILE.fullmatch(name) for name in ours)
+    assert not any(WEIGHT_FILE.fullmatch(name) for name in theirs)
