@@ -301,6 +301,28 @@ PairChoice best_pair_in_order(const float* hessian, int64_t width, const int32_t
   return choice;
 }
 
+#if HF_COMQ_AVX2
+// The vector scans' choice from their lanes: each lane's lowest change (``lane_best``) and that
+// pair's place in the scan order (``lane_at``, -1 where the lane saw none finite); the lowest of
+// all, the earliest place on ties, is the pair the scalar scan picks.
+PairChoice lowest_lane(const float* lane_best, const int32_t* lane_at, int lanes, int64_t count) {
+  PairChoice choice{kInf, 0, 0};
+  int32_t chosen = -1;
+  for (int l = 0; l < lanes; ++l) {
+    if (lane_at[l] < 0) continue;  // never lower than infinity
+    if (chosen < 0 || lane_best[l] < choice.change || (lane_best[l] == choice.change && lane_at[l] < chosen)) {
+      choice.change = lane_best[l];
+      chosen = lane_at[l];
+    }
+  }
+  if (chosen >= 0) {
+    choice.first = chosen / count;
+    choice.second = chosen % count;
+  }
+  return choice;
+}
+#endif
+
 #if HF_COMQ_AVX512
 // best_pair of the AVX2 build (below), sixteen pairs at a time.
 PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked, const float* candidate_cost,
@@ -331,20 +353,7 @@ PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked,
   alignas(64) int32_t lane_at[kWideLanes];
   _mm512_store_ps(lane_best, best);
   _mm512_store_si512(lane_at, best_at);
-  PairChoice choice{kInf, 0, 0};
-  int32_t chosen = -1;
-  for (int l = 0; l < kWideLanes; ++l) {
-    if (lane_at[l] < 0) continue;  // never lower than infinity
-    if (chosen < 0 || lane_best[l] < choice.change || (lane_best[l] == choice.change && lane_at[l] < chosen)) {
-      choice.change = lane_best[l];
-      chosen = lane_at[l];
-    }
-  }
-  if (chosen >= 0) {
-    choice.first = chosen / count;
-    choice.second = chosen % count;
-  }
-  return choice;
+  return lowest_lane(lane_best, lane_at, kWideLanes, count);
 }
 #elif HF_COMQ_AVX2
 // best_pair_in_order eight pairs at a time: the same products and sums, each rounded on
@@ -381,20 +390,7 @@ PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked,
   alignas(32) int32_t lane_at[kPairLanes];
   _mm256_store_ps(lane_best, best);
   _mm256_store_si256(reinterpret_cast<__m256i*>(lane_at), best_at);
-  PairChoice choice{kInf, 0, 0};
-  int32_t chosen = -1;
-  for (int l = 0; l < kPairLanes; ++l) {
-    if (lane_at[l] < 0) continue;  // never lower than infinity
-    if (chosen < 0 || lane_best[l] < choice.change || (lane_best[l] == choice.change && lane_at[l] < chosen)) {
-      choice.change = lane_best[l];
-      chosen = lane_at[l];
-    }
-  }
-  if (chosen >= 0) {
-    choice.first = chosen / count;
-    choice.second = chosen % count;
-  }
-  return choice;
+  return lowest_lane(lane_best, lane_at, kPairLanes, count);
 }
 #else
 PairChoice best_pair(const float* hessian, int64_t width, const int32_t* picked, const float* candidate_cost,
