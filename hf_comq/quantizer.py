@@ -120,7 +120,8 @@ class COMQHfQuantizer(HfQuantizer):
                 from .calibration.blocks import find_block_groups
 
                 find_block_groups(model, config.block_name)  # a block_name naming no block list, before the load
-            self._calibration_data = _calibration_data(model, config)
+            folder = os.path.dirname(os.fspath(files[0])) if files else None  # a subfolder's, a revision's snapshot
+            self._calibration_data = _calibration_data(model, config, folder)
         return model
 
     def update_weight_conversions(self, weight_conversions: list, model: nn.Module | None = None) -> list:
@@ -241,7 +242,7 @@ class COMQHfQuantizer(HfQuantizer):
         self._converted = list(converted)
 
 
-def _calibration_data(model: nn.Module, config: COMQConfig) -> Any:
+def _calibration_data(model: nn.Module, config: COMQConfig, checkpoint_folder: str | None = None) -> Any:
     """The calibration data, built while the model's weights are still to be loaded: it needs the
     model's class and config only, so every data mistake (a column, a split, a tokenizer, data of
     a kind the model cannot take) is one line before a load that may take minutes.  Built on the
@@ -249,7 +250,7 @@ def _calibration_data(model: nn.Module, config: COMQConfig) -> Any:
     from .calibration import build_calibration_data  # lazy: the calibration package is heavy
 
     with torch.device("cpu"):
-        return build_calibration_data(model, config)
+        return build_calibration_data(model, config, checkpoint_folder)
 
 
 def _attach_model_card(model: nn.Module) -> None:

@@ -773,3 +773,16 @@ def test_a_quantized_model_does_not_keep_the_callers_calibration_data_alive(fp_c
     gc.collect()
     assert held() is None
     assert len(pickle.dumps(recorded)) < 100_000
+
+
+def test_the_models_own_tokenizer_is_the_one_beside_the_weights_it_loads(tmp_path):
+    """``subfolder=`` (and a ``revision=``'s snapshot) put the weights in a folder other than ``name_or_path``:
+    the tokenizer was looked for in the root, where there was none (or another model's)."""
+    from hf_comq import calibration_summary
+    from tests.tiny import sentences
+
+    tiny_model("llama").save_pretrained(tmp_path / "inner")
+    word_tokenizer().save_pretrained(tmp_path / "inner")
+    config = COMQConfig(dataset=sentences(8), num_samples=8, batch_size=4, group_size=16)
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path, subfolder="inner", quantization_config=config)
+    assert calibration_summary(model)["num_samples"] == 8

@@ -31,6 +31,7 @@ Accepted ``dataset`` forms:
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -131,11 +132,18 @@ class CalibrationData:
         return replace(self, chunks=lambda: itertools.islice(chunks(), rank, None, size))
 
 
-def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
+_CHECKPOINT_FOLDER: contextvars.ContextVar[str | None] = contextvars.ContextVar("checkpoint_folder", default=None)
+"""The folder the weights of the model being calibrated load from, while its data is built
+(read where its processor is resolved, several calls down)."""
+
+
+def build_calibration_data(model: nn.Module, config: Any, checkpoint_folder: str | None = None) -> CalibrationData:
     """Build the calibration stream for ``model`` from ``config`` and record its description.
 
     Sets ``config.calibration_description`` (a small JSON-safe dict) as a side effect
     so the saved ``quantization_config`` says what the model was calibrated on.
+    ``checkpoint_folder``: where the weights load from, the first place to look for the
+    model's own processor (:func:`~.processors.resolve_processor`).
     """
     source = getattr(config, "dataset", None)
     check_local_sources(source, getattr(config, "processor", None))
@@ -144,8 +152,12 @@ def build_calibration_data(model: nn.Module, config: Any) -> CalibrationData:
             "COMQ needs calibration data: pass COMQConfig(dataset=...) (a datasets.Dataset, a dataset name or "
             "local path, a list of images or strings, or ready model inputs)"
         )
-    with named_decoding_errors(source):
-        data = _dispatch(model, config, source)
+    token = _CHECKPOINT_FOLDER.set(checkpoint_folder)
+    try:
+        with named_decoding_errors(source):
+            data = _dispatch(model, config, source)
+    finally:
+        _CHECKPOINT_FOLDER.reset(token)
     config.calibration_description = format_description(data.description)
     config.calibration_split = data.description.get("split")
     if data.max_length is not None and data.max_length < config.max_length:
@@ -502,7 +514,7 @@ def _make_encoder(
     _check_model_takes(model, keep, kind)
     processor = resolve_processor(
         getattr(config, "processor", None), model, kind, "calibration",
-        "pass COMQConfig(processor=...) (an image processor or tokenizer, or its path)",
+        "pass COMQConfig(processor=...) (an image processor or tokenizer, or its path)", _CHECKPOINT_FOLDER.get(),
     )  # fmt: skip
     if kind == "images":
         channels = image_channels(model, processor)

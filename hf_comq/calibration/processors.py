@@ -295,8 +295,12 @@ def text_length_limit(model: nn.Module | None, max_length: int) -> int:
     return limit
 
 
-def resolve_processor(processor: Any, model: nn.Module | None, kind: str, who: str, fix: str) -> Any:
-    """``processor`` itself, loaded from its path, or the model's own (``model.name_or_path``) when ``None``.
+def resolve_processor(
+    processor: Any, model: nn.Module | None, kind: str, who: str, fix: str, checkpoint_folder: str | None = None
+) -> Any:
+    """``processor`` itself, loaded from its path, or the model's own when ``None``: the one saved in
+    ``checkpoint_folder`` (the folder the weights load from: a ``subfolder=``'s, or the snapshot of the
+    ``revision=`` asked for), else the one at ``model.name_or_path``.
 
     ``kind`` is ``"images"`` or ``"text"``; error messages start with ``who`` (what needs
     the processor) and end with ``fix``, what the caller's user should pass.
@@ -305,12 +309,22 @@ def resolve_processor(processor: Any, model: nn.Module | None, kind: str, who: s
         if not callable(processor):
             raise ValueError(f"the processor must be callable or a path, got {type(processor).__name__}; {fix}")
         return processor
-    location = os.fspath(processor) if processor is not None else getattr(model, "name_or_path", "")
-    if not location:
+    if processor is not None:
+        locations = [os.fspath(processor)]
+    else:
+        name = getattr(model, "name_or_path", "") or ""
+        locations = [place for place in (checkpoint_folder, name) if place]
+        locations = list(dict.fromkeys(os.path.normpath(place) if os.path.isdir(place) else place for place in locations))
+    if not locations:
         what = "an image processor" if kind == "images" else "a tokenizer"
         raise ValueError(f"{who} needs {what} and none is known: {fix}")
+    for location in locations[:-1]:
+        try:
+            return load_processor(location, kind)
+        except ValueError:  # not saved beside the weights (a Hub snapshot holds what was downloaded): the next
+            continue
     try:
-        return load_processor(location, kind)
+        return load_processor(locations[-1], kind)
     except ValueError as error:
         raise ValueError(f"{error}; {fix}") from None
 
