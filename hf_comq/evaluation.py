@@ -48,6 +48,8 @@ if TYPE_CHECKING:  # importing datasets is slow; only the functions that take a 
 
 logger = logging.get_logger(__name__)
 
+UNLABELLED = -1  # the class id datasets gives a row without a label (a Hub test split's, often)
+
 __all__ = [
     "checkpoint_size_bytes",
     "class_ids",
@@ -252,6 +254,11 @@ def class_ids(
     ids = torch.as_tensor(values, dtype=torch.long)
     if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= classes):
         bad = int(ids.max()) if int(ids.max()) >= classes else int(ids.min())
+        if bad == UNLABELLED:
+            raise ValueError(
+                f"column {column!r} holds label {UNLABELLED}, which datasets uses for a row without a label: this split "
+                "is not labelled (test splits of Hub image sets often are not); pick a labelled one (hf-comq: --split)"
+            )
         raise ValueError(
             f"label {bad} in column {column!r} is not one of {owner} {classes} classes (0 to {classes - 1}): "
             "the dataset's classes are not the ones the model predicts"

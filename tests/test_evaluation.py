@@ -66,6 +66,9 @@ def test_top1_names_labels_that_are_not_class_ids(vit) -> None:
     beyond = datasets.Dataset.from_dict({"image": images(2), "label": [0, 7]})  # the model has 3 classes
     with pytest.raises(ValueError, match=r"label 7 in column 'label' is not one of the model's 3 classes"):
         top1(vit, beyond, image_processor())
+    unlabelled = datasets.Dataset.from_dict({"image": images(2), "label": [-1, -1]})  # a Hub test split, often
+    with pytest.raises(ValueError, match=r"holds label -1, .* this split is not labelled"):
+        top1(vit, unlabelled, image_processor())
     named = datasets.Dataset.from_dict({"image": images(2), "label": ["cat", "dog"]})
     with pytest.raises(ValueError, match=r"holds \['str'\] values; top-1 needs integer class ids"):
         top1(vit, named, image_processor())
