@@ -253,8 +253,9 @@ def pick_split(dataset_dict: Mapping[str, Any], split: str, what: str) -> Any:
     return dataset_dict[split]
 
 
-def pick_column(dataset: Any, requested: str | None) -> str:
-    """``requested`` if the dataset has it, else the first usual image or text column.
+def pick_column(dataset: Any, requested: str | None, tokens: bool = True) -> str:
+    """``requested`` if the dataset has it, else the first usual image or text column (or, with
+    ``tokens``, token-id column: calibration reads those, evaluation does not).
 
     Raises ``ValueError`` listing the available columns, so a typo fails before any
     model is loaded.
@@ -264,7 +265,8 @@ def pick_column(dataset: Any, requested: str | None) -> str:
         if requested not in columns:
             raise ValueError(f"dataset column {requested!r} does not exist; available columns: {columns}")
         return requested
-    readable = IMAGE_COLUMNS + TOKEN_COLUMNS[:1] + TEXT_COLUMNS + CHAT_COLUMNS  # tokens the user made win over text
+    token_columns = TOKEN_COLUMNS[:1] if tokens else ()  # tokens the user made win over text
+    readable = IMAGE_COLUMNS + token_columns + TEXT_COLUMNS + CHAT_COLUMNS
     for candidate in readable:
         if candidate in columns:
             return candidate

@@ -32,7 +32,7 @@ def add_data_arguments(command: argparse.ArgumentParser, role: str, split: str |
     group.add_argument("--split", default=split, help=f"dataset split (default: {split})")
     group.add_argument(
         "--column", default=None,
-        help="column with the images or texts (default: the first of image/img/pixel_values, input_ids, text, messages)",
+        help="column with the images or texts (default: the first of image/img/pixel_values, text, messages)",
     )  # fmt: skip
     return group
 

@@ -137,3 +137,16 @@ def test_text_given_to_an_image_model_is_named_before_its_missing_labels(capsys,
     code, _, err = run_cli(capsys, "evaluate", vit_dir, "--dataset", text_data)
     assert code == 1
     assert "column 'text' holds text, but" in error_line(err) and "takes images" in error_line(err)
+
+
+def test_evaluate_reads_the_texts_of_a_tokenized_dataset_not_its_token_ids(capsys, tmp_path, gpt2_dir) -> None:
+    """A tokenized text dataset keeps its texts beside input_ids: evaluate picked input_ids (calibration's
+    order) and then refused them as list values."""
+    import datasets
+
+    texts = sentences(6)
+    path = tmp_path / "tokenized.parquet"
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * len(texts), "text": texts}).to_parquet(path)
+    code, out, err = run_cli(capsys, "evaluate", gpt2_dir, "--dataset", path)
+    assert code == 0, err
+    assert "perplexity" in out
