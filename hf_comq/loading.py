@@ -79,13 +79,15 @@ def load_quantized(
     stored = read_quantization_config(path, **hub_kwargs)
     if quantization_config is not None:
         _check_same_format(stored, quantization_config)
-    config = AutoConfig.from_pretrained(str(path), **hub_kwargs)
+    # a remote-code model's config class is its own code: reading it needs the same consent as its model
+    trust = {"trust_remote_code": kwargs["trust_remote_code"]} if "trust_remote_code" in kwargs else {}
+    config = AutoConfig.from_pretrained(str(path), **hub_kwargs, **trust)
     config.quantization_config = {**config.quantization_config, "quant_method": QUANT_METHOD}
     kwargs = _apply_config_overrides(config, kwargs)
     cls = model_class or _model_class_for(config)
     want_info = kwargs.pop("output_loading_info", False)
     model, info = cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
-    _check_loading_info(info)
+    _check_loading_info(info, head_resized=bool(kwargs.get("ignore_mismatched_sizes")))
     check_quantized_model(model)
     return (model, info) if want_info else model
 
@@ -138,8 +140,10 @@ def _check_same_format(stored: COMQConfig, requested: COMQConfig) -> None:
         )
 
 
-def _check_loading_info(info: dict) -> None:
-    """Packed tensors the model did not take (or took with another shape) mean a config/checkpoint mismatch."""
+def _check_loading_info(info: dict, head_resized: bool = False) -> None:
+    """Packed tensors the model did not take (or took with another shape) mean a config/checkpoint mismatch.
+    ``head_resized``: ``ignore_mismatched_sizes=True`` asked for full-precision layers of new sizes (a head
+    for ``num_labels``), which transformers initialises; packed ones must still fit."""
     unexpected = sorted(key for key in info.get("unexpected_keys", ()) if key.endswith(PACKED_SUFFIXES))
     if unexpected:
         raise CheckpointError(
@@ -150,13 +154,24 @@ def _check_loading_info(info: dict) -> None:
     if missing:
         raise CheckpointError(f"checkpoint is missing the packed tensors {missing[:5]}")
     mismatched = [str(item) for item in info.get("mismatched_keys", ())]
+    if head_resized:
+        mismatched = [item for item in mismatched if any(suffix in item for suffix in PACKED_SUFFIXES)]
     if mismatched:
         raise CheckpointError(f"checkpoint tensors have the wrong shape: {mismatched[:5]}")
 
 
 def _model_class_for(config: PreTrainedConfig) -> type[PreTrainedModel]:
+    """The class ``config.json`` names: transformers' own, or for a remote-code model the Auto class its
+    ``auto_map`` maps to that architecture (which loads the checkpoint's own code, ``trust_remote_code``
+    given); else ``AutoModel`` (the bare model)."""
+    auto_map = getattr(config, "auto_map", None) or {}
     for name in config.architectures or ():
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls
+        for auto_name, target in auto_map.items():
+            targets = target if isinstance(target, (list, tuple)) else [target]
+            auto = getattr(transformers, auto_name, None)
+            if auto_name != "AutoConfig" and auto is not None and any(str(t).split(".")[-1] == name for t in targets):
+                return auto
     return transformers.AutoModel

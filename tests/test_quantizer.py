@@ -786,3 +786,27 @@ def test_the_models_own_tokenizer_is_the_one_beside_the_weights_it_loads(tmp_pat
     config = COMQConfig(dataset=sentences(8), num_samples=8, batch_size=4, group_size=16)
     model = T.AutoModelForCausalLM.from_pretrained(tmp_path, subfolder="inner", quantization_config=config)
     assert calibration_summary(model)["num_samples"] == 8
+
+
+def test_load_quantized_gives_a_new_head_with_ignore_mismatched_sizes(vit_quantized):
+    """The transformers way to a head of another size: the full-precision head's mismatch was refused as a
+    damaged checkpoint; the packed layers must still fit."""
+    model = load_quantized(vit_quantized[0], num_labels=5, ignore_mismatched_sizes=True)
+    assert model.classifier.out_features == 5
+    assert isinstance(model.vit.layers[0].mlp.fc1, COMQLinear)
+
+
+def test_a_remote_code_checkpoint_loads_as_the_class_its_auto_map_names():
+    """architectures[0] of a remote-code model is not a transformers class: the bare AutoModel was taken
+    and a causal LM's head dropped without a word."""
+    from transformers import PretrainedConfig
+
+    from hf_comq.loading import _model_class_for
+
+    config = PretrainedConfig(
+        architectures=["RcForCausalLM"],
+        auto_map={"AutoConfig": "modeling_rc.RcConfig", "AutoModel": "modeling_rc.RcModel",
+                  "AutoModelForCausalLM": "modeling_rc.RcForCausalLM"},
+    )  # fmt: skip
+    assert _model_class_for(config) is T.AutoModelForCausalLM
+    assert _model_class_for(PretrainedConfig(architectures=["LlamaForCausalLM"])) is T.LlamaForCausalLM
