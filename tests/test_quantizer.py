@@ -505,7 +505,7 @@ def fake_calibration(monkeypatch):
 
     module = types.ModuleType("hf_comq.calibration")
     module.quantize_model = quantize_model
-    module.build_calibration_data = lambda model, config: None
+    module.build_calibration_data = lambda model, config, checkpoint_folder=None: None
     monkeypatch.setitem(sys.modules, "hf_comq.calibration", module)
     return calls
 
