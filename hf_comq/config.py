@@ -17,6 +17,7 @@ transformers and vLLM load COMQ checkpoints; the COMQ settings ride along under 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import os
@@ -139,12 +140,18 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """Read a compressed-tensors ``quantization_config`` (what ``to_dict`` writes) or plain field values.
 
-        Unknown keys (e.g. from a newer hf_comq) are dropped with a warning rather than
-        failing a load; ``COMQConfig(...)`` itself rejects them.
+        Unknown keys of a checkpoint's record (e.g. from a newer hf_comq) are dropped with a
+        warning rather than failing a load; in plain settings (a dict given to ``from_pretrained``)
+        they are a typo and refused, as ``COMQConfig(...)`` itself refuses them.
         """
         values = cls._values_from(config_dict)
         known = set(cls.field_names())
         unknown = sorted(set(values) - known - {"quant_method"})
+        if unknown and "config_groups" not in config_dict and PROVENANCE_KEY not in config_dict:
+            # settings the user wrote (a dict in from_pretrained), not a checkpoint's record: a typo, as in COMQConfig()
+            close = {name: difflib.get_close_matches(name, sorted(known), n=1) for name in unknown}
+            hints = ", ".join(f"{name!r}" + (f" (did you mean {match[0]!r}?)" if match else "") for name, match in close.items())
+            raise ValueError(f"quantization_config: unknown COMQ settings {hints}; see COMQConfig's fields")
         if unknown:
             logger.warning("COMQConfig ignores unknown keys %s; known keys are %s", unknown, sorted(known))
         config = cls(**{name: value for name, value in values.items() if name in known})

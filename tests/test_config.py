@@ -59,12 +59,21 @@ def test_from_dict_accepts_plain_field_values():
     assert COMQConfig.from_dict({"quant_method": "comq", "bits": 3, "group_size": 64}).group_size == 64
 
 
-def test_unknown_keys_warn_and_are_dropped_when_reading(caplog):
+def test_unknown_keys_of_a_checkpoints_record_warn_and_are_dropped_when_reading(caplog):
+    """A newer hf_comq's record may hold settings this one lacks: its checkpoint still loads."""
+    written = COMQConfig(bits=2).to_dict()
+    written["comq"]["solver"]["frobnicate"] = 1
     with caplog.at_level(logging.WARNING, logger="hf_comq.config"):
-        config = COMQConfig.from_dict({"quant_method": "comq", "bits": 2, "frobnicate": 1})
+        config = COMQConfig.from_dict(written)
     assert config.bits == 2
     assert "frobnicate" in caplog.text
     assert "frobnicate" not in config.to_json_string()
+
+
+def test_unknown_keys_of_plain_settings_are_an_error_naming_the_likely_one():
+    """A dict given to from_pretrained is the user's own settings: a typo quantized at the default bits."""
+    with pytest.raises(ValueError, match=r"unknown COMQ settings 'bitz' \(did you mean 'bits'\?\)"):
+        COMQConfig.from_dict({"quant_method": "comq", "bitz": 3})
 
 
 def test_unknown_keys_are_an_error_when_constructing():
