@@ -84,16 +84,16 @@ def load_eval_dataset(source: str | os.PathLike[str], split: str, default_split:
     return dataset
 
 
-def pick_column(dataset: Any, requested: str | None, kind: str = "input") -> str:
+def pick_column(dataset: Any, requested: str | None, kind: str = "input", tokens: bool = False) -> str:
     """The column to read: ``requested`` if the dataset has it, else the usual image/text column
-    (evaluation reads images, texts and conversations; a tokenized dataset's ``input_ids`` column
-    beside its texts is passed over).
+    (evaluation reads images, texts and conversations, so a tokenized dataset's ``input_ids`` column
+    beside its texts is passed over; ``tokens``: as calibration picks, token ids first).
 
     Raises ``ValueError`` naming the available columns, so a typo in
     ``--column`` fails before any model is loaded.
     """
     try:
-        return _pick_calibration_column(dataset, requested, tokens=False)
+        return _pick_calibration_column(dataset, requested, tokens=tokens)
     except ValueError as error:
         if "column" not in str(error):  # e.g. an empty dataset: the message says it all
             raise

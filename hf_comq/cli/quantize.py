@@ -218,7 +218,7 @@ def _quantize(
         rtn = {key: value for key, value in ROUND_TO_NEAREST_MODEL.items() if settings.get(key) is None}
     with named_decoding_errors(dataset):
         opened = open_dataset(dataset, args.split)
-        column = pick_column(opened, args.column, "calibration")
+        column = pick_column(opened, args.column, "calibration", tokens=True)  # calibration reads token ids too
         # Raw images or text need the checkpoint's processor; both are checked before the weights load.
         tokens = column == TOKEN_COLUMNS[0]
         kind = None if tokens else column_kind(opened, column)  # one line for a column of neither images nor text
