@@ -737,8 +737,8 @@ def test_ready_token_inputs_record_the_length_they_were_used_at(llama):
 
 def test_a_long_image_list_stores_only_the_images_the_seeded_subset_takes(monkeypatch):
     """Every image of a list was stored as an image file in a ``datasets.Dataset`` before ``num_samples`` of them
-    were picked (a list of 1,200 took 12 s and 1 GB for 8 samples); now only the images the same seeded subset
-    takes are stored, and they are those images."""
+    were picked (a long list cost time and memory with its length, not with num_samples); now only the images
+    the same seeded subset takes are stored, and they are those images."""
     from PIL import Image
 
     import hf_comq.calibration.data as data_module
