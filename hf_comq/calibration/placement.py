@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..nn import replace_module
+from ..nn import COMQLinear
 from ..solver import QuantizedWeight
 
 logger = logging.get_logger(__name__)
@@ -231,28 +231,27 @@ def install_quantized_layer(
     For the same reason the old weight's pages are handed back when it is a view of a
     memory-mapped checkpoint (:func:`release_file_pages`).
     """
-    from accelerate.utils import has_offloaded_params
+    replaced = []
 
-    module = model.get_submodule(name)
-    hook = align_hook(module)
-    offloaded = has_offloaded_params(module)
-    disk = _disk_loader(hook) if offloaded else None
-    with materialized(module, compute):
-        replaced_weight = module.weight
-        layer = replace_module(model, name, qweight, symmetric=symmetric)
-    release_file_pages(replaced_weight)
-    del module, replaced_weight
-    _place_like(model, name, layer, hook, offloaded, disk)
+    def quantized(module: nn.Module) -> nn.Module:
+        replaced.append(module.weight)  # the real weight: offloaded, it is real only while materialized
+        return COMQLinear.from_quantized(module, qweight, symmetric)
+
+    layer = swap_layer(model, name, quantized, compute)
+    release_file_pages(replaced.pop())
     return layer
 
 
-def swap_layer(model: nn.Module, name: str, build: Callable[[nn.Module], nn.Module]) -> nn.Module:
+def swap_layer(
+    model: nn.Module, name: str, build: Callable[[nn.Module], nn.Module], device: torch.device | None = None
+) -> nn.Module:
     """Replace layer ``name`` by ``build(layer)``, the new layer living where the old one lived.
 
-    ``build`` sees the old layer's tensors real, in CPU memory if they were offloaded (an
-    offloaded layer keeps them on the meta device between forwards, and a layer built from
-    those would hold garbage); the new layer is then placed as :func:`install_quantized_layer`
-    places a quantized one.
+    ``build`` sees the old layer's tensors real, on ``device`` (default the CPU) if they were
+    offloaded (an offloaded layer keeps them on the meta device between forwards, and a layer
+    built from those would hold garbage).  An undispatched layer is simply replaced; a
+    dispatched one's replacement gets a hook with its execution device, and an offloaded one's
+    is offloaded again, to CPU memory or to files on disk, as the old layer was.
     """
     from accelerate.utils import has_offloaded_params
 
@@ -260,7 +259,7 @@ def swap_layer(model: nn.Module, name: str, build: Callable[[nn.Module], nn.Modu
     hook = align_hook(module)
     offloaded = has_offloaded_params(module)
     disk = _disk_loader(hook) if offloaded else None
-    with materialized(module, torch.device("cpu")):
+    with materialized(module, device or torch.device("cpu")):
         layer = build(module)
     model.set_submodule(name, layer)
     del module
