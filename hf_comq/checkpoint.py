@@ -512,7 +512,7 @@ def _without_zero_symmetric_zero_points(unexpected: list[str], found: Mapping[st
     scheme: refused."""
     zero_points = [
         key for key in unexpected
-        if key.endswith(".weight_zero_point") and key.removesuffix("_zero_point") + "_packed" in found
+        if re.search(SYMMETRIC_ZERO_POINT_KEY, key) and key.removesuffix("_zero_point") + "_packed" in found
     ]  # fmt: skip
     if not zero_points:
         return unexpected

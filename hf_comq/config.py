@@ -150,7 +150,8 @@ class COMQConfig(COMQSettings, QuantizationConfigMixin):
         if unknown and "config_groups" not in config_dict and PROVENANCE_KEY not in config_dict:
             # settings the user wrote (a dict in from_pretrained), not a checkpoint's record: a typo, as in COMQConfig()
             close = {name: difflib.get_close_matches(name, sorted(known), n=1) for name in unknown}
-            hints = ", ".join(f"{name!r}" + (f" (did you mean {match[0]!r}?)" if match else "") for name, match in close.items())
+            hints = ", ".join(f"{name!r}" + (f" (did you mean {match[0]!r}?)" if match else "")
+                              for name, match in close.items())  # fmt: skip
             raise ValueError(f"quantization_config: unknown COMQ settings {hints}; see COMQConfig's fields")
         if unknown:
             logger.warning("COMQConfig ignores unknown keys %s; known keys are %s", unknown, sorted(known))
