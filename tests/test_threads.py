@@ -21,7 +21,7 @@ import hf_comq.solver.passes as passes
 from hf_comq import COMQConfig, comq_quantize
 from hf_comq.calibration import quantize_model
 from hf_comq.evaluation import top1
-from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_solver_ops
+from hf_comq.kernels import DISABLE_ENV_VAR, active_path, compiled_solver_ops, gemm
 from hf_comq.solver import HessianAccumulator
 from hf_comq.threads import (
     LOWEST_PRIORITY,
@@ -145,6 +145,13 @@ def test_large_gemms_get_the_callers_threads(two_threads, monkeypatch) -> None:
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "addmm_", recording)
+    product = gemm._onednn_product  # float32 products on CPU go through oneDNN where torch has it
+
+    def recording_product(a, b):
+        seen.append(torch.get_num_threads())
+        return product(a, b)
+
+    monkeypatch.setattr(gemm, "_onednn_product", recording_product)
     with single_thread():
         HessianAccumulator(32).add(torch.randn(10, 32, dtype=torch.float64))  # float64 in: one addmm_
     assert seen == [2]

@@ -5,7 +5,8 @@ layer.  On CPU with fp32 activations it runs a compiled C++ kernel (built on fir
 cached by torch); everywhere else, or with ``HF_COMQ_DISABLE_KERNEL=1``, an exact torch
 fallback.  The same extension runs the column-by-column loops of the solver's rounding
 passes, its pair-move pass and its clipping search's error table
-(:func:`compiled_solver_ops`), the same arithmetic as their torch code.
+(:func:`compiled_solver_ops`), the same arithmetic as their torch code.  The solver's
+dense products go through :mod:`.gemm`: oneDNN's float32 GEMM on CPU where torch ships it.
 :func:`active_path` says which path is in use and why; :func:`build_ahead` takes a first
 build's pause (announced in one log line) before a caller's progress bar rather than inside it.
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.gemm import add_matmul_, matmul
 from .grid import ColumnGrid
 from .residual import subtract_at_rows
 from .start import damped_cholesky, error_feedback_start, plan_error_feedback
@@ -61,7 +62,7 @@ def block_resolve_pass(
         # Moving the block's values by ``delta`` changes a row's objective by
         # ``-2 delta . R_B + delta H_BB delta``: exact, and needs no full GEMM.
         delta = new_values.sub_(values)
-        change = (block_h @ delta).sub_(residual, alpha=2.0).mul_(delta).sum(0)
+        change = matmul(block_h, delta).sub_(residual, alpha=2.0).mul_(delta).sum(0)
         better = change < 0
         if not bool(better.any()):
             continue
@@ -80,9 +81,9 @@ def _push_moves(residual_t: torch.Tensor, h_columns: torch.Tensor, delta: torch.
     the product over those rows alone costs that fraction of the full one."""
     rows = torch.nonzero(moved).squeeze(1)
     if 2 * rows.numel() >= moved.numel():
-        residual_t.addmm_(h_columns, delta, alpha=-1.0)
+        add_matmul_(residual_t, h_columns, delta, alpha=-1.0)
     else:
-        subtract_at_rows(residual_t, rows, h_columns @ delta.index_select(1, rows))
+        subtract_at_rows(residual_t, rows, matmul(h_columns, delta.index_select(1, rows)))
 
 
 def _block_target(values: torch.Tensor, residual: torch.Tensor, block_h: torch.Tensor, damp: float) -> torch.Tensor | None:
@@ -94,4 +95,4 @@ def _block_target(values: torch.Tensor, residual: torch.Tensor, block_h: torch.T
         return None
     # The explicit inverse and one GEMM: torch's cholesky_solve is far slower on
     # this many right-hand sides (one per output row).
-    return torch.addmm(values, torch.cholesky_inverse(factor), residual)
+    return matmul(torch.cholesky_inverse(factor), residual).add_(values)

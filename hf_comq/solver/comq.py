@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.gemm import add_matmul_, matmul
 from ..threads import single_thread
 from .block_resolve import block_resolve_pass
 from .grid import ColumnGrid, Grid, column_table, minmax_grid, search_shrink
@@ -577,7 +578,7 @@ def _round_to_grid(
 
 def _ridged_objective(rows: torch.Tensor, hessian: torch.Tensor, ridge_value: float) -> float:
     """``sum_k rows_k (H + ridge_value I) rows_k^T`` over the rows ``rows`` (errors or weights)."""
-    total = float((rows @ hessian).mul_(rows).sum(1).double().sum())
+    total = float(matmul(rows, hessian).mul_(rows).sum(1).double().sum())
     return total + ridge_value * float(rows.double().pow(2).sum()) if ridge_value else total
 
 
@@ -710,7 +711,7 @@ class _Problem:
         ``consume_weight_h``: form the residual inside ``H W^T``'s storage (for
         callers that need ``H W^T`` no more: no scale refits).
         """
-        self.weight_h_t = self.columns.hessian @ self.weight_t
+        self.weight_h_t = matmul(self.columns.hessian, self.weight_t)
         reference = self.reference()
         if codes_t is None:
             self.codes_t, self.dequant_t = None, self.weight_t.clone()
@@ -718,10 +719,10 @@ class _Problem:
             self.codes_t = codes_t.to(self.weight_t.dtype, memory_format=torch.contiguous_format)
             self.dequant_t = self.column_grid.dequantize(self.codes_t, out=torch.empty_like(self.codes_t))
         if consume_weight_h:
-            residual_t = self.weight_h_t.addmm_(self.columns.hessian, self.dequant_t, alpha=-1.0)
+            residual_t = add_matmul_(self.weight_h_t, self.columns.hessian, self.dequant_t, alpha=-1.0)
             self.residual_t, self.weight_h_t = residual_t, None
         else:
-            self.residual_t = torch.addmm(self.weight_h_t, self.columns.hessian, self.dequant_t, alpha=-1.0)
+            self.residual_t = add_matmul_(self.weight_h_t.clone(), self.columns.hessian, self.dequant_t, alpha=-1.0)
         return reference, [self.objective()]
 
     def _start_on(self, grids: list[Grid], init: str, damp: float, block_size: int, plan: ErrorFeedbackPlan | None = None):
@@ -736,7 +737,7 @@ class _Problem:
             row_objective = None
             if len(grids) > 1:
                 error_t = weight_t - dequant_t
-                row_objective = ((self.columns.hessian @ error_t) * error_t).sum(0)
+                row_objective = (matmul(self.columns.hessian, error_t) * error_t).sum(0)
             return codes_t, row_objective
         plan = plan or plan_error_feedback(self.columns.hessian, damp)
         column_grid = ColumnGrid.of(grids, self.columns.groups)
@@ -855,7 +856,7 @@ class _Problem:
         self.dequant_t = self.residual_t = None
         self.dequant_t = self.column_grid.dequantize(self.codes_t, out=torch.empty_like(self.codes_t))
         if dequant_h_t is None and keep_residual:
-            dequant_h_t = self.columns.hessian @ self.dequant_t
+            dequant_h_t = matmul(self.columns.hessian, self.dequant_t)
         if dequant_h_t is not None:
             self.residual_t = torch.sub(self.weight_h_t, dequant_h_t, out=dequant_h_t)
 

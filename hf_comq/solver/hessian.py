@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from ..kernels.gemm import add_matmul_, matmul
 from ..threads import run_independent, single_thread
 from .spans import rows_fitting, spans
 
@@ -383,6 +384,6 @@ def _products(blocks: list[torch.Tensor], row_spans: list[slice], left: torch.Te
 def _add_product(total: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
     """``total += left @ right``, in place when the dtypes allow it (no product-sized temporary)."""
     if left.dtype == total.dtype:
-        total.addmm_(left, right)
+        add_matmul_(total, left, right)
     else:
-        total.add_(left @ right)
+        total.add_(matmul(left, right))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.gemm import add_matmul_
 from ..kernels.solver_ops import compiled_solver_ops
 from ..threads import single_thread, threads_for
 from .grid import ColumnGrid
@@ -118,7 +119,7 @@ def coordinate_sweep(
             if per_channel:
                 moves.mul_(scale_row)
         with threads_for(2.0 * moves.numel() * n_cols):
-            residual_t.addmm_(hessian[b0:b1].T, moves, alpha=-1.0)
+            add_matmul_(residual_t, hessian[b0:b1].T, moves, alpha=-1.0)
     # ``code + (round(target) - code)`` is exact for integer codes; from the
     # fractional full-precision start it can be an ulp off the integer.
     codes_t.round_()
@@ -214,7 +215,7 @@ def error_feedback_pass(
                 _feedback_block(state_t[b0:b1], moves, coupling[b0:b1, b0:b1], block_grid, max_code, inner_block_size)
         if b1 < n_cols:
             with threads_for(2.0 * moves.numel() * (n_cols - b1)):
-                state_t[b1:].addmm_(coupling[b0:b1, b1:].T, moves, alpha=-1.0)
+                add_matmul_(state_t[b1:], coupling[b0:b1, b1:].T, moves, alpha=-1.0)
         row_loss.addmv_(moves.square_().T, move_weight[b0:b1])
     return state_t, row_loss
 
@@ -295,4 +296,4 @@ def rowwise_order_sweep(
         dequant_t.scatter_(0, cols, deq)
         codes_t.scatter_(0, cols, codes)
         with threads_for(2.0 * residual_t.numel() * n_cols):
-            residual_t.addmm_(hessian, torch.zeros_like(residual_t).scatter_(0, cols, moves), alpha=-1.0)
+            add_matmul_(residual_t, hessian, torch.zeros_like(residual_t).scatter_(0, cols, moves), alpha=-1.0)

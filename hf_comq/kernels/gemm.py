@@ -1,0 +1,93 @@
+"""The solver's dense products, on the faster of the two CPU GEMM libraries torch ships.
+
+torch multiplies float32 matrices on the CPU with MKL, which does not use AVX-512 on
+every processor that has it (AMD's take its AVX2 code).  The oneDNN library inside
+torch does, through ``torch.ops.mkldnn._linear_pointwise``, the op torch's own compiler
+emits for linear layers.  Float32 products of CPU tensors that need no gradient go
+through it where torch has it and a first small product agrees with ``torch.mm``;
+everything else (GPU, float64, autograd, an older or a different torch build) runs
+torch's own product.  Both are float32 GEMMs: the results differ in summation order only.
+
+oneDNN has no in-place ``out += a @ b``: :func:`add_matmul_` forms the product a band of
+output rows at a time, each band a small temporary that stays in cache, and adds it.
+Its right operand must be contiguous (oneDNN falls back to a reference loop, thousands
+of times slower, for a weight with padded rows), so one that is not is copied first.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BAND_BYTES = 2 << 20
+"""Bytes of one band's temporary product in :func:`add_matmul_`: the band is formed,
+added and dropped while it is still in the core's cache."""
+
+MIN_BAND_ROWS = 16  # fewer rows per product leave oneDNN's kernels underused
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 2-D ``a`` (``m x k``) and ``b`` (``k x n``), a new contiguous tensor."""
+    if not _through_onednn(a, b):
+        return a @ b
+    return _onednn_product(a, _contiguous(b))
+
+
+def add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out += alpha * (a @ b)`` in place (``out`` is ``m x n`` with contiguous rows); returns ``out``."""
+    if not (_through_onednn(out, a, b) and out.stride(1) == 1):
+        return out.addmm_(a, b, alpha=alpha)
+    b = _contiguous(b)
+    rows = max(MIN_BAND_ROWS, BAND_BYTES // max(1, out.shape[1] * out.element_size()))
+    for start in range(0, out.shape[0], rows):
+        band = slice(start, start + rows)
+        product = _onednn_product(a[band], b)
+        if alpha == -1.0:
+            out[band].sub_(product)
+        else:
+            out[band].add_(product, alpha=alpha)
+    return out
+
+
+def _through_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether these operands' product runs through oneDNN (see the module's docstring)."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and not t.requires_grad for t in tensors)
+        and all(t.numel() > 0 for t in tensors)
+        and not torch.compiler.is_compiling()
+        and onednn_available()
+    )
+
+
+def _contiguous(b: torch.Tensor) -> torch.Tensor:
+    return b if b.is_contiguous() else b.contiguous()
+
+
+def _onednn_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` through oneDNN's inner product (``a @ w^T`` with ``w = b^T``, laid out as
+    oneDNN reads a weight without a copy when ``b`` is contiguous)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.T, None, "none", [], "")
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether torch has oneDNN's float32 product and it agrees with ``torch.mm`` on a
+    small problem (settled once per process; logged at debug level when it does not)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(24, 40, generator=generator)
+    b = torch.randn(40, 56, generator=generator)
+    try:
+        product = _onednn_product(a, b)
+    except (AttributeError, RuntimeError, NotImplementedError) as error:
+        logger.debug("oneDNN float32 products unavailable, torch.mm runs them: %s", error)
+        return False
+    agrees = product.shape == (24, 56) and torch.allclose(product, a @ b, rtol=1e-5, atol=1e-4)
+    if not agrees:
+        logger.debug("oneDNN float32 products disagree with torch.mm; torch.mm runs them")
+    return agrees

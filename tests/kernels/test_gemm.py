@@ -1,0 +1,135 @@
+"""The solver's dense products (hf_comq/kernels/gemm.py): torch's product to float32 rounding,
+whatever the operands' layouts, on oneDNN where it applies and torch's own elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_comq.kernels import gemm
+
+
+def _operand(rows: int, cols: int, layout: str, generator: torch.Generator) -> torch.Tensor:
+    """A ``rows x cols`` float32 matrix laid out as the solver's call sites hand them over."""
+    if layout == "contiguous":
+        return torch.randn(rows, cols, generator=generator)
+    if layout == "transposed":  # column-major: the sweep's H[b0:b1].T, the start's coupling rows
+        return torch.randn(cols, rows, generator=generator).T
+    if layout == "padded":  # rows of a wider matrix: a slice of columns
+        return torch.randn(rows + 3, cols + 5, generator=generator)[3:, 5:]
+    return torch.randn(2 * rows, 2 * cols, generator=generator)[::2, ::2]  # no unit stride at all
+
+
+LAYOUTS = ("contiguous", "transposed", "padded", "strided")
+SHAPES = [(1, 1, 1), (7, 1, 3), (3, 300, 2), (100, 3, 257), (96, 128, 700)]
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    return torch.allclose(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("left", LAYOUTS)
+@pytest.mark.parametrize("right", LAYOUTS)
+def test_matmul_is_torchs_product_in_any_layout(shape, left, right):
+    m, k, n = shape
+    generator = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    a, b = _operand(m, k, left, generator), _operand(k, n, right, generator)
+    product = gemm.matmul(a, b)
+    assert product.shape == (m, n) and product.is_contiguous()
+    assert _close(product, a.double().mm(b.double()).float())
+
+
+@pytest.mark.parametrize("alpha", [1.0, -1.0, 0.25])
+@pytest.mark.parametrize("left", LAYOUTS)
+@pytest.mark.parametrize("right", LAYOUTS)
+def test_add_matmul_adds_in_place_across_bands(monkeypatch, alpha, left, right):
+    """Several bands of output rows (a small band budget), a last band shorter than the rest."""
+    monkeypatch.setattr(gemm, "BAND_BYTES", 4 * 40 * 4)  # 4 rows of 40 per band, at least MIN_BAND_ROWS
+    monkeypatch.setattr(gemm, "MIN_BAND_ROWS", 4)
+    generator = torch.Generator().manual_seed(7)
+    out = torch.randn(23, 40, generator=generator)
+    a, b = _operand(23, 17, left, generator), _operand(17, 40, right, generator)
+    expected = out.double().add(a.double().mm(b.double()), alpha=alpha).float()
+    storage = out.data_ptr()
+    assert gemm.add_matmul_(out, a, b, alpha=alpha) is out and out.data_ptr() == storage
+    assert _close(out, expected)
+
+
+def test_add_matmul_into_a_view_of_later_rows():
+    """The start pushes moves into ``state[b1:]``: a view whose rows are contiguous."""
+    generator = torch.Generator().manual_seed(3)
+    state = torch.randn(300, 64, generator=generator)
+    before = state.clone()
+    coupling = torch.randn(16, 300, generator=generator)
+    moves = torch.randn(16, 64, generator=generator)
+    gemm.add_matmul_(state[100:], coupling[:, 100:].T, moves, alpha=-1.0)
+    assert torch.equal(state[:100], before[:100])
+    assert _close(state[100:], before[100:] - coupling[:, 100:].T @ moves)
+
+
+def test_empty_operands():
+    assert gemm.matmul(torch.ones(3, 0), torch.ones(0, 4)).eq(0).all()
+    out = torch.ones(3, 4)
+    gemm.add_matmul_(out, torch.ones(3, 0), torch.ones(0, 4))
+    assert out.eq(1).all()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (torch.randn(5, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)),
+        lambda: (torch.randn(5, 4, requires_grad=True), torch.randn(4, 3)),
+    ],
+    ids=["float64", "autograd"],
+)
+def test_other_operands_take_torchs_product(monkeypatch, make):
+    """float64 and operands that need a gradient never reach oneDNN (it has neither)."""
+
+    def refuse(*args):
+        raise AssertionError("oneDNN was called")
+
+    monkeypatch.setattr(gemm, "_onednn_product", refuse)
+    a, b = make()
+    product = gemm.matmul(a, b)
+    assert torch.equal(product, a @ b)
+    if a.requires_grad:
+        product.sum().backward()
+        assert a.grad is not None
+
+
+def test_float32_on_cpu_goes_through_onednn_where_torch_has_it(monkeypatch):
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 product")
+    calls = []
+    real = gemm._onednn_product
+    monkeypatch.setattr(gemm, "_onednn_product", lambda a, b: calls.append(1) or real(a, b))
+    gemm.matmul(torch.randn(8, 4), torch.randn(4, 6))
+    assert calls
+
+
+def test_a_product_that_disagrees_is_never_used(monkeypatch):
+    """The first small product decides: a build whose op gives other values runs torch's."""
+    monkeypatch.setattr(gemm, "_onednn_product", lambda a, b: torch.zeros(a.shape[0], b.shape[1]))
+    gemm.onednn_available.cache_clear()
+    try:
+        assert not gemm.onednn_available()
+        a, b = torch.randn(6, 5), torch.randn(5, 4)
+        assert torch.equal(gemm.matmul(a, b), a @ b)
+    finally:
+        gemm.onednn_available.cache_clear()
+
+
+def test_a_missing_op_falls_back(monkeypatch):
+    def missing(a, b):
+        raise AttributeError("no such op")
+
+    monkeypatch.setattr(gemm, "_onednn_product", missing)
+    gemm.onednn_available.cache_clear()
+    try:
+        assert not gemm.onednn_available()
+        out = torch.zeros(2, 3)
+        a, b = torch.randn(2, 4), torch.randn(4, 3)
+        assert torch.equal(gemm.add_matmul_(out, a, b), a @ b)
+    finally:
+        gemm.onednn_available.cache_clear()
