@@ -4,8 +4,9 @@
 hands that inner loop to :func:`compiled_solver_ops`' ops when the tensors are
 float32 on CPU, and runs its own torch loop otherwise (GPU, float64, the kernel
 disabled with ``HF_COMQ_DISABLE_KERNEL=1`` or not built).  :mod:`hf_comq.solver.pair_moves`
-does the same with its whole pass, and :func:`hf_comq.solver.grid.search_shrink` with
-its error table.  Both paths run the same float32 arithmetic in the
+does the same with its whole pass, :func:`hf_comq.solver.grid.search_shrink` with
+its error table, and :meth:`hf_comq.solver.grid.ColumnGrid.dequantize` with a group-wise
+grid's values.  Both paths run the same float32 arithmetic in the
 same order; torch may fuse a multiply-add the kernel rounds twice, so now and then a
 code rounds the other way (or a pair move breaks a tie the other way) and the two paths'
 checkpoints differ in a few codes, with the same objective to a few parts in a million.

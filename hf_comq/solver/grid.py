@@ -99,9 +99,13 @@ class ColumnGrid:
         """``scale * (codes - zero)`` of an ``in x width`` code table, written into ``out``."""
         if self.per_channel:
             return torch.sub(codes_t, self.zero[0], out=out).mul_(self.scale[0])
+        groups = self.group_index(codes_t.device)
+        ops = compiled_solver_ops([codes_t, out, self.scale, self.zero])
+        if ops is not None:  # one pass, the same roundings
+            ops.dequantize_columns(codes_t, self.scale, self.zero, groups, out)
+            return out
         # Group by group (a handful of gathers), not column by column: per-column
         # vector ops cost more in dispatch than in arithmetic on small layers.
-        groups = self.group_index(codes_t.device)
         for g in range(self.scale.shape[0]):
             columns = torch.nonzero(groups == g).squeeze(1)
             if columns.numel():

@@ -3,7 +3,7 @@ import torch
 
 from hf_comq.kernels import DISABLE_ENV_VAR
 from hf_comq.kernels.solver_ops import compiled_solver_ops
-from hf_comq.solver.grid import clipping_errors, minmax_grid, search_shrink
+from hf_comq.solver.grid import ColumnGrid, clipping_errors, minmax_grid, search_shrink
 from tests.solver.kernel_paths import both_paths, require_kernel
 from tests.solver.reference import rounded_layer
 
@@ -177,3 +177,30 @@ def test_the_compiled_clipping_search_refuses_tables_that_do_not_fit(monkeypatch
         ops.clip_errors(weight, weightings, scales, zeros, 15)
     with pytest.raises(RuntimeError, match="zeros must be 3 x 4 x 2"):
         ops.clip_errors(weight, weightings, torch.ones(3, 4, 2), torch.zeros(3, 4, 3), 15)
+
+
+@pytest.mark.parametrize("width", [1, 37, 300])
+def test_group_wise_values_are_scale_times_code_minus_zero_on_both_paths(monkeypatch, width):
+    """A group-wise grid's values, columns in a shuffled (act-order-like) order: the compiled
+    pass and the torch gathers give ``scale * (code - zero)`` of each column's group, bit for bit."""
+    require_kernel()
+    generator = torch.Generator().manual_seed(width)
+    n_columns, n_groups = 48, 6
+    groups = (torch.randperm(n_columns, generator=generator) // (n_columns // n_groups)).tolist()
+    grid = ColumnGrid(
+        scale=torch.rand(n_groups, width, generator=generator) + 0.01,
+        zero=torch.randint(0, 16, (n_groups, width), generator=generator).float(),
+        groups=groups,
+    )
+    codes = torch.randint(0, 16, (n_columns, width), generator=generator).float()
+    index = torch.tensor(groups)
+    expected = (codes - grid.zero[index]) * grid.scale[index]
+    compiled, in_torch = both_paths(monkeypatch, lambda: grid.dequantize(codes, out=torch.full_like(codes, float("nan"))))
+    assert torch.equal(compiled, expected) and torch.equal(in_torch, expected)
+
+
+def test_the_compiled_group_wise_values_refuse_a_group_out_of_range():
+    require_kernel()
+    grid = ColumnGrid(scale=torch.ones(2, 3), zero=torch.zeros(2, 3), groups=[0, 2])
+    with pytest.raises(RuntimeError, match="out of range"):
+        grid.dequantize(torch.zeros(2, 3), out=torch.empty(2, 3))

@@ -1,5 +1,6 @@
 // torch operators hf_comq_cpu::{sweep_block, feedback_block}: the column-by-column part
-// of one outer block of the solver's rounding passes (hf_comq/solver/passes.py).
+// of one outer block of the solver's rounding passes (hf_comq/solver/passes.py); and
+// hf_comq_cpu::dequantize_columns, the values of a group-wise grid's codes (grid.py).
 //
 // In torch that part is a handful of vector operators per column, each dispatched from
 // Python and holding the GIL while it is: on layers a few hundred columns wide the
@@ -176,6 +177,26 @@ void feedback_block(Tensor state, Tensor moves, Tensor coupling_block, std::opti
   }
 }
 
+// The values of a group-wise grid's code rows: out[j] = (codes[j] - zero[g]) * scale[g], g the
+// group of column j, in one pass (torch gathers each group's rows, scattered by the column
+// order, and writes them back: four passes and a temporary).  The same two roundings as
+// torch's sub then mul.
+void dequantize_columns(Tensor codes, Tensor scales, Tensor zeros, Tensor group_of, Tensor out) {
+  const int64_t size = codes.size(0), width = codes.size(1);
+  check_table(codes, "codes", size, width);
+  check_table(out, "out", size, width);
+  const GroupRows grid = GroupRows::of(scales, zeros, group_of, size, width);
+  const float* code_data = codes.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  for (int64_t j = 0; j < size; ++j) {
+    const float* code = code_data + j * codes.stride(0);
+    const float* scale = grid.first_row(j);
+    const float* zero = grid.second_row(j);
+    float* value = out_data + j * out.stride(0);
+    for (int64_t r = 0; r < width; ++r) value[r] = (code[r] - zero[r]) * scale[r];
+  }
+}
+
 }  // namespace
 }  // namespace hf_comq
 
@@ -186,9 +207,11 @@ TORCH_LIBRARY_FRAGMENT(hf_comq_cpu, m) {
   m.def(
       "feedback_block(Tensor(a!) state, Tensor(b!) moves, Tensor coupling_block, Tensor? scales, Tensor? zeros, "
       "Tensor? group_of, int max_code, int inner_block_size) -> ()");
+  m.def("dequantize_columns(Tensor codes, Tensor scales, Tensor zeros, Tensor group_of, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hf_comq_cpu, CPU, m) {
   m.impl("sweep_block", &hf_comq::sweep_block);
   m.impl("feedback_block", &hf_comq::feedback_block);
+  m.impl("dequantize_columns", &hf_comq::dequantize_columns);
 }
