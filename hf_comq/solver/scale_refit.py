@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..kernels.gemm import matmul
 from .grid import column_table
 from .spans import row_totals_in_blocks, rows_fitting, spans
 
@@ -69,7 +70,7 @@ def refit_scales(
     # once (a stable sort keeps the solver's order inside a group).
     by_group = torch.argsort(group_of_column, stable=True)
     group_size = n_cols // n_groups
-    weight_h_t = hessian @ weight_t if weight_h_t is None else weight_h_t
+    weight_h_t = matmul(hessian, weight_t) if weight_h_t is None else weight_h_t
     bytes_per_row = (n_cols + n_groups * n_groups) * weight_t.element_size()
     chunk_rows = rows_fitting(CHUNK_BYTES, bytes_per_row, MIN_CHUNK_ROWS)
     # H's panels together are half of H: kept for the whole refit while that fits a
@@ -105,7 +106,7 @@ def refit_scales(
     # One dense GEMM: cheaper than summing H Wq^T from per-group products, whose
     # inner dimension is only the group size.
     zero_t, scale_t = (column_table(table, group_of_column) for table in (zero_point, new_scale))
-    return Refit(new_scale, hessian @ (codes_t - zero_t).mul_(scale_t), change)
+    return Refit(new_scale, matmul(hessian, (codes_t - zero_t).mul_(scale_t)), change)
 
 
 def _refit_per_channel(
@@ -123,7 +124,7 @@ def _refit_per_channel(
     tables at the peak of a solve.  Each row is summed as in the whole table.
     """
     out_features = weight_t.shape[1]
-    projected = hessian @ (codes_t - zero_point.T) if projected_t is None else projected_t
+    projected = matmul(hessian, codes_t - zero_point.T) if projected_t is None else projected_t
     gram = row_totals_in_blocks(
         out_features, lambda rows: torch.sub(codes_t[:, rows], zero_point[rows].T).mul_(projected[:, rows])
     )
