@@ -10,8 +10,10 @@ torch's own product.  Both are float32 GEMMs: the results differ in summation or
 
 oneDNN has no in-place ``out += a @ b``: :func:`add_matmul_` forms the product a band of
 output rows at a time, each band a small temporary that stays in cache, and adds it.
-Its right operand must be contiguous (oneDNN falls back to a reference loop, thousands
-of times slower, for a weight with padded rows), so one that is not is copied first.
+The right operand must be contiguous (oneDNN falls back to a reference loop, thousands
+of times slower, for a weight with padded rows), so one that is not (a Gram sum's columns
+of a batch) is copied first, a slab of its rows at a time: the copy stays small however
+large the batch.
 """
 
 from __future__ import annotations
@@ -29,27 +31,38 @@ added and dropped while it is still in the core's cache."""
 
 MIN_BAND_ROWS = 16  # fewer rows per product leave oneDNN's kernels underused
 
+SLAB_BYTES = 8 << 20
+"""Bytes of one contiguous copy of a right operand that is not contiguous: the inner
+dimension is then summed a slab of rows at a time."""
+
+MIN_SLAB_ROWS = 64  # a shorter inner dimension leaves oneDNN's kernels underused
+
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (``m x k``) and ``b`` (``k x n``), a new contiguous tensor."""
     if not _through_onednn(a, b):
         return a @ b
-    return _onednn_product(a, _contiguous(b))
+    first, *rest = _slabs(b)
+    product = _onednn_product(a[:, first], b[first].contiguous())
+    for slab in rest:
+        add_matmul_(product, a[:, slab], b[slab])
+    return product
 
 
 def add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``out += alpha * (a @ b)`` in place (``out`` is ``m x n`` with contiguous rows); returns ``out``."""
     if not (_through_onednn(out, a, b) and out.stride(1) == 1):
         return out.addmm_(a, b, alpha=alpha)
-    b = _contiguous(b)
     rows = max(MIN_BAND_ROWS, BAND_BYTES // max(1, out.shape[1] * out.element_size()))
-    for start in range(0, out.shape[0], rows):
-        band = slice(start, start + rows)
-        product = _onednn_product(a[band], b)
-        if alpha == -1.0:
-            out[band].sub_(product)
-        else:
-            out[band].add_(product, alpha=alpha)
+    for slab in _slabs(b):
+        right = b[slab].contiguous()
+        for start in range(0, out.shape[0], rows):
+            band = slice(start, start + rows)
+            product = _onednn_product(a[band, slab], right)
+            if alpha == -1.0:
+                out[band].sub_(product)
+            else:
+                out[band].add_(product, alpha=alpha)
     return out
 
 
@@ -63,8 +76,14 @@ def _through_onednn(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _contiguous(b: torch.Tensor) -> torch.Tensor:
-    return b if b.is_contiguous() else b.contiguous()
+def _slabs(b: torch.Tensor) -> list[slice]:
+    """The slabs of ``b``'s rows (the inner dimension) summed one at a time: all of it when ``b``
+    is contiguous (no copy), else as many rows as :data:`SLAB_BYTES` holds."""
+    inner = b.shape[0]
+    if b.is_contiguous():
+        return [slice(0, inner)]
+    rows = max(MIN_SLAB_ROWS, SLAB_BYTES // max(1, b.shape[1] * b.element_size()))
+    return [slice(start, min(start + rows, inner)) for start in range(0, inner, rows)]
 
 
 def _onednn_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -133,3 +133,26 @@ def test_a_missing_op_falls_back(monkeypatch):
         assert torch.equal(gemm.add_matmul_(out, a, b), a @ b)
     finally:
         gemm.onednn_available.cache_clear()
+
+
+@pytest.mark.parametrize("alpha", [1.0, -1.0])
+def test_a_right_operand_that_is_not_contiguous_is_copied_a_slab_at_a_time(monkeypatch, alpha):
+    """A Gram sum's right operand is a slice of a batch's columns: the inner dimension is
+    summed in slabs, so no copy of it is larger than SLAB_BYTES (MIN_SLAB_ROWS rows at least)."""
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 product")
+    monkeypatch.setattr(gemm, "SLAB_BYTES", 10 * 30 * 4)
+    monkeypatch.setattr(gemm, "MIN_SLAB_ROWS", 10)
+    seen_rows = []
+    real = gemm._onednn_product
+    monkeypatch.setattr(gemm, "_onednn_product", lambda a, b: seen_rows.append(b.shape[0]) or real(a, b))
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randn(95, 40, generator=generator)  # 95 tokens: ten slabs, the last one shorter
+    left, right = tokens[:, :12].T, tokens[:, 10:]  # rows 0-11 of a Gram matrix, from column 10 on
+    expected = left.double().mm(right.double())
+    assert _close(gemm.matmul(left, right), expected.float())
+    out = torch.randn(12, 30, generator=generator)
+    sum_expected = out.double().add(expected, alpha=alpha).float()
+    gemm.add_matmul_(out, left, right, alpha=alpha)
+    assert _close(out, sum_expected)
+    assert max(seen_rows) == 10 and sum(seen_rows) == 2 * 95
