@@ -24,6 +24,7 @@ the GEMM and against GPTQ, with repeats.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -44,6 +45,7 @@ from benchmarks.layers import (  # noqa: E402
     smollm2_layers,
     synthetic_layer,
 )
+from hf_comq.kernels import gemm  # noqa: E402
 from hf_comq.solver import REFERENCE_CODE, ROUND_TO_NEAREST, comq_quantize, layer_objective  # noqa: E402
 from hf_comq.solver import default_damp  # noqa: E402
 from hf_comq.solver.comq import MIN_SHRINK, SHRINK_CANDIDATES  # noqa: E402
@@ -197,6 +199,21 @@ def _gptq_with_observer(w: torch.Tensor, h: torch.Tensor, group_size: int | None
     return gptq_dequantized(w, h, scale, zero, 4, True)
 
 
+TORCH_PRODUCTS = "hf_comq.kernels.gemm.onednn_available = False"
+
+
+@contextlib.contextmanager
+def torch_products():
+    """The solver's dense products through ``torch.mm`` (MKL on CPU) instead of oneDNN, for a
+    side-by-side row: what the solve costs on the product torch itself picks."""
+    available = gemm.onednn_available
+    gemm.onednn_available = lambda: False
+    try:
+        yield
+    finally:
+        gemm.onednn_available = available
+
+
 def timing_section(include_gptq: bool, repeats: int, group_size: int | None = None) -> None:
     """One sweep and the default's full solve on the ViT-B fc1 shape, with repeats.
 
@@ -212,13 +229,18 @@ def timing_section(include_gptq: bool, repeats: int, group_size: int | None = No
     start_only = dict(bits=4, group_size=group_size, iterations=0, scale_refit=False, block_resolve=False)
     one_sweep = dict(start_only, iterations=1, tol=0.0)
     comq_quantize(w, h, bits=4, group_size=group_size)  # warm-up: first calls pay one-off allocation costs
-    times: dict[str, list[float]] = {"gemm": [], "sweep": [], "default": [], "no_block": [], "gptq": []}
+    times: dict[str, list[float]] = {
+        "gemm": [], "onednn_gemm": [], "sweep": [], "default": [], "torch_products": [], "no_block": [], "gptq": []
+    }  # fmt: skip
     times.update({observer: [] for observer in CLIPPING_OBSERVERS})
     for _ in range(repeats):
         times["gemm"].append(timed(lambda: w @ h)[1])
         start_seconds = timed(lambda: comq_quantize(w, h, **start_only))[1]
         times["sweep"].append(timed(lambda: comq_quantize(w, h, **one_sweep))[1] - start_seconds)
         times["default"].append(timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size))[1])
+        times["onednn_gemm"].append(timed(lambda: gemm.matmul(w, h))[1])
+        with torch_products():
+            times["torch_products"].append(timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size))[1])
         times["no_block"].append(timed(lambda: comq_quantize(w, h, bits=4, group_size=group_size, block_resolve=False))[1])
         if include_gptq:
             times["gptq"].append(timed(lambda: gptq_dequantized(w, h, grid.scale, grid.zero_point, 4, True))[1])
@@ -234,12 +256,17 @@ def timing_section(include_gptq: bool, repeats: int, group_size: int | None = No
     print("| measurement | seconds | ratio |")
     print("|---|---|---|")
     print(f"| one W@H GEMM | {statistics.median(times['gemm']):.4f} | 1.0 |")
+    print(f"| one W@H GEMM through the solver's products (hf_comq.kernels.gemm) | {statistics.median(times['onednn_gemm']):.4f} "
+          f"| {ratio('onednn_gemm', 'gemm')} x GEMM |")
     print(f"| one act_order sweep (solve with one sweep minus solve with none) | {statistics.median(times['sweep']):.4f} | {ratio('sweep', 'gemm')} x GEMM |")
     print(f"| default full solve | {statistics.median(times['default']):.4f} | {ratio('default', 'gemm')} x GEMM |")
+    print(f"| default full solve, every product through torch's own (`{TORCH_PRODUCTS}`) "
+          f"| {statistics.median(times['torch_products']):.4f} | {ratio('torch_products', 'gemm')} x GEMM |")
     print(f"| default without block re-solve | {statistics.median(times['no_block']):.4f} | {ratio('no_block', 'gemm')} x GEMM |")
     if include_gptq:
         print(f"| GPTQ act-order quantize_weight | {statistics.median(times['gptq']):.4f} | {ratio('gptq', 'gemm')} x GEMM |")
         print(f"| default full solve / GPTQ | | {ratio('default', 'gptq')} |")
+        print(f"| default full solve with torch's own products / GPTQ | | {ratio('torch_products', 'gptq')} |")
         print(f"| default without block re-solve / GPTQ | | {ratio('no_block', 'gptq')} |")
         for observer in CLIPPING_OBSERVERS:
             print(f"| GPTQ act-order with the `{observer}` observer (observer + quantize_weight) "

@@ -6,7 +6,7 @@ function.  Phases nest (``_sweep_rows`` holds the sweep, the pair pass and the b
 re-solve; ``_start_layer`` the grids and the error-feedback start), so the lines do not add
 up to the total.
 
-    python benchmarks/solver_phases.py --threads 1 [--group-size 64]
+    python benchmarks/solver_phases.py --threads 1 [--group-size 64] [--torch-products]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_comq.solver.comq as comq_module  # noqa: E402
+from hf_comq.kernels import gemm  # noqa: E402
 from benchmarks.layers import synthetic_layer  # noqa: E402
 
 PHASES = (
@@ -58,8 +59,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--group-size", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--torch-products", action="store_true",
+        help="the solver's dense products through torch.mm (MKL on CPU) instead of oneDNN (hf_comq.kernels.gemm)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.torch_products:
+        gemm.onednn_available = lambda: False
     layer = synthetic_layer("ViT-B fc1 3072x768", 3072, 768)
     weight, hessian = layer.weight, layer.hessian.float()
     seconds: dict[str, float] = collections.defaultdict(float)
@@ -71,7 +78,8 @@ def main() -> None:
         comq_module.comq_quantize(weight, hessian, bits=4, group_size=args.group_size)
     total = (time.perf_counter() - started) / args.repeats
     grid = f"group {args.group_size}" if args.group_size else "per channel"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), W4 {grid}, {args.repeats} solves")
+    products = "torch.mm" if args.torch_products else ("oneDNN" if gemm.onednn_available() else "torch.mm (no oneDNN)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), W4 {grid}, {args.repeats} solves, products: {products}")
     print(f"| phase | ms per solve |\n|---|---|\n| whole solve | {total * 1000:.1f} |")
     for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
         print(f"| {name} | {value / args.repeats * 1000:.1f} |")
