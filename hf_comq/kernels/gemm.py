@@ -5,8 +5,8 @@ every processor that has it (AMD's take its AVX2 code).  The oneDNN library insi
 torch does, through ``torch.ops.mkldnn._linear_pointwise``, the op torch's own compiler
 emits for linear layers.  Float32 products of CPU tensors that need no gradient go
 through it where torch has it and a first small product agrees with ``torch.mm``;
-everything else (GPU, float64, autograd, an older or a different torch build) runs
-torch's own product.  Both are float32 GEMMs: the results differ in summation order only.
+everything else (GPU, float64, autograd, an older or a different torch build, oneDNN
+turned off with ``torch.backends.mkldnn.flags(enabled=False)``) runs torch's own product.  Both are float32 GEMMs: the results differ in summation order only.
 
 oneDNN has no in-place ``out += a @ b``: :func:`add_matmul_` forms the product a band of
 output rows at a time, each band a small temporary that stays in cache, and adds it.
@@ -72,6 +72,7 @@ def _through_onednn(*tensors: torch.Tensor) -> bool:
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and not t.requires_grad for t in tensors)
         and all(t.numel() > 0 for t in tensors)
         and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.enabled  # the user's switch for oneDNN in torch (torch.backends.mkldnn.flags)
         and onednn_available()
     )
 

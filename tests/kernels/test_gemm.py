@@ -156,3 +156,14 @@ def test_a_right_operand_that_is_not_contiguous_is_copied_a_slab_at_a_time(monke
     gemm.add_matmul_(out, left, right, alpha=alpha)
     assert _close(out, sum_expected)
     assert max(seen_rows) == 10 and sum(seen_rows) == 2 * 95
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() itself warns
+def test_onednn_turned_off_in_torch_is_respected(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("oneDNN was called")
+
+    monkeypatch.setattr(gemm, "_onednn_product", refuse)
+    a, b = torch.randn(6, 5), torch.randn(5, 4)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(gemm.matmul(a, b), a @ b)
