@@ -85,6 +85,7 @@ from transformers.utils import logging
 
 from ..checkpoint import zero_points_plain_loading_fails_on
 from ..kernels import build_ahead
+from ..kernels.gemm import with_linear_layers_through_onednn
 from ..modules import (
     batched_expert_weights,
     expert_layers,
@@ -831,7 +832,7 @@ class _Calibrator:
                 result = block(*args, **kwargs)
             return send_to_device(hidden_output(result), self.compute) if collect else None
 
-        jobs = [functools.partial(run, item) for item in captured]
+        jobs = [with_linear_layers_through_onednn(functools.partial(run, item)) for item in captured]
         solved: dict[str, QuantizedWeight] = {}
         slots = held_pass_slots(self._forward_workers(block, captured))
         with PausedPass(self.model, stages, jobs, slots) as paused, stand_ins:
@@ -917,7 +918,7 @@ class _Calibrator:
                 recorder.replay(calls, captured[index].mask, targets=None if targets is None else targets[index])
             return captured[index].with_hidden(hidden) if collect else None
 
-        jobs = [functools.partial(forward, index) for index in range(len(captured))]
+        jobs = [with_linear_layers_through_onednn(functools.partial(forward, index)) for index in range(len(captured))]
         outputs = run_side_by_side(jobs, workers, in_order=finish)
         return outputs if collect else []
 
@@ -960,7 +961,7 @@ class _Calibrator:
             hidden = item.with_hidden(send_to_device(hidden_output(result), self.compute)) if collect else None
             return recorder.target_calls(calls), hidden
 
-        return [functools.partial(forward, item) for item in fp_inputs]
+        return [with_linear_layers_through_onednn(functools.partial(forward, item)) for item in fp_inputs]
 
     def _start_targets_ahead(self, block_name: str, fp_inputs: list[CapturedInputs], collect: bool) -> None:
         """Start the full-precision pass of ``block_name`` (the next block) on the cores a held pass leaves idle,
@@ -1047,7 +1048,8 @@ class _Calibrator:
                 recorder.replay(calls, captured[index].mask, targets=targets)
             return fp_inputs[index].with_hidden(hidden) if collect else None
 
-        jobs = [functools.partial(forward, pair) for pair in zip(captured, fp_inputs, strict=True)]
+        pairs = zip(captured, fp_inputs, strict=True)
+        jobs = [with_linear_layers_through_onednn(functools.partial(forward, pair)) for pair in pairs]
         outputs = run_side_by_side(jobs, workers, in_order=finish)
         return outputs if collect else []
 

@@ -1,4 +1,5 @@
-"""The solver's dense products, on the faster of the two CPU GEMM libraries torch ships.
+"""The solver's dense products, and calibration's linear layers, on the faster of the two
+CPU GEMM libraries torch ships.
 
 torch multiplies float32 matrices on the CPU with MKL, which does not use AVX-512 on
 every processor that has it (AMD's take its AVX2 code).  The oneDNN library inside
@@ -14,14 +15,24 @@ The right operand must be contiguous (oneDNN falls back to a reference loop, tho
 of times slower, for a weight with padded rows), so one that is not (a Gram sum's columns
 of a batch) is copied first, a slab of its rows at a time: the copy stays small however
 large the batch.
+
+Calibration's forward passes spend most of their time in the model's linear layers: run
+inside :func:`linear_layers_through_onednn` (a torch function mode, entered by each pass's
+job on its own thread), every ``F.linear`` goes through :func:`linear`, oneDNN's linear
+op on the weight as ``nn.Linear`` holds it, under the same conditions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +75,68 @@ def add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
             else:
                 out[band].add_(product, alpha=alpha)
     return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where it applies: float32 CPU tensors, a
+    contiguous ``out x in`` weight (oneDNN's own layout for it), and no gradient to record."""
+    if not _linear_through_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    product = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    return product.view(*x.shape[:-1], weight.shape[0])
+
+
+class _LinearThroughOneDNN(TorchFunctionMode):
+    """Every ``F.linear`` (every ``nn.Linear``'s forward) run inside the mode goes through :func:`linear`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.linear:
+            if "input" in kwargs:  # F.linear's own name for it
+                kwargs["x"] = kwargs.pop("input")
+            return linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def linear_layers_through_onednn() -> Iterator[None]:
+    """Run the linear layers of the forward passes inside through :func:`linear`.
+
+    A torch function mode: it applies to the thread that enters it only, so a forward
+    pass run on a worker thread enters it there (:func:`with_linear_layers_through_onednn`).
+    """
+    with _LinearThroughOneDNN():
+        yield
+
+
+def with_linear_layers_through_onednn(job: Callable[..., Any]) -> Callable[..., Any]:
+    """``job`` run inside :func:`linear_layers_through_onednn`, on whichever thread calls it."""
+
+    @functools.wraps(job)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with linear_layers_through_onednn():
+            return job(*args, **kwargs)
+
+    return run
+
+
+def _linear_through_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``F.linear(x, weight, bias)`` runs through oneDNN (see :func:`linear`)."""
+    tensors = [x, weight] if bias is None else [x, weight, bias]
+    return (
+        all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and x.dim() >= 2
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and x.shape[-1] == weight.shape[1]
+        and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.is_contiguous()))
+        and all(t.numel() > 0 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.enabled
+        and onednn_available()
+    )
 
 
 def _through_onednn(*tensors: torch.Tensor) -> bool:

@@ -1314,3 +1314,25 @@ def test_sum_dtype_float32_sums_every_calibration_sum_in_float32_for_nearly_the_
             same += int((codes == other).sum())
             total += codes.numel()
     assert total and same / total >= 0.99
+
+
+@pytest.mark.parametrize("settings", [{}, {"true_sequential": True, "fp_target": True}], ids=["default", "aimed"])
+def test_calibration_passes_run_their_linear_layers_through_onednn(monkeypatch, settings):
+    """Every forward pass of the calibration (plain, held stage by stage, full-precision targets)
+    runs the block's linear layers through hf_comq.kernels.gemm.linear, on whichever thread runs it."""
+    from hf_comq.kernels import gemm
+
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 product")
+    seen = []
+    real = gemm.linear
+
+    def spy(x, weight, bias=None):
+        seen.append(tuple(weight.shape))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(gemm, "linear", spy)
+    model = tiny_model("llama")
+    shapes = {tuple(module.weight.shape) for module in model.modules() if isinstance(module, nn.Linear)}
+    quantize_model(model, _config("llama", bits=4, **settings))
+    assert shapes <= set(seen)

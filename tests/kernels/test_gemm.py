@@ -3,6 +3,8 @@ whatever the operands' layouts, on oneDNN where it applies and torch's own elsew
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -167,3 +169,83 @@ def test_onednn_turned_off_in_torch_is_respected(monkeypatch):
     a, b = torch.randn(6, 5), torch.randn(5, 4)
     with torch.backends.mkldnn.flags(enabled=False):
         assert torch.equal(gemm.matmul(a, b), a @ b)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 7, 12), (3, 1, 4, 12)])
+def test_linear_is_f_linear(with_bias, shape):
+    generator = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=generator)
+    weight = torch.randn(9, 12, generator=generator)
+    bias = torch.randn(9, generator=generator) if with_bias else None
+    for inputs in (x, x.transpose(0, -2) if x.dim() > 2 else x.T.contiguous().T):  # contiguous, and not
+        assert _close(gemm.linear(inputs, weight, bias), torch.nn.functional.linear(inputs, weight, bias))
+
+
+def _spied_linear(monkeypatch) -> list[str]:
+    """The names of the threads on which :func:`gemm.linear` took a product through oneDNN."""
+    seen = []
+    real = gemm.linear
+
+    def spy(x, weight, bias=None):
+        if gemm._linear_through_onednn(x, weight, bias):
+            seen.append(threading.current_thread().name)
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(gemm, "linear", spy)
+    return seen
+
+
+def test_linear_layers_inside_the_mode_go_through_onednn(monkeypatch):
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 product")
+    seen = _spied_linear(monkeypatch)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 3))
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        expected = model(x)
+        assert not seen  # outside the mode: torch's own
+        with gemm.linear_layers_through_onednn():
+            got = model(x)
+    assert len(seen) == 2 and _close(got, expected)
+
+
+def test_a_pass_that_records_gradients_keeps_torchs_linear(monkeypatch):
+    """oneDNN's op has no backward: with autograd on, the layers run as they would without the mode."""
+    seen = _spied_linear(monkeypatch)
+    model = torch.nn.Linear(12, 3)
+    with gemm.linear_layers_through_onednn():
+        model(torch.randn(4, 12)).sum().backward()
+    assert not seen and model.weight.grad is not None
+
+
+def test_the_mode_reaches_a_worker_thread_through_its_job(monkeypatch):
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN float32 product")
+    seen = _spied_linear(monkeypatch)
+    model = torch.nn.Linear(12, 3)
+
+    def forward():
+        with torch.no_grad():
+            return model(torch.randn(4, 12))
+
+    worker = threading.Thread(target=gemm.with_linear_layers_through_onednn(forward), name="calibration batch")
+    worker.start()
+    worker.join()
+    assert seen == ["calibration batch"]
+
+
+def test_a_weight_that_is_not_contiguous_keeps_torchs_linear():
+    weight = torch.randn(12, 9).T  # 9 x 12, column-major
+    assert not gemm._linear_through_onednn(torch.randn(4, 12), weight, None)
+    x = torch.randn(4, 12)
+    assert torch.equal(gemm.linear(x, weight), torch.nn.functional.linear(x, weight))
+
+
+def test_the_mode_takes_f_linear_called_with_keywords(monkeypatch):
+    seen = _spied_linear(monkeypatch)
+    x, weight = torch.randn(4, 12), torch.randn(3, 12)
+    with torch.no_grad(), gemm.linear_layers_through_onednn():
+        got = torch.nn.functional.linear(input=x, weight=weight, bias=None)
+    assert _close(got, x @ weight.T)
+    assert len(seen) == (1 if gemm.onednn_available() else 0)
