@@ -832,7 +832,7 @@ class _Calibrator:
                 result = block(*args, **kwargs)
             return send_to_device(hidden_output(result), self.compute) if collect else None
 
-        jobs = [with_linear_layers_through_onednn(functools.partial(run, item)) for item in captured]
+        jobs = [self._pass_job(functools.partial(run, item)) for item in captured]
         solved: dict[str, QuantizedWeight] = {}
         slots = held_pass_slots(self._forward_workers(block, captured))
         with PausedPass(self.model, stages, jobs, slots) as paused, stand_ins:
@@ -918,7 +918,7 @@ class _Calibrator:
                 recorder.replay(calls, captured[index].mask, targets=None if targets is None else targets[index])
             return captured[index].with_hidden(hidden) if collect else None
 
-        jobs = [with_linear_layers_through_onednn(functools.partial(forward, index)) for index in range(len(captured))]
+        jobs = [self._pass_job(functools.partial(forward, index)) for index in range(len(captured))]
         outputs = run_side_by_side(jobs, workers, in_order=finish)
         return outputs if collect else []
 
@@ -961,7 +961,7 @@ class _Calibrator:
             hidden = item.with_hidden(send_to_device(hidden_output(result), self.compute)) if collect else None
             return recorder.target_calls(calls), hidden
 
-        return [with_linear_layers_through_onednn(functools.partial(forward, item)) for item in fp_inputs]
+        return [self._pass_job(functools.partial(forward, item)) for item in fp_inputs]
 
     def _start_targets_ahead(self, block_name: str, fp_inputs: list[CapturedInputs], collect: bool) -> None:
         """Start the full-precision pass of ``block_name`` (the next block) on the cores a held pass leaves idle,
@@ -990,6 +990,13 @@ class _Calibrator:
         recorder = self._recorder(names, with_targets=True)
         passes = OnIdleCores(self._full_precision_jobs(block_name, fp_inputs, recorder, collect), workers)
         self.targets_ahead = _TargetsAhead(block_name, recorder, passes.__enter__())
+
+    def _pass_job(self, job: Callable[[], Any]) -> Callable[[], Any]:
+        """A batch's forward pass as it runs: on the CPU, its linear layers (a pass's largest
+        operators) through oneDNN's float32 GEMM (:func:`~hf_comq.kernels.gemm.linear_layers_through_onednn`);
+        elsewhere as it is (the mode's per-operator dispatch would cost a GPU pass more than it
+        could save)."""
+        return with_linear_layers_through_onednn(job) if self.compute.type == "cpu" else job
 
     def _forward_workers(self, block: nn.Module, captured: list[CapturedInputs], targeted: bool = False) -> int:
         """Threads for a block's forward passes over the batches (see :meth:`_side_by_side_workers`).
@@ -1049,7 +1056,7 @@ class _Calibrator:
             return fp_inputs[index].with_hidden(hidden) if collect else None
 
         pairs = zip(captured, fp_inputs, strict=True)
-        jobs = [with_linear_layers_through_onednn(functools.partial(forward, pair)) for pair in pairs]
+        jobs = [self._pass_job(functools.partial(forward, pair)) for pair in pairs]
         outputs = run_side_by_side(jobs, workers, in_order=finish)
         return outputs if collect else []
 
