@@ -21,9 +21,10 @@ Two paths, chosen per call:
   GEMV decodes the codes in registers and never stores the weight; it sums
   ``x * float(u - zero)`` over a group and multiplies by the scale once (the
   distributive law).  From 9 tokens, tiles of the weight are dequantized with the
-  expression above and multiplied by an AVX2 micro-kernel, or by BLAS: from 1024 tokens,
-  from 64 on CPUs with AVX-512 (where BLAS multiplies with vectors twice the
-  micro-kernel's width), and always on CPUs without AVX2.  ``torch.ops.hf_comq_cpu.auto_method(tokens)``
+  expression above and multiplied by an AVX2 micro-kernel, or by a library GEMM (oneDNN's
+  linear op where torch has it and oneDNN is on, which uses AVX-512 where the CPU has it;
+  else torch's BLAS): from 1024 tokens, from 64 on CPUs with AVX-512 (where the library
+  multiplies with vectors twice the micro-kernel's width), and always on CPUs without AVX2.  ``torch.ops.hf_comq_cpu.auto_method(tokens)``
   names the choice.  The output is ``F.linear``'s up to fp32 rounding: the
   tests hold it to the worst-case error bound of an fp32 dot product summed in any
   order (``tests/kernels/reference.py``).

@@ -120,6 +120,21 @@ def test_kernel_matches_float64_reference(kernel, bits, shape, method):
                 assert_close_to_reference(y, x, weight, b)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() itself warns
+@pytest.mark.parametrize("onednn", [True, False], ids=["oneDNN", "BLAS"])
+def test_the_blas_method_multiplies_through_onednn_or_torchs_blas(kernel, onednn):
+    """The dequantized tiles go to oneDNN's linear op where torch has it, to torch's BLAS with
+    oneDNN turned off (``torch.backends.mkldnn.flags``): the same product to fp32 rounding."""
+    codes, packed, scale, zero = random_packed(300, 72, 1, 4, seed=11)
+    weight = dequantize_reference(codes, scale, zero)
+    generator = torch.Generator().manual_seed(3)
+    bias = torch.randn(300, generator=generator)
+    x = torch.randn(70, 72, generator=generator)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        for b in (None, bias):
+            assert_close_to_reference(kernel.packed_linear(x, packed, scale, zero, b, 4, "blas", "auto"), x, weight, b)
+
+
 @pytest.mark.parametrize("tokens", [1, 8, 9, 63, 64, 1023, 1024])
 def test_automatic_method_computes_what_the_method_it_names_does(kernel, tokens):
     """method='auto' is one of the three, picked by token count: the fused GEMV up to 8

@@ -1,8 +1,10 @@
 // torch operators hf_comq_cpu::{packed_linear, dequantize, isa} over the loops of
 // kernels_impl.h.  Registered with TORCH_LIBRARY rather than pybind11, so the
 // extension builds from a few ATen headers and loads with torch.ops.load_library.
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -26,8 +28,8 @@ constexpr int64_t kMaxGemvTokens = 8;
 // From this many tokens on, BLAS on dequantized tiles beats the packed micro-kernel:
 // the dequantization is then a negligible share and BLAS's blocking wins.
 constexpr int64_t kMinBlasTokens = 1024;
-// The same, on CPUs with AVX-512: there the BLAS multiplies with 512-bit vectors, twice
-// the micro-kernel's AVX2 width, and overtakes it after a few dozen tokens
+// The same, on CPUs with AVX-512: there the library GEMM (oneDNN, see onednn_linear) multiplies
+// with 512-bit vectors, twice the micro-kernel's AVX2 width, and overtakes it after a few dozen tokens
 // (benchmarks/bench_kernels.py --methods prints each method's time by token count).
 constexpr int64_t kMinBlasTokensWideBlas = 64;
 // Micro-kernel path: each task dequantizes at most kMaxTaskRows output features x
@@ -188,6 +190,27 @@ void run_tiles(const Kernels& kernels, const PackedWeight& w, const float* x, in
 }
 
 // BLAS on dequantized tiles, one after the other, so that BLAS threads each product.
+// oneDNN's float32 linear op (mkldnn::_linear_pointwise, the op torch's compiler emits for
+// linear layers), when this torch has it and oneDNN is not turned off: torch's BLAS, MKL, takes
+// its AVX2 code on AMD processors, oneDNN uses AVX-512 there too (hf_comq/kernels/gemm.py uses
+// it for the solver's products).  It reads a dequantized tile as it is laid out (out x in).
+using LinearOp = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, std::string_view,
+                            c10::List<std::optional<c10::Scalar>>, std::optional<std::string_view>);
+
+const c10::TypedOperatorHandle<LinearOp>* onednn_linear() {
+  static const std::optional<c10::TypedOperatorHandle<LinearOp>> handle =
+      []() -> std::optional<c10::TypedOperatorHandle<LinearOp>> {
+    const auto found = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!found.has_value() || !at::hasMKLDNN()) return std::nullopt;
+    try {
+      return found->typed<LinearOp>();
+    } catch (const c10::Error&) {  // another signature in another torch: BLAS then
+      return std::nullopt;
+    }
+  }();
+  return handle.has_value() && at::globalContext().userEnabledMkldnn() ? &*handle : nullptr;
+}
+
 void run_blas(const Kernels& kernels, const PackedWeight& w, const at::Tensor& x,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t K = w.in_features, N = w.out_features;
@@ -202,6 +225,13 @@ void run_blas(const Kernels& kernels, const PackedWeight& w, const at::Tensor& x
       kernels.dequantize(w, n0 + begin, n0 + end, 0, K, tile_data + begin * K, K);
     });
     at::Tensor out = y.narrow(1, n0, rows);
+    if (const auto* linear = onednn_linear()) {
+      const std::optional<at::Tensor> part_bias =
+          bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, n0, rows)) : std::nullopt;
+      out.copy_(linear->call(x, tile.narrow(0, 0, rows), part_bias, "none", c10::List<std::optional<c10::Scalar>>(),
+                             std::nullopt));
+      continue;
+    }
     at::Tensor weight_t = tile.narrow(0, 0, rows).t();
     if (bias.has_value()) {
       at::addmm_out(out, bias->narrow(0, n0, rows), x, weight_t);
