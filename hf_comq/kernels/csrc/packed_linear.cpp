@@ -189,7 +189,6 @@ void run_tiles(const Kernels& kernels, const PackedWeight& w, const float* x, in
   });
 }
 
-// BLAS on dequantized tiles, one after the other, so that BLAS threads each product.
 // oneDNN's float32 linear op (mkldnn::_linear_pointwise, the op torch's compiler emits for
 // linear layers), when this torch has it and oneDNN is not turned off: torch's BLAS, MKL, takes
 // its AVX2 code on AMD processors, oneDNN uses AVX-512 there too (hf_comq/kernels/gemm.py uses
@@ -211,6 +210,7 @@ const c10::TypedOperatorHandle<LinearOp>* onednn_linear() {
   return handle.has_value() && at::globalContext().userEnabledMkldnn() ? &*handle : nullptr;
 }
 
+// BLAS (or oneDNN) on dequantized tiles, one after the other, so that the library threads each product.
 void run_blas(const Kernels& kernels, const PackedWeight& w, const at::Tensor& x,
               const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t K = w.in_features, N = w.out_features;
