@@ -4,7 +4,7 @@ CPU GEMM libraries torch ships.
 torch multiplies float32 matrices on the CPU with MKL, which does not use AVX-512 on
 every processor that has it (AMD's take its AVX2 code).  The oneDNN library inside
 torch does, through ``torch.ops.mkldnn._linear_pointwise``, the op torch's own compiler
-emits for linear layers.  Float32 products of CPU tensors that need no gradient go
+emits for linear layers.  Float32 products of CPU tensors with no gradient to record go
 through it where torch has it and a first small product agrees with ``torch.mm``;
 everything else (GPU, float64, autograd, an older or a different torch build, oneDNN
 turned off with ``torch.backends.mkldnn.flags(enabled=False)``) runs torch's own product.  Both are float32 GEMMs: the results differ in summation order only.
@@ -24,10 +24,9 @@ op on the weight as ``nn.Linear`` holds it, under the same conditions.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,11 +68,7 @@ def add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
         right = b[slab].contiguous()
         for start in range(0, out.shape[0], rows):
             band = slice(start, start + rows)
-            product = _onednn_product(a[band, slab], right)
-            if alpha == -1.0:
-                out[band].sub_(product)
-            else:
-                out[band].add_(product, alpha=alpha)
+            out[band].add_(_onednn_product(a[band, slab], right), alpha=alpha)
     return out
 
 
@@ -99,15 +94,13 @@ class _LinearThroughOneDNN(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def linear_layers_through_onednn() -> Iterator[None]:
-    """Run the linear layers of the forward passes inside through :func:`linear`.
+def linear_layers_through_onednn() -> TorchFunctionMode:
+    """A context in which the linear layers of forward passes run through :func:`linear`.
 
     A torch function mode: it applies to the thread that enters it only, so a forward
     pass run on a worker thread enters it there (:func:`with_linear_layers_through_onednn`).
     """
-    with _LinearThroughOneDNN():
-        yield
+    return _LinearThroughOneDNN()
 
 
 def with_linear_layers_through_onednn(job: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,29 +116,32 @@ def with_linear_layers_through_onednn(job: Callable[..., Any]) -> Callable[..., 
 
 def _linear_through_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``F.linear(x, weight, bias)`` runs through oneDNN (see :func:`linear`)."""
-    tensors = [x, weight] if bias is None else [x, weight, bias]
+    if not all(isinstance(t, torch.Tensor) for t in (x, weight, bias) if t is not None):
+        return False
     return (
-        all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and x.dim() >= 2
+        x.dim() >= 2
         and weight.dim() == 2
         and weight.is_contiguous()
         and x.shape[-1] == weight.shape[1]
         and (bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.is_contiguous()))
-        and all(t.numel() > 0 for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.enabled
-        and onednn_available()
+        and _onednn_applies(x, weight, *(() if bias is None else (bias,)))
     )
 
 
 def _through_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether these operands' product runs through oneDNN (see the module's docstring)."""
+    """Whether these 2-D operands' product runs through oneDNN (see the module's docstring)."""
+    return all(t.dim() == 2 for t in tensors) and _onednn_applies(*tensors)
+
+
+def _onednn_applies(*tensors: torch.Tensor) -> bool:
+    """The one rule for both: non-empty float32 CPU tensors, no gradient being recorded through them
+    (oneDNN's op has no backward), not inside ``torch.compile``'s tracing, oneDNN on in torch (the
+    user's switch, ``torch.backends.mkldnn``) and its op at hand (:func:`onednn_available`)."""
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and not t.requires_grad for t in tensors)
-        and all(t.numel() > 0 for t in tensors)
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.enabled  # the user's switch for oneDNN in torch (torch.backends.mkldnn.flags)
+        and torch.backends.mkldnn.enabled
         and onednn_available()
     )
 
