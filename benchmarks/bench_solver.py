@@ -199,19 +199,20 @@ def _gptq_with_observer(w: torch.Tensor, h: torch.Tensor, group_size: int | None
     return gptq_dequantized(w, h, scale, zero, 4, True)
 
 
-TORCH_PRODUCTS = "hf_comq.kernels.gemm.onednn_available = False"
+TORCH_PRODUCTS = "torch.backends.mkldnn.enabled = False"
 
 
 @contextlib.contextmanager
 def torch_products():
     """The solver's dense products through ``torch.mm`` (MKL on CPU) instead of oneDNN, for a
-    side-by-side row: what the solve costs on the product torch itself picks."""
-    available = gemm.onednn_available
-    gemm.onednn_available = lambda: False
+    side-by-side row: what the solve costs on the product torch itself picks.  torch's own
+    switch for oneDNN, which :mod:`hf_comq.kernels.gemm` follows."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        gemm.onednn_available = available
+        torch.backends.mkldnn.enabled = enabled
 
 
 def timing_section(include_gptq: bool, repeats: int, group_size: int | None = None) -> None:

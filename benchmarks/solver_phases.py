@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.torch_products:
-        gemm.onednn_available = lambda: False
+        torch.backends.mkldnn.enabled = False  # torch's own switch, which hf_comq.kernels.gemm follows
     layer = synthetic_layer("ViT-B fc1 3072x768", 3072, 768)
     weight, hessian = layer.weight, layer.hessian.float()
     seconds: dict[str, float] = collections.defaultdict(float)
