@@ -393,8 +393,10 @@ class AllAtOnce:
     from all of them (:class:`~hf_comq.calibration.stages.PausedPass`).  A job gives
     its slot to another while it waits (:meth:`step_aside`), so ``workers`` bounds the
     work in flight, never the jobs alive.  Threads as in :func:`run_side_by_side`: one
-    torch thread each where several compute at once, the caller's where one does, in a
-    copy of the caller's context variables and grad mode.  Use as a context manager;
+    torch thread each where several compute at once; where one does, the job starts on the
+    count the caller runs on as the jobs start, with the caller's recorded (the job runs as
+    it would in the caller's place: a scope such as :func:`linear_layer_threads` widens it
+    only where its work is large), in a copy of the caller's context variables and grad mode.  Use as a context manager;
     :meth:`results` waits for every job and raises the failure of the lowest job.
     Where more jobs wait for a slot than there are, the lowest job index gets it.
     """
@@ -411,6 +413,7 @@ class AllAtOnce:
 
     def __enter__(self) -> "AllAtOnce":
         self._previous = torch.get_num_threads()
+        self._start_each = 1 if self._threads_each == 1 else self._previous
         grad_enabled = torch.is_grad_enabled()
         for index in range(len(self._jobs)):
             context = contextvars.copy_context()
@@ -471,7 +474,7 @@ class AllAtOnce:
 
     def _run(self, index: int, grad_enabled: bool) -> None:
         self._index.index = index
-        with _worker(self._threads_each, grad_enabled):
+        with _worker(self._threads_each, grad_enabled, start=self._start_each):
             self._slots.acquire(index)
             try:
                 self._outcomes[index] = (True, self._jobs[index]())
@@ -532,15 +535,16 @@ class _Slots:
 
 
 @contextmanager
-def _worker(threads: int, grad_enabled: bool) -> Iterator[None]:
-    """A worker thread's scope: ``threads`` torch threads, recorded as the caller's so that no scope inside
-    widens them, and the caller's grad mode (torch's is per thread: without it a forward pass would build
-    an autograd graph that keeps every activation alive)."""
+def _worker(threads: int, grad_enabled: bool, start: int | None = None) -> Iterator[None]:
+    """A worker thread's scope: ``threads`` torch threads (``start`` at first, where given), ``threads``
+    recorded as the caller's so that no scope inside widens past them, and the caller's grad mode (torch's
+    is per thread: without it a forward pass would build an autograd graph that keeps every activation
+    alive)."""
     token = _caller_threads.set(threads)
     # A thread's first query sets its count from the one last set on any thread (torch's lazy
     # per-thread start): made here, so that it cannot undo this thread's own count later on.
     torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads if start is None else start)
     try:
         with torch.set_grad_enabled(grad_enabled):
             yield

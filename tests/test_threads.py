@@ -6,6 +6,7 @@ timings (``benchmarks/bench_threads.py`` measures those).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -174,8 +175,10 @@ def test_forward_passes_follow_the_size_of_the_linear_layers(two_threads, monkey
     assert torch.get_num_threads() == 2
 
 
-def test_calibration_and_evaluation_forwards_run_on_one_thread_for_small_models(two_threads) -> None:
-    """Before: a tiny ViT's forward passes ran every operator over the whole pool."""
+@pytest.mark.parametrize("fp_target", [None, False], ids=["aimed", "plain"])
+def test_calibration_and_evaluation_forwards_run_on_one_thread_for_small_models(two_threads, fp_target) -> None:
+    """Before: a tiny ViT's forward passes ran every operator over the whole pool (aimed, where a
+    block's one batch runs held on a thread of its own, until that thread started as its caller)."""
     model = tiny_vit(num_labels=3)
     seen: list[int] = []
     for module in model.modules():
@@ -185,7 +188,8 @@ def test_calibration_and_evaluation_forwards_run_on_one_thread_for_small_models(
     top1(model, data, image_processor(), batch_size=2)
     assert seen and set(seen) == {1}
     seen.clear()
-    quantize_model(model, COMQConfig(bits=4, dataset=images(4), processor=image_processor(), num_samples=4))
+    config = COMQConfig(bits=4, dataset=images(4), processor=image_processor(), num_samples=4, fp_target=fp_target)
+    assert quantize_model(model, config)["fp_target"] is (fp_target is None)
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == 2
 
@@ -353,8 +357,11 @@ def test_a_failing_piece_raises_its_error_once_every_other_piece_ran(two_threads
 
 def test_all_at_once_starts_every_job_and_lets_a_waiting_job_give_up_its_slot(two_threads) -> None:
     """Three jobs that each wait for all three: with one slot they only finish because a waiting
-    job steps aside.  One computing at a time, each gets the caller's threads; several, one each."""
-    for workers, threads_each in ((1, 2), (2, 1)):
+    job steps aside.  One computing at a time, each starts on the count the caller runs on, with the
+    caller's recorded (inside ``single_thread``: one, widened only by a scope that asks, as in the
+    caller's place); several, one each."""
+    for workers, scope, threads_each in ((1, contextlib.nullcontext, (2, 2)), (1, single_thread, (1, 2)),
+                                         (2, contextlib.nullcontext, (1, 1))):  # fmt: skip
         everyone = threading.Barrier(3, timeout=30)
         computing = {"now": 0, "most": 0}
         lock = threading.Lock()
@@ -376,9 +383,9 @@ def test_all_at_once_starts_every_job_and_lets_a_waiting_job_give_up_its_slot(tw
 
             return run
 
-        with AllAtOnce([job(value) for value in range(3)], workers) as runner["all"]:
+        with scope(), AllAtOnce([job(value) for value in range(3)], workers) as runner["all"]:
             assert runner["all"].results() == [0, 1, 2]
-        assert seen == [(threads_each, threads_each)] * 3 and computing["most"] <= workers
+        assert seen == [threads_each] * 3 and computing["most"] <= workers
         assert torch.get_num_threads() == 2
 
 
