@@ -370,8 +370,8 @@ class HessianRecorder:
             if not shared:
                 accumulator = self.accumulators[name]
                 accumulator.add(activations, target if accumulator.with_target else None)
-        except NonFiniteActivations:
-            raise NonFiniteActivations(_non_finite_message(name, tensor.dtype)) from None
+        except NonFiniteActivations as error:
+            raise NonFiniteActivations(_non_finite_message(name, tensor.dtype, error.values), error.values) from None
         if not shared:
             self._last = (tensor, name)
 
@@ -424,14 +424,16 @@ class HessianRecorder:
 # ---------------------------------------------------------------------------
 
 
-def _non_finite_message(layer: str, dtype: torch.dtype) -> str:
-    """One line for a layer whose calibration inputs are not finite: where, and what to do."""
+def _non_finite_message(layer: str, dtype: torch.dtype, values: str = "inputs") -> str:
+    """One line for a layer whose calibration ``values`` (its inputs, or with ``fp_target`` its
+    full-precision inputs or outputs) are not finite: where, and what to do."""
     if dtype in (torch.float16, torch.bfloat16):
         return (
-            f"the calibration inputs of {layer!r} hold NaN or inf: the model overflows in {str(dtype).removeprefix('torch.')}; "
-            "load it in float32 (from_pretrained(..., dtype=torch.float32); hf-comq quantize --dtype float32)"
+            f"the calibration {values} of {layer!r} hold NaN or inf: the model overflows in "
+            f"{str(dtype).removeprefix('torch.')}; load it in float32 (from_pretrained(..., dtype=torch.float32); "
+            "hf-comq quantize --dtype float32)"
         )
-    return f"the calibration inputs of {layer!r} hold NaN or inf; check the calibration data"
+    return f"the calibration {values} of {layer!r} hold NaN or inf; check the calibration data"
 
 
 class _StopForward(Exception):

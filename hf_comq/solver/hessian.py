@@ -41,7 +41,14 @@ token is its own direction (``delta = 1``) gets a large finite ridge, not an inf
 
 class NonFiniteActivations(ValueError):
     """Calibration inputs (or full-precision targets) of a layer hold NaN or inf: usually a model
-    whose activations overflow its dtype (float16), else broken calibration data."""
+    whose activations overflow its dtype (float16), else broken calibration data.
+
+    ``values`` says which of a layer's values they were ("inputs", "full-precision inputs",
+    "full-precision outputs"), so that a caller who knows the layer can name both."""
+
+    def __init__(self, message: str, values: str = "inputs"):
+        super().__init__(message)
+        self.values = values
 
 
 class HessianAccumulator:
@@ -149,7 +156,9 @@ class HessianAccumulator:
                 raise ValueError(f"target inputs have shape {tuple(target.shape)}, expected {tuple(activations.shape)}")
             shift_rows = target.detach().reshape(-1, self.in_features).to(device=rows.device, dtype=product_dtype) - rows
             if not _all_finite(shift_rows):
-                raise NonFiniteActivations("target activations contain NaN or inf; check the model's dtype")
+                raise NonFiniteActivations(
+                    "target activations contain NaN or inf; check the model's dtype", values="full-precision inputs"
+                )
         self._sums()
         self._norm_fourth += torch.linalg.vector_norm(rows, dim=1).double().pow(4).sum()  # no batch-sized temporary
         pieces = [] if shift_rows is None else _products(self._shift, self._shift_spans, shift_rows, rows)
@@ -310,8 +319,12 @@ class TargetProductAccumulator:
             return values.detach().reshape(-1, values.shape[-1]).to(device=self._device, dtype=product_dtype)
 
         rows, kept = flat(activations), flat(target_outputs)
-        if not (_all_finite(rows) and _all_finite(kept)):
-            raise ValueError("layer inputs or outputs contain NaN or inf; check the calibration inputs and the model's dtype")
+        if not _all_finite(rows):
+            raise NonFiniteActivations("activations contain NaN or inf; check the calibration inputs and the model's dtype")
+        if not _all_finite(kept):
+            raise NonFiniteActivations(
+                "full-precision outputs contain NaN or inf; check the model's dtype", values="full-precision outputs"
+            )
         self._sums()
         run_independent(_products(self._blocks, self._spans, kept, rows), 2.0 * kept.numel() * self.in_features)
         self._input_sum += rows.sum(dim=0, keepdim=True, dtype=self.dtype)

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from hf_comq.solver import HessianAccumulator, TargetProductAccumulator, target_product_from_outputs
+from hf_comq.solver import HessianAccumulator, NonFiniteActivations, TargetProductAccumulator, target_product_from_outputs
 from hf_comq.solver.hessian import SHRINKAGE_FLOOR
 from tests.solver.reference import ledoit_wolf_ridge
 
@@ -33,6 +33,10 @@ def test_rejects_non_finite_and_wrong_width():
         acc.add(torch.tensor([[float("inf"), float("-inf"), 0.0, 0.0]]))
     with pytest.raises(ValueError, match="in_features=4"):
         acc.add(torch.ones(2, 5))
+    aimed = HessianAccumulator(4, with_target=True)
+    with pytest.raises(NonFiniteActivations, match="NaN or inf") as target:
+        aimed.add(torch.ones(2, 4), torch.full((2, 4), float("inf")))
+    assert target.value.values == "full-precision inputs"
     with pytest.raises(ValueError, match="no activations"):
         acc.result()
 
@@ -230,8 +234,12 @@ def test_target_product_refuses_mismatched_tokens_and_batches_after_hand_over():
         acc.add(torch.ones(3, 4), torch.ones(3, 3))
     with pytest.raises(ValueError, match="are not the same tokens"):
         acc.add(torch.ones(3, 4), torch.ones(4, 2))
-    with pytest.raises(ValueError, match="contain NaN or inf"):
+    # which values were not finite, so that calibration can name them beside the layer
+    with pytest.raises(NonFiniteActivations, match="contain NaN or inf") as outputs:
         acc.add(torch.ones(3, 4), torch.full((3, 2), float("inf")))
+    with pytest.raises(NonFiniteActivations, match="contain NaN or inf") as inputs:
+        acc.add(torch.full((3, 4), float("nan")), torch.ones(3, 2))
+    assert (outputs.value.values, inputs.value.values) == ("full-precision outputs", "inputs")
     with pytest.raises(ValueError, match="never ran"):
         acc.result()
     assert [tuple(part.shape) for part in acc.partial_sums()] == [(2, 4), (1, 4)]  # zeros, summed over ranks alike
