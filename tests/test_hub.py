@@ -154,23 +154,24 @@ def test_render_model_card_metadata_and_sections():
         "| Column-block re-solve | yes |",
         "| Pair-move candidates per row | 32 |",
         "| Ridge term (fraction of mean diag H) | 0.0 |",
-        "| Layers aimed at the full-precision outputs | no (the default at 4 bits) |",
+        "| Layers aimed at the full-precision outputs | yes (the default at 4 bits) |",
         "| Linear layers kept in full precision | `classifier` |",
     ):
         assert row in body, row
     # fp_target=None: the card says what the bit width and the calibration mode made of it.
     for changes, row in (
         (dict(bits=3), "yes (the default at 3 bits)"),
+        (dict(bits=5), "no (the default at 5 bits)"),
         (dict(bits=3, sequential=False), "no (full-precision inputs: `sequential=False`)"),  # not the bit width's
-        (dict(bits=4, fp_target=True), "yes"),
+        (dict(bits=5, fp_target=True), "yes"),
     ):
         card_body = split_card(str(render_model_card(comq_config(**changes), "google/vit-base-patch16-224", None, None)))[1]
         assert f"| Layers aimed at the full-precision outputs | {row} |" in card_body, changes
     # true_sequential=None follows the aiming, whether the bit width or fp_target decided it.
     for changes, row in (
-        (dict(bits=4), "no (the default where no layers are aimed at the full-precision outputs)"),
-        (dict(bits=3), "yes (the default where layers are aimed at the full-precision outputs)"),
-        (dict(bits=4, fp_target=True), "yes (the default where layers are aimed at the full-precision outputs)"),
+        (dict(bits=5), "no (the default where no layers are aimed at the full-precision outputs)"),
+        (dict(bits=4), "yes (the default where layers are aimed at the full-precision outputs)"),
+        (dict(bits=5, fp_target=True), "yes (the default where layers are aimed at the full-precision outputs)"),
         (dict(bits=3, true_sequential=False), "no"),
     ):
         card_body = split_card(str(render_model_card(comq_config(**changes), "google/vit-base-patch16-224", None, None)))[1]

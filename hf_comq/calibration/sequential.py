@@ -13,7 +13,7 @@ activations for the calibration set plus that block's Hessians.
 
 * ``sequential=True`` (default): layer inputs come from the already quantized prefix,
   so later blocks learn to compensate earlier quantization error.
-* ``fp_target`` (block-sequential only; ``None``, the default, turns it on at 3 bits and
+* ``fp_target`` (block-sequential only; ``None``, the default, turns it on at 4 bits and
   fewer, :func:`~hf_comq.solver.options.aims_at_full_precision_by_default`): the full-precision model's inputs of each
   block are carried beside the quantized prefix's; each batch runs the block on both,
   and the layers' hooks sum the target shift ``(X_fp - X)^T X`` beside ``H`` (a layer

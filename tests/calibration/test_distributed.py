@@ -77,7 +77,7 @@ if scenario == "other-placement" and rank == 1:  # its last block and final norm
 result = {}
 try:
     for mode in ["sequential"] if scenario == "other-placement" else MODES:
-        bits = 3 if scenario == "different" and rank == 1 else 4
+        bits = 5 if scenario == "different" and rank == 1 else 4
         config = calibration_config(mode, bits, data_seed=1 if scenario == "other-data" and rank == 1 else 0)
         model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, **placement)
         model.save_pretrained(os.path.join(out, mode))
@@ -240,7 +240,7 @@ def test_ranks_started_with_different_settings_stop_before_calibrating(tmp_path)
         error = _read(tmp_path / f"rank{rank}.json")["error"]
         assert "different calibration settings" in error and "\n" not in error
         assert re.search(r"differ from rank 0 in fp_target, settings\.bits, (settings\.\w+, )*true_sequential\)", error), error
-        # what differs is named down to the setting: bits=3 on rank 1, and what its defaults resolve to at 3 bits
+        # what differs is named down to the setting: bits=5 on rank 1, and what its defaults resolve to at 5 bits
     assert not (tmp_path / "sequential").exists()
 
 

@@ -28,9 +28,10 @@ from hf_comq.nn import COMQLinear
 from tests.tiny import sentences, tiny_model, word_tokenizer
 
 
-def _config(bits: int = 4) -> COMQConfig:
+def _config(bits: int = 4, fp_target: bool | None = None) -> COMQConfig:
     return COMQConfig(
-        dataset=sentences(8), processor=word_tokenizer(), num_samples=8, batch_size=4, group_size=16, bits=bits
+        dataset=sentences(8), processor=word_tokenizer(), num_samples=8, batch_size=4, group_size=16, bits=bits,
+        fp_target=fp_target,
     )
 
 
@@ -41,19 +42,20 @@ def _saved(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, json.loads((folder / "config.json").read_text())["quantization_config"]
 
 
-@pytest.mark.parametrize("bits", [4, 3])  # 3: the default aims at the full-precision outputs, a second stream
-def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path, bits):
+@pytest.mark.parametrize("fp_target", [None, False], ids=["aimed", "plain"])  # None: the default aims, a second stream
+def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path, fp_target):
     checkpoint = tmp_path / "llama"
     tiny_model("llama").save_pretrained(checkpoint)
-    in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config(bits))
+    in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config(fp_target=fp_target))
     in_memory.save_pretrained(tmp_path / "memory")
 
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
     offloaded = T.AutoModelForCausalLM.from_pretrained(
-        checkpoint, quantization_config=_config(bits), device_map=device_map, offload_folder=str(tmp_path / "offload")
+        checkpoint, quantization_config=_config(fp_target=fp_target), device_map=device_map,
+        offload_folder=str(tmp_path / "offload"),
     )
-    assert calibration_summary(offloaded)["fp_target"] is (bits == 3)
+    assert calibration_summary(offloaded)["fp_target"] is (fp_target is None)
     layer = offloaded.model.layers[1].mlp.down_proj
     assert isinstance(layer, COMQLinear) and offloads_to_disk(layer) and layer.weight_packed.device.type == "meta"
     assert not offloads_to_disk(offloaded.model.layers[0].mlp.down_proj)

@@ -331,7 +331,7 @@ def test_the_gram_pass_ends_at_the_blocks_last_layers_input_with_the_same_codes(
             accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
         calls = []
         model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
-        quantize_model(model, _config("llama", bits=4, batch_size=2))
+        quantize_model(model, _config("llama", bits=4, batch_size=2, fp_target=False))
         return model, len(calls)
 
     (in_memory, in_memory_calls), (offloaded, offloaded_calls) = quantized(False), quantized(True)
@@ -661,18 +661,19 @@ def test_experts_modules_to_not_convert_keeps_stay_batched_and_in_full_precision
 @pytest.mark.parametrize(
     ("settings", "aimed", "staged"),
     [
-        (dict(bits=4), False, False),
+        (dict(bits=5), False, False),
+        (dict(bits=4), True, True),
         (dict(bits=3), True, True),
         (dict(bits=2), True, True),
-        (dict(bits=3, sequential=False), False, False),
-        (dict(bits=3, fp_target=False), False, False),
-        (dict(bits=4, fp_target=True), True, True),
-        (dict(bits=3, true_sequential=False), True, False),
-        (dict(bits=4, true_sequential=True), False, True),
+        (dict(bits=4, sequential=False), False, False),
+        (dict(bits=4, fp_target=False), False, False),
+        (dict(bits=5, fp_target=True), True, True),
+        (dict(bits=4, true_sequential=False), True, False),
+        (dict(bits=5, true_sequential=True), False, True),
     ],
 )
-def test_aiming_at_three_bits_and_fewer_and_stages_wherever_aimed_by_default(settings, aimed, staged):
-    """fp_target=None aims in block-sequential calibration at 3 bits and fewer; true_sequential=None
+def test_aiming_at_four_bits_and_fewer_and_stages_wherever_aimed_by_default(settings, aimed, staged):
+    """fp_target=None aims in block-sequential calibration at 4 bits and fewer; true_sequential=None
     solves in stages wherever layers are aimed; either given explicitly is kept."""
     summary = quantize_model(tiny_model("llama"), COMQConfig(dataset=torch.randint(1, 64, (4, 12)), seed=0, **settings))
     assert summary["fp_target"] is aimed and summary["true_sequential"] is staged
@@ -822,11 +823,11 @@ def test_a_blocks_solves_run_side_by_side_on_the_callers_threads_with_the_same_c
     pixels = torch.randn(8, 3, 32, 32)
     alone = tiny_vit()
     torch.set_num_threads(1)
-    quantize_model(alone, COMQConfig(bits=4, dataset=pixels, num_samples=8))
+    quantize_model(alone, COMQConfig(bits=4, dataset=pixels, num_samples=8, fp_target=False))
     torch.set_num_threads(2)
     side_by_side = tiny_vit()
     seen, recording = _thread_recording_solver()
-    quantize_model(side_by_side, COMQConfig(bits=4, dataset=pixels, num_samples=8), solver=recording)
+    quantize_model(side_by_side, COMQConfig(bits=4, dataset=pixels, num_samples=8, fp_target=False), solver=recording)
     assert len(seen) == 12 and {count for _, count in seen} == {1}
     # Each block starts its own workers, whose thread ids may or may not be reused: more than one, never this one.
     assert len({ident for ident, _ in seen}) >= 2 and threading.get_ident() not in {ident for ident, _ in seen}
@@ -866,7 +867,7 @@ def test_a_small_blocks_batches_run_side_by_side_with_the_same_codes(two_threads
     """Two threads and four batches: each block's forward passes run on two workers of
     one torch thread each, and the Gram sums, hence every layer's codes, are a one-thread run's."""
     pixels = torch.randn(8, 3, 32, 32)
-    config = dict(bits=4, dataset=pixels, num_samples=8, batch_size=2)
+    config = dict(bits=4, dataset=pixels, num_samples=8, batch_size=2, fp_target=False)
     torch.set_num_threads(1)
     alone = tiny_vit()
     quantize_model(alone, COMQConfig(**config))
@@ -959,7 +960,7 @@ def test_large_layers_keep_the_callers_threads_one_solve_and_one_batch_at_a_time
     seen, recording = _thread_recording_solver()
     model = tiny_vit()
     forwards = _block_forward_threads(model)
-    config = COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8, batch_size=2)
+    config = COMQConfig(bits=4, dataset=torch.randn(8, 3, 32, 32), num_samples=8, batch_size=2, fp_target=False)
     quantize_model(model, config, solver=recording)
     assert len(seen) == 12 and {ident for ident, _ in seen} == {threading.get_ident()}
     assert forwards and {ident for ident, _, _ in forwards} == {threading.get_ident()}  # the batches one at a time too

@@ -28,7 +28,7 @@ def test_quantize_tiny_vit_writes_a_loadable_checkpoint(capsys, tmp_path, vit_di
     assert code == 0, err
     assert re.search(r"layers quantized\s+\d+, mean relative squared error", out), out
     assert re.search(rf"saved to\s+{re.escape(str(output))}$", out, flags=re.MULTILINE), out
-    assert re.search(r"calibration mode\s+block-sequential$", out, flags=re.MULTILINE), out
+    assert re.search(r"calibration mode\s+true-sequential, aimed at full-precision outputs$", out, flags=re.MULTILINE), out
     timed = re.search(r"time\s+([\d.]+) s \(loading and calibration; ([\d.]+) s of it solving layers\)$", out, flags=re.MULTILINE)
     assert timed and float(timed.group(2)) <= float(timed.group(1)), out
     assert re.search(r"checkpoint\s+[\d.]+ MB \(0\.\d\dx of [\d.]+ MB full precision\)", out), out
@@ -294,7 +294,9 @@ def test_quantize_help_lists_the_data_options_under_calibration_data(capsys) -> 
 
 def test_a_float16_model_that_overflows_is_named_and_quantizes_with_dtype_float32(capsys, tmp_path, text_data) -> None:
     """A float16 checkpoint finite in float32 only: the line names the layer it reached and --dtype float32,
-    which then quantizes it (the CLI had no way to choose the dtype the model loads in)."""
+    which then quantizes it (the CLI had no way to choose the dtype the model loads in).  Aimed at the
+    full-precision outputs (the default), the first values to overflow are block 0's down_proj outputs in the
+    full-precision stream; aimed at its own output, block 1's inputs."""
     torch.manual_seed(0)
     config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=0)  # fmt: skip
@@ -303,10 +305,15 @@ def test_a_float16_model_that_overflows_is_named_and_quantizes_with_dtype_float3
         model.model.layers[0].mlp.down_proj.weight.mul_(1e5)
         model.model.layers[0].mlp.up_proj.weight.mul_(1e3)
     source = save_text_model(model.to(torch.float16), tmp_path / "fp16")
-    code, _, err = run_cli(capsys, "quantize", source, "--dataset", text_data, "--num-samples", 4, "--output", tmp_path / "a")
-    assert code != 0
-    line = error_line(err)
-    assert "inputs of 'model.layers.1." in line and "overflows in float16" in line and "--dtype float32" in line, line
+    for flags, values in (([], "full-precision outputs of 'model.layers.0.mlp.down_proj'"),
+                          (["--no-fp-target"], "inputs of 'model.layers.1.")):  # fmt: skip
+        code, _, err = run_cli(
+            capsys, "quantize", source, "--dataset", text_data, "--num-samples", 4, *flags, "--output", tmp_path / "a"
+        )  # fmt: skip
+        assert code != 0
+        line = error_line(err)
+        assert f"calibration {values}" in line and "overflows in float16" in line and "--dtype float32" in line, line
+        assert not (tmp_path / "a").exists()
     code, _, err = run_cli(
         capsys, "quantize", source, "--dataset", text_data, "--num-samples", 4, "--dtype", "float32",
         "--output", tmp_path / "b",
