@@ -451,7 +451,9 @@ def main() -> None:
     parser.add_argument("--rank-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS))
-    parser.add_argument("--fp-target", action="store_true", help="memory rows with COMQConfig(fp_target=True)")
+    parser.add_argument("--fp-target", action="store_true",
+                        help="memory rows with COMQConfig(fp_target=True); without it fp_target=False, the plain "
+                        "calibration (the library's default aims at 4 bits and fewer: pass this and --true-sequential)")
     parser.add_argument("--true-sequential", action="store_true", help="memory rows with COMQConfig(true_sequential=True)")
     parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
     parser.add_argument("--solver", default="rtn", choices=["rtn", "default"],
