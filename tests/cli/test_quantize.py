@@ -156,7 +156,7 @@ def test_quantize_refuses_a_non_empty_output_unless_overwrite(capsys, tmp_path, 
     assert code == 0, err
     stored = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     assert stored["comq"]["solver"]["init"] == "rtn" and stored["config_groups"]["group_0"]["weights"]["num_bits"] == 3
-    # the baseline rounds each layer's own weight: not aimed at the full-precision outputs, the default at 3 bits
+    # the baseline rounds each layer's own weight: not aimed at the full-precision outputs, the default at 4 bits and fewer
     assert stored["comq"]["selection"]["fp_target"] is False
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "out"]
     # nor a checkpoint's folder that holds the user's own files beside it (notes, a clone's .git)
