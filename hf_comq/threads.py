@@ -393,11 +393,12 @@ class AllAtOnce:
     from all of them (:class:`~hf_comq.calibration.stages.PausedPass`).  A job gives
     its slot to another while it waits (:meth:`step_aside`), so ``workers`` bounds the
     work in flight, never the jobs alive.  Threads as in :func:`run_side_by_side`: one
-    torch thread each where several compute at once; where one does, the job starts on the
-    count the caller runs on as the jobs start, with the caller's recorded (the job runs as
-    it would in the caller's place: a scope such as :func:`linear_layer_threads` widens it
-    only where its work is large), in a copy of the caller's context variables and grad mode.  Use as a context manager;
-    :meth:`results` waits for every job and raises the failure of the lowest job.
+    torch thread each where several compute at once; where one does, each job starts on the
+    count its caller runs on as the jobs start, with the caller's own count recorded, as it
+    would run in the caller's place (inside :func:`linear_layer_threads`: one thread, widened
+    only where a layer's work is large).  Each job runs in a copy of the caller's context
+    variables and grad mode.  Use as a context manager; :meth:`results` waits for every job
+    and raises the failure of the lowest job.
     Where more jobs wait for a slot than there are, the lowest job index gets it.
     """
 
@@ -408,6 +409,7 @@ class AllAtOnce:
         self._slots = _Slots(max(1, workers))
         self._index = threading.local()  # a job thread's own index, its rank for a slot
         self._threads_each = 1 if workers > 1 else caller_threads()
+        self._start_each = self._threads_each  # set again as the jobs start (__enter__)
         self._outcomes: list[tuple[bool, Any] | None] = [None] * len(self._jobs)
         self._threads: list[threading.Thread] = []
 
