@@ -9,6 +9,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -64,8 +65,9 @@ def _terminate_as_interrupt() -> Iterator[None]:
     Python runs signal handlers between bytecodes of the main thread, and that may be inside a
     ``__del__`` the garbage collector is running, where an exception is printed as "Exception
     ignored" and dropped: Ctrl-C then let the run go on and save.  Such a dropped interrupt is
-    raised anew (``_thread.interrupt_main``, from another thread a moment later: raised from the
-    hook itself, it would land in the same finalizer), outside the finalizer.
+    raised anew (``_thread.interrupt_main``, from another thread a moment after the hook has
+    returned: raised while the hook still runs, it would be dropped with the hook's own error),
+    outside the finalizer.
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield
@@ -77,9 +79,9 @@ def _terminate_as_interrupt() -> Iterator[None]:
     def deliver_again(unraisable: Any) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
-            later = threading.Timer(INTERRUPT_AGAIN_AFTER_S, _thread.interrupt_main, args=(signum,))
-            later.daemon = True
-            later.start()
+            hook_returning = threading.Event()
+            threading.Thread(target=_interrupt_main_after, args=(signum, hook_returning), daemon=True).start()
+            hook_returning.set()  # last: the interrupt waits for it, not for a thread start the main thread may lag on
         else:
             previous_hook(unraisable)
 
@@ -90,6 +92,13 @@ def _terminate_as_interrupt() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
+
+
+def _interrupt_main_after(signum: int, hook_returning: threading.Event) -> None:
+    """Deliver ``signum`` to the main thread :data:`INTERRUPT_AGAIN_AFTER_S` after its unraisable hook is returning."""
+    hook_returning.wait()
+    time.sleep(INTERRUPT_AGAIN_AFTER_S)
+    _thread.interrupt_main(signum)
 
 
 def _error_line(error: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import sys
 
 import pytest
@@ -124,6 +125,37 @@ def test_an_interrupt_that_lands_in_a_finalizer_is_raised_again_outside_it(signa
     with pytest.raises(error):
         with _terminate_as_interrupt():
             Finalized()  # dropped at once, its __del__ raising as a handler run there would
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+    assert sys.unraisablehook is previous_hook
+
+
+def test_an_interrupt_redelivered_while_the_main_thread_lags_in_the_hook_is_not_dropped(monkeypatch):
+    """On a busy machine the main thread can lag inside the unraisable hook (here: after starting the
+    thread that delivers the interrupt again); delivered then, the interrupt was raised inside the hook
+    and dropped with it, and the run went on.  It now waits for the hook to return."""
+    import sys
+    import time
+
+    from hf_comq.cli.main import INTERRUPT_AGAIN_AFTER_S, _terminate_as_interrupt
+
+    start = threading.Thread.start
+
+    def lagging_start(self) -> None:
+        start(self)
+        time.sleep(20 * INTERRUPT_AGAIN_AFTER_S)  # the main thread descheduled right after the start
+
+    class Finalized:
+        def __del__(self):
+            raise KeyboardInterrupt()
+
+    previous_hook = sys.unraisablehook
+    with pytest.raises(KeyboardInterrupt):
+        with _terminate_as_interrupt():
+            monkeypatch.setattr(threading.Thread, "start", lagging_start)
+            Finalized()
+            monkeypatch.undo()
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 time.sleep(0.001)
