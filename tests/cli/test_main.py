@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import sys
@@ -106,16 +107,13 @@ def test_parsing_the_arguments_imports_neither_torch_nor_transformers() -> None:
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("signalled", ["interrupt", "terminate"])
-def test_an_interrupt_that_lands_in_a_finalizer_is_raised_again_outside_it(signalled):
-    """Python runs a signal's handler wherever the main thread is, a garbage collector's ``__del__``
-    included, and drops what a finalizer raises: Ctrl-C during calibration let the run go on and save."""
+def _interrupt_dropped_in_a_finalizer(error: type[BaseException], while_dropped=contextlib.nullcontext) -> None:
+    """Raise ``error`` in a finalizer (dropped there, as a handler run inside a ``__del__`` would be)
+    under the CLI's interrupt handling, ``while_dropped`` around the drop; then wait for it to come back."""
     import sys
     import time
 
-    from hf_comq.cli.main import Terminated, _terminate_as_interrupt
-
-    error = Terminated if signalled == "terminate" else KeyboardInterrupt
+    from hf_comq.cli.main import _terminate_as_interrupt
 
     class Finalized:
         def __del__(self):
@@ -124,21 +122,30 @@ def test_an_interrupt_that_lands_in_a_finalizer_is_raised_again_outside_it(signa
     previous_hook = sys.unraisablehook
     with pytest.raises(error):
         with _terminate_as_interrupt():
-            Finalized()  # dropped at once, its __del__ raising as a handler run there would
+            with while_dropped():
+                Finalized()  # dropped at once
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 time.sleep(0.001)
     assert sys.unraisablehook is previous_hook
 
 
+@pytest.mark.parametrize("signalled", ["interrupt", "terminate"])
+def test_an_interrupt_that_lands_in_a_finalizer_is_raised_again_outside_it(signalled):
+    """Python runs a signal's handler wherever the main thread is, a garbage collector's ``__del__``
+    included, and drops what a finalizer raises: Ctrl-C during calibration let the run go on and save."""
+    from hf_comq.cli.main import Terminated
+
+    _interrupt_dropped_in_a_finalizer(Terminated if signalled == "terminate" else KeyboardInterrupt)
+
+
 def test_an_interrupt_redelivered_while_the_main_thread_lags_in_the_hook_is_not_dropped(monkeypatch):
     """On a busy machine the main thread can lag inside the unraisable hook (here: after starting the
     thread that delivers the interrupt again); delivered then, the interrupt was raised inside the hook
     and dropped with it, and the run went on.  It now waits for the hook to return."""
-    import sys
     import time
 
-    from hf_comq.cli.main import INTERRUPT_AGAIN_AFTER_S, _terminate_as_interrupt
+    from hf_comq.cli.main import INTERRUPT_AGAIN_AFTER_S
 
     start = threading.Thread.start
 
@@ -146,17 +153,10 @@ def test_an_interrupt_redelivered_while_the_main_thread_lags_in_the_hook_is_not_
         start(self)
         time.sleep(20 * INTERRUPT_AGAIN_AFTER_S)  # the main thread descheduled right after the start
 
-    class Finalized:
-        def __del__(self):
-            raise KeyboardInterrupt()
+    @contextlib.contextmanager
+    def lagging():
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", lagging_start)
+            yield
 
-    previous_hook = sys.unraisablehook
-    with pytest.raises(KeyboardInterrupt):
-        with _terminate_as_interrupt():
-            monkeypatch.setattr(threading.Thread, "start", lagging_start)
-            Finalized()
-            monkeypatch.undo()
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                time.sleep(0.001)
-    assert sys.unraisablehook is previous_hook
+    _interrupt_dropped_in_a_finalizer(KeyboardInterrupt, lagging)
