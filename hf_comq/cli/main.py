@@ -69,7 +69,8 @@ def _terminate_as_interrupt() -> Iterator[None]:
     raised anew (``_thread.interrupt_main``, from another thread once the hook has returned:
     raised while the hook still runs, it would be dropped with the hook's own error), outside the
     finalizer, and again until its handler has run (a delivery can be lost on a busy process).
-    Both handlers are this context's own, so that it can tell when one ran.
+    Both handlers are this context's own, so that it can tell when one ran; a SIGINT handler the
+    process already had (not Python's default) is left alone, and its interrupts delivered once.
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield
@@ -89,33 +90,38 @@ def _terminate_as_interrupt() -> Iterator[None]:
             signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
             handled.clear()
             hook_returning = threading.Event()
-            args = (signum, hook_returning, handled, closed)
+            repeat = signum == signal.SIGTERM or own_interrupt
+            args = (signum, hook_returning, handled if repeat else None, closed)
             threading.Thread(target=_interrupt_main_until_handled, args=args, daemon=True).start()
             hook_returning.set()  # last: the interrupt waits for it, not for a thread start the main thread may lag on
         else:
             previous_hook(unraisable)
 
-    previous_term, previous_int = signal.signal(signal.SIGTERM, terminate), signal.signal(signal.SIGINT, interrupt)
+    own_interrupt = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous_term = signal.signal(signal.SIGTERM, terminate)
+    previous_int = signal.signal(signal.SIGINT, interrupt) if own_interrupt else None
     previous_hook, sys.unraisablehook = sys.unraisablehook, deliver_again
     try:
         yield
     finally:
         closed.set()
         signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
+        if own_interrupt:
+            signal.signal(signal.SIGINT, previous_int)
         sys.unraisablehook = previous_hook
 
 
 def _interrupt_main_until_handled(
-    signum: int, hook_returning: threading.Event, handled: threading.Event, closed: threading.Event
+    signum: int, hook_returning: threading.Event, handled: threading.Event | None, closed: threading.Event
 ) -> None:
     """Deliver ``signum`` to the main thread once its unraisable hook is returning, again every
-    :data:`INTERRUPT_HANDLED_WITHIN_S` until its handler has run or the context has closed."""
+    :data:`INTERRUPT_HANDLED_WITHIN_S` until its handler has run or the context has closed
+    (``handled`` ``None``: once, for a handler that does not say when it ran)."""
     hook_returning.wait()
     time.sleep(INTERRUPT_AGAIN_AFTER_S)
     while not closed.is_set():
         _thread.interrupt_main(signum)
-        if handled.wait(INTERRUPT_HANDLED_WITHIN_S):
+        if handled is None or handled.wait(INTERRUPT_HANDLED_WITHIN_S):
             return
 
 

@@ -160,3 +160,26 @@ def test_an_interrupt_redelivered_while_the_main_thread_lags_in_the_hook_is_not_
             yield
 
     _interrupt_dropped_in_a_finalizer(KeyboardInterrupt, lagging)
+
+
+def test_the_interrupt_handling_keeps_a_sigint_handler_the_process_already_had():
+    """Python's default SIGINT handler is replaced for the run (one that says when it ran) and put back;
+    a handler of the process's own (an embedding program's) is left as it is, before and after."""
+    import signal
+
+    from hf_comq.cli.main import _terminate_as_interrupt
+
+    with _terminate_as_interrupt():
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def own(signum, frame) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGINT, own)
+    try:
+        with _terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGINT) is own
+        assert signal.getsignal(signal.SIGINT) is own
+    finally:
+        signal.signal(signal.SIGINT, previous)
