@@ -107,6 +107,21 @@ def test_parsing_the_arguments_imports_neither_torch_nor_transformers() -> None:
     assert result.stdout.strip() == "[]"
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's default SIGINT handler for the test, as a CLI process starts with.  Something in a full
+    suite's process now and then leaves another one installed by the time these tests run (not found;
+    its repr is reported as a warning), under which an interrupt raised nothing."""
+    import signal
+    import warnings
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    if previous is not signal.default_int_handler:
+        warnings.warn(f"the test process had SIGINT handler {previous!r} ({getattr(previous, '__module__', None)})")
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_dropped_in_a_finalizer(error: type[BaseException], while_dropped=contextlib.nullcontext) -> None:
     """Raise ``error`` in a finalizer (dropped there, as a handler run inside a ``__del__`` would be)
     under the CLI's interrupt handling, ``while_dropped`` around the drop; then wait for it to come back."""
@@ -131,7 +146,7 @@ def _interrupt_dropped_in_a_finalizer(error: type[BaseException], while_dropped=
 
 
 @pytest.mark.parametrize("signalled", ["interrupt", "terminate"])
-def test_an_interrupt_that_lands_in_a_finalizer_is_raised_again_outside_it(signalled):
+def test_an_interrupt_that_lands_in_a_finalizer_is_raised_again_outside_it(signalled, python_sigint):
     """Python runs a signal's handler wherever the main thread is, a garbage collector's ``__del__``
     included, and drops what a finalizer raises: Ctrl-C during calibration let the run go on and save."""
     from hf_comq.cli.main import Terminated
@@ -139,7 +154,7 @@ def test_an_interrupt_that_lands_in_a_finalizer_is_raised_again_outside_it(signa
     _interrupt_dropped_in_a_finalizer(Terminated if signalled == "terminate" else KeyboardInterrupt)
 
 
-def test_an_interrupt_redelivered_while_the_main_thread_lags_in_the_hook_is_not_dropped(monkeypatch):
+def test_an_interrupt_redelivered_while_the_main_thread_lags_in_the_hook_is_not_dropped(monkeypatch, python_sigint):
     """On a busy machine the main thread can lag inside the unraisable hook (here: after starting the
     thread that delivers the interrupt again); delivered then, the interrupt was raised inside the hook
     and dropped with it, and the run went on.  It now waits for the hook to return."""
@@ -162,7 +177,7 @@ def test_an_interrupt_redelivered_while_the_main_thread_lags_in_the_hook_is_not_
     _interrupt_dropped_in_a_finalizer(KeyboardInterrupt, lagging)
 
 
-def test_the_interrupt_handling_keeps_a_sigint_handler_the_process_already_had():
+def test_the_interrupt_handling_keeps_a_sigint_handler_the_process_already_had(python_sigint):
     """Python's default SIGINT handler is replaced for the run (one that says when it ran) and put back;
     a handler of the process's own (an embedding program's) is left as it is, before and after."""
     import signal
