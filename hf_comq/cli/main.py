@@ -51,7 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 INTERRUPT_AGAIN_AFTER_S = 0.01  # long enough for a finalizer to end, short against any step of a run
-INTERRUPT_HANDLED_WITHIN_S = 0.5  # a redelivered interrupt whose handler has not run by then is delivered again
 
 
 class Terminated(KeyboardInterrupt):
@@ -66,63 +65,40 @@ def _terminate_as_interrupt() -> Iterator[None]:
     Python runs signal handlers between bytecodes of the main thread, and that may be inside a
     ``__del__`` the garbage collector is running, where an exception is printed as "Exception
     ignored" and dropped: Ctrl-C then let the run go on and save.  Such a dropped interrupt is
-    raised anew (``_thread.interrupt_main``, from another thread once the hook has returned:
-    raised while the hook still runs, it would be dropped with the hook's own error), outside the
-    finalizer, and again until its handler has run (a delivery can be lost on a busy process).
-    Both handlers are this context's own, so that it can tell when one ran; a SIGINT handler the
-    process already had (not Python's default) is left alone, and its interrupts delivered once.
+    raised anew (``_thread.interrupt_main``, from another thread a moment after the hook has
+    returned: raised while the hook still runs, it would be dropped with the hook's own error),
+    outside the finalizer.
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         yield
         return
-    handled, closed = threading.Event(), threading.Event()
-
-    def interrupt(signum: int, frame: Any) -> None:
-        handled.set()
-        raise KeyboardInterrupt()
 
     def terminate(signum: int, frame: Any) -> None:
-        handled.set()
         raise Terminated()
 
     def deliver_again(unraisable: Any) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
-            handled.clear()
             hook_returning = threading.Event()
-            repeat = signum == signal.SIGTERM or own_interrupt
-            args = (signum, hook_returning, handled if repeat else None, closed)
-            threading.Thread(target=_interrupt_main_until_handled, args=args, daemon=True).start()
+            threading.Thread(target=_interrupt_main_after, args=(signum, hook_returning), daemon=True).start()
             hook_returning.set()  # last: the interrupt waits for it, not for a thread start the main thread may lag on
         else:
             previous_hook(unraisable)
 
-    own_interrupt = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    previous_term = signal.signal(signal.SIGTERM, terminate)
-    previous_int = signal.signal(signal.SIGINT, interrupt) if own_interrupt else None
-    previous_hook, sys.unraisablehook = sys.unraisablehook, deliver_again
+    previous, previous_hook = signal.signal(signal.SIGTERM, terminate), sys.unraisablehook
+    sys.unraisablehook = deliver_again
     try:
         yield
     finally:
-        closed.set()
-        signal.signal(signal.SIGTERM, previous_term)
-        if own_interrupt:
-            signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
 
 
-def _interrupt_main_until_handled(
-    signum: int, hook_returning: threading.Event, handled: threading.Event | None, closed: threading.Event
-) -> None:
-    """Deliver ``signum`` to the main thread once its unraisable hook is returning, again every
-    :data:`INTERRUPT_HANDLED_WITHIN_S` until its handler has run or the context has closed
-    (``handled`` ``None``: once, for a handler that does not say when it ran)."""
+def _interrupt_main_after(signum: int, hook_returning: threading.Event) -> None:
+    """Deliver ``signum`` to the main thread :data:`INTERRUPT_AGAIN_AFTER_S` after its unraisable hook is returning."""
     hook_returning.wait()
     time.sleep(INTERRUPT_AGAIN_AFTER_S)
-    while not closed.is_set():
-        _thread.interrupt_main(signum)
-        if handled is None or handled.wait(INTERRUPT_HANDLED_WITHIN_S):
-            return
+    _thread.interrupt_main(signum)
 
 
 def _error_line(error: BaseException) -> str:

@@ -109,9 +109,9 @@ def test_parsing_the_arguments_imports_neither_torch_nor_transformers() -> None:
 
 @pytest.fixture
 def python_sigint():
-    """Python's default SIGINT handler for the test, as a CLI process starts with.  Something in a full
-    suite's process now and then leaves another one installed by the time these tests run (not found;
-    its repr is reported as a warning), under which an interrupt raised nothing."""
+    """Python's default SIGINT handler for the test, as a CLI process started from a terminal has.  A
+    process started in the background of a non-interactive shell has SIGINT ignored (Python then keeps
+    ``SIG_IGN``), under which an interrupt raises nothing; reported as a warning when found."""
     import signal
     import warnings
 
@@ -176,25 +176,3 @@ def test_an_interrupt_redelivered_while_the_main_thread_lags_in_the_hook_is_not_
 
     _interrupt_dropped_in_a_finalizer(KeyboardInterrupt, lagging)
 
-
-def test_the_interrupt_handling_keeps_a_sigint_handler_the_process_already_had(python_sigint):
-    """Python's default SIGINT handler is replaced for the run (one that says when it ran) and put back;
-    a handler of the process's own (an embedding program's) is left as it is, before and after."""
-    import signal
-
-    from hf_comq.cli.main import _terminate_as_interrupt
-
-    with _terminate_as_interrupt():
-        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-    def own(signum, frame) -> None:
-        pass
-
-    previous = signal.signal(signal.SIGINT, own)
-    try:
-        with _terminate_as_interrupt():
-            assert signal.getsignal(signal.SIGINT) is own
-        assert signal.getsignal(signal.SIGINT) is own
-    finally:
-        signal.signal(signal.SIGINT, previous)
