@@ -409,13 +409,11 @@ class AllAtOnce:
         self._slots = _Slots(max(1, workers))
         self._index = threading.local()  # a job thread's own index, its rank for a slot
         self._threads_each = 1 if workers > 1 else caller_threads()
-        self._start_each = self._threads_each  # set again as the jobs start (__enter__)
         self._outcomes: list[tuple[bool, Any] | None] = [None] * len(self._jobs)
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> "AllAtOnce":
         self._previous = torch.get_num_threads()
-        self._start_each = 1 if self._threads_each == 1 else self._previous
         grad_enabled = torch.is_grad_enabled()
         for index in range(len(self._jobs)):
             context = contextvars.copy_context()
@@ -476,7 +474,8 @@ class AllAtOnce:
 
     def _run(self, index: int, grad_enabled: bool) -> None:
         self._index.index = index
-        with _worker(self._threads_each, grad_enabled, start=self._start_each):
+        start = 1 if self._threads_each == 1 else self._previous  # the caller's count as the jobs started
+        with _worker(self._threads_each, grad_enabled, start=start):
             self._slots.acquire(index)
             try:
                 self._outcomes[index] = (True, self._jobs[index]())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import threading
 import sys
+import threading
 
 import pytest
 
