@@ -262,6 +262,7 @@ def swap_layer(
     with materialized(module, device or torch.device("cpu")):
         layer = build(module)
     model.set_submodule(name, layer)
+    _unhook_replaced(module)
     del module
     _place_like(model, name, layer, hook, offloaded, disk)
     return layer
@@ -287,10 +288,26 @@ def install_unfused_experts(model: nn.Module, name: str, build: Callable[[nn.Mod
         for param in module.parameters(recurse=False):  # read from a mapped offload file: its pages would stay
             release_file_pages(param)
     model.set_submodule(name, unfused)
+    _unhook_replaced(module)
     del module
     for child, layer in unfused.named_modules():
         if isinstance(layer, nn.Linear):
             _place_like(model, f"{name}.{child}", layer, hook, offloaded, disk)
+
+
+def _unhook_replaced(module: nn.Module) -> None:
+    """Break the reference cycle accelerate's hook makes through a module that was just replaced.
+
+    ``add_hook_to_module`` sets the module's ``forward`` to a partial of the module itself
+    and keeps its own bound forward beside it, so a replaced layer is cyclic garbage: its
+    weights (on a GPU, or in CPU memory) would stay until Python's cyclic collector happens
+    to run, a whole model's worth by the end of calibration.  Dropping those two instance
+    attributes (the class's ``forward`` is what remains) lets the layer go the moment the
+    last reference does.  ``remove_hook_from_module`` would do it too, but first loads an
+    offloaded layer's weights back onto their original device.
+    """
+    for attribute in ("forward", "_old_forward"):
+        vars(module).pop(attribute, None)
 
 
 def _place_like(model: nn.Module, name: str, layer: nn.Module, hook: Any, offloaded: bool, disk: Any) -> None:

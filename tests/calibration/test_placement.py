@@ -3,8 +3,10 @@ and replaced weights read from a mapped checkpoint leave resident memory."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from hf_comq.calibration.placement import (
     offloads_to_disk,
     release_file_mappings,
     release_file_pages,
+    swap_layer,
     trim_heap,
 )
 from hf_comq.calibration.sequential import check_finite_weights
@@ -235,6 +238,29 @@ def test_quantizing_a_mapped_checkpoint_releases_the_replaced_weights(tmp_path):
     assert quantized * 4 > 4 * kept  # most of the file is the replaced weights
     # Whatever of the file is still resident is at most the unquantized tensors' pages (+ edges).
     assert _resident_kib(file) * 1024 <= kept * 4 + 64 * 4096
+
+
+@pytest.mark.parametrize("offloaded", [False, True], ids=["dispatched", "cpu-offloaded"])
+def test_a_replaced_layer_under_accelerate_hooks_is_freed_without_the_cyclic_collector(offloaded):
+    from accelerate import cpu_offload
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_model("llama")
+    name = "model.layers.0.mlp.down_proj"
+    if offloaded:
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    else:
+        add_hook_to_module(model.get_submodule(name), AlignDevicesHook(execution_device=torch.device("cpu")))
+    replaced = weakref.ref(model.get_submodule(name))
+    gc.disable()  # a layer kept alive by a reference cycle would wait for it
+    try:
+        swap_layer(model, name, lambda layer: torch.nn.Linear(layer.in_features, layer.out_features, bias=False))
+        assert replaced() is None
+    finally:
+        gc.enable()
+    assert isinstance(model.get_submodule(name), torch.nn.Linear)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (1, 5)))
 
 
 def _resident_anonymous_mib() -> int:
