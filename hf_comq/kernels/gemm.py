@@ -20,16 +20,12 @@ Calibration's forward passes spend most of their time in the model's linear laye
 inside :func:`linear_layers_through_onednn` (a torch function mode, entered by each pass's
 job on its own thread), every ``F.linear`` goes through :func:`linear`, oneDNN's linear
 op on the weight as ``nn.Linear`` holds it, under the same conditions.
-
-oneDNN's caches of what it built for each product shape are kept small
-(:data:`ONEDNN_CACHE_CAPACITY`): a run meets too many shapes for torch's default.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -50,34 +46,6 @@ SLAB_BYTES = 8 << 20
 dimension is then summed a slab of rows at a time."""
 
 MIN_SLAB_ROWS = 64  # a shorter inner dimension leaves oneDNN's kernels underused
-
-ONEDNN_CACHE_CAPACITY = 16
-"""Entries kept by oneDNN's primitive cache and by ideep's computation cache inside torch,
-unless the environment sets them (:data:`ONEDNN_CACHE_VARIABLES`).
-
-Each entry holds kernels compiled for one product shape.  Calibration meets a great many
-shapes (the solver's panels of every width, each layer's sums and batches) but uses only a
-few of them at a time, and building an entry again costs little beside the product it
-serves: torch's default of 1024 entries in each cache kept a few hundred MiB to the end of
-the process, a large share of a memory budget, for no speed."""
-
-ONEDNN_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-"""The environment variables oneDNN and ideep read their cache capacities from, once, when
-oneDNN first runs in the process."""
-
-
-def cap_onednn_caches() -> None:
-    """Set :data:`ONEDNN_CACHE_CAPACITY` for each cache the environment leaves unset.
-
-    Called when this module is imported, which calibration does before its first product:
-    the capacities are read once, so a process that ran oneDNN before importing hf_comq
-    keeps torch's defaults (set the variables before starting it to choose other values).
-    """
-    for variable in ONEDNN_CACHE_VARIABLES:
-        os.environ.setdefault(variable, str(ONEDNN_CACHE_CAPACITY))
-
-
-cap_onednn_caches()
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

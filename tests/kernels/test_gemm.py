@@ -249,27 +249,3 @@ def test_the_mode_takes_f_linear_called_with_keywords(monkeypatch):
         got = torch.nn.functional.linear(input=x, weight=weight, bias=None)
     assert _close(got, x @ weight.T)
     assert len(seen) == (1 if gemm.onednn_available() else 0)
-
-
-def _environment_after_import(environment: dict[str, str]) -> dict[str, str | None]:
-    """The oneDNN cache variables in a fresh process that imports this module with ``environment``."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import json, os, hf_comq.kernels.gemm as gemm\n"
-        "print(json.dumps({name: os.environ.get(name) for name in gemm.ONEDNN_CACHE_VARIABLES}))"
-    )
-    base = {key: value for key, value in os.environ.items() if key not in gemm.ONEDNN_CACHE_VARIABLES}
-    done = subprocess.run([sys.executable, "-c", code], env={**base, **environment}, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_importing_the_products_caps_onednns_caches_the_environment_leaves_unset():
-    capacity = str(gemm.ONEDNN_CACHE_CAPACITY)
-    assert _environment_after_import({}) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity, "LRU_CACHE_CAPACITY": capacity}
-    assert _environment_after_import({"LRU_CACHE_CAPACITY": "512"}) == {
-        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity, "LRU_CACHE_CAPACITY": "512"
-    }
