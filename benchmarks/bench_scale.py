@@ -205,9 +205,16 @@ def child_memory(
     shape: str, budget_mb: int, samples: int, length: int, fp_target: bool = False, true_sequential: bool = False,
     sum_dtype: str = "float64", solver: str = "rtn",
 ) -> None:
-    """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line."""
+    """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line.
+
+    oneDNN's caches are capped first, as a program quantizing under a budget does
+    (:mod:`hf_comq.onednn_caches`; ``hf-comq quantize --device-map`` does it itself).
+    """
     import shutil
 
+    from hf_comq.onednn_caches import ONEDNN_CACHE_VARIABLES, cap_onednn_caches
+
+    cap_onednn_caches()
     import torch
     import transformers as T
 
@@ -253,6 +260,7 @@ def child_memory(
         "peak_rss_save_mb": round(peak_save), "devices": devices, "modules_on_disk": on_disk,
         "quantize_s": round(seconds, 1), "samples": samples, "length": length, "fp_target": fp_target,
         "true_sequential": true_sequential, "sum_dtype": sum_dtype, "solver": solver,
+        "onednn_caches": {variable: os.environ.get(variable) for variable in ONEDNN_CACHE_VARIABLES},
     }))  # fmt: skip
 
 
