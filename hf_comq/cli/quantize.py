@@ -102,7 +102,8 @@ def add_parser(commands: Any) -> None:
     )  # fmt: skip
     output.add_argument(
         "--device-map", metavar="MAP",
-        help="passed to from_pretrained, e.g. 'auto' to spread a large model over GPUs and CPU memory",
+        help="passed to from_pretrained, e.g. 'auto' to spread a large model over GPUs and CPU memory; also keeps "
+        "oneDNN's caches of compiled products small (hf_comq.onednn_caches), as a memory budget needs",
     )  # fmt: skip
     output.add_argument(
         "--offload-folder", metavar="DIR",
