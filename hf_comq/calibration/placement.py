@@ -301,7 +301,7 @@ def _unhook_replaced(module: nn.Module) -> None:
     ``add_hook_to_module`` sets the module's ``forward`` to a partial of the module itself
     and keeps its own bound forward beside it, so a replaced layer is cyclic garbage: its
     weights (on a GPU, or in CPU memory) would stay until Python's cyclic collector happens
-    to run, a whole model's worth by the end of calibration.  Dropping those two instance
+    to run, as many layers' worth as were replaced since.  Dropping those two instance
     attributes (the class's ``forward`` is what remains) lets the layer go the moment the
     last reference does.  ``remove_hook_from_module`` would do it too, but first loads an
     offloaded layer's weights back onto their original device.
