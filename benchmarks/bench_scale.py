@@ -205,16 +205,10 @@ def child_memory(
     shape: str, budget_mb: int, samples: int, length: int, fp_target: bool = False, true_sequential: bool = False,
     sum_dtype: str = "float64", solver: str = "rtn",
 ) -> None:
-    """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line.
-
-    oneDNN's caches are capped first, as a program quantizing under a budget does
-    (:mod:`hf_comq.onednn_caches`; ``hf-comq quantize --device-map`` does it itself).
-    """
+    """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line
+    (with the oneDNN cache capacities the run had: the device map caps them, :mod:`hf_comq.onednn_caches`)."""
     import shutil
 
-    from hf_comq.onednn_caches import ONEDNN_CACHE_VARIABLES, cap_onednn_caches
-
-    cap_onednn_caches()
     import torch
     import transformers as T
 
@@ -229,6 +223,7 @@ def child_memory(
         import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
     import hf_comq.calibration  # noqa: F401
+    from hf_comq.onednn_caches import ONEDNN_CACHE_VARIABLES
 
     torch.set_num_threads(2)
     model_dir = WORK / shape

@@ -79,9 +79,6 @@ def main() -> None:
     args = parser.parse_args()
     STEP_PEAKS["on"] = args.step_peaks
 
-    from hf_comq.onednn_caches import cap_onednn_caches
-
-    cap_onednn_caches()  # as bench_scale.py's memory rows, before anything runs oneDNN
     import accelerate  # noqa: F401  everything the run imports, before the first line
     import datasets  # noqa: F401
     import torch

@@ -7,12 +7,12 @@ the layer torch reaches it through.  A calibration run meets a great many shapes
 solver's panels of every width, each layer's sums and batches), and on a 1.1 B model those
 caches kept a few hundred MiB to the end of the process, a large share of a memory budget.
 Small caches rebuild entries instead, at some cost in time (the products and the codes are
-the same), which is the right trade only where memory is the point: ``hf-comq quantize
---device-map`` caps them; a Python program quantizing under a ``max_memory`` budget calls
-:func:`cap_onednn_caches` first, or sets the variables in its environment.
+the same), which is the right trade only where memory is the point: quantizing with a
+``device_map`` (``from_pretrained``'s, or ``hf-comq quantize --device-map``) caps them
+before the weights load (:meth:`hf_comq.quantizer.COMQHfQuantizer.validate_environment`).
 
-This module imports neither torch nor anything else: the capacities are read once, when
-oneDNN first runs in a process, so they must be set before that.
+The capacities are read once, when oneDNN first runs in a process, so they must be set
+before that; a process that ran oneDNN earlier keeps the ones it started with.
 """
 
 from __future__ import annotations

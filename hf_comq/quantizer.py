@@ -53,6 +53,7 @@ from .modules import (
     unfuse_batched_experts,
 )
 from .nn.quant_linear import COMQLinear, is_linear_like, linear_shape
+from .onednn_caches import cap_onednn_caches
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,16 @@ class COMQHfQuantizer(HfQuantizer):
     def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
         """Before any weight loads: a ``device_map`` naming a device this torch cannot use, or
         calibration data or a processor at a local path where nothing is, fails here with one
-        line, not deep inside the load or after it."""
+        line, not deep inside the load or after it.  Quantizing under a device map (a memory
+        budget, mostly) keeps oneDNN's caches small (:mod:`.onednn_caches`), set here because
+        nothing in the load has run oneDNN yet."""
         from .calibration.placement import check_device_map  # lazy: the calibration package is heavy
         from .calibration.sources import check_local_sources
 
         check_device_map(device_map)
         if not self.pre_quantized:
+            if device_map is not None:
+                cap_onednn_caches()
             check_local_sources(self.quantization_config.dataset, self.quantization_config.processor)
 
     def is_serializable(self, **kwargs: Any) -> bool:

@@ -89,6 +89,25 @@ def test_quantizer_contract():
     assert COMQHfQuantizer.requires_calibration is False
 
 
+
+def test_quantizing_under_a_device_map_caps_onednns_caches_before_the_weights_load(monkeypatch):
+    """A device map (a memory budget, mostly) keeps oneDNN's caches small; without one, or loading a
+    quantized checkpoint, they are left alone; a value the user set stays."""
+    from hf_comq.onednn_caches import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_VARIABLES
+
+    def capacities() -> dict:
+        return {variable: os.environ.get(variable) for variable in ONEDNN_CACHE_VARIABLES}
+
+    for variable in ONEDNN_CACHE_VARIABLES:  # absent here, and absent again after the test
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
+    COMQHfQuantizer(COMQConfig(), pre_quantized=False).validate_environment(device_map=None)
+    COMQHfQuantizer(COMQConfig(), pre_quantized=True).validate_environment(device_map="auto")
+    assert capacities() == dict.fromkeys(ONEDNN_CACHE_VARIABLES)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "256")
+    COMQHfQuantizer(COMQConfig(), pre_quantized=False).validate_environment(device_map="auto")
+    assert capacities() == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_CACHE_CAPACITY), "LRU_CACHE_CAPACITY": "256"}
+
 # --------------------------------------------------------------------------- packed round trips
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["vit", "bert", "gpt2", "llama"])

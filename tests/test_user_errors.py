@@ -655,27 +655,3 @@ def test_readme_documents_every_cli_option_and_the_paper_mode() -> None:
     )  # fmt: skip
     assert re.search(r"processor\.save_pretrained\(\"vit-comq-w4\"\)", readme)
     assert "hf_comq.assets.demo_model_path()" in readme and '"demo:calibration"' in readme
-
-
-def test_a_device_map_caps_onednns_caches_before_the_model_loads(
-    capsys, tmp_path, monkeypatch, vit_dir, image_data, no_model_loading
-) -> None:
-    """A run under a device map (a memory budget) keeps oneDNN's caches small; one without leaves them alone."""
-    from hf_comq.onednn_caches import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_VARIABLES
-
-    for variable in ONEDNN_CACHE_VARIABLES:  # absent here, and absent again after the test
-        monkeypatch.setenv(variable, "")
-        monkeypatch.delenv(variable)
-    seen = []
-
-    def record(cls, *args, **kwargs):
-        seen.append({variable: os.environ.get(variable) for variable in ONEDNN_CACHE_VARIABLES})
-        raise ValueError("stop here")
-
-    monkeypatch.setattr(T.PreTrainedModel, "from_pretrained", classmethod(record))
-    base = ["quantize", vit_dir, "--dataset", image_data, "--output", tmp_path / "out"]
-    assert run_cli(capsys, *base)[0] == 1
-    assert seen[-1] == dict.fromkeys(ONEDNN_CACHE_VARIABLES)
-    monkeypatch.setenv("LRU_CACHE_CAPACITY", "256")  # a value the user set stays
-    assert run_cli(capsys, *base, "--device-map", "auto")[0] == 1
-    assert seen[-1] == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_CACHE_CAPACITY), "LRU_CACHE_CAPACITY": "256"}

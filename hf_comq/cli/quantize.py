@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..onednn_caches import cap_onednn_caches
 from ..settings import COMQSettings
 from ..solver.options import SUM_DTYPES
 from .common import (
@@ -116,8 +115,6 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """``hf-comq quantize``: every check that needs no model first, then load + calibrate, save atomically, push."""
     output = Path(args.output).expanduser()
-    if args.device_map:  # a budget, mostly: oneDNN's caches would take a share of it (before torch runs anything)
-        cap_onednn_caches()
     ranks = _launcher_ranks()
     try:
         read, dataset = _on_every_rank(ranks, lambda: _check_before_work(args, output, _saves(ranks)))
