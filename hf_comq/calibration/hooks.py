@@ -95,6 +95,13 @@ expert's layer :meth:`~hf_comq.nn.UnfusedExperts.routed_rows`, and, in a full-pr
 its output (a copy) where the layer's target product is summed from outputs."""
 
 
+def sums_target_product(out_features: int, in_features: int) -> bool:
+    """Whether a layer of this shape, aimed at the full-precision outputs, sums its own target product
+    from its outputs rather than the target shift of its input: where it is narrower out than in (an
+    MLP's down projection), the cheaper form (see :class:`HessianRecorder`)."""
+    return out_features < in_features
+
+
 class HessianRecorder:
     """Forward hooks feeding each named layer's real-token inputs into a :class:`HessianAccumulator`.
 
@@ -122,7 +129,10 @@ class HessianRecorder:
     ``dtype`` is the dtype of every sum (``COMQConfig.sum_dtype``): float64 by default.
     ``replay_only=True`` puts no hooks on the layers: the sums come from :meth:`replay`
     alone, while passes on other threads may still call the layers (a held pass whose
-    batches arrive at a stage while the earlier ones are summed).
+    batches arrive at a stage while the earlier ones are summed).  ``gram=False`` sums
+    the target products alone, for a stage whose Gram matrices another pass sums
+    afterwards, so that a wide layer's two largest sums are never alive at once (under
+    a memory budget: :mod:`hf_comq.calibration.sequential`).
 
     In the quantized-prefix pass every layer is taken as it is called, from its input
     (a forward pre-hook), so the pass may end there
@@ -146,6 +156,7 @@ class HessianRecorder:
         with_targets: bool = False,
         dtype: torch.dtype = torch.float64,
         replay_only: bool = False,
+        gram: bool = True,
     ):
         self.accumulators: dict[str, HessianAccumulator] = {}
         # the layers whose target product is summed from their outputs (see the class docstring)
@@ -155,6 +166,7 @@ class HessianRecorder:
         self._last: tuple[torch.Tensor, str] | None = None
         self._mask: Any = self._OUTSIDE
         self._with_targets = with_targets
+        self._gram = gram
         self._collecting_targets = False
         self._targets: dict[str, list[torch.Tensor]] = {}  # per layer, in call order
         self._later = threading.local()  # a thread's forward pass whose calls wait for replay()
@@ -165,7 +177,7 @@ class HessianRecorder:
             module = model.get_submodule(name)
             out_features, in_features = linear_shape(module)
             targeted = with_targets and name not in self._routers
-            by_outputs = targeted and out_features < in_features  # the cheaper form (see the class docstring)
+            by_outputs = targeted and sums_target_product(out_features, in_features)
             self.accumulators[name] = HessianAccumulator(
                 in_features, dtype=dtype, device=device, with_target=targeted and not by_outputs
             )
@@ -367,7 +379,7 @@ class HessianRecorder:
         try:
             if product is not None:
                 product.add(activations, target)
-            if not shared:
+            if not shared and self._gram:
                 accumulator = self.accumulators[name]
                 accumulator.add(activations, target if accumulator.with_target else None)
         except NonFiniteActivations as error:

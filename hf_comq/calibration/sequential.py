@@ -148,6 +148,7 @@ from .hooks import (
     capture_block_inputs,
     hidden_input,
     hidden_output,
+    sums_target_product,
     token_mask,
 )
 from .placement import (
@@ -724,8 +725,9 @@ class _Calibrator:
                     collect = keep_fp_outputs and index == 0 and cached is None
                     # a targeted pass's full-precision stream runs to the end to collect; its quantized one need not
                     cut_short = not self.inputs.placement.dispatched and (targeted or not collect)
+                    apart = targeted and cached is None and self._sums_apart(stage)
                     with (
-                        self._recorder(stage, with_targets=targeted) as recorder,
+                        self._recorder(stage, with_targets=targeted, gram=not apart) as recorder,
                         StageStop(self.model, stage) if cut_short else nullcontext() as stop,
                         self._expert_routing(block),
                     ):
@@ -739,9 +741,12 @@ class _Calibrator:
                                 block_name, captured, recorder, collect=collect, stop=stop, stand_ins=stand_ins,
                                 targets=cached if targeted else None,
                             )  # fmt: skip
+                    products = recorder.target_products
+                    if apart:
+                        recorder = self._gram_pass_after_products(block_name, stage, captured, products, stand_ins)
                     if collect:
                         fp_outputs = outputs
-                    solved.update(self._solve_stage(stage, recorder, stand_ins))
+                    solved.update(self._solve_stage(stage, recorder, stand_ins, products))
             del fp_inputs, cached
             for name, qweight in solved.items():
                 self._install(name, qweight)
@@ -750,13 +755,54 @@ class _Calibrator:
             self.fp_inputs = fp_outputs
         return outputs
 
+    def _sums_apart(self, stage: list[str]) -> bool:
+        """Whether a targeted stage sums its target products in one pass and its Gram matrices in another.
+
+        A layer narrower out than in (an MLP's down projection) sums an ``in x in`` Gram
+        matrix and an ``out x in`` target product over the same tokens, both in float64:
+        on a wide model they are the largest buffers of a run under a memory budget, and
+        side by side they make its peak.  Summed apart, the target products are turned
+        into the solver's dtype (half their size) before the Gram matrices begin, at the
+        cost of one more pass of the quantized stream; the sums, and so the codes, are
+        the very same.  Only under accelerate's hooks (a memory budget: elsewhere the
+        extra pass would cost time for nothing), in one process (ranks sum a stage's
+        products and Gram matrices over one collective each, after its one pass), and
+        where no layer of the stage needs the target shift, which comes from the
+        full-precision stream in the Gram matrix's own pass.
+        """
+        if not self.inputs.placement.dispatched or self.group.is_parallel:
+            return False
+        aimed = [name for name in stage if name not in self.routed]
+        return bool(aimed) and all(sums_target_product(*linear_shape(self.model.get_submodule(name))) for name in aimed)
+
+    def _gram_pass_after_products(
+        self,
+        block_name: str,
+        stage: list[str],
+        captured: list[CapturedInputs],
+        products: dict[str, TargetProductAccumulator],
+        stand_ins: QuantizedStandIns,
+    ) -> HessianRecorder:
+        """The second pass of a stage summed apart (:meth:`_sums_apart`): ``products`` (summed by the first) handed
+        over in the solver's dtype first, then the quantized stream again to sum the Gram matrices; returns its recorder."""
+        for product in products.values():
+            product.result(self.settings.hessian_dtype)
+        with self._recorder(stage) as recorder, self._expert_routing(self.model.get_submodule(block_name)):
+            self._run_block(block_name, captured, recorder, collect=False, stand_ins=stand_ins)
+        return recorder
+
     def _solve_stage(
-        self, stage: list[str], recorder: HessianRecorder, stand_ins: QuantizedStandIns
+        self,
+        stage: list[str],
+        recorder: HessianRecorder,
+        stand_ins: QuantizedStandIns,
+        products: dict[str, TargetProductAccumulator] | None = None,
     ) -> dict[str, QuantizedWeight]:
-        """Solve one stage from its recorder's sums (over every rank); its layers then run quantized in the
+        """Solve one stage from its recorder's sums (over every rank), and ``products`` where another
+        recorder summed its target products (:meth:`_sums_apart`); its layers then run quantized in the
         quantized stream (``stand_ins``) until the block is installed.  Returns the stage's solutions."""
         self._sum_over_ranks(recorder)
-        products = recorder.target_products
+        products = recorder.target_products if products is None else products
         solutions = self._quantize_layers(stage, recorder.accumulators, install=False, products=products)
         for name, qweight in solutions.items():
             stand_ins.add(name, qweight)
@@ -1075,11 +1121,13 @@ class _Calibrator:
         self._sum_over_ranks(recorder)
         self._quantize_layers(names, recorder.accumulators)
 
-    def _recorder(self, names: list[str], with_targets: bool = False, replay_only: bool = False) -> HessianRecorder:
+    def _recorder(
+        self, names: list[str], with_targets: bool = False, replay_only: bool = False, gram: bool = True
+    ) -> HessianRecorder:
         """A recorder of these layers' calibration sums, in the configured ``sum_dtype``."""
         return HessianRecorder(
             self.model, names, self.compute, with_targets=with_targets, dtype=self.settings.sum_dtype,
-            replay_only=replay_only,
+            replay_only=replay_only, gram=gram,
         )
 
     def _expert_routing(self, module: nn.Module) -> Any:

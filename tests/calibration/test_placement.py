@@ -75,6 +75,51 @@ def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path,
         torch.testing.assert_close(offloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("budget", [True, False], ids=["device-map", "in-memory"])
+def test_under_a_device_map_a_down_projections_target_product_is_handed_over_before_its_gram_sum_begins(
+    tmp_path, monkeypatch, budget
+):
+    """The two largest sums of an aimed run never side by side under a memory budget (one more pass); the
+    checkpoint is the in-memory one all the same (test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint)."""
+    from hf_comq.solver import hessian
+
+    summing: list[hessian.TargetProductAccumulator] = []  # products that took a batch and were not handed over yet
+    beside: list[bool] = []  # per batch a down projection's Gram sum took: whether such a product was alive
+    add_product, hand_over, add_gram = (
+        hessian.TargetProductAccumulator.add, hessian.TargetProductAccumulator.result, hessian.HessianAccumulator.add
+    )
+
+    def product_added(self, *args, **kwargs):
+        if self not in summing:
+            summing.append(self)
+        return add_product(self, *args, **kwargs)
+
+    def handed_over(self, *args, **kwargs):
+        if self in summing:
+            summing.remove(self)
+        return hand_over(self, *args, **kwargs)
+
+    def gram_added(self, *args, **kwargs):
+        if self.in_features == model_config.intermediate_size:
+            beside.append(bool(summing))
+        return add_gram(self, *args, **kwargs)
+
+    monkeypatch.setattr(hessian.TargetProductAccumulator, "add", product_added)
+    monkeypatch.setattr(hessian.TargetProductAccumulator, "result", handed_over)
+    monkeypatch.setattr(hessian.HessianAccumulator, "add", gram_added)
+    checkpoint = tmp_path / "llama"
+    tiny = tiny_model("llama")
+    model_config = tiny.config
+    tiny.save_pretrained(checkpoint)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    placement = dict(device_map=device_map, offload_folder=str(tmp_path / "offload")) if budget else {}
+    model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config(), **placement)
+    assert calibration_summary(model)["fp_target"] and isinstance(model.model.layers[1].mlp.down_proj, COMQLinear)
+    assert beside  # down projections' Gram sums were taken
+    assert not any(beside) if budget else all(beside)
+
+
 def test_dequantize_of_a_disk_offloaded_model_gives_the_in_memory_dense_model(tmp_path):
     """An offloaded packed layer keeps its tensors on the meta device between forwards: a dense
     layer built from those held uninitialised memory, and its hook was dropped with it."""
