@@ -741,6 +741,8 @@ class _Calibrator:
                                 block_name, captured, recorder, collect=collect, stop=stop, stand_ins=stand_ins,
                                 targets=cached if targeted else None,
                             )  # fmt: skip
+                    if index == len(stages) - 1:
+                        self._release_solved_weights(solved)
                     products = recorder.target_products
                     if apart:
                         recorder = self._gram_pass_after_products(block_name, stage, captured, products, stand_ins)
@@ -754,6 +756,21 @@ class _Calibrator:
         if self.settings.fp_target and need_outputs:
             self.fp_inputs = fp_outputs
         return outputs
+
+    def _release_solved_weights(self, names: Iterable[str]) -> None:
+        """Hand back the pages of the full-precision weights of a dispatched block's solved layers once its last
+        full-precision pass is over (:func:`~.placement.release_file_pages`).
+
+        The full-precision stream runs the whole block as it was, so a solved layer's
+        weight stays mapped until the block's last stage has run that stream; the
+        quantized stream runs the solved layers as stand-ins, and installing them needs
+        their codes alone.  A block kept in CPU memory under a budget holds its weights
+        as pages of the mapped checkpoint, which would otherwise stay resident through
+        the last stage's solve, the widest of the block.
+        """
+        if self.inputs.placement.dispatched:
+            for name in names:
+                release_file_pages(self.model.get_submodule(name).weight)
 
     def _sums_apart(self, stage: list[str]) -> bool:
         """Whether a targeted stage sums its target products in one pass and its Gram matrices in another.

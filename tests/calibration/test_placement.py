@@ -397,6 +397,35 @@ def test_calibrating_a_disk_offloaded_model_gives_back_what_loading_read_of_its_
     assert _resident_kib(file) < 6 * 7 * 4
 
 
+@linux_only
+def test_a_blocks_solved_weights_leave_resident_memory_before_the_solve_of_its_last_stage(tmp_path, monkeypatch):
+    """A block kept in CPU memory under a budget is pages of the mapped checkpoint; its last full-precision
+    pass over, the weights of its solved layers are given back before the down projection's solve."""
+    from hf_comq.calibration import sequential
+
+    file = _mapped_llama(tmp_path / "llama")  # per block: q/k/v/o 256 KiB each, gate/up/down 512 KiB each
+    ids = torch.randint(0, 64, (8, 64), generator=torch.Generator().manual_seed(0))
+    config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, group_size=16)  # 4 bits: aimed, stage by stage
+    resident_at_down_projection: list[int] = []
+    aim = sequential.fp_target_weight
+
+    def aimed(weight, *args, **kwargs):
+        if tuple(weight.shape) == (256, 512):
+            resident_at_down_projection.append(_resident_kib(file))
+        return aim(weight, *args, **kwargs)
+
+    monkeypatch.setattr(sequential, "fp_target_weight", aimed)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    model = T.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", quantization_config=config, device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    assert calibration_summary(model)["true_sequential"] and isinstance(model.model.layers[0].mlp.down_proj, COMQLinear)
+    # block 0's down projection (512 KiB, read by its solve), lm_head (64 KiB) and the edges of their neighbours
+    # may stay; its solved q/k/v/o/gate/up (2 MiB) may not
+    assert len(resident_at_down_projection) == 2 and resident_at_down_projection[0] < 1024
+
+
 def test_free_memory_reads_the_hosts_available_ram_and_nothing_for_a_device_without_a_count():
     import psutil
 
