@@ -42,6 +42,7 @@ __all__ = [
     "block_on_compute",
     "check_device_map",
     "free_memory",
+    "install_built_layer",
     "install_quantized_layer",
     "install_unfused_experts",
     "materialized",
@@ -231,13 +232,21 @@ def install_quantized_layer(
     For the same reason the old weight's pages are handed back when it is a view of a
     memory-mapped checkpoint (:func:`release_file_pages`).
     """
+    return install_built_layer(model, name, lambda module: COMQLinear.from_quantized(module, qweight, symmetric), compute)
+
+
+def install_built_layer(
+    model: nn.Module, name: str, build: Callable[[nn.Module], nn.Module], compute: torch.device
+) -> nn.Module:
+    """:func:`install_quantized_layer` for a layer ``build(layer)`` makes (one built from the codes before, such as
+    a stage's stand-in): swapped in, placed as the old one was, and the old weight's mapped pages handed back."""
     replaced = []
 
-    def quantized(module: nn.Module) -> nn.Module:
+    def built(module: nn.Module) -> nn.Module:
         replaced.append(module.weight)  # the real weight: offloaded, it is real only while materialized
-        return COMQLinear.from_quantized(module, qweight, symmetric)
+        return build(module)
 
-    layer = swap_layer(model, name, quantized, compute)
+    layer = swap_layer(model, name, built, compute)
     release_file_pages(replaced.pop())
     return layer
 

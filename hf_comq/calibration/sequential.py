@@ -155,6 +155,7 @@ from .placement import (
     Placement,
     block_on_compute,
     free_memory,
+    install_built_layer,
     install_quantized_layer,
     install_unfused_experts,
     materialized,
@@ -704,7 +705,7 @@ class _Calibrator:
         with_targets = fp_inputs is not None  # fp_inputs may be freed below, once its targets are kept
         aimed_from_start = with_targets and fp_inputs is not captured
         fp_outputs: list[CapturedInputs] = []
-        solved: dict[str, QuantizedWeight] = {}
+        solved: list[str] = []
         with block_on_compute(block, self.inputs.placement):
             cached = None
             if with_targets and not self.inputs.placement.dispatched:  # first: its pass may be running ahead
@@ -748,10 +749,10 @@ class _Calibrator:
                         recorder = self._gram_pass_after_products(block_name, stage, captured, products, stand_ins)
                     if collect:
                         fp_outputs = outputs
-                    solved.update(self._solve_stage(stage, recorder, stand_ins, products))
+                    solved.extend(self._solve_stage(stage, recorder, stand_ins, products))
             del fp_inputs, cached
-            for name, qweight in solved.items():
-                self._install(name, qweight)
+            for name in solved:
+                self._install_stand_in(name, stand_ins)
             outputs = self._run_block(block_name, captured, None, collect=True) if need_outputs else []
         if self.settings.fp_target and need_outputs:
             self.fp_inputs = fp_outputs
@@ -814,16 +815,16 @@ class _Calibrator:
         recorder: HessianRecorder,
         stand_ins: QuantizedStandIns,
         products: dict[str, TargetProductAccumulator] | None = None,
-    ) -> dict[str, QuantizedWeight]:
+    ) -> list[str]:
         """Solve one stage from its recorder's sums (over every rank), and ``products`` where another
         recorder summed its target products (:meth:`_sums_apart`); its layers then run quantized in the
-        quantized stream (``stand_ins``) until the block is installed.  Returns the stage's solutions."""
+        quantized stream (``stand_ins``) until the block installs those.  Returns the layers solved."""
         self._sum_over_ranks(recorder)
         products = recorder.target_products if products is None else products
         solutions = self._quantize_layers(stage, recorder.accumulators, install=False, products=products)
         for name, qweight in solutions.items():
             stand_ins.add(name, qweight)
-        return solutions
+        return list(solutions)
 
     def _held_stages(
         self, block_name: str, stages: list[list[str]], captured: list[CapturedInputs]
@@ -896,7 +897,7 @@ class _Calibrator:
             return send_to_device(hidden_output(result), self.compute) if collect else None
 
         jobs = [self._pass_job(functools.partial(run, item)) for item in captured]
-        solved: dict[str, QuantizedWeight] = {}
+        solved: list[str] = []
         slots = held_pass_slots(self._forward_workers(block, captured))
         with PausedPass(self.model, stages, jobs, slots) as paused, stand_ins:
             for index, stage in enumerate(stages):
@@ -909,12 +910,12 @@ class _Calibrator:
                             recorder.replay(calls, captured[batch].mask, targets=targets[batch] if targeted else None)
                         if targets is not None:  # the batch keeps only the later stages' targets
                             targets[batch] = [call for call in targets[batch] if call[0] not in stage]
-                solved.update(self._solve_stage(stage, recorder, stand_ins))
+                solved.extend(self._solve_stage(stage, recorder, stand_ins))
                 trim_heap()  # each batch's thread freed its stage's temporaries in a heap of its own
                 paused.release(index)
             results = paused.outputs()
-        for name, qweight in solved.items():
-            self._install(name, qweight)
+        for name in solved:
+            self._install_stand_in(name, stand_ins)
         return [item.with_hidden(value) for item, value in zip(captured, results)] if collect else []
 
     def _stages(self, block_name: str, captured: list[CapturedInputs]) -> list[list[str]]:
@@ -1353,6 +1354,11 @@ class _Calibrator:
 
     def _install(self, name: str, qweight: QuantizedWeight) -> None:
         install_quantized_layer(self.model, name, qweight, symmetric=self.settings.symmetric, compute=self.compute)
+
+    def _install_stand_in(self, name: str, stand_ins: QuantizedStandIns) -> None:
+        """Install a block's layer solved in a stage as its stand-in, the packed layer made from its codes then:
+        the stage's codes (a byte per weight) are not kept beside it until the block's last stage is solved."""
+        install_built_layer(self.model, name, lambda module: stand_ins.packed(name), self.compute)
 
     # ------------------------------------------------------------------ bookkeeping
     def _skip(self, name: str, reason: str) -> None:

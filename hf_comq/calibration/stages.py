@@ -197,6 +197,7 @@ class QuantizedStandIns:
         self._symmetric = symmetric
         self._active = threading.local()
         self._wrapped: list[tuple[nn.Module, Any]] = []  # each layer and the forward it had as an attribute
+        self._packed: dict[str, COMQLinear] = {}
 
     def __enter__(self) -> "QuantizedStandIns":
         return self
@@ -211,6 +212,12 @@ class QuantizedStandIns:
             packed = COMQLinear.from_quantized(module, qweight, self._symmetric).to(self._compute)
         self._wrapped.append((module, module.__dict__.get("forward")))
         module.forward = self._forward(module.forward, packed)
+        self._packed[name] = packed
+
+    def packed(self, name: str) -> COMQLinear:
+        """The packed layer standing in for ``name``: what the block installs once every stage is solved, so
+        that the stage's codes need not be kept beside it until then."""
+        return self._packed[name]
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
