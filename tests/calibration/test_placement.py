@@ -24,7 +24,6 @@ from hf_comq.calibration.placement import (
     release_file_mappings,
     release_file_pages,
     swap_layer,
-    trim_heap,
 )
 from hf_comq.calibration.sequential import check_finite_weights
 from hf_comq.nn import COMQLinear
