@@ -125,7 +125,6 @@ def python_sigint():
 def _interrupt_dropped_in_a_finalizer(error: type[BaseException], while_dropped=contextlib.nullcontext) -> None:
     """Raise ``error`` in a finalizer (dropped there, as a handler run inside a ``__del__`` would be)
     under the CLI's interrupt handling, ``while_dropped`` around the drop; then wait for it to come back."""
-    import sys
     import time
 
     from hf_comq.cli.main import _terminate_as_interrupt
