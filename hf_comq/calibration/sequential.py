@@ -777,18 +777,21 @@ class _Calibrator:
         """Whether a targeted stage sums its target products in one pass and its Gram matrices in another.
 
         A layer narrower out than in (an MLP's down projection) sums an ``in x in`` Gram
-        matrix and an ``out x in`` target product over the same tokens, both in float64:
-        on a wide model they are the largest buffers of a run under a memory budget, and
-        side by side they make its peak.  Summed apart, the target products are turned
-        into the solver's dtype (half their size) before the Gram matrices begin, at the
-        cost of one more pass of the quantized stream; the sums, and so the codes, are
-        the very same.  Only under accelerate's hooks (a memory budget: elsewhere the
-        extra pass would cost time for nothing), in one process (ranks sum a stage's
-        products and Gram matrices over one collective each, after its one pass), and
-        where no layer of the stage needs the target shift, which comes from the
-        full-precision stream in the Gram matrix's own pass.
+        matrix and an ``out x in`` target product over the same tokens, both in float64
+        by default: on a wide model they are the largest buffers of a run under a memory
+        budget, and side by side they make its peak.  Summed apart, the target products
+        are turned into the solver's dtype (half their size) before the Gram matrices
+        begin, at the cost of one more pass of the quantized stream; the sums, and so the
+        codes, are the very same.  Only under accelerate's hooks (a memory budget:
+        elsewhere the extra pass would cost time for nothing), with sums wider than the
+        solver's dtype (float32 sums would not shrink), in one process (ranks sum a
+        stage's products and Gram matrices over one collective each, after its one
+        pass), and where no layer of the stage needs the target shift, which comes from
+        the full-precision stream in the Gram matrix's own pass.
         """
         if not self.inputs.placement.dispatched or self.group.is_parallel:
+            return False
+        if self.settings.sum_dtype.itemsize <= self.settings.hessian_dtype.itemsize:
             return False
         aimed = [name for name in stage if name not in self.routed]
         return bool(aimed) and all(sums_target_product(*linear_shape(self.model.get_submodule(name))) for name in aimed)

@@ -1177,6 +1177,17 @@ def test_true_sequential_with_fp_target_runs_the_full_precision_stream_once_per_
     assert offloaded_calls == 1 + (4 * 2 + 1) * batches
 
 
+def test_under_hooks_float32_sums_take_no_second_pass_for_the_down_projection():
+    """The down_proj stage sums its target product apart from its Gram matrix only where handing the
+    product over to the solver's float32 halves it; float32 sums would pay a pass for nothing."""
+    model = _three_block_llama()
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    calls = []
+    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    quantize_model(model, _config("llama", bits=3, true_sequential=True, fp_target=True, batch_size=2, sum_dtype="float32"))
+    assert len(calls) == 1 + 4 * 2 * 4  # the capture's first batch, then both streams of each stage for 4 batches
+
+
 @pytest.mark.skipif(not thread_priority_is_per_thread(), reason="a thread's priority is its process's here")
 def test_the_next_blocks_full_precision_pass_runs_ahead_while_a_block_is_solved_with_the_same_codes(
     two_threads, monkeypatch
