@@ -1360,8 +1360,15 @@ class _Calibrator:
 
     def _install_stand_in(self, name: str, stand_ins: QuantizedStandIns) -> None:
         """Install a block's layer solved in a stage as its stand-in, the packed layer made from its codes then:
-        the stage's codes (a byte per weight) are not kept beside it until the block's last stage is solved."""
-        install_built_layer(self.model, name, lambda module: stand_ins.packed(name), self.compute)
+        the stage's codes (a byte per weight) are not kept beside it until the block's last stage is solved.
+
+        The stand-in ran on the compute device; it goes where :meth:`_install` would build the layer, on
+        the old layer's device (its own GPU in a model spread over several, which its hook keeps running it on).
+        """
+        def stand_in(module: nn.Module) -> nn.Module:
+            return stand_ins.packed(name).to(get_linear_weight(module).device)
+
+        install_built_layer(self.model, name, stand_in, self.compute)
 
     # ------------------------------------------------------------------ bookkeeping
     def _skip(self, name: str, reason: str) -> None:
