@@ -314,7 +314,7 @@ def test_a_replaced_layer_under_accelerate_hooks_is_freed_without_the_cyclic_col
 )
 def test_trim_heap_gives_freed_buffers_inside_the_heap_back():
     """In a process of its own: where the buffers land depends on what the heap went through before
-    (the earlier tests' frees and trims), which once made this measure nothing in the test process."""
+    (the earlier tests' frees and trims), which made this fail now and then in the test process."""
     script = """
 import torch
 from hf_comq.calibration.placement import trim_heap
