@@ -31,6 +31,13 @@ from hf_comq.nn import COMQLinear
 from tests.tiny import sentences, tiny_model, word_tokenizer
 
 
+BLOCK_0_IN_MEMORY_BLOCK_1_ON_DISK = {
+    "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+    "model.rotary_emb": "cpu", "lm_head": "cpu",
+}  # fmt: skip
+"""A two-block Llama's device map: block 0 kept in CPU memory, block 1 offloaded to disk."""
+
+
 def _config(bits: int = 4, fp_target: bool | None = None) -> COMQConfig:
     return COMQConfig(
         dataset=sentences(8), processor=word_tokenizer(), num_samples=8, batch_size=4, group_size=16, bits=bits,
@@ -52,8 +59,7 @@ def test_disk_offloaded_from_pretrained_saves_the_in_memory_checkpoint(tmp_path,
     in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config(fp_target=fp_target))
     in_memory.save_pretrained(tmp_path / "memory")
 
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    device_map = BLOCK_0_IN_MEMORY_BLOCK_1_ON_DISK
     offloaded = T.AutoModelForCausalLM.from_pretrained(
         checkpoint, quantization_config=_config(fp_target=fp_target), device_map=device_map,
         offload_folder=str(tmp_path / "offload"),
@@ -111,8 +117,7 @@ def test_under_a_device_map_a_down_projections_target_product_is_handed_over_bef
     tiny = tiny_model("llama")
     model_config = tiny.config
     tiny.save_pretrained(checkpoint)
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    device_map = BLOCK_0_IN_MEMORY_BLOCK_1_ON_DISK
     placement = dict(device_map=device_map, offload_folder=str(tmp_path / "offload")) if budget else {}
     model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config(), **placement)
     assert calibration_summary(model)["fp_target"] and isinstance(model.model.layers[1].mlp.down_proj, COMQLinear)
@@ -126,8 +131,7 @@ def test_dequantize_of_a_disk_offloaded_model_gives_the_in_memory_dense_model(tm
     checkpoint = tmp_path / "llama"
     tiny_model("llama").save_pretrained(checkpoint)
     in_memory = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=_config())
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    device_map = BLOCK_0_IN_MEMORY_BLOCK_1_ON_DISK
     offloaded = T.AutoModelForCausalLM.from_pretrained(
         checkpoint, quantization_config=_config(), device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
@@ -348,8 +352,7 @@ def test_a_dispatched_or_disk_offloaded_mixture_of_experts_saves_the_in_memory_c
         assert isinstance(model.model.layers[1].mlp.experts[3].w2, COMQLinear)
     for name, tensor in in_memory.state_dict().items():
         assert torch.equal(dispatched.state_dict()[name], tensor), name
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    device_map = BLOCK_0_IN_MEMORY_BLOCK_1_ON_DISK
     offloaded = T.AutoModelForCausalLM.from_pretrained(
         checkpoint, quantization_config=_config(), device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
@@ -371,8 +374,7 @@ def test_calibrating_a_dispatched_model_leaves_none_of_its_checkpoint_resident(t
     file = _mapped_llama(tmp_path / "llama", vocab_size=8192)  # an 8 MiB embedding
     ids = torch.randint(0, 8192, (8, 64), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, group_size=16)
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    device_map = BLOCK_0_IN_MEMORY_BLOCK_1_ON_DISK
     dispatched = T.AutoModelForCausalLM.from_pretrained(
         tmp_path / "llama", quantization_config=config, device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
@@ -423,8 +425,7 @@ def test_a_blocks_solved_weights_leave_resident_memory_before_the_solve_of_its_l
         return aim(weight, *args, **kwargs)
 
     monkeypatch.setattr(sequential, "fp_target_weight", aimed)
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    device_map = BLOCK_0_IN_MEMORY_BLOCK_1_ON_DISK
     model = T.AutoModelForCausalLM.from_pretrained(
         tmp_path / "llama", quantization_config=config, device_map=device_map, offload_folder=str(tmp_path / "offload")
     )
