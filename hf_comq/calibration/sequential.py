@@ -726,7 +726,7 @@ class _Calibrator:
                     collect = keep_fp_outputs and index == 0 and cached is None
                     # a targeted pass's full-precision stream runs to the end to collect; its quantized one need not
                     cut_short = not self.inputs.placement.dispatched and (targeted or not collect)
-                    apart = targeted and cached is None and self._sums_apart(stage)
+                    apart = targeted and self._sums_apart(stage)  # dispatched only, so never with cached targets
                     with (
                         self._recorder(stage, with_targets=targeted, gram=not apart) as recorder,
                         StageStop(self.model, stage) if cut_short else nullcontext() as stop,
