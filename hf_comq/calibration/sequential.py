@@ -484,6 +484,10 @@ class _Calibrator:
         self.held_layouts: dict[tuple[str, ...], list[list[str]] | None] = {}
         # The next block's full-precision pass, started while this block is solved (_start_targets_ahead).
         self.targets_ahead: _TargetsAhead | None = None
+        # Whether every rank runs under accelerate's hooks (one process: this one): only then does every rank
+        # take a block's stages pass by pass (a rank in memory may solve them from one held pass), so only
+        # then can a stage's sums be summed apart (_sums_apart) on every rank alike.
+        self.every_rank_dispatched = sum_over_ranks(group, [float(inputs.placement.dispatched)])[0] == group.size
 
     @property
     def compute(self) -> torch.device:
@@ -783,13 +787,14 @@ class _Calibrator:
         are turned into the solver's dtype (half their size) before the Gram matrices
         begin, at the cost of one more pass of the quantized stream; the sums, and so the
         codes, are the very same.  Only under accelerate's hooks (a memory budget:
-        elsewhere the extra pass would cost time for nothing), with sums wider than the
-        solver's dtype (float32 sums would not shrink), in one process (ranks sum a
-        stage's products and Gram matrices over one collective each, after its one
-        pass), and where no layer of the stage needs the target shift, which comes from
-        the full-precision stream in the Gram matrix's own pass.
+        elsewhere the extra pass would cost time for nothing), on every rank of a group
+        (the ranks then sum the products after the first pass and the Gram matrices after
+        the second, all in the same order; a rank that summed both after one pass would
+        not pair with them), with sums wider than the solver's dtype (float32 sums would
+        not shrink), and where no layer of the stage needs the target shift, which comes
+        from the full-precision stream in the Gram matrix's own pass.
         """
-        if not self.inputs.placement.dispatched or self.group.is_parallel:
+        if not self.every_rank_dispatched:
             return False
         if self.settings.sum_dtype.itemsize <= self.settings.hessian_dtype.itemsize:
             return False
@@ -805,7 +810,9 @@ class _Calibrator:
         stand_ins: QuantizedStandIns,
     ) -> HessianRecorder:
         """The second pass of a stage summed apart (:meth:`_sums_apart`): ``products`` (summed by the first) handed
-        over in the solver's dtype first, then the quantized stream again to sum the Gram matrices; returns its recorder."""
+        over in the solver's dtype first (summed over the ranks before, in their own width), then the quantized stream
+        again to sum the Gram matrices; returns its recorder."""
+        all_reduce_hessians(self.group, [product for _, product in sorted(products.items())])
         for product in products.values():
             product.result(self.settings.hessian_dtype)
         with self._recorder(stage) as recorder, self._expert_routing(self.model.get_submodule(block_name)):

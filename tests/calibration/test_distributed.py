@@ -66,23 +66,30 @@ rank = int(os.environ["RANK"])
 if scenario == "other-weights" and rank == 1:
     checkpoint += "-other"
 torch.set_num_threads(1)
+import hf_comq.calibration.sequential as sequential
 if scenario == "dies" and rank == 1:
-    import hf_comq.calibration.sequential as sequential
     sequential._Calibrator._solve = lambda *args: os._exit(3)
+gram_passes = []  # the stages whose Gram matrices took a pass of their own (summed apart)
+gram_pass = sequential._Calibrator._gram_pass_after_products
+def counted_gram_pass(self, block_name, stage, *args):
+    gram_passes.append(stage)
+    return gram_pass(self, block_name, stage, *args)
+sequential._Calibrator._gram_pass_after_products = counted_gram_pass
 placement = {}
-if scenario == "other-placement" and rank == 1:  # its last block and final norm on disk, rank 0's all in memory
+if scenario == "offloaded" or (scenario == "other-placement" and rank == 1):  # last block and final norm on disk
     placement = dict(device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                                  "model.norm": "disk", "model.rotary_emb": "cpu", "lm_head": "cpu"},
-                     offload_folder=os.path.join(out, "offload1"))
+                     offload_folder=os.path.join(out, f"offload{rank}"))
 result = {}
 try:
-    for mode in ["sequential"] if scenario == "other-placement" else MODES:
+    for mode in ["sequential", "true-sequential"] if scenario in ("other-placement", "offloaded") else MODES:
+        gram_passes.clear()
         bits = 5 if scenario == "different" and rank == 1 else 4
         config = calibration_config(mode, bits, data_seed=1 if scenario == "other-data" and rank == 1 else 0)
         model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, **placement)
         model.save_pretrained(os.path.join(out, mode))
         model.save_pretrained(os.path.join(out, f"rank{rank}-{mode}"))  # a folder of its own: only rank 0 writes
-        result[mode] = summary_of(model)
+        result[mode] = {**summary_of(model), "gram passes": list(gram_passes)}
 except CalibrationGroupError as error:
     result["error"] = str(error)
 json.dump(result, open(os.path.join(out, f"rank{rank}.json"), "w"))
@@ -210,15 +217,24 @@ def test_two_ranks_write_the_checkpoint_of_one_process(tmp_path, kind):
     checkpoint = _tiny_checkpoint(tmp_path, kind)
     run_two_ranks(tmp_path, QUANTIZE, "ok", str(checkpoint), str(tmp_path))
     ranks = [_read(tmp_path / f"rank{rank}.json") for rank in range(2)]
+    assert all(result[mode]["gram passes"] == [] for result in ranks for mode in MODES)  # in memory: one pass
+    _assert_the_checkpoints_of_one_process(tmp_path, checkpoint, ranks, list(MODES))
+
+
+def _assert_the_checkpoints_of_one_process(tmp_path: Path, checkpoint: Path, ranks: list[dict], modes: list[str]) -> None:
+    """The two ranks' checkpoint of each mode has the codes of one process in memory on the same samples,
+    and each rank counted every sample's tokens (the summary but ``ranks`` and the gram passes it took)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same float32 products
     try:
-        for mode in MODES:
+        for mode in modes:
             config = calibration_config(mode)
             model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
             model.save_pretrained(tmp_path / f"single-{mode}")
             for result in ranks:  # the same tokens per layer: every rank's count
-                assert result[mode] == {**summary_of(model), "ranks": 2}
+                assert {key: value for key, value in result[mode].items() if key != "gram passes"} == {
+                    **summary_of(model), "ranks": 2
+                }
             expected, got = _tensors(tmp_path / f"single-{mode}"), _tensors(tmp_path / mode)
             assert sorted(got) == sorted(expected) and any(name.endswith("weight_packed") for name in got)
             for name, tensor in expected.items():
@@ -271,12 +287,30 @@ def test_ranks_that_loaded_other_weights_of_the_same_architecture_stop_before_ca
 
 def test_ranks_that_placed_the_same_weights_differently_calibrate_together(tmp_path):
     """Which weights a rank offloads to disk is no difference between the ranks: comparing the weights
-    each held in memory stopped them, saying they had loaded different weights."""
-    run_two_ranks(tmp_path, QUANTIZE, "other-placement", str(_tiny_checkpoint(tmp_path)), str(tmp_path))
-    for rank in range(2):
-        result = _read(tmp_path / f"rank{rank}.json")
-        assert "error" not in result and result["sequential"]["ranks"] == 2, result
-    assert (tmp_path / "sequential" / "model.safetensors").is_file()
+    each held in memory stopped them, saying they had loaded different weights.  Stage by stage, the rank
+    under a device map runs each stage pass by pass where the one in memory may hold one pass for all; with
+    one rank in memory neither sums a down projection's sums apart (their collectives would not pair)."""
+    checkpoint = _tiny_checkpoint(tmp_path)
+    run_two_ranks(tmp_path, QUANTIZE, "other-placement", str(checkpoint), str(tmp_path))
+    ranks = [_read(tmp_path / f"rank{rank}.json") for rank in range(2)]
+    for result in ranks:
+        assert "error" not in result, result
+        assert result["sequential"]["gram passes"] == result["true-sequential"]["gram passes"] == []
+    _assert_the_checkpoints_of_one_process(tmp_path, checkpoint, ranks, ["sequential", "true-sequential"])
+
+
+def test_ranks_all_under_a_device_map_sum_a_down_projections_sums_apart_with_the_codes_of_one_process(tmp_path):
+    """Under a budget on every rank, each sums a down projection's target product, all-reduces it and
+    hands it over before its Gram matrix's pass, as one process does: the collectives pair and the codes
+    are those of one process in memory."""
+    checkpoint = _tiny_checkpoint(tmp_path)
+    run_two_ranks(tmp_path, QUANTIZE, "offloaded", str(checkpoint), str(tmp_path))
+    ranks = [_read(tmp_path / f"rank{rank}.json") for rank in range(2)]
+    for result in ranks:
+        assert "error" not in result, result
+        for mode in ("sequential", "true-sequential"):  # at 4 bits both aim stage by stage (the default)
+            assert result[mode]["gram passes"] == [[f"model.layers.{i}.mlp.down_proj"] for i in range(2)]
+    _assert_the_checkpoints_of_one_process(tmp_path, checkpoint, ranks, ["sequential", "true-sequential"])
 
 
 def test_a_rank_dying_mid_calibration_stops_the_others_and_nothing_is_saved(tmp_path):
