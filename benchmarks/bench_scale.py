@@ -203,10 +203,12 @@ def _block_mb(model_dir: Path) -> tuple[float, float]:
 
 def child_memory(
     shape: str, budget_mb: int, samples: int, length: int, fp_target: bool = False, true_sequential: bool = False,
-    sum_dtype: str = "float64", solver: str = "rtn",
+    sum_dtype: str = "float64", solver: str = "rtn", rank: int = 0, world: int = 1, port: int = 0,
 ) -> None:
     """Quantize ``shape`` with ``max_memory={"cpu": budget}`` and disk offload; print one JSON line
-    (with the oneDNN cache capacities the run had: the device map caps them, :mod:`hf_comq.onednn_caches`)."""
+    (with the oneDNN cache capacities the run had: the device map caps them, :mod:`hf_comq.onednn_caches`).
+    ``world > 1``: this is one of that many gloo ranks, each with the budget and one thread, as torchrun
+    would start them; each prints its own line, and only rank 0 writes the checkpoint."""
     import shutil
 
     import torch
@@ -223,14 +225,19 @@ def child_memory(
         import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
     import hf_comq.calibration  # noqa: F401
+    from hf_comq.calibration import join_launcher_group, leave_launcher_group
     from hf_comq.onednn_caches import ONEDNN_CACHE_VARIABLES
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(2 if world == 1 else 1)
     model_dir = WORK / shape
-    offload = WORK / f"offload-{shape}"
+    offload = WORK / (f"offload-{shape}" if world == 1 else f"offload-{shape}-rank{rank}")
     out = WORK / f"quantized-{shape}"
     shutil.rmtree(offload, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        join_launcher_group(timeout_s=1800)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (samples, length), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(
         dataset=ids, num_samples=samples, batch_size=4, bits=4, group_size=64, fp_target=fp_target,
@@ -256,7 +263,10 @@ def child_memory(
         "quantize_s": round(seconds, 1), "samples": samples, "length": length, "fp_target": fp_target,
         "true_sequential": true_sequential, "sum_dtype": sum_dtype, "solver": solver,
         "onednn_caches": {variable: os.environ.get(variable) for variable in ONEDNN_CACHE_VARIABLES},
-    }))  # fmt: skip
+        "rank": rank, "ranks": world,
+    }), flush=True)  # fmt: skip
+    if world > 1:
+        leave_launcher_group()
 
 
 def child_rank(rank: int, world: int, port: int, threads: int, samples: int, length: int) -> None:
@@ -304,6 +314,21 @@ def _run_child(args: list[str], env: dict | None = None, timeout: int = 7200) ->
     return done.stdout
 
 
+def _run_children(argvs: list[list[str]], env: dict | None = None, timeout: int = 7200) -> list[str]:
+    """:func:`_run_child` for several children at once (the ranks of one run); their outputs in order."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    processes = [
+        subprocess.Popen([sys.executable, __file__, "child", *args], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for args in argvs
+    ]
+    outputs = [process.communicate(timeout=timeout) for process in processes]
+    for args, process, (_, stderr) in zip(argvs, processes, outputs):
+        if process.returncode != 0:
+            raise RuntimeError(f"child {args} failed:\n{stderr[-3000:]}")
+    return [stdout for stdout, _ in outputs]
+
+
 def _last_json(text: str) -> dict:
     lines = [line for line in text.splitlines() if line.startswith("{")]
     return json.loads(lines[-1])
@@ -320,7 +345,7 @@ ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP
 
 def run_memory(
     models: list[str], budgets: dict[str, int], samples: int, length: int, allocators: list[str], fp_target: bool,
-    true_sequential: bool = False, sum_dtype: str = "float64", solver: str = "rtn",
+    true_sequential: bool = False, sum_dtype: str = "float64", solver: str = "rtn", ranks: int = 1,
 ) -> list[dict]:  # fmt: skip
     rows = []
     for shape in models:
@@ -328,23 +353,34 @@ def run_memory(
         for allocator in allocators:
             rows.append(
                 _memory_row(
-                    shape, budgets[shape], samples, length, allocator, fp_target, true_sequential, sum_dtype, solver
+                    shape, budgets[shape], samples, length, allocator, fp_target, true_sequential, sum_dtype, solver,
+                    ranks,
                 )
-            )
+            )  # fmt: skip
     return rows
 
 
 def _memory_row(
     shape: str, budget: int, samples: int, length: int, allocator: str, fp_target: bool, true_sequential: bool,
-    sum_dtype: str = "float64", solver: str = "rtn",
+    sum_dtype: str = "float64", solver: str = "rtn", ranks: int = 1,
 ) -> dict:  # fmt: skip
+    """One memory run; with ``ranks > 1`` that many gloo ranks at once, each under the budget: the row is
+    rank 0's, its peak above imports the largest of any rank's (each rank's in ``rank_peaks_above_mb``)."""
     argv = [
         "memory", shape, str(budget), str(samples), str(length), str(int(fp_target)), str(int(true_sequential)),
         sum_dtype, solver,
     ]  # fmt: skip
-    row = _last_json(_run_child(argv, env=ALLOCATORS[allocator]))
+    if ranks == 1:
+        row = _last_json(_run_child(argv, env=ALLOCATORS[allocator]))
+        above = row["peak_rss_quantize_mb"] - row["baseline_rss_mb"]
+    else:
+        port = _free_port()
+        outputs = _run_children([[*argv, str(rank), str(ranks), str(port)] for rank in range(ranks)], ALLOCATORS[allocator])
+        lines = [_last_json(output) for output in outputs]
+        row = lines[0]
+        row["rank_peaks_above_mb"] = [line["peak_rss_quantize_mb"] - line["baseline_rss_mb"] for line in lines]
+        above = max(row["rank_peaks_above_mb"])
     row["allocator"] = allocator
-    above = row["peak_rss_quantize_mb"] - row["baseline_rss_mb"]
     row["peak_above_baseline_mb"] = above
     row["target_mb"] = row["budget_mb"] + row["block_mb"]
     row["model_over_budget"] = round(row["model_mb"] / row["budget_mb"], 2)
@@ -391,15 +427,18 @@ def _report(memory: list[dict], solves: list[dict], ranks: dict | None, command:
     lines = [f"# bench_scale ({datetime.date.today()}, {os.cpu_count()} CPU cores, shared machine)", f"# {command}", ""]
     if memory:
         lines.append("## Peak RSS while quantizing with disk offload (max_memory={'cpu': budget})")
-        lines.append("model | solver | allocator | fp_target | true_sequential | sum_dtype | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
+        lines.append("model | solver | ranks | allocator | fp_target | true_sequential | sum_dtype | params MiB (bf16) | budget MiB | model/budget | one block MiB | RSS after "
                      "imports | peak RSS quantizing | peak above imports | budget + block | met | peak incl. save | "
                      "device_map entries on disk | quantize s")
         for row in memory:
             lines.append(" | ".join(str(value) for value in (
-                row["model"], row.get("solver", "rtn"), row["allocator"], row["fp_target"], row.get("true_sequential", False),
+                row["model"], row.get("solver", "rtn"), row.get("ranks", 1), row["allocator"], row["fp_target"], row.get("true_sequential", False),
                 row.get("sum_dtype", "float64"), row["model_mb"], row["budget_mb"], row["model_over_budget"],
                 row["block_mb"],
-                row["baseline_rss_mb"], row["peak_rss_quantize_mb"], row["peak_above_baseline_mb"], row["target_mb"],
+                row["baseline_rss_mb"], row["peak_rss_quantize_mb"],
+                row["peak_above_baseline_mb"] if "rank_peaks_above_mb" not in row
+                else f"{row['peak_above_baseline_mb']} (ranks: {row['rank_peaks_above_mb']})",
+                row["target_mb"],
                 "yes" if row["meets_target"] else "NO", row["peak_rss_save_mb"], row["modules_on_disk"],
                 row["quantize_s"],
             )))  # fmt: skip
@@ -435,7 +474,7 @@ def main() -> None:
         elif kind == "memory":
             child_memory(
                 rest[0], int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])), bool(int(rest[5])), rest[6],
-                rest[7],
+                rest[7], *(int(value) for value in rest[8:11]),
             )
         elif kind == "solve":
             child_solve(int(rest[0]), int(rest[1]), int(rest[2]), rest[3])
@@ -461,6 +500,8 @@ def main() -> None:
     parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
     parser.add_argument("--solver", default="rtn", choices=["rtn", "default"],
                         help="memory rows' layer solver: round to nearest (the memory is the point) or the default COMQ solver")
+    parser.add_argument("--memory-ranks", type=int, default=1,
+                        help="memory rows run as this many gloo ranks at once (1 thread each), each under the budget")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -472,7 +513,7 @@ def main() -> None:
     if args.part in ("memory", "all"):
         memory = run_memory(
             args.models, budgets, args.samples, args.length, args.allocators, args.fp_target, args.true_sequential,
-            args.sum_dtype, args.solver,
+            args.sum_dtype, args.solver, args.memory_ranks,
         )  # fmt: skip
     solves = run_solve() if args.part in ("solve", "all") else []
     ranks = run_ranks(args.repeats, args.rank_samples, args.rank_length) if args.part in ("ranks", "all") else None
