@@ -1177,7 +1177,8 @@ class _Calibrator:
     ) -> dict[str, QuantizedWeight]:
         """Solve ``names`` (each by one rank of the group) and install the results on every rank.
 
-        Returns every rank's solutions; with ``install=False`` the caller installs them.
+        Returns every rank's solutions, none where each was installed as soon as it was solved
+        (:meth:`_installs_each_as_solved`); with ``install=False`` the caller installs them.
         ``products``: the target products of the layers that sum theirs from outputs
         (:attr:`HessianRecorder.target_products`).
         """
@@ -1201,18 +1202,24 @@ class _Calibrator:
             if owners[name] != self.group.rank:
                 del accumulators[name]
                 products.pop(name, None)
-        mine = self._solve_own([name for name in solvable if owners[name] == self.group.rank], accumulators, products)
+        own = [name for name in solvable if owners[name] == self.group.rank]
+        if install and self._installs_each_as_solved():
+            results: dict[str, dict[str, float]] = {}
+
+            def install_now(name: str, qweight: QuantizedWeight) -> None:
+                results[name], qweight = _result_and_solution(qweight, tokens[name])
+                self._install(name, qweight)
+
+            self._solve_own(own, accumulators, products, then=install_now)
+            self.results.update((name, results[name]) for name in solvable)  # in the model's order
+            self.solve_seconds += time.perf_counter() - started
+            return {}
+        mine = self._solve_own(own, accumulators, products)
         solutions = {}
         shared = share_solutions(self.group, mine, owners)
         for name in solvable:  # in the model's order, which the summary and the card list
-            qweight = shared[name]
-            stats = dict(qweight.stats)
-            self.results[name] = {
-                "relative_error": float(stats["relative_error"]),
-                "num_tokens": int(tokens[name]),
-                "seconds": round(float(stats.pop("seconds")), 4),
-            }
-            qweight = solutions[name] = dataclasses.replace(qweight, stats=stats)
+            self.results[name], qweight = _result_and_solution(shared[name], tokens[name])
+            solutions[name] = qweight
             if not install:
                 continue
             if self.settings.sequential:
@@ -1221,6 +1228,17 @@ class _Calibrator:
                 self.deferred.append((name, _to_cpu(qweight)))
         self.solve_seconds += time.perf_counter() - started
         return solutions
+
+    def _installs_each_as_solved(self) -> bool:
+        """Whether a solved layer is installed at once rather than once every layer of its step is solved.
+
+        Under accelerate's hooks (a memory budget) in one process: the solves of a step run one
+        at a time there, and installed at once a layer's codes and its old weight's mapped pages
+        do not stay through the step's later solves, a block's widest (its down projection)
+        among them.  Ranks share a step's solutions only after all of them, and a model in
+        memory solves layers side by side, where installing (swapping modules) would race.
+        """
+        return self.settings.sequential and self.inputs.placement.dispatched and not self.group.is_parallel
 
     def _round_unrouted(self, names: list[str], accumulators: dict[str, HessianAccumulator]) -> None:
         """Give the expert layers no token was routed to the identity as their Gram matrix.
@@ -1255,8 +1273,10 @@ class _Calibrator:
         names: list[str],
         accumulators: dict[str, HessianAccumulator],
         products: dict[str, TargetProductAccumulator],
+        then: Callable[[str, QuantizedWeight], None] | None = None,
     ) -> dict[str, QuantizedWeight]:
-        """Solve this rank's layers of a step, in ``names``' order.
+        """Solve this rank's layers of a step, in ``names``' order; ``then``: hand each solution to it as soon
+        as it is made instead of returning them all (on one worker only, see :meth:`_installs_each_as_solved`).
 
         Layers that read one Gram matrix (q/k/v, gate/up) are solved one after another,
         the last allowed to overwrite it, and the matrix is freed with that solve;
@@ -1287,15 +1307,21 @@ class _Calibrator:
             pending[index] = None  # the Gram matrix goes when its last reader is solved
             # the last reader may overwrite its Gram matrix unless another job reads it too
             alone = jobs_reading[id(accumulator)] == 1
-            return {
-                name: self._solve(name, accumulator, products.pop(name, None), last_reader=alone and name == group[-1])
-                for name in group
-            }
+            made = {}
+            for name in group:
+                qweight = self._solve(name, accumulator, products.pop(name, None), last_reader=alone and name == group[-1])
+                if then is None:
+                    made[name] = qweight
+                else:
+                    then(name, qweight)
+            return made
 
+        if then is not None:
+            workers = 1
         solved: dict[str, QuantizedWeight] = {}
         for part in run_side_by_side([functools.partial(solve_readers, index) for index in order], workers):
             solved.update(part)
-        return {name: solved[name] for name in names}
+        return {name: solved[name] for name in names if name in solved}
 
     def _solve_workers(self, names: list[str], jobs: int) -> int:
         """Threads for one step's solves (see :meth:`_side_by_side_workers`); a solve's largest
@@ -1630,6 +1656,17 @@ def _as_input(value: torch.Tensor, device: torch.device, dtype: torch.dtype | No
     if dtype is not None and value.dtype.is_floating_point:
         return value.to(device=device, dtype=dtype)
     return value.to(device)
+
+
+def _result_and_solution(qweight: QuantizedWeight, num_tokens: int) -> tuple[dict[str, float], QuantizedWeight]:
+    """A solved layer's entry in the calibration summary, and the solution with its solve time moved there."""
+    stats = dict(qweight.stats)
+    result = {
+        "relative_error": float(stats["relative_error"]),
+        "num_tokens": int(num_tokens),
+        "seconds": round(float(stats.pop("seconds")), 4),
+    }
+    return result, dataclasses.replace(qweight, stats=stats)
 
 
 def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:

@@ -435,6 +435,38 @@ def test_a_blocks_solved_weights_leave_resident_memory_before_the_solve_of_its_l
     assert len(resident_at_down_projection) == 2 and resident_at_down_projection[0] < 1024
 
 
+@linux_only
+@pytest.mark.parametrize("budget", [True, False], ids=["device-map", "in-memory"])
+def test_the_plain_calibration_under_a_device_map_installs_each_layer_before_the_next_solve(tmp_path, monkeypatch, budget):
+    """Without aiming a block's layers are solved from one pass, its down projection last: under a budget the
+    others are installed as each is solved, so neither their codes nor their checkpoint pages stay through the
+    block's widest solve; in memory they go in together after it (the solves may run side by side there)."""
+    from hf_comq.calibration import sequential
+
+    file = _mapped_llama(tmp_path / "llama")  # per block: q/k/v/o 256 KiB each, gate/up/down 512 KiB each
+    ids = torch.randint(0, 64, (8, 64), generator=torch.Generator().manual_seed(0))
+    config = COMQConfig(dataset=ids, num_samples=8, batch_size=4, group_size=16, fp_target=False)
+    at_down_projection: list[tuple[list[bool], int]] = []  # block 0's other layers installed?, resident KiB
+    solve = sequential._Calibrator._solve
+
+    def solved(self, name, *args, **kwargs):
+        if name == "model.layers.0.mlp.down_proj":
+            block = self.model.model.layers[0]
+            others = [block.self_attn.q_proj, block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj]
+            at_down_projection.append(([isinstance(layer, COMQLinear) for layer in others], _resident_kib(file)))
+        return solve(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(sequential._Calibrator, "_solve", solved)
+    placement = dict(device_map=BLOCK_0_IN_MEMORY_BLOCK_1_ON_DISK, offload_folder=str(tmp_path / "offload"))
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", quantization_config=config,
+                                                   **(placement if budget else {}))  # fmt: skip
+    assert not calibration_summary(model)["fp_target"] and isinstance(model.model.layers[0].mlp.down_proj, COMQLinear)
+    [(installed, resident_kib)] = at_down_projection
+    assert installed == [budget] * 4
+    if budget:  # as in the staged run's test above: the down projection, lm_head and edge pages may stay
+        assert resident_kib < 1024
+
+
 def test_free_memory_reads_the_hosts_available_ram_and_nothing_for_a_device_without_a_count():
     import psutil
 
