@@ -61,6 +61,9 @@ OFFLOAD_SUBFOLDER = "comq-quantized"
 
 MADV_PAGEOUT = 21
 """Linux's ``madvise`` advice (since 5.4) to reclaim a range's pages now; Python's ``mmap`` module does not name it."""
+PAGEMAP_FILE_PAGE = 1 << 61
+"""The bit of a page's ``/proc/self/pagemap`` entry that says it is a page of the file itself (one written to in a
+private mapping is an anonymous copy instead); the top bit, an int64's sign, says it is mapped in."""
 
 
 def send_to_device(value: Any, device: torch.device) -> Any:
@@ -354,7 +357,10 @@ def release_file_pages(tensor: torch.Tensor) -> bool:
     whole pages inside the tensor are advised (its neighbours in the file may share the
     edge pages), and only file-backed ones: anonymous memory is freed with the tensor,
     and paging it out would write it to swap.  Pages of a file written moments ago are
-    reclaimed once the kernel has written them back.  Returns whether any pages were advised;
+    reclaimed once the kernel has written them back.  The kernel pages out no page that
+    another process maps too (the ranks of a data-parallel run on one machine map the
+    same checkpoint), so those are then unmapped from this process alone
+    (:func:`_reclaim`).  Returns whether any pages were advised;
     ``False`` off Linux, on kernels without the advice, and for any other tensor.
     """
     if tensor.device.type != "cpu" or not tensor.is_contiguous() or not sys.platform.startswith("linux"):
@@ -365,7 +371,7 @@ def release_file_pages(tensor: torch.Tensor) -> bool:
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last <= first or not _file_backed(first, last):
         return False
-    return _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_PAGEOUT) == 0
+    return _reclaim(first, last)
 
 
 def release_file_mappings(tensors: Iterable[torch.Tensor], keep: Iterable[torch.Tensor] = ()) -> int:
@@ -391,9 +397,45 @@ def release_file_mappings(tensors: Iterable[torch.Tensor], keep: Iterable[torch.
     advised = 0
     for low, high in sorted(held):
         for start, end in _uncovered(low, high, kept):
-            if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT) == 0:
+            if _reclaim(start, end):
                 advised += end - start
     return advised
+
+
+def _reclaim(start: int, end: int) -> bool:
+    """Page out the file pages of ``[start, end)`` (page-aligned), and unmap from this process those the kernel
+    kept because another process maps them too; returns whether the page-out advice was taken.
+
+    ``MADV_DONTNEED`` on a page of the file only drops this process's mapping of it (the
+    page stays in the page cache, where the other process reads it, and a later read here
+    maps it again); on a page this process wrote to in a private mapping it would discard
+    the writes, so only pages still the file's own are unmapped (:func:`_file_page_runs`).
+    """
+    libc = _libc()
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT) != 0:
+        return False
+    for low, high in _file_page_runs(start, end):
+        libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), mmap.MADV_DONTNEED)
+    return True
+
+
+def _file_page_runs(start: int, end: int) -> list[tuple[int, int]]:
+    """The runs of pages of ``[start, end)`` (page-aligned) that are mapped in and are pages of the file itself
+    (``/proc/self/pagemap``); none where it cannot be read."""
+    count = (end - start) // mmap.PAGESIZE
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(start // mmap.PAGESIZE * 8)
+            entries = pagemap.read(count * 8)
+    except OSError:
+        return []
+    if len(entries) != count * 8:
+        return []
+    flags = torch.frombuffer(bytearray(entries), dtype=torch.int64)
+    wanted = (flags < 0) & (flags & PAGEMAP_FILE_PAGE != 0)
+    edges = torch.diff(wanted.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8), append=torch.zeros(1, dtype=torch.int8))
+    starts, ends = torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist()
+    return [(start + low * mmap.PAGESIZE, start + high * mmap.PAGESIZE) for low, high in zip(starts, ends)]
 
 
 def _file_mappings() -> list[tuple[int, int]]:

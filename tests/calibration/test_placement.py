@@ -215,6 +215,54 @@ def test_release_file_pages_drops_a_mapped_tensor_from_resident_memory_and_keeps
     assert torch.equal(weight, expected)  # faulted back in from the file
 
 
+MAP_AND_WAIT = """
+import sys
+from safetensors.torch import load_file
+tensors = load_file(sys.argv[1])
+assert all(bool(tensor.isfinite().all()) for tensor in tensors.values())  # every page read in: mapped here too
+print("mapped", flush=True)
+sys.stdin.read()
+"""
+
+
+@linux_only
+def test_release_file_pages_drops_pages_another_process_maps_too_from_this_ones_resident_memory(tmp_path):
+    """The kernel pages out no page another process maps (ranks on one machine map one checkpoint): those
+    pages leave this process's resident memory all the same, and read again they hold the file's values."""
+    _skip_on_memory_file_system(tmp_path)
+    file = tmp_path / "weights.safetensors"
+    save_file({"weight": torch.randn(2048, 1024)}, file)
+    _write_back(file)
+    other = subprocess.Popen([sys.executable, "-c", MAP_AND_WAIT, str(file)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        weight = load_file(file)["weight"]
+        assert other.stdout.readline() == "mapped\n"
+        expected = weight.clone()
+        before = _resident_kib(file.resolve())
+        assert before >= 8 * 1024 - 8
+        assert release_file_pages(weight)
+        assert before - _resident_kib(file.resolve()) >= 8 * 1024 - 8
+        assert torch.equal(weight, expected)
+    finally:
+        other.communicate("")
+
+
+@linux_only
+def test_release_file_pages_keeps_what_this_process_wrote_into_a_mapped_tensor(tmp_path):
+    """A page written to in the checkpoint's private mapping is a copy of this process's own: releasing the
+    tensor's pages must not hand it back to the file's values."""
+    file = tmp_path / "weights.safetensors"
+    save_file({"weight": torch.randn(2048, 1024)}, file)
+    _write_back(file)
+    weight = load_file(file)["weight"]
+    float(weight.sum())
+    weight[100:200] = 5.0  # a few pages become this process's copies
+    expected = weight.clone()
+    release_file_pages(weight)
+    assert torch.equal(weight, expected)
+
+
 def test_release_file_pages_leaves_memory_that_is_not_a_file_alone():
     assert not release_file_pages(torch.randn(2048, 1024))  # anonymous: freed with the tensor, never paged out
     assert not release_file_pages(torch.randn(8))  # no whole page inside
@@ -276,6 +324,21 @@ def test_the_finite_weight_check_of_a_dispatched_model_leaves_its_weights_unmapp
     reference = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
     with torch.no_grad():  # the weights read back from the file are the same
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@linux_only
+def test_the_ranks_digests_of_a_dispatched_models_parameters_leave_them_unmapped(tmp_path):
+    """Ranks compare a few hundred values of every parameter held in memory; read from a mapped checkpoint,
+    those would map in most of the file (the kernel maps a faulting page's neighbours), embeddings included,
+    and keep it resident to the end of calibration."""
+    from hf_comq.calibration.sequential import _resident_parameter_digests
+
+    file = _mapped_llama(tmp_path / "llama", vocab_size=4096)  # embeddings and lm_head 2 MiB each
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", device_map={"": "cpu"})
+    kept = _resident_parameter_digests(model)
+    assert _resident_kib(file) * 1024 >= file.stat().st_size // 2  # read, and kept
+    assert _resident_parameter_digests(model, release_pages=True) == kept
+    assert _resident_kib(file) <= 64 * 4
 
 
 @linux_only
