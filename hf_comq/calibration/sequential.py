@@ -217,7 +217,7 @@ def quantize_model(
     settings = _Settings.from_config(config, solver)
     agree_on(group, _fingerprint(model, layers, settings, config, data, parallel=group.is_parallel, weights=weights))
     if group.is_parallel:
-        agree_on_values(group, _resident_parameter_digests(model))
+        agree_on_values(group, _resident_parameter_digests(model, release_pages=placement.dispatched))
     inputs = _ModelInputs(model, data.shard(group.rank, group.size), placement)
     groups = find_block_groups(model, getattr(config, "block_name", None))
     calibrator = _Calibrator(model, settings, inputs, group, list(layers), groups)
@@ -1552,16 +1552,24 @@ def _module_configs(model: nn.Module) -> Iterator[Any]:
             yield text_config()
 
 
-def _resident_parameter_digests(model: nn.Module) -> dict[str, str]:
+def _resident_parameter_digests(model: nn.Module, *, release_pages: bool = False) -> dict[str, str]:
     """A digest of a sample of each parameter held in memory (embeddings, norms, biases; those offloaded
     to disk are left out), by name, so that ranks compare more than the layers
-    :func:`check_finite_weights` reads, whatever each of them offloaded."""
+    :func:`check_finite_weights` reads, whatever each of them offloaded.
+
+    ``release_pages`` as in :func:`check_finite_weights`: a few hundred values spread over a
+    parameter read from a mapped checkpoint fault in all of its pages (the kernel maps a
+    page's neighbours with it), and a model's embedding and output matrices, kept in memory
+    under a budget, would then stay resident to the end of calibration.
+    """
     digests = {}
     for name, parameter in model.named_parameters():
         if parameter.device.type != "meta":
             digest = hashlib.sha256()
             _digest_sample(digest, name, parameter.detach(), 256)
             digests[name] = digest.hexdigest()
+            if release_pages:
+                release_file_pages(parameter.detach())
     return digests
 
 
