@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def main() -> None:
     parser.add_argument("--sum-dtype", default="float64", choices=["float64", "float32"], help="COMQConfig(sum_dtype=...)")
     parser.add_argument("--solver", default="rtn", choices=["rtn", "default"], help="round to nearest or the default COMQ solver")
     parser.add_argument("--mappings", type=int, default=0, help="at the end, the N mappings that grew the most")
+    parser.add_argument("--rank", type=int, default=0, help="with --ranks: this process's rank")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="trace one of this many gloo ranks (start each with its --rank and the same --port)")
+    parser.add_argument("--port", type=int, default=29517, help="with --ranks: the rendezvous port on 127.0.0.1")
     parser.add_argument("--step-peaks", action="store_true",
                         help="VmHWM is each step's own peak (reset after every line); 'run peak' keeps the run's")
     args = parser.parse_args()
@@ -87,9 +92,14 @@ def main() -> None:
 
     import hf_comq.calibration.sequential as sequential
     from hf_comq import COMQConfig
+    from hf_comq.calibration import join_launcher_group
     from hf_comq.solver import ROUND_TO_NEAREST
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(2 if args.ranks == 1 else 1)
+    if args.ranks > 1:  # as bench_scale.py memory --memory-ranks starts them
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(args.rank),
+                          WORLD_SIZE=str(args.ranks))  # fmt: skip
+        join_launcher_group(timeout_s=1800)
     memory("after imports")
     if args.mappings:  # also when the trace stops early, by SystemExit
         atexit.register(print_growth, resident_by_mapping(), args.mappings)
@@ -115,7 +125,7 @@ def main() -> None:
         setattr(sequential._Calibrator, method, wrapper)
 
     for method in ("_capture_pass", "_run_block", "_run_block_with_targets", "_solve", "_install", "_process_block",
-                   "_process_block_in_stages"):
+                   "_process_block_in_stages", "_sum_over_ranks", "_gram_pass_after_products"):
         traced(method)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(
@@ -124,7 +134,8 @@ def main() -> None:
     )
     T.AutoModelForCausalLM.from_pretrained(
         WORK / args.shape, quantization_config=config, device_map="auto", max_memory={"cpu": f"{args.budget_mb}MiB"},
-        offload_folder=str(WORK / f"offload-trace-{args.shape}"), dtype=torch.bfloat16,
+        offload_folder=str(WORK / (f"offload-trace-{args.shape}" + (f"-rank{args.rank}" if args.ranks > 1 else ""))),
+        dtype=torch.bfloat16,
     )  # fmt: skip
 
 
