@@ -21,7 +21,9 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
   target sum beside each Gram matrix), ``--true-sequential`` with ``true_sequential=True``
   (stage discovery runs one batch through a block with autograd recording, and the
   solved layers of a block's earlier stages wait packed beside its full-precision ones),
-  ``--sum-dtype float32`` with the calibration sums in float32.
+  ``--sum-dtype float32`` with the calibration sums in float32.  ``--memory-ranks 2`` runs the
+  row as two gloo ranks on this machine, each under the budget on one thread (as
+  ``torchrun --nproc-per-node 2`` would start them, both mapping the one checkpoint).
 * ``solve``: peak resident memory of one layer solve alone (random weight, Gram matrix of
   random inputs), for the 1.1 B shape's widest layers, the default COMQ solver beside
   round to nearest, group 64 and per channel: what a memory-bounded run with the
@@ -33,6 +35,7 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
 
     python benchmarks/bench_scale.py memory --models smollm2 tinyllama-1b
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_scale.py memory --fp-target --allocators MALLOC_MMAP_THRESHOLD_=65536
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_scale.py memory --models tinyllama-1b --solver default --fp-target --true-sequential --allocators MALLOC_MMAP_THRESHOLD_=65536 --memory-ranks 2
     python benchmarks/bench_scale.py ranks --repeats 3
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_scale.py solve
     python benchmarks/bench_scale.py all --out benchmarks/results/bench_scale.txt

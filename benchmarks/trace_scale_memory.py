@@ -14,6 +14,8 @@ grew the most since the imports (``/proc/self/smaps``: a library's file, the che
 ``[heap]``, or ``[anon]`` for unnamed memory), which says whose pages a peak holds.
 With ``--step-peaks`` each line's ``VmHWM`` is the peak of that step alone (Linux resets
 it after every line; ``run peak`` keeps the run's), which pins the run's peak on its step.
+With ``--ranks N --rank R`` it traces one of N gloo ranks; start each rank's process with the
+same ``--port``.
 """
 
 from __future__ import annotations
