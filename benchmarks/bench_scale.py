@@ -127,6 +127,16 @@ def _peak_since_reset_mb() -> float:
     return _status_mb("VmHWM")
 
 
+def join_loopback_ranks(rank: int, world: int, port: int, timeout_s: float = 1800.0) -> None:
+    """Join ``world`` gloo ranks that meet on 127.0.0.1:``port``, as ``torchrun`` would start this one (the
+    launcher's environment, then :func:`~hf_comq.calibration.join_launcher_group`); a plain process when
+    ``world == 1``."""
+    from hf_comq.calibration import join_launcher_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    join_launcher_group(timeout_s=timeout_s)
+
+
 def child_solve(out_features: int, in_features: int, group: int, solver: str) -> None:
     """Peak RSS of one ``comq_quantize`` call above the RSS holding its inputs (one JSON line)."""
     import torch
@@ -228,7 +238,7 @@ def child_memory(
         import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
 
     import hf_comq.calibration  # noqa: F401
-    from hf_comq.calibration import join_launcher_group, leave_launcher_group
+    from hf_comq.calibration import leave_launcher_group
     from hf_comq.onednn_caches import ONEDNN_CACHE_VARIABLES
 
     torch.set_num_threads(2 if world == 1 else 1)
@@ -239,8 +249,7 @@ def child_memory(
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        join_launcher_group(timeout_s=1800)
+        join_loopback_ranks(rank, world, port)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (samples, length), generator=torch.Generator().manual_seed(0))
     config = COMQConfig(
         dataset=ids, num_samples=samples, batch_size=4, bits=4, group_size=64, fp_target=fp_target,
@@ -278,11 +287,10 @@ def child_rank(rank: int, world: int, port: int, threads: int, samples: int, len
     import transformers as T
 
     from hf_comq import COMQConfig, calibration_summary
-    from hf_comq.calibration import join_launcher_group, leave_launcher_group
+    from hf_comq.calibration import leave_launcher_group
 
     torch.set_num_threads(threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    join_launcher_group(timeout_s=600)  # as torchrun would start this rank; nothing when world == 1
+    join_loopback_ranks(rank, world, port, timeout_s=600)
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SHAPES["smollm2"]["vocab_size"], (samples, length), generator=generator)
@@ -309,16 +317,12 @@ def child_rank(rank: int, world: int, port: int, threads: int, samples: int, len
 
 
 def _run_child(args: list[str], env: dict | None = None, timeout: int = 7200) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    done = subprocess.run([sys.executable, __file__, "child", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"child {args} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+    return _run_children([args], env, timeout)[0]
 
 
 def _run_children(argvs: list[list[str]], env: dict | None = None, timeout: int = 7200) -> list[str]:
-    """:func:`_run_child` for several children at once (the ranks of one run); their outputs in order."""
+    """Run this script's children at once (the ranks of one run, or one child) with ``env`` on top of this
+    process's; their outputs in order, or the first failing child's error output."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     processes = [
         subprocess.Popen([sys.executable, __file__, "child", *args], env=env, stdout=subprocess.PIPE,
@@ -394,18 +398,8 @@ def _memory_row(
 
 def _ranks_once(world: int, threads: int, samples: int, length: int) -> dict:
     port = _free_port()
-    env = {"OMP_NUM_THREADS": str(threads)}
-    processes = [
-        subprocess.Popen([sys.executable, __file__, "child", "rank", str(rank), str(world), str(port), str(threads),
-                          str(samples), str(length)],
-                         env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
-        for rank in range(world)
-    ]
-    outputs = [process.communicate(timeout=7200) for process in processes]
-    if any(process.returncode != 0 for process in processes):
-        raise RuntimeError(f"ranks failed:\n{outputs[0][1][-2000:]}\n{outputs[-1][1][-2000:]}")
-    return _last_json(outputs[0][0])
+    argvs = [["rank", str(rank), str(world), str(port), str(threads), str(samples), str(length)] for rank in range(world)]
+    return _last_json(_run_children(argvs, env={"OMP_NUM_THREADS": str(threads)})[0])
 
 
 def run_ranks(repeats: int, samples: int, length: int) -> dict:

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_scale import SHAPES, WORK, reset_peak, status_mb  # noqa: E402
+from benchmarks.bench_scale import SHAPES, WORK, join_loopback_ranks, reset_peak, status_mb  # noqa: E402
 
 
 STEP_PEAKS = {"on": False, "peak": 0}
@@ -94,14 +93,11 @@ def main() -> None:
 
     import hf_comq.calibration.sequential as sequential
     from hf_comq import COMQConfig
-    from hf_comq.calibration import join_launcher_group
     from hf_comq.solver import ROUND_TO_NEAREST
 
     torch.set_num_threads(2 if args.ranks == 1 else 1)
     if args.ranks > 1:  # as bench_scale.py memory --memory-ranks starts them
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(args.rank),
-                          WORLD_SIZE=str(args.ranks))  # fmt: skip
-        join_launcher_group(timeout_s=1800)
+        join_loopback_ranks(args.rank, args.ranks, args.port)
     memory("after imports")
     if args.mappings:  # also when the trace stops early, by SystemExit
         atexit.register(print_growth, resident_by_mapping(), args.mappings)
