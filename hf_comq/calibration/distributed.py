@@ -7,14 +7,19 @@ calibration *batches* (rank ``r`` takes batches ``r, r + N, ...``, so each batch
 padding included, is exactly the batch a single process would run), the per-rank sums
 are all-reduced, and each layer is solved once, by one rank (the layers of a step are
 spread over the ranks by size, :func:`balanced_owners`), whose result every rank
-installs; each rank then computes the next block's inputs for its own batches.
+installs; each rank then computes the next block's inputs for its own batches.  A
+layer that would keep the others waiting (a step of one layer) is solved by every rank
+together instead, a share of its rows each (:class:`hf_comq.solver.shares.RowShare`),
+and the shares are gathered (:func:`gather_row_shares`).
 Without a process group everything here is a no-op and calibration runs as a single
 process.
 
 Sums are accumulated in float64 (:class:`hf_comq.HessianAccumulator`); an all-reduce only
 changes the order in which the batches' float64 contributions are added, which the
 solver's float32 copy of ``H`` rounds away, so in practice the codes are those of a
-single process on the same samples (the tests compare them).
+single process on the same samples (the tests compare them).  A layer solved in shares
+has those codes too; its objective, and the scales a refit makes, can differ from one
+process's in the last float32 bits (per-row sums over blocks of another width).
 
 A rank that fails, or settings that differ between ranks, must not leave the others
 waiting or a checkpoint half-written: collectives raise :class:`CalibrationGroupError`,
@@ -30,9 +35,11 @@ Usage, one process per rank (``torchrun --nproc-per-node 2 quantize.py``)::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -257,20 +264,87 @@ def sum_over_ranks(group: Group, values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
-def balanced_owners(costs: Sequence[float], size: int) -> list[int]:
-    """The rank that solves each of a step's layers: the longest first, each to the least loaded rank.
+def balanced_owners(costs: Sequence[float], size: int, shareable: Sequence[bool] | None = None) -> list[int | None]:
+    """The rank that solves each of a step's layers: the longest first, each to the least loaded rank;
+    ``None`` for a layer every rank solves a share of the rows of (:class:`~hf_comq.solver.shares.RowShare`).
 
+    A layer that costs more than an equal share of the step's work, and whose rows can be
+    shared (``shareable``), is shared: given whole to one rank, it would keep the others
+    waiting (a step of one layer, such as an attention output or an MLP down projection).
     Depends only on ``costs`` (from layer shapes, equal on every rank), so every rank
     computes the same assignment without talking.  Round robin in layer order would
     give one rank all the wide MLP layers of a block whenever their count is even.
     """
-    owners = [0] * len(costs)
+    shareable = [False] * len(costs) if shareable is None or size < 2 else list(shareable)
+    fair = sum(costs) / size
+    owners: list[int | None] = [None] * len(costs)
     loads = [0.0] * size
+    for index, cost in enumerate(costs):
+        if shareable[index] and cost > fair:
+            loads = [load + cost / size for load in loads]
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        if shareable[index] and costs[index] > fair:
+            continue
         rank = min(range(size), key=lambda r: (loads[r], r))
         owners[index] = rank
         loads[rank] += costs[index]
     return owners
+
+
+def summing_over_ranks(group: Group) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that sums a float64 vector over the ranks (the ``total`` of a row share,
+    :class:`~hf_comq.solver.shares.RowShare`), returned on the CPU on every rank."""
+
+    def total(values: torch.Tensor) -> torch.Tensor:
+        values = values.to(device=_collective_device(), dtype=torch.float64, copy=True)
+        _collective(group, "sum a shared layer's objective", torch.distributed.all_reduce, values)
+        return values.cpu()
+
+    return total
+
+
+def gather_row_shares(
+    group: Group, solved: dict[str, QuantizedWeight], rows_of: Callable[[str, int], list[slice]]
+) -> dict[str, QuantizedWeight]:
+    """Every rank's copy of every layer whose rows the ranks solved in shares (``solved``: this rank's share of each,
+    the same names on every rank, its rows ``rows_of(name, rank)`` of the layer's, in that order).
+
+    Each rank broadcasts its share's codes, scales and zero points in turn; the layer's ``stats`` are
+    every rank's already (a share's are the whole layer's), and this rank's are kept.
+    """
+    whole: dict[str, QuantizedWeight] = {}
+    if not solved:
+        return whole
+    device = _collective_device()
+    for name in sorted(solved):
+        mine = solved[name]
+        parts: dict[str, list[torch.Tensor]] = {"codes": [], "scale": [], "zero_point": []}
+        rows_by_rank = [rows_of(name, rank) for rank in range(group.size)]
+        for rank, rows in enumerate(rows_by_rank):
+            count = sum(span.stop - span.start for span in rows)
+            for field, received in parts.items():
+                template = getattr(mine, field)
+                part = (
+                    template.to(device).contiguous()
+                    if rank == group.rank
+                    else torch.empty((count, *template.shape[1:]), dtype=template.dtype, device=device)
+                )
+                _collective(group, "share a layer solved in shares", torch.distributed.broadcast, part, src=rank)
+                received.append(part)
+        whole[name] = dataclasses.replace(mine, **{field: _in_layer_order(tensors, rows_by_rank) for field, tensors in parts.items()})
+    return whole
+
+
+def _in_layer_order(parts: list[torch.Tensor], rows_by_rank: list[list[slice]]) -> torch.Tensor:
+    """The rows of every rank's share (``parts[rank]`` holds ``rows_by_rank[rank]`` one after another) in the layer's order."""
+    out_features = max(span.stop for rows in rows_by_rank for span in rows)
+    layer = parts[0].new_empty((out_features, *parts[0].shape[1:]))
+    for part, rows in zip(parts, rows_by_rank):
+        start = 0
+        for span in rows:
+            layer[span] = part[start : start + span.stop - span.start]
+            start += span.stop - span.start
+    return layer
 
 
 def share_solutions(

@@ -107,10 +107,13 @@ from ..solver import (
     SUM_DTYPES,
     HessianAccumulator,
     QuantizedWeight,
+    RowShare,
     TargetProductAccumulator,
     aims_at_full_precision,
+    can_share_rows,
     comq_quantize,
     fp_target_weight,
+    shared_rows,
     solves_in_stages_by_default,
     target_product,
     target_product_from_outputs,
@@ -136,8 +139,10 @@ from .distributed import (
     all_reduce_hessians,
     balanced_owners,
     current_group,
+    gather_row_shares,
     share_solutions,
     sum_over_ranks,
+    summing_over_ranks,
 )
 from .hooks import (
     CapturedInputs,
@@ -1175,7 +1180,8 @@ class _Calibrator:
         install: bool = True,
         products: dict[str, TargetProductAccumulator] | None = None,
     ) -> dict[str, QuantizedWeight]:
-        """Solve ``names`` (each by one rank of the group) and install the results on every rank.
+        """Solve ``names`` (each by one rank of the group, or a wide one by every rank, a share of its rows each)
+        and install the results on every rank.
 
         Returns every rank's solutions, none where each was installed as soon as it was solved
         (:meth:`_installs_each_as_solved`); with ``install=False`` the caller installs them.
@@ -1197,12 +1203,14 @@ class _Calibrator:
         # Owners, and the broadcasts that follow them, go by name: ranks may hold a stage's layers in
         # different orders (a held pass takes them in call order, which one rank may find and another not).
         by_name = sorted(solvable)
-        owners = dict(zip(by_name, balanced_owners([self._cost(name) for name in by_name], self.group.size)))
+        costs = [self._cost(name) for name in by_name]
+        owners = dict(zip(by_name, balanced_owners(costs, self.group.size, [self._shares_rows(name) for name in by_name])))
         for name in solvable:  # Gram matrices of layers another rank solves go now
-            if owners[name] != self.group.rank:
+            if owners[name] not in (self.group.rank, None):
                 del accumulators[name]
                 products.pop(name, None)
         own = [name for name in solvable if owners[name] == self.group.rank]
+        in_shares = [name for name in by_name if owners[name] is None]
         if install and self._installs_each_as_solved():
             results: dict[str, dict[str, float]] = {}
 
@@ -1214,9 +1222,11 @@ class _Calibrator:
             self.results.update((name, results[name]) for name in solvable)  # in the model's order
             self.solve_seconds += time.perf_counter() - started
             return {}
+        my_shares = self._solve_shares(in_shares, accumulators, products, later=own)
         mine = self._solve_own(own, accumulators, products)
         solutions = {}
-        shared = share_solutions(self.group, mine, owners)
+        shared = share_solutions(self.group, mine, {name: owner for name, owner in owners.items() if owner is not None})
+        shared.update(gather_row_shares(self.group, my_shares, self._rows_of_share))
         for name in solvable:  # in the model's order, which the summary and the card list
             self.results[name], qweight = _result_and_solution(shared[name], tokens[name])
             solutions[name] = qweight
@@ -1323,6 +1333,45 @@ class _Calibrator:
             solved.update(part)
         return {name: solved[name] for name in names if name in solved}
 
+    def _solve_shares(
+        self,
+        names: list[str],
+        accumulators: dict[str, HessianAccumulator],
+        products: dict[str, TargetProductAccumulator],
+        later: list[str],
+    ) -> dict[str, QuantizedWeight]:
+        """This rank's share of the rows of each layer in ``names``, which every rank solves together
+        (:func:`~hf_comq.calibration.distributed.balanced_owners`), one layer at a time in ``names``' order
+        on every rank: each share's solve sums its objective with the others' as it goes.
+
+        They run before this rank's own layers (``later``), so that no rank waits in a shared solve
+        for another's own layers; a Gram matrix that one of those reads is left for them intact.
+        """
+        if not names:
+            return {}
+        if self.settings.sum_dtype == torch.float64:  # see _hand_over
+            self._hand_over([accumulators[name] for name in names])
+        total = summing_over_ranks(self.group)
+        solved = {}
+        for index, name in enumerate(names):
+            accumulator = accumulators.pop(name)
+            last_reader = all(accumulators.get(other) is not accumulator for other in [*names[index + 1 :], *later])
+            share = RowShare(self.group.rank, self.group.size, linear_shape(self.model.get_submodule(name))[0], total)
+            solved[name] = self._solve(name, accumulator, products.pop(name, None), last_reader, share)
+        return solved
+
+    def _shares_rows(self, name: str) -> bool:
+        """Whether the ranks can solve this layer together, a share of its rows each (COMQ's own solver only)."""
+        out_features, in_features = linear_shape(self.model.get_submodule(name))
+        return self.settings.solver is comq_quantize and can_share_rows(
+            out_features, in_features, self.group.size, self.settings.hessian_dtype
+        )
+
+    def _rows_of_share(self, name: str, rank: int) -> list[slice]:
+        """The rows of layer ``name`` that ``rank`` solves when the ranks share it."""
+        out_features, in_features = linear_shape(self.model.get_submodule(name))
+        return shared_rows(out_features, in_features, rank, self.group.size, self.settings.hessian_dtype)
+
     def _solve_workers(self, names: list[str], jobs: int) -> int:
         """Threads for one step's solves (see :meth:`_side_by_side_workers`); a solve's largest
         operator is its widest threaded GEMM."""
@@ -1359,15 +1408,18 @@ class _Calibrator:
         accumulator: HessianAccumulator,
         product: TargetProductAccumulator | None,
         last_reader: bool,
+        share: RowShare | None = None,
     ) -> QuantizedWeight:
-        """Solve one layer; with ``fp_target`` its weight is first aimed at the full-precision outputs,
-        from its Gram matrix's target shift or from its own target ``product``."""
+        """Solve one layer, or with ``share`` this rank's share of its rows; with ``fp_target`` its weight is
+        first aimed at the full-precision outputs, from its Gram matrix's target shift or from its own target
+        ``product`` (the share's rows only: rows are aimed independently)."""
         module = self.model.get_submodule(name)
         started = time.perf_counter()
+        rows = None if share is None else self._rows_of_share(name, share.index)
         with materialized(module, self.compute):
-            weight = get_linear_weight(module).detach().to(self.compute)
+            weight = _rows(get_linear_weight(module).detach(), rows).to(self.compute)
             bias = getattr(module, "bias", None) if product is not None else None
-            bias = None if bias is None else bias.detach().to(self.compute)
+            bias = None if bias is None else _rows(bias.detach(), rows).to(self.compute)
         try:
             dtype = self.settings.hessian_dtype
             hessian = accumulator.result(dtype)
@@ -1375,14 +1427,15 @@ class _Calibrator:
             if accumulator.with_target:
                 target = target_product(weight, accumulator.target_shift(dtype))
             elif product is not None:  # this solve is the product's only reader: it goes with the aimed weight
-                target = target_product_from_outputs(weight, hessian, product.result(dtype), bias, product.input_sum(dtype))
+                outputs_product = _rows(product.result(dtype), rows)
+                target = target_product_from_outputs(weight, hessian, outputs_product, bias, product.input_sum(dtype))
                 product = None
             if target is not None:
                 weight = fp_target_weight(weight, hessian, target, overwrite_product=True, lend_hessian=last_reader)
                 del target
             qweight = self.settings.solver(
                 weight, hessian, **self.settings.solver_kwargs_for(accumulator),
-                **({"overwrite_hessian": True} if last_reader else {}),
+                **({"overwrite_hessian": True} if last_reader else {}), **({"share": share} if share else {}),
             )
         except ValueError as error:
             raise ValueError(f"COMQ could not quantize {name!r}: {error}") from error
@@ -1675,6 +1728,12 @@ def _result_and_solution(qweight: QuantizedWeight, num_tokens: int) -> tuple[dic
         "seconds": round(float(stats.pop("seconds")), 4),
     }
     return result, dataclasses.replace(qweight, stats=stats)
+
+
+def _rows(tensor: torch.Tensor, rows: list[slice] | None) -> torch.Tensor:
+    """The rows ``rows`` of ``tensor`` one after another (a row share's: see :meth:`_Calibrator._rows_of_share`);
+    ``tensor`` itself for ``None``."""
+    return tensor if rows is None else torch.cat([tensor[span] for span in rows])
 
 
 def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:

@@ -25,7 +25,10 @@ from .options import (
 _EXPORTS = {
     "SOLVER_DEFAULTS": ".comq",
     "QuantizedWeight": ".comq",
+    "can_share_rows": ".comq",
     "comq_quantize": ".comq",
+    "shared_rows": ".comq",
+    "RowShare": ".shares",
     "layer_objective": ".comq",
     "widest_threaded_gemm": ".comq",
     "default_damp": ".options",

@@ -8,6 +8,7 @@ torch; no transformers import, so it can be used on any linear layer.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ from .options import (
 from .pair_moves import pair_move_pass
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
+from .shares import RowShare, part_of, share_bounds
 from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
 from .spans import SUM_BLOCK_ROWS, row_totals_in_blocks, rows_fitting, spans
 
@@ -111,6 +113,7 @@ def comq_quantize(
     block_size: int = 128,
     compute_dtype: torch.dtype = torch.float32,
     overwrite_hessian: bool = False,
+    share: RowShare | None = None,
 ) -> QuantizedWeight:
     """Quantize one linear layer's weight with COMQ coordinate descent.
 
@@ -206,6 +209,10 @@ def comq_quantize(
             solve's peak; the calibration driver passes it for a Gram matrix no other
             layer reads.  Takes effect only when ``hessian`` is contiguous and already
             in ``compute_dtype`` on the weight's device (otherwise a copy is made anyway).
+        share: solve one share of the layer's rows together with other workers (:mod:`.shares`):
+            ``weight`` is then this worker's rows of the layer, :func:`shared_rows` of it, and every
+            worker must call with the same ``hessian`` and settings.  The result holds those
+            rows; its ``stats`` are the whole layer's.
 
     Returns:
         A :class:`QuantizedWeight`; ``stats["objective"]`` lists the objective after
@@ -217,7 +224,10 @@ def comq_quantize(
     (:data:`~hf_comq.solver.options.REFERENCE_CODE`).
     """
     damp = default_damp(bits) if damp is None else damp
-    _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype)
+    _validate_arguments(
+        weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype,
+        finite=_all_finite if share is None else lambda rows: share.summed([not _all_finite(rows)])[0] == 0,
+    )  # fmt: skip
     scale_refit = refits_by_default(bits) if scale_refit is None else scale_refit
     check_ridge(ridge)
     for name, flag in (("symmetric", symmetric), ("scale_search", scale_search), ("block_resolve", block_resolve),
@@ -240,7 +250,7 @@ def comq_quantize(
         stored_group = group_size if cols_per_group != in_features else None
         return _round_to_grid(
             weight.detach(), hessian.detach(), h_diag, bits, cols_per_group, symmetric, scale_search, shrink,
-            stored_group, compute_dtype, ridge_value,
+            stored_group, compute_dtype, ridge_value, share,
         )  # fmt: skip
     columns = _Columns.build(
         hessian.detach(), compute_dtype, weight.device, cols_per_group, order, overwrite_hessian, ridge_value
@@ -265,11 +275,12 @@ def comq_quantize(
         plan.give_back()
     plan = conditional = None
     parts: list[_SolvedRows] = []
-    for rows in spans(weight.shape[0], slice_rows(in_features, compute_dtype)):
+    for rows in _own_slices(weight.shape[0], in_features, compute_dtype, share):
         problem = _Problem.build(weight[rows].detach().to(compute_dtype), columns, started.grid.rows(rows))
         reference, history = problem.begin(started.rows(rows), consume_weight_h=spare_weight_h)
-        parts.append(_sweep_rows(problem, history, reference, init, damp, block_size, iterations, order,
-                                 scale_refit, block_resolve, pair_moves, tol))  # fmt: skip
+        reference, history[0], slice_rows_total = _totals([reference, history[0], problem.row_count], share)
+        parts.append(_sweep_rows(problem, history, reference, int(slice_rows_total), init, damp, block_size,
+                                 iterations, order, scale_refit, block_resolve, pair_moves, tol, share))  # fmt: skip
         del problem
     history = _summed_histories([part.history for part in parts])
     reference = sum(part.reference for part in parts)
@@ -389,6 +400,43 @@ def slice_rows(in_features: int, dtype: torch.dtype = torch.float32, tables: int
     return rows_fitting(SLICE_TABLE_BYTES, tables * in_features * dtype.itemsize)
 
 
+def shared_rows(
+    out_features: int, in_features: int, index: int, count: int, compute_dtype: torch.dtype = torch.float32
+) -> list[slice]:
+    """The rows of a layer that worker ``index`` of ``count`` solves (:class:`~.shares.RowShare`): its
+    share of each slice of the solve, so that every slice stops where it would in one process."""
+    layer_slices = spans(out_features, slice_rows(in_features, compute_dtype))
+    return [part_of(span, index, count) for span in layer_slices]
+
+
+def can_share_rows(out_features: int, in_features: int, count: int, compute_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``count`` workers each get rows of every slice of this layer's solve."""
+    if count < 2:
+        return False
+    layer_slices = spans(out_features, slice_rows(in_features, compute_dtype))
+    return all(min(b - a for a, b in itertools.pairwise(share_bounds(s.stop - s.start, count))) > 0 for s in layer_slices)
+
+
+def _own_slices(rows: int, in_features: int, compute_dtype: torch.dtype, share: RowShare | None) -> list[slice]:
+    """The slices of the ``rows`` rows at hand, in their own indices: a share's parts of the layer's slices,
+    one after another, as :func:`shared_rows` lists them."""
+    if share is None:
+        return spans(rows, slice_rows(in_features, compute_dtype))
+    lengths = [part.stop - part.start for part in shared_rows(share.out_features, in_features, share.index, share.count, compute_dtype)]
+    if sum(lengths) != rows or min(lengths) == 0:
+        raise ValueError(
+            f"a row share needs its rows of every slice of the layer ({sum(lengths)} rows of {share.out_features}, "
+            f"see shared_rows and can_share_rows), got {rows}"
+        )
+    starts = [0, *itertools.accumulate(lengths)]
+    return [slice(start, stop) for start, stop in itertools.pairwise(starts)]
+
+
+def _totals(values: list[float], share: RowShare | None) -> list[float]:
+    """``values`` summed over the workers sharing the layer (as they are in one process)."""
+    return values if share is None else share.summed(values)
+
+
 @dataclass
 class _SolvedRows:
     """One slice's result: codes in the weight's layout, its grid, its objective after each step."""
@@ -403,6 +451,7 @@ def _sweep_rows(
     problem: _Problem,
     history: list[float],
     reference: float,
+    slice_rows_total: int,
     init: str,
     damp: float,
     block_size: int,
@@ -412,9 +461,10 @@ def _sweep_rows(
     block_resolve: bool,
     pair_moves: int,
     tol: float,
+    share: RowShare | None = None,
 ) -> _SolvedRows:
     """Sweep, refit and re-solve one started slice of rows; sweeping stops when the slice's own objective stalls,
-    or when no row is left that a sweep could move.
+    or when no row is left that a sweep could move.  ``slice_rows_total``: the slice's rows (every share's, with ``share``).
 
     A pair-move pass leaves each row it did not cap where no single step helps (and no pair
     of its candidates), so the next sweep and pair pass can move only the rows changed since
@@ -422,12 +472,14 @@ def _sweep_rows(
     only those sweep again.
     """
     unsettled = None  # rows a sweep may still move (bool per row); None: every row
+    unsettled_rows = slice_rows_total  # how many, in the whole slice
     for sweep_index in range(iterations):
-        if unsettled is not None and not bool(unsettled.any()):
+        if unsettled is not None and unsettled_rows == 0:
             break
         on_grid = problem.codes_t is not None  # the fp start is off the grid: its objective means nothing
         before = history[-1]
-        capped = _sweep_and_pair(problem, unsettled, order, block_size, pair_moves)
+        apart = unsettled is not None and unsettled_rows <= MOST_ROWS_SWEPT_APART * slice_rows_total
+        capped = _sweep_and_pair(problem, unsettled if apart else None, order, block_size, pair_moves)
         resolving = block_resolve and init == "error_feedback" and sweep_index == 0
         if scale_refit:
             problem.refit_scales(keep_residual=resolving or sweep_index + 1 < iterations)
@@ -436,7 +488,8 @@ def _sweep_rows(
             unsettled = None
         else:
             unsettled = capped if moved is None else capped | moved
-        history.append(problem.objective())
+        objective, unsettled_rows = _totals([problem.objective(), 0 if unsettled is None else int(unsettled.sum())], share)
+        history.append(objective)
         if on_grid and before - history[-1] <= tol * before:
             break
     return _SolvedRows(codes=problem.codes_in_original_order(), grid=problem.grid, history=history, reference=reference)
@@ -449,20 +502,20 @@ as they would apart, up to summation order, and the rest by rounding noise at mo
 
 
 def _sweep_and_pair(
-    problem: _Problem, unsettled: torch.Tensor | None, order: str, block_size: int, pair_moves: int
+    problem: _Problem, apart: torch.Tensor | None, order: str, block_size: int, pair_moves: int
 ) -> torch.Tensor | None:
-    """One sweep and pair-move pass over the rows in ``unsettled`` (all if ``None``; given only
-    with pair moves on); returns the rows the pair pass capped (bool per row of ``problem``),
-    ``None`` without pair moves."""
-    rows = None
-    if unsettled is not None and int(unsettled.sum()) <= MOST_ROWS_SWEPT_APART * unsettled.numel():
-        rows = torch.nonzero(unsettled).squeeze(1)
+    """One sweep and pair-move pass over every row, or over the rows in ``apart`` alone, in tables of
+    their own (bool per row; given only with pair moves on); returns the rows the pair pass capped
+    (bool per row of ``problem``), ``None`` without pair moves."""
+    rows = None if apart is None else torch.nonzero(apart).squeeze(1)
+    if rows is not None and rows.numel() == 0:  # none here: other shares of the slice hold them
+        return torch.zeros_like(apart)
     part = problem if rows is None else problem.rows_apart(rows)
     part.sweep(order, block_size)
     capped = part.step_pairs(pair_moves) if pair_moves else None
     if rows is not None:
         problem.take_rows(rows, part)
-        capped = torch.zeros_like(unsettled).index_fill_(0, rows[capped], True)
+        capped = torch.zeros_like(apart).index_fill_(0, rows[capped], True)
     return capped
 
 
@@ -531,6 +584,7 @@ def _objective_stats(history: list[float], reference: float) -> dict[str, float 
 def _round_to_grid(
     weight: torch.Tensor, hessian: torch.Tensor, h_diag: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     scale_search: bool, shrink: float, stored_group: int | None, compute_dtype: torch.dtype, ridge_value: float,
+    share: RowShare | None = None,
 ) -> QuantizedWeight:  # fmt: skip
     """Round-to-nearest on the start's grid, with the objective and relative error of a solve
     (on ``H + ridge_value * I``, as a solve's; ``h_diag`` has the ridge already).
@@ -565,6 +619,7 @@ def _round_to_grid(
             scales.append(grid.scale.float())
             zero_points.append(grid.zero_point.float())
         objective += _ridged_objective(block, h, ridge_value)
+    objective, reference = _totals([objective, reference], share)
     return QuantizedWeight(
         codes=codes,
         scale=torch.cat(scales),
@@ -876,6 +931,11 @@ class _Problem:
             self.grid.max_code, damp, block_size,
         )
 
+    @property
+    def row_count(self) -> int:
+        """The output rows this problem solves."""
+        return self.weight_t.shape[1]
+
     def rows_apart(self, rows: torch.Tensor) -> _Problem:
         """The problem of some output rows (indices) alone, in tables of their own, for a
         sweep and pair pass; :meth:`take_rows` writes them back.  Without ``H W^T``: only the
@@ -982,7 +1042,10 @@ def _symmetrize_in_place(h: torch.Tensor) -> None:
             h[cols, rows] = mean.T
 
 
-def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype) -> None:
+def _validate_arguments(
+    weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype, finite=None
+) -> None:
+    """Refuse bad arguments with one line; ``finite``: whether the weight is finite (every share's, for a row share)."""
     check_bits(bits)
     if not isinstance(weight, torch.Tensor) or not isinstance(hessian, torch.Tensor):
         raise ValueError("weight and hessian must be torch tensors")
@@ -999,7 +1062,7 @@ def _validate_arguments(weight, hessian, bits, iterations, order, init, shrink, 
         )
     if weight.numel() == 0:
         raise ValueError("weight is empty")
-    if not _all_finite(weight):
+    if not (finite or _all_finite)(weight):
         raise ValueError("weight contains NaN or inf; quantize a checkpoint with finite weights")
     if not _all_finite(hessian):
         raise ValueError("hessian contains NaN or inf; check the calibration activations (e.g. fp16 overflow)")

@@ -75,6 +75,12 @@ def counted_gram_pass(self, block_name, stage, *args):
     gram_passes.append(stage)
     return gram_pass(self, block_name, stage, *args)
 sequential._Calibrator._gram_pass_after_products = counted_gram_pass
+solved_in_shares = []  # the layers whose rows the ranks shared
+solve_shares = sequential._Calibrator._solve_shares
+def counted_solve_shares(self, names, *args, **kwargs):
+    solved_in_shares.extend(names)
+    return solve_shares(self, names, *args, **kwargs)
+sequential._Calibrator._solve_shares = counted_solve_shares
 placement = {}
 if scenario == "offloaded" or (scenario == "other-placement" and rank == 1):  # last block and final norm on disk
     placement = dict(device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -84,12 +90,13 @@ result = {}
 try:
     for mode in ["sequential", "true-sequential"] if scenario in ("other-placement", "offloaded") else MODES:
         gram_passes.clear()
+        solved_in_shares.clear()
         bits = 5 if scenario == "different" and rank == 1 else 4
         config = calibration_config(mode, bits, data_seed=1 if scenario == "other-data" and rank == 1 else 0)
         model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config, **placement)
         model.save_pretrained(os.path.join(out, mode))
         model.save_pretrained(os.path.join(out, f"rank{rank}-{mode}"))  # a folder of its own: only rank 0 writes
-        result[mode] = {**summary_of(model), "gram passes": list(gram_passes)}
+        result[mode] = {**summary_of(model), "gram passes": list(gram_passes), "shared": sorted(solved_in_shares)}
 except CalibrationGroupError as error:
     result["error"] = str(error)
 json.dump(result, open(os.path.join(out, f"rank{rank}.json"), "w"))
@@ -189,6 +196,15 @@ def test_layers_go_to_the_least_loaded_rank_longest_first():
     loads = [sum(cost for cost, owner in zip(costs, owners) if owner == rank) for rank in range(2)]
     assert owners == [1, 1, 1, 1, 0, 1, 0] and loads == [6, 5.5]
     assert balanced_owners(costs, 1) == [0] * 7
+    assert balanced_owners(costs, 2, [True] * 7) == owners  # no layer is more than half the block
+
+
+def test_a_layer_that_would_keep_the_other_ranks_waiting_is_shared_by_all_of_them():
+    """``None``: every rank solves a share of its rows; the others then go to the least loaded rank."""
+    assert balanced_owners([3], 2, [True]) == [None]  # a stage of one layer (a down projection)
+    assert balanced_owners([1, 0.25, 0.25], 2, [True] * 3) == [None, 0, 1]  # q, k, v of grouped-query attention
+    assert balanced_owners([1, 0.25, 0.25], 2, [False, True, True]) == [0, 1, 1]  # q too narrow to share
+    assert balanced_owners([3], 1, [True]) == [0]
 
 
 def test_two_ranks_sum_gram_matrices_and_share_solutions(tmp_path):
@@ -213,11 +229,20 @@ def test_two_ranks_write_the_checkpoint_of_one_process(tmp_path, kind):
     float32 batch products, and float64 holds such sums of a few batches exactly, so the
     all-reduce's other summation order gives the very same H (and the same solve).  A mixture
     of experts too: an expert may get tokens on one rank only, and its sharing of one Gram
-    matrix between gate and up must still pair the ranks' sums."""
+    matrix between gate and up must still pair the ranks' sums.  Solved stage by stage, a
+    stage of one layer (attention output, the dense MLP's down projection) is solved by both
+    ranks, half its rows each, and its codes are still those of one process."""
     checkpoint = _tiny_checkpoint(tmp_path, kind)
     run_two_ranks(tmp_path, QUANTIZE, "ok", str(checkpoint), str(tmp_path))
     ranks = [_read(tmp_path / f"rank{rank}.json") for rank in range(2)]
     assert all(result[mode]["gram passes"] == [] for result in ranks for mode in MODES)  # in memory: one pass
+    shared = [f"model.layers.{block}.self_attn.o_proj" for block in range(2)]
+    if kind == "llama":
+        shared += [f"model.layers.{block}.mlp.down_proj" for block in range(2)]
+    for result in ranks:  # the modes that solve in stages (at 4 bits all but full-precision inputs)
+        assert {mode: sorted(result[mode]["shared"]) for mode in MODES} == {
+            mode: [] if mode == "fp-inputs" else sorted(shared) for mode in MODES
+        }
     _assert_the_checkpoints_of_one_process(tmp_path, checkpoint, ranks, list(MODES))
 
 
@@ -232,7 +257,7 @@ def _assert_the_checkpoints_of_one_process(tmp_path: Path, checkpoint: Path, ran
             model = T.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=config)
             model.save_pretrained(tmp_path / f"single-{mode}")
             for result in ranks:  # the same tokens per layer: every rank's count
-                assert {key: value for key, value in result[mode].items() if key != "gram passes"} == {
+                assert {key: value for key, value in result[mode].items() if key not in ("gram passes", "shared")} == {
                     **summary_of(model), "ranks": 2
                 }
             expected, got = _tensors(tmp_path / f"single-{mode}"), _tensors(tmp_path / mode)
