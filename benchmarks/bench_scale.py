@@ -31,7 +31,8 @@ Two measurements, each in fresh processes so one cannot inherit the other's memo
   solve in the same process, which brings in the libraries' code pages once).
 * ``ranks``: calibration wall time (``quantize_model``'s own ``time_s``) of the
   SmolLM2-shaped model with the default COMQ solver, one rank on 2 threads against two
-  gloo ranks on 1 thread each (the same 2 cores), interleaved, median of the repeats.
+  gloo ranks on 1 thread each (the same 2 cores), interleaved, median of the repeats; and
+  one process on 1 thread, the work that perfectly halved would bound the two ranks.
 
     python benchmarks/bench_scale.py memory --models smollm2 tinyllama-1b
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_scale.py memory --fp-target --allocators MALLOC_MMAP_THRESHOLD_=65536
@@ -402,22 +403,27 @@ def _ranks_once(world: int, threads: int, samples: int, length: int) -> dict:
     return _last_json(_run_children(argvs, env={"OMP_NUM_THREADS": str(threads)})[0])
 
 
+RANK_LAYOUTS = ((1, 2), (2, 1), (1, 1))
+"""(ranks, threads per rank) of the ranks run: the two ways to use 2 cores, and one process on one of them."""
+
+
 def run_ranks(repeats: int, samples: int, length: int) -> dict:
     _run_child(["build", "smollm2"])
-    times: dict[int, list[float]] = {1: [], 2: []}
     rows = []
-    for _ in range(repeats):  # interleaved, so both see the same machine load
-        for world, threads in ((1, 2), (2, 1)):
+    for _ in range(repeats):  # interleaved, so every layout sees the same machine load
+        for world, threads in RANK_LAYOUTS:
             row = _ranks_once(world, threads, samples, length)
             print(json.dumps(row), flush=True)
             rows.append(row)
-            times[world].append(row["calibration_s"])
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    cpu = {
-        world: statistics.median(row["busiest_rank_cpu_s"] for row in rows if row["ranks"] == world) for world in (1, 2)
-    }
-    return {"rows": rows, "median_1_rank_s": one, "median_2_ranks_s": two, "ratio": round(two / one, 3),
-            "cpu_ratio": round(cpu[2] / cpu[1], 3), "cpu": cpu}  # fmt: skip
+
+    def median(layout: tuple[int, int], key: str) -> float:
+        return statistics.median(row[key] for row in rows if (row["ranks"], row["threads_per_rank"]) == layout)
+
+    one, two, one_thread = (median(layout, "calibration_s") for layout in RANK_LAYOUTS)
+    cpu = {1: median((1, 2), "busiest_rank_cpu_s"), 2: median((2, 1), "busiest_rank_cpu_s")}
+    return {"rows": rows, "median_1_rank_s": one, "median_2_ranks_s": two, "median_1_thread_s": one_thread,
+            "ratio": round(two / one, 3), "ratio_to_1_thread": round(two / one_thread, 3),
+            "halving_bound": round(one_thread / 2 / one, 3), "cpu_ratio": round(cpu[2] / cpu[1], 3), "cpu": cpu}  # fmt: skip
 
 
 def _report(memory: list[dict], solves: list[dict], ranks: dict | None, command: str) -> str:
@@ -452,11 +458,13 @@ def _report(memory: list[dict], solves: list[dict], ranks: dict | None, command:
     if ranks:
         lines.append("## Calibration wall time, SmolLM2-135M shape (random fp32 weights), default COMQ solver, W4")
         lines.append("ranks x threads | calibration s (each repeat) | median")
-        ones = [row["calibration_s"] for row in ranks["rows"] if row["ranks"] == 1]
-        twos = [row["calibration_s"] for row in ranks["rows"] if row["ranks"] == 2]
-        lines.append(f"1 x 2 | {ones} | {ranks['median_1_rank_s']}")
-        lines.append(f"2 x 1 | {twos} | {ranks['median_2_ranks_s']}")
+        medians = (ranks["median_1_rank_s"], ranks["median_2_ranks_s"], ranks["median_1_thread_s"])
+        for (world, threads), median in zip(RANK_LAYOUTS, medians):
+            times = [row["calibration_s"] for row in ranks["rows"] if (row["ranks"], row["threads_per_rank"]) == (world, threads)]
+            lines.append(f"{world} x {threads} | {times} | {median}")
         lines.append(f"ratio 2 ranks / 1 rank: {ranks['ratio']} (target <= 0.6)")
+        lines.append(f"ratio 2 ranks / 1 rank on 1 thread: {ranks['ratio_to_1_thread']} (0.5: the work halved); "
+                     f"halved, the 1-thread work would give {ranks['halving_bound']} of 1 x 2")
         lines.append(f"CPU seconds of the busiest rank, from_pretrained (median): 1 x 2: {ranks['cpu'][1]}, "
                      f"2 x 1: {ranks['cpu'][2]}; ratio {ranks['cpu_ratio']} (the share of the work the busiest "
                      "rank does; wall time follows it only where nothing else competes for the cores)")
