@@ -58,26 +58,72 @@ def damped_inverse_cholesky(
     ``D`` is ``damp * mean(diag H)`` (the mean over live inputs) on every input, dead ones (zero
     diagonal) included: that is all they need for the factorisation to exist, and it keeps their
     errors, which cost nothing, from weighing in the damped objective.  It scales with H, so the
-    result does not depend on H's overall scale (a mean over tokens or a sum).  If the damped matrix is still numerically indefinite
-    (rank-deficient H in float32), the damping grows tenfold until it factorises.
-    With ``saved`` (``hessian``'s upper triangle), ``U`` is made in ``hessian``'s own
-    storage, whose values are then lost (``saved`` rebuilds them, and does so before
-    each stronger damping is tried).
+    result does not depend on H's overall scale (a mean over tokens or a sum).  If the damped matrix
+    is still numerically indefinite (rank-deficient H in float32), the damping grows tenfold until it
+    factorises.  With ``saved`` (``hessian``'s upper triangle), ``U`` is made in ``hessian``'s own
+    storage, whose values are then lost (``saved`` rebuilds them, and does so before each stronger
+    damping is tried).
+
+    ``U`` comes from one factorisation, not three (factor, invert, factor the inverse): with ``J`` the
+    order-reversing permutation and ``J (H + D) J = L L^T``, ``(H + D)^-1 = U^T U`` for
+    ``U = J L^-1 J``, upper triangular (the same ``U``: a Cholesky factor is unique).  Reversing the
+    order of rows and columns is reversing the matrix's storage, so it needs no copy.
     """
     for attempt, added in enumerate(_dampings(hessian, damp)):
         if saved is not None and attempt > 0:
             saved.restore(hessian)
-        # Every step overwrites the previous one's result (LAPACK works in place on
-        # the column-major factor): one in x in matrix beside H, where a copy per
-        # step would hold two, for a wide layer the solve's largest ones.
-        factor = _factor(hessian, added, in_place=saved is not None)
+        # Every step works in the factor's own storage (LAPACK works in place on the
+        # column-major factor): one in x in matrix beside H, where a copy per step would
+        # hold two, for a wide layer the solve's largest ones.
+        factor = _factor(hessian, added, in_place=saved is not None, reverse_order=True)
         if factor is None:
             continue
-        inverse = torch.cholesky_inverse(factor, out=factor)
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True, out=(inverse, _info_like(inverse)))
-        if int(info) == 0:
+        upper = _reverse_storage(_invert_lower_in_place(factor))
+        if _diagonal_is_finite(upper):
             return upper, added
     raise ValueError(FACTORISATION_FAILED)
+
+
+INVERSE_BLOCK = 128
+"""Columns per block of the in-place triangular inverse (its temporaries: a block column)."""
+
+
+def _invert_lower_in_place(lower: torch.Tensor) -> torch.Tensor:
+    """``L^-1`` written over the lower triangular ``L`` (whose upper triangle holds zeros), a block column
+    at a time from the last: each block column below the diagonal becomes ``-L22^-1 L21 L11^-1`` from the
+    already inverted trailing block ``L22^-1``, LAPACK's ``trtri`` order, in GEMMs."""
+    size = lower.shape[0]
+    for start in reversed(range(0, size, INVERSE_BLOCK)):
+        stop = min(start + INVERSE_BLOCK, size)
+        block = lower[start:stop, start:stop]
+        identity = torch.eye(stop - start, dtype=lower.dtype, device=lower.device)
+        block_inverse = torch.linalg.solve_triangular(block, identity, upper=False)
+        if stop < size:
+            below = lower[stop:, start:stop]
+            below.copy_(torch.matmul(torch.matmul(lower[stop:, stop:], below), block_inverse).neg_())
+        block.copy_(block_inverse)
+    return lower
+
+
+def _reverse_storage(matrix: torch.Tensor) -> torch.Tensor:
+    """``J M J`` (rows and columns in reverse order) in ``matrix``'s own storage, a square matrix laid out
+    densely (row- or column-major): that is its storage read backwards.  Swaps chunks of the two ends."""
+    flat = matrix.T.reshape(-1) if matrix.T.is_contiguous() else matrix.view(-1)
+    count = flat.numel()
+    for start in range(0, count // 2, REVERSE_CHUNK):
+        stop = min(start + REVERSE_CHUNK, count // 2)
+        head = flat[start:stop].clone()
+        flat[start:stop] = flat[count - stop : count - start].flip(0)
+        flat[count - stop : count - start] = head.flip(0)
+    return matrix
+
+
+REVERSE_CHUNK = 1 << 16  # elements per swapped chunk of :func:`_reverse_storage`
+
+
+def _diagonal_is_finite(matrix: torch.Tensor) -> bool:
+    """A triangular inverse overflows first on its diagonal's neighbourhood; its diagonal is the cheap check."""
+    return bool(torch.isfinite(torch.diagonal(matrix)).all())
 
 
 def _dampings(hessian: torch.Tensor, damp: float) -> Iterator[torch.Tensor]:
@@ -89,13 +135,17 @@ def _dampings(hessian: torch.Tensor, damp: float) -> Iterator[torch.Tensor]:
         yield torch.full_like(diag, damp * 10**attempt) * mean_diag
 
 
-def _factor(hessian: torch.Tensor, added: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
+def _factor(
+    hessian: torch.Tensor, added: torch.Tensor, in_place: bool = False, reverse_order: bool = False
+) -> torch.Tensor | None:
     """Lower Cholesky factor of ``H + diag(added)``, ``None`` if it is not positive definite.
 
     The damped copy is laid out column-major, LAPACK's own layout, so it is factorised
     in its own storage: torch would otherwise hold the copy and a new factor at once.
     ``in_place``: no copy, ``hessian`` itself (symmetric and contiguous, so its transpose
-    is the same matrix laid out column-major) is damped and factorised.
+    is the same matrix laid out column-major) is damped and factorised.  ``reverse_order``:
+    factorise ``J (H + diag(added)) J``, rows and columns in reverse order (``added`` is one
+    value on every input, which the reversal leaves as it is).
     """
     size = hessian.shape[-1]
     if in_place:
@@ -103,6 +153,8 @@ def _factor(hessian: torch.Tensor, added: torch.Tensor, in_place: bool = False) 
     else:
         damped = torch.empty_strided((size, size), (1, size), dtype=hessian.dtype, device=hessian.device)
         damped.copy_(hessian)
+    if reverse_order:
+        _reverse_storage(damped)
     damped.diagonal().add_(added)
     factor, info = torch.linalg.cholesky_ex(damped, out=(damped, _info_like(damped)))
     return factor if int(info) == 0 else None

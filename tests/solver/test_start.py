@@ -23,8 +23,9 @@ def test_the_factor_reproduces_the_damped_matrix(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_inverse_factor_reproduces_the_inverse_of_the_damped_matrix(dtype):
-    hessian = _gram(dtype=dtype)
+@pytest.mark.parametrize("width", [40, 300])  # 300: blocks of the triangular inverse, the last one shorter
+def test_the_inverse_factor_reproduces_the_inverse_of_the_damped_matrix(dtype, width):
+    hessian = _gram(width=width, tokens=2 * width, dtype=dtype)
     original = hessian.clone()
     upper, added = damped_inverse_cholesky(hessian, 0.01)
     expected = torch.linalg.inv((hessian + torch.diag(added)).double())
