@@ -1427,9 +1427,9 @@ class _Calibrator:
             if accumulator.with_target:
                 target = target_product(weight, accumulator.target_shift(dtype))
             elif product is not None:  # this solve is the product's only reader: it goes with the aimed weight
-                outputs_product = _rows(product.result(dtype), rows)
-                target = target_product_from_outputs(weight, hessian, outputs_product, bias, product.input_sum(dtype))
-                product = None
+                outputs_product, input_sum = _rows(product.result(dtype), rows), product.input_sum(dtype)
+                product = None  # a share's rows are a copy: the whole product goes before they are aimed
+                target = target_product_from_outputs(weight, hessian, outputs_product, bias, input_sum)
             if target is not None:
                 weight = fp_target_weight(weight, hessian, target, overwrite_product=True, lend_hessian=last_reader)
                 del target
