@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..solver import HessianAccumulator, QuantizedWeight, TargetProductAccumulator
+from ..solver import HessianAccumulator, QuantizedWeight, TargetProductAccumulator, joined_shares
 from .hooks import HessianRecorder
 
 
@@ -310,7 +310,7 @@ def gather_row_shares(
     the same names on every rank, its rows ``rows_of(name, rank)`` of the layer's, in that order).
 
     Each rank broadcasts its share's codes, scales and zero points in turn; the layer's ``stats`` are
-    every rank's already (a share's are the whole layer's), and this rank's are kept.
+    every rank's already (a share's are the whole layer's).
     """
     whole: dict[str, QuantizedWeight] = {}
     if not solved:
@@ -318,11 +318,12 @@ def gather_row_shares(
     device = _collective_device()
     for name in sorted(solved):
         mine = solved[name]
-        parts: dict[str, list[torch.Tensor]] = {"codes": [], "scale": [], "zero_point": []}
         rows_by_rank = [rows_of(name, rank) for rank in range(group.size)]
+        shares = []
         for rank, rows in enumerate(rows_by_rank):
             count = sum(span.stop - span.start for span in rows)
-            for field, received in parts.items():
+            received = {}
+            for field in ("codes", "scale", "zero_point"):
                 template = getattr(mine, field)
                 part = (
                     template.to(device).contiguous()
@@ -330,21 +331,10 @@ def gather_row_shares(
                     else torch.empty((count, *template.shape[1:]), dtype=template.dtype, device=device)
                 )
                 _collective(group, "share a layer solved in shares", torch.distributed.broadcast, part, src=rank)
-                received.append(part)
-        whole[name] = dataclasses.replace(mine, **{field: _in_layer_order(tensors, rows_by_rank) for field, tensors in parts.items()})
+                received[field] = part
+            shares.append(dataclasses.replace(mine, **received))
+        whole[name] = joined_shares(shares, rows_by_rank)
     return whole
-
-
-def _in_layer_order(parts: list[torch.Tensor], rows_by_rank: list[list[slice]]) -> torch.Tensor:
-    """The rows of every rank's share (``parts[rank]`` holds ``rows_by_rank[rank]`` one after another) in the layer's order."""
-    out_features = max(span.stop for rows in rows_by_rank for span in rows)
-    layer = parts[0].new_empty((out_features, *parts[0].shape[1:]))
-    for part, rows in zip(parts, rows_by_rank):
-        start = 0
-        for span in rows:
-            layer[span] = part[start : start + span.stop - span.start]
-            start += span.stop - span.start
-    return layer
 
 
 def share_solutions(

@@ -7,6 +7,7 @@ torch; no transformers import, so it can be used on any linear layer.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import math
@@ -415,6 +416,24 @@ def can_share_rows(out_features: int, in_features: int, count: int, compute_dtyp
         return False
     layer_slices = spans(out_features, slice_rows(in_features, compute_dtype))
     return all(min(b - a for a, b in itertools.pairwise(share_bounds(s.stop - s.start, count))) > 0 for s in layer_slices)
+
+
+def joined_shares(shares: list[QuantizedWeight], rows_by_share: list[list[slice]]) -> QuantizedWeight:
+    """The whole layer from every worker's share of it (``shares[index]``: worker ``index``'s result, its rows
+    ``rows_by_share[index]``, :func:`shared_rows`); the ``stats`` are the first share's, which are the whole layer's."""
+    out_features = sum(share.codes.shape[0] for share in shares)
+
+    def joined(field: str) -> torch.Tensor:
+        first = getattr(shares[0], field)
+        layer = first.new_empty((out_features, *first.shape[1:]))
+        for share, rows in zip(shares, rows_by_share):
+            values, start = getattr(share, field), 0
+            for span in rows:
+                layer[span] = values[start : start + span.stop - span.start]
+                start += span.stop - span.start
+        return layer
+
+    return dataclasses.replace(shares[0], codes=joined("codes"), scale=joined("scale"), zero_point=joined("zero_point"))
 
 
 def _own_slices(rows: int, in_features: int, compute_dtype: torch.dtype, share: RowShare | None) -> list[slice]:

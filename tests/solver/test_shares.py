@@ -8,37 +8,19 @@ import pytest
 import torch
 
 from hf_comq import comq_quantize
-from hf_comq.solver import REFERENCE_CODE, RowShare, can_share_rows, shared_rows
+from hf_comq.solver import REFERENCE_CODE, RowShare, SharesOnThreads, can_share_rows, joined_shares, shared_rows
 from hf_comq.solver.shares import SHARE_ALIGN, share_bounds
-
-
-def _summing_workers(count: int) -> list:
-    """``count`` totals (one per worker thread) that add up every worker's vector, as an all-reduce would."""
-    barrier = threading.Barrier(count, timeout=60)
-    posted: list[torch.Tensor | None] = [None] * count
-
-    def total_of(index: int):
-        def total(values: torch.Tensor) -> torch.Tensor:
-            posted[index] = values.clone()
-            barrier.wait()
-            summed = torch.stack(posted).sum(0)
-            barrier.wait()  # nobody posts the next values before everyone has read these
-            return summed
-
-        return total
-
-    return [total_of(index) for index in range(count)]
 
 
 def solve_in_shares(weight: torch.Tensor, hessian: torch.Tensor, count: int, **settings) -> list:
     """Each worker's result (or the error it raised), the workers on threads, each with its rows of ``weight``."""
     out_features, in_features = weight.shape
-    totals = _summing_workers(count)
+    sums = SharesOnThreads(count)
     results: list = [None] * count
 
     def work(index: int) -> None:
         rows = shared_rows(out_features, in_features, index, count)
-        share = RowShare(index, count, out_features, totals[index])
+        share = RowShare(index, count, out_features, sums.total(index))
         try:
             results[index] = comq_quantize(torch.cat([weight[span] for span in rows]), hessian.clone(), share=share, **settings)
         except ValueError as error:
@@ -54,14 +36,8 @@ def solve_in_shares(weight: torch.Tensor, hessian: torch.Tensor, count: int, **s
 
 def _whole(results: list, out_features: int, in_features: int, field: str) -> torch.Tensor:
     count = len(results)
-    parts = [getattr(result, field) for result in results]
-    layer = parts[0].new_empty((out_features, *parts[0].shape[1:]))
-    for index, part in enumerate(parts):
-        start = 0
-        for span in shared_rows(out_features, in_features, index, count):
-            layer[span] = part[start : start + span.stop - span.start]
-            start += span.stop - span.start
-    return layer
+    joined = joined_shares(results, [shared_rows(out_features, in_features, index, count) for index in range(count)])
+    return getattr(joined, field)
 
 
 SETTINGS = [
@@ -135,3 +111,22 @@ def test_a_share_given_other_rows_than_its_own_is_refused(medium_layer):
     share = RowShare(0, 2, weight.shape[0], total=lambda values: values)
     with pytest.raises(ValueError, match="a row share needs its rows of every slice"):
         comq_quantize(weight, hessian, share=share)
+
+
+def test_a_share_that_fails_releases_the_others_from_their_sums():
+    """Threads of one process: a share that stops (an error of its own) aborts the sums, so the
+    others fail at their next one instead of waiting for it forever."""
+    sums = SharesOnThreads(2)
+    outcome = []
+
+    def waiting() -> None:
+        try:
+            sums.total(1)(torch.ones(2))
+        except threading.BrokenBarrierError:
+            outcome.append("released")
+
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    sums.abort()  # share 0 failed before its first sum
+    thread.join(timeout=30)
+    assert not thread.is_alive() and outcome == ["released"]
