@@ -74,7 +74,6 @@ import functools
 import hashlib
 import json
 import os
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -109,13 +108,11 @@ from ..solver import (
     HessianAccumulator,
     QuantizedWeight,
     RowShare,
-    SharesOnThreads,
     TargetProductAccumulator,
     aims_at_full_precision,
     can_share_rows,
     comq_quantize,
     fp_target_weight,
-    joined_shares,
     shared_rows,
     solves_in_stages_by_default,
     target_product,
@@ -1298,9 +1295,6 @@ class _Calibrator:
         stage of ``true_sequential``: q/k/v alone), the readers of one are solved side by
         side too, none overwriting it: each solve works on its own copy anyway.
         """
-        if len(names) == 1 and then is None and (shares := self._thread_shares(names[0])) > 1:
-            name = names[0]
-            return {name: self._solve_in_thread_shares(name, accumulators.pop(name), products.pop(name, None), shares)}
         readers: dict[int, tuple[HessianAccumulator, list[str]]] = {}
         for name in names:
             accumulator = accumulators.pop(name)
@@ -1365,51 +1359,6 @@ class _Calibrator:
             share = RowShare(self.group.rank, self.group.size, linear_shape(self.model.get_submodule(name))[0], total)
             solved[name] = self._solve(name, accumulator, products.pop(name, None), last_reader, share)
         return solved
-
-    def _thread_shares(self, name: str) -> int:
-        """How many shares of its rows a layer solved alone in its step is solved in, side by side on the
-        caller's threads (one per thread, :meth:`_side_by_side_workers`' rule); 1: solved whole.
-
-        A solve is mostly small operators that run best on one thread, so a lone layer (a stage
-        of one layer, such as a down projection) would leave the other cores idle.
-        """
-        if self.settings.solver is not comq_quantize:
-            return 1
-        out_features, in_features = linear_shape(self.model.get_submodule(name))
-        count = self._solve_workers([name], caller_threads())
-        while count > 1 and not can_share_rows(out_features, in_features, count, self.settings.hessian_dtype):
-            count -= 1
-        return count
-
-    def _solve_in_thread_shares(
-        self, name: str, accumulator: HessianAccumulator, product: TargetProductAccumulator | None, count: int
-    ) -> QuantizedWeight:
-        """Solve layer ``name`` in ``count`` shares of its rows on as many threads (:class:`SharesOnThreads`):
-        the codes of one solve.  The sums the shares read are made before they start, which every share
-        then only reads; the first error other than a share's released wait is raised."""
-        dtype = self.settings.hessian_dtype
-        accumulator.result(dtype)
-        if accumulator.with_target:
-            accumulator.target_shift(dtype)
-        if product is not None:
-            product.result(dtype)
-            product.input_sum(dtype)
-        out_features = linear_shape(self.model.get_submodule(name))[0]
-        sums = SharesOnThreads(count)
-
-        def solve_share(index: int) -> tuple[bool, Any]:
-            try:
-                share = RowShare(index, count, out_features, sums.total(index))
-                return True, self._solve(name, accumulator, product, last_reader=False, share=share)
-            except BaseException as error:  # the others must not wait for this share's sums
-                sums.abort()
-                return False, error
-
-        outcomes = run_side_by_side([functools.partial(solve_share, index) for index in range(count)], count)
-        errors = [error for succeeded, error in outcomes if not succeeded]
-        if errors:
-            raise next((error for error in errors if not isinstance(error, threading.BrokenBarrierError)), errors[0])
-        return joined_shares([result for _, result in outcomes], [self._rows_of_share(name, index, count) for index in range(count)])
 
     def _shares_rows(self, name: str) -> bool:
         """Whether the ranks can solve this layer together, a share of its rows each (COMQ's own solver only)."""

@@ -30,7 +30,6 @@ _EXPORTS = {
     "joined_shares": ".comq",
     "shared_rows": ".comq",
     "RowShare": ".shares",
-    "SharesOnThreads": ".shares",
     "layer_objective": ".comq",
     "widest_threaded_gemm": ".comq",
     "default_damp": ".options",

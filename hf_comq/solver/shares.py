@@ -10,15 +10,10 @@ is the rounding inside the products over fewer rows.
 
 Shares start on multiples of :data:`SHARE_ALIGN` rows within a slice: the per-row sums
 then take the same SIMD lanes as in the whole slice.
-
-The workers are data-parallel ranks (their sums an all-reduce), or threads of one process
-(:class:`SharesOnThreads`): a solve is mostly small operators that one thread runs best, so a
-lone layer's solve leaves a process's other cores idle unless its rows are shared out.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,31 +60,3 @@ def part_of(span: slice, index: int, count: int) -> slice:
     bounds = share_bounds(span.stop - span.start, count)
     return slice(span.start + bounds[index], span.start + bounds[index + 1])
 
-
-class SharesOnThreads:
-    """The sums of ``count`` row shares of one layer solved side by side on threads of one process
-    (:meth:`total` is each share's :attr:`RowShare.total`).
-
-    A share that fails must call :meth:`abort`: the others then stop at their next sum
-    (``threading.BrokenBarrierError``) instead of waiting for it forever.
-    """
-
-    def __init__(self, count: int):
-        self._barrier = threading.Barrier(count)
-        self._posted: list[torch.Tensor | None] = [None] * count
-
-    def total(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Share ``index``'s sum over every share: each posts its vector, all add them up in share order."""
-
-        def total(values: torch.Tensor) -> torch.Tensor:
-            self._posted[index] = values.to(torch.float64, copy=True)
-            self._barrier.wait()
-            summed = torch.stack(self._posted).sum(0)
-            self._barrier.wait()  # nobody posts its next values before every share has read these
-            return summed
-
-        return total
-
-    def abort(self) -> None:
-        """Release the other shares from their sums: this one will post no more."""
-        self._barrier.abort()

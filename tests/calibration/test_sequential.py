@@ -916,55 +916,6 @@ def test_fp_target_runs_a_small_blocks_batches_side_by_side_with_the_same_codes(
     assert _assert_same_codes(side_by_side, alone) == len(find_quantizable_linears(tiny_model("llama")))
 
 
-@pytest.mark.parametrize("bits", [4, 2])  # 2 bits: the scale refit after every sweep
-def test_a_lone_layer_is_solved_in_shares_of_its_rows_on_the_callers_threads_with_the_same_codes(two_threads, monkeypatch, bits):
-    """Stage by stage (the default at 4 bits and fewer) the attention output and the MLP's down
-    projection are alone in their stage: on two threads each is solved as two shares of its rows,
-    one per worker thread of one torch thread, with the codes of a one-thread run's whole solve
-    (the scales a 2-bit refit makes to float32 rounding)."""
-    import hf_comq.calibration.sequential as sequential
-
-    shares = []
-    solve = sequential._Calibrator._solve
-
-    def recorded(self, name, accumulator, product, last_reader, share=None):
-        if share is not None:
-            shares.append((name, share.index, share.count, threading.get_ident(), torch.get_num_threads()))
-        return solve(self, name, accumulator, product, last_reader, share)
-
-    monkeypatch.setattr(sequential._Calibrator, "_solve", recorded)
-    alone, side_by_side, _ = _llama_on_one_and_two_threads(bits=bits)
-    lone = [f"model.layers.{block}.{layer}" for block in range(2) for layer in ("self_attn.o_proj", "mlp.down_proj")]
-    # every share once: the one-thread run solved every layer whole
-    assert sorted((name, index) for name, index, *_ in shares) == sorted((name, index) for name in lone for index in range(2))
-    assert {count for _, _, count, _, threads in shares} == {2} and {threads for *_, threads in shares} == {1}
-    assert threading.get_ident() not in {ident for _, _, _, ident, _ in shares}
-    for name, layer in alone.named_modules():
-        if isinstance(layer, COMQLinear):
-            assert torch.equal(side_by_side.get_submodule(name).weight_packed, layer.weight_packed), name
-            scale, expected = side_by_side.get_submodule(name).weight_scale, layer.weight_scale
-            if bits == 4:
-                assert torch.equal(scale, expected), name
-            else:
-                torch.testing.assert_close(scale, expected, rtol=1e-6, atol=0)
-
-
-def test_a_share_that_fails_stops_its_layers_solve_with_its_own_error(two_threads, monkeypatch):
-    """The other share, waiting for the failed one's sums, is released; the error raised is the failed share's."""
-    import hf_comq.calibration.sequential as sequential
-
-    solve = sequential._Calibrator._solve
-
-    def failing(self, name, accumulator, product, last_reader, share=None):
-        if share is not None and share.index == 1:
-            raise ValueError(f"COMQ could not quantize {name!r}: a share failed")
-        return solve(self, name, accumulator, product, last_reader, share)
-
-    monkeypatch.setattr(sequential._Calibrator, "_solve", failing)
-    with pytest.raises(ValueError, match="o_proj'?: a share failed"):
-        quantize_model(tiny_model("llama"), _config("llama", bits=4))
-
-
 def test_fp_target_counts_the_target_shift_when_it_decides_what_runs_side_by_side(two_threads, monkeypatch):
     """A targeted pass adds the target shift's full ``in x in`` product to each Gram sum:
     with the pool's threshold between the plain and the targeted bound, the blocks'
