@@ -266,7 +266,7 @@ def sum_over_ranks(group: Group, values: Sequence[float]) -> list[float]:
 
 def balanced_owners(costs: Sequence[float], size: int, shareable: Sequence[bool] | None = None) -> list[int | None]:
     """The rank that solves each of a step's layers: the longest first, each to the least loaded rank;
-    ``None`` for a layer every rank solves a share of the rows of (:class:`~hf_comq.solver.shares.RowShare`).
+    ``None`` for a layer that every rank solves part of, a share of its rows each (:class:`~hf_comq.solver.shares.RowShare`).
 
     A layer that costs more than an equal share of the step's work, and whose rows can be
     shared (``shareable``), is shared: given whole to one rank, it would keep the others

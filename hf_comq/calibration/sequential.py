@@ -1367,11 +1367,10 @@ class _Calibrator:
             out_features, in_features, self.group.size, self.settings.hessian_dtype
         )
 
-    def _rows_of_share(self, name: str, index: int, count: int | None = None) -> list[slice]:
-        """The rows of layer ``name`` that share ``index`` of ``count`` solves (``None``: one per rank)."""
+    def _rows_of_share(self, name: str, rank: int) -> list[slice]:
+        """The rows of layer ``name`` that ``rank`` solves when the ranks share it."""
         out_features, in_features = linear_shape(self.model.get_submodule(name))
-        count = self.group.size if count is None else count
-        return shared_rows(out_features, in_features, index, count, self.settings.hessian_dtype)
+        return shared_rows(out_features, in_features, rank, self.group.size, self.settings.hessian_dtype)
 
     def _solve_workers(self, names: list[str], jobs: int) -> int:
         """Threads for one step's solves (see :meth:`_side_by_side_workers`); a solve's largest
@@ -1416,7 +1415,7 @@ class _Calibrator:
         ``product`` (the share's rows only: rows are aimed independently)."""
         module = self.model.get_submodule(name)
         started = time.perf_counter()
-        rows = None if share is None else self._rows_of_share(name, share.index, share.count)
+        rows = None if share is None else self._rows_of_share(name, share.index)
         with materialized(module, self.compute):
             weight = _rows(get_linear_weight(module).detach(), rows).to(self.compute)
             bias = getattr(module, "bias", None) if product is not None else None

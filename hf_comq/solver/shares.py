@@ -46,7 +46,6 @@ class RowShare:
         return [float(value) for value in self.total(torch.tensor(values, dtype=torch.float64))]
 
 
-
 def share_bounds(rows: int, count: int) -> list[int]:
     """The ``count + 1`` bounds of ``count`` nearly equal shares of ``rows`` rows, inner ones on
     :data:`SHARE_ALIGN`; a share is empty where there are fewer aligned steps than workers."""
@@ -54,9 +53,7 @@ def share_bounds(rows: int, count: int) -> list[int]:
     return [min(rows, (steps * index // count) * SHARE_ALIGN) for index in range(count)] + [rows]
 
 
-
 def part_of(span: slice, index: int, count: int) -> slice:
     """Worker ``index``'s rows of one slice ``span`` of a layer's rows (the layer's indices)."""
     bounds = share_bounds(span.stop - span.start, count)
     return slice(span.start + bounds[index], span.start + bounds[index + 1])
-
