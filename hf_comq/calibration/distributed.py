@@ -242,17 +242,54 @@ def agree_on_stages(group: Group, stages: list[list[str]] | None) -> list[list[s
     return first
 
 
+REDUCE_BUCKET_BYTES = 16 * 1024 * 1024
+"""Largest buffer into which :func:`all_reduce_hessians` packs small sums for one all-reduce.  Every
+collective costs a fixed delay (on loopback gloo about what moving a MiB costs), and a stage's
+sums are many row panels of its Gram matrices: packed, they move at the link's speed.  Larger
+sums are reduced in place, on their own, so the buffer bounds what packing adds to memory."""
+
+
 def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator | TargetProductAccumulator]) -> None:
     """Sum every rank's Gram matrices (and target products) and token counts in place, so each rank holds the totals."""
     if not group.is_parallel:
         return
-    for accumulator in accumulators:
-        parts = accumulator.partial_sums()
-        tokens = torch.tensor([accumulator.num_tokens], dtype=torch.float64, device=parts[0].device)
-        for part in parts:
-            _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, part)
-        _collective(group, "sum the token counts", torch.distributed.all_reduce, tokens)
-        accumulator.num_tokens = int(tokens.item())
+    parts = [part for accumulator in accumulators for part in accumulator.partial_sums()]
+    tokens = torch.tensor([accumulator.num_tokens for accumulator in accumulators], dtype=torch.float64,
+                          device=parts[0].device if parts else _collective_device())  # fmt: skip
+    for bucket in _buckets([*parts, tokens], REDUCE_BUCKET_BYTES):
+        _all_reduce_packed(group, bucket)
+    for accumulator, count in zip(accumulators, tokens.tolist()):
+        accumulator.num_tokens = int(count)
+
+
+def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """``tensors`` in order, cut into runs of one dtype and device of at most ``limit`` bytes in all
+    (a tensor of that size or more is a run of its own)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        last = buckets[-1] if buckets else None
+        if last is None or (last[0].dtype, last[0].device) != (tensor.dtype, tensor.device) or size + nbytes > limit:
+            buckets.append([tensor])
+            size = nbytes
+        else:
+            last.append(tensor)
+            size += nbytes
+    return buckets
+
+
+def _all_reduce_packed(group: Group, tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` over the ranks in place: one alone as it is, several through one packed buffer."""
+    if len(tensors) == 1:
+        _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, tensors[0])
+        return
+    packed = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, packed)
+    start = 0
+    for tensor in tensors:
+        tensor.copy_(packed[start : start + tensor.numel()].view_as(tensor))
+        start += tensor.numel()
 
 
 def sum_over_ranks(group: Group, values: Sequence[float]) -> list[float]:

@@ -39,7 +39,14 @@ rank = group.rank
 agree_on(group, "same settings")
 accumulator = HessianAccumulator(3)
 accumulator.add(torch.full((rank + 1, 3), float(rank + 1), dtype=torch.float64))
-all_reduce_hessians(group, [accumulator])
+def batch(of_rank):  # a wide one: its row panels fill several packed buffers
+    return torch.randn(5 + of_rank, 1500, generator=torch.Generator().manual_seed(of_rank), dtype=torch.float64)
+wide = HessianAccumulator(1500)
+wide.add(batch(rank))
+all_reduce_hessians(group, [accumulator, wide])
+expected = HessianAccumulator(1500)
+for other in range(group.size):
+    expected.add(batch(other))
 def solved(value):
     return QuantizedWeight(codes=torch.full((2, 4), value, dtype=torch.uint8), scale=torch.full((2, 1), value / 8),
                            zero_point=torch.ones(2, 1), bits=4, group_size=None, stats={"relative_error": value / 10})
@@ -49,6 +56,7 @@ saving = sum_over_ranks(group, [float(is_saving_rank()), float(is_saving_rank(is
 result = {
     "size": group.size, "saving": saving, "hessian": accumulator.result().tolist(), "tokens": accumulator.num_tokens,
     "counts": sum_over_ranks(group, [rank, 1]),
+    "wide": [float((wide.result() - expected.result()).abs().max() / expected.result().abs().max()), wide.num_tokens],
     "shared": {name: [q.codes.tolist(), q.scale.tolist(), q.stats] for name, q in shared.items()},
 }
 json.dump(result, open(sys.argv[1], "w"))
@@ -213,6 +221,9 @@ def test_two_ranks_sum_gram_matrices_and_share_solutions(tmp_path):
     expected_hessian = 1 * 1 * 1 + 2 * 2 * 2  # rank 0: one row of ones; rank 1: two rows of twos
     assert result["size"] == 2 and result["hessian"] == [[expected_hessian] * 3] * 3 and result["tokens"] == 3
     assert result["counts"] == [1, 2]
+    # sums packed into several all-reduces come back where they belong (to float64 rounding: one
+    # accumulator adds each batch's product into its sum inside the GEMM, in another order)
+    assert result["wide"][0] < 1e-12 and result["wide"][1] == 11
     assert result["saving"] == [1, 0]  # exactly one rank writes files
     assert result["shared"] == {
         "a": [[[1] * 4] * 2, [[0.125]] * 2, {"relative_error": 0.1}],
