@@ -251,7 +251,7 @@ sums are reduced in place, on their own, so the buffer bounds what packing adds 
 
 def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator | TargetProductAccumulator]) -> None:
     """Sum every rank's Gram matrices (and target products) and token counts in place, so each rank holds the totals."""
-    if not group.is_parallel:
+    if not group.is_parallel or not accumulators:
         return
     parts = [part for accumulator in accumulators for part in accumulator.partial_sums()]
     tokens = torch.tensor([accumulator.num_tokens for accumulator in accumulators], dtype=torch.float64,
