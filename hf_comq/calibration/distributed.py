@@ -292,12 +292,13 @@ def _all_reduce_packed(group: Group, tensors: list[torch.Tensor]) -> None:
         start += tensor.numel()
 
 
-def sum_over_ranks(group: Group, values: Sequence[float]) -> list[float]:
-    """Element-wise sums of ``values`` over all ranks (counts of batches, tokens, flags)."""
+def sum_over_ranks(group: Group, values: Sequence[float], purpose: str = "sum counts") -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (counts of batches, tokens, flags; a shared layer's objective);
+    ``purpose`` names the sum in the line a failed collective raises."""
     if not group.is_parallel:
         return list(values)
     tensor = torch.tensor(list(values), dtype=torch.float64, device=_collective_device())
-    _collective(group, "sum counts", torch.distributed.all_reduce, tensor)
+    _collective(group, purpose, torch.distributed.all_reduce, tensor)
     return tensor.tolist()
 
 
@@ -328,18 +329,6 @@ def balanced_owners(costs: Sequence[float], size: int, shareable: Sequence[bool]
     return owners
 
 
-def summing_over_ranks(group: Group) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function that sums a float64 vector over the ranks (the ``total`` of a row share,
-    :class:`~hf_comq.solver.shares.RowShare`), returned on the CPU on every rank."""
-
-    def total(values: torch.Tensor) -> torch.Tensor:
-        values = values.to(device=_collective_device(), dtype=torch.float64, copy=True)
-        _collective(group, "sum a shared layer's objective", torch.distributed.all_reduce, values)
-        return values.cpu()
-
-    return total
-
-
 def gather_row_shares(
     group: Group, solved: dict[str, QuantizedWeight], rows_of: Callable[[str, int], list[slice]]
 ) -> dict[str, QuantizedWeight]:
@@ -359,17 +348,11 @@ def gather_row_shares(
         shares = []
         for rank, rows in enumerate(rows_by_rank):
             count = sum(span.stop - span.start for span in rows)
-            received = {}
-            for field in ("codes", "scale", "zero_point"):
-                template = getattr(mine, field)
-                part = (
-                    template.to(device).contiguous()
-                    if rank == group.rank
-                    else torch.empty((count, *template.shape[1:]), dtype=template.dtype, device=device)
-                )
-                _collective(group, "share a layer solved in shares", torch.distributed.broadcast, part, src=rank)
-                received[field] = part
-            shares.append(dataclasses.replace(mine, **received))
+            template = mine if rank == group.rank else dataclasses.replace(mine, **{
+                field: torch.empty((count, *table.shape[1:]), dtype=table.dtype, device=device)
+                for field, table in _tables(mine).items()
+            })  # fmt: skip
+            shares.append(_broadcast_tables(group, template, rank, "share a layer solved in shares"))
         whole[name] = joined_shares(shares, rows_by_rank)
     return whole
 
@@ -398,14 +381,25 @@ def share_solutions(
             zero_point=torch.empty(shapes["zero_point"], dtype=shapes["zero_point_dtype"], device=device),
             bits=shapes["bits"], group_size=shapes["group_size"], dtype=shapes["dtype"],
         )  # fmt: skip
-        tensors = [t.to(device).contiguous() for t in (template.codes, template.scale, template.zero_point)]
-        for tensor in tensors:
-            _collective(group, "share a solved layer", torch.distributed.broadcast, tensor, src=owner)
-        shared[name] = QuantizedWeight(
-            codes=tensors[0], scale=tensors[1], zero_point=tensors[2], bits=template.bits,
-            group_size=template.group_size, dtype=template.dtype, stats=shapes["stats"],
-        )  # fmt: skip
+        shared[name] = dataclasses.replace(
+            _broadcast_tables(group, template, owner, "share a solved layer"), stats=shapes["stats"]
+        )
     return shared
+
+
+def _tables(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """A solution's tensors, by field: what ranks send each other of it."""
+    return {"codes": qweight.codes, "scale": qweight.scale, "zero_point": qweight.zero_point}
+
+
+def _broadcast_tables(group: Group, template: QuantizedWeight, src: int, purpose: str) -> QuantizedWeight:
+    """``template`` with rank ``src``'s codes, scales and zero points (on the other ranks, ``template``'s tensors
+    only give the shapes received into), on the process group's device."""
+    device = _collective_device()
+    tables = {field: table.to(device).contiguous() for field, table in _tables(template).items()}
+    for table in tables.values():
+        _collective(group, purpose, torch.distributed.broadcast, table, src=src)
+    return dataclasses.replace(template, **tables)
 
 
 def _header(qweight: QuantizedWeight) -> dict[str, Any]:

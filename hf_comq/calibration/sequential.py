@@ -142,7 +142,6 @@ from .distributed import (
     gather_row_shares,
     share_solutions,
     sum_over_ranks,
-    summing_over_ranks,
 )
 from .hooks import (
     CapturedInputs,
@@ -1351,7 +1350,7 @@ class _Calibrator:
             return {}
         if self.settings.sum_dtype == torch.float64:  # see _hand_over
             self._hand_over([accumulators[name] for name in names])
-        total = summing_over_ranks(self.group)
+        total = functools.partial(sum_over_ranks, self.group, purpose="sum a shared layer's objective")
         solved = {}
         for index, name in enumerate(names):
             accumulator = accumulators.pop(name)

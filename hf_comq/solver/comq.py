@@ -37,8 +37,8 @@ from .options import (
 from .pair_moves import pair_move_pass
 from .passes import coordinate_sweep, rowwise_order_sweep
 from .scale_refit import refit_scales
-from .shares import RowShare, part_of, share_bounds
-from .start import ErrorFeedbackPlan, error_feedback_start, plan_error_feedback, round_to_nearest
+from .shares import RowShare, part_of
+from .start import ErrorFeedbackPlan, all_finite, error_feedback_start, plan_error_feedback, round_to_nearest
 from .spans import SUM_BLOCK_ROWS, row_totals_in_blocks, rows_fitting, spans
 
 GREEDY_BLOCK_BYTES = 64 * 1024 * 1024
@@ -227,7 +227,7 @@ def comq_quantize(
     damp = default_damp(bits) if damp is None else damp
     _validate_arguments(
         weight, hessian, bits, iterations, order, init, shrink, damp, tol, block_size, compute_dtype,
-        finite=_all_finite if share is None else lambda rows: share.summed([not _all_finite(rows)])[0] == 0,
+        finite=all_finite if share is None else lambda rows: share.total([float(not all_finite(rows))])[0] == 0,
     )  # fmt: skip
     scale_refit = refits_by_default(bits) if scale_refit is None else scale_refit
     check_ridge(ridge)
@@ -412,10 +412,9 @@ def shared_rows(
 
 def can_share_rows(out_features: int, in_features: int, count: int, compute_dtype: torch.dtype = torch.float32) -> bool:
     """Whether ``count`` workers each get rows of every slice of this layer's solve."""
-    if count < 2:
-        return False
-    layer_slices = spans(out_features, slice_rows(in_features, compute_dtype))
-    return all(min(b - a for a, b in itertools.pairwise(share_bounds(s.stop - s.start, count))) > 0 for s in layer_slices)
+    return count > 1 and all(
+        part.stop > part.start for index in range(count) for part in shared_rows(out_features, in_features, index, count, compute_dtype)
+    )
 
 
 def joined_shares(shares: list[QuantizedWeight], rows_by_share: list[list[slice]]) -> QuantizedWeight:
@@ -453,7 +452,7 @@ def _own_slices(rows: int, in_features: int, compute_dtype: torch.dtype, share: 
 
 def _totals(values: list[float], share: RowShare | None) -> list[float]:
     """``values`` summed over the workers sharing the layer (as they are in one process)."""
-    return values if share is None else share.summed(values)
+    return values if share is None else share.total(values)
 
 
 @dataclass
@@ -1081,9 +1080,9 @@ def _validate_arguments(
         )
     if weight.numel() == 0:
         raise ValueError("weight is empty")
-    if not (finite or _all_finite)(weight):
+    if not (finite or all_finite)(weight):
         raise ValueError("weight contains NaN or inf; quantize a checkpoint with finite weights")
-    if not _all_finite(hessian):
+    if not all_finite(hessian):
         raise ValueError("hessian contains NaN or inf; check the calibration activations (e.g. fp16 overflow)")
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
@@ -1100,10 +1099,3 @@ def _validate_arguments(
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf: NaN propagates into min/max and infinities are the extremes,
-    so one reduction decides, about 20x cheaper than ``isfinite(t).all()``."""
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 SHARE_ALIGN = 16
 """Rows per alignment step of a share's first row within its slice (a multiple of every SIMD width in float32)."""
 
@@ -27,24 +25,20 @@ SHARE_ALIGN = 16
 class RowShare:
     """This worker's place among ``count`` workers solving one layer, and how they add up numbers.
 
-    ``total`` sums a float64 vector over the workers and returns the sum on every worker
-    (an all-reduce); every worker must call it the same number of times, in the same order.
+    ``total`` sums a list of numbers element by element over the workers, in float64, and returns
+    the sums on every worker (an all-reduce); every worker must call it the same number of times,
+    in the same order.
     ``out_features``: the whole layer's rows (the solver is handed this worker's only).
     """
 
     index: int
     count: int
     out_features: int
-    total: Callable[[torch.Tensor], torch.Tensor]
+    total: Callable[[list[float]], list[float]]
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.count:
             raise ValueError(f"a row share's index must be in [0, {self.count}), got {self.index}")
-
-    def summed(self, values: list[float]) -> list[float]:
-        """``values`` summed over the workers, in float64."""
-        return [float(value) for value in self.total(torch.tensor(values, dtype=torch.float64))]
-
 
 def share_bounds(rows: int, count: int) -> list[int]:
     """The ``count + 1`` bounds of ``count`` nearly equal shares of ``rows`` rows, inner ones on

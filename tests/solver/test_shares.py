@@ -22,10 +22,10 @@ class SharesOnThreads:
         self._posted: list[torch.Tensor | None] = [None] * count
 
     def total(self, index: int):
-        def total(values: torch.Tensor) -> torch.Tensor:
-            self._posted[index] = values.to(torch.float64, copy=True)
+        def total(values: list[float]) -> list[float]:
+            self._posted[index] = torch.tensor(values, dtype=torch.float64)
             self._barrier.wait()
-            summed = torch.stack(self._posted).sum(0)
+            summed = torch.stack(self._posted).sum(0).tolist()
             self._barrier.wait()  # nobody posts its next values before every share has read these
             return summed
 
