@@ -113,6 +113,21 @@ def print_strong_table(problem: LayerProblem, bits: int, group_size: int | None,
     return {name: obj / best for name, obj, _ in rows if name in STRONG_COMQ_SETTINGS}
 
 
+def add_trial_arguments(parser: argparse.ArgumentParser, group_size: int | None = None) -> None:
+    """The layer choice every one-off solver trial takes (``magr_trial.py``, ``regrid_trial.py``)."""
+    parser.add_argument("--kinds", nargs="+", default=["dinov2", "smollm2", "minilm"])
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=group_size)
+    parser.add_argument("--only", default="", help="only layers whose name contains this")
+    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
+
+
+def trial_problems(args: argparse.Namespace) -> list[LayerProblem]:
+    """The layers :func:`add_trial_arguments` chose, on one thread (as the solver tables run)."""
+    torch.set_num_threads(1)
+    return [p for p in load_problems(args.kinds, args.cache) if args.only in p.name]
+
+
 def load_problems(kinds: list[str], cache: Path) -> list[LayerProblem]:
     """Layer problems of the requested kinds; real ones are captured once and cached."""
     makers = {

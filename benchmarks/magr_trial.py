@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_solver import GPTQ_DAMPS, load_problems  # noqa: E402
+from benchmarks.bench_solver import GPTQ_DAMPS, add_trial_arguments, trial_problems  # noqa: E402
 from benchmarks.gptq_baseline import OBSERVERS, gptq_dequantized, observer_grid  # noqa: E402
 from benchmarks.layers import LayerProblem  # noqa: E402
 from hf_comq.solver import ROUND_TO_NEAREST, comq_quantize, layer_objective  # noqa: E402
@@ -120,16 +120,11 @@ def trial(problem: LayerProblem, bits: int, group_size: int | None, alphas: list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", nargs="+", default=["dinov2", "smollm2", "minilm"])
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=None)
+    add_trial_arguments(parser)
     parser.add_argument("--alphas", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 1e-3])
     parser.add_argument("--iterations", type=int, default=200, help="MagR's proximal steps (the paper: 150-200)")
-    parser.add_argument("--only", default="", help="only layers whose name contains this")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    problems = [p for p in load_problems(args.kinds, args.cache) if args.only in p.name]
+    problems = trial_problems(args)
     print(f"torch {torch.__version__}, 1 thread, W{args.bits}, group {args.group_size or 'channel'}, "
           f"{args.iterations} MagR steps; objectives against the original weight, as ratios to GPTQ-best")  # fmt: skip
     header = ["layer", "default"]

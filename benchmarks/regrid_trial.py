@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_solver import load_problems  # noqa: E402
+from benchmarks.bench_solver import add_trial_arguments, trial_problems  # noqa: E402
 from benchmarks.magr_trial import gptq_best  # noqa: E402
 from hf_comq.solver import comq_quantize, layer_objective  # noqa: E402
 
@@ -153,14 +153,9 @@ def trial(problem, bits: int, group_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", nargs="+", default=["dinov2", "smollm2", "minilm"])
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--only", default="", help="only layers whose name contains this")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
+    add_trial_arguments(parser, group_size=64)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    problems = [p for p in load_problems(args.kinds, args.cache) if args.only in p.name]
+    problems = trial_problems(args)
     print(f"torch {torch.__version__}, 1 thread, W{args.bits}, group {args.group_size}; "
           "default / GPTQ-best, then what the regrid leaves / the default's objective")  # fmt: skip
     print("| layer | default / GPTQ-best | regrid pass | + sweep | both twice | pass time / default solve |")
