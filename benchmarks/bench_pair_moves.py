@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_comq.solver.comq as comq_module  # noqa: E402
 import hf_comq.solver.pair_moves as pair_moves_module  # noqa: E402
-from benchmarks.bench_solver import load_problems  # noqa: E402
+from benchmarks.bench_solver import LAYER_CACHE, load_problems  # noqa: E402
 from hf_comq.kernels import active_path  # noqa: E402
 from hf_comq.kernels.build import load_kernel  # noqa: E402
 from hf_comq.solver import comq_quantize  # noqa: E402
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=32, help="pair_moves=N")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
+    parser.add_argument("--cache", type=Path, default=LAYER_CACHE)
     parser.add_argument("--builds", action="store_true", help="time the compiled pass alone, in each of its builds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -113,13 +113,17 @@ def print_strong_table(problem: LayerProblem, bits: int, group_size: int | None,
     return {name: obj / best for name, obj, _ in rows if name in STRONG_COMQ_SETTINGS}
 
 
+LAYER_CACHE = Path("/work/cache/layers")
+"""Where :func:`load_problems` keeps the captured real layer problems (every solver benchmark reads them there)."""
+
+
 def add_trial_arguments(parser: argparse.ArgumentParser, group_size: int | None = None) -> None:
     """The layer choice every one-off solver trial takes (``magr_trial.py``, ``regrid_trial.py``)."""
     parser.add_argument("--kinds", nargs="+", default=["dinov2", "smollm2", "minilm"])
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=group_size)
     parser.add_argument("--only", default="", help="only layers whose name contains this")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
+    parser.add_argument("--cache", type=Path, default=LAYER_CACHE)
 
 
 def trial_problems(args: argparse.Namespace) -> list[LayerProblem]:
@@ -304,7 +308,7 @@ def main() -> None:
                         help="strong: GPTQ act-order with every llm-compressor observer and two dampings")
     parser.add_argument("--group-size", type=int, default=None, help="group size for --peers strong (default per channel)")
     parser.add_argument("--only", default=None, help="only layers whose name contains this text")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"), help="cache of captured layer problems")
+    parser.add_argument("--cache", type=Path, default=LAYER_CACHE, help="cache of captured layer problems")
     parser.add_argument("--repeats", type=int, default=5, help="repeats in the timing section")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timing-only", action="store_true", help="only the timing section")

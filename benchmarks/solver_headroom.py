@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_solver import STRONG_COMQ_SETTINGS, evaluate_strong, load_problems, timed  # noqa: E402
+from benchmarks.bench_solver import LAYER_CACHE, STRONG_COMQ_SETTINGS, evaluate_strong, load_problems, timed  # noqa: E402
 from hf_comq.solver import comq_quantize  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-sizes", nargs="+", default=["channel", "64"], help="'channel' or an integer")
     parser.add_argument("--only", default=None, help="only layers whose name contains this text")
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
+    parser.add_argument("--cache", type=Path, default=LAYER_CACHE)
     args = parser.parse_args()
     torch.set_num_threads(1)
     problems = [p for p in load_problems(args.layers, args.cache) if args.only is None or args.only in p.name]

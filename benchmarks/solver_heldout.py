@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_solver import load_problems  # noqa: E402
+from benchmarks.bench_solver import LAYER_CACHE, load_problems  # noqa: E402
 from benchmarks.gptq_baseline import gptq_dequantized, observer_grid  # noqa: E402
 from hf_comq.solver import comq_quantize, layer_objective  # noqa: E402
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=["3:64", "4:64", "3:channel", "4:channel"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/layers"))
+    parser.add_argument("--cache", type=Path, default=LAYER_CACHE)
     args = parser.parse_args()
     torch.set_num_threads(1)
     calibration, held_out = (load_problems([kind], args.cache) for kind in ("smollm2", "smollm2_held_out"))

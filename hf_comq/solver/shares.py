@@ -40,6 +40,7 @@ class RowShare:
         if not 0 <= self.index < self.count:
             raise ValueError(f"a row share's index must be in [0, {self.count}), got {self.index}")
 
+
 def share_bounds(rows: int, count: int) -> list[int]:
     """The ``count + 1`` bounds of ``count`` nearly equal shares of ``rows`` rows, inner ones on
     :data:`SHARE_ALIGN`; a share is empty where there are fewer aligned steps than workers."""
