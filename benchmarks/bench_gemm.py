@@ -1,11 +1,15 @@
-"""The solver's dense products (hf_comq.kernels.gemm) against torch's own, shape by shape.
+"""oneDNN's float32 products (hf_comq.kernels.gemm's path) against torch's own (MKL), shape by shape.
+
+The oneDNN column takes that path on any CPU (the library itself takes it only where the CPU
+has AVX-512, ``gemm.onednn_preferred``); the header says which one the solver uses here.
 
 The shapes are those of a ViT-B fc1 solve (3072 x 768) and of a Gram-matrix sum: the
 reference and residual products, a sweep's and the error-feedback start's pushes of a
 block's moves into the later columns (added in place), and one calibration batch's Gram
-sum, whole and one block of its upper triangle (whose right operand is a slice of the batch).  Each
+sum, whole and one block of its upper triangle (whose right operand is a slice of the batch);
+then one linear layer of a calibration pass.  Each
 pair is timed back to back, ``--repeats`` times; the ratio is the median of the per-repeat
-ratios (below 1: the solver's product is faster).
+ratios (below 1: oneDNN's product is faster).
 
     python benchmarks/bench_gemm.py --threads 1 2
 """
@@ -39,6 +43,8 @@ def cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
     tokens = torch.randn(2048, 768, generator=gen)
     gram = torch.zeros(768, 768)
     block = torch.zeros(256, 512)
+    batch = torch.randn(256, 576, generator=gen)
+    up_proj = torch.randn(1536, 576, generator=gen)
     return [
         ("H @ W^T, 768 x 768 @ 768 x 3072 (reference, residual)", lambda: h @ w_t, lambda: gemm.matmul(h, w_t)),
         (
@@ -61,6 +67,11 @@ def cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
             lambda: block.addmm_(tokens[:, 256:512].T, tokens[:, 256:]),
             lambda: gemm.add_matmul_(block, tokens[:, 256:512].T, tokens[:, 256:]),
         ),
+        (
+            "calibration pass's linear layer, 256 tokens, 576 -> 1536 (SmolLM2's up projection)",
+            lambda: torch.nn.functional.linear(batch, up_proj),
+            lambda: gemm.linear(batch, up_proj),
+        ),
     ]
 
 
@@ -75,8 +86,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, oneDNN product available: {gemm.onednn_available()}")
-    print("| product | threads | torch (ms) | hf_comq.kernels.gemm (ms) | ratio (range) |")
+    print(
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"oneDNN product available: {gemm.onednn_available()}, the solver's products through oneDNN: "
+        f"{gemm.onednn_preferred() and gemm.onednn_available()}"
+    )
+    gemm.onednn_preferred = lambda: True  # time oneDNN's path here whatever the CPU
+    print("| product | threads | torch (ms) | oneDNN through hf_comq.kernels.gemm (ms) | ratio (range) |")
     print("|---|---|---|---|---|")
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -4,10 +4,14 @@ CPU GEMM libraries torch ships.
 torch multiplies float32 matrices on the CPU with MKL, which does not use AVX-512 on
 every processor that has it (AMD's take its AVX2 code).  The oneDNN library inside
 torch does, through ``torch.ops.mkldnn._linear_pointwise``, the op torch's own compiler
-emits for linear layers.  Float32 products of CPU tensors with no gradient to record go
-through it where torch has it and a first small product agrees with ``torch.mm``;
-everything else (GPU, float64, autograd, an older or a different torch build, oneDNN
-turned off with ``torch.backends.mkldnn.flags(enabled=False)``) runs torch's own product.  Both are float32 GEMMs: the results differ in summation order only.
+emits for linear layers.  On a CPU without AVX-512 it is the other way round: both run
+AVX2 code, and MKL's is the faster (``benchmarks/bench_gemm.py`` times the two side by
+side).  So float32 products of CPU tensors with no gradient to record go through oneDNN
+where the CPU has AVX-512 (:func:`onednn_preferred`), torch has the op and a first small
+product agrees with ``torch.mm``; everything else (GPU, float64, autograd, an AVX2-only
+CPU, an older or a different torch build, oneDNN turned off with
+``torch.backends.mkldnn.flags(enabled=False)``) runs torch's own product.  Both are
+float32 GEMMs: the results differ in summation order only.
 
 oneDNN has no in-place ``out += a @ b``: :func:`add_matmul_` forms the product a band of
 output rows at a time, each band a small temporary that stays in cache, and adds it.
@@ -136,12 +140,14 @@ def _through_onednn(*tensors: torch.Tensor) -> bool:
 def _onednn_applies(*tensors: torch.Tensor) -> bool:
     """The one rule for both: non-empty float32 CPU tensors, no gradient being recorded through them
     (oneDNN's op has no backward), not inside ``torch.compile``'s tracing, oneDNN on in torch (the
-    user's switch, ``torch.backends.mkldnn``) and its op at hand (:func:`onednn_available`)."""
+    user's switch, ``torch.backends.mkldnn``), a CPU on which it is the faster library
+    (:func:`onednn_preferred`) and its op at hand (:func:`onednn_available`)."""
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.enabled
+        and onednn_preferred()
         and onednn_available()
     )
 
@@ -160,6 +166,17 @@ def _onednn_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` through oneDNN's inner product (``a @ w^T`` with ``w = b^T``, laid out as
     oneDNN reads a weight without a copy when ``b`` is contiguous)."""
     return torch.ops.mkldnn._linear_pointwise(a, b.T, None, "none", [], "")
+
+
+@functools.cache
+def onednn_preferred() -> bool:
+    """Whether this CPU has AVX-512 (torch's own CPU capability), where oneDNN's float32 GEMM
+    uses it and MKL on AMD processors does not; without it MKL's AVX2 code is the faster.
+
+    The packed layers' library-GEMM path (``csrc/packed_linear.cpp``, ``onednn_linear``) asks
+    the same question of the CPU.
+    """
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 @functools.cache

@@ -22,7 +22,7 @@ Two paths, chosen per call:
   ``x * float(u - zero)`` over a group and multiplies by the scale once (the
   distributive law).  From 9 tokens, tiles of the weight are dequantized with the
   expression above and multiplied by an AVX2 micro-kernel, or by a library GEMM (oneDNN's
-  linear op where torch has it and oneDNN is on, which uses AVX-512 where the CPU has it;
+  linear op on CPUs with AVX-512, which it uses there, where torch has it and oneDNN is on;
   else torch's BLAS): from 1024 tokens, from 64 on CPUs with AVX-512 (where the library
   multiplies with vectors twice the micro-kernel's width), and always on CPUs without AVX2.  ``torch.ops.hf_comq_cpu.auto_method(tokens)``
   names the choice.  The output is ``F.linear``'s up to fp32 rounding: the

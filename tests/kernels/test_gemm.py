@@ -11,6 +11,13 @@ import torch
 from hf_comq.kernels import gemm
 
 
+@pytest.fixture(autouse=True)
+def onednn_on_any_cpu(monkeypatch):
+    """These tests hold oneDNN's path to torch's product, so it runs on CPUs without AVX-512
+    too, where the library leaves it to MKL (:func:`gemm.onednn_preferred`)."""
+    monkeypatch.setattr(gemm, "onednn_preferred", lambda: True)
+
+
 def _operand(rows: int, cols: int, layout: str, generator: torch.Generator) -> torch.Tensor:
     """A ``rows x cols`` float32 matrix laid out as the solver's call sites hand them over."""
     if layout == "contiguous":
@@ -249,3 +256,35 @@ def test_the_mode_takes_f_linear_called_with_keywords(monkeypatch):
         got = torch.nn.functional.linear(input=x, weight=weight, bias=None)
     assert _close(got, x @ weight.T)
     assert len(seen) == (1 if gemm.onednn_available() else 0)
+
+
+def test_a_cpu_without_avx512_takes_torchs_products(monkeypatch):
+    """There MKL's AVX2 code is the faster: neither the products nor the linear layers reach oneDNN."""
+
+    def refuse(*args):
+        raise AssertionError("oneDNN was called")
+
+    monkeypatch.setattr(gemm, "onednn_preferred", lambda: False)
+    monkeypatch.setattr(gemm, "_onednn_product", refuse)
+    seen = _spied_linear(monkeypatch)
+    a, b = torch.randn(6, 5), torch.randn(5, 4)
+    assert torch.equal(gemm.matmul(a, b), a @ b)
+    out = torch.zeros(6, 4)
+    assert torch.equal(gemm.add_matmul_(out, a, b), torch.zeros(6, 4).addmm_(a, b))
+    weight = b.T.contiguous()
+    expected = torch.nn.functional.linear(a, weight)
+    with torch.no_grad(), gemm.linear_layers_through_onednn():
+        assert torch.equal(torch.nn.functional.linear(a, weight), expected)
+    assert not seen
+
+
+def test_onednn_is_preferred_exactly_on_avx512_cpus(monkeypatch):
+    monkeypatch.undo()  # the real function, not the fixture's stand-in
+    try:
+        for capability, preferred in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+            gemm.onednn_preferred.cache_clear()
+            assert gemm.onednn_preferred() is preferred
+    finally:
+        monkeypatch.undo()
+        gemm.onednn_preferred.cache_clear()

@@ -190,9 +190,11 @@ void run_tiles(const Kernels& kernels, const PackedWeight& w, const float* x, in
 }
 
 // oneDNN's float32 linear op (mkldnn::_linear_pointwise, the op torch's compiler emits for
-// linear layers), when this torch has it and oneDNN is not turned off: torch's BLAS, MKL, takes
-// its AVX2 code on AMD processors, oneDNN uses AVX-512 there too (hf_comq/kernels/gemm.py uses
-// it for the solver's products).  It reads a dequantized tile as it is laid out (out x in).
+// linear layers), when the CPU has AVX-512, this torch has the op and oneDNN is not turned off:
+// torch's BLAS, MKL, takes its AVX2 code on AMD processors, oneDNN uses AVX-512 there too.  On a
+// CPU without AVX-512 both run AVX2 code and MKL's is the faster (hf_comq/kernels/gemm.py,
+// onednn_preferred, makes the same choice for the solver's products).  It reads a dequantized
+// tile as it is laid out (out x in).
 using LinearOp = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, std::string_view,
                             c10::List<std::optional<c10::Scalar>>, std::optional<std::string_view>);
 
@@ -207,7 +209,7 @@ const c10::TypedOperatorHandle<LinearOp>* onednn_linear() {
       return std::nullopt;
     }
   }();
-  return handle.has_value() && at::globalContext().userEnabledMkldnn() ? &*handle : nullptr;
+  return cpu_has_avx512f() && handle.has_value() && at::globalContext().userEnabledMkldnn() ? &*handle : nullptr;
 }
 
 // BLAS (or oneDNN) on dequantized tiles, one after the other, so that the library threads each product.
