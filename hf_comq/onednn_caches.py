@@ -1,6 +1,6 @@
 """How many compiled products oneDNN keeps, for runs under a memory budget.
 
-oneDNN, which runs hf_comq's float32 products on the CPU (:mod:`hf_comq.kernels.gemm`),
+oneDNN, which runs hf_comq's float32 products on CPUs with AVX-512 (:mod:`hf_comq.kernels.gemm`),
 keeps a primitive with kernels compiled for each product shape it meets, in two caches
 of 1,024 entries by default: its own primitive cache and the computation cache of ideep,
 the layer torch reaches it through.  A calibration run meets a great many shapes (the
