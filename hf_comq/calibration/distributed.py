@@ -257,7 +257,7 @@ def all_reduce_hessians(group: Group, accumulators: Sequence[HessianAccumulator 
     tokens = torch.tensor([accumulator.num_tokens for accumulator in accumulators], dtype=torch.float64,
                           device=parts[0].device if parts else _collective_device())  # fmt: skip
     for bucket in _buckets([*parts, tokens], REDUCE_BUCKET_BYTES):
-        _all_reduce_packed(group, bucket)
+        _all_reduce_packed(group, bucket, "sum the Gram matrices and token counts")
     for accumulator, count in zip(accumulators, tokens.tolist()):
         accumulator.num_tokens = int(count)
 
@@ -279,13 +279,14 @@ def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> list[list[torch.Ten
     return buckets
 
 
-def _all_reduce_packed(group: Group, tensors: list[torch.Tensor]) -> None:
-    """Sum ``tensors`` over the ranks in place: one alone as it is, several through one packed buffer."""
+def _all_reduce_packed(group: Group, tensors: list[torch.Tensor], purpose: str) -> None:
+    """Sum ``tensors`` over the ranks in place: one alone as it is, several through one packed buffer;
+    ``purpose`` names the sum in the line a failed collective raises."""
     if len(tensors) == 1:
-        _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, tensors[0])
+        _collective(group, purpose, torch.distributed.all_reduce, tensors[0])
         return
     packed = torch.cat([tensor.reshape(-1) for tensor in tensors])
-    _collective(group, "sum the Gram matrices", torch.distributed.all_reduce, packed)
+    _collective(group, purpose, torch.distributed.all_reduce, packed)
     start = 0
     for tensor in tensors:
         tensor.copy_(packed[start : start + tensor.numel()].view_as(tensor))

@@ -14,8 +14,11 @@ import transformers as T
 from safetensors.torch import load_file
 
 from hf_comq import COMQConfig, calibration_summary
+from hf_comq import HessianAccumulator
 from hf_comq.calibration.distributed import (
+    CalibrationGroupError,
     Group,
+    all_reduce_hessians,
     balanced_owners,
     current_group,
     is_saving_rank,
@@ -195,6 +198,23 @@ def test_a_single_process_is_a_group_of_one(monkeypatch):
     group = current_group()
     assert group == Group() and not group.is_parallel and group.is_main
     assert is_saving_rank() and not is_saving_rank(is_main_process=False)
+
+
+def test_a_failed_sum_of_gram_matrices_and_token_counts_is_one_line_naming_both(monkeypatch):
+    """The token counts ride in the Gram matrices' buffer, so a failed sum names both."""
+
+    def broken(tensor, *args, **kwargs):
+        raise RuntimeError("Connection closed by peer\n[../gloo/transport/tcp/pair.cc:534]")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", broken)
+    accumulator = HessianAccumulator(4)
+    accumulator.add(torch.randn(3, 4))
+    with pytest.raises(CalibrationGroupError) as failure:
+        all_reduce_hessians(Group(rank=1, size=2), [accumulator])
+    message = str(failure.value)
+    assert "\n" not in message
+    assert message.startswith("rank 1: could not sum the Gram matrices and token counts with the other ranks")
+    assert "Connection closed by peer" in message and message.endswith("nothing was saved")
 
 
 def test_layers_go_to_the_least_loaded_rank_longest_first():
