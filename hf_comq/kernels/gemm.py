@@ -139,17 +139,21 @@ def _through_onednn(*tensors: torch.Tensor) -> bool:
 
 def _onednn_applies(*tensors: torch.Tensor) -> bool:
     """The one rule for both: non-empty float32 CPU tensors, no gradient being recorded through them
-    (oneDNN's op has no backward), not inside ``torch.compile``'s tracing, oneDNN on in torch (the
-    user's switch, ``torch.backends.mkldnn``), a CPU on which it is the faster library
-    (:func:`onednn_preferred`) and its op at hand (:func:`onednn_available`)."""
+    (oneDNN's op has no backward), not inside ``torch.compile``'s tracing, and oneDNN in use in this
+    process (:func:`products_through_onednn`)."""
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in tensors)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.enabled
-        and onednn_preferred()
-        and onednn_available()
+        and products_through_onednn()
     )
+
+
+def products_through_onednn() -> bool:
+    """The part of the rule that does not depend on the operands: oneDNN on in torch (the user's
+    switch, ``torch.backends.mkldnn``), a CPU on which it is the faster library
+    (:func:`onednn_preferred`) and its op at hand (:func:`onednn_available`)."""
+    return torch.backends.mkldnn.enabled and onednn_preferred() and onednn_available()
 
 
 def _slabs(b: torch.Tensor) -> list[slice]:

@@ -13,8 +13,7 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 
-from hf_comq import COMQConfig, calibration_summary
-from hf_comq import HessianAccumulator
+from hf_comq import COMQConfig, HessianAccumulator, calibration_summary
 from hf_comq.calibration.distributed import (
     CalibrationGroupError,
     Group,
